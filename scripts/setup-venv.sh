@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create the Python virtual environment with berth installed, and build berth-init (the static
+# init every container starts with; see src/berth/runtime/init/berth-init.c).
+# Usage: scripts/setup-venv.sh [VENV_DIR]   (default: .venv in the repository)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${1:-${BERTH_VENV:-$repo/.venv}}
+extras=${BERTH_EXTRAS:-test}
+editable=${BERTH_EDITABLE:-1}
+
+if [ ! -x "$venv/bin/python" ]; then
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+if [ "$editable" = 1 ]; then
+    "$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+else
+    "$venv/bin/python" -m pip install -q "$repo[$extras]"
+fi
+mkdir -p "$venv/libexec/berth"
+gcc -static -Os -Wall -Wextra -o "$venv/libexec/berth/berth-init.new" "$repo/src/berth/runtime/init/berth-init.c"
+mv -f "$venv/libexec/berth/berth-init.new" "$venv/libexec/berth/berth-init"
+chmod -R a+rX "$venv"
+echo "berth installed in $venv (run $venv/bin/berth)"

@@ -1,0 +1,1 @@
+"""Settings, site policy and container templates: loading with provenance, validation."""

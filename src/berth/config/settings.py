@@ -1,0 +1,135 @@
+"""The typed settings model every part of berth receives explicitly (never a global).
+
+Loading order (DESIGN.md decision 7): built-in defaults, then the site file
+``$BERTH_CONFIG_DIR/berth.toml`` (default ``/etc/berth``) and its ``conf.d/*.toml`` drop-ins in
+name order, then the user's ``$XDG_CONFIG_HOME/berth/berth.toml``, then ``BERTH_*``
+environment variables, then command-line options. See ``berth.config.load``.
+
+Field names carry units (``_s``, ``_mib``). Every value's origin is kept in
+``Settings.sources`` (dotted key -> "default" | file:line | "env BERTH_X" | "option --x").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG_DIR = Path("/etc/berth")
+DEFAULT_SITE_STORE = Path("/var/lib/berth/store")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount: host ``source`` at container ``destination``."""
+
+    source: str
+    destination: str
+    read_only: bool = True
+    #: Skip silently when the source does not exist on this node (site mounts such as /scratch).
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class EnvOp:
+    """One environment change: op is 'set', 'prepend', 'append' or 'unset'.
+
+    prepend/append join with ``separator`` (':' by default) to an existing value.
+    """
+
+    op: str
+    name: str
+    value: str = ""
+    separator: str = ":"
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """Extra mounts, devices and environment for members of a Unix group."""
+
+    group: str
+    mounts: tuple[Mount, ...] = ()
+    devices: tuple[str, ...] = ()
+    env: tuple[EnvOp, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistryPolicy:
+    host: str
+    insecure: bool = False  # plain HTTP / unverified TLS allowed for this registry
+    trusted: bool = True
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What the site forces on every container and what users may ask for."""
+
+    mounts: tuple[Mount, ...] = ()
+    devices: tuple[str, ...] = ()
+    env: tuple[EnvOp, ...] = ()
+    groups: tuple[GroupPolicy, ...] = ()
+    #: User bind-mount sources must start with one of these (empty: anything the user can read).
+    mount_allow: tuple[str, ...] = ()
+    #: User bind-mount sources or destinations under these are refused.
+    mount_deny_sources: tuple[str, ...] = ("/etc/shadow", "/etc/gshadow", "/root", "/proc", "/sys", "/dev")
+    mount_deny_destinations: tuple[str, ...] = ("/proc", "/sys", "/dev", "/etc/passwd", "/etc/group")
+    #: If non-empty, only images from these registries may be pulled or run.
+    trusted_registries: tuple[str, ...] = ()
+    #: Namespaces the site forces, e.g. {"network": "none"}; users cannot override.
+    forced_namespaces: tuple[tuple[str, str], ...] = ()
+    #: Host environment variables passed into containers (shell-style globs).
+    passthrough_env: tuple[str, ...] = (
+        "SLURM_*", "SLURMD_*", "PMI_*", "PMIX_*", "OMPI_*", "PRTE_*", "MPI_*", "I_MPI_*",
+        "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+        "TERM", "LANG", "LC_*", "TZ", "BERTH_JOB_*",
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_dir: Path = DEFAULT_CONFIG_DIR
+    user_store: Path = Path("~/.local/share/berth")
+    site_store: Path = DEFAULT_SITE_STORE
+    #: Per-user runtime state (container bundles, mount points): fast local storage.
+    state_dir: Path = Path("/tmp/berth")
+    #: Per-user job records of the local backend.
+    jobs_dir: Path = Path("~/.local/state/berth/jobs")
+    #: OCI runtime: "auto" picks the first of runc/crun that works here.
+    runtime: str = "auto"
+    squashfs_compression: str = "lz4"
+    pull_parallel: int = 4
+    pull_retries: int = 5
+    registries: tuple[RegistryPolicy, ...] = ()
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    #: Scheduler backend for `berth submit` when none is given: "local" or "slurm".
+    backend: str = "local"
+    local_max_jobs: int = 4
+    #: Copy the SquashFS to node-local storage before mounting (site choice for slow shared FS).
+    stage_to_local: bool = False
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def registry(self, host: str) -> RegistryPolicy:
+        for policy in self.registries:
+            if policy.host == host:
+                return policy
+        return RegistryPolicy(host=host)
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.config_dir / "templates.d"
+
+
+def default_paths(environ: dict[str, str] | None = None) -> dict[str, Path]:
+    """The per-user default locations, from the XDG variables as the XDG spec says."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("HOME") or os.path.expanduser("~"))
+    data = Path(env.get("XDG_DATA_HOME") or home / ".local/share")
+    state = Path(env.get("XDG_STATE_HOME") or home / ".local/state")
+    runtime_dir = env.get("XDG_RUNTIME_DIR")
+    state_dir = Path(runtime_dir) / "berth" if runtime_dir else Path(f"/tmp/berth-{os.getuid()}")
+    return {
+        "config_dir": Path(env.get("BERTH_CONFIG_DIR") or DEFAULT_CONFIG_DIR),
+        "user_store": data / "berth",
+        "jobs_dir": state / "berth" / "jobs",
+        "state_dir": state_dir,
+    }

@@ -1,0 +1,48 @@
+"""Content digests (OCI image spec, descriptor.md#digests)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+_ALGORITHMS = {"sha256": 64, "sha512": 128}
+_HEX = re.compile(r"^[a-f0-9]+$")
+
+
+class InvalidDigest(ValueError):
+    pass
+
+
+@dataclass(frozen=True, order=True)
+class Digest:
+    """An ``algorithm:hex`` digest. Only sha256 and sha512 are accepted."""
+
+    algorithm: str
+    hex: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Digest":
+        algorithm, sep, value = text.partition(":")
+        if not sep or algorithm not in _ALGORITHMS:
+            raise InvalidDigest(f"'{text}' is not a digest (expected sha256:<64 hex digits>)")
+        if len(value) != _ALGORITHMS[algorithm] or not _HEX.match(value):
+            raise InvalidDigest(
+                f"'{text}' is not a valid {algorithm} digest "
+                f"(expected {_ALGORITHMS[algorithm]} lower-case hex digits)"
+            )
+        return cls(algorithm, value)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self):
+        return hashlib.new(self.algorithm)
+
+    @property
+    def short(self) -> str:
+        return self.hex[:12]
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"

@@ -1,0 +1,143 @@
+/*
+ * berth-init: PID 1 of every berth container.
+ *
+ * runc 1.1 (Debian 12) refuses a rootless user namespace that does not map
+ * container uid 0 (libcontainer HostRootUID), so the container is created with
+ * "0 -> caller" mappings.  When asked (-u/-g), this init then enters one more,
+ * nested user namespace that maps the caller's own uid/gid to themselves, so the
+ * job sees its real identity (uid, gid, /etc/passwd entry) instead of root.  No
+ * privilege is needed for that: an unprivileged process may always map its own
+ * effective ids, and the capabilities it holds in the new namespace are cleared
+ * by execve because the new uid is not 0.
+ *
+ * As an init it forwards the usual termination and job-control signals to the
+ * command's process group, reaps every orphan re-parented to it, and exits with
+ * the command's status (128+N when the command died of signal N), like tini.
+ *
+ * Built static at install time so it runs in any image, whatever its libc.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void die(const char *what)
+{
+    fprintf(stderr, "berth-init: %s: %s\n", what, strerror(errno));
+    _exit(127);
+}
+
+static void write_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        die(path);
+    ssize_t len = (ssize_t)strlen(text);
+    if (write(fd, text, (size_t)len) != len)
+        die(path);
+    close(fd);
+}
+
+static void enter_identity(long uid, long gid)
+{
+    char map[64];
+    uid_t outer_uid = geteuid();
+    gid_t outer_gid = getegid();
+    if (unshare(CLONE_NEWUSER) != 0)
+        die("unshare(CLONE_NEWUSER)");
+    /* setgroups must be denied before an unprivileged gid_map write (user_namespaces(7)). */
+    write_file("/proc/self/setgroups", "deny");
+    snprintf(map, sizeof map, "%ld %u 1\n", uid, (unsigned)outer_uid);
+    write_file("/proc/self/uid_map", map);
+    snprintf(map, sizeof map, "%ld %u 1\n", gid, (unsigned)outer_gid);
+    write_file("/proc/self/gid_map", map);
+    if (setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) != 0)
+        die("setresgid");
+    if (setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) != 0)
+        die("setresuid");
+}
+
+int main(int argc, char **argv)
+{
+    long uid = -1, gid = -1;
+    int opt;
+    while ((opt = getopt(argc, argv, "+u:g:")) != -1) {
+        switch (opt) {
+        case 'u': uid = strtol(optarg, NULL, 10); break;
+        case 'g': gid = strtol(optarg, NULL, 10); break;
+        default:
+            fprintf(stderr, "usage: berth-init [-u UID -g GID] [--] COMMAND [ARG...]\n");
+            return 127;
+        }
+    }
+    if (optind >= argc) {
+        fprintf(stderr, "berth-init: no command given\n");
+        return 127;
+    }
+    if ((uid < 0) != (gid < 0)) {
+        fprintf(stderr, "berth-init: -u and -g go together\n");
+        return 127;
+    }
+    if (uid >= 0)
+        enter_identity(uid, gid);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        die("prctl(PR_SET_NO_NEW_PRIVS)");
+
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+
+    pid_t child = fork();
+    if (child < 0)
+        die("fork");
+    if (child == 0) {
+        setpgid(0, 0);
+        if (isatty(STDIN_FILENO)) {
+            signal(SIGTTOU, SIG_IGN);
+            tcsetpgrp(STDIN_FILENO, getpgrp());
+            signal(SIGTTOU, SIG_DFL);
+        }
+        sigprocmask(SIG_SETMASK, &old, NULL);
+        execvp(argv[optind], &argv[optind]);
+        fprintf(stderr, "berth-init: cannot run '%s': %s\n", argv[optind], strerror(errno));
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    setpgid(child, child);
+
+    int status = 0;
+    for (;;) {
+        siginfo_t info;
+        struct timespec tick = {1, 0};
+        int sig = sigtimedwait(&all, &info, &tick);
+        if (sig > 0 && sig != SIGCHLD) {
+            /* Forward to the whole job: MPI launchers and shells start helpers. */
+            if (kill(-child, sig) != 0)
+                kill(child, sig);
+        }
+        for (;;) {
+            int st;
+            pid_t pid = waitpid(-1, &st, WNOHANG);
+            if (pid <= 0)
+                break;
+            if (pid == child) {
+                status = st;
+                /* Leave no orphans behind once the command has ended. */
+                kill(-1, SIGKILL);
+                while (waitpid(-1, NULL, 0) > 0)
+                    ;
+                if (WIFSIGNALED(status))
+                    return 128 + WTERMSIG(status);
+                return WEXITSTATUS(status);
+            }
+        }
+    }
+}

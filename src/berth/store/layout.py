@@ -1,0 +1,88 @@
+"""Where everything lives inside a store. The only place that computes store paths.
+
+::
+
+    ROOT/
+      blobs/sha256/HEX            verified blobs: manifests, configs, layers (immutable)
+      images/sha256-HEX/          one directory per image, keyed by manifest digest
+          image.sqfs              the flattened root filesystem, read-only SquashFS
+          manifest.json           the image manifest (bytes exactly as pulled)
+          config.json             the image config (bytes exactly as pulled)
+          image.json              berth's metadata: source reference, sizes, compression
+      index.json                  reference -> manifest digest (written last, atomically)
+      tmp/                        partial downloads and conversions (same filesystem, so
+                                  os.replace into blobs/ and images/ is atomic)
+      locks/                      flock files: one per blob, per image, and one for the index
+
+Site and user stores have the same layout (DESIGN.md decision 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.oci.digest import Digest
+
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    root: Path
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs"
+
+    def blob(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    def image_dir(self, manifest_digest: Digest) -> Path:
+        return self.root / "images" / f"{manifest_digest.algorithm}-{manifest_digest.hex}"
+
+    def image_squashfs(self, manifest_digest: Digest) -> Path:
+        return self.image_dir(manifest_digest) / "image.sqfs"
+
+    def image_manifest(self, manifest_digest: Digest) -> Path:
+        return self.image_dir(manifest_digest) / "manifest.json"
+
+    def image_config(self, manifest_digest: Digest) -> Path:
+        return self.image_dir(manifest_digest) / "config.json"
+
+    def image_meta(self, manifest_digest: Digest) -> Path:
+        return self.image_dir(manifest_digest) / "image.json"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.json"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def partial_blob(self, digest: Digest) -> Path:
+        """Where a blob download in progress lives; kept across interruptions for resuming."""
+        return self.root / "tmp" / f"blob-{digest.algorithm}-{digest.hex}.partial"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    def blob_lock(self, digest: Digest) -> Path:
+        return self.root / "locks" / f"blob-{digest.algorithm}-{digest.hex}.lock"
+
+    def image_lock(self, manifest_digest: Digest) -> Path:
+        return self.root / "locks" / f"image-{manifest_digest.algorithm}-{manifest_digest.hex}.lock"
+
+    @property
+    def index_lock(self) -> Path:
+        return self.root / "locks" / "index.lock"
+
+    @property
+    def version_file(self) -> Path:
+        return self.root / "layout-version"

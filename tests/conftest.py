@@ -1,0 +1,36 @@
+"""Shared fixtures. Servers and images have their own modules under tests/harness/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.harness.users import User, berth_executable
+
+TEST_USER = os.environ.get("BERTH_TEST_USER", "berthtest")
+
+
+@pytest.fixture(scope="session")
+def user() -> User:
+    """The unprivileged user berth is tested as (created by scripts/install-system-packages.sh)."""
+    try:
+        found = User.lookup(TEST_USER)
+    except KeyError:
+        if os.getuid() != 0:
+            pytest.skip(f"test user {TEST_USER} does not exist; run scripts/install-system-packages.sh")
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER], check=True)
+        found = User.lookup(TEST_USER)
+    if not berth_executable().exists():
+        pytest.fail(f"{berth_executable()} is missing: run scripts/setup-venv.sh (scripts/test.sh does)")
+    return found
+
+
+@pytest.fixture
+def user_tmp(user):
+    """A scratch directory owned by the test user, removed afterwards."""
+    path = user.tempdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
