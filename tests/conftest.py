@@ -10,6 +10,15 @@ import pytest
 
 from tests.harness.users import User, berth_executable
 
+# Each area's fixtures live in its own module so that parallel work does not collide here.
+pytest_plugins = [
+    "tests.harness.fixtures_registry",
+    "tests.harness.fixtures_images",
+    "tests.harness.fixtures_runtime",
+    "tests.harness.fixtures_config",
+    "tests.harness.fixtures_slurm",
+]
+
 TEST_USER = os.environ.get("BERTH_TEST_USER", "berthtest")
 
 

@@ -1,0 +1,1 @@
+"""pytest fixtures: config (see docs/contracts.md)."""

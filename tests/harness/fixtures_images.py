@@ -1,0 +1,1 @@
+"""pytest fixtures: images (see docs/contracts.md)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: registry (see docs/contracts.md)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: runtime (see docs/contracts.md)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: slurm (see docs/contracts.md)."""
