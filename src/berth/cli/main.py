@@ -17,6 +17,7 @@ from berth.errors import BerthError
 
 COMMAND_MODULES = (
     "berth.cli.images",
+    "berth.cli.auth",
     "berth.cli.run",
     "berth.cli.config",
     "berth.cli.jobs",
