@@ -1,0 +1,345 @@
+"""A real multi-node Slurm test cluster on this machine (TESTBED.md "Slurm").
+
+munged (own key, socket and state), slurmctld and several ``slurmd -N nodeN`` on 127.0.0.1
+with different ports, all started in the foreground with known PIDs and everything under one
+directory: configuration, spool, logs, per-node TmpFS. Client commands use ``SLURM_CONF`` from
+:meth:`SlurmCluster.env` — /etc/slurm is never touched.
+
+Every node shares this machine's hostname, so OpenMPI must not use its shared-memory
+transport across "nodes" and must stay on loopback: :meth:`SlurmCluster.env` sets the
+``OMPI_MCA_*`` variables for that.
+
+Used by the ``slurm_cluster`` session fixture (``fixtures_slurm.py``) and as a script for the
+README's Slurm demo::
+
+    python -m tests.harness.slurm start DIR [--nodes N]   # prints `export SLURM_CONF=...`
+    python -m tests.harness.slurm stop DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Debian's locations of the daemons (root's sbin, not on a normal PATH).
+SLURMCTLD = "/usr/sbin/slurmctld"
+SLURMD = "/usr/sbin/slurmd"
+MUNGED = "/usr/sbin/munged"
+
+#: Slurm's grace between SIGTERM and SIGKILL at cancel/time limit. It must exceed the
+#: stop_timeout of every test job, or Slurm kills the container before berth's grace ends.
+KILL_WAIT_S = 30
+
+#: Loopback-only MPI on several "nodes" that share one hostname (TESTBED.md "MPI").
+MPI_ENV = {
+    "OMPI_MCA_btl": "self,tcp",
+    "OMPI_MCA_btl_tcp_if_include": "127.0.0.1/8",
+    "OMPI_MCA_oob_tcp_if_include": "127.0.0.1/8",
+    "PMIX_MCA_ptl_tcp_if_include": "127.0.0.1/8",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class SlurmCluster:
+    """A running (or described) test cluster rooted at ``root``."""
+
+    root: Path
+    nodes: list[str]
+    partition: str = "debug"
+    cpus_per_node: int = 2
+    memory_mib_per_node: int = 2000
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "etc" / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.root / "munge" / "munge.socket"
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for client commands and jobs: SLURM_CONF plus loopback-only MPI."""
+        env = dict(base or {})
+        env["SLURM_CONF"] = str(self.conf)
+        env.update(MPI_ENV)
+        return env
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a Slurm client command (as the caller) against this cluster."""
+        return subprocess.run(list(argv), env={**os.environ, **self.env()}, capture_output=True,
+                              text=True, check=check, timeout=timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout_s: float = 30) -> None:
+        for program in (SLURMCTLD, SLURMD, MUNGED):
+            if not os.access(program, os.X_OK):
+                raise RuntimeError(f"{program} is missing: run scripts/install-system-packages.sh")
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        try:
+            self._start_munge()
+            self._write_config()
+            self._start_slurm(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        (self.root / "cluster.json").write_text(json.dumps(
+            {"nodes": self.nodes, "partition": self.partition, "pids": self.pids}))
+
+    def _start_munge(self) -> None:
+        mdir = self.root / "munge"
+        mdir.mkdir(exist_ok=True)
+        os.chmod(mdir, 0o755)  # clients of every user must reach the socket
+        key = mdir / "munge.key"
+        key.write_bytes(os.urandom(128))
+        os.chmod(key, 0o600)
+        log = mdir / "munged.log"
+        proc = subprocess.Popen(
+            [MUNGED, "--foreground", "--force", f"--socket={self.munge_socket}",
+             f"--key-file={key}", f"--pid-file={mdir / 'munged.pid'}",
+             f"--seed-file={mdir / 'munged.seed'}", f"--log-file={log}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+            start_new_session=True,
+        )
+        self.pids["munged"] = proc.pid
+        _wait_for(lambda: self.munge_socket.exists(), 10, "munged socket", log, proc)
+
+    def _write_config(self) -> None:
+        etc = self.root / "etc"
+        etc.mkdir(exist_ok=True)
+        for name in ("state", "spool", "log", "tmp", "run"):
+            (self.root / name).mkdir(exist_ok=True)
+        for node in self.nodes:
+            # TmpFS per node: pmix creates its app directory there (TESTBED.md).
+            tmp = self.root / "tmp" / node
+            tmp.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o1777)
+        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        host = socket.gethostname()
+        node_lines = "\n".join(
+            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
+            f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} State=UNKNOWN"
+            for node, port in zip(self.nodes, node_ports)
+        )
+        r = self.root
+        self.conf.write_text(f"""\
+# Generated by tests/harness/slurm.py — a throw-away test cluster.
+ClusterName=berthtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket}
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/%n
+SlurmctldPidFile={r}/run/slurmctld.pid
+SlurmdPidFile={r}/run/slurmd-%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+TmpFS={r}/tmp/%n
+SlurmdParameters=config_overrides
+MailProg=/bin/true
+ReturnToService=2
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup,task/affinity
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=200
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+KillWait={KILL_WAIT_S}
+MinJobAge=600
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MessageTimeout=20
+GresTypes=gpu
+{node_lines}
+PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+""")
+        (etc / "cgroup.conf").write_text(
+            "CgroupPlugin=autodetect\nConstrainCores=yes\nConstrainRAMSpace=no\nConstrainDevices=no\n")
+        for path in (etc, self.conf, etc / "cgroup.conf"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+    def _start_slurm(self, timeout_s: float) -> None:
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        log = self.root / "log"
+        ctld = subprocess.Popen([SLURMCTLD, "-D", "-i", "-f", str(self.conf)], env=env,
+                                stdin=subprocess.DEVNULL, stdout=open(log / "slurmctld.out", "ab"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids["slurmctld"] = ctld.pid
+        for node in self.nodes:
+            proc = subprocess.Popen([SLURMD, "-D", "-N", node, "-f", str(self.conf)], env=env,
+                                    stdin=subprocess.DEVNULL,
+                                    stdout=open(log / f"slurmd-{node}.out", "ab"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.pids[f"slurmd-{node}"] = proc.pid
+
+        def ready() -> bool:
+            for name, pid in self.pids.items():
+                if not _alive(pid):
+                    raise RuntimeError(f"{name} exited during start-up; see {log}")
+            result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                return False
+            states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+            return all(states.get(node, "").rstrip("*") in ("idle", "mixed", "allocated")
+                       for node in self.nodes)
+
+        _wait_for(ready, timeout_s, "slurm nodes idle", log / "slurmctld.log")
+
+    def stop(self, grace_s: float = 10) -> None:
+        """Stop every daemon by PID (SIGTERM, then SIGKILL after ``grace_s``)."""
+        order = [n for n in self.pids if n.startswith("slurmd")] + ["slurmctld", "munged"]
+        for name in order:
+            pid = self.pids.get(name)
+            if pid and _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while pid and _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid and _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _reap(pid)
+        self.pids.clear()
+
+    def logs(self) -> str:
+        """The tail of every daemon log, for failing-test messages."""
+        parts = []
+        for path in sorted((self.root / "log").glob("*.log")):
+            text = path.read_text(errors="replace")
+            parts.append(f"==> {path.name} <==\n{text[-3000:]}")
+        return "\n".join(parts)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie that is not our child still answers kill(0): check /proc.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _wait_for(predicate, timeout_s: float, what: str, log: Path, proc=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"timed out waiting for {what}; {log}:\n{tail}")
+
+
+def usable() -> str | None:
+    """Why a cluster cannot start here, or None when it can."""
+    if os.getuid() != 0:
+        return "the Slurm test cluster needs root (slurmd runs jobs as other users)"
+    for program in (SLURMCTLD, SLURMD, MUNGED, shutil.which("sbatch") or "/usr/bin/sbatch"):
+        if not os.access(program, os.X_OK):
+            return f"{program} is missing: run scripts/install-system-packages.sh"
+    return None
+
+
+def start_cluster(root: Path, nodes: int = 4) -> SlurmCluster:
+    cluster = SlurmCluster(root=Path(root), nodes=[f"node{i}" for i in range(1, nodes + 1)])
+    cluster.start()
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.slurm",
+                                     description="Start or stop the Slurm test cluster.")
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--nodes", type=int, default=4)
+    args = parser.parse_args(argv)
+    root = args.dir.resolve()
+    if args.action == "start":
+        reason = usable()
+        if reason:
+            print(reason, file=sys.stderr)
+            return 1
+        cluster = start_cluster(root, args.nodes)
+        print(f"export SLURM_CONF={cluster.conf}")
+        for name, value in MPI_ENV.items():
+            print(f"export {name}={value}")
+        return 0
+    info = root / "cluster.json"
+    if not info.exists():
+        print(f"no cluster in {root}", file=sys.stderr)
+        return 1
+    data = json.loads(info.read_text())
+    SlurmCluster(root=root, nodes=data["nodes"], pids=data["pids"]).stop()
+    info.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
