@@ -1,0 +1,310 @@
+"""Registry credentials: where they come from, and berth's own auth file.
+
+Credentials are looked up, first match wins, in (docs/contracts.md, issue 2):
+
+1. ``$REGISTRY_AUTH_FILE`` (the containers-auth.json file podman, skopeo and buildah use);
+2. berth's own file ``$XDG_CONFIG_HOME/berth/auth.json`` (default ``~/.config/berth/auth.json``),
+   written by ``berth login``;
+3. ``~/.docker/config.json`` (``$DOCKER_CONFIG/config.json`` when set).
+
+All three share docker's format: ``{"auths": {"HOST": {"auth": base64("USER:PASSWORD")}}}``
+(``username``/``password`` fields are accepted too). Keys may be ``host:port``, a URL such as
+``https://index.docker.io/v1/`` or a host with a path; they are normalized with :func:`normalize_host`.
+Docker's external credential helpers (``credsStore``/``credHelpers``) are not run: berth runs no
+programs from a user's configuration while pulling.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from berth.errors import ConfigError, UsageError
+
+#: Every name Docker Hub's registry goes by; credentials stored under any of them apply to all.
+DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+DOCKER_HUB_KEY = "docker.io"
+AUTH_FILE_MODE = 0o600
+
+
+def normalize_host(name: str) -> str:
+    """``https://Host:5000/v2/`` → ``host:5000``; every Docker Hub alias → ``docker.io``.
+
+    Raises UsageError for an empty name or one with user information (``user@host``).
+    """
+    text = name.strip()
+    for prefix in ("https://", "http://"):
+        if text.lower().startswith(prefix):
+            text = text[len(prefix):]
+            break
+    text = text.split("/", 1)[0].lower()
+    if not text or "@" in text or any(c.isspace() for c in text):
+        raise UsageError(
+            f"'{name}' is not a registry host",
+            hint="give the registry as HOST or HOST:PORT, for example 127.0.0.1:5000 or docker.io",
+        )
+    if text in DOCKER_HUB_NAMES:
+        return DOCKER_HUB_KEY
+    return text
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One host's credentials and the file they were read from (for error messages)."""
+
+    username: str
+    password: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Credentials per registry host, merged from the auth files (first file wins per host).
+
+    ``searched`` lists every file looked at, so that an authentication error can say where
+    berth looked when it found nothing.
+    """
+
+    entries: Mapping[str, Entry] = field(default_factory=dict)
+    searched: tuple[str, ...] = ()
+    #: Hosts that docker's config sends to a credential helper berth does not run.
+    helper_hosts: frozenset[str] = frozenset()
+
+    def for_host(self, host: str) -> tuple[str, str] | None:
+        """``(username, password)`` for ``host`` (a registry or API host name), or None."""
+        entry = self.entry(host)
+        return (entry.username, entry.password) if entry else None
+
+    def entry(self, host: str) -> Entry | None:
+        try:
+            key = normalize_host(host)
+        except UsageError:
+            return None
+        return self.entries.get(key)
+
+    def source_for(self, host: str) -> str | None:
+        """The file the credentials for ``host`` come from, or None when there are none."""
+        entry = self.entry(host)
+        return entry.source if entry else None
+
+    @classmethod
+    def from_pairs(cls, pairs: Mapping[str, tuple[str, str]], source: str = "arguments") -> "Credentials":
+        """Credentials given directly (``berth login`` validating before it saves)."""
+        return cls({normalize_host(h): Entry(u, p, source) for h, (u, p) in pairs.items()}, (source,))
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("HOME") or os.path.expanduser("~"))
+
+
+def berth_auth_file(environ: Mapping[str, str] | None = None) -> Path:
+    """berth's own auth file: ``$XDG_CONFIG_HOME/berth/auth.json``."""
+    env = os.environ if environ is None else environ
+    config_home = env.get("XDG_CONFIG_HOME") or str(_home(env) / ".config")
+    return Path(config_home) / "berth" / "auth.json"
+
+
+def docker_config_file(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get("DOCKER_CONFIG"):
+        return Path(env["DOCKER_CONFIG"]) / "config.json"
+    return _home(env) / ".docker" / "config.json"
+
+
+def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The auth files in lookup order (missing ones included; the loader skips them)."""
+    env = os.environ if environ is None else environ
+    files = []
+    if env.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env["REGISTRY_AUTH_FILE"]))
+    files.append(berth_auth_file(env))
+    files.append(docker_config_file(env))
+    return files
+
+
+def read_auth_file(path: Path) -> dict | None:
+    """The parsed JSON object of an auth file; None when it does not exist.
+
+    Raises ConfigError naming the file when it is unreadable or not a JSON object: silently
+    ignoring a broken file would turn into a confusing "authentication required" later.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read registry credentials file {path}: {exc.strerror or exc}",
+            hint="fix its permissions, or move it away if it is not yours",
+        ) from None
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"registry credentials file {path} is not valid JSON: {exc}",
+            hint="fix or remove the file (it holds {\"auths\": {\"HOST\": {\"auth\": \"BASE64\"}}})",
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"registry credentials file {path} does not hold a JSON object",
+                          hint="fix or remove the file")
+    return data
+
+
+def _decode_entry(path: Path, key: str, value: object) -> tuple[str, str] | None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"registry credentials file {path}: entry '{key}' is not an object",
+                          hint="fix or remove that entry")
+    auth = value.get("auth")
+    if isinstance(auth, str) and auth:
+        try:
+            decoded = base64.b64decode(auth, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise ConfigError(
+                f"registry credentials file {path}: the 'auth' of '{key}' is not base64 of USER:PASSWORD",
+                hint=f"log in again (berth login {key}) or fix that entry",
+            ) from None
+        username, sep, password = decoded.partition(":")
+        if not sep or not username:
+            raise ConfigError(
+                f"registry credentials file {path}: the 'auth' of '{key}' is not base64 of USER:PASSWORD",
+                hint=f"log in again (berth login {key}) or fix that entry",
+            )
+        return username, password
+    username, password = value.get("username"), value.get("password")
+    if isinstance(username, str) and username and isinstance(password, str):
+        return username, password
+    # An empty entry (docker writes these when a credential helper holds the secret).
+    return None
+
+
+def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
+    """Read every auth file (see the module docstring) into one Credentials object.
+
+    ``environ`` defaults to ``os.environ``; it decides ``HOME``, ``XDG_CONFIG_HOME``,
+    ``REGISTRY_AUTH_FILE`` and ``DOCKER_CONFIG``. Raises ConfigError for a file that exists but
+    cannot be read or parsed. Never contacts a registry.
+    """
+    entries: dict[str, Entry] = {}
+    helper_hosts: set[str] = set()
+    files = auth_files(environ)
+    for path in files:
+        data = read_auth_file(path)
+        if not data:
+            continue
+        auths = data.get("auths", {})
+        if not isinstance(auths, dict):
+            raise ConfigError(f"registry credentials file {path}: 'auths' is not an object",
+                              hint="fix or remove the file")
+        for key, value in auths.items():
+            try:
+                host = normalize_host(key)
+            except UsageError:
+                continue
+            pair = _decode_entry(path, key, value)
+            if pair is not None and host not in entries:
+                entries[host] = Entry(pair[0], pair[1], str(path))
+        helpers = data.get("credHelpers")
+        if isinstance(helpers, dict):
+            for key in helpers:
+                try:
+                    helper_hosts.add(normalize_host(key))
+                except UsageError:
+                    continue
+        if isinstance(data.get("credsStore"), str) and data["credsStore"]:
+            helper_hosts.update(normalize_host(k) for k in auths if _safe_host(k))
+    return Credentials(entries, tuple(str(p) for p in files), frozenset(helper_hosts - set(entries)))
+
+
+def _safe_host(key: str) -> bool:
+    try:
+        normalize_host(key)
+    except UsageError:
+        return False
+    return True
+
+
+def encode_auth(username: str, password: str) -> str:
+    return base64.b64encode(f"{username}:{password}".encode("utf-8")).decode("ascii")
+
+
+def _write_atomically(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` with mode 0600: temporary file, fsync, rename."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".auth-", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, AUTH_FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _load_for_update(path: Path) -> dict:
+    data = read_auth_file(path) or {}
+    auths = data.setdefault("auths", {})
+    if not isinstance(auths, dict):
+        raise ConfigError(f"registry credentials file {path}: 'auths' is not an object",
+                          hint="fix or remove the file")
+    return data
+
+
+def save_login(host: str, username: str, password: str, path: Path) -> str:
+    """Store credentials for ``host`` in the auth file ``path`` (berth's own, normally).
+
+    Keeps every other entry and key of the file; the file is replaced atomically with mode
+    0600 (the directory is created 0700). Returns the normalized host key written. Raises
+    ConfigError when the existing file is broken (it is left untouched) and UsageError for
+    a username containing ':' (it could not be decoded again).
+    """
+    if ":" in username:
+        raise UsageError(f"username '{username}' contains ':'", hint="registry usernames cannot contain ':'")
+    key = normalize_host(host)
+    data = _load_for_update(path)
+    auths = data["auths"]
+    for alias in [k for k in auths if _safe_host(k) and normalize_host(k) == key]:
+        del auths[alias]
+    auths[key] = {"auth": encode_auth(username, password)}
+    try:
+        _write_atomically(path, data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write registry credentials file {path}: {exc.strerror or exc}",
+                          hint="check that the directory is writable by you") from None
+    return key
+
+
+def remove_login(host: str, path: Path) -> bool:
+    """Remove ``host``'s credentials from ``path``; False when there were none there."""
+    key = normalize_host(host)
+    data = read_auth_file(path)
+    if not data or not isinstance(data.get("auths"), dict):
+        return False
+    auths = data["auths"]
+    aliases = [k for k in auths if _safe_host(k) and normalize_host(k) == key]
+    if not aliases:
+        return False
+    for alias in aliases:
+        del auths[alias]
+    try:
+        _write_atomically(path, data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write registry credentials file {path}: {exc.strerror or exc}",
+                          hint="check that the directory is writable by you") from None
+    return True

@@ -1,0 +1,326 @@
+"""HTTP for the registry client: one urllib3 pool, retries with backoff, redirects, errors.
+
+Rules (STYLE.md, issue 2):
+
+- every request states the statuses it accepts; any other status becomes a typed error
+  (401/403 authentication, 404 not found, 429 rate limited, anything else RegistryError);
+- only connection errors, 5xx and 429 are retried, with capped exponential backoff with full
+  jitter that honors ``Retry-After``; TLS failures are not retried (they do not heal);
+- redirects are followed by hand so that the registry's ``Authorization`` header never reaches
+  another host (blob GETs redirect to object storage with its own signed URL);
+- ``urllib3`` is imported lazily: ``berth run`` does not pay for it.
+
+The pool (``urllib3.PoolManager``) is thread-safe; one Transport serves parallel downloads.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
+
+from berth import __version__
+from berth.errors import (
+    AuthenticationError,
+    NotFound,
+    RateLimited,
+    RegistryError,
+    RegistryUnreachable,
+)
+
+USER_AGENT = f"berth/{__version__}"
+MAX_REDIRECTS = 5
+#: Statuses that are retried (besides connection errors).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: How much of an error body is kept for the message (registries send JSON error lists).
+ERROR_BODY_BYTES = 2000
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog, 2015).
+
+    Attempt ``n`` (0-based) waits ``uniform(0, min(cap_s, base_s * 2**n))``; a ``Retry-After``
+    from the server raises that to the server's value, itself capped at ``max_retry_after_s``
+    so that a hostile or confused server cannot park berth for hours. ``sleep`` and
+    ``uniform`` are injectable so that tests run without waiting.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 20.0
+    max_retry_after_s: float = 60.0
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+    uniform: Callable[[float, float], float] = field(default=random.uniform, compare=False)
+
+    def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+        delay = self.uniform(0.0, min(self.cap_s, self.base_s * (2 ** attempt)))
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.max_retry_after_s))
+        return delay
+
+    def wait(self, attempt: int, retry_after_s: float | None = None) -> float:
+        delay = self.delay_s(attempt, retry_after_s)
+        if delay > 0:
+            self.sleep(delay)
+        return delay
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now_dt = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    return max(0.0, (when - now_dt).total_seconds())
+
+
+def same_origin(url_a: str, url_b: str) -> bool:
+    """True when both URLs have the same scheme, host and port (the Authorization boundary)."""
+    a, b = urlsplit(url_a), urlsplit(url_b)
+    return (a.scheme, a.hostname, a.port or _default_port(a.scheme)) == (
+        b.scheme, b.hostname, b.port or _default_port(b.scheme))
+
+
+def _default_port(scheme: str) -> int | None:
+    return {"http": 80, "https": 443}.get(scheme)
+
+
+def error_detail(body: bytes) -> str:
+    """A short text from a registry error body (``{"errors": [{"code", "message"}]}``)."""
+    import json
+
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+        messages = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                    for e in data.get("errors", []) if isinstance(e, dict)]
+        if messages:
+            return "; ".join(messages)
+    except (ValueError, AttributeError):
+        pass
+    text = body.decode("utf-8", "replace").strip()
+    return text[:200]
+
+
+class Transport:
+    """Sends requests to one registry (and the hosts it redirects to) with retries.
+
+    ``registry`` is the ``host[:port]`` named in messages; ``retries`` is the number of
+    retries after the first attempt. The Transport does not know about authentication:
+    the caller passes headers, and gets 401 back when it lists 401 as accepted.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        insecure: bool = False,
+        retries: int = 5,
+        timeout_s: float = 60.0,
+        backoff: Backoff | None = None,
+        pool_size: int = 8,
+    ) -> None:
+        import urllib3
+
+        self.registry = registry
+        self.insecure = insecure
+        self.retries = max(0, retries)
+        self.backoff = backoff or Backoff()
+        self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+        self.pool = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=pool_size,
+            retries=False,
+            timeout=self.timeout,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def close(self) -> None:
+        self.pool.clear()
+
+    # -- the one request loop -------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        accept: Collection[int],
+        headers: Mapping[str, str] | None = None,
+        body: bytes | IO[bytes] | None = None,
+        stream: bool = False,
+        what: str,
+        follow_redirects: bool = True,
+        not_found: Callable[[str], Exception] | None = None,
+    ) -> Any:
+        """Send one request; return the urllib3 response when its status is in ``accept``.
+
+        ``what`` describes the request for messages ("manifest a/b:tag"). ``stream`` leaves
+        the body unread (the caller must ``release_conn()``). A file ``body`` must be seekable
+        for retries (it is rewound to where it was). Redirects (301/302/303/307/308) are
+        followed up to MAX_REDIRECTS; ``Authorization`` is dropped when the target is on another
+        origin. 404 raises ``not_found(detail)`` when given, else NotFound. Raises
+        AuthenticationError (401/403 not accepted), RateLimited, RegistryUnreachable or
+        RegistryError.
+        """
+        import urllib3.exceptions as uexc
+
+        headers = dict(headers or {})
+        start_pos = body.tell() if body is not None and hasattr(body, "tell") else None
+        attempt = 0
+        while True:
+            if start_pos is not None:
+                body.seek(start_pos)  # type: ignore[union-attr]
+            try:
+                response = self._send_following(method, url, headers, body, stream, follow_redirects, what)
+            except uexc.SSLError as exc:
+                raise RegistryUnreachable(
+                    f"TLS connection to {_host_of(url)} failed for {what}: {_reason(exc)}",
+                    hint=f"for a plain-HTTP registry set insecure for {self.registry} "
+                    "(berth pull --insecure, or insecure = true in its [registries] entry); "
+                    "for a private certificate authority, install its certificate system-wide",
+                ) from None
+            except (uexc.HTTPError, OSError) as exc:
+                if attempt < self.retries and _retryable_exception(exc):
+                    self.backoff.wait(attempt)
+                    attempt += 1
+                    continue
+                raise self._unreachable(url, what, exc, attempt) from None
+            status = response.status
+            if status in accept:
+                if not stream:
+                    try:
+                        response.read(cache_content=True)
+                    except (uexc.HTTPError, OSError) as exc:
+                        _discard(response)
+                        if attempt < self.retries and _retryable_exception(exc):
+                            self.backoff.wait(attempt)
+                            attempt += 1
+                            continue
+                        raise self._unreachable(url, what, exc, attempt) from None
+                    response.release_conn()
+                return response
+            if status in RETRY_STATUSES and attempt < self.retries:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                _discard(response)
+                self.backoff.wait(attempt, retry_after)
+                attempt += 1
+                continue
+            detail = _read_error(response)
+            raise self._status_error(status, url, what, detail, attempt, not_found)
+
+    def _send_following(self, method, url, headers, body, stream, follow_redirects, what):
+        current_url, current_method, current_headers, current_body = url, method, headers, body
+        for _hop in range(MAX_REDIRECTS + 1):
+            response = self.pool.request(
+                current_method,
+                current_url,
+                headers=current_headers,
+                body=current_body,
+                preload_content=False,
+                decode_content=False,
+                redirect=False,
+                retries=False,
+                timeout=self.timeout,
+            )
+            if not follow_redirects or response.status not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("Location")
+            if not location:
+                return response
+            _discard(response)
+            target = urljoin(current_url, location)
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise RegistryError(f"registry {self.registry} redirected {what} to an unsupported URL {target}")
+            if not same_origin(current_url, target):
+                # Never hand the registry's credentials (or token) to another host.
+                current_headers = {k: v for k, v in current_headers.items() if k.lower() != "authorization"}
+            if response.status == 303 or (response.status in (301, 302) and current_method == "POST"):
+                current_method, current_body = "GET", None
+            current_url = target
+        raise RegistryError(f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times")
+
+    # -- errors ---------------------------------------------------------------------------
+    def _unreachable(self, url: str, what: str, exc: BaseException, attempt: int) -> RegistryUnreachable:
+        tries = f" after {attempt + 1} attempts" if attempt else ""
+        host = _host_of(url)
+        reason = _reason(exc)
+        if "Name or service not known" in reason or "NameResolution" in type(exc).__name__ \
+                or "nodename nor servname" in reason or "Temporary failure in name resolution" in reason:
+            hint = f"check the registry host name '{host}' (DNS lookup failed)"
+        elif self.insecure:
+            hint = f"is the registry running on {host}?"
+        else:
+            hint = (f"is the registry running on {host}? for a plain-HTTP registry set insecure for it "
+                    "(berth pull --insecure, or insecure = true in its [registries] entry)")
+        return RegistryUnreachable(f"cannot reach registry {self.registry} for {what}{tries}: {reason}", hint=hint)
+
+    def _status_error(self, status, url, what, detail, attempt, not_found) -> Exception:
+        detail_text = f": {detail}" if detail else ""
+        if status == 404:
+            return not_found(detail) if not_found else NotFound(f"{what} not found on registry {self.registry}{detail_text}")
+        if status in (401, 403):
+            return AuthenticationError(
+                f"registry {self.registry} refused access to {what} (HTTP {status}){detail_text}")
+        if status == 429:
+            return RateLimited(
+                f"registry {self.registry} is rate-limiting requests for {what} "
+                f"(HTTP 429, {attempt + 1} attempts){detail_text}",
+                hint="wait a while and try again, or log in: registries grant more to authenticated users",
+            )
+        if 500 <= status < 600:
+            return RegistryError(
+                f"registry {self.registry} failed on {what} (HTTP {status}, {attempt + 1} attempts){detail_text}",
+                hint="the registry is in trouble: try again later or tell its operator",
+            )
+        return RegistryError(f"registry {self.registry} answered HTTP {status} to {what}{detail_text}")
+
+
+def _retryable_exception(exc: BaseException) -> bool:
+    import urllib3.exceptions as uexc
+
+    if isinstance(exc, uexc.SSLError):
+        return False
+    return isinstance(exc, (uexc.HTTPError, ConnectionError, TimeoutError, OSError))
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    text = str(reason)
+    # urllib3 prefixes its connection object's repr: keep the operating system's words.
+    text = re.sub(r"^(?:<[^>]*>|\w*Connection(?:Pool)?\([^)]*\)):\s*", "", text)
+    return text
+
+
+def _host_of(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def _discard(response) -> None:
+    try:
+        response.drain_conn()
+    except Exception:  # noqa: BLE001 - a broken connection is simply not reused
+        pass
+    response.release_conn()
+
+
+def _read_error(response) -> str:
+    try:
+        body = response.read(ERROR_BODY_BYTES)
+    except Exception:  # noqa: BLE001 - the status already says what failed
+        body = b""
+    finally:
+        _discard(response)
+    return error_detail(body[:ERROR_BODY_BYTES] if body else b"")
