@@ -12,7 +12,8 @@
       index.json                  reference -> manifest digest (written last, atomically)
       tmp/                        partial downloads and conversions (same filesystem, so
                                   os.replace into blobs/ and images/ is atomic)
-      locks/                      flock files: one per blob, per image, and one for the index
+      locks/                      flock files: one per blob, per image, one for the index, and
+                                  gc.lock (pulls and imports hold it shared, prune exclusive)
 
 Site and user stores have the same layout (DESIGN.md decision 4).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from berth.oci.digest import Digest
+from berth.oci.digest import Digest, InvalidDigest
 
 LAYOUT_VERSION = 1
 
@@ -86,3 +87,47 @@ class StoreLayout:
     @property
     def version_file(self) -> Path:
         return self.root / "layout-version"
+
+    @property
+    def gc_lock(self) -> Path:
+        """Held shared by every writer (pull, import) and exclusively by prune."""
+        return self.root / "locks" / "gc.lock"
+
+    def image_workdir_prefix(self, manifest_digest: Digest) -> str:
+        """Name prefix of the tmp/ directories where an image is converted before publishing.
+
+        Only the holder of the image's lock creates or removes directories with this prefix,
+        so a crashed conversion's leftovers are recognised and removed by the next one.
+        """
+        return f"image-{manifest_digest.algorithm}-{manifest_digest.hex}-"
+
+    def trash_prefix(self) -> str:
+        """Name prefix of tmp/ entries being deleted (renamed there first, then removed)."""
+        return "trash-"
+
+    def import_prefix(self) -> str:
+        """Name prefix of tmp/ files written while importing an archive."""
+        return "import-"
+
+    def blob_from_name(self, algorithm: str, name: str) -> Digest | None:
+        """The digest a file ``blobs/ALGORITHM/NAME`` stands for, or None if it is not one."""
+        return _digest_or_none(name, algorithm)
+
+    def digest_from_image_dir(self, name: str) -> Digest | None:
+        """The manifest digest an images/ entry name (``sha256-HEX``) stands for, or None."""
+        algorithm, sep, hex_part = name.partition("-")
+        return _digest_or_none(hex_part, algorithm) if sep else None
+
+    def digest_from_partial(self, name: str) -> Digest | None:
+        """The blob digest a tmp/ partial-download name stands for, or None."""
+        if not (name.startswith("blob-") and name.endswith(".partial")):
+            return None
+        algorithm, sep, hex_part = name[len("blob-") : -len(".partial")].partition("-")
+        return _digest_or_none(hex_part, algorithm) if sep else None
+
+
+def _digest_or_none(hex_part: str, algorithm: str) -> Digest | None:
+    try:
+        return Digest.parse(f"{algorithm}:{hex_part}")
+    except InvalidDigest:
+        return None

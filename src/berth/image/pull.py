@@ -1,0 +1,421 @@
+"""Pull = registry client + store: the one module that joins them (STYLE.md).
+
+Steps: normalize the reference; check site policy (trusted registries); resolve the manifest
+(an index picks this machine's platform or ``--platform``); download config and layers in
+parallel, each verified by size and digest while streaming, resumed with Range after a
+mid-stream failure, skipped when already stored; convert to SquashFS; tag (index.json last).
+Peak memory is bounded by the chunk size times the parallel downloads, whatever the layer size.
+"""
+
+from __future__ import annotations
+
+import json
+import platform as platform_module
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from berth.errors import (
+    AuthenticationError,
+    BerthError,
+    DigestMismatch,
+    ImageError,
+    NotFound,
+    PlatformNotFound,
+    PolicyError,
+    RegistryError,
+    RegistryUnreachable,
+    UsageError,
+)
+from berth.image.api import StoredImage, index_key, load_stored, parse_reference, store_for
+from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
+from berth.image.progress import PullProgress, notify
+from berth.oci import mediatypes
+from berth.oci.digest import Digest
+from berth.oci.reference import Reference
+from berth.store.store import Store
+
+if TYPE_CHECKING:
+    from berth.config.settings import Settings
+
+#: uname -m -> (OCI architecture, variant) (image-index spec, platform.architecture: GOARCH).
+_MACHINE_ARCH = {
+    "x86_64": ("amd64", None), "amd64": ("amd64", None),
+    "aarch64": ("arm64", None), "arm64": ("arm64", None),
+    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
+    "i386": ("386", None), "i686": ("386", None),
+    "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+}
+_BLOB_CHUNK_BYTES = 1 << 20
+_RETRY_BASE_S = 0.5
+_RETRY_CAP_S = 10.0
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+def parse_platform(text: str) -> Platform:
+    """``OS/ARCH[/VARIANT]`` (e.g. ``linux/arm64/v8``); raises UsageError naming --platform."""
+    parts = text.strip().split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise UsageError(f"--platform '{text}' is not OS/ARCH[/VARIANT]",
+                         hint="for example --platform linux/amd64 or --platform linux/arm/v7")
+    return Platform(parts[0].lower(), parts[1].lower(), parts[2].lower() if len(parts) == 3 else None)
+
+
+def default_platform() -> Platform:
+    """This machine's platform in OCI terms (``platform.machine()`` mapped to GOARCH names)."""
+    machine = platform_module.machine().lower()
+    architecture, variant = _MACHINE_ARCH.get(machine, (machine, None))
+    return Platform("linux", architecture, variant)
+
+
+def select_platform(index: dict, wanted: Platform, what: str) -> Descriptor:
+    """The manifest of ``index`` for ``wanted``; raises PlatformNotFound listing what exists."""
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list):
+        raise ImageError(f"the image index of {what} has no 'manifests' list")
+    available: list[str] = []
+    candidates: list[tuple[int, Descriptor]] = []
+    for n, item in enumerate(manifests, 1):
+        descriptor = parse_descriptor(item, f"the image index of {what}, entry {n}")
+        spec = item.get("platform") if isinstance(item.get("platform"), dict) else {}
+        entry = Platform(str(spec.get("os", "")).lower(), str(spec.get("architecture", "")).lower(),
+                         str(spec["variant"]).lower() if spec.get("variant") else None)
+        if entry.os == "unknown" or not entry.os:
+            continue  # attestation manifests (buildkit) and the like
+        available.append(str(entry))
+        if descriptor.media_type and descriptor.media_type not in mediatypes.MANIFESTS:
+            continue
+        if (entry.os, entry.architecture) != (wanted.os, wanted.architecture):
+            continue
+        if wanted.variant and entry.variant and entry.variant != wanted.variant:
+            continue
+        # Prefer an exact variant match, then an entry without variant.
+        rank = 0 if entry.variant == wanted.variant else 1
+        candidates.append((rank, descriptor))
+    if not candidates:
+        raise PlatformNotFound(
+            f"{what} has no image for platform {wanted}; it has: {', '.join(available) or 'none'}",
+            hint="choose one with --platform OS/ARCH[/VARIANT]",
+        )
+    return min(candidates, key=lambda pair: pair[0])[1]
+
+
+@dataclass(frozen=True)
+class PullResult:
+    image: StoredImage
+    reference: str
+    platform: str | None
+    index_digest: Digest | None
+    downloaded_blobs: int
+    downloaded_bytes: int
+    cached_blobs: int
+    converted: bool
+    elapsed_s: float
+
+    def to_json(self) -> dict:
+        return {
+            "reference": self.reference,
+            "digest": str(self.image.digest),
+            "index_digest": str(self.index_digest) if self.index_digest else None,
+            "platform": self.platform,
+            "store": self.image.store,
+            "squashfs": str(self.image.squashfs),
+            "size_bytes": self.image.size_bytes,
+            "downloaded_blobs": self.downloaded_blobs,
+            "downloaded_bytes": self.downloaded_bytes,
+            "cached_blobs": self.cached_blobs,
+            "converted": self.converted,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def check_registry_policy(settings: "Settings", reference: Reference) -> None:
+    """Raise PolicyError when the site restricts registries and this one is not trusted."""
+    trusted = settings.policy.trusted_registries
+    host_policy = settings.registry(reference.registry)
+    if (trusted and reference.registry not in trusted and reference.api_host not in trusted) \
+            or not host_policy.trusted:
+        raise PolicyError(
+            f"the site policy does not allow images from registry '{reference.registry}' "
+            f"(trusted: {', '.join(trusted) or 'none'})",
+            hint="use an image from a trusted registry, or ask your site administrator to add "
+            "this registry to policy.trusted_registries",
+        )
+
+
+def make_client(settings: "Settings", reference: Reference, *, insecure: bool = False):
+    """A registry client for ``reference`` with the user's credentials and site settings."""
+    from berth.registry.auth import load_credentials
+    from berth.registry.client import RegistryClient
+
+    return RegistryClient(
+        reference.api_host,
+        insecure=insecure or settings.registry(reference.registry).insecure
+        or settings.registry(reference.api_host).insecure,
+        credentials=load_credentials(),
+        retries=settings.pull_retries,
+    )
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.downloaded_blobs = 0
+        self.downloaded_bytes = 0
+        self.cached_blobs = 0
+
+    def add(self, fetched_bytes: int | None) -> None:
+        with self.lock:
+            if fetched_bytes is None:
+                self.cached_blobs += 1
+            else:
+                self.downloaded_blobs += 1
+                self.downloaded_bytes += fetched_bytes
+
+
+class _Cancelled(Exception):
+    """Another download of the same pull failed: stop this one (its partial file is kept)."""
+
+
+def pull_image(
+    settings: "Settings",
+    ref: str,
+    *,
+    site: bool = False,
+    platform: str | None = None,
+    insecure: bool = False,
+    progress: PullProgress | None = None,
+) -> PullResult:
+    """Pull ``ref`` into the user (or site) store; see berth.image.api.pull for errors."""
+    started = time.monotonic()
+    reference = parse_reference(ref)
+    wanted = parse_platform(platform) if platform else default_platform()
+    check_registry_policy(settings, reference)
+    store = store_for(settings, site=site)
+    key = index_key(reference)
+    with store.writing():
+        counters = _Counters()
+        # Pinned and present: no network at all.
+        present = _present_by_digest(store, reference, key)
+        if present is not None:
+            return PullResult(present, key, None, None, 0, 0, 0, False, time.monotonic() - started)
+        client = make_client(settings, reference, insecure=insecure)
+        try:
+            return _pull_with(client, settings, store, reference, key, wanted, progress,
+                              counters, started)
+        finally:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
+
+
+def _present_by_digest(store: Store, reference: Reference, key: str) -> StoredImage | None:
+    if reference.digest is None:
+        return None
+    target = store.read_index().get(key)
+    digest = Digest.parse(target) if target else reference.digest
+    if not store.has_image(digest):
+        return None
+    with store.image_lock(digest):
+        if not store.has_image(digest):
+            return None
+        store.set_reference(key, digest)
+    return load_stored(store, digest, key)
+
+
+def _pull_with(client, settings, store: Store, reference: Reference, key: str, wanted: Platform,
+               progress, counters: _Counters, started: float) -> PullResult:
+    what = str(reference)
+    manifest = _get_manifest(client, reference, reference.version)
+    index_digest = None
+    platform_text = None
+    if manifest.media_type in mediatypes.INDEXES or _looks_like_index(manifest.data):
+        index_digest = manifest.digest
+        try:
+            index = json.loads(manifest.data)
+        except ValueError as exc:
+            raise ImageError(f"the image index of {what} is not JSON: {exc}") from None
+        chosen = select_platform(index, wanted, what)
+        store.put_blob_bytes(index_digest, manifest.data)
+        manifest = _get_manifest(client, reference, str(chosen.digest))
+        if manifest.digest != chosen.digest:
+            raise DigestMismatch(f"manifest {chosen.digest} of {what} arrived as {manifest.digest}")
+        platform_text = str(wanted)
+    digest = manifest.digest
+    if store.has_image(digest):
+        with store.image_lock(digest):
+            if store.has_image(digest):
+                store.set_reference(key, digest)
+                image = load_stored(store, digest, key)
+                return PullResult(image, key, platform_text, index_digest, 0, 0, 0, False,
+                                  time.monotonic() - started)
+    manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
+    blobs = _unique([config_descriptor, *layers])
+    notify(progress, "resolved", key, digest, len(layers), sum(d.size_bytes for d in blobs))
+    _download_all(client, settings, store, reference, blobs, progress, counters)
+    config_bytes = store.read_blob(config_descriptor.digest)
+    try:
+        json.loads(config_bytes)
+    except ValueError as exc:
+        raise ImageError(f"the image config of {what} is not JSON: {exc}") from None
+    store.put_blob_bytes(digest, manifest.data)
+    meta = {
+        "source": what,
+        "repository": reference.name,
+        "index_digest": str(index_digest) if index_digest else None,
+        "platform": platform_text,
+        "media_type": manifest.media_type,
+    }
+    image, converted = install_image(
+        store, digest, manifest_bytes=manifest.data, config_bytes=config_bytes, layers=layers,
+        reference_key=key, compression=settings.squashfs_compression, meta=meta, progress=progress,
+    )
+    return PullResult(image, key, platform_text, index_digest, counters.downloaded_blobs,
+                      counters.downloaded_bytes, counters.cached_blobs, converted,
+                      time.monotonic() - started)
+
+
+def _looks_like_index(data: bytes) -> bool:
+    """Some registries serve indexes without a media type header: look at the body."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("manifests"), list) and "layers" not in body
+
+
+def _get_manifest(client, reference: Reference, version: str):
+    manifest = client.get_manifest(reference.repository, version)
+    actual = Digest.of(manifest.data, manifest.digest.algorithm)
+    if actual != manifest.digest:
+        raise DigestMismatch(f"the manifest of {reference} hashes to {actual}, announced as {manifest.digest}",
+                             hint="the registry serves corrupt content: tell its administrator")
+    if manifest.media_type and manifest.media_type not in (*mediatypes.MANIFESTS, *mediatypes.INDEXES):
+        raise ImageError(
+            f"{reference} has manifest media type {manifest.media_type}, which berth does not pull",
+            hint="berth pulls OCI and Docker schema 2 images and indexes",
+        )
+    return manifest
+
+
+def _unique(descriptors: list[Descriptor]) -> list[Descriptor]:
+    seen: dict[Digest, Descriptor] = {}
+    for descriptor in descriptors:
+        seen.setdefault(descriptor.digest, descriptor)
+    return list(seen.values())
+
+
+def _download_all(client, settings, store: Store, reference: Reference, blobs: list[Descriptor],
+                  progress, counters: _Counters) -> None:
+    """Fetch every blob not yet stored, ``settings.pull_parallel`` at a time; the first
+    failure stops the others (their partial files stay for the next attempt) and is raised."""
+    stop = threading.Event()
+    workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull") as pool:
+        futures = [pool.submit(fetch_blob, client, store, reference, blob, settings.pull_retries,
+                               progress, stop) for blob in blobs]
+        done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            stop.set()
+        wait(futures)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    real = [e for e in errors if not isinstance(e, _Cancelled)]
+    if real:
+        raise real[0]
+    for future in futures:
+        counters.add(future.result())
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Mid-stream failures worth resuming: network errors, 5xx/429 (not auth, not 404)."""
+    if isinstance(exc, (AuthenticationError, NotFound, DigestMismatch)):
+        return False
+    if isinstance(exc, (RegistryUnreachable, RegistryError)):
+        return True
+    if isinstance(exc, BerthError):
+        return False
+    if isinstance(exc, (OSError, EOFError)):
+        return True
+    # urllib3's HTTPError family (ProtocolError, ReadTimeoutError...) without importing it here.
+    return type(exc).__module__.startswith(("urllib3", "http.client"))
+
+
+def fetch_blob(client, store: Store, reference: Reference, descriptor: Descriptor, retries: int,
+               progress: PullProgress | None, stop: threading.Event) -> int | None:
+    """Download one blob into the store unless present; returns bytes fetched (None: cached).
+
+    Holds the blob's lock throughout, so concurrent pulls of it (threads or processes) wait
+    for this one and then find it stored. Resumes a partial file with a Range request, and
+    starts over when the registry ignores the Range. Raises DigestMismatch (nothing kept),
+    RegistryUnreachable after ``retries`` failed resumptions, AuthenticationError, NotFound.
+    """
+    digest, size = descriptor.digest, descriptor.size_bytes
+    with store.blob_download(digest, size) as writer:
+        if writer is None:
+            notify(progress, "blob_done", digest, size, True)
+            return None
+        fetched = 0
+        failures = 0
+        retried_from_zero = False
+        resumed_at = writer.offset
+        while True:
+            try:
+                if not writer.complete:
+                    with client.open_blob(reference.repository, digest, offset=writer.offset) as response:
+                        if response.offset != writer.offset:
+                            if response.offset != 0:
+                                raise RegistryError(
+                                    f"the registry sent blob {digest} from byte {response.offset} "
+                                    f"when asked for byte {writer.offset}")
+                            writer.restart()
+                            notify(progress, "blob_restarted", digest, "registry ignored the Range request")
+                        notify(progress, "blob_started", digest, size, writer.offset)
+                        for chunk in response.read_chunks(_BLOB_CHUNK_BYTES):
+                            if stop.is_set():
+                                raise _Cancelled()
+                            writer.write(chunk)
+                            fetched += len(chunk)
+                            notify(progress, "blob_bytes", digest, len(chunk))
+                if not writer.complete:
+                    raise RegistryUnreachable(
+                        f"the download of blob {digest} ended after {writer.offset} of {size} bytes")
+                try:
+                    writer.commit()
+                except DigestMismatch:
+                    # A partial file from an earlier run could itself be the culprit: one
+                    # fresh download from byte 0 before blaming the registry.
+                    if resumed_at == 0 or retried_from_zero:
+                        raise
+                    retried_from_zero = True
+                    resumed_at = 0
+                    writer.restart()
+                    continue
+                notify(progress, "blob_done", digest, size, False)
+                return fetched
+            except _Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
+                if isinstance(exc, DigestMismatch):
+                    raise DigestMismatch(f"{reference}: {exc.message}", hint=exc.hint) from None
+                if not _retryable(exc):
+                    raise
+                failures += 1
+                if failures > retries:
+                    raise RegistryUnreachable(
+                        f"downloading blob {digest} of {reference} failed {failures} times: {exc}",
+                        hint="check the network and the registry; run the pull again to resume "
+                        "where it stopped",
+                    ) from None
+                notify(progress, "blob_restarted", digest, f"{exc}; resuming at byte {writer.offset}")
+                time.sleep(min(_RETRY_CAP_S, _RETRY_BASE_S * 2 ** (failures - 1)))

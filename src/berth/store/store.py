@@ -1,0 +1,618 @@
+"""One content-addressed image store (user or site: same layout, same code; DESIGN.md #4).
+
+Publishing rules (the containers/image PutBlob contract, STYLE.md):
+- a blob is streamed into ``tmp/``, hashed and counted while it is written, checked against
+  its digest and size, fsynced, then ``os.replace``d into ``blobs/``; a mismatch deletes it;
+- an image is converted in a ``tmp/`` directory and renamed whole into ``images/``;
+- ``index.json`` (reference -> manifest digest) is rewritten last, atomically, under a lock.
+So ``kill -9`` at any moment leaves at worst garbage in ``tmp/``, which the next writer holding
+the same lock, or ``prune``, removes.
+
+Locks (flock, released by the kernel when a process dies), always taken in this order:
+``gc`` (shared by writers, exclusive by prune) -> ``blob`` or ``image`` -> ``index``.
+Readers (find, list, inspect) take no lock: everything they read is replaced atomically, which
+also lets users read a site store they cannot write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from berth.errors import BerthError, DigestMismatch, PermissionDenied, StoreError
+from berth.oci.digest import Digest
+from berth.store.layout import LAYOUT_VERSION, StoreLayout
+from berth.store.lock import file_lock
+
+USER = "user"
+SITE = "site"
+
+#: tmp/ entries older than this and not locked are garbage (a crashed pull or import).
+STALE_TMP_S = 3600
+_CHUNK_BYTES = 1 << 20
+_FILE_MODE = 0o644
+_BLOB_MODE = 0o444
+_DIR_MODE = 0o755
+
+
+def store_errors(store: "Store", action: str, path: Path | str) -> "_ErrorMapper":
+    """Context manager mapping OSError to StoreError / PermissionDenied with a hint."""
+    return _ErrorMapper(store, action, Path(path))
+
+
+class _ErrorMapper:
+    def __init__(self, store: "Store", action: str, path: Path) -> None:
+        self.store, self.action, self.path = store, action, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, OSError) or isinstance(exc, BerthError):
+            return False
+        raise self.store.os_error(exc, self.action, self.path) from None
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    images_removed: list[str] = field(default_factory=list)
+    blobs_removed: int = 0
+    tmp_removed: int = 0
+    bytes_freed: int = 0
+
+
+class Store:
+    """A store rooted at ``root``; ``kind`` is "user" or "site" (used in messages and listings).
+
+    Nothing is created on disk until a writing method runs (:meth:`require_writable`).
+    """
+
+    def __init__(self, root: Path, kind: str = USER) -> None:
+        self.root = Path(os.path.expanduser(str(root)))
+        self.kind = kind
+        self.layout = StoreLayout(self.root)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r}, {self.kind!r})"
+
+    # ----------------------------------------------------------------- errors
+
+    def os_error(self, exc: OSError, action: str, path: Path) -> BerthError:
+        """The BerthError a failed file operation on this store becomes."""
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreError(
+                f"no space left on the device while {action} {path} in the {self.kind} store",
+                hint=f"free space on the file system of {self.root} (`berth prune"
+                f"{' --site' if self.kind == SITE else ''}` removes unused images and blobs) "
+                "or move the store ("
+                + ("site_store setting or BERTH_SITE_STORE" if self.kind == SITE else
+                   "user_store setting or BERTH_USER_STORE") + ")",
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return self._permission_denied(path, reason)
+        return StoreError(f"{action} {path} in the {self.kind} store failed: {reason}")
+
+    def _permission_denied(self, path: Path, reason: str = "permission denied") -> PermissionDenied:
+        if self.kind == SITE:
+            return PermissionDenied(
+                f"cannot write the site store: {path}: {reason}",
+                hint="the site store is managed by administrators: ask your site administrator "
+                "to add the image, and use --site only as an admin (without --site berth uses "
+                "your own store)",
+            )
+        return PermissionDenied(
+            f"cannot write your image store: {path}: {reason}",
+            hint=f"make {self.root} writable by you, or point BERTH_USER_STORE elsewhere",
+        )
+
+    # ----------------------------------------------------------------- set-up
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def require_writable(self) -> None:
+        """Create the layout if needed and check that this process may write it.
+
+        Raises PermissionDenied (naming the path; for the site store: ask the administrator)
+        before any network traffic, so a refused pull costs nothing.
+        """
+        layout = self.layout
+        dirs = [self.root, layout.blobs_dir, layout.blobs_dir / "sha256", layout.images_dir,
+                layout.tmp_dir, layout.locks_dir]
+        for path in dirs:
+            if path.is_dir():
+                if not os.access(path, os.W_OK | os.X_OK):
+                    raise self._permission_denied(path)
+                continue
+            with store_errors(self, "creating", path):
+                try:
+                    path.mkdir(mode=_DIR_MODE, parents=path == self.root)
+                except FileExistsError:
+                    pass
+                os.chmod(path, _DIR_MODE)
+        if not layout.version_file.exists():
+            self._write_file_atomic(layout.version_file, f"{LAYOUT_VERSION}\n".encode())
+
+    # ------------------------------------------------------------------ locks
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held by every writer for its whole duration (shared); prune excludes them all."""
+        self.require_writable()
+        with file_lock(self.layout.gc_lock, shared=True):
+            yield
+
+    def blob_lock(self, digest: Digest):
+        return file_lock(self.layout.blob_lock(digest))
+
+    def image_lock(self, digest: Digest, *, blocking: bool = True):
+        return file_lock(self.layout.image_lock(digest), blocking=blocking)
+
+    # ------------------------------------------------------------------ blobs
+
+    def has_blob(self, digest: Digest) -> bool:
+        return self.layout.blob(digest).is_file()
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.layout.blob(digest)
+
+    def blob_size(self, digest: Digest) -> int:
+        return self.layout.blob(digest).stat().st_size
+
+    def read_blob(self, digest: Digest) -> bytes:
+        try:
+            return self.layout.blob(digest).read_bytes()
+        except FileNotFoundError:
+            from berth.errors import NotFound
+
+            raise NotFound(f"blob {digest} is not in the {self.kind} store at {self.root}") from None
+
+    def put_blob_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store small verified content (manifests, configs). Idempotent."""
+        if self.has_blob(digest):
+            return
+        with self.blob_lock(digest):
+            if self.has_blob(digest):
+                return
+            writer = BlobWriter(self, digest, len(data), resume=False)
+            try:
+                writer.write(data)
+                writer.commit()
+            finally:
+                writer.close()
+
+    @contextmanager
+    def blob_download(self, digest: Digest, size_bytes: int) -> Iterator["BlobWriter | None"]:
+        """Hold the blob's lock; yield None when the blob is already stored, else a writer.
+
+        The writer resumes a partial download left in tmp/ (its content is re-hashed) and
+        the caller continues from ``writer.offset``. A partial file left on failure is kept
+        for the next attempt (resuming), except after a digest mismatch, where it is removed.
+        Other processes wanting the same blob wait on the lock and then find it stored.
+        """
+        with self.blob_lock(digest):
+            if self.has_blob(digest):
+                if self.blob_size(digest) == size_bytes:
+                    yield None
+                    return
+                # A stored blob of the wrong size cannot come from us (verified before
+                # publishing): treat it as corruption and download again.
+                with store_errors(self, "removing corrupt blob", self.blob_path(digest)):
+                    os.unlink(self.blob_path(digest))
+            writer = BlobWriter(self, digest, size_bytes, resume=True)
+            try:
+                yield writer
+            finally:
+                writer.close()
+
+    def add_blob_file(self, source: BinaryIO, *, digest: Digest | None = None,
+                      size_bytes: int | None = None) -> tuple[Digest, int]:
+        """Copy a stream into the store, hashing it; verify it when digest/size are given.
+
+        Returns (digest, size). Used by import, which learns digests by hashing.
+        """
+        tmp_path = self._new_tmp_path(self.layout.import_prefix(), ".blob")
+        algorithm = digest.algorithm if digest else "sha256"
+        hasher = Digest(algorithm, "0").hasher()
+        size = 0
+        try:
+            with store_errors(self, "writing", tmp_path), open(tmp_path, "wb") as out:
+                while chunk := source.read(_CHUNK_BYTES):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = Digest(algorithm, hasher.hexdigest())
+            if digest is not None and actual != digest:
+                raise DigestMismatch(f"content announced as {digest} has digest {actual}")
+            if size_bytes is not None and size != size_bytes:
+                raise DigestMismatch(f"content {actual} is {size} bytes, announced as {size_bytes}")
+            with self.blob_lock(actual):
+                if not self.has_blob(actual):
+                    self._publish_file(tmp_path, self.layout.blob(actual), _BLOB_MODE)
+            return actual, size
+        finally:
+            _unlink_quietly(tmp_path)
+
+    def _publish_file(self, tmp_path: Path, final: Path, mode: int) -> None:
+        with store_errors(self, "publishing", final):
+            os.chmod(tmp_path, mode)
+            final.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
+            os.replace(tmp_path, final)
+            _fsync_dir(final.parent)
+
+    def list_blobs(self) -> list[Digest]:
+        found = []
+        if not self.layout.blobs_dir.is_dir():
+            return found
+        for algorithm_dir in self.layout.blobs_dir.iterdir():
+            for entry in algorithm_dir.iterdir() if algorithm_dir.is_dir() else ():
+                digest = self.layout.blob_from_name(algorithm_dir.name, entry.name)
+                if digest is not None:
+                    found.append(digest)
+        return found
+
+    # ----------------------------------------------------------------- images
+
+    def has_image(self, digest: Digest) -> bool:
+        """True when the image is complete (its directory is renamed in whole, so the
+        metadata file exists exactly when everything does)."""
+        return self.layout.image_meta(digest).is_file()
+
+    def list_images(self) -> list[Digest]:
+        found = []
+        if not self.layout.images_dir.is_dir():
+            return found
+        for entry in self.layout.images_dir.iterdir():
+            digest = self.layout.digest_from_image_dir(entry.name)
+            if digest is not None and self.has_image(digest):
+                found.append(digest)
+        return sorted(found)
+
+    def load_image_files(self, digest: Digest) -> tuple[dict, dict, dict]:
+        """(manifest, config, metadata) of a stored image; StoreError if unreadable."""
+        layout = self.layout
+        try:
+            manifest = json.loads(layout.image_manifest(digest).read_bytes())
+            config = json.loads(layout.image_config(digest).read_bytes())
+            meta = json.loads(layout.image_meta(digest).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"image {digest} in the {self.kind} store at {self.root} is unreadable: {exc}",
+                hint="remove it with `berth rmi` and pull it again"
+                + (" (ask your site administrator)" if self.kind == SITE else ""),
+            ) from None
+        return manifest, config, meta
+
+    @contextmanager
+    def image_workdir(self, digest: Digest) -> Iterator[Path]:
+        """A fresh tmp/ directory to convert an image in; the caller holds the image lock.
+
+        Leftovers of earlier crashed conversions of the same image are removed first (only
+        the lock holder converts this image, so they are garbage). The directory is removed
+        when the block ends unless :meth:`publish_image` moved it into images/.
+        """
+        prefix = self.layout.image_workdir_prefix(digest)
+        tmp_dir = self.layout.tmp_dir
+        for entry in tmp_dir.iterdir():
+            if entry.name.startswith(prefix):
+                _remove_tree(entry)
+        path = tmp_dir / f"{prefix}{secrets.token_hex(4)}"
+        with store_errors(self, "creating", path):
+            path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            if path.exists():
+                _remove_tree(path)
+
+    def publish_image(self, workdir: Path, digest: Digest, *, manifest_bytes: bytes,
+                      config_bytes: bytes, meta: dict) -> None:
+        """Write the image's JSON files into ``workdir`` (which holds image.sqfs already) and
+        rename it into images/ in one step. The caller holds the image lock."""
+        layout = self.layout
+        final = layout.image_dir(digest)
+        names = {
+            layout.image_manifest(digest).name: manifest_bytes,
+            layout.image_config(digest).name: config_bytes,
+            layout.image_meta(digest).name: json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n",
+        }
+        with store_errors(self, "writing image files in", workdir):
+            for name, data in names.items():
+                with open(workdir / name, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+            for entry in workdir.iterdir():
+                os.chmod(entry, _FILE_MODE if entry.name != "image.sqfs" else 0o444)
+                if entry.name == "image.sqfs":
+                    with open(entry, "rb") as handle:
+                        os.fsync(handle.fileno())
+            os.chmod(workdir, _DIR_MODE)
+            _fsync_dir(workdir)
+        if final.exists():
+            # Complete already (renames are atomic): nothing to do.
+            return
+        with store_errors(self, "publishing", final):
+            os.rename(workdir, final)
+            _fsync_dir(layout.images_dir)
+
+    def remove_image(self, digest: Digest) -> int:
+        """Remove an image directory (caller holds its lock); returns bytes freed.
+
+        The directory is renamed into tmp/ first, so a crash part-way leaves no half image.
+        """
+        final = self.layout.image_dir(digest)
+        if not final.exists():
+            return 0
+        size = _tree_size(final)
+        trash = self._new_tmp_path(self.layout.trash_prefix(), "")
+        with store_errors(self, "removing", final):
+            os.rename(final, trash)
+        _remove_tree(trash)
+        return size
+
+    # ------------------------------------------------------------------ index
+
+    def read_index(self) -> dict[str, str]:
+        """reference -> manifest digest (strings). Empty when the store has no index yet."""
+        path = self.layout.index
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except PermissionError:
+            raise self._permission_denied(path, "cannot read") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"the {self.kind} store index {path} is unreadable: {exc}",
+                hint="the file is written atomically by berth; something else changed it: "
+                "restore it or remove it (then re-tag images by pulling them again)",
+            ) from None
+        references = data.get("references") if isinstance(data, dict) else None
+        if not isinstance(references, dict):
+            raise StoreError(f"the {self.kind} store index {path} has no 'references' object")
+        return {str(k): str(v) for k, v in references.items()}
+
+    def update_index(self, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
+        """Apply ``change`` to the references under the index lock and write the result
+        atomically (temp file, fsync, rename). Returns the new references."""
+        with file_lock(self.layout.index_lock):
+            references = self.read_index()
+            change(references)
+            data = {"layout": LAYOUT_VERSION, "references": dict(sorted(references.items()))}
+            self._write_file_atomic(self.layout.index,
+                                    json.dumps(data, indent=2).encode() + b"\n")
+            return references
+
+    def set_reference(self, reference: str, digest: Digest) -> None:
+        self.update_index(lambda refs: refs.__setitem__(reference, str(digest)))
+
+    def _write_file_atomic(self, final: Path, data: bytes) -> None:
+        tmp_path = self._new_tmp_path("write-", ".tmp", directory=final.parent)
+        try:
+            with store_errors(self, "writing", final):
+                with open(tmp_path, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp_path, _FILE_MODE)
+                os.replace(tmp_path, final)
+                _fsync_dir(final.parent)
+        finally:
+            _unlink_quietly(tmp_path)
+
+    def _new_tmp_path(self, prefix: str, suffix: str, directory: Path | None = None) -> Path:
+        return (directory or self.layout.tmp_dir) / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+    # ------------------------------------------------------------------ prune
+
+    def prune(self, *, now: float | None = None) -> PruneReport:
+        """Remove images no reference names, blobs no stored image uses, and tmp/ entries
+        older than STALE_TMP_S that nobody holds (crashed pulls, conversions, imports).
+
+        Takes the gc lock exclusively: it waits for running pulls and imports to finish,
+        and none starts while it runs, so nothing it removes is in use.
+        """
+        now = time.time() if now is None else now
+        self.require_writable()
+        images_removed: list[str] = []
+        freed = 0
+        blobs_removed = 0
+        tmp_removed = 0
+        with file_lock(self.layout.gc_lock):
+            referenced_images = {v for v in self.read_index().values()}
+            kept_blobs: set[Digest] = set()
+            for digest in self.list_images_any():
+                if str(digest) in referenced_images:
+                    kept_blobs |= self._blobs_of_image(digest)
+                    continue
+                with self.image_lock(digest, blocking=False) as held:
+                    if held and str(digest) not in set(self.read_index().values()):
+                        freed += self.remove_image(digest)
+                        images_removed.append(str(digest))
+                    else:
+                        kept_blobs |= self._blobs_of_image(digest)
+            for digest in self.list_blobs():
+                if digest in kept_blobs:
+                    continue
+                path = self.layout.blob(digest)
+                try:
+                    size = path.stat().st_size
+                    with store_errors(self, "removing", path):
+                        path.unlink()
+                except FileNotFoundError:
+                    continue
+                freed += size
+                blobs_removed += 1
+            for entry in list(self.layout.tmp_dir.iterdir()):
+                try:
+                    age_s = now - entry.lstat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if entry.name.startswith(self.layout.trash_prefix()) or age_s > STALE_TMP_S:
+                    size = _tree_size(entry)
+                    _remove_tree(entry)
+                    freed += size
+                    tmp_removed += 1
+        return PruneReport(images_removed, blobs_removed, tmp_removed, freed)
+
+    def list_images_any(self) -> list[Digest]:
+        """Every images/ entry that names a digest, complete or not."""
+        if not self.layout.images_dir.is_dir():
+            return []
+        found = []
+        for entry in self.layout.images_dir.iterdir():
+            digest = self.layout.digest_from_image_dir(entry.name)
+            if digest is not None:
+                found.append(digest)
+        return sorted(found)
+
+    def _blobs_of_image(self, digest: Digest) -> set[Digest]:
+        """The blobs a stored image uses: its manifest, config, layers (and its index)."""
+        used = {digest}
+        try:
+            manifest = json.loads(self.layout.image_manifest(digest).read_bytes())
+            meta = json.loads(self.layout.image_meta(digest).read_bytes())
+        except (OSError, ValueError):
+            return used
+        descriptors = [manifest.get("config") or {}, *(manifest.get("layers") or [])]
+        for text in [d.get("digest") for d in descriptors if isinstance(d, dict)] + [meta.get("index_digest")]:
+            if isinstance(text, str):
+                try:
+                    used.add(Digest.parse(text))
+                except ValueError:
+                    pass
+        return used
+
+
+class BlobWriter:
+    """Streams one blob into tmp/, hashing and counting as it goes (see Store.blob_download).
+
+    ``write`` raises DigestMismatch as soon as more bytes arrive than announced; ``commit``
+    checks size and digest, fsyncs and renames into blobs/. A mismatch removes the partial file.
+    """
+
+    def __init__(self, store: Store, digest: Digest, size_bytes: int, *, resume: bool) -> None:
+        self.store = store
+        self.digest = digest
+        self.size_bytes = size_bytes
+        self.path = store.layout.partial_blob(digest)
+        self._hasher = digest.hasher()
+        self.offset = 0
+        with store_errors(store, "writing", self.path):
+            if resume and self.path.is_file() and self.path.stat().st_size <= size_bytes:
+                self._file = open(self.path, "r+b")
+                while chunk := self._file.read(_CHUNK_BYTES):
+                    self._hasher.update(chunk)
+                    self.offset += len(chunk)
+            else:
+                self._file = open(self.path, "w+b")
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.size_bytes
+
+    def restart(self) -> None:
+        """Start over from byte 0 (the registry ignored a Range request)."""
+        with store_errors(self.store, "writing", self.path):
+            if self._file.closed:
+                self._file = open(self.path, "w+b")
+            self._file.seek(0)
+            self._file.truncate()
+        self._hasher = self.digest.hasher()
+        self.offset = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.offset + len(chunk) > self.size_bytes:
+            self.discard()
+            raise DigestMismatch(
+                f"blob {self.digest} is longer than the {self.size_bytes} bytes its descriptor announces",
+                hint="the registry serves content that does not match the manifest: "
+                "tell the registry's administrator or the image's maintainer",
+            )
+        with store_errors(self.store, "writing", self.path):
+            self._file.write(chunk)
+        self._hasher.update(chunk)
+        self.offset += len(chunk)
+
+    def commit(self) -> None:
+        """Verify and publish; raises DigestMismatch (partial removed) or StoreError."""
+        if not self.complete:
+            raise StoreError(f"blob {self.digest}: commit after {self.offset} of {self.size_bytes} bytes")
+        actual = Digest(self.digest.algorithm, self._hasher.hexdigest())
+        if actual != self.digest:
+            self.discard()
+            raise DigestMismatch(
+                f"blob {self.digest} does not match its digest: the content received hashes to {actual}",
+                hint="the registry serves corrupt content for this image: tell the registry's "
+                "administrator or the image's maintainer; nothing was stored",
+            )
+        with store_errors(self.store, "writing", self.path):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        self.store._publish_file(self.path, self.store.layout.blob(self.digest), _BLOB_MODE)
+
+    def discard(self) -> None:
+        self.close()
+        _unlink_quietly(self.path)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        # Image content is read-only (0444 files); directories we created stay writable.
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_quietly(path)
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
