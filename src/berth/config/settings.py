@@ -106,9 +106,12 @@ class Settings:
     local_max_jobs: int = 4
     #: Copy the SquashFS to node-local storage before mounting (site choice for slow shared FS).
     stage_to_local: bool = False
+    #: Keys users may normally set (runtime, backend, ...) that the site forces (site-only ``pinned``).
+    pinned: tuple[str, ...] = ()
     sources: dict = field(default_factory=dict, compare=False)
 
     def registry(self, host: str) -> RegistryPolicy:
+        """The site's policy for ``host`` (``[[registries]]``), or the defaults for an unlisted one."""
         for policy in self.registries:
             if policy.host == host:
                 return policy
@@ -116,7 +119,16 @@ class Settings:
 
     @property
     def templates_dir(self) -> Path:
+        """One ``NAME.toml`` per container template (``berth.config.templates``)."""
         return self.config_dir / "templates.d"
+
+    @property
+    def site_file(self) -> Path:
+        return self.config_dir / "berth.toml"
+
+    @property
+    def dropin_dir(self) -> Path:
+        return self.config_dir / "conf.d"
 
 
 def default_paths(environ: dict[str, str] | None = None) -> dict[str, Path]:
