@@ -13,7 +13,6 @@ The ready-made specs (:func:`busybox_spec`, :func:`whiteout_spec`, :func:`debian
 
 from __future__ import annotations
 
-from email.message import Message
 import fcntl
 import hashlib
 import json
@@ -25,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Optional
 
@@ -33,9 +32,7 @@ from tests.harness import ocilayout
 from tests.harness.ocilayout import (
     ALL_MANIFEST_TYPES,
     BuiltImage,
-    CharDevice,
     Dir,
-    Entry,
     Fifo,
     File,
     Hardlink,
@@ -57,7 +54,12 @@ DEBIAN_INCLUDE = ("python3-minimal",)
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("BERTH_TEST_IMAGE_CACHE") or DEFAULT_CACHE_DIR)
+    """``$BERTH_TEST_IMAGE_CACHE``, else /var/cache/berth-test-images when we may write there
+    (root, as in CI), else ``~/.cache/berth-test-images``."""
+    explicit = os.environ.get("BERTH_TEST_IMAGE_CACHE")
+    path = Path(explicit or DEFAULT_CACHE_DIR)
+    if not explicit and not os.access(path if path.exists() else path.parent, os.W_OK):
+        path = Path.home() / ".cache" / "berth-test-images"
     path.mkdir(parents=True, exist_ok=True)
     try:
         os.chmod(path, 0o755)

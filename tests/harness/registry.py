@@ -57,9 +57,10 @@ def _b64url(data: bytes) -> str:
 class TokenServer:
     """Docker token-auth server (https://distribution.github.io/distribution/spec/auth/token/).
 
-    ``GET /token?service=S&scope=repository:NAME:pull,push`` with HTTP basic credentials
-    answers ``{"token": JWT, "access_token": JWT, "expires_in": 300}``. Wrong or missing
-    credentials answer 401. ``/token`` without a scope gives a token with no access (what
+    ``GET /token?service=S&scope=repository:NAME:pull,push`` with HTTP basic credentials (or
+    ``POST /token`` with the OAuth2 password grant form) answers
+    ``{"token": JWT, "access_token": JWT, "expires_in": 300}``. Wrong or missing credentials
+    answer 401. ``/token`` without a scope gives a token with no access (what
     clients ask for at login). Every granted scope is recorded in :attr:`issued` so tests can
     check what a client asked for.
     """
@@ -149,15 +150,35 @@ class TokenServer:
                     self._answer(401, {"error": "bad credentials"},
                                  {"WWW-Authenticate": 'Basic realm="berth-test-token"'})
                     return
-                query = parse_qs(parts.query)
+                self._grant(parse_qs(parts.query))
+
+            def do_POST(self):  # noqa: N802 - OAuth2 password grant, as containerd sends it
+                from urllib.parse import parse_qs, urlsplit
+
+                if urlsplit(self.path).path != "/token":
+                    self._answer(404, {"error": "not found"})
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode(errors="replace"))
+                user = form.get("username", [""])[0]
+                password = form.get("password", [""])[0]
+                if form.get("grant_type", [""])[0] != "password" or not (
+                        secrets.compare_digest(user, server.username)
+                        and secrets.compare_digest(password, server.password)):
+                    self._answer(401, {"error": "invalid_grant"})
+                    return
+                self._grant(form)
+
+            def _grant(self, query: dict[str, list[str]]) -> None:
                 access = []
-                for scope in query.get("scope", []):
-                    # scope = repository:NAME:ACTIONS (NAME may hold no colon in tests)
-                    kind, _, rest = scope.partition(":")
-                    name, _, actions = rest.rpartition(":")
-                    if kind and name:
-                        access.append({"type": kind, "name": name,
-                                       "actions": [a for a in actions.split(",") if a in ("pull", "push", "delete", "*")]})
+                for scope_list in query.get("scope", []):
+                    for scope in scope_list.split(" "):  # OAuth2 joins scopes with spaces
+                        # scope = TYPE:NAME:ACTIONS, e.g. repository:test/busybox:pull,push
+                        kind, _, rest = scope.partition(":")
+                        name, _, actions = rest.rpartition(":")
+                        if kind and name:
+                            access.append({"type": kind, "name": name, "actions": [
+                                a for a in actions.split(",") if a in ("pull", "push", "delete", "*")]})
                 token = server.make_token(server.username, access)
                 with server._lock:
                     server.issued.append({"service": query.get("service", [""])[0], "access": access})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from email.message import Message
 import base64
 import hashlib
 import json
@@ -10,6 +9,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 
 import pytest
 
@@ -310,3 +310,27 @@ def test_debian_image_has_python(debian_image, registry, tmp_path):
     with tarfile.open(tar_path) as tar:
         names = set(tar.getnames())
     assert "./usr/bin/python3" in names and "./bin" in names
+
+
+def test_token_server_accepts_the_oauth2_password_grant(token_registry):
+    form = urllib.parse.urlencode({
+        "grant_type": "password", "service": SERVICE_NAME, "client_id": "berth",
+        "username": token_registry.username, "password": token_registry.password,
+        "scope": "repository:test/oauth:pull",
+    }).encode()
+    request = urllib.request.Request(token_registry.token_server.realm, data=form, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        token = json.load(response)["access_token"]
+    assert http(token_registry.url + "/v2/", {"Authorization": "Bearer " + token})[0] == 200
+    bad = urllib.parse.urlencode({"grant_type": "password", "username": token_registry.username,
+                                  "password": "wrong"}).encode()
+    status = http_post(token_registry.token_server.realm, bad)
+    assert status == 401
+
+
+def http_post(url: str, data: bytes) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
