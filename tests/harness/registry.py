@@ -267,6 +267,14 @@ def _terminate(process: subprocess.Popen, grace_s: float = 5.0) -> None:
         process.wait(timeout=grace_s)
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when pytest dies, so no registry is orphaned."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _config_yaml(port: int, storage: Path, auth_section: str) -> str:
     # JSON is valid YAML, but the registry's config parser wants "version" as a string.
     return f"""version: 0.1
@@ -340,7 +348,7 @@ def start_registry(
                 process = subprocess.Popen(
                     [REGISTRY_BINARY, "serve", str(config)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, preexec_fn=_die_with_parent,
                 )
             finally:
                 log.close()

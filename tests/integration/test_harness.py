@@ -334,3 +334,10 @@ def http_post(url: str, data: bytes) -> int:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def test_skopeo_push_of_index_layout_keeps_the_index(fresh_registry, index_image):
+    target = fresh_registry()
+    images.skopeo_push(target, "copy/multi", "1", index_image.layout, "oci", all_images=True)
+    body, content_type, digest = images.fetch_manifest(target, "copy/multi", "1")
+    assert (content_type, digest) == (ocilayout.MEDIA_OCI_INDEX, index_image.digest)
