@@ -428,11 +428,16 @@ def debian_rootfs_tar() -> tuple[Path, str]:
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
         try:
             rootfs = staging / "rootfs"
-            subprocess.run(
+            result = subprocess.run(
                 ["debootstrap", "--variant=minbase", f"--include={','.join(DEBIAN_INCLUDE)}", DEBIAN_SUITE,
                  str(rootfs), DEBIAN_MIRROR],
-                check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=1800,
+                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
             )
+            if result.returncode != 0:
+                log = rootfs / "debootstrap" / "debootstrap.log"
+                detail = log.read_text(errors="replace")[-2000:] if log.exists() else result.stderr[-2000:]
+                raise RuntimeError(f"debootstrap of the debian test image from {DEBIAN_MIRROR} failed "
+                                   f"(exit {result.returncode}):\n{detail}")
             # Drop what debootstrap leaves that would vary between builds or does not belong.
             for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for item in (rootfs / cache).glob("*.deb"):
