@@ -233,19 +233,17 @@ def unpack_with_umoci(layout, out):
     return out / "rootfs"
 
 
-def test_umoci_unpack_of_whiteout_layout_equals_expected_tree(whiteout_image, tmp_path):
-    """An independent implementation (umoci, as root) agrees with expected_tree()."""
+def assert_tree_matches(rootfs, expected) -> None:
     import os
     import stat
 
-    rootfs = unpack_with_umoci(whiteout_image.layout, tmp_path / "bundle")
-    expected = whiteout_image.expected_tree()
     found = set()
     for dirpath, dirnames, filenames in os.walk(rootfs):
         for name in dirnames + filenames:
             found.add(os.path.relpath(os.path.join(dirpath, name), rootfs))
     assert found == set(expected)
     kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo"}
+    inodes: dict[str, int] = {}
     for path, node in expected.items():
         info = os.lstat(rootfs / path)
         assert kinds[stat.S_IFMT(info.st_mode)] == node.kind, path
@@ -256,10 +254,34 @@ def test_umoci_unpack_of_whiteout_layout_equals_expected_tree(whiteout_image, tm
             assert (rootfs / path).read_bytes() == node.content, path
         if node.kind == "symlink":
             assert os.readlink(rootfs / path) == node.target, path
-    assert "data/gone.txt" not in expected and "opaque/old.txt" not in expected
+        if node.link_group:
+            assert inodes.setdefault(node.link_group, info.st_ino) == info.st_ino, path
+        elif node.kind == "file":
+            assert info.st_nlink == 1, path
+        for name, value in node.xattrs:
+            assert os.getxattr(rootfs / path, name) == value.encode(), path
+
+
+@pytest.mark.parametrize("fixture_name", ["busybox_image", "whiteout_image", "hardlink_image"])
+def test_umoci_unpack_of_layout_equals_expected_tree(request, fixture_name, tmp_path):
+    """An independent implementation (umoci, as root) agrees with expected_tree()."""
+    image = request.getfixturevalue(fixture_name)
+    assert_tree_matches(unpack_with_umoci(image.layout, tmp_path / "bundle"), image.expected_tree())
+
+
+def test_whiteout_expected_tree_applies_every_rule(whiteout_image):
+    expected = whiteout_image.expected_tree()
+    for hidden in ("data/gone.txt", "data/subdir", "data/subdir/inner.txt", "opaque/old.txt", "opaque/olddir",
+                   "swap/was_dir/child"):
+        assert hidden not in expected, hidden
     assert expected["data/recreated.txt"].content == b"second\n"
-    assert os.lstat(rootfs / "links/hard").st_ino == os.lstat(rootfs / "links/hard_src").st_ino
-    assert os.getxattr(rootfs / "perm/xattr", "user.berth") == b"test"
+    assert expected["opaque/new.txt"].content == b"new\n"
+    assert (expected["swap/was_file"].kind, expected["swap/was_dir"].kind) == ("dir", "file")
+    assert expected["links/hard"].link_group == expected["links/hard_src"].link_group == "links/hard_src"
+    assert expected["perm/suid"].mode == 0o4755
+    assert (expected["perm/owned"].uid, expected["perm/owned"].gid) == (1234, 5678)
+    assert expected["perm/xattr"].xattrs == (("user.berth", "test"),)
+    assert expected["perm/fifo"].kind == "fifo"
 
 
 def test_skopeo_push_of_cached_layout_gives_the_same_digest(fresh_registry, busybox_image):
