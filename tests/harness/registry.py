@@ -98,7 +98,8 @@ class TokenServer:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.realm = f"http://127.0.0.1:{self.port}/token"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="token-server", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="token-server", daemon=True)
         self._thread.start()
 
     def make_token(self, subject: str, access: list[dict], *, lifetime_s: Optional[int] = None) -> str:
