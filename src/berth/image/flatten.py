@@ -1,0 +1,560 @@
+"""Flatten an image's layers into one SquashFS file, safely and in one streaming pass.
+
+Contract (docs/contracts.md, "berth.image.flatten"): :func:`build_squashfs` applies the layers
+bottom to top with OCI whiteout semantics and writes one SquashFS; :func:`tar_to_squashfs`
+does the same for one plain rootfs tarball. Image content never touches the host filesystem:
+each layer is decompressed into a pipe, parsed as a tar stream, and the surviving entries are
+written as one new PAX tar stream into ``tar2sqfs``, which builds the image in memory.
+
+How (the why is in each rule's comment):
+
+* Layers are read **top layer first**. What an upper layer put in the tree is final, so an
+  entry of a lower layer survives only when nothing above hid it:
+  - a path already placed by an upper layer hides the same path below (a directory placed
+    above keeps its own metadata; a directory *implied* above by a child gets the metadata of
+    the first lower layer that has the directory itself);
+  - a non-directory placed above hides everything under that path below;
+  - ``.wh.NAME`` in layer i hides NAME and its subtree in layers below i (not in layer i);
+  - ``.wh..wh..opq`` in directory D of layer i hides everything under D in layers below i,
+    but not D itself nor D's entries from layer i;
+  - whiteout entries are never emitted; other ``.wh..wh.*`` (AUFS metadata) are dropped.
+* Within one layer a later entry for a path replaces an earlier one, and a later non-directory
+  replaces an earlier directory with its subtree (tar semantics, what ``umoci unpack`` does).
+  A stream cannot take back what it sent, so the pass watches for this; when a layer turns
+  out to have such duplicates the conversion restarts once with a pre-scan of that layer that
+  says which occurrence of each path is the last (:class:`_LayerPlan`). Real images rarely
+  need it, so the common case stays one pass.
+* Safety, for hostile images (berth never creates any of this on the host; the SquashFS is
+  mounted nosuid,nodev by squashfuse):
+  - names are made canonical: leading '/' and './' and empty or '.' components go away;
+    a name with a '..' component is dropped with a note (it could only mean "outside");
+  - an entry whose parent is, in the final tree, a non-directory placed by the same layer
+    (``a -> /etc`` then ``a/passwd``) is dropped with a note; under one placed by an upper
+    layer it is hidden, as overlay semantics say;
+  - a hard link is kept only when its target is a regular file of the final tree that is the
+    very file the link named when its layer was applied (the latest earlier entry of that
+    path in the same layer, or a file of a lower layer that nothing above replaced); links
+    whose target is outside the tree, missing, whited out, replaced or not a regular file are
+    dropped with a note. Hard links are written at the end of the stream, when the final tree
+    is known, and always name a path inside the tree;
+  - symlink targets are kept verbatim: they are resolved only inside the container;
+  - device nodes, FIFOs, setuid/setgid/sticky bits, numeric ownership (names ignored) and
+    xattrs (``SCHILY.xattr.*`` in the user, trusted and security namespaces; others are
+    dropped with a note, SquashFS cannot hold them) are kept in the SquashFS metadata;
+  - sparse members, entries that would make the image exceed ``max_content_bytes``, more
+    than ``max_entries`` members, absurdly long names, unknown entry types, and truncated or
+    corrupt layers raise :class:`ImageError` naming the layer and the entry.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from berth.errors import ImageError
+from berth.image import tarstream
+from berth.image.squashfs import DEFAULT_COMPRESSION, SquashfsWriter, check_compression
+from berth.oci.digest import Digest
+
+#: Default limit on the expanded size of an image's regular files (64 GiB).
+DEFAULT_MAX_CONTENT_BYTES = 64 << 30
+#: Default limit on tar members read over all layers (a tar bomb of empty files would
+#: otherwise grow tar2sqfs' in-memory tree without bound).
+DEFAULT_MAX_ENTRIES = 5_000_000
+#: Notes beyond this many are counted, not listed (a hostile layer can make millions).
+MAX_NOTES = 10_000
+
+_DIR_KINDS = ("dir", "implied")
+_KINDS = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.CONTTYPE: "file",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.DIRTYPE: "dir",
+    tarfile.FIFOTYPE: "fifo",
+}
+_WHITEOUT_PREFIX = ".wh."
+_OPAQUE_MARKER = ".wh..wh..opq"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer blob on disk: gzip, zstd or plain tar (detected from its magic bytes)."""
+
+    path: Path
+    media_type: str
+    digest: Digest
+
+
+@dataclass
+class FlattenReport:
+    """What the conversion produced: entries written, bytes of file content, and one note
+    for every entry dropped or changed (with the layer it came from)."""
+
+    entries: int = 0
+    content_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+    notes_omitted: int = 0
+
+    def note(self, text: str) -> None:
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(text)
+        else:
+            self.notes_omitted += 1
+
+
+@dataclass(slots=True)
+class _Node:
+    """A path of the final tree: which layer placed it, at which member index, as what."""
+
+    layer: int
+    index: int
+    kind: str
+
+
+@dataclass
+class _LayerPlan:
+    """Pre-scan of one layer: the index of the last member for each path, and of the last
+    non-directory member (which replaces a directory placed earlier with its subtree)."""
+
+    last_index: dict[str, int]
+    last_nondir_index: dict[str, int]
+
+
+class _NeedPlan(Exception):
+    def __init__(self, layer: int) -> None:
+        super().__init__(layer)
+        self.layer = layer
+
+
+@dataclass
+class _PendingLink:
+    path: str
+    header: tarfile.TarInfo
+    layer: int
+    what: str
+    #: (layer, member index, path) of the file the link named, or None for "a lower layer's".
+    source: tuple[int, int, str] | None
+    target: str
+
+
+class _Limits:
+    def __init__(self, max_content_bytes: int, max_entries: int) -> None:
+        self.max_content_bytes = max_content_bytes
+        self.max_entries = max_entries
+        self.members = 0
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """'a/b/c' → 'a', 'a/b' (the proper ancestors, root excluded, shallow first)."""
+    start = 0
+    while True:
+        slash = path.find("/", start)
+        if slash < 0:
+            return
+        yield path[:slash]
+        start = slash + 1
+
+
+class _Flattener:
+    """The top-down overlay state and the output stream."""
+
+    def __init__(self, writer: tarstream.TarWriter, report: FlattenReport, limits: _Limits) -> None:
+        self.writer = writer
+        self.report = report
+        self.limits = limits
+        self.nodes: dict[str, _Node] = {}
+        self.whiteouts: set[str] = set()
+        self.opaque: set[str] = set()
+        self.links: list[_PendingLink] = []
+        self.opaque_implied: list[str] = []
+
+    # -- one layer -------------------------------------------------------------------------
+    def layer(self, stream: BinaryIO, layer: int, what: str, plan: _LayerPlan | None) -> None:
+        pending_whiteouts: set[str] = set()
+        pending_opaque: set[str] = set()
+        # Latest member per path in this layer: (index, kind, source of a hard link).
+        seen: dict[str, tuple[int, str, tuple[int, int, str] | None]] = {}
+        for index, info, data in _members(stream, what, self.limits):
+            try:
+                path = tarstream.canonical_name(info.name)
+            except tarstream.NameRejected:
+                self.report.note(f"{what}: dropped '{info.name}': a '..' component points outside the image")
+                continue
+            kind = _kind(info, what)
+            base = path.rpartition("/")[2]
+            if base.startswith(_WHITEOUT_PREFIX):
+                self._whiteout(path, base, layer, index, what, pending_whiteouts, pending_opaque)
+                continue
+            if kind == "hardlink":
+                source = self._link_source(info, path, layer, what, seen)
+                seen[path] = (index, kind, source)
+            else:
+                source = None
+                seen[path] = (index, kind, None)
+            if plan is not None and not self._last_in_layer(path, index, plan, what):
+                continue
+            if not self._place(path, kind, layer, index, what, plan):
+                continue
+            if kind == "hardlink":
+                if source is not None and source[0] == -1:
+                    continue  # already noted: the target can never be valid
+                self.links.append(_PendingLink(path, info, layer, what,
+                                               None if source is None else source, info.linkname))
+                continue
+            self._emit(path, info, kind, data, what)
+        self.whiteouts |= pending_whiteouts
+        self.opaque |= pending_opaque
+
+    def _whiteout(self, path: str, base: str, layer: int, index: int, what: str,
+                  pending_whiteouts: set[str], pending_opaque: set[str]) -> None:
+        parent = path.rpartition("/")[0]
+        if base == _OPAQUE_MARKER:
+            pending_opaque.add(parent)
+            # The marker says D is a directory of this layer: it exists even when nothing
+            # else of this layer is under it.
+            if parent and self._blocked(parent, layer) is None and parent not in self.nodes:
+                self.nodes[parent] = _Node(layer, index, "implied")
+                for ancestor in _ancestors(parent):
+                    self.nodes.setdefault(ancestor, _Node(layer, index, "implied"))
+                self.opaque_implied.append(parent)
+            return
+        name = base[len(_WHITEOUT_PREFIX):]
+        if not name or name.startswith(_WHITEOUT_PREFIX):
+            self.report.note(f"{what}: ignored '{path}': not a whiteout this flattener applies")
+            return
+        pending_whiteouts.add(f"{parent}/{name}" if parent else name)
+
+    def _link_source(self, info: tarfile.TarInfo, path: str, layer: int, what: str,
+                     seen: dict) -> tuple[int, int, str] | None:
+        """What a hard link names: (layer, index, path) of a regular file of this layer,
+        None for "whatever a lower layer has there", or (-1, -1, reason) when invalid."""
+        try:
+            target = tarstream.canonical_name(info.linkname)
+        except tarstream.NameRejected:
+            self.report.note(f"{what}: dropped hard link '{path}': its target '{info.linkname}' is outside the image")
+            return (-1, -1, "outside")
+        info.linkname = target
+        if not target or target == path:
+            self.report.note(f"{what}: dropped hard link '{path}': it names '{info.linkname or '/'}'")
+            return (-1, -1, "self")
+        previous = seen.get(target)
+        if previous is None:
+            return None
+        index, kind, source = previous
+        if kind == "file":
+            return (layer, index, target)
+        if kind == "hardlink":
+            return source
+        self.report.note(f"{what}: dropped hard link '{path}': its target '{target}' is a {kind}, not a regular file")
+        return (-1, -1, "kind")
+
+    def _last_in_layer(self, path: str, index: int, plan: _LayerPlan, what: str) -> bool:
+        if plan.last_index.get(path, index) != index:
+            self.report.note(f"{what}: skipped an earlier entry for '{path or '/'}': a later entry of the same layer replaces it")
+            return False
+        for ancestor in _ancestors(path):
+            if plan.last_nondir_index.get(ancestor, -1) > index:
+                self.report.note(f"{what}: skipped '{path}': a later non-directory '{ancestor}' of the same layer replaces its parent")
+                return False
+        return True
+
+    def _blocked(self, path: str, layer: int) -> str | None:
+        """None when ``path`` of ``layer`` can still be placed; else why not ('' = hidden by
+        overlay semantics, no note)."""
+        if "" in self.opaque:
+            return ""
+        whiteouts, opaque, nodes = self.whiteouts, self.opaque, self.nodes
+        for ancestor in _ancestors(path):
+            if ancestor in whiteouts or ancestor in opaque:
+                return ""
+            node = nodes.get(ancestor)
+            if node is not None and node.kind not in _DIR_KINDS:
+                if node.layer == layer:
+                    return f"its parent '{ancestor}' is a {node.kind} of the same layer"
+                return ""
+        if path in whiteouts:
+            return ""
+        return None
+
+    def _place(self, path: str, kind: str, layer: int, index: int, what: str,
+               plan: _LayerPlan | None) -> bool:
+        """Decide whether this member is part of the final tree; record it when it is."""
+        if path == "":
+            if kind != "dir":
+                self.report.note(f"{what}: dropped a {kind} entry for the root directory")
+                return False
+        else:
+            reason = self._blocked(path, layer)
+            if reason is not None:
+                if reason:
+                    self.report.note(f"{what}: dropped '{path}': {reason}")
+                return False
+        node = self.nodes.get(path)
+        if node is not None:
+            if node.layer == layer and not (node.kind == "implied" and kind == "dir"):
+                if plan is not None:
+                    raise ImageError(f"{what}: cannot order the entries for '{path}'",
+                                     hint="this is a bug in berth's flattener; report it with the image name")
+                raise _NeedPlan(layer)
+            if node.kind != "implied":
+                return False  # an upper layer's entry wins
+            if kind != "dir":
+                self.report.note(f"{what}: dropped {kind} '{path}': an upper layer has a directory there")
+                return False
+            node.layer, node.index, node.kind = layer, index, "dir"
+            return True
+        self.nodes[path] = _Node(layer, index, kind)
+        if path:
+            for ancestor in _ancestors(path):
+                if ancestor not in self.nodes:
+                    self.nodes[ancestor] = _Node(layer, index, "implied")
+        return True
+
+    def _emit(self, path: str, info: tarfile.TarInfo, kind: str,
+              data: Callable[[], Iterator[bytes]], what: str) -> None:
+        xattrs, dropped = tarstream.member_xattrs(info)
+        if dropped:
+            self.report.note(f"{what}: '{path or '/'}': dropped xattrs SquashFS cannot store: {', '.join(sorted(dropped))}")
+        if kind == "file":
+            limit = self.limits.max_content_bytes
+            if self.report.content_bytes + info.size > limit:
+                raise ImageError(
+                    f"{what}: '{path}' ({info.size} bytes) makes the image larger than the limit of "
+                    f"{limit} bytes expanded",
+                    hint="the image is too large or hostile; ask your site administrator to raise the limit "
+                    "if it is genuine",
+                )
+            out = tarstream.output_info(info, path, kind=tarfile.REGTYPE, xattrs=xattrs)
+            self.writer.header(out)
+            self.writer.data(data(), info.size)
+            self.report.content_bytes += info.size
+        else:
+            linkname = info.linkname if kind == "symlink" else ""
+            out = tarstream.output_info(info, path or ".", linkname=linkname, xattrs=xattrs)
+            self.writer.header(out)
+        self.report.entries += 1
+
+    # -- end of stream ---------------------------------------------------------------------
+    def finish(self) -> None:
+        """Write what needed the whole tree: hard links, directories only an opaque marker made."""
+        resolved: dict[str, str] = {}
+        nodes = self.nodes
+        for link in sorted(self.links, key=lambda link: link.layer):
+            source = link.source
+            if source is not None:
+                node = nodes.get(source[2])
+                valid = node is not None and node.layer == source[0] and node.index == source[1] \
+                    and node.kind == "file"
+                target = source[2]
+                why = "its target was replaced or removed by a later entry or layer"
+            else:
+                target = link.target
+                node = nodes.get(target)
+                if node is not None and node.kind == "hardlink" and node.layer < link.layer:
+                    target = resolved.get(target, "")
+                    node = nodes.get(target) if target else None
+                valid = node is not None and node.layer < link.layer and node.kind == "file"
+                why = "its target is missing or not a regular file of a lower layer"
+            if not valid:
+                self.report.note(f"{link.what}: dropped hard link '{link.path}' -> '{link.target}': {why}")
+                continue
+            resolved[link.path] = target
+            self.writer.header(tarstream.output_info(link.header, link.path, kind=tarfile.LNKTYPE,
+                                                     linkname=target))
+            self.report.entries += 1
+        for path in self.opaque_implied:
+            node = nodes.get(path)
+            if node is not None and node.kind == "implied":
+                info = tarfile.TarInfo(path)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                self.writer.header(tarstream.output_info(info, path))
+                node.kind = "dir"
+                self.report.entries += 1
+
+
+def _kind(info: tarfile.TarInfo, what: str) -> str:
+    if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE:
+        raise ImageError(
+            f"{what}: '{info.name}' is a sparse file, which berth refuses (a sparse member can "
+            "expand to any size)",
+            hint="rebuild the image without sparse files (tar without --sparse)",
+        )
+    kind = _KINDS.get(info.type)
+    if kind is None:
+        raise ImageError(
+            f"{what}: '{info.name}' has the unknown tar entry type {info.type!r}",
+            hint="the layer is corrupt or was made by an unusual tool; rebuild the image",
+        )
+    for label, value in (("name", info.name), ("link target", info.linkname)):
+        why = tarstream.check_name_length(value)
+        if why:
+            raise ImageError(f"{what}: an entry's {label} is absurd: {why} ('{value[:80]}...')",
+                             hint="the layer is hostile or corrupt; do not use this image")
+    return kind
+
+
+def _members(stream: BinaryIO, what: str, limits: _Limits
+             ) -> Iterator[tuple[int, tarfile.TarInfo, Callable[[], Iterator[bytes]]]]:
+    """Yield (index, header, data reader) for each member of a tar stream.
+
+    The data reader yields the member's bytes straight from the stream in large chunks; when
+    it is not called, tarfile skips the data. Corruption raises ImageError naming the entry.
+    """
+    last = "(the first entry)"
+    try:
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|", bufsize=tarstream.TARFILE_BUFSIZE_BYTES,
+                                   encoding=tarstream.ENCODING, errors=tarstream.ERRORS)
+        except tarfile.ReadError as exc:
+            if "empty file" in str(exc):
+                return  # a zero-length layer holds nothing
+            raise
+        raw = archive.fileobj
+        index = 0
+        while True:
+            info = archive.next()
+            if info is None:
+                break
+            if index % 1024 == 0:
+                archive.members.clear()  # tarfile keeps every member otherwise
+            limits.members += 1
+            if limits.members > limits.max_entries:
+                raise ImageError(
+                    f"{what}: more than {limits.max_entries} entries in the image",
+                    hint="the image is a tar bomb or far larger than berth expects; do not use it",
+                )
+            last = info.name
+            size = info.size if info.type in tarfile.REGULAR_TYPES else 0
+            yield index, info, (lambda size=size: tarstream.read_exactly(raw, size))
+            index += 1
+        # Drain the end-of-archive padding so that the decompressor exits cleanly.
+        while raw.read(tarstream.COPY_CHUNK_BYTES):
+            pass
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ImageError(
+            f"{what} is truncated or corrupt after entry '{last}': {exc}",
+            hint="the layer blob is damaged; remove it from the store and pull again",
+        ) from None
+
+
+def _prescan(stream: BinaryIO, what: str, max_entries: int) -> _LayerPlan:
+    last_index: dict[str, int] = {}
+    last_nondir: dict[str, int] = {}
+    for index, info, _ in _members(stream, what, _Limits(0, max_entries)):
+        try:
+            path = tarstream.canonical_name(info.name)
+        except tarstream.NameRejected:
+            continue
+        last_index[path] = index
+        if info.type != tarfile.DIRTYPE:
+            last_nondir[path] = index
+    return _LayerPlan(last_index, last_nondir)
+
+
+def _convert(openers: Sequence[Callable[[], "contextmanager"]], names: Sequence[str], output: Path,
+             compression: str, plans: dict[int, _LayerPlan], max_content_bytes: int,
+             max_entries: int) -> FlattenReport:
+    report = FlattenReport()
+    limits = _Limits(max_content_bytes, max_entries)
+    with SquashfsWriter(output, compression=compression) as squashfs:
+        writer = tarstream.TarWriter(squashfs.stdin)
+        flattener = _Flattener(writer, report, limits)
+        try:
+            for layer in reversed(range(len(openers))):
+                with openers[layer]() as stream:
+                    flattener.layer(stream, layer, names[layer], plans.get(layer))
+            flattener.finish()
+            writer.close()
+        except BrokenPipeError:
+            squashfs.finish()  # raises ImageError with tar2sqfs' own words
+            raise ImageError("tar2sqfs stopped reading its input") from None
+        squashfs.finish()
+    return report
+
+
+def _run(openers, names, output: Path, compression: str, max_content_bytes: int,
+         max_entries: int, rereadable: bool) -> FlattenReport:
+    check_compression(compression)
+    plans: dict[int, _LayerPlan] = {}
+    while True:
+        try:
+            return _convert(openers, names, output, compression, plans, max_content_bytes, max_entries)
+        except _NeedPlan as need:
+            if need.layer in plans or not rereadable:
+                raise ImageError(
+                    f"{names[need.layer]} has several entries for one path and cannot be read twice",
+                    hint="pass the tarball as a file rather than a pipe",
+                ) from None
+            with openers[need.layer]() as stream:
+                plans[need.layer] = _prescan(stream, names[need.layer], max_entries)
+
+
+def build_squashfs(layers: Sequence[Layer], output: Path, *, compression: str = DEFAULT_COMPRESSION,
+                   tmp_dir: Path | None = None, max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+                   max_entries: int = DEFAULT_MAX_ENTRIES) -> FlattenReport:
+    """Flatten ``layers`` (bottom first, as in the manifest) into one SquashFS at ``output``.
+
+    ``output`` is a temporary path the caller renames; it is overwritten, and removed on any
+    failure. ``compression`` is one of lz4, zstd, gzip, xz. ``tmp_dir`` is accepted for the
+    contract; nothing is written there (the conversion is a pure stream). Raises ImageError for
+    hostile or broken layers (naming the layer digest and the entry), UsageError for an unknown
+    compression, ProgramNotFound when tar2sqfs (or zstd for zstd layers) is missing.
+    """
+    del tmp_dir
+    names = [f"layer {layer.digest}" for layer in layers]
+
+    def opener(layer: Layer, name: str):
+        return lambda: tarstream.open_decompressed(layer.path, name)
+
+    openers = [opener(layer, name) for layer, name in zip(layers, names)]
+    return _run(openers, names, Path(output), compression, max_content_bytes, max_entries, True)
+
+
+def tar_to_squashfs(tar_stream: BinaryIO | Path, output: Path, *, compression: str = DEFAULT_COMPRESSION,
+                    max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+                    max_entries: int = DEFAULT_MAX_ENTRIES) -> FlattenReport:
+    """Convert one rootfs tarball (plain, gzip, zstd or xz; a path or a binary stream) into a
+    SquashFS at ``output`` with the same sanitizing as :func:`build_squashfs`.
+
+    A stream must be plain tar or gzip; a path may be any supported compression. A pipe is read
+    once; if it holds duplicate entries for a path that need a second pass, ImageError says so.
+    """
+    name = "the tarball"
+    if isinstance(tar_stream, (str, Path)):
+        path = Path(tar_stream)
+        name = f"tarball {path.name}"
+        return _run([lambda: tarstream.open_decompressed(path, name)], [name], Path(output),
+                    compression, max_content_bytes, max_entries, True)
+    stream = tar_stream
+    seekable = False
+    try:
+        seekable = stream.seekable()
+        start = stream.tell() if seekable else 0
+    except (AttributeError, OSError):
+        seekable = False
+
+    @contextmanager
+    def open_stream():
+        if seekable:
+            stream.seek(start)
+        buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream)  # type: ignore[arg-type]
+        kind = tarstream.sniff_compression(buffered.peek(8)[:8])
+        if kind is None:
+            yield buffered
+        elif kind == "gzip":
+            yield io.BufferedReader(tarstream.GzipReader(buffered), buffer_size=tarstream.COPY_CHUNK_BYTES)
+        else:
+            raise ImageError(f"{name} is {kind}-compressed; berth reads only plain or gzip tar from a stream",
+                             hint="pass the tarball as a file, or decompress it first")
+
+    return _run([open_stream], [name], Path(output), compression, max_content_bytes, max_entries, seekable)
