@@ -136,7 +136,9 @@ class Authorizer:
                 self._basic = True
             return self._basic_header()
         with self._lock:
-            self._bearer = challenge
+            # Remember the realm and service only: the scope of this challenge belongs to this
+            # request, and a later request for another scope must not drag it along.
+            self._bearer = Challenge("bearer", {k: v for k, v in challenge.params.items() if k != "scope"})
             self._tokens.pop(scope or "", None)
         token = self._fetch_token(challenge, scope)
         return {"Authorization": f"Bearer {token.value}"}

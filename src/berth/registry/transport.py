@@ -145,7 +145,6 @@ class Transport:
             maxsize=pool_size,
             retries=False,
             timeout=self.timeout,
-            headers={"User-Agent": USER_AGENT},
         )
 
     def close(self) -> None:
@@ -222,7 +221,9 @@ class Transport:
             raise self._status_error(status, url, what, detail, attempt, not_found)
 
     def _send_following(self, method, url, headers, body, stream, follow_redirects, what):
-        current_url, current_method, current_headers, current_body = url, method, headers, body
+        current_url, current_method, current_body = url, method, body
+        # Headers given per request replace the pool's, so the User-Agent goes in each time.
+        current_headers = {"User-Agent": USER_AGENT, **headers}
         for _hop in range(MAX_REDIRECTS + 1):
             response = self.pool.request(
                 current_method,

@@ -1,0 +1,178 @@
+"""Credentials files (berth.registry.auth): lookup order, formats, berth's own file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+
+import pytest
+
+from berth.errors import ConfigError, UsageError
+from berth.registry import auth
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.fixture
+def env(tmp_path):
+    """An environment whose HOME and XDG_CONFIG_HOME live in tmp_path (nothing of ours leaks)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+
+
+def write(path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+
+
+def test_each_of_the_three_files_is_read(env, tmp_path):
+    write(tmp_path / "podman-auth.json", {"auths": {"a.example": {"auth": b64("ua:pa")}}})
+    write(tmp_path / "xdg/berth/auth.json", {"auths": {"b.example:5000": {"auth": b64("ub:pb")}}})
+    write(tmp_path / "home/.docker/config.json", {"auths": {"https://c.example/v1/": {"auth": b64("uc:p:c")}}})
+    creds = auth.load_credentials({**env, "REGISTRY_AUTH_FILE": str(tmp_path / "podman-auth.json")})
+    assert creds.for_host("a.example") == ("ua", "pa")
+    assert creds.for_host("b.example:5000") == ("ub", "pb")
+    # The password may contain ':'; only the first one separates the user name.
+    assert creds.for_host("c.example") == ("uc", "p:c")
+    assert creds.source_for("c.example") == str(tmp_path / "home/.docker/config.json")
+    assert creds.for_host("d.example") is None
+    assert creds.searched == (str(tmp_path / "podman-auth.json"), str(tmp_path / "xdg/berth/auth.json"),
+                              str(tmp_path / "home/.docker/config.json"))
+
+
+def test_first_file_wins_per_host(env, tmp_path):
+    write(tmp_path / "first.json", {"auths": {"r.example": {"auth": b64("first:1")}}})
+    write(tmp_path / "xdg/berth/auth.json", {"auths": {"r.example": {"auth": b64("second:2")},
+                                                       "only.example": {"auth": b64("o:o")}}})
+    write(tmp_path / "home/.docker/config.json", {"auths": {"r.example": {"auth": b64("third:3")}}})
+    creds = auth.load_credentials({**env, "REGISTRY_AUTH_FILE": str(tmp_path / "first.json")})
+    assert creds.for_host("r.example") == ("first", "1")
+    assert creds.source_for("r.example") == str(tmp_path / "first.json")
+    creds = auth.load_credentials(env)
+    assert creds.for_host("r.example") == ("second", "2")
+    assert creds.for_host("only.example") == ("o", "o")
+
+
+def test_docker_hub_aliases_and_username_password_fields(env, tmp_path):
+    write(tmp_path / "home/.docker/config.json", {
+        "auths": {"https://index.docker.io/v1/": {"username": "hubuser", "password": "hubpw"}}})
+    creds = auth.load_credentials(env)
+    for name in ("docker.io", "registry-1.docker.io", "index.docker.io"):
+        assert creds.for_host(name) == ("hubuser", "hubpw"), name
+
+
+def test_docker_config_env_variable_moves_docker_config(env, tmp_path):
+    write(tmp_path / "dockercfg/config.json", {"auths": {"x.example": {"auth": b64("u:p")}}})
+    assert auth.load_credentials({**env, "DOCKER_CONFIG": str(tmp_path / "dockercfg")}).for_host("x.example") == ("u", "p")
+
+
+def test_missing_files_mean_no_credentials(env):
+    creds = auth.load_credentials({**env, "REGISTRY_AUTH_FILE": "/nonexistent/auth.json"})
+    assert creds.entries == {}
+    assert creds.for_host("anything.example") is None
+
+
+def test_credential_helper_entries_are_noted_not_run(env, tmp_path):
+    write(tmp_path / "home/.docker/config.json", {"auths": {"helped.example": {}},
+                                                   "credsStore": "desktop",
+                                                   "credHelpers": {"gcr.io": "gcloud"}})
+    creds = auth.load_credentials(env)
+    assert creds.for_host("helped.example") is None
+    assert creds.helper_hosts == frozenset({"helped.example", "gcr.io"})
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "does not hold a JSON object"),
+    (json.dumps({"auths": []}), "'auths' is not an object"),
+    (json.dumps({"auths": {"r.example": {"auth": "%%%"}}}), "is not base64 of USER:PASSWORD"),
+    (json.dumps({"auths": {"r.example": {"auth": b64("no-colon")}}}), "is not base64 of USER:PASSWORD"),
+    (json.dumps({"auths": {"r.example": "text"}}), "entry 'r.example' is not an object"),
+])
+def test_broken_files_are_config_errors_naming_the_file(env, tmp_path, content, fragment):
+    path = tmp_path / "xdg/berth/auth.json"
+    write(path, content)
+    with pytest.raises(ConfigError) as caught:
+        auth.load_credentials(env)
+    assert str(path) in caught.value.message
+    assert fragment in caught.value.message
+    assert caught.value.hint
+
+
+def test_unreadable_file_is_a_config_error(env, tmp_path):
+    # A directory in the file's place is unreadable even for root (mode 0 is not).
+    path = tmp_path / "xdg/berth/auth.json"
+    path.mkdir(parents=True)
+    with pytest.raises(ConfigError) as caught:
+        auth.load_credentials(env)
+    assert caught.value.message.startswith(f"cannot read registry credentials file {path}")
+
+
+def test_save_login_writes_0600_atomically_and_keeps_other_entries(env, tmp_path):
+    path = auth.berth_auth_file(env)
+    assert path == tmp_path / "xdg/berth/auth.json"
+    write(path, {"auths": {"other.example": {"auth": b64("o:o")}, "https://R.example:5000/v2/": {"auth": b64("old:old")}},
+                 "keep": "me"})
+    key = auth.save_login("r.example:5000", "alice", "s3cret pw", path)
+    assert key == "r.example:5000"
+    data = json.loads(path.read_text())
+    # The old alias of the same host is replaced, not duplicated; unknown keys survive.
+    assert data == {"auths": {"other.example": {"auth": b64("o:o")},
+                              "r.example:5000": {"auth": b64("alice:s3cret pw")}}, "keep": "me"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["auth.json"]  # no temporary file left
+    assert auth.load_credentials(env).for_host("r.example:5000") == ("alice", "s3cret pw")
+
+
+def test_save_login_creates_private_directory(env, tmp_path):
+    path = auth.berth_auth_file(env)
+    auth.save_login("https://index.docker.io/v1/", "hub", "pw", path)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert json.loads(path.read_text()) == {"auths": {"docker.io": {"auth": b64("hub:pw")}}}
+
+
+def test_save_login_leaves_a_broken_file_untouched(env):
+    path = auth.berth_auth_file(env)
+    write(path, "{broken")
+    with pytest.raises(ConfigError):
+        auth.save_login("r.example", "u", "p", path)
+    assert path.read_text() == "{broken"
+
+
+def test_save_login_refuses_colon_in_user_name(env):
+    with pytest.raises(UsageError, match="contains ':'"):
+        auth.save_login("r.example", "a:b", "p", auth.berth_auth_file(env))
+
+
+def test_remove_login(env):
+    path = auth.berth_auth_file(env)
+    auth.save_login("r.example", "u", "p", path)
+    auth.save_login("s.example", "v", "q", path)
+    assert auth.remove_login("R.EXAMPLE", path) is True
+    assert json.loads(path.read_text()) == {"auths": {"s.example": {"auth": b64("v:q")}}}
+    assert auth.remove_login("r.example", path) is False
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_remove_login_without_file(env):
+    assert auth.remove_login("r.example", auth.berth_auth_file(env)) is False
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("127.0.0.1:5000", "127.0.0.1:5000"),
+    ("https://Registry.Example:443/v2/", "registry.example:443"),
+    ("http://r.example/", "r.example"),
+    ("registry-1.docker.io", "docker.io"),
+])
+def test_normalize_host(given, expected):
+    assert auth.normalize_host(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "user@host", "https://"])
+def test_normalize_host_rejects(bad):
+    with pytest.raises(UsageError):
+        auth.normalize_host(bad)

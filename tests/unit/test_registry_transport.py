@@ -1,0 +1,219 @@
+"""Retries, backoff, redirects and error mapping (berth.registry.transport) on a scripted server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from email.utils import formatdate
+
+import pytest
+
+from berth import __version__
+from berth.errors import AuthenticationError, NotFound, RateLimited, RegistryError, RegistryUnreachable
+from berth.registry.transport import Backoff, Transport, parse_retry_after, same_origin
+from tests.unit.registry_fake import FakeServer, Reply
+
+
+class Sleeps(list):
+    """Records every backoff delay instead of sleeping."""
+
+
+def recording_backoff(sleeps: list, **kwargs) -> Backoff:
+    # uniform returns the upper bound so delays are deterministic (the jitter's ceiling).
+    return Backoff(sleep=sleeps.append, uniform=lambda low, high: high, **kwargs)
+
+
+@pytest.fixture
+def server():
+    fake = FakeServer()
+    yield fake
+    fake.stop()
+
+
+def make_transport(server, sleeps, retries=3, **kwargs) -> Transport:
+    return Transport(server.host, insecure=True, retries=retries, timeout_s=5,
+                     backoff=recording_backoff(sleeps, **kwargs))
+
+
+def sequence(*replies):
+    """A handler that answers with ``replies`` in order, repeating the last one."""
+    queue = list(replies)
+
+    def handler(request):
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+    return handler
+
+
+# -- backoff ---------------------------------------------------------------------------------
+
+def test_backoff_grows_exponentially_and_is_capped():
+    backoff = Backoff(base_s=0.5, cap_s=4.0, uniform=lambda low, high: high)
+    assert [backoff.delay_s(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_jitter_stays_within_bounds():
+    backoff = Backoff(base_s=1.0, cap_s=8.0)
+    for attempt in range(6):
+        for _ in range(50):
+            assert 0.0 <= backoff.delay_s(attempt) <= min(8.0, 2.0 ** attempt)
+
+
+def test_backoff_honors_retry_after_up_to_a_cap():
+    backoff = Backoff(base_s=0.5, max_retry_after_s=30.0, uniform=lambda low, high: high)
+    assert backoff.delay_s(0, retry_after_s=7) == 7
+    assert backoff.delay_s(0, retry_after_s=3600) == 30.0
+    assert backoff.delay_s(3, retry_after_s=1) == 4.0  # our own delay when longer
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("12") == 12.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = 1_700_000_000.0
+    assert parse_retry_after(formatdate(now + 42, usegmt=True), now=now) == pytest.approx(42, abs=1)
+    assert parse_retry_after(formatdate(now - 42, usegmt=True), now=now) == 0.0
+
+
+def test_same_origin():
+    assert same_origin("http://a:80/x", "http://a/y")
+    assert not same_origin("http://a:5000/x", "http://a:5001/x")
+    assert not same_origin("https://a/x", "http://a/x")
+    assert not same_origin("https://a/x", "https://b/x")
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+def test_5xx_is_retried_then_succeeds(server):
+    server.handler = sequence(Reply(503), Reply(500), Reply(200, b"ok"))
+    sleeps: list = []
+    response = make_transport(server, sleeps).request("GET", server.url + "/v2/", accept=(200,), what="ping")
+    assert response.data == b"ok"
+    assert len(server.requests) == 3
+    assert sleeps == [0.5, 1.0]
+
+
+def test_429_honors_retry_after_and_ends_in_rate_limited(server):
+    server.handler = sequence(Reply(429, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}',
+                                    {"Retry-After": "3"}))
+    sleeps: list = []
+    with pytest.raises(RateLimited) as caught:
+        make_transport(server, sleeps, retries=2).request("GET", server.url + "/v2/x", accept=(200,), what="thing")
+    assert len(server.requests) == 3  # first attempt + 2 retries
+    assert sleeps == [3.0, 3.0]
+    assert "TOOMANYREQUESTS: slow down" in caught.value.message
+    assert "3 attempts" in caught.value.message
+
+
+def test_persistent_500_is_a_registry_error_after_retries(server):
+    server.handler = sequence(Reply(500, b"boom"))
+    sleeps: list = []
+    with pytest.raises(RegistryError) as caught:
+        make_transport(server, sleeps, retries=4).request("GET", server.url + "/v2/", accept=(200,), what="ping")
+    assert type(caught.value) is RegistryError
+    assert len(server.requests) == 5
+    assert sleeps == [0.5, 1.0, 2.0, 4.0]
+    assert "HTTP 500" in caught.value.message and "boom" in caught.value.message
+
+
+@pytest.mark.parametrize("status, error", [(400, RegistryError), (404, NotFound), (401, AuthenticationError),
+                                           (403, AuthenticationError), (405, RegistryError)])
+def test_other_statuses_are_not_retried(server, status, error):
+    server.handler = sequence(Reply(status))
+    sleeps: list = []
+    with pytest.raises(error):
+        make_transport(server, sleeps).request("GET", server.url + "/v2/", accept=(200,), what="ping")
+    assert len(server.requests) == 1
+    assert sleeps == []
+
+
+def test_accepted_statuses_are_returned_not_raised(server):
+    server.handler = sequence(Reply(404))
+    response = make_transport(server, []).request("HEAD", server.url + "/v2/x", accept=(200, 404), what="x")
+    assert response.status == 404
+
+
+def test_connection_refused_is_retried_then_unreachable_with_hint():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    sleeps: list = []
+    transport = Transport(f"127.0.0.1:{port}", insecure=False, retries=2, timeout_s=5,
+                          backoff=recording_backoff(sleeps))
+    with pytest.raises(RegistryUnreachable) as caught:
+        transport.request("GET", f"https://127.0.0.1:{port}/v2/", accept=(200,), what="ping")
+    assert sleeps == [0.5, 1.0]
+    assert "Connection refused" in caught.value.message
+    assert f"cannot reach registry 127.0.0.1:{port}" in caught.value.message
+    assert "is the registry running" in caught.value.hint and "insecure" in caught.value.hint
+
+
+def test_tls_to_a_plain_http_server_is_not_retried_and_suggests_insecure(server):
+    sleeps: list = []
+    transport = Transport(server.host, insecure=False, retries=3, timeout_s=5, backoff=recording_backoff(sleeps))
+    with pytest.raises(RegistryUnreachable) as caught:
+        transport.request("GET", f"https://{server.host}/v2/", accept=(200,), what="ping")
+    assert sleeps == []
+    assert caught.value.message.startswith(f"TLS connection to {server.host} failed")
+    assert "plain-HTTP registry set insecure" in caught.value.hint
+
+
+def test_file_body_is_rewound_for_a_retry(server):
+    import io
+
+    server.handler = sequence(Reply(502), Reply(201))
+    body = io.BytesIO(b"xxpayload")
+    body.seek(2)
+    make_transport(server, []).request("PUT", server.url + "/up", accept=(201,), body=body,
+                                       headers={"Content-Length": "7"}, what="upload")
+    assert [r.body for r in server.requests] == [b"payload", b"payload"]
+
+
+def test_user_agent_names_berth_and_its_version(server):
+    server.handler = sequence(Reply(200))
+    make_transport(server, []).request("GET", server.url + "/v2/", accept=(200,), what="ping")
+    assert server.requests[0].header("User-Agent") == f"berth/{__version__}"
+
+
+# -- redirects -------------------------------------------------------------------------------
+
+def test_redirect_to_another_host_drops_authorization(server):
+    other = FakeServer(lambda request: Reply(200, b"blob bytes"))
+    try:
+        server.handler = lambda request: Reply(307, headers={"Location": f"{other.url}/storage/obj?sig=1"})
+        response = make_transport(server, []).request(
+            "GET", server.url + "/v2/a/blobs/x", accept=(200,), what="blob",
+            headers={"Authorization": "Bearer secret", "Range": "bytes=3-"})
+        assert response.data == b"blob bytes"
+        [target] = other.requests
+        assert target.path == "/storage/obj?sig=1"
+        assert target.header("Authorization") is None
+        assert target.header("Range") == "bytes=3-"  # the range still applies at the target
+        assert server.requests[0].header("Authorization") == "Bearer secret"
+    finally:
+        other.stop()
+
+
+def test_redirect_on_the_same_host_keeps_authorization(server):
+    def handler(request):
+        if request.path == "/v2/a/blobs/x":
+            return Reply(302, headers={"Location": "/elsewhere"})
+        return Reply(200, b"here")
+    server.handler = handler
+    response = make_transport(server, []).request("GET", server.url + "/v2/a/blobs/x", accept=(200,),
+                                                  what="blob", headers={"Authorization": "Basic abc"})
+    assert response.data == b"here"
+    assert [r.header("Authorization") for r in server.requests] == ["Basic abc", "Basic abc"]
+
+
+def test_redirect_loop_is_an_error(server):
+    server.handler = lambda request: Reply(302, headers={"Location": "/loop"})
+    with pytest.raises(RegistryError, match="redirected blob more than 5 times"):
+        make_transport(server, []).request("GET", server.url + "/v2/", accept=(200,), what="blob")
+    assert len(server.requests) == 6
+
+
+def test_importing_the_client_does_not_import_urllib3():
+    code = "import sys, berth.registry.client, berth.cli.auth; print('urllib3' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
