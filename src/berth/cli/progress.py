@@ -1,0 +1,121 @@
+"""Pull progress for people: per-layer bytes and rate plus a total, redrawn on a terminal,
+one line per finished layer otherwise. Written to stderr so stdout stays for results."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TextIO
+
+from berth.cli.output import human_size
+from berth.image.progress import PullProgress
+from berth.oci.digest import Digest
+
+_REDRAW_INTERVAL_S = 0.1
+
+
+class _Blob:
+    def __init__(self, size_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self.done_bytes = 0
+        self.started = time.monotonic()
+        self.state = "waiting"
+
+
+class TerminalProgress(PullProgress):
+    """Thread-safe renderer; ``tty`` selects in-place redraw (ANSI) or plain log lines."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.lock = threading.Lock()
+        self.blobs: dict[Digest, _Blob] = {}
+        self.reference = ""
+        self.total_bytes = 0
+        self.started = time.monotonic()
+        self.lines_drawn = 0
+        self.last_draw = 0.0
+
+    def resolved(self, reference, manifest_digest, layer_count, total_bytes) -> None:
+        with self.lock:
+            self.reference = reference
+            self.total_bytes = total_bytes
+            self.started = time.monotonic()
+            if not self.tty:
+                self._line(f"{reference} ({manifest_digest.short}): {layer_count} layers, "
+                           f"{human_size(total_bytes)}")
+
+    def blob_started(self, digest, size_bytes, offset) -> None:
+        with self.lock:
+            blob = self.blobs.setdefault(digest, _Blob(size_bytes))
+            blob.state = "downloading" if offset == 0 else f"resuming at {human_size(offset)}"
+            blob.done_bytes = offset
+            self._draw()
+
+    def blob_bytes(self, digest, count) -> None:
+        with self.lock:
+            blob = self.blobs.setdefault(digest, _Blob(0))
+            blob.done_bytes += count
+            self._draw()
+
+    def blob_restarted(self, digest, reason) -> None:
+        with self.lock:
+            blob = self.blobs.setdefault(digest, _Blob(0))
+            blob.state = "retrying"
+            if not self.tty:
+                self._line(f"  {digest.short}: {reason}")
+            self._draw(force=True)
+
+    def blob_done(self, digest, size_bytes, cached) -> None:
+        with self.lock:
+            blob = self.blobs.setdefault(digest, _Blob(size_bytes))
+            blob.size_bytes = size_bytes
+            blob.done_bytes = size_bytes
+            blob.state = "already stored" if cached else "done"
+            if not self.tty:
+                self._line(f"  {digest.short}: {blob.state} ({human_size(size_bytes)})")
+            self._draw(force=True)
+
+    def phase(self, text) -> None:
+        with self.lock:
+            if self.tty:
+                self._draw(force=True)
+            self._line(f"{self.reference or 'image'}: {text}" if not self.tty else f"{text}...")
+            self.lines_drawn = 0
+
+    def finish(self) -> None:
+        with self.lock:
+            self._draw(force=True)
+            self.lines_drawn = 0
+
+    # -- drawing (caller holds the lock) ------------------------------------------------------
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.tty:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_draw < _REDRAW_INTERVAL_S:
+            return
+        self.last_draw = now
+        lines = []
+        for digest, blob in self.blobs.items():
+            elapsed = max(now - blob.started, 1e-3)
+            rate = "" if blob.state in ("done", "already stored") else f"  {human_size(blob.done_bytes / elapsed)}/s"
+            lines.append(f"{digest.short}  {blob.state:<14} {human_size(blob.done_bytes):>10} / "
+                         f"{human_size(blob.size_bytes):<10}{rate}")
+        done = sum(b.done_bytes for b in self.blobs.values())
+        elapsed = max(now - self.started, 1e-3)
+        lines.append(f"total  {human_size(done)} / {human_size(self.total_bytes)}  "
+                     f"{human_size(done / elapsed)}/s  {elapsed:.1f} s")
+        out = []
+        if self.lines_drawn:
+            out.append(f"\x1b[{self.lines_drawn}F")
+        out.extend(f"\x1b[2K{line}\n" for line in lines)
+        self.stream.write("".join(out))
+        self.stream.flush()
+        self.lines_drawn = len(lines)

@@ -1,0 +1,131 @@
+"""``berth export``: a stored image as a docker-archive, the format of ``docker save`` and
+``docker load`` (manifest.json, ``<config hex>.json``, ``<layer>/layer.tar`` uncompressed).
+
+The archive is written to a temporary file next to FILE and renamed into place at the end, so
+a failure or a crash never leaves a truncated archive under FILE's name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import tarfile
+import time
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from berth.errors import ImageError, StoreError
+from berth.image.api import store_for
+from berth.image.manage import require_image
+from berth.oci import mediatypes
+from berth.oci.digest import Digest
+from berth.store.store import SITE
+
+if TYPE_CHECKING:
+    from berth.config.settings import Settings
+
+_CHUNK_BYTES = 1 << 20
+
+
+def export_image(settings: "Settings", ref: str, file: str) -> int:
+    """Write stored image ``ref`` to ``file`` as a docker-archive; returns its size in bytes.
+
+    Raises NotFound, StoreError (missing blob, cannot write FILE), ImageError (a layer
+    compression docker-archive cannot hold).
+    """
+    image = require_image(settings, ref)
+    store = store_for(settings, site=image.store == SITE)
+    output = Path(file)
+    tmp_path = output.parent / f".{output.name}.{secrets.token_hex(4)}.tmp"
+    config_digest = Digest.parse(image.manifest["config"]["digest"])
+    repo_tags = [image.reference] if image.reference and "@" not in image.reference else []
+    try:
+        with _output_errors(tmp_path), open(tmp_path, "wb") as raw, \
+                tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+            config_name = f"{config_digest.hex}.json"
+            _add_bytes(archive, config_name, store.read_blob(config_digest))
+            layer_names = []
+            for descriptor in image.manifest.get("layers") or []:
+                digest = Digest.parse(descriptor["digest"])
+                name = f"{digest.hex}/layer.tar"
+                _add_layer(archive, name, store.blob_path(digest), descriptor.get("mediaType", ""),
+                           tmp_path.parent)
+                layer_names.append(name)
+            manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
+            _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
+            raw.flush()
+            os.fsync(raw.fileno())
+        with _output_errors(output):
+            os.replace(tmp_path, output)
+        return output.stat().st_size
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+class _output_errors:  # noqa: N801 - used as a context manager like a function
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        return False
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    info.mode = 0o644
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _add_layer(archive: tarfile.TarFile, name: str, blob: Path, media_type: str, scratch_dir: Path) -> None:
+    """Add a layer uncompressed (docker save's form); gzip is inflated through a scratch file
+    because a tar header needs the size first."""
+    if not blob.is_file():
+        raise StoreError(f"layer blob {blob} is missing from the store",
+                         hint="pull the image again to restore its blobs")
+    compression = mediatypes.LAYER_COMPRESSION.get(media_type)
+    with open(blob, "rb") as handle:
+        if handle.read(2) == b"\x1f\x8b":
+            compression = "gzip"
+    if compression is None:
+        with open(blob, "rb") as handle:
+            info = archive.gettarinfo(fileobj=handle, arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o644
+            archive.addfile(info, handle)
+        return
+    if compression != "gzip":
+        raise ImageError(f"layer {blob.name} is {compression}-compressed; docker-archive layers must be "
+                         "plain or gzip tars", hint="export is limited to gzip and uncompressed layers")
+    scratch = scratch_dir / f".berth-export-{secrets.token_hex(4)}.tar"
+    try:
+        with _output_errors(scratch), open(blob, "rb") as source, open(scratch, "wb") as out:
+            inflater = zlib.decompressobj(wbits=31)
+            while chunk := source.read(_CHUNK_BYTES):
+                out.write(inflater.decompress(chunk))
+                # Concatenated gzip members (pigz may write several): continue with the next.
+                while inflater.eof and inflater.unused_data:
+                    rest = inflater.unused_data
+                    inflater = zlib.decompressobj(wbits=31)
+                    out.write(inflater.decompress(rest))
+            out.write(inflater.flush())
+        with open(scratch, "rb") as handle:
+            info = tarfile.TarInfo(name)
+            info.size = scratch.stat().st_size
+            info.mtime = int(time.time())
+            info.mode = 0o644
+            archive.addfile(info, handle)
+    finally:
+        if scratch.exists():
+            scratch.unlink()

@@ -1,0 +1,161 @@
+"""Listing, inspecting and removing stored images (``berth images``, ``inspect``, ``rmi``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from berth.errors import NotFound
+from berth.image.api import StoredImage, find_in_store, store_for, stores
+from berth.oci.digest import Digest
+from berth.oci.reference import InvalidReference, Reference
+from berth.store.store import SITE, Store
+
+if TYPE_CHECKING:
+    from berth.config.settings import Settings
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One line of ``berth images``: a reference (or none) naming a stored image."""
+
+    repository: str
+    tag: str | None
+    digest: Digest
+    size_bytes: int
+    store: str
+    reference: str | None
+
+    def to_json(self) -> dict:
+        return {"repository": self.repository, "tag": self.tag, "digest": str(self.digest),
+                "size_bytes": self.size_bytes, "store": self.store, "reference": self.reference}
+
+
+def list_images(settings: "Settings") -> list[ImageRow]:
+    """Every tagged image of the user store, then of the site store (no network, no locks).
+
+    A store that does not exist or that this user cannot read lists nothing.
+    """
+    rows: list[ImageRow] = []
+    for store in stores(settings):
+        if not store.exists():
+            continue
+        references = store.read_index()
+        sizes: dict[str, int] = {}
+        for key, target in sorted(references.items()):
+            digest = Digest.parse(target)
+            if not store.has_image(digest):
+                continue
+            if target not in sizes:
+                try:
+                    sizes[target] = store.layout.image_squashfs(digest).stat().st_size
+                except OSError:
+                    sizes[target] = 0
+            repository, tag = split_key(key)
+            rows.append(ImageRow(repository, tag, digest, sizes[target], store.kind, key))
+    return rows
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """(repository, tag or None) of an index key (``name:tag`` or ``name@digest``)."""
+    try:
+        reference = Reference.parse(key)
+    except InvalidReference:
+        return key, None
+    return reference.name, reference.tag
+
+
+def inspect_image(settings: "Settings", ref: str) -> dict:
+    """Everything known about a stored image as JSON-ready data; raises NotFound."""
+    image = require_image(settings, ref)
+    store = store_for(settings, site=image.store == SITE)
+    _manifest, _config, meta = store.load_image_files(image.digest)
+    references = sorted(k for k, v in store.read_index().items() if v == str(image.digest))
+    layers = [
+        {"digest": d.get("digest"), "size_bytes": d.get("size"), "media_type": d.get("mediaType")}
+        for d in image.manifest.get("layers") or []
+    ]
+    return {
+        "reference": image.reference,
+        "digest": str(image.digest),
+        "references": references,
+        "store": image.store,
+        "store_path": str(store.root),
+        "squashfs": str(image.squashfs),
+        "squashfs_bytes": image.size_bytes,
+        "layers": layers,
+        "layers_bytes": sum(int(layer["size_bytes"] or 0) for layer in layers),
+        "config": image.config,
+        "manifest": image.manifest,
+        "platform": meta.get("platform"),
+        "index_digest": meta.get("index_digest"),
+        "source": meta.get("source"),
+        "created": meta.get("created"),
+        "compression": meta.get("compression"),
+        "flatten": meta.get("flatten"),
+    }
+
+
+def require_image(settings: "Settings", ref: str) -> StoredImage:
+    for store in stores(settings):
+        found = find_in_store(store, ref)
+        if found is not None:
+            return found
+    raise NotFound(
+        f"image '{ref}' is not in your store ({settings.user_store}) nor in the site store "
+        f"({settings.site_store})",
+        hint=f"see `berth images` for what is there, or pull it with `berth pull {ref}`",
+    )
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    untagged: list[str]
+    removed_digest: Digest | None
+    bytes_freed: int
+    store: str
+
+
+def remove_image(settings: "Settings", ref: str, *, site: bool = False) -> RemoveResult:
+    """Untag ``ref`` in one store; remove the image when no reference to it remains.
+
+    A tag removes that tag only. A digest (``name@sha256:…`` or bare ``sha256:…``) removes
+    every reference to the image, then the image. Blobs stay until ``prune``. Raises NotFound
+    (saying when the other store has it), PermissionDenied (site store without rights).
+    """
+    store = store_for(settings, site=site)
+    image = find_in_store(store, ref)
+    if image is None:
+        other = store_for(settings, site=not site)
+        hint = "see `berth images`"
+        if find_in_store(other, ref) is not None:
+            hint = ("it is in the site store: only administrators remove it, with --site"
+                    if not site else "it is in your own store: run the command without --site")
+        raise NotFound(f"image '{ref}' is not in the {store.kind} store ({store.root})", hint=hint)
+    digest = image.digest
+    by_digest = image.reference is None or "@" in image.reference
+    untagged: list[str] = []
+    freed = 0
+    removed = None
+    with store.writing(), store.image_lock(digest):
+        def change(references: dict[str, str]) -> None:
+            for key in list(references):
+                if key == image.reference or (by_digest and references[key] == str(digest)):
+                    del references[key]
+                    untagged.append(key)
+
+        remaining = store.update_index(change)
+        if str(digest) not in remaining.values():
+            freed = store.remove_image(digest)
+            removed = digest
+    return RemoveResult(sorted(untagged), removed, freed, store.kind)
+
+
+def prune_store(settings: "Settings", *, site: bool = False):
+    """Prune one store (see Store.prune); returns its PruneReport."""
+    store: Store = store_for(settings, site=site)
+    if not store.exists():
+        from berth.store.store import PruneReport
+
+        return PruneReport()
+    return store.prune()
