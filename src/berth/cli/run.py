@@ -1,7 +1,142 @@
-"""CLI commands: run (placeholder until its issue lands)."""
+"""CLI commands: run, exec, ps, doctor (issue 3).
+
+`berth run` is on the start-up path of every container: this module imports nothing heavy at
+module level, and the handlers import only the runtime modules they need (no urllib3, no
+tarfile, no registry client when the image is already in a store).
+"""
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
 
 
 def register(sub) -> None:
     """Add this module's commands to the top-level subparsers."""
+    from berth.runtime.options import add_run_arguments
+
+    run = sub.add_parser(
+        "run", help="run a command in a new container, as yourself",
+        description="Run IMAGE's entrypoint/command (or COMMAND) in a new unprivileged container, as "
+        "yourself, and exit with its status (128+N when killed by signal N; 125 when berth itself fails). "
+        "IMAGE is a reference in a store (pulled when missing) or a path to a SquashFS file.",
+    )
+    add_run_arguments(run)
+    run.add_argument("image", metavar="IMAGE")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    run.set_defaults(handler=run_command, error_exit_code=125)
+
+    execute = sub.add_parser("exec", help="run a command in one of your running containers",
+                             description="Run COMMAND in the running container NAME (or id), with the "
+                             "same identity, namespaces and mounts.")
+    execute.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    execute.add_argument("-i", "--interactive", action="store_true", help="accepted for docker compatibility")
+    execute.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
+    execute.add_argument("-w", "--workdir", metavar="DIR")
+    execute.add_argument("container", metavar="CONTAINER")
+    execute.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    execute.set_defaults(handler=exec_command, error_exit_code=125)
+
+    ps = sub.add_parser("ps", help="list your running containers on this node")
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.set_defaults(handler=ps_command)
+
+    doctor = sub.add_parser("doctor", help="check that this node can run containers for you, and say how to fix it")
+    doctor.add_argument("--cleanup", action="store_true",
+                        help="also remove what berths that died left behind (containers, mounts, state)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(handler=doctor_command)
+
+
+def _strip_dashes(command: list[str]) -> list[str]:
+    return command[1:] if command and command[0] == "--" else command
+
+
+def _logger(show_debug: bool):
+    """Notes from the runtime go to stderr; debug ones only with --debug."""
+
+    def log(message: str, *, debug: bool = False) -> None:
+        if debug and not show_debug:
+            return
+        print(f"berth: {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def resolve_image(settings, reference: str, pull: str):
+    """A SquashFS path runs as is; anything else goes through the store (berth.image.api)."""
+    from pathlib import Path
+
+    if os.sep in reference or reference.endswith(".sqfs"):
+        path = Path(reference)
+        if path.is_file():
+            from berth.runtime.container import LocalImage
+
+            return LocalImage(squashfs=path.resolve(), reference=str(path))
+    from berth.image import api
+
+    if pull == "always":
+        return api.pull(settings, reference)
+    return api.get_image(settings, reference, pull_missing=pull == "missing")
+
+
+def run_command(args, ctx) -> int:
+    from berth.runtime.container import run_container
+    from berth.runtime.options import options_from_namespace
+
+    options = options_from_namespace(args)
+    debug = options.debug or args.debug
+    settings = ctx.settings
+    image = resolve_image(settings, args.image, options.pull)
+    return run_container(settings, image, _strip_dashes(args.command) or None, options, log=_logger(debug))
+
+
+def exec_command(args, ctx) -> int:
+    from berth.runtime.manage import exec_in_container
+
+    return exec_in_container(ctx.settings, args.container, _strip_dashes(args.command), tty=args.tty,
+                             env=tuple(args.env), workdir=args.workdir)
+
+
+def ps_command(args, ctx) -> int:
+    from berth.runtime.manage import format_started, list_running
+
+    records = list_running(ctx.settings)
+    if args.json:
+        from berth.cli.output import print_json
+
+        print_json(records)
+        return 0
+    from berth.cli.output import print_table
+
+    rows = [(r["id"], r["name"], r["image"], " ".join(r["command"])[:40], format_started(r["started"]),
+             r["pid"] or "", r["status"]) for r in records]
+    print_table(("ID", "NAME", "IMAGE", "COMMAND", "STARTED", "PID", "STATUS"), rows)
+    return 0
+
+
+def doctor_command(args, ctx) -> int:
+    from berth.runtime import doctor
+
+    cleaned = doctor.cleanup(ctx.settings) if args.cleanup else []
+    checks = doctor.run_checks(ctx.settings)
+    failed = [c for c in checks if not c.ok and c.required]
+    if args.json:
+        from berth.cli.output import print_json
+
+        print_json({"ok": not failed, "checks": [c.as_dict() for c in checks], "cleaned": cleaned})
+        return 1 if failed else 0
+    for check in checks:
+        mark = "OK  " if check.ok else ("FAIL" if check.required else "WARN")
+        print(f"{mark} {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            print(f"     fix: {check.fix}")
+    if args.cleanup:
+        if cleaned:
+            for entry in cleaned:
+                print(f"cleaned up container {entry['id']} ({len(entry['unmounted'])} mount(s))")
+        else:
+            print("nothing to clean up")
+    print("berth can run containers here" if not failed else f"{len(failed)} problem(s) keep berth from running containers here")
+    return 1 if failed else 0

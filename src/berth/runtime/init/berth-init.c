@@ -60,6 +60,12 @@ static void enter_identity(long uid, long gid)
     write_file("/proc/self/uid_map", map);
     snprintf(map, sizeof map, "%ld %u 1\n", gid, (unsigned)outer_gid);
     write_file("/proc/self/gid_map", map);
+    /* The new namespace starts with a full bounding set: empty it, so nothing the command
+     * executes (setuid or file-capability binaries) can ever regain a capability. */
+    for (int cap = 0; cap <= 63; cap++) {
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && errno != EINVAL)
+            die("prctl(PR_CAPBSET_DROP)");
+    }
     if (setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) != 0)
         die("setresgid");
     if (setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) != 0)
@@ -70,12 +76,13 @@ int main(int argc, char **argv)
 {
     long uid = -1, gid = -1;
     int opt;
-    while ((opt = getopt(argc, argv, "+u:g:")) != -1) {
+    while ((opt = getopt(argc, argv, "+u:g:V")) != -1) {
         switch (opt) {
+        case 'V': puts("berth-init 1"); return 0;
         case 'u': uid = strtol(optarg, NULL, 10); break;
         case 'g': gid = strtol(optarg, NULL, 10); break;
         default:
-            fprintf(stderr, "usage: berth-init [-u UID -g GID] [--] COMMAND [ARG...]\n");
+            fprintf(stderr, "usage: berth-init [-V] [-u UID -g GID] [--] COMMAND [ARG...]\n");
             return 127;
         }
     }
@@ -130,10 +137,15 @@ int main(int argc, char **argv)
                 break;
             if (pid == child) {
                 status = st;
-                /* Leave no orphans behind once the command has ended. */
-                kill(-1, SIGKILL);
-                while (waitpid(-1, NULL, 0) > 0)
-                    ;
+                /* As PID 1, leave no orphans behind once the command has ended. Under
+                 * `berth exec` this is not the container's init: kill only our own job. */
+                if (getpid() == 1) {
+                    kill(-1, SIGKILL);
+                    while (waitpid(-1, NULL, 0) > 0)
+                        ;
+                } else {
+                    kill(-child, SIGKILL);
+                }
                 if (WIFSIGNALED(status))
                     return 128 + WTERMSIG(status);
                 return WEXITSTATUS(status);

@@ -1,0 +1,172 @@
+"""`berth doctor`: can this node run berth containers for the caller, and if not, how to fix it.
+
+Each check returns a :class:`Check` (name, ok, what was found, the fix). Checks run real
+operations where that is cheap (a user namespace is created, /dev/fuse is opened, a trivial
+container is run) rather than trusting configuration files.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from berth import proc
+from berth.runtime import limits, ocirt, state
+
+ADMIN = "ask your site administrator to "
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    #: False for checks that are informational (berth works without them).
+    required: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def check_user_namespaces() -> Check:
+    result = proc.run(["unshare", "--user", "--map-root-user", "true"], check=False) \
+        if proc.has_program("unshare") else None
+    if result is not None and result.returncode == 0:
+        limit = _read("/proc/sys/user/max_user_namespaces")
+        return Check("user namespaces", True, f"unprivileged user namespaces work (max_user_namespaces={limit})")
+    reasons = []
+    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        reasons.append("kernel.unprivileged_userns_clone=0")
+    if _read("/proc/sys/user/max_user_namespaces") == "0":
+        reasons.append("user.max_user_namespaces=0")
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        reasons.append("kernel.apparmor_restrict_unprivileged_userns=1")
+    detail = (result.stderr.decode(errors="replace").strip() if result is not None else "unshare not installed")
+    return Check("user namespaces", False, f"cannot create a user namespace: {detail} {' '.join(reasons)}".strip(),
+                 ADMIN + "enable unprivileged user namespaces (sysctl user.max_user_namespaces=15000, "
+                 "kernel.unprivileged_userns_clone=1)")
+
+
+def check_fuse_device() -> Check:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        os.close(fd)
+        return Check("/dev/fuse", True, "/dev/fuse can be opened")
+    except OSError as exc:
+        return Check("/dev/fuse", False, f"cannot open /dev/fuse: {exc.strerror}",
+                     ADMIN + "load the fuse module and make /dev/fuse mode 0666 (chmod 0666 /dev/fuse)")
+
+
+def check_program(name: str, *, required: bool = True, setuid: bool = False) -> Check:
+    try:
+        path = proc.find_program(name)
+    except Exception:  # noqa: BLE001 - ProgramNotFound: reported as a failed check
+        package = proc.PACKAGES.get(name, name)
+        return Check(name, False, f"{name} is not installed", ADMIN + f"install the Debian package '{package}'",
+                     required=required)
+    if setuid and not os.stat(path).st_mode & 0o4000:
+        return Check(name, False, f"{path} is not setuid root, so FUSE mounts cannot be made unprivileged",
+                     ADMIN + f"chmod u+s {path}", required=required)
+    return Check(name, True, path, required=required)
+
+
+def check_init() -> Check:
+    path = ocirt.init_path()
+    if not os.access(path, os.X_OK):
+        return Check("berth-init", False, f"missing at {path}", ADMIN + "run scripts/setup-venv.sh (it builds berth-init)")
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    # A static executable has no PT_INTERP (no dynamic loader path in its headers).
+    if b"/lib64/ld-linux" in head or b"/lib/ld-" in head:
+        return Check("berth-init", False, f"{path} is dynamically linked: it would not run in images with another libc",
+                     ADMIN + "rebuild it with scripts/setup-venv.sh (gcc -static; package libc6-dev)")
+    return Check("berth-init", True, f"{path} (static)")
+
+
+def check_runtimes(state_dir: Path) -> list[Check]:
+    results = ocirt.probe_all(state_dir, ocirt.init_path(), use_cache=False)
+    working = [r for r in results if r.works]
+    checks = []
+    for result in results:
+        checks.append(Check(f"runtime {result.runtime}", result.works,
+                            f"{result.path or result.runtime}: {result.reason}",
+                            "" if result.works else ADMIN + ("install runc (Debian package runc)" if result.path is None
+                                                             else "see the reason; berth uses another runtime meanwhile"),
+                            required=not working))
+    return checks
+
+
+def check_cgroups() -> Check:
+    layout = ocirt.cgroup_layout()
+    delegated = limits.delegated_cgroup()
+    if delegated:
+        return Check("cgroups", True, f"cgroup {layout}; {delegated} is delegated to you (cpu, memory): "
+                     "--cpus/--memory use cgroups", required=False)
+    return Check("cgroups", False, f"cgroup {layout}, no cgroup v2 delegation to you: --cpus uses CPU affinity and "
+                 "--memory RLIMIT_DATA instead", ADMIN + "boot with pure cgroup v2 and delegate cpu and memory to users "
+                 "(systemd Delegate=yes) for full limits", required=False)
+
+
+def check_subids() -> Check:
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = str(os.getuid())
+    found = {}
+    for path in ("/etc/subuid", "/etc/subgid"):
+        text = _read(path) or ""
+        found[path] = any(line.split(":")[0] in (name, str(os.getuid())) for line in text.splitlines() if ":" in line)
+    if all(found.values()):
+        return Check("subuid/subgid", True, f"{name} has /etc/subuid and /etc/subgid ranges", required=False)
+    missing = ", ".join(p for p, ok in found.items() if not ok)
+    return Check("subuid/subgid", False, f"no range for {name} in {missing}; berth does not need one (it maps only "
+                 "your own ids), but images whose files belong to several users show them as nobody",
+                 ADMIN + f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name} (optional)",
+                 required=False)
+
+
+def check_state_dir(state_dir: Path) -> Check:
+    try:
+        state.ensure_state_dir(state_dir)
+        probe = state_dir / f".doctor-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as exc:  # noqa: BLE001 - reported
+        return Check("state directory", False, f"{state_dir}: {exc}",
+                     "set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory")
+    return Check("state directory", True, f"{state_dir} is yours and writable (mode 0700)")
+
+
+def run_checks(settings) -> list[Check]:
+    state_dir = Path(settings.state_dir)
+    checks = [
+        check_user_namespaces(),
+        check_fuse_device(),
+        check_program("squashfuse"),
+        check_program("fuse-overlayfs"),
+        check_program("fusermount3", setuid=True),
+        check_program("setpriv"),
+        check_init(),
+        check_state_dir(state_dir),
+    ]
+    if checks[-1].ok:
+        checks += check_runtimes(state_dir)
+    checks += [check_cgroups(), check_subids()]
+    return checks
+
+
+def cleanup(settings) -> list[dict]:
+    """Clean every stale container of the caller on this node (``berth doctor --cleanup``)."""
+    return state.cleanup_stale(Path(settings.state_dir))
+

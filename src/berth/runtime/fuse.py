@@ -1,0 +1,129 @@
+"""Unprivileged FUSE mounts of images: squashfuse (read-only) and fuse-overlayfs on top.
+
+Both daemons run in the foreground as children of berth with a parent-death signal
+(``setpriv --pdeathsig TERM``), so that they cannot outlive a berth killed with SIGKILL by
+more than the time libfuse needs to unmount; whatever a kill leaves (a busy mount whose
+daemon is gone) is removed by berth.runtime.state's stale cleanup with ``fusermount3 -u -z``.
+Unmounting the overlay first, waiting for its daemon, then the SquashFS avoids the EBUSY seen
+with daemonized mounts (TESTBED.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+from berth import proc
+from berth.errors import ProgramFailed, RuntimeFailure
+
+MOUNT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class FuseMount:
+    """A running FUSE daemon and its mount point."""
+
+    mountpoint: str
+    process: subprocess.Popen
+    what: str
+    log_path: str
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 2000))
+            return handle.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _start(argv: list[str], mountpoint: str, what: str, log_path: str) -> FuseMount:
+    before = os.stat(mountpoint).st_dev
+    with open(log_path, "ab") as log:
+        process = proc.start(["setpriv", "--pdeathsig", "TERM", "--", *argv], stdout=log, stderr=log)
+    mount = FuseMount(mountpoint, process, what, log_path)
+    deadline = time.monotonic() + MOUNT_TIMEOUT_S
+    delay = 0.0002
+    while True:
+        try:
+            if os.stat(mountpoint).st_dev != before:
+                return mount
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeFailure(f"{what} failed ({proc.describe_status(process.returncode)}): "
+                                 f"{_log_tail(log_path) or 'no message'}",
+                                 hint="run 'berth doctor' to check FUSE on this node")
+        if time.monotonic() > deadline:
+            stop(mount)
+            raise RuntimeFailure(f"{what} did not mount within {MOUNT_TIMEOUT_S:g} s",
+                                 hint="run 'berth doctor' to check FUSE on this node")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def mount_squashfs(image: str, mountpoint: str, log_path: str) -> FuseMount:
+    """Mount SquashFS file ``image`` read-only at ``mountpoint``. Raises RuntimeFailure."""
+    if not os.access(image, os.R_OK):
+        raise RuntimeFailure(f"cannot read the image file {image}",
+                             hint="check its permissions (site store images must be world-readable)")
+    return _start(["squashfuse", "-f", "-o", "ro", image, mountpoint], mountpoint, f"squashfuse of {image}", log_path)
+
+
+def mount_overlay(lower: str, upper: str, work: str, mountpoint: str, log_path: str, *,
+                  squash_to: tuple[int, int] | None = None) -> FuseMount:
+    """fuse-overlayfs of ``lower`` (read-only) + ``upper`` at ``mountpoint``.
+
+    ``squash_to=(uid, gid)`` shows every file as owned by the caller, so a ``--writable`` root
+    is writable everywhere (TESTBED.md: root-owned lower directories otherwise refuse writes).
+    """
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    if squash_to is not None:
+        options += f",squash_to_uid={squash_to[0]},squash_to_gid={squash_to[1]}"
+    return _start(["fuse-overlayfs", "-f", "-o", options, mountpoint], mountpoint, "fuse-overlayfs", log_path)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    """True when ``mountpoint`` appears in this process's mount table."""
+    return mountpoint in mounted_paths()
+
+
+def mounted_paths() -> set[str]:
+    paths = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 4:
+                    paths.add(fields[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return paths
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """fusermount3 -u (or -u -z); ignores 'not mounted'. Raises ProgramFailed otherwise."""
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint]
+    result = proc.run(argv, check=False)
+    if result.returncode != 0 and is_mounted(mountpoint):
+        detail = (result.stderr or b"").decode("utf-8", "replace").strip()[-500:]
+        raise ProgramFailed(f"fusermount3 -u {mountpoint} failed: {detail}")
+
+
+def stop(mount: FuseMount, *, timeout_s: float = 5.0) -> None:
+    """Unmount and wait for the daemon; retry lazily on EBUSY; never raises."""
+    for lazy in (False, True):
+        try:
+            unmount(mount.mountpoint, lazy=lazy)
+            break
+        except ProgramFailed:
+            time.sleep(0.05)
+    try:
+        mount.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        mount.process.kill()
+        mount.process.wait()

@@ -1,0 +1,107 @@
+"""The caller's identity inside the container: passwd/group files and identity variables.
+
+DESIGN.md decision 6: the command runs with the caller's uid and gid and finds its own entry
+in /etc/passwd and /etc/group, without rebuilding the image. berth writes new files made of
+the image's own entries plus the caller's and bind-mounts them over the image's.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+#: An image's passwd/group larger than this is not read (hostile image); the caller's entry
+#: is still written.
+MAX_DATABASE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who runs the container, from the host's databases."""
+
+    name: str
+    uid: int
+    gid: int
+    group_name: str
+    home: str
+    shell: str
+    gecos: str = ""
+
+    @classmethod
+    def current(cls) -> "Caller":
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            entry = pwd.getpwuid(uid)
+            name, home, shell, gecos = entry.pw_name, entry.pw_dir, entry.pw_shell, entry.pw_gecos
+        except KeyError:
+            name, home, shell, gecos = f"u{uid}", os.environ.get("HOME", "/"), "/bin/sh", ""
+        try:
+            group_name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group_name = f"g{gid}"
+        return cls(name, uid, gid, group_name, home, shell, gecos.replace(":", " "))
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def passwd_text(image_passwd: str, caller: Caller, *, as_root: bool, shell_exists) -> str:
+    """The image's passwd entries plus the caller's, replacing any entry with its name or uid.
+
+    ``as_root`` (--remap-root): the caller is uid 0 inside, so the image's root entry stays and
+    the caller's name is not added. ``shell_exists(path) -> bool`` tells whether the caller's
+    login shell exists in the image (else /bin/sh).
+    """
+    kept = []
+    for line in _lines(image_passwd):
+        fields = line.split(":")
+        if as_root:
+            kept.append(line)
+            continue
+        if len(fields) >= 3 and (fields[0] == caller.name or fields[2] == str(caller.uid)):
+            continue
+        kept.append(line)
+    if as_root:
+        if not any(line.split(":")[2:3] == ["0"] for line in kept):
+            kept.insert(0, "root:x:0:0:root:/root:/bin/sh")
+    else:
+        shell = caller.shell if caller.shell and shell_exists(caller.shell) else "/bin/sh"
+        kept.append(f"{caller.name}:x:{caller.uid}:{caller.gid}:{caller.gecos}:{caller.home}:{shell}")
+    return "\n".join(kept) + "\n"
+
+
+def group_text(image_group: str, caller: Caller, *, as_root: bool) -> str:
+    """The image's group entries plus the caller's primary group (same replacement rules)."""
+    kept = []
+    for line in _lines(image_group):
+        fields = line.split(":")
+        if not as_root and len(fields) >= 3 and (fields[0] == caller.group_name or fields[2] == str(caller.gid)):
+            continue
+        kept.append(line)
+    if as_root:
+        if not any(line.split(":")[2:3] == ["0"] for line in kept):
+            kept.insert(0, "root:x:0:")
+    else:
+        kept.append(f"{caller.group_name}:x:{caller.gid}:{caller.name}")
+    return "\n".join(kept) + "\n"
+
+
+def read_image_file(host_path: str) -> str:
+    """Read a small text file of the image ('' when missing, unreadable or absurdly large)."""
+    try:
+        with open(host_path, "rb") as handle:
+            data = handle.read(MAX_DATABASE_BYTES + 1)
+    except OSError:
+        return ""
+    if len(data) > MAX_DATABASE_BYTES:
+        return ""
+    return data.decode("utf-8", "replace")
+
+
+def identity_env(caller: Caller, *, as_root: bool, home_in_container: str) -> dict[str, str]:
+    """HOME, USER, LOGNAME as a login would set them."""
+    name = "root" if as_root else caller.name
+    return {"HOME": home_in_container, "USER": name, "LOGNAME": name}

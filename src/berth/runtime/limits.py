@@ -1,0 +1,86 @@
+"""--cpus / --memory: cgroup v2 when the host delegates it to the caller, else affinity + rlimit.
+
+On a pure cgroup v2 host where the caller's own cgroup is writable and has the cpu and memory
+controllers enabled for its children (systemd user delegation, or a Slurm step), the limits go
+into config.json's linux.resources under a child cgroup. Otherwise (cgroup v1 or hybrid, like
+the test bed, or no delegation) berth falls back to what an unprivileged process can always
+do: CPU affinity (sched_setaffinity on the runtime process, inherited by the container) and
+RLIMIT_DATA for memory, and says which it applied. Inside a Slurm step the step's cgroup is
+inherited and never fought: berth only ever narrows it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LimitPlan:
+    """What to apply, and a sentence per limit saying how."""
+
+    cpu_set: frozenset[int] | None = None
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+    cgroups_path: str | None = None
+    cpu_quota_us: int | None = None
+    memory_limit_bytes: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def delegated_cgroup() -> str | None:
+    """The caller's cgroup v2 directory if it is writable with cpu+memory delegated, else None."""
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return None
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("0::"):
+                    path = "/sys/fs/cgroup" + line[3:].strip()
+                    break
+            else:
+                return None
+        with open(os.path.join(path, "cgroup.subtree_control"), encoding="ascii") as handle:
+            enabled = handle.read().split()
+    except OSError:
+        return None
+    if "cpu" in enabled and "memory" in enabled and os.access(path, os.W_OK):
+        return path
+    return None
+
+
+def plan_limits(cpus: float | None, memory_bytes: int | None, container_id: str) -> LimitPlan:
+    """Decide how to apply the requested limits on this host (reads /proc and /sys only)."""
+    if cpus is None and memory_bytes is None:
+        return LimitPlan()
+    cgroup = delegated_cgroup()
+    if cgroup is not None:
+        notes = []
+        quota = None
+        if cpus is not None:
+            quota = int(cpus * 100000)
+            notes.append(f"--cpus {cpus:g}: cgroup v2 cpu.max {quota} 100000 in {cgroup}/berth-{container_id}")
+        if memory_bytes is not None:
+            notes.append(f"--memory: cgroup v2 memory.max {memory_bytes} in {cgroup}/berth-{container_id}")
+        relative = cgroup[len("/sys/fs/cgroup"):] + f"/berth-{container_id}"
+        return LimitPlan(cgroups_path=relative, cpu_quota_us=quota, memory_limit_bytes=memory_bytes,
+                         notes=tuple(notes))
+    notes = []
+    cpu_set = None
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+    if cpus is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        count = max(1, min(len(allowed), math.ceil(cpus)))
+        cpu_set = frozenset(allowed[:count])
+        note = (f"--cpus {cpus:g}: no cgroup v2 delegation here, so CPU affinity to "
+                f"{count} CPU(s) {','.join(map(str, sorted(cpu_set)))}")
+        if count < cpus:
+            note += f" (only {len(allowed)} allowed to you)"
+        elif count != cpus:
+            note += " (affinity counts whole CPUs)"
+        notes.append(note)
+    if memory_bytes is not None:
+        rlimits = (("RLIMIT_DATA", memory_bytes, memory_bytes),)
+        notes.append(f"--memory {memory_bytes} bytes: no cgroup v2 delegation here, so RLIMIT_DATA per process "
+                     "(a process, not the whole container, is limited)")
+    return LimitPlan(cpu_set=cpu_set, rlimits=rlimits, notes=tuple(notes))

@@ -1,0 +1,88 @@
+"""`berth exec` and `berth ps`: the caller's running containers on this node."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from berth import proc
+from berth.errors import RuntimeFailure
+from berth.runtime import spec, state
+from berth.runtime.options import check_env_entry
+
+
+def list_running(settings) -> list[dict]:
+    """The caller's live containers: id, name, image, command, started (epoch s), pid, status.
+
+    ``pid`` is the container's init as the runtime reports it (None while it starts).
+    """
+    state_dir = Path(settings.state_dir)
+    state.cleanup_stale(state_dir)
+    records = []
+    for info in state.list_containers(state_dir):
+        pid, status = None, "starting"
+        runtime = info.get("runtime_path") or info.get("runtime") or "runc"
+        root = Path(info["state_path"]) / "runc"
+        if (root / info["id"]).exists():
+            result = proc.run([runtime, "--root", str(root), "state", info["id"]], check=False, timeout=10)
+            if result.returncode == 0:
+                try:
+                    data = json.loads(result.stdout)
+                    pid, status = data.get("pid"), data.get("status", "unknown")
+                except ValueError:
+                    pass
+        records.append({
+            "id": info["id"], "name": info.get("name"), "image": info.get("image"),
+            "command": info.get("command", []), "started": info.get("started"), "pid": pid,
+            "status": status, "berth_pid": info.get("pid"),
+        })
+    return records
+
+
+def exec_in_container(settings, key: str, command: list[str], *, tty: bool = False,
+                      env: tuple[str, ...] = (), workdir: str | None = None) -> int:
+    """Run ``command`` in the running container ``key`` (name or id) as the same identity.
+
+    Joins the container's namespaces through the runtime's ``exec`` with berth-init in front,
+    so the command gets the caller's uid/gid exactly as the container's main process did.
+    Returns the shell-style status; raises NotFound, RuntimeFailure.
+    """
+    if not command:
+        raise RuntimeFailure("berth exec needs a command to run")
+    for entry in env:
+        check_env_entry(entry, what="-e")
+    info = state.find_container(Path(settings.state_dir), key)
+    runtime = info.get("runtime_path") or info.get("runtime") or "runc"
+    root = Path(info["state_path"]) / "runc"
+    if not (root / info["id"]).exists():
+        raise RuntimeFailure(f"container {key} is not running yet (or is stopping)", hint="try again in a moment")
+    argv = [runtime, "--root", str(root), "exec"]
+    if tty:
+        argv.append("--tty")
+    if workdir:
+        argv += ["--cwd", workdir]
+    for entry in env:
+        argv += ["--env", entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}"]
+    argv.append(info["id"])
+    argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root"))))
+    child = proc.start(argv, stdin=None)
+    while True:
+        try:
+            return proc.shell_status(child.wait())
+        except KeyboardInterrupt:
+            # SIGINT reached the runtime too (same process group): it forwards it; keep waiting.
+            time.sleep(0)
+
+
+def format_started(epoch_s: float | None) -> str:
+    if not epoch_s:
+        return ""
+    age = max(0, time.time() - epoch_s)
+    if age < 120:
+        return f"{age:.0f} s ago"
+    if age < 7200:
+        return f"{age / 60:.0f} min ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch_s))
+

@@ -1,0 +1,189 @@
+"""What `berth run` accepts, as one dataclass, and the one parser that fills it.
+
+The parser lives here (not in cli/) because templates validate their ``custom="…"`` options
+with the very same rules (docs/contracts.md: ``parse_custom``); cli/run.py only adds the
+positional IMAGE and COMMAND and calls :func:`options_from_namespace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from berth.errors import UsageError
+
+DEFAULT_STOP_TIMEOUT_S = 10.0
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    """A user bind mount ``-v SRC:DST[:ro|rw]`` (source as typed; checked by policy)."""
+
+    source: str
+    destination: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything `berth run` accepts besides IMAGE and COMMAND (see ``berth run --help``)."""
+
+    mounts: tuple[MountRequest, ...] = ()
+    workdir: str | None = None
+    #: ``KEY=VALUE`` or ``KEY`` (take the caller's value), in command-line order.
+    env: tuple[str, ...] = ()
+    env_files: tuple[str, ...] = ()
+    network: str | None = None  # "host" | "none"; None: the site's choice, else host
+    devices: tuple[str, ...] = ()
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    tty: bool = False
+    name: str | None = None
+    pull: str = "missing"  # "missing" | "never" | "always"
+    debug: bool = False
+    writable: bool = False
+    remap_root: bool = False
+    mount_home: bool = True
+    entrypoint: str | None = None
+    hostname: str | None = None
+    runtime: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+def parse_size(text: str, *, what: str) -> int:
+    """``4G``, ``512m``, ``1.5GiB``, ``1048576`` -> bytes (binary units). Raises UsageError."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"{what}: '{text}' is not a size", hint="use a number with an optional unit: 512M, 4G, 1.5GiB")
+    value = float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()]
+    if value < 1:
+        raise UsageError(f"{what}: '{text}' must be positive")
+    return int(value)
+
+
+def parse_mount(text: str) -> MountRequest:
+    """``SRC:DST[:ro|rw]`` -> MountRequest. Syntax only; policy.check_options judges paths."""
+    parts = text.split(":")
+    mode = "rw"
+    if len(parts) == 3:
+        mode = parts[2]
+        parts = parts[:2]
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise UsageError(
+            f"--mount '{text}': expected SRC:DST or SRC:DST:ro",
+            hint="for example -v /scratch/me/data:/data:ro",
+        )
+    if mode not in ("ro", "rw"):
+        raise UsageError(f"--mount '{text}': the mode must be 'ro' or 'rw', not '{mode}'")
+    return MountRequest(parts[0], parts[1], read_only=mode == "ro")
+
+
+def check_env_entry(entry: str, *, what: str) -> None:
+    name = entry.partition("=")[0]
+    if not _ENV_NAME.match(name):
+        raise UsageError(f"{what}: '{entry}' does not start with a valid variable name",
+                         hint="names are letters, digits and '_', not starting with a digit")
+    if "\0" in entry:
+        raise UsageError(f"{what}: the value of {name} contains a NUL byte")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the container options (not IMAGE/COMMAND) to ``parser``."""
+    add = parser.add_argument
+    add("-v", "--mount", "--volume", dest="mounts", action="append", default=[], metavar="SRC:DST[:ro|rw]",
+        help="bind-mount a host path into the container (read-write unless :ro)")
+    add("-w", "--workdir", metavar="DIR", help="working directory inside the container")
+    add("-e", "--env", dest="env", action="append", default=[], metavar="KEY[=VALUE]",
+        help="set a variable (KEY alone takes your current value)")
+    add("--env-file", dest="env_files", action="append", default=[], metavar="FILE",
+        help="read KEY=VALUE lines from FILE ('#' comments and blank lines ignored)")
+    add("--network", choices=("host", "none"), help="host (default: fabrics and MPI need it) or none")
+    add("--device", dest="devices", action="append", default=[], metavar="/dev/X",
+        help="pass a host device you can open")
+    add("--cpus", type=float, metavar="N", help="limit to N CPUs (cgroup v2 when delegated, else CPU affinity)")
+    add("--memory", metavar="SIZE", help="limit memory (cgroup v2 when delegated, else RLIMIT_DATA)")
+    add("--stop-timeout", dest="stop_timeout_s", type=float, default=DEFAULT_STOP_TIMEOUT_S, metavar="S",
+        help="seconds between forwarding SIGTERM/SIGINT and killing the container (default %(default)g)")
+    add("-t", "--tty", action="store_true", help="give the command a terminal (interactive shells)")
+    add("-i", "--interactive", action="store_true", help="accepted for docker compatibility: stdin always passes through")
+    add("--name", help="a name for berth ps/exec (default: a generated id)")
+    add("--pull", choices=("missing", "never", "always"), default="missing",
+        help="pull the image: when missing from every store (default), never, or always")
+    add("--debug", dest="run_debug", action="store_true", help="explain what berth sets up")
+    add("--writable", action="store_true", help="a writable root filesystem, discarded at exit")
+    add("--remap-root", action="store_true", help="run as uid 0 inside (still no host privilege)")
+    add("--no-mount-home", dest="mount_home", action="store_false", help="do not mount your home directory")
+    add("--entrypoint", metavar="PATH", help="replace the image's entrypoint")
+    add("--hostname", help="hostname inside (default: this node's)")
+    add("--runtime", choices=("runc", "crun"), help="OCI runtime (default: site setting, else the first that works)")
+
+
+def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
+    """Validate parsed arguments and build RunOptions. Raises UsageError."""
+    for entry in ns.env:
+        check_env_entry(entry, what="-e")
+    if ns.cpus is not None and not 0 < ns.cpus <= 65536:
+        raise UsageError(f"--cpus {ns.cpus:g}: must be a positive number of CPUs")
+    if ns.stop_timeout_s < 0:
+        raise UsageError(f"--stop-timeout {ns.stop_timeout_s:g}: must not be negative")
+    if ns.workdir is not None and not posixpath.isabs(ns.workdir):
+        raise UsageError(f"--workdir '{ns.workdir}': must be an absolute path inside the container")
+    if ns.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", ns.name):
+        raise UsageError(f"--name '{ns.name}': use letters, digits, '_', '.', '-' (at most 63)")
+    if ns.hostname is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$", ns.hostname):
+        raise UsageError(f"--hostname '{ns.hostname}' is not a valid host name")
+    return RunOptions(
+        mounts=tuple(parse_mount(m) for m in ns.mounts),
+        workdir=ns.workdir,
+        env=tuple(ns.env),
+        env_files=tuple(ns.env_files),
+        network=ns.network,
+        devices=tuple(ns.devices),
+        cpus=ns.cpus,
+        memory_bytes=None if ns.memory is None else parse_size(ns.memory, what="--memory"),
+        stop_timeout_s=ns.stop_timeout_s,
+        tty=ns.tty,
+        name=ns.name,
+        pull=ns.pull,
+        debug=ns.run_debug,
+        writable=ns.writable,
+        remap_root=ns.remap_root,
+        mount_home=ns.mount_home,
+        entrypoint=ns.entrypoint,
+        hostname=ns.hostname,
+        runtime=ns.runtime,
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def parse_run_options(argv: list[str]) -> RunOptions:
+    """Parse `berth run` options (no IMAGE, no COMMAND). Raises UsageError."""
+    parser = _Parser(prog="berth run options", add_help=False)
+    add_run_arguments(parser)
+    ns, rest = parser.parse_known_args(argv)
+    if rest:
+        raise UsageError(f"unexpected argument(s) {' '.join(rest)!r}: only options are allowed here")
+    return options_from_namespace(ns)
+
+
+def parse_custom(text: str) -> RunOptions:
+    """A template's ``custom="…"`` string (shell-quoted run options). Raises UsageError."""
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"custom options '{text}': {exc}") from None
+    return parse_run_options(argv)

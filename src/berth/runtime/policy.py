@@ -1,0 +1,115 @@
+"""Site policy applied to what a user asks of `berth run` (issue 3, issue 4: admin side).
+
+Bind-mount sources are resolved on the host (symlinks followed, as the kernel would) *before*
+they are judged, and the resolved path is what gets mounted, so a symlink cannot smuggle a
+forbidden path past the check or be swapped afterwards. Destinations are container paths: they
+must be absolute and free of ``..``; symlinks inside the image are followed in-root by the
+runtime (securejoin), so they cannot point out of the container either.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+
+from berth.errors import PolicyError, UsageError
+from berth.runtime.options import RunOptions
+from berth.runtime.spec import INIT_PATH, BindMount
+
+_ADMIN = "ask your site administrator if you need it (site policy: mount_allow / mount_deny_*)"
+
+
+def _under(path: str, prefixes) -> str | None:
+    """The first prefix that ``path`` equals or lies under (whole components), or None."""
+    for prefix in prefixes:
+        prefix = prefix.rstrip("/") or "/"
+        if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+            return prefix
+    return None
+
+
+def check_destination(destination: str, *, what: str, deny) -> str:
+    """Validate a container path for a mount; return it normalized. Raises PolicyError."""
+    if not destination.startswith("/"):
+        raise PolicyError(f"{what}: the destination '{destination}' must be an absolute path inside the container")
+    if ".." in destination.split("/"):
+        raise PolicyError(f"{what}: the destination '{destination}' contains '..'",
+                          hint="name the container path directly")
+    normalized = posixpath.normpath(destination)
+    if normalized.startswith("//"):
+        normalized = "/" + normalized.lstrip("/")
+    if normalized == "/":
+        raise PolicyError(f"{what}: mounting over the container's root directory is not allowed")
+    if normalized == INIT_PATH or normalized.startswith(INIT_PATH + "/"):
+        raise PolicyError(f"{what}: {INIT_PATH} is reserved for berth's init")
+    denied = _under(normalized, deny)
+    if denied:
+        raise PolicyError(f"{what}: mounting over {denied} in the container is not allowed by site policy",
+                          hint=_ADMIN)
+    return normalized
+
+
+def resolve_source(source: str, *, what: str, settings) -> str:
+    """Resolve a host path (symlinks, relative to the current directory) and judge it."""
+    absolute = os.path.abspath(os.path.expanduser(source))
+    real = os.path.realpath(absolute)
+    policy = settings.policy
+    denied = _under(real, policy.mount_deny_sources)
+    if denied:
+        via = f" (it resolves to {real})" if real != absolute else ""
+        raise PolicyError(f"{what}: the host path {source}{via} is under {denied}, which site policy does not "
+                          "allow to be mounted", hint=_ADMIN)
+    if policy.mount_allow and not _under(real, policy.mount_allow):
+        raise PolicyError(f"{what}: the host path {real} is not under an allowed prefix "
+                          f"({', '.join(policy.mount_allow)})", hint=_ADMIN)
+    if not os.path.exists(real):
+        raise UsageError(f"{what}: the host path {source} does not exist")
+    if not os.access(real, os.R_OK):
+        raise PolicyError(f"{what}: you cannot read the host path {real}",
+                          hint="you can only mount what you could read on the host")
+    return real
+
+
+def resolve_user_mounts(settings, options: RunOptions) -> list[BindMount]:
+    """The user's ``-v`` mounts, checked and resolved (host sources real, destinations normal)."""
+    deny = settings.policy.mount_deny_destinations
+    mounts = []
+    for request in options.mounts:
+        what = f"--mount {request.source}:{request.destination}"
+        destination = check_destination(request.destination, what=what, deny=deny)
+        source = resolve_source(request.source, what=what, settings=settings)
+        mounts.append(BindMount(source, destination, read_only=request.read_only))
+    return mounts
+
+
+def resolve_device(path: str, *, what: str) -> str:
+    """A host device node the caller can open read-write; returns its real path."""
+    real = os.path.realpath(path)
+    if not real.startswith("/dev/"):
+        raise PolicyError(f"{what}: {path} is not under /dev")
+    try:
+        info = os.stat(real)
+    except OSError:
+        raise UsageError(f"{what}: {path} does not exist on this node") from None
+    if not (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+        raise PolicyError(f"{what}: {path} is not a device node")
+    if not os.access(real, os.R_OK | os.W_OK):
+        raise PolicyError(f"{what}: you cannot open {real} on the host, so it cannot be passed in",
+                          hint="ask your site administrator for access (device permissions or group)")
+    return real
+
+
+def forced_network(settings) -> str | None:
+    return dict(settings.policy.forced_namespaces).get("network")
+
+
+def check_options(settings, options: RunOptions) -> None:
+    """Raise PolicyError (or UsageError) for anything in ``options`` site policy forbids."""
+    resolve_user_mounts(settings, options)
+    for device in options.devices:
+        resolve_device(device, what=f"--device {device}")
+    forced = forced_network(settings)
+    if forced and options.network and options.network != forced:
+        raise PolicyError(f"--network={options.network}: site policy forces network={forced}",
+                          hint="ask your site administrator (policy forced_namespaces)")

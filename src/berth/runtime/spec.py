@@ -1,0 +1,170 @@
+"""The OCI runtime-spec ``config.json`` berth hands to runc or crun: a pure function of a plan.
+
+No I/O here: :func:`build_config` turns a :class:`SpecPlan` (everything already decided and
+resolved by berth.runtime.container) into the config dict, so that tests/golden/ can pin the
+exact contract with the runtime (DESIGN.md decision 5).
+
+Identity (DESIGN.md decision 6, issue 3). runc 1.1 refuses a rootless user namespace that does
+not map container uid 0, so the container's user namespace maps 0 -> the caller and the process
+starts as 0/0; berth-init (bind-mounted at /dev/.berth-init) then enters a nested user namespace
+that maps the caller's uid/gid to 0 of runc's namespace and runs the command with the real ids.
+Mapping the parent namespace's uid 0 into a child namespace needs CAP_SETFCAP in the creator
+(Linux >= 5.12, commit db2e718a4798), so that one capability is kept; it vanishes at the
+command's execve (uid != 0). With ``remap_root`` there is no nested namespace and every
+capability is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OCI_VERSION = "1.0.2"
+INIT_PATH = "/dev/.berth-init"
+#: The one capability berth-init needs to map its parent's uid 0 (see the module docstring).
+IDENTITY_CAPABILITIES = ("CAP_SETFCAP",)
+#: Per POSIX and the OCI runtime spec config.md, the default PATH when an image sets none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path bind-mounted at ``destination`` (sources are already resolved real paths)."""
+
+    source: str
+    destination: str
+    read_only: bool = True
+    #: Device nodes need "dev"; everything else is nodev.
+    device: bool = False
+
+
+@dataclass(frozen=True)
+class SpecPlan:
+    """Everything config.json depends on, decided by the caller."""
+
+    rootfs: str
+    args: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    uid: int
+    gid: int
+    init_path: str
+    hostname: str
+    readonly_root: bool = True
+    remap_root: bool = False
+    terminal: bool = False
+    network: str = "host"  # "host" | "none"
+    #: Binds in order, after the standard filesystems (/proc, /dev, /sys, /tmp...).
+    binds: tuple[BindMount, ...] = ()
+    #: Container directories that get a private tmpfs (e.g. the parent of $HOME), before binds.
+    tmpfs: tuple[str, ...] = ()
+    #: Host directory bind-mounted at /tmp (private per container); None: a tmpfs.
+    tmp_source: str | None = None
+    #: (type, soft, hard) rlimits, e.g. ("RLIMIT_DATA", n, n).
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+    #: cgroup v2 resources when the host delegates them; None: no cgroup settings at all.
+    cgroups_path: str | None = None
+    cpu_quota_us: int | None = None
+    cpu_period_us: int = 100000
+    memory_limit_bytes: int | None = None
+    annotations: dict = field(default_factory=dict)
+
+
+def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
+                 init_path: str = INIT_PATH) -> tuple[str, ...]:
+    """The container process argv: berth-init, the identity to enter, then the command."""
+    if remap_root:
+        return (init_path, "--", *command)
+    return (init_path, "-u", str(plan_uid), "-g", str(plan_gid), "--", *command)
+
+
+def _mounts(plan: SpecPlan) -> list[dict]:
+    nosuid_nodev = ["nosuid", "nodev"]
+    mounts: list[dict] = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        # Rootless: no gid=5 (tty is not mapped); ptmxmode so the new instance is usable.
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        # A user namespace without its own network namespace cannot mount sysfs: bind the host's.
+        {"destination": "/sys", "type": "none", "source": "/sys",
+         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+        {"destination": INIT_PATH, "type": "none", "source": plan.init_path,
+         "options": ["bind", "ro", "nosuid", "nodev"]},
+    ]
+    if plan.tmp_source is not None:
+        mounts.append({"destination": "/tmp", "type": "none", "source": plan.tmp_source,
+                       "options": ["rbind", "rw", *nosuid_nodev]})
+    else:
+        mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                       "options": [*nosuid_nodev, "mode=1777"]})
+    for destination in plan.tmpfs:
+        mounts.append({"destination": destination, "type": "tmpfs", "source": "tmpfs",
+                       "options": [*nosuid_nodev, "mode=755"]})
+    for bind in plan.binds:
+        options = ["rbind", "ro" if bind.read_only else "rw", "nosuid"]
+        if not bind.device:
+            options.append("nodev")
+        mounts.append({"destination": bind.destination, "type": "none", "source": bind.source,
+                       "options": options})
+    return mounts
+
+
+def build_config(plan: SpecPlan) -> dict:
+    """The OCI runtime-spec config (a dict ready for json.dump). Pure: no I/O."""
+    capabilities = [] if plan.remap_root else list(IDENTITY_CAPABILITIES)
+    process: dict = {
+        "terminal": plan.terminal,
+        "user": {"uid": 0, "gid": 0},
+        "args": list(plan.args),
+        "env": list(plan.env),
+        "cwd": plan.cwd,
+        "capabilities": {
+            "bounding": capabilities,
+            "effective": capabilities,
+            "permitted": capabilities,
+            "inheritable": [],
+            "ambient": [],
+        },
+        "noNewPrivileges": True,
+    }
+    if plan.rlimits:
+        process["rlimits"] = [{"type": kind, "soft": soft, "hard": hard} for kind, soft, hard in plan.rlimits]
+    namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "user"}]
+    if plan.network == "none":
+        namespaces.append({"type": "network"})
+    linux: dict = {
+        "uidMappings": [{"containerID": 0, "hostID": plan.uid, "size": 1}],
+        "gidMappings": [{"containerID": 0, "hostID": plan.gid, "size": 1}],
+        "namespaces": namespaces,
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+    }
+    if plan.cgroups_path is not None:
+        resources: dict = {}
+        if plan.cpu_quota_us is not None:
+            resources["cpu"] = {"quota": plan.cpu_quota_us, "period": plan.cpu_period_us}
+        if plan.memory_limit_bytes is not None:
+            resources["memory"] = {"limit": plan.memory_limit_bytes}
+        linux["cgroupsPath"] = plan.cgroups_path
+        linux["resources"] = resources
+    config: dict = {
+        "ociVersion": OCI_VERSION,
+        "process": process,
+        "root": {"path": plan.rootfs, "readonly": plan.readonly_root},
+        "hostname": plan.hostname,
+        "mounts": _mounts(plan),
+        "linux": linux,
+    }
+    if plan.annotations:
+        config["annotations"] = dict(sorted(plan.annotations.items()))
+    return config

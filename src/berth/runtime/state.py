@@ -1,0 +1,270 @@
+"""Per-container state on the node, and cleaning up after berths that died.
+
+::
+
+    STATE_DIR/                       settings.state_dir, 0700, the caller's (one per user)
+      runtime-probe.json             which OCI runtime works on this host (see ocirt.py)
+      containers/ID/                 one per running container, 0700
+        lock                         flock()ed by the berth process for the container's life
+        info.json                    name, image, command, started, runtime, identity
+        runc/                        the OCI runtime's --root (state of this container only)
+        bundle/config.json           the OCI bundle
+        rootfs/                      the container root: squashfuse, or fuse-overlayfs on top
+        lower/                       squashfuse mount point when an overlay is used
+        upper/ work/                 overlay upper and work directories
+        tmp/                         the container's private /tmp
+        etc/passwd etc/group         the caller's identity files
+
+A container directory whose lock nobody holds belongs to a berth that is gone (killed with
+SIGKILL, node trouble): :func:`cleanup_stale` kills what runs there, unmounts and removes it.
+Only the caller's own state directory is scanned, so it is cheap enough for every invocation.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth import proc
+from berth.errors import NotFound, RuntimeFailure
+
+CONTAINERS = "containers"
+
+
+@dataclass
+class ContainerState:
+    """The state directory of one container, locked by its berth process while it lives."""
+
+    id: str
+    path: Path
+    lock_fd: int
+
+    @property
+    def runtime_root(self) -> Path:
+        return self.path / "runc"
+
+    @property
+    def bundle(self) -> Path:
+        return self.path / "bundle"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs"
+
+    @property
+    def lower(self) -> Path:
+        return self.path / "lower"
+
+    @property
+    def upper(self) -> Path:
+        return self.path / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.path / "work"
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+    @property
+    def etc(self) -> Path:
+        return self.path / "etc"
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "info.json"
+
+    def write_info(self, info: dict) -> None:
+        temporary = self.path / "info.json.tmp"
+        temporary.write_text(json.dumps(info, sort_keys=True))
+        os.replace(temporary, self.info_path)
+
+    def release(self) -> None:
+        """Remove the directory (mounts must be gone) and drop the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self.lock_fd)
+
+
+def ensure_state_dir(state_dir: Path) -> Path:
+    """Create the caller's state directory 0700 and refuse one that is not safely theirs."""
+    try:
+        os.makedirs(state_dir / CONTAINERS, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot create the state directory {state_dir}: {exc.strerror}",
+                             hint="set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory") from None
+    info = os.lstat(state_dir)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        if info.st_uid == os.getuid():
+            os.chmod(state_dir, 0o700)
+        else:
+            raise RuntimeFailure(f"the state directory {state_dir} belongs to uid {info.st_uid}, not you",
+                                 hint="someone else created it: remove it or set BERTH_STATE_DIR elsewhere")
+    return state_dir
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "_.-" for c in name)
+
+
+def create(state_dir: Path, name: str | None) -> ContainerState:
+    """A new locked container directory. ``name`` must be unused among live containers."""
+    containers = ensure_state_dir(state_dir) / CONTAINERS
+    if name is not None:
+        for record in list_containers(state_dir):
+            if record.get("name") == name:
+                raise RuntimeFailure(f"a container named '{name}' is already running (id {record['id']})",
+                                     hint="choose another --name, or stop that container")
+    container_id = "b" + secrets.token_hex(6)
+    path = containers / container_id
+    os.mkdir(path, 0o700)
+    fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return ContainerState(container_id, path, fd)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding the lock of a container directory nobody holds, else None."""
+    try:
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Created but not locked yet (a berth starting right now), or half removed: judge by age.
+        try:
+            if time.time() - os.lstat(path).st_mtime < 60:
+                return None
+        except FileNotFoundError:
+            return None
+        fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def _read_info(path: Path) -> dict:
+    try:
+        return json.loads((path / "info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def list_containers(state_dir: Path) -> list[dict]:
+    """info.json of every live container (its lock held by a berth process), oldest first."""
+    containers = state_dir / CONTAINERS
+    try:
+        names = sorted(os.listdir(containers))
+    except OSError:
+        return []
+    records = []
+    for name in names:
+        path = containers / name
+        fd = _try_lock(path)
+        if fd is not None:
+            os.close(fd)
+            continue
+        info = _read_info(path)
+        if info:
+            info.setdefault("id", name)
+            info["state_path"] = str(path)
+            records.append(info)
+    records.sort(key=lambda r: r.get("started", 0))
+    return records
+
+
+def find_container(state_dir: Path, key: str) -> dict:
+    """A live container by name, id or unique id prefix. Raises NotFound."""
+    records = list_containers(state_dir)
+    for record in records:
+        if record.get("name") == key or record.get("id") == key:
+            return record
+    matches = [r for r in records if r.get("id", "").startswith(key)]
+    if len(matches) == 1:
+        return matches[0]
+    raise NotFound(f"no running container '{key}' of yours on this node",
+                   hint="'berth ps' lists your running containers")
+
+
+def _kill_runtime(path: Path, info: dict) -> None:
+    runtime = info.get("runtime") or "runc"
+    root = str(path / "runc")
+    container_id = info.get("id") or path.name
+    if not (path / "runc" / container_id).exists():
+        return
+    if not proc.has_program(runtime):
+        return
+    proc.run([runtime, "--root", root, "kill", container_id, "KILL"], check=False, timeout=10)
+    proc.run([runtime, "--root", root, "delete", "--force", container_id], check=False, timeout=10)
+
+
+def _unmount_under(path: Path) -> list[str]:
+    """Lazily unmount every mount at or below ``path`` (deepest first); returns what was found."""
+    from berth.runtime import fuse
+
+    prefix = str(path) + "/"
+    found = sorted((p for p in fuse.mounted_paths() if p.startswith(prefix)), key=len, reverse=True)
+    for mountpoint in found:
+        proc.run(["fusermount3", "-u", "-z", "--", mountpoint], check=False, timeout=10)
+    return found
+
+
+def _kill_daemons(info: dict) -> None:
+    for pid in info.get("daemon_pids", []):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv0 = handle.read().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        # Only our own FUSE daemons, never a recycled pid running something else.
+        if os.path.basename(argv0) in (b"squashfuse", b"fuse-overlayfs"):
+            try:
+                os.kill(pid, 15)
+            except OSError:
+                pass
+
+
+def cleanup_container_dir(path: Path) -> dict:
+    """Kill, unmount and remove one container directory whose lock is free (caller holds it)."""
+    info = _read_info(path)
+    info.setdefault("id", path.name)
+    _kill_runtime(path, info)
+    mounts = _unmount_under(path)
+    _kill_daemons(info)
+    shutil.rmtree(path, ignore_errors=True)
+    return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
+
+
+def cleanup_stale(state_dir: Path) -> list[dict]:
+    """Clean every container directory of this user whose berth process is gone."""
+    containers = state_dir / CONTAINERS
+    try:
+        names = os.listdir(containers)
+    except OSError:
+        return []
+    cleaned = []
+    for name in names:
+        path = containers / name
+        fd = _try_lock(path)
+        if fd is None:
+            continue
+        try:
+            cleaned.append(cleanup_container_dir(path))
+        finally:
+            os.close(fd)
+    return cleaned
+
+
+def get_state_path(state_dir: Path, container_id: str) -> Path:
+    if not _valid_name(container_id):
+        raise NotFound(f"no container '{container_id}'")
+    return state_dir / CONTAINERS / container_id
