@@ -54,13 +54,13 @@ class KeyLines:
                 index = array_counts.get(array, 0)
                 array_counts[array] = index + 1
                 current = (*array, index)
-                self._lines.setdefault(array, number)
+                self._register_prefixes(array, number)
                 self._lines[current] = number
                 continue
             match = _TABLE_HEADER.match(line)
             if match:
                 current = self._resolve(_split_key(match.group(1)), array_counts)
-                self._lines.setdefault(current, number)
+                self._register_prefixes(current, number)
                 continue
             match = _KEY_LINE.match(line)
             if match:
@@ -68,6 +68,11 @@ class KeyLines:
                 for part in _split_key(match.group(1)):
                     path = (*path, part)
                     self._lines.setdefault(path, number)
+
+    def _register_prefixes(self, path: Path_, number: int) -> None:
+        """A header like [[policy.groups.mounts]] is also where 'policy' first shows up."""
+        for end in range(1, len(path) + 1):
+            self._lines.setdefault(path[:end], number)
 
     @staticmethod
     def _resolve(parts: list[str], array_counts: dict[Path_, int]) -> Path_:
