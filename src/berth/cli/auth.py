@@ -55,9 +55,6 @@ def _read_password(args: argparse.Namespace) -> str:
         raise UsageError("--password and --password-stdin cannot be used together",
                          hint="use --password-stdin and pipe the password in")
     if args.password_stdin:
-        if not args.username:
-            raise UsageError("--password-stdin needs --username",
-                             hint="berth login --username USER --password-stdin REGISTRY")
         password = sys.stdin.read()
         # Strip only the line ending a pipe adds: spaces may belong to the password.
         password = password.removesuffix("\n").removesuffix("\r")
@@ -80,7 +77,10 @@ def _read_username(args: argparse.Namespace) -> str:
 
     if args.username:
         return args.username
-    if sys.stdin.isatty() and not args.password_stdin:
+    if args.password_stdin:
+        raise UsageError("--password-stdin needs --username",
+                         hint="berth login --username USER --password-stdin REGISTRY")
+    if sys.stdin.isatty():
         name = input("Username: ").strip()
         if name:
             return name

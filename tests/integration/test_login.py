@@ -1,0 +1,126 @@
+"""`berth login` / `berth logout` as the unprivileged user, against real registries."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+
+import pytest
+
+from berth.registry.auth import load_credentials
+from berth.registry.client import RegistryClient
+from tests.harness.users import describe
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def login_env(user_tmp):
+    """HOME and XDG_CONFIG_HOME of the test user inside a scratch directory."""
+    return {"HOME": str(user_tmp), "XDG_CONFIG_HOME": str(user_tmp / "config")}
+
+
+def auth_file(login_env):
+    from pathlib import Path
+
+    return Path(login_env["XDG_CONFIG_HOME"]) / "berth" / "auth.json"
+
+
+def login(user, registry, login_env, password, *extra):
+    return user.berth("login", "--username", registry.username, "--password-stdin", "--insecure", *extra,
+                      registry.host, input=password + "\n", env=login_env)
+
+
+@pytest.mark.parametrize("fixture", ["auth_registry", "token_registry"])
+def test_login_validates_then_stores_credentials_privately(request, user, login_env, fixture):
+    registry = request.getfixturevalue(fixture)
+    result = login(user, registry, login_env, registry.password)
+    assert result.returncode == 0, describe(result)
+    path = auth_file(login_env)
+    assert result.stdout.strip() == f"Login Succeeded (credentials for {registry.host} saved in {path})"
+    info = path.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (user.uid, 0o600)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    stored = json.loads(path.read_text())["auths"][registry.host]["auth"]
+    assert base64.b64decode(stored).decode() == f"{registry.username}:{registry.password}"
+    # What login stored is what a later pull uses.
+    credentials = load_credentials(login_env)
+    with RegistryClient(registry.host, insecure=True, credentials=credentials, retries=0) as client:
+        client.ping()
+
+
+@pytest.mark.parametrize("fixture", ["auth_registry", "token_registry"])
+def test_login_with_wrong_password_stores_nothing(request, user, login_env, fixture):
+    registry = request.getfixturevalue(fixture)
+    result = login(user, registry, login_env, "not-the-password")
+    assert result.returncode == 4, describe(result)
+    assert "berth: error: " in result.stderr
+    assert f"user '{registry.username}' from the command line were sent" in result.stderr
+    assert not auth_file(login_env).exists()
+
+
+def test_login_keeps_other_entries_and_logout_removes_only_its_own(user, auth_registry, login_env):
+    path = auth_file(login_env)
+    other = {"auth": base64.b64encode(b"someone:else").decode()}
+    user.run(["mkdir", "-p", str(path.parent)], env=login_env, check=True)
+    user.run(["sh", "-c", f"cat > {path}"], input=json.dumps({"auths": {"other.example": other}}),
+             env=login_env, check=True)
+    assert login(user, auth_registry, login_env, auth_registry.password).returncode == 0
+    assert set(json.loads(path.read_text())["auths"]) == {"other.example", auth_registry.host}
+
+    result = user.berth("logout", auth_registry.host, env=login_env)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.strip() == f"Removed login credentials for {auth_registry.host} from {path}"
+    assert json.loads(path.read_text()) == {"auths": {"other.example": other}}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    again = user.berth("logout", auth_registry.host, env=login_env)
+    assert (again.returncode, again.stdout.strip()) == (0, f"Not logged in to {auth_registry.host}")
+
+
+def test_password_on_the_command_line_works_with_a_warning(user, auth_registry, login_env):
+    result = user.berth("login", "-u", auth_registry.username, "-p", auth_registry.password, "--insecure",
+                        auth_registry.host, env=login_env)
+    assert result.returncode == 0, describe(result)
+    assert "warning: a password given with --password is visible to other users" in result.stderr
+
+
+def test_no_password_without_a_terminal_is_a_usage_error(user, auth_registry, login_env):
+    result = user.berth("login", "-u", auth_registry.username, "--insecure", auth_registry.host, env=login_env)
+    assert result.returncode == 2, describe(result)
+    assert "no password given and standard input is not a terminal" in result.stderr
+    assert "--password-stdin" in result.stderr
+    assert not auth_file(login_env).exists()
+
+
+def test_password_stdin_needs_a_user_name(user, auth_registry, login_env):
+    result = user.berth("login", "--password-stdin", "--insecure", auth_registry.host,
+                        input="pw\n", env=login_env)
+    assert result.returncode == 2, describe(result)
+    assert "--password-stdin needs --username" in result.stderr
+
+
+def test_login_to_an_unreachable_registry_explains(user, login_env):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{sock.getsockname()[1]}"
+    result = user.berth("login", "-u", "x", "--password-stdin", host, input="pw\n", env=login_env)
+    assert result.returncode == 4, describe(result)
+    assert f"cannot reach registry {host}" in result.stderr
+    assert "for a plain-HTTP registry set insecure" in result.stderr
+    assert not auth_file(login_env).exists()
+
+
+def test_logout_of_credentials_berth_does_not_own(user, auth_registry, login_env):
+    docker_config = f"{login_env['HOME']}/.docker/config.json"
+    entry = {"auths": {auth_registry.host: {"auth": base64.b64encode(b"u:p").decode()}}}
+    user.run(["mkdir", "-p", f"{login_env['HOME']}/.docker"], env=login_env, check=True)
+    user.run(["sh", "-c", f"cat > {docker_config}"], input=json.dumps(entry), env=login_env, check=True)
+    result = user.berth("logout", auth_registry.host, env=login_env)
+    assert result.returncode == 3, describe(result)
+    assert f"they come from {docker_config}" in result.stderr
+    assert "berth logout edits only its own file" in result.stderr
+    assert json.loads(open(docker_config).read()) == entry
