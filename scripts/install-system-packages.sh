@@ -18,7 +18,7 @@ TEST_PACKAGES=(
     slurmctld slurmd slurm-client munge openmpi-bin libpmix-dev libpmi2-0-dev
     iproute2 psmisc ca-certificates
 )
-BENCH_PACKAGES=(bubblewrap charliecloud hyperfine podman)
+BENCH_PACKAGES=(bubblewrap charliecloud python3-requests hyperfine podman time openssl)
 
 want=("${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}")
 if [ "${BERTH_BENCH:-0}" = 1 ]; then want+=("${BENCH_PACKAGES[@]}"); fi
