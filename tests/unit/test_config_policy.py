@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from berth.config.settings import EnvOp, GroupPolicy, Mount, RegistryPolicy
@@ -133,3 +136,22 @@ def test_nested_group_tables_get_their_own_lines(site):
     with pytest.raises(ConfigError) as caught:
         site.load()
     assert caught.value.message == f"{path}:9: policy.groups[1].env[0].value: must be a string, not an integer (1)"
+
+
+def _doc_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    return re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+
+
+def test_documented_examples_load(site):
+    """docs/configuration.md's example site file, drop-in and user file are valid as written."""
+    site_text, dropin_text, user_text = _doc_blocks()[:3]
+    site.write("berth.toml", site_text)
+    site.write("conf.d/50-mpi.toml", dropin_text)
+    site.write_user(user_text)
+    settings = site.load()
+    assert settings.runtime == "runc" and settings.pinned == ("runtime",)
+    assert [m.destination for m in settings.policy.mounts] == ["/scratch", "/opt/site", "/opt/openmpi-host"]
+    assert settings.policy.groups[0].group == "gpu" and len(settings.policy.groups[0].mounts) == 1
+    assert settings.user_store == site.home / "scratch/berth-images" and settings.backend == "local"
+    assert settings.pull_parallel == 8
