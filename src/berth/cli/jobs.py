@@ -1,7 +1,265 @@
-"""CLI commands: jobs (placeholder until its issue lands)."""
+"""CLI commands for batch jobs: submit, status, logs, cancel, jobs, srun, and the hidden
+``job-exec`` that runs on the job's first node (see berth.jobs.runner)."""
 
 from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+#: srun options that take their value as the next word (``-N 2``); everything else is either
+#: ``--opt=value``, a flag, or the first word of the command.
+_SRUN_VALUE_OPTIONS = {
+    "-N", "--nodes", "-n", "--ntasks", "-c", "--cpus-per-task", "-t", "--time", "-p", "--partition",
+    "-J", "--job-name", "-o", "--output", "-e", "--error", "-i", "--input", "-w", "--nodelist",
+    "-x", "--exclude", "-m", "--distribution", "-D", "--chdir", "--mpi", "--ntasks-per-node",
+    "--cpu-bind", "--mem", "--mem-per-cpu", "--gres", "--gpus", "--gpus-per-task", "--export",
+    "-K", "--kill-on-bad-exit", "--signal", "-r", "--relative", "--het-group", "--network",
+}
 
 
 def register(sub) -> None:
     """Add this module's commands to the top-level subparsers."""
+    from berth.jobs.options import SUBMIT_OPTIONS
+
+    p = sub.add_parser(
+        "submit", help="submit a batch job that runs its script in a container",
+        description="Submit SCRIPT as a batch job: it runs inside the container of --template "
+        "(or --image) on the first node, as you, in the current directory. Options may also come "
+        "from '#BERTH --option' lines at the top of the script; the command line wins.",
+    )
+    for spec in SUBMIT_OPTIONS:
+        if spec.flag:
+            p.add_argument(*spec.names, dest=spec.key, action="store_true", default=None, help=spec.help)
+        else:
+            p.add_argument(*spec.names, dest=spec.key, metavar=spec.metavar, default=None, help=spec.help)
+    p.add_argument("--json", action="store_true", help="print the submitted job as JSON")
+    p.add_argument("script", metavar="SCRIPT", help="the job script (first line #!INTERPRETER)")
+    p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(handler=cmd_submit)
+
+    p = sub.add_parser("status", help="show a job's state (or all your jobs)")
+    p.add_argument("job", nargs="?", metavar="JOB", help="job id (berth's or the scheduler's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", help="only jobs of this backend (without JOB)")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("jobs", help="list your jobs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", help="only jobs of this backend")
+    p.set_defaults(handler=cmd_jobs)
+
+    p = sub.add_parser("logs", help="print a job's output")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the job ends")
+    p.set_defaults(handler=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel a job (SIGTERM, SIGKILL after the stop timeout)")
+    p.add_argument("job", metavar="JOB")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser(
+        "srun", prefix_chars="+", add_help=False,
+        help="inside a job: run a step on the job's nodes, one container per task, in the job's image",
+        description="berth srun [--image REF] [SRUN OPTIONS] [--] COMMAND [ARGS]",
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=cmd_srun)
+
+    # Hidden (no help): what the batch script runs on the job's first node.
+    p = sub.add_parser("job-exec")
+    p.add_argument("--backend", required=True)
+    p.add_argument("record")
+    p.set_defaults(handler=cmd_job_exec)
+
+
+def cmd_submit(args, ctx) -> int:
+    from berth.cli.output import print_json
+    from berth.jobs.api import SubmitRequest, submit
+    from berth.jobs.options import SUBMIT_OPTIONS
+
+    values = {spec.key: getattr(args, spec.key) for spec in SUBMIT_OPTIONS if getattr(args, spec.key) is not None}
+    submitted = submit(ctx.settings, SubmitRequest(script=args.script, args=tuple(args.args), values=values))
+    for note in submitted.notes:
+        print(f"berth: note: {note}", file=sys.stderr)
+    if args.json:
+        print_json({"id": submitted.spec.id, "backend": submitted.spec.backend,
+                    "native_id": submitted.native_id, "output": submitted.spec.output})
+    else:
+        print(submitted.spec.id)
+    return 0
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return ""
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _state_word(status) -> str:
+    result = status.result
+    if result.state == "failed" and result.phase:
+        return f"failed ({result.phase})"
+    return result.state
+
+
+def _exit_word(status) -> str:
+    result = status.result
+    if result.signal is not None:
+        return f"signal {result.signal}"
+    return "" if result.exit_code is None else str(result.exit_code)
+
+
+def _print_table(statuses) -> None:
+    from berth.cli.output import print_table
+
+    print_table(
+        ["JOB", "BACKEND", "SCHED ID", "NAME", "STATE", "EXIT", "IMAGE", "SUBMITTED"],
+        [[s.spec.id, s.spec.backend, s.native_id or "", s.spec.name, _state_word(s), _exit_word(s),
+          s.spec.template or s.spec.image, _when(s.spec.submitted_at)] for s in statuses],
+    )
+
+
+def cmd_status(args, ctx) -> int:
+    from berth.cli.output import print_json
+    from berth.jobs.api import list_jobs, status
+
+    if args.job is None:
+        statuses = list_jobs(ctx.settings, args.backend)
+        if args.json:
+            print_json([s.to_dict() for s in statuses])
+        else:
+            _print_table(statuses)
+        return 0
+    current = status(ctx.settings, args.job)
+    if args.json:
+        print_json(current.to_dict())
+        return 0
+    result = current.result
+    rows = [
+        ("job", current.spec.id), ("name", current.spec.name), ("backend", current.spec.backend),
+        ("scheduler id", current.native_id), ("state", _state_word(current)),
+        ("exit", _exit_word(current)), ("message", result.message),
+        ("image", current.spec.image), ("template", current.spec.template), ("node", result.node),
+        ("submitted", _when(current.spec.submitted_at)), ("started", _when(result.started_at)),
+        ("ended", _when(result.ended_at)), ("output", current.spec.output), ("error", current.spec.error),
+    ]
+    for key, value in rows:
+        if value not in (None, ""):
+            print(f"{key + ':':14}{value}")
+    return 0
+
+
+def cmd_jobs(args, ctx) -> int:
+    from berth.cli.output import print_json
+    from berth.jobs.api import list_jobs
+
+    statuses = list_jobs(ctx.settings, args.backend)
+    if args.json:
+        print_json([s.to_dict() for s in statuses])
+    else:
+        _print_table(statuses)
+    return 0
+
+
+def cmd_logs(args, ctx) -> int:
+    from berth.jobs.api import log_paths, read_log_tail, status
+
+    current = status(ctx.settings, args.job)
+    output, error = log_paths(current.spec)
+    offsets = {output: 0, error: 0}
+    while True:
+        for path, stream in ((output, sys.stdout), (error, sys.stderr)):
+            if path is None:
+                continue
+            data, offsets[path] = read_log_tail(path, offsets[path])
+            if data:
+                stream.flush()
+                stream.buffer.write(data)
+                stream.buffer.flush()
+        if not args.follow or current.result.final:
+            break
+        time.sleep(0.5)
+        current = status(ctx.settings, args.job)
+    if args.follow:
+        # One last read: output written between the last read and the final state.
+        for path, stream in ((output, sys.stdout), (error, sys.stderr)):
+            if path is not None:
+                data, _ = read_log_tail(path, offsets[path])
+                if data:
+                    stream.buffer.write(data)
+                    stream.buffer.flush()
+    return 0
+
+
+def cmd_cancel(args, ctx) -> int:
+    from berth.jobs.api import cancel
+
+    current = cancel(ctx.settings, args.job)
+    print(f"job {current.spec.id}: cancel requested ({current.result.state})", file=sys.stderr)
+    return 0
+
+
+def split_srun_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """``[--image REF] [srun options] [--] COMMAND...`` -> (image, srun options, command)."""
+    from berth.errors import UsageError
+
+    image, options, index = None, [], 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--":
+            index += 1
+            break
+        if word in ("--image", "--container-image") or word.startswith(("--image=", "--container-image=")):
+            if "=" in word:
+                image = word.split("=", 1)[1]
+            else:
+                if index + 1 >= len(argv):
+                    raise UsageError(f"berth srun: {word} needs an image reference")
+                image = argv[index + 1]
+                index += 1
+            index += 1
+            continue
+        if not word.startswith("-") or word == "-":
+            break
+        options.append(word)
+        if word in _SRUN_VALUE_OPTIONS:
+            if index + 1 >= len(argv):
+                raise UsageError(f"berth srun: option {word} needs a value")
+            options.append(argv[index + 1])
+            index += 1
+        index += 1
+    command = argv[index:]
+    if not command:
+        raise UsageError("berth srun: no command given", hint="berth srun [SRUN OPTIONS] [--] COMMAND [ARGS]")
+    return image, options, command
+
+
+def cmd_srun(args, ctx) -> int:
+    import os
+
+    from berth import proc
+    from berth.errors import UsageError
+
+    if args.argv[:1] in (["-h"], ["--help"]):
+        print("usage: berth srun [--image REF] [SRUN OPTIONS] [--] COMMAND [ARGS]\n\n"
+              "Inside a berth job: run COMMAND as a job step on the allocated nodes, one container\n"
+              "per task, in the job's image (BERTH_JOB_IMAGE) unless --image says otherwise.\n"
+              "Equivalent to: srun [SRUN OPTIONS] berth run IMAGE COMMAND [ARGS]")
+        return 0
+    image, options, command = split_srun_argv(args.argv)
+    image = image or os.environ.get("BERTH_JOB_IMAGE")
+    if not image:
+        raise UsageError("berth srun: no image: not inside a berth job (BERTH_JOB_IMAGE is unset)",
+                         hint="give --image REF, or run it from a job submitted with berth submit")
+    berth = [sys.executable, "-m", "berth"]
+    argv = ["srun", *options, *berth, "run", image, *command]
+    result = proc.run(argv, stdout=None, stderr=None, stdin=None, check=False, env=proc.child_env())
+    return proc.shell_status(result.returncode)
+
+
+def cmd_job_exec(args, ctx) -> int:
+    from berth.jobs.api import run_job
+
+    return run_job(ctx.settings, args.record, args.backend)

@@ -1,0 +1,183 @@
+"""The step launcher agent: how a job script running *inside* its container starts steps on
+every node without sshd and without Slurm inside the image (DESIGN.md decision 9).
+
+The job runner (``berth job-exec``, on the host) puts two tiny POSIX shell shims, ``srun`` and
+``berth``, in ``RECORD/bin`` and puts that directory first on the script's PATH inside the
+container (the record lives under the user's home, which is mounted at the same path). A shim
+writes its request into ``RECORD/agent/req.XXXXXX/`` (argv NUL-separated, working directory,
+exported environment, two FIFOs for output) and touches ``ready``; the agent thread in the job
+runner runs the same command on the host — ``srun …`` or ``berth srun …`` / ``berth run …`` —
+with its output streamed into the FIFOs, then writes the exit status. So::
+
+    srun -N2 -n2 berth run IMAGE hostname     # one container per task, any image
+    berth srun -N2 -n2 hostname               # the same with the job's image (BERTH_JOB_IMAGE)
+
+work from inside the job's container exactly as they do from a host shell. Only the programs
+in :data:`ALLOWED_PROGRAMS` are run, as the job's own user: the agent gives the script nothing
+its owner could not do from a login shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import threading
+import time
+from pathlib import Path
+
+from berth import proc
+
+ALLOWED_PROGRAMS = ("srun", "berth")
+
+#: Variables of the script's environment that must keep the host's value for a host command.
+_HOST_ONLY = {
+    "PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "_", "TERM", "LD_LIBRARY_PATH",
+    "LD_PRELOAD", "BERTH_JOB_BIN", "BERTH_JOB_AGENT", "container", "USER", "LOGNAME", "SHELL",
+}
+_HOST_ONLY_PREFIXES = ("SLURM_", "SLURMD_", "PMI", "PMIX_", "OMPI_", "PRTE_")
+
+POLL_S = 0.05
+
+SHIM = r"""#!/bin/sh
+# berth step shim (berth.jobs.agent): runs "$(basename "$0") ARGS" on the host through the job
+# runner, streams its output here and exits with its status.
+agent=${BERTH_JOB_AGENT:?this command works only inside a berth job}
+req=$(mktemp -d "$agent/req.XXXXXX") || exit 125
+printf '%s\0' "$@" > "$req/argv"
+basename "$0" > "$req/prog"
+pwd > "$req/cwd"
+export -p > "$req/env"
+mkfifo "$req/out" "$req/err" || exit 125
+cat "$req/out" & out=$!
+cat "$req/err" >&2 & err=$!
+touch "$req/ready"
+wait $out
+wait $err
+while [ ! -e "$req/status" ]; do sleep 0.1; done
+status=$(cat "$req/status")
+rm -rf "$req"
+exit "$status"
+"""
+
+
+def install_shims(bin_dir: Path, agent_dir: Path) -> None:
+    """Create ``bin_dir`` with the ``srun`` and ``berth`` shims and the agent's request dir."""
+    bin_dir.mkdir(mode=0o700, exist_ok=True)
+    agent_dir.mkdir(mode=0o700, exist_ok=True)
+    for name in ALLOWED_PROGRAMS:
+        path = bin_dir / name
+        path.write_text(SHIM)
+        path.chmod(0o700)
+
+
+def parse_exported(text: str) -> dict[str, str]:
+    """The output of ``export -p`` (dash, busybox ash or bash) -> {name: value}."""
+    values: dict[str, str] = {}
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return values
+    for word in words:
+        if word in ("export", "declare", "-x"):
+            continue
+        name, sep, value = word.partition("=")
+        if sep and name.replace("_", "a").isalnum():
+            values[name] = value
+    return values
+
+
+def step_environment(host_env: dict[str, str], script_env: dict[str, str]) -> dict[str, str]:
+    """The host environment plus what the script exported, except host-only variables."""
+    env = dict(host_env)
+    for name, value in script_env.items():
+        if name in _HOST_ONLY or name.startswith(_HOST_ONLY_PREFIXES):
+            continue
+        env[name] = value
+    return env
+
+
+class StepAgent:
+    """Serves shim requests in ``agent_dir`` until :meth:`stop`; one thread per request."""
+
+    def __init__(self, agent_dir: Path, host_env: dict[str, str], fallback_cwd: str) -> None:
+        self.agent_dir = agent_dir
+        self.host_env = host_env
+        self.fallback_cwd = fallback_cwd
+        self._stop = threading.Event()
+        self._seen: set[str] = set()
+        self._children: list = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name="berth-step-agent", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def child_pids(self) -> list[int]:
+        with self._lock:
+            return [child.pid for child in self._children if child.poll() is None]
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                entries = list(self.agent_dir.iterdir())
+            except FileNotFoundError:
+                entries = []
+            for entry in entries:
+                if entry.name in self._seen or not (entry / "ready").exists():
+                    continue
+                self._seen.add(entry.name)
+                threading.Thread(target=self._handle, args=(entry,), daemon=True).start()
+            self._stop.wait(POLL_S)
+
+    def _handle(self, request: Path) -> None:
+        status = 127
+        out = err = None
+        try:
+            out = open(request / "out", "wb")
+            err = open(request / "err", "wb")
+            program = (request / "prog").read_text().strip()
+            args = [a for a in (request / "argv").read_bytes().decode().split("\0")][:-1]
+            cwd = (request / "cwd").read_text().strip()
+            env = step_environment(self.host_env, parse_exported((request / "env").read_text()))
+            if program not in ALLOWED_PROGRAMS:
+                err.write(f"berth: '{program}' cannot be run on the host from a job\n".encode())
+                status = 126
+            else:
+                if not os.path.isdir(cwd):
+                    cwd = self.fallback_cwd
+                try:
+                    child = proc.start([program, *args], env=env, stdout=out, stderr=err, cwd=cwd)
+                except Exception as exc:  # ProgramNotFound, OSError: report into the step's stderr
+                    err.write(f"berth: cannot start {program} on the host: {exc}\n".encode())
+                    status = 127
+                else:
+                    with self._lock:
+                        self._children.append(child)
+                    status = proc.shell_status(child.wait())
+        except OSError as exc:
+            if err is not None:
+                err.write(f"berth: step request failed: {exc}\n".encode())
+            status = 125
+        finally:
+            try:
+                tmp = request / ".status"
+                tmp.write_text(f"{status}\n")
+                os.replace(tmp, request / "status")
+            except OSError:
+                pass
+            for handle in (out, err):
+                if handle is not None:
+                    handle.close()
+
+
+def wait_until(predicate, timeout_s: float, poll_s: float = POLL_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()

@@ -1,0 +1,152 @@
+"""The local backend: jobs on this machine, detached from the terminal, no daemon.
+
+``submit`` starts ``berth job-exec`` in a new session (setsid: no controlling terminal, not in
+the shell's process group, so it survives the submitting shell's exit and its hang-up), with
+stdout and stderr already redirected to the job's output files. The runner first takes one of
+``settings.local_max_jobs`` slots — ``flock`` on ``JOBS_DIR/.slots/N.lock``, released by the
+kernel however the runner ends — and waits as ``pending`` while all are taken. Everything else
+(state, cancel, exit status) is in the record's files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import time
+
+from berth import proc
+from berth.errors import JobError, UsageError
+from berth.jobs import model
+from berth.jobs.model import JobResult, JobSpec, JobStatus
+from berth.jobs.records import JobRecord, atomic_write, slots_dir
+
+SLOT_POLL_S = 0.25
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+
+    def check(self, spec: JobSpec) -> list[str]:
+        resources = spec.resources
+        if resources.nodes is not None and resources.nodes > 1:
+            raise UsageError(f"--nodes {resources.nodes}: the local backend runs jobs on this machine only",
+                             hint="submit multi-node jobs with --backend slurm")
+        notes = []
+        for value, option in ((resources.partition, "--partition"), (resources.ntasks, "--ntasks"),
+                              (resources.ntasks_per_node, "--ntasks-per-node"),
+                              (resources.gpus, "--gres"), (resources.exclusive or None, "--exclusive")):
+            if value:
+                notes.append(f"ignoring {option}: the local backend has no scheduler to give it to")
+        return notes
+
+    def submit(self, record: JobRecord, spec: JobSpec) -> str | None:
+        record.write_result(JobResult(model.PENDING))
+        out = _open_output(spec.output)
+        err = _open_output(spec.error) if spec.error else None
+        try:
+            child = proc.start(
+                [sys.executable, "-m", "berth", "job-exec", "--backend", "local", str(record.path)],
+                stdout=out, stderr=err if err is not None else out, cwd=spec.workdir, new_session=True,
+                env=proc.child_env(),
+            )
+        finally:
+            os.close(out)
+            if err is not None:
+                os.close(err)
+        atomic_write(record.pid_file, f"{child.pid}\n")
+        return None
+
+    def status(self, record: JobRecord, spec: JobSpec) -> JobStatus:
+        result = record.read_result() or JobResult(model.PENDING)
+        if not result.final and not _runner_alive(record):
+            # Re-read: the runner may have finished between the two looks.
+            result = record.read_result() or result
+            if not result.final and record.cancel_requested():
+                result = JobResult(model.CANCELLED, started_at=result.started_at,
+                                   message="the job was cancelled")
+            elif not result.final:
+                result = JobResult(model.FAILED, phase=result.phase or model.PHASE_SCHEDULER,
+                                   started_at=result.started_at,
+                                   message="the job runner is gone without a result "
+                                           "(killed, or the machine restarted)")
+        return JobStatus(spec=spec, result=result)
+
+    def statuses(self, records):
+        return [self.status(record, spec) for record, spec in records]
+
+    def cancel(self, record: JobRecord, spec: JobSpec) -> None:
+        result = record.read_result()
+        if result is not None and result.final:
+            raise JobError(f"job {spec.id} already ended ({result.state})")
+        record.request_cancel()
+        pid = record.read_pid()
+        if pid is None or not _runner_alive(record):
+            record.write_result(JobResult(model.CANCELLED, ended_at=time.time(),
+                                          message="the job was cancelled"))
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _open_output(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        raise JobError(f"cannot open the job's output file {path}: {exc.strerror}",
+                       hint="choose a path you can write with -o/-e") from None
+
+
+def _runner_alive(record: JobRecord) -> bool:
+    pid = record.read_pid()
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and b"job-exec" in argv and str(record.path).encode() in argv
+
+
+def acquire_slot(settings, record: JobRecord, max_jobs: int):
+    """Block until one of ``max_jobs`` slots is free; return its open lock file (keep it open).
+
+    Returns None when a cancel was requested while waiting."""
+    directory = slots_dir(settings)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    handles = []
+    try:
+        for index in range(max(1, max_jobs)):
+            handles.append(open(directory / f"{index}.lock", "a+"))
+        while True:
+            for handle in handles:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                for other in handles:
+                    if other is not handle:
+                        other.close()
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{record.id}\n")
+                handle.flush()
+                return handle
+            if record.cancel_requested():
+                for handle in handles:
+                    handle.close()
+                return None
+            time.sleep(SLOT_POLL_S)
+    except OSError as exc:
+        for handle in handles:
+            handle.close()
+        raise JobError(f"cannot use the job slots in {directory}: {exc.strerror}") from None

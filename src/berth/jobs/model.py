@@ -1,0 +1,169 @@
+"""The job model: what a user asks for, what berth records, and the states a job goes through.
+
+Pure data, no I/O. A job is described once at submission (:class:`JobSpec`, stored as
+``spec.json`` in the job's record directory) and its progress is written by the job runner
+(:class:`JobResult`, ``state.json``). Backends translate :class:`Resources` into scheduler
+requests (``sbatch`` options, ``#PBS -l``, local CPU/memory limits).
+
+States (issue 4): pending → staging → running → completed | failed (with the phase that
+failed) | cancelled | timeout; ``suspended`` while a scheduler has the job stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+PENDING = "pending"
+STAGING = "staging"
+RUNNING = "running"
+SUSPENDED = "suspended"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TIMEOUT = "timeout"
+
+ACTIVE_STATES = (PENDING, STAGING, RUNNING, SUSPENDED)
+FINAL_STATES = (COMPLETED, FAILED, CANCELLED, TIMEOUT)
+
+#: Phases a failed job names: where it went wrong.
+PHASE_SCHEDULER = "scheduler"  # the scheduler failed the job before berth's runner started
+PHASE_STAGING = "staging"  # finding or pulling the image
+PHASE_BOOT = "boot"  # starting the container (boot_timeout bounds staging + boot)
+PHASE_SCRIPT = "script"  # the script ran and exited non-zero or was killed
+
+#: Defaults for jobs that name an image instead of a template (templates set their own).
+DEFAULT_BOOT_TIMEOUT_S = 300
+DEFAULT_STOP_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class Resources:
+    """A scheduler request in sbatch terms. ``None``: not asked for (the scheduler's default)."""
+
+    nodes: int | None = None
+    ntasks: int | None = None
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    #: Memory per node, as ``sbatch --mem``.
+    memory_bytes: int | None = None
+    gpus: int | None = None
+    time_limit_s: int | None = None
+    partition: str | None = None
+    exclusive: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Resources":
+        return cls(**{f.name: data.get(f.name, f.default) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything needed to run a job, fixed at submission (``spec.json``)."""
+
+    id: str
+    backend: str
+    name: str
+    #: The snapshot of the script in the record directory (what runs), and where it came from.
+    script: str
+    script_source: str
+    args: tuple[str, ...]
+    #: The submit directory: the working directory of the script inside the container.
+    workdir: str
+    #: The image to run: a digest reference when a template pinned one.
+    image: str
+    template: str | None
+    resources: Resources
+    output: str
+    error: str | None
+    boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    #: The template's ``custom`` run options (shell-quoted), applied to the container.
+    custom: str = ""
+    user: str = ""
+    submitted_at: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["args"] = list(self.args)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobSpec":
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values["resources"] = Resources.from_dict(data.get("resources") or {})
+        values["args"] = tuple(data.get("args") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What the job runner reports (``state.json``); also the merged view ``berth status`` shows."""
+
+    state: str
+    phase: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    node: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobResult":
+        return cls(**{f.name: data.get(f.name, f.default) for f in dataclasses.fields(cls)})
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One row of ``berth status`` / ``berth jobs``: spec plus the current result."""
+
+    spec: JobSpec
+    result: JobResult
+    #: The scheduler's own id (Slurm job id), when the backend has one.
+    native_id: str | None = None
+    #: The scheduler's own state word (e.g. Slurm's ``SUSPENDED``), for people who know it.
+    native_state: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.spec.id,
+            "backend": self.spec.backend,
+            "native_id": self.native_id,
+            "native_state": self.native_state,
+            "name": self.spec.name,
+            "image": self.spec.image,
+            "template": self.spec.template,
+            "output": self.spec.output,
+            "error": self.spec.error,
+            "submitted_at": self.spec.submitted_at,
+            **self.result.to_dict(),
+        }
+
+
+def status_from_exit(exit_status: int) -> tuple[int | None, int | None]:
+    """Split a shell-style exit status into (exit_code, signal): 137 -> (None, 9)."""
+    if exit_status > 128:
+        return None, exit_status - 128
+    return exit_status, None
+
+
+def result_for_exit(exit_status: int, **times) -> JobResult:
+    """The final result for a script that ran and exited with a shell-style status."""
+    code, sig = status_from_exit(exit_status)
+    if exit_status == 0:
+        return JobResult(COMPLETED, exit_code=0, **times)
+    how = f"exit status {code}" if sig is None else f"killed by signal {sig}"
+    return JobResult(FAILED, phase=PHASE_SCRIPT, exit_code=code, signal=sig,
+                     message=f"the job script failed ({how})", **times)

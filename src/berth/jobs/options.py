@@ -1,0 +1,230 @@
+"""Submit options: one table for the command line and for ``#BERTH`` directive lines.
+
+``berth submit`` takes sbatch's option names (STYLE.md: options users already know). The same
+names may appear in the script as ``#BERTH --nodes=2`` lines, read like sbatch reads
+``#SBATCH``: only in the leading comment block (up to the first command), one or more options
+per line; the command line wins over directives. Values are checked here, once, so that a typo
+in a directive is reported with its line number and nothing is submitted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.errors import UsageError
+
+#: Upper bounds that catch typos (``--nodes=10000000``) before a scheduler sees them.
+MAX_NODES = 100_000
+MAX_TASKS = 10_000_000
+MAX_CPUS_PER_TASK = 4096
+MAX_GPUS = 64
+MAX_MEMORY_BYTES = 64 << 40  # 64 TiB per node
+MAX_TIME_LIMIT_S = 365 * 24 * 3600
+
+DIRECTIVE_PREFIX = "#BERTH"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One submit option: its names, its key in the values dict, and whether it takes a value."""
+
+    key: str
+    names: tuple[str, ...]
+    metavar: str | None
+    help: str
+
+    @property
+    def flag(self) -> bool:
+        return self.metavar is None
+
+
+#: The submit options (besides --template/--image/--backend, which directives may set too).
+SUBMIT_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("template", ("--template",), "NAME", "container template published by the site"),
+    OptionSpec("image", ("--image",), "REF", "image to run (instead of a template)"),
+    OptionSpec("backend", ("--backend",), "NAME", "local or slurm (default: the site's setting)"),
+    OptionSpec("nodes", ("-N", "--nodes"), "N", "number of nodes (the script runs on the first)"),
+    OptionSpec("ntasks", ("-n", "--ntasks"), "N", "number of tasks for steps inside the job"),
+    OptionSpec("ntasks_per_node", ("--ntasks-per-node",), "N", "tasks per node"),
+    OptionSpec("cpus_per_task", ("-c", "--cpus-per-task"), "N", "CPUs per task (default: the template's cpu)"),
+    OptionSpec("mem", ("--mem",), "SIZE", "memory per node, e.g. 4G (default unit M, as sbatch)"),
+    OptionSpec("gres", ("--gres",), "gpu:N", "generic resources: only gpu:N"),
+    OptionSpec("time", ("-t", "--time"), "TIME", "time limit: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]"),
+    OptionSpec("job_name", ("-J", "--job-name"), "NAME", "job name (default: the script's name)"),
+    OptionSpec("output", ("-o", "--output"), "PATH", "stdout file (%%j: job id, %%x: job name)"),
+    OptionSpec("error", ("-e", "--error"), "PATH", "stderr file (default: with stdout)"),
+    OptionSpec("partition", ("-p", "--partition"), "NAME", "scheduler partition / queue"),
+    OptionSpec("exclusive", ("--exclusive",), None, "whole nodes for this job"),
+)
+
+_BY_NAME = {name: spec for spec in SUBMIT_OPTIONS for name in spec.names}
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_MEM = re.compile(r"^(\d+(?:\.\d+)?)([KMGT])?B?$", re.IGNORECASE)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+def parse_option_words(words: list[str], *, where: str) -> dict[str, str | bool]:
+    """``["-N", "2", "--mem=4G", "--exclusive"]`` -> ``{"nodes": "2", ...}`` (raw strings).
+
+    Accepts ``--long=value``, ``--long value``, ``-N2`` and ``-N 2``. Raises UsageError naming
+    ``where`` (e.g. "job.sh line 3") for unknown options or missing values.
+    """
+    values: dict[str, str | bool] = {}
+    index = 0
+    while index < len(words):
+        word = words[index]
+        index += 1
+        name, value = word, None
+        if word.startswith("--") and "=" in word:
+            name, value = word.split("=", 1)
+        elif word.startswith("-") and not word.startswith("--") and len(word) > 2:
+            name, value = word[:2], word[2:]
+        spec = _BY_NAME.get(name)
+        if spec is None:
+            close = [n for n in _BY_NAME if n.startswith("--") and _similar(n, name)]
+            hint = f"did you mean {close[0]}?" if close else "see `berth submit --help` for the options"
+            raise UsageError(f"{where}: unknown option '{name}'", hint=hint)
+        if spec.flag:
+            if value is not None:
+                raise UsageError(f"{where}: option {name} takes no value")
+            values[spec.key] = True
+            continue
+        if value is None:
+            if index >= len(words):
+                raise UsageError(f"{where}: option {name} needs a value ({spec.metavar})")
+            value = words[index]
+            index += 1
+        values[spec.key] = value
+    return values
+
+
+def _similar(candidate: str, typed: str) -> bool:
+    a, b = candidate.lstrip("-"), typed.lstrip("-")
+    if not b:
+        return False
+    if a.startswith(b) or b.startswith(a):
+        return True
+    # One edit apart (a transposition or a wrong, missing or extra letter).
+    if abs(len(a) - len(b)) > 1:
+        return False
+    mismatches = sum(1 for x, y in zip(a, b) if x != y)
+    return mismatches + abs(len(a) - len(b)) <= 2
+
+
+def read_directives(script: Path, text: str) -> dict[str, str | bool]:
+    """The ``#BERTH`` options of a script, from its leading comment block.
+
+    Like sbatch, reading stops at the first line that is neither blank nor a comment. A line
+    that starts with ``#BERTH`` but does not parse is an error naming the file and line.
+    """
+    values: dict[str, str | bool] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if number == 1 and stripped.startswith("#!"):
+            continue
+        if not stripped:
+            continue
+        if not stripped.startswith("#"):
+            break
+        head = stripped.split(None, 1)[0]
+        if head.upper() == DIRECTIVE_PREFIX and head != DIRECTIVE_PREFIX:
+            raise UsageError(f"{script} line {number}: '{head}' must be written '{DIRECTIVE_PREFIX}'")
+        if head != DIRECTIVE_PREFIX:
+            if head.upper().startswith(DIRECTIVE_PREFIX):
+                raise UsageError(f"{script} line {number}: unknown directive '{head}'",
+                                 hint=f"directives are written '{DIRECTIVE_PREFIX} --option=value'")
+            continue
+        rest = stripped[len(DIRECTIVE_PREFIX):]
+        try:
+            words = shlex.split(rest, comments=True)
+        except ValueError as exc:
+            raise UsageError(f"{script} line {number}: {exc}") from None
+        if not words:
+            raise UsageError(f"{script} line {number}: '{DIRECTIVE_PREFIX}' without an option")
+        values.update(parse_option_words(words, where=f"{script} line {number}"))
+    return values
+
+
+def _positive_int(raw: str, option: str, limit: int) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option} '{raw}': not a whole number") from None
+    if value < 1:
+        raise UsageError(f"{option} {value}: must be at least 1")
+    if value > limit:
+        raise UsageError(f"{option} {value}: more than berth accepts ({limit})",
+                         hint="check the value for a typo")
+    return value
+
+
+def parse_time_s(raw: str, option: str = "--time") -> int:
+    """sbatch time formats -> seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``. Raises UsageError; zero and more than a year are refused."""
+    match = _TIME.match(raw.strip())
+    if not match:
+        raise UsageError(f"{option} '{raw}': not a time limit",
+                         hint="write minutes (30), MM:SS, HH:MM:SS or D-HH:MM:SS, as sbatch does")
+    days, first, second, third = match.groups()
+    if days is not None:
+        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
+        total = int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+    elif third is not None:
+        total = int(first) * 3600 + int(second) * 60 + int(third)
+    elif second is not None:
+        total = int(first) * 60 + int(second)
+    else:
+        total = int(first) * 60
+    if total < 1:
+        raise UsageError(f"{option} '{raw}': must be at least one second")
+    if total > MAX_TIME_LIMIT_S:
+        raise UsageError(f"{option} '{raw}': more than a year", hint="check the value for a typo")
+    return total
+
+
+def format_time(seconds: int) -> str:
+    """Seconds -> sbatch's ``D-HH:MM:SS`` (or ``HH:MM:SS`` under a day)."""
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def parse_memory_bytes(raw: str, option: str = "--mem") -> int:
+    """``--mem`` as sbatch reads it: a number with K, M, G or T; no unit means M."""
+    match = _MEM.match(raw.strip())
+    if not match:
+        raise UsageError(f"{option} '{raw}': not a memory size", hint="write e.g. 512M, 4G (no unit: M)")
+    number, unit = match.groups()
+    value = int(float(number) * (1 << {"K": 10, "M": 20, "G": 30, "T": 40}[(unit or "M").upper()]))
+    if value < (1 << 20):
+        raise UsageError(f"{option} '{raw}': must be at least 1M")
+    if value > MAX_MEMORY_BYTES:
+        raise UsageError(f"{option} '{raw}': more than berth accepts (64T per node)",
+                         hint="check the value for a typo")
+    return value
+
+
+def parse_gres_gpus(raw: str) -> int:
+    """``gpu:N`` or ``gpu`` (one) -> N. Other generic resources are refused."""
+    parts = raw.strip().split(":")
+    if parts[0] != "gpu" or len(parts) > 3:
+        raise UsageError(f"--gres '{raw}': berth knows only gpu:N", hint="for example --gres=gpu:2")
+    if len(parts) == 1:
+        return 1
+    count = parts[-1]
+    if not count.isdigit():
+        raise UsageError(f"--gres '{raw}': the GPU count '{count}' is not a whole number")
+    if int(count) > MAX_GPUS:
+        raise UsageError(f"--gres '{raw}': more than {MAX_GPUS} GPUs per node", hint="check the value for a typo")
+    return int(count)
+
+
+def check_name(raw: str, option: str) -> str:
+    if not _NAME.match(raw):
+        raise UsageError(f"{option} '{raw}': use letters, digits, '_', '.', '+', '-' (at most 128)")
+    return raw

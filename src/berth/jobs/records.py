@@ -1,0 +1,203 @@
+"""Job records: one directory per job under ``settings.jobs_dir``. The only place that computes
+their paths.
+
+::
+
+    JOBS_DIR/
+      7/                    one job (berth's own id; the scheduler's id is in native_id)
+        spec.json           the JobSpec, written once at submission
+        script              the snapshot of the job script that runs (mode 0700)
+        state.json          the JobResult, rewritten atomically by the job runner
+        native_id           the scheduler's id (Slurm job id), written after submission
+        runner.pid          the local job runner's pid (local backend)
+        started             created inside the container just before the script starts
+        cancel              exists once `berth cancel` asked for the job to stop
+        stdout, stderr      default output files
+      .slots/N.lock         flock files: the local backend's concurrency limit
+
+Every write is atomic (temporary file in the same directory, fsync, ``os.replace``) so that a
+reader never sees half a state file, and ids are allocated with ``mkdir`` (atomic on every
+filesystem, NFS included) so two submissions never share one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.errors import JobError, NotFound
+from berth.jobs.model import JobResult, JobSpec
+
+_MAX_ID_TRIES = 1000
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """The record directory of one job."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def script(self) -> Path:
+        return self.path / "script"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def native_id_file(self) -> Path:
+        return self.path / "native_id"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / "runner.pid"
+
+    @property
+    def started_file(self) -> Path:
+        return self.path / "started"
+
+    @property
+    def cancel_file(self) -> Path:
+        return self.path / "cancel"
+
+    @property
+    def default_output(self) -> Path:
+        return self.path / "stdout"
+
+    def read_spec(self) -> JobSpec:
+        try:
+            return JobSpec.from_dict(json.loads(self.spec_file.read_text()))
+        except FileNotFoundError:
+            raise NotFound(f"job {self.id} has no record (its spec.json is missing)") from None
+        except (ValueError, TypeError) as exc:
+            raise JobError(f"job {self.id}: its record {self.spec_file} is damaged ({exc})") from None
+
+    def write_spec(self, spec: JobSpec) -> None:
+        atomic_write(self.spec_file, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def read_result(self) -> JobResult | None:
+        try:
+            return JobResult.from_dict(json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            # Atomic writes make this impossible unless someone edited the file by hand.
+            return None
+
+    def write_result(self, result: JobResult) -> None:
+        atomic_write(self.state_file, json.dumps(result.to_dict(), sort_keys=True) + "\n")
+
+    def read_native_id(self) -> str | None:
+        try:
+            return self.native_id_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def write_native_id(self, native_id: str) -> None:
+        atomic_write(self.native_id_file, native_id + "\n")
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    def cancel_requested(self) -> bool:
+        return self.cancel_file.exists()
+
+    def request_cancel(self) -> None:
+        atomic_write(self.cancel_file, "cancel\n")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def jobs_dir(settings) -> Path:
+    return Path(os.path.expanduser(str(settings.jobs_dir)))
+
+
+def create_record(settings) -> JobRecord:
+    """Allocate the next job id by creating its directory (mode 0700). Raises JobError."""
+    root = jobs_dir(settings)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise JobError(f"cannot create the jobs directory {root}: {exc.strerror}",
+                       hint="check jobs_dir in `berth config show` (BERTH_JOBS_DIR moves it)") from None
+    next_id = max((int(p.name) for p in _record_dirs(root)), default=0) + 1
+    for candidate in range(next_id, next_id + _MAX_ID_TRIES):
+        path = root / str(candidate)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise JobError(f"cannot create the job record {path}: {exc.strerror}") from None
+        return JobRecord(path)
+    raise JobError(f"could not allocate a job id in {root} after {_MAX_ID_TRIES} tries")
+
+
+def remove_record(record: JobRecord) -> None:
+    """Delete a record (a submission that failed: nothing half-written stays)."""
+    import shutil
+
+    shutil.rmtree(record.path, ignore_errors=True)
+
+
+def _record_dirs(root: Path) -> list[Path]:
+    try:
+        return [p for p in root.iterdir() if p.name.isdigit() and p.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def find_record(settings, job_id: str) -> JobRecord:
+    """The record of ``job_id`` (berth's id, or a scheduler id recorded as native_id).
+
+    Raises NotFound with the list command as a hint.
+    """
+    root = jobs_dir(settings)
+    text = str(job_id).strip()
+    if text.isdigit() and (root / text / "spec.json").exists():
+        return JobRecord(root / text)
+    for record in list_records(settings):
+        if record.read_native_id() == text:
+            return record
+    raise NotFound(f"no job '{job_id}' among your jobs in {root}", hint="`berth jobs` lists them")
+
+
+def list_records(settings) -> list[JobRecord]:
+    """Every complete record (one with a spec), in id order."""
+    root = jobs_dir(settings)
+    records = [JobRecord(p) for p in _record_dirs(root) if (p / "spec.json").exists()]
+    return sorted(records, key=lambda r: int(r.id))
+
+
+def slots_dir(settings) -> Path:
+    return jobs_dir(settings) / ".slots"

@@ -1,0 +1,344 @@
+"""The job runner: what ``berth job-exec`` does on the job's first node, for every backend.
+
+It supervises one child process that stages the image and runs the job script in the
+container (:func:`berth.runtime.container.run_container`), and reports progress in the
+record's ``state.json``: staging → running → completed / failed (with phase) / cancelled /
+timeout.
+
+- ``boot_timeout`` bounds staging plus container start: the wrapper that starts the script
+  inside the container creates ``RECORD/started`` (the record is mounted at its host path);
+  past the deadline without it the child is stopped and the job fails naming the phase it was
+  in (staging or boot). (Not a byte on stdin: runc gives a foreground container pipes, not the
+  caller's descriptors.)
+- SIGTERM/SIGINT (``berth cancel`` locally, ``scancel`` or the time limit on Slurm) and the local
+  time limit stop the job the way Slurm stops a step: SIGTERM to every process of the job, then
+  SIGKILL after ``stop_timeout``. The job is ``cancelled`` when a cancel was requested (or the
+  signal came from outside before the time limit) and ``timeout`` when the time limit was reached.
+- The step agent (:mod:`berth.jobs.agent`) serves ``srun``/``berth`` calls from inside the
+  container while the job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import signal
+import time
+from pathlib import Path
+
+from berth.errors import BerthError
+from berth.jobs import model
+from berth.jobs.agent import StepAgent, install_shims
+from berth.jobs.model import JobResult, JobSpec
+from berth.jobs.records import JobRecord
+
+#: Runs inside the container: tell the runner the script starts, give the script /dev/null as
+#: stdin (as sbatch does) and the step shims first on its PATH, then become the script.
+WRAPPER = (
+    ': > "$BERTH_JOB_DIR/started"; exec 0</dev/null; '
+    'if [ -d "${BERTH_JOB_BIN:-}" ]; then PATH="$BERTH_JOB_BIN:$PATH"; export PATH; fi; '
+    'exec "$@"'
+)
+
+POLL_S = 0.1
+#: After stop_timeout, run_container kills the container itself and unmounts the image; the
+#: runner kills what is left only this much later, so that the clean-up can finish.
+TEARDOWN_GRACE_S = 10.0
+#: When a SIGTERM arrives this close to the time limit, it is the scheduler's time limit.
+TIME_LIMIT_SLACK_S = 5.0
+
+
+def record_bin(record: JobRecord) -> Path:
+    return record.path / "bin"
+
+
+def record_agent(record: JobRecord) -> Path:
+    return record.path / "agent"
+
+
+def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
+    """Variables every job's script sees (inside the container) and its steps inherit."""
+    return {
+        "BERTH_JOB_ID": spec.id,
+        "BERTH_JOB_NAME": spec.name,
+        "BERTH_JOB_IMAGE": spec.image,
+        "BERTH_JOB_DIR": str(record.path),
+        "BERTH_JOB_BIN": str(record_bin(record)),
+        "BERTH_JOB_AGENT": str(record_agent(record)),
+    }
+
+
+def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resources: bool):
+    """The container options for the job script: the template's custom options, the job's
+    environment, the submit directory as working directory, and (local backend) the CPU and
+    memory limits. Raises UsageError when the template's custom options no longer parse."""
+    from berth.runtime.options import MountRequest, RunOptions, parse_custom
+
+    options = parse_custom(spec.custom) if spec.custom else RunOptions()
+    env = tuple(f"{k}={v}" for k, v in job_environment(spec, record).items())
+    # The submit directory and the record (script, step shims) must be visible at their host
+    # paths; the home directory is mounted anyway, so only what lies outside it is added.
+    home = os.path.realpath(os.path.expanduser("~"))
+    mounts = list(options.mounts)
+    for path in (spec.workdir, str(record.path)):
+        real = os.path.realpath(path)
+        inside_home = real == home or real.startswith(home.rstrip("/") + "/")
+        if real != "/" and not (inside_home and options.mount_home) \
+                and not any(m.destination == real for m in mounts):
+            mounts.append(MountRequest(real, real, read_only=False))
+    changes: dict = {
+        "mounts": tuple(mounts),
+        "env": (*options.env, *env),
+        "workdir": spec.workdir,
+        "stop_timeout_s": float(spec.stop_timeout_s),
+    }
+    if limit_resources:
+        resources = spec.resources
+        if resources.cpus_per_task is not None:
+            changes["cpus"] = float(resources.cpus_per_task)
+        if resources.memory_bytes is not None:
+            changes["memory_bytes"] = resources.memory_bytes
+    return dataclasses.replace(options, **changes)
+
+
+def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_resources: bool) -> int:
+    """Find the image (pulling only if no store has it), then run the script in it.
+
+    ``report(event, **data)`` tells the supervisor about progress. Returns the shell-style exit
+    status. This is the one place that touches the image and runtime layers.
+    """
+    from berth.image.api import get_image
+    from berth.runtime.container import run_container
+
+    options = build_run_options(settings, spec, record, limit_resources=limit_resources)
+    image = get_image(settings, spec.image, pull_missing=True)
+    report("staged", image=str(image.digest))
+    command = ["/bin/sh", "-c", WRAPPER, "berth-job", spec.script, *spec.args]
+    return run_container(settings, image, command, options)
+
+
+def _descendants(root_pid: int) -> list[int]:
+    """``root_pid`` and every process below it (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+#: FUSE daemons serve the container's root filesystem until run_container unmounts it: a
+#: SIGTERM for the job must not take the files away from under the script's trap.
+_SPARED_BY_TERM = ("squashfuse", "squashfuse_ll", "fuse-overlayfs")
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def signal_tree(root_pid: int, sig: int) -> None:
+    """Send ``sig`` to ``root_pid`` and all its descendants (SIGTERM spares FUSE daemons)."""
+    for pid in _descendants(root_pid):
+        if sig != signal.SIGKILL and _comm(pid) in _SPARED_BY_TERM:
+            continue
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Supervisor:
+    """Runs one job: the child that stages and runs the container, and the events around it."""
+
+    def __init__(self, settings, record: JobRecord, *, limit_resources: bool, enforce_time_limit: bool,
+                 node: str | None = None) -> None:
+        self.settings = settings
+        self.record = record
+        self.spec = record.read_spec()
+        self.limit_resources = limit_resources
+        self.enforce_time_limit = enforce_time_limit
+        self.node = node
+        self._signalled: int | None = None
+        self.started_at = time.time()
+
+    # -- state -----------------------------------------------------------------------------
+    def _write(self, state: str, **fields) -> JobResult:
+        result = JobResult(state, started_at=self.started_at, node=self.node, **fields)
+        self.record.write_result(result)
+        return result
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self._signalled is None:
+            self._signalled = signum
+
+    # -- main ------------------------------------------------------------------------------
+    def run(self) -> JobResult:
+        """Run the job to its end and return (and record) its final result."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        spec = self.spec
+        self._write(model.STAGING)
+        install_shims(record_bin(self.record), record_agent(self.record))
+        events_read, events_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: stage and run, report on the pipe, exit with the status
+            os.close(events_read)
+            self._child(events_write)
+        os.close(events_write)
+        host_env = {**os.environ, **job_environment(spec, self.record)}
+        agent = StepAgent(record_agent(self.record), host_env, spec.workdir)
+        agent.start()
+        try:
+            return self._supervise(pid, events_read)
+        finally:
+            agent.stop()
+            for step in agent.child_pids():
+                signal_tree(step, signal.SIGKILL)
+            os.close(events_read)
+
+    def _child(self, events_write: int) -> None:
+        status = 125
+        try:
+            # A stop before the runtime starts must still unwind run_container's clean-up
+            # (FUSE mounts): raise, so that its finally blocks run. While the runtime runs,
+            # run_container's own handlers forward the signal and apply stop_timeout.
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, _raise_stopped)
+
+            def report(event: str, **data) -> None:
+                os.write(events_write, (json.dumps({"event": event, **data}) + "\n").encode())
+
+            status = stage_and_run(self.settings, self.spec, self.record, report,
+                                   limit_resources=self.limit_resources)
+        except _Stopped as stopped:
+            status = 128 + stopped.signum
+        except BerthError as error:
+            try:
+                os.write(events_write, (json.dumps({"event": "error", "message": error.message,
+                                                    "hint": error.hint,
+                                                    "kind": type(error).__name__}) + "\n").encode())
+            except OSError:
+                pass
+            status = 125
+        except BaseException as error:  # never let the child return into the parent's code
+            try:
+                os.write(events_write, (json.dumps({"event": "error", "message": repr(error),
+                                                    "kind": type(error).__name__}) + "\n").encode())
+            except OSError:
+                pass
+            status = 125
+        finally:
+            os._exit(status & 0xFF)
+
+    def _supervise(self, pid: int, events_read: int) -> JobResult:
+        spec = self.spec
+        start = time.monotonic()
+        boot_deadline = start + float(spec.boot_timeout_s)
+        limit = spec.resources.time_limit_s
+        time_deadline = start + limit if (limit and self.enforce_time_limit) else None
+        phase = model.PHASE_STAGING
+        running = False
+        error: dict | None = None
+        buffer = b""
+        stopping: tuple[str, float] | None = None  # (final state, kill deadline)
+        while True:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                break
+            readable, _, _ = select.select([events_read], [], [], POLL_S)
+            if not running and self.record.started_file.exists():
+                running = True
+                self._write(model.RUNNING)
+            if events_read in readable:
+                chunk = os.read(events_read, 65536)
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    event = json.loads(line)
+                    if event["event"] == "staged":
+                        phase = model.PHASE_BOOT
+                    elif event["event"] == "error":
+                        error = event
+            now = time.monotonic()
+            if stopping is None:
+                final = None
+                if self._signalled is not None:
+                    final = self._state_after_signal(now - start)
+                elif not running and now > boot_deadline:
+                    error = {"message": f"boot_timeout of {spec.boot_timeout_s:g} s expired while "
+                             + ("staging the image" if phase == model.PHASE_STAGING else "starting the container"),
+                             "phase": phase, "boot_timeout": True}
+                    signal_tree(pid, signal.SIGTERM)
+                    stopping = (model.FAILED, now + TEARDOWN_GRACE_S)
+                    continue
+                elif time_deadline is not None and now > time_deadline:
+                    final = model.TIMEOUT
+                if final is not None:
+                    signal_tree(pid, signal.SIGTERM)
+                    stopping = (final, now + float(spec.stop_timeout_s) + TEARDOWN_GRACE_S)
+            elif now > stopping[1]:
+                signal_tree(pid, signal.SIGKILL)
+                stopping = (stopping[0], float("inf"))
+        status = _shell_status(raw)
+        running = running or self.record.started_file.exists()
+        times = {"ended_at": time.time()}
+        if error is not None and (error.get("boot_timeout") or not running):
+            message = error["message"]
+            if error.get("hint"):
+                message += f" ({error['hint']})"
+            return self._write(model.FAILED, phase=error.get("phase", phase), message=message, **times)
+        if stopping is not None:
+            code, sig = model.status_from_exit(status)
+            word = {"timeout": "the time limit was reached", "cancelled": "the job was cancelled"}[stopping[0]]
+            return self._write(stopping[0], exit_code=code, signal=sig, message=word, **times)
+        if not running:
+            return self._write(model.FAILED, phase=phase, exit_code=None,
+                               message=f"the container did not start ({_describe(status)})", **times)
+        result = model.result_for_exit(status, **times)
+        return self._write(result.state, phase=result.phase, exit_code=result.exit_code,
+                           signal=result.signal, message=result.message, **times)
+
+    def _state_after_signal(self, elapsed_s: float) -> str:
+        if self.record.cancel_requested():
+            return model.CANCELLED
+        limit = self.spec.resources.time_limit_s
+        if limit and elapsed_s >= limit - TIME_LIMIT_SLACK_S:
+            return model.TIMEOUT
+        return model.CANCELLED
+
+
+class _Stopped(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, _frame) -> None:
+    raise _Stopped(signum)
+
+
+def _shell_status(raw: int) -> int:
+    if os.WIFSIGNALED(raw):
+        return 128 + os.WTERMSIG(raw)
+    return os.WEXITSTATUS(raw)
+
+
+def _describe(status: int) -> str:
+    code, sig = model.status_from_exit(status)
+    return f"exit status {code}" if sig is None else f"killed by signal {sig}"
