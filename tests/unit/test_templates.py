@@ -196,3 +196,22 @@ def test_rendered_file_is_commented_toml_with_human_size():
     assert "memsz_bytes = 4294967296  # 4GiB\n" in text
     assert f'image_digest = "{DIGEST}"\n' in text
     assert text.startswith("# berth container template 'gpu'")
+
+
+def test_first_template_creates_a_missing_site_directory(tmp_path):
+    settings = Settings(config_dir=tmp_path / "etc" / "berth")
+    create_template(settings, make())
+    assert load_template(settings, "gpu").cpu == 2
+    assert oct(settings.templates_dir.stat().st_mode & 0o777) == "0o755"
+
+
+def test_templates_stay_world_readable_under_a_strict_umask(tmp_path):
+    settings = Settings(config_dir=tmp_path / "site")
+    old = os.umask(0o077)
+    try:
+        create_template(settings, make())
+    finally:
+        os.umask(old)
+    modes = [oct(p.stat().st_mode & 0o777) for p in (settings.config_dir, settings.templates_dir,
+                                                     template_path(settings, "gpu"))]
+    assert modes == ["0o755", "0o755", "0o644"]

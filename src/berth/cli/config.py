@@ -10,6 +10,7 @@ template. ``custom`` is checked against site policy before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -102,15 +103,15 @@ def cmd_config_check(args: argparse.Namespace, ctx) -> int:
         except BerthError as error:
             problems.append(error.message)
     find_image = _optional_find_image()
+    # Look in the site store only: a copy in the caller's own store does not help other users.
+    site_only = dataclasses.replace(settings, user_store=settings.site_store)
     for template in templates:
         if template.image_digest is None:
             problems.append(f"template '{template.name}': image {template.image} is not pinned "
                             f"(run `berth template refresh {template.name}`)")
-        elif find_image is not None:
-            found = find_image(settings, template.pinned_reference)
-            if found is None or getattr(found, "store", "site") != "site":
-                problems.append(f"template '{template.name}': pinned image {template.pinned_reference} is not in the "
-                                f"site store {settings.site_store} (run `berth template refresh {template.name}`)")
+        elif find_image is not None and find_image(site_only, template.pinned_reference) is None:
+            problems.append(f"template '{template.name}': pinned image {template.pinned_reference} is not in the "
+                            f"site store {settings.site_store} (run `berth template refresh {template.name}`)")
     print(f"templates in {directory}: {len(templates)} valid")
     for problem in problems:
         print(f"problem: {problem}")

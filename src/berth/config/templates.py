@@ -329,9 +329,11 @@ def list_templates(settings: Settings) -> list[Template]:
 
 
 def check_can_edit(settings: Settings) -> None:
-    """Raise PermissionDenied unless the caller can write the templates directory (or create it)."""
-    directory = settings.templates_dir
-    target = directory if directory.exists() else settings.config_dir
+    """Raise PermissionDenied unless the caller can write the templates directory, or create
+    it (and a missing site directory) in its nearest existing ancestor."""
+    target = settings.templates_dir
+    while not target.exists() and target.parent != target:
+        target = target.parent
     if not (target.is_dir() and os.access(target, os.W_OK | os.X_OK)):
         raise PermissionDenied(
             f"cannot change templates: {target} is not writable by you",
@@ -345,7 +347,7 @@ def templates_lock(settings: Settings) -> Iterator[None]:
     check_can_edit(settings)
     directory = settings.templates_dir
     try:
-        directory.mkdir(mode=0o755, exist_ok=True)
+        _make_readable_dirs(directory)
         fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except PermissionError:
         raise PermissionDenied(f"cannot change templates: {directory} is not writable by you",
@@ -355,6 +357,21 @@ def templates_lock(settings: Settings) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _make_readable_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents as 0755 whatever the admin's umask: every user
+    must read templates."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        path.chmod(0o755)
 
 
 def _stamp(template: Template) -> Template:
