@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import subprocess
 import sys
@@ -217,3 +218,30 @@ def test_importing_the_client_does_not_import_urllib3():
     code = "import sys, berth.registry.client, berth.cli.auth; print('urllib3' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# -- proxies ---------------------------------------------------------------------------------
+
+def test_plain_http_goes_through_the_configured_proxy(server):
+    """The fake server plays the proxy: it receives the absolute URL of the registry."""
+    server.handler = sequence(Reply(200, b"via proxy"))
+    transport = Transport("registry.example:5000", insecure=True, retries=0, timeout_s=5,
+                          proxies={"http": f"http://user:p%40ss@{server.host}"})
+    response = transport.request("GET", "http://registry.example:5000/v2/", accept=(200,), what="ping")
+    assert response.data == b"via proxy"
+    [request] = server.requests
+    assert request.path == "http://registry.example:5000/v2/"
+    assert request.header("Proxy-Authorization") == "Basic " + base64.b64encode(b"user:p@ss").decode()
+
+
+def test_no_proxy_and_loopback_bypass_the_proxy(server):
+    transport = Transport("x", insecure=True, retries=0, timeout_s=5,
+                          proxies={"http": "http://proxy.example:3128", "https": "http://proxy.example:3128",
+                                   "no": "internal.example,.corp.example"})
+    assert transport.proxy_for("http://registry.example/v2/") == "http://proxy.example:3128"
+    assert transport.proxy_for("https://registry.example/v2/") == "http://proxy.example:3128"
+    assert transport.proxy_for("http://internal.example:5000/v2/") is None
+    assert transport.proxy_for("http://r.corp.example/v2/") is None
+    for loopback in ("127.0.0.1:5000", "localhost", "[::1]:5000", "127.9.9.9"):
+        assert transport.proxy_for(f"http://{loopback}/v2/") is None, loopback
+    assert Transport("x", proxies={}).proxy_for("http://registry.example/") is None

@@ -84,6 +84,7 @@ class BlobResponse:
         self.size_bytes = size_bytes
         self.what = what
         self.registry = registry
+        self._finished = False
 
     def read_chunks(self, size: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """Yield the body in chunks of at most ``size`` bytes (bounded memory)."""
@@ -93,6 +94,7 @@ class BlobResponse:
             while True:
                 chunk = self._response.read(size, decode_content=False)
                 if not chunk:
+                    self._finished = True
                     return
                 yield chunk
         except (uexc.HTTPError, OSError) as exc:
@@ -105,9 +107,10 @@ class BlobResponse:
     def close(self) -> None:
         response, self._response = self._response, None
         if response is not None:
-            # Do not drain a half-read blob (could be gigabytes): drop the connection instead.
-            response.close()
-            response.release_conn()
+            if not self._finished:
+                # Do not drain a half-read blob (could be gigabytes): drop the connection.
+                response.close()
+            response.release_conn()  # a fully read one goes back to the pool for the next blob
 
     def __enter__(self) -> "BlobResponse":
         return self
@@ -147,6 +150,9 @@ class RegistryClient:
     are used only when the registry asks. ``retries`` counts retries after the first attempt
     (connection errors, 5xx and 429 only); ``timeout_s`` bounds connecting and each read.
     ``backoff`` replaces the default retry delays (tests pass one that does not sleep).
+    ``proxies`` (``{"http": URL, "https": URL, "no": "hosts"}``) defaults to the environment's
+    ``http_proxy``/``https_proxy``/``no_proxy``. ``pool_size`` bounds the connections kept per
+    host: at least the number of threads downloading in parallel.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class RegistryClient:
         timeout_s: float = 60.0,
         backoff: Backoff | None = None,
         pool_size: int = 8,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
         if not host or "/" in host or any(c.isspace() for c in host):
             raise ReferenceError_(f"invalid registry host '{host}'", hint="give HOST or HOST:PORT")
@@ -166,7 +173,7 @@ class RegistryClient:
         self.insecure = insecure
         self.base_url = f"{'http' if insecure else 'https'}://{host}"
         self.transport = Transport(host, insecure=insecure, retries=retries, timeout_s=timeout_s,
-                                   backoff=backoff, pool_size=pool_size)
+                                   backoff=backoff, pool_size=pool_size, proxies=proxies)
         self.authorizer = Authorizer(host, self.transport, credentials)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -132,7 +133,10 @@ class Transport:
         timeout_s: float = 60.0,
         backoff: Backoff | None = None,
         pool_size: int = 8,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
+        import urllib.request
+
         import urllib3
 
         self.registry = registry
@@ -140,15 +144,58 @@ class Transport:
         self.retries = max(0, retries)
         self.backoff = backoff or Backoff()
         self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
-        self.pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=pool_size,
-            retries=False,
-            timeout=self.timeout,
-        )
+        self.pool_size = pool_size
+        #: ``{"http": URL, "https": URL, "no": "host,…"}`` as urllib's getproxies() returns;
+        #: by default from the environment (http_proxy, https_proxy, no_proxy), which is how
+        #: compute nodes behind a site proxy reach outside registries.
+        self.proxies = dict(urllib.request.getproxies_environment() if proxies is None else proxies)
+        self.pool = urllib3.PoolManager(num_pools=4, maxsize=pool_size, retries=False, timeout=self.timeout)
+        self._proxy_pools: dict[str, Any] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self.pool.clear()
+        with self._lock:
+            for manager in self._proxy_pools.values():
+                manager.clear()
+
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy URL that ``url`` goes through, or None for a direct connection."""
+        import urllib.request
+
+        parts = urlsplit(url)
+        proxy = self.proxies.get(parts.scheme)
+        if not proxy or not parts.hostname:
+            return None
+        if _is_loopback(parts.hostname):
+            return None  # as Go's net/http (docker, skopeo) does: loopback is never proxied
+        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if urllib.request.proxy_bypass_environment(host, self.proxies):
+            return None
+        return proxy
+
+    def _manager_for(self, url: str) -> Any:
+        proxy = self.proxy_for(url)
+        if proxy is None:
+            return self.pool
+        with self._lock:
+            manager = self._proxy_pools.get(proxy)
+            if manager is None:
+                import urllib3
+
+                parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+                headers = None
+                if parts.username is not None:
+                    # Credentials in the proxy URL (http://user:pw@proxy:3128) go in a header.
+                    from urllib.parse import unquote
+
+                    login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                    headers = urllib3.make_headers(proxy_basic_auth=login)
+                    parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+                manager = urllib3.ProxyManager(parts.geturl(), proxy_headers=headers, num_pools=4,
+                                               maxsize=self.pool_size, retries=False, timeout=self.timeout)
+                self._proxy_pools[proxy] = manager
+        return manager
 
     # -- the one request loop -------------------------------------------------------------
     def request(
@@ -188,7 +235,7 @@ class Transport:
                 raise RegistryUnreachable(
                     f"TLS connection to {_host_of(url)} failed for {what}: {_reason(exc)}",
                     hint=f"for a plain-HTTP registry set insecure for {self.registry} "
-                    "(berth pull --insecure, or insecure = true in its [registries] entry); "
+                    "(berth pull --insecure, or insecure = true in its [[registries]] entry of the configuration); "
                     "for a private certificate authority, install its certificate system-wide",
                 ) from None
             except (uexc.HTTPError, OSError) as exc:
@@ -225,7 +272,7 @@ class Transport:
         # Headers given per request replace the pool's, so the User-Agent goes in each time.
         current_headers = {"User-Agent": USER_AGENT, **headers}
         for _hop in range(MAX_REDIRECTS + 1):
-            response = self.pool.request(
+            response = self._manager_for(current_url).request(
                 current_method,
                 current_url,
                 headers=current_headers,
@@ -265,7 +312,7 @@ class Transport:
             hint = f"is the registry running on {host}?"
         else:
             hint = (f"is the registry running on {host}? for a plain-HTTP registry set insecure for it "
-                    "(berth pull --insecure, or insecure = true in its [registries] entry)")
+                    "(berth pull --insecure, or insecure = true in its [[registries]] entry of the configuration)")
         return RegistryUnreachable(f"cannot reach registry {self.registry} for {what}{tries}: {reason}", hint=hint)
 
     def _status_error(self, status, url, what, detail, attempt, not_found) -> Exception:
@@ -289,10 +336,25 @@ class Transport:
         return RegistryError(f"registry {self.registry} answered HTTP {status} to {what}{detail_text}")
 
 
+def _is_loopback(hostname: str) -> bool:
+    import ipaddress
+
+    if hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _retryable_exception(exc: BaseException) -> bool:
     import urllib3.exceptions as uexc
 
     if isinstance(exc, uexc.SSLError):
+        return False
+    name_error = getattr(uexc, "NameResolutionError", ())  # urllib3 >= 2
+    if isinstance(exc, name_error) and "Temporary failure" not in str(exc):
+        # An unknown name (EAI_NONAME) stays unknown; only EAI_AGAIN is worth waiting for.
         return False
     return isinstance(exc, (uexc.HTTPError, ConnectionError, TimeoutError, OSError))
 
