@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from berth.errors import AuthenticationError, ManifestUnknown, NotFound, RegistryUnreachable
+from berth.errors import AuthenticationError, ManifestUnknown, NotFound, RegistryError, RegistryUnreachable
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.registry.auth import load_credentials
@@ -294,3 +294,126 @@ def test_parallel_blob_downloads_share_one_client(token_registry, tmp_path):
     assert [results[i] for i in range(len(blobs))] == blobs
     # Threads racing on the first challenge may each fetch a token, but never more than one each.
     assert 1 <= len(token_registry.token_server.issued) - issued_before <= len(blobs)
+
+
+# -- HTTPS -----------------------------------------------------------------------------------
+
+def _certificate_authority_and_server_cert(workdir, server_names):
+    """A throw-away CA and a server certificate for ``server_names`` (IPs or DNS names)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=2))
+
+    def build(subject, issuer, public_key, signing_key, ca, names=()):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(validity[0])
+                   .not_valid_after(validity[1])
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if names:
+            alt = []
+            for name in names:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+                except ValueError:
+                    alt.append(x509.DNSName(name))
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "berth test CA")])
+    ca_cert = build(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_names[0])]), ca_name,
+                 key.public_key(), ca_key, False, server_names)
+    pem = serialization.Encoding.PEM
+    (workdir / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (workdir / "server.pem").write_bytes(cert.public_bytes(pem))
+    (workdir / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    return workdir / "ca.pem"
+
+
+@pytest.fixture
+def tls_registry_factory(tmp_path):
+    """Start docker-registry with TLS on 127.0.0.1 for a certificate naming ``server_names``."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.harness.registry import REGISTRY_BINARY, free_port
+
+    processes = []
+
+    def start(server_names):
+        ca = _certificate_authority_and_server_cert(tmp_path, server_names)
+        port = free_port()
+        (tmp_path / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'storage'}\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {tmp_path / 'server.pem'}\n"
+            f"    key: {tmp_path / 'server.key'}\n")
+        log = open(tmp_path / "registry.log", "wb")
+        processes.append(subprocess.Popen([REGISTRY_BINARY, "serve", str(tmp_path / "config.yml")],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", timeout=2, context=context).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or processes[-1].poll() is not None:
+                    raise RuntimeError("TLS registry did not start: " + (tmp_path / "registry.log").read_text())
+                time.sleep(0.05)
+        return f"127.0.0.1:{port}", ca
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_https_registry_with_a_trusted_certificate(tls_registry_factory, monkeypatch):
+    host, ca = tls_registry_factory(["127.0.0.1"])
+    # OpenSSL's default verify paths honor SSL_CERT_FILE: how a site adds its private CA.
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    image = SmallImage("oci", marker="tls")
+    with RegistryClient(host, retries=0, backoff=NO_WAIT) as registry_client:
+        digest = image.push(registry_client, "berth-client/tls", "v1")
+        assert registry_client.get_manifest("berth-client/tls", "v1").digest == digest
+    # insecure means plain HTTP, never "HTTPS without verification": the TLS port refuses it.
+    with RegistryClient(host, insecure=True, retries=0, backoff=NO_WAIT) as registry_client:
+        with pytest.raises(RegistryError):
+            registry_client.get_manifest("berth-client/tls", "v1")
+
+
+def test_https_certificate_is_verified(tls_registry_factory, monkeypatch, tmp_path):
+    host, ca = tls_registry_factory(["127.0.0.1"])
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-certs-here"))
+    with RegistryClient(host, retries=3, backoff=NO_WAIT) as registry_client:
+        with pytest.raises(RegistryUnreachable) as caught:
+            registry_client.ping()
+    assert "CERTIFICATE_VERIFY_FAILED" in caught.value.message
+    assert "certificate authority" in caught.value.hint
+
+
+def test_https_host_name_is_verified(tls_registry_factory, monkeypatch):
+    host, ca = tls_registry_factory(["registry.example"])  # valid chain, wrong name
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    with RegistryClient(host, retries=0, backoff=NO_WAIT) as registry_client:
+        with pytest.raises(RegistryUnreachable) as caught:
+            registry_client.ping()
+    assert "CERTIFICATE_VERIFY_FAILED" in caught.value.message
+    assert "127.0.0.1" in caught.value.message
