@@ -168,8 +168,8 @@ def _ancestors(path: str) -> Iterator[str]:
 class _Flattener:
     """The top-down overlay state and the output stream."""
 
-    def __init__(self, writer: tarstream.TarWriter, report: FlattenReport, limits: _Limits) -> None:
-        self.writer = writer
+    def __init__(self, sink: tarstream.ByteSink, report: FlattenReport, limits: _Limits) -> None:
+        self.sink = sink
         self.report = report
         self.limits = limits
         self.nodes: dict[str, _Node] = {}
@@ -179,12 +179,12 @@ class _Flattener:
         self.opaque_implied: list[str] = []
 
     # -- one layer -------------------------------------------------------------------------
-    def layer(self, stream: BinaryIO, layer: int, what: str, plan: _LayerPlan | None) -> None:
+    def layer(self, source: tarstream.ByteSource, layer: int, what: str, plan: _LayerPlan | None) -> None:
         pending_whiteouts: set[str] = set()
         pending_opaque: set[str] = set()
         # Latest member per path in this layer: (index, kind, source of a hard link).
         seen: dict[str, tuple[int, str, tuple[int, int, str] | None]] = {}
-        for index, info, data in _members(stream, what, self.limits):
+        for index, info in _members(source, what, self.limits):
             try:
                 path = tarstream.canonical_name(info.name)
             except tarstream.NameRejected:
@@ -196,22 +196,22 @@ class _Flattener:
                 self._whiteout(path, base, layer, index, what, pending_whiteouts, pending_opaque)
                 continue
             if kind == "hardlink":
-                source = self._link_source(info, path, layer, what, seen)
-                seen[path] = (index, kind, source)
+                link_source = self._link_source(info, path, layer, what, seen)
+                seen[path] = (index, kind, link_source)
             else:
-                source = None
+                link_source = None
                 seen[path] = (index, kind, None)
             if plan is not None and not self._last_in_layer(path, index, plan, what):
                 continue
             if not self._place(path, kind, layer, index, what, plan):
                 continue
             if kind == "hardlink":
-                if source is not None and source[0] == -1:
+                if link_source is not None and link_source[0] == -1:
                     continue  # already noted: the target can never be valid
                 self.links.append(_PendingLink(path, info, layer, what,
-                                               None if source is None else source, info.linkname))
+                                               link_source, info.linkname))
                 continue
-            self._emit(path, info, kind, data, what)
+            self._emit(path, info, kind, source, what)
         self.whiteouts |= pending_whiteouts
         self.opaque |= pending_opaque
 
@@ -320,8 +320,8 @@ class _Flattener:
                     self.nodes[ancestor] = _Node(layer, index, "implied")
         return True
 
-    def _emit(self, path: str, info: tarfile.TarInfo, kind: str,
-              data: Callable[[], Iterator[bytes]], what: str) -> None:
+    def _emit(self, path: str, info: tarfile.TarInfo, kind: str, source: tarstream.ByteSource,
+              what: str) -> None:
         xattrs, dropped = tarstream.member_xattrs(info)
         if dropped:
             self.report.note(f"{what}: '{path or '/'}': dropped xattrs SquashFS cannot store: {', '.join(sorted(dropped))}")
@@ -335,13 +335,12 @@ class _Flattener:
                     "if it is genuine",
                 )
             out = tarstream.output_info(info, path, kind=tarfile.REGTYPE, xattrs=xattrs)
-            self.writer.header(out)
-            self.writer.data(data(), info.size)
+            tarstream.write_member(self.sink, out, source)
             self.report.content_bytes += info.size
         else:
             linkname = info.linkname if kind == "symlink" else ""
             out = tarstream.output_info(info, path or ".", linkname=linkname, xattrs=xattrs)
-            self.writer.header(out)
+            tarstream.write_member(self.sink, out)
         self.report.entries += 1
 
     # -- end of stream ---------------------------------------------------------------------
@@ -369,15 +368,15 @@ class _Flattener:
                 self.report.note(f"{link.what}: dropped hard link '{link.path}' -> '{link.target}': {why}")
                 continue
             resolved[link.path] = target
-            self.writer.header(tarstream.output_info(link.header, link.path, kind=tarfile.LNKTYPE,
-                                                     linkname=target))
+            tarstream.write_member(self.sink, tarstream.output_info(
+                link.header, link.path, kind=tarfile.LNKTYPE, linkname=target))
             self.report.entries += 1
         for path in self.opaque_implied:
             node = nodes.get(path)
             if node is not None and node.kind == "implied":
                 info = tarfile.TarInfo(path)
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
-                self.writer.header(tarstream.output_info(info, path))
+                tarstream.write_member(self.sink, tarstream.output_info(info, path))
                 node.kind = "dir"
                 self.report.entries += 1
 
@@ -403,30 +402,14 @@ def _kind(info: tarfile.TarInfo, what: str) -> str:
     return kind
 
 
-def _members(stream: BinaryIO, what: str, limits: _Limits
-             ) -> Iterator[tuple[int, tarfile.TarInfo, Callable[[], Iterator[bytes]]]]:
-    """Yield (index, header, data reader) for each member of a tar stream.
-
-    The data reader yields the member's bytes straight from the stream in large chunks; when
-    it is not called, tarfile skips the data. Corruption raises ImageError naming the entry.
-    """
+def _members(source: tarstream.ByteSource, what: str, limits: _Limits
+             ) -> Iterator[tuple[int, tarfile.TarInfo]]:
+    """Yield (index, header) for each member of a tar stream; its data can be copied from
+    ``source`` before the next iteration, else it is skipped. Corruption raises ImageError
+    naming the entry after which the stream broke."""
     last = "(the first entry)"
     try:
-        try:
-            archive = tarfile.open(fileobj=stream, mode="r|", bufsize=tarstream.TARFILE_BUFSIZE_BYTES,
-                                   encoding=tarstream.ENCODING, errors=tarstream.ERRORS)
-        except tarfile.ReadError as exc:
-            if "empty file" in str(exc):
-                return  # a zero-length layer holds nothing
-            raise
-        raw = archive.fileobj
-        index = 0
-        while True:
-            info = archive.next()
-            if info is None:
-                break
-            if index % 1024 == 0:
-                archive.members.clear()  # tarfile keeps every member otherwise
+        for index, info in enumerate(tarstream.iter_members(source)):
             limits.members += 1
             if limits.members > limits.max_entries:
                 raise ImageError(
@@ -434,12 +417,7 @@ def _members(stream: BinaryIO, what: str, limits: _Limits
                     hint="the image is a tar bomb or far larger than berth expects; do not use it",
                 )
             last = info.name
-            size = info.size if info.type in tarfile.REGULAR_TYPES else 0
-            yield index, info, (lambda size=size: tarstream.read_exactly(raw, size))
-            index += 1
-        # Drain the end-of-archive padding so that the decompressor exits cleanly.
-        while raw.read(tarstream.COPY_CHUNK_BYTES):
-            pass
+            yield index, info
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ImageError(
             f"{what} is truncated or corrupt after entry '{last}': {exc}",
@@ -447,10 +425,10 @@ def _members(stream: BinaryIO, what: str, limits: _Limits
         ) from None
 
 
-def _prescan(stream: BinaryIO, what: str, max_entries: int) -> _LayerPlan:
+def _prescan(stream: tarstream.ByteSource, what: str, max_entries: int) -> _LayerPlan:
     last_index: dict[str, int] = {}
     last_nondir: dict[str, int] = {}
-    for index, info, _ in _members(stream, what, _Limits(0, max_entries)):
+    for index, info in _members(stream, what, _Limits(0, max_entries)):
         try:
             path = tarstream.canonical_name(info.name)
         except tarstream.NameRejected:
@@ -467,14 +445,14 @@ def _convert(openers: Sequence[Callable[[], "contextmanager"]], names: Sequence[
     report = FlattenReport()
     limits = _Limits(max_content_bytes, max_entries)
     with SquashfsWriter(output, compression=compression) as squashfs:
-        writer = tarstream.TarWriter(squashfs.stdin)
-        flattener = _Flattener(writer, report, limits)
+        sink = tarstream.ByteSink(fd=squashfs.stdin_fd)
+        flattener = _Flattener(sink, report, limits)
         try:
             for layer in reversed(range(len(openers))):
                 with openers[layer]() as stream:
                     flattener.layer(stream, layer, names[layer], plans.get(layer))
             flattener.finish()
-            writer.close()
+            tarstream.end_archive(sink)
         except BrokenPipeError:
             squashfs.finish()  # raises ImageError with tar2sqfs' own words
             raise ImageError("tar2sqfs stopped reading its input") from None
@@ -550,9 +528,10 @@ def tar_to_squashfs(tar_stream: BinaryIO | Path, output: Path, *, compression: s
         buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream)  # type: ignore[arg-type]
         kind = tarstream.sniff_compression(buffered.peek(8)[:8])
         if kind is None:
-            yield buffered
+            yield tarstream.ByteSource(buffered)
         elif kind == "gzip":
-            yield io.BufferedReader(tarstream.GzipReader(buffered), buffer_size=tarstream.COPY_CHUNK_BYTES)
+            yield tarstream.ByteSource(io.BufferedReader(tarstream.GzipReader(buffered),
+                                                         buffer_size=tarstream.COPY_CHUNK_BYTES))
         else:
             raise ImageError(f"{name} is {kind}-compressed; berth reads only plain or gzip tar from a stream",
                              hint="pass the tarball as a file, or decompress it first")

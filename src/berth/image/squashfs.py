@@ -8,14 +8,11 @@ directories are created with ``--defaults`` (uid 0, gid 0, mode 0755).
 
 from __future__ import annotations
 
-import io
 import subprocess
 from pathlib import Path
-from typing import BinaryIO
-
 from berth import proc
 from berth.errors import ImageError, UsageError
-from berth.image.tarstream import StderrTail
+from berth.image.tarstream import StderrTail, enlarge_pipe
 
 #: Compressors berth offers; all are mountable by squashfuse 0.1.105 (tests prove it).
 COMPRESSIONS = ("lz4", "zstd", "gzip", "xz")
@@ -24,8 +21,6 @@ DEFAULT_COMPRESSION = "lz4"
 #: Two compressor threads: the machines berth targets have cores to spare during a pull, and
 #: with one the packer waits on compression for gzip/zstd/xz.
 DEFAULT_JOBS = 2
-#: Pipe buffer for tar2sqfs' stdin (bytes); large writes cut syscalls per entry.
-STDIN_BUFFER_BYTES = 1 << 20
 
 
 def check_compression(compression: str) -> str:
@@ -58,16 +53,16 @@ class SquashfsWriter:
         self._child = proc.start(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE)
         self._stderr = StderrTail(self._child.stderr)
-        # Popen's 8 KiB writer buffer means one syscall per small header: enlarge it.
-        self.stdin: BinaryIO = io.BufferedWriter(self._child.stdin.detach(),
-                                                 buffer_size=STDIN_BUFFER_BYTES)
-        self._child.stdin = None
+        #: tar2sqfs' stdin; callers write the descriptor directly (ByteSink buffers and
+        #: splices), so Popen's file object stays empty and is only closed.
+        self.stdin_fd: int = self._child.stdin.fileno()
+        enlarge_pipe(self.stdin_fd)
         self._done = False
 
     def finish(self) -> None:
         """Close the stream and wait; raise ImageError when tar2sqfs refused the stream."""
         try:
-            self.stdin.close()
+            self._child.stdin.close()
         except BrokenPipeError:
             pass
         status = self._child.wait()
@@ -91,7 +86,7 @@ class SquashfsWriter:
         if not self._done:
             self._child.kill()
             try:
-                self.stdin.close()
+                self._child.stdin.close()
             except OSError:
                 pass
             self._child.wait()

@@ -7,6 +7,7 @@ or Python's zlib when pigz is missing) and parsed as a stream.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import subprocess
@@ -29,9 +30,9 @@ BZIP2_MAGIC = b"BZh"
 
 #: Read size for the decompressed stream and for copying member data.
 COPY_CHUNK_BYTES = 1 << 20
-#: tarfile's stream buffer: every 512-byte header read slices this buffer, so it must stay
-#: small enough that slicing is cheap, yet large enough to avoid tiny pipe reads.
-TARFILE_BUFSIZE_BYTES = 64 * 1024
+#: Members up to this size are copied through Python's buffer (one read, no extra syscalls);
+#: larger ones are spliced pipe to pipe by the kernel.
+SMALL_MEMBER_BYTES = 64 * 1024
 BLOCK_BYTES = tarfile.BLOCKSIZE
 
 #: Limits of Linux path names (PATH_MAX, NAME_MAX); longer names are refused.
@@ -90,6 +91,19 @@ def check_name_length(path: str) -> str | None:
     return None
 
 
+#: Pipes between the stages (decompressor → berth → tar2sqfs) are enlarged to this, so
+#: that the three processes run side by side instead of waking each other per 64 KiB.
+PIPE_BYTES = 1 << 20
+
+
+def enlarge_pipe(fd: int, size_bytes: int = PIPE_BYTES) -> None:
+    """Best effort F_SETPIPE_SZ (Linux); an unprivileged caller is capped at pipe-max-size."""
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size_bytes)
+    except OSError:
+        pass
+
+
 class StderrTail:
     """Drains a child's stderr in a thread (no pipe deadlock) and keeps its tail."""
 
@@ -145,21 +159,126 @@ class GzipReader(io.RawIOBase):
 _PROGRAMS = {"gzip": "pigz", "zstd": "zstd", "xz": "xz"}
 
 
+class ByteSource:
+    """A byte stream read exactly, from a descriptor when there is one (then member data can
+    be spliced to the output pipe without passing through Python) or from a file object.
+
+    Also the ``fileobj`` of the shim handed to :meth:`tarfile.TarInfo.fromtarfile`, which
+    needs only ``read`` and ``tell``.
+    """
+
+    def __init__(self, fileobj: BinaryIO | None = None, fd: int | None = None) -> None:
+        self._fileobj = fileobj
+        self._fd = fd
+        self._position = 0
+        self._scratch = bytearray(COPY_CHUNK_BYTES)
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; fewer only at the end of the stream."""
+        if self._fd is None:
+            data = self._fileobj.read(size)
+        else:
+            data = os.read(self._fd, size)
+        if data and len(data) < size:
+            parts = [data]
+            got = len(data)
+            while got < size:
+                more = os.read(self._fd, size - got) if self._fd is not None \
+                    else self._fileobj.read(size - got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        self._position += len(data)
+        return data
+
+    def copy_to(self, sink: "ByteSink", size: int) -> None:
+        """Copy ``size`` bytes to ``sink``; raise EOFError when the stream ends first."""
+        if size <= SMALL_MEMBER_BYTES or self._fd is None or sink.fd is None:
+            remaining = size
+            while remaining:
+                chunk = self.read(min(remaining, COPY_CHUNK_BYTES))
+                if not chunk:
+                    raise EOFError(f"{remaining} of {size} bytes of data missing")
+                sink.write(chunk)
+                remaining -= len(chunk)
+            return
+        sink.flush()
+        remaining = size
+        while remaining:
+            moved = os.splice(self._fd, sink.fd, remaining)
+            if moved == 0:
+                raise EOFError(f"{remaining} of {size} bytes of data missing")
+            remaining -= moved
+            self._position += moved
+
+    def skip(self, size: int) -> None:
+        """Discard ``size`` bytes (member data nobody wants)."""
+        view = memoryview(self._scratch)
+        remaining = size
+        while remaining:
+            step = min(remaining, len(view))
+            if self._fd is not None:
+                got = os.readv(self._fd, [view[:step]])
+            else:
+                got = self._fileobj.readinto(view[:step])
+            if not got:
+                raise EOFError(f"{remaining} of {size} bytes of data missing")
+            remaining -= got
+            self._position += got
+
+    def drain(self) -> None:
+        """Read to the end (the zero blocks after the archive), so a decompressor exits cleanly."""
+        while self.read(COPY_CHUNK_BYTES):
+            pass
+
+
+class ByteSink:
+    """A buffered writer on a descriptor (tar2sqfs' stdin) that can also take spliced data."""
+
+    def __init__(self, fd: int | None = None, fileobj: BinaryIO | None = None) -> None:
+        self.fd = fd
+        self._fileobj = fileobj
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= COPY_CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        if self.fd is None:
+            self._fileobj.write(self._buffer)
+        else:
+            data = bytes(self._buffer)
+            written = 0
+            while written < len(data):
+                written += os.write(self.fd, data[written:] if written else data)
+        self._buffer.clear()
+
+
+_PROGRAMS = {"gzip": "pigz", "zstd": "zstd", "xz": "xz"}
+
+
 @contextmanager
-def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) -> Iterator[BinaryIO]:
-    """Yield the decompressed byte stream of the blob at ``path``.
+def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) -> Iterator[ByteSource]:
+    """Yield the decompressed bytes of the blob at ``path`` as a :class:`ByteSource`.
 
     The compression is detected from the magic bytes (media types lie: Docker uses one type for
     plain and gzip layers). The caller must read the stream to its end; a decompressor failure
     (truncated or corrupt data) raises ImageError naming ``what`` when the context exits.
     """
-    with open(path, "rb") as raw:
-        # pread, not read+seek: a buffered seek back inside the buffer leaves the descriptor's
-        # offset at the end, and the decompressor child reads the descriptor.
+    with open(path, "rb", buffering=0) as raw:
         head = os.pread(raw.fileno(), 8, 0)
         kind = sniff_compression(head)
         if kind is None:
-            yield raw
+            yield ByteSource(fd=raw.fileno())
             return
         if kind == "bzip2":
             raise ImageError(f"{what} is bzip2-compressed, which OCI layers may not be",
@@ -167,7 +286,7 @@ def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) ->
         program = _PROGRAMS[kind]
         if kind == "gzip" and not (prefer_programs and proc.has_program("pigz")):
             try:
-                yield io.BufferedReader(GzipReader(raw), buffer_size=COPY_CHUNK_BYTES)
+                yield ByteSource(io.BufferedReader(GzipReader(raw), buffer_size=COPY_CHUNK_BYTES))
             except zlib.error as exc:
                 raise ImageError(f"{what} is not valid gzip data: {exc}",
                                  hint="the layer blob is corrupt; remove it and pull again") from None
@@ -175,9 +294,10 @@ def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) ->
         child = proc.start([program, "-dc"], stdin=raw, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
         stderr = StderrTail(child.stderr)
+        enlarge_pipe(child.stdout.fileno())
         ok = False
         try:
-            yield child.stdout
+            yield ByteSource(fd=child.stdout.fileno())
             ok = True
         finally:
             if not ok:
@@ -193,37 +313,88 @@ def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) ->
             )
 
 
-def read_exactly(stream: BinaryIO, size: int) -> Iterator[bytes]:
-    """Yield ``size`` bytes from ``stream`` in large chunks; raise EOFError when it ends early."""
-    remaining = size
-    while remaining:
-        chunk = stream.read(min(remaining, COPY_CHUNK_BYTES))
-        if not chunk:
-            raise EOFError(f"{remaining} of {size} bytes missing")
-        remaining -= len(chunk)
-        yield chunk
+class _ShimArchive:
+    """What :meth:`tarfile.TarInfo.fromtarfile` (TarInfo's documented way to read one member)
+    needs of a TarFile, without TarFile's buffer copies and ever-growing member list."""
+
+    def __init__(self, source: ByteSource) -> None:
+        self.fileobj = source
+        self.encoding = ENCODING
+        self.errors = ERRORS
+        self.pax_headers: dict[str, str] = {}  # global pax records ('g' members) accumulate here
+        self.offset = 0
 
 
-class TarWriter:
-    """Writes a PAX tar stream with canonical names to a binary sink (tar2sqfs' stdin)."""
+def iter_members(source: ByteSource) -> Iterator[tarfile.TarInfo]:
+    """Yield each member's header; its data follows at ``source.tell()``.
 
-    def __init__(self, sink: BinaryIO) -> None:
-        self._sink = sink
+    After each yield the consumer may read (``copy_to``) up to the member's data size; what it
+    left unread, and the padding, is skipped here. Raises tarfile.HeaderError subclasses and
+    EOFError for corrupt or truncated input; a zero-length input is an empty archive.
+    """
+    archive = _ShimArchive(source)
+    while True:
+        archive.offset = source.tell()
+        try:
+            info = tarfile.TarInfo.fromtarfile(archive)
+        except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+            break
+        except tarfile.EmptyHeaderError:  # the input ends at a block boundary
+            break
+        data_start = source.tell()
+        yield info
+        data_blocks = archive.offset - data_start  # set by tarfile: data plus padding
+        consumed = source.tell() - data_start
+        if consumed > data_blocks:
+            raise EOFError("member data read past its end")
+        source.skip(data_blocks - consumed)
+    source.drain()
 
-    def header(self, info: tarfile.TarInfo) -> None:
-        self._sink.write(info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
 
-    def data(self, chunks: Iterator[bytes], size: int) -> None:
-        write = self._sink.write
-        for chunk in chunks:
-            write(chunk)
-        padding = -size % BLOCK_BYTES
+def write_member(sink: ByteSink, info: tarfile.TarInfo, source: ByteSource | None = None) -> None:
+    """Write ``info``'s header to ``sink``, then its data (``info.size`` bytes) from ``source``."""
+    header = fast_ustar_header(info)
+    sink.write(header if header is not None else info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
+    if source is not None and info.size:
+        source.copy_to(sink, info.size)
+        padding = -info.size % BLOCK_BYTES
         if padding:
-            write(b"\0" * padding)
+            sink.write(bytes(padding))
 
-    def close(self) -> None:
-        self._sink.write(b"\0" * (2 * BLOCK_BYTES))
-        self._sink.flush()
+
+def end_archive(sink: ByteSink) -> None:
+    sink.write(bytes(2 * BLOCK_BYTES))
+    sink.flush()
+
+
+_OCTAL7 = 8 ** 7
+_OCTAL11 = 8 ** 11
+_USTAR_MAGIC = b"ustar\x0000"
+
+
+def fast_ustar_header(info: tarfile.TarInfo) -> bytes | None:
+    """A plain ustar header for the common member (short ASCII names, small numbers, no pax
+    records), about ten times cheaper than ``TarInfo.tobuf``; None when PAX is needed."""
+    if info.pax_headers:
+        return None
+    name = info.name + "/" if info.type == tarfile.DIRTYPE and not info.name.endswith("/") else info.name
+    if len(name) > 100 or len(info.linkname) > 100 or not name.isascii() or not info.linkname.isascii():
+        return None
+    if not (0 <= info.uid < _OCTAL7 and 0 <= info.gid < _OCTAL7 and 0 <= info.size < _OCTAL11
+            and 0 <= info.mtime < _OCTAL11 and 0 <= info.devmajor < _OCTAL7 and 0 <= info.devminor < _OCTAL7):
+        return None
+    header = bytearray(512)
+    header[0:len(name)] = name.encode("ascii")
+    header[100:148] = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+        info.mode & 0o7777, info.uid, info.gid, info.size, int(info.mtime))
+    header[148:156] = b"        "
+    header[156:157] = info.type
+    header[157:157 + len(info.linkname)] = info.linkname.encode("ascii")
+    header[257:265] = _USTAR_MAGIC
+    header[329:345] = b"%07o\0%07o\0" % (info.devmajor, info.devminor)
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
 
 
 def output_info(source: tarfile.TarInfo, name: str, *, kind: bytes | None = None,
