@@ -406,7 +406,7 @@ def test_https_certificate_is_verified(tls_registry_factory, monkeypatch, tmp_pa
         with pytest.raises(RegistryUnreachable) as caught:
             registry_client.ping()
     assert "CERTIFICATE_VERIFY_FAILED" in caught.value.message
-    assert "certificate authority" in caught.value.hint
+    assert "certificate is not trusted here" in caught.value.hint and "SSL_CERT_FILE" in caught.value.hint
 
 
 def test_https_host_name_is_verified(tls_registry_factory, monkeypatch):

@@ -232,12 +232,7 @@ class Transport:
             try:
                 response = self._send_following(method, url, headers, body, stream, follow_redirects, what)
             except uexc.SSLError as exc:
-                raise RegistryUnreachable(
-                    f"TLS connection to {_host_of(url)} failed for {what}: {_reason(exc)}",
-                    hint=f"for a plain-HTTP registry set insecure for {self.registry} "
-                    "(berth pull --insecure, or insecure = true in its [[registries]] entry of the configuration); "
-                    "for a private certificate authority, install its certificate system-wide",
-                ) from None
+                raise self._tls_error(url, what, exc) from None
             except (uexc.HTTPError, OSError) as exc:
                 if attempt < self.retries and _retryable_exception(exc):
                     self.backoff.wait(attempt)
@@ -301,6 +296,17 @@ class Transport:
         raise RegistryError(f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times")
 
     # -- errors ---------------------------------------------------------------------------
+    def _tls_error(self, url: str, what: str, exc: BaseException) -> RegistryUnreachable:
+        reason = _reason(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate" in reason.lower():
+            hint = ("the registry's certificate is not trusted here: if its certificate authority is "
+                    "private, ask your site administrator to install it system-wide (or point "
+                    "SSL_CERT_FILE at a bundle that holds it); check the host name too")
+        else:
+            hint = (f"for a plain-HTTP registry set insecure for {self.registry} (berth pull --insecure, "
+                    "or insecure = true in its [[registries]] entry of the configuration)")
+        return RegistryUnreachable(f"TLS connection to {_host_of(url)} failed for {what}: {reason}", hint=hint)
+
     def _unreachable(self, url: str, what: str, exc: BaseException, attempt: int) -> RegistryUnreachable:
         tries = f" after {attempt + 1} attempts" if attempt else ""
         host = _host_of(url)
