@@ -167,12 +167,14 @@ def test_remove_login_without_file(env):
     ("https://Registry.Example:443/v2/", "registry.example:443"),
     ("http://r.example/", "r.example"),
     ("registry-1.docker.io", "docker.io"),
+    ("[::1]:5000", "[::1]:5000"),
+    ("localhost", "localhost"),
 ])
 def test_normalize_host(given, expected):
     assert auth.normalize_host(given) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "  ", "user@host", "https://"])
+@pytest.mark.parametrize("bad", ["", "  ", "user@host", "https://", "a;b", "a b", "host:port", "-x.example"])
 def test_normalize_host_rejects(bad):
     with pytest.raises(UsageError):
         auth.normalize_host(bad)

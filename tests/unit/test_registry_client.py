@@ -391,3 +391,9 @@ def test_put_manifest_detects_a_registry_that_stored_other_bytes(server):
     server.handler = lambda request: Reply(201, headers={"Docker-Content-Digest": str(Digest.of(b"other"))})
     with pytest.raises(DigestMismatch):
         client_for(server).put_manifest("a", "v1", MANIFEST, mediatypes.OCI_MANIFEST)
+
+
+@pytest.mark.parametrize("host", ["", "a/b", "a b", "http://x", "x:port"])
+def test_bad_host_is_refused(host):
+    with pytest.raises(ReferenceError_, match="invalid registry host"):
+        RegistryClient(host)

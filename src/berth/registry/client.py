@@ -29,7 +29,7 @@ from berth.errors import (
 )
 from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
-from berth.registry.auth import Credentials
+from berth.registry.auth import Credentials, is_valid_host
 from berth.registry.authorizer import Authorizer, pull_scope, push_scope
 from berth.registry.transport import Backoff, Transport, error_detail, same_origin
 
@@ -167,7 +167,7 @@ class RegistryClient:
         pool_size: int = 8,
         proxies: Mapping[str, str] | None = None,
     ) -> None:
-        if not host or "/" in host or any(c.isspace() for c in host):
+        if not is_valid_host(host):
             raise ReferenceError_(f"invalid registry host '{host}'", hint="give HOST or HOST:PORT")
         self.host = host
         self.insecure = insecure
