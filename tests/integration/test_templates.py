@@ -76,6 +76,10 @@ def test_config_check_reports_broken_templates(site_config, admin):
     assert result.returncode == 78, describe(result)
     assert f"{site_config.templates_dir}/broken.toml:2: template 'broken': cpu: cpu=0 is out of range" in result.stdout
     assert "templates in" in result.stdout and ": 1 valid" in result.stdout
+    # The fixture's template pins a digest that nobody pulled into the site store.
+    assert (f"template 'good': pinned image 127.0.0.1:5000/test/none:1@sha256:{'0' * 64} is not in the site store "
+            f"{site_config.site_store}") in result.stdout
+    assert "berth: error: 2 configuration problems found" in result.stderr
 
 
 def test_user_lists_and_shows_templates(site_config, user):
