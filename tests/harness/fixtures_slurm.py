@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.harness.slurm import SlurmCluster, start_cluster, usable
+from tests.harness.users import berth_executable
 
 
 @pytest.fixture(scope="session")
@@ -25,4 +30,71 @@ def slurm_cluster() -> SlurmCluster:
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class JobSite:
+    """A site for job tests: site configuration with templates whose image is in the site store,
+    and the test user's own jobs directory and store, all under one temporary directory.
+
+    Templates: ``bb`` (busybox, cpu=1, memsz=256M, stop_timeout=3 s) and ``slowboot`` (the same
+    image with boot_timeout=2 s and a custom ``--env-file`` that is a FIFO nobody writes, so the
+    container's start-up blocks and the boot timeout must fire in the boot phase).
+    """
+
+    root: Path
+    config_dir: Path
+    site_store: Path
+    jobs_dir: Path
+    image: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def workdir(self, user) -> Path:
+        """A fresh shared directory owned by the test user (the submit directory of a job)."""
+        path = Path(tempfile.mkdtemp(prefix="job-", dir=self.root))
+        path.chmod(0o755)
+        os.chown(path, user.uid, user.gid)
+        return path
+
+    def write_script(self, directory: Path, name: str, text: str, user) -> Path:
+        path = directory / name
+        path.write_text(textwrap.dedent(text).lstrip())
+        path.chmod(0o644)
+        os.chown(path, user.uid, user.gid)
+        return path
+
+
+@pytest.fixture(scope="session")
+def job_site(user, registry, busybox_image) -> JobSite:
+    root = Path(tempfile.mkdtemp(prefix="berth-jobs-", dir="/tmp"))
+    root.chmod(0o755)
+    config_dir, site_store = root / "etc-berth", root / "site-store"
+    jobs_dir, user_store, xdg = root / "jobs", root / "user-store", root / "xdg-config"
+    for directory in (config_dir, site_store, xdg, config_dir / "conf.d"):
+        directory.mkdir(mode=0o755)
+    for directory in (jobs_dir, user_store):
+        directory.mkdir(mode=0o700)
+        os.chown(directory, user.uid, user.gid)
+    (config_dir / "conf.d" / "50-registry.toml").write_text(
+        f'[[registries]]\nhost = "{registry.host}"\ninsecure = true\n')
+    fifo = root / "never-written.env"
+    os.mkfifo(fifo, 0o644)
+    env = {"BERTH_CONFIG_DIR": str(config_dir), "BERTH_SITE_STORE": str(site_store),
+           "BERTH_JOBS_DIR": str(jobs_dir), "BERTH_USER_STORE": str(user_store), "XDG_CONFIG_HOME": str(xdg)}
+    admin_env = {**os.environ, **env}
+    berth = str(berth_executable())
+    for argv in (
+        ["template", "create", "bb", f"image={busybox_image}", "cpu=1", "memsz=256M", "stop_timeout=3",
+         "boot_timeout=60", "comment=busybox for job tests"],
+        ["template", "create", "slowboot", f"image={busybox_image}", "cpu=1", "memsz=64M", "boot_timeout=2",
+         f"custom=--env-file {fifo}"],
+    ):
+        result = subprocess.run([berth, *argv], env=admin_env, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            pytest.fail(f"cannot create template: {argv}\n{result.stdout}{result.stderr}")
+    try:
+        yield JobSite(root, config_dir, site_store, jobs_dir, str(busybox_image), env)
+    finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""Batch jobs on the local backend, for real: berth submit as the unprivileged test user,
+jobs running detached in rootless containers from the site store, states in files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from tests.harness.users import describe
+from tests.integration.jobs_helpers import jobs, record_count, submit, wait_file, wait_for
+
+pytestmark = pytest.mark.integration
+
+FINAL = ("completed", "failed", "cancelled", "timeout")
+
+
+def test_output_ownership_exit_codes_and_signals(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "ok.sh", """\
+        #!/bin/sh
+        #BERTH --job-name=hello
+        #BERTH -o out-%j.txt
+        echo "uid=$(id -u) cwd=$(pwd) args=$* image=$BERTH_JOB_IMAGE"
+        echo "cpus=$(nproc)"
+        cat /etc/os-release | head -1
+        echo written > result.txt
+        echo to-stderr >&2
+    """, user)
+    job_site.write_script(work, "three.sh", "#!/bin/sh\necho before\nexit 3\n", user)
+    job_site.write_script(work, "killed.sh", "#!/bin/sh\nkill -KILL $$\n", user)
+    ok = submit(user, job_site, work, "--template", "bb", "ok.sh", "a b", "c")
+    three = submit(user, job_site, work, "--template", "bb", "three.sh")
+    killed = submit(user, job_site, work, "--template", "bb", "killed.sh")
+    states = wait_for(user, job_site, [ok, three, killed], FINAL)
+
+    assert (states[ok]["state"], states[ok]["exit_code"], states[ok]["name"]) == ("completed", 0, "hello")
+    output = (work / f"out-{ok}.txt").read_text()
+    assert f"uid={user.uid} cwd={work} args=a b c image={job_site.image}@" in output
+    assert "cpus=1" in output  # the template's cpu=1 on a 2-core machine
+    assert 'NAME="berth test busybox"' in output
+    assert "to-stderr" in output  # without -e, stderr goes with stdout, as sbatch does
+    written = work / "result.txt"
+    assert written.read_text() == "written\n"
+    assert (written.stat().st_uid, written.stat().st_gid) == (user.uid, user.gid)
+    assert (states[three]["state"], states[three]["phase"], states[three]["exit_code"]) == ("failed", "script", 3)
+    assert (states[killed]["state"], states[killed]["signal"], states[killed]["exit_code"]) == ("failed", 9, None)
+
+    status = user.berth("status", three, "--json", env=job_site.env)
+    assert json.loads(status.stdout)["exit_code"] == 3
+    logs = user.berth("logs", three, env=job_site.env)
+    assert logs.stdout == "before\n", describe(logs)
+    table = user.berth("status", three, env=job_site.env)
+    assert "failed (script)" in table.stdout and "exit:         3" in table.stdout
+
+
+def test_cancel_gives_stop_timeout_and_time_limit_gives_timeout(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "trap.sh", """\
+        #!/bin/sh
+        trap 'echo "trapped $BERTH_JOB_ID" > "trap-$BERTH_JOB_ID.txt"; exit 0' TERM
+        echo started > "started-$BERTH_JOB_ID.txt"
+        while true; do sleep 1; done
+    """, user)
+    cancelled = submit(user, job_site, work, "--template", "bb", "trap.sh")
+    timed = submit(user, job_site, work, "--template", "bb", "-t", "0:04", "trap.sh")
+    wait_file(work / f"started-{cancelled}.txt")
+    assert jobs(user, job_site)[cancelled]["state"] == "running"
+    result = user.berth("cancel", cancelled, env=job_site.env)
+    assert result.returncode == 0, describe(result)
+    states = wait_for(user, job_site, [cancelled, timed], FINAL, timeout_s=40)
+    assert states[cancelled]["state"] == "cancelled"
+    assert (work / f"trap-{cancelled}.txt").read_text() == f"trapped {cancelled}\n"
+    assert states[timed]["state"] == "timeout"
+    assert (work / f"trap-{timed}.txt").read_text() == f"trapped {timed}\n"
+    elapsed = states[timed]["ended_at"] - states[timed]["started_at"]
+    assert 3.5 < elapsed < 12, elapsed
+    again = user.berth("cancel", cancelled, env=job_site.env)
+    assert again.returncode != 0 and "already ended (cancelled)" in again.stderr
+
+
+def test_boot_timeout_fails_naming_the_phase(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "never.sh", "#!/bin/sh\necho should-not-run\n", user)
+    started = time.monotonic()
+    job = submit(user, job_site, work, "--template", "slowboot", "never.sh")
+    state = wait_for(user, job_site, [job], FINAL, timeout_s=30)[job]
+    assert (state["state"], state["phase"]) == ("failed", "boot")
+    assert "boot_timeout of 2 s expired while starting the container" in state["message"]
+    assert time.monotonic() - started < 20
+    assert not (work / "should-not-run").exists()
+    logs = user.berth("logs", job, env=job_site.env)
+    assert "should-not-run" not in logs.stdout
+
+
+def test_concurrency_limit_keeps_jobs_pending_and_runner_is_detached(job_site, user):
+    work = job_site.workdir(user)
+    limit = {"BERTH_LOCAL_MAX_JOBS": "1"}
+    job_site.write_script(work, "hold.sh", """\
+        #!/bin/sh
+        echo running > "run-$BERTH_JOB_ID.txt"
+        while [ ! -e release ]; do sleep 0.2; done
+    """, user)
+    # Occupy the only slot with a job of a private jobs dir, so other tests' jobs do not interfere.
+    private = {**limit, "BERTH_JOBS_DIR": str(job_site.workdir(user))}
+    first = submit(user, job_site, work, "--template", "bb", "hold.sh", env=private)
+    second = submit(user, job_site, work, "--template", "bb", "hold.sh", env=private)
+    wait_file(work / f"run-{first}.txt")
+    time.sleep(1.0)
+    current = jobs(user, job_site, private)
+    assert (current[first]["state"], current[second]["state"]) == ("running", "pending")
+    assert not (work / f"run-{second}.txt").exists()
+
+    # The runner has its own session and no controlling terminal: the shell's exit cannot stop it.
+    runner_pid = _runner_pid(private, first)
+    fields = open(f"/proc/{runner_pid}/stat").read().rsplit(")", 1)[1].split()
+    session, tty = int(fields[3]), int(fields[4])
+    assert (session, tty) == (runner_pid, 0)
+
+    (work / "release").touch()
+    states = wait_for(user, job_site, [first, second], FINAL, timeout_s=30, env=private)
+    assert (states[first]["state"], states[second]["state"]) == ("completed", "completed")
+    assert states[second]["started_at"] >= states[first]["ended_at"] - 0.5
+
+
+def _runner_pid(env: dict, job_id: str) -> int:
+    with open(os.path.join(env["BERTH_JOBS_DIR"], job_id, "runner.pid")) as handle:
+        return int(handle.read().split()[0])
+
+
+def test_logs_follow_until_the_job_ends(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "slow.sh", "#!/bin/sh\nfor i in 1 2 3; do echo line $i; sleep 0.5; done\n", user)
+    job = submit(user, job_site, work, "--image", job_site.image, "slow.sh")
+    result = user.berth("logs", "-f", job, env=job_site.env, timeout=60)
+    assert result.stdout == "line 1\nline 2\nline 3\n", describe(result)
+    assert jobs(user, job_site)[job]["state"] == "completed"
+
+
+BAD_INPUT = [
+    (["--template", "nope", "ok.sh"], 3, "no template named 'nope'"),
+    (["--template", "bb", "-N", "abc", "ok.sh"], 2, "--nodes 'abc': not a whole number"),
+    (["--template", "bb", "-n", "-2", "ok.sh"], 2, "--ntasks -2: must be at least 1"),
+    (["--template", "bb", "-N", "1000000", "ok.sh"], 2, "--nodes 1000000: more than berth accepts"),
+    (["--template", "bb", "--mem", "12X", "ok.sh"], 2, "--mem '12X': not a memory size"),
+    (["--template", "bb", "--time", "1:2:3:4", "ok.sh"], 2, "--time '1:2:3:4': not a time limit"),
+    (["--template", "bb", "--gres", "tpu:1", "ok.sh"], 2, "--gres 'tpu:1': berth knows only gpu:N"),
+    (["--template", "bb", "-c", "4", "ok.sh"], 77, "--cpus-per-task 4 exceeds template 'bb' (cpu=1)"),
+    (["--template", "bb", "--mem", "1G", "ok.sh"], 77, "--mem 1GiB exceeds template 'bb' (memsz=256MiB)"),
+    (["--template", "bb", "--gres", "gpu:1", "ok.sh"], 77, "--gres gpu:1 exceeds template 'bb' (gpu=0)"),
+    (["--template", "bb", "missing.sh"], 2, "job script missing.sh does not exist"),
+    (["--template", "bb", "secret.sh"], 2, "job script secret.sh is not readable"),
+    (["--template", "bb", "typo.sh"], 2, "typo.sh line 3: unknown option '--nodez'"),
+    (["--template", "bb", "prefix.sh"], 2, "prefix.sh line 2: unknown directive '#BERTHX'"),
+    (["--template", "bb", "noshebang.sh"], 2, "does not start with '#!'"),
+    (["--template", "bb", "--image", "busybox", "ok.sh"], 2, "--template and --image exclude each other"),
+    (["ok.sh"], 2, "no image for the job"),
+    (["--template", "bb", "--backend", "pbs", "ok.sh"], 2, "--backend 'pbs': unknown backend"),
+    (["--template", "bb", "-N", "2", "ok.sh"], 2, "--nodes 2: the local backend runs jobs on this machine only"),
+    (["--template", "bb", "-o", "/nonexistent/dir/out", "ok.sh"], 2, "the directory /nonexistent/dir does not exist"),
+    (["--image", "bad reference!", "ok.sh"], 2, "bad reference!"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_dir(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "ok.sh", "#!/bin/sh\necho ok\n", user)
+    job_site.write_script(work, "secret.sh", "#!/bin/sh\necho secret\n", user)
+    (work / "secret.sh").chmod(0o000)
+    job_site.write_script(work, "typo.sh", "#!/bin/sh\n#BERTH -N 1\n#BERTH --nodez=2\necho x\n", user)
+    job_site.write_script(work, "prefix.sh", "#!/bin/sh\n#BERTHX --nodes=2\necho x\n", user)
+    job_site.write_script(work, "noshebang.sh", "echo no interpreter\n", user)
+    return work
+
+
+@pytest.mark.parametrize("argv,exit_code,message", BAD_INPUT, ids=[m for _, _, m in BAD_INPUT])
+def test_bad_input_is_refused_and_nothing_is_submitted(job_site, user, bad_input_dir, argv, exit_code, message):
+    before = record_count(job_site)
+    result = user.berth("submit", *argv, cwd=str(bad_input_dir), env=job_site.env)
+    assert result.returncode == exit_code, describe(result)
+    assert message in result.stderr, describe(result)
+    assert result.stdout == ""
+    assert record_count(job_site) == before
+    assert not any(p.name.startswith(".") and p.name != ".slots" for p in job_site.jobs_dir.iterdir())
+
+
+def test_unknown_job_is_a_clear_error(job_site, user):
+    for command in (["status", "999999"], ["logs", "999999"], ["cancel", "999999"]):
+        result = user.berth(*command, env=job_site.env)
+        assert result.returncode == 3, describe(result)
+        assert "no job '999999'" in result.stderr
