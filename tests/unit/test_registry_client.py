@@ -397,3 +397,44 @@ def test_put_manifest_detects_a_registry_that_stored_other_bytes(server):
 def test_bad_host_is_refused(host):
     with pytest.raises(ReferenceError_, match="invalid registry host"):
         RegistryClient(host)
+
+
+def upload_server(put_replies):
+    """Handler: blob absent, each POST opens session sN, PUTs answer from ``put_replies`` in turn."""
+    sessions = []
+    queue = list(put_replies)
+
+    def handler(request):
+        if request.method == "HEAD":
+            return Reply(404)
+        if request.method == "POST":
+            sessions.append(f"s{len(sessions) + 1}")
+            return Reply(202, headers={"Location": f"/v2/a/blobs/uploads/{sessions[-1]}"})
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+    return handler
+
+
+def test_failed_upload_put_restarts_the_session(server):
+    server.handler = upload_server([Reply(503), Reply(201, headers={"Docker-Content-Digest": str(BLOB_DIGEST)})])
+    body = io.BytesIO(b"prefix" + BLOB)
+    body.seek(6)
+    assert client_for(server).upload_blob("a", BLOB_DIGEST, len(BLOB), body) is True
+    puts = [r for r in server.requests if r.method == "PUT"]
+    # Each PUT went to a fresh session with the whole blob, never twice to the same one.
+    assert [p.path.split("?")[0] for p in puts] == ["/v2/a/blobs/uploads/s1", "/v2/a/blobs/uploads/s2"]
+    assert [p.body for p in puts] == [BLOB, BLOB]
+
+
+def test_upload_put_failing_every_time_ends_in_an_error(server):
+    server.handler = upload_server([Reply(500, b'{"errors":[{"code":"UNKNOWN","message":"disk full"}]}')])
+    with pytest.raises(RegistryError) as caught:
+        client_for(server, retries=2).upload_blob("a", BLOB_DIGEST, len(BLOB), io.BytesIO(BLOB))
+    assert "HTTP 500" in caught.value.message and "disk full" in caught.value.message
+    assert len([r for r in server.requests if r.method == "PUT"]) == 3
+
+
+def test_upload_put_rejected_digest_is_not_retried(server):
+    server.handler = upload_server([Reply(400, b'{"errors":[{"code":"DIGEST_INVALID","message":"digest did not match"}]}')])
+    with pytest.raises(RegistryError, match="DIGEST_INVALID"):
+        client_for(server).upload_blob("a", BLOB_DIGEST, len(BLOB), io.BytesIO(BLOB))
+    assert len([r for r in server.requests if r.method == "PUT"]) == 1

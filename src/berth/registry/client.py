@@ -31,7 +31,14 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
 from berth.registry.auth import Credentials, is_valid_host
 from berth.registry.authorizer import Authorizer, pull_scope, push_scope
-from berth.registry.transport import Backoff, Transport, error_detail, same_origin
+from berth.registry.transport import (
+    RETRY_STATUSES,
+    Backoff,
+    Transport,
+    error_detail,
+    parse_retry_after,
+    same_origin,
+)
 
 #: Manifests larger than this are refused (containerd uses the same 4 MiB bound): a manifest
 #: is read into memory, so its size must be bounded.
@@ -298,7 +305,6 @@ class RegistryClient:
         if self._blob_exists(repository, digest, scope):
             return False
         what = f"upload of blob {digest} to {repository}"
-        location = None
         if mount_from:
             check_repository(mount_from)
             query = urlencode({"mount": str(digest), "from": mount_from})
@@ -308,20 +314,42 @@ class RegistryClient:
                 headers={"Content-Length": "0"}, body=b"", what=what)
             if response.status == 201:
                 return True
-            location = response.headers.get("Location")
-        if location is None:
+            # 202: the registry could not mount and opened an upload session instead; it is
+            # simply abandoned (registries purge stale sessions) to keep one code path below.
+        start = fileobj.tell() if size else 0
+        attempt = 0
+        while True:
+            # The PUT that completes an upload cannot be repeated on the same session (the
+            # registry may already hold part of the body), so a failed PUT restarts the session.
             response = self._request(
                 "POST", f"/v2/{repository}/blobs/uploads/", scope=scope, accept=(202,),
                 headers={"Content-Length": "0"}, body=b"", what=what)
             location = response.headers.get("Location")
-        if not location:
-            raise RegistryError(f"registry {self.host} started the {what} without a Location header")
-        url = urljoin(self.base_url + "/", location)
-        url += ("&" if "?" in url else "?") + urlencode({"digest": str(digest)})
-        response = self._request(
-            "PUT", url, scope=scope, accept=(201,),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-            body=fileobj if size else b"", what=what)
+            if not location:
+                raise RegistryError(f"registry {self.host} started the {what} without a Location header")
+            url = urljoin(self.base_url + "/", location)
+            url += ("&" if "?" in url else "?") + urlencode({"digest": str(digest)})
+            if size:
+                fileobj.seek(start)
+            try:
+                response = self._request(
+                    "PUT", url, scope=scope, accept=(201, *RETRY_STATUSES),
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                    body=fileobj if size else b"", what=what, retries=0)
+            except RegistryUnreachable:
+                if attempt >= self.transport.retries:
+                    raise
+            else:
+                if response.status == 201:
+                    break
+                if attempt >= self.transport.retries:
+                    raise self.transport.status_error(response.status, url, what, error_detail(response.data or b""), attempt)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                self.transport.backoff.wait(attempt, retry_after)
+                attempt += 1
+                continue
+            self.transport.backoff.wait(attempt)
+            attempt += 1
         self._cross_check(response.headers.get("Docker-Content-Digest"), None, digest, what)
         return True
 
@@ -365,6 +393,7 @@ class RegistryClient:
         body: bytes | IO[bytes] | None = None,
         stream: bool = False,
         not_found: Callable[[str], Exception] | None = None,
+        retries: int | None = None,
     ) -> Any:
         """One authenticated request: answer at most one 401 challenge, then map refusals."""
         url = urljoin(self.base_url + "/", path)
@@ -380,7 +409,7 @@ class RegistryClient:
         for attempt in range(2):
             response = self.transport.request(
                 method, url, accept=(*accept, 401, 403), headers={**(headers or {}), **auth_headers},
-                body=body, stream=stream, what=what, not_found=make_not_found)
+                body=body, stream=stream, what=what, not_found=make_not_found, retries=retries)
             if response.status not in (401, 403) or response.status in accept:
                 return response
             detail = _error_text(response, stream)

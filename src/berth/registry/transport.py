@@ -210,6 +210,7 @@ class Transport:
         what: str,
         follow_redirects: bool = True,
         not_found: Callable[[str], Exception] | None = None,
+        retries: int | None = None,
     ) -> Any:
         """Send one request; return the urllib3 response when its status is in ``accept``.
 
@@ -219,10 +220,12 @@ class Transport:
         followed up to MAX_REDIRECTS; ``Authorization`` is dropped when the target is on another
         origin. 404 raises ``not_found(detail)`` when given, else NotFound. Raises
         AuthenticationError (401/403 not accepted), RateLimited, RegistryUnreachable or
-        RegistryError.
+        RegistryError. ``retries`` overrides the transport's count for this request (0 for a
+        request that cannot simply be sent again, such as the PUT that completes an upload).
         """
         import urllib3.exceptions as uexc
 
+        max_retries = self.retries if retries is None else max(0, retries)
         headers = dict(headers or {})
         start_pos = body.tell() if body is not None and hasattr(body, "tell") else None
         attempt = 0
@@ -234,7 +237,7 @@ class Transport:
             except uexc.SSLError as exc:
                 raise self._tls_error(url, what, exc) from None
             except (uexc.HTTPError, OSError) as exc:
-                if attempt < self.retries and _retryable_exception(exc):
+                if attempt < max_retries and _retryable_exception(exc):
                     self.backoff.wait(attempt)
                     attempt += 1
                     continue
@@ -246,21 +249,21 @@ class Transport:
                         response.read(cache_content=True)
                     except (uexc.HTTPError, OSError) as exc:
                         _discard(response)
-                        if attempt < self.retries and _retryable_exception(exc):
+                        if attempt < max_retries and _retryable_exception(exc):
                             self.backoff.wait(attempt)
                             attempt += 1
                             continue
                         raise self._unreachable(url, what, exc, attempt) from None
                     response.release_conn()
                 return response
-            if status in RETRY_STATUSES and attempt < self.retries:
+            if status in RETRY_STATUSES and attempt < max_retries:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 _discard(response)
                 self.backoff.wait(attempt, retry_after)
                 attempt += 1
                 continue
             detail = _read_error(response)
-            raise self._status_error(status, url, what, detail, attempt, not_found)
+            raise self.status_error(status, url, what, detail, attempt, not_found)
 
     def _send_following(self, method, url, headers, body, stream, follow_redirects, what):
         current_url, current_method, current_body = url, method, body
@@ -321,7 +324,9 @@ class Transport:
                     "(berth pull --insecure, or insecure = true in its [[registries]] entry of the configuration)")
         return RegistryUnreachable(f"cannot reach registry {self.registry} for {what}{tries}: {reason}", hint=hint)
 
-    def _status_error(self, status, url, what, detail, attempt, not_found) -> Exception:
+    def status_error(self, status: int, url: str, what: str, detail: str, attempt: int,
+                     not_found: Callable[[str], Exception] | None = None) -> Exception:
+        """The typed error for an unaccepted ``status`` after ``attempt`` retries."""
         detail_text = f": {detail}" if detail else ""
         if status == 404:
             return not_found(detail) if not_found else NotFound(f"{what} not found on registry {self.registry}{detail_text}")
