@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Warm start of /bin/true from the debootstrap image: berth against the anchors (issue 3).
+
+All as the unprivileged user (berthtest), timed by hyperfine (no shell, warm-up runs first):
+
+- ``berth run REF /bin/true`` (the image pulled into a fresh user store first);
+- ``runc run`` of a prepared rootless bundle (``runc spec --rootless``, read-only root), the
+  root being the image's SquashFS mounted with squashfuse, and the same tree as a plain directory;
+- ``ch-run IMG.sqfs -- /bin/true`` (ch-run mounts the SquashFS itself) and ``ch-run DIR``;
+- ``bwrap`` on the directory (user, pid, ipc, uts, mount namespaces; host network);
+- udocker in R1 mode (host runc; its own tool tarball cannot be downloaded here);
+- rootless podman (overlay storage, runc: crun fails on this hybrid cgroup host).
+
+The SquashFS for runc and ch-run is ``mksquashfs -comp lz4`` of the unpacked layer (berth's
+default compression). Also berth's own cost: ``python -X importtime -c 'import berth.cli.main'``
+(total and top offenders) and ``berth --version`` against a bare ``python -c pass``.
+
+Usage::
+
+    python3 bench/start.py [--runs 50] [--warmup 5] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c  # noqa: E402
+
+UDOCKER = c.CACHE / "udocker-venv" / "bin" / "udocker"
+UDOCKER_TOOLS_VERSION = "1.2.11"  # what udocker 1.3.17 asks for; see prepare_udocker
+
+
+def ensure_udocker() -> Optional[str]:
+    """Install udocker from PyPI into its own venv under the cache; None or why it is missing."""
+    if not UDOCKER.exists():
+        venv = UDOCKER.parent.parent
+        c.rm_tree(venv)
+        try:
+            c.run(["/usr/bin/python3", "-m", "venv", str(venv)])
+            c.run([str(venv / "bin" / "pip"), "install", "-q", "udocker"], timeout=600)
+        except RuntimeError as error:
+            return f"cannot install udocker from PyPI: {c.error_line(str(error))}"
+    return None
+
+
+class StartBench:
+    def __init__(self, user: c.BenchUser, workdir: Path, runs: int, warmup: int) -> None:
+        self.user = user
+        self.workdir = workdir
+        self.runs = runs
+        self.warmup = warmup
+        self.notes: list[str] = []
+        self.unavailable: dict[str, str] = {}
+        self.mounts: list[Path] = []
+        self.cleanup_dirs: list[Path] = []
+
+    # ---------------------------------------------------------------- preparation
+
+    def prepare_tree(self, image: c.BenchImage) -> tuple[Path, Path]:
+        rootfs = self.workdir / "rootfs"
+        rootfs.mkdir()
+        self.user.chown_tree(rootfs)
+        self.user.run(["tar", "-C", str(rootfs), "-xzf", str(image.layers[0].path)])
+        sqfs = self.workdir / "image.sqfs"
+        self.user.run(["mksquashfs", str(rootfs), str(sqfs), "-comp", "lz4", "-noappend", "-quiet", "-no-progress"])
+        return rootfs, sqfs
+
+    def mount_squashfs(self, sqfs: Path) -> Path:
+        mountpoint = self.user.tempdir("mnt-", self.workdir)
+        self.user.run(["squashfuse", str(sqfs), str(mountpoint)])
+        self.mounts.append(mountpoint)
+        return mountpoint
+
+    def runc_bundle(self, name: str, root: Path) -> Path:
+        bundle = self.user.tempdir(f"bundle-{name}-", self.workdir)
+        self.user.run(["runc", "spec", "--rootless"], cwd=str(bundle))
+        config_path = bundle / "config.json"
+        config = json.loads(config_path.read_text())
+        config["process"]["terminal"] = False
+        config["process"]["args"] = ["/bin/true"]
+        config["root"] = {"path": str(root), "readonly": True}
+        config_path.write_text(json.dumps(config, indent=2))
+        return bundle
+
+    def prepare_udocker(self, image: c.BenchImage) -> Optional[dict]:
+        """udocker's environment, or None (reason in self.unavailable)."""
+        why = ensure_udocker()
+        if why:
+            self.unavailable["udocker"] = why
+            return None
+        udocker_dir = self.user.tempdir("udocker-", self.workdir)
+        # udocker wants its engine tarball (proot, fakechroot, runc builds) from the internet even
+        # for R1 mode, which uses the host's runc: mark the tools as installed so it does not try.
+        (udocker_dir / "lib").mkdir()
+        (udocker_dir / "lib" / "VERSION").write_text(UDOCKER_TOOLS_VERSION + "\n")
+        self.user.chown_tree(udocker_dir)
+        env = {"UDOCKER_DIR": str(udocker_dir), "UDOCKER_USE_RUNC_EXECUTABLE": "/usr/sbin/runc"}
+        try:
+            self.user.run([str(UDOCKER), "-q", "import", str(image.layers[0].path), "bench:debian"], env=env)
+            self.user.run([str(UDOCKER), "-q", "create", "--name=bench", "bench:debian"], env=env)
+            self.user.run([str(UDOCKER), "-q", "setup", "--execmode=R1", "bench"], env=env)
+            probe = self.user.run([str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/sh", "-c", "echo ran-ok"],
+                                  env=env, check=False)
+        except RuntimeError as error:
+            self.unavailable["udocker"] = f"udocker set-up failed: {c.error_line(str(error))}"
+            return None
+        if "ran-ok" not in probe.stdout:
+            self.unavailable["udocker"] = f"udocker run failed: {c.error_line(probe.stderr + probe.stdout)}"
+            return None
+        if probe.returncode != 0:
+            self.notes.append(f"udocker 1.3.17 in R1 mode exits {probe.returncode} even when the command "
+                              "succeeds (the command's output was checked): timed with hyperfine -i.")
+        return env
+
+    def podman_argv(self) -> Optional[list[str]]:
+        # podman refuses a runroot longer than 50 characters: keep it short, under /tmp
+        storage = self.user.tempdir("bbpod-", Path("/tmp"))
+        self.cleanup_dirs.append(storage)
+        base = ["podman", "--root", str(storage / "root"), "--runroot", str(storage / "run"),
+                "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
+                "--runtime", "/usr/sbin/runc"]
+        layout = c.CACHE / "layouts" / "debian"
+        try:
+            image_id = self.user.run([*base, "pull", "-q", f"oci:{layout}:bench"]).stdout.strip().splitlines()[-1]
+            argv = [*base, "run", "--rm", "--network", "host", image_id, "/bin/true"]
+            self.user.run(argv)
+        except RuntimeError as error:
+            self.unavailable["podman"] = f"rootless podman fails here: {c.error_line(str(error))}"
+            return None
+        return argv
+
+    def berth_ready(self, image: c.BenchImage) -> Optional[tuple[list[str], dict]]:
+        missing = c.berth_subcommand_missing(self.user, "pull") or c.berth_subcommand_missing(self.user, "run")
+        if missing:
+            self.unavailable["berth"] = missing
+            return None
+        store = self.user.tempdir("berth-store-", self.workdir)
+        state = self.user.tempdir("berth-state-", self.workdir)
+        try:
+            with c.Registry(c.registry_storage()) as registry:
+                c.ensure_pushed(registry, [image])
+                config_dir = c.berth_config_dir(self.user, [registry.host], self.workdir)
+                env = c.berth_env(config_dir, store, state)
+                pull = [str(c.BERTH), "pull"]
+                if c.berth_help_has(self.user, "pull", "--insecure"):
+                    pull.append("--insecure")
+                self.user.run([*pull, image.ref(registry)], env=env)
+                ref = image.ref(registry)
+            argv = [str(c.BERTH), "run", ref, "/bin/true"]
+            self.user.run(argv, env=env)
+        except RuntimeError as error:
+            self.unavailable["berth"] = f"berth failed: {c.error_line(str(error))}"
+            return None
+        return argv, env
+
+    # ---------------------------------------------------------------- measuring
+
+    def hyperfine(self, commands: dict[str, list[str]], env: Optional[dict] = None,
+                  ignore_failure: bool = False, runs: Optional[int] = None) -> dict[str, c.Sample]:
+        export = self.workdir / f"hyperfine-{len(os.listdir(self.workdir))}.json"
+        argv = ["hyperfine", "-N", "--style", "none", "--warmup", str(self.warmup), "--runs",
+                str(runs or self.runs), "--export-json", str(export)]
+        if ignore_failure:
+            argv.append("-i")
+        for name, command in commands.items():
+            argv += ["-n", name, " ".join(command)]
+        os.chown(self.workdir, self.user.uid, self.user.gid)
+        self.user.run(argv, env=env, timeout=3600)
+        data = json.loads(export.read_text())
+        return {result["command"]: c.Sample(list(result["times"])) for result in data["results"]}
+
+    def importtime(self, code: str, repeats: int = 7) -> tuple[c.Sample, list[tuple[str, float]]]:
+        """Import time that ``python -c CODE`` adds to a bare interpreter start: the sum of the
+        top-level cumulative times of modules a bare ``python -c pass`` does not import, and the
+        ten modules with the largest self time among those."""
+        python = str(c.VENV / "bin" / "python")
+
+        def parse(stderr: str) -> list[tuple[str, int, int, bool]]:
+            entries = []
+            for line in stderr.splitlines():
+                match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+                if match:
+                    self_us, cumulative_us, indent, module = match.groups()
+                    entries.append((module, int(self_us), int(cumulative_us), indent == " "))
+            return entries
+
+        baseline = {entry[0] for entry in parse(self.user.run([python, "-X", "importtime", "-c", "pass"]).stderr)}
+        totals = c.Sample()
+        self_times: dict[str, list[float]] = {}
+        for _ in range(repeats):
+            entries = parse(self.user.run([python, "-X", "importtime", "-c", code]).stderr)
+            added = [entry for entry in entries if entry[0] not in baseline]
+            totals.add(sum(cumulative for _, _, cumulative, top in added if top) / 1e6)
+            for module, self_us, _, _ in added:
+                self_times.setdefault(module, []).append(self_us / 1e6)
+        top = sorted(((module, statistics.median(values)) for module, values in self_times.items()),
+                     key=lambda item: -item[1])[:10]
+        return totals, top
+
+    def cleanup(self) -> None:
+        for mountpoint in self.mounts:
+            self.user.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        for path in self.cleanup_dirs:
+            c.rm_tree(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if os.getuid() != 0:
+        parser.error("run as root (it prepares images and runs the tools as the unprivileged user)")
+    command = "python3 bench/start.py " + " ".join(sys.argv[1:])
+    header = c.report_header("Warm start of /bin/true (issue 3)", command.strip())
+    c.ensure_cache_readable()
+    user = c.BenchUser.lookup()
+    image = c.debian_image()
+    workdir = user.tempdir("berth-bench-start-", Path("/var/tmp"))
+    bench = StartBench(user, workdir, args.runs, args.warmup)
+    sections = [header]
+    try:
+        c.log("preparing the rootfs, SquashFS, bundles, udocker and podman")
+        rootfs, sqfs = bench.prepare_tree(image)
+        mountpoint = bench.mount_squashfs(sqfs)
+        bundle_sqfs = bench.runc_bundle("sqfs", mountpoint)
+        bundle_dir = bench.runc_bundle("dir", rootfs)
+        runc_state = user.tempdir("runc-state-", workdir)
+        commands = {
+            "runc (squashfuse root)": ["runc", "--root", str(runc_state), "run", "-b", str(bundle_sqfs), "bench-sqfs"],
+            "runc (directory root)": ["runc", "--root", str(runc_state), "run", "-b", str(bundle_dir), "bench-dir"],
+            "ch-run IMG.sqfs": ["ch-run", str(sqfs), "--", "/bin/true"],
+            "ch-run DIR": ["ch-run", str(rootfs), "--", "/bin/true"],
+            "bwrap DIR": ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                          "--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev", "/bin/true"],
+        }
+        podman = bench.podman_argv()
+        if podman:
+            commands["podman run (rootless, overlay, runc)"] = podman
+        berth = bench.berth_ready(image)
+        c.log("timing")
+        samples = bench.hyperfine(commands)
+        udocker_env = bench.prepare_udocker(image)
+        if udocker_env:
+            samples.update(bench.hyperfine({"udocker run (R1: host runc)": [
+                str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
+        if berth:
+            samples.update(bench.hyperfine({"berth run": berth[0]}, env=berth[1]))
+        python_env = {"PATH": f"{c.VENV / 'bin'}:{c.SYSTEM_PATH}"}
+        overhead = bench.hyperfine({
+            "python -c pass (venv python)": [str(c.VENV / "bin" / "python"), "-c", "pass"],
+            "python -S -c pass": [str(c.VENV / "bin" / "python"), "-S", "-c", "pass"],
+            "berth --version": [str(c.BERTH), "--version"],
+        }, env=python_env)
+        import_codes = ["import berth.cli.main", "import berth.cli.main as m; m.build_parser()"]
+        imports = {code: bench.importtime(code) for code in import_codes}
+    finally:
+        bench.cleanup()
+        c.rm_tree(workdir)
+
+    berth_sample = samples.get("berth run")
+    rows = []
+    order = ["berth run", "runc (squashfuse root)", "runc (directory root)", "ch-run IMG.sqfs", "ch-run DIR",
+             "bwrap DIR", "udocker run (R1: host runc)", "podman run (rootless, overlay, runc)"]
+    for name in order:
+        sample = samples.get(name)
+        if sample is None:
+            key = name.split()[0]
+            rows.append([name, f"not available: {bench.unavailable.get(key, 'not measured')}", "—", "—"])
+            continue
+        if berth_sample and name != "berth run":
+            rows.append([name, sample.cell("ms"), c.ratio(berth_sample.median, sample.median),
+                         f"{(berth_sample.median - sample.median) * 1000:+.1f}"])
+        else:
+            rows.append([name, sample.cell("ms"), "—", "—"])
+    sections.append(c.markdown_table(["command", "ms: median (min–max)", "berth / tool", "berth − tool (ms)"], rows))
+    sections.append("")
+    if berth_sample:
+        for runc_name in ("runc (squashfuse root)", "runc (directory root)"):
+            delta_ms = (berth_sample.median - samples[runc_name].median) * 1000
+            sections.append(f"- target berth ≤ bare runc + 10 ms against {runc_name}: {delta_ms:+.1f} ms, "
+                            f"{'met' if delta_ms <= 10 else 'NOT met'}")
+        ch_ratio = berth_sample.median / samples["ch-run IMG.sqfs"].median
+        sections.append(f"- target berth ≤ 1.5x ch-run on the SquashFS: {ch_ratio:.2f}x, "
+                        f"{'met' if ch_ratio <= 1.5 else 'NOT met'}")
+    else:
+        sections.append(f"- targets not evaluated: berth not available: {bench.unavailable.get('berth')}")
+    sections += ["", "berth's own start-up cost:", ""]
+    sections.append(c.markdown_table(["command", "ms: median (min–max)"],
+                                     [[name, sample.cell("ms")] for name, sample in overhead.items()]))
+    sections.append("")
+    for code, (total, top) in imports.items():
+        sections.append(f"- `python -X importtime -c '{code}'`: imports beyond a bare interpreter take "
+                        f"{total.cell('ms')} ms ({len(total.values)} runs); largest self times (median µs): "
+                        + ", ".join(f"{module} {seconds * 1e6:.0f}" for module, seconds in top))
+    sections.extend(["", *[f"- {note}" for note in bench.notes]])
+    report = "\n".join(sections).rstrip() + "\n"
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
