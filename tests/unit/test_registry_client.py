@@ -438,3 +438,31 @@ def test_upload_put_rejected_digest_is_not_retried(server):
     with pytest.raises(RegistryError, match="DIGEST_INVALID"):
         client_for(server).upload_blob("a", BLOB_DIGEST, len(BLOB), io.BytesIO(BLOB))
     assert len([r for r in server.requests if r.method == "PUT"]) == 1
+
+
+def test_credentials_never_go_to_a_plain_http_token_server_of_an_https_registry(server):
+    from berth.registry.authorizer import Authorizer
+    from berth.registry.challenge import Challenge
+
+    https_client = RegistryClient(server.host, credentials=creds(server.host), retries=0)
+    authorizer: Authorizer = https_client.authorizer
+    challenge = Challenge("bearer", {"realm": f"{server.url}/token", "service": "s"})
+    with pytest.raises(AuthenticationError, match="does not send credentials over plain HTTP"):
+        authorizer._fetch_token(challenge, "repository:a:pull")
+    assert server.requests == []
+
+
+def test_token_response_without_token_or_with_odd_lifetime(server):
+    answers = {"/token": Reply(200, b'{"expires_in": "soon"}')}
+
+    def handler(request):
+        if request.path.startswith("/token"):
+            return answers["/token"]
+        return Reply(401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{server.url}/token"')])
+    server.handler = handler
+    with pytest.raises(RegistryError, match="answered without a token"):
+        client_for(server).get_manifest("a", "v1")
+    answers["/token"] = Reply(200, b'{"token": "T", "expires_in": "soon"}')
+    with pytest.raises(AuthenticationError):  # the fake keeps refusing; the token was used
+        client_for(server).get_manifest("a", "v1")
+    assert server.requests[-1].header("Authorization") == "Bearer T"

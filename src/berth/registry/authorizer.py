@@ -180,6 +180,13 @@ class Authorizer:
         query.extend(("scope", item) for item in scopes)
         url = realm + (("&" if parts.query else "?") + urlencode(query) if query else "")
         headers = self._basic_header()
+        if headers and parts.scheme == "http" and not self.transport.insecure:
+            # The registry is HTTPS: its password must not travel in clear to a token server.
+            raise AuthenticationError(
+                f"registry {self.registry} sends berth to the plain-HTTP token server {parts.netloc}; "
+                "berth does not send credentials over plain HTTP to a registry reached by HTTPS",
+                hint="tell the registry's operator: the token realm must be an https URL",
+            )
         what = f"a token for {' '.join(scopes) or 'the registry'} from {parts.netloc}"
         response = self.transport.request("GET", url, accept=(200, 401, 403), headers=headers, what=what)
         if response.status in (401, 403):
@@ -192,9 +199,12 @@ class Authorizer:
         try:
             data = json.loads(response.data[:MAX_TOKEN_RESPONSE_BYTES])
             value = data.get("token") or data.get("access_token")
+        except (ValueError, AttributeError):
+            data, value = {}, None
+        try:
             lifetime = float(data.get("expires_in") or DEFAULT_TOKEN_LIFETIME_S)
-        except (ValueError, AttributeError, TypeError):
-            value, lifetime = None, 0.0
+        except (TypeError, ValueError):
+            lifetime = DEFAULT_TOKEN_LIFETIME_S
         if not isinstance(value, str) or not value:
             raise RegistryError(
                 f"the token server {parts.netloc} of registry {self.registry} answered without a token",
