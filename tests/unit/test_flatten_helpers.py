@@ -98,6 +98,8 @@ class Node:
     link: str = ""
     dev: tuple[int, int] = (0, 0)
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    #: For a hard link: the first name of the same inode (as sqfs2tar lists it).
+    inode_of: str = ""
 
 
 _KIND = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
@@ -105,7 +107,11 @@ _KIND = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "di
 
 
 def read_tree(image: Path) -> dict[str, Node]:
-    """Every path of the SquashFS (root as '.') with type, mode, owner, contents, xattrs."""
+    """Every path of the SquashFS (root as '.') with type, mode, owner, contents, xattrs.
+
+    A hard link reads as a file with its inode's contents and ``inode_of`` naming the first
+    name of that inode (both names then have ``inode_of`` set, the first to itself).
+    """
     tar = subprocess.run(["sqfs2tar", "--root-becomes", ".", str(image)], capture_output=True, check=True).stdout
     tree: dict[str, Node] = {}
     with tarfile.open(fileobj=io.BytesIO(tar), encoding="utf-8", errors="surrogateescape") as archive:
@@ -118,6 +124,11 @@ def read_tree(image: Path) -> dict[str, Node]:
                         dev=(info.devmajor, info.devminor), xattrs=xattrs)
             if info.isreg():
                 node.data = archive.extractfile(info).read()
+            if info.islnk():
+                first = info.linkname[2:] if info.linkname.startswith("./") else info.linkname
+                target = tree[first]
+                node.kind, node.data, node.inode_of, node.link = "file", target.data, first, ""
+                target.inode_of = first
             tree[name] = node
     return tree
 

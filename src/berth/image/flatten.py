@@ -184,36 +184,53 @@ class _Flattener:
         pending_opaque: set[str] = set()
         # Latest member per path in this layer: (index, kind, source of a hard link).
         seen: dict[str, tuple[int, str, tuple[int, int, str] | None]] = {}
-        for index, info in _members(source, what, self.limits):
-            try:
-                path = tarstream.canonical_name(info.name)
-            except tarstream.NameRejected:
-                self.report.note(f"{what}: dropped '{info.name}': a '..' component points outside the image")
-                continue
-            kind = _kind(info, what)
-            base = path.rpartition("/")[2]
-            if base.startswith(_WHITEOUT_PREFIX):
-                self._whiteout(path, base, layer, index, what, pending_whiteouts, pending_opaque)
-                continue
-            if kind == "hardlink":
-                link_source = self._link_source(info, path, layer, what, seen)
-                seen[path] = (index, kind, link_source)
-            else:
-                link_source = None
-                seen[path] = (index, kind, None)
-            if plan is not None and not self._last_in_layer(path, index, plan, what):
-                continue
-            if not self._place(path, kind, layer, index, what, plan):
-                continue
-            if kind == "hardlink":
-                if link_source is not None and link_source[0] == -1:
-                    continue  # already noted: the target can never be valid
-                self.links.append(_PendingLink(path, info, layer, what,
-                                               link_source, info.linkname))
-                continue
-            self._emit(path, info, kind, source, what)
+        last = "(the first entry)"
+        try:
+            for index, info in _members(source, what, self.limits):
+                last = info.name
+                self._member(index, info, source, layer, what, plan, seen,
+                             pending_whiteouts, pending_opaque)
+        except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
+            raise ImageError(
+                f"{what} is truncated or corrupt after entry '{last}': {exc}",
+                hint="the layer blob is damaged; remove it from the store and pull again",
+            ) from None
         self.whiteouts |= pending_whiteouts
         self.opaque |= pending_opaque
+
+    def _member(self, index: int, info: tarfile.TarInfo, source: tarstream.ByteSource, layer: int,
+                what: str, plan: _LayerPlan | None, seen: dict, pending_whiteouts: set[str],
+                pending_opaque: set[str]) -> None:
+        try:
+            path = tarstream.canonical_name(info.name)
+        except tarstream.NameRejected:
+            self.report.note(f"{what}: dropped '{info.name}': a '..' component points outside the image")
+            return
+        kind = _kind(info, what)
+        base = path.rpartition("/")[2]
+        if _WHITEOUT_PREFIX in path and "/" + _WHITEOUT_PREFIX in "/" + path[:len(path) - len(base)]:
+            self.report.note(f"{what}: dropped '{path}': it lies under a whiteout name (AUFS metadata)")
+            return
+        if base.startswith(_WHITEOUT_PREFIX):
+            self._whiteout(path, base, layer, index, what, pending_whiteouts, pending_opaque)
+            return
+        if kind == "hardlink":
+            link_source = self._link_source(info, path, layer, what, seen)
+            seen[path] = (index, kind, link_source)
+        else:
+            link_source = None
+            seen[path] = (index, kind, None)
+        if plan is not None and not self._last_in_layer(path, index, plan, what):
+            return
+        if not self._place(path, kind, layer, index, what, plan):
+            return
+        if kind == "hardlink":
+            if link_source is not None and link_source[0] == -1:
+                return  # already noted: the target can never be valid
+            self.links.append(_PendingLink(path, info, layer, what,
+                                           link_source, info.linkname))
+            return
+        self._emit(path, info, kind, source, what)
 
     def _whiteout(self, path: str, base: str, layer: int, index: int, what: str,
                   pending_whiteouts: set[str], pending_opaque: set[str]) -> None:
@@ -395,7 +412,7 @@ def _kind(info: tarfile.TarInfo, what: str) -> str:
             hint="the layer is corrupt or was made by an unusual tool; rebuild the image",
         )
     for label, value in (("name", info.name), ("link target", info.linkname)):
-        why = tarstream.check_name_length(value)
+        why = tarstream.check_name_length(value, components=label == "name")
         if why:
             raise ImageError(f"{what}: an entry's {label} is absurd: {why} ('{value[:80]}...')",
                              hint="the layer is hostile or corrupt; do not use this image")
@@ -405,37 +422,32 @@ def _kind(info: tarfile.TarInfo, what: str) -> str:
 def _members(source: tarstream.ByteSource, what: str, limits: _Limits
              ) -> Iterator[tuple[int, tarfile.TarInfo]]:
     """Yield (index, header) for each member of a tar stream; its data can be copied from
-    ``source`` before the next iteration, else it is skipped. Corruption raises ImageError
-    naming the entry after which the stream broke."""
-    last = "(the first entry)"
-    try:
-        for index, info in enumerate(tarstream.iter_members(source)):
-            limits.members += 1
-            if limits.members > limits.max_entries:
-                raise ImageError(
-                    f"{what}: more than {limits.max_entries} entries in the image",
-                    hint="the image is a tar bomb or far larger than berth expects; do not use it",
-                )
-            last = info.name
-            yield index, info
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise ImageError(
-            f"{what} is truncated or corrupt after entry '{last}': {exc}",
-            hint="the layer blob is damaged; remove it from the store and pull again",
-        ) from None
+    ``source`` before the next iteration, else it is skipped. Enforces the entry limit."""
+    for index, info in enumerate(tarstream.iter_members(source)):
+        limits.members += 1
+        if limits.members > limits.max_entries:
+            raise ImageError(
+                f"{what}: more than {limits.max_entries} entries in the image",
+                hint="the image is a tar bomb or far larger than berth expects; do not use it",
+            )
+        yield index, info
 
 
 def _prescan(stream: tarstream.ByteSource, what: str, max_entries: int) -> _LayerPlan:
     last_index: dict[str, int] = {}
     last_nondir: dict[str, int] = {}
-    for index, info in _members(stream, what, _Limits(0, max_entries)):
-        try:
-            path = tarstream.canonical_name(info.name)
-        except tarstream.NameRejected:
-            continue
-        last_index[path] = index
-        if info.type != tarfile.DIRTYPE:
-            last_nondir[path] = index
+    try:
+        for index, info in _members(stream, what, _Limits(0, max_entries)):
+            try:
+                path = tarstream.canonical_name(info.name)
+            except tarstream.NameRejected:
+                continue
+            last_index[path] = index
+            if info.type != tarfile.DIRTYPE:
+                last_nondir[path] = index
+    except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
+        raise ImageError(f"{what} is truncated or corrupt: {exc}",
+                         hint="the layer blob is damaged; remove it from the store and pull again") from None
     return _LayerPlan(last_index, last_nondir)
 
 
@@ -514,23 +526,28 @@ def tar_to_squashfs(tar_stream: BinaryIO | Path, output: Path, *, compression: s
         return _run([lambda: tarstream.open_decompressed(path, name)], [name], Path(output),
                     compression, max_content_bytes, max_entries, True)
     stream = tar_stream
-    seekable = False
     try:
         seekable = stream.seekable()
         start = stream.tell() if seekable else 0
     except (AttributeError, OSError):
-        seekable = False
+        seekable, start = False, 0
+    # A pipe is read once, through a buffer that lets us peek at the magic bytes.
+    once = None if seekable else (stream if hasattr(stream, "peek") else io.BufferedReader(stream))
 
     @contextmanager
     def open_stream():
-        if seekable:
+        if once is None:
             stream.seek(start)
-        buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream)  # type: ignore[arg-type]
-        kind = tarstream.sniff_compression(buffered.peek(8)[:8])
+            head = stream.read(8)
+            stream.seek(start)
+            reader = stream
+        else:
+            head, reader = once.peek(8)[:8], once
+        kind = tarstream.sniff_compression(head)
         if kind is None:
-            yield tarstream.ByteSource(buffered)
+            yield tarstream.ByteSource(reader)
         elif kind == "gzip":
-            yield tarstream.ByteSource(io.BufferedReader(tarstream.GzipReader(buffered),
+            yield tarstream.ByteSource(io.BufferedReader(tarstream.GzipReader(reader),
                                                          buffer_size=tarstream.COPY_CHUNK_BYTES))
         else:
             raise ImageError(f"{name} is {kind}-compressed; berth reads only plain or gzip tar from a stream",

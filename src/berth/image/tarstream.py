@@ -80,11 +80,14 @@ def canonical_name(name: str) -> str:
     return "/".join(parts)
 
 
-def check_name_length(path: str) -> str | None:
-    """Why ``path`` is absurdly long, or None when it fits Linux's limits."""
+def check_name_length(path: str, *, components: bool = True) -> str | None:
+    """Why ``path`` is absurdly long, or None when it fits Linux's limits (PATH_MAX, and
+    NAME_MAX per component unless ``components`` is false, as for symlink targets)."""
     encoded = path.encode(ENCODING, ERRORS)
     if len(encoded) > MAX_PATH_BYTES:
         return f"path is {len(encoded)} bytes long (limit {MAX_PATH_BYTES})"
+    if not components:
+        return None
     for part in encoded.split(b"/"):
         if len(part) > MAX_NAME_BYTES:
             return f"a path component is {len(part)} bytes long (limit {MAX_NAME_BYTES})"
