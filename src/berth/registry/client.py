@@ -225,6 +225,9 @@ class RegistryClient:
         )
         try:
             data = self._read_bounded(response, MAX_MANIFEST_BYTES, what)
+        except BaseException:
+            response.close()  # unread bytes must not go back to the pool with the connection
+            raise
         finally:
             response.release_conn()
         media_type = self._manifest_media_type(response.headers.get("Content-Type"), data, what)
@@ -487,6 +490,7 @@ def _error_text(response: Any, stream: bool) -> str:
     except Exception:  # noqa: BLE001 - the status already says what failed
         body = b""
     if stream:
+        response.close()  # the rest of an error body is not worth reading
         response.release_conn()
     return error_detail(body) if body else ""
 
