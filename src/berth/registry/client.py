@@ -97,6 +97,8 @@ class BlobResponse:
         """Yield the body in chunks of at most ``size`` bytes (bounded memory)."""
         import urllib3.exceptions as uexc
 
+        if self._response is None:
+            raise ValueError(f"the download of {self.what} is already closed")
         try:
             while True:
                 chunk = self._response.read(size, decode_content=False)
