@@ -466,3 +466,18 @@ def test_token_response_without_token_or_with_odd_lifetime(server):
     with pytest.raises(AuthenticationError):  # the fake keeps refusing; the token was used
         client_for(server).get_manifest("a", "v1")
     assert server.requests[-1].header("Authorization") == "Bearer T"
+
+
+def test_manifest_body_cut_short_is_fetched_again(server):
+    replies = [Reply(200, MANIFEST, {"Content-Type": mediatypes.OCI_MANIFEST}, drop_after=10), manifest_reply()]
+    server.handler = lambda request: replies.pop(0) if len(replies) > 1 else replies[0]
+    manifest = client_for(server).get_manifest("a", str(MANIFEST_DIGEST))
+    assert manifest.data == MANIFEST
+    assert len(server.requests) == 2
+
+
+def test_manifest_body_always_cut_short_is_unreachable(server):
+    server.handler = lambda request: Reply(200, MANIFEST, {"Content-Type": mediatypes.OCI_MANIFEST}, drop_after=10)
+    with pytest.raises(RegistryUnreachable, match="lost while reading manifest a:v1"):
+        client_for(server, retries=2).get_manifest("a", "v1")
+    assert len(server.requests) == 3

@@ -215,23 +215,30 @@ class RegistryClient:
         wanted = parse_version(version)
         name = f"{repository}@{version}" if wanted else f"{repository}:{version}"
         what = f"manifest {name}"
-        response = self._request(
-            "GET", f"/v2/{repository}/manifests/{version}",
-            scope=pull_scope(repository), accept=(200,),
-            headers={"Accept": mediatypes.MANIFEST_ACCEPT}, stream=True, what=what,
-            not_found=lambda detail: ManifestUnknown(
-                f"manifest unknown: {self.host}/{name} does not exist"
-                + (f" ({detail})" if detail else ""),
-                hint="check the repository name and the tag or digest (and that the image was pushed)",
-            ),
-        )
-        try:
-            data = self._read_bounded(response, MAX_MANIFEST_BYTES, what)
-        except BaseException:
-            response.close()  # unread bytes must not go back to the pool with the connection
-            raise
-        finally:
-            response.release_conn()
+        attempt = 0
+        while True:
+            response = self._request(
+                "GET", f"/v2/{repository}/manifests/{version}",
+                scope=pull_scope(repository), accept=(200,),
+                headers={"Accept": mediatypes.MANIFEST_ACCEPT}, stream=True, what=what,
+                not_found=lambda detail: ManifestUnknown(
+                    f"manifest unknown: {self.host}/{name} does not exist"
+                    + (f" ({detail})" if detail else ""),
+                    hint="check the repository name and the tag or digest (and that the image was pushed)",
+                ),
+            )
+            try:
+                data = self._read_bounded(response, MAX_MANIFEST_BYTES, what)
+                break
+            except RegistryUnreachable:
+                # The connection broke inside the body: a manifest is small, fetch it again.
+                if attempt >= self.transport.retries:
+                    raise
+                self.transport.backoff.wait(attempt)
+                attempt += 1
+            finally:
+                response.close()  # unread bytes must not go back to the pool with the connection
+                response.release_conn()
         media_type = self._manifest_media_type(response.headers.get("Content-Type"), data, what)
         if wanted is not None:
             digest = Digest.of(data, wanted.algorithm)
@@ -431,13 +438,19 @@ class RegistryClient:
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
             raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts")
+        data = bytearray()
         try:
-            data = response.read(limit + 1, decode_content=False)
+            # Read until the end: urllib3 notices a body cut short of its Content-Length only
+            # on the read that finds the end of the stream.
+            while chunk := response.read(64 * 1024, decode_content=False):
+                data += chunk
+                if len(data) > limit:
+                    raise RegistryError(f"{what} is more than the {limit} bytes berth accepts")
         except (uexc.HTTPError, OSError) as exc:
-            raise RegistryUnreachable(f"connection to registry {self.host} lost while reading {what}: {exc}") from None
-        if len(data) > limit:
-            raise RegistryError(f"{what} is more than the {limit} bytes berth accepts")
-        return data
+            raise RegistryUnreachable(
+                f"connection to registry {self.host} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"
+            ) from None
+        return bytes(data)
 
     def _manifest_media_type(self, content_type: str | None, data: bytes, what: str) -> str:
         declared = (content_type or "").split(";", 1)[0].strip().lower()
