@@ -423,3 +423,10 @@ def test_tar_to_squashfs_from_a_pipe_with_duplicates_says_why_it_cannot(tmp_path
     with open(read_end, "rb") as pipe, pytest.raises(ImageError, match="cannot be read twice"):
         tar_to_squashfs(pipe, tmp_path / "out.sqfs", compression="gzip")
     assert not (tmp_path / "out.sqfs").exists()
+
+
+def test_write_through_own_symlink_is_dropped_even_when_an_upper_layer_makes_a_directory_there(tmp_path):
+    report, tree, _ = flatten(tmp_path, [sym("a", "/etc"), f("a/passwd", "evil")], [f("a/upper", "u")])
+    assert paths(tree) == {"a", "a/upper"}
+    assert tree["a"].kind == "dir"
+    assert any("'a/passwd'" in note and "symlink" in note for note in report.notes)

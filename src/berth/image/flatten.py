@@ -222,6 +222,14 @@ class _Flattener:
             seen[path] = (index, kind, None)
         if plan is not None and not self._last_in_layer(path, index, plan, what):
             return
+        for ancestor in _ancestors(path):
+            # Under a non-directory of this very layer (``a -> /etc`` then ``a/passwd``): a
+            # write through a link, whatever upper layers later put at that path.
+            earlier = seen.get(ancestor)
+            if earlier is not None and earlier[1] not in _DIR_KINDS:
+                self.report.note(f"{what}: dropped '{path}': its parent '{ancestor}' is a {earlier[1]} "
+                                 "of the same layer")
+                return
         if not self._place(path, kind, layer, index, what, plan):
             return
         if kind == "hardlink":
