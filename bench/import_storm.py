@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Python import storm: a few thousand small modules imported from the image's SquashFS in a
+berth container vs the same tree unpacked on disk (issue 3).
+
+The image is a debootstrap minbase bookworm with python3-minimal plus one layer holding the
+package ``storm`` under /opt/storm: N tiny modules (default 3000) in 30 subpackages, byte-compiled
+(.pyc in the image, PYTHONDONTWRITEBYTECODE=1), and ``storm.all`` importing all of them.
+Each variant runs ``python3 -c "import sys; sys.path.insert(0, ROOT/opt/storm); import storm.all"``
+and, as its baseline, ``python3 -c pass`` in the same environment; the storm's own cost is the
+difference of the medians.
+
+Variants (as berthtest): ``berth run`` (image SquashFS via squashfuse), ``ch-run IMG.sqfs`` (the
+same tree as an lz4 SquashFS mounted by ch-run), ``ch-run DIR`` (the tree unpacked on disk), and
+the host's python3 on the unpacked directory (no container; Debian 12's python3 is the image's).
+
+- warm: hyperfine (warm-up runs first), page cache warm;
+- cold: before every run the page, dentry and inode caches are dropped (``echo 3 >
+  /proc/sys/vm/drop_caches``, root); each run is then started through runuser from the
+  benchmark's own loop, which adds the same few ms to every variant.
+
+Usage::
+
+    python3 bench/import_storm.py [--modules 3000] [--runs 10] [--cold-runs 5] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c  # noqa: E402
+
+
+def storm_code(storm_root: str) -> str:
+    return f"import sys; sys.path.insert(0, '{storm_root}'); import storm.all; assert storm.all.COUNT > 0"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", type=int, default=3000)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--cold-runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if os.getuid() != 0:
+        parser.error("run as root (it drops caches and runs the tools as the unprivileged user)")
+    command = "python3 bench/import_storm.py " + " ".join(sys.argv[1:])
+    header = c.report_header(f"Python import storm: {args.modules} modules (issue 3)", command.strip())
+    c.ensure_cache_readable()
+    user = c.BenchUser.lookup()
+    image, _ = c.python_image(args.modules)
+    workdir = user.tempdir("berth-bench-storm-", Path("/var/tmp"))
+    unavailable: dict[str, str] = {}
+    variants: dict[str, tuple[list[str], list[str], Optional[dict]]] = {}
+    mounts: list[Path] = []
+    try:
+        c.log("unpacking the image and building its SquashFS")
+        rootfs = workdir / "rootfs"
+        rootfs.mkdir()
+        user.chown_tree(rootfs)
+        for layer in image.layers:
+            user.run(["tar", "-C", str(rootfs), "-xzf", str(layer.path)])
+        sqfs = workdir / "image.sqfs"
+        user.run(["mksquashfs", str(rootfs), str(sqfs), "-comp", "lz4", "-noappend", "-quiet", "-no-progress"])
+        image_python = ["/usr/bin/python3"]
+        env_no_pyc = ["env", "PYTHONDONTWRITEBYTECODE=1"]
+
+        # berth
+        missing = c.berth_subcommand_missing(user, "pull") or c.berth_subcommand_missing(user, "run")
+        if missing:
+            unavailable["berth"] = missing
+        else:
+            store = user.tempdir("berth-store-", workdir)
+            state = user.tempdir("berth-state-", workdir)
+            try:
+                with c.Registry(c.registry_storage()) as registry:
+                    c.ensure_pushed(registry, [image])
+                    config_dir = c.berth_config_dir(user, [registry.host], workdir)
+                    berth_env = c.berth_env(config_dir, store, state)
+                    pull = [str(c.BERTH), "pull"]
+                    if c.berth_help_has(user, "pull", "--insecure"):
+                        pull.append("--insecure")
+                    ref = image.ref(registry)
+                    user.run([*pull, ref], env=berth_env)
+                berth = [str(c.BERTH), "run", ref]
+                variants["berth run (SquashFS, squashfuse)"] = (
+                    [*berth, *image_python, "-c", storm_code("/opt/storm")],
+                    [*berth, *image_python, "-c", "pass"], berth_env)
+            except RuntimeError as error:
+                unavailable["berth"] = f"berth failed: {c.error_line(str(error))}"
+
+        ch_sqfs = ["ch-run", str(sqfs), "--", *env_no_pyc, *image_python]
+        variants["ch-run IMG.sqfs"] = ([*ch_sqfs, "-c", storm_code("/opt/storm")], [*ch_sqfs, "-c", "pass"], None)
+        ch_dir = ["ch-run", str(rootfs), "--", *env_no_pyc, *image_python]
+        variants["ch-run DIR (unpacked on disk)"] = (
+            [*ch_dir, "-c", storm_code("/opt/storm")], [*ch_dir, "-c", "pass"], None)
+        host = [*env_no_pyc, "/usr/bin/python3"]
+        variants["host python3 on DIR (no container)"] = (
+            [*host, "-c", storm_code(str(rootfs / "opt" / "storm"))], [*host, "-c", "pass"], None)
+        # the FUSE share of the cost, without any container: the same SquashFS mounted by the
+        # user with squashfuse (high-level API, what berth uses) and squashfuse_ll (low-level)
+        for program in ("squashfuse", "squashfuse_ll"):
+            mountpoint = user.tempdir(f"mnt-{program}-", workdir)
+            if user.run([program, str(sqfs), str(mountpoint)], check=False).returncode != 0:
+                unavailable[f"host-{program}"] = f"{program} cannot mount here"
+                continue
+            mounts.append(mountpoint)
+            variants[f"host python3 on {program} mount (no container)"] = (
+                [*host, "-c", storm_code(str(mountpoint / "opt" / "storm"))], [*host, "-c", "pass"], None)
+
+        # every variant must really import the storm before it is timed
+        for name, (storm, _, env) in list(variants.items()):
+            result = user.run(storm, env=env, check=False)
+            if result.returncode != 0:
+                unavailable[name.split()[0]] = f"exit {result.returncode}: {c.error_line(result.stderr)}"
+                del variants[name]
+
+        warm: dict[str, tuple[c.Sample, c.Sample]] = {}
+        cold: dict[str, tuple[c.Sample, c.Sample]] = {}
+        for name, (storm, baseline, env) in variants.items():
+            c.log(f"warm: {name}")
+            export = workdir / "hyperfine.json"
+            user.run(["hyperfine", "--style", "none", "-N", "--warmup", str(args.warmup), "--runs", str(args.runs),
+                      "--export-json", str(export), "-n", "storm", hyperfine_words(storm),
+                      "-n", "baseline", hyperfine_words(baseline)], env=env, timeout=3600)
+            results = {r["command"]: c.Sample(list(r["times"])) for r in json.loads(export.read_text())["results"]}
+            warm[name] = (results["storm"], results["baseline"])
+        can_drop = c.drop_caches()
+        if can_drop:
+            for name, (storm, baseline, env) in variants.items():
+                c.log(f"cold: {name}")
+                samples = (c.Sample(), c.Sample())
+                for _ in range(args.cold_runs):
+                    for sample, argv in zip(samples, (storm, baseline)):
+                        c.drop_caches()
+                        sample.add(c.timed(user.argv(argv, env)))
+                cold[name] = samples
+    finally:
+        for mountpoint in mounts:
+            user.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        c.rm_tree(workdir)
+
+    sections = [header, f"Image: {image.name}, {image.tar_bytes / 1e6:.0f} MB of tar; storm layer "
+                        f"{image.layers[-1].tar_bytes / 1e6:.1f} MB ({args.modules} modules + .pyc).", ""]
+    berth_name = "berth run (SquashFS, squashfuse)"
+    for mode, measured in (("warm", warm), ("cold (caches dropped before every run)", cold)):
+        rows = []
+        berth_storm = measured.get(berth_name)
+        for name in [berth_name, "ch-run IMG.sqfs", "ch-run DIR (unpacked on disk)",
+                     "host python3 on DIR (no container)", "host python3 on squashfuse mount (no container)",
+                     "host python3 on squashfuse_ll mount (no container)"]:
+            if name not in measured:
+                reason = unavailable.get(name.split()[0]) or unavailable.get(f"host-{name.split()[3]}") or ("caches cannot be dropped here" if mode != "warm" else "?")
+                rows.append([name, f"not available: {reason}", "—", "—", "—"])
+                continue
+            storm, baseline = measured[name]
+            storm_only = storm.median - baseline.median
+            berth_ratio = "—"
+            if berth_storm and name != berth_name:
+                berth_ratio = c.ratio(berth_storm[0].median - berth_storm[1].median, storm_only)
+            rows.append([name, storm.cell("ms"), baseline.cell("ms"), f"{storm_only * 1000:.0f}", berth_ratio])
+        sections += [f"#### {mode}", "",
+                     c.markdown_table(["variant", "import storm.all, ms: median (min–max)", "python3 -c pass, ms",
+                                       "storm only (difference of medians), ms", "berth / variant (storm only)"],
+                                      rows), ""]
+    report = "\n".join(sections).rstrip() + "\n"
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+    return 0
+
+
+def hyperfine_words(argv: list[str]) -> str:
+    """One hyperfine -N command line: its words are split shell-style, so quote each."""
+    return " ".join(shlex.quote(word) for word in argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
