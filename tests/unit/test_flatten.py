@@ -245,8 +245,6 @@ def test_hard_link_to_file_of_lower_layer_is_kept(tmp_path):
     ([[hard("l", "missing")]], "missing"),
     ([[sym("s", "/etc/passwd"), hard("l", "s")]], "symlink"),
     ([[d("dir"), hard("l", "dir")]], "dir"),
-    ([[f("t", "t"), hard("l", "t")], [f(".wh.t")]], "replaced or removed"),
-    ([[f("t", "t"), hard("l", "t")], [f("t", "upper")]], "replaced or removed"),
     ([[hard("l", "t"), f("t", "t")]], "missing"),
     ([[f("t", "t")], [f(".wh.t")], [hard("l", "t")]], "missing"),
     ([[hard("l", "l")]], "names"),
@@ -430,3 +428,27 @@ def test_write_through_own_symlink_is_dropped_even_when_an_upper_layer_makes_a_d
     assert paths(tree) == {"a", "a/upper"}
     assert tree["a"].kind == "dir"
     assert any("'a/passwd'" in note and "symlink" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("upper", [[f(".wh.t")], [f("t", "replaced")]], ids=["whited-out", "replaced"])
+def test_hard_links_to_a_file_hidden_above_keep_its_content(tmp_path, upper):
+    report, tree, _ = flatten(tmp_path, [f("t", "original", mode=0o750, uid=5), hard("l1", "t"), hard("l2", "t"),
+                                         hard("l3", "l2")], upper)
+    for name in ("l1", "l2", "l3"):
+        assert (tree[name].data, tree[name].mode, tree[name].uid) == (b"original", 0o750, 5)
+    assert tree["l1"].inode_of == tree["l2"].inode_of == tree["l3"].inode_of != ""
+    assert tree.get("t") is None or tree["t"].data == b"replaced"
+    assert any("'l1' became a copy of 't'" in note for note in report.notes)
+
+
+def test_hard_link_to_an_entry_replaced_later_in_its_layer_keeps_the_old_content(tmp_path):
+    _, tree, _ = flatten(tmp_path, [f("t", "old"), hard("l", "t"), f("t", "new")])
+    assert (tree["l"].data, tree["t"].data) == (b"old", b"new")
+    assert tree["l"].inode_of != tree["t"].inode_of or tree["l"].inode_of == ""
+
+
+def test_hard_link_whose_own_path_is_hidden_does_not_carry_the_data(tmp_path):
+    report, tree, _ = flatten(tmp_path, [f("t", "data"), hard("l1", "t"), hard("l2", "t")],
+                              [f(".wh.t"), f(".wh.l1")])
+    assert paths(tree) == {"l2"}
+    assert tree["l2"].data == b"data"

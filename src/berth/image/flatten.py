@@ -31,12 +31,15 @@ How (the why is in each rule's comment):
   - an entry whose parent is, in the final tree, a non-directory placed by the same layer
     (``a -> /etc`` then ``a/passwd``) is dropped with a note; under one placed by an upper
     layer it is hidden, as overlay semantics say;
-  - a hard link is kept only when its target is a regular file of the final tree that is the
-    very file the link named when its layer was applied (the latest earlier entry of that
-    path in the same layer, or a file of a lower layer that nothing above replaced); links
-    whose target is outside the tree, missing, whited out, replaced or not a regular file are
-    dropped with a note. Hard links are written at the end of the stream, when the final tree
-    is known, and always name a path inside the tree;
+  - a hard link is kept when its target is a regular file of the final tree that is the very
+    file the link named when its layer was applied (the latest earlier entry of that path in
+    the same layer, or a file of a lower layer that nothing above replaced). When that file is
+    hidden in the final tree (whited out or replaced above, or replaced later in its layer),
+    its data is written under the first surviving link's name and the other links point there
+    (materialized, with a note; this needs the layer's pre-scan, as for duplicates). Links whose
+    target is outside the tree, missing, not a regular file, or a lower layer's file that an
+    upper layer replaced are dropped with a note. Hard links are written at the end of the
+    stream, when the final tree is known, and always name a path inside the tree;
   - symlink targets are kept verbatim: they are resolved only inside the container;
   - device nodes, FIFOs, setuid/setgid/sticky bits, numeric ownership (names ignored) and
     xattrs (``SCHILY.xattr.*`` in the user, trusted and security namespaces; others are
@@ -128,6 +131,8 @@ class _LayerPlan:
 
     last_index: dict[str, int]
     last_nondir_index: dict[str, int]
+    #: member index of a regular file → (index, path) of the hard links of this layer naming it
+    link_sources: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
 
 
 class _NeedPlan(Exception):
@@ -177,6 +182,10 @@ class _Flattener:
         self.opaque: set[str] = set()
         self.links: list[_PendingLink] = []
         self.opaque_implied: list[str] = []
+        #: (layer, index of a hidden regular file) → (layer, index, path) of the hard link of
+        #: the same layer that now carries its data; and the (layer, index) of such links.
+        self.materialized: dict[tuple[int, int], tuple[int, int, str]] = {}
+        self.materialized_links: set[tuple[int, int]] = set()
 
     # -- one layer -------------------------------------------------------------------------
     def layer(self, source: tarstream.ByteSource, layer: int, what: str, plan: _LayerPlan | None) -> None:
@@ -217,28 +226,69 @@ class _Flattener:
         if kind == "hardlink":
             link_source = self._link_source(info, path, layer, what, seen)
             seen[path] = (index, kind, link_source)
+            if (layer, index) in self.materialized_links:
+                return  # already written, as the file its hidden target was
         else:
             link_source = None
             seen[path] = (index, kind, None)
-        if plan is not None and not self._last_in_layer(path, index, plan, what):
+        if not self._placeable_in_layer(path, index, plan, what, seen) \
+                or not self._place(path, kind, layer, index, what, plan):
+            if kind == "file" and plan is not None and index in plan.link_sources:
+                self._materialize(info, path, layer, index, plan, seen, source, what)
             return
+        if kind == "hardlink":
+            if link_source is not None and link_source[0] == -1:
+                return  # already noted: the target can never be valid
+            if link_source is not None and link_source[0] == layer:
+                target = self.nodes.get(link_source[2])
+                if target is None or (target.layer, target.index, target.kind) != (layer, link_source[1], "file"):
+                    # The file this link names is hidden in the final tree (whited out or
+                    # replaced above, or replaced later in this layer): its data must be
+                    # written under the link's name, which needs a pre-scan of this layer.
+                    moved = self.materialized.get((layer, link_source[1]))
+                    if moved is not None:
+                        link_source = moved
+                    elif plan is None:
+                        raise _NeedPlan(layer)
+            self.links.append(_PendingLink(path, info, layer, what,
+                                           link_source, info.linkname))
+            return
+        self._emit(path, info, kind, source, what)
+
+    def _placeable_in_layer(self, path: str, index: int, plan: _LayerPlan | None, what: str,
+                            seen: dict, *, quiet: bool = False) -> bool:
+        """The checks of one layer's own order: superseded by a later entry, or under a
+        non-directory placed earlier by the same layer."""
+        if plan is not None and not self._last_in_layer(path, index, plan, what, quiet=quiet):
+            return False
         for ancestor in _ancestors(path):
             # Under a non-directory of this very layer (``a -> /etc`` then ``a/passwd``): a
             # write through a link, whatever upper layers later put at that path.
             earlier = seen.get(ancestor)
             if earlier is not None and earlier[1] not in _DIR_KINDS:
-                self.report.note(f"{what}: dropped '{path}': its parent '{ancestor}' is a {earlier[1]} "
-                                 "of the same layer")
-                return
-        if not self._place(path, kind, layer, index, what, plan):
+                if not quiet:
+                    self.report.note(f"{what}: dropped '{path}': its parent '{ancestor}' is a {earlier[1]} "
+                                     "of the same layer")
+                return False
+        return True
+
+    def _materialize(self, info: tarfile.TarInfo, path: str, layer: int, index: int, plan: _LayerPlan,
+                     seen: dict, source: tarstream.ByteSource, what: str) -> None:
+        """Write a hidden regular file's data under the first of its hard links that will be
+        in the final tree, so the links keep the content ``umoci unpack`` would give them."""
+        for link_index, link_path in plan.link_sources[index]:
+            if not self._placeable_in_layer(link_path, link_index, plan, what, seen, quiet=True) \
+                    or self._blocked(link_path, layer) is not None or link_path in self.nodes:
+                continue
+            self.nodes[link_path] = _Node(layer, link_index, "file")
+            for ancestor in _ancestors(link_path):
+                self.nodes.setdefault(ancestor, _Node(layer, link_index, "implied"))
+            self.materialized[(layer, index)] = (layer, link_index, link_path)
+            self.materialized_links.add((layer, link_index))
+            self.report.note(f"{what}: hard link '{link_path}' became a copy of '{path}', which is hidden "
+                             "in the final tree")
+            self._emit(link_path, info, "file", source, what)
             return
-        if kind == "hardlink":
-            if link_source is not None and link_source[0] == -1:
-                return  # already noted: the target can never be valid
-            self.links.append(_PendingLink(path, info, layer, what,
-                                           link_source, info.linkname))
-            return
-        self._emit(path, info, kind, source, what)
 
     def _whiteout(self, path: str, base: str, layer: int, index: int, what: str,
                   pending_whiteouts: set[str], pending_opaque: set[str]) -> None:
@@ -283,13 +333,18 @@ class _Flattener:
         self.report.note(f"{what}: dropped hard link '{path}': its target '{target}' is a {kind}, not a regular file")
         return (-1, -1, "kind")
 
-    def _last_in_layer(self, path: str, index: int, plan: _LayerPlan, what: str) -> bool:
+    def _last_in_layer(self, path: str, index: int, plan: _LayerPlan, what: str, *,
+                       quiet: bool = False) -> bool:
         if plan.last_index.get(path, index) != index:
-            self.report.note(f"{what}: skipped an earlier entry for '{path or '/'}': a later entry of the same layer replaces it")
+            if not quiet:
+                self.report.note(f"{what}: skipped an earlier entry for '{path or '/'}': a later entry of "
+                                 "the same layer replaces it")
             return False
         for ancestor in _ancestors(path):
             if plan.last_nondir_index.get(ancestor, -1) > index:
-                self.report.note(f"{what}: skipped '{path}': a later non-directory '{ancestor}' of the same layer replaces its parent")
+                if not quiet:
+                    self.report.note(f"{what}: skipped '{path}': a later non-directory '{ancestor}' of the "
+                                     "same layer replaces its parent")
                 return False
         return True
 
@@ -444,6 +499,9 @@ def _members(source: tarstream.ByteSource, what: str, limits: _Limits
 def _prescan(stream: tarstream.ByteSource, what: str, max_entries: int) -> _LayerPlan:
     last_index: dict[str, int] = {}
     last_nondir: dict[str, int] = {}
+    link_sources: dict[int, list[tuple[int, str]]] = {}
+    # path → member index of the regular file it names now (through hard links), or -1
+    files: dict[str, int] = {}
     try:
         for index, info in _members(stream, what, _Limits(0, max_entries)):
             try:
@@ -453,10 +511,22 @@ def _prescan(stream: tarstream.ByteSource, what: str, max_entries: int) -> _Laye
             last_index[path] = index
             if info.type != tarfile.DIRTYPE:
                 last_nondir[path] = index
+            if info.type in tarfile.REGULAR_TYPES:
+                files[path] = index
+            elif info.type == tarfile.LNKTYPE:
+                try:
+                    target = files.get(tarstream.canonical_name(info.linkname), -1)
+                except tarstream.NameRejected:
+                    target = -1
+                files[path] = target
+                if target >= 0:
+                    link_sources.setdefault(target, []).append((index, path))
+            else:
+                files[path] = -1
     except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
         raise ImageError(f"{what} is truncated or corrupt: {exc}",
                          hint="the layer blob is damaged; remove it from the store and pull again") from None
-    return _LayerPlan(last_index, last_nondir)
+    return _LayerPlan(last_index, last_nondir, link_sources)
 
 
 def _convert(openers: Sequence[Callable[[], "contextmanager"]], names: Sequence[str], output: Path,
