@@ -86,11 +86,11 @@ if "$berth" template --help >/dev/null 2>&1 && "$berth" submit --help >/dev/null
 #!/bin/sh
 #BERTH -J demo-job
 echo "job running in the container on $(hostname) as uid $(id -u)"
-echo "result" > "$BERTH_DEMO_OUT/result.txt"
+echo "written by the job in $(pwd)" > out/result.txt
 JOB
     mkdir -p "$work/out"
     cd "$work"
-    job=$(BERTH_DEMO_OUT="$work/out" "$berth" submit --backend local --template demo -o "$work/job.out" job.sh)
+    job=$("$berth" submit --backend local --template demo -o "$work/job.out" job.sh)
     echo "submitted job $job"
     for _ in $(seq 120); do
         state=$("$berth" status "$job" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
@@ -100,6 +100,8 @@ JOB
     "$berth" status "$job"
     "$berth" logs "$job"
     [ "$state" = completed ] || { echo "demo job ended $state" >&2; exit 1; }
+    echo "file the job wrote to the submit directory, as seen on the host:"
+    ls -ln "$work/out/result.txt"; cat "$work/out/result.txt"
 fi
 
 step "done: berth pulled, converted, ran and submitted a container job, all unprivileged"
