@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -599,3 +600,99 @@ def ensure_cache_readable() -> None:
     """The unprivileged user reads cached layouts and rootfs trees."""
     CACHE.mkdir(parents=True, exist_ok=True)
     os.chmod(CACHE, 0o755)
+
+
+# --------------------------------------------------------------------------- kernel exec trace
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    time_s: float  # trace clock (seconds since boot)
+    kind: str  # "exec" or "exit"
+    name: str  # exec: the file executed; exit: the task's comm
+    pid: int
+
+
+class ExecTrace:
+    """Exec and exit events of this process's descendants, from the kernel's sched tracepoints
+    (a private tracefs instance: no ptrace, so setuid helpers such as fusermount3 keep working
+    and the traced programs run at full speed). Root only; mounts tracefs on a temporary
+    directory when it is not mounted, and removes what it made on exit."""
+
+    def __init__(self) -> None:
+        self.mountpoint: Optional[Path] = None
+        self.instance: Optional[Path] = None
+
+    @staticmethod
+    def available() -> Optional[str]:
+        if os.getuid() != 0:
+            return "needs root (tracefs)"
+        return None
+
+    def __enter__(self) -> "ExecTrace":
+        tracefs = Path("/sys/kernel/tracing")
+        if not (tracefs / "instances").exists():
+            self.mountpoint = Path(tempfile.mkdtemp(prefix="berth-bench-tracefs-"))
+            run(["mount", "-t", "tracefs", "nodev", str(self.mountpoint)])
+            tracefs = self.mountpoint
+        self.instance = tracefs / "instances" / f"berth-bench-{os.getpid()}"
+        self.instance.mkdir()
+        (self.instance / "tracing_on").write_text("0\n")
+        (self.instance / "set_event_pid").write_text(f"{os.getpid()}\n")
+        (self.instance / "options" / "event-fork").write_text("1\n")
+        for event in ("sched_process_exec", "sched_process_exit"):
+            (self.instance / "events" / "sched" / event / "enable").write_text("1\n")
+        return self
+
+    def start(self) -> None:
+        assert self.instance is not None
+        (self.instance / "trace").write_text("")
+        (self.instance / "set_event_pid").write_text(f"{os.getpid()}\n")
+        (self.instance / "tracing_on").write_text("1\n")
+
+    def stop(self) -> list[ExecEvent]:
+        assert self.instance is not None
+        (self.instance / "tracing_on").write_text("0\n")
+        events = []
+        for line in (self.instance / "trace").read_text(errors="replace").splitlines():
+            if line.startswith("#"):
+                continue
+            match = re.search(
+                r"\s(\d+\.\d+): sched_process_(exec|exit): (?:filename=(\S+) pid=(\d+)|comm=(.*?) pid=(\d+))", line)
+            if match:
+                stamp, kind, filename, exec_pid, comm, exit_pid = match.groups()
+                events.append(ExecEvent(float(stamp), kind, filename or comm, int(exec_pid or exit_pid)))
+        return events
+
+    def __exit__(self, *exc) -> None:
+        if self.instance is not None and self.instance.exists():
+            (self.instance / "tracing_on").write_text("0\n")
+            for event in ("sched_process_exec", "sched_process_exit"):
+                (self.instance / "events" / "sched" / event / "enable").write_text("0\n")
+            self.instance.rmdir()
+        if self.mountpoint is not None:
+            subprocess.run(["umount", str(self.mountpoint)], check=False)
+            self.mountpoint.rmdir()
+
+
+def exec_marks(events: Sequence[ExecEvent], marks: Sequence[tuple[str, object]]) -> Optional[dict[str, float]]:
+    """The time of each mark: the first event after the previous mark that the mark's predicate
+    accepts (``predicate(event) -> bool``). None when a mark is missing."""
+    found: dict[str, float] = {}
+    index = 0
+    for name, predicate in marks:
+        while index < len(events) and not predicate(events[index]):  # type: ignore[operator]
+            index += 1
+        if index == len(events):
+            return None
+        found[name] = events[index].time_s
+        index += 1
+    return found
+
+
+def is_exec(*basenames: str):
+    return lambda event: event.kind == "exec" and os.path.basename(event.name) in basenames
+
+
+def is_exit(*comms: str):
+    return lambda event: event.kind == "exit" and event.name in comms

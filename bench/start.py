@@ -206,6 +206,42 @@ class StartBench:
                      key=lambda item: -item[1])[:10]
         return totals, top
 
+    def berth_phases(self, argv: list[str], env: dict, runs: int = 7) -> Optional[list[tuple[str, c.Sample]]]:
+        """Where one warm ``berth run`` spends its time, from kernel exec/exit events."""
+        if c.ExecTrace.available():
+            self.notes.append(f"berth run phases not measured: {c.ExecTrace.available()}")
+            return None
+        marks = [
+            ("berth", c.is_exec("berth")),
+            ("squashfuse", c.is_exec("squashfuse", "squashfuse_ll")),
+            ("runtime", c.is_exec("runc", "crun")),
+            ("command", c.is_exec("true")),
+            ("command exit", c.is_exit("true")),
+            ("unmount", c.is_exec("fusermount3", "fusermount", "umount")),
+            ("berth exit", c.is_exit("berth")),
+        ]
+        phases = [
+            ("berth exec → squashfuse exec (interpreter, imports, settings, image lookup)", "berth", "squashfuse"),
+            ("squashfuse exec → runc exec (mount, bundle)", "squashfuse", "runtime"),
+            ("runc exec → /bin/true exec (runtime start)", "runtime", "command"),
+            ("/bin/true exec → exit", "command", "command exit"),
+            ("/bin/true exit → berth exit (runtime exit, unmount)", "command exit", "berth exit"),
+            ("total: berth exec → berth exit", "berth", "berth exit"),
+        ]
+        samples = [(label, c.Sample()) for label, _, _ in phases]
+        with c.ExecTrace() as trace:
+            for _ in range(runs):
+                trace.start()
+                self.user.run(argv, env=env)
+                found = c.exec_marks(trace.stop(), marks)
+                if found is None:
+                    self.notes.append("berth run phases: an expected program (squashfuse, runc, fusermount3) "
+                                      "was not seen in the exec trace")
+                    return None
+                for (label, start, end), (_, sample) in zip(phases, samples):
+                    sample.add(found[end] - found[start])
+        return samples
+
     def cleanup(self) -> None:
         for mountpoint in self.mounts:
             self.user.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
@@ -254,8 +290,10 @@ def main() -> int:
         if udocker_env:
             samples.update(bench.hyperfine({"udocker run (R1: host runc)": [
                 str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
+        berth_phases = None
         if berth:
             samples.update(bench.hyperfine({"berth run": berth[0]}, env=berth[1]))
+            berth_phases = bench.berth_phases(*berth)
         python_env = {"PATH": f"{c.VENV / 'bin'}:{c.SYSTEM_PATH}"}
         overhead = bench.hyperfine({
             "python -c pass (venv python)": [str(c.VENV / "bin" / "python"), "-c", "pass"],
@@ -295,6 +333,11 @@ def main() -> int:
                         f"{'met' if ch_ratio <= 1.5 else 'NOT met'}")
     else:
         sections.append(f"- targets not evaluated: berth not available: {bench.unavailable.get('berth')}")
+    if berth_phases:
+        sections += ["", "Where a warm `berth run IMG /bin/true` spends its time (kernel exec/exit events from a "
+                     "tracefs instance, no ptrace; " f"{len(berth_phases[0][1].values)} runs):", ""]
+        sections.append(c.markdown_table(["phase", "ms: median (min–max)"],
+                                         [[label, sample.cell("ms")] for label, sample in berth_phases]))
     sections += ["", "berth's own start-up cost:", ""]
     sections.append(c.markdown_table(["command", "ms: median (min–max)"],
                                      [[name, sample.cell("ms")] for name, sample in overhead.items()]))
