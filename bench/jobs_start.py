@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,6 +55,21 @@ if [ "$1" = slurm ]; then
 fi
 """
 FINAL = ("completed", "failed", "cancelled", "timeout")
+
+#: Local backend: marks in the kernel exec trace of one job (submit, detached runner, container).
+LOCAL_MARKS = [
+    ("submit", c.is_exec("berth")),
+    ("runner", c.is_exec("python", "python3", "berth")),
+    ("squashfuse", c.is_exec("squashfuse", "squashfuse_ll")),
+    ("runtime", c.is_exec("runc", "crun")),
+    ("container", c.is_exec("sh")),
+]
+LOCAL_PHASES = [
+    ("trace: runner exec → squashfuse exec (runner start-up, stage)", "runner", "squashfuse"),
+    ("trace: squashfuse exec → runc exec (mount, bundle)", "squashfuse", "runtime"),
+    ("trace: runc exec → job shell exec (runtime start)", "runtime", "container"),
+    ("trace: runner exec → job shell exec (all of berth's share)", "runner", "container"),
+]
 
 
 def start_slurm(root: Path, nodes: int) -> tuple[Optional[dict], Optional[str]]:
@@ -154,6 +170,7 @@ def main() -> int:
     results: dict[tuple[str, int], dict[str, c.Sample]] = {}
     unavailable: dict[str, str] = {}
     phases_seen = False
+    traced_phases = False
     slurm_started = False
     try:
         missing = c.berth_subcommand_missing(user, "submit") or c.berth_subcommand_missing(user, "status")
@@ -171,13 +188,22 @@ def main() -> int:
                 pull = [str(c.BERTH), "pull"] + (["--insecure"] if c.berth_help_has(user, "pull", "--insecure") else [])
                 user.run([*pull, ref], env=env)
                 bench = JobBench(user, workdir, env, ref)
-                # local backend
+                # local backend, each job also traced (kernel exec events) for its phases
                 try:
                     bench.run_job("local", 1, {})  # warm-up
                     samples: dict[str, c.Sample] = {}
-                    for _ in range(args.runs):
-                        for key, value in bench.run_job("local", 1, {}).items():
-                            samples.setdefault(key, c.Sample()).add(value)
+                    with contextlib.ExitStack() as stack:
+                        trace = None if c.ExecTrace.available() else stack.enter_context(c.ExecTrace())
+                        for _ in range(args.runs):
+                            if trace:
+                                trace.start()
+                            for key, value in bench.run_job("local", 1, {}).items():
+                                samples.setdefault(key, c.Sample()).add(value)
+                            found = c.exec_marks(trace.stop(), LOCAL_MARKS) if trace else None
+                            if found:
+                                traced_phases = True
+                                for label, start, end in LOCAL_PHASES:
+                                    samples.setdefault(label, c.Sample()).add(found[end] - found[start])
                     results[("local", 1)] = samples
                 except RuntimeError as error:
                     unavailable["local"] = c.error_line(str(error))
@@ -226,6 +252,12 @@ def main() -> int:
             ["backend", "nodes", "boot on first node, ms", "container step on N nodes, ms", "bare srun step, ms",
              "berth overhead (step − bare), ms", *phase_names], rows))
         sections.append("")
+        local = results.get(("local", 1), {})
+        if traced_phases:
+            sections += ["Local backend, berth's share by phase (kernel exec events of the same jobs):", "",
+                         c.markdown_table(["phase", "ms: median (min–max)"],
+                                          [[label[len("trace: "):], local[label].cell("ms")]
+                                           for label, _, _ in LOCAL_PHASES if label in local]), ""]
         one, four = results.get(("slurm", 1)), results.get(("slurm", max(node_counts)))
         if one and four and "step" in one and "step" in four and max(node_counts) > 1:
             flat = four["step"].median / one["step"].median
@@ -236,8 +268,10 @@ def main() -> int:
             sections.append(f"- target berth overhead per node < 100 ms warm: worst step − bare = "
                             f"{worst * 1000:.0f} ms, {'met' if worst < 0.1 else 'NOT met'}")
         if not phases_seen:
-            sections.append("- phases (stage, mount, runtime start): not available: `berth status --json` "
-                            "reports no phase timings")
+            sections.append("- phases as berth reports them: not available: `berth status --json` has no phase "
+                            "timings" + ("; the local phases above come from kernel exec events (tracefs); "
+                                         "Slurm jobs are started by slurmd, outside this process tree, so they "
+                                         "are not traced" if traced_phases else ""))
     report = "\n".join(sections).rstrip() + "\n"
     print(report)
     if args.output:
