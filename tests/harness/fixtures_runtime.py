@@ -1,1 +1,226 @@
-"""pytest fixtures: runtime (see docs/contracts.md)."""
+"""pytest fixtures: runtime (see docs/contracts.md).
+
+Images for container tests are SquashFS files built here from busybox-static (mksquashfs
+-all-root, as berth's own converter gives: files owned by root, read-only for the user), so the
+runtime tests do not depend on a registry. ``berth run PATH.sqfs`` runs such a file directly;
+tests that go through the store use the registry fixtures instead.
+
+``runtime_env`` gives each test its own BERTH_STATE_DIR and, after the test, checks the leak
+rules of issue 3: no FUSE mount under that state directory, no process of the test user whose
+command line names it, no container directory left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.harness.users import User, describe
+
+BUSYBOX = "/bin/busybox"
+APPLETS = (
+    "sh", "id", "ls", "cat", "echo", "sleep", "true", "false", "env", "pwd", "touch", "mkdir", "ps",
+    "kill", "stat", "mount", "umount", "whoami", "hostname", "grep", "wc", "head", "readlink", "test",
+    "tr", "rm", "ln", "ip", "cut", "chmod", "nsenter", "unshare", "dd",
+)
+
+#: A tiny static program that reports its real and effective uid and tries to become root.
+SETUID_PROBE_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+#include <fcntl.h>
+int main(void) {
+    printf("ruid=%d euid=%d\n", (int)getuid(), (int)geteuid());
+    printf("setuid0=%d\n", setuid(0));
+    printf("shadow=%d\n", open("/host-etc/shadow", O_RDONLY));
+    return 0;
+}
+"""
+
+
+def _busybox_rootfs(root: Path, *, with_etc: bool = True, with_dirs: bool = True) -> None:
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    if with_dirs:
+        for name in ("proc", "sys", "dev", "tmp", "home", "root", "etc", "work", "data"):
+            (root / name).mkdir(exist_ok=True)
+        os.chmod(root / "tmp", 0o1777)
+    if with_etc:
+        (root / "etc").mkdir(exist_ok=True)
+        (root / "etc" / "passwd").write_text(
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
+            "berthtest:x:4242:4242:impostor:/nowhere:/bin/false\n")
+        (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+
+
+def _mksquashfs(root: Path, output: Path) -> Path:
+    subprocess.run(["mksquashfs", str(root), str(output), "-comp", "lz4", "-all-root", "-noappend", "-quiet",
+                    "-no-progress"], check=True, capture_output=True)
+    os.chmod(output, 0o644)
+    return output
+
+
+@dataclass(frozen=True)
+class RuntimeImages:
+    """SquashFS files for container tests (all world-readable)."""
+
+    busybox: Path  # busybox with /etc/passwd, /tmp, /home, /data, /work
+    bare: Path  # busybox only: no /etc, /proc, /dev, /tmp, /home (needs the overlay)
+    setuid: Path  # busybox + /bin/setuid-probe owned by root, mode 4755, and a setuid busybox
+    hostile_link: Path  # /data is a symlink to /etc, /escape -> ../../../../etc
+
+
+@pytest.fixture(scope="session")
+def runtime_images() -> RuntimeImages:
+    if not (shutil.which("mksquashfs") and os.path.exists(BUSYBOX)):
+        pytest.skip("mksquashfs or busybox-static missing: run scripts/install-system-packages.sh")
+    work = Path(tempfile.mkdtemp(prefix="berth-rt-images-", dir="/var/tmp"))
+    os.chmod(work, 0o755)
+    try:
+        root = work / "busybox"
+        _busybox_rootfs(root)
+        busybox = _mksquashfs(root, work / "busybox.sqfs")
+
+        root = work / "bare"
+        _busybox_rootfs(root, with_etc=False, with_dirs=False)
+        bare = _mksquashfs(root, work / "bare.sqfs")
+
+        root = work / "setuid"
+        _busybox_rootfs(root)
+        source = work / "probe.c"
+        source.write_text(SETUID_PROBE_C)
+        subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "bin" / "setuid-probe"), str(source)],
+                       check=True, capture_output=True)
+        os.chmod(root / "bin" / "setuid-probe", 0o4755)
+        shutil.copy2(BUSYBOX, root / "bin" / "suid-busybox")
+        os.chmod(root / "bin" / "suid-busybox", 0o4755)
+        setuid = _mksquashfs(root, work / "setuid.sqfs")
+
+        root = work / "hostile"
+        _busybox_rootfs(root)
+        (root / "data").rmdir()
+        (root / "data").symlink_to("/etc")
+        (root / "escape").symlink_to("../../../../../etc")
+        hostile = _mksquashfs(root, work / "hostile.sqfs")
+        yield RuntimeImages(busybox, bare, setuid, hostile)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fuse_mounts_under(path: str) -> list[str]:
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[4].startswith(prefix):
+                found.append(fields[4])
+    return found
+
+
+def processes_mentioning(uid: int, text: str) -> list[str]:
+    """Command lines of ``uid``'s processes that contain ``text`` (e.g. a state directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry}: {cmdline}")
+    return found
+
+
+@dataclass
+class RuntimeEnv:
+    """berth as the test user with a private state directory (BERTH_STATE_DIR)."""
+
+    user: User
+    state_dir: Path
+    scratch: Path
+    extra_env: dict = field(default_factory=dict)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"BERTH_STATE_DIR": str(self.state_dir), **self.extra_env, **extra}
+
+    def berth(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+        return self.user.berth(*args, env=self.env(**(env or {})), **kwargs)
+
+    def popen(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        """Start berth as the test user without waiting (signals reach berth itself: runuser
+        is replaced by setpriv so the pid is berth's)."""
+        from tests.harness.users import berth_executable
+
+        full_env = self.user.base_env(**self.env(**(env or {})))
+        argv = ["setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}", "--init-groups",
+                "env", "-i", *[f"{k}={v}" for k, v in full_env.items()], str(berth_executable()), *args]
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(argv, text=True, cwd="/", **kwargs)
+
+    def containers(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.state_dir / "containers"))
+        except OSError:
+            return []
+
+    def leaks(self) -> list[str]:
+        """Mounts, processes and container directories left behind (empty when clean)."""
+        leaks = [f"mount {m}" for m in fuse_mounts_under(str(self.state_dir))]
+        leaks += [f"process {p}" for p in processes_mentioning(self.user.uid, str(self.state_dir))]
+        leaks += [f"container dir {c}" for c in self.containers()]
+        return leaks
+
+    def wait_clean(self, timeout_s: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            leaks = self.leaks()
+            if not leaks or time.monotonic() > deadline:
+                return leaks
+            time.sleep(0.1)
+
+
+def _force_clean(env: RuntimeEnv) -> None:
+    """Last resort after a failed test, so one failure does not poison the others."""
+    for mount in sorted(fuse_mounts_under(str(env.state_dir)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True)
+    for line in processes_mentioning(env.user.uid, str(env.state_dir)):
+        try:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def runtime_env(user) -> RuntimeEnv:
+    """A private state directory for one test; asserts afterwards that nothing leaked."""
+    base = user.tempdir(prefix="berth-rt-")
+    scratch = base / "scratch"
+    scratch.mkdir()
+    os.chown(scratch, user.uid, user.gid)
+    env = RuntimeEnv(user, base / "state", scratch)
+    yield env
+    leaks = env.wait_clean()
+    if leaks:
+        _force_clean(env)
+    shutil.rmtree(base, ignore_errors=True)
+    assert not leaks, "berth left things behind:\n" + "\n".join(leaks)
+
+
+__all__ = ["RuntimeEnv", "RuntimeImages", "describe", "fuse_mounts_under", "processes_mentioning"]

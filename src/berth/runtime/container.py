@@ -215,7 +215,7 @@ def _wait_forwarding(child: subprocess.Popen, runtime: str, root: str, container
             if deadline is not None and time.monotonic() >= deadline and not status["killed"]:
                 status["killed"] = True
                 log(f"container did not stop within --stop-timeout {stop_timeout_s:g} s: killing it")
-                proc.run([runtime, "--root", root, "kill", "--all", container_id, "KILL"], check=False, timeout=10)
+                proc.run([runtime, "--root", root, "kill", container_id, "KILL"], check=False, timeout=10)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
@@ -268,6 +268,9 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     user_mounts = policy.resolve_user_mounts(settings, options)
     forced = policy.forced_network(settings)
     network = forced or options.network or "host"
+    namespaces = dict(settings.policy.forced_namespaces)
+    host_namespaces = tuple(k for k in ("pid", "ipc", "uts") if namespaces.get(k) == "host")
+    private_namespaces = tuple(k for k in ("cgroup",) if namespaces.get(k) == "private")
     if forced and options.network and options.network != forced:
         policy.check_options(settings, options)  # raises the PolicyError with its hint
     devices = _devices(settings, groups, options)
@@ -366,6 +369,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             remap_root=options.remap_root,
             terminal=options.tty,
             network=network,
+            host_namespaces=host_namespaces,
+            private_namespaces=private_namespaces,
             binds=tuple(binds),
             tmpfs=tuple(plan.tmpfs),
             tmp_source=str(container.tmp),

@@ -53,9 +53,15 @@ def check_destination(destination: str, *, what: str, deny) -> str:
 def resolve_source(source: str, *, what: str, settings) -> str:
     """Resolve a host path (symlinks, relative to the current directory) and judge it."""
     absolute = os.path.abspath(os.path.expanduser(source))
-    real = os.path.realpath(absolute)
     policy = settings.policy
-    denied = _under(real, policy.mount_deny_sources)
+    try:
+        real = os.path.realpath(absolute)
+    except OSError as exc:
+        real = absolute
+        if not _under(absolute, policy.mount_deny_sources):
+            raise PolicyError(f"{what}: cannot resolve the host path {source}: {exc.strerror}") from None
+    # Judge both the path as typed and what it resolves to: neither may be forbidden.
+    denied = _under(absolute, policy.mount_deny_sources) or _under(real, policy.mount_deny_sources)
     if denied:
         via = f" (it resolves to {real})" if real != absolute else ""
         raise PolicyError(f"{what}: the host path {source}{via} is under {denied}, which site policy does not "

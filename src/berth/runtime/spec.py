@@ -58,6 +58,9 @@ class SpecPlan:
     remap_root: bool = False
     terminal: bool = False
     network: str = "host"  # "host" | "none"
+    #: Namespaces the site policy makes the host's ("pid", "ipc", "uts") or adds ("cgroup").
+    host_namespaces: tuple[str, ...] = ()
+    private_namespaces: tuple[str, ...] = ()
     #: Binds in order, after the standard filesystems (/proc, /dev, /sys, /tmp...).
     binds: tuple[BindMount, ...] = ()
     #: Container directories that get a private tmpfs (e.g. the parent of $HOME), before binds.
@@ -84,8 +87,14 @@ def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root
 
 def _mounts(plan: SpecPlan) -> list[dict]:
     nosuid_nodev = ["nosuid", "nodev"]
+    if "pid" in plan.host_namespaces:
+        # A user namespace cannot mount a procfs for a PID namespace it does not own: bind it.
+        proc_mount = {"destination": "/proc", "type": "none", "source": "/proc",
+                      "options": ["rbind", "nosuid", "noexec", "nodev"]}
+    else:
+        proc_mount = {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}
     mounts: list[dict] = [
-        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        proc_mount,
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         # Rootless: no gid=5 (tty is not mapped); ptmxmode so the new instance is usable.
@@ -139,9 +148,12 @@ def build_config(plan: SpecPlan) -> dict:
     }
     if plan.rlimits:
         process["rlimits"] = [{"type": kind, "soft": soft, "hard": hard} for kind, soft, hard in plan.rlimits]
-    namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "user"}]
+    namespaces = [{"type": kind} for kind in ("pid", "ipc", "uts") if kind not in plan.host_namespaces]
+    namespaces += [{"type": "mount"}, {"type": "user"}]
     if plan.network == "none":
         namespaces.append({"type": "network"})
+    if "cgroup" in plan.private_namespaces:
+        namespaces.append({"type": "cgroup"})
     linux: dict = {
         "uidMappings": [{"containerID": 0, "hostID": plan.uid, "size": 1}],
         "gidMappings": [{"containerID": 0, "hostID": plan.gid, "size": 1}],
@@ -161,10 +173,11 @@ def build_config(plan: SpecPlan) -> dict:
         "ociVersion": OCI_VERSION,
         "process": process,
         "root": {"path": plan.rootfs, "readonly": plan.readonly_root},
-        "hostname": plan.hostname,
         "mounts": _mounts(plan),
         "linux": linux,
     }
+    if "uts" not in plan.host_namespaces:
+        config["hostname"] = plan.hostname
     if plan.annotations:
         config["annotations"] = dict(sorted(plan.annotations.items()))
     return config

@@ -1,0 +1,130 @@
+"""In-root path resolution, mount points, policy checks and limit planning."""
+
+import os
+
+import pytest
+
+from berth.config.settings import Settings, SitePolicy
+from berth.errors import PolicyError, UsageError
+from berth.runtime import limits
+from berth.runtime.options import MountRequest, RunOptions
+from berth.runtime.policy import check_destination, check_options, resolve_source, resolve_user_mounts
+from berth.runtime.rootfs import (
+    MountPoint,
+    create_mount_points,
+    missing_mount_points,
+    normalize_container_path,
+    resolve_in_root,
+)
+
+
+@pytest.fixture
+def root(tmp_path):
+    base = tmp_path / "root"
+    for d in ("etc", "usr/bin", "home"):
+        (base / d).mkdir(parents=True)
+    (base / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    (base / "abs").symlink_to("/etc")
+    (base / "rel").symlink_to("../../../../etc")
+    (base / "loop").symlink_to("loop")
+    (base / "bin").symlink_to("usr/bin")
+    return base
+
+
+def test_normalize():
+    assert normalize_container_path("../../") == "/"
+    assert normalize_container_path("//a/./b/../c/") == "/a/c"
+    assert normalize_container_path("rel") == "/rel"
+
+
+def test_symlinks_are_resolved_inside_the_root(root):
+    assert resolve_in_root(str(root), "/abs/passwd") == ("/etc/passwd", True)
+    assert resolve_in_root(str(root), "/rel/passwd") == ("/etc/passwd", True)
+    assert resolve_in_root(str(root), "/bin") == ("/usr/bin", True)
+    assert resolve_in_root(str(root), "/abs/shadow") == ("/etc/shadow", False)
+    path, exists = resolve_in_root(str(root), "/loop/x")
+    assert not exists
+
+
+def test_missing_mount_points_skip_existing_and_creatable(root):
+    needed = [MountPoint("/etc/passwd", False), MountPoint("/etc/group", False), MountPoint("/home", True),
+              MountPoint("/home/alice", True), MountPoint("/data", True), MountPoint("/tmp/x", True),
+              MountPoint("/abs/hosts", False)]
+    missing = missing_mount_points(str(root), needed, creatable_under=["/home", "/tmp"])
+    # /home/alice and /tmp/x lie under tmpfs mounts runc creates them in; /abs is a link to /etc.
+    assert missing == [MountPoint("/etc/group", False), MountPoint("/data", True), MountPoint("/etc/hosts", False)]
+
+
+def test_create_mount_points(tmp_path):
+    create_mount_points(str(tmp_path), [MountPoint("/a/b", True), MountPoint("/etc/passwd", False)])
+    assert (tmp_path / "a" / "b").is_dir() and (tmp_path / "etc" / "passwd").is_file()
+
+
+@pytest.mark.parametrize("destination,message", [
+    ("relative", "absolute"), ("/data/../etc", "'..'"), ("/", "root directory"), ("/proc/self", "/proc"),
+    ("/dev/.berth-init", "reserved"), ("/etc/passwd", "/etc/passwd"), ("//sys", "/sys"),
+])
+def test_bad_destinations(destination, message):
+    deny = SitePolicy().mount_deny_destinations
+    with pytest.raises(PolicyError, match=message):
+        check_destination(destination, what="-v", deny=deny)
+
+
+def test_destination_normalized():
+    assert check_destination("/data//x/", what="-v", deny=()) == "/data/x"
+
+
+def test_sources_are_resolved_before_judging(tmp_path):
+    settings = Settings()
+    link = tmp_path / "innocent"
+    link.symlink_to("/etc/shadow")
+    with pytest.raises(PolicyError, match="resolves to /etc/shadow"):
+        resolve_source(str(link), what="-v", settings=settings)
+    with pytest.raises(PolicyError, match="/proc"):
+        resolve_source("/proc/1/root", what="-v", settings=settings)
+    with pytest.raises(UsageError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"), what="-v", settings=settings)
+    real = tmp_path / "data"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    assert resolve_source(str(tmp_path / "alias"), what="-v", settings=settings) == str(real)
+
+
+def test_allow_list(tmp_path):
+    settings = Settings(policy=SitePolicy(mount_allow=(str(tmp_path / "ok"),)))
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "other").mkdir()
+    options = RunOptions(mounts=(MountRequest(str(tmp_path / "ok"), "/ok"),))
+    assert resolve_user_mounts(settings, options)[0].source == str(tmp_path / "ok")
+    with pytest.raises(PolicyError, match="allowed prefix"):
+        check_options(settings, RunOptions(mounts=(MountRequest(str(tmp_path / "other"), "/x"),)))
+
+
+def test_forced_network_cannot_be_overridden():
+    settings = Settings(policy=SitePolicy(forced_namespaces=(("network", "none"),)))
+    check_options(settings, RunOptions(network="none"))
+    with pytest.raises(PolicyError, match="forces network=none"):
+        check_options(settings, RunOptions(network="host"))
+
+
+def test_devices_must_be_device_nodes(tmp_path):
+    with pytest.raises(PolicyError, match="not under /dev"):
+        check_options(Settings(), RunOptions(devices=(str(tmp_path),)))
+    with pytest.raises(PolicyError, match="not a device"):
+        check_options(Settings(), RunOptions(devices=("/dev/shm",)))
+
+
+def test_limit_fallback_without_delegation(monkeypatch):
+    monkeypatch.setattr(limits, "delegated_cgroup", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    plan = limits.plan_limits(1.5, 1 << 30, "b1")
+    assert plan.cpu_set == frozenset({0, 1}) and plan.rlimits == (("RLIMIT_DATA", 1 << 30, 1 << 30),)
+    assert plan.cgroups_path is None and "CPU affinity" in plan.notes[0] and "RLIMIT_DATA" in plan.notes[1]
+    assert limits.plan_limits(None, None, "b1") == limits.LimitPlan()
+
+
+def test_limits_with_delegation(monkeypatch):
+    monkeypatch.setattr(limits, "delegated_cgroup", lambda: "/sys/fs/cgroup/user.slice/u")
+    plan = limits.plan_limits(2, 1 << 20, "b1")
+    assert (plan.cgroups_path, plan.cpu_quota_us, plan.memory_limit_bytes) == ("/user.slice/u/berth-b1", 200000, 1 << 20)
+    assert plan.cpu_set is None and plan.rlimits == ()
