@@ -95,6 +95,6 @@ def job_site(user, registry, busybox_image) -> JobSite:
             shutil.rmtree(root, ignore_errors=True)
             pytest.fail(f"cannot create template: {argv}\n{result.stdout}{result.stderr}")
     try:
-        yield JobSite(root, config_dir, site_store, jobs_dir, str(busybox_image), env)
+        yield JobSite(root, config_dir, site_store, jobs_dir, busybox_image, env)
     finally:
         shutil.rmtree(root, ignore_errors=True)

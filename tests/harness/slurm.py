@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -78,6 +79,9 @@ class SlurmCluster:
     cpus_per_node: int = 2
     memory_mib_per_node: int = 2000
     pids: dict[str, int] = field(default_factory=dict)
+    #: Job ids start at a random point: cgroups are named slurm_NODE/uid_U/job_ID on this host,
+    #: so two clusters (or a rebuilt one) must never reuse an id while a cgroup may remain.
+    first_job_id: int = field(default_factory=lambda: random.randrange(100_000, 60_000_000, 10_000))
 
     @property
     def conf(self) -> Path:
@@ -114,7 +118,8 @@ class SlurmCluster:
             self.stop()
             raise
         (self.root / "cluster.json").write_text(json.dumps(
-            {"nodes": self.nodes, "partition": self.partition, "pids": self.pids}))
+            {"nodes": self.nodes, "partition": self.partition, "pids": self.pids,
+             "first_job_id": self.first_job_id}))
 
     def _start_munge(self) -> None:
         mdir = self.root / "munge"
@@ -173,7 +178,9 @@ SlurmdDebug=info
 TmpFS={r}/tmp/%n
 SlurmdParameters=config_overrides
 MailProg=/bin/true
+EnforcePartLimits=ALL
 ReturnToService=2
+FirstJobId={self.first_job_id}
 ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup,task/affinity
 SelectType=select/cons_tres
@@ -229,7 +236,14 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
         _wait_for(ready, timeout_s, "slurm nodes idle", log / "slurmctld.log")
 
     def stop(self, grace_s: float = 10) -> None:
-        """Stop every daemon by PID (SIGTERM, then SIGKILL after ``grace_s``)."""
+        """End every job, then stop every daemon by PID (SIGTERM, then SIGKILL after ``grace_s``).
+
+        Jobs outlive slurmd (slurmstepd runs on), so they are cancelled first (suspended ones
+        resumed so that they can end), and whatever is left in this cluster's job cgroups is
+        thawed and killed."""
+        if self.pids.get("slurmctld") and _alive(self.pids["slurmctld"]):
+            self._cancel_all_jobs(grace_s)
+        self._kill_job_cgroups()
         order = [n for n in self.pids if n.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             pid = self.pids.get(name)
@@ -248,6 +262,51 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
                     pass
                 _reap(pid)
         self.pids.clear()
+
+    def _cancel_all_jobs(self, grace_s: float) -> None:
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+        def job_ids() -> list[str]:
+            result = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True)
+            return [line.split() for line in result.stdout.splitlines() if line.strip()]
+
+        jobs = job_ids()
+        for job_id, state in jobs:
+            if state == "SUSPENDED":
+                subprocess.run(["scontrol", "resume", job_id], env=env, capture_output=True)
+        if jobs:
+            subprocess.run(["scancel", *[job_id for job_id, _ in jobs]], env=env, capture_output=True)
+        deadline = time.monotonic() + grace_s
+        while jobs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            jobs = job_ids()
+
+    def _kill_job_cgroups(self) -> None:
+        """Thaw and SIGKILL the processes of this cluster's jobs still in their cgroups."""
+        base = Path("/sys/fs/cgroup/freezer")
+        for node in self.nodes:
+            for job_dir in base.glob(f"slurm_{node}/uid_*/job_*"):
+                try:
+                    job_id = int(job_dir.name.removeprefix("job_"))
+                except ValueError:
+                    continue
+                if not self.first_job_id <= job_id < self.first_job_id + 10_000:
+                    continue
+                for state in job_dir.rglob("freezer.state"):
+                    try:
+                        state.write_text("THAWED")
+                    except OSError:
+                        pass
+                for procs in job_dir.rglob("cgroup.procs"):
+                    try:
+                        pids = [int(p) for p in procs.read_text().split()]
+                    except OSError:
+                        continue
+                    for pid in pids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
 
     def logs(self) -> str:
         """The tail of every daemon log, for failing-test messages."""
@@ -336,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no cluster in {root}", file=sys.stderr)
         return 1
     data = json.loads(info.read_text())
-    SlurmCluster(root=root, nodes=data["nodes"], pids=data["pids"]).stop()
+    SlurmCluster(root=root, nodes=data["nodes"], pids=data["pids"],
+                 first_job_id=data.get("first_job_id", 1)).stop()
     info.unlink()
     return 0
 

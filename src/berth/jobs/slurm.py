@@ -28,6 +28,7 @@ from berth.jobs.model import JobResult, JobSpec, JobStatus
 from berth.jobs.options import format_time
 from berth.jobs.records import JobRecord
 
+COMMENT_PREFIX = "berth:"
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
 #: Slurm job states -> berth states; None: look at the runner's state file.
@@ -72,6 +73,8 @@ def sbatch_directives(spec: JobSpec, record: JobRecord) -> list[str]:
     if spec.error:
         lines.append(f"--error={spec.error}")
     lines.append(f"--chdir={spec.workdir}")
+    # Ties the Slurm job to this record: Slurm ids restart when a cluster is rebuilt.
+    lines.append(f"--comment={COMMENT_PREFIX}{record.path}")
     return lines
 
 
@@ -107,6 +110,9 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
     """Slurm's view (None: the job is no longer known to slurmctld) + the runner's state file."""
     result = record.read_result()
     native_id = record.read_native_id()
+    if slurm is not None and slurm.get("Comment", "").startswith(COMMENT_PREFIX) \
+            and slurm["Comment"] != f"{COMMENT_PREFIX}{record.path}":
+        slurm = None  # the same number, but another job (the cluster's ids were reset)
     if slurm is None:
         if result is not None and result.final:
             return JobStatus(spec, result, native_id)

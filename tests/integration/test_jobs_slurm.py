@@ -1,0 +1,148 @@
+"""Batch jobs on the real Slurm test cluster (4 slurmd "nodes" on loopback), as berthtest.
+
+Slurm round trips are slow (sbatch polls; time limits are checked every 30 s with minute
+granularity), so independent jobs are submitted together and waited for together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.harness.users import describe
+from tests.integration.jobs_helpers import jobs, submit, wait_file, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+
+FINAL = ("completed", "failed", "cancelled", "timeout")
+
+
+@pytest.fixture(scope="module")
+def slurm_env(slurm_cluster, job_site):
+    return {**slurm_cluster.env(), "BERTH_BACKEND": "slurm"}
+
+
+def _counter(path) -> int:
+    text = path.read_text().split()
+    return int(text[-1]) if text else 0
+
+
+def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
+    work = job_site.workdir(user)
+    env = slurm_env
+    job_site.write_script(work, "ok.sh", """\
+        #!/bin/sh
+        #BERTH -J hello -o out-%j.txt
+        echo "uid=$(id -u) node=$SLURMD_NODENAME cwd=$(pwd) args=$*"
+        echo written > "result-$BERTH_JOB_ID.txt"
+    """, user)
+    job_site.write_script(work, "three.sh", "#!/bin/sh\necho before\nexit 3\n", user)
+    job_site.write_script(work, "steps.sh", f"""\
+        #!/bin/sh
+        #BERTH --nodes=2 --ntasks-per-node=1
+        echo "batch on $SLURMD_NODENAME"
+        srun -N2 -n2 berth run {job_site.image} sh -c 'echo "srun-step in-container=$(test -e /etc/os-release && head -1 /etc/os-release) node=$SLURMD_NODENAME"'
+        berth srun -N2 -n2 sh -c 'echo "berth-srun node=$SLURMD_NODENAME image=$BERTH_JOB_IMAGE"'
+        berth srun -N1 -n1 sh -c 'exit 5'
+        echo "step status $?"
+    """, user)
+    job_site.write_script(work, "trap.sh", """\
+        #!/bin/sh
+        trap 'echo "trapped $BERTH_JOB_ID" > "trap-$BERTH_JOB_ID.txt"; exit 0' TERM
+        echo started > "started-$BERTH_JOB_ID.txt"
+        i=0
+        while true; do i=$((i+1)); echo $i >> "count-$BERTH_JOB_ID.txt"; sleep 1; done
+    """, user)
+    ok = submit(user, job_site, work, "--template", "bb", "ok.sh", "x", env=env)
+    three = submit(user, job_site, work, "--template", "bb", "three.sh", env=env)
+    steps = submit(user, job_site, work, "--template", "bb", "steps.sh", env=env)
+    timed = submit(user, job_site, work, "--template", "bb", "-t", "1", "trap.sh", env=env)
+    cancelled = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
+    suspended = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
+    slow = submit(user, job_site, work, "--template", "slowboot", "ok.sh", env=env)
+
+    # Cancel: the trap runs within stop_timeout.
+    wait_file(work / f"started-{cancelled}.txt", timeout_s=60)
+    result = user.berth("cancel", cancelled, env={**job_site.env, **env})
+    assert result.returncode == 0, describe(result)
+
+    # Suspend/resume: the counter stops while suspended, and goes on after.
+    try:
+        wait_file(work / f"count-{suspended}.txt", timeout_s=60, contains="2")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{jobs(user, job_site, env)}\n"
+                             + slurm_cluster.run("squeue").stdout + slurm_cluster.logs()) from None
+    native = jobs(user, job_site, env)[suspended]["native_id"]
+    slurm_cluster.run("scontrol", "suspend", native)
+    assert jobs(user, job_site, env)[suspended]["state"] == "suspended"
+    # slurmd freezes the job's cgroup asynchronously (about 1-2 s here): wait for the count to
+    # stand still, then check that it stays still.
+    counts = [_counter(work / f"count-{suspended}.txt")]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        counts.append(_counter(work / f"count-{suspended}.txt"))
+        if counts[-1] == counts[-2]:
+            break
+    frozen = counts[-1]
+    assert counts[-1] == counts[-2], counts
+    time.sleep(3.0)
+    assert _counter(work / f"count-{suspended}.txt") == frozen
+    slurm_cluster.run("scontrol", "resume", native)
+    wait_file(work / f"count-{suspended}.txt", timeout_s=30, contains=str(frozen + 2))
+    assert jobs(user, job_site, env)[suspended]["state"] == "running"
+    result = user.berth("cancel", suspended, env={**job_site.env, **env})
+    assert result.returncode == 0, describe(result)
+
+    states = wait_for(user, job_site, [ok, three, steps, cancelled, suspended, slow], FINAL, timeout_s=120, env=env)
+    info = "\n" + json.dumps(states, indent=1) + slurm_cluster.logs()[-3000:]
+
+    assert (states[ok]["state"], states[ok]["exit_code"], states[ok]["name"]) == ("completed", 0, "hello"), info
+    assert states[ok]["native_id"].isdigit()
+    output = (work / f"out-{ok}.txt").read_text()
+    assert f"uid={user.uid} node=node" in output and f"cwd={work} args=x" in output
+    written = work / f"result-{ok}.txt"
+    assert (written.read_text(), written.stat().st_uid, written.stat().st_gid) == ("written\n", user.uid, user.gid)
+
+    assert (states[three]["state"], states[three]["phase"], states[three]["exit_code"]) == ("failed", "script", 3), info
+    assert user.berth("logs", three, env={**job_site.env, **env}).stdout == "before\n"
+
+    assert states[steps]["state"] == "completed", info
+    lines = user.berth("logs", steps, env={**job_site.env, **env}).stdout.splitlines()
+    batch_node = next(line.split()[-1] for line in lines if line.startswith("batch on "))
+    srun_nodes = sorted(line.rsplit("node=", 1)[1] for line in lines if line.startswith("srun-step"))
+    berth_srun = sorted(line for line in lines if line.startswith("berth-srun"))
+    assert len(srun_nodes) == 2 and len(set(srun_nodes)) == 2 and batch_node in srun_nodes, lines
+    assert all('in-container=NAME="berth test busybox"' in line for line in lines if line.startswith("srun-step"))
+    assert [line.split()[1] for line in berth_srun] == [f"node={n}" for n in srun_nodes], lines
+    assert all(line.endswith(f"image={job_site.image}@{job_site.image.digest}") for line in berth_srun), lines
+    assert "step status 5" in lines
+
+    assert states[cancelled]["state"] == "cancelled", info
+    assert (work / f"trap-{cancelled}.txt").read_text() == f"trapped {cancelled}\n"
+    assert states[suspended]["state"] == "cancelled", info
+
+    assert (states[slow]["state"], states[slow]["phase"]) == ("failed", "boot"), info
+    assert "boot_timeout of 2 s expired" in states[slow]["message"]
+
+    # The time limit (1 minute; Slurm checks every 30 s) ends as timeout, after the trap ran.
+    states = wait_for(user, job_site, [timed], FINAL, timeout_s=150, env=env, poll_s=2)
+    assert states[timed]["state"] == "timeout", info
+    assert (work / f"trap-{timed}.txt").read_text() == f"trapped {timed}\n"
+
+
+def test_slurm_bad_input_submits_nothing(job_site, user, slurm_cluster, slurm_env):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "ok.sh", "#!/bin/sh\necho ok\n", user)
+    before = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
+    cases = [
+        (["--template", "bb", "-c", "2", "ok.sh"], 77, "exceeds template 'bb' (cpu=1)"),
+        (["--template", "bb", "-N", "99", "ok.sh"], 9, "sbatch refused job"),
+        (["--template", "bb", "-p", "nosuchpartition", "ok.sh"], 9, "sbatch refused job"),
+    ]
+    for argv, code, message in cases:
+        result = user.berth("submit", *argv, cwd=str(work), env={**job_site.env, **slurm_env})
+        assert (result.returncode, message in result.stderr) == (code, True), describe(result)
+    assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout == before
