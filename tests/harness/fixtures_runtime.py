@@ -172,7 +172,8 @@ class RuntimeEnv:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(argv, text=True, cwd="/", **kwargs)
+        kwargs.setdefault("text", True)
+        return subprocess.Popen(argv, cwd="/", **kwargs)
 
     def containers(self) -> list[str]:
         try:

@@ -1,0 +1,172 @@
+"""berth run as the unprivileged test user with real runc and squashfuse: identity, exit codes,
+stdio, terminal. Every test checks afterwards (runtime_env) that no mount, process or state
+directory was left behind."""
+
+import os
+import pty
+import select
+import subprocess
+import time
+
+import pytest
+
+from tests.harness.users import describe
+
+pytestmark = pytest.mark.integration
+
+
+def run(env, image, *command, **kwargs):
+    return env.berth("run", str(image), *command, **kwargs)
+
+
+def test_identity_matches_the_caller(runtime_env, runtime_images, user):
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c",
+                 'id -u; id -g; echo "$HOME"; echo "$USER"; whoami; grep "^berthtest:" /etc/passwd; '
+                 'grep "^berthtest:" /etc/group')
+    assert result.returncode == 0, describe(result)
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(user.uid) and lines[1] == str(user.gid)
+    assert lines[2] == str(user.home) and lines[3] == user.name and lines[4] == user.name
+    # The image's impostor entry (uid 4242) is replaced by the caller's real one.
+    assert lines[5] == f"berthtest:x:{user.uid}:{user.gid}::{user.home}:/bin/sh"
+    assert lines[6] == f"berthtest:x:{user.gid}:berthtest"
+    assert len(lines) == 7
+
+
+def test_files_written_to_a_mounted_directory_belong_to_the_caller(runtime_env, runtime_images, user):
+    scratch = runtime_env.scratch
+    result = runtime_env.berth(
+        "run", "-v", f"{scratch}:/data", str(runtime_images.busybox),
+        "sh", "-c", "echo data > /data/out.txt && mkdir /data/sub && stat -c '%u:%g' /data/out.txt")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.strip() == f"{user.uid}:{user.gid}"
+    for name in ("out.txt", "sub"):
+        info = os.stat(scratch / name)
+        assert (info.st_uid, info.st_gid) == (user.uid, user.gid)
+    assert (scratch / "out.txt").read_text() == "data\n"
+
+
+def test_home_is_mounted_read_write(runtime_env, runtime_images, user):
+    marker = user.home / f".berth-test-{os.getpid()}"
+    try:
+        result = run(runtime_env, runtime_images.busybox, "sh", "-c", f'echo hi > "$HOME/{marker.name}"; pwd')
+        assert result.returncode == 0, describe(result)
+        assert marker.read_text() == "hi\n" and os.stat(marker).st_uid == user.uid
+        assert result.stdout.strip() == "/"
+        hidden = runtime_env.berth("run", "--no-mount-home", str(runtime_images.busybox), "sh", "-c",
+                                   f'ls -A "$HOME"; test -e "$HOME/{marker.name}" && echo visible; touch "$HOME/t" && echo writable')
+        assert hidden.returncode == 0, describe(hidden)
+        assert hidden.stdout.split() == ["writable"]
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("command,status", [
+    (["sh", "-c", "exit 3"], 3),
+    (["sh", "-c", "exit 0"], 0),
+    (["sh", "-c", "kill -KILL $$"], 137),
+    (["sh", "-c", "kill -USR1 $$"], 138),
+    (["/no/such/program"], 127),
+    (["/etc/passwd"], 126),
+])
+def test_exit_status_is_the_commands(runtime_env, runtime_images, command, status):
+    result = run(runtime_env, runtime_images.busybox, *command)
+    assert result.returncode == status, describe(result)
+
+
+def test_berth_failures_exit_125_with_a_message(runtime_env, runtime_images):
+    result = runtime_env.berth("run", "/nonexistent/image.sqfs", "true")
+    assert result.returncode == 125, describe(result)
+    assert "error:" in result.stderr
+    result = runtime_env.berth("run", "-v", "/etc/shadow:/x", str(runtime_images.busybox), "true")
+    assert result.returncode == 125 and "not allow" in result.stderr, describe(result)
+
+
+def test_stdin_and_stdout_pass_through(runtime_env, runtime_images):
+    data = "".join(f"line {i}\n" for i in range(2000))
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c", "cat; echo err >&2", input=data)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout == data and result.stderr.strip().endswith("err")
+
+
+def test_stdin_is_not_a_terminal_without_t(runtime_env, runtime_images):
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c", "test -t 0 && echo tty || echo notty")
+    assert result.stdout.strip() == "notty", describe(result)
+
+
+def _run_in_pty(runtime_env, args, send: bytes = b"", timeout_s: float = 30.0):
+    master, slave = pty.openpty()
+    process = runtime_env.popen(*args, stdin=slave, stdout=slave, stderr=slave, text=False)
+    os.close(slave)
+    output = b""
+    sent = False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        if send and not sent and b"READY" in output:
+            os.write(master, send)
+            sent = True
+        if process.poll() is not None and not ready:
+            break
+    os.close(master)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return process.returncode, output.decode(errors="replace")
+
+
+def test_tty_gives_the_command_a_terminal(runtime_env, runtime_images):
+    status, output = _run_in_pty(runtime_env, ["run", "-t", str(runtime_images.busybox), "sh", "-c",
+                                               "test -t 0 && test -t 1 && echo IS-A-TTY; tty; echo TERM=$TERM"])
+    assert status == 0, output
+    assert "IS-A-TTY" in output and "/dev/pts/" in output and "TERM=" in output
+
+
+def test_interactive_shell_under_a_pty(runtime_env, runtime_images):
+    status, output = _run_in_pty(
+        runtime_env, ["run", "-t", str(runtime_images.busybox), "sh", "-c", "echo READY; exec sh -i"],
+        send=b"echo answer-$((6*7))\nexit 4\n")
+    assert "answer-42" in output, output
+    assert status == 4, output
+
+
+def test_hostname_defaults_to_the_node_and_can_be_set(runtime_env, runtime_images):
+    result = run(runtime_env, runtime_images.busybox, "hostname")
+    assert result.stdout.strip() == os.uname().nodename, describe(result)
+    result = runtime_env.berth("run", "--hostname", "inside", str(runtime_images.busybox), "hostname")
+    assert result.stdout.strip() == "inside", describe(result)
+
+
+def test_image_without_etc_tmp_or_home_gets_an_overlay(runtime_env, runtime_images, user):
+    result = runtime_env.berth("run", "--debug", str(runtime_images.bare), "sh", "-c",
+                               'id -un; test -d /tmp && test -d "$HOME" && echo dirs-ok; touch /tmp/x && echo tmp-ok')
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == [user.name, "dirs-ok", "tmp-ok"]
+    assert "fuse-overlayfs" in result.stderr and "/etc/passwd" in result.stderr
+
+
+def test_root_is_read_only_and_tmp_private(runtime_env, runtime_images):
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c",
+                 "touch /newfile 2>&1; echo private > /tmp/p; cat /tmp/p")
+    assert result.returncode == 0, describe(result)
+    assert "Read-only file system" in result.stdout and result.stdout.strip().endswith("private")
+    again = run(runtime_env, runtime_images.busybox, "sh", "-c", "ls -A /tmp")
+    assert again.stdout.strip() == "", describe(again)
+
+
+def test_pid_namespace_shows_only_the_container(runtime_env, runtime_images):
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c", "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '")
+    assert result.returncode == 0, describe(result)
+    count, init = result.stdout.splitlines()
+    assert int(count) <= 4, result.stdout  # init, sh, ls, grep
+    assert init.startswith("/dev/.berth-init ")
