@@ -1,0 +1,338 @@
+"""Unit tests of the store: verified blobs, resumable partial files, atomic index, flock
+locks between processes, image publishing and prune, error mapping, lookups."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from berth.config.settings import Settings
+from berth.errors import DigestMismatch, PermissionDenied, StoreError
+from berth.image import api
+from berth.oci.digest import Digest
+from berth.store.lock import file_lock, is_locked
+from berth.store.store import SITE, STALE_TMP_S, USER, Store
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest.of(data)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    created = Store(tmp_path / "store", USER)
+    created.require_writable()
+    return created
+
+
+def _fake_image(store: Store, layer: bytes = b"layer-bytes", config: dict | None = None,
+                reference: str | None = "example.org/team/app:1") -> Digest:
+    """Publish an image without the flattener: blobs, a fake image.sqfs, JSON files, tag."""
+    config_bytes = json.dumps(config or {"config": {"Env": ["A=1"]}}).encode()
+    store.put_blob_bytes(_digest(layer), layer)
+    store.put_blob_bytes(_digest(config_bytes), config_bytes)
+    manifest = {"schemaVersion": 2, "config": {"digest": str(_digest(config_bytes)), "size": len(config_bytes)},
+                "layers": [{"digest": str(_digest(layer)), "size": len(layer),
+                            "mediaType": "application/vnd.oci.image.layer.v1.tar"}]}
+    manifest_bytes = json.dumps(manifest).encode()
+    digest = _digest(manifest_bytes)
+    store.put_blob_bytes(digest, manifest_bytes)
+    with store.image_lock(digest), store.image_workdir(digest) as work:
+        (work / "image.sqfs").write_bytes(b"hsqs" + b"\0" * 100)
+        store.publish_image(work, digest, manifest_bytes=manifest_bytes, config_bytes=config_bytes,
+                            meta={"index_digest": None})
+        if reference:
+            store.set_reference(reference, digest)
+    return digest
+
+
+# ------------------------------------------------------------------------------ blobs
+
+
+def test_blob_verified_and_published_read_only(store):
+    data = b"hello blob" * 1000
+    digest = _digest(data)
+    with store.blob_download(digest, len(data)) as writer:
+        writer.write(data[:5000])
+        writer.write(data[5000:])
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
+    assert store.blob_path(digest).stat().st_mode & 0o777 == 0o444
+    assert not store.layout.partial_blob(digest).exists()
+    with store.blob_download(digest, len(data)) as writer:
+        assert writer is None  # already stored: nothing to fetch
+
+
+def test_digest_mismatch_leaves_nothing(store):
+    data = b"the real content"
+    digest = _digest(data)
+    with pytest.raises(DigestMismatch) as caught:
+        with store.blob_download(digest, len(data)) as writer:
+            writer.write(b"the fake content")
+            writer.commit()
+    assert str(digest) in caught.value.message
+    assert not store.has_blob(digest)
+    assert list(store.layout.tmp_dir.iterdir()) == []
+
+
+def test_too_long_stream_is_refused_at_once(store):
+    data = b"0123456789"
+    digest = _digest(data)
+    with pytest.raises(DigestMismatch, match="longer than the 10 bytes"):
+        with store.blob_download(digest, len(data)) as writer:
+            writer.write(data + b"x")
+    assert not store.has_blob(digest)
+    assert not store.layout.partial_blob(digest).exists()
+
+
+def test_partial_download_resumes_with_rehash(store):
+    data = os.urandom(300_000)
+    digest = _digest(data)
+    with store.blob_download(digest, len(data)) as writer:
+        writer.write(data[:123_456])
+        # interrupted here: no commit; the partial file stays for the next attempt
+    assert store.layout.partial_blob(digest).stat().st_size == 123_456
+    with store.blob_download(digest, len(data)) as writer:
+        assert writer.offset == 123_456
+        writer.write(data[123_456:])
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_restart_from_zero_when_range_ignored(store):
+    data = os.urandom(5000)
+    digest = _digest(data)
+    with store.blob_download(digest, len(data)) as writer:
+        writer.write(data[:1000])
+    with store.blob_download(digest, len(data)) as writer:
+        assert writer.offset == 1000
+        writer.restart()
+        assert writer.offset == 0
+        writer.write(data)
+        writer.commit()
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_add_blob_file_hashes_and_checks(store, tmp_path):
+    source = tmp_path / "blob"
+    source.write_bytes(b"x" * 12345)
+    with open(source, "rb") as handle:
+        digest, size = store.add_blob_file(handle)
+    assert (digest, size) == (_digest(b"x" * 12345), 12345)
+    with open(source, "rb") as handle, pytest.raises(DigestMismatch):
+        store.add_blob_file(handle, digest=_digest(b"other"))
+    assert not store.has_blob(_digest(b"other"))
+    assert [p.name for p in store.layout.tmp_dir.iterdir()] == []
+
+
+# ------------------------------------------------------------------------------ locks
+
+
+def test_flock_excludes_other_processes_and_dies_with_them(tmp_path):
+    lock = tmp_path / "x.lock"
+    code = ("import sys, time; from pathlib import Path; from berth.store.lock import file_lock\n"
+            "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert is_locked(lock)
+        with file_lock(lock, blocking=False) as held:
+            assert held is False
+        holder.kill()  # kill -9: the kernel drops the lock
+        holder.wait(10)
+        with file_lock(lock, blocking=False) as held:
+            assert held is True
+        assert not is_locked(lock)
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def _download_in_child(root: str, data: bytes, results) -> None:
+    store = Store(Path(root))
+    digest = _digest(data)
+    with store.blob_download(digest, len(data)) as writer:
+        if writer is None:
+            results.put("cached")
+            return
+        time.sleep(0.3)  # long enough for the others to queue on the lock
+        writer.write(data)
+        writer.commit()
+        results.put("downloaded")
+
+
+def test_concurrent_downloads_of_one_blob_fetch_once(store):
+    data = os.urandom(100_000)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    children = [context.Process(target=_download_in_child, args=(str(store.root), data, results))
+                for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(30)
+    outcomes = sorted(results.get(timeout=5) for _ in children)
+    assert outcomes == ["cached", "cached", "cached", "downloaded"]
+    assert store.blob_path(_digest(data)).read_bytes() == data
+
+
+# ------------------------------------------------------------------------------ index and images
+
+
+def test_index_written_atomically_and_sorted(store):
+    first = _digest(b"a")
+    store.set_reference("example.org/b:1", first)
+    store.set_reference("example.org/a:1", first)
+    data = json.loads(store.layout.index.read_text())
+    assert list(data["references"]) == ["example.org/a:1", "example.org/b:1"]
+    assert data["layout"] == 1
+    # no temporary file left next to index.json
+    assert sorted(p.name for p in store.root.iterdir()) == [
+        "blobs", "images", "index.json", "layout-version", "locks", "tmp"]
+
+
+def test_corrupt_index_is_a_store_error(store):
+    store.layout.index.write_text("{not json")
+    with pytest.raises(StoreError, match="index.json is unreadable"):
+        store.read_index()
+
+
+def test_publish_and_load_image(store):
+    digest = _fake_image(store)
+    assert store.has_image(digest)
+    manifest, config, meta = store.load_image_files(digest)
+    assert config == {"config": {"Env": ["A=1"]}}
+    assert meta["index_digest"] is None
+    assert store.layout.image_dir(digest).stat().st_mode & 0o777 == 0o755
+    assert list(store.layout.tmp_dir.iterdir()) == []
+
+
+def test_crashed_conversion_leftovers_removed_by_next_conversion(store):
+    digest = _digest(b"image")
+    leftover = store.layout.tmp_dir / (store.layout.image_workdir_prefix(digest) + "dead")
+    leftover.mkdir()
+    (leftover / "image.sqfs").write_bytes(b"half")
+    with store.image_lock(digest), store.image_workdir(digest) as work:
+        assert not leftover.exists()
+        assert work.is_dir()
+    assert not work.exists()
+
+
+# ------------------------------------------------------------------------------ prune
+
+
+def test_prune_removes_unreferenced_and_keeps_referenced(store):
+    kept = _fake_image(store, layer=b"kept layer", reference="example.org/kept:1")
+    gone = _fake_image(store, layer=b"gone layer", reference=None)
+    orphan = _digest(b"orphan blob")
+    store.put_blob_bytes(orphan, b"orphan blob")
+    report = store.prune()
+    assert report.images_removed == [str(gone)]
+    assert store.has_image(kept) and not store.has_image(gone)
+    assert not store.has_blob(orphan) and not store.has_blob(_digest(b"gone layer"))
+    assert store.has_blob(_digest(b"kept layer")) and store.has_blob(kept)
+    # gone: manifest + config? (config identical to kept's, so it stays) + layer, plus the orphan
+    assert report.blobs_removed == 3
+    assert report.bytes_freed > len(b"gone layer") + len(b"orphan blob")
+    again = store.prune()
+    assert (again.images_removed, again.blobs_removed, again.bytes_freed) == ([], 0, 0)
+
+
+def test_prune_removes_only_stale_tmp(store):
+    stale = store.layout.tmp_dir / "blob-sha256-x.partial"
+    fresh = store.layout.tmp_dir / "image-sha256-y-1234"
+    stale.write_bytes(b"old")
+    fresh.mkdir()
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    report = store.prune()
+    assert report.tmp_removed == 1
+    assert not stale.exists() and fresh.exists()
+
+
+def test_prune_waits_for_running_writers(store):
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_gc_shared, args=(str(store.root), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        assert is_locked(store.layout.gc_lock)
+    finally:
+        release.set()
+        holder.join(10)
+    assert not is_locked(store.layout.gc_lock)
+    store.prune()
+
+
+def _hold_gc_shared(root: str, ready, release) -> None:
+    with Store(Path(root)).writing():
+        ready.set()
+        release.wait(10)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_enospc_becomes_store_error_with_hint(tmp_path):
+    store = Store(tmp_path, USER)
+    error = store.os_error(OSError(errno.ENOSPC, "No space left on device"), "writing", tmp_path / "x")
+    assert isinstance(error, StoreError)
+    assert "no space left" in error.message and "berth prune" in error.hint
+
+
+def test_site_permission_error_names_path_and_admin(tmp_path):
+    store = Store(tmp_path, SITE)
+    error = store.os_error(OSError(errno.EACCES, "Permission denied"), "creating", tmp_path / "blobs")
+    assert isinstance(error, PermissionDenied)
+    assert str(tmp_path / "blobs") in error.message
+    assert "ask your site administrator" in error.hint and "--site only as an admin" in error.hint
+
+
+# ------------------------------------------------------------------------------ lookups
+
+
+def test_lookup_order_user_then_site_and_digest_in_either(tmp_path):
+    settings = Settings(user_store=tmp_path / "user", site_store=tmp_path / "site")
+    user_store, site_store = api.stores(settings)
+    user_store.require_writable()
+    site_store.require_writable()
+    in_site = _fake_image(site_store, layer=b"site", reference="example.org/app:1")
+    assert api.find_image(settings, "example.org/app:1").store == "site"
+    in_user = _fake_image(user_store, layer=b"user", reference="example.org/app:1")
+    found = api.find_image(settings, "example.org/app:1")
+    assert (found.store, found.digest) == ("user", in_user)
+    by_digest = api.find_image(settings, f"example.org/other@{in_site}")
+    assert (by_digest.store, by_digest.digest) == ("site", in_site)
+    assert api.find_image(settings, str(in_site)).digest == in_site
+    assert api.find_image(settings, in_site.hex[:12]).digest == in_site
+    assert api.find_image(settings, "example.org/app:2") is None
+    assert found.config == {"config": {"Env": ["A=1"]}}
+    assert found.squashfs == user_store.layout.image_squashfs(in_user)
+    assert found.size_bytes == 104
+
+
+def test_get_image_without_pull_names_both_stores(tmp_path):
+    from berth.errors import NotFound
+
+    settings = Settings(user_store=tmp_path / "user", site_store=tmp_path / "site")
+    with pytest.raises(NotFound) as caught:
+        api.get_image(settings, "example.org/missing:1", pull_missing=False)
+    assert str(tmp_path / "user") in caught.value.message and str(tmp_path / "site") in caught.value.message
+
+
+def test_bad_reference_is_reference_error(tmp_path):
+    from berth.errors import ReferenceError_
+
+    settings = Settings(user_store=tmp_path / "user", site_store=tmp_path / "site")
+    Store(settings.user_store).require_writable()
+    with pytest.raises(ReferenceError_, match="bad repository component"):
+        api.find_image(settings, "Example.org/UPPER:1/x")

@@ -1,0 +1,178 @@
+"""Unit tests of pull's download loop and platform choice against a scripted fake registry
+client: resume with Range after a cut, restart when Range is ignored, digest mismatch, retry
+limit, registry policy."""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import pytest
+
+from berth.config.settings import Settings, SitePolicy
+from berth.errors import DigestMismatch, PlatformNotFound, PolicyError, RegistryUnreachable, UsageError
+from berth.image import pull
+from berth.image.install import Descriptor
+from berth.oci.digest import Digest
+from berth.oci.reference import Reference
+from berth.store.store import Store
+
+
+class FakeResponse:
+    def __init__(self, data: bytes, offset: int, cut_after: int | None) -> None:
+        self.data, self.offset, self.cut_after = data, offset, cut_after
+
+    def read_chunks(self, size=1 << 20):
+        sent = 0
+        body = self.data[self.offset:]
+        for start in range(0, len(body), 1000):
+            if self.cut_after is not None and sent >= self.cut_after:
+                raise RegistryUnreachable("connection lost (scripted)")
+            chunk = body[start:start + 1000]
+            sent += len(chunk)
+            yield chunk
+
+
+class FakeClient:
+    """Serves one blob. ``cuts``: bytes to send before failing, one per request (None: all).
+    ``honor_range``: False answers every request from byte 0."""
+
+    def __init__(self, data: bytes, *, cuts=(), honor_range=True) -> None:
+        self.data = data
+        self.cuts = list(cuts)
+        self.honor_range = honor_range
+        self.requests: list[int] = []
+
+    @contextmanager
+    def open_blob(self, repository, digest, *, offset=0):
+        self.requests.append(offset)
+        cut = self.cuts.pop(0) if self.cuts else None
+        yield FakeResponse(self.data, offset if self.honor_range else 0, cut)
+
+
+REF = Reference.parse("example.org/team/app:1")
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch):
+    monkeypatch.setattr(pull.time, "sleep", lambda _s: None)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    created = Store(tmp_path / "store")
+    created.require_writable()
+    return created
+
+
+def _descriptor(data: bytes) -> Descriptor:
+    return Descriptor("application/vnd.oci.image.layer.v1.tar", Digest.of(data), len(data))
+
+
+def test_mid_stream_cut_resumes_with_range(store):
+    data = os.urandom(10_000)
+    client = FakeClient(data, cuts=[3000, 4000])
+    fetched = pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    assert client.requests == [0, 3000, 7000]
+    assert fetched == 10_000
+    assert store.blob_path(Digest.of(data)).read_bytes() == data
+
+
+def test_range_ignored_restarts_from_zero(store):
+    data = os.urandom(10_000)
+    client = FakeClient(data, cuts=[3000], honor_range=False)
+    pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    assert client.requests == [0, 3000]  # asked to resume, got the whole blob, started over
+    assert store.blob_path(Digest.of(data)).read_bytes() == data
+
+
+def test_partial_from_killed_process_is_resumed(store):
+    data = os.urandom(10_000)
+    digest = Digest.of(data)
+    store.layout.partial_blob(digest).write_bytes(data[:6000])
+    client = FakeClient(data)
+    pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    assert client.requests == [6000]
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_corrupt_partial_gets_one_fresh_download(store):
+    data = os.urandom(10_000)
+    digest = Digest.of(data)
+    store.layout.partial_blob(digest).write_bytes(b"\0" * 6000)  # garbage from elsewhere
+    client = FakeClient(data)
+    pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    assert client.requests == [6000, 0]
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_digest_mismatch_from_registry_keeps_nothing(store):
+    data = os.urandom(10_000)
+    descriptor = _descriptor(data)
+    client = FakeClient(bytes(reversed(data)))  # same size, other content
+    with pytest.raises(DigestMismatch) as caught:
+        pull.fetch_blob(client, store, REF, descriptor, 5, None, threading.Event())
+    assert str(REF) in caught.value.message and str(descriptor.digest) in caught.value.message
+    assert not store.has_blob(descriptor.digest)
+    assert list(store.layout.tmp_dir.iterdir()) == []
+
+
+def test_retries_are_bounded_and_partial_kept_for_next_run(store):
+    data = os.urandom(10_000)
+    client = FakeClient(data, cuts=[1000, 0, 0, 0])
+    with pytest.raises(RegistryUnreachable, match="failed 4 times"):
+        pull.fetch_blob(client, store, REF, _descriptor(data), 3, None, threading.Event())
+    assert len(client.requests) == 4
+    assert store.layout.partial_blob(Digest.of(data)).stat().st_size == 1000
+
+
+INDEX = {
+    "manifests": [
+        {"digest": "sha256:" + "a" * 64, "size": 10, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"digest": "sha256:" + "b" * 64, "size": 10, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        {"digest": "sha256:" + "c" * 64, "size": 10, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "platform": {"os": "unknown", "architecture": "unknown"}},
+    ]
+}
+
+
+@pytest.mark.parametrize("wanted, expected", [
+    ("linux/amd64", "a"), ("linux/arm64", "b"), ("linux/arm64/v8", "b"), ("LINUX/AMD64", "a"),
+])
+def test_platform_selection(wanted, expected):
+    chosen = pull.select_platform(INDEX, pull.parse_platform(wanted), "example")
+    assert chosen.digest.hex == expected * 64
+
+
+def test_platform_not_found_lists_what_exists():
+    with pytest.raises(PlatformNotFound) as caught:
+        pull.select_platform(INDEX, pull.parse_platform("linux/s390x"), "example.org/app:1")
+    assert "linux/amd64, linux/arm64/v8" in caught.value.message
+    assert "unknown" not in caught.value.message
+
+
+@pytest.mark.parametrize("text", ["linux", "linux/", "a/b/c/d", ""])
+def test_bad_platform_is_usage_error(text):
+    with pytest.raises(UsageError, match="--platform"):
+        pull.parse_platform(text)
+
+
+def test_default_platform_maps_machine_names(monkeypatch):
+    monkeypatch.setattr(pull.platform_module, "machine", lambda: "x86_64")
+    assert str(pull.default_platform()) == "linux/amd64"
+    monkeypatch.setattr(pull.platform_module, "machine", lambda: "aarch64")
+    assert str(pull.default_platform()) == "linux/arm64"
+    monkeypatch.setattr(pull.platform_module, "machine", lambda: "armv7l")
+    assert str(pull.default_platform()) == "linux/arm/v7"
+
+
+def test_untrusted_registry_refused_before_any_network(tmp_path):
+    settings = Settings(user_store=tmp_path / "u", site_store=tmp_path / "s",
+                        policy=SitePolicy(trusted_registries=("registry.site.example",)))
+    with pytest.raises(PolicyError) as caught:
+        pull.pull_image(settings, "docker.io/library/busybox:1")
+    assert "docker.io" in caught.value.message and "trusted_registries" in caught.value.hint
+    assert not (tmp_path / "u").exists()  # refused before touching the store
