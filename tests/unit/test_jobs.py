@@ -1,0 +1,268 @@
+"""Unit tests of the job model, options, directives, template limits, records and state merging."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from berth.errors import NotFound, PolicyError, UsageError
+from berth.jobs import model
+from berth.jobs.agent import parse_exported, step_environment
+from berth.jobs.api import apply_template, build_resources, read_script
+from berth.jobs.model import JobResult, JobSpec, Resources
+from berth.jobs.options import (
+    format_time,
+    parse_gres_gpus,
+    parse_memory_bytes,
+    parse_option_words,
+    parse_time_s,
+    read_directives,
+)
+from berth.jobs.records import JobRecord, atomic_write, create_record, find_record, list_records
+from berth.jobs.slurm import merge_state, parse_scontrol
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("30", 1800), ("5:30", 330), ("1:00:00", 3600), ("2-0", 172800), ("1-02:03", 93780),
+    ("1-02:03:04", 93784), ("0:04", 4),
+])
+def test_time_formats_as_sbatch_reads_them(text, seconds):
+    assert parse_time_s(text) == seconds
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0", "at least one second"), ("abc", "not a time limit"), ("1:2:3:4", "not a time limit"),
+    ("-5", "not a time limit"), ("400-00:00:00", "more than a year"),
+])
+def test_bad_times_are_refused(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_time_s(text)
+
+
+def test_format_time_round_trips():
+    for seconds in (4, 59, 3600, 93784, 86400 * 3):
+        assert parse_time_s(format_time(seconds)) == seconds
+    assert format_time(93784) == "1-02:03:04"
+
+
+@pytest.mark.parametrize("text,size", [("512", 512 << 20), ("4G", 4 << 30), ("1.5G", 3 << 29), ("100M", 100 << 20),
+                                       ("2048K", 2 << 20), ("1T", 1 << 40), ("4GB", 4 << 30)])
+def test_memory_defaults_to_megabytes_like_sbatch(text, size):
+    assert parse_memory_bytes(text) == size
+
+
+@pytest.mark.parametrize("text,message", [("12X", "not a memory size"), ("0", "at least 1M"), ("100K", "at least 1M"),
+                                          ("65T", "more than berth accepts"), ("-1G", "not a memory size")])
+def test_bad_memory_is_refused(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_memory_bytes(text)
+
+
+def test_gres_knows_gpus_only():
+    assert (parse_gres_gpus("gpu:2"), parse_gres_gpus("gpu"), parse_gres_gpus("gpu:a100:1")) == (2, 1, 1)
+    for bad, message in (("tpu:1", "only gpu:N"), ("gpu:x", "not a whole number"), ("gpu:65", "more than 64")):
+        with pytest.raises(UsageError, match=message):
+            parse_gres_gpus(bad)
+
+
+def test_option_words_in_every_spelling():
+    values = parse_option_words(["-N2", "-n", "4", "--mem=4G", "--exclusive", "--job-name", "x", "-t5"], where="w")
+    assert values == {"nodes": "2", "ntasks": "4", "mem": "4G", "exclusive": True, "job_name": "x", "time": "5"}
+
+
+def test_unknown_option_names_the_place_and_suggests():
+    with pytest.raises(UsageError) as error:
+        parse_option_words(["--nodez=2"], where="job.sh line 3")
+    assert error.value.message == "job.sh line 3: unknown option '--nodez'"
+    assert error.value.hint == "did you mean --nodes?"
+    with pytest.raises(UsageError, match="option --mem needs a value"):
+        parse_option_words(["--mem"], where="w")
+    with pytest.raises(UsageError, match="--exclusive takes no value"):
+        parse_option_words(["--exclusive=yes"], where="w")
+
+
+def test_directives_are_read_from_the_leading_comment_block_only(tmp_path):
+    text = "#!/bin/sh\n#BERTH -N 2\n# a comment\n\n#BERTH --mem=1G --time=5 # why\necho hi\n#BERTH --nodes=9\n"
+    assert read_directives(tmp_path / "j.sh", text) == {"nodes": "2", "mem": "1G", "time": "5"}
+
+
+@pytest.mark.parametrize("line,message", [
+    ("#BERTH --tiem=5", "j.sh line 2: unknown option '--tiem'"),
+    ("#BERTHX --nodes=2", "j.sh line 2: unknown directive '#BERTHX'"),
+    ("#berth --nodes=2", "j.sh line 2: '#berth' must be written '#BERTH'"),
+    ("#BERTH", "j.sh line 2: '#BERTH' without an option"),
+    ("#BERTH --job-name='unclosed", "j.sh line 2: No closing quotation"),
+])
+def test_directive_typos_name_the_line(tmp_path, line, message):
+    with pytest.raises(UsageError) as error:
+        read_directives(tmp_path / "j.sh", f"#!/bin/sh\n{line}\necho\n")
+    assert error.value.message == f"{tmp_path}/{message}"
+
+
+def test_resources_are_checked_together():
+    resources = build_resources({"nodes": "2", "ntasks": "4", "cpus_per_task": "3", "mem": "2G", "gres": "gpu:1",
+                                 "time": "1:00:00", "partition": "batch", "exclusive": True})
+    assert resources == Resources(2, 4, None, 3, 2 << 30, 1, 3600, "batch", True)
+    with pytest.raises(UsageError, match="--ntasks 1 is less than --nodes 2"):
+        build_resources({"nodes": "2", "ntasks": "1"})
+    with pytest.raises(UsageError, match="--partition 'a b'"):
+        build_resources({"partition": "a b"})
+
+
+@dataclass(frozen=True)
+class FakeTemplate:
+    name: str = "small"
+    cpu: int = 4
+    memsz_bytes: int = 8 << 30
+    gpu: int = 1
+
+
+def test_template_resources_become_the_request_unless_less_is_asked():
+    assert apply_template(Resources(), FakeTemplate()) == Resources(cpus_per_task=4, memory_bytes=8 << 30, gpus=1)
+    less = apply_template(Resources(cpus_per_task=2, memory_bytes=1 << 30, gpus=0), FakeTemplate())
+    assert (less.cpus_per_task, less.memory_bytes, less.gpus) == (2, 1 << 30, 0)
+    assert apply_template(Resources(), FakeTemplate(gpu=0)).gpus is None
+
+
+@pytest.mark.parametrize("resources,message", [
+    (Resources(cpus_per_task=5), "--cpus-per-task 5 exceeds template 'small' (cpu=4)"),
+    (Resources(memory_bytes=9 << 30), "--mem 9GiB exceeds template 'small' (memsz=8GiB)"),
+    (Resources(gpus=2), "--gres gpu:2 exceeds template 'small' (gpu=1)"),
+])
+def test_more_than_the_template_is_a_policy_error(resources, message):
+    with pytest.raises(PolicyError) as error:
+        apply_template(resources, FakeTemplate())
+    assert error.value.message == message
+
+
+def test_script_checks(tmp_path):
+    good = tmp_path / "good.sh"
+    good.write_text("#!/bin/sh\necho\n")
+    assert read_script(str(good)) == (good, "#!/bin/sh\necho\n")
+    (tmp_path / "plain.sh").write_text("echo\n")
+    (tmp_path / "bin").write_bytes(b"#!\xff\xfe")
+    for name, message in (("missing.sh", "does not exist"), ("plain.sh", "does not start with '#!'"),
+                          ("bin", "is not text"), ("", "is a directory")):
+        with pytest.raises(UsageError, match=message):
+            read_script(str(tmp_path / name))
+
+
+@dataclass(frozen=True)
+class FakeSettings:
+    jobs_dir: Path
+
+
+def _spec(record: JobRecord, **changes) -> JobSpec:
+    values = dict(id=record.id, backend="slurm", name="job", script=str(record.script), script_source="/x/job.sh",
+                  args=("a",), workdir="/work", image="reg/img:1@sha256:" + "a" * 64, template="t",
+                  resources=Resources(nodes=2), output="/work/out", error=None)
+    values.update(changes)
+    return JobSpec(**values)
+
+
+def test_records_allocate_ids_and_round_trip(tmp_path):
+    settings = FakeSettings(tmp_path / "jobs")
+    first, second = create_record(settings), create_record(settings)
+    assert (first.id, second.id) == ("1", "2")
+    spec = _spec(first)
+    first.write_spec(spec)
+    assert first.read_spec() == spec
+    first.write_native_id("4242")
+    assert find_record(settings, "4242").path == first.path
+    assert find_record(settings, "1").path == first.path
+    assert [r.id for r in list_records(settings)] == ["1"]  # the second has no spec yet
+    with pytest.raises(NotFound, match="no job '7'"):
+        find_record(settings, "7")
+    atomic_write(first.state_file, "{}")
+    assert [p.name for p in first.path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_slurm_states_merge_with_the_runner_result(tmp_path):
+    record = JobRecord(tmp_path)
+    spec = _spec(record)
+    record.write_native_id("17")
+    mine = {"Comment": f"berth:{tmp_path}"}
+
+    def state(slurm):
+        return merge_state(spec, record, slurm).result
+
+    assert state({**mine, "JobState": "PENDING"}).state == "pending"
+    assert state({**mine, "JobState": "RUNNING"}).state == "staging"  # runner has not written yet
+    record.write_result(JobResult("running", started_at=1.0))
+    assert state({**mine, "JobState": "RUNNING"}).state == "running"
+    assert state({**mine, "JobState": "SUSPENDED"}).state == "suspended"
+    record.write_result(JobResult("cancelled", signal=15))
+    assert (state({**mine, "JobState": "TIMEOUT"}).state, state({**mine, "JobState": "TIMEOUT"}).signal) == ("timeout", 15)
+    record.write_result(JobResult("failed", phase="script", exit_code=3))
+    assert state({**mine, "JobState": "FAILED"}) == JobResult("failed", phase="script", exit_code=3)
+    assert state(None).exit_code == 3  # purged from slurmctld: the result file still tells
+    # Another cluster's job 17 (ids restart when a cluster is rebuilt) is not this one.
+    assert state({"JobState": "CANCELLED", "Comment": "berth:/elsewhere"}).state == "failed"
+    record.state_file.unlink()
+    ended = state({**mine, "JobState": "FAILED", "Reason": "NonZeroExitCode"})
+    assert (ended.state, ended.phase) == ("failed", "scheduler")
+    assert "Slurm ended the job as FAILED (NonZeroExitCode)" in ended.message
+
+
+def test_parse_scontrol_one_line_per_job():
+    text = ("JobId=5 JobName=a JobState=RUNNING Reason=None Comment=berth:/x/5\n"
+            "JobId=6 JobName=b JobState=PENDING Reason=Resources\n")
+    jobs = parse_scontrol(text)
+    assert (jobs["5"]["JobState"], jobs["6"]["Reason"], jobs["5"]["Comment"]) == ("RUNNING", "Resources", "berth:/x/5")
+
+
+def test_exit_statuses_become_results():
+    assert model.result_for_exit(0).state == "completed"
+    failed = model.result_for_exit(3)
+    assert (failed.state, failed.phase, failed.exit_code, failed.signal) == ("failed", "script", 3, None)
+    killed = model.result_for_exit(137)
+    assert (killed.exit_code, killed.signal, killed.message) == (None, 9, "the job script failed (killed by signal 9)")
+
+
+def test_step_environment_keeps_host_values_for_host_things():
+    exported = parse_exported("export A='1 2'\nexport PATH='/bin'\nexport SLURM_JOB_ID='9'\n"
+                              "export B='multi\nline'\ndeclare -x C=\"x\"\n")
+    assert exported == {"A": "1 2", "PATH": "/bin", "SLURM_JOB_ID": "9", "B": "multi\nline", "C": "x"}
+    env = step_environment({"PATH": "/host/bin", "SLURM_JOB_ID": "10", "HOME": "/h"}, exported)
+    assert env == {"PATH": "/host/bin", "SLURM_JOB_ID": "10", "HOME": "/h", "A": "1 2", "B": "multi\nline", "C": "x"}
+
+
+def test_srun_words_split_into_options_and_command():
+    from berth.cli.jobs import split_srun_argv
+
+    assert split_srun_argv(["-N", "2", "-n2", "--mpi=pmix", "hostname", "-f"]) == (
+        None, ["-N", "2", "-n2", "--mpi=pmix"], ["hostname", "-f"])
+    assert split_srun_argv(["--image", "x:1", "--exclusive", "--", "-weird"]) == ("x:1", ["--exclusive"], ["-weird"])
+    with pytest.raises(UsageError, match="no command given"):
+        split_srun_argv(["-N", "2"])
+
+
+def test_run_options_mount_what_is_outside_home(tmp_path, monkeypatch):
+    from berth.jobs.runner import build_run_options
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    record = JobRecord(tmp_path / "home" / "jobs" / "3")
+    spec = _spec(record, workdir=str(tmp_path / "scratch"), custom="-e X=1 --network none", stop_timeout_s=7,
+                 resources=Resources(cpus_per_task=2, memory_bytes=1 << 30))
+    options = build_run_options(None, spec, record, limit_resources=True)
+    assert [(m.source, m.destination, m.read_only) for m in options.mounts] == [
+        (str(tmp_path / "scratch"), str(tmp_path / "scratch"), False)]
+    assert options.env[0] == "X=1" and f"BERTH_JOB_IMAGE={spec.image}" in options.env
+    assert (options.network, options.workdir, options.stop_timeout_s) == ("none", spec.workdir, 7.0)
+    assert (options.cpus, options.memory_bytes) == (2.0, 1 << 30)
+    unlimited = build_run_options(None, spec, record, limit_resources=False)
+    assert (unlimited.cpus, unlimited.memory_bytes) == (None, None)
+
+
+def test_job_status_json_shape(tmp_path):
+    record = JobRecord(tmp_path)
+    status = model.JobStatus(_spec(record), JobResult("failed", phase="boot", message="m"), "17", "FAILED")
+    data = json.loads(json.dumps(status.to_dict()))
+    assert {k: data[k] for k in ("id", "backend", "native_id", "state", "phase", "message")} == {
+        "id": record.id, "backend": "slurm", "native_id": "17", "state": "failed", "phase": "boot", "message": "m"}
+    assert os.path.basename(data["output"]) == "out"
