@@ -1,0 +1,210 @@
+"""Each `berth run` option for real, as berthtest: mounts, workdir, env, network, devices,
+writable, remap-root, limits, site policy (mounts, env, forced network), images from the store."""
+
+import os
+import stat
+
+import pytest
+
+from tests.harness.users import describe
+
+pytestmark = pytest.mark.integration
+
+
+def test_mount_read_write_and_read_only(runtime_env, runtime_images):
+    scratch = runtime_env.scratch
+    (scratch / "in.txt").write_text("from host\n")
+    os.chmod(scratch / "in.txt", 0o644)
+    result = runtime_env.berth("run", "-v", f"{scratch}:/data", "--mount", f"{scratch}:/ro:ro",
+                               str(runtime_images.busybox), "sh", "-c",
+                               "cat /ro/in.txt; echo w > /data/w.txt && echo rw-ok; echo x > /ro/x.txt || echo ro-refused")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split("\n")[:3] == ["from host", "rw-ok", "ro-refused"]
+    assert (scratch / "w.txt").exists() and not (scratch / "x.txt").exists()
+
+
+def test_mount_points_missing_in_the_image_are_created_in_an_overlay(runtime_env, runtime_images):
+    scratch = runtime_env.scratch
+    (scratch / "motd").write_text("hello\n")
+    os.chmod(scratch / "motd", 0o644)
+    result = runtime_env.berth("run", "--debug", "-v", f"{scratch}:/new/deep/dir", "-v", f"{scratch}/motd:/etc/motd:ro",
+                               str(runtime_images.busybox), "sh", "-c", "cat /etc/motd; ls /new/deep/dir | grep -c motd")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == ["hello", "1"]
+    assert "fuse-overlayfs" in result.stderr and "/new/deep/dir" in result.stderr
+
+
+def test_relative_mount_source_is_taken_from_the_current_directory(runtime_env, runtime_images):
+    (runtime_env.scratch / "rel.txt").write_text("relative\n")
+    os.chmod(runtime_env.scratch / "rel.txt", 0o644)
+    result = runtime_env.berth("run", "-v", "rel.txt:/etc/rel.txt", str(runtime_images.busybox), "cat", "/etc/rel.txt",
+                               cwd=str(runtime_env.scratch))
+    assert result.stdout == "relative\n", describe(result)
+
+
+def test_workdir(runtime_env, runtime_images):
+    result = runtime_env.berth("run", "-w", "/work", str(runtime_images.busybox), "pwd")
+    assert result.stdout.strip() == "/work", describe(result)
+    result = runtime_env.berth("run", "-w", "/not/in/image", str(runtime_images.busybox), "pwd")
+    assert result.returncode == 0 and result.stdout.strip() == "/not/in/image", describe(result)
+
+
+def test_environment_options_and_no_host_leak(runtime_env, runtime_images):
+    env_file = runtime_env.scratch / "vars.env"
+    env_file.write_text("# comment\nFROM_FILE=file\nBOTH=file\n")
+    os.chmod(env_file, 0o644)
+    result = runtime_env.berth(
+        "run", "--env-file", str(env_file), "-e", "BOTH=option", "-e", "A=1", "-e", "PICKED",
+        str(runtime_images.busybox), "env",
+        env={"SLURM_JOB_ID": "77", "OMPI_MCA_btl": "self", "SECRET_TOKEN": "leak", "PICKED": "yes"})
+    assert result.returncode == 0, describe(result)
+    inside = dict(line.partition("=")[::2] for line in result.stdout.splitlines())
+    assert inside["FROM_FILE"] == "file" and inside["BOTH"] == "option" and inside["A"] == "1"
+    assert inside["PICKED"] == "yes" and inside["SLURM_JOB_ID"] == "77" and inside["OMPI_MCA_btl"] == "self"
+    assert "SECRET_TOKEN" not in inside and "BERTH_STATE_DIR" not in inside
+    assert inside["PATH"].startswith("/usr/local/sbin")
+
+
+def test_bad_env_file_is_refused(runtime_env, runtime_images):
+    result = runtime_env.berth("run", "--env-file", "/nonexistent.env", str(runtime_images.busybox), "true")
+    assert result.returncode == 125 and "--env-file /nonexistent.env" in result.stderr, describe(result)
+
+
+def _interfaces(text: str) -> list[str]:
+    return sorted(line.split(":")[0].strip() for line in text.splitlines()[2:])
+
+
+def test_network_host_by_default_and_none_isolates(runtime_env, runtime_images):
+    with open("/proc/net/dev") as handle:
+        host = _interfaces(handle.read())
+    shared = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/proc/net/dev")
+    isolated = runtime_env.berth("run", "--network=none", str(runtime_images.busybox), "cat", "/proc/net/dev")
+    assert _interfaces(shared.stdout) == host, describe(shared)
+    assert _interfaces(isolated.stdout) == ["lo"], describe(isolated)
+    assert len(host) > 1
+
+
+def _root_only_device() -> str:
+    for path in ("/dev/mem", "/dev/loop-control", "/dev/kvm", "/dev/console", "/dev/tty0"):
+        if os.path.exists(path) and not stat.S_IMODE(os.stat(path).st_mode) & 0o006:
+            return path
+    pytest.skip("no root-only device node on this host")
+
+
+def test_device_passthrough_only_when_the_user_can_open_it(runtime_env, runtime_images):
+    forbidden = _root_only_device()
+    result = runtime_env.berth("run", "--device", "/dev/fuse", str(runtime_images.busybox), "sh", "-c",
+                               f"stat -c '%F %t:%T' /dev/fuse; test -e {forbidden} || echo not-there")
+    assert result.returncode == 0, describe(result)
+    host = os.stat("/dev/fuse")
+    assert result.stdout.splitlines() == [f"character special file {os.major(host.st_rdev):x}:{os.minor(host.st_rdev):x}",
+                                          "not-there"]
+    refused = runtime_env.berth("run", "--device", forbidden, str(runtime_images.busybox), "true")
+    assert refused.returncode == 125 and f"cannot open {forbidden}" in refused.stderr, describe(refused)
+
+
+def test_writable_root_is_volatile(runtime_env, runtime_images, user):
+    result = runtime_env.berth("run", "--writable", str(runtime_images.busybox), "sh", "-c",
+                               "echo x > /etc/new.conf && mkdir -p /usr/local/lib/t && echo ok; id -u")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == ["ok", str(user.uid)]
+    again = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c", "test -e /etc/new.conf && echo kept || echo gone")
+    assert again.stdout.strip() == "gone", describe(again)
+
+
+def test_remap_root_is_uid_0_without_host_privilege(runtime_env, runtime_images, user):
+    scratch = runtime_env.scratch
+    result = runtime_env.berth("run", "--remap-root", "-v", f"{scratch}:/data", str(runtime_images.busybox), "sh", "-c",
+                               "id -u; id -g; grep CapEff /proc/self/status; touch /data/rootfile; "
+                               "mount -t tmpfs none /tmp 2>/dev/null && echo mounted || echo no-mount")
+    assert result.returncode == 0, describe(result)
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["0", "0"] and lines[2].split() == ["CapEff:", "0000000000000000"]
+    assert lines[3] == "no-mount"
+    assert os.stat(scratch / "rootfile").st_uid == user.uid
+
+
+def test_cpu_and_memory_limits_fall_back_and_say_so(runtime_env, runtime_images):
+    result = runtime_env.berth("run", "--cpus", "1", "--memory", "64M", str(runtime_images.busybox), "sh", "-c",
+                               "grep Cpus_allowed_list /proc/self/status; grep 'Max data size' /proc/self/limits")
+    assert result.returncode == 0, describe(result)
+    allowed = result.stdout.splitlines()[0].split()[1]
+    assert "," not in allowed and "-" not in allowed  # exactly one CPU
+    assert result.stdout.splitlines()[1].split()[3:5] == [str(64 << 20), str(64 << 20)]
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        assert "CPU affinity" in result.stderr and "RLIMIT_DATA" in result.stderr
+
+
+def test_unknown_image_with_pull_never(runtime_env, site_config):
+    result = runtime_env.berth("run", "--pull=never", "127.0.0.1:9/none/such:1", "true", env=site_config.env)
+    assert result.returncode == 125, describe(result)
+    assert "error:" in result.stderr
+
+
+def test_site_policy_mounts_env_and_forced_network(runtime_env, runtime_images, site_config):
+    shared = runtime_env.scratch / "site-shared"
+    shared.mkdir()
+    (shared / "readme").write_text("site data\n")
+    os.chmod(shared / "readme", 0o644)
+    site_config.write(f'''
+        [[policy.mounts]]
+        source = "{shared}"
+        destination = "/shared"
+
+        [[policy.mounts]]
+        source = "/nonexistent/optional"
+        destination = "/opt/x"
+        optional = true
+
+        [[policy.env]]
+        op = "set"
+        name = "SITE_VAR"
+        value = "site"
+
+        [[policy.env]]
+        op = "prepend"
+        name = "PATH"
+        value = "/site/bin"
+
+        [policy.namespaces]
+        network = "none"
+    ''')
+    result = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c",
+                               "cat /shared/readme; echo $SITE_VAR; echo $PATH; touch /shared/x || echo ro; "
+                               "grep -c : /proc/net/dev", env=site_config.env)
+    assert result.returncode == 0, describe(result)
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["site data", "site", "/site/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert lines[3] == "ro" and lines[4] == "1"  # only lo
+    refused = runtime_env.berth("run", "--network=host", str(runtime_images.busybox), "true", env=site_config.env)
+    assert refused.returncode == 125 and "forces network=none" in refused.stderr, describe(refused)
+
+
+def test_site_policy_deny_and_allow_lists(runtime_env, runtime_images, site_config):
+    allowed = runtime_env.scratch / "allowed"
+    allowed.mkdir()
+    site_config.write(f'''
+        [policy]
+        mount_allow = ["{allowed}"]
+        mount_deny_destinations = ["/proc", "/sys", "/dev", "/etc/passwd", "/etc/group", "/opt/site"]
+    ''')
+    ok = runtime_env.berth("run", "-v", f"{allowed}:/in", str(runtime_images.busybox), "true", env=site_config.env)
+    assert ok.returncode == 0, describe(ok)
+    outside = runtime_env.berth("run", "-v", f"{runtime_env.scratch}:/in", str(runtime_images.busybox), "true",
+                                env=site_config.env)
+    assert outside.returncode == 125 and "not under an allowed prefix" in outside.stderr, describe(outside)
+    denied = runtime_env.berth("run", "-v", f"{allowed}:/opt/site/x", str(runtime_images.busybox), "true",
+                               env=site_config.env)
+    assert denied.returncode == 125 and "/opt/site" in denied.stderr, describe(denied)
+
+
+def test_image_from_the_store_uses_its_config(runtime_env, site_config, busybox_image, user):
+    site_config.trust_registry(busybox_image.registry.host)
+    pulled = runtime_env.berth("pull", str(busybox_image), env=site_config.env)
+    assert pulled.returncode == 0, describe(pulled)
+    result = runtime_env.berth("run", str(busybox_image), "sh", "-c", "echo $PATH; id -u; cat /etc/os-release",
+                               env=site_config.env)
+    assert result.returncode == 0, describe(result)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert lines[1] == str(user.uid) and 'NAME="berth test busybox"' in lines
