@@ -160,7 +160,10 @@ def test_admin_modify_and_delete(site_config, admin, user):
     assert (template.cpu, template.memsz_bytes, template.comment, template.updated_by) == (4, 2 * 1024**3, "resized",
                                                                                            "root")
     assert os.stat(site_config.templates_dir / "t.toml").st_mode & 0o777 == 0o644
-    assert user.berth("template", "show", "t", env=site_config.env).returncode == 0
+    shown = user.berth("template", "show", "t", env=site_config.env)
+    assert shown.returncode == 0, describe(shown)
+    fields = dict(line.split(None, 1) for line in shown.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    assert (fields["cpu"], fields["memsz"], fields["comment"]) == ("4", "2GiB (2147483648 bytes)", "resized")
     result = admin.berth("template", "delete", "t", env=site_config.env)
     assert result.returncode == 0, describe(result)
     assert sorted(p.name for p in site_config.templates_dir.iterdir()) == [".lock"]
