@@ -154,7 +154,7 @@ class SlurmCluster:
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
             f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} State=UNKNOWN"
-            for node, port in zip(self.nodes, node_ports)
+            for node, port in zip(self.nodes, node_ports, strict=True)
         )
         r = self.root
         self.conf.write_text(f"""\

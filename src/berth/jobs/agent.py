@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shlex
 import threading
-import time
 from pathlib import Path
 
 from berth import proc
@@ -173,11 +172,3 @@ class StepAgent:
                 if handle is not None:
                     handle.close()
 
-
-def wait_until(predicate, timeout_s: float, poll_s: float = POLL_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return predicate()

@@ -76,7 +76,7 @@ def build_resources(values: dict) -> Resources:
     """Raw option strings -> Resources. Raises UsageError naming the option."""
     def integer(key: str, option: str, limit: int) -> int | None:
         raw = values.get(key)
-        return None if raw is None else opts._positive_int(raw, option, limit)
+        return None if raw is None else opts.positive_int(raw, option, limit)
 
     nodes = integer("nodes", "--nodes", opts.MAX_NODES)
     ntasks = integer("ntasks", "--ntasks", opts.MAX_TASKS)
@@ -275,9 +275,9 @@ def run_job(settings, record_path: str, backend_name: str) -> int:
     if spec.backend != backend_name:
         raise JobError(f"job {spec.id} was submitted to the {spec.backend} backend, not {backend_name}")
     if backend_name == "local":
-        from berth.jobs.local import acquire_slot
-
         import signal
+
+        from berth.jobs.local import acquire_slot
 
         signal.signal(signal.SIGTERM, lambda *_: record.request_cancel())
         slot = acquire_slot(settings, record, settings.local_max_jobs)
@@ -315,6 +315,3 @@ def read_log_tail(path: Path, offset: int) -> tuple[bytes, int]:
         return b"", offset
     return data, offset + len(data)
 
-
-__all__ = ["SubmitRequest", "Submitted", "submit", "status", "list_jobs", "cancel", "log_paths", "run_job",
-           "read_log_tail", "NotFound"]

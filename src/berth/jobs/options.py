@@ -148,7 +148,7 @@ def read_directives(script: Path, text: str) -> dict[str, str | bool]:
     return values
 
 
-def _positive_int(raw: str, option: str, limit: int) -> int:
+def positive_int(raw: str, option: str, limit: int) -> int:
     try:
         value = int(raw)
     except (TypeError, ValueError):
