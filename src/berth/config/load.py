@@ -20,7 +20,6 @@ their own copy of berth).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -292,6 +291,8 @@ _ARRAY_ITEM = {"policy.mounts": _mount, "policy.env": _env_op, "policy.groups": 
 
 
 def _unknown(origin: _Origin, path, known) -> ConfigError:
+    import difflib  # only on this error path: berth's start-up time matters
+
     name = path[-1]
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
     suggestion = f"did you mean '{close[0]}'? " if close else ""

@@ -9,10 +9,8 @@ for meaning, and falls back to the nearest enclosing table's line.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -133,6 +131,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
+        import json  # writers only; readers stay light
+
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
@@ -142,6 +142,8 @@ def toml_value(value: Any) -> str:
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     """Replace ``path`` with ``text``: temporary file in the same directory, fsync, rename,
     fsync of the directory. Readers see the old or the new file, never a part."""
+    import tempfile  # writers only; readers stay light
+
     directory = path.parent
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
