@@ -24,7 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -72,6 +74,21 @@ static void enter_identity(long uid, long gid)
         die("setresuid");
 }
 
+/* The init itself needs no capability once the command is started: drop them all (it stays
+ * uid 0 of the runtime's namespace, which is the caller on the host) and refuse ptrace from
+ * the command, which runs with the same host uid. */
+static void drop_privileges(void)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    for (int cap = 0; cap <= 63; cap++)
+        prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+    if (syscall(SYS_capset, &header, data) != 0)
+        die("capset");
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
 int main(int argc, char **argv)
 {
     long uid = -1, gid = -1;
@@ -94,8 +111,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "berth-init: -u and -g go together\n");
         return 127;
     }
-    if (uid >= 0)
-        enter_identity(uid, gid);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         die("prctl(PR_SET_NO_NEW_PRIVS)");
 
@@ -113,12 +128,18 @@ int main(int argc, char **argv)
             tcsetpgrp(STDIN_FILENO, getpgrp());
             signal(SIGTTOU, SIG_DFL);
         }
+        /* Only the command enters the nested namespace: this init stays in the runtime's
+         * user namespace, so `runc exec` (berth exec), which joins the namespaces of the
+         * container's init, lands in namespaces it can enter. */
+        if (uid >= 0)
+            enter_identity(uid, gid);
         sigprocmask(SIG_SETMASK, &old, NULL);
         execvp(argv[optind], &argv[optind]);
         fprintf(stderr, "berth-init: cannot run '%s': %s\n", argv[optind], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }
     setpgid(child, child);
+    drop_privileges();
 
     int status = 0;
     for (;;) {
