@@ -119,10 +119,18 @@ def test_concurrency_limit_keeps_jobs_pending_and_runner_is_detached(job_site, u
     session, tty = int(fields[3]), int(fields[4])
     assert (session, tty) == (runner_pid, 0)
 
+    # A pending job cancelled while it waits never starts.
+    third = submit(user, job_site, work, "--template", "bb", "hold.sh", env=private)
+    result = user.berth("cancel", third, env={**job_site.env, **private})
+    assert result.returncode == 0, describe(result)
+    assert wait_for(user, job_site, [third], FINAL, timeout_s=10, env=private)[third]["state"] == "cancelled"
+    assert jobs(user, job_site, private)[first]["state"] == "running"
+
     (work / "release").touch()
     states = wait_for(user, job_site, [first, second], FINAL, timeout_s=30, env=private)
     assert (states[first]["state"], states[second]["state"]) == ("completed", "completed")
     assert states[second]["started_at"] >= states[first]["ended_at"] - 0.5
+    assert not (work / f"run-{third}.txt").exists()
 
 
 def _runner_pid(env: dict, job_id: str) -> int:
