@@ -35,16 +35,23 @@ APPLETS = (
 #: A tiny static program that reports its real and effective uid and tries to become root.
 SETUID_PROBE_C = r"""
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 #include <fcntl.h>
-int main(void) {
+#include <sys/ptrace.h>
+int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "ptrace") == 0) {
+        long result = ptrace(PTRACE_ATTACH, atoi(argv[2]), 0, 0);
+        printf("ptrace=%ld\n", result);
+        return 0;
+    }
     printf("ruid=%d euid=%d\n", (int)getuid(), (int)geteuid());
     printf("setuid0=%d\n", setuid(0));
     printf("shadow=%d\n", open("/host-etc/shadow", O_RDONLY));
     return 0;
 }
 """
-
 
 def _busybox_rootfs(root: Path, *, with_etc: bool = True, with_dirs: bool = True) -> None:
     (root / "bin").mkdir(parents=True)
@@ -76,7 +83,7 @@ class RuntimeImages:
 
     busybox: Path  # busybox with /etc/passwd, /tmp, /home, /data, /work
     bare: Path  # busybox only: no /etc, /proc, /dev, /tmp, /home (needs the overlay)
-    setuid: Path  # busybox + /bin/setuid-probe owned by root, mode 4755, and a setuid busybox
+    setuid: Path  # busybox + /bin/setuid-probe owned by root, mode 4755, and /opt/suid/busybox (4755)
     hostile_link: Path  # /data is a symlink to /etc, /escape -> ../../../../etc
 
 
@@ -102,8 +109,9 @@ def runtime_images() -> RuntimeImages:
         subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "bin" / "setuid-probe"), str(source)],
                        check=True, capture_output=True)
         os.chmod(root / "bin" / "setuid-probe", 0o4755)
-        shutil.copy2(BUSYBOX, root / "bin" / "suid-busybox")
-        os.chmod(root / "bin" / "suid-busybox", 0o4755)
+        (root / "opt" / "suid").mkdir(parents=True)
+        shutil.copy2(BUSYBOX, root / "opt" / "suid" / "busybox")
+        os.chmod(root / "opt" / "suid" / "busybox", 0o4755)
         setuid = _mksquashfs(root, work / "setuid.sqfs")
 
         root = work / "hostile"
