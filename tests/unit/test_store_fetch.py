@@ -12,7 +12,7 @@ import pytest
 
 from berth.config.settings import Settings, SitePolicy
 from berth.errors import DigestMismatch, PlatformNotFound, PolicyError, RegistryUnreachable, UsageError
-from berth.image import pull
+from berth.image import platforms, pull
 from berth.image.install import Descriptor
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
@@ -161,11 +161,11 @@ def test_bad_platform_is_usage_error(text):
 
 
 def test_default_platform_maps_machine_names(monkeypatch):
-    monkeypatch.setattr(pull.platform_module, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platforms.platform_module, "machine", lambda: "x86_64")
     assert str(pull.default_platform()) == "linux/amd64"
-    monkeypatch.setattr(pull.platform_module, "machine", lambda: "aarch64")
+    monkeypatch.setattr(platforms.platform_module, "machine", lambda: "aarch64")
     assert str(pull.default_platform()) == "linux/arm64"
-    monkeypatch.setattr(pull.platform_module, "machine", lambda: "armv7l")
+    monkeypatch.setattr(platforms.platform_module, "machine", lambda: "armv7l")
     assert str(pull.default_platform()) == "linux/arm/v7"
 
 

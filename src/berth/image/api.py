@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from berth.errors import NotFound, ReferenceError_
+from berth.errors import BerthError, NotFound, ReferenceError_
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
 from berth.store.store import SITE, USER, Store
@@ -97,7 +97,8 @@ def find_in_store(store: Store, ref: str) -> StoredImage | None:
         target = references.get(index_key(reference))
         if target and store.has_image(Digest.parse(target)):
             return load_stored(store, Digest.parse(target), index_key(reference))
-        return None
+        by_index = _find_by_index_digest(store, reference.digest)
+        return load_stored(store, by_index, index_key(reference)) if by_index else None
     target = references.get(index_key(reference))
     if target is None:
         return None
@@ -105,6 +106,22 @@ def find_in_store(store: Store, ref: str) -> StoredImage | None:
     if not store.has_image(digest):
         return None
     return load_stored(store, digest, index_key(reference))
+
+
+def _find_by_index_digest(store: Store, index_digest: Digest) -> Digest | None:
+    """The stored image pulled from image index ``index_digest`` (this machine's platform
+    first when several platforms of it are stored)."""
+    from berth.image.platforms import default_platform
+
+    matches: list[tuple[bool, Digest]] = []
+    for digest in store.list_images():
+        try:
+            _manifest, _config, meta = store.load_image_files(digest)
+        except BerthError:
+            continue
+        if meta.get("index_digest") == str(index_digest):
+            matches.append((meta.get("platform") != str(default_platform()), digest))
+    return min(matches)[1] if matches else None
 
 
 def _find_by_digest_prefix(store: Store, hex_prefix: str) -> StoredImage | None:

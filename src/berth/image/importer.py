@@ -26,7 +26,8 @@ from berth.errors import ImageError, NotFound, UsageError
 from berth.image.api import StoredImage, index_key, parse_reference, store_for
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
 from berth.image.progress import PullProgress, notify
-from berth.image.pull import default_platform, parse_platform, select_platform
+from berth.image.platforms import default_platform, parse_platform
+from berth.image.pull import select_platform
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.store.store import Store

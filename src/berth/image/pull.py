@@ -10,7 +10,6 @@ Peak memory is bounded by the chunk size times the parallel downloads, whatever 
 from __future__ import annotations
 
 import json
-import platform as platform_module
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -27,10 +26,10 @@ from berth.errors import (
     PolicyError,
     RegistryError,
     RegistryUnreachable,
-    UsageError,
 )
 from berth.image.api import StoredImage, index_key, load_stored, parse_reference, store_for
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
+from berth.image.platforms import Platform, default_platform, parse_platform
 from berth.image.progress import PullProgress, notify
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
@@ -40,43 +39,9 @@ from berth.store.store import Store
 if TYPE_CHECKING:
     from berth.config.settings import Settings
 
-#: uname -m -> (OCI architecture, variant) (image-index spec, platform.architecture: GOARCH).
-_MACHINE_ARCH = {
-    "x86_64": ("amd64", None), "amd64": ("amd64", None),
-    "aarch64": ("arm64", None), "arm64": ("arm64", None),
-    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
-    "i386": ("386", None), "i686": ("386", None),
-    "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
-}
 _BLOB_CHUNK_BYTES = 1 << 20
 _RETRY_BASE_S = 0.5
 _RETRY_CAP_S = 10.0
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-def parse_platform(text: str) -> Platform:
-    """``OS/ARCH[/VARIANT]`` (e.g. ``linux/arm64/v8``); raises UsageError naming --platform."""
-    parts = text.strip().split("/")
-    if not 2 <= len(parts) <= 3 or not all(parts):
-        raise UsageError(f"--platform '{text}' is not OS/ARCH[/VARIANT]",
-                         hint="for example --platform linux/amd64 or --platform linux/arm/v7")
-    return Platform(parts[0].lower(), parts[1].lower(), parts[2].lower() if len(parts) == 3 else None)
-
-
-def default_platform() -> Platform:
-    """This machine's platform in OCI terms (``platform.machine()`` mapped to GOARCH names)."""
-    machine = platform_module.machine().lower()
-    architecture, variant = _MACHINE_ARCH.get(machine, (machine, None))
-    return Platform("linux", architecture, variant)
 
 
 def select_platform(index: dict, wanted: Platform, what: str) -> Descriptor:

@@ -542,8 +542,13 @@ class BlobWriter:
                 hint="the registry serves content that does not match the manifest: "
                 "tell the registry's administrator or the image's maintainer",
             )
-        with store_errors(self.store, "writing", self.path):
-            self._file.write(chunk)
+        try:
+            with store_errors(self.store, "writing", self.path):
+                self._file.write(chunk)
+        except StoreError:
+            # Disk full or similar: a partial file is no use to anyone and holds the space.
+            self.discard()
+            raise
         self._hasher.update(chunk)
         self.offset += len(chunk)
 
@@ -559,11 +564,15 @@ class BlobWriter:
                 hint="the registry serves corrupt content for this image: tell the registry's "
                 "administrator or the image's maintainer; nothing was stored",
             )
-        with store_errors(self.store, "writing", self.path):
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        self.store._publish_file(self.path, self.store.layout.blob(self.digest), _BLOB_MODE)
+        try:
+            with store_errors(self.store, "writing", self.path):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            self.store._publish_file(self.path, self.store.layout.blob(self.digest), _BLOB_MODE)
+        except StoreError:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         self.close()

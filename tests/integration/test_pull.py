@@ -1,0 +1,264 @@
+"""berth pull against the real registry, as the unprivileged test user.
+
+Blob downloads are counted by a proxy in front of the registry (tests/harness/countingproxy.py),
+so "downloads nothing" and "one download per blob" are checked without timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness.registry import Registry
+from tests.harness.storetest import proxy, squashfs_cat, squashfs_listing, stores, via  # noqa: F401
+from tests.harness.users import describe
+
+pytestmark = pytest.mark.integration
+
+MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine())
+
+
+def _manifest(image) -> dict:
+    return json.loads(Path(image.layout, "blobs", "sha256", image.digest.split(":")[1]).read_text())
+
+
+def _layers(image) -> list[str]:
+    return [layer["digest"] for layer in _manifest(image)["layers"]]
+
+
+def _blobs(image) -> list[str]:
+    return [_manifest(image)["config"]["digest"], *_layers(image)]
+
+
+def test_pull_by_tag_stores_verified_blobs_and_one_squashfs(stores, proxy, busybox_image):
+    ref = via(proxy, busybox_image)
+    result = stores.json("pull", "--insecure", "--json", ref)
+    assert result["digest"] == busybox_image.digest
+    assert (result["store"], result["converted"], result["cached_blobs"]) == ("user", True, 0)
+    # config + 2 layers, each fetched exactly once
+    assert result["downloaded_blobs"] == 3
+    assert sorted(p for _m, p, _r in proxy.blob_gets()) == sorted(
+        f"/v2/test/busybox/blobs/{d}" for d in _blobs(busybox_image))
+    squashfs = Path(result["squashfs"])
+    assert squashfs == stores.user_store / "images" / busybox_image.digest.replace(":", "-") / "image.sqfs"
+    assert squashfs.stat().st_uid == stores.user.uid
+    listing = squashfs_listing(squashfs)
+    assert "bin/busybox" in listing and "etc/passwd" in listing
+    assert set(_layers(busybox_image)) <= stores.blobs()
+    assert busybox_image.digest in stores.blobs()  # the manifest is kept as a blob too
+    assert stores.index() == {ref: busybox_image.digest}
+    assert stores.tmp_entries() == []
+
+
+def test_second_pull_downloads_nothing_and_digest_pull_needs_no_network(stores, proxy, busybox_image):
+    ref = via(proxy, busybox_image)
+    stores.ok("pull", "--insecure", "-q", ref)
+    proxy.reset()
+    again = stores.json("pull", "--insecure", "--json", ref)
+    assert (again["converted"], again["downloaded_blobs"]) == (False, 0)
+    assert proxy.blob_gets() == []
+    assert [r[0] for r in proxy.requests if "/manifests/" in r[1]] == ["GET"]  # the tag is re-resolved
+    proxy.reset()
+    pinned = f"{proxy.host}/test/busybox@{busybox_image.digest}"
+    quiet = stores.ok("pull", "--insecure", "-q", pinned)
+    assert quiet.stdout.strip() == busybox_image.digest
+    assert proxy.requests == []
+    assert stores.index() == {ref: busybox_image.digest, pinned: busybox_image.digest}
+
+
+def test_pull_by_digest_into_empty_store(stores, busybox_image):
+    result = stores.json("pull", "--insecure", "--json", busybox_image.by_digest)
+    assert result["digest"] == busybox_image.digest
+    assert result["reference"] == busybox_image.by_digest
+    inspected = stores.json("inspect", busybox_image.by_digest)
+    assert inspected["config"]["config"]["Cmd"] == ["/bin/sh"]
+
+
+def test_docker_schema2_image(stores, busybox_v2s2_image, busybox_image):
+    result = stores.json("pull", "--insecure", "--json", str(busybox_v2s2_image))
+    assert result["digest"] == busybox_v2s2_image.digest != busybox_image.digest
+    inspected = stores.json("inspect", str(busybox_v2s2_image))
+    assert inspected["manifest"]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert all(l["media_type"] == "application/vnd.docker.image.rootfs.diff.tar.gzip" for l in inspected["layers"])
+    assert "bin/busybox" in squashfs_listing(Path(inspected["squashfs"]))
+
+
+@pytest.mark.parametrize("fixture", ["index_image", "docker_index_image"])
+def test_platform_selection_from_index(stores, request, fixture):
+    image = request.getfixturevalue(fixture)
+    arm = stores.json("pull", "--insecure", "--json", "--platform", "linux/arm64", str(image))
+    assert squashfs_cat(Path(arm["squashfs"]), "etc/berth-marker").strip() == "arm64"
+    assert (arm["index_digest"], arm["platform"]) == (image.digest, "linux/arm64")
+    if MACHINE_ARCH == "amd64":
+        default = stores.json("pull", "--insecure", "--json", str(image))
+        assert squashfs_cat(Path(default["squashfs"]), "etc/berth-marker").strip() == "amd64"
+        assert default["digest"] != arm["digest"]
+    # the digest of the index finds a stored platform image of it, without network
+    found = stores.json("inspect", image.by_digest)
+    assert found["index_digest"] == image.digest
+    assert found["digest"] == (default["digest"] if MACHINE_ARCH == "amd64" else arm["digest"])
+
+
+def test_platform_not_found_lists_platforms(stores, index_image):
+    result = stores.berth("pull", "--insecure", "--platform", "linux/s390x", str(index_image))
+    assert result.returncode == 3, describe(result)
+    assert "linux/amd64, linux/arm64/v8" in result.stderr
+    assert "--platform" in result.stderr
+    assert stores.index() == {} and stores.image_dirs() == []
+
+
+def test_layers_shared_between_images_are_fetched_once(stores, proxy, busybox_image, whiteout_image):
+    stores.ok("pull", "--insecure", "-q", via(proxy, busybox_image))
+    shared = set(_layers(busybox_image)) & set(_layers(whiteout_image))
+    assert shared, "the whiteout image is built on the busybox layers"
+    proxy.reset()
+    result = stores.json("pull", "--insecure", "--json", via(proxy, whiteout_image))
+    fetched = {p.rsplit("/", 1)[1] for _m, p, _r in proxy.blob_gets()}
+    assert fetched.isdisjoint(shared)
+    assert result["cached_blobs"] == len(shared)
+
+
+def test_mid_stream_cut_resumes_with_range(stores, proxy, busybox_image):
+    big = _layers(busybox_image)[0]
+    proxy.cut_blobs = [300_000]  # first blob GET: drop the connection after 300000 bytes
+    stores.json("pull", "--insecure", "--json", "--platform", "linux/amd64", via(proxy, busybox_image))
+    big_gets = proxy.blob_gets(big)
+    assert [g[2] for g in big_gets] == [None, "bytes=300000-"]
+    assert big in stores.blobs()
+
+
+def test_registry_ignoring_range_restarts_from_zero(stores, proxy, busybox_image):
+    proxy.cut_blobs = [200_000]
+    proxy.ignore_range = True
+    stores.ok("pull", "--insecure", "-q", via(proxy, busybox_image))
+    gets = proxy.blob_gets()
+    resumed = [g for g in gets if g[2] is not None]
+    assert len(resumed) == 1 and resumed[0][2] == "bytes=200000-"
+    inspected = stores.json("inspect", via(proxy, busybox_image))
+    assert inspected["digest"] == busybox_image.digest
+
+
+def test_concurrent_pulls_download_each_blob_once(stores, proxy, busybox_image):
+    ref = via(proxy, busybox_image)
+    proxy.blob_delay_s = 0.01  # keep downloads in flight while the others start
+    children = [stores.popen("pull", "--insecure", "--json", ref) for _ in range(4)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    for child, (out, err) in zip(children, outputs):
+        assert child.returncode == 0, err
+    results = [json.loads(out) for out, _err in outputs]
+    assert {r["digest"] for r in results} == {busybox_image.digest}
+    gets = [p for _m, p, _r in proxy.blob_gets()]
+    assert len(gets) == len(set(gets)) == 3
+    assert sum(r["downloaded_blobs"] for r in results) == 3
+    assert sum(r["converted"] for r in results) == 1
+    assert stores.image_dirs() == [busybox_image.digest.replace(":", "-")]
+    assert stores.tmp_entries() == []
+    assert stores.index() == {ref: busybox_image.digest}
+
+
+def test_digest_mismatch_fails_cleanly(stores, fresh_registry, busybox_image):
+    from tests.harness import images
+
+    registry: Registry = fresh_registry()
+    images.push_image(registry, "test/corrupt", "1", busybox_image.spec, "oci")
+    layer = _layers(busybox_image)[0]
+    data = registry.storage_dir / "docker/registry/v2/blobs/sha256" / layer[7:9] / layer[7:] / "data"
+    size = data.stat().st_size
+    data.write_bytes(b"\0" * size)  # same size, other content
+    result = stores.berth("pull", "--insecure", f"{registry.host}/test/corrupt:1")
+    assert result.returncode == 5, describe(result)
+    assert "does not match its digest" in result.stderr and layer in result.stderr
+    assert layer not in stores.blobs()
+    assert not any(name.startswith(f"blob-sha256-{layer[7:]}") for name in stores.tmp_entries())
+    assert stores.image_dirs() == [] and stores.index() == {}
+
+
+@pytest.mark.parametrize("registry_fixture", ["auth_registry", "token_registry"])
+def test_auth_refused_then_accepted_with_credentials(stores, request, registry_fixture, busybox_image):
+    from tests.harness import images
+
+    registry: Registry = request.getfixturevalue(registry_fixture)
+    images.push_image(registry, "test/private", "1", busybox_image.spec, "oci")
+    ref = f"{registry.host}/test/private:1"
+    refused = stores.berth("pull", "--insecure", ref)
+    assert refused.returncode == 4, describe(refused)
+    assert "auth" in refused.stderr.lower() and registry.host in refused.stderr
+    auth_file = stores.user_store.parent / "auth.json"
+    import base64
+
+    token = base64.b64encode(f"{registry.username}:{registry.password}".encode()).decode()
+    auth_file.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+    os.chmod(auth_file, 0o644)
+    stores.extra_env["REGISTRY_AUTH_FILE"] = str(auth_file)
+    result = stores.json("pull", "--insecure", "--json", ref)
+    assert result["digest"] == busybox_image.digest
+
+
+def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
+    unknown = stores.berth("pull", "--insecure", f"{registry.host}/test/no-such-image:1")
+    assert unknown.returncode == 3, describe(unknown)
+    assert "no-such-image" in unknown.stderr
+    unreachable = stores.berth("pull", "--insecure", "127.0.0.1:9/test/x:1")
+    assert unreachable.returncode == 4, describe(unreachable)
+    assert "127.0.0.1:9" in unreachable.stderr
+    bad = stores.berth("pull", "Not/A/Valid:ref:erence")
+    assert bad.returncode == 2, describe(bad)
+    assert "invalid image reference" in bad.stderr
+    assert stores.index() == {} and stores.blobs() == set()
+
+
+def test_site_store_refused_for_users_with_admin_hint(stores, proxy, busybox_image):
+    os.chown(stores.site_store, 0, 0)
+    os.chmod(stores.site_store, 0o755)
+    result = stores.berth("pull", "--site", "--insecure", via(proxy, busybox_image))
+    assert result.returncode == 77, describe(result)
+    assert str(stores.site_store) in result.stderr
+    assert "ask your site administrator" in result.stderr and "--site only as an admin" in result.stderr
+    assert proxy.requests == []  # refused before any network traffic
+
+
+def test_admin_pulls_into_site_store_and_users_use_it(stores, busybox_image):
+    os.chown(stores.site_store, 0, 0)
+    admin = stores.root_berth("pull", "--site", "--insecure", "-q", str(busybox_image))
+    assert admin.returncode == 0, describe(admin)
+    listed = stores.json("images", "--json")
+    assert [(r["reference"], r["store"]) for r in listed] == [(str(busybox_image), "site")]
+    inspected = stores.json("inspect", str(busybox_image))
+    assert (inspected["store"], inspected["digest"]) == ("site", busybox_image.digest)
+    assert Path(inspected["squashfs"]).stat().st_mode & 0o444 == 0o444
+    # users cannot untag or prune it
+    refused = stores.berth("rmi", "--site", str(busybox_image))
+    assert refused.returncode == 77, describe(refused)
+    # without --site the user's own store is meant, and the hint says where it is
+    missing = stores.berth("rmi", str(busybox_image))
+    assert missing.returncode == 3 and "site store" in missing.stderr, describe(missing)
+
+
+def test_disk_full_is_a_clear_error_and_leaves_nothing(stores, busybox_image):
+    if os.getuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount_point = stores.user_store
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=600k,uid={stores.user.uid},gid={stores.user.gid},mode=0755",
+                    "berth-test-full", str(mount_point)], check=True)
+    try:
+        result = stores.berth("pull", "--insecure", str(busybox_image))
+        assert result.returncode == 6, describe(result)
+        assert "no space left" in result.stderr and "berth prune" in result.stderr
+        assert stores.tmp_entries() == [] and stores.index() == {} and stores.image_dirs() == []
+        assert _layers(busybox_image)[0] not in stores.blobs()
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_progress_on_stderr_and_human_summary(stores, busybox_image):
+    result = stores.ok("pull", "--insecure", str(busybox_image))
+    assert "2 layers" in result.stderr
+    assert result.stderr.count(": done (") == 3  # one line per blob when not on a terminal
+    assert f"digest: {busybox_image.digest}" in result.stdout
+    assert "fetched 3 blobs" in result.stdout
