@@ -25,6 +25,7 @@ def test_output_ownership_exit_codes_and_signals(job_site, user):
         #BERTH -o out-%j.txt
         echo "uid=$(id -u) cwd=$(pwd) args=$* image=$BERTH_JOB_IMAGE"
         echo "cpus=$(nproc)"
+        grep "Max data size" /proc/self/limits
         cat /etc/os-release | head -1
         echo written > result.txt
         echo to-stderr >&2
@@ -40,6 +41,8 @@ def test_output_ownership_exit_codes_and_signals(job_site, user):
     output = (work / f"out-{ok}.txt").read_text()
     assert f"uid={user.uid} cwd={work} args=a b c image={job_site.image}@" in output
     assert "cpus=1" in output  # the template's cpu=1 on a 2-core machine
+    limits = [line.split() for line in output.splitlines() if line.startswith("Max data size")]
+    assert limits and limits[0][3:5] == [str(256 << 20)] * 2, output  # memsz=256M (no delegated cgroup v2 here)
     assert 'NAME="berth test busybox"' in output
     assert "to-stderr" in output  # without -e, stderr goes with stdout, as sbatch does
     written = work / "result.txt"
@@ -81,12 +84,19 @@ def test_cancel_gives_stop_timeout_and_time_limit_gives_timeout(job_site, user):
     assert again.returncode != 0 and "already ended (cancelled)" in again.stderr
 
 
-def test_boot_timeout_fails_naming_the_phase(job_site, user):
+def test_boot_timeout_and_staging_failures_name_the_phase(job_site, user):
     work = job_site.workdir(user)
     job_site.write_script(work, "never.sh", "#!/bin/sh\necho should-not-run\n", user)
     started = time.monotonic()
     job = submit(user, job_site, work, "--template", "slowboot", "never.sh")
-    state = wait_for(user, job_site, [job], FINAL, timeout_s=30)[job]
+    # An image in no store, from a registry that is not there: the job fails while staging.
+    unreachable = submit(user, job_site, work, "--image", "127.0.0.1:9/test/missing:1", "never.sh",
+                         env={"BERTH_PULL_RETRIES": "0"})
+    states = wait_for(user, job_site, [job, unreachable], FINAL, timeout_s=60)
+    failed = states[unreachable]
+    assert (failed["state"], failed["phase"]) == ("failed", "staging"), failed
+    assert "127.0.0.1:9" in failed["message"]
+    state = states[job]
     assert (state["state"], state["phase"]) == ("failed", "boot")
     assert "boot_timeout of 2 s expired while starting the container" in state["message"]
     assert time.monotonic() - started < 20

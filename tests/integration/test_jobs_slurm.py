@@ -7,6 +7,7 @@ granularity), so independent jobs are submitted together and waited for together
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -146,3 +147,39 @@ def test_slurm_bad_input_submits_nothing(job_site, user, slurm_cluster, slurm_en
         result = user.berth("submit", *argv, cwd=str(work), env={**job_site.env, **slurm_env})
         assert (result.returncode, message in result.stderr) == (code, True), describe(result)
     assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout == before
+
+
+def test_cluster_stop_ends_every_job_even_suspended(user, user_tmp):
+    """The harness's own teardown: jobs outlive slurmd, so stop() must end them (a frozen job
+    left behind once froze a later cluster's job of the same number)."""
+    from tests.harness.slurm import SlurmCluster, usable
+
+    if usable():
+        pytest.skip(usable())
+    cluster = SlurmCluster(root=user_tmp / "cluster", nodes=["extra1", "extra2"])
+    cluster.start()
+    work = user_tmp
+    try:
+        result = user.run(["sbatch", "--parsable", "-N", "2", "-o", f"{work}/out", "--wrap",
+                           f"echo $$ > {work}/pid; srun -N2 sleep 300"], env=cluster.env())
+        assert result.returncode == 0, describe(result)
+        job_id = result.stdout.strip()
+        pid = int(wait_file(work / "pid", timeout_s=30).strip())
+        time.sleep(1.0)  # let the srun step start on both nodes
+        cluster.run("scontrol", "suspend", job_id)
+    finally:
+        cluster.stop()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)
+    leftovers = subprocess.run(["pgrep", "-u", user.name, "-f", "sleep 300"], capture_output=True, text=True)
+    assert leftovers.stdout == ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
