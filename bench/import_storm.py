@@ -125,12 +125,17 @@ def main() -> int:
 
         warm: dict[str, tuple[c.Sample, c.Sample]] = {}
         cold: dict[str, tuple[c.Sample, c.Sample]] = {}
-        for name, (storm, baseline, env) in variants.items():
+        for name, (storm, baseline, env) in list(variants.items()):
             c.log(f"warm: {name}")
             export = workdir / "hyperfine.json"
-            user.run(["hyperfine", "--style", "none", "-N", "--warmup", str(args.warmup), "--runs", str(args.runs),
-                      "--export-json", str(export), "-n", "storm", hyperfine_words(storm),
-                      "-n", "baseline", hyperfine_words(baseline)], env=env, timeout=3600)
+            try:
+                user.run(["hyperfine", "--style", "none", "-N", "--warmup", str(args.warmup), "--runs",
+                          str(args.runs), "--export-json", str(export), "-n", "storm", hyperfine_words(storm),
+                          "-n", "baseline", hyperfine_words(baseline)], env=env, timeout=3600)
+            except RuntimeError as error:
+                unavailable[name.split()[0]] = f"failed while timed: {c.error_line(str(error))}"
+                del variants[name]
+                continue
             results = {r["command"]: c.Sample(list(r["times"])) for r in json.loads(export.read_text())["results"]}
             warm[name] = (results["storm"], results["baseline"])
         can_drop = c.drop_caches()
@@ -138,10 +143,14 @@ def main() -> int:
             for name, (storm, baseline, env) in variants.items():
                 c.log(f"cold: {name}")
                 samples = (c.Sample(), c.Sample())
-                for _ in range(args.cold_runs):
-                    for sample, argv in zip(samples, (storm, baseline)):
-                        c.drop_caches()
-                        sample.add(c.timed(user.argv(argv, env)))
+                try:
+                    for _ in range(args.cold_runs):
+                        for sample, argv in zip(samples, (storm, baseline)):
+                            c.drop_caches()
+                            sample.add(c.timed(user.argv(argv, env)))
+                except RuntimeError as error:
+                    unavailable[name.split()[0]] = f"failed while timed: {c.error_line(str(error))}"
+                    continue
                 cold[name] = samples
     finally:
         for mountpoint in mounts:

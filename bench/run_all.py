@@ -77,9 +77,12 @@ def main() -> int:
         output = SECTIONS_DIR / f"{name}.md"
         argv = [sys.executable, str(BENCH / f"{name}.py"), *(quick if args.quick else full), "--output", str(output)]
         print(f"== {' '.join(argv)}", file=sys.stderr, flush=True)
-        result = subprocess.run(argv, stdout=subprocess.DEVNULL)
+        log_path = SECTIONS_DIR / f"{name}.log"
+        with open(log_path, "w") as log:
+            result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=log)
         if result.returncode != 0:
-            failures.append(f"{name} (exit {result.returncode})")
+            failures.append(f"{name} (exit {result.returncode}; log {log_path})")
+            print(log_path.read_text()[-3000:], file=sys.stderr)
     if args.no_write:
         return 1 if failures else 0
     observations = ""

@@ -292,8 +292,11 @@ def main() -> int:
                 str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
         berth_phases = None
         if berth:
-            samples.update(bench.hyperfine({"berth run": berth[0]}, env=berth[1]))
-            berth_phases = bench.berth_phases(*berth)
+            try:
+                samples.update(bench.hyperfine({"berth run": berth[0]}, env=berth[1]))
+                berth_phases = bench.berth_phases(*berth)
+            except RuntimeError as error:
+                bench.unavailable["berth"] = f"failed while timed: {c.error_line(str(error))}"
         python_env = {"PATH": f"{c.VENV / 'bin'}:{c.SYSTEM_PATH}"}
         overhead = bench.hyperfine({
             "python -c pass (venv python)": [str(c.VENV / "bin" / "python"), "-c", "pass"],
