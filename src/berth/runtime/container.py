@@ -174,6 +174,33 @@ class _Wake(Exception):
     """Raised by berth's signal handlers to interrupt the wait for the runtime."""
 
 
+class _StopRequested(Exception):
+    """SIGTERM/SIGINT/SIGHUP before the runtime started: unwind (unmount) and report 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    del frame
+    raise _StopRequested(signum)
+
+
+_EARLY_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _install_early_handlers() -> dict:
+    """Until the runtime runs, a stop request must unwind the mounts, not kill berth outright.
+    Handlers a caller installed (berth.jobs) are left alone."""
+    previous = {}
+    for signum in _EARLY_SIGNALS:
+        current = signal.getsignal(signum)
+        if current in (signal.SIG_DFL, signal.default_int_handler):
+            previous[signum] = signal.signal(signum, _raise_stop)
+    return previous
+
+
 def _wait_forwarding(child: subprocess.Popen, runtime: str, root: str, container_id: str,
                      stop_timeout_s: float, log: Log) -> int:
     """Wait for the runtime process, forwarding signals; kill after the stop timeout."""
@@ -248,6 +275,9 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     debug=False)`` receives notes for the user (debug ones only matter with --debug).
     """
     log = log or _quiet
+    clock = time.monotonic
+    phases: dict[str, float] = {}
+    started = clock()
     state_dir = Path(settings.state_dir)
     state.ensure_state_dir(state_dir)
     for cleaned in state.cleanup_stale(state_dir):
@@ -282,7 +312,13 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     workdir = _workdir(options, image_config)
     limit_plan = None
 
-    container = state.create(state_dir, options.name)
+    phases["prepare"] = clock() - started
+    early = _install_early_handlers()
+    try:
+        container = state.create(state_dir, options.name)
+    except BaseException:
+        _restore(early)
+        raise
     fuse_mounts: list[fuse.FuseMount] = []
     try:
         for directory in (container.lower, container.rootfs, container.tmp, container.etc, container.bundle):
@@ -298,6 +334,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         })
         lower = fuse.mount_squashfs(str(image.squashfs), str(container.lower), str(container.path / "squashfuse.log"))
         fuse_mounts.append(lower)
+        phases["mount"] = clock() - started - phases["prepare"]
         container.write_info({**json.loads(container.info_path.read_text()), "daemon_pids": [lower.process.pid]})
 
         plan = _Plan(creatable=["/dev", "/tmp"])
@@ -325,6 +362,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             container.write_info({**json.loads(container.info_path.read_text()),
                                   "daemon_pids": [m.process.pid for m in fuse_mounts]})
             root_path = container.rootfs
+            phases["overlay"] = clock() - started - sum(phases.values())
 
         # Identity files: the image's own entries plus the caller's (read in-root, never via host links).
         shell_exists = lambda path: rootfs.path_kind(str(container.lower), path) == "file"  # noqa: E731
@@ -386,6 +424,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         if limit_plan.cpu_set is not None:
             # Inherited by the runtime and so by the container (the FUSE daemons are already up).
             os.sched_setaffinity(0, limit_plan.cpu_set)
+        phases["bundle"] = clock() - started - sum(phases.values())
         runtime_log = container.path / "runtime.log"
         child = proc.start(
             ["setpriv", "--pdeathsig", "TERM", "--", runtime, "--root", str(container.runtime_root),
@@ -395,14 +434,33 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         )
         status = _wait_forwarding(child, runtime, str(container.runtime_root), container.id,
                                   options.stop_timeout_s, log)
+        phases["runtime"] = clock() - started - sum(phases.values())
         if status != 0 and status < 128:
             error = _runtime_error(runtime_log)
             if error:
                 raise RuntimeFailure(f"{os.path.basename(runtime)} could not start the container: {error}",
                                      hint="run with --debug, and 'berth doctor' to check this node")
         return status
+    except _StopRequested as stop:
+        log(f"stopped by signal {signal.Signals(stop.signum).name} before the command started")
+        return 128 + stop.signum
     finally:
-        _teardown(container, runtime, fuse_mounts)
+        before = clock()
+        # Teardown must finish: a second Ctrl-C must not leave mounts behind.
+        for signum in early:
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            _teardown(container, runtime, fuse_mounts)
+        finally:
+            _restore(early)
+        phases["teardown"] = clock() - before
+        log("timing: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in phases.items()),
+            debug=True)
+
+
+def _restore(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def _teardown(container: state.ContainerState, runtime: str, fuse_mounts: list) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +90,8 @@ def probe(runtime: str, scratch: Path, init: str) -> ProbeResult:
         path = proc.find_program(runtime)
     except ProgramNotFound:
         return ProbeResult(runtime, None, False, f"{runtime} is not installed")
+    import tempfile  # only when probing (once per host), not on every run
+
     workdir = Path(tempfile.mkdtemp(prefix=f"probe-{runtime}-", dir=scratch))
     try:
         rootfs = workdir / "rootfs"

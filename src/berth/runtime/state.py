@@ -26,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -122,7 +121,8 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
             if record.get("name") == name:
                 raise RuntimeFailure(f"a container named '{name}' is already running (id {record['id']})",
                                      hint="choose another --name, or stop that container")
-    container_id = "b" + secrets.token_hex(6)
+    # os.urandom, not secrets: the id only needs to be unique, and secrets costs ~5 ms of imports.
+    container_id = "b" + os.urandom(6).hex()
     path = containers / container_id
     os.mkdir(path, 0o700)
     fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
