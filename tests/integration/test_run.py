@@ -170,3 +170,10 @@ def test_pid_namespace_shows_only_the_container(runtime_env, runtime_images):
     count, init = result.stdout.splitlines()
     assert int(count) <= 4, result.stdout  # init, sh, ls, grep
     assert init.startswith("/dev/.berth-init ")
+
+
+def test_runtime_failure_before_the_command_is_125(runtime_env, runtime_images):
+    # A working directory that is a file: runc fails before running anything.
+    result = runtime_env.berth("run", "-w", "/etc/passwd", str(runtime_images.busybox), "true")
+    assert result.returncode == 125, describe(result)
+    assert "could not start the container" in result.stderr and "not a directory" in result.stderr
