@@ -436,6 +436,8 @@ def parse_plain_header(buf: bytes) -> tarfile.TarInfo | None:
     info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
     info.chksum, info.type = checksum, kind
     info.linkname = buf[157:257].split(b"\0", 1)[0].decode(ENCODING, ERRORS)
+    info.uname = buf[265:297].split(b"\0", 1)[0].decode(ENCODING, ERRORS)
+    info.gname = buf[297:329].split(b"\0", 1)[0].decode(ENCODING, ERRORS)
     info.devmajor, info.devminor = devmajor, devminor
     return info
 
@@ -576,7 +578,8 @@ def fast_ustar_header(info: tarfile.TarInfo) -> bytes | None:
     header[156:157] = info.type
     header[157:157 + len(info.linkname)] = info.linkname.encode("ascii")
     header[257:265] = _USTAR_MAGIC
-    header[329:345] = b"%07o\0%07o\0" % (info.devmajor, info.devminor)
+    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):  # NULs otherwise, as tarfile writes
+        header[329:345] = b"%07o\0%07o\0" % (info.devmajor, info.devminor)
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
 

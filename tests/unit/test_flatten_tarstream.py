@@ -1,0 +1,138 @@
+"""berth.image.tarstream: the fast header parser must read exactly what tarfile reads, and
+the byte source must hand member data over intact whichever path (buffer, splice) it takes."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+
+from berth.image import tarstream
+
+ATTRIBUTES = ("name", "mode", "uid", "gid", "size", "mtime", "type", "linkname", "devmajor", "devminor",
+              "pax_headers", "offset", "offset_data", "uname", "gname")
+
+
+def members(fmt: int) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as archive:
+        def add(name, kind=tarfile.REGTYPE, data=b"", **attrs):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            archive.addfile(info, io.BytesIO(data) if data else None)
+        add("./plain", data=b"x" * 700, mode=0o4755, uid=1000, gid=100, mtime=1_700_000_000, uname="u", gname="g")
+        add("dir/", tarfile.DIRTYPE, mode=0o1777)
+        add("link", tarfile.SYMTYPE, linkname="/etc/passwd")
+        add("hard", tarfile.LNKTYPE, linkname="plain")
+        add("dev", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("blk", tarfile.BLKTYPE, devmajor=259, devminor=7)
+        add("fifo", tarfile.FIFOTYPE)
+        add("long/" + "n" * 150 + "/file", data=b"long name")
+        if fmt != tarfile.USTAR_FORMAT:
+            add("sym-long", tarfile.SYMTYPE, linkname="t" * 150)
+        add("caf\u00e9", data=b"utf8")
+        add("empty")
+        if fmt != tarfile.USTAR_FORMAT:
+            add("bigid", uid=3_000_000, gid=4_000_000, data=b"big ids")  # base-256 or pax
+        if fmt == tarfile.PAX_FORMAT:
+            add("xattr", data=b"x", pax_headers={"SCHILY.xattr.user.a": "1",
+                                                 "SCHILY.xattr.security.capability": "\x01\x02"})
+            add("frac", data=b"f", mtime=1_700_000_000.5)
+            add("comment", data=b"c", pax_headers={"comment": "tarfile handles this one"})
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+@pytest.mark.parametrize("use_fd", [True, False], ids=["fd", "fileobj"])
+def test_iter_members_reads_what_tarfile_reads(tmp_path, fmt, use_fd):
+    data = members(fmt)
+    expected = list(tarfile.open(fileobj=io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+    path = tmp_path / "t.tar"
+    path.write_bytes(data)
+    with open(path, "rb", buffering=0) as raw:
+        source = tarstream.ByteSource(fd=raw.fileno()) if use_fd else tarstream.ByteSource(io.BytesIO(data))
+        got = []
+        for info in tarstream.iter_members(source):
+            got.append(info)
+            if info.name == "plain":  # read half the data: the rest must be skipped correctly
+                sink = tarstream.ByteSink(fileobj=io.BytesIO())
+                source.copy_to(sink, 300)
+    assert [info.name for info in got] == [info.name for info in expected]
+    for mine, reference in zip(got, expected):
+        for attribute in ATTRIBUTES:
+            assert getattr(mine, attribute) == getattr(reference, attribute), (reference.name, attribute)
+
+
+def test_copy_to_splices_large_members_intact(tmp_path):
+    payload = os.urandom(3 << 20)
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in (("small", b"s" * 100), ("large", payload), ("after", b"a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    read_end, write_end = os.pipe()
+    out_read, out_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # feed the pipe from a child, as the decompressor would
+        os.close(read_end)
+        os.write(write_end, data.getvalue())
+        os._exit(0)
+    os.close(write_end)
+    collected = bytearray()
+    sink = tarstream.ByteSink(fd=out_write)
+    source = tarstream.ByteSource(fd=read_end)
+    import threading
+    drained = threading.Thread(target=lambda: collected.extend(iter_read(out_read)))
+    drained.start()
+    names = []
+    for info in tarstream.iter_members(source):
+        names.append(info.name)
+        source.copy_to(sink, info.size)
+    sink.flush()
+    os.close(out_write)
+    drained.join()
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert names == ["small", "large", "after"]
+    assert bytes(collected) == b"s" * 100 + payload + b"a"
+
+
+def iter_read(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("./usr//bin/./ls", "usr/bin/ls"), ("/etc/", "etc"), (".", ""), ("./", ""), ("a/b", "a/b"),
+])
+def test_canonical_name(name, expected):
+    assert tarstream.canonical_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../b", "a/..", ".."])
+def test_canonical_name_rejects_dot_dot(name):
+    with pytest.raises(tarstream.NameRejected):
+        tarstream.canonical_name(name)
+
+
+def test_fast_ustar_header_equals_tarfile_output():
+    info = tarfile.TarInfo("usr/bin/thing")
+    info.size, info.mode, info.uid, info.gid, info.mtime = 12345, 0o4755, 7, 8, 1_700_000_000
+    info.uname = info.gname = ""
+    assert tarstream.fast_ustar_header(info) == info.tobuf(tarfile.USTAR_FORMAT)
+    info.type, info.size, info.linkname = tarfile.SYMTYPE, 0, "../lib/x"
+    assert tarstream.fast_ustar_header(info) == info.tobuf(tarfile.USTAR_FORMAT)
+    info.type, info.linkname, info.devmajor, info.devminor = tarfile.CHRTYPE, "", 1, 3
+    assert tarstream.fast_ustar_header(info) == info.tobuf(tarfile.USTAR_FORMAT)
+    info.name = "n" * 101  # too long for plain ustar: the caller falls back to tarfile's PAX
+    assert tarstream.fast_ustar_header(info) is None
