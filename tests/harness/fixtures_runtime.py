@@ -169,13 +169,19 @@ class RuntimeEnv:
     def berth(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
         return self.user.berth(*args, env=self.env(**(env or {})), **kwargs)
 
-    def popen(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    def popen(self, *args: str, env: dict | None = None, groups: tuple[int, ...] | None = None,
+              **kwargs) -> subprocess.Popen:
         """Start berth as the test user without waiting (signals reach berth itself: runuser
-        is replaced by setpriv so the pid is berth's)."""
+        is replaced by setpriv so the pid is berth's). ``groups``: supplementary gids to run
+        with instead of the user's own (no system file is edited for that)."""
         from tests.harness.users import berth_executable
 
         full_env = self.user.base_env(**self.env(**(env or {})))
-        argv = ["setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}", "--init-groups",
+        if groups is None:
+            group_option = "--init-groups"
+        else:
+            group_option = "--groups=" + ",".join(map(str, groups)) if groups else "--clear-groups"
+        argv = ["setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}", group_option,
                 "env", "-i", *[f"{k}={v}" for k, v in full_env.items()], str(berth_executable()), *args]
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.PIPE)

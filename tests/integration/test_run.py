@@ -177,3 +177,24 @@ def test_runtime_failure_before_the_command_is_125(runtime_env, runtime_images):
     result = runtime_env.berth("run", "-w", "/etc/passwd", str(runtime_images.busybox), "true")
     assert result.returncode == 125, describe(result)
     assert "could not start the container" in result.stderr and "not a directory" in result.stderr
+
+
+def test_supplementary_groups_still_grant_access(runtime_env, runtime_images):
+    # A file readable only through group 4242, which the caller holds as a supplementary group
+    # (given by setpriv: no system file is edited). The kernel keeps supplementary groups in the
+    # container (they show as nogroup: a rootless user namespace maps only the caller's gid).
+    shared = runtime_env.scratch / "group-only"
+    shared.write_text("group secret\n")
+    os.chown(shared, 0, 4242)
+    os.chmod(shared, 0o640)
+    process = runtime_env.popen("run", "-v", f"{runtime_env.scratch}:/s", str(runtime_images.busybox), "sh", "-c",
+                                "cat /s/group-only; id -G", groups=(4242,))
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "group secret"
+    assert lines[1].split()[0] == str(runtime_env.user.gid)
+    denied = runtime_env.popen("run", "-v", f"{runtime_env.scratch}:/s", str(runtime_images.busybox),
+                               "cat", "/s/group-only", groups=())
+    out, err = denied.communicate(timeout=30)
+    assert denied.returncode == 1 and "Permission denied" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -67,13 +68,25 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
         argv += ["--env", entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}"]
     argv.append(info["id"])
     argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root"))))
-    child = proc.start(argv, stdin=None)
-    while True:
+    # The runtime forwards the signals it receives to the exec'd process: pass ours on to it
+    # (it runs in its own session, so a terminal's Ctrl-C reaches it only through us).
+    child = proc.start(argv, stdin=None, new_session=True)
+
+    def forward(signum, frame):
+        del frame
         try:
-            return proc.shell_status(child.wait())
-        except KeyboardInterrupt:
-            # SIGINT reached the runtime too (same process group): it forwards it; keep waiting.
-            time.sleep(0)
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                 signal.SIGWINCH)
+    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
+    try:
+        return proc.shell_status(child.wait())
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def format_started(epoch_s: float | None) -> str:
