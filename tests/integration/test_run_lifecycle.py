@@ -182,3 +182,19 @@ def test_no_processes_or_mounts_after_a_normal_run(runtime_env, runtime_images, 
     assert processes_mentioning(user.uid, str(runtime_env.state_dir)) == []
     assert runtime_env.containers() == []
     assert sorted(os.listdir(runtime_env.state_dir)) == ["containers", "runtime-probe.json"]
+
+
+def test_exec_with_a_terminal(runtime_env, runtime_images):
+    from tests.integration.test_run import _run_in_pty
+
+    process = runtime_env.popen("run", "--name", "ttyhost", str(runtime_images.busybox), "sh", "-c",
+                                "echo ready; sleep 60")
+    try:
+        wait_for_line(process, "ready")
+        status, output = _run_in_pty(runtime_env, ["exec", "-t", "ttyhost", "sh", "-c",
+                                                   "test -t 0 && echo EXEC-TTY; tty; exit 6"])
+        assert status == 6, output
+        assert "EXEC-TTY" in output and "/dev/pts/" in output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
