@@ -452,3 +452,10 @@ def test_hard_link_whose_own_path_is_hidden_does_not_carry_the_data(tmp_path):
                               [f(".wh.t"), f(".wh.l1")])
     assert paths(tree) == {"l2"}
     assert tree["l2"].data == b"data"
+
+
+def test_notes_escape_control_characters_in_hostile_names(tmp_path):
+    report, tree, _ = flatten(tmp_path, [f("../\x1b[2Jgotcha", "x")])
+    assert paths(tree) == set()
+    assert len(report.notes) == 1
+    assert "\x1b" not in report.notes[0] and "\\x1b[2Jgotcha" in report.notes[0]

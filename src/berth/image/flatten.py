@@ -55,7 +55,7 @@ import io
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -201,7 +201,7 @@ class _Flattener:
                              pending_whiteouts, pending_opaque)
         except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
             raise ImageError(
-                f"{what} is truncated or corrupt after entry '{last}': {exc}",
+                f"{what} is truncated or corrupt after entry '{_shown(last[:200])}': {exc}",
                 hint="the layer blob is damaged; remove it from the store and pull again",
             ) from None
         self.whiteouts |= pending_whiteouts
@@ -210,15 +210,15 @@ class _Flattener:
     def _member(self, index: int, info: tarfile.TarInfo, source: tarstream.ByteSource, layer: int,
                 what: str, plan: _LayerPlan | None, seen: dict, pending_whiteouts: set[str],
                 pending_opaque: set[str]) -> None:
+        kind = _kind(info, what)  # first: it refuses absurd names before any note quotes them
         try:
             path = tarstream.canonical_name(info.name)
         except tarstream.NameRejected:
-            self.report.note(f"{what}: dropped '{info.name}': a '..' component points outside the image")
+            self.report.note(f"{what}: dropped '{_shown(info.name)}': a '..' component points outside the image")
             return
-        kind = _kind(info, what)
         base = path.rpartition("/")[2]
         if _WHITEOUT_PREFIX in path and "/" + _WHITEOUT_PREFIX in "/" + path[:len(path) - len(base)]:
-            self.report.note(f"{what}: dropped '{path}': it lies under a whiteout name (AUFS metadata)")
+            self.report.note(f"{what}: dropped '{_shown(path)}': it lies under a whiteout name (AUFS metadata)")
             return
         if base.startswith(_WHITEOUT_PREFIX):
             self._whiteout(path, base, layer, index, what, pending_whiteouts, pending_opaque)
@@ -267,7 +267,7 @@ class _Flattener:
             earlier = seen.get(ancestor)
             if earlier is not None and earlier[1] not in _DIR_KINDS:
                 if not quiet:
-                    self.report.note(f"{what}: dropped '{path}': its parent '{ancestor}' is a {earlier[1]} "
+                    self.report.note(f"{what}: dropped '{_shown(path)}': its parent '{_shown(ancestor)}' is a {earlier[1]} "
                                      "of the same layer")
                 return False
         return True
@@ -285,7 +285,7 @@ class _Flattener:
                 self.nodes.setdefault(ancestor, _Node(layer, link_index, "implied"))
             self.materialized[(layer, index)] = (layer, link_index, link_path)
             self.materialized_links.add((layer, link_index))
-            self.report.note(f"{what}: hard link '{link_path}' became a copy of '{path}', which is hidden "
+            self.report.note(f"{what}: hard link '{_shown(link_path)}' became a copy of '{_shown(path)}', which is hidden "
                              "in the final tree")
             self._emit(link_path, info, "file", source, what)
             return
@@ -305,7 +305,7 @@ class _Flattener:
             return
         name = base[len(_WHITEOUT_PREFIX):]
         if not name or name.startswith(_WHITEOUT_PREFIX):
-            self.report.note(f"{what}: ignored '{path}': not a whiteout this flattener applies")
+            self.report.note(f"{what}: ignored '{_shown(path)}': not a whiteout this flattener applies")
             return
         pending_whiteouts.add(f"{parent}/{name}" if parent else name)
 
@@ -316,11 +316,11 @@ class _Flattener:
         try:
             target = tarstream.canonical_name(info.linkname)
         except tarstream.NameRejected:
-            self.report.note(f"{what}: dropped hard link '{path}': its target '{info.linkname}' is outside the image")
+            self.report.note(f"{what}: dropped hard link '{_shown(path)}': its target '{_shown(info.linkname)}' is outside the image")
             return (-1, -1, "outside")
         info.linkname = target
         if not target or target == path:
-            self.report.note(f"{what}: dropped hard link '{path}': it names '{info.linkname or '/'}'")
+            self.report.note(f"{what}: dropped hard link '{_shown(path)}': it names '{info.linkname or '/'}'")
             return (-1, -1, "self")
         previous = seen.get(target)
         if previous is None:
@@ -330,20 +330,20 @@ class _Flattener:
             return (layer, index, target)
         if kind == "hardlink":
             return source
-        self.report.note(f"{what}: dropped hard link '{path}': its target '{target}' is a {kind}, not a regular file")
+        self.report.note(f"{what}: dropped hard link '{_shown(path)}': its target '{_shown(target)}' is a {kind}, not a regular file")
         return (-1, -1, "kind")
 
     def _last_in_layer(self, path: str, index: int, plan: _LayerPlan, what: str, *,
                        quiet: bool = False) -> bool:
         if plan.last_index.get(path, index) != index:
             if not quiet:
-                self.report.note(f"{what}: skipped an earlier entry for '{path or '/'}': a later entry of "
+                self.report.note(f"{what}: skipped an earlier entry for '{_shown(path) or '/'}': a later entry of "
                                  "the same layer replaces it")
             return False
         for ancestor in _ancestors(path):
             if plan.last_nondir_index.get(ancestor, -1) > index:
                 if not quiet:
-                    self.report.note(f"{what}: skipped '{path}': a later non-directory '{ancestor}' of the "
+                    self.report.note(f"{what}: skipped '{_shown(path)}': a later non-directory '{_shown(ancestor)}' of the "
                                      "same layer replaces its parent")
                 return False
         return True
@@ -360,7 +360,7 @@ class _Flattener:
             node = nodes.get(ancestor)
             if node is not None and node.kind not in _DIR_KINDS:
                 if node.layer == layer:
-                    return f"its parent '{ancestor}' is a {node.kind} of the same layer"
+                    return f"its parent '{_shown(ancestor)}' is a {node.kind} of the same layer"
                 return ""
         if path in whiteouts:
             return ""
@@ -377,19 +377,19 @@ class _Flattener:
             reason = self._blocked(path, layer)
             if reason is not None:
                 if reason:
-                    self.report.note(f"{what}: dropped '{path}': {reason}")
+                    self.report.note(f"{what}: dropped '{_shown(path)}': {reason}")
                 return False
         node = self.nodes.get(path)
         if node is not None:
             if node.layer == layer and not (node.kind == "implied" and kind == "dir"):
                 if plan is not None:
-                    raise ImageError(f"{what}: cannot order the entries for '{path}'",
+                    raise ImageError(f"{what}: cannot order the entries for '{_shown(path)}'",
                                      hint="this is a bug in berth's flattener; report it with the image name")
                 raise _NeedPlan(layer)
             if node.kind != "implied":
                 return False  # an upper layer's entry wins
             if kind != "dir":
-                self.report.note(f"{what}: dropped {kind} '{path}': an upper layer has a directory there")
+                self.report.note(f"{what}: dropped {kind} '{_shown(path)}': an upper layer has a directory there")
                 return False
             node.layer, node.index, node.kind = layer, index, "dir"
             return True
@@ -404,12 +404,12 @@ class _Flattener:
               what: str) -> None:
         xattrs, dropped = tarstream.member_xattrs(info)
         if dropped:
-            self.report.note(f"{what}: '{path or '/'}': dropped xattrs SquashFS cannot store: {', '.join(sorted(dropped))}")
+            self.report.note(f"{what}: '{_shown(path) or '/'}': dropped xattrs SquashFS cannot store: {', '.join(sorted(dropped))}")
         if kind == "file":
             limit = self.limits.max_content_bytes
             if self.report.content_bytes + info.size > limit:
                 raise ImageError(
-                    f"{what}: '{path}' ({info.size} bytes) makes the image larger than the limit of "
+                    f"{what}: '{_shown(path)}' ({info.size} bytes) makes the image larger than the limit of "
                     f"{limit} bytes expanded",
                     hint="the image is too large or hostile; ask your site administrator to raise the limit "
                     "if it is genuine",
@@ -445,7 +445,7 @@ class _Flattener:
                 valid = node is not None and node.layer < link.layer and node.kind == "file"
                 why = "its target is missing or not a regular file of a lower layer"
             if not valid:
-                self.report.note(f"{link.what}: dropped hard link '{link.path}' -> '{link.target}': {why}")
+                self.report.note(f"{link.what}: dropped hard link '{_shown(link.path)}' -> '{_shown(link.target)}': {why}")
                 continue
             resolved[link.path] = target
             tarstream.write_member(self.sink, tarstream.output_info(
@@ -461,23 +461,31 @@ class _Flattener:
                 self.report.entries += 1
 
 
+def _shown(name: str) -> str:
+    """A member name as notes and errors show it: control characters (a hostile name could
+    hold terminal escapes) and undecodable bytes escaped."""
+    if name.isprintable():
+        return name
+    return name.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
 def _kind(info: tarfile.TarInfo, what: str) -> str:
     if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE:
         raise ImageError(
-            f"{what}: '{info.name}' is a sparse file, which berth refuses (a sparse member can "
+            f"{what}: '{_shown(info.name[:200])}' is a sparse file, which berth refuses (a sparse member can "
             "expand to any size)",
             hint="rebuild the image without sparse files (tar without --sparse)",
         )
     kind = _KINDS.get(info.type)
     if kind is None:
         raise ImageError(
-            f"{what}: '{info.name}' has the unknown tar entry type {info.type!r}",
+            f"{what}: '{_shown(info.name[:200])}' has the unknown tar entry type {info.type!r}",
             hint="the layer is corrupt or was made by an unusual tool; rebuild the image",
         )
     for label, value in (("name", info.name), ("link target", info.linkname)):
         why = tarstream.check_name_length(value, components=label == "name")
         if why:
-            raise ImageError(f"{what}: an entry's {label} is absurd: {why} ('{value[:80]}...')",
+            raise ImageError(f"{what}: an entry's {label} is absurd: {why} ('{_shown(value[:80])}...')",
                              hint="the layer is hostile or corrupt; do not use this image")
     return kind
 
@@ -529,7 +537,11 @@ def _prescan(stream: tarstream.ByteSource, what: str, max_entries: int) -> _Laye
     return _LayerPlan(last_index, last_nondir, link_sources)
 
 
-def _convert(openers: Sequence[Callable[[], "contextmanager"]], names: Sequence[str], output: Path,
+#: Opens one layer's decompressed bytes; called again for a pre-scan or a restart.
+_Opener = Callable[[], AbstractContextManager[tarstream.ByteSource]]
+
+
+def _convert(openers: Sequence[_Opener], names: Sequence[str], output: Path,
              compression: str, plans: dict[int, _LayerPlan], max_content_bytes: int,
              max_entries: int) -> FlattenReport:
     report = FlattenReport()
@@ -550,8 +562,10 @@ def _convert(openers: Sequence[Callable[[], "contextmanager"]], names: Sequence[
     return report
 
 
-def _run(openers, names, output: Path, compression: str, max_content_bytes: int,
-         max_entries: int, rereadable: bool) -> FlattenReport:
+def _run(openers: Sequence[_Opener], names: Sequence[str], output: Path, compression: str,
+         max_content_bytes: int, max_entries: int, rereadable: bool) -> FlattenReport:
+    """Convert; when a layer turns out to need a pre-scan (duplicates, hidden hard-link
+    targets), pre-scan it and start again (at most once per layer)."""
     check_compression(compression)
     plans: dict[int, _LayerPlan] = {}
     while True:
@@ -581,7 +595,7 @@ def build_squashfs(layers: Sequence[Layer], output: Path, *, compression: str = 
     del tmp_dir
     names = [f"layer {layer.digest}" for layer in layers]
 
-    def opener(layer: Layer, name: str):
+    def opener(layer: Layer, name: str) -> _Opener:
         return lambda: tarstream.open_decompressed(layer.path, name)
 
     openers = [opener(layer, name) for layer, name in zip(layers, names)]
