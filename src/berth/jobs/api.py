@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from berth.config.settings import Settings
 from berth.errors import BerthError, JobError, NotFound, PolicyError, UsageError
 from berth.jobs import model, options as opts
 from berth.jobs.backend import BACKENDS, get_backend
@@ -132,7 +133,7 @@ def _check_output(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: not writable by you", hint="choose a file in a directory you can write")
 
 
-def submit(settings, request: SubmitRequest) -> Submitted:
+def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     """Validate and submit a job. Raises UsageError, PolicyError, NotFound or JobError; on any
     error nothing stays submitted or recorded."""
     script_path, text = read_script(request.script)
@@ -202,7 +203,7 @@ def _default_name(script: Path) -> str:
     return name if name and name[0].isalnum() else f"job{name}"
 
 
-def _check_image(settings, image: str, template) -> None:
+def _check_image(settings: Settings, image: str, template) -> None:
     """A template's image must be in a store (the admin pinned it there); an --image is found
     or pulled at run time, but its reference must parse."""
     from berth.image.api import find_image, parse_reference
@@ -214,7 +215,7 @@ def _check_image(settings, image: str, template) -> None:
                             f"{template.name}` pulls it into the site store")
 
 
-def _check_container_options(settings, spec: JobSpec, record: JobRecord) -> None:
+def _check_container_options(settings: Settings, spec: JobSpec, record: JobRecord) -> None:
     """Site policy for the container the script will run in (custom options, mounts)."""
     from berth.jobs.runner import build_run_options
     from berth.runtime.policy import check_options
@@ -223,13 +224,13 @@ def _check_container_options(settings, spec: JobSpec, record: JobRecord) -> None
     check_options(settings, options)
 
 
-def status(settings, job_id: str) -> JobStatus:
+def status(settings: Settings, job_id: str) -> JobStatus:
     record = find_record(settings, job_id)
     spec = record.read_spec()
     return get_backend(settings, spec.backend).status(record, spec)
 
 
-def list_jobs(settings, backend_name: str | None = None) -> list[JobStatus]:
+def list_jobs(settings: Settings, backend_name: str | None = None) -> list[JobStatus]:
     """The caller's jobs (all backends, or one), oldest first, one scheduler query per backend."""
     groups: dict[str, list] = {}
     for record in list_records(settings):
@@ -249,7 +250,7 @@ def list_jobs(settings, backend_name: str | None = None) -> list[JobStatus]:
     return sorted(found, key=lambda s: int(s.spec.id))
 
 
-def cancel(settings, job_id: str) -> JobStatus:
+def cancel(settings: Settings, job_id: str) -> JobStatus:
     record = find_record(settings, job_id)
     spec = record.read_spec()
     backend = get_backend(settings, spec.backend)
@@ -261,7 +262,7 @@ def log_paths(spec: JobSpec) -> tuple[Path, Path | None]:
     return Path(spec.output), Path(spec.error) if spec.error else None
 
 
-def run_job(settings, record_path: str, backend_name: str) -> int:
+def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     """``berth job-exec``: run the job of the record at ``record_path`` on this node.
 
     Local backend: wait for a concurrency slot (pending), enforce the time limit, limit CPUs

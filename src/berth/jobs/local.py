@@ -17,6 +17,7 @@ import sys
 import time
 
 from berth import proc
+from berth.config.settings import Settings
 from berth.errors import JobError, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
@@ -28,7 +29,7 @@ SLOT_POLL_S = 0.25
 class LocalBackend:
     name = "local"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def check(self, spec: JobSpec) -> list[str]:

@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from berth.config.settings import Settings
 from berth.errors import JobError, NotFound
 from berth.jobs.model import JobResult, JobSpec
 
@@ -138,11 +139,11 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def jobs_dir(settings) -> Path:
+def jobs_dir(settings: Settings) -> Path:
     return Path(os.path.expanduser(str(settings.jobs_dir)))
 
 
-def create_record(settings) -> JobRecord:
+def create_record(settings: Settings) -> JobRecord:
     """Allocate the next job id by creating its directory (mode 0700). Raises JobError."""
     root = jobs_dir(settings)
     try:
@@ -177,7 +178,7 @@ def _record_dirs(root: Path) -> list[Path]:
         return []
 
 
-def find_record(settings, job_id: str) -> JobRecord:
+def find_record(settings: Settings, job_id: str) -> JobRecord:
     """The record of ``job_id`` (berth's id, or a scheduler id recorded as native_id).
 
     Raises NotFound with the list command as a hint.
@@ -192,12 +193,12 @@ def find_record(settings, job_id: str) -> JobRecord:
     raise NotFound(f"no job '{job_id}' among your jobs in {root}", hint="`berth jobs` lists them")
 
 
-def list_records(settings) -> list[JobRecord]:
+def list_records(settings: Settings) -> list[JobRecord]:
     """Every complete record (one with a spec), in id order."""
     root = jobs_dir(settings)
     records = [JobRecord(p) for p in _record_dirs(root) if (p / "spec.json").exists()]
     return sorted(records, key=lambda r: int(r.id))
 
 
-def slots_dir(settings) -> Path:
+def slots_dir(settings: Settings) -> Path:
     return jobs_dir(settings) / ".slots"

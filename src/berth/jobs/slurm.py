@@ -22,6 +22,7 @@ import shlex
 import sys
 
 from berth import proc
+from berth.config.settings import Settings
 from berth.errors import JobError, ProgramFailed, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
@@ -153,7 +154,7 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
 class SlurmBackend:
     name = "slurm"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def check(self, spec: JobSpec) -> list[str]:
