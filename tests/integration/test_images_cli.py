@@ -139,3 +139,15 @@ def test_push_needs_destination_for_digest_only_images(stores, busybox_image):
     result = stores.berth("push", "--insecure", busybox_image.digest)
     assert result.returncode == 2, describe(result)
     assert "berth push REF HOST/NAME:TAG" in result.stderr
+
+
+def test_unreadable_site_store_is_skipped_with_a_note(stores, busybox_image):
+    _pull(stores, str(busybox_image))
+    (stores.site_store / "index.json").write_text('{"layout": 1, "references": {}}')
+    os.chown(stores.site_store, 0, 0)
+    os.chown(stores.site_store / "index.json", 0, 0)
+    os.chmod(stores.site_store / "index.json", 0o600)
+    result = stores.ok("images", "--json")
+    assert [r["store"] for r in json.loads(result.stdout)] == ["user"]
+    assert "cannot read the site store index" in result.stderr
+    assert "ask your site administrator" in result.stderr

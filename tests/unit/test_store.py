@@ -244,6 +244,11 @@ def test_prune_removes_unreferenced_and_keeps_referenced(store):
     assert report.bytes_freed > len(b"gone layer") + len(b"orphan blob")
     again = store.prune()
     assert (again.images_removed, again.blobs_removed, again.bytes_freed) == ([], 0, 0)
+    # lock files of removed content go too; those of kept content and the store's stay
+    locks = {p.name for p in store.layout.locks_dir.iterdir()}
+    assert store.layout.blob_lock(orphan).name not in locks
+    assert store.layout.image_lock(gone).name not in locks
+    assert {store.layout.image_lock(kept).name, "gc.lock", "index.lock"} <= locks
 
 
 def test_prune_removes_only_stale_tmp(store):

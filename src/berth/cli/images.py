@@ -127,7 +127,10 @@ def run_images(args, ctx) -> int:
     from berth.cli.output import human_size, print_json, print_table
     from berth.image.manage import list_images
 
-    rows = list_images(ctx.settings)
+    listing = list_images(ctx.settings)
+    rows = listing.rows
+    for note in listing.notes:
+        print(f"berth: note: {note}", file=sys.stderr)
     if args.json:
         print_json([row.to_json() for row in rows])
         return 0

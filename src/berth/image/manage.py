@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from berth.errors import NotFound
+from berth.errors import NotFound, PermissionDenied
 from berth.image.api import StoredImage, find_in_store, store_for, stores
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
@@ -31,16 +31,28 @@ class ImageRow:
                 "size_bytes": self.size_bytes, "store": self.store, "reference": self.reference}
 
 
-def list_images(settings: "Settings") -> list[ImageRow]:
+@dataclass(frozen=True)
+class ImageListing:
+    rows: list[ImageRow]
+    #: Stores that could not be read, with why (the listing shows the others).
+    notes: list[str]
+
+
+def list_images(settings: "Settings") -> ImageListing:
     """Every tagged image of the user store, then of the site store (no network, no locks).
 
-    A store that does not exist or that this user cannot read lists nothing.
+    A store that does not exist lists nothing; one this user cannot read is skipped with a note.
     """
     rows: list[ImageRow] = []
+    notes: list[str] = []
     for store in stores(settings):
         if not store.exists():
             continue
-        references = store.read_index()
+        try:
+            references = store.read_index()
+        except PermissionDenied as error:
+            notes.append(f"{error.message} ({error.hint})")
+            continue
         sizes: dict[str, int] = {}
         for key, target in sorted(references.items()):
             digest = Digest.parse(target)
@@ -53,7 +65,7 @@ def list_images(settings: "Settings") -> list[ImageRow]:
                     sizes[target] = 0
             repository, tag = split_key(key)
             rows.append(ImageRow(repository, tag, digest, sizes[target], store.kind, key))
-    return rows
+    return ImageListing(rows, notes)
 
 
 def split_key(key: str) -> tuple[str, str | None]:

@@ -373,7 +373,12 @@ class Store:
         except FileNotFoundError:
             return {}
         except PermissionError:
-            raise self._permission_denied(path, "cannot read") from None
+            raise PermissionDenied(
+                f"cannot read the {self.kind} store index {path}: permission denied",
+                hint="ask your site administrator to make the site store readable by users "
+                "(directories 0755, files 0644)" if self.kind == SITE else
+                f"make {self.root} readable by you, or point BERTH_USER_STORE elsewhere",
+            ) from None
         except (OSError, ValueError) as exc:
             raise StoreError(
                 f"the {self.kind} store index {path} is unreadable: {exc}",
@@ -456,6 +461,11 @@ class Store:
                     continue
                 freed += size
                 blobs_removed += 1
+            # No writer runs now (they hold the gc lock shared), so no one holds or waits
+            # on the lock files of content that is gone: remove them too.
+            for entry in list(self.layout.locks_dir.iterdir()):
+                if self._orphan_lock(entry.name):
+                    _unlink_quietly(entry)
             for entry in list(self.layout.tmp_dir.iterdir()):
                 try:
                     age_s = now - entry.lstat().st_mtime
@@ -467,6 +477,15 @@ class Store:
                     freed += size
                     tmp_removed += 1
         return PruneReport(images_removed, blobs_removed, tmp_removed, freed)
+
+    def _orphan_lock(self, name: str) -> bool:
+        """Whether ``name`` in locks/ is the lock of a blob or image no longer stored."""
+        for kind, present in (("blob-", self.has_blob), ("image-", self.has_image)):
+            if name.startswith(kind) and name.endswith(".lock"):
+                algorithm, sep, hex_part = name[len(kind):-len(".lock")].partition("-")
+                digest = self.layout.blob_from_name(algorithm, hex_part) if sep else None
+                return digest is not None and not present(digest)
+        return False
 
     def list_images_any(self) -> list[Digest]:
         """Every images/ entry that names a digest, complete or not."""
