@@ -84,7 +84,7 @@ class RuntimeImages:
     busybox: Path  # busybox with /etc/passwd, /tmp, /home, /data, /work
     bare: Path  # busybox only: no /etc, /proc, /dev, /tmp, /home (needs the overlay)
     setuid: Path  # busybox + /bin/setuid-probe owned by root, mode 4755, and /opt/suid/busybox (4755)
-    hostile_link: Path  # /data is a symlink to /etc, /escape -> ../../../../etc
+    hostile_link: Path  # /data -> /etc, /escape -> ../../../../etc, /etc/group a FIFO
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +119,9 @@ def runtime_images() -> RuntimeImages:
         (root / "data").rmdir()
         (root / "data").symlink_to("/etc")
         (root / "escape").symlink_to("../../../../../etc")
+        # A FIFO where /etc/group should be: reading it naively would block berth forever.
+        (root / "etc" / "group").unlink()
+        os.mkfifo(root / "etc" / "group")
         hostile = _mksquashfs(root, work / "hostile.sqfs")
         yield RuntimeImages(busybox, bare, setuid, hostile)
     finally:

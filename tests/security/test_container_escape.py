@@ -124,6 +124,12 @@ def test_symlinks_in_the_image_keep_mounts_inside_the_container(runtime_env, run
     assert not os.path.exists("/etc/planted")
 
 
+def test_fifo_in_place_of_etc_group_does_not_hang_berth(runtime_env, runtime_images, user):
+    result = berth_run(runtime_env, runtime_images.hostile_link, [], ["cat", "/etc/group"], timeout=60)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout == f"{user.name}:x:{user.gid}:{user.name}\n"
+
+
 def _run_with_config(runtime_env, user, image, config: dict):
     """run_container with a hostile image config (as berthtest, through the library)."""
     config_path = runtime_env.scratch / "config.json"

@@ -310,7 +310,6 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         env_entries += read_env_file(env_file)
     env_entries += list(options.env)
     workdir = _workdir(options, image_config)
-    limit_plan = None
 
     phases["prepare"] = clock() - started
     early = _install_early_handlers()
@@ -327,15 +326,19 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         limit_plan = limits.plan_limits(options.cpus, options.memory_bytes, container.id)
         for note in limit_plan.notes:
             log(note)
-        container.write_info({
+        # What `berth ps`, `berth exec` and the clean-up of a dead berth need to know.
+        info = {
             "id": container.id, "name": options.name or container.id, "image": name,
             "command": argv, "started": time.time(), "pid": os.getpid(), "runtime": os.path.basename(runtime),
             "runtime_path": runtime, "uid": caller.uid, "gid": caller.gid, "remap_root": options.remap_root,
-        })
+            "daemon_pids": [],
+        }
+        container.write_info(info)
         lower = fuse.mount_squashfs(str(image.squashfs), str(container.lower), str(container.path / "squashfuse.log"))
         fuse_mounts.append(lower)
         phases["mount"] = clock() - started - phases["prepare"]
-        container.write_info({**json.loads(container.info_path.read_text()), "daemon_pids": [lower.process.pid]})
+        info["daemon_pids"].append(lower.process.pid)
+        container.write_info(info)
 
         plan = _Plan(creatable=["/dev", "/tmp"])
         plan.needed += [rootfs.MountPoint(p, True) for p in ("/proc", "/dev", "/sys", "/tmp")]
@@ -359,8 +362,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
                                          str(container.rootfs), str(container.path / "overlay.log"),
                                          squash_to=(caller.uid, caller.gid) if options.writable else None)
             fuse_mounts.append(overlay)
-            container.write_info({**json.loads(container.info_path.read_text()),
-                                  "daemon_pids": [m.process.pid for m in fuse_mounts]})
+            info["daemon_pids"].append(overlay.process.pid)
+            container.write_info(info)
             root_path = container.rootfs
             phases["overlay"] = clock() - started - sum(phases.values())
 

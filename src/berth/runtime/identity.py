@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 #: An image's passwd/group larger than this is not read (hostile image); the caller's entry
@@ -91,11 +92,19 @@ def group_text(image_group: str, caller: Caller, *, as_root: bool) -> str:
 
 def read_image_file(host_path: str) -> str:
     """Read a small text file of the image ('' when missing, unreadable or absurdly large)."""
+    # O_NONBLOCK and a regular-file check: a hostile image may make /etc/passwd a FIFO.
     try:
-        with open(host_path, "rb") as handle:
-            data = handle.read(MAX_DATABASE_BYTES + 1)
+        fd = os.open(host_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError:
         return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        data = os.read(fd, MAX_DATABASE_BYTES + 1)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     if len(data) > MAX_DATABASE_BYTES:
         return ""
     return data.decode("utf-8", "replace")
