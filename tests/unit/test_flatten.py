@@ -459,3 +459,21 @@ def test_notes_escape_control_characters_in_hostile_names(tmp_path):
     assert paths(tree) == set()
     assert len(report.notes) == 1
     assert "\x1b" not in report.notes[0] and "\\x1b[2Jgotcha" in report.notes[0]
+
+
+def test_owner_beyond_32_bits_is_refused_not_truncated_to_root(tmp_path):
+    with pytest.raises(ImageError, match="impossible owner 4294967296:0"):
+        flatten(tmp_path, [f("fake-root", "x", uid=2**32)])
+
+
+def test_device_number_beyond_linux_limits_is_refused(tmp_path):
+    info = tarfile.TarInfo("dev/x")
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 5000, 1
+    raw = info.tobuf(tarfile.GNU_FORMAT) + bytes(1024)
+    with pytest.raises(ImageError, match="impossible device number 5000:1"):
+        flatten(tmp_path, write_layer(tmp_path, raw, compression="none"))
+
+
+def test_times_outside_32_bits_are_clamped(tmp_path):
+    _, tree, _ = flatten(tmp_path, [f("future", "x", mtime=2**40), f("past", "y", mtime=-5), f("now", "z")])
+    assert (tree["future"].mtime, tree["past"].mtime, tree["now"].mtime) == (2**32 - 1, 0, 1_700_000_000)

@@ -33,6 +33,7 @@ class E:
     devminor: int = 0
     pax: dict[str, str] = field(default_factory=dict)
     size: int | None = None  # a lying size, for hostile members
+    mtime: float = 1_700_000_000
 
 
 def f(name: str, data: bytes | str = b"", **kw) -> E:
@@ -63,7 +64,7 @@ def layer_tar(entries: list[E]) -> bytes:
             info.uid, info.gid = entry.uid, entry.gid
             info.linkname = entry.link
             info.devmajor, info.devminor = entry.devmajor, entry.devminor
-            info.mtime = 1_700_000_000
+            info.mtime = entry.mtime
             info.pax_headers = dict(entry.pax)
             if entry.kind == tarfile.REGTYPE:
                 info.size = len(entry.data)
@@ -100,6 +101,7 @@ class Node:
     xattrs: dict[str, bytes] = field(default_factory=dict)
     #: For a hard link: the first name of the same inode (as sqfs2tar lists it).
     inode_of: str = ""
+    mtime: int = 0
 
 
 _KIND = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
@@ -121,7 +123,7 @@ def read_tree(image: Path) -> dict[str, Node]:
             xattrs = {key[len("SCHILY.xattr."):]: value.encode("utf-8", "surrogateescape")
                       for key, value in info.pax_headers.items() if key.startswith("SCHILY.xattr.")}
             node = Node(_KIND[info.type], info.mode, info.uid, info.gid, link=info.linkname,
-                        dev=(info.devmajor, info.devminor), xattrs=xattrs)
+                        dev=(info.devmajor, info.devminor), xattrs=xattrs, mtime=int(info.mtime))
             if info.isreg():
                 node.data = archive.extractfile(info).read()
             if info.islnk():

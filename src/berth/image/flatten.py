@@ -85,6 +85,9 @@ _KINDS = {
     tarfile.DIRTYPE: "dir",
     tarfile.FIFOTYPE: "fifo",
 }
+_MAX_ID = 2**32 - 1
+_MAX_DEV_MAJOR = 1 << 12
+_MAX_DEV_MINOR = 1 << 20
 _WHITEOUT_PREFIX = ".wh."
 _OPAQUE_MARKER = ".wh..wh..opq"
 
@@ -482,6 +485,16 @@ def _kind(info: tarfile.TarInfo, what: str) -> str:
             f"{what}: '{_shown(info.name[:200])}' has the unknown tar entry type {info.type!r}",
             hint="the layer is corrupt or was made by an unusual tool; rebuild the image",
         )
+    # SquashFS keeps 32-bit owners and Linux device numbers (12-bit major, 20-bit minor);
+    # tar2sqfs would silently truncate larger ones (uid 2**32 would become root).
+    if not (0 <= info.uid <= _MAX_ID and 0 <= info.gid <= _MAX_ID):
+        raise ImageError(f"{what}: '{_shown(info.name[:200])}' has an impossible owner {info.uid}:{info.gid}",
+                         hint="the layer is hostile or corrupt; do not use this image")
+    if kind in ("character device", "block device") and not (
+            0 <= info.devmajor < _MAX_DEV_MAJOR and 0 <= info.devminor < _MAX_DEV_MINOR):
+        raise ImageError(f"{what}: '{_shown(info.name[:200])}' has an impossible device number "
+                         f"{info.devmajor}:{info.devminor}",
+                         hint="the layer is hostile or corrupt; do not use this image")
     for label, value in (("name", info.name), ("link target", info.linkname)):
         why = tarstream.check_name_length(value, components=label == "name")
         if why:

@@ -554,6 +554,7 @@ def end_archive(sink: ByteSink) -> None:
     sink.flush()
 
 
+_MAX_MTIME = 2**32 - 1
 _OCTAL7 = 8 ** 7
 _OCTAL11 = 8 ** 11
 _USTAR_MAGIC = b"ustar\x0000"
@@ -597,7 +598,7 @@ def output_info(source: tarfile.TarInfo, name: str, *, kind: bytes | None = None
     info.mode = source.mode & 0o7777
     info.uid = source.uid
     info.gid = source.gid
-    info.mtime = int(source.mtime) if source.mtime >= 0 else 0
+    info.mtime = min(max(int(source.mtime), 0), _MAX_MTIME)  # SquashFS times are 32-bit
     info.uname = ""
     info.gname = ""
     info.linkname = linkname
