@@ -81,7 +81,8 @@ if "$berth" template --help >/dev/null 2>&1 && "$berth" submit --help >/dev/null
         stop_timeout=5 comment="demo template"
     "$berth" template list
 
-    step "user: berth submit --template demo job.sh (local backend)"
+    backend=${BERTH_DEMO_BACKEND:-local}  # slurm: see docs/jobs.md "The Slurm test cluster"
+    step "user: berth submit --template demo job.sh ($backend backend)"
     cat > "$work/job.sh" <<'JOB'
 #!/bin/sh
 #BERTH -J demo-job
@@ -90,7 +91,7 @@ echo "written by the job in $(pwd)" > out/result.txt
 JOB
     mkdir -p "$work/out"
     cd "$work"
-    job=$("$berth" submit --backend local --template demo -o "$work/job.out" job.sh)
+    job=$("$berth" submit --backend "$backend" --template demo -o "$work/job.out" job.sh)
     echo "submitted job $job"
     for _ in $(seq 120); do
         state=$("$berth" status "$job" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
