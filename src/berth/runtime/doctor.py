@@ -101,10 +101,18 @@ def check_runtimes(state_dir: Path) -> list[Check]:
     for result in results:
         checks.append(Check(f"runtime {result.runtime}", result.works,
                             f"{result.path or result.runtime}: {result.reason}",
-                            "" if result.works else ADMIN + ("install runc (Debian package runc)" if result.path is None
-                                                             else "see the reason; berth uses another runtime meanwhile"),
+                            "" if result.works else _runtime_fix(result, working),
                             required=not working))
     return checks
+
+
+def _runtime_fix(result, working: list) -> str:
+    if working:
+        return (f"optional: berth uses {working[0].runtime}; to use {result.runtime} too, ask your site "
+                "administrator to remove the cause above")
+    if result.path is None:
+        return ADMIN + f"install {result.runtime} (Debian package {result.runtime})"
+    return ADMIN + "remove the cause above (berth needs one working OCI runtime)"
 
 
 def check_cgroups() -> Check:
