@@ -129,6 +129,23 @@ def test_import_failures_are_clear_and_write_nothing(stores):
     _give(stores, plain_dir)
     directory = stores.berth("import", str(plain_dir), "local/x:1")
     assert directory.returncode == 7 and "not an OCI image layout" in directory.stderr, describe(directory)
+    truncated = work / "rootfs.tar.gz"
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("etc/data")
+        data = os.urandom(200_000)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    truncated.write_bytes(gzip.compress(raw.getvalue())[:100_000])
+    _give(stores, truncated)
+    cut = stores.berth("import", str(truncated), "local/x:1")
+    assert cut.returncode == 7 and "cannot read the import source" in cut.stderr, describe(cut)
+    secret = work / "secret.tar"
+    secret.write_bytes(raw.getvalue())
+    os.chmod(secret, 0o600)
+    unreadable = stores.berth("import", str(secret), "local/x:1")
+    assert unreadable.returncode == 7, describe(unreadable)
+    assert f"cannot read the import source {secret}: Permission denied" in unreadable.stderr, describe(unreadable)
     pinned = stores.berth("import", str(not_tar), "local/x@sha256:" + "0" * 64)
     assert pinned.returncode == 2, describe(pinned)
     assert stores.index() == {} and stores.image_dirs() == [] and stores.tmp_entries() == []

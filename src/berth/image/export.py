@@ -126,6 +126,9 @@ def _add_layer(archive: tarfile.TarFile, name: str, blob: Path, media_type: str,
             info.mtime = int(time.time())
             info.mode = 0o644
             archive.addfile(info, handle)
+    except zlib.error as exc:
+        raise ImageError(f"layer {blob.name} in the store is not valid gzip: {exc}",
+                         hint="remove the image (`berth rmi`), prune, and pull it again") from None
     finally:
         if scratch.exists():
             scratch.unlink()

@@ -17,6 +17,7 @@ import json
 import os
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,16 @@ def import_image(settings: "Settings", source: str, name: str, *, site: bool = F
         raise NotFound(f"import source {source} does not exist")
     store = store_for(settings, site=site)
     key = index_key(reference)
+    try:
+        return _import_from(store, settings, path, source, reference, key, wanted, progress)
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        # Reading the source failed (store errors are BerthErrors already, not caught here).
+        raise ImageError(f"cannot read the import source {source}: {getattr(exc, 'strerror', None) or exc}",
+                         hint="check that the file is complete and readable by you") from None
+
+
+def _import_from(store: Store, settings, path: Path, source: str, reference, key: str, wanted,
+                 progress) -> tuple[StoredImage, str]:
     with store.writing():
         if path.is_dir():
             if not (path / "oci-layout").is_file():
@@ -76,7 +87,7 @@ def import_image(settings: "Settings", source: str, name: str, *, site: bool = F
             return _import_oci(store, settings, source_files, reference, key, wanted, progress), "oci-layout"
         try:
             archive = tarfile.open(path, "r:*")
-        except (tarfile.TarError, OSError) as exc:
+        except tarfile.TarError as exc:
             raise ImageError(f"{source} is neither a directory nor a tar archive: {exc}",
                              hint="give an OCI layout, a docker-archive or a rootfs tarball") from None
         with archive:

@@ -290,10 +290,16 @@ def _download_all(client, settings, store: Store, reference: Reference, blobs: l
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull") as pool:
         futures = [pool.submit(fetch_blob, client, store, reference, blob, settings.pull_retries,
                                progress, stop) for blob in blobs]
-        done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
-        if any(f.exception() is not None for f in done):
+        try:
+            done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done):
+                stop.set()
+            wait(futures)
+        except BaseException:
+            # Ctrl-C (or anything else) in this thread: stop the downloads at their next
+            # chunk instead of letting the pool finish them; partial files stay for resuming.
             stop.set()
-        wait(futures)
+            raise
     errors = [f.exception() for f in futures if f.exception() is not None]
     real = [e for e in errors if not isinstance(e, _Cancelled)]
     if real:
