@@ -208,3 +208,37 @@ def test_image_from_the_store_uses_its_config(runtime_env, site_config, busybox_
     lines = result.stdout.splitlines()
     assert lines[0] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     assert lines[1] == str(user.uid) and 'NAME="berth test busybox"' in lines
+
+
+def test_group_policy_applies_to_members_only(runtime_env, runtime_images, site_config, user):
+    import grp
+
+    group_dir = runtime_env.scratch / "group-tools"
+    group_dir.mkdir()
+    site_config.write(f'''
+        [[policy.groups]]
+        group = "{grp.getgrgid(user.gid).gr_name}"
+        devices = ["/dev/fuse"]
+
+        [[policy.groups.mounts]]
+        source = "{group_dir}"
+        destination = "/opt/group-tools"
+
+        [[policy.groups.env]]
+        op = "set"
+        name = "GROUP_VAR"
+        value = "member"
+
+        [[policy.groups]]
+        group = "root"
+
+        [[policy.groups.env]]
+        op = "set"
+        name = "ROOT_VAR"
+        value = "leaked"
+    ''')
+    result = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c",
+                               "echo ${GROUP_VAR:-none} ${ROOT_VAR:-none}; test -d /opt/group-tools && echo mounted; "
+                               "test -c /dev/fuse && echo device", env=site_config.env)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.splitlines() == ["member none", "mounted", "device"]
