@@ -105,6 +105,19 @@ def test_boot_timeout_and_staging_failures_name_the_phase(job_site, user):
     assert "should-not-run" not in logs.stdout
 
 
+def test_cancel_while_starting_the_container(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "never.sh", "#!/bin/sh\necho should-not-run\n", user)
+    job = submit(user, job_site, work, "--template", "hangboot", "never.sh")
+    assert wait_for(user, job_site, [job], ("staging",), timeout_s=20)[job]["state"] == "staging"
+    time.sleep(1.0)  # well into the container's start-up (blocked reading its env file)
+    result = user.berth("cancel", job, env=job_site.env)
+    assert result.returncode == 0, describe(result)
+    state = wait_for(user, job_site, [job], FINAL, timeout_s=20)[job]
+    assert (state["state"], state["phase"], state["message"]) == ("cancelled", None, "the job was cancelled")
+    assert "should-not-run" not in user.berth("logs", job, env=job_site.env).stdout
+
+
 def test_concurrency_limit_keeps_jobs_pending_and_runner_is_detached(job_site, user):
     work = job_site.workdir(user)
     limit = {"BERTH_LOCAL_MAX_JOBS": "1"}

@@ -193,6 +193,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         spec = self.spec
+        self.record.started_file.unlink(missing_ok=True)  # a requeued Slurm job runs again
         self._write(model.STAGING)
         install_shims(record_bin(self.record), record_agent(self.record))
         events_read, events_write = os.pipe()
@@ -273,7 +274,7 @@ class Supervisor:
                     event = json.loads(line)
                     if event["event"] == "staged":
                         phase = model.PHASE_BOOT
-                    elif event["event"] == "error":
+                    elif event["event"] == "error" and not (error or {}).get("boot_timeout"):
                         error = event
             now = time.monotonic()
             if stopping is None:
@@ -298,15 +299,17 @@ class Supervisor:
         status = _shell_status(raw)
         running = running or self.record.started_file.exists()
         times = {"ended_at": time.time()}
-        if error is not None and (error.get("boot_timeout") or not running):
+        boot_timeout = error is not None and error.get("boot_timeout")
+        if stopping is not None and not boot_timeout:
+            # Cancelled or timed out, in whatever phase: that, not the interrupted phase, is the result.
+            code, sig = model.status_from_exit(status)
+            word = {"timeout": "the time limit was reached", "cancelled": "the job was cancelled"}[stopping[0]]
+            return self._write(stopping[0], exit_code=code, signal=sig, message=word, **times)
+        if error is not None and (boot_timeout or not running):
             message = error["message"]
             if error.get("hint"):
                 message += f" ({error['hint']})"
             return self._write(model.FAILED, phase=error.get("phase", phase), message=message, **times)
-        if stopping is not None:
-            code, sig = model.status_from_exit(status)
-            word = {"timeout": "the time limit was reached", "cancelled": "the job was cancelled"}[stopping[0]]
-            return self._write(stopping[0], exit_code=code, signal=sig, message=word, **times)
         if not running:
             return self._write(model.FAILED, phase=phase, exit_code=None,
                                message=f"the container did not start ({_describe(status)})", **times)
