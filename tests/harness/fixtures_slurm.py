@@ -100,4 +100,40 @@ def job_site(user, registry, busybox_image) -> JobSite:
     try:
         yield JobSite(root, config_dir, site_store, jobs_dir, busybox_image, env)
     finally:
+        _stop_local_runners(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop_local_runners(root: Path, grace_s: float = 15) -> None:
+    """End local job runners a failed test left behind (SIGTERM: the runner stops its job and
+    unmounts; SIGKILL to the whole tree after ``grace_s``)."""
+    import signal
+    import time
+
+    from berth.jobs.runner import signal_tree
+
+    runners = []
+    for pid_file in root.rglob("runner.pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"job-exec" not in handle.read():
+                    continue
+        except (OSError, ValueError, IndexError):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        runners.append(pid)
+    deadline = time.monotonic() + grace_s
+    while runners and time.monotonic() < deadline:
+        runners = [pid for pid in runners if _alive(pid)]
+        time.sleep(0.1)
+    for pid in runners:
+        signal_tree(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
