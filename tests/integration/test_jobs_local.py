@@ -218,6 +218,20 @@ def test_bad_input_is_refused_and_nothing_is_submitted(job_site, user, bad_input
     assert not any(p.name.startswith(".") and p.name != ".slots" for p in job_site.jobs_dir.iterdir())
 
 
+def test_command_line_wins_over_directives(job_site, user):
+    work = job_site.workdir(user)
+    job_site.write_script(work, "two.sh", """\
+        #!/bin/sh
+        #BERTH --nodes=2 --job-name=from-directive
+        echo ran
+    """, user)
+    refused = user.berth("submit", "--template", "bb", "two.sh", cwd=str(work), env=job_site.env)
+    assert refused.returncode == 2 and "--nodes 2: the local backend" in refused.stderr, describe(refused)
+    job = submit(user, job_site, work, "--template", "bb", "-N", "1", "two.sh")
+    state = wait_for(user, job_site, [job], FINAL)[job]
+    assert (state["state"], state["name"]) == ("completed", "from-directive")
+
+
 def test_unknown_job_is_a_clear_error(job_site, user):
     for command in (["status", "999999"], ["logs", "999999"], ["cancel", "999999"]):
         result = user.berth(*command, env=job_site.env)
