@@ -176,3 +176,47 @@ def test_untrusted_registry_refused_before_any_network(tmp_path):
         pull.pull_image(settings, "docker.io/library/busybox:1")
     assert "docker.io" in caught.value.message and "trusted_registries" in caught.value.hint
     assert not (tmp_path / "u").exists()  # refused before touching the store
+
+
+class TwoBlobClient:
+    """Blob ``bad`` arrives corrupt at once; blob ``slow`` trickles until told to stop."""
+
+    def __init__(self, bad: bytes, slow: bytes) -> None:
+        self.bad, self.slow = Digest.of(bad), slow
+        self.slow_chunks_sent = 0
+
+    @contextmanager
+    def open_blob(self, repository, digest, *, offset=0):
+        if digest == self.bad:
+            yield FakeResponse(b"\0" * 100, 0, None)
+            return
+        client = self
+
+        class Slow:
+            offset = 0
+
+            def read_chunks(self, size=1 << 20):
+                for start in range(0, len(client.slow), 100):
+                    client.slow_chunks_sent += 1
+                    yield client.slow[start:start + 100]
+
+        yield Slow()
+
+
+def test_first_failure_stops_the_other_downloads(store):
+    bad, slow = os.urandom(100), os.urandom(2_000_000)
+    client = TwoBlobClient(bad, slow)
+    settings = Settings(pull_parallel=2, pull_retries=2)
+    with pytest.raises(DigestMismatch):
+        pull._download_all(client, settings, store, REF, [_descriptor(bad), _descriptor(slow)], None,
+                           pull._Counters())
+    assert not store.has_blob(Digest.of(bad))
+    # the slow blob was never started, or cut short (partial kept for resuming), or had
+    # finished first: never downloaded to the end after the failure
+    if client.slow_chunks_sent == 0:
+        assert not store.layout.partial_blob(Digest.of(slow)).exists()
+    elif not store.has_blob(Digest.of(slow)):
+        assert client.slow_chunks_sent < len(slow) // 100
+        kept = store.layout.partial_blob(Digest.of(slow)).stat().st_size
+        # the chunk in flight when the stop was seen is not written
+        assert (client.slow_chunks_sent - 1) * 100 <= kept <= client.slow_chunks_sent * 100

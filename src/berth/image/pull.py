@@ -26,6 +26,7 @@ from berth.errors import (
     PolicyError,
     RegistryError,
     RegistryUnreachable,
+    StoreError,
 )
 from berth.image.api import StoredImage, index_key, load_stored, parse_reference, store_for
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
@@ -151,6 +152,13 @@ class _Counters:
 
 class _Cancelled(Exception):
     """Another download of the same pull failed: stop this one (its partial file is kept)."""
+
+
+class StopSignal(threading.Event):
+    """Set when a pull's downloads must stop; ``discard_partials`` when their partial files
+    are worthless (the disk is full: keeping them would only hold the space)."""
+
+    discard_partials = False
 
 
 def pull_image(
@@ -285,22 +293,28 @@ def _download_all(client, settings, store: Store, reference: Reference, blobs: l
                   progress, counters: _Counters) -> None:
     """Fetch every blob not yet stored, ``settings.pull_parallel`` at a time; the first
     failure stops the others (their partial files stay for the next attempt) and is raised."""
-    stop = threading.Event()
+    stop = StopSignal()
     workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull") as pool:
         futures = [pool.submit(fetch_blob, client, store, reference, blob, settings.pull_retries,
                                progress, stop) for blob in blobs]
         try:
             done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done):
+            failures = [f.exception() for f in done if f.exception() is not None]
+            if failures:
+                stop.discard_partials = any(isinstance(e, StoreError) for e in failures)
                 stop.set()
+                for future in futures:
+                    future.cancel()  # those not started yet
             wait(futures)
         except BaseException:
             # Ctrl-C (or anything else) in this thread: stop the downloads at their next
             # chunk instead of letting the pool finish them; partial files stay for resuming.
             stop.set()
+            for future in futures:
+                future.cancel()
             raise
-    errors = [f.exception() for f in futures if f.exception() is not None]
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
     real = [e for e in errors if not isinstance(e, _Cancelled)]
     if real:
         raise real[0]
@@ -332,6 +346,8 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
     RegistryUnreachable after ``retries`` failed resumptions, AuthenticationError, NotFound.
     """
     digest, size = descriptor.digest, descriptor.size_bytes
+    if stop.is_set():
+        raise _Cancelled()
     with store.blob_download(digest, size) as writer:
         if writer is None:
             notify(progress, "blob_done", digest, size, True)
@@ -375,6 +391,8 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
                 notify(progress, "blob_done", digest, size, False)
                 return fetched
             except _Cancelled:
+                if getattr(stop, "discard_partials", False):
+                    writer.discard()
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
                 if isinstance(exc, DigestMismatch):
