@@ -205,6 +205,12 @@ def test_corrupt_index_is_a_store_error(store):
         store.read_index()
 
 
+def test_index_entry_that_is_not_a_digest_is_a_store_error(store):
+    store.layout.index.write_text('{"layout": 1, "references": {"example.org/a:1": "latest"}}')
+    with pytest.raises(StoreError, match="maps 'example.org/a:1' to 'latest'"):
+        store.read_index()
+
+
 def test_publish_and_load_image(store):
     digest = _fake_image(store)
     assert store.has_image(digest)

@@ -388,6 +388,14 @@ class Store:
         references = data.get("references") if isinstance(data, dict) else None
         if not isinstance(references, dict):
             raise StoreError(f"the {self.kind} store index {path} has no 'references' object")
+        for key, value in references.items():
+            try:
+                Digest.parse(str(value))
+            except ValueError:
+                raise StoreError(f"the {self.kind} store index {path} maps '{key}' to '{value}', "
+                                 "which is not a digest",
+                                 hint="the file is written by berth only: restore it or remove "
+                                 "that entry") from None
         return {str(k): str(v) for k, v in references.items()}
 
     def update_index(self, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
@@ -405,7 +413,8 @@ class Store:
         self.update_index(lambda refs: refs.__setitem__(reference, str(digest)))
 
     def _write_file_atomic(self, final: Path, data: bytes) -> None:
-        tmp_path = self._new_tmp_path("write-", ".tmp", directory=final.parent)
+        # In tmp/ (same file system, so the rename is atomic), where prune finds crash leftovers.
+        tmp_path = self._new_tmp_path("write-", ".tmp")
         try:
             with store_errors(self, "writing", final):
                 with open(tmp_path, "wb") as out:
@@ -418,8 +427,8 @@ class Store:
         finally:
             _unlink_quietly(tmp_path)
 
-    def _new_tmp_path(self, prefix: str, suffix: str, directory: Path | None = None) -> Path:
-        return (directory or self.layout.tmp_dir) / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+    def _new_tmp_path(self, prefix: str, suffix: str) -> Path:
+        return self.layout.tmp_dir / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
 
     # ------------------------------------------------------------------ prune
 
