@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 RUNTIME_PACKAGES=(
-    runc crun squashfuse squashfs-tools squashfs-tools-ng fuse-overlayfs fuse3 uidmap
+    runc crun squashfuse squashfs-tools squashfs-tools-ng fuse-overlayfs fuse3 uidmap isal
     python3 python3-venv gcc libc6-dev procps util-linux
 )
 TEST_PACKAGES=(

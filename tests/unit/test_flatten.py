@@ -477,3 +477,16 @@ def test_device_number_beyond_linux_limits_is_refused(tmp_path):
 def test_times_outside_32_bits_are_clamped(tmp_path):
     _, tree, _ = flatten(tmp_path, [f("future", "x", mtime=2**40), f("past", "y", mtime=-5), f("now", "z")])
     assert (tree["future"].mtime, tree["past"].mtime, tree["now"].mtime) == (2**32 - 1, 0, 1_700_000_000)
+
+
+@pytest.mark.parametrize("program", ["igzip", "pigz", None], ids=["igzip", "pigz", "python-zlib"])
+def test_every_gzip_decompressor_reads_layers_and_catches_truncation(tmp_path, monkeypatch, program):
+    monkeypatch.setattr(tarstream, "decompressor", lambda kind, prefer_programs=True: program)
+    payload = os.urandom(400_000)
+    layer = write_layer(tmp_path, [f("a", payload), f("b", "b")])
+    _, tree, _ = flatten(tmp_path, layer)
+    assert (tree["a"].data, tree["b"].data) == (payload, b"b")
+    layer.path.write_bytes(layer.path.read_bytes()[:200_000])
+    with pytest.raises(ImageError) as caught:
+        flatten(tmp_path, layer)
+    assert str(layer.digest) in caught.value.message

@@ -1,8 +1,9 @@
 """Streaming access to layer tarballs: decompression by magic bytes, canonical names, tar output.
 
 Nothing here touches the host filesystem except to read the layer file itself: layers are
-decompressed into a pipe (``pigz -dc`` / ``zstd -dc`` / ``xz -dc`` through :mod:`berth.proc`,
-or Python's zlib when pigz is missing) and parsed as a stream.
+decompressed into a pipe (``igzip -dc`` or ``pigz -dc`` / ``zstd -dc`` / ``xz -dc`` through
+:mod:`berth.proc`, or Python's zlib when neither gzip program is installed) and parsed as a
+stream.
 """
 
 from __future__ import annotations
@@ -161,9 +162,6 @@ class GzipReader(io.RawIOBase):
         return count
 
 
-_PROGRAMS = {"gzip": "pigz", "zstd": "zstd", "xz": "xz"}
-
-
 class ByteSource:
     """A byte stream read exactly, through a read-ahead buffer: headers and small members come
     out of the buffer without a system call each; the rest of a large member is spliced from
@@ -301,13 +299,27 @@ class ByteSink:
         self._buffer.clear()
 
 
-_PROGRAMS = {"gzip": "pigz", "zstd": "zstd", "xz": "xz"}
+#: Decompressors by preference. For gzip, igzip (ISA-L, Debian package isal) inflates about
+#: 2.5x faster than pigz -d per CPU second (0.31 vs 0.85 CPU-s for the 69 MB debian test
+#: layer), which matters on a 2-core node where decompression, berth and tar2sqfs share the
+#: CPUs; pigz is the fallback, then Python's zlib.
+_PROGRAMS = {"gzip": ("igzip", "pigz"), "zstd": ("zstd",), "xz": ("xz",)}
+
+
+def decompressor(kind: str, *, prefer_programs: bool = True) -> str | None:
+    """The program that will decompress ``kind``, or None for Python's zlib (gzip only)."""
+    candidates = _PROGRAMS[kind]
+    if kind == "gzip":
+        found = [name for name in candidates if prefer_programs and proc.has_program(name)]
+        return found[0] if found else None
+    return candidates[0]
 
 
 @contextmanager
 def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) -> Iterator[ByteSource]:
     """Yield the decompressed bytes of the blob at ``path`` as a :class:`ByteSource`.
 
+    ``prefer_programs=False`` forces Python's zlib for gzip (tests of the fallback).
     The compression is detected from the magic bytes (media types lie: Docker uses one type for
     plain and gzip layers). The caller must read the stream to its end; a decompressor failure
     (truncated or corrupt data) raises ImageError naming ``what`` when the context exits.
@@ -321,8 +333,8 @@ def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) ->
         if kind == "bzip2":
             raise ImageError(f"{what} is bzip2-compressed, which OCI layers may not be",
                              hint="rebuild the image with gzip or zstd layers")
-        program = _PROGRAMS[kind]
-        if kind == "gzip" and not (prefer_programs and proc.has_program("pigz")):
+        program = decompressor(kind, prefer_programs=prefer_programs)
+        if program is None:
             try:
                 yield ByteSource(io.BufferedReader(GzipReader(raw), buffer_size=COPY_CHUNK_BYTES))
             except zlib.error as exc:
