@@ -242,3 +242,11 @@ def test_group_policy_applies_to_members_only(runtime_env, runtime_images, site_
                                "test -c /dev/fuse && echo device", env=site_config.env)
     assert result.returncode == 0, describe(result)
     assert result.stdout.splitlines() == ["member none", "mounted", "device"]
+
+
+def test_runtime_option_respects_a_site_pin(runtime_env, runtime_images, site_config):
+    site_config.write('runtime = "runc"\npinned = ["runtime"]\n')
+    result = runtime_env.berth("run", "--runtime", "crun", str(runtime_images.busybox), "true", env=site_config.env)
+    assert result.returncode == 125 and "pins runtime = runc" in result.stderr, describe(result)
+    same = runtime_env.berth("run", "--runtime", "runc", str(runtime_images.busybox), "true", env=site_config.env)
+    assert same.returncode == 0, describe(same)

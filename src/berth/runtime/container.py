@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth import proc
-from berth.errors import RuntimeFailure, UsageError
+from berth.errors import PolicyError, RuntimeFailure, UsageError
 from berth.runtime import fuse, limits, ocirt, policy, rootfs, spec, state
 from berth.runtime.env import check_image_env, compose_env, read_env_file
 from berth.runtime.identity import Caller, group_text, identity_env, passwd_text, read_image_file
@@ -284,7 +284,13 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
     init = ocirt.init_path()
     ocirt.check_init(init)
-    runtime = ocirt.select_runtime(state_dir, options.runtime or settings.runtime, init)
+    wanted = settings.runtime
+    if options.runtime and options.runtime != settings.runtime:
+        if "runtime" in getattr(settings, "pinned", ()):
+            raise PolicyError(f"--runtime {options.runtime}: the site configuration pins runtime = "
+                              f"{settings.runtime}", hint="ask your site administrator (berth.toml: pinned)")
+        wanted = options.runtime
+    runtime = ocirt.select_runtime(state_dir, wanted, init)
     log(f"runtime {runtime}", debug=True)
 
     name = image_name(image)
