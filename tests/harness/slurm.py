@@ -40,6 +40,9 @@ MUNGED = "/usr/sbin/munged"
 #: stop_timeout of every test job, or Slurm kills the container before berth's grace ends.
 KILL_WAIT_S = 30
 
+#: Stand-ins for GPU device files (gres.conf needs existing character devices).
+FAKE_GPU_FILES = ("/dev/null", "/dev/zero")
+
 #: Loopback-only MPI on several "nodes" that share one hostname (TESTBED.md "MPI").
 MPI_ENV = {
     "OMPI_MCA_btl": "self,tcp",
@@ -153,7 +156,8 @@ class SlurmCluster:
         host = socket.gethostname()
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-            f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} State=UNKNOWN"
+            f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} Gres=gpu:{len(FAKE_GPU_FILES)} "
+            "State=UNKNOWN"
             for node, port in zip(self.nodes, node_ports, strict=True)
         )
         r = self.root
@@ -202,9 +206,12 @@ GresTypes=gpu
 {node_lines}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
+        # GPU-less "GPUs": character devices every node has, so that --gres=gpu:N is scheduled
+        # and Slurm sets CUDA_VISIBLE_DEVICES as on a real GPU node (ConstrainDevices=no).
+        (etc / "gres.conf").write_text("".join(f"Name=gpu File={path}\n" for path in FAKE_GPU_FILES))
         (etc / "cgroup.conf").write_text(
             "CgroupPlugin=autodetect\nConstrainCores=yes\nConstrainRAMSpace=no\nConstrainDevices=no\n")
-        for path in (etc, self.conf, etc / "cgroup.conf"):
+        for path in (etc, self.conf, etc / "cgroup.conf", etc / "gres.conf"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
     def _start_slurm(self, timeout_s: float) -> None:

@@ -63,6 +63,8 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     cancelled = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
     suspended = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
     slow = submit(user, job_site, work, "--template", "slowboot", "ok.sh", env=env)
+    job_site.write_script(work, "gpu.sh", '#!/bin/sh\necho "gpus=$CUDA_VISIBLE_DEVICES"\n', user)
+    gpu = submit(user, job_site, work, "--template", "gpu", "gpu.sh", env=env)
 
     # Cancel: the trap runs within stop_timeout.
     wait_file(work / f"started-{cancelled}.txt", timeout_s=60)
@@ -97,7 +99,8 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     result = user.berth("cancel", suspended, env={**job_site.env, **env})
     assert result.returncode == 0, describe(result)
 
-    states = wait_for(user, job_site, [ok, three, steps, cancelled, suspended, slow], FINAL, timeout_s=120, env=env)
+    states = wait_for(user, job_site, [ok, three, steps, cancelled, suspended, slow, gpu], FINAL, timeout_s=120,
+                      env=env)
     info = "\n" + json.dumps(states, indent=1) + slurm_cluster.logs()[-3000:]
 
     assert (states[ok]["state"], states[ok]["exit_code"], states[ok]["name"]) == ("completed", 0, "hello"), info
@@ -127,6 +130,10 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
 
     assert (states[slow]["state"], states[slow]["phase"]) == ("failed", "boot"), info
     assert "boot_timeout of 2 s expired" in states[slow]["message"]
+
+    # The template's gpu=1 became --gres=gpu:1: Slurm allocated one and the container sees it.
+    assert states[gpu]["state"] == "completed", info
+    assert user.berth("logs", gpu, env={**job_site.env, **env}).stdout == "gpus=0\n"
 
     # The time limit (1 minute; Slurm checks every 30 s) ends as timeout, after the trap ran.
     states = wait_for(user, job_site, [timed], FINAL, timeout_s=150, env=env, poll_s=2)
