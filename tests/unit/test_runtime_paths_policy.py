@@ -128,3 +128,22 @@ def test_limits_with_delegation(monkeypatch):
     plan = limits.plan_limits(2, 1 << 20, "b1")
     assert (plan.cgroups_path, plan.cpu_quota_us, plan.memory_limit_bytes) == ("/user.slice/u/berth-b1", 200000, 1 << 20)
     assert plan.cpu_set is None and plan.rlimits == ()
+
+
+def test_delegated_cgroup_is_the_nearest_writable_ancestor_with_controllers(tmp_path):
+    root = tmp_path / "cgroup"
+    service = root / "user.slice" / "user@1001.service"
+    scope = service / "app.slice" / "job.scope"
+    scope.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    for directory in (root, root / "user.slice", service, service / "app.slice", scope):
+        (directory / "cgroup.procs").write_text("")
+        (directory / "cgroup.subtree_control").write_text("")
+    (service / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    proc = tmp_path / "self-cgroup"
+    proc.write_text("0::/user.slice/user@1001.service/app.slice/job.scope\n")
+    assert limits.delegated_cgroup(str(root), str(proc)) == str(service)
+    (service / "cgroup.subtree_control").write_text("pids\n")
+    assert limits.delegated_cgroup(str(root), str(proc)) is None
+    (root / "cgroup.controllers").unlink()
+    assert limits.delegated_cgroup(str(root), str(proc)) is None

@@ -28,24 +28,31 @@ class LimitPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def delegated_cgroup() -> str | None:
-    """The caller's cgroup v2 directory if it is writable with cpu+memory delegated, else None."""
-    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+def delegated_cgroup(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> str | None:
+    """The nearest cgroup v2 directory, from the caller's own up, that the caller may write
+    and that enables cpu and memory for its children (systemd ``Delegate=yes`` gives the
+    user's ``user@UID.service``; a Slurm step gives its step cgroup). None on cgroup v1 or
+    hybrid hosts, or without delegation."""
+    if not os.path.exists(os.path.join(cgroup_root, "cgroup.controllers")):
         return None
     try:
-        with open("/proc/self/cgroup", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("0::"):
-                    path = "/sys/fs/cgroup" + line[3:].strip()
-                    break
-            else:
-                return None
-        with open(os.path.join(path, "cgroup.subtree_control"), encoding="ascii") as handle:
-            enabled = handle.read().split()
+        with open(proc_cgroup, encoding="ascii") as handle:
+            relative = next((line[3:].strip() for line in handle if line.startswith("0::")), None)
     except OSError:
         return None
-    if "cpu" in enabled and "memory" in enabled and os.access(path, os.W_OK):
-        return path
+    if relative is None:
+        return None
+    path = os.path.normpath(cgroup_root + "/" + relative.strip("/")) if relative.strip("/") else cgroup_root
+    while path.startswith(cgroup_root.rstrip("/") + "/"):
+        try:
+            with open(os.path.join(path, "cgroup.subtree_control"), encoding="ascii") as handle:
+                enabled = handle.read().split()
+        except OSError:
+            enabled = []
+        if "cpu" in enabled and "memory" in enabled and os.access(path, os.W_OK) \
+                and os.access(os.path.join(path, "cgroup.procs"), os.W_OK):
+            return path
+        path = os.path.dirname(path)
     return None
 
 
