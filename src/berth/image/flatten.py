@@ -162,15 +162,15 @@ class _Limits:
         self.members = 0
 
 
-def _ancestors(path: str) -> Iterator[str]:
-    """'a/b/c' → 'a', 'a/b' (the proper ancestors, root excluded, shallow first)."""
-    start = 0
-    while True:
-        slash = path.find("/", start)
-        if slash < 0:
-            return
-        yield path[:slash]
-        start = slash + 1
+def _ancestors(path: str) -> list[str]:
+    """'a/b/c' → ['a', 'a/b'] (the proper ancestors, root excluded, shallow first)."""
+    if "/" not in path:
+        return []
+    parts = path.split("/")
+    found = [parts[0]]
+    for part in parts[1:-1]:
+        found.append(found[-1] + "/" + part)
+    return found
 
 
 class _Flattener:

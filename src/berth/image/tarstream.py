@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import struct
 import subprocess
 import tarfile
 import threading
@@ -417,12 +418,9 @@ _PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, t
                           tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE))
 _POSIX_MAGIC = b"ustar\x00"
 _GNU_MAGIC = b"ustar  \x00"
-#: (start, end) of the octal fields: mode, uid, gid, size, mtime, devmajor, devminor.
-_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
-
-
-def _octal(field: bytes) -> int:
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+#: The octal fields of a header in offset order: mode, uid, gid, size, mtime, checksum,
+#: devmajor, devminor.
+_NUMBERS = struct.Struct("100x 8s 8s 8s 12s 12s 8s 173x 8s 8s")
 
 
 def parse_plain_header(buf: bytes) -> tarfile.TarInfo | None:
@@ -532,22 +530,22 @@ def _parse_fast(source: "ByteSource") -> tuple[tarfile.TarInfo | None, int]:
 
 
 def _plain_numbers(buf: bytes) -> list[int] | None:
-    """The octal fields of a ustar/GNU header with valid magic and checksum, else None."""
+    """The octal fields (mode, uid, gid, size, mtime, devmajor, devminor, checksum) of a
+    ustar/GNU header with valid magic and checksum, else None.
+
+    A field that is not plain octal up to NULs or spaces (base-256, a NUL inside, garbage)
+    makes ``int`` fail, and tarfile's own reader gets the member.
+    """
     if len(buf) != BLOCK_BYTES or (buf[257:263] != _POSIX_MAGIC and buf[257:265] != _GNU_MAGIC):
         return None
     try:
-        numbers = []
-        for start, end in _NUMBER_FIELDS:
-            if buf[start] & 0x80:
-                return None  # base-256: leave it to tarfile
-            numbers.append(_octal(buf[start:end]))
-        checksum = _octal(buf[148:156])
+        mode, uid, gid, size, mtime, checksum, devmajor, devminor = [
+            int(field.rstrip(b"\0 ") or b"0", 8) for field in _NUMBERS.unpack_from(buf)]
     except ValueError:
         return None
     if checksum != sum(buf) - sum(buf[148:156]) + 256:
         return None  # tarfile also accepts signed checksums, and reports real damage
-    numbers.append(checksum)
-    return numbers
+    return [mode, uid, gid, size, mtime, devmajor, devminor, checksum]
 
 
 def write_member(sink: ByteSink, info: tarfile.TarInfo, source: ByteSource | None = None) -> None:
