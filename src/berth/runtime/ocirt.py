@@ -114,40 +114,50 @@ def probe(runtime: str, scratch: Path, init: str) -> ProbeResult:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _ProbeCache:
+    """The per-host verdicts in STATE_DIR/runtime-probe.json: runtime -> {key, works, reason}.
+
+    ``key`` names the runtime binary (path, mtime, size), the kernel and the cgroup layout: a
+    verdict is reused only while all of them are unchanged."""
+
+    def __init__(self, state_dir: Path, *, use_cache: bool = True) -> None:
+        self.path = state_dir / PROBE_FILE
+        self.entries: dict = {}
+        self.changed = False
+        if use_cache:
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def result(self, runtime: str, state_dir: Path, init: str) -> ProbeResult:
+        try:
+            path = proc.find_program(runtime)
+            key = _host_key(path)
+        except (ProgramNotFound, OSError):
+            return ProbeResult(runtime, None, False, f"{runtime} is not installed")
+        entry = self.entries.get(runtime)
+        if entry and entry.get("key") == key:
+            return ProbeResult(runtime, path, entry["works"], entry["reason"])
+        result = probe(runtime, state_dir, init)
+        self.entries[runtime] = {"key": key, "works": result.works, "reason": result.reason}
+        self.changed = True
+        return result
+
+    def save(self) -> None:
+        if self.changed:
+            temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(self.entries))
+            os.replace(temporary, self.path)
+
+
 def probe_all(state_dir: Path, init: str, *, use_cache: bool = True) -> list[ProbeResult]:
     """Probe every known runtime (cached verdicts when the host has not changed)."""
-    cache_path = state_dir / PROBE_FILE
-    cache: dict = {}
-    if use_cache:
-        try:
-            cache = json.loads(cache_path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-    results = []
-    changed = False
-    for runtime in RUNTIMES:
-        results.append(_cached_probe(runtime, state_dir, init, cache))
-        changed = changed or cache.pop("_changed", False)
-    if changed:
-        temporary = cache_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(cache))
-        os.replace(temporary, cache_path)
-    return results
-
-
-def _cached_probe(runtime: str, state_dir: Path, init: str, cache: dict) -> ProbeResult:
+    cache = _ProbeCache(state_dir, use_cache=use_cache)
     try:
-        path = proc.find_program(runtime)
-        key = _host_key(path)
-    except (ProgramNotFound, OSError):
-        return ProbeResult(runtime, None, False, f"{runtime} is not installed")
-    entry = cache.get(runtime)
-    if entry and entry.get("key") == key:
-        return ProbeResult(runtime, path, entry["works"], entry["reason"])
-    result = probe(runtime, state_dir, init)
-    cache[runtime] = {"key": key, "works": result.works, "reason": result.reason}
-    cache["_changed"] = True
-    return result
+        return [cache.result(runtime, state_dir, init) for runtime in RUNTIMES]
+    finally:
+        cache.save()
 
 
 def select_runtime(state_dir: Path, wanted: str, init: str) -> str:
@@ -155,27 +165,16 @@ def select_runtime(state_dir: Path, wanted: str, init: str) -> str:
     if wanted not in ("auto", *RUNTIMES):
         raise RuntimeFailure(f"unknown OCI runtime '{wanted}' (settings: runtime)",
                              hint="use auto, runc or crun")
-    candidates = RUNTIMES if wanted == "auto" else (wanted,)
-    cache_path = state_dir / PROBE_FILE
-    cache: dict = {}
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        pass
+    cache = _ProbeCache(state_dir)
     reasons = []
-    changed = False
     try:
-        for runtime in candidates:
-            result = _cached_probe(runtime, state_dir, init, cache)
-            changed = changed or cache.pop("_changed", False)
+        for runtime in RUNTIMES if wanted == "auto" else (wanted,):
+            result = cache.result(runtime, state_dir, init)
             if result.works:
                 return result.path or runtime
             reasons.append(result.reason)
     finally:
-        if changed:
-            temporary = cache_path.with_suffix(f".tmp{os.getpid()}")
-            temporary.write_text(json.dumps(cache))
-            os.replace(temporary, cache_path)
+        cache.save()
     raise RuntimeFailure("no usable OCI runtime on this node: " + "; ".join(reasons),
                          hint="run 'berth doctor' for details; ask your site administrator to install "
                               "runc (Debian package runc) or fix the reason above")
