@@ -198,3 +198,9 @@ def test_supplementary_groups_still_grant_access(runtime_env, runtime_images):
                                "cat", "/s/group-only", groups=())
     out, err = denied.communicate(timeout=30)
     assert denied.returncode == 1 and "Permission denied" in err
+
+
+def test_tty_without_a_terminal_is_a_clear_error(runtime_env, runtime_images):
+    result = runtime_env.berth("run", "-t", str(runtime_images.busybox), "true")
+    assert result.returncode == 125, describe(result)
+    assert "none of stdin, stdout or stderr is a terminal" in result.stderr

@@ -275,6 +275,9 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     debug=False)`` receives notes for the user (debug ones only matter with --debug).
     """
     log = log or _quiet
+    if options.tty and not any(os.isatty(fd) for fd in (0, 1, 2)):
+        raise UsageError("-t/--tty: none of stdin, stdout or stderr is a terminal",
+                         hint="drop -t in scripts and batch jobs (stdin and stdout pass through without it)")
     clock = time.monotonic
     phases: dict[str, float] = {}
     started = clock()
