@@ -9,12 +9,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from berth.errors import ImageError, UsageError
+from berth.errors import ImageError, StoreError, UsageError
 from berth.image import tarstream
 from berth.image.flatten import build_squashfs, tar_to_squashfs
 from tests.unit.test_flatten_helpers import E, cat, d, f, hard, layer_tar, lln, read_tree, sym, write_layer
@@ -490,3 +491,24 @@ def test_every_gzip_decompressor_reads_layers_and_catches_truncation(tmp_path, m
     with pytest.raises(ImageError) as caught:
         flatten(tmp_path, layer)
     assert str(layer.digest) in caught.value.message
+
+
+def test_full_disk_is_a_store_error_and_leaves_nothing(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        layer = write_layer(tmp_path, [f("a", os.urandom(3_000_000))])
+        with pytest.raises(StoreError, match="no space left"):
+            build_squashfs([layer], small / "image.sqfs")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_missing_output_directory_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="No such file or directory") as caught:
+        build_squashfs([write_layer(tmp_path, [f("a")])], tmp_path / "absent" / "image.sqfs")
+    assert "not writable" in caught.value.hint

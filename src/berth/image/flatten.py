@@ -603,7 +603,8 @@ def build_squashfs(layers: Sequence[Layer], output: Path, *, compression: str = 
     failure. ``compression`` is one of lz4, zstd, gzip, xz. ``tmp_dir`` is accepted for the
     contract; nothing is written there (the conversion is a pure stream). Raises ImageError for
     hostile or broken layers (naming the layer digest and the entry), UsageError for an unknown
-    compression, ProgramNotFound when tar2sqfs (or zstd for zstd layers) is missing.
+    compression, ProgramNotFound when tar2sqfs (or zstd for zstd layers) is missing, StoreError
+    when ``output`` cannot be written (missing directory, no permission, disk full).
     """
     del tmp_dir
     names = [f"layer {layer.digest}" for layer in layers]

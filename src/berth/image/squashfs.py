@@ -8,10 +8,11 @@ directories are created with ``--defaults`` (uid 0, gid 0, mode 0755).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from berth import proc
-from berth.errors import ImageError, UsageError
+from berth.errors import BerthError, ImageError, StoreError, UsageError
 from berth.image.tarstream import StderrTail, enlarge_pipe
 
 #: Compressors berth offers; all are mountable by squashfuse 0.1.105 (tests prove it).
@@ -21,6 +22,8 @@ DEFAULT_COMPRESSION = "lz4"
 #: Two compressor threads: the machines berth targets have cores to spare during a pull, and
 #: with one the packer waits on compression for gzip/zstd/xz.
 DEFAULT_JOBS = 2
+#: Below this much free space after a failed write, the failure is a full disk.
+LOW_SPACE_BYTES = 4 << 20
 
 
 def check_compression(compression: str) -> str:
@@ -69,12 +72,25 @@ class SquashfsWriter:
         tail = self._stderr.text()
         self._done = True
         if status != 0:
+            error = self._failure(status, tail)  # before removing: a full disk is still full
             self._remove_output()
-            raise ImageError(
-                f"tar2sqfs could not build {self.output.name} ({proc.describe_status(status)})"
-                + (f": {tail}" if tail else ""),
-                hint="this is a bug in berth's flattener or a full disk; report it with the image name",
-            )
+            raise error
+
+    def _failure(self, status: int, tail: str) -> BerthError:
+        what = f"tar2sqfs could not write {self.output} ({proc.describe_status(status)})" + (
+            f": {tail}" if tail else "")
+        try:
+            stats = os.statvfs(self.output.parent)
+            free_bytes = stats.f_bavail * stats.f_frsize
+        except OSError:
+            free_bytes = None
+        if "No space left" in tail or (free_bytes is not None and free_bytes < LOW_SPACE_BYTES):
+            return StoreError(f"no space left in {self.output.parent} for the squashfs image ({what})",
+                              hint="free space (berth prune removes unused images and layers) or ask "
+                              "your site administrator for a larger store")
+        if free_bytes is None or "Permission denied" in tail:
+            return StoreError(what, hint="the store directory is missing or not writable by you")
+        return ImageError(what, hint="this is a bug in berth's flattener; report it with the image name")
 
     def broken(self) -> str | None:
         """When tar2sqfs has died early (broken pipe), its stderr tail; else None."""
