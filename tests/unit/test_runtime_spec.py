@@ -32,7 +32,7 @@ def default_plan(**changes) -> SpecPlan:
         ),
         tmpfs=("/home",),
         tmp_source="/tmp/berth-1001/containers/b0/tmp",
-        annotations={"org.berth.image": "registry.example/app:1"},
+        annotations=(("org.berth.image", "registry.example/app:1"),),
     )
     values.update(changes)
     return SpecPlan(**values)

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 from berth import proc
@@ -40,12 +40,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 FORWARDED = (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
 
 
-@dataclass(frozen=True)
-class LocalImage:
-    """A SquashFS file run directly (``berth run ./image.sqfs``): no config, no store."""
+class LocalImage(NamedTuple):
+    """A SquashFS file run directly (``berth run ./image.sqfs``): no store; ``config`` is an
+    OCI image config (``{"config": {"Env": ..., "Cmd": ...}}``) or None."""
 
     squashfs: Path
-    config: dict = field(default_factory=dict)
+    config: dict | None = None
     reference: str | None = None
     digest: object | None = None
 
@@ -107,15 +107,17 @@ def _group_policies(settings) -> list:
     return applied
 
 
-@dataclass
 class _Plan:
-    """What run_container decided, before writing the bundle."""
+    """What run_container decided about mounts, before writing the bundle."""
 
-    binds: list = field(default_factory=list)
-    tmpfs: list = field(default_factory=list)
-    needed: list = field(default_factory=list)
-    creatable: list = field(default_factory=list)
-    home_env: str = "/"
+    __slots__ = ("binds", "tmpfs", "needed", "creatable", "home_env")
+
+    def __init__(self, creatable: list[str]) -> None:
+        self.binds: list = []
+        self.tmpfs: list[str] = []
+        self.needed: list = []
+        self.creatable = creatable
+        self.home_env = "/"
 
 
 def _plan_home(caller: Caller, options: RunOptions, plan: _Plan, log: Log) -> None:
@@ -428,7 +430,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             cgroups_path=limit_plan.cgroups_path,
             cpu_quota_us=limit_plan.cpu_quota_us,
             memory_limit_bytes=limit_plan.memory_limit_bytes,
-            annotations={"org.berth.image": name},
+            annotations=(("org.berth.image", name),),
         ))
         (container.bundle / "config.json").write_text(json.dumps(config))
         log(f"bundle {container.bundle}, network {network}, workdir {workdir}", debug=True)

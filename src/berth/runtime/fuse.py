@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass
 
 from berth import proc
 from berth.errors import ProgramFailed, RuntimeFailure
@@ -21,14 +20,16 @@ from berth.errors import ProgramFailed, RuntimeFailure
 MOUNT_TIMEOUT_S = 10.0
 
 
-@dataclass
 class FuseMount:
     """A running FUSE daemon and its mount point."""
 
-    mountpoint: str
-    process: subprocess.Popen
-    what: str
-    log_path: str
+    __slots__ = ("mountpoint", "process", "what", "log_path")
+
+    def __init__(self, mountpoint: str, process: subprocess.Popen, what: str, log_path: str) -> None:
+        self.mountpoint = mountpoint
+        self.process = process
+        self.what = what
+        self.log_path = log_path
 
 
 def _log_tail(path: str) -> str:

@@ -11,15 +11,14 @@ import grp
 import os
 import pwd
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: An image's passwd/group larger than this is not read (hostile image); the caller's entry
 #: is still written.
 MAX_DATABASE_BYTES = 4 << 20
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who runs the container, from the host's databases."""
 
     name: str

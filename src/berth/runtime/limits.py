@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class LimitPlan:
+class LimitPlan(NamedTuple):
     """What to apply, and a sentence per limit saying how."""
 
     cpu_set: frozenset[int] | None = None
@@ -25,7 +24,7 @@ class LimitPlan:
     cgroups_path: str | None = None
     cpu_quota_us: int | None = None
     memory_limit_bytes: int | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
 
 
 def delegated_cgroup(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> str | None:

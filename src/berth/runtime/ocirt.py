@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from berth import proc
@@ -25,8 +25,7 @@ PROBE_FILE = "runtime-probe.json"
 PROBE_TIMEOUT_S = 20.0
 
 
-@dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(NamedTuple):
     runtime: str
     path: str | None
     works: bool

@@ -11,7 +11,8 @@ import argparse
 import posixpath
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from berth.errors import UsageError
 
@@ -22,8 +23,7 @@ _SIZE_FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-@dataclass(frozen=True)
-class MountRequest:
+class MountRequest(NamedTuple):
     """A user bind mount ``-v SRC:DST[:ro|rw]`` (source as typed; checked by policy)."""
 
     source: str
@@ -55,7 +55,6 @@ class RunOptions:
     entrypoint: str | None = None
     hostname: str | None = None
     runtime: str | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def parse_size(text: str, *, what: str) -> int:

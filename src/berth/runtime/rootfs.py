@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_SYMLINKS = 40
 
@@ -68,8 +68,7 @@ def path_kind(root: str, path: str) -> str | None:
     return "dir" if stat.S_ISDIR(info.st_mode) else "file"
 
 
-@dataclass(frozen=True)
-class MountPoint:
+class MountPoint(NamedTuple):
     """A container path a mount needs, and whether it must be a directory or a file."""
 
     path: str

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from berth import proc
@@ -37,13 +36,15 @@ from berth.errors import NotFound, RuntimeFailure
 CONTAINERS = "containers"
 
 
-@dataclass
 class ContainerState:
     """The state directory of one container, locked by its berth process while it lives."""
 
-    id: str
-    path: Path
-    lock_fd: int
+    __slots__ = ("id", "path", "lock_fd")
+
+    def __init__(self, container_id: str, path: Path, lock_fd: int) -> None:
+        self.id = container_id
+        self.path = path
+        self.lock_fd = lock_fd
 
     @property
     def runtime_root(self) -> Path:
