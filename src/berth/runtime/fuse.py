@@ -64,7 +64,7 @@ def _start(argv: list[str], mountpoint: str, what: str, log_path: str) -> FuseMo
             raise RuntimeFailure(f"{what} did not mount within {MOUNT_TIMEOUT_S:g} s",
                                  hint="run 'berth doctor' to check FUSE on this node")
         time.sleep(delay)
-        delay = min(delay * 2, 0.01)
+        delay = min(delay * 2, 0.002)
 
 
 def mount_squashfs(image: str, mountpoint: str, log_path: str) -> FuseMount:
