@@ -6,17 +6,23 @@ Import the fixtures into a test module (``from tests.harness.storetest import st
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
+import random
 import shutil
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.harness import images
 from tests.harness.countingproxy import CountingProxy
+from tests.harness.ocilayout import Layer
 from tests.harness.users import User, berth_executable, describe
 
 
@@ -124,13 +130,46 @@ def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.002) -> b
     return False
 
 
+BIG_BYTES = 24 << 20
+
+
+def _big_layer_tar() -> Path:
+    """A deterministic tar holding 24 MiB of incompressible data (cached with the test images)."""
+    path = images.cache_dir() / "berth-store-crash-big-v1.tar"
+    if not path.exists():
+        data = random.Random(20261122).randbytes(BIG_BYTES)
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        with tarfile.open(staging, "w") as archive:
+            info = tarfile.TarInfo("data/big.bin")
+            info.size = len(data)
+            info.mode = 0o644
+            directory = tarfile.TarInfo("data")
+            directory.type = tarfile.DIRTYPE
+            directory.mode = 0o755
+            archive.addfile(directory)
+            archive.addfile(info, io.BytesIO(data))
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def big_image(registry):
+    """busybox + an uncompressed layer of 24 MiB of random data (slow to download through a
+    throttled proxy, long enough to convert that a kill lands inside)."""
+    spec = images.busybox_spec(extra_layers=(Layer(tar_path=str(_big_layer_tar()), tar_key="crash-big-v1"),))
+    spec = dataclasses.replace(spec, compression="none")
+    return images.push_pushed_image(registry, "test/crash-big", "1", spec, "oci")
+
+
 @pytest.fixture
 def stores(user) -> Stores:
     base = user.tempdir(prefix="berth-stores-")
     user_store, site_store = base / "user", base / "site"
     for path in (user_store, site_store):
         path.mkdir()
-        shutil.chown(path, user.uid, user.gid) if os.getuid() == 0 else None
+        if os.getuid() == 0:
+            shutil.chown(path, user.uid, user.gid)
     yield Stores(user, user_store, site_store, {})
     shutil.rmtree(base, ignore_errors=True)
 

@@ -6,51 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import signal
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness import images
-from tests.harness.ocilayout import Layer
-from tests.harness.storetest import Stores, proxy, stores, via, wait_for  # noqa: F401
+from tests.harness.storetest import BIG_BYTES, Stores, big_image, proxy, stores, via, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-BIG_BYTES = 24 << 20
-
-
-def _big_layer_tar() -> Path:
-    """A deterministic tar holding 24 MiB of incompressible data (cached with the test images)."""
-    path = images.cache_dir() / "berth-store-crash-big-v1.tar"
-    if not path.exists():
-        data = random.Random(20261122).randbytes(BIG_BYTES)
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        with tarfile.open(staging, "w") as archive:
-            info = tarfile.TarInfo("data/big.bin")
-            info.size = len(data)
-            info.mode = 0o644
-            directory = tarfile.TarInfo("data")
-            directory.type = tarfile.DIRTYPE
-            directory.mode = 0o755
-            archive.addfile(directory)
-            import io
-
-            archive.addfile(info, io.BytesIO(data))
-        os.chmod(staging, 0o644)
-        os.replace(staging, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def big_image(registry):
-    spec = images.busybox_spec(extra_layers=(Layer(tar_path=str(_big_layer_tar()), tar_key="crash-big-v1"),))
-    spec = type(spec)(**{**spec.__dict__, "compression": "none"})
-    return images.push_pushed_image(registry, "test/crash-big", "1", spec, "oci")
-
 
 def _big_layer(image) -> str:
     import json
