@@ -54,7 +54,8 @@ def test_home_is_mounted_read_write(runtime_env, runtime_images, user):
         assert marker.read_text() == "hi\n" and os.stat(marker).st_uid == user.uid
         assert result.stdout.strip() == "/"
         hidden = runtime_env.berth("run", "--no-mount-home", str(runtime_images.busybox), "sh", "-c",
-                                   f'ls -A "$HOME"; test -e "$HOME/{marker.name}" && echo visible; touch "$HOME/t" && echo writable')
+                                   f'ls -A "$HOME"; test -e "$HOME/{marker.name}" && echo visible; '
+                                   'touch "$HOME/t" && echo writable')
         assert hidden.returncode == 0, describe(hidden)
         assert hidden.stdout.split() == ["writable"]
     finally:
@@ -165,7 +166,8 @@ def test_root_is_read_only_and_tmp_private(runtime_env, runtime_images):
 
 
 def test_pid_namespace_shows_only_the_container(runtime_env, runtime_images):
-    result = run(runtime_env, runtime_images.busybox, "sh", "-c", "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '")
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c",
+                 "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '")
     assert result.returncode == 0, describe(result)
     count, init = result.stdout.splitlines()
     assert int(count) <= 4, result.stdout  # init, sh, ls, grep

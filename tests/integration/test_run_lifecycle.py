@@ -25,7 +25,8 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 20.0)
         seen += line
         if text in line:
             return seen
-    raise AssertionError(f"never saw {text!r}; got {seen!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}")
+    stderr = process.stderr.read() if process.poll() is not None else ""
+    raise AssertionError(f"never saw {text!r}; got {seen!r}; stderr: {stderr}")
 
 
 def test_sigterm_to_berth_reaches_the_command(runtime_env, runtime_images):

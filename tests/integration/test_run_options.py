@@ -17,7 +17,8 @@ def test_mount_read_write_and_read_only(runtime_env, runtime_images):
     os.chmod(scratch / "in.txt", 0o644)
     result = runtime_env.berth("run", "-v", f"{scratch}:/data", "--mount", f"{scratch}:/ro:ro",
                                str(runtime_images.busybox), "sh", "-c",
-                               "cat /ro/in.txt; echo w > /data/w.txt && echo rw-ok; echo x > /ro/x.txt || echo ro-refused")
+                               "cat /ro/in.txt; echo w > /data/w.txt && echo rw-ok; "
+                               "echo x > /ro/x.txt || echo ro-refused")
     assert result.returncode == 0, describe(result)
     assert result.stdout.split("\n")[:3] == ["from host", "rw-ok", "ro-refused"]
     assert (scratch / "w.txt").exists() and not (scratch / "x.txt").exists()
@@ -28,7 +29,8 @@ def test_mount_points_missing_in_the_image_are_created_in_an_overlay(runtime_env
     (scratch / "motd").write_text("hello\n")
     os.chmod(scratch / "motd", 0o644)
     result = runtime_env.berth("run", "--debug", "-v", f"{scratch}:/new/deep/dir", "-v", f"{scratch}/motd:/etc/motd:ro",
-                               str(runtime_images.busybox), "sh", "-c", "cat /etc/motd; ls /new/deep/dir | grep -c motd")
+                               str(runtime_images.busybox), "sh", "-c",
+                               "cat /etc/motd; ls /new/deep/dir | grep -c motd")
     assert result.returncode == 0, describe(result)
     assert result.stdout.split() == ["hello", "1"]
     assert "fuse-overlayfs" in result.stderr and "/new/deep/dir" in result.stderr
@@ -97,8 +99,8 @@ def test_device_passthrough_only_when_the_user_can_open_it(runtime_env, runtime_
                                f"stat -c '%F %t:%T' /dev/fuse; test -e {forbidden} || echo not-there")
     assert result.returncode == 0, describe(result)
     host = os.stat("/dev/fuse")
-    assert result.stdout.splitlines() == [f"character special file {os.major(host.st_rdev):x}:{os.minor(host.st_rdev):x}",
-                                          "not-there"]
+    numbers = f"{os.major(host.st_rdev):x}:{os.minor(host.st_rdev):x}"
+    assert result.stdout.splitlines() == [f"character special file {numbers}", "not-there"]
     refused = runtime_env.berth("run", "--device", forbidden, str(runtime_images.busybox), "true")
     assert refused.returncode == 125 and f"cannot open {forbidden}" in refused.stderr, describe(refused)
 
@@ -108,7 +110,8 @@ def test_writable_root_is_volatile(runtime_env, runtime_images, user):
                                "echo x > /etc/new.conf && mkdir -p /usr/local/lib/t && echo ok; id -u")
     assert result.returncode == 0, describe(result)
     assert result.stdout.split() == ["ok", str(user.uid)]
-    again = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c", "test -e /etc/new.conf && echo kept || echo gone")
+    again = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c",
+                              "test -e /etc/new.conf && echo kept || echo gone")
     assert again.stdout.strip() == "gone", describe(again)
 
 

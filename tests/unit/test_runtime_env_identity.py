@@ -64,7 +64,8 @@ def test_env_file(tmp_path):
 
 
 def test_passwd_replaces_impostor_entries_and_adds_caller():
-    image = "root:x:0:0:root:/root:/bin/sh\nalice:x:5:5::/nowhere:/bin/false\nbob:x:1001:9::/b:/bin/sh\ncarol:x:7:7::/c:/bin/sh\n"
+    image = ("root:x:0:0:root:/root:/bin/sh\nalice:x:5:5::/nowhere:/bin/false\n"
+             "bob:x:1001:9::/b:/bin/sh\ncarol:x:7:7::/c:/bin/sh\n")
     text = passwd_text(image, ALICE, as_root=False, shell_exists=lambda path: path == "/bin/bash")
     lines = text.splitlines()
     assert lines[-1] == "alice:x:1001:1001:Alice A:/home/alice:/bin/bash"

@@ -37,7 +37,8 @@ def test_run_options_parse_every_option():
     ])
     assert options.mounts == (MountRequest("/data", "/data", True), MountRequest("/s", "/s", False))
     assert (options.workdir, options.env, options.env_files) == ("/work", ("A=1", "B"), ("/f",))
-    assert (options.network, options.devices, options.cpus, options.memory_bytes) == ("none", ("/dev/fuse",), 2.5, 1 << 30)
+    assert (options.network, options.devices) == ("none", ("/dev/fuse",))
+    assert (options.cpus, options.memory_bytes) == (2.5, 1 << 30)
     assert (options.stop_timeout_s, options.tty, options.name, options.pull) == (3.0, True, "job-1", "never")
     assert options.debug and options.writable and options.remap_root and not options.mount_home
     assert (options.entrypoint, options.hostname) == ("/bin/sh", "box")

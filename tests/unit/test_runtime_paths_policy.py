@@ -126,7 +126,8 @@ def test_limit_fallback_without_delegation(monkeypatch):
 def test_limits_with_delegation(monkeypatch):
     monkeypatch.setattr(limits, "delegated_cgroup", lambda: "/sys/fs/cgroup/user.slice/u")
     plan = limits.plan_limits(2, 1 << 20, "b1")
-    assert (plan.cgroups_path, plan.cpu_quota_us, plan.memory_limit_bytes) == ("/user.slice/u/berth-b1", 200000, 1 << 20)
+    assert plan.cgroups_path == "/user.slice/u/berth-b1"
+    assert (plan.cpu_quota_us, plan.memory_limit_bytes) == (200000, 1 << 20)
     assert plan.cpu_set is None and plan.rlimits == ()
 
 

@@ -138,5 +138,8 @@ def doctor_command(args, ctx) -> int:
                 print(f"cleaned up container {entry['id']} ({len(entry['unmounted'])} mount(s))")
         else:
             print("nothing to clean up")
-    print("berth can run containers here" if not failed else f"{len(failed)} problem(s) keep berth from running containers here")
+    if failed:
+        print(f"{len(failed)} problem(s) keep berth from running containers here")
+    else:
+        print("berth can run containers here")
     return 1 if failed else 0

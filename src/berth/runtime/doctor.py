@@ -84,7 +84,8 @@ def check_program(name: str, *, required: bool = True, setuid: bool = False) -> 
 def check_init() -> Check:
     path = ocirt.init_path()
     if not os.access(path, os.X_OK):
-        return Check("berth-init", False, f"missing at {path}", ADMIN + "run scripts/setup-venv.sh (it builds berth-init)")
+        return Check("berth-init", False, f"missing at {path}",
+                     ADMIN + "run scripts/setup-venv.sh (it builds berth-init)")
     with open(path, "rb") as handle:
         head = handle.read(4096)
     # A static executable has no PT_INTERP (no dynamic loader path in its headers).
@@ -122,7 +123,8 @@ def check_cgroups() -> Check:
         return Check("cgroups", True, f"cgroup {layout}; {delegated} is delegated to you (cpu, memory): "
                      "--cpus/--memory use cgroups", required=False)
     return Check("cgroups", False, f"cgroup {layout}, no cgroup v2 delegation to you: --cpus uses CPU affinity and "
-                 "--memory RLIMIT_DATA instead", ADMIN + "boot with pure cgroup v2 and delegate cpu and memory to users "
+                 "--memory RLIMIT_DATA instead",
+                 ADMIN + "boot with pure cgroup v2 and delegate cpu and memory to users "
                  "(systemd Delegate=yes) for full limits", required=False)
 
 

@@ -30,7 +30,8 @@ MAX_ENTRIES = 4096
 def check_image_env(env: Sequence, image_name: str) -> list[str]:
     """Validate an image config's Env list; raises RuntimeFailure for a hostile one."""
     if not isinstance(env, (list, tuple)):
-        raise RuntimeFailure(f"image {image_name}: config Env is not a list", hint="the image is broken; ask its author")
+        raise RuntimeFailure(f"image {image_name}: config Env is not a list",
+                             hint="the image is broken; ask its author")
     total = 0
     out = []
     if len(env) > MAX_ENTRIES:

@@ -112,7 +112,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stop-timeout", dest="stop_timeout_s", type=float, default=DEFAULT_STOP_TIMEOUT_S, metavar="S",
         help="seconds between forwarding SIGTERM/SIGINT and killing the container (default %(default)g)")
     add("-t", "--tty", action="store_true", help="give the command a terminal (interactive shells)")
-    add("-i", "--interactive", action="store_true", help="accepted for docker compatibility: stdin always passes through")
+    add("-i", "--interactive", action="store_true",
+        help="accepted for docker compatibility: stdin always passes through")
     add("--name", help="a name for berth ps/exec (default: a generated id)")
     add("--pull", choices=("missing", "never", "always"), default="missing",
         help="pull the image: when missing from every store (default), never, or always")

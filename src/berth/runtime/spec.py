@@ -92,7 +92,8 @@ def _mounts(plan: SpecPlan) -> list[dict]:
         proc_mount = {"destination": "/proc", "type": "none", "source": "/proc",
                       "options": ["rbind", "nosuid", "noexec", "nodev"]}
     else:
-        proc_mount = {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}
+        proc_mount = {"destination": "/proc", "type": "proc", "source": "proc",
+                      "options": ["nosuid", "noexec", "nodev"]}
     mounts: list[dict] = [
         proc_mount,
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",

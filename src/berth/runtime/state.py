@@ -99,7 +99,8 @@ def ensure_state_dir(state_dir: Path) -> Path:
         os.makedirs(state_dir / CONTAINERS, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise RuntimeFailure(f"cannot create the state directory {state_dir}: {exc.strerror}",
-                             hint="set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory") from None
+                             hint="set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local "
+                                  "directory") from None
     info = os.lstat(state_dir)
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         if info.st_uid == os.getuid():
