@@ -253,3 +253,15 @@ def test_runtime_option_respects_a_site_pin(runtime_env, runtime_images, site_co
     assert result.returncode == 125 and "pins runtime = runc" in result.stderr, describe(result)
     same = runtime_env.berth("run", "--runtime", "runc", str(runtime_images.busybox), "true", env=site_config.env)
     assert same.returncode == 0, describe(same)
+
+
+def test_site_can_force_host_pid_ipc_uts_namespaces(runtime_env, runtime_images, site_config, user):
+    site_config.write('[policy.namespaces]\npid = "host"\nipc = "host"\nuts = "host"\n')
+    result = runtime_env.berth("run", "--hostname", "ignored", str(runtime_images.busybox), "sh", "-c",
+                               "ls /proc | grep -c '^[0-9]'; hostname; id -u; grep CapEff /proc/self/status",
+                               env=site_config.env)
+    assert result.returncode == 0, describe(result)
+    count, hostname, uid, caps = result.stdout.splitlines()
+    assert int(count) > 10  # the host's processes: the PID namespace is the host's
+    assert hostname == os.uname().nodename and uid == str(user.uid)
+    assert caps.split() == ["CapEff:", "0000000000000000"]

@@ -103,8 +103,12 @@ def _mounts(plan: SpecPlan) -> list[dict]:
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
+    ]
+    if "ipc" not in plan.host_namespaces:
+        # An mqueue filesystem belongs to an IPC namespace: only with a private one.
+        mounts.append({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+                       "options": ["nosuid", "noexec", "nodev"]})
+    mounts += [
         # A user namespace without its own network namespace cannot mount sysfs: bind the host's.
         {"destination": "/sys", "type": "none", "source": "/sys",
          "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
