@@ -265,3 +265,4 @@ def test_site_can_force_host_pid_ipc_uts_namespaces(runtime_env, runtime_images,
     assert int(count) > 10  # the host's processes: the PID namespace is the host's
     assert hostname == os.uname().nodename and uid == str(user.uid)
     assert caps.split() == ["CapEff:", "0000000000000000"]
+    assert "ignoring --hostname" in result.stderr

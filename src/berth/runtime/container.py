@@ -312,6 +312,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     namespaces = dict(settings.policy.forced_namespaces)
     host_namespaces = tuple(k for k in ("pid", "ipc", "uts") if namespaces.get(k) == "host")
     private_namespaces = tuple(k for k in ("cgroup",) if namespaces.get(k) == "private")
+    if options.hostname and "uts" in host_namespaces:
+        log("ignoring --hostname: site policy gives containers the host's UTS namespace")
     if forced and options.network and options.network != forced:
         policy.check_options(settings, options)  # raises the PolicyError with its hint
     devices = _devices(settings, groups, options)
