@@ -115,6 +115,15 @@ def test_platform_not_found_lists_platforms(stores, index_image):
     assert stores.index() == {} and stores.image_dirs() == []
 
 
+def test_platform_of_single_platform_image_is_checked_before_layers(stores, proxy, busybox_image):
+    config = _blobs(busybox_image)[0]
+    result = stores.berth("pull", "--insecure", "--platform", "linux/s390x", via(proxy, busybox_image))
+    assert result.returncode == 3, describe(result)
+    assert "single-platform image for linux/amd64, not linux/s390x" in result.stderr
+    assert [p for _m, p, _r in proxy.blob_gets()] == [f"/v2/test/busybox/blobs/{config}"]
+    assert stores.index() == {} and stores.image_dirs() == []
+
+
 def test_layers_shared_between_images_are_fetched_once(stores, proxy, busybox_image, whiteout_image):
     stores.ok("pull", "--insecure", "-q", via(proxy, busybox_image))
     shared = set(_layers(busybox_image)) & set(_layers(whiteout_image))
@@ -129,7 +138,7 @@ def test_layers_shared_between_images_are_fetched_once(stores, proxy, busybox_im
 def test_mid_stream_cut_resumes_with_range(stores, proxy, busybox_image):
     big = _layers(busybox_image)[0]
     proxy.cut_blobs = [300_000]  # first blob GET: drop the connection after 300000 bytes
-    stores.json("pull", "--insecure", "--json", "--platform", "linux/amd64", via(proxy, busybox_image))
+    stores.json("pull", "--insecure", "--json", via(proxy, busybox_image))
     big_gets = proxy.blob_gets(big)
     assert [g[2] for g in big_gets] == [None, "bytes=300000-"]
     assert big in stores.blobs()

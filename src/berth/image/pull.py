@@ -185,12 +185,10 @@ def pull_image(
             return PullResult(present, key, None, None, 0, 0, 0, False, time.monotonic() - started)
         client = make_client(settings, reference, insecure=insecure)
         try:
-            return _pull_with(client, settings, store, reference, key, wanted, progress,
-                              counters, started)
+            return _pull_with(client, settings, store, reference, key, wanted, platform is not None,
+                              progress, counters, started)
         finally:
-            close = getattr(client, "close", None)
-            if close is not None:
-                close()
+            client.close()
 
 
 def _present_by_digest(store: Store, reference: Reference, key: str) -> StoredImage | None:
@@ -208,7 +206,7 @@ def _present_by_digest(store: Store, reference: Reference, key: str) -> StoredIm
 
 
 def _pull_with(client, settings, store: Store, reference: Reference, key: str, wanted: Platform,
-               progress, counters: _Counters, started: float) -> PullResult:
+               requested: bool, progress, counters: _Counters, started: float) -> PullResult:
     what = str(reference)
     manifest = _get_manifest(client, reference, reference.version)
     index_digest = None
@@ -233,15 +231,19 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
                 image = load_stored(store, digest, key)
                 return PullResult(image, key, platform_text, index_digest, 0, 0, 0, False,
                                   time.monotonic() - started)
-    manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
+    _manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
     blobs = _unique([config_descriptor, *layers])
     notify(progress, "resolved", key, digest, len(layers), sum(d.size_bytes for d in blobs))
-    _download_all(client, settings, store, reference, blobs, progress, counters)
+    # The config first (small): it says the image's platform, checked before the layers come.
+    _download_all(client, settings, store, reference, blobs[:1], progress, counters)
     config_bytes = store.read_blob(config_descriptor.digest)
     try:
-        json.loads(config_bytes)
+        config = json.loads(config_bytes)
     except ValueError as exc:
         raise ImageError(f"the image config of {what} is not JSON: {exc}") from None
+    if requested and index_digest is None:
+        _check_single_platform(config, wanted, what)
+    _download_all(client, settings, store, reference, blobs[1:], progress, counters)
     store.put_blob_bytes(digest, manifest.data)
     meta = {
         "source": what,
@@ -257,6 +259,20 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
     return PullResult(image, key, platform_text, index_digest, counters.downloaded_blobs,
                       counters.downloaded_bytes, counters.cached_blobs, converted,
                       time.monotonic() - started)
+
+
+def _check_single_platform(config: object, wanted: Platform, what: str) -> None:
+    """An explicit --platform must match a single-platform image (docker refuses too)."""
+    if not isinstance(config, dict):
+        raise ImageError(f"the image config of {what} is not a JSON object")
+    have = Platform(str(config.get("os") or "linux").lower(), str(config.get("architecture") or "").lower(),
+                    str(config["variant"]).lower() if config.get("variant") else None)
+    if (have.os, have.architecture) != (wanted.os, wanted.architecture) or (
+            wanted.variant and have.variant and have.variant != wanted.variant):
+        raise PlatformNotFound(
+            f"{what} is a single-platform image for {have}, not {wanted}",
+            hint="leave out --platform to pull it anyway, or pick an image built for that platform",
+        )
 
 
 def _looks_like_index(data: bytes) -> bool:
