@@ -292,3 +292,21 @@ def test_peak_memory_does_not_grow_with_the_layer(stores, big_image):
     # The 24 MiB layer streams through 1 MiB chunks: holding it would cost 24 MiB at least.
     # Measured here: about 11 MiB above the interpreter's own baseline (4 download threads).
     assert pull_kib - baseline_kib < 20 * 1024 < BIG_BYTES // 1024, (pull_kib, baseline_kib)
+
+
+def test_site_configuration_marks_registries_insecure_and_restricts_them(stores, busybox_image):
+    config_dir = stores.user_store.parent / "etc"
+    config_dir.mkdir()
+    host = busybox_image.registry.host
+    (config_dir / "berth.toml").write_text(f'[[registries]]\nhost = "{host}"\ninsecure = true\n')
+    os.chmod(config_dir, 0o755)
+    os.chmod(config_dir / "berth.toml", 0o644)
+    stores.extra_env["BERTH_CONFIG_DIR"] = str(config_dir)
+    plain = stores.json("pull", "--json", str(busybox_image))  # no --insecure: configured
+    assert plain["digest"] == busybox_image.digest
+    with open(config_dir / "berth.toml", "a") as config:
+        config.write('\n[policy]\ntrusted_registries = ["registry.site.example"]\n')
+    refused = stores.berth("pull", "--insecure", busybox_image.by_digest)
+    assert refused.returncode == 77, describe(refused)
+    assert f"does not allow images from registry '{host}'" in refused.stderr
+    assert "trusted_registries" in refused.stderr
