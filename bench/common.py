@@ -26,9 +26,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Self
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("BERTH_BENCH_CACHE", "/var/cache/berth-bench"))
@@ -41,7 +42,7 @@ SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 def log(message: str) -> None:
     """Progress to stderr (stdout carries the tables)."""
-    print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+    print(f"[{datetime.datetime.now(datetime.UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- the user
@@ -55,7 +56,7 @@ class BenchUser:
     home: Path
 
     @classmethod
-    def lookup(cls, name: str = BENCH_USER) -> "BenchUser":
+    def lookup(cls, name: str = BENCH_USER) -> BenchUser:
         entry = pwd.getpwnam(name)
         return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
 
@@ -72,14 +73,14 @@ class BenchUser:
         env.update(extra)
         return env
 
-    def argv(self, argv: Sequence[str], env: Optional[dict] = None) -> list[str]:
+    def argv(self, argv: Sequence[str], env: dict | None = None) -> list[str]:
         """``argv`` wrapped to run as this user with a clean environment (we are root)."""
         full_env = self.env(**(env or {}))
         Path(full_env["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
         os.chown(full_env["XDG_RUNTIME_DIR"], self.uid, self.gid)
         return ["runuser", "-u", self.name, "--", "env", "-i", *[f"{k}={v}" for k, v in full_env.items()], *argv]
 
-    def run(self, argv: Sequence[str], *, env: Optional[dict] = None, check: bool = True,
+    def run(self, argv: Sequence[str], *, env: dict | None = None, check: bool = True,
             timeout: float = 1800, cwd: str = "/", capture: bool = True, **kwargs) -> subprocess.CompletedProcess:
         return run(self.argv(argv, env), check=check, timeout=timeout, cwd=cwd, capture=capture, **kwargs)
 
@@ -96,7 +97,7 @@ class BenchUser:
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 1800, cwd: str = "/",
         capture: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run a command; on failure raise with its stderr tail so the benchmark log says why."""
-    result = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=capture, text=True,
+    result = subprocess.run(list(argv), check=False, stdin=subprocess.DEVNULL, capture_output=capture, text=True,
                             timeout=timeout, cwd=cwd, **kwargs)
     if check and result.returncode != 0:
         tail = (result.stderr or "")[-2000:] if capture else ""
@@ -122,7 +123,7 @@ def rm_tree(path: Path) -> None:
     """Remove a tree that an unprivileged tool may have left read-only (umoci, ch-image)."""
     if not path.exists() and not path.is_symlink():
         return
-    subprocess.run(["chmod", "-R", "u+rwX", str(path)], stderr=subprocess.DEVNULL)
+    subprocess.run(["chmod", "-R", "u+rwX", str(path)], stderr=subprocess.DEVNULL, check=False)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -168,7 +169,7 @@ class Sample:
                 f"{fmt.format(self.high * scale)})")
 
 
-def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
+def ratio(numerator: float | None, denominator: float | None) -> str:
     if not numerator or not denominator:
         return "—"
     return f"{numerator / denominator:.2f}"
@@ -191,14 +192,14 @@ def machine_description() -> str:
 
 def other_activity() -> str:
     """A one-line summary of what else was busy on the machine (tests of other engineers)."""
-    out = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
+    out = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"], check=False,
                          capture_output=True, text=True).stdout.splitlines()
     busy = [line.strip() for line in out[:6] if line.strip() and float(line.split()[0]) >= 5.0]
     return ", ".join(busy) if busy else "nothing above 5% CPU"
 
 
 def report_header(title: str, command: str) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return "\n".join([
         f"### {title}",
         "",
@@ -212,21 +213,22 @@ def report_header(title: str, command: str) -> str:
 
 
 def git_head() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False)
     return result.stdout.strip() or "?"
 
 
 def berth_version() -> str:
     if not BERTH.exists():
         return "not installed"
-    result = subprocess.run([str(BERTH), "--version"], capture_output=True, text=True)
+    result = subprocess.run([str(BERTH), "--version"], capture_output=True, text=True, check=False)
     return (result.stdout or result.stderr).strip() or f"exit {result.returncode}"
 
 
 # --------------------------------------------------------------------------- berth availability
 
 
-def berth_subcommand_missing(user: BenchUser, subcommand: str) -> Optional[str]:
+def berth_subcommand_missing(user: BenchUser, subcommand: str) -> str | None:
     """None when ``berth SUBCOMMAND --help`` works, else the reason it does not."""
     if not BERTH.exists():
         return f"{BERTH} does not exist (run scripts/setup-venv.sh)"
@@ -243,6 +245,14 @@ def berth_help_has(user: BenchUser, subcommand: str, option: str) -> bool:
 
 
 # --------------------------------------------------------------------------- registry
+
+
+#: The registry answers 404 unless the Accept header names the stored manifest's type.
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 
 
 def free_port() -> int:
@@ -265,9 +275,9 @@ class Registry:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.log_path = self.workdir / "registry.log"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Self:
         self.storage.mkdir(parents=True, exist_ok=True)
         tls_block = ""
         if self.tls:
@@ -311,10 +321,7 @@ class Registry:
     def has(self, name: str, tag: str) -> bool:
         if self.tls:
             raise NotImplementedError("check through the plain-HTTP registry")
-        accept = ", ".join([
-            "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
-            "application/vnd.docker.distribution.manifest.v2+json",
-            "application/vnd.docker.distribution.manifest.list.v2+json"])
+        accept = ", ".join(MANIFEST_TYPES)
         request = urllib.request.Request(f"http://{self.host}/v2/{name}/manifests/{tag}", method="HEAD",
                                          headers={"Accept": accept})
         try:
@@ -353,7 +360,7 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _cached_layer(out: Path) -> Optional[LayerBlob]:
+def _cached_layer(out: Path) -> LayerBlob | None:
     meta = out.with_suffix(".json")
     if not (out.exists() and meta.exists()):
         return None
@@ -588,7 +595,7 @@ def berth_config_dir(user: BenchUser, registry_hosts: Sequence[str], parent: Pat
     return config_dir
 
 
-def berth_env(config_dir: Path, store: Path, state: Optional[Path] = None) -> dict[str, str]:
+def berth_env(config_dir: Path, store: Path, state: Path | None = None) -> dict[str, str]:
     env = {"BERTH_CONFIG_DIR": str(config_dir), "BERTH_USER_STORE": str(store),
            "PATH": f"{VENV / 'bin'}:{SYSTEM_PATH}"}
     if state is not None:
@@ -620,16 +627,16 @@ class ExecTrace:
     directory when it is not mounted, and removes what it made on exit."""
 
     def __init__(self) -> None:
-        self.mountpoint: Optional[Path] = None
-        self.instance: Optional[Path] = None
+        self.mountpoint: Path | None = None
+        self.instance: Path | None = None
 
     @staticmethod
-    def available() -> Optional[str]:
+    def available() -> str | None:
         if os.getuid() != 0:
             return "needs root (tracefs)"
         return None
 
-    def __enter__(self) -> "ExecTrace":
+    def __enter__(self) -> Self:
         tracefs = Path("/sys/kernel/tracing")
         if not (tracefs / "instances").exists():
             self.mountpoint = Path(tempfile.mkdtemp(prefix="berth-bench-tracefs-"))
@@ -675,7 +682,7 @@ class ExecTrace:
             self.mountpoint.rmdir()
 
 
-def exec_marks(events: Sequence[ExecEvent], marks: Sequence[tuple[str, object]]) -> Optional[dict[str, float]]:
+def exec_marks(events: Sequence[ExecEvent], marks: Sequence[tuple[str, object]]) -> dict[str, float] | None:
     """The time of each mark: the first event after the previous mark that the mark's predicate
     accepts (``predicate(event) -> bool``). None when a mark is missing."""
     found: dict[str, float] = {}

@@ -31,11 +31,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
 
 def storm_code(storm_root: str) -> str:
@@ -59,7 +58,7 @@ def main() -> int:
     image, _ = c.python_image(args.modules)
     workdir = user.tempdir("berth-bench-storm-", Path("/var/tmp"))
     unavailable: dict[str, str] = {}
-    variants: dict[str, tuple[list[str], list[str], Optional[dict]]] = {}
+    variants: dict[str, tuple[list[str], list[str], dict | None]] = {}
     mounts: list[Path] = []
     try:
         c.log("unpacking the image and building its SquashFS")
@@ -157,8 +156,8 @@ def main() -> int:
             user.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         c.rm_tree(workdir)
 
-    sections = [header, f"Image: {image.name}, {image.tar_bytes / 1e6:.0f} MB of tar; storm layer "
-                        f"{image.layers[-1].tar_bytes / 1e6:.1f} MB ({args.modules} modules + .pyc).", ""]
+    sections = [header, (f"Image: {image.name}, {image.tar_bytes / 1e6:.0f} MB of tar; storm layer "
+                         f"{image.layers[-1].tar_bytes / 1e6:.1f} MB ({args.modules} modules + .pyc)."), ""]
     berth_name = "berth run (SquashFS, squashfuse)"
     for mode, measured in (("warm", warm), ("cold (caches dropped before every run)", cold)):
         rows = []

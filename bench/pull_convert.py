@@ -29,14 +29,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
 TOOLS = ("berth", "skopeo", "umoci", "mksquashfs-lz4", "mksquashfs-gzip", "ch-image-pull",
          "ch-convert", "pigz", "tar2sqfs")
@@ -177,9 +175,9 @@ def pipeline_sample(results: dict, parts: tuple[str, ...]) -> c.Sample:
                          for part in parts) for i in range(runs)])
 
 
-def render(image: c.BenchImage, measured: dict, berth_missing: Optional[str]) -> str:
-    lines = [f"#### {image.name}: {len(image.layers)} layer(s), {image.compressed_bytes / 1e6:.0f} MB compressed, "
-             f"{image.tar_bytes / 1e6:.0f} MB of tar", ""]
+def render(image: c.BenchImage, measured: dict, berth_missing: str | None) -> str:
+    lines = [(f"#### {image.name}: {len(image.layers)} layer(s), {image.compressed_bytes / 1e6:.0f} MB compressed, "
+              f"{image.tar_bytes / 1e6:.0f} MB of tar"), ""]
     rows = []
     verdicts = []
     for mode in ("cold", "warm"):

@@ -9,7 +9,7 @@ kept as it is (it must quote figures only from the tables above it).
 Usage (as root, on a quiet machine)::
 
     BERTH_BENCH=1 scripts/install-system-packages.sh && scripts/setup-venv.sh
-    python3 bench/run_all.py [--only pull_convert,start,import_storm,jobs_start] [--quick]
+    python3 bench/run_all.py [--only start,import_storm,jobs_start,pull_convert] [--quick] [--fresh]
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
 SECTIONS_DIR = Path("/var/cache/berth-bench/reports")
 
+#: Run order: the short ones first. Full arguments, then --quick arguments.
 BENCHMARKS = {
-    "pull_convert": (["--runs", "3"], ["--runs", "1", "--images", "debian"]),
     "start": (["--runs", "50", "--warmup", "5"], ["--runs", "10", "--warmup", "2"]),
     "import_storm": (["--runs", "10", "--cold-runs", "5"], ["--runs", "3", "--cold-runs", "1"]),
     "jobs_start": (["--runs", "3"], ["--runs", "1", "--nodes", "1,2"]),
+    "pull_convert": (["--runs", "3"], ["--runs", "1", "--images", "debian"]),
 }
+#: Order of the sections in RESULTS.md (issue order).
+SECTION_ORDER = ("pull_convert", "start", "import_storm", "jobs_start")
 
 HOWTO = """# berth benchmarks: results
 
@@ -69,7 +72,11 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite RESULTS.md")
+    parser.add_argument("--fresh", action="store_true", help="forget the reports of earlier runs first")
     args = parser.parse_args()
+    if args.fresh and SECTIONS_DIR.exists():
+        for old in SECTIONS_DIR.iterdir():
+            old.unlink()
     SECTIONS_DIR.mkdir(parents=True, exist_ok=True)
     failures = []
     for name in args.only.split(","):
@@ -79,12 +86,20 @@ def main() -> int:
         print(f"== {' '.join(argv)}", file=sys.stderr, flush=True)
         log_path = SECTIONS_DIR / f"{name}.log"
         with open(log_path, "w") as log:
-            result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=log)
+            result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=log, check=False)
         if result.returncode != 0:
             failures.append(f"{name} (exit {result.returncode}; log {log_path})")
             print(log_path.read_text()[-3000:], file=sys.stderr)
-    if args.no_write:
-        return 1 if failures else 0
+        if not args.no_write:
+            write_results()  # after each benchmark: a cut-off run still leaves what it measured
+    if failures:
+        print("failed: " + ", ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_results() -> None:
+    """RESULTS.md: the how-to text, each benchmark's latest report, the kept observations."""
     observations = ""
     if RESULTS.exists() and "\n## Observations" in RESULTS.read_text():
         observations = RESULTS.read_text().split("\n## Observations", 1)[1]
@@ -92,7 +107,7 @@ def main() -> int:
     parts = [HOWTO]
     titles = {"pull_convert": "1. Pull + convert", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running"}
-    for name in BENCHMARKS:
+    for name in SECTION_ORDER:
         report = SECTIONS_DIR / f"{name}.md"
         parts.append(f"## {titles[name]}\n")
         if report.exists():
@@ -101,10 +116,6 @@ def main() -> int:
             parts.append(f"not run yet ({datetime.date.today()}).\n")
     text = "\n".join(parts).rstrip() + "\n" + observations
     RESULTS.write_text(text)
-    if failures:
-        print("failed: " + ", ".join(failures), file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,17 +29,16 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
 UDOCKER = c.CACHE / "udocker-venv" / "bin" / "udocker"
 UDOCKER_TOOLS_VERSION = "1.2.11"  # what udocker 1.3.17 asks for; see prepare_udocker
 
 
-def ensure_udocker() -> Optional[str]:
+def ensure_udocker() -> str | None:
     """Install udocker from PyPI into its own venv under the cache; None or why it is missing."""
     if not UDOCKER.exists():
         venv = UDOCKER.parent.parent
@@ -91,7 +90,7 @@ class StartBench:
         config_path.write_text(json.dumps(config, indent=2))
         return bundle
 
-    def prepare_udocker(self, image: c.BenchImage) -> Optional[dict]:
+    def prepare_udocker(self, image: c.BenchImage) -> dict | None:
         """udocker's environment, or None (reason in self.unavailable)."""
         why = ensure_udocker()
         if why:
@@ -121,7 +120,7 @@ class StartBench:
                               "succeeds (the command's output was checked): timed with hyperfine -i.")
         return env
 
-    def podman_argv(self) -> Optional[list[str]]:
+    def podman_argv(self) -> list[str] | None:
         # podman refuses a runroot longer than 50 characters: keep it short, under /tmp
         storage = self.user.tempdir("bbpod-", Path("/tmp"))
         self.cleanup_dirs.append(storage)
@@ -138,7 +137,7 @@ class StartBench:
             return None
         return argv
 
-    def berth_ready(self, image: c.BenchImage) -> Optional[tuple[list[str], dict]]:
+    def berth_ready(self, image: c.BenchImage) -> tuple[list[str], dict] | None:
         missing = c.berth_subcommand_missing(self.user, "pull") or c.berth_subcommand_missing(self.user, "run")
         if missing:
             self.unavailable["berth"] = missing
@@ -164,8 +163,8 @@ class StartBench:
 
     # ---------------------------------------------------------------- measuring
 
-    def hyperfine(self, commands: dict[str, list[str]], env: Optional[dict] = None,
-                  ignore_failure: bool = False, runs: Optional[int] = None) -> dict[str, c.Sample]:
+    def hyperfine(self, commands: dict[str, list[str]], env: dict | None = None,
+                  ignore_failure: bool = False, runs: int | None = None) -> dict[str, c.Sample]:
         export = self.workdir / f"hyperfine-{len(os.listdir(self.workdir))}.json"
         argv = ["hyperfine", "-N", "--style", "none", "--warmup", str(self.warmup), "--runs",
                 str(runs or self.runs), "--export-json", str(export)]
@@ -206,7 +205,7 @@ class StartBench:
                      key=lambda item: -item[1])[:10]
         return totals, top
 
-    def berth_phases(self, argv: list[str], env: dict, runs: int = 7) -> Optional[list[tuple[str, c.Sample]]]:
+    def berth_phases(self, argv: list[str], env: dict, runs: int = 7) -> list[tuple[str, c.Sample]] | None:
         """Where one warm ``berth run`` spends its time, from kernel exec/exit events."""
         if c.ExecTrace.available():
             self.notes.append(f"berth run phases not measured: {c.ExecTrace.available()}")
@@ -337,8 +336,8 @@ def main() -> int:
     else:
         sections.append(f"- targets not evaluated: berth not available: {bench.unavailable.get('berth')}")
     if berth_phases:
-        sections += ["", "Where a warm `berth run IMG /bin/true` spends its time (kernel exec/exit events from a "
-                     "tracefs instance, no ptrace; " f"{len(berth_phases[0][1].values)} runs):", ""]
+        sections += ["", ("Where a warm `berth run IMG /bin/true` spends its time (kernel exec/exit events from a "
+                          f"tracefs instance, no ptrace; {len(berth_phases[0][1].values)} runs):"), ""]
         sections.append(c.markdown_table(["phase", "ms: median (min–max)"],
                                          [[label, sample.cell("ms")] for label, sample in berth_phases]))
     sections += ["", "berth's own start-up cost:", ""]
