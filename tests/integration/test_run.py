@@ -206,3 +206,12 @@ def test_tty_without_a_terminal_is_a_clear_error(runtime_env, runtime_images):
     result = runtime_env.berth("run", "-t", str(runtime_images.busybox), "true")
     assert result.returncode == 125, describe(result)
     assert "none of stdin, stdout or stderr is a terminal" in result.stderr
+
+
+def test_init_reaps_orphaned_zombies(runtime_env, runtime_images):
+    # The subshell exits at once, so its background sleep is re-parented to berth-init (PID 1),
+    # which must reap it when it ends; a zombie would show state Z in /proc/PID/stat.
+    result = run(runtime_env, runtime_images.busybox, "sh", "-c",
+                 "(sleep 0.2 &); sleep 1; cat /proc/[0-9]*/stat | grep -c ') Z ' || true")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.strip() == "0"
