@@ -36,6 +36,8 @@ class TerminalProgress(PullProgress):
         self.started = time.monotonic()
         self.lines_drawn = 0
         self.last_draw = 0.0
+        #: Set once the block is final (a phase line follows it): no more redraws.
+        self.frozen = False
 
     def resolved(self, reference, manifest_digest, layer_count, total_bytes) -> None:
         with self.lock:
@@ -81,13 +83,16 @@ class TerminalProgress(PullProgress):
         with self.lock:
             if self.tty:
                 self._draw(force=True)
-            self._line(f"{self.reference or 'image'}: {text}" if not self.tty else f"{text}...")
-            self.lines_drawn = 0
+                # The byte counts are final: leave them on screen, below them the phase.
+                self.frozen = True
+                self._line(f"{text}...")
+            else:
+                self._line(f"{self.reference or 'image'}: {text}")
 
     def finish(self) -> None:
         with self.lock:
             self._draw(force=True)
-            self.lines_drawn = 0
+            self.frozen = True
 
     # -- drawing (caller holds the lock) ------------------------------------------------------
 
@@ -96,7 +101,7 @@ class TerminalProgress(PullProgress):
         self.stream.flush()
 
     def _draw(self, force: bool = False) -> None:
-        if not self.tty:
+        if not self.tty or self.frozen or not self.blobs:
             return
         now = time.monotonic()
         if not force and now - self.last_draw < _REDRAW_INTERVAL_S:
