@@ -205,3 +205,15 @@ def test_state_directory_owned_by_someone_else_is_refused(runtime_env, runtime_i
     result = runtime_env.berth("run", str(runtime_images.busybox), "true", env={"BERTH_STATE_DIR": str(foreign)})
     assert result.returncode == 125 and "belongs to uid 0" in result.stderr, describe(result)
     shutil.rmtree(foreign, ignore_errors=True)
+
+
+def test_state_directory_planted_as_a_symlink_is_refused(runtime_env, runtime_images):
+    target = runtime_env.scratch / "elsewhere"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    planted = runtime_env.scratch / "planted-state"
+    planted.symlink_to(target)
+    os.lchown(planted, 0, 0)
+    result = runtime_env.berth("run", str(runtime_images.busybox), "true", env={"BERTH_STATE_DIR": str(planted)})
+    assert result.returncode == 125 and "state directory" in result.stderr, describe(result)
+    assert os.listdir(target) == []  # nothing was created through the link

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -94,20 +95,30 @@ class ContainerState:
 
 
 def ensure_state_dir(state_dir: Path) -> Path:
-    """Create the caller's state directory 0700 and refuse one that is not safely theirs."""
+    """Create the caller's state directory 0700 and refuse one that is not safely theirs.
+
+    The directory is judged (lstat: a symlink planted by someone else is refused, not
+    followed) before anything is created inside it."""
+    hint = "set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory"
+    try:
+        os.makedirs(state_dir.parent, exist_ok=True)
+        try:
+            os.mkdir(state_dir, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(state_dir)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot create the state directory {state_dir}: {exc.strerror}", hint=hint) from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        what = "is not a directory" if not stat.S_ISDIR(info.st_mode) else f"belongs to uid {info.st_uid}, not you"
+        raise RuntimeFailure(f"the state directory {state_dir} {what}",
+                             hint="someone else may have created it: remove it, or " + hint)
+    if info.st_mode & 0o077:
+        os.chmod(state_dir, 0o700)
     try:
         os.makedirs(state_dir / CONTAINERS, mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise RuntimeFailure(f"cannot create the state directory {state_dir}: {exc.strerror}",
-                             hint="set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local "
-                                  "directory") from None
-    info = os.lstat(state_dir)
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        if info.st_uid == os.getuid():
-            os.chmod(state_dir, 0o700)
-        else:
-            raise RuntimeFailure(f"the state directory {state_dir} belongs to uid {info.st_uid}, not you",
-                                 hint="someone else created it: remove it or set BERTH_STATE_DIR elsewhere")
+        raise RuntimeFailure(f"cannot create {state_dir / CONTAINERS}: {exc.strerror}", hint=hint) from None
     return state_dir
 
 
