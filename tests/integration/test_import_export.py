@@ -163,3 +163,25 @@ def test_export_failures(stores, busybox_image):
     assert "cannot write" in refused.stderr and str(locked) in refused.stderr
     assert list(locked.iterdir()) == []
     shutil.rmtree(locked, ignore_errors=True)
+
+
+def test_skopeo_reads_our_export_and_we_read_its_docker_archive(stores, busybox_image):
+    """A second implementation of the format on both sides (skopeo's docker-archive transport)."""
+    import subprocess
+
+    pulled = stores.json("pull", "--insecure", "--json", str(busybox_image))
+    work = _workdir(stores)
+    ours = work / "ours.tar"
+    stores.ok("export", str(busybox_image), str(ours))
+    copied = subprocess.run(["skopeo", "copy", "-q", f"docker-archive:{ours}", f"oci:{work / 'from-ours'}:x"],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert copied.returncode == 0, copied.stderr
+    theirs = work / "theirs.tar"
+    made = subprocess.run(["skopeo", "copy", "-q", f"oci:{busybox_image.layout}:latest",
+                           f"docker-archive:{theirs}:skopeo/busybox:1"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert made.returncode == 0, made.stderr
+    _give(stores, theirs)
+    imported = stores.json("import", "--json", str(theirs), "local/from-skopeo:1")
+    assert imported["source_kind"] == "docker-archive"
+    assert squashfs_listing(Path(imported["squashfs"])) == squashfs_listing(Path(pulled["squashfs"]))
