@@ -5,6 +5,7 @@ moment")."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -137,3 +138,27 @@ def test_kill_at_any_moment_keeps_store_consistent(stores, proxy, big_image, del
     assert_consistent(stores)
     proxy.blob_delay_s = 0
     _repull_and_prune(stores, ref, big_image.digest)
+
+
+def test_prune_during_a_pull_waits_and_removes_nothing_in_use(stores, proxy, big_image):
+    ref = via(proxy, big_image)
+    big = _big_layer(big_image)
+    partial = stores.user_store / "tmp" / f"blob-sha256-{big[7:]}.partial"
+    proxy.blob_delay_s = 0.003
+    pull = stores.popen("pull", "--insecure", "--json", ref)
+    try:
+        assert wait_for(lambda: partial.exists() and partial.stat().st_size > 1 << 20, timeout_s=60)
+        # blobs already stored (config, busybox layers) belong to no image yet: a prune that
+        # did not wait would delete them under the running pull
+        prune = stores.popen("prune", "--json")
+        prune_out, prune_err = prune.communicate(timeout=120)
+        pull_out, pull_err = pull.communicate(timeout=120)
+    finally:
+        if pull.poll() is None:
+            _kill(pull)
+    assert pull.returncode == 0, pull_err
+    assert prune.returncode == 0, prune_err
+    assert json.loads(prune_out)["blobs_removed"] == 0
+    assert json.loads(pull_out)["digest"] == big_image.digest
+    assert_consistent(stores)
+    assert stores.blobs() == stores.referenced_blobs()
