@@ -167,6 +167,8 @@ def test_hostile_image_configs_are_contained_or_refused(runtime_env, runtime_ima
     assert missing.returncode == 127 and "cannot run '/no/such/entrypoint'" in missing.stderr, describe(missing)
     wrong = _run_with_config(runtime_env, user, image, {"Entrypoint": {"not": "a list"}})
     assert wrong.returncode == 125 and "Entrypoint" in wrong.stderr, describe(wrong)
+    not_object = _run_with_config(runtime_env, user, image, ["not", "an", "object"])
+    assert not_object.returncode == 125 and "not a JSON object" in not_object.stderr, describe(not_object)
     user_field = _run_with_config(runtime_env, user, image, {"User": "0:0", "Cmd": ["id", "-u"]})
     assert user_field.stdout.strip() == str(user.uid), describe(user_field)
 

@@ -23,8 +23,8 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 from berth import proc
 from berth.errors import PolicyError, RuntimeFailure, UsageError
@@ -299,7 +299,11 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     log(f"runtime {runtime}", debug=True)
 
     name = image_name(image)
-    image_config = (image.config or {}).get("config") or {}
+    whole_config = image.config or {}
+    image_config = whole_config.get("config") or {} if isinstance(whole_config, dict) else None
+    if not isinstance(image_config, dict):
+        raise RuntimeFailure(f"image {name}: its config is not a JSON object",
+                             hint="the image is broken; ask its author")
     argv = compose_command(image_config, command, options.entrypoint, name)
     image_env = check_image_env(image_config.get("Env") or [], name)
     if image_config.get("User") not in (None, "", "0", "root", "0:0"):
