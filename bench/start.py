@@ -241,6 +241,25 @@ class StartBench:
                     sample.add(found[end] - found[start])
         return samples
 
+    def berth_profile(self, argv: list[str], env: dict, top: int = 12) -> list[tuple[str, float]]:
+        """berth's own functions by cumulative time in one warm run under cProfile (which inflates
+        every figure: read them as shares)."""
+        import pstats
+
+        profile = self.workdir / "berth.prof"
+        python = str(c.VENV / "bin" / "python")
+        self.user.run([python, "-m", "cProfile", "-o", str(profile), *argv], env=env)
+        stats = pstats.Stats(str(profile)).stats  # type: ignore[attr-defined]
+        source = str(c.REPO / "src" / "berth")
+        rows = []
+        for (filename, line, function), (_, _, _, cumulative_s, _) in stats.items():
+            if filename.startswith(source):
+                rows.append((f"{filename[len(source) - len('berth'):]}:{line}({function})", cumulative_s))
+        total = max((cumulative_s for (filename, _, function), (_, _, _, cumulative_s, _) in stats.items()
+                     if function == "<module>" and filename == str(c.BERTH)), default=None)
+        rows.sort(key=lambda row: -row[1])
+        return ([("total (the berth script)", total)] if total else []) + rows[:top]
+
     def cleanup(self) -> None:
         for mountpoint in self.mounts:
             self.user.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
@@ -290,10 +309,12 @@ def main() -> int:
             samples.update(bench.hyperfine({"udocker run (R1: host runc)": [
                 str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
         berth_phases = None
+        berth_profile: list[tuple[str, float]] = []
         if berth:
             try:
                 samples.update(bench.hyperfine({"berth run": berth[0]}, env=berth[1]))
                 berth_phases = bench.berth_phases(*berth)
+                berth_profile = bench.berth_profile(*berth)
             except RuntimeError as error:
                 bench.unavailable["berth"] = f"failed while timed: {c.error_line(str(error))}"
         python_env = {"PATH": f"{c.VENV / 'bin'}:{c.SYSTEM_PATH}"}
@@ -340,6 +361,11 @@ def main() -> int:
                           f"tracefs instance, no ptrace; {len(berth_phases[0][1].values)} runs):"), ""]
         sections.append(c.markdown_table(["phase", "ms: median (min–max)"],
                                          [[label, sample.cell("ms")] for label, sample in berth_phases]))
+    if berth_profile:
+        sections += ["", ("One warm `berth run` under cProfile (inflates everything; read as shares): berth's "
+                          "functions by cumulative time:"), "",
+                     c.markdown_table(["function", "ms cumulative"],
+                                      [[f"`{name}`", f"{seconds * 1000:.1f}"] for name, seconds in berth_profile])]
     sections += ["", "berth's own start-up cost:", ""]
     sections.append(c.markdown_table(["command", "ms: median (min–max)"],
                                      [[name, sample.cell("ms")] for name, sample in overhead.items()]))
