@@ -318,7 +318,8 @@ class Registry:
                 self.process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def has(self, name: str, tag: str) -> bool:
+    def has(self, name: str, tag: str, digest: str | None = None) -> bool:
+        """Whether NAME:TAG is there (and, with ``digest``, is that manifest)."""
         if self.tls:
             raise NotImplementedError("check through the plain-HTTP registry")
         accept = ", ".join(MANIFEST_TYPES)
@@ -326,7 +327,8 @@ class Registry:
                                          headers={"Accept": accept})
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status == 200
+                found = response.headers.get("Docker-Content-Digest")
+                return response.status == 200 and (digest is None or found == digest)
         except urllib.error.HTTPError:
             return False
 
@@ -466,6 +468,10 @@ class BenchImage:
     def tar_bytes(self) -> int:
         return sum(layer.tar_bytes for layer in self.layers)
 
+    @property
+    def manifest_digest(self) -> str:
+        return json.loads((self.layout / "index.json").read_text())["manifests"][0]["digest"]
+
     def ref(self, registry: Registry) -> str:
         return f"{registry.host}/{self.name}:{self.tag}"
 
@@ -567,7 +573,7 @@ def python_image(modules: int = 3000) -> tuple[BenchImage, Path]:
         storm_tree(staging / "opt" / "storm", modules)
         # byte-compile with the image's own python (same as the host's on Debian 12), so .pyc
         # files are in the layer and nothing is written at import time.
-        run([sys.executable, "-m", "compileall", "-q", str(staging / "opt" / "storm")])
+        run(["/usr/bin/python3", "-m", "compileall", "-q", str(staging / "opt" / "storm")])
         out.unlink(missing_ok=True)
     layer = make_layer(staging, ["./opt"], out)
     image = _image(f"python-storm{modules}", [base, layer], env=["PYTHONDONTWRITEBYTECODE=1"])
@@ -576,7 +582,7 @@ def python_image(modules: int = 3000) -> tuple[BenchImage, Path]:
 
 def ensure_pushed(registry: Registry, images: Sequence[BenchImage]) -> None:
     for image in images:
-        if not registry.has(image.name, image.tag):
+        if not registry.has(image.name, image.tag, image.manifest_digest):
             log(f"pushing {image.name}:{image.tag} ({image.compressed_bytes / 1e6:.0f} MB compressed)")
             registry.push_layout(image.layout, image.tag, image.name)
 
