@@ -1,0 +1,429 @@
+"""Red team: attacks on berth beyond test_container_escape.py and test_hostile_layers.py.
+
+Everything runs for real as the unprivileged user berthtest (real runc, squashfuse, berth-init).
+Where a second, hostile local user is needed it is uid 1002 (no passwd entry is needed: the
+attacker runs through ``setpriv``, so no system file is edited).
+
+Threat model used to judge results (DESIGN.md: berth is not setuid and runs as the caller):
+* the kernel boundary (no privilege beyond the caller's own) and the boundary between local
+  users are real security boundaries: a break is a finding;
+* site policy (mount_deny_*, reserved destinations) only binds the caller's own container, which
+  the caller could also start with their own copy of runc; a bypass is a (low) finding because
+  berth documents the checks as watertight, and the tests pin the fix.
+
+Tests marked ``xfail(strict=True)`` demonstrate findings that are still open: each one flips to
+a pass (and strict xfail then fails the suite) when the owner fixes it. The others are attacks
+berth withstands, kept as regression tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.fixtures_runtime import fuse_mounts_under, processes_mentioning
+from tests.harness.users import berth_executable, describe
+
+pytestmark = pytest.mark.security
+
+#: A local user other than berthtest: the attacker (or the victim's neighbour) in cross-user tests.
+OTHER_UID = 1002
+MARKER = "RED-TEAM-WAS-HERE"
+
+
+def run_as_other(argv: list[str], *, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``argv`` as uid/gid OTHER_UID with no supplementary groups and a clean environment."""
+    full_env = {"HOME": "/tmp", "PATH": f"{berth_executable().parent}:/usr/bin:/bin", "LANG": "C.UTF-8",
+                **(env or {})}
+    cmd = ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+           "env", "-i", *[f"{k}={v}" for k, v in full_env.items()], *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
+                          stdin=subprocess.DEVNULL)
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 30) -> None:
+    """Read the process's stdout until a line equal to ``text`` (fails on EOF or timeout)."""
+    deadline = time.monotonic() + timeout_s
+    timer = threading.Timer(timeout_s, process.kill)
+    timer.start()
+    try:
+        for line in process.stdout:
+            if line.strip() == text:
+                return
+            if time.monotonic() > deadline:
+                break
+        pytest.fail(f"never saw {text!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}")
+    finally:
+        timer.cancel()
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=10)
+
+
+def host_pids_running(uid: int, argv: list[bytes]) -> list[int]:
+    """Host pids of ``uid`` whose command line is exactly ``argv``."""
+    wanted = b"\0".join(argv) + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if handle.read() == wanted:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-user attacks (real security boundary)
+# --------------------------------------------------------------------------------------------
+
+def test_another_user_cannot_exec_list_or_enter_a_running_container(runtime_env, runtime_images, user):
+    """uid 1002 knows the victim's state directory and container name: berth exec/ps, runc on the
+    victim's runtime root, and /proc/PID/root of the victim's container process all fail."""
+    process = runtime_env.popen("run", "--name", "victim", str(runtime_images.busybox), "sh", "-c",
+                                "echo secret > /tmp/secret; echo ready; exec sleep 61")
+    try:
+        wait_for_line(process, "ready")
+        env = {"BERTH_STATE_DIR": str(runtime_env.state_dir)}
+        execed = run_as_other(["berth", "exec", "victim", "sh", "-c", f"echo {MARKER}"], env=env)
+        assert execed.returncode != 0 and MARKER not in execed.stdout, describe(execed)
+        listed = run_as_other(["berth", "ps"], env=env)
+        assert "victim" not in listed.stdout, describe(listed)
+        [container_id] = runtime_env.containers()
+        runc_root = runtime_env.state_dir / "containers" / container_id / "runc"
+        raw = run_as_other(["runc", "--root", str(runc_root), "exec", container_id, "echo", MARKER])
+        assert raw.returncode != 0 and MARKER not in raw.stdout, describe(raw)
+        peek = run_as_other(["ls", str(runtime_env.state_dir / "containers")])
+        assert peek.returncode != 0 and container_id not in peek.stdout, describe(peek)
+        [sleeper] = host_pids_running(user.uid, [b"sleep", b"61"])
+        via_proc = run_as_other(["cat", f"/proc/{sleeper}/root/tmp/secret"])
+        assert via_proc.returncode != 0 and "secret" not in via_proc.stdout, describe(via_proc)
+        via_cwd = run_as_other(["ls", f"/proc/{sleeper}/cwd/"])
+        assert via_cwd.returncode != 0, describe(via_cwd)
+        # The FUSE mounts are the victim's only (no allow_other): even a path that is known
+        # cannot be opened through the kernel's FUSE permission check by another uid.
+        for mountpoint in fuse_mounts_under(str(runtime_env.state_dir)):
+            opened = run_as_other(["stat", "-c", "%i", mountpoint])
+            assert opened.returncode != 0, describe(opened)
+    finally:
+        stop(process)
+
+
+def test_victims_bind_source_cannot_be_used_by_another_user(runtime_env, runtime_images, user):
+    """A -v source path the attacker cannot read stays unreadable: berth judges as the caller."""
+    private = runtime_env.scratch / "mine"
+    private.mkdir(mode=0o700)
+    os.chown(private, user.uid, user.gid)
+    (private / "data").write_text("private\n")
+    os.chown(private / "data", user.uid, user.gid)
+    shared = Path(tempfile.mkdtemp(prefix="berth-rt-other-", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o777)
+        env = {"BERTH_STATE_DIR": str(shared / "state")}
+        result = run_as_other(["berth", "run", "-v", f"{private}:/x", str(runtime_images.busybox), "cat", "/x/data"],
+                              env=env)
+        assert result.returncode == 125 and "private" not in result.stdout, describe(result)
+        assert "cannot read" in result.stderr, describe(result)
+    finally:
+        subprocess.run(["umount", "-l", *fuse_mounts_under(str(shared))], capture_output=True)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.fixture
+def sticky_tmp():
+    """A world-writable sticky directory like /tmp, where users can plant things for others."""
+    path = Path(tempfile.mkdtemp(prefix="berth-rt-sticky-", dir="/tmp"))
+    os.chmod(path, 0o1777)
+    yield path
+    for mount in sorted(fuse_mounts_under(str(path)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_state_directory_planted_by_another_user_is_refused(sticky_tmp, runtime_images, user):
+    """uid 1002 creates the victim's state directory first (as /tmp/berth-UID would be):
+    berth refuses it instead of putting the victim's bundles where the attacker can swap them."""
+    planted = sticky_tmp / f"berth-{user.uid}"
+    planted.mkdir(mode=0o777)
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    os.chmod(planted, 0o777)
+    result = user.berth("run", str(runtime_images.busybox), "true", env={"BERTH_STATE_DIR": str(planted)})
+    assert result.returncode == 125 and f"belongs to uid {OTHER_UID}" in result.stderr, describe(result)
+    assert not (planted / "containers" / "x").exists()
+    assert processes_mentioning(user.uid, str(planted)) == []
+
+
+def test_state_directory_symlink_planted_by_another_user_creates_nothing(sticky_tmp, runtime_images, user):
+    """uid 1002 plants STATE -> a directory of theirs. berth must refuse *before* writing
+    anything through the link (a root caller would otherwise mkdir wherever the link points)."""
+    target = sticky_tmp / "attacker-owned"
+    target.mkdir(mode=0o777)
+    os.chown(target, OTHER_UID, OTHER_UID)
+    os.chmod(target, 0o777)
+    planted = sticky_tmp / f"berth-{user.uid}"
+    planted.symlink_to(target)
+    os.lchown(planted, OTHER_UID, OTHER_UID)
+    result = user.berth("run", str(runtime_images.busybox), "true", env={"BERTH_STATE_DIR": str(planted)})
+    assert result.returncode == 125 and "is not a directory" in result.stderr, describe(result)
+    assert sorted(os.listdir(target)) == [], "berth wrote through the attacker's symlink"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel boundary: no privilege beyond the caller's
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def root_owned_dir(runtime_env):
+    """A root-owned directory (0755) holding a root-owned file (0644), readable by the user."""
+    path = runtime_env.scratch / "root-owned"
+    path.mkdir()
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o755)
+    (path / "file").write_text("root data\n")
+    os.chown(path / "file", 0, 0)
+    os.chmod(path / "file", 0o644)
+    return path
+
+
+def test_remap_root_has_no_power_over_host_files(runtime_env, runtime_images, root_owned_dir):
+    """uid 0 in a --remap-root container, with a root-owned host directory mounted read-write:
+    no write, no chown, no new file, no device node, no hostname change, no mount."""
+    script = (
+        "id -u; "
+        "echo pwned > /r/file 2>/dev/null && echo WROTE || echo no-write; "
+        "touch /r/new 2>/dev/null && echo CREATED || echo no-create; "
+        "chown 0:0 /r/file 2>/dev/null && echo CHOWNED || echo no-chown; "
+        "chmod 666 /r/file 2>/dev/null && echo CHMODDED || echo no-chmod; "
+        "touch /tmp/mine; chown 1:1 /tmp/mine 2>/dev/null && echo GAVE-AWAY || echo no-give-away; "
+        "mknod /tmp/mem c 1 1 2>/dev/null && echo MKNOD || echo no-mknod; "
+        "hostname red-team-host 2>/dev/null && echo RENAMED || echo no-hostname; "
+        "mount --bind /tmp /r 2>/dev/null && echo BOUND || echo no-mount; "
+        "echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && echo SYSCTL || echo no-sysctl"
+    )
+    before = os.uname().nodename
+    result = runtime_env.berth("run", "--remap-root", "-v", f"{root_owned_dir}:/r:rw", str(runtime_images.busybox),
+                               "sh", "-c", script)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == ["0", "no-write", "no-create", "no-chown", "no-chmod", "no-give-away",
+                                     "no-mknod", "no-hostname", "no-mount", "no-sysctl"], describe(result)
+    assert (root_owned_dir / "file").read_text() == "root data\n"
+    info = os.stat(root_owned_dir / "file")
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o644)
+    assert sorted(os.listdir(root_owned_dir)) == ["file"]
+    assert os.uname().nodename == before
+
+
+def test_masked_kernel_interfaces_stay_masked(runtime_env, runtime_images):
+    """/proc/kcore (where the kernel has one), /proc/keys, /sys/firmware are masked;
+    /proc/sysrq-trigger, /proc/sys and /sys are read-only; PID 1 is berth-init, not the host's."""
+    script = (
+        "cat /proc/kcore 2>/dev/null | wc -c; "
+        "ls /sys/firmware | wc -l; "
+        "cat /proc/keys | wc -c; "
+        "(echo h > /proc/sysrq-trigger) 2>/dev/null && echo SYSRQ || echo no-sysrq; "
+        "(echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null && echo SYSCTL || echo no-sysctl; "
+        "(echo 1 > /sys/kernel/mm/ksm/run) 2>/dev/null && echo SYSFS || echo no-sysfs; "
+        "tr '\\0' '\\n' < /proc/1/cmdline | head -n 1"
+    )
+    result = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c", script)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == ["0", "0", "0", "no-sysrq", "no-sysctl", "no-sysfs",
+                                     "/dev/.berth-init"], describe(result)
+
+
+def test_device_symlinked_to_a_device_the_user_cannot_open_is_refused(runtime_env, runtime_images):
+    """--device with a symlink of the user's to the host's disk (root 0600), to a device the user
+    may only read (/dev/kmsg, 0644), to a regular file, or a '..' path to the disk."""
+    for name, target, message in [("innocent-gpu", "/dev/vda", "cannot open /dev/vda"),
+                                  ("read-only-dev", "/dev/kmsg", "cannot open /dev/kmsg"),
+                                  ("not-a-device", "/etc/hostname", "not under /dev")]:
+        if not os.path.exists(target):
+            continue
+        link = runtime_env.scratch / name
+        link.symlink_to(target)
+        result = runtime_env.berth("run", "--device", str(link), str(runtime_images.busybox), "true")
+        assert result.returncode == 125 and message in result.stderr, describe(result)
+    if os.path.exists("/dev/vda"):
+        result = runtime_env.berth("run", "--device", "/dev/../dev/vda", str(runtime_images.busybox), "true")
+        assert result.returncode == 125 and "cannot open /dev/vda" in result.stderr, describe(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Site-policy bypasses (the caller's own container; low severity, see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+def _dotdot_path_to(scratch: Path, container_path: str, host_device: str) -> str:
+    """A host path P with normpath(P) == container_path and realpath(P) == host_device:
+    ``scratch/hop/../../..(as deep as scratch)/<container_path>`` where ``hop`` is a link to a
+    directory deep enough that the ``..`` land back in scratch, and ``scratch/<container_path>``
+    is a link to the device."""
+    depth = len(Path(scratch).parts) - 1  # components below "/"
+    deep = scratch / "deep"
+    target = deep
+    for index in range(depth):
+        target = target / f"d{index}"
+    target.mkdir(parents=True)
+    (scratch / "hop").symlink_to(target)
+    # realpath: scratch/hop -> deep/d0/../d{depth-1}; depth+1 ".." climb to scratch/deep/.. = scratch
+    relative = container_path.lstrip("/")
+    planted = scratch / relative
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.symlink_to(host_device)
+    path = str(scratch / "hop") + "/.." * (depth + 1) + "/" + relative
+    assert os.path.normpath(path) == container_path, (path, os.path.normpath(path))
+    assert os.path.realpath(path) == host_device, (path, os.path.realpath(path))
+    return path
+
+
+@pytest.mark.xfail(strict=True, reason="red team: --device uses normpath(PATH) as the container destination "
+                   "without check_destination(), so a '..' path lands a device on /etc/passwd (or "
+                   "/dev/.berth-init) despite mount_deny_destinations and the reserved init path")
+def test_device_path_cannot_mount_over_a_denied_destination(runtime_env, runtime_images):
+    path = _dotdot_path_to(runtime_env.scratch, "/etc/passwd", "/dev/null")
+    result = runtime_env.berth("run", "--device", path, str(runtime_images.busybox), "sh", "-c",
+                               "wc -c < /etc/passwd")
+    assert result.returncode == 125, describe(result)
+    assert "/etc/passwd" in result.stderr, describe(result)
+
+
+@pytest.mark.xfail(strict=True, reason="red team: check_destination() judges the literal -v destination, "
+                   "not its in-root resolution, so an image symlink (/data -> /etc) lets -v land on the "
+                   "denied /etc/passwd")
+def test_image_symlink_cannot_route_a_mount_onto_a_denied_destination(runtime_env, runtime_images, user):
+    fake = runtime_env.scratch / "fake-passwd"
+    fake.write_text("root:x:0:0:fake:/:/bin/sh\n")
+    os.chmod(fake, 0o644)
+    # hostile_link: /data -> /etc in the image.
+    result = runtime_env.berth("run", "-v", f"{fake}:/data/passwd", str(runtime_images.hostile_link),
+                               "cat", "/etc/passwd")
+    assert result.returncode == 125 and "/etc/passwd" in result.stderr, describe(result)
+
+
+class LinkImages:
+    def __init__(self, proc_link: Path, passwd_link: Path) -> None:
+        self.proc_link = proc_link  # /p -> /proc, /s -> ../../sys
+        self.passwd_link = passwd_link  # /etc/passwd -> /proc/self/environ, /etc/group -> /dev/.berth-init
+
+
+@pytest.fixture(scope="session")
+def link_images(runtime_images):
+    """busybox images whose links point into /proc, /sys and at berth's own init."""
+    from tests.harness.fixtures_runtime import _busybox_rootfs, _mksquashfs
+
+    work = Path(tempfile.mkdtemp(prefix="berth-rt-redteam-", dir="/var/tmp"))
+    os.chmod(work, 0o755)
+    try:
+        root = work / "proc-link"
+        _busybox_rootfs(root)
+        (root / "p").symlink_to("/proc")
+        (root / "s").symlink_to("../../sys")
+        proc_link = _mksquashfs(root, work / "proc-link.sqfs")
+        root = work / "passwd-link"
+        _busybox_rootfs(root)
+        (root / "etc" / "passwd").unlink()
+        (root / "etc" / "passwd").symlink_to("/proc/self/environ")
+        (root / "etc" / "group").unlink()
+        (root / "etc" / "group").symlink_to("../dev/.berth-init")
+        passwd_link = _mksquashfs(root, work / "passwd-link.sqfs")
+        yield LinkImages(proc_link, passwd_link)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("destination", ["/p/sys/kernel/hostname", "/p/self/attr/current", "/s/kernel/mm"])
+def test_mount_destination_through_an_image_symlink_cannot_land_in_proc_or_sys(runtime_env, link_images,
+                                                                               destination):
+    """-v DST where DST goes through an image link into /proc or /sys: resolved in-root by runc,
+    which refuses procfs destinations; a /sys one only shadows the container's read-only view."""
+    payload = runtime_env.scratch / "payload"
+    payload.write_text("planted\n")
+    os.chmod(payload, 0o644)
+    if destination.startswith("/s/"):
+        payload = runtime_env.scratch
+    result = runtime_env.berth("run", "-v", f"{payload}:{destination}", str(link_images.proc_link), "sh", "-c",
+                               "cat /proc/sys/kernel/hostname; ls /sys/kernel/mm | wc -l")
+    if destination.startswith("/p/"):
+        assert result.returncode == 125, describe(result)
+    else:
+        assert result.returncode == 0, describe(result)
+    with open("/proc/sys/kernel/hostname") as handle:
+        assert handle.read() != "planted\n"
+
+
+@pytest.mark.xfail(strict=True, reason="red team: the identity binds target /etc/passwd and /etc/group "
+                   "literally; runc follows the image's links in-root, so an image whose /etc/passwd -> "
+                   "/proc/... or /etc/group -> /dev/.berth-init cannot run (runc error) or has berth-init "
+                   "shadowed, instead of getting berth's files")
+def test_identity_files_linked_into_proc_or_at_the_init_still_run(runtime_env, link_images, user):
+    """The image's /etc/passwd -> /proc/self/environ and /etc/group -> ../dev/.berth-init.
+    berth reads them in-root (nothing leaks: berth's own environment is never read) and must
+    still give the container its identity files (or refuse with a clear berth error)."""
+    result = runtime_env.berth("run", str(link_images.passwd_link), "cat", "/etc/passwd", "/etc/group",
+                               env={"RED_TEAM_SECRET": MARKER})
+    assert MARKER not in result.stdout and MARKER not in result.stderr
+    assert result.returncode == 0, describe(result)
+    assert f"{user.name}:x:{user.uid}:{user.gid}:" in result.stdout, describe(result)
+
+
+@pytest.mark.xfail(strict=True, reason="red team: resolve_source() judges realpath(SRC) but runc mounts the "
+                   "path again later; swapping a component for a symlink in between mounts a denied "
+                   "source (here the host's /proc) despite mount_deny_sources (TOCTOU)")
+def test_bind_source_swapped_after_the_policy_check_is_not_mounted(runtime_env, runtime_images, user):
+    """The user's -v source is scratch/box/proc, a plain directory when berth judges it. As soon
+    as the container's state directory appears (after the check, before runc mounts), the user
+    renames box and puts a link box -> / in its place: scratch/box/proc is now the host /proc."""
+    box = runtime_env.scratch / "box"
+    (box / "proc").mkdir(parents=True)
+    (box / "proc" / "harmless").write_text("harmless\n")
+    for path in (box, box / "proc", box / "proc" / "harmless"):
+        os.chown(path, user.uid, user.gid)
+    containers = runtime_env.state_dir / "containers"
+    swapped = threading.Event()
+    done = threading.Event()
+
+    def swap() -> None:
+        # The user could do exactly this from their own shell: scratch and the state directory
+        # are theirs. (The test's root thread does it only to keep the timing simple.)
+        while not done.is_set():
+            try:
+                if any(containers.iterdir()):
+                    os.rename(box, runtime_env.scratch / "box.orig")
+                    os.symlink("/", box)
+                    swapped.set()
+                    return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=swap, daemon=True)
+    thread.start()
+    try:
+        result = runtime_env.berth("run", "-v", f"{box}/proc:/x", str(runtime_images.busybox), "sh", "-c",
+                                   "test -e /x/self/status && echo HOST-PROC || ls /x")
+    finally:
+        done.set()
+        thread.join(timeout=5)
+    assert swapped.is_set(), "the swap never happened (timing)"
+    # Either refused, or the judged directory (not the host /proc) is what the container sees.
+    assert result.returncode == 125 or result.stdout.split() == ["harmless"], describe(result)
