@@ -266,3 +266,19 @@ def test_site_can_force_host_pid_ipc_uts_namespaces(runtime_env, runtime_images,
     assert hostname == os.uname().nodename and uid == str(user.uid)
     assert caps.split() == ["CapEff:", "0000000000000000"]
     assert "ignoring --hostname" in result.stderr
+
+
+def test_concurrent_cpu_limited_containers_spread_over_cpus(runtime_env, runtime_images):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    first = runtime_env.popen("run", "--cpus", "1", str(runtime_images.busybox), "sh", "-c",
+                              "grep Cpus_allowed_list /proc/self/status; sleep 30")
+    try:
+        first_cpu = first.stdout.readline().split()[1]
+        second = runtime_env.berth("run", "--cpus", "1", str(runtime_images.busybox), "grep", "Cpus_allowed_list",
+                                   "/proc/self/status")
+        assert second.returncode == 0, describe(second)
+        assert second.stdout.split()[1] != first_cpu
+    finally:
+        first.terminate()
+        first.communicate(timeout=20)

@@ -148,3 +148,10 @@ def test_delegated_cgroup_is_the_nearest_writable_ancestor_with_controllers(tmp_
     assert limits.delegated_cgroup(str(root), str(proc)) is None
     (root / "cgroup.controllers").unlink()
     assert limits.delegated_cgroup(str(root), str(proc)) is None
+
+
+def test_affinity_prefers_the_least_used_cpus(monkeypatch):
+    monkeypatch.setattr(limits, "delegated_cgroup", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert limits.plan_limits(1, None, "b1", busy_cpus={0: 1}).cpu_set == frozenset({1})
+    assert limits.plan_limits(2, None, "b1", busy_cpus={0: 2, 1: 1, 2: 1}).cpu_set == frozenset({1, 3})

@@ -340,7 +340,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         for directory in (container.lower, container.rootfs, container.tmp, container.etc, container.bundle):
             directory.mkdir(mode=0o700)
         container.tmp.chmod(0o1777)
-        limit_plan = limits.plan_limits(options.cpus, options.memory_bytes, container.id)
+        limit_plan = limits.plan_limits(options.cpus, options.memory_bytes, container.id,
+                                        busy_cpus=state.pinned_cpus(state_dir) if options.cpus else None)
         for note in limit_plan.notes:
             log(note)
         # What `berth ps`, `berth exec` and the clean-up of a dead berth need to know.
@@ -349,6 +350,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             "command": argv, "started": time.time(), "pid": os.getpid(), "runtime": os.path.basename(runtime),
             "runtime_path": runtime, "uid": caller.uid, "gid": caller.gid, "remap_root": options.remap_root,
             "daemon_pids": [],
+            "cpu_set": sorted(limit_plan.cpu_set or ()),
         }
         container.write_info(info)
         lower = fuse.mount_squashfs(str(image.squashfs), str(container.lower), str(container.path / "squashfuse.log"))

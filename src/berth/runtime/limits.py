@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
 
@@ -55,8 +56,13 @@ def delegated_cgroup(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/p
     return None
 
 
-def plan_limits(cpus: float | None, memory_bytes: int | None, container_id: str) -> LimitPlan:
-    """Decide how to apply the requested limits on this host (reads /proc and /sys only)."""
+def plan_limits(cpus: float | None, memory_bytes: int | None, container_id: str,
+                busy_cpus: Mapping[int, int] | None = None) -> LimitPlan:
+    """Decide how to apply the requested limits on this host (reads /proc and /sys only).
+
+    ``busy_cpus`` counts, per CPU, the caller's live containers already pinned there: affinity
+    picks the least used CPUs first, so that four ``--cpus 1`` jobs on four CPUs do not all
+    land on CPU 0."""
     if cpus is None and memory_bytes is None:
         return LimitPlan()
     cgroup = delegated_cgroup()
@@ -77,7 +83,8 @@ def plan_limits(cpus: float | None, memory_bytes: int | None, container_id: str)
     if cpus is not None:
         allowed = sorted(os.sched_getaffinity(0))
         count = max(1, min(len(allowed), math.ceil(cpus)))
-        cpu_set = frozenset(allowed[:count])
+        busy = busy_cpus or {}
+        cpu_set = frozenset(sorted(allowed, key=lambda cpu: (busy.get(cpu, 0), cpu))[:count])
         note = (f"--cpus {cpus:g}: no cgroup v2 delegation here, so CPU affinity to "
                 f"{count} CPU(s) {','.join(map(str, sorted(cpu_set)))}")
         if count < cpus:

@@ -195,6 +195,15 @@ def list_containers(state_dir: Path) -> list[dict]:
     return records
 
 
+def pinned_cpus(state_dir: Path) -> dict[int, int]:
+    """How many of the caller's live containers are pinned to each CPU (affinity fallback)."""
+    counts: dict[int, int] = {}
+    for record in list_containers(state_dir):
+        for cpu in record.get("cpu_set") or ():
+            counts[cpu] = counts.get(cpu, 0) + 1
+    return counts
+
+
 def find_container(state_dir: Path, key: str) -> dict:
     """A live container by name, id or unique id prefix. Raises NotFound."""
     records = list_containers(state_dir)
