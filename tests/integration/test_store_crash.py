@@ -42,10 +42,15 @@ def assert_consistent(stores: Stores) -> None:
         assert f"sha256:{hasher.hexdigest()}" == digest
 
 
-def _kill(process) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=30)
-    assert process.returncode == -signal.SIGKILL
+def _kill(process) -> bool:
+    """kill -9 berth; False when it had just finished on its own (a race the caller allows)."""
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode in (-signal.SIGKILL, 0), err
+    return process.returncode == -signal.SIGKILL
 
 
 def _repull_and_prune(stores: Stores, ref: str, digest: str) -> dict:
