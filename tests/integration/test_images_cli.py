@@ -151,3 +151,18 @@ def test_unreadable_site_store_is_skipped_with_a_note(stores, busybox_image):
     assert [r["store"] for r in json.loads(result.stdout)] == ["user"]
     assert "cannot read the site store index" in result.stderr
     assert "ask your site administrator" in result.stderr
+
+
+def test_admin_removes_and_prunes_the_site_store(stores, busybox_image):
+    os.chown(stores.site_store, 0, 0)
+    assert stores.root_berth("pull", "--site", "--insecure", "-q", str(busybox_image)).returncode == 0
+    refused = stores.berth("prune", "--site")
+    assert refused.returncode == 77 and "ask your site administrator" in refused.stderr, describe(refused)
+    removed = stores.root_berth("rmi", "--site", str(busybox_image))
+    assert removed.returncode == 0, describe(removed)
+    assert f"deleted: {busybox_image.digest}" in removed.stdout
+    pruned = stores.root_berth("prune", "--site", "--json")
+    assert pruned.returncode == 0, describe(pruned)
+    assert json.loads(pruned.stdout)["blobs_removed"] == 4
+    assert stores.blobs(stores.site_store) == set() and stores.image_dirs(stores.site_store) == []
+    assert stores.json("images", "--json") == []
