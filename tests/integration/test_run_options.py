@@ -79,11 +79,12 @@ def _interfaces(text: str) -> list[str]:
 def test_network_host_by_default_and_none_isolates(runtime_env, runtime_images):
     with open("/proc/net/dev") as handle:
         host = _interfaces(handle.read())
+    if len(host) < 2:
+        pytest.skip("this host has only a loopback interface: host and none look alike")
     shared = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/proc/net/dev")
     isolated = runtime_env.berth("run", "--network=none", str(runtime_images.busybox), "cat", "/proc/net/dev")
     assert _interfaces(shared.stdout) == host, describe(shared)
     assert _interfaces(isolated.stdout) == ["lo"], describe(isolated)
-    assert len(host) > 1
 
 
 def _root_only_device() -> str:
