@@ -5,6 +5,11 @@ they are judged, and the resolved path is what gets mounted, so a symlink cannot
 forbidden path past the check or be swapped afterwards. Destinations are container paths: they
 must be absolute and free of ``..``; symlinks inside the image are followed in-root by the
 runtime (securejoin), so they cannot point out of the container either.
+
+These rules are site policy, not the security boundary: every mount is made in the caller's own
+user namespace with the caller's credentials, so a mount can never expose more than the caller
+could read on the host anyway (a user who races a path component after the check gains nothing
+they did not have).
 """
 
 from __future__ import annotations
