@@ -19,8 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -308,7 +306,7 @@ class Store:
         for entry in tmp_dir.iterdir():
             if entry.name.startswith(prefix):
                 _remove_tree(entry)
-        path = tmp_dir / f"{prefix}{secrets.token_hex(4)}"
+        path = tmp_dir / f"{prefix}{os.urandom(4).hex()}"
         with store_errors(self, "creating", path):
             path.mkdir(mode=0o700)
         try:
@@ -428,7 +426,7 @@ class Store:
             _unlink_quietly(tmp_path)
 
     def _new_tmp_path(self, prefix: str, suffix: str) -> Path:
-        return self.layout.tmp_dir / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+        return self.layout.tmp_dir / f"{prefix}{os.getpid()}-{os.urandom(6).hex()}{suffix}"
 
     # ------------------------------------------------------------------ prune
 
@@ -633,6 +631,8 @@ def _unlink_quietly(path: Path) -> None:
 
 def _remove_tree(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
+        import shutil  # writers only: keep readers' (berth run's) imports light
+
         # Image content is read-only (0444 files); directories we created stay writable.
         shutil.rmtree(path, ignore_errors=True)
     else:
