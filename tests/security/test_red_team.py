@@ -46,7 +46,7 @@ def run_as_other(argv: list[str], *, env: dict | None = None, timeout: float = 6
                 **(env or {})}
     cmd = ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
            "env", "-i", *[f"{k}={v}" for k, v in full_env.items()], *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/", check=False,
                           stdin=subprocess.DEVNULL)
 
 
@@ -146,7 +146,7 @@ def test_victims_bind_source_cannot_be_used_by_another_user(runtime_env, runtime
         assert result.returncode == 125 and "private" not in result.stdout, describe(result)
         assert "cannot read" in result.stderr, describe(result)
     finally:
-        subprocess.run(["umount", "-l", *fuse_mounts_under(str(shared))], capture_output=True)
+        subprocess.run(["umount", "-l", *fuse_mounts_under(str(shared))], capture_output=True, check=False)
         shutil.rmtree(shared, ignore_errors=True)
 
 
@@ -157,7 +157,7 @@ def sticky_tmp():
     os.chmod(path, 0o1777)
     yield path
     for mount in sorted(fuse_mounts_under(str(path)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mount], capture_output=True)
+        subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -427,3 +427,91 @@ def test_bind_source_swapped_after_the_policy_check_is_not_mounted(runtime_env, 
     assert swapped.is_set(), "the swap never happened (timing)"
     # Either refused, or the judged directory (not the host /proc) is what the container sees.
     assert result.returncode == 125 or result.stdout.split() == ["harmless"], describe(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime-level escapes through berth's inputs
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fd", range(3, 10))
+def test_leaked_fd_as_working_directory_does_not_reach_the_host(runtime_env, runtime_images, fd):
+    """CVE-2024-21626 ("Leaky Vessels") through berth's -w (an image WorkingDir is the same
+    field): the process must not start with a working directory outside its root, from where
+    relative paths reach the host's files. Debian's runc 1.1.5+deb12u1 carries the fix; this
+    pins that berth never runs a runc without it."""
+    marker = runtime_env.scratch / "host-only"
+    marker.write_text(MARKER + "\n")
+    os.chmod(marker, 0o644)
+    relative = "../" * 12 + str(marker).lstrip("/")
+    result = runtime_env.berth("run", "-w", f"/proc/self/fd/{fd}", str(runtime_images.busybox), "sh", "-c",
+                               f"cat {relative} 2>/dev/null; cat ../../../../../../../etc/hostname 2>/dev/null; true")
+    assert MARKER not in result.stdout, describe(result)
+    host_name = Path("/etc/hostname").read_text() if os.path.exists("/etc/hostname") else None
+    if result.returncode == 0 and host_name:
+        assert result.stdout != host_name, describe(result)
+
+
+def test_leaked_fd_as_exec_working_directory_does_not_reach_the_host(runtime_env, runtime_images):
+    marker = runtime_env.scratch / "host-only"
+    marker.write_text(MARKER + "\n")
+    os.chmod(marker, 0o644)
+    relative = "../" * 12 + str(marker).lstrip("/")
+    process = runtime_env.popen("run", "--name", "target", str(runtime_images.busybox), "sh", "-c",
+                                "echo ready; exec sleep 62")
+    try:
+        wait_for_line(process, "ready")
+        for fd in range(3, 10):
+            result = runtime_env.berth("exec", "-w", f"/proc/self/fd/{fd}", "target", "sh", "-c",
+                                       f"cat {relative} 2>/dev/null; true")
+            assert MARKER not in result.stdout, describe(result)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def file_caps_image(runtime_images):
+    """busybox whose copy /opt/caps/busybox carries cap_setuid,cap_dac_override,cap_sys_admin+ep."""
+    from tests.harness.fixtures_runtime import BUSYBOX, _busybox_rootfs, _mksquashfs
+
+    if not shutil.which("setcap"):
+        pytest.skip("setcap missing (libcap2-bin)")
+    work = Path(tempfile.mkdtemp(prefix="berth-rt-redteam-caps-", dir="/var/tmp"))
+    os.chmod(work, 0o755)
+    try:
+        root = work / "root"
+        _busybox_rootfs(root)
+        (root / "opt" / "caps").mkdir(parents=True)
+        probe = root / "opt" / "caps" / "busybox"  # busybox picks its applet by argv[0]: keep the name
+        shutil.copy2(BUSYBOX, probe)
+        subprocess.run(["setcap", "cap_setuid,cap_dac_override,cap_sys_admin+ep", str(probe)], check=True)
+        image = work / "caps.sqfs"
+        subprocess.run(["mksquashfs", str(root), str(image), "-comp", "lz4", "-all-root", "-noappend", "-quiet",
+                        "-no-progress", "-xattrs"], check=True, capture_output=True)
+        os.chmod(image, 0o644)
+        # The capability really is in the image as squashfuse shows it (the test is not vacuous).
+        mountpoint = work / "check"
+        mountpoint.mkdir()
+        subprocess.run(["squashfuse", str(image), str(mountpoint)], check=True, capture_output=True)
+        try:
+            shown = subprocess.run(["getcap", str(mountpoint / "opt" / "caps" / "busybox")], capture_output=True,
+                                   text=True, check=False).stdout
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        assert "cap_setuid" in shown, shown
+        yield image
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("remap_root", [False, True])
+def test_file_capabilities_in_the_image_give_nothing(runtime_env, file_caps_image, root_owned_dir, remap_root):
+    """A binary with file capabilities (security.capability xattr) in the image: no capability
+    after exec, no write to a root-owned host file, no mount."""
+    options = ["--remap-root"] if remap_root else []
+    result = runtime_env.berth("run", *options, "-v", f"{root_owned_dir}:/r:rw", str(file_caps_image), "sh", "-c",
+                               "/opt/caps/busybox grep CapEff /proc/self/status; "
+                               "/opt/caps/busybox sh -c 'echo x >> /r/file' 2>/dev/null && echo WROTE || echo no-write; "
+                               "/opt/caps/busybox mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED || echo no-mount")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == ["CapEff:", "0000000000000000", "no-write", "no-mount"], describe(result)
+    assert (root_owned_dir / "file").read_text() == "root data\n"
