@@ -159,15 +159,21 @@ def processes_mentioning(uid: int, text: str) -> list[str]:
 
 @dataclass
 class RuntimeEnv:
-    """berth as the test user with a private state directory (BERTH_STATE_DIR)."""
+    """berth as the test user with a private state directory and user store."""
 
     user: User
     state_dir: Path
     scratch: Path
     extra_env: dict = field(default_factory=dict)
 
+    @property
+    def user_store(self) -> Path:
+        """A private user store: tests never touch the test user's real one."""
+        return self.state_dir.parent / "user-store"
+
     def env(self, **extra: str) -> dict[str, str]:
-        return {"BERTH_STATE_DIR": str(self.state_dir), **self.extra_env, **extra}
+        return {"BERTH_STATE_DIR": str(self.state_dir), "BERTH_USER_STORE": str(self.user_store),
+                **self.extra_env, **extra}
 
     def berth(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
         return self.user.berth(*args, env=self.env(**(env or {})), **kwargs)

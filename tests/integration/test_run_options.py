@@ -204,14 +204,19 @@ def test_site_policy_deny_and_allow_lists(runtime_env, runtime_images, site_conf
 
 def test_image_from_the_store_uses_its_config(runtime_env, site_config, busybox_image, user):
     site_config.trust_registry(busybox_image.registry.host)
-    pulled = runtime_env.berth("pull", str(busybox_image), env=site_config.env)
-    assert pulled.returncode == 0, describe(pulled)
+    never = runtime_env.berth("run", "--pull=never", str(busybox_image), "true", env=site_config.env)
+    assert never.returncode == 125 and "error:" in never.stderr, describe(never)
+    # Pulled on first use (--pull=missing, the default), then found in the store.
     result = runtime_env.berth("run", str(busybox_image), "sh", "-c", "echo $PATH; id -u; cat /etc/os-release",
                                env=site_config.env)
     assert result.returncode == 0, describe(result)
     lines = result.stdout.splitlines()
     assert lines[0] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     assert lines[1] == str(user.uid) and 'NAME="berth test busybox"' in lines
+    stored = runtime_env.berth("run", "--pull=never", str(busybox_image), "true", env=site_config.env)
+    assert stored.returncode == 0, describe(stored)
+    always = runtime_env.berth("run", "--pull=always", str(busybox_image), "id", "-un", env=site_config.env)
+    assert always.returncode == 0 and always.stdout.strip() == user.name, describe(always)
 
 
 def test_group_policy_applies_to_members_only(runtime_env, runtime_images, site_config, user):
