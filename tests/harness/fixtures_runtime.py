@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.users import User, describe
+from tests.harness.users import User
 
 BUSYBOX = "/bin/busybox"
 APPLETS = (
@@ -246,5 +246,3 @@ def runtime_env(user) -> RuntimeEnv:
     shutil.rmtree(base, ignore_errors=True)
     assert not leaks, "berth left things behind:\n" + "\n".join(leaks)
 
-
-__all__ = ["RuntimeEnv", "RuntimeImages", "describe", "fuse_mounts_under", "processes_mentioning"]
