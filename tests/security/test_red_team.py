@@ -471,7 +471,7 @@ def test_leaked_fd_as_exec_working_directory_does_not_reach_the_host(runtime_env
 @pytest.fixture(scope="session")
 def file_caps_image(runtime_images):
     """busybox whose copy /opt/caps/busybox carries cap_setuid,cap_dac_override,cap_sys_admin+ep."""
-    from tests.harness.fixtures_runtime import BUSYBOX, _busybox_rootfs, _mksquashfs
+    from tests.harness.fixtures_runtime import BUSYBOX, _busybox_rootfs
 
     if not shutil.which("setcap"):
         pytest.skip("setcap missing (libcap2-bin)")
@@ -515,3 +515,125 @@ def test_file_capabilities_in_the_image_give_nothing(runtime_env, file_caps_imag
     assert result.returncode == 0, describe(result)
     assert result.stdout.split() == ["CapEff:", "0000000000000000", "no-write", "no-mount"], describe(result)
     assert (root_owned_dir / "file").read_text() == "root data\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Stores shared between users
+# --------------------------------------------------------------------------------------------
+
+def _writable_by_others(root: Path, owner_uid: int) -> list[str]:
+    """Entries under ``root`` that another user could change: group/other-writable (symlinks
+    aside) or owned by someone other than ``owner_uid``."""
+    found = []
+    for path in [root, *root.rglob("*")]:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            continue
+        if info.st_mode & 0o022 or info.st_uid != owner_uid:
+            found.append(f"{path} uid={info.st_uid} mode={stat.S_IMODE(info.st_mode):o}")
+    return found
+
+
+def test_site_store_written_with_a_careless_umask_is_not_writable_by_users(user, busybox_image, sticky_tmp):
+    """The admin pulls with umask 000 into the site store; afterwards every entry is the admin's
+    and not group/other-writable, and a user's `berth run` of the image adds nothing there (a
+    user who could write the site store could replace what every other user runs)."""
+    site_store = sticky_tmp / "site"
+    site_store.mkdir(mode=0o755)
+    env = {"BERTH_SITE_STORE": str(site_store), "BERTH_USER_STORE": str(sticky_tmp / "admin-user-store"),
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+    admin = subprocess.run(["sh", "-c", 'umask 000; exec "$0" "$@"', str(berth_executable()), "pull", "--site",
+                            "--insecure", "-q", str(busybox_image)],
+                           env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                           check=False)
+    assert admin.returncode == 0, describe(admin)
+    assert _writable_by_others(site_store, 0) == []
+    user_env = {"BERTH_SITE_STORE": str(site_store), "BERTH_USER_STORE": str(sticky_tmp / "user-store"),
+                "BERTH_STATE_DIR": str(sticky_tmp / "user-state")}
+    ran = user.berth("run", str(busybox_image), "true", env=user_env)
+    assert ran.returncode == 0, describe(ran)
+    assert _writable_by_others(site_store, 0) == []
+    planted = user.run(["touch", str(site_store / "planted")])
+    assert planted.returncode != 0 and not (site_store / "planted").exists(), describe(planted)
+
+
+def test_user_store_pulled_with_a_careless_umask_stays_the_users_alone(user, busybox_image, sticky_tmp):
+    """The same for a user's own store: with umask 000 nothing in it becomes writable by the
+    other users of a shared home or scratch file system."""
+    user_store = sticky_tmp / "user-store"
+    pulled = user.run(["sh", "-c", 'umask 000; exec "$0" "$@"', str(berth_executable()), "pull", "--insecure", "-q",
+                       str(busybox_image)],
+                      env={"BERTH_USER_STORE": str(user_store), "BERTH_SITE_STORE": str(sticky_tmp / "none")})
+    assert pulled.returncode == 0, describe(pulled)
+    assert _writable_by_others(user_store, user.uid) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: the step agent (berth.jobs.agent) runs host commands for the job's container
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="red team: the step agent copies the container's exported environment "
+                   "onto the host command with only a deny-list (_HOST_ONLY), so PYTHONPATH (or LD_AUDIT, "
+                   "BASH_ENV, PYTHONHOME...) makes the host-side `berth` run any code the container wrote: "
+                   "ALLOWED_PROGRAMS does not bound what runs outside the container")
+def test_job_container_cannot_run_arbitrary_code_on_the_host_through_the_step_agent(job_site, user):
+    """The job script plays a hostile image's code: it writes sitecustomize.py into the submit
+    directory (visible on the host at the same path), exports PYTHONPATH and calls the `berth`
+    shim. The host-side berth must not import it: the proof file would be written from outside
+    the container (its PID 1 is the host's init, not berth-init)."""
+    from tests.integration.jobs_helpers import submit, wait_for
+
+    work = job_site.workdir(user)
+    proof = work / "host-proof.txt"
+    job_site.write_script(work, "hostile.sh", f"""\
+        #!/bin/sh
+        mkdir -p {work}/inject
+        cat > {work}/inject/sitecustomize.py <<'PY'
+        import os
+        with open("/proc/1/cmdline", "rb") as handle:
+            init = handle.read().split(b"\\0")[0].decode()
+        with open("{proof}", "w") as out:
+            out.write("pid1=" + init + "\\n")
+        PY
+        export PYTHONPATH={work}/inject
+        berth --version > /dev/null 2>&1
+        echo done
+    """, user)
+    job = submit(user, job_site, work, "--template", "bb", "hostile.sh")
+    states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
+    assert states[job]["state"] == "completed", states[job]
+    assert not proof.exists(), "host code ran: " + proof.read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="red team: the step agent opens RECORD/agent/req.*/out and err (and "
+                   "writes .status) following symlinks, so the job's container overwrites any host file of "
+                   "the user, even one outside every mount of the container")
+def test_job_container_cannot_write_host_files_through_step_request_symlinks(job_site, user):
+    from tests.integration.jobs_helpers import submit, wait_for
+
+    work = job_site.workdir(user)
+    outside = Path(tempfile.mkdtemp(prefix="outside-", dir=job_site.root))  # never mounted in the job
+    os.chown(outside, user.uid, user.gid)
+    victim = outside / "precious.txt"
+    victim.write_text("precious\n")
+    os.chown(victim, user.uid, user.gid)
+    job_site.write_script(work, "hostile.sh", f"""\
+        #!/bin/sh
+        test -e {victim} && echo VISIBLE || echo not-visible
+        req="$BERTH_JOB_AGENT/req.hostile"
+        mkdir "$req"
+        ln -s {victim} "$req/out"
+        ln -s {victim} "$req/err"
+        printf 'x\\0' > "$req/argv"
+        echo not-allowed > "$req/prog"
+        echo / > "$req/cwd"
+        : > "$req/env"
+        touch "$req/ready"
+        i=0; while [ ! -e "$req/status" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        echo done
+    """, user)
+    job = submit(user, job_site, work, "--template", "bb", "-o", str(work / "out.txt"), "hostile.sh")
+    states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
+    assert states[job]["state"] == "completed", states[job]
+    assert (work / "out.txt").read_text().splitlines()[0] == "not-visible"  # truly outside the container
+    assert victim.read_text() == "precious\n"
