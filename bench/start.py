@@ -241,6 +241,21 @@ class StartBench:
                     sample.add(found[end] - found[start])
         return samples
 
+    def berth_reported_phases(self, argv: list[str], env: dict, runs: int = 7) -> list[tuple[str, c.Sample]]:
+        """The phases berth itself reports with --debug ("timing: prepare 40.6 ms, mount ...")."""
+        debug_argv = [argv[0], "--debug", *argv[1:]]
+        samples: dict[str, c.Sample] = {}
+        for _ in range(runs):
+            result = self.user.run(debug_argv, env=env)
+            lines = [line for line in result.stderr.splitlines() if "timing:" in line]
+            if not lines:
+                return []
+            for part in lines[-1].split("timing:", 1)[1].split(","):
+                match = re.match(r"\s*(.+?)\s+([\d.]+)\s*ms\s*$", part)
+                if match:
+                    samples.setdefault(match.group(1), c.Sample()).add(float(match.group(2)) / 1000)
+        return list(samples.items())
+
     def berth_profile(self, argv: list[str], env: dict, top: int = 12) -> list[tuple[str, float]]:
         """berth's own functions by cumulative time in one warm run under cProfile (which inflates
         every figure: read them as shares)."""
@@ -310,11 +325,13 @@ def main() -> int:
                 str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
         berth_phases = None
         berth_profile: list[tuple[str, float]] = []
+        berth_reported: list[tuple[str, c.Sample]] = []
         if berth:
             try:
                 samples.update(bench.hyperfine({"berth run": berth[0]}, env=berth[1]))
                 berth_phases = bench.berth_phases(*berth)
                 berth_profile = bench.berth_profile(*berth)
+                berth_reported = bench.berth_reported_phases(*berth)
             except RuntimeError as error:
                 bench.unavailable["berth"] = f"failed while timed: {c.error_line(str(error))}"
         python_env = {"PATH": f"{c.VENV / 'bin'}:{c.SYSTEM_PATH}"}
@@ -361,6 +378,11 @@ def main() -> int:
                           f"tracefs instance, no ptrace; {len(berth_phases[0][1].values)} runs):"), ""]
         sections.append(c.markdown_table(["phase", "ms: median (min–max)"],
                                          [[label, sample.cell("ms")] for label, sample in berth_phases]))
+    if berth_reported:
+        sections += ["", (f"The phases berth reports itself (`berth --debug run …`, its 'timing:' line, "
+                          f"{len(berth_reported[0][1].values)} runs):"), "",
+                     c.markdown_table(["phase (berth's name)", "ms: median (min–max)"],
+                                      [[name, sample.cell("ms")] for name, sample in berth_reported])]
     if berth_profile:
         sections += ["", ("One warm `berth run` under cProfile (inflates everything; read as shares): berth's "
                           "functions by cumulative time:"), "",
