@@ -70,6 +70,24 @@ LOCAL_PHASES = [
 ]
 
 
+def find_phases(data) -> dict | None:
+    """A phase-timing object anywhere in ``berth status --json`` ("phases" or "timings" key)."""
+    if isinstance(data, dict):
+        for key in ("phases", "timings"):
+            if isinstance(data.get(key), dict) and data[key]:
+                return data[key]
+        for value in data.values():
+            found = find_phases(value)
+            if found:
+                return found
+    if isinstance(data, list):
+        for value in data:
+            found = find_phases(value)
+            if found:
+                return found
+    return None
+
+
 def start_slurm(root: Path, nodes: int) -> tuple[dict | None, str | None]:
     """Start the harness's Slurm cluster; its environment, or why it cannot start."""
     if not (c.REPO / "tests" / "harness" / "slurm.py").exists():
@@ -141,8 +159,8 @@ class JobBench:
                 raise RuntimeError(f"job {job_id}: expected {nodes} container and bare lines, got {output[-800:]}")
             measured["step"] = max(stamps["container"]) - stamps["launch"][0]
             measured["bare"] = max(stamps["bare"]) - stamps["launch-bare"][0]
-        phases = status.get("phases") or status.get("timings")
-        if isinstance(phases, dict):
+        phases = find_phases(status)
+        if phases:
             self.phases_seen = True
             for name, value in phases.items():
                 if isinstance(value, (int, float)):
