@@ -212,6 +212,13 @@ def report_header(title: str, command: str) -> str:
     ])
 
 
+def report_footer() -> str:
+    """What the machine looked like when the benchmark ended (others' work shows here)."""
+    load = os.getloadavg()
+    return (f"\n- at the end: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+            f"busy processes: {other_activity()}\n")
+
+
 def git_head() -> str:
     result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False)

@@ -254,7 +254,7 @@ def main() -> int:
             sections.extend(["", *bench.notes])
     finally:
         c.rm_tree(workdir)
-    report = "\n".join(sections).rstrip() + "\n"
+    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
     print(report)
     if args.output:
         args.output.write_text(report)

@@ -397,7 +397,7 @@ def main() -> int:
                         f"{total.cell('ms')} ms ({len(total.values)} runs); largest self times (median µs): "
                         + ", ".join(f"{module} {seconds * 1e6:.0f}" for module, seconds in top))
     sections.extend(["", *[f"- {note}" for note in bench.notes]])
-    report = "\n".join(sections).rstrip() + "\n"
+    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
     print(report)
     if args.output:
         args.output.write_text(report)
