@@ -153,7 +153,7 @@ def test_whiteout_image_holds_what_its_spec_says(flattened):
     assert tree["perm/fifo"].kind == "fifo"
 
 
-@pytest.mark.parametrize("compression", ["lz4", "zstd", "gzip", "xz"])
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "gzip", "xz", "lzo"])
 def test_squashfuse_mounts_every_compression_as_the_test_user(user, user_tmp, compression):
     """squashfuse (Debian 0.1.105) reads what tar2sqfs writes with each compressor, unprivileged."""
     payload = os.urandom(300_000)

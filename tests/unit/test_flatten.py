@@ -394,11 +394,17 @@ def test_unknown_compression_is_a_usage_error(tmp_path):
         flatten(tmp_path, [f("a")], compression="brotli")
 
 
-@pytest.mark.parametrize("compression", ["lz4", "zstd", "gzip", "xz"])
-def test_every_compression_builds(tmp_path, compression):
+@pytest.mark.parametrize("compression, code", [("lz4", 5), ("zstd", 6), ("gzip", 1), ("xz", 4), ("lzo", 3)])
+def test_every_compression_builds(tmp_path, compression, code):
     _, tree, image = flatten(tmp_path, [f("a", b"abc" * 50_000)], compression=compression)
     assert tree["a"].data == b"abc" * 50_000
-    assert image.read_bytes()[:4] == b"hsqs"
+    header = image.read_bytes()[:96]
+    assert header[:4] == b"hsqs"
+    assert int.from_bytes(header[20:22], "little") == code  # the superblock's compressor id
+    if compression in ("zstd", "gzip"):  # berth's fast levels, stored as compressor options
+        assert int.from_bytes(header[24:26], "little") & 0x0400
+        options = image.read_bytes()[96:104]
+        assert int.from_bytes(options[2:6], "little") == {"zstd": 3, "gzip": 6}[compression]
 
 
 def test_tar_to_squashfs_from_path_stream_and_gzip_stream(tmp_path):
