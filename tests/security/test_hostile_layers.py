@@ -209,3 +209,12 @@ def test_tar_bomb_of_many_entries_is_refused(tmp_path):
     with pytest.raises(ImageError, match="more than 10000 entries"):
         build_squashfs([layer], tmp_path / "image.sqfs", max_entries=10_000)
     assert not (tmp_path / "image.sqfs").exists()
+
+
+def test_pax_header_memory_bomb_is_refused_without_reading_it(tmp_path):
+    info = tarfile.TarInfo("pax")
+    info.type, info.size = tarfile.XHDTYPE, 8 << 30  # 8 GiB of "pax records" that never come
+    layer = write_layer(tmp_path, info.tobuf(tarfile.GNU_FORMAT) + bytes(1 << 20), compression="gzip")
+    with pytest.raises(ImageError, match="extension header of 8589934592 bytes"):
+        build_squashfs([layer], tmp_path / "image.sqfs")
+    assert not (tmp_path / "image.sqfs").exists()

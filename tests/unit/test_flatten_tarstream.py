@@ -136,3 +136,12 @@ def test_fast_ustar_header_equals_tarfile_output():
     assert tarstream.fast_ustar_header(info) == info.tobuf(tarfile.USTAR_FORMAT)
     info.name = "n" * 101  # too long for plain ustar: the caller falls back to tarfile's PAX
     assert tarstream.fast_ustar_header(info) is None
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE])
+def test_huge_extension_header_is_refused_before_it_is_read(kind):
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = kind, 1 << 40  # a terabyte of "long name"
+    source = tarstream.ByteSource(io.BytesIO(info.tobuf(tarfile.GNU_FORMAT) + bytes(4096)))
+    with pytest.raises(tarstream.ExtensionTooLarge, match="1099511627776 bytes"):
+        list(tarstream.iter_members(source))

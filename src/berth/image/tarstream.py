@@ -397,6 +397,7 @@ def iter_members(source: ByteSource) -> Iterator[tarfile.TarInfo]:
             archive.offset = data_start + (-(-info.size // BLOCK_BYTES) * BLOCK_BYTES
                                            if info.type in tarfile.REGULAR_TYPES else 0)
         else:
+            _check_extension_size(source.peek(BLOCK_BYTES))
             archive.offset = start
             try:
                 info = tarfile.TarInfo.fromtarfile(archive)
@@ -546,6 +547,26 @@ def _plain_numbers(buf: bytes) -> list[int] | None:
     if checksum != sum(buf) - sum(buf[148:156]) + 256:
         return None  # tarfile also accepts signed checksums, and reports real damage
     return [mode, uid, gid, size, mtime, devmajor, devminor, checksum]
+
+
+#: Largest pax or GNU long-name extension accepted: tarfile reads one whole into memory.
+MAX_EXTENSION_BYTES = 1 << 20
+_EXTENSION_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+
+
+class ExtensionTooLarge(tarfile.HeaderError):
+    """A pax or GNU extension header larger than any honest one (a memory bomb)."""
+
+
+def _check_extension_size(head: bytes) -> None:
+    if len(head) == BLOCK_BYTES and head[156:157] in _EXTENSION_TYPES:
+        try:
+            size = tarfile.nti(head[124:136])
+        except tarfile.HeaderError:
+            return  # tarfile reports the damage itself
+        if size > MAX_EXTENSION_BYTES:
+            raise ExtensionTooLarge(f"an extension header of {size} bytes (limit {MAX_EXTENSION_BYTES})")
 
 
 def write_member(sink: ByteSink, info: tarfile.TarInfo, source: ByteSource | None = None) -> None:
