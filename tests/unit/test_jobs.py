@@ -23,7 +23,7 @@ from berth.jobs.options import (
     read_directives,
 )
 from berth.jobs.records import JobRecord, atomic_write, create_record, find_record, list_records
-from berth.jobs.slurm import merge_state, parse_scontrol
+from berth.jobs.slurm import merge_state, parse_squeue
 
 
 @pytest.mark.parametrize("text,seconds", [
@@ -208,11 +208,12 @@ def test_slurm_states_merge_with_the_runner_result(tmp_path):
     assert "Slurm ended the job as FAILED (NonZeroExitCode)" in ended.message
 
 
-def test_parse_scontrol_one_line_per_job():
-    text = ("JobId=5 JobName=a JobState=RUNNING Reason=None Comment=berth:/x/5\n"
-            "JobId=6 JobName=b JobState=PENDING Reason=Resources\n")
-    jobs = parse_scontrol(text)
-    assert (jobs["5"]["JobState"], jobs["6"]["Reason"], jobs["5"]["Comment"]) == ("RUNNING", "Resources", "berth:/x/5")
+def test_parse_squeue_keeps_free_text_comments_whole():
+    text = "5|RUNNING|None|berth:/x/5\n6|PENDING|Resources|(null)\n7|FAILED|NonZeroExitCode|a|b\n"
+    jobs = parse_squeue(text)
+    assert (jobs["5"]["JobState"], jobs["5"]["Comment"]) == ("RUNNING", "berth:/x/5")
+    assert (jobs["6"]["Reason"], jobs["6"]["Comment"]) == ("Resources", "")
+    assert jobs["7"]["Comment"] == "a|b"
 
 
 def test_exit_statuses_become_results():

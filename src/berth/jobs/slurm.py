@@ -1,5 +1,5 @@
 """The Slurm backend: ``sbatch`` a generated batch script that runs ``berth job-exec`` on the
-first node of the allocation; ``scontrol show job`` + the runner's state file for status;
+first node of the allocation; ``squeue --states=all`` + the runner's state file for status;
 ``scancel`` to cancel.
 
 Why plain commands and not pyslurm/psij-python: pyslurm must be built against the exact
@@ -17,7 +17,6 @@ a site's KillWait must be at least the largest template stop_timeout.
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 
@@ -30,7 +29,6 @@ from berth.jobs.options import format_time
 from berth.jobs.records import JobRecord
 
 COMMENT_PREFIX = "berth:"
-_FIELD = re.compile(r"(\w+)=(\S*)")
 
 #: Slurm job states -> berth states; None: look at the runner's state file.
 _STATE_MAP = {
@@ -97,13 +95,19 @@ def batch_script(spec: JobSpec, record: JobRecord, python: str) -> str:
     )
 
 
-def parse_scontrol(text: str) -> dict[str, dict[str, str]]:
-    """``scontrol -o show job`` output -> {job id: {field: value}}."""
+#: squeue fields, comment last (it is free text): job id, state, reason, comment.
+SQUEUE_FORMAT = "%i|%T|%r|%k"
+
+
+def parse_squeue(text: str) -> dict[str, dict[str, str]]:
+    """``squeue -o SQUEUE_FORMAT`` output -> {job id: {JobState, Reason, Comment}} (the names
+    of ``scontrol show job``, which :func:`merge_state` reads)."""
     jobs: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
-        fields = dict(_FIELD.findall(line))
-        if "JobId" in fields:
-            jobs[fields["JobId"]] = fields
+        parts = line.strip().split("|", 3)
+        if len(parts) == 4 and parts[0]:
+            comment = "" if parts[3] == "(null)" else parts[3]
+            jobs[parts[0]] = {"JobId": parts[0], "JobState": parts[1], "Reason": parts[2], "Comment": comment}
     return jobs
 
 
@@ -174,29 +178,31 @@ class SlurmBackend:
             raise JobError(f"sbatch answered something that is not a job id: {native!r}")
         return native
 
-    def _scontrol(self, native_id: str | None = None) -> dict[str, dict[str, str]]:
-        argv = ["scontrol", "-o", "show", "job"] + ([native_id] if native_id else [])
+    def _query(self, native_id: str | None = None) -> dict[str, dict[str, str]]:
+        """Slurm's view of one job, or of all the caller's jobs (``squeue --me``: one cheap
+        call however many jobs the cluster runs; finished jobs stay for MinJobAge)."""
+        selector = ["-j", native_id] if native_id else ["--me"]
+        argv = ["squeue", "-h", "--states=all", *selector, "-o", SQUEUE_FORMAT]
         result = proc.run(argv, env=proc.child_env(), check=False)
-        text = result.stdout.decode(errors="replace")
         if result.returncode != 0:
             error = result.stderr.decode(errors="replace")
             if "Invalid job id" in error:
                 return {}
-            raise JobError(f"scontrol show job failed: {error.strip() or proc.describe_status(result.returncode)}",
+            raise JobError(f"squeue failed: {error.strip() or proc.describe_status(result.returncode)}",
                            hint="is slurmctld reachable? (`sinfo`; SLURM_CONF)")
-        return parse_scontrol(text)
+        return parse_squeue(result.stdout.decode(errors="replace"))
 
     def status(self, record: JobRecord, spec: JobSpec) -> JobStatus:
         native = record.read_native_id()
         if native is None:
             return JobStatus(spec, JobResult(model.FAILED, phase=model.PHASE_SCHEDULER,
                                              message="the job was never accepted by Slurm"))
-        return merge_state(spec, record, self._scontrol(native).get(native))
+        return merge_state(spec, record, self._query(native).get(native))
 
     def statuses(self, records):
         if not records:
             return []
-        jobs = self._scontrol()
+        jobs = self._query()
         return [merge_state(spec, record, jobs.get(record.read_native_id() or "")) for record, spec in records]
 
     def cancel(self, record: JobRecord, spec: JobSpec) -> None:
