@@ -145,3 +145,50 @@ def test_huge_extension_header_is_refused_before_it_is_read(kind):
     source = tarstream.ByteSource(io.BytesIO(info.tobuf(tarfile.GNU_FORMAT) + bytes(4096)))
     with pytest.raises(tarstream.ExtensionTooLarge, match="1099511627776 bytes"):
         list(tarstream.iter_members(source))
+
+
+@pytest.mark.parametrize("via", ["file", "pipe", "fileobj"])
+def test_skipping_large_members_lands_on_the_next_header(tmp_path, via):
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, size in (("big", 3 << 20), ("next", 10), ("big2", 200_000), ("last", 3)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            archive.addfile(info, io.BytesIO(os.urandom(size)))
+    raw = data.getvalue()
+    path = tmp_path / "t.tar"
+    path.write_bytes(raw)
+    if via == "file":
+        handle = open(path, "rb", buffering=0)
+        source = tarstream.ByteSource(fd=handle.fileno())
+    elif via == "pipe":
+        handle = open(path, "rb", buffering=0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            os.write(write_end, raw)
+            os._exit(0)
+        os.close(write_end)
+        source = tarstream.ByteSource(fd=read_end)
+    else:
+        handle = io.BytesIO(raw)
+        source = tarstream.ByteSource(handle)
+    names = [info.name for info in tarstream.iter_members(source)]  # data never read: skipped
+    assert names == ["big", "next", "big2", "last"]
+    if via == "pipe":
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    handle.close()
+
+
+def test_truncated_plain_file_is_detected_when_skipping(tmp_path):
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("big")
+        info.size = 1 << 20
+        archive.addfile(info, io.BytesIO(bytes(info.size)))
+    path = tmp_path / "t.tar"
+    path.write_bytes(data.getvalue()[:600_000])
+    with open(path, "rb", buffering=0) as handle, pytest.raises(EOFError):
+        list(tarstream.iter_members(tarstream.ByteSource(fd=handle.fileno())))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import stat
 import struct
 import subprocess
 import tarfile
@@ -179,6 +180,7 @@ class ByteSource:
         self._buffer = b""
         self._offset = 0  # of the next unread byte in _buffer
         self._position = 0  # of the next unread byte in the stream
+        self._seekable = fd is not None and stat.S_ISREG(os.fstat(fd).st_mode)  # a plain layer file
 
     def tell(self) -> int:
         return self._position
@@ -257,11 +259,29 @@ class ByteSource:
             self._position += moved
 
     def skip(self, size: int) -> None:
-        """Discard ``size`` bytes (member data nobody wants)."""
+        """Discard ``size`` bytes (member data nobody wants): seek past them in a plain layer
+        file, splice them to /dev/null from a pipe, never copying large data into Python."""
         buffered = min(size, len(self._buffer) - self._offset)
         self._offset += buffered
         self._position += buffered
         remaining = size - buffered
+        if remaining and self._seekable:
+            end = os.fstat(self._fd).st_size
+            here = os.lseek(self._fd, 0, os.SEEK_CUR)
+            if here + remaining > end:
+                raise EOFError(f"{here + remaining - end} of {size} bytes of data missing")
+            os.lseek(self._fd, remaining, os.SEEK_CUR)
+            self._position += remaining
+            return
+        if remaining > SMALL_MEMBER_BYTES and self._fd is not None:
+            with open(os.devnull, "wb") as devnull:
+                while remaining:
+                    moved = os.splice(self._fd, devnull.fileno(), remaining)
+                    if moved == 0:
+                        raise EOFError(f"{remaining} of {size} bytes of data missing")
+                    remaining -= moved
+                    self._position += moved
+            return
         while remaining:
             chunk = self.read(min(remaining, COPY_CHUNK_BYTES))
             if not chunk:
