@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -280,6 +281,16 @@ class StartBench:
             self.user.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         for path in self.cleanup_dirs:
             c.rm_tree(path)
+        # rootless podman leaves a "pause" process holding its user namespace: end it (by PID)
+        pause_pid_file = Path(self.user.env()["XDG_RUNTIME_DIR"]) / "libpod" / "tmp" / "pause.pid"
+        if pause_pid_file.exists():
+            try:
+                pid = int(pause_pid_file.read_text().strip())
+                if Path(f"/proc/{pid}/status").read_text().count(f"Uid:\t{self.user.uid}"):
+                    os.kill(pid, signal.SIGTERM)
+            except (ValueError, OSError):
+                pass
+            pause_pid_file.unlink(missing_ok=True)
 
 
 def main() -> int:
