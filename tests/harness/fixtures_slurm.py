@@ -39,7 +39,7 @@ class JobSite:
     and the test user's own jobs directory and store, all under one temporary directory.
 
     Templates: ``bb`` (busybox, cpu=1, memsz=256M, stop_timeout=3 s) and ``slowboot`` (the same
-    image with boot_timeout=2 s and a custom ``--env-file`` that is a FIFO nobody writes, so the
+    image with boot_timeout=4 s and a custom ``--env-file`` that is a FIFO nobody writes, so the
     container's start-up blocks and the boot timeout must fire in the boot phase), ``hangboot``
     (the same with boot_timeout=300 s: a job that stays in staging until cancelled), ``gpu``
     (gpu=1: on the Slurm test cluster, whose nodes have two stand-in GPUs).
@@ -89,7 +89,7 @@ def job_site(user, registry, busybox_image) -> JobSite:
     for argv in (
         ["template", "create", "bb", f"image={busybox_image}", "cpu=1", "memsz=256M", "stop_timeout=3",
          "boot_timeout=60", "comment=busybox for job tests"],
-        ["template", "create", "slowboot", f"image={busybox_image}", "cpu=1", "memsz=64M", "boot_timeout=2",
+        ["template", "create", "slowboot", f"image={busybox_image}", "cpu=1", "memsz=64M", "boot_timeout=4",
          f"custom=--env-file {fifo}"],
         ["template", "create", "gpu", f"image={busybox_image}", "cpu=1", "memsz=64M", "gpu=1"],
         ["template", "create", "hangboot", f"image={busybox_image}", "cpu=1", "memsz=64M", "boot_timeout=300",

@@ -98,7 +98,7 @@ def test_boot_timeout_and_staging_failures_name_the_phase(job_site, user):
     assert "127.0.0.1:9" in failed["message"]
     state = states[job]
     assert (state["state"], state["phase"]) == ("failed", "boot")
-    assert "boot_timeout of 2 s expired while starting the container" in state["message"]
+    assert "boot_timeout of 4 s expired while starting the container" in state["message"]
     assert time.monotonic() - started < 20
     assert not (work / "should-not-run").exists()
     logs = user.berth("logs", job, env=job_site.env)

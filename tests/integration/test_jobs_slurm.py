@@ -129,7 +129,7 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     assert states[suspended]["state"] == "cancelled", info
 
     assert (states[slow]["state"], states[slow]["phase"]) == ("failed", "boot"), info
-    assert "boot_timeout of 2 s expired" in states[slow]["message"]
+    assert "boot_timeout of 4 s expired" in states[slow]["message"]
 
     # The template's gpu=1 became --gres=gpu:1: Slurm allocated one and the container sees it.
     assert states[gpu]["state"] == "completed", info
