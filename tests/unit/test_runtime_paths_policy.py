@@ -155,3 +155,14 @@ def test_affinity_prefers_the_least_used_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert limits.plan_limits(1, None, "b1", busy_cpus={0: 1}).cpu_set == frozenset({1})
     assert limits.plan_limits(2, None, "b1", busy_cpus={0: 2, 1: 1, 2: 1}).cpu_set == frozenset({1, 3})
+
+
+def test_device_destinations():
+    from berth.runtime.policy import device_destination
+
+    assert device_destination("/dev/nvidia0", "/dev/nvidia0", what="--device") == "/dev/nvidia0"
+    assert device_destination("/home/me/gpu", "/dev/nvidia0", what="--device") == "/dev/nvidia0"
+    with pytest.raises(PolicyError, match="'..'"):
+        device_destination("/dev/../etc/passwd", "/dev/null", what="--device")
+    with pytest.raises(PolicyError, match="not a device path"):
+        device_destination("/dev/.berth-init", "/dev/null", what="--device")

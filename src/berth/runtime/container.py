@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -168,8 +169,45 @@ def _devices(settings, groups: list, options: RunOptions) -> list[spec.BindMount
         if path in seen:
             continue
         seen.add(path)
-        binds.append(spec.BindMount(real, posixpath.normpath(path), read_only=False, device=True))
+        binds.append(spec.BindMount(real, policy.device_destination(path, real, what=what), read_only=False,
+                                    device=True))
     return binds
+
+
+def _landing(root: str, destination: str, what: str, deny) -> str:
+    """Where ``destination`` lands in the image (its links followed in-root), judged again:
+    an image link such as /data -> /etc must not carry a mount onto a denied path."""
+    resolved, _ = rootfs.resolve_in_root(root, destination)
+    if resolved != destination:
+        policy.check_destination(resolved, what=f"{what} (through the image's links: {resolved})", deny=deny)
+    return resolved
+
+
+def _identity_targets(root: str) -> tuple[dict[str, str], list[rootfs.MountPoint]]:
+    """Where berth's passwd/group files go, and which image entries must be replaced first.
+
+    /etc is followed in-root (an image may link it elsewhere), but not into /proc, /sys or
+    /dev; the files themselves are never followed: an image's /etc/passwd that is a link (to
+    /proc/self/environ, to berth-init...) or anything but a regular file is replaced by a plain
+    file in the overlay, so the bind lands exactly where the container looks."""
+    etc, _ = rootfs.resolve_in_root(root, "/etc")
+    if etc in ("/proc", "/sys", "/dev") or etc.startswith(("/proc/", "/sys/", "/dev/")):
+        raise RuntimeFailure(f"the image's /etc is a link to {etc}: berth will not put identity files there",
+                             hint="the image is broken or hostile; ask its author")
+    targets: dict[str, str] = {}
+    replaced: list[rootfs.MountPoint] = []
+    for name in ("passwd", "group"):
+        target = posixpath.join(etc, name)
+        targets[name] = target
+        try:
+            info = os.lstat(os.path.join(root, target.lstrip("/")))
+        except FileNotFoundError:
+            continue  # missing: an ordinary mount point to create
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot inspect the image's {target}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            replaced.append(rootfs.MountPoint(target, False))
+    return targets, replaced
 
 
 class _Wake(Exception):
@@ -359,14 +397,23 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         info["daemon_pids"].append(lower.process.pid)
         container.write_info(info)
 
+        lower_root = str(container.lower)
+        # Judge mount destinations where they really land: through the image's own links.
+        user_mounts = [m._replace(destination=_landing(lower_root, m.destination, f"--mount {m.destination}",
+                                                       settings.policy.mount_deny_destinations))
+                       for m in user_mounts]
+        site_mounts = [m._replace(destination=_landing(lower_root, m.destination, f"site mount {m.destination}",
+                                                       ("/proc", "/sys")))
+                       for m in site_mounts]
+        identity_paths, replaced = _identity_targets(lower_root)
         plan = _Plan(creatable=["/dev", "/tmp"])
         plan.needed += [rootfs.MountPoint(p, True) for p in ("/proc", "/dev", "/sys", "/tmp")]
         _plan_home(caller, options, plan, log)
-        plan.needed += [rootfs.MountPoint("/etc/passwd", False), rootfs.MountPoint("/etc/group", False)]
+        plan.needed += [rootfs.MountPoint(path, False) for path in identity_paths.values()]
         for bind in [*site_mounts, *user_mounts]:
             plan.needed.append(rootfs.MountPoint(bind.destination, os.path.isdir(bind.source)))
         plan.needed.append(rootfs.MountPoint(workdir, True))
-        missing = rootfs.missing_mount_points(str(container.lower), plan.needed, plan.creatable)
+        missing = rootfs.missing_mount_points(lower_root, plan.needed, plan.creatable) + replaced
         root_path = container.lower
         if missing or options.writable:
             container.upper.mkdir(mode=0o755)
@@ -388,8 +435,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
 
         # Identity files: the image's own entries plus the caller's (read in-root, never via host links).
         shell_exists = lambda path: rootfs.path_kind(str(container.lower), path) == "file"  # noqa: E731
-        passwd_resolved, _ = rootfs.resolve_in_root(str(container.lower), "/etc/passwd")
-        group_resolved, _ = rootfs.resolve_in_root(str(container.lower), "/etc/group")
+        passwd_resolved, _ = rootfs.resolve_in_root(lower_root, "/etc/passwd")
+        group_resolved, _ = rootfs.resolve_in_root(lower_root, "/etc/group")
         (container.etc / "passwd").write_text(passwd_text(
             read_image_file(os.path.join(container.lower, passwd_resolved.lstrip("/"))), caller,
             as_root=options.remap_root, shell_exists=shell_exists))
@@ -401,8 +448,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             os.chmod(container.etc / entry, 0o644)
         binds = [
             *plan.binds,
-            spec.BindMount(str(container.etc / "passwd"), "/etc/passwd"),
-            spec.BindMount(str(container.etc / "group"), "/etc/group"),
+            spec.BindMount(str(container.etc / "passwd"), identity_paths["passwd"]),
+            spec.BindMount(str(container.etc / "group"), identity_paths["group"]),
             *site_mounts,
             *user_mounts,
             *devices,

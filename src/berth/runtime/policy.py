@@ -94,6 +94,18 @@ def resolve_user_mounts(settings, options: RunOptions) -> list[BindMount]:
     return mounts
 
 
+def device_destination(path: str, real: str, *, what: str) -> str:
+    """Where a device appears in the container: the path as given when it is a plain path under
+    /dev, else the device's real path (a link of the user's to a GPU shows as the GPU's node).
+    No '..': normalizing one could land the device on /etc/passwd or on berth-init."""
+    if ".." in path.split("/"):
+        raise PolicyError(f"{what}: the device path must not contain '..'", hint=f"name the device: {real}")
+    destination = posixpath.normpath(path) if path.startswith("/dev/") else real
+    if destination == INIT_PATH or destination.startswith(INIT_PATH + "/") or not destination.startswith("/dev/"):
+        raise PolicyError(f"{what}: the container path {destination} is not a device path under /dev")
+    return destination
+
+
 def resolve_device(path: str, *, what: str) -> str:
     """A host device node the caller can open read-write; returns its real path."""
     real = os.path.realpath(path)
@@ -108,6 +120,7 @@ def resolve_device(path: str, *, what: str) -> str:
     if not os.access(real, os.R_OK | os.W_OK):
         raise PolicyError(f"{what}: you cannot open {real} on the host, so it cannot be passed in",
                           hint="ask your site administrator for access (device permissions or group)")
+    device_destination(path, real, what=what)
     return real
 
 
