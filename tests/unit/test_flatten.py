@@ -518,3 +518,13 @@ def test_missing_output_directory_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match="No such file or directory") as caught:
         build_squashfs([write_layer(tmp_path, [f("a")])], tmp_path / "absent" / "image.sqfs")
     assert "not writable" in caught.value.hint
+
+
+def test_odd_whiteouts_and_root_entries_are_noted(tmp_path):
+    report, tree, _ = flatten(tmp_path, [f("keep", "k"), f(".wh.keep2", "")],
+                              [f("./", "a file where the root is"), f(".wh."), f(".wh..wh.aufs"), f("new", "n")])
+    assert paths(tree) == {"keep", "new"}
+    assert tree["."].kind == "dir"
+    notes = "\n".join(report.notes)
+    assert "dropped a file entry for the root directory" in notes
+    assert "ignored '.wh.'" in notes and "ignored '.wh..wh.aufs'" in notes
