@@ -28,9 +28,10 @@ How (the why is in each rule's comment):
   mounted nosuid,nodev by squashfuse):
   - names are made canonical: leading '/' and './' and empty or '.' components go away;
     a name with a '..' component is dropped with a note (it could only mean "outside");
-  - an entry whose parent is, in the final tree, a non-directory placed by the same layer
-    (``a -> /etc`` then ``a/passwd``) is dropped with a note; under one placed by an upper
-    layer it is hidden, as overlay semantics say;
+  - an entry under a non-directory placed earlier by the same layer (``a -> /etc`` then
+    ``a/passwd``) is dropped with a note, whatever upper layers put at ``a``; under a
+    non-directory placed by an upper layer it is hidden, as overlay semantics say; a lower
+    layer's non-directory where an upper layer has a directory is dropped with a note;
   - a hard link is kept when its target is a regular file of the final tree that is the very
     file the link named when its layer was applied (the latest earlier entry of that path in
     the same layer, or a file of a lower layer that nothing above replaced). When that file is
@@ -45,8 +46,16 @@ How (the why is in each rule's comment):
     xattrs (``SCHILY.xattr.*`` in the user, trusted and security namespaces; others are
     dropped with a note, SquashFS cannot hold them) are kept in the SquashFS metadata;
   - sparse members, entries that would make the image exceed ``max_content_bytes``, more
-    than ``max_entries`` members, absurdly long names, unknown entry types, and truncated or
-    corrupt layers raise :class:`ImageError` naming the layer and the entry.
+    than ``max_entries`` members, absurdly long names, owners beyond 32 bits (tar2sqfs would
+    truncate uid 2**32 to 0), impossible device numbers, pax/GNU extension headers over
+    1 MiB, unknown entry types, and truncated or corrupt layers raise :class:`ImageError`
+    naming the layer and the entry. Control characters in names are escaped in notes.
+
+Speed (measured on the 2-core test machine, debian test image, 204 MB rootfs, 7353 entries):
+decompression runs in its own process (igzip, else pigz), member data is spliced pipe to pipe
+by the kernel, headers are parsed by a tarfile-identical fast path (tarstream.py), and
+tar2sqfs compresses with two threads; the three processes overlap. See squashfs.py for the
+compression levels.
 """
 
 from __future__ import annotations
