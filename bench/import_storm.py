@@ -114,6 +114,14 @@ def main() -> int:
             mounts.append(mountpoint)
             variants[f"host python3 on {program} mount (no container)"] = (
                 [*host, "-c", storm_code(str(mountpoint / "opt" / "storm"))], [*host, "-c", "pass"], None)
+            if program == "squashfuse":
+                # bare rootless runc on that same mount: the container's share without berth
+                runc_state = user.tempdir("runc-state-", workdir)
+                bundles = [runc_bundle(user, workdir, mountpoint, [*image_python, "-c", code])
+                           for code in (storm_code("/opt/storm"), "pass")]
+                variants["runc on a squashfuse mount (bare runtime)"] = tuple(
+                    ["runc", "--root", str(runc_state), "run", "-b", str(bundle), f"storm-{index}"]
+                    for index, bundle in enumerate(bundles)) + (None,)
 
         # every variant must really import the storm before it is timed
         for name, (storm, _, env) in list(variants.items()):
@@ -163,6 +171,7 @@ def main() -> int:
         rows = []
         berth_storm = measured.get(berth_name)
         for name in [berth_name, "ch-run IMG.sqfs", "ch-run DIR (unpacked on disk)",
+                     "runc on a squashfuse mount (bare runtime)",
                      "host python3 on DIR (no container)", "host python3 on squashfuse mount (no container)",
                      "host python3 on squashfuse_ll mount (no container)"]:
             if name not in measured:
@@ -184,6 +193,18 @@ def main() -> int:
     if args.output:
         args.output.write_text(report)
     return 0
+
+
+def runc_bundle(user: c.BenchUser, workdir: Path, root: Path, args: list[str]) -> Path:
+    """A rootless runc bundle (``runc spec --rootless``) running ``args`` on a read-only ``root``."""
+    bundle = user.tempdir("bundle-", workdir)
+    user.run(["runc", "spec", "--rootless"], cwd=str(bundle))
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"].update(terminal=False, args=args)
+    config["process"]["env"] = [*config["process"].get("env", []), "PYTHONDONTWRITEBYTECODE=1"]
+    config["root"] = {"path": str(root), "readonly": True}
+    (bundle / "config.json").write_text(json.dumps(config, indent=2))
+    return bundle
 
 
 def hyperfine_words(argv: list[str]) -> str:
