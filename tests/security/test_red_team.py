@@ -664,3 +664,39 @@ def test_job_container_cannot_write_host_files_through_step_request_symlinks(job
     assert states[job]["state"] == "completed", states[job]
     assert (work / "out.txt").read_text().splitlines()[0] == "not-visible"  # truly outside the container
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.xfail(strict=True, reason="red team: the step agent reads RECORD/agent/req.*/prog (and argv, cwd, "
+                   "env) following symlinks, so the job's container reads host files outside its mounts "
+                   "(the refusal message echoes the 'program' read through the link into the step's stderr)")
+def test_job_container_cannot_read_host_files_through_step_request_symlinks(job_site, user):
+    from tests.integration.jobs_helpers import submit, wait_for
+
+    work = job_site.workdir(user)
+    outside = Path(tempfile.mkdtemp(prefix="outside-", dir=job_site.root))  # never mounted in the job
+    os.chown(outside, user.uid, user.gid)
+    secret = outside / "secret.txt"
+    secret.write_text(f"{MARKER}-secret")
+    os.chown(secret, user.uid, user.gid)
+    os.chmod(outside, 0o700)
+    job_site.write_script(work, "hostile.sh", f"""\
+        #!/bin/sh
+        cat {secret} 2>/dev/null || echo not-visible
+        req="$BERTH_JOB_AGENT/req.hostile"
+        mkdir "$req"
+        printf 'x\\0' > "$req/argv"
+        ln -s {secret} "$req/prog"
+        echo / > "$req/cwd"
+        : > "$req/env"
+        mkfifo "$req/out" "$req/err"
+        cat "$req/out" & cat "$req/err" & touch "$req/ready"
+        wait
+        i=0; while [ ! -e "$req/status" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        echo done
+    """, user)
+    job = submit(user, job_site, work, "--template", "bb", "-o", str(work / "out.txt"), "hostile.sh")
+    states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
+    assert states[job]["state"] == "completed", states[job]
+    output = (work / "out.txt").read_text()
+    assert output.splitlines()[0] == "not-visible", output  # truly outside the container
+    assert f"{MARKER}-secret" not in output, output
