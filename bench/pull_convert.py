@@ -206,7 +206,7 @@ def render(image: c.BenchImage, measured: dict, berth_missing: str | None) -> st
             sarus = pipeline_sample(r, ("skopeo", "umoci", "mksquashfs-lz4"))
             speedup = sarus.median / berth.median
             floor_ratio = berth.median / r["pigz"].median
-            verdicts.append(f"- {mode}: berth is {speedup:.2f}x faster than skopeo+umoci+mksquashfs lz4 "
+            verdicts.append(f"- {image.name} {mode}: berth is {speedup:.2f}x faster than skopeo+umoci+mksquashfs lz4 "
                             f"(target ≥ 2x {'met' if mode != 'cold' or speedup >= 2 else 'NOT met'}"
                             f"{'' if mode == 'cold' else ', target is for cold'}); "
                             f"berth / pigz -dc = {floor_ratio:.2f} (target ≤ 1.5 "

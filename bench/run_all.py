@@ -105,6 +105,15 @@ def write_results() -> None:
         observations = RESULTS.read_text().split("\n## Observations", 1)[1]
         observations = "\n## Observations" + observations
     parts = [HOWTO]
+    summary = []
+    for name in SECTION_ORDER:
+        report = SECTIONS_DIR / f"{name}.md"
+        if report.exists():
+            summary += [f"- {name}: {line[2:]}" for line in report.read_text().splitlines()
+                        if line.startswith("- ") and "target" in line]
+    if summary:
+        parts.append("## Targets at a glance\n\n(the target lines of the reports below, copied by run_all.py)\n\n"
+                     + "\n".join(summary) + "\n")
     titles = {"pull_convert": "1. Pull + convert", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running"}
     for name in SECTION_ORDER:
