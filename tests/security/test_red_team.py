@@ -700,3 +700,35 @@ def test_job_container_cannot_read_host_files_through_step_request_symlinks(job_
     output = (work / "out.txt").read_text()
     assert output.splitlines()[0] == "not-visible", output  # truly outside the container
     assert f"{MARKER}-secret" not in output, output
+
+
+def test_hostile_job_submissions_are_refused_cleanly(job_site, user):
+    """A #BERTH template name that walks out of the templates directory, an output file in a
+    directory the user cannot write: refused at submission, with nothing written anywhere."""
+    from tests.integration.jobs_helpers import record_count
+
+    work = job_site.workdir(user)
+    # A template file of the user's own, planted where a traversal would find it.
+    planted = work / "evil.toml"
+    planted.write_text('image = "busybox"\ncpu = 1\nmemsz = "64M"\ncustom = "--volume /etc:/host-etc"\n')
+    os.chown(planted, user.uid, user.gid)
+    traversal = os.path.relpath(planted.with_suffix(""), job_site.config_dir / "templates.d")
+    job_site.write_script(work, "walk.sh", f"#!/bin/sh\n#BERTH --template={traversal}\ntrue\n", user)
+    records = record_count(job_site)
+    result = user.berth("submit", "walk.sh", cwd=str(work), env=job_site.env)
+    assert result.returncode != 0 and "template" in result.stderr, describe(result)
+    closed = Path(tempfile.mkdtemp(prefix="root-only-", dir=job_site.root))
+    os.chmod(closed, 0o755)
+    job_site.write_script(work, "ok.sh", "#!/bin/sh\necho hi\n", user)
+    result = user.berth("submit", "--template", "bb", "-o", str(closed / "out.txt"), "ok.sh", cwd=str(work),
+                        env=job_site.env)
+    if result.returncode == 0:  # accepted: then the job must fail on its output, writing nothing there
+        from tests.integration.jobs_helpers import wait_for
+
+        job = result.stdout.strip()
+        states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
+        assert states[job]["state"] == "failed", states[job]
+    else:
+        assert "out.txt" in result.stderr, describe(result)
+        assert record_count(job_site) == records
+    assert os.listdir(closed) == []
