@@ -135,6 +135,13 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     assert states[gpu]["state"] == "completed", info
     assert user.berth("logs", gpu, env={**job_site.env, **env}).stdout == "gpus=0\n"
 
+    # Without a reachable Slurm (no SLURM_CONF), `berth jobs` still lists every job, from records.
+    offline = user.berth("jobs", "--json", env=job_site.env)
+    assert offline.returncode == 0, describe(offline)
+    assert "berth: warning: slurm jobs show their last recorded state: squeue failed" in offline.stderr
+    listed = {job["id"]: job for job in json.loads(offline.stdout)}
+    assert (listed[ok]["state"], listed[three]["exit_code"], listed[ok]["native_state"]) == ("completed", 3, "unknown")
+
     # The time limit (1 minute; Slurm checks every 30 s) ends as timeout, after the trap ran.
     states = wait_for(user, job_site, [timed], FINAL, timeout_s=150, env=env, poll_s=2)
     assert states[timed]["state"] == "timeout", info

@@ -123,15 +123,10 @@ def _print_table(statuses) -> None:
 
 def cmd_status(args, ctx) -> int:
     from berth.cli.output import print_json
-    from berth.jobs.api import list_jobs, status
+    from berth.jobs.api import status
 
     if args.job is None:
-        statuses = list_jobs(ctx.settings, args.backend)
-        if args.json:
-            print_json([s.to_dict() for s in statuses])
-        else:
-            _print_table(statuses)
-        return 0
+        return cmd_jobs(args, ctx)
     current = status(ctx.settings, args.job)
     if args.json:
         print_json(current.to_dict())
@@ -155,7 +150,10 @@ def cmd_jobs(args, ctx) -> int:
     from berth.cli.output import print_json
     from berth.jobs.api import list_jobs
 
-    statuses = list_jobs(ctx.settings, args.backend)
+    warnings: list[str] = []
+    statuses = list_jobs(ctx.settings, args.backend, warnings)
+    for warning in warnings:
+        print(f"berth: warning: {warning}", file=sys.stderr)
     if args.json:
         print_json([s.to_dict() for s in statuses])
     else:

@@ -230,8 +230,12 @@ def status(settings: Settings, job_id: str) -> JobStatus:
     return get_backend(settings, spec.backend).status(record, spec)
 
 
-def list_jobs(settings: Settings, backend_name: str | None = None) -> list[JobStatus]:
-    """The caller's jobs (all backends, or one), oldest first, one scheduler query per backend."""
+def list_jobs(settings: Settings, backend_name: str | None = None,
+              warnings: list[str] | None = None) -> list[JobStatus]:
+    """The caller's jobs (all backends, or one), oldest first, one scheduler query per backend.
+
+    A scheduler that cannot be asked (Slurm unreachable from this machine) does not hide the
+    other jobs: its jobs show their last recorded state, and a line is added to ``warnings``."""
     groups: dict[str, list] = {}
     for record in list_records(settings):
         try:
@@ -243,10 +247,13 @@ def list_jobs(settings: Settings, backend_name: str | None = None) -> list[JobSt
     found: list[JobStatus] = []
     for name, items in groups.items():
         try:
-            backend = get_backend(settings, name)
-        except UsageError:
-            continue
-        found.extend(backend.statuses(items))
+            found.extend(get_backend(settings, name).statuses(items))
+        except BerthError as error:
+            if warnings is not None:
+                warnings.append(f"{name} jobs show their last recorded state: {error.message}")
+            for record, spec in items:
+                result = record.read_result() or model.JobResult(model.PENDING)
+                found.append(JobStatus(spec, result, record.read_native_id(), "unknown"))
     return sorted(found, key=lambda s: int(s.spec.id))
 
 
