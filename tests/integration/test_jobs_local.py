@@ -187,6 +187,7 @@ BAD_INPUT = [
     (["--template", "bb", "prefix.sh"], 2, "prefix.sh line 2: unknown directive '#BERTHX'"),
     (["--template", "bb", "noshebang.sh"], 2, "does not start with '#!'"),
     (["--template", "bb", "--image", "busybox", "ok.sh"], 2, "--template and --image exclude each other"),
+    (["both.sh"], 2, "--template and --image exclude each other"),
     (["ok.sh"], 2, "no image for the job"),
     (["--template", "bb", "--backend", "pbs", "ok.sh"], 2, "--backend 'pbs': unknown backend"),
     (["--template", "bb", "-N", "2", "ok.sh"], 2, "--nodes 2: the local backend runs jobs on this machine only"),
@@ -204,6 +205,7 @@ def bad_input_dir(job_site, user):
     job_site.write_script(work, "typo.sh", "#!/bin/sh\n#BERTH -N 1\n#BERTH --nodez=2\necho x\n", user)
     job_site.write_script(work, "prefix.sh", "#!/bin/sh\n#BERTHX --nodes=2\necho x\n", user)
     job_site.write_script(work, "noshebang.sh", "echo no interpreter\n", user)
+    job_site.write_script(work, "both.sh", "#!/bin/sh\n#BERTH --template bb\n#BERTH --image busybox\necho\n", user)
     return work
 
 
@@ -223,13 +225,14 @@ def test_command_line_wins_over_directives(job_site, user):
     job_site.write_script(work, "two.sh", """\
         #!/bin/sh
         #BERTH --nodes=2 --job-name=from-directive
+        #BERTH --image 127.0.0.1:9/not/this:1
         echo ran
     """, user)
     refused = user.berth("submit", "--template", "bb", "two.sh", cwd=str(work), env=job_site.env)
     assert refused.returncode == 2 and "--nodes 2: the local backend" in refused.stderr, describe(refused)
     job = submit(user, job_site, work, "--template", "bb", "-N", "1", "two.sh")
     state = wait_for(user, job_site, [job], FINAL)[job]
-    assert (state["state"], state["name"]) == ("completed", "from-directive")
+    assert (state["state"], state["name"], state["template"]) == ("completed", "from-directive", "bb")
 
 
 def test_unknown_job_is_a_clear_error(job_site, user):

@@ -140,10 +140,11 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     directives = opts.read_directives(script_path, text)
     values = {**directives, **{k: v for k, v in request.values.items() if v is not None and v is not False}}
     if values.get("template") and values.get("image"):
-        if "template" in request.values and "image" in request.values:
+        given = [key for key in ("template", "image") if request.values.get(key)]
+        if len(given) != 1:  # both on the command line, or both in directives
             raise UsageError("--template and --image exclude each other: a template names its image")
         # One from a directive, one from the command line: the command line wins.
-        values.pop("image" if "template" in request.values else "template")
+        values.pop("image" if given == ["template"] else "template")
     backend_name = values.get("backend") or settings.backend
     if backend_name not in BACKENDS:
         raise UsageError(f"--backend '{backend_name}': unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
