@@ -18,6 +18,7 @@ berth withstands, kept as regression tests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -732,3 +733,38 @@ def test_hostile_job_submissions_are_refused_cleanly(job_site, user):
         assert "out.txt" in result.stderr, describe(result)
         assert record_count(job_site) == records
     assert os.listdir(closed) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Admin side: importing what a user hands over
+# --------------------------------------------------------------------------------------------
+
+def test_admin_import_of_a_users_layout_never_reads_outside_it(user, sticky_tmp):
+    """A user hands the admin an OCI layout for the (world-readable) site store whose config
+    blob is a link to a root-only file. Even with the digest matching (the worst case: berth
+    cannot rely on a mismatch), the admin's `berth import --site` refuses the link out of the
+    layout instead of reading it, and the site store gets no image."""
+    from tests.harness import ocilayout
+
+    layout = sticky_tmp / "handed-over"
+    built = ocilayout.write_layout(ocilayout.ImageSpec(layers=(ocilayout.Layer((
+        ocilayout.File("etc/hello", "hi\n"),)),)), layout)
+    manifest = json.loads(built.blob_path(built.oci_digest).read_bytes())
+    config_blob = built.blob_path(manifest["config"]["digest"])
+    private = sticky_tmp / "root-only"
+    private.mkdir(mode=0o700)
+    shutil.copy(config_blob, private / "config")
+    config_blob.unlink()
+    config_blob.symlink_to(private / "config")
+    for path in [layout, *layout.rglob("*")]:
+        os.lchown(path, user.uid, user.gid)
+    site_store = sticky_tmp / "site"
+    site_store.mkdir(mode=0o755)
+    env = {"BERTH_SITE_STORE": str(site_store), "BERTH_USER_STORE": str(sticky_tmp / "admin-user-store"),
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+    result = subprocess.run([str(berth_executable()), "import", "--site", str(layout), "handed/over:1"], env=env,
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode != 0 and "outside the OCI layout" in result.stderr, describe(result)
+    listed = subprocess.run([str(berth_executable()), "images", "--json"], env=env, capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], describe(listed)
