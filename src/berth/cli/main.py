@@ -23,6 +23,36 @@ COMMAND_MODULES = (
     "berth.cli.jobs",
 )
 
+#: Which module registers each command, so that `berth run ...` imports and builds the parser
+#: of one module instead of all of them (start-up time is a product feature; building every
+#: subcommand's parser cost tens of milliseconds). tests/unit/test_cli_main.py keeps this in
+#: step with what the modules register.
+COMMANDS = {
+    "pull": "berth.cli.images",
+    "images": "berth.cli.images",
+    "inspect": "berth.cli.images",
+    "rmi": "berth.cli.images",
+    "prune": "berth.cli.images",
+    "push": "berth.cli.images",
+    "import": "berth.cli.images",
+    "export": "berth.cli.images",
+    "login": "berth.cli.auth",
+    "logout": "berth.cli.auth",
+    "run": "berth.cli.run",
+    "exec": "berth.cli.run",
+    "ps": "berth.cli.run",
+    "doctor": "berth.cli.run",
+    "config": "berth.cli.config",
+    "template": "berth.cli.config",
+    "submit": "berth.cli.jobs",
+    "status": "berth.cli.jobs",
+    "jobs": "berth.cli.jobs",
+    "logs": "berth.cli.jobs",
+    "cancel": "berth.cli.jobs",
+    "srun": "berth.cli.jobs",
+    "job-exec": "berth.cli.jobs",
+}
+
 
 class Context:
     """What every handler gets besides its arguments: settings (loaded once, lazily)."""
@@ -40,7 +70,8 @@ class Context:
         return self._settings
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the commands of ``modules`` (all of them by default)."""
     parser = argparse.ArgumentParser(
         prog="berth",
         description="Containers for HPC batch jobs: pull OCI images into SquashFS, run them "
@@ -50,9 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def modules_for(argv: list[str]) -> tuple[str, ...]:
+    """The command modules needed to parse ``argv``: only the named command's module when the
+    first non-option word is a known command, else all (for --help, typos, no command)."""
+    for word in argv:
+        if word in ("-h", "--help", "--version"):
+            return COMMAND_MODULES
+        if word.startswith("-"):
+            continue
+        module = COMMANDS.get(word)
+        return (module,) if module else COMMAND_MODULES
+    return COMMAND_MODULES
 
 
 def print_error(error: BerthError) -> None:
@@ -62,7 +106,9 @@ def print_error(error: BerthError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
     ctx = Context(args)
     try:
