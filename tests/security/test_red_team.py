@@ -768,3 +768,40 @@ def test_admin_import_of_a_users_layout_never_reads_outside_it(user, sticky_tmp)
     listed = subprocess.run([str(berth_executable()), "images", "--json"], env=env, capture_output=True, text=True,
                             timeout=60, stdin=subprocess.DEVNULL, check=False)
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], describe(listed)
+
+
+@pytest.mark.xfail(strict=True, reason="red team: with the jobs directory under the (mounted) home, a job's "
+                   "container replaces JOBS/.slots/N.lock by symlinks; the next local job's runner opens them "
+                   "with open('a+') and truncates the one it locks, so it truncates and writes any host file "
+                   "of the user (same for RECORD/bin shims written with write_text)")
+def test_job_container_cannot_make_the_next_runner_truncate_host_files(job_site, user):
+    from tests.integration.jobs_helpers import submit, wait_for
+
+    jobs_dir = Path(tempfile.mkdtemp(prefix=".berth-redteam-jobs-", dir=user.home))
+    os.chown(jobs_dir, user.uid, user.gid)
+    os.chmod(jobs_dir, 0o700)
+    outside = Path(tempfile.mkdtemp(prefix="outside-", dir=job_site.root))  # never mounted in a job
+    os.chown(outside, user.uid, user.gid)
+    victim = outside / "precious.txt"
+    victim.write_text("precious\n")
+    os.chown(victim, user.uid, user.gid)
+    env = {"BERTH_JOBS_DIR": str(jobs_dir)}
+    try:
+        work = job_site.workdir(user)
+        job_site.write_script(work, "plant.sh", f"""\
+            #!/bin/sh
+            test -e {victim} && echo VISIBLE || echo not-visible
+            for n in 0 1 2 3 4 5 6 7; do
+                rm -f {jobs_dir}/.slots/$n.lock; ln -s {victim} {jobs_dir}/.slots/$n.lock
+            done
+        """, user)
+        job_site.write_script(work, "next.sh", "#!/bin/sh\ntrue\n", user)
+        first = submit(user, job_site, work, "--template", "bb", "-o", str(work / "plant.out"), "plant.sh", env=env)
+        states = wait_for(user, job_site, [first], ("completed", "failed", "cancelled", "timeout"), env=env)
+        assert states[first]["state"] == "completed", states[first]
+        assert (work / "plant.out").read_text().splitlines()[0] == "not-visible"
+        second = submit(user, job_site, work, "--template", "bb", "next.sh", env=env)
+        wait_for(user, job_site, [second], ("completed", "failed", "cancelled", "timeout"), env=env)
+        assert victim.read_text() == "precious\n"
+    finally:
+        shutil.rmtree(jobs_dir, ignore_errors=True)
