@@ -528,3 +528,18 @@ def test_odd_whiteouts_and_root_entries_are_noted(tmp_path):
     notes = "\n".join(report.notes)
     assert "dropped a file entry for the root directory" in notes
     assert "ignored '.wh.'" in notes and "ignored '.wh..wh.aufs'" in notes
+
+
+def test_xz_layer_is_read_and_bzip2_layer_refused(tmp_path):
+    import bz2
+    import lzma
+    from berth.image.flatten import Layer
+    from berth.oci.digest import Digest
+    raw = layer_tar([f("from-xz", "x")])
+    xz_path, bz_path = tmp_path / "layer.xz", tmp_path / "layer.bz2"
+    xz_path.write_bytes(lzma.compress(raw))
+    bz_path.write_bytes(bz2.compress(raw))
+    _, tree, _ = flatten(tmp_path, Layer(xz_path, "application/vnd.oci.image.layer.v1.tar", Digest("sha256", "a" * 64)))
+    assert tree["from-xz"].data == b"x"
+    with pytest.raises(ImageError, match="bzip2"):
+        flatten(tmp_path, Layer(bz_path, "application/vnd.oci.image.layer.v1.tar", Digest("sha256", "b" * 64)))
