@@ -10,11 +10,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 RUNTIME_PACKAGES=(
-    runc crun squashfuse squashfs-tools squashfs-tools-ng fuse-overlayfs fuse3 uidmap isal
+    runc crun squashfuse squashfs-tools squashfs-tools-ng fuse-overlayfs fuse3 uidmap isal pigz zstd xz-utils
     python3 python3-venv gcc libc6-dev procps util-linux
 )
 TEST_PACKAGES=(
-    docker-registry skopeo umoci busybox-static debootstrap apache2-utils pigz zstd
+    docker-registry skopeo umoci busybox-static debootstrap apache2-utils
     slurmctld slurmd slurm-client munge openmpi-bin libpmix-dev libpmi2-0-dev
     iproute2 psmisc ca-certificates
 )
