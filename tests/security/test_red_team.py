@@ -770,10 +770,6 @@ def test_admin_import_of_a_users_layout_never_reads_outside_it(user, sticky_tmp)
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], describe(listed)
 
 
-@pytest.mark.xfail(strict=True, reason="red team: with the jobs directory under the (mounted) home, a job's "
-                   "container replaces JOBS/.slots/N.lock by symlinks; the next local job's runner opens them "
-                   "with open('a+') and truncates the one it locks, so it truncates and writes any host file "
-                   "of the user (same for RECORD/bin shims written with write_text)")
 def test_job_container_cannot_make_the_next_runner_truncate_host_files(job_site, user):
     from tests.integration.jobs_helpers import submit, wait_for
 

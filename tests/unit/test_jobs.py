@@ -267,3 +267,40 @@ def test_job_status_json_shape(tmp_path):
     assert {k: data[k] for k in ("id", "backend", "native_id", "state", "phase", "message")} == {
         "id": record.id, "backend": "slurm", "native_id": "17", "state": "failed", "phase": "boot", "message": "m"}
     assert os.path.basename(data["output"]) == "out"
+
+
+def test_planted_links_in_the_jobs_directory_are_never_followed(tmp_path):
+    """Containers see the jobs directory (under the mounted home): whatever they plant there
+    must not make the runner read or write other files of the user."""
+    from berth.jobs.agent import _open_fifo, _read, install_shims
+    from berth.jobs.records import make_private_dir, open_regular_nofollow
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "state.json").symlink_to(victim)
+    atomic_write(jobs / "state.json", "{}")
+    assert (victim.read_text(), (jobs / "state.json").is_symlink()) == ("precious\n", False)
+
+    (jobs / "0.lock").symlink_to(victim)
+    os.close(open_regular_nofollow(jobs / "0.lock", os.O_RDWR | os.O_CREAT))
+    os.link(victim, jobs / "1.lock")  # a hard link is refused too (it would lock the victim)
+    os.close(open_regular_nofollow(jobs / "1.lock", os.O_RDWR | os.O_CREAT))
+    assert victim.read_text() == "precious\n" and victim.stat().st_nlink == 1
+    assert not (jobs / "0.lock").is_symlink()
+
+    (jobs / "bin").symlink_to(tmp_path)
+    (jobs / "agent").mkdir()
+    install_shims(jobs / "bin", jobs / "agent")
+    assert not (jobs / "bin").is_symlink() and (jobs / "bin" / "srun").read_text().startswith("#!/bin/sh")
+    assert not (tmp_path / "srun").exists()
+    make_private_dir(jobs / "agent")  # an existing real directory is kept
+
+    (jobs / "argv").symlink_to(victim)
+    with pytest.raises(OSError):
+        _read(jobs / "argv")
+    (jobs / "out").write_text("x")
+    with pytest.raises(OSError, match="not a FIFO"):
+        _open_fifo(jobs / "out")
+    assert (jobs / "out").read_text() == "x"

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import threading
 from pathlib import Path
 
 from berth import proc
+from berth.errors import JobError
+from berth.jobs.records import atomic_write, make_private_dir
 
 ALLOWED_PROGRAMS = ("srun", "berth")
 
@@ -60,13 +63,12 @@ exit "$status"
 
 
 def install_shims(bin_dir: Path, agent_dir: Path) -> None:
-    """Create ``bin_dir`` with the ``srun`` and ``berth`` shims and the agent's request dir."""
-    bin_dir.mkdir(mode=0o700, exist_ok=True)
-    agent_dir.mkdir(mode=0o700, exist_ok=True)
+    """Create ``bin_dir`` with the ``srun`` and ``berth`` shims and the agent's request dir
+    (written without following anything a container may have planted there)."""
+    make_private_dir(bin_dir)
+    make_private_dir(agent_dir)
     for name in ALLOWED_PROGRAMS:
-        path = bin_dir / name
-        path.write_text(SHIM)
-        path.chmod(0o700)
+        atomic_write(bin_dir / name, SHIM, mode=0o700)
 
 
 def parse_exported(text: str) -> dict[str, str]:
@@ -126,7 +128,7 @@ class StepAgent:
             except FileNotFoundError:
                 entries = []
             for entry in entries:
-                if entry.name in self._seen or not (entry / "ready").exists():
+                if entry.name in self._seen or entry.is_symlink() or not (entry / "ready").exists():
                     continue
                 self._seen.add(entry.name)
                 threading.Thread(target=self._handle, args=(entry,), daemon=True).start()
@@ -136,12 +138,14 @@ class StepAgent:
         status = 127
         out = err = None
         try:
-            out = open(request / "out", "wb")
-            err = open(request / "err", "wb")
-            program = (request / "prog").read_text().strip()
-            args = [a for a in (request / "argv").read_bytes().decode().split("\0")][:-1]
-            cwd = (request / "cwd").read_text().strip()
-            env = step_environment(self.host_env, parse_exported((request / "env").read_text()))
+            # Everything here was written by the container: no links, FIFOs only where FIFOs
+            # belong, plain files for the rest (a link would make us read or write host files).
+            out = os.fdopen(_open_fifo(request / "out"), "wb")
+            err = os.fdopen(_open_fifo(request / "err"), "wb")
+            program = _read(request / "prog").decode().strip()
+            args = _read(request / "argv").decode().split("\0")[:-1]
+            cwd = _read(request / "cwd").decode().strip()
+            env = step_environment(self.host_env, parse_exported(_read(request / "env").decode()))
             if program not in ALLOWED_PROGRAMS:
                 err.write(f"berth: '{program}' cannot be run on the host from a job\n".encode())
                 status = 126
@@ -157,18 +161,43 @@ class StepAgent:
                     with self._lock:
                         self._children.append(child)
                     status = proc.shell_status(child.wait())
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError, JobError) as exc:
             if err is not None:
-                err.write(f"berth: step request failed: {exc}\n".encode())
+                err.write(f"berth: step request refused: {exc}\n".encode())
             status = 125
         finally:
             try:
-                tmp = request / ".status"
-                tmp.write_text(f"{status}\n")
-                os.replace(tmp, request / "status")
-            except OSError:
+                atomic_write(request / "status", f"{status}\n", mode=0o644)
+            except (OSError, JobError):
                 pass
             for handle in (out, err):
                 if handle is not None:
                     handle.close()
 
+
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def _read(path: Path) -> bytes:
+    """A request file's bytes: a plain file only (never through a link), at most 1 MiB."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a plain file")
+        data = os.read(fd, MAX_REQUEST_BYTES + 1)
+        if len(data) > MAX_REQUEST_BYTES:
+            raise OSError(f"{path.name} is larger than 1 MiB")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _open_fifo(path: Path) -> int:
+    """Open the shim's FIFO for writing; refuse anything else (a link to a file would be
+    written through)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a FIFO")
+    return fd

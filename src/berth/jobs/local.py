@@ -21,7 +21,7 @@ from berth.config.settings import Settings
 from berth.errors import JobError, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
-from berth.jobs.records import JobRecord, atomic_write, slots_dir
+from berth.jobs.records import JobRecord, atomic_write, make_private_dir, open_regular_nofollow, slots_dir
 
 SLOT_POLL_S = 0.25
 
@@ -124,11 +124,14 @@ def acquire_slot(settings, record: JobRecord, max_jobs: int):
 
     Returns None when a cancel was requested while waiting."""
     directory = slots_dir(settings)
-    directory.mkdir(mode=0o700, exist_ok=True)
     handles = []
     try:
+        make_private_dir(directory)
         for index in range(max(1, max_jobs)):
-            handles.append(open(directory / f"{index}.lock", "a+"))
+            # Never truncate or write a lock file: a container could have planted a link to
+            # one of your files in its place (the slots are under the mounted home).
+            fd = open_regular_nofollow(directory / f"{index}.lock", os.O_RDWR | os.O_CREAT)
+            handles.append(os.fdopen(fd, "r+"))
         while True:
             for handle in handles:
                 try:
@@ -138,10 +141,6 @@ def acquire_slot(settings, record: JobRecord, max_jobs: int):
                 for other in handles:
                     if other is not handle:
                         other.close()
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"{record.id}\n")
-                handle.flush()
                 return handle
             if record.cancel_requested():
                 for handle in handles:

@@ -22,9 +22,11 @@ filesystem, NFS included) so two submissions never share one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,21 +124,79 @@ class JobRecord:
         atomic_write(self.cancel_file, "cancel\n")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix.
+
+    Containers see the jobs directory (it is under the mounted home), so a hostile one may plant
+    symbolic links in it: the directory is opened without following a link, the temporary file
+    is created exclusively in it, and ``rename`` replaces whatever ``path`` names (a planted link
+    is replaced, never followed)."""
+    directory = open_dir_nofollow(path.parent)
+    tmp = f".{path.name}.{secrets.token_hex(6)}"
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                     dir_fd=directory)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=directory)
+            except FileNotFoundError:
+                pass
+            raise
+    finally:
+        os.close(directory)
+
+
+def open_dir_nofollow(path: Path) -> int:
+    """An O_DIRECTORY descriptor of ``path``; raises JobError when its last component is a
+    symbolic link or not a directory (a container tampered with the jobs directory)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JobError(f"{path} is not a plain directory ({exc.strerror}): refusing to write into it",
+                       hint="something replaced part of your jobs directory; remove it and resubmit") from None
+
+
+def make_private_dir(path: Path) -> None:
+    """``mkdir -m 700 path`` that accepts an existing real directory of ours and replaces a
+    planted symbolic link or file (never following it)."""
+    try:
+        path.mkdir(mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+        return
+    os.unlink(path)  # a link or a file: removing the name leaves its target alone
+    path.mkdir(mode=0o700)
+
+
+def open_regular_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open ``path`` (create if ``flags`` has O_CREAT) refusing symbolic links, FIFOs and
+    devices: a planted name is removed and the file created afresh. Never truncates."""
+    flags = (flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) & ~os.O_TRUNC
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags, mode)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise
+        else:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.getuid():
+                os.set_blocking(fd, True)
+                return fd
+            os.close(fd)
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise OSError(errno.EISDIR, "is a directory", str(path))
+        os.unlink(path)
+    raise OSError(errno.EEXIST, "keeps being replaced", str(path))
 
 
 def jobs_dir(settings: Settings) -> Path:

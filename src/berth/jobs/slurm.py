@@ -26,7 +26,7 @@ from berth.errors import JobError, ProgramFailed, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
 from berth.jobs.options import format_time
-from berth.jobs.records import JobRecord
+from berth.jobs.records import JobRecord, atomic_write
 
 COMMENT_PREFIX = "berth:"
 
@@ -166,7 +166,7 @@ class SlurmBackend:
 
     def submit(self, record: JobRecord, spec: JobSpec) -> str | None:
         script = batch_script(spec, record, sys.executable)
-        (record.path / "batch.sh").write_text(script)
+        atomic_write(record.path / "batch.sh", script)
         result = proc.run(["sbatch", "--parsable"], input=script.encode(), env=proc.child_env(),
                           cwd=spec.workdir, check=False)
         if result.returncode != 0:
