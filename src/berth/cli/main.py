@@ -88,10 +88,13 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 
 def modules_for(argv: list[str]) -> tuple[str, ...]:
     """The command modules needed to parse ``argv``: only the named command's module when the
-    first non-option word is a known command, else all (for --help, typos, no command)."""
+    first non-option word is a known command, none for ``--version`` before it, else all (for
+    --help, typos, no command)."""
     for word in argv:
-        if word in ("-h", "--help", "--version"):
+        if word in ("-h", "--help"):
             return COMMAND_MODULES
+        if word == "--version":
+            return ()  # argparse prints the version and exits before any command is parsed
         if word.startswith("-"):
             continue
         module = COMMANDS.get(word)

@@ -96,11 +96,12 @@ PINNABLE_KEYS = tuple(key.name for key in KEYS if key.scope == PINNABLE)
 ALL_KEYS = (*(key.name for key in KEYS), *ARRAY_KEYS, "policy.namespaces")
 
 ENV_OPS = ("set", "prepend", "append", "unset")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ENV_GLOB = re.compile(r"^[A-Za-z0-9_*?\[\]]+$")
-_GROUP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
-_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-                   r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+# Patterns as strings, compiled on first use by re's own cache: most runs validate no file.
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_GLOB = r"^[A-Za-z0-9_*?\[\]]+$"
+_GROUP_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$"
+_HOST = (r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+         r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 _TOML_TYPES = {str: "a string", int: "an integer", float: "a float", bool: "a boolean",
                list: "an array", dict: "a table"}
 
@@ -189,11 +190,11 @@ def _check_scalar(key: Key, value: Any, origin: _Origin, path, home: str) -> Any
         if key.kind == "device_list":
             result.append(_device(item, origin, item_path))
         elif key.kind == "host_list":
-            if not _HOST.match(item):
+            if not re.match(_HOST, item):
                 raise origin.error(item_path, f"'{item}' is not a registry host (host or host:port)")
             result.append(item)
         elif key.kind == "env_glob_list":
-            if not _ENV_GLOB.match(item):
+            if not re.match(_ENV_GLOB, item):
                 raise origin.error(item_path, f"'{item}' is not a variable name or glob (letters, digits, _, *, ?)")
             result.append(item)
         elif key.kind == "key_list":
@@ -239,7 +240,7 @@ def _env_op(value: Any, origin: _Origin, path) -> EnvOp:
     if op not in ENV_OPS:
         raise origin.error((*path, "op"), f"'{op}' is not one of: {', '.join(ENV_OPS)}")
     name = _expect(table["name"], str, origin, (*path, "name"), "a string")
-    if not _ENV_NAME.match(name):
+    if not re.match(_ENV_NAME, name):
         raise origin.error((*path, "name"), f"'{name}' is not a variable name (letters, digits, _; not starting with a digit)")
     if op == "unset":
         for extra in ("value", "separator"):
@@ -262,7 +263,7 @@ def _env_op(value: Any, origin: _Origin, path) -> EnvOp:
 def _group(value: Any, origin: _Origin, path) -> GroupPolicy:
     table = _table(value, origin, path, ("group", "mounts", "devices", "env"), ("group",))
     group = _expect(table["group"], str, origin, (*path, "group"), "a string (a Unix group name)")
-    if not _GROUP_NAME.match(group):
+    if not re.match(_GROUP_NAME, group):
         raise origin.error((*path, "group"), f"'{group}' is not a Unix group name")
     mounts = _expect(table.get("mounts", []), list, origin, (*path, "mounts"), "an array of tables")
     env = _expect(table.get("env", []), list, origin, (*path, "env"), "an array of tables")
@@ -278,7 +279,7 @@ def _group(value: Any, origin: _Origin, path) -> GroupPolicy:
 def _registry(value: Any, origin: _Origin, path) -> RegistryPolicy:
     table = _table(value, origin, path, ("host", "insecure", "trusted"), ("host",))
     host = _expect(table["host"], str, origin, (*path, "host"), "a string")
-    if not _HOST.match(host):
+    if not re.match(_HOST, host):
         raise origin.error((*path, "host"), f"'{host}' is not a registry host (host or host:port, as in image references)")
     return RegistryPolicy(
         host=host,

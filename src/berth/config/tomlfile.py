@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +110,8 @@ def read_toml(path: Path) -> tuple[dict[str, Any], KeyLines] | None:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
                           hint="TOML files must be UTF-8") from None
+    import tomllib  # only when a file exists: most nodes have none, and berth run's start-up counts
+
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

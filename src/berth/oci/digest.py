@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -35,9 +34,13 @@ class Digest:
 
     @classmethod
     def of(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+        import hashlib  # lazily: only hashing needs it, not parsing (berth run's start-up)
+
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
     def hasher(self):
+        import hashlib
+
         return hashlib.new(self.algorithm)
 
     @property

@@ -18,9 +18,10 @@ from berth.errors import UsageError
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+# Patterns as strings, compiled on first use by re's cache (not at import: start-up time).
+_SIZE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$"
 _SIZE_FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class MountRequest(NamedTuple):
@@ -59,7 +60,7 @@ class RunOptions:
 
 def parse_size(text: str, *, what: str) -> int:
     """``4G``, ``512m``, ``1.5GiB``, ``1048576`` -> bytes (binary units). Raises UsageError."""
-    match = _SIZE.match(text)
+    match = re.match(_SIZE, text)
     if not match:
         raise UsageError(f"{what}: '{text}' is not a size", hint="use a number with an optional unit: 512M, 4G, 1.5GiB")
     value = float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()]
@@ -87,7 +88,7 @@ def parse_mount(text: str) -> MountRequest:
 
 def check_env_entry(entry: str, *, what: str) -> None:
     name = entry.partition("=")[0]
-    if not _ENV_NAME.match(name):
+    if not re.match(_ENV_NAME, name):
         raise UsageError(f"{what}: '{entry}' does not start with a valid variable name",
                          hint="names are letters, digits and '_', not starting with a digit")
     if "\0" in entry:
