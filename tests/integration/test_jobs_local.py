@@ -26,6 +26,7 @@ def test_output_ownership_exit_codes_and_signals(job_site, user):
         echo "uid=$(id -u) cwd=$(pwd) args=$* image=$BERTH_JOB_IMAGE"
         echo "cpus=$(nproc)"
         grep "Max data size" /proc/self/limits
+        echo "jobdir=$(ls "$BERTH_JOB_DIR" | tr '\n' ' ')"
         cat /etc/os-release | head -1
         echo written > result.txt
         echo to-stderr >&2
@@ -44,6 +45,8 @@ def test_output_ownership_exit_codes_and_signals(job_site, user):
     limits = [line.split() for line in output.splitlines() if line.startswith("Max data size")]
     assert limits and limits[0][3:5] == [str(256 << 20)] * 2, output  # memsz=256M (no delegated cgroup v2 here)
     assert 'NAME="berth test busybox"' in output
+    # The container sees only its own part of the record: no other jobs, specs or slot locks.
+    assert f"jobdir=agent bin script started \n" in output
     assert "to-stderr" in output  # without -e, stderr goes with stdout, as sbatch does
     written = work / "result.txt"
     assert written.read_text() == "written\n"

@@ -794,7 +794,8 @@ def test_job_container_cannot_make_the_next_runner_truncate_host_files(job_site,
         job_site.write_script(work, "next.sh", "#!/bin/sh\ntrue\n", user)
         first = submit(user, job_site, work, "--template", "bb", "-o", str(work / "plant.out"), "plant.sh", env=env)
         states = wait_for(user, job_site, [first], ("completed", "failed", "cancelled", "timeout"), env=env)
-        assert states[first]["state"] == "completed", states[first]
+        # Since jobs see only their own part of the record, the planting itself fails (no .slots).
+        assert states[first]["state"] in ("completed", "failed"), states[first]
         assert (work / "plant.out").read_text().splitlines()[0] == "not-visible"
         second = submit(user, job_site, work, "--template", "bb", "next.sh", env=env)
         wait_for(user, job_site, [second], ("completed", "failed", "cancelled", "timeout"), env=env)

@@ -251,9 +251,13 @@ def test_run_options_mount_what_is_outside_home(tmp_path, monkeypatch):
     spec = _spec(record, workdir=str(tmp_path / "scratch"), custom="-e X=1 --network none", stop_timeout_s=7,
                  resources=Resources(cpus_per_task=2, memory_bytes=1 << 30))
     options = build_run_options(None, spec, record, limit_resources=True)
+    jobs = tmp_path / "home" / "jobs"
     assert [(m.source, m.destination, m.read_only) for m in options.mounts] == [
-        (str(tmp_path / "scratch"), str(tmp_path / "scratch"), False)]
+        (str(tmp_path / "scratch"), str(tmp_path / "scratch"), False),
+        (str(jobs / "3" / "ctr"), str(jobs), False),  # hides the other jobs from the container
+    ]
     assert options.env[0] == "X=1" and f"BERTH_JOB_IMAGE={spec.image}" in options.env
+    assert f"BERTH_JOB_BIN={jobs}/bin" in options.env
     assert (options.network, options.workdir, options.stop_timeout_s) == ("none", spec.workdir, 7.0)
     assert (options.cpus, options.memory_bytes) == (2.0, 1 << 30)
     unlimited = build_run_options(None, spec, record, limit_resources=False)

@@ -2,9 +2,9 @@
 every node without sshd and without Slurm inside the image (DESIGN.md decision 9).
 
 The job runner (``berth job-exec``, on the host) puts two tiny POSIX shell shims, ``srun`` and
-``berth``, in ``RECORD/bin`` and puts that directory first on the script's PATH inside the
-container (the record lives under the user's home, which is mounted at the same path). A shim
-writes its request into ``RECORD/agent/req.XXXXXX/`` (argv NUL-separated, working directory,
+``berth``, in ``RECORD/ctr/bin`` and puts that directory first on the script's PATH inside the
+container (``RECORD/ctr`` is mounted over the jobs directory: ``$BERTH_JOB_BIN``). A shim
+writes its request into ``$BERTH_JOB_AGENT/req.XXXXXX/`` (argv NUL-separated, working directory,
 exported environment, two FIFOs for output) and touches ``ready``; the agent thread in the job
 runner runs the same command on the host — ``srun …`` or ``berth srun …`` / ``berth run …`` —
 with its output streamed into the FIFOs, then writes the exit status. So::

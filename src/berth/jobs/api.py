@@ -21,7 +21,8 @@ from berth.errors import BerthError, JobError, NotFound, PolicyError, UsageError
 from berth.jobs import model, options as opts
 from berth.jobs.backend import BACKENDS, get_backend
 from berth.jobs.model import JobSpec, JobStatus, Resources
-from berth.jobs.records import JobRecord, create_record, find_record, list_records, remove_record
+from berth.jobs.records import (JobRecord, create_record, find_record, list_records, make_private_dir,
+                                 remove_record)
 
 #: Largest script berth snapshots (a job script, not a data file).
 MAX_SCRIPT_BYTES = 4 << 20
@@ -178,6 +179,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
         for path, option in ((output, "--output"), (error, "--error")):
             if path is not None:
                 _check_output(path, option)
+        make_private_dir(record.container_dir)
         shutil.copyfile(script_path, record.script)
         os.chmod(record.script, 0o700)
         spec = JobSpec(

@@ -6,11 +6,13 @@ their paths.
     JOBS_DIR/
       7/                    one job (berth's own id; the scheduler's id is in native_id)
         spec.json           the JobSpec, written once at submission
-        script              the snapshot of the job script that runs (mode 0700)
         state.json          the JobResult, rewritten atomically by the job runner
         native_id           the scheduler's id (Slurm job id), written after submission
         runner.pid          the local job runner's pid (local backend)
-        started             created inside the container just before the script starts
+        ctr/                all the job's container sees of the record, mounted at JOBS_DIR:
+          script            the snapshot of the job script that runs (mode 0700)
+          bin/, agent/      the step shims and their requests (berth.jobs.agent)
+          started           created inside the container just before the script starts
         cancel              exists once `berth cancel` asked for the job to stop
         stdout, stderr      default output files
       .slots/N.lock         flock files: the local backend's concurrency limit
@@ -52,8 +54,14 @@ class JobRecord:
         return self.path / "spec.json"
 
     @property
+    def container_dir(self) -> Path:
+        """What the job's container sees of the record, mounted over the whole jobs directory
+        (so that it sees neither the other jobs nor its own spec and state)."""
+        return self.path / "ctr"
+
+    @property
     def script(self) -> Path:
-        return self.path / "script"
+        return self.container_dir / "script"
 
     @property
     def state_file(self) -> Path:
@@ -69,7 +77,7 @@ class JobRecord:
 
     @property
     def started_file(self) -> Path:
-        return self.path / "started"
+        return self.container_dir / "started"
 
     @property
     def cancel_file(self) -> Path:

@@ -6,7 +6,7 @@ record's ``state.json``: staging → running → completed / failed (with phase)
 timeout.
 
 - ``boot_timeout`` bounds staging plus container start: the wrapper that starts the script
-  inside the container creates ``RECORD/started`` (the record is mounted at its host path);
+  inside the container creates ``RECORD/ctr/started`` (``ctr`` is mounted over the jobs dir);
   past the deadline without it the child is stopped and the job fails naming the phase it was
   in (staging or boot). (Not a byte on stdin: runc gives a foreground container pipes, not the
   caller's descriptors.)
@@ -51,23 +51,35 @@ TIME_LIMIT_SLACK_S = 5.0
 
 
 def record_bin(record: JobRecord) -> Path:
-    return record.path / "bin"
+    return record.container_dir / "bin"
 
 
 def record_agent(record: JobRecord) -> Path:
-    return record.path / "agent"
+    return record.container_dir / "agent"
+
+
+def container_view(record: JobRecord) -> Path:
+    """Where the container finds its part of the record: mounted over the jobs directory."""
+    return record.path.parent
 
 
 def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
-    """Variables every job's script sees (inside the container) and its steps inherit."""
+    """Variables every job's script sees (paths as the container sees them)."""
+    view = container_view(record)
     return {
         "BERTH_JOB_ID": spec.id,
         "BERTH_JOB_NAME": spec.name,
         "BERTH_JOB_IMAGE": spec.image,
-        "BERTH_JOB_DIR": str(record.path),
-        "BERTH_JOB_BIN": str(record_bin(record)),
-        "BERTH_JOB_AGENT": str(record_agent(record)),
+        "BERTH_JOB_DIR": str(view),
+        "BERTH_JOB_BIN": str(view / "bin"),
+        "BERTH_JOB_AGENT": str(view / "agent"),
     }
+
+
+def host_step_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
+    """What steps started on the host (``srun …``, ``berth srun …``) get from the job."""
+    return {"BERTH_JOB_ID": spec.id, "BERTH_JOB_NAME": spec.name, "BERTH_JOB_IMAGE": spec.image,
+            "BERTH_JOB_DIR": str(record.path)}
 
 
 def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resources: bool):
@@ -78,16 +90,17 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
 
     options = parse_custom(spec.custom) if spec.custom else RunOptions()
     env = tuple(f"{k}={v}" for k, v in job_environment(spec, record).items())
-    # The submit directory and the record (script, step shims) must be visible at their host
-    # paths; the home directory is mounted anyway, so only what lies outside it is added.
+    # The submit directory must be visible at its host path (home is mounted anyway, so only a
+    # directory outside it is added). The record's container part is mounted over the whole
+    # jobs directory: the container sees its script and step shims, not the other jobs, their
+    # specs or the slot locks (which it could otherwise tamper with).
     home = os.path.realpath(os.path.expanduser("~"))
     mounts = list(options.mounts)
-    for path in (spec.workdir, str(record.path)):
-        real = os.path.realpath(path)
-        inside_home = real == home or real.startswith(home.rstrip("/") + "/")
-        if real != "/" and not (inside_home and options.mount_home) \
-                and not any(m.destination == real for m in mounts):
-            mounts.append(MountRequest(real, real, read_only=False))
+    real = os.path.realpath(spec.workdir)
+    inside_home = real == home or real.startswith(home.rstrip("/") + "/")
+    if real != "/" and not (inside_home and options.mount_home) and not any(m.destination == real for m in mounts):
+        mounts.append(MountRequest(real, real, read_only=False))
+    mounts.append(MountRequest(str(record.container_dir), str(container_view(record)), read_only=False))
     changes: dict = {
         "mounts": tuple(mounts),
         "env": (*options.env, *env),
@@ -115,7 +128,8 @@ def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_r
     options = build_run_options(settings, spec, record, limit_resources=limit_resources)
     image = get_image(settings, spec.image, pull_missing=True)
     report("staged", image=str(image.digest))
-    command = ["/bin/sh", "-c", WRAPPER, "berth-job", spec.script, *spec.args]
+    script = str(container_view(record) / record.script.relative_to(record.container_dir))
+    command = ["/bin/sh", "-c", WRAPPER, "berth-job", script, *spec.args]
     return run_container(settings, image, command, options)
 
 
@@ -202,7 +216,7 @@ class Supervisor:
             os.close(events_read)
             self._child(events_write)
         os.close(events_write)
-        host_env = {**os.environ, **job_environment(spec, self.record)}
+        host_env = {**os.environ, **host_step_environment(spec, self.record)}
         agent = StepAgent(record_agent(self.record), host_env, spec.workdir)
         agent.start()
         try:
