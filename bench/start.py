@@ -178,8 +178,9 @@ class StartBench:
         data = json.loads(export.read_text())
         return {result["command"]: c.Sample(list(result["times"])) for result in data["results"]}
 
-    def importtime(self, code: str, repeats: int = 7) -> tuple[c.Sample, list[tuple[str, float]]]:
-        """Import time that ``python -c CODE`` adds to a bare interpreter start: the sum of the
+    def importtime(self, args: list[str], env: dict | None = None,
+                   repeats: int = 7) -> tuple[c.Sample, list[tuple[str, float]]]:
+        """Import time that ``python ARGS`` adds to a bare interpreter start: the sum of the
         top-level cumulative times of modules a bare ``python -c pass`` does not import, and the
         ten modules with the largest self time among those."""
         python = str(c.VENV / "bin" / "python")
@@ -197,7 +198,7 @@ class StartBench:
         totals = c.Sample()
         self_times: dict[str, list[float]] = {}
         for _ in range(repeats):
-            entries = parse(self.user.run([python, "-X", "importtime", "-c", code]).stderr)
+            entries = parse(self.user.run([python, "-X", "importtime", *args], env=env).stderr)
             added = [entry for entry in entries if entry[0] not in baseline]
             totals.add(sum(cumulative for _, _, cumulative, top in added if top) / 1e6)
             for module, self_us, _, _ in added:
@@ -356,8 +357,10 @@ def main() -> int:
             "python -S -c pass": [str(c.VENV / "bin" / "python"), "-S", "-c", "pass"],
             "berth --version": [str(c.BERTH), "--version"],
         }, env=python_env)
-        import_codes = ["import berth.cli.main", "import berth.cli.main as m; m.build_parser()"]
-        imports = {code: bench.importtime(code) for code in import_codes}
+        imports = {"python -X importtime -c 'import berth.cli.main'": bench.importtime(["-c", "import berth.cli.main"])}
+        if berth:
+            # the whole run path: every import a warm `berth run IMG /bin/true` makes
+            imports["python -X importtime .venv/bin/berth run IMG /bin/true"] = bench.importtime(*berth)
     finally:
         bench.cleanup()
         c.rm_tree(workdir)
@@ -410,8 +413,8 @@ def main() -> int:
     sections.append(c.markdown_table(["command", "ms: median (min–max)"],
                                      [[name, sample.cell("ms")] for name, sample in overhead.items()]))
     sections.append("")
-    for code, (total, top) in imports.items():
-        sections.append(f"- `python -X importtime -c '{code}'`: imports beyond a bare interpreter take "
+    for command_line, (total, top) in imports.items():
+        sections.append(f"- `{command_line}`: imports beyond a bare interpreter take "
                         f"{total.cell('ms')} ms ({len(total.values)} runs); largest self times (median µs): "
                         + ", ".join(f"{module} {seconds * 1e6:.0f}" for module, seconds in top))
     sections.extend(["", *[f"- {note}" for note in bench.notes]])
