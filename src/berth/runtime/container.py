@@ -33,6 +33,7 @@ from berth.runtime import fuse, limits, ocirt, policy, rootfs, spec, state
 from berth.runtime.env import check_image_env, compose_env, read_env_file
 from berth.runtime.identity import Caller, group_text, identity_env, passwd_text, read_image_file
 from berth.runtime.options import RunOptions
+from berth.runtime.pmix import pmix_mounts
 
 Log = Callable[..., None]
 
@@ -360,6 +361,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         policy.check_options(settings, options)  # raises the PolicyError with its hint
     devices = _devices(settings, groups, options)
     site_mounts = _site_mounts(settings, groups, log)
+    site_mounts += pmix_mounts(os.environ, settings, caller.uid, log)
     env_entries: list[str] = []
     for env_file in options.env_files:
         env_entries += read_env_file(env_file)

@@ -1,0 +1,75 @@
+"""The PMIx server's directories, passed into a host-launched MPI rank (DESIGN.md decision 9).
+
+``srun --mpi=pmix … berth run IMAGE PROGRAM`` starts one container per rank. The rank's PMIx
+client finds its server through environment variables (passed through by
+``settings.policy.passthrough_env``: ``PMIX_*``) and over TCP on the host's network namespace
+(the default), but it also maps the server's shared-memory data store, files under
+``PMIX_SERVER_TMPDIR`` (Slurm: ``SlurmdSpoolDir/pmix.JOB.STEP/``) named again by
+``PMIX_DSTORE_*_BASE_PATH``. Those directories are bind-mounted into the container at the same
+path, so the rank sees exactly what a rank started on the host would.
+
+The paths come from the caller's environment, so they are judged like a ``-v`` source: resolved
+on the host (links followed), refused under ``mount_deny_sources``, and, since the PMIx server
+(slurmstepd, prterun) creates them for the job's user, a directory the caller does not own is
+skipped with a note rather than mounted. ``mount_allow`` does not apply: the caller's own PMIx
+directory is always theirs to see. A variable naming a missing directory (a stale environment)
+is skipped with a debug note: the rank then fails in PMIx with its own message.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable, Mapping
+
+from berth.errors import PolicyError
+from berth.runtime import policy
+from berth.runtime.spec import BindMount
+
+#: Variables naming directories a PMIx client needs (its server's rendezvous and data store).
+PMIX_DIR_VARIABLES = ("PMIX_SERVER_TMPDIR", "PMIX_DSTORE_21_BASE_PATH", "PMIX_DSTORE_ESH_BASE_PATH")
+
+
+def pmix_mounts(host_env: Mapping[str, str], settings, uid: int,
+                log: Callable[..., None]) -> list[BindMount]:
+    """Read-write bind mounts (same path inside) of the PMIx directories named in ``host_env``.
+
+    Nested directories are covered by their parent's mount and not mounted twice. Raises
+    PolicyError when a directory lies under ``settings.policy.mount_deny_sources`` or its
+    container path under ``mount_deny_destinations``."""
+    chosen: list[str] = []
+    for name in PMIX_DIR_VARIABLES:
+        value = host_env.get(name, "")
+        if not value:
+            continue
+        what = f"PMIx directory {name}={value}"
+        if not value.startswith("/"):
+            log(f"{what} skipped: not an absolute path", debug=True)
+            continue
+        real = os.path.realpath(value)
+        try:
+            info = os.stat(real)
+        except OSError:
+            log(f"{what} skipped: missing on this node", debug=True)
+            continue
+        if not os.path.isdir(real):
+            log(f"{what} skipped: not a directory", debug=True)
+            continue
+        if info.st_uid != uid:
+            log(f"{what} skipped: owned by uid {info.st_uid}, not by you (a PMIx server makes it for the "
+                "job's user)")
+            continue
+        denied = next((prefix for prefix in settings.policy.mount_deny_sources
+                       if real == prefix.rstrip("/") or real.startswith(prefix.rstrip("/") + "/")), None)
+        if denied:
+            raise PolicyError(f"{what}: the host path {real} is under {denied}, which site policy does not "
+                              "allow to be mounted", hint="unset the variable, or ask your site administrator")
+        policy.check_destination(real, what=what, deny=settings.policy.mount_deny_destinations)
+        chosen.append(posixpath.normpath(real))
+    mounts = []
+    for path in sorted(set(chosen), key=len):
+        if any(path.startswith(parent.rstrip("/") + "/") for parent in (m.source for m in mounts)):
+            continue
+        mounts.append(BindMount(path, path, read_only=False))
+        log(f"PMIx directory {path} mounted at the same path", debug=True)
+    return mounts

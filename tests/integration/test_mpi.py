@@ -1,0 +1,146 @@
+"""Multi-node MPI in berth containers without sshd (DESIGN.md decision 9, docs/mpi.md), on the
+real Slurm test cluster (4 slurmd "nodes" on loopback), as the unprivileged test user.
+
+The image (``mpi_image``) is Debian bookworm with OpenMPI 4.1.4 and ``/opt/hello``, which prints
+``hello rank=R size=N node=$SLURMD_NODENAME host=H pid=P sum=S`` after an MPI_Allreduce of the
+ranks (S = 0+1+…+N-1: the ranks really exchanged data, not just PMIx wire-up).
+
+Every test checks afterwards that no MPI process and no FUSE mount of berth's is left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.mpi import mpi_image  # noqa: F401  (fixture)
+from tests.harness.users import berth_executable, describe
+from tests.integration.jobs_helpers import submit, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
+
+HELLO = re.compile(r"^hello rank=(\d+) size=(\d+) node=(\S+) host=\S+ pid=(\d+) sum=(\d+)$")
+FINAL = ("completed", "failed", "cancelled", "timeout")
+#: Programs of an MPI run that must all be gone after it.
+MPI_PROGRAMS = ("hello", "orted", "mpirun", "prterun", "squashfuse", "squashfuse_ll", "fuse-overlayfs")
+
+
+def ranks(output: str) -> dict[int, tuple[int, str, int, int]]:
+    """{rank: (size, node, pid, sum)} from the program's lines (other lines ignored)."""
+    found = {}
+    for line in output.splitlines():
+        match = HELLO.match(line.strip())
+        if match:
+            rank, size, node, pid, total = match.groups()
+            assert int(rank) not in found, f"rank {rank} printed twice:\n{output}"
+            found[int(rank)] = (int(size), node, int(pid), int(total))
+    return found
+
+
+def assert_world(output: str, size: int, nodes: dict[str, int]) -> None:
+    """Ranks 0..size-1, each with the right size and sum, spread over ``nodes`` {name: ranks}."""
+    found = ranks(output)
+    assert sorted(found) == list(range(size)), output
+    assert {entry[0] for entry in found.values()} == {size}, output
+    assert {entry[3] for entry in found.values()} == {size * (size - 1) // 2}, output
+    per_node: dict[str, int] = {}
+    for _, node, _, _ in found.values():
+        per_node[node] = per_node.get(node, 0) + 1
+    assert per_node == nodes, output
+
+
+def run_as(user, argv: list[str], env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """``user.run`` that turns a timeout into a failure showing what was printed so far."""
+    try:
+        return user.run(argv, env=env, timeout=timeout_s, cwd="/tmp")
+    except subprocess.TimeoutExpired as error:
+        out = (error.stdout or b"").decode(errors="replace")
+        err = (error.stderr or b"").decode(errors="replace")
+        pytest.fail(f"{argv} did not end within {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}")
+
+
+def leftovers(user, marker: str) -> list[str]:
+    """The test user's MPI programs and FUSE daemons started by this module (their environment
+    holds ``marker``, this module's state directory) still running, and FUSE mounts left under it.
+    (Other tests may run berth as the same user at the same time: theirs are not counted.)"""
+    found = []
+    result = subprocess.run(["ps", "-u", str(user.uid), "-o", "pid=,comm="], capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        pid, _, comm = line.strip().partition(" ")
+        if comm.strip() not in MPI_PROGRAMS:
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"BERTH_STATE_DIR={marker}".encode() in environ:
+            found.append(f"process {pid} {comm.strip()}")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if " - fuse" in line and line.split()[4].startswith(marker + "/"):
+            found.append(f"mount {line.split()[4]}")
+    return found
+
+
+def assert_clean(user, marker: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (left := leftovers(user, marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+
+
+@pytest.fixture(scope="module")
+def mpi_site(job_site, mpi_image, slurm_cluster, user):  # noqa: F811
+    """job_site plus a template ``mpi`` whose image is the MPI image (in the site store)."""
+    import os
+
+    admin_env = {**os.environ, **job_site.env}
+    result = subprocess.run(
+        [str(berth_executable()), "template", "create", "mpi", f"image={mpi_image}", "cpu=2", "memsz=512M",
+         "stop_timeout=5", "boot_timeout=120", "comment=OpenMPI 4.1.4 for MPI tests"],
+        env=admin_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, describe(result)
+    state = user.tempdir("berth-mpi-state-")
+    env = {**slurm_cluster.env(), "BERTH_BACKEND": "slurm", "BERTH_STATE_DIR": str(state)}
+    yield job_site, env
+    assert_clean(user, str(state))
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def test_srun_pmix_one_container_per_rank(mpi_site, mpi_image, user, slurm_cluster):  # noqa: F811
+    """Host-launched: srun --mpi=pmix starts 4 ranks on 2 nodes, each in its own container; they
+    wire up through the PMIx server of slurmstepd (env + its directory mounted in)."""
+    site, env = mpi_site
+    result = run_as(user, ["srun", "--mpi=pmix", "-N2", "-n4", "--ntasks-per-node=2", str(berth_executable()),
+                           "run", mpi_image, "/opt/hello"], {**site.env, **env})
+    assert result.returncode == 0, describe(result) + slurm_cluster.logs()[-3000:]
+    found = ranks(result.stdout)
+    nodes = sorted({node for _, node, _, _ in found.values()})
+    assert len(nodes) == 2 and all(node.startswith("node") for node in nodes), result.stdout
+    assert_world(result.stdout, 4, {nodes[0]: 2, nodes[1]: 2})
+    # One container per rank: each rank is the first program of its own PID namespace (host
+    # PIDs here are in the thousands), not a process of the host.
+    assert all(pid < 50 for _, _, pid, _ in found.values()), result.stdout
+    assert "PMIX ERROR" not in result.stderr, describe(result)
+    assert_clean(user, env["BERTH_STATE_DIR"])
+
+
+def test_srun_pmix_without_the_pmix_directory(mpi_site, mpi_image, user, slurm_cluster):  # noqa: F811
+    """Control for the PMIx directory mount: when the variables name a directory that is not the
+    caller's, berth says so and does not mount it, and PMIx's shared-memory data store then fails
+    in the rank (it falls back to its slower in-process store, with errors). So the clean run of
+    the test above is due to the mount."""
+    site, env = mpi_site
+    script = ('export PMIX_SERVER_TMPDIR=/var/tmp PMIX_DSTORE_21_BASE_PATH=/var/tmp/none '
+              'PMIX_DSTORE_ESH_BASE_PATH=/var/tmp/none; '
+              f'exec {berth_executable()} run {mpi_image} /opt/hello')
+    result = run_as(user, ["srun", "--mpi=pmix", "-N1", "-n2", "sh", "-c", script], {**site.env, **env},
+                    timeout_s=60)
+    assert "PMIx directory PMIX_SERVER_TMPDIR=/var/tmp skipped: owned by uid 0" in result.stderr, describe(result)
+    assert "PMIX ERROR" in result.stderr and "gds_ds12" in result.stderr, describe(result)
+    assert_clean(user, env["BERTH_STATE_DIR"])
