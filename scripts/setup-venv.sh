@@ -20,5 +20,11 @@ fi
 mkdir -p "$venv/libexec/berth"
 gcc -static -Os -Wall -Wextra -o "$venv/libexec/berth/berth-init.new" "$repo/src/berth/runtime/init/berth-init.c"
 mv -f "$venv/libexec/berth/berth-init.new" "$venv/libexec/berth/berth-init"
+# Byte-compile the sources now: with an editable install they live in the repository, and an
+# unprivileged user who cannot write __pycache__ there would recompile them on every `berth run`.
+if [ "$editable" = 1 ]; then
+    "$venv/bin/python" -m compileall -q "$repo/src" >/dev/null || true
+    chmod -R a+rX "$repo/src"
+fi
 chmod -R a+rX "$venv"
 echo "berth installed in $venv (run $venv/bin/berth)"
