@@ -600,15 +600,12 @@ def test_user_store_pulled_with_a_careless_umask_stays_the_users_alone(user, bus
 # Jobs: the step agent (berth.jobs.agent) runs host commands for the job's container
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="red team: the step agent copies the container's exported environment "
-                   "onto the host command with only a deny-list (_HOST_ONLY), so PYTHONPATH (or LD_AUDIT, "
-                   "BASH_ENV, PYTHONHOME...) makes the host-side `berth` run any code the container wrote: "
-                   "ALLOWED_PROGRAMS does not bound what runs outside the container")
 def test_job_container_cannot_run_arbitrary_code_on_the_host_through_the_step_agent(job_site, user):
     """The job script plays a hostile image's code: it writes sitecustomize.py into the submit
     directory (visible on the host at the same path), exports PYTHONPATH and calls the `berth`
     shim. The host-side berth must not import it: the proof file would be written from outside
-    the container (its PID 1 is the host's init, not berth-init)."""
+    the container (its PID 1 is the host's init, not berth-init). PYTHONSTARTUP, LD_AUDIT,
+    BASH_ENV and BERTH_CONFIG_DIR are exported too (the unit tests pin the whole allow-list)."""
     from tests.integration.jobs_helpers import submit, wait_for
 
     work = job_site.workdir(user)
@@ -623,20 +620,25 @@ def test_job_container_cannot_run_arbitrary_code_on_the_host_through_the_step_ag
         with open("{proof}", "w") as out:
             out.write("pid1=" + init + "\\n")
         PY
-        export PYTHONPATH={work}/inject
-        berth --version > /dev/null 2>&1
+        export PYTHONPATH={work}/inject PYTHONSTARTUP={work}/inject/sitecustomize.py
+        export LD_AUDIT={work}/inject/nothing.so BASH_ENV={work}/inject/env.sh BERTH_CONFIG_DIR={work}/inject
+        echo "version=$(berth --version 2>&1)"
         echo done
     """, user)
-    job = submit(user, job_site, work, "--template", "bb", "hostile.sh")
+    job = submit(user, job_site, work, "--template", "bb", "-o", str(work / "out.txt"), "hostile.sh")
     states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
     assert states[job]["state"] == "completed", states[job]
     assert not proof.exists(), "host code ran: " + proof.read_text()
+    # The step did run on the host (the shim got the host berth's answer), just without the code.
+    lines = (work / "out.txt").read_text().splitlines()
+    assert lines[0].startswith("version=berth ") and lines[-1] == "done", lines
 
 
-@pytest.mark.xfail(strict=True, reason="red team: the step agent opens RECORD/agent/req.*/out and err (and "
-                   "writes .status) following symlinks, so the job's container overwrites any host file of "
-                   "the user, even one outside every mount of the container")
 def test_job_container_cannot_write_host_files_through_step_request_symlinks(job_site, user):
+    """The job's container plants a step request whose out, err and status are links to a host
+    file outside its mounts, and a request that is itself a link to a host directory (laid out
+    like a request): the agent refuses the first (status 125, read by the script) and writes
+    neither the file nor anything into the directory."""
     from tests.integration.jobs_helpers import submit, wait_for
 
     work = job_site.workdir(user)
@@ -645,32 +647,45 @@ def test_job_container_cannot_write_host_files_through_step_request_symlinks(job
     victim = outside / "precious.txt"
     victim.write_text("precious\n")
     os.chown(victim, user.uid, user.gid)
+    fake = outside / "fake-request"  # what a followed link would serve and write a status into
+    fake.mkdir()
+    for name, text in (("ready", ""), ("prog", "berth\n"), ("argv", "--version\0"), ("cwd", "/\n"), ("env", ""),
+                       ("out", ""), ("err", "")):
+        (fake / name).write_text(text)
+    for path in (fake, *fake.iterdir()):
+        os.chown(path, user.uid, user.gid)
     job_site.write_script(work, "hostile.sh", f"""\
         #!/bin/sh
         test -e {victim} && echo VISIBLE || echo not-visible
+        ln -s {fake} "$BERTH_JOB_AGENT/req.linked"
         req="$BERTH_JOB_AGENT/req.hostile"
         mkdir "$req"
         ln -s {victim} "$req/out"
         ln -s {victim} "$req/err"
+        ln -s {victim} "$req/status"
         printf 'x\\0' > "$req/argv"
         echo not-allowed > "$req/prog"
         echo / > "$req/cwd"
         : > "$req/env"
         touch "$req/ready"
-        i=0; while [ ! -e "$req/status" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-        echo done
+        i=0; while [ -L "$req/status" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        echo "status=$(cat "$req/status")"
     """, user)
     job = submit(user, job_site, work, "--template", "bb", "-o", str(work / "out.txt"), "hostile.sh")
     states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
     assert states[job]["state"] == "completed", states[job]
-    assert (work / "out.txt").read_text().splitlines()[0] == "not-visible"  # truly outside the container
+    lines = (work / "out.txt").read_text().splitlines()
+    assert lines[0] == "not-visible", lines  # truly outside the container
+    assert lines[-1] == "status=125", lines  # the agent served the request: it refused it
     assert victim.read_text() == "precious\n"
+    assert sorted(os.listdir(fake)) == ["argv", "cwd", "env", "err", "out", "prog", "ready"]
+    assert (fake / "out").read_text() == "" and (fake / "err").read_text() == ""
 
 
-@pytest.mark.xfail(strict=True, reason="red team: the step agent reads RECORD/agent/req.*/prog (and argv, cwd, "
-                   "env) following symlinks, so the job's container reads host files outside its mounts "
-                   "(the refusal message echoes the 'program' read through the link into the step's stderr)")
 def test_job_container_cannot_read_host_files_through_step_request_symlinks(job_site, user):
+    """Step requests whose prog, then argv, cwd or env is a link to a host file outside the
+    container's mounts: each is refused (status 125) and the file's content never reaches the
+    step's output."""
     from tests.integration.jobs_helpers import submit, wait_for
 
     work = job_site.workdir(user)
@@ -683,24 +698,31 @@ def test_job_container_cannot_read_host_files_through_step_request_symlinks(job_
     job_site.write_script(work, "hostile.sh", f"""\
         #!/bin/sh
         cat {secret} 2>/dev/null || echo not-visible
-        req="$BERTH_JOB_AGENT/req.hostile"
-        mkdir "$req"
-        printf 'x\\0' > "$req/argv"
-        ln -s {secret} "$req/prog"
-        echo / > "$req/cwd"
-        : > "$req/env"
-        mkfifo "$req/out" "$req/err"
-        cat "$req/out" & cat "$req/err" & touch "$req/ready"
-        wait
-        i=0; while [ ! -e "$req/status" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-        echo done
+        for linked in prog argv cwd env; do
+            req="$BERTH_JOB_AGENT/req.$linked"
+            mkdir "$req"
+            printf 'x\\0' > "$req/argv"
+            echo berth > "$req/prog"
+            echo / > "$req/cwd"
+            : > "$req/env"
+            rm "$req/$linked"
+            ln -s {secret} "$req/$linked"
+            mkfifo "$req/out" "$req/err"
+            cat "$req/out" & cat "$req/err" & touch "$req/ready"
+            wait
+            i=0; while [ ! -e "$req/status" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+            echo "$linked status=$(cat "$req/status")"
+        done 2>&1
     """, user)
     job = submit(user, job_site, work, "--template", "bb", "-o", str(work / "out.txt"), "hostile.sh")
     states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
     assert states[job]["state"] == "completed", states[job]
     output = (work / "out.txt").read_text()
     assert output.splitlines()[0] == "not-visible", output  # truly outside the container
-    assert f"{MARKER}-secret" not in output, output
+    statuses = [line for line in output.splitlines() if " status=" in line]
+    assert statuses == [f"{name} status=125" for name in ("prog", "argv", "cwd", "env")], output
+    assert output.count("step request refused") == 4, output
+    assert MARKER not in output, output
 
 
 def test_hostile_job_submissions_are_refused_cleanly(job_site, user):

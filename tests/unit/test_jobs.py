@@ -229,7 +229,53 @@ def test_step_environment_keeps_host_values_for_host_things():
                               "export B='multi\nline'\ndeclare -x C=\"x\"\n")
     assert exported == {"A": "1 2", "PATH": "/bin", "SLURM_JOB_ID": "9", "B": "multi\nline", "C": "x"}
     env = step_environment({"PATH": "/host/bin", "SLURM_JOB_ID": "10", "HOME": "/h"}, exported)
-    assert env == {"PATH": "/host/bin", "SLURM_JOB_ID": "10", "HOME": "/h", "A": "1 2", "B": "multi\nline", "C": "x"}
+    assert env == {"PATH": "/host/bin", "SLURM_JOB_ID": "10", "HOME": "/h"}
+
+
+def test_step_environment_passes_only_the_allow_list():
+    """What a container exports reaches the host command only when allow-listed: never a
+    variable that makes a host program load code or configuration."""
+    hostile = {name: "/home/u/inject" for name in (
+        "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "BASH_ENV",
+        "ENV", "BERTH_CONFIG_DIR", "BERTH_INIT", "BERTH_RUNTIME", "SLURM_CONF", "PMIX_MCA_mca_base_component_path",
+        "GCONV_PATH", "LOCPATH", "PATH")}
+    wanted = {"LANG": "C.UTF-8", "LC_ALL": "C", "MPI_X": "1", "I_MPI_DEBUG": "5", "CUDA_VISIBLE_DEVICES": "0,1",
+              "BERTH_JOB_EXTRA": "e"}
+    host = {"PATH": "/usr/bin", "LANG": "en_US.UTF-8", "BERTH_JOB_IMAGE": "img@sha256:1", "BERTH_JOB_DIR": "/h/j"}
+    exported = {**hostile, **wanted, "LC_CTYPE": "/home/u/locale", "BERTH_JOB_IMAGE": "other",
+                "BERTH_JOB_DIR": "/x", "BERTH_JOB_AGENT": "/c/agent", "BERTH_JOB_BIN": "/c/bin"}
+    assert step_environment(host, exported) == {**host, **wanted}
+
+
+def test_host_commands_never_come_from_the_request():
+    import sys
+
+    from berth import proc
+    from berth.jobs.agent import host_command
+
+    assert host_command("berth", ["run", "x"]) == [sys.executable, "-I", "-m", "berth", "run", "x"]
+    if proc.has_program("srun"):
+        assert host_command("srun", ["-n1"]) == [proc.find_program("srun"), "-n1"]
+
+
+def test_a_request_directory_swapped_for_a_link_is_neither_read_nor_written(tmp_path):
+    """The agent opens the request once without following a link: a request replaced by a
+    link to another directory after the scan gets nothing written there."""
+    from berth.jobs.agent import StepAgent
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("ready", "prog", "cwd", "env"):
+        (outside / name).write_text("berth\n")
+    (outside / "argv").write_text("--version\0")
+    (outside / "out").write_text("")  # plain files, not FIFOs: a regression fails instead of blocking
+    (outside / "err").write_text("")
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    (agent_dir / "req.x").symlink_to(outside)
+    agent = StepAgent(agent_dir, {"PATH": "/usr/bin:/bin"}, str(tmp_path))
+    agent._handle(agent_dir / "req.x")
+    assert sorted(os.listdir(outside)) == ["argv", "cwd", "env", "err", "out", "prog", "ready"]
 
 
 def test_srun_words_split_into_options_and_command():
@@ -302,9 +348,13 @@ def test_planted_links_in_the_jobs_directory_are_never_followed(tmp_path):
     make_private_dir(jobs / "agent")  # an existing real directory is kept
 
     (jobs / "argv").symlink_to(victim)
-    with pytest.raises(OSError):
-        _read(jobs / "argv")
-    (jobs / "out").write_text("x")
-    with pytest.raises(OSError, match="not a FIFO"):
-        _open_fifo(jobs / "out")
+    directory = os.open(jobs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError):
+            _read("argv", directory)
+        (jobs / "out").write_text("x")
+        with pytest.raises(OSError, match="not a FIFO"):
+            _open_fifo("out", directory)
+    finally:
+        os.close(directory)
     assert (jobs / "out").read_text() == "x"

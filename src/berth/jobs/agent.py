@@ -15,13 +15,22 @@ with its output streamed into the FIFOs, then writes the exit status. So::
 work from inside the job's container exactly as they do from a host shell. Only the programs
 in :data:`ALLOWED_PROGRAMS` are run, as the job's own user: the agent gives the script nothing
 its owner could not do from a login shell.
+
+The request is written by the container, which runs the image's code: the host command gets the
+host's environment plus only the variables of :func:`step_environment`'s allow-list (never one
+that makes a host program load code or configuration: ``LD_*``, ``PYTHON*``, ``BASH_ENV``,
+``BERTH_CONFIG_DIR``...), ``berth`` is this interpreter in isolated mode (``python -I -m
+berth``) and ``srun`` is found on the host's PATH, and no file of the request is read or
+written through a link.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import stat
+import sys
 import threading
 from pathlib import Path
 
@@ -31,12 +40,19 @@ from berth.jobs.records import atomic_write, make_private_dir
 
 ALLOWED_PROGRAMS = ("srun", "berth")
 
-#: Variables of the script's environment that must keep the host's value for a host command.
-_HOST_ONLY = {
-    "PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "_", "TERM", "LD_LIBRARY_PATH",
-    "LD_PRELOAD", "BERTH_JOB_BIN", "BERTH_JOB_AGENT", "container", "USER", "LOGNAME", "SHELL",
-}
-_HOST_ONLY_PREFIXES = ("SLURM_", "SLURMD_", "PMI", "PMIX_", "OMPI_", "PRTE_")
+#: Variables a step request may set for the host command (an allow-list: anything else keeps the
+#: host's value). They are the ones that reach a step's containers (``policy.passthrough_env``)
+#: and that no host program reads as code or configuration: SLURM_*, PMI*, OMPI_* stay the
+#: host's (srun and slurmstepd read them), and LD_*, PYTHON*, BASH_ENV, BERTH_* never pass.
+STEP_VARIABLES = frozenset({
+    "LANG", "LANGUAGE", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+    "GPU_DEVICE_ORDINAL",
+})
+STEP_VARIABLE_PREFIXES = ("LC_", "MPI_", "I_MPI_", "BERTH_JOB_")
+#: Locale variables whose value is a path make glibc load that file: only plain names pass.
+_LOCALE_VARIABLES = ("LANG", "LANGUAGE", "LC_")
+#: Container paths that mean nothing on the host (the host's own BERTH_JOB_* always win).
+_CONTAINER_ONLY = frozenset({"BERTH_JOB_BIN", "BERTH_JOB_AGENT"})
 
 POLL_S = 0.05
 
@@ -88,13 +104,28 @@ def parse_exported(text: str) -> dict[str, str]:
 
 
 def step_environment(host_env: dict[str, str], script_env: dict[str, str]) -> dict[str, str]:
-    """The host environment plus what the script exported, except host-only variables."""
+    """The host environment plus the allow-listed variables the script exported
+    (:data:`STEP_VARIABLES`, :data:`STEP_VARIABLE_PREFIXES`); the host's own ``BERTH_JOB_*`` win,
+    and a locale variable naming a path is dropped."""
     env = dict(host_env)
     for name, value in script_env.items():
-        if name in _HOST_ONLY or name.startswith(_HOST_ONLY_PREFIXES):
+        if name not in STEP_VARIABLES and not name.startswith(STEP_VARIABLE_PREFIXES):
+            continue
+        if name in _CONTAINER_ONLY or (name.startswith("BERTH_JOB_") and name in host_env):
+            continue
+        if name.startswith(_LOCALE_VARIABLES) and "/" in value:
             continue
         env[name] = value
     return env
+
+
+def host_command(program: str, args: list[str]) -> list[str]:
+    """The host argv for an allowed program: ``berth`` is this interpreter in isolated mode
+    (no PYTHONPATH, user site or current directory on ``sys.path``: the container cannot make
+    it import anything), ``srun`` the host's, by absolute path (raises ProgramNotFound)."""
+    if program == "berth":
+        return [sys.executable, "-I", "-m", "berth", *args]
+    return [proc.find_program(program), *args]
 
 
 class StepAgent:
@@ -137,23 +168,27 @@ class StepAgent:
     def _handle(self, request: Path) -> None:
         status = 127
         out = err = None
+        directory = None
         try:
-            # Everything here was written by the container: no links, FIFOs only where FIFOs
-            # belong, plain files for the rest (a link would make us read or write host files).
-            out = os.fdopen(_open_fifo(request / "out"), "wb")
-            err = os.fdopen(_open_fifo(request / "err"), "wb")
-            program = _read(request / "prog").decode().strip()
-            args = _read(request / "argv").decode().split("\0")[:-1]
-            cwd = _read(request / "cwd").decode().strip()
-            env = step_environment(self.host_env, parse_exported(_read(request / "env").decode()))
+            # Everything here was written by the container: the request directory is opened
+            # once without following a link (a swap after the scan changes nothing) and every
+            # name is taken relative to it; FIFOs only where FIFOs belong, plain files for the
+            # rest (a link would make us read or write host files).
+            directory = _open_request_dir(request)
+            out = os.fdopen(_open_fifo("out", directory), "wb")
+            err = os.fdopen(_open_fifo("err", directory), "wb")
+            program = _read("prog", directory).decode().strip()
+            args = _read("argv", directory).decode().split("\0")[:-1]
+            cwd = _read("cwd", directory).decode().strip()
+            env = step_environment(self.host_env, parse_exported(_read("env", directory).decode()))
             if program not in ALLOWED_PROGRAMS:
-                err.write(f"berth: '{program}' cannot be run on the host from a job\n".encode())
+                err.write(f"berth: only {' and '.join(ALLOWED_PROGRAMS)} can be run on the host from a job\n".encode())
                 status = 126
             else:
                 if not os.path.isdir(cwd):
                     cwd = self.fallback_cwd
                 try:
-                    child = proc.start([program, *args], env=env, stdout=out, stderr=err, cwd=cwd)
+                    child = proc.start(host_command(program, args), env=env, stdout=out, stderr=err, cwd=cwd)
                 except Exception as exc:  # ProgramNotFound, OSError: report into the step's stderr
                     err.write(f"berth: cannot start {program} on the host: {exc}\n".encode())
                     status = 127
@@ -166,38 +201,67 @@ class StepAgent:
                 err.write(f"berth: step request refused: {exc}\n".encode())
             status = 125
         finally:
-            try:
-                atomic_write(request / "status", f"{status}\n", mode=0o644)
-            except (OSError, JobError):
-                pass
+            if directory is not None:
+                try:
+                    _write_status(directory, status)
+                except OSError:
+                    pass
+                os.close(directory)
             for handle in (out, err):
                 if handle is not None:
                     handle.close()
 
 
-
 MAX_REQUEST_BYTES = 1 << 20
 
 
-def _read(path: Path) -> bytes:
-    """A request file's bytes: a plain file only (never through a link), at most 1 MiB."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _open_request_dir(request: Path) -> int:
+    """An O_DIRECTORY descriptor of a request: a real directory of ours, never a link."""
+    fd = os.open(request, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if os.fstat(fd).st_uid != os.getuid():
+        os.close(fd)
+        raise OSError(f"{request.name} is not yours")
+    return fd
+
+
+def _read(name: str, directory: int) -> bytes:
+    """A request file's bytes: a plain file only (never through a link), at most 1 MiB. The
+    error names the file, never its content."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path.name} is not a plain file")
+            raise OSError(f"{name} is not a plain file")
         data = os.read(fd, MAX_REQUEST_BYTES + 1)
         if len(data) > MAX_REQUEST_BYTES:
-            raise OSError(f"{path.name} is larger than 1 MiB")
+            raise OSError(f"{name} is larger than 1 MiB")
         return data
     finally:
         os.close(fd)
 
 
-def _open_fifo(path: Path) -> int:
+def _open_fifo(name: str, directory: int) -> int:
     """Open the shim's FIFO for writing; refuse anything else (a link to a file would be
-    written through)."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    written through; a plain file opened without O_TRUNC and never written is left as it was)."""
+    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(f"{path.name} is not a FIFO")
+        raise OSError(f"{name} is not a FIFO")
     return fd
+
+
+def _write_status(directory: int, status: int) -> None:
+    """Write ``status`` into the request by exclusive temporary file + rename: a link planted
+    as ``status`` is replaced, never followed."""
+    tmp = f".status.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{status}\n")
+        os.replace(tmp, "status", src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=directory)
+        except FileNotFoundError:
+            pass
+        raise
