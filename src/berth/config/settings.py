@@ -73,7 +73,8 @@ class SitePolicy:
     #: User bind-mount sources or destinations under these are refused.
     mount_deny_sources: tuple[str, ...] = ("/etc/shadow", "/etc/gshadow", "/root", "/proc", "/sys", "/dev")
     mount_deny_destinations: tuple[str, ...] = ("/proc", "/sys", "/dev", "/etc/passwd", "/etc/group")
-    #: If non-empty, only images from these registries may be pulled or run.
+    #: If non-empty, only images from these registries may be pulled (a limit on pulls only:
+    #: an image already in a store still runs; docs/configuration.md).
     trusted_registries: tuple[str, ...] = ()
     #: Namespaces the site forces, e.g. {"network": "none"}; users cannot override.
     forced_namespaces: tuple[tuple[str, str], ...] = ()
