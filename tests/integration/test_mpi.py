@@ -101,7 +101,7 @@ def mpi_site(job_site, mpi_image, slurm_cluster, user):  # noqa: F811
 
     admin_env = {**os.environ, **job_site.env}
     result = subprocess.run(
-        [str(berth_executable()), "template", "create", "mpi", f"image={mpi_image}", "cpu=2", "memsz=512M",
+        [str(berth_executable()), "template", "create", "mpi", f"image={mpi_image}", "cpu=1", "memsz=512M",
          "stop_timeout=5", "boot_timeout=120", "comment=OpenMPI 4.1.4 for MPI tests"],
         env=admin_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, describe(result)
@@ -143,4 +143,66 @@ def test_srun_pmix_without_the_pmix_directory(mpi_site, mpi_image, user, slurm_c
                     timeout_s=60)
     assert "PMIx directory PMIX_SERVER_TMPDIR=/var/tmp skipped: owned by uid 0" in result.stderr, describe(result)
     assert "PMIX ERROR" in result.stderr and "gds_ds12" in result.stderr, describe(result)
+    assert_clean(user, env["BERTH_STATE_DIR"])
+
+
+def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
+    """A ``berth submit -N2 -n4`` job whose script runs in the MPI image's container:
+
+    - ``srun --mpi=pmix … berth run $BERTH_JOB_IMAGE /opt/hello`` and ``berth srun --mpi=pmix …``
+      reach the host through the step agent: one container per rank on both nodes;
+    - ``mpirun`` inside the container starts its remote daemons through Slurm (OpenMPI's slurm
+      launcher calls ``srun``: the agent's shim) as ``berth run IMAGE orted`` — no sshd anywhere —
+      and the 4 ranks are children of those daemons in one container per node.
+    """
+    site, env = mpi_site
+    work = site.workdir(user)
+    site.write_script(work, "mpi.sh", """\
+        #!/bin/sh
+        #BERTH -J mpi -N 2 -n 4 --ntasks-per-node=2 -o out-%j.txt
+        echo "batch node=$SLURMD_NODENAME marker=$(cat /etc/berth-marker)"
+        srun --mpi=pmix --kill-on-bad-exit=1 -N2 -n4 berth run "$BERTH_JOB_IMAGE" /opt/hello > srun.txt 2> srun.err
+        echo "srun status $?"
+        berth srun --mpi=pmix --kill-on-bad-exit=1 -N2 -n4 /opt/hello > berth-srun.txt 2> berth-srun.err
+        echo "berth srun status $?"
+        export OMPI_MCA_plm=slurm
+        export OMPI_MCA_orte_launch_agent="berth run $BERTH_JOB_IMAGE orted"
+        export OMPI_MCA_plm_slurm_args="--overlap"
+        timeout 90 mpirun -n 4 --host "$(echo $SLURM_JOB_NODELIST | sed 's/node\\[\\([0-9]*\\)-\\([0-9]*\\)\\]/node\\1:2,node\\2:2/')" /opt/hello > mpirun.txt 2> mpirun.err
+        echo "mpirun status $?"
+    """, user)
+    job = submit(user, site, work, "--template", "mpi", "mpi.sh", env=env)
+    def report() -> str:
+        logs = (work / f"out-{job}.txt").read_text() if (work / f"out-{job}.txt").exists() else ""
+        return logs + "".join(f"\n== {path.name}\n{path.read_text()}" for path in sorted(work.glob("*.txt"))
+                              if path.name != f"out-{job}.txt") + "".join(
+            f"\n== {path.name}\n{path.read_text()}" for path in sorted(work.glob("*.err")))
+
+    try:
+        states = wait_for(user, site, [job], FINAL, timeout_s=180, env=env)
+    except AssertionError as error:
+        user.berth("cancel", job, env={**site.env, **env})
+        raise AssertionError(f"{error}\n{report()}") from None
+    logs = (work / f"out-{job}.txt").read_text() if (work / f"out-{job}.txt").exists() else ""
+    outputs = {name: (work / name).read_text() if (work / name).exists() else "(missing)"
+               for name in ("srun.txt", "berth-srun.txt", "mpirun.txt")}
+    info = f"\n{json.dumps(states[job], indent=1)}\n{report()}"
+    assert states[job]["state"] == "completed", info
+    assert "marker=mpi" in logs and "srun status 0" in logs and "berth srun status 0" in logs, info
+    for name in ("srun.txt", "berth-srun.txt"):
+        found = ranks(outputs[name])
+        nodes = sorted({node for _, node, _, _ in found.values()})
+        assert len(nodes) == 2, info
+        assert_world(outputs[name], 4, {nodes[0]: 2, nodes[1]: 2})
+        assert all(pid < 50 for _, _, pid, _ in found.values()), info
+    assert "mpirun status 0" in logs, info
+    found = ranks(outputs["mpirun.txt"])
+    nodes = sorted({node for _, node, _, _ in found.values()})
+    assert len(nodes) == 2, info
+    assert_world(outputs["mpirun.txt"], 4, {nodes[0]: 2, nodes[1]: 2})
+    # One container per node: orted is the first program of its PID namespace, its two ranks
+    # are its children there (small, distinct PIDs per node).
+    for node in nodes:
+        pids = [pid for _, name, pid, _ in found.values() if name == node]
+        assert len(set(pids)) == 2 and all(pid < 100 for pid in pids), info
     assert_clean(user, env["BERTH_STATE_DIR"])

@@ -138,8 +138,12 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
     container_id = "b" + os.urandom(6).hex()
     path = containers / container_id
     os.mkdir(path, 0o700)
-    fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    # Lock under another name, then rename: "lock" is never seen unlocked. (Opened and then
+    # locked in place, a berth starting at the same moment — MPI ranks on one node — could take
+    # the lock in between, judge the new directory stale and clean it away.)
+    fd = os.open(path / ".lock.new", os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(path / ".lock.new", path / "lock")
     return ContainerState(container_id, path, fd)
 
 
