@@ -166,3 +166,22 @@ def test_device_destinations():
         device_destination("/dev/../etc/passwd", "/dev/null", what="--device")
     with pytest.raises(PolicyError, match="not a device path"):
         device_destination("/dev/.berth-init", "/dev/null", what="--device")
+
+
+def test_user_mounts_carry_the_judged_source_identity(tmp_path):
+    """berth-init compares the mount with the (st_dev, st_ino) of what policy judged."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    options = RunOptions(mounts=(MountRequest(str(tmp_path / "link"), "/x", read_only=True),))
+    [mount] = resolve_user_mounts(Settings(), options)
+    info = os.stat(tmp_path / "real")
+    assert (mount.source, mount.identity) == (str(tmp_path / "real"), (info.st_dev, info.st_ino))
+
+
+def test_root_gets_a_warning_unless_allowed():
+    from berth.runtime.policy import root_warning
+
+    assert "running as root" in root_warning(0, {})
+    assert "BERTH_ALLOW_ROOT=1" in root_warning(0, {"BERTH_ALLOW_ROOT": "0"})
+    assert root_warning(0, {"BERTH_ALLOW_ROOT": "1"}) is None
+    assert root_warning(1001, {}) is None

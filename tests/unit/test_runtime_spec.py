@@ -103,3 +103,17 @@ def test_network_none_adds_a_network_namespace_and_host_shares():
 def test_no_cgroup_settings_without_delegation():
     linux = build_config(default_plan())["linux"]
     assert "resources" not in linux and "cgroupsPath" not in linux
+
+
+def test_judged_bind_sources_are_checked_by_init_unless_a_later_bind_hides_them():
+    """A bind that carries its source's (st_dev, st_ino) becomes a `-b DEV:INO:DEST` check for
+    berth-init (a source swapped after the policy check is refused in the container), except
+    when a later bind covers its destination."""
+    binds = (BindMount("/s/a", "/data", identity=(1, 2)), BindMount("/s/b", "/data/sub", identity=(3, 4)),
+             BindMount("/s/c", "/opt/x", identity=(5, 6)), BindMount("/s/d", "/opt"),
+             BindMount("/s/e", "/plain"))
+    args = process_args(1001, 1001, ["true"], remap_root=False)
+    config = build_config(default_plan(binds=binds, args=args))
+    assert config["process"]["args"] == [INIT_PATH, "-b", "1:2:/data", "-b", "3:4:/data/sub", *args[1:]]
+    probe = build_config(default_plan(binds=binds, args=(INIT_PATH, "-V")))  # the runtime probe too
+    assert probe["process"]["args"][-1] == "-V"

@@ -84,10 +84,14 @@ def resolve_image(settings, reference: str, pull: str):
 def run_command(args, ctx) -> int:
     from berth.runtime.container import run_container
     from berth.runtime.options import options_from_namespace
+    from berth.runtime.policy import root_warning
 
     options = options_from_namespace(args)
     debug = options.debug or args.debug
     settings = ctx.settings
+    warning = root_warning(os.getuid(), os.environ)
+    if warning:
+        print(f"berth: {warning}", file=sys.stderr, flush=True)
     image = resolve_image(settings, args.image, options.pull)
     return run_container(settings, image, _strip_dashes(args.command) or None, options, log=_logger(debug))
 

@@ -190,7 +190,12 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
             submitted_at=time.time(),
         )
         _check_container_options(settings, spec, record)
-        notes = backend.check(spec)
+        notes = list(backend.check(spec))
+        from berth.runtime.policy import root_warning
+
+        warning = root_warning(os.getuid(), os.environ)
+        if warning:
+            notes.append(warning)
         record.write_spec(spec)
         native_id = backend.submit(record, spec)
         if native_id is not None:

@@ -2,7 +2,11 @@
 
 Bind-mount sources are resolved on the host (symlinks followed, as the kernel would) *before*
 they are judged, and the resolved path is what gets mounted, so a symlink cannot smuggle a
-forbidden path past the check or be swapped afterwards. Destinations are container paths: they
+forbidden path past the check. The runtime resolves that path again when it mounts it, though,
+so a component swapped for a symlink in between (by the caller, who owns the path) would mount
+something else: the judged inode's (st_dev, st_ino) travels with the mount
+(:attr:`BindMount.identity`) and berth-init refuses to start the command when the destination
+is not that inode (a bind mount shows its source's). Destinations are container paths: they
 must be absolute and free of ``..``; symlinks inside the image are followed in-root by the
 runtime (securejoin), so they cannot point out of the container either.
 
@@ -90,8 +94,26 @@ def resolve_user_mounts(settings, options: RunOptions) -> list[BindMount]:
         what = f"--mount {request.source}:{request.destination}"
         destination = check_destination(request.destination, what=what, deny=deny)
         source = resolve_source(request.source, what=what, settings=settings)
-        mounts.append(BindMount(source, destination, read_only=request.read_only))
+        mounts.append(BindMount(source, destination, read_only=request.read_only,
+                                identity=source_identity(source, what=what)))
     return mounts
+
+
+def source_identity(real: str, *, what: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of the judged source ``real``, taken from a descriptor whose path the
+    kernel confirms is ``real`` (a component swapped while it was judged is refused)."""
+    try:
+        fd = os.open(real, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PolicyError(f"{what}: cannot open the host path {real}: {exc.strerror}") from None
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != real:
+            raise PolicyError(f"{what}: the host path {real} changed while berth checked it",
+                              hint="do not rename or replace a mount source while berth starts")
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (info.st_dev, info.st_ino)
 
 
 def device_destination(path: str, real: str, *, what: str) -> str:
@@ -122,6 +144,17 @@ def resolve_device(path: str, *, what: str) -> str:
                           hint="ask your site administrator for access (device permissions or group)")
     device_destination(path, real, what=what)
     return real
+
+
+def root_warning(uid: int, environ) -> str | None:
+    """The warning for a caller running berth as root (``uid`` 0) unless ``BERTH_ALLOW_ROOT=1``
+    in ``environ``: the container is host uid 0 (without capabilities) with root's home mounted
+    read-write, so a hostile image can change root's files. Not refused: admins and tests do it."""
+    if uid != 0 or environ.get("BERTH_ALLOW_ROOT") == "1":
+        return None
+    return ("warning: running as root: the container runs as host uid 0 (with no capabilities) and "
+            "/root is mounted read-write, so an image you do not trust can change root's files; "
+            "run berth as an ordinary user (set BERTH_ALLOW_ROOT=1 to silence this warning)")
 
 
 def forced_network(settings) -> str | None:

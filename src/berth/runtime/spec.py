@@ -41,6 +41,9 @@ class BindMount(NamedTuple):
     read_only: bool = True
     #: Device nodes need "dev"; everything else is nodev.
     device: bool = False
+    #: (st_dev, st_ino) of the source when policy judged it: berth-init refuses to start when the
+    #: destination is another inode (the source was swapped before runc mounted it).
+    identity: tuple[int, int] | None = None
 
 
 class SpecPlan(NamedTuple):
@@ -133,13 +136,30 @@ def _mounts(plan: SpecPlan) -> list[dict]:
     return mounts
 
 
+def _init_args(plan: SpecPlan) -> list[str]:
+    """``plan.args`` with a ``-b DEV:INO:DESTINATION`` check for berth-init per bind that carries
+    its source's identity, unless a later bind covers its destination (it would hide it)."""
+    args = list(plan.args)
+    if not args or args[0] != INIT_PATH:
+        return args
+    checks = []
+    for index, bind in enumerate(plan.binds):
+        if bind.identity is None:
+            continue
+        covered = any(later.destination == bind.destination or bind.destination.startswith(
+            later.destination.rstrip("/") + "/") for later in plan.binds[index + 1:])
+        if not covered:
+            checks += ["-b", f"{bind.identity[0]}:{bind.identity[1]}:{bind.destination}"]
+    return [args[0], *checks, *args[1:]]
+
+
 def build_config(plan: SpecPlan) -> dict:
     """The OCI runtime-spec config (a dict ready for json.dump). Pure: no I/O."""
     capabilities = [] if plan.remap_root else list(IDENTITY_CAPABILITIES)
     process: dict = {
         "terminal": plan.terminal,
         "user": {"uid": 0, "gid": 0},
-        "args": list(plan.args),
+        "args": _init_args(plan),
         "env": list(plan.env),
         "cwd": plan.cwd,
         "capabilities": {

@@ -14,6 +14,11 @@
  * command's process group, reaps every orphan re-parented to it, and exits with
  * the command's status (128+N when the command died of signal N), like tini.
  *
+ * Before anything runs, each -b DEV:INO:PATH is checked: PATH (a bind mount's destination) must
+ * be the inode berth judged when it checked the mount's source (a bind mount shows its source's
+ * st_dev and st_ino).  A source swapped between berth's policy check and runc's mount (a path
+ * component replaced by a symbolic link) is refused with status 125 instead of run.
+ *
  * Built static at install time so it runs in any image, whatever its libc.
  */
 #define _GNU_SOURCE
@@ -28,6 +33,7 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -89,20 +95,51 @@ static void drop_privileges(void)
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 }
 
+/* "DEV:INO:PATH": PATH must be that inode (it is the root of a bind mount of it); 0 if so. */
+static int check_bind(const char *arg)
+{
+    char *end;
+    errno = 0;
+    unsigned long long dev = strtoull(arg, &end, 10);
+    if (errno || *end != ':')
+        goto usage;
+    unsigned long long ino = strtoull(end + 1, &end, 10);
+    if (errno || *end != ':' || end[1] != '/')
+        goto usage;
+    const char *path = end + 1;
+    struct stat info;
+    if (stat(path, &info) != 0) {
+        fprintf(stderr, "berth-init: cannot check the mount at %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    if ((unsigned long long)info.st_dev != dev || (unsigned long long)info.st_ino != ino) {
+        fprintf(stderr, "berth-init: the mount at %s is not the host path berth checked (its source "
+                "was replaced after the check): refusing to start\n", path);
+        return -1;
+    }
+    return 0;
+usage:
+    fprintf(stderr, "berth-init: -b wants DEV:INO:/PATH, not '%s'\n", arg);
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
     long uid = -1, gid = -1;
-    int opt;
-    while ((opt = getopt(argc, argv, "+u:g:V")) != -1) {
+    int opt, bad_binds = 0;
+    while ((opt = getopt(argc, argv, "+u:g:b:V")) != -1) {
         switch (opt) {
-        case 'V': puts("berth-init 1"); return 0;
+        case 'V': puts("berth-init 2"); return 0;
         case 'u': uid = strtol(optarg, NULL, 10); break;
         case 'g': gid = strtol(optarg, NULL, 10); break;
+        case 'b': bad_binds |= check_bind(optarg) != 0; break;
         default:
-            fprintf(stderr, "usage: berth-init [-V] [-u UID -g GID] [--] COMMAND [ARG...]\n");
+            fprintf(stderr, "usage: berth-init [-V] [-b DEV:INO:PATH]... [-u UID -g GID] [--] COMMAND [ARG...]\n");
             return 127;
         }
     }
+    if (bad_binds)
+        return 125;
     if (optind >= argc) {
         fprintf(stderr, "berth-init: no command given\n");
         return 127;
