@@ -152,7 +152,8 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
     - ``srun --mpi=pmix … berth run $BERTH_JOB_IMAGE /opt/hello`` and ``berth srun --mpi=pmix …``
       reach the host through the step agent: one container per rank on both nodes;
     - ``mpirun`` inside the container starts its remote daemons through Slurm (OpenMPI's slurm
-      launcher calls ``srun``: the agent's shim) as ``berth run IMAGE orted`` — no sshd anywhere —
+      launcher calls ``srun``: the agent's shim) as ``berth run IMAGE orted`` (the job runner sets
+      OpenMPI's launch agent so; berth.jobs.mpi) — no sshd or ssh launcher anywhere —
       and the 4 ranks are children of those daemons in one container per node.
     """
     site, env = mpi_site
@@ -166,8 +167,7 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
         berth srun --mpi=pmix --kill-on-bad-exit=1 -N2 -n4 /opt/hello > berth-srun.txt 2> berth-srun.err
         echo "berth srun status $?"
         export OMPI_MCA_plm=slurm
-        export OMPI_MCA_orte_launch_agent="berth run $BERTH_JOB_IMAGE orted"
-        export OMPI_MCA_plm_slurm_args="--overlap"
+        echo "agent=$OMPI_MCA_orte_launch_agent"
         timeout 90 mpirun -n 4 --host "$(echo $SLURM_JOB_NODELIST | sed 's/node\\[\\([0-9]*\\)-\\([0-9]*\\)\\]/node\\1:2,node\\2:2/')" /opt/hello > mpirun.txt 2> mpirun.err
         echo "mpirun status $?"
     """, user)
@@ -196,6 +196,8 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
         assert_world(outputs[name], 4, {nodes[0]: 2, nodes[1]: 2})
         assert all(pid < 50 for _, _, pid, _ in found.values()), info
     assert "mpirun status 0" in logs, info
+    # berth set the launcher: the daemons ran in the job's own image, pinned by digest.
+    assert f"agent=berth run {states[job]['image']} orted\n" in logs and "@sha256:" in states[job]["image"], info
     found = ranks(outputs["mpirun.txt"])
     nodes = sorted({node for _, node, _, _ in found.values()})
     assert len(nodes) == 2, info

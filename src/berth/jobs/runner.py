@@ -31,6 +31,7 @@ from pathlib import Path
 from berth.errors import BerthError
 from berth.jobs import model
 from berth.jobs.agent import StepAgent, install_shims
+from berth.jobs.mpi import mpi_launcher_env
 from berth.jobs.model import JobResult, JobSpec
 from berth.jobs.records import JobRecord
 
@@ -89,7 +90,8 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
     from berth.runtime.options import MountRequest, RunOptions, parse_custom
 
     options = parse_custom(spec.custom) if spec.custom else RunOptions()
-    env = tuple(f"{k}={v}" for k, v in job_environment(spec, record).items())
+    job_env = {**mpi_launcher_env(spec.image, os.environ), **job_environment(spec, record)}
+    env = tuple(f"{k}={v}" for k, v in job_env.items())
     # The submit directory must be visible at its host path (home is mounted anyway, so only a
     # directory outside it is added). The record's container part is mounted over the whole
     # jobs directory: the container sees its script and step shims, not the other jobs, their
