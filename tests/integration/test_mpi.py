@@ -146,6 +146,23 @@ def test_srun_pmix_without_the_pmix_directory(mpi_site, mpi_image, user, slurm_c
     assert_clean(user, env["BERTH_STATE_DIR"])
 
 
+def test_ranks_in_separate_containers_on_one_node_without_shared_memory(mpi_site, mpi_image, user):  # noqa: F811
+    """OpenMPI's default transports include shared memory (vader), which cannot work between two
+    containers (own /dev/shm, /tmp, PID namespace: the ranks crash with SIGSEGV). With no
+    OMPI_MCA_btl chosen, berth turns vader off for host-launched ranks, and two ranks on one
+    node still exchange data (over loopback TCP)."""
+    site, env = mpi_site
+    env = {name: value for name, value in env.items() if name != "OMPI_MCA_btl"}
+    result = run_as(user, ["srun", "--mpi=pmix", "-N1", "-n2", "--kill-on-bad-exit=1", str(berth_executable()),
+                           "run", mpi_image, "sh", "-c", 'echo "btl=$OMPI_MCA_btl"; exec /opt/hello'],
+                    {**site.env, **env}, timeout_s=60)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.count("btl=^vader\n") == 2, describe(result)
+    node = ranks(result.stdout)[0][1]
+    assert_world(result.stdout, 2, {node: 2})
+    assert_clean(user, env["BERTH_STATE_DIR"])
+
+
 def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
     """A ``berth submit -N2 -n4`` job whose script runs in the MPI image's container:
 

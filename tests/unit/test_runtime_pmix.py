@@ -56,3 +56,14 @@ def test_denied_source_refused(tmp_path):
     (tmp_path / "pmix").mkdir()
     with pytest.raises(PolicyError, match="site policy does not allow"):
         _mounts({"PMIX_SERVER_TMPDIR": str(tmp_path / "pmix")}, settings)
+
+
+def test_host_launched_rank_gets_shared_memory_transport_off_unless_chosen():
+    from berth.config.settings import EnvOp
+    from berth.runtime.pmix import rank_env_ops
+
+    rank = {"PMIX_RANK": "0", "PMIX_NAMESPACE": "slurm.pmix.7.0"}
+    assert rank_env_ops(rank, ["PATH=/bin"]) == [EnvOp("set", "OMPI_MCA_btl", "^vader")]
+    assert rank_env_ops({**rank, "OMPI_MCA_btl": "self,tcp"}, []) == []
+    assert rank_env_ops(rank, ["OMPI_MCA_btl=self,ofi"]) == []
+    assert rank_env_ops({"PATH": "/bin"}, []) == []

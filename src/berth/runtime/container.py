@@ -33,7 +33,7 @@ from berth.runtime import fuse, limits, ocirt, policy, rootfs, spec, state
 from berth.runtime.env import check_image_env, compose_env, read_env_file
 from berth.runtime.identity import Caller, group_text, identity_env, passwd_text, read_image_file
 from berth.runtime.options import RunOptions
-from berth.runtime.pmix import pmix_mounts
+from berth.runtime.pmix import pmix_mounts, rank_env_ops
 
 Log = Callable[..., None]
 
@@ -461,7 +461,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             host_env=os.environ,
             passthrough=settings.policy.passthrough_env,
             identity=identity_env(caller, as_root=options.remap_root, home_in_container=plan.home_env),
-            site_ops=[*settings.policy.env, *(op for g in groups for op in g.env)],
+            site_ops=[*rank_env_ops(os.environ, image_env), *settings.policy.env,
+                      *(op for g in groups for op in g.env)],
             user_entries=env_entries,
             tty=options.tty,
         )

@@ -14,6 +14,13 @@ on the host (links followed), refused under ``mount_deny_sources``, and, since t
 skipped with a note rather than mounted. ``mount_allow`` does not apply: the caller's own PMIx
 directory is always theirs to see. A variable naming a missing directory (a stale environment)
 is skipped with a debug note: the rank then fails in PMIx with its own message.
+
+One container per rank also means one ``/dev/shm``, ``/tmp`` and PID namespace per rank, so
+OpenMPI's shared-memory transport (``vader``) cannot work between two ranks on one node: it
+crashes them (SIGSEGV in ``mca_btl_vader_sendi``, seen on the test bed). For a host-launched
+rank (``PMIX_RANK`` set) berth therefore sets ``OMPI_MCA_btl=^vader`` — ranks on one node talk
+over TCP or the fabric — unless the host environment or the image already chooses
+``OMPI_MCA_btl``. (Ranks that share one container, under ``mpirun`` inside it, keep it.)
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import posixpath
 from collections.abc import Callable, Mapping
 
+from berth.config.settings import EnvOp
 from berth.errors import PolicyError
 from berth.runtime import policy
 from berth.runtime.spec import BindMount
@@ -73,3 +81,13 @@ def pmix_mounts(host_env: Mapping[str, str], settings, uid: int,
         mounts.append(BindMount(path, path, read_only=False))
         log(f"PMIx directory {path} mounted at the same path", debug=True)
     return mounts
+
+
+def rank_env_ops(host_env: Mapping[str, str], image_env: list[str]) -> list[EnvOp]:
+    """``[EnvOp("set", "OMPI_MCA_btl", "^vader")]`` for a host-launched PMIx rank whose host
+    environment and image leave ``OMPI_MCA_btl`` unset; else ``[]``."""
+    if "PMIX_RANK" not in host_env or "OMPI_MCA_btl" in host_env:
+        return []
+    if any(entry.startswith("OMPI_MCA_btl=") for entry in image_env):
+        return []
+    return [EnvOp("set", "OMPI_MCA_btl", "^vader")]
