@@ -11,9 +11,15 @@ Threat model used to judge results (DESIGN.md: berth is not setuid and runs as t
   the caller could also start with their own copy of runc; a bypass is a (low) finding because
   berth documents the checks as watertight, and the tests pin the fix.
 
-Tests marked ``xfail(strict=True)`` demonstrate findings that are still open: each one flips to
-a pass (and strict xfail then fails the suite) when the owner fixes it. The others are attacks
-berth withstands, kept as regression tests.
+* a job's container and the host: by design the step agent runs ``srun`` and ``berth`` as the
+  user for the job (docs/jobs.md says what that allows); anything *more* it can be made to do
+  (other programs, host code through the environment, files read or written through links
+  planted in a request) is a finding.
+
+A finding still open is demonstrated by a test marked ``xfail(strict=True)``, which flips to a
+pass (and strict xfail then fails the suite) when the owner fixes it; the marker is removed
+then. Every finding reported so far is fixed: all tests here are attacks berth withstands, kept
+as regression tests.
 """
 
 from __future__ import annotations
