@@ -9,7 +9,6 @@ for meaning, and falls back to the nearest enclosing table's line.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -141,31 +140,7 @@ def toml_value(value: Any) -> str:
 
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text``: temporary file in the same directory, fsync, rename,
-    fsync of the directory. Readers see the old or the new file, never a part."""
-    import tempfile  # writers only; readers stay light
+    """Replace ``path`` with ``text``; readers see the old or the new file, never a part."""
+    from berth.fsutil import write_atomically as replace_file
 
-    directory = path.parent
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(path, text, mode=mode)

@@ -27,7 +27,6 @@ written through a link.
 from __future__ import annotations
 
 import os
-import secrets
 import shlex
 import stat
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from berth import proc
 from berth.errors import JobError
+from berth.fsutil import replace_in_directory
 from berth.jobs.records import atomic_write, make_private_dir
 
 ALLOWED_PROGRAMS = ("srun", "berth")
@@ -250,18 +250,6 @@ def _open_fifo(name: str, directory: int) -> int:
 
 
 def _write_status(directory: int, status: int) -> None:
-    """Write ``status`` into the request by exclusive temporary file + rename: a link planted
-    as ``status`` is replaced, never followed."""
-    tmp = f".status.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                 dir_fd=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{status}\n")
-        os.replace(tmp, "status", src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=directory)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``status`` into the request atomically: a link planted as ``status`` is replaced,
+    never followed."""
+    replace_in_directory(directory, "status", f"{status}\n".encode(), 0o644)

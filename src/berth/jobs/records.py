@@ -27,13 +27,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from berth.config.settings import Settings
 from berth.errors import JobError, NotFound
+from berth.fsutil import replace_in_directory
 from berth.jobs.model import JobResult, JobSpec
 
 _MAX_ID_TRIES = 1000
@@ -135,27 +135,12 @@ class JobRecord:
 def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
     """Write ``text`` to ``path`` so readers see the old or the new content, never a mix.
 
-    Containers see the jobs directory (it is under the mounted home), so a hostile one may plant
-    symbolic links in it: the directory is opened without following a link, the temporary file
-    is created exclusively in it, and ``rename`` replaces whatever ``path`` names (a planted link
-    is replaced, never followed)."""
+    Containers may see parts of the jobs directory, so a hostile one may plant symbolic links
+    in it: the directory is opened without following a link and berth.fsutil replaces the
+    entry (a planted link is replaced, never followed)."""
     directory = open_dir_nofollow(path.parent)
-    tmp = f".{path.name}.{secrets.token_hex(6)}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                     dir_fd=directory)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=directory)
-            except FileNotFoundError:
-                pass
-            raise
+        replace_in_directory(directory, path.name, text.encode("utf-8"), mode)
     finally:
         os.close(directory)
 

@@ -21,7 +21,6 @@ import binascii
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,23 +246,11 @@ def encode_auth(username: str, password: str) -> str:
 
 
 def _write_atomically(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` with mode 0600: temporary file, fsync, rename."""
+    """Write ``data`` as JSON to ``path`` with mode 0600 (in a 0700 directory), atomically."""
+    from berth.fsutil import write_atomically
+
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".auth-", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, AUTH_FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=AUTH_FILE_MODE)
 
 
 def _load_for_update(path: Path) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from berth.errors import BerthError, DigestMismatch, PermissionDenied, StoreError
+from berth.fsutil import fsync_directory
 from berth.oci.digest import Digest
 from berth.store.layout import LAYOUT_VERSION, StoreLayout
 from berth.store.lock import file_lock
@@ -248,7 +249,7 @@ class Store:
             os.chmod(tmp_path, mode)
             final.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
             os.replace(tmp_path, final)
-            _fsync_dir(final.parent)
+            fsync_directory(final.parent)
 
     def list_blobs(self) -> list[Digest]:
         found = []
@@ -338,13 +339,13 @@ class Store:
                     with open(entry, "rb") as handle:
                         os.fsync(handle.fileno())
             os.chmod(workdir, _DIR_MODE)
-            _fsync_dir(workdir)
+            fsync_directory(workdir)
         if final.exists():
             # Complete already (renames are atomic): nothing to do.
             return
         with store_errors(self, "publishing", final):
             os.rename(workdir, final)
-            _fsync_dir(layout.images_dir)
+            fsync_directory(layout.images_dir)
 
     def remove_image(self, digest: Digest) -> int:
         """Remove an image directory (caller holds its lock); returns bytes freed.
@@ -421,7 +422,7 @@ class Store:
                     os.fsync(out.fileno())
                 os.chmod(tmp_path, _FILE_MODE)
                 os.replace(tmp_path, final)
-                _fsync_dir(final.parent)
+                fsync_directory(final.parent)
         finally:
             _unlink_quietly(tmp_path)
 
@@ -610,14 +611,6 @@ class BlobWriter:
                 self._file.close()
             except OSError:
                 pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:
