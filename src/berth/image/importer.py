@@ -29,6 +29,7 @@ from berth.image.install import Descriptor, install_image, parse_descriptor, par
 from berth.image.progress import PullProgress, notify
 from berth.image.platforms import default_platform, parse_platform
 from berth.image.pull import select_platform
+from berth.image.tarstream import sniff_compression
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.store.store import Store
@@ -39,14 +40,6 @@ if TYPE_CHECKING:
 _CHUNK_BYTES = 1 << 20
 _MAX_JSON_BYTES = 16 << 20
 _REF_NAME = "org.opencontainers.image.ref.name"
-_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ": "xz", b"BZh": "bzip2"}
-
-
-def sniff_compression(head: bytes) -> str | None:
-    for magic, name in _MAGIC.items():
-        if head.startswith(magic):
-            return name
-    return None
 
 
 def import_image(settings: "Settings", source: str, name: str, *, site: bool = False,
