@@ -10,7 +10,6 @@ template. ``custom`` is checked against site policy before anything is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import Any
@@ -85,6 +84,7 @@ def cmd_config_check(args: argparse.Namespace, ctx) -> int:
     from berth.config.load import config_files
     from berth.config.templates import NAME_PATTERN, read_template_file
     from berth.errors import BerthError, ConfigError
+    from berth.image.api import find_in_store, store_for
 
     settings = ctx.settings  # raises the first settings error, with file:line
     for path, layer in config_files(settings.config_dir):
@@ -102,14 +102,13 @@ def cmd_config_check(args: argparse.Namespace, ctx) -> int:
             templates.append(read_template_file(directory / f"{name}.toml", name))
         except BerthError as error:
             problems.append(error.message)
-    find_image = _optional_find_image()
     # Look in the site store only: a copy in the caller's own store does not help other users.
-    site_only = dataclasses.replace(settings, user_store=settings.site_store)
+    site_store = store_for(settings, site=True)
     for template in templates:
         if template.image_digest is None:
             problems.append(f"template '{template.name}': image {template.image} is not pinned "
                             f"(run `berth template refresh {template.name}`)")
-        elif find_image is not None and find_image(site_only, template.pinned_reference) is None:
+        elif find_in_store(site_store, template.pinned_reference) is None:
             problems.append(f"template '{template.name}': pinned image {template.pinned_reference} is not in the "
                             f"site store {settings.site_store} (run `berth template refresh {template.name}`)")
     print(f"templates in {directory}: {len(templates)} valid")
@@ -122,15 +121,6 @@ def cmd_config_check(args: argparse.Namespace, ctx) -> int:
     return 0
 
 
-def _optional_find_image():
-    """berth.image.api.find_image, or None where the image package is not installed."""
-    try:
-        from berth.image.api import find_image
-    except ImportError:
-        return None
-    return find_image
-
-
 # --- templates ------------------------------------------------------------------------------------
 
 
@@ -139,13 +129,9 @@ def _check_custom(settings, name: str, custom: str) -> None:
     if not custom:
         return
     from berth.errors import BerthError
+    from berth.runtime.options import parse_custom
+    from berth.runtime.policy import check_options
 
-    try:
-        from berth.runtime.options import parse_custom
-        from berth.runtime.policy import check_options
-    except ImportError:  # pragma: no cover - only where the runtime package is absent
-        # TODO(config): remove once berth.runtime.options/policy are always present.
-        return
     try:
         check_options(settings, parse_custom(custom))
     except BerthError as error:
