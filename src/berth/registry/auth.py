@@ -246,11 +246,18 @@ def encode_auth(username: str, password: str) -> str:
 
 
 def _write_atomically(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` with mode 0600 (in a 0700 directory), atomically."""
+    """Write ``data`` as JSON to ``path`` with mode 0600 (in a 0700 directory), atomically.
+
+    Raises ConfigError naming the file when it cannot be written (the old content stays).
+    """
     from berth.fsutil import write_atomically
 
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=AUTH_FILE_MODE)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=AUTH_FILE_MODE)
+    except OSError as exc:
+        raise ConfigError(f"cannot write registry credentials file {path}: {exc.strerror or exc}",
+                          hint="check that the directory is writable by you") from None
 
 
 def _load_for_update(path: Path) -> dict:
@@ -278,11 +285,7 @@ def save_login(host: str, username: str, password: str, path: Path) -> str:
     for alias in [k for k in auths if _safe_host(k) and normalize_host(k) == key]:
         del auths[alias]
     auths[key] = {"auth": encode_auth(username, password)}
-    try:
-        _write_atomically(path, data)
-    except OSError as exc:
-        raise ConfigError(f"cannot write registry credentials file {path}: {exc.strerror or exc}",
-                          hint="check that the directory is writable by you") from None
+    _write_atomically(path, data)
     return key
 
 
@@ -298,9 +301,5 @@ def remove_login(host: str, path: Path) -> bool:
         return False
     for alias in aliases:
         del auths[alias]
-    try:
-        _write_atomically(path, data)
-    except OSError as exc:
-        raise ConfigError(f"cannot write registry credentials file {path}: {exc.strerror or exc}",
-                          hint="check that the directory is writable by you") from None
+    _write_atomically(path, data)
     return True
