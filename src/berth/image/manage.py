@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from berth.errors import NotFound, PermissionDenied
-from berth.image.api import StoredImage, find_in_store, store_for, stores
+from berth.image.api import StoredImage, find_image, find_in_store, store_for, stores
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
 from berth.store.store import SITE, Store
@@ -109,10 +109,11 @@ def inspect_image(settings: "Settings", ref: str) -> dict:
 
 
 def require_image(settings: "Settings", ref: str) -> StoredImage:
-    for store in stores(settings):
-        found = find_in_store(store, ref)
-        if found is not None:
-            return found
+    """The stored image ``ref`` names (:func:`berth.image.api.find_image`: user store, then
+    site store; no network). Raises NotFound naming both stores, or ReferenceError_."""
+    found = find_image(settings, ref)
+    if found is not None:
+        return found
     raise NotFound(
         f"image '{ref}' is not in your store ({settings.user_store}) nor in the site store "
         f"({settings.site_store})",
