@@ -112,7 +112,7 @@ def install_image(
                     "layers": [d.to_json() for d in layers],
                     "convert_s": round(time.monotonic() - started, 3),
                     "flatten": {"entries": report.entries, "content_bytes": report.content_bytes,
-                                "notes": list(report.notes)},
+                                "notes": list(report.notes), "notes_omitted": report.notes_omitted},
                 })
                 store.publish_image(workdir, digest, manifest_bytes=manifest_bytes,
                                     config_bytes=config_bytes, meta=full_meta)
