@@ -124,9 +124,3 @@ class JobError(BerthError):
     """A batch job could not be submitted, queried or cancelled."""
 
     exit_code = 9
-
-
-class StagingError(BerthError):
-    """Data stage-in or stage-out failed."""
-
-    exit_code = 10

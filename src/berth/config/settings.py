@@ -123,14 +123,6 @@ class Settings:
         """One ``NAME.toml`` per container template (``berth.config.templates``)."""
         return self.config_dir / "templates.d"
 
-    @property
-    def site_file(self) -> Path:
-        return self.config_dir / "berth.toml"
-
-    @property
-    def dropin_dir(self) -> Path:
-        return self.config_dir / "conf.d"
-
 
 def default_paths(environ: dict[str, str] | None = None) -> dict[str, Path]:
     """The per-user default locations, from the XDG variables as the XDG spec says."""

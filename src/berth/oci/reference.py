@@ -106,9 +106,6 @@ class Reference:
     def with_digest(self, digest: Digest) -> "Reference":
         return replace(self, digest=digest)
 
-    def with_tag(self, tag: str) -> "Reference":
-        return replace(self, tag=tag, digest=None)
-
     def familiar(self) -> str:
         """The short form docker shows (``busybox:latest`` for Docker Hub official images)."""
         name = self.name

@@ -118,13 +118,6 @@ class StoreLayout:
         algorithm, sep, hex_part = name.partition("-")
         return _digest_or_none(hex_part, algorithm) if sep else None
 
-    def digest_from_partial(self, name: str) -> Digest | None:
-        """The blob digest a tmp/ partial-download name stands for, or None."""
-        if not (name.startswith("blob-") and name.endswith(".partial")):
-            return None
-        algorithm, sep, hex_part = name[len("blob-") : -len(".partial")].partition("-")
-        return _digest_or_none(hex_part, algorithm) if sep else None
-
 
 def _digest_or_none(hex_part: str, algorithm: str) -> Digest | None:
     try:
