@@ -74,7 +74,7 @@ def _rootfs_tar() -> tuple[Path, str]:
             result = subprocess.run(
                 ["debootstrap", "--variant=minbase", f"--include={','.join(MPI_INCLUDE)}", images.DEBIAN_SUITE,
                  str(rootfs), images.DEBIAN_MIRROR],
-                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
+                check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
             )
             if result.returncode != 0:
                 log = rootfs / "debootstrap" / "debootstrap.log"

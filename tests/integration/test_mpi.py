@@ -70,7 +70,8 @@ def leftovers(user, marker: str) -> list[str]:
     holds ``marker``, this module's state directory) still running, and FUSE mounts left under it.
     (Other tests may run berth as the same user at the same time: theirs are not counted.)"""
     found = []
-    result = subprocess.run(["ps", "-u", str(user.uid), "-o", "pid=,comm="], capture_output=True, text=True)
+    result = subprocess.run(["ps", "-u", str(user.uid), "-o", "pid=,comm="], check=False,
+                            capture_output=True, text=True)
     for line in result.stdout.splitlines():
         pid, _, comm = line.strip().partition(" ")
         if comm.strip() not in MPI_PROGRAMS:
@@ -88,6 +89,8 @@ def leftovers(user, marker: str) -> list[str]:
 
 
 def assert_clean(user, marker: str, timeout_s: float = 20) -> None:
+    # The containers really kept their state there (else nothing below would be found anyway).
+    assert (Path(marker) / "containers").is_dir(), f"no berth container used {marker}"
     deadline = time.monotonic() + timeout_s
     while (left := leftovers(user, marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -103,7 +106,7 @@ def mpi_site(job_site, mpi_image, slurm_cluster, user):  # noqa: F811
     result = subprocess.run(
         [str(berth_executable()), "template", "create", "mpi", f"image={mpi_image}", "cpu=1", "memsz=512M",
          "stop_timeout=5", "boot_timeout=120", "comment=OpenMPI 4.1.4 for MPI tests"],
-        env=admin_env, capture_output=True, text=True, timeout=600)
+        check=False, env=admin_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, describe(result)
     state = user.tempdir("berth-mpi-state-")
     env = {**slurm_cluster.env(), "BERTH_BACKEND": "slurm", "BERTH_STATE_DIR": str(state)}
@@ -185,7 +188,9 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
         echo "berth srun status $?"
         export OMPI_MCA_plm=slurm
         echo "agent=$OMPI_MCA_orte_launch_agent"
-        timeout 90 mpirun -n 4 --host "$(echo $SLURM_JOB_NODELIST | sed 's/node\\[\\([0-9]*\\)-\\([0-9]*\\)\\]/node\\1:2,node\\2:2/')" /opt/hello > mpirun.txt 2> mpirun.err
+        hosts=$(for n in $(echo "$SLURM_JOB_NODELIST" | tr -d 'node[]' | tr ',-' '  '); do printf 'node%s:2,' "$n"; done)
+        echo "hosts=$hosts"
+        timeout 90 mpirun -n 4 --host "${hosts%,}" /opt/hello > mpirun.txt 2> mpirun.err
         echo "mpirun status $?"
     """, user)
     job = submit(user, site, work, "--template", "mpi", "mpi.sh", env=env)
@@ -219,6 +224,7 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
     nodes = sorted({node for _, node, _, _ in found.values()})
     assert len(nodes) == 2, info
     assert_world(outputs["mpirun.txt"], 4, {nodes[0]: 2, nodes[1]: 2})
+    assert f"hosts={nodes[0]}:2,{nodes[1]}:2,\n" in logs, info
     # One container per node: orted is the first program of its PID namespace, its two ranks
     # are its children there (small, distinct PIDs per node).
     for node in nodes:

@@ -31,8 +31,8 @@ from pathlib import Path
 from berth.errors import BerthError
 from berth.jobs import model
 from berth.jobs.agent import StepAgent, install_shims
-from berth.jobs.mpi import mpi_launcher_env
 from berth.jobs.model import JobResult, JobSpec
+from berth.jobs.mpi import mpi_launcher_env
 from berth.jobs.records import JobRecord
 
 #: Runs inside the container: tell the runner the script starts, give the script /dev/null as
