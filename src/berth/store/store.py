@@ -270,14 +270,8 @@ class Store:
         return self.layout.image_meta(digest).is_file()
 
     def list_images(self) -> list[Digest]:
-        found = []
-        if not self.layout.images_dir.is_dir():
-            return found
-        for entry in self.layout.images_dir.iterdir():
-            digest = self.layout.digest_from_image_dir(entry.name)
-            if digest is not None and self.has_image(digest):
-                found.append(digest)
-        return sorted(found)
+        """Every complete image (see :meth:`has_image`), sorted."""
+        return [digest for digest in self.list_images_any() if self.has_image(digest)]
 
     def load_image_files(self, digest: Digest) -> tuple[dict, dict, dict]:
         """(manifest, config, metadata) of a stored image; StoreError if unreadable."""
