@@ -9,7 +9,7 @@ network.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,8 @@ class StoredImage:
     manifest: dict
     store: str
     size_bytes: int
+    #: berth's metadata.json of the image (source, platform, index_digest, media_type, flatten).
+    meta: dict = field(default_factory=dict, compare=False)
 
 
 def stores(settings: "Settings") -> list[Store]:
@@ -75,7 +77,7 @@ def load_stored(store: Store, digest: Digest, reference: str | None) -> StoredIm
     except OSError:
         size = int(meta.get("squashfs_bytes") or 0)
     return StoredImage(digest=digest, reference=reference, squashfs=squashfs, config=config,
-                       manifest=manifest, store=store.kind, size_bytes=size)
+                       manifest=manifest, store=store.kind, size_bytes=size, meta=meta)
 
 
 def find_in_store(store: Store, ref: str) -> StoredImage | None:

@@ -81,7 +81,7 @@ def inspect_image(settings: "Settings", ref: str) -> dict:
     """Everything known about a stored image as JSON-ready data; raises NotFound."""
     image = require_image(settings, ref)
     store = store_for(settings, site=image.store == SITE)
-    _manifest, _config, meta = store.load_image_files(image.digest)
+    meta = image.meta
     references = sorted(k for k, v in store.read_index().items() if v == str(image.digest))
     layers = [
         {"digest": d.get("digest"), "size_bytes": d.get("size"), "media_type": d.get("mediaType")}

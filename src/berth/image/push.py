@@ -6,7 +6,6 @@ keeps its digest. Blobs the registry already has are skipped (HEAD first, by the
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from berth.errors import StoreError, UsageError
@@ -37,8 +36,7 @@ def push_image(settings: "Settings", ref: str, destination: str | None = None, *
     target = parse_reference(target_text)
     store = store_for(settings, site=image.store == SITE)
     manifest_bytes = store.layout.image_manifest(image.digest).read_bytes()
-    media_type = image.manifest.get("mediaType") or _meta_media_type(store, image.digest) \
-        or mediatypes.OCI_MANIFEST
+    media_type = image.manifest.get("mediaType") or image.meta.get("media_type") or mediatypes.OCI_MANIFEST
     descriptors = [image.manifest["config"], *image.manifest.get("layers", [])]
     uploaded = present = 0
     client = make_client(settings, target, insecure=insecure)
@@ -63,9 +61,3 @@ def push_image(settings: "Settings", ref: str, destination: str | None = None, *
     return {"source": image.reference or str(image.digest), "destination": str(target),
             "digest": str(pushed), "uploaded_blobs": uploaded, "present_blobs": present}
 
-
-def _meta_media_type(store, digest: Digest) -> str | None:
-    try:
-        return json.loads(store.layout.image_meta(digest).read_bytes()).get("media_type")
-    except (OSError, ValueError):
-        return None
