@@ -139,7 +139,6 @@ def test_admin_edits_are_refused_when_input_is_bad(site_config, admin):
 
 
 def test_custom_options_are_checked_against_site_policy(site_config, admin):
-    pytest.importorskip("berth.runtime.policy", reason="the runtime's policy checks are not installed")
     site_config.write('[policy.namespaces]\nnetwork = "none"\n')
     site_config.add_template("t")
     before = snapshot(site_config.config_dir)
@@ -223,7 +222,6 @@ def test_many_writers_through_the_library_keep_every_last_value(site_config):
 
 @pytest.fixture
 def pull_site(site_config, registry):
-    pytest.importorskip("berth.image.api", reason="image pull is not installed")
     site_config.trust_registry(registry.host)
     return site_config
 
