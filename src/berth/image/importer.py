@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from berth.errors import ImageError, NotFound, UsageError
+from berth.errors import DigestMismatch, ImageError, NotFound, UsageError
 from berth.image.api import StoredImage, index_key, parse_reference, store_for
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
 from berth.image.progress import PullProgress, notify
@@ -63,6 +63,13 @@ def import_image(settings: "Settings", source: str, name: str, *, site: bool = F
     key = index_key(reference)
     try:
         return _import_from(store, settings, path, source, reference, key, wanted, progress)
+    except (ImageError, DigestMismatch) as error:
+        # The readers below name the entry that is wrong (index.json, a blob, a layer); the
+        # file it is in, and who must act, are said once here.
+        if error.hint is None:
+            error.hint = (f"the import source {source} is malformed or incomplete: "
+                          "whoever produced it must export or save the image again")
+        raise
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
         # Reading the source failed (store errors are BerthErrors already, not caught here).
         raise ImageError(f"cannot read the import source {source}: {getattr(exc, 'strerror', None) or exc}",
@@ -167,9 +174,12 @@ def _choose_layout_entry(entries: list, tag: str | None) -> dict:
     for ref_name, entry in names:
         if ref_name and tag and ref_name == tag:
             return entry
+    tags = [str(n) for n, _ in names if n]
     raise ImageError(
         f"the OCI layout holds {len(entries)} images; name the one to import by its tag",
-        hint="its tags: " + ", ".join(str(n) for n, _ in names if n) + " (give NAME:TAG with one of them)",
+        hint="its tags: " + ", ".join(tags) + " (give NAME:TAG with one of them)" if tags else
+        f"its index.json tags none of them ({_REF_NAME}): whoever produced it must export "
+        "one image per layout, or tag them",
     )
 
 
@@ -179,8 +189,6 @@ def _load_small_blob(store: Store, files, descriptor: Descriptor) -> bytes:
     with files.open(_blob_name(descriptor.digest)) as handle:
         data = handle.read(descriptor.size_bytes + 1)
     if len(data) != descriptor.size_bytes or Digest.of(data, descriptor.digest.algorithm) != descriptor.digest:
-        from berth.errors import DigestMismatch
-
         raise DigestMismatch(f"blob {descriptor.digest} of the import source does not match its descriptor")
     store.put_blob_bytes(descriptor.digest, data)
     return data
