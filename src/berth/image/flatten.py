@@ -579,7 +579,9 @@ def _convert(openers: Sequence[_Opener], names: Sequence[str], output: Path,
             tarstream.end_archive(sink)
         except BrokenPipeError:
             squashfs.finish()  # raises ImageError with tar2sqfs' own words
-            raise ImageError("tar2sqfs stopped reading its input") from None
+            raise ImageError("tar2sqfs stopped reading its input", hint="tar2sqfs exited without an error "
+                             "message: run the command again, and report it to berth's maintainers if it "
+                             "happens again") from None
         squashfs.finish()
     return report
 

@@ -187,6 +187,12 @@ def pull_image(
         try:
             return _pull_with(client, settings, store, reference, key, wanted, platform is not None,
                               progress, counters, started)
+        except (ImageError, DigestMismatch) as error:
+            # The checks below name the document that is wrong; who must act is said once here.
+            if error.hint is None:
+                error.hint = (f"the registry serves a malformed image for {reference}: tell the "
+                              "registry's administrator or the image's maintainer")
+            raise
         finally:
             client.close()
 

@@ -1,0 +1,72 @@
+"""A registry that serves malformed documents: the error names the document, the hint who acts."""
+
+from __future__ import annotations
+
+import pytest
+
+from berth.config.settings import Settings
+from berth.errors import DigestMismatch, ImageError
+from berth.image import pull
+from berth.oci import mediatypes
+from berth.oci.digest import Digest
+from berth.registry.client import Manifest
+
+HINT = ("the registry serves a malformed image for example.org/team/app:1: tell the registry's "
+        "administrator or the image's maintainer")
+
+
+class OneManifestClient:
+    """Answers every manifest request with ``manifests[version]`` (or the tag's)."""
+
+    def __init__(self, manifests: dict[str, Manifest]) -> None:
+        self.manifests = manifests
+        self.closed = False
+
+    def get_manifest(self, repository: str, version: str) -> Manifest:
+        return self.manifests[version]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _manifest(data: bytes, media_type: str) -> Manifest:
+    return Manifest(data=data, media_type=media_type, digest=Digest.of(data))
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(user_store=tmp_path / "store", site_store=tmp_path / "site")
+
+
+def _pull_with(monkeypatch, settings, client):
+    monkeypatch.setattr(pull, "make_client", lambda *_args, **_kwargs: client)
+    return pull.pull_image(settings, "example.org/team/app:1")
+
+
+def test_an_index_that_is_not_json_names_it_and_says_who_acts(monkeypatch, settings):
+    client = OneManifestClient({"1": _manifest(b'{"manifests": [', mediatypes.OCI_INDEX)})
+    with pytest.raises(ImageError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    assert caught.value.message.startswith("the image index of example.org/team/app:1 is not JSON: ")
+    assert caught.value.hint == HINT
+    assert client.closed
+
+
+def test_a_platform_manifest_under_another_digest_says_who_acts(monkeypatch, settings):
+    served = _manifest(b'{"schemaVersion": 2, "layers": []}', mediatypes.OCI_MANIFEST)
+    claimed = Digest.of(b"something else")
+    index = ('{"manifests": [{"mediaType": "%s", "digest": "%s", "size": 3, '
+             '"platform": {"os": "linux", "architecture": "amd64"}}]}' % (mediatypes.OCI_MANIFEST, claimed))
+    client = OneManifestClient({"1": _manifest(index.encode(), mediatypes.OCI_INDEX), str(claimed): served})
+    monkeypatch.setattr(pull, "default_platform", lambda: pull.parse_platform("linux/amd64"))
+    with pytest.raises(DigestMismatch) as caught:
+        _pull_with(monkeypatch, settings, client)
+    assert caught.value.message == f"manifest {claimed} of example.org/team/app:1 arrived as {served.digest}"
+    assert caught.value.hint == HINT
+
+
+def test_an_error_with_its_own_hint_keeps_it(monkeypatch, settings):
+    client = OneManifestClient({"1": _manifest(b"{}", "application/x-unknown")})
+    with pytest.raises(ImageError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    assert caught.value.hint == "berth pulls OCI and Docker schema 2 images and indexes"
