@@ -411,7 +411,7 @@ def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
             values[key.name] = getattr(policy, key.name.removeprefix("policy."))
         else:
             values[key.name] = getattr(base, key.name)
-    paths = default_paths(dict(environ))
+    paths = default_paths(environ)
     for name in ("user_store", "jobs_dir", "state_dir"):
         values[name] = paths[name]
     return values

@@ -12,6 +12,7 @@ Field names carry units (``_s``, ``_mib``). Every value's origin is kept in
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,8 +125,9 @@ class Settings:
         return self.config_dir / "templates.d"
 
 
-def default_paths(environ: dict[str, str] | None = None) -> dict[str, Path]:
-    """The per-user default locations, from the XDG variables as the XDG spec says."""
+def default_paths(environ: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """The per-user default locations (user_store, jobs_dir, state_dir), from the XDG
+    variables as the XDG spec says. The configuration directory is load_settings' concern."""
     env = os.environ if environ is None else environ
     home = Path(env.get("HOME") or os.path.expanduser("~"))
     data = Path(env.get("XDG_DATA_HOME") or home / ".local/share")
@@ -133,7 +135,6 @@ def default_paths(environ: dict[str, str] | None = None) -> dict[str, Path]:
     runtime_dir = env.get("XDG_RUNTIME_DIR")
     state_dir = Path(runtime_dir) / "berth" if runtime_dir else Path(f"/tmp/berth-{os.getuid()}")
     return {
-        "config_dir": Path(env.get("BERTH_CONFIG_DIR") or DEFAULT_CONFIG_DIR),
         "user_store": data / "berth",
         "jobs_dir": state / "berth" / "jobs",
         "state_dir": state_dir,
