@@ -150,7 +150,8 @@ def start(
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
 ) -> subprocess.Popen:
-    """Start a program and return its Popen; the caller waits (see :func:`wait_forwarding`)."""
+    """Start a program and return its Popen; the caller waits for it and forwards
+    :data:`FORWARDED_SIGNALS` to it when it outlives a signal to berth (``berth run`` does)."""
     argv = [find_program(argv[0]), *argv[1:]]
     return subprocess.Popen(
         argv,
@@ -164,6 +165,7 @@ def start(
     )
 
 
+#: Signals a waiting berth passes on to its child instead of dying of them.
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
