@@ -105,10 +105,12 @@ def run_pull(args, ctx) -> int:
     from berth.image.pull import pull_image
 
     progress = _progress(args)
-    result = pull_image(ctx.settings, args.reference, site=args.site, platform=args.platform,
-                        insecure=args.insecure, progress=progress)
-    if progress is not None:
-        progress.finish()
+    try:
+        result = pull_image(ctx.settings, args.reference, site=args.site, platform=args.platform,
+                            insecure=args.insecure, progress=progress)
+    finally:
+        if progress is not None:
+            progress.finish()  # the last counts stay on screen, above an error too
     if args.json:
         print_json(result.to_json())
     elif args.quiet:
@@ -211,8 +213,12 @@ def run_import(args, ctx) -> int:
     from berth.image.importer import import_image
 
     progress = _progress(args)
-    image, kind = import_image(ctx.settings, args.source, args.name, site=args.site,
-                               platform=args.platform, progress=progress)
+    try:
+        image, kind = import_image(ctx.settings, args.source, args.name, site=args.site,
+                                   platform=args.platform, progress=progress)
+    finally:
+        if progress is not None:
+            progress.finish()
     if args.json:
         print_json({"reference": image.reference, "digest": str(image.digest), "store": image.store,
                     "squashfs": str(image.squashfs), "size_bytes": image.size_bytes, "source_kind": kind})
