@@ -327,9 +327,10 @@ class Store:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
+            squashfs_name = layout.image_squashfs(digest).name
             for entry in workdir.iterdir():
-                os.chmod(entry, _FILE_MODE if entry.name != "image.sqfs" else 0o444)
-                if entry.name == "image.sqfs":
+                os.chmod(entry, _FILE_MODE if entry.name != squashfs_name else _BLOB_MODE)
+                if entry.name == squashfs_name:
                     with open(entry, "rb") as handle:
                         os.fsync(handle.fileno())
             os.chmod(workdir, _DIR_MODE)
