@@ -31,7 +31,7 @@ from berth.image.platforms import default_platform, parse_platform
 from berth.image.pull import select_platform
 from berth.image.tarstream import sniff_compression
 from berth.oci import mediatypes
-from berth.oci.digest import Digest
+from berth.oci.digest import Digest, new_hasher
 from berth.store.store import Store
 
 if TYPE_CHECKING:
@@ -359,7 +359,7 @@ def _decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
 
 
 def _uncompressed_digest(path: Path, compression: str) -> Digest:
-    hasher = Digest("sha256", "0").hasher()
+    hasher = new_hasher()
     try:
         with _decompressed(path, compression) as stream:
             while chunk := stream.read(_CHUNK_BYTES):

@@ -13,6 +13,13 @@ class InvalidDigest(ValueError):
     pass
 
 
+def new_hasher(algorithm: str = "sha256"):
+    """A hashlib object for ``algorithm``, to hash content whose digest is not known yet."""
+    import hashlib  # lazily: only hashing needs it, not parsing (berth run's start-up)
+
+    return hashlib.new(algorithm)
+
+
 @dataclass(frozen=True, order=True)
 class Digest:
     """An ``algorithm:hex`` digest. Only sha256 and sha512 are accepted."""
@@ -39,9 +46,8 @@ class Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
     def hasher(self):
-        import hashlib
-
-        return hashlib.new(self.algorithm)
+        """A fresh hashlib object of this digest's algorithm (to verify content against it)."""
+        return new_hasher(self.algorithm)
 
     @property
     def short(self) -> str:

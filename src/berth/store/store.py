@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from berth.errors import BerthError, DigestMismatch, PermissionDenied, StoreError
 from berth.fsutil import fsync_directory
-from berth.oci.digest import Digest
+from berth.oci.digest import Digest, new_hasher
 from berth.store.layout import LAYOUT_VERSION, StoreLayout
 from berth.store.lock import file_lock
 
@@ -222,7 +222,7 @@ class Store:
         """
         tmp_path = self._new_tmp_path(self.layout.import_prefix(), ".blob")
         algorithm = digest.algorithm if digest else "sha256"
-        hasher = Digest(algorithm, "0").hasher()
+        hasher = new_hasher(algorithm)
         size = 0
         try:
             with store_errors(self, "writing", tmp_path), open(tmp_path, "wb") as out:
