@@ -13,14 +13,13 @@ import os
 import secrets
 import tarfile
 import time
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from berth.errors import ImageError, StoreError
 from berth.image.api import store_for
 from berth.image.manage import require_image
-from berth.oci import mediatypes
+from berth.image.tarstream import open_decompressed, sniff_compression
 from berth.oci.digest import Digest
 from berth.store.store import SITE
 
@@ -51,8 +50,7 @@ def export_image(settings: "Settings", ref: str, file: str) -> int:
             for descriptor in image.manifest.get("layers") or []:
                 digest = Digest.parse(descriptor["digest"])
                 name = f"{digest.hex}/layer.tar"
-                _add_layer(archive, name, store.blob_path(digest), descriptor.get("mediaType", ""),
-                           tmp_path.parent)
+                _add_layer(archive, name, store.blob_path(digest), tmp_path.parent)
                 layer_names.append(name)
             manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
             _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
@@ -75,7 +73,8 @@ class _output_errors:  # noqa: N801 - used as a context manager like a function
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if isinstance(exc, OSError):
-            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}",
+                             hint="export to a directory you can write that has room for the image") from None
         return False
 
 
@@ -87,16 +86,15 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def _add_layer(archive: tarfile.TarFile, name: str, blob: Path, media_type: str, scratch_dir: Path) -> None:
+def _add_layer(archive: tarfile.TarFile, name: str, blob: Path, scratch_dir: Path) -> None:
     """Add a layer uncompressed (docker save's form); gzip is inflated through a scratch file
-    because a tar header needs the size first."""
+    because a tar header needs the size first. The compression is read from the magic bytes,
+    as the flattener does (media types lie)."""
     if not blob.is_file():
         raise StoreError(f"layer blob {blob} is missing from the store",
                          hint="pull the image again to restore its blobs")
-    compression = mediatypes.LAYER_COMPRESSION.get(media_type)
     with open(blob, "rb") as handle:
-        if handle.read(2) == b"\x1f\x8b":
-            compression = "gzip"
+        compression = sniff_compression(handle.read(8))
     if compression is None:
         with open(blob, "rb") as handle:
             info = archive.gettarinfo(fileobj=handle, arcname=name)
@@ -110,25 +108,18 @@ def _add_layer(archive: tarfile.TarFile, name: str, blob: Path, media_type: str,
                          "plain or gzip tars", hint="export is limited to gzip and uncompressed layers")
     scratch = scratch_dir / f".berth-export-{secrets.token_hex(4)}.tar"
     try:
-        with _output_errors(scratch), open(blob, "rb") as source, open(scratch, "wb") as out:
-            inflater = zlib.decompressobj(wbits=31)
-            while chunk := source.read(_CHUNK_BYTES):
-                out.write(inflater.decompress(chunk))
-                # Concatenated gzip members (pigz may write several): continue with the next.
-                while inflater.eof and inflater.unused_data:
-                    rest = inflater.unused_data
-                    inflater = zlib.decompressobj(wbits=31)
-                    out.write(inflater.decompress(rest))
-            out.write(inflater.flush())
+        # The flattener's decompression (pigz/igzip when installed, multi-member gzip, an
+        # ImageError with the decompressor's words for a corrupt blob).
+        with _output_errors(scratch), open(scratch, "wb") as out, \
+                open_decompressed(blob, f"layer {blob.name} in the store") as stream:
+            while chunk := stream.read(_CHUNK_BYTES):
+                out.write(chunk)
         with open(scratch, "rb") as handle:
             info = tarfile.TarInfo(name)
             info.size = scratch.stat().st_size
             info.mtime = int(time.time())
             info.mode = 0o644
             archive.addfile(info, handle)
-    except zlib.error as exc:
-        raise ImageError(f"layer {blob.name} in the store is not valid gzip: {exc}",
-                         hint="remove the image (`berth rmi`), prune, and pull it again") from None
     finally:
         if scratch.exists():
             scratch.unlink()
