@@ -126,9 +126,11 @@ def run(
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
+        # Like a failure below: the stderr tail belongs to the message (a hint says who acts).
+        tail = _tail(exc.stderr)
         raise ProgramFailed(
-            f"{what or os.path.basename(argv[0])} did not finish within {timeout:g} s",
-            hint=_tail(exc.stderr) or None,
+            f"{what or os.path.basename(argv[0])} did not finish within {timeout:g} s"
+            + (f": {tail}" if tail else ""),
         ) from None
     if check and result.returncode != 0:
         tail = _tail(result.stderr)
