@@ -338,7 +338,8 @@ class RegistryClient:
                 headers={"Content-Length": "0"}, body=b"", what=what)
             location = response.headers.get("Location")
             if not location:
-                raise RegistryError(f"registry {self.host} started the {what} without a Location header")
+                raise RegistryError(f"registry {self.host} started the {what} without a Location header",
+                                    hint="the registry does not follow the distribution API: tell its operator")
             url = urljoin(self.base_url + "/", location)
             url += ("&" if "?" in url else "?") + urlencode({"digest": str(digest)})
             if size:
@@ -437,7 +438,8 @@ class RegistryClient:
 
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
-            raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts")
+            raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts",
+                                hint="tell the image's maintainer: registries and runtimes refuse documents that large")
         data = bytearray()
         try:
             # Read until the end: urllib3 notices a body cut short of its Content-Length only
@@ -445,7 +447,9 @@ class RegistryClient:
             while chunk := response.read(64 * 1024, decode_content=False):
                 data += chunk
                 if len(data) > limit:
-                    raise RegistryError(f"{what} is more than the {limit} bytes berth accepts")
+                    raise RegistryError(f"{what} is more than the {limit} bytes berth accepts",
+                                        hint="tell the image's maintainer: registries and runtimes refuse "
+                                        "documents that large")
         except (uexc.HTTPError, OSError) as exc:
             raise RegistryUnreachable(
                 f"connection to registry {self.host} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"

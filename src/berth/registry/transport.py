@@ -289,14 +289,16 @@ class Transport:
             _discard(response)
             target = urljoin(current_url, location)
             if urlsplit(target).scheme not in ("http", "https"):
-                raise RegistryError(f"registry {self.registry} redirected {what} to an unsupported URL {target}")
+                raise RegistryError(f"registry {self.registry} redirected {what} to an unsupported URL {target}",
+                                    hint="the registry is misconfigured: tell its operator")
             if not same_origin(current_url, target):
                 # Never hand the registry's credentials (or token) to another host.
                 current_headers = {k: v for k, v in current_headers.items() if k.lower() != "authorization"}
             if response.status == 303 or (response.status in (301, 302) and current_method == "POST"):
                 current_method, current_body = "GET", None
             current_url = target
-        raise RegistryError(f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times")
+        raise RegistryError(f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times",
+                            hint="the registry (or a proxy before it) redirects in a loop: tell its operator")
 
     # -- errors ---------------------------------------------------------------------------
     def _tls_error(self, url: str, what: str, exc: BaseException) -> RegistryUnreachable:
