@@ -30,7 +30,8 @@ def file_lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Ite
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise StoreError(f"cannot open lock file {path}: {exc.strerror}") from None
+        raise StoreError(f"cannot open lock file {path}: {exc.strerror}",
+                         hint=f"check that {path.parent} is a directory you can write") from None
     try:
         operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if not blocking:
@@ -41,7 +42,9 @@ def file_lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Ite
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and not blocking:
                 yield False
                 return
-            raise StoreError(f"cannot lock {path}: {exc.strerror}") from None
+            raise StoreError(f"cannot lock {path}: {exc.strerror}",
+                             hint="the store must be on a file system with flock(2) support "
+                             "(for NFS: local_lock=flock or NFSv4)") from None
         try:
             yield True
         finally:

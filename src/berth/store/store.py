@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from berth.errors import BerthError, DigestMismatch, PermissionDenied, StoreError
+from berth.errors import BerthError, DigestMismatch, NotFound, PermissionDenied, StoreError
 from berth.fsutil import fsync_directory
 from berth.oci.digest import Digest, new_hasher
 from berth.store.layout import LAYOUT_VERSION, StoreLayout
@@ -172,9 +172,8 @@ class Store:
         try:
             return self.layout.blob(digest).read_bytes()
         except FileNotFoundError:
-            from berth.errors import NotFound
-
-            raise NotFound(f"blob {digest} is not in the {self.kind} store at {self.root}") from None
+            raise NotFound(f"blob {digest} is not in the {self.kind} store at {self.root}",
+                           hint="something removed it from the store: pull the image again") from None
 
     def put_blob_bytes(self, digest: Digest, data: bytes) -> None:
         """Store small verified content (manifests, configs). Idempotent."""
@@ -381,7 +380,9 @@ class Store:
             ) from None
         references = data.get("references") if isinstance(data, dict) else None
         if not isinstance(references, dict):
-            raise StoreError(f"the {self.kind} store index {path} has no 'references' object")
+            raise StoreError(f"the {self.kind} store index {path} has no 'references' object",
+                             hint="the file is written by berth only: restore it or remove it (then "
+                             "re-tag images by pulling them again)")
         for key, value in references.items():
             try:
                 Digest.parse(str(value))
@@ -577,7 +578,8 @@ class BlobWriter:
     def commit(self) -> None:
         """Verify and publish; raises DigestMismatch (partial removed) or StoreError."""
         if not self.complete:
-            raise StoreError(f"blob {self.digest}: commit after {self.offset} of {self.size_bytes} bytes")
+            raise StoreError(f"blob {self.digest}: commit after {self.offset} of {self.size_bytes} bytes",
+                             hint="this is a bug in berth: report it to berth's maintainers")
         actual = Digest(self.digest.algorithm, self._hasher.hexdigest())
         if actual != self.digest:
             self.discard()
