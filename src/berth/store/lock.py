@@ -43,8 +43,8 @@ def file_lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Ite
                 yield False
                 return
             raise StoreError(f"cannot lock {path}: {exc.strerror}",
-                             hint="the store must be on a file system with flock(2) support "
-                             "(for NFS: local_lock=flock or NFSv4)") from None
+                             hint="the store must be on a file system with working flock(2) "
+                             "(Lustre: mounted with -o flock; NFS: with its lock service running)") from None
         try:
             yield True
         finally:
