@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from berth.config.settings import Settings
-from berth.config.tomlfile import KeyLines, read_toml, toml_value, write_atomically
+from berth.config.tomlfile import KeyLines, read_toml, toml_value
 from berth.config.units import format_size, parse_duration_s, parse_size_bytes
 from berth.errors import ConfigError, NotFound, PermissionDenied, UsageError
+from berth.fsutil import write_atomically
 from berth.oci.digest import Digest, InvalidDigest
 from berth.oci.reference import InvalidReference, Reference
 

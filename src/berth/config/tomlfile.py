@@ -137,10 +137,3 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text``; readers see the old or the new file, never a part."""
-    from berth.fsutil import write_atomically as replace_file
-
-    replace_file(path, text, mode=mode)
