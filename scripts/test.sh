@@ -18,6 +18,6 @@ else
     venv=${BERTH_VENV:-/opt/berth-test/venv}; editable=0
 fi
 BERTH_EDITABLE=$editable "$repo/scripts/setup-venv.sh" "$venv"
-export BERTH_VENV=$venv BERTH_TEST_USER=$user
+export BERTH_VENV=$venv BERTH_TEST_USER=$user BERTH_REQUIRE_ALL=1
 cd "$repo"
 exec "$venv/bin/python" -m pytest "$@"
