@@ -288,3 +288,17 @@ def test_concurrent_cpu_limited_containers_spread_over_cpus(runtime_env, runtime
     finally:
         first.terminate()
         first.communicate(timeout=20)
+
+
+def test_site_stage_to_local_mounts_a_node_local_copy(runtime_env, runtime_images, site_config):
+    site_config.write("stage_to_local = true\n")
+    result = runtime_env.berth("--debug", "run", str(runtime_images.busybox), "cat", "/etc/passwd",
+                               env=site_config.env)
+    assert result.returncode == 0, describe(result)
+    copies = sorted(p for p in (runtime_env.state_dir / "images").iterdir() if p.suffix == ".sqfs")
+    assert len(copies) == 1 and copies[0].read_bytes() == runtime_images.busybox.read_bytes()
+    assert f"mounting the node-local copy {copies[0]}" in result.stderr, describe(result)
+    assert copies[0].stat().st_uid == runtime_env.user.uid
+    again = runtime_env.berth("run", str(runtime_images.busybox), "true", env=site_config.env)
+    assert again.returncode == 0, describe(again)
+    assert sorted(p for p in (runtime_env.state_dir / "images").iterdir() if p.suffix == ".sqfs") == copies

@@ -39,7 +39,7 @@ Log = Callable[..., None]
 
 #: Signals that start the stop timer (the container is asked to stop).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-FORWARDED = (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+FORWARDED = proc.FORWARDED_SIGNALS
 
 
 class LocalImage(NamedTuple):
@@ -393,7 +393,13 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             "cpu_set": sorted(limit_plan.cpu_set or ()),
         }
         container.write_info(info)
-        lower = fuse.mount_squashfs(str(image.squashfs), str(container.lower), str(container.path / "squashfuse.log"))
+        squashfs = Path(image.squashfs)
+        if settings.stage_to_local:
+            from berth.runtime.localcopy import local_copy
+
+            squashfs = local_copy(state_dir, squashfs, getattr(image, "digest", None))
+            log(f"mounting the node-local copy {squashfs} (site setting stage_to_local)", debug=True)
+        lower = fuse.mount_squashfs(str(squashfs), str(container.lower), str(container.path / "squashfuse.log"))
         fuse_mounts.append(lower)
         phases["mount"] = clock() - started - phases["prepare"]
         info["daemon_pids"].append(lower.process.pid)

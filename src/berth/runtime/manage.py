@@ -79,9 +79,7 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
         except ProcessLookupError:
             pass
 
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                 signal.SIGWINCH)
-    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
+    previous = {signum: signal.signal(signum, forward) for signum in proc.FORWARDED_SIGNALS}
     try:
         return proc.shell_status(child.wait())
     finally:
