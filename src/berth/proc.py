@@ -22,6 +22,7 @@ PACKAGES = {
     "runc": "runc",
     "crun": "crun",
     "squashfuse": "squashfuse",
+    "squashfuse_ll": "squashfuse",
     "fusermount3": "fuse3",
     "fuse-overlayfs": "fuse-overlayfs",
     "tar2sqfs": "squashfs-tools-ng",

@@ -252,7 +252,7 @@ def _kill_daemons(info: dict) -> None:
         except OSError:
             continue
         # Only our own FUSE daemons, never a recycled pid running something else.
-        if os.path.basename(argv0) in (b"squashfuse", b"fuse-overlayfs"):
+        if os.path.basename(argv0) in (b"squashfuse", b"squashfuse_ll", b"fuse-overlayfs"):
             try:
                 os.kill(pid, 15)
             except OSError:
