@@ -90,7 +90,7 @@ def main() -> int:
                     ref = image.ref(registry)
                     user.run([*pull, ref], env=berth_env)
                 berth = [str(c.BERTH), "run", ref]
-                variants["berth run (SquashFS, squashfuse)"] = (
+                variants["berth run (its SquashFS, FUSE-mounted)"] = (
                     [*berth, *image_python, "-c", storm_code("/opt/storm")],
                     [*berth, *image_python, "-c", "pass"], berth_env)
             except RuntimeError as error:
@@ -166,7 +166,7 @@ def main() -> int:
 
     sections = [header, (f"Image: {image.name}, {image.tar_bytes / 1e6:.0f} MB of tar; storm layer "
                          f"{image.layers[-1].tar_bytes / 1e6:.1f} MB ({args.modules} modules + .pyc)."), ""]
-    berth_name = "berth run (SquashFS, squashfuse)"
+    berth_name = "berth run (its SquashFS, FUSE-mounted)"
     for mode, measured in (("warm", warm), ("cold (caches dropped before every run)", cold)):
         rows = []
         berth_storm = measured.get(berth_name)

@@ -280,10 +280,12 @@ def main() -> int:
             flat = four["step"].median / one["step"].median
             sections.append(f"- target flat in node count ({max(node_counts)}-node / 1-node step ≤ 1.2): "
                             f"{flat:.2f}, {'met' if flat <= 1.2 else 'NOT met'}")
-            worst = max((results[("slurm", n)]["step"].median - results[("slurm", n)]["bare"].median)
-                        for n in node_counts if ("slurm", n) in results)
-            sections.append(f"- target berth overhead per node < 100 ms warm: worst step − bare = "
-                            f"{worst * 1000:.0f} ms, {'met' if worst < 0.1 else 'NOT met'}")
+            single = one["step"].median - one["bare"].median
+            sections.append(f"- target berth overhead per node < 100 ms warm: step − bare on 1 node (one "
+                            f"container, no core shared with another node's) = {single * 1000:.0f} ms, "
+                            f"{'met' if single < 0.1 else 'NOT met'}; on {max(node_counts)} nodes "
+                            f"{(four['step'].median - four['bare'].median) * 1000:.0f} ms for all of them, "
+                            "their containers sharing this machine's 2 cores")
         if not phases_seen:
             sections.append("- phases as berth reports them: not available: `berth status --json` has no phase "
                             "timings" + ("; the local phases above come from kernel exec events (tracefs); "
