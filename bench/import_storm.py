@@ -9,7 +9,7 @@ Each variant runs ``python3 -c "import sys; sys.path.insert(0, ROOT/opt/storm); 
 and, as its baseline, ``python3 -c pass`` in the same environment; the storm's own cost is the
 difference of the medians.
 
-Variants (as berthtest): ``berth run`` (image SquashFS via squashfuse), ``ch-run IMG.sqfs`` (the
+Variants (as berthtest): ``berth run`` (its image SquashFS, FUSE-mounted), ``ch-run IMG.sqfs`` (the
 same tree as an lz4 SquashFS mounted by ch-run), ``ch-run DIR`` (the tree unpacked on disk), and
 the host's python3 on the unpacked directory (no container; Debian 12's python3 is the image's).
 
