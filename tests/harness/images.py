@@ -415,8 +415,15 @@ def index_specs() -> list[ImageSpec]:
 def debian_rootfs_tar() -> tuple[Path, str]:
     """debootstrap minbase bookworm (+python3-minimal) as an uncompressed tar, built once (needs
     root and the Debian mirror; minutes the first time). Returns (tar path, cache key)."""
-    key = "debootstrap-" + hashlib.sha256(
-        json.dumps([DEBIAN_SUITE, DEBIAN_MIRROR, "minbase", DEBIAN_INCLUDE]).encode()).hexdigest()[:16]
+    return debootstrap_rootfs_tar("debian", DEBIAN_INCLUDE)
+
+
+def debootstrap_rootfs_tar(label: str, include: list[str] | tuple[str, ...]) -> tuple[Path, str]:
+    """debootstrap minbase of DEBIAN_SUITE with ``include`` as an uncompressed tar, built once
+    and cached by the inputs (needs root and the Debian mirror). Returns (tar path, cache key)."""
+    prefix = "debootstrap-" if label == "debian" else f"debootstrap-{label}-"
+    key = prefix + hashlib.sha256(
+        json.dumps([DEBIAN_SUITE, DEBIAN_MIRROR, "minbase", include]).encode()).hexdigest()[:16]
     tar_path = cache_dir() / f"{key}.tar"
     if tar_path.exists():
         return tar_path, key
@@ -424,24 +431,25 @@ def debian_rootfs_tar() -> tuple[Path, str]:
         if tar_path.exists():
             return tar_path, key
         if os.getuid() != 0:
-            raise PermissionError("building the debian test image needs root (debootstrap)")
+            raise PermissionError(f"building the {label} test image needs root (debootstrap)")
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
         try:
             rootfs = staging / "rootfs"
             result = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(DEBIAN_INCLUDE)}", DEBIAN_SUITE,
+                ["debootstrap", "--variant=minbase", f"--include={','.join(include)}", DEBIAN_SUITE,
                  str(rootfs), DEBIAN_MIRROR],
                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
             )
             if result.returncode != 0:
                 log = rootfs / "debootstrap" / "debootstrap.log"
                 detail = log.read_text(errors="replace")[-2000:] if log.exists() else result.stderr[-2000:]
-                raise RuntimeError(f"debootstrap of the debian test image from {DEBIAN_MIRROR} failed "
+                raise RuntimeError(f"debootstrap of the {label} test image from {DEBIAN_MIRROR} failed "
                                    f"(exit {result.returncode}):\n{detail}")
             # Drop what debootstrap leaves that would vary between builds or does not belong.
-            for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for item in (rootfs / cache).glob("*.deb"):
-                    item.unlink()
+            for item in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+                item.unlink()
+            for item in (rootfs / "var/lib/apt/lists").glob("*_Packages"):
+                item.unlink()
             partial = staging / "rootfs.tar"
             subprocess.run(
                 ["tar", "--create", "--file", str(partial), "--numeric-owner", "--sort=name",

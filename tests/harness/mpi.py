@@ -15,7 +15,6 @@ and cached, like the other test images, under /var/cache/berth-test-images (see
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -58,44 +57,7 @@ int main(int argc, char **argv) {
 
 def _rootfs_tar() -> tuple[Path, str]:
     """debootstrap minbase bookworm + openmpi-bin as an uncompressed tar, built once."""
-    key = "debootstrap-mpi-" + hashlib.sha256(json.dumps(
-        [images.DEBIAN_SUITE, images.DEBIAN_MIRROR, "minbase", MPI_INCLUDE]).encode()).hexdigest()[:16]
-    tar_path = images.cache_dir() / f"{key}.tar"
-    if tar_path.exists():
-        return tar_path, key
-    with images._cache_lock(key):
-        if tar_path.exists():
-            return tar_path, key
-        if os.getuid() != 0:
-            raise PermissionError("building the MPI test image needs root (debootstrap)")
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=images.cache_dir()))
-        try:
-            rootfs = staging / "rootfs"
-            result = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(MPI_INCLUDE)}", images.DEBIAN_SUITE,
-                 str(rootfs), images.DEBIAN_MIRROR],
-                check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
-            )
-            if result.returncode != 0:
-                log = rootfs / "debootstrap" / "debootstrap.log"
-                detail = log.read_text(errors="replace")[-2000:] if log.exists() else result.stderr[-2000:]
-                raise RuntimeError(f"debootstrap of the MPI test image from {images.DEBIAN_MIRROR} failed "
-                                   f"(exit {result.returncode}):\n{detail}")
-            for item in (rootfs / "var/cache/apt/archives").glob("*.deb"):
-                item.unlink()
-            for item in (rootfs / "var/lib/apt/lists").glob("*_Packages"):
-                item.unlink()
-            partial = staging / "rootfs.tar"
-            subprocess.run(
-                ["tar", "--create", "--file", str(partial), "--numeric-owner", "--sort=name",
-                 "--xattrs", "--directory", str(rootfs), "."],
-                check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=1800,
-            )
-            os.chmod(partial, 0o644)
-            os.replace(partial, tar_path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return tar_path, key
+    return images.debootstrap_rootfs_tar("mpi", MPI_INCLUDE)
 
 
 def hello_binary() -> Path:
