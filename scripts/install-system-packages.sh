@@ -44,8 +44,13 @@ if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
     chmod 0666 /dev/fuse
 fi
 
-# The unprivileged user the integration tests and the quick start run berth as.
+# The unprivileged users the integration tests and the quick start run berth as: the main test
+# user, and a second one for the multi-user tests (one user must not read, lock or squat what
+# belongs to another). Default Debian homes (mode 0755), as on a real site.
 user=${BERTH_TEST_USER:-berthtest}
-if ! id "$user" >/dev/null 2>&1; then
-    useradd --create-home --shell /bin/bash "$user"
-fi
+other=${BERTH_TEST_OTHER_USER:-berthtest2}
+for u in "$user" "$other"; do
+    if ! id "$u" >/dev/null 2>&1; then
+        useradd --create-home --shell /bin/bash "$u"
+    fi
+done

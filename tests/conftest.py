@@ -37,6 +37,22 @@ def user() -> User:
     return found
 
 
+OTHER_TEST_USER = os.environ.get("BERTH_TEST_OTHER_USER", "berthtest2")
+
+
+@pytest.fixture(scope="session")
+def other_user(user) -> User:
+    """A second unprivileged user, for multi-user tests: it must not read, lock, squat or
+    redirect anything that belongs to ``user`` (created by scripts/install-system-packages.sh)."""
+    try:
+        return User.lookup(OTHER_TEST_USER)
+    except KeyError:
+        if os.getuid() != 0:
+            pytest.skip(f"second test user {OTHER_TEST_USER} does not exist; run scripts/install-system-packages.sh")
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", OTHER_TEST_USER], check=True)
+        return User.lookup(OTHER_TEST_USER)
+
+
 @pytest.fixture
 def user_tmp(user):
     """A scratch directory owned by the test user, removed afterwards."""
