@@ -1,4 +1,4 @@
-"""Golden tests for generated batch scripts (Slurm and PBS): what a scheduler receives.
+"""Golden tests for generated batch scripts (Slurm): what a scheduler receives.
 
 Regenerate after an intended change with ``BERTH_UPDATE_GOLDEN=1 pytest tests/unit/test_jobs_scripts.py``
 and review the diff.
@@ -13,7 +13,6 @@ import pytest
 
 from berth.errors import UsageError
 from berth.jobs.model import JobSpec, Resources
-from berth.jobs.pbs import pbs_script, pbs_select
 from berth.jobs.records import JobRecord
 from berth.jobs.slurm import batch_script
 
@@ -47,9 +46,6 @@ CASES = {
     "slurm-template-job.sh": lambda: batch_script(template_job(), RECORD, PYTHON),
     "slurm-minimal-job.sh": lambda: batch_script(minimal_job(), JobRecord(Path("/home/bob/.local/state/berth/jobs/7")),
                                                  PYTHON),
-    "pbs-template-job.sh": lambda: pbs_script(template_job(), RECORD, PYTHON),
-    "pbs-minimal-job.sh": lambda: pbs_script(minimal_job(), JobRecord(Path("/home/bob/.local/state/berth/jobs/7")),
-                                             PYTHON),
 }
 
 
@@ -61,13 +57,6 @@ def test_generated_script_matches_golden(name):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(generated)
     assert generated == path.read_text()
-
-
-def test_pbs_select_chunks():
-    assert pbs_select(template_job()) == "select=2:ncpus=8:mpiprocs=2:mem=8192mb:ngpus=1"
-    assert pbs_select(template_job(ntasks_per_node=None, ntasks=6, gpus=None, memory_bytes=None)) == \
-        "select=2:ncpus=12:mpiprocs=3"
-    assert pbs_select(minimal_job()) == "select=1:ncpus=1"
 
 
 def test_paths_with_spaces_cannot_become_directives():

@@ -281,7 +281,7 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     """``berth job-exec``: run the job of the record at ``record_path`` on this node.
 
     Local backend: wait for a concurrency slot (pending), enforce the time limit, limit CPUs
-    and memory; Slurm/PBS: the scheduler does those. Returns the job's shell-style status.
+    and memory; Slurm: the scheduler does those. Returns the job's shell-style status.
     """
     from berth.jobs.records import JobRecord
     from berth.jobs.runner import Supervisor

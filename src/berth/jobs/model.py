@@ -3,7 +3,7 @@
 Pure data, no I/O. A job is described once at submission (:class:`JobSpec`, stored as
 ``spec.json`` in the job's record directory) and its progress is written by the job runner
 (:class:`JobResult`, ``state.json``). Backends translate :class:`Resources` into scheduler
-requests (``sbatch`` options, ``#PBS -l``, local CPU/memory limits).
+requests (``sbatch`` options, local CPU/memory limits).
 
 States (issue 4): pending → staging → running → completed | failed (with the phase that
 failed) | cancelled | timeout; ``suspended`` while a scheduler has the job stopped.
