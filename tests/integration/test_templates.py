@@ -127,7 +127,7 @@ def test_admin_edits_are_refused_when_input_is_bad(site_config, admin):
         (["template", "create", "x", "image=busybox", "cpu=2", "memsz=4G", "colour=red"], 2, "unknown key 'colour'"),
         (["template", "create", "../x", "image=busybox", "cpu=2", "memsz=4G"], 2, "invalid template name '../x'"),
         (["template", "create", "t", "image=busybox", "cpu=2", "memsz=4G"], 78, "template 't' already exists"),
-        (["template", "modify", "t", "memsz=-1G"], 2, "memsz=-1G is negative"),
+        (["template", "modify", "t", "memsz=-1G"], 2, "memsz '-1G': negative"),
         (["template", "modify", "t", "cpu=99999"], 2, "cpu=99999 is out of range: allowed 1 to 4096"),
         (["template", "modify", "nope", "cpu=2"], 3, "no template named 'nope'"),
         (["template", "delete", "nope"], 3, "no template named 'nope'"),

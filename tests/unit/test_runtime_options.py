@@ -4,20 +4,7 @@ import pytest
 
 from berth.errors import RuntimeFailure, UsageError
 from berth.runtime.container import compose_command
-from berth.runtime.options import MountRequest, parse_custom, parse_mount, parse_run_options, parse_size
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("1024", 1024), ("512M", 512 << 20), ("4g", 4 << 30), ("1.5GiB", 3 << 29), ("2k", 2048), ("1T", 1 << 40),
-])
-def test_sizes_use_binary_units(text, expected):
-    assert parse_size(text, what="--memory") == expected
-
-
-@pytest.mark.parametrize("text", ["", "lots", "-1G", "4X", "0"])
-def test_bad_sizes_name_the_option(text):
-    with pytest.raises(UsageError, match="--memory"):
-        parse_size(text, what="--memory")
+from berth.runtime.options import MountRequest, parse_custom, parse_mount, parse_run_options
 
 
 def test_mount_syntax():

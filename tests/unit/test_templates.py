@@ -19,7 +19,6 @@ from berth.config.templates import (
     template_path,
     update_template,
 )
-from berth.config.units import format_size, parse_duration_s, parse_size_bytes
 from berth.errors import ConfigError, NotFound, UsageError
 
 DIGEST = "sha256:" + "ab" * 32
@@ -35,32 +34,6 @@ def make(name="gpu", **changes) -> Template:
     base = Template(name=name, image="127.0.0.1:5000/busybox:1", image_digest=DIGEST, cpu=2,
                     memsz_bytes=4 * 1024**3)
     return dataclasses.replace(base, **changes)
-
-
-@pytest.mark.parametrize("text, size", [
-    ("4G", 4 * 1024**3), ("4GiB", 4 * 1024**3), ("4gb", 4 * 1024**3), ("512M", 512 * 1024**2),
-    ("1T", 1024**4), ("1.5G", 1536 * 1024**2), ("2048B", 2048), ("64K", 65536),
-])
-def test_sizes(text, size):
-    assert parse_size_bytes(text) == size
-
-
-@pytest.mark.parametrize("text, message", [
-    ("4096", "'4096' has no unit"), ("4Q", "'4Q' is not a size"), ("", "'' is not a size"), ("G", "'G' is not a size"),
-])
-def test_bad_sizes(text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_size_bytes(text)
-
-
-def test_format_size_is_exact():
-    assert [format_size(n) for n in (4 * 1024**3, 1536 * 1024**2, 1000, 1024**5)] == ["4GiB", "1536MiB", "1000B", "1PiB"]
-
-
-def test_durations():
-    assert [parse_duration_s(t) for t in ("300", "300s", "5m", "2h", "10min")] == [300, 300, 300, 7200, 600]
-    with pytest.raises(ValueError, match="'5 days' is not a duration"):
-        parse_duration_s("5 days")
 
 
 def test_parse_full_create_line():
@@ -84,14 +57,14 @@ def test_parse_full_create_line():
     (["image=busybox", "cpu=0", "memsz=4G"], "cpu=0 is out of range: allowed 1 to 4096"),
     (["image=busybox", "cpu=100000", "memsz=4G"], "cpu=100000 is out of range: allowed 1 to 4096"),
     (["image=busybox", "cpu=two", "memsz=4G"], "bad value in 'cpu=two': cpu=two: expected a whole number"),
-    (["image=busybox", "cpu=2", "memsz=4096"], "'4096' has no unit"),
-    (["image=busybox", "cpu=2", "memsz=0G"], "memsz=0G is out of range: allowed 1MiB to 64TiB"),
-    (["image=busybox", "cpu=2", "memsz=-4G"], "memsz=-4G is negative"),
-    (["image=busybox", "cpu=2", "memsz=1000T"], "memsz=1000T is out of range: allowed 1MiB to 64TiB"),
+    (["image=busybox", "cpu=2", "memsz=4096"], "bad value in 'memsz=4096': memsz '4096': no unit"),
+    (["image=busybox", "cpu=2", "memsz=0G"], "memsz '0G': less than the minimum 1MiB"),
+    (["image=busybox", "cpu=2", "memsz=-4G"], "memsz '-4G': negative"),
+    (["image=busybox", "cpu=2", "memsz=1000T"], "memsz '1000T': more than the maximum 64TiB"),
     (["image=busybox", "cpu=2", "memsz=4G", "gpu=65"], "gpu=65 is out of range: allowed 0 to 64"),
-    (["image=busybox", "cpu=2", "memsz=4G", "boot_timeout=0"], "boot_timeout=0s is out of range: allowed 1 to 86400s"),
-    (["image=busybox", "cpu=2", "memsz=4G", "stop_timeout=-5"], "stop_timeout=-5 is negative"),
-    (["image=busybox", "cpu=2", "memsz=4G", "stop_timeout=2h"], "stop_timeout=7200s is out of range: allowed 1 to 3600s"),
+    (["image=busybox", "cpu=2", "memsz=4G", "boot_timeout=0"], "boot_timeout '0': less than the minimum 1s"),
+    (["image=busybox", "cpu=2", "memsz=4G", "stop_timeout=-5"], "stop_timeout '-5': negative"),
+    (["image=busybox", "cpu=2", "memsz=4G", "stop_timeout=2h"], "stop_timeout '2h': more than the maximum 1h"),
     (["image=Busy Box", "cpu=2", "memsz=4G"], "invalid image reference 'Busy Box'"),
     (["image=busybox", "cpu=2", "memsz=4G", "custom=--env 'A"], "custom is not valid shell-quoted options"),
     (["image=busybox", "cpu=2", "memsz=4G", "comment=two\nlines"], "comment may not contain control characters"),

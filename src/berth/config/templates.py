@@ -31,7 +31,7 @@ from typing import Any
 
 from berth.config.settings import Settings
 from berth.config.tomlfile import KeyLines, read_toml, toml_value
-from berth.config.units import format_size, parse_duration_s, parse_size_bytes
+from berth.config.units import STOP_TIMEOUT_MAX_S, format_size, parse_duration, parse_memory
 from berth.errors import ConfigError, NotFound, PermissionDenied, UsageError
 from berth.fsutil import write_atomically
 from berth.oci.digest import Digest, InvalidDigest
@@ -43,10 +43,7 @@ LOCK_NAME = ".lock"
 #: Limits that keep a typo (memsz=4T for 4G, cpu=640) from becoming a template; stated in errors.
 CPU_MAX = 4096
 GPU_MAX = 64
-MEMSZ_MIN_BYTES = 1024**2
-MEMSZ_MAX_BYTES = 64 * 1024**4
 BOOT_TIMEOUT_MAX_S = 24 * 3600
-STOP_TIMEOUT_MAX_S = 3600
 TEXT_MAX_CHARS = 4096
 
 DEFAULT_BOOT_TIMEOUT_S = 300
@@ -144,7 +141,9 @@ def _parse_int(key: str, text: str) -> int:
 
 
 def _parse_value(key: str, text: str) -> tuple[str, Any]:
-    """One NQSV word's value -> (Template field, checked value). Raises ValueError."""
+    """One NQSV word's value -> (Template field, checked value).
+
+    Raises ValueError, or UsageError naming the key for sizes and durations (config.units)."""
     if key == "image":
         return "image", _check_image(text)
     if key == "cpu":
@@ -152,18 +151,10 @@ def _parse_value(key: str, text: str) -> tuple[str, Any]:
     if key == "gpu":
         return "gpu", _int_in("gpu", _parse_int("gpu", text), 0, GPU_MAX)
     if key == "memsz":
-        if text.strip().startswith("-"):
-            raise ValueError(f"memsz={text} is negative: allowed {format_size(MEMSZ_MIN_BYTES)} to {format_size(MEMSZ_MAX_BYTES)}")
-        size = parse_size_bytes(text)
-        if not MEMSZ_MIN_BYTES <= size <= MEMSZ_MAX_BYTES:
-            raise ValueError(f"memsz={text} is out of range: allowed {format_size(MEMSZ_MIN_BYTES)} "
-                             f"to {format_size(MEMSZ_MAX_BYTES)}")
-        return "memsz_bytes", size
+        return "memsz_bytes", parse_memory(text, option="memsz", bare_unit=None)
     if key in ("boot_timeout", "stop_timeout"):
-        if text.strip().startswith("-"):
-            raise ValueError(f"{key}={text} is negative: give seconds (or 5m, 1h)")
         high = BOOT_TIMEOUT_MAX_S if key == "boot_timeout" else STOP_TIMEOUT_MAX_S
-        return f"{key}_s", _int_in(key, parse_duration_s(text), 1, high, "s")
+        return f"{key}_s", parse_duration(text, option=key, bare_unit="s", maximum_s=high)
     if key == "custom":
         return "custom", _check_custom(text)
     if key == "comment":
@@ -195,6 +186,8 @@ def parse_assignments(words: list[str], *, require: bool) -> dict[str, Any]:
             field, value = _parse_value(key, text)
         except ValueError as exc:
             raise UsageError(f"bad value in '{word}': {exc}") from None
+        except UsageError as exc:  # a size or duration: the message names the key already
+            raise UsageError(f"bad value in '{word}': {exc.message}", hint=exc.hint) from None
         changes[field] = value
     if require:
         missing = [key for key in REQUIRED_KEYS if key not in seen]
@@ -242,7 +235,7 @@ def _file_value(field: str, key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"must be an integer, not {_kind(value)}")
     if key == "memsz_bytes":
-        return _parse_value("memsz", f"{value}B")[1]
+        return parse_memory(str(value), option="memsz_bytes", bare_unit="B")
     return _parse_value(key.removesuffix("_s"), str(value))[1]
 
 
@@ -273,6 +266,9 @@ def read_template_file(path: Path, name: str) -> Template:
         except ValueError as exc:
             raise ConfigError(f"{where}: template '{name}': {key}: {exc}",
                               hint="fix the file, or rewrite it with `berth template modify`") from None
+        except UsageError as exc:  # a size or duration: the message names the key already
+            raise ConfigError(f"{where}: template '{name}': {exc.message}",
+                              hint=f"{exc.hint}; fix the file, or rewrite it with `berth template modify`") from None
     for required in ("image", "cpu", "memsz_bytes"):
         if required not in values:
             raise ConfigError(f"{path}: template '{name}' has no '{required}'",

@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from berth.config.units import MEMORY_MAX_BYTES, parse_duration, parse_memory
 from berth.errors import UsageError
 
 #: Upper bounds that catch typos (``--nodes=10000000``) before a scheduler sees them.
@@ -21,7 +22,7 @@ MAX_NODES = 100_000
 MAX_TASKS = 10_000_000
 MAX_CPUS_PER_TASK = 4096
 MAX_GPUS = 64
-MAX_MEMORY_BYTES = 64 << 40  # 64 TiB per node
+MAX_MEMORY_BYTES = MEMORY_MAX_BYTES  # per node
 MAX_TIME_LIMIT_S = 365 * 24 * 3600
 
 DIRECTIVE_PREFIX = "#BERTH"
@@ -61,8 +62,6 @@ SUBMIT_OPTIONS: tuple[OptionSpec, ...] = (
 )
 
 _BY_NAME = {name: spec for spec in SUBMIT_OPTIONS for name in spec.names}
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-_MEM = re.compile(r"^(\d+(?:\.\d+)?)([KMGT])?B?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 
@@ -162,51 +161,14 @@ def positive_int(raw: str, option: str, limit: int) -> int:
 
 
 def parse_time_s(raw: str, option: str = "--time") -> int:
-    """sbatch time formats -> seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
-    ``D-HH:MM:SS``. Raises UsageError; zero and more than a year are refused."""
-    match = _TIME.match(raw.strip())
-    if not match:
-        raise UsageError(f"{option} '{raw}': not a time limit",
-                         hint="write minutes (30), MM:SS, HH:MM:SS or D-HH:MM:SS, as sbatch does")
-    days, first, second, third = match.groups()
-    if days is not None:
-        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
-        total = int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
-    elif third is not None:
-        total = int(first) * 3600 + int(second) * 60 + int(third)
-    elif second is not None:
-        total = int(first) * 60 + int(second)
-    else:
-        total = int(first) * 60
-    if total < 1:
-        raise UsageError(f"{option} '{raw}': must be at least one second")
-    if total > MAX_TIME_LIMIT_S:
-        raise UsageError(f"{option} '{raw}': more than a year", hint="check the value for a typo")
-    return total
-
-
-def format_time(seconds: int) -> str:
-    """Seconds -> sbatch's ``D-HH:MM:SS`` (or ``HH:MM:SS`` under a day)."""
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{hours:02d}:{minutes:02d}:{secs:02d}"
-    return f"{days}-{text}" if days else text
+    """``-t/--time`` -> seconds: sbatch's formats (a bare number is minutes) and the unit forms
+    of every berth duration (config.units). Raises UsageError; zero and more than a year are refused."""
+    return parse_duration(raw, option=option, bare_unit="min", maximum_s=MAX_TIME_LIMIT_S)
 
 
 def parse_memory_bytes(raw: str, option: str = "--mem") -> int:
-    """``--mem`` as sbatch reads it: a number with K, M, G or T; no unit means M."""
-    match = _MEM.match(raw.strip())
-    if not match:
-        raise UsageError(f"{option} '{raw}': not a memory size", hint="write e.g. 512M, 4G (no unit: M)")
-    number, unit = match.groups()
-    value = int(float(number) * (1 << {"K": 10, "M": 20, "G": 30, "T": 40}[(unit or "M").upper()]))
-    if value < (1 << 20):
-        raise UsageError(f"{option} '{raw}': must be at least 1M")
-    if value > MAX_MEMORY_BYTES:
-        raise UsageError(f"{option} '{raw}': more than berth accepts (64T per node)",
-                         hint="check the value for a typo")
-    return value
+    """``--mem`` as sbatch reads it (no unit means M); units and bounds from config.units."""
+    return parse_memory(raw, option=option, bare_unit="M")
 
 
 def parse_gres_gpus(raw: str) -> int:

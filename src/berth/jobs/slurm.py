@@ -25,7 +25,7 @@ from berth.config.settings import Settings
 from berth.errors import JobError, ProgramFailed, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
-from berth.jobs.options import format_time
+from berth.config.units import format_clock
 from berth.jobs.records import JobRecord, atomic_write
 
 COMMENT_PREFIX = "berth:"
@@ -63,7 +63,7 @@ def sbatch_directives(spec: JobSpec, record: JobRecord) -> list[str]:
     if r.gpus:
         lines.append(f"--gres=gpu:{r.gpus}")
     if r.time_limit_s is not None:
-        lines.append(f"--time={format_time(r.time_limit_s)}")
+        lines.append(f"--time={format_clock(r.time_limit_s)}")
     if r.partition:
         lines.append(f"--partition={r.partition}")
     if r.exclusive:

@@ -14,13 +14,12 @@ import shlex
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from berth.config.units import STOP_TIMEOUT_MAX_S, parse_duration, parse_memory
 from berth.errors import UsageError
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 
 # Patterns as strings, compiled on first use by re's cache (not at import: start-up time).
-_SIZE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$"
-_SIZE_FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -56,17 +55,6 @@ class RunOptions:
     entrypoint: str | None = None
     hostname: str | None = None
     runtime: str | None = None
-
-
-def parse_size(text: str, *, what: str) -> int:
-    """``4G``, ``512m``, ``1.5GiB``, ``1048576`` -> bytes (binary units). Raises UsageError."""
-    match = re.match(_SIZE, text)
-    if not match:
-        raise UsageError(f"{what}: '{text}' is not a size", hint="use a number with an optional unit: 512M, 4G, 1.5GiB")
-    value = float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()]
-    if value < 1:
-        raise UsageError(f"{what}: '{text}' must be positive")
-    return int(value)
 
 
 def parse_mount(text: str) -> MountRequest:
@@ -109,9 +97,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", dest="devices", action="append", default=[], metavar="/dev/X",
         help="pass a host device you can open")
     add("--cpus", type=float, metavar="N", help="limit to N CPUs (cgroup v2 when delegated, else CPU affinity)")
-    add("--memory", metavar="SIZE", help="limit memory (cgroup v2 when delegated, else RLIMIT_DATA)")
-    add("--stop-timeout", dest="stop_timeout_s", type=float, default=DEFAULT_STOP_TIMEOUT_S, metavar="S",
-        help="seconds between forwarding SIGTERM/SIGINT and killing the container (default %(default)g)")
+    add("--memory", metavar="SIZE",
+        help="limit memory, e.g. 4G (no unit: bytes, as docker); cgroup v2 when delegated, else RLIMIT_DATA")
+    add("--stop-timeout", dest="stop_timeout", metavar="DURATION",
+        help="time between forwarding SIGTERM/SIGINT and killing the container: seconds, or 90s, 2m "
+        f"(default {DEFAULT_STOP_TIMEOUT_S:g}s)")
     add("-t", "--tty", action="store_true", help="give the command a terminal (interactive shells)")
     add("-i", "--interactive", action="store_true",
         help="accepted for docker compatibility: stdin always passes through")
@@ -133,8 +123,6 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
         check_env_entry(entry, what="-e")
     if ns.cpus is not None and not 0 < ns.cpus <= 65536:
         raise UsageError(f"--cpus {ns.cpus:g}: must be a positive number of CPUs")
-    if ns.stop_timeout_s < 0:
-        raise UsageError(f"--stop-timeout {ns.stop_timeout_s:g}: must not be negative")
     if ns.workdir is not None and not posixpath.isabs(ns.workdir):
         raise UsageError(f"--workdir '{ns.workdir}': must be an absolute path inside the container")
     if ns.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", ns.name):
@@ -149,8 +137,10 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
         network=ns.network,
         devices=tuple(ns.devices),
         cpus=ns.cpus,
-        memory_bytes=None if ns.memory is None else parse_size(ns.memory, what="--memory"),
-        stop_timeout_s=ns.stop_timeout_s,
+        memory_bytes=None if ns.memory is None else parse_memory(ns.memory, option="--memory", bare_unit="B"),
+        stop_timeout_s=(DEFAULT_STOP_TIMEOUT_S if ns.stop_timeout is None else
+                        float(parse_duration(ns.stop_timeout, option="--stop-timeout", bare_unit="s",
+                                             minimum_s=0, maximum_s=STOP_TIMEOUT_MAX_S))),
         tty=ns.tty,
         name=ns.name,
         pull=ns.pull,
