@@ -3,8 +3,8 @@
 import pytest
 
 from berth.errors import RuntimeFailure, UsageError
-from berth.runtime.container import compose_command
 from berth.runtime.options import MountRequest, parse_custom, parse_mount, parse_run_options
+from berth.runtime.plan import compose_command
 
 
 def test_mount_syntax():

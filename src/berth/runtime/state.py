@@ -37,15 +37,15 @@ from berth.errors import NotFound, RuntimeFailure
 CONTAINERS = "containers"
 
 
-class ContainerState:
-    """The state directory of one container, locked by its berth process while it lives."""
+class ContainerLayout:
+    """Where the files of container ``container_id`` live under ``path`` (the layout above):
+    pure paths, so that a plan can name them before the directory exists."""
 
-    __slots__ = ("id", "path", "lock_fd")
+    __slots__ = ("id", "path")
 
-    def __init__(self, container_id: str, path: Path, lock_fd: int) -> None:
+    def __init__(self, container_id: str, path: Path) -> None:
         self.id = container_id
         self.path = path
-        self.lock_fd = lock_fd
 
     @property
     def runtime_root(self) -> Path:
@@ -82,6 +82,16 @@ class ContainerState:
     @property
     def info_path(self) -> Path:
         return self.path / "info.json"
+
+
+class ContainerState(ContainerLayout):
+    """The state directory of one container, locked by its berth process while it lives."""
+
+    __slots__ = ("lock_fd",)
+
+    def __init__(self, container_id: str, path: Path, lock_fd: int) -> None:
+        super().__init__(container_id, path)
+        self.lock_fd = lock_fd
 
     def write_info(self, info: dict) -> None:
         temporary = self.path / "info.json.tmp"

@@ -1,0 +1,62 @@
+"""Making a container plan true on disk: the state directory's contents, the FUSE mounts, the
+identity files and the OCI bundle (issue 9's second stage; the plan is
+:mod:`berth.runtime.plan`, the run :mod:`berth.runtime.supervise`).
+
+Every function here acts on a locked container state directory (berth.runtime.state) and
+returns what the teardown must undo; nothing here decides anything the plan did not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from berth.runtime import fuse, rootfs
+from berth.runtime.plan import ContainerPlan
+from berth.runtime.state import ContainerState
+
+Log = Callable[..., None]
+
+
+def make_directories(container: ContainerState) -> None:
+    """The mount points and files berth creates in the container's state directory (0700;
+    the private /tmp 1777 as a /tmp must be)."""
+    for directory in (container.lower, container.rootfs, container.tmp, container.etc, container.bundle):
+        directory.mkdir(mode=0o700)
+    container.tmp.chmod(0o1777)
+
+
+def mount_image(settings, container: ContainerState, image, log: Log) -> fuse.FuseMount:
+    """Mount the image's SquashFS read-only at the container's ``lower`` directory (from the
+    node-local copy when the site sets ``stage_to_local``)."""
+    squashfs = Path(image.squashfs)
+    if settings.stage_to_local:
+        from berth.runtime.localcopy import local_copy
+
+        squashfs = local_copy(Path(settings.state_dir), squashfs, getattr(image, "digest", None))
+        log(f"mounting the node-local copy {squashfs} (site setting stage_to_local)", debug=True)
+    return fuse.mount_squashfs(str(squashfs), str(container.lower), str(container.path / "squashfuse.log"))
+
+
+def mount_overlay(plan: ContainerPlan, container: ContainerState) -> fuse.FuseMount:
+    """fuse-overlayfs over the image at the container's ``rootfs``, with the plan's missing
+    mount points created first in its upper directory."""
+    container.upper.mkdir(mode=0o755)
+    container.work.mkdir(mode=0o700)
+    rootfs.create_mount_points(str(container.upper), list(plan.mount_points))
+    return fuse.mount_overlay(plan.image_root, str(container.upper), str(container.work),
+                              str(container.rootfs), str(container.path / "overlay.log"),
+                              squash_to=plan.squash_to)
+
+
+def write_bundle(plan: ContainerPlan, container: ContainerState) -> None:
+    """The identity files (0644 in a 0755 directory: the container's user reads them through
+    the bind) and the bundle's config.json."""
+    for identity_file in plan.identity_files:
+        (container.etc / identity_file.name).write_text(identity_file.text)
+    os.chmod(container.etc, 0o755)
+    for identity_file in plan.identity_files:
+        os.chmod(container.etc / identity_file.name, 0o644)
+    (container.bundle / "config.json").write_text(json.dumps(plan.config()))

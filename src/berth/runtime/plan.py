@@ -1,0 +1,424 @@
+"""The container plan: everything ``berth run`` decides before it makes or runs anything.
+
+A run is three stages (issue 9): this **plan**, its **materialisation**
+(:mod:`berth.runtime.materialise`: state directory, FUSE mounts, identity files, bundle) and
+**supervision** (:mod:`berth.runtime.supervise`: the OCI runtime, signals, stop timeout,
+teardown). The plan is made in two pure steps: they read the host and the image's files, and
+write nothing, start nothing:
+
+1. :func:`request_for` — what does not depend on the image's files: the command, the
+   environment, the caller's identity and home, ``-v``/site/PMIx mounts and devices judged by
+   site policy (host sources resolved and identified), namespaces.
+2. :func:`plan_container` — with the image's root directory at hand (mounted read-only, or any
+   directory in tests): where each mount lands through the image's own links (judged again
+   there), which mount points the image lacks (so an overlay is needed), the identity files'
+   content and where they go, and the OCI ``config.json`` (:func:`berth.runtime.spec.build_config`).
+
+New run-time features (devices, GPUs and CDI edits, MPI injection, shared image mounts) arrive
+as data in :class:`RunRequest` and so in :class:`ContainerPlan` and config.json, never as side
+effects of the run: tests pin plans with golden files the way tests/golden pins config.json.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+from berth.errors import RuntimeFailure, UsageError
+from berth.runtime import limits, policy, rootfs, spec
+from berth.runtime.state import ContainerLayout
+from berth.runtime.env import check_image_env, compose_env, read_env_file
+from berth.runtime.identity import Caller, group_text, identity_env, passwd_text, read_image_file
+from berth.runtime.options import RunOptions
+from berth.runtime.pmix import pmix_mounts, rank_env_ops
+
+Log = Callable[..., None]
+
+#: Container directories berth always mounts, with the standard filesystems of spec.py.
+STANDARD_MOUNT_POINTS = ("/proc", "/dev", "/sys", "/tmp")
+#: Container directories under which runc can create missing mount points (berth's tmpfs there).
+CREATABLE_UNDER = ("/dev", "/tmp")
+
+
+def _quiet(message: str, *, debug: bool = False) -> None:
+    del message, debug
+
+
+def image_name(image) -> str:
+    return str(getattr(image, "reference", None) or getattr(image, "digest", None) or image.squashfs)
+
+
+def compose_command(image_config: dict, command: list[str] | None, entrypoint: str | None, name: str) -> list[str]:
+    """Entrypoint + Cmd as docker composes them; ``--entrypoint`` resets the image's Cmd."""
+    def strings(value, key: str) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return ["/bin/sh", "-c", value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
+            raise RuntimeFailure(f"image {name}: config {key} is not a list of strings",
+                                 hint="the image is broken; ask its author")
+        return list(value)
+
+    if entrypoint is not None:
+        argv = [entrypoint, *(command or [])]
+    else:
+        argv = strings(image_config.get("Entrypoint"), "Entrypoint")
+        argv += list(command) if command else strings(image_config.get("Cmd"), "Cmd")
+    if not argv:
+        raise UsageError(f"image {name} has no entrypoint or command, and none was given",
+                         hint=f"add a command: berth run {name} /bin/sh -c '...'")
+    return argv
+
+
+def _workdir(options: RunOptions, image_config: dict) -> str:
+    if options.workdir:
+        return rootfs.normalize_container_path(options.workdir)
+    value = image_config.get("WorkingDir") or "/"
+    # OCI image-spec says absolute; a hostile "../../" is normalized to "/" (contained).
+    return rootfs.normalize_container_path(value if isinstance(value, str) else "/")
+
+
+def _group_policies(settings) -> list:
+    """Site group policies that apply to the caller (member by primary or supplementary gid)."""
+    if not settings.policy.groups:
+        return []
+    import grp
+
+    mine = set(os.getgroups()) | {os.getgid()}
+    applied = []
+    for group_policy in settings.policy.groups:
+        try:
+            gid = grp.getgrnam(group_policy.group).gr_gid
+        except KeyError:
+            continue
+        if gid in mine:
+            applied.append(group_policy)
+    return applied
+
+
+class HomeMounts(NamedTuple):
+    """The caller's home in the container: ``path`` (HOME inside), the bind of the host
+    directory (None: an empty tmpfs instead), the private tmpfs directories, the mount points
+    needed and the directories under which runc may create mount points."""
+
+    path: str
+    binds: tuple[spec.BindMount, ...] = ()
+    tmpfs: tuple[str, ...] = ()
+    mount_points: tuple[rootfs.MountPoint, ...] = ()
+    creatable: tuple[str, ...] = ()
+
+
+def plan_home(caller: Caller, options: RunOptions, log: Log) -> HomeMounts:
+    home = posixpath.normpath(caller.home) if caller.home else "/"
+    if home == "/" or not home.startswith("/"):
+        log(f"home directory '{caller.home}' is not mounted (not an absolute directory)", debug=True)
+        return HomeMounts(home)
+    tmpfs: list[str] = []
+    needed: list[rootfs.MountPoint] = []
+    creatable: list[str] = []
+    binds: list[spec.BindMount] = []
+    parent = posixpath.dirname(home)
+    if parent != "/" and posixpath.dirname(parent) == "/":
+        # /home/NAME: hide the image's /home (and other users' entries) behind a private tmpfs.
+        tmpfs.append(parent)
+        needed.append(rootfs.MountPoint(parent, True))
+        creatable.append(parent)
+    if options.mount_home and os.path.isdir(home):
+        binds.append(spec.BindMount(os.path.realpath(home), home, read_only=False))
+        log(f"home {home} mounted read-write", debug=True)
+    else:
+        tmpfs.append(home)
+        log(f"home {home} is an empty temporary directory (--no-mount-home or missing on the host)", debug=True)
+    needed.append(rootfs.MountPoint(home, True))
+    return HomeMounts(home, tuple(binds), tuple(tmpfs), tuple(needed), tuple(creatable))
+
+
+def _site_mounts(settings, groups: list, log: Log) -> list[spec.BindMount]:
+    mounts = []
+    for mount in [*settings.policy.mounts, *(m for g in groups for m in g.mounts)]:
+        if not os.path.exists(mount.source):
+            if mount.optional:
+                log(f"site mount {mount.source} skipped: missing on this node", debug=True)
+                continue
+            raise RuntimeFailure(f"site mount {mount.source} -> {mount.destination} is missing on this node",
+                                 hint="ask your site administrator (policy mounts; mark it optional if it "
+                                      "exists only on some nodes)")
+        mounts.append(spec.BindMount(os.path.realpath(mount.source),
+                                     rootfs.normalize_container_path(mount.destination),
+                                     read_only=mount.read_only))
+    return mounts
+
+
+def _devices(settings, groups: list, options: RunOptions) -> list[spec.BindMount]:
+    binds = []
+    seen = set()
+    requested = [(d, "site policy device") for d in settings.policy.devices]
+    requested += [(d, f"group {g.group} device") for g in groups for d in g.devices]
+    requested += [(d, f"--device {d}") for d in options.devices]
+    for path, what in requested:
+        real = policy.resolve_device(path, what=what)
+        if path in seen:
+            continue
+        seen.add(path)
+        binds.append(spec.BindMount(real, policy.device_destination(path, real, what=what), read_only=False,
+                                    device=True))
+    return binds
+
+
+class RunRequest(NamedTuple):
+    """What a run needs, judged against site policy, before the image's files are looked at."""
+
+    image_name: str
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    caller: Caller
+    workdir: str
+    hostname: str
+    network: str
+    init_path: str
+    home: HomeMounts
+    #: Site (and site-group and PMIx) binds, then the user's ``-v``, then devices; destinations
+    #: as requested: :func:`plan_container` judges them again where the image's links land them.
+    site_mounts: tuple[spec.BindMount, ...] = ()
+    user_mounts: tuple[spec.BindMount, ...] = ()
+    devices: tuple[spec.BindMount, ...] = ()
+    #: Site policy's ``mount_deny_destinations`` (the user's mounts are judged by it).
+    deny_destinations: tuple[str, ...] = ()
+    host_namespaces: tuple[str, ...] = ()
+    private_namespaces: tuple[str, ...] = ()
+    remap_root: bool = False
+    writable: bool = False
+    tty: bool = False
+
+
+def request_for(settings, image, command: list[str] | None, options: RunOptions, *, init_path: str,
+                caller: Caller | None = None, environ: Mapping[str, str] | None = None,
+                log: Log | None = None) -> RunRequest:
+    """Judge a ``berth run`` request: raises PolicyError/UsageError for refused requests and
+    RuntimeFailure for a broken image config or a missing site mount. Reads the host (policy
+    paths, env files, the caller's databases), never the image's files; starts nothing."""
+    log = log or _quiet
+    environ = os.environ if environ is None else environ
+    name = image_name(image)
+    whole_config = image.config or {}
+    image_config = whole_config.get("config") or {} if isinstance(whole_config, dict) else None
+    if not isinstance(image_config, dict):
+        raise RuntimeFailure(f"image {name}: its config is not a JSON object",
+                             hint="the image is broken; ask its author")
+    argv = compose_command(image_config, command, options.entrypoint, name)
+    image_env = check_image_env(image_config.get("Env") or [], name)
+    if image_config.get("User") not in (None, "", "0", "root", "0:0"):
+        log(f"image User '{image_config.get('User')}' ignored: containers run as you", debug=True)
+    caller = caller or Caller.current()
+    groups = _group_policies(settings)
+    user_mounts = policy.resolve_user_mounts(settings, options)
+    forced = policy.forced_network(settings)
+    network = forced or options.network or "host"
+    namespaces = dict(settings.policy.forced_namespaces)
+    host_namespaces = tuple(k for k in ("pid", "ipc", "uts") if namespaces.get(k) == "host")
+    private_namespaces = tuple(k for k in ("cgroup",) if namespaces.get(k) == "private")
+    if options.hostname and "uts" in host_namespaces:
+        log("ignoring --hostname: site policy gives containers the host's UTS namespace")
+    if forced and options.network and options.network != forced:
+        policy.check_options(settings, options)  # raises the PolicyError with its hint
+    devices = _devices(settings, groups, options)
+    site_mounts = _site_mounts(settings, groups, log)
+    site_mounts += pmix_mounts(environ, settings, caller.uid, log)
+    env_entries: list[str] = []
+    for env_file in options.env_files:
+        env_entries += read_env_file(env_file)
+    env_entries += list(options.env)
+    home = plan_home(caller, options, log)
+    env = compose_env(
+        image_env,
+        host_env=environ,
+        passthrough=settings.policy.passthrough_env,
+        identity=identity_env(caller, as_root=options.remap_root, home_in_container=home.path),
+        site_ops=[*rank_env_ops(environ, image_env), *settings.policy.env,
+                  *(op for g in groups for op in g.env)],
+        user_entries=env_entries,
+        tty=options.tty,
+    )
+    return RunRequest(
+        image_name=name,
+        argv=tuple(argv),
+        env=tuple(env),
+        caller=caller,
+        workdir=_workdir(options, image_config),
+        hostname=options.hostname or os.uname().nodename,
+        network=network,
+        init_path=init_path,
+        home=home,
+        site_mounts=tuple(site_mounts),
+        user_mounts=tuple(user_mounts),
+        devices=tuple(devices),
+        deny_destinations=tuple(settings.policy.mount_deny_destinations),
+        host_namespaces=host_namespaces,
+        private_namespaces=private_namespaces,
+        remap_root=options.remap_root,
+        writable=options.writable,
+        tty=options.tty,
+    )
+
+
+def _landing(root: str, destination: str, what: str, deny) -> str:
+    """Where ``destination`` lands in the image (its links followed in-root), judged again:
+    an image link such as /data -> /etc must not carry a mount onto a denied path."""
+    resolved, _ = rootfs.resolve_in_root(root, destination)
+    if resolved != destination:
+        policy.check_destination(resolved, what=f"{what} (through the image's links: {resolved})", deny=deny)
+    return resolved
+
+
+def _identity_targets(root: str) -> tuple[dict[str, str], list[rootfs.MountPoint]]:
+    """Where berth's passwd/group files go, and which image entries must be replaced first.
+
+    /etc is followed in-root (an image may link it elsewhere), but not into /proc, /sys or
+    /dev; the files themselves are never followed: an image's /etc/passwd that is a link (to
+    /proc/self/environ, to berth-init...) or anything but a regular file is replaced by a plain
+    file in the overlay, so the bind lands exactly where the container looks."""
+    etc, _ = rootfs.resolve_in_root(root, "/etc")
+    if etc in ("/proc", "/sys", "/dev") or etc.startswith(("/proc/", "/sys/", "/dev/")):
+        raise RuntimeFailure(f"the image's /etc is a link to {etc}: berth will not put identity files there",
+                             hint="the image is broken or hostile; ask its author")
+    targets: dict[str, str] = {}
+    replaced: list[rootfs.MountPoint] = []
+    for name in ("passwd", "group"):
+        target = posixpath.join(etc, name)
+        targets[name] = target
+        try:
+            info = os.lstat(os.path.join(root, target.lstrip("/")))
+        except FileNotFoundError:
+            continue  # missing: an ordinary mount point to create
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot inspect the image's {target}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            replaced.append(rootfs.MountPoint(target, False))
+    return targets, replaced
+
+
+class IdentityFile(NamedTuple):
+    """One of berth's identity files: ``name`` in the container's ``etc`` state directory,
+    its ``text``, and the container path it is bind-mounted over."""
+
+    name: str
+    text: str
+    target: str
+
+
+class ContainerPlan(NamedTuple):
+    """Everything materialisation and supervision do, decided: pure data.
+
+    ``overlay``: fuse-overlayfs goes on top of the image (``--writable``, or mount points the
+    image lacks, created first in the overlay's upper directory: ``mount_points``)."""
+
+    request: RunRequest
+    image_root: str
+    overlay: bool
+    mount_points: tuple[rootfs.MountPoint, ...]
+    identity_files: tuple[IdentityFile, ...]
+    spec: spec.SpecPlan
+    limits: limits.LimitPlan
+
+    @property
+    def squash_to(self) -> tuple[int, int] | None:
+        """The ids fuse-overlayfs gives new files (only a writable root needs it)."""
+        caller = self.request.caller
+        return (caller.uid, caller.gid) if self.request.writable else None
+
+    def config(self) -> dict:
+        """The OCI runtime-spec config.json."""
+        return spec.build_config(self.spec)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready view: config.json plus the judged mounts and identity files."""
+        return {
+            "image_root": self.image_root,
+            "overlay": self.overlay,
+            "mount_points": [{"path": p.path, "directory": p.is_dir} for p in self.mount_points],
+            "identity_files": [{"name": f.name, "target": f.target, "text": f.text} for f in self.identity_files],
+            "config": self.config(),
+        }
+
+
+def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout, *,
+                   limit_plan: limits.LimitPlan | None = None, log: Log | None = None) -> ContainerPlan:
+    """The whole plan, from a judged request, the image's root directory (read in-root, links
+    never followed on the host) and the container's state layout (host paths named in
+    config.json; nothing is created). Raises PolicyError when a mount lands on a denied path
+    through the image's links, RuntimeFailure for a hostile image /etc. Writes nothing."""
+    log = log or _quiet
+    limit_plan = limit_plan or limits.LimitPlan()
+    deny = request.deny_destinations
+    # Judge mount destinations where they really land: through the image's own links.
+    user_mounts = [m._replace(destination=_landing(image_root, m.destination, f"--mount {m.destination}", deny))
+                   for m in request.user_mounts]
+    site_mounts = [m._replace(destination=_landing(image_root, m.destination, f"site mount {m.destination}",
+                                                   ("/proc", "/sys")))
+                   for m in request.site_mounts]
+    identity_paths, replaced = _identity_targets(image_root)
+    home = request.home
+    creatable = [*CREATABLE_UNDER, *home.creatable]
+    needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
+    needed += home.mount_points
+    needed += [rootfs.MountPoint(path, False) for path in identity_paths.values()]
+    for bind in [*site_mounts, *user_mounts]:
+        needed.append(rootfs.MountPoint(bind.destination, os.path.isdir(bind.source)))
+    needed.append(rootfs.MountPoint(request.workdir, True))
+    missing = rootfs.missing_mount_points(image_root, needed, creatable) + replaced
+    overlay = bool(missing) or request.writable
+    if missing:
+        log("the image lacks mount point(s) " + ", ".join(p.path for p in missing)
+            + ": adding a fuse-overlayfs overlay to create them", debug=True)
+    if request.writable:
+        log("--writable: volatile fuse-overlayfs overlay, discarded at exit", debug=True)
+
+    # Identity files: the image's own entries plus the caller's (read in-root, never via host links).
+    caller = request.caller
+    shell_exists = lambda path: rootfs.path_kind(image_root, path) == "file"  # noqa: E731
+    passwd_resolved, _ = rootfs.resolve_in_root(image_root, "/etc/passwd")
+    group_resolved, _ = rootfs.resolve_in_root(image_root, "/etc/group")
+    identity_files = (
+        IdentityFile("passwd", passwd_text(read_image_file(os.path.join(image_root, passwd_resolved.lstrip("/"))),
+                                           caller, as_root=request.remap_root, shell_exists=shell_exists),
+                     identity_paths["passwd"]),
+        IdentityFile("group", group_text(read_image_file(os.path.join(image_root, group_resolved.lstrip("/"))),
+                                         caller, as_root=request.remap_root),
+                     identity_paths["group"]),
+    )
+    binds = [
+        *home.binds,
+        *(spec.BindMount(str(layout.etc / f.name), f.target) for f in identity_files),
+        *site_mounts,
+        *user_mounts,
+        *request.devices,
+    ]
+    spec_plan = spec.SpecPlan(
+        rootfs=str(layout.rootfs) if overlay else image_root,
+        args=spec.process_args(caller.uid, caller.gid, list(request.argv), remap_root=request.remap_root),
+        env=request.env,
+        cwd=request.workdir,
+        uid=caller.uid,
+        gid=caller.gid,
+        init_path=request.init_path,
+        hostname=request.hostname,
+        readonly_root=not request.writable,
+        remap_root=request.remap_root,
+        terminal=request.tty,
+        network=request.network,
+        host_namespaces=request.host_namespaces,
+        private_namespaces=request.private_namespaces,
+        binds=tuple(binds),
+        tmpfs=home.tmpfs,
+        tmp_source=str(layout.tmp),
+        rlimits=limit_plan.rlimits,
+        cgroups_path=limit_plan.cgroups_path,
+        cpu_quota_us=limit_plan.cpu_quota_us,
+        memory_limit_bytes=limit_plan.memory_limit_bytes,
+        annotations=(("org.berth.image", request.image_name),),
+    )
+    return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan)

@@ -1,0 +1,143 @@
+"""The container plan (berth.runtime.plan) is pure: made from a request and an image directory,
+it is pinned by golden files like config.json (tests/golden/plan-*.json).
+
+Regenerate after an intended change with BERTH_UPDATE_GOLDEN=1 and review the diff.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from berth.config.settings import Settings, SitePolicy
+from berth.errors import PolicyError, RuntimeFailure
+from berth.runtime.identity import Caller
+from berth.runtime.options import MountRequest, RunOptions
+from berth.runtime.plan import HomeMounts, RunRequest, plan_container, plan_home, request_for
+from berth.runtime.rootfs import MountPoint
+from berth.runtime.spec import BindMount
+from berth.runtime.state import ContainerLayout
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+LAYOUT = ContainerLayout("c0", Path("/run/user/1001/berth/containers/c0"))
+ALICE = Caller("alice", 1001, 1001, "alice", "/home/alice", "/bin/bash", "Alice")
+
+
+def make_image(root: Path, *, etc_link: bool = False, lacks: tuple[str, ...] = ()) -> Path:
+    """A small image tree: /bin/sh, /etc/passwd and /etc/group, /home, /work, /data -> /srv."""
+    for directory in ("bin", "home", "work", "srv", "proc", "dev", "sys", "tmp"):
+        if directory not in lacks:
+            (root / directory).mkdir(parents=True)
+    (root / "bin" / "sh").write_text("")
+    etc = root / ("real-etc" if etc_link else "etc")
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:5:5::/nowhere:/bin/sh\n")
+    (etc / "group").write_text("root:x:0:\n")
+    if etc_link:
+        (root / "etc").symlink_to("/real-etc")
+    (root / "data").symlink_to("srv")
+    return root
+
+
+def request(**changes) -> RunRequest:
+    values = dict(
+        image_name="registry.example/app:1",
+        argv=("/bin/sh", "-c", "echo hi"),
+        env=("PATH=/usr/bin:/bin", "HOME=/home/alice"),
+        caller=ALICE,
+        workdir="/work",
+        hostname="node1",
+        network="host",
+        init_path="/opt/berth/libexec/berth/berth-init",
+        home=HomeMounts("/home/alice", binds=(BindMount("/home/alice", "/home/alice", read_only=False),),
+                        tmpfs=("/home",), mount_points=(MountPoint("/home", True), MountPoint("/home/alice", True)),
+                        creatable=("/home",)),
+        deny_destinations=("/etc",),
+    )
+    values.update(changes)
+    return RunRequest(**values)
+
+
+def host_dirs(tmp_path: Path) -> dict:
+    """Mount sources that exist on the host (their kind decides the mount point's)."""
+    (tmp_path / "host" / "scratch").mkdir(parents=True)
+    (tmp_path / "host" / "data").write_text("")
+    return {"site_mounts": (BindMount(str(tmp_path / "host" / "scratch"), "/scratch", read_only=False),),
+            "user_mounts": (BindMount(str(tmp_path / "host" / "data"), "/data/in", identity=(42, 7)),)}
+
+
+def golden(name: str, produced: dict, tmp_path: Path) -> None:
+    text = json.dumps(produced, indent=2, sort_keys=True).replace(str(tmp_path), "/TMP") + "\n"
+    path = GOLDEN / name
+    if os.environ.get("BERTH_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"the plan changed; if intended, regenerate {path}"
+
+
+def test_plan_of_a_complete_image_needs_no_overlay(tmp_path):
+    root = make_image(tmp_path / "img")
+    (root / "scratch").mkdir()
+    (root / "srv" / "in").write_text("")
+    plan = plan_container(request(**host_dirs(tmp_path)), str(root), LAYOUT)
+    assert plan.overlay is False and plan.mount_points == ()
+    # The -v destination /data/in lands through the image's link /data -> /srv.
+    assert [b.destination for b in plan.spec.binds][-1] == "/srv/in"
+    # The image's own entry for the caller's name is replaced by the caller's.
+    assert plan.identity_files[0].text.splitlines()[-1] == "alice:x:1001:1001:Alice:/home/alice:/bin/sh"
+    golden("plan-default.json", plan.to_dict(), tmp_path)
+
+
+def test_plan_of_an_image_lacking_mount_points_adds_an_overlay(tmp_path):
+    root = make_image(tmp_path / "img", etc_link=True, lacks=("home", "work", "tmp"))
+    plan = plan_container(request(**host_dirs(tmp_path)), str(root), LAYOUT)
+    assert plan.overlay is True and plan.spec.rootfs == str(LAYOUT.rootfs)
+    # Mount points that runc cannot create in a read-only root (the identity files land in
+    # /real-etc through the image link /etc -> /real-etc, where they exist).
+    assert [p.path for p in plan.mount_points] == ["/tmp", "/home", "/scratch", "/srv/in", "/work"]
+    golden("plan-overlay-etc-link.json", plan.to_dict(), tmp_path)
+
+
+def test_plan_refuses_a_user_mount_that_lands_on_a_denied_path_through_a_link(tmp_path):
+    root = make_image(tmp_path / "img")
+    (root / "cfg").symlink_to("/etc")
+    with pytest.raises(PolicyError, match="through the image's links: /etc/x"):
+        plan_container(request(user_mounts=(BindMount("/host/x", "/cfg/x"),)), str(root), LAYOUT)
+
+
+def test_plan_refuses_identity_files_in_dev(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    (root / "etc").symlink_to("/dev/shm")
+    with pytest.raises(RuntimeFailure, match="the image's /etc is a link to /dev/shm"):
+        plan_container(request(), str(root), LAYOUT)
+
+
+def test_plan_writes_nothing_into_the_image_or_the_layout(tmp_path):
+    root = make_image(tmp_path / "img", lacks=("home",))
+    before = sorted(str(p) for p in root.rglob("*"))
+    layout = ContainerLayout("c1", tmp_path / "state" / "c1")
+    plan_container(request(writable=True), str(root), layout)
+    assert sorted(str(p) for p in root.rglob("*")) == before
+    assert not layout.path.exists()
+
+
+def test_home_missing_on_the_host_is_an_empty_tmpfs(tmp_path):
+    caller = ALICE._replace(home=str(tmp_path / "gone" / "alice"))
+    home = plan_home(caller, RunOptions(), lambda *a, **k: None)
+    assert home.binds == () and home.tmpfs == (caller.home,)
+
+
+def test_request_composes_environment_and_judges_mounts(tmp_path):
+    settings = Settings(policy=SitePolicy(mount_deny_destinations=("/etc",)))
+    image = type("Image", (), {"config": {"config": {"Env": ["A=1"], "Cmd": ["/bin/true"]}},
+                               "reference": "x:1", "digest": None, "squashfs": "/x.sqfs"})()
+    caller = ALICE._replace(home=str(tmp_path))
+    made = request_for(settings, image, None, RunOptions(env=("B=2",)), init_path="/init", caller=caller,
+                       environ={"PATH": "/host"})
+    assert made.argv == ("/bin/true",)
+    assert dict(e.split("=", 1) for e in made.env)["HOME"] == str(tmp_path)
+    assert ("A=1" in made.env, "B=2" in made.env) == (True, True)
+    with pytest.raises(PolicyError, match="mounting over /etc"):
+        request_for(settings, image, None, RunOptions(mounts=(MountRequest(str(tmp_path), "/etc/x"),)),
+                    init_path="/init", caller=caller, environ={})
