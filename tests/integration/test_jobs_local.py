@@ -195,7 +195,7 @@ BAD_INPUT = [
     (["--template", "bb", "--backend", "pbs", "ok.sh"], 2, "--backend 'pbs': unknown backend"),
     (["--template", "bb", "-N", "2", "ok.sh"], 2, "--nodes 2: the local backend runs jobs on this machine only"),
     (["--template", "bb", "-o", "/nonexistent/dir/out", "ok.sh"], 2, "the directory /nonexistent/dir does not exist"),
-    (["--image", "bad reference!", "ok.sh"], 2, "bad reference!"),
+    (["--image", "bad reference!", "ok.sh"], 20, "bad reference!"),
 ]
 
 

@@ -54,7 +54,7 @@ def test_login_validates_then_stores_credentials_privately(request, user, login_
 def test_login_with_wrong_password_stores_nothing(request, user, login_env, fixture):
     registry = request.getfixturevalue(fixture)
     result = login(user, registry, login_env, "not-the-password")
-    assert result.returncode == 4, describe(result)
+    assert result.returncode == 40, describe(result)
     assert "berth: error: " in result.stderr
     assert f"user '{registry.username}' from the command line were sent" in result.stderr
     assert not auth_file(login_env).exists()
@@ -108,7 +108,7 @@ def test_login_to_an_unreachable_registry_explains(user, login_env):
         sock.bind(("127.0.0.1", 0))
         host = f"127.0.0.1:{sock.getsockname()[1]}"
     result = user.berth("login", "-u", "x", "--password-stdin", host, input="pw\n", env=login_env)
-    assert result.returncode == 4, describe(result)
+    assert result.returncode == 42, describe(result)
     assert f"cannot reach registry {host}" in result.stderr
     assert "for a plain-HTTP registry set insecure" in result.stderr
     assert not auth_file(login_env).exists()

@@ -109,7 +109,7 @@ def test_platform_selection_from_index(stores, request, fixture):
 
 def test_platform_not_found_lists_platforms(stores, index_image):
     result = stores.berth("pull", "--insecure", "--platform", "linux/s390x", str(index_image))
-    assert result.returncode == 3, describe(result)
+    assert result.returncode == 31, describe(result)
     assert "linux/amd64, linux/arm64/v8" in result.stderr
     assert "--platform" in result.stderr
     assert stores.index() == {} and stores.image_dirs() == []
@@ -118,7 +118,7 @@ def test_platform_not_found_lists_platforms(stores, index_image):
 def test_platform_of_single_platform_image_is_checked_before_layers(stores, proxy, busybox_image):
     config = _blobs(busybox_image)[0]
     result = stores.berth("pull", "--insecure", "--platform", "linux/s390x", via(proxy, busybox_image))
-    assert result.returncode == 3, describe(result)
+    assert result.returncode == 31, describe(result)
     assert "single-platform image for linux/amd64, not linux/s390x" in result.stderr
     assert [p for _m, p, _r in proxy.blob_gets()] == [f"/v2/test/busybox/blobs/{config}"]
     assert stores.index() == {} and stores.image_dirs() == []
@@ -198,7 +198,7 @@ def test_auth_refused_then_accepted_with_credentials(stores, request, registry_f
     images.push_image(registry, "test/private", "1", busybox_image.spec, "oci")
     ref = f"{registry.host}/test/private:1"
     refused = stores.berth("pull", "--insecure", ref)
-    assert refused.returncode == 4, describe(refused)
+    assert refused.returncode == 40, describe(refused)
     assert "auth" in refused.stderr.lower() and registry.host in refused.stderr
     auth_file = stores.user_store.parent / "auth.json"
     import base64
@@ -213,13 +213,13 @@ def test_auth_refused_then_accepted_with_credentials(stores, request, registry_f
 
 def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
     unknown = stores.berth("pull", "--insecure", f"{registry.host}/test/no-such-image:1")
-    assert unknown.returncode == 3, describe(unknown)
+    assert unknown.returncode == 30, describe(unknown)
     assert "no-such-image" in unknown.stderr
     unreachable = stores.berth("pull", "--insecure", "127.0.0.1:9/test/x:1")
-    assert unreachable.returncode == 4, describe(unreachable)
+    assert unreachable.returncode == 42, describe(unreachable)
     assert "127.0.0.1:9" in unreachable.stderr
     bad = stores.berth("pull", "Not/A/Valid:ref:erence")
-    assert bad.returncode == 2, describe(bad)
+    assert bad.returncode == 20, describe(bad)
     assert "invalid image reference" in bad.stderr
     assert stores.index() == {} and stores.blobs() == set()
 
@@ -228,7 +228,7 @@ def test_site_store_refused_for_users_with_admin_hint(stores, proxy, busybox_ima
     os.chown(stores.site_store, 0, 0)
     os.chmod(stores.site_store, 0o755)
     result = stores.berth("pull", "--site", "--insecure", via(proxy, busybox_image))
-    assert result.returncode == 77, describe(result)
+    assert result.returncode == 73, describe(result)
     assert str(stores.site_store) in result.stderr
     assert "ask your site administrator" in result.stderr and "--site only as an admin" in result.stderr
     assert proxy.requests == []  # refused before any network traffic
@@ -245,7 +245,7 @@ def test_admin_pulls_into_site_store_and_users_use_it(stores, busybox_image):
     assert Path(inspected["squashfs"]).stat().st_mode & 0o444 == 0o444
     # users cannot untag or prune it
     refused = stores.berth("rmi", "--site", str(busybox_image))
-    assert refused.returncode == 77, describe(refused)
+    assert refused.returncode == 73, describe(refused)
     # without --site the user's own store is meant, and the hint says where it is
     missing = stores.berth("rmi", str(busybox_image))
     assert missing.returncode == 3 and "site store" in missing.stderr, describe(missing)

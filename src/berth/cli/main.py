@@ -115,14 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = Context(args)
     try:
-        return int(args.handler(args, ctx) or 0)
+        code = int(args.handler(args, ctx) or 0)
+        sys.stdout.flush()  # a full disk under `> file` is reported here, not at interpreter exit
+        return code
     except BerthError as error:
-        if args.debug or os.environ.get("BERTH_DEBUG"):
-            import traceback
-
-            traceback.print_exc()
-        print_error(error)
-        return getattr(args, "error_exit_code", None) or error.exit_code
+        return _report(args, error)
     except KeyboardInterrupt:
         print("berth: interrupted", file=sys.stderr)
         return 130
@@ -133,3 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 141
+    except OSError as error:
+        # Library code maps the failures it expects (StoreError for a full store, ...); any other
+        # OSError still becomes a message naming the file, never a traceback (issue 9).
+        from berth.errors import from_os_error
+
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout itself failed (`> /dev/full`): drop what cannot be written
+            sys.stdout = open(os.devnull, "w")
+        return _report(args, from_os_error(error))
+
+
+def _report(args: argparse.Namespace, error: BerthError) -> int:
+    """Print ``error`` (and the traceback under --debug) and return the exit code."""
+    if args.debug or os.environ.get("BERTH_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    print_error(error)
+    return getattr(args, "error_exit_code", None) or error.exit_code
