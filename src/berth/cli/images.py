@@ -1,4 +1,4 @@
-"""CLI commands for images: pull, images, inspect, rmi, prune, push, import, export.
+"""CLI commands for images: pull, images, inspect, rmi, prune, push, import, export, store verify.
 
 Verbs and options follow docker/podman. Every handler imports its machinery lazily, so that
 ``berth run`` does not pay for them. Results go to stdout (a table, or JSON with ``--json``);
@@ -73,6 +73,25 @@ def register(sub) -> None:
                      help="platform to pick from an OCI layout holding an index")
     _quiet_json(imp)
     imp.set_defaults(handler=run_import)
+
+    store = sub.add_parser("store", help="check the image store (verify)",
+                           description="Maintenance of an image store.")
+    store_sub = store.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
+    store_sub.required = True
+    verify = store_sub.add_parser(
+        "verify", help="re-hash every blob and SquashFS and check the index against the disk",
+        description="Recompute the digest of every blob and image SquashFS of your store (--site: "
+        "the site store), check that every reference names a complete image and that no "
+        "temporary file was left behind. Exits non-zero while problems remain. --repair removes "
+        "what is damaged, converts images again from their stored blobs, and downloads what "
+        "is missing.")
+    _site_option(verify, "verify the site store (repairing it: administrators)")
+    verify.add_argument("--repair", action="store_true",
+                        help="remove damaged content and restore it (may pull from the registry)")
+    verify.add_argument("--insecure", action="store_true",
+                        help="talk plain HTTP to the registry when repairing (default: as configured)")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(handler=run_store_verify)
 
     export = sub.add_parser("export", help="export a stored image as a docker-archive (docker load format)",
                             description="Write REF to FILE as a docker-archive (manifest.json, "
@@ -237,4 +256,31 @@ def run_export(args, ctx) -> int:
 
     size = export_image(ctx.settings, args.reference, args.file)
     print(f"exported {args.reference} to {args.file} ({human_size(size)})")
+    return 0
+
+
+def run_store_verify(args, ctx) -> int:
+    from berth.cli.output import human_size, print_json
+    from berth.errors import StoreError
+    from berth.image.manage import verify_store
+
+    report = verify_store(ctx.settings, site=args.site, repair=args.repair, insecure=args.insecure)
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        for note in report.notes:
+            print(f"berth: note: {note}", file=sys.stderr)
+        for problem in report.problems:
+            state = f" -> {problem.repaired}" if problem.repaired else ""
+            print(f"{problem.kind}: {problem.path}: {problem.detail}{state}")
+        print(f"{report.store} store {report.root}: {report.blobs_checked} blobs and "
+              f"{report.images_checked} images checked ({human_size(report.bytes_hashed)} hashed), "
+              f"{len(report.problems)} problems, {len(report.remaining)} remaining")
+    if report.remaining:
+        site = " --site" if args.site else ""
+        raise StoreError(
+            f"{len(report.remaining)} problems remain in the {report.store} store {report.root}",
+            hint=(f"run `berth store verify{site} --repair`" if not args.repair else
+                  "see the problems above: what could not be restored must be pulled or imported again")
+            + (" (the site store: ask your site administrator)" if args.site else ""))
     return 0

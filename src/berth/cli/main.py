@@ -36,6 +36,7 @@ COMMANDS = {
     "push": "berth.cli.images",
     "import": "berth.cli.images",
     "export": "berth.cli.images",
+    "store": "berth.cli.images",
     "login": "berth.cli.auth",
     "logout": "berth.cli.auth",
     "run": "berth.cli.run",

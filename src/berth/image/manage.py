@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from berth.errors import NotFound, PermissionDenied
+from berth.errors import BerthError, NotFound, PermissionDenied
 from berth.image.api import StoredImage, find_image, find_in_store, store_for, stores
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
@@ -172,3 +172,84 @@ def prune_store(settings: "Settings", *, site: bool = False):
 
         return PruneReport()
     return store.prune()
+
+
+def verify_store(settings: "Settings", *, site: bool = False, repair: bool = False,
+                 insecure: bool = False):
+    """Verify one store (berth.store.verify); with ``repair`` also fetch again what the
+    removal of damaged content left missing: layers of intact images, and the images of
+    references whose image was removed (pulled again: blobs still stored are not fetched).
+
+    Returns the VerifyReport; problems that could not be repaired stay in ``remaining`` with
+    the reason added to their detail. Raises PermissionDenied (repairing a store this user
+    cannot write), StoreError.
+    """
+    from berth.store.verify import verify_store as verify
+
+    store: Store = store_for(settings, site=site)
+    report = verify(store, repair=repair)
+    if not repair:
+        return report
+    for need in report.refetch_blobs:
+        try:
+            _refetch_blob(settings, store, need, insecure)
+        except BerthError as error:
+            need.problem.detail += f"; fetching it again failed: {error.message}"
+            continue
+        need.problem.repaired = f"fetched again from {need.source}"
+    for key, problem in report.refetch_references.items():
+        target = store.read_index().get(key)
+        meta = report.removed_meta.get(target or "", {})
+        try:
+            problem.repaired = _restore_reference(settings, store, key, target, meta, insecure)
+        except BerthError as error:
+            problem.detail += f"; restoring it failed: {error.message}"
+    return report
+
+
+def _restore_reference(settings: "Settings", store: Store, key: str, target: str | None,
+                       meta: dict, insecure: bool) -> str:
+    """Make reference ``key`` name a complete image again: convert it from the blobs still
+    stored (no network), else pull it (only what is missing is downloaded)."""
+    from berth.image.install import install_image, parse_image_manifest
+    from berth.image.pull import pull_image
+
+    digest = Digest.parse(target) if target else None
+    if digest is not None and store.has_blob(digest):
+        manifest_bytes = store.read_blob(digest)
+        _manifest, config, layers = parse_image_manifest(manifest_bytes, key)
+        if all(store.has_blob(d.digest) for d in [config, *layers]):
+            kept = {k: meta[k] for k in ("source", "repository", "index_digest", "platform",
+                                         "media_type", "imported_from") if k in meta}
+            with store.writing():
+                install_image(store, digest, manifest_bytes=manifest_bytes,
+                              config_bytes=store.read_blob(config.digest), layers=layers,
+                              reference_key=key, compression=settings.squashfs_compression,
+                              meta=kept or {"source": key})
+            return "converted again from the stored blobs"
+    if meta.get("imported_from"):
+        raise NotFound(f"'{key}' was imported from {meta.get('source')}, and its blobs are gone: "
+                       "import it again")
+    pull_image(settings, key, site=store.kind == SITE, insecure=insecure)
+    return "pulled again"
+
+
+def _refetch_blob(settings: "Settings", store: Store, need, insecure: bool) -> None:
+    from berth.image.api import parse_reference
+    from berth.image.install import Descriptor
+    from berth.image.pull import StopSignal, check_registry_policy, fetch_blob, make_client
+
+    if not need.source:
+        raise NotFound("the image does not record where it came from")
+    try:
+        reference = parse_reference(need.source)
+    except BerthError:
+        raise NotFound(f"the image came from '{need.source}', not a registry: import it again") from None
+    check_registry_policy(settings, reference)
+    client = make_client(settings, reference, insecure=insecure)
+    try:
+        with store.writing():
+            fetch_blob(client, store, reference, Descriptor(need.media_type, need.digest, need.size_bytes),
+                       settings.pull_retries, None, StopSignal())
+    finally:
+        client.close()

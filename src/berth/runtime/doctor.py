@@ -158,6 +158,28 @@ def check_state_dir(state_dir: Path) -> Check:
     return Check("state directory", True, f"{state_dir} is yours and writable (mode 0700)")
 
 
+def check_store(store) -> Check:
+    """A quick look at one image store (no hashing, no lock); the deep check is
+    ``berth store verify``, which this check names when it finds something (issue 8)."""
+    from berth.errors import BerthError
+    from berth.store.verify import verify_store
+
+    name = f"{store.kind} store"
+    try:
+        report = verify_store(store, deep=False)
+    except BerthError as error:
+        return Check(name, False, f"{store.root}: {error.message}", error.hint or "", required=False)
+    if not report.problems:
+        return Check(name, True, f"{store.root}: {report.images_checked} images look complete",
+                     required=False)
+    first = report.problems[0]
+    more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+    site = " --site" if store.kind == "site" else ""
+    fix = f"run `berth store verify{site}` to check every digest, and `berth store verify{site} --repair` to fix it"
+    return Check(name, False, f"{store.root}: {first.kind}: {first.path}: {first.detail}{more}",
+                 (ADMIN + fix.replace("run ", "", 1)) if site else fix, required=False)
+
+
 def run_checks(settings) -> list[Check]:
     state_dir = Path(settings.state_dir)
     checks = [
@@ -172,7 +194,10 @@ def run_checks(settings) -> list[Check]:
     ]
     if checks[-1].ok:
         checks += check_runtimes(state_dir)
-    checks += [check_cgroups(), check_subids()]
+    from berth.store.store import SITE, USER, Store
+
+    checks += [check_cgroups(), check_subids(),
+               check_store(Store(settings.user_store, USER)), check_store(Store(settings.site_store, SITE))]
     return checks
 
 

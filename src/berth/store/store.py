@@ -312,9 +312,17 @@ class Store:
     def publish_image(self, workdir: Path, digest: Digest, *, manifest_bytes: bytes,
                       config_bytes: bytes, meta: dict) -> None:
         """Write the image's JSON files into ``workdir`` (which holds image.sqfs already) and
-        rename it into images/ in one step. The caller holds the image lock."""
+        rename it into images/ in one step. The caller holds the image lock.
+
+        ``image.json`` gets ``squashfs_digest``, the SHA-256 of image.sqfs, besides ``meta``."""
         layout = self.layout
         final = layout.image_dir(digest)
+        squashfs = workdir / layout.image_squashfs(digest).name
+        # Recorded so that `berth store verify` can tell a damaged SquashFS from a good one
+        # (blobs are named by their digest; the SquashFS is not: issue 8).
+        with store_errors(self, "reading", squashfs):
+            squashfs_digest = _file_digest(squashfs)
+        meta = {**meta, "squashfs_digest": str(squashfs_digest)}
         names = {
             layout.image_manifest(digest).name: manifest_bytes,
             layout.image_config(digest).name: config_bytes,
@@ -617,6 +625,14 @@ def _unlink_quietly(path: Path) -> None:
         pass
     except OSError:
         pass
+
+
+def _file_digest(path: Path) -> Digest:
+    hasher = new_hasher("sha256")
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            hasher.update(chunk)
+    return Digest("sha256", hasher.hexdigest())
 
 
 def _remove_tree(path: Path) -> None:
