@@ -12,7 +12,8 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 from berth.errors import ProgramFailed, ProgramNotFound
@@ -153,8 +154,8 @@ def start(
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
 ) -> subprocess.Popen:
-    """Start a program and return its Popen; the caller waits for it and forwards
-    :data:`FORWARDED_SIGNALS` to it when it outlives a signal to berth (``berth run`` does)."""
+    """Start a program and return its Popen; the caller waits for it, with
+    :func:`wait_forwarding` when the child must get the signals berth receives."""
     argv = [find_program(argv[0]), *argv[1:]]
     return subprocess.Popen(
         argv,
@@ -179,7 +180,110 @@ FORWARDED_SIGNALS = (
     signal.SIGCONT,
     signal.SIGWINCH,
 )
+#: Signals that ask the child to stop: the first starts the stop timer of :func:`wait_forwarding`.
+TIMED_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: Signals that ask berth to stop before it has a child to pass them on to (:func:`raise_on_stop`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
+
+class StopRequested(BaseException):
+    """Raised by the handlers :func:`raise_on_stop` installs: a stop signal arrived before the
+    child it was meant for runs, so ``finally`` blocks unwind (unmount) instead of berth dying.
+    A BaseException: no ``except Exception`` on the way may swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    del frame
+    raise StopRequested(signum)
+
+
+def raise_on_stop(*, replace_installed: bool = False) -> dict:
+    """Make :data:`STOP_SIGNALS` raise :class:`StopRequested`; return the previous handlers
+    for :func:`restore_handlers`. Handlers a caller installed are kept unless
+    ``replace_installed`` (only the default ones are replaced)."""
+    previous = {}
+    for signum in STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        if replace_installed or current in (signal.SIG_DFL, signal.default_int_handler):
+            previous[signum] = signal.signal(signum, _raise_stop)
+    return previous
+
+
+def ignore_stop() -> dict:
+    """Ignore :data:`STOP_SIGNALS` (a clean-up that must finish: a second Ctrl-C must not
+    leave mounts behind); return the previous handlers for :func:`restore_handlers`."""
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+
+
+def restore_handlers(previous: Mapping) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+class _Wake(Exception):
+    """Raised by :func:`wait_forwarding`'s handlers to interrupt its wait."""
+
+
+def wait_forwarding(child: subprocess.Popen, *, stop_timeout_s: float | None = None,
+                    on_stop_timeout: Callable[[], None] | None = None) -> int:
+    """Wait for ``child`` and return its shell-style status, passing every signal of
+    :data:`FORWARDED_SIGNALS` berth receives meanwhile on to it. With ``on_stop_timeout``, it
+    is called once when the child still runs ``stop_timeout_s`` seconds after the first of
+    :data:`TIMED_STOP_SIGNALS` (to kill it harder). The previous handlers are restored."""
+    status: dict = {"deadline": None, "waiting": False, "fired": False}
+
+    def forward(signum, frame):
+        del frame
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+        if (on_stop_timeout is not None and signum in TIMED_STOP_SIGNALS
+                and status["deadline"] is None):
+            timeout = stop_timeout_s or 0.0
+            status["deadline"] = time.monotonic() + timeout
+            signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001))
+        if status["waiting"]:
+            raise _Wake()
+
+    def alarm(signum, frame):
+        del signum, frame
+        if status["waiting"]:
+            raise _Wake()
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    if on_stop_timeout is not None:
+        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, alarm)
+    try:
+        while True:
+            try:
+                status["waiting"] = True
+                _, raw = os.waitpid(child.pid, 0)
+                status["waiting"] = False
+                child.returncode = os.waitstatus_to_exitcode(raw)
+                return shell_status(child.returncode)
+            except _Wake:
+                status["waiting"] = False
+            except ChildProcessError:
+                status["waiting"] = False
+                return shell_status(child.wait())
+            deadline = status["deadline"]
+            if deadline is not None and time.monotonic() >= deadline and not status["fired"]:
+                status["fired"] = True
+                on_stop_timeout()
+    finally:
+        if on_stop_timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        restore_handlers(previous)
+
+
+# Exit statuses. Three encodings meet in berth: a subprocess ``returncode`` (-N for signal N),
+# a raw wait status (os.waitpid), and the shell-style status berth reports and exits with
+# (128+N for signal N). These helpers are the only place that converts between them.
 
 def describe_status(returncode: int) -> str:
     """'exit status 3' or 'killed by signal SIGKILL' for a subprocess return code."""
@@ -195,3 +299,26 @@ def describe_status(returncode: int) -> str:
 def shell_status(returncode: int) -> int:
     """Map a subprocess return code to a shell-style exit status (128+N for signal N)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def signal_status(signum: int) -> int:
+    """The shell-style status of a process killed by (or stopped for) signal ``signum``."""
+    return 128 + signum
+
+
+def wait_status(raw: int) -> int:
+    """The shell-style status of a raw wait status (``os.waitpid``)."""
+    return shell_status(os.waitstatus_to_exitcode(raw))
+
+
+def split_status(status: int) -> tuple[int | None, int | None]:
+    """Split a shell-style status into (exit code, signal): 3 -> (3, None), 137 -> (None, 9)."""
+    if status > 128:
+        return None, status - 128
+    return status, None
+
+
+def describe_shell_status(status: int) -> str:
+    """:func:`describe_status` of a shell-style status: 137 -> 'killed by signal SIGKILL'."""
+    code, signum = split_status(status)
+    return describe_status(code if signum is None else -signum)

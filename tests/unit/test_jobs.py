@@ -215,7 +215,7 @@ def test_exit_statuses_become_results():
     failed = model.result_for_exit(3)
     assert (failed.state, failed.phase, failed.exit_code, failed.signal) == ("failed", "script", 3, None)
     killed = model.result_for_exit(137)
-    assert (killed.exit_code, killed.signal, killed.message) == (None, 9, "the job script failed (killed by signal 9)")
+    assert (killed.exit_code, killed.signal, killed.message) == (None, 9, "the job script failed (killed by signal SIGKILL)")
 
 
 def test_step_environment_keeps_host_values_for_host_things():

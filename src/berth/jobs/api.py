@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from berth import proc
 from berth.config.settings import Settings
 from berth.errors import BerthError, JobError, NotFound, PolicyError, UsageError
 from berth.jobs import model, options as opts
@@ -300,7 +301,7 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
         if slot is None or record.cancel_requested():
             record.write_result(model.JobResult(model.CANCELLED, ended_at=time.time(),
                                                 message="the job was cancelled while pending"))
-            return 143
+            return proc.signal_status(signal.SIGTERM)
         node = os.uname().nodename
     else:
         node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
@@ -317,7 +318,7 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     if result.exit_code is not None:
         return result.exit_code
     if result.signal is not None:
-        return 128 + result.signal
+        return proc.signal_status(result.signal)
     return 1
 
 

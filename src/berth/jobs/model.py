@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from berth import proc
+
 PENDING = "pending"
 STAGING = "staging"
 RUNNING = "running"
@@ -152,18 +154,10 @@ class JobStatus:
         }
 
 
-def status_from_exit(exit_status: int) -> tuple[int | None, int | None]:
-    """Split a shell-style exit status into (exit_code, signal): 137 -> (None, 9)."""
-    if exit_status > 128:
-        return None, exit_status - 128
-    return exit_status, None
-
-
 def result_for_exit(exit_status: int, **times) -> JobResult:
     """The final result for a script that ran and exited with a shell-style status."""
-    code, sig = status_from_exit(exit_status)
+    code, sig = proc.split_status(exit_status)
     if exit_status == 0:
         return JobResult(COMPLETED, exit_code=0, **times)
-    how = f"exit status {code}" if sig is None else f"killed by signal {sig}"
     return JobResult(FAILED, phase=PHASE_SCRIPT, exit_code=code, signal=sig,
-                     message=f"the job script failed ({how})", **times)
+                     message=f"the job script failed ({proc.describe_shell_status(exit_status)})", **times)

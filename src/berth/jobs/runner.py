@@ -28,6 +28,7 @@ import signal
 import time
 from pathlib import Path
 
+from berth import proc
 from berth.errors import BerthError
 from berth.jobs import model
 from berth.jobs.agent import StepAgent, install_shims
@@ -234,17 +235,16 @@ class Supervisor:
         try:
             # A stop before the runtime starts must still unwind run_container's clean-up
             # (FUSE mounts): raise, so that its finally blocks run. While the runtime runs,
-            # run_container's own handlers forward the signal and apply stop_timeout.
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, _raise_stopped)
+            # run_container forwards the signal and applies stop_timeout.
+            proc.raise_on_stop(replace_installed=True)
 
             def report(event: str, **data) -> None:
                 os.write(events_write, (json.dumps({"event": event, **data}) + "\n").encode())
 
             status = stage_and_run(self.settings, self.spec, self.record, report,
                                    limit_resources=self.limit_resources)
-        except _Stopped as stopped:
-            status = 128 + stopped.signum
+        except proc.StopRequested as stopped:
+            status = proc.signal_status(stopped.signum)
         except BerthError as error:
             try:
                 os.write(events_write, (json.dumps({"event": "error", "message": error.message,
@@ -312,13 +312,13 @@ class Supervisor:
             elif now > stopping[1]:
                 signal_tree(pid, signal.SIGKILL)
                 stopping = (stopping[0], float("inf"))
-        status = _shell_status(raw)
+        status = proc.wait_status(raw)
         running = running or self.record.started_file.exists()
         times = {"ended_at": time.time()}
         boot_timeout = error is not None and error.get("boot_timeout")
         if stopping is not None and not boot_timeout:
             # Cancelled or timed out, in whatever phase: that, not the interrupted phase, is the result.
-            code, sig = model.status_from_exit(status)
+            code, sig = proc.split_status(status)
             word = {"timeout": "the time limit was reached", "cancelled": "the job was cancelled"}[stopping[0]]
             return self._write(stopping[0], exit_code=code, signal=sig, message=word, **times)
         if error is not None and (boot_timeout or not running):
@@ -328,7 +328,7 @@ class Supervisor:
             return self._write(model.FAILED, phase=error.get("phase", phase), message=message, **times)
         if not running:
             return self._write(model.FAILED, phase=phase, exit_code=None,
-                               message=f"the container did not start ({_describe(status)})", **times)
+                               message=f"the container did not start ({proc.describe_shell_status(status)})", **times)
         result = model.result_for_exit(status, **times)
         return self._write(result.state, phase=result.phase, exit_code=result.exit_code,
                            signal=result.signal, message=result.message, **times)
@@ -340,24 +340,3 @@ class Supervisor:
         if limit and elapsed_s >= limit - TIME_LIMIT_SLACK_S:
             return model.TIMEOUT
         return model.CANCELLED
-
-
-class _Stopped(BaseException):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum, _frame) -> None:
-    raise _Stopped(signum)
-
-
-def _shell_status(raw: int) -> int:
-    if os.WIFSIGNALED(raw):
-        return 128 + os.WTERMSIG(raw)
-    return os.WEXITSTATUS(raw)
-
-
-def _describe(status: int) -> str:
-    code, sig = model.status_from_exit(status)
-    return f"exit status {code}" if sig is None else f"killed by signal {sig}"

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from berth import proc
 from berth.errors import PolicyError, RuntimeFailure, UsageError
 from berth.runtime import limits, materialise, ocirt, state, supervise
 from berth.runtime.options import RunOptions
@@ -81,11 +82,11 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     request = request_for(settings, image, command, options, init_path=init, log=log)
 
     phases["prepare"] = clock() - started
-    early = supervise.install_early_handlers()
+    early = proc.raise_on_stop()
     try:
         container = state.create(state_dir, options.name)
     except BaseException:
-        supervise.restore_handlers(early)
+        proc.restore_handlers(early)
         raise
     fuse_mounts: list = []
     try:
@@ -125,8 +126,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
             os.sched_setaffinity(0, limit_plan.cpu_set)
         phases["bundle"] = clock() - started - sum(phases.values())
         child = supervise.start_runtime(runtime, container)
-        status = supervise.wait_forwarding(child, runtime, str(container.runtime_root), container.id,
-                                           options.stop_timeout_s, log)
+        status = supervise.wait(child, runtime, container, options.stop_timeout_s, log)
         phases["runtime"] = clock() - started - sum(phases.values())
         if status != 0 and status < 128:
             error = supervise.runtime_error(supervise.runtime_log(container))
@@ -134,18 +134,19 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
                 raise RuntimeFailure(f"{os.path.basename(runtime)} could not start the container: {error}",
                                      hint="run with --debug, and 'berth doctor' to check this node")
         return status
-    except supervise.StopRequested as stop:
+    except proc.StopRequested as stop:
         log(f"stopped by signal {signal.Signals(stop.signum).name} before the command started")
-        return 128 + stop.signum
+        return proc.signal_status(stop.signum)
     finally:
         before = clock()
-        # Teardown must finish: a second Ctrl-C must not leave mounts behind.
-        for signum in early:
-            signal.signal(signum, signal.SIG_IGN)
+        # Teardown must finish: a second Ctrl-C (or the job runner's SIGTERM) must not leave
+        # mounts behind.
+        held = proc.ignore_stop()
         try:
             supervise.teardown(container, runtime, fuse_mounts)
         finally:
-            supervise.restore_handlers(early)
+            proc.restore_handlers(held)
+            proc.restore_handlers(early)
         phases["teardown"] = clock() - before
         log("timing: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in phases.items()),
             debug=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -71,20 +70,7 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
     # The runtime forwards the signals it receives to the exec'd process: pass ours on to it
     # (it runs in its own session, so a terminal's Ctrl-C reaches it only through us).
     child = proc.start(argv, stdin=None, new_session=True)
-
-    def forward(signum, frame):
-        del frame
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {signum: signal.signal(signum, forward) for signum in proc.FORWARDED_SIGNALS}
-    try:
-        return proc.shell_status(child.wait())
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return proc.wait_forwarding(child)
 
 
 def format_started(epoch_s: float | None) -> str:

@@ -1,18 +1,16 @@
 """Running a materialised container: the OCI runtime in the foreground, signals, the stop
 timeout, and the teardown (issue 9's third stage; see :mod:`berth.runtime.plan`).
 
-SIGTERM/SIGINT/SIGHUP/SIGQUIT to berth are forwarded to the runtime (which passes them to
-berth-init, which passes them to the command's process group); ``--stop-timeout`` seconds after
-the first of them, the container is killed. Teardown deletes the runtime's state, unmounts the
+Signals to berth are forwarded to the runtime (berth.proc.wait_forwarding; the runtime passes
+them to berth-init, which passes them to the command's process group); ``--stop-timeout``
+seconds after the first SIGTERM/SIGINT/SIGHUP/SIGQUIT, the container is killed. Before the
+runtime runs, a stop signal raises berth.proc.StopRequested, so that the mounts are undone. Teardown deletes the runtime's state, unmounts the
 FUSE mounts in reverse order and removes the state directory.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,47 +19,6 @@ from berth.runtime import fuse
 from berth.runtime.state import ContainerState
 
 Log = Callable[..., None]
-
-#: Signals that start the stop timer (the container is asked to stop).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-FORWARDED = proc.FORWARDED_SIGNALS
-
-
-class _Wake(Exception):
-    """Raised by berth's signal handlers to interrupt the wait for the runtime."""
-
-
-class StopRequested(Exception):
-    """SIGTERM/SIGINT/SIGHUP before the runtime started: unwind (unmount) and report 128+N."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stop(signum, frame):
-    del frame
-    raise StopRequested(signum)
-
-
-_EARLY_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def install_early_handlers() -> dict:
-    """Until the runtime runs, a stop request must unwind the mounts, not kill berth outright.
-    Handlers a caller installed (berth.jobs) are left alone."""
-    previous = {}
-    for signum in _EARLY_SIGNALS:
-        current = signal.getsignal(signum)
-        if current in (signal.SIG_DFL, signal.default_int_handler):
-            previous[signum] = signal.signal(signum, _raise_stop)
-    return previous
-
-
-def restore_handlers(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-
 
 def start_runtime(runtime: str, container: ContainerState) -> subprocess.Popen:
     """``runtime run`` of the container's bundle, in its own session, dying with berth."""
@@ -77,52 +34,16 @@ def runtime_log(container: ContainerState) -> Path:
     return container.path / "runtime.log"
 
 
-def wait_forwarding(child: subprocess.Popen, runtime: str, root: str, container_id: str,
-                    stop_timeout_s: float, log: Log) -> int:
-    """Wait for the runtime process, forwarding signals; kill after the stop timeout."""
-    status = {"deadline": None, "waiting": False, "killed": False}
+def wait(child: subprocess.Popen, runtime: str, container: ContainerState, stop_timeout_s: float,
+         log: Log) -> int:
+    """Wait for the runtime process, forwarding signals (berth.proc); kill the container
+    ``stop_timeout_s`` after a stop signal if it is still there."""
+    def kill() -> None:
+        log(f"container did not stop within --stop-timeout {stop_timeout_s:g} s: killing it")
+        proc.run([runtime, "--root", str(container.runtime_root), "kill", container.id, "KILL"],
+                 check=False, timeout=10)
 
-    def forward(signum, frame):
-        del frame
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
-        if signum in STOP_SIGNALS and status["deadline"] is None:
-            status["deadline"] = time.monotonic() + stop_timeout_s
-            signal.setitimer(signal.ITIMER_REAL, max(stop_timeout_s, 0.001))
-        if status["waiting"]:
-            raise _Wake()
-
-    def alarm(signum, frame):
-        del signum, frame
-        if status["waiting"]:
-            raise _Wake()
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
-    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, alarm)
-    try:
-        while True:
-            try:
-                status["waiting"] = True
-                _, raw = os.waitpid(child.pid, 0)
-                status["waiting"] = False
-                child.returncode = os.waitstatus_to_exitcode(raw)
-                return proc.shell_status(child.returncode)
-            except _Wake:
-                status["waiting"] = False
-            except ChildProcessError:
-                status["waiting"] = False
-                return proc.shell_status(child.wait())
-            deadline = status["deadline"]
-            if deadline is not None and time.monotonic() >= deadline and not status["killed"]:
-                status["killed"] = True
-                log(f"container did not stop within --stop-timeout {stop_timeout_s:g} s: killing it")
-                proc.run([runtime, "--root", root, "kill", container_id, "KILL"], check=False, timeout=10)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return proc.wait_forwarding(child, stop_timeout_s=stop_timeout_s, on_stop_timeout=kill)
 
 
 def runtime_error(log_path: Path) -> str | None:

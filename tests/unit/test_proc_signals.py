@@ -1,0 +1,95 @@
+"""berth.proc owns signal forwarding to children and the exit-status encodings (issue 9)."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from berth import proc
+
+#: A child that reports the signals it gets on stdout and exits 7 after SIGUSR1.
+CHILD = (
+    "import signal, sys, time\n"
+    "def on(signum, frame):\n"
+    "    print(signal.Signals(signum).name, flush=True)\n"
+    "    if signum == signal.SIGUSR1: sys.exit(7)\n"
+    "for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1): signal.signal(s, on)\n"
+    "print('ready', flush=True)\n"
+    "while True: time.sleep(0.05)\n"
+)
+
+
+def start_child():
+    import subprocess
+
+    child = proc.start([sys.executable, "-c", CHILD], stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"ready\n"
+    return child
+
+
+def signal_later(*signals, delay_s=0.2):
+    def send():
+        for signum in signals:
+            time.sleep(delay_s)
+            os.kill(os.getpid(), signum)
+    threading.Thread(target=send, daemon=True).start()
+
+
+def test_signals_to_berth_reach_the_child_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGUSR2)
+    child = start_child()
+    signal_later(signal.SIGUSR2, signal.SIGUSR1)
+    assert proc.wait_forwarding(child) == 7
+    assert child.stdout.read().split() == [b"SIGUSR2", b"SIGUSR1"]
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_stop_timeout_fires_once_when_the_child_ignores_the_stop_signal():
+    child = start_child()
+    fired = []
+
+    def kill():
+        fired.append(time.monotonic())
+        child.kill()
+
+    signal_later(signal.SIGTERM)
+    started = time.monotonic()
+    assert proc.wait_forwarding(child, stop_timeout_s=0.3, on_stop_timeout=kill) == 128 + signal.SIGKILL
+    assert len(fired) == 1 and fired[0] - started >= 0.45
+    assert child.stdout.read().split() == [b"SIGTERM"]
+
+
+def test_raise_on_stop_keeps_a_callers_handler_unless_told():
+    mine = signal.signal(signal.SIGHUP, lambda *_: None)
+    try:
+        previous = proc.raise_on_stop()
+        assert signal.SIGHUP not in previous
+        proc.restore_handlers(previous)
+        previous = proc.raise_on_stop(replace_installed=True)
+        with pytest.raises(proc.StopRequested) as stopped:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1)
+        assert stopped.value.signum == signal.SIGHUP
+        proc.restore_handlers(previous)
+    finally:
+        signal.signal(signal.SIGHUP, mine)
+
+
+@pytest.mark.parametrize("status,split,words", [
+    (0, (0, None), "exit status 0"), (3, (3, None), "exit status 3"), (128, (128, None), "exit status 128"),
+    (137, (None, 9), "killed by signal SIGKILL"), (143, (None, 15), "killed by signal SIGTERM"),
+])
+def test_shell_status_encodings(status, split, words):
+    assert proc.split_status(status) == split
+    assert proc.describe_shell_status(status) == words
+
+
+def test_wait_status_and_returncode_agree():
+    pid = os.fork()
+    if pid == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _, raw = os.waitpid(pid, 0)
+    assert proc.wait_status(raw) == proc.shell_status(-signal.SIGKILL) == proc.signal_status(signal.SIGKILL) == 137
