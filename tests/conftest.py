@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.harness.fixtures_runtime",
     "tests.harness.fixtures_config",
     "tests.harness.fixtures_slurm",
+    "tests.harness.fixtures_s3",
 ]
 
 TEST_USER = os.environ.get("BERTH_TEST_USER", "berthtest")

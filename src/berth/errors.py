@@ -12,7 +12,8 @@ unreachable registry (42). A subclass's code starts with its family's digit wher
     3 not found         30 manifest unknown 31 platform not found
     4 registry          40 authentication   41 rate limited       42 unreachable
     5 digest mismatch    6 store             7 image content       8 program failed
-    9 job               73 permission denied on a file (EX_CANTCREAT)
+    9 job               10 data staging
+   73 permission denied on a file (EX_CANTCREAT)
    74 host (an OSError library code did not expect; EX_IOERR)
    77 site policy (EX_NOPERM)  78 configuration (EX_CONFIG)
   125 container runtime       127 program not found
@@ -184,3 +185,9 @@ _OS_ERROR_HINTS = {
                  "your site administrator",
     errno.ENOENT: "the file or directory vanished or was never there: check the path",
 }
+
+
+class StagingError(BerthError):
+    """Data staging (S3, https, host files) failed: the message names the object, option or key."""
+
+    exit_code = 10

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "berth.cli.run",
     "berth.cli.config",
     "berth.cli.jobs",
+    "berth.cli.stage",
 )
 
 #: Which module registers each command, so that `berth run ...` imports and builds the parser
@@ -52,6 +53,7 @@ COMMANDS = {
     "cancel": "berth.cli.jobs",
     "srun": "berth.cli.jobs",
     "job-exec": "berth.cli.jobs",
+    "stage": "berth.cli.stage",
 }
 
 

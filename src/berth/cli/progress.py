@@ -124,3 +124,62 @@ class TerminalProgress(PullProgress):
         self.stream.write("".join(out))
         self.stream.flush()
         self.lines_drawn = len(lines)
+
+
+class StagingBar:
+    """``berth stage`` progress: one redrawn line (objects, bytes, rate) on a terminal, nothing
+    otherwise (the summary follows). Implements berth.staging.transfer.Progress; thread-safe."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.lock = threading.Lock()
+        self.objects_total = self.objects_done = self.skipped = 0
+        self.bytes_total = self.bytes_done = 0
+        self.started = time.monotonic()
+        self.last_draw = 0.0
+        self.drawn = False
+
+    def add_total(self, objects: int, size_bytes: int) -> None:
+        with self.lock:
+            self.objects_total += objects
+            self.bytes_total += size_bytes
+            self._draw(force=True)
+
+    def advance(self, size_bytes: int) -> None:
+        with self.lock:
+            self.bytes_done += size_bytes
+            self._draw()
+
+    def object_done(self, skipped: bool = False) -> None:
+        with self.lock:
+            self.objects_done += 1
+            self.skipped += skipped
+            self._draw()
+
+    def finish(self) -> None:
+        with self.lock:
+            self._draw(force=True)
+            if self.drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+                self.drawn = False
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.tty:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_draw < _REDRAW_INTERVAL_S:
+            return
+        self.last_draw = now
+        elapsed = max(now - self.started, 1e-3)
+        width = 24
+        fraction = self.bytes_done / self.bytes_total if self.bytes_total else \
+            (self.objects_done / self.objects_total if self.objects_total else 0.0)
+        filled = int(width * min(fraction, 1.0))
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r\x1b[2K[{bar}] {self.objects_done}/{self.objects_total} objects "
+                          f"({self.skipped} skipped)  {human_size(self.bytes_done)} / {human_size(self.bytes_total)}"
+                          f"  {human_size(self.bytes_done / elapsed)}/s")
+        self.stream.flush()
+        self.drawn = True

@@ -73,6 +73,8 @@ KEYS: tuple[Key, ...] = (
     Key("backend", "choice", PINNABLE, env="BERTH_BACKEND", choices=("local", "slurm")),
     Key("local_max_jobs", "int", PINNABLE, env="BERTH_LOCAL_MAX_JOBS", minimum=1, maximum=4096),
     Key("stage_to_local", "bool", SITE),
+    Key("s3_endpoint", "url", USER, env="BERTH_S3_ENDPOINT"),
+    Key("s3_ca_bundle", "path", USER, env="BERTH_S3_CA_BUNDLE"),
     Key("pinned", "key_list", SITE),
     Key("policy.devices", "device_list", SITE),
     Key("policy.mount_allow", "path_list", SITE),
@@ -173,6 +175,15 @@ def _check_scalar(key: Key, value: Any, origin: _Origin, path, home: str) -> Any
         return value
     if key.kind == "bool":
         return _expect(value, bool, origin, path, "a boolean (true or false)")
+    if key.kind == "url":
+        _expect(value, str, origin, path, "a URL (a string)")
+        host = value.split("://", 1)[-1].split("/", 1)[0]
+        if value and (not value.lower().startswith(("http://", "https://")) or not host):
+            raise origin.error(path, f"'{value}' is not an http:// or https:// URL")
+        if "@" in host:
+            raise origin.error(path, "a URL in configuration may not carry a user name or password",
+                               hint="S3 keys belong in each user's own profile (docs/staging.md), never in configuration")
+        return value
     if key.kind == "choice":
         _expect(value, str, origin, path, "a string")
         if value not in key.choices:

@@ -108,6 +108,10 @@ class Settings:
     local_max_jobs: int = 4
     #: Copy the SquashFS to node-local storage before mounting (site choice for slow shared FS).
     stage_to_local: bool = False
+    #: Default S3 endpoint for data staging when a user's profile names none (no secrets here).
+    s3_endpoint: str = ""
+    #: CA bundle for the S3 endpoint's TLS certificate (None: the system's).
+    s3_ca_bundle: Path | None = None
     #: Keys users may normally set (runtime, backend, ...) that the site forces (site-only ``pinned``).
     pinned: tuple[str, ...] = ()
     sources: dict = field(default_factory=dict, compare=False)

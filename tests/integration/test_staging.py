@@ -1,0 +1,293 @@
+"""`berth stage in|out` for real: SeaweedFS on loopback, berth as the unprivileged test user.
+
+A dataset with nested keys, one object over the multipart threshold (8 MiB here; 20 MiB file)
+and many small objects; checksums compared after the round trip; every failure the issue lists;
+credentials never on a command line, in output or in another user's reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.users import berth_executable, describe
+
+pytestmark = pytest.mark.integration
+
+BIG_BYTES = 20 << 20
+SMALL_COUNT = 120
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def tree_md5s(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): md5(p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_server):
+    """``berth-data/ds/``: nested keys, one 20 MiB object (multipart upload), many small ones."""
+    import random
+
+    client = s3_server.client()
+    rng = random.Random(7)
+    expected: dict[str, str] = {}
+    for index in range(SMALL_COUNT):
+        data = rng.randbytes(rng.randrange(1, 64 << 10))
+        key = f"nested/level{index % 3}/deeper{index % 2}/small-{index:04d}.bin"
+        client.put_object(Bucket="berth-data", Key=f"ds/{key}", Body=data)
+        expected[key] = md5(data)
+    big = rng.randbytes(BIG_BYTES)
+    client.upload_fileobj(io.BytesIO(big), "berth-data", "ds/big.bin")  # boto3: multipart in 8 MiB parts
+    expected["big.bin"] = md5(big)
+    assert "-" in client.head_object(Bucket="berth-data", Key="ds/big.bin")["ETag"]
+    return expected
+
+
+def stage(user, work, direction, *items, env, extra=()):
+    return user.berth("stage", direction, *items, *extra, cwd=str(work), env=env, timeout=300)
+
+
+def test_prefix_round_trip_verifies_resyncs_and_uploads_multipart(s3_server, s3_profile, dataset, user, user_tmp):
+    env = s3_profile(user)
+    result = stage(user, user_tmp, "in", "s3://berth-data/ds/:input/", env=env, extra=("--json",))
+    assert result.returncode == 0, describe(result)
+    summary = json.loads(result.stdout)
+    assert (summary["objects"], summary["skipped"], summary["failed"]) == (SMALL_COUNT + 1, 0, [])
+    assert summary["bytes"] == sum((user_tmp / "input" / k).stat().st_size for k in dataset)
+    assert tree_md5s(user_tmp / "input") == dataset  # nothing else: no temporary files left
+    owner = (user_tmp / "input" / "big.bin").stat()
+    assert (owner.st_uid, owner.st_gid) == (user.uid, user.gid)
+
+    # Nothing changed: everything skipped, nothing transferred.
+    again = stage(user, user_tmp, "in", "s3://berth-data/ds/:input/", env=env, extra=("--json",))
+    resync = json.loads(again.stdout)
+    assert (resync["skipped"], resync["bytes"]) == (SMALL_COUNT + 1, 0), describe(again)
+    # A changed local file of the same size is found by its checksum and fetched again.
+    victim = user_tmp / "input" / "big.bin"
+    with open(victim, "r+b") as handle:
+        handle.seek(12345)
+        handle.write(b"X")
+    os.utime(victim, (1, 1))
+    third = json.loads(stage(user, user_tmp, "in", "s3://berth-data/ds/:input/", env=env, extra=("--json",)).stdout)
+    assert (third["skipped"], third["bytes"]) == (SMALL_COUNT, BIG_BYTES)
+    assert md5(victim.read_bytes()) == dataset["big.bin"]
+
+    # One object to a file name, and into a directory.
+    single = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:one.bin",
+                   "s3://berth-data/ds/nested/level0/deeper0/small-0000.bin:dir/", env=env)
+    assert single.returncode == 0, describe(single)
+    assert md5((user_tmp / "one.bin").read_bytes()) == dataset["big.bin"]
+    assert (user_tmp / "dir" / "small-0000.bin").exists()
+
+    # Out again under a new prefix: the service holds the same bytes (multipart ETag for big.bin).
+    bucket = s3_server.new_bucket("out")
+    result = stage(user, user_tmp, "out", f"input/:s3://{bucket}/run1/", f"one.bin:s3://{bucket}/exact.bin", env=env)
+    assert result.returncode == 0, describe(result)
+    assert "stage-out total: 122 objects" in result.stdout
+    client = s3_server.client()
+    stored = {o["Key"]: o for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+              for o in page.get("Contents", ())}
+    assert set(stored) == {f"run1/{k}" for k in dataset} | {"exact.bin"}
+    assert stored["run1/big.bin"]["ETag"].strip('"').endswith("-3")  # multipart, 8 MiB parts
+    for key in ("big.bin", "nested/level1/deeper1/small-0001.bin"):
+        body = client.get_object(Bucket=bucket, Key=f"run1/{key}")["Body"].read()
+        assert md5(body) == dataset[key]
+
+    # Globs keep paths below their fixed part; a host directory as DEST.
+    glob_out = stage(user, user_tmp, "out", "input/nested/**/small-000*.bin:kept/", env=env)
+    assert glob_out.returncode == 0, describe(glob_out)
+    kept = sorted(str(p.relative_to(user_tmp / "kept")) for p in (user_tmp / "kept").rglob("*.bin"))
+    assert kept == sorted(k.removeprefix("nested/") for k in dataset if "small-000" in k)
+
+
+def test_https_and_host_sources(s3_server, s3_profile, user, user_tmp):
+    env = s3_profile(user)
+    client = s3_server.client()
+    client.put_object(Bucket="berth-data", Key="url/obj.txt", Body=b"via a presigned URL\n")
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "berth-data", "Key": "url/obj.txt"},
+                                        ExpiresIn=300)
+    source_dir = user_tmp / "src"
+    (source_dir / "sub").mkdir(parents=True)
+    (source_dir / "sub" / "a.txt").write_text("a\n")
+    os.chown(source_dir, user.uid, user.gid)
+    result = stage(user, user_tmp, "in", f"{url}:fetched/", f"{source_dir}:copy", env=env)
+    assert result.returncode == 0, describe(result)
+    assert (user_tmp / "fetched" / "obj.txt").read_bytes() == b"via a presigned URL\n"
+    assert (user_tmp / "copy" / "sub" / "a.txt").read_text() == "a\n"
+    assert "X-Amz-Signature" not in result.stdout + result.stderr
+
+
+def test_failures_are_clear_and_leave_nothing_half_written(s3_server, s3_profile, dataset, user, user_tmp):
+    env = s3_profile(user)
+    cases = [
+        (("in", "s3://berth-data/ds/big.bin"), 2, "--stage-in 's3://berth-data/ds/big.bin': no ':DEST'"),
+        (("in", "s3://berth-data/ds/:x", "--s3-profile", "nope"), 78, "unknown S3 profile 'nope'"),
+        (("in", "s3://no-such-bucket/x:x"), 3, "s3://no-such-bucket/: the bucket does not exist"),
+        (("in", "s3://no-such-bucket/p/:x"), 3, "the bucket does not exist"),
+        (("in", "s3://berth-data/ds/missing.bin:x"), 3, "s3://berth-data/ds/missing.bin does not exist"),
+        (("in", "s3://berth-data/nothing-here/:x"), 3, "no object under s3://berth-data/nothing-here/"),
+        (("out", "absent/*.h5:s3://berth-data/x/"), 10, "absent/*.h5 matched no file"),
+    ]
+    for argv, code, words in cases:
+        result = stage(user, user_tmp, *argv, env=env)
+        assert result.returncode == code and words in result.stderr, describe(result)
+        assert "Traceback" not in result.stderr
+    assert not (user_tmp / "x").exists()
+
+    wrong = s3_profile(user, keys=type(s3_server.user_keys)(s3_server.user_keys.access_key, "wrong-secret"))
+    result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=wrong)
+    assert result.returncode == 10 and "refused the request" in result.stderr, describe(result)
+    assert "wrong-secret" not in result.stderr + result.stdout
+
+    down = s3_profile(user, endpoint="http://127.0.0.1:9", timeout_s=2)
+    result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=down)
+    assert result.returncode == 10 and "cannot connect to the S3 endpoint http://127.0.0.1:9" in result.stderr, \
+        describe(result)
+
+
+def test_stalled_endpoint_times_out(s3_profile, user, user_tmp):
+    """A server that accepts connections and never answers: an error after timeout_s, not a hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        env = s3_profile(user, endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=1)
+        started = time.monotonic()
+        result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=env)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert result.returncode == 10 and "stopped answering" in result.stderr, describe(result)
+    assert elapsed < 60
+    assert not (user_tmp / "x").exists()
+
+
+def test_disk_full_removes_the_partial_download(s3_server, s3_profile, dataset, user, user_tmp):
+    small = user_tmp / "small-disk"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=4m,uid={user.uid},gid={user.gid},mode=0755",
+                    "berth-test-full", str(small)], check=True)
+    try:
+        env = s3_profile(user)
+        result = stage(user, small, "in", "s3://berth-data/ds/big.bin:big.bin", env=env)
+        assert result.returncode == 10 and "no space left" in result.stderr, describe(result)
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+def test_failed_stage_out_is_retried_then_lists_what_did_not_arrive(s3_server, s3_profile, user, user_tmp):
+    out = user_tmp / "results"
+    out.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (out / name).write_text(name)
+    os.system(f"chown -R {user.uid}:{user.gid} {out}")
+    # The second test user's keys may write only its own bucket.
+    env = s3_profile(user, keys=s3_server.other_keys)
+    started = time.monotonic()
+    result = stage(user, user_tmp, "out", "results/:s3://berth-data/not-yours/", env=env, extra=("--json",))
+    assert result.returncode == 10, describe(result)
+    assert time.monotonic() - started > 2.5  # two pauses between the three rounds
+    assert "2 object(s) did not arrive after 3 attempts: s3://berth-data/not-yours/a.txt, " \
+           "s3://berth-data/not-yours/b.txt" in result.stderr
+    assert json.loads(result.stdout)["failed"] == ["s3://berth-data/not-yours/a.txt",
+                                                   "s3://berth-data/not-yours/b.txt"]
+
+
+def test_profile_files_must_be_private_and_ours(s3_server, s3_profile, user, other_user, user_tmp):
+    env = s3_profile(user, mode=0o640)
+    result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=env)
+    path = Path(env["XDG_CONFIG_HOME"]) / "berth" / "s3.toml"
+    assert result.returncode == 78 and f"berth: hint: run: chmod 600 {path}" in result.stderr, describe(result)
+    # Another user's private file, reachable through a path the test user may traverse.
+    os.chown(path, other_user.uid, other_user.gid)
+    path.chmod(0o644)
+    result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=env)
+    assert result.returncode == 78 and f"belongs to uid {other_user.uid}" in result.stderr, describe(result)
+    # The other user cannot read the test user's (private) profile through berth either.
+    mine = s3_profile(user)
+    theirs = other_user.berth("stage", "in", "s3://berth-data/ds/big.bin:x", cwd="/tmp", env=mine)
+    assert theirs.returncode == 78 and s3_server.user_keys.secret_key not in theirs.stdout + theirs.stderr
+
+
+def test_aws_files_and_environment(s3_server, dataset, user, user_tmp):
+    home = user_tmp / "home"
+    (home / ".aws").mkdir(parents=True)
+    keys = s3_server.user_keys
+    (home / ".aws" / "credentials").write_text(
+        f"[lab]\naws_access_key_id = {keys.access_key}\naws_secret_access_key = {keys.secret_key}\n")
+    (home / ".aws" / "config").write_text(f"[profile lab]\nendpoint_url = {s3_server.endpoint}\n"
+                                          "s3 =\n    addressing_style = path\n")
+    (home / ".aws" / "credentials").chmod(0o600)
+    os.system(f"chown -R {user.uid}:{user.gid} {home}")
+    item = "s3://berth-data/ds/nested/level0/deeper0/small-0000.bin:aws.bin"
+    result = stage(user, user_tmp, "in", item, "--s3-profile", "lab", env={"HOME": str(home)})
+    assert result.returncode == 0, describe(result)
+    (home / ".aws" / "credentials").chmod(0o644)
+    result = stage(user, user_tmp, "in", item, "--s3-profile", "lab", env={"HOME": str(home)})
+    assert result.returncode == 78 and "chmod 600" in result.stderr, describe(result)
+    # Variables only (no file): AWS_ENDPOINT_URL and the key pair.
+    os.unlink(home / ".aws" / "credentials")
+    result = stage(user, user_tmp, "in", item.replace("aws.bin", "env.bin"),
+                   env={"HOME": str(home), "AWS_ACCESS_KEY_ID": keys.access_key,
+                        "AWS_SECRET_ACCESS_KEY": keys.secret_key, "AWS_ENDPOINT_URL": s3_server.endpoint})
+    assert result.returncode == 0, describe(result)
+    assert (user_tmp / "env.bin").read_bytes() == (user_tmp / "aws.bin").read_bytes()
+
+
+def test_credentials_never_on_a_command_line(s3_server, s3_profile, dataset, user, user_tmp):
+    """Scan every process's argv while a transfer runs (and its output afterwards)."""
+    env = s3_profile(user, max_concurrency=2)
+    secret = s3_server.user_keys.secret_key.encode()
+    access = s3_server.user_keys.access_key.encode()
+    full_env = user.base_env(**env)
+    process = subprocess.Popen(
+        ["runuser", "-u", user.name, "--", "env", "-i", *[f"{k}={v}" for k, v in full_env.items()],
+         str(berth_executable()), "stage", "in", "s3://berth-data/ds/:scan/"],
+        cwd=str(user_tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = 0
+    while process.poll() is None:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"stage" in cmdline:
+                seen += 1
+            assert secret not in cmdline and access not in cmdline, cmdline
+        time.sleep(0.01)
+    out, err = process.communicate()
+    assert process.returncode == 0, err
+    assert seen > 0
+    assert secret not in out + err and access not in out + err
