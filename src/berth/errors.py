@@ -25,6 +25,7 @@ their own exit status is the container's).
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 
 
 class BerthError(Exception):
@@ -191,3 +192,18 @@ class StagingError(BerthError):
     """Data staging (S3, https, host files) failed: the message names the object, option or key."""
 
     exit_code = 10
+
+
+def did_you_mean(typed: str, known: Iterable[str]) -> str | None:
+    """``"did you mean 'X'?"`` for the entry of ``known`` closest to ``typed``, else None.
+
+    The one "did you mean" of berth (configuration keys, template keys, submit options), for
+    hints. Leading dashes are ignored when comparing (``--nodez`` is close to ``--nodes``).
+    """
+    import difflib  # only on error paths: berth's start-up time matters
+
+    by_bare = {}
+    for name in known:
+        by_bare.setdefault(str(name).lstrip("-"), str(name))
+    close = difflib.get_close_matches(typed.lstrip("-"), list(by_bare), n=1, cutoff=0.6)
+    return f"did you mean '{by_bare[close[0]]}'?" if close else None

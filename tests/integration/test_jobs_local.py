@@ -196,6 +196,7 @@ BAD_INPUT = [
     (["--template", "bb", "-N", "2", "ok.sh"], 2, "--nodes 2: the local backend runs jobs on this machine only"),
     (["--template", "bb", "-o", "/nonexistent/dir/out", "ok.sh"], 2, "the directory /nonexistent/dir does not exist"),
     (["--image", "bad reference!", "ok.sh"], 20, "bad reference!"),
+    (["--template", "bb", "-J", "x\n", "ok.sh"], 2, "--job-name 'x\\n': use letters"),
 ]
 
 
@@ -243,3 +244,26 @@ def test_unknown_job_is_a_clear_error(job_site, user):
         result = user.berth(*command, env=job_site.env)
         assert result.returncode == 3, describe(result)
         assert "no job '999999'" in result.stderr
+
+
+def test_a_record_with_a_newline_in_its_name_keeps_one_row(job_site, user):
+    """Issue 12 #6: `-J $'x\\n'` is refused now (BAD_INPUT); a record that an older berth wrote
+    with such a name must still not split `berth jobs` rows or `berth status` lines."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "named.sh", "#!/bin/sh\necho named\n", user)
+    job = submit(user, job_site, work, "--template", "bb", "-J", "named", "named.sh")
+    wait_for(user, job_site, [job], FINAL)
+    spec_file = job_site.jobs_dir / job / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    spec["name"] = "x\nFAKE 1 local completed"
+    spec_file.write_text(json.dumps(spec))  # root writes in place: owner and mode stay the user's
+    table = user.berth("jobs", env=job_site.env)
+    assert table.returncode == 0, describe(table)
+    rows = table.stdout.splitlines()
+    assert len(rows) == 1 + record_count(job_site), describe(table)
+    row = next(line for line in rows if line.startswith(f"{job} "))
+    assert "x\\nFAKE 1 local completed" in row, describe(table)
+    assert not any(line.startswith("FAKE") for line in rows)
+    shown = user.berth("status", job, env=job_site.env)
+    assert shown.returncode == 0, describe(shown)
+    assert "name:         x\\nFAKE 1 local completed\n" in shown.stdout, describe(shown)

@@ -254,6 +254,33 @@ def test_create_with_a_missing_image_writes_nothing(pull_site, admin, registry):
     assert not (pull_site.templates_dir / "ghost.toml").exists()
 
 
+def test_a_name_ending_in_newline_is_refused_and_cannot_break_listing(pull_site, admin, user, busybox_image):
+    """Issue 12 #6: `template create $'nl\\n'` wrote ``nl\\n.toml``, whose first comment line then
+    broke `template list` for every user. The name is refused now, and such a file (left by an
+    older berth or a hand edit) is skipped by `template list` and reported by `config check`."""
+    from berth.config.templates import Template, render_template
+
+    pull_site.add_template("t")
+    before = snapshot(pull_site.config_dir)
+    result = admin.berth("template", "create", "nl\n", f"image={busybox_image}", "cpu=1", "memsz=64M",
+                         env=pull_site.env)
+    assert result.returncode == 2, describe(result)
+    assert "invalid template name 'nl\\n'" in result.stderr, describe(result)
+    assert snapshot(pull_site.config_dir) == before
+    # What the old berth wrote for that name, byte for byte.
+    old = Template(name="nl\n", image=str(busybox_image), image_digest=busybox_image.digest, cpu=1,
+                   memsz_bytes=64 << 20)
+    planted = pull_site.templates_dir / "nl\n.toml"
+    planted.write_text(render_template(old))
+    planted.chmod(0o644)
+    listed = user.berth("template", "list", env=pull_site.env)
+    assert listed.returncode == 0, describe(listed)
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "t"], describe(listed)
+    check = admin.berth("config", "check", env=pull_site.env)
+    assert check.returncode == 78, describe(check)
+    assert "'nl\\n' is not a valid template name; the file is ignored" in check.stdout + check.stderr, describe(check)
+
+
 def test_modify_image_and_refresh_repin(pull_site, admin, registry, busybox_image, busybox_v2s2_image):
     from tests.harness import images
 

@@ -72,7 +72,7 @@ def test_unknown_option_names_the_place_and_suggests():
     with pytest.raises(UsageError) as error:
         parse_option_words(["--nodez=2"], where="job.sh line 3")
     assert error.value.message == "job.sh line 3: unknown option '--nodez'"
-    assert error.value.hint == "did you mean --nodes?"
+    assert error.value.hint == "did you mean '--nodes'?"
     with pytest.raises(UsageError, match="option --mem needs a value"):
         parse_option_words(["--mem"], where="w")
     with pytest.raises(UsageError, match="--exclusive takes no value"):

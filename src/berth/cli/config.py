@@ -82,7 +82,7 @@ def cmd_config_show(args: argparse.Namespace, ctx) -> int:
 def cmd_config_check(args: argparse.Namespace, ctx) -> int:
     """Load everything the way berth does and report each problem (exit 78 if any)."""
     from berth.config.load import config_files
-    from berth.config.templates import NAME_PATTERN, read_template_file
+    from berth.config.templates import is_template_name, read_template_file
     from berth.errors import BerthError, ConfigError
     from berth.image.api import find_in_store, store_for
 
@@ -95,7 +95,7 @@ def cmd_config_check(args: argparse.Namespace, ctx) -> int:
     directory = settings.templates_dir
     names = sorted(p.stem for p in directory.glob("*.toml")) if directory.is_dir() else []
     for name in names:
-        if not NAME_PATTERN.match(name):
+        if not is_template_name(name):
             problems.append(f"{directory / (name + '.toml')}: '{name}' is not a valid template name; the file is ignored")
             continue
         try:
@@ -112,8 +112,10 @@ def cmd_config_check(args: argparse.Namespace, ctx) -> int:
             problems.append(f"template '{template.name}': pinned image {template.pinned_reference} is not in the "
                             f"site store {settings.site_store} (run `berth template refresh {template.name}`)")
     print(f"templates in {directory}: {len(templates)} valid")
+    from berth.cli.output import printable
+
     for problem in problems:
-        print(f"problem: {problem}")
+        print(f"problem: {printable(problem)}")  # one line each, whatever a file is named
     if problems:
         raise ConfigError(f"{len(problems)} configuration problem{'s' if len(problems) > 1 else ''} found",
                           hint="each is listed above")

@@ -140,9 +140,11 @@ def cmd_status(args, ctx) -> int:
         ("submitted", _when(current.spec.submitted_at)), ("started", _when(result.started_at)),
         ("ended", _when(result.ended_at)), ("output", current.spec.output), ("error", current.spec.error),
     ]
+    from berth.cli.output import printable
+
     for key, value in rows:
         if value not in (None, ""):
-            print(f"{key + ':':14}{value}")
+            print(f"{key + ':':14}{printable(str(value))}")  # a record's name is one line, whatever it holds
     return 0
 
 

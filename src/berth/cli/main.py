@@ -106,9 +106,11 @@ def modules_for(argv: list[str]) -> tuple[str, ...]:
 
 
 def print_error(error: BerthError) -> None:
-    print(f"berth: error: {error.message}", file=sys.stderr)
+    from berth.cli.output import printable  # messages quote input and programs: no terminal escapes
+
+    print(f"berth: error: {printable(error.message, newlines=True)}", file=sys.stderr)
     if error.hint:
-        print(f"berth: hint: {error.hint}", file=sys.stderr)
+        print(f"berth: hint: {printable(error.hint, newlines=True)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,21 @@ def human_size(size_bytes: int | float) -> str:
     return f"{size:.1f} TiB"
 
 
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x1b``).
+
+    Names come from files other people (or older berth versions) wrote: a newline must not split
+    a table row, and an escape sequence from an image or a file must never reach the terminal
+    (issue 12). ``newlines=True`` keeps line breaks (error messages that quote a program's stderr).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (newlines and c == "\n") else repr(c)[1:-1] for c in text)
+
+
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], file: TextIO | None = None) -> None:
     file = file or sys.stdout
-    rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    rows = [["" if cell is None else printable(str(cell)) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):

@@ -38,7 +38,8 @@ from berth.config.settings import (
     default_paths,
 )
 from berth.config.tomlfile import KeyLines, read_toml
-from berth.errors import ConfigError
+from berth.errors import ConfigError, did_you_mean
+from berth.oci.names import is_env_name, is_registry_host
 
 USER = "user"
 PINNABLE = "pinnable"
@@ -99,11 +100,9 @@ ALL_KEYS = (*(key.name for key in KEYS), *ARRAY_KEYS, "policy.namespaces")
 
 ENV_OPS = ("set", "prepend", "append", "unset")
 # Patterns as strings, compiled on first use by re's own cache: most runs validate no file.
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_ENV_GLOB = r"^[A-Za-z0-9_*?\[\]]+$"
-_GROUP_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$"
-_HOST = (r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-         r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+# Full matches only (re.fullmatch): '$' would accept a final newline (issue 12).
+_ENV_GLOB = r"[A-Za-z0-9_*?\[\]]+"
+_GROUP_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?"
 _TOML_TYPES = {str: "a string", int: "an integer", float: "a float", bool: "a boolean",
                list: "an array", dict: "a table"}
 
@@ -201,11 +200,11 @@ def _check_scalar(key: Key, value: Any, origin: _Origin, path, home: str) -> Any
         if key.kind == "device_list":
             result.append(_device(item, origin, item_path))
         elif key.kind == "host_list":
-            if not re.match(_HOST, item):
-                raise origin.error(item_path, f"'{item}' is not a registry host (host or host:port)")
+            if not is_registry_host(item):
+                raise origin.error(item_path, f"{item!r} is not a registry host (host or host:port)")
             result.append(item)
         elif key.kind == "env_glob_list":
-            if not re.match(_ENV_GLOB, item):
+            if not re.fullmatch(_ENV_GLOB, item):
                 raise origin.error(item_path, f"'{item}' is not a variable name or glob (letters, digits, _, *, ?)")
             result.append(item)
         elif key.kind == "key_list":
@@ -251,7 +250,7 @@ def _env_op(value: Any, origin: _Origin, path) -> EnvOp:
     if op not in ENV_OPS:
         raise origin.error((*path, "op"), f"'{op}' is not one of: {', '.join(ENV_OPS)}")
     name = _expect(table["name"], str, origin, (*path, "name"), "a string")
-    if not re.match(_ENV_NAME, name):
+    if not is_env_name(name):
         raise origin.error((*path, "name"), f"'{name}' is not a variable name (letters, digits, _; not starting with a digit)")
     if op == "unset":
         for extra in ("value", "separator"):
@@ -274,7 +273,7 @@ def _env_op(value: Any, origin: _Origin, path) -> EnvOp:
 def _group(value: Any, origin: _Origin, path) -> GroupPolicy:
     table = _table(value, origin, path, ("group", "mounts", "devices", "env"), ("group",))
     group = _expect(table["group"], str, origin, (*path, "group"), "a string (a Unix group name)")
-    if not re.match(_GROUP_NAME, group):
+    if not re.fullmatch(_GROUP_NAME, group):
         raise origin.error((*path, "group"), f"'{group}' is not a Unix group name")
     mounts = _expect(table.get("mounts", []), list, origin, (*path, "mounts"), "an array of tables")
     env = _expect(table.get("env", []), list, origin, (*path, "env"), "an array of tables")
@@ -290,8 +289,8 @@ def _group(value: Any, origin: _Origin, path) -> GroupPolicy:
 def _registry(value: Any, origin: _Origin, path) -> RegistryPolicy:
     table = _table(value, origin, path, ("host", "insecure", "trusted"), ("host",))
     host = _expect(table["host"], str, origin, (*path, "host"), "a string")
-    if not re.match(_HOST, host):
-        raise origin.error((*path, "host"), f"'{host}' is not a registry host (host or host:port, as in image references)")
+    if not is_registry_host(host):
+        raise origin.error((*path, "host"), f"{host!r} is not a registry host (host or host:port, as in image references)")
     return RegistryPolicy(
         host=host,
         insecure=_expect(table.get("insecure", False), bool, origin, (*path, "insecure"), "a boolean"),
@@ -303,11 +302,8 @@ _ARRAY_ITEM = {"policy.mounts": _mount, "policy.env": _env_op, "policy.groups": 
 
 
 def _unknown(origin: _Origin, path, known) -> ConfigError:
-    import difflib  # only on this error path: berth's start-up time matters
-
-    name = path[-1]
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
-    suggestion = f"did you mean '{close[0]}'? " if close else ""
+    suggestion = did_you_mean(str(path[-1]), map(str, known))
+    suggestion = f"{suggestion} " if suggestion else ""
     return origin.error(path, "unknown key", hint=f"{suggestion}known keys here: {', '.join(sorted(map(str, known)))}; {DOCS_HINT}")
 
 

@@ -32,12 +32,13 @@ from typing import Any
 from berth.config.settings import Settings
 from berth.config.tomlfile import KeyLines, read_toml, toml_value
 from berth.config.units import STOP_TIMEOUT_MAX_S, format_size, parse_duration, parse_memory
-from berth.errors import ConfigError, NotFound, PermissionDenied, UsageError
+from berth.errors import ConfigError, NotFound, PermissionDenied, UsageError, did_you_mean
 from berth.fsutil import write_atomically
 from berth.oci.digest import Digest, InvalidDigest
 from berth.oci.reference import InvalidReference, Reference
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: A template name (it becomes a file name); matched in full (issue 12: no final newline).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOCK_NAME = ".lock"
 
 #: Limits that keep a typo (memsz=4T for 4G, cpu=640) from becoming a template; stated in errors.
@@ -93,11 +94,16 @@ class Template:
 # --- validation -------------------------------------------------------------------------------
 
 
+def is_template_name(name: str) -> bool:
+    """True for 1 to 64 letters, digits, '_', '.', '-', starting with a letter or digit."""
+    return NAME_PATTERN.fullmatch(name) is not None and not name.endswith(".toml")
+
+
 def check_name(name: str) -> str:
     """Raise UsageError unless ``name`` is a template name (it becomes a file name)."""
-    if not NAME_PATTERN.match(name) or name.endswith(".toml"):
+    if not is_template_name(name):
         raise UsageError(
-            f"invalid template name '{name}'",
+            f"invalid template name {name!r}",
             hint="use 1 to 64 letters, digits, '_', '.', '-', starting with a letter or digit",
         )
     return name
@@ -176,7 +182,9 @@ def parse_assignments(words: list[str], *, require: bool) -> dict[str, Any]:
             raise UsageError(f"malformed argument '{word}': expected key=value",
                              hint=f"keys: {', '.join(ASSIGNMENT_KEYS)}; quote values with spaces: custom=\"--env A=1\"")
         if key not in ASSIGNMENT_KEYS:
-            raise UsageError(f"unknown key '{key}' in '{word}'", hint=f"template keys: {', '.join(ASSIGNMENT_KEYS)}")
+            suggestion = did_you_mean(key, ASSIGNMENT_KEYS)
+            raise UsageError(f"unknown key '{key}' in '{word}'",
+                             hint=f"{suggestion + ' ' if suggestion else ''}template keys: {', '.join(ASSIGNMENT_KEYS)}")
         if key in seen:
             raise UsageError(f"key '{key}' given twice", hint="give each key once")
         seen.add(key)
@@ -255,8 +263,10 @@ def read_template_file(path: Path, name: str) -> Template:
     for key, value in document.items():
         where = _where(path, lines, key)
         if key not in _FILE_KEYS:
+            suggestion = did_you_mean(key, _FILE_KEYS)
             raise ConfigError(f"{where}: template '{name}': unknown key '{key}'",
-                              hint=f"template file keys: {', '.join(sorted(_FILE_KEYS))}")
+                              hint=f"{suggestion + ' ' if suggestion else ''}template file keys: "
+                              f"{', '.join(sorted(_FILE_KEYS))}")
         field = _FILE_KEYS[key]
         if field in given:
             raise ConfigError(f"{where}: template '{name}': '{key}' repeats '{given[field]}'", hint="keep one of them")
@@ -319,7 +329,7 @@ def list_templates(settings: Settings) -> list[Template]:
     except PermissionError:
         raise ConfigError(f"cannot list templates in {directory}: permission denied",
                           hint="ask your site administrator to make it world-readable (chmod 0755)") from None
-    return [read_template_file(directory / f"{name}.toml", name) for name in names if NAME_PATTERN.match(name)]
+    return [read_template_file(directory / f"{name}.toml", name) for name in names if is_template_name(name)]
 
 
 # --- writers ----------------------------------------------------------------------------------

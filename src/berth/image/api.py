@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from berth.config.settings import Settings
     from berth.image.progress import PullProgress
 
-_BARE_DIGEST = re.compile(r"^(sha256:)?([a-f0-9]{12,64})$")
+_BARE_DIGEST = re.compile(r"(sha256:)?([a-f0-9]{12,64})")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def find_in_store(store: Store, ref: str) -> StoredImage | None:
     """Look ``ref`` up in one store (no network); None when absent. Raises ReferenceError_."""
     if not store.exists():
         return None
-    bare = _BARE_DIGEST.match(ref)
+    bare = _BARE_DIGEST.fullmatch(ref)
     if bare:
         # Like docker: a hex string is an image id (digest prefix) first, a name second.
         found = _find_by_digest_prefix(store, bare.group(2))

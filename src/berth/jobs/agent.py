@@ -37,6 +37,7 @@ from berth import proc
 from berth.errors import JobError
 from berth.fsutil import replace_in_directory
 from berth.jobs.records import atomic_write, make_private_dir
+from berth.oci.names import is_env_name
 
 ALLOWED_PROGRAMS = ("srun", "berth")
 
@@ -98,7 +99,7 @@ def parse_exported(text: str) -> dict[str, str]:
         if word in ("export", "declare", "-x"):
             continue
         name, sep, value = word.partition("=")
-        if sep and name.replace("_", "a").isalnum():
+        if sep and is_env_name(name):
             values[name] = value
     return values
 

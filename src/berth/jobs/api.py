@@ -208,8 +208,9 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
 
 
 def _default_name(script: Path) -> str:
-    name = "".join(ch if ch.isalnum() or ch in "_.+-" else "_" for ch in script.name)[:128]
-    return name if name and name[0].isalnum() else f"job{name}"
+    # ASCII only, as check_name demands of -J (str.isalnum() alone accepts any script's letters).
+    name = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "_.+-" else "_" for ch in script.name)[:128]
+    return name if name and name[0].isascii() and name[0].isalnum() else f"job{name}"[:128]
 
 
 def _check_image(settings: Settings, image: str, template) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from berth.config.units import MEMORY_MAX_BYTES, parse_duration, parse_memory
-from berth.errors import UsageError
+from berth.errors import UsageError, did_you_mean
 
 #: Upper bounds that catch typos (``--nodes=10000000``) before a scheduler sees them.
 MAX_NODES = 100_000
@@ -62,7 +62,8 @@ SUBMIT_OPTIONS: tuple[OptionSpec, ...] = (
 )
 
 _BY_NAME = {name: spec for spec in SUBMIT_OPTIONS for name in spec.names}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+#: Job and partition names; matched in full (issue 12: '$' accepts a final newline).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
 def parse_option_words(words: list[str], *, where: str) -> dict[str, str | bool]:
@@ -83,8 +84,8 @@ def parse_option_words(words: list[str], *, where: str) -> dict[str, str | bool]
             name, value = word[:2], word[2:]
         spec = _BY_NAME.get(name)
         if spec is None:
-            close = [n for n in _BY_NAME if n.startswith("--") and _similar(n, name)]
-            hint = f"did you mean {close[0]}?" if close else "see `berth submit --help` for the options"
+            hint = (did_you_mean(name, (n for n in _BY_NAME if n.startswith("--")))
+                    or "see `berth submit --help` for the options")
             raise UsageError(f"{where}: unknown option '{name}'", hint=hint)
         if spec.flag:
             if value is not None:
@@ -98,19 +99,6 @@ def parse_option_words(words: list[str], *, where: str) -> dict[str, str | bool]
             index += 1
         values[spec.key] = value
     return values
-
-
-def _similar(candidate: str, typed: str) -> bool:
-    a, b = candidate.lstrip("-"), typed.lstrip("-")
-    if not b:
-        return False
-    if a.startswith(b) or b.startswith(a):
-        return True
-    # One edit apart (a transposition or a wrong, missing or extra letter).
-    if abs(len(a) - len(b)) > 1:
-        return False
-    mismatches = sum(1 for x, y in zip(a, b) if x != y)
-    return mismatches + abs(len(a) - len(b)) <= 2
 
 
 def read_directives(script: Path, text: str) -> dict[str, str | bool]:
@@ -179,7 +167,7 @@ def parse_gres_gpus(raw: str) -> int:
     if len(parts) == 1:
         return 1
     count = parts[-1]
-    if not count.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", count):
         raise UsageError(f"--gres '{raw}': the GPU count '{count}' is not a whole number")
     if int(count) > MAX_GPUS:
         raise UsageError(f"--gres '{raw}': more than {MAX_GPUS} GPUs per node", hint="check the value for a typo")
@@ -187,6 +175,6 @@ def parse_gres_gpus(raw: str) -> int:
 
 
 def check_name(raw: str, option: str) -> str:
-    if not _NAME.match(raw):
-        raise UsageError(f"{option} '{raw}': use letters, digits, '_', '.', '+', '-' (at most 128)")
+    if not _NAME.fullmatch(raw):
+        raise UsageError(f"{option} {raw!r}: use letters, digits, '_', '.', '+', '-' (at most 128)")
     return raw

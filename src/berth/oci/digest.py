@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
-_HEX = re.compile(r"^[a-f0-9]+$")
+_HEX = re.compile(r"[a-f0-9]+")
 
 
 class InvalidDigest(ValueError):
@@ -32,7 +32,7 @@ class Digest:
         algorithm, sep, value = text.partition(":")
         if not sep or algorithm not in _ALGORITHMS:
             raise InvalidDigest(f"'{text}' is not a digest (expected sha256:<64 hex digits>)")
-        if len(value) != _ALGORITHMS[algorithm] or not _HEX.match(value):
+        if len(value) != _ALGORITHMS[algorithm] or not _HEX.fullmatch(value):
             raise InvalidDigest(
                 f"'{text}' is not a valid {algorithm} digest "
                 f"(expected {_ALGORITHMS[algorithm]} lower-case hex digits)"

@@ -12,18 +12,27 @@ import re
 from dataclasses import dataclass, replace
 
 from berth.oci.digest import Digest, InvalidDigest
+from berth.oci.names import is_registry_host
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DEFAULT_TAG = "latest"
 
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_HOST = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$"
-)
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 MAX_NAME_LENGTH = 255
+
+
+def is_repository(path: str) -> bool:
+    """True for a repository path: components of lower-case letters and digits separated by
+    '.', '_', '__' or '-', joined by '/', at most 255 characters (no '..', no empty part)."""
+    return (isinstance(path, str) and len(path) <= MAX_NAME_LENGTH
+            and all(re.fullmatch(_COMPONENT, component) for component in path.split("/")))
+
+
+def is_tag(tag: str) -> bool:
+    """True for a tag: letters, digits, '_', '.', '-'; at most 128; not starting with '.' or '-'."""
+    return isinstance(tag, str) and re.fullmatch(_TAG, tag) is not None
 
 
 class InvalidReference(ValueError):
@@ -57,7 +66,7 @@ class Reference:
         colon = text.rfind(":")
         if colon > slash:
             text, tag = text[:colon], text[colon + 1 :]
-            if not _TAG.match(tag):
+            if not is_tag(tag):
                 raise InvalidReference(
                     f"invalid image reference '{original}': bad tag '{tag}' "
                     "(letters, digits, '_', '.', '-'; at most 128; not starting with '.' or '-')"
@@ -65,7 +74,7 @@ class Reference:
         first, sep, rest = text.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
             registry, path = first, rest
-            if not _HOST.match(registry):
+            if not is_registry_host(registry):
                 raise InvalidReference(f"invalid image reference '{original}': bad registry host '{registry}'")
         else:
             registry, path = DOCKER_HUB, text
@@ -75,7 +84,7 @@ class Reference:
             raise InvalidReference(f"invalid image reference '{original}': no repository name")
         components = path.split("/")
         for component in components:
-            if not _COMPONENT.match(component):
+            if not re.fullmatch(_COMPONENT, component):
                 raise InvalidReference(
                     f"invalid image reference '{original}': bad repository component '{component}' "
                     "(lower-case letters and digits, separated by '.', '_', '__' or '-')"

@@ -20,27 +20,17 @@ import base64
 import binascii
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth.errors import ConfigError, UsageError
+from berth.oci.names import is_registry_host
 
 #: Every name Docker Hub's registry goes by; credentials stored under any of them apply to all.
 DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DOCKER_HUB_KEY = "docker.io"
 AUTH_FILE_MODE = 0o600
-#: A DNS name or IPv4 address, or a bracketed IPv6 address, with an optional port.
-_HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
-                   r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$")
-
-
-def is_valid_host(host: str) -> bool:
-    """True for ``name``, ``name:port``, an IPv4 address or ``[IPv6]``, with optional port."""
-    return bool(_HOST.match(host.lower()))
-
-
 def normalize_host(name: str) -> str:
     """``https://Host:5000/v2/`` → ``host:5000``; every Docker Hub alias → ``docker.io``.
 
@@ -52,9 +42,9 @@ def normalize_host(name: str) -> str:
             text = text[len(prefix):]
             break
     text = text.split("/", 1)[0].lower()
-    if not _HOST.match(text):
+    if not is_registry_host(text):
         raise UsageError(
-            f"'{name}' is not a registry host",
+            f"{name!r} is not a registry host",
             hint="give the registry as HOST or HOST:PORT, for example 127.0.0.1:5000 or docker.io",
         )
     if text in DOCKER_HUB_NAMES:

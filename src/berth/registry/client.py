@@ -29,7 +29,9 @@ from berth.errors import (
 )
 from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
-from berth.registry.auth import Credentials, is_valid_host
+from berth.oci.names import is_registry_host
+from berth.oci.reference import is_repository, is_tag
+from berth.registry.auth import Credentials
 from berth.registry.authorizer import Authorizer, pull_scope, push_scope
 from berth.registry.transport import (
     RETRY_STATUSES,
@@ -46,10 +48,7 @@ MAX_MANIFEST_BYTES = 4 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20
 MANIFEST_TYPES = frozenset((*mediatypes.MANIFESTS, *mediatypes.INDEXES))
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,9 @@ class BlobResponse:
 
 def check_repository(repository: str) -> str:
     """Raise ReferenceError_ unless ``repository`` is a valid repository path (no '..', no '/' ends)."""
-    if not isinstance(repository, str) or len(repository) > 255 or not _REPOSITORY.match(repository):
+    if not is_repository(repository):
         raise ReferenceError_(
-            f"invalid repository name '{repository}'",
+            f"invalid repository name {repository!r}",
             hint="repository names are lower-case letters and digits separated by '.', '_', '-' and '/'",
         )
     return repository
@@ -145,8 +144,8 @@ def parse_version(version: str) -> Digest | None:
             return Digest.parse(version)
         except InvalidDigest as exc:
             raise ReferenceError_(str(exc)) from None
-    if not _TAG.match(version):
-        raise ReferenceError_(f"invalid tag '{version}'",
+    if not is_tag(version):
+        raise ReferenceError_(f"invalid tag {version!r}",
                               hint="tags are letters, digits, '_', '.', '-' (at most 128)")
     return None
 
@@ -176,8 +175,8 @@ class RegistryClient:
         pool_size: int = 8,
         proxies: Mapping[str, str] | None = None,
     ) -> None:
-        if not is_valid_host(host):
-            raise ReferenceError_(f"invalid registry host '{host}'", hint="give HOST or HOST:PORT")
+        if not is_registry_host(host):
+            raise ReferenceError_(f"invalid registry host {host!r}", hint="give HOST or HOST:PORT")
         self.host = host
         self.insecure = insecure
         self.base_url = f"{'http' if insecure else 'https'}://{host}"
@@ -275,7 +274,7 @@ class RegistryClient:
         )
         start = 0
         if response.status == 206:
-            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
             if match and int(match.group(1)) == offset:
                 start = offset
             else:
@@ -437,7 +436,7 @@ class RegistryClient:
         import urllib3.exceptions as uexc
 
         length = response.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > limit:
+        if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
             raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts",
                                 hint="tell the image's maintainer: registries and runtimes refuse documents that large")
         data = bytearray()
@@ -515,10 +514,10 @@ def _error_text(response: Any, stream: bool) -> str:
 
 
 def _total_size(response: Any, start: int) -> int | None:
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
     if match and match.group(3) != "*":
         return int(match.group(3))
     length = response.headers.get("Content-Length")
-    if length and length.isdigit():
+    if length and re.fullmatch(r"[0-9]{1,19}", length):
         return start + int(length)
     return None

@@ -16,11 +16,13 @@ from typing import NamedTuple
 
 from berth.config.units import STOP_TIMEOUT_MAX_S, parse_duration, parse_memory
 from berth.errors import UsageError
+from berth.oci.names import is_container_hostname, is_env_name
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 
-# Patterns as strings, compiled on first use by re's cache (not at import: start-up time).
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Patterns as strings, compiled on first use by re's cache (not at import: start-up time);
+# always full matches ('$' accepts a final newline: issue 12).
+_CONTAINER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 
 
 class MountRequest(NamedTuple):
@@ -57,6 +59,12 @@ class RunOptions:
     runtime: str | None = None
 
 
+def is_container_name(name: str) -> bool:
+    """True for a container name (``--name``; also every generated id): 1 to 63 letters,
+    digits, '_', '.', '-', starting with a letter or digit (so never '.' or '..')."""
+    return isinstance(name, str) and re.fullmatch(_CONTAINER_NAME, name) is not None
+
+
 def parse_mount(text: str) -> MountRequest:
     """``SRC:DST[:ro|rw]`` -> MountRequest. Syntax only; policy.check_options judges paths."""
     parts = text.split(":")
@@ -76,8 +84,8 @@ def parse_mount(text: str) -> MountRequest:
 
 def check_env_entry(entry: str, *, what: str) -> None:
     name = entry.partition("=")[0]
-    if not re.match(_ENV_NAME, name):
-        raise UsageError(f"{what}: '{entry}' does not start with a valid variable name",
+    if not is_env_name(name):
+        raise UsageError(f"{what}: {entry!r} does not start with a valid variable name",
                          hint="names are letters, digits and '_', not starting with a digit")
     if "\0" in entry:
         raise UsageError(f"{what}: the value of {name} contains a NUL byte")
@@ -125,10 +133,11 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
         raise UsageError(f"--cpus {ns.cpus:g}: must be a positive number of CPUs")
     if ns.workdir is not None and not posixpath.isabs(ns.workdir):
         raise UsageError(f"--workdir '{ns.workdir}': must be an absolute path inside the container")
-    if ns.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", ns.name):
-        raise UsageError(f"--name '{ns.name}': use letters, digits, '_', '.', '-' (at most 63)")
-    if ns.hostname is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$", ns.hostname):
-        raise UsageError(f"--hostname '{ns.hostname}' is not a valid host name")
+    if ns.name is not None and not is_container_name(ns.name):
+        raise UsageError(f"--name {ns.name!r}: use letters, digits, '_', '.', '-' (at most 63)")
+    if ns.hostname is not None and not is_container_hostname(ns.hostname):
+        raise UsageError(f"--hostname {ns.hostname!r} is not a valid host name",
+                         hint="letters, digits and '-' in dot-separated labels, at most 63 characters")
     return RunOptions(
         mounts=tuple(parse_mount(m) for m in ns.mounts),
         workdir=ns.workdir,

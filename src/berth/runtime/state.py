@@ -33,6 +33,7 @@ from pathlib import Path
 
 from berth import proc
 from berth.errors import NotFound, RuntimeFailure
+from berth.runtime.options import is_container_name
 
 CONTAINERS = "containers"
 
@@ -130,10 +131,6 @@ def ensure_state_dir(state_dir: Path) -> Path:
     except OSError as exc:
         raise RuntimeFailure(f"cannot create {state_dir / CONTAINERS}: {exc.strerror}", hint=hint) from None
     return state_dir
-
-
-def _valid_name(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "_.-" for c in name)
 
 
 def create(state_dir: Path, name: str | None) -> ContainerState:
@@ -301,6 +298,6 @@ def cleanup_stale(state_dir: Path) -> list[dict]:
 
 
 def get_state_path(state_dir: Path, container_id: str) -> Path:
-    if not _valid_name(container_id):
+    if not is_container_name(container_id):
         raise NotFound(f"no container '{container_id}'")
     return state_dir / CONTAINERS / container_id
