@@ -207,3 +207,10 @@ def did_you_mean(typed: str, known: Iterable[str]) -> str | None:
         by_bare.setdefault(str(name).lstrip("-"), str(name))
     close = difflib.get_close_matches(typed.lstrip("-"), list(by_bare), n=1, cutoff=0.6)
     return f"did you mean '{by_bare[close[0]]}'?" if close else None
+
+
+class LockError(BerthError):
+    """A lock was not obtained: its holder kept it past the bounded wait (the message names the
+    lock file and, when visible, the holding process), or the file system cannot lock."""
+
+    exit_code = 75

@@ -1,62 +1,193 @@
-"""Writing small files so that readers see the old or the new content, never a part.
+"""File-system primitives every part of berth shares: atomic replacement and private directories.
 
-One implementation for every configuration, credential, job-record and status file berth
-replaces (the store has its own for blobs and images, which stage in its tmp/ directory so that
-prune finds crash leftovers). The temporary file is created exclusively (``O_EXCL|O_NOFOLLOW``)
-in the target's directory and renamed over the target: a symbolic link planted at the target
-or at the temporary name is replaced or refused, never followed.
+Atomic replacement (the only implementation; the store's blob commit streams into its own tmp/
+directory and publishes with :func:`publish_file`): the temporary file is created exclusively
+(``O_EXCL|O_NOFOLLOW``, mode 0600) in the target's directory or in a given staging directory on
+the same file system, written, given its final mode (``fchmod``: exact whatever the umask),
+fsynced, renamed over the target, and the directory is fsynced. A symbolic link planted at the
+target or at the temporary name is replaced or refused, never followed. On any failure the
+temporary file is removed and the old content stays.
+
+Privacy is a parameter, never a default: every caller names the mode it writes (``PRIVATE_FILE``
+for what belongs to one user, ``PUBLIC_FILE`` for site files every user reads; docs/security.md).
+Directories berth creates for a user are made by :func:`make_private_dirs` (0700 whatever the
+umask, owner checked, links refused).
+
+Locks live in :mod:`berth.locks`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+#: Files and directories of one user (user store, state, jobs, credentials, user configuration).
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+#: Files and directories every user must read (site store, site configuration, templates).
+PUBLIC_FILE = 0o644
+PUBLIC_DIR = 0o755
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def replace_in_directory(directory_fd: int, name: str, data: bytes, mode: int) -> None:
-    """Atomically replace ``name`` inside the directory open as ``directory_fd`` with ``data``.
+def open_directory(path: Path | str, *, nofollow: bool = False) -> int:
+    """An ``O_DIRECTORY`` descriptor of ``path``. With ``nofollow`` a last component that is a
+    symbolic link is refused (OSError ELOOP or ENOTDIR). Raises OSError."""
+    return os.open(path, _DIRECTORY_FLAGS | (os.O_NOFOLLOW if nofollow else 0))
 
-    The file gets exactly ``mode`` whatever the umask. The data and the directory entry are
-    fsynced before returning. On any failure the temporary file is removed and the old content
-    stays. Raises OSError.
+
+@contextmanager
+def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = None,
+                  nofollow_dir: bool = False, durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file; when the block ends without an exception its content atomically
+    replaces ``path`` (see the module docstring). On an exception nothing changes.
+
+    ``mode``: the file's exact permissions, or None for what ``open()`` would create (0666
+    minus the umask: files the user asked for at a path of their choosing, e.g. an export).
+    ``staging_dir``: where the temporary file lives (same file system as ``path``; the store
+    stages in its tmp/ so that prune finds crash leftovers); default: ``path``'s directory.
+    ``nofollow_dir``: refuse a ``path.parent`` that is itself a symbolic link (directories a
+    container can change). ``durable=False`` skips the fsyncs (files that do not outlive the
+    node's uptime, such as a running container's state on a tmpfs). Raises OSError.
     """
-    tmp = f".{name}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=directory_fd)
+    directory = open_directory(path.parent, nofollow=nofollow_dir)
     try:
+        staging = directory if staging_dir is None else open_directory(staging_dir)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
-            os.fsync(fd)
+            with _staged(staging, path.name, mode) as (handle, temporary):
+                yield handle
+                handle.flush()
+                if durable:
+                    os.fsync(handle.fileno())
+                os.replace(temporary, path.name, src_dir_fd=staging, dst_dir_fd=directory)
+            if durable:
+                os.fsync(directory)
         finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=directory_fd)
-        except FileNotFoundError:
-            pass
-        raise
-    os.fsync(directory_fd)
-
-
-def write_atomically(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
-    """Atomically replace ``path`` with ``data`` (str is written as UTF-8). Raises OSError."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        replace_in_directory(directory, path.name, data, mode)
+            if staging != directory:
+                os.close(staging)
     finally:
         os.close(directory)
 
 
+@contextmanager
+def _staged(directory: int, name: str, mode: int | None) -> Iterator[tuple[BinaryIO, str]]:
+    """A new exclusive temporary file in ``directory``; removed unless the block renamed it."""
+    temporary = f".{name}.{os.urandom(6).hex()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666 if mode is None else 0o600, dir_fd=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
+            yield handle, temporary
+    except BaseException:
+        try:
+            os.unlink(temporary, dir_fd=directory)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def replace_in_directory(directory_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Atomically replace ``name`` inside the directory open as ``directory_fd`` with ``data``,
+    mode exactly ``mode``. For callers that judged the directory already (job agent). Raises OSError."""
+    with _staged(directory_fd, name, mode) as (handle, temporary):
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        os.replace(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    os.fsync(directory_fd)
+
+
+def write_atomically(path: Path, data: bytes | str, *, mode: int, staging_dir: Path | None = None,
+                     nofollow_dir: bool = False, durable: bool = True) -> None:
+    """Atomically replace ``path`` with ``data`` (str is written as UTF-8) with exactly ``mode``.
+    See :func:`atomic_writer` for the other parameters. Raises OSError."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_writer(path, mode=mode, staging_dir=staging_dir, nofollow_dir=nofollow_dir,
+                       durable=durable) as handle:
+        handle.write(data)
+
+
+def publish_file(temporary: Path, final: Path, mode: int) -> None:
+    """Give a finished, fsynced temporary file ``mode`` and rename it to ``final`` (same file
+    system, existing directory), then make the rename durable. The store's streamed blobs end
+    here. Raises OSError."""
+    os.chmod(temporary, mode)
+    os.replace(temporary, final)
+    fsync_directory(final.parent)
+
+
 def fsync_directory(path: Path) -> None:
     """Make a rename or creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = open_directory(path)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_private_dirs(path: Path) -> Path:
+    """``mkdir -p -m 700 path``: every directory created is 0700 whatever the umask; existing
+    ones are left as they are (they may be the user's own choice). Returns ``path``. Raises OSError."""
+    missing = []
+    current = path
+    while not os.path.lexists(current) and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, PRIVATE_DIR)
+        except FileExistsError:
+            continue
+        os.chmod(directory, PRIVATE_DIR)
+    return path
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """A directory berth owns for one user (user store, state, jobs): created as by
+    :func:`make_private_dirs`, then checked by :func:`check_private_dir`. Returns ``path``.
+    Raises PermissionError (EPERM, the reason in ``strerror``) or other OSErrors."""
+    return check_private_dir(make_private_dirs(path))
+
+
+def check_private_dir(path: Path) -> Path:
+    """Require ``path`` to be a directory owned by the caller; tighten its mode to 0700 when
+    group or others have any access (earlier berth versions made such directories 0755).
+
+    A symbolic link is accepted only when the caller owns it (users move their store to scratch
+    that way) and it leads to such a directory; a link of someone else's is refused unfollowed:
+    in a shared directory such as /tmp it is a planted one. Raises PermissionError (EPERM, the
+    reason in ``strerror``) or other OSErrors."""
+    uid = os.getuid()
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        if info.st_uid != uid:
+            raise PermissionError(errno.EPERM, f"a symbolic link of uid {info.st_uid}'s, not a directory of yours",
+                                  str(path))
+        info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(errno.EPERM, "not a directory", str(path))
+    if info.st_uid != uid:
+        raise PermissionError(errno.EPERM, f"belongs to uid {info.st_uid}, not to you (uid {uid})", str(path))
+    if info.st_mode & 0o077:
+        os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def is_private_dir(path: Path) -> bool:
+    """Whether ``path`` exists as a real directory of the caller's that nobody else can enter
+    (no change is made; XDG_RUNTIME_DIR is judged this way before berth uses it)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & 0o077)

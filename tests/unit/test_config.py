@@ -218,5 +218,6 @@ def test_effective_values_list_every_key_with_its_source(site):
     assert rows["runtime"] == ("auto", "default")
     assert rows["registries"] == ([], "default")
     expected = {"config_dir", "user_store", "site_store", "state_dir", "jobs_dir", "runtime", "squashfs_compression",
-                "pull_parallel", "pull_retries", "backend", "local_max_jobs", "stage_to_local", "pinned"}
+                "pull_parallel", "pull_retries", "backend", "local_max_jobs", "stage_to_local", "pinned",
+                "lock_timeout_s"}
     assert expected <= set(rows)

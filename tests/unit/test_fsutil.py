@@ -49,3 +49,83 @@ def test_failure_keeps_the_old_content_and_leaves_no_temporary_file(tmp_path, mo
     assert info.value.errno == 28
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["auth.json"]
+
+
+def test_streaming_writer_publishes_only_on_success(tmp_path):
+    from berth.fsutil import atomic_writer
+
+    target = tmp_path / "archive.tar"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_writer(target, mode=0o600) as out:
+            out.write(b"partial")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["archive.tar"]
+    with atomic_writer(target, mode=0o640) as out:
+        out.write(b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_mode_none_creates_as_open_would_under_the_umask(tmp_path):
+    old_umask = os.umask(0o027)
+    try:
+        write_atomically(tmp_path / "export.tar", b"x", mode=None)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "export.tar").stat().st_mode) == 0o640
+
+
+def test_staging_directory_holds_the_temporary_file(tmp_path, monkeypatch):
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst, **kwargs):
+        seen.append(sorted(os.listdir(staging)))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spy)
+    write_atomically(tmp_path / "index.json", b"{}", mode=0o644, staging_dir=staging)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(".index.json.")
+    assert os.listdir(staging) == [] and (tmp_path / "index.json").read_bytes() == b"{}"
+
+
+def test_nofollow_dir_refuses_a_linked_directory(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "linked").symlink_to(real)
+    with pytest.raises(OSError):
+        write_atomically(tmp_path / "linked" / "state.json", b"{}", mode=0o600, nofollow_dir=True)
+    assert os.listdir(real) == []
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_private_dirs_are_0700_whatever_the_umask_and_existing_parents_are_kept(tmp_path, umask):
+    from berth.fsutil import ensure_private_dir
+
+    tmp_path.chmod(0o755)
+    old_umask = os.umask(umask)
+    try:
+        ensure_private_dir(tmp_path / "local" / "share" / "berth")
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "local", tmp_path / "local" / "share", tmp_path / "local" / "share" / "berth"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a directory of someone else's")
+def test_private_dir_of_someone_else_or_their_link_is_refused(tmp_path):
+    from berth.fsutil import ensure_private_dir
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(PermissionError, match="belongs to uid 65534"):
+        ensure_private_dir(foreign)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        ensure_private_dir(link)

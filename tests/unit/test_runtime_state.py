@@ -56,3 +56,31 @@ def test_probe_failure_reasons_name_the_fix():
 def test_unknown_runtime_setting_is_refused(tmp_path):
     with pytest.raises(RuntimeFailure, match="unknown OCI runtime 'docker'"):
         ocirt.select_runtime(tmp_path, "docker", "/nonexistent")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a directory of someone else's")
+def test_a_squatted_default_state_dir_is_replaced_by_a_private_one_found_again_later(tmp_path):
+    squatted = tmp_path / f"berth-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    (tmp_path / f"berth-{os.getuid()}.decoy").mkdir()
+    os.chown(tmp_path / f"berth-{os.getuid()}.decoy", 65534, 65534)
+    with pytest.raises(RuntimeFailure, match="belongs to uid 65534"):
+        state.ensure_state_dir(squatted)  # a state_dir the user chose: refused, never relocated
+    first = state.ensure_state_dir(squatted, relocatable=True)
+    assert first.parent == tmp_path and first.name.startswith(f"berth-{os.getuid()}.") and first != squatted
+    info = os.lstat(first)
+    assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700 and (first / "containers").is_dir()
+    assert state.ensure_state_dir(squatted, relocatable=True) == first
+
+
+def test_state_dir_resolution_relocates_only_the_default(tmp_path, monkeypatch):
+    from berth.config.settings import Settings
+
+    monkeypatch.setattr(state, "fallback_state_dir", lambda: tmp_path / "fallback")
+    calls = []
+    monkeypatch.setattr(state, "ensure_state_dir", lambda path, relocatable=False: calls.append((path, relocatable)))
+    state.resolve_state_dir(Settings(state_dir=tmp_path / "fallback"))
+    state.resolve_state_dir(Settings(state_dir=tmp_path / "fallback", sources={"state_dir": "env BERTH_STATE_DIR"}))
+    state.resolve_state_dir(Settings(state_dir=tmp_path / "other"))
+    assert calls == [(tmp_path / "fallback", True), (tmp_path / "fallback", False), (tmp_path / "other", False)]

@@ -3,24 +3,24 @@ judge each other's fresh directory stale."""
 
 from __future__ import annotations
 
-import fcntl
-
+from berth import locks
 from berth.runtime import state
 
 
 def test_cleanup_while_another_berth_is_locking_its_new_directory(tmp_path, monkeypatch):
-    real_flock = fcntl.flock
+    real_try_acquire = locks.try_acquire
     cleaned = []
 
-    def flock_after_a_concurrent_cleanup(fd, operation):
+    def try_acquire_after_a_concurrent_cleanup(fd, *, shared=False):
         # Another berth of the same user runs its start-up clean-up right before this one locks.
-        if operation == fcntl.LOCK_EX and not cleaned:
-            cleaned.append(state.cleanup_stale(tmp_path))
-        return real_flock(fd, operation)
+        if not cleaned:
+            cleaned.append(None)
+            cleaned[0] = state.cleanup_stale(tmp_path)
+        return real_try_acquire(fd, shared=shared)
 
-    monkeypatch.setattr(state.fcntl, "flock", flock_after_a_concurrent_cleanup)
+    monkeypatch.setattr(state.locks, "try_acquire", try_acquire_after_a_concurrent_cleanup)
     container = state.create(tmp_path, None)
-    monkeypatch.setattr(state.fcntl, "flock", real_flock)
+    monkeypatch.setattr(state.locks, "try_acquire", real_try_acquire)
     assert cleaned == [[]]
     assert container.path.is_dir() and (container.path / "lock").exists()
     # And once created it is locked: a later clean-up leaves it alone too.

@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from berth.config.settings import Settings
 from berth.errors import DigestMismatch, PermissionDenied, StoreError
 from berth.image import api
 from berth.oci.digest import Digest
-from berth.store.lock import file_lock, is_locked
+from berth.locks import is_locked
 from berth.store.store import SITE, STALE_TMP_S, USER, Store
 
 
@@ -65,7 +66,7 @@ def test_blob_verified_and_published_read_only(store):
         writer.write(data[5000:])
         writer.commit()
     assert store.blob_path(digest).read_bytes() == data
-    assert store.blob_path(digest).stat().st_mode & 0o777 == 0o444
+    assert store.blob_path(digest).stat().st_mode & 0o777 == 0o400  # a user store: private
     assert not store.layout.partial_blob(digest).exists()
     with store.blob_download(digest, len(data)) as writer:
         assert writer is None  # already stored: nothing to fetch
@@ -136,26 +137,6 @@ def test_add_blob_file_hashes_and_checks(store, tmp_path):
 # ------------------------------------------------------------------------------ locks
 
 
-def test_flock_excludes_other_processes_and_dies_with_them(tmp_path):
-    lock = tmp_path / "x.lock"
-    code = ("import sys, time; from pathlib import Path; from berth.store.lock import file_lock\n"
-            "with file_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert is_locked(lock)
-        with file_lock(lock, blocking=False) as held:
-            assert held is False
-        holder.kill()  # kill -9: the kernel drops the lock
-        holder.wait(10)
-        with file_lock(lock, blocking=False) as held:
-            assert held is True
-        assert not is_locked(lock)
-    finally:
-        holder.kill()
-        holder.wait(10)
-
-
 def _download_in_child(root: str, data: bytes, results) -> None:
     store = Store(Path(root))
     digest = _digest(data)
@@ -217,8 +198,62 @@ def test_publish_and_load_image(store):
     manifest, config, meta = store.load_image_files(digest)
     assert config == {"config": {"Env": ["A=1"]}}
     assert meta["index_digest"] is None
-    assert store.layout.image_dir(digest).stat().st_mode & 0o777 == 0o755
+    assert store.layout.image_dir(digest).stat().st_mode & 0o777 == 0o700  # a user store: private
     assert list(store.layout.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+@pytest.mark.parametrize("kind, directories, files, content", [
+    (USER, {0o700}, {0o600}, {0o400}),
+    (SITE, {0o755}, {0o644}, {0o444}),
+])
+def test_store_modes_are_private_for_users_and_readable_for_the_site_whatever_the_umask(
+        tmp_path, umask, kind, directories, files, content):
+    """Issue 12, defect 1: a user store used the site store's modes, so everyone could read
+    another user's images. tmp/ and locks/ are the owner's in both (readers need neither)."""
+    old_umask = os.umask(umask)
+    try:
+        store = Store(tmp_path / "parent" / "store", kind)
+        store.require_writable()
+        digest = _fake_image(store)
+    finally:
+        os.umask(old_umask)
+    modes: dict[str, set[int]] = {"dir": set(), "file": set(), "content": set()}
+    for directory, subdirs, names in os.walk(store.root):
+        if Path(directory).name in ("tmp", "locks"):
+            assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+            continue
+        modes["dir"].add(stat.S_IMODE(os.stat(directory).st_mode))
+        for name in names:
+            path = Path(directory) / name
+            immutable = path.parent.name == "sha256" or name == "image.sqfs"
+            modes["content" if immutable else "file"].add(stat.S_IMODE(path.stat().st_mode))
+    assert modes == {"dir": directories, "file": files, "content": content}
+    assert store.layout.image_squashfs(digest).is_file()
+    if kind == USER:  # parents berth creates for a user store are private too (~/.local/share)
+        assert stat.S_IMODE((tmp_path / "parent").stat().st_mode) == 0o700
+    for lock in store.layout.locks_dir.iterdir():
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600, lock
+
+
+def test_an_existing_open_user_store_is_closed_on_the_next_write(tmp_path):
+    root = tmp_path / "store"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    Store(root, USER).require_writable()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+def test_a_user_store_may_be_a_link_of_the_users_own_to_a_private_directory(tmp_path):
+    target = tmp_path / "scratch-store"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    (tmp_path / "store").symlink_to(target)
+    Store(tmp_path / "store", USER).require_writable()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert (target / "blobs").is_dir()
+
+
 
 
 def test_crashed_conversion_leftovers_removed_by_next_conversion(store):

@@ -36,6 +36,8 @@ from berth.config.settings import (
     Settings,
     SitePolicy,
     default_paths,
+    home_directory,
+    user_config_dir,
 )
 from berth.config.tomlfile import KeyLines, read_toml
 from berth.errors import ConfigError, did_you_mean
@@ -76,6 +78,7 @@ KEYS: tuple[Key, ...] = (
     Key("stage_to_local", "bool", SITE),
     Key("s3_endpoint", "url", USER, env="BERTH_S3_ENDPOINT"),
     Key("s3_ca_bundle", "path", USER, env="BERTH_S3_CA_BUNDLE"),
+    Key("lock_timeout_s", "int", USER, env="BERTH_LOCK_TIMEOUT_S", minimum=0, maximum=7 * 86400),
     Key("pinned", "key_list", SITE),
     Key("policy.devices", "device_list", SITE),
     Key("policy.mount_allow", "path_list", SITE),
@@ -426,9 +429,7 @@ def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def user_config_file(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_CONFIG_HOME/berth/berth.toml`` (default ``~/.config/berth/berth.toml``)."""
-    env = os.environ if environ is None else environ
-    home = env.get("HOME") or os.path.expanduser("~")
-    return Path(env.get("XDG_CONFIG_HOME") or Path(home) / ".config") / "berth" / "berth.toml"
+    return user_config_dir(environ) / "berth.toml"
 
 
 def config_files(config_dir: Path, environ: Mapping[str, str] | None = None) -> list[tuple[Path, str]]:
@@ -461,7 +462,7 @@ def load_settings(options: dict | None = None, *, environ: Mapping[str, str] | N
     value, or user-layer setting of a site-only key.
     """
     env = os.environ if environ is None else environ
-    home = env.get("HOME") or os.path.expanduser("~")
+    home = str(home_directory(env))
     layers = _Layers(_defaults(env))
 
     config_dir = DEFAULT_CONFIG_DIR

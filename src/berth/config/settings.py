@@ -12,6 +12,8 @@ Field names carry units (``_s``, ``_mib``). Every value's origin is kept in
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,9 @@ class Settings:
     s3_endpoint: str = ""
     #: CA bundle for the S3 endpoint's TLS certificate (None: the system's).
     s3_ca_bundle: Path | None = None
+    #: How long berth waits for a lock (store, templates, node-local copies) before it gives up
+    #: naming the lock and its holder; 0: do not wait (berth.locks).
+    lock_timeout_s: int = 600
     #: Keys users may normally set (runtime, backend, ...) that the site forces (site-only ``pinned``).
     pinned: tuple[str, ...] = ()
     sources: dict = field(default_factory=dict, compare=False)
@@ -129,17 +134,73 @@ class Settings:
         return self.config_dir / "templates.d"
 
 
+def home_directory(environ: Mapping[str, str] | None = None) -> Path:
+    """The one meaning of "home" for berth's own files (configuration, credentials, user store,
+    job records; docs/configuration.md, "Home and XDG directories"): ``$HOME`` when it is set to
+    an absolute path, as the XDG base-directory specification, docker and pip use it (sites
+    point HOME at a project or scratch path on purpose), else the passwd entry's directory.
+    The container's home mount follows the passwd entry instead (berth.runtime.identity)."""
+    env = os.environ if environ is None else environ
+    home = env.get("HOME", "")
+    if home.startswith("/"):
+        return Path(home)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        return Path("/")
+
+
+def xdg_directory(kind: str, environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME``, ``$XDG_DATA_HOME``, ``$XDG_STATE_HOME`` or ``$XDG_CACHE_HOME``
+    (``kind`` "config", "data", "state", "cache"), or its default under :func:`home_directory`.
+    As the XDG spec says, an unset, empty or relative value is ignored."""
+    env = os.environ if environ is None else environ
+    value = env.get(f"XDG_{kind.upper()}_HOME", "")
+    if value.startswith("/"):
+        return Path(value)
+    return home_directory(env) / _XDG_DEFAULTS[kind]
+
+
+_XDG_DEFAULTS = {"config": ".config", "data": ".local/share", "state": ".local/state", "cache": ".cache"}
+
+
+def user_config_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """berth's per-user configuration directory (berth.toml, auth.json): ``XDG_CONFIG_HOME/berth``."""
+    return xdg_directory("config", environ) / "berth"
+
+
+def runtime_directory(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``$XDG_RUNTIME_DIR`` when it can be trusted on this node: an absolute path to an existing
+    directory (not a link) of the caller's that nobody else may enter, as the XDG spec requires.
+    None otherwise: Slurm exports a login node's ``/run/user/UID`` to compute nodes where it is
+    missing or belongs to someone else (issue 9, defect 2)."""
+    env = os.environ if environ is None else environ
+    value = env.get("XDG_RUNTIME_DIR", "")
+    if not value.startswith("/"):
+        return None
+    try:
+        info = os.lstat(value)
+    except OSError:
+        return None
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+        return Path(value)
+    return None
+
+
+def fallback_state_dir() -> Path:
+    """The state directory when no trustworthy ``XDG_RUNTIME_DIR`` exists: ``/tmp/berth-UID``
+    (node-local). Someone else may have created that name first: berth.runtime.state then uses
+    a private directory of its own making (see ``ensure_state_dir``)."""
+    return Path(f"/tmp/berth-{os.getuid()}")
+
+
 def default_paths(environ: Mapping[str, str] | None = None) -> dict[str, Path]:
     """The per-user default locations (user_store, jobs_dir, state_dir), from the XDG
     variables as the XDG spec says. The configuration directory is load_settings' concern."""
     env = os.environ if environ is None else environ
-    home = Path(env.get("HOME") or os.path.expanduser("~"))
-    data = Path(env.get("XDG_DATA_HOME") or home / ".local/share")
-    state = Path(env.get("XDG_STATE_HOME") or home / ".local/state")
-    runtime_dir = env.get("XDG_RUNTIME_DIR")
-    state_dir = Path(runtime_dir) / "berth" if runtime_dir else Path(f"/tmp/berth-{os.getuid()}")
+    runtime_dir = runtime_directory(env)
     return {
-        "user_store": data / "berth",
-        "jobs_dir": state / "berth" / "jobs",
-        "state_dir": state_dir,
+        "user_store": xdg_directory("data", env) / "berth",
+        "jobs_dir": xdg_directory("state", env) / "berth" / "jobs",
+        "state_dir": runtime_dir / "berth" if runtime_dir else fallback_state_dir(),
     }

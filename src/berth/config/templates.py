@@ -17,7 +17,6 @@ the site store and passes the digest to ``create_template`` / ``update_template`
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import os
 import re
@@ -33,7 +32,8 @@ from berth.config.settings import Settings
 from berth.config.tomlfile import KeyLines, read_toml, toml_value
 from berth.config.units import STOP_TIMEOUT_MAX_S, format_size, parse_duration, parse_memory
 from berth.errors import ConfigError, NotFound, PermissionDenied, UsageError, did_you_mean
-from berth.fsutil import write_atomically
+from berth.fsutil import PUBLIC_FILE, write_atomically
+from berth.locks import acquire, open_lock_file
 from berth.oci.digest import Digest, InvalidDigest
 from berth.oci.reference import InvalidReference, Reference
 
@@ -350,17 +350,24 @@ def check_can_edit(settings: Settings) -> None:
 
 @contextmanager
 def templates_lock(settings: Settings) -> Iterator[None]:
-    """Hold the exclusive lock of the templates directory (created if missing, mode 0755)."""
+    """Hold the exclusive lock of the templates directory (created if missing, mode 0755).
+
+    The lock file is 0600: only the administrators who write templates can hold it, readers
+    never need it (files are replaced atomically). The wait is bounded (``lock_timeout_s``)."""
     check_can_edit(settings)
     directory = settings.templates_dir
+    path = directory / LOCK_NAME
     try:
         _make_readable_dirs(directory)
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(path)
     except PermissionError:
         raise PermissionDenied(f"cannot change templates: {directory} is not writable by you",
                                hint="templates are site configuration: ask your site administrator") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open the templates lock {path}: {exc.strerror or exc}",
+                          hint="it must be a regular file: remove whatever is there") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        acquire(fd, path, timeout_s=settings.lock_timeout_s, purpose="template changes")
         yield
     finally:
         os.close(fd)
@@ -416,7 +423,7 @@ def create_template(settings: Settings, template: Template) -> Template:
                               hint=f"change it with `berth template modify {template.name} key=value...`, "
                               "or delete it first")
         stamped = _stamp(template)
-        write_atomically(path, render_template(stamped))
+        write_atomically(path, render_template(stamped), mode=PUBLIC_FILE)
         return stamped
 
 
@@ -445,7 +452,7 @@ def update_template(settings: Settings, name: str, changes: Mapping[str, Any], *
         except (ValueError, InvalidDigest) as exc:
             raise UsageError(f"template '{name}': {exc}") from None
         updated = _stamp(updated)
-        write_atomically(template_path(settings, name), render_template(updated))
+        write_atomically(template_path(settings, name), render_template(updated), mode=PUBLIC_FILE)
         return updated
 
 

@@ -42,11 +42,13 @@ class StoredImage:
 
 def stores(settings: "Settings") -> list[Store]:
     """The stores in lookup order: user, then site."""
-    return [Store(settings.user_store, USER), Store(settings.site_store, SITE)]
+    return [store_for(settings, site=False), store_for(settings, site=True)]
 
 
 def store_for(settings: "Settings", *, site: bool) -> Store:
-    return Store(settings.site_store, SITE) if site else Store(settings.user_store, USER)
+    if site:
+        return Store(settings.site_store, SITE, lock_timeout_s=settings.lock_timeout_s)
+    return Store(settings.user_store, USER, lock_timeout_s=settings.lock_timeout_s)
 
 
 def index_key(reference: Reference) -> str:

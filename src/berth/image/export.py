@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from berth import fsutil
 from berth.errors import ImageError, StoreError
 from berth.image.api import store_for
 from berth.image.manage import require_image
@@ -38,30 +39,22 @@ def export_image(settings: "Settings", ref: str, file: str) -> int:
     image = require_image(settings, ref)
     store = store_for(settings, site=image.store == SITE)
     output = Path(file)
-    tmp_path = output.parent / f".{output.name}.{secrets.token_hex(4)}.tmp"
     config_digest = Digest.parse(image.manifest["config"]["digest"])
     repo_tags = [image.reference] if image.reference and "@" not in image.reference else []
-    try:
-        with _output_errors(tmp_path), open(tmp_path, "wb") as raw, \
-                tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
-            config_name = f"{config_digest.hex}.json"
-            _add_bytes(archive, config_name, store.read_blob(config_digest))
-            layer_names = []
-            for descriptor in image.manifest.get("layers") or []:
-                digest = Digest.parse(descriptor["digest"])
-                name = f"{digest.hex}/layer.tar"
-                _add_layer(archive, name, store.blob_path(digest), tmp_path.parent)
-                layer_names.append(name)
-            manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
-            _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
-            raw.flush()
-            os.fsync(raw.fileno())
-        with _output_errors(output):
-            os.replace(tmp_path, output)
-        return output.stat().st_size
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    # Replaced atomically; created as any file the user writes (mode from the umask).
+    with _output_errors(output), fsutil.atomic_writer(output, mode=None) as raw, \
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        config_name = f"{config_digest.hex}.json"
+        _add_bytes(archive, config_name, store.read_blob(config_digest))
+        layer_names = []
+        for descriptor in image.manifest.get("layers") or []:
+            digest = Digest.parse(descriptor["digest"])
+            name = f"{digest.hex}/layer.tar"
+            _add_layer(archive, name, store.blob_path(digest), output.parent)
+            layer_names.append(name)
+        manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
+        _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
+    return output.stat().st_size
 
 
 class _output_errors:  # noqa: N801 - used as a context manager like a function

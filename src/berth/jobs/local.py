@@ -10,13 +10,12 @@ kernel however the runner ends — and waits as ``pending`` while all are taken.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import sys
 import time
 
-from berth import proc
+from berth import locks, proc
 from berth.config.settings import Settings
 from berth.errors import JobError, UsageError
 from berth.jobs import model
@@ -134,9 +133,9 @@ def acquire_slot(settings, record: JobRecord, max_jobs: int):
             handles.append(os.fdopen(fd, "r+"))
         while True:
             for handle in handles:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                # A queue, not a lock wait: a job waits for a slot as long as jobs run before
+                # it (`berth cancel` ends the wait), so only one try per slot and round.
+                if not locks.try_acquire(handle.fileno()):
                     continue
                 for other in handles:
                     if other is not handle:

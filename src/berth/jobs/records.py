@@ -33,7 +33,7 @@ from pathlib import Path
 
 from berth.config.settings import Settings
 from berth.errors import JobError, NotFound
-from berth.fsutil import replace_in_directory
+from berth.fsutil import PRIVATE_FILE, ensure_private_dir, write_atomically
 from berth.jobs.model import JobResult, JobSpec
 
 _MAX_ID_TRIES = 1000
@@ -132,27 +132,18 @@ class JobRecord:
         atomic_write(self.cancel_file, "cancel\n")
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix.
-
-    Containers may see parts of the jobs directory, so a hostile one may plant symbolic links
-    in it: the directory is opened without following a link and berth.fsutil replaces the
-    entry (a planted link is replaced, never followed)."""
-    directory = open_dir_nofollow(path.parent)
+def atomic_write(path: Path, text: str, mode: int = PRIVATE_FILE) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix
+    (berth.fsutil). Containers may see parts of the jobs directory, so a hostile one may plant
+    symbolic links in it: a linked directory is refused (JobError), a link planted as the
+    entry is replaced, never followed."""
     try:
-        replace_in_directory(directory, path.name, text.encode("utf-8"), mode)
-    finally:
-        os.close(directory)
-
-
-def open_dir_nofollow(path: Path) -> int:
-    """An O_DIRECTORY descriptor of ``path``; raises JobError when its last component is a
-    symbolic link or not a directory (a container tampered with the jobs directory)."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        write_atomically(path, text, mode=mode, nofollow_dir=True)
     except OSError as exc:
-        raise JobError(f"{path} is not a plain directory ({exc.strerror}): refusing to write into it",
-                       hint="something replaced part of your jobs directory; remove it and resubmit") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise JobError(f"{path.parent} is not a plain directory ({exc.strerror}): refusing to write into it",
+                           hint="something replaced part of your jobs directory; remove it and resubmit") from None
+        raise
 
 
 def make_private_dir(path: Path) -> None:
@@ -200,7 +191,7 @@ def create_record(settings: Settings) -> JobRecord:
     """Allocate the next job id by creating its directory (mode 0700). Raises JobError."""
     root = jobs_dir(settings)
     try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(root)  # and the parents berth creates (~/.local/state): issue 12
     except OSError as exc:
         raise JobError(f"cannot create the jobs directory {root}: {exc.strerror}",
                        hint="check jobs_dir in `berth config show` (BERTH_JOBS_DIR moves it)") from None

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError, UsageError
 from berth.oci.names import is_registry_host
 
@@ -97,22 +98,16 @@ class Credentials:
         return cls({normalize_host(h): Entry(u, p, source) for h, (u, p) in pairs.items()}, (source,))
 
 
-def _home(env: Mapping[str, str]) -> Path:
-    return Path(env.get("HOME") or os.path.expanduser("~"))
-
-
 def berth_auth_file(environ: Mapping[str, str] | None = None) -> Path:
     """berth's own auth file: ``$XDG_CONFIG_HOME/berth/auth.json``."""
-    env = os.environ if environ is None else environ
-    config_home = env.get("XDG_CONFIG_HOME") or str(_home(env) / ".config")
-    return Path(config_home) / "berth" / "auth.json"
+    return user_config_dir(environ) / "auth.json"
 
 
 def docker_config_file(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get("DOCKER_CONFIG"):
         return Path(env["DOCKER_CONFIG"]) / "config.json"
-    return _home(env) / ".docker" / "config.json"
+    return home_directory(env) / ".docker" / "config.json"
 
 
 def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -240,10 +235,10 @@ def _write_atomically(path: Path, data: dict) -> None:
 
     Raises ConfigError naming the file when it cannot be written (the old content stays).
     """
-    from berth.fsutil import write_atomically
+    from berth.fsutil import make_private_dirs, write_atomically
 
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=AUTH_FILE_MODE)
     except OSError as exc:
         raise ConfigError(f"cannot write registry credentials file {path}: {exc.strerror or exc}",

@@ -64,8 +64,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     clock = time.monotonic
     phases: dict[str, float] = {}
     started = clock()
-    state_dir = Path(settings.state_dir)
-    state.ensure_state_dir(state_dir)
+    state_dir = state.resolve_state_dir(settings)
     for cleaned in state.cleanup_stale(state_dir):
         log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
     init = ocirt.init_path()

@@ -146,16 +146,17 @@ def check_subids() -> Check:
                  required=False)
 
 
-def check_state_dir(state_dir: Path) -> Check:
+def check_state_dir(settings) -> tuple[Check, Path | None]:
+    """Whether the caller's state directory on this node is usable; also returns where it is."""
     try:
-        state.ensure_state_dir(state_dir)
+        state_dir = state.resolve_state_dir(settings)
         probe = state_dir / f".doctor-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except Exception as exc:  # noqa: BLE001 - reported
-        return Check("state directory", False, f"{state_dir}: {exc}",
-                     "set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory")
-    return Check("state directory", True, f"{state_dir} is yours and writable (mode 0700)")
+        return Check("state directory", False, f"{settings.state_dir}: {exc}",
+                     "set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory"), None
+    return Check("state directory", True, f"{state_dir} is yours and writable (mode 0700)"), state_dir
 
 
 def check_store(store) -> Check:
@@ -181,7 +182,7 @@ def check_store(store) -> Check:
 
 
 def run_checks(settings) -> list[Check]:
-    state_dir = Path(settings.state_dir)
+    state_check, state_dir = check_state_dir(settings)
     checks = [
         check_user_namespaces(),
         check_fuse_device(),
@@ -190,9 +191,9 @@ def run_checks(settings) -> list[Check]:
         check_program("fusermount3", setuid=True),
         check_program("setpriv"),
         check_init(),
-        check_state_dir(state_dir),
+        state_check,
     ]
-    if checks[-1].ok:
+    if state_dir is not None:
         checks += check_runtimes(state_dir)
     from berth.store.store import SITE, USER, Store
 
@@ -203,5 +204,5 @@ def run_checks(settings) -> list[Check]:
 
 def cleanup(settings) -> list[dict]:
     """Clean every stale container of the caller on this node (``berth doctor --cleanup``)."""
-    return state.cleanup_stale(Path(settings.state_dir))
+    return state.cleanup_stale(state.resolve_state_dir(settings))
 

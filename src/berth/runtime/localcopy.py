@@ -14,13 +14,12 @@ copy is made, so the directory does not grow without bound.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
+from berth import fsutil, locks
 from berth.errors import RuntimeFailure
 
 IMAGES = "images"
@@ -46,7 +45,15 @@ def _is_current(copy: Path, source_info: os.stat_result) -> bool:
     return info.st_size == source_info.st_size and info.st_mtime_ns == source_info.st_mtime_ns
 
 
-def local_copy(state_dir: Path, source: Path, digest: object | None = None) -> Path:
+def _copy_all(source_fd: int, target_fd: int) -> None:
+    """Copy a whole file in the kernel (sendfile: no data through Python)."""
+    offset = 0
+    while sent := os.sendfile(target_fd, source_fd, offset, 1 << 30):
+        offset += sent
+
+
+def local_copy(state_dir: Path, source: Path, digest: object | None = None, *,
+               lock_timeout_s: float = locks.DEFAULT_TIMEOUT_S) -> Path:
     """Return a node-local copy of ``source`` under ``state_dir/images`` (made once).
 
     Raises RuntimeFailure naming the paths when the copy cannot be made (disk full...).
@@ -59,28 +66,19 @@ def local_copy(state_dir: Path, source: Path, digest: object | None = None) -> P
         if _is_current(copy, source_info):
             os.utime(copy, ns=(time.time_ns(), source_info.st_mtime_ns))
             return copy
-        lock_fd = os.open(directory / f"{name}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # ranks starting together copy once
+        lock = directory / f"{name}.lock"
+        # Ranks starting together copy once; the wait is bounded (a stuck copy is named).
+        with locks.file_lock(lock, timeout_s=lock_timeout_s, purpose=f"node-local copy of {source}"):
             if _is_current(copy, source_info):
                 return copy
-            tmp = directory / f".{name}.{os.getpid()}.tmp"
-            try:
-                shutil.copyfile(source, tmp)  # sendfile: no data through Python
-                if os.stat(tmp).st_size != source_info.st_size:
-                    raise RuntimeFailure(f"copy of {source} to {tmp} is incomplete (the source changed?)",
+            with open(source, "rb") as original, \
+                    fsutil.atomic_writer(copy, mode=fsutil.PRIVATE_FILE, durable=False) as out:
+                _copy_all(original.fileno(), out.fileno())
+                if os.fstat(out.fileno()).st_size != source_info.st_size:
+                    raise RuntimeFailure(f"copy of {source} to {directory} is incomplete (the source changed?)",
                                          hint="run the command again")
                 # Keep the source's mtime: it is how a later run knows the copy is current.
-                os.utime(tmp, ns=(time.time_ns(), source_info.st_mtime_ns))
-                os.replace(tmp, copy)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-        finally:
-            os.close(lock_fd)
+                os.utime(out.fileno(), ns=(time.time_ns(), source_info.st_mtime_ns))
         _remove_stale(directory, keep=copy)
         return copy
     except OSError as exc:

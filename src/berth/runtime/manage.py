@@ -18,7 +18,7 @@ def list_running(settings) -> list[dict]:
 
     ``pid`` is the container's init as the runtime reports it (None while it starts).
     """
-    state_dir = Path(settings.state_dir)
+    state_dir = state.resolve_state_dir(settings)
     state.cleanup_stale(state_dir)
     records = []
     for info in state.list_containers(state_dir):
@@ -53,7 +53,7 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
         raise RuntimeFailure("berth exec needs a command to run")
     for entry in env:
         check_env_entry(entry, what="-e")
-    info = state.find_container(Path(settings.state_dir), key)
+    info = state.find_container(state.resolve_state_dir(settings), key)
     runtime = info.get("runtime_path") or info.get("runtime") or "runc"
     root = Path(info["state_path"]) / "runc"
     if not (root / info["id"]).exists():

@@ -35,7 +35,8 @@ def mount_image(settings, container: ContainerState, image, log: Log) -> fuse.Fu
     if settings.stage_to_local:
         from berth.runtime.localcopy import local_copy
 
-        squashfs = local_copy(Path(settings.state_dir), squashfs, getattr(image, "digest", None))
+        squashfs = local_copy(container.state_dir, squashfs, getattr(image, "digest", None),
+                              lock_timeout_s=settings.lock_timeout_s)
         log(f"mounting the node-local copy {squashfs} (site setting stage_to_local)", debug=True)
     return fuse.mount_squashfs(str(squashfs), str(container.lower), str(container.path / "squashfuse.log"))
 

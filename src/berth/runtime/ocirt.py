@@ -16,7 +16,7 @@ import subprocess
 from typing import NamedTuple
 from pathlib import Path
 
-from berth import proc
+from berth import fsutil, proc
 from berth.errors import ProgramNotFound, RuntimeFailure
 from berth.runtime.spec import INIT_PATH, SpecPlan, build_config
 
@@ -145,9 +145,7 @@ class _ProbeCache:
 
     def save(self) -> None:
         if self.changed:
-            temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(self.entries))
-            os.replace(temporary, self.path)
+            fsutil.write_atomically(self.path, json.dumps(self.entries), mode=fsutil.PRIVATE_FILE, durable=False)
 
 
 def probe_all(state_dir: Path, init: str, *, use_cache: bool = True) -> list[ProbeResult]:

@@ -23,7 +23,6 @@ Only the caller's own state directory is scanned, so it is cheap enough for ever
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -31,7 +30,8 @@ import stat
 import time
 from pathlib import Path
 
-from berth import proc
+from berth import fsutil, locks, proc
+from berth.config.settings import Settings, fallback_state_dir
 from berth.errors import NotFound, RuntimeFailure
 from berth.runtime.options import is_container_name
 
@@ -47,6 +47,11 @@ class ContainerLayout:
     def __init__(self, container_id: str, path: Path) -> None:
         self.id = container_id
         self.path = path
+
+    @property
+    def state_dir(self) -> Path:
+        """The caller's state directory this container lives in (see resolve_state_dir)."""
+        return self.path.parent.parent
 
     @property
     def runtime_root(self) -> Path:
@@ -95,9 +100,9 @@ class ContainerState(ContainerLayout):
         self.lock_fd = lock_fd
 
     def write_info(self, info: dict) -> None:
-        temporary = self.path / "info.json.tmp"
-        temporary.write_text(json.dumps(info, sort_keys=True))
-        os.replace(temporary, self.info_path)
+        # Not durable: the container does not outlive the node's uptime, and start-up time counts.
+        fsutil.write_atomically(self.info_path, json.dumps(info, sort_keys=True), mode=fsutil.PRIVATE_FILE,
+                                durable=False)
 
     def release(self) -> None:
         """Remove the directory (mounts must be gone) and drop the lock."""
@@ -105,32 +110,63 @@ class ContainerState(ContainerLayout):
         os.close(self.lock_fd)
 
 
-def ensure_state_dir(state_dir: Path) -> Path:
-    """Create the caller's state directory 0700 and refuse one that is not safely theirs.
+_STATE_HINT = "set BERTH_STATE_DIR (or state_dir in berth.toml) to a private local directory of yours"
 
-    The directory is judged (lstat: a symlink planted by someone else is refused, not
-    followed) before anything is created inside it."""
-    hint = "set BERTH_STATE_DIR (or state_dir in berth.toml) to a writable local directory"
+
+def resolve_state_dir(settings: Settings) -> Path:
+    """The caller's state directory on this node, created and checked (see ensure_state_dir).
+
+    Every command that touches containers' state calls this, so they all agree on where it is.
+    Raises RuntimeFailure."""
+    configured = Path(settings.state_dir)
+    default = settings.sources.get("state_dir", "default") == "default"
+    return ensure_state_dir(configured, relocatable=default and configured == fallback_state_dir())
+
+
+def ensure_state_dir(state_dir: Path, *, relocatable: bool = False) -> Path:
+    """Create the caller's state directory 0700 (missing parents too) and refuse one that is
+    not safely theirs; returns the directory to use.
+
+    The directory is judged with lstat (a symbolic link planted by someone else is refused, not
+    followed; a directory of someone else's is refused) before anything is created inside it.
+    ``relocatable``: ``state_dir`` is the predictable default ``/tmp/berth-UID``, which another
+    user can create first (issue 12, defect 3): then berth uses a directory of its own making,
+    ``/tmp/berth-UID.XXXXXXXX`` (random, created exclusively, so nobody can take it first), and
+    finds it again on later runs by its owner and mode. Raises RuntimeFailure.
+    """
     try:
-        os.makedirs(state_dir.parent, exist_ok=True)
+        path = _own_state_dir(state_dir, relocatable)
+        os.makedirs(path / CONTAINERS, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot use the state directory {exc.filename or state_dir}: {exc.strerror}",
+                             hint="someone else may have created it: remove it, or " + _STATE_HINT
+                             if exc.errno == errno.EPERM else _STATE_HINT) from None
+    return path
+
+
+def _own_state_dir(state_dir: Path, relocatable: bool) -> Path:
+    for _ in range(3):
         try:
-            os.mkdir(state_dir, 0o700)
+            return fsutil.ensure_private_dir(state_dir)
         except FileExistsError:
-            pass
-        info = os.lstat(state_dir)
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot create the state directory {state_dir}: {exc.strerror}", hint=hint) from None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        what = "is not a directory" if not stat.S_ISDIR(info.st_mode) else f"belongs to uid {info.st_uid}, not you"
-        raise RuntimeFailure(f"the state directory {state_dir} {what}",
-                             hint="someone else may have created it: remove it, or " + hint)
-    if info.st_mode & 0o077:
-        os.chmod(state_dir, 0o700)
-    try:
-        os.makedirs(state_dir / CONTAINERS, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot create {state_dir / CONTAINERS}: {exc.strerror}", hint=hint) from None
-    return state_dir
+            continue  # created by someone between our look and our mkdir: judge it again
+        except PermissionError:
+            if not relocatable or not os.path.lexists(state_dir):
+                raise
+        # Squatted: use (or make) a private directory nobody else can have made.
+        prefix = state_dir.name + "."
+        try:
+            names = sorted(name for name in os.listdir(state_dir.parent) if name.startswith(prefix))
+        except OSError:
+            names = []
+        for name in names:
+            candidate = state_dir.parent / name
+            if fsutil.is_private_dir(candidate):
+                return candidate
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=state_dir.parent))
+    raise PermissionError(errno.EPERM, "keeps changing under berth", str(state_dir))
 
 
 def create(state_dir: Path, name: str | None) -> ContainerState:
@@ -149,7 +185,7 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
     # locked in place, a berth starting at the same moment — MPI ranks on one node — could take
     # the lock in between, judge the new directory stale and clean it away.)
     fd = os.open(path / ".lock.new", os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    locks.try_acquire(fd)  # a new file nobody else has open: never waits
     os.rename(path / ".lock.new", path / "lock")
     return ContainerState(container_id, path, fd)
 
@@ -157,7 +193,7 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
 def _try_lock(path: Path) -> int | None:
     """An fd holding the lock of a container directory nobody holds, else None."""
     try:
-        fd = os.open(path / "lock", os.O_RDWR | os.O_CLOEXEC)
+        fd = locks.open_lock_file(path / "lock", create=False)
     except FileNotFoundError:
         # Created but not locked yet (a berth starting right now), or half removed: judge by age.
         try:
@@ -165,14 +201,15 @@ def _try_lock(path: Path) -> int | None:
                 return None
         except FileNotFoundError:
             return None
-        fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fd = locks.open_lock_file(path / "lock")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+        held = locks.try_acquire(fd)
+    except BaseException:
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
         raise
+    if not held:
+        os.close(fd)
+        return None
     return fd
 
 

@@ -8,10 +8,16 @@ Publishing rules (the containers/image PutBlob contract, STYLE.md):
 So ``kill -9`` at any moment leaves at worst garbage in ``tmp/``, which the next writer holding
 the same lock, or ``prune``, removes.
 
-Locks (flock, released by the kernel when a process dies), always taken in this order:
+Locks (berth.locks: flock, released by the kernel when a process dies, every wait bounded by
+``lock_timeout_s``), always taken in this order:
 ``gc`` (shared by writers, exclusive by prune) -> ``blob`` or ``image`` -> ``index``.
-Readers (find, list, inspect) take no lock: everything they read is replaced atomically, which
-also lets users read a site store they cannot write.
+Readers (find, list, inspect, run) take no lock: everything they read is replaced atomically,
+which lets users read a site store they cannot write or lock. Lock files are 0600, so only the
+store's owner can hold them (issue 12: users cannot block the site store's writers).
+
+Privacy (docs/security.md): a user store is the user's alone (directories 0700, files 0600,
+blobs and images 0400, whatever the umask and wherever it lives); a site store is readable by
+everyone (0755, 0644, 0444).
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from berth.errors import BerthError, DigestMismatch, NotFound, PermissionDenied, StoreError
-from berth.fsutil import fsync_directory
+from berth import fsutil, locks
 from berth.oci.digest import Digest, new_hasher
 from berth.store.layout import LAYOUT_VERSION, StoreLayout
-from berth.store.lock import file_lock
 
 USER = "user"
 SITE = "site"
@@ -38,9 +43,16 @@ SITE = "site"
 #: tmp/ entries older than this and not locked are garbage (a crashed pull or import).
 STALE_TMP_S = 3600
 _CHUNK_BYTES = 1 << 20
-_FILE_MODE = 0o644
-_BLOB_MODE = 0o444
-_DIR_MODE = 0o755
+
+@dataclass(frozen=True)
+class _Modes:
+    dir: int
+    file: int
+    blob: int  # immutable content: blobs and image files
+
+
+_MODES = {USER: _Modes(fsutil.PRIVATE_DIR, fsutil.PRIVATE_FILE, 0o400),
+          SITE: _Modes(fsutil.PUBLIC_DIR, fsutil.PUBLIC_FILE, 0o444)}
 
 
 def store_errors(store: "Store", action: str, path: Path | str) -> "_ErrorMapper":
@@ -75,10 +87,13 @@ class Store:
     Nothing is created on disk until a writing method runs (:meth:`require_writable`).
     """
 
-    def __init__(self, root: Path, kind: str = USER) -> None:
+    def __init__(self, root: Path, kind: str = USER, *,
+                 lock_timeout_s: float = locks.DEFAULT_TIMEOUT_S) -> None:
         self.root = Path(os.path.expanduser(str(root)))
         self.kind = kind
         self.layout = StoreLayout(self.root)
+        self.modes = _MODES[kind]
+        self.lock_timeout_s = lock_timeout_s
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r}, {self.kind!r})"
@@ -126,19 +141,30 @@ class Store:
         before any network traffic, so a refused pull costs nothing.
         """
         layout = self.layout
-        dirs = [self.root, layout.blobs_dir, layout.blobs_dir / "sha256", layout.images_dir,
-                layout.tmp_dir, layout.locks_dir]
-        for path in dirs:
+        modes = self.modes
+        if self.kind == USER:
+            # Private whatever the umask and wherever the store lives, parents berth creates
+            # (~/.local, ~/.local/share) included; an older 0755 store is closed (issue 12).
+            with store_errors(self, "creating", self.root):
+                fsutil.ensure_private_dir(self.root)
+        # Nobody but the store's owner needs tmp/ and locks/: readers take no lock.
+        dirs = [(self.root, modes.dir), (layout.blobs_dir, modes.dir), (layout.blobs_dir / "sha256", modes.dir),
+                (layout.images_dir, modes.dir), (layout.tmp_dir, fsutil.PRIVATE_DIR),
+                (layout.locks_dir, fsutil.PRIVATE_DIR)]
+        for path, mode in dirs:
             if path.is_dir():
                 if not os.access(path, os.W_OK | os.X_OK):
                     raise self._permission_denied(path)
+                if mode == fsutil.PRIVATE_DIR and path != self.root:
+                    with store_errors(self, "securing", path):
+                        fsutil.check_private_dir(path)
                 continue
             with store_errors(self, "creating", path):
                 try:
-                    path.mkdir(mode=_DIR_MODE, parents=path == self.root)
+                    path.mkdir(mode=mode, parents=path == self.root)
                 except FileExistsError:
                     pass
-                os.chmod(path, _DIR_MODE)
+                os.chmod(path, mode)
         if not layout.version_file.exists():
             self._write_file_atomic(layout.version_file, f"{LAYOUT_VERSION}\n".encode())
 
@@ -148,14 +174,30 @@ class Store:
     def writing(self) -> Iterator[None]:
         """Held by every writer for its whole duration (shared); prune excludes them all."""
         self.require_writable()
-        with file_lock(self.layout.gc_lock, shared=True):
+        with self.lock(self.layout.gc_lock, "writers of the store against prune", shared=True):
             yield
 
+    @contextmanager
+    def lock(self, path: Path, purpose: str, *, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
+        """Hold one of the store's locks (berth.locks: bounded wait, 0600 lock file). Yields
+        False instead of waiting when ``blocking`` is False and someone else holds it."""
+        with store_errors(self, "opening lock file", path):
+            fd = locks.open_lock_file(path)
+        try:
+            if blocking:
+                locks.acquire(fd, path, shared=shared, timeout_s=self.lock_timeout_s,
+                              purpose=f"{purpose}, {self.kind} store")
+                yield True
+            else:
+                yield locks.try_acquire(fd, shared=shared)
+        finally:
+            os.close(fd)  # releases the lock
+
     def blob_lock(self, digest: Digest):
-        return file_lock(self.layout.blob_lock(digest))
+        return self.lock(self.layout.blob_lock(digest), f"blob {digest}")
 
     def image_lock(self, digest: Digest, *, blocking: bool = True):
-        return file_lock(self.layout.image_lock(digest), blocking=blocking)
+        return self.lock(self.layout.image_lock(digest), f"image {digest}", blocking=blocking)
 
     # ------------------------------------------------------------------ blobs
 
@@ -238,17 +280,17 @@ class Store:
                 raise DigestMismatch(f"content {actual} is {size} bytes, announced as {size_bytes}")
             with self.blob_lock(actual):
                 if not self.has_blob(actual):
-                    self._publish_file(tmp_path, self.layout.blob(actual), _BLOB_MODE)
+                    self._publish_file(tmp_path, self.layout.blob(actual), self.modes.blob)
             return actual, size
         finally:
             _unlink_quietly(tmp_path)
 
     def _publish_file(self, tmp_path: Path, final: Path, mode: int) -> None:
         with store_errors(self, "publishing", final):
-            os.chmod(tmp_path, mode)
-            final.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
-            os.replace(tmp_path, final)
-            fsync_directory(final.parent)
+            if not final.parent.is_dir():
+                final.parent.mkdir(mode=self.modes.dir, exist_ok=True)
+                os.chmod(final.parent, self.modes.dir)
+            fsutil.publish_file(tmp_path, final, mode)
 
     def list_blobs(self) -> list[Digest]:
         found = []
@@ -302,7 +344,7 @@ class Store:
                 _remove_tree(entry)
         path = tmp_dir / f"{prefix}{os.urandom(4).hex()}"
         with store_errors(self, "creating", path):
-            path.mkdir(mode=0o700)
+            path.mkdir(mode=fsutil.PRIVATE_DIR)
         try:
             yield path
         finally:
@@ -336,18 +378,18 @@ class Store:
                     os.fsync(out.fileno())
             squashfs_name = layout.image_squashfs(digest).name
             for entry in workdir.iterdir():
-                os.chmod(entry, _FILE_MODE if entry.name != squashfs_name else _BLOB_MODE)
+                os.chmod(entry, self.modes.file if entry.name != squashfs_name else self.modes.blob)
                 if entry.name == squashfs_name:
                     with open(entry, "rb") as handle:
                         os.fsync(handle.fileno())
-            os.chmod(workdir, _DIR_MODE)
-            fsync_directory(workdir)
+            os.chmod(workdir, self.modes.dir)
+            fsutil.fsync_directory(workdir)
         if final.exists():
             # Complete already (renames are atomic): nothing to do.
             return
         with store_errors(self, "publishing", final):
             os.rename(workdir, final)
-            fsync_directory(layout.images_dir)
+            fsutil.fsync_directory(layout.images_dir)
 
     def remove_image(self, digest: Digest) -> int:
         """Remove an image directory (caller holds its lock); returns bytes freed.
@@ -404,7 +446,7 @@ class Store:
     def update_index(self, change: Callable[[dict[str, str]], None]) -> dict[str, str]:
         """Apply ``change`` to the references under the index lock and write the result
         atomically (temp file, fsync, rename). Returns the new references."""
-        with file_lock(self.layout.index_lock):
+        with self.lock(self.layout.index_lock, "the index of references"):
             references = self.read_index()
             change(references)
             data = {"layout": LAYOUT_VERSION, "references": dict(sorted(references.items()))}
@@ -416,19 +458,9 @@ class Store:
         self.update_index(lambda refs: refs.__setitem__(reference, str(digest)))
 
     def _write_file_atomic(self, final: Path, data: bytes) -> None:
-        # In tmp/ (same file system, so the rename is atomic), where prune finds crash leftovers.
-        tmp_path = self._new_tmp_path("write-", ".tmp")
-        try:
-            with store_errors(self, "writing", final):
-                with open(tmp_path, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp_path, _FILE_MODE)
-                os.replace(tmp_path, final)
-                fsync_directory(final.parent)
-        finally:
-            _unlink_quietly(tmp_path)
+        # Staged in tmp/ (same file system, so the rename is atomic), where prune finds crash leftovers.
+        with store_errors(self, "writing", final):
+            fsutil.write_atomically(final, data, mode=self.modes.file, staging_dir=self.layout.tmp_dir)
 
     def _new_tmp_path(self, prefix: str, suffix: str) -> Path:
         return self.layout.tmp_dir / f"{prefix}{os.getpid()}-{os.urandom(6).hex()}{suffix}"
@@ -448,7 +480,7 @@ class Store:
         freed = 0
         blobs_removed = 0
         tmp_removed = 0
-        with file_lock(self.layout.gc_lock):
+        with self.lock(self.layout.gc_lock, "prune against writers of the store"):
             referenced_images = {v for v in self.read_index().values()}
             kept_blobs: set[Digest] = set()
             for digest in self.list_images_any():
@@ -601,7 +633,7 @@ class BlobWriter:
                 self._file.flush()
                 os.fsync(self._file.fileno())
                 self._file.close()
-            self.store._publish_file(self.path, self.store.layout.blob(self.digest), _BLOB_MODE)
+            self.store._publish_file(self.path, self.store.layout.blob(self.digest), self.store.modes.blob)
         except StoreError:
             self.discard()
             raise
