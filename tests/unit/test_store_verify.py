@@ -186,7 +186,7 @@ def test_doctor_names_store_verify_when_its_quick_look_finds_a_problem(store):
 
 
 def test_quick_look_does_not_hash_and_does_not_wait_for_a_running_pull(store):
-    from berth.store.lock import file_lock
+    from berth.locks import file_lock
 
     digest = _fake_image(store, layer=b"layer")
     path = store.layout.blob(Digest.of(b"layer"))

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 
 from berth.errors import BerthError
 from berth.oci.digest import Digest
-from berth.store.lock import file_lock
 from berth.store.store import STALE_TMP_S, Store, _remove_tree, _unlink_quietly
 
 _CHUNK_BYTES = 1 << 20
@@ -123,7 +122,7 @@ def _exclusive(store: Store, repair: bool, wanted: bool = True) -> Iterator[bool
     elif not wanted or not os.access(store.layout.locks_dir, os.W_OK | os.X_OK):
         yield False
         return
-    with file_lock(store.layout.gc_lock) as held:
+    with store.lock(store.layout.gc_lock, "verify against writers of the store") as held:
         yield held
 
 
