@@ -29,6 +29,7 @@ from typing import Any
 
 from berth.config.settings import (
     DEFAULT_CONFIG_DIR,
+    DeviceSettings,
     EnvOp,
     GroupPolicy,
     Mount,
@@ -86,6 +87,14 @@ KEYS: tuple[Key, ...] = (
     Key("policy.mount_deny_destinations", "path_list", SITE),
     Key("policy.trusted_registries", "host_list", SITE),
     Key("policy.passthrough_env", "env_glob_list", SITE),
+    Key("devices.cdi_dirs", "path_list", SITE),
+    Key("devices.mount_allow", "path_list", SITE),
+    Key("devices.dev_dir", "path", SITE),
+    Key("devices.nvidia_proc_dir", "path", SITE),
+    Key("devices.ld_cache", "path", SITE),
+    Key("devices.gpu_libraries", "file_name_list", SITE),
+    Key("devices.gpu_binaries", "file_name_list", SITE),
+    Key("devices.bin_dirs", "path_list", SITE),
 )
 KEY_BY_NAME = {key.name: key for key in KEYS}
 #: Arrays of tables; they accumulate across site files. All site-only.
@@ -99,13 +108,17 @@ NAMESPACE_VALUES = {
     "cgroup": ("private", "host"),
 }
 PINNABLE_KEYS = tuple(key.name for key in KEYS if key.scope == PINNABLE)
-ALL_KEYS = (*(key.name for key in KEYS), *ARRAY_KEYS, "policy.namespaces")
+ALL_KEYS = (*(key.name for key in KEYS), *ARRAY_KEYS, "policy.namespaces", "devices.groups")
+#: Top-level tables whose keys are all site-only: ``[policy]`` and ``[devices]``.
+SITE_TABLES = ("policy", "devices")
 
 ENV_OPS = ("set", "prepend", "append", "unset")
 # Patterns as strings, compiled on first use by re's own cache: most runs validate no file.
 # Full matches only (re.fullmatch): '$' would accept a final newline (issue 12).
 _ENV_GLOB = r"[A-Za-z0-9_*?\[\]]+"
 _GROUP_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?"
+_FILE_NAME = r"[A-Za-z0-9_+][A-Za-z0-9_.+-]*\*?"
+_DEVICE_GROUP = r"[a-z][a-z0-9_-]{0,31}"
 _TOML_TYPES = {str: "a string", int: "an integer", float: "a float", bool: "a boolean",
                list: "an array", dict: "a table"}
 
@@ -209,6 +222,11 @@ def _check_scalar(key: Key, value: Any, origin: _Origin, path, home: str) -> Any
         elif key.kind == "env_glob_list":
             if not re.fullmatch(_ENV_GLOB, item):
                 raise origin.error(item_path, f"'{item}' is not a variable name or glob (letters, digits, _, *, ?)")
+            result.append(item)
+        elif key.kind == "file_name_list":
+            if not re.fullmatch(_FILE_NAME, item):
+                raise origin.error(item_path, f"'{item}' is not a file name (letters, digits, '.', '_', '+', '-'; "
+                                   "a trailing '*' matches versions)")
             result.append(item)
         elif key.kind == "key_list":
             if item not in PINNABLE_KEYS:
@@ -321,6 +339,7 @@ class _Layers:
         self.sources: dict[str, str] = {key: "default" for key in defaults}
         self.arrays: dict[str, list[tuple[Any, str]]] = {key: [] for key in ARRAY_KEYS}
         self.namespaces: dict[str, tuple[str, str]] = {}
+        self.device_groups: dict[str, tuple[tuple[str, ...], str]] = {}
 
     def set(self, key: str, value: Any, source: str) -> None:
         self.values[key] = value
@@ -352,13 +371,13 @@ class _Layers:
 def _apply_document(layers: _Layers, document: dict, origin: _Origin, home: str) -> None:
     """Validate one TOML document and fold it into ``layers``."""
     for name, value in document.items():
-        if name == "policy":
-            _expect(value, dict, origin, ("policy",), "a table ([policy])")
+        if name in SITE_TABLES:
+            _expect(value, dict, origin, (name,), f"a table ([{name}])")
             if origin.layer != "site":
-                raise origin.error(("policy",), "only the site configuration may set policy",
+                raise origin.error((name,), f"only the site configuration may set {name}",
                                    hint="site policy lives in $BERTH_CONFIG_DIR/berth.toml or conf.d/; ask your site administrator")
             for sub, subvalue in value.items():
-                _apply_key(layers, f"policy.{sub}", ("policy", sub), subvalue, origin, home)
+                _apply_key(layers, f"{name}.{sub}", (name, sub), subvalue, origin, home)
         else:
             _apply_key(layers, name, (name,), value, origin, home)
 
@@ -388,10 +407,25 @@ def _apply_key(layers: _Layers, name: str, path, value: Any, origin: _Origin, ho
             if mode not in NAMESPACE_VALUES[namespace]:
                 raise origin.error(ns_path, f"'{mode}' is not one of: {', '.join(NAMESPACE_VALUES[namespace])}")
             layers.namespaces[namespace] = (mode, origin.provenance(ns_path))
-    elif name.startswith("policy."):
-        raise _unknown(origin, path, [k.removeprefix("policy.") for k in ALL_KEYS if k.startswith("policy.")])
+    elif name == "devices.groups":
+        _expect(value, dict, origin, path, "a table ([devices.groups])")
+        for group, devices in value.items():
+            group_path = (*path, group)
+            if not re.fullmatch(_DEVICE_GROUP, group):
+                raise origin.error(group_path, f"'{group}' is not a device group name (lower-case letters, "
+                                   "digits, '_', '-'; starting with a letter)")
+            items = _expect(devices, list, origin, group_path, "an array of device paths")
+            if not items:
+                raise origin.error(group_path, "names no device")
+            checked = tuple(_device(_expect(item, str, origin, (*group_path, i), "a string"), origin, (*group_path, i))
+                            for i, item in enumerate(items))
+            layers.device_groups[group] = (checked, origin.provenance(group_path))
+    elif name.split(".", 1)[0] in SITE_TABLES:
+        table = name.split(".", 1)[0]
+        raise _unknown(origin, path, [k.removeprefix(table + ".") for k in ALL_KEYS if k.startswith(table + ".")])
     else:
-        raise _unknown(origin, path, [k for k in ALL_KEYS if not k.startswith("policy.")] + ["policy"])
+        raise _unknown(origin, path, [k for k in ALL_KEYS if k.split(".", 1)[0] not in SITE_TABLES]
+                       + list(SITE_TABLES))
 
 
 def _env_value(key: Key, text: str, origin: _Origin, home: str) -> Any:
@@ -414,13 +448,11 @@ def _env_value(key: Key, text: str, origin: _Origin, home: str) -> Any:
 
 def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
     base = Settings()
-    policy = SitePolicy()
+    tables = {"policy": SitePolicy(), "devices": DeviceSettings()}
     values: dict[str, Any] = {}
     for key in KEYS:
-        if key.name.startswith("policy."):
-            values[key.name] = getattr(policy, key.name.removeprefix("policy."))
-        else:
-            values[key.name] = getattr(base, key.name)
+        table, _, sub = key.name.partition(".")
+        values[key.name] = getattr(tables[table], sub) if sub else getattr(base, key.name)
     paths = default_paths(environ)
     for name in ("user_store", "jobs_dir", "state_dir"):
         values[name] = paths[name]
@@ -515,9 +547,13 @@ def _build(layers: _Layers, config_dir: Path, config_dir_source: str) -> Setting
     sources = dict(layers.sources)
     sources["config_dir"] = config_dir_source
     policy_values: dict[str, Any] = {}
+    device_values: dict[str, Any] = {}
     for key in KEYS:
-        if key.name.startswith("policy."):
-            policy_values[key.name.removeprefix("policy.")] = values[key.name]
+        table, _, sub = key.name.partition(".")
+        if table == "policy":
+            policy_values[sub] = values[key.name]
+        elif table == "devices":
+            device_values[sub] = str(values[key.name]) if key.kind == "path" else values[key.name]
     for name in ARRAY_KEYS:
         items = layers.arrays[name]
         for index, (_, source) in enumerate(items):
@@ -526,6 +562,8 @@ def _build(layers: _Layers, config_dir: Path, config_dir_source: str) -> Setting
         sources[name] = ", ".join(files) if files else "default"
     for namespace, (_, source) in layers.namespaces.items():
         sources[f"policy.namespaces.{namespace}"] = source
+    for group, (_, source) in layers.device_groups.items():
+        sources[f"devices.groups.{group}"] = source
     _check_duplicate_registries(layers)
     policy = SitePolicy(
         mounts=tuple(item for item, _ in layers.arrays["policy.mounts"]),
@@ -535,10 +573,15 @@ def _build(layers: _Layers, config_dir: Path, config_dir_source: str) -> Setting
         **policy_values,
     )
     settings_values = {f.name: values[f.name] for f in fields(Settings) if f.name in values}
+    devices = DeviceSettings(
+        groups=tuple(sorted((group, paths) for group, (paths, _) in layers.device_groups.items())),
+        **device_values,
+    )
     return Settings(
         config_dir=config_dir,
         registries=tuple(item for item, _ in layers.arrays["registries"]),
         policy=policy,
+        devices=devices,
         sources=sources,
         **settings_values,
     )
@@ -570,13 +613,13 @@ def effective_values(settings: Settings) -> list[tuple[str, Any, str]]:
 
     rows.append(("config_dir", str(settings.config_dir), sources.get("config_dir", "default")))
     for key in KEYS:
-        if key.name.startswith("policy."):
-            value = getattr(settings.policy, key.name.removeprefix("policy."))
-        else:
-            value = getattr(settings, key.name)
+        table, _, sub = key.name.partition(".")
+        value = getattr(getattr(settings, table), sub) if sub else getattr(settings, key.name)
         rows.append((key.name, plain(value), sources.get(key.name, "default")))
     for namespace, mode in settings.policy.forced_namespaces:
         rows.append((f"policy.namespaces.{namespace}", mode, sources.get(f"policy.namespaces.{namespace}", "default")))
+    for group, paths in settings.devices.groups:
+        rows.append((f"devices.groups.{group}", list(paths), sources.get(f"devices.groups.{group}", "default")))
     arrays = {"policy.mounts": settings.policy.mounts, "policy.env": settings.policy.env,
               "policy.groups": settings.policy.groups, "registries": settings.registries}
     for name, items in arrays.items():

@@ -89,6 +89,45 @@ class SitePolicy:
     )
 
 
+#: Host driver libraries made loadable in GPU containers (sonames as in the host's ld.so cache;
+#: a trailing '*' matches versioned names): the compute and utility set NVIDIA's own container
+#: toolkit injects (docs/gpus.md).
+DEFAULT_GPU_LIBRARIES = (
+    "libcuda.so.1", "libcudadebugger.so.1", "libnvidia-ml.so.1", "libnvidia-ptxjitcompiler.so.1",
+    "libnvidia-nvvm.so.4", "libnvidia-opencl.so.1", "libnvidia-cfg.so.1", "libnvidia-allocator.so.1",
+    "libnvidia-gpucomp.so.*", "libnvidia-pkcs11.so.*",
+)
+DEFAULT_GPU_BINARIES = (
+    "nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
+    "nvidia-cuda-mps-server",
+)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where this node's devices, CDI specs and GPU driver files are, and what they may mount
+    (``[devices]`` in the site file; docs/gpus.md). Site-only: a user could otherwise point berth
+    at specs of their own."""
+
+    #: CDI spec directories, lowest priority first (a later one wins for the same device).
+    cdi_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
+    #: Host paths that CDI specs and the GPU driver files may bind-mount (under one of these).
+    mount_allow: tuple[str, ...] = ("/usr", "/lib", "/lib32", "/lib64", "/opt", "/etc", "/run", "/var/run")
+    #: The host's device directory: a device named /dev/X is the host's DEV_DIR/X.
+    dev_dir: str = "/dev"
+    #: The NVIDIA kernel driver's /proc directory (version, one information file per GPU).
+    nvidia_proc_dir: str = "/proc/driver/nvidia"
+    #: The ld.so cache the driver libraries are looked up in.
+    ld_cache: str = "/etc/ld.so.cache"
+    gpu_libraries: tuple[str, ...] = DEFAULT_GPU_LIBRARIES
+    gpu_binaries: tuple[str, ...] = DEFAULT_GPU_BINARIES
+    #: Where the driver binaries are looked for, in order.
+    bin_dirs: tuple[str, ...] = ("/usr/bin", "/usr/local/bin", "/usr/sbin", "/bin", "/sbin")
+    #: ``[devices.groups]``: name -> device paths or globs (``rdma = ["/dev/infiniband/*"]``),
+    #: asked for with ``--device NAME`` (also in templates' custom options).
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
 @dataclass(frozen=True)
 class Settings:
     config_dir: Path = DEFAULT_CONFIG_DIR
@@ -105,6 +144,7 @@ class Settings:
     pull_retries: int = 5
     registries: tuple[RegistryPolicy, ...] = ()
     policy: SitePolicy = field(default_factory=SitePolicy)
+    devices: DeviceSettings = field(default_factory=DeviceSettings)
     #: Scheduler backend for `berth submit` when none is given: "local" or "slurm".
     backend: str = "local"
     local_max_jobs: int = 4

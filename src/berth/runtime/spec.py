@@ -46,6 +46,20 @@ class BindMount(NamedTuple):
     identity: tuple[int, int] | None = None
 
 
+#: OCI runtime-spec hook points (config.md "POSIX-platform Hooks"); CDI hooks name one of them.
+HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+
+
+class Hook(NamedTuple):
+    """An OCI hook: a host program the runtime runs at ``hook_name`` (rootless: as the caller)."""
+
+    hook_name: str
+    path: str
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    timeout_s: int | None = None
+
+
 class SpecPlan(NamedTuple):
     """Everything config.json depends on, decided by the caller."""
 
@@ -78,6 +92,8 @@ class SpecPlan(NamedTuple):
     cpu_period_us: int = 100000
     memory_limit_bytes: int | None = None
     annotations: tuple[tuple[str, str], ...] = ()
+    #: OCI hooks in order (from CDI specs: berth.runtime.devices.edits).
+    hooks: tuple[Hook, ...] = ()
 
 
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
@@ -205,4 +221,16 @@ def build_config(plan: SpecPlan) -> dict:
         config["hostname"] = plan.hostname
     if plan.annotations:
         config["annotations"] = dict(sorted(plan.annotations))
+    if plan.hooks:
+        hooks: dict[str, list] = {}
+        for hook in plan.hooks:
+            entry: dict = {"path": hook.path}
+            if hook.args:
+                entry["args"] = list(hook.args)
+            if hook.env:
+                entry["env"] = list(hook.env)
+            if hook.timeout_s is not None:
+                entry["timeout"] = hook.timeout_s
+            hooks.setdefault(hook.hook_name, []).append(entry)
+        config["hooks"] = hooks
     return config
