@@ -31,6 +31,7 @@ int nvmlInit_v2(void) { return 0; }
 """
 #: A dynamic program for the test image: loads the driver as the CUDA runtime does.
 DLOPEN_PROBE_C = r"""
+#define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdio.h>
 int main(int argc, char **argv) {

@@ -158,7 +158,7 @@ def test_affinity_prefers_the_least_used_cpus(monkeypatch):
 
 
 def test_device_destinations():
-    from berth.runtime.policy import device_destination
+    from berth.runtime.devices.edits import device_destination
 
     assert device_destination("/dev/nvidia0", "/dev/nvidia0", what="--device") == "/dev/nvidia0"
     assert device_destination("/home/me/gpu", "/dev/nvidia0", what="--device") == "/dev/nvidia0"

@@ -22,6 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,9 +62,7 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     if options.tty and not any(os.isatty(fd) for fd in (0, 1, 2)):
         raise UsageError("-t/--tty: none of stdin, stdout or stderr is a terminal",
                          hint="drop -t in scripts and batch jobs (stdin and stdout pass through without it)")
-    clock = time.monotonic
-    phases: dict[str, float] = {}
-    started = clock()
+    started = time.monotonic()
     state_dir = state.resolve_state_dir(settings)
     for cleaned in state.cleanup_stale(state_dir):
         log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
@@ -78,7 +77,30 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     runtime = ocirt.select_runtime(state_dir, wanted, init)
     log(f"runtime {runtime}", debug=True)
 
-    request = request_for(settings, image, command, options, init_path=init, log=log)
+    # GPUs taken through the ledger stay taken until this run ends (the locks die with berth).
+    with ExitStack() as held:
+        extra_edits = _gpu_edits(settings, options, held, log)
+        request = request_for(settings, image, command, options, init_path=init, log=log, extra_edits=extra_edits)
+        return _run(settings, image, options, request, runtime, state_dir, log, started)
+
+
+def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log) -> tuple:
+    """The GPU generator's edits for ``--gpus`` (none without it), the GPUs held by ``held``."""
+    if options.gpus is None:
+        return ()
+    from berth.runtime.devices.gpus import gpu_edits
+
+    edits, notes = gpu_edits(settings, options.gpus, os.environ, held)
+    for note in notes:
+        log(f"warning: {note}")
+    log("GPUs: " + ", ".join(node.path for node in edits.device_nodes), debug=True)
+    return (edits,)
+
+
+def _run(settings, image, options: RunOptions, request, runtime: str, state_dir: Path, log: Log,
+         started: float) -> int:
+    clock = time.monotonic
+    phases: dict[str, float] = {}
 
     phases["prepare"] = clock() - started
     early = proc.raise_on_stop()

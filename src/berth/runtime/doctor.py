@@ -181,6 +181,68 @@ def check_store(store) -> Check:
                  (ADMIN + fix.replace("run ", "", 1)) if site else fix, required=False)
 
 
+def check_gpus(settings) -> Check:
+    """The node's GPUs, the driver, and every reason a GPU would not be usable (issue 13)."""
+    from berth.errors import BerthError
+    from berth.runtime.devices import gpus
+
+    found = gpus.node_gpus(settings)
+    dev_dir = settings.devices.dev_dir
+    if not found:
+        return Check("GPUs", True, f"no GPU on this node (no nvidiaN and no kfd with render nodes under {dev_dir})",
+                     required=False)
+    problems = []
+    for gpu in found:
+        host = Path(dev_dir) / gpu.node.removeprefix("/dev/")
+        if not os.access(host, os.R_OK | os.W_OK):
+            problems.append(f"you cannot open {host}")
+    listed = "; ".join(f"{g.index}: {g.model or 'GPU'}{' ' + g.uuid if g.uuid else ''}" for g in found)
+    if found[0].vendor == "amd":
+        return Check("GPUs", not problems, f"{len(found)} AMD GPU(s) ({listed})" + "".join(f"; {p}" for p in problems),
+                     ADMIN + "give users access to /dev/kfd and /dev/dri/renderD*" if problems else "", required=False)
+    version = gpus.driver_version(settings)
+    if version is None:
+        problems.append(f"the NVIDIA kernel module is not loaded ({settings.devices.nvidia_proc_dir}/version missing)")
+    libraries, binaries, notes = gpus.driver_files(settings)
+    problems += notes
+    if not any(name == "libcuda.so.1" for name, _ in libraries):
+        problems.append(f"libcuda.so.1 is not in the ld.so cache {settings.devices.ld_cache}")
+    try:
+        busy = gpus.Ledger(state.resolve_state_dir(settings)).busy(found)
+    except BerthError:
+        busy = []  # the state directory check says why
+    detail = (f"{len(found)} NVIDIA GPU(s) ({listed}); driver {version or 'unknown'}; libraries: "
+              f"{', '.join(n for n, _ in libraries) or 'none'}; binaries: {', '.join(n for n, _ in binaries) or 'none'}")
+    if busy:
+        detail += f"; in use by your containers: {', '.join(str(g.index) for g in busy)}"
+    if problems:
+        detail += "; not usable: " + "; ".join(problems)
+    return Check("GPUs", not problems, detail, ADMIN + "install the NVIDIA driver's user-space libraries and run "
+                 "ldconfig, load the kernel module, and give users access to /dev/nvidia*" if problems else "",
+                 required=False)
+
+
+def check_cdi(settings) -> Check:
+    """The CDI devices the site's spec directories define, and the specs berth refuses."""
+    from berth.errors import BerthError
+    from berth.runtime.devices import cdi
+
+    try:
+        registry = cdi.load_registry(settings.devices.cdi_dirs)
+    except BerthError as exc:
+        return Check("CDI devices", False, exc.message, exc.hint or "", required=False)
+    names = sorted(registry.devices)
+    detail = (f"{len(names)} device(s): {', '.join(names)}" if names else
+              f"no CDI spec in {', '.join(settings.devices.cdi_dirs)}")
+    problems = [error.message for error in registry.errors]
+    problems += [f"{name} is defined by several specs of one directory ({', '.join(files)})"
+                 for name, files in sorted(registry.conflicts.items())]
+    if problems:
+        detail += "; refused: " + "; ".join(problems)
+    return Check("CDI devices", not problems, detail,
+                 ADMIN + "fix or remove the refused specs (docs/gpus.md)" if problems else "", required=False)
+
+
 def run_checks(settings) -> list[Check]:
     state_check, state_dir = check_state_dir(settings)
     checks = [
@@ -198,7 +260,8 @@ def run_checks(settings) -> list[Check]:
     from berth.store.store import SITE, USER, Store
 
     checks += [check_cgroups(), check_subids(),
-               check_store(Store(settings.user_store, USER)), check_store(Store(settings.site_store, SITE))]
+               check_store(Store(settings.user_store, USER)), check_store(Store(settings.site_store, SITE)),
+               check_gpus(settings), check_cdi(settings)]
     return checks
 
 

@@ -43,7 +43,10 @@ class RunOptions:
     env: tuple[str, ...] = ()
     env_files: tuple[str, ...] = ()
     network: str | None = None  # "host" | "none"; None: the site's choice, else host
+    #: Device paths, site device group names or CDI names (berth.runtime.devices.edits).
     devices: tuple[str, ...] = ()
+    #: ``all``, a count or a list of GPUs (berth.runtime.devices.gpus); None: no GPU.
+    gpus: str | None = None
     cpus: float | None = None
     memory_bytes: int | None = None
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
@@ -102,8 +105,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--env-file", dest="env_files", action="append", default=[], metavar="FILE",
         help="read KEY=VALUE lines from FILE ('#' comments and blank lines ignored)")
     add("--network", choices=("host", "none"), help="host (default: fabrics and MPI need it) or none")
-    add("--device", dest="devices", action="append", default=[], metavar="/dev/X",
-        help="pass a host device you can open")
+    add("--device", dest="devices", action="append", default=[], metavar="/dev/X|GROUP|VENDOR/CLASS=NAME",
+        help="pass a host device you can open, a site device group, or a CDI device (vendor.com/class=name)")
+    add("--gpus", metavar="all|N|LIST",
+        help="GPUs from your allocation: all, a count, or indexes/UUIDs (0,1 or device=1), with the host "
+             "driver's libraries and tools")
     add("--cpus", type=float, metavar="N", help="limit to N CPUs (cgroup v2 when delegated, else CPU affinity)")
     add("--memory", metavar="SIZE",
         help="limit memory, e.g. 4G (no unit: bytes, as docker); cgroup v2 when delegated, else RLIMIT_DATA")
@@ -138,6 +144,15 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
     if ns.hostname is not None and not is_container_hostname(ns.hostname):
         raise UsageError(f"--hostname {ns.hostname!r} is not a valid host name",
                          hint="letters, digits and '-' in dot-separated labels, at most 63 characters")
+    if ns.gpus is not None:
+        from berth.runtime.devices.gpus import parse_request
+
+        parse_request(ns.gpus)
+    if ns.devices:
+        from berth.runtime.devices.edits import check_device_request
+
+        for device in ns.devices:
+            check_device_request(device, what=f"--device {device}")
     return RunOptions(
         mounts=tuple(parse_mount(m) for m in ns.mounts),
         workdir=ns.workdir,
@@ -145,6 +160,7 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
         env_files=tuple(ns.env_files),
         network=ns.network,
         devices=tuple(ns.devices),
+        gpus=ns.gpus,
         cpus=ns.cpus,
         memory_bytes=None if ns.memory is None else parse_memory(ns.memory, option="--memory", bare_unit="B"),
         stop_timeout_s=(DEFAULT_STOP_TIMEOUT_S if ns.stop_timeout is None else

@@ -153,20 +153,18 @@ def _site_mounts(settings, groups: list, log: Log) -> list[spec.BindMount]:
     return mounts
 
 
-def _devices(settings, groups: list, options: RunOptions) -> list[spec.BindMount]:
-    binds = []
-    seen = set()
+def _device_edits(settings, groups: list, options: RunOptions, extra_edits: tuple):
+    """Every device edit of the run (site policy's devices, the caller's groups', ``--device``
+    paths, groups and CDI devices, then ``extra_edits`` such as the GPUs), judged by the one
+    path (berth.runtime.devices.edits.apply_edits). None when there is none."""
     requested = [(d, "site policy device") for d in settings.policy.devices]
     requested += [(d, f"group {g.group} device") for g in groups for d in g.devices]
     requested += [(d, f"--device {d}") for d in options.devices]
-    for path, what in requested:
-        real = policy.resolve_device(path, what=what)
-        if path in seen:
-            continue
-        seen.add(path)
-        binds.append(spec.BindMount(real, policy.device_destination(path, real, what=what), read_only=False,
-                                    device=True))
-    return binds
+    if not requested and not extra_edits:
+        return None
+    from berth.runtime.devices import edits
+
+    return edits.apply_edits(settings, [*edits.request_edits(settings, requested), *extra_edits])
 
 
 class RunRequest(NamedTuple):
@@ -185,7 +183,11 @@ class RunRequest(NamedTuple):
     #: as requested: :func:`plan_container` judges them again where the image's links land them.
     site_mounts: tuple[spec.BindMount, ...] = ()
     user_mounts: tuple[spec.BindMount, ...] = ()
+    #: Mounts of device edits (CDI specs, GPU driver files), judged like site mounts.
+    device_mounts: tuple[spec.BindMount, ...] = ()
     devices: tuple[spec.BindMount, ...] = ()
+    #: OCI hooks of CDI specs.
+    hooks: tuple[spec.Hook, ...] = ()
     #: Site policy's ``mount_deny_destinations`` (the user's mounts are judged by it).
     deny_destinations: tuple[str, ...] = ()
     host_namespaces: tuple[str, ...] = ()
@@ -197,10 +199,11 @@ class RunRequest(NamedTuple):
 
 def request_for(settings, image, command: list[str] | None, options: RunOptions, *, init_path: str,
                 caller: Caller | None = None, environ: Mapping[str, str] | None = None,
-                log: Log | None = None) -> RunRequest:
+                log: Log | None = None, extra_edits: tuple = ()) -> RunRequest:
     """Judge a ``berth run`` request: raises PolicyError/UsageError for refused requests and
     RuntimeFailure for a broken image config or a missing site mount. Reads the host (policy
-    paths, env files, the caller's databases), never the image's files; starts nothing."""
+    paths, env files, the caller's databases, CDI specs), never the image's files; starts
+    nothing. ``extra_edits``: device edits decided by the caller (the GPUs it took)."""
     log = log or _quiet
     environ = os.environ if environ is None else environ
     name = image_name(image)
@@ -225,7 +228,7 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         log("ignoring --hostname: site policy gives containers the host's UTS namespace")
     if forced and options.network and options.network != forced:
         policy.check_options(settings, options)  # raises the PolicyError with its hint
-    devices = _devices(settings, groups, options)
+    applied = _device_edits(settings, groups, options, extra_edits)
     site_mounts = _site_mounts(settings, groups, log)
     site_mounts += pmix_mounts(environ, settings, caller.uid, log)
     env_entries: list[str] = []
@@ -238,7 +241,7 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         host_env=environ,
         passthrough=settings.policy.passthrough_env,
         identity=identity_env(caller, as_root=options.remap_root, home_in_container=home.path),
-        site_ops=[*rank_env_ops(environ, image_env), *settings.policy.env,
+        site_ops=[*(applied.env if applied else ()), *rank_env_ops(environ, image_env), *settings.policy.env,
                   *(op for g in groups for op in g.env)],
         user_entries=env_entries,
         tty=options.tty,
@@ -255,7 +258,9 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         home=home,
         site_mounts=tuple(site_mounts),
         user_mounts=tuple(user_mounts),
-        devices=tuple(devices),
+        device_mounts=applied.mounts if applied else (),
+        devices=applied.devices if applied else (),
+        hooks=applied.hooks if applied else (),
         deny_destinations=tuple(settings.policy.mount_deny_destinations),
         host_namespaces=host_namespaces,
         private_namespaces=private_namespaces,
@@ -360,13 +365,15 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
     site_mounts = [m._replace(destination=_landing(image_root, m.destination, f"site mount {m.destination}",
                                                    ("/proc", "/sys")))
                    for m in request.site_mounts]
+    device_mounts = [m._replace(destination=_landing(image_root, m.destination, f"device mount {m.destination}",
+                                                     deny)) for m in request.device_mounts]
     identity_paths, replaced = _identity_targets(image_root)
     home = request.home
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
     needed += home.mount_points
     needed += [rootfs.MountPoint(path, False) for path in identity_paths.values()]
-    for bind in [*site_mounts, *user_mounts]:
+    for bind in [*site_mounts, *user_mounts, *device_mounts]:
         needed.append(rootfs.MountPoint(bind.destination, os.path.isdir(bind.source)))
     needed.append(rootfs.MountPoint(request.workdir, True))
     missing = rootfs.missing_mount_points(image_root, needed, creatable) + replaced
@@ -395,6 +402,7 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
         *(spec.BindMount(str(layout.etc / f.name), f.target) for f in identity_files),
         *site_mounts,
         *user_mounts,
+        *device_mounts,
         *request.devices,
     ]
     spec_plan = spec.SpecPlan(
@@ -420,5 +428,6 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
         cpu_quota_us=limit_plan.cpu_quota_us,
         memory_limit_bytes=limit_plan.memory_limit_bytes,
         annotations=(("org.berth.image", request.image_name),),
+        hooks=request.hooks,
     )
     return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan)

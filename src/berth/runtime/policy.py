@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import stat
 
 from berth.errors import PolicyError, UsageError
 from berth.runtime.options import RunOptions
@@ -116,36 +115,6 @@ def source_identity(real: str, *, what: str) -> tuple[int, int]:
     return (info.st_dev, info.st_ino)
 
 
-def device_destination(path: str, real: str, *, what: str) -> str:
-    """Where a device appears in the container: the path as given when it is a plain path under
-    /dev, else the device's real path (a link of the user's to a GPU shows as the GPU's node).
-    No '..': normalizing one could land the device on /etc/passwd or on berth-init."""
-    if ".." in path.split("/"):
-        raise PolicyError(f"{what}: the device path must not contain '..'", hint=f"name the device: {real}")
-    destination = posixpath.normpath(path) if path.startswith("/dev/") else real
-    if destination == INIT_PATH or destination.startswith(INIT_PATH + "/") or not destination.startswith("/dev/"):
-        raise PolicyError(f"{what}: the container path {destination} is not a device path under /dev")
-    return destination
-
-
-def resolve_device(path: str, *, what: str) -> str:
-    """A host device node the caller can open read-write; returns its real path."""
-    real = os.path.realpath(path)
-    if not real.startswith("/dev/"):
-        raise PolicyError(f"{what}: {path} is not under /dev")
-    try:
-        info = os.stat(real)
-    except OSError:
-        raise UsageError(f"{what}: {path} does not exist on this node") from None
-    if not (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)):
-        raise PolicyError(f"{what}: {path} is not a device node")
-    if not os.access(real, os.R_OK | os.W_OK):
-        raise PolicyError(f"{what}: you cannot open {real} on the host, so it cannot be passed in",
-                          hint="ask your site administrator for access (device permissions or group)")
-    device_destination(path, real, what=what)
-    return real
-
-
 def root_warning(uid: int, environ) -> str | None:
     """The warning for a caller running berth as root (``uid`` 0) unless ``BERTH_ALLOW_ROOT=1``
     in ``environ``: the container is host uid 0 (without capabilities) with root's home mounted
@@ -164,8 +133,12 @@ def forced_network(settings) -> str | None:
 def check_options(settings, options: RunOptions) -> None:
     """Raise PolicyError (or UsageError) for anything in ``options`` site policy forbids."""
     resolve_user_mounts(settings, options)
-    for device in options.devices:
-        resolve_device(device, what=f"--device {device}")
+    if options.devices or options.gpus:
+        from berth.runtime.devices.edits import apply_edits, check_devices
+
+        # Device paths are judged on this node; group names must be the site's; CDI devices and
+        # GPUs depend on the node that runs the container and are judged there.
+        apply_edits(settings, check_devices(settings, options.devices))
     forced = forced_network(settings)
     if forced and options.network and options.network != forced:
         raise PolicyError(f"--network={options.network}: site policy forces network={forced}",

@@ -251,12 +251,8 @@ def device_request_edits(settings, text: str, *, what: str) -> ContainerEdits:
         from berth.runtime.devices import cdi
 
         return cdi.device_edits(settings, text, what=what)
-    groups = dict(settings.devices.groups)
-    if text not in groups:
-        known = ", ".join(sorted(groups)) or "none"
-        raise UsageError(f"{what}: there is no device group '{text}' (site device groups: {known})",
-                         hint="name a device path under /dev, a site group, or a CDI device vendor.com/class=name")
-    return group_edits(settings, text, groups[text], what=what)
+    check_devices(settings, [text])
+    return group_edits(settings, text, dict(settings.devices.groups)[text], what=what)
 
 
 def group_edits(settings, name: str, patterns: Sequence[str], *, what: str) -> ContainerEdits:
@@ -279,3 +275,25 @@ def group_edits(settings, name: str, patterns: Sequence[str], *, what: str) -> C
 def request_edits(settings, device_requests: Sequence[tuple[str, str]]) -> list[ContainerEdits]:
     """Edits for ``(value, what)`` device requests in order (site policy, groups, options)."""
     return [device_request_edits(settings, text, what=what) for text, what in device_requests]
+
+
+def check_devices(settings, requests: Sequence[str]) -> list[ContainerEdits]:
+    """What can be judged of ``--device`` values away from the node that will run them (at
+    submission, in a template's custom options): paths fully, group names against the site's
+    groups, CDI names by syntax. Returns the path edits for :func:`apply_edits`."""
+    from berth.runtime.devices.cdi import check_name
+
+    groups = dict(settings.devices.groups)
+    found = []
+    for text in requests:
+        what = f"--device {text}"
+        check_device_request(text, what=what)
+        if text.startswith("/"):
+            found.append(ContainerEdits(what, device_nodes=(DeviceNode(text),)))
+        elif is_cdi_name(text):
+            check_name(text, what=what)
+        elif text not in groups:
+            known = ", ".join(sorted(groups)) or "none"
+            raise UsageError(f"{what}: there is no device group '{text}' (site device groups: {known})",
+                             hint="name a device path under /dev, a site group, or a CDI device vendor.com/class=name")
+    return found

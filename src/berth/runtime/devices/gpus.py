@@ -202,18 +202,19 @@ def allocation(gpus: Sequence[Gpu], environ: Mapping[str, str]) -> Allocation:
     return Allocation(tuple(gpus), "this node (no scheduler allocation)", True)
 
 
-def select(request: GpuRequest, allocated: Allocation, *, what: str = "--gpus") -> list[Gpu]:
+def select(request: GpuRequest, allocated: Allocation, *, what: str | None = None) -> list[Gpu]:
     """The GPUs ``request`` asks for, from the allocation (the ledger then decides which of a
     count are free). Raises UsageError when it asks for more than is allocated."""
+    what = what or f"--gpus {request.text}"
     gpus = list(allocated.gpus)
     if request.all:
         if not gpus:
-            raise UsageError(f"{what} all: no GPU is allocated to you here ({allocated.source})",
+            raise UsageError(f"{what}: no GPU is allocated to you here ({allocated.source})",
                              hint="ask the scheduler for GPUs (berth submit --gpus N, sbatch --gres=gpu:N)")
         return gpus
     if request.count is not None:
         if request.count > len(gpus):
-            raise UsageError(f"{what} {request.count}: only {len(gpus)} GPU(s) are allocated to you here "
+            raise UsageError(f"{what}: only {len(gpus)} GPU(s) are allocated to you here "
                              f"({allocated.source})", hint=f"ask for at most {len(gpus)}, or ask the scheduler "
                              "for more (berth submit --gpus N, sbatch --gres=gpu:N)")
         return gpus
@@ -221,14 +222,14 @@ def select(request: GpuRequest, allocated: Allocation, *, what: str = "--gpus") 
     for item in request.ids:
         if item.isdigit():
             if int(item) >= len(gpus):
-                raise UsageError(f"{what} {request.text}: index {item} is past the {len(gpus)} GPU(s) allocated "
+                raise UsageError(f"{what}: index {item} is past the {len(gpus)} GPU(s) allocated "
                                  f"to you here ({allocated.source})",
                                  hint="indexes count within your allocation, from 0")
             chosen.append(gpus[int(item)])
         else:
             match = [g for g in gpus if g.uuid == item]
             if not match:
-                raise UsageError(f"{what} {request.text}: GPU {item} is not allocated to you here ({allocated.source})")
+                raise UsageError(f"{what}: GPU {item} is not allocated to you here ({allocated.source})")
             chosen.append(match[0])
     return chosen
 
@@ -246,11 +247,10 @@ class Ledger:
     def take(self, stack: ExitStack, candidates: Sequence[Gpu], count: int, *, what: str) -> list[Gpu]:
         """Lock ``count`` of ``candidates`` (in order) for as long as ``stack`` lives.
         Raises PolicyError when fewer are free."""
-        from berth.runtime.state import ensure_state_dir
-        from berth.store.lock import file_lock
+        from berth.fsutil import ensure_private_dir
+        from berth.locks import file_lock
 
-        ensure_state_dir(self.directory.parent)
-        self.directory.mkdir(mode=0o700, exist_ok=True)
+        ensure_private_dir(self.directory)
         taken: list[Gpu] = []
         busy: list[Gpu] = []
         held = ExitStack()
@@ -258,7 +258,7 @@ class Ledger:
             if len(taken) == count:
                 break
             lock = ExitStack()
-            if lock.enter_context(file_lock(self._path(gpu), blocking=False)):
+            if lock.enter_context(file_lock(self._path(gpu), timeout_s=0)):
                 held.push(lock.pop_all())
                 taken.append(gpu)
             else:
@@ -274,7 +274,7 @@ class Ledger:
         return taken
 
     def busy(self, gpus: Sequence[Gpu]) -> list[Gpu]:
-        from berth.store.lock import is_locked
+        from berth.locks import is_locked
 
         return [gpu for gpu in gpus if is_locked(self._path(gpu))]
 
@@ -342,7 +342,9 @@ def gpu_edits(settings, text: str, environ: Mapping[str, str], stack: ExitStack,
     selected = select(request, allocated, what=what)
     if allocated.ledger:
         count = request.count if request.count is not None else len(selected)
-        selected = Ledger(Path(settings.state_dir)).take(stack, selected, count, what=what)
+        from berth.runtime.state import resolve_state_dir
+
+        selected = Ledger(resolve_state_dir(settings)).take(stack, selected, count, what=what)
     elif request.count is not None:
         selected = selected[:request.count]
     selected = sorted(selected)
