@@ -28,7 +28,7 @@ from berth.runtime.spec import INIT_PATH, BindMount
 _ADMIN = "ask your site administrator if you need it (site policy: mount_allow / mount_deny_*)"
 
 
-def _under(path: str, prefixes) -> str | None:
+def under(path: str, prefixes) -> str | None:
     """The first prefix that ``path`` equals or lies under (whole components), or None."""
     for prefix in prefixes:
         prefix = prefix.rstrip("/") or "/"
@@ -51,7 +51,7 @@ def check_destination(destination: str, *, what: str, deny) -> str:
         raise PolicyError(f"{what}: mounting over the container's root directory is not allowed")
     if normalized == INIT_PATH or normalized.startswith(INIT_PATH + "/"):
         raise PolicyError(f"{what}: {INIT_PATH} is reserved for berth's init")
-    denied = _under(normalized, deny)
+    denied = under(normalized, deny)
     if denied:
         raise PolicyError(f"{what}: mounting over {denied} in the container is not allowed by site policy",
                           hint=_ADMIN)
@@ -66,15 +66,15 @@ def resolve_source(source: str, *, what: str, settings) -> str:
         real = os.path.realpath(absolute)
     except OSError as exc:
         real = absolute
-        if not _under(absolute, policy.mount_deny_sources):
+        if not under(absolute, policy.mount_deny_sources):
             raise PolicyError(f"{what}: cannot resolve the host path {source}: {exc.strerror}") from None
     # Judge both the path as typed and what it resolves to: neither may be forbidden.
-    denied = _under(absolute, policy.mount_deny_sources) or _under(real, policy.mount_deny_sources)
+    denied = under(absolute, policy.mount_deny_sources) or under(real, policy.mount_deny_sources)
     if denied:
         via = f" (it resolves to {real})" if real != absolute else ""
         raise PolicyError(f"{what}: the host path {source}{via} is under {denied}, which site policy does not "
                           "allow to be mounted", hint=_ADMIN)
-    if policy.mount_allow and not _under(real, policy.mount_allow):
+    if policy.mount_allow and not under(real, policy.mount_allow):
         raise PolicyError(f"{what}: the host path {real} is not under an allowed prefix "
                           f"({', '.join(policy.mount_allow)})", hint=_ADMIN)
     if not os.path.exists(real):

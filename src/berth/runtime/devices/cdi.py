@@ -103,6 +103,13 @@ class _Reader:
             raise self.error(path, f"must be a list of strings, not {_kind(value)}")
         return tuple(self.string(item, f"{path}[{i}]") for i, item in enumerate(value))
 
+    def items(self, table: dict, key: str, path: str) -> list:
+        """``table[key]``, a list (empty when missing)."""
+        value = table.get(key, [])
+        if not isinstance(value, list):
+            raise self.error(_join(path, key), f"must be a list, not {_kind(value)}")
+        return value
+
     def integer(self, value: Any, path: str, low: int, high: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self.error(path, f"must be an integer from {low} to {high}, not {value!r}"[:200])
@@ -194,10 +201,7 @@ def _edits(value: Any, path: str, reader: _Reader, origin: str) -> tuple[Contain
             raise reader.error(f"{_join(path, 'env')}[{i}]", f"'{entry[:80]}' is not KEY=VALUE")
         env.append(EnvOp(op="set", name=name, value=rest))
     nodes = []
-    raw_nodes = table.get("deviceNodes", [])
-    if not isinstance(raw_nodes, list):
-        raise reader.error(_join(path, "deviceNodes"), "must be a list")
-    for i, raw in enumerate(raw_nodes):
+    for i, raw in enumerate(reader.items(table, "deviceNodes", path)):
         where = f"{_join(path, 'deviceNodes')}[{i}]"
         node = reader.table(raw, where, _NODE_KEYS, ("path",))
         kind = node.get("type")
@@ -220,10 +224,7 @@ def _edits(value: Any, path: str, reader: _Reader, origin: str) -> tuple[Contain
             permissions=permissions.replace("m", ""),
         ))
     mounts = []
-    raw_mounts = table.get("mounts", [])
-    if not isinstance(raw_mounts, list):
-        raise reader.error(_join(path, "mounts"), "must be a list")
-    for i, raw in enumerate(raw_mounts):
+    for i, raw in enumerate(reader.items(table, "mounts", path)):
         where = f"{_join(path, 'mounts')}[{i}]"
         mount = reader.table(raw, where, _MOUNT_KEYS, ("hostPath", "containerPath"))
         options = reader.strings(mount.get("options", []), _join(where, "options"))
@@ -236,10 +237,7 @@ def _edits(value: Any, path: str, reader: _Reader, origin: str) -> tuple[Contain
             read_only="rw" not in options,
         ))
     hooks = []
-    raw_hooks = table.get("hooks", [])
-    if not isinstance(raw_hooks, list):
-        raise reader.error(_join(path, "hooks"), "must be a list")
-    for i, raw in enumerate(raw_hooks):
+    for i, raw in enumerate(reader.items(table, "hooks", path)):
         where = f"{_join(path, 'hooks')}[{i}]"
         hook = reader.table(raw, where, _HOOK_KEYS, ("hookName", "path"))
         name = reader.string(hook["hookName"], _join(where, "hookName"))

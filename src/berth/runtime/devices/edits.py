@@ -34,6 +34,7 @@ from typing import NamedTuple
 from berth.config.settings import EnvOp
 from berth.errors import PolicyError, UsageError
 from berth.runtime import spec
+from berth.runtime.policy import under
 
 #: Where berth mounts host driver libraries and binaries: under the container's /dev tmpfs, the
 #: one directory every container has that runc can create mount points in without an overlay.
@@ -79,14 +80,6 @@ class AppliedEdits(NamedTuple):
     hooks: tuple[spec.Hook, ...] = ()
 
 
-def _under(path: str, prefixes) -> str | None:
-    for prefix in prefixes:
-        prefix = prefix.rstrip("/") or "/"
-        if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
-            return prefix
-    return None
-
-
 def host_device_path(dev_dir: str, path: str) -> str:
     """The host path of a device named ``path``: /dev/X is DEV_DIR/X; anything else as is."""
     if path.startswith("/dev/") and dev_dir.rstrip("/") != "/dev":
@@ -119,7 +112,7 @@ def _judge_device(node: DeviceNode, *, what: str, dev_dir: str) -> spec.BindMoun
     host = host_device_path(dev_dir, named)
     real = os.path.realpath(host)
     base = dev_dir.rstrip("/") or "/"
-    if not _under(real, (base,)):
+    if not under(real, (base,)):
         raise PolicyError(f"{what}: {named} is not under /dev" + (f" (devices.dev_dir {dev_dir})" if base != "/dev" else ""))
     try:
         info = os.stat(real)
@@ -158,8 +151,8 @@ def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:
     allow = settings.devices.mount_allow
     deny = settings.policy.mount_deny_sources
     for path in (named, real):
-        denied = _under(path, deny)
-        if denied or not _under(path, allow):
+        denied = under(path, deny)
+        if denied or not under(path, allow):
             reason = f"is under {denied}, which site policy does not allow to be mounted" if denied else \
                 f"is not under an allowed place (devices.mount_allow: {', '.join(allow)})"
             via = f" (it resolves to {real})" if real != named else ""
@@ -181,7 +174,7 @@ def _judge_hook(hook: spec.Hook, *, what: str, settings) -> spec.Hook:
         raise PolicyError(f"{what}: hook '{hook.hook_name}' is not one of {', '.join(spec.HOOK_NAMES)}", hint=_ADMIN)
     real = os.path.realpath(hook.path) if hook.path.startswith("/") else hook.path
     allow = settings.devices.mount_allow
-    if not hook.path.startswith("/") or not _under(real, allow) or not _under(hook.path, allow):
+    if not hook.path.startswith("/") or not under(real, allow) or not under(hook.path, allow):
         raise PolicyError(f"{what}: the hook program {hook.path} is not under an allowed place "
                           f"(devices.mount_allow: {', '.join(allow)})", hint=_ADMIN)
     if not os.path.isfile(real) or not os.access(real, os.X_OK):
