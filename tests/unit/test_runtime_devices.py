@@ -251,7 +251,7 @@ def test_gpu_requests(text, expected):
     assert gpus.parse_request(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "65", "some", "0,0", "device=", "1,x"])
+@pytest.mark.parametrize("text", ["0", "65", "some", "0,0", "device=", "1,x", "²", "0,²", "2\n"])
 def test_bad_gpu_requests(text):
     with pytest.raises(UsageError, match="--gpus"):
         gpus.parse_request(text)

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 from berth.config.settings import EnvOp
 from berth.errors import ConfigError, UsageError
+from berth.oci.names import is_env_name
 from berth.runtime import spec
 from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount
 
@@ -43,11 +44,11 @@ MAX_NODES = 100_000
 MAX_DEVICES = 4096
 
 # The CDI names' grammar (SPEC.md "CDI JSON Specification": kind and device names).
+# Full matches only (re.fullmatch): '$' would accept a final newline.
 _VENDOR = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
 _CLASS = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?"
-_KIND = rf"^{_VENDOR}/{_CLASS}$"
-_DEVICE = r"^[A-Za-z0-9](?:[A-Za-z0-9_.:-]*[A-Za-z0-9])?$"
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_KIND = rf"{_VENDOR}/{_CLASS}"
+_DEVICE = r"[A-Za-z0-9](?:[A-Za-z0-9_.:-]*[A-Za-z0-9])?"
 
 _TOP_KEYS = ("cdiVersion", "kind", "annotations", "devices", "containerEdits")
 _DEVICE_KEYS = ("name", "annotations", "containerEdits")
@@ -92,7 +93,7 @@ class _Reader:
     def string(self, value: Any, path: str, *, pattern: str | None = None, absolute: bool = False) -> str:
         if not isinstance(value, str) or not value or "\0" in value:
             raise self.error(path, f"must be a non-empty string, not {_kind(value)}")
-        if pattern and not re.match(pattern, value):
+        if pattern and not re.fullmatch(pattern, value):
             raise self.error(path, f"'{value[:80]}' is not valid here")
         if absolute and (not value.startswith("/") or ".." in value.split("/")):
             raise self.error(path, f"'{value[:80]}' must be an absolute path without '..'")
@@ -197,7 +198,7 @@ def _edits(value: Any, path: str, reader: _Reader, origin: str) -> tuple[Contain
     env = []
     for i, entry in enumerate(reader.strings(table.get("env", []), _join(path, "env"))):
         name, equals, rest = entry.partition("=")
-        if not equals or not re.match(_ENV_NAME, name):
+        if not equals or not is_env_name(name):
             raise reader.error(f"{_join(path, 'env')}[{i}]", f"'{entry[:80]}' is not KEY=VALUE")
         env.append(EnvOp(op="set", name=name, value=rest))
     nodes = []
@@ -210,7 +211,7 @@ def _edits(value: Any, path: str, reader: _Reader, origin: str) -> tuple[Contain
         if kind == "p":
             raise reader.error(_join(where, "type"), "FIFOs cannot be passed into rootless containers")
         permissions = node.get("permissions", "rwm")
-        if not isinstance(permissions, str) or not re.match(r"^[rwm]{1,3}$", permissions):
+        if not isinstance(permissions, str) or not re.fullmatch(r"[rwm]{1,3}", permissions):
             raise reader.error(_join(where, "permissions"), f"{permissions!r} is not made of r, w, m")
         for key, high in (("major", (1 << 32) - 1), ("minor", (1 << 32) - 1), ("uid", (1 << 32) - 1),
                           ("gid", (1 << 32) - 1), ("fileMode", 0o7777)):
@@ -356,7 +357,7 @@ def load_registry(directories) -> Registry:
 def check_name(text: str, *, what: str) -> tuple[str, str]:
     """Split ``vendor.com/class=name`` into (kind, name). Raises UsageError."""
     kind, _, name = text.partition("=")
-    if not re.match(_KIND, kind) or not re.match(_DEVICE, name):
+    if not re.fullmatch(_KIND, kind) or not re.fullmatch(_DEVICE, name):
         raise UsageError(f"{what}: '{text}' is not a CDI device name",
                          hint="CDI names look like vendor.com/class=name, e.g. nvidia.com/gpu=0")
     return kind, name

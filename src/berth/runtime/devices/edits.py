@@ -227,9 +227,9 @@ def check_device_request(text: str, *, what: str) -> None:
 
     if not text or "\0" in text:
         raise UsageError(f"{what}: empty device")
-    if text.startswith("/") or is_cdi_name(text) or re.match(r"^[a-z][a-z0-9_-]{0,31}$", text):
+    if text.startswith("/") or is_cdi_name(text) or re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", text):
         return
-    raise UsageError(f"{what}: '{text}' is not a device path, a device group or a CDI device name",
+    raise UsageError(f"{what}: {text!r} is not a device path, a device group or a CDI device name",
                      hint="for example --device /dev/fuse, --device rdma (a site group) or "
                           "--device vendor.com/class=name")
 

@@ -41,7 +41,12 @@ from berth.runtime.devices.edits import GPU_DIR, ContainerEdits, DeviceNode, Mou
 NVIDIA_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 AMD_RENDER_BASE = 128
 MAX_GPUS = 64
-_UUID = r"^(GPU|MIG)-[A-Za-z0-9-]{1,80}$"
+_UUID = r"(GPU|MIG)-[A-Za-z0-9-]{1,80}"
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 class Gpu(NamedTuple):
@@ -67,24 +72,24 @@ class GpuRequest(NamedTuple):
 
 def parse_request(text: str, *, what: str = "--gpus") -> GpuRequest:
     """Parse ``all``, ``N``, ``device=LIST`` or ``A,B`` / ``GPU-UUID``. Raises UsageError."""
-    value = text.strip()
+    value = text
     if value == "all":
         return GpuRequest(value)
-    if value.isdigit() and "," not in value:
+    if _digits(value) and "," not in value:
         count = int(value)
         if not 1 <= count <= MAX_GPUS:
             raise UsageError(f"{what} {text}: ask for 1 to {MAX_GPUS} GPUs", hint="or --gpus all")
         return GpuRequest(value, count=count)
     listed = value.removeprefix("device=")
-    ids = tuple(part.strip() for part in listed.split(",") if part.strip())
-    if not ids or not (listed != value or "," in value or all(re.match(_UUID, i) for i in ids)):
-        raise UsageError(f"{what} '{text}' is not all, a count or a list of GPUs",
+    ids = tuple(listed.split(",")) if listed else ()
+    if not ids or not (listed != value or "," in value or all(re.fullmatch(_UUID, i) for i in ids)):
+        raise UsageError(f"{what} {text!r} is not all, a count or a list of GPUs",
                          hint="for example --gpus all, --gpus 2, --gpus 0,1 or --gpus device=1 (one GPU by index)")
     for item in ids:
-        if not (item.isdigit() or re.match(_UUID, item)):
-            raise UsageError(f"{what} '{text}': '{item}' is neither a GPU index nor a GPU UUID")
+        if not (_digits(item) or re.fullmatch(_UUID, item)):
+            raise UsageError(f"{what} {text!r}: {item!r} is neither a GPU index nor a GPU UUID")
     if len(set(ids)) != len(ids):
-        raise UsageError(f"{what} '{text}' names a GPU twice")
+        raise UsageError(f"{what} {text!r} names a GPU twice")
     return GpuRequest(value, ids=ids)
 
 
@@ -121,11 +126,11 @@ def nvidia_gpus(settings) -> list[Gpu]:
         for line in (_read(gpus_dir / bus / "information") or "").splitlines():
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
-        if fields.get("Device Minor", "").isdigit():
+        if _digits(fields.get("Device Minor", "")):
             info[int(fields["Device Minor"])] = {**fields, "bus": bus}
     gpus = []
     for name in names:
-        match = re.match(r"^nvidia(\d{1,3})$", name)
+        match = re.fullmatch(r"nvidia(\d{1,3})", name)
         if match:
             index = int(match.group(1))
             fields = info.get(index, {})
@@ -145,7 +150,7 @@ def amd_gpus(settings) -> list[Gpu]:
         return []
     gpus = []
     for name in names:
-        match = re.match(r"^renderD(\d{3})$", name)
+        match = re.fullmatch(r"renderD(\d{3})", name)
         if match and int(match.group(1)) >= AMD_RENDER_BASE:
             index = int(match.group(1)) - AMD_RENDER_BASE
             gpus.append(Gpu("amd", index, f"/dev/dri/{name}"))
@@ -163,7 +168,7 @@ def _id_list(text: str) -> list[str]:
         part = part.strip()
         if not part or part in ("NoDevFiles", "-1", "none"):
             continue
-        match = re.match(r"^(\d+)-(\d+)$", part)
+        match = re.fullmatch(r"(\d+)-(\d+)", part)
         if match and int(match.group(1)) <= int(match.group(2)) < int(match.group(1)) + MAX_GPUS:
             items += [str(i) for i in range(int(match.group(1)), int(match.group(2)) + 1)]
         else:
@@ -220,7 +225,7 @@ def select(request: GpuRequest, allocated: Allocation, *, what: str | None = Non
         return gpus
     chosen = []
     for item in request.ids:
-        if item.isdigit():
+        if _digits(item):
             if int(item) >= len(gpus):
                 raise UsageError(f"{what}: index {item} is past the {len(gpus)} GPU(s) allocated "
                                  f"to you here ({allocated.source})",
