@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.harness.fixtures_config",
     "tests.harness.fixtures_slurm",
     "tests.harness.fixtures_s3",
+    "tests.harness.fixtures_reliability",
 ]
 
 TEST_USER = os.environ.get("BERTH_TEST_USER", "berthtest")

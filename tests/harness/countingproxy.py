@@ -9,7 +9,9 @@ resume and kill tests:
 - ``ignore_range``: forward blob GETs without their Range header (the registry sends it all);
 - ``blob_delay_s``: sleep this long per 64 KiB of blob body (slow downloads to kill into).
 
-Listens on 127.0.0.1 only; ``stop()`` shuts it down. Nothing here is imported by berth.
+tests/harness/faultproxy.py extends it (the hooks ``intercept`` and ``send_body``) with the
+fault kinds of the reliability campaign. Listens on 127.0.0.1 only; ``stop()`` shuts it down.
+Nothing here is imported by berth.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade", "host"}
-_CHUNK = 64 * 1024
+CHUNK = 64 * 1024
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client (or an injected fault) dropping the connection is not news
 
 
 @dataclass
@@ -34,10 +43,12 @@ class CountingProxy:
     blob_delay_s: float = 0.0
     server: ThreadingHTTPServer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The port to listen on (0: any); kept across stop() and start() so references stay valid.
+    port: int = 0
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        return f"127.0.0.1:{self.port}"
 
     def blob_gets(self, digest: str | None = None) -> list[tuple[str, str, str | None]]:
         with self.lock:
@@ -58,51 +69,15 @@ class CountingProxy:
                 pass
 
             def _forward(self) -> None:
-                is_blob_get = self.command == "GET" and "/blobs/sha256:" in self.path
-                with proxy.lock:
-                    proxy.requests.append((self.command, self.path, self.headers.get("Range")))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                if is_blob_get and proxy.ignore_range:
-                    headers.pop("Range", None)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                connection = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
-                    connection.request(self.command, self.path, body=body, headers=headers)
-                    response = connection.getresponse()
-                    cut = None
-                    with proxy.lock:
-                        length = int(response.getheader("Content-Length") or 0)
-                        if is_blob_get and proxy.cut_blobs and length > proxy.cut_blobs[0]:
-                            cut = proxy.cut_blobs.pop(0)
-                    self.send_response(response.status)
-                    for key, value in response.getheaders():
-                        if key.lower() not in _HOP_BY_HOP:
-                            self.send_header(key, value)
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    sent = 0
-                    while self.command != "HEAD":
-                        chunk = response.read(_CHUNK)
-                        if not chunk:
-                            break
-                        if cut is not None and sent + len(chunk) > cut:
-                            self.wfile.write(chunk[: cut - sent])
-                            self.wfile.flush()
-                            self.close_connection = True
-                            return
-                        self.wfile.write(chunk)
-                        sent += len(chunk)
-                        if is_blob_get and proxy.blob_delay_s:
-                            time.sleep(proxy.blob_delay_s)
+                    proxy.handle(self)
                 finally:
-                    connection.close()
                     self.close_connection = True
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", self.port), Handler)
+        self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -111,3 +86,52 @@ class CountingProxy:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+    # -- one request ---------------------------------------------------------------------------
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        is_blob_get = handler.command == "GET" and "/blobs/sha256:" in handler.path
+        with self.lock:
+            self.requests.append((handler.command, handler.path, handler.headers.get("Range")))
+        if self.intercept(handler, is_blob_get):
+            return
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if is_blob_get and self.ignore_range:
+            headers.pop("Range", None)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else None
+        connection = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            connection.request(handler.command, handler.path, body=body, headers=headers)
+            response = connection.getresponse()
+            handler.send_response(response.status)
+            for key, value in response.getheaders():
+                if key.lower() not in _HOP_BY_HOP:
+                    handler.send_header(key, value)
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            if handler.command != "HEAD":
+                self.send_body(handler, response, is_blob_get, int(response.getheader("Content-Length") or 0))
+        finally:
+            connection.close()
+
+    def intercept(self, handler: BaseHTTPRequestHandler, is_blob_get: bool) -> bool:
+        """Answer the request without the registry (True), or let it through (False)."""
+        return False
+
+    def send_body(self, handler: BaseHTTPRequestHandler, response, is_blob_get: bool, length: int) -> None:
+        """Copy the registry's response body to the client (headers are sent already)."""
+        cut = None
+        with self.lock:
+            if is_blob_get and self.cut_blobs and length > self.cut_blobs[0]:
+                cut = self.cut_blobs.pop(0)
+        sent = 0
+        while chunk := response.read(CHUNK):
+            if cut is not None and sent + len(chunk) > cut:
+                handler.wfile.write(chunk[: cut - sent])
+                handler.wfile.flush()
+                return
+            handler.wfile.write(chunk)
+            sent += len(chunk)
+            if is_blob_get and self.blob_delay_s:
+                time.sleep(self.blob_delay_s)

@@ -276,6 +276,9 @@ def run_store_verify(args, ctx) -> int:
         print(f"{report.store} store {report.root}: {report.blobs_checked} blobs and "
               f"{report.images_checked} images checked ({human_size(report.bytes_hashed)} hashed), "
               f"{len(report.problems)} problems, {len(report.remaining)} remaining")
+        if report.garbage:
+            print(f"{len(report.garbage)} leftovers of interrupted writers in tmp/ (harmless; "
+                  "`--repair` or `berth prune` removes them)")
     if report.remaining:
         site = " --site" if args.site else ""
         raise StoreError(

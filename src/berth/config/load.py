@@ -74,6 +74,7 @@ KEYS: tuple[Key, ...] = (
         choices=("lz4", "zstd", "gzip", "xz", "lzo")),
     Key("pull_parallel", "int", PINNABLE, env="BERTH_PULL_PARALLEL", minimum=1, maximum=64),
     Key("pull_retries", "int", USER, env="BERTH_PULL_RETRIES", minimum=0, maximum=50),
+    Key("registry_timeout_s", "int", USER, env="BERTH_REGISTRY_TIMEOUT", minimum=1, maximum=3600),
     Key("backend", "choice", PINNABLE, env="BERTH_BACKEND", choices=("local", "slurm")),
     Key("local_max_jobs", "int", PINNABLE, env="BERTH_LOCAL_MAX_JOBS", minimum=1, maximum=4096),
     Key("stage_to_local", "bool", SITE),

@@ -142,6 +142,8 @@ class Settings:
     squashfs_compression: str = "lz4"
     pull_parallel: int = 4
     pull_retries: int = 5
+    #: Seconds a registry connection may take to connect, or stay silent mid-response.
+    registry_timeout_s: int = 60
     registries: tuple[RegistryPolicy, ...] = ()
     policy: SitePolicy = field(default_factory=SitePolicy)
     devices: DeviceSettings = field(default_factory=DeviceSettings)

@@ -131,6 +131,7 @@ def make_client(settings: "Settings", reference: Reference, *, insecure: bool = 
         or settings.registry(reference.api_host).insecure,
         credentials=load_credentials(),
         retries=settings.pull_retries,
+        timeout_s=settings.registry_timeout_s,
     )
 
 

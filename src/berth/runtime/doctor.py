@@ -170,11 +170,12 @@ def check_store(store) -> Check:
         report = verify_store(store, deep=False)
     except BerthError as error:
         return Check(name, False, f"{store.root}: {error.message}", error.hint or "", required=False)
-    if not report.problems:
+    damage = report.remaining
+    if not damage:
         return Check(name, True, f"{store.root}: {report.images_checked} images look complete",
                      required=False)
-    first = report.problems[0]
-    more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+    first = damage[0]
+    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
     site = " --site" if store.kind == "site" else ""
     fix = f"run `berth store verify{site}` to check every digest, and `berth store verify{site} --repair` to fix it"
     return Check(name, False, f"{store.root}: {first.kind}: {first.path}: {first.detail}{more}",

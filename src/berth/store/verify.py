@@ -12,6 +12,11 @@ What is checked, with no trust in anything but the content itself:
 - ``tmp/`` holds nothing but resumable partial downloads once no writer runs (anything else is
   a crashed writer's leftover).
 
+Leftovers of a killed writer in ``tmp/`` are *garbage*, not damage: berth is built so that
+``kill -9`` leaves at worst that (store.py), and the next writer or ``prune`` removes it. They
+are reported, and removed by ``repair``, but do not count among the problems that make the
+check fail; everything else does.
+
 ``repair`` removes what is wrong: corrupt blobs, corrupt or incomplete images, stray
 temporaries. What needs the network afterwards (a layer to download again, a reference whose
 image was removed) is listed in :attr:`VerifyReport.refetch_blobs` and
@@ -59,8 +64,14 @@ class Problem:
     detail: str
     repaired: str | None = None
 
+    @property
+    def damage(self) -> bool:
+        """False for garbage (a killed writer's leftovers), which does not fail the check."""
+        return self.kind != STRAY_TEMPORARY
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "damage": self.damage}
+
 
 
 @dataclass
@@ -92,13 +103,19 @@ class VerifyReport:
 
     @property
     def remaining(self) -> list[Problem]:
-        return [p for p in self.problems if p.repaired is None]
+        """Damage not repaired (garbage left in tmp/ is not counted)."""
+        return [p for p in self.problems if p.repaired is None and p.damage]
+
+    @property
+    def garbage(self) -> list[Problem]:
+        return [p for p in self.problems if p.repaired is None and not p.damage]
 
     def as_dict(self) -> dict:
         return {"store": self.store, "root": self.root, "blobs_checked": self.blobs_checked,
                 "images_checked": self.images_checked, "bytes_hashed": self.bytes_hashed,
                 "problems": [p.as_dict() for p in self.problems],
-                "remaining": len(self.remaining), "notes": list(self.notes)}
+                "remaining": len(self.remaining), "garbage": len(self.garbage),
+                "notes": list(self.notes)}
 
 
 def hash_file(path: os.PathLike | str, algorithm: str = "sha256") -> tuple[Digest, int]:
