@@ -116,13 +116,17 @@ def write_atomically(path: Path, data: bytes | str, *, mode: int, staging_dir: P
         handle.write(data)
 
 
-def publish_file(temporary: Path, final: Path, mode: int) -> None:
-    """Give a finished, fsynced temporary file ``mode`` and rename it to ``final`` (same file
-    system, existing directory), then make the rename durable. The store's streamed blobs end
-    here. Raises OSError."""
-    os.chmod(temporary, mode)
+def publish_file(temporary: Path | str, final: Path | str, mode: int | None, *, durable: bool = True) -> None:
+    """Give a finished (and, when it matters, fsynced) temporary file ``mode`` (None: keep the
+    mode it was created with) and rename it to ``final`` (same file system, existing directory),
+    then make the rename durable unless ``durable`` is False. For files written by something
+    that needs a path rather than a stream: the store's resumable blob downloads, S3 transfers.
+    Raises OSError."""
+    if mode is not None:
+        os.chmod(temporary, mode)
     os.replace(temporary, final)
-    fsync_directory(final.parent)
+    if durable:
+        fsync_directory(Path(final).parent)
 
 
 def fsync_directory(path: Path) -> None:

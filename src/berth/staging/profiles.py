@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError
 
 DEFAULT_PROFILE = "default"
@@ -86,12 +87,11 @@ class S3Profile:
 
 
 def berth_profiles_file(environ: Mapping[str, str]) -> Path:
-    home = environ.get("HOME") or os.path.expanduser("~")
-    return Path(environ.get("XDG_CONFIG_HOME") or Path(home) / ".config") / "berth" / "s3.toml"
+    return user_config_dir(environ) / "s3.toml"
 
 
 def aws_files(environ: Mapping[str, str]) -> tuple[Path, Path]:
-    home = Path(environ.get("HOME") or os.path.expanduser("~"))
+    home = home_directory(environ)
     credentials = Path(environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws" / "credentials")
     config = Path(environ.get("AWS_CONFIG_FILE") or home / ".aws" / "config")
     return credentials, config

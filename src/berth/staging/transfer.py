@@ -42,6 +42,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from berth import fsutil
 from berth.errors import BerthError, NotFound, StagingError
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative)
 from berth.staging.profiles import S3Profile
@@ -555,7 +556,7 @@ class _Runner:
                 raise StagingError(f"{what}: the content does not match the object's ETag {get.etag}",
                                    hint="the object changed during the transfer or was corrupted; retry")
             os.utime(temp, (get.mtime, get.mtime))
-            os.replace(temp, get.path)
+            fsutil.publish_file(temp, get.path, None, durable=False)
         except BaseException as exc:
             _remove(temp)
             if isinstance(exc, (BerthError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
@@ -631,18 +632,13 @@ class _Runner:
             except FileNotFoundError:
                 pass
             _make_parent(put.target, what)
-            temp = _temp_name(put.target)
-            try:
-                with open(put.path, "rb") as source, \
-                        open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as out:
-                    shutil.copyfileobj(source, out, _READ_CHUNK)
-                if os.stat(temp).st_size != info.st_size:
+            with open(put.path, "rb") as source, \
+                    fsutil.atomic_writer(Path(put.target), mode=None, durable=False) as out:
+                shutil.copyfileobj(source, out, _READ_CHUNK)
+                out.flush()
+                if os.fstat(out.fileno()).st_size != info.st_size:
                     raise StagingError(f"{put.path} changed while it was copied to {put.target}")
-                os.utime(temp, (info.st_atime, info.st_mtime))
-                os.replace(temp, put.target)
-            except BaseException:
-                _remove(temp)
-                raise
+                os.utime(out.fileno(), (info.st_atime, info.st_mtime))
             self.progress.advance(info.st_size)
             return True
         except OSError as exc:
@@ -663,7 +659,6 @@ class _Runner:
             retries=urllib3.Retry(total=4, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)),
             timeout=urllib3.Timeout(connect=10, read=self.profile.timeout_s),
             **({"ca_certs": self.profile.ca_bundle} if self.profile.ca_bundle else {}))
-        temp = _temp_name(path)
         try:
             response = pool.request("GET", url, preload_content=False)
             try:
@@ -673,20 +668,18 @@ class _Runner:
                     raise StagingError(f"--stage-in '{shown}': the server answered HTTP {response.status}")
                 expected = response.headers.get("Content-Length")
                 size = 0
-                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as out:
+                with fsutil.atomic_writer(Path(path), mode=None, durable=False) as out:
                     for chunk in response.stream(_READ_CHUNK):
                         out.write(chunk)
                         size += len(chunk)
                         self.progress.advance(len(chunk))
-                if expected is not None and int(expected) != size:
-                    raise StagingError(f"--stage-in '{shown}': received {size} bytes of {expected}",
-                                       hint="the connection broke; retry")
+                    if expected is not None and int(expected) != size:
+                        raise StagingError(f"--stage-in '{shown}': received {size} bytes of {expected}",
+                                           hint="the connection broke; retry")
             finally:
                 response.release_conn()
-            os.replace(temp, path)
             return size, True
         except BaseException as exc:
-            _remove(temp)
             if isinstance(exc, OSError):
                 raise local_error(exc, path) from None
             if isinstance(exc, urllib3.exceptions.HTTPError):
