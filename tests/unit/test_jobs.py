@@ -352,3 +352,20 @@ def test_planted_links_in_the_jobs_directory_are_never_followed(tmp_path):
     finally:
         os.close(directory)
     assert (jobs / "out").read_text() == "x"
+
+
+def test_the_jobs_directory_and_the_parents_berth_creates_are_private_whatever_the_umask(tmp_path):
+    """Issue 12, defect 1: ~/.local/state was created with the umask's mode (0755 or 0777)."""
+    import stat
+
+    tmp_path.chmod(0o755)
+    old_umask = os.umask(0)
+    try:
+        record = create_record(FakeSettings(tmp_path / "local" / "state" / "berth" / "jobs"))
+        atomic_write(record.state_file, "{}")
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "local", tmp_path / "local" / "state", tmp_path / "local" / "state" / "berth",
+                 tmp_path / "local" / "state" / "berth" / "jobs", record.path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    assert stat.S_IMODE(record.state_file.stat().st_mode) == 0o600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import json
 import stat
 
@@ -178,3 +179,20 @@ def test_normalize_host(given, expected):
 def test_normalize_host_rejects(bad):
     with pytest.raises(UsageError):
         auth.normalize_host(bad)
+
+
+def test_login_creates_the_config_directories_private_whatever_the_umask(tmp_path):
+    import stat
+
+    env = {"HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    old_umask = os.umask(0)
+    try:
+        path = auth.berth_auth_file(env)
+        auth.save_login("r.example", "u", "p", path)
+    finally:
+        os.umask(old_umask)
+    assert path == tmp_path / "home" / ".config" / "berth" / "auth.json"
+    for directory in (tmp_path / "home" / ".config", path.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
