@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create the Python virtual environment with berth installed, and build berth-init (the static
-# init every container starts with; see src/berth/runtime/init/berth-init.c).
+# Create the Python virtual environment with berth installed. The package build (setup.py)
+# compiles berth-init, the static init every container starts with, into the package (needs gcc
+# and libc6-dev, which scripts/install-system-packages.sh installs).
 # Usage: scripts/setup-venv.sh [VENV_DIR]   (default: .venv in the repository)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,9 +18,8 @@ if [ "$editable" = 1 ]; then
 else
     "$venv/bin/python" -m pip install -q "$repo[$extras]"
 fi
-mkdir -p "$venv/libexec/berth"
-gcc -static -Os -Wall -Wextra -o "$venv/libexec/berth/berth-init.new" "$repo/src/berth/runtime/init/berth-init.c"
-mv -f "$venv/libexec/berth/berth-init.new" "$venv/libexec/berth/berth-init"
+# berth-init used to be built here; the package has it now (an old copy would only mislead).
+rm -rf "$venv/libexec/berth"
 # Byte-compile the sources now: with an editable install they live in the repository, and an
 # unprivileged user who cannot write __pycache__ there would recompile them on every `berth run`.
 if [ "$editable" = 1 ]; then

@@ -162,13 +162,19 @@ def test_doctor_fails_with_a_fix_when_the_state_dir_is_unusable(runtime_env, use
     assert "FAIL state directory" in result.stdout and "fix: set BERTH_STATE_DIR" in result.stdout
 
 
+def _probe_cache(runtime_env) -> dict[str, dict]:
+    """runtime name -> its cached verdict (the file's keys name everything the probe depended on)."""
+    cache = json.loads((runtime_env.state_dir / "runtime-probe.json").read_text())
+    assert len(cache["entries"]) == len({entry["runtime"] for entry in cache["entries"].values()})
+    return {entry["runtime"]: entry for entry in cache["entries"].values()}
+
+
 def test_runtime_probe_is_cached_per_host(runtime_env, runtime_images):
     first = runtime_env.berth("run", str(runtime_images.busybox), "true")
     assert first.returncode == 0, describe(first)
-    cache = json.loads((runtime_env.state_dir / "runtime-probe.json").read_text())
-    assert cache["runc"]["works"] is True
+    assert _probe_cache(runtime_env)["runc"]["works"] is True
     forced = runtime_env.berth("run", "--runtime", "crun", str(runtime_images.busybox), "true")
-    cache = json.loads((runtime_env.state_dir / "runtime-probe.json").read_text())
+    cache = _probe_cache(runtime_env)
     if cache["crun"]["works"]:
         assert forced.returncode == 0, describe(forced)
     else:

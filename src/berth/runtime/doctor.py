@@ -84,14 +84,13 @@ def check_program(name: str, *, required: bool = True, setuid: bool = False) -> 
 def check_init() -> Check:
     path = ocirt.init_path()
     if not os.access(path, os.X_OK):
-        return Check("berth-init", False, f"missing at {path}",
-                     ADMIN + "run scripts/setup-venv.sh (it builds berth-init)")
+        return Check("berth-init", False, f"missing at {path}", ocirt.INIT_FIX)
     with open(path, "rb") as handle:
         head = handle.read(4096)
     # A static executable has no PT_INTERP (no dynamic loader path in its headers).
     if b"/lib64/ld-linux" in head or b"/lib/ld-" in head:
         return Check("berth-init", False, f"{path} is dynamically linked: it would not run in images with another libc",
-                     ADMIN + "rebuild it with scripts/setup-venv.sh (gcc -static; package libc6-dev)")
+                     ocirt.INIT_FIX)
     return Check("berth-init", True, f"{path} (static)")
 
 

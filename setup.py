@@ -1,0 +1,89 @@
+"""The one build step pyproject.toml cannot declare: compile berth-init into the package.
+
+berth-init (src/berth/runtime/init/berth-init.c) is PID 1 of every container and must be a static
+executable, so that it runs in images with any libc or none. It is compiled here, as part of
+every package build -- ``pip install .``, a wheel, ``pip install -e .`` -- into
+``berth/runtime/init/berth-init`` next to its source, where ``berth.runtime.ocirt.init_path``
+finds it (issue 9: a ``pip install`` used to give a berth without it, which could run nothing).
+
+Needs a C compiler and a static C library: Debian and Ubuntu ``gcc libc6-dev``, RHEL and Fedora
+``gcc glibc-static``. ``CC`` names another compiler. Without them the build stops and says so:
+an installed berth that cannot start containers would only fail later, on a compute node.
+The metadata stays in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+from setuptools import Distribution, setup
+from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_py import build_py
+from setuptools.errors import CompileError
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "src" / "berth" / "runtime" / "init" / "berth-init.c"
+#: Where the executable goes, relative to the directory that holds the ``berth`` package.
+TARGET = Path("berth") / "runtime" / "init" / "berth-init"
+FIX = ("install a C compiler and a static C library (Debian/Ubuntu: apt-get install gcc libc6-dev; "
+       "RHEL/Fedora: dnf install gcc glibc-static) and install berth again")
+
+
+def compile_init(output: Path) -> None:
+    """Compile berth-init statically into ``output`` (written under a temporary name, then
+    renamed, so an interrupted build leaves no half-written executable)."""
+    compiler = shlex.split(os.environ.get("CC") or "gcc")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    argv = [*compiler, "-static", "-Os", "-Wall", "-Wextra", "-o", str(temporary), str(SOURCE)]
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except OSError as error:
+        raise CompileError(f"cannot build berth-init: {compiler[0]}: {error.strerror}; {FIX}") from None
+    if result.returncode != 0:
+        temporary.unlink(missing_ok=True)
+        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+        raise CompileError(f"cannot build berth-init ({shlex.join(argv)} failed):\n{tail}\n{FIX}")
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, output)
+
+
+class BuildPyWithInit(build_py):
+    """build_py, then berth-init: into the build tree for a wheel, into the source tree for an
+    editable install (whose ``berth`` package is imported from src/)."""
+
+    def run(self) -> None:
+        super().run()
+        compile_init(self._init_output())
+
+    def _init_output(self) -> Path:
+        root = HERE / "src" if self.editable_mode else Path(self.build_lib)
+        return root / TARGET
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = super().get_outputs(include_bytecode)
+        if not self.editable_mode:
+            outputs.append(str(self._init_output()))
+        return outputs
+
+
+class BinaryDistribution(Distribution):
+    """The package holds a Linux executable: it is not pure Python (platlib, platform wheel)."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+class PlatformWheel(bdist_wheel):
+    """Tag the wheel for the platform its executable runs on (py3-none-linux_x86_64), but for any
+    Python 3: no extension module ties it to one interpreter."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        _python, _abi, platform = super().get_tag()
+        return "py3", "none", platform
+
+
+setup(distclass=BinaryDistribution, cmdclass={"build_py": BuildPyWithInit, "bdist_wheel": PlatformWheel})

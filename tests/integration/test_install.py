@@ -1,0 +1,104 @@
+"""berth as a site installs it: a wheel built from the repository, installed non-editable into a
+fresh virtual environment, run by the unprivileged test user (issue 9, defects 5 and 3)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.harness.users import REPO, describe
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def installed_venv() -> Path:
+    """A fresh venv with berth installed from a wheel (no editable link to the repository)."""
+    work = Path(tempfile.mkdtemp(prefix="berth-install-", dir="/var/tmp"))
+    try:
+        wheels = work / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+                       check=True, capture_output=True, text=True, cwd=work)
+        [wheel] = wheels.glob("berth-*.whl")
+        assert wheel.name.endswith("-py3-none-linux_x86_64.whl") or "-py3-none-linux_" in wheel.name, wheel
+        venv = work / "venv"
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, capture_output=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True,
+                       capture_output=True, text=True, cwd=work)
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        yield venv
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def installed_init(venv: Path) -> Path:
+    [site] = (venv / "lib").glob("python3*/site-packages")
+    return site / "berth" / "runtime" / "init" / "berth-init"
+
+
+@contextmanager
+def replaced(path: Path, replacement: Path | None):
+    """``path`` moved aside (and ``replacement`` put there) for the block, restored after."""
+    aside = path.with_name(path.name + ".aside")
+    os.rename(path, aside)
+    try:
+        if replacement is not None:
+            shutil.copy2(replacement, path)
+        yield
+    finally:
+        if path.exists():
+            path.unlink()
+        os.rename(aside, path)
+
+
+def run_in(venv: Path, runtime_env, image: Path, *command: str) -> subprocess.CompletedProcess:
+    return runtime_env.user.run([str(venv / "bin" / "berth"), "run", str(image), *command], env=runtime_env.env())
+
+
+def test_a_wheel_installed_berth_runs_containers_as_a_user(installed_venv, runtime_env, runtime_images):
+    init = installed_init(installed_venv)
+    assert init.is_file() and os.access(init, os.X_OK), "the wheel has no berth-init"
+    with open(init, "rb") as handle:
+        assert b"/lib64/ld-linux" not in handle.read(4096)  # static: no dynamic loader named
+    result = run_in(installed_venv, runtime_env, runtime_images.busybox, "sh", "-c", "echo installed; id -u")
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == ["installed", str(runtime_env.user.uid)]
+
+
+def test_an_installation_without_berth_init_says_what_is_missing_and_how_to_fix_it(
+        installed_venv, runtime_env, runtime_images):
+    init = installed_init(installed_venv)
+    with replaced(init, None):
+        result = run_in(installed_venv, runtime_env, runtime_images.busybox, "true")
+    assert result.returncode == 125, describe(result)
+    assert f"berth: error: berth-init, the init every container starts with, is missing from this berth " \
+           f"installation: no executable {init}\n" in result.stderr, describe(result)
+    assert "libc6-dev" in result.stderr and "pip install --force-reinstall" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_second_installation_with_a_broken_init_does_not_poison_the_working_one(
+        installed_venv, runtime_env, runtime_images, tmp_path):
+    # The user's working berth (the test venv) and a second installation whose berth-init was
+    # built without -static: it cannot start in an image without its libc. Before issue 9 the
+    # second one's failed probe was cached as "runc does not work" and every later `berth run`
+    # of the working installation was refused until `berth doctor`.
+    dynamic = tmp_path / "berth-init-dynamic"
+    subprocess.run(["gcc", "-Os", "-o", str(dynamic), str(REPO / "src/berth/runtime/init/berth-init.c")],
+                   check=True, capture_output=True)
+    with replaced(installed_init(installed_venv), dynamic):
+        broken = run_in(installed_venv, runtime_env, runtime_images.busybox, "true")
+    working = runtime_env.berth("run", str(runtime_images.busybox), "echo", "still works")
+    assert working.returncode == 0, describe(working)
+    assert working.stdout == "still works\n"
+    # and the broken one was told that its berth-init, not runc, is the problem
+    assert broken.returncode == 125, describe(broken)
+    assert f"berth-init ({installed_init(installed_venv)}) did not start" in broken.stderr, describe(broken)
+    assert "must be a static executable" in broken.stderr and "libc6-dev" in broken.stderr, describe(broken)
