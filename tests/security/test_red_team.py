@@ -312,6 +312,7 @@ def test_device_symlinked_to_a_device_the_user_cannot_open_is_refused(runtime_en
     ("SCRATCH", "/./dev/.berth-init", "reserved"),
     ("SCRATCH", "//proc", "/proc"),
     ("SCRATCH", "/dev/.berth-init/", "reserved"),
+    ("SCRATCH", "/etc", "would cover /etc/passwd"),  # issue 9 defect 7: all of /etc hides passwd
 ])
 def test_exotic_spellings_of_forbidden_mounts_are_refused(runtime_env, runtime_images, source, destination,
                                                           message):

@@ -70,6 +70,22 @@ def test_bad_destinations(destination, message):
         check_destination(destination, what="-v", deny=deny)
 
 
+@pytest.mark.parametrize("destination,covered", [
+    ("/etc", "/etc/passwd"), ("/etc/", "/etc/passwd"), ("//etc", "/etc/passwd"),
+])
+def test_a_destination_covering_a_protected_path_is_refused_like_the_path_itself(destination, covered):
+    """Issue 9 defect 7: a mount over all of /etc hides /etc/passwd as surely as one over it."""
+    deny = SitePolicy().mount_deny_destinations
+    with pytest.raises(PolicyError, match=f"would cover {covered}"):
+        check_destination(destination, what="-v", deny=deny)
+
+
+def test_a_destination_covering_berths_init_is_refused_even_when_the_site_allows_dev():
+    with pytest.raises(PolicyError, match="would cover /dev/.berth-init"):
+        check_destination("/dev", what="-v", deny=("/etc/passwd",))
+    assert check_destination("/etc/ssl", what="-v", deny=("/etc/passwd",)) == "/etc/ssl"
+
+
 def test_destination_normalized():
     assert check_destination("/data//x/", what="-v", deny=()) == "/data/x"
 

@@ -38,7 +38,11 @@ def under(path: str, prefixes) -> str | None:
 
 
 def check_destination(destination: str, *, what: str, deny) -> str:
-    """Validate a container path for a mount; return it normalized. Raises PolicyError."""
+    """Validate a container path for a mount; return it normalized. Raises PolicyError.
+
+    The one rule for destinations (docs/configuration.md): absolute, no ``..``, not ``/``, and
+    neither equal to, under, nor *containing* a path of ``deny`` or berth's init: a mount over
+    all of ``/etc`` hides ``/etc/passwd`` as surely as a mount over ``/etc/passwd`` itself."""
     if not destination.startswith("/"):
         raise PolicyError(f"{what}: the destination '{destination}' must be an absolute path inside the container")
     if ".." in destination.split("/"):
@@ -51,10 +55,17 @@ def check_destination(destination: str, *, what: str, deny) -> str:
         raise PolicyError(f"{what}: mounting over the container's root directory is not allowed")
     if normalized == INIT_PATH or normalized.startswith(INIT_PATH + "/"):
         raise PolicyError(f"{what}: {INIT_PATH} is reserved for berth's init")
+    if under(INIT_PATH, (normalized,)):
+        raise PolicyError(f"{what}: mounting over {normalized} would cover {INIT_PATH}, which is reserved for "
+                          "berth's init")
     denied = under(normalized, deny)
     if denied:
         raise PolicyError(f"{what}: mounting over {denied} in the container is not allowed by site policy",
                           hint=_ADMIN)
+    covered = next((path for path in deny if under(path.rstrip("/") or "/", (normalized,))), None)
+    if covered:
+        raise PolicyError(f"{what}: mounting over {normalized} would cover {covered}, which site policy "
+                          "protects in the container", hint=_ADMIN)
     return normalized
 
 
