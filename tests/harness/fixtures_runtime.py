@@ -246,3 +246,15 @@ def runtime_env(user) -> RuntimeEnv:
     shutil.rmtree(base, ignore_errors=True)
     assert not leaks, "berth left things behind:\n" + "\n".join(leaks)
 
+
+
+@pytest.fixture
+def home_elsewhere(user) -> Path:
+    """A directory to set as the test user's HOME that is not their passwd home and lies
+    outside /tmp (which every container has privately), as sites set HOME to a project or
+    scratch path: /var/tmp/berth-home-XXXX, the user's, 0755. Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="berth-home-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    os.chown(path, user.uid, user.gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

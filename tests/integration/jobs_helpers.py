@@ -9,6 +9,14 @@ from pathlib import Path
 
 from tests.harness.users import describe
 
+#: A job that says where it runs and writes into its submit directory (issue 9 defect 1).
+HOME_SCRIPT = """\
+    #!/bin/sh
+    #BERTH -o home-%j.txt
+    echo "home=$HOME cwd=$(pwd)"
+    echo written > result.txt
+"""
+
 
 def submit(user, site, cwd: Path, *args: str, env: dict | None = None) -> str:
     """``berth submit ARGS`` as the test user in ``cwd``; returns the job id."""

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.harness.users import describe
-from tests.integration.jobs_helpers import jobs, record_count, submit, wait_file, wait_for
+from tests.integration.jobs_helpers import HOME_SCRIPT, jobs, record_count, submit, wait_file, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +60,21 @@ def test_output_ownership_exit_codes_and_signals(job_site, user):
     assert logs.stdout == "before\n", describe(logs)
     table = user.berth("status", three, env=job_site.env)
     assert "failed (script)" in table.stdout and "exit:         3" in table.stdout
+
+
+def test_job_writes_its_submit_directory_when_HOME_is_not_the_passwd_home(job_site, user, home_elsewhere):
+    """Issue 9 defect 1: with HOME pointing elsewhere than the passwd home (sites set it to a
+    project or scratch path), a job submitted from a directory under that HOME writes there."""
+    work = home_elsewhere / "project"
+    work.mkdir()
+    os.chown(work, user.uid, user.gid)
+    job_site.write_script(work, "home.sh", HOME_SCRIPT, user)
+    job = submit(user, job_site, work, "--template", "bb", "home.sh", env={"HOME": str(home_elsewhere)})
+    state = wait_for(user, job_site, [job], FINAL)[job]
+    output = (work / f"home-{job}.txt").read_text()
+    assert state["state"] == "completed", (state, output)
+    assert output == f"home={home_elsewhere} cwd={work}\n"
+    assert (work / "result.txt").read_text() == "written\n"
 
 
 def test_cancel_gives_stop_timeout_and_time_limit_gives_timeout(job_site, user):

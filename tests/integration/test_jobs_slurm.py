@@ -7,6 +7,7 @@ granularity), so independent jobs are submitted together and waited for together
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.users import describe
-from tests.integration.jobs_helpers import jobs, submit, wait_file, wait_for
+from tests.integration.jobs_helpers import HOME_SCRIPT, jobs, submit, wait_file, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -146,6 +147,23 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     states = wait_for(user, job_site, [timed], FINAL, timeout_s=150, env=env, poll_s=2)
     assert states[timed]["state"] == "timeout", info
     assert (work / f"trap-{timed}.txt").read_text() == f"trapped {timed}\n"
+
+
+def test_slurm_job_writes_its_submit_directory_when_HOME_is_not_the_passwd_home(job_site, user, slurm_env,
+                                                                             home_elsewhere):
+    """Issue 9 defect 1 on Slurm: sbatch exports the submitting shell's HOME to the node, where
+    the job runner and the container must agree on it."""
+    work = home_elsewhere / "project"
+    work.mkdir()
+    os.chown(work, user.uid, user.gid)
+    job_site.write_script(work, "home.sh", HOME_SCRIPT, user)
+    env = {**slurm_env, "HOME": str(home_elsewhere)}
+    job = submit(user, job_site, work, "--template", "bb", "home.sh", env=env)
+    state = wait_for(user, job_site, [job], FINAL, timeout_s=60, env=env)[job]
+    output = (work / f"home-{job}.txt").read_text()
+    assert state["state"] == "completed", (state, output)
+    assert output == f"home={home_elsewhere} cwd={work}\n"
+    assert (work / "result.txt").read_text() == "written\n"
 
 
 def test_slurm_bad_input_submits_nothing(job_site, user, slurm_cluster, slurm_env):

@@ -62,6 +62,19 @@ def test_home_is_mounted_read_write(runtime_env, runtime_images, user):
         marker.unlink(missing_ok=True)
 
 
+def test_home_is_the_callers_HOME_when_it_differs_from_the_passwd_home(runtime_env, runtime_images, user,
+                                                                     home_elsewhere):
+    """Issue 9 defect 1: berth's one meaning of home is $HOME (else the passwd entry's): it is
+    mounted, HOME inside and the caller's passwd entry inside say it, and files land there."""
+    result = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c",
+                               'echo "$HOME"; grep "^berthtest:" /etc/passwd | cut -d: -f6; '
+                               'echo made > "$HOME/made.txt"', env={"HOME": str(home_elsewhere)})
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.splitlines() == [str(home_elsewhere)] * 2
+    assert (home_elsewhere / "made.txt").read_text() == "made\n"
+    assert os.stat(home_elsewhere / "made.txt").st_uid == user.uid
+
+
 @pytest.mark.parametrize("command,status", [
     (["sh", "-c", "exit 3"], 3),
     (["sh", "-c", "exit 0"], 0),

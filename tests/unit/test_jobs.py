@@ -283,6 +283,7 @@ def test_srun_words_split_into_options_and_command():
 
 
 def test_run_options_mount_what_is_outside_home(tmp_path, monkeypatch):
+    from berth.config.settings import Settings
     from berth.jobs.runner import build_run_options
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -290,7 +291,7 @@ def test_run_options_mount_what_is_outside_home(tmp_path, monkeypatch):
     record = JobRecord(tmp_path / "home" / "jobs" / "3")
     spec = _spec(record, workdir=str(tmp_path / "scratch"), custom="-e X=1 --network none", stop_timeout_s=7,
                  resources=Resources(cpus_per_task=2, memory_bytes=1 << 30))
-    options = build_run_options(None, spec, record, limit_resources=True)
+    options = build_run_options(Settings(), spec, record, limit_resources=True)
     jobs = tmp_path / "home" / "jobs"
     assert [(m.source, m.destination, m.read_only) for m in options.mounts] == [
         (str(tmp_path / "scratch"), str(tmp_path / "scratch"), False),
@@ -300,7 +301,7 @@ def test_run_options_mount_what_is_outside_home(tmp_path, monkeypatch):
     assert f"BERTH_JOB_BIN={jobs}/bin" in options.env
     assert (options.network, options.workdir, options.stop_timeout_s) == ("none", spec.workdir, 7.0)
     assert (options.cpus, options.memory_bytes) == (2.0, 1 << 30)
-    unlimited = build_run_options(None, spec, record, limit_resources=False)
+    unlimited = build_run_options(Settings(), spec, record, limit_resources=False)
     assert (unlimited.cpus, unlimited.memory_bytes) == (None, None)
 
 

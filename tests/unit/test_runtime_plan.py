@@ -12,9 +12,9 @@ import pytest
 
 from berth.config.settings import Settings, SitePolicy
 from berth.errors import PolicyError, RuntimeFailure
-from berth.runtime.identity import Caller
+from berth.runtime.identity import Caller, home_directory
 from berth.runtime.options import MountRequest, RunOptions
-from berth.runtime.plan import HomeMounts, RunRequest, plan_container, plan_home, request_for
+from berth.runtime.plan import HomeMounts, RunRequest, home_covers, plan_container, plan_home, request_for
 from berth.runtime.rootfs import MountPoint
 from berth.runtime.spec import BindMount
 from berth.runtime.state import ContainerLayout
@@ -122,10 +122,55 @@ def test_plan_writes_nothing_into_the_image_or_the_layout(tmp_path):
     assert not layout.path.exists()
 
 
+def quiet(*args, **kwargs):
+    del args, kwargs
+
+
 def test_home_missing_on_the_host_is_an_empty_tmpfs(tmp_path):
     caller = ALICE._replace(home=str(tmp_path / "gone" / "alice"))
-    home = plan_home(caller, RunOptions(), lambda *a, **k: None)
+    home = plan_home(caller, RunOptions(), SitePolicy(), quiet)
     assert home.binds == () and home.tmpfs == (caller.home,)
+
+
+@pytest.mark.parametrize("environ,passwd_home,expected", [
+    ({"HOME": "/scratch/proj//alice/"}, "/home/alice", "/scratch/proj/alice"),
+    ({"HOME": "//x"}, "/home/alice", "/x"),
+    ({"HOME": "relative"}, "/home/alice", "/home/alice"),
+    ({}, "/home/alice", "/home/alice"),
+    ({}, None, "/"),
+])
+def test_home_is_HOME_when_absolute_else_the_passwd_entrys(environ, passwd_home, expected):
+    assert home_directory(environ, passwd_home) == expected
+
+
+def test_home_under_tmp_gets_no_tmpfs_over_the_private_tmp(tmp_path):
+    caller = ALICE._replace(home=str(tmp_path))
+    home = plan_home(caller, RunOptions(), SitePolicy(), quiet)
+    assert home.tmpfs == () and [b.destination for b in home.binds] == [str(tmp_path)]
+
+
+@pytest.mark.parametrize("home,message", [("/etc", "would cover /etc/passwd"), ("/dev/shm", "over /dev")])
+def test_a_HOME_that_cannot_be_a_mount_destination_is_refused(home, message):
+    caller = ALICE._replace(home=home)
+    with pytest.raises(PolicyError, match=f"home directory {home} \\(\\$HOME\\).*{message}") as refused:
+        plan_home(caller, RunOptions(), SitePolicy(), quiet)
+    assert "set HOME" in refused.value.hint
+
+
+def test_a_HOME_under_a_denied_source_is_refused_but_the_passwd_home_is_the_sites_word(tmp_path):
+    site = SitePolicy(mount_deny_sources=(str(tmp_path),))
+    with pytest.raises(PolicyError, match="is under"):
+        plan_home(ALICE._replace(home=str(tmp_path)), RunOptions(), site, quiet)
+    home = plan_home(ALICE._replace(home=str(tmp_path), passwd_home=str(tmp_path)), RunOptions(), site, quiet)
+    assert [b.source for b in home.binds] == [str(tmp_path)]
+
+
+def test_home_covers_only_what_the_home_mount_shows(tmp_path):
+    caller = ALICE._replace(home=str(tmp_path / "home"))
+    (tmp_path / "home" / "proj").mkdir(parents=True)
+    assert home_covers(str(tmp_path / "home" / "proj"), caller, RunOptions(), SitePolicy())
+    assert not home_covers(str(tmp_path / "homework"), caller, RunOptions(), SitePolicy())
+    assert not home_covers(str(tmp_path / "home" / "proj"), caller, RunOptions(mount_home=False), SitePolicy())
 
 
 def test_request_composes_environment_and_judges_mounts(tmp_path):

@@ -88,20 +88,22 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
     """The container options for the job script: the template's custom options, the job's
     environment, the submit directory as working directory, and (local backend) the CPU and
     memory limits. Raises UsageError when the template's custom options no longer parse."""
+    from berth.runtime.identity import Caller
     from berth.runtime.options import MountRequest, RunOptions, parse_custom
+    from berth.runtime.plan import home_covers
 
     options = parse_custom(spec.custom) if spec.custom else RunOptions()
     job_env = {**mpi_launcher_env(spec.image, os.environ), **job_environment(spec, record)}
     env = tuple(f"{k}={v}" for k, v in job_env.items())
-    # The submit directory must be visible at its host path (home is mounted anyway, so only a
-    # directory outside it is added). The record's container part is mounted over the whole
-    # jobs directory: the container sees its script and step shims, not the other jobs, their
+    # The submit directory must be visible at its host path: unless the container's home mount
+    # (berth.runtime.plan decides, with the container's meaning of home) already shows it
+    # there, it is added. The record's container part is mounted over the whole jobs
+    # directory: the container sees its script and step shims, not the other jobs, their
     # specs or the slot locks (which it could otherwise tamper with).
-    home = os.path.realpath(os.path.expanduser("~"))
     mounts = list(options.mounts)
     real = os.path.realpath(spec.workdir)
-    inside_home = real == home or real.startswith(home.rstrip("/") + "/")
-    if real != "/" and not (inside_home and options.mount_home) and not any(m.destination == real for m in mounts):
+    if real != "/" and not home_covers(real, Caller.current(), options, settings.policy) \
+            and not any(m.destination == real for m in mounts):
         mounts.append(MountRequest(real, real, read_only=False))
     mounts.append(MountRequest(str(record.container_dir), str(container_view(record)), read_only=False))
     changes: dict = {

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import grp
 import os
+import posixpath
 import pwd
 import stat
+from collections.abc import Mapping
 from typing import NamedTuple
 
 #: An image's passwd/group larger than this is not read (hostile image); the caller's entry
@@ -18,30 +20,47 @@ from typing import NamedTuple
 MAX_DATABASE_BYTES = 4 << 20
 
 
+def home_directory(environ: Mapping[str, str], passwd_home: str | None) -> str:
+    """berth's one meaning of "home" (docs/configuration.md, "Home"): ``$HOME`` when it is an
+    absolute path, else the passwd entry's directory, else ``/`` — the rule of the shell's
+    ``~`` and of Python's ``os.path.expanduser``. Sites set ``HOME`` to a project or scratch
+    path; the container, the job runner and ``-v ~/...`` then all mean the same directory."""
+    value = environ.get("HOME", "")
+    if value.startswith("/"):
+        normalized = posixpath.normpath(value)
+        return "/" + normalized.lstrip("/")
+    return passwd_home or "/"
+
+
 class Caller(NamedTuple):
-    """Who runs the container, from the host's databases."""
+    """Who runs the container, from the host's databases (and ``$HOME``)."""
 
     name: str
     uid: int
     gid: int
     group_name: str
+    #: The home (:func:`home_directory`): mounted, HOME inside, the caller's passwd entry inside.
     home: str
     shell: str
     gecos: str = ""
+    #: The passwd entry's directory, when there is one (the site's own word: never judged).
+    passwd_home: str | None = None
 
     @classmethod
-    def current(cls) -> "Caller":
+    def current(cls, environ: Mapping[str, str] | None = None) -> "Caller":
+        environ = os.environ if environ is None else environ
         uid, gid = os.getuid(), os.getgid()
         try:
             entry = pwd.getpwuid(uid)
-            name, home, shell, gecos = entry.pw_name, entry.pw_dir, entry.pw_shell, entry.pw_gecos
+            name, passwd_home, shell, gecos = entry.pw_name, entry.pw_dir, entry.pw_shell, entry.pw_gecos
         except KeyError:
-            name, home, shell, gecos = f"u{uid}", os.environ.get("HOME", "/"), "/bin/sh", ""
+            name, passwd_home, shell, gecos = f"u{uid}", None, "/bin/sh", ""
         try:
             group_name = grp.getgrgid(gid).gr_name
         except KeyError:
             group_name = f"g{gid}"
-        return cls(name, uid, gid, group_name, home, shell, gecos.replace(":", " "))
+        return cls(name, uid, gid, group_name, home_directory(environ, passwd_home), shell,
+                   gecos.replace(":", " "), passwd_home)
 
 
 def _lines(text: str) -> list[str]:

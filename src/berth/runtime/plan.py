@@ -27,7 +27,7 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from berth.errors import RuntimeFailure, UsageError
+from berth.errors import PolicyError, RuntimeFailure, UsageError
 from berth.runtime import limits, policy, rootfs, spec
 from berth.runtime.state import ContainerLayout
 from berth.runtime.env import check_image_env, compose_env, read_env_file
@@ -112,29 +112,57 @@ class HomeMounts(NamedTuple):
     creatable: tuple[str, ...] = ()
 
 
-def plan_home(caller: Caller, options: RunOptions, log: Log) -> HomeMounts:
+def plan_home(caller: Caller, options: RunOptions, site_policy, log: Log) -> HomeMounts:
+    """The home mounts for ``caller.home`` (berth.runtime.identity.home_directory: ``$HOME``,
+    else the passwd entry's): bind-mounted read-write at its own path (its real path on the
+    host as source), or an empty tmpfs with ``--no-mount-home`` or when it is missing on the
+    host; a two-level home (``/home/NAME``) gets a private tmpfs over its parent, hiding the
+    image's and other users' entries. Its destination is judged like a ``-v`` destination, and
+    a home taken from ``$HOME`` (not the passwd entry's, which the site owns) also like a ``-v``
+    source, except that ``mount_allow`` does not apply. Raises PolicyError."""
     home = posixpath.normpath(caller.home) if caller.home else "/"
     if home == "/" or not home.startswith("/"):
         log(f"home directory '{caller.home}' is not mounted (not an absolute directory)", debug=True)
         return HomeMounts(home)
+    from_env = home != caller.passwd_home
+    what = f"home directory {home}" + (" ($HOME)" if from_env else "")
+    hint = ("set HOME to a directory of yours that berth may mount, or ask your site administrator"
+            if from_env else "ask your site administrator")
+    try:
+        policy.check_destination(home, what=what, deny=site_policy.mount_deny_destinations)
+    except PolicyError as refused:
+        raise PolicyError(refused.message, hint=hint) from None
     tmpfs: list[str] = []
     needed: list[rootfs.MountPoint] = []
     creatable: list[str] = []
     binds: list[spec.BindMount] = []
     parent = posixpath.dirname(home)
-    if parent != "/" and posixpath.dirname(parent) == "/":
+    if parent not in ("/", "/tmp") and posixpath.dirname(parent) == "/":
         # /home/NAME: hide the image's /home (and other users' entries) behind a private tmpfs.
+        # (/tmp is the container's private one already: a tmpfs would hide it.)
         tmpfs.append(parent)
         needed.append(rootfs.MountPoint(parent, True))
         creatable.append(parent)
     if options.mount_home and os.path.isdir(home):
-        binds.append(spec.BindMount(os.path.realpath(home), home, read_only=False))
+        real = os.path.realpath(home)
+        if from_env:
+            policy.check_source(home, home, real, what=what, deny=site_policy.mount_deny_sources, hint=hint)
+        binds.append(spec.BindMount(real, home, read_only=False))
         log(f"home {home} mounted read-write", debug=True)
     else:
         tmpfs.append(home)
         log(f"home {home} is an empty temporary directory (--no-mount-home or missing on the host)", debug=True)
     needed.append(rootfs.MountPoint(home, True))
     return HomeMounts(home, tuple(binds), tuple(tmpfs), tuple(needed), tuple(creatable))
+
+
+def home_covers(path: str, caller: Caller, options: RunOptions, site_policy) -> bool:
+    """Whether container path ``path`` (a real host path, mounted at itself) is already in the
+    container through the home mount: the job runner then adds no mount for it. The same
+    :func:`plan_home` decides, so runner and container cannot disagree on what home is."""
+    home = plan_home(caller, options, site_policy, _quiet)
+    return any(path == bind.destination or path.startswith(bind.destination.rstrip("/") + "/")
+               for bind in home.binds)
 
 
 def _site_mounts(settings, groups: list, log: Log) -> list[spec.BindMount]:
@@ -216,7 +244,7 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
     image_env = check_image_env(image_config.get("Env") or [], name)
     if image_config.get("User") not in (None, "", "0", "root", "0:0"):
         log(f"image User '{image_config.get('User')}' ignored: containers run as you", debug=True)
-    caller = caller or Caller.current()
+    caller = caller or Caller.current(environ)
     groups = _group_policies(settings)
     user_mounts = policy.resolve_user_mounts(settings, options)
     forced = policy.forced_network(settings)
@@ -235,7 +263,7 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
     for env_file in options.env_files:
         env_entries += read_env_file(env_file)
     env_entries += list(options.env)
-    home = plan_home(caller, options, log)
+    home = plan_home(caller, options, settings.policy, log)
     env = compose_env(
         image_env,
         host_env=environ,

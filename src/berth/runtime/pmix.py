@@ -30,7 +30,6 @@ import posixpath
 from collections.abc import Callable, Mapping
 
 from berth.config.settings import EnvOp
-from berth.errors import PolicyError
 from berth.runtime import policy
 from berth.runtime.spec import BindMount
 
@@ -67,11 +66,8 @@ def pmix_mounts(host_env: Mapping[str, str], settings, uid: int,
             log(f"{what} skipped: owned by uid {info.st_uid}, not by you (a PMIx server makes it for the "
                 "job's user)")
             continue
-        denied = next((prefix for prefix in settings.policy.mount_deny_sources
-                       if real == prefix.rstrip("/") or real.startswith(prefix.rstrip("/") + "/")), None)
-        if denied:
-            raise PolicyError(f"{what}: the host path {real} is under {denied}, which site policy does not "
-                              "allow to be mounted", hint="unset the variable, or ask your site administrator")
+        policy.check_source(value, value, real, what=what, deny=settings.policy.mount_deny_sources,
+                            hint="unset the variable, or ask your site administrator")
         policy.check_destination(real, what=what, deny=settings.policy.mount_deny_destinations)
         chosen.append(posixpath.normpath(real))
     mounts = []

@@ -69,6 +69,16 @@ def check_destination(destination: str, *, what: str, deny) -> str:
     return normalized
 
 
+def check_source(source: str, absolute: str, real: str, *, what: str, deny, hint: str = _ADMIN) -> None:
+    """Refuse a host path when the path as given (``absolute``) or what it resolves to
+    (``real``) is equal to or under a path of ``deny`` (``mount_deny_sources``)."""
+    denied = under(absolute, deny) or under(real, deny)
+    if denied:
+        via = f" (it resolves to {real})" if real != absolute else ""
+        raise PolicyError(f"{what}: the host path {source}{via} is under {denied}, which site policy does not "
+                          "allow to be mounted", hint=hint)
+
+
 def resolve_source(source: str, *, what: str, settings) -> str:
     """Resolve a host path (symlinks, relative to the current directory) and judge it."""
     absolute = os.path.abspath(os.path.expanduser(source))
@@ -79,12 +89,7 @@ def resolve_source(source: str, *, what: str, settings) -> str:
         real = absolute
         if not under(absolute, policy.mount_deny_sources):
             raise PolicyError(f"{what}: cannot resolve the host path {source}: {exc.strerror}") from None
-    # Judge both the path as typed and what it resolves to: neither may be forbidden.
-    denied = under(absolute, policy.mount_deny_sources) or under(real, policy.mount_deny_sources)
-    if denied:
-        via = f" (it resolves to {real})" if real != absolute else ""
-        raise PolicyError(f"{what}: the host path {source}{via} is under {denied}, which site policy does not "
-                          "allow to be mounted", hint=_ADMIN)
+    check_source(source, absolute, real, what=what, deny=policy.mount_deny_sources)
     if policy.mount_allow and not under(real, policy.mount_allow):
         raise PolicyError(f"{what}: the host path {real} is not under an allowed prefix "
                           f"({', '.join(policy.mount_allow)})", hint=_ADMIN)
