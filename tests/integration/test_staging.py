@@ -1,79 +1,46 @@
 """`berth stage in|out` for real: SeaweedFS on loopback, berth as the unprivileged test user.
 
-A dataset with nested keys, one object over the multipart threshold (8 MiB here; 20 MiB file)
+A s3_dataset with nested keys, one object over the multipart threshold (8 MiB here; 20 MiB file)
 and many small objects; checksums compared after the round trip; every failure the issue lists;
 credentials never on a command line, in output or in another user's reach.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_s3 import md5, tree_md5s, S3_BIG_BYTES, S3_SMALL_COUNT
 from tests.harness.users import berth_executable, describe
 
 pytestmark = pytest.mark.integration
 
-BIG_BYTES = 20 << 20
-SMALL_COUNT = 120
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def tree_md5s(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): md5(p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def dataset(s3_server):
-    """``berth-data/ds/``: nested keys, one 20 MiB object (multipart upload), many small ones."""
-    import random
-
-    client = s3_server.client()
-    rng = random.Random(7)
-    expected: dict[str, str] = {}
-    for index in range(SMALL_COUNT):
-        data = rng.randbytes(rng.randrange(1, 64 << 10))
-        key = f"nested/level{index % 3}/deeper{index % 2}/small-{index:04d}.bin"
-        client.put_object(Bucket="berth-data", Key=f"ds/{key}", Body=data)
-        expected[key] = md5(data)
-    big = rng.randbytes(BIG_BYTES)
-    client.upload_fileobj(io.BytesIO(big), "berth-data", "ds/big.bin")  # boto3: multipart in 8 MiB parts
-    expected["big.bin"] = md5(big)
-    assert "-" in client.head_object(Bucket="berth-data", Key="ds/big.bin")["ETag"]
-    return expected
 
 
 def stage(user, work, direction, *items, env, extra=()):
     return user.berth("stage", direction, *items, *extra, cwd=str(work), env=env, timeout=300)
 
 
-def test_prefix_round_trip_verifies_resyncs_and_uploads_multipart(s3_server, s3_profile, dataset, user, user_tmp):
+def test_prefix_round_trip_verifies_resyncs_and_uploads_multipart(s3_server, s3_profile, s3_dataset, user, user_tmp):
     env = s3_profile(user)
     result = stage(user, user_tmp, "in", "s3://berth-data/ds/:input/", env=env, extra=("--json",))
     assert result.returncode == 0, describe(result)
     summary = json.loads(result.stdout)
-    assert (summary["objects"], summary["skipped"], summary["failed"]) == (SMALL_COUNT + 1, 0, [])
-    assert summary["bytes"] == sum((user_tmp / "input" / k).stat().st_size for k in dataset)
-    assert tree_md5s(user_tmp / "input") == dataset  # nothing else: no temporary files left
+    assert (summary["objects"], summary["skipped"], summary["failed"]) == (S3_SMALL_COUNT + 1, 0, [])
+    assert summary["bytes"] == sum((user_tmp / "input" / k).stat().st_size for k in s3_dataset)
+    assert tree_md5s(user_tmp / "input") == s3_dataset  # nothing else: no temporary files left
     owner = (user_tmp / "input" / "big.bin").stat()
     assert (owner.st_uid, owner.st_gid) == (user.uid, user.gid)
 
     # Nothing changed: everything skipped, nothing transferred.
     again = stage(user, user_tmp, "in", "s3://berth-data/ds/:input/", env=env, extra=("--json",))
     resync = json.loads(again.stdout)
-    assert (resync["skipped"], resync["bytes"]) == (SMALL_COUNT + 1, 0), describe(again)
+    assert (resync["skipped"], resync["bytes"]) == (S3_SMALL_COUNT + 1, 0), describe(again)
     # A changed local file of the same size is found by its checksum and fetched again.
     victim = user_tmp / "input" / "big.bin"
     with open(victim, "r+b") as handle:
@@ -81,14 +48,14 @@ def test_prefix_round_trip_verifies_resyncs_and_uploads_multipart(s3_server, s3_
         handle.write(b"X")
     os.utime(victim, (1, 1))
     third = json.loads(stage(user, user_tmp, "in", "s3://berth-data/ds/:input/", env=env, extra=("--json",)).stdout)
-    assert (third["skipped"], third["bytes"]) == (SMALL_COUNT, BIG_BYTES)
-    assert md5(victim.read_bytes()) == dataset["big.bin"]
+    assert (third["skipped"], third["bytes"]) == (S3_SMALL_COUNT, S3_BIG_BYTES)
+    assert md5(victim.read_bytes()) == s3_dataset["big.bin"]
 
     # One object to a file name, and into a directory.
     single = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:one.bin",
                    "s3://berth-data/ds/nested/level0/deeper0/small-0000.bin:dir/", env=env)
     assert single.returncode == 0, describe(single)
-    assert md5((user_tmp / "one.bin").read_bytes()) == dataset["big.bin"]
+    assert md5((user_tmp / "one.bin").read_bytes()) == s3_dataset["big.bin"]
     assert (user_tmp / "dir" / "small-0000.bin").exists()
 
     # Out again under a new prefix: the service holds the same bytes (multipart ETag for big.bin).
@@ -99,17 +66,17 @@ def test_prefix_round_trip_verifies_resyncs_and_uploads_multipart(s3_server, s3_
     client = s3_server.client()
     stored = {o["Key"]: o for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
               for o in page.get("Contents", ())}
-    assert set(stored) == {f"run1/{k}" for k in dataset} | {"exact.bin"}
+    assert set(stored) == {f"run1/{k}" for k in s3_dataset} | {"exact.bin"}
     assert stored["run1/big.bin"]["ETag"].strip('"').endswith("-3")  # multipart, 8 MiB parts
     for key in ("big.bin", "nested/level1/deeper1/small-0001.bin"):
         body = client.get_object(Bucket=bucket, Key=f"run1/{key}")["Body"].read()
-        assert md5(body) == dataset[key]
+        assert md5(body) == s3_dataset[key]
 
     # Globs keep paths below their fixed part; a host directory as DEST.
     glob_out = stage(user, user_tmp, "out", "input/nested/**/small-000*.bin:kept/", env=env)
     assert glob_out.returncode == 0, describe(glob_out)
     kept = sorted(str(p.relative_to(user_tmp / "kept")) for p in (user_tmp / "kept").rglob("*.bin"))
-    assert kept == sorted(k.removeprefix("nested/") for k in dataset if "small-000" in k)
+    assert kept == sorted(k.removeprefix("nested/") for k in s3_dataset if "small-000" in k)
 
 
 def test_https_and_host_sources(s3_server, s3_profile, user, user_tmp):
@@ -129,7 +96,7 @@ def test_https_and_host_sources(s3_server, s3_profile, user, user_tmp):
     assert "X-Amz-Signature" not in result.stdout + result.stderr
 
 
-def test_failures_are_clear_and_leave_nothing_half_written(s3_server, s3_profile, dataset, user, user_tmp):
+def test_failures_are_clear_and_leave_nothing_half_written(s3_server, s3_profile, s3_dataset, user, user_tmp):
     env = s3_profile(user)
     cases = [
         (("in", "s3://berth-data/ds/big.bin"), 2, "--stage-in 's3://berth-data/ds/big.bin': no ':DEST'"),
@@ -157,41 +124,17 @@ def test_failures_are_clear_and_leave_nothing_half_written(s3_server, s3_profile
         describe(result)
 
 
-def test_stalled_endpoint_times_out(s3_profile, user, user_tmp):
+def test_stalled_endpoint_times_out(s3_profile, stalled_endpoint, user, user_tmp):
     """A server that accepts connections and never answers: an error after timeout_s, not a hang."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    held = []
-    stop = threading.Event()
-
-    def accept():
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        env = s3_profile(user, endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=1)
-        started = time.monotonic()
-        result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=env)
-        elapsed = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()
+    env = s3_profile(user, endpoint=stalled_endpoint, timeout_s=1)
+    started = time.monotonic()
+    result = stage(user, user_tmp, "in", "s3://berth-data/ds/big.bin:x", env=env)
     assert result.returncode == 10 and "stopped answering" in result.stderr, describe(result)
-    assert elapsed < 60
+    assert time.monotonic() - started < 60
     assert not (user_tmp / "x").exists()
 
 
-def test_disk_full_removes_the_partial_download(s3_server, s3_profile, dataset, user, user_tmp):
+def test_disk_full_removes_the_partial_download(s3_server, s3_profile, s3_dataset, user, user_tmp):
     small = user_tmp / "small-disk"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=4m,uid={user.uid},gid={user.gid},mode=0755",
@@ -239,7 +182,7 @@ def test_profile_files_must_be_private_and_ours(s3_server, s3_profile, user, oth
     assert theirs.returncode == 78 and s3_server.user_keys.secret_key not in theirs.stdout + theirs.stderr
 
 
-def test_aws_files_and_environment(s3_server, dataset, user, user_tmp):
+def test_aws_files_and_environment(s3_server, s3_dataset, user, user_tmp):
     home = user_tmp / "home"
     (home / ".aws").mkdir(parents=True)
     keys = s3_server.user_keys
@@ -264,7 +207,7 @@ def test_aws_files_and_environment(s3_server, dataset, user, user_tmp):
     assert (user_tmp / "env.bin").read_bytes() == (user_tmp / "aws.bin").read_bytes()
 
 
-def test_credentials_never_on_a_command_line(s3_server, s3_profile, dataset, user, user_tmp):
+def test_credentials_never_on_a_command_line(s3_server, s3_profile, s3_dataset, user, user_tmp):
     """Scan every process's argv while a transfer runs (and its output afterwards)."""
     env = s3_profile(user, max_concurrency=2)
     secret = s3_server.user_keys.secret_key.encode()

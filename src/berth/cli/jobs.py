@@ -33,7 +33,8 @@ def register(sub) -> None:
         if spec.flag:
             p.add_argument(*spec.names, dest=spec.key, action="store_true", default=None, help=spec.help)
         else:
-            p.add_argument(*spec.names, dest=spec.key, metavar=spec.metavar, default=None, help=spec.help)
+            p.add_argument(*spec.names, dest=spec.key, metavar=spec.metavar, default=None, help=spec.help,
+                           action="append" if spec.repeat else "store")
     p.add_argument("--json", action="store_true", help="print the submitted job as JSON")
     p.add_argument("script", metavar="SCRIPT", help="the job script (first line #!INTERPRETER)")
     p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER, help="arguments for the script")

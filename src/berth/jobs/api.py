@@ -170,6 +170,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
                          "(or a #BERTH --template line in the script)",
                          hint="`berth template list` shows the site's templates")
     _check_image(settings, image, template)
+    staging = _staging_request(settings, values)
 
     backend = get_backend(settings, backend_name)
     record = create_record(settings)
@@ -188,7 +189,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
             script_source=str(script_path), args=tuple(request.args), workdir=workdir, image=image,
             template=template.name if template else None, resources=resources, output=output, error=error,
             boot_timeout_s=boot_s, stop_timeout_s=stop_s, custom=custom, user=getpass.getuser(),
-            submitted_at=time.time(),
+            submitted_at=time.time(), **staging,
         )
         _check_container_options(settings, spec, record)
         notes = list(backend.check(spec))
@@ -205,6 +206,35 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
         remove_record(record)
         raise
     return Submitted(spec, native_id, tuple(notes))
+
+
+STAGE_OUT_WHEN = ("always", "success")
+
+
+def _staging_request(settings: Settings, values: dict) -> dict:
+    """The JobSpec's staging fields from the options. SRC:DEST items are parsed now and the S3
+    profile resolved now (unknown name, unreadable or non-private file: refused before anything
+    is submitted); only the profile's name is recorded, the node resolves it again."""
+    from berth.staging.locations import S3Location, parse_transfers
+
+    stage_in = tuple(values.get("stage_in") or ())
+    stage_out = tuple(values.get("stage_out") or ())
+    transfers = parse_transfers(stage_in, "in") + parse_transfers(stage_out, "out")
+    when = values.get("stage_out_when") or "always"
+    if when not in STAGE_OUT_WHEN:
+        raise UsageError(f"--stage-out-when '{when}': use always or success",
+                         hint="always (default) keeps failed jobs' logs and checkpoints too")
+    in_container = bool(values.get("s3_credentials_in_container"))
+    uses_s3 = any(isinstance(loc, S3Location) for t in transfers for loc in (t.source, t.destination))
+    if uses_s3 or in_container:
+        from berth.staging.profiles import resolve_profile
+
+        profile = resolve_profile(values.get("s3_profile"), settings=settings)
+        if in_container and profile.anonymous:
+            raise UsageError(f"--s3-credentials-in-container: S3 profile '{profile.name}' has no keys to give",
+                             hint="set access_key and secret_key in the profile (docs/staging.md)")
+    return {"stage_in": stage_in, "stage_out": stage_out, "stage_out_when": when,
+            "s3_profile": values.get("s3_profile"), "s3_credentials_in_container": in_container}
 
 
 def _default_name(script: Path) -> str:

@@ -33,6 +33,8 @@ PHASE_SCHEDULER = "scheduler"  # the scheduler failed the job before berth's run
 PHASE_STAGING = "staging"  # finding or pulling the image
 PHASE_BOOT = "boot"  # starting the container (boot_timeout bounds staging + boot)
 PHASE_SCRIPT = "script"  # the script ran and exited non-zero or was killed
+PHASE_STAGE_IN = "stage-in"  # --stage-in data could not be brought in (the container never started)
+PHASE_STAGE_OUT = "stage-out"  # --stage-out results did not all arrive
 
 #: Defaults for jobs that name an image instead of a template (templates set their own).
 DEFAULT_BOOT_TIMEOUT_S = 300
@@ -87,11 +89,19 @@ class JobSpec:
     custom: str = ""
     user: str = ""
     submitted_at: float = 0.0
+    #: Data staging (docs/staging.md): SRC:DEST items as typed, when stage-out runs, the S3
+    #: profile's *name* (never its keys), and whether the container gets the keys as a file.
+    stage_in: tuple[str, ...] = ()
+    stage_out: tuple[str, ...] = ()
+    stage_out_when: str = "always"
+    s3_profile: str | None = None
+    s3_credentials_in_container: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["args"] = list(self.args)
+        data["stage_in"], data["stage_out"] = list(self.stage_in), list(self.stage_out)
         return data
 
     @classmethod
@@ -99,6 +109,8 @@ class JobSpec:
         values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
         values["resources"] = Resources.from_dict(data.get("resources") or {})
         values["args"] = tuple(data.get("args") or ())
+        values["stage_in"] = tuple(data.get("stage_in") or ())
+        values["stage_out"] = tuple(data.get("stage_out") or ())
         return cls(**values)
 
 

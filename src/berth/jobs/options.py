@@ -36,6 +36,8 @@ class OptionSpec:
     names: tuple[str, ...]
     metavar: str | None
     help: str
+    #: May be given several times (values collect in a list, in order).
+    repeat: bool = False
 
     @property
     def flag(self) -> bool:
@@ -59,6 +61,16 @@ SUBMIT_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("error", ("-e", "--error"), "PATH", "stderr file (default: with stdout)"),
     OptionSpec("partition", ("-p", "--partition"), "NAME", "scheduler partition / queue"),
     OptionSpec("exclusive", ("--exclusive",), None, "whole nodes for this job"),
+    # Data staging (docs/staging.md).
+    OptionSpec("stage_in", ("--stage-in",), "SRC:DEST", "copy s3://, https:// or host data into the job's "
+               "directory before the container starts (repeatable)", repeat=True),
+    OptionSpec("stage_out", ("--stage-out",), "SRC:DEST", "copy the job's files (path or glob) to s3:// or a host "
+               "directory after the container exits (repeatable)", repeat=True),
+    OptionSpec("stage_out_when", ("--stage-out-when",), "always|success", "stage out after any end of the "
+               "script (default) or only after success"),
+    OptionSpec("s3_profile", ("--s3-profile",), "NAME", "S3 profile for staging (default: 'default')"),
+    OptionSpec("s3_credentials_in_container", ("--s3-credentials-in-container",), None,
+               "give the container the profile's keys as a 0600 AWS credentials file"),
 )
 
 _BY_NAME = {name: spec for spec in SUBMIT_OPTIONS for name in spec.names}
@@ -97,7 +109,10 @@ def parse_option_words(words: list[str], *, where: str) -> dict[str, str | bool]
                 raise UsageError(f"{where}: option {name} needs a value ({spec.metavar})")
             value = words[index]
             index += 1
-        values[spec.key] = value
+        if spec.repeat:
+            values.setdefault(spec.key, []).append(value)  # type: ignore[union-attr]
+        else:
+            values[spec.key] = value
     return values
 
 

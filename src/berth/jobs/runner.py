@@ -131,11 +131,71 @@ def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_r
     from berth.runtime.container import run_container
 
     options = build_run_options(settings, spec, record, limit_resources=limit_resources)
+    if spec.s3_credentials_in_container:
+        options = dataclasses.replace(options, env=(*options.env, *container_credentials(settings, spec, record)))
     image = get_image(settings, spec.image, pull_missing=True)
     report("staged", image=str(image.digest))
     script = str(container_view(record) / record.script.relative_to(record.container_dir))
     command = ["/bin/sh", "-c", WRAPPER, "berth-job", script, *spec.args]
     return run_container(settings, image, command, options)
+
+
+def credential_files(record: JobRecord) -> tuple[Path, Path]:
+    """``--s3-credentials-in-container``: the AWS credentials and config files, in the part of
+    the record the container sees (the record directory is 0700: no other user reaches them)."""
+    return record.container_dir / "s3-credentials", record.container_dir / "s3-config"
+
+
+def container_credentials(settings, spec: JobSpec, record: JobRecord) -> list[str]:
+    """Write the job's S3 profile as 0600 AWS files for the container (only on request) and
+    return the variables that point the AWS tools at them. The keys go into the file, never
+    into the environment."""
+    from berth.jobs.records import atomic_write
+    from berth.staging.profiles import credentials_file_text, resolve_profile
+
+    profile = resolve_profile(spec.s3_profile, settings=settings)
+    credentials, config = credential_files(record)
+    atomic_write(credentials, credentials_file_text(profile), mode=0o600)
+    lines = ["[default]", f"region = {profile.region}"]
+    if profile.endpoint:
+        lines.append(f"endpoint_url = {profile.endpoint}")
+    if profile.addressing_style != "auto":
+        lines += ["s3 =", f"    addressing_style = {profile.addressing_style}"]
+    atomic_write(config, "\n".join(lines) + "\n", mode=0o600)
+    view = container_view(record)
+    env = [f"AWS_SHARED_CREDENTIALS_FILE={view / credentials.name}", f"AWS_CONFIG_FILE={view / config.name}",
+           f"AWS_DEFAULT_REGION={profile.region}"]
+    if profile.endpoint:
+        env.append(f"AWS_ENDPOINT_URL={profile.endpoint}")
+    return env
+
+
+def run_staging(settings, spec: JobSpec, direction: str) -> int:
+    """Stage-in or stage-out of a job, on this node; the summary (or what arrived before a
+    failure) goes to the job's output. Raises BerthError; returns 0."""
+    from berth.staging.locations import parse_transfers
+    from berth.staging.profiles import resolve_profile
+    from berth.staging.transfer import stage_in, stage_out
+
+    items = spec.stage_in if direction == "in" else spec.stage_out
+    transfers = parse_transfers(items, direction)
+    profile = resolve_profile(spec.s3_profile, settings=settings)
+    notes: list[str] = []
+    run = stage_in if direction == "in" else stage_out
+    try:
+        summary = run(transfers, profile, spec.workdir, notes=notes)
+    except BerthError as error:
+        partial = getattr(error, "summary", None)
+        _log([*notes, *(partial.lines() if partial is not None else [])])
+        raise
+    _log([*notes, *summary.lines()])
+    return 0
+
+
+def _log(lines: list[str]) -> None:
+    """Lines for the job's output file (the runner's stdout), unbuffered: the runner forks."""
+    if lines:
+        os.write(1, "".join(f"berth: {line}\n" for line in lines).encode())
 
 
 def _descendants(root_pid: int) -> list[int]:
@@ -195,11 +255,16 @@ class Supervisor:
         self.node = node
         self._signalled: int | None = None
         self.started_at = time.time()
+        #: The job's time limit counts from here: stage-in, container and script together.
+        self._start_monotonic = time.monotonic()
+        #: While a stage-out is still to run, the script's end is not the job's final state.
+        self._hold_final = False
 
     # -- state -----------------------------------------------------------------------------
     def _write(self, state: str, **fields) -> JobResult:
         result = JobResult(state, started_at=self.started_at, node=self.node, **fields)
-        self.record.write_result(result)
+        if not (self._hold_final and result.final):
+            self.record.write_result(result)
         return result
 
     def _on_signal(self, signum, _frame) -> None:
@@ -215,36 +280,142 @@ class Supervisor:
         self.record.started_file.unlink(missing_ok=True)  # a requeued Slurm job runs again
         self._write(model.STAGING)
         install_shims(record_bin(self.record), record_agent(self.record))
+        if spec.stage_in:
+            outcome, error = self._stage_phase("in")
+            if outcome != "ok":
+                return self._stage_in_result(outcome, error)
+        self._hold_final = bool(spec.stage_out)
         events_read, events_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: stage and run, report on the pipe, exit with the status
-            os.close(events_read)
-            self._child(events_write)
-        os.close(events_write)
+        pid = self._fork(events_read, events_write, self._run_script)
         host_env = {**os.environ, **host_step_environment(spec, self.record)}
         agent = StepAgent(record_agent(self.record), host_env, spec.workdir)
         agent.start()
         try:
-            return self._supervise(pid, events_read)
+            result = self._supervise(pid, events_read)
         finally:
             agent.stop()
             for step in agent.child_pids():
                 signal_tree(step, signal.SIGKILL)
             os.close(events_read)
+            for path in credential_files(self.record):
+                path.unlink(missing_ok=True)
+        if spec.stage_out:
+            self._hold_final = False
+            result = self._stage_out_after(result)
+        return result
 
-    def _child(self, events_write: int) -> None:
+    # -- data staging (docs/staging.md) -----------------------------------------------------
+    def _stage_phase(self, direction: str) -> tuple[str, dict | None]:
+        """Run stage-in or stage-out in a child process, stoppable by a cancel (and, for
+        stage-in, by the time limit). Returns ("ok" | "failed" | "cancelled" | "timeout", error)."""
+        events_read, events_write = os.pipe()
+        pid = self._fork(events_read, events_write,
+                         lambda report: run_staging(self.settings, self.spec, direction))
+        limit = self.spec.resources.time_limit_s
+        deadline = self._start_monotonic + limit if (limit and self.enforce_time_limit and direction == "in") \
+            else None
+        error: dict | None = None
+        buffer = b""
+        stopping: tuple[str, float] | None = None
+        try:
+            while True:
+                done, raw = os.waitpid(pid, os.WNOHANG)
+                readable, _, _ = select.select([events_read], [], [], 0 if done == pid else POLL_S)
+                if events_read in readable:
+                    buffer += os.read(events_read, 65536)
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        event = json.loads(line)
+                        if event["event"] == "error":
+                            error = event
+                if done == pid:
+                    break
+                now = time.monotonic()
+                if stopping is None:
+                    final = None
+                    if self._signalled is not None:
+                        final = self._state_after_signal(now - self._start_monotonic)
+                    elif deadline is not None and now > deadline:
+                        final = model.TIMEOUT
+                    if final is not None:
+                        signal_tree(pid, signal.SIGTERM)
+                        stopping = (final, now + TEARDOWN_GRACE_S)
+                elif now > stopping[1]:
+                    signal_tree(pid, signal.SIGKILL)
+                    stopping = (stopping[0], float("inf"))
+        finally:
+            os.close(events_read)
+        if stopping is not None:
+            return stopping[0], error
+        status = proc.wait_status(raw)
+        if status == 0:
+            return "ok", None
+        return "failed", error or {"message": f"the stage-{direction} process ended with "
+                                              f"{proc.describe_shell_status(status)}"}
+
+    def _stage_in_result(self, outcome: str, error: dict | None) -> JobResult:
+        times = {"ended_at": time.time()}
+        if outcome == "failed":
+            return self._write(model.FAILED, phase=model.PHASE_STAGE_IN, message=_message(error), **times)
+        word = {"timeout": "the time limit was reached during stage-in",
+                "cancelled": "the job was cancelled during stage-in"}[outcome]
+        return self._write(outcome, message=word, **times)
+
+    def _stage_out_after(self, result: JobResult) -> JobResult:
+        """Stage-out once the container is gone: after any end of a script that started
+        (``--stage-out-when always``) or after success only; never when the script never
+        started (cancelled, or failed before). A failure makes a completed job
+        ``failed (stage-out)``; a job that failed already keeps its state and gains the reason."""
+        spec = self.spec
+        started = self.record.started_file.exists()
+        if not started or (spec.stage_out_when == "success" and result.state != model.COMPLETED):
+            self.record.write_result(result)
+            return result
+        # The signal that stopped the script (cancel, time limit) must not stop its stage-out:
+        # only a new one does.
+        self._signalled = None
+        self.record.write_result(dataclasses.replace(result, state=model.STAGING, phase=model.PHASE_STAGE_OUT,
+                                                     ended_at=None))
+        outcome, error = self._stage_phase("out")
+        final = result
+        if outcome != "ok":
+            problem = _message(error) if outcome == "failed" else f"stage-out was stopped ({outcome})"
+            if result.state == model.COMPLETED:
+                final = dataclasses.replace(result, state=model.FAILED if outcome == "failed" else outcome,
+                                            phase=model.PHASE_STAGE_OUT, exit_code=None, message=problem)
+            else:
+                final = dataclasses.replace(result, message=f"{result.message}; {problem}")
+        final = dataclasses.replace(final, ended_at=time.time())
+        self.record.write_result(final)
+        return final
+
+    # -- children ------------------------------------------------------------------------------
+    def _fork(self, events_read: int, events_write: int, body) -> int:
+        """Fork a child that runs ``body(report)`` and exits with its status (125 on a
+        BerthError, which it reports on the pipe). Returns the child's pid."""
+        pid = os.fork()
+        if pid == 0:
+            os.close(events_read)
+            self._child(events_write, body)
+        os.close(events_write)
+        return pid
+
+    def _run_script(self, report) -> int:
+        return stage_and_run(self.settings, self.spec, self.record, report, limit_resources=self.limit_resources)
+
+    def _child(self, events_write: int, body) -> None:
         status = 125
         try:
             # A stop before the runtime starts must still unwind run_container's clean-up
-            # (FUSE mounts): raise, so that its finally blocks run. While the runtime runs,
-            # run_container forwards the signal and applies stop_timeout.
+            # (FUSE mounts), and a stopped transfer must remove its partial file: raise, so
+            # that finally blocks run. While the runtime runs, run_container forwards the
+            # signal and applies stop_timeout.
             proc.raise_on_stop(replace_installed=True)
 
             def report(event: str, **data) -> None:
                 os.write(events_write, (json.dumps({"event": event, **data}) + "\n").encode())
 
-            status = stage_and_run(self.settings, self.spec, self.record, report,
-                                   limit_resources=self.limit_resources)
+            status = body(report)
         except proc.StopRequested as stopped:
             status = proc.signal_status(stopped.signum)
         except BerthError as error:
@@ -270,7 +441,7 @@ class Supervisor:
         start = time.monotonic()
         boot_deadline = start + float(spec.boot_timeout_s)
         limit = spec.resources.time_limit_s
-        time_deadline = start + limit if (limit and self.enforce_time_limit) else None
+        time_deadline = self._start_monotonic + limit if (limit and self.enforce_time_limit) else None
         phase = model.PHASE_STAGING
         running = False
         error: dict | None = None
@@ -298,7 +469,7 @@ class Supervisor:
             if stopping is None:
                 final = None
                 if self._signalled is not None:
-                    final = self._state_after_signal(now - start)
+                    final = self._state_after_signal(now - self._start_monotonic)
                 elif not running and now > boot_deadline:
                     error = {"message": f"boot_timeout of {spec.boot_timeout_s:g} s expired while "
                              + ("staging the image" if phase == model.PHASE_STAGING else "starting the container"),
@@ -324,10 +495,7 @@ class Supervisor:
             word = {"timeout": "the time limit was reached", "cancelled": "the job was cancelled"}[stopping[0]]
             return self._write(stopping[0], exit_code=code, signal=sig, message=word, **times)
         if error is not None and (boot_timeout or not running):
-            message = error["message"]
-            if error.get("hint"):
-                message += f" ({error['hint']})"
-            return self._write(model.FAILED, phase=error.get("phase", phase), message=message, **times)
+            return self._write(model.FAILED, phase=error.get("phase", phase), message=_message(error), **times)
         if not running:
             return self._write(model.FAILED, phase=phase, exit_code=None,
                                message=f"the container did not start ({proc.describe_shell_status(status)})", **times)
@@ -342,3 +510,13 @@ class Supervisor:
         if limit and elapsed_s >= limit - TIME_LIMIT_SLACK_S:
             return model.TIMEOUT
         return model.CANCELLED
+
+
+def _message(error: dict | None) -> str:
+    """An error event from a child as one line: message, then the hint in parentheses."""
+    if not error:
+        return "unknown error"
+    message = error.get("message") or "unknown error"
+    if error.get("hint"):
+        message += f" ({error['hint']})"
+    return message
