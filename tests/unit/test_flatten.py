@@ -359,6 +359,19 @@ def test_failure_removes_the_output(tmp_path):
     assert not output.exists()
 
 
+def test_tar2sqfs_write_error_is_a_full_store_not_a_flattener_bug(tmp_path):
+    """tar2sqfs says "I/O error" when its output cannot be written and removes the output
+    before exiting, so the free space looks fine afterwards (issue 8, disk-full scenario)."""
+    from berth.errors import StoreError
+    from berth.image.squashfs import SquashfsWriter
+
+    writer = SquashfsWriter.__new__(SquashfsWriter)
+    writer.output = tmp_path / "image.sqfs"
+    error = writer._failure(1, "data/big.bin: I/O error.")
+    assert isinstance(error, StoreError) and "no space left" in error.message
+    assert "prune" in error.hint
+
+
 # --- inputs and options -----------------------------------------------------------------------------
 
 def test_compression_is_detected_from_magic_bytes_not_media_type(tmp_path):

@@ -95,8 +95,13 @@ class SquashfsWriter:
             free_bytes = stats.f_bavail * stats.f_frsize
         except OSError:
             free_bytes = None
-        if "No space left" in tail or (free_bytes is not None and free_bytes < LOW_SPACE_BYTES):
-            return StoreError(f"no space left in {self.output.parent} for the squashfs image ({what})",
+        # tar2sqfs reports a failed write of its output as "I/O error" and removes the output
+        # before exiting, so the space is free again by now: that message alone says the disk
+        # (or quota) ran out. Found by the disk-full scenario of issue 8.
+        if "No space left" in tail or "I/O error" in tail or (
+                free_bytes is not None and free_bytes < LOW_SPACE_BYTES):
+            return StoreError(f"no space left (or a write error) in {self.output.parent} for the "
+                              f"squashfs image ({what})",
                               hint="free space (berth prune removes unused images and layers) or ask "
                               "your site administrator for a larger store")
         if free_bytes is None or "Permission denied" in tail:
