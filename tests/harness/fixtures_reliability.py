@@ -59,7 +59,7 @@ class ScenarioResult:
         self.trials += 1
         self.outcomes[kind] += 1
         if kind in ("unclean", "corrupt") and len(self.failures) < 20:
-            self.failures.append(detail[:2000])
+            self.failures.append(detail[:6000])
 
     @property
     def bad(self) -> int:
