@@ -310,3 +310,35 @@ def test_site_configuration_marks_registries_insecure_and_restricts_them(stores,
     assert refused.returncode == 77, describe(refused)
     assert f"does not allow images from registry '{host}'" in refused.stderr
     assert "trusted_registries" in refused.stderr
+
+
+def test_an_image_config_nested_100000_deep_is_refused_without_a_traceback(stores, registry, tmp_path):
+    """Issue 12 #5: an image config of 100,000 nested arrays made `berth pull` die with a
+    RecursionError traceback; it is image content refused now, naming the document, and nothing
+    of the image stays in the store."""
+    import hashlib
+
+    from tests.harness.images import push_blob, push_manifest
+    from tests.harness.registry import auth_headers
+
+    name = "test/deep-config"
+    config = b"[" * 100_000 + b"]" * 100_000
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    (tmp_path / "config").write_bytes(config)
+    headers = auth_headers(registry, f"repository:{name}:pull,push")
+    push_blob(registry, name, config_digest, tmp_path / "config", headers)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config)},
+        "layers": [],
+    }).encode()
+    push_manifest(registry, name, "1", manifest, "application/vnd.oci.image.manifest.v1+json", headers)
+    reference = f"{registry.host}/{name}:1"
+    result = stores.berth("pull", "--insecure", reference)
+    assert result.returncode == 7, describe(result)
+    assert "Traceback" not in result.stderr and "RecursionError" not in result.stderr, describe(result)
+    assert (f"error: image content refused: the image config of {reference} is nested more than 64 levels deep"
+            in result.stderr), describe(result)
+    assert "hint: the registry serves a malformed image" in result.stderr, describe(result)
+    assert stores.index() == {}

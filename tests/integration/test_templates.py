@@ -60,6 +60,17 @@ def test_user_file_cannot_override_what_the_site_forces(site_config, user):
     assert f"{user_file}:1: policy: only the site configuration may set policy" in result.stderr
 
 
+def test_a_user_file_nested_2000_deep_is_a_config_error_not_a_traceback(site_config, user):
+    """Issue 12 #5: arrays nested 2,000 deep in the user's own file gave a RecursionError
+    traceback on every command."""
+    user_file = site_config.write_user_file("pinned = " + "[" * 2000 + "]" * 2000 + "\n")
+    for argv in (["config", "show"], ["images"], ["jobs"]):
+        result = user.berth(*argv, env=site_config.env)
+        assert result.returncode == 78, describe(result)
+        assert f"error: {user_file}: values nested more than 64 levels deep" in result.stderr, describe(result)
+        assert "Traceback" not in result.stderr, describe(result)
+
+
 def test_unreadable_site_file_is_an_error_not_a_silent_default(site_config, user):
     site_file = site_config.write('runtime = "runc"\n')
     site_file.chmod(0o600)

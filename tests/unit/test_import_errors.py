@@ -27,7 +27,7 @@ def test_a_broken_index_names_the_entry_and_the_source(tmp_path):
     layout = _layout(tmp_path, b"{not json")
     with pytest.raises(ImageError) as caught:
         import_image(_settings(tmp_path), str(layout), "x:1")
-    assert caught.value.message.startswith("index.json is not JSON")
+    assert caught.value.message.startswith("index.json is not valid JSON")
     assert caught.value.hint == (f"the import source {layout} is malformed or incomplete: "
                                  "whoever produced it must export or save the image again")
 

@@ -47,7 +47,8 @@ def test_an_index_that_is_not_json_names_it_and_says_who_acts(monkeypatch, setti
     client = OneManifestClient({"1": _manifest(b'{"manifests": [', mediatypes.OCI_INDEX)})
     with pytest.raises(ImageError) as caught:
         _pull_with(monkeypatch, settings, client)
-    assert caught.value.message.startswith("the image index of example.org/team/app:1 is not JSON: ")
+    assert caught.value.message.startswith(
+        "image content refused: the image index of example.org/team/app:1 is not valid JSON: ")
     assert caught.value.hint == HINT
     assert client.closed
 

@@ -90,10 +90,16 @@ class KeyLines:
         return None
 
 
+#: Largest configuration or template file read (a site file is a few KiB).
+MAX_TOML_BYTES = 4 << 20
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any], KeyLines] | None:
-    """Parse ``path``; None when it does not exist. Raises ConfigError (unreadable, bad syntax)."""
+    """Parse ``path``; None when it does not exist. Raises ConfigError (unreadable, bad syntax,
+    larger than MAX_TOML_BYTES or nested deeper than berth.untrusted.MAX_DEPTH: issue 12 #5)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TOML_BYTES + 1)
     except FileNotFoundError:
         return None
     except PermissionError:
@@ -104,6 +110,9 @@ def read_toml(path: Path) -> tuple[dict[str, Any], KeyLines] | None:
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"configuration file {path} is a directory") from None
+    if len(data) > MAX_TOML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_TOML_BYTES >> 20} MiB, more than berth reads",
+                          hint="configuration files are small: fix or remove the file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -111,12 +120,19 @@ def read_toml(path: Path) -> tuple[dict[str, Any], KeyLines] | None:
                           hint="TOML files must be UTF-8") from None
     import tomllib  # only when a file exists: most nodes have none, and berth run's start-up counts
 
+    from berth.untrusted import MAX_DEPTH, nesting_exceeds
+
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message ends with "(at line L, column C)"; keep it as the position.
         raise ConfigError(f"{path}: invalid TOML: {exc}",
                           hint="see https://toml.io for the syntax; strings need double quotes") from None
+    except RecursionError:  # tomllib recurses once or twice per level of arrays and inline tables
+        document = None
+    if document is None or nesting_exceeds(document, MAX_DEPTH):
+        raise ConfigError(f"{path}: values nested more than {MAX_DEPTH} levels deep",
+                          hint="berth's configuration nests a few levels: fix or remove the file")
     return document, KeyLines(text)
 
 

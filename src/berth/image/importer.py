@@ -33,6 +33,7 @@ from berth.image.tarstream import sniff_compression
 from berth.oci import mediatypes
 from berth.oci.digest import Digest, new_hasher
 from berth.store.store import Store
+from berth.untrusted import parse_json
 
 if TYPE_CHECKING:
     from berth.config.settings import Settings
@@ -140,10 +141,7 @@ def _read_json(files, name: str):
         data = handle.read(_MAX_JSON_BYTES + 1)
     if len(data) > _MAX_JSON_BYTES:
         raise ImageError(f"{name} is larger than {_MAX_JSON_BYTES} bytes")
-    try:
-        return json.loads(data), data
-    except ValueError as exc:
-        raise ImageError(f"{name} is not JSON: {exc}") from None
+    return parse_json(data, what=name, error=ImageError, max_bytes=_MAX_JSON_BYTES), data
 
 
 def _blob_name(digest: Digest) -> str:
@@ -160,7 +158,7 @@ def _import_oci(store: Store, settings, files, reference, key: str, wanted,
     descriptor = parse_descriptor(chosen, "the OCI layout's index.json")
     manifest_bytes = _load_small_blob(store, files, descriptor)
     if descriptor.media_type in mediatypes.INDEXES:
-        nested = json.loads(manifest_bytes)
+        nested = parse_json(manifest_bytes, what="the OCI layout's image index", error=ImageError)
         descriptor = select_platform(nested, wanted, "the OCI layout's image index")
         manifest_bytes = _load_small_blob(store, files, descriptor)
     return _install_from(store, settings, files, manifest_bytes, descriptor.digest, key,
@@ -212,7 +210,8 @@ def _install_from(store: Store, settings, files, manifest_bytes: bytes, manifest
         store, manifest_digest, manifest_bytes=manifest_bytes, config_bytes=config_bytes,
         layers=layers, reference_key=key, compression=settings.squashfs_compression,
         meta={"source": what, "repository": key, "index_digest": None, "platform": None,
-              "media_type": json.loads(manifest_bytes).get("mediaType") or mediatypes.OCI_MANIFEST,
+              "media_type": parse_json(manifest_bytes, what=f"the manifest of {what}", error=ImageError)
+              .get("mediaType") or mediatypes.OCI_MANIFEST,
               "imported_from": source_kind},
         progress=progress,
     )
@@ -224,7 +223,7 @@ def _docker_manifest(archive: tarfile.TarFile, names: dict) -> list | None:
     if handle is None:
         return None
     try:
-        data = json.loads(handle.read(_MAX_JSON_BYTES))
+        data = parse_json(handle.read(_MAX_JSON_BYTES + 1), what="manifest.json", max_bytes=_MAX_JSON_BYTES)
     except ValueError:
         return None
     if isinstance(data, list) and data and all(isinstance(e, dict) and "Config" in e for e in data):

@@ -7,7 +7,6 @@ index.json — so a crash at any moment leaves either nothing or tmp/ garbage.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from berth.image.progress import PullProgress, notify
 from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
 from berth.store.store import Store
+from berth.untrusted import parse_json
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,7 @@ def parse_image_manifest(data: bytes, what: str) -> tuple[dict, Descriptor, list
 
     Raises ImageError for anything but a well-formed OCI or Docker schema 2 image manifest.
     """
-    try:
-        manifest = json.loads(data)
-    except ValueError as exc:
-        raise ImageError(f"the manifest of {what} is not JSON: {exc}") from None
+    manifest = parse_json(data, what=f"image content refused: the manifest of {what}", error=ImageError)
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise ImageError(
             f"the manifest of {what} is not an OCI or Docker schema 2 image manifest",

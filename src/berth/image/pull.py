@@ -9,7 +9,6 @@ Peak memory is bounded by the chunk size times the parallel downloads, whatever 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -36,6 +35,7 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
 from berth.store.store import Store
+from berth.untrusted import parse_json
 
 if TYPE_CHECKING:
     from berth.config.settings import Settings
@@ -220,10 +220,8 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
     platform_text = None
     if manifest.media_type in mediatypes.INDEXES or _looks_like_index(manifest.data):
         index_digest = manifest.digest
-        try:
-            index = json.loads(manifest.data)
-        except ValueError as exc:
-            raise ImageError(f"the image index of {what} is not JSON: {exc}") from None
+        index = parse_json(manifest.data, what=f"image content refused: the image index of {what}",
+                           error=ImageError)
         chosen = select_platform(index, wanted, what)
         store.put_blob_bytes(index_digest, manifest.data)
         manifest = _get_manifest(client, reference, str(chosen.digest))
@@ -244,10 +242,8 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
     # The config first (small): it says the image's platform, checked before the layers come.
     _download_all(client, settings, store, reference, blobs[:1], progress, counters)
     config_bytes = store.read_blob(config_descriptor.digest)
-    try:
-        config = json.loads(config_bytes)
-    except ValueError as exc:
-        raise ImageError(f"the image config of {what} is not JSON: {exc}") from None
+    config = parse_json(config_bytes, what=f"image content refused: the image config of {what}",
+                        error=ImageError)
     if requested and index_digest is None:
         _check_single_platform(config, wanted, what)
     _download_all(client, settings, store, reference, blobs[1:], progress, counters)
@@ -285,7 +281,7 @@ def _check_single_platform(config: object, wanted: Platform, what: str) -> None:
 def _looks_like_index(data: bytes) -> bool:
     """Some registries serve indexes without a media type header: look at the body."""
     try:
-        body = json.loads(data)
+        body = parse_json(data, what="a manifest")
     except ValueError:
         return False
     return isinstance(body, dict) and isinstance(body.get("manifests"), list) and "layers" not in body

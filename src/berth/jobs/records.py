@@ -35,6 +35,7 @@ from berth.config.settings import Settings
 from berth.errors import JobError, NotFound
 from berth.fsutil import PRIVATE_FILE, ensure_private_dir, write_atomically
 from berth.jobs.model import JobResult, JobSpec
+from berth.untrusted import parse_json
 
 _MAX_ID_TRIES = 1000
 
@@ -89,7 +90,7 @@ class JobRecord:
 
     def read_spec(self) -> JobSpec:
         try:
-            return JobSpec.from_dict(json.loads(self.spec_file.read_text()))
+            return JobSpec.from_dict(parse_json(self.spec_file.read_bytes(), what="spec.json"))
         except FileNotFoundError:
             raise NotFound(f"job {self.id} has no record (its spec.json is missing)") from None
         except (ValueError, TypeError) as exc:
@@ -100,7 +101,7 @@ class JobRecord:
 
     def read_result(self) -> JobResult | None:
         try:
-            return JobResult.from_dict(json.loads(self.state_file.read_text()))
+            return JobResult.from_dict(parse_json(self.state_file.read_bytes(), what="state.json"))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError):

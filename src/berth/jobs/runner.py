@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 
 from berth import proc
-from berth.errors import BerthError
+from berth.errors import BerthError, JobError
 from berth.jobs import model
 from berth.jobs.agent import StepAgent, install_shims
 from berth.jobs.model import JobResult, JobSpec
 from berth.jobs.mpi import mpi_launcher_env
 from berth.jobs.records import JobRecord
+from berth.untrusted import parse_json
 
 #: Runs inside the container: tell the runner the script starts, give the script /dev/null as
 #: stdin (as sbatch does) and the step shims first on its PATH, then become the script.
@@ -460,7 +461,7 @@ class Supervisor:
                 buffer += chunk
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    event = json.loads(line)
+                    event = parse_json(line, what="an event of the container supervisor", error=JobError)
                     if event["event"] == "staged":
                         phase = model.PHASE_BOOT
                     elif event["event"] == "error" and not (error or {}).get("boot_timeout"):

@@ -27,6 +27,7 @@ from pathlib import Path
 from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError, UsageError
 from berth.oci.names import is_registry_host
+from berth.untrusted import parse_json
 
 #: Every name Docker Hub's registry goes by; credentials stored under any of them apply to all.
 DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -140,13 +141,8 @@ def read_auth_file(path: Path) -> dict | None:
         ) from None
     if not text.strip():
         return {}
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(
-            f"registry credentials file {path} is not valid JSON: {exc}",
-            hint="fix or remove the file (it holds {\"auths\": {\"HOST\": {\"auth\": \"BASE64\"}}})",
-        ) from None
+    data = parse_json(text, what=f"registry credentials file {path}", error=ConfigError,
+                      hint="fix or remove the file (it holds {\"auths\": {\"HOST\": {\"auth\": \"BASE64\"}}})")
     if not isinstance(data, dict):
         raise ConfigError(f"registry credentials file {path} does not hold a JSON object",
                           hint="fix or remove the file")

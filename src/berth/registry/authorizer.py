@@ -19,7 +19,6 @@ sending an unauthenticated request. Thread-safe: parallel layer downloads share 
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from berth.errors import AuthenticationError, RegistryError
 from berth.registry.auth import Credentials, normalize_host
 from berth.registry.challenge import Challenge, parse_challenges, pick_challenge
 from berth.registry.transport import Transport, error_detail
+from berth.untrusted import parse_json
 
 #: Tokens without ``expires_in`` live 60 s (token spec); renew this long before expiry.
 DEFAULT_TOKEN_LIFETIME_S = 60.0
@@ -197,7 +197,7 @@ class Authorizer:
                 hint=self.auth_hint(),
             )
         try:
-            data = json.loads(response.data[:MAX_TOKEN_RESPONSE_BYTES])
+            data = parse_json(response.data, what="the token response", max_bytes=MAX_TOKEN_RESPONSE_BYTES)
             value = data.get("token") or data.get("access_token")
         except (ValueError, AttributeError):
             data, value = {}, None

@@ -12,7 +12,6 @@ Thread-safe: one client can serve parallel blob downloads (urllib3's PoolManager
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from berth.registry.transport import (
     parse_retry_after,
     same_origin,
 )
+from berth.untrusted import parse_json
 
 #: Manifests larger than this are refused (containerd uses the same 4 MiB bound): a manifest
 #: is read into memory, so its size must be bounded.
@@ -65,10 +65,8 @@ class Manifest:
 
     def json(self) -> dict:
         """The parsed document; raises RegistryError when it is not a JSON object."""
-        try:
-            value = json.loads(self.data)
-        except ValueError as exc:
-            raise RegistryError(f"manifest {self.digest} is not valid JSON: {exc}") from None
+        value = parse_json(self.data, what=f"manifest {self.digest}", error=RegistryError,
+                           max_bytes=MAX_MANIFEST_BYTES)
         if not isinstance(value, dict):
             raise RegistryError(f"manifest {self.digest} is not a JSON object")
         return value
@@ -460,7 +458,7 @@ class RegistryClient:
         if declared in MANIFEST_TYPES:
             return declared
         try:
-            document = json.loads(data)
+            document = parse_json(data, what=what, max_bytes=MAX_MANIFEST_BYTES)
         except ValueError:
             document = None
         if isinstance(document, dict):

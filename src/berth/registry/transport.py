@@ -102,10 +102,10 @@ def _default_port(scheme: str) -> int | None:
 
 def error_detail(body: bytes) -> str:
     """A short text from a registry error body (``{"errors": [{"code", "message"}]}``)."""
-    import json
+    from berth.untrusted import parse_json
 
     try:
-        data = json.loads(body.decode("utf-8", "replace"))
+        data = parse_json(body.decode("utf-8", "replace"), what="an error body")
         messages = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
                     for e in data.get("errors", []) if isinstance(e, dict)]
         if messages:

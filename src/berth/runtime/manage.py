@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from berth import proc
 from berth.errors import RuntimeFailure
 from berth.runtime import spec, state
 from berth.runtime.options import check_env_entry
+from berth.untrusted import parse_json
 
 
 def list_running(settings) -> list[dict]:
@@ -29,7 +29,7 @@ def list_running(settings) -> list[dict]:
             result = proc.run([runtime, "--root", str(root), "state", info["id"]], check=False, timeout=10)
             if result.returncode == 0:
                 try:
-                    data = json.loads(result.stdout)
+                    data = parse_json(result.stdout, what="runc state")
                     pid, status = data.get("pid"), data.get("status", "unknown")
                 except ValueError:
                     pass

@@ -22,6 +22,7 @@ from typing import NamedTuple
 from berth import fsutil, proc
 from berth.errors import ProgramFailed, ProgramNotFound, RuntimeFailure
 from berth.runtime.spec import INIT_PATH, SpecPlan, build_config
+from berth.untrusted import parse_json
 
 RUNTIMES = ("runc", "crun")
 PROBE_FILE = "runtime-probe.json"
@@ -192,7 +193,7 @@ class _ProbeCache:
         self.entries: dict[str, dict] = {}
         self.changed = False
         try:
-            data = json.loads(self.path.read_text())
+            data = parse_json(self.path.read_bytes(), what=str(self.path))
             if data.get("format") == CACHE_FORMAT and isinstance(data.get("entries"), dict):
                 self.entries = data["entries"]
         except (OSError, ValueError, AttributeError):

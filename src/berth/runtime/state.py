@@ -34,6 +34,7 @@ from berth import fsutil, locks, proc
 from berth.config.settings import Settings, fallback_state_dir
 from berth.errors import NotFound, RuntimeFailure
 from berth.runtime.options import is_container_name
+from berth.untrusted import parse_json
 
 CONTAINERS = "containers"
 
@@ -215,9 +216,10 @@ def _try_lock(path: Path) -> int | None:
 
 def _read_info(path: Path) -> dict:
     try:
-        return json.loads((path / "info.json").read_text())
+        info = parse_json((path / "info.json").read_bytes(), what="info.json")
     except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def list_containers(state_dir: Path) -> list[dict]:

@@ -36,6 +36,7 @@ from berth.errors import BerthError, DigestMismatch, NotFound, PermissionDenied,
 from berth import fsutil, locks
 from berth.oci.digest import Digest, new_hasher
 from berth.store.layout import LAYOUT_VERSION, StoreLayout
+from berth.untrusted import parse_json
 
 USER = "user"
 SITE = "site"
@@ -318,9 +319,9 @@ class Store:
         """(manifest, config, metadata) of a stored image; StoreError if unreadable."""
         layout = self.layout
         try:
-            manifest = json.loads(layout.image_manifest(digest).read_bytes())
-            config = json.loads(layout.image_config(digest).read_bytes())
-            meta = json.loads(layout.image_meta(digest).read_bytes())
+            manifest = parse_json(layout.image_manifest(digest).read_bytes(), what="manifest.json")
+            config = parse_json(layout.image_config(digest).read_bytes(), what="config.json")
+            meta = parse_json(layout.image_meta(digest).read_bytes(), what="image.json")
         except (OSError, ValueError) as exc:
             raise StoreError(
                 f"image {digest} in the {self.kind} store at {self.root} is unreadable: {exc}",
@@ -412,7 +413,7 @@ class Store:
         """reference -> manifest digest (strings). Empty when the store has no index yet."""
         path = self.layout.index
         try:
-            data = json.loads(path.read_bytes())
+            data = parse_json(path.read_bytes(), what="index.json")
         except FileNotFoundError:
             return {}
         except PermissionError:
@@ -546,8 +547,8 @@ class Store:
         """The blobs a stored image uses: its manifest, config, layers (and its index)."""
         used = {digest}
         try:
-            manifest = json.loads(self.layout.image_manifest(digest).read_bytes())
-            meta = json.loads(self.layout.image_meta(digest).read_bytes())
+            manifest = parse_json(self.layout.image_manifest(digest).read_bytes(), what="manifest.json")
+            meta = parse_json(self.layout.image_meta(digest).read_bytes(), what="image.json")
         except (OSError, ValueError):
             return used
         descriptors = [manifest.get("config") or {}, *(manifest.get("layers") or [])]

@@ -29,7 +29,6 @@ write runs without the lock (read-only: nothing is removed) and skips young ``tm
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from berth.errors import BerthError
 from berth.oci.digest import Digest
 from berth.store.store import STALE_TMP_S, Store, _remove_tree, _unlink_quietly
+from berth.untrusted import parse_json
 
 _CHUNK_BYTES = 1 << 20
 _SQUASHFS_MAGIC = b"hsqs"
@@ -235,8 +235,8 @@ def _image_fault(store: Store, digest: Digest, report: VerifyReport, deep: bool 
     if Digest.of(manifest_bytes, digest.algorithm) != digest:
         return "manifest.json does not hash to the image's digest"
     try:
-        manifest = json.loads(manifest_bytes)
-        meta = json.loads(layout.image_meta(digest).read_bytes())
+        manifest = parse_json(manifest_bytes, what="manifest.json")
+        meta = parse_json(layout.image_meta(digest).read_bytes(), what="image.json")
         config_descriptor = manifest["config"]
         config_digest = Digest.parse(str(config_descriptor["digest"]))
     except (ValueError, KeyError, TypeError):
@@ -280,8 +280,8 @@ def _check_image_blobs(store: Store, digest: Digest, report: VerifyReport, repai
     """Every blob a good image uses must be in blobs/; the manifest and config are restored
     from the image's own verified copies, layers are left to the image layer to fetch."""
     layout = store.layout
-    manifest = json.loads(layout.image_manifest(digest).read_bytes())
-    meta = json.loads(layout.image_meta(digest).read_bytes())
+    manifest = parse_json(layout.image_manifest(digest).read_bytes(), what="manifest.json")
+    meta = parse_json(layout.image_meta(digest).read_bytes(), what="image.json")
     local = {digest: layout.image_manifest(digest)}
     config = manifest.get("config") or {}
     needed: list[tuple[Digest, int, str]] = [(digest, layout.image_manifest(digest).stat().st_size, "")]
@@ -374,7 +374,7 @@ def _repair_image(store: Store, report: VerifyReport, digest: Digest, repair: bo
     if not repair:
         return
     try:
-        meta = json.loads(store.layout.image_meta(digest).read_bytes())
+        meta = parse_json(store.layout.image_meta(digest).read_bytes(), what="image.json")
         if isinstance(meta, dict):
             report.removed_meta[str(digest)] = meta
     except (OSError, ValueError):

@@ -1,0 +1,75 @@
+"""Parsing documents that come from outside berth's control, with limits (issue 12 #5).
+
+Manifests, indexes and image configs come from registries and image archives; auth files,
+job records, the store's index and configuration files are files on disk that someone else, an
+older berth or a crash may have written. Python's parsers recurse: JSON nested 100,000 deep or
+TOML arrays nested 2,000 deep raised ``RecursionError`` and berth died with a traceback. Every
+such document is parsed here (or, for TOML, checked with :func:`check_depth` by
+``berth.config.tomlfile``), so that a limit is always a clear :class:`~berth.errors.BerthError`:
+
+- at most ``max_bytes`` bytes (default :data:`MAX_JSON_BYTES`);
+- nested at most ``max_depth`` levels (default :data:`MAX_DEPTH`: the deepest legitimate
+  document berth reads, an OCI index or a policy table, uses 5);
+- valid JSON (UTF-8, -16 or -32, as ``json.loads`` detects it), integers of at most 4300 digits.
+
+The caller names the document (``what``) and the error class that fits its layer
+(``ImageError`` for image content, ``RegistryError`` for registry answers, ``ConfigError``
+for files people edit, ``JobError`` for job records). Without one, :class:`InvalidDocument`
+(a ``ValueError``) is raised, for callers that already turn ``ValueError`` into their own
+error or that treat an unreadable document as absent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from berth.errors import BerthError
+
+#: Nesting limit for every parsed document (JSON and TOML): far above real documents, far
+#: below Python's recursion limit, so no later recursive walk (json.dumps, ==) can overflow.
+MAX_DEPTH = 64
+#: Default size limit of one JSON document (callers that know their document pass less).
+MAX_JSON_BYTES = 16 << 20
+
+
+class InvalidDocument(ValueError):
+    """A document refused by :func:`parse_json` when the caller gave no error class."""
+
+
+def parse_json(data: bytes | str, *, what: str, error: type[Exception] = InvalidDocument,
+               hint: str | None = None, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+    """The parsed JSON ``data``. Raises ``error`` with a message naming ``what`` (and ``hint``,
+    for a BerthError) when it is larger than ``max_bytes``, nested deeper than ``max_depth``
+    or not valid JSON. Never raises RecursionError."""
+    def refuse(reason: str) -> Exception:
+        message = f"{what} {reason}"
+        return error(message, hint=hint) if issubclass(error, BerthError) else error(message)
+
+    size = len(data) if isinstance(data, (bytes, bytearray)) else len(data.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise refuse(f"is {size} bytes, more than the {max_bytes} bytes berth accepts")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise refuse(f"is nested more than {max_depth} levels deep") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise refuse(f"is not valid JSON: {exc}") from None
+    if nesting_exceeds(value, max_depth):
+        raise refuse(f"is nested more than {max_depth} levels deep")
+    return value
+
+
+def nesting_exceeds(value: Any, max_depth: int = MAX_DEPTH) -> bool:
+    """True when ``value`` (dicts and lists, as JSON and TOML parsers build them) is nested
+    deeper than ``max_depth`` (a scalar is depth 0, ``[]`` depth 1). Iterative: never recurses."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
