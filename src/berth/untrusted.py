@@ -34,7 +34,14 @@ MAX_JSON_BYTES = 16 << 20
 
 
 class InvalidDocument(ValueError):
-    """A document refused by :func:`parse_json` when the caller gave no error class."""
+    """A document refused by :func:`parse_json` when the caller gave no error class.
+
+    ``reason`` is ``"size"``, ``"depth"`` or ``"syntax"``; ``detail`` is the message without
+    the document's name (a caller that reads JSON or else YAML falls back on syntax only)."""
+
+    def __init__(self, message: str, reason: str = "syntax", detail: str = "") -> None:
+        super().__init__(message)
+        self.reason, self.detail = reason, detail or message
 
 
 def parse_json(data: bytes | str, *, what: str, error: type[Exception] = InvalidDocument,
@@ -42,21 +49,25 @@ def parse_json(data: bytes | str, *, what: str, error: type[Exception] = Invalid
     """The parsed JSON ``data``. Raises ``error`` with a message naming ``what`` (and ``hint``,
     for a BerthError) when it is larger than ``max_bytes``, nested deeper than ``max_depth``
     or not valid JSON. Never raises RecursionError."""
-    def refuse(reason: str) -> Exception:
-        message = f"{what} {reason}"
-        return error(message, hint=hint) if issubclass(error, BerthError) else error(message)
+    def refuse(detail: str, reason: str) -> Exception:
+        message = f"{what} {detail}"
+        if issubclass(error, BerthError):
+            return error(message, hint=hint)
+        if issubclass(error, InvalidDocument):
+            return error(message, reason, detail)
+        return error(message)
 
     size = len(data) if isinstance(data, (bytes, bytearray)) else len(data.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        raise refuse(f"is {size} bytes, more than the {max_bytes} bytes berth accepts")
+        raise refuse(f"is {size} bytes, more than the {max_bytes} bytes berth accepts", "size")
     try:
         value = json.loads(data)
     except RecursionError:
-        raise refuse(f"is nested more than {max_depth} levels deep") from None
+        raise refuse(f"is nested more than {max_depth} levels deep", "depth") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise refuse(f"is not valid JSON: {exc}") from None
+        raise refuse(f"is not valid JSON: {exc}", "syntax") from None
     if nesting_exceeds(value, max_depth):
-        raise refuse(f"is nested more than {max_depth} levels deep")
+        raise refuse(f"is nested more than {max_depth} levels deep", "depth")
     return value
 
 

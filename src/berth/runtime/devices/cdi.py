@@ -25,7 +25,6 @@ are checked for type and otherwise left to the host node (which is bind-mounted)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from berth.errors import ConfigError, UsageError
 from berth.oci.names import is_env_name
 from berth.runtime import spec
 from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount
+from berth.untrusted import InvalidDocument, parse_json
 
 SPEC_VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.5.1", "0.6.0", "0.7.0", "0.8.0")
 MAX_SPEC_BYTES = 1 << 20
@@ -167,12 +167,12 @@ def parse_document(data: bytes, file: str) -> Any:
         # Brackets nested deeper than the limit are refused before the recursive parser sees them.
         if text.count("[") + text.count("{") > MAX_NODES:
             raise reader.error("", f"has more than {MAX_NODES} values")
-        document = json.loads(text)
-    except RecursionError:
-        raise reader.error("", f"nests deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:
-        if file.endswith(".json"):
-            raise reader.error("", f"is not valid JSON ({exc})") from None
+        document = parse_json(text, what="the spec", max_bytes=MAX_SPEC_BYTES, max_depth=MAX_DEPTH)
+    except InvalidDocument as exc:
+        if exc.reason == "depth":
+            raise reader.error("", f"nests deeper than {MAX_DEPTH} levels") from None
+        if exc.reason != "syntax" or file.endswith(".json"):
+            raise reader.error("", exc.detail) from None
         document = _load_yaml(text, reader)
     _check_shape(document, reader)
     return document
