@@ -97,7 +97,9 @@ def test_cancel_gives_stop_timeout_and_time_limit_gives_timeout(job_site, user):
     assert states[timed]["state"] == "timeout"
     assert (work / f"trap-{timed}.txt").read_text() == f"trapped {timed}\n"
     elapsed = states[timed]["ended_at"] - states[timed]["started_at"]
-    assert 3.5 < elapsed < 12, elapsed
+    # The limit was enforced, not early: at least the 4 s asked for. The upper bound only says
+    # the job was stopped at all (its loop never ends); a loaded node adds seconds of latency.
+    assert 3.5 < elapsed < 40, elapsed
     again = user.berth("cancel", cancelled, env=job_site.env)
     assert again.returncode != 0 and "already ended (cancelled)" in again.stderr
 
