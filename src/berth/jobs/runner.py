@@ -326,7 +326,7 @@ class Supervisor:
                     buffer += os.read(events_read, 65536)
                     while b"\n" in buffer:
                         line, buffer = buffer.split(b"\n", 1)
-                        event = json.loads(line)
+                        event = parse_json(line, what="an event of the container supervisor", error=JobError)
                         if event["event"] == "error":
                             error = event
                 if done == pid:
