@@ -112,6 +112,29 @@ def test_gres_counts_are_ascii_digits():
             parse_gres_gpus(bad)
 
 
+def test_s3_bucket_names_are_full_matches():
+    from berth.staging.locations import parse_s3
+
+    assert parse_s3("s3://bucket-1/key", "in", "s3://bucket-1/key").bucket == "bucket-1"
+    with pytest.raises(UsageError, match="is not an S3 bucket name"):
+        parse_s3("s3://bucket\n/key", "in", "s3://bucket\n/key")
+
+
+def test_numbers_from_registries_and_directories_are_ascii_digits(tmp_path):
+    from berth.config.settings import Settings
+    from berth.jobs.records import create_record, list_records
+    from berth.registry.transport import parse_retry_after
+
+    assert parse_retry_after("12") == 12.0
+    assert parse_retry_after("\u00b2") is None and parse_retry_after("9" * 5000) is None
+    settings = Settings(jobs_dir=tmp_path)
+    for name in ("\u00b2", "\u0663"):  # int() raises on the first and reads the second as 3
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.json").write_text("{}")
+    assert list_records(settings) == []
+    assert create_record(settings).id == "1"
+
+
 def test_did_you_mean_is_one_helper():
     assert did_you_mean("mount_alow", ["mount_allow", "devices"]) == "did you mean 'mount_allow'?"
     assert did_you_mean("--nodez", ["--nodes", "--ntasks"]) == "did you mean '--nodes'?"

@@ -218,7 +218,8 @@ def remove_record(record: JobRecord) -> None:
 
 def _record_dirs(root: Path) -> list[Path]:
     try:
-        return [p for p in root.iterdir() if p.name.isdigit() and p.is_dir()]
+        # ASCII digits only: str.isdigit() takes '²', on which int() raises.
+        return [p for p in root.iterdir() if p.name.isascii() and p.name.isdigit() and p.is_dir()]
     except FileNotFoundError:
         return []
 

@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 
 from berth.errors import UsageError
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # matched in full: no final newline
 _GLOB_CHARS = "*?["
 
 IN = "in"
@@ -88,7 +88,7 @@ def _usage(direction: str, text: str, problem: str, hint: str | None = None) -> 
 def parse_s3(text: str, direction: str, whole: str) -> S3Location:
     rest = text[len("s3://"):]
     bucket, _, key = rest.partition("/")
-    if not _BUCKET.match(bucket) or ".." in bucket:
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise _usage(direction, whole, f"'{bucket}' is not an S3 bucket name",
                      hint="bucket names have 3-63 lower-case letters, digits, '.' and '-'")
     if "\0" in key or len(key.encode()) > 1024:
