@@ -12,12 +12,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.gpu_tree import FakeDriverTree, make_fake_driver_tree
 from tests.harness.slurm import SlurmCluster, start_cluster, usable
 from tests.harness.users import berth_executable
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> SlurmCluster:
+def fake_gpus() -> FakeDriverTree:
+    """A fake driver tree with two NVIDIA GPUs (tests/harness/gpu_tree.py) that the Slurm test
+    cluster's gres.conf names and the job site's [devices] settings point at."""
+    root = Path(tempfile.mkdtemp(prefix="berth-fake-gpus-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield make_fake_driver_tree(root / "tree", gpus=2)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(fake_gpus) -> SlurmCluster:
     """A 4-node Slurm cluster on 127.0.0.1 (munged, slurmctld, 4 slurmd), stopped by PID at
     the end of the session. Client commands need ``cluster.env()`` (SLURM_CONF and MPI
     loopback settings)."""
@@ -25,7 +38,7 @@ def slurm_cluster() -> SlurmCluster:
     if reason:
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="berth-slurm-"))
-    cluster = start_cluster(root, nodes=4)
+    cluster = start_cluster(root, nodes=4, gpu_files=tuple(str(fake_gpus.dev_dir / f"nvidia{i}") for i in range(2)))
     try:
         yield cluster
     finally:
@@ -42,7 +55,7 @@ class JobSite:
     image with boot_timeout=4 s and a custom ``--env-file`` that is a FIFO nobody writes, so the
     container's start-up blocks and the boot timeout must fire in the boot phase), ``hangboot``
     (the same with boot_timeout=300 s: a job that stays in staging until cancelled), ``gpu``
-    (gpu=1: on the Slurm test cluster, whose nodes have two stand-in GPUs).
+    (gpu=1). Both backends see the two fake GPUs of ``fake_gpus`` (gres.conf on the Slurm cluster).
     """
 
     root: Path
@@ -68,7 +81,7 @@ class JobSite:
 
 
 @pytest.fixture(scope="session")
-def job_site(user, registry, busybox_image) -> JobSite:
+def job_site(user, registry, busybox_image, fake_gpus) -> JobSite:
     root = Path(tempfile.mkdtemp(prefix="berth-jobs-", dir="/tmp"))
     root.chmod(0o755)
     config_dir, site_store = root / "etc-berth", root / "site-store"
@@ -80,6 +93,7 @@ def job_site(user, registry, busybox_image) -> JobSite:
         os.chown(directory, user.uid, user.gid)
     (config_dir / "conf.d" / "50-registry.toml").write_text(
         f'[[registries]]\nhost = "{registry.host}"\ninsecure = true\n')
+    (config_dir / "conf.d" / "60-gpus.toml").write_text(fake_gpus.site_toml())
     fifo = root / "never-written.env"
     os.mkfifo(fifo, 0o644)
     env = {"BERTH_CONFIG_DIR": str(config_dir), "BERTH_SITE_STORE": str(site_store),

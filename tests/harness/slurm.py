@@ -81,6 +81,9 @@ class SlurmCluster:
     partition: str = "debug"
     cpus_per_node: int = 2
     memory_mib_per_node: int = 2000
+    #: Character devices gres.conf names as the nodes' GPUs (the fixtures give the fake driver
+    #: tree's /dev/nvidiaN, so that berth finds them as GPUs; tests/harness/gpu_tree.py).
+    gpu_files: tuple[str, ...] = FAKE_GPU_FILES
     pids: dict[str, int] = field(default_factory=dict)
     #: Job ids start at a random point: cgroups are named slurm_NODE/uid_U/job_ID on this host,
     #: so two clusters (or a rebuilt one) must never reuse an id while a cgroup may remain.
@@ -156,7 +159,7 @@ class SlurmCluster:
         host = socket.gethostname()
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-            f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} Gres=gpu:{len(FAKE_GPU_FILES)} "
+            f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} Gres=gpu:{len(self.gpu_files)} "
             "State=UNKNOWN"
             for node, port in zip(self.nodes, node_ports, strict=True)
         )
@@ -208,7 +211,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
 """)
         # GPU-less "GPUs": character devices every node has, so that --gres=gpu:N is scheduled
         # and Slurm sets CUDA_VISIBLE_DEVICES as on a real GPU node (ConstrainDevices=no).
-        (etc / "gres.conf").write_text("".join(f"Name=gpu File={path}\n" for path in FAKE_GPU_FILES))
+        (etc / "gres.conf").write_text("".join(f"Name=gpu File={path}\n" for path in self.gpu_files))
         (etc / "cgroup.conf").write_text(
             "CgroupPlugin=autodetect\nConstrainCores=yes\nConstrainRAMSpace=no\nConstrainDevices=no\n")
         for path in (etc, self.conf, etc / "cgroup.conf", etc / "gres.conf"):
@@ -373,8 +376,8 @@ def usable() -> str | None:
     return None
 
 
-def start_cluster(root: Path, nodes: int = 4) -> SlurmCluster:
-    cluster = SlurmCluster(root=Path(root), nodes=[f"node{i}" for i in range(1, nodes + 1)])
+def start_cluster(root: Path, nodes: int = 4, gpu_files: tuple[str, ...] = FAKE_GPU_FILES) -> SlurmCluster:
+    cluster = SlurmCluster(root=Path(root), nodes=[f"node{i}" for i in range(1, nodes + 1)], gpu_files=gpu_files)
     cluster.start()
     return cluster
 

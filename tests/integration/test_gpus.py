@@ -157,3 +157,24 @@ def test_doctor_lists_gpus_driver_and_cdi_devices(runtime_env, gpu_lab, gpu_site
     assert f"driver {DRIVER_VERSION}" in checks["GPUs"]["detail"] and "4 NVIDIA GPU(s)" in checks["GPUs"]["detail"]
     assert "nec.com/ve=0" in checks["CDI devices"]["detail"]
     assert not checks["CDI devices"]["ok"] and "broken.json" in checks["CDI devices"]["detail"]
+
+
+def test_local_jobs_queue_for_gpus_and_never_share_one(job_site, user):
+    """Two local jobs that each want both of the node's GPUs: the second waits for the first."""
+    from tests.integration.jobs_helpers import submit, wait_for
+
+    work = job_site.workdir(user)
+    job_site.write_script(work, "gpus.sh", """\
+        #!/bin/sh
+        if [ -e busy ]; then echo overlap; fi
+        touch busy
+        echo "$CUDA_VISIBLE_DEVICES $(ls /dev | grep 'nvidia[0-9]' | tr '\\n' ' ')"
+        sleep 2
+        rm busy
+    """, user)
+    ids = [submit(user, job_site, work, "--image", job_site.image, "--gpus", "2", "-o", "out-%j.txt", "gpus.sh")
+           for _ in range(2)]
+    states = wait_for(user, job_site, ids, ("completed", "failed", "cancelled", "timeout"), timeout_s=90)
+    for job in ids:
+        assert states[job]["state"] == "completed", json.dumps(states[job])
+        assert (work / f"out-{job}.txt").read_text() == "0,1 nvidia0 nvidia1 \n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     cancelled = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
     suspended = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
     slow = submit(user, job_site, work, "--template", "slowboot", "ok.sh", env=env)
-    job_site.write_script(work, "gpu.sh", '#!/bin/sh\necho "gpus=$CUDA_VISIBLE_DEVICES"\n', user)
+    job_site.write_script(work, "gpu.sh", '#!/bin/sh\necho "gpus=$CUDA_VISIBLE_DEVICES"\nnvidia-smi -L\n', user)
     gpu = submit(user, job_site, work, "--template", "gpu", "gpu.sh", env=env)
 
     # Cancel: the trap runs within stop_timeout.
@@ -134,7 +135,10 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
 
     # The template's gpu=1 became --gres=gpu:1: Slurm allocated one and the container sees it.
     assert states[gpu]["state"] == "completed", info
-    assert user.berth("logs", gpu, env={**job_site.env, **env}).stdout == "gpus=0\n"
+    # The container gets the one GPU Slurm allocated (of the fake tree's two), renumbered 0.
+    gpu_lines = user.berth("logs", gpu, env={**job_site.env, **env}).stdout.splitlines()
+    assert gpu_lines[0] == "gpus=0" and len(gpu_lines) == 2, gpu_lines
+    assert re.fullmatch(r"GPU 0: Berth Fake GPU \(node /dev/nvidia[01]\)", gpu_lines[1]), gpu_lines
 
     # Without a reachable Slurm (no SLURM_CONF), `berth jobs` still lists every job, from records.
     offline = user.berth("jobs", "--json", env=job_site.env)

@@ -345,3 +345,44 @@ def test_no_gpu_here(tmp_path):
     settings = Settings(devices=DeviceSettings(dev_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="this node has no GPU"):
         gpus.gpu_edits(settings, "1", {}, ExitStack())
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+def test_submit_gpus_beside_gres():
+    from berth.jobs.api import build_resources
+
+    assert build_resources({"gpus": "2"}).gpus == 2
+    assert build_resources({"gpus": "2", "gres": "gpu:2"}).gpus == 2
+    with pytest.raises(UsageError, match="--gpus 2 and --gres gpu:3 ask for different numbers of GPUs"):
+        build_resources({"gpus": "2", "gres": "gpu:3"})
+    with pytest.raises(UsageError, match="--gpus"):
+        build_resources({"gpus": "0"})
+
+
+def test_job_gpus_become_the_containers_gpus(tmp_path):
+    from berth.jobs.model import Resources
+    from berth.jobs.runner import build_run_options
+
+    class Record:
+        container_dir = tmp_path / "c"
+        path = tmp_path
+
+    record = Record()
+    for gpus, custom, expected in ((2, "", "2"), (None, "", None), (1, "--gpus all", "all")):
+        job = _job_spec(tmp_path, Resources(gpus=gpus), custom)
+        assert build_run_options(Settings(), job, record, limit_resources=True).gpus == expected
+
+
+def _job_spec(tmp_path, resources, custom):
+    import dataclasses
+
+    from berth.jobs.model import JobSpec
+
+    values = {}
+    for field in dataclasses.fields(JobSpec):
+        values[field.name] = field.default if field.default is not dataclasses.MISSING else \
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+    values.update(id="1", name="job", image="img", workdir=str(tmp_path), resources=resources, custom=custom,
+                  stop_timeout_s=10)
+    return JobSpec(**values)

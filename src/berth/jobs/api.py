@@ -87,6 +87,12 @@ def build_resources(values: dict) -> Resources:
     cpus = integer("cpus_per_task", "--cpus-per-task", opts.MAX_CPUS_PER_TASK)
     memory = None if values.get("mem") is None else opts.parse_memory_bytes(values["mem"])
     gpus = None if values.get("gres") is None else opts.parse_gres_gpus(values["gres"])
+    if values.get("gpus") is not None:
+        count = opts.positive_int(values["gpus"], "--gpus", opts.MAX_GPUS)
+        if gpus is not None and gpus != count:
+            raise UsageError(f"--gpus {count} and --gres gpu:{gpus} ask for different numbers of GPUs",
+                             hint="give one of them")
+        gpus = count
     time_s = None if values.get("time") is None else opts.parse_time_s(values["time"])
     partition = None if values.get("partition") is None else opts.check_name(values["partition"], "--partition")
     if nodes is not None and ntasks is not None and ntasks < nodes:

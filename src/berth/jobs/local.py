@@ -39,7 +39,6 @@ class LocalBackend:
         notes = []
         for value, option in ((resources.partition, "--partition"), (resources.ntasks, "--ntasks"),
                               (resources.ntasks_per_node, "--ntasks-per-node"),
-                              (resources.gpus, "GPUs (--gres or the template's gpu)"),
                               (resources.exclusive or None, "--exclusive")):
             if value:
                 notes.append(f"ignoring {option}: the local backend has no scheduler to give it to")

@@ -55,6 +55,7 @@ SUBMIT_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("cpus_per_task", ("-c", "--cpus-per-task"), "N", "CPUs per task (default: the template's cpu)"),
     OptionSpec("mem", ("--mem",), "SIZE", "memory per node, e.g. 4G (default unit M, as sbatch)"),
     OptionSpec("gres", ("--gres",), "gpu:N", "generic resources: only gpu:N"),
+    OptionSpec("gpus", ("--gpus",), "N", "GPUs per node (the same as --gres=gpu:N)"),
     OptionSpec("time", ("-t", "--time"), "TIME", "time limit: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]"),
     OptionSpec("job_name", ("-J", "--job-name"), "NAME", "job name (default: the script's name)"),
     OptionSpec("output", ("-o", "--output"), "PATH", "stdout file (%%j: job id, %%x: job name)"),

@@ -113,6 +113,10 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
         "workdir": spec.workdir,
         "stop_timeout_s": float(spec.stop_timeout_s),
     }
+    if spec.resources.gpus and options.gpus is None:
+        # Slurm allocated them (the container takes what SLURM_JOB_GPUS names); locally the
+        # GPU ledger hands them out so that concurrent jobs never share one.
+        changes["gpus"] = str(spec.resources.gpus)
     if limit_resources:
         resources = spec.resources
         if resources.cpus_per_task is not None:
@@ -138,7 +142,8 @@ def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_r
     report("staged", image=str(image.digest))
     script = str(container_view(record) / record.script.relative_to(record.container_dir))
     command = ["/bin/sh", "-c", WRAPPER, "berth-job", script, *spec.args]
-    return run_container(settings, image, command, options)
+    # Local jobs queue for GPUs their other jobs hold (cancel and time limit still apply).
+    return run_container(settings, image, command, options, gpu_wait_s=float("inf") if limit_resources else 0.0)
 
 
 def credential_files(record: JobRecord) -> tuple[Path, Path]:

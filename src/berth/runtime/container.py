@@ -50,13 +50,15 @@ def _quiet(message: str, *, debug: bool = False) -> None:
 
 
 def run_container(settings, image, command: list[str] | None, options: RunOptions, *,
-                  log: Log | None = None) -> int:
+                  log: Log | None = None, gpu_wait_s: float = 0.0) -> int:
     """Run ``command`` (or the image's entrypoint/cmd) in a new container; return its status.
 
     ``image`` is a berth.image.api.StoredImage (or LocalImage): ``squashfs`` and ``config``
     are used. Returns the shell-style status (128+N for signal N). Raises RuntimeFailure for
     set-up failures (exit 125), PolicyError/UsageError for refused requests. ``log(message,
     debug=False)`` receives notes for the user (debug ones only matter with --debug).
+    ``gpu_wait_s``: how long to wait for GPUs that the caller's other containers hold (local
+    jobs queue for them; ``berth run`` refuses at once).
     """
     log = log or _quiet
     if options.tty and not any(os.isatty(fd) for fd in (0, 1, 2)):
@@ -79,18 +81,18 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
 
     # GPUs taken through the ledger stay taken until this run ends (the locks die with berth).
     with ExitStack() as held:
-        extra_edits = _gpu_edits(settings, options, held, log)
+        extra_edits = _gpu_edits(settings, options, held, log, gpu_wait_s)
         request = request_for(settings, image, command, options, init_path=init, log=log, extra_edits=extra_edits)
         return _run(settings, image, options, request, runtime, state_dir, log, started)
 
 
-def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log) -> tuple:
+def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log, wait_s: float) -> tuple:
     """The GPU generator's edits for ``--gpus`` (none without it), the GPUs held by ``held``."""
     if options.gpus is None:
         return ()
     from berth.runtime.devices.gpus import gpu_edits
 
-    edits, notes = gpu_edits(settings, options.gpus, os.environ, held)
+    edits, notes = gpu_edits(settings, options.gpus, os.environ, held, wait_s=wait_s, log=log)
     for note in notes:
         log(f"warning: {note}")
     log("GPUs: " + ", ".join(node.path for node in edits.device_nodes), debug=True)

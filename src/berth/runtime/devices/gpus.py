@@ -41,6 +41,7 @@ from berth.runtime.devices.edits import GPU_DIR, ContainerEdits, DeviceNode, Mou
 NVIDIA_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 AMD_RENDER_BASE = 128
 MAX_GPUS = 64
+LEDGER_POLL_S = 0.25
 _UUID = r"(GPU|MIG)-[A-Za-z0-9-]{1,80}"
 
 
@@ -142,7 +143,7 @@ def nvidia_gpus(settings) -> list[Gpu]:
 def amd_gpus(settings) -> list[Gpu]:
     """The node's AMD GPUs when /dev/kfd exists: /dev/dri/renderD128+i is GPU i."""
     dev_dir = Path(settings.devices.dev_dir)
-    if not (dev_dir / "kfd").exists():
+    if not os.path.exists(dev_dir / "kfd"):
         return []
     try:
         names = os.listdir(dev_dir / "dri")
@@ -249,9 +250,26 @@ class Ledger:
     def _path(self, gpu: Gpu) -> Path:
         return self.directory / f"{gpu.vendor}{gpu.index}.lock"
 
-    def take(self, stack: ExitStack, candidates: Sequence[Gpu], count: int, *, what: str) -> list[Gpu]:
-        """Lock ``count`` of ``candidates`` (in order) for as long as ``stack`` lives.
-        Raises PolicyError when fewer are free."""
+    def take(self, stack: ExitStack, candidates: Sequence[Gpu], count: int, *, what: str,
+             wait_s: float = 0.0, log=None) -> list[Gpu]:
+        """Lock ``count`` of ``candidates`` (in order) for as long as ``stack`` lives. When
+        fewer are free, retry for ``wait_s`` seconds (local jobs queue for their GPUs), then
+        raise PolicyError."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._take(stack, candidates, count, what=what)
+            except PolicyError:
+                if time.monotonic() >= deadline:
+                    raise
+                if log is not None:
+                    log(f"{what}: waiting for GPUs that other berth containers of yours use")
+                    log = None
+                time.sleep(LEDGER_POLL_S)
+
+    def _take(self, stack: ExitStack, candidates: Sequence[Gpu], count: int, *, what: str) -> list[Gpu]:
         from berth.fsutil import ensure_private_dir
         from berth.locks import file_lock
 
@@ -309,7 +327,7 @@ def nvidia_edits(settings, selected: Sequence[Gpu], *, what: str) -> tuple[Conta
     """The edits for NVIDIA GPUs ``selected`` (module docstring) and notes for the user."""
     dev_dir = Path(settings.devices.dev_dir)
     nodes = [DeviceNode(gpu.node) for gpu in selected]
-    nodes += [DeviceNode(f"/dev/{name}") for name in NVIDIA_CONTROL_NODES if (dev_dir / name).exists()]
+    nodes += [DeviceNode(f"/dev/{name}") for name in NVIDIA_CONTROL_NODES if os.path.exists(dev_dir / name)]
     libraries, binaries, notes = driver_files(settings)
     if not any(name == "libcuda.so.1" for name, _ in libraries):
         notes.append(f"libcuda.so.1 is not in the ld.so cache {settings.devices.ld_cache}: CUDA programs "
@@ -333,10 +351,11 @@ def amd_edits(settings, selected: Sequence[Gpu], *, what: str) -> ContainerEdits
 
 
 def gpu_edits(settings, text: str, environ: Mapping[str, str], stack: ExitStack, *,
-              what: str | None = None) -> tuple[ContainerEdits, list[str]]:
+              what: str | None = None, wait_s: float = 0.0, log=None) -> tuple[ContainerEdits, list[str]]:
     """Everything ``--gpus TEXT`` gives a container: select from the allocation, take the GPUs
-    through the ledger when no scheduler allocated them (held until ``stack`` closes), and
-    generate the edits. Returns (edits, notes). Raises UsageError or PolicyError."""
+    through the ledger when no scheduler allocated them (held until ``stack`` closes; waiting
+    up to ``wait_s`` for busy ones), and generate the edits. Returns (edits, notes). Raises
+    UsageError or PolicyError."""
     what = what or f"--gpus {text}"
     request = parse_request(text)
     gpus = node_gpus(settings)
@@ -349,7 +368,7 @@ def gpu_edits(settings, text: str, environ: Mapping[str, str], stack: ExitStack,
         count = request.count if request.count is not None else len(selected)
         from berth.runtime.state import resolve_state_dir
 
-        selected = Ledger(resolve_state_dir(settings)).take(stack, selected, count, what=what)
+        selected = Ledger(resolve_state_dir(settings)).take(stack, selected, count, what=what, wait_s=wait_s, log=log)
     elif request.count is not None:
         selected = selected[:request.count]
     selected = sorted(selected)
