@@ -85,6 +85,7 @@ class RuntimeImages:
     bare: Path  # busybox only: no /etc, /proc, /dev, /tmp, /home (needs the overlay)
     setuid: Path  # busybox + /bin/setuid-probe owned by root, mode 4755, and /opt/suid/busybox (4755)
     hostile_link: Path  # /data -> /etc, /escape -> ../../../../etc, /etc/group a FIFO
+    home_to_dev: Path  # busybox whose /home is a link to /dev (issue 12 #8)
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +124,13 @@ def runtime_images() -> RuntimeImages:
         (root / "etc" / "group").unlink()
         os.mkfifo(root / "etc" / "group")
         hostile = _mksquashfs(root, work / "hostile.sqfs")
-        yield RuntimeImages(busybox, bare, setuid, hostile)
+
+        root = work / "home-to-dev"
+        _busybox_rootfs(root)
+        (root / "home").rmdir()
+        (root / "home").symlink_to("/dev")
+        home_to_dev = _mksquashfs(root, work / "home-to-dev.sqfs")
+        yield RuntimeImages(busybox, bare, setuid, hostile, home_to_dev)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -125,6 +125,19 @@ def test_symlinks_in_the_image_keep_mounts_inside_the_container(runtime_env, run
     assert not os.path.exists("/etc/planted")
 
 
+def test_image_link_home_to_dev_is_refused_with_a_message(runtime_env, runtime_images, user):
+    """Issue 12 #8: berth's own mounts are judged where the image's links land them, as -v
+    mounts are: an image whose /home is a link to /dev would carry the home's tmpfs over the
+    container's /dev (and berth's init). Refused, saying so, before anything runs."""
+    result = berth_run(runtime_env, runtime_images.home_to_dev, [], ["sh", "-c", "echo ran"])
+    assert result.returncode == 125 and result.stdout == "", describe(result)
+    assert "its links carry the home mount /home to /dev" in result.stderr, describe(result)
+    assert "hint: the image is broken or hostile" in result.stderr, describe(result)
+    # With no home to mount (HOME=/) the image runs: what it links is its own business.
+    alone = runtime_env.berth("run", str(runtime_images.home_to_dev), "sh", "-c", "echo ran", env={"HOME": "/"})
+    assert alone.returncode == 0 and alone.stdout == "ran\n", describe(alone)
+
+
 def test_fifo_in_place_of_etc_group_does_not_hang_berth(runtime_env, runtime_images, user):
     result = berth_run(runtime_env, runtime_images.hostile_link, [], ["cat", "/etc/group"], timeout=60)
     assert result.returncode == 0, describe(result)

@@ -186,3 +186,27 @@ def test_request_composes_environment_and_judges_mounts(tmp_path):
     with pytest.raises(PolicyError, match="mounting over /etc"):
         request_for(settings, image, None, RunOptions(mounts=(MountRequest(str(tmp_path), "/etc/x"),)),
                     init_path="/init", caller=caller, environ={})
+
+
+@pytest.mark.parametrize("link,target,message", [
+    ("home", "/dev", "its links carry the home mount /home to /dev, .*container's own /dev"),
+    ("home", "/etc", "carry the home mount /home to /etc, .*not allowed by site policy"),
+    ("tmp", "/sys/fs", "its links carry the container's /tmp to /sys/fs"),
+    ("proc", "/srv", "its /proc is a link to /srv"),
+])
+def test_berths_own_mounts_are_judged_where_the_images_links_land_them(tmp_path, link, target, message):
+    """Issue 12 #8: an image link must not carry berth's home, /tmp or /proc mounts elsewhere."""
+    root = make_image(tmp_path / "img", lacks=(link,))
+    (root / link).symlink_to(target)
+    with pytest.raises(RuntimeFailure, match=message) as refused:
+        plan_container(request(), str(root), LAYOUT)
+    assert "image registry.example/app:1" in refused.value.message and "hostile" in refused.value.hint
+
+
+def test_a_home_behind_an_innocent_image_link_lands_where_the_link_points(tmp_path):
+    root = make_image(tmp_path / "img", lacks=("home",))
+    (root / "var" / "home").mkdir(parents=True)
+    (root / "home").symlink_to("var/home")
+    plan = plan_container(request(), str(root), LAYOUT)
+    assert plan.spec.tmpfs == ("/var/home",)
+    assert plan.spec.binds[0].destination == "/var/home/alice" and plan.overlay is False

@@ -307,6 +307,36 @@ def _landing(root: str, destination: str, what: str, deny) -> str:
     return resolved
 
 
+#: Container paths berth's own mounts never land on or cover, whatever the site's
+#: mount_deny_destinations says: the kernel filesystems berth mounts itself (and its init).
+KERNEL_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def _own_landing(root: str, destination: str, what: str, deny, image: str) -> str:
+    """Where one of berth's own mounts (home, its parent's tmpfs, /tmp) lands through the
+    image's links, judged by the destination rule like a ``-v`` (issue 12 #8): an image with
+    ``/home -> /dev`` would otherwise carry the home's tmpfs over the container's /dev and
+    berth's init. The kernel filesystems themselves must not be links at all."""
+    resolved, _ = rootfs.resolve_in_root(root, destination)
+    if resolved == destination:
+        return resolved
+    if destination in KERNEL_FILESYSTEMS:
+        raise RuntimeFailure(f"image {image}: its {destination} is a link to {resolved}: berth mounts the "
+                             f"container's {destination} there itself", hint=_HOSTILE_IMAGE)
+    kernel = policy.under(resolved, KERNEL_FILESYSTEMS)
+    try:
+        if kernel:
+            raise PolicyError(f"{kernel} is the container's own {kernel}")
+        policy.check_destination(resolved, what=what, deny=deny)
+    except PolicyError as refused:
+        raise RuntimeFailure(f"image {image}: its links carry {what} to {resolved}, where berth does not mount "
+                             f"({refused.message.split(': ', 1)[-1]})", hint=_HOSTILE_IMAGE) from None
+    return resolved
+
+
+_HOSTILE_IMAGE = "the image is broken or hostile (a symbolic link where a directory belongs); ask its author"
+
+
 def _identity_targets(root: str) -> tuple[dict[str, str], list[rootfs.MountPoint]]:
     """Where berth's passwd/group files go, and which image entries must be replaced first.
 
@@ -382,8 +412,9 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
                    limit_plan: limits.LimitPlan | None = None, log: Log | None = None) -> ContainerPlan:
     """The whole plan, from a judged request, the image's root directory (read in-root, links
     never followed on the host) and the container's state layout (host paths named in
-    config.json; nothing is created). Raises PolicyError when a mount lands on a denied path
-    through the image's links, RuntimeFailure for a hostile image /etc. Writes nothing."""
+    config.json; nothing is created). Raises PolicyError when a requested mount lands on a
+    denied path through the image's links, RuntimeFailure when one of berth's own mounts would
+    (home, /tmp, the kernel filesystems, the identity files' /etc). Writes nothing."""
     log = log or _quiet
     limit_plan = limit_plan or limits.LimitPlan()
     deny = request.deny_destinations
@@ -395,8 +426,18 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
                    for m in request.site_mounts]
     device_mounts = [m._replace(destination=_landing(image_root, m.destination, f"device mount {m.destination}",
                                                      deny)) for m in request.device_mounts]
-    identity_paths, replaced = _identity_targets(image_root)
+    # berth's own mounts are judged where they land too (issue 12 #8).
+    for path in STANDARD_MOUNT_POINTS:
+        _own_landing(image_root, path, f"the container's {path}", deny, request.image_name)
     home = request.home
+
+    def own(path: str) -> str:
+        return _own_landing(image_root, path, f"the home mount {path}", deny, request.image_name)
+
+    tmpfs = tuple(own(path) for path in home.tmpfs)  # the parent's first: /home -> /dev names /home
+    home = home._replace(binds=tuple(b._replace(destination=own(b.destination)) for b in home.binds),
+                         tmpfs=tmpfs, creatable=tuple(own(path) for path in home.creatable))
+    identity_paths, replaced = _identity_targets(image_root)
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
     needed += home.mount_points
