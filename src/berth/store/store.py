@@ -158,7 +158,7 @@ class Store:
                     raise self._permission_denied(path)
                 if mode == fsutil.PRIVATE_DIR and path != self.root:
                     with store_errors(self, "securing", path):
-                        fsutil.check_private_dir(path)
+                        _close_if_ours(path)
                 continue
             with store_errors(self, "creating", path):
                 try:
@@ -649,6 +649,15 @@ class BlobWriter:
                 self._file.close()
             except OSError:
                 pass
+
+
+def _close_if_ours(path: Path) -> None:
+    """chmod 0700 a directory of ours that group or others may enter (made by an earlier berth).
+    One of another account's that we may write (root administering a service account's site
+    store) is left as it is."""
+    info = os.stat(path)
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        os.chmod(path, fsutil.PRIVATE_DIR)
 
 
 def _unlink_quietly(path: Path) -> None:
