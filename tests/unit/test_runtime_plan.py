@@ -12,7 +12,8 @@ import pytest
 
 from berth.config.settings import Settings, SitePolicy
 from berth.errors import PolicyError, RuntimeFailure
-from berth.runtime.identity import Caller, home_directory
+from berth.config.settings import home_directory
+from berth.runtime.identity import Caller
 from berth.runtime.options import MountRequest, RunOptions
 from berth.runtime.plan import HomeMounts, RunRequest, home_covers, plan_container, plan_home, request_for
 from berth.runtime.rootfs import MountPoint
@@ -140,7 +141,7 @@ def test_home_missing_on_the_host_is_an_empty_tmpfs(tmp_path):
     ({}, None, "/"),
 ])
 def test_home_is_HOME_when_absolute_else_the_passwd_entrys(environ, passwd_home, expected):
-    assert home_directory(environ, passwd_home) == expected
+    assert str(home_directory(environ, passwd_home)) == expected
 
 
 def test_home_under_tmp_gets_no_tmpfs_over_the_private_tmp(tmp_path):

@@ -12,6 +12,7 @@ Field names carry units (``_s``, ``_mib``). Every value's origin is kept in
 from __future__ import annotations
 
 import os
+import posixpath
 import pwd
 import stat
 from collections.abc import Mapping
@@ -176,20 +177,25 @@ class Settings:
         return self.config_dir / "templates.d"
 
 
-def home_directory(environ: Mapping[str, str] | None = None) -> Path:
-    """The one meaning of "home" for berth's own files (configuration, credentials, user store,
-    job records; docs/configuration.md, "Home and XDG directories"): ``$HOME`` when it is set to
-    an absolute path, as the XDG base-directory specification, docker and pip use it (sites
-    point HOME at a project or scratch path on purpose), else the passwd entry's directory.
-    The container's home mount follows the passwd entry instead (berth.runtime.identity)."""
+_LOOK_UP = "look up"
+
+
+def home_directory(environ: Mapping[str, str] | None = None, passwd_home: str | None = _LOOK_UP) -> Path:
+    """berth's one meaning of "home" (docs/configuration.md, "Home"), for its own files and for
+    the container alike: ``$HOME`` when it is an absolute path (normalized), else the passwd
+    entry's directory, else ``/`` — the rule of the shell's ``~``, of the XDG base-directory
+    specification, docker and pip. Sites set ``HOME`` to a project or scratch path on purpose.
+    ``passwd_home``: the caller's passwd directory when already looked up (None: no entry)."""
     env = os.environ if environ is None else environ
     home = env.get("HOME", "")
     if home.startswith("/"):
-        return Path(home)
-    try:
-        return Path(pwd.getpwuid(os.getuid()).pw_dir)
-    except KeyError:
-        return Path("/")
+        return Path("/" + posixpath.normpath(home).lstrip("/"))
+    if passwd_home is _LOOK_UP:
+        try:
+            passwd_home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            passwd_home = None
+    return Path(passwd_home or "/")
 
 
 def xdg_directory(kind: str, environ: Mapping[str, str] | None = None) -> Path:

@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import grp
 import os
-import posixpath
 import pwd
 import stat
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from berth.config.settings import home_directory
+
 #: An image's passwd/group larger than this is not read (hostile image); the caller's entry
 #: is still written.
 MAX_DATABASE_BYTES = 4 << 20
-
-
-def home_directory(environ: Mapping[str, str], passwd_home: str | None) -> str:
-    """berth's one meaning of "home" (docs/configuration.md, "Home"): ``$HOME`` when it is an
-    absolute path, else the passwd entry's directory, else ``/`` — the rule of the shell's
-    ``~`` and of Python's ``os.path.expanduser``. Sites set ``HOME`` to a project or scratch
-    path; the container, the job runner and ``-v ~/...`` then all mean the same directory."""
-    value = environ.get("HOME", "")
-    if value.startswith("/"):
-        normalized = posixpath.normpath(value)
-        return "/" + normalized.lstrip("/")
-    return passwd_home or "/"
 
 
 class Caller(NamedTuple):
@@ -39,7 +28,7 @@ class Caller(NamedTuple):
     uid: int
     gid: int
     group_name: str
-    #: The home (:func:`home_directory`): mounted, HOME inside, the caller's passwd entry inside.
+    #: The home (berth.config.settings.home_directory): mounted, HOME and the passwd entry inside.
     home: str
     shell: str
     gecos: str = ""
@@ -59,7 +48,7 @@ class Caller(NamedTuple):
             group_name = grp.getgrgid(gid).gr_name
         except KeyError:
             group_name = f"g{gid}"
-        return cls(name, uid, gid, group_name, home_directory(environ, passwd_home), shell,
+        return cls(name, uid, gid, group_name, str(home_directory(environ, passwd_home)), shell,
                    gecos.replace(":", " "), passwd_home)
 
 

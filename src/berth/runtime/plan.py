@@ -113,7 +113,7 @@ class HomeMounts(NamedTuple):
 
 
 def plan_home(caller: Caller, options: RunOptions, site_policy, log: Log) -> HomeMounts:
-    """The home mounts for ``caller.home`` (berth.runtime.identity.home_directory: ``$HOME``,
+    """The home mounts for ``caller.home`` (berth.config.settings.home_directory: ``$HOME``,
     else the passwd entry's): bind-mounted read-write at its own path (its real path on the
     host as source), or an empty tmpfs with ``--no-mount-home`` or when it is missing on the
     host; a two-level home (``/home/NAME``) gets a private tmpfs over its parent, hiding the
