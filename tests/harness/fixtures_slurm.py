@@ -38,12 +38,16 @@ def slurm_cluster(fake_gpus) -> SlurmCluster:
     if reason:
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="berth-slurm-"))
-    cluster = start_cluster(root, nodes=4, gpu_files=tuple(str(fake_gpus.dev_dir / f"nvidia{i}") for i in range(2)))
+    # TmpFS outside /tmp, as on real clusters (see SlurmCluster.tmpfs_root).
+    tmpfs = Path(tempfile.mkdtemp(prefix="berth-slurm-tmpfs-", dir="/var/tmp"))
+    cluster = start_cluster(root, nodes=4, gpu_files=tuple(str(fake_gpus.dev_dir / f"nvidia{i}") for i in range(2)),
+                            tmpfs_root=tmpfs)
     try:
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(tmpfs, ignore_errors=True)
 
 
 @dataclass

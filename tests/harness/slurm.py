@@ -84,10 +84,19 @@ class SlurmCluster:
     #: Character devices gres.conf names as the nodes' GPUs (the fixtures give the fake driver
     #: tree's /dev/nvidiaN, so that berth finds them as GPUs; tests/harness/gpu_tree.py).
     gpu_files: tuple[str, ...] = FAKE_GPU_FILES
+    #: Where the nodes' TmpFS directories live (``TmpFS=TMPFS_ROOT/%n``); default ``root/tmp``.
+    #: The fixture puts it outside /tmp, as sites do (/local/scratch...): under /tmp, which every
+    #: container has privately, a rank would find Slurm's PMIx directories by luck (issue 13).
+    tmpfs_root: Path | None = None
     pids: dict[str, int] = field(default_factory=dict)
     #: Job ids start at a random point: cgroups are named slurm_NODE/uid_U/job_ID on this host,
     #: so two clusters (or a rebuilt one) must never reuse an id while a cgroup may remain.
     first_job_id: int = field(default_factory=lambda: random.randrange(100_000, 60_000_000, 10_000))
+
+    @property
+    def tmpfs(self) -> Path:
+        """The parent of the per-node TmpFS directories (``TmpFS`` is ``THIS/%n``)."""
+        return self.tmpfs_root or self.root / "tmp"
 
     @property
     def conf(self) -> Path:
@@ -150,9 +159,11 @@ class SlurmCluster:
         etc.mkdir(exist_ok=True)
         for name in ("state", "spool", "log", "tmp", "run"):
             (self.root / name).mkdir(exist_ok=True)
+        self.tmpfs.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.tmpfs, 0o755)
         for node in self.nodes:
             # TmpFS per node: pmix creates its app directory there (TESTBED.md).
-            tmp = self.root / "tmp" / node
+            tmp = self.tmpfs / node
             tmp.mkdir(exist_ok=True)
             os.chmod(tmp, 0o1777)
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
@@ -182,7 +193,7 @@ SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-TmpFS={r}/tmp/%n
+TmpFS={self.tmpfs}/%n
 SlurmdParameters=config_overrides
 MailProg=/bin/true
 EnforcePartLimits=ALL
@@ -376,8 +387,10 @@ def usable() -> str | None:
     return None
 
 
-def start_cluster(root: Path, nodes: int = 4, gpu_files: tuple[str, ...] = FAKE_GPU_FILES) -> SlurmCluster:
-    cluster = SlurmCluster(root=Path(root), nodes=[f"node{i}" for i in range(1, nodes + 1)], gpu_files=gpu_files)
+def start_cluster(root: Path, nodes: int = 4, gpu_files: tuple[str, ...] = FAKE_GPU_FILES,
+                  tmpfs_root: Path | None = None) -> SlurmCluster:
+    cluster = SlurmCluster(root=Path(root), nodes=[f"node{i}" for i in range(1, nodes + 1)], gpu_files=gpu_files,
+                           tmpfs_root=tmpfs_root)
     cluster.start()
     return cluster
 

@@ -133,6 +133,41 @@ def test_srun_pmix_one_container_per_rank(mpi_site, mpi_image, user, slurm_clust
     assert_clean(user, env["BERTH_STATE_DIR"])
 
 
+def test_srun_pmix_with_tmpfs_outside_tmp_mounts_only_this_steps_client_directory(
+        mpi_site, mpi_image, user, slurm_cluster):  # noqa: F811
+    """Issue 13: the cluster's TmpFS is outside /tmp (as /local/scratch is on real clusters), so
+    Slurm's pmix plugin puts the step's spmix_appdir_UID_JOB.STEP where no container has it and
+    OpenMPI aborts MPI_Init (session_dir.c) unless berth mounts it. Only that directory is
+    mounted: another user's and another step's directories in the same TmpFS stay out."""
+    import os
+
+    site, env = mpi_site
+    tmpfs = slurm_cluster.tmpfs
+    assert not str(tmpfs).startswith("/tmp/"), tmpfs
+    decoys = []
+    for node in slurm_cluster.nodes:
+        theirs = tmpfs / node / "spmix_appdir_4242_1.0"
+        other_step = tmpfs / node / f"spmix_appdir_{user.uid}_1.0"
+        for decoy in (theirs, other_step):
+            decoy.mkdir(exist_ok=True)
+            decoys.append(decoy)
+        os.chown(other_step, user.uid, user.gid)
+    try:
+        result = run_as(user, ["srun", "--mpi=pmix", "-N1", "-n2", str(berth_executable()), "run", mpi_image,
+                               "sh", "-c", f'ls -A "{tmpfs}/$SLURMD_NODENAME"; exec /opt/hello'],
+                        {**site.env, **env}, timeout_s=60)
+    finally:
+        for decoy in decoys:
+            decoy.rmdir()
+    assert result.returncode == 0, describe(result) + slurm_cluster.logs()[-3000:]
+    listed = [line for line in result.stdout.splitlines() if line.startswith("spmix_appdir_")]
+    assert len(listed) == 2 and len(set(listed)) == 1, describe(result)
+    assert re.fullmatch(rf"spmix_appdir_{user.uid}_\d+\.\d+", listed[0]) and listed[0] != f"spmix_appdir_{user.uid}_1.0"
+    node = ranks(result.stdout)[0][1]
+    assert_world(result.stdout, 2, {node: 2})
+    assert_clean(user, env["BERTH_STATE_DIR"])
+
+
 def test_srun_pmix_without_the_pmix_directory(mpi_site, mpi_image, user, slurm_cluster):  # noqa: F811
     """Control for the PMIx directory mount: when the variables name a directory that is not the
     caller's, berth says so and does not mount it, and PMIx's shared-memory data store then fails

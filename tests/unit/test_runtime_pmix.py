@@ -67,3 +67,55 @@ def test_host_launched_rank_gets_shared_memory_transport_off_unless_chosen():
     assert rank_env_ops({**rank, "OMPI_MCA_btl": "self,tcp"}, []) == []
     assert rank_env_ops(rank, ["OMPI_MCA_btl=self,ofi"]) == []
     assert rank_env_ops({"PATH": "/bin"}, []) == []
+
+
+def _slurm_step(tmp_path, tmpfs_line="TmpFS={root}/%n"):
+    """A slurm.conf and a node's TmpFS holding this step's client directory and decoys."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(f"ClusterName=c  # comment TmpFS=/wrong\nNodeName=node1 CPUs=2\n"
+                    f"{tmpfs_line.format(root=tmp_path / 'local')}\n")
+    node = tmp_path / "local" / "node1"
+    uid = os.getuid()
+    for name in (f"spmix_appdir_{uid}_77.3", f"spmix_appdir_{uid}_77.4", f"spmix_appdir_{uid + 1}_78.0"):
+        (node / name).mkdir(parents=True)
+    env = {"PMIX_NAMESPACE": "slurm.pmix.77.3", "PMIX_RANK": "0", "SLURM_CONF": str(conf),
+           "SLURMD_NODENAME": "node1"}
+    return env, node
+
+
+def test_slurm_client_directory_of_this_step_only_is_mounted(tmp_path):
+    """Issue 13: Slurm's pmix plugin puts spmix_appdir_UID_JOB.STEP under TmpFS, named by no
+    variable; only this step's (not TmpFS, other steps', other users') is mounted."""
+    env, node = _slurm_step(tmp_path)
+    mounts, _ = _mounts(env)
+    mine = str(node / f"spmix_appdir_{os.getuid()}_77.3")
+    assert [(m.source, m.destination, m.read_only) for m in mounts] == [(mine, mine, False)]
+
+
+def test_slurm_client_directory_old_name_and_SLURM_PMIX_TMPDIR(tmp_path):
+    base = tmp_path / "pmixtmp"
+    (base / "spmix_appdir_77.3").mkdir(parents=True)
+    mounts, _ = _mounts({"PMIX_NAMESPACE": "slurm.pmix.77.3", "SLURM_PMIX_TMPDIR": str(base),
+                         "SLURM_CONF": str(tmp_path / "missing.conf")})
+    assert [m.source for m in mounts] == [str(base / "spmix_appdir_77.3")]
+
+
+@pytest.mark.parametrize("namespace", ["", "prterun-vm-1@1", "slurm.pmix.77", "slurm.pmix.77.x",
+                                       "xslurm.pmix.77.3", "slurm.pmix.7\u0667.3"])
+def test_no_slurm_client_directory_outside_a_slurm_pmix_step(tmp_path, namespace):
+    env, _ = _slurm_step(tmp_path)
+    mounts, _ = _mounts({**env, "PMIX_NAMESPACE": namespace})
+    assert mounts == []
+
+
+def test_slurm_tmpfs_expansion_and_defaults(tmp_path):
+    from berth.runtime.pmix import slurm_tmpfs
+
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("tmpfs=/scratch/%h/%n\n")
+    env = {"SLURM_CONF": str(conf), "SLURMD_NODENAME": "n7"}
+    assert slurm_tmpfs(env, nodename="host1") == "/scratch/host1/n7"
+    assert slurm_tmpfs({"SLURM_CONF": str(conf)}) is None  # %n without SLURMD_NODENAME
+    conf.write_text("ClusterName=c\n")
+    assert slurm_tmpfs(env) == "/tmp"  # Slurm's default
+    assert slurm_tmpfs({"SLURM_CONF": str(tmp_path / "missing")}) is None

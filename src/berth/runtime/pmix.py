@@ -8,6 +8,18 @@ client finds its server through environment variables (passed through by
 ``PMIX_DSTORE_*_BASE_PATH``. Those directories are bind-mounted into the container at the same
 path, so the rank sees exactly what a rank started on the host would.
 
+Slurm's pmix plugin also gives the ranks of a step a client directory that no variable names
+(``src/plugins/mpi/pmix/pmixp_info.c``): ``BASE/spmix_appdir_UID_JOB.STEP`` (before Slurm 20.11:
+``BASE/spmix_appdir_JOB.STEP``), where BASE is ``$SLURM_PMIX_TMPDIR`` or the node's ``TmpFS``
+(``%n`` and ``%h`` expanded; ``/tmp`` when unset). OpenMPI puts its session directory there and
+aborts ``MPI_Init`` (``ORTE_ERROR_LOG ... session_dir.c``) when it is missing: where ``TmpFS`` is
+not under ``/tmp`` (``/local/scratch``, ...), it must be mounted (issue 13). berth derives it the
+way the plugin does — job and step from ``PMIX_NAMESPACE`` (``slurm.pmix.JOB.STEP``), ``TmpFS``
+read from the Slurm configuration the step runs under (``$SLURM_CONF``, else
+``/etc/slurm/slurm.conf``; no ``scontrol`` call, which would ask slurmctld once per rank) — and
+mounts only that directory of this user's step, never ``TmpFS`` itself (other steps' and other
+users' directories stay out).
+
 The paths come from the caller's environment, so they are judged like a ``-v`` source: resolved
 on the host (links followed), refused under ``mount_deny_sources``, and, since the PMIx server
 (slurmstepd, prterun) creates them for the job's user, a directory the caller does not own is
@@ -37,19 +49,67 @@ from berth.runtime.spec import BindMount
 PMIX_DIR_VARIABLES = ("PMIX_SERVER_TMPDIR", "PMIX_DSTORE_21_BASE_PATH", "PMIX_DSTORE_ESH_BASE_PATH")
 
 
+#: Where the Slurm configuration is when ``SLURM_CONF`` is unset (Slurm's default).
+SLURM_CONF_DEFAULT = "/etc/slurm/slurm.conf"
+#: A slurm.conf larger than this is not read (it is a few KiB on real clusters).
+MAX_SLURM_CONF_BYTES = 4 << 20
+
+
+def slurm_tmpfs(host_env: Mapping[str, str], *, nodename: str | None = None) -> str | None:
+    """The node's ``TmpFS`` from the Slurm configuration (``$SLURM_CONF`` or the default), with
+    ``%n`` (``$SLURMD_NODENAME``) and ``%h`` (this host's name) expanded: ``/tmp`` when the file
+    sets none, None when it cannot be read or ``%n`` cannot be expanded. Only ``TmpFS`` is read
+    (the last one wins; ``Include`` files are not followed)."""
+    path = host_env.get("SLURM_CONF") or SLURM_CONF_DEFAULT
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_SLURM_CONF_BYTES + 1)
+    except OSError:
+        return None
+    if len(text) > MAX_SLURM_CONF_BYTES:
+        return None
+    value = "/tmp"
+    for line in text.decode("utf-8", "replace").splitlines():
+        for word in line.split("#", 1)[0].split():
+            key, sep, found = word.partition("=")
+            if sep and key.lower() == "tmpfs" and found:
+                value = found.strip("\"'")
+    if "%n" in value:
+        node = host_env.get("SLURMD_NODENAME")
+        if not node:
+            return None
+        value = value.replace("%n", node)
+    if "%h" in value:
+        value = value.replace("%h", nodename or os.uname().nodename.split(".")[0])
+    return value if value.startswith("/") else None
+
+
+def slurm_appdirs(host_env: Mapping[str, str], uid: int) -> list[str]:
+    """The client directory Slurm's pmix plugin gives this step's ranks, in both of its naming
+    schemes (newest first); [] outside a Slurm PMIx step."""
+    prefix, _, rest = host_env.get("PMIX_NAMESPACE", "").partition("slurm.pmix.")
+    job, _, step = rest.partition(".")
+    if prefix or not (job.isascii() and job.isdigit() and step.isascii() and step.isdigit()):
+        return []
+    base = host_env.get("SLURM_PMIX_TMPDIR") or slurm_tmpfs(host_env)
+    if not base or not base.startswith("/"):
+        return []
+    return [posixpath.join(base, f"spmix_appdir_{uid}_{job}.{step}"), posixpath.join(base, f"spmix_appdir_{job}.{step}")]
+
+
 def pmix_mounts(host_env: Mapping[str, str], settings, uid: int,
                 log: Callable[..., None]) -> list[BindMount]:
-    """Read-write bind mounts (same path inside) of the PMIx directories named in ``host_env``.
+    """Read-write bind mounts (same path inside) of the PMIx directories named in ``host_env``
+    and of Slurm's client directory of this step (:func:`slurm_appdirs`).
 
     Nested directories are covered by their parent's mount and not mounted twice. Raises
     PolicyError when a directory lies under ``settings.policy.mount_deny_sources`` or its
     container path under ``mount_deny_destinations``."""
     chosen: list[str] = []
-    for name in PMIX_DIR_VARIABLES:
-        value = host_env.get(name, "")
-        if not value:
-            continue
-        what = f"PMIx directory {name}={value}"
+    wanted = [(f"PMIx directory {name}={host_env[name]}", host_env[name])
+              for name in PMIX_DIR_VARIABLES if host_env.get(name)]
+    wanted += [(f"Slurm's PMIx client directory {path}", path) for path in slurm_appdirs(host_env, uid)]
+    for what, value in wanted:
         if not value.startswith("/"):
             log(f"{what} skipped: not an absolute path", debug=True)
             continue
