@@ -30,9 +30,10 @@ BENCHMARKS = {
     "import_storm": (["--runs", "10", "--cold-runs", "5"], ["--runs", "3", "--cold-runs", "1"]),
     "jobs_start": (["--runs", "3"], ["--runs", "1", "--nodes", "1,2"]),
     "pull_convert": (["--runs", "3"], ["--runs", "1", "--images", "debian"]),
+    "squashfs_compression": (["--runs", "3"], ["--runs", "1"]),
 }
 #: Order of the sections in RESULTS.md (issue order).
-SECTION_ORDER = ("pull_convert", "start", "import_storm", "jobs_start")
+SECTION_ORDER = ("pull_convert", "start", "import_storm", "jobs_start", "squashfs_compression")
 
 HOWTO = """# berth benchmarks: results
 
@@ -63,6 +64,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `start.py` | warm start of /bin/true vs runc, ch-run, bwrap, udocker, podman; berth's phases and import cost | 3 |
 | `import_storm.py` | importing 3000 small modules from the SquashFS vs from a directory, warm and cold | 3 |
 | `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes | 4 |
+| `squashfs_compression.py` | per compressor: pull + convert, SquashFS size, read-back via squashfuse, which readers accept it | 9 |
 | `common.py` | registry, cached images, the unprivileged user, statistics, kernel exec trace | |
 """
 
@@ -115,7 +117,8 @@ def write_results() -> None:
         parts.append("## Targets at a glance\n\n(the target lines of the reports below, copied by run_all.py)\n\n"
                      + "\n".join(summary) + "\n")
     titles = {"pull_convert": "1. Pull + convert", "start": "2. Start", "import_storm": "3. Import storm",
-              "jobs_start": "4. Jobs: start to container running"}
+              "jobs_start": "4. Jobs: start to container running",
+              "squashfs_compression": "5. SquashFS compressors"}
     for name in SECTION_ORDER:
         report = SECTIONS_DIR / f"{name}.md"
         parts.append(f"## {titles[name]}\n")

@@ -104,7 +104,7 @@ class Stores:
 
 def squashfs_listing(path: Path) -> list[str]:
     """Paths inside a SquashFS file, sorted (read with squashfs-tools-ng's sqfs2tar, the same
-    implementation that wrote it; Debian's unsquashfs 4.5 misreads tar2sqfs' lz4 id table)."""
+    implementation that wrote it; tests/integration/test_squashfs_readers.py checks the others)."""
     dump = subprocess.run(["sqfs2tar", str(path)], capture_output=True, check=True,
                           stdin=subprocess.DEVNULL)
     import io
