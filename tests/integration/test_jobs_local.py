@@ -284,3 +284,47 @@ def test_a_record_with_a_newline_in_its_name_keeps_one_row(job_site, user):
     shown = user.berth("status", job, env=job_site.env)
     assert shown.returncode == 0, describe(shown)
     assert "name:         x\\nFAKE 1 local completed\n" in shown.stdout, describe(shown)
+
+
+def test_output_paths_planted_by_another_user_are_refused(job_site, user, other_user):
+    """Issue 12 #4: in a shared sticky directory another user plants, at the names a victim's
+    job will write, a symbolic link to the victim's own file, a file of their own, and a FIFO.
+    Each is refused with a message before anything is submitted (the FIFO without hanging);
+    the victim's file is untouched; a fresh name works, and the file is the victim's."""
+    import subprocess
+
+    shared = job_site.root / "shared-sticky"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    work = job_site.workdir(user)
+    job_site.write_script(work, "ok.sh", "#!/bin/sh\necho secret-output\necho secret-error >&2\n", user)
+    precious = work / "precious.txt"
+    precious.write_text("keep me\n")
+    os.chown(precious, user.uid, user.gid)
+    for argv in (["ln", "-s", str(precious), str(shared / "link.out")],
+                 ["sh", "-c", f"echo attacker > {shared / 'theirs.out'}; chmod 666 {shared / 'theirs.out'}"],
+                 ["mkfifo", "-m", "666", str(shared / "fifo.out")]):
+        planted = other_user.run(argv)
+        assert planted.returncode == 0, describe(planted)
+    cases = [
+        (["-o", str(shared / "link.out")], "--output", "link.out: refused: it is a symbolic link"),
+        (["-o", str(shared / "theirs.out")], "--output", f"refused: it belongs to another user (uid {other_user.uid})"),
+        (["-e", str(shared / "fifo.out")], "--error", "refused: it is not a regular file (a FIFO"),
+    ]
+    for options, option, message in cases:
+        before = record_count(job_site)
+        try:
+            result = user.berth("submit", "--template", "bb", *options, "ok.sh", cwd=str(work),
+                                env=job_site.env, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"berth submit {options} hung") from None
+        assert result.returncode == 2, describe(result)
+        assert option in result.stderr and message in result.stderr, describe(result)
+        assert record_count(job_site) == before
+    assert precious.read_text() == "keep me\n"
+    assert (shared / "theirs.out").read_text() == "attacker\n"
+    job = submit(user, job_site, work, "--template", "bb", "-o", str(shared / "mine-%j.out"), "ok.sh")
+    state = wait_for(user, job_site, [job], FINAL)[job]
+    assert state["state"] == "completed", state
+    mine = shared / f"mine-{job}.out"
+    assert (mine.read_text(), mine.stat().st_uid) == ("secret-output\nsecret-error\n", user.uid)

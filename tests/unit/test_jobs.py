@@ -16,8 +16,10 @@ from berth.jobs.api import apply_template, build_resources, read_script
 from berth.jobs.model import JobResult, JobSpec, Resources
 from berth.jobs.options import (
     parse_gres_gpus,
+    merge_options,
     parse_memory_bytes,
-    parse_option_words,
+    suggest,
+    parse_options,
     parse_time_s,
     read_directives,
 )
@@ -63,38 +65,83 @@ def test_gres_knows_gpus_only():
             parse_gres_gpus(bad)
 
 
+def _values(words, **kwargs):
+    return merge_options(parse_options(words, **kwargs)[0]).values
+
+
 def test_option_words_in_every_spelling():
-    values = parse_option_words(["-N2", "-n", "4", "--mem=4G", "--exclusive", "--job-name", "x", "-t5"], where="w")
+    values = _values(["-N2", "-n", "4", "--mem=4G", "--exclusive", "--job-name", "x", "-t5"], where="w")
     assert values == {"nodes": "2", "ntasks": "4", "mem": "4G", "exclusive": True, "job_name": "x", "time": "5"}
 
 
-def test_unknown_option_names_the_place_and_suggests():
-    with pytest.raises(UsageError) as error:
-        parse_option_words(["--nodez=2"], where="job.sh line 3")
-    assert error.value.message == "job.sh line 3: unknown option '--nodez'"
-    assert error.value.hint == "did you mean '--nodes'?"
+def test_unknown_and_malformed_options_name_the_place():
+    options, end = parse_options(["--nodez=2", "job.sh"], where="job.sh line 3")
+    assert (options[0].name, options[0].known, options[0].where, end) == ("nodez", False, "job.sh line 3", 1)
+    assert suggest("nodez") == "did you mean '--nodes'?"
     with pytest.raises(UsageError, match="option --mem needs a value"):
-        parse_option_words(["--mem"], where="w")
-    with pytest.raises(UsageError, match="--exclusive takes no value"):
-        parse_option_words(["--exclusive=yes"], where="w")
+        parse_options(["--mem"], where="w")
+    with pytest.raises(UsageError, match="--contiguous takes no value"):
+        parse_options(["--contiguous=yes"], where="w")
+    with pytest.raises(UsageError, match="w: option --ti is ambiguous \\(--time, --time-min\\)"):
+        parse_options(["--ti=5"], where="w")
 
 
 def test_directives_are_read_from_the_leading_comment_block_only(tmp_path):
-    text = "#!/bin/sh\n#BERTH -N 2\n# a comment\n\n#BERTH --mem=1G --time=5 # why\necho hi\n#BERTH --nodes=9\n"
-    assert read_directives(tmp_path / "j.sh", text) == {"nodes": "2", "mem": "1G", "time": "5"}
+    text = ("#!/bin/sh\n#BERTH -N 2\n# a comment\n#SBATCH -A proj --qos=high\n  #SBATCH -A indented\n\n"
+            "#BERTH --mem=1G --time=5 # why\necho hi\n#BERTH --nodes=9\n#SBATCH -A late\n")
+    sbatch, berth = read_directives(tmp_path / "j.sh", text)
+    assert [(o.name, o.value, o.where) for o in sbatch] == [
+        ("account", "proj", f"{tmp_path}/j.sh line 4"), ("qos", "high", f"{tmp_path}/j.sh line 4")]
+    assert merge_options(berth).values == {"nodes": "2", "mem": "1G", "time": "5"}
 
 
 @pytest.mark.parametrize("line,message", [
-    ("#BERTH --tiem=5", "j.sh line 2: unknown option '--tiem'"),
     ("#BERTHX --nodes=2", "j.sh line 2: unknown directive '#BERTHX'"),
     ("#berth --nodes=2", "j.sh line 2: '#berth' must be written '#BERTH'"),
     ("#BERTH", "j.sh line 2: '#BERTH' without an option"),
     ("#BERTH --job-name='unclosed", "j.sh line 2: No closing quotation"),
+    ("#BERTH --json", "j.sh line 2: --json belongs on the command line"),
+    ("#BERTH -N 2 extra", "j.sh line 2: 'extra' is not an option"),
+    ("#SBATCH --template=bb", "j.sh line 2: --template is berth's option, not sbatch's"),
+    ("#SBATCH hetjob", "j.sh line 2: heterogeneous jobs ('hetjob') are not supported"),
 ])
 def test_directive_typos_name_the_line(tmp_path, line, message):
     with pytest.raises(UsageError) as error:
-        read_directives(tmp_path / "j.sh", f"#!/bin/sh\n{line}\necho\n")
-    assert error.value.message == f"{tmp_path}/{message}"
+        sbatch, berth = read_directives(tmp_path / "j.sh", f"#!/bin/sh\n{line}\necho\n")
+        unknown = [o for o in sbatch + berth if not o.known]
+        if unknown:  # what api.submit says on the local backend
+            raise UsageError(f"{unknown[0].where}: unknown option '{unknown[0].display}'")
+    assert error.value.message.startswith(f"{tmp_path}/{message}")
+
+
+def test_precedence_command_line_over_berth_over_sbatch(tmp_path):
+    text = "#!/bin/sh\n#SBATCH -J a -t 5 -A acct -q low\n#BERTH -J b -q mid\n#SBATCH -J a2\necho\n"
+    sbatch, berth = read_directives(tmp_path / "j.sh", text)
+    command_line = parse_options(["-q", "high"])[0]
+    merged = merge_options(sbatch, berth, command_line)
+    assert (merged.values["job_name"], merged.values["time"]) == ("b", "5")
+    assert [o.spelled for o in merged.passthrough] == ["--account=acct", "--qos=high"]
+    assert merge_options(sbatch).values["job_name"] == "a2"  # within one level, the later line wins
+
+
+def test_template_and_image_at_one_level_conflict_and_across_levels_the_higher_wins():
+    directive = [o for o in parse_options(["--image", "x:1"], where="j.sh line 2")[0]]
+    command_line = parse_options(["--template", "bb"])[0]
+    assert merge_options(directive, command_line).values == {"template": "bb"}
+    with pytest.raises(UsageError, match="--template and --image exclude each other"):
+        merge_options(parse_options(["--template", "bb", "--image", "x:1"])[0])
+
+
+@pytest.mark.parametrize("words,message", [
+    (["--wrap=hostname"], "command line: --wrap cannot be used with berth submit"),
+    (["--wra", "hostname"], "--wrap cannot be used"),  # getopt's abbreviation cannot sneak past
+    (["--parsable"], "--parsable cannot be used"),
+    (["-W"], "--wait cannot be used"),
+    (["--array=1-3"], "--array cannot be used"),
+])
+def test_options_that_would_take_over_berths_job_are_refused(words, message):
+    with pytest.raises(UsageError, match=message):
+        merge_options(parse_options(words)[0])
 
 
 def test_resources_are_checked_together():
@@ -276,8 +323,15 @@ def test_srun_words_split_into_options_and_command():
     from berth.cli.jobs import split_srun_argv
 
     assert split_srun_argv(["-N", "2", "-n2", "--mpi=pmix", "hostname", "-f"]) == (
-        None, ["-N", "2", "-n2", "--mpi=pmix"], ["hostname", "-f"])
+        None, ["--nodes=2", "--ntasks=2", "--mpi=pmix"], ["hostname", "-f"])
     assert split_srun_argv(["--image", "x:1", "--exclusive", "--", "-weird"]) == ("x:1", ["--exclusive"], ["-weird"])
+    # issue 9: options with a value, and -K whose value is optional (attached only)
+    assert split_srun_argv(["-A", "proj", "-q", "high", "-C", "ib", "-G", "1", "cmd"]) == (
+        None, ["--account=proj", "--qos=high", "--constraint=ib", "--gpus=1"], ["cmd"])
+    assert split_srun_argv(["-K", "cmd", "arg"]) == (None, ["--kill-on-bad-exit"], ["cmd", "arg"])
+    assert split_srun_argv(["-K1", "-lN2", "--image=y", "cmd"]) == (
+        "y", ["--kill-on-bad-exit=1", "--label", "--nodes=2"], ["cmd"])
+    assert split_srun_argv(["-W", "5", "cmd"]) == (None, ["--wait=5"], ["cmd"])  # srun's -W takes a value
     with pytest.raises(UsageError, match="no command given"):
         split_srun_argv(["-N", "2"])
 

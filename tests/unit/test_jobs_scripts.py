@@ -1,4 +1,4 @@
-"""Golden tests for generated batch scripts (Slurm): what a scheduler receives.
+"""Golden tests for what sbatch receives: its command line (one word a line) and the batch script.
 
 Regenerate after an intended change with ``BERTH_UPDATE_GOLDEN=1 pytest tests/unit/test_jobs_scripts.py``
 and review the diff.
@@ -14,7 +14,7 @@ import pytest
 from berth.errors import UsageError
 from berth.jobs.model import JobSpec, Resources
 from berth.jobs.records import JobRecord
-from berth.jobs.slurm import batch_script
+from berth.jobs.slurm import batch_script, sbatch_argv
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "jobs"
 PYTHON = "/opt/berth/venv/bin/python"
@@ -31,6 +31,8 @@ def template_job(**resources) -> JobSpec:
         args=("in.lj",), workdir="/scratch/alice/run1", image="registry.site/hpc/lammps:2024@sha256:" + "ab" * 32,
         template="mpi", resources=Resources(**values), output="/scratch/alice/run1/lammps-42.out",
         error="/scratch/alice/run1/lammps-42.err", boot_timeout_s=120, stop_timeout_s=30,
+        scheduler_options=("--account=chem", "--qos=high", "--mail-type=END,FAIL", "--begin=now+1hour"),
+        comment="run 1 of 3",
     )
 
 
@@ -42,10 +44,13 @@ def minimal_job() -> JobSpec:
     )
 
 
+def submission(spec: JobSpec, record: JobRecord) -> str:
+    return "\n".join(sbatch_argv(spec, record)) + "\n--- stdin:\n" + batch_script(spec, record, PYTHON)
+
+
 CASES = {
-    "slurm-template-job.sh": lambda: batch_script(template_job(), RECORD, PYTHON),
-    "slurm-minimal-job.sh": lambda: batch_script(minimal_job(), JobRecord(Path("/home/bob/.local/state/berth/jobs/7")),
-                                                 PYTHON),
+    "slurm-template-job.txt": lambda: submission(template_job(), RECORD),
+    "slurm-minimal-job.txt": lambda: submission(minimal_job(), JobRecord(Path("/home/bob/.local/state/berth/jobs/7"))),
 }
 
 
@@ -59,8 +64,16 @@ def test_generated_script_matches_golden(name):
     assert generated == path.read_text()
 
 
-def test_paths_with_spaces_cannot_become_directives():
+def test_values_with_spaces_reach_sbatch_as_one_word():
+    """Options are sbatch arguments, not #SBATCH lines: nothing to quote, nothing split."""
     spec = template_job()
-    spec = JobSpec(**{**spec.__dict__, "workdir": "/scratch/my run"})
-    with pytest.raises(UsageError, match="cannot hold paths with spaces"):
-        batch_script(spec, RECORD, PYTHON)
+    spec = JobSpec(**{**spec.__dict__, "workdir": "/scratch/my run", "scheduler_options": ("--mail-user=a b",)})
+    argv = sbatch_argv(spec, RECORD)
+    assert "--chdir=/scratch/my run" in argv and argv[-1] == "--mail-user=a b"
+
+
+def test_user_gpu_and_memory_options_replace_berths_own():
+    spec = template_job(gpus=1, memory_bytes=1 << 30)
+    spec = JobSpec(**{**spec.__dict__, "scheduler_options": ("--gpus-per-node=a100:1", "--mem-per-cpu=100M")})
+    argv = sbatch_argv(spec, RECORD)
+    assert not [word for word in argv if word.startswith(("--gres=", "--mem="))], argv

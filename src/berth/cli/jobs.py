@@ -8,36 +8,14 @@ import datetime
 import sys
 import time
 
-#: srun options that take their value as the next word (``-N 2``); everything else is either
-#: ``--opt=value``, a flag, or the first word of the command.
-_SRUN_VALUE_OPTIONS = {
-    "-N", "--nodes", "-n", "--ntasks", "-c", "--cpus-per-task", "-t", "--time", "-p", "--partition",
-    "-J", "--job-name", "-o", "--output", "-e", "--error", "-i", "--input", "-w", "--nodelist",
-    "-x", "--exclude", "-m", "--distribution", "-D", "--chdir", "--mpi", "--ntasks-per-node",
-    "--cpu-bind", "--mem", "--mem-per-cpu", "--gres", "--gpus", "--gpus-per-task", "--export",
-    "-K", "--kill-on-bad-exit", "--signal", "-r", "--relative", "--het-group", "--network",
-}
-
-
 def register(sub) -> None:
     """Add this module's commands to the top-level subparsers."""
-    from berth.jobs.options import SUBMIT_OPTIONS
-
     p = sub.add_parser(
-        "submit", help="submit a batch job that runs its script in a container",
-        description="Submit SCRIPT as a batch job: it runs inside the container of --template "
-        "(or --image) on the first node, as you, in the current directory. Options may also come "
-        "from '#BERTH --option' lines at the top of the script; the command line wins.",
+        "submit", prefix_chars="+", add_help=False,
+        help="submit a batch job that runs its script in a container (sbatch's options)",
+        description="berth submit [OPTIONS] SCRIPT [ARGS]",
     )
-    for spec in SUBMIT_OPTIONS:
-        if spec.flag:
-            p.add_argument(*spec.names, dest=spec.key, action="store_true", default=None, help=spec.help)
-        else:
-            p.add_argument(*spec.names, dest=spec.key, metavar=spec.metavar, default=None, help=spec.help,
-                           action="append" if spec.repeat else "store")
-    p.add_argument("--json", action="store_true", help="print the submitted job as JSON")
-    p.add_argument("script", metavar="SCRIPT", help="the job script (first line #!INTERPRETER)")
-    p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(handler=cmd_submit)
 
     p = sub.add_parser("status", help="show a job's state (or all your jobs)")
@@ -75,16 +53,55 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_job_exec)
 
 
+def submit_help() -> str:
+    """`berth submit --help`, from the option tables (berth.jobs.options)."""
+    from berth.jobs.options import BERTH_OPTIONS, INTERPRETED, REFUSED, SLURM_OPTIONS
+
+    shorts = {option.name: option.short for option in SLURM_OPTIONS}
+    lines = [
+        "usage: berth submit [OPTIONS] SCRIPT [ARGS]",
+        "",
+        "Submit SCRIPT as a batch job: it runs inside the container of --template (or --image) on",
+        "the first node, as you, in the current directory. Options are sbatch's, with sbatch's",
+        "grammar; they may also come from '#BERTH' and '#SBATCH' lines at the top of the script",
+        "(command line over #BERTH over #SBATCH). See docs/jobs.md, 'from sbatch to berth'.",
+        "",
+        "berth's options:",
+    ]
+    for own in BERTH_OPTIONS:
+        left = f"--{own.name}" + (f" {own.metavar}" if own.metavar else "")
+        lines.append(f"      {left:<20} {own.help}")
+    lines += ["", "sbatch options berth interprets (checked against the template):"]
+    for name, (_, text) in INTERPRETED.items():
+        short = f"-{shorts[name]}, " if shorts.get(name) else "    "
+        lines.append(f"  {short}--{name:<18} {text}")
+    lines += ["", "refused (they would take over berth's job): "
+              + ", ".join(f"--{name}" for name in REFUSED if name not in ("help", "usage", "version")),
+              "", "Every other sbatch option (`sbatch --help`) passes to Slurm unchanged; the local",
+              "backend names the ones it ignores."]
+    return "\n".join(lines)
+
+
 def cmd_submit(args, ctx) -> int:
     from berth.cli.output import print_json
+    from berth.errors import UsageError
     from berth.jobs.api import SubmitRequest, submit
-    from berth.jobs.options import SUBMIT_OPTIONS
+    from berth.jobs.options import parse_options
 
-    values = {spec.key: getattr(args, spec.key) for spec in SUBMIT_OPTIONS if getattr(args, spec.key) is not None}
-    submitted = submit(ctx.settings, SubmitRequest(script=args.script, args=tuple(args.args), values=values))
+    argv = list(args.argv)
+    options, index = parse_options(argv)
+    if any(option.known and option.name in ("help", "usage") for option in options):
+        print(submit_help())
+        return 0
+    if index >= len(argv):
+        raise UsageError("berth submit: no job script given", hint="berth submit [OPTIONS] SCRIPT [ARGS]")
+    as_json = any(option.known and option.name == "json" for option in options)
+    options = [option for option in options if not (option.known and option.name == "json")]
+    submitted = submit(ctx.settings, SubmitRequest(script=argv[index], args=tuple(argv[index + 1:]),
+                                                   options=tuple(options)))
     for note in submitted.notes:
         print(f"berth: note: {note}", file=sys.stderr)
-    if args.json:
+    if as_json:
         print_json({"id": submitted.spec.id, "backend": submitted.spec.backend,
                     "native_id": submitted.native_id, "output": submitted.spec.output})
     else:
@@ -203,38 +220,26 @@ def cmd_cancel(args, ctx) -> int:
 
 
 def split_srun_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
-    """``[--image REF] [srun options] [--] COMMAND...`` -> (image, srun options, command)."""
-    from berth.errors import UsageError
+    """``[--image REF] [srun options] [--] COMMAND...`` -> (image, srun options, command).
 
-    image, options, index = None, [], 0
-    while index < len(argv):
-        word = argv[index]
-        if word == "--":
-            index += 1
-            break
-        if word in ("--image", "--container-image") or word.startswith(("--image=", "--container-image=")):
-            if "=" in word:
-                image = word.split("=", 1)[1]
-            else:
-                if index + 1 >= len(argv):
-                    raise UsageError(f"berth srun: {word} needs an image reference")
-                image = argv[index + 1]
-                index += 1
-            index += 1
-            continue
-        if not word.startswith("-") or word == "-":
-            break
-        options.append(word)
-        if word in _SRUN_VALUE_OPTIONS:
-            if index + 1 >= len(argv):
-                raise UsageError(f"berth srun: option {word} needs a value")
-            options.append(argv[index + 1])
-            index += 1
-        index += 1
-    command = argv[index:]
+    srun's options are read with srun's own grammar (berth.jobs.options.SLURM_OPTIONS): ``-A
+    proj`` is one option, ``-K`` takes no following word (its value is optional, so attached
+    only). They reach srun spelled in full (``--account=proj``); berth's ``--image`` (or
+    ``--container-image``) may appear among them."""
+    from berth.errors import UsageError
+    from berth.jobs.options import VALUE, parse_options
+
+    own = {"image": VALUE, "container-image": VALUE}
+    options, end = parse_options(argv, command="srun", where="berth srun", berth=False, extra=own)
+    image = None
+    for option in options:
+        if option.known and option.name in own:
+            image = option.value
+    words = [option.spelled for option in options if not (option.known and option.name in own)]
+    command = argv[end:]
     if not command:
         raise UsageError("berth srun: no command given", hint="berth srun [SRUN OPTIONS] [--] COMMAND [ARGS]")
-    return image, options, command
+    return image, words, command
 
 
 def cmd_srun(args, ctx) -> int:

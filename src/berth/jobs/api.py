@@ -1,7 +1,7 @@
 """What the CLI calls: submit, status, cancel, list, logs, and the job runner entry point.
 
 Submission validates everything before anything is written where a scheduler could see it:
-options (command line over ``#BERTH`` directives), the script (exists, readable, ``#!``), the
+options (command line over ``#BERTH`` over ``#SBATCH`` lines), the script (exists, readable, ``#!``), the
 template and its limits, the image (present in a store, or pullable when named with --image),
 site policy for the container options, and the backend's own checks. A failure at any point
 removes the half-made record, so a rejected submission leaves nothing behind.
@@ -9,11 +9,13 @@ removes the half-made record, so a rejected submission leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import getpass
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from berth import proc
@@ -31,11 +33,12 @@ MAX_SCRIPT_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class SubmitRequest:
-    """What the user typed: raw option strings by key (see ``options.SUBMIT_OPTIONS``)."""
+    """What the user typed: the options of the command line (``options.parse_options``), the
+    script and its arguments."""
 
     script: str
     args: tuple[str, ...] = ()
-    values: dict = field(default_factory=dict)
+    options: tuple[opts.ParsedOption, ...] = ()
     workdir: str | None = None
 
 
@@ -88,7 +91,15 @@ def build_resources(values: dict) -> Resources:
     memory = None if values.get("mem") is None else opts.parse_memory_bytes(values["mem"])
     gpus = None if values.get("gres") is None else opts.parse_gres_gpus(values["gres"])
     if values.get("gpus") is not None:
-        count = opts.positive_int(values["gpus"], "--gpus", opts.MAX_GPUS)
+        # sbatch's -G/--gpus counts the job's GPUs; berth requests them per node (--gres).
+        total = opts.gpu_count(values["gpus"], "--gpus")
+        if total < 1 or total % (nodes or 1):
+            raise UsageError(f"--gpus {values['gpus']}: not a positive multiple of the {nodes or 1} node(s)",
+                             hint="ask for GPUs per node with --gpus-per-node or --gres=gpu:N")
+        count = total // (nodes or 1)
+        if count > opts.MAX_GPUS:
+            raise UsageError(f"--gpus {values['gpus']}: more than {opts.MAX_GPUS} GPUs per node",
+                             hint="check the value for a typo")
         if gpus is not None and gpus != count:
             raise UsageError(f"--gpus {count} and --gres gpu:{gpus} ask for different numbers of GPUs",
                              hint="give one of them")
@@ -102,9 +113,12 @@ def build_resources(values: dict) -> Resources:
                      exclusive=bool(values.get("exclusive")))
 
 
-def apply_template(resources: Resources, template) -> Resources:
+def apply_template(resources: Resources, template, passthrough=()) -> Resources:
     """The template's resources become the request unless the user asks for less; asking
-    for more is a PolicyError naming the resource and the template's limit."""
+    for more is a PolicyError naming the resource and the template's limit. The sbatch options
+    that also ask for GPUs or memory (``--gpus*``, ``--mem-per-cpu``, ``--mem-per-gpu``), passed
+    on unchanged, are held to the same ceilings: the template's ``cpu`` is per task, ``memsz``
+    and ``gpu`` per node."""
     from berth.config.units import format_size
 
     cpus, memory, gpus = resources.cpus_per_task, resources.memory_bytes, resources.gpus
@@ -118,6 +132,28 @@ def apply_template(resources: Resources, template) -> Resources:
     if gpus is not None and gpus > template.gpu:
         raise PolicyError(f"--gres gpu:{gpus} exceeds template '{template.name}' (gpu={template.gpu})",
                           hint="ask for fewer GPUs, or ask your site administrator for a GPU template")
+    tasks_per_node = resources.ntasks_per_node or 1
+    for option in passthrough:
+        if not option.known or option.value is None:
+            continue
+        if option.name.startswith("gpus"):
+            count = opts.gpu_count(option.value, f"--{option.name}")
+            per_node = {"gpus": count / (resources.nodes or 1), "gpus-per-task": count * tasks_per_node}.get(
+                option.name, count)
+            if per_node > template.gpu:
+                raise PolicyError(f"{option.where}: --{option.name}={option.value} exceeds template "
+                                  f"'{template.name}' (gpu={template.gpu} per node)",
+                                  hint="ask for fewer GPUs, or ask your site administrator for a GPU template")
+            gpus = int(per_node) if gpus is None else gpus
+        elif option.name in ("mem-per-cpu", "mem-per-gpu"):
+            per = opts.parse_memory_bytes(option.value, f"--{option.name}")
+            count = (cpus or template.cpu) * tasks_per_node if option.name == "mem-per-cpu" \
+                else (gpus if gpus is not None else template.gpu) or 1
+            if per * count > template.memsz_bytes:
+                raise PolicyError(f"{option.where}: --{option.name}={option.value} gives {format_size(per * count)} "
+                                  f"per node, more than template '{template.name}' allows "
+                                  f"(memsz={format_size(template.memsz_bytes)})",
+                                  hint="ask for less, or ask your site administrator for a larger template")
     return replace(
         resources,
         cpus_per_task=cpus if cpus is not None else template.cpu,
@@ -132,33 +168,60 @@ def _expand_path(pattern: str, spec_id: str, name: str, workdir: str) -> str:
     return str(path if path.is_absolute() else Path(workdir) / path)
 
 
-def _check_output(path: str, option: str) -> None:
+def _prepare_output(settings: Settings, path: str, option: str, *, own: bool) -> bool:
+    """Create (or check) a job's output file at submission, as the job will write it.
+
+    Paths users control are hostile (issue 12): in a shared directory another user may have
+    planted a symbolic link, their own file or a FIFO at the name. The file is opened without
+    following links and without blocking, and refused unless it is a regular file of yours;
+    once it exists and is yours, nobody else can swap it in a sticky directory before the job
+    writes it (Slurm opens it by name on the node). A path inside berth's jobs directory is
+    refused (``own``: the record's default output). Returns True when this call created the
+    file. Raises UsageError naming the option."""
+    from berth.jobs.records import jobs_dir, open_regular_nofollow
+
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise UsageError(f"{option} {path}: the directory {parent} does not exist")
-    target = path if os.path.exists(path) else parent
-    if not os.access(target, os.W_OK):
-        raise UsageError(f"{option} {path}: not writable by you", hint="choose a file in a directory you can write")
+    spool = os.path.realpath(jobs_dir(settings))
+    real_parent = os.path.realpath(parent)
+    if not own and (real_parent == spool or real_parent.startswith(spool + os.sep)):
+        raise UsageError(f"{option} {path}: inside berth's jobs directory {spool}",
+                         hint="berth keeps its job records there: choose a file elsewhere")
+    existed = os.path.lexists(path)
+    try:
+        fd = open_regular_nofollow(Path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644,
+                                   replace_planted=False)
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"{option} {path}: not writable by you",
+                             hint="choose a file in a directory you can write") from None
+        raise UsageError(f"{option} {path}: refused: it {exc.strerror}",
+                         hint="berth writes job output only to a regular file of yours; choose another "
+                              "name (another user may have put this one there)") from None
+    os.close(fd)
+    return not existed
 
 
 def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     """Validate and submit a job. Raises UsageError, PolicyError, NotFound or JobError; on any
     error nothing stays submitted or recorded."""
+    opts.merge_options(list(request.options))  # a refused option is named before the script is read
     script_path, text = read_script(request.script)
-    directives = opts.read_directives(script_path, text)
-    values = {**directives, **{k: v for k, v in request.values.items() if v is not None and v is not False}}
-    if values.get("template") and values.get("image"):
-        given = [key for key in ("template", "image") if request.values.get(key)]
-        if len(given) != 1:  # both on the command line, or both in directives
-            raise UsageError("--template and --image exclude each other: a template names its image")
-        # One from a directive, one from the command line: the command line wins.
-        values.pop("image" if given == ["template"] else "template")
+    sbatch_lines, berth_lines = opts.read_directives(script_path, text)
+    merged = opts.merge_options(sbatch_lines, berth_lines, list(request.options))
+    values = merged.values
     backend_name = values.get("backend") or settings.backend
     if backend_name not in BACKENDS:
         raise UsageError(f"--backend '{backend_name}': unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
+    unknown = [option for option in merged.passthrough if not option.known]
+    if unknown and backend_name != "slurm":
+        first = unknown[0]
+        raise UsageError(f"{first.where}: unknown option '{first.display}'",
+                         hint=opts.suggest(first.name))
     resources = build_resources(values)
     name = opts.check_name(values["job_name"], "--job-name") if values.get("job_name") else _default_name(script_path)
-    workdir = os.path.realpath(request.workdir or os.getcwd())
+    workdir = _workdir(values.get("chdir"), request.workdir)
 
     template = None
     boot_s, stop_s, custom = model.DEFAULT_BOOT_TIMEOUT_S, model.DEFAULT_STOP_TIMEOUT_S, ""
@@ -166,7 +229,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
         from berth.config.templates import load_template
 
         template = load_template(settings, values["template"])
-        resources = apply_template(resources, template)
+        resources = apply_template(resources, template, merged.passthrough)
         image = template.pinned_reference
         boot_s, stop_s, custom = template.boot_timeout_s, template.stop_timeout_s, template.custom
     elif values.get("image"):
@@ -175,18 +238,21 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
         raise UsageError("no image for the job: give --template NAME or --image REF "
                          "(or a #BERTH --template line in the script)",
                          hint="`berth template list` shows the site's templates")
+    resources = _memory_from_passthrough(resources, merged.passthrough)
     _check_image(settings, image, template)
     staging = _staging_request(settings, values)
 
     backend = get_backend(settings, backend_name)
     record = create_record(settings)
+    created: list[str] = []
     try:
+        scheduler_options = _scheduler_options(settings, merged.passthrough, values)
         output = _expand_path(values["output"], record.id, name, workdir) if values.get("output") \
             else str(record.default_output)
         error = _expand_path(values["error"], record.id, name, workdir) if values.get("error") else None
         for path, option in ((output, "--output"), (error, "--error")):
-            if path is not None:
-                _check_output(path, option)
+            if path is not None and _prepare_output(settings, path, option, own=path == str(record.default_output)):
+                created.append(path)
         make_private_dir(record.container_dir)
         shutil.copyfile(script_path, record.script)
         os.chmod(record.script, 0o700)
@@ -195,7 +261,8 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
             script_source=str(script_path), args=tuple(request.args), workdir=workdir, image=image,
             template=template.name if template else None, resources=resources, output=output, error=error,
             boot_timeout_s=boot_s, stop_timeout_s=stop_s, custom=custom, user=getpass.getuser(),
-            submitted_at=time.time(), **staging,
+            submitted_at=time.time(), scheduler_options=scheduler_options, **staging,
+            comment=str(values.get("comment") or ""),
         )
         _check_container_options(settings, spec, record)
         notes = list(backend.check(spec))
@@ -210,6 +277,9 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
             record.write_native_id(native_id)
     except BaseException:
         remove_record(record)
+        for path in created:  # output files this submission created (sbatch refused the job)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise
     return Submitted(spec, native_id, tuple(notes))
 
@@ -241,6 +311,85 @@ def _staging_request(settings: Settings, values: dict) -> dict:
                              hint="set access_key and secret_key in the profile (docs/staging.md)")
     return {"stage_in": stage_in, "stage_out": stage_out, "stage_out_when": when,
             "s3_profile": values.get("s3_profile"), "s3_credentials_in_container": in_container}
+
+
+def _workdir(chdir: str | None, given: str | None) -> str:
+    """The job's working directory: -D/--chdir (relative to the current directory), else the
+    current directory. Raises UsageError when it is not a directory."""
+    base = given or os.getcwd()
+    if chdir is None or chdir is True:
+        return os.path.realpath(base)
+    path = os.path.realpath(os.path.join(base, os.path.expanduser(chdir)))
+    if not os.path.isdir(path):
+        raise UsageError(f"--chdir {chdir}: not a directory")
+    return path
+
+
+#: Variables berth's own runner needs in the batch job's environment (--export must keep them).
+def _berth_variables() -> list[str]:
+    return sorted(name for name in os.environ if name.startswith("BERTH_") or name == "XDG_CONFIG_HOME")
+
+
+def _scheduler_options(settings: Settings, passthrough, values: dict) -> tuple[str, ...]:
+    """The sbatch options berth passes on unchanged, as sbatch receives them (``--name=value``),
+    after the checks that keep berth's own settings berth's: --export may not set berth's
+    variables (and keeps them when it exports a list), --dependency may name berth job ids."""
+    words = []
+    for option in passthrough:
+        if option.known and option.name == "export" and option.value is not None:
+            words.append(f"--export={_checked_export(option)}")
+        elif option.known and option.name == "dependency" and option.value is not None:
+            words.append(f"--dependency={_native_dependency(settings, option)}")
+        else:
+            words.append(option.spelled)
+    return tuple(words)
+
+
+def _checked_export(option) -> str:
+    items = [item for item in option.value.split(",") if item]
+    for item in items:
+        variable = item.partition("=")[0]
+        if variable.startswith("BERTH_") or variable == "XDG_CONFIG_HOME":
+            raise UsageError(f"{option.where}: --export={option.value}: {variable} is berth's own variable",
+                             hint="berth passes its variables to the job itself; leave them out of --export")
+    upper = [item.upper() for item in items]
+    if "ALL" in upper:
+        return option.value
+    kept = [item for item in items if item.upper() != "NONE"] + _berth_variables()
+    return ",".join(kept) if kept else "NONE"
+
+
+def _native_dependency(settings: Settings, option) -> str:
+    """--dependency=TYPE:ID[:ID...][,|?...]: a berth job id of a Slurm job becomes its Slurm id;
+    other ids pass as they are (Slurm's own ids; sbatch judges them)."""
+    import re
+
+    def native(match):
+        word = match.group(0)
+        try:
+            record = find_record(settings, word)
+        except NotFound:
+            return word
+        spec = record.read_spec()
+        found = record.read_native_id()
+        if spec.backend != "slurm" or found is None:
+            raise UsageError(f"{option.where}: --dependency names job {word}, which is not a Slurm job")
+        return found
+
+    # ids follow a ':' (afterok:12:13), optionally with +time (after:12+5)
+    return re.sub(r"(?<=:)\d+", native, option.value)
+
+
+def _memory_from_passthrough(resources: Resources, passthrough) -> Resources:
+    """--mem-per-cpu and --mem-per-gpu replace --mem (Slurm refuses both): the per-node memory
+    berth records (and limits the local job to) is their product with the CPUs or GPUs."""
+    for option in passthrough:
+        if option.known and option.name in ("mem-per-cpu", "mem-per-gpu") and option.value:
+            per = opts.parse_memory_bytes(option.value, f"--{option.name}")
+            count = (resources.cpus_per_task or 1) * (resources.ntasks_per_node or 1) \
+                if option.name == "mem-per-cpu" else (resources.gpus or 1)
+            return replace(resources, memory_bytes=per * count)
+    return resources
 
 
 def _default_name(script: Path) -> str:

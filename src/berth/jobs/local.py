@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from berth import locks, proc
 from berth.config.settings import Settings
@@ -24,6 +25,19 @@ from berth.jobs.records import JobRecord, atomic_write, make_private_dir, open_r
 
 SLOT_POLL_S = 0.25
 
+#: sbatch options passed on to Slurm that berth also turns into the local job's limits (its
+#: memory, its GPUs from the ledger): not "ignored".
+USED_LOCALLY = ("--mem-per-cpu", "--mem-per-gpu", "--gpus-per-node", "--gpus-per-task", "--gpus-per-socket")
+
+#: sbatch options with a meaning on one machine that the local backend does not implement:
+#: ignoring them would run the job at the wrong time, so they are refused.
+LOCAL_UNSUPPORTED = {
+    "--begin": "it starts jobs at once",
+    "--hold": "it starts jobs at once",
+    "--deadline": "it has no scheduler to drop late jobs",
+    "--dependency": "it has no dependencies yet",
+}
+
 
 class LocalBackend:
     name = "local"
@@ -32,17 +46,29 @@ class LocalBackend:
         self.settings = settings
 
     def check(self, spec: JobSpec) -> list[str]:
+        """Refuses what this machine cannot honour (several nodes; a start time, hold or dependency
+        it would silently drop); every option that only a scheduler uses (account, QoS,
+        partition, mail...) is accepted and named in one note."""
         resources = spec.resources
         if resources.nodes is not None and resources.nodes > 1:
             raise UsageError(f"--nodes {resources.nodes}: the local backend runs jobs on this machine only",
                              hint="submit multi-node jobs with --backend slurm")
-        notes = []
+        ignored = []
         for value, option in ((resources.partition, "--partition"), (resources.ntasks, "--ntasks"),
                               (resources.ntasks_per_node, "--ntasks-per-node"),
                               (resources.exclusive or None, "--exclusive")):
             if value:
-                notes.append(f"ignoring {option}: the local backend has no scheduler to give it to")
-        return notes
+                ignored.append(option)
+        for word in spec.scheduler_options:
+            name = word.partition("=")[0]
+            if name in LOCAL_UNSUPPORTED:
+                raise UsageError(f"{name}: the local backend cannot honour it ({LOCAL_UNSUPPORTED[name]})",
+                                 hint="submit with --backend slurm, or leave the option out")
+            if name not in ignored and name not in USED_LOCALLY:
+                ignored.append(name)
+        if not ignored:
+            return []
+        return [f"ignoring {', '.join(ignored)}: the local backend has no scheduler to give them to"]
 
     def submit(self, record: JobRecord, spec: JobSpec) -> str | None:
         record.write_result(JobResult(model.PENDING))
@@ -96,8 +122,11 @@ class LocalBackend:
 
 
 def _open_output(path: str) -> int:
+    """The job's output file, opened as berth.jobs.api prepared it: no link followed, never
+    blocking on a FIFO, only a regular file of yours."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return open_regular_nofollow(Path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644,
+                                     replace_planted=False)
     except OSError as exc:
         raise JobError(f"cannot open the job's output file {path}: {exc.strerror}",
                        hint="choose a path you can write with -o/-e") from None

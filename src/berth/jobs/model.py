@@ -96,12 +96,17 @@ class JobSpec:
     stage_out_when: str = "always"
     s3_profile: str | None = None
     s3_credentials_in_container: bool = False
+    #: sbatch options berth passes on unchanged (``--account=proj``), in precedence order.
+    scheduler_options: tuple[str, ...] = ()
+    #: The user's --comment (Slurm's comment carries berth's record tag, then this).
+    comment: str = ""
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["args"] = list(self.args)
         data["stage_in"], data["stage_out"] = list(self.stage_in), list(self.stage_out)
+        data["scheduler_options"] = list(self.scheduler_options)
         return data
 
     @classmethod
@@ -111,6 +116,7 @@ class JobSpec:
         values["args"] = tuple(data.get("args") or ())
         values["stage_in"] = tuple(data.get("stage_in") or ())
         values["stage_out"] = tuple(data.get("stage_out") or ())
+        values["scheduler_options"] = tuple(data.get("scheduler_options") or ())
         return cls(**values)
 
 

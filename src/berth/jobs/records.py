@@ -162,14 +162,31 @@ def make_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700)
 
 
-def open_regular_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
-    """Open ``path`` (create if ``flags`` has O_CREAT) refusing symbolic links, FIFOs and
-    devices: a planted name is removed and the file created afresh. Never truncates."""
+def open_regular_nofollow(path: Path, flags: int, mode: int = 0o600, *, replace_planted: bool = True) -> int:
+    """Open ``path`` (create if ``flags`` has O_CREAT) refusing symbolic links, FIFOs, devices,
+    hard links and other users' files, without ever blocking (a FIFO is opened non-blocking).
+    Never truncates.
+
+    ``replace_planted``: in a directory of yours, a planted name is removed and the file created
+    afresh; where the name is not yours to remove (a job's output file in a shared directory),
+    False refuses it: OSError with errno ELOOP (a symbolic link), EPERM (another user's file or
+    a hard link), ENODEV (not a regular file: FIFO, device, socket) or EISDIR.
+    """
     flags = (flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) & ~os.O_TRUNC
     for _ in range(3):
         try:
             fd = os.open(path, flags, mode)
         except OSError as exc:
+            if not replace_planted:
+                # A link in a sticky directory gives EACCES with O_CREAT, a FIFO ENXIO: say
+                # what is there rather than the errno (a file of ours: a real permission problem).
+                try:
+                    info = os.lstat(path)
+                except OSError:
+                    raise exc from None
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and info.st_nlink == 1:
+                    raise
+                raise _planted_error(path, info) from None
             if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
                 raise
         else:
@@ -178,10 +195,24 @@ def open_regular_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
                 os.set_blocking(fd, True)
                 return fd
             os.close(fd)
+            if not replace_planted:
+                raise _planted_error(path, info)
         if os.path.isdir(path) and not os.path.islink(path):
             raise OSError(errno.EISDIR, "is a directory", str(path))
         os.unlink(path)
     raise OSError(errno.EEXIST, "keeps being replaced", str(path))
+
+
+def _planted_error(path: Path, info: os.stat_result) -> OSError:
+    if stat.S_ISLNK(info.st_mode):
+        return OSError(errno.ELOOP, "is a symbolic link", str(path))
+    if stat.S_ISDIR(info.st_mode):
+        return OSError(errno.EISDIR, "is a directory", str(path))
+    if not stat.S_ISREG(info.st_mode):
+        return OSError(errno.ENODEV, "is not a regular file (a FIFO, socket or device)", str(path))
+    if info.st_uid != os.getuid():
+        return OSError(errno.EPERM, f"belongs to another user (uid {info.st_uid})", str(path))
+    return OSError(errno.EPERM, "has other hard links", str(path))
 
 
 def jobs_dir(settings: Settings) -> Path:

@@ -22,10 +22,11 @@ import sys
 
 from berth import proc
 from berth.config.settings import Settings
-from berth.errors import JobError, ProgramFailed, UsageError
+from berth.config.units import format_clock
+from berth.errors import JobError, ProgramFailed
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
-from berth.config.units import format_clock
+from berth.jobs.options import CHECKED, INTERPRETED, REFUSED
 from berth.jobs.records import JobRecord, atomic_write
 
 COMMENT_PREFIX = "berth:"
@@ -46,51 +47,65 @@ _STATE_MAP = {
 _RUNNING_STATES = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING", "STOPPED")
 
 
-def sbatch_directives(spec: JobSpec, record: JobRecord) -> list[str]:
-    """The ``#SBATCH`` lines for ``spec`` (sbatch option names, one per line)."""
+def sbatch_argv(spec: JobSpec, record: JobRecord) -> list[str]:
+    """sbatch's command line for ``spec``: berth's own options, then the user's options berth
+    passes on unchanged (``spec.scheduler_options``). Everything is on the command line, not in
+    ``#SBATCH`` lines, so no value needs quoting and no ``SBATCH_*`` environment variable of
+    the submitting shell overrides what berth checked (sbatch: the command line wins)."""
     r = spec.resources
-    lines = [f"--job-name={spec.name}"]
+    passed = {word.partition("=")[0] for word in spec.scheduler_options}
+    argv = ["sbatch", "--parsable", f"--job-name={spec.name}"]
     if r.nodes is not None:
-        lines.append(f"--nodes={r.nodes}")
+        argv.append(f"--nodes={r.nodes}")
     if r.ntasks is not None:
-        lines.append(f"--ntasks={r.ntasks}")
+        argv.append(f"--ntasks={r.ntasks}")
     if r.ntasks_per_node is not None:
-        lines.append(f"--ntasks-per-node={r.ntasks_per_node}")
+        argv.append(f"--ntasks-per-node={r.ntasks_per_node}")
     if r.cpus_per_task is not None:
-        lines.append(f"--cpus-per-task={r.cpus_per_task}")
-    if r.memory_bytes is not None:
-        lines.append(f"--mem={-(-r.memory_bytes // (1 << 20))}M")
-    if r.gpus:
-        lines.append(f"--gres=gpu:{r.gpus}")
+        argv.append(f"--cpus-per-task={r.cpus_per_task}")
+    if r.memory_bytes is not None and not passed & {"--mem-per-cpu", "--mem-per-gpu"}:
+        argv.append(f"--mem={-(-r.memory_bytes // (1 << 20))}M")
+    if r.gpus and not any(name.startswith("--gpus") for name in passed):
+        argv.append(f"--gres=gpu:{r.gpus}")
     if r.time_limit_s is not None:
-        lines.append(f"--time={format_clock(r.time_limit_s)}")
+        argv.append(f"--time={format_clock(r.time_limit_s)}")
     if r.partition:
-        lines.append(f"--partition={r.partition}")
+        argv.append(f"--partition={r.partition}")
     if r.exclusive:
-        lines.append("--exclusive")
-    lines.append(f"--output={spec.output}")
+        argv.append("--exclusive")
+    argv.append(f"--output={spec.output}")
     if spec.error:
-        lines.append(f"--error={spec.error}")
-    lines.append(f"--chdir={spec.workdir}")
+        argv.append(f"--error={spec.error}")
+    argv.append(f"--chdir={spec.workdir}")
     # Ties the Slurm job to this record: Slurm ids restart when a cluster is rebuilt.
-    lines.append(f"--comment={COMMENT_PREFIX}{record.path}")
-    return lines
+    argv.append(f"--comment={record_tag(record)}" + (f" {spec.comment}" if spec.comment else ""))
+    argv.extend(spec.scheduler_options)
+    return argv
+
+
+def sbatch_env() -> dict[str, str]:
+    """Our environment for sbatch, less the ``SBATCH_*`` input variables of the options berth
+    decides (resources held to the template's ceilings, outputs, --export...): sbatch would
+    apply them where berth passed no option (``SBATCH_GPUS`` with no --gpus)."""
+    owned = {name.upper().replace("-", "_") for name in (*INTERPRETED, *CHECKED, *REFUSED)}
+    owned |= {"TIMELIMIT", "MEM_PER_NODE", "ARRAY_INX", "EXPORT_FILE"}
+    return {key: value for key, value in proc.child_env().items()
+            if not (key.startswith("SBATCH_") and key[len("SBATCH_"):] in owned)}
+
+
+def record_tag(record: JobRecord) -> str:
+    return f"{COMMENT_PREFIX}{record.path}"
 
 
 def batch_script(spec: JobSpec, record: JobRecord, python: str) -> str:
-    """The batch script sbatch receives: directives, then the job runner."""
-    for value in (spec.output, spec.error or "", spec.workdir):
-        if any(ch.isspace() for ch in value):
-            raise UsageError(f"'{value}': Slurm directives cannot hold paths with spaces",
-                             hint="choose output files and a submit directory without spaces")
-    head = "\n".join(f"#SBATCH {line}" for line in sbatch_directives(spec, record))
+    """The batch script sbatch receives (its options are on sbatch's command line)."""
     runner = " ".join(shlex.quote(word) for word in
                       (python, "-m", "berth", "job-exec", "--backend", "slurm", str(record.path)))
     return (
         "#!/bin/sh\n"
         f"# berth job {spec.id}, generated by `berth submit`: berth job-exec runs the job script\n"
         f"# in a container on the first node. Image: {spec.image}\n"
-        f"{head}\n"
+        f"# sbatch options: see sbatch.argv next to this file\n"
         f"exec {runner}\n"
     )
 
@@ -115,8 +130,9 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
     """Slurm's view (None: the job is no longer known to slurmctld) + the runner's state file."""
     result = record.read_result()
     native_id = record.read_native_id()
-    if slurm is not None and slurm.get("Comment", "").startswith(COMMENT_PREFIX) \
-            and slurm["Comment"] != f"{COMMENT_PREFIX}{record.path}":
+    comment = slurm.get("Comment", "") if slurm is not None else ""
+    if comment.startswith(COMMENT_PREFIX) and comment != record_tag(record) \
+            and not comment.startswith(record_tag(record) + " "):
         slurm = None  # the same number, but another job (the cluster's ids were reset)
     if slurm is None:
         if result is not None and result.final:
@@ -166,13 +182,15 @@ class SlurmBackend:
 
     def submit(self, record: JobRecord, spec: JobSpec) -> str | None:
         script = batch_script(spec, record, sys.executable)
+        argv = sbatch_argv(spec, record)
         atomic_write(record.path / "batch.sh", script)
-        result = proc.run(["sbatch", "--parsable"], input=script.encode(), env=proc.child_env(),
-                          cwd=spec.workdir, check=False)
+        atomic_write(record.path / "sbatch.argv", "\n".join(argv) + "\n")
+        result = proc.run(argv, input=script.encode(), env=sbatch_env(), cwd=spec.workdir, check=False)
         if result.returncode != 0:
             tail = result.stderr.decode(errors="replace").strip()
             raise JobError(f"sbatch refused job {spec.id}: {tail or proc.describe_status(result.returncode)}",
-                           hint="check the requested resources against `sinfo` and the partition limits")
+                           hint="sbatch's own words above; check the options, and the resources against "
+                                "`sinfo` and the partition limits")
         native = result.stdout.decode().strip().split(";")[0]
         if not native.isdigit():
             raise JobError(f"sbatch answered something that is not a job id: {native!r}")
