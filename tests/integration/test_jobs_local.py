@@ -327,4 +327,34 @@ def test_output_paths_planted_by_another_user_are_refused(job_site, user, other_
     state = wait_for(user, job_site, [job], FINAL)[job]
     assert state["state"] == "completed", state
     mine = shared / f"mine-{job}.out"
-    assert (mine.read_text(), mine.stat().st_uid) == ("secret-output\nsecret-error\n", user.uid)
+    # (stdout and stderr share the file; their order is the container's)
+    assert (sorted(mine.read_text().splitlines()), mine.stat().st_uid) == (["secret-error", "secret-output"], user.uid)
+
+
+def test_a_template_that_contradicts_a_later_pin_is_refused_at_submit(job_site, user):
+    """Issue 12 #7: a template created before the site pinned runc keeps custom="--runtime crun";
+    submitting it is refused (exit 77) before anything is queued, instead of failing at boot."""
+    import subprocess
+
+    from tests.harness.users import berth_executable
+
+    admin = {**os.environ, **job_site.env}
+    created = subprocess.run([str(berth_executable()), "template", "create", "crunpin", f"image={job_site.image}",
+                              "cpu=1", "memsz=64M", "custom=--runtime crun"], env=admin, capture_output=True,
+                             text=True, timeout=300)
+    assert created.returncode == 0, created.stderr
+    pin = job_site.config_dir / "conf.d" / "90-pin-runtime.toml"
+    pin.write_text('runtime = "runc"\npinned = ["runtime"]\n')
+    pin.chmod(0o644)
+    try:
+        work = job_site.workdir(user)
+        job_site.write_script(work, "ok.sh", "#!/bin/sh\necho ok\n", user)
+        before = record_count(job_site)
+        result = user.berth("submit", "--template", "crunpin", "ok.sh", cwd=str(work), env=job_site.env)
+        assert result.returncode == 77, describe(result)
+        assert "--runtime crun: the site configuration pins runtime = runc" in result.stderr, describe(result)
+        assert record_count(job_site) == before
+    finally:
+        pin.unlink()
+        subprocess.run([str(berth_executable()), "template", "delete", "crunpin"], env=admin, capture_output=True,
+                       timeout=60)

@@ -162,6 +162,22 @@ def test_custom_options_are_checked_against_site_policy(site_config, admin):
     assert snapshot(site_config.config_dir) == before
 
 
+def test_custom_options_are_checked_against_pinned_settings(site_config, admin):
+    """Issue 12 #7: custom="--runtime crun" while the site pins runc was accepted, then every job
+    failed at boot. Refused at create and modify (submit: test_jobs_local)."""
+    site_config.write('runtime = "runc"\npinned = ["runtime"]\n')
+    site_config.add_template("t")
+    before = snapshot(site_config.config_dir)
+    for argv, code in ((["template", "create", "c", "image=busybox", "cpu=1", "memsz=1G", "custom=--runtime crun"], 77),
+                       (["template", "modify", "t", "custom=--runtime=crun"], 77)):
+        result = admin.berth(*argv, env=site_config.env)
+        assert result.returncode == code, describe(result)
+        assert "--runtime crun: the site configuration pins runtime = runc" in result.stderr, describe(result)
+    assert snapshot(site_config.config_dir) == before
+    result = admin.berth("template", "modify", "t", "custom=--runtime runc", env=site_config.env)
+    assert result.returncode == 0, describe(result)
+
+
 def test_admin_modify_and_delete(site_config, admin, user):
     site_config.add_template("t", cpu=2)
     result = admin.berth("template", "modify", "t", "cpu=4", "memsz=2G", "comment=resized", env=site_config.env)

@@ -123,6 +123,15 @@ def test_forced_network_cannot_be_overridden():
         check_options(settings, RunOptions(network="host"))
 
 
+def test_a_pinned_runtime_cannot_be_overridden_by_options():
+    """Issue 12 #7: the one check that `berth run`, template custom options and submissions share."""
+    pinned = Settings(runtime="runc", pinned=("runtime",))
+    check_options(pinned, RunOptions(runtime="runc"))
+    check_options(Settings(runtime="runc"), RunOptions(runtime="crun"))  # not pinned: the user may choose
+    with pytest.raises(PolicyError, match="--runtime crun: the site configuration pins runtime = runc"):
+        check_options(pinned, RunOptions(runtime="crun"))
+
+
 def test_devices_must_be_device_nodes(tmp_path):
     with pytest.raises(PolicyError, match="not under /dev"):
         check_options(Settings(), RunOptions(devices=(str(tmp_path),)))

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from berth import proc
-from berth.errors import PolicyError, RuntimeFailure, UsageError
-from berth.runtime import limits, materialise, ocirt, state, supervise
+from berth.errors import RuntimeFailure, UsageError
+from berth.runtime import limits, materialise, ocirt, policy, state, supervise
 from berth.runtime.options import RunOptions
 from berth.runtime.plan import plan_container, request_for
 
@@ -70,12 +70,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
         log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
     init = ocirt.init_path()
     ocirt.check_init(init)
-    wanted = settings.runtime
-    if options.runtime and options.runtime != settings.runtime:
-        if "runtime" in getattr(settings, "pinned", ()):
-            raise PolicyError(f"--runtime {options.runtime}: the site configuration pins runtime = "
-                              f"{settings.runtime}", hint="ask your site administrator (berth.toml: pinned)")
-        wanted = options.runtime
+    policy.check_runtime_pin(settings, options.runtime)
+    wanted = options.runtime or settings.runtime
     runtime = ocirt.select_runtime(state_dir, wanted, init)
     log(f"runtime {runtime}", debug=True)
 

@@ -146,8 +146,18 @@ def forced_network(settings) -> str | None:
     return dict(settings.policy.forced_namespaces).get("network")
 
 
+def check_runtime_pin(settings, runtime: str | None) -> None:
+    """``--runtime`` against the site's pins: another runtime than a pinned one is a PolicyError
+    (issue 12 #7: a template's custom options are held to it at create, modify and submit)."""
+    if runtime and runtime != settings.runtime and "runtime" in getattr(settings, "pinned", ()):
+        raise PolicyError(f"--runtime {runtime}: the site configuration pins runtime = {settings.runtime}",
+                          hint="ask your site administrator (berth.toml: pinned)")
+
+
 def check_options(settings, options: RunOptions) -> None:
-    """Raise PolicyError (or UsageError) for anything in ``options`` site policy forbids."""
+    """Raise PolicyError (or UsageError) for anything in ``options`` site policy forbids, or
+    that contradicts a site-pinned setting."""
+    check_runtime_pin(settings, options.runtime)
     resolve_user_mounts(settings, options)
     if options.devices or options.gpus:
         from berth.runtime.devices.edits import apply_edits, check_devices
