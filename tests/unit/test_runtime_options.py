@@ -31,6 +31,14 @@ def test_run_options_parse_every_option():
     assert (options.entrypoint, options.hostname) == ("/bin/sh", "box")
 
 
+def test_docker_habits_rm_and_it_are_accepted():
+    """Issue 11: `berth run --rm -it IMAGE` as with docker (berth always removes its containers)."""
+    for argv in (["--rm", "-it"], ["-it", "--rm"], ["-ti"], ["--rm", "-i", "-t"]):
+        options = parse_run_options(argv)
+        assert options.tty is True, argv
+    assert parse_run_options(["--rm"]).tty is False
+
+
 def test_defaults():
     options = parse_run_options([])
     assert options.mount_home and not options.writable and options.stop_timeout_s == 10.0

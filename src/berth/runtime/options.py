@@ -119,6 +119,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("-t", "--tty", action="store_true", help="give the command a terminal (interactive shells)")
     add("-i", "--interactive", action="store_true",
         help="accepted for docker compatibility: stdin always passes through")
+    add("--rm", dest="remove", action="store_true",
+        help="accepted for docker compatibility: berth always removes the container when it exits")
     add("--name", help="a name for berth ps/exec (default: a generated id)")
     add("--pull", choices=("missing", "never", "always"), default="missing",
         help="pull the image: when missing from every store (default), never, or always")
