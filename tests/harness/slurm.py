@@ -43,6 +43,27 @@ KILL_WAIT_S = 30
 #: Stand-ins for GPU device files (gres.conf needs existing character devices).
 FAKE_GPU_FILES = ("/dev/null", "/dev/zero")
 
+#: What sites configure and jobs ask for with -C and -L: every node has these features, the
+#: cluster these licenses (so pass-through options like `-C ib -L fluent:1` are accepted).
+NODE_FEATURES = ("ib", "avx2")
+LICENSES = "fluent:4"
+
+#: Without slurmdbd Slurm drops a job's QOS (scontrol shows QOS=(null)); this job_submit
+#: plugin keeps what was asked in the job's AdminComment, so tests can see that -q reached
+#: slurmctld. (Debian's slurm-wlm-basic-plugins ships job_submit/lua and depends on liblua.)
+JOB_SUBMIT_LUA = """\
+function slurm_job_submit(job_desc, part_list, submit_uid)
+   if job_desc.qos ~= nil then
+      job_desc.admin_comment = "requested qos=" .. job_desc.qos
+   end
+   return slurm.SUCCESS
+end
+
+function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
+   return slurm.SUCCESS
+end
+"""
+
 #: Loopback-only MPI on several "nodes" that share one hostname (TESTBED.md "MPI").
 MPI_ENV = {
     "OMPI_MCA_btl": "self,tcp",
@@ -171,7 +192,7 @@ class SlurmCluster:
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
             f"CPUs={self.cpus_per_node} RealMemory={self.memory_mib_per_node} Gres=gpu:{len(self.gpu_files)} "
-            "State=UNKNOWN"
+            f"Features={','.join(NODE_FEATURES)} State=UNKNOWN"
             for node, port in zip(self.nodes, node_ports, strict=True)
         )
         r = self.root
@@ -217,15 +238,18 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 MessageTimeout=20
 GresTypes=gpu
+Licenses={LICENSES}
+JobSubmitPlugins=lua
 {node_lines}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
         # GPU-less "GPUs": character devices every node has, so that --gres=gpu:N is scheduled
         # and Slurm sets CUDA_VISIBLE_DEVICES as on a real GPU node (ConstrainDevices=no).
         (etc / "gres.conf").write_text("".join(f"Name=gpu File={path}\n" for path in self.gpu_files))
+        (etc / "job_submit.lua").write_text(JOB_SUBMIT_LUA)
         (etc / "cgroup.conf").write_text(
             "CgroupPlugin=autodetect\nConstrainCores=yes\nConstrainRAMSpace=no\nConstrainDevices=no\n")
-        for path in (etc, self.conf, etc / "cgroup.conf", etc / "gres.conf"):
+        for path in (etc, self.conf, etc / "cgroup.conf", etc / "gres.conf", etc / "job_submit.lua"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
     def _start_slurm(self, timeout_s: float) -> None:

@@ -221,3 +221,74 @@ def _alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _scontrol(cluster, native: str) -> dict[str, str]:
+    """``scontrol show job`` as KEY=VALUE pairs (a value may hold spaces: Comment, AdminComment)."""
+    text = cluster.run("scontrol", "show", "job", native).stdout
+    fields = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("Comment=", "AdminComment=")):
+            key, _, value = line.partition("=")
+            fields[key] = value.strip()
+            continue
+        for word in line.split():
+            key, _, value = word.partition("=")
+            fields[key] = value
+    return fields
+
+
+def test_an_sbatch_script_runs_unchanged_with_one_berth_line(job_site, user, slurm_cluster, slurm_env):
+    """Issue 11: an existing sbatch script plus one #BERTH line: its #SBATCH options reach Slurm
+    (scontrol show job; the QOS through the test cluster's job_submit plugin, as there is no
+    slurmdbd), the command line wins over #BERTH over #SBATCH, berth's record tag survives the
+    user's --comment, and the script runs in the container. Bad input: sbatch's own message,
+    nothing queued; options that would take over berth's job refused."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "legacy.sh", """\
+        #!/bin/sh
+        #SBATCH -A chemproj
+        #SBATCH -q high
+        #SBATCH -C ib
+        #SBATCH --mail-type=END,FAIL --mail-user=alice@example.org
+        #SBATCH --comment="first run" -J from-sbatch -t 5
+        #SBATCH --licenses=fluent:1
+        #BERTH --template=bb -J from-berth
+        echo "in-container=$(head -1 /etc/os-release) id=$SLURM_JOB_ID"
+    """, user)
+    env = {**job_site.env, **slurm_env}
+    result = user.berth("submit", "--json", "--requeue", "--signal=B:USR1@30", "-t", "3", "legacy.sh",
+                        cwd=str(work), env=env)
+    assert result.returncode == 0, describe(result)
+    submitted = json.loads(result.stdout)
+    job, native = submitted["id"], submitted["native_id"]
+    fields = _scontrol(slurm_cluster, native)
+    assert (fields["Account"], fields["Features"], fields["Licenses"]) == ("chemproj", "ib", "fluent:1"), fields
+    assert (fields["MailType"], fields["MailUser"]) == ("END,FAIL", "alice@example.org"), fields
+    assert fields["AdminComment"] == "requested qos=high", fields
+    assert (fields["JobName"], fields["TimeLimit"], fields["Requeue"]) == ("from-berth", "00:03:00", "1"), fields
+    assert fields["Comment"] == f"berth:{job_site.jobs_dir / job} first run", fields
+    states = wait_for(user, job_site, [job], FINAL, timeout_s=120, env=slurm_env)
+    assert states[job]["state"] == "completed", states
+    output = user.berth("logs", job, env=env).stdout
+    assert output == f'in-container=NAME="berth test busybox" id={native}\n'
+
+    before = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
+    job_site.write_script(work, "ok.sh", "#!/bin/sh\necho ok\n", user)
+    cases = [
+        (["--template", "bb", "--nodez=2", "ok.sh"], 9, "sbatch: unrecognized option '--nodez=2'"),
+        (["--template", "bb", "-C", "nosuchfeature", "ok.sh"], 9, "Invalid feature specification"),
+        (["--template", "bb", "--wrap=hostname", "ok.sh"], 2, "--wrap cannot be used with berth submit"),
+        (["--template", "bb", "--export=ALL,BERTH_CONFIG_DIR=/tmp/x", "ok.sh"], 2,
+         "BERTH_CONFIG_DIR is berth's own variable"),
+        (["--template", "bb", "-o", str(job_site.jobs_dir / "x.out"), "ok.sh"], 2, "inside berth's jobs directory"),
+        (["--template", "bb", "--gpus-per-node=1", "ok.sh"], 77, "exceeds template 'bb' (gpu=0 per node)"),
+    ]
+    for argv, code, message in cases:
+        records = len(list(job_site.jobs_dir.iterdir()))
+        refused = user.berth("submit", *argv, cwd=str(work), env=env)
+        assert (refused.returncode, message in refused.stderr) == (code, True), describe(refused)
+        assert len(list(job_site.jobs_dir.iterdir())) == records
+    after = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
+    assert set(after.split()) - set(before.split()) == set(), (before, after)
