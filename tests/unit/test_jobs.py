@@ -124,6 +124,15 @@ def test_precedence_command_line_over_berth_over_sbatch(tmp_path):
     assert merge_options(sbatch).values["job_name"] == "a2"  # within one level, the later line wins
 
 
+def test_repeatable_berth_options_collect_and_the_higher_place_replaces_the_list(tmp_path):
+    text = "#!/bin/sh\n#BERTH --stage-in=a:x --stage-in b:y\n#BERTH --stage-out=r:s3://b/r\necho\n"
+    _, berth = read_directives(tmp_path / "j.sh", text)
+    assert merge_options(berth).values == {"stage_in": ["a:x", "b:y"], "stage_out": ["r:s3://b/r"]}
+    command_line = parse_options(["--stage-in", "c:z", "--s3-credentials-in-container"])[0]
+    assert merge_options(berth, command_line).values == {
+        "stage_in": ["c:z"], "stage_out": ["r:s3://b/r"], "s3_credentials_in_container": True}
+
+
 def test_template_and_image_at_one_level_conflict_and_across_levels_the_higher_wins():
     directive = [o for o in parse_options(["--image", "x:1"], where="j.sh line 2")[0]]
     command_line = parse_options(["--template", "bb"])[0]
