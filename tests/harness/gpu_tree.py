@@ -47,14 +47,22 @@ int main(int argc, char **argv) {
 }
 """
 FAKE_SMI = """#!/bin/sh
-# Fake nvidia-smi: lists the GPU nodes this container sees, as `nvidia-smi -L` would.
+# Fake nvidia-smi: the GPU nodes this process sees (under $BERTH_FAKE_DEV, else /dev), as
+# `nvidia-smi -L` and `--query-gpu=uuid|name,driver_version --format=csv,noheader -i N` print them.
+dev=${BERTH_FAKE_DEV:-/dev}
 i=0
-for node in /dev/nvidia[0-9]*; do
+for node in "$dev"/nvidia[0-9]*; do
     [ -e "$node" ] || continue
-    echo "GPU $i: Berth Fake GPU (node $node)"
+    n=${node##*nvidia}
+    uuid="GPU-0000000$n-fake-4000-8000-00000000000$n"
+    case "$*" in
+        -L) echo "GPU $i: Berth Fake GPU (UUID: $uuid)" ;;
+        *uuid*"-i $i") echo "$uuid" ;;
+        *name,driver_version*"-i $i") echo "Berth Fake GPU, %s" ;;
+    esac
     i=$((i+1))
 done
-"""
+""" % DRIVER_VERSION
 
 
 def uuid_of(index: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.fixtures_runtime import _busybox_rootfs, _mksquashfs
-from tests.harness.gpu_tree import DRIVER_VERSION, glibc_rootfs, make_fake_driver_tree
+from tests.harness.gpu_tree import DRIVER_VERSION, glibc_rootfs, make_fake_driver_tree, uuid_of
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def test_allocated_gpus_only_renumbered_with_the_host_driver(runtime_env, gpu_la
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["nvidia-uvm", "nvidia-uvm-tools", "nvidia1", "nvidia3", "nvidiactl"]
     assert lines[1] == "0,1 0,1"
-    assert lines[2:4] == ["GPU 0: Berth Fake GPU (node /dev/nvidia1)", "GPU 1: Berth Fake GPU (node /dev/nvidia3)"]
+    assert lines[2:4] == [f"GPU 0: Berth Fake GPU (UUID: {uuid_of(1)})", f"GPU 1: Berth Fake GPU (UUID: {uuid_of(3)})"]
     assert lines[4] == f"cuInit=0 driver=fake-cuda-{DRIVER_VERSION} from=/dev/.berth-gpu/lib/libcuda.so.1"
     assert lines[5] == "cuInit=-1"  # libnvidia-ml loaded too (it has no cuInit)
 
@@ -178,3 +178,24 @@ def test_local_jobs_queue_for_gpus_and_never_share_one(job_site, user):
     for job in ids:
         assert states[job]["state"] == "completed", json.dumps(states[job])
         assert (work / f"out-{job}.txt").read_text() == "0,1 nvidia0 nvidia1 \n"
+
+
+def test_gpu_check_script_on_the_fake_tree(gpu_lab, gpu_site):
+    """scripts/gpu-check.sh, run as on a GPU node (as root) against the fake driver tree: it
+    builds its image without NVIDIA files and proves the selection with the injected nvidia-smi;
+    the CUDA program then stops it, naming what the fake libcuda lacks (a real driver has it)."""
+    import os
+    import subprocess
+
+    tree, _ = gpu_lab
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
+    env = {**os.environ, "PATH": f"{tree.bin_dir}:{os.environ['PATH']}", "BERTH_FAKE_DEV": str(tree.dev_dir),
+           "LD_LIBRARY_PATH": str(tree.lib_dir), "GPU_CHECK_ROUNDS": "1",
+           "GPU_CHECK_DEVICES_TOML": f'dev_dir = "{tree.dev_dir}"\nnvidia_proc_dir = "{tree.proc_dir}"\n'
+                                     f'mount_allow = ["{tree.root}", "/usr", "/lib"]\n'}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    passed = [line for line in result.stdout.splitlines() if line.startswith("PASS")]
+    assert len(passed) == 3, describe(result)
+    assert passed[1] == f"PASS: nvidia-smi -L inside lists exactly GPU 3 ({uuid_of(3)}) of 4 (--gpus {uuid_of(3)})"
+    assert "PASS: --gpus 5 is refused" in passed[2]
+    assert result.returncode == 1 and "FAIL: cuda-burn bare: error: cuDeviceGetCount not found" in result.stderr

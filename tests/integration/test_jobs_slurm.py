@@ -138,7 +138,7 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     # The container gets the one GPU Slurm allocated (of the fake tree's two), renumbered 0.
     gpu_lines = user.berth("logs", gpu, env={**job_site.env, **env}).stdout.splitlines()
     assert gpu_lines[0] == "gpus=0" and len(gpu_lines) == 2, gpu_lines
-    assert re.fullmatch(r"GPU 0: Berth Fake GPU \(node /dev/nvidia[01]\)", gpu_lines[1]), gpu_lines
+    assert re.fullmatch(r"GPU 0: Berth Fake GPU \(UUID: GPU-0000000[01]-fake-\S+\)", gpu_lines[1]), gpu_lines
 
     # Without a reachable Slurm (no SLURM_CONF), `berth jobs` still lists every job, from records.
     offline = user.berth("jobs", "--json", env=job_site.env)

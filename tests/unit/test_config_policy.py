@@ -152,6 +152,7 @@ def test_documented_examples_load(site):
     settings = site.load()
     assert settings.runtime == "runc" and settings.pinned == ("runtime",)
     assert [m.destination for m in settings.policy.mounts] == ["/scratch", "/opt/site", "/opt/openmpi-host"]
-    assert settings.policy.groups[0].group == "gpu" and len(settings.policy.groups[0].mounts) == 1
+    assert settings.policy.groups[0].group == "rdma" and len(settings.policy.groups[0].mounts) == 1
+    assert settings.devices.groups == (("rdma", ("/dev/infiniband/*",)),)
     assert settings.user_store == site.home / "scratch/berth-images" and settings.backend == "local"
     assert settings.pull_parallel == 8

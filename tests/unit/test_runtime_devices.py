@@ -386,3 +386,19 @@ def _job_spec(tmp_path, resources, custom):
     values.update(id="1", name="job", image="img", workdir=str(tmp_path), resources=resources, custom=custom,
                   stop_timeout_s=10)
     return JobSpec(**values)
+
+
+def test_template_custom_devices_are_judged_where_they_can_be(settings):
+    """At template creation (and submission) device paths are judged fully, group names against
+    the site's groups, CDI names by syntax only: their spec lives on the GPU nodes."""
+    from berth.runtime.options import parse_custom
+    from berth.runtime.policy import check_options
+
+    settings = replace(settings, devices=replace(settings.devices, groups=(("rdma", ("/dev/infiniband/*",)),)))
+    check_options(settings, parse_custom("--device rdma --device vendor.example/fpga=0 --gpus 1"))
+    with pytest.raises(UsageError, match="there is no device group 'ib'"):
+        check_options(settings, parse_custom("--device ib"))
+    with pytest.raises(UsageError, match="is not a CDI device name"):
+        check_options(settings, parse_custom("--device vendor.example/fpga=a+b"))
+    with pytest.raises(UsageError, match="--gpus"):
+        parse_custom("--gpus many")
