@@ -9,7 +9,7 @@ kept as it is (it must quote figures only from the tables above it).
 Usage (as root, on a quiet machine)::
 
     BERTH_BENCH=1 scripts/install-system-packages.sh && scripts/setup-venv.sh
-    python3 bench/run_all.py [--only start,import_storm,jobs_start,pull_convert] [--quick] [--fresh]
+    python3 bench/run_all.py [--only start,import_storm,jobs_start,pull_convert,squashfs_compression,staging] [--quick] [--fresh]
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ BENCHMARKS = {
     "jobs_start": (["--runs", "3"], ["--runs", "1", "--nodes", "1,2"]),
     "pull_convert": (["--runs", "3"], ["--runs", "1", "--images", "debian"]),
     "squashfs_compression": (["--runs", "3"], ["--runs", "1"]),
+    "staging": (["--runs", "3"], ["--runs", "1", "--big-mib", "64", "--small-count", "200"]),
 }
 #: Order of the sections in RESULTS.md (issue order).
-SECTION_ORDER = ("pull_convert", "start", "import_storm", "jobs_start", "squashfs_compression")
+SECTION_ORDER = ("pull_convert", "start", "import_storm", "jobs_start", "squashfs_compression", "staging")
 
 HOWTO = """# berth benchmarks: results
 
@@ -52,6 +53,7 @@ and run every tool meant to run unprivileged as the user `berthtest`):
     python3 bench/start.py --runs 50
     python3 bench/import_storm.py
     python3 bench/jobs_start.py
+    python3 bench/staging.py --runs 3                   # --big-mib 256 on a small machine
 
 Images are built once (debootstrap from the Debian mirror, copies of host trees) and cached with
 the registry storage, udocker's venv and the reports under /var/cache/berth-bench (override with
@@ -65,6 +67,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `import_storm.py` | importing 3000 small modules from the SquashFS vs from a directory, warm and cold | 3 |
 | `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes | 4 |
 | `squashfs_compression.py` | per compressor: pull + convert, SquashFS size, read-back via squashfuse, which readers accept it | 9 |
+| `staging.py` | `berth stage` in/out of one large object, 2,000 small ones and a no-change re-sync vs s5cmd, aws-cli, s3cmd on SeaweedFS | 7 |
 | `common.py` | registry, cached images, the unprivileged user, statistics, kernel exec trace | |
 """
 
@@ -118,7 +121,7 @@ def write_results() -> None:
                      + "\n".join(summary) + "\n")
     titles = {"pull_convert": "1. Pull + convert", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running",
-              "squashfs_compression": "5. SquashFS compressors"}
+              "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging"}
     for name in SECTION_ORDER:
         report = SECTIONS_DIR / f"{name}.md"
         parts.append(f"## {titles[name]}\n")

