@@ -201,6 +201,20 @@ def _raise_stop(signum, frame):
     raise StopRequested(signum)
 
 
+def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
+    """In a forked child: have the kernel send ``signum`` when the parent dies (prctl
+    PR_SET_PDEATHSIG), like ``setpriv --pdeathsig`` does for programs started here; a parent
+    gone already (before the call) sends it at once. Without it a child supervising a
+    container outlives a parent killed with SIGKILL, and nothing stops it (issue 8)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signum, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signum)
+
+
 def raise_on_stop(*, replace_installed: bool = False) -> dict:
     """Make :data:`STOP_SIGNALS` raise :class:`StopRequested`; return the previous handlers
     for :func:`restore_handlers`. Handlers a caller installed are kept unless

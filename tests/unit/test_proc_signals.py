@@ -93,3 +93,43 @@ def test_wait_status_and_returncode_agree():
         os.kill(os.getpid(), signal.SIGKILL)
     _, raw = os.waitpid(pid, 0)
     assert proc.wait_status(raw) == proc.shell_status(-signal.SIGKILL) == proc.signal_status(signal.SIGKILL) == 137
+
+
+def test_die_with_parent_stops_a_forked_child_when_its_parent_is_killed(tmp_path):
+    """The job runner's forked supervisor must not outlive a runner killed with SIGKILL
+    (issue 8, scenario 3: the container ran on while the job showed as failed)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    middle = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time
+        from berth import proc
+        parent = os.getpid()
+        if os.fork() == 0:
+            proc.die_with_parent(parent)
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(60)
+    """)])
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    middle.kill()
+    middle.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the child outlived its parent")

@@ -399,17 +399,18 @@ class Supervisor:
     def _fork(self, events_read: int, events_write: int, body) -> int:
         """Fork a child that runs ``body(report)`` and exits with its status (125 on a
         BerthError, which it reports on the pipe). Returns the child's pid."""
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             os.close(events_read)
-            self._child(events_write, body)
+            self._child(events_write, body, parent)
         os.close(events_write)
         return pid
 
     def _run_script(self, report) -> int:
         return stage_and_run(self.settings, self.spec, self.record, report, limit_resources=self.limit_resources)
 
-    def _child(self, events_write: int, body) -> None:
+    def _child(self, events_write: int, body, parent: int) -> None:
         status = 125
         try:
             # A stop before the runtime starts must still unwind run_container's clean-up
@@ -417,6 +418,9 @@ class Supervisor:
             # that finally blocks run. While the runtime runs, run_container forwards the
             # signal and applies stop_timeout.
             proc.raise_on_stop(replace_installed=True)
+            # A runner killed with SIGKILL stops its job the same way (else the container ran
+            # on, unsupervised, while the job showed as failed: issue 8, scenario 3).
+            proc.die_with_parent(parent)
 
             def report(event: str, **data) -> None:
                 os.write(events_write, (json.dumps({"event": event, **data}) + "\n").encode())
