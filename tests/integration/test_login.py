@@ -10,6 +10,7 @@ import pytest
 
 from berth.registry.auth import load_credentials
 from berth.registry.client import RegistryClient
+from berth.registry.transport import RetryPolicy
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,7 @@ def test_login_validates_then_stores_credentials_privately(request, user, login_
     assert base64.b64decode(stored).decode() == f"{registry.username}:{registry.password}"
     # What login stored is what a later pull uses.
     credentials = load_credentials(login_env)
-    with RegistryClient(registry.host, insecure=True, credentials=credentials, retries=0) as client:
+    with RegistryClient(registry.host, insecure=True, credentials=credentials, retry=RetryPolicy(attempts=1)) as client:
         client.ping()
 
 

@@ -21,16 +21,18 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.registry.auth import load_credentials
 from berth.registry.client import RegistryClient
-from berth.registry.transport import Backoff
+from berth.registry.transport import RetryPolicy
 
 pytestmark = pytest.mark.integration
 
-NO_WAIT = Backoff(sleep=lambda s: None)
+
+def no_wait(retries: int) -> RetryPolicy:
+    return RetryPolicy.with_retries(retries, sleep=lambda s: None)
 
 
 def client(registry, credentials=None, **kwargs) -> RegistryClient:
-    return RegistryClient(registry.host, insecure=True, credentials=credentials, retries=1, timeout_s=20,
-                          backoff=NO_WAIT, **kwargs)
+    return RegistryClient(registry.host, insecure=True, credentials=credentials, timeout_s=20,
+                          retry=no_wait(1), **kwargs)
 
 
 def b64(text: str) -> str:
@@ -179,7 +181,7 @@ def test_not_found_errors(registry):
 
 
 def test_https_to_a_plain_http_registry_suggests_insecure(registry):
-    with RegistryClient(registry.host, retries=3, backoff=NO_WAIT) as registry_client:
+    with RegistryClient(registry.host, retry=no_wait(3)) as registry_client:
         with pytest.raises(RegistryUnreachable) as caught:
             registry_client.get_manifest("a", "b")
     assert "plain-HTTP registry set insecure" in caught.value.hint
@@ -189,7 +191,7 @@ def test_nothing_listening_is_unreachable():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         host = f"127.0.0.1:{sock.getsockname()[1]}"
-    with RegistryClient(host, insecure=True, retries=1, backoff=NO_WAIT) as registry_client:
+    with RegistryClient(host, insecure=True, retry=no_wait(1)) as registry_client:
         with pytest.raises(RegistryUnreachable) as caught:
             registry_client.ping()
     assert caught.value.message.startswith(f"cannot reach registry {host}")
@@ -389,11 +391,11 @@ def test_https_registry_with_a_trusted_certificate(tls_registry_factory, monkeyp
     # OpenSSL's default verify paths honor SSL_CERT_FILE: how a site adds its private CA.
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
     image = SmallImage("oci", marker="tls")
-    with RegistryClient(host, retries=0, backoff=NO_WAIT) as registry_client:
+    with RegistryClient(host, retry=no_wait(0)) as registry_client:
         digest = image.push(registry_client, "berth-client/tls", "v1")
         assert registry_client.get_manifest("berth-client/tls", "v1").digest == digest
     # insecure means plain HTTP, never "HTTPS without verification": the TLS port refuses it.
-    with RegistryClient(host, insecure=True, retries=0, backoff=NO_WAIT) as registry_client:
+    with RegistryClient(host, insecure=True, retry=no_wait(0)) as registry_client:
         with pytest.raises(RegistryError):
             registry_client.get_manifest("berth-client/tls", "v1")
 
@@ -402,7 +404,7 @@ def test_https_certificate_is_verified(tls_registry_factory, monkeypatch, tmp_pa
     host, ca = tls_registry_factory(["127.0.0.1"])
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-certs-here"))
-    with RegistryClient(host, retries=3, backoff=NO_WAIT) as registry_client:
+    with RegistryClient(host, retry=no_wait(3)) as registry_client:
         with pytest.raises(RegistryUnreachable) as caught:
             registry_client.ping()
     assert "CERTIFICATE_VERIFY_FAILED" in caught.value.message
@@ -412,7 +414,7 @@ def test_https_certificate_is_verified(tls_registry_factory, monkeypatch, tmp_pa
 def test_https_host_name_is_verified(tls_registry_factory, monkeypatch):
     host, ca = tls_registry_factory(["registry.example"])  # valid chain, wrong name
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
-    with RegistryClient(host, retries=0, backoff=NO_WAIT) as registry_client:
+    with RegistryClient(host, retry=no_wait(0)) as registry_client:
         with pytest.raises(RegistryUnreachable) as caught:
             registry_client.ping()
     assert "CERTIFICATE_VERIFY_FAILED" in caught.value.message

@@ -21,7 +21,7 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.registry.auth import Credentials, Entry
 from berth.registry.client import RegistryClient
-from berth.registry.transport import Backoff
+from berth.registry.transport import RetryPolicy
 from tests.unit.registry_fake import FakeServer, Reply
 
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST,
@@ -40,8 +40,8 @@ def server():
 
 
 def client_for(server, credentials=None, retries=2) -> RegistryClient:
-    return RegistryClient(server.host, insecure=True, credentials=credentials, retries=retries, timeout_s=5,
-                          backoff=Backoff(sleep=lambda s: None))
+    return RegistryClient(server.host, insecure=True, credentials=credentials, timeout_s=5,
+                          retry=RetryPolicy.with_retries(retries, sleep=lambda s: None))
 
 
 def creds(host, user="alice", password="pw", source="/home/alice/.docker/config.json") -> Credentials:
@@ -444,7 +444,7 @@ def test_credentials_never_go_to_a_plain_http_token_server_of_an_https_registry(
     from berth.registry.authorizer import Authorizer
     from berth.registry.challenge import Challenge
 
-    https_client = RegistryClient(server.host, credentials=creds(server.host), retries=0)
+    https_client = RegistryClient(server.host, credentials=creds(server.host), retry=RetryPolicy(attempts=1))
     authorizer: Authorizer = https_client.authorizer
     challenge = Challenge("bearer", {"realm": f"{server.url}/token", "service": "s"})
     with pytest.raises(AuthenticationError, match="does not send credentials over plain HTTP"):

@@ -12,7 +12,7 @@ import pytest
 
 from berth import __version__
 from berth.errors import AuthenticationError, NotFound, RateLimited, RegistryError, RegistryUnreachable
-from berth.registry.transport import Backoff, Transport, parse_retry_after, same_origin
+from berth.registry.transport import RetryPolicy, Transport, parse_retry_after, same_origin
 from tests.unit.registry_fake import FakeServer, Reply
 
 
@@ -20,9 +20,9 @@ class Sleeps(list):
     """Records every backoff delay instead of sleeping."""
 
 
-def recording_backoff(sleeps: list, **kwargs) -> Backoff:
+def recording_policy(sleeps: list, retries: int = 3, **kwargs) -> RetryPolicy:
     # uniform returns the upper bound so delays are deterministic (the jitter's ceiling).
-    return Backoff(sleep=sleeps.append, uniform=lambda low, high: high, **kwargs)
+    return RetryPolicy.with_retries(retries, sleep=sleeps.append, uniform=lambda low, high: high, **kwargs)
 
 
 @pytest.fixture
@@ -33,8 +33,7 @@ def server():
 
 
 def make_transport(server, sleeps, retries=3, **kwargs) -> Transport:
-    return Transport(server.host, insecure=True, retries=retries, timeout_s=5,
-                     backoff=recording_backoff(sleeps, **kwargs))
+    return Transport(server.host, insecure=True, timeout_s=5, retry=recording_policy(sleeps, retries, **kwargs))
 
 
 def sequence(*replies):
@@ -49,19 +48,19 @@ def sequence(*replies):
 # -- backoff ---------------------------------------------------------------------------------
 
 def test_backoff_grows_exponentially_and_is_capped():
-    backoff = Backoff(base_s=0.5, cap_s=4.0, uniform=lambda low, high: high)
+    backoff = RetryPolicy(base_s=0.5, cap_s=4.0, uniform=lambda low, high: high)
     assert [backoff.delay_s(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
 
 
 def test_backoff_jitter_stays_within_bounds():
-    backoff = Backoff(base_s=1.0, cap_s=8.0)
+    backoff = RetryPolicy(base_s=1.0, cap_s=8.0)
     for attempt in range(6):
         for _ in range(50):
             assert 0.0 <= backoff.delay_s(attempt) <= min(8.0, 2.0 ** attempt)
 
 
 def test_backoff_honors_retry_after_up_to_a_cap():
-    backoff = Backoff(base_s=0.5, max_retry_after_s=30.0, uniform=lambda low, high: high)
+    backoff = RetryPolicy(base_s=0.5, max_retry_after_s=30.0, uniform=lambda low, high: high)
     assert backoff.delay_s(0, retry_after_s=7) == 7
     assert backoff.delay_s(0, retry_after_s=3600) == 30.0
     assert backoff.delay_s(3, retry_after_s=1) == 4.0  # our own delay when longer
@@ -139,8 +138,7 @@ def test_connection_refused_is_retried_then_unreachable_with_hint():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     sleeps: list = []
-    transport = Transport(f"127.0.0.1:{port}", insecure=False, retries=2, timeout_s=5,
-                          backoff=recording_backoff(sleeps))
+    transport = Transport(f"127.0.0.1:{port}", insecure=False, timeout_s=5, retry=recording_policy(sleeps, 2))
     with pytest.raises(RegistryUnreachable) as caught:
         transport.request("GET", f"https://127.0.0.1:{port}/v2/", accept=(200,), what="ping")
     assert sleeps == [0.5, 1.0]
@@ -151,7 +149,7 @@ def test_connection_refused_is_retried_then_unreachable_with_hint():
 
 def test_tls_to_a_plain_http_server_is_not_retried_and_suggests_insecure(server):
     sleeps: list = []
-    transport = Transport(server.host, insecure=False, retries=3, timeout_s=5, backoff=recording_backoff(sleeps))
+    transport = Transport(server.host, insecure=False, timeout_s=5, retry=recording_policy(sleeps, 3))
     with pytest.raises(RegistryUnreachable) as caught:
         transport.request("GET", f"https://{server.host}/v2/", accept=(200,), what="ping")
     assert sleeps == []
@@ -225,7 +223,7 @@ def test_importing_the_client_does_not_import_urllib3():
 def test_plain_http_goes_through_the_configured_proxy(server):
     """The fake server plays the proxy: it receives the absolute URL of the registry."""
     server.handler = sequence(Reply(200, b"via proxy"))
-    transport = Transport("registry.example:5000", insecure=True, retries=0, timeout_s=5,
+    transport = Transport("registry.example:5000", insecure=True, retry=RetryPolicy(attempts=1), timeout_s=5,
                           proxies={"http": f"http://user:p%40ss@{server.host}"})
     response = transport.request("GET", "http://registry.example:5000/v2/", accept=(200,), what="ping")
     assert response.data == b"via proxy"
@@ -235,7 +233,7 @@ def test_plain_http_goes_through_the_configured_proxy(server):
 
 
 def test_no_proxy_and_loopback_bypass_the_proxy(server):
-    transport = Transport("x", insecure=True, retries=0, timeout_s=5,
+    transport = Transport("x", insecure=True, retry=RetryPolicy(attempts=1), timeout_s=5,
                           proxies={"http": "http://proxy.example:3128", "https": "http://proxy.example:3128",
                                    "no": "internal.example,.corp.example"})
     assert transport.proxy_for("http://registry.example/v2/") == "http://proxy.example:3128"

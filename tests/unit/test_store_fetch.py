@@ -16,6 +16,7 @@ from berth.image import platforms, pull
 from berth.image.install import Descriptor
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
+from berth.registry.transport import RetryPolicy
 from berth.store.store import Store
 
 
@@ -45,7 +46,7 @@ class FakeClient:
         self.requests: list[int] = []
 
     @contextmanager
-    def open_blob(self, repository, digest, *, offset=0):
+    def open_blob(self, repository, digest, *, offset=0, budget=None):
         self.requests.append(offset)
         cut = self.cuts.pop(0) if self.cuts else None
         yield FakeResponse(self.data, offset if self.honor_range else 0, cut)
@@ -54,9 +55,8 @@ class FakeClient:
 REF = Reference.parse("example.org/team/app:1")
 
 
-@pytest.fixture(autouse=True)
-def no_sleep(monkeypatch):
-    monkeypatch.setattr(pull.time, "sleep", lambda _s: None)
+def policy(retries: int) -> RetryPolicy:
+    return RetryPolicy.with_retries(retries, sleep=lambda _s: None)
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def _descriptor(data: bytes) -> Descriptor:
 def test_mid_stream_cut_resumes_with_range(store):
     data = os.urandom(10_000)
     client = FakeClient(data, cuts=[3000, 4000])
-    fetched = pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    fetched = pull.fetch_blob(client, store, REF, _descriptor(data), policy(5), None, threading.Event())
     assert client.requests == [0, 3000, 7000]
     assert fetched == 10_000
     assert store.blob_path(Digest.of(data)).read_bytes() == data
@@ -82,7 +82,7 @@ def test_mid_stream_cut_resumes_with_range(store):
 def test_range_ignored_restarts_from_zero(store):
     data = os.urandom(10_000)
     client = FakeClient(data, cuts=[3000], honor_range=False)
-    pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    pull.fetch_blob(client, store, REF, _descriptor(data), policy(5), None, threading.Event())
     assert client.requests == [0, 3000]  # asked to resume, got the whole blob, started over
     assert store.blob_path(Digest.of(data)).read_bytes() == data
 
@@ -92,7 +92,7 @@ def test_partial_from_killed_process_is_resumed(store):
     digest = Digest.of(data)
     store.layout.partial_blob(digest).write_bytes(data[:6000])
     client = FakeClient(data)
-    pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    pull.fetch_blob(client, store, REF, _descriptor(data), policy(5), None, threading.Event())
     assert client.requests == [6000]
     assert store.blob_path(digest).read_bytes() == data
 
@@ -102,7 +102,7 @@ def test_corrupt_partial_gets_one_fresh_download(store):
     digest = Digest.of(data)
     store.layout.partial_blob(digest).write_bytes(b"\0" * 6000)  # garbage from elsewhere
     client = FakeClient(data)
-    pull.fetch_blob(client, store, REF, _descriptor(data), 5, None, threading.Event())
+    pull.fetch_blob(client, store, REF, _descriptor(data), policy(5), None, threading.Event())
     assert client.requests == [6000, 0]
     assert store.blob_path(digest).read_bytes() == data
 
@@ -112,7 +112,7 @@ def test_digest_mismatch_from_registry_keeps_nothing(store):
     descriptor = _descriptor(data)
     client = FakeClient(bytes(reversed(data)))  # same size, other content
     with pytest.raises(DigestMismatch) as caught:
-        pull.fetch_blob(client, store, REF, descriptor, 5, None, threading.Event())
+        pull.fetch_blob(client, store, REF, descriptor, policy(5), None, threading.Event())
     assert str(REF) in caught.value.message and str(descriptor.digest) in caught.value.message
     assert not store.has_blob(descriptor.digest)
     assert list(store.layout.tmp_dir.iterdir()) == []
@@ -121,8 +121,8 @@ def test_digest_mismatch_from_registry_keeps_nothing(store):
 def test_retries_are_bounded_and_partial_kept_for_next_run(store):
     data = os.urandom(10_000)
     client = FakeClient(data, cuts=[1000, 0, 0, 0])
-    with pytest.raises(RegistryUnreachable, match="failed 4 times"):
-        pull.fetch_blob(client, store, REF, _descriptor(data), 3, None, threading.Event())
+    with pytest.raises(RegistryUnreachable, match="failed after 4 attempts"):
+        pull.fetch_blob(client, store, REF, _descriptor(data), policy(3), None, threading.Event())
     assert len(client.requests) == 4
     assert store.layout.partial_blob(Digest.of(data)).stat().st_size == 1000
 
@@ -184,9 +184,10 @@ class TwoBlobClient:
     def __init__(self, bad: bytes, slow: bytes) -> None:
         self.bad, self.slow = Digest.of(bad), slow
         self.slow_chunks_sent = 0
+        self.retry = policy(2)
 
     @contextmanager
-    def open_blob(self, repository, digest, *, offset=0):
+    def open_blob(self, repository, digest, *, offset=0, budget=None):
         if digest == self.bad:
             yield FakeResponse(b"\0" * 100, 0, None)
             return

@@ -91,6 +91,7 @@ def run_login(args: argparse.Namespace, ctx) -> int:
     from berth.errors import ConfigError
     from berth.registry import auth
     from berth.registry.client import RegistryClient
+    from berth.registry.transport import RetryPolicy
 
     key = auth.normalize_host(args.registry)
     host = _api_host(key)
@@ -98,7 +99,9 @@ def run_login(args: argparse.Namespace, ctx) -> int:
     password = _read_password(args)
     insecure = args.insecure if args.insecure is not None else ctx.settings.registry(key).insecure
     credentials = auth.Credentials.from_pairs({key: (username, password)}, source="the command line")
-    with RegistryClient(host, insecure=insecure, credentials=credentials, retries=2) as client:
+    # Few attempts: a person is waiting, and a wrong password is not worth repeating.
+    with RegistryClient(host, insecure=insecure, credentials=credentials,
+                        retry=RetryPolicy(attempts=3)) as client:
         client.ping()
     path = auth.berth_auth_file()
     auth.save_login(key, username, password, path)

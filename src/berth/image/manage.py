@@ -250,6 +250,6 @@ def _refetch_blob(settings: "Settings", store: Store, need, insecure: bool) -> N
     try:
         with store.writing():
             fetch_blob(client, store, reference, Descriptor(need.media_type, need.digest, need.size_bytes),
-                       settings.pull_retries, None, StopSignal())
+                       client.retry, None, StopSignal())
     finally:
         client.close()

@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from berth.config.settings import Settings
 
 _BLOB_CHUNK_BYTES = 1 << 20
-_RETRY_BASE_S = 0.5
-_RETRY_CAP_S = 10.0
 
 
 def select_platform(index: dict, wanted: Platform, what: str) -> Descriptor:
@@ -130,9 +128,17 @@ def make_client(settings: "Settings", reference: Reference, *, insecure: bool = 
         insecure=insecure or settings.registry(reference.registry).insecure
         or settings.registry(reference.api_host).insecure,
         credentials=load_credentials(),
-        retries=settings.pull_retries,
+        retry=retry_policy(settings),
         timeout_s=settings.registry_timeout_s,
     )
+
+
+def retry_policy(settings: "Settings"):
+    """The one retry policy of registry traffic, from ``pull_retries`` (retries after the first
+    attempt of one manifest or blob, every layer of retrying together)."""
+    from berth.registry.transport import RetryPolicy
+
+    return RetryPolicy.with_retries(settings.pull_retries)
 
 
 class _Counters:
@@ -313,8 +319,8 @@ def _download_all(client, settings, store: Store, reference: Reference, blobs: l
     stop = StopSignal()
     workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull") as pool:
-        futures = [pool.submit(fetch_blob, client, store, reference, blob, settings.pull_retries,
-                               progress, stop) for blob in blobs]
+        futures = [pool.submit(fetch_blob, client, store, reference, blob, client.retry, progress, stop)
+                   for blob in blobs]
         try:
             done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
             failures = [f.exception() for f in done if f.exception() is not None]
@@ -353,14 +359,16 @@ def _retryable(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("urllib3", "http.client"))
 
 
-def fetch_blob(client, store: Store, reference: Reference, descriptor: Descriptor, retries: int,
+def fetch_blob(client, store: Store, reference: Reference, descriptor: Descriptor, retry,
                progress: PullProgress | None, stop: threading.Event) -> int | None:
     """Download one blob into the store unless present; returns bytes fetched (None: cached).
 
     Holds the blob's lock throughout, so concurrent pulls of it (threads or processes) wait
     for this one and then find it stored. Resumes a partial file with a Range request, and
-    starts over when the registry ignores the Range. Raises DigestMismatch (nothing kept),
-    RegistryUnreachable after ``retries`` failed resumptions, AuthenticationError, NotFound.
+    starts over when the registry ignores the Range. ``retry`` (a RetryPolicy) gives the blob
+    one budget of attempts, shared with the client's request retries: resuming after a cut
+    and retrying a 503 count alike. Raises DigestMismatch (nothing kept), RegistryUnreachable
+    once the budget is spent, AuthenticationError, NotFound.
     """
     digest, size = descriptor.digest, descriptor.size_bytes
     if stop.is_set():
@@ -370,13 +378,14 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
             notify(progress, "blob_done", digest, size, True)
             return None
         fetched = 0
-        failures = 0
+        budget = retry.budget()
         retried_from_zero = False
         resumed_at = writer.offset
         while True:
             try:
                 if not writer.complete:
-                    with client.open_blob(reference.repository, digest, offset=writer.offset) as response:
+                    with client.open_blob(reference.repository, digest, offset=writer.offset,
+                                          budget=budget) as response:
                         if response.offset != writer.offset:
                             if response.offset != 0:
                                 raise RegistryError(
@@ -416,12 +425,11 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
                     raise DigestMismatch(f"{reference}: {exc.message}", hint=exc.hint) from None
                 if not _retryable(exc):
                     raise
-                failures += 1
-                if failures > retries:
+                if not budget.can_retry:
                     raise RegistryUnreachable(
-                        f"downloading blob {digest} of {reference} failed {failures} times: {exc}",
+                        f"downloading blob {digest} of {reference} failed after {budget.attempts} attempts: {exc}",
                         hint="check the network and the registry; run the pull again to resume "
                         "where it stopped",
                     ) from None
                 notify(progress, "blob_restarted", digest, f"{exc}; resuming at byte {writer.offset}")
-                time.sleep(min(_RETRY_CAP_S, _RETRY_BASE_S * 2 ** (failures - 1)))
+                budget.retry()

@@ -33,8 +33,9 @@ from berth.oci.reference import is_repository, is_tag
 from berth.registry.auth import Credentials
 from berth.registry.authorizer import Authorizer, pull_scope, push_scope
 from berth.registry.transport import (
-    RETRY_STATUSES,
-    Backoff,
+    NO_RETRY,
+    RetryBudget,
+    RetryPolicy,
     Transport,
     error_detail,
     parse_retry_after,
@@ -153,9 +154,9 @@ class RegistryClient:
 
     ``insecure=True`` means plain HTTP, and only then; otherwise HTTPS with the system's
     certificate authorities. ``credentials`` (from :func:`berth.registry.auth.load_credentials`)
-    are used only when the registry asks. ``retries`` counts retries after the first attempt
-    (connection errors, 5xx and 429 only); ``timeout_s`` bounds connecting and each read.
-    ``backoff`` replaces the default retry delays (tests pass one that does not sleep).
+    are used only when the registry asks. ``retry`` is the one retry policy (attempts per
+    operation, backoff; tests pass one that does not sleep); ``timeout_s`` bounds connecting
+    and each read.
     ``proxies`` (``{"http": URL, "https": URL, "no": "hosts"}``) defaults to the environment's
     ``http_proxy``/``https_proxy``/``no_proxy``. ``pool_size`` bounds the connections kept per
     host: at least the number of threads downloading in parallel.
@@ -167,9 +168,8 @@ class RegistryClient:
         *,
         insecure: bool = False,
         credentials: Credentials | None = None,
-        retries: int = 5,
+        retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
-        backoff: Backoff | None = None,
         pool_size: int = 8,
         proxies: Mapping[str, str] | None = None,
     ) -> None:
@@ -178,8 +178,9 @@ class RegistryClient:
         self.host = host
         self.insecure = insecure
         self.base_url = f"{'http' if insecure else 'https'}://{host}"
-        self.transport = Transport(host, insecure=insecure, retries=retries, timeout_s=timeout_s,
-                                   backoff=backoff, pool_size=pool_size, proxies=proxies)
+        self.retry = retry or RetryPolicy()
+        self.transport = Transport(host, insecure=insecure, retry=self.retry, timeout_s=timeout_s,
+                                   pool_size=pool_size, proxies=proxies)
         self.authorizer = Authorizer(host, self.transport, credentials)
 
     def close(self) -> None:
@@ -212,7 +213,7 @@ class RegistryClient:
         wanted = parse_version(version)
         name = f"{repository}@{version}" if wanted else f"{repository}:{version}"
         what = f"manifest {name}"
-        attempt = 0
+        budget = self.retry.budget()
         while True:
             response = self._request(
                 "GET", f"/v2/{repository}/manifests/{version}",
@@ -223,16 +224,16 @@ class RegistryClient:
                     + (f" ({detail})" if detail else ""),
                     hint="check the repository name and the tag or digest (and that the image was pushed)",
                 ),
+                budget=budget,
             )
             try:
                 data = self._read_bounded(response, MAX_MANIFEST_BYTES, what)
                 break
             except RegistryUnreachable:
-                # The connection broke inside the body: a manifest is small, fetch it again.
-                if attempt >= self.transport.retries:
+                # The connection broke inside the body: a manifest is small, fetch it again
+                # (from the same budget as the request itself).
+                if not budget.retry():
                     raise
-                self.transport.backoff.wait(attempt)
-                attempt += 1
             finally:
                 response.close()  # unread bytes must not go back to the pool with the connection
                 response.release_conn()
@@ -250,12 +251,14 @@ class RegistryClient:
         self._cross_check(response.headers.get("Docker-Content-Digest"), data, digest, what)
         return Manifest(data, media_type, digest)
 
-    def open_blob(self, repository: str, digest: Digest, *, offset: int = 0) -> BlobResponse:
+    def open_blob(self, repository: str, digest: Digest, *, offset: int = 0,
+                  budget: RetryBudget | None = None) -> BlobResponse:
         """Start downloading blob ``digest``; from ``offset`` with ``Range`` when > 0.
 
         Redirects to object storage are followed without the registry's Authorization. The
-        returned BlobResponse's ``offset`` says whether the Range was honored. Raises NotFound
-        (404), AuthenticationError, RateLimited, RegistryUnreachable, RegistryError.
+        returned BlobResponse's ``offset`` says whether the Range was honored. ``budget``: the
+        download's retry budget when the caller resumes it after failures (pull does). Raises
+        NotFound (404), AuthenticationError, RateLimited, RegistryUnreachable, RegistryError.
         """
         check_repository(repository)
         if offset < 0:
@@ -269,6 +272,7 @@ class RegistryClient:
                 f"blob {digest} not found in {self.host}/{repository}" + (f" ({detail})" if detail else ""),
                 hint="the image's manifest names a layer the registry does not have; tell the image's publisher",
             ),
+            budget=budget,
         )
         start = 0
         if response.status == 206:
@@ -279,12 +283,12 @@ class RegistryClient:
                 # A range we did not ask for: start over rather than splice wrong bytes.
                 response.close()
                 response.release_conn()
-                return self.open_blob(repository, digest, offset=0)
+                return self.open_blob(repository, digest, offset=0, budget=budget)
         elif response.status == 416:
             # Offset at or past the end (a complete partial file, or one from another blob).
             response.close()
             response.release_conn()
-            return self.open_blob(repository, digest, offset=0)
+            return self.open_blob(repository, digest, offset=0, budget=budget)
         size = _total_size(response, start)
         return BlobResponse(response, offset=start, size_bytes=size, what=what, registry=self.host)
 
@@ -326,13 +330,14 @@ class RegistryClient:
             # 202: the registry could not mount and opened an upload session instead; it is
             # simply abandoned (registries purge stale sessions) to keep one code path below.
         start = fileobj.tell() if size else 0
-        attempt = 0
+        budget = self.retry.budget()
         while True:
             # The PUT that completes an upload cannot be repeated on the same session (the
-            # registry may already hold part of the body), so a failed PUT restarts the session.
+            # registry may already hold part of the body), so a failed PUT restarts the session;
+            # the POSTs and PUTs of every round draw from one budget.
             response = self._request(
                 "POST", f"/v2/{repository}/blobs/uploads/", scope=scope, accept=(202,),
-                headers={"Content-Length": "0"}, body=b"", what=what)
+                headers={"Content-Length": "0"}, body=b"", what=what, budget=budget)
             location = response.headers.get("Location")
             if not location:
                 raise RegistryError(f"registry {self.host} started the {what} without a Location header",
@@ -343,23 +348,19 @@ class RegistryClient:
                 fileobj.seek(start)
             try:
                 response = self._request(
-                    "PUT", url, scope=scope, accept=(201, *RETRY_STATUSES),
+                    "PUT", url, scope=scope, accept=(201, *self.retry.statuses),
                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                    body=fileobj if size else b"", what=what, retries=0)
+                    body=fileobj if size else b"", what=what, budget=NO_RETRY.budget())
             except RegistryUnreachable:
-                if attempt >= self.transport.retries:
+                if not budget.retry():
                     raise
-            else:
-                if response.status == 201:
-                    break
-                if attempt >= self.transport.retries:
-                    raise self.transport.status_error(response.status, url, what, error_detail(response.data or b""), attempt)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                self.transport.backoff.wait(attempt, retry_after)
-                attempt += 1
                 continue
-            self.transport.backoff.wait(attempt)
-            attempt += 1
+            if response.status == 201:
+                break
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if not budget.retry(retry_after):
+                raise self.transport.status_error(response.status, url, what, error_detail(response.data or b""),
+                                                  budget.attempts)
         self._cross_check(response.headers.get("Docker-Content-Digest"), None, digest, what)
         return True
 
@@ -403,9 +404,11 @@ class RegistryClient:
         body: bytes | IO[bytes] | None = None,
         stream: bool = False,
         not_found: Callable[[str], Exception] | None = None,
-        retries: int | None = None,
+        budget: RetryBudget | None = None,
     ) -> Any:
-        """One authenticated request: answer at most one 401 challenge, then map refusals."""
+        """One authenticated request: answer at most one 401 challenge, then map refusals.
+        Answering the challenge is not a retry; failures draw from ``budget`` (by default the
+        request's own)."""
         url = urljoin(self.base_url + "/", path)
         ours = same_origin(url, self.base_url)
         position = body.tell() if body is not None and not isinstance(body, bytes) else None
@@ -416,10 +419,11 @@ class RegistryClient:
             return not_found(detail)
 
         auth_headers = self.authorizer.headers(scope) if ours else {}
+        budget = budget or self.retry.budget()
         for attempt in range(2):
             response = self.transport.request(
                 method, url, accept=(*accept, 401, 403), headers={**(headers or {}), **auth_headers},
-                body=body, stream=stream, what=what, not_found=make_not_found, retries=retries)
+                body=body, stream=stream, what=what, not_found=make_not_found, budget=budget)
             if response.status not in (401, 403) or response.status in accept:
                 return response
             detail = _error_text(response, stream)

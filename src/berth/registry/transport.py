@@ -4,8 +4,9 @@ Rules (STYLE.md, issue 2):
 
 - every request states the statuses it accepts; any other status becomes a typed error
   (401/403 authentication, 404 not found, 429 rate limited, anything else RegistryError);
-- only connection errors, 5xx and 429 are retried, with capped exponential backoff with full
-  jitter that honors ``Retry-After``; TLS failures are not retried (they do not heal);
+- only connection errors, 5xx and 429 are retried, under the one :class:`RetryPolicy` (capped
+  exponential backoff with full jitter, ``Retry-After`` honored, a bounded number of attempts
+  per operation shared with the client's and pull's own loops); TLS failures are not retried;
 - redirects are followed by hand so that the registry's ``Authorization`` header never reaches
   another host (blob GETs redirect to object storage with its own signed URL);
 - ``urllib3`` is imported lazily: ``berth run`` does not pay for it.
@@ -44,32 +45,83 @@ ERROR_BODY_BYTES = 2000
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with full jitter (AWS architecture blog, 2015).
+class RetryPolicy:
+    """berth's one retry policy for registry traffic: which failures are retried, how many
+    attempts one operation gets in all, and how long to wait between them.
 
-    Attempt ``n`` (0-based) waits ``uniform(0, min(cap_s, base_s * 2**n))``; a ``Retry-After``
-    from the server raises that to the server's value, itself capped at ``max_retry_after_s``
-    so that a hostile or confused server cannot park berth for hours. ``sleep`` and
-    ``uniform`` are injectable so that tests run without waiting.
+    ``attempts`` bounds the tries of one *operation* (one manifest, one blob, one upload), not
+    of one loop: every layer that retries part of it (the transport's request loop, the client's
+    manifest re-read and upload restart, pull's resumption of a blob) draws from the same
+    :class:`RetryBudget`, so nested loops cannot multiply attempts (issue 9: four nested loops
+    could try one blob 36 times). Retried: connection errors, timeouts and the ``statuses``
+    (5xx and 429). The wait before retry ``n`` (0-based) is capped exponential backoff with full
+    jitter (AWS architecture blog, 2015): ``uniform(0, min(cap_s, base_s * 2**n))``, raised to a
+    ``Retry-After`` from the server, itself capped at ``max_retry_after_s`` so that a hostile or
+    confused server cannot park berth for hours.
+
+    urllib3's ``Retry`` does the per-request part of this, but not a budget shared with the
+    layers above a request, and berth follows redirects itself (to drop ``Authorization`` on
+    another origin), so this small policy owns it all. ``sleep`` and ``uniform`` are injectable
+    so that tests count attempts without waiting. Settings: ``pull_retries`` (attempts - 1).
     """
 
+    attempts: int = 6
     base_s: float = 0.5
     cap_s: float = 20.0
     max_retry_after_s: float = 60.0
+    statuses: frozenset[int] = RETRY_STATUSES
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
     uniform: Callable[[float, float], float] = field(default=random.uniform, compare=False)
 
-    def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
-        delay = self.uniform(0.0, min(self.cap_s, self.base_s * (2 ** attempt)))
+    @classmethod
+    def with_retries(cls, retries: int, **kwargs: Any) -> "RetryPolicy":
+        """The policy allowing ``retries`` retries after the first attempt (``pull_retries``)."""
+        return cls(attempts=max(0, retries) + 1, **kwargs)
+
+    def delay_s(self, retry: int, retry_after_s: float | None = None) -> float:
+        """The wait before retry number ``retry`` (0-based)."""
+        delay = self.uniform(0.0, min(self.cap_s, self.base_s * (2 ** retry)))
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.max_retry_after_s))
         return delay
 
-    def wait(self, attempt: int, retry_after_s: float | None = None) -> float:
-        delay = self.delay_s(attempt, retry_after_s)
+    def budget(self) -> "RetryBudget":
+        """A fresh budget for one operation."""
+        return RetryBudget(self)
+
+
+#: For a request that must not be sent twice by the transport (its caller restarts the
+#: whole exchange instead, from its own budget).
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+class RetryBudget:
+    """The attempts one operation has left under a :class:`RetryPolicy`; shared by every loop
+    that retries part of the operation. Not thread-safe: one operation, one thread."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        #: Retries taken so far (attempts made = retries + 1).
+        self.retries = 0
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    @property
+    def can_retry(self) -> bool:
+        return self.attempts < max(1, self.policy.attempts)
+
+    def retry(self, retry_after_s: float | None = None) -> bool:
+        """Wait before one more attempt and return True; False (at once) when the operation has
+        used all its attempts."""
+        if not self.can_retry:
+            return False
+        delay = self.policy.delay_s(self.retries, retry_after_s)
         if delay > 0:
-            self.sleep(delay)
-        return delay
+            self.policy.sleep(delay)
+        self.retries += 1
+        return True
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -119,9 +171,9 @@ def error_detail(body: bytes) -> str:
 class Transport:
     """Sends requests to one registry (and the hosts it redirects to) with retries.
 
-    ``registry`` is the ``host[:port]`` named in messages; ``retries`` is the number of
-    retries after the first attempt. The Transport does not know about authentication:
-    the caller passes headers, and gets 401 back when it lists 401 as accepted.
+    ``registry`` is the ``host[:port]`` named in messages; ``retry`` is the policy (default:
+    :class:`RetryPolicy`'s). The Transport does not know about authentication: the caller
+    passes headers, and gets 401 back when it lists 401 as accepted.
     """
 
     def __init__(
@@ -129,9 +181,8 @@ class Transport:
         registry: str,
         *,
         insecure: bool = False,
-        retries: int = 5,
+        retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
-        backoff: Backoff | None = None,
         pool_size: int = 8,
         proxies: Mapping[str, str] | None = None,
     ) -> None:
@@ -141,8 +192,7 @@ class Transport:
 
         self.registry = registry
         self.insecure = insecure
-        self.retries = max(0, retries)
-        self.backoff = backoff or Backoff()
+        self.retry = retry or RetryPolicy()
         self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
         self.pool_size = pool_size
         #: ``{"http": URL, "https": URL, "no": "host,…"}`` as urllib's getproxies() returns;
@@ -210,7 +260,7 @@ class Transport:
         what: str,
         follow_redirects: bool = True,
         not_found: Callable[[str], Exception] | None = None,
-        retries: int | None = None,
+        budget: RetryBudget | None = None,
     ) -> Any:
         """Send one request; return the urllib3 response when its status is in ``accept``.
 
@@ -220,15 +270,16 @@ class Transport:
         followed up to MAX_REDIRECTS; ``Authorization`` is dropped when the target is on another
         origin. 404 raises ``not_found(detail)`` when given, else NotFound. Raises
         AuthenticationError (401/403 not accepted), RateLimited, RegistryUnreachable or
-        RegistryError. ``retries`` overrides the transport's count for this request (0 for a
-        request that cannot simply be sent again, such as the PUT that completes an upload).
+        RegistryError. ``budget`` is the operation's retry budget when this request is part of
+        a larger one (a blob download that resumes, a manifest read again); by default the
+        request gets its own. ``NO_RETRY.budget()`` for a request that cannot simply be sent
+        again, such as the PUT that completes an upload.
         """
         import urllib3.exceptions as uexc
 
-        max_retries = self.retries if retries is None else max(0, retries)
+        budget = budget or self.retry.budget()
         headers = dict(headers or {})
         start_pos = body.tell() if body is not None and hasattr(body, "tell") else None
-        attempt = 0
         while True:
             if start_pos is not None:
                 body.seek(start_pos)  # type: ignore[union-attr]
@@ -237,11 +288,9 @@ class Transport:
             except uexc.SSLError as exc:
                 raise self._tls_error(url, what, exc) from None
             except (uexc.HTTPError, OSError) as exc:
-                if attempt < max_retries and _retryable_exception(exc):
-                    self.backoff.wait(attempt)
-                    attempt += 1
+                if _retryable_exception(exc) and budget.retry():
                     continue
-                raise self._unreachable(url, what, exc, attempt) from None
+                raise self._unreachable(url, what, exc, budget.attempts) from None
             status = response.status
             if status in accept:
                 if not stream:
@@ -249,21 +298,18 @@ class Transport:
                         response.read(cache_content=True)
                     except (uexc.HTTPError, OSError) as exc:
                         _discard(response)
-                        if attempt < max_retries and _retryable_exception(exc):
-                            self.backoff.wait(attempt)
-                            attempt += 1
+                        if _retryable_exception(exc) and budget.retry():
                             continue
-                        raise self._unreachable(url, what, exc, attempt) from None
+                        raise self._unreachable(url, what, exc, budget.attempts) from None
                     response.release_conn()
                 return response
-            if status in RETRY_STATUSES and attempt < max_retries:
+            if status in self.retry.statuses and budget.can_retry:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 _discard(response)
-                self.backoff.wait(attempt, retry_after)
-                attempt += 1
+                budget.retry(retry_after)
                 continue
             detail = _read_error(response)
-            raise self.status_error(status, url, what, detail, attempt, not_found)
+            raise self.status_error(status, url, what, detail, budget.attempts, not_found)
 
     def _send_following(self, method, url, headers, body, stream, follow_redirects, what):
         current_url, current_method, current_body = url, method, body
@@ -312,8 +358,8 @@ class Transport:
                     "or insecure = true in its [[registries]] entry of the configuration)")
         return RegistryUnreachable(f"TLS connection to {_host_of(url)} failed for {what}: {reason}", hint=hint)
 
-    def _unreachable(self, url: str, what: str, exc: BaseException, attempt: int) -> RegistryUnreachable:
-        tries = f" after {attempt + 1} attempts" if attempt else ""
+    def _unreachable(self, url: str, what: str, exc: BaseException, attempts: int) -> RegistryUnreachable:
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
         host = _host_of(url)
         reason = _reason(exc)
         if "Name or service not known" in reason or "NameResolution" in type(exc).__name__ \
@@ -326,9 +372,11 @@ class Transport:
                     "(berth pull --insecure, or insecure = true in its [[registries]] entry of the configuration)")
         return RegistryUnreachable(f"cannot reach registry {self.registry} for {what}{tries}: {reason}", hint=hint)
 
-    def status_error(self, status: int, url: str, what: str, detail: str, attempt: int,
+    def status_error(self, status: int, url: str, what: str, detail: str, attempts: int,
                      not_found: Callable[[str], Exception] | None = None) -> Exception:
-        """The typed error for an unaccepted ``status`` after ``attempt`` retries."""
+        """The typed error for an unaccepted ``status`` after ``attempts`` attempts: 401/403
+        AuthenticationError, 404 NotFound (or ``not_found(detail)``), 429 RateLimited, 5xx and
+        anything else RegistryError."""
         detail_text = f": {detail}" if detail else ""
         if status == 404:
             return not_found(detail) if not_found else NotFound(f"{what} not found on registry {self.registry}{detail_text}")
@@ -338,12 +386,12 @@ class Transport:
         if status == 429:
             return RateLimited(
                 f"registry {self.registry} is rate-limiting requests for {what} "
-                f"(HTTP 429, {attempt + 1} attempts){detail_text}",
+                f"(HTTP 429, {attempts} attempts){detail_text}",
                 hint="wait a while and try again, or log in: registries grant more to authenticated users",
             )
         if 500 <= status < 600:
             return RegistryError(
-                f"registry {self.registry} failed on {what} (HTTP {status}, {attempt + 1} attempts){detail_text}",
+                f"registry {self.registry} failed on {what} (HTTP {status}, {attempts} attempts){detail_text}",
                 hint="the registry is in trouble: try again later or tell its operator",
             )
         return RegistryError(f"registry {self.registry} answered HTTP {status} to {what}{detail_text}")
