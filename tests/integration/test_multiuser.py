@@ -121,9 +121,14 @@ def test_users_cannot_hold_the_site_stores_or_the_templates_locks(other_user, ad
     finally:
         for holder in holders:
             _release(holder)
-    # Users still read the site store and templates without any lock.
+    # Users still read, check and diagnose the site store and templates without any lock.
     listed = other_user.berth("template", "list", env=env)
     assert listed.returncode == 0 and "t1" in listed.stdout, describe(listed)
+    verified = other_user.berth("store", "verify", "--site", env=env)
+    assert verified.returncode == 0 and "not checked, it belongs to the store's owner" in verified.stderr, \
+        describe(verified)
+    doctor = other_user.berth("doctor", env=env)
+    assert "permission denied" not in (doctor.stdout + doctor.stderr).lower(), describe(doctor)
 
 
 def test_an_old_open_site_lock_file_is_closed_by_the_admins_next_command(other_user, admin, site_config):
