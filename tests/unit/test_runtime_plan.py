@@ -211,3 +211,26 @@ def test_a_home_behind_an_innocent_image_link_lands_where_the_link_points(tmp_pa
     plan = plan_container(request(), str(root), LAYOUT)
     assert plan.spec.tmpfs == ("/var/home",)
     assert plan.spec.binds[0].destination == "/var/home/alice" and plan.overlay is False
+
+
+def test_plan_with_gpu_and_cdi_edits(tmp_path):
+    """Device edits (issue 13) as the plan takes them: device nodes bound with 'dev', driver
+    files read-only under /dev/.berth-gpu (runc creates those mount points in its /dev tmpfs: no
+    overlay), a CDI mount whose mount point the image has, and a CDI hook in config.json."""
+    from berth.runtime.spec import Hook
+
+    root = make_image(tmp_path / "img")
+    (root / "opt" / "ve").mkdir(parents=True)
+    (tmp_path / "host" / "ve").mkdir(parents=True)
+    edits = {
+        "devices": (BindMount("/dev/nvidia1", "/dev/nvidia1", read_only=False, device=True),
+                    BindMount("/dev/nvidiactl", "/dev/nvidiactl", read_only=False, device=True)),
+        "device_mounts": (BindMount("/usr/lib/libcuda.so.550.54.14", "/dev/.berth-gpu/lib/libcuda.so.1",
+                                    identity=(8, 1)),
+                          BindMount("/usr/bin/nvidia-smi", "/dev/.berth-gpu/bin/nvidia-smi", identity=(8, 2)),
+                          BindMount(str(tmp_path / "host" / "ve"), "/opt/ve", identity=(8, 3))),
+        "hooks": (Hook("createContainer", "/usr/bin/ve-hook", ("ve-hook", "setup"), ("A=1",), 5),),
+    }
+    plan = plan_container(request(**edits), str(root), LAYOUT)
+    assert plan.overlay is False and plan.mount_points == ()
+    golden("plan-gpu-cdi.json", plan.to_dict(), tmp_path)
