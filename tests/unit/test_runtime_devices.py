@@ -402,3 +402,20 @@ def test_template_custom_devices_are_judged_where_they_can_be(settings):
         check_options(settings, parse_custom("--device vendor.example/fpga=a+b"))
     with pytest.raises(UsageError, match="--gpus"):
         parse_custom("--gpus many")
+
+
+def test_doctor_says_why_a_gpu_is_not_usable(settings, tree):
+    from berth.runtime.doctor import check_gpus
+
+    good = check_gpus(settings)
+    assert good.ok and f"driver {DRIVER_VERSION}" in good.detail and "libraries: libcuda.so.1, libnvidia-ml.so.1" in good.detail
+    (tree.dev_dir / "nvidia-uvm").rename(tree.dev_dir / "uvm-away")
+    try:
+        broken = check_gpus(replace(settings, devices=replace(settings.devices, ld_cache="/etc/ld.so.cache",
+                                                               nvidia_proc_dir=str(tree.root / "none"))))
+    finally:
+        (tree.dev_dir / "uvm-away").rename(tree.dev_dir / "nvidia-uvm")
+    assert not broken.ok and not broken.required
+    for reason in ("/dev/nvidia-uvm is missing", "the NVIDIA kernel module is not loaded",
+                   "libcuda.so.1 is not in the ld.so cache /etc/ld.so.cache"):
+        assert reason in broken.detail

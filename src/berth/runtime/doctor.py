@@ -200,6 +200,12 @@ def check_gpus(settings) -> Check:
     if found[0].vendor == "amd":
         return Check("GPUs", not problems, f"{len(found)} AMD GPU(s) ({listed})" + "".join(f"; {p}" for p in problems),
                      ADMIN + "give users access to /dev/kfd and /dev/dri/renderD*" if problems else "", required=False)
+    for control in ("nvidiactl", "nvidia-uvm"):
+        if not os.path.exists(Path(dev_dir) / control):
+            # Made on the host's first CUDA use by the setuid nvidia-modprobe, which a container
+            # cannot run: CUDA inside fails without it.
+            problems.append(f"/dev/{control} is missing (load the nvidia and nvidia-uvm modules at boot, "
+                            "e.g. with nvidia-persistenced)")
     version = gpus.driver_version(settings)
     if version is None:
         problems.append(f"the NVIDIA kernel module is not loaded ({settings.devices.nvidia_proc_dir}/version missing)")
