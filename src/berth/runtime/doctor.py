@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from berth import proc
-from berth.runtime import limits, ocirt, state
+from berth.runtime import hostcheck, limits, ocirt, state
 
 ADMIN = "ask your site administrator to "
 
@@ -39,33 +39,39 @@ def _read(path: str) -> str | None:
         return None
 
 
-def check_user_namespaces() -> Check:
+def check_user_namespaces(proc_sys: Path = hostcheck.PROC_SYS) -> Check:
     result = proc.run(["unshare", "--user", "--map-root-user", "true"], check=False) \
         if proc.has_program("unshare") else None
     if result is not None and result.returncode == 0:
-        limit = _read("/proc/sys/user/max_user_namespaces")
+        limit = _read(str(proc_sys / "user" / "max_user_namespaces"))
         return Check("user namespaces", True, f"unprivileged user namespaces work (max_user_namespaces={limit})")
-    reasons = []
-    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        reasons.append("kernel.unprivileged_userns_clone=0")
-    if _read("/proc/sys/user/max_user_namespaces") == "0":
-        reasons.append("user.max_user_namespaces=0")
-    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        reasons.append("kernel.apparmor_restrict_unprivileged_userns=1")
+    restrictions = hostcheck.userns_restrictions(proc_sys)
     detail = (result.stderr.decode(errors="replace").strip() if result is not None else "unshare not installed")
-    return Check("user namespaces", False, f"cannot create a user namespace: {detail} {' '.join(reasons)}".strip(),
-                 ADMIN + "enable unprivileged user namespaces (sysctl user.max_user_namespaces=15000, "
-                 "kernel.unprivileged_userns_clone=1)")
+    found = "; ".join(r.found for r in restrictions)
+    fix = "; ".join(r.fix for r in restrictions) or ("enable unprivileged user namespaces (sysctl "
+                                                      "user.max_user_namespaces=15000, kernel.unprivileged_userns_clone=1)")
+    return Check("user namespaces", False, f"cannot create a user namespace: {detail}" + (f" ({found})" if found else ""),
+                 ADMIN + fix)
 
 
-def check_fuse_device() -> Check:
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-        os.close(fd)
-        return Check("/dev/fuse", True, "/dev/fuse can be opened")
-    except OSError as exc:
-        return Check("/dev/fuse", False, f"cannot open /dev/fuse: {exc.strerror}",
-                     ADMIN + "load the fuse module and make /dev/fuse mode 0666 (chmod 0666 /dev/fuse)")
+def check_fuse_device(device: Path = hostcheck.FUSE_DEVICE) -> Check:
+    found = hostcheck.fuse_restriction(device)
+    if found is None:
+        return Check("/dev/fuse", True, f"{device} can be opened")
+    return Check("/dev/fuse", False, found.found, ADMIN + found.fix)
+
+
+def check_store_locks(store) -> Check | None:
+    """flock(2) in a store this user writes (its locks/ directory, else its root); None when
+    there is nothing this user could lock there."""
+    directory = store.layout.locks_dir if store.layout.locks_dir.is_dir() else store.root
+    if not (directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)):
+        return None
+    found = hostcheck.lock_restriction(directory)
+    name = f"{store.kind} store locks"
+    if found is None:
+        return Check(name, True, f"flock works in {directory}", required=False)
+    return Check(name, False, found.found, (ADMIN if store.kind == "site" else "") + found.fix)
 
 
 def check_program(name: str, *, required: bool = True, setuid: bool = False) -> Check:
@@ -265,9 +271,13 @@ def run_checks(settings) -> list[Check]:
         checks += check_runtimes(state_dir)
     from berth.store.store import SITE, USER, Store
 
-    checks += [check_cgroups(), check_subids(),
-               check_store(Store(settings.user_store, USER)), check_store(Store(settings.site_store, SITE)),
-               check_gpus(settings), check_cdi(settings)]
+    checks += [check_cgroups(), check_subids()]
+    for store in (Store(settings.user_store, USER), Store(settings.site_store, SITE)):
+        checks.append(check_store(store))
+        locks = check_store_locks(store)
+        if locks is not None:
+            checks.append(locks)
+    checks += [check_gpus(settings), check_cdi(settings)]
     return checks
 
 

@@ -56,9 +56,14 @@ def _start(argv: list[str], mountpoint: str, what: str, log_path: str) -> FuseMo
         except OSError:
             pass
         if process.poll() is not None:
+            from berth.runtime import hostcheck
+
+            found = hostcheck.fuse_restriction()
             raise RuntimeFailure(f"{what} failed ({proc.describe_status(process.returncode)}): "
-                                 f"{_log_tail(log_path) or 'no message'}",
-                                 hint="run 'berth doctor' to check FUSE on this node")
+                                 f"{_log_tail(log_path) or 'no message'}"
+                                 + (f"; {found.found}" if found else ""),
+                                 hint=f"ask your site administrator to fix FUSE: {found.fix}" if found
+                                 else "run 'berth doctor' to check FUSE on this node")
         if time.monotonic() > deadline:
             stop(mount)
             raise RuntimeFailure(f"{what} did not mount within {MOUNT_TIMEOUT_S:g} s",

@@ -99,8 +99,11 @@ def _explain(runtime: str, output: str) -> str:
         return (f"{runtime} does not support this host's hybrid cgroup layout ({text}); it works where "
                 "cgroup v2 is pure, or after an admin mounts the hugetlb controller as cgroup v1")
     if "user namespace" in output.lower() or "operation not permitted" in output.lower():
-        return (f"{runtime} cannot create a user namespace here ({text}); check "
-                "kernel.unprivileged_userns_clone / user.max_user_namespaces ('berth doctor')")
+        from berth.runtime import hostcheck
+
+        return (f"{runtime} cannot create a user namespace here ({text}); "
+                + (hostcheck.userns_hint() or "check kernel.unprivileged_userns_clone / "
+                   "user.max_user_namespaces ('berth doctor')"))
     return f"{runtime} failed to start a trivial container: {text}"
 
 
