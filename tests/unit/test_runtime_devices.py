@@ -360,7 +360,7 @@ def test_submit_gpus_beside_gres():
         build_resources({"gpus": "0"})
 
 
-def test_job_gpus_become_the_containers_gpus(tmp_path):
+def test_job_gpus_become_the_containers_gpus(settings, tmp_path, monkeypatch):
     from berth.jobs.model import Resources
     from berth.jobs.runner import build_run_options
 
@@ -369,9 +369,19 @@ def test_job_gpus_become_the_containers_gpus(tmp_path):
         path = tmp_path
 
     record = Record()
-    for gpus, custom, expected in ((2, "", "2"), (None, "", None), (1, "--gpus all", "all")):
+    for gpus, custom, expected in ((2, "", "2"), (None, "", None), (1, "--gpus device=0", "device=0")):
         job = _job_spec(tmp_path, Resources(gpus=gpus), custom)
-        assert build_run_options(Settings(), job, record, limit_resources=True).gpus == expected
+        assert build_run_options(settings, job, record, limit_resources=True).gpus == expected
+    # Slurm (no local limits): whatever Slurm allocated, also through options berth passes on,
+    # when the node's GPUs are ones berth knows.
+    job = _job_spec(tmp_path, Resources(gpus=2), "")
+    assert build_run_options(settings, job, record, limit_resources=False).gpus == "all"
+    assert build_run_options(Settings(), job, record, limit_resources=False).gpus is None  # no GPU in /dev here
+    job = _job_spec(tmp_path, Resources(), "")
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    assert build_run_options(settings, job, record, limit_resources=False).gpus == "all"
+    monkeypatch.delenv("SLURM_JOB_GPUS")
+    assert build_run_options(settings, job, record, limit_resources=False).gpus is None
 
 
 def _job_spec(tmp_path, resources, custom):

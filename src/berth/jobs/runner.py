@@ -113,10 +113,17 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
         "workdir": spec.workdir,
         "stop_timeout_s": float(spec.stop_timeout_s),
     }
-    if spec.resources.gpus and options.gpus is None:
-        # Slurm allocated them (the container takes what SLURM_JOB_GPUS names); locally the
-        # GPU ledger hands them out so that concurrent jobs never share one.
+    if options.gpus is None and limit_resources and spec.resources.gpus:
+        # Local: the GPU ledger hands them out, so that concurrent jobs never share one.
         changes["gpus"] = str(spec.resources.gpus)
+    elif options.gpus is None and not limit_resources and (spec.resources.gpus or os.environ.get("SLURM_JOB_GPUS")):
+        # Slurm allocated them (also through --gpus-per-node/--gpus-per-task, which berth passes
+        # on): the container takes what SLURM_JOB_GPUS names, when they are GPUs berth knows
+        # (a site's "gpu" gres may be devices that a template's CDI device gives instead).
+        from berth.runtime.devices.gpus import node_gpus
+
+        if node_gpus(settings):
+            changes["gpus"] = "all"
     if limit_resources:
         resources = spec.resources
         if resources.cpus_per_task is not None:
