@@ -199,3 +199,18 @@ def test_gpu_check_script_on_the_fake_tree(gpu_lab, gpu_site):
     assert passed[1] == f"PASS: nvidia-smi -L inside lists exactly GPU 3 ({uuid_of(3)}) of 4 (--gpus {uuid_of(3)})"
     assert "PASS: --gpus 5 is refused" in passed[2]
     assert result.returncode == 1 and "FAIL: cuda-burn bare: error: cuDeviceGetCount not found" in result.stderr
+
+
+def test_cdi_hook_runs_as_the_caller(runtime_env, gpu_lab, gpu_site, user):
+    """A CDI spec's OCI hook is run by the rootless runtime, as the caller, with its args and env."""
+    tree, image = gpu_lab
+    hook = tree.root / "ve-hook"
+    hook.write_text('#!/bin/sh\necho "$1 uid=$(id -u) VE_HOOK=$VE_HOOK" > "$2"\n')
+    hook.chmod(0o755)
+    marker = runtime_env.scratch / "hook-ran"
+    tree.write_cdi("ve.json", {"cdiVersion": "0.5.0", "kind": "nec.com/ve", "devices": [{"name": "hooked", "containerEdits": {
+        "hooks": [{"hookName": "createRuntime", "path": str(hook), "args": ["ve-hook", "created", str(marker)],
+                   "env": ["VE_HOOK=yes"]}]}}]})
+    result = _run(runtime_env, gpu_site, image, "--device", "nec.com/ve=hooked", ("true",))
+    assert result.returncode == 0, describe(result)
+    assert marker.read_text() == f"created uid={user.uid} VE_HOOK=yes\n"
