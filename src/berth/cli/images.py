@@ -120,7 +120,8 @@ def _progress(args):
 
 
 def run_pull(args, ctx) -> int:
-    from berth.cli.output import human_size, print_json
+    from berth.cli.output import print_json
+    from berth.config.units import human_size
     from berth.image.pull import pull_image
 
     progress = _progress(args)
@@ -145,7 +146,8 @@ def run_pull(args, ctx) -> int:
 
 
 def run_images(args, ctx) -> int:
-    from berth.cli.output import human_size, print_json, print_table
+    from berth.cli.output import print_json, print_table
+    from berth.config.units import human_size
     from berth.image.manage import list_images
 
     listing = list_images(ctx.settings)
@@ -173,7 +175,7 @@ def run_inspect(args, ctx) -> int:
 
 
 def run_rmi(args, ctx) -> int:
-    from berth.cli.output import human_size
+    from berth.config.units import human_size
     from berth.errors import BerthError
     from berth.image.manage import remove_image
 
@@ -199,7 +201,8 @@ def run_rmi(args, ctx) -> int:
 
 
 def run_prune(args, ctx) -> int:
-    from berth.cli.output import human_size, print_json
+    from berth.cli.output import print_json
+    from berth.config.units import human_size
     from berth.image.manage import prune_store
 
     report = prune_store(ctx.settings, site=args.site)
@@ -228,7 +231,8 @@ def run_push(args, ctx) -> int:
 
 
 def run_import(args, ctx) -> int:
-    from berth.cli.output import human_size, print_json
+    from berth.cli.output import print_json
+    from berth.config.units import human_size
     from berth.image.importer import import_image
 
     progress = _progress(args)
@@ -251,7 +255,7 @@ def run_import(args, ctx) -> int:
 
 
 def run_export(args, ctx) -> int:
-    from berth.cli.output import human_size
+    from berth.config.units import human_size
     from berth.image.export import export_image
 
     size = export_image(ctx.settings, args.reference, args.file)
@@ -260,7 +264,8 @@ def run_export(args, ctx) -> int:
 
 
 def run_store_verify(args, ctx) -> int:
-    from berth.cli.output import human_size, print_json
+    from berth.cli.output import print_json
+    from berth.config.units import human_size
     from berth.errors import StoreError
     from berth.image.manage import verify_store
 

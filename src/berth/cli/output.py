@@ -1,4 +1,6 @@
-"""Output helpers: aligned tables for people, JSON for scripts, human sizes and durations."""
+"""Output helpers: aligned tables for people, JSON for scripts, control characters escaped.
+
+Sizes for people: ``berth.config.units.human_size`` (staging reports them too)."""
 
 from __future__ import annotations
 
@@ -6,15 +8,6 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
-
-
-def human_size(size_bytes: int | float) -> str:
-    size = float(size_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def printable(text: str, *, newlines: bool = False) -> str:

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TextIO
 
-from berth.cli.output import human_size
+from berth.config.units import human_size
 from berth.image.progress import PullProgress
 from berth.oci.digest import Digest
 

@@ -111,6 +111,16 @@ def format_size(size_bytes: int) -> str:
     return f"{size_bytes}B"
 
 
+def human_size(size_bytes: int | float) -> str:
+    """For people, rounded: ``512 B``, ``1.5 KiB``, ``4.0 GiB`` (progress, summaries; not parsed back)."""
+    size = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
 def parse_duration(text: str, *, option: str, bare_unit: str,
                    minimum_s: int = 1, maximum_s: int | None = None) -> int:
     """A duration -> whole seconds (module docstring). ``option`` names the option or key.

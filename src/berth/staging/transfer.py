@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth import fsutil
+from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative)
 from berth.staging.profiles import S3Profile
@@ -108,9 +109,9 @@ class Summary:
         """Human lines for a job log or a terminal (no secrets: only names and figures)."""
         out = []
         for item in self.items:
-            out.append(f"stage-{self.direction} {item.text}: {item.objects} objects, {_mib(item.bytes)} in "
+            out.append(f"stage-{self.direction} {item.text}: {item.objects} objects, {human_size(item.bytes)} in "
                        f"{item.seconds:.2f} s ({_rate(item.bytes, item.seconds):.1f} MB/s), {item.skipped} skipped")
-        out.append(f"stage-{self.direction} total: {self.objects} objects, {_mib(self.bytes)} in {self.seconds:.2f} s "
+        out.append(f"stage-{self.direction} total: {self.objects} objects, {human_size(self.bytes)} in {self.seconds:.2f} s "
                    f"({_rate(self.bytes, self.seconds):.1f} MB/s), {self.skipped} skipped"
                    + (f", {len(self.failed)} failed" if self.failed else ""))
         return out
@@ -118,10 +119,6 @@ class Summary:
 
 def _rate(size_bytes: int, seconds: float) -> float:
     return size_bytes / 1e6 / seconds if seconds > 0 else 0.0
-
-
-def _mib(size_bytes: int) -> str:
-    return f"{size_bytes / (1 << 20):.1f} MiB"
 
 
 class Progress:
