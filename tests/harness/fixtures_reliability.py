@@ -124,9 +124,47 @@ class Campaign:
         return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="session")
-def campaign(request) -> Campaign:
-    found = Campaign(request.config)
-    yield found
+_CAMPAIGN = pytest.StashKey[Campaign]()
+
+
+def pytest_configure(config) -> None:
+    config.stash[_CAMPAIGN] = Campaign(config)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Scenario 9: every test of tests/security is an escape attempt; its outcome is listed."""
+    if "tests/security/" not in report.nodeid or report.when != "call":
+        return
+    campaign = _current.get("campaign")
+    if campaign is None:
+        return
+    result = campaign.results.get("9") or campaign.scenario("9", "privilege escape attempts (tests/security)", 1)
+    result.faults["escape attempts"] += 1
+    name = report.nodeid.split("tests/security/", 1)[1]
+    if report.passed:
+        result.outcome("failed cleanly")
+        result.figures[name] = "refused or contained"
+    elif report.skipped:
+        result.figures[name] = "skipped"
+    else:
+        result.outcome("unclean", f"{name}: {str(report.longrepr)[-1500:]}")
+        result.figures[name] = "FAILED (see the failure below)"
+    result.elapsed_s += report.duration
+
+
+_current: dict[str, Campaign] = {}
+
+
+def pytest_sessionstart(session) -> None:
+    _current["campaign"] = session.config.stash[_CAMPAIGN]
+
+
+def pytest_sessionfinish(session) -> None:
+    found = session.config.stash[_CAMPAIGN]
     if found.long and found.results:
         found.write()
+
+
+@pytest.fixture(scope="session")
+def campaign(request) -> Campaign:
+    return request.config.stash[_CAMPAIGN]
