@@ -135,7 +135,9 @@ class Settings:
     user_store: Path = Path("~/.local/share/berth")
     site_store: Path = DEFAULT_SITE_STORE
     #: Per-user runtime state (container bundles, mount points): fast local storage.
-    state_dir: Path = Path("/tmp/berth")
+    #: (The loader's default comes from default_paths; this one is for Settings() made directly:
+    #: never a directory shared by all users.)
+    state_dir: Path = field(default_factory=lambda: fallback_state_dir())
     #: Per-user job records of the local backend.
     jobs_dir: Path = Path("~/.local/state/berth/jobs")
     #: OCI runtime: "auto" picks the first of runc/crun that works here.
