@@ -244,11 +244,15 @@ def _edits(value: Any, path: str, reader: _Reader, origin: str) -> tuple[Contain
         name = reader.string(hook["hookName"], _join(where, "hookName"))
         if name not in spec.HOOK_NAMES:
             raise reader.error(_join(where, "hookName"), f"'{name}' is not one of {', '.join(spec.HOOK_NAMES)}")
+        hook_env = reader.strings(hook.get("env", []), _join(where, "env"))
+        for j, entry in enumerate(hook_env):
+            if not is_env_name(entry.partition("=")[0]) or "=" not in entry:
+                raise reader.error(f"{_join(where, 'env')}[{j}]", f"{entry[:80]!r} is not KEY=VALUE")
         hooks.append(spec.Hook(
             hook_name=name,
             path=reader.string(hook["path"], _join(where, "path"), absolute=True),
             args=reader.strings(hook.get("args", []), _join(where, "args")),
-            env=reader.strings(hook.get("env", []), _join(where, "env")),
+            env=hook_env,
             timeout_s=reader.integer(hook["timeout"], _join(where, "timeout"), 1, 3600) if "timeout" in hook else None,
         ))
     unsupported = tuple(key for key in _UNSUPPORTED if table.get(key))

@@ -205,7 +205,7 @@ def allocation(gpus: Sequence[Gpu], environ: Mapping[str, str]) -> Allocation:
         source = f"{vendor_variable}={environ[vendor_variable]}"
         return Allocation(tuple(_by_id(gpus, i, source=source) for i in _id_list(environ[vendor_variable])),
                           source, True)
-    return Allocation(tuple(gpus), "this node (no scheduler allocation)", True)
+    return Allocation(tuple(gpus), "every GPU of this node: no scheduler allocation", True)
 
 
 def select(request: GpuRequest, allocated: Allocation, *, what: str | None = None) -> list[Gpu]:
