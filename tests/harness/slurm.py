@@ -227,6 +227,7 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=200
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
+DependencyParameters=kill_invalid_depend
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

@@ -358,3 +358,33 @@ def test_a_template_that_contradicts_a_later_pin_is_refused_at_submit(job_site, 
         pin.unlink()
         subprocess.run([str(berth_executable()), "template", "delete", "crunpin"], env=admin, capture_output=True,
                        timeout=60)
+
+
+def test_dependencies_chain_on_the_local_backend(job_site, user):
+    """Issue 11: afterok/afterany/afternotok with berth ids on the local backend. In a chain
+    A -> B (fails) -> C (afterok:B), C never starts: cancelled with the reason, no output;
+    D (afterany:B) and E (afternotok:B) run after B. A dependency on a job that does not exist
+    is refused at submission."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "step.sh", """\
+        #!/bin/sh
+        sleep 1
+        echo "ran $BERTH_JOB_ID" >> order
+        exit "$1"
+    """, user)
+    first = submit(user, job_site, work, "--template", "bb", "step.sh", "0")
+    middle = submit(user, job_site, work, "--template", "bb", f"--dependency=afterok:{first}", "step.sh", "1")
+    never = submit(user, job_site, work, "--template", "bb", "-d", f"afterok:{middle}", "-o", "never-%j.out",
+                   "step.sh", "0")
+    anyway = submit(user, job_site, work, "--template", "bb", f"--dependency=afterany:{middle}", "step.sh", "0")
+    notok = submit(user, job_site, work, "--template", "bb", f"--dependency=afternotok:{middle}", "step.sh", "0")
+    states = wait_for(user, job_site, [first, middle, never, anyway, notok], FINAL, timeout_s=120)
+    assert [states[j]["state"] for j in (first, middle, never, anyway, notok)] == \
+        ["completed", "failed", "cancelled", "completed", "completed"], states
+    assert f"afterok:{middle} can never be satisfied" in states[never]["message"], states[never]
+    assert states[never]["started_at"] is None and not (work / f"never-{never}.out").read_text()
+    ran = [line.split()[1] for line in (work / "order").read_text().splitlines()]
+    assert ran[:2] == [first, middle] and sorted(ran[2:]) == sorted([anyway, notok]), ran
+    refused = user.berth("submit", "--template", "bb", "--dependency=afterok:999999", "step.sh", "0",
+                         cwd=str(work), env=job_site.env)
+    assert refused.returncode == 2 and "--dependency names job 999999" in refused.stderr, describe(refused)

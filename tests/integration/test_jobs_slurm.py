@@ -292,3 +292,35 @@ def test_an_sbatch_script_runs_unchanged_with_one_berth_line(job_site, user, slu
         assert len(list(job_site.jobs_dir.iterdir())) == records
     after = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
     assert set(after.split()) - set(before.split()) == set(), (before, after)
+
+
+def test_dependencies_chain_on_slurm(job_site, user, slurm_cluster, slurm_env):
+    """Issue 11: --dependency with berth ids (made Slurm ids) and Slurm's own ids. A -> B (fails)
+    -> C (afterok:B) never starts (the test cluster has kill_invalid_depend: Slurm cancels it);
+    D (afterany on B's Slurm id) runs. A dependency on a job Slurm does not know is refused,
+    nothing queued."""
+    work = job_site.workdir(user)
+    env = slurm_env
+    job_site.write_script(work, "step.sh", '#!/bin/sh\nsleep 1\necho "ran $BERTH_JOB_ID"\nexit "$1"\n', user)
+    first = submit(user, job_site, work, "--template", "bb", "step.sh", "0", env=env)
+    middle = submit(user, job_site, work, "--template", "bb", f"--dependency=afterok:{first}", "step.sh", "1",
+                    env=env)
+    listed = jobs(user, job_site, env)
+    middle_native = listed[middle]["native_id"]
+    never = submit(user, job_site, work, "--template", "bb", "-d", f"afterok:{middle}", "step.sh", "0", env=env)
+    anyway = submit(user, job_site, work, "--template", "bb", f"--dependency=afterany:{middle_native}",
+                    "step.sh", "0", env=env)
+    fields = _scontrol(slurm_cluster, jobs(user, job_site, env)[never]["native_id"])
+    assert fields["Dependency"].startswith(f"afterok:{middle_native}"), fields
+    states = wait_for(user, job_site, [first, middle, never, anyway], FINAL, timeout_s=120, env=env)
+    assert [states[j]["state"] for j in (first, middle, never, anyway)] == \
+        ["completed", "failed", "cancelled", "completed"], states
+    assert states[never]["started_at"] is None
+    before = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
+    refused = user.berth("submit", "--template", "bb", "--dependency=afterok:999999", "step.sh", "0", cwd=str(work),
+                         env={**job_site.env, **env})
+    # (sbatch itself would queue it and start it at once: Slurm takes an unknown id as satisfied)
+    assert refused.returncode == 2 and "--dependency names job 999999, which Slurm does not know" in refused.stderr, \
+        describe(refused)
+    after = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
+    assert set(after.split()) - set(before.split()) == set()

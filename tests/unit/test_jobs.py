@@ -133,6 +133,18 @@ def test_repeatable_berth_options_collect_and_the_higher_place_replaces_the_list
         "stage_in": ["c:z"], "stage_out": ["r:s3://b/r"], "s3_credentials_in_container": True}
 
 
+def test_local_dependencies_parse_as_the_local_backend_runs_them():
+    from berth.jobs.options import parse_dependency
+
+    assert parse_dependency("afterok:3:4,singleton,afterany:5", "w") == (
+        ("afterok", ("3", "4")), ("singleton", ()), ("afterany", ("5",)))
+    for bad, message in (("afterok:3?afterany:4", "need Slurm"), ("after:3", "'after' is not one of"),
+                         ("afterok", "write afterok:JOB"), ("singleton:3", "write singleton"),
+                         ("afterok:3+5", "need Slurm"), ("afterok:x", "write afterok:JOB")):
+        with pytest.raises(UsageError, match=message):
+            parse_dependency(bad, "w")
+
+
 def test_template_and_image_at_one_level_conflict_and_across_levels_the_higher_wins():
     directive = [o for o in parse_options(["--image", "x:1"], where="j.sh line 2")[0]]
     command_line = parse_options(["--template", "bb"])[0]

@@ -246,7 +246,9 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     record = create_record(settings)
     created: list[str] = []
     try:
-        scheduler_options = _scheduler_options(settings, merged.passthrough, values)
+        dependency = _local_dependency(settings, merged.passthrough) if backend_name == "local" else ""
+        scheduler_options = _scheduler_options(settings, [option for option in merged.passthrough if not (
+            dependency and option.known and option.name == "dependency")], values)
         output = _expand_path(values["output"], record.id, name, workdir) if values.get("output") \
             else str(record.default_output)
         error = _expand_path(values["error"], record.id, name, workdir) if values.get("error") else None
@@ -262,7 +264,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
             template=template.name if template else None, resources=resources, output=output, error=error,
             boot_timeout_s=boot_s, stop_timeout_s=stop_s, custom=custom, user=getpass.getuser(),
             submitted_at=time.time(), scheduler_options=scheduler_options, **staging,
-            comment=str(values.get("comment") or ""),
+            comment=str(values.get("comment") or ""), dependency=dependency,
         )
         _check_container_options(settings, spec, record)
         notes = list(backend.check(spec))
@@ -357,6 +359,25 @@ def _checked_export(option) -> str:
         return option.value
     kept = [item for item in items if item.upper() != "NONE"] + _berth_variables()
     return ",".join(kept) if kept else "NONE"
+
+
+def _local_dependency(settings: Settings, passthrough) -> str:
+    """--dependency for the local backend: its types and berth ids checked now (every id a
+    local job of yours), returned as given; the runner waits on it (berth.jobs.local)."""
+    option = next((o for o in passthrough if o.known and o.name == "dependency" and o.value), None)
+    if option is None:
+        return ""
+    for _, ids in opts.parse_dependency(option.value, option.where):
+        for job in ids:
+            try:
+                spec = find_record(settings, job).read_spec()
+            except NotFound:
+                raise UsageError(f"{option.where}: --dependency names job {job}, which is not one of your jobs",
+                                 hint="`berth jobs` lists them") from None
+            if spec.backend != "local":
+                raise UsageError(f"{option.where}: --dependency names job {job}, a {spec.backend} job",
+                                 hint="a local job can depend on local jobs only")
+    return option.value
 
 
 def _native_dependency(settings: Settings, option) -> str:
@@ -483,6 +504,13 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
         from berth.jobs.local import acquire_slot
 
         signal.signal(signal.SIGTERM, lambda *_: record.request_cancel())
+        if spec.dependency:
+            from berth.jobs.local import wait_for_dependencies
+
+            never = wait_for_dependencies(settings, record, spec)
+            if never is not None:
+                record.write_result(model.JobResult(model.CANCELLED, ended_at=time.time(), message=never))
+                return proc.signal_status(signal.SIGTERM)
         slot = acquire_slot(settings, record, settings.local_max_jobs)
         if slot is None or record.cancel_requested():
             record.write_result(model.JobResult(model.CANCELLED, ended_at=time.time(),

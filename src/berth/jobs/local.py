@@ -18,7 +18,7 @@ from pathlib import Path
 
 from berth import locks, proc
 from berth.config.settings import Settings
-from berth.errors import JobError, UsageError
+from berth.errors import BerthError, JobError, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
 from berth.jobs.records import JobRecord, atomic_write, make_private_dir, open_regular_nofollow, slots_dir
@@ -35,7 +35,6 @@ LOCAL_UNSUPPORTED = {
     "--begin": "it starts jobs at once",
     "--hold": "it starts jobs at once",
     "--deadline": "it has no scheduler to drop late jobs",
-    "--dependency": "it has no dependencies yet",
 }
 
 
@@ -144,6 +143,56 @@ def _runner_alive(record: JobRecord) -> bool:
     except OSError:
         return False
     return state != "Z" and b"job-exec" in argv and str(record.path).encode() in argv
+
+
+DEPENDENCY_POLL_S = 0.5
+
+
+def wait_for_dependencies(settings, record: JobRecord, spec: JobSpec) -> str | None:
+    """Wait (as ``pending``) until ``spec.dependency`` holds. Returns None when it does, else why
+    it never will (or that the job was cancelled meanwhile): the job then ends cancelled, as
+    Slurm cancels such a job when the site sets kill_invalid_depend.
+
+    afterok: every named job completed; afternotok: every one ended otherwise (failed,
+    cancelled, timeout); afterany: every one ended; singleton: every earlier job of yours with
+    the same name on this backend ended."""
+    from berth.jobs.options import parse_dependency
+    from berth.jobs.records import find_record, list_records
+
+    conditions = parse_dependency(spec.dependency, f"job {spec.id}")
+    backend = LocalBackend(settings)
+    while True:
+        if record.cancel_requested():
+            return "the job was cancelled while waiting for its dependency"
+        waiting = False
+        for kind, ids in conditions:
+            if kind == "singleton":
+                others = [r for r in list_records(settings) if int(r.id) < int(spec.id)]
+                states = []
+                for other in others:
+                    other_spec = other.read_spec()
+                    if other_spec.backend == "local" and other_spec.name == spec.name:
+                        states.append(backend.status(other, other_spec).result.state)
+            else:
+                states = []
+                for job in ids:
+                    try:
+                        dep = find_record(settings, job)
+                        states.append(backend.status(dep, dep.read_spec()).result.state)
+                    except BerthError:
+                        return f"dependency {kind}:{job} can never be satisfied: job {job} is gone"
+            ended = [state for state in states if state in model.FINAL_STATES]
+            if kind == "afterok" and any(state != model.COMPLETED for state in ended):
+                failed = next(j for j, st in zip(ids, states) if st in model.FINAL_STATES and st != model.COMPLETED)
+                return f"dependency afterok:{':'.join(ids)} can never be satisfied: job {failed} did not complete"
+            if kind == "afternotok" and model.COMPLETED in ended:
+                done = next(j for j, st in zip(ids, states) if st == model.COMPLETED)
+                return f"dependency afternotok:{':'.join(ids)} can never be satisfied: job {done} completed"
+            if len(ended) < len(states):
+                waiting = True
+        if not waiting:
+            return None
+        time.sleep(DEPENDENCY_POLL_S)
 
 
 def acquire_slot(settings, record: JobRecord, max_jobs: int):

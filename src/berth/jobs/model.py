@@ -100,6 +100,8 @@ class JobSpec:
     scheduler_options: tuple[str, ...] = ()
     #: The user's --comment (Slurm's comment carries berth's record tag, then this).
     comment: str = ""
+    #: --dependency on the local backend (``afterok:3:4,singleton``; Slurm's is in scheduler_options).
+    dependency: str = ""
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

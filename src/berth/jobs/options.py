@@ -537,6 +537,30 @@ def merge_options(*levels: list[ParsedOption]) -> MergedOptions:
     return MergedOptions(values, tuple(passthrough), where)
 
 
+#: Dependency types the local backend implements (Slurm implements all of its own).
+LOCAL_DEPENDENCY_TYPES = ("afterok", "afterany", "afternotok", "singleton")
+
+
+def parse_dependency(raw: str, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``afterok:12:13,afterany:14`` or ``singleton`` -> ((type, ids), ...), all of which must
+    hold (sbatch's ','; its '?' "any of" and ``+time`` are Slurm's only). Raises UsageError."""
+    if "?" in raw or "+" in raw:
+        raise UsageError(f"{where}: --dependency={raw}: '?' and '+time' need Slurm",
+                         hint="the local backend takes TYPE:ID[:ID...] joined by ','")
+    parts = []
+    for item in raw.split(","):
+        kind, _, rest = item.partition(":")
+        ids = tuple(rest.split(":")) if rest else ()
+        if kind not in LOCAL_DEPENDENCY_TYPES:
+            raise UsageError(f"{where}: --dependency={raw}: '{kind}' is not one of "
+                             f"{', '.join(LOCAL_DEPENDENCY_TYPES)} on the local backend")
+        if (kind == "singleton") != (not ids) or not all(re.fullmatch(r"[0-9]{1,12}", i) for i in ids):
+            raise UsageError(f"{where}: --dependency={raw}: write {kind}" + ("" if kind == "singleton"
+                             else ":JOB[:JOB...] with berth job ids"))
+        parts.append((kind, ids))
+    return tuple(parts)
+
+
 def gpu_count(raw: str, option: str) -> int:
     """``[type:]N`` (sbatch's --gpus* values) -> N. Raises UsageError."""
     count = raw.strip().rsplit(":", 1)[-1]

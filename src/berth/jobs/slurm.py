@@ -23,7 +23,7 @@ import sys
 from berth import proc
 from berth.config.settings import Settings
 from berth.config.units import format_clock
-from berth.errors import JobError, ProgramFailed
+from berth.errors import JobError, ProgramFailed, UsageError
 from berth.jobs import model
 from berth.jobs.model import JobResult, JobSpec, JobStatus
 from berth.jobs.options import CHECKED, INTERPRETED, REFUSED
@@ -178,6 +178,17 @@ class SlurmBackend:
         self.settings = settings
 
     def check(self, spec: JobSpec) -> list[str]:
+        """Slurm 22.05 takes a dependency on a job id it does not know as satisfied (the job
+        starts at once): every id in --dependency must be a job Slurm knows."""
+        import re
+
+        for word in spec.scheduler_options:
+            if word.startswith("--dependency="):
+                for job in re.findall(r"(?<=:)[0-9]+", word):
+                    if job not in self._query(job):
+                        raise UsageError(f"--dependency names job {job}, which Slurm does not know",
+                                         hint="give the id of a job of yours (berth's or Slurm's); "
+                                              "`berth jobs` lists them")
         return []
 
     def submit(self, record: JobRecord, spec: JobSpec) -> str | None:
