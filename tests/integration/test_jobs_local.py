@@ -388,3 +388,27 @@ def test_dependencies_chain_on_the_local_backend(job_site, user):
     refused = user.berth("submit", "--template", "bb", "--dependency=afterok:999999", "step.sh", "0",
                          cwd=str(work), env=job_site.env)
     assert refused.returncode == 2 and "--dependency names job 999999" in refused.stderr, describe(refused)
+
+
+def test_scheduler_only_options_are_ignored_with_one_line(job_site, user):
+    """Issue 11: the same #SBATCH script runs locally; account, QoS, constraint and mail options
+    are named in one note, never silently dropped; --begin would change when it runs: refused."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "legacy.sh", """\
+        #!/bin/sh
+        #SBATCH -A chemproj -q high
+        #SBATCH -C ib --mail-type=END
+        #BERTH --template=bb
+        echo local-ok
+    """, user)
+    result = user.berth("submit", "legacy.sh", cwd=str(work), env=job_site.env)
+    assert result.returncode == 0, describe(result)
+    notes = [line for line in result.stderr.splitlines() if line.startswith("berth: note:")]
+    assert notes == ["berth: note: ignoring --account, --qos, --constraint, --mail-type: the local backend "
+                     "has no scheduler to give them to"], describe(result)
+    job = result.stdout.strip()
+    assert wait_for(user, job_site, [job], FINAL)[job]["state"] == "completed"
+    assert user.berth("logs", job, env=job_site.env).stdout == "local-ok\n"
+    refused = user.berth("submit", "--begin=now+1hour", "legacy.sh", cwd=str(work), env=job_site.env)
+    assert refused.returncode == 2 and "--begin: the local backend cannot honour it" in refused.stderr, \
+        describe(refused)

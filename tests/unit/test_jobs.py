@@ -445,3 +445,31 @@ def test_the_jobs_directory_and_the_parents_berth_creates_are_private_whatever_t
                  tmp_path / "local" / "state" / "berth" / "jobs", record.path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
     assert stat.S_IMODE(record.state_file.stat().st_mode) == 0o600
+
+
+def test_export_keeps_berths_variables_and_may_not_set_them(monkeypatch):
+    from berth.jobs.api import _checked_export
+    from berth.jobs.options import ParsedOption
+
+    monkeypatch.setenv("BERTH_CONFIG_DIR", "/etc/site-berth")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/home/a/.config")
+
+    def export(value):
+        return _checked_export(ParsedOption("export", value, "command line"))
+
+    assert export("ALL,FOO=1") == "ALL,FOO=1"
+    kept = export("FOO=1").split(",")
+    assert kept[0] == "FOO=1" and {"BERTH_CONFIG_DIR", "XDG_CONFIG_HOME"} <= set(kept)
+    assert "NONE" not in export("NONE").split(",") and "BERTH_CONFIG_DIR" in export("NONE")
+    with pytest.raises(UsageError, match="BERTH_CONFIG_DIR is berth's own variable"):
+        export("ALL,BERTH_CONFIG_DIR=/tmp/mine")
+
+
+def test_sbatch_does_not_get_the_input_variables_of_options_berth_decides(monkeypatch):
+    from berth.jobs.slurm import sbatch_env
+
+    for name, value in (("SBATCH_GPUS", "8"), ("SBATCH_MEM_PER_CPU", "100G"), ("SBATCH_TIMELIMIT", "99:00:00"),
+                        ("SBATCH_EXPORT", "NONE"), ("SBATCH_ACCOUNT", "chem"), ("SBATCH_QOS", "high")):
+        monkeypatch.setenv(name, value)
+    env = sbatch_env()
+    assert {k for k in env if k.startswith("SBATCH_")} == {"SBATCH_ACCOUNT", "SBATCH_QOS"}
