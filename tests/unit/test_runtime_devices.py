@@ -432,3 +432,20 @@ def test_doctor_says_why_a_gpu_is_not_usable(settings, tree):
     for reason in ("/dev/nvidia-uvm is missing", "the NVIDIA kernel module is not loaded",
                    "libcuda.so.1 is not in the ld.so cache /etc/ld.so.cache"):
         assert reason in broken.detail
+
+
+def test_yaml_specs_are_loaded_safely(settings, tmp_path):
+    marker = tmp_path / "pwned"
+    _write(settings, f"cdiVersion: 0.5.0\nkind: !!python/object/apply:os.system ['touch {marker}']\n"
+                     "devices: []\n", name="evil.yaml")
+    with pytest.raises(ConfigError, match="is neither JSON nor valid YAML"):
+        cdi.device_edits(settings, "vendor.example/ve=0", what="--device")
+    assert not marker.exists()
+
+
+def test_doctor_on_amd_gpus(tmp_path):
+    from berth.runtime.doctor import check_gpus
+
+    tree = make_fake_driver_tree(tmp_path / "amd", gpus=2, amd=True)
+    check = check_gpus(Settings(state_dir=tmp_path / "state", devices=DeviceSettings(dev_dir=str(tree.dev_dir))))
+    assert check.ok and check.detail.startswith("2 AMD GPU(s)")
