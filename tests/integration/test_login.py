@@ -81,8 +81,10 @@ def test_login_keeps_other_entries_and_logout_removes_only_its_own(user, auth_re
 
 
 def test_password_on_the_command_line_works_with_a_warning(user, auth_registry, login_env):
-    result = user.berth("login", "-u", auth_registry.username, "-p", auth_registry.password, "--insecure",
-                        auth_registry.host, env=login_env)
+    # --password=VALUE, not "-p VALUE": the harness's random password may start with '-', which
+    # any argparse-style parser (docker's too) takes for an option when it stands alone.
+    result = user.berth("login", "-u", auth_registry.username, f"--password={auth_registry.password}",
+                        "--insecure", auth_registry.host, env=login_env)
     assert result.returncode == 0, describe(result)
     assert "warning: a password given with --password is visible to other users" in result.stderr
 
