@@ -118,8 +118,10 @@ cp -L "$busybox" "$root/bin/busybox"
 for applet in sh ls cat grep echo wc; do ln -s busybox "$root/bin/$applet"; done
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
 printf 'root:x:0:\n' > "$root/etc/group"
-for program in "${programs[@]}" "$(command -v nvidia-smi)"; do
-    [ "$program" = "$(command -v nvidia-smi)" ] || cp "$program" "$root/usr/bin/"
+cp "${programs[@]}" "$root/usr/bin/"
+# The C library pieces that the programs, the injected nvidia-smi and the driver itself load.
+libcuda=$(ldconfig -C "$ld_cache" -p | awk '/libcuda\.so\.1 .*x86-64/ {print $NF; exit}')
+for program in "${programs[@]}" "$(command -v nvidia-smi)" $libcuda; do
     libs_of "$program" | { grep -Ev 'nvidia|libcuda' || true; } | while read -r lib; do cp -Ln --parents "$lib" "$root"; done
 done
 found=$(find "$root" \( -iname '*nvidia*' -o -iname 'libcuda*' \) -print)
