@@ -113,11 +113,13 @@ def test_kill_during_conversion_then_repull_converts_without_downloading(stores,
 def test_crash_garbage_is_removed_by_prune_once_stale(stores, proxy, big_image):
     ref = via(proxy, big_image)
     tmp = stores.user_store / "tmp"
+    # Wait for the big layer's partial, well before its end: a small layer's partial could be
+    # published between the check and the kill on a loaded machine, leaving tmp/ empty.
+    partial = tmp / f"blob-sha256-{_big_layer(big_image)[7:]}.partial"
     proxy.blob_delay_s = 0.005
     process = stores.popen("pull", "--insecure", "-q", ref)
     try:
-        assert wait_for(lambda: tmp.is_dir() and any(p.name.endswith(".partial") and p.stat().st_size > 0
-                                                     for p in tmp.iterdir()), timeout_s=60)
+        assert wait_for(lambda: partial.exists() and 0 < partial.stat().st_size < BIG_BYTES // 2, timeout_s=60)
     finally:
         _kill(process)
     garbage = stores.tmp_entries()
