@@ -90,13 +90,14 @@ def _built_to_json(image: BuiltImage) -> dict:
     return {"config_digest": image.config_digest, "config_size": image.config_size,
             "layer_digests": list(image.layer_digests), "layer_sizes": list(image.layer_sizes),
             "diff_ids": list(image.diff_ids), "compression": image.compression,
-            "oci_manifest": image.oci_manifest.decode(), "platform": image.platform}
+            "oci_manifest": image.oci_manifest.decode(), "platform": image.platform,
+            "layer_compressions": list(image.layer_compressions)}
 
 
 def _built_from_json(layout: Path, data: dict) -> BuiltImage:
     return BuiltImage(layout, data["config_digest"], data["config_size"], tuple(data["layer_digests"]),
                       tuple(data["layer_sizes"]), tuple(data["diff_ids"]), data["compression"],
-                      data["oci_manifest"].encode(), data["platform"])
+                      data["oci_manifest"].encode(), data["platform"], tuple(data.get("layer_compressions", ())))
 
 
 def build_image(spec: ImageSpec) -> BuiltImage:
@@ -234,9 +235,12 @@ def push_index(registry: Registry, name: str, tag: str, specs: list[ImageSpec], 
 
 
 def skopeo_push(registry: Registry, name: str, tag: str, layout: Path, fmt: str = "oci",
-                all_images: bool = False) -> None:
-    """Push an OCI layout (tag ``latest``) with skopeo, for cross-checks against :func:`push_image`."""
+                all_images: bool = False, compress_format: str = "") -> None:
+    """Push an OCI layout (tag ``latest``) with skopeo, for cross-checks against :func:`push_image`.
+    ``compress_format`` ("zstd", "gzip") makes skopeo recompress every layer that way."""
     argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
+    if compress_format:
+        argv += ["--dest-compress", "--dest-compress-format", compress_format]
     if registry.username:
         argv += ["--dest-creds", f"{registry.username}:{registry.password}"]
     if fmt == "v2s2":

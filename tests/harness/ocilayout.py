@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,20 @@ MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MEDIA_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+#: containerd's name for a zstd layer in a Docker schema 2 manifest (Docker itself has none).
+MEDIA_DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
+#: Layer media type by (compression, manifest format).
+LAYER_MEDIA = {
+    ("gzip", "oci"): MEDIA_OCI_LAYER_GZIP, ("zstd", "oci"): MEDIA_OCI_LAYER_ZSTD,
+    ("none", "oci"): MEDIA_OCI_LAYER_TAR, ("gzip", "v2s2"): MEDIA_DOCKER_LAYER_GZIP,
+    ("zstd", "v2s2"): MEDIA_DOCKER_LAYER_ZSTD, ("none", "v2s2"): MEDIA_DOCKER_LAYER_TAR,
+}
 ALL_MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST)
 
 WHITEOUT_PREFIX = ".wh."
@@ -121,16 +131,21 @@ def Opaque(directory: str) -> Entry:
 
 @dataclass(frozen=True)
 class Layer:
-    """A layer: entries written in order, or an existing uncompressed tar file (``tar_path``)."""
+    """A layer: entries written in order, or an existing uncompressed tar file (``tar_path``).
+    ``compression`` ("gzip", "zstd", "none") overrides the image's for this layer (mixed images)."""
 
     entries: tuple[Entry, ...] = ()
     tar_path: Optional[str] = None
     tar_key: str = ""  # identifies tar_path's content for caching (e.g. its build parameters)
+    compression: str = ""
 
     def key(self) -> list:
         if self.tar_path:
-            return ["tar", self.tar_key or self.tar_path]
-        return [entry.key() for entry in self.entries]
+            key = ["tar", self.tar_key or self.tar_path]
+        else:
+            key = [entry.key() for entry in self.entries]
+        # Only when set, so the cache keys of existing specs stay what they were.
+        return ["compressed", self.compression, key] if self.compression else key
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,7 @@ class ImageSpec:
     architecture: str = "amd64"
     os: str = "linux"
     variant: str = ""
-    compression: str = "gzip"  # "gzip" or "none"
+    compression: str = "gzip"  # "gzip", "zstd" or "none" (a layer may override it)
     annotations: tuple[tuple[str, str], ...] = field(default=())
 
     def key(self) -> list:
@@ -206,6 +221,8 @@ def _compress(data: bytes, compression: str) -> bytes:
         return data
     if compression == "gzip":
         return gzip.compress(data, compresslevel=6, mtime=0)
+    if compression == "zstd":  # the zstd program: deterministic for one input and level
+        return subprocess.run(["zstd", "-q", "-c", "-3"], input=data, capture_output=True, check=True).stdout
     raise ValueError(f"unknown compression {compression!r}")
 
 
@@ -225,6 +242,11 @@ class BuiltImage:
     compression: str
     oci_manifest: bytes
     platform: dict
+    #: per layer, when the spec mixes compressions; empty means ``compression`` for all
+    layer_compressions: tuple[str, ...] = ()
+
+    def layer_compression(self, n: int) -> str:
+        return self.layer_compressions[n] if self.layer_compressions else self.compression
 
     @property
     def oci_digest(self) -> str:
@@ -268,12 +290,17 @@ def _write_blob_from_file(layout: Path, source: Path, compression: str) -> tuple
     staging.parent.mkdir(parents=True, exist_ok=True)
     diff_hash = hashlib.sha256()
     with open(source, "rb") as src, open(staging, "wb") as raw:
-        out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) if compression == "gzip" else raw
+        zstd = subprocess.Popen(["zstd", "-q", "-c", "-3"], stdin=subprocess.PIPE, stdout=raw) \
+            if compression == "zstd" else None
+        out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) if compression == "gzip" \
+            else zstd.stdin if zstd is not None else raw
         while chunk := src.read(1 << 20):
             diff_hash.update(chunk)
             out.write(chunk)
         if out is not raw:
             out.close()
+        if zstd is not None and zstd.wait() != 0:
+            raise RuntimeError(f"zstd failed compressing {source}")
     blob_hash = hashlib.sha256()
     with open(staging, "rb") as blob:
         while chunk := blob.read(1 << 20):
@@ -320,12 +347,13 @@ def write_image_blobs(spec: ImageSpec, layout: Path) -> BuiltImage:
     layout = Path(layout)
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     layer_digests, layer_sizes, diff_ids = [], [], []
-    for layer in spec.layers:
+    compressions = tuple(layer.compression or spec.compression for layer in spec.layers)
+    for layer, compression in zip(spec.layers, compressions):
         if layer.tar_path:
-            digest, size, diff_id = _write_blob_from_file(layout, Path(layer.tar_path), spec.compression)
+            digest, size, diff_id = _write_blob_from_file(layout, Path(layer.tar_path), compression)
         else:
             raw = layer_tar_bytes(layer)
-            blob = _compress(raw, spec.compression)
+            blob = _compress(raw, compression)
             digest, size = _write_blob(layout, blob), len(blob)
             diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
         layer_digests.append(digest)
@@ -333,30 +361,30 @@ def write_image_blobs(spec: ImageSpec, layout: Path) -> BuiltImage:
         diff_ids.append(diff_id)
     config = _config_json(spec, diff_ids)
     config_digest = _write_blob(layout, config)
-    layer_type = MEDIA_OCI_LAYER_GZIP if spec.compression == "gzip" else MEDIA_OCI_LAYER_TAR
     manifest_doc = {
         "schemaVersion": 2,
         "mediaType": MEDIA_OCI_MANIFEST,
         "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": layer_type, "digest": d, "size": s} for d, s in zip(layer_digests, layer_sizes)],
+        "layers": [{"mediaType": LAYER_MEDIA[c, "oci"], "digest": d, "size": s}
+                   for c, d, s in zip(compressions, layer_digests, layer_sizes)],
     }
     if spec.annotations:
         manifest_doc["annotations"] = dict(spec.annotations)
     manifest = json.dumps(manifest_doc, sort_keys=True).encode()
     _write_blob(layout, manifest)
+    mixed = compressions if any(layer.compression for layer in spec.layers) else ()
     return BuiltImage(layout, config_digest, len(config), tuple(layer_digests), tuple(layer_sizes),
-                      tuple(diff_ids), spec.compression, manifest, _platform(spec))
+                      tuple(diff_ids), spec.compression, manifest, _platform(spec), mixed)
 
 
 def docker_manifest(image: BuiltImage) -> bytes:
     """The Docker schema 2 manifest for the same config and layer blobs."""
-    layer_type = MEDIA_DOCKER_LAYER_GZIP if image.compression == "gzip" else MEDIA_DOCKER_LAYER_TAR
     return json.dumps({
         "schemaVersion": 2,
         "mediaType": MEDIA_DOCKER_MANIFEST,
         "config": {"mediaType": MEDIA_DOCKER_CONFIG, "digest": image.config_digest, "size": image.config_size},
-        "layers": [{"mediaType": layer_type, "digest": d, "size": s}
-                   for d, s in zip(image.layer_digests, image.layer_sizes)],
+        "layers": [{"mediaType": LAYER_MEDIA[image.layer_compression(n), "v2s2"], "digest": d, "size": s}
+                   for n, (d, s) in enumerate(zip(image.layer_digests, image.layer_sizes))],
     }, sort_keys=True).encode()
 
 

@@ -18,6 +18,7 @@ import pytest
 from berth.errors import ImageError, StoreError, UsageError
 from berth.image import tarstream
 from berth.image.flatten import build_squashfs, tar_to_squashfs
+from berth.oci.digest import Digest
 from tests.unit.test_flatten_helpers import E, cat, d, f, hard, layer_tar, lln, read_tree, sym, write_layer
 
 
@@ -381,6 +382,22 @@ def test_compression_is_detected_from_magic_bytes_not_media_type(tmp_path):
     lying = type(gz)(gz.path, "application/vnd.docker.image.rootfs.diff.tar", gz.digest)
     _, tree, _ = flatten(tmp_path, plain, zstd, lying)
     assert {tree[name].data for name in ("plain", "zstd", "gz")} == {b"p", b"z", b"g"}
+
+
+def test_zstd_layer_opening_with_a_skippable_frame_is_read_as_zstd(tmp_path):
+    # RFC 8878 3.1.2: a zstd stream may begin with skippable (metadata) frames; the magic of
+    # the first data frame comes only after it.
+    data = layer_tar([f("after-skip", "s"), f("more", os.urandom(100_000))])
+    frames = subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+    skippable = (0x184D2A5E).to_bytes(4, "little") + (6).to_bytes(4, "little") + b"berth!"
+    assert tarstream.sniff_compression(skippable) == "zstd"
+    assert tarstream.sniff_compression(data[:8]) is None
+    path = tmp_path / "skip.zst"
+    path.write_bytes(skippable + frames)
+    layer = type(write_layer(tmp_path, [f("x", "x")]))(path, "application/vnd.oci.image.layer.v1.tar+zstd",
+                                                       Digest.of(path.read_bytes()))
+    _, tree, _ = flatten(tmp_path, layer)
+    assert tree["after-skip"].data == b"s" and len(tree["more"].data) == 100_000
 
 
 def test_python_gzip_fallback_reads_multi_member_gzip(tmp_path):

@@ -60,13 +60,21 @@ def sniff_compression(head: bytes) -> str | None:
     """'gzip', 'zstd', 'xz', 'bzip2' or None (plain tar) from the first bytes of a blob."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
-    if head.startswith(ZSTD_MAGIC):
+    if head.startswith(ZSTD_MAGIC) or _is_zstd_skippable(head):
         return "zstd"
     if head.startswith(XZ_MAGIC):
         return "xz"
     if head.startswith(BZIP2_MAGIC):
         return "bzip2"
     return None
+
+
+def _is_zstd_skippable(head: bytes) -> bool:
+    """A zstd skippable frame (magic 0x184D2A50-0x184D2A5F, little-endian; RFC 8878 3.1.2):
+    a zstd stream may begin with one (metadata frames), and ``zstd -d`` skips it. A plain tar
+    would need a first member name with the control byte 0x18 as its fourth character; such a
+    layer fails as corrupt zstd, which is all it could deserve."""
+    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
 def canonical_name(name: str) -> str:
