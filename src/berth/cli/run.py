@@ -123,13 +123,14 @@ def ps_command(args, ctx) -> int:
 def doctor_command(args, ctx) -> int:
     from berth.runtime import doctor
 
-    cleaned = doctor.cleanup(ctx.settings) if args.cleanup else []
+    cleaned, images = doctor.cleanup(ctx.settings) if args.cleanup else ([], [])
     checks = doctor.run_checks(ctx.settings)
     failed = [c for c in checks if not c.ok and c.required]
     if args.json:
         from berth.cli.output import print_json
 
-        print_json({"ok": not failed, "checks": [c.as_dict() for c in checks], "cleaned": cleaned})
+        print_json({"ok": not failed, "checks": [c.as_dict() for c in checks], "cleaned": cleaned,
+                    "images_unmounted": images})
         return 1 if failed else 0
     for check in checks:
         mark = "OK  " if check.ok else ("FAIL" if check.required else "WARN")
@@ -137,10 +138,11 @@ def doctor_command(args, ctx) -> int:
         if not check.ok and check.fix:
             print(f"     fix: {check.fix}")
     if args.cleanup:
-        if cleaned:
-            for entry in cleaned:
-                print(f"cleaned up container {entry['id']} ({len(entry['unmounted'])} mount(s))")
-        else:
+        for entry in cleaned:
+            print(f"cleaned up container {entry['id']} ({len(entry['unmounted'])} mount(s))")
+        for entry in images:
+            print(f"unmounted the shared image mount {entry['unmounted']} (its containers are gone)")
+        if not cleaned and not images:
             print("nothing to clean up")
     if failed:
         print(f"{len(failed)} problem(s) keep berth from running containers here")

@@ -155,6 +155,12 @@ class Settings:
     local_max_jobs: int = 4
     #: Copy the SquashFS to node-local storage before mounting (site choice for slow shared FS).
     stage_to_local: bool = False
+    #: "shared": one mount of an image per node and user, shared by that user's containers
+    #: (berth.runtime.imagemount); "per_container": each container mounts its own.
+    image_mount: str = "shared"
+    #: FUSE program for images: "auto" (squashfuse_ll when installed), "squashfuse_ll",
+    #: "squashfuse" (with the kernel caching options of berth.runtime.fuse).
+    image_fuse: str = "auto"
     #: Default S3 endpoint for data staging when a user's profile names none (no secrets here).
     s3_endpoint: str = ""
     #: CA bundle for the S3 endpoint's TLS certificate (None: the system's).

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from berth import proc
 from berth.errors import RuntimeFailure, UsageError
-from berth.runtime import limits, materialise, ocirt, policy, state, supervise
+from berth.runtime import fuse, limits, materialise, ocirt, policy, state, supervise
 from berth.runtime.options import RunOptions
 from berth.runtime.plan import plan_container, request_for
 
@@ -127,10 +127,14 @@ def _run(settings, image, options: RunOptions, request, runtime: str, state_dir:
         lower = materialise.mount_image(settings, container, image, log)
         fuse_mounts.append(lower)
         phases["mount"] = clock() - started - phases["prepare"]
-        info["daemon_pids"].append(lower.process.pid)
+        if isinstance(lower, fuse.FuseMount):
+            info["daemon_pids"].append(lower.process.pid)
+        else:  # shared: not this container's daemon to kill, only its reference to drop
+            info["image_mount"] = str(lower.directory)
         container.write_info(info)
 
-        plan = plan_container(request, str(container.lower), container, limit_plan=limit_plan, log=log)
+        plan = plan_container(request, materialise.image_root(container, lower), container,
+                              limit_plan=limit_plan, log=log)
         if plan.overlay:
             overlay = materialise.mount_overlay(plan, container)
             fuse_mounts.append(overlay)

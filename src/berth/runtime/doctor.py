@@ -281,7 +281,12 @@ def run_checks(settings) -> list[Check]:
     return checks
 
 
-def cleanup(settings) -> list[dict]:
-    """Clean every stale container of the caller on this node (``berth doctor --cleanup``)."""
-    return state.cleanup_stale(state.resolve_state_dir(settings))
+def cleanup(settings) -> tuple[list[dict], list[dict]]:
+    """Clean every stale container of the caller on this node, then the shared image mounts
+    no live container holds (``berth doctor --cleanup``): (containers, images) cleaned."""
+    from berth.runtime import imagemount
+
+    state_dir = state.resolve_state_dir(settings)
+    containers = state.cleanup_stale(state_dir, images=False)
+    return containers, imagemount.cleanup_stale(state_dir)
 

@@ -42,10 +42,15 @@ def _log_tail(path: str) -> str:
         return ""
 
 
-def _start(argv: list[str], mountpoint: str, what: str, log_path: str) -> FuseMount:
+def _start(argv: list[str], mountpoint: str, what: str, log_path: str, *, detached: bool = False) -> FuseMount:
+    """``detached``: the daemon outlives berth (own session, working directory /, no
+    parent-death signal): a shared image mount (berth.runtime.imagemount)."""
     before = os.stat(mountpoint).st_dev
     with open(log_path, "ab") as log:
-        process = proc.start(["setpriv", "--pdeathsig", "TERM", "--", *argv], stdout=log, stderr=log)
+        if detached:
+            process = proc.start(argv, stdout=log, stderr=log, cwd="/", new_session=True)
+        else:
+            process = proc.start(["setpriv", "--pdeathsig", "TERM", "--", *argv], stdout=log, stderr=log)
     mount = FuseMount(mountpoint, process, what, log_path)
     deadline = time.monotonic() + MOUNT_TIMEOUT_S
     delay = 0.0002
@@ -74,16 +79,39 @@ def _start(argv: list[str], mountpoint: str, what: str, log_path: str) -> FuseMo
         delay = min(delay * 2, 0.001)
 
 
-def mount_squashfs(image: str, mountpoint: str, log_path: str) -> FuseMount:
-    """Mount SquashFS file ``image`` read-only at ``mountpoint``. Raises RuntimeFailure."""
-    if not os.access(image, os.R_OK):
-        raise RuntimeFailure(f"cannot read the image file {image}",
-                             hint="check its permissions (site store images must be world-readable)")
+#: ``-o`` options that let the kernel cache an immutable image: entries, attributes and
+#: negative lookups for a day, file pages across opens. Only squashfuse (libfuse's high-level
+#: API) takes them; squashfuse_ll rejects them ("unknown option") because it already answers
+#: every lookup and getattr with an unlimited timeout and opens files with keep_cache
+#: (squashfuse 0.1.105's ll.c: SQFS_TIMEOUT = DBL_MAX, fi->keep_cache = 1).
+IMMUTABLE_CACHE_OPTIONS = ("kernel_cache", "entry_timeout=86400", "attr_timeout=86400", "negative_timeout=86400")
+
+
+def squashfs_program(choice: str = "auto") -> tuple[str, tuple[str, ...]]:
+    """The FUSE program for SquashFS images and its extra ``-o`` options, from the site's
+    ``image_fuse`` (``auto``: squashfuse_ll when installed)."""
     # squashfuse_ll (libfuse's low-level API, same package) serves lookups and reads with far
     # less overhead: an import storm of 3000 modules took 396 ms on it and 699 ms on squashfuse
     # (bench/RESULTS.md, import storm, host python on each mount).
-    program = "squashfuse_ll" if proc.has_program("squashfuse_ll") else "squashfuse"
-    return _start([program, "-f", "-o", "ro", image, mountpoint], mountpoint, f"{program} of {image}", log_path)
+    if choice == "auto":
+        choice = "squashfuse_ll" if proc.has_program("squashfuse_ll") else "squashfuse"
+    return choice, (IMMUTABLE_CACHE_OPTIONS if choice == "squashfuse" else ())
+
+
+def mount_squashfs(image: str, mountpoint: str, log_path: str, *, program: str | None = None,
+                   options: tuple[str, ...] | None = None, detached: bool = False) -> FuseMount:
+    """Mount SquashFS file ``image`` read-only at ``mountpoint`` with ``program`` (default: as
+    :func:`squashfs_program` picks) and extra ``options``; ``detached``: see ``_start``.
+    Raises RuntimeFailure."""
+    if not os.access(image, os.R_OK):
+        raise RuntimeFailure(f"cannot read the image file {image}",
+                             hint="check its permissions (site store images must be world-readable)")
+    if program is None:
+        program, default_options = squashfs_program()
+        options = default_options if options is None else options
+    mount_options = ",".join(("ro", *(options or ())))
+    return _start([program, "-f", "-o", mount_options, image, mountpoint], mountpoint, f"{program} of {image}",
+                  log_path, detached=detached)
 
 
 def mount_overlay(lower: str, upper: str, work: str, mountpoint: str, log_path: str, *,

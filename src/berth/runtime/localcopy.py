@@ -26,7 +26,9 @@ IMAGES = "images"
 STALE_S = 7 * 24 * 3600
 
 
-def _key(source: Path, digest: object | None) -> tuple[str, os.stat_result]:
+def image_key(source: Path, digest: object | None) -> tuple[str, os.stat_result]:
+    """The name an image goes by on the node (its copy here, its shared mount in
+    berth.runtime.imagemount) and the source's stat. Raises OSError."""
     info = os.stat(source)
     if digest is not None:
         name = str(digest).replace(":", "-")
@@ -60,7 +62,7 @@ def local_copy(state_dir: Path, source: Path, digest: object | None = None, *,
     """
     directory = Path(state_dir) / IMAGES
     try:
-        name, source_info = _key(source, digest)
+        name, source_info = image_key(source, digest)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         copy = directory / f"{name}.sqfs"
         if _is_current(copy, source_info):

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from berth.errors import RuntimeFailure
 from berth.runtime import fuse, rootfs
 from berth.runtime.plan import ContainerPlan
 from berth.runtime.state import ContainerState
@@ -28,17 +29,37 @@ def make_directories(container: ContainerState) -> None:
     container.tmp.chmod(0o1777)
 
 
-def mount_image(settings, container: ContainerState, image, log: Log) -> fuse.FuseMount:
-    """Mount the image's SquashFS read-only at the container's ``lower`` directory (from the
-    node-local copy when the site sets ``stage_to_local``)."""
+def mount_image(settings, container: ContainerState, image, log: Log):
+    """Mount the image's SquashFS read-only (from the node-local copy when the site sets
+    ``stage_to_local``) and return what the teardown undoes: with ``image_mount = "shared"``
+    (the default) an berth.runtime.imagemount.ImageMount held by this container, whose ``root``
+    is the image root; with ``"per_container"`` a berth.runtime.fuse.FuseMount at the
+    container's ``lower`` directory."""
     squashfs = Path(image.squashfs)
+    digest = getattr(image, "digest", None)
     if settings.stage_to_local:
         from berth.runtime.localcopy import local_copy
 
-        squashfs = local_copy(container.state_dir, squashfs, getattr(image, "digest", None),
-                              lock_timeout_s=settings.lock_timeout_s)
+        squashfs = local_copy(container.state_dir, squashfs, digest, lock_timeout_s=settings.lock_timeout_s)
         log(f"mounting the node-local copy {squashfs} (site setting stage_to_local)", debug=True)
-    return fuse.mount_squashfs(str(squashfs), str(container.lower), str(container.path / "squashfuse.log"))
+    program, options = fuse.squashfs_program(settings.image_fuse)
+    if settings.image_mount == "per_container":
+        return fuse.mount_squashfs(str(squashfs), str(container.lower), str(container.path / "squashfuse.log"),
+                                   program=program, options=options)
+    from berth.runtime import imagemount
+
+    try:
+        key = imagemount.image_key(Path(image.squashfs), digest, imagemount.mount_scope(os.environ))
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot read the image file {image.squashfs}: {exc.strerror}",
+                             hint="check its permissions (site store images must be world-readable)") from None
+    return imagemount.acquire(container.state_dir, key, squashfs, container.id, program=program, options=options,
+                              lock_timeout_s=settings.lock_timeout_s, log=log)
+
+
+def image_root(container: ContainerState, mount) -> str:
+    """The directory the plan reads the image at (the overlay's lower directory)."""
+    return str(getattr(mount, "root", container.lower))
 
 
 def mount_overlay(plan: ContainerPlan, container: ContainerState) -> fuse.FuseMount:

@@ -9,11 +9,13 @@
         info.json                    name, image, command, started, runtime, identity
         runc/                        the OCI runtime's --root (state of this container only)
         bundle/config.json           the OCI bundle
-        rootfs/                      the container root: squashfuse, or fuse-overlayfs on top
-        lower/                       squashfuse mount point when an overlay is used
+        rootfs/                      fuse-overlayfs of the image, when the plan needs one
+        lower/                       the image's mount point with image_mount = "per_container"
         upper/ work/                 overlay upper and work directories
         tmp/                         the container's private /tmp
         etc/passwd etc/group         the caller's identity files
+      images/KEY/                    an image's mount shared by the containers (imagemount.py);
+                                     KEY.sqfs: a node-local copy (localcopy.py)
 
 A container directory whose lock nobody holds belongs to a berth that is gone (killed with
 SIGKILL, node trouble): :func:`cleanup_stale` kills what runs there, unmounts and removes it.
@@ -316,8 +318,20 @@ def cleanup_container_dir(path: Path) -> dict:
     return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
 
 
-def cleanup_stale(state_dir: Path) -> list[dict]:
-    """Clean every container directory of this user whose berth process is gone."""
+def cleanup_stale(state_dir: Path, *, images: bool = True) -> list[dict]:
+    """Clean every container directory of this user whose berth process is gone; then, with
+    ``images``, unmount the shared image mounts none of the user's live containers holds
+    (berth.runtime.imagemount.cleanup_stale: after the containers, so that nothing runs on a
+    mount that goes). Returns the containers cleaned."""
+    cleaned = _cleanup_containers(state_dir)
+    if images:
+        from berth.runtime import imagemount
+
+        imagemount.cleanup_stale(state_dir)
+    return cleaned
+
+
+def _cleanup_containers(state_dir: Path) -> list[dict]:
     containers = state_dir / CONTAINERS
     try:
         names = os.listdir(containers)

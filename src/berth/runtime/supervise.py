@@ -5,7 +5,8 @@ Signals to berth are forwarded to the runtime (berth.proc.wait_forwarding; the r
 them to berth-init, which passes them to the command's process group); ``--stop-timeout``
 seconds after the first SIGTERM/SIGINT/SIGHUP/SIGQUIT, the container is killed. Before the
 runtime runs, a stop signal raises berth.proc.StopRequested, so that the mounts are undone. Teardown deletes the runtime's state, unmounts the
-FUSE mounts in reverse order and removes the state directory.
+FUSE mounts in reverse order (a shared image mount is left, and unmounted by the last
+container out) and removes the state directory.
 """
 
 from __future__ import annotations
@@ -69,5 +70,11 @@ def teardown(container: ContainerState, runtime: str, fuse_mounts: list) -> None
         proc.run([runtime, "--root", str(container.runtime_root), "delete", "--force", container.id],
                  check=False, timeout=10)
     for mount in reversed(fuse_mounts):
-        fuse.stop(mount)
+        if isinstance(mount, fuse.FuseMount):
+            fuse.stop(mount)
+        else:  # a shared image mount (berth.runtime.imagemount): leave it, the last one out unmounts
+            try:
+                mount.release()
+            except Exception:  # noqa: BLE001 - the stale clean-up of the next berth finishes it
+                pass
     container.release()

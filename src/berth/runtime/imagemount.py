@@ -1,0 +1,378 @@
+"""One read-only mount of an image per node and user, shared by that user's containers of the
+image and reference-counted by them (DESIGN.md direction 12; issue 10, target 1).
+
+::
+
+    STATE_DIR/images/KEY/            0700; KEY names the image (see image_key) and the scope
+      lock                           the image's mount lock (flock, exclusive, held briefly)
+      root/                          the mount point: the image's SquashFS, read-only
+      holders/CONTAINER_ID           one per container using the mount, flock()ed by its berth
+                                     for the container's whole life
+      mount.json                     the FUSE daemon's pid, program and SquashFS file
+      squashfuse.log                 the daemon's messages
+
+Reference counting is by locks, never by a counter: a holder is a file whose flock is held,
+and the kernel drops the flocks of a dead process (``kill -9`` included), so a crash cannot
+leave a count wrong. The rules:
+
+* **Joining** (:func:`acquire`): take the mount lock; create and lock this container's holder
+  file; use ``root`` when it is mounted and answers, else mount it; drop the mount lock.
+* **Leaving** (:meth:`ImageMount.release`): take the mount lock; remove this holder and every
+  holder whose lock is free (its berth died); when none is left, unmount and wait for the
+  daemon; drop the mount lock.
+* **Stale clean-up** (:func:`cleanup_stale`, run by every ``berth run`` through
+  berth.runtime.state and by ``berth doctor --cleanup``): for each image whose mount lock is free
+  right now, leaving without a holder of one's own. Containers are cleaned first (their
+  runtime killed), so nothing uses a mount when its last holder is judged dead.
+
+**Lock order.** A container's state lock (berth.runtime.state), then an image's mount lock;
+holder locks are only ever tried, never waited for, and the mount lock is held for nothing
+longer than one mount or unmount (bounded by berth.runtime.fuse's timeouts). Holders change only
+under the mount lock, so a container joining while the last one leaves either joins first (the
+leaver sees its holder and keeps the mount) or after the unmount (and mounts again): a mount is
+never pulled from under a container, and two containers starting together mount once.
+
+The last one out removes the image's directory, lock file included, while holding the lock. A
+berth that was waiting for that lock then holds a lock on a file that has no name any more: so
+every taker compares the locked file with the one the path names (device and inode) and starts
+again when they differ, and creates ``holders/`` and ``root/`` only once it holds the lock.
+
+**The daemon** must outlive the berth that started it, so it runs in its own session, without
+berth's parent-death signal, its working directory ``/``; it ends when its mount is unmounted.
+Within a Slurm job step the scope (see :func:`mount_scope`) keeps mounts per step, because Slurm
+kills every process of a step's cgroup when the step ends, a daemon that other steps use too.
+
+**Security.** The mount lies in the caller's private 0700 state directory, and a FUSE mount
+without ``allow_other`` refuses every other user (root too), so no other user's container can
+read an image through it. Site-store images are mounted per user too: sharing one mount across
+users would need ``allow_other`` (``user_allow_other`` in /etc/fuse.conf), a site-wide decision
+berth does not take for the site.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from berth import fsutil, locks, proc
+from berth.errors import RuntimeFailure
+from berth.runtime import fuse
+from berth.untrusted import parse_json
+
+IMAGES = "images"
+HOLDERS = "holders"
+_DAEMONS = (b"squashfuse", b"squashfuse_ll")
+_SCOPE_PART = re.compile(r"[A-Za-z0-9_]{1,32}")
+#: How long a leaver waits for the daemon to exit after its unmount before killing it.
+DAEMON_EXIT_S = 5.0
+
+
+def mount_scope(environ) -> str:
+    """The part of the key that keeps mounts apart where a scheduler ends processes by group:
+    ``slurm-JOB.STEP`` inside a Slurm step, else empty (one mount for the whole node)."""
+    job, step = environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "")
+    if job and _SCOPE_PART.fullmatch(job):
+        return f"slurm-{job}" + (f".{step}" if _SCOPE_PART.fullmatch(step) else "")
+    return ""
+
+
+class ImageMount:
+    """One container's hold on a shared image mount; ``root`` is the image's root directory."""
+
+    __slots__ = ("directory", "root", "holder", "holder_fd", "lock_timeout_s", "process", "mounted_here")
+
+    def __init__(self, directory: Path, holder: Path, holder_fd: int, lock_timeout_s: float) -> None:
+        self.directory = directory
+        self.root = directory / "root"
+        self.holder = holder
+        self.holder_fd = holder_fd
+        self.lock_timeout_s = lock_timeout_s
+        #: The daemon's Popen when this berth started it (reaped here when it unmounts).
+        self.process = None
+        self.mounted_here = False
+
+    @property
+    def daemon_pid(self) -> int | None:
+        return _read_record(self.directory).get("pid")
+
+    def release(self) -> bool:
+        """Leave the mount; unmount it when no live holder is left. Returns True when this
+        call unmounted it. Never raises for a mount that is already gone."""
+        lock_fd = _lock(self.directory, self.lock_timeout_s)
+        try:
+            try:
+                os.unlink(self.holder)
+            except FileNotFoundError:
+                pass
+            os.close(self.holder_fd)
+            self.holder_fd = -1
+            if _live_holders(self.directory):
+                return False
+            _unmount(self.directory, self.process)
+            _remove(self.directory)
+            return True
+        finally:
+            os.close(lock_fd)
+
+
+def image_key(squashfs: Path, digest: object | None, scope: str = "") -> str:
+    """The directory name of an image's mount: its digest (``sha256-HEX``), or for a SquashFS
+    run by path a hash of where and what it is (berth.runtime.localcopy.image_key), plus the
+    scope (``mount_scope``)."""
+    from berth.runtime.localcopy import image_key as file_key
+
+    name = file_key(squashfs, digest)[0]
+    return f"{name}@{scope}" if scope else name
+
+
+def images_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / IMAGES
+
+
+def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, program: str | None = None,
+            options: tuple[str, ...] = (), lock_timeout_s: float = locks.DEFAULT_TIMEOUT_S,
+            log=None) -> ImageMount:
+    """Join (or make) the shared mount of ``squashfs`` for the container ``holder_id``.
+
+    ``program``/``options``: the FUSE program and its extra ``-o`` options (berth.runtime.fuse).
+    Raises RuntimeFailure when the image cannot be mounted, LockError when the mount lock is not
+    free within ``lock_timeout_s``."""
+    directory = images_dir(state_dir) / key
+    lock_fd = _lock(directory, lock_timeout_s)
+    try:
+        try:
+            fsutil.make_private_dirs(directory / HOLDERS)
+            os.makedirs(directory / "root", mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot create the image mount directory {directory}: {exc.strerror}",
+                                 hint="check the state directory (berth doctor shows it)") from None
+        holder = directory / HOLDERS / holder_id
+        fd = os.open(holder, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        locks.try_acquire(fd)  # a new file nobody else has open: never waits
+        hold = ImageMount(directory, holder, fd, lock_timeout_s)
+        try:
+            if _answers(hold.root):
+                if log:
+                    log(f"sharing the image mount {hold.root}", debug=True)
+                return hold
+            _unmount(directory, None)  # a dead daemon's mount, if any
+            mount = fuse.mount_squashfs(str(squashfs), str(hold.root), str(directory / "squashfuse.log"),
+                                        program=program, options=options, detached=True)
+            hold.process = mount.process
+            hold.mounted_here = True
+            fsutil.write_atomically(directory / "mount.json", json.dumps(
+                {"pid": mount.process.pid, "program": os.path.basename(mount.process.args[0]),
+                 "squashfs": str(squashfs), "mounted": time.time()}), mode=fsutil.PRIVATE_FILE, durable=False)
+            if log:
+                log(f"mounted the image at {hold.root} (shared)", debug=True)
+            return hold
+        except BaseException:
+            os.unlink(holder)
+            os.close(fd)
+            hold.holder_fd = -1
+            if not _live_holders(directory):
+                _unmount(directory, hold.process)
+                _remove(directory)
+            raise
+    finally:
+        os.close(lock_fd)
+
+
+def _lock(directory: Path, timeout_s: float, *, create: bool = True) -> int | None:
+    """A descriptor holding the mount lock of ``directory`` (made 0700 when ``create``).
+
+    The file locked must still be the one named ``lock`` once held (the last one out removes
+    the directory under the lock): otherwise start again. ``timeout_s`` 0: one try, None when
+    someone holds it; without ``create``, None when the directory is gone. Raises LockError
+    (the wait ran out) and RuntimeFailure (the directory cannot be made)."""
+    path = directory / "lock"
+    while True:
+        if create:
+            try:
+                fsutil.make_private_dirs(directory)
+            except FileNotFoundError:
+                continue  # images/ removed by the last one out of another image between two mkdirs
+            except OSError as exc:
+                raise RuntimeFailure(f"cannot create the image mount directory {directory}: {exc.strerror}",
+                                     hint="check the state directory (berth doctor shows it)") from None
+        try:
+            fd = locks.open_lock_file(path, create=create)
+        except FileNotFoundError:
+            if not create:
+                return None
+            continue  # removed between the mkdir and the open: again
+        try:
+            if timeout_s <= 0:
+                if not locks.try_acquire(fd):
+                    os.close(fd)
+                    return None
+            else:
+                locks.acquire(fd, path, timeout_s=timeout_s, purpose="the image's shared mount")
+            held, named = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if not create:
+            return None
+
+
+def _remove(directory: Path) -> None:
+    """Remove an image's directory whose mount is gone (caller holds its lock; the lock file
+    goes last but one, then the directory, and ``images/`` when empty). Leaves it when anything is
+    still mounted there."""
+    if str(directory / "root") in fuse.mounted_paths():
+        return
+    for name in ("mount.json", "squashfuse.log"):
+        try:
+            os.unlink(directory / name)
+        except OSError:
+            pass
+    for name in (HOLDERS, "root"):
+        try:
+            os.rmdir(directory / name)
+        except OSError:
+            pass
+    try:
+        os.unlink(directory / "lock")
+        os.rmdir(directory)
+        os.rmdir(directory.parent)  # images/, when this was its last entry
+    except OSError:
+        pass
+
+
+def _answers(root: Path) -> bool:
+    """Whether ``root`` is a mount point (another device than its directory) whose daemon answers."""
+    try:
+        return os.stat(root).st_dev != os.stat(root.parent).st_dev
+    except OSError:
+        return False  # ENOTCONN: the daemon is gone
+
+
+def _live_holders(directory: Path) -> list[str]:
+    """Names of holders whose lock is held; removes those whose berth died (caller holds the
+    mount lock)."""
+    live = []
+    try:
+        names = os.listdir(directory / HOLDERS)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = directory / HOLDERS / name
+        try:
+            fd = locks.open_lock_file(path, create=False)
+        except FileNotFoundError:
+            continue
+        try:
+            if locks.try_acquire(fd):
+                os.unlink(path)
+            else:
+                live.append(name)
+        finally:
+            os.close(fd)
+    return live
+
+
+def _read_record(directory: Path) -> dict:
+    try:
+        record = parse_json((directory / "mount.json").read_bytes(), what="mount.json")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _our_daemon(pid: object, root: Path) -> bool:
+    """Whether ``pid`` runs a squashfuse daemon of ``root`` (never a recycled pid's program)."""
+    if not isinstance(pid, int) or pid <= 1:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return os.path.basename(argv[0]) in _DAEMONS and os.fsencode(str(root)) in argv
+
+
+def _unmount(directory: Path, process) -> None:
+    """Unmount ``directory``'s root if mounted, then make sure its daemon is gone (caller holds
+    the mount lock). Never raises."""
+    root = directory / "root"
+    record = _read_record(directory)
+    if str(root) in fuse.mounted_paths():
+        for lazy in (False, True):
+            try:
+                fuse.unmount(str(root), lazy=lazy)
+                break
+            except Exception:  # noqa: BLE001 - EBUSY: retry lazily; anything else: the kill below
+                time.sleep(0.02)
+    pid = record.get("pid")
+    if process is not None:
+        try:
+            process.wait(timeout=DAEMON_EXIT_S)
+        except Exception:  # noqa: BLE001
+            process.kill()
+            process.wait()
+    elif _our_daemon(pid, root):
+        deadline = time.monotonic() + DAEMON_EXIT_S
+        while _our_daemon(pid, root) and not _is_zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if _our_daemon(pid, root) and not _is_zombie(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    try:
+        os.unlink(directory / "mount.json")
+    except OSError:
+        pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def cleanup_stale(state_dir: Path) -> list[dict]:
+    """Unmount and remove every shared image mount of this user whose holders are all gone
+    (their berths died). Images whose mount lock someone holds right now are left to that
+    berth. Returns ``[{"image": KEY, "unmounted": ROOT}]`` for the mounts found. Never raises
+    for one image's trouble but a lock that cannot work (LockError)."""
+    base = images_dir(state_dir)
+    try:
+        entries = [entry for entry in os.scandir(base) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    cleaned = []
+    for entry in entries:
+        directory = Path(entry.path)
+        try:
+            lock_fd = _lock(directory, 0, create=False)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):  # not a lock file of berth's: leave it
+                continue
+            raise
+        if lock_fd is None:
+            continue
+        try:
+            if _live_holders(directory):
+                continue
+            mounted = str(directory / "root") in fuse.mounted_paths()
+            if mounted or _read_record(directory):
+                _unmount(directory, None)
+                cleaned.append({"image": entry.name, "unmounted": str(directory / "root")})
+            _remove(directory)
+        finally:
+            os.close(lock_fd)
+    return cleaned
