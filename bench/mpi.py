@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""MPI at native speed (issue 13): point-to-point and collective micro-benchmarks and the launch
+time of an N-rank hello world, bare host vs berth, side by side in one run on the Slurm test
+cluster (4 slurmd "nodes" on this machine, all traffic on loopback).
+
+What runs:
+
+- ``bench/mpi/mpibench.c``, written after the OSU micro-benchmarks' method (warm-up iterations
+  not timed, REPS timed blocks of ITERS iterations per size, per-size median of the blocks):
+  ping-pong latency and windowed bandwidth 1 B .. ``--max-p2p`` (4 MiB), allreduce and broadcast
+  1 B .. ``--max-coll`` (16 KiB). It is **compiled once on the host** with ``mpicc`` (Debian 12's
+  OpenMPI 4.1.4, the same as in the image) and the same binary is used twice: bare from a host
+  directory, and inside berth from ``/opt/bench/mpibench`` in an image layer added on top of the
+  MPI test image (``tests/harness/mpi.py``: Debian bookworm minbase + openmpi-bin). No bind mount.
+- Placements: 2 ranks on one node (``-N1 -n2``) and 2 ranks on two nodes (``-N2 -n2``), each
+  ``srun --mpi=pmix ... ./mpibench`` (bare) and ``srun --mpi=pmix ... berth run IMG
+  /opt/bench/mpibench`` (berth, one container per rank), in the order bare, berth, bare, so that
+  the bare host's spread against itself (the two bare runs) shows what is noise.
+- Launch: wall time of ``srun --mpi=pmix -N NODES -n N [--overcommit] hello`` (MPI_Init,
+  one MPI_Allreduce, MPI_Finalize) for N = 2, 4, 8 over 1, 2, 4 nodes, bare vs berth.
+
+Test-bed limits (TESTBED.md): every "node" has the same host name, so OpenMPI runs with
+``btl=self,tcp`` on 127.0.0.1 (no shared memory, bare or not); the 2 cores are shared with the
+ranks of the other "node" and with whatever else runs on the machine.
+
+Usage (as root; runs the ranks as ``berthtest``; kept out of the test suite)::
+
+    python3 bench/mpi.py                                   # full: about 15 minutes on 2 loaded cores
+    python3 bench/mpi.py --quick                           # a few minutes
+    python3 bench/mpi.py --max-p2p 65536 --iters 200 --reps 5 --rounds 1 --launch-runs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common as c
+
+SOURCE = Path(__file__).resolve().parent / "mpi" / "mpibench.c"
+IN_IMAGE = "/opt/bench/mpibench"
+TESTS = ("latency", "bw", "allreduce", "bcast")
+#: Every test "node" believes it owns CPUs 0-1 (ConstrainCores=yes): one CPU per task would pin
+#: the ranks of two nodes both to CPU 0, where two busy-polling ranks take turns in milliseconds
+#: (measured: 1-8 ms one-way). With -c2 each rank of the 2-node case may use both cores.
+PLACEMENTS = {"1 node": ["-N1", "-n2"], "2 nodes": ["-N2", "-n2", "--ntasks-per-node=1", "-c2"]}
+LAUNCH_SHAPES = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4)]  # (ranks, nodes)
+
+
+def compile_bench(directory: Path) -> Path:
+    """mpibench compiled on the host (same OpenMPI as the image): the one binary both sides run."""
+    mpicc = shutil.which("mpicc")
+    if mpicc is None:
+        raise RuntimeError("mpicc is missing: run scripts/install-system-packages.sh (libopenmpi-dev)")
+    binary = directory / "mpibench"
+    c.run([mpicc, "-O2", "-o", str(binary), str(SOURCE)])
+    binary.chmod(0o755)
+    return binary
+
+
+def bench_image(registry, binary: Path):
+    """The MPI test image plus a layer with /opt/bench/mpibench, pushed to ``registry``."""
+    from tests.harness import images
+    from tests.harness.mpi import mpi_spec
+    from tests.harness.ocilayout import Dir, HostFile, ImageSpec, Layer
+
+    base = mpi_spec()
+    layer = Layer((Dir("opt"), Dir("opt/bench"), HostFile("opt/bench/mpibench", binary, mode=0o755)))
+    spec = ImageSpec(layers=(*base.layers, layer), cmd=base.cmd)
+    return images.push_pushed_image(registry, "bench/mpi", "bench", spec, "oci")
+
+
+def parse_results(output: str) -> dict[tuple[str, int], float]:
+    """{(test, size): median} from mpibench's RESULT lines."""
+    found = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[0] == "RESULT":
+            found[(parts[1], int(parts[2]))] = float(parts[3])
+    return found
+
+
+class Runner:
+    def __init__(self, user: c.BenchUser, env: dict, ref: str, bare_binary: Path, hello: Path) -> None:
+        self.user, self.env, self.ref = user, env, ref
+        self.bare_binary, self.hello = bare_binary, hello
+
+    def prefix(self, mode: str) -> list[str]:
+        return [] if mode == "bare" else [str(c.BERTH), "run", self.ref]
+
+    def srun(self, options: list[str], mode: str, program: list[str], timeout: float) -> subprocess.CompletedProcess:
+        argv = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", *options, *self.prefix(mode), *program]
+        return self.user.run(argv, env=self.env, timeout=timeout, cwd="/tmp")
+
+    def micro(self, placement: str, mode: str, args) -> dict[tuple[str, int], float]:
+        binary = str(self.bare_binary) if mode == "bare" else IN_IMAGE
+        program = [binary, ",".join(args.tests), str(args.max_p2p), str(args.max_coll), str(args.iters),
+                   str(args.warmup), str(args.reps)]
+        result = self.srun(PLACEMENTS[placement], mode, program, timeout=1800)
+        found = parse_results(result.stdout)
+        if not found:
+            raise RuntimeError(f"{mode} on {placement}: no RESULT lines\n{result.stdout[-1000:]}\n{result.stderr[-1000:]}")
+        return found
+
+    def launch(self, ranks: int, nodes: int, mode: str) -> float:
+        hello = str(self.hello) if mode == "bare" else "/opt/hello"
+        options = [f"-N{nodes}", f"-n{ranks}"] + (["--overcommit"] if ranks > 2 * nodes else [])
+        start = time.perf_counter()
+        result = self.srun(options, mode, [hello], timeout=300)
+        elapsed = time.perf_counter() - start
+        lines = [line for line in result.stdout.splitlines() if line.startswith("hello rank=")]
+        if len(lines) != ranks:
+            raise RuntimeError(f"{mode} hello {ranks}/{nodes}: {len(lines)} ranks answered\n{result.stdout[-800:]}")
+        return elapsed
+
+
+def pct(value: float, reference: float) -> float:
+    return (value - reference) / reference * 100.0
+
+
+def micro_table(test: str, rows: dict[int, tuple[float, float, float]]) -> tuple[str, list[int]]:
+    """One table per test: bare A, berth, bare B, the bare spread and berth's cost (percent, >0 =
+    slower). Returns the table and the sizes where berth's cost is over 2% and over the spread."""
+    unit = "MB/s" if test == "bw" else "µs"
+    over = []
+    body = []
+    for size, (bare_a, berth, bare_b) in sorted(rows.items()):
+        bare = (bare_a + bare_b) / 2
+        spread = abs(bare_a - bare_b) / bare * 100.0
+        cost = pct(bare, berth) if test == "bw" else pct(berth, bare)  # bandwidth: lower is worse
+        if cost > 2.0 and cost > spread:
+            over.append(size)
+        body.append([str(size), f"{bare_a:.2f}", f"{berth:.2f}", f"{bare_b:.2f}", f"{spread:.1f}", f"{cost:+.1f}"])
+    table = c.markdown_table(["size, B", f"bare 1, {unit}", f"berth, {unit}", f"bare 2, {unit}",
+                              "bare spread, %", "berth cost, %"], body)
+    return table, over
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tests", default=",".join(TESTS), help="comma-separated of " + ",".join(TESTS))
+    parser.add_argument("--max-p2p", type=int, default=4 * 2**20, help="largest latency/bw message, bytes")
+    parser.add_argument("--max-coll", type=int, default=16 * 2**10, help="largest allreduce/bcast message, bytes")
+    parser.add_argument("--iters", type=int, default=1000, help="timed iterations per block (÷10 above 64 KiB)")
+    parser.add_argument("--warmup", type=int, default=100, help="untimed iterations per size")
+    parser.add_argument("--reps", type=int, default=11, help="timed blocks per size (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=1, help="bare/berth/bare triples per placement")
+    parser.add_argument("--launch-runs", type=int, default=3, help="runs per launch shape and mode")
+    parser.add_argument("--quick", action="store_true",
+                        help="--max-p2p 1048576 --iters 100 --warmup 10 --reps 5 --launch-runs 2")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.max_p2p, args.iters, args.warmup, args.reps, args.launch_runs = 2**20, 100, 10, 5, 2
+    args.tests = [test for test in args.tests.split(",") if test]
+    if unknown := set(args.tests) - set(TESTS):
+        parser.error(f"unknown --tests {','.join(sorted(unknown))}")
+    if os.getuid() != 0:
+        parser.error("run as root (it starts a registry and the Slurm test cluster)")
+
+    from tests.harness import slurm
+    from tests.harness.mpi import hello_binary
+    from tests.harness.registry import start_registry
+
+    command = "python3 bench/mpi.py " + " ".join(sys.argv[1:])
+    header = c.report_header("MPI: micro-benchmarks and launch, bare host vs berth (issue 13)", command.strip())
+    user = c.BenchUser.lookup()
+    workdir = user.tempdir("berth-bench-mpi-", Path("/tmp"))
+    tmpfs_root = Path(tempfile.mkdtemp(prefix="berth-bench-mpi-tmpfs-", dir="/var/tmp"))
+    cluster = registry = None
+    micro: dict[str, dict[str, list[dict]]] = {}
+    launch: dict[tuple[int, int], dict[str, c.Sample]] = {}
+    try:
+        binary = compile_bench(workdir)
+        hello = workdir / "hello"
+        shutil.copy(hello_binary(), hello)
+        c.log("building and pushing the MPI bench image")
+        registry = start_registry(auth="none")
+        image = bench_image(registry, binary)
+        cluster = slurm.start_cluster(workdir / "slurm", 4, tmpfs_root=tmpfs_root)
+        site = user.tempdir("site-", workdir)
+        config_dir = c.berth_config_dir(user, [registry.host], site)
+        env = {**cluster.env(), **c.berth_env(config_dir, site / "user-store", site / "state")}
+        user.run([str(c.BERTH), "pull", image], env=env)
+        ref = f"{image.registry.host}/{image.name}@{image.digest}"
+        runner = Runner(user, env, ref, binary, hello)
+        runner.launch(2, 1, "berth")  # warm-up: page cache, first mount
+        for placement in PLACEMENTS:
+            for round_index in range(args.rounds):
+                for label, mode in (("bare 1", "bare"), ("berth", "berth"), ("bare 2", "bare")):
+                    c.log(f"{placement}: {label} (round {round_index + 1})")
+                    found = runner.micro(placement, mode, args)
+                    micro.setdefault(placement, {}).setdefault(label, []).append(found)
+        for ranks, nodes in LAUNCH_SHAPES:
+            c.log(f"launch {ranks} ranks on {nodes} node(s)")
+            samples = launch.setdefault((ranks, nodes), {"bare": c.Sample(), "berth": c.Sample()})
+            for _ in range(args.launch_runs):
+                for mode in ("bare", "berth"):
+                    samples[mode].add(runner.launch(ranks, nodes, mode))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        if registry is not None:
+            registry.stop()
+        c.rm_tree(workdir)
+        c.rm_tree(tmpfs_root)
+
+    sections = [header,
+                "The machine was shared with other engineers' test runs and loaded (see the load averages); "
+                "every \"node\" is a slurmd on the same 2 cores, OpenMPI uses `btl=self,tcp` on 127.0.0.1 "
+                "(same host name on every node: no shared memory, bare or not). berth: one container per rank "
+                "(`srun --mpi=pmix ... berth run IMG /opt/bench/mpibench`), the binary compiled on the host with "
+                "mpicc and added to the MPI test image as a layer. Values: per size, the median of "
+                f"{args.reps} timed blocks of {args.iters} iterations (÷10 above 64 KiB) after {args.warmup} "
+                "warm-up iterations; with several rounds, the median of the rounds. Columns bare 1 and bare 2 "
+                "are the bare host run before and after berth: their spread is the noise floor. berth cost: "
+                "(berth − mean bare) / mean bare for times, (mean bare − berth) / mean bare for bandwidth.", ""]
+    over_all = []
+    for placement, modes in micro.items():
+        for test in args.tests:
+            rows = {}
+            sizes = sorted({size for (name, size) in modes["bare 1"][0] if name == test})
+            for size in sizes:
+                values = [statistics.median(run[(test, size)] for run in modes[mode]) for mode in
+                          ("bare 1", "berth", "bare 2")]
+                rows[size] = tuple(values)
+            table, over = micro_table(test, rows)
+            unit = "bandwidth" if test == "bw" else "time"
+            sections += [f"#### {test} ({unit}), 2 ranks on {placement}", "", table, ""]
+            if over:
+                over_all.append(f"{test} on {placement}: {', '.join(map(str, over))} B")
+    rows = []
+    for (ranks, nodes), samples in launch.items():
+        bare, berth = samples["bare"], samples["berth"]
+        rows.append([str(ranks), str(nodes), bare.cell("s"), berth.cell("s"),
+                     f"{(berth.median - bare.median) * 1000:.0f}"])
+    sections += ["#### Launch: N-rank hello (MPI_Init, MPI_Allreduce, MPI_Finalize), wall time of srun", "",
+                 c.markdown_table(["ranks", "nodes", "bare, s", "berth, s", "berth − bare, ms"], rows), ""]
+    sections.append("- target berth within 2% of the bare host at every size: " +
+                    ("met (no size above 2% and above the bare spread)" if not over_all else
+                     "NOT met at " + "; ".join(over_all) + " (sizes where berth's cost is above 2% and above the "
+                     "bare host's spread against itself)"))
+    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
