@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,16 +158,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="bare/berth/bare triples per placement")
     parser.add_argument("--launch-runs", type=int, default=3, help="runs per launch shape and mode")
     parser.add_argument("--quick", action="store_true",
-                        help="--max-p2p 1048576 --iters 100 --warmup 10 --reps 5 --launch-runs 2")
+                        help="--max-p2p 262144 --iters 50 --warmup 5 --reps 5 --launch-runs 2")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.quick:
-        args.max_p2p, args.iters, args.warmup, args.reps, args.launch_runs = 2**20, 100, 10, 5, 2
+        args.max_p2p, args.iters, args.warmup, args.reps, args.launch_runs = 2**18, 50, 5, 5, 2
     args.tests = [test for test in args.tests.split(",") if test]
     if unknown := set(args.tests) - set(TESTS):
         parser.error(f"unknown --tests {','.join(sorted(unknown))}")
     if os.getuid() != 0:
         parser.error("run as root (it starts a registry and the Slurm test cluster)")
+    # SIGTERM ends the run through the finally below (cluster and registry stopped).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     from tests.harness import slurm
     from tests.harness.mpi import hello_binary
