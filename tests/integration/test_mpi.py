@@ -11,6 +11,7 @@ Every test checks afterwards that no MPI process and no FUSE mount of berth's is
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -199,6 +200,65 @@ def test_ranks_in_separate_containers_on_one_node_without_shared_memory(mpi_site
     node = ranks(result.stdout)[0][1]
     assert_world(result.stdout, 2, {node: 2})
     assert_clean(user, env["BERTH_STATE_DIR"])
+
+
+SCOPE_PROBE = ('echo "probe rank=$PMIX_RANK node=$SLURMD_NODENAME pidns=$(readlink /proc/self/ns/pid) '
+               'btl=${OMPI_MCA_btl-unset}"; exec /opt/hello')
+
+
+def test_srun_pmix_scope_node_one_container_per_node(mpi_site, mpi_image, user, slurm_cluster):  # noqa: F811
+    """Issue 13, ``--scope node``: 4 ranks on 2 nodes, the 2 ranks of a node in one container
+    (one PID namespace per node, the same /dev/shm), each rank with its own PMIx identity from
+    its own srun task, every rank's result checked; the container is gone after the step."""
+    site, env = mpi_site
+    result = run_as(user, ["srun", "--mpi=pmix", "-N2", "-n4", "--ntasks-per-node=2", "--kill-on-bad-exit=1",
+                           str(berth_executable()), "run", "--scope", "node", mpi_image, "sh", "-c", SCOPE_PROBE],
+                    {**site.env, **env})
+    assert result.returncode == 0, describe(result) + slurm_cluster.logs()[-3000:]
+    found = ranks(result.stdout)
+    nodes = sorted({node for _, node, _, _ in found.values()})
+    assert len(nodes) == 2, result.stdout
+    assert_world(result.stdout, 4, {nodes[0]: 2, nodes[1]: 2})
+    probes = [dict(word.split("=", 1) for word in line.split()[1:])
+              for line in result.stdout.splitlines() if line.startswith("probe ")]
+    assert sorted(int(probe["rank"]) for probe in probes) == [0, 1, 2, 3], result.stdout
+    namespaces = {node: {probe["pidns"] for probe in probes if probe["node"] == node} for node in nodes}
+    # One container per node: its ranks share one PID namespace; the two nodes' differ, and
+    # neither is the host's.
+    assert all(len(spaces) == 1 for spaces in namespaces.values()), namespaces
+    assert namespaces[nodes[0]] != namespaces[nodes[1]], namespaces
+    assert os.readlink("/proc/self/ns/pid") not in namespaces[nodes[0]] | namespaces[nodes[1]]
+    # Each rank's PID is its own (not the container's init) and small (inside the namespace).
+    assert len({pid for _, _, pid, _ in found.values()}) >= 3 and all(pid < 100 for _, _, pid, _ in found.values())
+    # berth leaves the transports alone in a node's container (no ^vader): here the cluster's
+    # own choice (self,tcp: all test nodes share a host name) reaches the ranks.
+    assert {probe["btl"] for probe in probes} == {env["OMPI_MCA_btl"]}, result.stdout
+    assert "PMIX ERROR" not in result.stderr, describe(result)
+    assert_clean(user, env["BERTH_STATE_DIR"])
+
+
+def test_scope_node_ranks_share_memory_on_one_node(mpi_site, mpi_image, user):  # noqa: F811
+    """The reason for ``--scope node``: with one container per node, OpenMPI's shared-memory
+    transport works between the node's ranks (``btl=self,vader``: no TCP at all), which
+    crashes between containers of ``--scope task`` (see the test above about separate containers)."""
+    site, env = mpi_site
+    env = {**env, "OMPI_MCA_btl": "self,vader"}
+    result = run_as(user, ["srun", "--mpi=pmix", "-N1", "-n2", "--kill-on-bad-exit=1", str(berth_executable()),
+                           "run", "--scope", "node", mpi_image, "/opt/hello"], {**site.env, **env}, timeout_s=90)
+    assert result.returncode == 0, describe(result)
+    node = ranks(result.stdout)[0][1]
+    assert_world(result.stdout, 2, {node: 2})
+    assert_clean(user, env["BERTH_STATE_DIR"])
+
+
+def test_scope_node_outside_a_slurm_step_is_refused(mpi_site, mpi_image, user):  # noqa: F811
+    site, env = mpi_site
+    env = {**site.env, **env}
+    result = user.run([str(berth_executable()), "run", "--scope", "node", mpi_image, "true"], env=env,
+                      timeout=60, cwd="/tmp")
+    assert result.returncode == 125, describe(result)
+    assert "--scope node: not in a Slurm job step" in result.stderr, describe(result)
+    assert "Traceback" not in result.stderr
 
 
 def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):

@@ -343,16 +343,22 @@ def test_a_request_directory_swapped_for_a_link_is_neither_read_nor_written(tmp_
 def test_srun_words_split_into_options_and_command():
     from berth.cli.jobs import split_srun_argv
 
-    assert split_srun_argv(["-N", "2", "-n2", "--mpi=pmix", "hostname", "-f"]) == (
+    assert split_srun_argv(["-N", "2", "-n2", "--mpi=pmix", "hostname", "-f"])[:3] == (
         None, ["--nodes=2", "--ntasks=2", "--mpi=pmix"], ["hostname", "-f"])
-    assert split_srun_argv(["--image", "x:1", "--exclusive", "--", "-weird"]) == ("x:1", ["--exclusive"], ["-weird"])
+    assert split_srun_argv(["--image", "x:1", "--exclusive", "--", "-weird"])[:3] == ("x:1", ["--exclusive"], ["-weird"])
     # issue 9: options with a value, and -K whose value is optional (attached only)
-    assert split_srun_argv(["-A", "proj", "-q", "high", "-C", "ib", "-G", "1", "cmd"]) == (
+    assert split_srun_argv(["-A", "proj", "-q", "high", "-C", "ib", "-G", "1", "cmd"])[:3] == (
         None, ["--account=proj", "--qos=high", "--constraint=ib", "--gpus=1"], ["cmd"])
-    assert split_srun_argv(["-K", "cmd", "arg"]) == (None, ["--kill-on-bad-exit"], ["cmd", "arg"])
-    assert split_srun_argv(["-K1", "-lN2", "--image=y", "cmd"]) == (
+    assert split_srun_argv(["-K", "cmd", "arg"])[:3] == (None, ["--kill-on-bad-exit"], ["cmd", "arg"])
+    assert split_srun_argv(["-K1", "-lN2", "--image=y", "cmd"])[:3] == (
         "y", ["--kill-on-bad-exit=1", "--label", "--nodes=2"], ["cmd"])
-    assert split_srun_argv(["-W", "5", "cmd"]) == (None, ["--wait=5"], ["cmd"])  # srun's -W takes a value
+    assert split_srun_argv(["-W", "5", "cmd"])[:3] == (None, ["--wait=5"], ["cmd"])  # srun's -W takes a value
+    # issue 13: --scope is berth's (one container per task, or per node), never srun's
+    assert split_srun_argv(["-N2", "cmd"])[3] == "task"
+    assert split_srun_argv(["--scope", "node", "-n4", "cmd"]) == (None, ["--ntasks=4"], ["cmd"], "node")
+    assert split_srun_argv(["--scope=task", "cmd"]) == (None, [], ["cmd"], "task")
+    with pytest.raises(UsageError, match="--scope 'rank': use task or node"):
+        split_srun_argv(["--scope", "rank", "cmd"])
     with pytest.raises(UsageError, match="no command given"):
         split_srun_argv(["-N", "2"])
 

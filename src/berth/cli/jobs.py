@@ -219,27 +219,33 @@ def cmd_cancel(args, ctx) -> int:
     return 0
 
 
-def split_srun_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
-    """``[--image REF] [srun options] [--] COMMAND...`` -> (image, srun options, command).
+def split_srun_argv(argv: list[str]) -> tuple[str | None, list[str], list[str], str]:
+    """``[--image REF] [--scope task|node] [srun options] [--] COMMAND...`` -> (image, srun
+    options, command, scope).
 
     srun's options are read with srun's own grammar (berth.jobs.options.SLURM_OPTIONS): ``-A
     proj`` is one option, ``-K`` takes no following word (its value is optional, so attached
     only). They reach srun spelled in full (``--account=proj``); berth's ``--image`` (or
-    ``--container-image``) may appear among them."""
+    ``--container-image``) and ``--scope`` may appear among them."""
     from berth.errors import UsageError
     from berth.jobs.options import VALUE, parse_options
 
-    own = {"image": VALUE, "container-image": VALUE}
+    own = {"image": VALUE, "container-image": VALUE, "scope": VALUE}
     options, end = parse_options(argv, command="srun", where="berth srun", berth=False, extra=own)
-    image = None
+    image, scope = None, "task"
     for option in options:
-        if option.known and option.name in own:
+        if option.known and option.name == "scope":
+            if option.value not in ("task", "node"):
+                raise UsageError(f"berth srun --scope {option.value!r}: use task or node",
+                                 hint="task: a container per task (default); node: the tasks of a node share one")
+            scope = option.value
+        elif option.known and option.name in own:
             image = option.value
     words = [option.spelled for option in options if not (option.known and option.name in own)]
     command = argv[end:]
     if not command:
         raise UsageError("berth srun: no command given", hint="berth srun [SRUN OPTIONS] [--] COMMAND [ARGS]")
-    return image, words, command
+    return image, words, command, scope
 
 
 def cmd_srun(args, ctx) -> int:
@@ -249,18 +255,19 @@ def cmd_srun(args, ctx) -> int:
     from berth.errors import UsageError
 
     if args.argv[:1] in (["-h"], ["--help"]):
-        print("usage: berth srun [--image REF] [SRUN OPTIONS] [--] COMMAND [ARGS]\n\n"
+        print("usage: berth srun [--image REF] [--scope task|node] [SRUN OPTIONS] [--] COMMAND [ARGS]\n\n"
               "Inside a berth job: run COMMAND as a job step on the allocated nodes, one container\n"
-              "per task, in the job's image (BERTH_JOB_IMAGE) unless --image says otherwise.\n"
-              "Equivalent to: srun [SRUN OPTIONS] berth run IMAGE COMMAND [ARGS]")
+              "per task (--scope node: one per node, shared by its tasks), in the job's image\n"
+              "(BERTH_JOB_IMAGE) unless --image says otherwise.\n"
+              "Equivalent to: srun [SRUN OPTIONS] berth run [--scope node] IMAGE COMMAND [ARGS]")
         return 0
-    image, options, command = split_srun_argv(args.argv)
+    image, options, command, scope = split_srun_argv(args.argv)
     image = image or os.environ.get("BERTH_JOB_IMAGE")
     if not image:
         raise UsageError("berth srun: no image: not inside a berth job (BERTH_JOB_IMAGE is unset)",
                          hint="give --image REF, or run it from a job submitted with berth submit")
     berth = [sys.executable, "-m", "berth"]
-    argv = ["srun", *options, *berth, "run", image, *command]
+    argv = ["srun", *options, *berth, "run", *(["--scope", scope] if scope != "task" else []), image, *command]
     result = proc.run(argv, stdout=None, stderr=None, stdin=None, check=False, env=proc.child_env())
     return proc.shell_status(result.returncode)
 

@@ -93,6 +93,11 @@ def run_command(args, ctx) -> int:
     if warning:
         print(f"berth: {warning}", file=sys.stderr, flush=True)
     image = resolve_image(settings, args.image, options.pull)
+    if options.scope == "node":
+        from berth.runtime.nodescope import run_in_node_container
+
+        return run_in_node_container(settings, image, _strip_dashes(args.command) or None, options,
+                                     log=_logger(debug))
     return run_container(settings, image, _strip_dashes(args.command) or None, options, log=_logger(debug))
 
 

@@ -60,6 +60,9 @@ class RunOptions:
     entrypoint: str | None = None
     hostname: str | None = None
     runtime: str | None = None
+    #: "task": one container per berth run; "node": the tasks of a Slurm step on one node
+    #: share one container (berth.runtime.nodescope).
+    scope: str = "task"
 
 
 def is_container_name(name: str) -> bool:
@@ -131,6 +134,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--entrypoint", metavar="PATH", help="replace the image's entrypoint")
     add("--hostname", help="hostname inside (default: this node's)")
     add("--runtime", choices=("runc", "crun"), help="OCI runtime (default: site setting, else the first that works)")
+    add("--scope", choices=("task", "node"), default="task",
+        help="task: a container per berth run (default); node: in a Slurm step, the tasks of a node "
+             "share one container (one start-up, shared /dev/shm and IPC for MPI ranks)")
 
 
 def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
@@ -178,6 +184,7 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
         entrypoint=ns.entrypoint,
         hostname=ns.hostname,
         runtime=ns.runtime,
+        scope=getattr(ns, "scope", "task"),
     )
 
 
