@@ -110,7 +110,8 @@ class Runner:
         result = self.srun(PLACEMENTS[placement], mode, program, timeout=1800)
         found = parse_results(result.stdout)
         if not found:
-            raise RuntimeError(f"{mode} on {placement}: no RESULT lines\n{result.stdout[-1000:]}\n{result.stderr[-1000:]}")
+            raise RuntimeError(f"{mode} on {placement}: no RESULT lines\n"
+                               f"{result.stdout[-1000:]}\n{result.stderr[-1000:]}")
         return found
 
     def launch(self, ranks: int, nodes: int, mode: str) -> float:

@@ -345,7 +345,8 @@ def test_srun_words_split_into_options_and_command():
 
     assert split_srun_argv(["-N", "2", "-n2", "--mpi=pmix", "hostname", "-f"])[:3] == (
         None, ["--nodes=2", "--ntasks=2", "--mpi=pmix"], ["hostname", "-f"])
-    assert split_srun_argv(["--image", "x:1", "--exclusive", "--", "-weird"])[:3] == ("x:1", ["--exclusive"], ["-weird"])
+    assert split_srun_argv(["--image", "x:1", "--exclusive", "--", "-weird"])[:3] == (
+        "x:1", ["--exclusive"], ["-weird"])
     # issue 9: options with a value, and -K whose value is optional (attached only)
     assert split_srun_argv(["-A", "proj", "-q", "high", "-C", "ib", "-G", "1", "cmd"])[:3] == (
         None, ["--account=proj", "--qos=high", "--constraint=ib", "--gpus=1"], ["cmd"])
