@@ -412,3 +412,52 @@ def test_scheduler_only_options_are_ignored_with_one_line(job_site, user):
     refused = user.berth("submit", "--begin=now+1hour", "legacy.sh", cwd=str(work), env=job_site.env)
     assert refused.returncode == 2 and "--begin: the local backend cannot honour it" in refused.stderr, \
         describe(refused)
+
+
+def test_job_arrays_on_the_local_backend(job_site, user):
+    """Issue 11: --array=1-5%2: every task runs once in the image with its own task id, outputs
+    per %A_%a, at most two at once, states listed per task (ARRAY_TASK); one task cancelled
+    while pending, the others complete; cancelling the array id cancels what is left."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "task.sh", """\
+        #!/bin/sh
+        #SBATCH --array=1-5%2
+        #SBATCH -o out-%A_%a.txt
+        #BERTH --template=bb
+        echo "task=$SLURM_ARRAY_TASK_ID array=$SLURM_ARRAY_JOB_ID os=$(head -1 /etc/os-release)"
+        sleep 2
+    """, user)
+    result = user.berth("submit", "--json", "task.sh", cwd=str(work), env=job_site.env)
+    assert result.returncode == 0, describe(result)
+    submitted = json.loads(result.stdout)
+    array = submitted["id"]
+    tasks = {task["job"]: task["id"] for task in submitted["tasks"]}
+    assert list(tasks) == [f"{array}_{n}" for n in range(1, 6)], submitted
+    # The runners race for the two slots: cancel a task that is still waiting once two run.
+    deadline = time.monotonic() + 60
+    while True:
+        listed = jobs(user, job_site)
+        running = [j for j in tasks if listed[tasks[j]]["state"] in ("staging", "running")]
+        waiting = [j for j in tasks if listed[tasks[j]]["state"] == "pending"]
+        if len(running) == 2 and waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    victim = waiting[-1]
+    cancelled = user.berth("cancel", victim, env=job_site.env)
+    assert cancelled.returncode == 0, describe(cancelled)
+    states = wait_for(user, job_site, tasks.values(), FINAL, timeout_s=120)
+    assert {j: states[tasks[j]]["state"] for j in tasks} == {
+        j: "cancelled" if j == victim else "completed" for j in tasks}, json.dumps(states)
+    assert [states[tasks[j]]["job"] for j in tasks] == list(tasks)
+    for job in tasks:
+        n = int(job.split("_")[1])
+        text = (work / f"out-{array}_{n}.txt").read_text()
+        expected = "" if job == victim else f'task={n} array={array} os=NAME="berth test busybox"\n'
+        assert text == expected, (job, text)
+    spans = sorted((states[tasks[j]]["started_at"], states[tasks[j]]["ended_at"]) for j in tasks if j != victim)
+    most = max(sum(1 for start, end in spans if start <= moment < end) for moment, _ in spans)
+    assert most <= 2, spans
+    table = user.berth("jobs", env=job_site.env)
+    assert any(line.startswith(f"{array}_3 ") for line in table.stdout.splitlines()), describe(table)
+    again = user.berth("cancel", array, env=job_site.env)
+    assert again.returncode == 9 and f"job array {array} already ended" in again.stderr, describe(again)

@@ -324,3 +324,41 @@ def test_dependencies_chain_on_slurm(job_site, user, slurm_cluster, slurm_env):
         describe(refused)
     after = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
     assert set(after.split()) - set(before.split()) == set()
+
+
+def test_job_arrays_on_slurm(job_site, user, slurm_cluster, slurm_env):
+    """Issue 11: the same --array=1-5%2 script on Slurm: one sbatch --array, every task runs once
+    in the image with its task id (Slurm's SLURM_ARRAY_*, berth's BERTH_ARRAY_*), outputs per
+    %A_%a (berth's array id), tasks listed as ARRAY_TASK with Slurm ids NATIVE_TASK, one task
+    cancelled, the others complete. An array spec berth cannot read is refused, nothing queued."""
+    work = job_site.workdir(user)
+    env = {**job_site.env, **slurm_env}
+    job_site.write_script(work, "task.sh", """\
+        #!/bin/sh
+        #SBATCH --array=1-5%2
+        #SBATCH -o out-%A_%a.txt
+        #BERTH --template=bb
+        echo "task=$SLURM_ARRAY_TASK_ID berth=$BERTH_ARRAY_JOB_ID/$BERTH_ARRAY_TASK_ID native=$SLURM_ARRAY_JOB_ID"
+        sleep 2
+    """, user)
+    result = user.berth("submit", "--json", "task.sh", cwd=str(work), env=env)
+    assert result.returncode == 0, describe(result)
+    submitted = json.loads(result.stdout)
+    array, native = submitted["id"], submitted["native_id"].split("_")[0]
+    tasks = {task["job"]: task["id"] for task in submitted["tasks"]}
+    assert list(tasks) == [f"{array}_{n}" for n in range(1, 6)], submitted
+    listed = jobs(user, job_site, slurm_env)
+    victim = [j for j in tasks if listed[tasks[j]]["state"] == "pending"][-1]  # %2: most wait
+    cancelled = user.berth("cancel", victim, env=env)
+    assert cancelled.returncode == 0, describe(cancelled)
+    states = wait_for(user, job_site, tasks.values(), FINAL, timeout_s=120, env=slurm_env)
+    info = json.dumps(states, indent=1)
+    assert {j: states[tasks[j]]["state"] for j in tasks} == {
+        j: "cancelled" if j == victim else "completed" for j in tasks}, info
+    assert [states[tasks[f"{array}_{n}"]]["native_id"] for n in range(1, 6)] == [f"{native}_{n}" for n in range(1, 6)]
+    for job in tasks:
+        n = int(job.split("_")[1])
+        text = (work / f"out-{array}_{n}.txt").read_text()
+        assert text == ("" if job == victim else f"task={n} berth={array}/{n} native={native}\n"), (job, text)
+    refused = user.berth("submit", "--template", "bb", "--array=1-5%0", "task.sh", cwd=str(work), env=env)
+    assert refused.returncode == 2 and "'%0' is not a positive number" in refused.stderr, describe(refused)

@@ -158,7 +158,7 @@ def test_template_and_image_at_one_level_conflict_and_across_levels_the_higher_w
     (["--wra", "hostname"], "--wrap cannot be used"),  # getopt's abbreviation cannot sneak past
     (["--parsable"], "--parsable cannot be used"),
     (["-W"], "--wait cannot be used"),
-    (["--array=1-3"], "--array cannot be used"),
+    (["--test-only"], "--test-only cannot be used"),
 ])
 def test_options_that_would_take_over_berths_job_are_refused(words, message):
     with pytest.raises(UsageError, match=message):
@@ -480,3 +480,22 @@ def test_sbatch_does_not_get_the_input_variables_of_options_berth_decides(monkey
         monkeypatch.setenv(name, value)
     env = sbatch_env()
     assert {k for k in env if k.startswith("SBATCH_")} == {"SBATCH_ACCOUNT", "SBATCH_QOS"}
+
+
+def test_array_specs_as_sbatch_reads_them():
+    from berth.jobs.options import parse_array
+
+    assert parse_array("1-5%2") == ((1, 2, 3, 4, 5), 2)
+    assert parse_array("0-9:3,20") == ((0, 3, 6, 9, 20), None)
+    assert parse_array("3,1,3") == ((1, 3), None)
+    for bad, message in (("5-1", "empty range"), ("1-5%0", "not a positive number"), ("a-b", "is not N"),
+                         ("1-2000", "task ids go up to 1000"), ("1-3%x", "not a positive number")):
+        with pytest.raises(UsageError, match=message):
+            parse_array(bad, "--array")
+
+
+def test_output_patterns_name_array_tasks():
+    from berth.jobs.api import _expand_path
+
+    assert _expand_path("out-%A_%a-%j-%%.txt", "23", "x", "/w", "20", 4) == "/w/out-20_4-23-%.txt"
+    assert _expand_path("/abs/%x-%j.out", "7", "name", "/w") == "/abs/name-7.out"

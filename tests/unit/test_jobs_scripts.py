@@ -77,3 +77,19 @@ def test_user_gpu_and_memory_options_replace_berths_own():
     spec = JobSpec(**{**spec.__dict__, "scheduler_options": ("--gpus-per-node=a100:1", "--mem-per-cpu=100M")})
     argv = sbatch_argv(spec, RECORD)
     assert not [word for word in argv if word.startswith(("--gres=", "--mem="))], argv
+
+
+def test_an_array_script_starts_each_tasks_runner_on_its_record_and_files():
+    from berth.jobs.slurm import array_script
+
+    tasks = []
+    for task, error in ((1, None), (3, "/scratch/a b/err-20_3")):
+        spec = JobSpec(**{**template_job().__dict__, "id": str(19 + task), "array_job_id": "20",
+                          "array_task_id": task, "output": f"/scratch/out-20_{task}", "error": error})
+        tasks.append((JobRecord(Path(f"/home/alice/.local/state/berth/jobs/{19 + task}")), spec))
+    script = array_script(tasks, PYTHON)
+    assert ("  1) exec /opt/berth/venv/bin/python -m berth job-exec --backend slurm "
+            "/home/alice/.local/state/berth/jobs/20 >>/scratch/out-20_1 2>&1 ;;") in script.splitlines()
+    assert ("  3) exec /opt/berth/venv/bin/python -m berth job-exec --backend slurm "
+            "/home/alice/.local/state/berth/jobs/22 >>/scratch/out-20_3 2>>'/scratch/a b/err-20_3' ;;") \
+        in script.splitlines()

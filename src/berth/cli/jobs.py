@@ -102,8 +102,11 @@ def cmd_submit(args, ctx) -> int:
     for note in submitted.notes:
         print(f"berth: note: {note}", file=sys.stderr)
     if as_json:
-        print_json({"id": submitted.spec.id, "backend": submitted.spec.backend,
-                    "native_id": submitted.native_id, "output": submitted.spec.output})
+        shown = {"id": submitted.spec.id, "backend": submitted.spec.backend,
+                 "native_id": submitted.native_id, "output": submitted.spec.output}
+        if submitted.spec.array_job_id:  # a job array: its id, and each task's record id and label
+            shown["tasks"] = [{"id": s.id, "job": s.label, "output": s.output} for s in submitted.specs]
+        print_json(shown)
     else:
         print(submitted.spec.id)
     return 0
@@ -134,7 +137,7 @@ def _print_table(statuses) -> None:
 
     print_table(
         ["JOB", "BACKEND", "SCHED ID", "NAME", "STATE", "EXIT", "IMAGE", "SUBMITTED"],
-        [[s.spec.id, s.spec.backend, s.native_id or "", s.spec.name, _state_word(s), _exit_word(s),
+        [[s.spec.label, s.spec.backend, s.native_id or "", s.spec.name, _state_word(s), _exit_word(s),
           s.spec.template or s.spec.image, _when(s.spec.submitted_at)] for s in statuses],
     )
 
@@ -151,7 +154,7 @@ def cmd_status(args, ctx) -> int:
         return 0
     result = current.result
     rows = [
-        ("job", current.spec.id), ("name", current.spec.name), ("backend", current.spec.backend),
+        ("job", current.spec.label), ("name", current.spec.name), ("backend", current.spec.backend),
         ("scheduler id", current.native_id), ("state", _state_word(current)),
         ("exit", _exit_word(current)), ("message", result.message),
         ("image", current.spec.image), ("template", current.spec.template), ("node", result.node),

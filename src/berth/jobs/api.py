@@ -47,6 +47,8 @@ class Submitted:
     spec: JobSpec
     native_id: str | None
     notes: tuple[str, ...]
+    #: Every task of a job array (``spec`` is the first); just ``spec`` otherwise.
+    specs: tuple[JobSpec, ...] = ()
 
 
 def read_script(path_text: str) -> tuple[Path, str]:
@@ -162,8 +164,15 @@ def apply_template(resources: Resources, template, passthrough=()) -> Resources:
     )
 
 
-def _expand_path(pattern: str, spec_id: str, name: str, workdir: str) -> str:
-    text = pattern.replace("%j", spec_id).replace("%x", name).replace("%u", getpass.getuser())
+def _expand_path(pattern: str, spec_id: str, name: str, workdir: str, array_id: str = "",
+                 task: int | None = None) -> str:
+    """sbatch's filename pattern: %j job id, %x name, %u user; in an array %A the array's id
+    and %a the task id (berth's ids); %% a percent sign."""
+    values = {"j": spec_id, "x": name, "u": getpass.getuser(), "A": array_id or spec_id,
+              "a": "" if task is None else str(task), "%": "%"}
+    import re
+
+    text = re.sub(r"%([jxuAa%])", lambda match: values[match.group(1)], pattern)
     path = Path(text).expanduser()
     return str(path if path.is_absolute() else Path(workdir) / path)
 
@@ -243,47 +252,67 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     staging = _staging_request(settings, values)
 
     backend = get_backend(settings, backend_name)
-    record = create_record(settings)
+    tasks, limit = opts.parse_array(values["array"]) if values.get("array") else ((None,), None)
+    records: list[JobRecord] = []
     created: list[str] = []
     try:
         dependency = _local_dependency(settings, merged.passthrough) if backend_name == "local" else ""
         scheduler_options = _scheduler_options(settings, [option for option in merged.passthrough if not (
             dependency and option.known and option.name == "dependency")], values)
-        output = _expand_path(values["output"], record.id, name, workdir) if values.get("output") \
-            else str(record.default_output)
-        error = _expand_path(values["error"], record.id, name, workdir) if values.get("error") else None
-        for path, option in ((output, "--output"), (error, "--error")):
-            if path is not None and _prepare_output(settings, path, option, own=path == str(record.default_output)):
-                created.append(path)
-        make_private_dir(record.container_dir)
-        shutil.copyfile(script_path, record.script)
-        os.chmod(record.script, 0o700)
-        spec = JobSpec(
-            id=record.id, backend=backend_name, name=name, script=str(record.script),
-            script_source=str(script_path), args=tuple(request.args), workdir=workdir, image=image,
-            template=template.name if template else None, resources=resources, output=output, error=error,
-            boot_timeout_s=boot_s, stop_timeout_s=stop_s, custom=custom, user=getpass.getuser(),
-            submitted_at=time.time(), scheduler_options=scheduler_options, **staging,
-            comment=str(values.get("comment") or ""), dependency=dependency,
-        )
-        _check_container_options(settings, spec, record)
-        notes = list(backend.check(spec))
+        specs = []
+        for task in tasks:
+            record = create_record(settings)
+            records.append(record)
+            array_id = records[0].id if task is not None else ""
+            default = (str(record.default_output) if task is None
+                       else _expand_path("berth-%A_%a.out", record.id, name, workdir, array_id, task))
+            output = _expand_path(values["output"], record.id, name, workdir, array_id, task) \
+                if values.get("output") else default
+            error = _expand_path(values["error"], record.id, name, workdir, array_id, task) \
+                if values.get("error") else None
+            for path, option in ((output, "--output"), (error, "--error")):
+                if path is not None and _prepare_output(settings, path, option,
+                                                        own=path == str(record.default_output)):
+                    created.append(path)
+            make_private_dir(record.container_dir)
+            shutil.copyfile(script_path, record.script)
+            os.chmod(record.script, 0o700)
+            spec = JobSpec(
+                id=record.id, backend=backend_name, name=name, script=str(record.script),
+                script_source=str(script_path), args=tuple(request.args), workdir=workdir, image=image,
+                template=template.name if template else None, resources=resources, output=output, error=error,
+                boot_timeout_s=boot_s, stop_timeout_s=stop_s, custom=custom, user=getpass.getuser(),
+                submitted_at=time.time(), scheduler_options=scheduler_options, **staging,
+                comment=str(values.get("comment") or ""), dependency=dependency,
+                array_job_id=array_id, array_task_id=task, array_limit=limit,
+                array_spec=str(values.get("array") or ""),
+            )
+            if task is None or task == tasks[0]:
+                _check_container_options(settings, spec, record)
+                notes = list(backend.check(spec))
+            specs.append(spec)
         from berth.runtime.policy import root_warning
 
         warning = root_warning(os.getuid(), os.environ)
         if warning:
             notes.append(warning)
-        record.write_spec(spec)
-        native_id = backend.submit(record, spec)
-        if native_id is not None:
-            record.write_native_id(native_id)
+        for record, spec in zip(records, specs):
+            record.write_spec(spec)
+        if tasks[0] is None:
+            native_ids = [backend.submit(records[0], specs[0])]
+        else:
+            native_ids = backend.submit_array(list(zip(records, specs)))
+        for record, native_id in zip(records, native_ids):
+            if native_id is not None:
+                record.write_native_id(native_id)
     except BaseException:
-        remove_record(record)
+        for record in records:
+            remove_record(record)
         for path in created:  # output files this submission created (sbatch refused the job)
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
-    return Submitted(spec, native_id, tuple(notes))
+    return Submitted(specs[0], native_ids[0], tuple(notes), tuple(specs))
 
 
 STAGE_OUT_WHEN = ("always", "success")
@@ -474,9 +503,21 @@ def list_jobs(settings: Settings, backend_name: str | None = None,
 
 
 def cancel(settings: Settings, job_id: str) -> JobStatus:
+    """Cancel a job; an array's id (``7``) cancels every task of it not ended yet, ``7_3`` one
+    task (as scancel does). Returns the status of the job (of the first task for an array)."""
     record = find_record(settings, job_id)
     spec = record.read_spec()
     backend = get_backend(settings, spec.backend)
+    if spec.array_job_id == spec.id and "_" not in str(job_id):
+        tasks = [(r, r.read_spec()) for r in list_records(settings)]
+        tasks = [(r, s) for r, s in tasks if s.array_job_id == spec.array_job_id]
+        live = [(r, s) for r, s in tasks if not backend.status(r, s).result.final]
+        if not live:
+            raise JobError(f"job array {spec.id} already ended")
+        for task_record, task_spec in live:
+            with contextlib.suppress(JobError):  # a task that ended meanwhile
+                backend.cancel(task_record, task_spec)
+        return backend.status(record, spec)
     backend.cancel(record, spec)
     return backend.status(record, spec)
 
@@ -511,6 +552,13 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
             if never is not None:
                 record.write_result(model.JobResult(model.CANCELLED, ended_at=time.time(), message=never))
                 return proc.signal_status(signal.SIGTERM)
+        array_slot = None
+        if spec.array_limit:
+            array_slot = acquire_slot(settings, record, spec.array_limit, array_id=spec.array_job_id)
+            if array_slot is None:
+                record.write_result(model.JobResult(model.CANCELLED, ended_at=time.time(),
+                                                    message="the job was cancelled while pending"))
+                return proc.signal_status(signal.SIGTERM)
         slot = acquire_slot(settings, record, settings.local_max_jobs)
         if slot is None or record.cancel_requested():
             record.write_result(model.JobResult(model.CANCELLED, ended_at=time.time(),
@@ -527,6 +575,8 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     finally:
         if slot is not None:
             slot.close()
+        if backend_name == "local" and array_slot is not None:
+            array_slot.close()
     if result.state == model.COMPLETED:
         return 0
     if result.exit_code is not None:

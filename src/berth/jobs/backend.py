@@ -1,6 +1,6 @@
 """The scheduler backend interface: small on purpose, so that PBS Pro/Torque, LSF and Flux fit.
 
-A backend does four things with a job whose record (``berth.jobs.records``) already holds its
+A backend does four things (and arrays of them) with a job whose record (``berth.jobs.records``) already holds its
 spec and script: ``submit`` it (returning the scheduler's id, if it has one), tell its
 ``status``, ``cancel`` it, and ``statuses`` for many jobs at once (``berth jobs``: one scheduler
 query, not one per job). Logs are files named in the spec, so every backend shares
@@ -31,6 +31,10 @@ class Backend(Protocol):
     def submit(self, record: JobRecord, spec: JobSpec) -> str | None:
         """Hand the job to the scheduler; return the scheduler's id (None if it has none).
         Raises JobError when the scheduler refuses it."""
+
+    def submit_array(self, tasks: list[tuple[JobRecord, JobSpec]]) -> list[str | None]:
+        """Hand a job array (one record per task, in task order) to the scheduler at once;
+        return each task's scheduler id."""
 
     def status(self, record: JobRecord, spec: JobSpec) -> JobStatus:
         """The job's current state, merging the scheduler's view and the runner's state file."""

@@ -86,6 +86,10 @@ class LocalBackend:
         atomic_write(record.pid_file, f"{child.pid}\n")
         return None
 
+    def submit_array(self, tasks: list[tuple[JobRecord, JobSpec]]) -> list[str | None]:
+        """One runner per task; each waits for one of the array's ``%N`` slots (run_job)."""
+        return [self.submit(record, spec) for record, spec in tasks]
+
     def status(self, record: JobRecord, spec: JobSpec) -> JobStatus:
         result = record.read_result() or JobResult(model.PENDING)
         if not result.final and not _runner_alive(record):
@@ -195,13 +199,16 @@ def wait_for_dependencies(settings, record: JobRecord, spec: JobSpec) -> str | N
         time.sleep(DEPENDENCY_POLL_S)
 
 
-def acquire_slot(settings, record: JobRecord, max_jobs: int):
+def acquire_slot(settings, record: JobRecord, max_jobs: int, *, array_id: str = ""):
     """Block until one of ``max_jobs`` slots is free; return its open lock file (keep it open).
+    ``array_id``: the slots of that job array's ``%N`` limit instead of the machine's.
 
     Returns None when a cancel was requested while waiting."""
-    directory = slots_dir(settings)
+    directory = slots_dir(settings) / f"array-{array_id}" if array_id else slots_dir(settings)
     handles = []
     try:
+        if array_id:
+            make_private_dir(slots_dir(settings))
         make_private_dir(directory)
         for index in range(max(1, max_jobs)):
             # Never truncate or write a lock file: a container could have planted a link to

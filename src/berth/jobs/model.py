@@ -102,6 +102,17 @@ class JobSpec:
     comment: str = ""
     #: --dependency on the local backend (``afterok:3:4,singleton``; Slurm's is in scheduler_options).
     dependency: str = ""
+    #: A task of a job array: the array's id (berth's id of its first task), this task's id, and
+    #: at most how many of its tasks run at once (--array=1-5%2).
+    array_job_id: str = ""
+    array_task_id: int | None = None
+    array_limit: int | None = None
+    array_spec: str = ""
+
+    @property
+    def label(self) -> str:
+        """``7`` or, for an array task, ``7_3`` (as Slurm names array tasks)."""
+        return f"{self.array_job_id}_{self.array_task_id}" if self.array_job_id else self.id
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -161,6 +172,9 @@ class JobStatus:
     def to_dict(self) -> dict:
         return {
             "id": self.spec.id,
+            "job": self.spec.label,
+            "array_job_id": self.spec.array_job_id or None,
+            "array_task_id": self.spec.array_task_id,
             "backend": self.spec.backend,
             "native_id": self.native_id,
             "native_state": self.native_state,

@@ -259,6 +259,7 @@ INTERPRETED: dict[str, tuple[str, str]] = {
     "exclusive": ("exclusive", "whole nodes for this job"),
     "chdir": ("chdir", "the job's working directory (default: the current directory)"),
     "comment": ("comment", "free text; berth adds its own record tag in front"),
+    "array": ("array", "a job array: task ids 1-10, 1,3,5 or 0-9:3, %N: at most N at once"),
 }
 
 #: sbatch options berth checks against the template and then passes on unchanged.
@@ -275,7 +276,6 @@ REFUSED: dict[str, str] = {
     "gid": "berth runs jobs as you",
     "container": "berth starts the container itself (--template or --image)",
     "export-file": "berth cannot check that file for its own variables: use --export",
-    "array": "job arrays are not supported by berth yet: submit one job per task",
     "help": "see `berth submit --help`",
     "usage": "see `berth submit --help`",
     "version": "see `berth --version` and `sbatch --version`",
@@ -559,6 +559,35 @@ def parse_dependency(raw: str, where: str) -> tuple[tuple[str, tuple[str, ...]],
                              else ":JOB[:JOB...] with berth job ids"))
         parts.append((kind, ids))
     return tuple(parts)
+
+
+#: Most tasks in one array (Slurm's default MaxArraySize is 1001: ids 0-1000).
+MAX_ARRAY_TASKS = 1001
+
+
+def parse_array(raw: str, where: str = "--array") -> tuple[tuple[int, ...], int | None]:
+    """sbatch's ``--array``: ``1-10``, ``1,3,5``, ``0-9:3`` (a step), joined by ``,``, then
+    ``%N`` (at most N tasks at once) -> (sorted task ids, N or None). Raises UsageError."""
+    text, _, limit_text = raw.partition("%")
+    limit = None
+    if limit_text:
+        if not re.fullmatch(r"[0-9]{1,6}", limit_text) or int(limit_text) < 1:
+            raise UsageError(f"{where}={raw}: '%{limit_text}' is not a positive number of tasks at once")
+        limit = int(limit_text)
+    tasks: set[int] = set()
+    for item in text.split(","):
+        match = re.fullmatch(r"([0-9]{1,7})(?:-([0-9]{1,7})(?::([0-9]{1,7}))?)?", item)
+        if not match:
+            raise UsageError(f"{where}={raw}: '{item}' is not N, N-M or N-M:STEP",
+                             hint="for example --array=1-100%10 or --array=1,3,5")
+        first, last, step = int(match.group(1)), int(match.group(2) or match.group(1)), int(match.group(3) or 1)
+        if last < first or step < 1:
+            raise UsageError(f"{where}={raw}: '{item}' is an empty range")
+        tasks.update(range(first, last + 1, step))
+        if max(tasks) >= MAX_ARRAY_TASKS:
+            raise UsageError(f"{where}={raw}: task ids go up to {MAX_ARRAY_TASKS - 1}",
+                             hint="as Slurm's default MaxArraySize allows")
+    return tuple(sorted(tasks)), limit
 
 
 def gpu_count(raw: str, option: str) -> int:

@@ -264,9 +264,17 @@ def find_record(settings: Settings, job_id: str) -> JobRecord:
     text = str(job_id).strip()
     if text.isdigit() and (root / text / "spec.json").exists():
         return JobRecord(root / text)
+    array_id, _, task = text.partition("_")
     for record in list_records(settings):
         if record.read_native_id() == text:
             return record
+        if task and array_id.isdigit() and task.isdigit() and int(record.id) >= int(array_id):
+            try:
+                spec = record.read_spec()
+            except (NotFound, JobError):
+                continue
+            if spec.array_job_id == array_id and spec.array_task_id == int(task):
+                return record
     raise NotFound(f"no job '{job_id}' among your jobs in {root}", hint="`berth jobs` lists them")
 
 

@@ -69,7 +69,7 @@ def container_view(record: JobRecord) -> Path:
 def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
     """Variables every job's script sees (paths as the container sees them)."""
     view = container_view(record)
-    return {
+    env = {
         "BERTH_JOB_ID": spec.id,
         "BERTH_JOB_NAME": spec.name,
         "BERTH_JOB_IMAGE": spec.image,
@@ -77,6 +77,13 @@ def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
         "BERTH_JOB_BIN": str(view / "bin"),
         "BERTH_JOB_AGENT": str(view / "agent"),
     }
+    if spec.array_job_id:
+        # A task of a job array (issue 11): berth's ids, and Slurm's names for them where no
+        # Slurm set its own (the local backend), so a script reads the same variables on both.
+        env["BERTH_ARRAY_JOB_ID"], env["BERTH_ARRAY_TASK_ID"] = spec.array_job_id, str(spec.array_task_id)
+        if spec.backend == "local":
+            env["SLURM_ARRAY_JOB_ID"], env["SLURM_ARRAY_TASK_ID"] = spec.array_job_id, str(spec.array_task_id)
+    return env
 
 
 def host_step_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
