@@ -9,7 +9,7 @@ kept as it is (it must quote figures only from the tables above it).
 Usage (as root, on a quiet machine)::
 
     BERTH_BENCH=1 scripts/install-system-packages.sh && scripts/setup-venv.sh
-    python3 bench/run_all.py [--only start,import_storm,jobs_start,pull_convert,squashfs_compression,staging] [--quick] [--fresh]
+    python3 bench/run_all.py [--only start,import_storm,jobs_start,pull_convert,inflate,squashfs_compression,staging] [--quick] [--fresh]
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ BENCHMARKS = {
     "import_storm": (["--runs", "10", "--cold-runs", "5"], ["--runs", "3", "--cold-runs", "1"]),
     "jobs_start": (["--runs", "3"], ["--runs", "1", "--nodes", "1,2"]),
     "pull_convert": (["--runs", "3"], ["--runs", "1", "--images", "debian"]),
+    "inflate": (["--runs", "5"], ["--runs", "2"]),
     "squashfs_compression": (["--runs", "3"], ["--runs", "1"]),
     "staging": (["--runs", "3"], ["--runs", "1", "--big-mib", "64", "--small-count", "200"]),
 }
 #: Order of the sections in RESULTS.md (issue order).
-SECTION_ORDER = ("pull_convert", "start", "import_storm", "jobs_start", "squashfs_compression", "staging")
+SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "squashfs_compression", "staging")
 
 HOWTO = """# berth benchmarks: results
 
@@ -63,6 +64,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | file | what | issue |
 |---|---|---|
 | `pull_convert.py` | pull + convert to one SquashFS, cold and warm, vs skopeo+umoci+mksquashfs, ch-image+ch-convert, pigz floor | 2 |
+| `inflate.py` | gzip inflate of real layers: igzip, pigz, gzip programs vs zlib, isal, zlib-ng in process (and zstd -dc) | 10 |
 | `start.py` | warm start of /bin/true vs runc, ch-run, bwrap, udocker, podman; berth's phases and import cost | 3 |
 | `import_storm.py` | importing 3000 small modules from the SquashFS vs from a directory, warm and cold | 3 |
 | `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes | 4 |
@@ -119,7 +121,7 @@ def write_results() -> None:
     if summary:
         parts.append("## Targets at a glance\n\n(the target lines of the reports below, copied by run_all.py)\n\n"
                      + "\n".join(summary) + "\n")
-    titles = {"pull_convert": "1. Pull + convert", "start": "2. Start", "import_storm": "3. Import storm",
+    titles = {"pull_convert": "1. Pull + convert", "inflate": "1b. gzip inflate for pull", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running",
               "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging"}
     for name in SECTION_ORDER:

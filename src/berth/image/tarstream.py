@@ -331,7 +331,10 @@ class ByteSink:
 #: Decompressors by preference. For gzip, igzip (ISA-L, Debian package isal) inflates about
 #: 2.5x faster than pigz -d per CPU second (0.31 vs 0.85 CPU-s for the 69 MB debian test
 #: layer), which matters on a 2-core node where decompression, berth and tar2sqfs share the
-#: CPUs; pigz is the fallback, then Python's zlib.
+#: CPUs; pigz is the fallback, then Python's zlib. bench/inflate.py (RESULTS.md, 1b) compared
+#: them with the isal and zlib-ng Python bindings in process: igzip took the least CPU (isal
+#: +4%, zlib-ng +13%, pigz 2.4x, zlib 2.1x), and a program inflates on the other core while
+#: berth parses tar, which an in-process inflater would do under the GIL.
 _PROGRAMS = {"gzip": ("igzip", "pigz"), "zstd": ("zstd",), "xz": ("xz",)}
 
 
