@@ -190,20 +190,27 @@ def measure(setup: Setup, runs: int) -> dict:
                     inner.append(summary["seconds"])
                 log(f"run {run_index + 1}/{runs} {tool:6} {label}: {seconds:.2f} s, {peak / 1024:.0f} MiB")
             shutil.rmtree(work, ignore_errors=True)
+            verify(setup, f"{tool}-{run_index}/")
     return results
 
 
-def verify(setup: Setup) -> None:
-    """Every tool moved the same bytes (the last run's objects all have the source's sizes)."""
+def verify(setup: Setup, prefix: str) -> None:
+    """The tool stored every source file with its size; then its objects are deleted (the
+    server's capacity stays small and every run writes to an equally empty store)."""
     client = setup.server.client()
-    sizes: dict[str, set] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+    stored: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for item in page.get("Contents", ()):
-            tool_run, _, rest = item["Key"].partition("/")
-            sizes.setdefault(rest, set()).add(item["Size"])
-    wrong = [key for key, found in sizes.items() if len(found) != 1]
-    if wrong:
-        raise RuntimeError(f"tools stored different sizes for {wrong[:5]}")
+            stored[item["Key"][len(prefix):]] = item["Size"]
+    expected = {"big.bin": setup.big_bytes}
+    for path in (setup.source / "small").rglob("*.bin"):
+        expected[f"small/{path.relative_to(setup.source / 'small')}"] = path.stat().st_size
+    if stored != expected:
+        wrong = sorted(set(stored.items()) ^ set(expected.items()))[:5]
+        raise RuntimeError(f"{prefix} holds other objects or sizes than the source: {wrong}")
+    keys = [{"Key": prefix + key} for key in stored]
+    for start in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys[start:start + 1000], "Quiet": True})
 
 
 def report(results: dict, setup: Setup, versions: dict, command: str) -> str:
@@ -277,11 +284,10 @@ def main() -> int:
     user = BenchUser.lookup()
     root = Path(tempfile.mkdtemp(prefix="berth-bench-staging-", dir="/var/tmp"))
     os.chmod(root, 0o755)
-    server = start_s3()
+    server = start_s3(volume_max=100, volume_size_limit_mb=1024)
     try:
         setup = Setup(server, user, root, args.big_mib, args.small_count)
         results = measure(setup, args.runs)
-        verify(setup)
         text = report(results, setup, versions, command.strip())
     finally:
         server.stop()

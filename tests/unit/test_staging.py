@@ -184,3 +184,24 @@ def test_worker_threads_share_one_client(monkeypatch):
     results, failures = transfer._run_pool(runner, lambda item: runner.client, list(range(32)), fail_fast=False)
     assert failures == [] and len({id(client) for _, client in results}) == 1
     assert len(made) == 1
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io as _io
+
+    from berth.cli.progress import StagingBar
+
+    screen = _io.StringIO()
+    bar = StagingBar(screen, tty=True)
+    bar.add_total(2, 2048)
+    bar.advance(1024)
+    bar.object_done()
+    bar.object_done(skipped=True)
+    bar.finish()
+    last = screen.getvalue().rstrip("\n").split("\r")[-1]
+    assert "2/2 objects (1 skipped)" in last and "1.0 KiB / 2.0 KiB" in last
+    quiet = _io.StringIO()
+    bar = StagingBar(quiet, tty=False)
+    bar.add_total(1, 10)
+    bar.finish()
+    assert quiet.getvalue() == ""
