@@ -187,7 +187,7 @@ def measure(setup: Setup, runs: int) -> dict:
                 sample.add(seconds)
                 peaks.append(peak)
                 if summary is not None:
-                    inner.append(summary["seconds"])
+                    inner.append(seconds - summary["seconds"])  # this run's start-up + set-up
                 log(f"run {run_index + 1}/{runs} {tool:6} {label}: {seconds:.2f} s, {peak / 1024:.0f} MiB")
             shutil.rmtree(work, ignore_errors=True)
             verify(setup, f"{tool}-{run_index}/")
@@ -213,7 +213,7 @@ def verify(setup: Setup, prefix: str) -> None:
         client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys[start:start + 1000], "Quiet": True})
 
 
-def report(results: dict, setup: Setup, versions: dict, command: str) -> str:
+def report(results: dict, setup: Setup, versions: dict, header: str) -> str:
     labels = list(dict.fromkeys(label for label, _ in results))
     rows = []
     for label in labels:
@@ -229,12 +229,12 @@ def report(results: dict, setup: Setup, versions: dict, command: str) -> str:
         rows.append(row)
     inner_rows = []
     for label in labels:
-        sample, _, inner = results[(label, "berth")]
-        if inner:
-            inner_rows.append([label, f"{sample.median:.2f}", f"{sorted(inner)[len(inner) // 2]:.2f}",
-                               f"{sample.median - sorted(inner)[len(inner) // 2]:.2f}"])
+        sample, _, overhead = results[(label, "berth")]
+        if overhead:
+            median = sorted(overhead)[len(overhead) // 2]
+            inner_rows.append([label, f"{sample.median:.2f}", f"{sample.median - median:.2f}", f"{median:.2f}"])
     lines = [
-        report_header("Data staging vs s5cmd, aws-cli, s3cmd (issue 7)", command),
+        header,
         f"- tools: {'; '.join(f'{k}: {v}' for k, v in versions.items())}",
         f"- data: (a) one object of {setup.big_bytes >> 20} MiB; (b) {sum(1 for _ in (setup.source / 'small').rglob('*.bin'))} "
         f"objects of 4-256 KiB ({setup.small_bytes / 1e6:.0f} MB) in 20 directories; (c) the (b) prefix again into "
@@ -247,8 +247,9 @@ def report(results: dict, setup: Setup, versions: dict, command: str) -> str:
         "",
         markdown_table(["workload", *TOOLS, "s5cmd/berth", "aws/berth"], rows),
         "",
-        "Where berth's time goes: wall clock vs the transfer itself (berth's --json `seconds`); the "
-        "rest is interpreter start-up, imports (botocore) and profile resolution.",
+        "Where berth's time goes: wall clock vs the transfer itself (wall minus the start-up of each "
+        "run; start-up is wall minus berth's --json `seconds`: interpreter, imports (botocore), "
+        "profile resolution, client creation).",
         "",
         markdown_table(["workload", "berth wall s", "transfer s", "start-up + set-up s"], inner_rows),
         "",
@@ -287,14 +288,15 @@ def main() -> int:
     server = start_s3(volume_max=100, volume_size_limit_mb=1024)
     try:
         setup = Setup(server, user, root, args.big_mib, args.small_count)
+        header = report_header("Data staging vs s5cmd, aws-cli, s3cmd (issue 7)", command.strip())
         results = measure(setup, args.runs)
-        text = report(results, setup, versions, command.strip())
+        text = report(results, setup, versions, header)
+        print(text, flush=True)  # before the clean-up, which can fail or take long
+        if args.output:
+            args.output.write_text(text + "\n")
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
     return 0
 
 

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.registry import _terminate
 from tests.harness.users import venv_dir
 
 START_TIMEOUT_S = 60.0
@@ -100,8 +99,15 @@ class S3Server:
         return self.make_bucket(f"{prefix}-{secrets.token_hex(4)}")
 
     def stop(self) -> None:
-        # SeaweedFS ignores SIGTERM (TESTBED.md): _terminate sends SIGKILL after the grace.
-        _terminate(self.process, STOP_GRACE_S)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                # SeaweedFS ignores SIGTERM (TESTBED.md); after a large run the killed process
+                # can take many seconds to release its memory and files.
+                self.process.kill()
+                self.process.wait(120)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

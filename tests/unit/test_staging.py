@@ -205,3 +205,22 @@ def test_progress_bar_draws_on_a_terminal_only():
     bar.add_total(1, 10)
     bar.finish()
     assert quiet.getvalue() == ""
+
+
+def test_site_s3_endpoint_key_refuses_secrets_in_the_url(tmp_path):
+    from berth.config.load import load_settings
+
+    site = tmp_path / "etc"
+    site.mkdir()
+    env = {"HOME": str(tmp_path), "BERTH_CONFIG_DIR": str(site)}
+    (site / "berth.toml").write_text('s3_endpoint = "https://s3.site.example:8443"\n')
+    settings = load_settings(environ=env)
+    assert settings.s3_endpoint == "https://s3.site.example:8443"
+    assert resolve_profile(None, settings=settings, environ=env).endpoint == "https://s3.site.example:8443"
+    (site / "berth.toml").write_text('s3_endpoint = "https://key:secret@s3.site.example"\n')
+    with pytest.raises(ConfigError, match="may not carry a user name or password") as caught:
+        load_settings(environ=env)
+    assert "secret" not in caught.value.message.replace("user name or password", "")
+    (site / "berth.toml").write_text('s3_endpoint = "s3.site.example"\n')
+    with pytest.raises(ConfigError, match="is not an http:// or https:// URL"):
+        load_settings(environ=env)
