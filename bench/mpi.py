@@ -12,12 +12,14 @@ What runs:
   OpenMPI 4.1.4, the same as in the image) and the same binary is used twice: bare from a host
   directory, and inside berth from ``/opt/bench/mpibench`` in an image layer added on top of the
   MPI test image (``tests/harness/mpi.py``: Debian bookworm minbase + openmpi-bin). No bind mount.
-- Placements: 2 ranks on one node (``-N1 -n2``) and 2 ranks on two nodes (``-N2 -n2``), each
-  ``srun --mpi=pmix ... ./mpibench`` (bare) and ``srun --mpi=pmix ... berth run IMG
-  /opt/bench/mpibench`` (berth, one container per rank), in the order bare, berth, bare, so that
-  the bare host's spread against itself (the two bare runs) shows what is noise.
+- Placements: 2 ranks on one node (``-N1 -n2``; over TCP, and over shared memory where the
+  scope allows it) and 2 ranks on two nodes (``-N2 -n2``), each ``srun --mpi=pmix ...
+  ./mpibench`` (bare) and ``srun --mpi=pmix ... berth run --scope task|node IMG
+  /opt/bench/mpibench`` (berth: a container per rank, or per node), in the order bare, berth
+  per scope, bare, so that the bare host's spread against itself (the two bare runs) shows what
+  is noise.
 - Launch: wall time of ``srun --mpi=pmix -N NODES -n N [--overcommit] hello`` (MPI_Init,
-  one MPI_Allreduce, MPI_Finalize) for N = 2, 4, 8 over 1, 2, 4 nodes, bare vs berth.
+  one MPI_Allreduce, MPI_Finalize) for N = 2, 4, 8 over 1, 2, 4 nodes, bare vs berth per scope.
 
 Test-bed limits (TESTBED.md): every "node" has the same host name, so OpenMPI runs with
 ``btl=self,tcp`` on 127.0.0.1 (no shared memory, bare or not); the 2 cores are shared with the
@@ -54,7 +56,15 @@ TESTS = ("latency", "bw", "allreduce", "bcast")
 #: Every test "node" believes it owns CPUs 0-1 (ConstrainCores=yes): one CPU per task would pin
 #: the ranks of two nodes both to CPU 0, where two busy-polling ranks take turns in milliseconds
 #: (measured: 1-8 ms one-way). With -c2 each rank of the 2-node case may use both cores.
-PLACEMENTS = {"1 node": ["-N1", "-n2"], "2 nodes": ["-N2", "-n2", "--ntasks-per-node=1", "-c2"]}
+#: name: (srun options, extra environment, berth scopes compared with the bare host). With all
+#: ranks on one node the bare host may use shared memory (vader); so may --scope node, not
+#: --scope task (a container per rank).
+PLACEMENTS = {
+    "1 node, tcp": (["-N1", "-n2"], {}, ("task", "node")),
+    "1 node, shared memory": (["-N1", "-n2"], {"OMPI_MCA_btl": "self,vader"}, ("node",)),
+    "2 nodes, tcp": (["-N2", "-n2", "--ntasks-per-node=1", "-c2"], {}, ("task", "node")),
+}
+SCOPES = ("task", "node")
 LAUNCH_SHAPES = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4)]  # (ranks, nodes)
 
 
@@ -97,17 +107,20 @@ class Runner:
         self.bare_binary, self.hello = bare_binary, hello
 
     def prefix(self, mode: str) -> list[str]:
-        return [] if mode == "bare" else [str(c.BERTH), "run", self.ref]
+        """mode: "bare", or a berth scope ("task", "node")."""
+        return [] if mode == "bare" else [str(c.BERTH), "run", "--scope", mode, self.ref]
 
-    def srun(self, options: list[str], mode: str, program: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def srun(self, options: list[str], mode: str, program: list[str], timeout: float,
+             env: dict | None = None) -> subprocess.CompletedProcess:
         argv = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", *options, *self.prefix(mode), *program]
-        return self.user.run(argv, env=self.env, timeout=timeout, cwd="/tmp")
+        return self.user.run(argv, env={**self.env, **(env or {})}, timeout=timeout, cwd="/tmp")
 
     def micro(self, placement: str, mode: str, args) -> dict[tuple[str, int], float]:
         binary = str(self.bare_binary) if mode == "bare" else IN_IMAGE
         program = [binary, ",".join(args.tests), str(args.max_p2p), str(args.max_coll), str(args.iters),
                    str(args.warmup), str(args.reps)]
-        result = self.srun(PLACEMENTS[placement], mode, program, timeout=1800)
+        options, env, _ = PLACEMENTS[placement]
+        result = self.srun(options, mode, program, timeout=1800, env=env)
         found = parse_results(result.stdout)
         if not found:
             raise RuntimeError(f"{mode} on {placement}: no RESULT lines\n"
@@ -130,21 +143,29 @@ def pct(value: float, reference: float) -> float:
     return (value - reference) / reference * 100.0
 
 
-def micro_table(test: str, rows: dict[int, tuple[float, float, float]]) -> tuple[str, list[int]]:
-    """One table per test: bare A, berth, bare B, the bare spread and berth's cost (percent, >0 =
-    slower). Returns the table and the sizes where berth's cost is over 2% and over the spread."""
+def micro_table(test: str, scopes: tuple[str, ...],
+                rows: dict[int, dict[str, float]]) -> tuple[str, dict[str, list[int]]]:
+    """One table per test: bare 1, berth per scope, bare 2, the bare spread and each scope's cost
+    (percent, >0 = slower). Returns the table and, per scope, the sizes where the cost is over 2%
+    and over the bare spread."""
     unit = "MB/s" if test == "bw" else "µs"
-    over = []
+    over: dict[str, list[int]] = {scope: [] for scope in scopes}
     body = []
-    for size, (bare_a, berth, bare_b) in sorted(rows.items()):
+    for size, values in sorted(rows.items()):
+        bare_a, bare_b = values["bare 1"], values["bare 2"]
         bare = (bare_a + bare_b) / 2
         spread = abs(bare_a - bare_b) / bare * 100.0
-        cost = pct(bare, berth) if test == "bw" else pct(berth, bare)  # bandwidth: lower is worse
-        if cost > 2.0 and cost > spread:
-            over.append(size)
-        body.append([str(size), f"{bare_a:.2f}", f"{berth:.2f}", f"{bare_b:.2f}", f"{spread:.1f}", f"{cost:+.1f}"])
-    table = c.markdown_table(["size, B", f"bare 1, {unit}", f"berth, {unit}", f"bare 2, {unit}",
-                              "bare spread, %", "berth cost, %"], body)
+        costs = []
+        for scope in scopes:
+            berth = values[scope]
+            cost = pct(bare, berth) if test == "bw" else pct(berth, bare)  # bandwidth: lower is worse
+            if cost > 2.0 and cost > spread:
+                over[scope].append(size)
+            costs.append(f"{cost:+.1f}")
+        body.append([str(size), f"{bare_a:.2f}", *[f"{values[scope]:.2f}" for scope in scopes], f"{bare_b:.2f}",
+                     f"{spread:.1f}", *costs])
+    table = c.markdown_table(["size, B", f"bare 1, {unit}", *[f"berth {scope}, {unit}" for scope in scopes],
+                              f"bare 2, {unit}", "bare spread, %", *[f"{scope} cost, %" for scope in scopes]], body)
     return table, over
 
 
@@ -156,14 +177,14 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=1000, help="timed iterations per block (÷10 above 64 KiB)")
     parser.add_argument("--warmup", type=int, default=100, help="untimed iterations per size")
     parser.add_argument("--reps", type=int, default=11, help="timed blocks per size (the median is reported)")
-    parser.add_argument("--rounds", type=int, default=1, help="bare/berth/bare triples per placement")
+    parser.add_argument("--rounds", type=int, default=1, help="bare, berth per scope, bare: rounds per placement")
     parser.add_argument("--launch-runs", type=int, default=3, help="runs per launch shape and mode")
     parser.add_argument("--quick", action="store_true",
-                        help="--max-p2p 262144 --iters 50 --warmup 5 --reps 5 --launch-runs 2")
+                        help="--max-p2p 262144 --iters 20 --warmup 2 --reps 5 --launch-runs 2")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.quick:
-        args.max_p2p, args.iters, args.warmup, args.reps, args.launch_runs = 2**18, 50, 5, 5, 2
+        args.max_p2p, args.iters, args.warmup, args.reps, args.launch_runs = 2**18, 20, 2, 5, 2
     args.tests = [test for test in args.tests.split(",") if test]
     if unknown := set(args.tests) - set(TESTS):
         parser.error(f"unknown --tests {','.join(sorted(unknown))}")
@@ -198,18 +219,18 @@ def main() -> int:
         user.run([str(c.BERTH), "pull", image], env=env)
         ref = f"{image.registry.host}/{image.name}@{image.digest}"
         runner = Runner(user, env, ref, binary, hello)
-        runner.launch(2, 1, "berth")  # warm-up: page cache, first mount
-        for placement in PLACEMENTS:
+        runner.launch(2, 1, "task")  # warm-up: page cache, first mount
+        for placement, (_, _, scopes) in PLACEMENTS.items():
             for round_index in range(args.rounds):
-                for label, mode in (("bare 1", "bare"), ("berth", "berth"), ("bare 2", "bare")):
+                for label, mode in (("bare 1", "bare"), *((scope, scope) for scope in scopes), ("bare 2", "bare")):
                     c.log(f"{placement}: {label} (round {round_index + 1})")
                     found = runner.micro(placement, mode, args)
                     micro.setdefault(placement, {}).setdefault(label, []).append(found)
         for ranks, nodes in LAUNCH_SHAPES:
             c.log(f"launch {ranks} ranks on {nodes} node(s)")
-            samples = launch.setdefault((ranks, nodes), {"bare": c.Sample(), "berth": c.Sample()})
+            samples = launch.setdefault((ranks, nodes), {mode: c.Sample() for mode in ("bare", *SCOPES)})
             for _ in range(args.launch_runs):
-                for mode in ("bare", "berth"):
+                for mode in ("bare", *SCOPES):
                     samples[mode].add(runner.launch(ranks, nodes, mode))
     finally:
         if cluster is not None:
@@ -222,8 +243,10 @@ def main() -> int:
     sections = [header,
                 "The machine was shared with other engineers' test runs and loaded (see the load averages); "
                 "every \"node\" is a slurmd on the same 2 cores, OpenMPI uses `btl=self,tcp` on 127.0.0.1 "
-                "(same host name on every node: no shared memory, bare or not). berth: one container per rank "
-                "(`srun --mpi=pmix ... berth run IMG /opt/bench/mpibench`), the binary compiled on the host with "
+                "except in the \"1 node, shared memory\" runs (`btl=self,vader`: all ranks on one node; the "
+                "same host name on every node rules it out across nodes). berth task: one container per rank "
+                "(`srun --mpi=pmix ... berth run IMG /opt/bench/mpibench`); berth node: the ranks of a node in "
+                "one container (`berth run --scope node`); the binary compiled on the host with "
                 "mpicc and added to the MPI test image as a layer. Values: per size, the median of "
                 f"{args.reps} timed blocks of {args.iters} iterations (÷10 above 64 KiB) after {args.warmup} "
                 "warm-up iterations; with several rounds, the median of the rounds. Columns bare 1 and bare 2 "
@@ -231,25 +254,27 @@ def main() -> int:
                 "(berth − mean bare) / mean bare for times, (mean bare − berth) / mean bare for bandwidth.", ""]
     over_all = []
     for placement, modes in micro.items():
+        scopes = PLACEMENTS[placement][2]
         for test in args.tests:
             rows = {}
             sizes = sorted({size for (name, size) in modes["bare 1"][0] if name == test})
             for size in sizes:
-                values = [statistics.median(run[(test, size)] for run in modes[mode]) for mode in
-                          ("bare 1", "berth", "bare 2")]
-                rows[size] = tuple(values)
-            table, over = micro_table(test, rows)
+                rows[size] = {mode: statistics.median(run[(test, size)] for run in modes[mode])
+                              for mode in ("bare 1", *scopes, "bare 2")}
+            table, over = micro_table(test, scopes, rows)
             unit = "bandwidth" if test == "bw" else "time"
-            sections += [f"#### {test} ({unit}), 2 ranks on {placement}", "", table, ""]
-            if over:
-                over_all.append(f"{test} on {placement}: {', '.join(map(str, over))} B")
+            sections += [f"#### {test} ({unit}), 2 ranks, {placement}", "", table, ""]
+            for scope, sizes_over in over.items():
+                if sizes_over:
+                    over_all.append(f"{test}, {placement}, scope {scope}: {', '.join(map(str, sizes_over))} B")
     rows = []
     for (ranks, nodes), samples in launch.items():
-        bare, berth = samples["bare"], samples["berth"]
-        rows.append([str(ranks), str(nodes), bare.cell("s"), berth.cell("s"),
-                     f"{(berth.median - bare.median) * 1000:.0f}"])
+        bare = samples["bare"]
+        rows.append([str(ranks), str(nodes), bare.cell("s"), *[samples[scope].cell("s") for scope in SCOPES],
+                     *[f"{(samples[scope].median - bare.median) * 1000:.0f}" for scope in SCOPES]])
     sections += ["#### Launch: N-rank hello (MPI_Init, MPI_Allreduce, MPI_Finalize), wall time of srun", "",
-                 c.markdown_table(["ranks", "nodes", "bare, s", "berth, s", "berth − bare, ms"], rows), ""]
+                 c.markdown_table(["ranks", "nodes", "bare, s", *[f"berth {scope}, s" for scope in SCOPES],
+                                   *[f"{scope} − bare, ms" for scope in SCOPES]], rows), ""]
     sections.append("- target berth within 2% of the bare host at every size: " +
                     ("met (no size above 2% and above the bare spread)" if not over_all else
                      "NOT met at " + "; ".join(over_all) + " (sizes where berth's cost is above 2% and above the "
