@@ -174,9 +174,9 @@ def main() -> int:
     parser.add_argument("--tests", default=",".join(TESTS), help="comma-separated of " + ",".join(TESTS))
     parser.add_argument("--max-p2p", type=int, default=4 * 2**20, help="largest latency/bw message, bytes")
     parser.add_argument("--max-coll", type=int, default=16 * 2**10, help="largest allreduce/bcast message, bytes")
-    parser.add_argument("--iters", type=int, default=1000, help="timed iterations per block (÷10 above 64 KiB)")
-    parser.add_argument("--warmup", type=int, default=100, help="untimed iterations per size")
-    parser.add_argument("--reps", type=int, default=11, help="timed blocks per size (the median is reported)")
+    parser.add_argument("--iters", type=int, default=200, help="timed iterations per block (÷10 above 64 KiB)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed iterations per size")
+    parser.add_argument("--reps", type=int, default=7, help="timed blocks per size (the median is reported)")
     parser.add_argument("--rounds", type=int, default=1, help="bare, berth per scope, bare: rounds per placement")
     parser.add_argument("--launch-runs", type=int, default=3, help="runs per launch shape and mode")
     parser.add_argument("--quick", action="store_true",

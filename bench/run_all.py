@@ -33,9 +33,11 @@ BENCHMARKS = {
     "inflate": (["--runs", "5"], ["--runs", "2"]),
     "squashfs_compression": (["--runs", "3"], ["--runs", "1"]),
     "staging": (["--runs", "3"], ["--runs", "1", "--big-mib", "64", "--small-count", "200"]),
+    "mpi": ([], ["--quick"]),
 }
 #: Order of the sections in RESULTS.md (issue order).
-SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "squashfs_compression", "staging")
+SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "squashfs_compression", "staging",
+                 "mpi")
 
 HOWTO = """# berth benchmarks: results
 
@@ -70,6 +72,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes | 4 |
 | `squashfs_compression.py` | per compressor: pull + convert, SquashFS size, read-back via squashfuse, which readers accept it | 9 |
 | `staging.py` | `berth stage` in/out of one large object, 2,000 small ones and a no-change re-sync vs s5cmd, aws-cli, s3cmd on SeaweedFS | 7 |
+| `mpi.py` | OSU-style ping-pong latency/bandwidth, allreduce, broadcast and N-rank launch, bare host vs berth per scope, on the Slurm test cluster | 13 |
 | `common.py` | registry, cached images, the unprivileged user, statistics, kernel exec trace | |
 """
 
@@ -123,7 +126,8 @@ def write_results() -> None:
                      + "\n".join(summary) + "\n")
     titles = {"pull_convert": "1. Pull + convert", "inflate": "1b. gzip inflate for pull", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running",
-              "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging"}
+              "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging",
+              "mpi": "7. MPI: micro-benchmarks and launch"}
     for name in SECTION_ORDER:
         report = SECTIONS_DIR / f"{name}.md"
         parts.append(f"## {titles[name]}\n")
