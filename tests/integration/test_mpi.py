@@ -326,3 +326,35 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
         pids = [pid for _, name, pid, _ in found.values() if name == node]
         assert len(set(pids)) == 2 and all(pid < 100 for pid in pids), info
     assert_clean(user, env["BERTH_STATE_DIR"])
+
+
+def test_mpi_job_with_scope_node_makes_berth_srun_share_a_container_per_node(mpi_site, user, slurm_cluster):
+    """Issue 13: ``#BERTH --scope node`` makes it the default of the job's ``berth srun`` steps
+    (the step starts on the host through the agent, with BERTH_JOB_SCOPE from the job)."""
+    site, env = mpi_site
+    work = site.workdir(user)
+    site.write_script(work, "scope.sh", f"""\
+        #!/bin/sh
+        #BERTH -J scope -N 2 -n 4 --ntasks-per-node=2 -o out-%j.txt --scope node
+        echo "job scope=$BERTH_JOB_SCOPE"
+        berth srun --mpi=pmix --kill-on-bad-exit=1 -N2 -n4 sh -c '{SCOPE_PROBE}' > scope.txt 2> scope.err
+        echo "berth srun status $?"
+    """, user)
+    job = submit(user, site, work, "--template", "mpi", "scope.sh", env=env)
+    states = wait_for(user, site, [job], FINAL, timeout_s=180, env=env)
+    logs = (work / f"out-{job}.txt").read_text() if (work / f"out-{job}.txt").exists() else ""
+    output = (work / "scope.txt").read_text() if (work / "scope.txt").exists() else ""
+    info = f"\n{json.dumps(states[job], indent=1)}\n{logs}\n{output}\n" + (
+        (work / "scope.err").read_text() if (work / "scope.err").exists() else "")
+    assert states[job]["state"] == "completed", info
+    assert "job scope=node" in logs and "berth srun status 0" in logs, info
+    found = ranks(output)
+    nodes = sorted({node for _, node, _, _ in found.values()})
+    assert len(nodes) == 2, info
+    assert_world(output, 4, {nodes[0]: 2, nodes[1]: 2})
+    probes = [dict(word.split("=", 1) for word in line.split()[1:])
+              for line in output.splitlines() if line.startswith("probe ")]
+    namespaces = {node: {probe["pidns"] for probe in probes if probe["node"] == node} for node in nodes}
+    assert all(len(spaces) == 1 for spaces in namespaces.values()), info
+    assert namespaces[nodes[0]] != namespaces[nodes[1]], info
+    assert_clean(user, env["BERTH_STATE_DIR"])

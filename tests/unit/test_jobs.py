@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -499,3 +500,31 @@ def test_output_patterns_name_array_tasks():
 
     assert _expand_path("out-%A_%a-%j-%%.txt", "23", "x", "/w", "20", 4) == "/w/out-20_4-23-%.txt"
     assert _expand_path("/abs/%x-%j.out", "7", "name", "/w") == "/abs/name-7.out"
+
+
+def test_job_scope_comes_from_the_option_else_the_templates_custom_else_task():
+    """Issue 13: a job's `berth srun` steps default to the job's --scope (or the template's)."""
+    from berth.jobs.api import _scope
+
+    assert _scope(None, "") == "task"
+    assert _scope(None, "--cpus 2 --scope node") == "node"
+    assert _scope("task", "--scope node") == "task"  # the job's own option wins
+    with pytest.raises(UsageError, match="--scope 'rank': use task or node"):
+        _scope("rank", "")
+
+
+def test_berth_srun_takes_the_jobs_scope_unless_given(monkeypatch):
+    from berth import proc
+    from berth.cli.jobs import cmd_srun
+
+    seen = []
+    monkeypatch.setattr(proc, "run", lambda argv, **kwargs: seen.append(argv) or types.SimpleNamespace(returncode=0))
+    monkeypatch.setenv("BERTH_JOB_IMAGE", "img:1")
+    monkeypatch.setenv("BERTH_JOB_SCOPE", "node")
+    assert cmd_srun(types.SimpleNamespace(argv=["-n2", "hostname"]), None) == 0
+    assert cmd_srun(types.SimpleNamespace(argv=["--scope", "task", "-n2", "hostname"]), None) == 0
+    monkeypatch.setenv("BERTH_JOB_SCOPE", "bogus")
+    assert cmd_srun(types.SimpleNamespace(argv=["-n2", "hostname"]), None) == 0
+    assert seen[0][-4:] == ["--scope", "node", "img:1", "hostname"]
+    assert seen[1][-3:] == ["run", "img:1", "hostname"]
+    assert seen[2][-3:] == ["run", "img:1", "hostname"]

@@ -222,7 +222,7 @@ def cmd_cancel(args, ctx) -> int:
     return 0
 
 
-def split_srun_argv(argv: list[str]) -> tuple[str | None, list[str], list[str], str]:
+def split_srun_argv(argv: list[str], default_scope: str = "task") -> tuple[str | None, list[str], list[str], str]:
     """``[--image REF] [--scope task|node] [srun options] [--] COMMAND...`` -> (image, srun
     options, command, scope).
 
@@ -235,7 +235,7 @@ def split_srun_argv(argv: list[str]) -> tuple[str | None, list[str], list[str], 
 
     own = {"image": VALUE, "container-image": VALUE, "scope": VALUE}
     options, end = parse_options(argv, command="srun", where="berth srun", berth=False, extra=own)
-    image, scope = None, "task"
+    image, scope = None, default_scope
     for option in options:
         if option.known and option.name == "scope":
             if option.value not in ("task", "node"):
@@ -264,7 +264,9 @@ def cmd_srun(args, ctx) -> int:
               "(BERTH_JOB_IMAGE) unless --image says otherwise.\n"
               "Equivalent to: srun [SRUN OPTIONS] berth run [--scope node] IMAGE COMMAND [ARGS]")
         return 0
-    image, options, command, scope = split_srun_argv(args.argv)
+    # The job's --scope (or its template's) is the default; --scope here wins.
+    job_scope = os.environ.get("BERTH_JOB_SCOPE", "task")
+    image, options, command, scope = split_srun_argv(args.argv, job_scope if job_scope in ("task", "node") else "task")
     image = image or os.environ.get("BERTH_JOB_IMAGE")
     if not image:
         raise UsageError("berth srun: no image: not inside a berth job (BERTH_JOB_IMAGE is unset)",

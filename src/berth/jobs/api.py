@@ -250,6 +250,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     resources = _memory_from_passthrough(resources, merged.passthrough)
     _check_image(settings, image, template)
     staging = _staging_request(settings, values)
+    scope = _scope(values.get("scope"), custom)
 
     backend = get_backend(settings, backend_name)
     tasks, limit = opts.parse_array(values["array"]) if values.get("array") else ((None,), None)
@@ -285,7 +286,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
                 submitted_at=time.time(), scheduler_options=scheduler_options, **staging,
                 comment=str(values.get("comment") or ""), dependency=dependency,
                 array_job_id=array_id, array_task_id=task, array_limit=limit,
-                array_spec=str(values.get("array") or ""),
+                array_spec=str(values.get("array") or ""), scope=scope,
             )
             if task is None or task == tasks[0]:
                 _check_container_options(settings, spec, record)
@@ -342,6 +343,20 @@ def _staging_request(settings: Settings, values: dict) -> dict:
                              hint="set access_key and secret_key in the profile (docs/staging.md)")
     return {"stage_in": stage_in, "stage_out": stage_out, "stage_out_when": when,
             "s3_profile": values.get("s3_profile"), "s3_credentials_in_container": in_container}
+
+
+def _scope(given: str | None, custom: str) -> str:
+    """The job's step scope: --scope, else the template's ``custom`` --scope, else "task"."""
+    if given is None:
+        if "--scope" not in custom:
+            return "task"
+        from berth.runtime.options import parse_custom
+
+        return parse_custom(custom).scope
+    if given not in ("task", "node"):
+        raise UsageError(f"--scope '{given}': use task or node",
+                         hint="task: a container per task of a berth srun step (default); node: one per node")
+    return given
 
 
 def _workdir(chdir: str | None, given: str | None) -> str:

@@ -108,6 +108,8 @@ class JobSpec:
     array_task_id: int | None = None
     array_limit: int | None = None
     array_spec: str = ""
+    #: Default ``--scope`` of the job's ``berth srun`` steps: "task" or "node" (docs/mpi.md).
+    scope: str = "task"
 
     @property
     def label(self) -> str:

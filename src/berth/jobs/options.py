@@ -229,6 +229,8 @@ BERTH_OPTIONS: tuple[BerthOption, ...] = (
     BerthOption("image", VALUE, "REF", "image to run (instead of a template)"),
     BerthOption("backend", VALUE, "NAME", "local or slurm (default: the site's setting)"),
     BerthOption("json", FLAG, None, "print the submitted job as JSON", directive=False),
+    BerthOption("scope", VALUE, "task|node", "containers of the job's `berth srun` steps: one per task "
+                "(default) or one per node, shared by its tasks (docs/mpi.md)"),
     # Data staging (docs/staging.md).
     BerthOption("stage-in", VALUE, "SRC:DEST", "copy s3://, https:// or host data into the job's "
                 "directory before the container starts (repeatable)", repeat=True),

@@ -73,6 +73,7 @@ def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
         "BERTH_JOB_ID": spec.id,
         "BERTH_JOB_NAME": spec.name,
         "BERTH_JOB_IMAGE": spec.image,
+        "BERTH_JOB_SCOPE": spec.scope,
         "BERTH_JOB_DIR": str(view),
         "BERTH_JOB_BIN": str(view / "bin"),
         "BERTH_JOB_AGENT": str(view / "agent"),
@@ -89,7 +90,7 @@ def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
 def host_step_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
     """What steps started on the host (``srun …``, ``berth srun …``) get from the job."""
     return {"BERTH_JOB_ID": spec.id, "BERTH_JOB_NAME": spec.name, "BERTH_JOB_IMAGE": spec.image,
-            "BERTH_JOB_DIR": str(record.path)}
+            "BERTH_JOB_SCOPE": spec.scope, "BERTH_JOB_DIR": str(record.path)}
 
 
 def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resources: bool):
@@ -119,6 +120,8 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
         "env": (*options.env, *env),
         "workdir": spec.workdir,
         "stop_timeout_s": float(spec.stop_timeout_s),
+        # A template's custom --scope is for the job's steps (BERTH_JOB_SCOPE), not its script.
+        "scope": "task",
     }
     if options.gpus is None and limit_resources and spec.resources.gpus:
         # Local: the GPU ledger hands them out, so that concurrent jobs never share one.
