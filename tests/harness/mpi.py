@@ -60,12 +60,26 @@ def _rootfs_tar() -> tuple[Path, str]:
     return images.debootstrap_rootfs_tar("mpi", MPI_INCLUDE)
 
 
+#: bench/mpi.py's OSU-style micro-benchmark (tests use it for large messages between ranks).
+MPIBENCH_C = Path(__file__).resolve().parents[2] / "bench" / "mpi" / "mpibench.c"
+
+
 def hello_binary() -> Path:
     """``/opt/hello`` compiled on the host with mpicc, cached by source hash."""
+    return _compiled("mpi-hello", HELLO_C)
+
+
+def mpibench_binary() -> Path:
+    """bench/mpi/mpibench.c compiled on the host with mpicc (world-readable, cached by source hash):
+    ``mpibench TESTS MAX_P2P MAX_COLL ITERS WARMUP REPS`` prints ``RESULT TEST SIZE ...`` lines."""
+    return _compiled("mpibench", MPIBENCH_C.read_text())
+
+
+def _compiled(name: str, source: str) -> Path:
     mpicc = shutil.which("mpicc")
     if mpicc is None:
         raise FileNotFoundError("mpicc is missing: run scripts/install-system-packages.sh (libopenmpi-dev)")
-    key = "mpi-hello-" + hashlib.sha256(HELLO_C.encode()).hexdigest()[:16]
+    key = f"{name}-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     binary = images.cache_dir() / key
     if binary.exists():
         return binary
@@ -74,7 +88,7 @@ def hello_binary() -> Path:
             return binary
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=images.cache_dir()))
         try:
-            (work / "hello.c").write_text(HELLO_C)
+            (work / "hello.c").write_text(source)
             subprocess.run([mpicc, "-O2", "-o", str(work / "hello"), str(work / "hello.c")],
                            check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
             os.chmod(work / "hello", 0o755)

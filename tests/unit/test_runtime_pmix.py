@@ -69,6 +69,21 @@ def test_host_launched_rank_gets_shared_memory_transport_off_unless_chosen():
     assert rank_env_ops({"PATH": "/bin"}, []) == []
 
 
+def test_node_scoped_rank_keeps_shared_memory_without_single_copy_unless_chosen():
+    """Issue 13: ranks in one node container keep vader, but CMA between them is refused (each
+    rank's own nested user namespace; the image's binaries are owned by an unmapped id)."""
+    from berth.config.settings import EnvOp
+    from berth.runtime.pmix import rank_env_ops
+
+    rank = {"PMIX_RANK": "1"}
+    mechanism = "OMPI_MCA_btl_vader_single_copy_mechanism"
+    assert rank_env_ops(rank, [], "node") == [EnvOp("set", mechanism, "none")]
+    assert rank_env_ops({**rank, "OMPI_MCA_btl": "self,vader"}, [], "node") == [EnvOp("set", mechanism, "none")]
+    assert rank_env_ops({**rank, mechanism: "cma"}, [], "node") == []
+    assert rank_env_ops(rank, [f"{mechanism}=xpmem"], "node") == []
+    assert rank_env_ops({}, [], "node") == []
+
+
 def _slurm_step(tmp_path, tmpfs_line="TmpFS={root}/%n"):
     """A slurm.conf and a node's TmpFS holding this step's client directory and decoys."""
     conf = tmp_path / "slurm.conf"

@@ -33,6 +33,15 @@ crashes them (SIGSEGV in ``mca_btl_vader_sendi``, seen on the test bed). For a h
 rank (``PMIX_RANK`` set) berth therefore sets ``OMPI_MCA_btl=^vader`` — ranks on one node talk
 over TCP or the fabric — unless the host environment or the image already chooses
 ``OMPI_MCA_btl``. (Ranks that share one container, under ``mpirun`` inside it, keep it.)
+
+Ranks that share one container through ``--scope node`` keep ``vader`` too, but not its
+single-copy mechanism: each rank enters the container through berth-init, which gives it its
+own nested user namespace, and the image's programs are owned by an id that namespace does not
+map, so the kernel makes the ranks non-dumpable and ``process_vm_readv`` (CMA) between them is
+refused. OpenMPI 4.1's vader then hangs on the first large message (seen on the test bed: a
+64 KiB windowed send never completes). For such a rank berth sets
+``OMPI_MCA_btl_vader_single_copy_mechanism=none`` (copy through the shared segment) unless the
+host environment or the image chooses it.
 """
 
 from __future__ import annotations
@@ -139,11 +148,18 @@ def pmix_mounts(host_env: Mapping[str, str], settings, uid: int,
     return mounts
 
 
-def rank_env_ops(host_env: Mapping[str, str], image_env: list[str]) -> list[EnvOp]:
-    """``[EnvOp("set", "OMPI_MCA_btl", "^vader")]`` for a host-launched PMIx rank whose host
-    environment and image leave ``OMPI_MCA_btl`` unset; else ``[]``."""
-    if "PMIX_RANK" not in host_env or "OMPI_MCA_btl" in host_env:
+#: What berth sets for a host-launched rank, per scope, when the host and the image leave it unset.
+_RANK_DEFAULTS = {"task": ("OMPI_MCA_btl", "^vader"),
+                  "node": ("OMPI_MCA_btl_vader_single_copy_mechanism", "none")}
+
+
+def rank_env_ops(host_env: Mapping[str, str], image_env: list[str], scope: str = "task") -> list[EnvOp]:
+    """For a host-launched PMIx rank: ``OMPI_MCA_btl=^vader`` in a container of its own
+    (``scope`` "task"), ``OMPI_MCA_btl_vader_single_copy_mechanism=none`` in its node's shared
+    container ("node"), unless the host environment or the image sets that variable; else ``[]``."""
+    name, value = _RANK_DEFAULTS[scope]
+    if "PMIX_RANK" not in host_env or name in host_env:
         return []
-    if any(entry.startswith("OMPI_MCA_btl=") for entry in image_env):
+    if any(entry.startswith(name + "=") for entry in image_env):
         return []
-    return [EnvOp("set", "OMPI_MCA_btl", "^vader")]
+    return [EnvOp("set", name, value)]
