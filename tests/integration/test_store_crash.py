@@ -103,10 +103,14 @@ def test_kill_during_conversion_then_repull_converts_without_downloading(stores,
     # or it landed after the rename (published, nothing left over): never both, never half.
     assert bool(leftovers) != bool(published), (leftovers, published)
     assert stores.index() == {} or published
+    # Conversion starts on the top layer while the layers below still download (issue 10):
+    # the kill may leave some of them missing; what was verified and stored is never fetched again.
+    stored = stores.blobs()
     proxy.reset()
     result = _repull_and_prune(stores, ref, big_image.digest)
-    assert proxy.blob_gets() == []  # every blob was stored before the conversion started
-    assert result["downloaded_blobs"] == 0
+    fetched = {path.rsplit("/", 1)[1] for _method, path, _range in proxy.blob_gets()}
+    assert not fetched & stored, fetched & stored
+    assert result["downloaded_blobs"] == len(fetched)
     assert result["converted"] == bool(leftovers)
 
 

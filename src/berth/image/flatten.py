@@ -103,11 +103,16 @@ _OPAQUE_MARKER = ".wh..wh..opq"
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer blob on disk: gzip, zstd or plain tar (detected from its magic bytes)."""
+    """One layer blob on disk: gzip, zstd or plain tar (detected from its magic bytes).
+
+    ``wait_until_stored(digest)``, when given, is called before the blob is opened: a pull
+    passes one that returns once the download is verified and stored, so conversion of upper
+    layers overlaps the download of lower ones; it raises to abort the conversion."""
 
     path: Path
     media_type: str
     digest: Digest
+    wait_until_stored: Callable[[Digest], None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -621,7 +626,11 @@ def build_squashfs(layers: Sequence[Layer], output: Path, *, compression: str = 
     names = [f"layer {layer.digest}" for layer in layers]
 
     def opener(layer: Layer, name: str) -> _Opener:
-        return lambda: tarstream.open_decompressed(layer.path, name)
+        def open_layer() -> AbstractContextManager[tarstream.ByteSource]:
+            if layer.wait_until_stored is not None:
+                layer.wait_until_stored(layer.digest)
+            return tarstream.open_decompressed(layer.path, name)
+        return open_layer
 
     openers = [opener(layer, name) for layer, name in zip(layers, names)]
     return _run(openers, names, Path(output), compression, max_content_bytes, max_entries, True)

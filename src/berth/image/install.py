@@ -8,7 +8,7 @@ index.json — so a crash at any moment leaves either nothing or tmp/ garbage.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from berth.errors import ImageError
@@ -82,11 +82,18 @@ def install_image(
     compression: str,
     meta: dict,
     progress: PullProgress | None = None,
+    wait_for_layer: Callable[[Digest], None] | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> tuple[StoredImage, bool]:
-    """Convert (unless present) and tag an image whose blobs are all in ``store``.
+    """Convert (unless present) and tag an image whose blobs are all in ``store``, or will
+    be: ``wait_for_layer(digest)`` returns once that layer blob is verified and stored (or
+    raises why it never will be); the flattener calls it before opening each layer, and
+    every layer is waited for before the image is published. ``before_publish`` runs just
+    before publishing (the pull stores the manifest blob there).
 
     Returns (image, converted). The caller holds ``store.writing()``. Raises ImageError
-    (layers the flattener refuses), StoreError (disk full...), PermissionDenied.
+    (layers the flattener refuses), StoreError (disk full...), PermissionDenied, and whatever
+    ``wait_for_layer`` raises.
     """
     from berth.image.flatten import Layer, build_squashfs
 
@@ -98,8 +105,14 @@ def install_image(
             with store.image_workdir(digest) as workdir:
                 output = workdir / store.layout.image_squashfs(digest).name
                 flatten_layers = [Layer(path=store.blob_path(d.digest), media_type=d.media_type,
-                                        digest=d.digest) for d in layers]
+                                        digest=d.digest, wait_until_stored=wait_for_layer)
+                                  for d in layers]
                 report = build_squashfs(flatten_layers, output, compression=compression, tmp_dir=workdir)
+                if wait_for_layer is not None:
+                    for layer in layers:  # the rule holds whatever the flattener opened
+                        wait_for_layer(layer.digest)
+                if before_publish is not None:
+                    before_publish()
                 full_meta = dict(meta)
                 full_meta.update({
                     "digest": str(digest),

@@ -3,7 +3,9 @@
 Steps: normalize the reference; check site policy (trusted registries); resolve the manifest
 (an index picks this machine's platform or ``--platform``); download config and layers in
 parallel, each verified by size and digest while streaming, resumed with Range after a
-mid-stream failure, skipped when already stored; convert to SquashFS; tag (index.json last).
+mid-stream failure, skipped when already stored; convert to SquashFS, starting with the top
+layer as soon as it is verified while the layers below still download (issue 10); publish only
+after every layer is verified; tag (index.json last).
 Peak memory is bounded by the chunk size times the parallel downloads, whatever the layer size.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -252,8 +254,6 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
                         error=ImageError)
     if requested and index_digest is None:
         _check_single_platform(config, wanted, what)
-    _download_all(client, settings, store, reference, blobs[1:], progress, counters)
-    store.put_blob_bytes(digest, manifest.data)
     meta = {
         "source": what,
         "repository": reference.name,
@@ -261,10 +261,20 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
         "platform": platform_text,
         "media_type": manifest.media_type,
     }
-    image, converted = install_image(
-        store, digest, manifest_bytes=manifest.data, config_bytes=config_bytes, layers=layers,
-        reference_key=key, compression=settings.squashfs_compression, meta=meta, progress=progress,
-    )
+    # The flattener reads the top layer first, so the top layer downloads first: conversion
+    # starts on it as soon as it is verified while the layers below still download. Only
+    # verified blobs are ever opened, and install_image publishes only after every layer was
+    # waited for, so a failed or corrupt download leaves nothing published.
+    with _Downloads(client, settings, store, reference, blobs[:0:-1], progress) as downloads:
+        image, converted = install_image(
+            store, digest, manifest_bytes=manifest.data, config_bytes=config_bytes, layers=layers,
+            reference_key=key, compression=settings.squashfs_compression, meta=meta, progress=progress,
+            wait_for_layer=downloads.wait_for,
+            before_publish=lambda: store.put_blob_bytes(digest, manifest.data),
+        )
+        downloads.finish(counters)
+    if not converted:  # converted meanwhile by another pull: keep the manifest all the same
+        store.put_blob_bytes(digest, manifest.data)
     return PullResult(image, key, platform_text, index_digest, counters.downloaded_blobs,
                       counters.downloaded_bytes, counters.cached_blobs, converted,
                       time.monotonic() - started)
@@ -316,33 +326,91 @@ def _download_all(client, settings, store: Store, reference: Reference, blobs: l
                   progress, counters: _Counters) -> None:
     """Fetch every blob not yet stored, ``settings.pull_parallel`` at a time; the first
     failure stops the others (their partial files stay for the next attempt) and is raised."""
-    stop = StopSignal()
-    workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull") as pool:
-        futures = [pool.submit(fetch_blob, client, store, reference, blob, client.retry, progress, stop)
-                   for blob in blobs]
+    with _Downloads(client, settings, store, reference, blobs, progress) as downloads:
+        downloads.finish(counters)
+
+
+class _Downloads:
+    """Blob downloads running in the background, ``settings.pull_parallel`` at a time, in the
+    order given; :meth:`wait_for` lets the conversion use each blob as soon as it is verified
+    and stored (issue 10: conversion overlaps the downloads that are still running).
+
+    The first failure stops the others (their partial files stay for the next attempt) and is
+    what :meth:`wait_for` and :meth:`finish` raise. Leaving the ``with`` block any other way
+    (the conversion failed, Ctrl-C) stops the downloads at their next chunk and waits for them.
+    """
+
+    def __init__(self, client, settings, store: Store, reference: Reference, blobs: list[Descriptor],
+                 progress) -> None:
+        self.stop = StopSignal()
+        self.changed = threading.Condition()
+        workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull")
+        self.futures: dict[Digest, Future] = {}
+        for blob in blobs:
+            future = self.pool.submit(fetch_blob, client, store, reference, blob, client.retry, progress,
+                                      self.stop)
+            future.add_done_callback(self._done)
+            self.futures[blob.digest] = future
+
+    def __enter__(self) -> "_Downloads":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self._stop()
+        self.pool.shutdown(wait=True)
+
+    def _done(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            # The first failure stops the others; a full disk makes their partials worthless.
+            if isinstance(future.exception(), StoreError):
+                self.stop.discard_partials = True
+            self._stop()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _stop(self) -> None:
+        self.stop.set()
+        for future in self.futures.values():
+            future.cancel()  # those not started yet
+
+    def _failure(self) -> BaseException | None:
+        """The first real failure (not a download stopped because of another's)."""
+        errors = [f.exception() for f in self.futures.values()
+                  if f.done() and not f.cancelled() and f.exception() is not None]
+        real = [e for e in errors if not isinstance(e, _Cancelled)]
+        return real[0] if real else None
+
+    def wait_for(self, digest: Digest) -> None:
+        """Return once blob ``digest`` is verified and stored; raise the pull's first download
+        failure as soon as there is one (whichever blob it hit)."""
+        future = self.futures.get(digest)
+        if future is None:
+            return  # fetched before (the config, when a layer has the same digest)
+        with self.changed:
+            while True:
+                failure = self._failure()
+                if failure is not None:
+                    raise failure
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    return
+                if self.stop.is_set() and all(f.done() for f in self.futures.values()):
+                    raise _Cancelled()  # stopped from outside, nothing failed on its own
+                self.changed.wait(1.0)
+
+    def finish(self, counters: _Counters) -> None:
+        """Wait for every download; raise the first failure, else count them."""
         try:
-            done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failures = [f.exception() for f in done if f.exception() is not None]
-            if failures:
-                stop.discard_partials = any(isinstance(e, StoreError) for e in failures)
-                stop.set()
-                for future in futures:
-                    future.cancel()  # those not started yet
-            wait(futures)
+            wait(list(self.futures.values()))
         except BaseException:
-            # Ctrl-C (or anything else) in this thread: stop the downloads at their next
-            # chunk instead of letting the pool finish them; partial files stay for resuming.
-            stop.set()
-            for future in futures:
-                future.cancel()
+            self._stop()
             raise
-    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
-    real = [e for e in errors if not isinstance(e, _Cancelled)]
-    if real:
-        raise real[0]
-    for future in futures:
-        counters.add(future.result())
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        for future in self.futures.values():
+            counters.add(future.result())
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -10,7 +10,9 @@ the same lock, or ``prune``, removes.
 
 Locks (berth.locks: flock, released by the kernel when a process dies, every wait bounded by
 ``lock_timeout_s``), always taken in this order:
-``gc`` (shared by writers, exclusive by prune) -> ``blob`` or ``image`` -> ``index``.
+``gc`` (shared by writers, exclusive by prune) -> ``blob`` or ``image`` -> ``index``; a pull
+that converts while its downloads finish takes ``blob`` locks under the ``image`` lock
+(image -> blob), and nothing takes an ``image`` lock while holding a ``blob`` lock.
 Readers (find, list, inspect, run) take no lock: everything they read is replaced atomically,
 which lets users read a site store they cannot write or lock. Lock files are 0600, so only the
 store's owner can hold them (issue 12: users cannot block the site store's writers).

@@ -1,0 +1,153 @@
+"""Conversion overlaps the downloads (issue 10, target 4): the flattener reads the top layer
+first, so pull downloads it first and starts converting it as soon as it is verified, while the
+layers below still download. A proxy holds back one blob's body until the test lets it go, so
+"conversion started before the last blob arrived" is observed, not timed; a corrupt blob or a
+layer the flattener refuses still ends the pull with nothing published."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.harness import images
+from tests.harness.countingproxy import CountingProxy
+from tests.harness.ocilayout import File, Layer
+from tests.harness.storetest import (  # noqa: F401 - fixtures
+    squashfs_cat, squashfs_listing, stores, via, wait_for,
+)
+from tests.harness.users import describe
+
+pytestmark = pytest.mark.integration
+
+
+@dataclasses.dataclass
+class HoldingProxy(CountingProxy):
+    """Holds the body of blob ``hold`` until ``release`` is set, and sends blob ``corrupt``
+    with its bytes inverted (same length: only the digest check can tell)."""
+
+    hold: str = ""
+    corrupt: str = ""
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def send_body(self, handler, response, is_blob_get, length) -> None:
+        if is_blob_get and self.hold and handler.path.endswith(self.hold):
+            self.release.wait(120)
+        if is_blob_get and self.corrupt and handler.path.endswith(self.corrupt):
+            while chunk := response.read(64 * 1024):
+                handler.wfile.write(bytes(255 - b for b in chunk))
+            return
+        super().send_body(handler, response, is_blob_get, length)
+
+
+@pytest.fixture
+def holding_proxy(registry):
+    started = HoldingProxy(registry.host).start()
+    yield started
+    started.release.set()
+    started.stop()
+
+
+def _layers(image) -> list[str]:
+    manifest = json.loads(Path(image.layout, "blobs", "sha256", image.digest.split(":")[1]).read_text())
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+#: Incompressible data in the top layer: once tar2sqfs has read this much of its input, the
+#: top layer is being converted (the middle layer is tiny and the bottom one is held back).
+TOP_BYTES = 2 << 20
+
+
+@pytest.fixture(scope="session")
+def three_layer_image(registry):
+    spec = images.busybox_spec(marker="overlap", extra_layers=(
+        Layer((File("opt/top.txt", "top layer\n"), File("opt/random.bin", random.Random(10).randbytes(TOP_BYTES)))),))
+    return images.push_pushed_image(registry, "test/overlap", "1", spec, "oci")
+
+
+def _converting(stores, image) -> bool:
+    prefix = f"image-sha256-{image.digest.split(':')[1]}-"
+    return any(name.startswith(prefix) for name in stores.tmp_entries())
+
+
+def _converted_bytes(stores) -> int:
+    """Bytes of tar stream the running tar2sqfs of this store has read so far (rchar of
+    /proc/PID/io), 0 when none runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not argv[0].endswith(b"tar2sqfs") or str(stores.user_store).encode() not in b" ".join(argv):
+                continue
+            fields = dict(line.split(": ") for line in (entry / "io").read_text().splitlines())
+            return int(fields["rchar"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return 0
+
+
+def test_conversion_starts_before_the_bottom_layer_has_arrived(stores, holding_proxy, three_layer_image):
+    bottom = _layers(three_layer_image)[0]
+    holding_proxy.hold = bottom
+    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
+    try:
+        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES, timeout_s=60, interval_s=0.05), \
+            f"the top layer was not converted while the bottom layer was held; tmp/: {stores.tmp_entries()}"
+        assert bottom not in stores.blobs()  # still held back: the conversion did not wait for it
+        assert stores.image_dirs() == [] and stores.index() == {}
+    finally:
+        holding_proxy.release.set()
+        out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    result = json.loads(out)
+    assert result["digest"] == three_layer_image.digest and result["downloaded_blobs"] == 4
+    squashfs = Path(result["squashfs"])
+    listing = squashfs_listing(squashfs)
+    assert "bin/busybox" in listing and "opt/top.txt" in listing
+    assert squashfs_cat(squashfs, "etc/berth-marker") == "overlap\n"
+    assert stores.tmp_entries() == []
+
+
+def test_a_corrupt_lower_blob_fails_the_overlapped_pull_with_nothing_published(stores, holding_proxy,
+                                                                                three_layer_image):
+    bottom = _layers(three_layer_image)[0]
+    holding_proxy.hold = holding_proxy.corrupt = bottom
+    process = stores.popen("pull", "--insecure", via(holding_proxy, three_layer_image))
+    try:
+        assert wait_for(lambda: _converting(stores, three_layer_image), timeout_s=60)
+    finally:
+        holding_proxy.release.set()
+        _out, err = process.communicate(timeout=120)
+    assert process.returncode == 5, err
+    assert "does not match its digest" in err and bottom in err
+    assert "Traceback" not in err
+    assert bottom not in stores.blobs()
+    assert stores.image_dirs() == [] and stores.index() == {}
+    assert stores.tmp_entries() == []  # no conversion directory, no partial of the corrupt blob
+
+
+def test_a_refused_top_layer_fails_the_pull_while_the_layers_below_download(stores, holding_proxy, registry):
+    # An owner beyond 32 bits (tar2sqfs would truncate uid 2**32 to root): the flattener
+    # refuses it while the bottom layer is still on its way.
+    hostile = Layer((File("opt/evil", "x\n", uid=2**32),))
+    image = images.push_pushed_image(registry, "test/overlap-refused", "1",
+                                     images.busybox_spec(marker="refused", extra_layers=(hostile,)), "oci")
+    bottom, _etc, top = _layers(image)
+    holding_proxy.hold = bottom
+    timer = threading.Timer(3.0, holding_proxy.release.set)  # the refusal comes first
+    timer.start()
+    try:
+        result = stores.berth("pull", "--insecure", via(holding_proxy, image), timeout=120)
+    finally:
+        timer.cancel()
+        holding_proxy.release.set()
+    assert result.returncode == 7, describe(result)
+    assert "impossible owner" in result.stderr and top in result.stderr
+    assert "Traceback" not in result.stderr
+    assert stores.image_dirs() == [] and stores.index() == {}
+    assert not any(name.startswith("image-") for name in stores.tmp_entries())
