@@ -34,10 +34,11 @@ BENCHMARKS = {
     "squashfs_compression": (["--runs", "3"], ["--runs", "1"]),
     "staging": (["--runs", "3"], ["--runs", "1", "--big-mib", "64", "--small-count", "200"]),
     "mpi": ([], ["--quick"]),
+    "node_scale": (["--runs", "3"], ["--runs", "1", "--counts", "1,4"]),
 }
 #: Order of the sections in RESULTS.md (issue order).
 SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "squashfs_compression", "staging",
-                 "mpi")
+                 "mpi", "node_scale")
 
 HOWTO = """# berth benchmarks: results
 
@@ -57,6 +58,7 @@ and run every tool meant to run unprivileged as the user `berthtest`):
     python3 bench/import_storm.py
     python3 bench/jobs_start.py
     python3 bench/staging.py --runs 3                   # --big-mib 256 on a small machine
+    python3 bench/node_scale.py --runs 3                # N = 1..16 containers of one image, shared vs per-container mounts
 
 Images are built once (debootstrap from the Debian mirror, copies of host trees) and cached with
 the registry storage, udocker's venv and the reports under /var/cache/berth-bench (override with
@@ -73,6 +75,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `squashfs_compression.py` | per compressor: pull + convert, SquashFS size, read-back via squashfuse, which readers accept it | 9 |
 | `staging.py` | `berth stage` in/out of one large object, 2,000 small ones and a no-change re-sync vs s5cmd, aws-cli, s3cmd on SeaweedFS | 7 |
 | `mpi.py` | OSU-style ping-pong latency/bandwidth, allreduce, broadcast and N-rank launch, bare host vs berth per scope, on the Slurm test cluster | 13 |
+| `node_scale.py` | N = 1..16 concurrent `berth run` of one image each importing 3000 modules vs N plain processes; shared vs per-container image mounts; helper processes' RSS | 10 |
 | `common.py` | registry, cached images, the unprivileged user, statistics, kernel exec trace | |
 """
 
@@ -127,7 +130,8 @@ def write_results() -> None:
     titles = {"pull_convert": "1. Pull + convert", "inflate": "1b. gzip inflate for pull", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running",
               "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging",
-              "mpi": "7. MPI: micro-benchmarks and launch"}
+              "mpi": "7. MPI: micro-benchmarks and launch",
+              "node_scale": "8. Node scale: many containers of one image"}
     for name in SECTION_ORDER:
         report = SECTIONS_DIR / f"{name}.md"
         parts.append(f"## {titles[name]}\n")

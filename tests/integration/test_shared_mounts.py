@@ -181,3 +181,20 @@ def test_per_container_mounts_stay_available_as_a_site_setting(runtime_env, runt
         for process in processes:
             stop(process)
     assert runtime_env.wait_clean() == []
+
+
+def test_site_can_choose_squashfuse_with_kernel_caching(runtime_env, runtime_images):
+    site = runtime_env.state_dir.parent / "site"
+    site.mkdir(mode=0o755)
+    (site / "berth.toml").write_text('image_fuse = "squashfuse"\n')
+    runtime_env.extra_env["BERTH_CONFIG_DIR"] = str(site)
+    (process,) = start(runtime_env, runtime_images.busybox, 1)
+    try:
+        (daemon,) = daemons(runtime_env)
+        argv = daemon.split(": ", 1)[1].split()
+        assert argv[0].endswith("/squashfuse") and "ro,kernel_cache,entry_timeout=86400" in argv[argv.index("-o") + 1]
+        joined = runtime_env.berth("exec", runtime_env.containers()[0], "cat", "/etc/group")
+        assert joined.returncode == 0 and joined.stdout.startswith("root:x:0:"), describe(joined)
+    finally:
+        stop(process)
+    assert runtime_env.wait_clean() == []

@@ -145,3 +145,10 @@ def test_image_key_names_the_digest_and_scope(tmp_path):
     assert imagemount.image_key(image, "sha256:ab", "slurm-1.0") == "sha256-ab@slurm-1.0"
     by_path = imagemount.image_key(image, None)
     assert by_path.startswith("file-") and by_path == imagemount.image_key(Path(str(image)), None)
+
+
+def test_squashfs_program_gives_squashfuse_the_caching_options_and_squashfuse_ll_none():
+    assert fuse.squashfs_program("squashfuse") == ("squashfuse", fuse.IMMUTABLE_CACHE_OPTIONS)
+    assert "kernel_cache" in fuse.IMMUTABLE_CACHE_OPTIONS
+    # squashfuse_ll refuses them ("unknown option"): it caches without a time limit by itself
+    assert fuse.squashfs_program("squashfuse_ll") == ("squashfuse_ll", ())
