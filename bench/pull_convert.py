@@ -22,6 +22,12 @@ Everything runs as the unprivileged user (berthtest). Prints a markdown report o
 to --output). Usage::
 
     python3 bench/pull_convert.py [--runs 3] [--images debian,multi] [--output FILE]
+                                  [--before BERTH] [--berth-only]
+
+``--before BERTH`` also times another berth executable (an older commit's venv, e.g. made with
+``git worktree add /var/tmp/before REV && cd /var/tmp/before && scripts/setup-venv.sh``), in
+the same runs, interleaved with this one: before and after on the same machine load.
+``--berth-only`` leaves out the Sarus-like and Charliecloud pipelines (the floor stays).
 """
 
 from __future__ import annotations
@@ -36,13 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
 
-TOOLS = ("berth", "skopeo", "umoci", "mksquashfs-lz4", "mksquashfs-gzip", "ch-image-pull",
+TOOLS = ("berth", "berth-convert", "berth-before", "skopeo", "umoci", "mksquashfs-lz4", "mksquashfs-gzip", "ch-image-pull",
          "ch-convert", "pigz", "tar2sqfs")
 
 
 class Bench:
     def __init__(self, user: c.BenchUser, registry: c.Registry, tls_registry: c.Registry,
-                 workdir: Path) -> None:
+                 workdir: Path, before: Path | None = None, berth_only: bool = False) -> None:
+        self.before = before
+        self.berth_only = berth_only
         self.user = user
         self.registry = registry
         self.tls_registry = tls_registry
@@ -55,10 +63,10 @@ class Bench:
 
     # ---------------------------------------------------------------- berth
 
-    def berth_pull(self, image: c.BenchImage, store: Path) -> tuple[float, int, int]:
+    def berth_pull(self, image: c.BenchImage, store: Path, berth: Path = c.BERTH) -> tuple[float, int, int]:
         """Seconds, peak RSS (KiB) and registry blob downloads of one ``berth pull``."""
         rss_file = self.workdir / "berth-time.txt"
-        argv = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), str(c.BERTH), "pull"]
+        argv = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), str(berth), "pull"]
         if self.berth_insecure_option:
             argv.append("--insecure")
         argv.append(image.ref(self.registry))
@@ -70,10 +78,10 @@ class Bench:
         rss_kib = int(rss_file.read_text().strip().splitlines()[-1])
         return seconds, rss_kib, self.registry.blob_gets() - gets_before
 
-    def berth_forget_image(self, image: c.BenchImage, store: Path) -> None:
+    def berth_forget_image(self, image: c.BenchImage, store: Path, berth: Path = c.BERTH) -> None:
         """Remove the converted image but keep its blobs (``berth rmi``; blobs go only with prune)."""
         env = c.berth_env(self.config_dir, store, self.workdir / "berth-state")
-        self.user.run([str(c.BERTH), "rmi", image.ref(self.registry)], env=env)
+        self.user.run([str(berth), "rmi", image.ref(self.registry)], env=env)
         blobs = list((store / "blobs").rglob("*")) if (store / "blobs").exists() else []
         if not any(path.is_file() for path in blobs):
             raise RuntimeError("`berth rmi` removed the blobs too: cannot measure a warm pull")
@@ -130,22 +138,33 @@ class Bench:
         for index in range(runs):
             c.log(f"{image.name}: run {index + 1}/{runs}")
             run_dir = self.user.tempdir(f"run{index}-", self.workdir)
-            # berth, cold then warm
-            if not self.berth_missing:
-                store = run_dir / "berth-store"
+            # berth, cold then warm (and the --before berth, alternating which goes first)
+            berths = [("berth", c.BERTH)] + ([("berth-before", self.before)] if self.before else [])
+            for tool, executable in (berths if index % 2 == 0 else berths[::-1]):
+                if self.berth_missing:
+                    break
+                store = run_dir / f"{tool}-store"
                 try:
-                    seconds, rss, _ = self.berth_pull(image, store)
-                    cold["berth"].add(seconds)
-                    self.berth_rss_kib.append(rss)
-                    self.berth_forget_image(image, store)
-                    seconds, rss, gets = self.berth_pull(image, store)
-                    warm["berth"].add(seconds)
-                    warm_blob_gets.append(gets)
-                    self.berth_rss_kib.append(rss)
+                    seconds, rss, _ = self.berth_pull(image, store, executable)
+                    cold[tool].add(seconds)
+                    if tool == "berth":
+                        cold["berth-convert"].add(convert_seconds(store))
+                    self.berth_forget_image(image, store, executable)
+                    seconds, rss_warm, gets = self.berth_pull(image, store, executable)
+                    warm[tool].add(seconds)
+                    if tool == "berth":
+                        warm["berth-convert"].add(convert_seconds(store))
+                    if tool == "berth":
+                        self.berth_rss_kib += [rss, rss_warm]
+                        warm_blob_gets.append(gets)
                 except (RuntimeError, OSError) as error:
-                    self.berth_missing = f"berth pull failed: {c.error_line(str(error))}"
+                    self.berth_missing = f"{tool} pull failed: {c.error_line(str(error))}"
                     c.log(str(error))
                 c.rm_tree(store)
+            if self.berth_only:
+                self.floor(image, run_dir / "floor.sqfs", cold)
+                c.rm_tree(run_dir)
+                continue
             # Sarus-like pipeline
             layout = run_dir / "oci"
             self.sarus(image, layout, run_dir / "sarus", cold, with_gzip=index == 0)
@@ -167,6 +186,15 @@ class Bench:
         return {"cold": cold, "warm": warm}
 
 
+def convert_seconds(store: Path) -> float:
+    """The conversion phase of the pull just made (``convert_s`` that berth records in image.json:
+    from the start of the flattening, which may wait for downloads, to the SquashFS written)."""
+    import json
+
+    metas = list((store / "images").glob("*/image.json"))
+    return max(json.loads(meta.read_text())["convert_s"] for meta in metas) if metas else 0.0
+
+
 def pipeline_sample(results: dict, parts: tuple[str, ...]) -> c.Sample:
     """Per-run sums of the phases of a pipeline (a phase measured fewer times than the others
     contributes its median to every run)."""
@@ -175,7 +203,7 @@ def pipeline_sample(results: dict, parts: tuple[str, ...]) -> c.Sample:
                          for part in parts) for i in range(runs)])
 
 
-def render(image: c.BenchImage, measured: dict, berth_missing: str | None) -> str:
+def render(image: c.BenchImage, measured: dict, berth_missing: str | None, before: str = "") -> str:
     lines = [(f"#### {image.name}: {len(image.layers)} layer(s), {image.compressed_bytes / 1e6:.0f} MB compressed, "
               f"{image.tar_bytes / 1e6:.0f} MB of tar"), ""]
     rows = []
@@ -185,6 +213,8 @@ def render(image: c.BenchImage, measured: dict, berth_missing: str | None) -> st
         berth = r["berth"]
         entries = [
             ("berth pull (lz4)", berth),
+            ("  of which conversion (image.json convert_s; overlaps the downloads)", r["berth-convert"]),
+            *([(f"berth pull (lz4), before: {before}", r["berth-before"])] if r["berth-before"].values else []),
             ("skopeo + umoci + mksquashfs lz4 (Sarus-like)", pipeline_sample(r, ("skopeo", "umoci", "mksquashfs-lz4"))),
             ("skopeo + umoci (this pass) + mksquashfs gzip (first cold pass only)", pipeline_sample(r, ("skopeo", "umoci", "mksquashfs-gzip"))),
             ("  of which skopeo copy", r["skopeo"]),
@@ -196,13 +226,22 @@ def render(image: c.BenchImage, measured: dict, berth_missing: str | None) -> st
             ("pigz -dc \\| tar2sqfs lz4" + (" (per layer, summed)" if len(image.layers) > 1 else ""), r["tar2sqfs"]),
         ]
         for label, sample in entries:
+            if not sample.values and not label.startswith("berth"):
+                continue  # a pipeline left out (--berth-only)
             if label.startswith("berth") and not sample.values:
                 rows.append([mode, label, f"not available: {berth_missing}", "—"])
                 continue
             whole = not label.startswith(("berth", "  of which"))
             berth_ratio = c.ratio(berth.median, sample.median) if berth.values and whole else "—"
             rows.append([mode, label, sample.cell(), berth_ratio])
-        if berth.values:
+        if berth.values and r["berth-before"].values:
+            verdicts.append(f"- {image.name} {mode}: berth / berth before ({before}) = "
+                            f"{berth.median / r['berth-before'].median:.2f}; before / pigz -dc = "
+                            f"{r['berth-before'].median / r['pigz'].median:.2f}")
+        if berth.values and not r["skopeo"].values:
+            verdicts.append(f"- {image.name} {mode}: berth / pigz -dc = {berth.median / r['pigz'].median:.2f} "
+                            f"(target ≤ 1.5 {'met' if berth.median / r['pigz'].median <= 1.5 else 'NOT met'})")
+        elif berth.values:
             sarus = pipeline_sample(r, ("skopeo", "umoci", "mksquashfs-lz4"))
             speedup = sarus.median / berth.median
             floor_ratio = berth.median / r["pigz"].median
@@ -222,6 +261,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", default="debian,multi")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--before", type=Path, help="another berth executable to time in the same runs")
+    parser.add_argument("--berth-only", action="store_true", help="leave out the Sarus-like and Charliecloud pipelines")
     args = parser.parse_args()
     if os.getuid() != 0:
         parser.error("run as root (it starts a registry and runs the tools as the unprivileged user)")
@@ -236,12 +277,16 @@ def main() -> int:
     try:
         with c.Registry(c.registry_storage()) as registry, c.Registry(c.registry_storage(), tls=True) as tls_registry:
             c.ensure_pushed(registry, images)
-            bench = Bench(user, registry, tls_registry, workdir)
+            bench = Bench(user, registry, tls_registry, workdir, args.before, args.berth_only)
+            before_label = ""
+            if args.before:
+                version = user.run([str(args.before), "--version"], check=False)
+                before_label = f"`{args.before}` ({version.stdout.strip() or 'unknown version'})"
             if bench.berth_missing:
                 c.log(f"berth column not available: {bench.berth_missing}")
             for image in images:
                 measured = bench.measure(image, args.runs)
-                sections.append(render(image, measured, bench.berth_missing))
+                sections.append(render(image, measured, bench.berth_missing, before_label))
                 sections.append("")
             if bench.berth_rss_kib:
                 sections.append(f"Peak RSS of `berth pull` (/usr/bin/time %M, includes its child processes): "
