@@ -68,6 +68,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | file | what | issue |
 |---|---|---|
 | `pull_convert.py` | pull + convert to one SquashFS, cold and warm, vs skopeo+umoci+mksquashfs, ch-image+ch-convert, pigz floor | 2 |
+| `convert_profile.py` | one layer's conversion in process: wall, berth's and its children's CPU, cProfile top functions | 10 |
 | `inflate.py` | gzip inflate of real layers: igzip, pigz, gzip programs vs zlib, isal, zlib-ng in process (and zstd -dc) | 10 |
 | `start.py` | warm start of /bin/true vs runc, ch-run, bwrap, udocker, podman; berth's phases and import cost | 3 |
 | `import_storm.py` | importing 3000 small modules from the SquashFS vs from a directory, warm and cold | 3 |
