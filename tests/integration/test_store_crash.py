@@ -53,10 +53,17 @@ def _kill(process) -> bool:
     return process.returncode == -signal.SIGKILL
 
 
-def _repull_and_prune(stores: Stores, ref: str, digest: str) -> dict:
+def _repull_and_prune(stores: Stores, ref: str, digest: str, *, age_leftovers: bool = False) -> dict:
     result = stores.json("pull", "--insecure", "--json", ref)
     assert result["digest"] == digest
     assert_consistent(stores)
+    if age_leftovers:
+        # A kill at a random moment may land in the store's own creation and leave a temporary
+        # of its layout-version file; prune keeps tmp/ entries younger than STALE_TMP_S (it
+        # cannot tell a crashed writer's from a slow one's), so make what is left look stale.
+        old = time.time() - 2 * 3600
+        for name in stores.tmp_entries():
+            os.utime(stores.user_store / "tmp" / name, (old, old))
     stores.ok("prune")
     assert stores.blobs() == stores.referenced_blobs()
     assert stores.tmp_entries() == []
@@ -110,7 +117,9 @@ def test_kill_during_conversion_then_repull_converts_without_downloading(stores,
     result = _repull_and_prune(stores, ref, big_image.digest)
     fetched = {path.rsplit("/", 1)[1] for _method, path, _range in proxy.blob_gets()}
     assert not fetched & stored, fetched & stored
-    assert result["downloaded_blobs"] == len(fetched)
+    # A blob whose partial was complete when the kill came is verified and stored by the
+    # repull without a GET, and still counts as one the pull brought in: hence >=, not ==.
+    assert result["downloaded_blobs"] >= len(fetched)
     assert result["converted"] == bool(leftovers)
 
 
@@ -148,7 +157,7 @@ def test_kill_at_any_moment_keeps_store_consistent(stores, proxy, big_image, del
         _kill(process)
     assert_consistent(stores)
     proxy.blob_delay_s = 0
-    _repull_and_prune(stores, ref, big_image.digest)
+    _repull_and_prune(stores, ref, big_image.digest, age_leftovers=True)
 
 
 def test_prune_during_a_pull_waits_and_removes_nothing_in_use(stores, proxy, big_image):
