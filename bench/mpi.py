@@ -205,6 +205,7 @@ def main() -> int:
     cluster = registry = None
     micro: dict[str, dict[str, list[dict]]] = {}
     launch: dict[tuple[int, int], dict[str, c.Sample]] = {}
+    launch_failures: list[str] = []
     try:
         binary = compile_bench(workdir)
         hello = workdir / "hello"
@@ -231,7 +232,11 @@ def main() -> int:
             samples = launch.setdefault((ranks, nodes), {mode: c.Sample() for mode in ("bare", *SCOPES)})
             for _ in range(args.launch_runs):
                 for mode in ("bare", *SCOPES):
-                    samples[mode].add(runner.launch(ranks, nodes, mode))
+                    try:
+                        samples[mode].add(runner.launch(ranks, nodes, mode))
+                    except RuntimeError as error:  # counted and shown, not fatal to the whole run
+                        launch_failures.append(f"{mode} {ranks} ranks on {nodes} node(s): {c.error_line(str(error))}")
+                        c.log(f"launch failed: {launch_failures[-1]}")
     finally:
         if cluster is not None:
             cluster.stop()
@@ -271,10 +276,14 @@ def main() -> int:
     for (ranks, nodes), samples in launch.items():
         bare = samples["bare"]
         rows.append([str(ranks), str(nodes), bare.cell("s"), *[samples[scope].cell("s") for scope in SCOPES],
-                     *[f"{(samples[scope].median - bare.median) * 1000:.0f}" for scope in SCOPES]])
+                     *[f"{(samples[scope].median - bare.median) * 1000:.0f}"
+                       if samples[scope].values and bare.values else "—" for scope in SCOPES]])
     sections += ["#### Launch: N-rank hello (MPI_Init, MPI_Allreduce, MPI_Finalize), wall time of srun", "",
                  c.markdown_table(["ranks", "nodes", "bare, s", *[f"berth {scope}, s" for scope in SCOPES],
                                    *[f"{scope} − bare, ms" for scope in SCOPES]], rows), ""]
+    if launch_failures:
+        sections += [f"Launches that failed ({len(launch_failures)}; not in the figures above):", "",
+                     *[f"- {failure}" for failure in launch_failures], ""]
     sections.append("- target berth within 2% of the bare host at every size: " +
                     ("met (no size above 2% and above the bare spread)" if not over_all else
                      "NOT met at " + "; ".join(over_all) + " (sizes where berth's cost is above 2% and above the "
