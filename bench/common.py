@@ -221,6 +221,16 @@ def report_footer() -> str:
             f"busy processes: {other_activity()}\n")
 
 
+def emit_report(sections: Sequence[str], output: Path | None) -> str:
+    """Join a benchmark's report sections, add the footer, print it and write it to ``output``
+    when given (run_all.py collects these files into RESULTS.md)."""
+    report = "\n".join(sections).rstrip() + "\n" + report_footer()
+    print(report)
+    if output:
+        output.write_text(report)
+    return report
+
+
 def git_head() -> str:
     result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False)

@@ -188,10 +188,7 @@ def main() -> int:
                      c.markdown_table(["variant", "import storm.all, ms: median (min–max)", "python3 -c pass, ms",
                                        "storm only (difference of medians), ms", "berth / variant (storm only)"],
                                       rows), ""]
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 

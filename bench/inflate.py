@@ -172,10 +172,7 @@ def main() -> int:
                         "igzip, pigz found (berth.image.tarstream), in its own process, so inflation "
                         "overlaps berth's tar pass on another core. Wall times on a loaded machine "
                         "vary with the load; compare CPU seconds.")
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 

@@ -291,10 +291,7 @@ def main() -> int:
                             "timings" + ("; the local phases above come from kernel exec events (tracefs); "
                                          "Slurm jobs are started by slurmd, outside this process tree, so they "
                                          "are not traced" if traced_phases else ""))
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 

@@ -288,10 +288,7 @@ def main() -> int:
                     ("met (no size above 2% and above the bare spread)" if not over_all else
                      "NOT met at " + "; ".join(over_all) + " (sizes where berth's cost is above 2% and above the "
                      "bare host's spread against itself)"))
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 

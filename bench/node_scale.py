@@ -250,10 +250,7 @@ def main() -> int:
                           "per-container: FUSE daemons"], helpers),
         "",
     ]
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 

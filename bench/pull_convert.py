@@ -299,10 +299,7 @@ def main() -> int:
             sections.extend(["", *bench.notes])
     finally:
         c.rm_tree(workdir)
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 

@@ -418,10 +418,7 @@ def main() -> int:
                         f"{total.cell('ms')} ms ({len(total.values)} runs); largest self times (median µs): "
                         + ", ".join(f"{module} {seconds * 1e6:.0f}" for module, seconds in top))
     sections.extend(["", *[f"- {note}" for note in bench.notes]])
-    report = "\n".join(sections).rstrip() + "\n" + c.report_footer()
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    c.emit_report(sections, args.output)
     return 0
 
 
