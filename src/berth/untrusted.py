@@ -22,6 +22,7 @@ error or that treat an unreadable document as absent.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from berth.errors import BerthError
@@ -69,6 +70,18 @@ def parse_json(data: bytes | str, *, what: str, error: type[Exception] = Invalid
     if nesting_exceeds(value, max_depth):
         raise refuse(f"is nested more than {max_depth} levels deep", "depth")
     return value
+
+
+def read_json_object(path: os.PathLike | str) -> dict:
+    """The JSON object in the file at ``path``, or ``{}`` when the file is missing, unreadable,
+    not valid JSON, over the limits or not an object. For berth's own state files (container
+    and mount records), which a kill may leave half-made and whose absence means "nothing here"."""
+    try:
+        with open(path, "rb") as handle:
+            value = parse_json(handle.read(), what=os.fspath(path))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def nesting_exceeds(value: Any, max_depth: int = MAX_DEPTH) -> bool:

@@ -151,3 +151,19 @@ def test_no_parser_of_berth_calls_json_loads_itself():
     offenders = [str(path.relative_to(source)) for path in source.rglob("*.py")
                  if path.name != "untrusted.py" and ("json.loads(" in path.read_text() or "json.load(" in path.read_text())]
     assert offenders == []
+
+
+def test_read_json_object_gives_the_object_or_nothing(tmp_path):
+    """berth's own state records: a half-written, hostile or missing file means "no record"."""
+    from berth.untrusted import read_json_object
+
+    record = tmp_path / "info.json"
+    assert read_json_object(record) == {}  # missing
+    record.write_text('{"pid": 12}')
+    assert read_json_object(record) == {"pid": 12}
+    record.write_text('{"pid": 1')  # cut by a kill
+    assert read_json_object(record) == {}
+    record.write_text("[1, 2]")  # not an object
+    assert read_json_object(record) == {}
+    record.write_text("[" * 100_000 + "]" * 100_000)  # nested past the limit, no RecursionError
+    assert read_json_object(record) == {}

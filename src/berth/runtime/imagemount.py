@@ -62,7 +62,7 @@ from pathlib import Path
 from berth import fsutil, locks, proc
 from berth.errors import RuntimeFailure
 from berth.runtime import fuse
-from berth.untrusted import parse_json
+from berth.untrusted import read_json_object
 
 IMAGES = "images"
 HOLDERS = "holders"
@@ -283,11 +283,7 @@ def _live_holders(directory: Path) -> list[str]:
 
 
 def _read_record(directory: Path) -> dict:
-    try:
-        record = parse_json((directory / "mount.json").read_bytes(), what="mount.json")
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_object(directory / "mount.json")
 
 
 def _our_daemon(pid: object, root: Path) -> bool:

@@ -28,7 +28,6 @@ import errno
 import json
 import os
 import shutil
-import stat
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from berth import fsutil, locks, proc
 from berth.config.settings import Settings, fallback_state_dir
 from berth.errors import NotFound, RuntimeFailure
 from berth.runtime.options import is_container_name
-from berth.untrusted import parse_json
+from berth.untrusted import read_json_object
 
 CONTAINERS = "containers"
 
@@ -217,11 +216,7 @@ def _try_lock(path: Path) -> int | None:
 
 
 def _read_info(path: Path) -> dict:
-    try:
-        info = parse_json((path / "info.json").read_bytes(), what="info.json")
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+    return read_json_object(path / "info.json")
 
 
 def list_containers(state_dir: Path) -> list[dict]:
