@@ -20,7 +20,8 @@ from tests.integration.test_run_lifecycle import wait_for_line
 
 pytestmark = pytest.mark.integration
 
-WAIT = 'echo ready; trap "exit 0" TERM; while true; do sleep 0.1; done'
+# The trap comes before 'ready': a SIGTERM sent as soon as 'ready' shows must find it set.
+WAIT = 'trap "exit 0" TERM; echo ready; while true; do sleep 0.1; done'
 
 
 def image_mounts(env) -> list[str]:
@@ -48,6 +49,17 @@ def stop(process: subprocess.Popen) -> None:
     assert process.returncode == 0, err
 
 
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """Stop every process still running, then report the first that did not exit 0: one
+    failure must not leave the others running into the leak check."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    errors = [process.communicate(timeout=30)[1] for process in running]
+    for process, err in zip(running, errors):
+        assert process.returncode == 0, err
+
+
 def test_concurrent_containers_of_one_image_share_one_mount_and_daemon(runtime_env, runtime_images):
     processes = start(runtime_env, runtime_images.busybox, 4)
     try:
@@ -65,9 +77,7 @@ def test_concurrent_containers_of_one_image_share_one_mount_and_daemon(runtime_e
             stop(process)
         assert len(image_mounts(runtime_env)) == 1, "the mount went while a container still used it"
     finally:
-        for process in processes:
-            if process.poll() is None:
-                stop(process)
+        stop_all(processes)
     assert runtime_env.wait_clean() == []
     assert not (runtime_env.state_dir / "images").exists()
 
@@ -99,9 +109,7 @@ def test_kill_9_of_one_holder_keeps_the_mount_for_the_others_and_the_last_one_ou
         assert len(image_mounts(runtime_env)) == 1 and len(daemons(runtime_env)) == 1
         stop(third)
     finally:
-        for process in (second, third):
-            if process.poll() is None:
-                stop(process)
+        stop_all([second, third])
     assert runtime_env.wait_clean() == []
 
 
@@ -149,9 +157,7 @@ def test_a_second_image_gets_its_own_mount(runtime_env, runtime_images):
             stop(process)
         assert len(image_mounts(runtime_env)) == 1
     finally:
-        for process in first + second:
-            if process.poll() is None:
-                stop(process)
+        stop_all(first + second)
     assert runtime_env.wait_clean() == []
 
 
@@ -178,8 +184,7 @@ def test_per_container_mounts_stay_available_as_a_site_setting(runtime_env, runt
         assert image_mounts(runtime_env) == []
         assert len(daemons(runtime_env)) == 2
     finally:
-        for process in processes:
-            stop(process)
+        stop_all(processes)
     assert runtime_env.wait_clean() == []
 
 
