@@ -143,6 +143,18 @@ def run(
     return result
 
 
+def replace_with(argv: Sequence[str], *, env: Mapping[str, str]) -> None:
+    """Become ``argv`` (execve): for a command berth only prepares and then hands over, such as
+    ``berth srun``. The program gets the terminal's signals itself, as if started by the shell
+    (srun counts Ctrl-C presses: forwarding them from a wrapper would double each one), and no
+    Python process waits beside it. Returns only by raising."""
+    argv = [find_program(argv[0]), *argv[1:]]
+    try:
+        os.execve(argv[0], argv, dict(env))
+    except OSError as exc:
+        raise ProgramFailed(f"cannot start {os.path.basename(argv[0])}: {exc.strerror}") from None
+
+
 def start(
     argv: Sequence[str],
     *,

@@ -518,13 +518,14 @@ def test_berth_srun_takes_the_jobs_scope_unless_given(monkeypatch):
     from berth.cli.jobs import cmd_srun
 
     seen = []
-    monkeypatch.setattr(proc, "run", lambda argv, **kwargs: seen.append(argv) or types.SimpleNamespace(returncode=0))
+    monkeypatch.setattr(proc, "replace_with", lambda argv, **kwargs: seen.append(argv))
     monkeypatch.setenv("BERTH_JOB_IMAGE", "img:1")
     monkeypatch.setenv("BERTH_JOB_SCOPE", "node")
-    assert cmd_srun(types.SimpleNamespace(argv=["-n2", "hostname"]), None) == 0
-    assert cmd_srun(types.SimpleNamespace(argv=["--scope", "task", "-n2", "hostname"]), None) == 0
+    cmd_srun(types.SimpleNamespace(argv=["-n2", "hostname"]), None)
+    cmd_srun(types.SimpleNamespace(argv=["--scope", "task", "-n2", "hostname"]), None)
     monkeypatch.setenv("BERTH_JOB_SCOPE", "bogus")
-    assert cmd_srun(types.SimpleNamespace(argv=["-n2", "hostname"]), None) == 0
+    cmd_srun(types.SimpleNamespace(argv=["-n2", "hostname"]), None)
+    assert [argv[0] for argv in seen] == ["srun"] * 3
     assert seen[0][-4:] == ["--scope", "node", "img:1", "hostname"]
     assert seen[1][-3:] == ["run", "img:1", "hostname"]
     assert seen[2][-3:] == ["run", "img:1", "hostname"]

@@ -133,3 +133,20 @@ def test_die_with_parent_stops_a_forked_child_when_its_parent_is_killed(tmp_path
     else:
         os.kill(child, 9)
         raise AssertionError("the child outlived its parent")
+
+
+def test_replace_with_becomes_the_program_in_the_same_process():
+    """``berth srun`` hands over to srun with replace_with: same pid (the terminal's signals
+    reach srun once, not once directly and once more through a wrapper), srun's exit status."""
+    import subprocess
+
+    script = ("import os, sys\nfrom berth import proc\nprint(os.getpid(), flush=True)\n"
+              "proc.replace_with(['sh', '-c', 'echo $$; exit 7'], env=proc.child_env())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    python_pid, shell_pid = done.stdout.split()
+    assert (done.returncode, python_pid) == (7, shell_pid)
+
+
+def test_replace_with_a_missing_program_is_a_clear_error():
+    with pytest.raises(proc.ProgramNotFound, match="'no-such-program-berth' is not installed"):
+        proc.replace_with(["no-such-program-berth"], env={})

@@ -273,8 +273,11 @@ def cmd_srun(args, ctx) -> int:
                          hint="give --image REF, or run it from a job submitted with berth submit")
     berth = [sys.executable, "-m", "berth"]
     argv = ["srun", *options, *berth, "run", *(["--scope", scope] if scope != "task" else []), image, *command]
-    result = proc.run(argv, stdout=None, stderr=None, stdin=None, check=False, env=proc.child_env())
-    return proc.shell_status(result.returncode)
+    # srun replaces berth: it owns the terminal's signals (one Ctrl-C: status, two: cancel).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc.replace_with(argv, env=proc.child_env())
+    return 1  # not reached
 
 
 def cmd_job_exec(args, ctx) -> int:
