@@ -150,6 +150,15 @@ class RuntimeFailure(BerthError):
     exit_code = 125
 
 
+class InsufficientSpace(RuntimeFailure):
+    """A node-local file system lacks the room for what berth would write there (an unpacked
+    image copy): nothing was written; the message says how much is needed and free. ``berth
+    run`` falls back to the FUSE mount, so this reaches the command line only from callers
+    that cannot."""
+
+    exit_code = 11
+
+
 class JobError(BerthError):
     """A batch job could not be submitted, queried or cancelled."""
 

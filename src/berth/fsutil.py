@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,3 +196,22 @@ def is_private_dir(path: Path) -> bool:
         return False
     return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
             and not info.st_mode & 0o077)
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf path`` for a tree of the caller's whose directories may be read-only or closed
+    (an unpacked image keeps the image's modes: ``/proc`` 0555, ``/root`` 0700, even 0000).
+    Directories are opened up (u+rwx) from the top before the removal; links are never
+    followed. Never raises: what cannot be removed stays."""
+    pending = [str(path)]
+    while pending:
+        directory = pending.pop()
+        try:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                continue
+            os.chmod(directory, PRIVATE_DIR)
+            with os.scandir(directory) as entries:
+                pending.extend(entry.path for entry in entries if entry.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    shutil.rmtree(path, ignore_errors=True)

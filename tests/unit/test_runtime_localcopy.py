@@ -59,3 +59,73 @@ def test_unusable_state_directory_is_a_clear_failure(tmp_path):
     with pytest.raises(RuntimeFailure) as info:
         local_copy(state, source)
     assert "cannot copy the image" in str(info.value) and "stage_to_local" in info.value.hint
+
+
+# ---------------------------------------------------------------- unpacked copies (issue 10)
+
+LISTING = """\
+drwxr-xr-x 0/0                      27 2026-12-03 11:33 squashfs-root
+drwxr-xr-x 0/0                     100 2026-12-03 11:33 squashfs-root/bin
+-rwsr-xr-x 0/0                 1982256 2026-12-03 11:33 squashfs-root/bin/busybox
+lrwxrwxrwx 0/0                       7 2026-12-03 11:33 squashfs-root/bin/sh -> busybox
+-rw-r--r-- 0/0                       1 2026-12-03 11:33 squashfs-root/a name with -> arrow
+crw-rw-rw- 0/0                   1,  3 2026-12-03 11:36 squashfs-root/dev/null
+brw-r----- 0/6                 8, 0 2026-12-03 11:36 squashfs-root/dev/sda
+drwxrwsr-t 0/0                       3 2026-12-03 11:33 squashfs-root/shared
+prw-r--r-- 0/0                       0 2026-12-03 11:33 squashfs-root/fifo
+"""
+
+
+def test_listing_gives_room_devices_and_setid_modes():
+    from berth.runtime.localcopy import BLOCK, parse_listing
+
+    listing = parse_listing(LISTING)
+    assert listing.inodes == 9
+    # whole blocks: 1982256 B -> 484 blocks, 1 B -> 1 block, three directories one each
+    assert listing.size_bytes == (484 + 1 + 3) * BLOCK
+    assert listing.devices == ["dev/null", "dev/sda"]
+    assert listing.setid_modes == [("bin/busybox", 0o4755), ("shared", 0o3775)]
+
+
+def test_a_full_file_system_refuses_before_writing(tmp_path, monkeypatch):
+    from berth.errors import InsufficientSpace
+    from berth.runtime import localcopy
+
+    source = tmp_path / "x.sqfs"
+    source.write_bytes(b"x")
+    monkeypatch.setattr(localcopy, "_listing", lambda _: localcopy.Listing(1 << 50, 10, [], []))
+    with pytest.raises(InsufficientSpace) as info:
+        localcopy.unpacked_copy(tmp_path / "state", source)
+    assert "no room to unpack the image" in info.value.message and "MB free" in info.value.message
+    assert "berth prune" in info.value.hint
+    assert sorted(p.name for p in (tmp_path / "state" / "unpacked").iterdir()) == [
+        localcopy.image_key(source, None)[0] + ".lock"]
+
+
+def test_prune_removes_unused_copies_and_leftovers_but_not_one_in_use(tmp_path):
+    from berth import locks
+    from berth.runtime.localcopy import prune_unpacked
+
+    base = tmp_path / "unpacked"
+    for name in ("used", "unused"):
+        root = base / name / "root" / "proc"
+        root.mkdir(parents=True)
+        root.chmod(0o555)  # an image's read-only directory must not stop the removal
+        (base / f"{name}.lock").touch()
+    (base / ".tmp-unused-abc" / "root").mkdir(parents=True)
+    with locks.file_lock(base / "used.lock", shared=True):
+        removed = prune_unpacked(base)
+    assert [path for path, _ in removed] == [str(base / "unused")]
+    assert sorted(p.name for p in base.iterdir()) == ["used", "used.lock"]
+
+
+def test_remove_tree_opens_closed_directories(tmp_path):
+    from berth.fsutil import remove_tree
+
+    closed = tmp_path / "tree" / "a" / "b"
+    closed.mkdir(parents=True)
+    (closed / "file").write_text("x")
+    closed.chmod(0)
+    (tmp_path / "tree" / "a").chmod(0o500)
+    remove_tree(tmp_path / "tree")
+    assert not (tmp_path / "tree").exists()

@@ -206,15 +206,32 @@ def run_prune(args, ctx) -> int:
     from berth.image.manage import prune_store
 
     report = prune_store(ctx.settings, site=args.site)
+    local = [] if args.site else _prune_node_local(ctx.settings)
     if args.json:
         print_json({"images_removed": report.images_removed, "blobs_removed": report.blobs_removed,
-                    "tmp_removed": report.tmp_removed, "bytes_freed": report.bytes_freed})
+                    "tmp_removed": report.tmp_removed, "bytes_freed": report.bytes_freed,
+                    "node_local_removed": [path for path, _ in local],
+                    "node_local_bytes_freed": sum(size for _, size in local)})
         return 0
     for digest in report.images_removed:
         print(f"deleted image: {digest}")
+    for path, _ in local:
+        print(f"deleted node-local copy: {path}")
     print(f"removed {len(report.images_removed)} images, {report.blobs_removed} blobs, "
           f"{report.tmp_removed} temporary files: {human_size(report.bytes_freed)} freed")
+    if local:
+        print(f"removed {len(local)} unused node-local image copies on this node: "
+              f"{human_size(sum(size for _, size in local))} freed")
     return 0
+
+
+def _prune_node_local(settings) -> list[tuple[str, int]]:
+    """The caller's node-local copies of images on this node that no container uses
+    (``stage_to_local`` files, ``image_mount = "unpacked"`` trees)."""
+    from berth.runtime.localcopy import prune_local
+    from berth.runtime.state import resolve_state_dir
+
+    return prune_local(resolve_state_dir(settings))
 
 
 def run_push(args, ctx) -> int:

@@ -78,7 +78,7 @@ KEYS: tuple[Key, ...] = (
     Key("backend", "choice", PINNABLE, env="BERTH_BACKEND", choices=("local", "slurm")),
     Key("local_max_jobs", "int", PINNABLE, env="BERTH_LOCAL_MAX_JOBS", minimum=1, maximum=4096),
     Key("stage_to_local", "bool", SITE),
-    Key("image_mount", "choice", SITE, choices=("shared", "per_container")),
+    Key("image_mount", "choice", SITE, choices=("shared", "per_container", "unpacked")),
     Key("image_fuse", "choice", SITE, choices=("auto", "squashfuse_ll", "squashfuse")),
     Key("s3_endpoint", "url", USER, env="BERTH_S3_ENDPOINT"),
     Key("s3_ca_bundle", "path", USER, env="BERTH_S3_CA_BUNDLE"),

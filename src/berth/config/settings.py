@@ -156,7 +156,8 @@ class Settings:
     #: Copy the SquashFS to node-local storage before mounting (site choice for slow shared FS).
     stage_to_local: bool = False
     #: "shared": one mount of an image per node and user, shared by that user's containers
-    #: (berth.runtime.imagemount); "per_container": each container mounts its own.
+    #: (berth.runtime.imagemount); "per_container": each container mounts its own;
+    #: "unpacked": a node-local unpacked copy per user, reused by later jobs (berth.runtime.localcopy).
     image_mount: str = "shared"
     #: FUSE program for images: "auto" (squashfuse_ll when installed), "squashfuse_ll",
     #: "squashfuse" (with the kernel caching options of berth.runtime.fuse).

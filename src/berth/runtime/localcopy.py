@@ -1,4 +1,5 @@
-"""Node-local copies of image SquashFS files (site setting ``stage_to_local``).
+"""Node-local copies of images: the SquashFS file (site setting ``stage_to_local``) and the
+unpacked tree (site setting ``image_mount = "unpacked"``).
 
 By default every node mounts the image's SquashFS straight from the (shared) store: one file
 read per node, no registry traffic. Sites whose shared filesystem is slow for the small random
@@ -10,20 +11,62 @@ The copy is verify-then-rename: written under an exclusive lock to a temporary n
 compared with the source, then renamed into place; a copy whose size or modification time no
 longer matches the source is replaced. Copies unused for ``STALE_S`` are removed when another
 copy is made, so the directory does not grow without bound.
+
+**Unpacked copies** (issue 10, target 2): the FUSE read path costs 1.5-2.8x a plain directory on
+a metadata-heavy workload (bench/RESULTS.md, import storm), and a kernel SquashFS mount needs
+privilege. With ``image_mount = "unpacked"`` the first container of an image on a node unpacks
+its SquashFS once with ``unsquashfs`` into the caller's state directory, and every later
+container of the user (later jobs too) binds that tree read-only as its root::
+
+    STATE_DIR/unpacked/              0700: no other user reaches a copy (site images included)
+      KEY/info.json                  what was unpacked, from what, in which boot
+      KEY/root/                      the image's tree, owned by the caller
+      KEY.lock                       flock: shared by every container using KEY for its whole
+                                     life, exclusive while KEY is made or removed
+      .tmp-KEY-RANDOM/               a copy being made (never used; removed under KEY.lock)
+
+Made like the file copy: under the exclusive lock, into a temporary name, renamed into place
+when ``unsquashfs`` succeeded, so a name ``KEY`` always holds a whole copy and a ``kill -9``
+leaves only a temporary directory that the next maker (or ``berth prune``) removes. The copy is
+not fsynced (as the file copy is not): ``info.json`` names the boot it was made in, and a copy
+from another boot is made again, so a node crash cannot leave a half-written tree in use.
+Before unpacking, the listing's sizes are checked against the free space and inodes of the
+state directory's file system (:class:`~berth.errors.InsufficientSpace`; the caller falls back
+to the FUSE mount). Copies nobody uses (their lock free) and unused for ``STALE_S`` are removed
+when another copy is made; ``berth prune`` removes every unused one (:func:`prune_local`).
+
+What the container sees (tests/integration/test_unpacked_images.py): the same names, types,
+modes, sizes, link targets and times as through squashfuse; device nodes are left out (an
+unprivileged ``mknod`` fails; through squashfuse they are unusable anyway: FUSE mounts are
+``nodev``) and so are extended attributes. Owners differ: every file belongs to the caller
+(as with ``--writable``'s squashed overlay), where squashfuse shows the SquashFS's owners
+(root as ``nobody`` in the container). Access is not widened by that: squashfuse_ll checks no
+permissions at all (every file of the image is readable through it), and the tree is bound
+read-only. Setuid bits stay but mean nothing: the files are the caller's own and the container
+runs with ``no_new_privs``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from berth import fsutil, locks
-from berth.errors import RuntimeFailure
+from berth import fsutil, locks, proc
+from berth.errors import InsufficientSpace, ProgramFailed, RuntimeFailure
+from berth.untrusted import read_json_object
 
 IMAGES = "images"
+UNPACKED = "unpacked"
 STALE_S = 7 * 24 * 3600
+#: Room left free beyond the estimate of an unpacked copy: a fraction of it and a constant.
+SPACE_MARGIN = (0.05, 16 << 20)
+BLOCK = 4096
 
 
 def image_key(source: Path, digest: object | None) -> tuple[str, os.stat_result]:
@@ -81,7 +124,7 @@ def local_copy(state_dir: Path, source: Path, digest: object | None = None, *,
                                          hint="run the command again")
                 # Keep the source's mtime: it is how a later run knows the copy is current.
                 os.utime(out.fileno(), ns=(time.time_ns(), source_info.st_mtime_ns))
-        _remove_stale(directory, keep=copy)
+        _remove_stale(directory, copy)
         return copy
     except OSError as exc:
         raise RuntimeFailure(
@@ -91,12 +134,280 @@ def local_copy(state_dir: Path, source: Path, digest: object | None = None, *,
         ) from None
 
 
-def _remove_stale(directory: Path, keep: Path) -> None:
+def _remove_stale(directory: Path, keep: Path | None, older_than_s: float = STALE_S) -> list[tuple[str, int]]:
+    """Remove file copies other than ``keep`` unused for ``older_than_s`` and not being made
+    right now (their lock free); returns ``(path, bytes)`` of each removed."""
     now = time.time()
-    for entry in os.scandir(directory):
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
         if entry.name.endswith(".sqfs") and entry.path != str(keep):
             try:
-                if now - entry.stat().st_atime > STALE_S:
-                    os.unlink(entry.path)
+                info = entry.stat(follow_symlinks=False)
+                if now - info.st_atime < older_than_s:
+                    continue
+                with locks.file_lock(directory / (entry.name[:-len(".sqfs")] + ".lock"), timeout_s=0) as held:
+                    if held:
+                        os.unlink(entry.path)
+                        removed.append((entry.path, info.st_size))
             except OSError:
                 pass
+    return removed
+
+
+class UnpackedImage:
+    """One container's use of an unpacked copy: ``root`` is the image's root directory; the
+    shared lock on the copy's lock file (``lock_fd``) keeps prune and eviction away from it
+    until :meth:`release` (or the death of this process)."""
+
+    __slots__ = ("directory", "root", "lock_fd")
+
+    def __init__(self, directory: Path, lock_fd: int) -> None:
+        self.directory = directory
+        self.root = directory / "root"
+        self.lock_fd = lock_fd
+
+    def release(self) -> bool:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+        return False
+
+
+def unpacked_copy(state_dir: Path, source: Path, digest: object | None = None, *,
+                  lock_timeout_s: float = locks.DEFAULT_TIMEOUT_S, log=None) -> UnpackedImage:
+    """The caller's unpacked copy of the SquashFS ``source`` on this node (made once; see the
+    module docstring), held for the caller until ``release``.
+
+    Raises InsufficientSpace (nothing written) when the state directory's file system lacks
+    room, LockError when another maker holds the copy's lock beyond ``lock_timeout_s``,
+    RuntimeFailure when the copy cannot be made (unsquashfs failed, disk full meanwhile...)."""
+    base = Path(state_dir) / UNPACKED
+    try:
+        name, source_info = image_key(source, digest)
+        fsutil.make_private_dirs(base)
+        directory = base / name
+        lock_path = base / f"{name}.lock"
+        fd = locks.open_lock_file(lock_path)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot prepare the unpacked copy of {source} in {base}: {exc.strerror}",
+                             hint="check the state directory (berth doctor shows it)") from None
+    made = False
+    try:
+        while True:
+            # Shared: containers of the image run side by side; exclusive only to make it.
+            locks.acquire(fd, lock_path, shared=True, timeout_s=lock_timeout_s,
+                          purpose=f"the unpacked copy of {source}")
+            if not _still_named(fd, lock_path):  # prune removed it while this berth waited
+                os.close(fd)
+                fd = locks.open_lock_file(lock_path)
+                continue
+            if _is_complete(directory):
+                os.utime(lock_path)  # the copy's last use, for eviction
+                if log:
+                    log(f"{'unpacked the image into' if made else 'using the unpacked copy'} {directory / 'root'}",
+                        debug=True)
+                hold = UnpackedImage(directory, fd)
+                break
+            # Converting the lock is not atomic (flock(2)): whoever gets it checks again.
+            locks.acquire(fd, lock_path, timeout_s=lock_timeout_s, purpose=f"the unpacked copy of {source}")
+            if _still_named(fd, lock_path) and not _is_complete(directory):
+                _remove_unpacked(base, name)  # a copy of another boot, a crashed maker's leftovers
+                _unpack(base, name, source, source_info)
+                made = True
+    except BaseException:
+        os.close(fd)
+        raise
+    if made:
+        prune_unpacked(base, older_than_s=STALE_S)
+    return hold
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether the lock file open as ``fd`` is still the one ``path`` names (prune removes a
+    copy's lock file, under the lock, with the copy)."""
+    try:
+        held, named = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def _is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole copy made in this boot (see the module docstring)."""
+    record = read_json_object(directory / "info.json")
+    return bool(record) and record.get("boot_id") == _boot_id() and os.path.isdir(directory / "root")
+
+
+#: One line of ``unsquashfs -lln``: mode, owner, size (``MAJOR, MINOR`` for devices), date, time, path.
+_LISTING_LINE = re.compile(r"(?P<mode>[-dlcbps][-rwxsStT]{9}) \S+\s+(?P<size>\d+|\d+,\s*\d+) "
+                           r"\d{4}-\d\d-\d\d \d\d:\d\d squashfs-root(?P<path>/.*)?")
+
+
+class Listing(NamedTuple):
+    """What ``unsquashfs -lln`` says about an image: the bytes and inodes its unpacked tree
+    needs (whole blocks per file), its device nodes, and its setuid/setgid entries with their
+    modes (paths relative to the image's root)."""
+
+    size_bytes: int
+    inodes: int
+    devices: list[str]
+    setid_modes: list[tuple[str, int]]
+
+
+def _mode_bits(text: str) -> int:
+    """``rwsr-xr-x`` -> 0o4755 (``ls -l`` permission letters, setuid/setgid/sticky included)."""
+    bits = 0
+    for index, letter in enumerate(text):
+        if letter in "rwxst":
+            bits |= 1 << (8 - index)
+        if letter in "sS" and index in (2, 5):
+            bits |= 0o4000 if index == 2 else 0o2000
+        if letter in "tT" and index == 8:
+            bits |= 0o1000
+    return bits
+
+
+def parse_listing(text: str) -> Listing:
+    """Parse ``unsquashfs -lln`` output (see :class:`Listing`); lines it cannot read (a name
+    with a newline) are skipped."""
+    size_bytes = inodes = 0
+    devices, setid_modes = [], []
+    for line in text.splitlines():
+        match = _LISTING_LINE.match(line)
+        if match is None:
+            continue
+        inodes += 1
+        kind, path = match["mode"][0], (match["path"] or "/").lstrip("/")
+        if kind in "cb":
+            devices.append(path)
+        elif kind == "-":
+            size_bytes += -(-int(match["size"]) // BLOCK) * BLOCK
+        elif kind == "d":
+            size_bytes += BLOCK
+        mode = _mode_bits(match["mode"][1:])
+        if mode & 0o6000 and kind in "-d":
+            setid_modes.append((path, mode))
+    return Listing(size_bytes, inodes, devices, setid_modes)
+
+
+def _listing(source: Path) -> Listing:
+    """:class:`Listing` of ``source``. Raises RuntimeFailure."""
+    result = _unsquashfs(["-lln", "-n", str(source)], source)
+    return parse_listing(result.stdout.decode("utf-8", "surrogateescape"))
+
+
+def _check_space(base: Path, source: Path, size_bytes: int, inodes: int) -> None:
+    """Raise InsufficientSpace when ``base``'s file system lacks the room for a copy."""
+    fs = os.statvfs(base)
+    free_bytes = fs.f_bavail * fs.f_frsize
+    wanted = size_bytes + int(size_bytes * SPACE_MARGIN[0]) + SPACE_MARGIN[1]
+    short_inodes = fs.f_files > 0 and fs.f_favail < inodes * 1.05
+    if free_bytes < wanted or short_inodes:
+        what = (f"{wanted / 1e6:.0f} MB, {free_bytes / 1e6:.0f} MB free" if free_bytes < wanted
+                else f"{inodes} inodes, {fs.f_favail} free")
+        raise InsufficientSpace(
+            f"no room to unpack the image {source} into {base}: it needs {what}",
+            hint="free space there (berth prune removes unused unpacked copies), set state_dir to a "
+            "larger node-local file system, or ask your site administrator about image_mount")
+
+
+def _unsquashfs(arguments: list[str], source: Path) -> "proc.subprocess.CompletedProcess":
+    # A killed berth must not leave unsquashfs writing: it dies with its parent.
+    argv = ["setpriv", "--pdeathsig", "KILL", "--", proc.find_program("unsquashfs"), *arguments]
+    try:
+        return proc.run(argv, what=f"unsquashfs of {source}")
+    except ProgramFailed as exc:
+        raise RuntimeFailure(f"cannot unpack the image {source}: {exc.message}",
+                             hint="check the image file (berth store verify), or ask your site administrator "
+                             "about image_mount") from None
+
+
+def _unpack(base: Path, name: str, source: Path, source_info: os.stat_result) -> None:
+    """Make ``base/name`` (caller holds its lock exclusively): unpack into a temporary
+    directory, record, rename. Raises InsufficientSpace, RuntimeFailure."""
+    size_bytes, inodes, devices, setid_modes = _listing(source)
+    _check_space(base, source, size_bytes, inodes)
+    temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=base))
+    try:
+        arguments = ["-q", "-n", "-no-xattrs", "-d", str(temporary / "root")]
+        if devices:  # an unprivileged mknod fails: leave them out, as they are unusable on FUSE too
+            (temporary / "exclude").write_text("".join(f"{path}\n" for path in devices))
+            arguments += ["-no-wildcards", "-exclude-file", str(temporary / "exclude")]
+        _unsquashfs([*arguments, str(source)], source)
+        # unsquashfs run by a user drops setuid/setgid bits; the view must match the SquashFS's
+        # (they stay inert: the files are the caller's and the container has no_new_privs).
+        for path, mode in setid_modes:
+            os.chmod(temporary / "root" / path, mode, follow_symlinks=False)
+        fsutil.write_atomically(temporary / "info.json", json.dumps({
+            "source": str(source), "source_size": source_info.st_size, "source_mtime_ns": source_info.st_mtime_ns,
+            "size_bytes": size_bytes, "inodes": inodes, "devices_left_out": len(devices),
+            "boot_id": _boot_id(), "made": time.time()}), mode=fsutil.PRIVATE_FILE, durable=False)
+        os.rename(temporary, base / name)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot unpack the image {source} into {base}: {exc.strerror}",
+                             hint="free space there (berth prune removes unused unpacked copies)") from None
+    finally:
+        if temporary.exists():
+            fsutil.remove_tree(temporary)
+
+
+def _remove_unpacked(base: Path, name: str) -> int:
+    """Remove the copy ``name`` and its temporary directories (caller holds its lock
+    exclusively); the copy is renamed away first, so no half-removed tree keeps its name.
+    Returns the bytes freed (estimated from its record)."""
+    freed = 0
+    directory = base / name
+    if os.path.lexists(directory):
+        freed = int(read_json_object(directory / "info.json").get("size_bytes", 0) or 0)
+        doomed = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=base))
+        os.rename(directory, doomed / "old")
+        fsutil.remove_tree(doomed)
+    for entry in os.scandir(base):
+        if entry.name.startswith(f".tmp-{name}-"):
+            fsutil.remove_tree(Path(entry.path))
+    return freed
+
+
+def prune_unpacked(base: Path, *, older_than_s: float = 0.0) -> list[tuple[str, int]]:
+    """Remove the unpacked copies under ``base`` that no container uses (their lock free) and
+    that were last used ``older_than_s`` ago or more, with any crashed maker's leftovers.
+    Returns ``(path, bytes)`` of each removed. Never raises for one copy's trouble."""
+    removed = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    names = {entry.name[:-len(".lock")] for entry in entries if entry.name.endswith(".lock")}
+    now = time.time()
+    for name in sorted(names):
+        lock_path = base / f"{name}.lock"
+        try:
+            if now - os.stat(lock_path).st_mtime < older_than_s:
+                continue
+            with locks.file_lock(lock_path, timeout_s=0) as held:
+                if held:
+                    freed = _remove_unpacked(base, name)
+                    os.unlink(lock_path)
+                    removed.append((str(base / name), freed))
+        except OSError:
+            pass
+    return removed
+
+
+def prune_local(state_dir: Path) -> list[tuple[str, int]]:
+    """``berth prune``'s part on this node: every node-local copy of the caller's (SquashFS
+    files and unpacked trees) that nothing uses right now. Returns ``(path, bytes)`` removed."""
+    return (_remove_stale(Path(state_dir) / IMAGES, None, older_than_s=0.0)
+            + prune_unpacked(Path(state_dir) / UNPACKED))

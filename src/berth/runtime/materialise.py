@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from berth.errors import RuntimeFailure
+from berth.errors import InsufficientSpace, RuntimeFailure
 from berth.runtime import fuse, rootfs
 from berth.runtime.plan import ContainerPlan
 from berth.runtime.state import ContainerState
@@ -34,9 +34,20 @@ def mount_image(settings, container: ContainerState, image, log: Log):
     ``stage_to_local``) and return what the teardown undoes: with ``image_mount = "shared"``
     (the default) an berth.runtime.imagemount.ImageMount held by this container, whose ``root``
     is the image root; with ``"per_container"`` a berth.runtime.fuse.FuseMount at the
-    container's ``lower`` directory."""
+    container's ``lower`` directory; with ``"unpacked"`` a berth.runtime.localcopy.UnpackedImage
+    (the node-local unpacked tree, bound read-only by the runtime), or the shared mount with a
+    warning when the state directory lacks the room for it."""
     squashfs = Path(image.squashfs)
     digest = getattr(image, "digest", None)
+    if settings.image_mount == "unpacked":
+        from berth.runtime.localcopy import unpacked_copy
+
+        try:
+            return unpacked_copy(container.state_dir, squashfs, digest, lock_timeout_s=settings.lock_timeout_s,
+                                 log=log)
+        except InsufficientSpace as exc:
+            # The job still runs, on the FUSE path: slower, never wrong.
+            log(f"warning: {exc.message}; mounting the SquashFS instead (hint: {exc.hint})")
     if settings.stage_to_local:
         from berth.runtime.localcopy import local_copy
 

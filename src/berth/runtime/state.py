@@ -16,6 +16,8 @@
         etc/passwd etc/group         the caller's identity files
       images/KEY/                    an image's mount shared by the containers (imagemount.py);
                                      KEY.sqfs: a node-local copy (localcopy.py)
+      unpacked/KEY/root              an image unpacked on the node (image_mount = "unpacked",
+                                     localcopy.py), bound read-only by its containers
 
 A container directory whose lock nobody holds belongs to a berth that is gone (killed with
 SIGKILL, node trouble): :func:`cleanup_stale` kills what runs there, unmounts and removes it.
