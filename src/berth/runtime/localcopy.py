@@ -48,11 +48,9 @@ runs with ``no_new_privs``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -76,7 +74,10 @@ def image_key(source: Path, digest: object | None) -> tuple[str, os.stat_result]
     if digest is not None:
         name = str(digest).replace(":", "-")
     else:
-        # A SquashFS given by path: key it by where it is and what it is.
+        # A SquashFS given by path: key it by where it is and what it is. (hashlib imported
+        # here: loading OpenSSL costs ~4 ms of every berth run's start otherwise.)
+        import hashlib
+
         ident = f"{os.path.realpath(source)}\0{info.st_size}\0{info.st_mtime_ns}"
         name = "file-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
     return name, info
@@ -251,8 +252,8 @@ def _is_complete(directory: Path) -> bool:
 
 
 #: One line of ``unsquashfs -lln``: mode, owner, size (``MAJOR, MINOR`` for devices), date, time, path.
-_LISTING_LINE = re.compile(r"(?P<mode>[-dlcbps][-rwxsStT]{9}) \S+\s+(?P<size>\d+|\d+,\s*\d+) "
-                           r"\d{4}-\d\d-\d\d \d\d:\d\d squashfs-root(?P<path>/.*)?")
+_LISTING_LINE = (r"(?P<mode>[-dlcbps][-rwxsStT]{9}) \S+\s+(?P<size>\d+|\d+,\s*\d+) "
+                           r"\d{4}-\d\d-\d\d \d\d:\d\d squashfs-root(?P<path>/.*)?")  # compiled when used, not at import
 
 
 class Listing(NamedTuple):
@@ -284,8 +285,9 @@ def parse_listing(text: str) -> Listing:
     with a newline) are skipped."""
     size_bytes = inodes = 0
     devices, setid_modes = [], []
+    pattern = re.compile(_LISTING_LINE)
     for line in text.splitlines():
-        match = _LISTING_LINE.match(line)
+        match = pattern.match(line)
         if match is None:
             continue
         inodes += 1
@@ -339,7 +341,7 @@ def _unpack(base: Path, name: str, source: Path, source_info: os.stat_result) ->
     directory, record, rename. Raises InsufficientSpace, RuntimeFailure."""
     size_bytes, inodes, devices, setid_modes = _listing(source)
     _check_space(base, source, size_bytes, inodes)
-    temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=base))
+    temporary = _temporary_directory(base, name)
     try:
         arguments = ["-q", "-n", "-no-xattrs", "-d", str(temporary / "root")]
         if devices:  # an unprivileged mknod fails: leave them out, as they are unusable on FUSE too
@@ -363,6 +365,18 @@ def _unpack(base: Path, name: str, source: Path, source_info: os.stat_result) ->
             fsutil.remove_tree(temporary)
 
 
+def _temporary_directory(base: Path, name: str) -> Path:
+    """A new private directory ``base/.tmp-NAME-RANDOM`` (what prune and the next maker of
+    ``name`` remove when a crash leaves it)."""
+    while True:
+        path = base / f".tmp-{name}-{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path, fsutil.PRIVATE_DIR)
+            return path
+        except FileExistsError:
+            continue
+
+
 def _remove_unpacked(base: Path, name: str) -> int:
     """Remove the copy ``name`` and its temporary directories (caller holds its lock
     exclusively); the copy is renamed away first, so no half-removed tree keeps its name.
@@ -371,7 +385,7 @@ def _remove_unpacked(base: Path, name: str) -> int:
     directory = base / name
     if os.path.lexists(directory):
         freed = int(read_json_object(directory / "info.json").get("size_bytes", 0) or 0)
-        doomed = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=base))
+        doomed = _temporary_directory(base, name)
         os.rename(directory, doomed / "old")
         fsutil.remove_tree(doomed)
     for entry in os.scandir(base):
