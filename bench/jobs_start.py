@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Time from job start to container running, on 1, 2 and 4 nodes of the Slurm test cluster and
-on the local backend (issue 4), as berthtest with the debootstrap image already in the store.
+on the local backend (issue 4), and berth's cost per node of a job step, wall and CPU (issue 10,
+target 5), as berthtest with the debootstrap image already in the store (warm).
 
 Each job (``berth submit --image REF``) runs this script inside its container on the first node::
 
@@ -9,6 +10,9 @@ Each job (``berth submit --image REF``) runs this script inside its container on
     srun -N N -n N --ntasks-per-node=1 berth run REF /bin/sh -c 'echo "container $(date +%s.%N)"'
     echo "launch $(date +%s.%N)"
     srun -N N -n N --ntasks-per-node=1 /bin/sh -c 'echo "bare $(date +%s.%N)"'   # Slurm alone
+    srun -N N -n N --ntasks-per-node=1 bench/treecpu.py berth run REF /bin/true  # CPU per node
+    srun -N N -n N --ntasks-per-node=1 bench/treecpu.py /bin/true                # the same, bare
+    srun -N 1 -n 1 berth --debug run REF /bin/true                                # berth's phases
 
 and the benchmark reads, per job:
 
@@ -17,7 +21,12 @@ and the benchmark reads, per job:
   it excludes the interpreter start of ``berth job-exec`` before the runner takes its time stamp;
 - step on N nodes: from ``launch`` until the last of the N containers runs, against the same
   for a bare ``srun`` step; the difference is berth's overhead for a container on every node.
-- phases (stage, mount, runtime start): shown when berth reports them (a ``phases`` or
+- CPU per node: bench/treecpu.py makes itself the subreaper of what it starts and prints the
+  user + system time of the whole tree (the FUSE daemon and the runtime included) and its wall
+  time; berth's CPU per node is the berth tree's minus the bare one's. Unlike the step times it
+  does not depend on how many test nodes share this machine's cores.
+- berth's phases of a step container: the ``timing:`` line of ``berth --debug run``.
+- job phases (stage, mount, runtime start): shown when berth reports them (a ``phases`` or
   ``timings`` object in ``berth status --json``), else "not available".
 
 Every "node" of the test cluster is a slurmd on this same 2-core machine, so N containers
@@ -34,6 +43,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -50,8 +61,12 @@ if [ "$1" = slurm ]; then
     srun -N "$2" -n "$2" --ntasks-per-node=1 berth run "$3" /bin/sh -c 'echo "container $(date +%s.%N)"'
     echo "launch-bare $(date +%s.%N)"
     srun -N "$2" -n "$2" --ntasks-per-node=1 /bin/sh -c 'echo "bare $(date +%s.%N)"'
+    srun -N "$2" -n "$2" --ntasks-per-node=1 "$4" berth run "$3" /bin/true | sed 's/^treecpu/cpu-berth/'
+    srun -N "$2" -n "$2" --ntasks-per-node=1 "$4" /bin/true | sed 's/^treecpu/cpu-bare/'
+    srun -N 1 -n 1 berth --debug run "$3" /bin/true 2>&1 | grep 'timing:'
 fi
 """
+TREECPU = Path(__file__).resolve().parent / "treecpu.py"
 FINAL = ("completed", "failed", "cancelled", "timeout")
 
 #: Local backend: marks in the kernel exec trace of one job (submit, detached runner, container).
@@ -121,6 +136,8 @@ class JobBench:
         self.script.chmod(0o755)
         os.chown(self.script, user.uid, user.gid)
         self.phases_seen = False
+        #: berth's own phases of a step's container (``berth --debug run``'s timing line)
+        self.step_phases: dict[str, c.Sample] = {}
 
     def run_job(self, backend: str, nodes: int, extra_env: dict) -> dict:
         """Submit one job, wait for it, and return its measurements (seconds)."""
@@ -129,7 +146,7 @@ class JobBench:
         argv = [str(c.BERTH), "submit", "--backend", backend, "--image", self.ref, "-o", out_name, "-t", "5"]
         if backend == "slurm":
             argv += ["-N", str(nodes), "--ntasks-per-node", "1"]
-        argv += [str(self.script), backend, str(nodes), self.ref]
+        argv += [str(self.script), backend, str(nodes), self.ref, str(TREECPU)]
         job_id = self.user.run(argv, env=env, cwd=str(self.workdir)).stdout.strip().splitlines()[-1]
         deadline = time.monotonic() + 180
         while True:
@@ -146,10 +163,17 @@ class JobBench:
         if state != "completed":
             raise RuntimeError(f"job {job_id} ended {state}: {status.get('message')} {output[-500:]}")
         stamps: dict[str, list[float]] = {}
+        cpu: dict[str, list[tuple[float, float]]] = {}
         for line in output.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0] in ("script", "launch", "launch-bare", "container", "bare"):
                 stamps.setdefault(parts[0], []).append(float(parts[1]))
+            elif len(parts) == 4 and parts[0] in ("cpu-berth", "cpu-bare"):
+                cpu.setdefault(parts[0], []).append((float(parts[1]) + float(parts[2]), float(parts[3])))
+            elif "timing:" in line:
+                # berth --debug run: "timing: prepare 2.0 ms, mount 6.7 ms, ..."
+                for name, value in re.findall(r"(\w+) ([0-9.]+) ms", line.split("timing:", 1)[1]):
+                    self.step_phases.setdefault(name, c.Sample()).add(float(value) / 1000)
         started_at = status.get("started_at") or status.get("result", {}).get("started_at")
         measured = {}
         if started_at and "script" in stamps:
@@ -159,6 +183,12 @@ class JobBench:
                 raise RuntimeError(f"job {job_id}: expected {nodes} container and bare lines, got {output[-800:]}")
             measured["step"] = max(stamps["container"]) - stamps["launch"][0]
             measured["bare"] = max(stamps["bare"]) - stamps["launch-bare"][0]
+            if len(cpu.get("cpu-berth", [])) != nodes or len(cpu.get("cpu-bare", [])) != nodes:
+                raise RuntimeError(f"job {job_id}: expected {nodes} treecpu lines per step, got {output[-800:]}")
+            # per node: the median node's CPU and wall of its berth run (bench/treecpu.py)
+            measured["cpu berth"] = statistics.median(v[0] for v in cpu["cpu-berth"])
+            measured["cpu bare"] = statistics.median(v[0] for v in cpu["cpu-bare"])
+            measured["node wall berth"] = statistics.median(v[1] for v in cpu["cpu-berth"])
         phases = find_phases(status)
         if phases:
             self.phases_seen = True
@@ -232,6 +262,7 @@ def main() -> int:
                     slurm_started = True
                     try:
                         bench.run_job("slurm", 1, slurm_env)  # warm-up
+                        bench.step_phases.clear()
                         for nodes in node_counts:
                             samples = {}
                             for _ in range(args.runs):
@@ -257,18 +288,35 @@ def main() -> int:
             for nodes in counts:
                 samples = results.get((backend, nodes))
                 if samples is None:
-                    rows.append([backend, str(nodes), f"not available: {unavailable.get(backend, '?')}", "—", "—", "—",
-                                 *["—" for _ in phase_names]])
+                    rows.append([backend, str(nodes), f"not available: {unavailable.get(backend, '?')}",
+                                 *["—" for _ in range(6)], *["—" for _ in phase_names]])
                     continue
                 step, bare = samples.get("step"), samples.get("bare")
                 overhead = f"{(step.median - bare.median) * 1000:.0f}" if step and bare else "—"
+                cpu, cpu_bare = samples.get("cpu berth"), samples.get("cpu bare")
+                cpu_net = f"{(cpu.median - cpu_bare.median) * 1000:.0f}" if cpu and cpu_bare else "—"
                 rows.append([backend, str(nodes), samples["boot"].cell("ms") if "boot" in samples else "—",
                              step.cell("ms") if step else "—", bare.cell("ms") if bare else "—", overhead,
+                             samples["node wall berth"].cell("ms") if "node wall berth" in samples else "—",
+                             cpu.cell("ms") if cpu else "—", cpu_net,
                              *[samples[name].cell("ms") if name in samples else "—" for name in phase_names]])
         sections.append(c.markdown_table(
             ["backend", "nodes", "boot on first node, ms", "container step on N nodes, ms", "bare srun step, ms",
-             "berth overhead (step − bare), ms", *phase_names], rows))
+             "berth overhead (step − bare), ms", "berth run on a node, wall ms", "CPU per node, berth run tree, ms",
+             "berth CPU per node (− bare tree), ms", *phase_names], rows))
         sections.append("")
+        sections.append("Per node (bench/treecpu.py around `berth run IMAGE /bin/true` and around `/bin/true` on "
+                        "every node of a step; user + system CPU of the whole process tree, FUSE daemon and runtime "
+                        "included; median node of each step, median of the runs). The CPU figure does not depend "
+                        "on how many test nodes share this machine's 2 cores; the wall figures do.")
+        sections.append("")
+        if bench.step_phases:
+            sections += ["berth's own phases of one step container (`srun -N1 berth --debug run IMAGE /bin/true`, "
+                         "its 'timing:' line; what comes before 'prepare' — interpreter start, imports, settings, "
+                         "image lookup — is the node's wall figure minus their sum):", "",
+                         c.markdown_table(["phase", "ms: median (min–max)"],
+                                          [[name, sample.cell("ms")] for name, sample in bench.step_phases.items()]),
+                         ""]
         local = results.get(("local", 1), {})
         if traced_phases:
             sections += ["Local backend, berth's share by phase (kernel exec events of the same jobs):", "",
@@ -278,14 +326,23 @@ def main() -> int:
         one, four = results.get(("slurm", 1)), results.get(("slurm", max(node_counts)))
         if one and four and "step" in one and "step" in four and max(node_counts) > 1:
             flat = four["step"].median / one["step"].median
+            flat_bare = four["bare"].median / one["bare"].median
             sections.append(f"- target flat in node count ({max(node_counts)}-node / 1-node step ≤ 1.2): "
-                            f"{flat:.2f}, {'met' if flat <= 1.2 else 'NOT met'}")
+                            f"{flat:.2f}, {'met' if flat <= 1.2 else 'NOT met'} (bare srun: {flat_bare:.2f}; "
+                            f"the test nodes share 2 cores)")
             single = one["step"].median - one["bare"].median
             sections.append(f"- target berth overhead per node < 100 ms warm: step − bare on 1 node (one "
                             f"container, no core shared with another node's) = {single * 1000:.0f} ms, "
                             f"{'met' if single < 0.1 else 'NOT met'}; on {max(node_counts)} nodes "
                             f"{(four['step'].median - four['bare'].median) * 1000:.0f} ms for all of them, "
                             "their containers sharing this machine's 2 cores")
+            if "cpu berth" in one and "cpu berth" in four:
+                per_node = [(results[("slurm", n)]["cpu berth"].median - results[("slurm", n)]["cpu bare"].median)
+                            * 1000 for n in node_counts if ("slurm", n) in results]
+                sections.append(f"- berth CPU per node (user + system, whole tree, minus the bare command's): "
+                                + ", ".join(f"{n} node(s) {v:.0f} ms" for n, v in zip(node_counts, per_node))
+                                + f"; on nodes with their own cores a {max(node_counts)}-node step would take "
+                                f"about the 1-node step plus Slurm's fan-out")
         if not phases_seen:
             sections.append("- phases as berth reports them: not available: `berth status --json` has no phase "
                             "timings" + ("; the local phases above come from kernel exec events (tracefs); "

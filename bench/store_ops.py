@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""What one node's part of a job start costs the shared filesystem and the registry, counted
+syscall by syscall (issue 10, target 6; the figures behind docs/scale.md).
+
+Every node of a Slurm step runs ``berth run IMAGE COMMAND`` (``srun … berth run`` or ``berth
+srun``); the first node also runs the job runner. This benchmark runs that per-node command as
+the unprivileged user under ``strace -f`` (strace runs as root with ``-u USER``, so the
+setuid ``fusermount3`` still works and the FUSE daemon is traced too) with the variables a
+Slurm step has (``SLURM_JOB_ID``/``SLURM_STEP_ID``: the mount scope of a step), and sorts every
+file syscall by where its path lies:
+
+- **store**: the image store (the user's and the site's) — on a cluster, the shared filesystem;
+- **config**: the site configuration directory (``BERTH_CONFIG_DIR``; /etc/berth, often shared);
+- **home**: the user's home directory (user configuration, credentials, job records: shared);
+- **state**: berth's per-user state directory (node-local by design: mounts, containers);
+- the rest (the interpreter, the venv, /proc, /sys, /dev, the container's root) is not counted.
+
+Per category: opens, stat-like calls (stat, lstat, fstatat, statx, access, readlink), directory
+listings, locks (flock and fcntl locks), namespace changes (mkdir, rename, unlink, utime,
+chmod) and bytes read (read, pread, sendfile: the SquashFS blocks the FUSE daemon reads, the
+copy that ``stage_to_local`` makes). Three cases: the image mounted straight from the store
+(default), ``stage_to_local`` the first time on a node (the copy), and ``stage_to_local`` once
+the copy is there.
+
+Registry traffic at job time: the image's registry runs during every traced start, and the
+benchmark reports the requests in its access log and the ``connect()`` calls to its port
+made by anything berth started (both must be 0: a job start never asks the registry).
+
+Per-node CPU: the same command (not traced) under bench/treecpu.py, which reaps the whole
+process tree (FUSE daemon and runtime included) and sums user + system time; a bare
+``/bin/true`` under the same wrapper for comparison.
+
+Usage::
+
+    python3 bench/store_ops.py [--runs 5] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c
+
+TREECPU = Path(__file__).resolve().parent / "treecpu.py"
+STRACE = "/usr/bin/strace"
+TRACED = "%file,%desc,flock,connect"
+
+STAT_CALLS = {"stat", "lstat", "fstat", "newfstatat", "fstatat64", "statx", "access", "faccessat", "faccessat2",
+              "readlink", "readlinkat", "statfs", "fstatfs"}
+OPEN_CALLS = {"open", "openat", "openat2", "creat"}
+LIST_CALLS = {"getdents64", "getdents"}
+READ_CALLS = {"read", "pread64", "readv", "preadv", "preadv2"}
+COPY_CALLS = {"sendfile", "copy_file_range", "splice"}
+CHANGE_CALLS = {"mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir", "utimensat",
+                "chmod", "fchmod", "fchmodat", "link", "linkat", "symlink", "symlinkat", "ftruncate", "fsync",
+                "fdatasync"}
+LOCK_FCNTL = ("F_SETLK", "F_SETLKW", "F_OFD_SETLK", "F_OFD_SETLKW", "F_GETLK", "F_OFD_GETLK")
+KINDS = ("open", "stat", "list", "lock", "change", "read calls", "bytes read")
+
+LINE = re.compile(r"^(?P<name>[a-z_0-9]+)\((?P<args>.*)\)\s+=\s+(?P<result>-?\d+|\?)")
+FD_PATH = re.compile(r"^(?P<fd>-?\d+|AT_FDCWD)<(?P<path>[^>]*)>")
+QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def classify(path: str, roots: dict[str, str]) -> str | None:
+    for category, root in roots.items():
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return category
+    return None
+
+
+def syscall_paths(name: str, args: str) -> list[str]:
+    """The paths a syscall line touches: the ``<path>`` strace -y puts after descriptors, and
+    quoted path arguments (relative ones joined to their dirfd's path)."""
+    parts = [part.strip() for part in split_args(args)]
+    paths = []
+    fd_path = None
+    for part in parts:
+        match = FD_PATH.match(part)
+        if match:
+            fd_path = match.group("path")
+            if match.group("fd") != "AT_FDCWD":
+                paths.append(fd_path)
+            continue
+        quoted = QUOTED.fullmatch(part)
+        if quoted and name not in READ_CALLS and name not in ("write", "pwrite64", "connect"):
+            value = quoted.group(1)
+            if value.startswith("/"):
+                paths.append(value)
+            elif value and fd_path:
+                paths.append(os.path.join(fd_path, value))
+    return paths
+
+
+def split_args(args: str) -> list[str]:
+    """Top-level comma-separated arguments of a strace argument list (quotes, braces, brackets)."""
+    parts, depth, current, quoted, escaped = [], 0, [], False, False
+    for char in args:
+        if quoted:
+            current.append(char)
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+            continue
+        if char == '"':
+            quoted = True
+        elif char in "{[(":
+            depth += 1
+        elif char in "}])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def count_trace(trace_files: list[Path], roots: dict[str, str], registry_port: int) -> tuple[dict, int]:
+    """{category: Counter(kind -> n)} and the number of connect() calls to the registry port."""
+    counts: dict[str, Counter] = {category: Counter() for category in roots}
+    connects = 0
+    for trace in trace_files:
+        for raw in trace.read_text(errors="replace").splitlines():
+            match = LINE.match(raw)
+            if not match:
+                continue
+            name, args, result = match.group("name"), match.group("args"), match.group("result")
+            if name == "connect":
+                if f"sin_port=htons({registry_port})" in args or f":{registry_port}]" in args:
+                    connects += 1
+                continue
+            paths = syscall_paths(name, args)
+            if name in COPY_CALLS:  # sendfile(out, in, ...): bytes read from the source's category
+                source = classify(paths[1], roots) if len(paths) > 1 else None
+                if source is not None:
+                    counts[source]["read calls"] += 1
+                    counts[source]["bytes read"] += int(result) if result.isdigit() else 0
+                continue
+            categories = {classify(path, roots) for path in paths} - {None}
+            for category in categories:
+                counter = counts[category]
+                if name in OPEN_CALLS:
+                    counter["open"] += 1
+                elif name in STAT_CALLS:
+                    counter["stat"] += 1
+                elif name in LIST_CALLS:
+                    counter["list"] += 1
+                elif name == "flock" or (name in ("fcntl", "fcntl64") and any(f in args for f in LOCK_FCNTL)):
+                    counter["lock"] += 1
+                elif name in CHANGE_CALLS:
+                    counter["change"] += 1
+                elif name in READ_CALLS:
+                    counter["read calls"] += 1
+                    if result.isdigit():
+                        counter["bytes read"] += int(result)
+    return counts, connects
+
+
+class Case:
+    def __init__(self, label: str, config_extra: str, prepare=None) -> None:
+        self.label = label
+        self.config_extra = config_extra
+        self.prepare = prepare
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="untraced runs for the CPU figures")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if os.getuid() != 0:
+        parser.error("run as root (strace -u runs the unprivileged user; it starts a registry)")
+    if not Path(STRACE).exists():
+        parser.error("strace is not installed (apt-get install strace)")
+    command = "python3 bench/store_ops.py " + " ".join(sys.argv[1:])
+    sections = [c.report_header("Shared-filesystem operations and registry traffic of one node's job start "
+                                "(issue 10, target 6)", command.strip())]
+    c.ensure_cache_readable()
+    user = c.BenchUser.lookup()
+    image = c.debian_image()
+    workdir = user.tempdir("berth-bench-storeops-", Path("/tmp"))
+    results: list[tuple[str, dict, int, int]] = []
+    cpu: dict[str, c.Sample] = {}
+    try:
+        with c.Registry(c.registry_storage()) as registry:
+            c.ensure_pushed(registry, [image])
+            store = workdir / "store"
+            config_dir = c.berth_config_dir(user, [registry.host], workdir)
+            site_toml = (config_dir / "berth.toml").read_text()
+            state = workdir / "state"
+            env = c.berth_env(config_dir, store, state)
+            env.update({"BERTH_SITE_STORE": str(workdir / "site-store"), "XDG_CONFIG_HOME": str(workdir / "xdg")})
+            ref = image.ref(registry)
+            user.run([str(c.BERTH), "pull", ref], env=env)
+            sqfs_bytes = sum(p.stat().st_size for p in store.rglob("*.sqfs"))
+            step_env = {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
+            roots = {"store": str(store), "site store": str(workdir / "site-store"), "config": str(config_dir),
+                     "home": str(user.home), "xdg config": str(workdir / "xdg"), "state": str(state)}
+
+            def set_config(extra: str) -> None:
+                (config_dir / "berth.toml").write_text(extra + site_toml)  # top-level keys before tables
+
+            def traced(label: str) -> None:
+                traces = workdir / "trace"
+                c.rm_tree(traces)
+                traces.mkdir()
+                os.chown(traces, user.uid, user.gid)
+                before = registry.log_path.read_text(errors="replace").count('"GET /v2/') \
+                    + registry.log_path.read_text(errors="replace").count('"HEAD /v2/')
+                full_env = user.env(**step_env)
+                argv = [STRACE, "-u", user.name, "-f", "-ff", "-qq", "-y", "-s", "256", "-e", f"trace={TRACED}",
+                        "-o", str(traces / "t"), "env", "-i", *[f"{k}={v}" for k, v in full_env.items()],
+                        str(c.BERTH), "run", ref, "/bin/true"]
+                Path(full_env["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
+                os.chown(full_env["XDG_RUNTIME_DIR"], user.uid, user.gid)
+                c.run(argv, cwd=str(workdir))
+                text = registry.log_path.read_text(errors="replace")
+                requests = text.count('"GET /v2/') + text.count('"HEAD /v2/') - before
+                counts, connects = count_trace(sorted(traces.iterdir()), roots, registry.port)
+                results.append((label, counts, requests, connects))
+
+            # 1. the image mounted from the store (the default), warm: a first run settles caches
+            set_config("")
+            user.run([str(c.BERTH), "run", ref, "/bin/true"], env=step_env)
+            traced("mount from the store (default)")
+            # 2. stage_to_local: the first start on a node copies the SquashFS, later ones reuse it
+            set_config("stage_to_local = true\n")
+            c.rm_tree(state / "images")
+            traced("stage_to_local, first start on the node (copies)")
+            traced("stage_to_local, copy already on the node")
+            set_config("")
+            # CPU of the whole per-node tree, untraced
+            for label, argv in (("berth run IMAGE /bin/true", [str(c.BERTH), "run", ref, "/bin/true"]),
+                                ("bare /bin/true", ["/bin/true"])):
+                for _ in range(args.runs):
+                    out = user.run([str(TREECPU), *argv], env=step_env).stdout
+                    fields = [line.split() for line in out.splitlines() if line.startswith("treecpu ")][-1]
+                    cpu.setdefault(label + ": CPU (user + system)", c.Sample()).add(float(fields[1]) + float(fields[2]))
+                    cpu.setdefault(label + ": wall", c.Sample()).add(float(fields[3]))
+    finally:
+        c.rm_tree(workdir)
+
+    sections.append(f"- image: {image.name} (debootstrap minbase), SquashFS {sqfs_bytes / 1e6:.1f} MB; command "
+                    "`berth run IMAGE /bin/true` as berthtest with SLURM_JOB_ID/SLURM_STEP_ID set, traced with "
+                    f"`strace -u berthtest -f -ff -y -e trace={TRACED}` (root tracer: fusermount3 stays setuid)")
+    sections.append("")
+    categories = ["store", "site store", "config", "home", "xdg config", "state"]
+    rows = []
+    for label, counts, requests, connects in results:
+        for category in categories:
+            counter = counts.get(category, Counter())
+            if not sum(counter.values()):
+                continue
+            rows.append([label, category, *[str(counter.get(kind, 0)) for kind in KINDS]])
+        rows.append([label, "registry", f"{requests} requests in its access log", f"{connects} connect() to it",
+                     "", "", "", "", ""])
+    sections.append(c.markdown_table(["case", "where", *KINDS], rows))
+    sections.append("")
+    sections.append(c.markdown_table(["per node, untraced (bench/treecpu.py)", "ms: median (min–max)"],
+                                     [[label, sample.cell("ms")] for label, sample in cpu.items()]))
+    shared = {label: counts for label, counts, _, _ in results}
+    default = shared.get("mount from the store (default)", {})
+    ops = sum(v for k, v in default.get("store", Counter()).items() if k not in ("bytes read", "read calls"))
+    sections.append("")
+    sections.append(f"- per-node metadata operations on the store, default case: {ops} "
+                    f"({default.get('store', Counter()).get('lock', 0)} locks); bytes read from the store: "
+                    f"{default.get('store', Counter()).get('bytes read', 0)}")
+    total_requests = sum(r for _, _, r, _ in results) + sum(n for _, _, _, n in results)
+    sections.append(f"- registry traffic during the traced job starts: {total_requests} "
+                    f"({'target zero met' if total_requests == 0 else 'target zero NOT met'})")
+    c.emit_report(sections, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
