@@ -341,6 +341,40 @@ def test_a_request_directory_swapped_for_a_link_is_neither_read_nor_written(tmp_
     assert sorted(os.listdir(outside)) == ["argv", "cwd", "env", "err", "out", "prog", "ready"]
 
 
+def test_a_step_request_wakes_the_agent_at_once(tmp_path, monkeypatch):
+    """The shim wakes the agent through its FIFO: a step starts when asked, not at the agent's
+    next scan (which this test puts a minute away). A wake FIFO replaced by the container only
+    sends the agent back to scanning."""
+    import subprocess
+    import time
+
+    from berth.jobs import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "POLL_S", 60.0)
+    bin_dir, agent_dir = tmp_path / "bin", tmp_path / "agent"
+    agent_module.install_shims(bin_dir, agent_dir)
+    assert (agent_dir / "wake").is_fifo()
+    agent = agent_module.StepAgent(agent_dir, {"PATH": os.environ["PATH"]}, str(tmp_path))
+    agent.start()
+    try:
+        time.sleep(0.2)  # the agent's first scan is over: it now waits on the FIFO
+        started = time.monotonic()
+        shim = subprocess.run([str(bin_dir / "berth"), "--version"], env={"PATH": "/usr/bin:/bin",
+                              "BERTH_JOB_AGENT": str(agent_dir)}, capture_output=True, text=True, timeout=30,
+                              cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    finally:
+        agent.stop()
+    assert (shim.returncode, shim.stdout.split()[0]) == (0, "berth")
+    assert elapsed < 20, f"the step waited {elapsed:.1f} s for the agent's scan"
+    assert not agent._thread.is_alive()  # stop() ends the wait at once, not after POLL_S
+
+    # a planted regular file under the name: the agent does not take it as its FIFO
+    os.unlink(agent_dir / "wake")
+    (agent_dir / "wake").write_text("")
+    assert agent_module.open_wake(agent_dir) is None
+
+
 def test_srun_words_split_into_options_and_command():
     from berth.cli.jobs import split_srun_argv
 

@@ -7,7 +7,10 @@ container (``RECORD/ctr`` is mounted over the jobs directory: ``$BERTH_JOB_BIN``
 writes its request into ``$BERTH_JOB_AGENT/req.XXXXXX/`` (argv NUL-separated, working directory,
 exported environment, two FIFOs for output) and touches ``ready``; the agent thread in the job
 runner runs the same command on the host — ``srun …`` or ``berth srun …`` / ``berth run …`` —
-with its output streamed into the FIFOs, then writes the exit status. So::
+with its output streamed into the FIFOs, then writes the exit status. The shim then writes a
+byte into ``$BERTH_JOB_AGENT/wake``, a FIFO the agent holds open and waits on, so a step starts
+as soon as it is asked for (the agent's scan every :data:`POLL_S` is only the fallback, for a
+container that removed or replaced the FIFO: that can slow its own steps, nothing else). So::
 
     srun -N2 -n2 berth run IMAGE hostname     # one container per task, any image
     berth srun -N2 -n2 hostname               # the same with the job's image (BERTH_JOB_IMAGE)
@@ -27,6 +30,7 @@ written through a link.
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import stat
 import sys
@@ -56,6 +60,8 @@ _LOCALE_VARIABLES = ("LANG", "LANGUAGE", "LC_")
 _CONTAINER_ONLY = frozenset({"BERTH_JOB_BIN", "BERTH_JOB_AGENT"})
 
 POLL_S = 0.05
+#: The agent's wake-up FIFO in the request directory (see the module docstring).
+WAKE = "wake"
 
 SHIM = r"""#!/bin/sh
 # berth step shim (berth.jobs.agent): runs "$(basename "$0") ARGS" on the host through the job
@@ -70,6 +76,8 @@ mkfifo "$req/out" "$req/err" || exit 125
 cat "$req/out" & out=$!
 cat "$req/err" >&2 & err=$!
 touch "$req/ready"
+# wake the agent (<>: opening a FIFO read-write never blocks; -p: never create a file here)
+if [ -p "$agent/wake" ]; then { printf x >&3; } 3<>"$agent/wake"; fi 2>/dev/null
 wait $out
 wait $err
 while [ ! -e "$req/status" ]; do sleep 0.1; done
@@ -86,6 +94,26 @@ def install_shims(bin_dir: Path, agent_dir: Path) -> None:
     make_private_dir(agent_dir)
     for name in ALLOWED_PROGRAMS:
         atomic_write(bin_dir / name, SHIM, mode=0o700)
+    wake = agent_dir / WAKE
+    try:
+        os.unlink(wake)  # a requeued job's, or anything planted under the name
+    except FileNotFoundError:
+        pass
+    os.mkfifo(wake, 0o600)
+
+
+def open_wake(agent_dir: Path) -> int | None:
+    """The agent's end of the wake-up FIFO: read-write (so that it never reads end-of-file
+    when no shim has it open) and non-blocking; None when the name is not our FIFO any more."""
+    try:
+        fd = os.open(agent_dir / WAKE, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISFIFO(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        return None
+    return fd
 
 
 def parse_exported(text: str) -> dict[str, str]:
@@ -141,13 +169,23 @@ class StepAgent:
         self._children: list = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="berth-step-agent", daemon=True)
+        self._wake: int | None = None
 
     def start(self) -> None:
+        self._wake = open_wake(self.agent_dir)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._wake is not None:
+            try:
+                os.write(self._wake, b"x")  # end the wait now
+            except OSError:
+                pass
         self._thread.join(timeout=2)
+        if self._wake is not None and not self._thread.is_alive():
+            os.close(self._wake)
+            self._wake = None
 
     def child_pids(self) -> list[int]:
         with self._lock:
@@ -164,7 +202,19 @@ class StepAgent:
                     continue
                 self._seen.add(entry.name)
                 threading.Thread(target=self._handle, args=(entry,), daemon=True).start()
+            self._wait()
+
+    def _wait(self) -> None:
+        """Until a shim writes into the wake-up FIFO, or POLL_S at most."""
+        if self._wake is None:
             self._stop.wait(POLL_S)
+            return
+        readable, _, _ = select.select([self._wake], [], [], POLL_S)
+        if readable:
+            try:
+                os.read(self._wake, 4096)  # drain: one scan serves every request written so far
+            except BlockingIOError:
+                pass
 
     def _handle(self, request: Path) -> None:
         status = 127
