@@ -362,3 +362,55 @@ def test_job_arrays_on_slurm(job_site, user, slurm_cluster, slurm_env):
         assert text == ("" if job == victim else f"task={n} berth={array}/{n} native={native}\n"), (job, text)
     refused = user.berth("submit", "--template", "bb", "--array=1-5%0", "task.sh", cwd=str(work), env=env)
     assert refused.returncode == 2 and "'%0' is not a positive number" in refused.stderr, describe(refused)
+
+
+def test_an_array_stages_its_image_once_per_node(job_site, user, slurm_cluster, slurm_env):
+    """Issue 11: with ``stage_to_local`` the image is copied to a node once, not once per array
+    task. Four tasks of one array on one node (two at a time): each task asks the host (a step
+    through the agent) for the node-local copy's inode and birth time and for the image mounts
+    present. Every task sees the same file (one copy: a second copy would be a new file,
+    renamed over the first); the mounts are one per task, keyed by the task's own Slurm job id
+    (Slurm ends a job's processes with it, so a mount cannot outlive its task); after the array
+    nothing is left mounted and the copy stays for the next job."""
+    import shutil
+
+    work = job_site.workdir(user)
+    config_dir = job_site.root / f"etc-berth-stage-{os.getpid()}"
+    shutil.copytree(job_site.config_dir, config_dir)
+    (config_dir / "conf.d" / "70-stage.toml").write_text("stage_to_local = true\n")
+    state = Path(job_site.workdir(user)) / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, user.uid, user.gid)
+    env = {**job_site.env, **slurm_env, "BERTH_CONFIG_DIR": str(config_dir), "BERTH_STATE_DIR": str(state)}
+    job_site.write_script(work, "task.sh", f"""\
+        #!/bin/sh
+        #SBATCH --array=1-4%2
+        #SBATCH -w node2
+        #SBATCH -o out-%A_%a.txt
+        #BERTH --template=bb
+        srun -N1 -n1 sh -c 'echo "job $SLURM_JOB_ID"; stat -c "copy %i %w" {state}/images/*.sqfs; ls {state}/images'
+        sleep 1
+    """, user)
+    result = user.berth("submit", "--json", "task.sh", cwd=str(work), env=env)
+    assert result.returncode == 0, describe(result)
+    submitted = json.loads(result.stdout)
+    array = submitted["id"]
+    tasks = [task["id"] for task in submitted["tasks"]]
+    states = wait_for(user, job_site, tasks, FINAL, timeout_s=120, env=slurm_env)
+    assert all(states[t]["state"] == "completed" and states[t]["node"] == "node2" for t in tasks), \
+        json.dumps(states, indent=1)
+    copies, mounts = set(), {}
+    for n in range(1, 5):
+        lines = (work / f"out-{array}_{n}.txt").read_text().splitlines()
+        job = next(line.split()[1] for line in lines if line.startswith("job "))
+        copies |= {line for line in lines if line.startswith("copy ")}
+        # this task's own mount (another task's may be listed too while both run)
+        mounts[job] = [line for line in lines if "@" in line and line.endswith(f"@slurm-{job}")]
+    assert len(copies) == 1, f"the image was copied more than once on node2: {copies}"
+    assert len(mounts) == 4 and all(len(keys) == 1 for keys in mounts.values()), mounts
+    images = sorted(os.listdir(state / "images"))
+    assert [name for name in images if name.endswith(".sqfs")] and not [n for n in images if "@" in n], images
+    # the same file is still there, untouched: the next job on this node reuses it
+    copy = next(state / "images" / name for name in images if name.endswith(".sqfs"))
+    after = subprocess.run(["stat", "-c", "copy %i %w", str(copy)], capture_output=True, text=True).stdout.strip()
+    assert {after} == copies
