@@ -261,11 +261,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.pids["slurmctld"] = ctld.pid
         for node in self.nodes:
-            proc = subprocess.Popen([SLURMD, "-D", "-N", node, "-f", str(self.conf)], env=env,
-                                    stdin=subprocess.DEVNULL,
-                                    stdout=open(log / f"slurmd-{node}.out", "ab"),
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            self.pids[f"slurmd-{node}"] = proc.pid
+            self._start_slurmd(node)
 
         def ready() -> bool:
             for name, pid in self.pids.items():
@@ -280,6 +276,75 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
                        for node in self.nodes)
 
         _wait_for(ready, timeout_s, "slurm nodes idle", log / "slurmctld.log")
+
+    def _start_slurmd(self, node: str) -> None:
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        proc = subprocess.Popen([SLURMD, "-D", "-N", node, "-f", str(self.conf)], env=env,
+                                stdin=subprocess.DEVNULL,
+                                stdout=open(self.root / "log" / f"slurmd-{node}.out", "ab"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids[f"slurmd-{node}"] = proc.pid
+
+    # -- a node dies (issue 8, scenario 6) ----------------------------------------------------
+    def kill_node(self, node: str, reason: str = "berth test: node died") -> list[int]:
+        """Make ``node`` die the way a crashed machine does, as far as one machine can: SIGKILL
+        its slurmd and every process of every job on it (everything in its job cgroups: the
+        step daemons, berth, runc, the containers, their FUSE daemons), then tell slurmctld the
+        node is down (what it concludes by itself SlurmdTimeout seconds later), so that it
+        ends the node's jobs as NODE_FAIL and stops their other nodes' parts. Returns the pids
+        killed."""
+        pid = self.pids.get(f"slurmd-{node}")
+        killed = []
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+            killed.append(pid)
+        # A process may fork while its siblings die: repeat until the node's cgroups are empty.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = self._job_cgroup_pids(node)
+            if not pids:
+                break
+            for victim in pids:
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        self.run("scontrol", "update", f"nodename={node}", "state=down", f"reason={reason}")
+        return killed
+
+    def restart_node(self, node: str, timeout_s: float = 60) -> None:
+        """Start ``node``'s slurmd again (the machine came back) and return it to service."""
+        self._start_slurmd(node)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+            state = self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T", check=False).stdout.strip()
+            if state.rstrip("*") in ("idle", "mixed", "allocated"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node} did not come back ({state!r}):\n{self.logs()}")
+            time.sleep(0.5)
+
+    def _job_cgroup_pids(self, node: str) -> list[int]:
+        """The processes in ``node``'s job cgroups (cgroup v1 freezer hierarchy of this host).
+        Other test clusters on this machine name their nodes the same: only this cluster's
+        job ids count."""
+        pids = set()
+        for job_dir in Path("/sys/fs/cgroup/freezer").glob(f"slurm_{node}/uid_*/job_*"):
+            if not self._owns_job(job_dir.name.removeprefix("job_")):
+                continue
+            for procs in job_dir.rglob("cgroup.procs"):
+                try:
+                    pids.update(int(p) for p in procs.read_text().split())
+                except (OSError, ValueError):
+                    continue
+        return sorted(pids)
+
+    def _owns_job(self, job_id: str) -> bool:
+        return job_id.isdigit() and self.first_job_id <= int(job_id) < self.first_job_id + 10_000
 
     def stop(self, grace_s: float = 10) -> None:
         """End every job, then stop every daemon by PID (SIGTERM, then SIGKILL after ``grace_s``).
@@ -332,11 +397,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
         base = Path("/sys/fs/cgroup/freezer")
         for node in self.nodes:
             for job_dir in base.glob(f"slurm_{node}/uid_*/job_*"):
-                try:
-                    job_id = int(job_dir.name.removeprefix("job_"))
-                except ValueError:
-                    continue
-                if not self.first_job_id <= job_id < self.first_job_id + 10_000:
+                if not self._owns_job(job_dir.name.removeprefix("job_")):
                     continue
                 for state in job_dir.rglob("freezer.state"):
                     try:

@@ -272,11 +272,54 @@ def test_slurm_states_merge_with_the_runner_result(tmp_path):
 
 
 def test_parse_squeue_keeps_free_text_comments_whole():
-    text = "5|RUNNING|None|berth:/x/5\n6|PENDING|Resources|(null)\n7|FAILED|NonZeroExitCode|a|b\n"
+    text = "5|RUNNING|None|node1|berth:/x/5\n6|PENDING|Resources||(null)\n7|FAILED|NonZeroExitCode|node[1-2]|a|b\n"
     jobs = parse_squeue(text)
     assert (jobs["5"]["JobState"], jobs["5"]["Comment"]) == ("RUNNING", "berth:/x/5")
     assert (jobs["6"]["Reason"], jobs["6"]["Comment"]) == ("Resources", "")
-    assert jobs["7"]["Comment"] == "a|b"
+    assert (jobs["7"]["NodeList"], jobs["7"]["Comment"]) == ("node[1-2]", "a|b")
+
+
+def test_a_node_failure_is_a_failed_job_naming_the_node_not_a_cancel(tmp_path):
+    """Issue 8, scenario 6: when a node of a job dies, slurmctld ends the job as NODE_FAIL and
+    stops its other nodes with SIGTERM, which the runner took for a cancel ("cancelled"), and a
+    runner gone with its node left "running". Both are a failed job naming the node, recorded
+    so that the reason stays once slurmctld forgets the job."""
+    record = JobRecord(tmp_path)
+    spec = _spec(record)
+    record.write_native_id("17")
+    node_fail = {"Comment": f"berth:{tmp_path}", "JobState": "NODE_FAIL", "Reason": "NodeDown",
+                 "NodeList": "node[1-2]", "FailedNodes": "node2 (not responding)"}
+    record.write_result(JobResult("cancelled", signal=15, started_at=5.0, node="node1"))
+    # While the other nodes end their part, squeue says COMPLETING, with the reason NodeDown.
+    completing = merge_state(spec, record, {**node_fail, "JobState": "COMPLETING", "NodeList": "node1",
+                                            "FailedNodes": ""}).result
+    assert (completing.state, "one of the job's nodes failed" in completing.message) == ("failed", True)
+    failed = merge_state(spec, record, node_fail).result
+    assert (failed.state, failed.phase, failed.started_at, failed.node) == ("failed", "scheduler", 5.0, "node1")
+    assert failed.message == ("node node2 (not responding) failed during the job; Slurm ended the job as "
+                              "NODE_FAIL: resubmit it")
+    assert merge_state(spec, record, None).result == failed  # slurmctld forgot it: state.json tells
+    assert merge_state(spec, record, {**node_fail, "FailedNodes": ""}).result == failed  # node back: name kept
+    record.write_result(JobResult("running", started_at=5.0, node="node2"))  # the runner died with node2
+    gone = merge_state(spec, record, {**node_fail, "FailedNodes": ""}).result
+    assert (gone.state, "a node of node[1-2] failed" in gone.message) == ("failed", True)
+    # What the runner saw through to the end stays: the script had completed, or a cancel was asked.
+    record.write_result(JobResult("completed", exit_code=0))
+    assert merge_state(spec, record, node_fail).result.state == "completed"
+    record.write_result(JobResult("cancelled", signal=15))
+    record.request_cancel()
+    assert merge_state(spec, record, node_fail).result.state == "cancelled"
+
+
+def test_a_requeued_job_says_so_while_pending(tmp_path):
+    record = JobRecord(tmp_path)
+    spec = _spec(record)
+    record.write_native_id("17")
+    mine = {"Comment": f"berth:{tmp_path}", "JobState": "PENDING"}
+    assert merge_state(spec, record, mine).result.message is None
+    record.write_result(JobResult("cancelled", signal=15, started_at=5.0))
+    pending = merge_state(spec, record, mine).result
+    assert (pending.state, pending.message) == ("pending", "Slurm requeued the job: it runs again from the start")
 
 
 def test_exit_statuses_become_results():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 
 from berth import proc
 from berth.config.settings import Settings
@@ -130,20 +131,45 @@ def batch_script(spec: JobSpec, record: JobRecord, python: str) -> str:
     )
 
 
-#: squeue fields, comment last (it is free text): job id, state, reason, comment.
-SQUEUE_FORMAT = "%i|%T|%r|%k"
+#: squeue fields, comment last (it is free text): job id, state, reason, node list, comment.
+SQUEUE_FORMAT = "%i|%T|%r|%N|%k"
+
+#: Slurm states of a job that ended because a node of it failed (the runner on the batch host
+#: may be gone with it, or was stopped with SIGTERM like at a cancel).
+_NODE_FAILURE_STATES = ("NODE_FAIL", "BOOT_FAIL")
 
 
 def parse_squeue(text: str) -> dict[str, dict[str, str]]:
-    """``squeue -o SQUEUE_FORMAT`` output -> {job id: {JobState, Reason, Comment}} (the names
-    of ``scontrol show job``, which :func:`merge_state` reads)."""
+    """``squeue -o SQUEUE_FORMAT`` output -> {job id: {JobState, Reason, NodeList, Comment}}
+    (the names of ``scontrol show job``, which :func:`merge_state` reads)."""
     jobs: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
-        parts = line.strip().split("|", 3)
-        if len(parts) == 4 and parts[0]:
-            comment = "" if parts[3] == "(null)" else parts[3]
-            jobs[parts[0]] = {"JobId": parts[0], "JobState": parts[1], "Reason": parts[2], "Comment": comment}
+        parts = line.strip().split("|", 4)
+        if len(parts) == 5 and parts[0]:
+            comment = "" if parts[4] == "(null)" else parts[4]
+            jobs[parts[0]] = {"JobId": parts[0], "JobState": parts[1], "Reason": parts[2], "NodeList": parts[3],
+                              "Comment": comment}
     return jobs
+
+
+def node_failure_result(slurm: dict[str, str], result: JobResult | None) -> JobResult:
+    """A job Slurm ended as NODE_FAIL (BOOT_FAIL): failed, naming the node(s) that failed
+    (``FailedNodes``, from sinfo, when the node is still down) or else the job's nodes."""
+    state = slurm.get("JobState", "NODE_FAIL")
+    failed = slurm.get("FailedNodes") or ""
+    what = "did not boot" if state == "BOOT_FAIL" else "failed during the job"
+    if failed:
+        nodes = f"node {failed} {what}"
+    elif state in _NODE_FAILURE_STATES and slurm.get("NodeList"):
+        nodes = f"a node of {slurm['NodeList']} {what}"
+    else:  # COMPLETING: the node list is the nodes still ending their part
+        nodes = f"one of the job's nodes {what}"
+    word = state if state in _NODE_FAILURE_STATES else "NODE_FAIL"
+    return JobResult(model.FAILED, phase=model.PHASE_SCHEDULER,
+                     message=f"{nodes}; Slurm ended the job as {word}: resubmit it",
+                     started_at=result.started_at if result else None,
+                     ended_at=result.ended_at if result and result.ended_at else time.time(),
+                     node=result.node if result else None)
 
 
 def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) -> JobStatus:
@@ -170,7 +196,24 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
         return JobStatus(spec, JobResult(model.SUSPENDED, started_at=started, node=result.node if result else None),
                          native_id, state)
     if mapped in (model.PENDING,):
-        return JobStatus(spec, JobResult(model.PENDING), native_id, state)
+        requeued = result is not None and result.started_at is not None
+        return JobStatus(spec, JobResult(model.PENDING, message="Slurm requeued the job: it runs again from the start"
+                                         if requeued else None), native_id, state)
+    node_down = state in _NODE_FAILURE_STATES or (state == "COMPLETING" and slurm.get("Reason") == "NodeDown")
+    if node_down and _runner_word_lost(result, record):
+        # The runner's own word is kept when the script had ended, or a cancel was asked for;
+        # else it is gone with its node, or it took Slurm's SIGTERM for a cancel. Recorded, so
+        # that the reason stays once slurmctld forgets the job (MinJobAge); a reason recorded
+        # with the failed node's name is not replaced by one without.
+        failed = node_failure_result(slurm, result)
+        if result is not None and result.phase == model.PHASE_SCHEDULER and not slurm.get("FailedNodes"):
+            return JobStatus(spec, result, native_id, state)
+        if failed != result:
+            try:
+                record.write_result(failed)
+            except OSError:
+                pass
+        return JobStatus(spec, failed, native_id, state)
     if mapped in (model.CANCELLED, model.TIMEOUT):
         base = result if result is not None else JobResult(mapped)
         message = "the time limit was reached" if mapped == model.TIMEOUT else "the job was cancelled"
@@ -190,6 +233,17 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
         message=f"Slurm ended the job as {state}" + (f" ({reason})" if reason not in ("None", "") else "")
         + " before berth's runner reported a result; check the job's output file and that you can write it"),
         native_id, state)
+
+
+def _runner_word_lost(result: JobResult | None, record: JobRecord) -> bool:
+    """Whether the runner's result is not the job's end after a node failure: none or not
+    final (the runner died with its node), ``cancelled`` without a cancel (it took the SIGTERM
+    that stops a failed node's other parts for one), or a node failure recorded before."""
+    if result is None or not result.final:
+        return True
+    if result.state == model.CANCELLED:
+        return not record.cancel_requested()
+    return result.state == model.FAILED and result.phase == model.PHASE_SCHEDULER
 
 
 class SlurmBackend:
@@ -260,17 +314,36 @@ class SlurmBackend:
                            hint="is slurmctld reachable? (`sinfo`; SLURM_CONF)")
         return parse_squeue(result.stdout.decode(errors="replace"))
 
+    def _failed_nodes(self, jobs: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        """Name the nodes that failed in the jobs Slurm ended as NODE_FAIL/BOOT_FAIL (those of
+        the job's nodes that sinfo shows down, drained or not responding, with the admin's or
+        slurmctld's reason); one sinfo call per such job, none otherwise."""
+        for job in jobs.values():
+            if job.get("JobState") not in _NODE_FAILURE_STATES or not job.get("NodeList"):
+                continue
+            result = proc.run(["sinfo", "-h", "-N", "-n", job["NodeList"], "-o", "%N|%T|%E"],
+                              env=proc.child_env(), check=False)
+            failed = []
+            for line in result.stdout.decode(errors="replace").splitlines():
+                node, _, rest = line.strip().partition("|")
+                node_state, _, reason = rest.partition("|")
+                if node and (node_state.startswith(("down", "drain", "fail", "unknown")) or node_state.endswith("*")):
+                    failed.append(node + (f" ({reason})" if reason and reason != "none" else ""))
+            if failed:
+                job["FailedNodes"] = ", ".join(dict.fromkeys(failed))
+        return jobs
+
     def status(self, record: JobRecord, spec: JobSpec) -> JobStatus:
         native = record.read_native_id()
         if native is None:
             return JobStatus(spec, JobResult(model.FAILED, phase=model.PHASE_SCHEDULER,
                                              message="the job was never accepted by Slurm"))
-        return merge_state(spec, record, self._query(native).get(native))
+        return merge_state(spec, record, self._failed_nodes(self._query(native)).get(native))
 
     def statuses(self, records):
         if not records:
             return []
-        jobs = self._query()
+        jobs = self._failed_nodes(self._query())
         return [merge_state(spec, record, jobs.get(record.read_native_id() or "")) for record, spec in records]
 
     def cancel(self, record: JobRecord, spec: JobSpec) -> None:
