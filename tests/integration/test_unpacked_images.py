@@ -92,8 +92,10 @@ def test_unpacked_copy_shows_the_same_tree_as_squashfuse(unpacked_env, runtime_i
         if image == runtime_images.setuid:
             assert unpacked["bin/setuid-probe"]["mode"] == "0o4755"
         # Inside the container too: the same view as the shared FUSE mount, but for owners.
+        # Not compared: berth's mounts, and /etc, which the overlay gets a new time in when
+        # berth puts a plain /etc/group there (the hostile image's is a FIFO).
         paths = sorted(f"/{path}" for path in unpacked if path.split("/")[0] not in ("proc", "dev", "sys", "tmp", "home")
-                       and path not in ("etc/passwd", "etc/group"))
+                       and path not in ("etc", "etc/passwd", "etc/group"))
         views = []
         for mode in ("unpacked", "shared"):
             (unpacked_env.state_dir.parent / "site" / "berth.toml").write_text(f'image_mount = "{mode}"\n')
