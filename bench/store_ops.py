@@ -11,12 +11,17 @@ file syscall by where its path lies:
 
 - **store**: the image store (the user's and the site's) — on a cluster, the shared filesystem;
 - **config**: the site configuration directory (``BERTH_CONFIG_DIR``; /etc/berth, often shared);
-- **home**: the user's home directory (user configuration, credentials, job records: shared);
+- **jobs**: the job records (``BERTH_JOBS_DIR``; by default in the home directory: shared);
+- **home**, **xdg config**: the user's home directory and configuration (shared);
 - **state**: berth's per-user state directory (node-local by design: mounts, containers);
-- the rest (the interpreter, the venv, /proc, /sys, /dev, the container's root) is not counted.
+- **berth install**, **berth source**, **python stdlib**: berth's virtual environment, its
+  source (an editable install) and Python's standard library: berth is a Python program, and
+  where a site installs it on a shared filesystem every node's start-up imports from there;
+- the rest (/proc, /sys, /dev, /etc, the container's root) is not counted.
 
 Per category: opens, stat-like calls (stat, lstat, fstatat, statx, access, readlink), directory
-listings, locks (flock and fcntl locks), namespace changes (mkdir, rename, unlink, utime,
+listings, stats of files already open (``fstat``: no path lookup, answered from the
+attributes the open fetched on most network filesystems), locks (flock and fcntl locks), namespace changes (mkdir, rename, unlink, utime,
 chmod) and bytes read (read, pread, sendfile: the SquashFS blocks the FUSE daemon reads, the
 copy that ``stage_to_local`` makes). Three cases: the image mounted straight from the store
 (default), ``stage_to_local`` the first time on a node (the copy), and ``stage_to_local`` once
@@ -50,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c
 
 TREECPU = Path(__file__).resolve().parent / "treecpu.py"
+#: Where the venv's interpreter finds its standard library (the venv is made from /usr/bin/python3).
+STDLIB = "/usr/lib/python3.11"
 STRACE = "/usr/bin/strace"
 TRACED = "%file,%desc,%process,flock,connect"
 
@@ -63,7 +70,7 @@ CHANGE_CALLS = {"mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlink",
                 "chmod", "fchmod", "fchmodat", "link", "linkat", "symlink", "symlinkat", "ftruncate", "fsync",
                 "fdatasync"}
 LOCK_FCNTL = ("F_SETLK", "F_SETLKW", "F_OFD_SETLK", "F_OFD_SETLKW", "F_GETLK", "F_OFD_GETLK")
-KINDS = ("open", "stat", "list", "lock", "change", "read calls", "bytes read")
+KINDS = ("open", "stat", "fstat", "list", "lock", "change", "read calls", "bytes read")
 
 LINE = re.compile(r"^(?P<name>[a-z_0-9]+)\((?P<args>.*)\)\s+=\s+(?P<result>-?\d+|\?)")
 FD_PATH = re.compile(r"^(?P<fd>-?\d+|AT_FDCWD)<(?P<path>[^>]*)>")
@@ -179,6 +186,8 @@ def count_trace(trace_files: list[Path], roots: dict[str, str], registry_port: i
                 counter = counts[category]
                 if name in OPEN_CALLS:
                     counter["open"] += 1
+                elif name in STAT_CALLS and (name in ("fstat", "fstatfs") or '""' in args):
+                    counter["fstat"] += 1  # of a file already open: no path lookup
                 elif name in STAT_CALLS:
                     counter["stat"] += 1
                 elif name in LIST_CALLS:
@@ -228,7 +237,8 @@ def main() -> int:
             site_toml = (config_dir / "berth.toml").read_text()
             state = workdir / "state"
             env = c.berth_env(config_dir, store, state)
-            env.update({"BERTH_SITE_STORE": str(workdir / "site-store"), "XDG_CONFIG_HOME": str(workdir / "xdg")})
+            env.update({"BERTH_SITE_STORE": str(workdir / "site-store"), "XDG_CONFIG_HOME": str(workdir / "xdg"),
+                        "BERTH_JOBS_DIR": str(workdir / "jobs")})
             ref = image.ref(registry)
 
             def registry_requests() -> int:
@@ -240,7 +250,9 @@ def main() -> int:
             sqfs_bytes = sum(p.stat().st_size for p in store.rglob("*.sqfs"))
             step_env = {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
             roots = {"store": str(store), "site store": str(workdir / "site-store"), "config": str(config_dir),
-                     "home": str(user.home), "xdg config": str(workdir / "xdg"), "state": str(state)}
+                     "jobs": str(workdir / "jobs"), "home": str(user.home), "xdg config": str(workdir / "xdg"),
+                     "state": str(state), "berth install": str(c.VENV), "berth source": str(c.REPO / "src"),
+                     "python stdlib": STDLIB}
 
             def set_config(extra: str) -> None:
                 (config_dir / "berth.toml").write_text(extra + site_toml)  # top-level keys before tables
@@ -282,7 +294,7 @@ def main() -> int:
             script = workdir / "job.sh"
             script.write_text("#!/bin/sh\ntrue\n")
             script.chmod(0o755)
-            traced("job runner on the first node (berth job-exec, script in the container)",
+            traced("job runner on the first node (local backend's berth job-exec, script in the container)",
                    [str(c.BERTH), "submit", "--backend", "local", "--image", ref, "-o", str(workdir / "job.out"),
                     str(script)], marker="job-exec")
             # CPU of the whole per-node tree, untraced
@@ -300,7 +312,8 @@ def main() -> int:
                     "`berth run IMAGE /bin/true` as berthtest with SLURM_JOB_ID/SLURM_STEP_ID set, traced with "
                     f"`strace -u berthtest -f -ff -y -e trace={TRACED}` (root tracer: fusermount3 stays setuid)")
     sections.append("")
-    categories = ["store", "site store", "config", "home", "xdg config", "state"]
+    categories = ["store", "site store", "config", "jobs", "home", "xdg config", "state", "berth install",
+                  "berth source", "python stdlib"]
     rows = []
     for label, counts, requests, connects in results:
         for category in categories:
@@ -309,16 +322,17 @@ def main() -> int:
                 continue
             rows.append([label, category, *[str(counter.get(kind, 0)) for kind in KINDS]])
         rows.append([label, "registry", f"{requests} requests in its access log", f"{connects} connect() to it",
-                     "", "", "", "", ""])
+                     "", "", "", "", "", ""])
     sections.append(c.markdown_table(["case", "where", *KINDS], rows))
     sections.append("")
     sections.append(c.markdown_table(["per node, untraced (bench/treecpu.py)", "ms: median (min–max)"],
                                      [[label, sample.cell("ms")] for label, sample in cpu.items()]))
     shared = {label: counts for label, counts, _, _ in results}
     default = shared.get("mount from the store (default)", {})
-    ops = sum(v for k, v in default.get("store", Counter()).items() if k not in ("bytes read", "read calls"))
+    ops = sum(v for k, v in default.get("store", Counter()).items() if k not in ("bytes read", "read calls", "fstat"))
     sections.append("")
-    sections.append(f"- per-node metadata operations on the store, default case: {ops} "
+    sections.append(f"- per-node metadata operations by path on the store (open, stat, list, lock, change), default "
+                    f"case: {ops} "
                     f"({default.get('store', Counter()).get('lock', 0)} locks); bytes read from the store: "
                     f"{default.get('store', Counter()).get('bytes read', 0)}")
     total_requests = sum(r for _, _, r, _ in results) + sum(n for _, _, _, n in results)
