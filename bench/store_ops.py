@@ -21,11 +21,13 @@ file syscall by where its path lies:
 
 Per category: opens, stat-like calls (stat, lstat, fstatat, statx, access, readlink), directory
 listings, stats of files already open (``fstat``: no path lookup, answered from the
-attributes the open fetched on most network filesystems), locks (flock and fcntl locks), namespace changes (mkdir, rename, unlink, utime,
-chmod) and bytes read (read, pread, sendfile: the SquashFS blocks the FUSE daemon reads, the
-copy that ``stage_to_local`` makes). Three cases: the image mounted straight from the store
-(default), ``stage_to_local`` the first time on a node (the copy), and ``stage_to_local`` once
-the copy is there.
+attributes the open fetched on most network filesystems), locks (flock and fcntl locks),
+namespace changes (mkdir, rename, unlink, utime, chmod) and bytes read (read, pread,
+sendfile: the SquashFS blocks the FUSE daemon reads, the copy that ``stage_to_local`` makes).
+Cases: the image mounted straight from the store (default), ``stage_to_local`` the first time
+on a node (the copy) and once the copy is there, the first node's job runner (a local job),
+and an image in no store started on 4 "nodes" at once, as separate processes (each pulls) and
+as the nodes of one Slurm step (node 0 pulls, the others wait for it).
 
 Registry traffic at job time: the image's registry runs during every traced start, and the
 benchmark reports the requests in its access log and the ``connect()`` calls to its port
@@ -57,6 +59,8 @@ import common as c
 TREECPU = Path(__file__).resolve().parent / "treecpu.py"
 #: Where the venv's interpreter finds its standard library (the venv is made from /usr/bin/python3).
 STDLIB = "/usr/lib/python3.11"
+#: "Nodes" starting a step at once on an image that is in no store.
+NODES = 4
 STRACE = "/usr/bin/strace"
 TRACED = "%file,%desc,%process,flock,connect"
 
@@ -228,6 +232,7 @@ def main() -> int:
     workdir = user.tempdir("berth-bench-storeops-", Path("/tmp"))
     results: list[tuple[str, dict, int, int]] = []
     pull_requests = 0
+    blob_gets: dict[str, int] = {}
     cpu: dict[str, c.Sample] = {}
     try:
         with c.Registry(c.registry_storage()) as registry:
@@ -251,7 +256,9 @@ def main() -> int:
             step_env = {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
             roots = {"store": str(store), "site store": str(workdir / "site-store"), "config": str(config_dir),
                      "jobs": str(workdir / "jobs"), "home": str(user.home), "xdg config": str(workdir / "xdg"),
-                     "state": str(state), "berth install": str(c.VENV), "berth source": str(c.REPO / "src"),
+                     "state": str(state), "fresh store": str(workdir / "fresh-store"),
+                     "fresh store 2": str(workdir / "fresh-store-2"), "berth install": str(c.VENV),
+                     "berth source": str(c.REPO / "src"),
                      "python stdlib": STDLIB}
 
             def set_config(extra: str) -> None:
@@ -263,6 +270,7 @@ def main() -> int:
                 traces.mkdir()
                 os.chown(traces, user.uid, user.gid)
                 before = registry_requests()
+                blobs_before = registry.blob_gets()
                 full_env = user.env(**step_env)
                 argv = [STRACE, "-u", user.name, "-f", "-ff", "-qq", "-y", "-s", "256", "-e", f"trace={TRACED}",
                         "-o", str(traces / "t"), "env", "-i", *[f"{k}={v}" for k, v in full_env.items()],
@@ -271,6 +279,7 @@ def main() -> int:
                 os.chown(full_env["XDG_RUNTIME_DIR"], user.uid, user.gid)
                 c.run(argv, cwd=str(workdir))
                 requests = registry_requests() - before
+                blobs = registry.blob_gets() - blobs_before
                 files = sorted(traces.iterdir())
                 if marker:
                     files = subtree(files, marker)
@@ -278,6 +287,7 @@ def main() -> int:
                         raise RuntimeError(f"{label}: no process ran {marker!r}")
                 counts, connects = count_trace(files, roots, registry.port)
                 results.append((label, counts, requests, connects))
+                blob_gets[label] = blobs
 
             # 1. the image mounted from the store (the default), warm: a first run settles caches
             set_config("")
@@ -297,6 +307,17 @@ def main() -> int:
             traced("job runner on the first node (local backend's berth job-exec, script in the container)",
                    [str(c.BERTH), "submit", "--backend", "local", "--image", ref, "-o", str(workdir / "job.out"),
                     str(script)], marker="job-exec")
+            # 4. an image in no store, NODES "nodes" starting at once (each with its own node-local
+            # state directory, one user store on the "shared" filesystem): as separate processes
+            # every node pulls; as the nodes of one Slurm step, node 0 pulls and the others wait
+            for label, step_vars, store_name in (
+                    (f"image in no store, {NODES} nodes at once, not one step (each pulls)", "", "fresh-store"),
+                    (f"image in no store, {NODES} nodes of one step (node 0 pulls)",
+                     f"SLURM_STEP_NUM_NODES={NODES}", "fresh-store-2")):
+                nodes_argv = " ".join(
+                    f"BERTH_STATE_DIR={state}-{store_name}-n{i} SLURM_NODEID={i} {step_vars} "
+                    f"{c.BERTH} run {ref} /bin/true &" for i in range(NODES))
+                traced(label, ["sh", "-c", f"export BERTH_USER_STORE={workdir / store_name}; {nodes_argv} wait"])
             # CPU of the whole per-node tree, untraced
             for label, argv in (("berth run IMAGE /bin/true", [str(c.BERTH), "run", ref, "/bin/true"]),
                                 ("bare /bin/true", ["/bin/true"])):
@@ -312,8 +333,8 @@ def main() -> int:
                     "`berth run IMAGE /bin/true` as berthtest with SLURM_JOB_ID/SLURM_STEP_ID set, traced with "
                     f"`strace -u berthtest -f -ff -y -e trace={TRACED}` (root tracer: fusermount3 stays setuid)")
     sections.append("")
-    categories = ["store", "site store", "config", "jobs", "home", "xdg config", "state", "berth install",
-                  "berth source", "python stdlib"]
+    categories = ["store", "fresh store", "fresh store 2", "site store", "config", "jobs", "home", "xdg config",
+                  "state", "berth install", "berth source", "python stdlib"]
     rows = []
     for label, counts, requests, connects in results:
         for category in categories:
@@ -321,7 +342,8 @@ def main() -> int:
             if not sum(counter.values()):
                 continue
             rows.append([label, category, *[str(counter.get(kind, 0)) for kind in KINDS]])
-        rows.append([label, "registry", f"{requests} requests in its access log", f"{connects} connect() to it",
+        rows.append([label, "registry", f"{requests} requests in its access log ({blob_gets.get(label, 0)} blob GETs)",
+                     f"{connects} connect() to it",
                      "", "", "", "", "", ""])
     sections.append(c.markdown_table(["case", "where", *KINDS], rows))
     sections.append("")
@@ -335,8 +357,10 @@ def main() -> int:
                     f"case: {ops} "
                     f"({default.get('store', Counter()).get('lock', 0)} locks); bytes read from the store: "
                     f"{default.get('store', Counter()).get('bytes read', 0)}")
-    total_requests = sum(r for _, _, r, _ in results) + sum(n for _, _, _, n in results)
-    sections.append(f"- registry traffic during the traced job starts: {total_requests} requests and connects "
+    warm = [result for result in results if not result[0].startswith("image in no store")]
+    total_requests = sum(r for _, _, r, _ in warm) + sum(n for _, _, _, n in warm)
+    sections.append(f"- registry traffic during the traced job starts of a stored image: {total_requests} requests "
+                    "and connects "
                     f"({'target zero met' if total_requests == 0 else 'target zero NOT met'}); the same access log "
                     f"shows the {pull_requests} requests of the pull before them")
     c.emit_report(sections, args.output)

@@ -414,3 +414,40 @@ def test_an_array_stages_its_image_once_per_node(job_site, user, slurm_cluster, 
     copy = next(state / "images" / name for name in images if name.endswith(".sqfs"))
     after = subprocess.run(["stat", "-c", "copy %i %w", str(copy)], capture_output=True, text=True).stdout.strip()
     assert {after} == copies
+
+
+def test_a_step_on_several_nodes_pulls_a_missing_image_once(job_site, user, slurm_cluster, slurm_env, registry,
+                                                            busybox_image):
+    """An image in no store, run by a step of three nodes (`srun -N3 berth run IMAGE`): the
+    step's node 0 pulls it, once; the other nodes wait for it to appear in the store instead of
+    each asking the registry and queueing on the store's lock (docs/scale.md). The registry,
+    behind a counting proxy, sees the requests of one pull, and every node runs the image."""
+    import shutil
+
+    from tests.harness.countingproxy import CountingProxy
+    from tests.harness.storetest import via
+    from tests.harness.users import berth_executable
+
+    proxy = CountingProxy(registry.host).start()
+    try:
+        config_dir = job_site.root / f"etc-berth-proxy-{os.getpid()}"
+        shutil.copytree(job_site.config_dir, config_dir)
+        (config_dir / "conf.d" / "80-proxy.toml").write_text(
+            f'[[registries]]\nhost = "{proxy.host}"\ninsecure = true\n')
+        base = user.tempdir("berth-step-pull-")
+        env = {**job_site.env, **slurm_env, "BERTH_CONFIG_DIR": str(config_dir)}
+        ref = via(proxy, busybox_image)
+        # one pull on its own, for the number of requests a pull makes
+        alone = user.berth("pull", "-q", ref, env={**env, "BERTH_USER_STORE": str(base / "alone")})
+        assert alone.returncode == 0, describe(alone)
+        one_pull = sorted(proxy.requests)
+        proxy.reset()
+        step = user.run(["srun", "-N3", "-n3", "--ntasks-per-node=1", str(berth_executable()), "run", ref,
+                         "/bin/sh", "-c", "echo ran on $SLURMD_NODENAME"],
+                        env={**env, "BERTH_USER_STORE": str(base / "store")}, timeout=300)
+        assert step.returncode == 0, describe(step)
+        nodes = [line.split()[-1] for line in step.stdout.splitlines() if line.startswith("ran on node")]
+        assert len(nodes) == 3 == len(set(nodes)), describe(step)
+        assert sorted(proxy.requests) == one_pull, proxy.requests
+    finally:
+        proxy.stop()

@@ -78,7 +78,28 @@ def resolve_image(settings, reference: str, pull: str):
 
     if pull == "always":
         return api.pull(settings, reference)
+    if pull == "missing":
+        found = api.find_image(settings, reference)
+        if found is not None:
+            return found
+        puller = step_puller(os.environ)
+        if puller is not None:
+            return api.wait_for_image(settings, reference, puller=puller)
     return api.get_image(settings, reference, pull_missing=pull == "missing")
+
+
+def step_puller(environ) -> str | None:
+    """Inside a Slurm step of several nodes, every node would pull a missing image at once:
+    as many registry pulls and as many waiters on the store's lock on the shared filesystem
+    as nodes (docs/scale.md). Only the step's node 0 pulls; the others wait for the image to
+    appear (without locks). Returns what names the puller for a waiting node, None where this
+    process pulls itself (outside a step, one node, node 0, or unknown numbers)."""
+    nodes, node = environ.get("SLURM_STEP_NUM_NODES", ""), environ.get("SLURM_NODEID", "")
+    if not (environ.get("SLURM_STEP_ID") and nodes.isdigit() and node.isdigit()):
+        return None
+    if int(nodes) <= 1 or int(node) == 0:
+        return None
+    return f"node 0 of Slurm step {environ.get('SLURM_JOB_ID', '?')}.{environ['SLURM_STEP_ID']}"
 
 
 def run_command(args, ctx) -> int:

@@ -167,6 +167,41 @@ def get_image(settings: "Settings", ref: str, *, pull_missing: bool = True,
     return pull(settings, ref, progress=progress)
 
 
+#: How often a node waiting for another node's pull looks at the stores: from the first value,
+#: doubling to the last (10,000 waiting nodes then read the store index ~2,000 times a second,
+#: and take no lock).
+WAIT_POLL_S = (0.2, 5.0)
+
+
+def wait_for_image(settings: "Settings", ref: str, *, puller: str, timeout_s: float | None = None,
+                   sleep=None, clock=None) -> StoredImage:
+    """Wait until another process puts ``ref`` into a store (``puller`` names it, for the
+    message), reading the stores without locking them; at most ``timeout_s`` (default: the
+    settings' ``lock_timeout_s``, how long berth would wait for the store's lock that the pull
+    holds). Raises NotFound when it does not appear in time."""
+    import time
+
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    limit = float(settings.lock_timeout_s if timeout_s is None else timeout_s)
+    deadline = clock() + limit
+    pause = WAIT_POLL_S[0]
+    while True:
+        found = find_image(settings, ref)
+        if found is not None:
+            return found
+        left = deadline - clock()
+        if left <= 0:
+            raise NotFound(
+                f"image '{ref}' did not appear in your store ({settings.user_store}) or the site store "
+                f"within {limit:g} s while {puller} pulled it",
+                hint=f"{puller}'s output says why its pull failed; pull the image before the step "
+                f"(`berth pull {ref}`), or raise lock_timeout_s (BERTH_LOCK_TIMEOUT_S) for a large image",
+            )
+        sleep(min(pause, left))
+        pause = min(pause * 2, WAIT_POLL_S[1])
+
+
 def pull(settings: "Settings", ref: str, *, site: bool = False, platform: str | None = None,
          progress: "PullProgress | None" = None) -> StoredImage:
     """Pull ``ref`` into the user store (or the site store with ``site``) and return it.
