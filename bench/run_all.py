@@ -58,7 +58,7 @@ and run every tool meant to run unprivileged as the user `berthtest`):
     python3 bench/import_storm.py
     python3 bench/jobs_start.py
     python3 bench/staging.py --runs 3                   # --big-mib 256 on a small machine
-    python3 bench/node_scale.py --runs 3                # N = 1..16 containers of one image, shared vs per-container mounts
+    python3 bench/node_scale.py --runs 3                # N = 1..16 containers of one image, shared vs per-container mounts vs unpacked
 
 Images are built once (debootstrap from the Debian mirror, copies of host trees) and cached with
 the registry storage, udocker's venv and the reports under /var/cache/berth-bench (override with
@@ -71,12 +71,12 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `convert_profile.py` | one layer's conversion in process: wall, berth's and its children's CPU, cProfile top functions | 10 |
 | `inflate.py` | gzip inflate of real layers: igzip, pigz, gzip programs vs zlib, isal, zlib-ng in process (and zstd -dc) | 10 |
 | `start.py` | warm start of /bin/true vs runc, ch-run, bwrap, udocker, podman; berth's phases and import cost | 3 |
-| `import_storm.py` | importing 3000 small modules from the SquashFS vs from a directory, warm and cold | 3 |
+| `import_storm.py` | importing 3000 small modules from the SquashFS (image_mount shared, FUSE options) vs a node-local unpacked copy vs a plain directory, warm and cold | 3, 10 |
 | `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes | 4 |
 | `squashfs_compression.py` | per compressor: pull + convert, SquashFS size, read-back via squashfuse, which readers accept it | 9 |
 | `staging.py` | `berth stage` in/out of one large object, 2,000 small ones and a no-change re-sync vs s5cmd, aws-cli, s3cmd on SeaweedFS | 7 |
 | `mpi.py` | OSU-style ping-pong latency/bandwidth, allreduce, broadcast and N-rank launch, bare host vs berth per scope, on the Slurm test cluster | 13 |
-| `node_scale.py` | N = 1..16 concurrent `berth run` of one image each importing 3000 modules vs N plain processes; shared vs per-container image mounts; helper processes' RSS | 10 |
+| `node_scale.py` | N = 1..16 concurrent `berth run` of one image each importing 3000 modules vs N plain processes; shared vs per-container image mounts vs unpacked copy; helper processes' RSS | 10 |
 | `common.py` | registry, cached images, the unprivileged user, statistics, kernel exec trace | |
 """
 
