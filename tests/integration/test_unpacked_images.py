@@ -120,9 +120,31 @@ def test_unpacked_copy_is_read_only_and_setuid_bits_give_nothing(unpacked_env, r
     assert not (unpacked_env.state_dir / "unpacked" / name / "root" / "bin" / "new").exists()
     # --writable: the container writes into its own overlay, never into the shared copy.
     written = unpacked_env.berth("run", "--writable", str(runtime_images.setuid), "sh", "-c",
-                                 "echo hi > /bin/new && cat /bin/new")
-    assert written.returncode == 0 and written.stdout == "hi\n", describe(written)
+                                 "echo hi > /bin/new && cat /bin/new && rm /bin/cat && test ! -e /bin/cat && echo gone")
+    assert written.returncode == 0 and written.stdout == "hi\ngone\n", describe(written)
     assert not (unpacked_env.state_dir / "unpacked" / name / "root" / "bin" / "new").exists()
+    assert (unpacked_env.state_dir / "unpacked" / name / "root" / "bin" / "cat").is_symlink()
+    assert unpacked_env.wait_clean() == []
+
+
+def test_an_overlay_on_an_unpacked_copy_is_the_kernels_and_leaves_the_copy_alone(unpacked_env, runtime_images):
+    """A mount point the image lacks needs an overlay: on an unpacked copy it is a kernel
+    overlayfs the runtime mounts in the container's user namespace, not a FUSE daemon."""
+    source = unpacked_env.scratch / "data"
+    source.mkdir()
+    (source / "hello").write_text("hello\n")
+    os.chown(source, unpacked_env.user.uid, unpacked_env.user.gid)
+    result = unpacked_env.berth("run", "--debug", "-v", f"{source}:/scratch/project", str(runtime_images.busybox),
+                                "sh", "-c", "cat /scratch/project/hello; grep ' / / ' /proc/self/mountinfo; "
+                                "touch /new 2>&1; true")
+    assert result.returncode == 0, describe(result)
+    assert "adding a kernel overlayfs overlay" in result.stderr, describe(result)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "hello" and " - overlay overlay " in lines[1] and " / / ro," in lines[1], describe(result)
+    assert "Read-only file system" in lines[2], describe(result)
+    assert daemons(unpacked_env) == [] and image_mounts(unpacked_env) == []
+    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(".lock")]
+    assert not (unpacked_env.state_dir / "unpacked" / name / "root" / "scratch").exists()
     assert unpacked_env.wait_clean() == []
 
 

@@ -117,3 +117,15 @@ def test_judged_bind_sources_are_checked_by_init_unless_a_later_bind_hides_them(
     assert config["process"]["args"] == [INIT_PATH, "-b", "1:2:/data", "-b", "3:4:/data/sub", *args[1:]]
     probe = build_config(default_plan(binds=binds, args=(INIT_PATH, "-V")))  # the runtime probe too
     assert probe["process"]["args"][-1] == "-V"
+
+
+def test_a_root_overlay_is_the_first_mount_onto_the_empty_rootfs():
+    config = build_config(default_plan(rootfs="/s/containers/b0/rootfs",
+                                root_overlay=("/s/unpacked/K/root", "/s/containers/b0/upper", "/s/containers/b0/work")))
+    assert config["root"] == {"path": "/s/containers/b0/rootfs", "readonly": True}
+    assert config["mounts"][0] == {
+        "destination": "/", "type": "overlay", "source": "overlay",
+        "options": ["lowerdir=/s/unpacked/K/root", "upperdir=/s/containers/b0/upper", "workdir=/s/containers/b0/work",
+                    "userxattr"]}
+    assert [m["destination"] for m in config["mounts"][1:3]] == ["/proc", "/dev"]
+    assert all(m["type"] != "overlay" for m in build_config(default_plan())["mounts"])

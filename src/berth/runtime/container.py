@@ -134,12 +134,13 @@ def _run(settings, image, options: RunOptions, request, runtime: str, state_dir:
         container.write_info(info)
 
         plan = plan_container(request, materialise.image_root(container, lower), container,
-                              limit_plan=limit_plan, log=log)
+                              limit_plan=limit_plan, log=log, kernel_overlay=materialise.kernel_overlay(lower))
         if plan.overlay:
             overlay = materialise.mount_overlay(plan, container)
-            fuse_mounts.append(overlay)
-            info["daemon_pids"].append(overlay.process.pid)
-            container.write_info(info)
+            if overlay is not None:  # fuse-overlayfs (a kernel overlay is the runtime's to mount)
+                fuse_mounts.append(overlay)
+                info["daemon_pids"].append(overlay.process.pid)
+                container.write_info(info)
             phases["overlay"] = clock() - started - sum(phases.values())
         materialise.write_bundle(plan, container)
         log(f"bundle {container.bundle}, network {request.network}, workdir {request.workdir}", debug=True)

@@ -73,12 +73,31 @@ def image_root(container: ContainerState, mount) -> str:
     return str(getattr(mount, "root", container.lower))
 
 
-def mount_overlay(plan: ContainerPlan, container: ContainerState) -> fuse.FuseMount:
-    """fuse-overlayfs over the image at the container's ``rootfs``, with the plan's missing
-    mount points created first in its upper directory."""
+def kernel_overlay(mount) -> bool:
+    """Whether the overlay a plan may need on top of ``mount`` (what :func:`mount_image`
+    returned) can be the kernel's, mounted by the runtime in the container's user namespace:
+    for an unpacked copy (files of the caller's, so copy-up works) on Linux >= 5.11 (the first
+    to allow overlayfs in a user namespace)."""
+    from berth.runtime.localcopy import UnpackedImage
+
+    if not isinstance(mount, UnpackedImage):
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 11)
+
+
+def mount_overlay(plan: ContainerPlan, container: ContainerState) -> fuse.FuseMount | None:
+    """The overlay over the image at the container's ``rootfs``, with the plan's missing
+    mount points created first in its upper directory: fuse-overlayfs, or None when the plan's
+    is the kernel's (the runtime mounts it, and it goes with the container's namespaces)."""
     container.upper.mkdir(mode=0o755)
     container.work.mkdir(mode=0o700)
     rootfs.create_mount_points(str(container.upper), list(plan.mount_points))
+    if plan.kernel_overlay:
+        return None
     return fuse.mount_overlay(plan.image_root, str(container.upper), str(container.work),
                               str(container.rootfs), str(container.path / "overlay.log"),
                               squash_to=plan.squash_to)

@@ -377,8 +377,10 @@ class IdentityFile(NamedTuple):
 class ContainerPlan(NamedTuple):
     """Everything materialisation and supervision do, decided: pure data.
 
-    ``overlay``: fuse-overlayfs goes on top of the image (``--writable``, or mount points the
-    image lacks, created first in the overlay's upper directory: ``mount_points``)."""
+    ``overlay``: an overlay goes on top of the image (``--writable``, or mount points the
+    image lacks, created first in the overlay's upper directory: ``mount_points``): a kernel
+    overlayfs that the runtime mounts in the container's namespaces when ``kernel_overlay``,
+    else fuse-overlayfs, mounted by berth."""
 
     request: RunRequest
     image_root: str
@@ -387,6 +389,7 @@ class ContainerPlan(NamedTuple):
     identity_files: tuple[IdentityFile, ...]
     spec: spec.SpecPlan
     limits: limits.LimitPlan
+    kernel_overlay: bool = False
 
     @property
     def squash_to(self) -> tuple[int, int] | None:
@@ -410,10 +413,13 @@ class ContainerPlan(NamedTuple):
 
 
 def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout, *,
-                   limit_plan: limits.LimitPlan | None = None, log: Log | None = None) -> ContainerPlan:
+                   limit_plan: limits.LimitPlan | None = None, log: Log | None = None,
+                   kernel_overlay: bool = False) -> ContainerPlan:
     """The whole plan, from a judged request, the image's root directory (read in-root, links
     never followed on the host) and the container's state layout (host paths named in
-    config.json; nothing is created). Raises PolicyError when a requested mount lands on a
+    config.json; nothing is created). ``kernel_overlay``: an overlay, when one is needed, is the
+    kernel's, mounted by the runtime (the image root is a directory of the caller's that a user
+    namespace may overlay: berth.runtime.localcopy's unpacked copy). Raises PolicyError when a requested mount lands on a
     denied path through the image's links, RuntimeFailure when one of berth's own mounts would
     (home, /tmp, the kernel filesystems, the identity files' /etc). Writes nothing."""
     log = log or _quiet
@@ -448,11 +454,13 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
     needed.append(rootfs.MountPoint(request.workdir, True))
     missing = rootfs.missing_mount_points(image_root, needed, creatable) + replaced
     overlay = bool(missing) or request.writable
+    kernel_overlay = kernel_overlay and overlay
+    kind = "kernel overlayfs" if kernel_overlay else "fuse-overlayfs"
     if missing:
         log("the image lacks mount point(s) " + ", ".join(p.path for p in missing)
-            + ": adding a fuse-overlayfs overlay to create them", debug=True)
+            + f": adding a {kind} overlay to create them", debug=True)
     if request.writable:
-        log("--writable: volatile fuse-overlayfs overlay, discarded at exit", debug=True)
+        log(f"--writable: volatile {kind} overlay, discarded at exit", debug=True)
 
     # Identity files: the image's own entries plus the caller's (read in-root, never via host links).
     caller = request.caller
@@ -499,5 +507,7 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
         memory_limit_bytes=limit_plan.memory_limit_bytes,
         annotations=(("org.berth.image", request.image_name),),
         hooks=request.hooks,
+        root_overlay=(image_root, str(layout.upper), str(layout.work)) if kernel_overlay else None,
     )
-    return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan)
+    return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan,
+                         kernel_overlay)

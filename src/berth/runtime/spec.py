@@ -94,6 +94,10 @@ class SpecPlan(NamedTuple):
     annotations: tuple[tuple[str, str], ...] = ()
     #: OCI hooks in order (from CDI specs: berth.runtime.devices.edits).
     hooks: tuple[Hook, ...] = ()
+    #: (lower, upper, work): a kernel overlayfs that the runtime mounts at / in the container's
+    #: own user and mount namespaces (Linux >= 5.11), before every other mount; ``rootfs`` is
+    #: then an empty directory it lands on. None: ``rootfs`` is the root.
+    root_overlay: tuple[str, str, str] | None = None
 
 
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
@@ -113,7 +117,13 @@ def _mounts(plan: SpecPlan) -> list[dict]:
     else:
         proc_mount = {"destination": "/proc", "type": "proc", "source": "proc",
                       "options": ["nosuid", "noexec", "nodev"]}
-    mounts: list[dict] = [
+    mounts: list[dict] = [] if plan.root_overlay is None else [
+        # userxattr: whiteouts and opaque directories as user.overlay.* (no privilege needed)
+        {"destination": "/", "type": "overlay", "source": "overlay",
+         "options": [f"lowerdir={plan.root_overlay[0]}", f"upperdir={plan.root_overlay[1]}",
+                     f"workdir={plan.root_overlay[2]}", "userxattr"]},
+    ]
+    mounts += [
         proc_mount,
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -109,8 +108,9 @@ class ContainerState(ContainerLayout):
                                 durable=False)
 
     def release(self) -> None:
-        """Remove the directory (mounts must be gone) and drop the lock."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the directory (mounts must be gone) and drop the lock. (fsutil.remove_tree:
+        a kernel overlayfs leaves its ``work/work`` mode 000.)"""
+        fsutil.remove_tree(self.path)
         os.close(self.lock_fd)
 
 
@@ -311,7 +311,7 @@ def cleanup_container_dir(path: Path) -> dict:
     _kill_runtime(path, info)
     mounts = _unmount_under(path)
     _kill_daemons(info)
-    shutil.rmtree(path, ignore_errors=True)
+    fsutil.remove_tree(path)
     return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
 
 
