@@ -129,3 +129,14 @@ def test_remove_tree_opens_closed_directories(tmp_path):
     (tmp_path / "tree" / "a").chmod(0o500)
     remove_tree(tmp_path / "tree")
     assert not (tmp_path / "tree").exists()
+
+
+@pytest.mark.parametrize("release, expected", [("6.18.44-fc", True), ("5.11.0", True), ("5.10.0-28-amd64", False),
+                                               ("4.18.0-553.el8", False), ("weird", False)])
+def test_kernel_overlay_only_on_an_unpacked_copy_and_linux_5_11(monkeypatch, tmp_path, release, expected):
+    from berth.runtime import materialise
+    from berth.runtime.localcopy import UnpackedImage
+
+    monkeypatch.setattr(materialise.os, "uname", lambda: os.uname_result(("Linux", "n", release, "#1", "x86_64")))
+    assert materialise.kernel_overlay(UnpackedImage(tmp_path, -1)) is expected
+    assert materialise.kernel_overlay(object()) is False  # a FUSE mount: root-owned files cannot be copied up
