@@ -1,10 +1,13 @@
-"""The one build step pyproject.toml cannot declare: compile berth-init into the package.
+"""The one build step pyproject.toml cannot declare: compile berth-init and berth-launcher into
+the package.
 
 berth-init (src/berth/runtime/init/berth-init.c) is PID 1 of every container and must be a static
-executable, so that it runs in images with any libc or none. It is compiled here, as part of
-every package build -- ``pip install .``, a wheel, ``pip install -e .`` -- into
-``berth/runtime/init/berth-init`` next to its source, where ``berth.runtime.ocirt.init_path``
-finds it (issue 9: a ``pip install`` used to give a berth without it, which could run nothing).
+executable, so that it runs in images with any libc or none. berth-launcher (berth-launcher.c
+beside it) runs the containers' config.json without runc (issue 10); static too, so that a
+node's libc does not matter. Both are compiled here, as part of every package build -- ``pip
+install .``, a wheel, ``pip install -e .`` -- into ``berth/runtime/init/`` next to their sources,
+where ``berth.runtime.ocirt.init_path`` and ``launcher_path`` find them (issue 9: a ``pip
+install`` used to give a berth without berth-init, which could run nothing).
 
 Needs a C compiler and a static C library: Debian and Ubuntu ``gcc libc6-dev``, RHEL and Fedora
 ``gcc glibc-static``. ``CC`` names another compiler. Without them the build stops and says so:
@@ -25,48 +28,51 @@ from setuptools.command.build_py import build_py
 from setuptools.errors import CompileError
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "src" / "berth" / "runtime" / "init" / "berth-init.c"
-#: Where the executable goes, relative to the directory that holds the ``berth`` package.
-TARGET = Path("berth") / "runtime" / "init" / "berth-init"
+#: The programs, each compiled from NAME.c; where each goes, relative to the directory that
+#: holds the ``berth`` package.
+PROGRAMS = ("berth-init", "berth-launcher")
+SOURCES = HERE / "src" / "berth" / "runtime" / "init"
+TARGETS = Path("berth") / "runtime" / "init"
 FIX = ("install a C compiler and a static C library (Debian/Ubuntu: apt-get install gcc libc6-dev; "
        "RHEL/Fedora: dnf install gcc glibc-static) and install berth again")
 
 
-def compile_init(output: Path) -> None:
-    """Compile berth-init statically into ``output`` (written under a temporary name, then
+def compile_program(name: str, output: Path) -> None:
+    """Compile ``name`` statically into ``output`` (written under a temporary name, then
     renamed, so an interrupted build leaves no half-written executable)."""
     compiler = shlex.split(os.environ.get("CC") or "gcc")
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(output.name + ".tmp")
-    argv = [*compiler, "-static", "-Os", "-Wall", "-Wextra", "-o", str(temporary), str(SOURCE)]
+    argv = [*compiler, "-static", "-Os", "-Wall", "-Wextra", "-o", str(temporary), str(SOURCES / f"{name}.c")]
     try:
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     except OSError as error:
-        raise CompileError(f"cannot build berth-init: {compiler[0]}: {error.strerror}; {FIX}") from None
+        raise CompileError(f"cannot build {name}: {compiler[0]}: {error.strerror}; {FIX}") from None
     if result.returncode != 0:
         temporary.unlink(missing_ok=True)
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-        raise CompileError(f"cannot build berth-init ({shlex.join(argv)} failed):\n{tail}\n{FIX}")
+        raise CompileError(f"cannot build {name} ({shlex.join(argv)} failed):\n{tail}\n{FIX}")
     os.chmod(temporary, 0o755)
     os.replace(temporary, output)
 
 
 class BuildPyWithInit(build_py):
-    """build_py, then berth-init: into the build tree for a wheel, into the source tree for an
-    editable install (whose ``berth`` package is imported from src/)."""
+    """build_py, then berth-init and berth-launcher: into the build tree for a wheel, into the
+    source tree for an editable install (whose ``berth`` package is imported from src/)."""
 
     def run(self) -> None:
         super().run()
-        compile_init(self._init_output())
+        for name in PROGRAMS:
+            compile_program(name, self._output(name))
 
-    def _init_output(self) -> Path:
+    def _output(self, name: str) -> Path:
         root = HERE / "src" if self.editable_mode else Path(self.build_lib)
-        return root / TARGET
+        return root / TARGETS / name
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs = super().get_outputs(include_bytecode)
         if not self.editable_mode:
-            outputs.append(str(self._init_output()))
+            outputs += [str(self._output(name)) for name in PROGRAMS]
         return outputs
 
 

@@ -238,14 +238,22 @@ def _force_clean(env: RuntimeEnv) -> None:
             pass
 
 
+#: Runs a test once with berth-launcher and once with runc, the same expectations for both
+#: (issue 10): ``@BOTH_RUNTIMES`` on a test that takes ``runtime_env``. Unmarked tests run with
+#: the default (``runtime = "auto"``: the launcher, runc for what it does not do).
+BOTH_RUNTIMES = pytest.mark.parametrize("runtime_env", ["launcher", "runc"], indirect=True)
+
+
 @pytest.fixture
-def runtime_env(user) -> RuntimeEnv:
-    """A private state directory for one test; asserts afterwards that nothing leaked."""
+def runtime_env(user, request) -> RuntimeEnv:
+    """A private state directory for one test; asserts afterwards that nothing leaked.
+    Parametrized indirectly (BOTH_RUNTIMES), the parameter is the runtime setting."""
     base = user.tempdir(prefix="berth-rt-")
     scratch = base / "scratch"
     scratch.mkdir()
     os.chown(scratch, user.uid, user.gid)
-    env = RuntimeEnv(user, base / "state", scratch)
+    runtime = getattr(request, "param", None)
+    env = RuntimeEnv(user, base / "state", scratch, extra_env={"BERTH_RUNTIME": runtime} if runtime else {})
     yield env
     leaks = env.wait_clean()
     if leaks:

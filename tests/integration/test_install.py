@@ -67,6 +67,10 @@ def test_a_wheel_installed_berth_runs_containers_as_a_user(installed_venv, runti
     assert init.is_file() and os.access(init, os.X_OK), "the wheel has no berth-init"
     with open(init, "rb") as handle:
         assert b"/lib64/ld-linux" not in handle.read(4096)  # static: no dynamic loader named
+    launcher = init.with_name("berth-launcher")
+    assert launcher.is_file() and os.access(launcher, os.X_OK), "the wheel has no berth-launcher"
+    with open(launcher, "rb") as handle:
+        assert b"/lib64/ld-linux" not in handle.read(4096)
     result = run_in(installed_venv, runtime_env, runtime_images.busybox, "sh", "-c", "echo installed; id -u")
     assert result.returncode == 0, describe(result)
     assert result.stdout.split() == ["installed", str(runtime_env.user.uid)]

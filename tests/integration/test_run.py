@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.integration
@@ -19,6 +20,7 @@ def run(env, image, *command, **kwargs):
     return env.berth("run", str(image), *command, **kwargs)
 
 
+@BOTH_RUNTIMES
 def test_identity_matches_the_caller(runtime_env, runtime_images, user):
     result = run(runtime_env, runtime_images.busybox, "sh", "-c",
                  'id -u; id -g; echo "$HOME"; echo "$USER"; whoami; grep "^berthtest:" /etc/passwd; '
@@ -33,6 +35,7 @@ def test_identity_matches_the_caller(runtime_env, runtime_images, user):
     assert len(lines) == 7
 
 
+@BOTH_RUNTIMES
 def test_files_written_to_a_mounted_directory_belong_to_the_caller(runtime_env, runtime_images, user):
     scratch = runtime_env.scratch
     result = runtime_env.berth(
@@ -83,6 +86,7 @@ def test_home_is_the_callers_HOME_when_it_differs_from_the_passwd_home(runtime_e
     (["/no/such/program"], 127),
     (["/etc/passwd"], 126),
 ])
+@BOTH_RUNTIMES
 def test_exit_status_is_the_commands(runtime_env, runtime_images, command, status):
     result = run(runtime_env, runtime_images.busybox, *command)
     assert result.returncode == status, describe(result)
@@ -96,6 +100,7 @@ def test_berth_failures_exit_125_with_a_message(runtime_env, runtime_images):
     assert result.returncode == 125 and "not allow" in result.stderr, describe(result)
 
 
+@BOTH_RUNTIMES
 def test_stdin_and_stdout_pass_through(runtime_env, runtime_images):
     data = "".join(f"line {i}\n" for i in range(2000))
     result = run(runtime_env, runtime_images.busybox, "sh", "-c", "cat; echo err >&2", input=data)
@@ -154,6 +159,7 @@ def test_interactive_shell_under_a_pty(runtime_env, runtime_images):
     assert status == 4, output
 
 
+@BOTH_RUNTIMES
 def test_hostname_defaults_to_the_node_and_can_be_set(runtime_env, runtime_images):
     result = run(runtime_env, runtime_images.busybox, "hostname")
     assert result.stdout.strip() == os.uname().nodename, describe(result)
@@ -169,6 +175,7 @@ def test_image_without_etc_tmp_or_home_gets_an_overlay(runtime_env, runtime_imag
     assert "fuse-overlayfs" in result.stderr and "/etc/passwd" in result.stderr
 
 
+@BOTH_RUNTIMES
 def test_root_is_read_only_and_tmp_private(runtime_env, runtime_images):
     result = run(runtime_env, runtime_images.busybox, "sh", "-c",
                  "touch /newfile 2>&1; echo private > /tmp/p; cat /tmp/p")
@@ -178,6 +185,7 @@ def test_root_is_read_only_and_tmp_private(runtime_env, runtime_images):
     assert again.stdout.strip() == "", describe(again)
 
 
+@BOTH_RUNTIMES
 def test_pid_namespace_shows_only_the_container(runtime_env, runtime_images):
     result = run(runtime_env, runtime_images.busybox, "sh", "-c",
                  "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '")
@@ -187,6 +195,7 @@ def test_pid_namespace_shows_only_the_container(runtime_env, runtime_images):
     assert init.startswith("/dev/.berth-init ")
 
 
+@BOTH_RUNTIMES
 def test_runtime_failure_before_the_command_is_125(runtime_env, runtime_images):
     # A working directory that is a file: runc fails before running anything.
     result = runtime_env.berth("run", "-w", "/etc/passwd", str(runtime_images.busybox), "true")
@@ -194,6 +203,7 @@ def test_runtime_failure_before_the_command_is_125(runtime_env, runtime_images):
     assert "could not start the container" in result.stderr and "not a directory" in result.stderr
 
 
+@BOTH_RUNTIMES
 def test_supplementary_groups_still_grant_access(runtime_env, runtime_images):
     # A file readable only through group 4242, which the caller holds as a supplementary group
     # (given by setpriv: no system file is edited). The kernel keeps supplementary groups in the
@@ -221,6 +231,7 @@ def test_tty_without_a_terminal_is_a_clear_error(runtime_env, runtime_images):
     assert "none of stdin, stdout or stderr is a terminal" in result.stderr
 
 
+@BOTH_RUNTIMES
 def test_init_reaps_orphaned_zombies(runtime_env, runtime_images):
     # The subshell exits at once, so its background sleep is re-parented to berth-init (PID 1),
     # which must reap it when it ends; a zombie would show state Z in /proc/PID/stat.

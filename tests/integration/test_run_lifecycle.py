@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.harness.fixtures_runtime import fuse_mounts_under, processes_mentioning
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES, fuse_mounts_under, processes_mentioning
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.integration
@@ -29,6 +29,7 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 20.0)
     raise AssertionError(f"never saw {text!r}; got {seen!r}; stderr: {stderr}")
 
 
+@BOTH_RUNTIMES
 def test_sigterm_to_berth_reaches_the_command(runtime_env, runtime_images):
     process = runtime_env.popen("run", str(runtime_images.busybox), "sh", "-c",
                                 'trap "echo got-TERM; exit 7" TERM; echo ready; sleep 60 & wait')
@@ -39,6 +40,7 @@ def test_sigterm_to_berth_reaches_the_command(runtime_env, runtime_images):
     assert process.returncode == 7, err
 
 
+@BOTH_RUNTIMES
 def test_sigint_to_berth_reaches_the_command(runtime_env, runtime_images):
     process = runtime_env.popen("run", str(runtime_images.busybox), "sh", "-c",
                                 'trap "echo got-INT; exit 9" INT; echo ready; sleep 60 & wait')
@@ -48,6 +50,7 @@ def test_sigint_to_berth_reaches_the_command(runtime_env, runtime_images):
     assert "got-INT" in out and process.returncode == 9, err
 
 
+@BOTH_RUNTIMES
 def test_command_killed_by_the_forwarded_signal_gives_128_plus_n(runtime_env, runtime_images):
     process = runtime_env.popen("run", str(runtime_images.busybox), "sh", "-c", "echo ready; exec sleep 60")
     wait_for_line(process, "ready")
@@ -56,6 +59,7 @@ def test_command_killed_by_the_forwarded_signal_gives_128_plus_n(runtime_env, ru
     assert process.returncode == 128 + signal.SIGTERM
 
 
+@BOTH_RUNTIMES
 def test_command_ignoring_sigterm_is_killed_after_stop_timeout(runtime_env, runtime_images):
     process = runtime_env.popen("run", "--stop-timeout", "1", str(runtime_images.busybox), "sh", "-c",
                                 'trap "echo ignoring" TERM; echo ready; while true; do sleep 0.1; done')
@@ -78,6 +82,7 @@ def _start_and_kill_berth(runtime_env, image, command: str):
     return process
 
 
+@BOTH_RUNTIMES
 def test_kill_9_of_berth_is_cleaned_up_by_the_next_invocation(runtime_env, runtime_images):
     # The command ignores the TERM its runtime passes on when berth dies: only the clean-up
     # (runtime kill, lazy unmount, state removal) can end it.
@@ -103,6 +108,7 @@ def test_kill_9_of_berth_is_cleaned_up_by_doctor(runtime_env, runtime_images):
     assert runtime_env.wait_clean(timeout_s=10) == []
 
 
+@BOTH_RUNTIMES
 def test_ps_and_exec_join_a_running_container(runtime_env, runtime_images, user):
     process = runtime_env.popen("run", "--name", "worker", str(runtime_images.busybox), "sh", "-c",
                                 "echo shared > /tmp/marker; echo ready; sleep 60")
@@ -172,6 +178,11 @@ def _probe_cache(runtime_env) -> dict[str, dict]:
 def test_runtime_probe_is_cached_per_host(runtime_env, runtime_images):
     first = runtime_env.berth("run", str(runtime_images.busybox), "true")
     assert first.returncode == 0, describe(first)
+    # auto: berth-launcher runs what it can, and runc is not even probed then
+    assert _probe_cache(runtime_env)["launcher"]["works"] is True
+    assert "runc" not in _probe_cache(runtime_env)
+    with_runc = runtime_env.berth("run", "--runtime", "runc", str(runtime_images.busybox), "true")
+    assert with_runc.returncode == 0, describe(with_runc)
     assert _probe_cache(runtime_env)["runc"]["works"] is True
     forced = runtime_env.berth("run", "--runtime", "crun", str(runtime_images.busybox), "true")
     cache = _probe_cache(runtime_env)
@@ -182,6 +193,7 @@ def test_runtime_probe_is_cached_per_host(runtime_env, runtime_images):
         assert cache["crun"]["reason"] in forced.stderr
 
 
+@BOTH_RUNTIMES
 def test_no_processes_or_mounts_after_a_normal_run(runtime_env, runtime_images, user):
     result = runtime_env.berth("run", "--writable", str(runtime_images.busybox), "true")
     assert result.returncode == 0, describe(result)
@@ -191,6 +203,7 @@ def test_no_processes_or_mounts_after_a_normal_run(runtime_env, runtime_images, 
     assert sorted(os.listdir(runtime_env.state_dir)) == ["containers", "runtime-probe.json"]
 
 
+@BOTH_RUNTIMES
 def test_exec_with_a_terminal(runtime_env, runtime_images):
     from tests.integration.test_run import _run_in_pty
 
@@ -205,3 +218,21 @@ def test_exec_with_a_terminal(runtime_env, runtime_images):
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=20)
+
+
+def test_auto_runs_the_launcher_and_falls_back_to_runc_for_what_it_does_not_do(runtime_env, runtime_images):
+    from tests.integration.test_run import _run_in_pty
+
+    plain = runtime_env.berth("run", "--debug", str(runtime_images.busybox), "true")
+    assert plain.returncode == 0, describe(plain)
+    assert "runtime " in plain.stderr and "/berth-launcher\n" in plain.stderr, describe(plain)
+    # A terminal is what berth-launcher does not do: runc runs it, and --debug says why.
+    status, output = _run_in_pty(runtime_env, ["run", "--debug", "-t", str(runtime_images.busybox), "sh", "-c",
+                                               "test -t 0 && echo ON-A-TTY"])
+    assert status == 0, output
+    assert "ON-A-TTY" in output and "berth-launcher does not do a terminal (-t)" in output, output
+    assert "/berth-launcher\r\n" not in output and "runc\r\n" in output, output
+    # runtime = launcher refuses what berth-launcher does not do, and says what to set instead
+    status, output = _run_in_pty(runtime_env, ["run", "--runtime", "launcher", "-t", str(runtime_images.busybox),
+                                               "true"])
+    assert status == 125 and "runtime = launcher, but this container needs a terminal (-t)" in output, output

@@ -6,11 +6,13 @@ import stat
 
 import pytest
 
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.integration
 
 
+@BOTH_RUNTIMES
 def test_mount_read_write_and_read_only(runtime_env, runtime_images):
     scratch = runtime_env.scratch
     (scratch / "in.txt").write_text("from host\n")
@@ -24,6 +26,7 @@ def test_mount_read_write_and_read_only(runtime_env, runtime_images):
     assert (scratch / "w.txt").exists() and not (scratch / "x.txt").exists()
 
 
+@BOTH_RUNTIMES
 def test_mount_points_missing_in_the_image_are_created_in_an_overlay(runtime_env, runtime_images):
     scratch = runtime_env.scratch
     (scratch / "motd").write_text("hello\n")
@@ -44,6 +47,7 @@ def test_relative_mount_source_is_taken_from_the_current_directory(runtime_env, 
     assert result.stdout == "relative\n", describe(result)
 
 
+@BOTH_RUNTIMES
 def test_workdir(runtime_env, runtime_images):
     result = runtime_env.berth("run", "-w", "/work", str(runtime_images.busybox), "pwd")
     assert result.stdout.strip() == "/work", describe(result)
@@ -51,6 +55,7 @@ def test_workdir(runtime_env, runtime_images):
     assert result.returncode == 0 and result.stdout.strip() == "/not/in/image", describe(result)
 
 
+@BOTH_RUNTIMES
 def test_environment_options_and_no_host_leak(runtime_env, runtime_images):
     env_file = runtime_env.scratch / "vars.env"
     env_file.write_text("# comment\nFROM_FILE=file\nBOTH=file\n")
@@ -76,6 +81,7 @@ def _interfaces(text: str) -> list[str]:
     return sorted(line.split(":")[0].strip() for line in text.splitlines()[2:])
 
 
+@BOTH_RUNTIMES
 def test_network_host_by_default_and_none_isolates(runtime_env, runtime_images):
     with open("/proc/net/dev") as handle:
         host = _interfaces(handle.read())
@@ -94,6 +100,7 @@ def _root_only_device() -> str:
     pytest.skip("no root-only device node on this host")
 
 
+@BOTH_RUNTIMES
 def test_device_passthrough_only_when_the_user_can_open_it(runtime_env, runtime_images):
     forbidden = _root_only_device()
     result = runtime_env.berth("run", "--device", "/dev/fuse", str(runtime_images.busybox), "sh", "-c",
@@ -106,6 +113,7 @@ def test_device_passthrough_only_when_the_user_can_open_it(runtime_env, runtime_
     assert refused.returncode == 125 and f"cannot open {forbidden}" in refused.stderr, describe(refused)
 
 
+@BOTH_RUNTIMES
 def test_writable_root_is_volatile(runtime_env, runtime_images, user):
     result = runtime_env.berth("run", "--writable", str(runtime_images.busybox), "sh", "-c",
                                "echo x > /etc/new.conf && mkdir -p /usr/local/lib/t && echo ok; id -u")
@@ -116,6 +124,7 @@ def test_writable_root_is_volatile(runtime_env, runtime_images, user):
     assert again.stdout.strip() == "gone", describe(again)
 
 
+@BOTH_RUNTIMES
 def test_remap_root_is_uid_0_without_host_privilege(runtime_env, runtime_images, user):
     scratch = runtime_env.scratch
     result = runtime_env.berth("run", "--remap-root", "-v", f"{scratch}:/data", str(runtime_images.busybox), "sh", "-c",
@@ -261,6 +270,7 @@ def test_runtime_option_respects_a_site_pin(runtime_env, runtime_images, site_co
     assert same.returncode == 0, describe(same)
 
 
+@BOTH_RUNTIMES
 def test_site_can_force_host_pid_ipc_uts_namespaces(runtime_env, runtime_images, site_config, user):
     site_config.write('[policy.namespaces]\npid = "host"\nipc = "host"\nuts = "host"\n')
     result = runtime_env.berth("run", "--hostname", "ignored", str(runtime_images.busybox), "sh", "-c",

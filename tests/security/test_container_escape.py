@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES
 from tests.harness.users import describe, venv_dir
 
 pytestmark = pytest.mark.security
@@ -21,6 +22,7 @@ def berth_run(env, image, options, command, **kwargs):
     return env.berth("run", *options, str(image), *command, **kwargs)
 
 
+@BOTH_RUNTIMES
 def test_setuid_root_binary_gives_no_privilege(runtime_env, runtime_images, user):
     result = berth_run(runtime_env, runtime_images.setuid, ["-v", "/etc:/host-etc:ro"],
                        ["sh", "-c", "ls -ln /bin/setuid-probe; /bin/setuid-probe; /opt/suid/busybox id -u"])
@@ -32,6 +34,7 @@ def test_setuid_root_binary_gives_no_privilege(runtime_env, runtime_images, user
     assert lines[4] == str(user.uid)
 
 
+@BOTH_RUNTIMES
 def test_no_capabilities_at_all(runtime_env, runtime_images):
     result = berth_run(runtime_env, runtime_images.busybox, [], ["grep", "^Cap", "/proc/self/status"])
     assert result.returncode == 0, describe(result)
@@ -42,6 +45,7 @@ def test_no_capabilities_at_all(runtime_env, runtime_images):
     assert nnp.stdout.split() == ["NoNewPrivs:", "1"], describe(nnp)
 
 
+@BOTH_RUNTIMES
 def test_mounting_and_remounting_fail(runtime_env, runtime_images):
     result = berth_run(runtime_env, runtime_images.busybox, [], ["sh", "-c",
                        "mount -t tmpfs none /tmp 2>&1 && echo MOUNTED; mount -o remount,rw / 2>&1 && echo REMOUNTED; "
@@ -50,6 +54,7 @@ def test_mounting_and_remounting_fail(runtime_env, runtime_images):
     assert "still-ro" in result.stdout, describe(result)
 
 
+@BOTH_RUNTIMES
 def test_ptrace_of_the_init_fails(runtime_env, runtime_images):
     result = berth_run(runtime_env, runtime_images.setuid, [], ["/bin/setuid-probe", "ptrace", "1"])
     assert result.stdout.strip() == "ptrace=-1", describe(result)
@@ -73,6 +78,7 @@ def test_host_files_the_user_cannot_read_or_write_stay_so(runtime_env, runtime_i
         assert "pwned" not in handle.read()
 
 
+@BOTH_RUNTIMES
 def test_only_container_processes_are_visible(runtime_env, runtime_images):
     result = berth_run(runtime_env, runtime_images.busybox, [], ["sh", "-c",
                        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done"])
@@ -83,6 +89,7 @@ def test_only_container_processes_are_visible(runtime_env, runtime_images):
     assert visible[0].startswith("/dev/.berth-init")
 
 
+@BOTH_RUNTIMES
 def test_sys_is_read_only(runtime_env, runtime_images):
     result = berth_run(runtime_env, runtime_images.busybox, [], ["sh", "-c",
                        "echo 1 > /sys/kernel/mm/ksm/run 2>&1 || echo refused"])
@@ -114,6 +121,7 @@ def test_symlinked_source_to_a_forbidden_path_is_refused(runtime_env, runtime_im
 
 
 @pytest.mark.parametrize("destination", ["/data/planted", "/escape/planted"])
+@BOTH_RUNTIMES
 def test_symlinks_in_the_image_keep_mounts_inside_the_container(runtime_env, runtime_images, destination):
     # /data -> /etc and /escape -> ../../../../../etc in the image: the mount lands on the
     # container's /etc, never on the host's.
@@ -167,6 +175,7 @@ def _run_with_config(runtime_env, user, image, config: dict):
     return user.run([python, "-c", code, str(image), str(config_path)], env=runtime_env.env())
 
 
+@BOTH_RUNTIMES
 def test_hostile_image_configs_are_contained_or_refused(runtime_env, runtime_images, user):
     image = runtime_images.busybox
     huge = _run_with_config(runtime_env, user, image, {"Env": [f"V{i}=" + "x" * 100_000 for i in range(20)],
@@ -186,6 +195,7 @@ def test_hostile_image_configs_are_contained_or_refused(runtime_env, runtime_ima
     assert user_field.stdout.strip() == str(user.uid), describe(user_field)
 
 
+@BOTH_RUNTIMES
 def test_exec_gets_no_more_privilege_than_run(runtime_env, runtime_images, user):
     import signal
 

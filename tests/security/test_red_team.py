@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fixtures_runtime import fuse_mounts_under, processes_mentioning
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES, fuse_mounts_under, processes_mentioning
 from tests.harness.users import berth_executable, describe
 
 pytestmark = pytest.mark.security
@@ -213,6 +213,7 @@ def root_owned_dir(runtime_env):
     return path
 
 
+@BOTH_RUNTIMES
 def test_remap_root_has_no_power_over_host_files(runtime_env, runtime_images, root_owned_dir):
     """uid 0 in a --remap-root container, with a root-owned host directory mounted read-write:
     no write, no chown, no new file, no device node, no hostname change, no mount."""
@@ -241,6 +242,7 @@ def test_remap_root_has_no_power_over_host_files(runtime_env, runtime_images, ro
     assert os.uname().nodename == before
 
 
+@BOTH_RUNTIMES
 def test_masked_kernel_interfaces_stay_masked(runtime_env, runtime_images):
     """/proc/kcore (where the kernel has one), /proc/keys, /sys/firmware are masked;
     /proc/sysrq-trigger, /proc/sys and /sys are read-only; PID 1 is berth-init, not the host's."""
@@ -259,6 +261,7 @@ def test_masked_kernel_interfaces_stay_masked(runtime_env, runtime_images):
                                      "/dev/.berth-init"], describe(result)
 
 
+@BOTH_RUNTIMES
 def test_kill_everything_inside_reaches_no_host_process(runtime_env, runtime_images, user):
     """`kill -KILL -1` in the container (same host uid as berth, its FUSE daemons and the user's
     other processes): only the container's PID namespace is hit; berth still tears down."""
@@ -394,6 +397,7 @@ def link_images(runtime_images):
 
 
 @pytest.mark.parametrize("destination", ["/p/sys/kernel/hostname", "/p/self/attr/current", "/s/kernel/mm"])
+@BOTH_RUNTIMES
 def test_mount_destination_through_an_image_symlink_cannot_land_in_proc_or_sys(runtime_env, link_images,
                                                                                destination):
     """-v DST where DST goes through an image link into /proc or /sys: berth resolves it in-root
@@ -421,6 +425,7 @@ def test_identity_files_linked_into_proc_or_at_the_init_still_run(runtime_env, l
     assert f"{user.name}:x:{user.uid}:{user.gid}:" in result.stdout, describe(result)
 
 
+@BOTH_RUNTIMES
 def test_bind_source_swapped_after_the_policy_check_is_not_mounted(runtime_env, runtime_images, user):
     """The user's -v source is scratch/box/proc, a plain directory when berth judges it. As soon
     as the container's state directory appears (after the check, before runc mounts), the user
@@ -471,6 +476,7 @@ def test_bind_source_swapped_after_the_policy_check_is_not_mounted(runtime_env, 
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fd", range(3, 10))
+@BOTH_RUNTIMES
 def test_leaked_fd_as_working_directory_does_not_reach_the_host(runtime_env, runtime_images, fd):
     """CVE-2024-21626 ("Leaky Vessels") through berth's -w (an image WorkingDir is the same
     field): the process must not start with a working directory outside its root, from where

@@ -123,7 +123,7 @@ def test_unknown_top_level_key_in_dropin(site):
     ('pull_parallel = "4"', "pull_parallel: must be an integer, not a string ('4')"),
     ("pull_parallel = 0", "pull_parallel: 0 is out of range: allowed 1 to 64"),
     ("pull_parallel = true", "pull_parallel: must be an integer, not a boolean (True)"),
-    ('runtime = "docker"', "runtime: 'docker' is not one of: auto, runc, crun"),
+    ('runtime = "docker"', "runtime: 'docker' is not one of: auto, launcher, runc, crun"),
     ('site_store = "relative/store"', "site_store: must be an absolute path, not 'relative/store'"),
     ('site_store = "/a/../etc"', "site_store: '/a/../etc' may not contain '..' or NUL characters"),
     ("stage_to_local = 1", "stage_to_local: must be a boolean (true or false), not an integer (1)"),

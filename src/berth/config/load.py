@@ -69,7 +69,7 @@ KEYS: tuple[Key, ...] = (
     Key("site_store", "path", SITE, env="BERTH_SITE_STORE"),
     Key("state_dir", "path", USER, env="BERTH_STATE_DIR"),
     Key("jobs_dir", "path", USER, env="BERTH_JOBS_DIR"),
-    Key("runtime", "choice", PINNABLE, env="BERTH_RUNTIME", choices=("auto", "runc", "crun")),
+    Key("runtime", "choice", PINNABLE, env="BERTH_RUNTIME", choices=("auto", "launcher", "runc", "crun")),
     Key("squashfs_compression", "choice", PINNABLE, env="BERTH_SQUASHFS_COMPRESSION",
         choices=("lz4", "zstd", "gzip", "xz", "lzo")),
     Key("pull_parallel", "int", PINNABLE, env="BERTH_PULL_PARALLEL", minimum=1, maximum=64),

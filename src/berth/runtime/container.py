@@ -13,7 +13,9 @@ The run in three stages (issue 9), each undone in reverse on every exit path:
    the runtime state deleted, the mounts unmounted, the state directory removed.
 
 Before them: clean up after berths of this user that died (cheap: only the caller's state
-directory) and pick the OCI runtime that works here (cached probe, berth.runtime.ocirt).
+directory). Between plan and supervision, the runtime is picked for the config.json the plan
+gives (berth.runtime.ocirt.select_runtime): berth-launcher when it can run it, else the OCI
+runtime that works here (cached probe).
 """
 
 from __future__ import annotations
@@ -72,14 +74,15 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     ocirt.check_init(init)
     policy.check_runtime_pin(settings, options.runtime)
     wanted = options.runtime or settings.runtime
-    runtime = ocirt.select_runtime(state_dir, wanted, init)
-    log(f"runtime {runtime}", debug=True)
+    # Which runtime runs it depends on the config (berth-launcher or runc, issue 10): chosen
+    # once the plan is made; an unknown name fails here, before anything is mounted.
+    ocirt.candidates(wanted, None)
 
     # GPUs taken through the ledger stay taken until this run ends (the locks die with berth).
     with ExitStack() as held:
         extra_edits = _gpu_edits(settings, options, held, log, gpu_wait_s)
         request = request_for(settings, image, command, options, init_path=init, log=log, extra_edits=extra_edits)
-        return _run(settings, image, options, request, runtime, state_dir, log, started)
+        return _run(settings, image, options, request, (wanted, init), state_dir, log, started)
 
 
 def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log, wait_s: float) -> tuple:
@@ -95,8 +98,9 @@ def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log, wait_s:
     return (edits,)
 
 
-def _run(settings, image, options: RunOptions, request, runtime: str, state_dir: Path, log: Log,
+def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str], state_dir: Path, log: Log,
          started: float) -> int:
+    """``wanted``: the runtime setting and berth-init's path, for ocirt.select_runtime."""
     clock = time.monotonic
     phases: dict[str, float] = {}
 
@@ -108,6 +112,7 @@ def _run(settings, image, options: RunOptions, request, runtime: str, state_dir:
         proc.restore_handlers(early)
         raise
     fuse_mounts: list = []
+    runtime = ""  # none started yet: teardown has no runtime state to delete
     try:
         materialise.make_directories(container)
         limit_plan = limits.plan_limits(options.cpus, options.memory_bytes, container.id,
@@ -119,7 +124,7 @@ def _run(settings, image, options: RunOptions, request, runtime: str, state_dir:
         info = {
             "id": container.id, "name": options.name or container.id, "image": request.image_name,
             "command": list(request.argv), "started": time.time(), "pid": os.getpid(),
-            "runtime": os.path.basename(runtime), "runtime_path": runtime, "uid": caller.uid, "gid": caller.gid,
+            "runtime": None, "runtime_path": None, "uid": caller.uid, "gid": caller.gid,
             "remap_root": options.remap_root, "daemon_pids": [],
             "cpu_set": sorted(limit_plan.cpu_set or ()),
         }
@@ -142,7 +147,12 @@ def _run(settings, image, options: RunOptions, request, runtime: str, state_dir:
                 info["daemon_pids"].append(overlay.process.pid)
                 container.write_info(info)
             phases["overlay"] = clock() - started - sum(phases.values())
-        materialise.write_bundle(plan, container)
+        config = plan.config()
+        runtime = ocirt.select_runtime(state_dir, wanted[0], wanted[1], config, log)
+        log(f"runtime {runtime}", debug=True)
+        info["runtime"], info["runtime_path"] = os.path.basename(runtime), runtime
+        container.write_info(info)
+        materialise.write_bundle(plan, container, config)
         log(f"bundle {container.bundle}, network {request.network}, workdir {request.workdir}", debug=True)
 
         if limit_plan.cpu_set is not None:

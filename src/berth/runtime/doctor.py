@@ -116,6 +116,8 @@ def _runtime_fix(result, working: list) -> str:
     if working:
         return (f"optional: berth uses {working[0].runtime}; to use {result.runtime} too, ask your site "
                 "administrator to remove the cause above")
+    if result.path is None and result.runtime == ocirt.LAUNCHER:
+        return ocirt.INIT_FIX
     if result.path is None:
         return ADMIN + f"install {result.runtime} (Debian package {result.runtime})"
     return ADMIN + "remove the cause above (berth needs one working OCI runtime)"

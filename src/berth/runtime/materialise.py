@@ -103,12 +103,12 @@ def mount_overlay(plan: ContainerPlan, container: ContainerState) -> fuse.FuseMo
                               squash_to=plan.squash_to)
 
 
-def write_bundle(plan: ContainerPlan, container: ContainerState) -> None:
+def write_bundle(plan: ContainerPlan, container: ContainerState, config: dict | None = None) -> None:
     """The identity files (0644 in a 0755 directory: the container's user reads them through
-    the bind) and the bundle's config.json."""
+    the bind) and the bundle's config.json (``config``: ``plan.config()`` when already built)."""
     for identity_file in plan.identity_files:
         (container.etc / identity_file.name).write_text(identity_file.text)
     os.chmod(container.etc, 0o755)
     for identity_file in plan.identity_files:
         os.chmod(container.etc / identity_file.name, 0o644)
-    (container.bundle / "config.json").write_text(json.dumps(plan.config()))
+    (container.bundle / "config.json").write_text(json.dumps(plan.config() if config is None else config))

@@ -25,6 +25,11 @@ from berth.runtime.spec import INIT_PATH, SpecPlan, build_config
 from berth.untrusted import parse_json
 
 RUNTIMES = ("runc", "crun")
+#: berth's own runtime (init/berth-launcher.c, berth.runtime.launcher): the OCI subset berth
+#: generates, without runc's start-up cost; runc/crun run what it does not do.
+LAUNCHER = "launcher"
+#: Every value of the ``runtime`` setting.
+CHOICES = ("auto", LAUNCHER, *RUNTIMES)
 PROBE_FILE = "runtime-probe.json"
 #: Version of the cache file's layout; another version is ignored (and replaced).
 CACHE_FORMAT = 2
@@ -55,6 +60,22 @@ def init_path() -> str:
     if override:
         return override
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "init", "berth-init")
+
+
+def launcher_path() -> str:
+    """berth-launcher, built with the package (setup.py) next to berth-init."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "init", "berth-launcher")
+
+
+def program_path(runtime: str) -> str:
+    """The executable of ``runtime`` (a name of RUNTIMES or LAUNCHER). Raises ProgramNotFound."""
+    if runtime != LAUNCHER:
+        return proc.find_program(runtime)
+    path = launcher_path()
+    if os.access(path, os.X_OK):
+        return path
+    raise ProgramNotFound(f"berth-launcher is missing from this berth installation: no executable {path}",
+                          hint=INIT_FIX)
 
 
 #: How to get berth-init back: it is compiled when berth is installed (setup.py).
@@ -123,9 +144,9 @@ def probe(runtime: str, scratch: Path, init: str) -> ProbeResult:
     it), and neither is a failure of berth-init to start, which says nothing about the runtime
     (``init_failed``)."""
     try:
-        path = proc.find_program(runtime)
-    except ProgramNotFound:
-        return ProbeResult(runtime, None, False, f"{runtime} is not installed", definite=False)
+        path = program_path(runtime)
+    except ProgramNotFound as exc:
+        return ProbeResult(runtime, None, False, exc.message, definite=False)
     container = f"berth-probe-{os.getpid()}-{os.urandom(3).hex()}"
     workdir: Path | None = None
     try:
@@ -213,9 +234,9 @@ class _ProbeCache:
         """The cached verdict on ``runtime`` with ``init``, or a new probe (stored when definite).
         ``reprobe`` skips the cache. ``.cached`` tells which it was."""
         try:
-            path = proc.find_program(runtime)
-        except ProgramNotFound:
-            return ProbeResult(runtime, None, False, f"{runtime} is not installed", definite=False)
+            path = program_path(runtime)
+        except ProgramNotFound as exc:
+            return ProbeResult(runtime, None, False, exc.message, definite=False)
         try:
             key = probe_key(path, init)
         except OSError as exc:
@@ -247,26 +268,54 @@ class _ProbeCache:
 
 
 def probe_all(state_dir: Path, init: str, *, use_cache: bool = True) -> list[ProbeResult]:
-    """Probe every known runtime (cached verdicts when the host has not changed)."""
+    """Probe every known runtime, berth-launcher first (cached verdicts when the host has not
+    changed)."""
     cache = _ProbeCache(state_dir, use_cache=use_cache)
     try:
-        return [cache.result(runtime, state_dir, init) for runtime in RUNTIMES]
+        return [cache.result(runtime, state_dir, init) for runtime in (LAUNCHER, *RUNTIMES)]
     finally:
         cache.save()
 
 
-def select_runtime(state_dir: Path, wanted: str, init: str) -> str:
-    """The runtime binary to use: ``wanted`` ('auto', 'runc', 'crun'). Raises RuntimeFailure.
+def candidates(wanted: str, config: dict | None, log=None) -> tuple[str, ...]:
+    """The runtimes to try, in order, for the ``runtime`` setting ``wanted`` and the container's
+    ``config`` (config.json as a dict): ``auto`` puts berth-launcher first when it can run the
+    config (berth.runtime.launcher.unsupported), else runc then crun; ``launcher`` is
+    berth-launcher only, and a config it cannot run is refused with the reason. Without a
+    config (None) nothing has been judged: ``auto`` means the OCI runtimes. Raises
+    RuntimeFailure."""
+    if wanted not in CHOICES:
+        raise RuntimeFailure(f"unknown OCI runtime '{wanted}' (settings: runtime)",
+                             hint="use " + ", ".join(CHOICES[:-1]) + " or " + CHOICES[-1])
+    if wanted not in ("auto", LAUNCHER):
+        return (wanted,)
+    if config is None:
+        return RUNTIMES if wanted == "auto" else (LAUNCHER,)
+    from berth.runtime.launcher import unsupported
+
+    reason = unsupported(config)
+    if reason is None:
+        return (LAUNCHER, *RUNTIMES) if wanted == "auto" else (LAUNCHER,)
+    if wanted == LAUNCHER:
+        raise RuntimeFailure(f"runtime = launcher, but this container needs {reason}, which berth-launcher "
+                             "does not do", hint='set runtime = "auto" (berth then uses runc for such a '
+                             'container) or drop the option that needs it')
+    if log:
+        log(f"runtime: berth-launcher does not do {reason}: using runc or crun", debug=True)
+    return RUNTIMES
+
+
+def select_runtime(state_dir: Path, wanted: str, init: str, config: dict | None = None, log=None) -> str:
+    """The runtime binary to use: ``wanted`` (one of CHOICES) for ``config`` (see
+    :func:`candidates`). Raises RuntimeFailure.
 
     A cached failure only lets berth skip to a runtime that works; when none does, every cached
     failure is probed again before berth refuses, so no stored verdict can refuse a run alone."""
-    if wanted not in ("auto", *RUNTIMES):
-        raise RuntimeFailure(f"unknown OCI runtime '{wanted}' (settings: runtime)",
-                             hint="use auto, runc or crun")
+    order = candidates(wanted, config, log)
     cache = _ProbeCache(state_dir)
     results = []
     try:
-        for runtime in RUNTIMES if wanted == "auto" else (wanted,):
+        for runtime in order:
             result = cache.result(runtime, state_dir, init)
             if result.works:
                 return result.path or runtime

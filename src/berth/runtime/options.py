@@ -133,7 +133,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-mount-home", dest="mount_home", action="store_false", help="do not mount your home directory")
     add("--entrypoint", metavar="PATH", help="replace the image's entrypoint")
     add("--hostname", help="hostname inside (default: this node's)")
-    add("--runtime", choices=("runc", "crun"), help="OCI runtime (default: site setting, else the first that works)")
+    add("--runtime", choices=("launcher", "runc", "crun"),
+        help="runtime: berth's own launcher or an OCI runtime (default: site setting, else the first that works)")
     add("--scope", choices=("task", "node"), default="task",
         help="task: a container per berth run (default); node: in a Slurm step, the tasks of a node "
              "share one container (one start-up, shared /dev/shm and IPC for MPI ranks)")

@@ -267,7 +267,8 @@ def find_container(state_dir: Path, key: str) -> dict:
 
 
 def _kill_runtime(path: Path, info: dict) -> None:
-    runtime = info.get("runtime") or "runc"
+    # The path first: berth-launcher is not on PATH (and a site's runc need not be either).
+    runtime = info.get("runtime_path") or info.get("runtime") or "runc"
     root = str(path / "runc")
     container_id = info.get("id") or path.name
     if not (path / "runc" / container_id).exists():

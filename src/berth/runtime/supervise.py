@@ -66,7 +66,7 @@ def runtime_error(log_path: Path) -> str | None:
 def teardown(container: ContainerState, runtime: str, fuse_mounts: list) -> None:
     """Delete the runtime's state of the container, unmount (last mounted first), remove the
     state directory."""
-    if (container.runtime_root / container.id).exists():
+    if runtime and (container.runtime_root / container.id).exists():
         proc.run([runtime, "--root", str(container.runtime_root), "delete", "--force", container.id],
                  check=False, timeout=10)
     for mount in reversed(fuse_mounts):
