@@ -1318,7 +1318,6 @@ static int command_run(const char *bundle, const char *id)
     write_id_map(child, "uid_map", map);
     snprintf(map, sizeof map, "%u %u 1\n", cfg.container_gid, cfg.host_gid);
     write_id_map(child, "gid_map", map);
-    write_state(id, child, bundle);
     if (write(sync_pipe[1], "g", 1) != 1)
         fail("cannot start the container: %s", error_text(errno));
     close(sync_pipe[1]);
@@ -1337,6 +1336,10 @@ static int command_run(const char *bundle, const char *id)
         message[got] = 0;
         fail("%s", message);
     }
+    /* Only now does the container count as running (runc's "running" comes after its start,
+     * too): `berth exec` and a node's tasks (berth.runtime.nodescope) join it from this moment,
+     * when its mounts are all made. */
+    write_state(id, child, bundle);
     cleanup_child = -1; /* from now on its status is the launcher's */
     int status = forward_until_exit(child, &all);
     remove_state(id);
