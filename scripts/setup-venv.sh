@@ -13,10 +13,12 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+# obstore (berth's S3 client) is compiled Rust: take its binary wheel or fail here with pip's
+# "no matching distribution", never start a Rust build from its source archive on a node.
 if [ "$editable" = 1 ]; then
-    "$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+    "$venv/bin/python" -m pip install -q --only-binary obstore -e "$repo[$extras]"
 else
-    "$venv/bin/python" -m pip install -q "$repo[$extras]"
+    "$venv/bin/python" -m pip install -q --only-binary obstore "$repo[$extras]"
 fi
 # berth-init used to be built here; the package has it now (an old copy would only mislead).
 rm -rf "$venv/libexec/berth"

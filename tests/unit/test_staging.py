@@ -148,8 +148,9 @@ def test_multipart_etag_is_md5_of_part_md5s(tmp_path):
     parts = [data[i:i + (5 << 20)] for i in range(0, len(data), 5 << 20)]
     expected = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + "-3"
     assert multipart_etag(str(path), 5 << 20) == expected
-    assert matches_etag(str(path), expected, 5 << 20) is True
-    assert matches_etag(str(path), expected, 6 << 20) is False
+    assert matches_etag(str(path), expected, [5 << 20]) is True
+    assert matches_etag(str(path), expected, [6 << 20]) is False
+    assert matches_etag(str(path), expected, [6 << 20, 5 << 20]) is True  # any candidate
     assert matches_etag(str(path), expected, None) is None
     assert matches_etag(str(path), hashlib.md5(data).hexdigest(), None) is True
 
@@ -164,9 +165,9 @@ def test_credentials_file_text_and_summary_have_no_surprises():
     assert summary.to_dict()["mb_per_s"] == 2.0
 
 
-def test_worker_threads_share_one_client(monkeypatch):
-    """Stage-out's workers asked for the client at once and each built its own (16 botocore
-    clients and pools: seconds of CPU and a slow exit); one must serve them all."""
+def test_worker_threads_share_one_store_per_bucket(monkeypatch):
+    """Stage-out's workers asked for the client at once and each built its own (16 clients and
+    pools: seconds of CPU and a slow exit); one store per bucket must serve them all."""
     import time as _time
 
     from berth.staging import transfer
@@ -174,16 +175,17 @@ def test_worker_threads_share_one_client(monkeypatch):
 
     made = []
 
-    def slow_client(profile):
+    def slow_store(profile, bucket):
         _time.sleep(0.05)
-        made.append(profile)
+        made.append(bucket)
         return object()
 
-    monkeypatch.setattr(transfer, "make_client", slow_client)
+    monkeypatch.setattr(transfer, "make_store", slow_store)
     runner = transfer._Runner(S3Profile("p", max_concurrency=16), None)
-    results, failures = transfer._run_pool(runner, lambda item: runner.client, list(range(32)), fail_fast=False)
-    assert failures == [] and len({id(client) for _, client in results}) == 1
-    assert len(made) == 1
+    results, failures = transfer._run_pool(runner, lambda item: runner.store(f"b{item % 2}"), list(range(32)),
+                                           fail_fast=False)
+    assert failures == [] and len({id(store) for _, store in results}) == 2
+    assert sorted(made) == ["b0", "b1"]
 
 
 def test_progress_bar_draws_on_a_terminal_only():
