@@ -139,6 +139,7 @@ def test_an_overlay_on_an_unpacked_copy_is_the_kernels_and_leaves_the_copy_alone
                                 "touch /new 2>&1; true")
     assert result.returncode == 0, describe(result)
     assert "adding a kernel overlayfs overlay" in result.stderr, describe(result)
+    assert "/berth-launcher\n" in result.stderr, describe(result)  # the launcher mounts it, not runc
     lines = result.stdout.splitlines()
     assert lines[0] == "hello" and " - overlay overlay " in lines[1] and " / / ro," in lines[1], describe(result)
     assert "Read-only file system" in lines[2], describe(result)

@@ -61,6 +61,7 @@ SUPPORTED = {
                                                         private_namespaces=("cgroup",))),
     "empty hooks": changed(BASE, lambda c: c.update(hooks={"prestart": []})),
     "a tmpfs at the root's /tmp": build_config(plan(tmp_source=None)),
+    "a kernel overlay at / (an unpacked image)": build_config(plan(root_overlay=("/l", "/u", "/w"))),
 }
 
 UNSUPPORTED = {

@@ -20,7 +20,7 @@ PROCESS_KEYS = frozenset({"terminal", "user", "args", "env", "cwd", "capabilitie
 CAPABILITY_SETS = frozenset({"bounding", "effective", "permitted", "inheritable", "ambient"})
 LINUX_KEYS = frozenset({"uidMappings", "gidMappings", "namespaces", "maskedPaths", "readonlyPaths"})
 NAMESPACES = frozenset({"user", "mount", "pid", "ipc", "uts", "network", "cgroup"})
-FS_TYPES = frozenset({"proc", "tmpfs", "devpts", "mqueue", "sysfs"})
+FS_TYPES = frozenset({"proc", "tmpfs", "devpts", "mqueue", "sysfs", "overlay"})
 MOUNT_FLAGS = frozenset({
     "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async", "dirsync", "noatime",
     "atime", "nodiratime", "diratime", "relatime", "norelatime", "strictatime", "bind", "rbind",

@@ -573,7 +573,7 @@ static const struct {
 };
 
 /* File system types the launcher mounts; "none" and "bind" are bind mounts. */
-static const char *const FS_TYPES[] = {"proc", "tmpfs", "devpts", "mqueue", "sysfs", NULL};
+static const char *const FS_TYPES[] = {"proc", "tmpfs", "devpts", "mqueue", "sysfs", "overlay", NULL};
 
 static void parse_mount(struct jval *m, struct mount_entry *out)
 {
@@ -1112,6 +1112,14 @@ static int container_main(void *raw)
         mount_one(root_fd, &cfg->mounts[i]);
         if (strcmp(cfg->mounts[i].destination, "/dev") == 0)
             dev_tmpfs = !cfg->mounts[i].bind;
+        if (strcmp(cfg->mounts[i].destination, "/") == 0) {
+            /* A mount on the root itself (berth's kernel overlay of an unpacked image): the later
+             * destinations are looked up in it, not in the directory it covers. */
+            close(root_fd);
+            root_fd = open(cfg->root, O_DIRECTORY | O_PATH | O_CLOEXEC);
+            if (root_fd < 0)
+                fail("cannot open the root %s: %s", cfg->root, error_text(errno));
+        }
     }
     if (dev_tmpfs) /* a /dev of the container's own: runc's default devices in it */
         populate_dev(root_fd);
