@@ -56,6 +56,8 @@ import common as c
 
 JOB_SCRIPT = """#!/bin/sh
 echo "script $(date +%s.%N)"
+# the step agent as before its wake-up FIFO: it finds requests by scanning every 50 ms
+if [ "$5" = scan ]; then rm -f "$BERTH_JOB_AGENT/wake"; fi
 if [ "$1" = slurm ]; then
     echo "launch $(date +%s.%N)"
     srun -N "$2" -n "$2" --ntasks-per-node=1 berth run "$3" /bin/sh -c 'echo "container $(date +%s.%N)"'
@@ -139,14 +141,14 @@ class JobBench:
         #: berth's own phases of a step's container (``berth --debug run``'s timing line)
         self.step_phases: dict[str, c.Sample] = {}
 
-    def run_job(self, backend: str, nodes: int, extra_env: dict) -> dict:
+    def run_job(self, backend: str, nodes: int, extra_env: dict, agent: str = "wake") -> dict:
         """Submit one job, wait for it, and return its measurements (seconds)."""
         env = {**self.env, **extra_env}
         out_name = f"out-{backend}-{nodes}-{time.monotonic_ns()}.txt"
         argv = [str(c.BERTH), "submit", "--backend", backend, "--image", self.ref, "-o", out_name, "-t", "5"]
         if backend == "slurm":
             argv += ["-N", str(nodes), "--ntasks-per-node", "1"]
-        argv += [str(self.script), backend, str(nodes), self.ref, str(TREECPU)]
+        argv += [str(self.script), backend, str(nodes), self.ref, str(TREECPU), agent]
         job_id = self.user.run(argv, env=env, cwd=str(self.workdir)).stdout.strip().splitlines()[-1]
         deadline = time.monotonic() + 180
         while True:
@@ -216,6 +218,7 @@ def main() -> int:
     slurm_root = workdir / "slurm"
     results: dict[tuple[str, int], dict[str, c.Sample]] = {}
     unavailable: dict[str, str] = {}
+    agent_samples: dict[tuple[str, str], c.Sample] = {}
     phases_seen = False
     traced_phases = False
     slurm_started = False
@@ -270,6 +273,13 @@ def main() -> int:
                                 for key, value in bench.run_job("slurm", nodes, slurm_env).items():
                                     samples.setdefault(key, c.Sample()).add(value)
                             results[("slurm", nodes)] = samples
+                        # the agent's wake-up FIFO against its 50 ms scan (FIFO removed), same run, 1 node
+                        for agent in ("scan", "wake"):
+                            for _ in range(args.runs):
+                                c.log(f"slurm job on 1 node, step agent: {agent}")
+                                for key, value in bench.run_job("slurm", 1, slurm_env, agent).items():
+                                    if key in ("step", "bare"):
+                                        agent_samples.setdefault((agent, key), c.Sample()).add(value)
                     except RuntimeError as error:
                         unavailable["slurm"] = c.error_line(str(error))
                 phases_seen = bench.phases_seen
@@ -316,6 +326,15 @@ def main() -> int:
                          "image lookup — is the node's wall figure minus their sum):", "",
                          c.markdown_table(["phase", "ms: median (min–max)"],
                                           [[name, sample.cell("ms")] for name, sample in bench.step_phases.items()]),
+                         ""]
+        if agent_samples:
+            sections += ["Steps started from inside the job's container go through the step agent; the agent woken by "
+                         "its FIFO against its 50 ms scan (the job removes the FIFO: the agent before the change), "
+                         "1 node, same run:", "",
+                         c.markdown_table(["step agent", "container step, ms", "bare srun step, ms"],
+                                          [[agent, agent_samples[(agent, "step")].cell("ms"),
+                                            agent_samples[(agent, "bare")].cell("ms")]
+                                           for agent in ("scan", "wake") if (agent, "step") in agent_samples]),
                          ""]
         local = results.get(("local", 1), {})
         if traced_phases:

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "start": (["--runs", "50", "--warmup", "5"], ["--runs", "10", "--warmup", "2"]),
     "import_storm": (["--runs", "10", "--cold-runs", "5"], ["--runs", "3", "--cold-runs", "1"]),
     "jobs_start": (["--runs", "3"], ["--runs", "1", "--nodes", "1,2"]),
+    "store_ops": (["--runs", "5"], ["--runs", "2"]),
     "pull_convert": (["--runs", "3"], ["--runs", "1", "--images", "debian"]),
     "inflate": (["--runs", "5"], ["--runs", "2"]),
     "squashfs_compression": (["--runs", "3"], ["--runs", "1"]),
@@ -37,8 +38,8 @@ BENCHMARKS = {
     "node_scale": (["--runs", "3"], ["--runs", "1", "--counts", "1,4"]),
 }
 #: Order of the sections in RESULTS.md (issue order).
-SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "squashfs_compression", "staging",
-                 "mpi", "node_scale")
+SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "store_ops", "squashfs_compression",
+                 "staging", "mpi", "node_scale")
 
 HOWTO = """# berth benchmarks: results
 
@@ -57,6 +58,7 @@ and run every tool meant to run unprivileged as the user `berthtest`):
     python3 bench/start.py --runs 50
     python3 bench/import_storm.py
     python3 bench/jobs_start.py
+    python3 bench/store_ops.py --runs 5                 # one node's job start: shared-FS syscalls, registry, CPU
     python3 bench/staging.py --runs 3                   # --big-mib 256 on a small machine
     python3 bench/node_scale.py --runs 3                # N = 1..16 containers of one image, shared vs per-container mounts vs unpacked
 
@@ -72,7 +74,9 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `inflate.py` | gzip inflate of real layers: igzip, pigz, gzip programs vs zlib, isal, zlib-ng in process (and zstd -dc) | 10 |
 | `start.py` | warm start of /bin/true vs runc, ch-run, bwrap, udocker, podman; berth's phases and import cost | 3 |
 | `import_storm.py` | importing 3000 small modules from the SquashFS (image_mount shared, FUSE options) vs a node-local unpacked copy vs a plain directory, warm and cold | 3, 10 |
-| `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes | 4 |
+| `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes; berth's wall, CPU and phases per node of a step | 4, 10 |
+| `store_ops.py` | one node's job start under strace: metadata operations and bytes on the store, config, home, berth's install; registry requests; CPU per node (docs/scale.md) | 10 |
+| `treecpu.py` | helper: a command's whole process tree's CPU time, as its subreaper (used on every node of a step) | |
 | `squashfs_compression.py` | per compressor: pull + convert, SquashFS size, read-back via squashfuse, which readers accept it | 9 |
 | `staging.py` | `berth stage` in/out of one large object, 2,000 small ones and a no-change re-sync vs s5cmd, aws-cli, s3cmd on SeaweedFS | 7 |
 | `mpi.py` | OSU-style ping-pong latency/bandwidth, allreduce, broadcast and N-rank launch, bare host vs berth per scope, on the Slurm test cluster | 13 |
@@ -130,6 +134,7 @@ def write_results() -> None:
                      + "\n".join(summary) + "\n")
     titles = {"pull_convert": "1. Pull + convert", "inflate": "1b. gzip inflate for pull", "start": "2. Start", "import_storm": "3. Import storm",
               "jobs_start": "4. Jobs: start to container running",
+              "store_ops": "4b. Jobs at scale: one node's shared-filesystem operations and registry traffic",
               "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging",
               "mpi": "7. MPI: micro-benchmarks and launch",
               "node_scale": "8. Node scale: many containers of one image"}
