@@ -421,7 +421,8 @@ def test_a_step_on_several_nodes_pulls_a_missing_image_once(job_site, user, slur
     """An image in no store, run by a step of three nodes (`srun -N3 berth run IMAGE`): the
     step's node 0 pulls it, once; the other nodes wait for it to appear in the store instead of
     each asking the registry and queueing on the store's lock (docs/scale.md). The registry,
-    behind a counting proxy, sees the requests of one pull, and every node runs the image."""
+    behind a counting proxy, sees the requests of one pull, and every node runs the image.
+    When node 0's pull fails, the others stop at once with its reason."""
     import shutil
 
     from tests.harness.countingproxy import CountingProxy
@@ -449,5 +450,16 @@ def test_a_step_on_several_nodes_pulls_a_missing_image_once(job_site, user, slur
         nodes = [line.split()[-1] for line in step.stdout.splitlines() if line.startswith("ran on node")]
         assert len(nodes) == 3 == len(set(nodes)), describe(step)
         assert sorted(proxy.requests) == one_pull, proxy.requests
+
+        # node 0's pull fails (no such tag): the waiting nodes stop at once with its reason,
+        # long before lock_timeout_s
+        missing = ref.rsplit(":", 1)[0] + ":no-such-tag"
+        started = time.monotonic()
+        failed = user.run(["srun", "-N3", "-n3", "--ntasks-per-node=1", str(berth_executable()), "run", missing,
+                           "/bin/true"], env={**env, "BERTH_USER_STORE": str(base / "store"),
+                                              "BERTH_LOCK_TIMEOUT_S": "300"}, timeout=400)
+        elapsed = time.monotonic() - started
+        assert failed.returncode != 0 and elapsed < 120, (elapsed, describe(failed))
+        assert failed.stderr.count("could not pull it") == 2, describe(failed)
     finally:
         proxy.stop()

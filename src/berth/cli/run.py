@@ -82,24 +82,33 @@ def resolve_image(settings, reference: str, pull: str):
         found = api.find_image(settings, reference)
         if found is not None:
             return found
-        puller = step_puller(os.environ)
-        if puller is not None:
-            return api.wait_for_image(settings, reference, puller=puller)
+        role = step_pull_role(os.environ)
+        if role is not None:
+            action, step = role
+            if action == "wait":
+                return api.wait_for_image(settings, reference, step=step)
+            return api.pull_for_step(settings, reference, step=step)
     return api.get_image(settings, reference, pull_missing=pull == "missing")
 
 
-def step_puller(environ) -> str | None:
+def _plain_id(word: str) -> bool:
+    """A Slurm job or step id as berth uses it in a file name: 1-32 ASCII letters, digits, _."""
+    return 0 < len(word) <= 32 and all(ch.isascii() and (ch.isalnum() or ch == "_") for ch in word)
+
+
+def step_pull_role(environ) -> tuple[str, str] | None:
     """Inside a Slurm step of several nodes, every node would pull a missing image at once:
     as many registry pulls and as many waiters on the store's lock on the shared filesystem
-    as nodes (docs/scale.md). Only the step's node 0 pulls; the others wait for the image to
-    appear (without locks). Returns what names the puller for a waiting node, None where this
-    process pulls itself (outside a step, one node, node 0, or unknown numbers)."""
+    as nodes (docs/scale.md). So the step's node 0 pulls (``("pull", "JOB.STEP")``) and the
+    others wait for the image to appear (``("wait", "JOB.STEP")``). None outside a step of
+    several nodes, or where Slurm's numbers are missing: this process pulls as usual."""
+    job, step = environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "")
     nodes, node = environ.get("SLURM_STEP_NUM_NODES", ""), environ.get("SLURM_NODEID", "")
-    if not (environ.get("SLURM_STEP_ID") and nodes.isdigit() and node.isdigit()):
+    if not (_plain_id(job) and _plain_id(step) and nodes.isdigit() and node.isdigit()):
         return None
-    if int(nodes) <= 1 or int(node) == 0:
+    if int(nodes) <= 1:
         return None
-    return f"node 0 of Slurm step {environ.get('SLURM_JOB_ID', '?')}.{environ['SLURM_STEP_ID']}"
+    return ("pull" if int(node) == 0 else "wait", f"{job}.{step}")
 
 
 def run_command(args, ctx) -> int:

@@ -171,32 +171,53 @@ def get_image(settings: "Settings", ref: str, *, pull_missing: bool = True,
 #: doubling to the last (10,000 waiting nodes then read the store index ~2,000 times a second,
 #: and take no lock).
 WAIT_POLL_S = (0.2, 5.0)
+#: A recorded step pull failure older than the waiter's start by more than this is an earlier
+#: job's (Slurm ids restart when a cluster is rebuilt); it allows for clocks of nodes that differ.
+STEP_FAILURE_SLACK_S = 60.0
 
 
-def wait_for_image(settings: "Settings", ref: str, *, puller: str, timeout_s: float | None = None,
-                   sleep=None, clock=None) -> StoredImage:
-    """Wait until another process puts ``ref`` into a store (``puller`` names it, for the
-    message), reading the stores without locking them; at most ``timeout_s`` (default: the
-    settings' ``lock_timeout_s``, how long berth would wait for the store's lock that the pull
-    holds). Raises NotFound when it does not appear in time."""
+def pull_for_step(settings: "Settings", ref: str, *, step: str) -> StoredImage:
+    """Pull ``ref`` for the Slurm step ``step`` (``JOB.STEP``) as its node 0; on failure record
+    the reason in the user store for the step's waiting nodes, then raise it."""
+    try:
+        return pull(settings, ref)
+    except BerthError as error:
+        store_for(settings, site=False).record_step_pull_failure(step, error.message)
+        raise
+
+
+def wait_for_image(settings: "Settings", ref: str, *, step: str, timeout_s: float | None = None,
+                   sleep=None, clock=None, wall_clock=None) -> StoredImage:
+    """Wait until node 0 of the Slurm step ``step`` has put ``ref`` into a store, reading the
+    stores without locking them; at most ``timeout_s`` (default: the settings'
+    ``lock_timeout_s``, how long berth would wait for the store's lock that the pull holds).
+    Raises NotFound when node 0 recorded that its pull failed, or when the image does not
+    appear in time."""
     import time
 
-    sleep = sleep or time.sleep
-    clock = clock or time.monotonic
+    sleep, clock, wall_clock = sleep or time.sleep, clock or time.monotonic, wall_clock or time.time
+    puller = f"node 0 of Slurm step {step}"
     limit = float(settings.lock_timeout_s if timeout_s is None else timeout_s)
     deadline = clock() + limit
+    since = wall_clock() - STEP_FAILURE_SLACK_S
+    user_store = store_for(settings, site=False)
     pause = WAIT_POLL_S[0]
     while True:
         found = find_image(settings, ref)
         if found is not None:
             return found
+        failure = user_store.step_pull_failure(step, since)
+        if failure is not None:
+            raise NotFound(f"image '{ref}' is in no store and {puller} could not pull it: {failure}",
+                           hint=f"node 0's output has the details; pull the image before the step "
+                           f"(`berth pull {ref}`)")
         left = deadline - clock()
         if left <= 0:
             raise NotFound(
                 f"image '{ref}' did not appear in your store ({settings.user_store}) or the site store "
                 f"within {limit:g} s while {puller} pulled it",
-                hint=f"{puller}'s output says why its pull failed; pull the image before the step "
-                f"(`berth pull {ref}`), or raise lock_timeout_s (BERTH_LOCK_TIMEOUT_S) for a large image",
+                hint=f"{puller}'s output says why; pull the image before the step (`berth pull {ref}`), or "
+                "raise lock_timeout_s (BERTH_LOCK_TIMEOUT_S) for a large image",
             )
         sleep(min(pause, left))
         pause = min(pause * 2, WAIT_POLL_S[1])

@@ -11,7 +11,8 @@
           image.json              berth's metadata: source reference, sizes, compression
       index.json                  reference -> manifest digest (written last, atomically)
       tmp/                        partial downloads and conversions (same filesystem, so
-                                  os.replace into blobs/ and images/ is atomic)
+                                  os.replace into blobs/ and images/ is atomic); a Slurm
+                                  step's failed pull (step-pull-JOB.STEP.failed)
       locks/                      flock files: one per blob, per image, one for the index, and
                                   gc.lock (pulls and imports hold it shared, prune exclusive)
 
@@ -65,6 +66,12 @@ class StoreLayout:
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
+
+    def step_pull_failure(self, step: str) -> Path:
+        """Left by the node that pulled an image for a Slurm step (``JOB.STEP``) when its pull
+        failed, so that the step's other nodes, waiting for the image, stop at once with its
+        reason (berth.image.api.wait_for_image); prune removes old ones with the rest of tmp/."""
+        return self.tmp_dir / f"step-pull-{step}.failed"
 
     def partial_blob(self, digest: Digest) -> Path:
         """Where a blob download in progress lives; kept across interruptions for resuming."""

@@ -460,6 +460,26 @@ class Store:
     def set_reference(self, reference: str, digest: Digest) -> None:
         self.update_index(lambda refs: refs.__setitem__(reference, str(digest)))
 
+    def record_step_pull_failure(self, step: str, message: str) -> None:
+        """Tell the other nodes of Slurm step ``step`` that this node's pull failed (best
+        effort: they wait out lock_timeout_s when this cannot be written)."""
+        try:
+            self.require_writable()
+            self._write_file_atomic(self.layout.step_pull_failure(step), message.encode()[:4000])
+        except (BerthError, OSError):
+            pass
+
+    def step_pull_failure(self, step: str, newer_than: float) -> str | None:
+        """The failure another node recorded for step ``step`` since ``newer_than`` (a time
+        stamp: an older record is of an earlier cluster's job that had the same id), else None."""
+        path = self.layout.step_pull_failure(step)
+        try:
+            if os.stat(path).st_mtime < newer_than:
+                return None
+            return path.read_bytes()[:4000].decode(errors="replace")
+        except OSError:
+            return None
+
     def _write_file_atomic(self, final: Path, data: bytes) -> None:
         # Staged in tmp/ (same file system, so the rename is atomic), where prune finds crash leftovers.
         with store_errors(self, "writing", final):
