@@ -279,3 +279,56 @@ def test_virtual_addressing_puts_the_bucket_in_the_host(recorder):
     path = transfer.make_store(S3Profile("site", endpoint=endpoint, access_key="A", secret_key="S"), "bucket")
     obstore.head(path, "k")  # auto on a site endpoint: path style
     assert seen[-1][0] == "/bucket/k"
+
+
+def test_large_uploads_go_one_at_a_time_and_are_verified(tmp_path, monkeypatch):
+    """obstore holds every part of an upload in memory: 16 large files at once with 16 parts
+    each would hold 256 parts; berth sends large files one at a time (small ones beside)."""
+    import time as _time
+
+    import obstore
+
+    from berth.staging.locations import parse_transfer
+
+    (tmp_path / "out").mkdir()
+    for index in range(4):
+        (tmp_path / "out" / f"big{index}.bin").write_bytes(os.urandom(6 * MIB + index))
+    for index in range(6):
+        (tmp_path / "out" / f"small{index}.txt").write_bytes(b"x" * index)
+    active, peak, calls = [0], [0], []
+    lock = threading.Lock()
+
+    def put(store, key, file, use_multipart=None, chunk_size=None, max_concurrency=None):
+        if use_multipart:
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            _time.sleep(0.05)
+            with lock:
+                active[0] -= 1
+            calls.append((key, chunk_size, max_concurrency))
+            return {"e_tag": f'"{multipart_etag(str(file), chunk_size)}"', "version": None}
+        return {"e_tag": f'"{hashlib.md5(bytes(file)).hexdigest()}"', "version": None}
+
+    monkeypatch.setattr(obstore, "put", put)
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    profile = _profile(max_concurrency=8)
+    summary = transfer.stage_out((parse_transfer("out/:s3://bucket/run/", "out"),), profile, str(tmp_path))
+    assert (summary.objects, summary.failed) == (10, [])
+    assert peak[0] == 1
+    assert sorted(calls) == [(f"run/big{i}.bin", 5 * MIB, 8) for i in range(4)]
+
+
+def test_a_wrong_multipart_etag_fails_the_upload_and_lists_it(tmp_path, monkeypatch):
+    import obstore
+
+    from berth.staging.locations import parse_transfer
+
+    (tmp_path / "big.bin").write_bytes(os.urandom(6 * MIB))
+    monkeypatch.setattr(obstore, "put", lambda store, key, file, **kw: {"e_tag": '"0123456789abcdef0123456789abcdef-2"'})
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    monkeypatch.setattr(transfer.time, "sleep", lambda seconds: None)
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_out((parse_transfer("big.bin:s3://bucket/big.bin", "out"),), _profile(), str(tmp_path))
+    assert "1 object(s) did not arrive after 3 attempts: s3://bucket/big.bin" in caught.value.message
+    assert "does not match" in caught.value.message
