@@ -72,7 +72,7 @@ command works and says "not available: <reason>" until then. Figures are medians
 | `pull_convert.py` | pull + convert to one SquashFS, cold and warm, vs skopeo+umoci+mksquashfs, ch-image+ch-convert, pigz floor | 2 |
 | `convert_profile.py` | one layer's conversion in process: wall, berth's and its children's CPU, cProfile top functions | 10 |
 | `inflate.py` | gzip inflate of real layers: igzip, pigz, gzip programs vs zlib, isal, zlib-ng in process (and zstd -dc) | 10 |
-| `start.py` | warm start of /bin/true vs runc, ch-run, bwrap, udocker, podman; berth's phases and import cost | 3 |
+| `start.py` | warm start of /bin/true: berth with berth-launcher and with runc side by side, both runtimes alone on berth's config.json, vs runc, ch-run, bwrap, udocker, podman; berth's phases per runtime and import cost | 3, 10 |
 | `import_storm.py` | importing 3000 small modules from the SquashFS (image_mount shared, FUSE options) vs a node-local unpacked copy vs a plain directory, warm and cold | 3, 10 |
 | `jobs_start.py` | job start to container running on the local backend and 1/2/4 Slurm nodes; berth's wall, CPU and phases per node of a step | 4, 10 |
 | `store_ops.py` | one node's job start under strace: metadata operations and bytes on the store, config, home, berth's install; registry requests; CPU per node (docs/scale.md) | 10 |

@@ -8,7 +8,8 @@ something else: the judged inode's (st_dev, st_ino) travels with the mount
 (:attr:`BindMount.identity`) and berth-init refuses to start the command when the destination
 is not that inode (a bind mount shows its source's). Destinations are container paths: they
 must be absolute and free of ``..``; symlinks inside the image are followed in-root by the
-runtime (securejoin), so they cannot point out of the container either.
+runtime (runc's securejoin; berth-launcher's openat2 with RESOLVE_IN_ROOT), so they cannot
+point out of the container either.
 
 These rules are site policy, not the security boundary: every mount is made in the caller's own
 user namespace with the caller's credentials, so a mount can never expose more than the caller
