@@ -19,6 +19,7 @@ import sys
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
+ORPHANS_S = 10.0
 
 
 def main() -> int:
@@ -37,14 +38,22 @@ def main() -> int:
         finally:
             os._exit(127)
     status = 0
-    while True:  # the command, then every orphan of its tree
+    _, raw = os.waitpid(pid, 0)
+    status = os.waitstatus_to_exitcode(raw)
+    wall = time.perf_counter() - start
+    # then every orphan of its tree (a FUSE daemon ends once its mount is gone); one still
+    # running after ORPHANS_S is named and left alone, its CPU not counted
+    deadline = time.monotonic() + ORPHANS_S
+    while True:
         try:
-            done, raw = os.wait()
+            done, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        if done == pid:
-            status = os.waitstatus_to_exitcode(raw)
-    wall = time.perf_counter() - start
+        if done == 0:
+            if time.monotonic() > deadline:
+                print("treecpu: a process of the tree is still running; its CPU is not counted", file=sys.stderr)
+                break
+            time.sleep(0.01)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"treecpu {usage.ru_utime:.4f} {usage.ru_stime:.4f} {wall:.4f}", flush=True)
     return status if status >= 0 else 128 - status
