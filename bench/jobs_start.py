@@ -362,6 +362,10 @@ def main() -> int:
                                 + ", ".join(f"{n} node(s) {v:.0f} ms" for n, v in zip(node_counts, per_node))
                                 + f"; on nodes with their own cores a {max(node_counts)}-node step would take "
                                 f"about the 1-node step plus Slurm's fan-out")
+                cpu_flat = per_node[-1] / per_node[0] if per_node and per_node[0] > 0 else float("inf")
+                sections.append(f"- target flat in node count, by CPU (berth CPU per node, {max(node_counts)} nodes / "
+                                f"1 node ≤ 1.2; independent of the shared cores): {cpu_flat:.2f}, "
+                                f"{'met' if cpu_flat <= 1.2 else 'NOT met'}")
         if not phases_seen:
             sections.append("- phases as berth reports them: not available: `berth status --json` has no phase "
                             "timings" + ("; the local phases above come from kernel exec events (tracefs); "
