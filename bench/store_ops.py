@@ -104,7 +104,9 @@ def syscall_paths(name: str, args: str) -> list[str]:
         quoted = QUOTED.fullmatch(part)
         if quoted and name not in READ_CALLS and name not in ("write", "pwrite64", "connect"):
             value = quoted.group(1)
-            if value.startswith("/"):
+            if value.startswith("/") and fd_path and "RESOLVE_IN_ROOT" in args:
+                paths.append(fd_path + value)  # openat2 inside a root (the container's): not the host path
+            elif value.startswith("/"):
                 paths.append(value)
             elif value and fd_path:
                 paths.append(os.path.join(fd_path, value))
