@@ -4,6 +4,7 @@
 
     STATE_DIR/                       settings.state_dir, 0700, the caller's (one per user)
       runtime-probe.json             which OCI runtime works on this host (see ocirt.py)
+      containers.lock                held shared while a container directory is being created
       containers/ID/                 one per running container, 0700
         lock                         flock()ed by the berth process for the container's life
         info.json                    name, image, command, started, runtime, identity
@@ -22,6 +23,13 @@
 A container directory whose lock nobody holds belongs to a berth that is gone (killed with
 SIGKILL, node trouble): :func:`cleanup_stale` kills what runs there, unmounts and removes it.
 Only the caller's own state directory is scanned, so it is cheap enough for every invocation.
+
+A directory without a ``lock`` file is judged under ``containers.lock``: creators hold it
+shared from their ``mkdir`` until ``lock`` is in place (locked under another name, then
+renamed), so a cleaner that gets it exclusively knows that no berth is creating one right now,
+and a directory still without ``lock`` is left by a berth killed in between: it goes at once
+(it used to count as "starting now" for 60 s; issue 8, scenario 3). Removal takes ``lock``
+last, so a berth killed while removing leaves a directory the next one judges by its free lock.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
+import shutil
 from pathlib import Path
 
 from berth import fsutil, locks, proc
@@ -110,7 +118,7 @@ class ContainerState(ContainerLayout):
     def release(self) -> None:
         """Remove the directory (mounts must be gone) and drop the lock. (fsutil.remove_tree:
         a kernel overlayfs leaves its ``work/work`` mode 000.)"""
-        fsutil.remove_tree(self.path)
+        _remove_lock_last(self.path)
         os.close(self.lock_fd)
 
 
@@ -184,28 +192,61 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
     # os.urandom, not secrets: the id only needs to be unique, and secrets costs ~5 ms of imports.
     container_id = "b" + os.urandom(6).hex()
     path = containers / container_id
-    os.mkdir(path, 0o700)
-    # Lock under another name, then rename: "lock" is never seen unlocked. (Opened and then
-    # locked in place, a berth starting at the same moment — MPI ranks on one node — could take
-    # the lock in between, judge the new directory stale and clean it away.)
-    fd = os.open(path / ".lock.new", os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    locks.try_acquire(fd)  # a new file nobody else has open: never waits
-    os.rename(path / ".lock.new", path / "lock")
+    fd = -1
+    with locks.file_lock(containers.parent / CREATION_LOCK, shared=True, purpose="creating a container directory"):
+        os.mkdir(path, 0o700)
+        try:
+            # Lock under another name, then rename: "lock" is never seen unlocked. (Opened and
+            # then locked in place, a berth starting at the same moment — MPI ranks on one node
+            # — could take the lock in between, judge the new directory stale and clean it away.)
+            fd = os.open(path / ".lock.new", os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            locks.try_acquire(fd)  # a new file nobody else has open: never waits
+            os.rename(path / ".lock.new", path / "lock")
+        except BaseException:  # a stop signal (StopRequested) or an error: leave no directory
+            shutil.rmtree(path, ignore_errors=True)
+            if fd >= 0:
+                os.close(fd)
+            raise
     return ContainerState(container_id, path, fd)
 
 
+#: Held shared by creators of container directories, exclusively (one try) by a cleaner that
+#: judges directories without a lock file (see the module's docstring).
+CREATION_LOCK = "containers.lock"
+
+
+def _remove_lock_last(path: Path) -> None:
+    """Remove a container directory, its lock file last: killed half-way, what is left still
+    has a lock file whose lock is free, and the next berth finishes the job. Subdirectories go
+    with fsutil.remove_tree (a kernel overlayfs leaves its ``work/work`` mode 000)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == "lock":
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            fsutil.remove_tree(Path(entry.path))
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+    for remove in (lambda: os.unlink(path / "lock"), lambda: os.rmdir(path)):
+        try:
+            remove()
+        except OSError:
+            pass
+
+
 def _try_lock(path: Path) -> int | None:
-    """An fd holding the lock of a container directory nobody holds, else None."""
+    """An fd holding the lock of a container directory nobody holds, else None (also when it
+    has no lock file: :func:`_lockless` judges those)."""
     try:
         fd = locks.open_lock_file(path / "lock", create=False)
-    except FileNotFoundError:
-        # Created but not locked yet (a berth starting right now), or half removed: judge by age.
-        try:
-            if time.time() - os.lstat(path).st_mtime < 60:
-                return None
-        except FileNotFoundError:
-            return None
-        fd = locks.open_lock_file(path / "lock")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     try:
         held = locks.try_acquire(fd)
     except BaseException:
@@ -312,7 +353,7 @@ def cleanup_container_dir(path: Path) -> dict:
     _kill_runtime(path, info)
     mounts = _unmount_under(path)
     _kill_daemons(info)
-    fsutil.remove_tree(path)
+    _remove_lock_last(path)
     return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
 
 
@@ -345,7 +386,29 @@ def _cleanup_containers(state_dir: Path) -> list[dict]:
             cleaned.append(cleanup_container_dir(path))
         finally:
             os.close(fd)
+    for path in _lockless(state_dir, names):
+        cleaned.append(cleanup_container_dir(path))
     return cleaned
+
+
+def _lockless(state_dir: Path, names: list[str]) -> list[Path]:
+    """The container directories without a lock file that no berth is creating: left by one
+    killed between its ``mkdir`` and its lock (or, in the last instant, while removing one).
+    Judged while holding the creation lock exclusively (one try: a berth creating a container
+    right now makes this wait for the next command)."""
+    containers = state_dir / CONTAINERS
+    candidates = [containers / name for name in names
+                  if is_container_name(name) and not os.path.lexists(containers / name / "lock")]
+    if not candidates:
+        return []
+    try:
+        with locks.file_lock(state_dir / CREATION_LOCK, timeout_s=0) as held:
+            if not held:
+                return []
+            return [path for path in candidates
+                    if os.path.isdir(path) and not os.path.islink(path) and not os.path.lexists(path / "lock")]
+    except OSError:
+        return []
 
 
 def get_state_path(state_dir: Path, container_id: str) -> Path:
