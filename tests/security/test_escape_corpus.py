@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,33 @@ def test_hostile_ld_so_preload_in_the_image_does_not_stop_or_hijack_berth_init(r
                                str(image), "id", "-u")
     assert result.returncode == 0, describe(result)
     assert result.stdout.strip() == str(user.uid)
+
+
+KEYRING_ATTEMPTS = ("session keyring", "user keyring", "link host keyring", "read host key", "link host key",
+                    "request_key", "join the host's named session keyring", "add_key in the container")
+
+
+def test_keyring_syscalls_do_not_reach_the_host_users_keys(runtime_env, runtime_images, user):
+    """The kernel keyring is not namespaced by uid: before berth's seccomp filter, a container
+    linked the host user's user keyring (KEY_USR_ALL for the same kuid) and its named session
+    keyring into its own session keyring and then read every secret in them; request_key found
+    them too. The host side (tests/security/programs/keyprobe.c, as the test user) makes a named
+    session keyring with a secret, puts another in the user keyring and runs berth; inside, the
+    same program tries add_key/keyctl/request_key on them (their serials given, as if guessed)."""
+    build = runtime_env.scratch / "keyprobe"
+    build.mkdir()
+    source = Path(__file__).parent / "programs" / "keyprobe.c"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(build / "keyprobe"), str(source)], check=True,
+                   capture_output=True)
+    os.chmod(build, 0o755)
+    os.chmod(build / "keyprobe", 0o755)
+    result = runtime_env.user.run(
+        [str(build / "keyprobe"), "host", "sh", "-c",
+         f'exec berth run -v {build}:/probe:ro {runtime_images.busybox} /probe/keyprobe $BERTH_HOST_KEYS'],
+        env=runtime_env.env())
+    assert result.returncode == 0, describe(result)
+    assert "host session=" in result.stdout, describe(result)  # the host side made its keys
+    for attempt in KEYRING_ATTEMPTS:  # every attempt ran (and said how it ended)
+        assert attempt in result.stdout, describe(result)
+    assert "ESCAPED" not in result.stdout, describe(result)
+    assert "host after: container key in session absent, in user keyring absent" in result.stdout, describe(result)

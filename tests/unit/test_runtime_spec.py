@@ -39,7 +39,7 @@ def default_plan(**changes) -> SpecPlan:
 
 
 CASES = {
-    "config-default.json": default_plan(),
+    "config-default.json": default_plan(machine="x86_64"),
     "config-remap-root-isolated.json": default_plan(
         args=process_args(1001, 1001, ["/bin/true"], remap_root=True),
         remap_root=True, readonly_root=False, terminal=True, network="none",

@@ -508,6 +508,7 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
         annotations=(("org.berth.image", request.image_name),),
         hooks=request.hooks,
         root_overlay=(image_root, str(layout.upper), str(layout.work)) if kernel_overlay else None,
+        machine=os.uname().machine,
     )
     return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan,
                          kernel_overlay)

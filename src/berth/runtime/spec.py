@@ -29,6 +29,21 @@ MASKED_PATHS = (
     "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+#: The kernel keyring is not namespaced by uid: the container's processes have the caller's
+#: kuid, so they could link the caller's host user keyring (permissions KEY_USR_ALL) and its
+#: named session keyrings into their own and then read every key in them (issue 8, scenario 9;
+#: runc's new session keyring and the per-user-namespace user keyring of Linux >= 5.3 do not
+#: stop that). These calls fail with EPERM, as in Docker's and Podman's default profiles.
+KEYRING_SYSCALLS = ("add_key", "keyctl", "request_key")
+#: seccomp architectures of a host machine: its native ABI and the compat ABIs it runs (a
+#: 32-bit or x32 program would otherwise call keyctl under another number).
+SECCOMP_ARCHITECTURES = {
+    "x86_64": ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"),
+    "aarch64": ("SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"),
+    "ppc64le": ("SCMP_ARCH_PPC64LE",),
+    "s390x": ("SCMP_ARCH_S390X", "SCMP_ARCH_S390"),
+}
+_EPERM = 1
 
 
 # NamedTuples, not dataclasses: they are built on every `berth run` and a dataclass costs ~1 ms
@@ -98,6 +113,8 @@ class SpecPlan(NamedTuple):
     #: own user and mount namespaces (Linux >= 5.11), before every other mount; ``rootfs`` is
     #: then an empty directory it lands on. None: ``rootfs`` is the root.
     root_overlay: tuple[str, str, str] | None = None
+    #: The host's machine (``os.uname().machine``): which seccomp architectures to filter.
+    machine: str = ""
 
 
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
@@ -179,6 +196,15 @@ def _init_args(plan: SpecPlan) -> list[str]:
     return [args[0], *checks, *args[1:]]
 
 
+def _seccomp(machine: str) -> dict:
+    """Everything allowed but the keyring calls (see KEYRING_SYSCALLS)."""
+    profile: dict = {"defaultAction": "SCMP_ACT_ALLOW"}
+    if machine in SECCOMP_ARCHITECTURES:
+        profile["architectures"] = list(SECCOMP_ARCHITECTURES[machine])
+    profile["syscalls"] = [{"names": list(KEYRING_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": _EPERM}]
+    return profile
+
+
 def build_config(plan: SpecPlan) -> dict:
     """The OCI runtime-spec config (a dict ready for json.dump). Pure: no I/O."""
     capabilities = [] if plan.remap_root else list(IDENTITY_CAPABILITIES)
@@ -211,6 +237,7 @@ def build_config(plan: SpecPlan) -> dict:
         "namespaces": namespaces,
         "maskedPaths": list(MASKED_PATHS),
         "readonlyPaths": list(READONLY_PATHS),
+        "seccomp": _seccomp(plan.machine),
     }
     if plan.cgroups_path is not None:
         resources: dict = {}
