@@ -195,7 +195,13 @@ FORWARDED_SIGNALS = (
 #: Signals that ask the child to stop: the first starts the stop timer of :func:`wait_forwarding`.
 TIMED_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: Signals that ask berth to stop before it has a child to pass them on to (:func:`raise_on_stop`).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = TIMED_STOP_SIGNALS
+#: Signals meant for the command (Slurm's ``--signal=USR1@60`` before a time limit): their
+#: default action ends a process, so before the command runs, and while berth tears down, berth
+#: must neither die of them (leaving mounts) nor pass them anywhere: :func:`raise_on_stop`
+#: catches them with a handler that does nothing (not SIG_IGN, which programs berth starts
+#: would inherit).
+HELD_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequested(BaseException):
@@ -227,15 +233,20 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _held(signum, frame):
+    del signum, frame
+
+
 def raise_on_stop(*, replace_installed: bool = False) -> dict:
-    """Make :data:`STOP_SIGNALS` raise :class:`StopRequested`; return the previous handlers
-    for :func:`restore_handlers`. Handlers a caller installed are kept unless
-    ``replace_installed`` (only the default ones are replaced)."""
+    """Make :data:`STOP_SIGNALS` raise :class:`StopRequested` and :data:`HELD_SIGNALS` do
+    nothing; return the previous handlers for :func:`restore_handlers`. Handlers a caller
+    installed are kept unless ``replace_installed`` (only the default ones are replaced)."""
     previous = {}
-    for signum in STOP_SIGNALS:
-        current = signal.getsignal(signum)
-        if replace_installed or current in (signal.SIG_DFL, signal.default_int_handler):
-            previous[signum] = signal.signal(signum, _raise_stop)
+    for signums, handler in ((STOP_SIGNALS, _raise_stop), (HELD_SIGNALS, _held)):
+        for signum in signums:
+            current = signal.getsignal(signum)
+            if replace_installed or current in (signal.SIG_DFL, signal.default_int_handler):
+                previous[signum] = signal.signal(signum, handler)
     return previous
 
 

@@ -150,3 +150,31 @@ def test_replace_with_becomes_the_program_in_the_same_process():
 def test_replace_with_a_missing_program_is_a_clear_error():
     with pytest.raises(proc.ProgramNotFound, match="'no-such-program-berth' is not installed"):
         proc.replace_with(["no-such-program-berth"], env={})
+
+
+HOLDING = (
+    "import os, signal, sys\n"
+    "from berth import proc\n"
+    "previous = proc.raise_on_stop()\n"
+    "for signum in (signal.SIGUSR1, signal.SIGUSR2):\n"
+    "    os.kill(os.getpid(), signum)\n"
+    "print('alive after USR1 and USR2', flush=True)\n"
+    "try:\n"
+    "    os.kill(os.getpid(), signal.SIGQUIT)\n"
+    "except proc.StopRequested as stop:\n"
+    "    print('stop requested by', signal.Signals(stop.signum).name, flush=True)\n"
+    "proc.restore_handlers(previous)\n"
+    "print(signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, flush=True)\n"
+)
+
+
+def test_before_the_command_runs_usr1_usr2_do_not_kill_berth_and_quit_unwinds():
+    """Issue 8 audit: `berth run` (and a job's container child) died of SIGUSR1/SIGUSR2 (Slurm's
+    --signal=USR1@60, sent to every task) or SIGQUIT during start-up or teardown, default
+    action, leaving its mounts and container directory; now the first two are held (a handler,
+    not SIG_IGN that runc and the command would inherit) and SIGQUIT unwinds like SIGTERM."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", HOLDING], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines() == ["alive after USR1 and USR2", "stop requested by SIGQUIT", "True"]

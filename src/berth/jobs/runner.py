@@ -265,6 +265,23 @@ def signal_tree(root_pid: int, sig: int) -> None:
             pass
 
 
+def stop_steps(agent: StepAgent, stop_timeout_s: float) -> None:
+    """End the steps still running once the job's container is gone (started in the background,
+    or the job was cancelled): SIGTERM first, so that a ``berth run`` step forwards it and tears
+    down its container and mounts itself (signal_tree spares FUSE daemons); SIGKILL for what is
+    left ``stop_timeout_s`` plus the teardown grace later. (SIGKILL at once left the steps'
+    container directories and image mounts to the next berth command: issue 8.)"""
+    steps = agent.child_pids()
+    for step in steps:
+        signal_tree(step, signal.SIGTERM)
+    deadline = time.monotonic() + stop_timeout_s + TEARDOWN_GRACE_S
+    while steps and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        steps = agent.child_pids()
+    for step in steps:
+        signal_tree(step, signal.SIGKILL)
+
+
 class Supervisor:
     """Runs one job: the child that stages and runs the container, and the events around it."""
 
@@ -277,6 +294,8 @@ class Supervisor:
         self.enforce_time_limit = enforce_time_limit
         self.node = node
         self._signalled: int | None = None
+        #: The child now running (stage-in, container, stage-out): SIGUSR1/SIGUSR2 go to it.
+        self._child_pid: int | None = None
         self.started_at = time.time()
         #: The job's time limit counts from here: stage-in, container and script together.
         self._start_monotonic = time.monotonic()
@@ -294,11 +313,23 @@ class Supervisor:
         if self._signalled is None:
             self._signalled = signum
 
+    def _pass_on(self, signum, _frame) -> None:
+        """SIGUSR1/SIGUSR2 are the script's (``sbatch --signal=B:USR1@60``: the batch shell is
+        this runner): the child forwards them into the container (berth.proc.wait_forwarding).
+        Their default action would end the runner and, with it, the job."""
+        if self._child_pid is not None:
+            try:
+                os.kill(self._child_pid, signum)
+            except ProcessLookupError:
+                pass
+
     # -- main ------------------------------------------------------------------------------
     def run(self) -> JobResult:
         """Run the job to its end and return (and record) its final result."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        for signum in proc.HELD_SIGNALS:
+            signal.signal(signum, self._pass_on)
         spec = self.spec
         self.record.started_file.unlink(missing_ok=True)  # a requeued Slurm job runs again
         self._write(model.STAGING)
@@ -317,8 +348,7 @@ class Supervisor:
             result = self._supervise(pid, events_read)
         finally:
             agent.stop()
-            for step in agent.child_pids():
-                signal_tree(step, signal.SIGKILL)
+            stop_steps(agent, float(spec.stop_timeout_s))
             os.close(events_read)
             for path in credential_files(self.record):
                 path.unlink(missing_ok=True)
@@ -419,9 +449,11 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            self._child_pid = None
             os.close(events_read)
             self._child(events_write, body, parent)
         os.close(events_write)
+        self._child_pid = pid
         return pid
 
     def _run_script(self, report) -> int:
