@@ -71,6 +71,12 @@ UNSUPPORTED = {
     "an unknown top-level key": (changed(BASE, lambda c: c.update(vm={})), "vm"),
     "seccomp": (changed(BASE, lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW"})),
                 "seccomp"),
+    "a seccomp rule for other calls": (changed(BASE, lambda c: c["linux"]["seccomp"]["syscalls"][0].update(
+        names=["add_key", "keyctl", "ptrace"])), "seccomp"),
+    "the keyring rule with another errno": (changed(BASE, lambda c: c["linux"]["seccomp"]["syscalls"][0].update(
+        errnoRet=38)), "seccomp"),
+    "the keyring rule without no_new_privs": (changed(BASE, lambda c: c["process"].update(noNewPrivileges=False)),
+                                              "noNewPrivileges"),
     "devices": (changed(BASE, lambda c: c["linux"].update(devices=[])), "devices"),
     "sysctl": (changed(BASE, lambda c: c["linux"].update(sysctl={"net.ipv4.ip_forward": "1"})), "sysctl"),
     "a namespace joined by path": (changed(BASE, lambda c: c["linux"]["namespaces"].append(

@@ -18,7 +18,10 @@ import os
 TOP_KEYS = frozenset({"ociVersion", "process", "root", "mounts", "linux", "hostname", "annotations", "hooks"})
 PROCESS_KEYS = frozenset({"terminal", "user", "args", "env", "cwd", "capabilities", "noNewPrivileges", "rlimits"})
 CAPABILITY_SETS = frozenset({"bounding", "effective", "permitted", "inheritable", "ambient"})
-LINUX_KEYS = frozenset({"uidMappings", "gidMappings", "namespaces", "maskedPaths", "readonlyPaths"})
+LINUX_KEYS = frozenset({"uidMappings", "gidMappings", "namespaces", "maskedPaths", "readonlyPaths", "seccomp"})
+#: The one seccomp profile the launcher runs: berth.runtime.spec's keyring rule (every ABI the
+#: machine runs; any other profile goes to runc).
+KEYRING_SYSCALLS = frozenset({"add_key", "keyctl", "request_key"})
 NAMESPACES = frozenset({"user", "mount", "pid", "ipc", "uts", "network", "cgroup"})
 FS_TYPES = frozenset({"proc", "tmpfs", "devpts", "mqueue", "sysfs", "overlay"})
 MOUNT_FLAGS = frozenset({
@@ -127,6 +130,10 @@ def unsupported(config: dict, *, uid: int | None = None, gid: int | None = None)
     reason = _unknown(linux, LINUX_KEYS, "linux")
     if reason:
         return reason
+    if "seccomp" in linux and not _is_keyring_rule(linux["seccomp"]):
+        return "a seccomp profile other than berth's keyring rule"
+    if "seccomp" in linux and not process.get("noNewPrivileges"):
+        return "seccomp without noNewPrivileges"
     uid = os.geteuid() if uid is None else uid
     gid = os.getegid() if gid is None else gid
     for key, own in (("uidMappings", uid), ("gidMappings", gid)):
@@ -147,3 +154,19 @@ def unsupported(config: dict, *, uid: int | None = None, gid: int | None = None)
     if "hostname" in config and "uts" not in kinds:
         return "a hostname without a new uts namespace"
     return None
+
+
+def _is_keyring_rule(profile) -> bool:
+    """``linux.seccomp`` is berth's keyring rule: everything allowed, add_key, keyctl and
+    request_key refused with EPERM (berth.runtime.spec._seccomp)."""
+    if not isinstance(profile, dict) or set(profile) - {"defaultAction", "architectures", "syscalls"}:
+        return False
+    rules = profile.get("syscalls")
+    if profile.get("defaultAction") != "SCMP_ACT_ALLOW" or not isinstance(rules, list) or len(rules) != 1:
+        return False
+    rule = rules[0]
+    return (isinstance(rule, dict) and set(rule) == {"names", "action", "errnoRet"}
+            and rule["action"] == "SCMP_ACT_ERRNO" and rule["errnoRet"] == 1
+            and isinstance(rule["names"], list) and set(rule["names"]) == KEYRING_SYSCALLS
+            and len(rule["names"]) == len(KEYRING_SYSCALLS)
+            and all(isinstance(a, str) for a in profile.get("architectures", [])))

@@ -50,7 +50,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
+#include <linux/audit.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <linux/openat2.h>
 #include <poll.h>
 #include <termios.h>
@@ -506,6 +510,7 @@ struct config {
     struct rlimit_entry *rlimits;
     size_t rlimit_count;
     char **masked, **readonly;
+    int deny_keyring; /* linux.seccomp: berth's keyring rule (see deny_keyring) */
 };
 
 static const char *const CAPABILITIES[] = {
@@ -632,6 +637,90 @@ static void parse_mount(struct jval *m, struct mount_entry *out)
     }
 }
 
+/* linux.seccomp: only berth's keyring rule (berth.runtime.spec._seccomp, berth.runtime.launcher):
+ * everything allowed, add_key, keyctl and request_key refused with EPERM.  Any other profile is
+ * refused here (berth gives it to runc).  Returns 1. */
+static int keyring_rule(struct jval *v)
+{
+    static const char *const profile_keys[] = {"defaultAction", "architectures", "syscalls", NULL};
+    static const char *const rule_keys[] = {"names", "action", "errnoRet", NULL};
+    static const char *const names[] = {"add_key", "keyctl", "request_key"};
+    const char *what = "config.json: linux.seccomp other than berth's keyring rule is not supported by berth-launcher";
+    only_keys(v, "linux.seccomp", profile_keys);
+    if (strcmp(want_string(jget(v, "defaultAction"), "linux.seccomp.defaultAction"), "SCMP_ACT_ALLOW") != 0)
+        fail("%s", what);
+    if (jget(v, "architectures"))
+        (void)string_list(jget(v, "architectures"), "linux.seccomp.architectures");
+    struct jval *rules = want_array(jget(v, "syscalls"), "linux.seccomp.syscalls");
+    if (rules->count != 1)
+        fail("%s", what);
+    struct jval *rule = rules->items[0];
+    only_keys(rule, "linux.seccomp.syscalls[]", rule_keys);
+    if (strcmp(want_string(jget(rule, "action"), "linux.seccomp.syscalls[].action"), "SCMP_ACT_ERRNO") != 0
+        || want_u64(jget(rule, "errnoRet"), "linux.seccomp.syscalls[].errnoRet") != EPERM)
+        fail("%s", what);
+    struct jval *list = want_array(jget(rule, "names"), "linux.seccomp.syscalls[].names");
+    if (list->count != 3)
+        fail("%s", what);
+    int seen = 0;
+    for (size_t i = 0; i < list->count; i++) {
+        const char *name = want_string(list->items[i], "linux.seccomp.syscalls[].names");
+        int known = 0;
+        for (int k = 0; k < 3; k++)
+            if (strcmp(name, names[k]) == 0) {
+                known = 1;
+                seen |= 1 << k;
+            }
+        if (!known)
+            fail("%s", what);
+    }
+    if (seen != 7)
+        fail("%s", what);
+    return 1;
+}
+
+/* One architecture's part of the filter: when the call's arch is ARCH, EPERM for the numbers in
+ * NRS and allow the rest; other archs skip the block. */
+static size_t filter_arch(struct sock_filter *f, size_t n, uint32_t arch, const uint32_t *nrs, size_t count)
+{
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, arch, 0, (unsigned char)(2 * count + 2));
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    for (size_t i = 0; i < count; i++) {
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nrs[i], 0, 1);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA));
+    }
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    return n;
+}
+
+/* The kernel keyring is not namespaced by uid: the container must not reach the caller's host
+ * keyrings (issue 8, scenario 9).  Every ABI the machine runs is covered (a 32-bit or x32
+ * program calls keyctl under another number); needs no_new_privs (set just before). */
+static void deny_keyring(void)
+{
+    struct sock_filter f[64];
+    size_t n = 0;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+#if defined(__x86_64__)
+    static const uint32_t native[] = {__NR_add_key, __NR_keyctl, __NR_request_key, 0x40000000U | __NR_add_key,
+                                      0x40000000U | __NR_keyctl, 0x40000000U | __NR_request_key};
+    static const uint32_t i386[] = {286, 288, 287};
+    n = filter_arch(f, n, AUDIT_ARCH_X86_64, native, 6);
+    n = filter_arch(f, n, AUDIT_ARCH_I386, i386, 3);
+#elif defined(__aarch64__)
+    static const uint32_t native[] = {__NR_add_key, __NR_keyctl, __NR_request_key};
+    static const uint32_t arm[] = {309, 311, 310};
+    n = filter_arch(f, n, AUDIT_ARCH_AARCH64, native, 3);
+    n = filter_arch(f, n, AUDIT_ARCH_ARM, arm, 3);
+#else
+#error "berth-launcher: the keyring filter knows x86_64 and aarch64 only"
+#endif
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    struct sock_fprog prog = {.len = (unsigned short)n, .filter = f};
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) != 0)
+        fail("prctl(PR_SET_SECCOMP): %s", error_text(errno));
+}
+
 static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
 {
     static const char *const top[] = {"ociVersion", "process", "root", "mounts", "linux", "hostname",
@@ -642,7 +731,7 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
     static const char *const caps_keys[] = {"bounding", "effective", "permitted", "inheritable", "ambient", NULL};
     static const char *const root_keys[] = {"path", "readonly", NULL};
     static const char *const linux_keys[] = {"uidMappings", "gidMappings", "namespaces", "maskedPaths",
-                                             "readonlyPaths", NULL};
+                                             "readonlyPaths", "seccomp", NULL};
     static const char *const map_keys[] = {"containerID", "hostID", "size", NULL};
     static const char *const ns_keys[] = {"type", NULL};
     static const char *const rlimit_keys[] = {"type", "soft", "hard", NULL};
@@ -782,6 +871,10 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
                                           : xalloc(sizeof(char *));
     cfg->readonly = jget(lx, "readonlyPaths") ? string_list(jget(lx, "readonlyPaths"), "linux.readonlyPaths")
                                               : xalloc(sizeof(char *));
+    if (jget(lx, "seccomp"))
+        cfg->deny_keyring = keyring_rule(jget(lx, "seccomp"));
+    if (cfg->deny_keyring && !cfg->no_new_privileges)  /* an unprivileged filter needs it */
+        fail("config.json: linux.seccomp without process.noNewPrivileges is not supported by berth-launcher");
     if (jget(c, "hostname")) {
         cfg->hostname = want_string(jget(c, "hostname"), "hostname");
         if (!(cfg->clone_flags & CLONE_NEWUTS))
@@ -1034,6 +1127,8 @@ static void become_process(const struct config *cfg)
     set_capabilities(cfg);
     if (cfg->no_new_privileges && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         fail("prctl(PR_SET_NO_NEW_PRIVS): %s", error_text(errno));
+    if (cfg->deny_keyring)
+        deny_keyring();
     /* Only stdio (and the error pipe, close-on-exec) reach the container, as with runc. */
     syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC);
 }
