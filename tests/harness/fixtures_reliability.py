@@ -89,10 +89,10 @@ class Campaign:
     def write(self) -> None:
         text = self.report.read_text() if self.report.exists() else f"# Reliability\n\n{BEGIN}\n{END}\n"
         head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        self.report.write_text(head + BEGIN + "\n" + self.render() + END + tail)
+        old, _, tail = rest.partition(END)
+        self.report.write_text(head + BEGIN + "\n" + self.render(carried(old, set(self.results))) + END + tail)
 
-    def render(self) -> str:
+    def render(self, kept: "Carried | None" = None) -> str:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         lines = [
@@ -100,28 +100,78 @@ class Campaign:
             f"{platform.node() and 'the test machine'} ({os.cpu_count()} cores, shared), scale "
             f"{self.scale:g}:",
             "",
-            "    bash scripts/test.sh tests/reliability --campaign"
-            + (f" --campaign-scale {self.scale:g}" if self.scale != 1 else ""),
+            "    bash scripts/test.sh " + (" ".join(self.args) or "tests/reliability --campaign"),
             "",
             "| # | scenario | trials (issue minimum) | injected | recovered | failed cleanly | unclean | corrupt | time |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+        rows = {}
         for number in sorted(self.results):
             r = self.results[number]
             faults = ", ".join(f"{k} {v}" for k, v in sorted(r.faults.items())) or "—"
             below = " **below**" if r.trials < r.minimum else ""
-            lines.append(f"| {r.number} | {r.title} | {r.trials} ({r.minimum}){below} | {faults} | "
-                         f"{r.outcomes['recovered']} | {r.outcomes['failed cleanly']} | "
-                         f"{r.outcomes['unclean']} | {r.outcomes['corrupt']} | {r.elapsed_s:.0f} s |")
-        lines.append("")
+            rows[number] = (f"| {r.number} | {r.title} | {r.trials} ({r.minimum}){below} | {faults} | "
+                            f"{r.outcomes['recovered']} | {r.outcomes['failed cleanly']} | "
+                            f"{r.outcomes['unclean']} | {r.outcomes['corrupt']} | {r.elapsed_s:.0f} s |")
+        sections = {}
         for number in sorted(self.results):
             r = self.results[number]
             if r.figures or r.failures:
-                lines.append(f"Scenario {r.number} ({r.title}):")
-                lines += [f"- {k}: {v}" for k, v in r.figures.items()]
-                lines += [f"- failure: `{f.splitlines()[0] if f else ''}`" for f in r.failures[:5]]
-                lines.append("")
+                sections[number] = [f"Scenario {r.number} ({r.title}):", *[f"- {k}: {v}" for k, v in r.figures.items()],
+                                    *[f"- failure: `{f.splitlines()[0] if f else ''}`" for f in r.failures[:5]]]
+        if kept is not None and kept.rows:
+            rows.update(kept.rows)
+            sections.update(kept.sections)
+            lines[0:0] = [f"Scenarios {', '.join(sorted(kept.rows))} (marked ¹) are from the earlier run: "
+                          f"{kept.run}.", ""]
+        lines += [rows[number] for number in sorted(rows)]
+        lines.append("")
+        for number in sorted(sections):
+            lines += sections[number]
+            lines.append("")
         return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Carried:
+    """What a partial run keeps of the previous figures: the rows and per-scenario notes of the
+    scenarios it did not run, and which run they came from."""
+
+    run: str
+    rows: dict[str, str]
+    sections: dict[str, list[str]]
+
+
+def carried(block: str, ran: set[str]) -> Carried:
+    """The previous campaign block's scenarios that this run did not run (rows marked ¹)."""
+    import re
+
+    run = "unknown"
+    rows: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in block.splitlines():
+        found = re.match(r"Run (.+?) at commit `([0-9a-f]+)`", line)
+        if found and run == "unknown":
+            run = f"{found.group(1)} at commit `{found.group(2)}`"
+        if line.startswith("Scenarios ") and "are from the earlier run: " in line:
+            run = line.split("are from the earlier run: ", 1)[1].rstrip(".")
+        row = re.match(r"\| ([0-9][0-9a-z]*) \| (.*)", line)
+        if row and row.group(1) not in ran:
+            title, rest = row.group(2).split(" | ", 1)
+            rows[row.group(1)] = f"| {row.group(1)} | {title.rstrip(' ¹')} ¹ | {rest}"
+        head = re.match(r"Scenario ([0-9][0-9a-z]*) \(", line)
+        if head:
+            current = sections.setdefault(head.group(1), []) if head.group(1) not in ran else None
+            if current is not None:
+                current.append(line)
+            continue
+        if current is not None:
+            if line.startswith("- "):
+                current.append(line)
+            else:
+                current = None
+    return Carried(run, rows, sections)
 
 
 _CAMPAIGN = pytest.StashKey[Campaign]()
