@@ -91,6 +91,9 @@ def test_network_host_by_default_and_none_isolates(runtime_env, runtime_images):
     isolated = runtime_env.berth("run", "--network=none", str(runtime_images.busybox), "cat", "/proc/net/dev")
     assert _interfaces(shared.stdout) == host, describe(shared)
     assert _interfaces(isolated.stdout) == ["lo"], describe(isolated)
+    # ... and its loopback is up, as runc makes it (127.0.0.1 works without a network)
+    loopback = runtime_env.berth("run", "--network=none", str(runtime_images.busybox), "ip", "link", "show", "lo")
+    assert loopback.returncode == 0 and ",UP" in loopback.stdout, describe(loopback)
 
 
 def _root_only_device() -> str:

@@ -61,6 +61,8 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <net/if.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -1173,6 +1175,22 @@ static void exec_process(char **args, char **env, const sigset_t *mask)
     fail("exec %s: %s", program, error_text(errno));
 }
 
+/* A new network namespace starts with its loopback down: bring it up, as runc does for a new
+ * network namespace (its "loopback" network), so that 127.0.0.1 works in --network none. */
+static void loopback_up(void)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    strcpy(request.ifr_name, "lo");
+    if (fd < 0 || ioctl(fd, SIOCGIFFLAGS, &request) != 0)
+        fail("cannot find the loopback interface: %s", error_text(errno));
+    request.ifr_flags |= IFF_UP;
+    if (ioctl(fd, SIOCSIFFLAGS, &request) != 0)
+        fail("cannot bring the loopback interface up: %s", error_text(errno));
+    close(fd);
+}
+
 struct child_arguments {
     const struct config *cfg;
     int sync_read, error_write;
@@ -1192,6 +1210,8 @@ static int container_main(void *raw)
         _exit(1); /* the launcher failed to write our id maps, or died: it reports */
     close(a->sync_read);
 
+    if (cfg->clone_flags & CLONE_NEWNET)
+        loopback_up();
     if (cfg->hostname && sethostname(cfg->hostname, strlen(cfg->hostname)) != 0)
         fail("sethostname: %s", error_text(errno));
     /* runc's default root propagation: host mounts keep propagating in, nothing goes out. */
