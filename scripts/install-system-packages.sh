@@ -16,6 +16,7 @@ RUNTIME_PACKAGES=(
 TEST_PACKAGES=(
     docker-registry skopeo umoci busybox-static debootstrap apache2-utils
     slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev libpmix-dev libpmi2-0-dev
+    mpich libmpich-dev
     iproute2 psmisc ca-certificates
 )
 BENCH_PACKAGES=(bubblewrap charliecloud python3-requests hyperfine podman time openssl)

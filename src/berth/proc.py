@@ -165,20 +165,46 @@ def start(
     cwd: str | None = None,
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
+    move_fds: Mapping[int, int] | None = None,
 ) -> subprocess.Popen:
     """Start a program and return its Popen; the caller waits for it, with
-    :func:`wait_forwarding` when the child must get the signals berth receives."""
+    :func:`wait_forwarding` when the child must get the signals berth receives.
+
+    ``move_fds`` {child fd: berth's fd} gives the child one of berth's descriptors under another
+    number (runc's ``--preserve-fds`` passes only fds 3, 4, ...): berth's own descriptor at that
+    number, if any, is set aside while the child starts and put back (the same open file, so
+    flock locks held through it stay held). berth starts children from one thread."""
     argv = [find_program(argv[0]), *argv[1:]]
-    return subprocess.Popen(
-        argv,
-        env=dict(env) if env is not None else None,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        cwd=cwd,
-        pass_fds=tuple(pass_fds),
-        start_new_session=new_session,
-    )
+    saved: list[tuple[int, int | None, bool]] = []
+    try:
+        for target, source in (move_fds or {}).items():
+            if target == source:
+                saved.append((target, None, True))
+                continue
+            try:
+                kept, inheritable = os.dup(target), os.get_inheritable(target)
+            except OSError:
+                kept, inheritable = None, False
+            saved.append((target, kept, inheritable))
+            os.dup2(source, target, inheritable=False)
+        return subprocess.Popen(
+            argv,
+            env=dict(env) if env is not None else None,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            pass_fds=(*pass_fds, *(move_fds or {})),
+            start_new_session=new_session,
+        )
+    finally:
+        for target, kept, inheritable in reversed(saved):
+            if kept is None:
+                if target not in (move_fds or {}).values():
+                    os.close(target)
+            else:
+                os.dup2(kept, target, inheritable=inheritable)
+                os.close(kept)
 
 
 #: Signals a waiting berth passes on to its child instead of dying of them.

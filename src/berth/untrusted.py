@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
 from berth.errors import BerthError
@@ -101,3 +102,35 @@ def nesting_exceeds(value: Any, max_depth: int = MAX_DEPTH) -> bool:
                           if isinstance(child, (dict, list))])
         level = below
     return False
+
+
+def open_regular_file(path: os.PathLike | str) -> int | None:
+    """A read-only descriptor of the regular file ``path`` (a final link is not followed, a FIFO
+    or device does not block), or None: missing, unreadable, a link, not a regular file. For
+    files of an image or another hostile tree whose path was resolved in-root first."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def read_regular_file(path: os.PathLike | str, max_bytes: int) -> bytes | None:
+    """The content of the regular file ``path`` (:func:`open_regular_file`), or None, also
+    when it is larger than ``max_bytes``."""
+    fd = open_regular_file(path)
+    if fd is None:
+        return None
+    try:
+        data = os.read(fd, max_bytes + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= max_bytes else None

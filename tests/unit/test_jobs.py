@@ -434,8 +434,15 @@ def test_srun_words_split_into_options_and_command():
     assert split_srun_argv(["-W", "5", "cmd"])[:3] == (None, ["--wait=5"], ["cmd"])  # srun's -W takes a value
     # issue 13: --scope is berth's (one container per task, or per node), never srun's
     assert split_srun_argv(["-N2", "cmd"])[3] == "task"
-    assert split_srun_argv(["--scope", "node", "-n4", "cmd"]) == (None, ["--ntasks=4"], ["cmd"], "node")
-    assert split_srun_argv(["--scope=task", "cmd"]) == (None, [], ["cmd"], "task")
+    assert split_srun_argv(["--scope", "node", "-n4", "cmd"]) == (None, ["--ntasks=4"], ["cmd"], "node", None)
+    assert split_srun_argv(["--scope=task", "cmd"]) == (None, [], ["cmd"], "task", None)
+    # --container-mpi is berth run's --mpi (srun's --mpi names the PMI plugin and passes on)
+    assert split_srun_argv(["--mpi=pmi2", "--container-mpi", "host", "cmd"]) == (
+        None, ["--mpi=pmi2"], ["cmd"], "task", "host")
+    assert split_srun_argv(["--container-mpi=none", "cmd"], default_mpi="host")[4] == "none"
+    assert split_srun_argv(["cmd"], default_mpi="host")[4] == "host"
+    with pytest.raises(UsageError, match="--container-mpi 'pmi2': use host or none"):
+        split_srun_argv(["--container-mpi", "pmi2", "cmd"])
     with pytest.raises(UsageError, match="--scope 'rank': use task or node"):
         split_srun_argv(["--scope", "rank", "cmd"])
     with pytest.raises(UsageError, match="no command given"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -63,10 +64,41 @@ def test_host_launched_rank_gets_shared_memory_transport_off_unless_chosen():
     from berth.runtime.pmix import rank_env_ops
 
     rank = {"PMIX_RANK": "0", "PMIX_NAMESPACE": "slurm.pmix.7.0"}
-    assert rank_env_ops(rank, ["PATH=/bin"]) == [EnvOp("set", "OMPI_MCA_btl", "^vader")]
-    assert rank_env_ops({**rank, "OMPI_MCA_btl": "self,tcp"}, []) == []
-    assert rank_env_ops(rank, ["OMPI_MCA_btl=self,ofi"]) == []
+    nolocal = EnvOp("set", "MPIR_CVAR_NOLOCAL", "1")
+    assert rank_env_ops(rank, ["PATH=/bin"]) == [EnvOp("set", "OMPI_MCA_btl", "^vader"), nolocal]
+    assert rank_env_ops({**rank, "OMPI_MCA_btl": "self,tcp"}, []) == [nolocal]
+    assert rank_env_ops(rank, ["OMPI_MCA_btl=self,ofi", "MPIR_CVAR_NOLOCAL=0"]) == []
     assert rank_env_ops({"PATH": "/bin"}, []) == []
+
+
+def test_pmi2_rank_of_its_own_container_keeps_mpich_off_node_shared_memory():
+    """Issue 13: MPICH (Slurm's PMI-2) aborts MPI_Init with "unable to allocate shared memory"
+    when two ranks of a node are in containers of their own (no common /dev/shm)."""
+    from berth.config.settings import EnvOp
+    from berth.runtime.pmix import rank_env_ops
+
+    rank = {"PMI_RANK": "3", "PMI_FD": "11"}
+    assert rank_env_ops(rank, []) == [EnvOp("set", "MPIR_CVAR_NOLOCAL", "1")]
+    assert rank_env_ops({**rank, "MPIR_CVAR_NOLOCAL": "0"}, []) == []
+    assert rank_env_ops(rank, [], "node") == []
+
+
+def test_pmi_socket_is_passed_only_when_it_is_an_open_socket(tmp_path):
+    import socket
+
+    from berth.config.settings import EnvOp
+    from berth.runtime.pmix import pmi_env_ops, pmi_fd
+
+    left, right = socket.socketpair()
+    plain = open(tmp_path / "file", "w")
+    try:
+        assert pmi_fd({"PMI_FD": str(left.fileno())}) == left.fileno()
+        assert pmi_env_ops({"PMI_FD": str(left.fileno())}) == [EnvOp("set", "PMI_FD", "3")]
+        for value in (str(plain.fileno()), "999", "1", "-4", "x", "", "٣"):
+            assert pmi_fd({"PMI_FD": value}) is None, value
+        assert pmi_fd({}) is None and pmi_env_ops({}) == []
+    finally:
+        left.close(), right.close(), plain.close()
 
 
 def test_node_scoped_rank_keeps_shared_memory_without_single_copy_unless_chosen():
@@ -134,3 +166,36 @@ def test_slurm_tmpfs_expansion_and_defaults(tmp_path):
     conf.write_text("ClusterName=c\n")
     assert slurm_tmpfs(env) == "/tmp"  # Slurm's default
     assert slurm_tmpfs({"SLURM_CONF": str(tmp_path / "missing")}) is None
+
+
+def test_a_descriptor_is_moved_to_fd_3_for_the_child_only(tmp_path):
+    """proc.start(move_fds={3: fd}): the child gets the socket as fd 3 (runc --preserve-fds 1
+    passes only 3, 4, ...), and whatever berth had at fd 3 is back afterwards."""
+    import socket
+    import sys
+
+    from berth import proc
+
+    left, right = socket.socketpair()
+    mine = os.open(tmp_path, os.O_RDONLY)  # berth's own descriptor, maybe at 3
+    before = os.stat(3) if _is_open(3) else None
+    try:
+        child = proc.start([sys.executable, "-c", "import os, stat; print(stat.S_ISSOCK(os.fstat(3).st_mode)); "
+                            "os.write(3, b'x')"], stdout=subprocess.PIPE, move_fds={3: left.fileno()})
+        output, _ = child.communicate(timeout=30)
+        assert child.returncode == 0 and output.strip() == b"True"
+        assert right.recv(1) == b"x"
+        after = os.stat(3) if _is_open(3) else None
+        assert (before and (before.st_dev, before.st_ino)) == (after and (after.st_dev, after.st_ino))
+    finally:
+        os.close(mine)
+        left.close()
+        right.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -222,33 +222,40 @@ def cmd_cancel(args, ctx) -> int:
     return 0
 
 
-def split_srun_argv(argv: list[str], default_scope: str = "task") -> tuple[str | None, list[str], list[str], str]:
-    """``[--image REF] [--scope task|node] [srun options] [--] COMMAND...`` -> (image, srun
-    options, command, scope).
+def split_srun_argv(argv: list[str], default_scope: str = "task",
+                    default_mpi: str | None = None) -> tuple[str | None, list[str], list[str], str, str | None]:
+    """``[--image REF] [--scope task|node] [--container-mpi host|none] [srun options] [--]
+    COMMAND...`` -> (image, srun options, command, scope, mpi).
 
     srun's options are read with srun's own grammar (berth.jobs.options.SLURM_OPTIONS): ``-A
     proj`` is one option, ``-K`` takes no following word (its value is optional, so attached
     only). They reach srun spelled in full (``--account=proj``); berth's ``--image`` (or
-    ``--container-image``) and ``--scope`` may appear among them."""
+    ``--container-image``), ``--scope`` and ``--container-mpi`` (``berth run --mpi``: srun's own
+    ``--mpi`` names the PMI plugin) may appear among them."""
     from berth.errors import UsageError
     from berth.jobs.options import VALUE, parse_options
 
-    own = {"image": VALUE, "container-image": VALUE, "scope": VALUE}
+    own = {"image": VALUE, "container-image": VALUE, "scope": VALUE, "container-mpi": VALUE}
     options, end = parse_options(argv, command="srun", where="berth srun", berth=False, extra=own)
-    image, scope = None, default_scope
+    image, scope, mpi = None, default_scope, default_mpi
     for option in options:
         if option.known and option.name == "scope":
             if option.value not in ("task", "node"):
                 raise UsageError(f"berth srun --scope {option.value!r}: use task or node",
                                  hint="task: a container per task (default); node: the tasks of a node share one")
             scope = option.value
+        elif option.known and option.name == "container-mpi":
+            if option.value not in ("host", "none"):
+                raise UsageError(f"berth srun --container-mpi {option.value!r}: use host or none",
+                                 hint="host: the site's MPI replaces the image's (docs/mpi.md); none: the image's own")
+            mpi = option.value
         elif option.known and option.name in own:
             image = option.value
     words = [option.spelled for option in options if not (option.known and option.name in own)]
     command = argv[end:]
     if not command:
         raise UsageError("berth srun: no command given", hint="berth srun [SRUN OPTIONS] [--] COMMAND [ARGS]")
-    return image, words, command, scope
+    return image, words, command, scope, mpi
 
 
 def cmd_srun(args, ctx) -> int:
@@ -258,21 +265,26 @@ def cmd_srun(args, ctx) -> int:
     from berth.errors import UsageError
 
     if args.argv[:1] in (["-h"], ["--help"]):
-        print("usage: berth srun [--image REF] [--scope task|node] [SRUN OPTIONS] [--] COMMAND [ARGS]\n\n"
+        print("usage: berth srun [--image REF] [--scope task|node] [--container-mpi host|none] [SRUN OPTIONS]\n"
+              "                  [--] COMMAND [ARGS]\n\n"
               "Inside a berth job: run COMMAND as a job step on the allocated nodes, one container\n"
               "per task (--scope node: one per node, shared by its tasks), in the job's image\n"
-              "(BERTH_JOB_IMAGE) unless --image says otherwise.\n"
-              "Equivalent to: srun [SRUN OPTIONS] berth run [--scope node] IMAGE COMMAND [ARGS]")
+              "(BERTH_JOB_IMAGE) unless --image says otherwise; --container-mpi host: the site's MPI\n"
+              "replaces the image's (berth run --mpi host).\n"
+              "Equivalent to: srun [SRUN OPTIONS] berth run [--scope node] [--mpi host] IMAGE COMMAND [ARGS]")
         return 0
-    # The job's --scope (or its template's) is the default; --scope here wins.
+    # The job's --scope and --container-mpi (or its template's) are the defaults; these options win.
     job_scope = os.environ.get("BERTH_JOB_SCOPE", "task")
-    image, options, command, scope = split_srun_argv(args.argv, job_scope if job_scope in ("task", "node") else "task")
+    job_mpi = os.environ.get("BERTH_JOB_MPI")
+    image, options, command, scope, mpi = split_srun_argv(
+        args.argv, job_scope if job_scope in ("task", "node") else "task", job_mpi if job_mpi in ("host", "none") else None)
     image = image or os.environ.get("BERTH_JOB_IMAGE")
     if not image:
         raise UsageError("berth srun: no image: not inside a berth job (BERTH_JOB_IMAGE is unset)",
                          hint="give --image REF, or run it from a job submitted with berth submit")
     berth = [sys.executable, "-m", "berth"]
-    argv = ["srun", *options, *berth, "run", *(["--scope", scope] if scope != "task" else []), image, *command]
+    argv = ["srun", *options, *berth, "run", *(["--scope", scope] if scope != "task" else []),
+            *(["--mpi", mpi] if mpi else []), image, *command]
     # srun replaces berth: it owns the terminal's signals (one Ctrl-C: status, two: cancel).
     sys.stdout.flush()
     sys.stderr.flush()

@@ -33,6 +33,7 @@ from berth.config.settings import (
     EnvOp,
     GroupPolicy,
     Mount,
+    MpiSettings,
     RegistryPolicy,
     Settings,
     SitePolicy,
@@ -98,6 +99,10 @@ KEYS: tuple[Key, ...] = (
     Key("devices.gpu_libraries", "file_name_list", SITE),
     Key("devices.gpu_binaries", "file_name_list", SITE),
     Key("devices.bin_dirs", "path_list", SITE),
+    Key("mpi.libraries", "file_name_list", SITE),
+    Key("mpi.dependencies", "file_name_list", SITE),
+    Key("mpi.devices", "device_list", SITE),
+    Key("mpi.files", "path_list", SITE),
 )
 KEY_BY_NAME = {key.name: key for key in KEYS}
 #: Arrays of tables; they accumulate across site files. All site-only.
@@ -112,8 +117,8 @@ NAMESPACE_VALUES = {
 }
 PINNABLE_KEYS = tuple(key.name for key in KEYS if key.scope == PINNABLE)
 ALL_KEYS = (*(key.name for key in KEYS), *ARRAY_KEYS, "policy.namespaces", "devices.groups")
-#: Top-level tables whose keys are all site-only: ``[policy]`` and ``[devices]``.
-SITE_TABLES = ("policy", "devices")
+#: Top-level tables whose keys are all site-only: ``[policy]``, ``[devices]`` and ``[mpi]``.
+SITE_TABLES = ("policy", "devices", "mpi")
 
 ENV_OPS = ("set", "prepend", "append", "unset")
 # Patterns as strings, compiled on first use by re's own cache: most runs validate no file.
@@ -451,7 +456,7 @@ def _env_value(key: Key, text: str, origin: _Origin, home: str) -> Any:
 
 def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
     base = Settings()
-    tables = {"policy": SitePolicy(), "devices": DeviceSettings()}
+    tables = {"policy": SitePolicy(), "devices": DeviceSettings(), "mpi": MpiSettings()}
     values: dict[str, Any] = {}
     for key in KEYS:
         table, _, sub = key.name.partition(".")
@@ -551,12 +556,15 @@ def _build(layers: _Layers, config_dir: Path, config_dir_source: str) -> Setting
     sources["config_dir"] = config_dir_source
     policy_values: dict[str, Any] = {}
     device_values: dict[str, Any] = {}
+    mpi_values: dict[str, Any] = {}
     for key in KEYS:
         table, _, sub = key.name.partition(".")
         if table == "policy":
             policy_values[sub] = values[key.name]
         elif table == "devices":
             device_values[sub] = str(values[key.name]) if key.kind == "path" else values[key.name]
+        elif table == "mpi":
+            mpi_values[sub] = values[key.name]
     for name in ARRAY_KEYS:
         items = layers.arrays[name]
         for index, (_, source) in enumerate(items):
@@ -585,6 +593,7 @@ def _build(layers: _Layers, config_dir: Path, config_dir_source: str) -> Setting
         registries=tuple(item for item, _ in layers.arrays["registries"]),
         policy=policy,
         devices=devices,
+        mpi=MpiSettings(**mpi_values),
         sources=sources,
         **settings_values,
     )

@@ -84,7 +84,8 @@ class SitePolicy:
     forced_namespaces: tuple[tuple[str, str], ...] = ()
     #: Host environment variables passed into containers (shell-style globs).
     passthrough_env: tuple[str, ...] = (
-        "SLURM_*", "SLURMD_*", "PMI_*", "PMIX_*", "OMPI_*", "PRTE_*", "MPI_*", "I_MPI_*",
+        "SLURM_*", "SLURMD_*", "PMI_*", "PMIX_*", "OMPI_*", "PRTE_*", "MPI_*", "I_MPI_*", "MPIR_CVAR_*",
+        "UCX_*", "FI_*",
         "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
         "TERM", "LANG", "LC_*", "TZ", "BERTH_JOB_*",
     )
@@ -130,6 +131,25 @@ class DeviceSettings:
 
 
 @dataclass(frozen=True)
+class MpiSettings:
+    """The site's host MPI, injected into containers with ``--mpi host`` (``[mpi]`` in the site
+    file; docs/mpi.md, "Host MPI injection"). Site-only, like ``[devices]``; empty: no host MPI."""
+
+    #: The host's MPICH-ABI libraries (sonames in the ld.so cache ``devices.ld_cache``), the C
+    #: library first among them: ``libmpi.so.12`` or ``libmpich.so.12``, and their C++ and
+    #: Fortran siblings.
+    libraries: tuple[str, ...] = ()
+    #: Host libraries they need that the image may lack or have in other versions (libfabric,
+    #: UCX, hwloc, ...): sonames in the same cache, made loadable beside them.
+    dependencies: tuple[str, ...] = ()
+    #: Fabric device paths or globs under /dev (``/dev/infiniband/*``); missing ones are skipped.
+    devices: tuple[str, ...] = ()
+    #: Configuration files or directories the MPI reads (``/etc/libfabric``, ...), bind-mounted
+    #: read-only at the same path; missing ones are skipped.
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     config_dir: Path = DEFAULT_CONFIG_DIR
     user_store: Path = Path("~/.local/share/berth")
@@ -150,6 +170,7 @@ class Settings:
     registries: tuple[RegistryPolicy, ...] = ()
     policy: SitePolicy = field(default_factory=SitePolicy)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    mpi: MpiSettings = field(default_factory=MpiSettings)
     #: Scheduler backend for `berth submit` when none is given: "local" or "slurm".
     backend: str = "local"
     local_max_jobs: int = 4

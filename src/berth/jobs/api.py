@@ -251,6 +251,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
     _check_image(settings, image, template)
     staging = _staging_request(settings, values)
     scope = _scope(values.get("scope"), custom)
+    mpi = _mpi(values.get("container_mpi"), custom)
 
     backend = get_backend(settings, backend_name)
     tasks, limit = opts.parse_array(values["array"]) if values.get("array") else ((None,), None)
@@ -286,7 +287,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
                 submitted_at=time.time(), scheduler_options=scheduler_options, **staging,
                 comment=str(values.get("comment") or ""), dependency=dependency,
                 array_job_id=array_id, array_task_id=task, array_limit=limit,
-                array_spec=str(values.get("array") or ""), scope=scope,
+                array_spec=str(values.get("array") or ""), scope=scope, mpi=mpi,
             )
             if task is None or task == tasks[0]:
                 _check_container_options(settings, spec, record)
@@ -356,6 +357,20 @@ def _scope(given: str | None, custom: str) -> str:
     if given not in ("task", "node"):
         raise UsageError(f"--scope '{given}': use task or node",
                          hint="task: a container per task of a berth srun step (default); node: one per node")
+    return given
+
+
+def _mpi(given: str | None, custom: str) -> str:
+    """The job's ``--mpi``: --container-mpi, else the template's ``custom`` --mpi, else ""."""
+    if given is None:
+        if "--mpi" not in custom:
+            return ""
+        from berth.runtime.options import parse_custom
+
+        return parse_custom(custom).mpi or ""
+    if given not in ("host", "none"):
+        raise UsageError(f"--container-mpi '{given}': use host or none",
+                         hint="host: the site's MPI replaces the image's (docs/mpi.md); none: the image's own")
     return given
 
 

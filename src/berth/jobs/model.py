@@ -110,6 +110,9 @@ class JobSpec:
     array_spec: str = ""
     #: Default ``--scope`` of the job's ``berth srun`` steps: "task" or "node" (docs/mpi.md).
     scope: str = "task"
+    #: ``--mpi`` of the job's containers and ``berth srun`` steps: "host", "none" or "" (the
+    #: image's own MPI unless the template's custom options say otherwise; docs/mpi.md).
+    mpi: str = ""
 
     @property
     def label(self) -> str:

@@ -231,6 +231,8 @@ BERTH_OPTIONS: tuple[BerthOption, ...] = (
     BerthOption("json", FLAG, None, "print the submitted job as JSON", directive=False),
     BerthOption("scope", VALUE, "task|node", "containers of the job's `berth srun` steps: one per task "
                 "(default) or one per node, shared by its tasks (docs/mpi.md)"),
+    BerthOption("container-mpi", VALUE, "host|none", "host: the site's MPI replaces the image's in the job's "
+                "containers (berth run --mpi host, after an ABI check; docs/mpi.md)"),
     # Data staging (docs/staging.md).
     BerthOption("stage-in", VALUE, "SRC:DEST", "copy s3://, https:// or host data into the job's "
                 "directory before the container starts (repeatable)", repeat=True),

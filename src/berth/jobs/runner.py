@@ -74,6 +74,7 @@ def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
         "BERTH_JOB_NAME": spec.name,
         "BERTH_JOB_IMAGE": spec.image,
         "BERTH_JOB_SCOPE": spec.scope,
+        "BERTH_JOB_MPI": spec.mpi,
         "BERTH_JOB_DIR": str(view),
         "BERTH_JOB_BIN": str(view / "bin"),
         "BERTH_JOB_AGENT": str(view / "agent"),
@@ -90,7 +91,7 @@ def job_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
 def host_step_environment(spec: JobSpec, record: JobRecord) -> dict[str, str]:
     """What steps started on the host (``srun …``, ``berth srun …``) get from the job."""
     return {"BERTH_JOB_ID": spec.id, "BERTH_JOB_NAME": spec.name, "BERTH_JOB_IMAGE": spec.image,
-            "BERTH_JOB_SCOPE": spec.scope, "BERTH_JOB_DIR": str(record.path)}
+            "BERTH_JOB_SCOPE": spec.scope, "BERTH_JOB_MPI": spec.mpi, "BERTH_JOB_DIR": str(record.path)}
 
 
 def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resources: bool):
@@ -123,6 +124,9 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
         # A template's custom --scope is for the job's steps (BERTH_JOB_SCOPE), not its script.
         "scope": "task",
     }
+    if spec.mpi:
+        # --container-mpi (or the template's --mpi) is for the script's container and the steps.
+        changes["mpi"] = spec.mpi
     if options.gpus is None and limit_resources and spec.resources.gpus:
         # Local: the GPU ledger hands them out, so that concurrent jobs never share one.
         changes["gpus"] = str(spec.resources.gpus)

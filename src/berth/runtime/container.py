@@ -159,7 +159,7 @@ def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str],
             # Inherited by the runtime and so by the container (the FUSE daemons are already up).
             os.sched_setaffinity(0, limit_plan.cpu_set)
         phases["bundle"] = clock() - started - sum(phases.values())
-        child = supervise.start_runtime(runtime, container)
+        child = supervise.start_runtime(runtime, container, pmi_fd=request.pmi_fd)
         status = supervise.wait(child, runtime, container, options.stop_timeout_s, log)
         phases["runtime"] = clock() - started - sum(phases.values())
         if status != 0 and status < 128:

@@ -42,11 +42,12 @@ def list_running(settings) -> list[dict]:
 
 
 def exec_in_container(settings, key: str, command: list[str], *, tty: bool = False,
-                      env: tuple[str, ...] = (), workdir: str | None = None) -> int:
+                      env: tuple[str, ...] = (), workdir: str | None = None, pmi_fd: int | None = None) -> int:
     """Run ``command`` in the running container ``key`` (name or id) as the same identity.
 
     Joins the container's namespaces through the runtime's ``exec`` with berth-init in front,
     so the command gets the caller's uid/gid exactly as the container's main process did.
+    ``pmi_fd``: Slurm's PMI socket of the task, passed in as fd 3 (berth.runtime.pmix).
     Returns the shell-style status; raises NotFound, RuntimeFailure.
     """
     if not command:
@@ -63,13 +64,15 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
         argv.append("--tty")
     if workdir:
         argv += ["--cwd", workdir]
+    if pmi_fd is not None:
+        argv += ["--preserve-fds", "1"]
     for entry in env:
         argv += ["--env", entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}"]
     argv.append(info["id"])
     argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root"))))
     # The runtime forwards the signals it receives to the exec'd process: pass ours on to it
     # (it runs in its own session, so a terminal's Ctrl-C reaches it only through us).
-    child = proc.start(argv, stdin=None, new_session=True)
+    child = proc.start(argv, stdin=None, new_session=True, move_fds={3: pmi_fd} if pmi_fd is not None else None)
     return proc.wait_forwarding(child)
 
 

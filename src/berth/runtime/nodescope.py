@@ -71,9 +71,13 @@ def container_name(key: str) -> str:
 
 def task_env(environ: Mapping[str, str], passthrough: tuple[str, ...] | list[str]) -> list[str]:
     """This task's own values of the passed-through variables (PMIx rank, Slurm task ids...),
-    set again on the command it runs in the shared container."""
-    return [f"{key}={value}" for key, value in sorted(environ.items())
-            if any(fnmatch.fnmatchcase(key, pattern) for pattern in passthrough)]
+    set again on the command it runs in the shared container; ``PMI_FD`` as the container sees
+    the task's PMI socket (berth.runtime.pmix), or not at all when none is passed in."""
+    from berth.runtime.pmix import CONTAINER_PMI_FD, pmi_fd
+
+    passed = pmi_fd(environ) is not None
+    return [f"{key}={CONTAINER_PMI_FD if key == 'PMI_FD' else value}" for key, value in sorted(environ.items())
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in passthrough) and (key != "PMI_FD" or passed)]
 
 
 def run_in_node_container(settings, image, command: list[str] | None, options, *, log,
@@ -105,9 +109,11 @@ def run_in_node_container(settings, image, command: list[str] | None, options, *
                 keeper_pid = _start_keeper(settings, image, options, name, rendezvous, tasks_fd, log)
             _wait_running(state_dir, name, keeper_pid, rendezvous)
         log(f"scope node: task {environ.get('SLURM_PROCID', '?')} joins container {name}", debug=True)
+        from berth.runtime.pmix import pmi_fd
+
         status = exec_in_container(settings, name, list(command),
                                    env=tuple(task_env(environ, settings.policy.passthrough_env)) + options.env,
-                                   workdir=options.workdir)
+                                   workdir=options.workdir, pmi_fd=pmi_fd(environ))
     finally:
         _leave(state_dir, name, tasks_fd, keeper_pid, options.stop_timeout_s, log)
     return status

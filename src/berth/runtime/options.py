@@ -63,6 +63,9 @@ class RunOptions:
     #: "task": one container per berth run; "node": the tasks of a Slurm step on one node
     #: share one container (berth.runtime.nodescope).
     scope: str = "task"
+    #: "host": the site's MPICH-ABI MPI replaces the image's (berth.runtime.devices.mpi);
+    #: "none" or None: the image's own MPI ("none" undoes a template's ``--mpi host``).
+    mpi: str | None = None
 
 
 def is_container_name(name: str) -> bool:
@@ -138,6 +141,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--scope", choices=("task", "node"), default="task",
         help="task: a container per berth run (default); node: in a Slurm step, the tasks of a node "
              "share one container (one start-up, shared /dev/shm and IPC for MPI ranks)")
+    add("--mpi", choices=("host", "none"),
+        help="host: the site's MPI (MPICH ABI) replaces the image's, after an ABI check; none: the "
+             "image's own MPI (default)")
 
 
 def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
@@ -186,6 +192,7 @@ def options_from_namespace(ns: argparse.Namespace) -> RunOptions:
         hostname=ns.hostname,
         runtime=ns.runtime,
         scope=getattr(ns, "scope", "task"),
+        mpi=getattr(ns, "mpi", None),
     )
 
 

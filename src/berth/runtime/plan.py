@@ -33,7 +33,7 @@ from berth.runtime.state import ContainerLayout
 from berth.runtime.env import check_image_env, compose_env, read_env_file
 from berth.runtime.identity import Caller, group_text, identity_env, passwd_text, read_image_file
 from berth.runtime.options import RunOptions
-from berth.runtime.pmix import pmix_mounts, rank_env_ops
+from berth.runtime.pmix import pmi_env_ops, pmi_fd, pmix_mounts, rank_env_ops
 
 Log = Callable[..., None]
 
@@ -223,6 +223,11 @@ class RunRequest(NamedTuple):
     remap_root: bool = False
     writable: bool = False
     tty: bool = False
+    #: ``--mpi host``: the site's MPI on this node (berth.runtime.devices.mpi.HostMpi), whose
+    #: edits are in the mounts above; checked against the image's by :func:`plan_container`.
+    mpi: object | None = None
+    #: Slurm's PMI socket of this task (berth.runtime.pmix.pmi_fd), passed in as fd 3.
+    pmi_fd: int | None = None
 
 
 def request_for(settings, image, command: list[str] | None, options: RunOptions, *, init_path: str,
@@ -256,6 +261,12 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         log("ignoring --hostname: site policy gives containers the host's UTS namespace")
     if forced and options.network and options.network != forced:
         policy.check_options(settings, options)  # raises the PolicyError with its hint
+    host_mpi = None
+    if options.mpi == "host":
+        from berth.runtime.devices.mpi import host_mpi as find_host_mpi
+
+        host_mpi = find_host_mpi(settings)
+        extra_edits = (*extra_edits, host_mpi.edits)
     applied = _device_edits(settings, groups, options, extra_edits)
     site_mounts = _site_mounts(settings, groups, log)
     site_mounts += pmix_mounts(environ, settings, caller.uid, log)
@@ -270,6 +281,7 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         passthrough=settings.policy.passthrough_env,
         identity=identity_env(caller, as_root=options.remap_root, home_in_container=home.path),
         site_ops=[*(applied.env if applied else ()), *rank_env_ops(environ, image_env, options.scope),
+                  *pmi_env_ops(environ),
                   *settings.policy.env,
                   *(op for g in groups for op in g.env)],
         user_entries=env_entries,
@@ -296,6 +308,8 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         remap_root=options.remap_root,
         writable=options.writable,
         tty=options.tty,
+        mpi=host_mpi,
+        pmi_fd=pmi_fd(environ),
     )
 
 
@@ -363,6 +377,23 @@ def _identity_targets(root: str) -> tuple[dict[str, str], list[rootfs.MountPoint
         if not stat.S_ISREG(info.st_mode):
             replaced.append(rootfs.MountPoint(target, False))
     return targets, replaced
+
+
+def _mpi_binds(request: RunRequest, image_root: str, device_mounts: list, log: Log) -> list[spec.BindMount]:
+    """``--mpi host``: check the image's MPI against the site's (refusals raise UsageError) and
+    bind the site's libraries over the image's files (berth.runtime.devices.mpi)."""
+    if request.mpi is None:
+        return []
+    from berth.runtime.devices import mpi
+
+    library_path = next((entry.partition("=")[2].split(":") for entry in request.env
+                         if entry.startswith("LD_LIBRARY_PATH=")), [])
+    family, other = mpi.image_mpi(image_root, library_path)
+    for note in mpi.check(request.mpi, family, other, image_name=request.image_name):
+        log(f"warning: {note}")
+    binds = mpi.image_binds(device_mounts, request.mpi, family, deny=request.deny_destinations)
+    log("--mpi host: " + ", ".join(f"{b.source} over the image's {b.destination}" for b in binds), debug=True)
+    return binds
 
 
 class IdentityFile(NamedTuple):
@@ -433,6 +464,7 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
                    for m in request.site_mounts]
     device_mounts = [m._replace(destination=_landing(image_root, m.destination, f"device mount {m.destination}",
                                                      deny)) for m in request.device_mounts]
+    device_mounts += _mpi_binds(request, image_root, device_mounts, log)
     # berth's own mounts are judged where they land too (issue 12 #8).
     for path in STANDARD_MOUNT_POINTS:
         _own_landing(image_root, path, f"the container's {path}", deny, request.image_name)

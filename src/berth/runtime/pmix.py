@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Callable, Mapping
 
 from berth.config.settings import EnvOp
@@ -156,10 +157,44 @@ _RANK_DEFAULTS = {"task": ("OMPI_MCA_btl", "^vader"),
 def rank_env_ops(host_env: Mapping[str, str], image_env: list[str], scope: str = "task") -> list[EnvOp]:
     """For a host-launched PMIx rank: ``OMPI_MCA_btl=^vader`` in a container of its own
     (``scope`` "task"), ``OMPI_MCA_btl_vader_single_copy_mechanism=none`` in its node's shared
-    container ("node"), unless the host environment or the image sets that variable; else ``[]``."""
-    name, value = _RANK_DEFAULTS[scope]
-    if "PMIX_RANK" not in host_env or name in host_env:
-        return []
-    if any(entry.startswith(name + "=") for entry in image_env):
-        return []
-    return [EnvOp("set", name, value)]
+    container ("node"); for any host-launched rank (PMIx or Slurm's PMI-1/PMI-2) in a container
+    of its own, ``MPIR_CVAR_NOLOCAL=1``: MPICH maps one shared-memory segment per node for its
+    local ranks in ``MPI_Init`` and aborts ("unable to allocate shared memory") when they do not
+    share ``/dev/shm`` (seen on the test bed), so each rank acts as if alone on its node (MPICH's
+    own CVAR for it). A variable the host environment or the image sets is left as it is."""
+    wanted = []
+    if "PMIX_RANK" in host_env:
+        wanted.append(_RANK_DEFAULTS[scope])
+    if scope == "task" and ("PMIX_RANK" in host_env or "PMI_RANK" in host_env):
+        wanted.append(("MPIR_CVAR_NOLOCAL", "1"))
+    return [EnvOp("set", name, value) for name, value in wanted
+            if name not in host_env and not any(entry.startswith(name + "=") for entry in image_env)]
+
+
+#: Where a rank finds Slurm's PMI-1/PMI-2 socket in the container: runc's ``--preserve-fds 1``
+#: passes exactly one descriptor, as fd 3.
+CONTAINER_PMI_FD = 3
+
+
+def pmi_fd(host_env: Mapping[str, str]) -> int | None:
+    """Slurm's PMI socket of this task (``srun --mpi=pmi2`` sets ``PMI_FD``; MPICH's simple PMI
+    client and Slurm's libpmi2 speak PMI-1/PMI-2 over it), when it is an open socket of this
+    process; None otherwise (a stale variable, no such step).
+
+    The socket is inherited from slurmstepd and no path names it, and an OCI runtime closes
+    every descriptor but 0-2: berth passes it to the runtime as fd 3 (``--preserve-fds 1``) and
+    sets ``PMI_FD=3`` in the container (:func:`pmi_env_ops`), for ``--scope task`` and for each
+    task entering its node's container."""
+    value = host_env.get("PMI_FD", "")
+    if not (value.isascii() and value.isdigit()) or int(value) < 3:
+        return None
+    try:
+        info = os.fstat(int(value))
+    except (OSError, OverflowError):
+        return None
+    return int(value) if stat.S_ISSOCK(info.st_mode) else None
+
+
+def pmi_env_ops(host_env: Mapping[str, str]) -> list[EnvOp]:
+    """``PMI_FD`` as the container sees it, when :func:`pmi_fd` passes one in; else ``[]``."""
+    return [EnvOp("set", "PMI_FD", str(CONTAINER_PMI_FD))] if pmi_fd(host_env) is not None else []

@@ -21,13 +21,15 @@ from berth.runtime.state import ContainerState
 
 Log = Callable[..., None]
 
-def start_runtime(runtime: str, container: ContainerState) -> subprocess.Popen:
-    """``runtime run`` of the container's bundle, in its own session, dying with berth."""
+def start_runtime(runtime: str, container: ContainerState, *, pmi_fd: int | None = None) -> subprocess.Popen:
+    """``runtime run`` of the container's bundle, in its own session, dying with berth.
+    ``pmi_fd``: Slurm's PMI socket, passed to the container as fd 3 (berth.runtime.pmix)."""
+    preserve = ["--preserve-fds", "1"] if pmi_fd is not None else []
     return proc.start(
         ["setpriv", "--pdeathsig", "TERM", "--", runtime, "--root", str(container.runtime_root),
          "--log", str(runtime_log(container)), "--log-format", "text",
-         "run", "--bundle", str(container.bundle), container.id],
-        stdin=None, new_session=True,
+         "run", *preserve, "--bundle", str(container.bundle), container.id],
+        stdin=None, new_session=True, move_fds={3: pmi_fd} if pmi_fd is not None else None,
     )
 
 

@@ -6,5 +6,7 @@
 - :mod:`.cdi`: CDI specs from the site's directories (hostile input: validated);
 - :mod:`.ldcache`: the host's ld.so cache, read without running ldconfig;
 - :mod:`.gpus`: the GPU generator (NVIDIA, AMD ROCm): allocation, selection, the per-user
-  ledger, and the edits for the selected GPUs and the host driver's files.
+  ledger, and the edits for the selected GPUs and the host driver's files;
+- :mod:`.mpi`: host MPI injection (``--mpi host``): the site's MPICH-ABI libraries as edits,
+  checked against the image's (:mod:`.elf` reads their sonames).
 """

@@ -17,7 +17,7 @@ Rules (every edit, whoever wrote it, is judged the same way):
 - A mount's host path is resolved (links followed) and must lie under ``devices.mount_allow`` and
   outside ``policy.mount_deny_sources``, both as named and as resolved; it is mounted read-only
   unless its options say ``rw``. Destinations follow the user mounts' rules; berth's own
-  :data:`GPU_DIR` under /dev is allowed.
+  :data:`GPU_DIR` and :data:`MPI_DIR` under /dev are allowed.
 - A hook's program must be an executable regular file under ``devices.mount_allow``.
 - Two edits may name the same container path only with the same host file.
 """
@@ -39,6 +39,10 @@ from berth.runtime.policy import under
 #: Where berth mounts host driver libraries and binaries: under the container's /dev tmpfs, the
 #: one directory every container has that runc can create mount points in without an overlay.
 GPU_DIR = "/dev/.berth-gpu"
+#: Where berth mounts the site's MPI libraries for ``--mpi host`` (berth.runtime.devices.mpi).
+MPI_DIR = "/dev/.berth-mpi"
+#: berth's own directories under the container's /dev that edits may mount into.
+INJECTION_DIRS = (GPU_DIR, MPI_DIR)
 
 _ADMIN = "ask your site administrator (devices in docs/gpus.md)"
 
@@ -160,7 +164,7 @@ def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:
     if not os.path.exists(real):
         raise UsageError(f"{what}: the mount source {named} does not exist on this node", hint=_ADMIN)
     destination = mount.container_path
-    if destination == GPU_DIR or destination.startswith(GPU_DIR + "/"):
+    if any(destination == base or destination.startswith(base + "/") for base in INJECTION_DIRS):
         if ".." in destination.split("/"):
             raise PolicyError(f"{what}: the destination '{destination}' contains '..'")
     else:
@@ -248,8 +252,8 @@ def device_request_edits(settings, text: str, *, what: str) -> ContainerEdits:
     return group_edits(settings, text, dict(settings.devices.groups)[text], what=what)
 
 
-def group_edits(settings, name: str, patterns: Sequence[str], *, what: str) -> ContainerEdits:
-    """A site device group: every existing device its paths or globs name (on this node)."""
+def existing_devices(settings, patterns: Sequence[str]) -> list[DeviceNode]:
+    """The devices of this node that paths or globs under /dev name (in DEV_DIR), in order."""
     dev_dir = settings.devices.dev_dir
     nodes = []
     for pattern in patterns:
@@ -259,6 +263,12 @@ def group_edits(settings, name: str, patterns: Sequence[str], *, what: str) -> C
         for match in matches:
             path = "/dev" + match[len(dev_dir.rstrip("/")):] if dev_dir.rstrip("/") != "/dev" else match
             nodes.append(DeviceNode(path, host_path=path))
+    return nodes
+
+
+def group_edits(settings, name: str, patterns: Sequence[str], *, what: str) -> ContainerEdits:
+    """A site device group: every existing device its paths or globs name (on this node)."""
+    nodes = existing_devices(settings, patterns)
     if not nodes:
         raise UsageError(f"{what}: none of the devices of group '{name}' ({', '.join(patterns)}) exist on this node",
                          hint="run it on a node that has them, or ask your site administrator")
