@@ -109,20 +109,26 @@ def test_injection_holds_when_the_program_ignores_ld_library_path(mpich_site, mp
         result.stdout
 
 
-@pytest.mark.parametrize("scope,nodes,ranks", [("task", 2, 2), ("node", 2, 2), ("node", 1, 2)])
+@pytest.mark.parametrize("scope,nodes,ranks,runtime", [("task", 2, 2, "berth-launcher"), ("task", 2, 2, "runc"),
+                                                        ("node", 2, 2, "berth-launcher"), ("node", 1, 2, "runc")])
 def test_injected_ranks_through_pmi2(mpich_site, mpich_image, user, slurm_cluster,  # noqa: F811
-                                     scope, nodes, ranks):
+                                     scope, nodes, ranks, runtime):
     """srun --mpi=pmi2, one container per rank or per node: every rank runs the host's MPICH,
     wired up through Slurm's PMI-2 socket passed into its container; across 2 nodes, and two
     ranks sharing their node's container (MPICH's shared memory between them).
 
     At most one peer per rank over the network: Debian's MPICH 4.0.2 + UCX 1.13 hangs in
     MPI_Finalize in about 4 runs of 10 when a rank has 2 or more peers over UCX's TCP transport,
-    on the bare host too (docs/mpi.md, test bed notes)."""
+    on the bare host too (docs/mpi.md, test bed notes). Both runtimes pass the PMI socket on
+    (``--preserve-fds 1``): berth-launcher, which berth picks for these containers, and runc."""
+    chosen = ("--runtime", "runc") if runtime == "runc" else ()
     result = run_as(user, ["srun", "--mpi=pmi2", f"-N{nodes}", f"-n{ranks}", f"--ntasks-per-node={ranks // nodes}",
-                           *berth_run("--scope", scope, "--mpi", "host", mpich_image, "/opt/hello-mpich")],
+                           *berth_run("--debug", *chosen, "--scope", scope, "--mpi", "host", mpich_image,
+                                      "/opt/hello-mpich")],
                     mpich_site)
     assert result.returncode == 0, describe(result) + slurm_cluster.logs()[-3000:]
+    if scope == "task":  # (the node's container logs its runtime to its keeper's log)
+        assert re.search(rf"runtime \S*/{runtime}\n", result.stderr), describe(result)
     found = rank_lines(result.stdout)
     assert sorted(found) == list(range(ranks)), result.stdout
     assert {(size, total, library, file) for size, _, total, library, file in found.values()} == \

@@ -12,11 +12,11 @@
  * It speaks the part of runc's command line berth uses, with runc's behaviour, so that the
  * supervision code (signals, stop timeout, teardown, stale clean-up, exec, ps) is one:
  *
- *   berth-launcher [--root DIR] [--log FILE] [--log-format text] run (-b|--bundle) DIR ID
+ *   berth-launcher [--root DIR] [--log FILE] [--log-format text] run [--preserve-fds N] (-b|--bundle) DIR ID
  *   berth-launcher [--root DIR] kill ID SIGNAL
  *   berth-launcher [--root DIR] delete [--force] ID
  *   berth-launcher [--root DIR] state ID
- *   berth-launcher [--root DIR] exec [--tty] [--cwd DIR] [--env K=V]... ID COMMAND [ARG...]
+ *   berth-launcher [--root DIR] exec [--tty] [--cwd DIR] [--env K=V]... [--preserve-fds N] ID COMMAND [ARG...]
  *   berth-launcher check (-b|--bundle) DIR      (exit 0 when it can run the bundle's config)
  *   berth-launcher --version
  *
@@ -34,6 +34,9 @@
  * "state" and "exec" find the container; "delete --force" kills a container whose launcher
  * died.  The init gets PR_SET_PDEATHSIG(SIGKILL): a launcher killed with SIGKILL takes its
  * container with it.
+ *
+ * "--preserve-fds N" (runc's option): descriptors 3 to 3+N-1 reach the container's process too
+ * (Slurm's PMI socket, berth.runtime.pmix).
  *
  * No setuid, no capabilities of its own: it runs as the calling user only.
  * Built static at install time like berth-init (setup.py).
@@ -98,6 +101,8 @@ static const char *error_text(int number)
 }
 
 static int log_fd = -1;
+/* "--preserve-fds N": descriptors 3 .. 3+N-1 stay open for the container's process. */
+static unsigned preserve_fds = 0;
 /* In the launcher during "run": the container's state to remove, and its first process to
  * kill, when the launcher fails. */
 static const char *cleanup_id;
@@ -1131,8 +1136,9 @@ static void become_process(const struct config *cfg)
         fail("prctl(PR_SET_NO_NEW_PRIVS): %s", error_text(errno));
     if (cfg->deny_keyring)
         deny_keyring();
-    /* Only stdio (and the error pipe, close-on-exec) reach the container, as with runc. */
-    syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC);
+    /* Only stdio, the --preserve-fds ones (and the error pipe, close-on-exec) reach the
+     * container, as with runc. */
+    syscall(SYS_close_range, 3U + preserve_fds, ~0U, CLOSE_RANGE_CLOEXEC);
 }
 
 static void enter_cwd(const char *cwd)
@@ -1732,6 +1738,20 @@ static void usage(void)
     exit(1);
 }
 
+static unsigned parse_preserve_fds(const char *text)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long count = strtoul(text, &end, 10);
+    if (errno || !*text || *end || count > 64)
+        fail("--preserve-fds %s: wants a number of descriptors from 0 to 64", text);
+    /* Open as the caller passed them: a descriptor the container is to get must exist. */
+    for (unsigned long fd = 3; fd < 3 + count; fd++)
+        if (fcntl((int)fd, F_GETFD) < 0)
+            fail("--preserve-fds %s: descriptor %lu is not open", text, fd);
+    return (unsigned)count;
+}
+
 int main(int argc, char **argv)
 {
     int i = 1;
@@ -1758,6 +1778,8 @@ int main(int argc, char **argv)
         for (; i < argc && argv[i][0] == '-'; i++) {
             if ((strcmp(argv[i], "-b") == 0 || strcmp(argv[i], "--bundle") == 0) && i + 1 < argc)
                 bundle = argv[++i];
+            else if (strcmp(argv[i], "--preserve-fds") == 0 && i + 1 < argc)
+                preserve_fds = parse_preserve_fds(argv[++i]);
             else
                 fail("run: unknown option %s (berth-launcher runs a subset of runc's options)", argv[i]);
         }
@@ -1810,6 +1832,8 @@ int main(int argc, char **argv)
                 extra[extra_count++] = argv[++i];
             } else if (strcmp(argv[i], "--tty") == 0 || strcmp(argv[i], "-t") == 0) {
                 terminal = 1;
+            } else if (strcmp(argv[i], "--preserve-fds") == 0 && i + 1 < argc) {
+                preserve_fds = parse_preserve_fds(argv[++i]);
             } else {
                 fail("exec: unknown option %s", argv[i]);
             }
