@@ -104,6 +104,11 @@ class Setup:
             "s3cmd": {},
         }
         server.make_bucket(BUCKET)
+        # SeaweedFS grows its first volumes on the first large write (seconds on this machine):
+        # one warm-up write keeps that cost out of whichever tool happens to run first (berth).
+        warm = server.client()
+        warm.upload_file(str(self.source / "big.bin"), BUCKET, "warm-up/big.bin")
+        warm.delete_object(Bucket=BUCKET, Key="warm-up/big.bin")
 
     def argv(self, tool: str, op: str, src: str, dest: str) -> list[str]:
         """The command for one operation: op is put-file, get-file, put-dir, get-dir, sync-dir."""

@@ -5,8 +5,8 @@ with backoff, multipart uploads, listing, all outside the interpreter). Chosen o
 botocore/s3transfer by measurement (bench/RESULTS.md, docs/staging.md): botocore builds, signs
 and parses every request in Python under the GIL, which made berth no faster than aws-cli on
 many small objects and a third of s5cmd's speed on large downloads; obstore's requests cost
-the interpreter almost nothing and its bodies arrive into Rust buffers that berth hashes and
-writes without copying. Imported lazily.
+the interpreter almost nothing and its bodies are received outside it, reaching berth in
+pieces that it hashes and writes while the next ones arrive. Imported lazily.
 
 Rules (issue 7):
 
