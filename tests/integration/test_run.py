@@ -193,6 +193,9 @@ def test_pid_namespace_shows_only_the_container(runtime_env, runtime_images):
     count, init = result.stdout.splitlines()
     assert int(count) <= 4, result.stdout  # init, sh, ls, grep
     assert init.startswith("/dev/.berth-init ")
+    # the init leads its own session and process group (as runc's does), not the runtime's
+    session = run(runtime_env, runtime_images.busybox, "cut", "-d", " ", "-f5,6", "/proc/1/stat")
+    assert session.stdout.split() == ["1", "1"], describe(session)
 
 
 @BOTH_RUNTIMES

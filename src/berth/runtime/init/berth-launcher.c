@@ -1216,6 +1216,10 @@ static int container_main(void *raw)
         _exit(1); /* the launcher failed to write our id maps, or died: it reports */
     close(a->sync_read);
 
+    /* Its own session, as runc's init (nsexec) makes it: the container does not share the
+     * launcher's session, and its process group and session are 1 inside. */
+    if (setsid() < 0)
+        fail("setsid: %s", error_text(errno));
     if (cfg->clone_flags & CLONE_NEWNET)
         loopback_up();
     if (cfg->hostname && sethostname(cfg->hostname, strlen(cfg->hostname)) != 0)
@@ -1702,8 +1706,10 @@ static int command_exec(const char *id, const char *cwd, char **extra_env, size_
         close(err_pipe[0]);
         error_pipe = err_pipe[1];
         prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        if (setsid() < 0) /* as runc exec's process: a session of its own */
+            fail("setsid: %s", error_text(errno));
         if (terminal) {
-            if (setsid() < 0 || ioctl(peer, TIOCSCTTY, 0) != 0)
+            if (ioctl(peer, TIOCSCTTY, 0) != 0)
                 fail("cannot make the terminal the process's own: %s", error_text(errno));
             for (int fd = 0; fd < 3; fd++)
                 if (dup2(peer, fd) < 0)
