@@ -142,3 +142,21 @@ def test_a_step_still_running_when_the_job_ends_is_stopped_cleanly(job_site, use
             break
         time.sleep(0.3)
     assert leaks == [], leaks
+
+
+def test_sigterm_to_a_node_scope_task_while_its_container_starts_leaves_nothing(runtime_env, runtime_images):
+    """`berth run --scope node` (a task of a Slurm step; the step's variables are enough here):
+    a SIGTERM (scancel, the time limit) while the task waited for the node's container to
+    start killed it by default action, before it could stop the container it had started, so
+    the node's container ran on with nobody left to stop it."""
+    step = {"SLURM_JOB_ID": str(900000 + os.getpid() % 10000), "SLURM_STEP_ID": "0", "SLURMD_NODENAME": "nodeS"}
+    process = runtime_env.popen("run", "--scope", "node", str(runtime_images.busybox), "sleep", "300", env=step,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # While the keeper starts the node's container (the task polls its runtime state).
+    deadline = time.monotonic() + 30
+    while not runtime_env.containers() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, process.returncode  # ended, not killed by it
+    assert runtime_env.wait_clean(timeout_s=30) == []

@@ -100,6 +100,9 @@ def run_in_node_container(settings, image, command: list[str] | None, options, *
     timeout_s = float(settings.lock_timeout_s)
     tasks_fd = locks.open_lock_file(rendezvous / "tasks")
     keeper_pid = None
+    # A stop signal (scancel, the time limit) before the command runs must still reach _leave:
+    # else a task that started the node's container dies and nobody stops it (issue 8 audit).
+    early = proc.raise_on_stop()
     try:
         with locks.file_lock(rendezvous / "lock", timeout_s=timeout_s, purpose="the node container's rendezvous"):
             # Shared while this task runs; waits while the last task of a previous round tears down.
@@ -114,8 +117,16 @@ def run_in_node_container(settings, image, command: list[str] | None, options, *
         status = exec_in_container(settings, name, list(command),
                                    env=tuple(task_env(environ, settings.policy.passthrough_env)) + options.env,
                                    workdir=options.workdir, pmi_fd=pmi_fd(environ))
+    except proc.StopRequested as stop:
+        log(f"stopped by signal {signal.Signals(stop.signum).name} before the command started")
+        status = proc.signal_status(stop.signum)
     finally:
-        _leave(state_dir, name, tasks_fd, keeper_pid, options.stop_timeout_s, log)
+        held = proc.ignore_stop()  # the last task's stop of the container must finish
+        try:
+            _leave(state_dir, name, tasks_fd, keeper_pid, options.stop_timeout_s, log)
+        finally:
+            proc.restore_handlers(held)
+            proc.restore_handlers(early)
     return status
 
 
