@@ -320,6 +320,14 @@ def test_a_requeued_job_says_so_while_pending(tmp_path):
     record.write_result(JobResult("cancelled", signal=15, started_at=5.0))
     pending = merge_state(spec, record, mine).result
     assert (pending.state, pending.message) == ("pending", "Slurm requeued the job: it runs again from the start")
+    # Running again, before the new run's runner writes: not the previous run's "cancelled",
+    # nor a node failure recorded while that run ended.
+    again = merge_state(spec, record, {**mine, "JobState": "RUNNING"}).result
+    assert (again.state, again.message) == ("staging", pending.message)
+    record.write_result(JobResult("failed", phase="scheduler", message="node node2 failed during the job"))
+    assert merge_state(spec, record, {**mine, "JobState": "RUNNING"}).result.state == "staging"
+    record.write_result(JobResult("completed", exit_code=0))  # the runner's own end stays
+    assert merge_state(spec, record, {**mine, "JobState": "RUNNING"}).result.state == "completed"
 
 
 def test_exit_statuses_become_results():

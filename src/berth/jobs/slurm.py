@@ -134,6 +134,8 @@ def batch_script(spec: JobSpec, record: JobRecord, python: str) -> str:
 #: squeue fields, comment last (it is free text): job id, state, reason, node list, comment.
 SQUEUE_FORMAT = "%i|%T|%r|%N|%k"
 
+REQUEUED = "Slurm requeued the job: it runs again from the start"
+
 #: Slurm states of a job that ended because a node of it failed (the runner on the batch host
 #: may be gone with it, or was stopped with SIGTERM like at a cancel).
 _NODE_FAILURE_STATES = ("NODE_FAIL", "BOOT_FAIL")
@@ -197,8 +199,7 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
                          native_id, state)
     if mapped in (model.PENDING,):
         requeued = result is not None and result.started_at is not None
-        return JobStatus(spec, JobResult(model.PENDING, message="Slurm requeued the job: it runs again from the start"
-                                         if requeued else None), native_id, state)
+        return JobStatus(spec, JobResult(model.PENDING, message=REQUEUED if requeued else None), native_id, state)
     node_down = state in _NODE_FAILURE_STATES or (state == "COMPLETING" and slurm.get("Reason") == "NodeDown")
     if node_down and _runner_word_lost(result, record):
         # The runner's own word is kept when the script had ended, or a cancel was asked for;
@@ -223,6 +224,10 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
     if state in _RUNNING_STATES:
         if result is None:
             return JobStatus(spec, JobResult(model.STAGING), native_id, state)
+        if state == "RUNNING" and result.final and _runner_word_lost(result, record):
+            # A requeued job's next run, before its runner writes: the end recorded is the
+            # previous run's (taken for a cancel, or a node failure seen while it ended).
+            return JobStatus(spec, JobResult(model.STAGING, message=REQUEUED), native_id, state)
         return JobStatus(spec, result, native_id, state)
     # Ended for another reason (COMPLETED, FAILED, NODE_FAIL, OUT_OF_MEMORY, BOOT_FAIL...).
     if result is not None and result.final:
