@@ -306,8 +306,10 @@ def test_large_uploads_go_one_at_a_time_and_are_verified(tmp_path, monkeypatch):
             _time.sleep(0.05)
             with lock:
                 active[0] -= 1
+            parts = [bytes(part) for part in file]  # obstore takes the parts as berth reads them
+            assert all(len(part) == chunk_size for part in parts[:-1])
             calls.append((key, chunk_size, max_concurrency))
-            return {"e_tag": f'"{multipart_etag(str(file), chunk_size)}"', "version": None}
+            return {"e_tag": f'"{_multipart_etag_of(b"".join(parts), chunk_size)}"', "version": None}
         return {"e_tag": f'"{hashlib.md5(bytes(file)).hexdigest()}"', "version": None}
 
     monkeypatch.setattr(obstore, "put", put)
@@ -332,3 +334,37 @@ def test_a_wrong_multipart_etag_fails_the_upload_and_lists_it(tmp_path, monkeypa
         transfer.stage_out((parse_transfer("big.bin:s3://bucket/big.bin", "out"),), _profile(), str(tmp_path))
     assert "1 object(s) did not arrive after 3 attempts: s3://bucket/big.bin" in caught.value.message
     assert "does not match" in caught.value.message
+
+
+def test_an_upload_checks_what_it_sent_and_refuses_a_swapped_in_link(tmp_path, monkeypatch):
+    """The parts are hashed as they are read and handed over: a file that changed size since
+    the plan is an error (the next round sends it again), and a symbolic link put in place of a
+    planned file is never followed (it could point at the user's credentials)."""
+    import obstore
+
+    sent = {}
+
+    def put(store, key, file, use_multipart=None, chunk_size=None, max_concurrency=None):
+        data = b"".join(bytes(part) for part in file) if use_multipart else bytes(file)
+        sent[key] = data
+        etag = _multipart_etag_of(data, chunk_size) if use_multipart else hashlib.md5(data).hexdigest()
+        return {"e_tag": f'"{etag}"'}
+
+    monkeypatch.setattr(obstore, "put", put)
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    runner = transfer._Runner(_profile(), None)
+    path = tmp_path / "grows.bin"
+    path.write_bytes(os.urandom(6 * MIB))
+    planned = transfer._Put(str(path), 5 * MIB, "bucket", "grows.bin")
+    with pytest.raises(StagingError, match="changed size while it was uploaded"):
+        runner.upload(planned)
+    runner.upload(transfer._Put(str(path), 6 * MIB, "bucket", "grows.bin"))
+    assert sent["grows.bin"] == path.read_bytes()
+
+    secret = tmp_path / "s3.toml"
+    secret.write_text("secret_key = x\n")
+    link = tmp_path / "result.txt"
+    link.symlink_to(secret)
+    with pytest.raises(StagingError, match="result.txt"):
+        runner.upload(transfer._Put(str(link), 10, "bucket", "result.txt"))
+    assert "result.txt" not in sent

@@ -22,9 +22,9 @@ Rules (issue 7):
   sets the object's Last-Modified on every file it verified) is identical; same size but another
   time is hashed and compared with the ETag. So a re-sync of an unchanged prefix is one listing.
 - **Uploads**: small files are one PUT whose answered ETag must be the body's MD5; files from
-  ``multipart_threshold`` on are a parallel multipart upload in parts of ``multipart_chunksize``
-  (obstore reads the file itself) while another thread hashes the same parts, and the
-  multipart ETag the service answers must match. A mismatch fails the object, and stage-out's
+  ``multipart_threshold`` on are a parallel multipart upload in parts of ``multipart_chunksize``,
+  each part hashed as it is read and handed over, and the multipart ETag the service answers
+  must match. A mismatch fails the object, and stage-out's
   next round sends it again.
 - **Concurrency**: objects transfer ``max_concurrency`` at a time (threads that wait outside the
   GIL) on one connection pool per bucket; one large object's parts likewise.
@@ -709,41 +709,61 @@ class _Runner:
     # -- uploads -----------------------------------------------------------------------------
 
     def upload(self, put: _Put) -> None:
-        """One file to S3, verified by the ETag the service answers: a plain ETag is the
-        body's MD5; a multipart one is recomputed from the same parts while obstore uploads them
-        (another thread reads the file from the page cache)."""
+        """One file to S3, verified by the ETag the service answers: a plain ETag must be the
+        MD5 of the body sent; a multipart one is recomputed from the parts as they are read and
+        handed to obstore (one pass over the file, measured cheaper and faster than letting
+        obstore read the file while another thread hashes it), so it checks exactly what was
+        sent. Symbolic links are not followed (the plan skipped them; a link swapped in since
+        is refused), and a file that grew or shrank meanwhile is an error."""
         import obstore
 
         what = f"s3://{put.bucket}/{put.key}"
         store = self.store(put.bucket)  # type: ignore[arg-type]
         try:
-            if put.size >= self.profile.multipart_threshold:
-                part_size = upload_part_size(put.size, self.profile.multipart_chunksize)
-                with self.large, ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash") as hasher:
-                    expected = hasher.submit(multipart_etag, put.path, part_size)
-                    result = obstore.put(store, put.key, Path(put.path), use_multipart=True, chunk_size=part_size,
-                                         max_concurrency=self.profile.max_concurrency)
-                    expected_etag = expected.result()
-                etag = _etag(result.get("e_tag"))
-                if "-" in etag:
-                    if etag != expected_etag:
+            # Buffered: read(n) returns n bytes until the end, so parts are exactly part_size.
+            handle = os.fdopen(os.open(put.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+            with handle:
+                if put.size >= self.profile.multipart_threshold:
+                    part_size = upload_part_size(put.size, self.profile.multipart_chunksize)
+                    digests: list[bytes] = []
+                    read = [0]
+
+                    def parts():
+                        while part := handle.read(part_size):
+                            digests.append(_md5(part).digest())
+                            read[0] += len(part)
+                            self.progress.advance(len(part))
+                            yield part
+                            if self.stop.is_set():
+                                raise StagingError(f"{what}: stopped")
+
+                    with self.large:
+                        result = obstore.put(store, put.key, parts(), use_multipart=True, chunk_size=part_size,
+                                             max_concurrency=self.profile.max_concurrency)
+                    expected = f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+                    etag = _etag(result.get("e_tag"))
+                    if "-" in etag and etag != expected:
                         raise StagingError(f"{what}: the stored object's ETag {etag} does not match {put.path}",
-                                           hint="the file changed while it was uploaded, or the upload was corrupted")
-                else:  # a service whose multipart ETags are no MD5s: the size at least
-                    stored = obstore.head(store, put.key)["size"]
-                    if stored != put.size:
-                        raise StagingError(f"{what}: the service stored {stored} bytes of {put.size}")
-                self.progress.advance(put.size)
-            else:
-                with open(put.path, "rb") as handle:
+                                           hint="the upload was corrupted; it is sent again")
+                    if "-" not in etag:  # a service whose multipart ETags are no MD5s: the size at least
+                        stored = obstore.head(store, put.key)["size"]
+                        if stored != put.size:
+                            raise StagingError(f"{what}: the service stored {stored} bytes of {put.size}")
+                    length = read[0]
+                else:
                     data = handle.read()
-                digest = _md5(data).hexdigest()
-                result = obstore.put(store, put.key, data, use_multipart=False)
-                etag = _etag(result.get("e_tag"))
-                if len(etag) == 32 and etag != digest:
-                    raise StagingError(f"{what}: the stored object's ETag does not match {put.path}",
-                                       hint="the upload was corrupted; it is sent again")
-                self.progress.advance(len(data))
+                    digest = _md5(data).hexdigest()
+                    result = obstore.put(store, put.key, data, use_multipart=False)
+                    etag = _etag(result.get("e_tag"))
+                    if len(etag) == 32 and etag != digest:
+                        raise StagingError(f"{what}: the stored object's ETag does not match {put.path}",
+                                           hint="the upload was corrupted; it is sent again")
+                    self.progress.advance(len(data))
+                    length = len(data)
+                if length != put.size:
+                    raise StagingError(f"{what}: {put.path} changed size while it was uploaded "
+                                       f"({put.size} bytes planned, {length} now)",
+                                       hint="stage out files the job has finished writing")
         except BerthError:
             raise
         except Exception as exc:  # noqa: BLE001
