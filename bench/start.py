@@ -44,7 +44,10 @@ UDOCKER_TOOLS_VERSION = "1.2.11"
 #: berth's runtime settings timed side by side; the first is the default, whose figures the
 #: targets use.
 RUNTIMES = ("launcher", "runc")
-BERTH = f"berth run ({RUNTIMES[0]})"  # what udocker 1.3.17 asks for; see prepare_udocker
+BERTH = f"berth run ({RUNTIMES[0]})"
+#: The anchors timed in turn with berth's runs (StartBench.interleaved) for the target lines.
+PAIRED = ("berth-launcher (berth's config.json, squashfuse root)", "runc (berth's config.json, squashfuse root)",
+          "runc (squashfuse root)", "ch-run IMG.sqfs")  # what udocker 1.3.17 asks for; see prepare_udocker
 
 
 def ensure_udocker() -> str | None:
@@ -208,6 +211,36 @@ class StartBench:
         self.user.run(argv, env=env, timeout=3600)
         data = json.loads(export.read_text())
         return {result["command"]: c.Sample(list(result["times"])) for result in data["results"]}
+
+    #: Run as the user: the commands in turn, round after round, each timed from spawn to exit
+    #: (the same ~1 ms of subprocess overhead for every command).
+    INTERLEAVE_DRIVER = (
+        "import json, os, subprocess, sys, time\n"
+        "spec = json.load(open(sys.argv[1]))\n"
+        "warmup, rounds = int(sys.argv[2]), int(sys.argv[3])\n"
+        "times = {name: [] for name, _, _ in spec}\n"
+        "for index in range(warmup + rounds):\n"
+        "    for name, argv, extra in spec:\n"
+        "        env = {**os.environ, **extra}\n"
+        "        start = time.perf_counter()\n"
+        "        subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,\n"
+        "                       stderr=subprocess.DEVNULL, check=True)\n"
+        "        if index >= warmup:\n"
+        "            times[name].append(time.perf_counter() - start)\n"
+        "print(json.dumps(times))\n"
+    )
+
+    def interleaved(self, commands: dict[str, tuple[list[str], dict]], rounds: int) -> dict[str, c.Sample]:
+        """The ``commands`` (name -> (argv, extra environment)) in turn, ``rounds`` times: a
+        changing load on a shared machine then weighs on every command alike, which separate
+        hyperfine runs (all runs of one command, then the next) do not give."""
+        driver = self.workdir / "interleave.py"
+        spec = self.workdir / f"interleave-{len(os.listdir(self.workdir))}.json"
+        driver.write_text(self.INTERLEAVE_DRIVER)
+        spec.write_text(json.dumps([[name, argv, extra] for name, (argv, extra) in commands.items()]))
+        result = self.user.run(["/usr/bin/python3", str(driver), str(spec), str(self.warmup), str(rounds)],
+                               timeout=3600)
+        return {name: c.Sample(values) for name, values in json.loads(result.stdout).items()}
 
     def importtime(self, args: list[str], env: dict | None = None,
                    repeats: int = 7) -> tuple[c.Sample, list[tuple[str, float]]]:
@@ -388,6 +421,15 @@ def main() -> int:
         if udocker_env:
             samples.update(bench.hyperfine({"udocker run (R1: host runc)": [
                 str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
+        paired: dict[str, c.Sample] = {}
+        if berth_envs:
+            chosen = {name: (berth[0], {"BERTH_RUNTIME": env["BERTH_RUNTIME"]}) for name, env in berth_envs.items()}
+            chosen.update({name: (argv, {}) for name, argv in commands.items() if name in PAIRED})
+            try:
+                paired = bench.interleaved({name: (argv, {**berth[1], **extra} if name in berth_envs else extra)
+                                            for name, (argv, extra) in chosen.items()}, args.runs)
+            except RuntimeError as error:
+                bench.notes.append(f"interleaved runs failed: {c.error_line(str(error))}")
         berth_phases: dict[str, list[tuple[str, c.Sample]]] = {}
         berth_profile: list[tuple[str, float]] = []
         berth_reported: dict[str, list[tuple[str, c.Sample]]] = {}
@@ -439,14 +481,26 @@ def main() -> int:
     sections.append(c.markdown_table(["command", "ms: median (min–max)", f"{BERTH} / tool",
                                       f"{BERTH} − tool (ms)"], rows))
     sections.append("")
+    if paired:
+        rounds = len(next(iter(paired.values())).values)
+        sections += [(f"The same commands in turn, round after round ({rounds} rounds, {args.warmup} warm-up; "
+                      "each timed from spawn to exit by a Python driver running as the user): a changing load "
+                      "weighs on all of them alike, so the target lines below use these medians."), ""]
+        paired_berth = paired.get(BERTH)
+        sections.append(c.markdown_table(["command", "ms: median (min–max)", f"{BERTH} / command"], [
+            [name, sample.cell("ms"), c.ratio(paired_berth.median, sample.median) if paired_berth else "—"]
+            for name, sample in paired.items()]))
+        sections.append("")
+    target_samples = paired or samples
+    berth_sample = target_samples.get(BERTH)
     if berth_sample:
         for runc_name in ("runc (squashfuse root)", "runc (berth's config.json, squashfuse root)"):
-            if runc_name in samples:
-                ratio = berth_sample.median / samples[runc_name].median
+            if runc_name in target_samples:
+                ratio = berth_sample.median / target_samples[runc_name].median
                 sections.append(f"- target (issue 10) {BERTH} ≤ bare {runc_name}: {ratio:.2f}x, "
                                 f"{'met' if ratio <= 1.0 else 'NOT met'}")
-        if "ch-run IMG.sqfs" in samples:
-            ch_ratio = berth_sample.median / samples["ch-run IMG.sqfs"].median
+        if "ch-run IMG.sqfs" in target_samples:
+            ch_ratio = berth_sample.median / target_samples["ch-run IMG.sqfs"].median
             sections.append(f"- target (issue 10) {BERTH} ≤ 2x ch-run on the SquashFS: {ch_ratio:.2f}x, "
                             f"{'met' if ch_ratio <= 2.0 else 'NOT met'}")
     else:
