@@ -576,7 +576,9 @@ class _Runner:
             return False
         if abs(info.st_mtime - get.mtime) < 1e-3:
             return True
-        if matches_etag(get.path, get.etag, self.part_sizes(get)):
+        # Only the likeliest part size: each candidate is one more pass over a large file, and a
+        # wrong "not identical" only costs a download (which then tries them all).
+        if matches_etag(get.path, get.etag, self.part_sizes(get)[:1]):
             os.utime(get.path, (get.mtime, get.mtime))
             return True
         return False
