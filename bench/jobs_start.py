@@ -209,7 +209,8 @@ def main() -> int:
     if os.getuid() != 0:
         parser.error("run as root (it starts a registry and the Slurm test cluster)")
     command = "python3 bench/jobs_start.py " + " ".join(sys.argv[1:])
-    header = c.report_header("Job start to container running (issue 4)", command.strip())
+    header = c.report_header("Job start to container running, and berth per node of a step (issues 4 and 10)",
+                                command.strip())
     node_counts = [int(n) for n in args.nodes.split(",")]
     c.ensure_cache_readable()
     user = c.BenchUser.lookup()
