@@ -76,13 +76,13 @@ LOCAL_MARKS = [
     ("submit", c.is_exec("berth")),
     ("runner", c.is_exec("python", "python3", "berth")),
     ("squashfuse", c.is_exec("squashfuse", "squashfuse_ll")),
-    ("runtime", c.is_exec("runc", "crun")),
+    ("runtime", c.is_exec("runc", "crun", "berth-launcher")),
     ("container", c.is_exec("sh")),
 ]
 LOCAL_PHASES = [
     ("trace: runner exec → squashfuse exec (runner start-up, stage)", "runner", "squashfuse"),
-    ("trace: squashfuse exec → runc exec (mount, bundle)", "squashfuse", "runtime"),
-    ("trace: runc exec → job shell exec (runtime start)", "runtime", "container"),
+    ("trace: squashfuse exec → runtime exec (mount, bundle)", "squashfuse", "runtime"),
+    ("trace: runtime exec (berth-launcher or runc) → job shell exec (runtime start)", "runtime", "container"),
     ("trace: runner exec → job shell exec (all of berth's share)", "runner", "container"),
 ]
 
