@@ -182,11 +182,13 @@ class JobBench:
             measured["boot"] = stamps["script"][0] - float(started_at)
         if backend == "slurm":
             if len(stamps.get("container", [])) != nodes or len(stamps.get("bare", [])) != nodes:
-                raise RuntimeError(f"job {job_id}: expected {nodes} container and bare lines, got {output[-800:]}")
+                c.log(f"job {job_id}'s output:\n{output}")
+                raise RuntimeError(f"job {job_id}: expected {nodes} container and bare lines (the output is in the log)")
             measured["step"] = max(stamps["container"]) - stamps["launch"][0]
             measured["bare"] = max(stamps["bare"]) - stamps["launch-bare"][0]
             if len(cpu.get("cpu-berth", [])) != nodes or len(cpu.get("cpu-bare", [])) != nodes:
-                raise RuntimeError(f"job {job_id}: expected {nodes} treecpu lines per step, got {output[-800:]}")
+                c.log(f"job {job_id}'s output:\n{output}")
+                raise RuntimeError(f"job {job_id}: expected {nodes} treecpu lines per step (the output is in the log)")
             # per node: the median node's CPU and wall of its berth run (bench/treecpu.py)
             measured["cpu berth"] = statistics.median(v[0] for v in cpu["cpu-berth"])
             measured["cpu bare"] = statistics.median(v[0] for v in cpu["cpu-bare"])
