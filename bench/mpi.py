@@ -20,6 +20,14 @@ What runs:
   is noise.
 - Launch: wall time of ``srun --mpi=pmix -N NODES -n N [--overcommit] hello`` (MPI_Init,
   one MPI_Allreduce, MPI_Finalize) for N = 2, 4, 8 over 1, 2, 4 nodes, bare vs berth per scope.
+- MPICH and host MPI injection (``--family mpich``): the same mpibench compiled with Debian's
+  ``mpicc.mpich`` (MPICH 4.0.2, ch4:ucx), ranks started with ``srun --mpi=pmi2``, UCX kept to
+  TCP on loopback (``UCX_TLS=tcp,self``, ``UCX_NET_DEVICES=lo``). Bare: the host's MPICH; berth
+  task: the image's own MPICH (``tests/harness/mpi.py``'s MPICH image: a copy of Debian's library
+  as version 4.0.1); berth task/node + host: ``berth run --mpi host``, the host's MPICH injected
+  (site ``[mpi]``: libmpich and its UCX/hwloc libraries). Within one node, bare MPICH and
+  ``--scope node`` use MPICH's shared memory; ``--scope task`` cannot (berth sets
+  ``MPIR_CVAR_NOLOCAL=1``: the ranks talk over TCP).
 
 Test-bed limits (TESTBED.md): every "node" has the same host name, so OpenMPI runs with
 ``btl=self,tcp`` on 127.0.0.1 (no shared memory, bare or not); the 2 cores are shared with the
@@ -30,6 +38,11 @@ Usage (as root; runs the ranks as ``berthtest``; kept out of the test suite)::
     python3 bench/mpi.py                                   # full: about 15 minutes on 2 loaded cores
     python3 bench/mpi.py --quick                           # a few minutes
     python3 bench/mpi.py --max-p2p 65536 --iters 200 --reps 5 --rounds 1 --launch-runs 2
+    python3 bench/mpi.py --family openmpi --placements "2 nodes, tcp" --modes task,task@runc,node \
+        --tests allreduce,bcast --max-coll 64 --rounds 5 --launch-runs 0   # one question, in detail
+
+Every launch's values are also logged (stderr), so that a state change within one launch or
+between launches can be told from a cost of a mode.
 """
 
 from __future__ import annotations
@@ -64,31 +77,45 @@ PLACEMENTS = {
     "1 node, shared memory": (["-N1", "-n2"], {"OMPI_MCA_btl": "self,vader"}, ("node",)),
     "2 nodes, tcp": (["-N2", "-n2", "--ntasks-per-node=1", "-c2"], {}, ("task", "node")),
 }
+#: MPICH (--family mpich): placements and the berth modes compared (a scope, "+host": --mpi host).
+MPICH_PLACEMENTS = {
+    "1 node, MPICH": (["-N1", "-n2"], {}, ("task", "task+host", "node+host")),
+    "2 nodes, MPICH": (["-N2", "-n2", "--ntasks-per-node=1", "-c2"], {}, ("task", "task+host", "node+host")),
+}
+MPICH_ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo"}
+#: The site's MPI for the "+host" modes: Debian's MPICH and what it links (ldd libmpich.so.12).
+SITE_MPI = """\
+[mpi]
+libraries = ["libmpich.so.12"]
+dependencies = ["libhwloc.so.15", "libucp.so.0", "libucs.so.0", "libuct.so.0", "libucm.so.0", "libnuma.so.1"]
+"""
 SCOPES = ("task", "node")
 LAUNCH_SHAPES = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4)]  # (ranks, nodes)
 
 
-def compile_bench(directory: Path) -> Path:
-    """mpibench compiled on the host (same OpenMPI as the image): the one binary both sides run."""
-    mpicc = shutil.which("mpicc")
+def compile_bench(directory: Path, compiler: str = "mpicc") -> Path:
+    """mpibench compiled on the host (same MPI as the image): the one binary both sides run."""
+    mpicc = shutil.which(compiler)
     if mpicc is None:
-        raise RuntimeError("mpicc is missing: run scripts/install-system-packages.sh (libopenmpi-dev)")
-    binary = directory / "mpibench"
+        raise RuntimeError(f"{compiler} is missing: run scripts/install-system-packages.sh (libopenmpi-dev, "
+                           "libmpich-dev)")
+    binary = directory / f"mpibench-{compiler}"
     c.run([mpicc, "-O2", "-o", str(binary), str(SOURCE)])
     binary.chmod(0o755)
     return binary
 
 
-def bench_image(registry, binary: Path):
-    """The MPI test image plus a layer with /opt/bench/mpibench, pushed to ``registry``."""
+def bench_image(registry, binary: Path, family: str = "openmpi"):
+    """The MPI test image (OpenMPI) or the MPICH image plus a layer with /opt/bench/mpibench,
+    pushed to ``registry``."""
     from tests.harness import images
-    from tests.harness.mpi import mpi_spec
+    from tests.harness.mpi import mpi_spec, mpich_spec
     from tests.harness.ocilayout import Dir, HostFile, ImageSpec, Layer
 
-    base = mpi_spec()
+    base = mpich_spec() if family == "mpich" else mpi_spec()
     layer = Layer((Dir("opt"), Dir("opt/bench"), HostFile("opt/bench/mpibench", binary, mode=0o755)))
     spec = ImageSpec(layers=(*base.layers, layer), cmd=base.cmd)
-    return images.push_pushed_image(registry, "bench/mpi", "bench", spec, "oci")
+    return images.push_pushed_image(registry, f"bench/{family}", "bench", spec, "oci")
 
 
 def parse_results(output: str) -> dict[tuple[str, int], float]:
@@ -102,24 +129,32 @@ def parse_results(output: str) -> dict[tuple[str, int], float]:
 
 
 class Runner:
-    def __init__(self, user: c.BenchUser, env: dict, ref: str, bare_binary: Path, hello: Path) -> None:
+    def __init__(self, user: c.BenchUser, env: dict, ref: str, bare_binary: Path, hello: Path | None,
+                 pmi: str = "pmix", placements: dict | None = None) -> None:
         self.user, self.env, self.ref = user, env, ref
         self.bare_binary, self.hello = bare_binary, hello
+        self.pmi, self.placements = pmi, placements or PLACEMENTS
 
     def prefix(self, mode: str) -> list[str]:
-        """mode: "bare", or a berth scope ("task", "node")."""
-        return [] if mode == "bare" else [str(c.BERTH), "run", "--scope", mode, self.ref]
+        """mode: "bare", or a berth scope ("task", "node"), "+host" for --mpi host, "@RUNTIME" for
+        --runtime RUNTIME (runc; default: berth's choice, berth-launcher where it can)."""
+        if mode == "bare":
+            return []
+        mode, _, runtime = mode.partition("@")
+        scope, _, host = mode.partition("+")
+        return [str(c.BERTH), "run", "--scope", scope, *(["--mpi", "host"] if host else []),
+                *(["--runtime", runtime] if runtime else []), self.ref]
 
     def srun(self, options: list[str], mode: str, program: list[str], timeout: float,
              env: dict | None = None) -> subprocess.CompletedProcess:
-        argv = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", *options, *self.prefix(mode), *program]
+        argv = ["srun", f"--mpi={self.pmi}", "--kill-on-bad-exit=1", *options, *self.prefix(mode), *program]
         return self.user.run(argv, env={**self.env, **(env or {})}, timeout=timeout, cwd="/tmp")
 
     def micro(self, placement: str, mode: str, args) -> dict[tuple[str, int], float]:
         binary = str(self.bare_binary) if mode == "bare" else IN_IMAGE
         program = [binary, ",".join(args.tests), str(args.max_p2p), str(args.max_coll), str(args.iters),
                    str(args.warmup), str(args.reps)]
-        options, env, _ = PLACEMENTS[placement]
+        options, env, _ = self.placements[placement]
         result = self.srun(options, mode, program, timeout=1800, env=env)
         found = parse_results(result.stdout)
         if not found:
@@ -181,8 +216,23 @@ def main() -> int:
     parser.add_argument("--launch-runs", type=int, default=3, help="runs per launch shape and mode")
     parser.add_argument("--quick", action="store_true",
                         help="--max-p2p 262144 --iters 20 --warmup 2 --reps 5 --launch-runs 2")
+    parser.add_argument("--family", default="openmpi,mpich",
+                        help="comma-separated of openmpi (micro-benchmarks and launch) and mpich (micro-benchmarks: "
+                             "the image's MPICH and the host's injected with --mpi host)")
+    parser.add_argument("--placements", default="",
+                        help="only these placements (';'-separated, e.g. '2 nodes, tcp;2 nodes, MPICH'); default: all")
+    parser.add_argument("--modes", default="",
+                        help="berth modes compared in every placement instead of its own (comma-separated: task, "
+                             "node, task+host, task@runc, ...)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    args.family = [family for family in args.family.split(",") if family]
+    if unknown := set(args.family) - {"openmpi", "mpich"}:
+        parser.error(f"unknown --family {','.join(sorted(unknown))}")
+    wanted = [name.strip() for name in args.placements.split(";") if name.strip()]
+    known = {**PLACEMENTS, **MPICH_PLACEMENTS}
+    if unknown := [name for name in wanted if name not in known]:
+        parser.error(f"unknown --placements {unknown}: known {list(known)}")
     if args.quick:
         args.max_p2p, args.iters, args.warmup, args.reps, args.launch_runs = 2**18, 20, 2, 5, 2
     args.tests = [test for test in args.tests.split(",") if test]
@@ -219,15 +269,36 @@ def main() -> int:
         env = {**cluster.env(), **c.berth_env(config_dir, site / "user-store", site / "state")}
         user.run([str(c.BERTH), "pull", image], env=env)
         ref = f"{image.registry.host}/{image.name}@{image.digest}"
-        runner = Runner(user, env, ref, binary, hello)
-        runner.launch(2, 1, "task")  # warm-up: page cache, first mount
-        for placement, (_, _, scopes) in PLACEMENTS.items():
-            for round_index in range(args.rounds):
-                for label, mode in (("bare 1", "bare"), *((scope, scope) for scope in scopes), ("bare 2", "bare")):
-                    c.log(f"{placement}: {label} (round {round_index + 1})")
-                    found = runner.micro(placement, mode, args)
-                    micro.setdefault(placement, {}).setdefault(label, []).append(found)
-        for ranks, nodes in LAUNCH_SHAPES:
+        runners = []
+        if "openmpi" in args.family:
+            runner = Runner(user, env, ref, binary, hello)
+            runner.launch(2, 1, "task")  # warm-up: page cache, first mount
+            runners.append(runner)
+        if "mpich" in args.family:
+            c.log("building and pushing the MPICH bench image")
+            mpich_image = bench_image(registry, compile_bench(workdir, "mpicc.mpich"), "mpich")
+            (config_dir / "conf.d").mkdir(exist_ok=True)
+            (config_dir / "conf.d" / "70-mpi.toml").write_text(SITE_MPI)
+            user.chown_tree(config_dir)
+            user.run([str(c.BERTH), "pull", mpich_image], env=env)
+            runners.append(Runner(user, {**env, **MPICH_ENV}, f"{mpich_image.registry.host}/{mpich_image.name}@"
+                                  f"{mpich_image.digest}", workdir / "mpibench-mpicc.mpich", None, "pmi2",
+                                  MPICH_PLACEMENTS))
+        for runner in runners:
+            for placement, (_, _, scopes) in runner.placements.items():
+                if wanted and placement not in wanted:
+                    continue
+                scopes = tuple(args.modes.split(",")) if args.modes else scopes
+                for round_index in range(args.rounds):
+                    for label, mode in (("bare 1", "bare"), *((scope, scope) for scope in scopes),
+                                        ("bare 2", "bare")):
+                        c.log(f"{placement}: {label} (round {round_index + 1})")
+                        found = runner.micro(placement, mode, args)
+                        micro.setdefault(placement, {}).setdefault(label, []).append(found)
+                        c.log(f"  {label}: " + " ".join(f"{test}/{size}={value:.2f}"
+                                                        for (test, size), value in sorted(found.items())))
+        for ranks, nodes in LAUNCH_SHAPES if "openmpi" in args.family and args.launch_runs else ():
+            runner = runners[0]
             c.log(f"launch {ranks} ranks on {nodes} node(s)")
             samples = launch.setdefault((ranks, nodes), {mode: c.Sample() for mode in ("bare", *SCOPES)})
             for _ in range(args.launch_runs):
@@ -259,7 +330,7 @@ def main() -> int:
                 "(berth − mean bare) / mean bare for times, (mean bare − berth) / mean bare for bandwidth.", ""]
     over_all = []
     for placement, modes in micro.items():
-        scopes = PLACEMENTS[placement][2]
+        scopes = tuple(args.modes.split(",")) if args.modes else {**PLACEMENTS, **MPICH_PLACEMENTS}[placement][2]
         for test in args.tests:
             rows = {}
             sizes = sorted({size for (name, size) in modes["bare 1"][0] if name == test})
@@ -272,15 +343,20 @@ def main() -> int:
             for scope, sizes_over in over.items():
                 if sizes_over:
                     over_all.append(f"{test}, {placement}, scope {scope}: {', '.join(map(str, sizes_over))} B")
+    if "mpich" in args.family:
+        sections += ["MPICH rows: bare = the host's MPICH 4.0.2 (`srun --mpi=pmi2`); berth task = the image's own "
+                     "MPICH 4.0.1 in a container per rank; berth task+host / node+host = `berth run --mpi host`: "
+                     "the host's MPICH injected, a container per rank / per node. UCX on TCP over loopback.", ""]
     rows = []
     for (ranks, nodes), samples in launch.items():
         bare = samples["bare"]
         rows.append([str(ranks), str(nodes), bare.cell("s"), *[samples[scope].cell("s") for scope in SCOPES],
                      *[f"{(samples[scope].median - bare.median) * 1000:.0f}"
                        if samples[scope].values and bare.values else "—" for scope in SCOPES]])
-    sections += ["#### Launch: N-rank hello (MPI_Init, MPI_Allreduce, MPI_Finalize), wall time of srun", "",
-                 c.markdown_table(["ranks", "nodes", "bare, s", *[f"berth {scope}, s" for scope in SCOPES],
-                                   *[f"{scope} − bare, ms" for scope in SCOPES]], rows), ""]
+    if rows:
+        sections += ["#### Launch: N-rank hello (MPI_Init, MPI_Allreduce, MPI_Finalize), wall time of srun", "",
+                     c.markdown_table(["ranks", "nodes", "bare, s", *[f"berth {scope}, s" for scope in SCOPES],
+                                       *[f"{scope} − bare, ms" for scope in SCOPES]], rows), ""]
     if launch_failures:
         sections += [f"Launches that failed ({len(launch_failures)}; not in the figures above):", "",
                      *[f"- {failure}" for failure in launch_failures], ""]
