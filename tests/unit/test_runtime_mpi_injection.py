@@ -235,3 +235,8 @@ def test_host_libraries_are_bound_over_the_images_files_judged_like_any_destinat
     assert binds[0].identity == c_bind.identity and binds[0].read_only
     with pytest.raises(PolicyError, match="mounting over /etc/passwd"):
         mpi.image_binds(judged, site, {"C": image["C"]._replace(path="/etc/passwd")}, deny=("/etc/passwd",))
+    # An image's library file under /proc, /sys or /dev (its own files there) is refused even
+    # where the site denies nothing: berth mounts those filesystems itself.
+    for path in ("/proc/libmpi.so.12", "/sys/x/libmpi.so.12", "/dev/shm/libmpi.so.12"):
+        with pytest.raises(PolicyError, match="not allowed"):
+            mpi.image_binds(judged, site, {"C": image["C"]._replace(path=path)}, deny=())

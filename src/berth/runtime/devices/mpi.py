@@ -70,6 +70,8 @@ _OTHER_MPI = re.compile(r"libmpi(ch)?\.so\.\d+")
 #: Where the loader looks after its cache (glibc's trusted directories, multiarch first).
 STANDARD_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
                      "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib")
+#: Container paths an image's library may never be bound over (berth mounts them itself).
+KERNEL_FILESYSTEMS = ("/proc", "/sys", "/dev")
 #: The largest image ld.so cache berth reads (Debian's is ~30 KiB).
 MAX_IMAGE_CACHE_BYTES = 4 << 20
 _ADMIN = "ask your site administrator ([mpi] in docs/mpi.md)"
@@ -281,6 +283,8 @@ def image_binds(request_mounts: Sequence[spec.BindMount], host: HostMpi, image: 
         judged = by_destination.get(f"{MPI_DIR}/lib/{FAMILY[role][0]}")
         if judged is None:
             continue
-        destination = policy.check_destination(library.path, what=f"{what}: the image's {library.path}", deny=deny)
+        # Never onto the kernel filesystems berth mounts itself, whatever the site's deny list says.
+        destination = policy.check_destination(library.path, what=f"{what}: the image's {library.path}",
+                                               deny=(*deny, *KERNEL_FILESYSTEMS))
         binds.append(judged._replace(destination=destination))
     return binds
