@@ -110,12 +110,11 @@ def test_injection_holds_when_the_program_ignores_ld_library_path(mpich_site, mp
 
 
 @pytest.mark.parametrize("scope,nodes,ranks,runtime", [("task", 2, 2, "berth-launcher"), ("task", 2, 2, "runc"),
-                                                        ("node", 2, 2, "berth-launcher"), ("node", 1, 2, "runc")])
+                                                        ("node", 2, 2, "berth-launcher"), ("node", 2, 2, "runc")])
 def test_injected_ranks_through_pmi2(mpich_site, mpich_image, user, slurm_cluster,  # noqa: F811
                                      scope, nodes, ranks, runtime):
-    """srun --mpi=pmi2, one container per rank or per node: every rank runs the host's MPICH,
-    wired up through Slurm's PMI-2 socket passed into its container; across 2 nodes, and two
-    ranks sharing their node's container (MPICH's shared memory between them).
+    """srun --mpi=pmi2 across 2 nodes, one container per rank or per node: every rank runs the
+    host's MPICH, wired up through Slurm's PMI-2 socket passed into its container.
 
     At most one peer per rank over the network: Debian's MPICH 4.0.2 + UCX 1.13 hangs in
     MPI_Finalize in about 4 runs of 10 when a rank has 2 or more peers over UCX's TCP transport,
