@@ -240,3 +240,14 @@ def test_host_libraries_are_bound_over_the_images_files_judged_like_any_destinat
     for path in ("/proc/libmpi.so.12", "/sys/x/libmpi.so.12", "/dev/shm/libmpi.so.12"):
         with pytest.raises(PolicyError, match="not allowed"):
             mpi.image_binds(judged, site, {"C": image["C"]._replace(path=path)}, deny=())
+
+
+def test_doctor_names_the_sites_mpi_or_why_it_cannot_be_injected(host):
+    from berth.runtime.doctor import check_mpi
+
+    check = check_mpi(_settings(host))
+    assert check.ok and check.detail == ("C libmpich.so.12.2.2 (MPICH ABI 12.2.2), C++ libmpichcxx.so.12.2.2 "
+                                         "(MPICH ABI 12.2.2); 3 libraries injected, 0 device(s)")
+    assert check_mpi(Settings()).detail == "none configured ([mpi] libraries): --mpi host is refused"
+    broken = check_mpi(_settings(host, dependencies=("libnot-here.so.7",)))
+    assert not broken.ok and "libnot-here.so.7 is not in the ld.so cache" in broken.detail

@@ -257,6 +257,24 @@ def check_cdi(settings) -> Check:
                  ADMIN + "fix or remove the refused specs (docs/gpus.md)" if problems else "", required=False)
 
 
+def check_mpi(settings) -> Check:
+    """The site's MPI for ``--mpi host`` ([mpi]) as this node has it, or why it cannot be injected."""
+    from berth.errors import BerthError
+    from berth.runtime.devices import mpi
+
+    if not settings.mpi.libraries:
+        return Check("host MPI", True, "none configured ([mpi] libraries): --mpi host is refused", required=False)
+    try:
+        found = mpi.host_mpi(settings, what="[mpi]")
+    except BerthError as exc:
+        return Check("host MPI", False, exc.message, exc.hint or "", required=False)
+    family = ", ".join(f"{role} {library.describe()} (MPICH ABI {library.version_text()})"
+                       for role, library in found.family)
+    libraries = len({m.host_path for m in found.edits.mounts if m.container_path.startswith(mpi.MPI_DIR)})
+    return Check("host MPI", True, f"{family}; {libraries} librar{'y' if libraries == 1 else 'ies'} injected, "
+                 f"{len(found.edits.device_nodes)} device(s)", required=False)
+
+
 def run_checks(settings) -> list[Check]:
     state_check, state_dir = check_state_dir(settings)
     checks = [
@@ -279,7 +297,7 @@ def run_checks(settings) -> list[Check]:
         locks = check_store_locks(store)
         if locks is not None:
             checks.append(locks)
-    checks += [check_gpus(settings), check_cdi(settings)]
+    checks += [check_gpus(settings), check_cdi(settings), check_mpi(settings)]
     return checks
 
 
