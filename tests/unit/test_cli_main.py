@@ -44,3 +44,14 @@ def test_unknown_command_still_lists_all_commands(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'nosuch'" in err and "'run'" in err and "'submit'" in err
+
+
+def test_ctrl_c_while_the_command_modules_import_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """Scenario 3b (SIGINT at random early moments of berth run): a KeyboardInterrupt raised
+    while build_parser imported the command's modules escaped main() as a traceback."""
+    def interrupted(modules):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    assert cli_main.main(["run", "busybox", "true"]) == 130
+    assert capsys.readouterr().err == "berth: interrupted\n"

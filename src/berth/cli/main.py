@@ -114,6 +114,16 @@ def print_error(error: BerthError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while the command's modules are still being imported (before _main's own
+        # handler): a message, never a traceback (issue 8, scenario 3b found it).
+        print("berth: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(modules_for(argv))
