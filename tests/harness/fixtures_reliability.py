@@ -122,8 +122,7 @@ class Campaign:
         if kept is not None and kept.rows:
             rows.update(kept.rows)
             sections.update(kept.sections)
-            lines[0:0] = [f"Scenarios {', '.join(sorted(kept.rows))} (marked ¹) are from the earlier run: "
-                          f"{kept.run}.", ""]
+            lines[0:0] = ["Rows marked [run ...] were not rerun: their figures are from that earlier run.", ""]
         lines += [rows[number] for number in sorted(rows)]
         lines.append("")
         for number in sorted(sections):
@@ -134,32 +133,31 @@ class Campaign:
 
 @dataclass
 class Carried:
-    """What a partial run keeps of the previous figures: the rows and per-scenario notes of the
-    scenarios it did not run, and which run they came from."""
+    """What a partial run keeps of the previous figures: the rows (each marked with the run it
+    comes from) and per-scenario notes of the scenarios it did not run."""
 
-    run: str
     rows: dict[str, str]
     sections: dict[str, list[str]]
 
 
 def carried(block: str, ran: set[str]) -> Carried:
-    """The previous campaign block's scenarios that this run did not run (rows marked ¹)."""
+    """The previous campaign block's scenarios that this run did not run."""
     import re
 
-    run = "unknown"
+    run = "an earlier run"
     rows: dict[str, str] = {}
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in block.splitlines():
-        found = re.match(r"Run (.+?) at commit `([0-9a-f]+)`", line)
-        if found and run == "unknown":
-            run = f"{found.group(1)} at commit `{found.group(2)}`"
-        if line.startswith("Scenarios ") and "are from the earlier run: " in line:
-            run = line.split("are from the earlier run: ", 1)[1].rstrip(".")
+        found = re.match(r"Run (\S+ \S+) UTC at commit `([0-9a-f]+)`", line)
+        if found:
+            run = f"[run {found.group(1)}, `{found.group(2)}`]"
         row = re.match(r"\| ([0-9][0-9a-z]*) \| (.*)", line)
         if row and row.group(1) not in ran:
             title, rest = row.group(2).split(" | ", 1)
-            rows[row.group(1)] = f"| {row.group(1)} | {title.rstrip(' ¹')} ¹ | {rest}"
+            if "[run " not in title:
+                title = f"{title.rstrip(' ¹')} {run}"
+            rows[row.group(1)] = f"| {row.group(1)} | {title} | {rest}"
         head = re.match(r"Scenario ([0-9][0-9a-z]*) \(", line)
         if head:
             current = sections.setdefault(head.group(1), []) if head.group(1) not in ran else None

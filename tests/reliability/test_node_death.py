@@ -161,8 +161,9 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
                            + f"\n{_output(work, native)}")
         else:
             result.outcome("failed cleanly")
-            result.figures.setdefault("berth status of a job whose node died",
-                                      f"`{status.stdout.strip().splitlines()[-1] if status.stdout.strip() else ''}`")
+            message = [line for line in status.stdout.splitlines() if line.startswith("message:")]
+            result.figures.setdefault(f"berth status when the {kind} died",
+                                      f"`{' '.join(message[0].split()) if message else status.stdout.strip()}`")
     campaign.finish(result)
     result.figures["how a node dies"] = ("SIGKILL of its slurmd and of every process in its job cgroups, then "
                                          "`scontrol update state=down` (slurmctld's verdict after SlurmdTimeout)")

@@ -70,7 +70,11 @@ def test_signals_at_random_early_moments_of_berth_run(runtime_env, runtime_image
             errors = stderr.read()
         leaks = runtime_env.wait_clean(timeout_s=10)
         leaks += [f"process {p}" for p in processes_mentioning(runtime_env.user.uid, marker)]
-        if leaks or "Traceback" in errors:
+        if not leaks and "Fatal Python error: init_import_site" in errors:
+            # Interrupted in the interpreter's own start-up, before any of berth's code ran.
+            result.outcome("failed cleanly")
+            ends.setdefault(name, collections.Counter())["in Python's own start-up (before berth)"] += 1
+        elif leaks or "Traceback" in errors:
             result.outcome("unclean", f"trial {n} ({name} at {delay_s:.2f} s, rc {process.returncode}): "
                            f"left {leaks}\n{errors[-3000:]}")
             # The next trial must start clean: the next berth command cleans up.
