@@ -169,7 +169,7 @@ def carried(block: str, ran: set[str]) -> Carried:
                 current.append(line)
             else:
                 current = None
-    return Carried(run, rows, sections)
+    return Carried(rows, sections)
 
 
 _CAMPAIGN = pytest.StashKey[Campaign]()
