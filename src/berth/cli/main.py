@@ -7,13 +7,15 @@ what they need lazily so that ``berth run`` starts fast (STYLE.md: no heavy impo
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from berth import __version__
 from berth.errors import BerthError
+
+if TYPE_CHECKING:
+    import argparse
 
 COMMAND_MODULES = (
     "berth.cli.images",
@@ -74,6 +76,11 @@ class Context:
 
 
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    # Imported here, not at the top: a Ctrl-C while the console script imports this module
+    # is outside main()'s handler, so that import is kept to what cannot be avoided.
+    import argparse
+    import importlib
+
     """The parser with the commands of ``modules`` (all of them by default)."""
     parser = argparse.ArgumentParser(
         prog="berth",
