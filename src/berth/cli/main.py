@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from berth import __version__
-from berth.errors import BerthError
 
-if TYPE_CHECKING:
-    import argparse
+# argparse and berth.errors are imported where they are used, not here: a Ctrl-C while the
+# console script imports this module is outside main()'s handler, so that import is kept to
+# what cannot be avoided. Annotations naming them are never evaluated.
 
 COMMAND_MODULES = (
     "berth.cli.images",
@@ -76,8 +75,6 @@ class Context:
 
 
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
-    # Imported here, not at the top: a Ctrl-C while the console script imports this module
-    # is outside main()'s handler, so that import is kept to what cannot be avoided.
     import argparse
     import importlib
 
@@ -131,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from berth.errors import BerthError
+
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(modules_for(argv))
