@@ -128,7 +128,8 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
             deadline = time.monotonic() + 30
             while True:
                 status = user.berth("status", job, env={**job_site.env, **trial_env})
-                if victim in status.stdout or time.monotonic() > deadline:
+                message = [line for line in status.stdout.splitlines() if line.startswith("message:")]
+                if (message and victim in message[0]) or time.monotonic() > deadline:
                     break
                 time.sleep(1)
             survivor_dirs = [base / survivor] + ([base / "batch"] if survivor == batch else [])
@@ -138,7 +139,7 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
         problems = []
         if state["state"] != "failed" or "node" not in (state.get("message") or "").lower():
             problems.append(f"ended {json.dumps(state)}")
-        if status.returncode != 0 or "failed" not in status.stdout or victim not in status.stdout:
+        if status.returncode != 0 or "failed" not in status.stdout or not message or victim not in message[0]:
             problems.append(f"berth status does not say which node failed: {describe(status)}")
         if leaks:
             problems.append(f"the surviving node {survivor} left {leaks}")
@@ -161,7 +162,6 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
                            + f"\n{_output(work, native)}")
         else:
             result.outcome("failed cleanly")
-            message = [line for line in status.stdout.splitlines() if line.startswith("message:")]
             result.figures.setdefault(f"berth status when the {kind} died",
                                       f"`{' '.join(message[0].split()) if message else status.stdout.strip()}`")
     campaign.finish(result)
