@@ -10,6 +10,8 @@ import dataclasses
 import json
 import random
 import threading
+import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -33,13 +35,26 @@ class HoldingProxy(CountingProxy):
     hold: str = ""
     corrupt: str = ""
     release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: A blob whose body waits until ``settled()`` is true after the corrupt blob was sent
+    #: (its download is then under way while berth finds the corrupt one out).
+    hold_past_corrupt: str = ""
+    settled: typing.Callable[[], bool] = lambda: True
+    corrupt_sent: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def send_body(self, handler, response, is_blob_get, length) -> None:
         if is_blob_get and self.hold and handler.path.endswith(self.hold):
             self.release.wait(120)
+        if is_blob_get and self.hold_past_corrupt and handler.path.endswith(self.hold_past_corrupt):
+            self.corrupt_sent.wait(120)
+            deadline = time.monotonic() + 60
+            while not self.settled() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
         if is_blob_get and self.corrupt and handler.path.endswith(self.corrupt):
             while chunk := response.read(64 * 1024):
                 handler.wfile.write(bytes(255 - b for b in chunk))
+            handler.wfile.flush()
+            self.corrupt_sent.set()
             return
         super().send_body(handler, response, is_blob_get, length)
 
@@ -115,8 +130,13 @@ def test_conversion_starts_before_the_bottom_layer_has_arrived(stores, holding_p
 
 def test_a_corrupt_lower_blob_fails_the_overlapped_pull_with_nothing_published(stores, holding_proxy,
                                                                                 three_layer_image):
-    bottom = _layers(three_layer_image)[0]
+    bottom, middle, _top = _layers(three_layer_image)
     holding_proxy.hold = holding_proxy.corrupt = bottom
+    # The middle layer is still on its way when berth finds the bottom one corrupt (its body
+    # comes once berth has thrown the corrupt blob's partial file away): its partial must go
+    # too, nothing half-written stays (under load one was left behind).
+    holding_proxy.hold_past_corrupt = middle
+    holding_proxy.settled = lambda: not any(bottom.split(":")[1] in name for name in stores.tmp_entries())
     process = stores.popen("pull", "--insecure", via(holding_proxy, three_layer_image))
     try:
         assert wait_for(lambda: _converting(stores, three_layer_image), timeout_s=60)

@@ -27,7 +27,6 @@ from berth.errors import (
     PolicyError,
     RegistryError,
     RegistryUnreachable,
-    StoreError,
 )
 from berth.image.api import StoredImage, index_key, load_stored, parse_reference, store_for
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
@@ -160,7 +159,8 @@ class _Counters:
 
 
 class _Cancelled(Exception):
-    """Another download of the same pull failed: stop this one (its partial file is kept)."""
+    """Another download of the same pull failed: stop this one (its partial file is kept
+    unless the stop says ``discard_partials``)."""
 
 
 class StopSignal(threading.Event):
@@ -325,7 +325,8 @@ def _unique(descriptors: list[Descriptor]) -> list[Descriptor]:
 def _download_all(client, settings, store: Store, reference: Reference, blobs: list[Descriptor],
                   progress, counters: _Counters) -> None:
     """Fetch every blob not yet stored, ``settings.pull_parallel`` at a time; the first
-    failure stops the others (their partial files stay for the next attempt) and is raised."""
+    failure stops the others and is raised (their partial files stay for the next attempt
+    after an unreachable registry or an interruption, :func:`_ends_the_pull`)."""
     with _Downloads(client, settings, store, reference, blobs, progress) as downloads:
         downloads.finish(counters)
 
@@ -335,8 +336,9 @@ class _Downloads:
     order given; :meth:`wait_for` lets the conversion use each blob as soon as it is verified
     and stored (issue 10: conversion overlaps the downloads that are still running).
 
-    The first failure stops the others (their partial files stay for the next attempt) and is
-    what :meth:`wait_for` and :meth:`finish` raise. Leaving the ``with`` block any other way
+    The first failure stops the others and is what :meth:`wait_for` and :meth:`finish` raise;
+    their partial files stay for the next attempt only when it can resume them
+    (:func:`_ends_the_pull`). Leaving the ``with`` block any other way
     (the conversion failed, Ctrl-C) stops the downloads at their next chunk and waits for them.
     """
 
@@ -358,13 +360,15 @@ class _Downloads:
 
     def __exit__(self, kind, error, traceback) -> None:
         if kind is not None:
+            if _ends_the_pull(error):
+                self.stop.discard_partials = True
             self._stop()
         self.pool.shutdown(wait=True)
 
     def _done(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is not None:
-            # The first failure stops the others; a full disk makes their partials worthless.
-            if isinstance(future.exception(), StoreError):
+            # The first failure stops the others, and says whether their partials are kept.
+            if _ends_the_pull(future.exception()):
                 self.stop.discard_partials = True
             self._stop()
         with self.changed:
@@ -411,6 +415,15 @@ class _Downloads:
             raise failure
         for future in self.futures.values():
             counters.add(future.result())
+
+
+def _ends_the_pull(exc: BaseException | None) -> bool:
+    """Whether a failure makes the partial files of the downloads it stops worthless: all but
+    an unreachable registry (run the pull again to resume) and an interruption (Ctrl-C, a stop
+    signal: BaseExceptions). A corrupt blob, a refused image, a full disk: no rerun resumes
+    anything until someone acts, so nothing half-written stays behind in the store's tmp/ (a
+    partial of a layer still on its way when another layer turned out corrupt was left)."""
+    return isinstance(exc, Exception) and not isinstance(exc, (RegistryUnreachable, _Cancelled))
 
 
 def _retryable(exc: BaseException) -> bool:
