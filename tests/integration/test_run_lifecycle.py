@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.harness.fixtures_runtime import BOTH_RUNTIMES, fuse_mounts_under, processes_mentioning
-from tests.harness.users import describe
+from tests.harness.users import berth_executable, describe
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +141,29 @@ def test_ps_and_exec_join_a_running_container(runtime_env, runtime_images, user)
         process.communicate(timeout=20)
     missing = runtime_env.berth("exec", "worker", "true")
     assert missing.returncode == 125 and "no running container 'worker'" in missing.stderr, describe(missing)
+
+
+@BOTH_RUNTIMES
+def test_exec_gets_the_open_files_limit_of_the_containers_process(runtime_env, runtime_images):
+    """A process joining a container (berth exec; a node's ranks under --scope node, started
+    by Slurm tasks whose soft RLIMIT_NOFILE is 1024) gets the open-files limit the container's
+    first process got: runc raises its soft limit to the hard one and its processes inherit
+    that, in run and exec alike. berth-launcher's exec passed the caller's soft limit on
+    (OpenMPI ranks in a node's container: 1024 descriptors under berth-launcher, 20000 under runc)."""
+    probe = "echo files=$(ulimit -n) hard=$(ulimit -Hn)"
+    process = runtime_env.popen("run", "--name", "files", str(runtime_images.busybox),
+                                "sh", "-c", f"{probe}; echo ready; sleep 60")
+    try:
+        first = wait_for_line(process, "ready").splitlines()[0]
+        joined = runtime_env.user.run(["prlimit", "--nofile=1024:", str(berth_executable()), "exec", "files",
+                                       "sh", "-c", probe], env=runtime_env.env())
+        assert joined.returncode == 0, describe(joined)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    fields = dict(word.split("=") for word in first.split())
+    assert int(fields["hard"]) > 1024 and fields["files"] == fields["hard"], first
+    assert joined.stdout.strip() == first, describe(joined)
 
 
 def test_doctor_reports_each_check(runtime_env):

@@ -1181,6 +1181,23 @@ static void exec_process(char **args, char **env, const sigset_t *mask)
     fail("exec %s: %s", program, error_text(errno));
 }
 
+/* The process's rlimits, for run and exec alike (runc applies config.json's to both).
+ * runc (Go >= 1.19) raises its RLIMIT_NOFILE soft limit to the hard one, and its container's
+ * and exec'd processes inherit that: the same here, so that both runtimes give every process of
+ * a container the same limits (OpenMPI ranks joining a node's container had 1024 descriptors
+ * under berth-launcher's exec, 20000 under runc's). */
+static void apply_limits(const struct config *cfg)
+{
+    struct rlimit files;
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+        files.rlim_cur = files.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &files);
+    }
+    for (size_t i = 0; i < cfg->rlimit_count; i++)
+        if (setrlimit(cfg->rlimits[i].resource, &cfg->rlimits[i].limit) != 0)
+            fail("cannot set rlimit %d: %s", cfg->rlimits[i].resource, error_text(errno));
+}
+
 /* A new network namespace starts with its loopback down: bring it up, as runc does for a new
  * network namespace (its "loopback" network), so that 127.0.0.1 works in --network none. */
 static void loopback_up(void)
@@ -1257,16 +1274,7 @@ static int container_main(void *raw)
     if (cfg->readonly_root)
         remount("/", MS_RDONLY, "the root");
     umask(022);
-    /* runc (Go >= 1.19) raises its RLIMIT_NOFILE soft limit to the hard one, and its containers
-     * inherit that: the same here, so that both runtimes give a container the same limits. */
-    struct rlimit files;
-    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
-        files.rlim_cur = files.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &files);
-    }
-    for (size_t i = 0; i < cfg->rlimit_count; i++)
-        if (setrlimit(cfg->rlimits[i].resource, &cfg->rlimits[i].limit) != 0)
-            fail("cannot set rlimit %d: %s", cfg->rlimits[i].resource, error_text(errno));
+    apply_limits(cfg);
     enter_cwd(cfg->cwd);
     become_process(cfg);
     exec_process(cfg->args, cfg->env, &a->mask);
@@ -1715,6 +1723,7 @@ static int command_exec(const char *id, const char *cwd, char **extra_env, size_
                 if (dup2(peer, fd) < 0)
                     fail("dup2: %s", error_text(errno));
         }
+        apply_limits(&cfg);
         enter_cwd(cwd ? cwd : cfg.cwd);
         become_process(&cfg);
         exec_process(args, env, &old);
