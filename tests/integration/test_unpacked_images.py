@@ -52,6 +52,9 @@ def unpacked_env(runtime_env):
     return runtime_env
 
 
+LOCKS = (".lock", ".maker")
+
+
 def copies(env) -> list[str]:
     """Names under the user's unpacked/ directory (copies, their locks, temporary directories)."""
     try:
@@ -72,7 +75,7 @@ def test_unpacked_copy_shows_the_same_tree_as_squashfuse(unpacked_env, runtime_i
     for image in (runtime_images.setuid, runtime_images.hostile_link):
         result = unpacked_env.berth("run", "--debug", str(image), "true")
         assert result.returncode == 0 and "unpacked the image into" in result.stderr, describe(result)
-        (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(".lock")]
+        (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(LOCKS)]
         unpacked = walk(unpacked_env, unpacked_env.state_dir / "unpacked" / name / "root")
         mountpoint = unpacked_env.scratch / "mnt"
         mountpoint.mkdir()
@@ -116,7 +119,7 @@ def test_unpacked_copy_is_read_only_and_setuid_bits_give_nothing(unpacked_env, r
     uid = unpacked_env.user.uid
     assert f"ruid={uid} euid={uid}" in result.stdout and "setuid0=-1" in result.stdout, describe(result)
     assert "Read-only file system" in result.stdout, describe(result)
-    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(".lock")]
+    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(LOCKS)]
     assert not (unpacked_env.state_dir / "unpacked" / name / "root" / "bin" / "new").exists()
     # --writable: the container writes into its own overlay, never into the shared copy.
     written = unpacked_env.berth("run", "--writable", str(runtime_images.setuid), "sh", "-c",
@@ -144,7 +147,7 @@ def test_an_overlay_on_an_unpacked_copy_is_the_kernels_and_leaves_the_copy_alone
     assert lines[0] == "hello" and " - overlay overlay " in lines[1] and " / / ro," in lines[1], describe(result)
     assert "Read-only file system" in lines[2], describe(result)
     assert daemons(unpacked_env) == [] and image_mounts(unpacked_env) == []
-    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(".lock")]
+    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(LOCKS)]
     assert not (unpacked_env.state_dir / "unpacked" / name / "root" / "scratch").exists()
     assert unpacked_env.wait_clean() == []
 
@@ -153,7 +156,7 @@ def test_concurrent_containers_make_one_copy_and_later_runs_reuse_it(unpacked_en
     processes = start(unpacked_env, runtime_images.busybox, 4)
     try:
         names = copies(unpacked_env)
-        assert len(names) == 2 and names[1] == names[0] + ".lock", names  # one copy, no temporary left
+        assert len(names) == 3 and names[1:] == [names[0] + ".lock", names[0] + ".maker"], names  # one copy, no temporary left
         assert image_mounts(unpacked_env) == [] and daemons(unpacked_env) == []  # no FUSE at all
         copy = unpacked_env.state_dir / "unpacked" / names[0]
         made = os.stat(copy).st_ino
@@ -175,7 +178,7 @@ def test_concurrent_containers_make_one_copy_and_later_runs_reuse_it(unpacked_en
 def test_another_user_cannot_read_an_unpacked_copy(unpacked_env, runtime_images, other_user):
     result = unpacked_env.berth("run", str(runtime_images.busybox), "true")
     assert result.returncode == 0, describe(result)
-    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(".lock")]
+    (name,) = [entry for entry in copies(unpacked_env) if not entry.endswith(LOCKS)]
     copy = unpacked_env.state_dir / "unpacked" / name
     assert os.stat(unpacked_env.state_dir / "unpacked").st_mode & 0o077 == 0
     for argv in (["ls", str(unpacked_env.state_dir / "unpacked")], ["cat", str(copy / "root" / "etc" / "passwd")]):
@@ -207,7 +210,7 @@ def test_kill_9_while_unpacking_leaves_no_copy_that_a_later_run_uses(unpacked_en
     berth.send_signal(signal.SIGKILL)
     berth.wait(timeout=10)
     left = copies(unpacked_env)
-    assert [name for name in left if not name.startswith(".") and not name.endswith(".lock")] == [], left
+    assert [name for name in left if not name.startswith(".") and not name.endswith(LOCKS)] == [], left
     # unsquashfs died with berth (parent-death signal): nothing keeps writing the half copy.
     deadline = time.monotonic() + 5
     while processes_mentioning(unpacked_env.user.uid, "unsquashfs") and time.monotonic() < deadline:
@@ -218,7 +221,7 @@ def test_kill_9_while_unpacking_leaves_no_copy_that_a_later_run_uses(unpacked_en
     assert again.returncode == 0 and again.stdout.strip() == str(64 << 20), describe(again)
     assert "unpacked the image into" in again.stderr, describe(again)
     names = copies(unpacked_env)
-    assert len(names) == 2 and not any(name.startswith(".") for name in names), names
+    assert len(names) == 3 and not any(name.startswith(".") for name in names), names
     assert unpacked_env.wait_clean() == []
 
 
@@ -232,7 +235,7 @@ def test_short_disk_falls_back_to_the_fuse_mount_with_a_warning(unpacked_env, ru
         assert result.returncode == 0 and result.stdout.startswith("root:x:0:"), describe(result)
         assert "warning: no room to unpack the image" in result.stderr, describe(result)
         assert "MB free" in result.stderr and "berth prune" in result.stderr, describe(result)
-        assert [name for name in copies(unpacked_env) if not name.endswith(".lock")] == []
+        assert [name for name in copies(unpacked_env) if not name.endswith(LOCKS)] == []
         assert unpacked_env.wait_clean() == []
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)

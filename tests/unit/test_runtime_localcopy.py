@@ -1,5 +1,6 @@
 """Node-local copies of SquashFS files (stage_to_local): made once, verified, refreshed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -98,8 +99,8 @@ def test_a_full_file_system_refuses_before_writing(tmp_path, monkeypatch):
         localcopy.unpacked_copy(tmp_path / "state", source)
     assert "no room to unpack the image" in info.value.message and "MB free" in info.value.message
     assert "berth prune" in info.value.hint
-    assert sorted(p.name for p in (tmp_path / "state" / "unpacked").iterdir()) == [
-        localcopy.image_key(source, None)[0] + ".lock"]
+    key = localcopy.image_key(source, None)[0]
+    assert sorted(p.name for p in (tmp_path / "state" / "unpacked").iterdir()) == [key + ".lock", key + ".maker"]
 
 
 def test_prune_removes_unused_copies_and_leftovers_but_not_one_in_use(tmp_path):
@@ -117,6 +118,33 @@ def test_prune_removes_unused_copies_and_leftovers_but_not_one_in_use(tmp_path):
         removed = prune_unpacked(base)
     assert [path for path, _ in removed] == [str(base / "unused")]
     assert sorted(p.name for p in base.iterdir()) == ["used", "used.lock"]
+
+
+def test_a_maker_does_not_wait_for_the_containers_running_from_the_copy(tmp_path, monkeypatch):
+    """Four containers started at once all found no copy; one made it and ran, holding the
+    copy's lock shared for its life. The others must not then wait for that lock exclusively
+    (a hang of two of four in a full run): making takes the maker lock, not the use lock."""
+    from berth import locks
+    from berth.runtime import localcopy
+
+    source = tmp_path / "image.sqfs"
+    source.write_bytes(b"hsqs" + b"\0" * 100)
+    base = tmp_path / "state" / localcopy.UNPACKED
+    base.mkdir(parents=True)
+    key = localcopy.image_key(source, None)[0]
+
+    def fake_unpack(base, name, source, source_info):
+        (base / name / "root").mkdir(parents=True)
+        (base / name / "info.json").write_text(json.dumps({"boot_id": localcopy._boot_id()}))
+
+    monkeypatch.setattr(localcopy, "_unpack", fake_unpack)
+    monkeypatch.setattr(localcopy, "prune_unpacked", lambda *args, **kwargs: [])
+    with locks.file_lock(base / f"{key}.lock", shared=True):  # a running container's hold
+        held = localcopy.unpacked_copy(tmp_path / "state", source, lock_timeout_s=2)
+        try:
+            assert held.root == base / key / "root" and held.root.is_dir()
+        finally:
+            held.release()
 
 
 def test_remove_tree_opens_closed_directories(tmp_path):

@@ -21,11 +21,14 @@ container of the user (later jobs too) binds that tree read-only as its root::
     STATE_DIR/unpacked/              0700: no other user reaches a copy (site images included)
       KEY/info.json                  what was unpacked, from what, in which boot
       KEY/root/                      the image's tree, owned by the caller
-      KEY.lock                       flock: shared by every container using KEY for its whole
-                                     life, exclusive while KEY is made or removed
-      .tmp-KEY-RANDOM/               a copy being made (never used; removed under KEY.lock)
+      KEY.lock                       flock: shared by every container using KEY (and by its
+                                     maker) for its whole life, exclusive only to remove KEY
+      KEY.maker                      flock: exclusive while KEY is made (makers take turns)
+      .tmp-KEY-RANDOM/               a copy being made (never used; removed under KEY.maker)
 
-Made like the file copy: under the exclusive lock, into a temporary name, renamed into place
+Making takes a lock of its own: a maker waiting for KEY.lock exclusively would wait for every
+running container holding it shared (a whole job's length; found as a hang of two of four
+containers started at once). Made like the file copy: into a temporary name, renamed into place
 when ``unsquashfs`` succeeded, so a name ``KEY`` always holds a whole copy and a ``kill -9``
 leaves only a temporary directory that the next maker (or ``berth prune``) removes. The copy is
 not fsynced (as the file copy is not): ``info.json`` names the boot it was made in, and a copy
@@ -48,6 +51,7 @@ runs with ``no_new_privs``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -213,12 +217,14 @@ def unpacked_copy(state_dir: Path, source: Path, digest: object | None = None, *
                         debug=True)
                 hold = UnpackedImage(directory, fd)
                 break
-            # Converting the lock is not atomic (flock(2)): whoever gets it checks again.
-            locks.acquire(fd, lock_path, timeout_s=lock_timeout_s, purpose=f"the unpacked copy of {source}")
-            if _still_named(fd, lock_path) and not _is_complete(directory):
-                _remove_unpacked(base, name)  # a copy of another boot, a crashed maker's leftovers
-                _unpack(base, name, source, source_info)
-                made = True
+            # Make it, still holding the use lock shared (prune stays away) and the maker lock
+            # exclusively (one maker at a time; a copy in use is complete, so never removed here).
+            with locks.file_lock(base / f"{name}.maker", timeout_s=lock_timeout_s,
+                                 purpose=f"making the unpacked copy of {source}"):
+                if not _is_complete(directory):
+                    _remove_unpacked(base, name)  # a copy of another boot, a crashed maker's leftovers
+                    _unpack(base, name, source, source_info)
+                    made = True
     except BaseException:
         os.close(fd)
         raise
@@ -378,8 +384,9 @@ def _temporary_directory(base: Path, name: str) -> Path:
 
 
 def _remove_unpacked(base: Path, name: str) -> int:
-    """Remove the copy ``name`` and its temporary directories (caller holds its lock
-    exclusively); the copy is renamed away first, so no half-removed tree keeps its name.
+    """Remove the copy ``name`` and its temporary directories (caller holds its use lock
+    exclusively, or shared with the maker lock while the copy is incomplete, so unused); the
+    copy is renamed away first, so no half-removed tree keeps its name.
     Returns the bytes freed (estimated from its record)."""
     freed = 0
     directory = base / name
@@ -413,6 +420,8 @@ def prune_unpacked(base: Path, *, older_than_s: float = 0.0) -> list[tuple[str, 
             with locks.file_lock(lock_path, timeout_s=0) as held:
                 if held:
                     freed = _remove_unpacked(base, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(base / f"{name}.maker")  # no maker: it would hold the use lock
                     os.unlink(lock_path)
                     removed.append((str(base / name), freed))
         except OSError:
