@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,26 @@ def run_as(user, argv: list[str], env: dict[str, str], timeout_s: float = 120) -
         out = (error.stdout or b"").decode(errors="replace")
         err = (error.stderr or b"").decode(errors="replace")
         pytest.fail(f"{argv} did not end within {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}")
+
+
+#: OpenMPI 4.1.4's TCP BTL crash (TESTBED.md, "MPI"): under load a rank still waiting in MPI_Init's
+#: modex fence receives a peer's first ob1 message and calls its not yet registered handler, a
+#: NULL pointer; with runc as with berth-launcher, on the bare OpenMPI code path (core dumps: frame
+#: mca_btl_tcp_endpoint_recv_handler, tag 65, called from ompi_mpi_init's fence wait). Its
+#: signature, exactly: a segmentation fault at address 0 and nothing else of OpenMPI's.
+def ompi_init_race(stderr: str) -> bool:
+    return "Signal: Segmentation fault (11)" in stderr and "Failing at address: (nil)" in stderr
+
+
+def run_mpi(user, argv: list[str], env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """``run_as`` for an OpenMPI launch over TCP: run again once when, and only when, the first
+    run died of OpenMPI's own MPI_Init race (:func:`ompi_init_race`); said as a warning. Any
+    other failure, or the race twice in a row, is the test's failure."""
+    result = run_as(user, argv, env, timeout_s)
+    if result.returncode != 0 and ompi_init_race(result.stderr):
+        warnings.warn(f"OpenMPI's MPI_Init race (TESTBED.md) hit {argv[:6]}: ran it again\n{result.stderr[-1500:]}")
+        result = run_as(user, argv, env, timeout_s)
+    return result
 
 
 def leftovers(user, marker: str) -> list[str]:
@@ -120,7 +141,7 @@ def test_srun_pmix_one_container_per_rank(mpi_site, mpi_image, user, slurm_clust
     """Host-launched: srun --mpi=pmix starts 4 ranks on 2 nodes, each in its own container; they
     wire up through the PMIx server of slurmstepd (env + its directory mounted in)."""
     site, env = mpi_site
-    result = run_as(user, ["srun", "--mpi=pmix", "-N2", "-n4", "--ntasks-per-node=2", str(berth_executable()),
+    result = run_mpi(user, ["srun", "--mpi=pmix", "-N2", "-n4", "--ntasks-per-node=2", str(berth_executable()),
                            "run", mpi_image, "/opt/hello"], {**site.env, **env})
     assert result.returncode == 0, describe(result) + slurm_cluster.logs()[-3000:]
     found = ranks(result.stdout)
@@ -211,7 +232,7 @@ def test_srun_pmix_scope_node_one_container_per_node(mpi_site, mpi_image, user, 
     (one PID namespace per node, the same /dev/shm), each rank with its own PMIx identity from
     its own srun task, every rank's result checked; the container is gone after the step."""
     site, env = mpi_site
-    result = run_as(user, ["srun", "--mpi=pmix", "-N2", "-n4", "--ntasks-per-node=2", "--kill-on-bad-exit=1",
+    result = run_mpi(user, ["srun", "--mpi=pmix", "-N2", "-n4", "--ntasks-per-node=2", "--kill-on-bad-exit=1",
                            str(berth_executable()), "run", "--scope", "node", mpi_image, "sh", "-c", SCOPE_PROBE],
                     {**site.env, **env})
     assert result.returncode == 0, describe(result) + slurm_cluster.logs()[-3000:]
@@ -315,19 +336,28 @@ def test_mpi_job_host_launched_and_mpirun_inside(mpi_site, user, slurm_cluster):
         timeout 90 mpirun -n 4 --host "${hosts%,}" /opt/hello > mpirun.txt 2> mpirun.err
         echo "mpirun status $?"
     """, user)
-    job = submit(user, site, work, "--template", "mpi", "mpi.sh", env=env)
     def report() -> str:
         logs = (work / f"out-{job}.txt").read_text() if (work / f"out-{job}.txt").exists() else ""
         return logs + "".join(f"\n== {path.name}\n{path.read_text()}" for path in sorted(work.glob("*.txt"))
                               if path.name != f"out-{job}.txt") + "".join(
             f"\n== {path.name}\n{path.read_text()}" for path in sorted(work.glob("*.err")))
 
-    try:
-        states = wait_for(user, site, [job], FINAL, timeout_s=180, env=env)
-    except AssertionError as error:
-        user.berth("cancel", job, env={**site.env, **env})
-        raise AssertionError(f"{error}\n{report()}") from None
-    logs = (work / f"out-{job}.txt").read_text() if (work / f"out-{job}.txt").exists() else ""
+    for attempt in (1, 2):
+        job = submit(user, site, work, "--template", "mpi", "mpi.sh", env=env)
+        try:
+            states = wait_for(user, site, [job], FINAL, timeout_s=180, env=env)
+        except AssertionError as error:
+            user.berth("cancel", job, env={**site.env, **env})
+            raise AssertionError(f"{error}\n{report()}") from None
+        logs = (work / f"out-{job}.txt").read_text() if (work / f"out-{job}.txt").exists() else ""
+        errors = "".join(path.read_text() for path in work.glob("*.err"))
+        launches_ok = all(f"{what} status 0" in logs for what in ("srun", "berth srun", "mpirun"))
+        # Once more only when a launch died of OpenMPI's own MPI_Init race (see run_mpi).
+        if attempt == 2 or launches_ok or not ompi_init_race(errors):
+            break
+        warnings.warn(f"OpenMPI's MPI_Init race (TESTBED.md) hit job {job}: submitted it again\n{report()[-3000:]}")
+        for path in [*work.glob("*.txt"), *work.glob("*.err")]:
+            path.unlink()
     outputs = {name: (work / name).read_text() if (work / name).exists() else "(missing)"
                for name in ("srun.txt", "berth-srun.txt", "mpirun.txt")}
     info = f"\n{json.dumps(states[job], indent=1)}\n{report()}"
