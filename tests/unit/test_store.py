@@ -94,6 +94,25 @@ def test_too_long_stream_is_refused_at_once(store):
     assert not store.layout.partial_blob(digest).exists()
 
 
+def test_a_whole_partial_left_read_only_by_a_killed_publish_is_resumed(store):
+    """kill -9 of a pull between fsutil.publish_file's chmod and its rename (the reliability
+    campaign's scenario 2 hit it): the next pull resumed by opening the read-only file for
+    writing and failed with 'cannot write your image store'."""
+    data = b"x" * 5000
+    digest = _digest(data)
+    partial = store.layout.partial_blob(digest)
+    store.require_writable()
+    partial.write_bytes(data)
+    partial.chmod(store.modes.blob)
+    with store.blob_download(digest, len(data)) as writer:
+        assert writer.offset == len(data)
+        # Writable again by its owner (the test runs as root, whom no mode stops: the
+        # unprivileged case is tests/reliability/test_kill_pull.py).
+        assert partial.stat().st_mode & 0o200
+        writer.commit()
+    assert store.has_blob(digest) and not partial.exists()
+
+
 def test_partial_download_resumes_with_rehash(store):
     data = os.urandom(300_000)
     digest = _digest(data)

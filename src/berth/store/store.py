@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -598,7 +599,12 @@ class BlobWriter:
         self._hasher = digest.hasher()
         self.offset = 0
         with store_errors(store, "writing", self.path):
-            if resume and self.path.is_file() and self.path.stat().st_size <= size_bytes:
+            info = self.path.stat() if resume and self.path.is_file() else None
+            if info is not None and info.st_size <= size_bytes:
+                # A pull killed between publishing's chmod (read-only) and its rename leaves
+                # the whole blob here read-only: the file is ours, in our private tmp/.
+                if not info.st_mode & stat.S_IWUSR:
+                    os.chmod(self.path, fsutil.PRIVATE_FILE)
                 self._file = open(self.path, "r+b")
                 while chunk := self._file.read(_CHUNK_BYTES):
                     self._hasher.update(chunk)
