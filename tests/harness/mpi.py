@@ -147,6 +147,9 @@ int main(int argc, char **argv) {
     printf("mpich rank=%d size=%d node=%s sum=%d library=%s file=%s\n", rank, size, node ? node : "-", sum,
            version, info.dli_fname);
     fflush(stdout);
+    /* MPICH 4.0.2 + UCX 1.13 over TCP: without this barrier a rank entering MPI_Finalize late
+     * can spin closing its endpoints to peers already in PMI's final barrier (docs/mpi.md). */
+    MPI_Barrier(MPI_COMM_WORLD);
     MPI_Finalize();
     return 0;
 }
