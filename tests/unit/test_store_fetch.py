@@ -212,12 +212,9 @@ def test_first_failure_stops_the_other_downloads(store):
         pull._download_all(client, settings, store, REF, [_descriptor(bad), _descriptor(slow)], None,
                            pull._Counters())
     assert not store.has_blob(Digest.of(bad))
-    # the slow blob was never started, or cut short (partial kept for resuming), or had
-    # finished first: never downloaded to the end after the failure
-    if client.slow_chunks_sent == 0:
-        assert not store.layout.partial_blob(Digest.of(slow)).exists()
-    elif not store.has_blob(Digest.of(slow)):
+    # the slow blob was never started, or cut short, or had finished first: never downloaded
+    # to the end after the failure; a corrupt blob makes the pull worthless, so a cut-short
+    # download leaves no partial file behind (fda8488)
+    if not store.has_blob(Digest.of(slow)):
         assert client.slow_chunks_sent < len(slow) // 100
-        kept = store.layout.partial_blob(Digest.of(slow)).stat().st_size
-        # the chunk in flight when the stop was seen is not written
-        assert (client.slow_chunks_sent - 1) * 100 <= kept <= client.slow_chunks_sent * 100
+        assert not store.layout.partial_blob(Digest.of(slow)).exists()
