@@ -93,6 +93,15 @@ class BenchUser:
     def chown_tree(self, path: Path) -> None:
         subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(path)], check=True)
 
+    def unpack(self, image: "BenchImage", rootfs: Path) -> Path:
+        """``image``'s layers extracted in order by this user into the new directory ``rootfs``
+        (the plain-directory anchor the benchmarks compare berth with)."""
+        rootfs.mkdir()
+        self.chown_tree(rootfs)
+        for layer in image.layers:
+            self.run(["tar", "-C", str(rootfs), "-xzf", str(layer.path)])
+        return rootfs
+
 
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 1800, cwd: str = "/",
         capture: bool = True, **kwargs) -> subprocess.CompletedProcess:

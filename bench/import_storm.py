@@ -71,11 +71,7 @@ def main() -> int:
     unpack_s = None
     try:
         c.log("unpacking the image and building its SquashFS")
-        rootfs = workdir / "rootfs"
-        rootfs.mkdir()
-        user.chown_tree(rootfs)
-        for layer in image.layers:
-            user.run(["tar", "-C", str(rootfs), "-xzf", str(layer.path)])
+        rootfs = user.unpack(image, workdir / "rootfs")
         sqfs = workdir / "image.sqfs"
         user.run(["mksquashfs", str(rootfs), str(sqfs), "-comp", "lz4", "-noappend", "-quiet", "-no-progress"])
         image_python = ["/usr/bin/python3"]

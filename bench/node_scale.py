@@ -155,11 +155,7 @@ def main() -> int:
     variants: dict[str, tuple[list[str], list[str], dict | None]] = {}
     try:
         c.log("unpacking the image")
-        rootfs = workdir / "rootfs"
-        rootfs.mkdir()
-        user.chown_tree(rootfs)
-        for layer in image.layers:
-            user.run(["tar", "-C", str(rootfs), "-xzf", str(layer.path)])
+        rootfs = user.unpack(image, workdir / "rootfs")
         store = user.tempdir("berth-store-", workdir)
         with c.Registry(c.registry_storage()) as registry:
             c.ensure_pushed(registry, [image])

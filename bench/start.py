@@ -78,10 +78,7 @@ class StartBench:
     # ---------------------------------------------------------------- preparation
 
     def prepare_tree(self, image: c.BenchImage) -> tuple[Path, Path]:
-        rootfs = self.workdir / "rootfs"
-        rootfs.mkdir()
-        self.user.chown_tree(rootfs)
-        self.user.run(["tar", "-C", str(rootfs), "-xzf", str(image.layers[0].path)])
+        rootfs = self.user.unpack(image, self.workdir / "rootfs")
         sqfs = self.workdir / "image.sqfs"
         self.user.run(["mksquashfs", str(rootfs), str(sqfs), "-comp", "lz4", "-noappend", "-quiet", "-no-progress"])
         return rootfs, sqfs

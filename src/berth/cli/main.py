@@ -75,10 +75,10 @@ class Context:
 
 
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the commands of ``modules`` (all of them by default)."""
     import argparse
     import importlib
 
-    """The parser with the commands of ``modules`` (all of them by default)."""
     parser = argparse.ArgumentParser(
         prog="berth",
         description="Containers for HPC batch jobs: pull OCI images into SquashFS, run them "
