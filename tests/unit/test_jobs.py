@@ -621,3 +621,17 @@ def test_berth_srun_takes_the_jobs_scope_unless_given(monkeypatch):
     assert seen[0][-4:] == ["--scope", "node", "img:1", "hostname"]
     assert seen[1][-3:] == ["run", "img:1", "hostname"]
     assert seen[2][-3:] == ["run", "img:1", "hostname"]
+
+
+def test_a_started_script_reads_as_running_before_the_runner_records_it(tmp_path):
+    """The wrapper's marker, not the runner's next 0.1 s poll, says when the script runs (a CI
+    run read ``staging`` for a script that had already written its first file)."""
+    record = JobRecord(tmp_path)
+    record.write_result(JobResult(model.STAGING, started_at=5.0))
+    assert record.read_result().state == model.STAGING
+    record.container_dir.mkdir(parents=True)
+    record.started_file.touch()
+    assert record.read_result() == JobResult(model.RUNNING, started_at=5.0)
+    # Stage-out runs after the script, with the marker still there: it stays staging.
+    record.write_result(JobResult(model.STAGING, phase=model.PHASE_STAGE_OUT, exit_code=0))
+    assert record.read_result().state == model.STAGING

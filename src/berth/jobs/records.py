@@ -28,13 +28,13 @@ import errno
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from berth.config.settings import Settings
 from berth.errors import JobError, NotFound
 from berth.fsutil import PRIVATE_FILE, ensure_private_dir, write_atomically
-from berth.jobs.model import JobResult, JobSpec
+from berth.jobs.model import PHASE_STAGE_OUT, RUNNING, STAGING, JobResult, JobSpec
 from berth.untrusted import parse_json
 
 _MAX_ID_TRIES = 1000
@@ -100,13 +100,22 @@ class JobRecord:
         atomic_write(self.spec_file, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def read_result(self) -> JobResult | None:
+        """The runner's last recorded result; ``running`` as soon as the script has started.
+
+        The job's wrapper touches :attr:`started_file` just before it execs the script, and the
+        runner records ``running`` only when it next looks (every 0.1 s, later on a loaded node):
+        a reader in between would otherwise see ``staging`` for a script that already runs.
+        """
         try:
-            return JobResult.from_dict(parse_json(self.state_file.read_bytes(), what="state.json"))
+            result = JobResult.from_dict(parse_json(self.state_file.read_bytes(), what="state.json"))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError):
             # Atomic writes make this impossible unless someone edited the file by hand.
             return None
+        if result.state == STAGING and result.phase != PHASE_STAGE_OUT and self.started_file.exists():
+            result = replace(result, state=RUNNING)
+        return result
 
     def write_result(self, result: JobResult) -> None:
         atomic_write(self.state_file, json.dumps(result.to_dict(), sort_keys=True) + "\n")
