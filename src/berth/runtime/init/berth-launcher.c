@@ -899,43 +899,63 @@ static int openat2_in_root(int root_fd, const char *path, int flags)
 }
 
 /* An O_PATH descriptor of ``path`` inside the root (links resolved in it), created when missing
- * (``kind``: 'd' a directory, 'f' an empty file, 0 do not create). */
+ * (``kind``: 'd' a directory, 'f' an empty file, 0 do not create).  The missing components are
+ * made from the top down, one at a time, in a heap copy of the path: a recursion with a PATH_MAX
+ * buffer per level overflowed the container child's 256 KiB stack (static memory, no guard page)
+ * at about 60 missing components. */
 static int open_in_root(int root_fd, const char *path, char kind)
 {
     int fd = openat2_in_root(root_fd, path, O_PATH);
     if (fd >= 0 || errno != ENOENT || !kind)
         return fd;
-    char parent[PATH_MAX];
-    snprintf(parent, sizeof parent, "%s", path);
-    char *slash = strrchr(parent, '/');
-    while (slash && slash > parent && slash[1] == 0) { /* trailing slashes */
-        *slash = 0;
-        slash = strrchr(parent, '/');
-    }
-    if (!slash)
-        return -1;
-    char *name = slash + 1;
-    if (!*name || strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
-        errno = EINVAL;
+    size_t length = strlen(path);
+    if (length >= PATH_MAX) {
+        errno = ENAMETOOLONG;
         return -1;
     }
-    *slash = 0;
-    int parent_fd = open_in_root(root_fd, parent[0] ? parent : "/", 'd');
-    if (parent_fd < 0)
-        return -1;
-    /* O_PATH descriptors work with *at: the new entry lands in the directory already resolved. */
-    int made;
-    if (kind == 'd') {
-        made = mkdirat(parent_fd, name, 0755);
-    } else {
-        made = openat(parent_fd, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
-        if (made >= 0)
-            close(made), made = 0;
+    char *walk = xalloc(length + 1);
+    memcpy(walk, path, length + 1);
+    while (length > 1 && walk[length - 1] == '/') /* trailing slashes */
+        walk[--length] = 0;
+    int parent_fd = openat2_in_root(root_fd, "/", O_PATH), saved_errno;
+    char *end = walk;
+    while (parent_fd >= 0) {
+        while (*end == '/')
+            end++;
+        if (!*end)
+            break;
+        char *name = end;
+        while (*end && *end != '/')
+            end++;
+        char separator = *end;
+        *end = 0; /* walk is now the path down to and including name */
+        fd = openat2_in_root(root_fd, walk, O_PATH);
+        if (fd < 0 && errno == ENOENT) {
+            if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
+                errno = EINVAL;
+            } else {
+                /* O_PATH descriptors work with *at: the new entry lands in the directory
+                 * already resolved. */
+                int made;
+                if (separator || kind == 'd') {
+                    made = mkdirat(parent_fd, name, 0755);
+                } else {
+                    made = openat(parent_fd, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
+                    if (made >= 0)
+                        close(made), made = 0;
+                }
+                if (made == 0 || errno == EEXIST)
+                    fd = openat2_in_root(root_fd, walk, O_PATH);
+            }
+        }
+        saved_errno = errno;
+        close(parent_fd);
+        errno = saved_errno;
+        parent_fd = fd;
+        *end = separator;
     }
-    close(parent_fd);
-    if (made != 0 && errno != EEXIST)
-        return -1;
-    return openat2_in_root(root_fd, path, O_PATH);
+    free(walk);
+    return parent_fd;
 }
 
 static void fd_path(char *out, size_t size, int fd)

@@ -1,0 +1,67 @@
+"""berth-launcher ``run`` on crafted config.json files, as the unprivileged test user.
+
+The launcher executes whatever config.json berth hands it; these configs are hostile or odd on
+purpose (values berth would not write today, kernels it may meet), so that a defect shows as a
+failed test here rather than as a crash or a leak in someone's job. ``berth-launcher check``
+tests (validation only) are in tests/unit/test_runtime_launcher.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from berth.runtime import ocirt
+from tests.harness.users import User
+
+BUSYBOX = "/bin/busybox"
+
+
+def _bundle(user: User, where: Path, script: str, *, mounts: list[dict] | None = None) -> Path:
+    """A bundle in ``where`` (owned by ``user``): a busybox root and a config that runs ``script``."""
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static missing: run scripts/install-system-packages.sh")
+    bundle = where / "bundle"
+    root = bundle / "rootfs"
+    for name in ("bin", "proc", "dev", "tmp"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "ls", "cat", "echo", "touch", "test"):
+        (root / "bin" / applet).symlink_to("busybox")
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"user": {"uid": user.uid, "gid": user.gid}, "args": ["/bin/sh", "-c", script],
+                    "env": ["PATH=/bin"], "cwd": "/", "noNewPrivileges": True},
+        "root": {"path": "rootfs"},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "nodev"]},
+                   *(mounts or [])],
+        "linux": {"uidMappings": [{"containerID": user.uid, "hostID": user.uid, "size": 1}],
+                  "gidMappings": [{"containerID": user.gid, "hostID": user.gid, "size": 1}],
+                  "namespaces": [{"type": "user"}, {"type": "mount"}, {"type": "pid"}]},
+    }
+    (bundle / "config.json").write_text(json.dumps(config))
+    (where / "state").mkdir(exist_ok=True)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(where)], check=True)
+    return bundle
+
+
+def _run(user: User, where: Path, bundle: Path, **kwargs) -> subprocess.CompletedProcess:
+    launcher = ocirt.launcher_path()
+    return user.run([str(launcher), "--root", str(where / "state"), "--log", str(where / "log"),
+                     "run", "--bundle", str(bundle), "c1"], timeout=60, **kwargs)
+
+
+def test_a_deep_mount_destination_is_made_not_a_crash(user, user_tmp):
+    """open_in_root made missing mount points with one recursion level per component and a
+    PATH_MAX buffer on each: about 60 levels overflowed the container child's 256 KiB stack
+    (static memory, no guard page), and the child died of SIGSEGV (exit 139, no message)."""
+    deep = "/tmp" + "/d" * 300
+    bundle = _bundle(user, user_tmp, f"test -d {deep} && echo made",
+                     mounts=[{"destination": deep, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}])
+    result = _run(user, user_tmp, bundle)
+    assert (result.returncode, result.stdout) == (0, "made\n"), (result.returncode, result.stderr)
