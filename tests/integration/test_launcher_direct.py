@@ -65,3 +65,45 @@ def test_a_deep_mount_destination_is_made_not_a_crash(user, user_tmp):
                      mounts=[{"destination": deep, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}])
     result = _run(user, user_tmp, bundle)
     assert (result.returncode, result.stdout) == (0, "made\n"), (result.returncode, result.stderr)
+
+
+def _close_range_fails():
+    """preexec_fn: a seccomp filter under which close_range(2) fails with EINVAL, as it does on
+    kernels before 5.11 for CLOSE_RANGE_CLOEXEC (Debian 11's 5.10, say)."""
+    import ctypes
+    import struct
+
+    def statement(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    close_range, einval = 436, 22  # the same number on x86_64 and aarch64
+    program = (statement(0x20, 0)                        # load seccomp_data.nr
+               + statement(0x15, close_range, 0, 1)      # == close_range?
+               + statement(0x06, 0x00050000 | einval)    # SECCOMP_RET_ERRNO | EINVAL
+               + statement(0x06, 0x7FFF0000))            # SECCOMP_RET_ALLOW
+    buffer = ctypes.create_string_buffer(program)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def test_descriptors_do_not_leak_into_the_container_when_close_range_fails(user, user_tmp):
+    """The launcher marks every descriptor from 3 (+ --preserve-fds) close-on-exec with
+    close_range(CLOSE_RANGE_CLOEXEC) and did not check its result: where the kernel refuses the
+    flag (before 5.11), every descriptor the launcher inherited reached the container."""
+    bundle = _bundle(user, user_tmp, "ls /proc/self/fd")
+    secret = os.open(user_tmp / "bundle" / "config.json", os.O_RDONLY)  # inheritable: not CLOEXEC
+    try:
+        leaked = 30
+        os.dup2(secret, leaked)
+        result = _run(user, user_tmp, bundle, pass_fds=(leaked,), preexec_fn=_close_range_fails)
+    finally:
+        os.close(secret)
+        os.close(leaked)
+    assert result.returncode == 0, result.stderr
+    assert str(leaked) not in result.stdout.split(), result.stdout

@@ -43,6 +43,7 @@
  */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -1140,6 +1141,31 @@ static void set_capabilities(const struct config *cfg)
             fail("cannot raise ambient capability %s: %s", CAPABILITIES[cap], error_text(errno));
 }
 
+/* Every descriptor from ``first`` on close-on-exec.  close_range(CLOSE_RANGE_CLOEXEC) needs Linux
+ * 5.11; where it fails (5.10 refuses the flag with EINVAL) the descriptors are marked one by one
+ * from /proc/self/fd, and if that cannot be read either the container does not start: an
+ * unchecked failure let every descriptor the launcher inherited reach the container. */
+static void cloexec_from(int first)
+{
+    if (syscall(SYS_close_range, (unsigned)first, ~0U, CLOSE_RANGE_CLOEXEC) == 0)
+        return;
+    int dir_fd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *dir = dir_fd < 0 ? NULL : fdopendir(dir_fd);
+    if (!dir)
+        fail("cannot mark descriptors close-on-exec: close_range and /proc/self/fd: %s", error_text(errno));
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        char *end;
+        long fd = strtol(entry->d_name, &end, 10);
+        if (*end || end == entry->d_name || fd < first || fd == dir_fd)
+            continue;
+        int flags = fcntl((int)fd, F_GETFD);
+        if (flags >= 0 && fcntl((int)fd, F_SETFD, flags | FD_CLOEXEC) != 0)
+            fail("cannot mark descriptor %ld close-on-exec: %s", fd, error_text(errno));
+    }
+    closedir(dir);
+}
+
 /* The process's user and capabilities, no_new_privs, descriptors: the last steps before exec,
  * shared by run and exec. */
 static void become_process(const struct config *cfg)
@@ -1158,7 +1184,7 @@ static void become_process(const struct config *cfg)
         deny_keyring();
     /* Only stdio, the --preserve-fds ones (and the error pipe, close-on-exec) reach the
      * container, as with runc. */
-    syscall(SYS_close_range, 3U + preserve_fds, ~0U, CLOSE_RANGE_CLOEXEC);
+    cloexec_from(3 + (int)preserve_fds);
 }
 
 static void enter_cwd(const char *cwd)
