@@ -368,3 +368,127 @@ def test_an_upload_checks_what_it_sent_and_refuses_a_swapped_in_link(tmp_path, m
     with pytest.raises(StagingError, match="result.txt"):
         runner.upload(transfer._Put(str(link), 10, "bucket", "result.txt"))
     assert "result.txt" not in sent
+
+
+def _record_puts(monkeypatch) -> dict:
+    import obstore
+
+    sent = {}
+
+    def put(store, key, file, use_multipart=None, chunk_size=None, max_concurrency=None):
+        data = b"".join(bytes(part) for part in file) if use_multipart else bytes(file)
+        sent[key] = data
+        etag = _multipart_etag_of(data, chunk_size) if use_multipart else hashlib.md5(data).hexdigest()
+        return {"e_tag": f'"{etag}"'}
+
+    monkeypatch.setattr(obstore, "put", put)
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    return sent
+
+
+@pytest.mark.parametrize("source", ["results/*", "results/**/*.toml", "results/s3.toml", "results/"])
+def test_stage_out_never_follows_a_linked_directory_the_job_made(tmp_path, monkeypatch, source):
+    """A job that turns its results directory into a link to the user's credentials directory
+    must not get them uploaded: a glob went through the link (glob follows directory links),
+    and so did a plain path below it (O_NOFOLLOW guards the last component only)."""
+    from berth.staging.locations import parse_transfer
+
+    secrets = tmp_path / "home" / ".config" / "berth"
+    secrets.mkdir(parents=True)
+    (secrets / "s3.toml").write_text("[default]\nsecret_key = \"hush\"\n")
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "results").symlink_to(secrets)
+    (job / "log.txt").write_text("done\n")
+    sent = _record_puts(monkeypatch)
+    notes: list[str] = []
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_out((parse_transfer(f"{source}:s3://bucket/run/", "out"),
+                            parse_transfer("log.txt:s3://bucket/run/", "out")), _profile(), str(job), notes=notes)
+    assert not any(b"hush" in data for data in sent.values()), sorted(sent)
+    assert sent == {"run/log.txt": b"done\n"}
+    assert any("results" in note and "symbolic link" in note for note in notes), notes
+    assert "matched no file" in caught.value.message
+
+
+def test_stage_out_through_a_directory_the_user_named_outside_the_job(tmp_path, monkeypatch):
+    """Above what berth discovers, the path as typed is the user's choice: an absolute SRC
+    whose own directories include a link (scratch linked into a home) is read through it."""
+    from berth.staging.locations import parse_transfer
+
+    scratch = tmp_path / "scratch"
+    (scratch / "run1").mkdir(parents=True)
+    (scratch / "run1" / "out.h5").write_bytes(b"data")
+    (tmp_path / "linked").symlink_to(scratch)
+    sent = _record_puts(monkeypatch)
+    job = tmp_path / "job"
+    job.mkdir()
+    summary = transfer.stage_out((parse_transfer(f"{tmp_path}/linked/run1/*.h5:s3://bucket/r/", "out"),),
+                                 _profile(), str(job))
+    assert (summary.objects, sent) == (1, {"r/out.h5": b"data"})
+
+
+def _fake_listing(monkeypatch, objects: dict[str, bytes]) -> None:
+    """obstore's listing and small GETs over ``objects`` (key -> body)."""
+    import obstore
+
+    when = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    listing = [{"path": key, "size": len(body), "e_tag": f'"{hashlib.md5(body).hexdigest()}"', "last_modified": when}
+               for key, body in objects.items()]
+    monkeypatch.setattr(transfer, "_list_prefix", lambda store, location, profile: [
+        meta for meta in listing if meta["path"].startswith(location.key)])
+    monkeypatch.setattr(obstore, "get", lambda store, key, options=None: _FakeResult(
+        objects[key], hashlib.md5(objects[key]).hexdigest()))
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+
+
+def test_stage_in_never_writes_through_a_link_inside_dest(tmp_path, monkeypatch):
+    """Keys are hostile, and so is what a previous job left in DEST: a directory link inside
+    DEST (input/sub -> elsewhere) would take the object sub/x out of DEST."""
+    from berth.staging.locations import parse_transfer
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    job = tmp_path / "job"
+    (job / "input").mkdir(parents=True)
+    (job / "input" / "sub").symlink_to(elsewhere)
+    _fake_listing(monkeypatch, {"data/sub/x": b"payload", "data/top.txt": b"top"})
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_in((parse_transfer("s3://bucket/data/:input/", "in"),), _profile(), str(job))
+    assert "input/sub" in caught.value.message and "symbolic link" in caught.value.message
+    assert os.listdir(elsewhere) == []
+
+
+def test_stage_in_replaces_a_link_at_the_destination_file_instead_of_following_it(tmp_path, monkeypatch):
+    """A link where a file is to go is replaced by the file (rename does not follow it); the
+    skip check must not take the link's target for the object, nor touch the target's time."""
+    from berth.staging.locations import parse_transfer
+
+    body = b"object body"
+    target = tmp_path / "target.txt"
+    target.write_bytes(b"x" * len(body))             # same size as the object
+    os.utime(target, (1_735_689_600, 1_735_689_600))   # and the object's Last-Modified
+    job = tmp_path / "job"
+    (job / "input").mkdir(parents=True)
+    (job / "input" / "f.txt").symlink_to(target)
+    _fake_listing(monkeypatch, {"data/f.txt": body})
+    summary = transfer.stage_in((parse_transfer("s3://bucket/data/:input/", "in"),), _profile(), str(job))
+    assert (summary.objects, summary.skipped) == (1, 0)
+    assert not os.path.islink(job / "input" / "f.txt") and (job / "input" / "f.txt").read_bytes() == body
+    assert target.read_bytes() == b"x" * len(body)
+
+
+def test_stage_out_to_a_host_directory_never_writes_through_a_link_inside_it(tmp_path):
+    from berth.staging.locations import parse_transfer
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    job = tmp_path / "job"
+    (job / "out" / "sub").mkdir(parents=True)
+    (job / "out" / "sub" / "x.txt").write_text("x")
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "sub").symlink_to(elsewhere)
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_out((parse_transfer(f"out/:{tmp_path}/keep/", "out"),), _profile(), str(job))
+    assert "keep/sub is a symbolic link inside DEST" in caught.value.message
+    assert os.listdir(elsewhere) == []

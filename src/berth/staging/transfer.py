@@ -43,6 +43,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -422,6 +423,23 @@ def _head(store, location: S3Location, profile: S3Profile) -> dict:
         raise error from None
 
 
+def _refuse_link_inside(root: str, path: str, checked: set[str], transfer: Transfer) -> None:
+    """Refuse to write ``path`` through a directory below ``root`` (DEST) that is a symbolic
+    link: keys are hostile, and a link a job left in DEST would take them out of it. (A link
+    at ``path`` itself is replaced by the file, never followed: rename does not follow it.)"""
+    directory = os.path.dirname(path)
+    if directory == root or not _inside(directory, root):
+        return
+    link = _first_link(root, directory, checked)
+    if link is not None:
+        raise StagingError(f"{_option(transfer)} '{transfer.text}': {link} is a symbolic link inside DEST; "
+                           "berth does not write through links", hint="remove the link, or choose another DEST")
+
+
+def _option(transfer: Transfer) -> str:
+    return "--stage-in" if transfer.direction == IN else "--stage-out"
+
+
 def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Profile) -> list[_Get]:
     source: S3Location = transfer.source  # type: ignore[assignment]
     dest = _resolve(workdir, transfer.destination.path)  # type: ignore[union-attr]
@@ -429,6 +447,7 @@ def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Pr
     if source.is_prefix:
         listed = _list_prefix(store, source, profile)
         gets = []
+        checked: set[str] = set()
         for item in listed:
             key = item["path"]
             if key.endswith("/") and item.get("size", 0) == 0:
@@ -439,8 +458,10 @@ def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Pr
                 raise StagingError(f"--stage-in '{transfer.text}': object key '{key}' would be written "
                                    "outside the destination (empty, '.' or '..' components)",
                                    hint="rename the object; berth never writes outside DEST") from None
+            path = os.path.join(dest, relative)
+            _refuse_link_inside(dest, path, checked, transfer)
             gets.append(_Get(source.bucket, key, int(item["size"]), _etag(item.get("e_tag")),
-                             item["last_modified"].timestamp(), os.path.join(dest, relative)))
+                             item["last_modified"].timestamp(), path))
         if not gets:
             missing = _bucket_missing(store, source.bucket, profile)
             if missing:
@@ -474,8 +495,32 @@ def _walk_files(root: str) -> list[str]:
     return found
 
 
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _first_link(anchor: str, path: str, checked: set[str]) -> str | None:
+    """The first symbolic link among ``path``'s components below ``anchor`` (``path`` itself
+    included), or None. ``checked`` holds directories already known to be no link."""
+    current = anchor
+    for part in os.path.relpath(path, anchor).split("/"):
+        current = os.path.join(current, part)
+        if current in checked:
+            continue
+        if os.path.islink(current):
+            return current
+        if current != path:
+            checked.add(current)
+    return None
+
+
 def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
-    """The files of a stage-out item (or of a host-path stage-in item) and where each goes."""
+    """The files of a stage-out item (or of a host-path stage-in item) and where each goes.
+
+    Symbolic links are never followed below the job's directory (a relative SRC) or below the
+    directory written before the first glob character (an absolute SRC): a job could turn its
+    results directory into a link to the user's credentials, and ``glob`` goes through
+    directory links. Above that, the path as typed is the user's own choice."""
     source: HostLocation = transfer.source  # type: ignore[assignment]
     pattern = _resolve(workdir, source.path)
     option = "--stage-in" if transfer.direction == IN else "--stage-out"
@@ -485,13 +530,17 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
     else:
         matches = [pattern] if os.path.lexists(pattern) else []
         base = pattern if os.path.isdir(pattern) and not os.path.islink(pattern) else os.path.dirname(pattern)
-    if not matches:
-        raise NotFound(f"{option} '{transfer.text}': {source.path} matched no file in {workdir}",
-                       hint="check the path or glob (relative paths are relative to the job's directory)")
+    anchor = workdir if _inside(pattern, os.path.normpath(workdir)) and _inside(base, os.path.normpath(workdir)) \
+        else (base if source.is_glob else os.path.dirname(pattern))
+    checked: set[str] = set()
+    linked = 0
     files: list[tuple[str, str]] = []  # (path, relative name)
     for match in matches:
-        if os.path.islink(match):
-            notes.append(f"{option} '{transfer.text}': skipped the symbolic link {match} (links are never followed)")
+        link = _first_link(anchor, match, checked)
+        if link is not None:
+            notes.append(f"{option} '{transfer.text}': skipped {match}: {link} is a symbolic link "
+                         "(links are never followed)")
+            linked += 1
             continue
         if os.path.isdir(match):
             for path in _walk_files(match):
@@ -501,6 +550,10 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
                 files.append((path, os.path.relpath(path, base)))
         elif os.path.isfile(match):
             files.append((match, os.path.relpath(match, base)))
+    if len(matches) == linked:
+        raise NotFound(f"{option} '{transfer.text}': {source.path} matched no file in {workdir}"
+                       + (" (only symbolic links, which are never followed)" if linked else ""),
+                       hint="check the path or glob (relative paths are relative to the job's directory)")
     destination = transfer.destination
     puts = []
     if isinstance(destination, S3Location):
@@ -514,8 +567,10 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
         target_root = _resolve(workdir, destination.path)  # type: ignore[union-attr]
         single_file = len(files) == 1 and not source.is_glob and os.path.isfile(pattern) \
             and not destination.path.endswith("/") and not os.path.isdir(target_root)  # type: ignore[union-attr]
+        checked = set()
         for path, relative in files:
             target = target_root if single_file else os.path.join(target_root, relative)
+            _refuse_link_inside(target_root, target, checked, transfer)
             puts.append(_Put(path, os.lstat(path).st_size, None, relative, target))
     return puts
 
@@ -569,10 +624,10 @@ class _Runner:
 
     def identical(self, get: _Get) -> bool:
         try:
-            info = os.stat(get.path)
+            info = os.lstat(get.path)  # a link there is replaced, never taken for the object
         except OSError:
             return False
-        if info.st_size != get.size or not os.path.isfile(get.path):
+        if info.st_size != get.size or not stat.S_ISREG(info.st_mode):
             return False
         if abs(info.st_mtime - get.mtime) < 1e-3:
             return True
@@ -778,8 +833,9 @@ class _Runner:
         try:
             info = os.stat(put.path)
             try:
-                existing = os.stat(put.target)
-                if existing.st_size == info.st_size and abs(existing.st_mtime - info.st_mtime) < 1e-3:
+                existing = os.lstat(put.target)  # a link there is replaced, never followed
+                if stat.S_ISREG(existing.st_mode) and existing.st_size == info.st_size \
+                        and abs(existing.st_mtime - info.st_mtime) < 1e-3:
                     return False
             except FileNotFoundError:
                 pass
