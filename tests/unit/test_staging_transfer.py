@@ -492,3 +492,41 @@ def test_stage_out_to_a_host_directory_never_writes_through_a_link_inside_it(tmp
         transfer.stage_out((parse_transfer(f"out/:{tmp_path}/keep/", "out"),), _profile(), str(job))
     assert "keep/sub is a symbolic link inside DEST" in caught.value.message
     assert os.listdir(elsewhere) == []
+
+
+def test_a_copy_refuses_a_link_swapped_in_for_a_planned_file(tmp_path):
+    """As uploads do: the plan skipped links, and a link put in place of a planned file since
+    (pointing at the user's credentials, say) is refused, never followed."""
+    secret = tmp_path / "s3.toml"
+    secret.write_text("secret_key = \"hush\"\n")
+    link = tmp_path / "result.txt"
+    link.symlink_to(secret)
+    target = tmp_path / "keep" / "result.txt"
+    runner = transfer._Runner(_profile(), None)
+    with pytest.raises(StagingError, match="result.txt"):
+        runner.copy(transfer._Put(str(link), secret.stat().st_size, None, "result.txt", str(target)))
+    assert not target.exists()
+
+
+def test_stage_out_reports_a_directory_it_cannot_read_instead_of_dropping_it(tmp_path, monkeypatch):
+    """os.walk skips a directory it cannot list unless told otherwise: the job's files in it
+    were silently left behind, and the stage-out reported success."""
+    from berth.staging.locations import parse_transfer
+
+    job = tmp_path / "job"
+    (job / "out" / "locked").mkdir(parents=True)
+    (job / "out" / "locked" / "result.h5").write_bytes(b"r")
+    (job / "out" / "log.txt").write_bytes(b"l")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("/locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    sent = _record_puts(monkeypatch)
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_out((parse_transfer("out/:s3://bucket/r/", "out"),), _profile(), str(job))
+    assert "out/locked" in caught.value.message and "permission denied" in caught.value.message.lower()
+    assert sent == {}

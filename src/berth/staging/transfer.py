@@ -486,9 +486,17 @@ def _glob_base(pattern: str) -> str:
     return "/".join(static) or ("/" if pattern.startswith("/") else ".")
 
 
-def _walk_files(root: str) -> list[str]:
+def _walk_files(root: str, transfer: Transfer) -> list[str]:
+    """The files under ``root``; a directory that cannot be read is an error naming it (os.walk
+    would skip it, and its files would be left behind without a word)."""
     found = []
-    for directory, dirs, files in os.walk(root, followlinks=False):
+
+    def unreadable(error: OSError) -> None:
+        raise StagingError(f"{_option(transfer)} '{transfer.text}': cannot read the directory "
+                           f"{error.filename}: {error.strerror or error}",
+                           hint="make it readable (chmod u+rx), or leave it out of SRC") from None
+
+    for directory, dirs, files in os.walk(root, followlinks=False, onerror=unreadable):
         dirs.sort()
         for name in sorted(files):
             found.append(os.path.join(directory, name))
@@ -543,7 +551,7 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
             linked += 1
             continue
         if os.path.isdir(match):
-            for path in _walk_files(match):
+            for path in _walk_files(match, transfer):
                 if os.path.islink(path):
                     notes.append(f"{option} '{transfer.text}': skipped the symbolic link {path}")
                     continue
@@ -831,7 +839,10 @@ class _Runner:
         assert put.target is not None
         what = put.target
         try:
-            info = os.stat(put.path)
+            info = os.lstat(put.path)
+            if not stat.S_ISREG(info.st_mode):
+                raise StagingError(f"{put.path} is no longer a regular file (a symbolic link put in its place?); "
+                                   "links are never followed", hint="stage out files the job has finished writing")
             try:
                 existing = os.lstat(put.target)  # a link there is replaced, never followed
                 if stat.S_ISREG(existing.st_mode) and existing.st_size == info.st_size \
@@ -840,7 +851,9 @@ class _Runner:
             except FileNotFoundError:
                 pass
             _make_parent(put.target, what)
-            with open(put.path, "rb") as source, \
+            # Not through a link swapped in since the plan skipped links (as upload does).
+            source_fd = os.open(put.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(source_fd, "rb") as source, \
                     fsutil.atomic_writer(Path(put.target), mode=None, durable=False) as out:
                 shutil.copyfileobj(source, out, _READ_CHUNK)
                 out.flush()
