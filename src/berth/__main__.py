@@ -1,3 +1,3 @@
-from berth.cli.main import main
+from berth.cli.main import console
 
-raise SystemExit(main())
+console()

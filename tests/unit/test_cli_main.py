@@ -2,6 +2,10 @@
 
 import argparse
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -55,3 +59,44 @@ def test_ctrl_c_while_the_command_modules_import_is_a_message_not_a_traceback(mo
     monkeypatch.setattr(cli_main, "build_parser", interrupted)
     assert cli_main.main(["run", "busybox", "true"]) == 130
     assert capsys.readouterr().err == "berth: interrupted\n"
+
+
+
+def _console(body: str, **kwargs):
+    """Run berth's console entry point in a new interpreter, main() replaced by ``body``
+    (Python statements ending in ``return CODE``)."""
+    code = ("import sys\n"
+            "import berth.cli.main as cli_main\n"
+            "def fake_main():\n" + textwrap.indent(textwrap.dedent(body), "    ") +
+            "cli_main.main = fake_main\n"
+            "cli_main.console()\n")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-c", code], env=env, **kwargs)
+
+
+def test_console_exits_with_mains_code_and_all_of_its_output():
+    """Issue 10 (start-up): the berth script skips the interpreter's teardown (~10 ms of every
+    `berth run`) when nothing needs it; every byte of output is still written."""
+    result = _console("sys.stdout.write('x' * 200000)\nsys.stderr.write('note')\nreturn 3\n", capture_output=True)
+    assert (result.returncode, len(result.stdout), result.stderr) == (3, 200000, b"note")
+
+
+def test_console_exits_normally_when_an_atexit_callback_or_a_thread_is_left(tmp_path):
+    result = _console("import atexit\natexit.register(print, 'atexit ran')\nreturn 4\n", capture_output=True)
+    assert (result.returncode, result.stdout) == (4, b"atexit ran\n")
+    done = tmp_path / "thread-done"
+    result = _console("import threading, time\n"
+                      "def late():\n"
+                      "    time.sleep(0.2)\n"
+                      f"    open({str(done)!r}, 'w').close()\n"
+                      "threading.Thread(target=late).start()\nreturn 5\n")
+    assert result.returncode == 5
+    assert done.exists()  # the interpreter waited for the thread, as without the fast exit
+
+
+def test_console_reports_a_failed_flush_as_python_does():
+    """stdout on a full disk: the interpreter's own exit reports it (status 120), as before."""
+    with open("/dev/full", "w") as full:
+        result = _console("sys.stdout.write('x' * 100)\nreturn 0\n", stdout=full, stderr=subprocess.PIPE)
+    assert result.returncode == 120
+

@@ -221,3 +221,106 @@ def test_effective_values_list_every_key_with_its_source(site):
                 "pull_parallel", "pull_retries", "backend", "local_max_jobs", "stage_to_local", "pinned",
                 "lock_timeout_s"}
     assert expected <= set(rows)
+
+
+# ---------------------------------------------------------------- parse cache (issue 10, start-up)
+
+
+@pytest.fixture
+def cached_site(site, tmp_path):
+    """A site whose caller has a private XDG_RUNTIME_DIR, so parses are cached there."""
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    site.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    site.cache = runtime / "berth" / "toml-cache.marshal"
+    return site
+
+
+def _forge(cache: Path, path: Path, document: dict) -> None:
+    """A cache entry for ``path``'s present bytes that says ``document``."""
+    import marshal
+
+    entry = marshal.dumps((path.read_bytes(), document, {}))
+    cache.write_bytes(marshal.dumps((1, {str(path): entry})))
+
+
+def test_parse_cache_serves_unchanged_files_and_parses_changed_ones(cached_site, monkeypatch):
+    import tomllib
+
+    parsed = []
+    real_loads = tomllib.loads
+    monkeypatch.setattr(tomllib, "loads", lambda text: parsed.append(text) or real_loads(text))
+    site_file = cached_site.write("berth.toml", "pull_retries = 3\n")
+    cached_site.write_user("pull_parallel = 7\n")
+    first = cached_site.load()
+    assert len(parsed) == 2 and cached_site.cache.stat().st_mode & 0o777 == 0o600
+    second = cached_site.load()
+    assert len(parsed) == 2  # both from the cache
+    assert effective_values(second) == effective_values(first)
+    site_file.write_text("pull_retries = 5\n")  # same size, other bytes
+    assert cached_site.load().pull_retries == 5 and len(parsed) == 3
+
+
+def test_parse_cache_keeps_line_numbers_for_messages(cached_site, monkeypatch):
+    import tomllib
+
+    cached_site.write("berth.toml", "\n\npull_retries = 3\nruntime = 5\n")
+    with pytest.raises(ConfigError) as info:
+        cached_site.load()
+    monkeypatch.setattr(tomllib, "loads", None)  # from here on, only the cache can parse
+    for _ in range(2):
+        with pytest.raises(ConfigError) as info:
+            cached_site.load()
+        assert ":4" in info.value.message and "runtime" in info.value.message
+    monkeypatch.undo()
+    cached_site.write("berth.toml", "\n\npull_retries = 3\n")
+    cached_site.write_user("\nbogus = 1\n")
+    with pytest.raises(ConfigError):
+        cached_site.load()
+    monkeypatch.setattr(tomllib, "loads", None)
+    with pytest.raises(ConfigError) as info:
+        cached_site.load()
+    assert ":2" in info.value.message and "bogus" in info.value.message
+
+
+def test_parse_cache_is_trusted_only_when_nobody_else_can_write_it(cached_site):
+    """The cache's content is configuration: a forged entry is used from a private file (the
+    control: the caller could equally point BERTH_CONFIG_DIR elsewhere), never from one that
+    others may write or in a directory others may enter."""
+    site_file = cached_site.write("berth.toml", "pull_retries = 3\n")
+    cached_site.load()
+    _forge(cached_site.cache, site_file, {"pull_retries": 9})
+    assert cached_site.load().pull_retries == 9
+    _forge(cached_site.cache, site_file, {"pull_retries": 9})
+    cached_site.cache.chmod(0o620)
+    assert cached_site.load().pull_retries == 3
+    _forge(cached_site.cache, site_file, {"pull_retries": 9})
+    cached_site.cache.chmod(0o600)
+    cached_site.cache.parent.chmod(0o755)
+    assert cached_site.load().pull_retries == 3
+
+
+def test_parse_cache_ignores_garbage_and_a_link(cached_site, tmp_path):
+    site_file = cached_site.write("berth.toml", "pull_retries = 3\n")
+    cached_site.load()
+    cached_site.cache.write_bytes(b"\x00garbage")
+    assert cached_site.load().pull_retries == 3
+    elsewhere = tmp_path / "forged"
+    _forge(elsewhere, site_file, {"pull_retries": 9})
+    elsewhere.chmod(0o600)
+    cached_site.cache.unlink()
+    cached_site.cache.symlink_to(elsewhere)
+    assert cached_site.load().pull_retries == 3
+
+
+def test_parse_cache_skips_documents_marshal_cannot_hold(tmp_path):
+    import datetime
+
+    from berth.config.tomlfile import KeyLines, ParseCache
+
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    cache = ParseCache(directory)
+    cache.put(tmp_path / "x.toml", b"a = 1979-05-27\n", {"a": datetime.date(1979, 5, 27)}, KeyLines(""))
+    cache.save()
+    assert not (directory / ParseCache.NAME).exists()

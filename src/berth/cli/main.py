@@ -117,6 +117,37 @@ def print_error(error: BerthError) -> None:
         print(f"berth: hint: {printable(error.hint, newlines=True)}", file=sys.stderr)
 
 
+def console() -> None:
+    """The ``berth`` console script: ``main()``, then exit without the interpreter's teardown
+    when nothing is left for it to do.
+
+    Tearing down the interpreter of a `berth run` (freeing every module and object) costs ~10 ms
+    on every container start (issue 10, target 3; bench/RESULTS.md). It is skipped only when it
+    has nothing to do but free memory: stdout and stderr flushed, no atexit callback registered,
+    no thread but this one alive. Otherwise, or when a flush fails (a full disk: Python's own
+    exit reports it), the interpreter exits as usual. Tests call ``main()``, never this.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    if _nothing_to_tear_down():
+        os._exit(code)
+    sys.exit(code)
+
+
+def _nothing_to_tear_down() -> bool:
+    import atexit
+
+    count = getattr(atexit, "_ncallbacks", None)
+    if count is None or count() != 0:
+        return False
+    threading = sys.modules.get("threading")
+    return threading is None or threading.active_count() == 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)

@@ -25,7 +25,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from berth.config.settings import (
     DEFAULT_CONFIG_DIR,
@@ -41,9 +40,13 @@ from berth.config.settings import (
     home_directory,
     user_config_dir,
 )
-from berth.config.tomlfile import KeyLines, read_toml
+from berth.config.tomlfile import KeyLines, ParseCache, read_toml
 from berth.errors import ConfigError, did_you_mean
 from berth.oci.names import is_env_name, is_registry_host
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: importing typing costs every `berth run` ~2.5 ms (issue 10)
+    from typing import Any
 
 USER = "user"
 PINNABLE = "pinnable"
@@ -491,6 +494,14 @@ def config_files(config_dir: Path, environ: Mapping[str, str] | None = None) -> 
     return files
 
 
+def parse_cache_dir(environ: Mapping[str, str]) -> Path:
+    """Where parsed configuration files are kept for the next command (berth.config.tomlfile
+    judges it: used only when it is the caller's, mode 0700): the default state directory,
+    node-local, as berth.runtime.state makes it (the settings that could move it are what is
+    being loaded)."""
+    return default_paths(environ)["state_dir"]
+
+
 def load_settings(options: dict | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
     """Load settings in the documented order; see the module docstring.
 
@@ -516,8 +527,10 @@ def load_settings(options: dict | None = None, *, environ: Mapping[str, str] | N
         config_dir = Path(_absolute_path(str(options["config_dir"]), origin, ("config_dir",), home=home))
         config_dir_source = origin.source
 
-    for path, layer in config_files(config_dir, env):
-        parsed = read_toml(path)
+    cache = ParseCache(parse_cache_dir(env))
+    parsed_files = [(path, layer, read_toml(path, cache=cache)) for path, layer in config_files(config_dir, env)]
+    cache.save()  # before judging the values: a file with a bad value is still read from the cache
+    for path, layer, parsed in parsed_files:
         if parsed is None:
             continue
         document, lines = parsed

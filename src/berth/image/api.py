@@ -11,13 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from berth.errors import BerthError, NotFound, ReferenceError_
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
 from berth.store.store import SITE, USER, Store
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from berth.config.settings import Settings
     from berth.image.progress import PullProgress

@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
 
 from berth import proc
 from berth.errors import RuntimeFailure, UsageError
+from berth.namedtuple import NamedTuple
 from berth.runtime import fuse, limits, materialise, ocirt, policy, state, supervise
 from berth.runtime.options import RunOptions
 from berth.runtime.plan import plan_container, request_for

@@ -12,9 +12,9 @@ import os
 import pwd
 import stat
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from berth.config.settings import home_directory
+from berth.namedtuple import NamedTuple
 
 #: An image's passwd/group larger than this is not read (hostile image); the caller's entry
 #: is still written.

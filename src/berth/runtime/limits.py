@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import NamedTuple
+
+from berth.namedtuple import NamedTuple
 
 
 class LimitPlan(NamedTuple):

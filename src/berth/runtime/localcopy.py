@@ -57,10 +57,10 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 from berth import fsutil, locks, proc
 from berth.errors import InsufficientSpace, ProgramFailed, RuntimeFailure
+from berth.namedtuple import NamedTuple
 from berth.untrusted import read_json_object
 
 IMAGES = "images"

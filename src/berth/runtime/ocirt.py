@@ -17,10 +17,10 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 from berth import fsutil, proc
 from berth.errors import ProgramFailed, ProgramNotFound, RuntimeFailure
+from berth.namedtuple import NamedTuple
 from berth.runtime.spec import INIT_PATH, SpecPlan, build_config
 from berth.untrusted import parse_json
 

@@ -12,10 +12,10 @@ import posixpath
 import re
 import shlex
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from berth.config.units import STOP_TIMEOUT_MAX_S, parse_duration, parse_memory
 from berth.errors import UsageError
+from berth.namedtuple import NamedTuple
 from berth.oci.names import is_container_hostname, is_env_name
 
 DEFAULT_STOP_TIMEOUT_S = 10.0

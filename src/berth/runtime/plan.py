@@ -25,9 +25,9 @@ import os
 import posixpath
 import stat
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 from berth.errors import PolicyError, RuntimeFailure, UsageError
+from berth.namedtuple import NamedTuple
 from berth.runtime import limits, policy, rootfs, spec
 from berth.runtime.state import ContainerLayout
 from berth.runtime.env import check_image_env, compose_env, read_env_file

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import NamedTuple
+
+from berth.namedtuple import NamedTuple
 
 MAX_SYMLINKS = 40
 

@@ -16,7 +16,7 @@ capability is dropped.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from berth.namedtuple import NamedTuple
 
 OCI_VERSION = "1.0.2"
 INIT_PATH = "/dev/.berth-init"

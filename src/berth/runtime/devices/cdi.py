@@ -28,10 +28,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from berth.config.settings import EnvOp
 from berth.errors import ConfigError, UsageError
+from berth.namedtuple import NamedTuple
 from berth.oci.names import is_env_name
 from berth.runtime import spec
 from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount

@@ -29,10 +29,10 @@ import os
 import posixpath
 import stat
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from berth.config.settings import EnvOp
 from berth.errors import PolicyError, UsageError
+from berth.namedtuple import NamedTuple
 from berth.runtime import spec
 from berth.runtime.policy import under
 

@@ -32,10 +32,10 @@ import re
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
 
 from berth.config.settings import EnvOp
 from berth.errors import ConfigError, PolicyError, UsageError
+from berth.namedtuple import NamedTuple
 from berth.runtime.devices.edits import GPU_DIR, ContainerEdits, DeviceNode, Mount
 
 NVIDIA_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")

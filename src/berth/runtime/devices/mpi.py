@@ -49,10 +49,10 @@ import os
 import posixpath
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from berth.config.settings import EnvOp
 from berth.errors import ConfigError, UsageError
+from berth.namedtuple import NamedTuple
 from berth.runtime import policy, rootfs, spec
 from berth.runtime.devices import elf
 from berth.runtime.devices.edits import MPI_DIR, ContainerEdits, Mount, existing_devices
