@@ -81,7 +81,7 @@ def test_console_exits_with_mains_code_and_all_of_its_output():
     assert (result.returncode, len(result.stdout), result.stderr) == (3, 200000, b"note")
 
 
-def test_console_exits_normally_when_an_atexit_callback_or_a_thread_is_left(tmp_path):
+def test_console_exits_normally_when_an_atexit_callback_a_thread_or_a_profiler_is_left(tmp_path):
     result = _console("import atexit\natexit.register(print, 'atexit ran')\nreturn 4\n", capture_output=True)
     assert (result.returncode, result.stdout) == (4, b"atexit ran\n")
     done = tmp_path / "thread-done"
@@ -92,6 +92,11 @@ def test_console_exits_normally_when_an_atexit_callback_or_a_thread_is_left(tmp_
                       "threading.Thread(target=late).start()\nreturn 5\n")
     assert result.returncode == 5
     assert done.exists()  # the interpreter waited for the thread, as without the fast exit
+    profile = tmp_path / "run.prof"
+    code = ("import cProfile, sys\nimport berth.cli.main as cli_main\ncli_main.main = lambda: 6\n"
+            f"cProfile.run('cli_main.console()', {str(profile)!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True)  # cProfile.run swallows SystemExit
+    assert profile.stat().st_size > 0  # it wrote its report: console() did not end the process
 
 
 def test_console_reports_a_failed_flush_as_python_does():

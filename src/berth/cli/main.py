@@ -124,8 +124,9 @@ def console() -> None:
     Tearing down the interpreter of a `berth run` (freeing every module and object) costs ~10 ms
     on every container start (issue 10, target 3; bench/RESULTS.md). It is skipped only when it
     has nothing to do but free memory: stdout and stderr flushed, no atexit callback registered,
-    no thread but this one alive. Otherwise, or when a flush fails (a full disk: Python's own
-    exit reports it), the interpreter exits as usual. Tests call ``main()``, never this.
+    no thread but this one alive, no profiler or tracer (``python -m cProfile`` writes its
+    report after the script). Otherwise, or when a flush fails (a full disk: Python's own exit
+    reports it), the interpreter exits as usual. Tests call ``main()``, never this.
     """
     code = main()
     try:
@@ -140,6 +141,9 @@ def console() -> None:
 
 def _nothing_to_tear_down() -> bool:
     import atexit
+
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return False
 
     count = getattr(atexit, "_ncallbacks", None)
     if count is None or count() != 0:
