@@ -25,6 +25,17 @@ def _multipart_etag_of(data: bytes, part: int) -> str:
     return hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + f"-{len(parts)}"
 
 
+def test_multipart_etag_from_part_digests_matches_a_real_services():
+    """A known answer, not the formula again: SeaweedFS gave this ETag to these 11 MiB + 1234
+    bytes uploaded by boto3 in 5 MiB parts (3 parts)."""
+    size = 11 * MIB + 1234
+    data = (bytes(range(251)) * (size // 251 + 1))[:size]
+    digests = [hashlib.md5(data[i:i + 5 * MIB]).digest() for i in range(0, size, 5 * MIB)]
+    assert transfer.etag_from_part_digests(digests) == "6b61bab26b9d091f4a91a09d3afcc078-3"
+    assert transfer.etag_from_part_digests(digests[::-1]) != "6b61bab26b9d091f4a91a09d3afcc078-3"  # order counts
+    assert transfer.etag_from_part_digests(digests[:1]).endswith("-1")
+
+
 @pytest.mark.parametrize("size, etag, preferred, first", [
     (20 * MIB, "x-3", 8 * MIB, 8 * MIB),        # the harness's object: 8 MiB parts (7 and 9 fit too)
     (1 << 30, "x-128", 8 * MIB, 8 * MIB),       # aws-cli's 1 GiB upload
@@ -279,6 +290,15 @@ def test_virtual_addressing_puts_the_bucket_in_the_host(recorder):
     path = transfer.make_store(S3Profile("site", endpoint=endpoint, access_key="A", secret_key="S"), "bucket")
     obstore.head(path, "k")  # auto on a site endpoint: path style
     assert seen[-1][0] == "/bucket/k"
+
+
+def test_bodies_are_signed_over_http_and_left_to_tls_over_https():
+    def unsigned(endpoint: str) -> bool:
+        store = transfer.make_store(S3Profile("p", endpoint=endpoint, access_key="A", secret_key="S"), "bucket")
+        return store.config["unsigned_payload"] in (True, "true")
+
+    assert unsigned("https://s3.example.org") is True
+    assert unsigned("http://127.0.0.1:9") is False
 
 
 def test_large_uploads_go_one_at_a_time_and_are_verified(tmp_path, monkeypatch):
