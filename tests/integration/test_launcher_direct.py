@@ -107,3 +107,33 @@ def test_descriptors_do_not_leak_into_the_container_when_close_range_fails(user,
         os.close(leaked)
     assert result.returncode == 0, result.stderr
     assert str(leaked) not in result.stdout.split(), result.stdout
+
+
+@pytest.mark.parametrize("how", ["ro bind", "readonlyPaths"])
+def test_a_read_only_recursive_bind_is_read_only_below_too(user, user_tmp, how):
+    """"rbind","ro","nosuid","nodev" (berth's --mount ...:ro and the site's read-only binds)
+    remounted only the top of the bound tree: a file system mounted below the source on the
+    host stayed writable (and suid, dev) in the container. linux.readonlyPaths likewise."""
+    if os.getuid() != 0:
+        pytest.skip("mounting the host file system below the source needs root (the harness runs as root)")
+    source = user_tmp / "src"
+    (source / "sub").mkdir(parents=True)
+    bundle = _bundle(user, user_tmp, "touch /data/top; echo top=$?; touch /data/sub/x; echo sub=$?;"
+                     " cat /proc/self/mountinfo",
+                     mounts=[{"destination": "/data", "type": "none", "source": str(source),
+                              "options": ["rbind", "ro" if how == "ro bind" else "rw", "nosuid", "nodev"]}])
+    (bundle / "rootfs" / "data").mkdir()
+    if how == "readonlyPaths":
+        config = json.loads((bundle / "config.json").read_text())
+        config["linux"]["readonlyPaths"] = ["/data"]
+        (bundle / "config.json").write_text(json.dumps(config))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0777,size=1m", "tmpfs", str(source / "sub")], check=True)
+    try:
+        result = _run(user, user_tmp, bundle)
+    finally:
+        subprocess.run(["umount", "-l", str(source / "sub")], check=True)
+    assert result.returncode == 0, result.stderr
+    assert "top=1" in result.stdout and "sub=1" in result.stdout, result.stdout
+    # The last /data/sub line is the mount on top (a read-only path is bound over itself).
+    flags = [line.split()[5].split(",") for line in result.stdout.splitlines() if " /data/sub " in line][-1]
+    assert "ro" in flags and (how != "ro bind" or {"nosuid", "nodev"} <= set(flags)), flags

@@ -992,6 +992,37 @@ static void remount(const char *target, unsigned long flags, const char *destina
         fail("cannot remount %s: %s", destination, error_text(errno));
 }
 
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442 /* the same on every architecture */
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+
+/* "rbind" with "ro", "nosuid", "nodev" or "noexec" (and a read-only path): the remount changes
+ * the top of the bound tree only, and what the host has mounted below the source kept its own
+ * flags -- writable under a read-only bind (runc 1.1 does the same unless given "rro").
+ * mount_setattr(AT_RECURSIVE) (Linux 5.12) sets them on the whole tree; a kernel without it
+ * (ENOSYS) leaves the mounts below as the host has them, as runc does. */
+static void restrict_tree(int fd, unsigned long flags, const char *destination)
+{
+    struct {
+        uint64_t attr_set, attr_clr, propagation, userns_fd;
+    } attr = {0, 0, 0, 0};
+    if (flags & MS_RDONLY)
+        attr.attr_set |= 0x1; /* MOUNT_ATTR_RDONLY */
+    if (flags & MS_NOSUID)
+        attr.attr_set |= 0x2; /* MOUNT_ATTR_NOSUID */
+    if (flags & MS_NODEV)
+        attr.attr_set |= 0x4; /* MOUNT_ATTR_NODEV */
+    if (flags & MS_NOEXEC)
+        attr.attr_set |= 0x8; /* MOUNT_ATTR_NOEXEC */
+    if (!attr.attr_set)
+        return;
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) != 0 && errno != ENOSYS)
+        fail("cannot apply the flags of %s to the mounts below it: %s", destination, error_text(errno));
+}
+
 static void mount_one(int root_fd, const struct mount_entry *m)
 {
     char kind = 'd';
@@ -1021,6 +1052,8 @@ static void mount_one(int root_fd, const struct mount_entry *m)
         fd_path(target, sizeof target, fd);
         if (m->flags & per_mount)
             remount(target, m->flags & per_mount, m->destination);
+        if (m->flags & MS_REC)
+            restrict_tree(fd, m->flags, m->destination);
     } else {
         if (mount(m->source[0] ? m->source : m->type, target, m->type, m->flags, m->data[0] ? m->data : NULL) != 0)
             fail("cannot mount %s at %s: %s", m->type, m->destination, error_text(errno));
@@ -1100,6 +1133,11 @@ static void readonly_path(const char *path)
     }
     /* The mount's own flags kept (runc: statfs flags), read-only added. */
     remount(path, MS_RDONLY | locked_flags(path), path);
+    int fd = open(path, O_PATH | O_CLOEXEC);
+    if (fd < 0)
+        fail("cannot make %s read-only: %s", path, error_text(errno));
+    restrict_tree(fd, MS_RDONLY, path);
+    close(fd);
 }
 
 static void mask_path(const char *path)
