@@ -146,6 +146,26 @@ def test_the_launcher_refuses_malformed_config_json_with_a_message(text, message
     assert message in result.stderr, result.stderr
 
 
+def test_the_launcher_refuses_ids_beyond_32_bits_instead_of_truncating_them(tmp_path):
+    """uid 2^32 + N was cast to unsigned: it became N (and 2^32 became root) without a word."""
+    def wrap(config):
+        big = UID + (1 << 32)
+        config["process"]["user"]["uid"] = big
+        config["linux"]["uidMappings"][0]["containerID"] = big
+
+    result = launcher_check(changed(BASE, wrap), tmp_path)
+    assert result.returncode == 1 and "process.user.uid" in result.stderr, result.stderr
+
+
+def test_the_launcher_refuses_a_nul_byte_inside_a_number(tmp_path):
+    """strchr("+-.eE", c) is true for c == NUL: a raw NUL byte was read as part of a number
+    (and the number's text ended at it), so "1<NUL>9" passed as 1."""
+    text = json.dumps(BASE).replace('"size": 1', '"size": 1\x009', 1)
+    assert text.count("\x00") == 1
+    result = launcher_check(text, tmp_path)
+    assert result.returncode == 1 and "not valid JSON" in result.stderr, result.stderr
+
+
 def test_auto_puts_the_launcher_first_only_for_configs_it_runs():
     assert ocirt.candidates("auto", BASE) == ("launcher", "runc", "crun")
     notes = []

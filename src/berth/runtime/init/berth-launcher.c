@@ -378,7 +378,7 @@ static struct jval *jvalue(struct jparser *p, int depth)
     if (c == '-' || (c >= '0' && c <= '9')) {
         const char *start = p->s;
         p->s++;
-        while (p->s < p->end && (isdigit((unsigned char)*p->s) || strchr("+-.eE", *p->s)))
+        while (p->s < p->end && (isdigit((unsigned char)*p->s) || (*p->s && strchr("+-.eE", *p->s))))
             p->s++;
         v->type = J_NUM;
         v->text = xalloc((size_t)(p->s - start) + 1);
@@ -468,6 +468,15 @@ static uint64_t want_u64(struct jval *v, const char *where)
     if (errno || *end)
         fail("config.json: %s must be a non-negative integer, not %s", where, v->text);
     return n;
+}
+
+/* A uid or gid: 32 bits (a larger value was cast to unsigned: 2^32 + N became N). */
+static unsigned want_id(struct jval *v, const char *where)
+{
+    uint64_t n = want_u64(v, where);
+    if (n > UINT32_MAX - 1) /* (uid_t)-1 means "no id" to the kernel */
+        fail("config.json: %s %llu is not a uid or gid (at most %u)", where, (unsigned long long)n, UINT32_MAX - 1);
+    return (unsigned)n;
 }
 
 static struct jval *want_array(struct jval *v, const char *where)
@@ -771,8 +780,8 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
         fail("config.json: process.terminal true is not supported by berth-launcher (berth uses runc with -t)");
     struct jval *user = jget(process, "user");
     only_keys(user, "process.user", user_keys);
-    cfg->uid = (unsigned)want_u64(jget(user, "uid"), "process.user.uid");
-    cfg->gid = (unsigned)want_u64(jget(user, "gid"), "process.user.gid");
+    cfg->uid = want_id(jget(user, "uid"), "process.user.uid");
+    cfg->gid = want_id(jget(user, "gid"), "process.user.gid");
     cfg->args = string_list(jget(process, "args"), "process.args");
     if (!cfg->args[0] || !cfg->args[0][0])
         fail("config.json: process.args is empty");
@@ -839,7 +848,7 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
         if (maps[k]->count != 1)
             fail("config.json: %s must map exactly one id (the caller's): berth-launcher has no newuidmap", where);
         only_keys(maps[k]->items[0], where, map_keys);
-        uint64_t container_id = want_u64(jget(maps[k]->items[0], "containerID"), where);
+        uint64_t container_id = want_id(jget(maps[k]->items[0], "containerID"), where);
         uint64_t host_id = want_u64(jget(maps[k]->items[0], "hostID"), where);
         if (want_u64(jget(maps[k]->items[0], "size"), where) != 1)
             fail("config.json: %s size must be 1", where);
