@@ -137,3 +137,18 @@ def test_a_read_only_recursive_bind_is_read_only_below_too(user, user_tmp, how):
     # The last /data/sub line is the mount on top (a read-only path is bound over itself).
     flags = [line.split()[5].split(",") for line in result.stdout.splitlines() if " /data/sub " in line][-1]
     assert "ro" in flags and (how != "ro bind" or {"nosuid", "nodev"} <= set(flags)), flags
+
+
+def test_a_directory_in_path_named_like_the_command_is_passed_over(user, user_tmp):
+    """exec's PATH search took the first entry access(X_OK) allowed, a directory too (runc's
+    search wants a regular file): PATH=/opt/x:/bin with a directory /opt/x/sh failed to start
+    ("permission denied") where runc runs /bin/sh."""
+    bundle = _bundle(user, user_tmp, "echo ran")
+    (bundle / "rootfs" / "opt" / "x" / "sh").mkdir(parents=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["args"][0] = "sh"
+    config["process"]["env"] = ["PATH=/opt/x:/bin"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(bundle)], check=True)
+    result = _run(user, user_tmp, bundle)
+    assert (result.returncode, result.stdout) == (0, "ran\n"), result.stderr

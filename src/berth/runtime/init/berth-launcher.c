@@ -1262,7 +1262,8 @@ static void exec_process(char **args, char **env, const sigset_t *mask)
             const char *colon = strchr(dir, ':');
             size_t len = colon ? (size_t)(colon - dir) : strlen(dir);
             snprintf(found, sizeof found, "%.*s/%s", (int)len, len ? dir : ".", args[0]);
-            if (access(found, X_OK) == 0)
+            struct stat info; /* a directory is passed over, as Go's exec.LookPath (runc) does */
+            if (access(found, X_OK) == 0 && stat(found, &info) == 0 && !S_ISDIR(info.st_mode))
                 program = found;
             dir = colon ? colon + 1 : NULL;
         }
