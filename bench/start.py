@@ -21,7 +21,12 @@ default compression). Also berth's own cost: ``python -X importtime -c 'import b
 
 Usage::
 
-    python3 bench/start.py [--runs 50] [--warmup 5] [--output FILE]
+    python3 bench/start.py [--runs 50] [--warmup 5] [--output FILE] [--before BERTH]
+
+``--before BERTH`` also times another berth executable (an older commit's venv, e.g. made with
+``git worktree add /var/tmp/before REV && cd /var/tmp/before && scripts/setup-venv.sh``) with
+the default runtime, in the same runs and rounds as this one, with its phases and imports:
+before and after under the same machine load.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ UDOCKER_TOOLS_VERSION = "1.2.11"
 #: targets use.
 RUNTIMES = ("launcher", "runc")
 BERTH = f"berth run ({RUNTIMES[0]})"
+BEFORE = f"berth run ({RUNTIMES[0]}), before"
 #: The anchors timed in turn with berth's runs (StartBench.interleaved) for the target lines.
 PAIRED = ("berth-launcher (berth's config.json, squashfuse root)", "runc (berth's config.json, squashfuse root)",
           "runc (squashfuse root)", "ch-run IMG.sqfs")  # what udocker 1.3.17 asks for; see prepare_udocker
@@ -239,12 +245,11 @@ class StartBench:
                                timeout=3600)
         return {name: c.Sample(values) for name, values in json.loads(result.stdout).items()}
 
-    def importtime(self, args: list[str], env: dict | None = None,
-                   repeats: int = 7) -> tuple[c.Sample, list[tuple[str, float]]]:
+    def importtime(self, args: list[str], env: dict | None = None, repeats: int = 7,
+                   python: str = str(c.VENV / "bin" / "python")) -> tuple[c.Sample, list[tuple[str, float]]]:
         """Import time that ``python ARGS`` adds to a bare interpreter start: the sum of the
         top-level cumulative times of modules a bare ``python -c pass`` does not import, and the
         ten modules with the largest self time among those."""
-        python = str(c.VENV / "bin" / "python")
 
         def parse(stderr: str) -> list[tuple[str, int, int, bool]]:
             entries = []
@@ -360,10 +365,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--before", type=Path, help="another berth executable to time in the same runs")
     args = parser.parse_args()
     if os.getuid() != 0:
         parser.error("run as root (it prepares images and runs the tools as the unprivileged user)")
     command = "python3 bench/start.py " + " ".join(sys.argv[1:])
+    if args.before:
+        try:
+            revision = c.run(["git", "-C", str(args.before.resolve().parents[2]), "log", "-1", "--format=%h"]).stdout.strip()
+        except RuntimeError:
+            revision = "unknown revision"
     header = c.report_header("Warm start of /bin/true (issues 3, 10)", command.strip())
     c.ensure_cache_readable()
     user = c.BenchUser.lookup()
@@ -371,6 +382,8 @@ def main() -> int:
     workdir = user.tempdir("berth-bench-start-", Path("/var/tmp"))
     bench = StartBench(user, workdir, args.runs, args.warmup)
     sections = [header]
+    if args.before:
+        sections += [f"- before: `{args.before}` (git {revision}), timed in the same runs as `{BEFORE}`", ""]
     try:
         c.log("preparing the rootfs, SquashFS, bundles, udocker and podman")
         rootfs, sqfs = bench.prepare_tree(image)
@@ -399,14 +412,19 @@ def main() -> int:
         c.log("timing")
         samples: dict[str, c.Sample] = {}
         berth_envs: dict[str, dict] = {}
+        berth_argvs: dict[str, list[str]] = {}
         if berth:
             for runtime in RUNTIMES:
                 berth_envs[f"berth run ({runtime})"] = {**berth[1], "BERTH_RUNTIME": runtime}
+                berth_argvs[f"berth run ({runtime})"] = berth[0]
+            if args.before:
+                berth_envs[BEFORE] = berth_envs[BERTH]
+                berth_argvs[BEFORE] = [str(args.before), *berth[0][1:]]
         # berth's two runtimes and the runtimes alone first and together, so that the figures
         # the targets compare are measured under the same load
         for name, env in berth_envs.items():
             try:
-                samples.update(bench.hyperfine({name: berth[0]}, env=env))
+                samples.update(bench.hyperfine({name: berth_argvs[name]}, env=env))
             except RuntimeError as error:
                 bench.unavailable[name] = f"failed while timed: {c.error_line(str(error))}"
         for name, argv in commands.items():  # one hyperfine each: a failing tool loses only its row
@@ -420,7 +438,8 @@ def main() -> int:
                 str(UDOCKER), "-q", "run", "--nobanner", "bench", "/bin/true"]}, env=udocker_env, ignore_failure=True))
         paired: dict[str, c.Sample] = {}
         if berth_envs:
-            chosen = {name: (berth[0], {"BERTH_RUNTIME": env["BERTH_RUNTIME"]}) for name, env in berth_envs.items()}
+            chosen = {name: (berth_argvs[name], {"BERTH_RUNTIME": env["BERTH_RUNTIME"]})
+                      for name, env in berth_envs.items()}
             chosen.update({name: (argv, {}) for name, argv in commands.items() if name in PAIRED})
             try:
                 paired = bench.interleaved({name: (argv, {**berth[1], **extra} if name in berth_envs else extra)
@@ -432,10 +451,10 @@ def main() -> int:
         berth_reported: dict[str, list[tuple[str, c.Sample]]] = {}
         for name, env in berth_envs.items():
             try:
-                phases = bench.berth_phases(berth[0], env)
+                phases = bench.berth_phases(berth_argvs[name], env)
                 if phases:
                     berth_phases[name] = phases
-                berth_reported[name] = bench.berth_reported_phases(berth[0], env)
+                berth_reported[name] = bench.berth_reported_phases(berth_argvs[name], env)
             except RuntimeError as error:
                 bench.unavailable[name] = f"failed while timed: {c.error_line(str(error))}"
         if berth_envs:
@@ -454,13 +473,16 @@ def main() -> int:
             # the whole run path: every import a warm `berth run IMG /bin/true` makes
             imports["python -X importtime .venv/bin/berth run IMG /bin/true"] = bench.importtime(
                 berth[0], berth_envs[BERTH])
+            if args.before:
+                imports["python -X importtime BEFORE/.venv/bin/berth run IMG /bin/true (before)"] = bench.importtime(
+                    berth_argvs[BEFORE], berth_envs[BERTH], python=str(args.before.parent / "python"))
     finally:
         bench.cleanup()
         c.rm_tree(workdir)
 
     berth_sample = samples.get(BERTH)
     rows = []
-    order = [*[f"berth run ({runtime})" for runtime in RUNTIMES], "berth-launcher (berth's config.json, squashfuse root)",
+    order = [*[f"berth run ({runtime})" for runtime in RUNTIMES], *([BEFORE] if args.before else []), "berth-launcher (berth's config.json, squashfuse root)",
              "runc (berth's config.json, squashfuse root)", "runc (squashfuse root)", "runc (directory root)",
              "ch-run IMG.sqfs", "ch-run DIR", "bwrap DIR", "udocker run (R1: host runc)",
              "podman run (rootless, overlay, runc)"]
@@ -500,6 +522,9 @@ def main() -> int:
             ch_ratio = berth_sample.median / target_samples["ch-run IMG.sqfs"].median
             sections.append(f"- target (issue 10) {BERTH} ≤ 2x ch-run on the SquashFS: {ch_ratio:.2f}x, "
                             f"{'met' if ch_ratio <= 2.0 else 'NOT met'}")
+        if BEFORE in target_samples:
+            sections.append(f"- {BERTH} now / before: {berth_sample.median / target_samples[BEFORE].median:.2f} "
+                            f"({berth_sample.median * 1000:.1f} against {target_samples[BEFORE].median * 1000:.1f} ms)")
     else:
         sections.append(f"- targets not evaluated: berth not available: {bench.unavailable.get('berth')}")
     if berth_phases:

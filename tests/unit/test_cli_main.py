@@ -42,6 +42,34 @@ def test_only_the_named_commands_module_is_loaded(argv, modules):
     assert cli_main.modules_for(argv) == modules
 
 
+@pytest.mark.parametrize("argv", [
+    ["run", "--cpus", "2", "-e", "A=1", "img", "true", "-x"],
+    ["--debug", "exec", "-t", "c1", "ls"],
+    ["config", "show", "--json"],
+    ["template", "create", "t", "image=x", "cpu=2"],
+    ["store", "verify"],
+    ["stage", "in", "s3://b/k:/tmp/x"],
+    ["job-exec", "--backend", "local", "/tmp/record"],
+])
+def test_one_commands_parser_parses_as_the_whole_parser(argv):
+    """Issue 10 (start-up): only the command being run gets its parser built."""
+    whole = cli_main.build_parser().parse_args(argv)
+    one = cli_main.build_parser(cli_main.modules_for(argv), only=cli_main.command_for(argv)).parse_args(argv)
+    assert vars(one) == vars(whole)
+
+
+@pytest.mark.parametrize("argv", [["run"], ["run", "--cpus"], ["run", "--bogus", "img"], ["exec"],
+                                  ["config", "nosuch"], ["run", "--help"], ["stage", "--help"]])
+def test_one_commands_parser_refuses_and_helps_as_the_whole_parser(argv, capsys):
+    outputs = []
+    for parser in (cli_main.build_parser(),
+                   cli_main.build_parser(cli_main.modules_for(argv), only=cli_main.command_for(argv))):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        outputs.append((info.value.code, capsys.readouterr()))
+    assert outputs[0] == outputs[1]
+
+
 def test_unknown_command_still_lists_all_commands(capsys):
     with pytest.raises(SystemExit) as info:
         cli_main.main(["nosuch"])
@@ -53,7 +81,7 @@ def test_unknown_command_still_lists_all_commands(capsys):
 def test_ctrl_c_while_the_command_modules_import_is_a_message_not_a_traceback(monkeypatch, capsys):
     """Scenario 3b (SIGINT at random early moments of berth run): a KeyboardInterrupt raised
     while build_parser imported the command's modules escaped main() as a traceback."""
-    def interrupted(modules):
+    def interrupted(modules, only=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_main, "build_parser", interrupted)

@@ -40,7 +40,7 @@ def _main_with_handler(monkeypatch, raised: BaseException) -> int:
     def handler(args, ctx):
         raise raised
 
-    monkeypatch.setattr(cli_main, "build_parser", lambda modules: _parser(handler))
+    monkeypatch.setattr(cli_main, "build_parser", lambda modules, only=None: _parser(handler))
     return cli_main.main(["x"])
 
 

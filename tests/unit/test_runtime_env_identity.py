@@ -86,3 +86,21 @@ def test_remap_root_keeps_image_root():
 def test_group_gets_callers_primary_group():
     text = group_text("root:x:0:\nalice:x:3:\nstaff:x:1001:\nusers:x:100:\n", ALICE, as_root=False)
     assert text.splitlines() == ["root:x:0:", "users:x:100:", "alice:x:1001:alice"]
+
+
+def test_glob_matcher_matches_exactly_what_fnmatchcase_does():
+    """Issue 10 (start-up): the passthrough test skips fnmatch for exact names and PREFIX*
+    patterns; every kind of pattern must still mean what fnmatch says."""
+    import fnmatch
+
+    from berth.config.settings import SitePolicy
+    from berth.runtime.env import glob_matcher
+
+    patterns = (*SitePolicy().passthrough_env, "A*B", "?X", "[PQ]*", "EXACT", "ST*R*", "", "*", "BR[*")
+    names = ("SLURM_JOB_ID", "SLURM", "SLURMD_NODENAME", "slurm_x", "TERM", "TERMINAL", "LC_ALL", "LANG",
+             "LANGUAGE", "AXB", "AB", "ABC", "QX", "XX", "X", "P1", "R1", "EXACT", "EXACTLY", "STAR", "STR",
+             "", "BR[", "BR[X", "CUDA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES_X", "PMI_FD", "HOME")
+    for chosen in (patterns, patterns[:20], ("*",), (), ("EXACT",), ("[PQ]*", "TERM")):
+        matches = glob_matcher(chosen)
+        for name in names:
+            assert matches(name) == any(fnmatch.fnmatchcase(name, p) for p in chosen), (chosen, name)

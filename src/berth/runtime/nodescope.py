@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import fnmatch
 import os
 import re
 import signal
@@ -43,6 +42,7 @@ from pathlib import Path
 from berth import locks, proc
 from berth.errors import NotFound, RuntimeFailure, UsageError
 from berth.runtime import state
+from berth.runtime.env import glob_matcher
 from berth.untrusted import parse_json
 
 #: The node container's main process: it only keeps the namespaces alive (the image needs
@@ -76,8 +76,9 @@ def task_env(environ: Mapping[str, str], passthrough: tuple[str, ...] | list[str
     from berth.runtime.pmix import CONTAINER_PMI_FD, pmi_fd
 
     passed = pmi_fd(environ) is not None
+    passes = glob_matcher(passthrough)
     return [f"{key}={CONTAINER_PMI_FD if key == 'PMI_FD' else value}" for key, value in sorted(environ.items())
-            if any(fnmatch.fnmatchcase(key, pattern) for pattern in passthrough) and (key != "PMI_FD" or passed)]
+            if passes(key) and (key != "PMI_FD" or passed)]
 
 
 def run_in_node_container(settings, image, command: list[str] | None, options, *, log,
