@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -22,6 +23,18 @@ pytest_plugins = [
 ]
 
 TEST_USER = os.environ.get("BERTH_TEST_USER", "berthtest")
+
+
+def pytest_configure(config):
+    """Give the processes the tests start the default SIGINT and SIGQUIT, whatever this run
+    inherited. A shell without job control starts a background command (`... &`) with both
+    ignored, the ignore survives exec, and berth rightly keeps a signal it was started
+    ignoring (as nohup expects): the signal tests then failed only in such runs."""
+    del config
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
