@@ -550,3 +550,68 @@ def test_stage_out_reports_a_directory_it_cannot_read_instead_of_dropping_it(tmp
         transfer.stage_out((parse_transfer("out/:s3://bucket/r/", "out"),), _profile(), str(job))
     assert "out/locked" in caught.value.message and "permission denied" in caught.value.message.lower()
     assert sent == {}
+
+
+def _certificates(where) -> dict[str, str]:
+    """Two CAs (A, B) and a server certificate for 127.0.0.1 signed by A (openssl CLI)."""
+    import subprocess
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=where)
+
+    for ca in ("a", "b"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=test CA {ca}",
+                "-keyout", f"ca-{ca}.key", "-out", f"ca-{ca}.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+            "-out", "server.csr")
+    (where / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                   "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca-a.pem", "-CAkey", "ca-a.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
+    return {name: str(where / f"{name}.pem") for name in ("ca-a", "ca-b", "server")} | {
+        "server-key": str(where / "server.key")}
+
+
+def test_an_https_stage_in_adds_the_profiles_ca_bundle_to_the_system_roots(tmp_path, monkeypatch):
+    """docs/staging.md: ca_bundle is added to the system's trusted roots. For https:// sources
+    it replaced them (urllib3's ca_certs): a profile with a site CA could no longer fetch from
+    any public server."""
+    import ssl
+
+    from berth.staging.locations import parse_transfer
+
+    certs = _certificates(tmp_path)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"hello\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["server"], certs["server-key"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # The "system" roots trust CA A (OpenSSL reads SSL_CERT_FILE); the profile adds CA B.
+        monkeypatch.setenv("SSL_CERT_FILE", certs["ca-a"])
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        runner = transfer._Runner(_profile(ca_bundle=certs["ca-b"]), None)
+        url = f"https://127.0.0.1:{server.server_address[1]}/data.txt"
+        size, _ = runner.fetch_url(parse_transfer(f"{url}:in/", "in"), str(tmp_path))
+        assert (size, (tmp_path / "in" / "data.txt").read_bytes()) == (6, b"hello\n")
+        # And the profile's CA alone still verifies nothing it did not sign.
+        monkeypatch.setenv("SSL_CERT_FILE", certs["ca-b"])
+        with pytest.raises(StagingError, match="certificate is not trusted"):
+            transfer._Runner(_profile(ca_bundle=certs["ca-b"]), None).fetch_url(
+                parse_transfer(f"{url}:again/", "in"), str(tmp_path))
+        assert not (tmp_path / "again").exists() or os.listdir(tmp_path / "again") == []
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -902,10 +902,24 @@ class _Runner:
         path = os.path.join(dest, name) if transfer.destination.path.endswith("/") or os.path.isdir(dest) else dest  # type: ignore[union-attr]
         shown = url.split("?", 1)[0]  # a query may carry a signature: never print it
         _make_parent(path, shown)
+        tls = {}
+        if self.profile.ca_bundle:
+            # Added to the system's roots, as for S3 (docs/staging.md); urllib3's ca_certs would
+            # replace them, and a profile with a site CA could fetch from no public server.
+            import ssl
+
+            context = ssl.create_default_context()
+            try:
+                context.load_verify_locations(cafile=self.profile.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise StagingError(f"--stage-in '{shown}': cannot use the CA bundle {self.profile.ca_bundle} "
+                                   f"({getattr(exc, 'strerror', None) or exc})",
+                                   hint="ca_bundle must be a PEM file of CA certificates") from None
+            tls = {"ssl_context": context}
         pool = urllib3.PoolManager(
-            retries=urllib3.Retry(total=4, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)),
-            timeout=urllib3.Timeout(connect=10, read=self.profile.timeout_s),
-            **({"ca_certs": self.profile.ca_bundle} if self.profile.ca_bundle else {}))
+            # other=0: an untrusted certificate (urllib3's "other" errors) is not retried.
+            retries=urllib3.Retry(total=4, other=0, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)),
+            timeout=urllib3.Timeout(connect=10, read=self.profile.timeout_s), **tls)
         try:
             response = pool.request("GET", url, preload_content=False)
             try:
@@ -930,6 +944,10 @@ class _Runner:
             if isinstance(exc, OSError):
                 raise local_error(exc, path) from None
             if isinstance(exc, urllib3.exceptions.HTTPError):
+                if isinstance(getattr(exc, "reason", exc), urllib3.exceptions.SSLError):
+                    raise StagingError(f"--stage-in '{shown}': the server's TLS certificate is not trusted",
+                                       hint="for a site CA, set ca_bundle in the S3 profile (it is added to "
+                                            "the system's roots)") from None
                 raise StagingError(f"--stage-in '{shown}': {type(exc).__name__}",
                                    hint="is the URL right and the server reachable?") from None
             raise
