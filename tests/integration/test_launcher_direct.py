@@ -152,3 +152,20 @@ def test_a_directory_in_path_named_like_the_command_is_passed_over(user, user_tm
     subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(bundle)], check=True)
     result = _run(user, user_tmp, bundle)
     assert (result.returncode, result.stdout) == (0, "ran\n"), result.stderr
+
+
+def test_what_berth_needs_to_report_a_failure_is_there(user, user_tmp):
+    """berth reads the launcher's errors from --log: a log that could not be opened was
+    ignored (the container ran, and any later error reached stderr only), and a state
+    directory that could not be made was reported without the reason."""
+    bundle = _bundle(user, user_tmp, "echo ran")
+    launcher = str(ocirt.launcher_path())
+    result = user.run([launcher, "--root", str(user_tmp / "state"), "--log", str(user_tmp / "missing" / "log"),
+                       "run", "--bundle", str(bundle), "c1"], timeout=60)
+    assert result.returncode == 1 and "ran" not in result.stdout, (result.stdout, result.stderr)
+    assert f"cannot open the log {user_tmp}/missing/log: no such file or directory" in result.stderr, result.stderr
+    (user_tmp / "not-a-directory").write_text("")
+    result = user.run([launcher, "--root", str(user_tmp / "not-a-directory"), "--log", str(user_tmp / "log"),
+                       "run", "--bundle", str(bundle), "c1"], timeout=60)
+    assert result.returncode == 1
+    assert "cannot create the state of c1: not a directory" in (user_tmp / "log").read_text()

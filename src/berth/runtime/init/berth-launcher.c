@@ -1530,8 +1530,11 @@ static int command_run(const char *bundle, const char *id)
         fail("cannot create %s: %s", root_dir, error_text(errno));
     char dir[PATH_MAX];
     state_path(dir, sizeof dir, id, NULL);
-    if (mkdir(dir, 0700) != 0)
-        fail(errno == EEXIST ? "container with id exists: %s" : "cannot create the state of %s", id);
+    if (mkdir(dir, 0700) != 0) {
+        if (errno == EEXIST)
+            fail("container with id exists: %s", id);
+        fail("cannot create the state of %s: %s", id, error_text(errno));
+    }
     cleanup_id = id;
 
     int sync_pipe[2], err_pipe[2];
@@ -1871,7 +1874,10 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "--root") == 0 && i + 1 < argc) {
             root_dir = argv[++i];
         } else if (strcmp(argv[i], "--log") == 0 && i + 1 < argc) {
+            /* berth reads the errors from it: without it, refuse to start (as runc does). */
             log_fd = open(argv[++i], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+            if (log_fd < 0)
+                fail("cannot open the log %s: %s", argv[i], error_text(errno));
         } else if (strcmp(argv[i], "--log-format") == 0 && i + 1 < argc) {
             if (strcmp(argv[++i], "text") != 0)
                 fail("--log-format %s: only text is supported", argv[i]);
