@@ -166,6 +166,32 @@ def test_exec_gets_the_open_files_limit_of_the_containers_process(runtime_env, r
     assert joined.stdout.strip() == first, describe(joined)
 
 
+
+@BOTH_RUNTIMES
+def test_exec_into_a_memory_limited_container_gets_its_data_limit(runtime_env, runtime_images):
+    """Without cgroup delegation ``--memory`` is each process's RLIMIT_DATA. runc applied it to
+    its own Go init before that exec'd, so `berth exec` (and a node's ranks under --scope node)
+    into a 64 MiB container died "pthread_create failed"; berth-init now sets it for the
+    command alone. The exec'd process must still get the limit, and env/cwd still apply."""
+    probe = "grep 'Max data size' /proc/self/limits"
+    process = runtime_env.popen("run", "--name", "small", "--memory", "64M", str(runtime_images.busybox),
+                                "sh", "-c", f"{probe}; echo ready; sleep 60")
+    try:
+        first = wait_for_line(process, "ready").splitlines()[0]
+        joined = runtime_env.berth("exec", "-e", "PROBE=x", "-w", "/tmp", "small", "sh", "-c",
+                                   f"{probe}; echo $PROBE; pwd")
+        assert joined.returncode == 0, describe(joined)
+        status = runtime_env.berth("exec", "small", "sh", "-c", "exit 4")
+        assert status.returncode == 4, describe(status)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        pytest.skip("cgroup v2 here: --memory is the cgroup's limit, not RLIMIT_DATA")
+    assert first.split()[3:5] == [str(64 << 20), str(64 << 20)], first
+    assert joined.stdout.splitlines() == [first, "x", "/tmp"], describe(joined)
+    assert list(runtime_env.state_dir.rglob("exec-*.json")) == []
+
 def test_doctor_reports_each_check(runtime_env):
     result = runtime_env.berth("doctor")
     assert result.returncode == 0, describe(result)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 from berth import proc
 from berth.errors import RuntimeFailure
+from berth.fsutil import PRIVATE_FILE, write_atomically
 from berth.runtime import spec, state
 from berth.runtime.options import check_env_entry
 from berth.untrusted import parse_json
@@ -59,21 +61,61 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
     root = Path(info["state_path"]) / "runc"
     if not (root / info["id"]).exists():
         raise RuntimeFailure(f"container {key} is not running yet (or is stopping)", hint="try again in a moment")
+    env = tuple(entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}" for entry in env)
     argv = [runtime, "--root", str(root), "exec"]
-    if tty:
-        argv.append("--tty")
-    if workdir:
-        argv += ["--cwd", workdir]
     if pmi_fd is not None:
         argv += ["--preserve-fds", "1"]
-    for entry in env:
-        argv += ["--env", entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}"]
-    argv.append(info["id"])
-    argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root"))))
+    process_file = _data_limited_process(info, runtime, command, tty=tty, env=env, workdir=workdir)
+    if process_file is not None:
+        argv += ["--process", str(process_file), info["id"]]
+    else:
+        if tty:
+            argv.append("--tty")
+        if workdir:
+            argv += ["--cwd", workdir]
+        for entry in env:
+            argv += ["--env", entry]
+        argv.append(info["id"])
+        argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root"))))
     # The runtime forwards the signals it receives to the exec'd process: pass ours on to it
     # (it runs in its own session, so a terminal's Ctrl-C reaches it only through us).
-    child = proc.start(argv, stdin=None, new_session=True, move_fds={3: pmi_fd} if pmi_fd is not None else None)
-    return proc.wait_forwarding(child)
+    try:
+        child = proc.start(argv, stdin=None, new_session=True,
+                           move_fds={3: pmi_fd} if pmi_fd is not None else None)
+        return proc.wait_forwarding(child)
+    finally:
+        if process_file is not None:
+            process_file.unlink(missing_ok=True)
+
+
+def _data_limited_process(info: dict, runtime: str, command: list[str], *, tty: bool, env: tuple[str, ...],
+                          workdir: str | None) -> Path | None:
+    """runc applies the process's rlimits to its own Go init before that execs the command, and a
+    data limit (``--memory`` without cgroup delegation) of tens of MiB kills it there
+    ("pthread_create failed"). For such a container, write the exec'd process for
+    ``runc exec --process`` without RLIMIT_DATA, and let berth-init set it (-d) for the command
+    alone, as berth-launcher does for run and exec alike. None: plain flags will do."""
+    if os.path.basename(runtime) == "berth-launcher":
+        return None
+    state_path = Path(info["state_path"])
+    try:
+        process = parse_json((state_path / "bundle" / "config.json").read_bytes(),
+                             what="the container's config.json")["process"]
+    except (OSError, KeyError, TypeError):
+        return None
+    rlimits = process.get("rlimits") or []
+    data = [limit for limit in rlimits if limit.get("type") == "RLIMIT_DATA"]
+    if not data:
+        return None
+    process = {**process, "terminal": tty, "env": [*process.get("env", []), *env],
+               "rlimits": [limit for limit in rlimits if limit.get("type") != "RLIMIT_DATA"],
+               "args": list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root")),
+                                              data_limit=int(data[0]["hard"])))}
+    if workdir:
+        process["cwd"] = workdir
+    path = state_path / f"exec-{os.getpid()}.json"
+    write_atomically(path, json.dumps(process), mode=PRIVATE_FILE)
+    return path
 
 
 def format_started(epoch_s: float | None) -> str:

@@ -118,11 +118,13 @@ class SpecPlan(NamedTuple):
 
 
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
-                 init_path: str = INIT_PATH) -> tuple[str, ...]:
-    """The container process argv: berth-init, the identity to enter, then the command."""
+                 init_path: str = INIT_PATH, data_limit: int | None = None) -> tuple[str, ...]:
+    """The container process argv: berth-init, the identity to enter, then the command.
+    ``data_limit``: RLIMIT_DATA in bytes, set by berth-init just before the command runs."""
+    limit = () if data_limit is None else ("-d", str(data_limit))
     if remap_root:
-        return (init_path, "--", *command)
-    return (init_path, "-u", str(plan_uid), "-g", str(plan_gid), "--", *command)
+        return (init_path, *limit, "--", *command)
+    return (init_path, *limit, "-u", str(plan_uid), "-g", str(plan_gid), "--", *command)
 
 
 def _mounts(plan: SpecPlan) -> list[dict]:

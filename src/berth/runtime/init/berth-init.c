@@ -19,6 +19,11 @@
  * st_dev and st_ino).  A source swapped between berth's policy check and runc's mount (a path
  * component replaced by a symbolic link) is refused with status 125 instead of run.
  *
+ * -d BYTES sets the command's RLIMIT_DATA (soft and hard) just before it execs.  `berth exec`
+ * under runc passes the container's data limit so, instead of in the process's rlimits: runc
+ * applies those to its own Go init process before that execs, and a limit of tens of MiB
+ * kills it ("pthread_create failed") before the command exists.
+ *
  * Built static at install time so it runs in any image, whatever its libc.
  */
 #define _GNU_SOURCE
@@ -33,6 +38,7 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -126,15 +132,26 @@ usage:
 int main(int argc, char **argv)
 {
     long uid = -1, gid = -1;
-    int opt, bad_binds = 0;
-    while ((opt = getopt(argc, argv, "+u:g:b:V")) != -1) {
+    int opt, bad_binds = 0, data_limited = 0;
+    struct rlimit data_limit = {0, 0};
+    char *end;
+    while ((opt = getopt(argc, argv, "+u:g:b:d:V")) != -1) {
         switch (opt) {
-        case 'V': puts("berth-init 2"); return 0;
+        case 'V': puts("berth-init 3"); return 0;
         case 'u': uid = strtol(optarg, NULL, 10); break;
         case 'g': gid = strtol(optarg, NULL, 10); break;
         case 'b': bad_binds |= check_bind(optarg) != 0; break;
+        case 'd':
+            errno = 0;
+            data_limit.rlim_cur = data_limit.rlim_max = strtoull(optarg, &end, 10);
+            if (errno || end == optarg || *end || optarg[0] == '-') {
+                fprintf(stderr, "berth-init: -d wants a number of bytes, not '%s'\n", optarg);
+                return 127;
+            }
+            data_limited = 1;
+            break;
         default:
-            fprintf(stderr, "usage: berth-init [-V] [-b DEV:INO:PATH]... [-u UID -g GID] [--] COMMAND [ARG...]\n");
+            fprintf(stderr, "usage: berth-init [-V] [-b DEV:INO:PATH]... [-d BYTES] [-u UID -g GID] [--] COMMAND [ARG...]\n");
             return 127;
         }
     }
@@ -171,6 +188,8 @@ int main(int argc, char **argv)
         if (uid >= 0)
             enter_identity(uid, gid);
         sigprocmask(SIG_SETMASK, &old, NULL);
+        if (data_limited && setrlimit(RLIMIT_DATA, &data_limit) != 0)
+            die("setrlimit(RLIMIT_DATA)");
         execvp(argv[optind], &argv[optind]);
         fprintf(stderr, "berth-init: cannot run '%s': %s\n", argv[optind], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
