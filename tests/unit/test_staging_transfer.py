@@ -5,6 +5,7 @@ which headers obstore sends (the environment must not add any)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import http.server
 import os
 import threading
@@ -615,3 +616,37 @@ def test_an_https_stage_in_adds_the_profiles_ca_bundle_to_the_system_roots(tmp_p
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_presigned_urls_signature_is_never_printed(tmp_path):
+    """A presigned URL's query is a credential for the object. The summary lines (terminal,
+    job log) and --json carried the item as typed, signature and access key id included; a
+    malformed item's error message too."""
+    from berth.errors import UsageError
+    from berth.staging.locations import parse_transfer
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    query = "AWSAccessKeyId=AKIDSECRET&Signature=SIGSECRET%3D&Expires=1"
+    url = f"http://127.0.0.1:{server.server_address[1]}/d/obj.txt?{query}"
+    try:
+        summary = transfer.stage_in((parse_transfer(f"{url}:in/", "in"),), _profile(), str(tmp_path))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / "in" / "obj.txt").read_bytes() == b"ok"
+    shown = "\n".join(summary.lines()) + json.dumps(summary.to_dict())
+    assert "obj.txt" in shown and "SECRET" not in shown, shown
+    with pytest.raises(UsageError) as caught:
+        parse_transfer(f"https://example.org/x?{query}:s3://bucket/y", "in")
+    assert "SECRET" not in caught.value.message and "example.org/x" in caught.value.message, caught.value.message

@@ -64,14 +64,28 @@ class HostLocation:
 Location = S3Location | UrlLocation | HostLocation
 
 
+_URL_QUERY = re.compile(r"((?:https?)://[^?#\s]*)[?#][^:\s]*", re.IGNORECASE)
+
+
+def without_url_query(text: str) -> str:
+    """``text`` with the query (and fragment) of any http(s) URL in it cut to ``?...``: a
+    presigned URL's query is a credential for its object (signature, access key id), never
+    printed (the query ends at the next ':', where DEST begins)."""
+    return _URL_QUERY.sub(r"\1?...", text)
+
+
 @dataclass(frozen=True)
 class Transfer:
-    """One ``SRC:DEST`` item, as written (``text``) and parsed."""
+    """One ``SRC:DEST`` item, as written (``text``) and parsed; ``shown`` is the text to print."""
 
     direction: str
     text: str
     source: Location
     destination: Location
+
+    @property
+    def shown(self) -> str:
+        return without_url_query(self.text)
 
 
 def _option(direction: str) -> str:
@@ -82,7 +96,8 @@ def _usage(direction: str, text: str, problem: str, hint: str | None = None) -> 
     default_hint = ("write SRC:DEST, e.g. s3://bucket/data/:input/ or s3://bucket/file.csv:input.csv"
                     if direction == IN else
                     "write SRC:DEST, e.g. 'results/*.h5:s3://bucket/run1/' or out/:s3://bucket/run1/")
-    return UsageError(f"{_option(direction)} '{text}': {problem}", hint=hint or default_hint)
+    return UsageError(f"{_option(direction)} '{without_url_query(text)}': {without_url_query(problem)}",
+                      hint=hint or default_hint)
 
 
 def parse_s3(text: str, direction: str, whole: str) -> S3Location:

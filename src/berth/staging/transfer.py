@@ -1012,7 +1012,7 @@ def stage_in(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str, 
     notes = notes if notes is not None else []
     try:
         for transfer in transfers:
-            item = ItemSummary(transfer.text)
+            item = ItemSummary(transfer.shown)
             summary.items.append(item)
             item_start = time.monotonic()
             source = transfer.source
@@ -1052,7 +1052,7 @@ def stage_out(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str,
     last_errors: list[BerthError] = []
     try:
         for transfer in transfers:
-            item = ItemSummary(transfer.text)
+            item = ItemSummary(transfer.shown)
             summary.items.append(item)
             item_start = time.monotonic()
             try:
