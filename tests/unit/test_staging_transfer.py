@@ -650,3 +650,23 @@ def test_a_presigned_urls_signature_is_never_printed(tmp_path):
     with pytest.raises(UsageError) as caught:
         parse_transfer(f"https://example.org/x?{query}:s3://bucket/y", "in")
     assert "SECRET" not in caught.value.message and "example.org/x" in caught.value.message, caught.value.message
+
+
+def test_a_small_object_that_grew_since_the_listing_is_not_read_into_memory(tmp_path, monkeypatch):
+    """Objects below multipart_threshold are read whole into memory: one replaced by a huge
+    one between the listing and the GET (or a listing that lies) was read whole too. The size
+    the GET answers is checked before the body is taken."""
+    import obstore
+
+    class Huge:
+        meta = {"e_tag": '"0123456789abcdef0123456789abcdef"', "size": 64 << 30}
+
+        def bytes(self):
+            raise AssertionError("the whole body was read")
+
+    monkeypatch.setattr(obstore, "get", lambda store, key, options=None: Huge())
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    runner = transfer._Runner(_profile(), None)
+    with pytest.raises(StagingError, match="changed"):
+        runner.download(_get(tmp_path, b"x" * 1000, "0123456789abcdef0123456789abcdef"))
+    assert os.listdir(tmp_path / "out") == []

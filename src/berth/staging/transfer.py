@@ -784,6 +784,10 @@ class _Runner:
 
         result = obstore.get(self.store(get.bucket), get.key)
         etag = _etag(result.meta.get("e_tag")) or get.etag
+        size = result.meta.get("size")
+        if size is not None and size != get.size:  # before the body is read whole into memory
+            raise StagingError(f"s3://{get.bucket}/{get.key}: the object changed during the transfer "
+                               f"({get.size} bytes listed, {size} now)", hint="retry")
         view = memoryview(result.bytes())
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
