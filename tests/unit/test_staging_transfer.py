@@ -670,3 +670,15 @@ def test_a_small_object_that_grew_since_the_listing_is_not_read_into_memory(tmp_
     with pytest.raises(StagingError, match="changed"):
         runner.download(_get(tmp_path, b"x" * 1000, "0123456789abcdef0123456789abcdef"))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_small_file_that_grew_since_the_plan_is_not_read_whole_nor_sent(tmp_path, monkeypatch):
+    """A file planned below multipart_threshold was read whole (however large it had grown)
+    and sent before its size was compared with the plan."""
+    sent = _record_puts(monkeypatch)
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"y" * (2 * MIB))
+    runner = transfer._Runner(_profile(), None)
+    with pytest.raises(StagingError, match="changed size while it was uploaded"):
+        runner.upload(transfer._Put(str(path), 10, "bucket", "log.txt"))
+    assert sent == {}

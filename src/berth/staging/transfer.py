@@ -846,7 +846,11 @@ class _Runner:
                             raise StagingError(f"{what}: the service stored {stored} bytes of {put.size}")
                     length = read[0]
                 else:
-                    data = handle.read()
+                    data = handle.read(put.size + 1)  # a file that grew is not read whole
+                    if len(data) != put.size:
+                        raise StagingError(f"{what}: {put.path} changed size while it was uploaded "
+                                           f"({put.size} bytes planned, {'more' if len(data) > put.size else len(data)} "
+                                           "now)", hint="stage out files the job has finished writing")
                     digest = _md5(data).hexdigest()
                     result = obstore.put(store, put.key, data, use_multipart=False)
                     etag = _etag(result.get("e_tag"))
