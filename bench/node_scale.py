@@ -25,7 +25,10 @@ runs, the resident memory (VmRSS) of berth's helper processes of the user — FU
 
 Usage (root: it runs the variants as the unprivileged user)::
 
-    python3 bench/node_scale.py [--counts 1,2,4,8,16] [--runs 3] [--modules 3000] [--output FILE]
+    python3 bench/node_scale.py [--counts 1,2,4,8,16] [--runs 3] [--modules 3000] [--output FILE] [--before BERTH]
+
+``--before BERTH`` adds ``berth shared, before``: another berth executable (an older commit's
+venv) with ``image_mount = "shared"``, in the same rounds (before and after under one load).
 """
 
 from __future__ import annotations
@@ -134,12 +137,16 @@ def site_config(user: c.BenchUser, parent: Path, name: str, text: str) -> Path:
     return directory
 
 
+BEFORE = "berth shared, before (image_mount = shared)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="1,2,4,8,16")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modules", type=int, default=3000)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--before", type=Path, help="another berth executable, timed as 'berth shared, before'")
     args = parser.parse_args()
     if os.getuid() != 0:
         parser.error("run as root (it runs the variants as the unprivileged user)")
@@ -175,6 +182,13 @@ def main() -> int:
             berth = [str(c.BERTH), "run", ref, "/usr/bin/python3"]
             variants[name] = ([*berth, "-c", storm_code("/opt/storm")], [*berth, "-c", "pass"],
                               c.berth_env(config, store, state))
+            if args.before and setting == "shared":
+                before_state = user.tempdir("state-before-", workdir)
+                berth = [str(args.before), "run", ref, "/usr/bin/python3"]
+                before = (BEFORE, ([*berth, "-c", storm_code("/opt/storm")], [*berth, "-c", "pass"],
+                                   c.berth_env(config, store, before_state)))
+        if args.before:
+            variants[before[0]] = before[1]
 
         c.log("warm-up round")
         for storm, baseline, env in variants.values():
@@ -197,7 +211,7 @@ def main() -> int:
         c.rm_tree(workdir)
 
     names = list(variants)
-    plain, shared, per, unpacked = names
+    plain, shared, per, unpacked = names[:4]
     berths = ((shared, "shared"), (per, "per-container"), (unpacked, "unpacked"))
     rows = []
     for n in counts:
@@ -235,6 +249,11 @@ def main() -> int:
         f"{daemons[(unpacked, counts[-1])]} unpacked",
         "",
     ]
+    if args.before:
+        targets.insert(-1, "- berth shared now / before, N at once, storm: " + ", ".join(
+            f"N={n} {wall[(shared, n, 'storm')].median / wall[(BEFORE, n, 'storm')].median:.2f}" for n in counts)
+            + "; `python3 -c pass`: " + ", ".join(
+            f"N={n} {wall[(shared, n, 'pass')].median / wall[(BEFORE, n, 'pass')].median:.2f}" for n in counts))
     sections = [
         header,
         *targets,
@@ -258,6 +277,18 @@ def main() -> int:
                                  for cell in (f"{label}: RSS, MiB", f"{label}: FUSE daemons"))], helpers),
         "",
     ]
+    if args.before:
+        sections += [
+            f"#### berth shared, now and before (`{args.before}`), in the same rounds",
+            "",
+            c.markdown_table(["N", "storm: now, ms", "storm: before, ms", "now / before", "pass: now, ms",
+                              "pass: before, ms", "now / before"], [
+                [str(n), wall[(shared, n, "storm")].cell("ms"), wall[(BEFORE, n, "storm")].cell("ms"),
+                 c.ratio(wall[(shared, n, "storm")].median, wall[(BEFORE, n, "storm")].median),
+                 wall[(shared, n, "pass")].cell("ms"), wall[(BEFORE, n, "pass")].cell("ms"),
+                 c.ratio(wall[(shared, n, "pass")].median, wall[(BEFORE, n, "pass")].median)] for n in counts]),
+            "",
+        ]
     c.emit_report(sections, args.output)
     return 0
 
