@@ -245,6 +245,37 @@ class StartBench:
                                timeout=3600)
         return {name: c.Sample(values) for name, values in json.loads(result.stdout).items()}
 
+    #: As INTERLEAVE_DRIVER, with each command under treecpu.py: its last stdout line is
+    #: "treecpu USER_S SYS_S WALL_S".
+    CPU_DRIVER = (
+        "import json, os, subprocess, sys\n"
+        "spec = json.load(open(sys.argv[1]))\n"
+        "warmup, rounds = int(sys.argv[2]), int(sys.argv[3])\n"
+        "times = {name: [] for name, _, _ in spec}\n"
+        "for index in range(warmup + rounds):\n"
+        "    for name, argv, extra in spec:\n"
+        "        result = subprocess.run(argv, env={**os.environ, **extra}, stdin=subprocess.DEVNULL,\n"
+        "                                capture_output=True, text=True, check=True)\n"
+        "        user_s, system_s = result.stdout.splitlines()[-1].split()[1:3]\n"
+        "        if index >= warmup:\n"
+        "            times[name].append(float(user_s) + float(system_s))\n"
+        "print(json.dumps(times))\n"
+    )
+
+    def cpu_interleaved(self, commands: dict[str, tuple[list[str], dict]], rounds: int) -> dict[str, c.Sample]:
+        """CPU time (user + system) of each command's whole process tree (bench/treecpu.py: the
+        FUSE daemon, the runtime and the container's processes included), the commands in turn,
+        round after round: unlike wall time, it hardly depends on what else the machine runs."""
+        treecpu = str(Path(__file__).resolve().parent / "treecpu.py")
+        wrapped = {name: ([treecpu, *argv], extra) for name, (argv, extra) in commands.items()}
+        driver = self.workdir / "interleave-cpu.py"
+        spec = self.workdir / f"interleave-cpu-{len(os.listdir(self.workdir))}.json"
+        driver.write_text(self.CPU_DRIVER)
+        spec.write_text(json.dumps([[name, argv, extra] for name, (argv, extra) in wrapped.items()]))
+        result = self.user.run(["/usr/bin/python3", str(driver), str(spec), str(self.warmup), str(rounds)],
+                               timeout=3600)
+        return {name: c.Sample(values) for name, values in json.loads(result.stdout).items()}
+
     def importtime(self, args: list[str], env: dict | None = None, repeats: int = 7,
                    python: str = str(c.VENV / "bin" / "python")) -> tuple[c.Sample, list[tuple[str, float]]]:
         """Import time that ``python ARGS`` adds to a bare interpreter start: the sum of the
@@ -446,6 +477,16 @@ def main() -> int:
                                             for name, (argv, extra) in chosen.items()}, args.runs)
             except RuntimeError as error:
                 bench.notes.append(f"interleaved runs failed: {c.error_line(str(error))}")
+        cpu: dict[str, c.Sample] = {}
+        if berth_envs:
+            cpu_commands = {name: (berth_argvs[name], {**berth[1], "BERTH_RUNTIME": env["BERTH_RUNTIME"]})
+                            for name, env in berth_envs.items()}
+            cpu_commands.update({name: (argv, {}) for name, argv in commands.items() if name in PAIRED})
+            cpu_commands["python -c pass (venv python)"] = ([str(c.VENV / "bin" / "python"), "-c", "pass"], {})
+            try:
+                cpu = bench.cpu_interleaved(cpu_commands, args.runs)
+            except RuntimeError as error:
+                bench.notes.append(f"CPU times failed: {c.error_line(str(error))}")
         berth_phases: dict[str, list[tuple[str, c.Sample]]] = {}
         berth_profile: list[tuple[str, float]] = []
         berth_reported: dict[str, list[tuple[str, c.Sample]]] = {}
@@ -527,6 +568,18 @@ def main() -> int:
                             f"({berth_sample.median * 1000:.1f} against {target_samples[BEFORE].median * 1000:.1f} ms)")
     else:
         sections.append(f"- targets not evaluated: berth not available: {bench.unavailable.get('berth')}")
+    if cpu:
+        rounds = len(next(iter(cpu.values())).values)
+        sections += ["", (f"CPU time (user + system) of each command's whole process tree (bench/treecpu.py: "
+                          f"FUSE daemon, runtime, container included), the commands in turn, {rounds} rounds: "
+                          "it hardly depends on the machine's load, unlike the wall times above."), ""]
+        cpu_berth = cpu.get(BERTH)
+        sections.append(c.markdown_table(["command", "CPU ms: median (min–max)", f"{BERTH} / command"], [
+            [name, sample.cell("ms"), c.ratio(cpu_berth.median, sample.median) if cpu_berth else "—"]
+            for name, sample in cpu.items()]))
+        if cpu_berth and BEFORE in cpu:
+            sections += ["", f"- {BERTH} CPU now / before: {cpu_berth.median / cpu[BEFORE].median:.2f} "
+                             f"({cpu_berth.median * 1000:.1f} against {cpu[BEFORE].median * 1000:.1f} ms)"]
     if berth_phases:
         names = list(berth_phases)
         runs = len(next(iter(berth_phases.values()))[0][1].values)

@@ -59,6 +59,8 @@ class GroupPolicy:
 
 @dataclass(frozen=True)
 class RegistryPolicy:
+    """A ``[[registries]]`` entry: how berth may talk to one registry host."""
+
     host: str
     insecure: bool = False  # plain HTTP / unverified TLS allowed for this registry
     trusted: bool = True
@@ -151,6 +153,8 @@ class MpiSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, loaded by berth.config.load (docs/configuration.md), with ``sources``."""
+
     config_dir: Path = DEFAULT_CONFIG_DIR
     user_store: Path = Path("~/.local/share/berth")
     site_store: Path = DEFAULT_SITE_STORE

@@ -31,6 +31,8 @@ LAYOUT_VERSION = 1
 
 @dataclass(frozen=True)
 class StoreLayout:
+    """The paths of the store at ``root`` (see the module docstring)."""
+
     root: Path
 
     @property

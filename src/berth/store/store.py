@@ -53,6 +53,8 @@ _CHUNK_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class _Modes:
+    """Permissions of a store's directories, files and immutable content."""
+
     dir: int
     file: int
     blob: int  # immutable content: blobs and image files
@@ -82,6 +84,8 @@ class _ErrorMapper:
 
 @dataclass(frozen=True)
 class PruneReport:
+    """What a prune removed."""
+
     images_removed: list[str] = field(default_factory=list)
     blobs_removed: int = 0
     tmp_removed: int = 0
