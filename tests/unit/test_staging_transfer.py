@@ -682,3 +682,29 @@ def test_a_small_file_that_grew_since_the_plan_is_not_read_whole_nor_sent(tmp_pa
     with pytest.raises(StagingError, match="changed size while it was uploaded"):
         runner.upload(transfer._Put(str(path), 10, "bucket", "log.txt"))
     assert sent == {}
+
+
+def test_a_file_that_vanishes_while_stage_out_plans_fails_its_item_not_the_others(tmp_path, monkeypatch):
+    """An OSError while planning one item (a file removed between the directory listing and
+    its lstat) escaped stage_out as a bare OSError: the items after it were never sent, and
+    nothing listed what did not arrive."""
+    from berth.staging.locations import parse_transfer
+
+    job = tmp_path / "job"
+    (job / "a").mkdir(parents=True)
+    (job / "a" / "vanished.txt").write_text("v")
+    (job / "b.txt").write_text("b")
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        if str(path).endswith("vanished.txt"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    sent = _record_puts(monkeypatch)
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_out((parse_transfer("a/:s3://bucket/r/", "out"), parse_transfer("b.txt:s3://bucket/r/", "out")),
+                           _profile(), str(job))
+    assert sent == {"r/b.txt": b"b"}
+    assert "a/:s3://bucket/r/" in caught.value.message and "vanished.txt" in caught.value.message

@@ -1064,7 +1064,10 @@ def stage_out(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str,
             summary.items.append(item)
             item_start = time.monotonic()
             try:
-                puts = _plan_put(transfer, workdir, notes)
+                try:
+                    puts = _plan_put(transfer, workdir, notes)
+                except OSError as exc:  # a file removed while it was listed, say: this item fails, not all
+                    raise local_error(exc, f"--stage-out '{transfer.shown}'") from None
             except BerthError as error:
                 planning_errors.append(error.message)
                 last_errors.append(error)
