@@ -46,6 +46,85 @@ def open_directory(path: Path | str, *, nofollow: bool = False) -> int:
     return os.open(path, _DIRECTORY_FLAGS | (os.O_NOFOLLOW if nofollow else 0))
 
 
+def open_directory_beneath(base: Path | str, relative: str, *, make_mode: int | None = None) -> int:
+    """An ``O_DIRECTORY`` descriptor of ``base/relative`` reached one component at a time with
+    ``O_NOFOLLOW``: no symbolic link *below* ``base`` is ever followed, so a link planted (or
+    swapped in while berth works) in a directory someone else can write cannot carry berth's
+    reads or writes outside ``base``. ``base`` itself is resolved as given (the caller's own
+    choice of path, links included).
+
+    ``make_mode``: missing directories are created with this mode (the umask applies) instead
+    of raising FileNotFoundError. Raises OSError: ELOOP naming the path when a component is a
+    symbolic link, ENOTDIR when it is something else than a directory, EINVAL for a ``..``."""
+    fd = open_directory(base)
+    reached = str(base)
+    try:
+        for part in _components(relative):
+            reached = os.path.join(reached, part)
+            try:
+                child = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if make_mode is None:
+                    raise
+                try:
+                    os.mkdir(part, make_mode, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made meanwhile (a parallel transfer): judged by the open below
+                child = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError as exc:
+        os.close(fd)
+        raise _beneath_error(exc, reached) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_beneath(base: Path | str, relative: str, flags: int, mode: int = 0o666, *,
+                 make_mode: int | None = None) -> int:
+    """``os.open(base/relative, flags | O_NOFOLLOW)`` with every directory on the way reached as
+    by :func:`open_directory_beneath` (``make_mode`` creates missing ones): a symbolic link
+    anywhere below ``base``, the last component included, is refused (OSError ELOOP)."""
+    directory, name = os.path.split(relative)
+    if name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, "not a file name", os.path.join(str(base), relative))
+    parent = open_directory_beneath(base, directory, make_mode=make_mode)
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+    except OSError as exc:
+        raise _beneath_error(exc, os.path.join(str(base), relative)) from None
+    finally:
+        os.close(parent)
+
+
+def descriptor_path(directory_fd: int, name: str = "") -> str:
+    """A path naming ``name`` inside the directory open as ``directory_fd`` (``/proc/self/fd``),
+    for code that needs a path (a temporary file, a rename) once the directory was judged by
+    :func:`open_directory_beneath`: the kernel starts from that very directory, whatever has
+    been renamed or swapped since. Valid while the descriptor stays open."""
+    return f"/proc/self/fd/{directory_fd}/{name}" if name else f"/proc/self/fd/{directory_fd}"
+
+
+def _components(relative: str) -> list[str]:
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise OSError(errno.EINVAL, "'..' leaves the directory", relative)
+    return parts
+
+
+def _beneath_error(exc: OSError, path: str) -> OSError:
+    """ENOTDIR/ELOOP from an ``O_NOFOLLOW`` open said plainly: a link is a link."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return OSError(errno.ELOOP, "is a symbolic link (berth never follows one there)", path)
+        except OSError:
+            pass
+    return OSError(exc.errno, exc.strerror, path)
+
+
 @contextmanager
 def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = None,
                   nofollow_dir: bool = False, durable: bool = True) -> Iterator[BinaryIO]:

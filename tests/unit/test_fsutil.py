@@ -129,3 +129,34 @@ def test_private_dir_of_someone_else_or_their_link_is_refused(tmp_path):
     os.lchown(link, 65534, 65534)
     with pytest.raises(PermissionError, match="symbolic link"):
         ensure_private_dir(link)
+
+
+def test_open_beneath_refuses_a_link_anywhere_below_the_base_and_makes_missing_directories(tmp_path):
+    from berth import fsutil
+
+    base, outside = tmp_path / "base", tmp_path / "outside"
+    (base / "real").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "f").write_text("outside\n")
+    (base / "link").symlink_to(outside)
+    (base / "real" / "file-link").symlink_to(outside / "f")
+    for relative, link in (("link/f", "link"), ("link/deeper/f", "link"), ("real/file-link", "real/file-link")):
+        with pytest.raises(OSError) as refused:
+            os.close(fsutil.open_beneath(base, relative, os.O_RDONLY, make_mode=0o755))
+        assert (refused.value.strerror.startswith("is a symbolic link"), refused.value.filename) == \
+            (True, str(base / link)), relative
+    assert not (outside / "deeper").exists()  # nothing was made through the link
+    with pytest.raises(OSError) as climbing:
+        fsutil.open_beneath(base, "real/../../outside/f", os.O_RDONLY)
+    assert climbing.value.strerror == "'..' leaves the directory"
+    # A link in base's own path is the caller's choice: followed.
+    (tmp_path / "base-link").symlink_to(base)
+    fd = fsutil.open_beneath(tmp_path / "base-link", "new/dir/f", os.O_WRONLY | os.O_CREAT, 0o600, make_mode=0o755)
+    os.close(fd)
+    assert (base / "new" / "dir" / "f").is_file()
+    directory = fsutil.open_directory_beneath(base, "new/dir")
+    try:
+        assert os.listdir(fsutil.descriptor_path(directory)) == ["f"]
+    finally:
+        os.close(directory)
+

@@ -376,7 +376,8 @@ def local_error(exc: OSError, what: str) -> StagingError:
 
 @dataclass(frozen=True)
 class _Get:
-    """One object to download to ``path``."""
+    """One object to download to ``path``, which lies below ``root`` (the DEST the user named;
+    default: ``path``'s directory): nothing between them is a symbolic link berth follows."""
 
     bucket: str
     key: str
@@ -384,17 +385,38 @@ class _Get:
     etag: str
     mtime: float
     path: str
+    root: str = ""
+
+    def where(self) -> tuple[str, str]:
+        """(DEST, the path below it)."""
+        root = self.root or os.path.dirname(self.path)
+        return root, os.path.relpath(self.path, root)
 
 
 @dataclass(frozen=True)
 class _Put:
-    """One local file to upload (or copy, when ``bucket`` is None, to ``target``)."""
+    """One local file to upload (or copy, when ``bucket`` is None, to ``target``). ``path`` lies
+    below ``base`` (the source the user named, or a glob's fixed part) and ``target`` below
+    ``target_root`` (the DEST named; defaults: their directories): what lies between is read
+    and written without following a symbolic link (fsutil.open_beneath), so a link swapped in
+    there after the plan checked it cannot carry the transfer outside them."""
 
     path: str
     size: int
     bucket: str | None
     key: str
     target: str | None = None
+    base: str = ""
+    target_root: str = ""
+
+    def source(self) -> tuple[str, str]:
+        base = self.base or os.path.dirname(self.path)
+        return base, os.path.relpath(self.path, base)
+
+    def destination(self) -> tuple[str, str]:
+        assert self.target is not None
+        root = self.target_root or os.path.dirname(self.target)
+        return root, os.path.relpath(self.target, root)
 
 
 def _resolve(workdir: str, path: str) -> str:
@@ -477,7 +499,7 @@ def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Pr
             path = os.path.join(dest, relative)
             _refuse_link_inside(dest, path, checked, transfer)
             gets.append(_Get(source.bucket, key, int(item["size"]), _etag(item.get("e_tag")),
-                             item["last_modified"].timestamp(), path))
+                             item["last_modified"].timestamp(), path, dest))
         if not gets:
             missing = _bucket_missing(store, source.bucket, profile)
             if missing:
@@ -586,7 +608,7 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
                                f"has {len(files)} files", hint="end DEST with '/' to stage out under a prefix")
         for path, relative in files:
             key = destination.key + relative if destination.is_prefix else destination.key
-            puts.append(_Put(path, os.lstat(path).st_size, destination.bucket, key))
+            puts.append(_Put(path, os.lstat(path).st_size, destination.bucket, key, base=base))
     else:
         target_root = _resolve(workdir, destination.path)  # type: ignore[union-attr]
         single_file = len(files) == 1 and not source.is_glob and os.path.isfile(pattern) \
@@ -595,7 +617,8 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
         for path, relative in files:
             target = target_root if single_file else os.path.join(target_root, relative)
             _refuse_link_inside(target_root, target, checked, transfer)
-            puts.append(_Put(path, os.lstat(path).st_size, None, relative, target))
+            puts.append(_Put(path, os.lstat(path).st_size, None, relative, target, base,
+                             "" if single_file else target_root))
     return puts
 
 
@@ -622,6 +645,29 @@ def _make_parent(path: str, what: str) -> None:
         raise local_error(exc, what) from None
 
 
+def _open_parent_beneath(root: str, relative: str, what: str) -> tuple[int, str]:
+    """The directory ``relative`` goes into below DEST ``root`` (made as needed; ``root`` too,
+    as the user named it), open without following a symbolic link below ``root``, and the file
+    name. The plan refused links it saw (_refuse_link_inside); this closes the window after it:
+    a link swapped in meanwhile, by whoever can write there, is a StagingError too, never
+    followed. Raises StagingError."""
+    try:
+        if not os.path.isdir(root):
+            os.makedirs(root, exist_ok=True)
+        return fsutil.open_directory_beneath(root, os.path.dirname(relative), make_mode=0o777), \
+            os.path.basename(relative)
+    except OSError as exc:
+        raise _beneath_error(exc, what) from None
+
+
+def _beneath_error(exc: OSError, what: str) -> StagingError:
+    if exc.errno == errno.ELOOP:
+        return StagingError(f"{what}: {exc.filename} {exc.strerror}",
+                            hint="someone put a symbolic link inside the transfer's directory; remove it "
+                                 "(berth never reads or writes through a link there)")
+    return local_error(exc, what)
+
+
 class _Runner:
     """Shared state of one stage-in/out: stores (one per bucket, sharing nothing but the
     profile), stop flag, progress."""
@@ -633,7 +679,6 @@ class _Runner:
         self._stores: dict[str, object] = {}
         self._lock = threading.Lock()
         self.large = threading.BoundedSemaphore(LARGE_AT_ONCE)
-        self._parents: set[str] = set()
 
     def store(self, bucket: str):
         # Worker threads ask at once: one store (and one connection pool) per bucket for all.
@@ -645,20 +690,13 @@ class _Runner:
     def close(self, cancel: bool) -> None:
         self._stores.clear()
 
-    def make_parent(self, path: str, what: str) -> None:
-        """``_make_parent`` once per directory: a prefix's objects share few directories, and
-        ``makedirs`` of an existing one costs a failed ``mkdir`` and an exception per object
-        (0.15 s of 2,000 small downloads' CPU, cProfile)."""
-        directory = os.path.dirname(path)
-        if directory not in self._parents:
-            _make_parent(path, what)
-            self._parents.add(directory)
-
     # -- downloads ---------------------------------------------------------------------------
 
-    def identical(self, get: _Get) -> bool:
+    def identical(self, get: _Get, path: str | None = None) -> bool:
+        """Whether ``path`` (default ``get.path``) already holds the object."""
+        path = path or get.path
         try:
-            info = os.lstat(get.path)  # a link there is replaced, never taken for the object
+            info = os.lstat(path)  # a link there is replaced, never taken for the object
         except OSError:
             return False
         if info.st_size != get.size or not stat.S_ISREG(info.st_mode):
@@ -667,8 +705,8 @@ class _Runner:
             return True
         # Only the likeliest part size: each candidate is one more pass over a large file, and a
         # wrong "not identical" only costs a download (which then tries them all).
-        if matches_etag(get.path, get.etag, self.part_sizes(get)[:1]):
-            os.utime(get.path, (get.mtime, get.mtime))
+        if matches_etag(path, get.etag, self.part_sizes(get)[:1]):
+            os.utime(path, (get.mtime, get.mtime), follow_symlinks=False)
             return True
         return False
 
@@ -678,10 +716,19 @@ class _Runner:
     def download(self, get: _Get) -> bool:
         """Fetch one object, verified, into place. Returns False when it was already there."""
         what = f"s3://{get.bucket}/{get.key}"
-        if self.identical(get):
+        root, relative = get.where()
+        parent, name = _open_parent_beneath(root, relative, f"{what} to {get.path}")
+        try:
+            return self._download_into(get, parent, name, what)
+        finally:
+            os.close(parent)
+
+    def _download_into(self, get: _Get, parent: int, name: str, what: str) -> bool:
+        # Every path from here on starts at the directory judged above (fsutil.descriptor_path).
+        final = fsutil.descriptor_path(parent, name)
+        if self.identical(get, final):
             return False
-        self.make_parent(get.path, what)
-        temp = _temp_name(get.path)
+        temp = _temp_name(final)
         try:
             if get.size >= self.profile.multipart_threshold:
                 with self.large:
@@ -699,7 +746,7 @@ class _Runner:
                                    hint="the object changed during the transfer or was corrupted; retry "
                                         "(docs/staging.md: which multipart part sizes berth can check)")
             os.utime(temp, (get.mtime, get.mtime))
-            fsutil.publish_file(temp, get.path, None, durable=False)
+            fsutil.publish_file(temp, final, None, durable=False)
         except BaseException as exc:
             _remove(temp)
             if isinstance(exc, (BerthError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
@@ -816,7 +863,7 @@ class _Runner:
         store = self.store(put.bucket)  # type: ignore[arg-type]
         try:
             # Buffered: read(n) returns n bytes until the end, so parts are exactly part_size.
-            handle = os.fdopen(os.open(put.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+            handle = os.fdopen(fsutil.open_beneath(*put.source(), os.O_RDONLY), "rb")
             with handle:
                 if put.size >= self.profile.multipart_threshold:
                     part_size = upload_part_size(put.size, self.profile.multipart_chunksize)
@@ -865,39 +912,53 @@ class _Runner:
                                        hint="stage out files the job has finished writing")
         except BerthError:
             raise
+        except OSError as exc:
+            raise _beneath_error(exc, what) from None
         except Exception as exc:  # noqa: BLE001
             raise s3_error(exc, what, self.profile) from None
 
     def copy(self, put: _Put) -> bool:
-        """Host path to host path (stage-in of a host file, stage-out to a host directory)."""
+        """Host path to host path (stage-in of a host file, stage-out to a host directory). The
+        source is read and the target written through descriptors reached without following a
+        link below SRC and DEST (a link swapped in since the plan is refused, as uploads do)."""
         assert put.target is not None
         what = put.target
+        root, relative = put.destination()
         try:
-            info = os.lstat(put.path)
-            if not stat.S_ISREG(info.st_mode):
-                raise StagingError(f"{put.path} is no longer a regular file (a symbolic link put in its place?); "
-                                   "links are never followed", hint="stage out files the job has finished writing")
-            try:
-                existing = os.lstat(put.target)  # a link there is replaced, never followed
-                if stat.S_ISREG(existing.st_mode) and existing.st_size == info.st_size \
-                        and abs(existing.st_mtime - info.st_mtime) < 1e-3:
-                    return False
-            except FileNotFoundError:
-                pass
-            _make_parent(put.target, what)
-            # Not through a link swapped in since the plan skipped links (as upload does).
-            source_fd = os.open(put.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(source_fd, "rb") as source, \
-                    fsutil.atomic_writer(Path(put.target), mode=None, durable=False) as out:
-                shutil.copyfileobj(source, out, _READ_CHUNK)
-                out.flush()
-                if os.fstat(out.fileno()).st_size != info.st_size:
-                    raise StagingError(f"{put.path} changed while it was copied to {put.target}")
-                os.utime(out.fileno(), (info.st_atime, info.st_mtime))
-            self.progress.advance(info.st_size)
-            return True
+            source = os.fdopen(fsutil.open_beneath(*put.source(), os.O_RDONLY | os.O_NONBLOCK), "rb")
         except OSError as exc:
-            raise local_error(exc, what) from None
+            raise _beneath_error(exc, put.path) from None
+        with source:
+            parent, name = _open_parent_beneath(root, relative, what)
+            try:
+                return self._copy_into(put, source, parent, name)
+            except OSError as exc:
+                raise _beneath_error(exc, what) from None
+            finally:
+                os.close(parent)
+
+    def _copy_into(self, put: _Put, source, parent: int, name: str) -> bool:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise StagingError(f"{put.path} is no longer a regular file (a FIFO or device put in its place?)",
+                               hint="stage out files the job has finished writing")
+        final = fsutil.descriptor_path(parent, name)
+        try:
+            existing = os.lstat(final)  # a link there is replaced, never followed
+            if stat.S_ISREG(existing.st_mode) and existing.st_size == info.st_size \
+                    and abs(existing.st_mtime - info.st_mtime) < 1e-3:
+                return False
+        except FileNotFoundError:
+            pass
+        os.set_blocking(source.fileno(), True)
+        with fsutil.atomic_writer(Path(final), mode=None, durable=False) as out:
+            shutil.copyfileobj(source, out, _READ_CHUNK)
+            out.flush()
+            if os.fstat(out.fileno()).st_size != info.st_size:
+                raise StagingError(f"{put.path} changed while it was copied to {put.target}")
+            os.utime(out.fileno(), (info.st_atime, info.st_mtime))
+        self.progress.advance(info.st_size)
+        return True
 
     # -- https -------------------------------------------------------------------------------
 

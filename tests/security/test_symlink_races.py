@@ -1,0 +1,244 @@
+"""Symbolic-link attacks on the paths berth resolves (issue 8, scenario 9), as the unprivileged
+test users: ``berthtest`` (the victim, who runs berth) and ``berthtest2`` (the attacker, who can
+write where the victim works: a shared project or scratch directory, mode 0777; this machine's
+``fs.protected_symlinks`` is 0, as it is on many compute nodes, so even sticky directories
+would not stop a link being followed) or an image's author.
+
+Each path is attacked with a link planted before berth runs and, where berth resolves the path
+in several steps (a window), with a race: the attacker swaps a directory for a link to the
+victim's files in a loop while berth runs again and again. A race test asserts that berth met
+the link at least once (its refusal names it): a loop that never hit the window proves nothing.
+The outcome is always the same: refused with a message that says why, or the write lands where
+the victim meant; never in the victim's other files, never a copy of their secrets.
+
+docs/security.md ("Paths berth resolves") has the inventory: every path, its protection and
+the test that attacks it (some live in other files).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.users import describe
+
+pytestmark = pytest.mark.security
+
+FILES = [f"f{index:02d}" for index in range(30)]  # many files: many chances to meet the link per run
+RACE_DEADLINE_S = 90.0
+RACE_MIN_RUNS = 3
+
+#: The attacker's loop: swap ``path`` (a directory of the attacker's) for a link to ``victim``
+#: and back until ``stop`` exists or the deadline; prints "ready", then the number of swaps.
+SWAPPER = r"""
+import os, sys, time
+path, victim, stop, limit_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+parked, swaps, deadline = path + ".parked", 0, time.monotonic() + limit_s
+
+
+def attempt(step, *args):
+    try:
+        step(*args)
+        return True
+    except OSError:
+        return False
+
+
+print("ready", flush=True)
+while time.monotonic() < deadline and not os.path.exists(stop):
+    attempt(os.rename, path, parked)
+    if attempt(os.symlink, victim, path):
+        swaps += 1
+    time.sleep(0.0005)  # each state lasts about as long as the other
+    attempt(os.unlink, path)
+    if not attempt(os.rename, parked, path):  # berth made a directory there meanwhile: aside with it
+        attempt(os.rename, path, f"{path}.{swaps}.made-by-berth")
+        attempt(os.rename, parked, path)
+    time.sleep(0.0005)
+print(swaps, flush=True)
+"""
+
+
+def shared_dir(user, name: str) -> Path:
+    """A directory of the victim's that the attacker can write too (a group project directory)."""
+    path = user.tempdir(prefix=f"berth-{name}-")
+    os.chmod(path, 0o777)
+    return path
+
+
+def private_files(user, path: Path, text: str) -> dict[str, str]:
+    """The victim's own directory (0700) with FILES holding ``text``; returns its contents."""
+    path.mkdir(mode=0o700)
+    for name in FILES:
+        (path / name).write_text(f"{text} {name}\n")
+    for item in (path, *path.iterdir()):
+        os.chown(item, user.uid, user.gid)
+    return contents(path)
+
+
+def attacker_dir(other_user, path: Path, text: str) -> None:
+    """A directory of the attacker's, writable by all, with FILES holding ``text``."""
+    path.mkdir()
+    for name in FILES:
+        (path / name).write_text(f"{text} {name}\n")
+    for item in (path, *path.iterdir()):
+        os.chown(item, other_user.uid, other_user.gid)
+        os.chmod(item, 0o777 if item == path else 0o666)
+
+
+def contents(path: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(path.iterdir())}
+
+
+def plant(other_user, link: Path, target: Path) -> None:
+    subprocess.run(["runuser", "-u", other_user.name, "--", "ln", "-s", str(target), str(link)], check=True)
+
+
+class Race:
+    """The attacker's swap loop (as ``other_user``) around ``path`` while the test runs berth."""
+
+    def __init__(self, other_user, path: Path, victim: Path, stop_dir: Path) -> None:
+        self.stop = stop_dir / f".stop-{os.urandom(4).hex()}"
+        self.process = subprocess.Popen(
+            ["runuser", "-u", other_user.name, "--", sys.executable, "-c", SWAPPER, str(path), str(victim),
+             str(self.stop), str(RACE_DEADLINE_S + 30)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        assert self.process.stdout.readline().strip() == "ready", self.process.stderr.read()
+
+    def finish(self) -> int:
+        """Stop the loop; the number of swaps it made."""
+        self.stop.touch()
+        out, err = self.process.communicate(timeout=60)
+        self.stop.unlink()
+        assert self.process.returncode == 0, err
+        return int(out.split()[-1])
+
+
+def run_during_race(user, race: Race, argv: list[str], cwd: Path, env=None) -> tuple[int, int, int]:
+    """Run berth ``argv`` as the victim until it has refused a link at least once and run
+    RACE_MIN_RUNS times (or the deadline passes). Returns (runs, refusals, swaps)."""
+    runs = refusals = 0
+    deadline = time.monotonic() + RACE_DEADLINE_S
+    try:
+        while time.monotonic() < deadline and not (refusals and runs >= RACE_MIN_RUNS):
+            result = user.berth(*argv, cwd=str(cwd), env=env, timeout=120)
+            runs += 1
+            assert "Traceback" not in result.stderr, describe(result)
+            if "symbolic link" in result.stderr:
+                assert result.returncode != 0, describe(result)
+                refusals += 1
+    finally:
+        swaps = race.finish()
+    print(f"race: {runs} berth runs, {refusals} refused the link, {swaps} swaps")  # shown with -s or -rP
+    return runs, refusals, swaps
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging: --stage-in/--stage-out (berth stage in|out runs the same code as a job's steps)
+
+
+def test_stage_out_glob_does_not_follow_a_planted_directory_link(user, other_user, user_tmp):
+    """``results/**`` in a shared directory where the attacker planted ``results/evil`` ->
+    the victim's 0700 directory: glob's ``**`` descends into linked directories, and berth
+    copied the victim's secrets (world-readable) to DEST. They are skipped, with a note."""
+    results = shared_dir(user, "results")
+    (results / "mine.txt").write_text("result\n")
+    os.chown(results / "mine.txt", user.uid, user.gid)
+    private_files(user, user_tmp / "secret", "SECRET")
+    plant(other_user, results / "evil", user_tmp / "secret")
+    out = user_tmp / "out"
+    try:
+        result = user.berth("stage", "out", f"{results}/**:{out}/", cwd=str(user_tmp))
+        assert result.returncode == 0, describe(result)
+        copied = {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()}
+        assert copied == {"mine.txt": "result\n"}, describe(result)
+        assert f"{results}/evil is a symbolic link" in result.stderr, describe(result)
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
+
+
+def _victim_and_shared_dest(user, user_tmp: Path) -> tuple[dict[str, str], Path]:
+    """The victim's ``results/sub/FILES`` (to stage out), their own directory ``victim`` (what
+    the attacker aims at; its contents returned) and a shared DEST."""
+    results = user_tmp / "results"
+    (results / "sub").mkdir(parents=True)
+    for name in FILES:
+        (results / "sub" / name).write_text("REPLACED\n")
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(results)], check=True)
+    return private_files(user, user_tmp / "victim", "ORIGINAL"), shared_dir(user, "dest")
+
+
+def test_stage_out_refuses_a_planted_link_below_dest(user, other_user, user_tmp):
+    """DEST in a shared directory; the attacker planted ``DEST/sub`` -> a directory of the
+    victim's: berth wrote ``sub/*`` through it, over the victim's files. Refused, naming it."""
+    victim, dest = _victim_and_shared_dest(user, user_tmp)
+    plant(other_user, dest / "sub", user_tmp / "victim")
+    try:
+        result = user.berth("stage", "out", f"results/:{dest}/", cwd=str(user_tmp))
+        assert result.returncode != 0, describe(result)
+        assert f"{dest}/sub is a symbolic link" in result.stderr, describe(result)
+        assert contents(user_tmp / "victim") == victim
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_stage_in_from_s3_refuses_a_planted_link_below_dest(s3_server, s3_profile, user, other_user, user_tmp):
+    """The same for objects: ``--stage-in s3://B/prefix/:DEST/`` with ``DEST/sub`` planted as a
+    link to the victim's directory (berth made the parent directories through it)."""
+    client = s3_server.client()
+    bucket = s3_server.new_bucket("links")
+    for name in FILES:
+        client.put_object(Bucket=bucket, Key=f"data/sub/{name}", Body=b"REPLACED\n")
+    victim = private_files(user, user_tmp / "victim", "ORIGINAL")
+    dest = shared_dir(user, "dest")
+    plant(other_user, dest / "sub", user_tmp / "victim")
+    try:
+        result = user.berth("stage", "in", f"s3://{bucket}/data/:{dest}/", cwd=str(user_tmp), env=s3_profile(user))
+        assert result.returncode != 0, describe(result)
+        assert f"{dest}/sub is a symbolic link" in result.stderr, describe(result)
+        assert contents(user_tmp / "victim") == victim
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_stage_out_race_swapping_a_dest_directory_for_a_link(user, other_user, user_tmp):
+    """The attacker swaps ``DEST/sub`` (a directory of theirs) for a link to the victim's
+    directory and back in a loop while the victim stages out again and again: between berth
+    making (or checking) ``sub`` and writing into it, the link came in. Every write lands in
+    DEST or is refused; the victim's files never change."""
+    victim, dest = _victim_and_shared_dest(user, user_tmp)
+    attacker_dir(other_user, dest / "sub", "attacker's")
+    try:
+        race = Race(other_user, dest / "sub", user_tmp / "victim", dest)
+        runs, refusals, swaps = run_during_race(user, race, ["stage", "out", f"results/:{dest}/"], user_tmp)
+        assert contents(user_tmp / "victim") == victim, f"{runs} runs, {swaps} swaps"
+        assert swaps > runs and refusals >= 1, \
+            f"berth never met the link ({runs} runs, {refusals} refusals, {swaps} swaps): the race proves nothing"
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_stage_out_race_swapping_a_source_directory_for_a_link(user, other_user, user_tmp):
+    """The source side: ``results/`` is shared, and the attacker swaps ``results/sub`` (theirs,
+    holding files named like the victim's) for a link to the victim's 0700 directory while the
+    victim stages ``results/`` out: berth planned ``results/sub/f00`` and then read it through
+    the link. No secret ever reaches DEST."""
+    results = shared_dir(user, "results")
+    attacker_dir(other_user, results / "sub", "public")
+    private_files(user, user_tmp / "secret", "SECRET")
+    out = user_tmp / "out"
+    try:
+        race = Race(other_user, results / "sub", user_tmp / "secret", results)
+        runs, refusals, swaps = run_during_race(user, race, ["stage", "out", f"{results}/:{out}/"], user_tmp)
+        leaked = [str(p) for p in out.rglob("*") if p.is_file() and "SECRET" in p.read_text()]
+        assert leaked == [], f"{runs} runs, {swaps} swaps"
+        assert swaps > runs and refusals >= 1, \
+            f"berth never met the link ({runs} runs, {refusals} refusals, {swaps} swaps): the race proves nothing"
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
