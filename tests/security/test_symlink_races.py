@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES, _busybox_rootfs, _mksquashfs
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.security
@@ -242,3 +243,48 @@ def test_stage_out_race_swapping_a_source_directory_for_a_link(user, other_user,
             f"berth never met the link ({runs} runs, {refusals} refusals, {swaps} swaps): the race proves nothing"
     finally:
         shutil.rmtree(results, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mount points inside a hostile image's root
+
+
+def _linked_image(scratch: Path, name: str, links: dict[str, str]) -> Path:
+    root = scratch / f"{name}-root"
+    _busybox_rootfs(root, with_etc=name != "etc")
+    for path, target in links.items():
+        entry = root / path
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        entry.symlink_to(target)
+    return _mksquashfs(root, scratch / f"{name}.sqfs")
+
+
+#: (case, links in the image (HOME stands for the victim's home), berth run options)
+IMAGE_LINK_CASES = [
+    ("etc", {"etc": "HOME"}, []),
+    ("etc-relative", {"etc": "../../../../../../../..HOME"}, []),
+    ("mount", {"data": "HOME/made-by-a-mount"}, ["-v", "SRC:/data"]),
+    ("workdir", {"app": "HOME/made-by-the-workdir"}, ["--workdir", "/app"]),
+]
+
+
+@BOTH_RUNTIMES
+@pytest.mark.parametrize("case, links, options", IMAGE_LINK_CASES, ids=[c[0] for c in IMAGE_LINK_CASES])
+def test_image_links_create_nothing_in_host_directories(runtime_env, home_elsewhere, case, links, options):
+    """An image whose /etc (or a mount's or the working directory's path) is a link into the
+    user's home: berth's identity files and mount points land in the home bind, so the runtime
+    created empty ``passwd``/``group`` files, or directories, in the user's real home on the host.
+    Refused before the runtime runs, naming the link; the home stays empty."""
+    home = home_elsewhere
+    links = {path: target.replace("HOME", str(home)) for path, target in links.items()}
+    image = _linked_image(runtime_env.scratch, case, links)
+    source = runtime_env.scratch / "src"
+    source.mkdir(exist_ok=True)
+    os.chown(source, runtime_env.user.uid, runtime_env.user.gid)
+    argv = [option.replace("SRC", str(source)) for option in options]
+    result = runtime_env.berth("run", *argv, str(image), "true", env={"HOME": str(home)})
+    assert result.returncode == 125, describe(result)
+    assert "berth will not create mount points in a host directory" in result.stderr, describe(result)
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(home)) == []

@@ -379,6 +379,21 @@ def _identity_targets(root: str) -> tuple[dict[str, str], list[rootfs.MountPoint
     return targets, replaced
 
 
+def _links_stay_out_of_host_dirs(redirected, binds, image: str) -> None:
+    """Refuse an image whose links carry one of the container's mount points into a host
+    directory that is bound into the container (the home, a site or ``-v`` mount): the runtime
+    would create the missing mount point there, on the host, as a file or directory of the
+    user's (a hostile image's /etc -> /home/NAME left empty ``passwd`` and ``group`` files in
+    the user's real home; /data -> /home/NAME/x a directory ``x``). ``redirected``: (what, where
+    the image's links carry it, the bind itself or None). Raises RuntimeFailure."""
+    for what, landing, itself in redirected:
+        mount = policy.under(landing, [bind.destination for bind in binds if bind is not itself])
+        if mount:
+            raise RuntimeFailure(f"image {image}: its links carry {what} to {landing}, inside the host directory "
+                                 f"mounted at {mount}: berth will not create mount points in a host directory",
+                                 hint=_HOSTILE_IMAGE)
+
+
 def _mpi_binds(request: RunRequest, image_root: str, device_mounts: list, log: Log) -> list[spec.BindMount]:
     """``--mpi host``: check the image's MPI against the site's (refusals raise UsageError) and
     bind the site's libraries over the image's files (berth.runtime.devices.mpi)."""
@@ -477,6 +492,17 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
     home = home._replace(binds=tuple(b._replace(destination=own(b.destination)) for b in home.binds),
                          tmpfs=tmpfs, creatable=tuple(own(path) for path in home.creatable))
     identity_paths, replaced = _identity_targets(image_root)
+    redirected = [(f"its /etc/{name}", target, None) for name, target in identity_paths.items()
+                  if target != f"/etc/{name}"]
+    redirected += [(f"the mount {asked.destination}", bind.destination, bind)
+                   for asked, bind in zip([*request.site_mounts, *request.user_mounts, *request.device_mounts],
+                                          [*site_mounts, *user_mounts, *device_mounts])
+                   if bind.destination != asked.destination]
+    workdir, _ = rootfs.resolve_in_root(image_root, request.workdir)
+    if workdir != request.workdir:
+        redirected.append((f"the working directory {request.workdir}", workdir, None))
+    _links_stay_out_of_host_dirs(redirected, [*home.binds, *site_mounts, *user_mounts, *device_mounts],
+                                 request.image_name)
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
     needed += home.mount_points
