@@ -253,6 +253,17 @@ def check_private_dir(path: Path) -> Path:
     that way) and it leads to such a directory; a link of someone else's is refused unfollowed:
     in a shared directory such as /tmp it is a planted one. Raises PermissionError (EPERM, the
     reason in ``strerror``) or other OSErrors."""
+    if check_own_dir(path).st_mode & 0o077:
+        os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def check_own_dir(path: Path) -> os.stat_result:
+    """Require ``path`` to be a directory owned by the caller, a symbolic link only when the
+    caller owns it too (the rule of :func:`check_private_dir`), changing nothing: for
+    directories berth reads as the user's own (the user store: a store planted by someone else
+    would have the user run their images). Returns the directory's stat. Raises
+    PermissionError (EPERM, the reason in ``strerror``), FileNotFoundError or other OSErrors."""
     uid = os.getuid()
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
@@ -264,9 +275,7 @@ def check_private_dir(path: Path) -> Path:
         raise PermissionError(errno.EPERM, "not a directory", str(path))
     if info.st_uid != uid:
         raise PermissionError(errno.EPERM, f"belongs to uid {info.st_uid}, not to you (uid {uid})", str(path))
-    if info.st_mode & 0o077:
-        os.chmod(path, PRIVATE_DIR)
-    return path
+    return info
 
 
 def is_private_dir(path: Path) -> bool:

@@ -288,3 +288,41 @@ def test_image_links_create_nothing_in_host_directories(runtime_env, home_elsewh
     assert "berth will not create mount points in a host directory" in result.stderr, describe(result)
     assert "Traceback" not in result.stderr
     assert sorted(os.listdir(home)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The user store
+
+
+@pytest.mark.parametrize("planted", ["link", "directory"])
+def test_user_store_planted_by_another_user_is_refused(user, other_user, user_tmp, planted):
+    """The victim keeps their store in a shared directory (``BERTH_USER_STORE``) and the
+    attacker made that path first: a link to a store of theirs, or the directory itself.
+    berth refused to write there but read it: ``berth run NAME`` ran the attacker's image.
+    Reading is refused too, naming the owner."""
+    shared = shared_dir(user, "stores")
+    theirs = shared / "theirs"
+    subprocess.run(["runuser", "-u", other_user.name, "--", "mkdir", "-m", "755", str(theirs)], check=True)
+    store = shared / "store"
+    if planted == "link":
+        plant(other_user, store, theirs)
+    else:
+        store = theirs
+    # The attacker's store: an image the victim would run by name.
+    root = user_tmp / "rootfs"
+    _busybox_rootfs(root)
+    (root / "ATTACKERS").write_text("x\n")
+    tarball = user_tmp / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tarball), "."], check=True)
+    os.chmod(tarball, 0o644)
+    made = other_user.berth("import", str(tarball), "myapp:latest", env={"BERTH_USER_STORE": str(theirs)})
+    assert made.returncode == 0, describe(made)
+    subprocess.run(["chmod", "-R", "a+rX", str(theirs)], check=True)  # the attacker lets everyone read it
+    try:
+        for argv in (["images"], ["run", "myapp:latest", "cat", "/ATTACKERS"]):
+            result = user.berth(*argv, env={"BERTH_USER_STORE": str(store)}, cwd=str(user_tmp))
+            assert result.returncode != 0 and "x" not in result.stdout.split(), describe(result)
+            assert f"your image store {store} is not yours" in result.stderr, describe(result)
+            assert "myapp" not in result.stdout, describe(result)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

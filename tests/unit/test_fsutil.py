@@ -160,3 +160,15 @@ def test_open_beneath_refuses_a_link_anywhere_below_the_base_and_makes_missing_d
     finally:
         os.close(directory)
 
+
+def test_check_own_dir_changes_nothing(tmp_path):
+    from berth import fsutil
+
+    path = tmp_path / "d"
+    path.mkdir(mode=0o755)
+    os.chmod(path, 0o755)
+    assert stat.S_ISDIR(fsutil.check_own_dir(path).st_mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # check_private_dir would close it
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError):
+        fsutil.check_own_dir(tmp_path / "file")

@@ -143,7 +143,23 @@ class Store:
     # ----------------------------------------------------------------- set-up
 
     def exists(self) -> bool:
-        return self.root.is_dir()
+        """Whether the store is there to read. A user store must be the caller's own (a
+        directory, or a link of theirs to one): one that another user made or linked, in a
+        shared directory, would have the caller run that user's images. Raises
+        PermissionDenied for such a store."""
+        if self.kind != USER:
+            return self.root.is_dir()
+        try:
+            fsutil.check_own_dir(self.root)
+        except PermissionError as exc:
+            if exc.strerror == "not a directory":
+                return False
+            raise PermissionDenied(f"your image store {self.root} is not yours: {exc.strerror}",
+                                   hint="someone else made it or linked it there: berth will not use images from "
+                                        "it; remove it, or point BERTH_USER_STORE (user_store) elsewhere") from None
+        except OSError:
+            return False
+        return True
 
     def require_writable(self) -> None:
         """Create the layout if needed and check that this process may write it.
