@@ -290,6 +290,33 @@ def test_image_links_create_nothing_in_host_directories(runtime_env, home_elsewh
     assert sorted(os.listdir(home)) == []
 
 
+def test_unpacked_copy_of_a_linked_image_writes_nothing_outside_it(runtime_env, home_elsewhere):
+    """``image_mount = "unpacked"``: berth unpacks the image into the user's state directory and
+    restores its setuid bits itself. An image with absolute and climbing links to the user's
+    home beside setuid entries: the links stay links in the copy (unsquashfs does not write
+    through them), the chmods follow none, and nothing appears in the home."""
+    home = home_elsewhere
+    root = runtime_env.scratch / "unpack-root"
+    _busybox_rootfs(root)
+    (root / "lnk").symlink_to(str(home))
+    (root / "opt").mkdir()
+    (root / "opt" / "up").symlink_to(f"../../../../../../..{home}")
+    (root / "opt" / "suid-probe").write_text("#!/bin/sh\n")
+    os.chmod(root / "opt" / "suid-probe", 0o4755)
+    image = _mksquashfs(root, runtime_env.scratch / "unpack.sqfs")
+    site = runtime_env.state_dir.parent / "site-unpacked"
+    site.mkdir(mode=0o755)
+    (site / "berth.toml").write_text('image_mount = "unpacked"\n')
+    result = runtime_env.berth("run", str(image), "sh", "-c", "ls -d /lnk/ /opt/up/ && echo ran",
+                               env={"HOME": str(home), "BERTH_CONFIG_DIR": str(site)})
+    assert result.returncode == 0 and result.stdout.endswith("ran\n"), describe(result)
+    assert sorted(os.listdir(home)) == []
+    copies = list((runtime_env.state_dir / "unpacked").glob("*/root"))
+    assert len(copies) == 1, copies
+    assert os.readlink(copies[0] / "lnk") == str(home)
+    assert os.stat(copies[0] / "opt" / "suid-probe").st_mode & 0o7777 == 0o4755
+
+
 # ---------------------------------------------------------------------------------------------
 # The user store
 
