@@ -17,8 +17,10 @@ from __future__ import annotations
 import collections
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,26 @@ class Campaign:
         self.report = Path(config.getoption("--campaign-report"))
         self.results: dict[str, ScenarioResult] = {}
         self.args = [a for a in sys.argv[1:]]
+        # What the figures depend on, taken when the run starts: a commit made while it runs
+        # must not be named as the code that ran.
+        self.started_at = time.gmtime()
+        self.started = time.monotonic()
+        self.commit = _commit()
+        self.loads: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def sample_load(self, every_s: float = 60.0) -> None:
+        """Record the 1-minute load average every ``every_s`` until :meth:`stop_sampling`."""
+        def sample() -> None:
+            while not self._stop.wait(every_s):
+                self.loads.append(os.getloadavg()[0])
+        self._sampler = threading.Thread(target=sample, name="campaign-load", daemon=True)
+        self._sampler.start()
+
+    def stop_sampling(self) -> None:
+        self._stop.set()
+        self.loads.append(os.getloadavg()[0])
 
     def trials(self, short: int, long: int) -> int:
         return max(1, round(long * self.scale)) if self.long else short
@@ -93,12 +115,13 @@ class Campaign:
         self.report.write_text(head + BEGIN + "\n" + self.render(carried(old, set(self.results))) + END + tail)
 
     def render(self, kept: "Carried | None" = None) -> str:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
+        loads = self.loads or [os.getloadavg()[0]]
+        minutes = (time.monotonic() - self.started) / 60
         lines = [
-            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit `{commit}` on "
+            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', self.started_at)} at commit `{self.commit}` on "
             f"{platform.node() and 'the test machine'} ({os.cpu_count()} cores, shared), scale "
-            f"{self.scale:g}:",
+            f"{self.scale:g}, {minutes:.0f} minutes, 1-minute load average {min(loads):.1f}-"
+            f"{max(loads):.1f} (median {statistics.median(loads):.1f} of {len(loads)} samples, one a minute):",
             "",
             "    bash scripts/test.sh " + (" ".join(self.args) or "tests/reliability --campaign"),
             "",
@@ -131,6 +154,14 @@ class Campaign:
         return "\n".join(lines) + "\n"
 
 
+def _commit() -> str:
+    """HEAD's short id, with ``+changes`` when tracked files differ from it."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], capture_output=True)
+    return head + (" +changes" if dirty.returncode == 1 else "")
+
+
 @dataclass
 class Carried:
     """What a partial run keeps of the previous figures: the rows (each marked with the run it
@@ -149,7 +180,7 @@ def carried(block: str, ran: set[str]) -> Carried:
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in block.splitlines():
-        found = re.match(r"Run (\S+ \S+) UTC at commit `([0-9a-f]+)`", line)
+        found = re.match(r"Run (\S+ \S+) UTC at commit `([0-9a-f]+)[^`]*`", line)
         if found:
             run = f"[run {found.group(1)}, `{found.group(2)}`]"
         row = re.match(r"\| ([0-9][0-9a-z]*) \| (.*)", line)
@@ -204,11 +235,15 @@ _current: dict[str, Campaign] = {}
 
 
 def pytest_sessionstart(session) -> None:
-    _current["campaign"] = session.config.stash[_CAMPAIGN]
+    found = session.config.stash[_CAMPAIGN]
+    _current["campaign"] = found
+    if found.long:
+        found.sample_load()
 
 
 def pytest_sessionfinish(session) -> None:
     found = session.config.stash[_CAMPAIGN]
+    found.stop_sampling()
     if found.long and found.results:
         found.write()
 
