@@ -210,6 +210,17 @@ def pytest_configure(config) -> None:
     config.stash[_CAMPAIGN] = Campaign(config)
 
 
+#: A long scenario's test runs hundreds of trials: on a busy shared machine more than the suite's
+#: per-test limit (pyproject's ``timeout``), which would end it with its figures half-counted.
+CAMPAIGN_TEST_TIMEOUT_S = 3 * 3600
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--campaign"):
+        for item in items:
+            item.add_marker(pytest.mark.timeout(CAMPAIGN_TEST_TIMEOUT_S))
+
+
 def pytest_runtest_logreport(report) -> None:
     """Scenario 9: every test of tests/security is an escape attempt; its outcome is listed."""
     if "tests/security/" not in report.nodeid or report.when != "call":
@@ -241,10 +252,11 @@ def pytest_sessionstart(session) -> None:
         found.sample_load()
 
 
-def pytest_sessionfinish(session) -> None:
+def pytest_sessionfinish(session, exitstatus) -> None:
     found = session.config.stash[_CAMPAIGN]
     found.stop_sampling()
-    if found.long and found.results:
+    # An interrupted run (Ctrl-C) has half-counted figures: they do not replace the last run's.
+    if found.long and found.results and exitstatus != pytest.ExitCode.INTERRUPTED:
         found.write()
 
 
