@@ -79,6 +79,46 @@ def _wait_no_leaks(uid: int, directories: list[Path], marker: str, timeout_s: fl
         time.sleep(0.5)
 
 
+def _start_job(job_site, user, env: dict, marker: str, *argv: str) -> tuple[Path, Path, dict, str, str]:
+    """Submit JOB (``argv``: berth submit's options) with RANK on each node, each node with its
+    own state directory under ``work/state``: (work, that base, the trial's env, job, Slurm id)."""
+    work = job_site.workdir(user)
+    base = work / "state"
+    base.mkdir(mode=0o700)
+    os.chown(base, user.uid, user.gid)
+    trial_env = {**env, "BERTH_STATE_DIR": str(base / "batch")}
+    job_site.write_script(work, "job.sh", JOB.format(work=work), user)
+    job_site.write_script(work, "rank.sh", RANK.format(work=work, base=base, image=job_site.image, marker=marker),
+                          user)
+    job = submit(user, job_site, work, "--template", "bb", *argv, "job.sh", env=trial_env)
+    native = (job_site.jobs_dir / job / "native_id").read_text().strip()
+    return work, base, trial_env, job, native
+
+
+def _nodes_up(work: Path, native: str, timeout_s: float = 180) -> list[str]:
+    """The nodes whose container has started, once both have (fewer if ``timeout_s`` passes)."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(work.glob(f"up-{native}-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return sorted(path.name.rsplit("-", 1)[1] for path in work.glob(f"up-{native}-*"))
+
+
+def _cleanup_every_node(user, job_site, trial_env: dict, base: Path, marker: str) -> list[str]:
+    """The next berth command on every node (``doctor --cleanup`` on its state directory), then
+    what is still left there: the problems found."""
+    problems = []
+    directories = sorted(p for p in base.iterdir() if p.is_dir())
+    for directory in directories:
+        cleanup = user.berth("doctor", "--cleanup", "--json",
+                             env={**job_site.env, **trial_env, "BERTH_STATE_DIR": str(directory)})
+        if "Traceback" in cleanup.stderr:
+            problems.append(f"doctor --cleanup on {directory.name}: {describe(cleanup)}")
+    left = _wait_no_leaks(user.uid, directories, marker, timeout_s=15)
+    if left:
+        problems.append(f"left after doctor --cleanup on every node: {left}")
+    return problems
+
+
 def _batch_host(cluster, native: str) -> str:
     text = cluster.run("scontrol", "show", "job", native).stdout
     found = re.search(r"BatchHost=(\S+)", text)
@@ -91,26 +131,14 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
     trials = campaign.trials(2, 10)
     env = {**slurm_cluster.env(), "BERTH_BACKEND": "slurm"}
     for n in range(trials):
-        work = job_site.workdir(user)
-        base = work / "state"
-        base.mkdir(mode=0o700)
-        os.chown(base, user.uid, user.gid)
         marker = f"berth-node-death-{os.getpid()}-{n}"
-        trial_env = {**env, "BERTH_STATE_DIR": str(base / "batch")}
-        job_site.write_script(work, "job.sh", JOB.format(work=work), user)
-        job_site.write_script(work, "rank.sh", RANK.format(work=work, base=base, image=job_site.image,
-                                                            marker=marker), user)
-        job = submit(user, job_site, work, "--template", "bb", "--no-requeue", "job.sh", env=trial_env)
-        native = (job_site.jobs_dir / job / "native_id").read_text().strip()
+        work, base, trial_env, job, native = _start_job(job_site, user, env, marker, "--no-requeue")
         what = f"trial {n} (job {job}, Slurm job {native})"
-        deadline = time.monotonic() + 180
-        while len(list(work.glob(f"up-{native}-*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.3)
-        if len(list(work.glob(f"up-{native}-*"))) < 2:
+        nodes = _nodes_up(work, native)
+        if len(nodes) < 2:
             result.outcome("unclean", f"{what}: the two containers did not start\n{_output(work, native)}")
             user.berth("cancel", job, env={**job_site.env, **trial_env})
             continue
-        nodes = sorted(path.name.rsplit("-", 1)[1] for path in work.glob(f"up-{native}-*"))
         batch = _batch_host(slurm_cluster, native)
         victim = batch if n % 2 else next(node for node in nodes if node != batch)
         survivor = next(node for node in nodes if node != victim)
@@ -149,14 +177,7 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
         if final["state"] != "completed":
             problems.append(f"the resubmitted job {again} ended {json.dumps(final)}\n{_output(work, None)}")
         # The next berth command on the dead node cleans what the killed job left there.
-        for directory in sorted(p for p in base.iterdir() if p.is_dir()):
-            cleanup = user.berth("doctor", "--cleanup", "--json",
-                                 env={**job_site.env, **trial_env, "BERTH_STATE_DIR": str(directory)})
-            if "Traceback" in cleanup.stderr:
-                problems.append(f"doctor --cleanup on {directory.name}: {describe(cleanup)}")
-        left = _wait_no_leaks(user.uid, sorted(p for p in base.iterdir() if p.is_dir()), marker, timeout_s=15)
-        if left:
-            problems.append(f"left after the resubmission and doctor --cleanup: {left}")
+        problems += _cleanup_every_node(user, job_site, trial_env, base, marker)
         if problems:
             result.outcome("unclean", f"{what}, {kind} {victim} died: " + "; ".join(problems)
                            + f"\n{_output(work, native)}")
@@ -183,22 +204,10 @@ def test_a_job_slurm_requeues_after_a_node_death_runs_again(job_site, user, slur
     completes and leaves nothing."""
     result = campaign.results.get("6") or campaign.scenario("6", "a Slurm node dies mid-job", 10)
     env = {**slurm_cluster.env(), "BERTH_BACKEND": "slurm"}
-    work = job_site.workdir(user)
-    base = work / "state"
-    base.mkdir(mode=0o700)
-    os.chown(base, user.uid, user.gid)
     marker = f"berth-node-requeue-{os.getpid()}"
-    trial_env = {**env, "BERTH_STATE_DIR": str(base / "batch")}
-    job_site.write_script(work, "job.sh", JOB.format(work=work), user)
-    job_site.write_script(work, "rank.sh", RANK.format(work=work, base=base, image=job_site.image, marker=marker),
-                          user)
-    job = submit(user, job_site, work, "--template", "bb", "job.sh", env=trial_env)
-    native = (job_site.jobs_dir / job / "native_id").read_text().strip()
-    deadline = time.monotonic() + 180
-    while len(list(work.glob(f"up-{native}-*"))) < 2:
-        assert time.monotonic() < deadline, f"the two containers did not start\n{_output(work, native)}"
-        time.sleep(0.3)
-    nodes = sorted(path.name.rsplit("-", 1)[1] for path in work.glob(f"up-{native}-*"))
+    work, base, trial_env, job, native = _start_job(job_site, user, env, marker)
+    nodes = _nodes_up(work, native)
+    assert len(nodes) == 2, f"the two containers did not start\n{_output(work, native)}"
     victim = next(node for node in nodes if node != _batch_host(slurm_cluster, native))
     result.faults["node died: requeued by Slurm"] += 1
     slurm_cluster.kill_node(victim)
@@ -213,11 +222,7 @@ def test_a_job_slurm_requeues_after_a_node_death_runs_again(job_site, user, slur
     final = wait_for(user, job_site, [job], FINAL, timeout_s=400, env=trial_env, poll_s=2)[job]
     if final["state"] != "completed":
         problems.append(f"the requeued run ended {json.dumps(final)}")
-    for directory in sorted(p for p in base.iterdir() if p.is_dir()):
-        user.berth("doctor", "--cleanup", "--json", env={**job_site.env, **trial_env, "BERTH_STATE_DIR": str(directory)})
-    left = _wait_no_leaks(user.uid, sorted(p for p in base.iterdir() if p.is_dir()), marker, timeout_s=15)
-    if left:
-        problems.append(f"left: {left}")
+    problems += _cleanup_every_node(user, job_site, trial_env, base, marker)
     if problems:
         result.outcome("unclean", f"requeued job {job}, {victim} died: " + "; ".join(problems)
                        + f"\n{_output(work, native)}")
