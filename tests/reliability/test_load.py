@@ -27,11 +27,18 @@ def test_sequential_runs_leak_nothing_and_do_not_slow_down(runtime_env, runtime_
     result = campaign.scenario("7", "load: sequential runs, concurrent local jobs", 500)
     runs = campaign.trials(20, 500)
     times: list[float] = []
+    # The machine is shared: other engineers' load comes and goes during 500 runs. Each run is
+    # paired with a control that leaked state cannot slow down (`berth --version`: the same
+    # user, process start, Python and berth's imports), and the trend is judged on their ratio.
+    ratios: list[float] = []
     state_files_after: list[int] = []
     for n in range(runs):
         started = time.monotonic()
         run = runtime_env.berth("run", str(runtime_images.busybox), "true")
         times.append(time.monotonic() - started)
+        started = time.monotonic()
+        runtime_env.berth("--version")
+        ratios.append(times[-1] / max(time.monotonic() - started, 1e-3))
         result.faults["sequential berth run"] += 1
         if run.returncode != 0:
             result.outcome("unclean", f"run {n}: {describe(run)}")
@@ -44,17 +51,21 @@ def test_sequential_runs_leak_nothing_and_do_not_slow_down(runtime_env, runtime_
         result.outcome("recovered")
     fifth = max(1, len(times) // 5)
     first, last = statistics.median(times[:fifth]), statistics.median(times[-fifth:])
+    ratio_first, ratio_last = statistics.median(ratios[:fifth]), statistics.median(ratios[-fifth:])
     result.figures["berth run /bin/true, median of first / last fifth"] = (
         f"{first * 1000:.0f} ms / {last * 1000:.0f} ms over {len(times)} runs (as the test user, "
         "wall time of the whole command)")
+    result.figures["the same over `berth --version` run after each (load-independent trend)"] = (
+        f"{ratio_first:.2f} / {ratio_last:.2f}")
     result.figures["files in the state directory after each run"] = (
         f"{min(state_files_after, default=0)}-{max(state_files_after, default=0)}")
     campaign.finish(result)
     assert result.bad == 0, result.failures
     # No growth of the state directory, and no trend: the last fifth may be noisier on a
-    # shared machine, but not 50 % slower.
+    # shared machine, but not 50 % slower than its control. (On wall time alone the 14:35
+    # campaign failed: 232 ms, then 499 ms while the load average went from 3 to 19.)
     assert max(state_files_after) == min(state_files_after), state_files_after
-    assert last < first * 1.5 + 0.05, (first, last)
+    assert ratio_last < ratio_first * 1.5, (ratio_first, ratio_last, first, last)
 
 
 def test_concurrent_local_jobs_complete_and_leak_nothing(job_site, user, campaign):
