@@ -136,7 +136,7 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
         what = f"trial {n} (job {job}, Slurm job {native})"
         nodes = _nodes_up(work, native)
         if len(nodes) < 2:
-            result.outcome("unclean", f"{what}: the two containers did not start\n{_output(work, native)}")
+            result.outcome("unclean", f"{what}: the two containers did not start\n{_output(work, job)}")
             user.berth("cancel", job, env={**job_site.env, **trial_env})
             continue
         batch = _batch_host(slurm_cluster, native)
@@ -175,12 +175,12 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
         again = submit(user, job_site, work, "--template", "bb", "job.sh", "once", env=trial_env)
         final = wait_for(user, job_site, [again], FINAL, timeout_s=180, env=trial_env)[again]
         if final["state"] != "completed":
-            problems.append(f"the resubmitted job {again} ended {json.dumps(final)}\n{_output(work, None)}")
+            problems.append(f"the resubmitted job {again} ended {json.dumps(final)}\n{_output(work, again)}")
         # The next berth command on the dead node cleans what the killed job left there.
         problems += _cleanup_every_node(user, job_site, trial_env, base, marker)
         if problems:
             result.outcome("unclean", f"{what}, {kind} {victim} died: " + "; ".join(problems)
-                           + f"\n{_output(work, native)}")
+                           + f"\n{_output(work, job)}")
         else:
             result.outcome("failed cleanly")
             result.figures.setdefault(f"berth status when the {kind} died",
@@ -191,9 +191,10 @@ def test_a_node_dies_mid_job(job_site, user, slurm_cluster, campaign):
     assert result.bad == 0, "\n\n".join(result.failures)
 
 
-def _output(work: Path, native: str | None) -> str:
+def _output(work: Path, job: str | None) -> str:
+    """The output of berth job ``job`` (``-o out-%j.txt``: berth's id, not Slurm's), or of all."""
     texts = []
-    for path in sorted(work.glob(f"out-{native or ''}*.txt")):
+    for path in sorted(work.glob(f"out-{job}.txt" if job else "out-*.txt")):
         texts.append(f"==> {path.name} <==\n{path.read_text(errors='replace')[-2000:]}")
     return "\n".join(texts)
 
@@ -207,7 +208,7 @@ def test_a_job_slurm_requeues_after_a_node_death_runs_again(job_site, user, slur
     marker = f"berth-node-requeue-{os.getpid()}"
     work, base, trial_env, job, native = _start_job(job_site, user, env, marker)
     nodes = _nodes_up(work, native)
-    assert len(nodes) == 2, f"the two containers did not start\n{_output(work, native)}"
+    assert len(nodes) == 2, f"the two containers did not start\n{_output(work, job)}"
     victim = next(node for node in nodes if node != _batch_host(slurm_cluster, native))
     result.faults["node died: requeued by Slurm"] += 1
     slurm_cluster.kill_node(victim)
@@ -225,7 +226,7 @@ def test_a_job_slurm_requeues_after_a_node_death_runs_again(job_site, user, slur
     problems += _cleanup_every_node(user, job_site, trial_env, base, marker)
     if problems:
         result.outcome("unclean", f"requeued job {job}, {victim} died: " + "; ".join(problems)
-                       + f"\n{_output(work, native)}")
+                       + f"\n{_output(work, job)}")
     else:
         result.outcome("recovered")
     campaign.finish(result)
