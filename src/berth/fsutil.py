@@ -234,7 +234,14 @@ def make_private_dirs(path: Path) -> Path:
             os.mkdir(directory, PRIVATE_DIR)
         except FileExistsError:
             continue
-        os.chmod(directory, PRIVATE_DIR)
+        # On the directory just made, never through a name someone swapped since (in a shared
+        # directory without the sticky bit another user can rename it and put a link there:
+        # a chmod by name would close the link's target, a directory of the caller's).
+        fd = open_directory(directory, nofollow=True)
+        try:
+            os.fchmod(fd, PRIVATE_DIR)
+        finally:
+            os.close(fd)
     return path
 
 

@@ -172,3 +172,25 @@ def test_check_own_dir_changes_nothing(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(PermissionError):
         fsutil.check_own_dir(tmp_path / "file")
+
+
+def test_private_dir_swapped_for_a_link_after_mkdir_changes_nothing_through_it(tmp_path, monkeypatch):
+    """In a shared directory without the sticky bit, another user renames the directory berth
+    just made and puts a link to a directory of the caller's in its place, between the mkdir
+    and the chmod: the chmod went through the link and closed the target (here 0755 -> 0700)."""
+    from berth import fsutil
+
+    target = tmp_path / "public"
+    target.mkdir()
+    os.chmod(target, 0o755)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path, mode=0o777, *args, **kwargs):
+        real_mkdir(path, mode, *args, **kwargs)
+        os.rename(path, f"{path}.moved")
+        os.symlink(target, path)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    with pytest.raises(OSError):
+        fsutil.make_private_dirs(tmp_path / "store")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
