@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,77 @@ def test_what_berth_needs_to_report_a_failure_is_there(user, user_tmp):
                        "run", "--bundle", str(bundle), "c1"], timeout=60)
     assert result.returncode == 1
     assert "cannot create the state of c1: not a directory" in (user_tmp / "log").read_text()
+
+
+def _killed_at_its_first_write_open():
+    """preexec_fn: a seccomp filter that kills the process at its first openat(2) for writing
+    (berth-launcher run without --log opens nothing for writing before the container's uid map:
+    it dies right after clone, before it tells the child to go on), and under which
+    prctl(PR_SET_PDEATHSIG) fails: the child acts as one that got there after the launcher died."""
+    import ctypes
+    import struct
+
+    def statement(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    openat, prctl = (257, 157) if os.uname().machine == "x86_64" else (56, 167)
+    program = (statement(0x20, 0)                      # 0: A = seccomp_data.nr
+               + statement(0x15, openat, 0, 3)         # 1: openat? else 5
+               + statement(0x20, 16 + 2 * 8)           # 2: A = args[2] (flags, low half)
+               + statement(0x45, 3, 0, 4)              # 3: O_WRONLY or O_RDWR? else allow
+               + statement(0x06, 0x80000000)           # 4: SECCOMP_RET_KILL_PROCESS
+               + statement(0x15, prctl, 0, 2)          # 5: prctl? else allow
+               + statement(0x20, 16)                   # 6: A = args[0]
+               + statement(0x15, 1, 1, 0)              # 7: PR_SET_PDEATHSIG? 9, else allow
+               + statement(0x06, 0x7FFF0000)           # 8: SECCOMP_RET_ALLOW
+               + statement(0x06, 0x00050000 | 1))      # 9: SECCOMP_RET_ERRNO | EPERM
+    buffer = ctypes.create_string_buffer(program)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def test_a_launcher_that_dies_before_its_container_starts_leaves_no_process(user, user_tmp):
+    """The container's first process waited on the sync pipe for the launcher's "go" while
+    holding the pipe's write end itself, so a launcher that died first (before the child's
+    PR_SET_PDEATHSIG took effect) left it blocked forever, in its own namespaces."""
+    if os.getuid() != 0:
+        pytest.skip("runs the launcher as the test user directly (setuid in preexec), which needs root")
+    bundle = _bundle(user, user_tmp, "echo started")
+    launcher = str(ocirt.launcher_path())
+    for attempt in range(2):
+        marker = f"orphan-check-{attempt}"
+        with open(user_tmp / "output", "w+") as output:  # a file: a survivor holding a pipe would hang run()
+            result = subprocess.run([launcher, "--root", str(user_tmp / "state"), "run", "--bundle", str(bundle),
+                                     marker], user=user.uid, group=user.gid, extra_groups=[],
+                                    env={"PATH": "/usr/bin:/bin"}, preexec_fn=_killed_at_its_first_write_open,
+                                    stdin=subprocess.DEVNULL, stdout=output, stderr=output, timeout=30)
+        assert result.returncode == -signal.SIGSYS, (result.returncode, (user_tmp / "output").read_text())
+        # Its child is the only other process whose command line names this container.
+        deadline = time.monotonic() + 10
+        while (left := _processes_naming(user, marker)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:  # our own leftovers, by pid, so that a failure does not leak them
+            os.kill(pid, 9)
+        assert left == [], f"the container's first process outlived its launcher: {left}"
+
+
+def _processes_naming(user: User, text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != user.uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if text.encode() in handle.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found

@@ -1310,7 +1310,7 @@ static void loopback_up(void)
 
 struct child_arguments {
     const struct config *cfg;
-    int sync_read, error_write;
+    int sync_read, sync_write, error_write;
     sigset_t mask;
 };
 
@@ -1319,12 +1319,19 @@ static int container_main(void *raw)
     struct child_arguments *a = raw;
     const struct config *cfg = a->cfg;
     error_pipe = a->error_write;
-    /* A launcher that dies before the command runs takes its container with it; the check
-     * after the wait covers a death before this prctl. */
+    /* A launcher that dies before the command runs takes its container with it.  A death
+     * before this prctl is seen on the sync pipe: the child closes its own copy of the write
+     * end (clone copied it), so only the launcher holds one, and it keeps it open until the
+     * container runs -- no "go" and EOF, or a hang-up after the "go", mean it is gone.  (The
+     * copy held here made that read wait forever, in the container's namespaces.) */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    close(a->sync_write);
     char go;
     if (read(a->sync_read, &go, 1) != 1)
         _exit(1); /* the launcher failed to write our id maps, or died: it reports */
+    struct pollfd launcher = {a->sync_read, 0, 0};
+    if (poll(&launcher, 1, 0) != 0 && (launcher.revents & POLLHUP))
+        _exit(1); /* it wrote "go" and died before the prctl took effect */
     close(a->sync_read);
 
     /* Its own session, as runc's init (nsexec) makes it: the container does not share the
@@ -1540,7 +1547,7 @@ static int command_run(const char *bundle, const char *id)
     int sync_pipe[2], err_pipe[2];
     if (pipe2(sync_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0)
         fail("pipe: %s", error_text(errno));
-    struct child_arguments a = {&cfg, sync_pipe[0], err_pipe[1], {{0}}};
+    struct child_arguments a = {&cfg, sync_pipe[0], sync_pipe[1], err_pipe[1], {{0}}};
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_BLOCK, &all, &a.mask);
@@ -1558,7 +1565,7 @@ static int command_run(const char *bundle, const char *id)
     write_id_map(child, "gid_map", map);
     if (write(sync_pipe[1], "g", 1) != 1)
         fail("cannot start the container: %s", error_text(errno));
-    close(sync_pipe[1]);
+    /* sync_pipe[1] stays open until the container runs: the child's sign that we live. */
 
     char message[4096];
     size_t got = 0;
@@ -1570,6 +1577,7 @@ static int command_run(const char *bundle, const char *id)
             break;
     }
     close(err_pipe[0]);
+    close(sync_pipe[1]);
     if (got) { /* the container failed before its process started */
         message[got] = 0;
         fail("%s", message);
