@@ -290,6 +290,32 @@ def test_image_links_create_nothing_in_host_directories(runtime_env, home_elsewh
     assert sorted(os.listdir(home)) == []
 
 
+def test_image_links_that_carry_the_home_itself_still_run(runtime_env, home_elsewhere):
+    """The refusal above must not catch images whose links move the home as a whole (an
+    image's /var -> /altvar, as ostree images link /home -> /var/home): a working directory and
+    a mount asked for inside the home follow the same links as the home and are the user's own
+    choice, as they are without links."""
+    home = home_elsewhere
+    (home / "proj").mkdir()
+    (home / "data").mkdir()
+    for item in (home / "proj", home / "data"):
+        os.chown(item, runtime_env.user.uid, runtime_env.user.gid)
+    root = runtime_env.scratch / "altvar-root"
+    _busybox_rootfs(root)
+    (root / "altvar" / "tmp").mkdir(parents=True)
+    (root / "var").symlink_to("altvar")
+    image = _mksquashfs(root, runtime_env.scratch / "altvar.sqfs")
+    source = runtime_env.scratch / "src"
+    source.mkdir()
+    (source / "mark").write_text("mounted\n")
+    for item in (source, source / "mark"):
+        os.chown(item, runtime_env.user.uid, runtime_env.user.gid)
+    result = runtime_env.berth("run", "--workdir", f"{home}/proj", "-v", f"{source}:{home}/data", str(image),
+                               "sh", "-c", "pwd && cat ../data/mark", env={"HOME": str(home)})
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.split() == [f"/altvar{str(home)[4:]}/proj", "mounted"], describe(result)
+
+
 def test_unpacked_copy_of_a_linked_image_writes_nothing_outside_it(runtime_env, home_elsewhere):
     """``image_mount = "unpacked"``: berth unpacks the image into the user's state directory and
     restores its setuid bits itself. An image with absolute and climbing links to the user's

@@ -381,17 +381,21 @@ def _identity_targets(root: str) -> tuple[dict[str, str], list[rootfs.MountPoint
 
 def _links_stay_out_of_host_dirs(redirected, binds, image: str) -> None:
     """Refuse an image whose links carry one of the container's mount points into a host
-    directory that is bound into the container (the home, a site or ``-v`` mount): the runtime
-    would create the missing mount point there, on the host, as a file or directory of the
-    user's (a hostile image's /etc -> /home/NAME left empty ``passwd`` and ``group`` files in
-    the user's real home; /data -> /home/NAME/x a directory ``x``). ``redirected``: (what, where
-    the image's links carry it, the bind itself or None). Raises RuntimeFailure."""
-    for what, landing, itself in redirected:
-        mount = policy.under(landing, [bind.destination for bind in binds if bind is not itself])
-        if mount:
+    directory that is bound into the container (the home, a site or ``-v`` mount) although it
+    was not asked for inside it: the runtime would create the missing mount point there, on the
+    host, as a file or directory of the user's (a hostile image's /etc -> /home/NAME left empty
+    ``passwd`` and ``group`` files in the user's real home; /data -> /home/NAME/x a directory
+    ``x``). A path asked for inside a bind (``--workdir $HOME/x``) may follow the links that
+    carry the bind itself (an image's /home -> /var/home). ``redirected``: (what, the path
+    asked for, where the image's links carry it, the bind itself or None); ``binds``: (the
+    destination asked for, where it lands, the bind). Raises RuntimeFailure."""
+    for what, asked, landing, itself in redirected:
+        for bind_asked, bind_landing, bind in binds:
+            if bind is itself or not policy.under(landing, [bind_landing]) or policy.under(asked, [bind_asked]):
+                continue
             raise RuntimeFailure(f"image {image}: its links carry {what} to {landing}, inside the host directory "
-                                 f"mounted at {mount}: berth will not create mount points in a host directory",
-                                 hint=_HOSTILE_IMAGE)
+                                 f"mounted at {bind_landing}: berth will not create mount points in a host "
+                                 "directory", hint=_HOSTILE_IMAGE)
 
 
 def _mpi_binds(request: RunRequest, image_root: str, device_mounts: list, log: Log) -> list[spec.BindMount]:
@@ -492,16 +496,17 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
     home = home._replace(binds=tuple(b._replace(destination=own(b.destination)) for b in home.binds),
                          tmpfs=tmpfs, creatable=tuple(own(path) for path in home.creatable))
     identity_paths, replaced = _identity_targets(image_root)
-    redirected = [(f"its /etc/{name}", target, None) for name, target in identity_paths.items()
+    asked_binds = [*request.home.binds, *request.site_mounts, *request.user_mounts, *request.device_mounts]
+    landed_binds = [*home.binds, *site_mounts, *user_mounts, *device_mounts]
+    redirected = [(f"its /etc/{name}", f"/etc/{name}", target, None) for name, target in identity_paths.items()
                   if target != f"/etc/{name}"]
-    redirected += [(f"the mount {asked.destination}", bind.destination, bind)
-                   for asked, bind in zip([*request.site_mounts, *request.user_mounts, *request.device_mounts],
-                                          [*site_mounts, *user_mounts, *device_mounts])
-                   if bind.destination != asked.destination]
+    redirected += [(f"the mount {asked.destination}", asked.destination, bind.destination, bind)
+                   for asked, bind in zip(asked_binds, landed_binds) if bind.destination != asked.destination]
     workdir, _ = rootfs.resolve_in_root(image_root, request.workdir)
     if workdir != request.workdir:
-        redirected.append((f"the working directory {request.workdir}", workdir, None))
-    _links_stay_out_of_host_dirs(redirected, [*home.binds, *site_mounts, *user_mounts, *device_mounts],
+        redirected.append((f"the working directory {request.workdir}", request.workdir, workdir, None))
+    _links_stay_out_of_host_dirs(redirected, [(asked.destination, bind.destination, bind)
+                                              for asked, bind in zip(asked_binds, landed_binds)],
                                  request.image_name)
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
