@@ -245,3 +245,15 @@ def _processes_naming(user: User, text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.parametrize("container_id", ['a"b', "a\\b", "a\nb", "a b"])
+def test_a_container_id_runc_would_refuse_is_refused(user, user_tmp, container_id):
+    """state.json took the id unescaped: an id with a quote or backslash made a state file no
+    later kill, state or delete could read (the container could not be stopped by id). runc
+    accepts letters, digits and _+-. only; so does the launcher now."""
+    bundle = _bundle(user, user_tmp, "echo ran")
+    result = user.run([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), "run", "--bundle", str(bundle),
+                       container_id], timeout=60)
+    assert result.returncode == 1 and "ran" not in result.stdout, (result.stdout, result.stderr)
+    assert "invalid container id" in result.stderr, result.stderr

@@ -1397,10 +1397,15 @@ static void state_path(char *out, size_t size, const char *id, const char *file)
     snprintf(out, size, "%s/%s%s%s", root_dir, id, file ? "/" : "", file ? file : "");
 }
 
+/* runc's rule (letters, digits, _ + - .): the id is written into state.json unescaped, and a
+ * quote or backslash there made a state file that no later kill, state or delete could read. */
 static void check_id(const char *id)
 {
-    if (!*id || strlen(id) > 128 || strchr(id, '/') || strcmp(id, ".") == 0 || strcmp(id, "..") == 0)
-        fail("invalid container id '%s'", id);
+    int valid = *id && strlen(id) <= 128 && strcmp(id, ".") != 0 && strcmp(id, "..") != 0;
+    for (const char *c = id; valid && *c; c++)
+        valid = isalnum((unsigned char)*c) || strchr("_+-.", *c) != NULL;
+    if (!valid)
+        fail("invalid container id '%s': letters, digits, '_', '+', '-' and '.' only", id);
 }
 
 /* Field 22 of /proc/PID/stat: tells a live process from a later one with the same pid. */
