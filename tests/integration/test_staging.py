@@ -235,3 +235,55 @@ def test_credentials_never_on_a_command_line(s3_server, s3_profile, s3_dataset, 
     assert process.returncode == 0, err
     assert seen > 0
     assert secret not in out + err and access not in out + err
+
+
+def test_a_stop_signal_during_berth_stage_removes_the_partial_file(user, user_tmp):
+    """Jobs stop their stage-in by raising (berth.jobs.runner), but `berth stage` itself died
+    of SIGTERM's default action: the half-written temporary file stayed in DEST."""
+    import http.server
+    import signal
+    import threading
+
+    release = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", str(2 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * (1 << 20))
+            self.wfile.flush()
+            release.wait(60)  # the other half never comes while the test runs
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dest = user_tmp / "in"
+    try:
+        with open(user_tmp / "output", "w+") as output:
+            child = subprocess.Popen([str(berth_executable()), "stage", "in",
+                                      f"http://127.0.0.1:{server.server_address[1]}/big.bin:in/"],
+                                     user=user.uid, group=user.gid, extra_groups=[], env=user.base_env(),
+                                     cwd=str(user_tmp), stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+            try:
+                deadline = time.monotonic() + 60
+                while not (dest.is_dir() and any(p.stat().st_size > 0 for p in dest.iterdir())):
+                    assert child.poll() is None and time.monotonic() < deadline, output.read()
+                    time.sleep(0.05)
+                child.send_signal(signal.SIGTERM)
+                status = child.wait(timeout=30)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+            output.seek(0)
+            text = output.read()
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert status == 128 + signal.SIGTERM, (status, text)
+    assert "Traceback" not in text and "stopped" in text, text
+    assert list(dest.iterdir()) == [], "a partial file was left behind"

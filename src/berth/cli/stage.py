@@ -26,6 +26,9 @@ def register(sub) -> None:
 
 
 def cmd_stage(args, ctx) -> int:
+    import signal
+
+    from berth import proc
     from berth.cli.output import print_json
     from berth.cli.progress import StagingBar
     from berth.errors import BerthError
@@ -38,14 +41,24 @@ def cmd_stage(args, ctx) -> int:
     bar = StagingBar()
     notes: list[str] = []
     run = stage_in if args.direction == "in" else stage_out
+    # A stop signal raises (as in a job's staging, berth.jobs.runner): the transfer's clean-up
+    # removes its partial files. Its default action left them in DEST.
+    early = proc.raise_on_stop()
     try:
         summary = run(transfers, profile, os.getcwd(), progress=bar, notes=notes)
+    except proc.StopRequested as stop:
+        bar.finish()
+        print(f"berth: stage-{args.direction} stopped by {signal.Signals(stop.signum).name}; "
+              "partial files were removed", file=sys.stderr)
+        return proc.signal_status(stop.signum)
     except BerthError as error:
         bar.finish()
         partial = getattr(error, "summary", None)
         if args.json and partial is not None:
             print_json(partial.to_dict())
         raise
+    finally:
+        proc.restore_handlers(early)
     bar.finish()
     for note in notes:
         print(f"berth: note: {note}", file=sys.stderr)
