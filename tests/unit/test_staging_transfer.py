@@ -708,3 +708,16 @@ def test_a_file_that_vanishes_while_stage_out_plans_fails_its_item_not_the_other
                            _profile(), str(job))
     assert sent == {"r/b.txt": b"b"}
     assert "a/:s3://bucket/r/" in caught.value.message and "vanished.txt" in caught.value.message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x/..", "http://127.0.0.1:9/.", "http://127.0.0.1:9/x/.?a=b"])
+def test_a_url_whose_last_part_is_no_file_name_is_refused_clearly(tmp_path, url):
+    """DEST a directory and the URL ending in '..' or '.': berth tried to rename its
+    temporary file onto DEST's parent ("in/..: Device or resource busy (....tmp)")."""
+    from berth.staging.locations import parse_transfer
+
+    runner = transfer._Runner(_profile(), None)
+    with pytest.raises(StagingError) as caught:
+        runner.fetch_url(parse_transfer(f"{url}:in/", "in"), str(tmp_path))
+    assert "no file name" in caught.value.message and "DEST" in caught.value.hint, caught.value.message
+    assert "a=b" not in caught.value.message

@@ -968,8 +968,12 @@ class _Runner:
         url = transfer.source.url  # type: ignore[union-attr]
         dest = _resolve(workdir, transfer.destination.path)  # type: ignore[union-attr]
         name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "index.html"
-        path = os.path.join(dest, name) if transfer.destination.path.endswith("/") or os.path.isdir(dest) else dest  # type: ignore[union-attr]
         shown = url.split("?", 1)[0]  # a query may carry a signature: never print it
+        into_directory = transfer.destination.path.endswith("/") or os.path.isdir(dest)  # type: ignore[union-attr]
+        if into_directory and name in (".", ".."):
+            raise StagingError(f"--stage-in '{transfer.shown}': the URL's last part '{name}' is no file name",
+                               hint="write the file's name as DEST (…:DIR/NAME)")
+        path = os.path.join(dest, name) if into_directory else dest
         _make_parent(path, shown)
         tls = {}
         if self.profile.ca_bundle:
