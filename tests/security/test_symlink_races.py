@@ -17,6 +17,7 @@ the test that attacks it (some live in other files).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -341,6 +342,55 @@ def test_unpacked_copy_of_a_linked_image_writes_nothing_outside_it(runtime_env, 
     assert len(copies) == 1, copies
     assert os.readlink(copies[0] / "lnk") == str(home)
     assert os.stat(copies[0] / "opt" / "suid-probe").st_mode & 0o7777 == 0o4755
+
+
+# ---------------------------------------------------------------------------------------------
+# Job output files
+
+
+@pytest.mark.slurm
+def test_slurm_array_output_swapped_for_a_link_while_queued_is_refused(job_site, user, other_user, slurm_cluster,
+                                                                        user_tmp):
+    """An array's outputs in a shared directory without the sticky bit (a group project
+    directory): berth creates and checks them at submission, and the tasks wait in the queue
+    (held here); meanwhile another user renames task 1's file away and puts a link to one of
+    the victim's files there. The batch script's ``>>`` followed it and appended the task's
+    output to the victim's file; now the task refuses it (failed, saying why) and task 2, left
+    alone, writes its own file."""
+    from tests.integration.jobs_helpers import wait_for
+
+    env = {**job_site.env, **slurm_cluster.env(), "BERTH_BACKEND": "slurm"}
+    work = job_site.workdir(user)
+    os.chmod(work, 0o777)
+    victim = user_tmp / "victim.txt"
+    victim.write_text("ORIGINAL\n")
+    os.chown(victim, user.uid, user.gid)
+    job_site.write_script(work, "task.sh", """\
+        #!/bin/sh
+        #SBATCH --array=1-2
+        #SBATCH -o out-%A_%a.txt
+        #BERTH --template=bb
+        echo "task output $SLURM_ARRAY_TASK_ID"
+    """, user)
+    result = user.berth("submit", "--json", "--hold", "task.sh", cwd=str(work), env=env)
+    assert result.returncode == 0, describe(result)
+    submitted = json.loads(result.stdout)
+    array, native = submitted["id"], submitted["native_id"].split("_")[0]
+    tasks = {task["job"]: task["id"] for task in submitted["tasks"]}
+    swapped = work / f"out-{array}_1.txt"
+    assert swapped.is_file() and (work / f"out-{array}_2.txt").is_file()
+    subprocess.run(["runuser", "-u", other_user.name, "--", "mv", str(swapped), f"{swapped}.moved"], check=True)
+    plant(other_user, swapped, victim)
+    released = user.run(["scontrol", "release", native], env=slurm_cluster.env())
+    assert released.returncode == 0, describe(released)
+    states = wait_for(user, job_site, tasks.values(), ("completed", "failed", "cancelled", "timeout"),
+                      timeout_s=120, env={**slurm_cluster.env(), "BERTH_BACKEND": "slurm"})
+    info = json.dumps(states, indent=1)
+    assert victim.read_text() == "ORIGINAL\n", info
+    first, second = states[tasks[f"{array}_1"]], states[tasks[f"{array}_2"]]
+    assert first["state"] == "failed" and "is a symbolic link" in json.dumps(first), info
+    assert second["state"] == "completed", info
+    assert (work / f"out-{array}_2.txt").read_text() == "task output 2\n", info
 
 
 # ---------------------------------------------------------------------------------------------

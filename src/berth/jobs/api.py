@@ -598,6 +598,11 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     else:
         node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
         slot = None
+        if spec.array_job_id:
+            refused = _array_task_output(spec)
+            if refused is not None:
+                record.write_result(model.JobResult(model.FAILED, ended_at=time.time(), node=node, message=refused))
+                return 1
     try:
         supervisor = Supervisor(settings, record, limit_resources=backend_name == "local",
                                 enforce_time_limit=backend_name == "local", node=node)
@@ -614,6 +619,33 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     if result.signal is not None:
         return proc.signal_status(result.signal)
     return 1
+
+
+def _array_task_output(spec: JobSpec) -> str | None:
+    """A Slurm array task's output and error files, opened here as stdout and stderr (Slurm's
+    ``--output`` cannot name berth's per-task ids, so it writes to /dev/null): without
+    following a link and only as a regular file of the user's, as the local backend opens
+    them. (A shell ``>>`` in the batch script followed a link that another user swapped in
+    after submission, in a shared directory without the sticky bit.) Returns why they were
+    refused, or None."""
+    from berth.jobs.records import open_regular_nofollow
+
+    opened: dict[str, int] = {}
+    try:
+        for path in filter(None, (spec.output, spec.error)):
+            opened[path] = open_regular_nofollow(Path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644,
+                                                 replace_planted=False)
+    except OSError as exc:
+        for fd in opened.values():
+            os.close(fd)
+        return f"refused the job's output file {exc.filename or path}: it {exc.strerror}"
+    out = opened[spec.output]
+    err = opened.get(spec.error or "", out)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    for fd in set(opened.values()):
+        os.close(fd)
+    return None
 
 
 def read_log_tail(path: Path, offset: int) -> tuple[bytes, int]:
