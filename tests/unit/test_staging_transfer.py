@@ -721,3 +721,22 @@ def test_a_url_whose_last_part_is_no_file_name_is_refused_clearly(tmp_path, url)
         runner.fetch_url(parse_transfer(f"{url}:in/", "in"), str(tmp_path))
     assert "no file name" in caught.value.message and "DEST" in caught.value.hint, caught.value.message
     assert "a=b" not in caught.value.message
+
+
+def test_a_linked_directory_inside_a_staged_out_directory_is_noted_not_skipped_silently(tmp_path, monkeypatch):
+    """os.walk does not descend into a directory link (right: links are never followed) but
+    says nothing: the files behind it were left out without the note a file link gets."""
+    from berth.staging.locations import parse_transfer
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "big.h5").write_bytes(b"h5")
+    job = tmp_path / "job"
+    (job / "out").mkdir(parents=True)
+    (job / "out" / "log.txt").write_text("l")
+    (job / "out" / "data").symlink_to(scratch)
+    sent = _record_puts(monkeypatch)
+    notes: list[str] = []
+    summary = transfer.stage_out((parse_transfer("out/:s3://bucket/r/", "out"),), _profile(), str(job), notes=notes)
+    assert (summary.objects, sorted(sent)) == (1, ["r/log.txt"])
+    assert any("out/data" in note and "symbolic link" in note for note in notes), notes

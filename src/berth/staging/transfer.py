@@ -524,9 +524,10 @@ def _glob_base(pattern: str) -> str:
     return "/".join(static) or ("/" if pattern.startswith("/") else ".")
 
 
-def _walk_files(root: str, transfer: Transfer) -> list[str]:
+def _walk_files(root: str, transfer: Transfer, notes: list[str]) -> list[str]:
     """The files under ``root``; a directory that cannot be read is an error naming it (os.walk
-    would skip it, and its files would be left behind without a word)."""
+    would skip it, and its files would be left behind without a word), and a directory link
+    (never followed, as os.walk does not) gets a note, as a file link does."""
     found = []
 
     def unreadable(error: OSError) -> None:
@@ -536,6 +537,9 @@ def _walk_files(root: str, transfer: Transfer) -> list[str]:
 
     for directory, dirs, files in os.walk(root, followlinks=False, onerror=unreadable):
         dirs.sort()
+        for name in [name for name in dirs if os.path.islink(os.path.join(directory, name))]:
+            notes.append(f"{_option(transfer)} '{transfer.shown}': skipped the symbolic link "
+                         f"{os.path.join(directory, name)} (links are never followed)")
         for name in sorted(files):
             found.append(os.path.join(directory, name))
     return found
@@ -589,7 +593,7 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
             linked += 1
             continue
         if os.path.isdir(match):
-            for path in _walk_files(match, transfer):
+            for path in _walk_files(match, transfer, notes):
                 if os.path.islink(path):
                     notes.append(f"{option} '{transfer.text}': skipped the symbolic link {path}")
                     continue
