@@ -139,6 +139,18 @@ def test_mount_scope_keeps_slurm_steps_apart_and_refuses_odd_values():
     assert imagemount.mount_scope({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "a/b"}) == "slurm-42"
 
 
+def test_mount_scope_keeps_the_nodes_of_a_step_apart():
+    """Each node's slurmstepd ends the processes of its part of a step, the mount's daemon too:
+    nodes of one step sharing a state directory (the test cluster) must not share a mount."""
+    step = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_NODES": "4"}
+    assert imagemount.mount_scope({**step, "SLURM_NODEID": "0"}) == "slurm-42.3.n0"
+    assert imagemount.mount_scope({**step, "SLURM_NODEID": "3"}) == "slurm-42.3.n3"
+    assert imagemount.mount_scope({**step, "SLURM_STEP_NUM_NODES": "1", "SLURM_NODEID": "0"}) == "slurm-42.3"
+    assert imagemount.mount_scope({**step, "SLURM_NODEID": "../1"}) == "slurm-42.3"
+    assert imagemount.mount_scope({**step, "SLURM_STEP_NUM_NODES": "x", "SLURM_NODEID": "1"}) == "slurm-42.3"
+    assert imagemount.mount_scope({"SLURM_JOB_ID": "42", "SLURM_NODEID": "1", "SLURM_STEP_NUM_NODES": "2"}) == "slurm-42"
+
+
 def test_image_key_names_the_digest_and_scope(tmp_path):
     image = tmp_path / "i.sqfs"
     image.write_bytes(b"x")

@@ -74,11 +74,23 @@ DAEMON_EXIT_S = 5.0
 
 def mount_scope(environ) -> str:
     """The part of the key that keeps mounts apart where a scheduler ends processes by group:
-    ``slurm-JOB.STEP`` inside a Slurm step, else empty (one mount for the whole node)."""
+    ``slurm-JOB.STEP`` inside a Slurm step, else empty (one mount for the whole node).
+
+    Slurm ends a step's processes node by node (one slurmstepd per node), the mount's daemon
+    too: in a step of several nodes, ``.nNODE`` (``SLURM_NODEID``) is added, so that where
+    several nodes of a step share one state directory (the test cluster's slurmds on one
+    machine) a node's task never reads through a daemon that another node's slurmstepd ends
+    when its own task is done (seen as ENOTCONN in a 4-node step). Nodes of a real cluster have
+    their own state directories; for them this changes only the name."""
     job, step = environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "")
-    if job and _SCOPE_PART.fullmatch(job):
-        return f"slurm-{job}" + (f".{step}" if _SCOPE_PART.fullmatch(step) else "")
-    return ""
+    if not (job and _SCOPE_PART.fullmatch(job)):
+        return ""
+    if not _SCOPE_PART.fullmatch(step):
+        return f"slurm-{job}"
+    nodes, node = environ.get("SLURM_STEP_NUM_NODES", ""), environ.get("SLURM_NODEID", "")
+    if nodes.isascii() and nodes.isdigit() and int(nodes) > 1 and _SCOPE_PART.fullmatch(node):
+        return f"slurm-{job}.{step}.n{node}"
+    return f"slurm-{job}.{step}"
 
 
 class ImageMount:
