@@ -69,6 +69,49 @@ def ensure_udocker() -> str | None:
     return None
 
 
+#: Where `berth run`'s import time goes: families of standard modules (each with what it alone
+#: pulls in), then berth's own modules and the rest.
+IMPORT_FAMILIES = (
+    ("dataclasses and what it imports (inspect, ast, dis, tokenize, linecache, copy, weakref)",
+     {"dataclasses", "inspect", "ast", "_ast", "dis", "opcode", "_opcode", "tokenize", "token", "linecache",
+      "importlib.machinery", "copy", "weakref", "_weakrefset", "org", "org.python", "org.python.core", "keyword",
+      "reprlib"}),
+    ("argparse and what it imports (gettext, locale, shutil with bz2, lzma, zlib; fnmatch)",
+     {"argparse", "gettext", "locale", "_locale", "shutil", "fnmatch", "zlib", "bz2", "_bz2", "lzma", "_lzma",
+      "_compression", "importlib", "warnings"}),
+    ("re, enum, functools, collections, operator, itertools, types, contextlib",
+     {"re", "re._compiler", "re._parser", "re._constants", "re._casefix", "_sre", "copyreg", "enum", "functools",
+      "_functools", "collections", "collections.abc", "_collections", "operator", "_operator", "itertools", "types",
+      "errno", "__future__", "contextlib"}),
+    ("pathlib (urllib.parse, ipaddress, ntpath)", {"pathlib", "urllib", "urllib.parse", "ipaddress", "ntpath",
+                                                   "_winapi", "nt"}),
+    ("subprocess, signal, threading, selectors", {"subprocess", "signal", "threading", "selectors", "select", "math",
+                                                 "_posixsubprocess", "fcntl", "msvcrt"}),
+    ("json", {"json", "json.decoder", "json.encoder", "json.scanner", "_json"}),
+    ("tomllib (datetime, string)", {"tomllib", "tomllib._parser", "tomllib._re", "tomllib._types", "datetime",
+                                    "_datetime", "string", "_string"}),
+    ("typing", {"typing", "_typing"}),
+)
+
+
+def families(runs: list[list[tuple[str, float]]]) -> list[tuple[str, int, float]]:
+    """(family, modules, median summed self time in seconds) for IMPORT_FAMILIES, berth's own
+    modules and the other standard modules; ``runs``: each run's (module, self time) entries."""
+    names = [name for name, _ in IMPORT_FAMILIES] + ["berth's own modules (berth.*)", "other standard modules"]
+
+    def family(module: str) -> str:
+        found = next((name for name, modules in IMPORT_FAMILIES if module in modules), None)
+        return found or (names[-2] if module.split(".")[0] == "berth" else names[-1])
+
+    sums: dict[str, list[float]] = {name: [] for name in names}
+    for entries in runs:
+        for name in names:
+            sums[name].append(sum(seconds for module, seconds in entries if family(module) == name))
+    modules = {name: len({module for module, _ in (runs[-1] if runs else []) if family(module) == name})
+               for name in names}
+    return [(name, modules[name], statistics.median(sums[name]) if sums[name] else 0.0) for name in names]
+
+
 class StartBench:
     def __init__(self, user: c.BenchUser, workdir: Path, runs: int, warmup: int) -> None:
         self.user = user
@@ -80,6 +123,8 @@ class StartBench:
         self.mounts: list[Path] = []
         self.cleanup_dirs: list[Path] = []
         self.launcher = ""
+        #: importtime's args -> rows of families(): where the import time goes
+        self.import_families: dict[str, list[tuple[str, int, float]]] = {}
 
     # ---------------------------------------------------------------- preparation
 
@@ -294,14 +339,17 @@ class StartBench:
         baseline = {entry[0] for entry in parse(self.user.run([python, "-X", "importtime", "-c", "pass"]).stderr)}
         totals = c.Sample()
         self_times: dict[str, list[float]] = {}
+        runs: list[list[tuple[str, float]]] = []
         for _ in range(repeats):
             entries = parse(self.user.run([python, "-X", "importtime", *args], env=env).stderr)
             added = [entry for entry in entries if entry[0] not in baseline]
             totals.add(sum(cumulative for _, _, cumulative, top in added if top) / 1e6)
             for module, self_us, _, _ in added:
                 self_times.setdefault(module, []).append(self_us / 1e6)
+            runs.append([(module, self_us / 1e6) for module, self_us, _, _ in added])
         top = sorted(((module, statistics.median(values)) for module, values in self_times.items()),
                      key=lambda item: -item[1])[:10]
+        self.import_families[" ".join(args)] = families(runs)
         return totals, top
 
     def berth_phases(self, argv: list[str], env: dict, runs: int = 7) -> list[tuple[str, c.Sample]] | None:
@@ -610,6 +658,19 @@ def main() -> int:
         sections.append(f"- `{command_line}`: imports beyond a bare interpreter take "
                         f"{total.cell('ms')} ms ({len(total.values)} runs); largest self times (median µs): "
                         + ", ".join(f"{module} {seconds * 1e6:.0f}" for module, seconds in top))
+    run_families = {label: bench.import_families.get(" ".join(argv)) for label, argv in
+                    ((BERTH, berth[0] if berth else []), (BEFORE, berth_argvs.get(BEFORE, []) if berth else []))}
+    run_families = {label: rows for label, rows in run_families.items() if rows}
+    if run_families:
+        labels = list(run_families)
+        first = run_families[labels[0]]
+        sections += ["", ("Where the import time of `berth run IMG /bin/true` goes (`python -X importtime`, self "
+                          "times summed by family, median of the runs), ms:"), "",
+                     c.markdown_table(["family", *[f"{label}: modules" for label in labels],
+                                       *[f"{label}: ms" for label in labels]], [
+                         [name, *[str(dict((n, m) for n, m, _ in run_families[label])[name]) for label in labels],
+                          *[f"{dict((n, s) for n, _, s in run_families[label])[name] * 1000:.1f}" for label in labels]]
+                         for name, _, _ in first])]
     sections.extend(["", *[f"- {note}" for note in bench.notes]])
     c.emit_report(sections, args.output)
     return 0
