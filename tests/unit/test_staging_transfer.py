@@ -740,3 +740,52 @@ def test_a_linked_directory_inside_a_staged_out_directory_is_noted_not_skipped_s
     summary = transfer.stage_out((parse_transfer("out/:s3://bucket/r/", "out"),), _profile(), str(job), notes=notes)
     assert (summary.objects, sorted(sent)) == (1, ["r/log.txt"])
     assert any("out/data" in note and "symbolic link" in note for note in notes), notes
+
+
+def test_an_https_stage_in_is_not_redirected_to_plain_http(tmp_path, monkeypatch):
+    """An https:// source is verified by TLS alone (no checksum): urllib3 followed a redirect to
+    http:// and the file arrived over plain text, unverified, without a word."""
+    import ssl
+
+    from berth.staging.locations import parse_transfer
+
+    certs = _certificates(tmp_path)
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"tampered\n")
+
+        def log_message(self, *args):
+            pass
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
+
+    class Redirect(Plain):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{plain.server_address[1]}/data.txt")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    secure = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["server"], certs["server-key"])
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    for server in (plain, secure):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", certs["ca-a"])
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        runner = transfer._Runner(_profile(), None)
+        with pytest.raises(StagingError) as caught:
+            runner.fetch_url(parse_transfer(f"https://127.0.0.1:{secure.server_address[1]}/data.txt:in/", "in"),
+                             str(tmp_path))
+        assert "plain http" in caught.value.message, caught.value.message
+        assert not (tmp_path / "in" / "data.txt").exists()
+    finally:
+        for server in (plain, secure):
+            server.shutdown()
+            server.server_close()

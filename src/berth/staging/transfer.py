@@ -998,7 +998,7 @@ class _Runner:
             retries=urllib3.Retry(total=4, other=0, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)),
             timeout=urllib3.Timeout(connect=10, read=self.profile.timeout_s), **tls)
         try:
-            response = pool.request("GET", url, preload_content=False)
+            response = _get_following_redirects(pool, url, shown)
             try:
                 if response.status != 200:
                     if response.status == 404:
@@ -1028,6 +1028,32 @@ class _Runner:
                 raise StagingError(f"--stage-in '{shown}': {type(exc).__name__}",
                                    hint="is the URL right and the server reachable?") from None
             raise
+
+
+_MAX_REDIRECTS = 5
+
+
+def _get_following_redirects(pool, url: str, shown: str):
+    """GET ``url``, following redirects here rather than in urllib3, so that one from https to
+    plain http is refused before it is followed: an https source is verified by TLS alone, and
+    urllib3 followed the downgrade without a word."""
+    from urllib.parse import urljoin
+
+    location = url
+    for _ in range(_MAX_REDIRECTS + 1):
+        response = pool.request("GET", location, preload_content=False, redirect=False)
+        target = response.get_redirect_location()
+        if not target:
+            return response
+        response.drain_conn()
+        response.release_conn()
+        following = urljoin(location, target)
+        if location.lower().startswith("https://") and not following.lower().startswith("https://"):
+            raise StagingError(f"--stage-in '{shown}': the server redirects to plain http "
+                               f"({following.split('?', 1)[0]}); berth does not follow an https source there",
+                               hint="use the final URL if you trust it, or ask the server's owners")
+        location = following
+    raise StagingError(f"--stage-in '{shown}': more than {_MAX_REDIRECTS} redirects")
 
 
 def _run_pool(runner: _Runner, function, items, *, fail_fast: bool) -> tuple[list, list[tuple[object, BerthError]]]:
