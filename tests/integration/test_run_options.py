@@ -3,6 +3,7 @@ writable, remap-root, limits, site policy (mounts, env, forced network), images 
 
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -25,6 +26,27 @@ def test_mount_read_write_and_read_only(runtime_env, runtime_images):
     assert result.stdout.split("\n")[:3] == ["from host", "rw-ok", "ro-refused"]
     assert (scratch / "w.txt").exists() and not (scratch / "x.txt").exists()
 
+
+
+@BOTH_RUNTIMES
+def test_a_read_only_mount_is_read_only_below_too(runtime_env, runtime_images):
+    """A file system the host has mounted below a `-v SRC:DST:ro` source (a project's scratch
+    under a read-only software tree, say) is read-only, nosuid and nodev in the container too.
+    runc 1.1 applied "ro" to the top mount only: the one below stayed writable."""
+    if os.getuid() != 0:
+        pytest.skip("mounting a file system below the source needs root (the harness runs as root)")
+    source = runtime_env.scratch / "tree"
+    (source / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0777,size=1m", "tmpfs", str(source / "sub")], check=True)
+    try:
+        result = runtime_env.berth("run", "-v", f"{source}:/data:ro", str(runtime_images.busybox), "sh", "-c",
+                                   "touch /data/sub/x 2>/dev/null; echo sub=$?; grep ' /data/sub ' /proc/self/mountinfo")
+    finally:
+        subprocess.run(["umount", "-l", str(source / "sub")], check=True)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.splitlines()[0] == "sub=1", describe(result)
+    flags = result.stdout.splitlines()[-1].split()[5].split(",")
+    assert {"ro", "nosuid", "nodev"} <= set(flags), describe(result)
 
 @BOTH_RUNTIMES
 def test_mount_points_missing_in_the_image_are_created_in_an_overlay(runtime_env, runtime_images):

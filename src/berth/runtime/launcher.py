@@ -28,6 +28,7 @@ MOUNT_FLAGS = frozenset({
     "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async", "dirsync", "noatime",
     "atime", "nodiratime", "diratime", "relatime", "norelatime", "strictatime", "bind", "rbind",
     "private", "rprivate", "slave", "rslave", "unbindable", "runbindable",
+    "rro", "rnosuid", "rnodev", "rnoexec",
 })
 RLIMITS = frozenset({
     "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS", "RLIMIT_MEMLOCK",

@@ -132,7 +132,7 @@ def _mounts(plan: SpecPlan) -> list[dict]:
     if "pid" in plan.host_namespaces:
         # A user namespace cannot mount a procfs for a PID namespace it does not own: bind it.
         proc_mount = {"destination": "/proc", "type": "none", "source": "/proc",
-                      "options": ["rbind", "nosuid", "noexec", "nodev"]}
+                      "options": ["rbind", *_recursive("nosuid", "noexec", "nodev")]}
     else:
         proc_mount = {"destination": "/proc", "type": "proc", "source": "proc",
                       "options": ["nosuid", "noexec", "nodev"]}
@@ -159,13 +159,13 @@ def _mounts(plan: SpecPlan) -> list[dict]:
     mounts += [
         # A user namespace without its own network namespace cannot mount sysfs: bind the host's.
         {"destination": "/sys", "type": "none", "source": "/sys",
-         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+         "options": ["rbind", *_recursive("nosuid", "noexec", "nodev", "ro")]},
         {"destination": INIT_PATH, "type": "none", "source": plan.init_path,
          "options": ["bind", "ro", "nosuid", "nodev"]},
     ]
     if plan.tmp_source is not None:
         mounts.append({"destination": "/tmp", "type": "none", "source": plan.tmp_source,
-                       "options": ["rbind", "rw", *nosuid_nodev]})
+                       "options": ["rbind", "rw", *_recursive(*nosuid_nodev)]})
     else:
         mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                        "options": [*nosuid_nodev, "mode=1777"]})
@@ -173,12 +173,21 @@ def _mounts(plan: SpecPlan) -> list[dict]:
         mounts.append({"destination": destination, "type": "tmpfs", "source": "tmpfs",
                        "options": [*nosuid_nodev, "mode=755"]})
     for bind in plan.binds:
-        options = ["rbind", "ro" if bind.read_only else "rw", "nosuid"]
-        if not bind.device:
-            options.append("nodev")
+        flags = ["nosuid"] if bind.device else ["nosuid", "nodev"]
+        options = ["rbind", *_recursive(*flags, *(["ro"] if bind.read_only else []))]
+        if not bind.read_only:
+            options.insert(1, "rw")
         mounts.append({"destination": bind.destination, "type": "none", "source": bind.source,
                        "options": options})
     return mounts
+
+
+def _recursive(*flags: str) -> list[str]:
+    """An rbind's restricting ``flags``, each with runc's recursive form beside it ("ro" and
+    "rro"...): runc 1.1 applies the plain ones to the top mount only, so a host file system
+    mounted below the source stayed writable, suid and dev in the container. berth-launcher
+    applies them to the whole tree (mount_setattr AT_RECURSIVE) and takes both forms."""
+    return [word for flag in flags for word in (flag, "r" + flag)]
 
 
 def _init_args(plan: SpecPlan) -> list[str]:

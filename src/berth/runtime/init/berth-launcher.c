@@ -584,6 +584,9 @@ static const struct {
     {"noatime", 0, MS_NOATIME}, {"atime", 1, MS_NOATIME}, {"nodiratime", 0, MS_NODIRATIME},
     {"diratime", 1, MS_NODIRATIME}, {"relatime", 0, MS_RELATIME}, {"norelatime", 1, MS_RELATIME},
     {"strictatime", 0, MS_STRICTATIME}, {"bind", 0, MS_BIND}, {"rbind", 0, MS_BIND | MS_REC},
+    /* runc's recursive forms (it needs them to reach the mounts below an rbind's source); the
+     * launcher applies an rbind's flags to the whole tree anyway (restrict_tree). */
+    {"rro", 0, MS_RDONLY}, {"rnosuid", 0, MS_NOSUID}, {"rnodev", 0, MS_NODEV}, {"rnoexec", 0, MS_NOEXEC},
 };
 
 static const struct {
