@@ -4,6 +4,7 @@ which headers obstore sends (the environment must not add any)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import http.server
@@ -361,18 +362,7 @@ def test_an_upload_checks_what_it_sent_and_refuses_a_swapped_in_link(tmp_path, m
     """The parts are hashed as they are read and handed over: a file that changed size since
     the plan is an error (the next round sends it again), and a symbolic link put in place of a
     planned file is never followed (it could point at the user's credentials)."""
-    import obstore
-
-    sent = {}
-
-    def put(store, key, file, use_multipart=None, chunk_size=None, max_concurrency=None):
-        data = b"".join(bytes(part) for part in file) if use_multipart else bytes(file)
-        sent[key] = data
-        etag = _multipart_etag_of(data, chunk_size) if use_multipart else hashlib.md5(data).hexdigest()
-        return {"e_tag": f'"{etag}"'}
-
-    monkeypatch.setattr(obstore, "put", put)
-    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    sent = _record_puts(monkeypatch)
     runner = transfer._Runner(_profile(), None)
     path = tmp_path / "grows.bin"
     path.write_bytes(os.urandom(6 * MIB))
@@ -573,33 +563,45 @@ def _certificates(where) -> dict[str, str]:
         "server-key": str(where / "server.key")}
 
 
+def _answering(body: bytes) -> type:
+    """A request handler answering every GET with 200 and ``body``."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    return Handler
+
+
+@contextlib.contextmanager
+def _serving(handler: type, certs: dict | None = None):
+    """A loopback HTTP server (HTTPS with ``certs``' server key) for the block's duration."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if certs is not None:
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs["server"], certs["server-key"])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_https_stage_in_adds_the_profiles_ca_bundle_to_the_system_roots(tmp_path, monkeypatch):
     """docs/staging.md: ca_bundle is added to the system's trusted roots. For https:// sources
     it replaced them (urllib3's ca_certs): a profile with a site CA could no longer fetch from
     any public server."""
-    import ssl
-
     from berth.staging.locations import parse_transfer
 
     certs = _certificates(tmp_path)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            self.send_response(200)
-            self.send_header("Content-Length", "6")
-            self.end_headers()
-            self.wfile.write(b"hello\n")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs["server"], certs["server-key"])
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(_answering(b"hello\n"), certs) as server:
         # The "system" roots trust CA A (OpenSSL reads SSL_CERT_FILE); the profile adds CA B.
         monkeypatch.setenv("SSL_CERT_FILE", certs["ca-a"])
         monkeypatch.delenv("SSL_CERT_DIR", raising=False)
@@ -613,9 +615,6 @@ def test_an_https_stage_in_adds_the_profiles_ca_bundle_to_the_system_roots(tmp_p
             transfer._Runner(_profile(ca_bundle=certs["ca-b"]), None).fetch_url(
                 parse_transfer(f"{url}:again/", "in"), str(tmp_path))
         assert not (tmp_path / "again").exists() or os.listdir(tmp_path / "again") == []
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_presigned_urls_signature_is_never_printed(tmp_path):
@@ -625,25 +624,10 @@ def test_a_presigned_urls_signature_is_never_printed(tmp_path):
     from berth.errors import UsageError
     from berth.staging.locations import parse_transfer
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    query = "AWSAccessKeyId=AKIDSECRET&Signature=SIGSECRET%3D&Expires=1"
-    url = f"http://127.0.0.1:{server.server_address[1]}/d/obj.txt?{query}"
-    try:
+    with _serving(_answering(b"ok")) as server:
+        query = "AWSAccessKeyId=AKIDSECRET&Signature=SIGSECRET%3D&Expires=1"
+        url = f"http://127.0.0.1:{server.server_address[1]}/d/obj.txt?{query}"
         summary = transfer.stage_in((parse_transfer(f"{url}:in/", "in"),), _profile(), str(tmp_path))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (tmp_path / "in" / "obj.txt").read_bytes() == b"ok"
     shown = "\n".join(summary.lines()) + json.dumps(summary.to_dict())
     assert "obj.txt" in shown and "SECRET" not in shown, shown
@@ -745,47 +729,25 @@ def test_a_linked_directory_inside_a_staged_out_directory_is_noted_not_skipped_s
 def test_an_https_stage_in_is_not_redirected_to_plain_http(tmp_path, monkeypatch):
     """An https:// source is verified by TLS alone (no checksum): urllib3 followed a redirect to
     http:// and the file arrived over plain text, unverified, without a word."""
-    import ssl
-
     from berth.staging.locations import parse_transfer
 
     certs = _certificates(tmp_path)
 
-    class Plain(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            self.send_response(200)
-            self.send_header("Content-Length", "9")
-            self.end_headers()
-            self.wfile.write(b"tampered\n")
+    plain_handler = _answering(b"tampered\n")
+    with _serving(plain_handler) as plain:
+        class Redirect(plain_handler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{plain.server_address[1]}/data.txt")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
-
-    class Redirect(Plain):
-        def do_GET(self):  # noqa: N802
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.1:{plain.server_address[1]}/data.txt")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    secure = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs["server"], certs["server-key"])
-    secure.socket = context.wrap_socket(secure.socket, server_side=True)
-    for server in (plain, secure):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("SSL_CERT_FILE", certs["ca-a"])
-        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-        runner = transfer._Runner(_profile(), None)
-        with pytest.raises(StagingError) as caught:
-            runner.fetch_url(parse_transfer(f"https://127.0.0.1:{secure.server_address[1]}/data.txt:in/", "in"),
-                             str(tmp_path))
-        assert "plain http" in caught.value.message, caught.value.message
-        assert not (tmp_path / "in" / "data.txt").exists()
-    finally:
-        for server in (plain, secure):
-            server.shutdown()
-            server.server_close()
+        with _serving(Redirect, certs) as secure:
+            monkeypatch.setenv("SSL_CERT_FILE", certs["ca-a"])
+            monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+            runner = transfer._Runner(_profile(), None)
+            with pytest.raises(StagingError) as caught:
+                runner.fetch_url(parse_transfer(f"https://127.0.0.1:{secure.server_address[1]}/data.txt:in/", "in"),
+                                 str(tmp_path))
+            assert "plain http" in caught.value.message, caught.value.message
+            assert not (tmp_path / "in" / "data.txt").exists()
