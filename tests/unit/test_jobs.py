@@ -25,7 +25,7 @@ from berth.jobs.options import (
     read_directives,
 )
 from berth.jobs.records import JobRecord, atomic_write, create_record, find_record, list_records
-from berth.jobs.slurm import merge_state, parse_squeue
+from berth.jobs.slurm import REQUEUED, merge_state, parse_squeue
 
 
 @pytest.mark.parametrize("text,seconds", [
@@ -328,6 +328,36 @@ def test_a_requeued_job_says_so_while_pending(tmp_path):
     assert merge_state(spec, record, {**mine, "JobState": "RUNNING"}).result.state == "staging"
     record.write_result(JobResult("completed", exit_code=0))  # the runner's own end stays
     assert merge_state(spec, record, {**mine, "JobState": "RUNNING"}).result.state == "completed"
+
+
+def test_a_requeued_run_that_slurm_ended_before_its_runner_wrote_is_not_the_previous_runs_end(tmp_path):
+    """A requeued job's next run that Slurm ends before its runner writes (seen with the hold
+    released at once: slurmd refused the batch launch as a revoked credential, FAILED with exit
+    code 1) showed the previous run's "cancelled" ("the job was cancelled", nobody had) as the
+    job's end. Slurm's word counts, and it is recorded so that it stays once slurmctld forgets."""
+    record = JobRecord(tmp_path)
+    spec = _spec(record)
+    record.write_native_id("17")
+    mine = {"Comment": f"berth:{tmp_path}"}
+    record.write_result(JobResult("cancelled", exit_code=0, message="the job was cancelled", started_at=5.0,
+                                  ended_at=6.0, node="node1"))
+    assert merge_state(spec, record, {**mine, "JobState": "PENDING"}).result.message == REQUEUED
+    ended = merge_state(spec, record, {**mine, "JobState": "FAILED", "Reason": "NonZeroExitCode"}).result
+    assert (ended.state, ended.phase) == ("failed", "scheduler")
+    assert ended.message.startswith("Slurm ended the job as FAILED (NonZeroExitCode) without a result from "
+                                    "berth's runner for that run")
+    assert merge_state(spec, record, {**mine, "JobState": "FAILED", "Reason": "NonZeroExitCode"}).result == ended
+    assert merge_state(spec, record, None).result == ended  # slurmctld forgot the job: state.json tells
+    # The same for a node failure recorded while the previous run ended, and a later COMPLETED.
+    record.write_result(JobResult("failed", phase="scheduler", message="node node2 failed during the job"))
+    assert merge_state(spec, record, {**mine, "JobState": "COMPLETED"}).result.message.startswith(
+        "Slurm ended the job as COMPLETED without a result")
+    # A cancel that was asked for, and the runner's own end, stay the job's end.
+    record.write_result(JobResult("cancelled", signal=15, message="the job was cancelled"))
+    record.request_cancel()
+    assert merge_state(spec, record, {**mine, "JobState": "FAILED"}).result.state == "cancelled"
+    record.write_result(JobResult("failed", phase="script", exit_code=3))
+    assert merge_state(spec, record, {**mine, "JobState": "FAILED"}).result.exit_code == 3
 
 
 def test_exit_statuses_become_results():

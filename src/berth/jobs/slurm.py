@@ -135,6 +135,8 @@ def batch_script(spec: JobSpec, record: JobRecord, python: str) -> str:
 SQUEUE_FORMAT = "%i|%T|%r|%N|%k"
 
 REQUEUED = "Slurm requeued the job: it runs again from the start"
+#: How a result berth takes from Slurm's final state (no word of the runner for it) begins.
+SLURM_ENDED = "Slurm ended the job as"
 
 #: Slurm states of a job that ended because a node of it failed (the runner on the batch host
 #: may be gone with it, or was stopped with SIGTERM like at a cancel).
@@ -230,13 +232,31 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
             return JobStatus(spec, JobResult(model.STAGING, message=REQUEUED), native_id, state)
         return JobStatus(spec, result, native_id, state)
     # Ended for another reason (COMPLETED, FAILED, NODE_FAIL, OUT_OF_MEMORY, BOOT_FAIL...).
-    if result is not None and result.final:
-        return JobStatus(spec, result, native_id, state)
     reason = slurm.get("Reason", "None")
+    ended = f"{SLURM_ENDED} {state}" + (f" ({reason})" if reason not in ("None", "") else "")
+    if result is not None and result.final:
+        if not _runner_word_lost(result, record) or (result.phase == model.PHASE_SCHEDULER
+                                                     and (result.message or "").startswith(SLURM_ENDED)):
+            return JobStatus(spec, result, native_id, state)
+        # A "cancelled" nobody asked for, or a node failure recorded before, is not this end: it is
+        # the run before Slurm requeued the job, whose next run ended before its runner wrote (with
+        # the requeue hold cut short, `scontrol update StartTime=now` within the second of the
+        # kill, slurmctld killed it as "Job credential revoked": FAILED, exit code 1), or a signal
+        # from outside. Recorded, so that it stays once slurmctld forgets the job.
+        lost = JobResult(model.FAILED, phase=model.PHASE_SCHEDULER, ended_at=time.time(),
+                         message=f"{ended} without a result from berth's runner for that run (the last one "
+                                 f"recorded, '{result.state}', was no cancel of yours: the run before Slurm "
+                                 "requeued the job, or a signal from outside); check the job's output file, "
+                                 "or resubmit it")
+        try:
+            record.write_result(lost)
+        except OSError:
+            pass
+        return JobStatus(spec, lost, native_id, state)
     return JobStatus(spec, JobResult(
         model.FAILED, phase=model.PHASE_SCHEDULER,
-        message=f"Slurm ended the job as {state}" + (f" ({reason})" if reason not in ("None", "") else "")
-        + " before berth's runner reported a result; check the job's output file and that you can write it"),
+        message=f"{ended} before berth's runner reported a result; check the job's output file and that you "
+                "can write it"),
         native_id, state)
 
 
