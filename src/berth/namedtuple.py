@@ -25,14 +25,14 @@ class _NamedTupleMeta(type):
         if bases == ():  # the NamedTuple base itself, below
             return super().__new__(cls, typename, bases, namespace)
         annotations = namespace.get("__annotations__", {})
-        defaults = []
+        defaults = {}
         for name in annotations:
             if name in namespace:
-                defaults.append(namespace[name])
+                defaults[name] = namespace[name]
             elif defaults:
                 raise TypeError(f"Non-default namedtuple field {name} cannot follow default field"
-                                f"{'s' if len(defaults) > 1 else ''} {', '.join(annotations)}")
-        result = collections.namedtuple(typename, list(annotations), defaults=defaults,
+                                f"{'s' if len(defaults) > 1 else ''} {', '.join(defaults)}")
+        result = collections.namedtuple(typename, list(annotations), defaults=list(defaults.values()),
                                         module=namespace["__module__"])
         result.__annotations__ = dict(annotations)
         if "__qualname__" in namespace:

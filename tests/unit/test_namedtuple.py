@@ -62,10 +62,17 @@ def test_pickles_as_a_module_level_class():
 
 
 def test_refuses_what_typing_refuses():
-    with pytest.raises(TypeError, match="Non-default namedtuple field b cannot follow default field"):
+    with pytest.raises(TypeError, match="^Non-default namedtuple field b cannot follow default field a$"):
         class Bad(NamedTuple):
             a: int = 1
             b: int
+
+    # The default fields are named, as typing names them (not every field of the class).
+    with pytest.raises(TypeError, match="^Non-default namedtuple field c cannot follow default fields a, b$"):
+        class Also(NamedTuple):
+            a: int = 1
+            b: int = 2
+            c: int
 
     with pytest.raises(AttributeError, match="Cannot overwrite NamedTuple attribute _replace"):
         class Worse(NamedTuple):
