@@ -53,7 +53,8 @@ from pathlib import Path
 from berth import fsutil
 from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
-from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative)
+from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative,
+                                     without_url_query)
 from berth.staging.profiles import S3Profile
 
 UPLOAD_ROUNDS = 3
@@ -972,7 +973,7 @@ class _Runner:
         url = transfer.source.url  # type: ignore[union-attr]
         dest = _resolve(workdir, transfer.destination.path)  # type: ignore[union-attr]
         name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "index.html"
-        shown = url.split("?", 1)[0]  # a query may carry a signature: never print it
+        shown = without_url_query(url)  # a query may carry a signature: never print it
         into_directory = transfer.destination.path.endswith("/") or os.path.isdir(dest)  # type: ignore[union-attr]
         if into_directory and name in (".", ".."):
             raise StagingError(f"--stage-in '{transfer.shown}': the URL's last part '{name}' is no file name",
