@@ -103,7 +103,9 @@ def descriptor_path(directory_fd: int, name: str = "") -> str:
     """A path naming ``name`` inside the directory open as ``directory_fd`` (``/proc/self/fd``),
     for code that needs a path (a temporary file, a rename) once the directory was judged by
     :func:`open_directory_beneath`: the kernel starts from that very directory, whatever has
-    been renamed or swapped since. Valid while the descriptor stays open."""
+    been renamed or swapped since. Without ``name``: the open file or directory itself (staging
+    reads back the temporary file an :func:`atomic_writer` opened write-only). Valid while the
+    descriptor stays open."""
     return f"/proc/self/fd/{directory_fd}/{name}" if name else f"/proc/self/fd/{directory_fd}"
 
 

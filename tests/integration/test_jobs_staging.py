@@ -170,7 +170,7 @@ def test_cancel_during_stage_in_skips_stage_out_and_timeout_keeps_it(job_site, u
                    "slow.sh", env={**env, "BERTH_BACKEND": "local"})
     states = wait_for(user, job_site, [cancelled, timed], FINAL, timeout_s=90, env=env)
     assert states[cancelled]["state"] == "cancelled" and "during stage-in" in states[cancelled]["message"]
-    assert not (work / "in.bin").exists() and not [p for p in work.iterdir() if p.name.endswith(".part")]
+    assert not (work / "in.bin").exists() and not [p for p in work.iterdir() if p.name.startswith(".in.bin.")]
     assert not _stored(s3_server.client(), bucket, "c/")
     assert states[timed]["state"] == "timeout", states[timed]
     body = s3_server.client().get_object(Bucket=bucket, Key="t/partial.txt")["Body"].read()

@@ -751,3 +751,69 @@ def test_an_https_stage_in_is_not_redirected_to_plain_http(tmp_path, monkeypatch
                                  str(tmp_path))
             assert "plain http" in caught.value.message, caught.value.message
             assert not (tmp_path / "in" / "data.txt").exists()
+
+
+def _record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """Every fsync (of a regular file or a directory) and rename, in order."""
+    import stat
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.parametrize("size", [1000, 9 * MIB], ids=["small", "ranged"])
+def test_a_staged_in_object_is_on_disk_before_its_name_and_its_mode_follows_the_umask(tmp_path, monkeypatch, size):
+    """Staged files are user data in the job's directory and the skip rule trusts a file's size
+    and time without reading it: a download renamed before its blocks were written could, after
+    a crash, be skipped by the requeued job and read as zeros. Downloads were never fsynced,
+    and they were created 0644 (minus the umask) where copies and https sources get what
+    open() gives (0666 minus the umask)."""
+    data = os.urandom(size)
+    etag = _multipart_etag_of(data, 5 * MIB) if size > 4 * MIB else hashlib.md5(data).hexdigest()
+    _fake_get(monkeypatch, data, etag)
+    get = _get(tmp_path, data, etag)
+    os.makedirs(os.path.dirname(get.path))
+    events = _record_fsyncs_and_renames(monkeypatch)
+    old = os.umask(0o002)
+    try:
+        assert transfer._Runner(_profile(), None).download(get) is True
+    finally:
+        os.umask(old)
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"], events
+    assert events[0] == ("fsync", "file") and events[2] == ("fsync", "dir")
+    assert events[1][1].endswith("obj.bin")
+    assert stat_mode(get.path) == 0o664
+    assert (tmp_path / "out" / "obj.bin").read_bytes() == data and os.listdir(tmp_path / "out") == ["obj.bin"]
+
+
+def test_host_copies_and_https_sources_are_on_disk_before_their_names(tmp_path, monkeypatch):
+    from berth.staging.locations import parse_transfer
+
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "result.txt").write_text("result\n")
+    events = _record_fsyncs_and_renames(monkeypatch)
+    transfer.stage_out((parse_transfer(f"result.txt:{tmp_path}/keep/", "out"),), _profile(), str(tmp_path / "job"))
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"], events
+    assert (tmp_path / "keep" / "result.txt").read_text() == "result\n"
+    events.clear()
+    with _serving(_answering(b"ok")) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/d/obj.txt"
+        transfer.stage_in((parse_transfer(f"{url}:in/", "in"),), _profile(), str(tmp_path))
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"], events
+    assert (tmp_path / "in" / "obj.txt").read_bytes() == b"ok"
+
+
+def stat_mode(path) -> int:
+    return os.stat(path).st_mode & 0o7777

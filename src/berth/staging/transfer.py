@@ -10,14 +10,22 @@ pieces that it hashes and writes while the next ones arrive. Imported lazily.
 
 Rules (issue 7):
 
-- **Downloads** go to ``.NAME.berth-RANDOM.part`` in the destination's directory and are renamed
-  only after the size and the ETag were verified: a plain ETag is the object's MD5, hashed as
+- **Downloads** go to a temporary file in the destination's directory (``fsutil.atomic_writer``,
+  the one atomic write, like every file staging writes) and are renamed only after the size and
+  the ETag were verified: a plain ETag is the object's MD5, hashed as
   the body arrives; an object from ``multipart_threshold`` on is fetched in parallel ranged GETs
   (``If-Match`` its ETag) cut at its own part boundaries (the part size inferred from the size
   and the ETag's part count: ``part_size_candidates``), so each part's MD5 is hashed as it
   arrives and the multipart ETag (``MD5-N``) is checked without a second pass.
   Any failure removes the temporary file: a destination holds the old file or the whole new
-  one, never a part.
+  one, never a part. The ranges are written with ``pwrite`` by many threads into the one descriptor
+  that writer opened: no second temporary-file mechanism is needed.
+- **Durable**: every file staging writes (stage-in from S3, https or a host path, stage-out to a
+  host directory) is fsynced before its rename, and the rename after it (``atomic_writer``'s
+  default): it is user data in the job's directory, which outlives the node, and the skip rule
+  below trusts a file's size and time without reading it again, so a crash between a rename and
+  the writeback must not leave a name with the right size and time over blocks never written
+  (a requeued job would skip it and read zeros).
 - **Skips**: a destination that exists with the object's size and modification time (berth
   sets the object's Last-Modified on every file it verified) is identical; same size but another
   time is hashed and compared with the ETag. So a re-sync of an unchanged prefix is one listing.
@@ -631,18 +639,6 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
 # Doing
 
 
-def _temp_name(path: str) -> str:
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}.berth-{os.urandom(4).hex()}.part")
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _make_parent(path: str, what: str) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -733,33 +729,34 @@ class _Runner:
         final = fsutil.descriptor_path(parent, name)
         if self.identical(get, final):
             return False
-        temp = _temp_name(final)
         try:
-            if get.size >= self.profile.multipart_threshold:
-                with self.large:
-                    verified = self._get_ranged(get, temp)
-            else:
-                verified = self._get_small(get, temp)
-            if self.stop.is_set():
-                raise StagingError(f"{what}: stopped")
-            size = os.stat(temp).st_size
-            if size != get.size:
-                raise StagingError(f"{what}: received {size} bytes, the object has {get.size}",
-                                   hint="the object changed during the transfer or the connection broke; retry")
-            if verified is False:
-                raise StagingError(f"{what}: the content does not match the object's ETag {get.etag}",
-                                   hint="the object changed during the transfer or was corrupted; retry "
-                                        "(docs/staging.md: which multipart part sizes berth can check)")
-            os.utime(temp, (get.mtime, get.mtime))
-            fsutil.publish_file(temp, final, None, durable=False)
+            # mode None: what open() would create, as for copies and https sources; durable:
+            # the module docstring says why.
+            with fsutil.atomic_writer(Path(final), mode=None) as out:
+                fd = out.fileno()  # written with os.write/pwrite only: the buffer stays empty
+                if get.size >= self.profile.multipart_threshold:
+                    with self.large:
+                        verified = self._get_ranged(get, fd)
+                else:
+                    verified = self._get_small(get, fd)
+                if self.stop.is_set():
+                    raise StagingError(f"{what}: stopped")
+                size = os.fstat(fd).st_size
+                if size != get.size:
+                    raise StagingError(f"{what}: received {size} bytes, the object has {get.size}",
+                                       hint="the object changed during the transfer or the connection broke; retry")
+                if verified is False:
+                    raise StagingError(f"{what}: the content does not match the object's ETag {get.etag}",
+                                       hint="the object changed during the transfer or was corrupted; retry "
+                                            "(docs/staging.md: which multipart part sizes berth can check)")
+                os.utime(fd, (get.mtime, get.mtime))
         except BaseException as exc:
-            _remove(temp)
             if isinstance(exc, (BerthError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
                 raise
             raise s3_error(exc, what, self.profile) from None
         return True
 
-    def _get_ranged(self, get: _Get, temp: str) -> bool | None:
+    def _get_ranged(self, get: _Get, fd: int) -> bool | None:
         """A large object in parallel ranged GETs (``If-Match`` its ETag) written in place
         (``pwrite``). For a multipart object the ranges are its own parts (the likeliest part
         size, ``part_size_candidates``), so each range's MD5 is hashed as it arrives and the
@@ -772,40 +769,37 @@ class _Runner:
         range_size = candidates[0] if candidates else self.profile.multipart_chunksize
         count = -(-get.size // range_size)
         store = self.store(get.bucket)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, get.size)
+        os.ftruncate(fd, get.size)
 
-            def fetch(index: int) -> bytes:
-                start = index * range_size
-                end = min(get.size, start + range_size)
-                for attempt in range(RANGE_ATTEMPTS):
-                    if self.stop.is_set():
-                        raise StagingError(f"s3://{get.bucket}/{get.key}: stopped")
-                    try:
-                        return self._get_range(store, get, fd, start, end)
-                    except Exception as exc:  # noqa: BLE001 - sorted by s3_error
-                        error = s3_error(exc, f"s3://{get.bucket}/{get.key}", self.profile)
-                        if attempt + 1 == RANGE_ATTEMPTS or self.stop.is_set() or isinstance(exc, OSError) \
-                                or isinstance(error, NotFound) or "refused the request" in error.message \
-                                or "changed during" in error.message:
-                            raise error from None
-                raise AssertionError("unreachable")
-
-            workers = max(1, min(self.profile.max_concurrency, RANGE_WORKERS, count))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-range") as pool:
+        def fetch(index: int) -> bytes:
+            start = index * range_size
+            end = min(get.size, start + range_size)
+            for attempt in range(RANGE_ATTEMPTS):
+                if self.stop.is_set():
+                    raise StagingError(f"s3://{get.bucket}/{get.key}: stopped")
                 try:
-                    digests = list(pool.map(fetch, range(count)))
-                except BaseException:
-                    self.stop.set()
-                    raise
-        finally:
-            os.close(fd)
+                    return self._get_range(store, get, fd, start, end)
+                except Exception as exc:  # noqa: BLE001 - sorted by s3_error
+                    error = s3_error(exc, f"s3://{get.bucket}/{get.key}", self.profile)
+                    if attempt + 1 == RANGE_ATTEMPTS or self.stop.is_set() or isinstance(exc, OSError) \
+                            or isinstance(error, NotFound) or "refused the request" in error.message \
+                            or "changed during" in error.message:
+                        raise error from None
+            raise AssertionError("unreachable")
+
+        workers = max(1, min(self.profile.max_concurrency, RANGE_WORKERS, count))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-range") as pool:
+            try:
+                digests = list(pool.map(fetch, range(count)))
+            except BaseException:
+                self.stop.set()
+                raise
+        written = fsutil.descriptor_path(fd)  # the temporary file, read again through /proc
         if not candidates:
-            return matches_etag(temp, get.etag, None)  # a large single-PUT object: one more pass
+            return matches_etag(written, get.etag, None)  # a large single-PUT object: one more pass
         if etag_from_part_digests(digests) == get.etag:
             return True
-        return matches_etag(temp, get.etag, candidates[1:]) if len(candidates) > 1 else False
+        return matches_etag(written, get.etag, candidates[1:]) if len(candidates) > 1 else False
 
     def _get_range(self, store, get: _Get, fd: int, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) into ``fd`` at their offset; their MD5. The body
@@ -831,7 +825,7 @@ class _Runner:
                                hint="the connection broke or the object changed; retry")
         return digest.digest()
 
-    def _get_small(self, get: _Get, temp: str) -> bool | None:
+    def _get_small(self, get: _Get, fd: int) -> bool | None:
         import obstore
 
         result = obstore.get(self.store(get.bucket), get.key)
@@ -841,13 +835,9 @@ class _Runner:
             raise StagingError(f"s3://{get.bucket}/{get.key}: the object changed during the transfer "
                                f"({get.size} bytes listed, {size} now)", hint="retry")
         view = memoryview(result.bytes())
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            digest = _md5(view)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        digest = _md5(view)
+        while view:
+            view = view[os.write(fd, view):]
         self.progress.advance(get.size)
         if "-" in etag or len(etag) != 32:
             return None
@@ -956,7 +946,7 @@ class _Runner:
         except FileNotFoundError:
             pass
         os.set_blocking(source.fileno(), True)
-        with fsutil.atomic_writer(Path(final), mode=None, durable=False) as out:
+        with fsutil.atomic_writer(Path(final), mode=None) as out:  # durable: the module docstring says why
             shutil.copyfileobj(source, out, _READ_CHUNK)
             out.flush()
             if os.fstat(out.fileno()).st_size != info.st_size:
@@ -1007,7 +997,7 @@ class _Runner:
                     raise StagingError(f"--stage-in '{shown}': the server answered HTTP {response.status}")
                 expected = response.headers.get("Content-Length")
                 size = 0
-                with fsutil.atomic_writer(Path(path), mode=None, durable=False) as out:
+                with fsutil.atomic_writer(Path(path), mode=None) as out:  # durable, as every staged file
                     for chunk in response.stream(_READ_CHUNK):
                         out.write(chunk)
                         size += len(chunk)
