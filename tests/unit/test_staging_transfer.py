@@ -164,9 +164,19 @@ def test_small_download_mismatch_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == []
 
 
+def _no_waiting(monkeypatch) -> list[float]:
+    """Staging's retry policy with its numbers but no waiting; returns the waits it asked for."""
+    import dataclasses
+
+    slept: list[float] = []
+    monkeypatch.setattr(transfer, "STAGING_RETRY", dataclasses.replace(transfer.STAGING_RETRY, sleep=slept.append))
+    return slept
+
+
 def test_a_range_that_arrives_short_is_fetched_again(tmp_path, monkeypatch):
     import obstore
 
+    _no_waiting(monkeypatch)
     data = os.urandom(10 * MIB)
     etag = _multipart_etag_of(data, 5 * MIB)
     seen = []
@@ -351,11 +361,12 @@ def test_a_wrong_multipart_etag_fails_the_upload_and_lists_it(tmp_path, monkeypa
     (tmp_path / "big.bin").write_bytes(os.urandom(6 * MIB))
     monkeypatch.setattr(obstore, "put", lambda store, key, file, **kw: {"e_tag": '"0123456789abcdef0123456789abcdef-2"'})
     monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
-    monkeypatch.setattr(transfer.time, "sleep", lambda seconds: None)
+    slept = _no_waiting(monkeypatch)
     with pytest.raises(StagingError) as caught:
         transfer.stage_out((parse_transfer("big.bin:s3://bucket/big.bin", "out"),), _profile(), str(tmp_path))
-    assert "1 object(s) did not arrive after 3 attempts: s3://bucket/big.bin" in caught.value.message
+    assert "1 object(s) did not arrive after 4 attempts: s3://bucket/big.bin" in caught.value.message
     assert "does not match" in caught.value.message
+    assert len(slept) == 3  # the policy's backoff between the four rounds
 
 
 def test_an_upload_checks_what_it_sent_and_refuses_a_swapped_in_link(tmp_path, monkeypatch):
@@ -817,3 +828,70 @@ def test_host_copies_and_https_sources_are_on_disk_before_their_names(tmp_path, 
 
 def stat_mode(path) -> int:
     return os.stat(path).st_mode & 0o7777
+
+
+def _failing_puts(monkeypatch, failures: list[Exception]) -> list[str]:
+    """obstore.put that raises ``failures`` one by one, then stores; returns the keys tried."""
+    import obstore
+
+    tried: list[str] = []
+
+    def put(store, key, file, use_multipart=None, chunk_size=None, max_concurrency=None):
+        tried.append(key)
+        if failures:
+            raise failures.pop(0)
+        return {"e_tag": f'"{hashlib.md5(bytes(file)).hexdigest()}"'}
+
+    monkeypatch.setattr(obstore, "put", put)
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    return tried
+
+
+def test_a_refused_stage_out_is_not_sent_again(tmp_path, monkeypatch):
+    """berth.retry's rule: a refusal cannot change by trying again. Stage-out sent every failed
+    object again in three rounds, whatever the failure (403, a missing bucket, a full disk),
+    and waited between them before it said so."""
+    from obstore import exceptions as ox
+
+    from berth.staging.locations import parse_transfer
+
+    (tmp_path / "a.txt").write_text("a")
+    refused = ox.PermissionDeniedError("... status code: 403 Forbidden: <Code>AccessDenied</Code>")
+    tried = _failing_puts(monkeypatch, [refused] * 10)
+    slept = _no_waiting(monkeypatch)
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_out((parse_transfer("a.txt:s3://bucket/r/", "out"),), _profile(), str(tmp_path))
+    assert (tried, slept) == (["r/a.txt"], [])
+    assert "1 object(s) did not arrive: s3://bucket/r/a.txt" in caught.value.message
+    assert "refused the request (AccessDenied)" in caught.value.message
+
+
+def test_a_stage_out_that_meets_the_services_5xx_is_sent_again_with_backoff(tmp_path, monkeypatch):
+    from obstore import exceptions as ox
+
+    from berth.staging.locations import parse_transfer
+
+    (tmp_path / "a.txt").write_text("a")
+    busy = ox.GenericError("... status code: 503 Service Unavailable: <Code>SlowDown</Code>")
+    tried = _failing_puts(monkeypatch, [busy, busy])
+    slept = _no_waiting(monkeypatch)
+    summary = transfer.stage_out((parse_transfer("a.txt:s3://bucket/r/", "out"),), _profile(), str(tmp_path))
+    assert (summary.objects, summary.failed, tried) == (1, [], ["r/a.txt"] * 3)
+    # Full jitter below the policy's exponential bound: uniform(0, 0.5), then uniform(0, 1).
+    assert len(slept) == 2 and 0 <= slept[0] <= 0.5 and 0 <= slept[1] <= 1.0
+
+
+def test_obstore_retries_with_the_staging_policys_numbers(monkeypatch):
+    from obstore import store as obstore_store
+
+    seen = {}
+
+    def s3store(bucket, **kwargs):
+        seen.update(kwargs["retry_config"])
+
+    monkeypatch.setattr(obstore_store, "S3Store", s3store)
+    transfer.make_store(_profile(), "bucket")
+    policy = transfer.STAGING_RETRY
+    assert seen["max_retries"] == policy.attempts - 1
+    assert (seen["backoff"]["init_backoff"].total_seconds(), seen["backoff"]["max_backoff"].total_seconds()) == \
+        (policy.base_s, policy.cap_s)

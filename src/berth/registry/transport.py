@@ -4,9 +4,12 @@ Rules (STYLE.md, issue 2):
 
 - every request states the statuses it accepts; any other status becomes a typed error
   (401/403 authentication, 404 not found, 429 rate limited, anything else RegistryError);
-- only connection errors, 5xx and 429 are retried, under the one :class:`RetryPolicy` (capped
-  exponential backoff with full jitter, ``Retry-After`` honored, a bounded number of attempts
-  per operation shared with the client's and pull's own loops); TLS failures are not retried;
+- only connection errors, 5xx and 429 are retried, under berth's one retry rule
+  (:mod:`berth.retry`: capped exponential backoff with full jitter, ``Retry-After`` honored, a
+  bounded number of attempts per operation shared with the client's and pull's own loops);
+  TLS failures are not retried. urllib3's own ``Retry`` is not used: it has no budget shared
+  with the layers above a request, and berth follows redirects itself (to drop
+  ``Authorization`` on another origin);
 - redirects are followed by hand so that the registry's ``Authorization`` header never reaches
   another host (blob GETs redirect to object storage with its own signed URL);
 - ``urllib3`` is imported lazily: ``berth run`` does not pay for it.
@@ -17,12 +20,10 @@ The pool (``urllib3.PoolManager``) is thread-safe; one Transport serves parallel
 from __future__ import annotations
 
 import email.utils
-import random
 import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
@@ -35,93 +36,17 @@ from berth.errors import (
     RegistryError,
     RegistryUnreachable,
 )
+# The one retry rule (berth.retry); imported under these names by the registry client and tests.
+from berth.retry import RETRY_STATUSES, RetryBudget, RetryPolicy  # noqa: F401
 
 USER_AGENT = f"berth/{__version__}"
 MAX_REDIRECTS = 5
-#: Statuses that are retried (besides connection errors).
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: How much of an error body is kept for the message (registries send JSON error lists).
 ERROR_BODY_BYTES = 2000
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """berth's one retry policy for registry traffic: which failures are retried, how many
-    attempts one operation gets in all, and how long to wait between them.
-
-    ``attempts`` bounds the tries of one *operation* (one manifest, one blob, one upload), not
-    of one loop: every layer that retries part of it (the transport's request loop, the client's
-    manifest re-read and upload restart, pull's resumption of a blob) draws from the same
-    :class:`RetryBudget`, so nested loops cannot multiply attempts (issue 9: four nested loops
-    could try one blob 36 times). Retried: connection errors, timeouts and the ``statuses``
-    (5xx and 429). The wait before retry ``n`` (0-based) is capped exponential backoff with full
-    jitter (AWS architecture blog, 2015): ``uniform(0, min(cap_s, base_s * 2**n))``, raised to a
-    ``Retry-After`` from the server, itself capped at ``max_retry_after_s`` so that a hostile or
-    confused server cannot park berth for hours.
-
-    urllib3's ``Retry`` does the per-request part of this, but not a budget shared with the
-    layers above a request, and berth follows redirects itself (to drop ``Authorization`` on
-    another origin), so this small policy owns it all. ``sleep`` and ``uniform`` are injectable
-    so that tests count attempts without waiting. Settings: ``pull_retries`` (attempts - 1).
-    """
-
-    attempts: int = 6
-    base_s: float = 0.5
-    cap_s: float = 20.0
-    max_retry_after_s: float = 60.0
-    statuses: frozenset[int] = RETRY_STATUSES
-    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
-    uniform: Callable[[float, float], float] = field(default=random.uniform, compare=False)
-
-    @classmethod
-    def with_retries(cls, retries: int, **kwargs: Any) -> "RetryPolicy":
-        """The policy allowing ``retries`` retries after the first attempt (``pull_retries``)."""
-        return cls(attempts=max(0, retries) + 1, **kwargs)
-
-    def delay_s(self, retry: int, retry_after_s: float | None = None) -> float:
-        """The wait before retry number ``retry`` (0-based)."""
-        delay = self.uniform(0.0, min(self.cap_s, self.base_s * (2 ** retry)))
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.max_retry_after_s))
-        return delay
-
-    def budget(self) -> "RetryBudget":
-        """A fresh budget for one operation."""
-        return RetryBudget(self)
-
 
 #: For a request that must not be sent twice by the transport (its caller restarts the
 #: whole exchange instead, from its own budget).
 NO_RETRY = RetryPolicy(attempts=1)
-
-
-class RetryBudget:
-    """The attempts one operation has left under a :class:`RetryPolicy`; shared by every loop
-    that retries part of the operation. Not thread-safe: one operation, one thread."""
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-        #: Retries taken so far (attempts made = retries + 1).
-        self.retries = 0
-
-    @property
-    def attempts(self) -> int:
-        return self.retries + 1
-
-    @property
-    def can_retry(self) -> bool:
-        return self.attempts < max(1, self.policy.attempts)
-
-    def retry(self, retry_after_s: float | None = None) -> bool:
-        """Wait before one more attempt and return True; False (at once) when the operation has
-        used all its attempts."""
-        if not self.can_retry:
-            return False
-        delay = self.policy.delay_s(self.retries, retry_after_s)
-        if delay > 0:
-            self.policy.sleep(delay)
-        self.retries += 1
-        return True
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

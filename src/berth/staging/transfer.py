@@ -36,8 +36,14 @@ Rules (issue 7):
   next round sends it again.
 - **Concurrency**: objects transfer ``max_concurrency`` at a time (threads that wait outside the
   GIL) on one connection pool per bucket; one large object's parts likewise.
-- **Stage-out failures** are retried (whole objects, ``UPLOAD_ROUNDS`` rounds, on top of
-  obstore's per-request retries) and then reported with the list of objects that did not arrive.
+- **Retries** follow berth's one rule (:mod:`berth.retry`) with the numbers of ``STAGING_RETRY``:
+  obstore retries each request (connection errors, timeouts, 5xx, 429) that many times with
+  that backoff, and urllib3 an https source's; on top, a range whose body broke off is fetched
+  again, and a stage-out sends again, in later rounds, the objects whose failure was transient
+  (the network, the service's 5xx, a body or an ETag that did not verify) until the policy's
+  attempts are used. A refusal, a missing bucket or object, a changed object or a local error
+  is never retried: it fails the object at once. Then stage-out reports the list of objects
+  that did not arrive.
 - **Keys are hostile**: a key with ``..``, empty or absolute components is refused, never
   written outside the destination; symbolic links are never followed when reading a job's
   results (a job could point one at a credentials file).
@@ -61,11 +67,15 @@ from pathlib import Path
 from berth import fsutil
 from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
+from berth.retry import RETRY_STATUSES, RetryPolicy
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative,
                                      without_url_query)
 from berth.staging.profiles import S3Profile
 
-UPLOAD_ROUNDS = 3
+#: Staging's numbers for berth's one retry rule (berth.retry): attempts of one request (obstore,
+#: urllib3), of one range and of one object's stage-out rounds, and the backoff between them.
+#: The cap is short beside the registry's: a stage-in or stage-out holds a job's allocation.
+STAGING_RETRY = RetryPolicy(attempts=4, base_s=0.5, cap_s=5.0)
 #: Ranges of one large download in flight at once (bodies stream outside the GIL with obstore:
 #: 16 beat 8 on this test bed; more only add threads).
 RANGE_WORKERS = 16
@@ -75,7 +85,6 @@ RANGE_WORKERS = 16
 #: 8 MiB = 2 GiB); one at a time keeps it at max_concurrency parts, as s3transfer's shared bound
 #: did. Small objects keep flowing beside it.
 LARGE_AT_ONCE = 1
-RANGE_ATTEMPTS = 3
 _MAX_PARTS = 10_000
 _READ_CHUNK = 1 << 20
 #: Pieces a ranged GET's body is handed over in: small enough that the piece just hashed is
@@ -280,7 +289,8 @@ def make_store(profile: S3Profile, bucket: str):
     process's memory, never on a command line or in another process's environment). Timeouts:
     ``connect_timeout`` and ``read_timeout`` (no byte for ``timeout_s``: a stalled endpoint) per
     attempt; no overall limit on one request beyond a day, since a large part may take long on a
-    slow link. Retries: three, with backoff (network errors, 5xx, 429; obstore's rules).
+    slow link. Retries: ``STAGING_RETRY``'s attempts and backoff (obstore retries network
+    errors, 5xx and 429, as berth's rule does).
 
     Request bodies are signed (SHA-256 in the signature) over plain http only: over https TLS
     already guards them on the wire, so berth sends ``UNSIGNED-PAYLOAD`` there as aws-cli does,
@@ -313,9 +323,10 @@ def make_store(profile: S3Profile, bucket: str):
     if profile.ca_bundle:
         with open(profile.ca_bundle, "rb") as handle:
             client_options["root_certificate"] = handle.read()
-    retry_config = {"max_retries": 3, "retry_timeout": timedelta(seconds=5 * profile.timeout_s),
-                    "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=5),
-                                "base": 2}}
+    policy = STAGING_RETRY
+    retry_config = {"max_retries": policy.attempts - 1, "retry_timeout": timedelta(seconds=5 * profile.timeout_s),
+                    "backoff": {"init_backoff": timedelta(seconds=policy.base_s),
+                                "max_backoff": timedelta(seconds=policy.cap_s), "base": 2}}
     provider = None
     if not profile.anonymous:
         credential = {"access_key_id": profile.access_key, "secret_access_key": profile.secret_key,
@@ -356,20 +367,34 @@ def s3_error(exc: BaseException, what: str, profile: S3Profile) -> BerthError:
     if isinstance(exc, ox.PreconditionError) or status == 412:
         return StagingError(f"{what}: the object changed during the transfer", hint="retry")
     if status is not None:
-        return StagingError(f"{what}: the S3 service at {endpoint} answered {code or status}"
-                            + (f" (HTTP {status})" if code else ""), hint="retry; if it persists, ask the service's operators")
+        answered = StagingError(f"{what}: the S3 service at {endpoint} answered {code or status}"
+                                + (f" (HTTP {status})" if code else ""),
+                                hint="retry; if it persists, ask the service's operators")
+        return transient(answered) if status in RETRY_STATUSES else answered
     if "kind: Timeout" in text or "TimedOut" in text:
-        return StagingError(f"{what}: the S3 endpoint {endpoint} stopped answering (no data for "
+        return transient(StagingError(f"{what}: the S3 endpoint {endpoint} stopped answering (no data for "
                             f"{profile.timeout_s} s, after retries)",
-                            hint="the service is overloaded or stalled; raise timeout_s in the profile or retry later")
+                            hint="the service is overloaded or stalled; raise timeout_s in the profile or retry later"))
     if "kind: Connect" in text or "tcp connect error" in text or "dns error" in text:
-        return StagingError(f"{what}: cannot connect to the S3 endpoint {endpoint}",
-                            hint="is the endpoint URL right and the service up? (profile endpoint, "
-                                 "AWS_ENDPOINT_URL, or the site's s3_endpoint)")
+        return transient(StagingError(f"{what}: cannot connect to the S3 endpoint {endpoint}",
+                                      hint="is the endpoint URL right and the service up? (profile endpoint, "
+                                           "AWS_ENDPOINT_URL, or the site's s3_endpoint)"))
     if isinstance(exc, ox.BaseError):
-        return StagingError(f"{what}: the connection to {endpoint} failed ({type(exc).__name__})",
-                            hint="retry; if it persists, ask the service's operators")
+        return transient(StagingError(f"{what}: the connection to {endpoint} failed ({type(exc).__name__})",
+                                      hint="retry; if it persists, ask the service's operators"))
     return StagingError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def transient(error: BerthError) -> BerthError:
+    """Mark ``error`` as one that berth's retry rule retries (berth.retry: the network, the
+    service's 5xx and 429, a body or a checksum that did not verify); returns it."""
+    error.transient = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a later attempt may succeed where ``error`` failed (see :func:`transient`)."""
+    return getattr(error, "transient", False) is True
 
 
 def local_error(exc: OSError, what: str) -> StagingError:
@@ -764,7 +789,7 @@ class _Runner:
         are checked from the page cache only if the first does not match. The bodies arrive
         into obstore's buffers outside the GIL; hashing and ``pwrite`` release it too, so the
         workers run on every core. A range whose body breaks off is fetched again
-        (``RANGE_ATTEMPTS``) on top of obstore's per-request retries."""
+        (``STAGING_RETRY``'s attempts and backoff) on top of obstore's per-request retries."""
         candidates = self.part_sizes(get) if "-" in get.etag else []
         range_size = candidates[0] if candidates else self.profile.multipart_chunksize
         count = -(-get.size // range_size)
@@ -774,18 +799,16 @@ class _Runner:
         def fetch(index: int) -> bytes:
             start = index * range_size
             end = min(get.size, start + range_size)
-            for attempt in range(RANGE_ATTEMPTS):
+            budget = STAGING_RETRY.budget()
+            while True:
                 if self.stop.is_set():
                     raise StagingError(f"s3://{get.bucket}/{get.key}: stopped")
                 try:
                     return self._get_range(store, get, fd, start, end)
                 except Exception as exc:  # noqa: BLE001 - sorted by s3_error
                     error = s3_error(exc, f"s3://{get.bucket}/{get.key}", self.profile)
-                    if attempt + 1 == RANGE_ATTEMPTS or self.stop.is_set() or isinstance(exc, OSError) \
-                            or isinstance(error, NotFound) or "refused the request" in error.message \
-                            or "changed during" in error.message:
+                    if not is_transient(error) or self.stop.is_set() or not budget.retry():
                         raise error from None
-            raise AssertionError("unreachable")
 
         workers = max(1, min(self.profile.max_concurrency, RANGE_WORKERS, count))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-range") as pool:
@@ -821,8 +844,8 @@ class _Runner:
             if self.stop.is_set():
                 raise StagingError(f"s3://{get.bucket}/{get.key}: stopped")
         if offset != end:
-            raise StagingError(f"s3://{get.bucket}/{get.key}: bytes {start}-{end - 1} arrived short ({offset - start})",
-                               hint="the connection broke or the object changed; retry")
+            raise transient(StagingError(f"s3://{get.bucket}/{get.key}: bytes {start}-{end - 1} arrived short "
+                                         f"({offset - start})", hint="the connection broke or the object changed; retry"))
         return digest.digest()
 
     def _get_small(self, get: _Get, fd: int) -> bool | None:
@@ -880,12 +903,12 @@ class _Runner:
                     expected = etag_from_part_digests(digests)
                     etag = _etag(result.get("e_tag"))
                     if "-" in etag and etag != expected:
-                        raise StagingError(f"{what}: the stored object's ETag {etag} does not match {put.path}",
-                                           hint="the upload was corrupted; it is sent again")
+                        raise transient(StagingError(f"{what}: the stored object's ETag {etag} does not match "
+                                                     f"{put.path}", hint="the upload was corrupted; it is sent again"))
                     if "-" not in etag:  # a service whose multipart ETags are no MD5s: the size at least
                         stored = obstore.head(store, put.key)["size"]
                         if stored != put.size:
-                            raise StagingError(f"{what}: the service stored {stored} bytes of {put.size}")
+                            raise transient(StagingError(f"{what}: the service stored {stored} bytes of {put.size}"))
                     length = read[0]
                 else:
                     data = handle.read(put.size + 1)  # a file that grew is not read whole
@@ -897,8 +920,8 @@ class _Runner:
                     result = obstore.put(store, put.key, data, use_multipart=False)
                     etag = _etag(result.get("e_tag"))
                     if len(etag) == 32 and etag != digest:
-                        raise StagingError(f"{what}: the stored object's ETag does not match {put.path}",
-                                           hint="the upload was corrupted; it is sent again")
+                        raise transient(StagingError(f"{what}: the stored object's ETag does not match {put.path}",
+                                                     hint="the upload was corrupted; it is sent again"))
                     self.progress.advance(len(data))
                     length = len(data)
                 if length != put.size:
@@ -986,7 +1009,9 @@ class _Runner:
             tls = {"ssl_context": context}
         pool = urllib3.PoolManager(
             # other=0: an untrusted certificate (urllib3's "other" errors) is not retried.
-            retries=urllib3.Retry(total=4, other=0, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)),
+            # The numbers of berth's one retry rule (STAGING_RETRY); urllib3 retries the requests.
+            retries=urllib3.Retry(total=STAGING_RETRY.attempts - 1, other=0, backoff_factor=STAGING_RETRY.base_s,
+                                  backoff_max=STAGING_RETRY.cap_s, status_forcelist=STAGING_RETRY.statuses),
             timeout=urllib3.Timeout(connect=10, read=self.profile.timeout_s), **tls)
         try:
             response = _get_following_redirects(pool, url, shown)
@@ -1134,10 +1159,14 @@ def stage_in(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str, 
 
 def stage_out(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str, *,
               progress: Progress | None = None, notes: list[str] | None = None,
-              rounds: int = UPLOAD_ROUNDS) -> Summary:
-    """Send every item's files to S3 or a host directory. Failed objects are retried
-    (``rounds`` in all); then a StagingError lists those that did not arrive (also in
-    ``summary.failed``, which the caller may still print)."""
+              retry: RetryPolicy | None = None) -> Summary:
+    """Send every item's files to S3 or a host directory. Objects whose failure was transient
+    (:func:`is_transient`) are sent again in later rounds, ``retry.attempts`` rounds in all
+    (default ``STAGING_RETRY``) with its backoff between them; others fail at once. Then a
+    StagingError lists those that did not arrive (also in ``summary.failed``, which the caller
+    may still print)."""
+    retry = retry or STAGING_RETRY
+    rounds_used = 1
     runner = _Runner(profile, progress)
     summary = Summary("out")
     started = time.monotonic()
@@ -1161,16 +1190,19 @@ def stage_out(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str,
             runner.progress.add_total(len(puts), sum(p.size for p in puts))
             function = runner.upload if isinstance(transfer.destination, S3Location) else runner.copy
             todo = puts
-            for attempt in range(max(1, rounds)):
+            budget = retry.budget()  # the rounds of this item's objects
+            failed: list[_Put] = []
+            while todo:
                 results, failures = _run_pool(runner, function, todo, fail_fast=False)
+                rounds_used = max(rounds_used, budget.attempts)
                 _tally(item, runner, results)
-                todo = [put for put, _ in failures]
-                if not todo:
+                if failures:
+                    last_errors = [error for _, error in failures]
+                failed += [put for put, error in failures if not is_transient(error)]
+                todo = [put for put, error in failures if is_transient(error)]
+                if todo and not budget.retry():
                     break
-                last_errors = [error for _, error in failures]
-                if attempt + 1 < rounds:
-                    time.sleep(min(2.0 ** attempt, 5.0))
-            for put in todo:
+            for put in failed + todo:
                 summary.failed.append(f"s3://{put.bucket}/{put.key}" if put.bucket else str(put.target))
             item.seconds = time.monotonic() - item_start
     finally:
@@ -1182,7 +1214,8 @@ def stage_out(transfers: tuple[Transfer, ...], profile: S3Profile, workdir: str,
         more = len(summary.failed) - len(listed)
         parts = []
         if summary.failed:
-            parts.append(f"{len(summary.failed)} object(s) did not arrive after {rounds} attempts: "
+            parts.append(f"{len(summary.failed)} object(s) did not arrive"
+                         + (f" after {rounds_used} attempts" if rounds_used > 1 else "") + ": "
                          + ", ".join(listed) + (f" and {more} more" if more else ""))
         parts.extend(planning_errors)
         cause = last_errors[-1] if last_errors else None

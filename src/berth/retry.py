@@ -1,0 +1,100 @@
+"""berth's one retry rule: which failures are retried, how many attempts, how long between them.
+
+The rule (STYLE.md "HTTP"; issue 9), for every loop berth itself runs around network traffic
+(registry requests and operations, S3 stage-in ranges and stage-out rounds, https sources):
+
+- **which**: connection errors, timeouts, a body that broke off, a transfer whose content did
+  not verify, and the statuses :data:`RETRY_STATUSES` (5xx and 429). Never a refusal (401/403),
+  a not-found (404), a precondition (412), a TLS failure or an error of this machine (disk full,
+  a symbolic link refused): trying again cannot change those, it only delays the message;
+- **how many**: :attr:`RetryPolicy.attempts` per *operation* (one blob, one object), shared by
+  every loop that retries part of it (:class:`RetryBudget`), so nested loops cannot multiply
+  them;
+- **how long**: capped exponential backoff with full jitter (AWS architecture blog, 2015):
+  before retry ``n`` (0-based) ``uniform(0, min(cap_s, base_s * 2**n))``, raised to a server's
+  ``Retry-After`` capped at ``max_retry_after_s``.
+
+A library that retries its own requests (obstore for S3, urllib3 for https sources) is
+configured from the same policy's numbers (attempts, base and cap of the backoff, statuses),
+so that one policy states them all; such per-request retries sit below berth's own loops.
+
+The policies in use: the registry's (:class:`RetryPolicy` defaults; ``pull_retries`` is
+``attempts - 1``) in :mod:`berth.registry.transport`, staging's (``STAGING_RETRY``) in
+:mod:`berth.staging.transfer`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+#: Statuses that are retried (besides connection errors).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many attempts one operation gets in all, and how long to wait between them (the
+    module docstring states the rule). ``attempts`` bounds the tries of one *operation* (one
+    manifest, one blob, one object), not of one loop: every layer that retries part of it draws
+    from the same :class:`RetryBudget`. ``sleep`` and ``uniform`` are injectable so that tests
+    count attempts without waiting."""
+
+    attempts: int = 6
+    base_s: float = 0.5
+    cap_s: float = 20.0
+    max_retry_after_s: float = 60.0
+    statuses: frozenset[int] = RETRY_STATUSES
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+    uniform: Callable[[float, float], float] = field(default=random.uniform, compare=False)
+
+    @classmethod
+    def with_retries(cls, retries: int, **kwargs: Any) -> "RetryPolicy":
+        """The policy allowing ``retries`` retries after the first attempt (``pull_retries``)."""
+        return cls(attempts=max(0, retries) + 1, **kwargs)
+
+    def delay_s(self, retry: int, retry_after_s: float | None = None) -> float:
+        """The wait before retry number ``retry`` (0-based)."""
+        delay = self.uniform(0.0, min(self.cap_s, self.base_s * (2 ** retry)))
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.max_retry_after_s))
+        return delay
+
+    def budget(self) -> "RetryBudget":
+        """A fresh budget for one operation."""
+        return RetryBudget(self)
+
+
+class RetryBudget:
+    """The attempts one operation has left under a :class:`RetryPolicy`; shared by every loop
+    that retries part of the operation. Not thread-safe: one operation, one thread."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        #: Retries taken so far (attempts made = retries + 1).
+        self.retries = 0
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    @property
+    def can_retry(self) -> bool:
+        return self.attempts < max(1, self.policy.attempts)
+
+    def retry(self, retry_after_s: float | None = None) -> bool:
+        """Wait before one more attempt and return True; False (at once) when the operation has
+        used all its attempts."""
+        if not self.can_retry:
+            return False
+        delay = self.policy.delay_s(self.retries, retry_after_s)
+        if delay > 0:
+            self.policy.sleep(delay)
+        self.retries += 1
+        return True
