@@ -27,10 +27,10 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from berth.errors import LockError
+from berth.record import Record
 
 #: Used when no settings are at hand; settings ``lock_timeout_s`` has the same default.
 DEFAULT_TIMEOUT_S = 600.0
@@ -119,8 +119,7 @@ def is_locked(path: Path) -> bool:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(Record):
     """A process /proc/locks shows holding a lock (its pid as this pid namespace sees it)."""
 
     pid: int

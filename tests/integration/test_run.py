@@ -92,6 +92,25 @@ def test_exit_status_is_the_commands(runtime_env, runtime_images, command, statu
     assert result.returncode == status, describe(result)
 
 
+#: Modules a warm `berth run` must not import (issue 10, target 3: start-up;
+#: tests/unit/test_runtime_startup.py checks the run path import by import; this checks what a
+#: real run imports, to its exit): dataclasses with its inspect, ast, dis, tokenize (~7 ms; the
+#: run path's frozen classes are berth.record's), typing (berth.namedtuple), tarfile. (hashlib
+#: is not among them here: a SquashFS given by path, as these tests run, is keyed by a hash.)
+NOT_IMPORTED_BY_RUN = ("dataclasses", "inspect", "ast", "dis", "tokenize", "typing", "tarfile")
+
+
+@BOTH_RUNTIMES
+def test_a_run_imports_none_of_the_modules_it_does_without(runtime_env, runtime_images):
+    run(runtime_env, runtime_images.busybox, "true")  # the first run may parse and probe
+    result = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c", "echo ran",
+                               env={"PYTHONPROFILEIMPORTTIME": "1"})  # python -X importtime, by environment
+    assert result.returncode == 0 and result.stdout == "ran\n", describe(result)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert {"berth.runtime.container", "argparse", "json"} <= imported, describe(result)  # the control
+    assert sorted(imported.intersection(NOT_IMPORTED_BY_RUN)) == [], describe(result)
+
+
 def test_berth_failures_exit_125_with_a_message(runtime_env, runtime_images):
     result = runtime_env.berth("run", "/nonexistent/image.sqfs", "true")
     assert result.returncode == 125, describe(result)

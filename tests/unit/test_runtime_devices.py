@@ -7,13 +7,13 @@ import json
 import os
 import subprocess
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from berth.config.settings import DeviceSettings, EnvOp, Settings
 from berth.errors import ConfigError, PolicyError, UsageError
+from berth.record import replace
 from berth.runtime import spec
 from berth.runtime.devices import cdi, edits, gpus, ldcache
 from tests.harness.gpu_tree import DRIVER_VERSION, make_fake_driver_tree, uuid_of

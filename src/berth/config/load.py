@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
 from berth.config.settings import (
@@ -43,6 +42,7 @@ from berth.config.settings import (
 from berth.config.tomlfile import KeyLines, ParseCache, read_toml
 from berth.errors import ConfigError, did_you_mean
 from berth.oci.names import is_env_name, is_registry_host
+from berth.record import Record, fields
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: importing typing costs every `berth run` ~2.5 ms (issue 10)
@@ -55,8 +55,7 @@ SITE = "site"
 DOCS_HINT = "every key, its type and default: docs/configuration.md; `berth config show` prints the effective values"
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(Record):
     """One scalar or list setting: its dotted name, value kind, who may set it, env variable."""
 
     name: str
@@ -146,8 +145,7 @@ def _display(path: tuple[str | int, ...]) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class _Origin:
+class _Origin(Record):
     """Where a value being validated comes from, for messages and provenance."""
 
     label: str  # "FILE" or "environment variable BERTH_X" or "option --x"
@@ -632,7 +630,7 @@ def effective_values(settings: Settings) -> list[tuple[str, Any, str]]:
             return str(value)
         if isinstance(value, tuple):
             return [plain(item) for item in value]
-        if hasattr(value, "__dataclass_fields__"):
+        if isinstance(value, Record):
             return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
         return value
 

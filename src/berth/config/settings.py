@@ -16,15 +16,15 @@ import posixpath
 import pwd
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from berth.record import Record, field
 
 DEFAULT_CONFIG_DIR = Path("/etc/berth")
 DEFAULT_SITE_STORE = Path("/var/lib/berth/store")
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(Record):
     """A bind mount: host ``source`` at container ``destination``."""
 
     source: str
@@ -34,8 +34,7 @@ class Mount:
     optional: bool = False
 
 
-@dataclass(frozen=True)
-class EnvOp:
+class EnvOp(Record):
     """One environment change: op is 'set', 'prepend', 'append' or 'unset'.
 
     prepend/append join with ``separator`` (':' by default) to an existing value.
@@ -47,8 +46,7 @@ class EnvOp:
     separator: str = ":"
 
 
-@dataclass(frozen=True)
-class GroupPolicy:
+class GroupPolicy(Record):
     """Extra mounts, devices and environment for members of a Unix group."""
 
     group: str
@@ -57,8 +55,7 @@ class GroupPolicy:
     env: tuple[EnvOp, ...] = ()
 
 
-@dataclass(frozen=True)
-class RegistryPolicy:
+class RegistryPolicy(Record):
     """A ``[[registries]]`` entry: how berth may talk to one registry host."""
 
     host: str
@@ -66,8 +63,7 @@ class RegistryPolicy:
     trusted: bool = True
 
 
-@dataclass(frozen=True)
-class SitePolicy:
+class SitePolicy(Record):
     """What the site forces on every container and what users may ask for."""
 
     mounts: tuple[Mount, ...] = ()
@@ -107,8 +103,7 @@ DEFAULT_GPU_BINARIES = (
 )
 
 
-@dataclass(frozen=True)
-class DeviceSettings:
+class DeviceSettings(Record):
     """Where this node's devices, CDI specs and GPU driver files are, and what they may mount
     (``[devices]`` in the site file; docs/gpus.md). Site-only: a user could otherwise point berth
     at specs of their own."""
@@ -132,8 +127,7 @@ class DeviceSettings:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-@dataclass(frozen=True)
-class MpiSettings:
+class MpiSettings(Record):
     """The site's host MPI, injected into containers with ``--mpi host`` (``[mpi]`` in the site
     file; docs/mpi.md, "Host MPI injection"). Site-only, like ``[devices]``; empty: no host MPI."""
 
@@ -151,8 +145,7 @@ class MpiSettings:
     files: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Record):
     """Every setting, loaded by berth.config.load (docs/configuration.md), with ``sources``."""
 
     config_dir: Path = DEFAULT_CONFIG_DIR

@@ -9,12 +9,12 @@ network.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth.errors import BerthError, NotFound, ReferenceError_
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
+from berth.record import Record, field
 from berth.store.store import SITE, USER, Store
 
 TYPE_CHECKING = False
@@ -25,8 +25,7 @@ if TYPE_CHECKING:
 _BARE_DIGEST = re.compile(r"(sha256:)?([a-f0-9]{12,64})")
 
 
-@dataclass(frozen=True)
-class StoredImage:
+class StoredImage(Record):
     """An image complete in a store: its SquashFS and the JSON it came with."""
 
     digest: Digest

@@ -35,6 +35,7 @@ from berth.jobs.agent import StepAgent, install_shims
 from berth.jobs.model import JobResult, JobSpec
 from berth.jobs.mpi import mpi_launcher_env
 from berth.jobs.records import JobRecord
+from berth.record import replace as replace_record  # RunOptions is a record, not a dataclass
 from berth.untrusted import parse_json
 
 #: Runs inside the container: tell the runner the script starts, give the script /dev/null as
@@ -144,7 +145,7 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
             changes["cpus"] = float(resources.cpus_per_task)
         if resources.memory_bytes is not None:
             changes["memory_bytes"] = resources.memory_bytes
-    return dataclasses.replace(options, **changes)
+    return replace_record(options, **changes)
 
 
 def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_resources: bool) -> int:
@@ -158,7 +159,7 @@ def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_r
 
     options = build_run_options(settings, spec, record, limit_resources=limit_resources)
     if spec.s3_credentials_in_container:
-        options = dataclasses.replace(options, env=(*options.env, *container_credentials(settings, spec, record)))
+        options = replace_record(options, env=(*options.env, *container_credentials(settings, spec, record)))
     image = get_image(settings, spec.image, pull_missing=True)
     report("staged", image=str(image.digest))
     script = str(container_view(record) / record.script.relative_to(record.container_dir))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from berth.record import Record
 
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[a-f0-9]+")
@@ -20,8 +21,7 @@ def new_hasher(algorithm: str = "sha256"):
     return hashlib.new(algorithm)
 
 
-@dataclass(frozen=True, order=True)
-class Digest:
+class Digest(Record, order=True):
     """An ``algorithm:hex`` digest. Only sha256 and sha512 are accepted."""
 
     algorithm: str

@@ -9,10 +9,10 @@ and the digest wins. Grammar: distribution/reference (reference.go).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
 
 from berth.oci.digest import Digest, InvalidDigest
 from berth.oci.names import is_registry_host
+from berth.record import Record, replace
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -39,8 +39,7 @@ class InvalidReference(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(Record):
     """A normalized image reference."""
 
     registry: str

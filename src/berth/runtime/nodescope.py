@@ -30,7 +30,6 @@ its share, and the keeper's own container lock makes a killed keeper's leftovers
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import os
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from berth import locks, proc
 from berth.errors import NotFound, RuntimeFailure, UsageError
+from berth.record import replace
 from berth.runtime import state
 from berth.runtime.env import glob_matcher
 from berth.untrusted import parse_json
@@ -142,7 +142,7 @@ def _start_keeper(settings, image, options, name: str, rendezvous: Path, tasks_f
     """Fork the process that runs the node's container (``run_container`` with KEEPER_COMMAND)."""
     from berth.runtime.container import run_container
 
-    keeper_options = dataclasses.replace(options, name=name, tty=False, scope="node")
+    keeper_options = replace(options, name=name, tty=False, scope="node")
     log_path = rendezvous / "holder.log"
     pid = os.fork()
     if pid == 0:  # the keeper

@@ -1,4 +1,4 @@
-"""What `berth run` accepts, as one dataclass, and the one parser that fills it.
+"""What `berth run` accepts, as one record, and the one parser that fills it.
 
 The parser lives here (not in cli/) because templates validate their ``custom="…"`` options
 with the very same rules (docs/contracts.md: ``parse_custom``); cli/run.py only adds the
@@ -11,12 +11,12 @@ import argparse
 import posixpath
 import re
 import shlex
-from dataclasses import dataclass
 
 from berth.config.units import STOP_TIMEOUT_MAX_S, parse_duration, parse_memory
 from berth.errors import UsageError
 from berth.namedtuple import NamedTuple
 from berth.oci.names import is_container_hostname, is_env_name
+from berth.record import Record
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 
@@ -33,8 +33,7 @@ class MountRequest(NamedTuple):
     read_only: bool = False
 
 
-@dataclass(frozen=True)
-class RunOptions:
+class RunOptions(Record):
     """Everything `berth run` accepts besides IMAGE and COMMAND (see ``berth run --help``)."""
 
     mounts: tuple[MountRequest, ...] = ()

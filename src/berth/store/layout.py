@@ -21,16 +21,15 @@ Site and user stores have the same layout (DESIGN.md decision 4).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from berth.oci.digest import Digest, InvalidDigest
+from berth.record import Record
 
 LAYOUT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class StoreLayout:
+class StoreLayout(Record):
     """The paths of the store at ``root`` (see the module docstring)."""
 
     root: Path

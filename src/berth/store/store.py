@@ -31,12 +31,12 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth.errors import BerthError, DigestMismatch, NotFound, PermissionDenied, StoreError
 from berth import fsutil, locks
 from berth.oci.digest import Digest, new_hasher
+from berth.record import Record, field
 from berth.store.layout import LAYOUT_VERSION, StoreLayout
 from berth.untrusted import parse_json
 
@@ -51,8 +51,7 @@ SITE = "site"
 STALE_TMP_S = 3600
 _CHUNK_BYTES = 1 << 20
 
-@dataclass(frozen=True)
-class _Modes:
+class _Modes(Record):
     """Permissions of a store's directories, files and immutable content."""
 
     dir: int
@@ -82,8 +81,7 @@ class _ErrorMapper:
         raise self.store.os_error(exc, self.action, self.path) from None
 
 
-@dataclass(frozen=True)
-class PruneReport:
+class PruneReport(Record):
     """What a prune removed."""
 
     images_removed: list[str] = field(default_factory=list)

@@ -1,0 +1,210 @@
+"""Frozen record classes, as ``@dataclass(frozen=True)`` makes them, without importing ``dataclasses``.
+
+``dataclasses`` imports ``inspect`` (with ``ast``, ``dis``, ``tokenize``: ~7 ms) and compiles six
+generated methods for every class at import (~0.6 ms a class): the 17 frozen dataclasses of
+the `berth run` path made ~20 of its ~49 ms of imports (issue 10, target 3: start-up; measured
+with ``python -X importtime``: 49 ms before, 29 ms with records; bench/RESULTS.md section 2).
+A class deriving from :class:`Record` gets the same behaviour from generic methods instead::
+
+    class Mount(Record):
+        source: str
+        read_only: bool = True
+        extra: dict = field(default_factory=dict, compare=False)
+
+    class Digest(Record, order=True): ...
+
+What it keeps from a frozen dataclass: fields from the class body's annotations in order
+(a base record's first), defaults and ``field(default=..., default_factory=..., compare=...)``;
+``__init__`` taking the fields by position or name; assignment and deletion raise
+:class:`FrozenInstanceError` (an ``AttributeError``); ``==`` compares the compared fields of two
+instances of the same class (NotImplemented for any other), ``hash`` hashes them, ``order=True``
+adds ``<`` and friends on them; ``repr`` is ``Name(field=value, ...)``; methods a class defines
+itself win. :func:`fields` and :func:`replace` stand for ``dataclasses.fields`` and
+``dataclasses.replace``. Not supported (berth's records use none): ``InitVar``, ``ClassVar``,
+``__post_init__``, ``kw_only``, ``repr=False``, ``slots``. Instances are not tuples (unlike
+``berth.namedtuple``): they do not iterate, index or equal a tuple, so code that tells records
+from tuples (``berth config show``'s rendering) keeps working.
+
+tests/unit/test_record.py holds it to those semantics; tests/unit/test_runtime_startup.py checks
+that `berth run` does not import ``dataclasses``.
+"""
+
+from __future__ import annotations
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: The default of a field without one (as ``dataclasses.MISSING``).
+MISSING = _Missing()
+
+
+class FrozenInstanceError(AttributeError):
+    """Assigning to or deleting a field of a record (as ``dataclasses.FrozenInstanceError``)."""
+
+
+class Field:
+    """One field of a record: ``name``, ``default`` or ``default_factory`` (else MISSING), and
+    whether ``==``, ``hash`` and order compare it."""
+
+    __slots__ = ("name", "default", "default_factory", "compare")
+
+    def __init__(self, default=MISSING, default_factory=MISSING, compare: bool = True, name: str = "") -> None:
+        if default is not MISSING and default_factory is not MISSING:
+            raise ValueError("cannot specify both default and default_factory")
+        self.name = name
+        self.default = default
+        self.default_factory = default_factory
+        self.compare = compare
+
+    def __repr__(self) -> str:
+        return (f"Field(name={self.name!r}, default={self.default!r}, "
+                f"default_factory={self.default_factory!r}, compare={self.compare!r})")
+
+
+def field(*, default=MISSING, default_factory=MISSING, compare: bool = True):
+    """A field's default made by ``default_factory()`` per instance, or a field left out of
+    ``==``/``hash`` (``compare=False``); as ``dataclasses.field``."""
+    return Field(default, default_factory, compare)
+
+
+class Record:
+    """Base of frozen record classes (see the module docstring)."""
+
+    __slots__ = ()
+    #: The fields, in order (set for every subclass).
+    __record_fields__: tuple[Field, ...] = ()
+    #: The names of the fields that ``==``, ``hash`` and order compare.
+    __record_compared__: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, *, order: bool = False, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        found = {item.name: item for item in cls.__record_fields__}  # a base record's, first
+        for name in cls.__dict__.get("__annotations__", {}):
+            value = cls.__dict__.get(name, MISSING)
+            if isinstance(value, Field):
+                value.name = name
+                if value.default is MISSING:
+                    delattr(cls, name)  # as dataclasses: no class attribute for a factory's field
+                else:
+                    setattr(cls, name, value.default)
+                found[name] = value
+            else:
+                found[name] = Field(default=value, name=name)
+        defaults_seen = False
+        for item in found.values():
+            if item.default is MISSING and item.default_factory is MISSING:
+                if defaults_seen:
+                    raise TypeError(f"non-default argument {item.name!r} follows default argument")
+            else:
+                defaults_seen = True
+        cls.__record_fields__ = tuple(found.values())
+        cls.__record_compared__ = tuple(item.name for item in found.values() if item.compare)
+        if order:
+            cls.__lt__ = _compare(lambda left, right: left < right)
+            cls.__le__ = _compare(lambda left, right: left <= right)
+            cls.__gt__ = _compare(lambda left, right: left > right)
+            cls.__ge__ = _compare(lambda left, right: left >= right)
+
+    def __init__(self, *args, **kwargs) -> None:
+        record_fields = self.__record_fields__
+        if len(args) > len(record_fields):
+            _refuse_positional(type(self), len(args))
+        values = self.__dict__  # not setattr: assignment is what a record refuses
+        for item, value in zip(record_fields, args):
+            values[item.name] = value
+        missing = []
+        taken = 0
+        for item in record_fields[len(args):]:
+            if item.name in kwargs:
+                values[item.name] = kwargs[item.name]
+                taken += 1
+            elif item.default is not MISSING:
+                values[item.name] = item.default
+            elif item.default_factory is not MISSING:
+                values[item.name] = item.default_factory()
+            else:
+                missing.append(item.name)
+        if taken != len(kwargs):
+            _refuse_keywords(type(self), kwargs, len(args))
+        if missing:
+            raise TypeError(f"{type(self).__qualname__}.__init__() missing {len(missing)} required positional "
+                            f"argument{'s' if len(missing) > 1 else ''}: {_listed(missing)}")
+
+    def __setattr__(self, name: str, value) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{item.name}={getattr(self, item.name)!r}" for item in self.__record_fields__)
+        return f"{type(self).__qualname__}({values})"
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return _key(self) == _key(other)
+
+    def __hash__(self) -> int:
+        return hash(_key(self))
+
+
+def _key(record: Record) -> tuple:
+    return tuple(getattr(record, name) for name in record.__record_compared__)
+
+
+def _compare(operator):
+    def method(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return operator(_key(self), _key(other))
+
+    return method
+
+
+def _refuse_positional(cls: type, given: int) -> None:
+    """Raise the TypeError of too many positional arguments, in Python's words (self counted)."""
+    total = len(cls.__record_fields__)
+    required = sum(1 for item in cls.__record_fields__ if item.default is MISSING and item.default_factory is MISSING)
+    takes = f"{total + 1}" if required == total else f"from {required + 1} to {total + 1}"
+    raise TypeError(f"{cls.__qualname__}.__init__() takes {takes} positional argument{'s' if total else ''} "
+                    f"but {given + 1} were given")
+
+
+def _refuse_keywords(cls: type, kwargs: dict, positional: int) -> None:
+    """Raise the TypeError of a keyword argument that names no field, or a field given by position."""
+    names = [item.name for item in cls.__record_fields__]
+    for key in kwargs:
+        if key not in names:
+            raise TypeError(f"{cls.__qualname__}.__init__() got an unexpected keyword argument {key!r}")
+        if key in names[:positional]:
+            raise TypeError(f"{cls.__qualname__}.__init__() got multiple values for argument {key!r}")
+
+
+def _listed(names: list[str]) -> str:
+    """'a' / 'a' and 'b' / 'a', 'b', and 'c': as Python lists missing arguments."""
+    quoted = [repr(name) for name in names]
+    if len(quoted) < 3:
+        return " and ".join(quoted)
+    return ", ".join(quoted[:-1]) + ", and " + quoted[-1]
+
+
+def fields(record_or_class) -> tuple[Field, ...]:
+    """The fields of a record or record class, in order (as ``dataclasses.fields``)."""
+    found = getattr(record_or_class, "__record_fields__", None)
+    if found is None:
+        raise TypeError("must be called with a record type or instance")
+    return found
+
+
+def replace(record: Record, **changes):
+    """A copy of ``record`` with ``changes`` (field name -> value), as ``dataclasses.replace``:
+    a name that is not a field raises TypeError."""
+    values = {item.name: getattr(record, item.name) for item in record.__record_fields__}
+    for name in changes:
+        if name not in values:
+            raise TypeError(f"{type(record).__qualname__}.__init__() got an unexpected keyword argument {name!r}")
+    values.update(changes)
+    return type(record)(**values)
