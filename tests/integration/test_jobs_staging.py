@@ -145,7 +145,8 @@ def test_failure_phases(job_site, user, s3_server, s3_dataset, s3_profile, backe
     assert not _stored(s3_server.client(), bucket, "only/")
 
     assert (states[no_bucket]["state"], states[no_bucket]["phase"]) == ("failed", "stage-out")
-    assert "did not arrive after 3 attempts: s3://berth-data/denied/" in states[no_bucket]["message"]
+    # A refusal is not sent again (berth.retry): one round, no "after N attempts".
+    assert "did not arrive: s3://berth-data/denied/" in states[no_bucket]["message"]
     assert f"s3://berth-data/denied/ran-{no_bucket}" in states[no_bucket]["message"]
     assert "refused the request" in states[no_bucket]["message"]
     table = user.berth("status", no_bucket, env={**job_site.env, **env})
