@@ -146,21 +146,31 @@ def fuse_mounts_under(path: str) -> list[str]:
     return found
 
 
-def processes_mentioning(uid: int, text: str) -> list[str]:
-    """Command lines of ``uid``'s processes that contain ``text`` (e.g. a state directory)."""
+def process_cmdlines(uid: int | None = None) -> list[tuple[int, bytes]]:
+    """(pid, raw command line: each argument ended by a NUL) of every process on the host, or
+    of ``uid``'s only; a process that ends while it is read is left out. The one /proc scan of
+    the tests (leftover processes, secrets on command lines)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
+            if uid is not None and os.stat(f"/proc/{entry}").st_uid != uid:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(entry), handle.read()))
         except OSError:
             continue
+    return found
+
+
+def processes_mentioning(uid: int, text: str) -> list[str]:
+    """Command lines of ``uid``'s processes that contain ``text`` (e.g. a state directory)."""
+    found = []
+    for pid, raw in process_cmdlines(uid):
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
         if text in cmdline:
-            found.append(f"{entry}: {cmdline}")
+            found.append(f"{pid}: {cmdline}")
     return found
 
 

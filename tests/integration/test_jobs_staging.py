@@ -13,11 +13,10 @@ user's view.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_runtime import process_cmdlines
 from tests.harness.fixtures_s3 import md5
 from tests.harness.users import describe
 from tests.integration.jobs_helpers import submit, wait_file, wait_for
@@ -55,15 +54,10 @@ def _stored(client, bucket: str, prefix: str) -> dict[str, dict]:
 def _scan_cmdlines(secrets: list[bytes]) -> int:
     """Every process's argv must be free of the keys; returns how many berth processes were seen."""
     seen = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            seen += b"berth" in cmdline
-            for secret in secrets:
-                assert secret not in cmdline, cmdline
+    for _, cmdline in process_cmdlines():
+        seen += b"berth" in cmdline
+        for secret in secrets:
+            assert secret not in cmdline, cmdline
     return seen
 
 

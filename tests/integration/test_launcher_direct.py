@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from berth.runtime import ocirt
+from tests.harness.fixtures_runtime import process_cmdlines
 from tests.harness.users import User
 
 BUSYBOX = "/bin/busybox"
@@ -232,19 +233,7 @@ def test_a_launcher_that_dies_before_its_container_starts_leaves_no_process(user
 
 
 def _processes_naming(user: User, text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != user.uid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if text.encode() in handle.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return [pid for pid, cmdline in process_cmdlines(user.uid) if text.encode() in cmdline]
 
 
 @pytest.mark.parametrize("container_id", ['a"b', "a\\b", "a\nb", "a b"])

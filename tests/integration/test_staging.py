@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_runtime import process_cmdlines
 from tests.harness.fixtures_s3 import md5, tree_md5s, S3_BIG_BYTES, S3_SMALL_COUNT
 from tests.harness.users import berth_executable, describe
 
@@ -221,13 +222,7 @@ def test_credentials_never_on_a_command_line(s3_server, s3_profile, s3_dataset, 
         cwd=str(user_tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = 0
     while process.poll() is None:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
+        for _, cmdline in process_cmdlines():
             if b"stage" in cmdline:
                 seen += 1
             assert secret not in cmdline and access not in cmdline, cmdline

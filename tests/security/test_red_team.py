@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fixtures_runtime import BOTH_RUNTIMES, fuse_mounts_under, processes_mentioning
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES, fuse_mounts_under, process_cmdlines, processes_mentioning
 from tests.harness.users import berth_executable, describe
 
 pytestmark = pytest.mark.security
@@ -86,19 +86,7 @@ def stop(process: subprocess.Popen) -> None:
 def host_pids_running(uid: int, argv: list[bytes]) -> list[int]:
     """Host pids of ``uid`` whose command line is exactly ``argv``."""
     wanted = b"\0".join(argv) + b"\0"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if handle.read() == wanted:
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return [pid for pid, cmdline in process_cmdlines(uid) if cmdline == wanted]
 
 
 # --------------------------------------------------------------------------------------------
