@@ -25,10 +25,10 @@ def test_run_path_imports_nothing_heavy():
 #: files: tomllib (~3.5 ms) only parses files that exist, hashlib (~3 ms, OpenSSL) only hashes
 #: blobs, secrets/random only make names, typing (~2.5 ms) only annotates (berth.namedtuple
 #: stands in for its NamedTuple), dataclasses with inspect, ast, dis, tokenize (~7 ms, and
-#: ~0.6 ms of generated code per class) only makes frozen classes (berth.record stands in).
-#: A run must not pay for them.
+#: ~0.6 ms of generated code per class) only makes frozen classes (berth.record stands in),
+#: shlex only splits templates' custom options. A run must not pay for them.
 NOT_ON_RUN_PATH = (*HEAVY, "tomllib", "hashlib", "secrets", "random", "tempfile", "difflib", "typing",
-                   "dataclasses", "inspect", "ast", "dis", "tokenize")
+                   "dataclasses", "inspect", "ast", "dis", "tokenize", "shlex")
 
 #: What `berth run` imports after parsing: the image look-up, the container and what it imports
 #: while it runs (the image mount, the node-local copy's checks, the launcher).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import posixpath
 import re
-import shlex
 
 from berth.config.units import STOP_TIMEOUT_MAX_S, parse_duration, parse_memory
 from berth.errors import UsageError
@@ -214,6 +213,8 @@ def parse_run_options(argv: list[str]) -> RunOptions:
 
 def parse_custom(text: str) -> RunOptions:
     """A template's ``custom="…"`` string (shell-quoted run options). Raises UsageError."""
+    import shlex  # templates only: not on `berth run`'s path (start-up time, issue 10)
+
     try:
         argv = shlex.split(text)
     except ValueError as exc:
