@@ -262,6 +262,82 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), signum)
 
 
+#: What a detached process ignores: the terminal's signals (it has none after setsid, but a
+#: process group id can be reused) and a hang-up; SIGTERM and the rest stay fatal.
+_DETACHED_IGNORES = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def fork_detached(body: Callable[[], None], *, name: str = "") -> int:
+    """Run ``body()`` in a process detached from the caller and return its pid: forked twice
+    (its parent is the system's reaper, never the caller, which has no zombie to wait for), in
+    a new session (no controlling terminal, out of the caller's process group), working
+    directory ``/``, every descriptor closed and 0, 1, 2 on /dev/null (it never holds the
+    caller's output, a pipe of ``$(...)`` included), signal handlers and mask at their defaults
+    but :data:`_DETACHED_IGNORES`, no parent-death signal, ``name`` as its command name
+    (``ps``). It exits when ``body`` returns or raises, never returning into the caller's code.
+
+    Only the calling thread exists in the child: ``body`` must use what is already imported.
+    Raises OSError when the fork fails."""
+    read_end, write_end = os.pipe()
+    try:
+        middle = os.fork()
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if middle == 0:
+        status = 1
+        try:
+            os.setsid()
+            pid = os.fork()
+            if pid:
+                os.write(write_end, str(pid).encode())
+                status = 0
+            else:
+                _become_detached(name)
+                body()
+                status = 0
+        except BaseException:  # noqa: BLE001 - never return into the caller's code
+            pass
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        pid_text = os.read(read_end, 32)
+    finally:
+        os.close(read_end)
+        os.waitpid(middle, 0)
+    if not pid_text:
+        raise OSError("the detached process could not be started")
+    return int(pid_text)
+
+
+def _become_detached(name: str) -> None:
+    import gc
+
+    gc.disable()  # no finalizer of the caller's objects runs here (their descriptors are closed)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    for signum in signal.valid_signals():
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(signum, signal.SIG_IGN if signum in _DETACHED_IGNORES else signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if name:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
+
+
 def _held(signum, frame):
     del signum, frame
 

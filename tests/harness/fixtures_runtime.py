@@ -174,6 +174,29 @@ def processes_mentioning(uid: int, text: str) -> list[str]:
     return found
 
 
+def lingering_reapers(uid: int, state_dir: str) -> list[str]:
+    """``uid``'s reapers of lingering image mounts (berth.runtime.imagemount, command name
+    berth-linger) started by a berth of ``state_dir`` (their environment names it)."""
+    found = []
+    marker = f"BERTH_STATE_DIR={state_dir}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/comm", "rb") as handle:
+                if handle.read().strip() != b"berth-linger":
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if marker not in handle.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        found.append(f"{entry}: berth-linger")
+    return found
+
+
 @dataclass
 class RuntimeEnv:
     """berth as the test user with a private state directory and user store."""
@@ -225,6 +248,7 @@ class RuntimeEnv:
         """Mounts, processes and container directories left behind (empty when clean)."""
         leaks = [f"mount {m}" for m in fuse_mounts_under(str(self.state_dir))]
         leaks += [f"process {p}" for p in processes_mentioning(self.user.uid, str(self.state_dir))]
+        leaks += [f"process {p}" for p in lingering_reapers(self.user.uid, str(self.state_dir))]
         leaks += [f"container dir {c}" for c in self.containers()]
         return leaks
 
@@ -241,7 +265,8 @@ def _force_clean(env: RuntimeEnv) -> None:
     """Last resort after a failed test, so one failure does not poison the others."""
     for mount in sorted(fuse_mounts_under(str(env.state_dir)), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True)
-    for line in processes_mentioning(env.user.uid, str(env.state_dir)):
+    for line in (processes_mentioning(env.user.uid, str(env.state_dir))
+                 + lingering_reapers(env.user.uid, str(env.state_dir))):
         try:
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
         except OSError:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.harness.fixtures_runtime import fuse_mounts_under, processes_mentioning
+from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers, processes_mentioning
 from tests.harness.users import describe
 from tests.integration.test_run_lifecycle import wait_for_line
 
@@ -202,4 +202,129 @@ def test_site_can_choose_squashfuse_with_kernel_caching(runtime_env, runtime_ima
         assert joined.returncode == 0 and joined.stdout.startswith("root:x:0:"), describe(joined)
     finally:
         stop(process)
+    assert runtime_env.wait_clean() == []
+
+
+# ---------------------------------------------------------------- lingering mounts (image_mount_linger)
+
+
+def mount_record(env) -> dict:
+    """The one shared mount's record (mount.json), read as root."""
+    (mount,) = image_mounts(env)
+    with open(os.path.join(os.path.dirname(mount), "mount.json")) as handle:
+        return json.load(handle)
+
+
+def wait_gone(env, deadline_s: float = 60.0) -> float:
+    """Poll until no image mount, daemon or reaper of the test's state directory is left;
+    return the time.time() at which that was first seen."""
+    deadline = time.monotonic() + deadline_s
+    while image_mounts(env) or daemons(env) or lingering_reapers(env.user.uid, str(env.state_dir)):
+        assert time.monotonic() < deadline, (image_mounts(env), daemons(env))
+        time.sleep(0.05)
+    return time.time()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_lingering_mount_is_reused_by_the_next_run_and_goes_when_its_linger_is_up(runtime_env, runtime_images):
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "4"
+    first = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
+    assert first.returncode == 0 and first.stdout.startswith("root:x:0:"), describe(first)
+    (mount,) = image_mounts(runtime_env)
+    record = mount_record(runtime_env)
+    (daemon,) = daemons(runtime_env)
+    reaper = record["reaper"][0]
+    assert record["linger_s"] == 4 and alive(reaper) and alive(record["pid"])
+    # It names itself berth-linger as soon as it runs (berth may have exited before that).
+    deadline = time.monotonic() + 10
+    while lingering_reapers(runtime_env.user.uid, str(runtime_env.state_dir)) != [f"{reaper}: berth-linger"]:
+        assert time.monotonic() < deadline, lingering_reapers(runtime_env.user.uid, str(runtime_env.state_dir))
+        time.sleep(0.02)
+    # The next run reuses the same mount and daemon, and its leaving pushes the linger's end.
+    while time.time() < record["idle_since"] + 1:
+        time.sleep(0.05)
+    second = runtime_env.berth("run", "--debug", str(runtime_images.busybox), "cat", "/etc/group")
+    assert second.returncode == 0 and "sharing the image mount" in second.stderr, describe(second)
+    assert "it was lingering" in second.stderr
+    assert image_mounts(runtime_env) == [mount] and daemons(runtime_env) == [daemon]
+    pushed = mount_record(runtime_env)
+    assert pushed["idle_since"] > record["idle_since"] + 1 and pushed["reaper"] == record["reaper"]
+    gone_at = wait_gone(runtime_env)
+    assert gone_at >= pushed["idle_since"] + 4, "unmounted before the pushed linger's end"
+    assert not alive(reaper) and not alive(record["pid"])
+    assert not (runtime_env.state_dir / "images").exists()
+    assert runtime_env.wait_clean() == []
+
+
+def test_command_substitution_returns_at_once_with_a_long_linger(runtime_env, runtime_images):
+    """The reaper holds none of berth's descriptors: `$(berth run ...)` returns when berth does,
+    not when the linger ends. `berth doctor --cleanup` ends the lingering mount and its reaper."""
+    from tests.harness.users import berth_executable
+
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "10m"
+    script = f'out=$({berth_executable()} run {runtime_images.busybox} echo hi) && echo "got $out"'
+    started = time.monotonic()
+    result = runtime_env.user.run(["sh", "-c", script], env=runtime_env.env(), timeout=120)
+    took = time.monotonic() - started
+    assert result.returncode == 0 and result.stdout == "got hi\n", describe(result)
+    assert took < 60, f"berth run took {took:.1f} s with a 10 minute linger"
+    assert len(image_mounts(runtime_env)) == 1 and alive(mount_record(runtime_env)["reaper"][0])
+    doctor = runtime_env.berth("doctor")
+    assert "shared image mounts: " in doctor.stdout and "lingering, unmounted in" in doctor.stdout, describe(doctor)
+    cleaned = runtime_env.berth("doctor", "--cleanup")
+    assert "(lingering, not in use)" in cleaned.stdout, describe(cleaned)
+    wait_gone(runtime_env, deadline_s=20)
+    assert runtime_env.wait_clean() == []
+
+
+def test_a_lingering_mount_whose_reaper_was_killed_is_cleaned_by_a_later_berth_after_its_linger(
+        runtime_env, runtime_images):
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "3"
+    result = runtime_env.berth("run", str(runtime_images.busybox), "true")
+    assert result.returncode == 0, describe(result)
+    record = mount_record(runtime_env)
+    os.kill(record["reaper"][0], signal.SIGKILL)
+    # Inside the linger, another berth (of another image) leaves it alone.
+    other = runtime_env.berth("run", str(runtime_images.setuid), "true")
+    assert other.returncode == 0, describe(other)
+    if time.time() < record["idle_since"] + 3:
+        assert len(image_mounts(runtime_env)) == 2, "a lingering mount was removed inside its linger"
+    while time.time() < record["idle_since"] + 3.2:
+        time.sleep(0.05)
+    # After it, the stale clean-up of the next berth removes it (the other image's mount too,
+    # once its own reaper's time is up).
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "0"
+    later = runtime_env.berth("run", str(runtime_images.setuid), "true")
+    assert later.returncode == 0, describe(later)
+    assert not alive(record["pid"])
+    wait_gone(runtime_env)
+    assert runtime_env.wait_clean() == []
+
+
+def test_a_lingering_mount_whose_daemon_died_is_cleaned_up_and_mounted_again(runtime_env, runtime_images):
+    """What Slurm's end of a step does: every process of the step killed, daemon and reaper."""
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "10m"
+    result = runtime_env.berth("run", str(runtime_images.busybox), "true")
+    assert result.returncode == 0, describe(result)
+    record = mount_record(runtime_env)
+    for pid in (record["reaper"][0], record["pid"]):
+        os.kill(pid, signal.SIGKILL)
+    # Another image's run: its stale clean-up removes the dead mount though its linger is not up.
+    other = runtime_env.berth("run", str(runtime_images.setuid), "true")
+    assert other.returncode == 0, describe(other)
+    assert len(image_mounts(runtime_env)) == 1 and not alive(record["pid"])
+    # And the same image mounts again, with a new daemon.
+    again = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
+    assert again.returncode == 0 and again.stdout.startswith("root:x:0:"), describe(again)
+    assert len(image_mounts(runtime_env)) == 2 and len(daemons(runtime_env)) == 2
+    cleaned = runtime_env.berth("doctor", "--cleanup", "--json")
+    assert [entry["lingering"] for entry in json.loads(cleaned.stdout)["images_unmounted"]] == [True, True]
+    wait_gone(runtime_env, deadline_s=20)
     assert runtime_env.wait_clean() == []

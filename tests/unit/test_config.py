@@ -184,6 +184,34 @@ def test_unpinned_user_settable_key_is_fine(site):
     assert settings.runtime == "crun" and settings.sources["runtime"] == f"{user_file}:1"
 
 
+def test_image_mount_linger_is_a_duration_any_layer_sets_unless_the_site_pins_it(site):
+    assert site.load().image_mount_linger == 0
+    site_file = site.write("berth.toml", 'image_mount_linger = "5m"\n')
+    settings = site.load()
+    assert settings.image_mount_linger == 300 and settings.sources["image_mount_linger"] == f"{site_file}:1"
+    user_file = site.write_user("image_mount_linger = 90\n")
+    assert site.load().image_mount_linger == 90
+    assert site.load(BERTH_IMAGE_MOUNT_LINGER="1h").image_mount_linger == 3600
+    assert site.load(BERTH_IMAGE_MOUNT_LINGER="0").image_mount_linger == 0
+    assert site.load({"image_mount_linger": "2:30"}).image_mount_linger == 150
+    with pytest.raises(ConfigError) as caught:
+        site.load(BERTH_IMAGE_MOUNT_LINGER="5x")
+    assert caught.value.message == "environment variable BERTH_IMAGE_MOUNT_LINGER: image_mount_linger: '5x': not a duration"
+    assert "90s, 5m" in caught.value.hint
+    with pytest.raises(ConfigError, match="image_mount_linger: '2d': more than the maximum 1d"):
+        site.load(BERTH_IMAGE_MOUNT_LINGER="2d")
+    with pytest.raises(ConfigError, match="image_mount_linger: '-1': negative"):
+        site.load({"image_mount_linger": -1})
+    user_file.write_text("image_mount_linger = true\n")
+    with pytest.raises(ConfigError, match=f"{user_file}:1: image_mount_linger: must be a duration .*not a boolean"):
+        site.load()
+    # The site pins it: a user's other value is refused, as for any pinnable key.
+    site_file.write_text('image_mount_linger = 0\npinned = ["image_mount_linger"]\n')
+    user_file.write_text('image_mount_linger = "10m"\n')
+    with pytest.raises(ConfigError, match="only the site configuration may set image_mount_linger: the site pins it to '0'"):
+        site.load()
+
+
 def test_bad_environment_values_name_the_variable(site):
     with pytest.raises(ConfigError) as caught:
         site.load(BERTH_PULL_PARALLEL="many")

@@ -47,6 +47,8 @@ def mounts(monkeypatch, tmp_path) -> list:
     monkeypatch.setattr(fuse, "unmount", unmount)
     monkeypatch.setattr(fuse, "mounted_paths", lambda: set(mounted))
     monkeypatch.setattr(imagemount, "_answers", lambda root: str(root) in mounted)
+    # No daemon process to look at: a mount serves while it is in the fake table.
+    monkeypatch.setattr(imagemount, "_serving", lambda directory, record: str(directory / "root") in mounted)
     image = tmp_path / "image.sqfs"
     image.write_bytes(b"hsqs")
     return [mounted, calls, image]
@@ -76,7 +78,7 @@ def test_stale_cleanup_unmounts_only_mounts_nobody_holds(tmp_path, mounts):
     dead = imagemount.acquire(tmp_path, "sha256-dead", image, "b2")
     os.close(dead.holder_fd)  # what kill -9 of its berth does to the holder's lock
     cleaned = imagemount.cleanup_stale(tmp_path)
-    assert cleaned == [{"image": "sha256-dead", "unmounted": str(dead.root)}]
+    assert cleaned == [{"image": "sha256-dead", "unmounted": str(dead.root), "lingering": False}]
     assert mounted == {str(kept.root)} and not dead.directory.exists()
     assert imagemount.cleanup_stale(tmp_path) == []
     kept.release()
@@ -164,3 +166,130 @@ def test_squashfs_program_gives_squashfuse_the_caching_options_and_squashfuse_ll
     assert "kernel_cache" in fuse.IMMUTABLE_CACHE_OPTIONS
     # squashfuse_ll refuses them ("unknown option"): it caches without a time limit by itself
     assert fuse.squashfs_program("squashfuse_ll") == ("squashfuse_ll", ())
+
+
+# ---------------------------------------------------------------- lingering mounts (image_mount_linger)
+
+
+_monotonic = time.monotonic
+
+
+class Clock:
+    """time.time() and time.sleep() of berth.runtime.imagemount: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    monotonic = staticmethod(_monotonic)
+
+
+@pytest.fixture
+def reapers(monkeypatch, mounts) -> list:
+    """Reapers are recorded, not forked: a test runs their body itself. The 'reaper' is this
+    process (alive, with its own start time), as the body finds itself when it runs here."""
+    started: list = []
+
+    def fork_detached(body, *, name=""):
+        assert name == "berth-linger"
+        started.append(body)
+        return os.getpid()
+
+    monkeypatch.setattr(imagemount.proc, "fork_detached", fork_detached)
+    clock = Clock()
+    monkeypatch.setattr(imagemount, "time", clock)
+    return [started, clock]
+
+
+def test_the_last_one_out_with_a_linger_leaves_the_mount_and_one_reaper(tmp_path, mounts, reapers):
+    mounted, calls, image = mounts
+    started, clock = reapers
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=60)
+    assert hold.release() is False and mounted == {str(hold.root)} and len(started) == 1
+    record = imagemount._read_record(hold.directory)
+    assert imagemount.lingering_until(record) == clock.now + 60
+    assert record["reaper"] == [os.getpid(), imagemount._process_start(os.getpid())]
+    # The stale clean-up leaves it inside its linger.
+    assert imagemount.cleanup_stale(tmp_path) == [] and mounted == {str(hold.root)}
+    # The next container reuses it: no second mount; its leaving reuses the live reaper.
+    again = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=60)
+    assert calls == [str(hold.root)] and imagemount.lingering_until(imagemount._read_record(hold.directory)) is None
+    clock.now += 30
+    assert again.release() is False and len(started) == 1
+    # The reaper wakes at the first linger's end, sees the later one, sleeps on, then unmounts.
+    started[0]()
+    assert clock.now >= 1_000_000.0 + 30 + 60 and mounted == set() and not hold.directory.exists()
+
+
+def test_a_reaper_leaves_a_mount_in_use_and_the_next_last_one_out_starts_another(tmp_path, mounts, reapers):
+    mounted, calls, image = mounts
+    started, clock = reapers
+    imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=10).release()
+    user = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
+    clock.now += 20
+    started[0]()
+    assert mounted == {str(user.root)} and "reaper" not in imagemount._read_record(user.directory)
+    assert user.release() is False and len(started) == 2
+    clock.now += 5
+    assert imagemount.cleanup_stale(tmp_path) == [] and mounted == {str(user.root)}
+    clock.now += 6
+    started[1]()
+    assert mounted == set() and not user.directory.exists()
+
+
+def test_stale_cleanup_removes_a_lingering_mount_whose_time_is_up_or_whose_daemon_died(tmp_path, mounts, reapers):
+    mounted, calls, image = mounts
+    started, clock = reapers
+    expired = imagemount.acquire(tmp_path, "sha256-expired", image, "b1", linger_s=10)
+    dead = imagemount.acquire(tmp_path, "sha256-dead", image, "b2", linger_s=600)
+    expired.release()
+    dead.release()
+    mounted.discard(str(dead.root))  # its daemon was killed (Slurm's end of step): the mount is dead
+    clock.now += 11  # and the reaper of the other one was killed: nobody unmounted it on time
+    cleaned = imagemount.cleanup_stale(tmp_path)
+    assert sorted(entry["image"] for entry in cleaned) == ["sha256-dead", "sha256-expired"]
+    assert mounted == set() and not (tmp_path / "images").exists()
+    # A reaper that wakes after that finds nothing to do, and touches nothing.
+    for body in started:
+        body()
+    assert not (tmp_path / "images").exists()
+
+
+def test_without_a_linger_the_last_one_out_unmounts_and_starts_no_reaper(tmp_path, mounts, reapers):
+    mounted, calls, image = mounts
+    started, clock = reapers
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=0)
+    assert hold.release() is True and mounted == set() and started == []
+
+
+def test_a_linger_set_to_zero_later_unmounts_at_the_next_release(tmp_path, mounts, reapers):
+    """The setting changed between runs: a lingering mount reused by a run without a linger
+    is unmounted by that run's release; its old reaper then finds nothing."""
+    mounted, calls, image = mounts
+    started, clock = reapers
+    imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=60).release()
+    assert imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=0).release() is True
+    assert mounted == set() and len(calls) == 1
+    started[0]()
+    assert not (tmp_path / "images").exists()
+
+
+def test_mounts_are_listed_in_use_or_lingering_and_doctor_cleanup_ends_a_lingering_one(tmp_path, mounts, reapers):
+    mounted, calls, image = mounts
+    started, clock = reapers
+    used = imagemount.acquire(tmp_path, "sha256-used", image, "b1", linger_s=60)
+    imagemount.acquire(tmp_path, "sha256-idle", image, "b2", linger_s=60).release()
+    assert imagemount.list_mounts(tmp_path) == [
+        {"image": "sha256-idle", "root": str(tmp_path / "images/sha256-idle/root"), "holders": 0,
+         "lingering_until": clock.now + 60},
+        {"image": "sha256-used", "root": str(used.root), "holders": 1, "lingering_until": None}]
+    cleaned = imagemount.cleanup_stale(tmp_path, lingering=True)
+    assert cleaned == [{"image": "sha256-idle", "unmounted": str(tmp_path / "images/sha256-idle/root"),
+                        "lingering": True}]
+    assert mounted == {str(used.root)}
+    assert used.release() is False  # lingers in turn

@@ -178,3 +178,55 @@ def test_before_the_command_runs_usr1_usr2_do_not_kill_berth_and_quit_unwinds():
     result = subprocess.run([sys.executable, "-c", HOLDING], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result
     assert result.stdout.splitlines() == ["alive after USR1 and USR2", "stop requested by SIGQUIT", "True"]
+
+
+#: A caller that starts a detached process which writes what it finds into a report file, waits
+#: for a go file, and exits: run with its stdout on a pipe, as `$(berth run ...)` does.
+DETACHED_CALLER = (
+    "import json, os, signal, sys, time\n"
+    "from berth import proc\n"
+    "report, go = sys.argv[1], sys.argv[2]\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what a teardown under proc.ignore_stop has\n"
+    "def body():\n"
+    "    facts = {'pid': os.getpid(), 'sid': os.getsid(0), 'ppid': os.getppid(),\n"
+    "             'fds': sorted(int(fd) for fd in os.listdir('/proc/self/fd')),\n"
+    "             'stdout': os.readlink('/proc/self/fd/1'), 'cwd': os.getcwd(),\n"
+    "             'term': signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,\n"
+    "             'int': signal.getsignal(signal.SIGINT) == signal.SIG_IGN,\n"
+    "             'comm': open('/proc/self/comm').read().strip()}\n"
+    "    with open(report + '.tmp', 'w') as handle: json.dump(facts, handle)\n"
+    "    os.rename(report + '.tmp', report)\n"
+    "    while not os.path.exists(go): time.sleep(0.01)\n"
+    "pid = proc.fork_detached(body, name='berth-test')\n"
+    "print(pid, os.getpid(), os.getsid(0), flush=True)\n"
+)
+
+
+def test_fork_detached_leaves_nothing_of_the_caller_open_and_is_in_its_own_session(tmp_path):
+    import json
+    import subprocess
+
+    report, go = tmp_path / "report", tmp_path / "go"
+    started = time.monotonic()
+    # capture_output: the call returns only when every holder of the pipe closed it.
+    result = subprocess.run([sys.executable, "-c", DETACHED_CALLER, str(report), str(go)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10
+    pid, caller, caller_session = (int(word) for word in result.stdout.split())
+    try:
+        deadline = time.monotonic() + 10
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        facts = json.loads(report.read_text())
+        # A session of its own (whose leader, gone, was its parent: it can never get a terminal).
+        assert facts["pid"] == pid and facts["sid"] not in (caller_session, pid) and facts["ppid"] != caller
+        assert facts["fds"][:3] == [0, 1, 2] and len(facts["fds"]) <= 4  # the listing's own fd
+        assert facts["stdout"] == "/dev/null" and facts["cwd"] == "/"
+        assert facts["term"] and facts["int"] and facts["comm"] == "berth-test"
+    finally:
+        go.write_text("")
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"

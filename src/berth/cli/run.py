@@ -176,7 +176,8 @@ def doctor_command(args, ctx) -> int:
         for entry in cleaned:
             print(f"cleaned up container {entry['id']} ({len(entry['unmounted'])} mount(s))")
         for entry in images:
-            print(f"unmounted the shared image mount {entry['unmounted']} (its containers are gone)")
+            why = "lingering, not in use" if entry.get("lingering") else "its containers are gone"
+            print(f"unmounted the shared image mount {entry['unmounted']} ({why})")
         if not cleaned and not images:
             print("nothing to clean up")
     if failed:

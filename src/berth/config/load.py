@@ -40,7 +40,8 @@ from berth.config.settings import (
     user_config_dir,
 )
 from berth.config.tomlfile import KeyLines, ParseCache, read_toml
-from berth.errors import ConfigError, did_you_mean
+from berth.config.units import parse_duration
+from berth.errors import ConfigError, UsageError, did_you_mean
 from berth.oci.names import is_env_name, is_registry_host
 from berth.record import Record, fields
 
@@ -82,6 +83,7 @@ KEYS: tuple[Key, ...] = (
     Key("local_max_jobs", "int", PINNABLE, env="BERTH_LOCAL_MAX_JOBS", minimum=1, maximum=4096),
     Key("stage_to_local", "bool", SITE),
     Key("image_mount", "choice", SITE, choices=("shared", "per_container", "unpacked")),
+    Key("image_mount_linger", "duration", PINNABLE, env="BERTH_IMAGE_MOUNT_LINGER", minimum=0, maximum=86400),
     Key("image_fuse", "choice", SITE, choices=("auto", "squashfuse_ll", "squashfuse")),
     Key("s3_endpoint", "url", USER, env="BERTH_S3_ENDPOINT"),
     Key("s3_ca_bundle", "path", USER, env="BERTH_S3_CA_BUNDLE"),
@@ -199,6 +201,15 @@ def _check_scalar(key: Key, value: Any, origin: _Origin, path, home: str) -> Any
         return value
     if key.kind == "bool":
         return _expect(value, bool, origin, path, "a boolean (true or false)")
+    if key.kind == "duration":  # seconds (an integer) or a duration string ("90s", "5m", "1h")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise origin.error(path, f"must be a duration (seconds, or a string such as \"5m\"), "
+                               f"not {_toml_type(value)} ({value!r})")
+        try:
+            return parse_duration(str(value), option=_display(path), bare_unit="s",
+                                  minimum_s=key.minimum, maximum_s=key.maximum)
+        except UsageError as exc:  # "KEY 'VALUE': problem" -> "'VALUE': problem" after where and KEY
+            raise origin.error(path, exc.message.removeprefix(_display(path) + " "), hint=exc.hint) from None
     if key.kind == "url":
         _expect(value, str, origin, path, "a URL (a string)")
         host = value.split("://", 1)[-1].split("/", 1)[0]

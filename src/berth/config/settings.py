@@ -177,6 +177,9 @@ class Settings(Record):
     #: (berth.runtime.imagemount); "per_container": each container mounts its own;
     #: "unpacked": a node-local unpacked copy per user, reused by later jobs (berth.runtime.localcopy).
     image_mount: str = "shared"
+    #: Seconds a shared image mount stays after its last container leaves, for the next container
+    #: of the image to reuse with its warm caches (berth.runtime.imagemount); 0: unmount at once.
+    image_mount_linger: int = 0
     #: FUSE program for images: "auto" (squashfuse_ll when installed), "squashfuse_ll",
     #: "squashfuse" (with the kernel caching options of berth.runtime.fuse).
     image_fuse: str = "auto"

@@ -289,6 +289,9 @@ def run_checks(settings) -> list[Check]:
     ]
     if state_dir is not None:
         checks += check_runtimes(state_dir)
+        mounts = check_image_mounts(state_dir)
+        if mounts is not None:
+            checks.append(mounts)
     from berth.store.store import SITE, USER, Store
 
     checks += [check_cgroups(), check_subids()]
@@ -308,5 +311,26 @@ def cleanup(settings) -> tuple[list[dict], list[dict]]:
 
     state_dir = state.resolve_state_dir(settings)
     containers = state.cleanup_stale(state_dir, images=False)
-    return containers, imagemount.cleanup_stale(state_dir)
+    return containers, imagemount.cleanup_stale(state_dir, lingering=True)
+
+
+def check_image_mounts(state_dir) -> Check | None:
+    """The caller's shared image mounts on this node: how many are in use, and which linger
+    (image_mount_linger) until when. None when there are none."""
+    import time
+
+    from berth.runtime import imagemount
+
+    mounts = imagemount.list_mounts(state_dir)
+    if not mounts:
+        return None
+    in_use = sum(1 for mount in mounts if mount["holders"])
+    lingering = [mount for mount in mounts if mount["lingering_until"] is not None]
+    parts = [f"{in_use} in use"]
+    for mount in lingering:
+        left = mount["lingering_until"] - time.time()
+        parts.append(f"{mount['image']} lingering, unmounted in {max(left, 0):.0f} s unless used again"
+                     if left > 0 else f"{mount['image']} lingered past its time (the next berth removes it)")
+    return Check("shared image mounts", True, "; ".join(parts),
+                 "berth doctor --cleanup ends lingering mounts now" if lingering else "", required=False)
 

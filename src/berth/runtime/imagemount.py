@@ -96,14 +96,18 @@ def mount_scope(environ) -> str:
 class ImageMount:
     """One container's hold on a shared image mount; ``root`` is the image's root directory."""
 
-    __slots__ = ("directory", "root", "holder", "holder_fd", "lock_timeout_s", "process", "mounted_here")
+    __slots__ = ("directory", "root", "holder", "holder_fd", "lock_timeout_s", "linger_s", "process",
+                 "mounted_here")
 
-    def __init__(self, directory: Path, holder: Path, holder_fd: int, lock_timeout_s: float) -> None:
+    def __init__(self, directory: Path, holder: Path, holder_fd: int, lock_timeout_s: float,
+                 linger_s: int = 0) -> None:
         self.directory = directory
         self.root = directory / "root"
         self.holder = holder
         self.holder_fd = holder_fd
         self.lock_timeout_s = lock_timeout_s
+        #: How long the mount stays after the last holder leaves (site/user image_mount_linger).
+        self.linger_s = linger_s
         #: The daemon's Popen when this berth started it (reaped here when it unmounts).
         self.process = None
         self.mounted_here = False
@@ -113,8 +117,9 @@ class ImageMount:
         return _read_record(self.directory).get("pid")
 
     def release(self) -> bool:
-        """Leave the mount; unmount it when no live holder is left. Returns True when this
-        call unmounted it. Never raises for a mount that is already gone."""
+        """Leave the mount; when no live holder is left, unmount it, or with ``linger_s`` leave
+        it lingering (:func:`_linger`). Returns True when this call unmounted it. Never raises
+        for a mount that is already gone."""
         lock_fd = _lock(self.directory, self.lock_timeout_s)
         try:
             try:
@@ -124,6 +129,9 @@ class ImageMount:
             os.close(self.holder_fd)
             self.holder_fd = -1
             if _live_holders(self.directory):
+                return False
+            if self.linger_s > 0 and _serving(self.directory, _read_record(self.directory)) and _linger(
+                    self.directory, self.linger_s, self.lock_timeout_s):
                 return False
             _unmount(self.directory, self.process)
             _remove(self.directory)
@@ -148,10 +156,11 @@ def images_dir(state_dir: Path) -> Path:
 
 def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, program: str | None = None,
             options: tuple[str, ...] = (), lock_timeout_s: float = locks.DEFAULT_TIMEOUT_S,
-            log=None) -> ImageMount:
+            linger_s: int = 0, log=None) -> ImageMount:
     """Join (or make) the shared mount of ``squashfs`` for the container ``holder_id``.
 
     ``program``/``options``: the FUSE program and its extra ``-o`` options (berth.runtime.fuse).
+    ``linger_s``: how long the mount stays once this holder leaves last (image_mount_linger).
     Raises RuntimeFailure when the image cannot be mounted, LockError when the mount lock is not
     free within ``lock_timeout_s``."""
     directory = images_dir(state_dir) / key
@@ -166,20 +175,24 @@ def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, progra
         holder = directory / HOLDERS / holder_id
         fd = os.open(holder, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         locks.try_acquire(fd)  # a new file nobody else has open: never waits
-        hold = ImageMount(directory, holder, fd, lock_timeout_s)
+        hold = ImageMount(directory, holder, fd, lock_timeout_s, linger_s)
         try:
-            if _answers(hold.root):
+            record = _read_record(directory)
+            if _serving(directory, record):
+                if "idle_since" in record:  # lingering: in use again (its reaper sees this and leaves)
+                    del record["idle_since"]
+                    _write_record(directory, record)
                 if log:
-                    log(f"sharing the image mount {hold.root}", debug=True)
+                    log(f"sharing the image mount {hold.root}"
+                        + (" (it was lingering)" if "linger_s" in record else ""), debug=True)
                 return hold
             _unmount(directory, None)  # a dead daemon's mount, if any
             mount = fuse.mount_squashfs(str(squashfs), str(hold.root), str(directory / "squashfuse.log"),
                                         program=program, options=options, detached=True)
             hold.process = mount.process
             hold.mounted_here = True
-            fsutil.write_atomically(directory / "mount.json", json.dumps(
-                {"pid": mount.process.pid, "program": os.path.basename(mount.process.args[0]),
-                 "squashfs": str(squashfs), "mounted": time.time()}), mode=fsutil.PRIVATE_FILE, durable=False)
+            _write_record(directory, {"pid": mount.process.pid, "program": os.path.basename(mount.process.args[0]),
+                                      "squashfs": str(squashfs), "mounted": time.time()})
             if log:
                 log(f"mounted the image at {hold.root} (shared)", debug=True)
             return hold
@@ -270,6 +283,17 @@ def _answers(root: Path) -> bool:
         return False  # ENOTCONN: the daemon is gone
 
 
+def _serving(directory: Path, record: dict) -> bool:
+    """Whether the mount of ``directory`` is there and its recorded daemon still runs. The
+    stat of :func:`_answers` alone cannot tell: the kernel answers it from its attribute cache,
+    without asking the daemon, when the daemon gives attributes without a time limit
+    (squashfuse_ll), so a mount whose daemon was killed (Slurm's end of a step) still looks
+    mounted until something reads through it."""
+    root = directory / "root"
+    pid = record.get("pid")
+    return _answers(root) and _our_daemon(pid, root) and not _is_zombie(pid)
+
+
 def _live_holders(directory: Path) -> list[str]:
     """Names of holders whose lock is held; removes those whose berth died (caller holds the
     mount lock)."""
@@ -298,6 +322,93 @@ def _read_record(directory: Path) -> dict:
     return read_json_object(directory / "mount.json")
 
 
+def _write_record(directory: Path, record: dict) -> None:
+    fsutil.write_atomically(directory / "mount.json", json.dumps(record), mode=fsutil.PRIVATE_FILE, durable=False)
+
+
+def lingering_until(record: dict) -> float | None:
+    """When a mount record's linger ends (time.time() seconds), or None when it is not
+    lingering (in use, or never given a linger)."""
+    since, linger = record.get("idle_since"), record.get("linger_s")
+    if isinstance(since, (int, float)) and isinstance(linger, int) and not isinstance(linger, bool):
+        return float(since) + linger
+    return None
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid, it names one process, never a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] == b"Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _reaper_alive(record: dict) -> bool:
+    reaper = record.get("reaper")
+    if not (isinstance(reaper, list) and len(reaper) == 2 and all(isinstance(v, int) for v in reaper)):
+        return False
+    return reaper[0] > 1 and _process_start(reaper[0]) == reaper[1]
+
+
+def _linger(directory: Path, linger_s: int, lock_timeout_s: float) -> bool:
+    """Leave the mount of ``directory`` mounted, idle, for ``linger_s`` (the caller holds the
+    mount lock and was its last holder): the record says since when and for how long, and one
+    reaper process (:func:`_reap`) unmounts it once that time has passed with no holder back.
+    A live reaper of an earlier linger is reused (it reads the new time); else one is started.
+    Returns False (unmount now) when no reaper can be started."""
+    record = _read_record(directory)
+    record["idle_since"] = time.time()
+    record["linger_s"] = linger_s
+    if not _reaper_alive(record):
+        try:
+            pid = proc.fork_detached(lambda: _reap(directory, lock_timeout_s), name="berth-linger")
+        except OSError:
+            return False
+        start = _process_start(pid)
+        if start is None:  # it ended already (it cannot have seen this linger: the lock is ours)
+            return False
+        record["reaper"] = [pid, start]
+    _write_record(directory, record)
+    return True
+
+
+def _reap(directory: Path, lock_timeout_s: float) -> None:
+    """The reaper of a lingering mount (run detached by :func:`_linger`): sleep until the
+    record's linger ends, then, under the mount lock, unmount and remove the mount when it is
+    still idle since the same moment and no holder is live. A holder that came back (the record
+    has no ``idle_since``) or a later leaver (a later ``idle_since``: sleep on) decides for it.
+    It leaves, clearing its name from the record under the lock, whenever the mount is in use,
+    so that the next last holder out starts a new one."""
+    me = [os.getpid(), _process_start(os.getpid())]
+    while True:
+        until = lingering_until(_read_record(directory))
+        if until is not None and until > time.time():
+            time.sleep(min(max(until - time.time(), 0.0) + 0.01, 86400.0))
+            continue
+        lock_fd = _lock(directory, lock_timeout_s, create=False)
+        if lock_fd is None:
+            return  # gone: unmounted by someone else
+        try:
+            record = _read_record(directory)
+            if record.get("reaper") != me:
+                return  # not ours any more (a new mount in a new directory)
+            until = lingering_until(record)
+            if until is not None and until > time.time():
+                continue  # a later leaver pushed the time: sleep on (the finally drops the lock)
+            if until is None or _live_holders(directory):
+                del record["reaper"]  # in use: the next last one out starts a reaper
+                _write_record(directory, record)
+                return
+            _unmount(directory, None)
+            _remove(directory)
+            return
+        finally:
+            os.close(lock_fd)
+
+
 def _our_daemon(pid: object, root: Path) -> bool:
     """Whether ``pid`` runs a squashfuse daemon of ``root`` (never a recycled pid's program)."""
     if not isinstance(pid, int) or pid <= 1:
@@ -315,6 +426,12 @@ def _unmount(directory: Path, process) -> None:
     the mount lock). Never raises."""
     root = directory / "root"
     record = _read_record(directory)
+    reaper = record.get("reaper")
+    if _reaper_alive(record) and reaper[0] != os.getpid():  # a lingering mount's: nothing left to wait for
+        try:
+            os.kill(reaper[0], signal.SIGTERM)
+        except OSError:
+            pass
     if str(root) in fuse.mounted_paths():
         for lazy in (False, True):
             try:
@@ -352,11 +469,13 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def cleanup_stale(state_dir: Path) -> list[dict]:
+def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
     """Unmount and remove every shared image mount of this user whose holders are all gone
-    (their berths died). Images whose mount lock someone holds right now are left to that
-    berth. Returns ``[{"image": KEY, "unmounted": ROOT}]`` for the mounts found. Never raises
-    for one image's trouble but a lock that cannot work (LockError)."""
+    (their berths died), except one lingering (image_mount_linger) whose time is not up and
+    whose daemon answers — unless ``lingering`` (``berth doctor --cleanup``: nothing uses it).
+    Images whose mount lock someone holds right now are left to that berth. Returns
+    ``[{"image": KEY, "unmounted": ROOT, "lingering": bool}]`` for the mounts found. Never
+    raises for one image's trouble but a lock that cannot work (LockError)."""
     base = images_dir(state_dir)
     try:
         entries = [entry for entry in os.scandir(base) if entry.is_dir(follow_symlinks=False)]
@@ -376,11 +495,50 @@ def cleanup_stale(state_dir: Path) -> list[dict]:
         try:
             if _live_holders(directory):
                 continue
+            record = _read_record(directory)
+            until = lingering_until(record)
+            alive = until is not None and until > time.time() and _serving(directory, record)
+            if alive and not lingering:
+                continue  # lingering (its reaper unmounts it when the time is up)
             mounted = str(directory / "root") in fuse.mounted_paths()
             if mounted or _read_record(directory):
                 _unmount(directory, None)
-                cleaned.append({"image": entry.name, "unmounted": str(directory / "root")})
+                cleaned.append({"image": entry.name, "unmounted": str(directory / "root"), "lingering": alive})
             _remove(directory)
         finally:
             os.close(lock_fd)
     return cleaned
+
+
+def list_mounts(state_dir: Path) -> list[dict]:
+    """This user's shared image mounts on the node, for people (``berth doctor``): ``[{"image":
+    KEY, "root": ROOT, "holders": N, "lingering_until": SECONDS or None}]``. Takes no mount lock
+    and changes nothing: a holder counts when its lock is held right now."""
+    found = []
+    try:
+        entries = sorted((entry for entry in os.scandir(images_dir(state_dir))
+                          if entry.is_dir(follow_symlinks=False)), key=lambda entry: entry.name)
+    except OSError:
+        return []
+    for entry in entries:
+        directory = Path(entry.path)
+        holders = 0
+        try:
+            names = os.listdir(directory / HOLDERS)
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                fd = locks.open_lock_file(directory / HOLDERS / name, create=False)
+            except OSError:
+                continue
+            try:
+                if locks.try_acquire(fd):
+                    continue  # its berth is gone (the lock goes with the close below)
+                holders += 1
+            finally:
+                os.close(fd)
+        until = lingering_until(_read_record(directory)) if not holders else None
+        found.append({"image": entry.name, "root": str(directory / "root"), "holders": holders,
+                      "lingering_until": until})
+    return found

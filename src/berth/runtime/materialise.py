@@ -65,7 +65,7 @@ def mount_image(settings, container: ContainerState, image, log: Log):
         raise RuntimeFailure(f"cannot read the image file {image.squashfs}: {exc.strerror}",
                              hint="check its permissions (site store images must be world-readable)") from None
     return imagemount.acquire(container.state_dir, key, squashfs, container.id, program=program, options=options,
-                              lock_timeout_s=settings.lock_timeout_s, log=log)
+                              lock_timeout_s=settings.lock_timeout_s, linger_s=settings.image_mount_linger, log=log)
 
 
 def image_root(container: ContainerState, mount) -> str:
