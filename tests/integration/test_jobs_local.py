@@ -461,3 +461,33 @@ def test_job_arrays_on_the_local_backend(job_site, user):
     assert any(line.startswith(f"{array}_3 ") for line in table.stdout.splitlines()), describe(table)
     again = user.berth("cancel", array, env=job_site.env)
     assert again.returncode == 9 and f"job array {array} already ended" in again.stderr, describe(again)
+
+
+def test_a_job_ends_while_its_image_mount_lingers_and_doctor_cleanup_ends_the_mount(job_site, user):
+    """image_mount_linger: the reaper of the job's lingering image mount is no process of the
+    job's: the runner does not wait for it, the job completes at once and its runner exits."""
+    from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers
+
+    work = job_site.workdir(user)
+    state_dir = job_site.workdir(user) / "state"
+    private = {"BERTH_JOBS_DIR": str(job_site.workdir(user)), "BERTH_STATE_DIR": str(state_dir),
+               "BERTH_IMAGE_MOUNT_LINGER": "10m"}
+    job_site.write_script(work, "hi.sh", "#!/bin/sh\necho hi\n", user)
+    job = submit(user, job_site, work, "--template", "bb", "-o", "hi.out", "hi.sh", env=private)
+    state = wait_for(user, job_site, [job], FINAL, timeout_s=60, env=private)[job]
+    assert state["state"] == "completed" and (work / "hi.out").read_text() == "hi\n", state
+    runner = _runner_pid(private, job)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{runner}") and open(f"/proc/{runner}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the job's runner waits for the lingering mount's reaper"
+        time.sleep(0.1)
+    (mount,) = [m for m in fuse_mounts_under(str(state_dir)) if "/images/" in m]
+    with open(os.path.join(os.path.dirname(mount), "mount.json")) as handle:
+        reaper = json.load(handle)["reaper"][0]
+    assert os.path.exists(f"/proc/{reaper}")
+    cleaned = user.berth("doctor", "--cleanup", env={**job_site.env, **private})
+    assert f"unmounted the shared image mount {mount} (lingering, not in use)" in cleaned.stdout, describe(cleaned)
+    deadline = time.monotonic() + 20
+    while fuse_mounts_under(str(state_dir)) or lingering_reapers(user.uid, str(state_dir)):
+        assert time.monotonic() < deadline, (fuse_mounts_under(str(state_dir)), lingering_reapers(user.uid, str(state_dir)))
+        time.sleep(0.1)

@@ -463,3 +463,35 @@ def test_a_step_on_several_nodes_pulls_a_missing_image_once(job_site, user, slur
         assert failed.stderr.count("could not pull it") == 2, describe(failed)
     finally:
         proxy.stop()
+
+
+def test_sequential_runs_of_a_job_share_a_lingering_mount_that_ends_with_the_job(
+        user, user_tmp, slurm_cluster, slurm_env, runtime_images):
+    """image_mount_linger in a plain sbatch job that calls `berth run` twice: the second run
+    reuses the first one's mount; the lingering mount's reaper and daemon keep nothing of the
+    job alive (Slurm ends them with the job's processes), and the next berth on the node
+    removes the dead mount."""
+    from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers
+    from tests.harness.users import berth_executable
+
+    state = user_tmp / "state"
+    berth = f"{berth_executable()} run --debug {runtime_images.busybox} true"
+    env = {**slurm_env, "BERTH_STATE_DIR": str(state), "BERTH_IMAGE_MOUNT_LINGER": "10m"}
+    result = user.run(["sbatch", "--wait", "--parsable", "-w", "node1", "-o", f"{user_tmp}/out", "--wrap",
+                       f"{berth} && {berth} && echo done"], env=env, timeout=120)
+    assert result.returncode == 0, describe(result)
+    output = (user_tmp / "out").read_text()
+    assert output.count("sharing the image mount") == 1 and "(it was lingering)" in output, output
+    assert output.rstrip().endswith("done"), output
+
+    def daemons() -> list[str]:
+        found = subprocess.run(["pgrep", "-u", user.name, "-f", f"squashfuse.* {state}/"], capture_output=True, text=True)
+        return found.stdout.split()
+
+    deadline = time.monotonic() + 30
+    while daemons() or lingering_reapers(user.uid, str(state)):
+        assert time.monotonic() < deadline, ("Slurm left the job's daemon or reaper", daemons())
+        time.sleep(0.1)
+    again = user.berth("run", str(runtime_images.setuid), "true", env={"BERTH_STATE_DIR": str(state)})
+    assert again.returncode == 0, describe(again)
+    assert fuse_mounts_under(str(state)) == [] and not (state / "images").exists()
