@@ -8,7 +8,8 @@ image and reference-counted by them (DESIGN.md direction 12; issue 10, target 1)
       root/                          the mount point: the image's SquashFS, read-only
       holders/CONTAINER_ID           one per container using the mount, flock()ed by its berth
                                      for the container's whole life
-      mount.json                     the FUSE daemon's pid, program and SquashFS file
+      mount.json                     the FUSE daemon's pid, program and SquashFS file; while the
+                                     mount lingers, since when, for how long, and its reaper
       squashfuse.log                 the daemon's messages
 
 Reference counting is by locks, never by a counter: a holder is a file whose flock is held,
@@ -20,10 +21,24 @@ leave a count wrong. The rules:
 * **Leaving** (:meth:`ImageMount.release`): take the mount lock; remove this holder and every
   holder whose lock is free (its berth died); when none is left, unmount and wait for the
   daemon; drop the mount lock.
+* **Lingering** (site or user setting ``image_mount_linger``, default 0): the last one out
+  leaves the mount up for that long instead, so that the next container of the image (a job
+  script calling ``berth run`` in a loop) finds its warm FUSE caches. The record gets
+  ``idle_since`` and ``linger_s``; one reaper process per lingering mount (forked detached by
+  berth.proc.fork_detached, named ``berth-linger``, holding none of berth's descriptors) sleeps
+  until the linger ends, then, under the mount lock, unmounts as the last one out would — when
+  the mount is still idle since the same moment and nobody holds it. A joiner clears
+  ``idle_since``; a later last one out writes a new one and reuses a live reaper (named in the
+  record by pid and start time), which sleeps on; a reaper that finds the mount in use removes
+  its name and ends, and the next last one out starts another. Whoever unmounts a lingering
+  mount ends its reaper.
 * **Stale clean-up** (:func:`cleanup_stale`, run by every ``berth run`` through
   berth.runtime.state and by ``berth doctor --cleanup``): for each image whose mount lock is free
-  right now, leaving without a holder of one's own. Containers are cleaned first (their
-  runtime killed), so nothing uses a mount when its last holder is judged dead.
+  right now, leaving without a holder of one's own — except a mount lingering within its time
+  whose daemon runs (``berth doctor --cleanup`` ends those too). A lingering mount whose time is
+  up (its reaper was killed) or whose daemon is gone (Slurm's end of a step) is removed.
+  Containers are cleaned first (their runtime killed), so nothing uses a mount when its last
+  holder is judged dead.
 
 **Lock order.** A container's state lock (berth.runtime.state), then an image's mount lock;
 holder locks are only ever tried, never waited for, and the mount lock is held for nothing
@@ -422,8 +437,9 @@ def _our_daemon(pid: object, root: Path) -> bool:
 
 
 def _unmount(directory: Path, process) -> None:
-    """Unmount ``directory``'s root if mounted, then make sure its daemon is gone (caller holds
-    the mount lock). Never raises."""
+    """Unmount ``directory``'s root if mounted, then make sure its daemon is gone, and a
+    lingering mount's reaper too when another process unmounts (caller holds the mount lock).
+    Never raises."""
     root = directory / "root"
     record = _read_record(directory)
     reaper = record.get("reaper")
