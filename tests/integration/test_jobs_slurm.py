@@ -63,7 +63,8 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     three = submit(user, job_site, work, "--template", "bb", "three.sh", env=env)
     steps = submit(user, job_site, work, "--template", "bb", "steps.sh", env=env)
     timed = submit(user, job_site, work, "--template", "bb", "-t", "1", "trap.sh", env=env)
-    cancelled = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
+    cancelled = submit(user, job_site, work, "--template", "bb", "-o", "cancel-%j.out", "-e", "cancel-%j.err",
+                       "trap.sh", env=env)
     suspended = submit(user, job_site, work, "--template", "bb", "trap.sh", env=env)
     slow = submit(user, job_site, work, "--template", "slowboot", "ok.sh", env=env)
     job_site.write_script(work, "gpu.sh", '#!/bin/sh\necho "gpus=$CUDA_VISIBLE_DEVICES"\nnvidia-smi -L\n', user)
@@ -128,6 +129,12 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
 
     assert states[cancelled]["state"] == "cancelled", info
     assert (work / f"trap-{cancelled}.txt").read_text() == f"trapped {cancelled}\n"
+    # Slurm's own word on the cancel reaches the job's error file (carried by berth's runner, as
+    # Slurm writes only a file in the record: docs/jobs.md, "Output files"), not its output.
+    native_cancelled = states[cancelled]["native_id"]
+    wait_file(work / f"cancel-{cancelled}.err", timeout_s=30,
+              contains=f"error: *** JOB {native_cancelled} ON {states[cancelled]['node']} CANCELLED AT ")
+    assert "CANCELLED" not in (work / f"cancel-{cancelled}.out").read_text()
     assert states[suspended]["state"] == "cancelled", info
 
     assert (states[slow]["state"], states[slow]["phase"]) == ("failed", "boot"), info
@@ -151,6 +158,57 @@ def test_slurm_jobs_end_to_end(job_site, user, slurm_cluster, slurm_env):
     states = wait_for(user, job_site, [timed], FINAL, timeout_s=150, env=env, poll_s=2)
     assert states[timed]["state"] == "timeout", info
     assert (work / f"trap-{timed}.txt").read_text() == f"trapped {timed}\n"
+    # Without -e, Slurm's message goes where the job's stderr goes: its output (here the default).
+    deadline = time.monotonic() + 30
+    while "DUE TO TIME LIMIT ***" not in (logs := user.berth("logs", timed, env={**job_site.env, **env})).stdout:
+        assert time.monotonic() < deadline, describe(logs)
+        time.sleep(0.5)
+    assert f"*** JOB {states[timed]['native_id']} ON " in logs.stdout and logs.stderr == "", describe(logs)
+
+
+def test_slurm_job_output_files_are_the_users_and_truncated_or_appended_as_sbatch_does(job_site, user,
+                                                                                      slurm_cluster, slurm_env):
+    """berth's runner, not slurmstepd, opens -o/-e on the node (docs/security.md, "Paths berth
+    resolves"): the job's stdout and stderr land in the files named, as the user, with the mode
+    they were created with at submission; an existing file is truncated, as sbatch's default
+    open mode does, or appended to with --open-mode=append; without -e stderr goes to -o; and
+    `berth logs` shows both streams and nothing else."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "both.sh", """\
+        #!/bin/sh
+        #BERTH --template=bb
+        echo "out $BERTH_JOB_ID"
+        echo "err $BERTH_JOB_ID" >&2
+    """, user)
+    for name, mode in (("kept.out", 0o640), ("kept.err", 0o600), ("appended.out", 0o644)):
+        (work / name).write_text("OLD\n")
+        os.chown(work / name, user.uid, user.gid)
+        os.chmod(work / name, mode)
+    old_umask = os.umask(0o022)
+    try:
+        split = submit(user, job_site, work, "-o", "kept.out", "-e", "kept.err", "both.sh", env=slurm_env)
+        appended = submit(user, job_site, work, "--open-mode=append", "-o", "appended.out", "both.sh", env=slurm_env)
+        joined = submit(user, job_site, work, "-o", "joined-%j.out", "both.sh", env=slurm_env)
+    finally:
+        os.umask(old_umask)
+    states = wait_for(user, job_site, [split, appended, joined], FINAL, timeout_s=120, env=slurm_env)
+    info = json.dumps(states, indent=1)
+    assert [states[j]["state"] for j in (split, appended, joined)] == ["completed"] * 3, info
+    expected = {"kept.out": (f"out {split}\n", 0o640), "kept.err": (f"err {split}\n", 0o600),
+                "appended.out": (f"OLD\nout {appended}\nerr {appended}\n", 0o644),
+                f"joined-{joined}.out": (f"out {joined}\nerr {joined}\n", 0o644)}
+    for name, (text, mode) in expected.items():
+        info_ = os.stat(work / name)
+        assert ((work / name).read_text(), info_.st_mode & 0o7777, info_.st_uid, info_.st_gid) == \
+            (text, mode, user.uid, user.gid), (name, info)
+    logs = user.berth("logs", split, env={**job_site.env, **slurm_env})
+    assert (logs.returncode, logs.stdout, logs.stderr) == (0, f"out {split}\n", f"err {split}\n"), describe(logs)
+    # Slurm wrote only its own file in the record (0600): truncated at the start, or berth's
+    # first line kept in append mode (which told the runner to append).
+    for job, text in ((joined, ""), (appended, "berth: Slurm's own output for this job; berth job-exec carries it "
+                                               "into the job's error file\n")):
+        own = job_site.jobs_dir / job / "slurm.out"
+        assert (own.read_text(), own.stat().st_mode & 0o777) == (text, 0o600), job
 
 
 def test_slurm_job_writes_its_submit_directory_when_HOME_is_not_the_passwd_home(job_site, user, slurm_env,

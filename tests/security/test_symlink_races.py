@@ -393,6 +393,58 @@ def test_slurm_array_output_swapped_for_a_link_while_queued_is_refused(job_site,
     assert (work / f"out-{array}_2.txt").read_text() == "task output 2\n", info
 
 
+@pytest.mark.slurm
+def test_slurm_job_output_swapped_for_a_link_while_queued_is_refused(job_site, user, other_user, slurm_cluster,
+                                                                      user_tmp):
+    """The same attack on a plain job's ``-o`` and ``-e``, which slurmstepd opened by name on
+    the node (following the link: the victim's file was truncated and then held the job's
+    output). Now Slurm writes only to a file in the job's private record and ``berth
+    job-exec`` opens the user's files itself: the job fails naming the linked file, the
+    victim's file is untouched, and ``berth logs`` shows why."""
+    from tests.integration.jobs_helpers import wait_for
+
+    env = {**job_site.env, **slurm_cluster.env(), "BERTH_BACKEND": "slurm"}
+    work = job_site.workdir(user)
+    os.chmod(work, 0o777)
+    victims = {}
+    for stream in ("out", "err"):
+        victims[stream] = user_tmp / f"victim-{stream}.txt"
+        victims[stream].write_text("ORIGINAL\n")
+        os.chown(victims[stream], user.uid, user.gid)
+    job_site.write_script(work, "job.sh", """\
+        #!/bin/sh
+        #SBATCH -o out-%j.txt
+        #BERTH --template=bb
+        echo "job output"
+        echo "job error" >&2
+    """, user)
+    jobs = {}
+    for stream in ("out", "err"):
+        result = user.berth("submit", "--json", "--hold", "-e", f"{stream}-%j.err", "job.sh", cwd=str(work), env=env)
+        assert result.returncode == 0, describe(result)
+        submitted = json.loads(result.stdout)
+        jobs[stream] = (submitted["id"], submitted["native_id"])
+    for stream, (job, _) in jobs.items():
+        swapped = work / (f"out-{job}.txt" if stream == "out" else f"err-{job}.err")
+        assert swapped.is_file()
+        subprocess.run(["runuser", "-u", other_user.name, "--", "mv", str(swapped), f"{swapped}.moved"], check=True)
+        plant(other_user, swapped, victims[stream])
+    released = user.run(["scontrol", "release", ",".join(native for _, native in jobs.values())],
+                        env=slurm_cluster.env())
+    assert released.returncode == 0, describe(released)
+    states = wait_for(user, job_site, [job for job, _ in jobs.values()], ("completed", "failed", "cancelled",
+                                                                          "timeout"),
+                      timeout_s=120, env={**slurm_cluster.env(), "BERTH_BACKEND": "slurm"})
+    info = json.dumps(states, indent=1)
+    for stream, (job, _) in jobs.items():
+        name = work / (f"out-{job}.txt" if stream == "out" else f"err-{job}.err")
+        assert victims[stream].read_text() == "ORIGINAL\n", (stream, info)
+        assert (states[job]["state"], states[job]["message"]) == (
+            "failed", f"refused the job's output file {name}: it is a symbolic link"), info
+        logs = user.berth("logs", job, env=env)
+        assert logs.returncode == 0 and f"{name}: it is a symbolic link" in logs.stderr, describe(logs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The user store
 

@@ -665,3 +665,100 @@ def test_a_started_script_reads_as_running_before_the_runner_records_it(tmp_path
     # Stage-out runs after the script, with the marker still there: it stays staging.
     record.write_result(JobResult(model.STAGING, phase=model.PHASE_STAGE_OUT, exit_code=0))
     assert record.read_result().state == model.STAGING
+
+
+def test_slurm_writes_only_its_own_file_in_the_record_with_percent_signs_kept():
+    """sbatch's --output names the record's file (an array's: one per task, in its first record),
+    never the user's -o: slurmstepd would follow a link swapped in for it. A '%' of the record's
+    path is doubled so that Slurm reads it as a '%'."""
+    from berth.jobs.slurm import sbatch_argv, scheduler_output
+
+    record = JobRecord(Path("/home/a/100%x/jobs/7"))
+    assert "--output=/home/a/100%%x/jobs/7/slurm.out" in sbatch_argv(_spec(record, output="/w/%j.out"), record)
+    head = _spec(record, array_job_id="7", array_task_id=1)
+    assert "--output=/home/a/100%%x/jobs/7/slurm-%a.out" in sbatch_argv(head, record)
+    assert not [word for word in sbatch_argv(head, record) if word.startswith("--error")]
+    task = JobRecord(Path("/home/a/100%x/jobs/9"))
+    assert scheduler_output(task, _spec(task, array_job_id="7", array_task_id=3)) == \
+        Path("/home/a/100%x/jobs/7/slurm-3.out")
+    assert scheduler_output(record, _spec(record)) == Path("/home/a/100%x/jobs/7/slurm.out")
+
+
+#: Runs SlurmOutput as berth job-exec does, in a child (it replaces the process's stdout and
+#: stderr): take, the job writes both streams, Slurm writes a message, carry.
+_TAKE_AND_CARRY = """
+import os, sys
+from pathlib import Path
+from berth.jobs.records import JobRecord
+from berth.jobs.slurm import SlurmOutput
+record = JobRecord(Path(sys.argv[1]))
+output = SlurmOutput(record, record.read_spec())
+output.take()
+os.write(1, b"job out\\n")
+os.write(2, b"job err\\n")
+with open(record.scheduler_output(), "ab") as slurm:
+    slurm.write(b"slurmstepd: error: *** JOB 5 ON node1 CANCELLED AT 2026-12-03T17:00:00 ***\\n")
+output.carry()
+"""
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_the_runner_opens_the_users_files_and_carries_slurms_own_output_into_the_error_file(tmp_path, append):
+    import subprocess
+    import sys
+
+    from berth.jobs.slurm import OUTPUT_HEADER, uncarried_output
+
+    record = JobRecord(tmp_path / "jobs" / "5")
+    record.path.mkdir(parents=True)
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    for path in (out, err):
+        path.write_text("OLD\n")
+    spec = _spec(record, output=str(out), error=str(err))
+    record.write_spec(spec)
+    # Before the runner: Slurm truncated its file (the default open mode), or appended to
+    # berth's first line (--open-mode=append); either way it wrote a warning.
+    record.scheduler_output().write_bytes((OUTPUT_HEADER if append else b"") + b"slurmstepd: warning: early\n")
+    child = subprocess.run([sys.executable, "-c", _TAKE_AND_CARRY, str(record.path)], capture_output=True)
+    assert (child.returncode, child.stdout, child.stderr) == (0, b"", b""), child
+    old = "OLD\n" if append else ""
+    assert out.read_text() == old + "job out\n"
+    assert err.read_text() == (old + "slurmstepd: warning: early\njob err\n"
+                               "slurmstepd: error: *** JOB 5 ON node1 CANCELLED AT 2026-12-03T17:00:00 ***\n")
+    assert uncarried_output(record, spec) == b""  # all carried: `berth logs` adds nothing
+    with open(record.scheduler_output(), "ab") as slurm:
+        slurm.write(b"slurmstepd: error: Detected 1 oom_kill event in StepId=5.batch\n")
+    assert uncarried_output(record, spec) == b"slurmstepd: error: Detected 1 oom_kill event in StepId=5.batch\n"
+
+
+def test_slurms_output_is_shown_whole_when_the_runner_never_started(tmp_path):
+    from berth.jobs.slurm import OUTPUT_HEADER, prepare_scheduler_output, uncarried_output
+
+    record = JobRecord(tmp_path / "5")
+    record.path.mkdir()
+    spec = _spec(record)
+    assert uncarried_output(record, spec) == b""  # no file (yet)
+    prepare_scheduler_output(record.scheduler_output())
+    assert record.scheduler_output().read_bytes() == OUTPUT_HEADER
+    assert uncarried_output(record, spec) == b""
+    with open(record.scheduler_output(), "ab") as slurm:
+        slurm.write(b"/bin/sh: 1: exec: /opt/berth/bin/python: not found\n")
+    assert uncarried_output(record, spec) == b"/bin/sh: 1: exec: /opt/berth/bin/python: not found\n"
+    record.scheduler_output().write_bytes(b"truncated by Slurm\n")
+    assert uncarried_output(record, spec) == b"truncated by Slurm\n"
+
+
+def test_an_output_file_swapped_for_a_link_is_refused_naming_it_and_nothing_is_written(tmp_path):
+    from berth.errors import JobError
+    from berth.jobs.slurm import SlurmOutput
+
+    record = JobRecord(tmp_path / "5")
+    record.path.mkdir()
+    victim = tmp_path / "bashrc"
+    victim.write_text("ORIGINAL\n")
+    (tmp_path / "out").symlink_to(victim)
+    (tmp_path / "err").write_text("")
+    spec = _spec(record, output=str(tmp_path / "err"), error=str(tmp_path / "out"))
+    with pytest.raises(JobError, match=f"^refused the job's output file {tmp_path}/out: it is a symbolic link$"):
+        SlurmOutput(record, spec).take()
+    assert victim.read_text() == "ORIGINAL\n" and (tmp_path / "err").read_text() == ""

@@ -185,7 +185,7 @@ def cmd_jobs(args, ctx) -> int:
 
 
 def cmd_logs(args, ctx) -> int:
-    from berth.jobs.api import log_paths, read_log_tail, status
+    from berth.jobs.api import log_paths, read_log_tail, scheduler_messages, status
 
     current = status(ctx.settings, args.job)
     output, error = log_paths(current.spec)
@@ -211,6 +211,13 @@ def cmd_logs(args, ctx) -> int:
                 if data:
                     stream.buffer.write(data)
                     stream.buffer.flush()
+    # The scheduler's own words that are in neither file (Slurm's, when berth's runner on the
+    # node could not carry them into the error file: docs/jobs.md, "Output files").
+    messages = scheduler_messages(ctx.settings, current.spec)
+    if messages:
+        sys.stdout.flush()
+        sys.stderr.buffer.write(messages)
+        sys.stderr.buffer.flush()
     return 0
 
 

@@ -184,7 +184,8 @@ def _prepare_output(settings: Settings, path: str, option: str, *, own: bool) ->
     planted a symbolic link, their own file or a FIFO at the name. The file is opened without
     following links and without blocking, and refused unless it is a regular file of yours;
     once it exists and is yours, nobody else can swap it in a sticky directory before the job
-    writes it (Slurm opens it by name on the node). A path inside berth's jobs directory is
+    writes it (the job's runner opens it again the same way: the local backend's, and
+    berth.jobs.slurm.SlurmOutput on the node). A path inside berth's jobs directory is
     refused (``own``: the record's default output). Returns True when this call created the
     file. Raises UsageError naming the option."""
     from berth.jobs.records import jobs_dir, open_regular_nofollow
@@ -556,6 +557,17 @@ def log_paths(spec: JobSpec) -> tuple[Path, Path | None]:
     return Path(spec.output), Path(spec.error) if spec.error else None
 
 
+def scheduler_messages(settings: Settings, spec: JobSpec) -> bytes:
+    """What the scheduler wrote for the job that is in neither of its files: for a Slurm job,
+    Slurm's own output that berth's runner did not carry into the error file (it never
+    started, was killed, or Slurm wrote after it ended; berth.jobs.slurm.SlurmOutput)."""
+    if spec.backend != "slurm":
+        return b""
+    from berth.jobs.slurm import uncarried_output
+
+    return uncarried_output(find_record(settings, spec.id), spec)
+
+
 def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     """``berth job-exec``: run the job of the record at ``record_path`` on this node.
 
@@ -569,6 +581,7 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     spec = record.read_spec()
     if spec.backend != backend_name:
         raise JobError(f"job {spec.id} was submitted to the {spec.backend} backend, not {backend_name}")
+    output = None
     if backend_name == "local":
         import signal
 
@@ -596,13 +609,18 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
             return proc.signal_status(signal.SIGTERM)
         node = os.uname().nodename
     else:
+        from berth.jobs.slurm import SlurmOutput
+
         node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
         slot = None
-        if spec.array_job_id:
-            refused = _array_task_output(spec)
-            if refused is not None:
-                record.write_result(model.JobResult(model.FAILED, ended_at=time.time(), node=node, message=refused))
-                return 1
+        output = SlurmOutput(record, spec)
+        try:
+            output.take()
+        except JobError as error:
+            # Said in the record and on stderr, which is still Slurm's own file (`berth logs`).
+            record.write_result(model.JobResult(model.FAILED, ended_at=time.time(), node=node,
+                                                message=error.message))
+            raise
     try:
         supervisor = Supervisor(settings, record, limit_resources=backend_name == "local",
                                 enforce_time_limit=backend_name == "local", node=node)
@@ -612,6 +630,8 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
             slot.close()
         if backend_name == "local" and array_slot is not None:
             array_slot.close()
+        if output is not None:
+            output.carry()  # Slurm's words on a cancel or the time limit (*** JOB N ... CANCELLED ***)
     if result.state == model.COMPLETED:
         return 0
     if result.exit_code is not None:
@@ -619,33 +639,6 @@ def run_job(settings: Settings, record_path: str, backend_name: str) -> int:
     if result.signal is not None:
         return proc.signal_status(result.signal)
     return 1
-
-
-def _array_task_output(spec: JobSpec) -> str | None:
-    """A Slurm array task's output and error files, opened here as stdout and stderr (Slurm's
-    ``--output`` cannot name berth's per-task ids, so it writes to /dev/null): without
-    following a link and only as a regular file of the user's, as the local backend opens
-    them. (A shell ``>>`` in the batch script followed a link that another user swapped in
-    after submission, in a shared directory without the sticky bit.) Returns why they were
-    refused, or None."""
-    from berth.jobs.records import open_regular_nofollow
-
-    opened: dict[str, int] = {}
-    try:
-        for path in filter(None, (spec.output, spec.error)):
-            opened[path] = open_regular_nofollow(Path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644,
-                                                 replace_planted=False)
-    except OSError as exc:
-        for fd in opened.values():
-            os.close(fd)
-        return f"refused the job's output file {exc.filename or path}: it {exc.strerror}"
-    out = opened[spec.output]
-    err = opened.get(spec.error or "", out)
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    for fd in set(opened.values()):
-        os.close(fd)
-    return None
 
 
 def read_log_tail(path: Path, offset: int) -> tuple[bytes, int]:

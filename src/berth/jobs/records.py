@@ -15,6 +15,9 @@ their paths.
           started           created inside the container just before the script starts
         cancel              exists once `berth cancel` asked for the job to stop
         stdout, stderr      default output files
+        slurm.out           Slurm's own output for the job (berth.jobs.slurm.SlurmOutput); an
+        slurm-TASK.out      array's, one per task, are in its first task's record
+        slurm*.out.carried  how much of it berth job-exec carried into the job's error file
       .slots/N.lock         flock files: the local backend's concurrency limit
 
 Every write is atomic (temporary file in the same directory, fsync, ``os.replace``) so that a
@@ -87,6 +90,12 @@ class JobRecord:
     @property
     def default_output(self) -> Path:
         return self.path / "stdout"
+
+    def scheduler_output(self, task: int | str | None = None) -> Path:
+        """The file Slurm writes its own output to (berth.jobs.slurm.SlurmOutput): a plain
+        job's ``slurm.out``; in an array's first record, task ``TASK``'s ``slurm-TASK.out``
+        (``task="%a"``: sbatch's pattern for all of them)."""
+        return self.path / ("slurm.out" if task is None else f"slurm-{task}.out")
 
     def read_spec(self) -> JobSpec:
         try:

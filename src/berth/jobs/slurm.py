@@ -17,9 +17,13 @@ a site's KillWait must be at least the largest template stop_timeout.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from berth import proc
 from berth.config.settings import Settings
@@ -74,14 +78,169 @@ def sbatch_argv(spec: JobSpec, record: JobRecord) -> list[str]:
         argv.append(f"--partition={r.partition}")
     if r.exclusive:
         argv.append("--exclusive")
-    argv.append(f"--output={spec.output}")
-    if spec.error:
-        argv.append(f"--error={spec.error}")
+    # Slurm writes its own file in the job's private record, never the user's -o/-e (SlurmOutput).
+    argv.append(f"--output={scheduler_output_pattern(record, spec)}")
     argv.append(f"--chdir={spec.workdir}")
     # Ties the Slurm job to this record: Slurm ids restart when a cluster is rebuilt.
     argv.append(f"--comment={record_tag(record)}" + (f" {spec.comment}" if spec.comment else ""))
     argv.extend(spec.scheduler_options)
     return argv
+
+
+def scheduler_output_pattern(record: JobRecord, spec: JobSpec) -> str:
+    """sbatch's ``--output`` for the job of ``record``: its :meth:`JobRecord.scheduler_output`
+    (an array's first record: every task's, ``%a`` being Slurm's task id, which is berth's),
+    with the record's ``%`` doubled so that Slurm reads none of it as a pattern."""
+    name = record.scheduler_output("%a" if spec.array_job_id else None).name
+    return str(record.path).replace("%", "%%") + "/" + name
+
+
+def scheduler_output(record: JobRecord, spec: JobSpec) -> Path:
+    """The file Slurm writes its own output to for the job of ``record`` (the node's side of
+    :func:`scheduler_output_pattern`)."""
+    if spec.array_job_id:
+        return JobRecord(record.path.parent / spec.array_job_id).scheduler_output(spec.array_task_id)
+    return record.scheduler_output()
+
+
+#: The first line of Slurm's file, written at submission. Slurm truncates the file when the job
+#: starts unless the job's open mode is append (sbatch --open-mode, the site's JobFileAppend):
+#: finding it tells the runner to append to the user's -o/-e files rather than truncate them,
+#: as Slurm would have done to them.
+OUTPUT_HEADER = b"berth: Slurm's own output for this job; berth job-exec carries it into the job's error file\n"
+
+
+def prepare_scheduler_output(path: Path) -> None:
+    atomic_write(path, OUTPUT_HEADER.decode())
+
+
+class SlurmOutput:
+    """A Slurm job's ``-o``/``-e`` on the node (docs/security.md, "Paths berth resolves").
+
+    slurmstepd opens a job's ``--output`` by name and follows links: in a shared directory
+    without the sticky bit another user could swap the user's file for a link to another of
+    theirs (``~/.bashrc``) while the job waited, and the job's output went there. So Slurm gets
+    a file in the job's private record (:func:`scheduler_output`), and the runner opens the
+    user's files itself, as the local backend does (never through a link, only a regular file
+    of the user's), truncated as Slurm would have (not when :data:`OUTPUT_HEADER` says append),
+    as its stdout and stderr. What Slurm wrote to its own file (anything before the runner
+    started, ``slurmstepd: error: *** JOB N ON node CANCELLED AT ... ***``) the runner carries
+    into the job's error file when it starts and when the job ends; what it could not carry
+    (it never started or was killed, Slurm wrote after it ended) ``berth logs`` shows
+    (:func:`uncarried_output`)."""
+
+    def __init__(self, record: JobRecord, spec: JobSpec) -> None:
+        self.spec = spec
+        self.path = scheduler_output(record, spec)
+        self.offset = 0
+
+    def take(self) -> None:
+        """Open the user's output and error files as this process's stdout and stderr and carry
+        Slurm's output so far into the error file. Raises JobError naming a file refused."""
+        from berth.jobs.records import open_regular_nofollow
+
+        opened: dict[str, int] = {}
+        try:
+            for name in filter(None, (self.spec.output, self.spec.error)):
+                if name not in opened:
+                    opened[name] = open_regular_nofollow(Path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644,
+                                                         replace_planted=False)
+        except OSError as exc:
+            for fd in opened.values():
+                os.close(fd)
+            raise _refused(exc, name) from None
+        append, self.offset = self._start()
+        if not append:
+            for fd in opened.values():
+                os.ftruncate(fd, 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(opened[self.spec.output], 1)
+        os.dup2(opened.get(self.spec.error or "", opened[self.spec.output]), 2)
+        for fd in opened.values():
+            os.close(fd)
+        self.carry()
+
+    def _start(self) -> tuple[bool, int]:
+        """(whether Slurm appends, where carrying starts): after the header and whatever a run
+        before this one (Slurm requeued the job) carried already."""
+        try:
+            with _open_own(self.path) as fd:
+                if os.pread(fd, len(OUTPUT_HEADER), 0) != OUTPUT_HEADER:
+                    return False, 0
+                size = os.fstat(fd).st_size
+        except OSError:
+            return False, 0
+        carried = _carried(self.path)
+        return True, carried if len(OUTPUT_HEADER) <= carried <= size else len(OUTPUT_HEADER)
+
+    def carry(self) -> None:
+        """Append what Slurm wrote to its file since the last carry to the job's error file
+        (this process's stderr) and record how far it got. Never raises: the job's own end
+        matters more."""
+        try:
+            with _open_own(self.path) as fd:
+                while chunk := os.pread(fd, 1 << 20, self.offset):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(2, view):]
+                    self.offset += len(chunk)
+            atomic_write(_carried_path(self.path), f"{self.offset}\n")
+        except (OSError, JobError):
+            pass
+
+
+def uncarried_output(record: JobRecord, spec: JobSpec) -> bytes:
+    """What Slurm wrote to its own file for the job that the runner did not carry into the
+    job's error file (:class:`SlurmOutput`): everything when the runner never started."""
+    path = scheduler_output(record, spec)
+    try:
+        with _open_own(path) as fd:
+            size = os.fstat(fd).st_size
+            start = len(OUTPUT_HEADER) if os.pread(fd, len(OUTPUT_HEADER), 0) == OUTPUT_HEADER else 0
+            carried = _carried(path)
+            if start <= carried <= size:
+                start = carried
+            chunks = []
+            while chunk := os.pread(fd, 1 << 20, start):
+                chunks.append(chunk)
+                start += len(chunk)
+    except OSError:
+        return b""
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def _open_own(path: Path):
+    from berth.jobs.records import open_regular_nofollow
+
+    fd = open_regular_nofollow(path, os.O_RDONLY, replace_planted=False)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _carried_path(path: Path) -> Path:
+    return path.with_name(path.name + ".carried")
+
+
+def _carried(path: Path) -> int:
+    try:
+        return int(_carried_path(path).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _refused(exc: OSError, name: str) -> JobError:
+    name = exc.filename or name
+    hint = ("berth writes a job's output only to a regular file of yours, never through a link; in a directory "
+            "other users can write without the sticky bit, they can replace it while the job waits: keep "
+            "outputs where only you can change names, and resubmit")
+    if exc.errno in (errno.ELOOP, errno.EPERM, errno.ENODEV, errno.EISDIR):  # records._planted_error
+        return JobError(f"refused the job's output file {name}: it {exc.strerror}", hint=hint)
+    return JobError(f"cannot open the job's output file {name}: {exc.strerror}",
+                    hint="check that you can still write it and its directory, and resubmit")
 
 
 def array_script(tasks: list[tuple[JobRecord, JobSpec]], python: str) -> str:
@@ -92,7 +251,7 @@ def array_script(tasks: list[tuple[JobRecord, JobSpec]], python: str) -> str:
     for record, task in tasks:
         runner = " ".join(shlex.quote(word) for word in
                           (python, "-m", "berth", "job-exec", "--backend", "slurm", str(record.path)))
-        # job-exec opens the task's output itself, never through a link (api._array_task_output).
+        # job-exec opens the task's output itself, never through a link (SlurmOutput).
         cases.append(f"  {task.array_task_id}) exec {runner} ;;")
     return (
         "#!/bin/sh\n"
@@ -246,8 +405,8 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
         lost = JobResult(model.FAILED, phase=model.PHASE_SCHEDULER, ended_at=time.time(),
                          message=f"{ended} without a result from berth's runner for that run (the last one "
                                  f"recorded, '{result.state}', was no cancel of yours: the run before Slurm "
-                                 "requeued the job, or a signal from outside); check the job's output file, "
-                                 "or resubmit it")
+                                 f"requeued the job, or a signal from outside); `berth logs {spec.label}` shows "
+                                 "the job's output and Slurm's own messages, or resubmit it")
         try:
             record.write_result(lost)
         except OSError:
@@ -255,8 +414,8 @@ def merge_state(spec: JobSpec, record: JobRecord, slurm: dict[str, str] | None) 
         return JobStatus(spec, lost, native_id, state)
     return JobStatus(spec, JobResult(
         model.FAILED, phase=model.PHASE_SCHEDULER,
-        message=f"{ended} before berth's runner reported a result; check the job's output file and that you "
-                "can write it"),
+        message=f"{ended} before berth's runner reported a result; `berth logs {spec.label}` shows Slurm's "
+                "own messages"),
         native_id, state)
 
 
@@ -296,6 +455,7 @@ class SlurmBackend:
         argv = sbatch_argv(spec, record)
         atomic_write(record.path / "batch.sh", script)
         atomic_write(record.path / "sbatch.argv", "\n".join(argv) + "\n")
+        prepare_scheduler_output(record.scheduler_output())
         return self._sbatch(argv, script, spec)
 
     def _sbatch(self, argv: list[str], script: str, spec: JobSpec) -> str:
@@ -312,15 +472,18 @@ class SlurmBackend:
 
     def submit_array(self, tasks: list[tuple[JobRecord, JobSpec]]) -> list[str]:
         """One ``sbatch --array`` for all tasks: the batch script picks the task's record by
-        ``SLURM_ARRAY_TASK_ID`` and writes its output where berth resolved it (Slurm's own
-        ``--output`` pattern cannot name berth's per-task ids). Returns ``NATIVE_TASK`` ids."""
+        ``SLURM_ARRAY_TASK_ID``; its runner writes the task's output where berth resolved it,
+        and Slurm its own in the first record (``slurm-%a.out``: Slurm's ``--output`` pattern
+        cannot name berth's per-task ids). Returns ``NATIVE_TASK`` ids."""
         head, spec = tasks[0]
-        argv = [word for word in sbatch_argv(spec, head) if not word.startswith(("--output=", "--error="))]
+        argv = sbatch_argv(spec, head)
         limit = f"%{spec.array_limit}" if spec.array_limit else ""
-        argv[2:2] = [f"--array={','.join(str(t.array_task_id) for _, t in tasks)}{limit}", "--output=/dev/null"]
+        argv[2:2] = [f"--array={','.join(str(t.array_task_id) for _, t in tasks)}{limit}"]
         script = array_script(tasks, sys.executable)
         atomic_write(head.path / "batch.sh", script)
         atomic_write(head.path / "sbatch.argv", "\n".join(argv) + "\n")
+        for _, task in tasks:
+            prepare_scheduler_output(head.scheduler_output(task.array_task_id))
         native = self._sbatch(argv, script, spec)
         return [f"{native}_{task.array_task_id}" for _, task in tasks]
 
