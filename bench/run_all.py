@@ -10,12 +10,17 @@ Usage (as root, on a quiet machine)::
 
     BERTH_BENCH=1 scripts/install-system-packages.sh && scripts/setup-venv.sh
     python3 bench/run_all.py [--only start,import_storm,jobs_start,pull_convert,inflate,squashfs_compression,staging] [--quick] [--fresh]
+    python3 bench/run_all.py --glance   # after adding a report to a section by hand
+
+"Targets at a glance" is made from the sections (each target's newest verdict, dated), never
+written by hand; tests/unit/test_bench_results.py holds RESULTS.md to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +42,15 @@ BENCHMARKS = {
     "mpi": ([], ["--quick"]),
     "node_scale": (["--runs", "3"], ["--runs", "1", "--counts", "1,4"]),
 }
+#: Section titles in RESULTS.md.
+TITLES = {"pull_convert": "1. Pull + convert", "inflate": "1b. gzip inflate for pull", "start": "2. Start",
+          "import_storm": "3. Import storm", "jobs_start": "4. Jobs: start to container running",
+          "store_ops": "4b. Jobs at scale: one node's shared-filesystem operations and registry traffic",
+          "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging",
+          "mpi": "7. MPI: micro-benchmarks and launch",
+          "node_scale": "8. Node scale: many containers of one image"}
+GLANCE_TITLE = "## Targets at a glance"
+GLANCE_NOTE = "(each target's newest verdict in the sections below, with the date of its report; copied by run_all.py)"
 #: Order of the sections in RESULTS.md (issue order).
 SECTION_ORDER = ("pull_convert", "inflate", "start", "import_storm", "jobs_start", "store_ops", "squashfs_compression",
                  "staging", "mpi", "node_scale")
@@ -91,7 +105,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite RESULTS.md")
     parser.add_argument("--fresh", action="store_true", help="forget the reports of earlier runs first")
+    parser.add_argument("--glance", action="store_true",
+                        help="run nothing: rewrite RESULTS.md's targets at a glance from its own sections")
     args = parser.parse_args()
+    if args.glance:
+        RESULTS.write_text(with_glance(RESULTS.read_text()))
+        return 0
     if args.fresh and SECTIONS_DIR.exists():
         for old in SECTIONS_DIR.iterdir():
             old.unlink()
@@ -123,30 +142,67 @@ def write_results() -> None:
         observations = RESULTS.read_text().split("\n## Observations", 1)[1]
         observations = "\n## Observations" + observations
     parts = [HOWTO]
-    summary = []
     for name in SECTION_ORDER:
         report = SECTIONS_DIR / f"{name}.md"
-        if report.exists():
-            summary += [f"- {name}: {line[2:]}" for line in report.read_text().splitlines()
-                        if line.startswith("- ") and "target" in line]
-    if summary:
-        parts.append("## Targets at a glance\n\n(the target lines of the reports below, copied by run_all.py)\n\n"
-                     + "\n".join(summary) + "\n")
-    titles = {"pull_convert": "1. Pull + convert", "inflate": "1b. gzip inflate for pull", "start": "2. Start", "import_storm": "3. Import storm",
-              "jobs_start": "4. Jobs: start to container running",
-              "store_ops": "4b. Jobs at scale: one node's shared-filesystem operations and registry traffic",
-              "squashfs_compression": "5. SquashFS compressors", "staging": "6. Data staging",
-              "mpi": "7. MPI: micro-benchmarks and launch",
-              "node_scale": "8. Node scale: many containers of one image"}
-    for name in SECTION_ORDER:
-        report = SECTIONS_DIR / f"{name}.md"
-        parts.append(f"## {titles[name]}\n")
+        parts.append(f"## {TITLES[name]}\n")
         if report.exists():
             parts.append(report.read_text())
         else:
             parts.append(f"not run yet ({datetime.date.today()}).\n")
     text = "\n".join(parts).rstrip() + "\n" + observations
-    RESULTS.write_text(text)
+    RESULTS.write_text(with_glance(text))
+
+
+def is_target_line(line: str) -> bool:
+    """A benchmark's verdict on a target: ``- target ...`` or ``- ... (target ...)``, as the
+    benchmarks print them; not the analysis written around them ("- Why the targets ...")."""
+    return line.startswith("- target ") or (line.startswith("- ") and "(target " in line)
+
+
+def target_name(line: str) -> str:
+    """What a target line is about: its words up to the verdict ("met", "NOT met"), figures
+    left out ("target a: put 1 object: s5cmd/berth = 0.79 (≥ 1.0 NOT met)" and the same with
+    other figures name one target)."""
+    words = re.sub(r"[0-9][0-9.,]*", "", line)
+    return re.split(r"\b(?:NOT )?met\b", words, maxsplit=1)[0]
+
+
+def newest_targets(section: str) -> list[str]:
+    """Each target's newest verdict in ``section``, as ``- (DATE) LINE``. A section may hold
+    several reports (a before/after pair, earlier runs kept for comparison, a profile without
+    targets), each from its ``- command:`` line on, dated by its first ``- date:`` line; the
+    newest report that states a target (:func:`target_name`) speaks for it, wherever it stands
+    in the section."""
+    reports: list[tuple[str, list[str]]] = []
+    for line in section.splitlines():
+        if line.startswith("- command:"):
+            reports.append(("", []))
+        elif reports and line.startswith("- date:") and not reports[-1][0]:
+            reports[-1] = (line[len("- date:"):].strip()[:16], reports[-1][1])
+        elif reports and is_target_line(line):
+            reports[-1][1].append(line)
+    newest: dict[str, tuple[str, str]] = {}
+    for date, lines in sorted((report for report in reports if report[0]), key=lambda report: report[0]):
+        for line in lines:
+            newest[target_name(line)] = (date, line)
+    return [f"- ({date}) {line[2:]}" for date, line in sorted(newest.values(), key=lambda item: item[0],
+                                                               reverse=True)]
+
+
+def with_glance(text: str) -> str:
+    """``text`` (RESULTS.md) with its targets at a glance made from its sections, placed after
+    the how-to text (replacing the glance there was)."""
+    chunks = ("\n" + text).split("\n## ")
+    head, sections = chunks[0][1:], chunks[1:]
+    sections = [chunk for chunk in sections if not chunk.startswith(GLANCE_TITLE[3:] + "\n")]
+    by_title = {chunk.split("\n", 1)[0].strip(): chunk for chunk in sections}
+    summary = [f"- {name}: {line[2:]}" for name in SECTION_ORDER
+               for line in newest_targets(by_title.get(TITLES[name], ""))]
+    glance = [f"{GLANCE_TITLE[3:]}\n\n{GLANCE_NOTE}\n\n" + "\n".join(summary) + "\n"] if summary else []
+    first_results = next((i for i, chunk in enumerate(sections) if chunk.split("\n", 1)[0].strip() in TITLES.values()),
+                         len(sections))
+    ordered = sections[:first_results] + glance + sections[first_results:]
+    return head + "".join("\n## " + chunk for chunk in ordered)
 
 
 if __name__ == "__main__":
