@@ -682,6 +682,12 @@ def test_slurm_writes_only_its_own_file_in_the_record_with_percent_signs_kept():
     assert scheduler_output(task, _spec(task, array_job_id="7", array_task_id=3)) == \
         Path("/home/a/100%x/jobs/7/slurm-3.out")
     assert scheduler_output(record, _spec(record)) == Path("/home/a/100%x/jobs/7/slurm.out")
+    # Slurm removes a backslash from --output (the job fails to launch, writing nothing): refused.
+    from berth.errors import JobError
+
+    odd = JobRecord(Path("/home/a/x\\y/jobs/7"))
+    with pytest.raises(JobError, match=r"the jobs directory /home/a/x\\y/jobs has a backslash"):
+        sbatch_argv(_spec(odd), odd)
 
 
 #: Runs SlurmOutput as berth job-exec does, in a child (it replaces the process's stdout and

@@ -90,7 +90,13 @@ def sbatch_argv(spec: JobSpec, record: JobRecord) -> list[str]:
 def scheduler_output_pattern(record: JobRecord, spec: JobSpec) -> str:
     """sbatch's ``--output`` for the job of ``record``: its :meth:`JobRecord.scheduler_output`
     (an array's first record: every task's, ``%a`` being Slurm's task id, which is berth's),
-    with the record's ``%`` doubled so that Slurm reads none of it as a pattern."""
+    with the record's ``%`` doubled so that Slurm reads none of it as a pattern. Raises
+    JobError for a record path with a backslash: Slurm drops it from ``--output`` (seen with
+    22.05: the job failed to launch, writing nothing anywhere)."""
+    if "\\" in str(record.path):
+        raise JobError(f"the jobs directory {record.path.parent} has a backslash in its path, which Slurm "
+                       "removes from the job's output file name: the job could not start",
+                       hint="move it to a path without one (jobs_dir, BERTH_JOBS_DIR; `berth config show`)")
     name = record.scheduler_output("%a" if spec.array_job_id else None).name
     return str(record.path).replace("%", "%%") + "/" + name
 
