@@ -234,7 +234,7 @@ def test_short_disk_falls_back_to_the_fuse_mount_with_a_warning(unpacked_env, ru
         result = unpacked_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
         assert result.returncode == 0 and result.stdout.startswith("root:x:0:"), describe(result)
         assert "warning: no room to unpack the image" in result.stderr, describe(result)
-        assert "MB free" in result.stderr and "berth prune" in result.stderr, describe(result)
+        assert "MiB free" in result.stderr and "berth prune" in result.stderr, describe(result)
         assert [name for name in copies(unpacked_env) if not name.endswith(LOCKS)] == []
         assert unpacked_env.wait_clean() == []
     finally:

@@ -323,7 +323,9 @@ def _check_space(base: Path, source: Path, size_bytes: int, inodes: int) -> None
     wanted = size_bytes + int(size_bytes * SPACE_MARGIN[0]) + SPACE_MARGIN[1]
     short_inodes = fs.f_files > 0 and fs.f_favail < inodes * 1.05
     if free_bytes < wanted or short_inodes:
-        what = (f"{wanted / 1e6:.0f} MB, {free_bytes / 1e6:.0f} MB free" if free_bytes < wanted
+        from berth.config.units import human_size  # the one way sizes are shown to people
+
+        what = (f"{human_size(wanted)}, {human_size(free_bytes)} free" if free_bytes < wanted
                 else f"{inodes} inodes, {fs.f_favail} free")
         raise InsufficientSpace(
             f"no room to unpack the image {source} into {base}: it needs {what}",
