@@ -30,7 +30,6 @@ its share, and the keeper's own container lock makes a killed keeper's leftovers
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import signal
@@ -39,7 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from berth import locks, proc
-from berth.errors import NotFound, RuntimeFailure, UsageError
+from berth.errors import LockError, NotFound, RuntimeFailure, UsageError
 from berth.record import replace
 from berth.runtime import state
 from berth.runtime.env import glob_matcher
@@ -219,9 +218,11 @@ def _leave(state_dir: Path, name: str, tasks_fd: int, keeper_pid: int | None, st
     """Drop this task's share; the last task of the node stops the container and waits for it."""
     try:
         try:
-            fcntl.flock(tasks_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return  # other tasks still run in the container (or none was shared: error path)
+            last = locks.try_acquire(tasks_fd)  # exclusive only when no other task holds a share
+        except LockError:
+            last = False  # no lock (none was shared: error path)
+        if not last:
+            return  # other tasks still run in the container
         info = _live(state_dir, name)
         pid = keeper_pid or (info or {}).get("pid")
         if not pid:
