@@ -211,6 +211,33 @@ def test_slurm_job_output_files_are_the_users_and_truncated_or_appended_as_sbatc
         assert (own.read_text(), own.stat().st_mode & 0o777) == (text, 0o600), job
 
 
+def test_slurms_messages_from_before_the_runner_starts_reach_the_error_file(job_site, user, slurm_cluster,
+                                                                           slurm_env):
+    """What slurmstepd says before berth's runner starts (here: the job's directory was removed
+    while it waited) lands in the job's error file, ahead of what the job itself says, as it did
+    when Slurm wrote the file itself."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "job.sh", "#!/bin/sh\n#BERTH --template=bb\necho ran\n", user)
+    gone = work / "gone"
+    gone.mkdir()
+    os.chown(gone, user.uid, user.gid)
+    result = user.berth("submit", "--json", "--hold", "-D", "gone", "-o", f"{work}/out-%j.txt", "job.sh",
+                        cwd=str(work), env={**job_site.env, **slurm_env})
+    assert result.returncode == 0, describe(result)
+    submitted = json.loads(result.stdout)
+    job = submitted["id"]
+    gone.rmdir()
+    released = user.run(["scontrol", "release", submitted["native_id"]], env=slurm_cluster.env())
+    assert released.returncode == 0, describe(released)
+    states = wait_for(user, job_site, [job], FINAL, timeout_s=120, env=slurm_env)
+    text = (work / f"out-{job}.txt").read_text()
+    assert states[job]["state"] == "failed", (states, text)
+    slurm = (job_site.jobs_dir / job / "slurm.out").read_text()  # (22.05 says it twice)
+    assert f"error: couldn't chdir to `{gone}'" in slurm and text.startswith(slurm), (text, slurm)
+    logs = user.berth("logs", job, env={**job_site.env, **slurm_env})
+    assert (logs.stdout, logs.stderr) == (text, ""), describe(logs)
+
+
 def test_slurm_job_writes_its_submit_directory_when_HOME_is_not_the_passwd_home(job_site, user, slurm_env,
                                                                              home_elsewhere):
     """Issue 9 defect 1 on Slurm: sbatch exports the submitting shell's HOME to the node, where
