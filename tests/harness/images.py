@@ -100,9 +100,10 @@ def _built_from_json(layout: Path, data: dict) -> BuiltImage:
                       data["oci_manifest"].encode(), data["platform"], tuple(data.get("layer_compressions", ())))
 
 
-def build_image(spec: ImageSpec) -> BuiltImage:
-    """The OCI layout of ``spec`` (tag ``latest``), built once and cached by spec hash."""
-    key = ocilayout.spec_key(spec)
+def _cached_layout(key: str, write) -> tuple[Path, dict]:
+    """The cache entry ``key``: (its OCI layout, its built.json data), made once by
+    ``write(layout_dir) -> data`` under the entry's lock in a staging directory renamed into
+    place, so that concurrent pytest processes build it once and never see half of it."""
     entry = cache_dir() / key
     meta = entry / "built.json"
     if not meta.exists():
@@ -110,38 +111,31 @@ def build_image(spec: ImageSpec) -> BuiltImage:
             if not meta.exists():
                 staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
                 try:
-                    image = ocilayout.write_layout(spec, staging / "layout", LAYOUT_TAG)
-                    (staging / "built.json").write_text(json.dumps(_built_to_json(image)))
+                    (staging / "built.json").write_text(json.dumps(write(staging / "layout")))
                     _make_world_readable(staging)
                     shutil.rmtree(entry, ignore_errors=True)
                     os.rename(staging, entry)
                 except BaseException:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
-    return _built_from_json(entry / "layout", json.loads(meta.read_text()))
+    return entry / "layout", json.loads(meta.read_text())
+
+
+def build_image(spec: ImageSpec) -> BuiltImage:
+    """The OCI layout of ``spec`` (tag ``latest``), built once and cached by spec hash."""
+    layout, data = _cached_layout(ocilayout.spec_key(spec), lambda where: _built_to_json(
+        ocilayout.write_layout(spec, where, LAYOUT_TAG)))
+    return _built_from_json(layout, data)
 
 
 def build_index(specs: list[ImageSpec]) -> tuple[list[BuiltImage], bytes]:
     """An OCI layout holding an index over ``specs`` (tag ``latest``), cached by spec hash."""
-    key = "index-" + ocilayout.spec_key(specs)
-    entry = cache_dir() / key
-    meta = entry / "built.json"
-    if not meta.exists():
-        with _cache_lock(key):
-            if not meta.exists():
-                staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
-                try:
-                    images, index = ocilayout.write_index_layout(specs, staging / "layout", LAYOUT_TAG)
-                    (staging / "built.json").write_text(json.dumps(
-                        {"images": [_built_to_json(image) for image in images], "index": index.decode()}))
-                    _make_world_readable(staging)
-                    shutil.rmtree(entry, ignore_errors=True)
-                    os.rename(staging, entry)
-                except BaseException:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise
-    data = json.loads(meta.read_text())
-    return [_built_from_json(entry / "layout", item) for item in data["images"]], data["index"].encode()
+    def write(where: Path) -> dict:
+        images, index = ocilayout.write_index_layout(specs, where, LAYOUT_TAG)
+        return {"images": [_built_to_json(image) for image in images], "index": index.decode()}
+
+    layout, data = _cached_layout("index-" + ocilayout.spec_key(specs), write)
+    return [_built_from_json(layout, item) for item in data["images"]], data["index"].encode()
 
 
 # --------------------------------------------------------------------------- pushing
