@@ -127,9 +127,24 @@ def test_unknown_profile_and_bad_keys(tmp_path):
     _write(tmp_path / "cfg/berth/s3.toml", '[default]\nmultipart_threshold = "1M"\n')
     with pytest.raises(ConfigError, match="multipart_threshold '1M': less than the minimum 5MiB"):
         resolve_profile(None, environ=env)
+    _write(tmp_path / "cfg/berth/s3.toml", '[default]\ntimeout_s = 0\n')
+    with pytest.raises(ConfigError, match="timeout_s '0': less than the minimum 1s"):
+        resolve_profile(None, environ=env)
+    _write(tmp_path / "cfg/berth/s3.toml", '[default]\ntimeout_s = "2 minutes later"\n')
+    with pytest.raises(ConfigError, match="timeout_s '2 minutes later': not a duration"):
+        resolve_profile(None, environ=env)
     _write(tmp_path / "cfg/berth/s3.toml", '[default]\nendpoint = "http://a:b@host"\n')
     with pytest.raises(ConfigError, match="user name or password"):
         resolve_profile(None, environ=env)
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ('"90s"', 90), ('"2m"', 120), ('"1h"', 3600)])
+def test_timeout_s_is_a_duration_as_everywhere_in_berth(tmp_path, text, seconds):
+    """config.units is the one duration grammar (berth.toml's duration keys take "2m"); the S3
+    profile took an integer only and refused timeout_s = "2m" as 'must be an integer'."""
+    _write(tmp_path / "cfg/berth/s3.toml", f"[default]\ntimeout_s = {text}\n")
+    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    assert resolve_profile(None, environ=env).timeout_s == seconds
 
 
 def test_site_endpoint_is_the_fallback(tmp_path):

@@ -155,9 +155,11 @@ def _parse_berth_file(path: Path, text: str) -> dict[str, dict]:
             if key not in _PROFILE_KEYS:
                 raise ConfigError(f"{path}: [{name}] {key}: unknown key",
                                   hint=f"known keys: {', '.join(_PROFILE_KEYS)}; {_PROFILE_DOC}")
-            expected = int if key in ("max_concurrency", "timeout_s") else str
+            # timeout_s is a duration as everywhere in berth: seconds, or a string such as "2m".
+            expected = {"max_concurrency": int, "timeout_s": (int, str)}.get(key, str)
             if not isinstance(value, expected) or isinstance(value, bool):
-                kind = "an integer" if expected is int else "a string"
+                kind = {int: "an integer", str: "a string"}.get(expected, "a duration (seconds, or a string "
+                                                                          "such as \"2m\")")
                 # Never echo the value: it may be a secret.
                 raise ConfigError(f"{path}: [{name}] {key}: must be {kind}", hint=_PROFILE_DOC)
     return document
@@ -207,6 +209,18 @@ def _aws_config_section(parser: configparser.RawConfigParser | None, name: str) 
                     values[f"s3.{key.strip()}"] = value.strip()
             return values
     return None
+
+
+def _duration(value: int | str, key: str, where: str) -> int:
+    """A profile's duration in whole seconds, 1 s to 1 h, in berth's one grammar (config.units:
+    ``60``, ``"90s"``, ``"2m"``), as berth.toml's duration keys read it."""
+    from berth.config.units import parse_duration
+    from berth.errors import UsageError
+
+    try:
+        return parse_duration(str(value), option=f"{where}: {key}", bare_unit="s", minimum_s=1, maximum_s=3600)
+    except UsageError as exc:
+        raise ConfigError(exc.message, hint=exc.hint or _PROFILE_DOC) from None
 
 
 def _size(value: str, key: str, where: str) -> int:
@@ -297,11 +311,9 @@ def resolve_profile(name: str | None, *, settings=None, environ: Mapping[str, st
     chunksize = _size(values["multipart_chunksize"], "multipart_chunksize", where) \
         if "multipart_chunksize" in values else DEFAULT_MULTIPART_CHUNKSIZE
     concurrency = values.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-    timeout_s = values.get("timeout_s", DEFAULT_TIMEOUT_S)
+    timeout_s = _duration(values["timeout_s"], "timeout_s", where) if "timeout_s" in values else DEFAULT_TIMEOUT_S
     if not 1 <= concurrency <= 256:
         raise ConfigError(f"S3 profile '{name}': max_concurrency {concurrency} is out of range (1 to 256)")
-    if not 1 <= timeout_s <= 3600:
-        raise ConfigError(f"S3 profile '{name}': timeout_s {timeout_s} is out of range (1 to 3600)")
     return S3Profile(
         name=name, endpoint=endpoint, region=region, access_key=values.get("access_key"),
         secret_key=values.get("secret_key"), session_token=values.get("session_token"),
