@@ -768,3 +768,26 @@ def test_an_output_file_swapped_for_a_link_is_refused_naming_it_and_nothing_is_w
     with pytest.raises(JobError, match=f"^refused the job's output file {tmp_path}/out: it is a symbolic link$"):
         SlurmOutput(record, spec).take()
     assert victim.read_text() == "ORIGINAL\n" and (tmp_path / "err").read_text() == ""
+
+
+def test_a_requeued_run_in_append_mode_carries_only_what_the_run_before_did_not(tmp_path):
+    """Slurm requeued the job (--open-mode=append): the first run carried its messages already
+    and the second must not repeat them, only what came after (Slurm's requeue notice)."""
+    import subprocess
+    import sys
+
+    from berth.jobs.slurm import OUTPUT_HEADER
+
+    record = JobRecord(tmp_path / "jobs" / "5")
+    record.path.mkdir(parents=True)
+    out = tmp_path / "out.txt"
+    out.write_text("run 1\nslurmstepd: early 1\n")
+    record.write_spec(_spec(record, output=str(out)))
+    first = OUTPUT_HEADER + b"slurmstepd: early 1\n"
+    record.scheduler_output().write_bytes(first + b"slurmstepd: *** JOB 5 CANCELLED DUE TO JOB REQUEUE ***\n")
+    (tmp_path / "jobs" / "5" / "slurm.out.carried").write_text(f"{len(first)}\n")
+    child = subprocess.run([sys.executable, "-c", _TAKE_AND_CARRY, str(record.path)], capture_output=True)
+    assert (child.returncode, child.stderr) == (0, b""), child
+    assert out.read_text() == ("run 1\nslurmstepd: early 1\nslurmstepd: *** JOB 5 CANCELLED DUE TO JOB REQUEUE ***\n"
+                               "job out\njob err\n"
+                               "slurmstepd: error: *** JOB 5 ON node1 CANCELLED AT 2026-12-03T17:00:00 ***\n")
