@@ -1,7 +1,7 @@
 """Frozen record classes, as ``@dataclass(frozen=True)`` makes them, without importing ``dataclasses``.
 
 ``dataclasses`` imports ``inspect`` (with ``ast``, ``dis``, ``tokenize``: ~7 ms) and compiles six
-generated methods for every class at import (~0.6 ms a class): the 17 frozen dataclasses of
+generated methods for every class at import (~0.6 ms a class): the 18 frozen dataclasses of
 the `berth run` path made ~20 of its ~49 ms of imports (issue 10, target 3: start-up; measured
 with ``python -X importtime``: 49 ms before, 29 ms with records; bench/RESULTS.md section 2).
 A class deriving from :class:`Record` gets the same behaviour from generic methods instead::
