@@ -391,6 +391,9 @@ def test_slurm_array_output_swapped_for_a_link_while_queued_is_refused(job_site,
     assert first["state"] == "failed" and "is a symbolic link" in json.dumps(first), info
     assert second["state"] == "completed", info
     assert (work / f"out-{array}_2.txt").read_text() == "task output 2\n", info
+    # The refusal is in Slurm's own file of the task (in the array's record): `berth logs` shows it.
+    logs = user.berth("logs", f"{array}_1", env=env)
+    assert logs.returncode == 0 and f"out-{array}_1.txt: it is a symbolic link" in logs.stderr, describe(logs)
 
 
 @pytest.mark.slurm
