@@ -145,19 +145,28 @@ def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = No
     try:
         staging = directory if staging_dir is None else open_directory(staging_dir)
         try:
-            with _staged(staging, path.name, mode) as (handle, temporary):
+            with _replacing(directory, staging, path.name, mode, durable=durable) as handle:
                 yield handle
-                handle.flush()
-                if durable:
-                    os.fsync(handle.fileno())
-                os.replace(temporary, path.name, src_dir_fd=staging, dst_dir_fd=directory)
-            if durable:
-                os.fsync(directory)
         finally:
             if staging != directory:
                 os.close(staging)
     finally:
         os.close(directory)
+
+
+@contextmanager
+def _replacing(directory: int, staging: int, name: str, mode: int | None, *, durable: bool) -> Iterator[BinaryIO]:
+    """The one atomic replacement (module docstring): a temporary file in ``staging`` that,
+    when the block ends without an exception, is flushed (fsynced if ``durable``) and renamed
+    over ``name`` in ``directory``, whose rename is then made durable too."""
+    with _staged(staging, name, mode) as (handle, temporary):
+        yield handle
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+        os.replace(temporary, name, src_dir_fd=staging, dst_dir_fd=directory)
+    if durable:
+        os.fsync(directory)
 
 
 @contextmanager
@@ -182,12 +191,8 @@ def _staged(directory: int, name: str, mode: int | None) -> Iterator[tuple[Binar
 def replace_in_directory(directory_fd: int, name: str, data: bytes, mode: int) -> None:
     """Atomically replace ``name`` inside the directory open as ``directory_fd`` with ``data``,
     mode exactly ``mode``. For callers that judged the directory already (job agent). Raises OSError."""
-    with _staged(directory_fd, name, mode) as (handle, temporary):
+    with _replacing(directory_fd, directory_fd, name, mode, durable=True) as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-        os.replace(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
-    os.fsync(directory_fd)
 
 
 def write_atomically(path: Path, data: bytes | str, *, mode: int, staging_dir: Path | None = None,
