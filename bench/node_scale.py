@@ -9,6 +9,8 @@ Variants, each started N at once as berthtest (through the same runuser wrapper)
 - ``plain``: the host's python3 (Debian 12's, the image's own) on the unpacked directory;
 - ``berth shared``: ``berth run`` with the site setting ``image_mount = "shared"`` (the default:
   one squashfuse_ll mount of the image for all N containers, berth.runtime.imagemount);
+- ``berth shared, lingering``: the same with ``image_mount_linger = 600`` (the mount stays
+  between rounds, so every round's containers find it mounted, with its warm FUSE caches);
 - ``berth per-container``: ``berth run`` with ``image_mount = "per_container"`` (one mount and
   one daemon per container, what berth did before);
 - ``berth unpacked``: ``berth run`` with ``image_mount = "unpacked"`` (no FUSE: a node-local
@@ -138,6 +140,7 @@ def site_config(user: c.BenchUser, parent: Path, name: str, text: str) -> Path:
 
 
 BEFORE = "berth shared, before (image_mount = shared)"
+LINGERING = "berth shared, lingering (image_mount_linger = 600)"
 
 
 def main() -> int:
@@ -160,6 +163,7 @@ def main() -> int:
     workdir = user.tempdir("berth-bench-scale-", Path("/var/tmp"))
     # name -> (storm argv, baseline argv, env)
     variants: dict[str, tuple[list[str], list[str], dict | None]] = {}
+    lingering_env = None
     try:
         c.log("unpacking the image")
         rootfs = user.unpack(image, workdir / "rootfs")
@@ -174,14 +178,19 @@ def main() -> int:
         host = ["env", "PYTHONDONTWRITEBYTECODE=1", "/usr/bin/python3"]
         variants["plain (python3 on the unpacked directory)"] = (
             [*host, "-c", storm_code(str(rootfs / "opt" / "storm"))], [*host, "-c", "pass"], None)
-        for name, setting in (("berth shared (image_mount = shared)", "shared"),
-                              ("berth per-container (image_mount = per_container)", "per_container"),
-                              ("berth unpacked (image_mount = unpacked)", "unpacked")):
-            config = site_config(user, workdir, setting, f'image_mount = "{setting}"\n')
-            state = user.tempdir(f"state-{setting}-", workdir)
+        for name, setting, linger in (("berth shared (image_mount = shared)", "shared", 0),
+                                      ("berth per-container (image_mount = per_container)", "per_container", 0),
+                                      ("berth unpacked (image_mount = unpacked)", "unpacked", 0),
+                                      (LINGERING, "shared", 600)):
+            label = f"{setting}-linger" if linger else setting
+            config = site_config(user, workdir, label, f'image_mount = "{setting}"\n'
+                                 + (f"image_mount_linger = {linger}\n" if linger else ""))
+            state = user.tempdir(f"state-{label}-", workdir)
             berth = [str(c.BERTH), "run", ref, "/usr/bin/python3"]
             variants[name] = ([*berth, "-c", storm_code("/opt/storm")], [*berth, "-c", "pass"],
                               c.berth_env(config, store, state))
+            if linger:
+                lingering_env = variants[name][2]
             if args.before and setting == "shared":
                 before_state = user.tempdir("state-before-", workdir)
                 berth = [str(args.before), "run", ref, "/usr/bin/python3"]
@@ -202,17 +211,21 @@ def main() -> int:
             for n in counts:
                 for name, (storm, baseline, env) in variants.items():
                     c.log(f"round {round_number + 1}/{args.runs}: N={n} {name}")
-                    with HelperSampler(user.uid, str(workdir)) as sampler:
+                    # the variant's own state directory: a lingering variant's daemon stays
+                    # mounted while the others run, and must not count as theirs
+                    with HelperSampler(user.uid, (env or {}).get("BERTH_STATE_DIR", str(workdir))) as sampler:
                         wall[(name, n, "storm")].add(concurrent([user.argv(storm, env)] * n))
                     rss[(name, n)] = max(rss[(name, n)], sampler.peak_rss_kib)
                     daemons[(name, n)] = max(daemons[(name, n)], sampler.peak_daemons)
                     wall[(name, n, "pass")].add(concurrent([user.argv(baseline, env)] * n))
     finally:
+        if lingering_env is not None:  # berth ends its lingering mount (and its reaper)
+            user.run([str(c.BERTH), "doctor", "--cleanup"], env=lingering_env, check=False)
         c.rm_tree(workdir)
 
     names = list(variants)
-    plain, shared, per, unpacked = names[:4]
-    berths = ((shared, "shared"), (per, "per-container"), (unpacked, "unpacked"))
+    plain, shared, per, unpacked, lingering = names[:5]
+    berths = ((shared, "shared"), (lingering, "shared, lingering"), (per, "per-container"), (unpacked, "unpacked"))
     rows = []
     for n in counts:
         plain_storm = wall[(plain, n, "storm")].median
@@ -223,17 +236,17 @@ def main() -> int:
     starts = []
     for n in counts:
         row = [str(n)]
-        for name in (plain, shared, per, unpacked):
+        for name in (plain, shared, lingering, per, unpacked):
             storm_only = wall[(name, n, "storm")].median - wall[(name, n, "pass")].median
             row += [wall[(name, n, "pass")].cell("ms"), f"{storm_only * 1000:.0f}"]
         plain_only = wall[(plain, n, "storm")].median - wall[(plain, n, "pass")].median
-        for name in (shared, unpacked):
+        for name in (shared, lingering, unpacked):
             row.append(c.ratio(wall[(name, n, "storm")].median - wall[(name, n, "pass")].median, plain_only))
         starts.append(row)
     helpers = [[str(n), *(cell for name, _ in berths for cell in (f"{rss[(name, n)] / 1024:.1f}",
                                                                   str(daemons[(name, n)])))] for n in counts]
     targets = []
-    for name, label in ((shared, "shared"), (unpacked, "unpacked")):
+    for name, label in ((shared, "shared"), (lingering, "shared, lingering mount"), (unpacked, "unpacked")):
         worst = max(counts, key=lambda n: wall[(name, n, "storm")].median / wall[(plain, n, "storm")].median)
         worst_ratio = wall[(name, worst, "storm")].median / wall[(plain, worst, "storm")].median
         targets.append(f"- target berth {label} ≤ 1.3x N plain processes at every N: worst {worst_ratio:.2f} at "
@@ -268,8 +281,10 @@ def main() -> int:
         "#### Where the time goes: `python3 -c pass` N at once (start-up), and storm minus that (imports)",
         "",
         c.markdown_table(["N", "plain: pass, ms", "plain: imports, ms", "shared: pass, ms", "shared: imports, ms",
+                          "lingering: pass, ms", "lingering: imports, ms",
                           "per-container: pass, ms", "per-container: imports, ms", "unpacked: pass, ms",
-                          "unpacked: imports, ms", "imports: shared / plain", "imports: unpacked / plain"], starts),
+                          "unpacked: imports, ms", "imports: shared / plain", "imports: lingering / plain",
+                          "imports: unpacked / plain"], starts),
         "",
         "#### berth's helper processes during the storm (FUSE daemons and the containers' berth-init): largest summed RSS",
         "",
