@@ -16,7 +16,10 @@ The rule (STYLE.md "HTTP"; issue 9), for every loop berth itself runs around net
 
 A library that retries its own requests (obstore for S3, urllib3 for https sources) is
 configured from the same policy's numbers (attempts, base and cap of the backoff, statuses),
-so that one policy states them all; such per-request retries sit below berth's own loops.
+so that one policy states them all. Such per-request retries sit below berth's own loops and
+do multiply with them, boundedly: staging's one loop above a request (a range fetched again,
+an object sent again in a later stage-out round) makes at most ``attempts`` x ``attempts``
+requests of one range or object. The registry has no library retries below its budget.
 
 The policies in use: the registry's (:class:`RetryPolicy` defaults; ``pull_retries`` is
 ``attempts - 1``) in :mod:`berth.registry.transport`, staging's (``STAGING_RETRY``) in

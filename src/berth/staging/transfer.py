@@ -73,7 +73,8 @@ from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, Url
 from berth.staging.profiles import S3Profile
 
 #: Staging's numbers for berth's one retry rule (berth.retry): attempts of one request (obstore,
-#: urllib3), of one range and of one object's stage-out rounds, and the backoff between them.
+#: urllib3), of one range (its own budget: ranges run in parallel threads) and of the stage-out
+#: rounds of one item's objects, and the backoff between them.
 #: The cap is short beside the registry's: a stage-in or stage-out holds a job's allocation.
 STAGING_RETRY = RetryPolicy(attempts=4, base_s=0.5, cap_s=5.0)
 #: Ranges of one large download in flight at once (bodies stream outside the GIL with obstore:
