@@ -234,14 +234,14 @@ def alive(pid: int) -> bool:
 
 
 def test_a_lingering_mount_is_reused_by_the_next_run_and_goes_when_its_linger_is_up(runtime_env, runtime_images):
-    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "8"  # room for a loaded machine's second run
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "12"  # room for a loaded machine's second run
     first = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
     assert first.returncode == 0 and first.stdout.startswith("root:x:0:"), describe(first)
     (mount,) = image_mounts(runtime_env)
     record = mount_record(runtime_env)
     (daemon,) = daemons(runtime_env)
     reaper = record["reaper"][0]
-    assert record["linger_s"] == 8 and alive(reaper) and alive(record["pid"]), record
+    assert record["linger_s"] == 12 and alive(reaper) and alive(record["pid"]), record
     # It names itself berth-linger as soon as it runs (berth may have exited before that).
     deadline = time.monotonic() + 10
     while lingering_reapers(runtime_env.user.uid, str(runtime_env.state_dir)) != [f"{reaper}: berth-linger"]:
@@ -257,7 +257,7 @@ def test_a_lingering_mount_is_reused_by_the_next_run_and_goes_when_its_linger_is
     pushed = mount_record(runtime_env)
     assert pushed["idle_since"] > record["idle_since"] + 1 and pushed["reaper"] == record["reaper"], (record, pushed)
     gone_at = wait_gone(runtime_env)
-    assert gone_at >= pushed["idle_since"] + 8, ("unmounted before the pushed linger's end", gone_at, pushed)
+    assert gone_at >= pushed["idle_since"] + 12, ("unmounted before the pushed linger's end", gone_at, pushed)
     assert not alive(reaper) and not alive(record["pid"])
     assert not (runtime_env.state_dir / "images").exists()
     assert runtime_env.wait_clean() == []
