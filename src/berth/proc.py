@@ -272,7 +272,8 @@ def fork_detached(body: Callable[[], None], *, name: str = "") -> int:
     (its parent is the system's reaper, never the caller, which has no zombie to wait for), in
     a new session (no controlling terminal, out of the caller's process group), working
     directory ``/``, every descriptor closed and 0, 1, 2 on /dev/null (it never holds the
-    caller's output, a pipe of ``$(...)`` included), signal handlers and mask at their defaults
+    caller's output, a pipe of ``$(...)`` included; when this returns, no process holds a copy
+    of the caller's descriptors or their locks), signal handlers and mask at their defaults
     but :data:`_DETACHED_IGNORES`, no parent-death signal, ``name`` as its command name
     (``ps``). It exits when ``body`` returns or raises, never returning into the caller's code.
 
@@ -289,6 +290,11 @@ def fork_detached(body: Callable[[], None], *, name: str = "") -> int:
         status = 1
         try:
             os.setsid()
+            # The caller's descriptors go here, before the second fork: the caller returns once
+            # this process has exited, and then nobody holds a copy of them (its locks: a
+            # container's state lock, an image's mount lock), however late the detached
+            # process is scheduled.
+            write_end = _keep_only(write_end)
             pid = os.fork()
             if pid:
                 os.write(write_end, str(pid).encode())
@@ -312,6 +318,24 @@ def fork_detached(body: Callable[[], None], *, name: str = "") -> int:
     return int(pid_text)
 
 
+def _keep_only(keep: int) -> int:
+    """Close every descriptor but ``keep`` (returned, moved to 3 or above) and put 0, 1, 2 on
+    /dev/null."""
+    import fcntl
+
+    keep = fcntl.fcntl(keep, fcntl.F_DUPFD, 3)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _open_max())
+    return keep
+
+
+def _open_max() -> int:
+    return os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536
+
+
 def _become_detached(name: str) -> None:
     import gc
 
@@ -320,7 +344,7 @@ def _become_detached(name: str) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
+    os.closerange(3, _open_max())
     try:
         signal.set_wakeup_fd(-1)
     except ValueError:

@@ -230,3 +230,45 @@ def test_fork_detached_leaves_nothing_of_the_caller_open_and_is_in_its_own_sessi
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+
+
+DETACHED_LOCKER = (
+    "import fcntl, os, sys, time\n"
+    "from berth import proc\n"
+    "lock_path, go = sys.argv[1], sys.argv[2]\n"
+    "fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)  # a lock the caller holds while it forks (a container's state lock)\n"
+    "become = proc._become_detached\n"
+    "def slow_become(name):  # a loaded node: the detached process is scheduled late\n"
+    "    time.sleep(3)\n"
+    "    become(name)\n"
+    "proc._become_detached = slow_become\n"
+    "def body():\n"
+    "    while not os.path.exists(go): time.sleep(0.01)\n"
+    "pid = proc.fork_detached(body, name='berth-test')\n"
+    "os.close(fd)  # the caller lets the lock go: nobody holds it now\n"
+    "other = os.open(lock_path, os.O_RDWR)\n"
+    "try:\n"
+    "    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    "    print(pid, 'free', flush=True)\n"
+    "except BlockingIOError:\n"
+    "    print(pid, 'held', flush=True)\n"
+)
+
+
+def test_fork_detached_returns_with_no_copy_of_the_callers_descriptors_left_anywhere(tmp_path):
+    """A lock the caller drops right after fork_detached returns is free at once: neither the
+    intermediate process nor the detached one still holds the caller's descriptor (a reaper of
+    a lingering image mount is forked while berth holds the container's and the mount's locks;
+    a copy held until the detached process got round to closing it kept them taken)."""
+    import subprocess
+
+    go = tmp_path / "go"
+    try:
+        result = subprocess.run([sys.executable, "-c", DETACHED_LOCKER, str(tmp_path / "lock"), str(go)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        pid, state = result.stdout.split()
+        assert state == "free"
+    finally:
+        go.write_text("")
