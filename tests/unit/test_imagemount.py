@@ -293,3 +293,40 @@ def test_mounts_are_listed_in_use_or_lingering_and_doctor_cleanup_ends_a_lingeri
                         "lingering": True}]
     assert mounted == {str(used.root)}
     assert used.release() is False  # lingers in turn
+
+
+def test_a_holder_looked_at_by_doctor_while_it_is_made_still_holds_the_mount(tmp_path, mounts, monkeypatch):
+    """``berth doctor`` (list_mounts) counts holders by trying their locks, without the mount
+    lock: when it tries a holder file in the instant between its creation and its berth's
+    flock, that berth must still end up holding it, or the next leaver unmounts the image
+    under its running container."""
+    import fcntl
+
+    mounted, calls, image = mounts
+    real_open = os.open
+    looked = []
+    done = threading.Event()
+
+    def open_and_look(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if Path(path).parent.name == "holders" and flags & os.O_EXCL:
+            doctor = real_open(path, os.O_RDWR)  # list_mounts' try of this holder's lock
+            fcntl.flock(doctor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            looked.append(path)
+
+            def look_done():
+                os.close(doctor)
+                done.set()
+
+            threading.Timer(0.3, look_done).start()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_and_look)
+    user = imagemount.acquire(tmp_path, "sha256-abc", image, "b1", lock_timeout_s=10)
+    monkeypatch.setattr(os, "open", real_open)
+    assert looked == [user.holder]
+    assert done.wait(10)  # the doctor's look is over
+    assert imagemount.list_mounts(tmp_path)[0]["holders"] == 1
+    other = imagemount.acquire(tmp_path, "sha256-abc", image, "b2")
+    assert other.release() is False and mounted == {str(user.root)}
+    assert user.release() is True and mounted == set()

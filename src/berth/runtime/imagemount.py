@@ -189,7 +189,14 @@ def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, progra
                                  hint="check the state directory (berth doctor shows it)") from None
         holder = directory / HOLDERS / holder_id
         fd = os.open(holder, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        locks.try_acquire(fd)  # a new file nobody else has open: never waits
+        # A new file, but ``berth doctor`` (list_mounts) tries holders' locks without the mount
+        # lock: it may hold this one for an instant. Wait for it, never run without the hold.
+        try:
+            locks.acquire(fd, holder, timeout_s=lock_timeout_s, purpose="a container's hold on its image mount")
+        except BaseException:
+            os.unlink(holder)
+            os.close(fd)
+            raise
         hold = ImageMount(directory, holder, fd, lock_timeout_s, linger_s)
         try:
             record = _read_record(directory)
