@@ -284,6 +284,25 @@ def test_command_substitution_returns_at_once_with_a_long_linger(runtime_env, ru
     assert runtime_env.wait_clean() == []
 
 
+def test_a_shorter_linger_set_later_ends_the_mount_when_it_is_up_not_at_the_earlier_ones_end(
+        runtime_env, runtime_images):
+    """The user lowered image_mount_linger between two runs: the mount the second run leaves
+    lingering goes when the shorter linger is up. The first run's reaper, reused, slept towards
+    the end of the first, longer linger (ten minutes) and kept mount, daemon and itself."""
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "10m"
+    first = runtime_env.berth("run", str(runtime_images.busybox), "true")
+    assert first.returncode == 0, describe(first)
+    long_reaper = mount_record(runtime_env)["reaper"][0]
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "2"
+    second = runtime_env.berth("run", "--debug", str(runtime_images.busybox), "true")
+    assert second.returncode == 0 and "it was lingering" in second.stderr, describe(second)
+    left_at = mount_record(runtime_env)["idle_since"]
+    gone_at = wait_gone(runtime_env, deadline_s=40)
+    assert left_at + 2 <= gone_at, ("unmounted before the linger's end", left_at, gone_at)
+    assert not alive(long_reaper)
+    assert runtime_env.wait_clean() == []
+
+
 def test_a_lingering_mount_whose_reaper_was_killed_is_cleaned_by_a_later_berth_after_its_linger(
         runtime_env, runtime_images):
     runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "3"

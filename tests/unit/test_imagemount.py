@@ -330,3 +330,20 @@ def test_a_holder_looked_at_by_doctor_while_it_is_made_still_holds_the_mount(tmp
     other = imagemount.acquire(tmp_path, "sha256-abc", image, "b2")
     assert other.release() is False and mounted == {str(user.root)}
     assert user.release() is True and mounted == set()
+
+
+def test_a_shorter_linger_than_the_one_before_gets_a_reaper_of_its_own(tmp_path, mounts, reapers):
+    """A reused reaper may sleep towards the end of the earlier, longer linger: a shorter one
+    starts another (the earlier is ended), which unmounts at the shorter end."""
+    mounted, calls, image = mounts
+    started, clock = reapers
+    imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=600).release()
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
+    assert hold.release() is False and len(started) == 2
+    clock.now += 11
+    started[1]()
+    assert mounted == set() and not hold.directory.exists()
+    # A linger as long or longer than the one before keeps the live reaper.
+    imagemount.acquire(tmp_path, "sha256-abc", image, "b3", linger_s=10).release()
+    imagemount.acquire(tmp_path, "sha256-abc", image, "b4", linger_s=20).release()
+    assert len(started) == 3

@@ -29,7 +29,9 @@ leave a count wrong. The rules:
   until the linger ends, then, under the mount lock, unmounts as the last one out would — when
   the mount is still idle since the same moment and nobody holds it. A joiner clears
   ``idle_since``; a later last one out writes a new one and reuses a live reaper (named in the
-  record by pid and start time), which sleeps on; a reaper that finds the mount in use removes
+  record by pid and start time), which sleeps on (unless the new linger is shorter than the one
+  before: the reaper may be sleeping towards the longer one's end, so it is ended and another
+  started); a reaper that finds the mount in use removes
   its name and ends, and the next last one out starts another. Whoever unmounts a lingering
   mount ends its reaper.
 * **Stale clean-up** (:func:`cleanup_stale`, run by every ``berth run`` through
@@ -379,12 +381,27 @@ def _linger(directory: Path, linger_s: int, lock_timeout_s: float) -> bool:
     """Leave the mount of ``directory`` mounted, idle, for ``linger_s`` (the caller holds the
     mount lock and was its last holder): the record says since when and for how long, and one
     reaper process (:func:`_reap`) unmounts it once that time has passed with no holder back.
-    A live reaper of an earlier linger is reused (it reads the new time); else one is started.
+    A live reaper of an earlier linger is reused (it reads the new time) unless this linger is
+    shorter than the one before (it would wake too late): then it is ended and one is started.
     Returns False (unmount now) when no reaper can be started."""
     record = _read_record(directory)
+    earlier = record.get("linger_s")
     record["idle_since"] = time.time()
     record["linger_s"] = linger_s
-    if not _reaper_alive(record):
+    alive = _reaper_alive(record)
+    if alive and isinstance(earlier, int) and linger_s < earlier:
+        # The setting was lowered: the live reaper may sleep towards the end of the longer linger
+        # it read (it wakes no earlier than any end it read). End it (it holds nothing: the mount
+        # lock is ours) and start one for this linger. Lingers that stay or grow keep it: each
+        # end is then later than every end it can have read.
+        reaper = record.pop("reaper")[0]
+        if reaper != os.getpid():
+            try:
+                os.kill(reaper, signal.SIGTERM)
+            except OSError:
+                pass
+        alive = False
+    if not alive:
         try:
             pid = proc.fork_detached(lambda: _reap(directory, lock_timeout_s), name="berth-linger")
         except OSError:
