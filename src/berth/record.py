@@ -1,4 +1,10 @@
-"""Frozen record classes, as ``@dataclass(frozen=True)`` makes them, without importing ``dataclasses``.
+"""Record classes, as ``@dataclass`` makes them, without importing ``dataclasses``: berth's one
+mechanism for record classes.
+
+The rule (one of each): a class whose instances are named fields, read by name, is a
+:class:`Record` (frozen unless it must change: ``frozen=False``); a result that callers unpack
+into variables, index or iterate is a ``berth.namedtuple.NamedTuple``. Nothing in src/berth
+imports ``dataclasses`` (an import-linter contract in pyproject.toml checks it).
 
 ``dataclasses`` imports ``inspect`` (with ``ast``, ``dis``, ``tokenize``: ~7 ms) and compiles six
 generated methods for every class at import (~0.6 ms a class): the 18 frozen dataclasses of
@@ -13,17 +19,24 @@ A class deriving from :class:`Record` gets the same behaviour from generic metho
 
     class Digest(Record, order=True): ...
 
-What it keeps from a frozen dataclass: fields from the class body's annotations in order
-(a base record's first), defaults and ``field(default=..., default_factory=..., compare=...)``;
-``__init__`` taking the fields by position or name; assignment and deletion raise
-:class:`FrozenInstanceError` (an ``AttributeError``); ``==`` compares the compared fields of two
-instances of the same class (NotImplemented for any other), ``hash`` hashes them, ``order=True``
-adds ``<`` and friends on them; ``repr`` is ``Name(field=value, ...)``; methods a class defines
-itself win. :func:`fields` and :func:`replace` stand for ``dataclasses.fields`` and
-``dataclasses.replace``. Not supported (berth's records use none): ``InitVar``, ``ClassVar``,
-``__post_init__``, ``kw_only``, ``repr=False``, ``slots``. Instances are not tuples (unlike
-``berth.namedtuple``): they do not iterate, index or equal a tuple, so code that tells records
-from tuples (``berth config show``'s rendering) keeps working.
+    class Report(Record, frozen=False):   # mutable: counts as it goes
+        entries: int = 0
+
+What it keeps from a dataclass: fields from the class body's annotations in order
+(a base record's first), defaults and ``field(default=..., default_factory=..., compare=...,
+repr=...)``; ``__init__`` taking the fields by position or name; for a frozen record (the
+default) assignment and deletion raise :class:`FrozenInstanceError` (an ``AttributeError``) and
+``hash`` hashes the compared fields, a mutable one (``frozen=False``) assigns and has no hash,
+as ``@dataclass(eq=True)``; ``==`` compares the compared fields of two instances of the same
+class (NotImplemented for any other), ``order=True`` adds ``<`` and friends on them; ``repr`` is
+``Name(field=value, ...)`` without the ``repr=False`` fields; methods a class defines itself win.
+A mutable record may declare ``__slots__`` (its field names) instead of ``@dataclass(slots=True)``.
+:func:`fields`, :func:`replace` and :func:`asdict` stand for ``dataclasses.fields``,
+``dataclasses.replace`` and ``dataclasses.asdict``. Not supported (berth's records use none):
+``InitVar``, ``ClassVar``, ``__post_init__``, ``kw_only``, ``init=False``, frozen records with
+``__slots__``. Instances are not tuples (unlike ``berth.namedtuple``): they do not iterate,
+index or equal a tuple, so code that tells records from tuples (``berth config show``'s
+rendering) keeps working.
 
 tests/unit/test_record.py holds it to those semantics; tests/unit/test_runtime_startup.py checks
 that `berth run` does not import ``dataclasses``.
@@ -45,28 +58,31 @@ class FrozenInstanceError(AttributeError):
 
 
 class Field:
-    """One field of a record: ``name``, ``default`` or ``default_factory`` (else MISSING), and
-    whether ``==``, ``hash`` and order compare it."""
+    """One field of a record: ``name``, ``default`` or ``default_factory`` (else MISSING),
+    whether ``==``, ``hash`` and order compare it, and whether ``repr`` shows it."""
 
-    __slots__ = ("name", "default", "default_factory", "compare")
+    __slots__ = ("name", "default", "default_factory", "compare", "repr")
 
-    def __init__(self, default=MISSING, default_factory=MISSING, compare: bool = True, name: str = "") -> None:
+    def __init__(self, default=MISSING, default_factory=MISSING, compare: bool = True, name: str = "",
+                 repr: bool = True) -> None:  # noqa: A002 (dataclasses' name)
         if default is not MISSING and default_factory is not MISSING:
             raise ValueError("cannot specify both default and default_factory")
         self.name = name
         self.default = default
         self.default_factory = default_factory
         self.compare = compare
+        self.repr = repr
 
     def __repr__(self) -> str:
         return (f"Field(name={self.name!r}, default={self.default!r}, "
-                f"default_factory={self.default_factory!r}, compare={self.compare!r})")
+                f"default_factory={self.default_factory!r}, compare={self.compare!r}, repr={self.repr!r})")
 
 
-def field(*, default=MISSING, default_factory=MISSING, compare: bool = True):
-    """A field's default made by ``default_factory()`` per instance, or a field left out of
-    ``==``/``hash`` (``compare=False``); as ``dataclasses.field``."""
-    return Field(default, default_factory, compare)
+def field(*, default=MISSING, default_factory=MISSING, compare: bool = True, repr: bool = True):  # noqa: A002
+    """A field's default made by ``default_factory()`` per instance, a field left out of
+    ``==``/``hash`` (``compare=False``) or out of ``repr`` (``repr=False``: secrets); as
+    ``dataclasses.field``."""
+    return Field(default, default_factory, compare, repr=repr)
 
 
 class Record:
@@ -77,12 +93,26 @@ class Record:
     __record_fields__: tuple[Field, ...] = ()
     #: The names of the fields that ``==``, ``hash`` and order compare.
     __record_compared__: tuple[str, ...] = ()
+    #: False for a mutable record (``frozen=False``).
+    __record_frozen__: bool = True
+    #: True for a record that declares ``__slots__`` (its values live in slots, not in ``__dict__``).
+    __record_slotted__: bool = False
 
-    def __init_subclass__(cls, *, order: bool = False, **kwargs) -> None:
+    def __init_subclass__(cls, *, order: bool = False, frozen: bool = True, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if any(base is not Record and issubclass(base, Record) for base in cls.__bases__) \
+                and frozen != cls.__record_frozen__:  # as dataclasses refuses a mixed hierarchy
+            raise TypeError("cannot inherit non-frozen record from a frozen one" if not frozen
+                            else "cannot inherit frozen record from a non-frozen one")
+        slots = cls.__dict__.get("__slots__", None)
+        if slots is not None and frozen:
+            # A frozen record restores its values (copy, pickle) into __dict__; slots would need
+            # their own __setstate__, and no record of berth needs both.
+            raise TypeError(f"{cls.__qualname__}: __slots__ is supported for mutable records (frozen=False) only")
+        slots = () if slots is None else (slots,) if isinstance(slots, str) else tuple(slots)
         found = {item.name: item for item in cls.__record_fields__}  # a base record's, first
         for name in cls.__dict__.get("__annotations__", {}):
-            value = cls.__dict__.get(name, MISSING)
+            value = MISSING if name in slots else cls.__dict__.get(name, MISSING)  # a slot's descriptor
             if isinstance(value, Field):
                 value.name = name
                 if value.default is MISSING:
@@ -101,6 +131,13 @@ class Record:
                 defaults_seen = True
         cls.__record_fields__ = tuple(found.values())
         cls.__record_compared__ = tuple(item.name for item in found.values() if item.compare)
+        cls.__record_frozen__ = frozen
+        cls.__record_slotted__ = bool(slots)
+        if not frozen:  # as @dataclass(eq=True): assignable, and no hash (its key could change)
+            cls.__setattr__ = object.__setattr__
+            cls.__delattr__ = object.__delattr__
+            if "__hash__" not in cls.__dict__:
+                cls.__hash__ = None
         if order:
             cls.__lt__ = _compare(lambda left, right: left < right)
             cls.__le__ = _compare(lambda left, right: left <= right)
@@ -111,7 +148,8 @@ class Record:
         record_fields = self.__record_fields__
         if len(args) > len(record_fields):
             _refuse_positional(type(self), len(args))
-        values = self.__dict__  # not setattr: assignment is what a record refuses
+        # not setattr: assignment is what a frozen record refuses; a slotted one is set below
+        values = {} if self.__record_slotted__ else self.__dict__
         for item, value in zip(record_fields, args):
             values[item.name] = value
         missing = []
@@ -131,6 +169,9 @@ class Record:
         if missing:
             raise TypeError(f"{type(self).__qualname__}.__init__() missing {len(missing)} required positional "
                             f"argument{'s' if len(missing) > 1 else ''}: {_listed(missing)}")
+        if self.__record_slotted__:
+            for name, value in values.items():
+                object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")
@@ -139,7 +180,8 @@ class Record:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
     def __repr__(self) -> str:
-        values = ", ".join(f"{item.name}={getattr(self, item.name)!r}" for item in self.__record_fields__)
+        values = ", ".join(f"{item.name}={getattr(self, item.name)!r}" for item in self.__record_fields__
+                           if item.repr)
         return f"{type(self).__qualname__}({values})"
 
     def __eq__(self, other):
@@ -208,3 +250,26 @@ def replace(record: Record, **changes):
             raise TypeError(f"{type(record).__qualname__}.__init__() got an unexpected keyword argument {name!r}")
     values.update(changes)
     return type(record)(**values)
+
+
+def asdict(record: Record) -> dict:
+    """The record's fields as a dict (field name -> value), as ``dataclasses.asdict``: records
+    within become dicts, lists, tuples (named ones too) and dicts are rebuilt with their items
+    converted, anything else is deep-copied."""
+    if not isinstance(record, Record):
+        raise TypeError("asdict() should be called on record instances")
+    return _plain(record)
+
+
+def _plain(value):
+    if isinstance(value, Record):
+        return {item.name: _plain(getattr(value, item.name)) for item in value.__record_fields__}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*[_plain(item) for item in value])
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return type(value)((_plain(key), _plain(item)) for key, item in value.items())
+    import copy  # only here: the run path never converts a record
+
+    return copy.deepcopy(value)

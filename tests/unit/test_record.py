@@ -4,13 +4,14 @@ each test builds the same class both ways and compares (dataclasses is the refer
 import copy
 import dataclasses
 import pickle
+from collections import namedtuple
 
 import pytest
 
 from berth.config.load import effective_values
 from berth.config.settings import Mount, Settings, SitePolicy
 from berth.oci.digest import Digest
-from berth.record import FrozenInstanceError, Record, field, fields, replace
+from berth.record import FrozenInstanceError, Record, asdict, field, fields, replace
 
 
 class Point(Record):
@@ -171,3 +172,108 @@ def test_settings_keep_their_semantics():
     assert changed != settings and changed.policy.mounts[0].read_only is True
     rows = {key: value for key, value, _ in effective_values(changed)}
     assert rows["policy.mounts[0]"] == {"source": "/srv", "destination": "/srv", "read_only": True, "optional": False}
+
+
+class Tally(Record, frozen=False):
+    name: str
+    count: int = 0
+    secret: str = field(default="", repr=False)
+    seen: list = field(default_factory=list)
+
+
+@dataclasses.dataclass
+class DataTally:
+    name: str
+    count: int = 0
+    secret: str = dataclasses.field(default="", repr=False)
+    seen: list = dataclasses.field(default_factory=list)
+
+
+def test_a_mutable_record_as_a_dataclass_without_frozen():
+    tally, data = Tally("a", secret="s3cret"), DataTally("a", secret="s3cret")
+    for each in (tally, data):
+        each.count += 2
+        each.seen.append("x")
+        each.extra = 1  # as a plain dataclass: any attribute
+        del each.extra
+    assert repr(tally) == repr(data).replace("DataTally", "Tally") == "Tally(name='a', count=2, seen=['x'])"
+    assert "s3cret" not in repr(tally) and tally.secret == "s3cret"
+    assert tally == Tally("a", 2, "s3cret", ["x"]) and tally != Tally("a", 3, "s3cret", ["x"])
+    assert Tally.__hash__ is None is DataTally.__hash__  # mutable: unhashable, as eq=True without frozen
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(tally)
+    assert _error(lambda: Tally()) == _error(lambda: DataTally())
+    assert replace(tally, count=5).count == 5 and tally.count == 2
+    assert pickle.loads(pickle.dumps(tally)) == tally
+
+
+def test_frozen_and_mutable_records_do_not_mix_as_dataclasses_refuse():
+    with pytest.raises(TypeError, match="cannot inherit non-frozen record from a frozen one"):
+        class Thawed(Point, frozen=False):
+            extra: int = 0
+    with pytest.raises(TypeError, match="cannot inherit frozen record from a non-frozen one"):
+        class Frozen(Tally):
+            extra: int = 0
+    with pytest.raises(TypeError, match="non-frozen dataclass from a frozen one"):  # the reference
+        @dataclasses.dataclass
+        class DataThawed(DataPoint):
+            extra: int = 0
+
+
+class Slotted(Record, frozen=False):
+    __slots__ = ("layer", "kind")
+    layer: int
+    kind: str
+
+
+@dataclasses.dataclass(slots=True)
+class DataSlotted:
+    layer: int
+    kind: str
+
+
+def test_a_slotted_mutable_record_as_a_dataclass_with_slots():
+    node, data = Slotted(1, "file"), DataSlotted(1, "file")
+    for each in (node, data):
+        each.layer, each.kind = 2, "dir"
+        assert not hasattr(each, "__dict__")
+        with pytest.raises(AttributeError):
+            each.other = 1
+    assert repr(node) == repr(data).replace("DataSlotted", "Slotted") and node == Slotted(2, "dir")
+    assert copy.copy(node) == node and pickle.loads(pickle.dumps(node)) == node
+    assert [item.name for item in fields(Slotted)] == ["layer", "kind"] and Slotted(kind="x", layer=0).layer == 0
+    with pytest.raises(TypeError, match="mutable records"):
+        class FrozenSlotted(Record):
+            __slots__ = ("a",)
+            a: int
+
+
+Pair = namedtuple("Pair", "left right")
+
+
+class Outer(Record):
+    point: Point
+    pairs: tuple
+    by_name: dict
+    items: list
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOuter:
+    point: DataPoint
+    pairs: tuple
+    by_name: dict
+    items: list
+
+
+def test_asdict_as_dataclasses_asdict():
+    inner = {"a": [1, {"b": 2}]}
+    mine = asdict(Outer(Point(1, notes=inner), (Pair(1, Point(2)), 3), {"k": Point(3)}, [Point(4), "s"]))
+    theirs = dataclasses.asdict(DataOuter(DataPoint(1, notes=inner), (Pair(1, DataPoint(2)), 3),
+                                          {"k": DataPoint(3)}, [DataPoint(4), "s"]))
+    assert mine == theirs and type(mine["pairs"][0]) is Pair is type(theirs["pairs"][0])
+    assert mine["point"] == {"x": 1, "label": "p", "notes": {"a": [1, {"b": 2}]}}
+    assert mine["point"]["notes"]["a"] is not inner["a"]  # copies, as dataclasses makes
+    assert asdict(Tally("a", secret="s")) == dataclasses.asdict(DataTally("a", secret="s"))  # repr=False kept
+    assert _error(lambda: asdict(Pair(1, 2))).startswith("asdict() should be called on")
+
