@@ -388,14 +388,13 @@ def test_job_gpus_become_the_containers_gpus(settings, tmp_path, monkeypatch):
 
 
 def _job_spec(tmp_path, resources, custom):
-    import dataclasses
-
     from berth.jobs.model import JobSpec
+    from berth.record import MISSING, fields
 
     values = {}
-    for field in dataclasses.fields(JobSpec):
-        values[field.name] = field.default if field.default is not dataclasses.MISSING else \
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+    for field in fields(JobSpec):
+        values[field.name] = field.default if field.default is not MISSING else \
+            field.default_factory() if field.default_factory is not MISSING else None
     values.update(id="1", name="job", image="img", workdir=str(tmp_path), resources=resources, custom=custom,
                   stop_timeout_s=10)
     return JobSpec(**values)

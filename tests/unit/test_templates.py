@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -20,6 +19,7 @@ from berth.config.templates import (
     update_template,
 )
 from berth.errors import ConfigError, NotFound, UsageError
+from berth.record import replace
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
@@ -33,7 +33,7 @@ def settings(tmp_path) -> Settings:
 def make(name="gpu", **changes) -> Template:
     base = Template(name=name, image="127.0.0.1:5000/busybox:1", image_digest=DIGEST, cpu=2,
                     memsz_bytes=4 * 1024**3)
-    return dataclasses.replace(base, **changes)
+    return replace(base, **changes)
 
 
 def test_parse_full_create_line():

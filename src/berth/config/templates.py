@@ -24,7 +24,6 @@ import shlex
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from berth.fsutil import PUBLIC_FILE, write_atomically
 from berth.locks import acquire, open_lock_file
 from berth.oci.digest import Digest, InvalidDigest
 from berth.oci.reference import InvalidReference, Reference
+from berth.record import Record, asdict, fields, replace
 
 #: A template name (it becomes a file name); matched in full (issue 12: no final newline).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -55,8 +55,7 @@ ASSIGNMENT_KEYS = ("image", "cpu", "memsz", "gpu", "boot_timeout", "stop_timeout
 REQUIRED_KEYS = ("image", "cpu", "memsz")
 
 
-@dataclass(frozen=True)
-class Template:
+class Template(Record):
     """One container template (docs/contracts.md "berth.config.templates")."""
 
     name: str
@@ -438,7 +437,7 @@ def update_template(settings: Settings, name: str, changes: Mapping[str, Any], *
     if "image" in changes and "image_digest" not in changes:
         raise UsageError("changing a template's image needs the new image's digest",
                          hint="berth template modify pulls the image and pins its digest")
-    unknown = set(changes) - set(Template.__dataclass_fields__) | ({"name"} & set(changes))
+    unknown = set(changes) - {item.name for item in fields(Template)} | ({"name"} & set(changes))
     if unknown:
         raise UsageError(f"cannot change template field(s): {', '.join(sorted(unknown))}")
     with templates_lock(settings):

@@ -15,7 +15,6 @@ import getpass
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from berth import proc
@@ -26,13 +25,13 @@ from berth.jobs.backend import BACKENDS, get_backend
 from berth.jobs.model import JobSpec, JobStatus, Resources
 from berth.jobs.records import (JobRecord, create_record, find_record, list_records, make_private_dir,
                                  remove_record)
+from berth.record import Record, replace
 
 #: Largest script berth snapshots (a job script, not a data file).
 MAX_SCRIPT_BYTES = 4 << 20
 
 
-@dataclass(frozen=True)
-class SubmitRequest:
+class SubmitRequest(Record):
     """What the user typed: the options of the command line (``options.parse_options``), the
     script and its arguments."""
 
@@ -42,8 +41,7 @@ class SubmitRequest:
     workdir: str | None = None
 
 
-@dataclass(frozen=True)
-class Submitted:
+class Submitted(Record):
     spec: JobSpec
     native_id: str | None
     notes: tuple[str, ...]

@@ -11,10 +11,8 @@ failed) | cancelled | timeout; ``suspended`` while a scheduler has the job stopp
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-
 from berth import proc
+from berth.record import Record, asdict, field, fields
 
 PENDING = "pending"
 STAGING = "staging"
@@ -41,8 +39,7 @@ DEFAULT_BOOT_TIMEOUT_S = 300
 DEFAULT_STOP_TIMEOUT_S = 10
 
 
-@dataclass(frozen=True)
-class Resources:
+class Resources(Record):
     """A scheduler request in sbatch terms. ``None``: not asked for (the scheduler's default)."""
 
     nodes: int | None = None
@@ -57,15 +54,14 @@ class Resources:
     exclusive: bool = False
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Resources":
-        return cls(**{f.name: data.get(f.name, f.default) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data.get(f.name, f.default) for f in fields(cls)})
 
 
-@dataclass(frozen=True)
-class JobSpec:
+class JobSpec(Record):
     """Everything needed to run a job, fixed at submission (``spec.json``)."""
 
     id: str
@@ -121,7 +117,7 @@ class JobSpec:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = asdict(self)
         data["args"] = list(self.args)
         data["stage_in"], data["stage_out"] = list(self.stage_in), list(self.stage_out)
         data["scheduler_options"] = list(self.scheduler_options)
@@ -129,7 +125,7 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobSpec":
-        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         values["resources"] = Resources.from_dict(data.get("resources") or {})
         values["args"] = tuple(data.get("args") or ())
         values["stage_in"] = tuple(data.get("stage_in") or ())
@@ -138,8 +134,7 @@ class JobSpec:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class JobResult:
+class JobResult(Record):
     """What the job runner reports (``state.json``); also the merged view ``berth status`` shows."""
 
     state: str
@@ -152,19 +147,18 @@ class JobResult:
     node: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobResult":
-        return cls(**{f.name: data.get(f.name, f.default) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data.get(f.name, f.default) for f in fields(cls)})
 
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
 
-@dataclass(frozen=True)
-class JobStatus:
+class JobStatus(Record):
     """One row of ``berth status`` / ``berth jobs``: spec plus the current result."""
 
     spec: JobSpec

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 from berth.config.units import MEMORY_MAX_BYTES, parse_duration, parse_memory
 from berth.errors import UsageError, did_you_mean
+from berth.record import Record
 
 #: Upper bounds that catch typos (``--nodes=10000000``) before a scheduler sees them.
 MAX_NODES = 100_000
@@ -36,8 +36,7 @@ DIRECTIVE_PREFIX = "#BERTH"
 FLAG, VALUE, OPTIONAL = "flag", "value", "optional"
 
 
-@dataclass(frozen=True)
-class SlurmOption:
+class SlurmOption(Record):
     """One option of Slurm's sbatch/srun and its grammar in each: FLAG (no value), VALUE
     (``--name=V``, ``--name V``, ``-XV``, ``-X V``), OPTIONAL (only attached: ``--name=V``,
     ``-XV``; a following word is never its value, as getopt_long reads it); None: the command
@@ -204,8 +203,7 @@ SLURM_OPTIONS: tuple[SlurmOption, ...] = tuple(SlurmOption(*row) for row in (
 ))
 
 
-@dataclass(frozen=True)
-class BerthOption:
+class BerthOption(Record):
     """An option of ``berth submit`` that is berth's, not sbatch's (never passed to Slurm)."""
 
     name: str
@@ -289,8 +287,7 @@ REFUSED: dict[str, str] = {
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
-@dataclass(frozen=True)
-class ParsedOption:
+class ParsedOption(Record):
     """One option as parsed: its long name (canonical), its value (None: a flag, or an optional
     value not given), and where it came from (``command line``, ``job.sh line 3``).
     ``known`` is False for an option of no table (passed to sbatch, which judges it)."""
@@ -481,8 +478,7 @@ def read_directives(script: Path, text: str) -> tuple[list[ParsedOption], list[P
 SOURCES = ("#SBATCH", "#BERTH", "command line")
 
 
-@dataclass(frozen=True)
-class MergedOptions:
+class MergedOptions(Record):
     """The options of one submission after precedence: ``values`` holds berth's options and
     the interpreted sbatch options by key (raw strings; True for flags), ``passthrough`` the
     sbatch options that go to Slurm unchanged (including ones no table knows: ``known``

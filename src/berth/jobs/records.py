@@ -31,20 +31,19 @@ import errno
 import json
 import os
 import stat
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from berth.config.settings import Settings
 from berth.errors import JobError, NotFound
 from berth.fsutil import PRIVATE_FILE, ensure_private_dir, write_atomically
 from berth.jobs.model import PHASE_STAGE_OUT, RUNNING, STAGING, JobResult, JobSpec
+from berth.record import Record, replace
 from berth.untrusted import parse_json
 
 _MAX_ID_TRIES = 1000
 
 
-@dataclass(frozen=True)
-class JobRecord:
+class JobRecord(Record):
     """The record directory of one job."""
 
     path: Path

@@ -20,7 +20,6 @@ timeout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import select
@@ -35,7 +34,7 @@ from berth.jobs.agent import StepAgent, install_shims
 from berth.jobs.model import JobResult, JobSpec
 from berth.jobs.mpi import mpi_launcher_env
 from berth.jobs.records import JobRecord
-from berth.record import replace as replace_record  # RunOptions is a record, not a dataclass
+from berth.record import replace
 from berth.untrusted import parse_json
 
 #: Runs inside the container: tell the runner the script starts, give the script /dev/null as
@@ -145,7 +144,7 @@ def build_run_options(settings, spec: JobSpec, record: JobRecord, *, limit_resou
             changes["cpus"] = float(resources.cpus_per_task)
         if resources.memory_bytes is not None:
             changes["memory_bytes"] = resources.memory_bytes
-    return replace_record(options, **changes)
+    return replace(options, **changes)
 
 
 def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_resources: bool) -> int:
@@ -159,7 +158,7 @@ def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_r
 
     options = build_run_options(settings, spec, record, limit_resources=limit_resources)
     if spec.s3_credentials_in_container:
-        options = replace_record(options, env=(*options.env, *container_credentials(settings, spec, record)))
+        options = replace(options, env=(*options.env, *container_credentials(settings, spec, record)))
     image = get_image(settings, spec.image, pull_missing=True)
     report("staged", image=str(image.digest))
     script = str(container_view(record) / record.script.relative_to(record.container_dir))
@@ -432,18 +431,18 @@ class Supervisor:
         # The signal that stopped the script (cancel, time limit) must not stop its stage-out:
         # only a new one does.
         self._signalled = None
-        self.record.write_result(dataclasses.replace(result, state=model.STAGING, phase=model.PHASE_STAGE_OUT,
-                                                     ended_at=None))
+        self.record.write_result(replace(result, state=model.STAGING, phase=model.PHASE_STAGE_OUT,
+                                         ended_at=None))
         outcome, error = self._stage_phase("out")
         final = result
         if outcome != "ok":
             problem = _message(error) if outcome == "failed" else f"stage-out was stopped ({outcome})"
             if result.state == model.COMPLETED:
-                final = dataclasses.replace(result, state=model.FAILED if outcome == "failed" else outcome,
-                                            phase=model.PHASE_STAGE_OUT, exit_code=None, message=problem)
+                final = replace(result, state=model.FAILED if outcome == "failed" else outcome,
+                                phase=model.PHASE_STAGE_OUT, exit_code=None, message=problem)
             else:
-                final = dataclasses.replace(result, message=f"{result.message}; {problem}")
-        final = dataclasses.replace(final, ended_at=time.time())
+                final = replace(result, message=f"{result.message}; {problem}")
+        final = replace(final, ended_at=time.time())
         self.record.write_result(final)
         return final
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from berth import proc
+from berth.record import Record, asdict
 from berth.runtime import hostcheck, limits, ocirt, state
 
 ADMIN = "ask your site administrator to "
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(Record):
     name: str
     ok: bool
     detail: str

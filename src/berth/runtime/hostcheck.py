@@ -10,16 +10,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from berth.record import Record
 
 PROC_SYS = Path("/proc/sys")
 FUSE_DEVICE = Path("/dev/fuse")
 _PERSIST = " (and in a file under /etc/sysctl.d/ to keep it after a reboot)"
 
 
-@dataclass(frozen=True)
-class Restriction:
+class Restriction(Record):
     """One restriction found: what (``found``) and what an administrator does about it."""
 
     found: str
