@@ -895,3 +895,35 @@ def test_obstore_retries_with_the_staging_policys_numbers(monkeypatch):
     assert seen["max_retries"] == policy.attempts - 1
     assert (seen["backoff"]["init_backoff"].total_seconds(), seen["backoff"]["max_backoff"].total_seconds()) == \
         (policy.base_s, policy.cap_s)
+
+
+def test_an_https_sources_retry_after_is_capped_as_berths_retry_rule_says(tmp_path, monkeypatch):
+    """berth.retry: a server's Retry-After raises the wait up to ``max_retry_after_s``, no more.
+    urllib3, which retries an https source's requests, slept whatever the server asked: a 503
+    with ``Retry-After: 86400`` held the job's allocation a day per attempt."""
+    import urllib3.util.retry
+    from berth.staging.locations import parse_transfer
+
+    answers = iter([503, 503])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            status = next(answers, 200)
+            body = b"late\n" if status == 200 else b""
+            self.send_response(status)
+            if status == 503:
+                self.send_header("Retry-After", "86400")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    waits: list[float] = []
+    monkeypatch.setattr(urllib3.util.retry.time, "sleep", waits.append)  # urllib3's own waits, recorded
+    with _serving(Handler) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.txt"
+        size, _ = transfer._Runner(_profile(), None).fetch_url(parse_transfer(f"{url}:in/", "in"), str(tmp_path))
+    assert (size, (tmp_path / "in" / "data.txt").read_bytes()) == (5, b"late\n")
+    assert len(waits) == 2 and max(waits) <= transfer.STAGING_RETRY.max_retry_after_s, waits

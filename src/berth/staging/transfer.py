@@ -1009,10 +1009,7 @@ class _Runner:
                                    hint="ca_bundle must be a PEM file of CA certificates") from None
             tls = {"ssl_context": context}
         pool = urllib3.PoolManager(
-            # other=0: an untrusted certificate (urllib3's "other" errors) is not retried.
-            # The numbers of berth's one retry rule (STAGING_RETRY); urllib3 retries the requests.
-            retries=urllib3.Retry(total=STAGING_RETRY.attempts - 1, other=0, backoff_factor=STAGING_RETRY.base_s,
-                                  backoff_max=STAGING_RETRY.cap_s, status_forcelist=STAGING_RETRY.statuses),
+            retries=_url_retry(urllib3),  # berth's one retry rule; urllib3 retries the requests
             timeout=urllib3.Timeout(connect=10, read=self.profile.timeout_s), **tls)
         try:
             response = _get_following_redirects(pool, url, shown)
@@ -1045,6 +1042,19 @@ class _Runner:
                 raise StagingError(f"--stage-in '{shown}': {type(exc).__name__}",
                                    hint="is the URL right and the server reachable?") from None
             raise
+
+
+def _url_retry(urllib3):
+    """urllib3's retries of an https source's requests, with the numbers of ``STAGING_RETRY``
+    (other=0: an untrusted certificate, one of urllib3's "other" errors, is not retried). A
+    server's Retry-After is capped at the policy's ``max_retry_after_s``, as berth.retry says:
+    urllib3 waits what the server asks (urllib3 2.8: up to six hours; older ones: no limit)."""
+    class CappedRetry(urllib3.Retry):
+        def parse_retry_after(self, retry_after: str) -> float:
+            return min(super().parse_retry_after(retry_after), STAGING_RETRY.max_retry_after_s)
+
+    return CappedRetry(total=STAGING_RETRY.attempts - 1, other=0, backoff_factor=STAGING_RETRY.base_s,
+                       backoff_max=STAGING_RETRY.cap_s, status_forcelist=STAGING_RETRY.statuses)
 
 
 _MAX_REDIRECTS = 5
