@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from berth.errors import ImageError
 from berth.image.api import StoredImage, load_stored
 from berth.image.progress import PullProgress, notify
 from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
+from berth.record import Record
 from berth.store.store import Store
 from berth.untrusted import parse_json
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(Record):
     """An OCI content descriptor (the fields berth uses)."""
 
     media_type: str

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from berth.errors import BerthError, NotFound, PermissionDenied
 from berth.image.api import StoredImage, find_image, find_in_store, store_for, stores
 from berth.oci.digest import Digest
 from berth.oci.reference import InvalidReference, Reference
+from berth.record import Record
 from berth.store.store import SITE, Store
 
 if TYPE_CHECKING:
     from berth.config.settings import Settings
 
 
-@dataclass(frozen=True)
-class ImageRow:
+class ImageRow(Record):
     """One line of ``berth images``: a reference (or none) naming a stored image."""
 
     repository: str
@@ -31,8 +30,7 @@ class ImageRow:
                 "size_bytes": self.size_bytes, "store": self.store, "reference": self.reference}
 
 
-@dataclass(frozen=True)
-class ImageListing:
+class ImageListing(Record):
     rows: list[ImageRow]
     #: Stores that could not be read, with why (the listing shows the others).
     notes: list[str]
@@ -121,8 +119,7 @@ def require_image(settings: "Settings", ref: str) -> StoredImage:
     )
 
 
-@dataclass(frozen=True)
-class RemoveResult:
+class RemoveResult(Record):
     untagged: list[str]
     removed_digest: Digest | None
     bytes_freed: int

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import platform as platform_module
-from dataclasses import dataclass
 
 from berth.errors import UsageError
+from berth.record import Record
 
 #: uname -m -> (OCI architecture, variant) (image-index spec, platform.architecture: GOARCH).
 _MACHINE_ARCH = {
@@ -17,8 +17,7 @@ _MACHINE_ARCH = {
 }
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(Record):
     os: str
     architecture: str
     variant: str | None = None

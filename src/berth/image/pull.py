@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from berth.errors import (
@@ -35,6 +34,7 @@ from berth.image.progress import PullProgress, notify
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
+from berth.record import Record
 from berth.store.store import Store
 from berth.untrusted import parse_json
 
@@ -76,8 +76,7 @@ def select_platform(index: dict, wanted: Platform, what: str) -> Descriptor:
     return min(candidates, key=lambda pair: pair[0])[1]
 
 
-@dataclass(frozen=True)
-class PullResult:
+class PullResult(Record):
     image: StoredImage
     reference: str
     platform: str | None

@@ -33,10 +33,10 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 
 from berth.errors import BerthError
 from berth.oci.digest import Digest
+from berth.record import Record, asdict, field
 from berth.store.store import STALE_TMP_S, Store, _remove_tree, _unlink_quietly
 from berth.untrusted import parse_json
 
@@ -55,8 +55,7 @@ STRAY_TEMPORARY = "stray temporary"
 UNREADABLE_INDEX = "unreadable index"
 
 
-@dataclass
-class Problem:
+class Problem(Record, frozen=False):
     """One thing wrong in a store; ``repaired`` says what repair did (None: still wrong)."""
 
     kind: str
@@ -74,8 +73,7 @@ class Problem:
 
 
 
-@dataclass
-class BlobNeed:
+class BlobNeed(Record):
     """A blob an image uses that must come from the registry again."""
 
     digest: Digest
@@ -86,8 +84,7 @@ class BlobNeed:
     problem: Problem
 
 
-@dataclass
-class VerifyReport:
+class VerifyReport(Record, frozen=False):
     store: str
     root: str
     blobs_checked: int = 0
