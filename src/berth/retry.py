@@ -31,7 +31,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from berth.record import Record, field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ if TYPE_CHECKING:
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(Record):
     """How many attempts one operation gets in all, and how long to wait between them (the
     module docstring states the rule). ``attempts`` bounds the tries of one *operation* (one
     manifest, one blob, one object), not of one loop: every layer that retries part of it draws

@@ -166,10 +166,10 @@ def test_small_download_mismatch_leaves_nothing(tmp_path, monkeypatch):
 
 def _no_waiting(monkeypatch) -> list[float]:
     """Staging's retry policy with its numbers but no waiting; returns the waits it asked for."""
-    import dataclasses
+    from berth.record import replace
 
     slept: list[float] = []
-    monkeypatch.setattr(transfer, "STAGING_RETRY", dataclasses.replace(transfer.STAGING_RETRY, sleep=slept.append))
+    monkeypatch.setattr(transfer, "STAGING_RETRY", replace(transfer.STAGING_RETRY, sleep=slept.append))
     return slept
 
 

@@ -21,12 +21,12 @@ import binascii
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError, UsageError
 from berth.oci.names import is_registry_host
+from berth.record import Record, field
 from berth.untrusted import parse_json
 
 #: Every name Docker Hub's registry goes by; credentials stored under any of them apply to all.
@@ -54,8 +54,7 @@ def normalize_host(name: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Record):
     """One host's credentials and the file they were read from (for error messages)."""
 
     username: str
@@ -63,8 +62,7 @@ class Entry:
     source: str
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(Record):
     """Credentials per registry host, merged from the auth files (first file wins per host).
 
     ``searched`` lists every file looked at, so that an authentication error can say where

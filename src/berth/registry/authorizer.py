@@ -22,10 +22,10 @@ import base64
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from berth.errors import AuthenticationError, RegistryError
+from berth.record import Record
 from berth.registry.auth import Credentials, normalize_host
 from berth.registry.challenge import Challenge, parse_challenges, pick_challenge
 from berth.registry.transport import Transport, error_detail
@@ -37,8 +37,7 @@ EXPIRY_MARGIN_S = 10.0
 MAX_TOKEN_RESPONSE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class _Token:
+class _Token(Record):
     value: str
     expires_at: float
 

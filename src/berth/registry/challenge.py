@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+from berth.record import Record, field
 
 # token68 or auth-param list; the scheme is a token followed by whitespace or end of string.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -24,8 +25,7 @@ _PARAM = re.compile(
 _SCHEME = re.compile(r"\s*(" + _TOKEN + r")(?:\s+|$)")
 
 
-@dataclass(frozen=True)
-class Challenge:
+class Challenge(Record):
     """One authentication challenge: ``scheme`` in lower case and its parameters.
 
     Parameter names are lower-cased (they are case-insensitive); values keep their case.

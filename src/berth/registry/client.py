@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urlencode, urljoin
 
@@ -30,6 +29,7 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
 from berth.oci.names import is_registry_host
 from berth.oci.reference import is_repository, is_tag
+from berth.record import Record
 from berth.registry.auth import Credentials
 from berth.registry.authorizer import Authorizer, pull_scope, push_scope
 from berth.registry.transport import (
@@ -52,8 +52,7 @@ MANIFEST_TYPES = frozenset((*mediatypes.MANIFESTS, *mediatypes.INDEXES))
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Record):
     """A manifest or index exactly as the registry sent it, with its verified digest."""
 
     data: bytes

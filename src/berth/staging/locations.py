@@ -16,10 +16,10 @@ checked where they become local paths (:func:`key_to_relative`): an object key i
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from berth.errors import UsageError
+from berth.record import Record
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # matched in full: no final newline
 _GLOB_CHARS = "*?["
@@ -28,8 +28,7 @@ IN = "in"
 OUT = "out"
 
 
-@dataclass(frozen=True)
-class S3Location:
+class S3Location(Record):
     bucket: str
     key: str  # "" or ending in "/" for a prefix
 
@@ -41,16 +40,14 @@ class S3Location:
         return f"s3://{self.bucket}/{self.key}"
 
 
-@dataclass(frozen=True)
-class UrlLocation:
+class UrlLocation(Record):
     url: str
 
     def __str__(self) -> str:
         return self.url
 
 
-@dataclass(frozen=True)
-class HostLocation:
+class HostLocation(Record):
     path: str  # as written (relative paths are resolved against the job's directory later)
 
     @property
@@ -74,8 +71,7 @@ def without_url_query(text: str) -> str:
     return _URL_QUERY.sub(r"\1?...", text)
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(Record):
     """One ``SRC:DEST`` item, as written (``text``) and parsed; ``shown`` is the text to print."""
 
     direction: str

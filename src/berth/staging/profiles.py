@@ -41,11 +41,11 @@ import configparser
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError
+from berth.record import Record, field
 
 DEFAULT_PROFILE = "default"
 DEFAULT_MULTIPART_THRESHOLD = 8 << 20
@@ -58,8 +58,7 @@ _PROFILE_KEYS = ("endpoint", "region", "access_key", "secret_key", "session_toke
 _PROFILE_DOC = "profile keys and sources: docs/staging.md"
 
 
-@dataclass(frozen=True)
-class S3Profile:
+class S3Profile(Record):
     """Everything needed to talk to one S3 service. ``repr`` never shows the secrets."""
 
     name: str

@@ -61,12 +61,12 @@ import stat
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from berth import fsutil
 from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
+from berth.record import Record, field
 from berth.retry import RETRY_STATUSES, RetryPolicy
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative,
                                      without_url_query)
@@ -100,8 +100,7 @@ _MAX_LISTED_FAILURES = 20
 # Summary and progress
 
 
-@dataclass
-class ItemSummary:
+class ItemSummary(Record, frozen=False):
     """One ``SRC:DEST`` item's figures."""
 
     text: str
@@ -115,8 +114,7 @@ class ItemSummary:
                 "seconds": round(self.seconds, 3), "mb_per_s": round(_rate(self.bytes, self.seconds), 1)}
 
 
-@dataclass
-class Summary:
+class Summary(Record, frozen=False):
     """A whole stage-in or stage-out: per item and in total, and what did not arrive."""
 
     direction: str
@@ -409,8 +407,7 @@ def local_error(exc: OSError, what: str) -> StagingError:
 # Planning
 
 
-@dataclass(frozen=True)
-class _Get:
+class _Get(Record):
     """One object to download to ``path``, which lies below ``root`` (the DEST the user named;
     default: ``path``'s directory): nothing between them is a symbolic link berth follows."""
 
@@ -428,8 +425,7 @@ class _Get:
         return root, os.path.relpath(self.path, root)
 
 
-@dataclass(frozen=True)
-class _Put:
+class _Put(Record):
     """One local file to upload (or copy, when ``bucket`` is None, to ``target``). ``path`` lies
     below ``base`` (the source the user named, or a glob's fixed part) and ``target`` below
     ``target_root`` (the DEST named; defaults: their directories): what lies between is read
