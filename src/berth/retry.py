@@ -101,3 +101,15 @@ class RetryBudget:
             self.policy.sleep(delay)
         self.retries += 1
         return True
+
+
+def transient(error: BaseException) -> BaseException:
+    """Mark ``error`` as one this rule retries (the network, a 5xx or 429, a body or a checksum
+    that did not verify), for a loop above the code that raised it; returns it."""
+    error.transient = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a later attempt may succeed where ``error`` failed (marked by :func:`transient`)."""
+    return getattr(error, "transient", False) is True

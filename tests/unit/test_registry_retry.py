@@ -116,6 +116,23 @@ def test_an_upload_gets_one_budget_for_all_its_sessions(server):
     assert len(server.paths("POST")) == 3
 
 
+def test_an_upload_whose_put_fails_tls_is_not_retried(server):
+    """berth.retry: a TLS failure is never retried. The upload's loop restarted the session
+    after any RegistryUnreachable of its PUT, a TLS failure at the upload's Location (storage on
+    another host with a certificate this node does not trust) included: every attempt of the
+    budget, with its backoff, before the message."""
+    def handler(request):
+        if request.method == "HEAD":
+            return Reply(404)
+        if request.method == "POST":  # the upload goes on over TLS, which this plain server does not speak
+            return Reply(202, headers={"Location": f"https://{server.host}/v2/a/blobs/uploads/session"})
+        return Reply(500)
+    server.handler = handler
+    with client_for(server, policy(4)) as client, pytest.raises(RegistryUnreachable, match="TLS"):
+        client.upload_blob("a", BLOB_DIGEST, len(BLOB), io.BytesIO(BLOB))
+    assert len(server.paths("POST")) == 1
+
+
 def test_delays_are_jittered_and_grow(server):
     seen: list[tuple[float, float]] = []
 

@@ -41,6 +41,7 @@ from berth.registry.transport import (
     parse_retry_after,
     same_origin,
 )
+from berth.retry import is_transient
 from berth.untrusted import parse_json
 
 #: Manifests larger than this are refused (containerd uses the same 4 MiB bound): a manifest
@@ -350,8 +351,8 @@ class RegistryClient:
                     "PUT", url, scope=scope, accept=(201, *self.retry.statuses),
                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
                     body=fileobj if size else b"", what=what, budget=NO_RETRY.budget())
-            except RegistryUnreachable:
-                if not budget.retry():
+            except RegistryUnreachable as error:
+                if not is_transient(error) or not budget.retry():  # never a TLS failure, say
                     raise
                 continue
             if response.status == 201:

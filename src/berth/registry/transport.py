@@ -37,7 +37,7 @@ from berth.errors import (
     RegistryUnreachable,
 )
 # The one retry rule (berth.retry); imported under these names by the registry client and tests.
-from berth.retry import RETRY_STATUSES, RetryBudget, RetryPolicy  # noqa: F401
+from berth.retry import RETRY_STATUSES, RetryBudget, RetryPolicy, transient  # noqa: F401
 
 USER_AGENT = f"berth/{__version__}"
 MAX_REDIRECTS = 5
@@ -213,9 +213,10 @@ class Transport:
             except uexc.SSLError as exc:
                 raise self._tls_error(url, what, exc) from None
             except (uexc.HTTPError, OSError) as exc:
-                if _retryable_exception(exc) and budget.retry():
+                retryable = _retryable_exception(exc)
+                if retryable and budget.retry():
                     continue
-                raise self._unreachable(url, what, exc, budget.attempts) from None
+                raise _marked(self._unreachable(url, what, exc, budget.attempts), retryable) from None
             status = response.status
             if status in accept:
                 if not stream:
@@ -223,9 +224,10 @@ class Transport:
                         response.read(cache_content=True)
                     except (uexc.HTTPError, OSError) as exc:
                         _discard(response)
-                        if _retryable_exception(exc) and budget.retry():
+                        retryable = _retryable_exception(exc)
+                        if retryable and budget.retry():
                             continue
-                        raise self._unreachable(url, what, exc, budget.attempts) from None
+                        raise _marked(self._unreachable(url, what, exc, budget.attempts), retryable) from None
                     response.release_conn()
                 return response
             if status in self.retry.statuses and budget.can_retry:
@@ -331,6 +333,12 @@ def _is_loopback(hostname: str) -> bool:
         return ipaddress.ip_address(hostname.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _marked(error: RegistryUnreachable, retryable: bool) -> RegistryUnreachable:
+    """``error`` marked transient (berth.retry) when ``retryable``: a loop above the request (an
+    upload's sessions) sends again only what the rule retries."""
+    return transient(error) if retryable else error
 
 
 def _retryable_exception(exc: BaseException) -> bool:

@@ -67,7 +67,7 @@ from berth import fsutil
 from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
 from berth.record import Record, field
-from berth.retry import RETRY_STATUSES, RetryPolicy
+from berth.retry import RETRY_STATUSES, RetryPolicy, is_transient, transient
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative,
                                      without_url_query)
 from berth.staging.profiles import S3Profile
@@ -382,18 +382,6 @@ def s3_error(exc: BaseException, what: str, profile: S3Profile) -> BerthError:
         return transient(StagingError(f"{what}: the connection to {endpoint} failed ({type(exc).__name__})",
                                       hint="retry; if it persists, ask the service's operators"))
     return StagingError(f"{what}: {type(exc).__name__}: {exc}")
-
-
-def transient(error: BerthError) -> BerthError:
-    """Mark ``error`` as one that berth's retry rule retries (berth.retry: the network, the
-    service's 5xx and 429, a body or a checksum that did not verify); returns it."""
-    error.transient = True  # type: ignore[attr-defined]
-    return error
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a later attempt may succeed where ``error`` failed (see :func:`transient`)."""
-    return getattr(error, "transient", False) is True
 
 
 def local_error(exc: OSError, what: str) -> StagingError:
