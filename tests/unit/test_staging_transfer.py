@@ -223,6 +223,24 @@ def test_obstore_errors_become_messages_that_name_the_object(exception, text, ki
     assert "status code" not in error.message and "Debug" not in error.message
 
 
+@pytest.mark.parametrize("reason, retried", [
+    ("Name or service not known", False),  # EAI_NONAME: the name stays unknown
+    ("No address associated with hostname", False),  # EAI_NODATA
+    ("Temporary failure in name resolution", True),  # EAI_AGAIN: the resolver may answer later
+])
+def test_an_unknown_endpoint_name_is_not_retried_a_resolver_hiccup_is(reason, retried):
+    """berth.retry, as the registry applies it: an unknown host name stays unknown, only a
+    temporary resolver failure is worth another round. Every dns error was transient: a
+    misspelled endpoint went through every stage-out round before its message."""
+    from obstore import exceptions as ox
+
+    text = ("Generic S3 error: error sending request for url (http://s3.exmple.org/b/k): client error "
+            f"(Connect): dns error: failed to lookup address information: {reason}")
+    error = transfer.s3_error(ox.GenericError(text), "s3://b/k", _profile())
+    assert transfer.is_transient(error) is retried
+    assert "cannot connect to the S3 endpoint" in error.message, error.message
+
+
 def test_a_local_disk_error_is_not_taken_for_the_service():
     import errno
 

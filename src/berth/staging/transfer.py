@@ -375,9 +375,13 @@ def s3_error(exc: BaseException, what: str, profile: S3Profile) -> BerthError:
                             f"{profile.timeout_s} s, after retries)",
                             hint="the service is overloaded or stalled; raise timeout_s in the profile or retry later"))
     if "kind: Connect" in text or "tcp connect error" in text or "dns error" in text:
-        return transient(StagingError(f"{what}: cannot connect to the S3 endpoint {endpoint}",
-                                      hint="is the endpoint URL right and the service up? (profile endpoint, "
-                                           "AWS_ENDPOINT_URL, or the site's s3_endpoint)"))
+        unreachable = StagingError(f"{what}: cannot connect to the S3 endpoint {endpoint}",
+                                   hint="is the endpoint URL right and the service up? (profile endpoint, "
+                                        "AWS_ENDPOINT_URL, or the site's s3_endpoint)")
+        # An unknown name (EAI_NONAME, EAI_NODATA) stays unknown; only EAI_AGAIN is worth
+        # another round (berth.retry; the registry's transport judges names the same way).
+        unknown_name = "dns error" in text and "Temporary failure" not in text
+        return unreachable if unknown_name else transient(unreachable)
     if isinstance(exc, ox.BaseError):
         return transient(StagingError(f"{what}: the connection to {endpoint} failed ({type(exc).__name__})",
                                       hint="retry; if it persists, ask the service's operators"))
