@@ -347,3 +347,21 @@ def test_a_shorter_linger_than_the_one_before_gets_a_reaper_of_its_own(tmp_path,
     imagemount.acquire(tmp_path, "sha256-abc", image, "b3", linger_s=10).release()
     imagemount.acquire(tmp_path, "sha256-abc", image, "b4", linger_s=20).release()
     assert len(started) == 3
+
+
+def test_a_lock_timeout_of_zero_means_one_try_never_going_on_without_the_lock(tmp_path, mounts):
+    """lock_timeout_s may be 0 (BERTH_LOCK_TIMEOUT_S=0: never wait). Joining or leaving while
+    another berth holds the mount lock then fails at once with the lock's error (exit 75);
+    it went on without the lock and ended in a TypeError traceback (os.close(None))."""
+    from berth.errors import LockError
+
+    mounted, calls, image = mounts
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b1", lock_timeout_s=0)
+    with locks.file_lock(hold.directory / "lock", timeout_s=0) as held:
+        assert held
+        with pytest.raises(LockError):
+            imagemount.acquire(tmp_path, "sha256-abc", image, "b2", lock_timeout_s=0)
+        with pytest.raises(LockError):
+            hold.release()
+        assert os.listdir(hold.directory / "holders") == ["b1"] and mounted == {str(hold.root)}
+    assert hold.release() is True and mounted == set()

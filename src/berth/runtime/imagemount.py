@@ -232,13 +232,15 @@ def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, progra
         os.close(lock_fd)
 
 
-def _lock(directory: Path, timeout_s: float, *, create: bool = True) -> int | None:
+def _lock(directory: Path, timeout_s: float, *, create: bool = True, wait: bool = True) -> int | None:
     """A descriptor holding the mount lock of ``directory`` (made 0700 when ``create``).
 
     The file locked must still be the one named ``lock`` once held (the last one out removes
-    the directory under the lock): otherwise start again. ``timeout_s`` 0: one try, None when
-    someone holds it; without ``create``, None when the directory is gone. Raises LockError
-    (the wait ran out) and RuntimeFailure (the directory cannot be made)."""
+    the directory under the lock): otherwise start again. Without ``wait``: one try, None when
+    someone holds it (the stale clean-up); with it, ``timeout_s`` bounds the wait (0, the
+    user's lock_timeout_s: one try, then LockError). Without ``create``, None when the
+    directory is gone. Raises LockError (the wait ran out) and RuntimeFailure (the directory
+    cannot be made)."""
     path = directory / "lock"
     while True:
         if create:
@@ -256,7 +258,7 @@ def _lock(directory: Path, timeout_s: float, *, create: bool = True) -> int | No
                 return None
             continue  # removed between the mkdir and the open: again
         try:
-            if timeout_s <= 0:
+            if not wait:
                 if not locks.try_acquire(fd):
                     os.close(fd)
                     return None
@@ -525,7 +527,7 @@ def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
     for entry in entries:
         directory = Path(entry.path)
         try:
-            lock_fd = _lock(directory, 0, create=False)
+            lock_fd = _lock(directory, 0, create=False, wait=False)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EINVAL):  # not a lock file of berth's: leave it
                 continue
