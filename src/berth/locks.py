@@ -14,7 +14,8 @@ Rules (docs/security.md, "multi-user model"):
 * Every wait is bounded: ``timeout_s`` (settings ``lock_timeout_s`` for the callers that have
   settings); on expiry :class:`~berth.errors.LockError` names the lock file and, from
   /proc/locks, the process and user that hold it.
-* ``timeout_s=0`` tries once: the block runs with ``held`` False when someone else has it.
+* ``timeout_s=0`` tries once: the block runs with ``held`` False when someone else has it,
+  unless ``must_hold`` (a timeout from the settings, where 0 means "do not wait": LockError).
 """
 
 from __future__ import annotations
@@ -88,16 +89,18 @@ def acquire(fd: int, path: Path, *, shared: bool = False, timeout_s: float = DEF
 
 @contextmanager
 def file_lock(path: Path, *, shared: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
-              mode: int = 0o600, purpose: str = "") -> Iterator[bool]:
+              mode: int = 0o600, purpose: str = "", must_hold: bool = False) -> Iterator[bool]:
     """Hold a lock on ``path`` (created with ``mode`` if missing) for the block; yields True.
 
     ``timeout_s=0``: one try; yields False when another holder conflicts (the block then runs
     without the lock and must check the value). Otherwise waits at most ``timeout_s`` and raises
-    LockError naming the lock and its holder. Raises OSError when the lock file cannot be opened
+    LockError naming the lock and its holder. ``must_hold``: the block never runs without the
+    lock, a ``timeout_s`` of 0 (the user's lock_timeout_s: "do not wait") being one try, then
+    LockError. Raises OSError when the lock file cannot be opened
     (callers map it: the store to PermissionDenied naming its directory)."""
     fd = open_lock_file(path, mode=mode)
     try:
-        if timeout_s <= 0:
+        if timeout_s <= 0 and not must_hold:
             held = try_acquire(fd, shared=shared)
         else:
             acquire(fd, path, shared=shared, timeout_s=timeout_s, purpose=purpose)

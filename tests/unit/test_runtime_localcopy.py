@@ -171,3 +171,22 @@ def test_kernel_overlay_only_on_an_unpacked_copy_and_linux_5_11(monkeypatch, tmp
     monkeypatch.setattr(materialise.os, "uname", lambda: os.uname_result(("Linux", "n", release, "#1", "x86_64")))
     assert materialise.kernel_overlay(UnpackedImage(tmp_path, -1)) is expected
     assert materialise.kernel_overlay(object()) is False  # a FUSE mount: root-owned files cannot be copied up
+
+
+def test_a_lock_timeout_of_zero_fails_at_once_rather_than_copying_without_the_lock(tmp_path):
+    """lock_timeout_s 0 (BERTH_LOCK_TIMEOUT_S=0, docs: "do not wait"): while another berth holds
+    the copy's lock, the copy fails at once naming the lock (exit 75). locks.file_lock read the
+    0 as "try once, run the block anyway", and the copy was made without the lock."""
+    from berth import locks
+    from berth.errors import LockError
+
+    source = tmp_path / "image.sqfs"
+    source.write_bytes(b"sqsh" * 1000)
+    digest = Digest.of(b"manifest")
+    images = tmp_path / "state" / "images"
+    images.mkdir(parents=True)
+    with locks.file_lock(images / f"sha256-{digest.hex}.lock", timeout_s=1) as held:
+        assert held
+        with pytest.raises(LockError):
+            local_copy(tmp_path / "state", source, digest, lock_timeout_s=0)
+    assert not (images / f"sha256-{digest.hex}.sqfs").exists()

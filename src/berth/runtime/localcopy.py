@@ -118,7 +118,8 @@ def local_copy(state_dir: Path, source: Path, digest: object | None = None, *,
             return copy
         lock = directory / f"{name}.lock"
         # Ranks starting together copy once; the wait is bounded (a stuck copy is named).
-        with locks.file_lock(lock, timeout_s=lock_timeout_s, purpose=f"node-local copy of {source}"):
+        with locks.file_lock(lock, timeout_s=lock_timeout_s, must_hold=True,
+                             purpose=f"node-local copy of {source}"):
             if _is_current(copy, source_info):
                 return copy
             with open(source, "rb") as original, \
@@ -219,7 +220,7 @@ def unpacked_copy(state_dir: Path, source: Path, digest: object | None = None, *
                 break
             # Make it, still holding the use lock shared (prune stays away) and the maker lock
             # exclusively (one maker at a time; a copy in use is complete, so never removed here).
-            with locks.file_lock(base / f"{name}.maker", timeout_s=lock_timeout_s,
+            with locks.file_lock(base / f"{name}.maker", timeout_s=lock_timeout_s, must_hold=True,
                                  purpose=f"making the unpacked copy of {source}"):
                 if not _is_complete(directory):
                     _remove_unpacked(base, name)  # a copy of another boot, a crashed maker's leftovers

@@ -104,7 +104,8 @@ def run_in_node_container(settings, image, command: list[str] | None, options, *
     # else a task that started the node's container dies and nobody stops it (issue 8 audit).
     early = proc.raise_on_stop()
     try:
-        with locks.file_lock(rendezvous / "lock", timeout_s=timeout_s, purpose="the node container's rendezvous"):
+        with locks.file_lock(rendezvous / "lock", timeout_s=timeout_s, must_hold=True,
+                             purpose="the node container's rendezvous"):
             # Shared while this task runs; waits while the last task of a previous round tears down.
             locks.acquire(tasks_fd, rendezvous / "tasks", shared=True, timeout_s=timeout_s,
                           purpose="the node container's task count")
