@@ -365,3 +365,21 @@ def test_a_lock_timeout_of_zero_means_one_try_never_going_on_without_the_lock(tm
             hold.release()
         assert os.listdir(hold.directory / "holders") == ["b1"] and mounted == {str(hold.root)}
     assert hold.release() is True and mounted == set()
+
+
+def test_a_reaper_waits_for_a_busy_mount_lock_even_with_lock_timeout_0(tmp_path, mounts, reapers):
+    """lock_timeout_s = 0 (a user's "do not wait") made the reaper give up on a lock held for
+    a moment, and the mount stayed up past its linger until the next berth's clean-up."""
+    mounted, calls, image = mounts
+    started, clock = reapers
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b1", lock_timeout_s=0, linger_s=10)
+    hold.release()
+    clock.now += 11
+    with locks.file_lock(hold.directory / "lock", timeout_s=0) as held:
+        assert held
+        thread = threading.Thread(target=started[0])
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive() and mounted == {str(hold.root)}  # waiting for the lock
+    thread.join(10)
+    assert not thread.is_alive() and mounted == set() and not hold.directory.exists()

@@ -52,6 +52,46 @@ def _start(argv: list[str], mountpoint: str, what: str, log_path: str, *, detach
         else:
             process = proc.start(["setpriv", "--pdeathsig", "TERM", "--", *argv], stdout=log, stderr=log)
     mount = FuseMount(mountpoint, process, what, log_path)
+    try:
+        return _wait_mounted(mount, before, what, log_path)
+    except RuntimeFailure:
+        if process.poll() is None:  # it did not mount in time
+            stop(mount)
+        raise
+    except BaseException:
+        _abandon(mount, before)
+        raise
+
+
+def _abandon(mount: FuseMount, before: int) -> None:
+    """Stop a daemon whose mount berth gave up waiting for (a stop signal raised in the wait):
+    first let it finish mounting or fail (bounded), then unmount and end it. A
+    daemon left to itself mounted after berth had cleaned up, with no record and nobody to
+    unmount it (seen: a SIGTERM to a ``--scope node`` task while its container started left
+    the image mounted). A second stop signal meanwhile does not cut this short."""
+    try:
+        held = proc.ignore_stop()
+    except ValueError:  # not the main thread: no signal handlers to change
+        held = {}
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT_S
+        while mount.process.poll() is None and time.monotonic() < deadline:
+            try:
+                if os.stat(mount.mountpoint).st_dev != before:
+                    break
+            except OSError:
+                break
+            time.sleep(0.001)
+        if mount.process.poll() is None or is_mounted(mount.mountpoint):
+            stop(mount)
+    finally:
+        proc.restore_handlers(held)
+
+
+def _wait_mounted(mount: FuseMount, before: int, what: str, log_path: str) -> FuseMount:
+    """Until ``mount``'s mount point is another device than ``before``; RuntimeFailure when
+    its process exits first or MOUNT_TIMEOUT_S passes."""
+    mountpoint, process = mount.mountpoint, mount.process
     deadline = time.monotonic() + MOUNT_TIMEOUT_S
     delay = 0.0002
     while True:
@@ -70,7 +110,6 @@ def _start(argv: list[str], mountpoint: str, what: str, log_path: str, *, detach
                                  hint=f"ask your site administrator to fix FUSE: {found.fix}" if found
                                  else "run 'berth doctor' to check FUSE on this node")
         if time.monotonic() > deadline:
-            stop(mount)
             raise RuntimeFailure(f"{what} did not mount within {MOUNT_TIMEOUT_S:g} s",
                                  hint="run 'berth doctor' to check FUSE on this node")
         time.sleep(delay)

@@ -320,9 +320,9 @@ def _serving(directory: Path, record: dict) -> bool:
     return _answers(root) and _our_daemon(pid, root) and not _is_zombie(pid)
 
 
-def _live_holders(directory: Path) -> list[str]:
+def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
     """Names of holders whose lock is held; removes those whose berth died (caller holds the
-    mount lock)."""
+    mount lock) unless not ``remove`` (a look without the lock: ``berth doctor``)."""
     live = []
     try:
         names = os.listdir(directory / HOLDERS)
@@ -335,10 +335,10 @@ def _live_holders(directory: Path) -> list[str]:
         except FileNotFoundError:
             continue
         try:
-            if locks.try_acquire(fd):
-                os.unlink(path)
-            else:
+            if not locks.try_acquire(fd):
                 live.append(name)
+            elif remove:
+                os.unlink(path)
         finally:
             os.close(fd)
     return live
@@ -418,12 +418,15 @@ def _linger(directory: Path, linger_s: int, lock_timeout_s: float) -> bool:
 
 def _reap(directory: Path, lock_timeout_s: float) -> None:
     """The reaper of a lingering mount (run detached by :func:`_linger`): sleep until the
-    record's linger ends, then, under the mount lock, unmount and remove the mount when it is
-    still idle since the same moment and no holder is live. A holder that came back (the record
-    has no ``idle_since``) or a later leaver (a later ``idle_since``: sleep on) decides for it.
-    It leaves, clearing its name from the record under the lock, whenever the mount is in use,
-    so that the next last holder out starts a new one."""
+    record's linger ends, then, under the mount lock, unmount and remove the mount when its
+    linger (perhaps pushed by a later leaver: sleep on) is over and no holder is live. When a
+    holder came back (the record has no ``idle_since``) or holds it now, it leaves, clearing its
+    name from the record under the lock, so that the next last holder out starts a new one;
+    when the record names another reaper (a new mount) it leaves it alone."""
     me = [os.getpid(), _process_start(os.getpid())]
+    # A wait for the lock, even where the user set lock_timeout_s = 0: one try would end the
+    # reaper on a lock someone holds for a moment, and the mount would stay up past its time.
+    lock_timeout_s = lock_timeout_s if lock_timeout_s > 0 else locks.DEFAULT_TIMEOUT_S
     while True:
         until = lingering_until(_read_record(directory))
         if until is not None and until > time.time():
@@ -564,22 +567,10 @@ def list_mounts(state_dir: Path) -> list[dict]:
         return []
     for entry in entries:
         directory = Path(entry.path)
-        holders = 0
         try:
-            names = os.listdir(directory / HOLDERS)
+            holders = len(_live_holders(directory, remove=False))
         except OSError:
-            names = []
-        for name in names:
-            try:
-                fd = locks.open_lock_file(directory / HOLDERS / name, create=False)
-            except OSError:
-                continue
-            try:
-                if locks.try_acquire(fd):
-                    continue  # its berth is gone (the lock goes with the close below)
-                holders += 1
-            finally:
-                os.close(fd)
+            holders = 0
         until = lingering_until(_read_record(directory)) if not holders else None
         found.append({"image": entry.name, "root": str(directory / "root"), "holders": holders,
                       "lingering_until": until})
