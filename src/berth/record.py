@@ -32,9 +32,12 @@ class (NotImplemented for any other), ``order=True`` adds ``<`` and friends on t
 ``Name(field=value, ...)`` without the ``repr=False`` fields; methods a class defines itself win.
 A mutable record may declare ``__slots__`` (its field names) instead of ``@dataclass(slots=True)``.
 :func:`fields`, :func:`replace` and :func:`asdict` stand for ``dataclasses.fields``,
-``dataclasses.replace`` and ``dataclasses.asdict``. Not supported (berth's records use none):
-``InitVar``, ``ClassVar``, ``__post_init__``, ``kw_only``, ``init=False``, frozen records with
-``__slots__``. Instances are not tuples (unlike ``berth.namedtuple``): they do not iterate,
+``dataclasses.replace`` and ``dataclasses.asdict``; ``__match_args__`` for ``case`` patterns.
+As a dataclass, a record refuses an unhashable default (a list, dict or set would be shared by
+every instance: ``default_factory``), and a frozen one that defines its own ``__eq__`` still
+hashes its compared fields. Not supported (berth's records use none): ``InitVar`` and
+``ClassVar`` (refused, never silently made fields), ``__post_init__``, ``kw_only``,
+``init=False``, frozen records with ``__slots__``. Instances are not tuples (unlike ``berth.namedtuple``): they do not iterate,
 index or equal a tuple, so code that tells records from tuples (``berth config show``'s
 rendering) keeps working.
 
@@ -111,7 +114,9 @@ class Record:
             raise TypeError(f"{cls.__qualname__}: __slots__ is supported for mutable records (frozen=False) only")
         slots = () if slots is None else (slots,) if isinstance(slots, str) else tuple(slots)
         found = {item.name: item for item in cls.__record_fields__}  # a base record's, first
-        for name in cls.__dict__.get("__annotations__", {}):
+        for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+            if _pseudo_field(annotation):
+                raise TypeError(f"{cls.__qualname__}.{name}: ClassVar and InitVar are not supported by records")
             value = MISSING if name in slots else cls.__dict__.get(name, MISSING)  # a slot's descriptor
             if isinstance(value, Field):
                 value.name = name
@@ -122,6 +127,9 @@ class Record:
                 found[name] = value
             else:
                 found[name] = Field(default=value, name=name)
+            default = found[name].default
+            if default is not MISSING and type(default).__hash__ is None:  # list, dict, set: shared by all
+                raise ValueError(f"mutable default {type(default)} for field {name} is not allowed: use default_factory")
         defaults_seen = False
         for item in found.values():
             if item.default is MISSING and item.default_factory is MISSING:
@@ -133,6 +141,11 @@ class Record:
         cls.__record_compared__ = tuple(item.name for item in found.values() if item.compare)
         cls.__record_frozen__ = frozen
         cls.__record_slotted__ = bool(slots)
+        cls.__match_args__ = tuple(item.name for item in found.values())
+        if frozen and cls.__dict__.get("__hash__", MISSING) is None and "__eq__" in cls.__dict__:
+            # Python set __hash__ = None for the class's own __eq__; a frozen dataclass still
+            # hashes its fields then.
+            cls.__hash__ = Record.__hash__
         if not frozen:  # as @dataclass(eq=True): assignable, and no hash (its key could change)
             cls.__setattr__ = object.__setattr__
             cls.__delattr__ = object.__delattr__
@@ -191,6 +204,14 @@ class Record:
 
     def __hash__(self) -> int:
         return hash(_key(self))
+
+
+def _pseudo_field(annotation) -> bool:
+    """Whether an annotation (a string under ``from __future__ import annotations``) is
+    ``ClassVar``/``InitVar``, which a dataclass does not make a field and a record refuses."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "") or repr(annotation)
+    head = text.split("[", 1)[0].rsplit(".", 1)[-1].strip()
+    return head in ("ClassVar", "InitVar")
 
 
 def _key(record: Record) -> tuple:

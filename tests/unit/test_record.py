@@ -277,3 +277,45 @@ def test_asdict_as_dataclasses_asdict():
     assert asdict(Tally("a", secret="s")) == dataclasses.asdict(DataTally("a", secret="s"))  # repr=False kept
     assert _error(lambda: asdict(Pair(1, 2))).startswith("asdict() should be called on")
 
+
+
+def test_an_unhashable_default_is_refused_as_a_dataclass_refuses_it():
+    for default in ([], {}, set()):
+        with pytest.raises(ValueError) as expected:
+            dataclasses.make_dataclass("D", [("xs", object, dataclasses.field(default=default))], frozen=True)
+        with pytest.raises(ValueError) as got:
+            type("R", (Record,), {"__annotations__": {"xs": "list"}, "xs": default})
+        assert str(got.value) == str(expected.value).replace("D", "R")
+    hashable = type("R", (Record,), {"__annotations__": {"xs": "tuple"}, "xs": ()})
+    assert hashable().xs == ()
+
+
+def test_a_frozen_record_with_its_own_eq_still_hashes_as_a_frozen_dataclass_does():
+    def eq(self, other):
+        return isinstance(other, type(self)) and self.a % 10 == other.a % 10
+
+    data = dataclasses.make_dataclass("D", [("a", int)], frozen=True, namespace={"__eq__": eq})
+    record = type("R", (Record,), {"__annotations__": {"a": "int"}, "__eq__": eq})
+    assert hash(data(3)) == hash((3,)) and hash(record(3)) == hash((3,))
+    assert record(3) == record(13)  # its own __eq__ wins
+    mutable = type("M", (Record,), {"__annotations__": {"a": "int"}, "__eq__": eq}, frozen=False)
+    with pytest.raises(TypeError):
+        hash(mutable(3))
+
+
+@pytest.mark.parametrize("annotation", ["ClassVar[int]", "typing.ClassVar[int]", "InitVar[int]",
+                                        "dataclasses.InitVar[int]"])
+def test_classvar_and_initvar_are_refused_not_made_fields(annotation):
+    with pytest.raises(TypeError, match="ClassVar and InitVar are not supported"):
+        type("R", (Record,), {"__annotations__": {"a": annotation}, "a": 1})
+
+
+def test_match_args_name_the_fields_as_a_dataclass_does():
+    data = dataclasses.make_dataclass("D", [("a", int), ("b", int, dataclasses.field(default=0))], frozen=True)
+    record = type("R", (Record,), {"__annotations__": {"a": "int", "b": "int"}, "b": 0})
+    assert record.__match_args__ == data.__match_args__ == ("a", "b")
+    match record(1, 2):
+        case record(x, y):
+            assert (x, y) == (1, 2)
+        case _:
+            pytest.fail("a positional pattern did not match")
