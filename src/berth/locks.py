@@ -16,6 +16,9 @@ Rules (docs/security.md, "multi-user model"):
   /proc/locks, the process and user that hold it.
 * ``timeout_s=0`` tries once: the block runs with ``held`` False when someone else has it,
   unless ``must_hold`` (a timeout from the settings, where 0 means "do not wait": LockError).
+* Code that only looks whether a lock is held (doctor, ps, "busy" checks) calls
+  :func:`is_locked`, which reads /proc/locks and takes nothing; code that removes what a lock
+  guards takes the lock and holds it while it removes.
 """
 
 from __future__ import annotations
@@ -110,16 +113,95 @@ def file_lock(path: Path, *, shared: bool = False, timeout_s: float = DEFAULT_TI
         os.close(fd)  # releases the lock
 
 
-def is_locked(path: Path) -> bool:
-    """Whether some process holds a lock on ``path`` right now (False when it does not exist)."""
+def is_locked(path: Path, *, proc: str = "/proc") -> bool:
+    """Whether some process holds a flock on ``path`` right now, found without taking it (False
+    when ``path`` does not exist). For the looks (``berth doctor``, ``berth ps``, the GPU
+    ledger's "busy", a mount's live holders): a look that took the lock, even for an instant,
+    made a concurrent one-try taker fail ("GPU in use") or a cleaner see a dead holder as live.
+
+    The answer comes from ``/proc/locks``: the FLOCK lines (waiters, ``->``, skipped) naming the
+    file's device and inode as the kernel prints them (the superblock's device from
+    ``/proc/self/mountinfo`` and the inode from ``/proc/self/fdinfo`` of a read-only descriptor,
+    not fstat: btrfs and overlayfs report other numbers there). Where /proc cannot tell, this
+    falls back to one try of the lock (the old way, which takes it for an instant): /proc/locks
+    or fdinfo unreadable; a /proc of another PID namespace than the first (the kernel leaves
+    out locks whose holder it cannot see there, checked on 6.18); a file system whose locks
+    other nodes may hold (NFS, Lustre, FUSE...: only the local ones are in /proc/locks).
+    Raises OSError for a symbolic link (ELOOP) or something else than a regular file (EINVAL),
+    LockError (in the fallback) when the file system cannot lock."""
     try:
-        fd = open_lock_file(path, create=False)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return False
     try:
-        return not try_acquire(fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        seen = _flock_seen(fd, proc)
+        return seen if seen is not None else not try_acquire(fd)
     finally:
         os.close(fd)
+
+
+#: File systems whose flocks are all in this node's /proc/locks (others may be held elsewhere).
+_LOCAL_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "overlay"})
+_PF_KTHREAD = 0x00200000
+
+
+class LockLine(Record):
+    """One lock of /proc/locks (``N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF``)."""
+
+    type: str  # FLOCK, POSIX, OFDLCK, LEASE...
+    kind: str  # WRITE, READ
+    pid: int  # 0: a holder this /proc's PID namespace cannot see; -1: an OFD lock
+    major: int
+    minor: int
+    inode: int
+
+
+def parse_proc_locks(text: str) -> list[LockLine]:
+    """The held locks of /proc/locks ``text``: blocked waiters (``->``) and lines that do not
+    parse are left out. The device is ``%02x:%02x`` (hex) in the kernel's format."""
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            found.append(LockLine(fields[1], fields[3], int(fields[4]), int(major, 16), int(minor, 16),
+                                  int(inode)))
+        except ValueError:
+            continue
+    return found
+
+
+def _flock_seen(fd: int, proc: str) -> bool | None:
+    """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
+    try:
+        with open(f"{proc}/2/stat", "rb") as handle:  # pid 2 is kthreadd only in the first namespace
+            if not int(handle.read().rsplit(b")", 1)[1].split()[6]) & _PF_KTHREAD:
+                return None
+        with open(f"{proc}/self/fdinfo/{fd}", encoding="ascii", errors="replace") as handle:
+            info = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+        mount_id, inode = info["mnt_id"].strip(), int(info["ino"])
+        device = None
+        with open(f"{proc}/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if fields and fields[0] == mount_id:
+                    fstype = fields[fields.index("-") + 1]
+                    if fstype not in _LOCAL_FILE_SYSTEMS:
+                        return None
+                    device = tuple(int(n) for n in fields[2].split(":"))
+                    break
+        if device is None:
+            return None
+        with open(f"{proc}/locks", encoding="ascii", errors="replace") as handle:
+            lines = parse_proc_locks(handle.read())
+    except (OSError, LookupError, ValueError):
+        return None
+    return any(line.type == "FLOCK" and (line.major, line.minor, line.inode) == (*device, inode)
+               for line in lines)
 
 
 class Holder(Record):
@@ -139,23 +221,14 @@ class Holder(Record):
 def holders(fd: int, *, proc_locks: str = "/proc/locks") -> list[Holder]:
     """The processes holding locks on the file open as ``fd`` (empty when unknown)."""
     info = os.fstat(fd)
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    found = []
+    device = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
     try:
         with open(proc_locks, encoding="ascii", errors="replace") as handle:
-            lines = handle.read().splitlines()
+            lines = parse_proc_locks(handle.read())
     except OSError:
         return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 6 or fields[1] == "->":  # "->": a waiter, not a holder
-            continue
-        if fields[5] != device or not fields[4].lstrip("-").isdigit():
-            continue
-        pid = int(fields[4])
-        if pid > 0:
-            found.append(Holder(pid, fields[3], *_process_owner(pid)))
-    return found
+    return [Holder(line.pid, line.kind, *_process_owner(line.pid)) for line in lines
+            if (line.major, line.minor, line.inode) == device and line.pid > 0]
 
 
 def _process_owner(pid: int) -> tuple[str | None, str | None]:

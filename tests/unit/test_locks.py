@@ -18,19 +18,25 @@ HOLD = ("import sys, time; from pathlib import Path; from berth.locks import fil
 
 
 @pytest.fixture
-def holder(tmp_path):
-    started = []
+def started():
+    """Starts ``python -c SCRIPT ARGS...`` and returns once it printed ``ready``; kills them all."""
+    processes = []
 
-    def start(path, mode="exclusive"):
-        process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), mode], stdout=subprocess.PIPE, text=True)
-        started.append(process)
-        assert process.stdout.readline().strip() == "held"
+    def start(script, ready, *args):
+        process = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout.readline().strip() == ready
         return process
 
     yield start
-    for process in started:
+    for process in processes:
         process.kill()
         process.wait(10)
+
+
+@pytest.fixture
+def holder(started):
+    return lambda path, mode="exclusive": started(HOLD, "held", path, mode)
 
 
 def test_flock_excludes_other_processes_and_dies_with_them(tmp_path, holder):
@@ -120,3 +126,148 @@ def test_holders_parses_proc_locks_and_skips_waiters(tmp_path):
         os.close(fd)
     assert [(h.pid, h.kind) for h in found] == [(os.getpid(), "READ")]
     assert found[0].command and "python" in found[0].command
+
+
+# --- Looking at a lock does not take it (is_locked reads /proc/locks) --------------------------
+
+CAPTURED = """\
+1: FLOCK  ADVISORY  WRITE 6724 fe:00:2147362 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 7001 fe:00:2147362 0 EOF
+2: FLOCK  ADVISORY  READ 0 00:1f:18446744073709551615 0 EOF
+2:  -> FLOCK  ADVISORY  WRITE 0 00:1f:18446744073709551615 0 EOF
+3: POSIX  ADVISORY  WRITE 21297 103:02:4294967296 0 EOF
+4: OFDLCK ADVISORY  READ -1 fe:00:12 0 EOF
+garbage line
+"""
+
+
+def test_proc_locks_parser_keeps_holders_of_every_namespace_and_skips_waiters():
+    lines = locks.parse_proc_locks(CAPTURED)
+    assert [(line.type, line.kind, line.pid) for line in lines] == [
+        ("FLOCK", "WRITE", 6724), ("FLOCK", "READ", 0), ("POSIX", "WRITE", 21297), ("OFDLCK", "READ", -1)]
+    # The device is %02x:%02x (hex): 00:1f is minor 31, 103:02 major 259; inodes are unsigned long.
+    assert (lines[0].major, lines[0].minor, lines[0].inode) == (0xfe, 0, 2147362)
+    assert (lines[1].major, lines[1].minor, lines[1].inode) == (0, 31, 2**64 - 1)
+    assert (lines[2].major, lines[2].minor, lines[2].inode) == (259, 2, 2**32)
+
+
+def _fake_proc(tmp_path, fd, *, kthread=True, fstype="tmpfs", device="0:31", inode=2**64 - 1, locks_text=CAPTURED):
+    proc = tmp_path / "proc"
+    (proc / "2").mkdir(parents=True)
+    (proc / "self" / "fdinfo").mkdir(parents=True)
+    flags = 0x00208040 if kthread else 0x00400100
+    (proc / "2" / "stat").write_text(f"2 (kthreadd) S 0 0 0 0 -1 {flags} 0 0 0 0\n")
+    (proc / "self" / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t0100000\nmnt_id:\t41\nino:\t{inode}\n")
+    (proc / "self" / "mountinfo").write_text(
+        f"27 1 254:0 / / rw - ext4 /dev/vda rw\n41 27 {device} / /tmp/berth-1000 rw - {fstype} tmpfs rw\n")
+    (proc / "locks").write_text(locks_text)
+    return str(proc)
+
+
+def test_the_look_matches_the_kernels_device_and_inode_and_says_when_it_cannot_tell(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "a", fd)) is True  # a holder of another namespace (pid 0)
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "b", fd, inode=2147362, device="254:0")) is True
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "c", fd, inode=12, device="254:0")) is False  # OFD only
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "d", fd, inode=7, device="254:0")) is False
+        # A waiter alone is no holder.
+        waiter_only = "1: FLOCK  ADVISORY  WRITE 5 fe:00:9 0 EOF\n1: -> FLOCK  ADVISORY  WRITE 6 fe:00:8 0 EOF\n"
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "e", fd, inode=8, device="254:0",
+                                                locks_text=waiter_only)) is False
+        # Cannot tell: /proc of a child PID namespace (holders outside it are left out), a
+        # network file system (other nodes' holders are not listed), no /proc/locks.
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "f", fd, kthread=False)) is None
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "g", fd, fstype="nfs4")) is None
+        assert locks._flock_seen(fd, _fake_proc(tmp_path / "h", fd, fstype="fuse.sshfs")) is None
+        proc = _fake_proc(tmp_path / "i", fd)
+        os.unlink(os.path.join(proc, "locks"))
+        assert locks._flock_seen(fd, proc) is None
+    finally:
+        os.close(fd)
+
+
+def test_is_locked_falls_back_to_one_try_where_proc_cannot_tell(tmp_path, holder):
+    lock = tmp_path / "x.lock"
+    lock.touch()
+    assert locks.is_locked(lock, proc=str(tmp_path / "no-proc")) is False
+    process = holder(lock)
+    assert locks.is_locked(lock, proc=str(tmp_path / "no-proc")) is True
+    assert locks.is_locked(lock) is True
+    process.kill()
+    process.wait(10)
+    assert locks.is_locked(lock) is False
+
+
+def test_is_locked_refuses_a_symbolic_link(tmp_path):
+    (tmp_path / "target").touch()
+    (tmp_path / "x.lock").symlink_to(tmp_path / "target")
+    with pytest.raises(OSError):
+        locks.is_locked(tmp_path / "x.lock")
+
+
+LOOKER = ("import sys; from pathlib import Path\n"
+          "what, path = sys.argv[1], Path(sys.argv[2])\n"
+          "if what == 'is_locked':\n"
+          "    from berth.locks import is_locked as look\n"
+          "elif what == 'gpus':\n"
+          "    from berth.runtime.devices.gpus import Gpu, Ledger\n"
+          "    ledger, gpu = Ledger(path), [Gpu('nvidia', 0, '/dev/nvidia0')]\n"
+          "    look = lambda _: ledger.busy(gpu)\n"
+          "else:\n"
+          "    from berth.runtime.imagemount import list_mounts as look\n"
+          "look(path); print('looking', flush=True)\n"
+          "while True:\n"
+          "    look(path)\n")
+
+
+@pytest.fixture
+def looker(started):
+    return lambda what, path: started(LOOKER, "looking", what, path)
+
+
+TRIES = 3000
+
+
+def test_a_look_never_makes_a_one_try_taker_fail(tmp_path, looker):
+    lock = tmp_path / "x.lock"
+    lock.touch()
+    looker("is_locked", lock)
+    failed = 0
+    for _ in range(TRIES):
+        with locks.file_lock(lock, timeout_s=0) as held:
+            failed += not held
+    assert failed == 0, f"{failed} of {TRIES} one-try takes failed while another process only looked"
+
+
+def test_berth_doctors_look_at_the_gpu_ledger_never_makes_a_gpu_busy(tmp_path, looker):
+    from contextlib import ExitStack
+
+    from berth.errors import PolicyError
+    from berth.runtime.devices.gpus import Gpu, Ledger
+
+    ledger, gpu = Ledger(tmp_path), Gpu("nvidia", 0, "/dev/nvidia0")
+    with ExitStack() as stack:
+        ledger.take(stack, [gpu], 1, what="--gpus")  # makes the lock file the looker watches
+    looker("gpus", tmp_path)
+    failed = 0
+    for _ in range(TRIES):
+        with ExitStack() as stack:
+            try:
+                ledger.take(stack, [gpu], 1, what="--gpus")
+            except PolicyError:
+                failed += 1
+    assert failed == 0, f"'berth run --gpus' found the GPU in use {failed} times in {TRIES} while doctor looked"
+
+
+def test_berth_doctors_look_at_image_mounts_never_shows_a_dead_holder_as_live(tmp_path, looker):
+    from berth.runtime import imagemount
+
+    directory = imagemount.images_dir(tmp_path) / "sha256-abc"
+    (directory / imagemount.HOLDERS).mkdir(parents=True)
+    (directory / imagemount.HOLDERS / "bdead").touch(mode=0o600)  # its berth died: no lock
+    looker("mounts", tmp_path)
+    live = 0
+    for _ in range(TRIES):
+        live += len(imagemount._live_holders(directory, remove=False))
+    assert live == 0, f"a dead holder looked live {live} times in {TRIES} while doctor listed the mounts"

@@ -43,8 +43,9 @@ leave a count wrong. The rules:
   holder is judged dead.
 
 **Lock order.** A container's state lock (berth.runtime.state), then an image's mount lock;
-holder locks are only ever tried, never waited for, and the mount lock is held for nothing
-longer than one mount or unmount (bounded by berth.runtime.fuse's timeouts). Holders change only
+other holders' locks are only looked at (berth.locks.is_locked), never taken or waited for, and
+the mount lock is held for nothing longer than one mount or unmount (bounded by
+berth.runtime.fuse's timeouts). Holders change only
 under the mount lock, so a container joining while the last one leaves either joins first (the
 leaver sees its holder and keeps the mount) or after the unmount (and mounts again): a mount is
 never pulled from under a container, and two containers starting together mount once.
@@ -191,8 +192,8 @@ def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, progra
                                  hint="check the state directory (berth doctor shows it)") from None
         holder = directory / HOLDERS / holder_id
         fd = os.open(holder, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        # A new file, but ``berth doctor`` (list_mounts) tries holders' locks without the mount
-        # lock: it may hold this one for an instant. Wait for it, never run without the hold.
+        # A new file, which a look can only take for an instant where /proc cannot tell
+        # (berth.locks.is_locked's fallback): wait for that, never run without the hold.
         try:
             locks.acquire(fd, holder, timeout_s=lock_timeout_s, purpose="a container's hold on its image mount")
         except BaseException:
@@ -322,7 +323,11 @@ def _serving(directory: Path, record: dict) -> bool:
 
 def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
     """Names of holders whose lock is held; removes those whose berth died (caller holds the
-    mount lock) unless not ``remove`` (a look without the lock: ``berth doctor``)."""
+    mount lock) unless not ``remove`` (a look without the lock: ``berth doctor``). Looks at the
+    holder locks without taking them (berth.locks.is_locked): a take, even for an instant,
+    showed a dead holder as live to a leaver, the reaper or the stale clean-up that looked at the
+    same moment. Removing one without its lock is safe under the mount lock: a holder is created
+    and locked under it, so a holder whose lock is free then is dead."""
     live = []
     try:
         names = os.listdir(directory / HOLDERS)
@@ -330,17 +335,13 @@ def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
         return []
     for name in names:
         path = directory / HOLDERS / name
-        try:
-            fd = locks.open_lock_file(path, create=False)
-        except FileNotFoundError:
-            continue
-        try:
-            if not locks.try_acquire(fd):
-                live.append(name)
-            elif remove:
+        if locks.is_locked(path):
+            live.append(name)
+        elif remove:
+            try:
                 os.unlink(path)
-        finally:
-            os.close(fd)
+            except FileNotFoundError:
+                pass
     return live
 
 

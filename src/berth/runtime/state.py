@@ -272,9 +272,11 @@ def list_containers(state_dir: Path) -> list[dict]:
     records = []
     for name in names:
         path = containers / name
-        fd = _try_lock(path)
-        if fd is not None:
-            os.close(fd)
+        try:
+            live = locks.is_locked(path / "lock")  # a look: taking it could hide a dead one from its cleaner
+        except OSError:
+            live = False
+        if not live:
             continue
         info = _read_info(path)
         if info:
