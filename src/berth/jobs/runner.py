@@ -245,23 +245,17 @@ def _descendants(root_pid: int) -> list[int]:
     return found
 
 
-#: FUSE daemons serve the container's root filesystem until run_container unmounts it: a
-#: SIGTERM for the job must not take the files away from under the script's trap.
-_SPARED_BY_TERM = ("squashfuse", "squashfuse_ll", "fuse-overlayfs")
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
 def signal_tree(root_pid: int, sig: int) -> None:
     """Send ``sig`` to ``root_pid`` and all its descendants (SIGTERM spares FUSE daemons)."""
+    from berth.runtime import fuse
+
     for pid in _descendants(root_pid):
-        if sig != signal.SIGKILL and _comm(pid) in _SPARED_BY_TERM:
+        # FUSE daemons serve the container's root filesystem until run_container unmounts it: a
+        # SIGTERM for the job must not take the files away from under the script's trap. Any
+        # FUSE daemon in the tree, whatever its mount (a shared image mount's too: other
+        # containers use it): the pid was found in this walk, not recorded earlier, and a wrong
+        # "yes" only spares a process that the SIGKILL below ends anyway.
+        if sig != signal.SIGKILL and fuse.daemon_mountpoint(pid) is not None:
             continue
         try:
             os.kill(pid, sig)

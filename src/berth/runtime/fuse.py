@@ -18,6 +18,8 @@ from berth import proc
 from berth.errors import ProgramFailed, RuntimeFailure
 
 MOUNT_TIMEOUT_S = 10.0
+#: The programs berth runs as FUSE daemons (mount_squashfs, mount_overlay).
+DAEMON_PROGRAMS = ("squashfuse", "squashfuse_ll", "fuse-overlayfs")
 
 
 class FuseMount:
@@ -164,6 +166,31 @@ def mount_overlay(lower: str, upper: str, work: str, mountpoint: str, log_path: 
     if squash_to is not None:
         options += f",squash_to_uid={squash_to[0]},squash_to_gid={squash_to[1]}"
     return _start(["fuse-overlayfs", "-f", "-o", options, mountpoint], mountpoint, "fuse-overlayfs", log_path)
+
+
+def daemon_mountpoint(pid: object) -> str | None:
+    """The mount point that process ``pid`` serves when it is a FUSE daemon as berth starts them
+    (:func:`mount_squashfs`, :func:`mount_overlay`, detached or not: one of DAEMON_PROGRAMS
+    first in its command line, the mount point last), else None: not a pid, gone, a zombie (no
+    command line), or a recycled pid that runs anything else.
+
+    The one test of "this pid is our daemon": compare the answer with the mount point (never
+    the program name alone: a recorded pid recycled into another squashfuse of the same user, a
+    shared image mount serving other containers, passes a test of the name). The command line,
+    not ``comm``: any process may rename itself with prctl(PR_SET_NAME). A daemon that
+    ``setpriv`` has not exec'd yet is not one (its command line still starts with setpriv)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return None
+    if argv and argv[-1] == b"":
+        argv.pop()  # the terminating NUL
+    if len(argv) < 2 or os.fsdecode(os.path.basename(argv[0])) not in DAEMON_PROGRAMS:
+        return None
+    return os.fsdecode(argv[-1])
 
 
 def is_mounted(mountpoint: str) -> bool:

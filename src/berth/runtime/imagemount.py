@@ -84,7 +84,6 @@ from berth.untrusted import read_json_object
 
 IMAGES = "images"
 HOLDERS = "holders"
-_DAEMONS = (b"squashfuse", b"squashfuse_ll")
 _SCOPE_PART = re.compile(r"[A-Za-z0-9_]{1,32}")
 #: How long a leaver waits for the daemon to exit after its unmount before killing it.
 DAEMON_EXIT_S = 5.0
@@ -455,15 +454,8 @@ def _reap(directory: Path, lock_timeout_s: float) -> None:
 
 
 def _our_daemon(pid: object, root: Path) -> bool:
-    """Whether ``pid`` runs a squashfuse daemon of ``root`` (never a recycled pid's program)."""
-    if not isinstance(pid, int) or pid <= 1:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
-        return False
-    return os.path.basename(argv[0]) in _DAEMONS and os.fsencode(str(root)) in argv
+    """Whether ``pid`` is the FUSE daemon of ``root`` (never a recycled pid's program)."""
+    return fuse.daemon_mountpoint(pid) == str(root)
 
 
 def _unmount(directory: Path, process) -> None:

@@ -38,6 +38,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from berth import fsutil, locks, proc
@@ -333,17 +334,18 @@ def _unmount_under(path: Path) -> list[str]:
     return found
 
 
-def _kill_daemons(info: dict) -> None:
-    for pid in info.get("daemon_pids", []):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                argv0 = handle.read().split(b"\0", 1)[0]
-        except OSError:
-            continue
-        # Only our own FUSE daemons, never a recycled pid running something else.
-        if os.path.basename(argv0) in (b"squashfuse", b"squashfuse_ll", b"fuse-overlayfs"):
+def _kill_daemons(path: Path, info: dict) -> None:
+    """SIGTERM the container's recorded FUSE daemons that still serve a mount point inside
+    ``path``: never a recycled pid, not even one running another of the user's FUSE daemons
+    (berth.runtime.fuse.daemon_mountpoint)."""
+    from berth.runtime import fuse
+
+    inside = str(path) + "/"
+    daemon_pids = info.get("daemon_pids")
+    for pid in daemon_pids if isinstance(daemon_pids, list) else ():
+        if (fuse.daemon_mountpoint(pid) or "").startswith(inside):
             try:
-                os.kill(pid, 15)
+                os.kill(pid, signal.SIGTERM)
             except OSError:
                 pass
 
@@ -354,7 +356,7 @@ def cleanup_container_dir(path: Path) -> dict:
     info.setdefault("id", path.name)
     _kill_runtime(path, info)
     mounts = _unmount_under(path)
-    _kill_daemons(info)
+    _kill_daemons(path, info)
     _remove_lock_last(path)
     return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
 
