@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from berth.runtime import fuse
 from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers, processes_mentioning
 from tests.harness.users import describe
 from tests.integration.test_run_lifecycle import wait_for_line
@@ -350,6 +351,27 @@ def test_a_lingering_mount_whose_daemon_died_is_cleaned_up_and_mounted_again(run
     cleaned = runtime_env.berth("doctor", "--cleanup", "--json")
     assert [entry["lingering"] for entry in json.loads(cleaned.stdout)["images_unmounted"]] == [True, True]
     wait_gone(runtime_env, deadline_s=20)
+    assert runtime_env.wait_clean() == []
+
+
+@pytest.mark.parametrize("mode", ["per_container", "unpacked"])
+def test_a_linger_has_no_effect_outside_shared_image_mounts(runtime_env, runtime_images, mode):
+    """image_mount_linger applies to image_mount = "shared" only (docs/configuration.md): with
+    the other two, a run with a ten-minute linger leaves no mount, no FUSE daemon (squashfuse's
+    nor fuse-overlayfs') and no berth-linger reaper once it returns."""
+    site = runtime_env.state_dir.parent / "site"  # root's, in a directory every user traverses
+    site.mkdir(mode=0o755)
+    (site / "berth.toml").write_text(f'image_mount = "{mode}"\n')
+    runtime_env.extra_env["BERTH_CONFIG_DIR"] = str(site)
+    runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "10m"
+    result = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
+    assert result.returncode == 0 and result.stdout.startswith("root:x:0:"), describe(result)
+    state_dir = str(runtime_env.state_dir)
+    fuse_daemons = [line for line in processes_mentioning(runtime_env.user.uid, state_dir)
+                    if line.split(": ", 1)[1].split()[0].rsplit("/", 1)[-1] in fuse.DAEMON_PROGRAMS]
+    assert fuse_mounts_under(state_dir) == [] and fuse_daemons == [], (fuse_mounts_under(state_dir), fuse_daemons)
+    assert lingering_reapers(runtime_env.user.uid, state_dir) == []
+    assert not (runtime_env.state_dir / "images").exists()
     assert runtime_env.wait_clean() == []
 
 
