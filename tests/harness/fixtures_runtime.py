@@ -174,6 +174,15 @@ def processes_mentioning(uid: int, text: str) -> list[str]:
     return found
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a dead process nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def lingering_reapers(uid: int, state_dir: str) -> list[str]:
     """``uid``'s reapers of lingering image mounts (berth.runtime.imagemount, command name
     berth-linger) started by a berth of ``state_dir`` (their environment names it)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_runtime import process_alive
 from tests.harness.gpu_tree import FakeDriverTree, make_fake_driver_tree
 from tests.harness.slurm import SlurmCluster, start_cluster, usable
 from tests.harness.users import berth_executable
@@ -145,15 +146,7 @@ def _stop_local_runners(root: Path, grace_s: float = 15) -> None:
         runners.append(pid)
     deadline = time.monotonic() + grace_s
     while runners and time.monotonic() < deadline:
-        runners = [pid for pid in runners if _alive(pid)]
+        runners = [pid for pid in runners if process_alive(pid)]
         time.sleep(0.1)
     for pid in runners:
         signal_tree(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

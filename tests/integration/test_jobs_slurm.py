@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_runtime import process_alive
 from tests.harness.users import describe
 from tests.integration.jobs_helpers import HOME_SCRIPT, jobs, submit, wait_file, wait_for
 
@@ -293,19 +294,11 @@ def test_cluster_stop_ends_every_job_even_suspended(user, user_tmp):
     finally:
         cluster.stop()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not process_alive(pid)
     leftovers = subprocess.run(["pgrep", "-u", user.name, "-f", "sleep 300"], capture_output=True, text=True)
     assert leftovers.stdout == ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _scontrol(cluster, native: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from berth.runtime import fuse
-from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers, processes_mentioning
+from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers, process_alive, processes_mentioning
 from tests.harness.users import describe
 from tests.integration.test_run_lifecycle import wait_for_line
 
@@ -226,14 +226,6 @@ def wait_gone(env, deadline_s: float = 60.0) -> float:
     return time.time()
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_lingering_mount_is_reused_by_the_next_run_and_goes_when_its_linger_is_up(runtime_env, runtime_images):
     runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "12"  # room for a loaded machine's second run
     first = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
@@ -242,7 +234,7 @@ def test_a_lingering_mount_is_reused_by_the_next_run_and_goes_when_its_linger_is
     record = mount_record(runtime_env)
     (daemon,) = daemons(runtime_env)
     reaper = record["reaper"][0]
-    assert record["linger_s"] == 12 and alive(reaper) and alive(record["pid"]), record
+    assert record["linger_s"] == 12 and process_alive(reaper) and process_alive(record["pid"]), record
     # It names itself berth-linger as soon as it runs (berth may have exited before that).
     deadline = time.monotonic() + 10
     while lingering_reapers(runtime_env.user.uid, str(runtime_env.state_dir)) != [f"{reaper}: berth-linger"]:
@@ -259,7 +251,7 @@ def test_a_lingering_mount_is_reused_by_the_next_run_and_goes_when_its_linger_is
     assert pushed["idle_since"] > record["idle_since"] + 1 and pushed["reaper"] == record["reaper"], (record, pushed)
     gone_at = wait_gone(runtime_env)
     assert gone_at >= pushed["idle_since"] + 12, ("unmounted before the pushed linger's end", gone_at, pushed)
-    assert not alive(reaper) and not alive(record["pid"])
+    assert not process_alive(reaper) and not process_alive(record["pid"])
     assert not (runtime_env.state_dir / "images").exists()
     assert runtime_env.wait_clean() == []
 
@@ -276,7 +268,7 @@ def test_command_substitution_returns_at_once_with_a_long_linger(runtime_env, ru
     took = time.monotonic() - started
     assert result.returncode == 0 and result.stdout == "got hi\n", describe(result)
     assert took < 60, f"berth run took {took:.1f} s with a 10 minute linger"
-    assert len(image_mounts(runtime_env)) == 1 and alive(mount_record(runtime_env)["reaper"][0])
+    assert len(image_mounts(runtime_env)) == 1 and process_alive(mount_record(runtime_env)["reaper"][0])
     doctor = runtime_env.berth("doctor")
     assert "shared image mounts: " in doctor.stdout and "lingering, unmounted in" in doctor.stdout, describe(doctor)
     cleaned = runtime_env.berth("doctor", "--cleanup")
@@ -300,7 +292,7 @@ def test_a_shorter_linger_set_later_ends_the_mount_when_it_is_up_not_at_the_earl
     left_at = mount_record(runtime_env)["idle_since"]
     gone_at = wait_gone(runtime_env, deadline_s=40)
     assert left_at + 2 <= gone_at, ("unmounted before the linger's end", left_at, gone_at)
-    assert not alive(long_reaper)
+    assert not process_alive(long_reaper)
     assert runtime_env.wait_clean() == []
 
 
@@ -323,7 +315,7 @@ def test_a_lingering_mount_whose_reaper_was_killed_is_cleaned_by_a_later_berth_a
     runtime_env.extra_env["BERTH_IMAGE_MOUNT_LINGER"] = "0"
     later = runtime_env.berth("run", str(runtime_images.setuid), "true")
     assert later.returncode == 0, describe(later)
-    assert not alive(record["pid"])
+    assert not process_alive(record["pid"])
     wait_gone(runtime_env)
     assert runtime_env.wait_clean() == []
 
@@ -337,13 +329,13 @@ def test_a_lingering_mount_whose_daemon_died_is_cleaned_up_and_mounted_again(run
     for pid in (record["reaper"][0], record["pid"]):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while alive(record["pid"]) or alive(record["reaper"][0]):
+    while process_alive(record["pid"]) or process_alive(record["reaper"][0]):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     # Another image's run: its stale clean-up removes the dead mount though its linger is not up.
     other = runtime_env.berth("run", str(runtime_images.setuid), "true")
     assert other.returncode == 0, describe(other)
-    assert len(image_mounts(runtime_env)) == 1 and not alive(record["pid"])
+    assert len(image_mounts(runtime_env)) == 1 and not process_alive(record["pid"])
     # And the same image mounts again, with a new daemon.
     again = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group")
     assert again.returncode == 0 and again.stdout.startswith("root:x:0:"), describe(again)
