@@ -183,6 +183,18 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def still_alive_after(pids, deadline_s: float = 10.0) -> list[int]:
+    """Poll until none of ``pids`` is alive or ``deadline_s`` passes; return those still alive.
+    A process that has finished its work may still be exiting for a moment (its memory, and so
+    its /proc environ and cmdline, already gone, not yet a zombie): judge it after this."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        alive = [pid for pid in pids if process_alive(pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
 def lingering_reapers(uid: int, state_dir: str) -> list[str]:
     """``uid``'s reapers of lingering image mounts (berth.runtime.imagemount, command name
     berth-linger) started by a berth of ``state_dir`` (their environment names it)."""
