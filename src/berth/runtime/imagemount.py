@@ -539,7 +539,7 @@ def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
             if alive and not lingering:
                 continue  # lingering (its reaper unmounts it when the time is up)
             mounted = str(directory / "root") in fuse.mounted_paths()
-            if mounted or _read_record(directory):
+            if mounted or record:  # read above, under the same lock
                 _unmount(directory, None)
                 cleaned.append({"image": entry.name, "unmounted": str(directory / "root"), "lingering": alive})
             _remove(directory)
