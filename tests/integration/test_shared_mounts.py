@@ -348,6 +348,26 @@ def test_a_lingering_mount_whose_daemon_died_is_cleaned_up_and_mounted_again(run
     assert runtime_env.wait_clean() == []
 
 
+def test_a_state_directory_reached_through_a_link_of_the_users_leaves_no_mount(runtime_env, runtime_images):
+    """A state directory given as a symbolic link of the user's own (accepted: users move such
+    directories that way): the kernel's mount table names the real path. berth looked for the
+    linked spelling there, found no mount, never unmounted, killed the daemon after 5 s and left
+    a dead mount behind for good (and took that long to return)."""
+    runtime_env.state_dir.mkdir(mode=0o700)
+    os.chown(runtime_env.state_dir, runtime_env.user.uid, runtime_env.user.gid)
+    link = runtime_env.state_dir.parent / "state-link"
+    os.symlink(runtime_env.state_dir, link)
+    os.lchown(link, runtime_env.user.uid, runtime_env.user.gid)
+    started = time.monotonic()
+    result = runtime_env.berth("run", str(runtime_images.busybox), "cat", "/etc/group",
+                               env={"BERTH_STATE_DIR": str(link)})
+    took = time.monotonic() - started
+    assert result.returncode == 0 and result.stdout.startswith("root:x:0:"), describe(result)
+    assert image_mounts(runtime_env) == [] and daemons(runtime_env) == [], image_mounts(runtime_env)
+    assert not (runtime_env.state_dir / "images").exists()
+    assert took < 4.5, f"berth run took {took:.1f} s: it waited for a daemon it never unmounted"
+
+
 @pytest.mark.parametrize("mode", ["per_container", "unpacked"])
 def test_a_linger_has_no_effect_outside_shared_image_mounts(runtime_env, runtime_images, mode):
     """image_mount_linger applies to image_mount = "shared" only (docs/configuration.md): with

@@ -145,10 +145,13 @@ def ensure_state_dir(state_dir: Path, *, relocatable: bool = False) -> Path:
     ``relocatable``: ``state_dir`` is the predictable default ``/tmp/berth-UID``, which another
     user can create first (issue 12, defect 3): then berth uses a directory of its own making,
     ``/tmp/berth-UID.XXXXXXXX`` (random, created exclusively, so nobody can take it first), and
-    finds it again on later runs by its owner and mode. Raises RuntimeFailure.
+    finds it again on later runs by its owner and mode. The directory is returned by its real
+    path (a link of the user's own is accepted, see fsutil.check_private_dir): the kernel's
+    mount table names mounts by it, and berth finds its mounts there by path (a linked spelling
+    found none: the shared image mount was never unmounted and stayed dead). Raises RuntimeFailure.
     """
     try:
-        path = _own_state_dir(state_dir, relocatable)
+        path = Path(os.path.realpath(_own_state_dir(state_dir, relocatable)))
         os.makedirs(path / CONTAINERS, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise RuntimeFailure(f"cannot use the state directory {exc.filename or state_dir}: {exc.strerror}",
