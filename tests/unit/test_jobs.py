@@ -770,6 +770,48 @@ def test_an_output_file_swapped_for_a_link_is_refused_naming_it_and_nothing_is_w
     assert victim.read_text() == "ORIGINAL\n" and (tmp_path / "err").read_text() == ""
 
 
+def test_a_requeued_run_in_truncate_mode_is_shown_whole_until_its_runner_carries_it(tmp_path):
+    """Slurm requeued the job in its default open mode (truncate): it emptied its file when the
+    second run started, so the offset the first run's runner recorded is stale. `berth logs`
+    must show all of the second run's messages (not skip as many bytes as the first run
+    carried), the second runner must carry them all, and Slurm's words after the first run's
+    last carry (not truncated yet) are still shown."""
+    import subprocess
+    import sys
+
+    from berth.jobs.slurm import uncarried_output
+
+    record = JobRecord(tmp_path / "jobs" / "5")
+    record.path.mkdir(parents=True)
+    err = tmp_path / "err.txt"
+    spec = _spec(record, output=str(err))
+    record.write_spec(spec)
+    record.scheduler_output().write_bytes(b"slurmstepd: early 1\n")
+    child = subprocess.run([sys.executable, "-c", _TAKE_AND_CARRY, str(record.path)], capture_output=True)
+    assert (child.returncode, child.stderr) == (0, b""), child
+    assert uncarried_output(record, spec) == b""
+    notice = b"slurmstepd: error: *** JOB 5 ON node1 CANCELLED AT 2026-12-03T17:01:00 DUE TO JOB REQUEUE ***\n"
+    with open(record.scheduler_output(), "ab") as slurm:
+        slurm.write(notice)
+    assert uncarried_output(record, spec) == notice
+    # The second run starts: Slurm truncates and writes more than the first run carried, before
+    # (or instead of) the runner's start.
+    second = b"slurmstepd: error: couldn't chdir to `/gone': No such file or directory: going to /tmp instead\n" * 3
+    assert len(second) > len(err.read_bytes())
+    record.scheduler_output().write_bytes(second)
+    assert uncarried_output(record, spec) == second
+    child = subprocess.run([sys.executable, "-c", _TAKE_AND_CARRY, str(record.path)], capture_output=True)
+    assert (child.returncode, child.stderr) == (0, b""), child
+    assert err.read_bytes() == (second + b"job out\njob err\n"
+                                b"slurmstepd: error: *** JOB 5 ON node1 CANCELLED AT 2026-12-03T17:00:00 ***\n")
+    assert uncarried_output(record, spec) == b""
+    # A third run's shorter output, and a record of an older berth (an offset only) trusted.
+    record.scheduler_output().write_bytes(b"short\n")
+    assert uncarried_output(record, spec) == b"short\n"
+    (record.path / "slurm.out.carried").write_text("2\n")
+    assert uncarried_output(record, spec) == b"ort\n"
+
+
 def test_a_requeued_run_in_append_mode_carries_only_what_the_run_before_did_not(tmp_path):
     """Slurm requeued the job (--open-mode=append): the first run carried its messages already
     and the second must not repeat them, only what came after (Slurm's requeue notice)."""

@@ -168,22 +168,21 @@ class SlurmOutput:
         self.carry()
 
     def _start(self) -> tuple[bool, int]:
-        """(whether Slurm appends, where carrying starts): after the header and whatever a run
-        before this one (Slurm requeued the job) carried already."""
+        """(whether Slurm appends, where carrying starts): in append mode after the header and
+        whatever a run before this one (Slurm requeued the job) carried already; in truncate
+        mode at 0, Slurm having emptied the file when this run started."""
         try:
             with _open_own(self.path) as fd:
                 if os.pread(fd, len(OUTPUT_HEADER), 0) != OUTPUT_HEADER:
                     return False, 0
-                size = os.fstat(fd).st_size
+                return True, _carried(fd, self.path, len(OUTPUT_HEADER))
         except OSError:
             return False, 0
-        carried = _carried(self.path)
-        return True, carried if len(OUTPUT_HEADER) <= carried <= size else len(OUTPUT_HEADER)
 
     def carry(self) -> None:
         """Append what Slurm wrote to its file since the last carry to the job's error file
-        (this process's stderr) and record how far it got. Never raises: the job's own end
-        matters more."""
+        (this process's stderr) and record how far it got (:func:`_carried`). Never raises: the
+        job's own end matters more."""
         try:
             with _open_own(self.path) as fd:
                 while chunk := os.pread(fd, 1 << 20, self.offset):
@@ -191,22 +190,20 @@ class SlurmOutput:
                     while view:
                         view = view[os.write(2, view):]
                     self.offset += len(chunk)
-            atomic_write(_carried_path(self.path), f"{self.offset}\n")
+                atomic_write(_carried_path(self.path), f"{self.offset} {_fingerprint(fd, self.offset)}\n")
         except (OSError, JobError):
             pass
 
 
 def uncarried_output(record: JobRecord, spec: JobSpec) -> bytes:
     """What Slurm wrote to its own file for the job that the runner did not carry into the
-    job's error file (:class:`SlurmOutput`): everything when the runner never started."""
+    job's error file (:class:`SlurmOutput`): everything when the runner never started, or when
+    Slurm truncated the file for a requeued run whose runner has not carried yet."""
     path = scheduler_output(record, spec)
     try:
         with _open_own(path) as fd:
-            size = os.fstat(fd).st_size
             start = len(OUTPUT_HEADER) if os.pread(fd, len(OUTPUT_HEADER), 0) == OUTPUT_HEADER else 0
-            carried = _carried(path)
-            if start <= carried <= size:
-                start = carried
+            start = _carried(fd, path, start)
             chunks = []
             while chunk := os.pread(fd, 1 << 20, start):
                 chunks.append(chunk)
@@ -231,11 +228,42 @@ def _carried_path(path: Path) -> Path:
     return path.with_name(path.name + ".carried")
 
 
-def _carried(path: Path) -> int:
+def _fingerprint(fd: int, offset: int) -> str:
+    """sha256 of the first ``offset`` bytes of Slurm's file: what the carry took (Slurm's own
+    messages are small)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    position = 0
+    while position < offset and (chunk := os.pread(fd, min(1 << 20, offset - position), position)):
+        digest.update(chunk)
+        position += len(chunk)
+    return digest.hexdigest() if position == offset else ""
+
+
+def _carried(fd: int, path: Path, start: int) -> int:
+    """Where carrying of Slurm's file ``fd`` resumes: the offset ``slurm*.out.carried`` records,
+    when the file still begins with the bytes carried (their sha256 is recorded beside it);
+    else ``start``. The rule, for a job Slurm requeues (each run's output is carried once):
+
+    - truncate mode (Slurm's default): Slurm empties the file when a run starts, so the offset of
+      the run before is stale until this run's runner carries; the file no longer begins with
+      what was carried, and all of it is this run's (what Slurm wrote after the run before
+      ended is gone with the truncation, as it would be from a plain Slurm job's file);
+    - append mode: the file only grows, so the offset holds across runs, and the next run
+      carries what Slurm wrote after the run before's last carry (its requeue notice).
+
+    A record without a fingerprint (an older berth) is trusted as an offset."""
     try:
-        return int(_carried_path(path).read_text().strip())
+        offset, _, fingerprint = _carried_path(path).read_text().strip().partition(" ")
+        carried = int(offset)
     except (OSError, ValueError):
-        return 0
+        return start
+    if not start <= carried <= os.fstat(fd).st_size:
+        return start
+    if fingerprint and fingerprint != _fingerprint(fd, carried):
+        return start
+    return carried
 
 
 def _refused(exc: OSError, name: str) -> JobError:
