@@ -12,7 +12,13 @@ The rule (STYLE.md "HTTP"; issue 9), for every loop berth itself runs around net
   them;
 - **how long**: capped exponential backoff with full jitter (AWS architecture blog, 2015):
   before retry ``n`` (0-based) ``uniform(0, min(cap_s, base_s * 2**n))``, raised to a server's
-  ``Retry-After`` capped at ``max_retry_after_s``.
+  ``Retry-After`` (RFC 9110 10.2.3) when that is at most ``max_retry_after_s``;
+- **a longer Retry-After stops at once**: a server that asks for more than ``max_retry_after_s``
+  (a registry's hourly rate limit, a maintenance window) is not asked again sooner than it said
+  (that is hammering it, and earns a longer ban), nor waited for inside a job holding its
+  allocation: the operation fails without another attempt, and the error names the server, the
+  wait it asked for and when to try again (:func:`refused_wait`). :meth:`RetryBudget.allows`
+  judges it, for every loop.
 
 A library that retries its own requests (obstore for S3, urllib3 for https sources) is
 configured from the same policy's numbers (attempts, base and cap of the backoff, statuses),
@@ -28,9 +34,12 @@ The policies in use: the registry's (:class:`RetryPolicy` defaults; ``pull_retri
 
 from __future__ import annotations
 
+import email.utils
 import random
+import re
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from berth.record import Record, field
 
@@ -62,6 +71,11 @@ class RetryPolicy(Record):
         """The policy allowing ``retries`` retries after the first attempt (``pull_retries``)."""
         return cls(attempts=max(0, retries) + 1, **kwargs)
 
+    def honours(self, retry_after_s: float | None) -> bool:
+        """Whether a server's ``Retry-After`` (seconds; None: none sent) is a wait this policy
+        takes before another attempt: at most ``max_retry_after_s``."""
+        return retry_after_s is None or retry_after_s <= self.max_retry_after_s
+
     def delay_s(self, retry: int, retry_after_s: float | None = None) -> float:
         """The wait before retry number ``retry`` (0-based)."""
         delay = self.uniform(0.0, min(self.cap_s, self.base_s * (2 ** retry)))
@@ -82,6 +96,9 @@ class RetryBudget:
         self.policy = policy
         #: Retries taken so far (attempts made = retries + 1).
         self.retries = 0
+        #: The server's Retry-After (seconds) that stopped the operation, for its error
+        #: (:func:`refused_wait`); None when none did.
+        self.refused_wait_s: float | None = None
 
     @property
     def attempts(self) -> int:
@@ -91,10 +108,20 @@ class RetryBudget:
     def can_retry(self) -> bool:
         return self.attempts < max(1, self.policy.attempts)
 
+    def allows(self, retry_after_s: float | None = None) -> bool:
+        """Whether one more attempt may follow a failure whose server asked to wait
+        ``retry_after_s``: attempts are left and the wait is one the policy takes (else
+        :attr:`refused_wait_s` keeps it for the error)."""
+        if not self.policy.honours(retry_after_s):
+            self.refused_wait_s = retry_after_s
+            return False
+        return self.can_retry
+
     def retry(self, retry_after_s: float | None = None) -> bool:
-        """Wait before one more attempt and return True; False (at once) when the operation has
-        used all its attempts."""
-        if not self.can_retry:
+        """Wait before one more attempt and return True; False (at once) when :meth:`allows`
+        does not: the operation has used all its attempts, or its server asked for a longer
+        wait than the policy takes."""
+        if not self.allows(retry_after_s):
             return False
         delay = self.policy.delay_s(self.retries, retry_after_s)
         if delay > 0:
@@ -113,3 +140,29 @@ def transient(error: BaseException) -> BaseException:
 def is_transient(error: BaseException) -> bool:
     """Whether a later attempt may succeed where ``error`` failed (marked by :func:`transient`)."""
     return getattr(error, "transient", False) is True
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,9}", value):  # ASCII: str.isdigit() takes '²', which float() refuses
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now_dt = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    return max(0.0, (when - now_dt).total_seconds())
+
+
+def refused_wait(retry_after_s: float, policy: RetryPolicy, now: float | None = None) -> tuple[str, str]:
+    """The words of an error for a ``Retry-After`` the policy does not wait for: (what the
+    server asked, to follow its name; the hint: when to try again)."""
+    until = time.gmtime((time.time() if now is None else now) + retry_after_s)
+    return (f"asked berth to wait {retry_after_s:.0f} s before trying again (Retry-After), longer than berth "
+            f"waits between attempts ({policy.max_retry_after_s:.0f} s): stopped without retrying",
+            f"try again after {time.strftime('%Y-%m-%d %H:%M:%S UTC', until)}")

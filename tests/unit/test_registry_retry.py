@@ -116,6 +116,25 @@ def test_an_upload_gets_one_budget_for_all_its_sessions(server):
     assert len(server.paths("POST")) == 3
 
 
+def test_an_upload_told_to_wait_beyond_the_cap_stops_at_once(server):
+    """berth.retry: the upload's own loop (a PUT answered 429 starts a new session) stops when
+    the registry asks for more than the policy waits, naming the wait, instead of opening new
+    sessions after 60 s."""
+    def handler(request):
+        if request.method == "HEAD":
+            return Reply(404)
+        if request.method == "POST":
+            return Reply(202, headers={"Location": "/v2/a/blobs/uploads/session"})
+        return Reply(429, headers={"Retry-After": "7200"})
+    server.handler = handler
+    sleeps: list = []
+    with client_for(server, policy(4, sleeps)) as client, pytest.raises(RateLimited) as caught:
+        client.upload_blob("a", BLOB_DIGEST, len(BLOB), io.BytesIO(BLOB))
+    assert (len(server.paths("POST")), len(server.paths("PUT")), sleeps) == (1, 1, [])
+    assert "asked berth to wait 7200 s before trying again" in caught.value.message
+    assert caught.value.hint.startswith("try again after ")
+
+
 def test_an_upload_whose_put_fails_tls_is_not_retried(server):
     """berth.retry: a TLS failure is never retried. The upload's loop restarted the session
     after any RegistryUnreachable of its PUT, a TLS failure at the upload's Location (storage on

@@ -105,6 +105,27 @@ def test_429_honors_retry_after_and_ends_in_rate_limited(server):
     assert "3 attempts" in caught.value.message
 
 
+@pytest.mark.parametrize("status, error, advice", [(429, RateLimited, "log in"), (503, RegistryError, "maintenance")])
+def test_a_retry_after_beyond_the_cap_stops_at_once_naming_the_wait(server, status, error, advice):
+    """berth.retry: a registry that asks for a longer wait than the policy takes (an hour, cap
+    60 s) is not asked again after 60 s (that hammers it) nor waited for: one request, no sleep,
+    an error naming the registry, the wait and when to try again."""
+    server.handler = sequence(Reply(status, b"", {"Retry-After": "3600"}))
+    sleeps: list = []
+    with pytest.raises(error) as caught:
+        make_transport(server, sleeps, retries=5).request("GET", server.url + "/v2/x", accept=(200,), what="thing")
+    assert (len(server.requests), sleeps, type(caught.value)) == (1, [], error)
+    assert caught.value.message == (f"registry {server.host} answered HTTP {status} to thing and asked berth to wait "
+                                    "3600 s before trying again (Retry-After), longer than berth waits between "
+                                    "attempts (60 s): stopped without retrying")
+    assert caught.value.hint.startswith("try again after 20") and advice in caught.value.hint
+    # At the cap it is still a wait berth takes.
+    server.requests.clear()
+    server.handler = sequence(Reply(status, b"", {"Retry-After": "60"}), Reply(200, b"ok"))
+    assert make_transport(server, sleeps).request("GET", server.url + "/v2/", accept=(200,), what="p").data == b"ok"
+    assert (len(server.requests), sleeps) == (2, [60.0])
+
+
 def test_persistent_500_is_a_registry_error_after_retries(server):
     server.handler = sequence(Reply(500, b"boom"))
     sleeps: list = []

@@ -915,22 +915,26 @@ def test_obstore_retries_with_the_staging_policys_numbers(monkeypatch):
         (policy.base_s, policy.cap_s)
 
 
-def test_an_https_sources_retry_after_is_capped_as_berths_retry_rule_says(tmp_path, monkeypatch):
-    """berth.retry: a server's Retry-After raises the wait up to ``max_retry_after_s``, no more.
-    urllib3, which retries an https source's requests, slept whatever the server asked: a 503
-    with ``Retry-After: 86400`` held the job's allocation a day per attempt."""
+@pytest.mark.parametrize("retry_after, wanted", [("2", None), ("86400", "asked berth to wait 86400 s")])
+def test_an_https_sources_retry_after_follows_berths_retry_rule(tmp_path, monkeypatch, retry_after, wanted):
+    """berth.retry: a server's Retry-After up to ``max_retry_after_s`` is waited for; a longer
+    one stops at once, naming the wait. urllib3, which retries an https source's requests,
+    slept whatever the server asked (a 503 with ``Retry-After: 86400`` held the job's allocation
+    a day per attempt); capped at 60 s, it asked again a server that said a day."""
     import urllib3.util.retry
     from berth.staging.locations import parse_transfer
 
     answers = iter([503, 503])
+    statuses = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
             status = next(answers, 200)
+            statuses.append(status)
             body = b"late\n" if status == 200 else b""
             self.send_response(status)
             if status == 503:
-                self.send_header("Retry-After", "86400")
+                self.send_header("Retry-After", retry_after)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -942,6 +946,18 @@ def test_an_https_sources_retry_after_is_capped_as_berths_retry_rule_says(tmp_pa
     monkeypatch.setattr(urllib3.util.retry.time, "sleep", waits.append)  # urllib3's own waits, recorded
     with _serving(Handler) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/data.txt"
-        size, _ = transfer._Runner(_profile(), None).fetch_url(parse_transfer(f"{url}:in/", "in"), str(tmp_path))
-    assert (size, (tmp_path / "in" / "data.txt").read_bytes()) == (5, b"late\n")
-    assert len(waits) == 2 and max(waits) <= transfer.STAGING_RETRY.max_retry_after_s, waits
+        fetch = lambda: transfer._Runner(_profile(), None).fetch_url(parse_transfer(f"{url}:in/", "in"),  # noqa: E731
+                                                                      str(tmp_path))
+        if wanted is None:
+            size, _ = fetch()
+            assert (size, (tmp_path / "in" / "data.txt").read_bytes()) == (5, b"late\n")
+            assert (statuses, waits) == ([503, 503, 200], [2.0, 2.0])
+        else:
+            with pytest.raises(StagingError) as caught:
+                fetch()
+            assert (statuses, waits) == ([503], [])
+            assert caught.value.message == (f"--stage-in '{url}': the server answered HTTP 503 and {wanted} "
+                                            "before trying again (Retry-After), longer than berth waits between "
+                                            "attempts (60 s): stopped without retrying")
+            assert caught.value.hint.startswith("try again after ")
+            assert not (tmp_path / "in" / "data.txt").exists()

@@ -360,7 +360,7 @@ class RegistryClient:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if not budget.retry(retry_after):
                 raise self.transport.status_error(response.status, url, what, error_detail(response.data or b""),
-                                                  budget.attempts)
+                                                  budget.attempts, refused_wait_s=budget.refused_wait_s)
         self._cross_check(response.headers.get("Docker-Content-Digest"), None, digest, what)
         return True
 

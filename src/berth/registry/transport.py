@@ -19,12 +19,9 @@ The pool (``urllib3.PoolManager``) is thread-safe; one Transport serves parallel
 
 from __future__ import annotations
 
-import email.utils
 import re
 import threading
-import time
 from collections.abc import Callable, Collection, Mapping
-from datetime import datetime, timezone
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
 
@@ -37,7 +34,14 @@ from berth.errors import (
     RegistryUnreachable,
 )
 # The one retry rule (berth.retry); imported under these names by the registry client and tests.
-from berth.retry import RETRY_STATUSES, RetryBudget, RetryPolicy, transient  # noqa: F401
+from berth.retry import (  # noqa: F401
+    RETRY_STATUSES,
+    RetryBudget,
+    RetryPolicy,
+    parse_retry_after,
+    refused_wait,
+    transient,
+)
 
 USER_AGENT = f"berth/{__version__}"
 MAX_REDIRECTS = 5
@@ -47,23 +51,6 @@ ERROR_BODY_BYTES = 2000
 #: For a request that must not be sent twice by the transport (its caller restarts the
 #: whole exchange instead, from its own budget).
 NO_RETRY = RetryPolicy(attempts=1)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"[0-9]{1,9}", value):  # ASCII: str.isdigit() takes '²', which float() refuses
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now_dt = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
-    return max(0.0, (when - now_dt).total_seconds())
 
 
 def same_origin(url_a: str, url_b: str) -> bool:
@@ -230,13 +217,14 @@ class Transport:
                         raise _marked(self._unreachable(url, what, exc, budget.attempts), retryable) from None
                     response.release_conn()
                 return response
-            if status in self.retry.statuses and budget.can_retry:
+            if status in self.retry.statuses:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                _discard(response)
-                budget.retry(retry_after)
-                continue
+                if budget.allows(retry_after):
+                    _discard(response)
+                    budget.retry(retry_after)
+                    continue
             detail = _read_error(response)
-            raise self.status_error(status, url, what, detail, budget.attempts, not_found)
+            raise self.status_error(status, url, what, detail, budget.attempts, not_found, budget.refused_wait_s)
 
     def _send_following(self, method, url, headers, body, stream, follow_redirects, what):
         current_url, current_method, current_body = url, method, body
@@ -300,11 +288,20 @@ class Transport:
         return RegistryUnreachable(f"cannot reach registry {self.registry} for {what}{tries}: {reason}", hint=hint)
 
     def status_error(self, status: int, url: str, what: str, detail: str, attempts: int,
-                     not_found: Callable[[str], Exception] | None = None) -> Exception:
+                     not_found: Callable[[str], Exception] | None = None,
+                     refused_wait_s: float | None = None) -> Exception:
         """The typed error for an unaccepted ``status`` after ``attempts`` attempts: 401/403
         AuthenticationError, 404 NotFound (or ``not_found(detail)``), 429 RateLimited, 5xx and
-        anything else RegistryError."""
+        anything else RegistryError. ``refused_wait_s``: the registry's Retry-After that
+        berth.retry does not wait for, which stopped the retries (said, with when to retry)."""
         detail_text = f": {detail}" if detail else ""
+        if refused_wait_s is not None and status in self.retry.statuses:
+            asked, when = refused_wait(refused_wait_s, self.retry)
+            kind = RateLimited if status == 429 else RegistryError
+            advice = ("or log in: registries grant more to authenticated users" if status == 429 else
+                      "the registry is unavailable for now (maintenance?); if it lasts, tell its operator")
+            return kind(f"registry {self.registry} answered HTTP {status} to {what} and {asked}{detail_text}",
+                        hint=f"{when}, {advice}")
         if status == 404:
             return not_found(detail) if not_found else NotFound(f"{what} not found on registry {self.registry}{detail_text}")
         if status in (401, 403):

@@ -67,7 +67,7 @@ from berth import fsutil
 from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
 from berth.record import Record, field
-from berth.retry import RETRY_STATUSES, RetryPolicy, is_transient, transient
+from berth.retry import RETRY_STATUSES, RetryPolicy, is_transient, parse_retry_after, refused_wait, transient
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative,
                                      without_url_query)
 from berth.staging.profiles import S3Profile
@@ -1022,6 +1022,10 @@ class _Runner:
         except BaseException as exc:
             if isinstance(exc, OSError):
                 raise local_error(exc, path) from None
+            if isinstance(exc, _WaitRefused):
+                asked, when = refused_wait(exc.retry_after_s, STAGING_RETRY)
+                raise StagingError(f"--stage-in '{shown}': the server answered HTTP {exc.status} and {asked}",
+                                   hint=f"{when}; the job's allocation is not held waiting for it") from None
             if isinstance(exc, urllib3.exceptions.HTTPError):
                 if isinstance(getattr(exc, "reason", exc), urllib3.exceptions.SSLError):
                     raise StagingError(f"--stage-in '{shown}': the server's TLS certificate is not trusted",
@@ -1032,16 +1036,30 @@ class _Runner:
             raise
 
 
+class _WaitRefused(Exception):
+    """An https source's server asked for a longer wait than berth.retry takes."""
+
+    def __init__(self, status: int, retry_after_s: float) -> None:
+        super().__init__(status, retry_after_s)
+        self.status, self.retry_after_s = status, retry_after_s
+
+
 def _url_retry(urllib3):
     """urllib3's retries of an https source's requests, with the numbers of ``STAGING_RETRY``
     (other=0: an untrusted certificate, one of urllib3's "other" errors, is not retried). A
-    server's Retry-After is capped at the policy's ``max_retry_after_s``, as berth.retry says:
-    urllib3 waits what the server asks (urllib3 2.8: up to six hours; older ones: no limit)."""
-    class CappedRetry(urllib3.Retry):
-        def parse_retry_after(self, retry_after: str) -> float:
-            return min(super().parse_retry_after(retry_after), STAGING_RETRY.max_retry_after_s)
+    server's Retry-After longer than the policy waits stops at once (:class:`_WaitRefused`), as
+    berth.retry says: urllib3 waits what the server asks (urllib3 2.8: up to six hours; older
+    ones: no limit)."""
+    class PolicyRetry(urllib3.Retry):
+        def increment(self, method=None, url=None, response=None, *args, **kwargs):
+            if response is not None:
+                wait = parse_retry_after(response.headers.get("Retry-After"))
+                if not STAGING_RETRY.honours(wait):
+                    response.drain_conn()
+                    raise _WaitRefused(response.status, wait)
+            return super().increment(method, url, response, *args, **kwargs)
 
-    return CappedRetry(total=STAGING_RETRY.attempts - 1, other=0, backoff_factor=STAGING_RETRY.base_s,
+    return PolicyRetry(total=STAGING_RETRY.attempts - 1, other=0, backoff_factor=STAGING_RETRY.base_s,
                        backoff_max=STAGING_RETRY.cap_s, status_forcelist=STAGING_RETRY.statuses)
 
 
