@@ -169,10 +169,21 @@ def _replacing(directory: int, staging: int, name: str, mode: int | None, *, dur
         os.fsync(directory)
 
 
+#: The longest file name Linux file systems take (bytes).
+NAME_MAX = 255
+
+
+def _temporary_name(name: str) -> str:
+    """``.NAME.RANDOM.tmp``, NAME cut (in bytes) so that the whole fits :data:`NAME_MAX`
+    whatever the final name's length (a 255-byte name is valid; its temporary name was not)."""
+    suffix = f".{os.urandom(6).hex()}.tmp"
+    return "." + os.fsdecode(os.fsencode(name)[:NAME_MAX - 1 - len(suffix)]) + suffix
+
+
 @contextmanager
 def _staged(directory: int, name: str, mode: int | None) -> Iterator[tuple[BinaryIO, str]]:
     """A new exclusive temporary file in ``directory``; removed unless the block renamed it."""
-    temporary = f".{name}.{os.urandom(6).hex()}.tmp"
+    temporary = _temporary_name(name)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o666 if mode is None else 0o600, dir_fd=directory)
     try:

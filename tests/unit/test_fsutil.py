@@ -194,3 +194,20 @@ def test_private_dir_swapped_for_a_link_after_mkdir_changes_nothing_through_it(t
     with pytest.raises(OSError):
         fsutil.make_private_dirs(tmp_path / "store")
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
+
+
+@pytest.mark.parametrize("name", ["n" * 255, "é" * 127 + "x"])
+def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path, name):
+    """The temporary file's name is bounded too: a final name of 238 to 255 bytes (an S3 key's
+    last part, a staged file's name) failed with ENAMETOOLONG, for the temporary name only."""
+    from berth.fsutil import atomic_writer
+
+    assert len(os.fsencode(name)) == 255
+    with atomic_writer(tmp_path / name, mode=None) as out:
+        out.write(b"data")
+    assert os.listdir(tmp_path) == [name] and (tmp_path / name).read_bytes() == b"data"
+    with pytest.raises(RuntimeError):  # the temporary file of a failed write goes too
+        with atomic_writer(tmp_path / name, mode=None) as out:
+            out.write(b"partial")
+            raise RuntimeError("stopped")
+    assert os.listdir(tmp_path) == [name] and (tmp_path / name).read_bytes() == b"data"

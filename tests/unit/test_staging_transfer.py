@@ -499,6 +499,19 @@ def test_stage_in_never_writes_through_a_link_inside_dest(tmp_path, monkeypatch)
     assert os.listdir(elsewhere) == []
 
 
+def test_an_object_whose_name_is_as_long_as_the_file_system_allows_is_staged_in(tmp_path, monkeypatch):
+    """S3 keys may be 1024 bytes; a last part of 238 to 255 bytes is a valid file name, and
+    failed with 'File name too long' for the temporary file only."""
+    from berth.staging.locations import parse_transfer
+
+    name = "n" * 255
+    _fake_listing(monkeypatch, {f"data/{name}": b"payload"})
+    job = tmp_path / "job"
+    job.mkdir()
+    transfer.stage_in((parse_transfer("s3://bucket/data/:input/", "in"),), _profile(), str(job))
+    assert os.listdir(job / "input") == [name] and (job / "input" / name).read_bytes() == b"payload"
+
+
 def test_stage_in_replaces_a_link_at_the_destination_file_instead_of_following_it(tmp_path, monkeypatch):
     """A link where a file is to go is replaced by the file (rename does not follow it); the
     skip check must not take the link's target for the object, nor touch the target's time."""
