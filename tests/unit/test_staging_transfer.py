@@ -749,6 +749,28 @@ def test_a_url_whose_last_part_is_no_file_name_is_refused_clearly(tmp_path, url)
     assert "a=b" not in caught.value.message
 
 
+@pytest.mark.parametrize("key", ["data/..", "data/."])
+def test_an_object_whose_key_ends_in_no_file_name_is_refused_clearly(tmp_path, monkeypatch, key):
+    """As for a URL: DEST a directory and the key's last part '..' or '.' (S3 allows both);
+    berth tried to rename its temporary file onto DEST's parent or DEST itself ("Device or
+    resource busy (....tmp)")."""
+    import obstore
+
+    from berth.staging.locations import parse_transfer
+
+    body = b"payload"
+    head = {"size": len(body), "e_tag": f'"{hashlib.md5(body).hexdigest()}"',
+            "last_modified": datetime(2025, 1, 1, tzinfo=timezone.utc)}
+    monkeypatch.setattr(transfer, "_head", lambda store, location, profile: head)
+    monkeypatch.setattr(obstore, "get", lambda store, k, options=None: _FakeResult(body, head["e_tag"]))
+    monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
+    (tmp_path / "in").mkdir()
+    with pytest.raises(StagingError) as caught:
+        transfer.stage_in((parse_transfer(f"s3://bucket/{key}:in/", "in"),), _profile(), str(tmp_path))
+    assert "no file name" in caught.value.message and "DEST" in caught.value.hint, caught.value.message
+    assert os.listdir(tmp_path) == ["in"] and os.listdir(tmp_path / "in") == []
+
+
 def test_a_linked_directory_inside_a_staged_out_directory_is_noted_not_skipped_silently(tmp_path, monkeypatch):
     """os.walk does not descend into a directory link (right: links are never followed) but
     says nothing: the files behind it were left out without the note a file link gets."""

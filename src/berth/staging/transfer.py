@@ -530,9 +530,13 @@ def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Pr
             raise NotFound(f"--stage-in '{transfer.text}': no object under {source}",
                            hint="check the prefix (keys are case-sensitive; a prefix ends with '/')")
         return gets
-    head = _head(store, source, profile)
     name = source.key.rsplit("/", 1)[-1]
-    path = os.path.join(dest, name) if transfer.destination.path.endswith("/") or os.path.isdir(dest) else dest
+    into_directory = transfer.destination.path.endswith("/") or os.path.isdir(dest)  # type: ignore[union-attr]
+    if into_directory and name in (".", ".."):  # keys are hostile: S3 allows both
+        raise StagingError(f"--stage-in '{transfer.text}': the key's last part '{name}' is no file name",
+                           hint="write the file's name as DEST (…:DIR/NAME)")
+    head = _head(store, source, profile)
+    path = os.path.join(dest, name) if into_directory else dest
     return [_Get(source.bucket, source.key, int(head["size"]), _etag(head.get("e_tag")),
                  head["last_modified"].timestamp(), path)]
 
