@@ -17,8 +17,8 @@ Rules (docs/security.md, "multi-user model"):
 * ``timeout_s=0`` tries once: the block runs with ``held`` False when someone else has it,
   unless ``must_hold`` (a timeout from the settings, where 0 means "do not wait": LockError).
 * Code that only looks whether a lock is held (doctor, ps, "busy" checks) calls
-  :func:`is_locked`, which reads /proc/locks and takes nothing; code that removes what a lock
-  guards takes the lock and holds it while it removes.
+  :func:`is_locked` (:func:`locked` for many at once), which reads /proc/locks and takes nothing;
+  code that removes what a lock guards takes the lock and holds it while it removes.
 """
 
 from __future__ import annotations
@@ -29,12 +29,16 @@ import os
 import pwd
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from berth.errors import LockError
 from berth.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Used when no settings are at hand; settings ``lock_timeout_s`` has the same default.
 DEFAULT_TIMEOUT_S = 600.0
@@ -129,6 +133,19 @@ def is_locked(path: Path, *, proc: str = "/proc") -> bool:
     other nodes may hold (NFS, Lustre, FUSE...: only the local ones are in /proc/locks).
     Raises OSError for a symbolic link (ELOOP) or something else than a regular file (EINVAL),
     LockError (in the fallback) when the file system cannot lock."""
+    return locked([path], proc=proc)[0]
+
+
+def locked(paths: Iterable[Path], *, proc: str = "/proc") -> list[bool]:
+    """:func:`is_locked` for each of ``paths``, in one look: /proc's namespace check,
+    ``/proc/self/mountinfo`` and ``/proc/locks`` are read once for all of them (at the first
+    path that needs them), not once per path (a mount's live holders, the GPU ledger). The
+    fallbacks are is_locked's, path by path; raises as it does, at the first such path."""
+    look = _ProcLocks(proc)
+    return [_is_locked(path, look) for path in paths]
+
+
+def _is_locked(path: Path, look: "_ProcLocks") -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -136,7 +153,7 @@ def is_locked(path: Path, *, proc: str = "/proc") -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        seen = _flock_seen(fd, proc)
+        seen = look.seen(fd)
         return seen if seen is not None else not try_acquire(fd)
     finally:
         os.close(fd)
@@ -175,33 +192,63 @@ def parse_proc_locks(text: str) -> list[LockLine]:
     return found
 
 
-def _flock_seen(fd: int, proc: str) -> bool | None:
-    """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
-    try:
-        with open(f"{proc}/2/stat", "rb") as handle:  # pid 2 is kthreadd only in the first namespace
-            if not int(handle.read().rsplit(b")", 1)[1].split()[6]) & _PF_KTHREAD:
-                return None
-        with open(f"{proc}/self/fdinfo/{fd}", encoding="ascii", errors="replace") as handle:
-            info = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
-        mount_id, inode = info["mnt_id"].strip(), int(info["ino"])
-        device = None
-        with open(f"{proc}/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+class _ProcLocks:
+    """What /proc tells of flocks, for one look: whether this /proc is of the first PID
+    namespace, the local file systems' devices by mount id, and the FLOCKs held, each read
+    once, when first needed; None for what could not be read (the caller then tries the lock).
+    Only the file's own fdinfo is read per file."""
+
+    def __init__(self, proc: str) -> None:
+        self.proc = proc
+        self._read: dict[str, Any] = {}
+
+    def _once(self, name: str, read: Callable[[], Any]) -> Any:
+        if name not in self._read:
+            try:
+                self._read[name] = read()
+            except (OSError, LookupError, ValueError):
+                self._read[name] = None
+        return self._read[name]
+
+    def _first_namespace(self) -> bool:
+        with open(f"{self.proc}/2/stat", "rb") as handle:  # pid 2 is kthreadd only in the first namespace
+            return bool(int(handle.read().rsplit(b")", 1)[1].split()[6]) & _PF_KTHREAD)
+
+    def _local_devices(self) -> dict[str, tuple[int, ...] | None]:
+        """mount id -> the superblock's device (None: a file system whose locks other nodes may hold)."""
+        devices: dict[str, tuple[int, ...] | None] = {}
+        with open(f"{self.proc}/self/mountinfo", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 fields = line.split()
-                if fields and fields[0] == mount_id:
-                    fstype = fields[fields.index("-") + 1]
-                    if fstype not in _LOCAL_FILE_SYSTEMS:
-                        return None
-                    device = tuple(int(n) for n in fields[2].split(":"))
-                    break
-        if device is None:
+                if fields:
+                    local = fields[fields.index("-") + 1] in _LOCAL_FILE_SYSTEMS
+                    devices[fields[0]] = tuple(int(n) for n in fields[2].split(":")) if local else None
+        return devices
+
+    def _held(self) -> set[tuple[int, int, int]]:
+        with open(f"{self.proc}/locks", encoding="ascii", errors="replace") as handle:
+            return {(line.major, line.minor, line.inode) for line in parse_proc_locks(handle.read())
+                    if line.type == "FLOCK"}
+
+    def seen(self, fd: int) -> bool | None:
+        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
+        if not self._once("namespace", self._first_namespace):
             return None
-        with open(f"{proc}/locks", encoding="ascii", errors="replace") as handle:
-            lines = parse_proc_locks(handle.read())
-    except (OSError, LookupError, ValueError):
-        return None
-    return any(line.type == "FLOCK" and (line.major, line.minor, line.inode) == (*device, inode)
-               for line in lines)
+        try:
+            with open(f"{self.proc}/self/fdinfo/{fd}", encoding="ascii", errors="replace") as handle:
+                info = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+            mount_id, inode = info["mnt_id"].strip(), int(info["ino"])
+        except (OSError, LookupError, ValueError):
+            return None
+        devices = self._once("mountinfo", self._local_devices)
+        device = devices.get(mount_id) if devices is not None else None
+        held = self._once("locks", self._held) if device is not None else None
+        return None if held is None else (*device, inode) in held
+
+
+def _flock_seen(fd: int, proc: str) -> bool | None:
+    """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
+    return _ProcLocks(proc).seen(fd)
 
 
 class Holder(Record):

@@ -199,6 +199,29 @@ def test_is_locked_falls_back_to_one_try_where_proc_cannot_tell(tmp_path, holder
     assert locks.is_locked(lock) is False
 
 
+def test_a_look_at_many_locks_reads_proc_once_for_all(tmp_path, holder, monkeypatch):
+    """A mount's live-holder scan looks at every holder file: /proc/self/mountinfo (hundreds of
+    lines on a node with many mounts) and /proc/locks were read again for each one. One look
+    (locks.locked) reads each once, and tells each path apart: held, free, missing."""
+    paths = [tmp_path / f"{n}.lock" for n in range(6)]
+    for path in paths[:5]:
+        path.touch()
+    holder(paths[1])
+    holder(paths[3], "shared")
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(locks, "open", counting_open, raising=False)
+    assert locks.locked(paths) == [False, True, False, True, False, False]
+    assert [opened.count(name) for name in ("/proc/self/mountinfo", "/proc/locks", "/proc/2/stat")] == [1, 1, 1]
+    assert len([name for name in opened if "/fdinfo/" in name]) == 5  # one per existing file
+    assert locks.locked([]) == []
+
+
 def test_is_locked_refuses_a_symbolic_link(tmp_path):
     (tmp_path / "target").touch()
     (tmp_path / "x.lock").symlink_to(tmp_path / "target")

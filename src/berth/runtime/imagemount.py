@@ -323,7 +323,7 @@ def _serving(directory: Path, record: dict) -> bool:
 def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
     """Names of holders whose lock is held; removes those whose berth died (caller holds the
     mount lock) unless not ``remove`` (a look without the lock: ``berth doctor``). Looks at the
-    holder locks without taking them (berth.locks.is_locked): a take, even for an instant,
+    holder locks without taking them (berth.locks.locked): a take, even for an instant,
     showed a dead holder as live to a leaver, the reaper or the stale clean-up that looked at the
     same moment. Removing one without its lock is safe under the mount lock: a holder is created
     and locked under it, so a holder whose lock is free then is dead."""
@@ -332,9 +332,9 @@ def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
         names = os.listdir(directory / HOLDERS)
     except FileNotFoundError:
         return []
-    for name in names:
-        path = directory / HOLDERS / name
-        if locks.is_locked(path):
+    paths = [directory / HOLDERS / name for name in names]
+    for name, path, held in zip(names, paths, locks.locked(paths)):  # one read of /proc for all
+        if held:
             live.append(name)
         elif remove:
             try:

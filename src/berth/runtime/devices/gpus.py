@@ -297,9 +297,9 @@ class Ledger:
         return taken
 
     def busy(self, gpus: Sequence[Gpu]) -> list[Gpu]:
-        from berth.locks import is_locked
+        from berth.locks import locked
 
-        return [gpu for gpu in gpus if is_locked(self._path(gpu))]
+        return [gpu for gpu, held in zip(gpus, locked([self._path(gpu) for gpu in gpus])) if held]
 
 
 def driver_files(settings) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
