@@ -390,6 +390,19 @@ def restore_handlers(previous: Mapping) -> None:
         signal.signal(signum, handler)
 
 
+def pass_on(signum: int, pid: int | None) -> None:
+    """Send ``signum``, a signal berth received, to the child ``pid`` it is meant for (None: no
+    child now); a child that has just ended is no error. The one forwarding of a signal, used
+    by :func:`wait_forwarding`'s handler and the job runner's (berth.jobs.runner.Supervisor,
+    whose children come and go by phase, so it cannot wait in wait_forwarding)."""
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 class _Wake(Exception):
     """Raised by :func:`wait_forwarding`'s handlers to interrupt its wait."""
 
@@ -404,10 +417,7 @@ def wait_forwarding(child: subprocess.Popen, *, stop_timeout_s: float | None = N
 
     def forward(signum, frame):
         del frame
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
+        pass_on(signum, child.pid)
         if (on_stop_timeout is not None and signum in TIMED_STOP_SIGNALS
                 and status["deadline"] is None):
             timeout = stop_timeout_s or 0.0

@@ -47,6 +47,38 @@ def test_signals_to_berth_reach_the_child_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGUSR2) is before
 
 
+def test_pass_on_is_the_one_forwarding_and_a_child_gone_or_missing_is_no_error():
+    """proc.pass_on forwards a signal berth received to the child it is meant for: the one
+    implementation behind wait_forwarding and the job runner's SIGUSR1/SIGUSR2 (sbatch
+    --signal=B:USR1: the runner is the batch shell, the script runs in its child)."""
+    child = start_child()
+    proc.pass_on(signal.SIGUSR2, child.pid)
+    assert child.stdout.readline() == b"SIGUSR2\n"
+    proc.pass_on(signal.SIGUSR1, None)  # no child now (between the job's phases): nothing, and no error
+    proc.pass_on(signal.SIGUSR1, child.pid)
+    assert child.wait(10) == 7
+    proc.pass_on(signal.SIGUSR1, child.pid)  # reaped: no such process any more
+
+
+def test_the_job_runner_passes_usr1_and_usr2_on_to_the_child_of_its_phase(tmp_path, monkeypatch):
+    """berth.jobs.runner.Supervisor: SIGUSR1/SIGUSR2 go to the child of the current phase
+    through proc.pass_on; SIGTERM/SIGINT/SIGHUP are recorded, not forwarded (the supervision
+    loop stops the whole job tree and decides cancelled or timeout)."""
+    from berth.jobs.runner import Supervisor
+
+    sent: list = []
+    monkeypatch.setattr(proc, "pass_on", lambda signum, pid: sent.append((signum, pid)))
+    supervisor = Supervisor.__new__(Supervisor)
+    supervisor._child_pid, supervisor._signalled = 4242, None
+    supervisor._pass_on(signal.SIGUSR1, None)
+    supervisor._child_pid = None
+    supervisor._pass_on(signal.SIGUSR2, None)
+    supervisor._on_signal(signal.SIGTERM, None)
+    supervisor._on_signal(signal.SIGINT, None)
+    assert sent == [(signal.SIGUSR1, 4242), (signal.SIGUSR2, None)]
+    assert supervisor._signalled == signal.SIGTERM
+
+
 def test_stop_timeout_fires_once_when_the_child_ignores_the_stop_signal():
     child = start_child()
     fired = []

@@ -308,18 +308,19 @@ class Supervisor:
         return result
 
     def _on_signal(self, signum, _frame) -> None:
+        """SIGTERM/SIGINT/SIGHUP stop the job, which is not forwarding them: the supervision
+        loop (:meth:`_supervise`, :meth:`_stage_phase`) sends SIGTERM to the whole process tree
+        of the phase, sparing FUSE daemons (:func:`signal_tree`), kills it after stop_timeout
+        and records cancelled or timeout; so the signal is only noted here."""
         if self._signalled is None:
             self._signalled = signum
 
     def _pass_on(self, signum, _frame) -> None:
         """SIGUSR1/SIGUSR2 are the script's (``sbatch --signal=B:USR1@60``: the batch shell is
-        this runner): the child forwards them into the container (berth.proc.wait_forwarding).
-        Their default action would end the runner and, with it, the job."""
-        if self._child_pid is not None:
-            try:
-                os.kill(self._child_pid, signum)
-            except ProcessLookupError:
-                pass
+        this runner): passed on to the child of the current phase (berth.proc.pass_on), which
+        forwards them into the container (berth.proc.wait_forwarding). Their default action
+        would end the runner and, with it, the job."""
+        proc.pass_on(signum, self._child_pid)
 
     # -- main ------------------------------------------------------------------------------
     def run(self) -> JobResult:
