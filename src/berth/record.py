@@ -4,7 +4,10 @@ mechanism for record classes.
 The rule (one of each): a class whose instances are named fields, read by name, is a
 :class:`Record` (frozen unless it must change: ``frozen=False``); a result that callers unpack
 into variables, index or iterate is a ``berth.namedtuple.NamedTuple``. Nothing in src/berth
-imports ``dataclasses`` (an import-linter contract in pyproject.toml checks it).
+imports ``dataclasses`` (an import-linter contract in pyproject.toml checks it). bench/ and
+tests/harness keep ``dataclasses`` on purpose: they are not on berth's start-up path (the
+rule's reason, below), their fixtures would otherwise fail together with the mechanism under
+test, and some need what a record does not do (``__post_init__`` in tests/harness/faultproxy.py).
 
 ``dataclasses`` imports ``inspect`` (with ``ast``, ``dis``, ``tokenize``: ~7 ms) and compiles six
 generated methods for every class at import (~0.6 ms a class): the 18 frozen dataclasses of
