@@ -221,6 +221,45 @@ def test_publish_and_load_image(store):
     assert list(store.layout.tmp_dir.iterdir()) == []
 
 
+def test_publish_records_the_squashfs_digest_and_fsyncs_it_before_the_rename(store, monkeypatch):
+    # The image is hashed while a thread fsyncs it (issue 10, target 4): both must still
+    # happen, the fsync of image.sqfs before the image directory is renamed into images/.
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("image.sqfs"):
+            events.append("fsync image.sqfs")
+        return real_fsync(fd)
+
+    def rename(source, target):
+        events.append("rename")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    digest = _fake_image(store)
+    _manifest, _config, meta = store.load_image_files(digest)
+    assert meta["squashfs_digest"] == str(Digest.of(b"hsqs" + b"\0" * 100))
+    assert "fsync image.sqfs" in events and "rename" in events
+    assert events.index("fsync image.sqfs") < events.index("rename")
+
+
+def test_a_failed_fsync_of_the_image_publishes_nothing(store, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("image.sqfs"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StoreError):
+        _fake_image(store)
+    assert store.list_images() == []
+    assert list(store.layout.tmp_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
 @pytest.mark.parametrize("kind, directories, files, content", [
     (USER, {0o700}, {0o600}, {0o400}),
