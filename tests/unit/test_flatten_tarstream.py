@@ -138,6 +138,90 @@ def test_fast_ustar_header_equals_tarfile_output():
     assert tarstream.fast_ustar_header(info) is None
 
 
+@pytest.mark.parametrize("header", [bytes(512), b"\xff" * 512, bytes(range(256)) * 2,
+                                    bytes((i * 7919) % 256 for i in range(512))])
+def test_header_checksum_is_the_byte_sum_with_the_field_as_spaces(header):
+    # Adler-32 pieces stand for Python's sum (issue 10): exact at the extremes, all 0xff too.
+    assert tarstream.header_checksum(header) == sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+
+
+@pytest.mark.parametrize("name, kind, attrs", [
+    ("d", tarfile.DIRTYPE, {"mode": 0o1777}),
+    ("d/", tarfile.DIRTYPE, {}),
+    ("n" * 99, tarfile.DIRTYPE, {}),  # 100 with the slash: still plain ustar
+    ("f", tarfile.REGTYPE, {"size": 8**11 - 1, "mtime": 8**11 - 1, "uid": 8**7 - 1, "gid": 8**7 - 1}),
+    ("dev/null", tarfile.CHRTYPE, {"devmajor": 8**7 - 1, "devminor": 3}),
+    ("dev/sda", tarfile.BLKTYPE, {"devmajor": 8, "devminor": 0}),
+    ("fifo", tarfile.FIFOTYPE, {"mode": 0o644}),
+    ("l", tarfile.SYMTYPE, {"linkname": "t" * 100}),
+    ("h", tarfile.LNKTYPE, {"linkname": "f"}),
+    ("f", tarfile.REGTYPE, {"mtime": 1_700_000_000.75, "mode": 0o106755}),
+])
+def test_ustar_header_equals_tarfile_output(name, kind, attrs):
+    info = tarfile.TarInfo(name)
+    info.type, info.uname, info.gname = kind, "", ""
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    expected = info.tobuf(tarfile.USTAR_FORMAT)
+    assert tarstream.ustar_header(info.name, info.type, info.mode, info.uid, info.gid, info.size, info.mtime,
+                                  info.linkname, info.devmajor, info.devminor) == expected
+    assert tarstream.fast_ustar_header(info) == expected
+
+
+@pytest.mark.parametrize("attrs", [
+    {"size": 8**11}, {"uid": 8**7}, {"mtime": -1}, {"devmajor": 8**7}, {"name": "n" * 101},
+    {"name": "caf\u00e9"}, {"linkname": "t" * 101}, {"uname": "root"},
+])
+def test_fast_ustar_header_leaves_what_does_not_fit_to_tarfile(attrs):
+    info = tarfile.TarInfo("f")
+    info.uname = info.gname = ""
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    assert tarstream.fast_ustar_header(info) is None
+
+
+@pytest.mark.parametrize("kind, attrs, xattrs", [
+    (tarfile.REGTYPE, {"size": 700, "mode": 0o104755, "mtime": 2**33, "uname": "u", "gname": "g"}, None),
+    (tarfile.REGTYPE, {"size": 5, "mtime": -5.5}, {"user.a": "1"}),  # pax: tarfile's writer
+    (tarfile.SYMTYPE, {"linkname": "x" * 200}, None),  # too long for ustar: tarfile's writer
+    (tarfile.DIRTYPE, {"mode": 0o2755}, None),
+    (tarfile.CHRTYPE, {"devmajor": 1, "devminor": 5}, None),
+])
+def test_write_output_writes_what_output_info_and_write_member_write(kind, attrs, xattrs):
+    # The hot path builds the header without an output TarInfo (issue 10): same bytes out.
+    source = tarfile.TarInfo("in")
+    source.type = kind
+    for key, value in attrs.items():
+        setattr(source, key, value)
+    data = b"d" * source.size if kind == tarfile.REGTYPE else b""
+    linkname = source.linkname if kind == tarfile.SYMTYPE else ""
+    outputs = []
+    for fast in (True, False):
+        out = io.BytesIO()
+        sink = tarstream.ByteSink(fileobj=out)
+        reader = tarstream.ByteSource(io.BytesIO(data))
+        if fast:
+            tarstream.write_output(sink, source, "out/name", linkname=linkname, xattrs=xattrs, data=reader)
+        else:
+            tarstream.write_member(sink, tarstream.output_info(source, "out/name", linkname=linkname,
+                                                               xattrs=xattrs), reader)
+        sink.flush()
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]) % 512 == 0 and data in outputs[0]
+
+
+@pytest.mark.parametrize("path, components, too_long", [
+    ("\U0001f600" * 63, True, False),  # the longest short name: 252 bytes
+    ("\U0001f600" * 64, True, True),  # 256 bytes in one component
+    ("a" * 255, True, False), ("a" * 256, True, True), ("a" * 256, False, False),
+    ("a/" * 2048, True, False), ("a/" * 2049, False, True),
+    ("\udcff" * 64, True, False),  # undecodable bytes: one byte each
+])
+def test_check_name_length_limits(path, components, too_long):
+    assert (tarstream.check_name_length(path, components=components) is not None) is too_long
+
+
 @pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE])
 def test_huge_extension_header_is_refused_before_it_is_read(kind):
     info = tarfile.TarInfo("././@LongLink")

@@ -249,8 +249,10 @@ class _Flattener:
         else:
             link_source = None
             seen[path] = (index, kind, None)
-        if not self._placeable_in_layer(path, index, plan, what, seen) \
-                or not self._place(path, kind, layer, index, what, plan):
+        # The ancestors once per member, for the three checks below (issue 10: the hot loop).
+        ancestors = _ancestors(path)
+        if not self._placeable_in_layer(path, index, plan, what, seen, ancestors=ancestors) \
+                or not self._place(path, kind, layer, index, what, plan, ancestors=ancestors):
             if kind == "file" and plan is not None and index in plan.link_sources:
                 self._materialize(info, path, layer, index, plan, seen, source, what)
             return
@@ -274,12 +276,13 @@ class _Flattener:
         self._emit(path, info, kind, source, what)
 
     def _placeable_in_layer(self, path: str, index: int, plan: _LayerPlan | None, what: str,
-                            seen: dict, *, quiet: bool = False) -> bool:
+                            seen: dict, *, quiet: bool = False, ancestors: list[str] | None = None) -> bool:
         """The checks of one layer's own order: superseded by a later entry, or under a
-        non-directory placed earlier by the same layer."""
+        non-directory placed earlier by the same layer. ``ancestors``: ``_ancestors(path)``
+        when the caller has it."""
         if plan is not None and not self._last_in_layer(path, index, plan, what, quiet=quiet):
             return False
-        for ancestor in _ancestors(path):
+        for ancestor in _ancestors(path) if ancestors is None else ancestors:
             # Under a non-directory of this very layer (``a -> /etc`` then ``a/passwd``): a
             # write through a link, whatever upper layers later put at that path.
             earlier = seen.get(ancestor)
@@ -366,13 +369,13 @@ class _Flattener:
                 return False
         return True
 
-    def _blocked(self, path: str, layer: int) -> str | None:
+    def _blocked(self, path: str, layer: int, ancestors: list[str] | None = None) -> str | None:
         """None when ``path`` of ``layer`` can still be placed; else why not ('' = hidden by
-        overlay semantics, no note)."""
+        overlay semantics, no note). ``ancestors``: ``_ancestors(path)`` when the caller has it."""
         if "" in self.opaque:
             return ""
         whiteouts, opaque, nodes = self.whiteouts, self.opaque, self.nodes
-        for ancestor in _ancestors(path):
+        for ancestor in _ancestors(path) if ancestors is None else ancestors:
             if ancestor in whiteouts or ancestor in opaque:
                 return ""
             node = nodes.get(ancestor)
@@ -385,14 +388,16 @@ class _Flattener:
         return None
 
     def _place(self, path: str, kind: str, layer: int, index: int, what: str,
-               plan: _LayerPlan | None) -> bool:
+               plan: _LayerPlan | None, *, ancestors: list[str] | None = None) -> bool:
         """Decide whether this member is part of the final tree; record it when it is."""
         if path == "":
             if kind != "dir":
                 self.report.note(f"{what}: dropped a {kind} entry for the root directory")
                 return False
         else:
-            reason = self._blocked(path, layer)
+            if ancestors is None:
+                ancestors = _ancestors(path)
+            reason = self._blocked(path, layer, ancestors)
             if reason is not None:
                 if reason:
                     self.report.note(f"{what}: dropped '{_shown(path)}': {reason}")
@@ -413,7 +418,7 @@ class _Flattener:
             return True
         self.nodes[path] = _Node(layer, index, kind)
         if path:
-            for ancestor in _ancestors(path):
+            for ancestor in ancestors:  # set above: the path is not the root
                 if ancestor not in self.nodes:
                     self.nodes[ancestor] = _Node(layer, index, "implied")
         return True
@@ -432,13 +437,11 @@ class _Flattener:
                     hint="the image is too large or hostile; ask your site administrator to raise the limit "
                     "if it is genuine",
                 )
-            out = tarstream.output_info(info, path, kind=tarfile.REGTYPE, xattrs=xattrs)
-            tarstream.write_member(self.sink, out, source)
+            tarstream.write_output(self.sink, info, path, kind=tarfile.REGTYPE, xattrs=xattrs, data=source)
             self.report.content_bytes += info.size
         else:
             linkname = info.linkname if kind == "symlink" else ""
-            out = tarstream.output_info(info, path or ".", linkname=linkname, xattrs=xattrs)
-            tarstream.write_member(self.sink, out)
+            tarstream.write_output(self.sink, info, path or ".", linkname=linkname, xattrs=xattrs)
         self.report.entries += 1
 
     # -- end of stream ---------------------------------------------------------------------

@@ -83,6 +83,9 @@ def canonical_name(name: str) -> str:
     '' is the root directory. Raises NameRejected for a '..' component: such a name could
     only point outside the tree, and resolving it against symlinks is ambiguous.
     """
+    parts = name.split("/")
+    if "" not in parts and "." not in parts and ".." not in parts:
+        return name  # already canonical (nearly every name): no loop in Python (issue 10)
     parts = []
     for part in name.split("/"):
         if part in ("", "."):
@@ -93,9 +96,16 @@ def canonical_name(name: str) -> str:
     return "/".join(parts)
 
 
+#: A name of at most this many characters fits NAME_MAX even in its longest encoding: UTF-8
+#: takes at most 4 bytes per character, surrogateescape 1 per undecodable byte.
+_SHORT_NAME_CHARS = MAX_NAME_BYTES // 4
+
+
 def check_name_length(path: str, *, components: bool = True) -> str | None:
     """Why ``path`` is absurdly long, or None when it fits Linux's limits (PATH_MAX, and
     NAME_MAX per component unless ``components`` is false, as for symlink targets)."""
+    if len(path) <= _SHORT_NAME_CHARS:
+        return None  # fits both limits whatever it holds (the common case: no encoding, issue 10)
     encoded = path.encode(ENCODING, ERRORS)
     if len(encoded) > MAX_PATH_BYTES:
         return f"path is {len(encoded)} bytes long (limit {MAX_PATH_BYTES})"
@@ -575,7 +585,7 @@ def _plain_numbers(buf: bytes) -> list[int] | None:
             int(field.rstrip(b"\0 ") or b"0", 8) for field in _NUMBERS.unpack_from(buf)]
     except ValueError:
         return None
-    if checksum != sum(buf) - sum(buf[148:156]) + 256:
+    if checksum != header_checksum(buf):
         return None  # tarfile also accepts signed checksums, and reports real damage
     return [mode, uid, gid, size, mtime, devmajor, devminor, checksum]
 
@@ -622,29 +632,78 @@ _OCTAL11 = 8 ** 11
 _USTAR_MAGIC = b"ustar\x0000"
 
 
+_NO_DEVICE = bytes(16)
+_DEVICE_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
+#: uname and gname (empty: berth writes numeric owners only), then after the device numbers
+#: the empty prefix and the header's padding.
+_OWNER_NAMES = bytes(64)
+_HEADER_END = bytes(167)
+_adler32 = zlib.adler32
+
+
+def header_checksum(header: bytes) -> int:
+    """The (unsigned) checksum of a 512-byte tar header: the sum of its bytes with the checksum
+    field counted as eight spaces (POSIX ustar).
+
+    Adler-32 keeps 1 + the byte sum modulo 65521 in its low 16 bits, which is the exact byte
+    sum of a piece of at most 256 bytes (256 * 255 + 1 < 65521): three pieces in C instead of
+    Python's ``sum`` over 512 ints, twice per member read and once per member written (issue 10).
+    """
+    return ((_adler32(header[0:148]) & 0xFFFF) + (_adler32(header[156:404]) & 0xFFFF)
+            + (_adler32(header[404:512]) & 0xFFFF) - 3 + 256)
+
+
+def ustar_header(name: str, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: float,
+                 linkname: str = "", devmajor: int = 0, devminor: int = 0) -> bytes | None:
+    """A plain ustar header (short ASCII names, small numbers, numeric owner only), byte for
+    byte what ``TarInfo.tobuf(USTAR_FORMAT)`` writes for such a member with empty owner names,
+    about ten times cheaper; None when it does not fit (then PAX is needed)."""
+    if kind == tarfile.DIRTYPE and not name.endswith("/"):
+        name += "/"
+    if len(name) > 100 or len(linkname) > 100 or not name.isascii() or not linkname.isascii():
+        return None
+    if not (0 <= uid < _OCTAL7 and 0 <= gid < _OCTAL7 and 0 <= size < _OCTAL11
+            and 0 <= mtime < _OCTAL11 and 0 <= devmajor < _OCTAL7 and 0 <= devminor < _OCTAL7):
+        return None
+    head = name.encode("ascii").ljust(100, b"\0") + b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+        mode & 0o7777, uid, gid, size, int(mtime))
+    tail = (kind + linkname.encode("ascii").ljust(100, b"\0") + _USTAR_MAGIC + _OWNER_NAMES
+            # NULs for other types, as tarfile writes
+            + (b"%07o\0%07o\0" % (devmajor, devminor) if kind in _DEVICE_TYPES else _NO_DEVICE)
+            + _HEADER_END)
+    checksum = ((_adler32(head) & 0xFFFF) + (_adler32(tail[:248]) & 0xFFFF) + (_adler32(tail[248:]) & 0xFFFF)
+                - 3 + 256)
+    return head + b"%06o\0 " % checksum + tail
+
+
 def fast_ustar_header(info: tarfile.TarInfo) -> bytes | None:
-    """A plain ustar header for the common member (short ASCII names, small numbers, no pax
-    records), about ten times cheaper than ``TarInfo.tobuf``; None when PAX is needed."""
-    if info.pax_headers:
+    """:func:`ustar_header` for ``info``; None when it has pax records or does not fit."""
+    if info.pax_headers or info.uname or info.gname:
         return None
-    name = info.name + "/" if info.type == tarfile.DIRTYPE and not info.name.endswith("/") else info.name
-    if len(name) > 100 or len(info.linkname) > 100 or not name.isascii() or not info.linkname.isascii():
-        return None
-    if not (0 <= info.uid < _OCTAL7 and 0 <= info.gid < _OCTAL7 and 0 <= info.size < _OCTAL11
-            and 0 <= info.mtime < _OCTAL11 and 0 <= info.devmajor < _OCTAL7 and 0 <= info.devminor < _OCTAL7):
-        return None
-    header = bytearray(512)
-    header[0:len(name)] = name.encode("ascii")
-    header[100:148] = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
-        info.mode & 0o7777, info.uid, info.gid, info.size, int(info.mtime))
-    header[148:156] = b"        "
-    header[156:157] = info.type
-    header[157:157 + len(info.linkname)] = info.linkname.encode("ascii")
-    header[257:265] = _USTAR_MAGIC
-    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):  # NULs otherwise, as tarfile writes
-        header[329:345] = b"%07o\0%07o\0" % (info.devmajor, info.devminor)
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    return ustar_header(info.name, info.type, info.mode, info.uid, info.gid, info.size, info.mtime,
+                        info.linkname, info.devmajor, info.devminor)
+
+
+def write_output(sink: ByteSink, source: tarfile.TarInfo, name: str, *, kind: bytes | None = None,
+                 linkname: str = "", xattrs: dict[str, str] | None = None,
+                 data: ByteSource | None = None) -> None:
+    """``write_member(sink, output_info(source, name, ...), data)``, without building the
+    output TarInfo when a plain ustar header holds the member (the hot path: issue 10)."""
+    kind = source.type if kind is None else kind
+    if not xattrs:
+        size = source.size if kind == tarfile.REGTYPE else 0
+        header = ustar_header(name, kind, source.mode, source.uid, source.gid, size,
+                              min(max(int(source.mtime), 0), _MAX_MTIME), linkname,
+                              source.devmajor, source.devminor)
+        if header is not None:
+            sink.write(header)
+            if data is not None and size:
+                data.copy_to(sink, size)
+                padding = -size % BLOCK_BYTES
+                if padding:
+                    sink.write(bytes(padding))
+            return
+    write_member(sink, output_info(source, name, kind=kind, linkname=linkname, xattrs=xattrs), data)
 
 
 
