@@ -383,3 +383,33 @@ def test_a_reaper_waits_for_a_busy_mount_lock_even_with_lock_timeout_0(tmp_path,
         assert thread.is_alive() and mounted == {str(hold.root)}  # waiting for the lock
     thread.join(10)
     assert not thread.is_alive() and mounted == set() and not hold.directory.exists()
+
+
+@pytest.mark.parametrize("change", [{"idle_since": float("inf")}, {"idle_since": 1e300}, {"linger_s": 10 ** 400},
+                                    {"idle_since": float("nan")}, {"idle_since": 10 ** 400}])
+def test_a_lingering_mounts_record_that_no_berth_wrote_neither_keeps_it_forever_nor_breaks_berth(
+        tmp_path, mounts, reapers, change):
+    """mount.json is the user's (a corrupted or edited record is possible): an end of linger at
+    infinity, far in the future or past a float kept the mount for good (the reaper slept a day
+    at a time, the stale clean-up left it, doctor promised an unmount in 1e300 s), and a linger
+    too large for a float raised OverflowError in every berth's stale clean-up. A linger that
+    cannot end later than the longest linger from now counts as over."""
+    import json
+
+    mounted, calls, image = mounts
+    started, clock = reapers
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=60)
+    hold.release()
+    record = {**imagemount._read_record(hold.directory), **change}
+    (hold.directory / "mount.json").write_text(json.dumps(record))
+    (listed,) = imagemount.list_mounts(tmp_path)
+    assert listed["lingering_until"] <= clock.now, listed
+    naps = []
+    clock.sleep = lambda seconds: (naps.append(seconds), pytest.fail("slept") if len(naps) > 3 else None)
+    started[0]()  # the reaper ends it at once, not a day at a time
+    assert mounted == set() and not hold.directory.exists() and naps == []
+    again = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=60)
+    again.release()
+    (again.directory / "mount.json").write_text(json.dumps({**imagemount._read_record(again.directory), **change}))
+    cleaned = imagemount.cleanup_stale(tmp_path)  # and so does the next berth's stale clean-up
+    assert [entry["image"] for entry in cleaned] == ["sha256-abc"] and mounted == set()

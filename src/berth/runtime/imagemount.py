@@ -352,13 +352,24 @@ def _write_record(directory: Path, record: dict) -> None:
     fsutil.write_atomically(directory / "mount.json", json.dumps(record), mode=fsutil.PRIVATE_FILE, durable=False)
 
 
+#: The longest linger (the image_mount_linger setting's maximum, berth.config.load).
+MAX_LINGER_S = 86400
+
+
 def lingering_until(record: dict) -> float | None:
     """When a mount record's linger ends (time.time() seconds), or None when it is not
-    lingering (in use, or never given a linger)."""
+    lingering (in use, or never given a linger). The record is the user's file: a linger that
+    no berth can have written (its end not a number, or later than the longest linger from
+    now: it would keep the mount for good) is over (0.0)."""
     since, linger = record.get("idle_since"), record.get("linger_s")
-    if isinstance(since, (int, float)) and isinstance(linger, int) and not isinstance(linger, bool):
-        return float(since) + linger
-    return None
+    if not (isinstance(since, (int, float)) and not isinstance(since, bool)
+            and isinstance(linger, int) and not isinstance(linger, bool)):
+        return None
+    try:
+        until = float(since) + float(linger)
+    except OverflowError:  # an integer too large for a float
+        return 0.0
+    return until if until <= time.time() + MAX_LINGER_S else 0.0  # NaN and infinity too
 
 
 def _process_start(pid: int) -> int | None:
