@@ -883,6 +883,36 @@ def stat_mode(path) -> int:
     return os.stat(path).st_mode & 0o7777
 
 
+@pytest.mark.parametrize("direction", ["in", "out"])
+def test_a_host_copy_of_a_private_file_stays_private(tmp_path, direction):
+    """A copy got 0666 minus the umask whatever its source's mode: a job's 0600 result (a key,
+    a token) staged out to a shared project directory, or a private input staged into the job's
+    directory, became readable by every user (0644). Like cp: no permission the source lacks."""
+    from berth.staging.locations import parse_transfer
+
+    job, host = tmp_path / "job", tmp_path / "host"
+    job.mkdir()
+    host.mkdir()
+    source = (job if direction == "out" else host) / "private.key"
+    source.write_text("secret\n")
+    os.chmod(source, 0o600)
+    (job if direction == "out" else host).joinpath("shared.txt").write_text("shared\n")
+    os.chmod(source.with_name("shared.txt"), 0o644)
+    old_umask = os.umask(0o022)
+    try:
+        if direction == "out":
+            transfer.stage_out((parse_transfer(f"private.key:{host}/keep/", "out"),
+                                parse_transfer(f"shared.txt:{host}/keep/", "out")), _profile(), str(job))
+            copied = host / "keep"
+        else:
+            transfer.stage_in((parse_transfer(f"{host}/:input/", "in"),), _profile(), str(job))
+            copied = job / "input"
+    finally:
+        os.umask(old_umask)
+    assert (copied / "private.key").read_text() == "secret\n"
+    assert stat_mode(copied / "private.key") == 0o600 and stat_mode(copied / "shared.txt") == 0o644
+
+
 def _failing_puts(monkeypatch, failures: list[Exception]) -> list[str]:
     """obstore.put that raises ``failures`` one by one, then stores; returns the keys tried."""
     import obstore

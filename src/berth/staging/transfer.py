@@ -963,6 +963,11 @@ class _Runner:
             pass
         os.set_blocking(source.fileno(), True)
         with fsutil.atomic_writer(Path(final), mode=None) as out:  # durable: the module docstring says why
+            # As cp: no permission the source lacks (a private result stays private), set before
+            # any byte is in the file.
+            created = stat.S_IMODE(os.fstat(out.fileno()).st_mode)
+            if created & ~stat.S_IMODE(info.st_mode):
+                os.fchmod(out.fileno(), created & stat.S_IMODE(info.st_mode))
             shutil.copyfileobj(source, out, _READ_CHUNK)
             out.flush()
             if os.fstat(out.fileno()).st_size != info.st_size:
