@@ -133,3 +133,40 @@ def test_console_reports_a_failed_flush_as_python_does():
         result = _console("sys.stdout.write('x' * 100)\nreturn 0\n", stdout=full, stderr=subprocess.PIPE)
     assert result.returncode == 120
 
+
+
+def test_console_pauses_the_garbage_collector_for_start_up_only():
+    """Issue 10 (start-up): the collector is off while berth imports and builds its parser
+    (~20 collections, ~2 ms of every `berth run`), and on, the start-up's objects frozen out
+    of it, when the command runs (the job runner runs for hours and must collect)."""
+    code = ("import argparse, gc\n"
+            "import berth.cli.main as cli_main\n"
+            "def handler(args, ctx):\n"
+            "    print('command', gc.isenabled(), gc.get_freeze_count() > 0)\n"
+            "    return 0\n"
+            "def build_parser(modules, only=None):\n"
+            "    print('start-up', gc.isenabled())\n"
+            "    parser = argparse.ArgumentParser()\n"
+            "    parser.add_argument('--debug', action='store_true')\n"
+            "    parser.set_defaults(handler=handler)\n"
+            "    return parser\n"
+            "cli_main.build_parser = build_parser\n"
+            "cli_main.console()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["start-up False", "command True True"], result.stdout + result.stderr
+
+
+def test_main_leaves_the_garbage_collector_as_it_found_it(monkeypatch):
+    """main() called by a program (these tests) neither freezes that program's objects nor
+    turns its collector on or off: only the console script pauses it."""
+    import gc
+
+    def build_parser(modules, only=None):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--debug", action="store_true")
+        parser.set_defaults(handler=lambda args, ctx: 7)
+        return parser
+
+    monkeypatch.setattr(cli_main, "build_parser", build_parser)
+    frozen = gc.get_freeze_count()
+    assert (cli_main.main([]), gc.isenabled(), gc.get_freeze_count()) == (7, True, frozen)
