@@ -649,9 +649,10 @@ def ensure_cache_readable() -> None:
 @dataclass(frozen=True)
 class ExecEvent:
     time_s: float  # trace clock (seconds since boot)
-    kind: str  # "exec" or "exit"
-    name: str  # exec: the file executed; exit: the task's comm
-    pid: int
+    kind: str  # "exec", "exit" or (system-wide traces) "fork"
+    name: str  # exec: the file executed; exit, fork: the task's comm
+    pid: int  # fork: the new task's
+    parent_pid: int = 0  # fork: the forking task's
 
 
 class ExecTrace:
@@ -660,9 +661,14 @@ class ExecTrace:
     and the traced programs run at full speed). Root only; mounts tracefs on a temporary
     directory when it is not mounted, and removes what it made on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, system_wide: bool = False) -> None:
         self.mountpoint: Path | None = None
         self.instance: Path | None = None
+        #: Every process of the machine, forks too (processes that are not this one's
+        #: descendants: a Slurm step's, started by slurmd); the caller picks out its own by
+        #: the fork tree (:func:`descendants`).
+        self.system_wide = system_wide
+        self.events = ("sched_process_exec", "sched_process_exit") + (("sched_process_fork",) if system_wide else ())
 
     @staticmethod
     def available() -> str | None:
@@ -679,16 +685,20 @@ class ExecTrace:
         self.instance = tracefs / "instances" / f"berth-bench-{os.getpid()}"
         self.instance.mkdir()
         (self.instance / "tracing_on").write_text("0\n")
-        (self.instance / "set_event_pid").write_text(f"{os.getpid()}\n")
-        (self.instance / "options" / "event-fork").write_text("1\n")
-        for event in ("sched_process_exec", "sched_process_exit"):
+        if self.system_wide:
+            (self.instance / "buffer_size_kb").write_text("8192\n")
+        else:
+            (self.instance / "set_event_pid").write_text(f"{os.getpid()}\n")
+            (self.instance / "options" / "event-fork").write_text("1\n")
+        for event in self.events:
             (self.instance / "events" / "sched" / event / "enable").write_text("1\n")
         return self
 
     def start(self) -> None:
         assert self.instance is not None
         (self.instance / "trace").write_text("")
-        (self.instance / "set_event_pid").write_text(f"{os.getpid()}\n")
+        if not self.system_wide:
+            (self.instance / "set_event_pid").write_text(f"{os.getpid()}\n")
         (self.instance / "tracing_on").write_text("1\n")
 
     def stop(self) -> list[ExecEvent]:
@@ -703,17 +713,32 @@ class ExecTrace:
             if match:
                 stamp, kind, filename, exec_pid, comm, exit_pid = match.groups()
                 events.append(ExecEvent(float(stamp), kind, filename or comm, int(exec_pid or exit_pid)))
+                continue
+            match = re.search(r"\s(\d+\.\d+): sched_process_fork: comm=(.*?) pid=(\d+) child_comm=.*? child_pid=(\d+)",
+                              line)
+            if match:
+                stamp, comm, parent, child = match.groups()
+                events.append(ExecEvent(float(stamp), "fork", comm, int(child), int(parent)))
         return events
 
     def __exit__(self, *exc) -> None:
         if self.instance is not None and self.instance.exists():
             (self.instance / "tracing_on").write_text("0\n")
-            for event in ("sched_process_exec", "sched_process_exit"):
+            for event in self.events:
                 (self.instance / "events" / "sched" / event / "enable").write_text("0\n")
             self.instance.rmdir()
         if self.mountpoint is not None:
             subprocess.run(["umount", str(self.mountpoint)], check=False)
             self.mountpoint.rmdir()
+
+
+def descendants(events: Sequence[ExecEvent], roots: Iterable[int]) -> set[int]:
+    """The pids of ``roots`` and of every task forked from them in a system-wide trace."""
+    found = set(roots)
+    for event in events:
+        if event.kind == "fork" and event.parent_pid in found:
+            found.add(event.pid)
+    return found
 
 
 def exec_marks(events: Sequence[ExecEvent], marks: Sequence[tuple[str, object]]) -> dict[str, float] | None:

@@ -68,6 +68,30 @@ if [ "$1" = slurm ]; then
     srun -N 1 -n 1 berth --debug run "$3" /bin/true 2>&1 | grep 'timing:'
 fi
 """
+#: Steps of each kind in one allocation, run from the host (no job container, no step agent),
+#: traced system-wide for the node side of a step (trace_steps).
+STEP_SCRIPT = """#!/bin/sh
+srun -N1 -n1 /bin/true
+for i in $(seq "$1"); do
+    srun -N1 -n1 berth run "$2" /bin/true
+    srun -N1 -n1 /bin/true
+    srun -N1 -n1 /bin/sleep 0.05
+done
+"""
+#: The kinds of step trace_steps tells apart, by what slurmstepd executes.
+STEP_KINDS = {"berth": "berth run IMAGE /bin/true", "true": "bare /bin/true", "sleep": "bare /bin/sleep 0.05"}
+STEP_PHASES = [
+    ("srun exec → slurmstepd exec (Slurm: the step created and launched)", "srun", "stepd"),
+    ("slurmstepd exec → task exec (slurmstepd's set-up)", "stepd", "task"),
+    ("berth exec → squashfuse exec (interpreter, imports, settings, image look-up)", "task", "squashfuse"),
+    ("squashfuse exec → runtime exec (mount, plan, bundle)", "squashfuse", "runtime"),
+    ("runtime exec → /bin/true exec (runtime start, berth-init)", "runtime", "command"),
+    ("/bin/true exit → berth exit (teardown: unmount, daemon exit, state removed)", "command exit", "task exit"),
+    ("task exec → task exit (the whole task)", "task", "task exit"),
+    ("task exit → slurmstepd exit (step end: cgroup clean-up, accounting)", "task exit", "stepd exit"),
+    ("slurmstepd exit → srun exit", "stepd exit", "srun exit"),
+    ("total: srun exec → srun exit", "srun", "srun exit"),
+]
 TREECPU = Path(__file__).resolve().parent / "treecpu.py"
 FINAL = ("completed", "failed", "cancelled", "timeout")
 
@@ -103,6 +127,88 @@ def find_phases(data) -> dict | None:
             if found:
                 return found
     return None
+
+
+def step_marks(events: list, slurmds: list[int]) -> list[tuple[str, dict[str, float], int]]:
+    """The steps of a system-wide trace (c.ExecTrace(system_wide=True)) of STEP_SCRIPT: for
+    each srun, its kind (STEP_KINDS), the time of each mark of STEP_PHASES, and how many of the
+    task's processes were still running when it exited (left in the step's cgroup)."""
+    ours = c.descendants(events, [os.getpid(), *slurmds])
+    events = [e for e in events if e.pid in ours]
+    name = lambda e: os.path.basename(e.name)  # noqa: E731
+    steps = []
+    for index, event in enumerate(events):
+        if not (event.kind == "exec" and name(event) == "srun"):
+            continue
+        later = events[index + 1:]
+        srun_exit = next((e for e in later if e.kind == "exit" and e.pid == event.pid), None)
+        stepd = next((e for e in later if e.kind == "exec" and name(e) == "slurmstepd"), None)
+        if srun_exit is None or stepd is None or stepd.time_s > srun_exit.time_s:
+            continue
+        in_step = c.descendants(later, [stepd.pid])
+        task = next((e for e in later if e.kind == "exec" and e.pid in in_step and name(e) != "slurmstepd"
+                     and e.time_s > stepd.time_s), None)
+        kind = name(task) if task else None
+        if kind not in STEP_KINDS:
+            continue
+        marks = {"srun": event.time_s, "stepd": stepd.time_s, "task": task.time_s, "srun exit": srun_exit.time_s}
+        for e in later:
+            if e.kind == "exit" and e.pid == task.pid and "task exit" not in marks:
+                marks["task exit"] = e.time_s
+            if e.kind == "exit" and e.pid == stepd.pid and "stepd exit" not in marks:
+                marks["stepd exit"] = e.time_s
+        left = 0
+        if kind == "berth":
+            tree = c.descendants(later, [task.pid])
+            command = None
+            for e in later:
+                if e.pid not in tree or e.pid == task.pid or e.time_s < task.time_s:
+                    continue
+                if e.kind == "exec" and name(e) in ("squashfuse", "squashfuse_ll"):
+                    marks.setdefault("squashfuse", e.time_s)
+                elif e.kind == "exec" and name(e) in ("berth-launcher", "runc", "crun"):
+                    marks.setdefault("runtime", e.time_s)
+                elif e.kind == "exec" and name(e) == "true":
+                    marks.setdefault("command", e.time_s)
+                    command = e.pid
+                elif e.kind == "exit" and e.pid == command:
+                    marks.setdefault("command exit", e.time_s)
+            exited = {e.pid for e in later if e.kind == "exit" and e.time_s <= marks.get("task exit", 0)}
+            started = {e.pid for e in later if e.kind == "exec" and e.pid in tree}
+            left = len(started - exited)
+        steps.append((kind, marks, left))
+    return steps
+
+
+def trace_steps(user: c.BenchUser, env: dict, workdir: Path, ref: str, runs: int, slurm_root: Path) -> tuple[
+        dict[str, dict[str, c.Sample]], int, str | None]:
+    """The node side of a job step, berth's against bare ones (issue 10, target 5): STEP_SCRIPT
+    in one allocation (``salloc -N1``), the kernel's exec, exit and fork events of the whole
+    machine, this cluster's slurmds' and this process's descendants picked out. Returns, per
+    step kind, a Sample per STEP_PHASES label; how many of berth's processes outlived it; or
+    why it could not be traced."""
+    why = c.ExecTrace.available()
+    if why:
+        return {}, 0, why
+    script = workdir / "steps.sh"
+    script.write_text(STEP_SCRIPT)
+    script.chmod(0o755)
+    slurmds = [pid for name, pid in json.loads((slurm_root / "cluster.json").read_text())["pids"].items()
+               if name.startswith("slurmd")]
+    samples: dict[str, dict[str, c.Sample]] = {}
+    left = 0
+    with c.ExecTrace(system_wide=True) as trace:
+        trace.start()
+        user.run(["salloc", "-N1", "-n1", "-t", "5", str(script), str(runs), ref], env=env, cwd=str(workdir))
+        events = trace.stop()
+    for kind, marks, still in step_marks(events, slurmds):
+        left += still
+        for label, start, end in STEP_PHASES:
+            if start in marks and end in marks:
+                samples.setdefault(kind, {}).setdefault(label, c.Sample()).add(marks[end] - marks[start])
+    if not samples:
+        return {}, 0, "no step was found in the trace"
+    return samples, left, None
 
 
 def start_slurm(root: Path, nodes: int) -> tuple[dict | None, str | None]:
@@ -225,6 +331,7 @@ def main() -> int:
     phases_seen = False
     traced_phases = False
     slurm_started = False
+    step_trace: tuple[dict, int, str | None] = ({}, 0, "the Slurm test cluster did not run")
     try:
         missing = c.berth_subcommand_missing(user, "submit") or c.berth_subcommand_missing(user, "status")
         if missing:
@@ -285,6 +392,11 @@ def main() -> int:
                                         agent_samples.setdefault((agent, key), c.Sample()).add(value)
                     except RuntimeError as error:
                         unavailable["slurm"] = c.error_line(str(error))
+                    c.log("steps from the host, traced")
+                    try:
+                        step_trace = trace_steps(user, {**env, **slurm_env}, workdir, ref, args.runs, slurm_root)
+                    except RuntimeError as error:
+                        step_trace = ({}, 0, c.error_line(str(error)))
                 phases_seen = bench.phases_seen
     finally:
         if slurm_started:
@@ -339,6 +451,22 @@ def main() -> int:
                                             agent_samples[(agent, "bare")].cell("ms")]
                                            for agent in ("scan", "wake") if (agent, "step") in agent_samples]),
                          ""]
+        traced, left, why = step_trace
+        if why:
+            sections += [f"Node side of a step (kernel events): not available: {why}", ""]
+        else:
+            kinds = [kind for kind in STEP_KINDS if kind in traced]
+            sections += ["Node side of one step, berth's against bare ones: `salloc -N1` running `srun -N1 -n1 "
+                         "berth run IMAGE /bin/true`, `srun … /bin/true` and `srun … /bin/sleep 0.05` in turn "
+                         f"from the host (no job container, no step agent), {args.runs} of each; the kernel's "
+                         "exec, exit and fork events of the whole machine, this cluster's slurmds' and the "
+                         "benchmark's descendants picked out; ms, median (min–max):", "",
+                         c.markdown_table(["phase", *[STEP_KINDS[kind] for kind in kinds]],
+                                          [[label, *[traced[kind][label].cell("ms")
+                                                              if label in traced[kind] else "—" for kind in kinds]]
+                                           for label, _, _ in STEP_PHASES]),
+                         "", f"- berth's processes still running when berth exited (left in the step's cgroup): "
+                         f"{left}", ""]
         local = results.get(("local", 1), {})
         if traced_phases:
             sections += ["Local backend, berth's share by phase (kernel exec events of the same jobs):", "",
