@@ -91,7 +91,7 @@ def test_listing_gives_room_devices_and_setid_modes():
 
 def test_a_full_file_system_refuses_before_writing(tmp_path, monkeypatch):
     from berth.errors import InsufficientSpace
-    from berth.runtime import localcopy
+    from berth.runtime import imagemount, localcopy
 
     source = tmp_path / "x.sqfs"
     source.write_bytes(b"x")
@@ -102,7 +102,7 @@ def test_a_full_file_system_refuses_before_writing(tmp_path, monkeypatch):
     # Sizes for people as everywhere in berth (units.human_size, binary); this one said "MB" (10^6).
     assert re.search(r"it needs 1075\.2 TiB, [0-9.]+ (?:[KMGT]i)?B free", info.value.message), info.value.message
     assert "berth prune" in info.value.hint
-    key = localcopy.image_key(source, None)[0]
+    key = imagemount.source_key(source, None)[0]
     assert sorted(p.name for p in (tmp_path / "state" / "unpacked").iterdir()) == [key + ".lock", key + ".maker"]
 
 
@@ -128,13 +128,13 @@ def test_a_maker_does_not_wait_for_the_containers_running_from_the_copy(tmp_path
     copy's lock shared for its life. The others must not then wait for that lock exclusively
     (a hang of two of four in a full run): making takes the maker lock, not the use lock."""
     from berth import locks
-    from berth.runtime import localcopy
+    from berth.runtime import imagemount, localcopy
 
     source = tmp_path / "image.sqfs"
     source.write_bytes(b"hsqs" + b"\0" * 100)
     base = tmp_path / "state" / localcopy.UNPACKED
     base.mkdir(parents=True)
-    key = localcopy.image_key(source, None)[0]
+    key = imagemount.source_key(source, None)[0]
 
     def fake_unpack(base, name, source, source_info):
         (base / name / "root").mkdir(parents=True)

@@ -31,7 +31,7 @@ NOT_ON_RUN_PATH = (*HEAVY, "tomllib", "hashlib", "secrets", "random", "tempfile"
                    "dataclasses", "inspect", "ast", "dis", "tokenize", "shlex")
 
 #: What `berth run` imports after parsing: the image look-up, the container and what it imports
-#: while it runs (the image mount, the node-local copy's checks, the launcher).
+#: while it runs (the image mount, the launcher), and the node-local copies of sites that use them.
 RUN_PATH_MODULES = ("berth.cli.run", "berth.image.api", "berth.config.load", "berth.runtime.container",
                     "berth.runtime.imagemount", "berth.runtime.localcopy", "berth.runtime.launcher",
                     "berth.runtime.ocirt")

@@ -159,12 +159,27 @@ class ImageMount:
 
 def image_key(squashfs: Path, digest: object | None, scope: str = "") -> str:
     """The directory name of an image's mount: its digest (``sha256-HEX``), or for a SquashFS
-    run by path a hash of where and what it is (berth.runtime.localcopy.image_key), plus the
-    scope (``mount_scope``)."""
-    from berth.runtime.localcopy import image_key as file_key
-
-    name = file_key(squashfs, digest)[0]
+    run by path a hash of where and what it is (:func:`source_key`), plus the scope
+    (``mount_scope``)."""
+    name = source_key(squashfs, digest)[0]
     return f"{name}@{scope}" if scope else name
+
+
+def source_key(source: Path, digest: object | None) -> tuple[str, os.stat_result]:
+    """The name an image goes by on the node (its shared mount here, its node-local copies in
+    berth.runtime.localcopy) and the source's stat. Raises OSError. (Here, not in localcopy:
+    every `berth run` needs it, and localcopy only for stage_to_local or unpacked images.)"""
+    info = os.stat(source)
+    if digest is not None:
+        name = str(digest).replace(":", "-")
+    else:
+        # A SquashFS given by path: key it by where it is and what it is. (hashlib imported
+        # here: loading OpenSSL costs ~4 ms of every berth run's start otherwise.)
+        import hashlib
+
+        ident = f"{os.path.realpath(source)}\0{info.st_size}\0{info.st_mtime_ns}"
+        name = "file-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+    return name, info
 
 
 def images_dir(state_dir: Path) -> Path:

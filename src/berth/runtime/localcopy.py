@@ -61,6 +61,7 @@ from pathlib import Path
 from berth import fsutil, locks, proc
 from berth.errors import InsufficientSpace, ProgramFailed, RuntimeFailure
 from berth.namedtuple import NamedTuple
+from berth.runtime.imagemount import source_key
 from berth.untrusted import read_json_object
 
 IMAGES = "images"
@@ -69,22 +70,6 @@ STALE_S = 7 * 24 * 3600
 #: Room left free beyond the estimate of an unpacked copy: a fraction of it and a constant.
 SPACE_MARGIN = (0.05, 16 << 20)
 BLOCK = 4096
-
-
-def image_key(source: Path, digest: object | None) -> tuple[str, os.stat_result]:
-    """The name an image goes by on the node (its copy here, its shared mount in
-    berth.runtime.imagemount) and the source's stat. Raises OSError."""
-    info = os.stat(source)
-    if digest is not None:
-        name = str(digest).replace(":", "-")
-    else:
-        # A SquashFS given by path: key it by where it is and what it is. (hashlib imported
-        # here: loading OpenSSL costs ~4 ms of every berth run's start otherwise.)
-        import hashlib
-
-        ident = f"{os.path.realpath(source)}\0{info.st_size}\0{info.st_mtime_ns}"
-        name = "file-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
-    return name, info
 
 
 def _is_current(copy: Path, source_info: os.stat_result) -> bool:
@@ -110,7 +95,7 @@ def local_copy(state_dir: Path, source: Path, digest: object | None = None, *,
     """
     directory = Path(state_dir) / IMAGES
     try:
-        name, source_info = image_key(source, digest)
+        name, source_info = source_key(source, digest)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         copy = directory / f"{name}.sqfs"
         if _is_current(copy, source_info):
@@ -193,7 +178,7 @@ def unpacked_copy(state_dir: Path, source: Path, digest: object | None = None, *
     RuntimeFailure when the copy cannot be made (unsquashfs failed, disk full meanwhile...)."""
     base = Path(state_dir) / UNPACKED
     try:
-        name, source_info = image_key(source, digest)
+        name, source_info = source_key(source, digest)
         fsutil.make_private_dirs(base)
         directory = base / name
         lock_path = base / f"{name}.lock"

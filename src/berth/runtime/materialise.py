@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,9 +79,10 @@ def kernel_overlay(mount) -> bool:
     returned) can be the kernel's, mounted by the runtime in the container's user namespace:
     for an unpacked copy (files of the caller's, so copy-up works) on Linux >= 5.11 (the first
     to allow overlayfs in a user namespace)."""
-    from berth.runtime.localcopy import UnpackedImage
-
-    if not isinstance(mount, UnpackedImage):
+    # An UnpackedImage comes only from berth.runtime.localcopy, imported by mount_image when it
+    # made one: without it loaded, ``mount`` is none (and a run does not import it for this).
+    localcopy = sys.modules.get("berth.runtime.localcopy")
+    if localcopy is None or not isinstance(mount, localcopy.UnpackedImage):
         return False
     try:
         major, minor = (int(part) for part in os.uname().release.split(".")[:2])
