@@ -368,6 +368,47 @@ def test_a_state_directory_reached_through_a_link_of_the_users_leaves_no_mount(r
     assert took < 4.5, f"berth run took {took:.1f} s: it waited for a daemon it never unmounted"
 
 
+def test_a_lingering_mount_of_another_mount_namespace_is_left_to_it(runtime_env, runtime_images):
+    """Slurm's job_container/tmpfs runs each job in a mount namespace of its own, with one state
+    directory for the user's jobs on the node: a mount of another job's namespace is not in this
+    one's mount table. Another berth's stale clean-up took such a lingering mount for one whose
+    daemon had not unmounted, waited 5 s for that daemon, killed it and its reaper and removed
+    the directory (the mount's namespace lost it): a 5 s stall of every berth run, and another
+    job's mount ended. Such a mount is its own namespace's to judge; once its daemon is gone
+    (Slurm ends the job's processes), the next clean-up removes what is left."""
+    from tests.harness.users import berth_executable
+
+    env = runtime_env.user.base_env(**runtime_env.env(BERTH_IMAGE_MOUNT_LINGER="10m"))
+    argv = ["unshare", "--mount", "--propagation", "slave", "--", "setpriv", f"--reuid={runtime_env.user.uid}",
+            f"--regid={runtime_env.user.gid}", "--init-groups", "env", "-i",
+            *[f"{key}={value}" for key, value in env.items()], str(berth_executable()),
+            "run", str(runtime_images.busybox), "true"]
+    job = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=120)
+    assert job.returncode == 0, job.stderr
+    (directory,) = (runtime_env.state_dir / "images").iterdir()
+    record = json.loads((directory / "mount.json").read_text())
+    try:
+        assert image_mounts(runtime_env) == [], "the mount should be in the other namespace only"
+        started = time.monotonic()
+        other = runtime_env.berth("run", str(runtime_images.setuid), "true")
+        took = time.monotonic() - started
+        assert other.returncode == 0, describe(other)
+        assert process_alive(record["pid"]) and process_alive(record["reaper"][0]), "another namespace's mount ended"
+        assert json.loads((directory / "mount.json").read_text()) == record
+        assert took < 4.5, f"berth run took {took:.1f} s: it waited for another namespace's daemon"
+    finally:
+        for pid in (record["reaper"][0], record["pid"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert still_alive_after([record["pid"], record["reaper"][0]]) == []
+    cleaned = runtime_env.berth("doctor", "--cleanup")
+    assert cleaned.returncode == 0, describe(cleaned)
+    assert not (runtime_env.state_dir / "images").exists()
+    assert runtime_env.wait_clean() == []
+
+
 @pytest.mark.parametrize("mode", ["per_container", "unpacked"])
 def test_a_linger_has_no_effect_outside_shared_image_mounts(runtime_env, runtime_images, mode):
     """image_mount_linger applies to image_mount = "shared" only (docs/configuration.md): with

@@ -38,7 +38,10 @@ leave a count wrong. The rules:
   berth.runtime.state and by ``berth doctor --cleanup``): for each image whose mount lock is free
   right now, leaving without a holder of one's own — except a mount lingering within its time
   whose daemon runs (``berth doctor --cleanup`` ends those too). A lingering mount whose time is
-  up (its reaper was killed) or whose daemon is gone (Slurm's end of a step) is removed.
+  up (its reaper was killed) or whose daemon is gone (Slurm's end of a step) is removed. A
+  mount whose daemon lives in another mount namespace (another Slurm job's under
+  job_container/tmpfs, the state directory shared) is not in this mount table and is left to
+  its own namespace's berths (:func:`_elsewhere`).
   Containers are cleaned first (their runtime killed), so nothing uses a mount when its last
   holder is judged dead.
 
@@ -479,6 +482,18 @@ def _reap(directory: Path, lock_timeout_s: float) -> None:
             os.close(lock_fd)
 
 
+def _elsewhere(pid: int) -> bool:
+    """Whether process ``pid`` lives in another mount namespace than this berth (Slurm's
+    job_container/tmpfs gives each job its own, the user's state directory staying shared):
+    its mounts are not in this mount table, so they are its own berths' to judge, never this
+    one's. False when it cannot be told (gone, or /proc hides it)."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+
+
 def _our_daemon(pid: object, root: Path) -> bool:
     """Whether ``pid`` is the FUSE daemon of ``root`` (never a recycled pid's program)."""
     return fuse.daemon_mountpoint(pid) == str(root)
@@ -491,7 +506,8 @@ def _unmount(directory: Path, process) -> None:
     root = directory / "root"
     record = _read_record(directory)
     reaper = record.get("reaper")
-    if _reaper_alive(record) and reaper[0] != os.getpid():  # a lingering mount's: nothing left to wait for
+    if _reaper_alive(record) and reaper[0] != os.getpid() and not _elsewhere(reaper[0]):
+        # a lingering mount's: nothing left to wait for
         try:
             os.kill(reaper[0], signal.SIGTERM)
         except OSError:
@@ -510,7 +526,7 @@ def _unmount(directory: Path, process) -> None:
         except Exception:  # noqa: BLE001
             process.kill()
             process.wait()
-    elif _our_daemon(pid, root):
+    elif _our_daemon(pid, root) and not _elsewhere(pid):
         deadline = time.monotonic() + DAEMON_EXIT_S
         while _our_daemon(pid, root) and not _is_zombie(pid) and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -560,6 +576,8 @@ def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
             if _live_holders(directory):
                 continue
             record = _read_record(directory)
+            if _our_daemon(record.get("pid"), directory / "root") and _elsewhere(record["pid"]):
+                continue  # a mount of another mount namespace (another Slurm job's): its berths judge it
             until = lingering_until(record)
             alive = until is not None and until > time.time() and _serving(directory, record)
             if alive and not lingering:
