@@ -109,6 +109,9 @@ class SlurmCluster:
     #: The fixture puts it outside /tmp, as sites do (/local/scratch...): under /tmp, which every
     #: container has privately, a rank would find Slurm's PMIx directories by luck (issue 13).
     tmpfs_root: Path | None = None
+    #: Slurm's job credential lifetime (``AuthInfo=cred_expire``), which is also how long a
+    #: requeued job waits before it runs again; None: Slurm's 120 s.
+    cred_expire_s: int | None = None
     pids: dict[str, int] = field(default_factory=dict)
     #: Job ids start at a random point: cgroups are named slurm_NODE/uid_U/job_ID on this host,
     #: so two clusters (or a rebuilt one) must never reuse an id while a cgroup may remain.
@@ -205,7 +208,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket}{f',cred_expire={self.cred_expire_s}' if self.cred_expire_s else ''}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
@@ -474,9 +477,9 @@ def usable() -> str | None:
 
 
 def start_cluster(root: Path, nodes: int = 4, gpu_files: tuple[str, ...] = FAKE_GPU_FILES,
-                  tmpfs_root: Path | None = None) -> SlurmCluster:
+                  tmpfs_root: Path | None = None, cred_expire_s: int | None = None) -> SlurmCluster:
     cluster = SlurmCluster(root=Path(root), nodes=[f"node{i}" for i in range(1, nodes + 1)], gpu_files=gpu_files,
-                           tmpfs_root=tmpfs_root)
+                           tmpfs_root=tmpfs_root, cred_expire_s=cred_expire_s)
     cluster.start()
     return cluster
 

@@ -239,6 +239,61 @@ def test_slurms_messages_from_before_the_runner_starts_reach_the_error_file(job_
     assert (logs.stdout, logs.stderr) == (text, ""), describe(logs)
 
 
+def test_a_requeued_runs_own_slurm_messages_are_shown_whole_in_truncate_mode(job_site, user):
+    """Slurm requeues a job in its default open mode (truncate): it empties its file for the new
+    run. The first run's runner carried Slurm's messages of that run (its directory was gone:
+    ``couldn't chdir``); the second run's runner refuses its error file, swapped for a link
+    meanwhile, so nothing carries that run's messages. `berth logs` showed them without their
+    first bytes (as many as the first run had carried); it must show them whole. A cluster of
+    its own whose short credential lifetime makes Slurm's hold of a requeued job 10 s, not 120."""
+    import shutil
+    import tempfile
+
+    from tests.harness.slurm import start_cluster, usable
+
+    if usable():
+        pytest.skip(usable())
+    root = Path(tempfile.mkdtemp(prefix="berth-slurm-requeue-"))
+    cluster = start_cluster(root, nodes=1, tmpfs_root=root / "tmpfs", cred_expire_s=10)
+    try:
+        env = {**job_site.env, **cluster.env(), "BERTH_BACKEND": "slurm"}
+        work = job_site.workdir(user)
+        job_site.write_script(work, "job.sh", "#!/bin/sh\n#BERTH --template=bb\necho ran\n", user)
+        gone = work / "gone"
+        gone.mkdir()
+        os.chown(gone, user.uid, user.gid)
+        result = user.berth("submit", "--json", "--hold", "-D", "gone", "-o", f"{work}/out-%j.txt",
+                            "-e", f"{work}/err-%j.txt", "job.sh", cwd=str(work), env=env)
+        assert result.returncode == 0, describe(result)
+        submitted = json.loads(result.stdout)
+        job, native = submitted["id"], submitted["native_id"]
+        gone.rmdir()
+        assert user.run(["scontrol", "release", native], env=cluster.env()).returncode == 0
+        wait_for(user, job_site, [job], FINAL, timeout_s=120, env=env)
+        own = job_site.jobs_dir / job / "slurm.out"
+        first = own.read_bytes()
+        assert b"couldn't chdir" in first and (work / f"err-{job}.txt").read_bytes().startswith(first), first
+        # The second run: its directory is back, its error file is a link now.
+        gone.mkdir()
+        os.chown(gone, user.uid, user.gid)
+        (work / f"err-{job}.txt").unlink()
+        (work / f"err-{job}.txt").symlink_to(work / "job.sh")
+        requeued = user.run(["scontrol", "requeue", native], env=cluster.env())
+        assert requeued.returncode == 0, describe(requeued)
+        deadline = time.monotonic() + 120
+        while b"refused the job's output file" not in own.read_bytes() or \
+                not jobs(user, job_site, env)[job]["state"] in FINAL:
+            assert time.monotonic() < deadline, (own.read_bytes(), jobs(user, job_site, env)[job])
+            time.sleep(0.5)
+        second = own.read_bytes()
+        assert len(second) > len(first) and not second.startswith(first), (first, second)
+        logs = user.berth("logs", job, env=env)
+        assert logs.stderr.encode().endswith(second), describe(logs)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_slurm_job_writes_its_submit_directory_when_HOME_is_not_the_passwd_home(job_site, user, slurm_env,
                                                                              home_elsewhere):
     """Issue 9 defect 1 on Slurm: sbatch exports the submitting shell's HOME to the node, where
