@@ -131,7 +131,7 @@ def _stop_local_runners(root: Path, grace_s: float = 15) -> None:
     import signal
     import time
 
-    from berth.jobs.runner import signal_tree
+    from berth.jobs.runner import _descendants
 
     runners = []
     for pid_file in root.rglob("runner.pid"):
@@ -148,5 +148,9 @@ def _stop_local_runners(root: Path, grace_s: float = 15) -> None:
     while runners and time.monotonic() < deadline:
         runners = [pid for pid in runners if process_alive(pid)]
         time.sleep(0.1)
-    for pid in runners:
-        signal_tree(pid, signal.SIGKILL)
+    for pid in runners:  # everything, a shared image mount's daemon too (signal_tree spares it)
+        for found in _descendants(pid):
+            try:
+                os.kill(found, signal.SIGKILL)
+            except OSError:
+                pass

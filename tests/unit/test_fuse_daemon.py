@@ -105,3 +105,29 @@ def test_sigterm_to_a_steps_tree_spares_its_fuse_daemons(processes, tmp_path, mo
     assert step.wait(timeout=10) == -signal.SIGTERM and daemon.poll() is None
     runner.signal_tree(step.pid, signal.SIGKILL)
     assert daemon.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_sigkill_to_a_steps_tree_spares_a_shared_image_mounts_daemon(tmp_path, monkeypatch):
+    """A shared image mount's daemon is the berth's child, in a session of its own (detached),
+    while that berth lives, and serves every container of the user's that joined the mount,
+    other jobs' too: a job's SIGKILL (its berth still tearing down past the grace) killed it and
+    those containers lost their image. The berth's hold dies with it, so the next berth removes
+    the mount once nobody holds it. A daemon of the container's own (not detached) still goes."""
+    step = _start("python3")
+    shared = subprocess.Popen(["squashfuse_ll", "-c", SLEEP, "-o", "ro", str(tmp_path / "images/a/root")],
+                              executable=sys.executable, start_new_session=True)
+    own = _start("squashfuse_ll", "-o", "ro", str(tmp_path / "containers/c1/lower"))
+    try:
+        deadline = time.monotonic() + 10
+        while fuse.daemon_mountpoint(shared.pid) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        monkeypatch.setattr(runner, "_descendants", {step.pid: [step.pid, shared.pid, own.pid]}.__getitem__)
+        runner.signal_tree(step.pid, signal.SIGKILL)
+        assert step.wait(timeout=10) == -signal.SIGKILL and own.wait(timeout=10) == -signal.SIGKILL
+        with pytest.raises(subprocess.TimeoutExpired):  # its SIGKILL would have been sent before own's
+            shared.wait(timeout=0.2)
+    finally:
+        for process in (step, shared, own):
+            process.kill()
+            process.wait()

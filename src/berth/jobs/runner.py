@@ -245,8 +245,18 @@ def _descendants(root_pid: int) -> list[int]:
     return found
 
 
+def _session_leader(pid: int) -> bool:
+    """Whether ``pid`` leads a session of its own (/proc/PID/stat: its session id is its pid)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[3]) == pid
+    except (OSError, IndexError, ValueError):
+        return False
+
+
 def signal_tree(root_pid: int, sig: int) -> None:
-    """Send ``sig`` to ``root_pid`` and all its descendants (SIGTERM spares FUSE daemons)."""
+    """Send ``sig`` to ``root_pid`` and all its descendants (SIGTERM spares FUSE daemons,
+    SIGKILL a shared image mount's)."""
     from berth.runtime import fuse
 
     for pid in _descendants(root_pid):
@@ -254,8 +264,13 @@ def signal_tree(root_pid: int, sig: int) -> None:
         # SIGTERM for the job must not take the files away from under the script's trap. Any
         # FUSE daemon in the tree, whatever its mount (a shared image mount's too: other
         # containers use it): the pid was found in this walk, not recorded earlier, and a wrong
-        # "yes" only spares a process that the SIGKILL below ends anyway.
-        if sig != signal.SIGKILL and fuse.daemon_mountpoint(pid) is not None:
+        # "yes" only spares a process that the SIGKILL below ends anyway. The SIGKILL spares the
+        # daemon of a shared image mount (detached: the leader of its own session), which is in
+        # the tree only while the berth that started it lives: other containers of the user's,
+        # other jobs' too, read their image through it, and the mount goes once nobody holds it
+        # (berth.runtime.imagemount). A job's own process that passes for one could leave the
+        # tree anyway (a double fork): the walk is no boundary.
+        if fuse.daemon_mountpoint(pid) is not None and (sig != signal.SIGKILL or _session_leader(pid)):
             continue
         try:
             os.kill(pid, sig)
