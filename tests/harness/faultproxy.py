@@ -13,6 +13,8 @@ faults, each injected into a manifest or blob GET:
 ``stall``       the body up to a random offset, then silence for ``stall_s`` (longer than the
                 client's timeout), then a close
 ``redirect``    307 to a "blob store" on a loopback port where nothing listens
+``429-hour``    429 with ``Retry-After: 3600``, longer than berth waits (only from ``queue``: a
+                campaign's pull would end on it, as berth.retry says it must)
 ==============  ===================================================================================
 
 Body faults apply to blob GETs only (manifests are small and read whole). Which requests get a
@@ -36,6 +38,8 @@ from tests.harness.countingproxy import CHUNK, CountingProxy
 STATUS_FAULTS = ("5xx", "429", "redirect")
 BODY_FAULTS = ("reset", "truncate", "corrupt", "drip", "stall")
 FAULT_KINDS = STATUS_FAULTS + BODY_FAULTS
+#: Status faults only ``queue`` injects, never a campaign's random draw.
+QUEUED_FAULTS = ("429-hour",)
 
 
 def dead_port() -> int:
@@ -77,7 +81,7 @@ class FaultProxy(CountingProxy):
             if self._burst_left > 0:
                 self._burst_left -= 1
                 return "5xx"
-            allowed = FAULT_KINDS if is_blob_get else STATUS_FAULTS
+            allowed = (FAULT_KINDS if is_blob_get else STATUS_FAULTS) + QUEUED_FAULTS
             if self.queue:
                 if self.queue[0] not in allowed:
                     return None
@@ -102,7 +106,7 @@ class FaultProxy(CountingProxy):
     def intercept(self, handler: BaseHTTPRequestHandler, is_blob_get: bool) -> bool:
         kind = self._choose(handler, is_blob_get)
         handler._berth_fault = kind  # read by send_body for the body faults
-        if kind not in STATUS_FAULTS:
+        if kind not in STATUS_FAULTS + QUEUED_FAULTS:
             return False
         self._log(kind, handler.path)
         if kind == "5xx":
@@ -112,6 +116,9 @@ class FaultProxy(CountingProxy):
         elif kind == "429":
             body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"injected fault"}]}'
             self._answer(handler, 429, body, {"Content-Type": "application/json", "Retry-After": "1"})
+        elif kind == "429-hour":
+            body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"injected fault"}]}'
+            self._answer(handler, 429, body, {"Content-Type": "application/json", "Retry-After": "3600"})
         else:
             location = f"http://127.0.0.1:{self._dead_port}/blobstore{handler.path}"
             self._answer(handler, 307, b"", {"Location": location})

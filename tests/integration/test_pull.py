@@ -224,6 +224,29 @@ def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
     assert stores.index() == {} and stores.blobs() == set()
 
 
+def test_a_registry_that_asks_for_an_hour_is_not_asked_again_sooner(stores, registry, busybox_image):
+    """berth.retry: the real registry behind a proxy that answers the manifest request 429 with
+    ``Retry-After: 3600``. berth waited 60 s (its cap) and asked again, which hammers a registry
+    that said an hour; now the pull stops at once, naming the registry, the wait and when to try
+    again, having sent that one request and stored nothing. Once the registry serves, it pulls."""
+    from tests.harness.faultproxy import FaultProxy
+
+    proxy = FaultProxy(registry.host, queue=["429-hour"]).start()
+    try:
+        refused = stores.berth("pull", "--insecure", via(proxy, busybox_image), timeout=50)
+        assert refused.returncode == 41, describe(refused)
+        assert (f"error: registry {proxy.host} answered HTTP 429 to manifest " in refused.stderr
+                and "and asked berth to wait 3600 s before trying again (Retry-After), longer than berth waits "
+                    "between attempts (60 s): stopped without retrying" in refused.stderr), describe(refused)
+        assert "hint: try again after " in refused.stderr, describe(refused)
+        assert [path for _method, path, _range in proxy.requests if "/manifests/" in path] == \
+            ["/v2/test/busybox/manifests/1"], proxy.requests
+        assert stores.index() == {} and stores.blobs() == set()
+        stores.ok("pull", "--insecure", "-q", via(proxy, busybox_image))
+    finally:
+        proxy.stop()
+
+
 def test_site_store_refused_for_users_with_admin_hint(stores, proxy, busybox_image):
     os.chown(stores.site_store, 0, 0)
     os.chmod(stores.site_store, 0o755)
