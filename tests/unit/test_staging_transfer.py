@@ -155,7 +155,8 @@ def test_small_download_mismatch_leaves_nothing(tmp_path, monkeypatch):
     data = os.urandom(1000)
     import obstore
 
-    monkeypatch.setattr(obstore, "get", lambda store, key, options=None: _FakeResult(data[:-1] + b"?",
+    corrupted = data[:-1] + bytes([data[-1] ^ 0xFF])  # not b"?": random data ends in it 1 run in 256
+    monkeypatch.setattr(obstore, "get", lambda store, key, options=None: _FakeResult(corrupted,
                                                                                       hashlib.md5(data).hexdigest()))
     monkeypatch.setattr(transfer, "make_store", lambda profile, bucket: object())
     runner = transfer._Runner(_profile(), None)
