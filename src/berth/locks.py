@@ -125,7 +125,7 @@ def is_locked(path: Path, *, proc: str = "/proc") -> bool:
 
     The answer comes from ``/proc/locks``: the FLOCK lines (waiters, ``->``, skipped) naming the
     file's device and inode as the kernel prints them (the superblock's device from
-    ``/proc/self/mountinfo`` and the inode from ``/proc/self/fdinfo`` of a read-only descriptor,
+    ``/proc/self/mountinfo`` and the inode from ``/proc/self/fdinfo`` of a descriptor of it,
     not fstat: btrfs and overlayfs report other numbers there). Where /proc cannot tell, this
     falls back to one try of the lock (the old way, which takes it for an instant): /proc/locks
     or fdinfo unreadable; a /proc of another PID namespace than the first (the kernel leaves
@@ -146,8 +146,16 @@ def locked(paths: Iterable[Path], *, proc: str = "/proc") -> list[bool]:
 
 
 def _is_locked(path: Path, look: "_ProcLocks") -> bool:
+    # Read-write where the caller may write it, as open_lock_file: the fallback's exclusive try
+    # needs it on NFS (flock emulated by byte-range locks: EBADF on a read-only descriptor).
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | flags)
+        except OSError as exc:  # not writable by the caller, or a directory (judged below)
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY, errno.EISDIR):
+                raise
+            fd = os.open(path, os.O_RDONLY | flags)
     except (FileNotFoundError, NotADirectoryError):
         return False
     try:

@@ -1,6 +1,7 @@
 """berth.locks: the one lock implementation. Locks die with their holder, every wait is bounded
 and names the holder, and lock files cannot be used by anyone but their owner."""
 
+import errno
 import os
 import stat
 import subprocess
@@ -187,6 +188,33 @@ def test_the_look_matches_the_kernels_device_and_inode_and_says_when_it_cannot_t
         os.close(fd)
 
 
+def test_the_fallback_try_works_where_an_exclusive_lock_needs_a_file_open_for_writing(tmp_path, holder,
+                                                                                     monkeypatch):
+    """NFS emulates flock with byte-range locks: an exclusive one needs the file open for
+    writing (flock(2)), else EBADF. The look's one try (NFS is a fallback file system) used its
+    read-only descriptor, so every look at a lock on NFS failed with LockError ("cannot lock:
+    Bad file descriptor"): berth ps, a shared mount's leaver, the GPU ledger."""
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def nfs_flock(fd, operation):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+
+    lock = tmp_path / "x.lock"
+    lock.touch()
+    monkeypatch.setattr(locks.fcntl, "flock", nfs_flock)
+    no_proc = str(tmp_path / "no-proc")  # /proc cannot tell, as for NFS: one try
+    assert locks.is_locked(lock, proc=no_proc) is False
+    process = holder(lock)
+    assert locks.is_locked(lock, proc=no_proc) is True
+    process.kill()
+    process.wait(10)
+    assert locks.is_locked(lock, proc=no_proc) is False
+
+
 def test_is_locked_falls_back_to_one_try_where_proc_cannot_tell(tmp_path, holder):
     lock = tmp_path / "x.lock"
     lock.touch()
@@ -294,3 +322,28 @@ def test_berth_doctors_look_at_image_mounts_never_shows_a_dead_holder_as_live(tm
     for _ in range(TRIES):
         live += len(imagemount._live_holders(directory, remove=False))
     assert live == 0, f"a dead holder looked live {live} times in {TRIES} while doctor listed the mounts"
+
+
+def test_a_look_at_a_directory_or_a_read_only_lock_file_still_answers(tmp_path, holder, monkeypatch):
+    """The look opens read-write where it can (the NFS fallback) and read-only otherwise: a lock
+    file the caller may only read is looked at as before, a directory is still refused (EINVAL)."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    with pytest.raises(OSError) as caught:
+        locks.is_locked(directory)
+    assert caught.value.errno == errno.EINVAL
+    lock = tmp_path / "ro.lock"
+    lock.touch()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # as for a 0444 file of someone else's (tests run as root)
+        if os.fspath(path) == str(lock) and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(locks.os, "open", read_only)
+    process = holder(lock)
+    assert locks.is_locked(lock) is True and locks.is_locked(lock, proc=str(tmp_path / "no-proc")) is True
+    process.kill()
+    process.wait(10)
+    assert locks.is_locked(lock) is False and locks.is_locked(lock, proc=str(tmp_path / "no-proc")) is False
