@@ -466,7 +466,14 @@ def main() -> int:
                                                               if label in traced[kind] else "—" for kind in kinds]]
                                            for label, _, _ in STEP_PHASES]),
                          "", f"- berth's processes still running when berth exited (left in the step's cgroup): "
-                         f"{left}", ""]
+                         f"{left}"]
+            total = "total: srun exec → srun exit"
+            if total in traced.get("berth", {}) and total in traced.get("true", {}):
+                node = (traced["berth"][total].median - traced["true"][total].median) * 1000
+                sections.append(f"- target berth overhead per node < 100 ms warm, node side traced (one step "
+                                f"`berth run IMAGE /bin/true` against one of `/bin/true`, srun exec → srun exit, "
+                                f"1 node, from the host): {node:.0f} ms, {'met' if node < 100 else 'NOT met'}")
+            sections.append("")
         local = results.get(("local", 1), {})
         if traced_phases:
             sections += ["Local backend, berth's share by phase (kernel exec events of the same jobs):", "",
