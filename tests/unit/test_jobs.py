@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -651,6 +653,22 @@ def test_berth_srun_takes_the_jobs_scope_unless_given(monkeypatch):
     assert seen[0][-4:] == ["--scope", "node", "img:1", "hostname"]
     assert seen[1][-3:] == ["run", "img:1", "hostname"]
     assert seen[2][-3:] == ["run", "img:1", "hostname"]
+
+
+def test_berth_srun_runs_berth_on_the_nodes_without_the_working_directory_on_its_path(monkeypatch, tmp_path):
+    """A job's working directory (on the shared file system, with the user's files) is not on
+    the module path of the nodes' berth: no module of its shadows berth's, and no import stats it."""
+    from berth import proc
+    from berth.cli.jobs import cmd_srun
+
+    seen = []
+    monkeypatch.setattr(proc, "replace_with", lambda argv, **kwargs: seen.append(argv))
+    monkeypatch.setenv("BERTH_JOB_IMAGE", "img:1")
+    cmd_srun(types.SimpleNamespace(argv=["-n1", "true"]), None)
+    node_berth = seen[0][seen[0].index(sys.executable):seen[0].index("run")]
+    (tmp_path / "argparse.py").write_text("raise SystemExit('the working directory shadowed argparse')\n")
+    result = subprocess.run([*node_berth, "--version"], cwd=tmp_path, capture_output=True, text=True)
+    assert (result.returncode, result.stdout.split()[:1]) == (0, ["berth"]), result.stderr
 
 
 def test_a_started_script_reads_as_running_before_the_runner_records_it(tmp_path):
