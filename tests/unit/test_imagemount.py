@@ -413,3 +413,28 @@ def test_a_lingering_mounts_record_that_no_berth_wrote_neither_keeps_it_forever_
     (again.directory / "mount.json").write_text(json.dumps({**imagemount._read_record(again.directory), **change}))
     cleaned = imagemount.cleanup_stale(tmp_path)  # and so does the next berth's stale clean-up
     assert [entry["image"] for entry in cleaned] == ["sha256-abc"] and mounted == set()
+
+
+def test_a_link_planted_in_a_mounts_directory_never_makes_berth_remove_what_it_names(tmp_path, mounts):
+    """The state directory is the user's, but what can write into it (a container that sees
+    it) is hostile: a 'holders' link to another directory had every berth's stale clean-up
+    remove each file there as a dead holder, and a holder that is a link (or a directory) made
+    the clean-up raise in every berth run."""
+    mounted, calls, image = mounts
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    linked = tmp_path / "images" / "sha256-linked"
+    linked.mkdir(parents=True)
+    (linked / "lock").touch()
+    (linked / "holders").symlink_to(precious)
+    odd = imagemount.acquire(tmp_path, "sha256-odd", image, "b1")
+    (odd.directory / "holders" / "link").symlink_to(precious / "thesis.tex")
+    (odd.directory / "holders" / "dir").mkdir()
+    assert imagemount.cleanup_stale(tmp_path) == []  # b1 still holds its mount
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert sorted(os.listdir(odd.directory / "holders")) == ["b1", "dir"]  # the link went, not its target
+    assert [entry["holders"] for entry in imagemount.list_mounts(tmp_path)] == [0, 1]
+    assert odd.release() is True and mounted == set()
+    imagemount.cleanup_stale(tmp_path)
+    assert (precious / "thesis.tex").read_text() == "years of work"

@@ -77,6 +77,7 @@ import json
 import os
 import re
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -344,21 +345,44 @@ def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
     holder locks without taking them (berth.locks.locked): a take, even for an instant,
     showed a dead holder as live to a leaver, the reaper or the stale clean-up that looked at the
     same moment. Removing one without its lock is safe under the mount lock: a holder is created
-    and locked under it, so a holder whose lock is free then is dead."""
+    and locked under it, so a holder whose lock is free then is dead.
+
+    The directory is opened without following a link and its entries are judged and removed
+    through it, a link or anything but a regular file never counting as a holder: what can
+    write into the state directory (a container that sees it) could otherwise have a clean-up
+    remove every file of a directory it links to."""
     live = []
     try:
-        names = os.listdir(directory / HOLDERS)
-    except FileNotFoundError:
-        return []
-    paths = [directory / HOLDERS / name for name in names]
-    for name, path, held in zip(names, paths, locks.locked(paths)):  # one read of /proc for all
-        if held:
-            live.append(name)
-        elif remove:
+        fd = os.open(directory / HOLDERS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return []  # none, or not a directory of berth's (a link): no holder there
+        raise
+    try:
+        names = []
+        for name in os.listdir(fd):
             try:
-                os.unlink(path)
+                regular = stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
             except FileNotFoundError:
-                pass
+                continue
+            if regular:
+                names.append(name)
+            elif remove:
+                try:
+                    os.unlink(name, dir_fd=fd)  # a link itself, never what it names
+                except OSError:
+                    pass
+        paths = [fsutil.descriptor_path(fd, name) for name in names]
+        for name, held in zip(names, locks.locked(paths)):  # one read of /proc for all
+            if held:
+                live.append(name)
+            elif remove:
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+    finally:
+        os.close(fd)
     return live
 
 
