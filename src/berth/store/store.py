@@ -740,9 +740,13 @@ def _file_digest(path: Path, *, sync: bool = False) -> Digest:
 
             syncing = threading.Thread(target=fsync, name="berth-fsync", daemon=True)
             syncing.start()
+        # One buffer read into again and again: no fresh megabyte per chunk for malloc to keep
+        # (the peak memory of a pull is a tested bound: tests/integration/test_pull.py).
+        buffer = bytearray(_CHUNK_BYTES)
+        view = memoryview(buffer)
         try:
-            while chunk := handle.read(_CHUNK_BYTES):
-                hasher.update(chunk)
+            while count := handle.readinto(buffer):
+                hasher.update(view[:count])
         finally:
             if syncing is not None:
                 syncing.join()
