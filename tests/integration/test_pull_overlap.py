@@ -40,8 +40,23 @@ class HoldingProxy(CountingProxy):
     hold_past_corrupt: str = ""
     settled: typing.Callable[[], bool] = lambda: True
     corrupt_sent: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: A blob whose first half is sent at once and the rest only once ``release`` is set;
+    #: with ``cut_midway``, the connection is cut then instead (once).
+    hold_midway: str = ""
+    cut_midway: bool = False
 
     def send_body(self, handler, response, is_blob_get, length) -> None:
+        if is_blob_get and self.hold_midway and handler.path.endswith(self.hold_midway):
+            handler.wfile.write(response.read(length // 2))
+            handler.wfile.flush()
+            self.release.wait(120)
+            if self.cut_midway:
+                self.hold_midway = ""
+                return
+            while chunk := response.read(64 * 1024):
+                handler.wfile.write(chunk)
+            handler.wfile.flush()
+            return
         if is_blob_get and self.hold and handler.path.endswith(self.hold):
             self.release.wait(120)
         if is_blob_get and self.hold_past_corrupt and handler.path.endswith(self.hold_past_corrupt):
@@ -171,3 +186,69 @@ def test_a_refused_top_layer_fails_the_pull_while_the_layers_below_download(stor
     assert "Traceback" not in result.stderr
     assert stores.image_dirs() == [] and stores.index() == {}
     assert not any(name.startswith("image-") for name in stores.tmp_entries())
+
+
+def test_a_layer_converts_while_it_downloads(stores, holding_proxy, three_layer_image):
+    # Half of the top layer has arrived, the rest is held back: tar2sqfs is already reading
+    # what the flattener made of that half (issue 10, target 4: a single-layer image no
+    # longer waits for its whole download), and nothing is published before the blob is
+    # verified.
+    top = _layers(three_layer_image)[-1]
+    holding_proxy.hold_midway = top
+    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
+    try:
+        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05), \
+            f"nothing of the top layer was converted while its second half was held; tmp/: {stores.tmp_entries()}"
+        assert top not in stores.blobs()
+        assert stores.image_dirs() == [] and stores.index() == {}
+    finally:
+        holding_proxy.release.set()
+        out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    result = json.loads(out)
+    assert result["digest"] == three_layer_image.digest
+    squashfs = Path(result["squashfs"])
+    assert squashfs_cat(squashfs, "opt/top.txt") == "top layer\n"
+    assert "opt/random.bin" in squashfs_listing(squashfs)
+    assert stores.tmp_entries() == []
+
+
+def test_a_corrupt_layer_converting_while_it_downloads_fails_as_a_digest_mismatch(stores, holding_proxy,
+                                                                                  three_layer_image):
+    # The flattener gets the corrupt bytes first (not gzip at all); the pull still says what
+    # is wrong: the registry's blob does not match its digest.
+    top = _layers(three_layer_image)[-1]
+    holding_proxy.corrupt = top
+    result = stores.berth("pull", "--insecure", via(holding_proxy, three_layer_image), timeout=120)
+    assert result.returncode == 5, describe(result)
+    assert "does not match its digest" in result.stderr and top in result.stderr
+    assert "Traceback" not in result.stderr
+    assert top not in stores.blobs()
+    assert stores.image_dirs() == [] and stores.index() == {}
+    assert stores.tmp_entries() == []
+
+
+def test_a_download_that_starts_over_while_converting_gives_the_right_image(stores, holding_proxy,
+                                                                            three_layer_image):
+    # The top layer's connection is cut halfway while the flattener reads it, and the registry
+    # then ignores the Range request: the download starts over from byte 0; the conversion
+    # must come from the verified blob (StreamUnusable, then the stored file).
+    top = _layers(three_layer_image)[-1]
+    holding_proxy.hold_midway = top
+    holding_proxy.cut_midway = True
+    holding_proxy.ignore_range = True
+    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
+    try:
+        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05)
+    finally:
+        holding_proxy.release.set()
+        out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    result = json.loads(out)
+    assert result["digest"] == three_layer_image.digest
+    ranges = [r for _m, _p, r in holding_proxy.blob_gets(top)]
+    assert len(ranges) == 2  # cut, then the whole blob again
+    squashfs = Path(result["squashfs"])
+    assert squashfs_cat(squashfs, "opt/top.txt") == "top layer\n"
+    assert squashfs_cat(squashfs, "etc/berth-marker") == "overlap\n"
+    assert stores.tmp_entries() == []

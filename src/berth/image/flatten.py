@@ -106,12 +106,30 @@ class Layer(Record):
 
     ``wait_until_stored(digest)``, when given, is called before the blob is opened: a pull
     passes one that returns once the download is verified and stored, so conversion of upper
-    layers overlaps the download of lower ones; it raises to abort the conversion."""
+    layers overlaps the download of lower ones; it raises to abort the conversion.
+
+    ``follow(digest)``, when given, is tried first: a context manager that yields the blob's
+    bytes as they download (first bytes, pipe), or None when it cannot (then the blob is
+    waited for and read from ``path``). It must raise :class:`StreamUnusable` on leaving when
+    what went through the pipe was not exactly the verified blob (the conversion then starts
+    again from the stored blob), and the download's own failure rather than the conversion's
+    when the download failed. Issue 10: a single-layer image converts while it downloads."""
 
     path: Path
     media_type: str
     digest: Digest
     wait_until_stored: Callable[[Digest], None] | None = field(default=None, compare=False)
+    follow: Callable[[Digest], AbstractContextManager[tuple[bytes, BinaryIO] | None]] | None = field(
+        default=None, compare=False)
+
+
+class StreamUnusable(Exception):
+    """The bytes a layer was converted from while it downloaded are not the verified blob
+    (the download restarted, or stopped): convert that layer again from the stored blob."""
+
+    def __init__(self, digest: Digest) -> None:
+        super().__init__(str(digest))
+        self.digest = digest
 
 
 class FlattenReport(Record, frozen=False):
@@ -596,14 +614,21 @@ def _convert(openers: Sequence[_Opener], names: Sequence[str], output: Path,
 
 
 def _run(openers: Sequence[_Opener], names: Sequence[str], output: Path, compression: str,
-         max_content_bytes: int, max_entries: int, rereadable: bool) -> FlattenReport:
+         max_content_bytes: int, max_entries: int, rereadable: bool,
+         on_unusable_stream: Callable[[Digest], None] | None = None) -> FlattenReport:
     """Convert; when a layer turns out to need a pre-scan (duplicates, hidden hard-link
-    targets), pre-scan it and start again (at most once per layer)."""
+    targets), pre-scan it and start again (at most once per layer); when a layer converted
+    while it downloaded was not the verified blob, start again after ``on_unusable_stream``
+    (which makes that layer's opener read the stored blob)."""
     check_compression(compression)
     plans: dict[int, _LayerPlan] = {}
     while True:
         try:
             return _convert(openers, names, output, compression, plans, max_content_bytes, max_entries)
+        except StreamUnusable as unusable:
+            if on_unusable_stream is None:
+                raise
+            on_unusable_stream(unusable.digest)
         except _NeedPlan as need:
             if need.layer in plans or not rereadable:
                 raise ImageError(
@@ -628,16 +653,29 @@ def build_squashfs(layers: Sequence[Layer], output: Path, *, compression: str = 
     """
     del tmp_dir
     names = [f"layer {layer.digest}" for layer in layers]
+    #: Layers read from the stored blob only: each is streamed at most once (its first
+    #: opening; a pre-scan or a restart reads the stored blob).
+    stored_only: set[Digest] = set()
 
     def opener(layer: Layer, name: str) -> _Opener:
-        def open_layer() -> AbstractContextManager[tarstream.ByteSource]:
+        @contextmanager
+        def open_layer() -> Iterator[tarstream.ByteSource]:
+            if layer.follow is not None and layer.digest not in stored_only:
+                stored_only.add(layer.digest)
+                with layer.follow(layer.digest) as stream:
+                    if stream is not None:
+                        with tarstream.open_decompressed(layer.path, name, stream=stream) as source:
+                            yield source
+                        return
             if layer.wait_until_stored is not None:
                 layer.wait_until_stored(layer.digest)
-            return tarstream.open_decompressed(layer.path, name)
+            with tarstream.open_decompressed(layer.path, name) as source:
+                yield source
         return open_layer
 
     openers = [opener(layer, name) for layer, name in zip(layers, names)]
-    return _run(openers, names, Path(output), compression, max_content_bytes, max_entries, True)
+    return _run(openers, names, Path(output), compression, max_content_bytes, max_entries, True,
+                on_unusable_stream=stored_only.add)
 
 
 def tar_to_squashfs(tar_stream: BinaryIO | Path, output: Path, *, compression: str = DEFAULT_COMPRESSION,

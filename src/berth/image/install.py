@@ -82,12 +82,15 @@ def install_image(
     meta: dict,
     progress: PullProgress | None = None,
     wait_for_layer: Callable[[Digest], None] | None = None,
+    follow_layer: Callable | None = None,
     before_publish: Callable[[], None] | None = None,
 ) -> tuple[StoredImage, bool]:
     """Convert (unless present) and tag an image whose blobs are all in ``store``, or will
     be: ``wait_for_layer(digest)`` returns once that layer blob is verified and stored (or
     raises why it never will be); the flattener calls it before opening each layer, and
-    every layer is waited for before the image is published. ``before_publish`` runs just
+    every layer is waited for before the image is published. ``follow_layer(digest)``, when
+    given, lets the flattener read a layer while it downloads (flatten.Layer.follow).
+    ``before_publish`` runs just
     before publishing (the pull stores the manifest blob there).
 
     Returns (image, converted). The caller holds ``store.writing()``. Raises ImageError
@@ -104,7 +107,8 @@ def install_image(
             with store.image_workdir(digest) as workdir:
                 output = workdir / store.layout.image_squashfs(digest).name
                 flatten_layers = [Layer(path=store.blob_path(d.digest), media_type=d.media_type,
-                                        digest=d.digest, wait_until_stored=wait_for_layer)
+                                        digest=d.digest, wait_until_stored=wait_for_layer,
+                                        follow=follow_layer)
                                   for d in layers]
                 report = build_squashfs(flatten_layers, output, compression=compression, tmp_dir=workdir)
                 if wait_for_layer is not None:

@@ -11,6 +11,7 @@ Peak memory is bounded by the chunk size times the parallel downloads, whatever 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -31,6 +32,7 @@ from berth.image.api import StoredImage, index_key, load_stored, parse_reference
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
 from berth.image.platforms import Platform, default_platform, parse_platform
 from berth.image.progress import PullProgress, notify
+from berth.image.tarstream import enlarge_pipe
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
@@ -268,7 +270,7 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
         image, converted = install_image(
             store, digest, manifest_bytes=manifest.data, config_bytes=config_bytes, layers=layers,
             reference_key=key, compression=settings.squashfs_compression, meta=meta, progress=progress,
-            wait_for_layer=downloads.wait_for,
+            wait_for_layer=downloads.wait_for, follow_layer=downloads.follow,
             before_publish=lambda: store.put_blob_bytes(digest, manifest.data),
         )
         downloads.finish(counters)
@@ -345,11 +347,14 @@ class _Downloads:
                  progress) -> None:
         self.stop = StopSignal()
         self.changed = threading.Condition()
+        self.store = store
+        self.sizes = {blob.digest: blob.size_bytes for blob in blobs}
         workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull")
         self.futures: dict[Digest, Future] = {}
+        watching = _Watching(progress, self.changed)
         for blob in blobs:
-            future = self.pool.submit(fetch_blob, client, store, reference, blob, client.retry, progress,
+            future = self.pool.submit(fetch_blob, client, store, reference, blob, client.retry, watching,
                                       self.stop)
             future.add_done_callback(self._done)
             self.futures[blob.digest] = future
@@ -402,6 +407,15 @@ class _Downloads:
                     raise _Cancelled()  # stopped from outside, nothing failed on its own
                 self.changed.wait(1.0)
 
+    def follow(self, digest: Digest) -> "_FollowedBlob":
+        """The blob's bytes while it downloads, for the flattener (:class:`berth.image.flatten.Layer`)."""
+        return _FollowedBlob(self, digest)
+
+    def download_over(self, digest: Digest) -> bool:
+        """Whether the download of ``digest`` ended (or never was: fetched before)."""
+        future = self.futures.get(digest)
+        return future is None or future.done()
+
     def finish(self, counters: _Counters) -> None:
         """Wait for every download; raise the first failure, else count them."""
         try:
@@ -414,6 +428,151 @@ class _Downloads:
             raise failure
         for future in self.futures.values():
             counters.add(future.result())
+
+
+class _Watching(PullProgress):
+    """Passes every progress event on, and wakes the threads waiting on ``changed`` (a
+    :class:`_FollowedBlob` waits there for more bytes of the blob it follows)."""
+
+    def __init__(self, inner: PullProgress | None, changed: threading.Condition) -> None:
+        self._inner = inner
+        self._changed = changed
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def resolved(self, *args) -> None:
+        notify(self._inner, "resolved", *args)
+
+    def blob_started(self, *args) -> None:
+        notify(self._inner, "blob_started", *args)
+        self._wake()
+
+    def blob_bytes(self, *args) -> None:
+        notify(self._inner, "blob_bytes", *args)
+        self._wake()
+
+    def blob_restarted(self, *args) -> None:
+        notify(self._inner, "blob_restarted", *args)
+        self._wake()
+
+    def blob_done(self, *args) -> None:
+        notify(self._inner, "blob_done", *args)
+        self._wake()
+
+    def phase(self, *args) -> None:
+        notify(self._inner, "phase", *args)
+
+
+#: Bytes the flattener needs to tell the compression (tarstream.open_decompressed).
+_HEAD_BYTES = 8
+
+
+class _FollowedBlob:
+    """A layer converted while it downloads (issue 10, target 4: a single-layer image otherwise
+    waits for its whole download, then converts).
+
+    A pump thread reads the download's partial file in the store's tmp/ as it grows and writes
+    it into a pipe that the flattener reads like the blob itself. Nothing trusts the partial
+    file: the pump hashes every byte it passes on, and on leaving, unless exactly the blob's
+    size went through with the blob's digest, :class:`StreamUnusable` makes the flattener
+    convert that layer again from the verified stored blob (a download that restarted from
+    byte 0, or was cut). Publishing still waits for every verified blob (install_image), so a
+    killed pull leaves what a killed download or conversion leaves: a partial blob to resume
+    and a conversion directory that the next conversion or prune removes. When the flattener
+    fails, the download's own failure (a digest mismatch, an unreachable registry) is what
+    the pull reports, not the flattener's view of the cut or corrupt bytes it was given."""
+
+    def __init__(self, downloads: _Downloads, digest: Digest) -> None:
+        self.downloads = downloads
+        self.digest = digest
+        self.size = downloads.sizes.get(digest, -1)
+        self.complete = False
+        self._closing = False
+        self._read_end: object = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        """(first bytes, pipe) or None when the blob is better read from the store: its
+        download is over (or was never ours), or nothing of it is in the partial file yet."""
+        downloads = self.downloads
+        if self.size < _HEAD_BYTES or downloads.download_over(self.digest):
+            return None
+        partial = downloads.store.layout.partial_blob(self.digest)
+        with downloads.changed:
+            while True:
+                if downloads.download_over(self.digest) or downloads.stop.is_set():
+                    return None
+                try:
+                    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fd = None
+                if fd is not None:
+                    head = os.pread(fd, _HEAD_BYTES, 0)
+                    if len(head) == _HEAD_BYTES:
+                        break
+                    os.close(fd)
+                downloads.changed.wait(0.5)
+        read_fd, write_fd = os.pipe()
+        enlarge_pipe(write_fd)
+        self._read_end = os.fdopen(read_fd, "rb", buffering=0)
+        self._thread = threading.Thread(target=self._pump, args=(fd, write_fd), name="berth-pull-follow",
+                                        daemon=True)
+        self._thread.start()
+        return head, self._read_end
+
+    def _pump(self, fd: int, write_fd: int) -> None:
+        downloads, size = self.downloads, self.size
+        hasher = self.digest.hasher()
+        offset = 0
+        buffer = bytearray(_BLOB_CHUNK_BYTES)  # read into again and again: peak memory stays flat
+        try:
+            while offset < size and not self._closing:
+                available = os.fstat(fd).st_size
+                if available < offset:
+                    return  # truncated: the download started over
+                if available == offset:
+                    with downloads.changed:
+                        if os.fstat(fd).st_size == offset:
+                            if downloads.download_over(self.digest) or downloads.stop.is_set():
+                                return
+                            downloads.changed.wait(0.5)
+                    continue
+                count = os.preadv(fd, [buffer], offset)
+                count = min(count, available - offset)
+                if count <= 0:
+                    return  # the file shrank meanwhile: the download started over
+                view = memoryview(buffer)[:count]
+                hasher.update(view)
+                while view:
+                    view = view[os.write(write_fd, view):]
+                offset += count
+            self.complete = offset == size and hasher.hexdigest() == self.digest.hex
+        except OSError:
+            return  # the flattener stopped reading (a broken pipe), or the file went away
+        finally:
+            os.close(write_fd)
+            os.close(fd)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._thread is None:
+            return
+        self._closing = True
+        self._read_end.close()  # a pump blocked on a full pipe gets EPIPE
+        with self.downloads.changed:
+            self.downloads.changed.notify_all()
+        self._thread.join()
+        if kind is not None and not issubclass(kind, Exception):
+            return  # Ctrl-C and the like: as they are
+        if kind is not None:
+            # The download's failure explains a cut or corrupt stream better than the
+            # flattener can; it raises here if there was one.
+            self.downloads.wait_for(self.digest)
+        if not self.complete:
+            from berth.image.flatten import StreamUnusable
+
+            raise StreamUnusable(self.digest)
 
 
 def _ends_the_pull(exc: BaseException | None) -> bool:

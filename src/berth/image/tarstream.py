@@ -358,51 +358,65 @@ def decompressor(kind: str, *, prefer_programs: bool = True) -> str | None:
 
 
 @contextmanager
-def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True) -> Iterator[ByteSource]:
+def open_decompressed(path: Path, what: str, *, prefer_programs: bool = True,
+                      stream: tuple[bytes, BinaryIO] | None = None) -> Iterator[ByteSource]:
     """Yield the decompressed bytes of the blob at ``path`` as a :class:`ByteSource`.
 
     ``prefer_programs=False`` forces Python's zlib for gzip (tests of the fallback).
+    ``stream`` = (first bytes, unbuffered pipe): read the blob from the pipe instead of
+    ``path`` (a pull converting a layer while it downloads; the first bytes, at least 8
+    unless the blob is shorter, say the compression and are also the pipe's first bytes).
     The compression is detected from the magic bytes (media types lie: Docker uses one type for
     plain and gzip layers). The caller must read the stream to its end; a decompressor failure
     (truncated or corrupt data) raises ImageError naming ``what`` when the context exits.
     """
+    if stream is not None:
+        head, raw = stream
+        with _decompressed(raw, head[:8], what, prefer_programs) as source:
+            yield source
+        return
     with open(path, "rb", buffering=0) as raw:
-        head = os.pread(raw.fileno(), 8, 0)
-        kind = sniff_compression(head)
-        if kind is None:
-            yield ByteSource(fd=raw.fileno())
-            return
-        if kind == "bzip2":
-            raise ImageError(f"{what} is bzip2-compressed, which OCI layers may not be",
-                             hint="rebuild the image with gzip or zstd layers")
-        program = decompressor(kind, prefer_programs=prefer_programs)
-        if program is None:
-            try:
-                yield ByteSource(io.BufferedReader(GzipReader(raw), buffer_size=COPY_CHUNK_BYTES))
-            except zlib.error as exc:
-                raise ImageError(f"{what} is not valid gzip data: {exc}",
-                                 hint="the layer blob is corrupt; remove it and pull again") from None
-            return
-        child = proc.start([program, "-dc"], stdin=raw, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
-        stderr = StderrTail(child.stderr)
-        enlarge_pipe(child.stdout.fileno())
-        ok = False
+        with _decompressed(raw, os.pread(raw.fileno(), 8, 0), what, prefer_programs) as source:
+            yield source
+
+
+@contextmanager
+def _decompressed(raw: BinaryIO, head: bytes, what: str, prefer_programs: bool) -> Iterator[ByteSource]:
+    kind = sniff_compression(head)
+    if kind is None:
+        yield ByteSource(fd=raw.fileno())
+        return
+    if kind == "bzip2":
+        raise ImageError(f"{what} is bzip2-compressed, which OCI layers may not be",
+                         hint="rebuild the image with gzip or zstd layers")
+    program = decompressor(kind, prefer_programs=prefer_programs)
+    if program is None:
         try:
-            yield ByteSource(fd=child.stdout.fileno())
-            ok = True
-        finally:
-            if not ok:
-                child.kill()
-            child.stdout.close()
-            status = child.wait()
-            tail = stderr.text()
-        if status != 0:
-            raise ImageError(
-                f"{what} cannot be decompressed ({program} {proc.describe_status(status)})"
-                + (f": {tail}" if tail else ""),
-                hint="the layer blob is truncated or corrupt; remove it from the store and pull again",
-            )
+            yield ByteSource(io.BufferedReader(GzipReader(raw), buffer_size=COPY_CHUNK_BYTES))
+        except zlib.error as exc:
+            raise ImageError(f"{what} is not valid gzip data: {exc}",
+                             hint="the layer blob is corrupt; remove it and pull again") from None
+        return
+    child = proc.start([program, "-dc"], stdin=raw, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    stderr = StderrTail(child.stderr)
+    enlarge_pipe(child.stdout.fileno())
+    ok = False
+    try:
+        yield ByteSource(fd=child.stdout.fileno())
+        ok = True
+    finally:
+        if not ok:
+            child.kill()
+        child.stdout.close()
+        status = child.wait()
+        tail = stderr.text()
+    if status != 0:
+        raise ImageError(
+            f"{what} cannot be decompressed ({program} {proc.describe_status(status)})"
+            + (f": {tail}" if tail else ""),
+            hint="the layer blob is truncated or corrupt; remove it from the store and pull again",
+        )
 
 
 class _ShimArchive:

@@ -1,0 +1,167 @@
+"""pull._FollowedBlob: a layer converted while it downloads (issue 10, target 4). The flattener
+may only ever keep a conversion made from exactly the verified blob: whatever went through the
+pipe is hashed, and anything else (a download that started over, a cut one) makes the layer
+convert again from the stored blob (StreamUnusable); a failed download explains itself."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from berth.errors import DigestMismatch, ImageError
+from berth.image import pull
+from berth.image.flatten import StreamUnusable
+from berth.oci.digest import Digest
+from berth.store.store import USER, Store
+
+BLOB = bytes(range(256)) * 4096  # 1 MiB
+
+
+class FakeDownloads:
+    """What _FollowedBlob uses of pull._Downloads; the test thread plays the download,
+    writing the partial file where the store keeps it."""
+
+    def __init__(self, store: Store, digest: Digest, size: int) -> None:
+        self.store = store
+        self.sizes = {digest: size}
+        self.changed = threading.Condition()
+        self.stop = pull.StopSignal()
+        self.over = False
+        self.failure: BaseException | None = None
+        self.partial = store.layout.partial_blob(digest)
+
+    def download_over(self, digest: Digest) -> bool:
+        return self.over
+
+    def wait_for(self, digest: Digest) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def write(self, data: bytes, *, at: int | None = None, truncate: bool = False) -> None:
+        with open(self.partial, "r+b" if self.partial.exists() else "wb") as out:
+            if truncate:
+                out.truncate(0)
+            out.seek(at if at is not None else os.path.getsize(self.partial))
+            out.write(data)
+        self.wake()
+
+    def end(self, failure: BaseException | None = None) -> None:
+        self.failure = failure
+        self.over = True
+        self.wake()
+
+    def wake(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    created = Store(tmp_path / "store", USER)
+    created.require_writable()
+    return created
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+def _read_all(pipe) -> bytes:
+    chunks = []
+    while chunk := pipe.read(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_bytes_come_through_as_they_download_and_a_verified_stream_is_kept(store):
+    digest = _digest(BLOB)
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.write(BLOB[:100_000])
+    follower = pull._FollowedBlob(downloads, digest)
+    head, pipe = follower.__enter__()
+    assert head == BLOB[:8]
+    assert pipe.read(50_000) == BLOB[:50_000]  # before the rest exists: it is streaming
+
+    def rest() -> None:
+        for start in range(100_000, len(BLOB), 300_000):
+            downloads.write(BLOB[start:start + 300_000])
+        downloads.end()
+
+    writer = threading.Thread(target=rest)
+    writer.start()
+    assert BLOB[:50_000] + _read_all(pipe) == BLOB
+    writer.join()
+    follower.__exit__(None, None, None)  # no StreamUnusable: exactly the blob went through
+    assert follower.complete
+
+
+def test_a_download_that_starts_over_is_not_used(store):
+    # The registry ignored a Range request: the partial file is truncated and written again
+    # (here with the same length, so only the hash can tell what the pipe carried).
+    digest = _digest(BLOB)
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.write(b"\xff" * 8 + BLOB[8:200_000])  # the first attempt's bytes, wrong
+    follower = pull._FollowedBlob(downloads, digest)
+    _head, pipe = follower.__enter__()
+    assert len(pipe.read(150_000)) > 0
+    downloads.write(BLOB, truncate=True)
+    downloads.end()
+    _read_all(pipe)
+    with pytest.raises(StreamUnusable):
+        follower.__exit__(None, None, None)
+
+
+def test_a_partial_that_shrinks_ends_the_stream_and_is_not_used(store):
+    digest = _digest(BLOB)
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.write(BLOB[:300_000])
+    follower = pull._FollowedBlob(downloads, digest)
+    _head, pipe = follower.__enter__()
+    assert pipe.read(300_000)
+    downloads.write(BLOB[:10], truncate=True)  # started over, not yet where the pipe was
+    assert len(_read_all(pipe)) < len(BLOB)  # the pipe ends: the flattener sees a cut layer
+    downloads.write(BLOB[10:])
+    downloads.end()
+    with pytest.raises(StreamUnusable):
+        follower.__exit__(ImageError, ImageError("layer truncated"), None)
+
+
+def test_a_failed_download_is_what_the_pull_reports(store):
+    digest = _digest(BLOB)
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.write(bytes(255 - b for b in BLOB[:200_000]))  # corrupt bytes: not gzip, not tar
+    follower = pull._FollowedBlob(downloads, digest)
+    _head, pipe = follower.__enter__()
+    assert pipe.read(1000)
+    mismatch = DigestMismatch(f"blob {digest} does not match its digest")
+    downloads.end(mismatch)
+    with pytest.raises(DigestMismatch) as raised:
+        follower.__exit__(ImageError, ImageError("layer is corrupt"), None)
+    assert raised.value is mismatch
+
+
+def test_a_download_over_before_the_flattener_comes_is_read_from_the_store(store):
+    digest = _digest(BLOB)
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.end()
+    follower = pull._FollowedBlob(downloads, digest)
+    assert follower.__enter__() is None
+    follower.__exit__(None, None, None)
+
+
+def test_a_flattener_that_stops_reading_does_not_block_the_pump(store):
+    # The flattener fails early (a hostile entry) and never reads on: leaving must not hang
+    # on a pump blocked writing into a full pipe.
+    big = BLOB * 8
+    digest = _digest(big)
+    downloads = FakeDownloads(store, digest, len(big))
+    downloads.write(big)
+    follower = pull._FollowedBlob(downloads, digest)
+    assert follower.__enter__() is not None
+    downloads.end()
+    with pytest.raises(StreamUnusable):
+        follower.__exit__(ImageError, ImageError("impossible owner"), None)
+    assert not follower._thread.is_alive()
