@@ -4,8 +4,9 @@ Steps: normalize the reference; check site policy (trusted registries); resolve 
 (an index picks this machine's platform or ``--platform``); download config and layers in
 parallel, each verified by size and digest while streaming, resumed with Range after a
 mid-stream failure, skipped when already stored; convert to SquashFS, starting with the top
-layer as soon as it is verified while the layers below still download (issue 10); publish only
-after every layer is verified; tag (index.json last).
+layer while it still downloads and the layers below too (issue 10; a conversion is kept only
+when it read exactly the verified blob, :class:`_FollowedBlob`); publish only after every
+layer is verified; tag (index.json last).
 Peak memory is bounded by the chunk size times the parallel downloads, whatever the layer size.
 """
 
@@ -263,9 +264,9 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
         "media_type": manifest.media_type,
     }
     # The flattener reads the top layer first, so the top layer downloads first: conversion
-    # starts on it as soon as it is verified while the layers below still download. Only
-    # verified blobs are ever opened, and install_image publishes only after every layer was
-    # waited for, so a failed or corrupt download leaves nothing published.
+    # starts on it while it downloads (_FollowedBlob: kept only when exactly the verified
+    # blob went through) and the layers below still download. install_image publishes only
+    # after every layer was waited for, so a failed or corrupt download leaves nothing published.
     with _Downloads(client, settings, store, reference, blobs[:0:-1], progress) as downloads:
         image, converted = install_image(
             store, digest, manifest_bytes=manifest.data, config_bytes=config_bytes, layers=layers,
