@@ -69,6 +69,16 @@ def _digest(data: bytes) -> Digest:
     return Digest("sha256", hashlib.sha256(data).hexdigest())
 
 
+def _read_exactly(pipe, count: int) -> bytes:
+    """``count`` bytes from the pipe (a pipe read returns what is there, maybe less)."""
+    data = b""
+    while len(data) < count:
+        chunk = pipe.read(count - len(data))
+        assert chunk, f"the pipe ended after {len(data)} of {count} bytes"
+        data += chunk
+    return data
+
+
 def _read_all(pipe) -> bytes:
     chunks = []
     while chunk := pipe.read(1 << 16):
@@ -83,7 +93,7 @@ def test_the_bytes_come_through_as_they_download_and_a_verified_stream_is_kept(s
     follower = pull._FollowedBlob(downloads, digest)
     head, pipe = follower.__enter__()
     assert head == BLOB[:8]
-    assert pipe.read(50_000) == BLOB[:50_000]  # before the rest exists: it is streaming
+    assert _read_exactly(pipe, 50_000) == BLOB[:50_000]  # before the rest exists: it is streaming
 
     def rest() -> None:
         for start in range(100_000, len(BLOB), 300_000):
