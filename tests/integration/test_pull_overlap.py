@@ -252,3 +252,33 @@ def test_a_download_that_starts_over_while_converting_gives_the_right_image(stor
     assert squashfs_cat(squashfs, "opt/top.txt") == "top layer\n"
     assert squashfs_cat(squashfs, "etc/berth-marker") == "overlap\n"
     assert stores.tmp_entries() == []
+
+
+def test_a_pull_killed_while_a_layer_converts_as_it_downloads_leaves_the_store_consistent(
+        stores, holding_proxy, three_layer_image):
+    # kill -9 while the flattener reads the top layer's partial file: nothing is published,
+    # the partial stays for the next pull to resume (a Range request), the conversion
+    # directory is the next conversion's garbage, and that pull gives the right image.
+    from tests.integration.test_store_crash import _kill, assert_consistent
+
+    top = _layers(three_layer_image)[-1]
+    holding_proxy.hold_midway = top
+    process = stores.popen("pull", "--insecure", via(holding_proxy, three_layer_image))
+    try:
+        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05)
+    finally:
+        killed = _kill(process)
+        holding_proxy.hold_midway = ""
+        holding_proxy.release.set()
+    assert killed, "berth finished before the kill"
+    assert stores.image_dirs() == [] and stores.index() == {}
+    assert top not in stores.blobs()
+    assert f"blob-sha256-{top[7:]}.partial" in stores.tmp_entries()
+    assert_consistent(stores)
+    holding_proxy.reset()
+    result = stores.json("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
+    assert result["digest"] == three_layer_image.digest
+    ranges = [r for _m, _p, r in holding_proxy.blob_gets(top)]
+    assert len(ranges) == 1 and ranges[0] is not None and ranges[0] != "bytes=0-"  # resumed
+    assert squashfs_cat(Path(result["squashfs"]), "opt/top.txt") == "top layer\n"
+    assert_consistent(stores)
