@@ -84,3 +84,40 @@ def test_state_dir_resolution_relocates_only_the_default(tmp_path, monkeypatch):
     state.resolve_state_dir(Settings(state_dir=tmp_path / "fallback", sources={"state_dir": "env BERTH_STATE_DIR"}))
     state.resolve_state_dir(Settings(state_dir=tmp_path / "other"))
     assert calls == [(tmp_path / "fallback", True), (tmp_path / "fallback", False), (tmp_path / "other", False)]
+
+
+def _berth(*args, state_dir):
+    env = {**os.environ, "BERTH_STATE_DIR": str(state_dir), "BERTH_CONFIG_DIR": str(state_dir.parent / "etc")}
+    return subprocess.run([sys.executable, "-m", "berth", *args], capture_output=True, text=True, env=env)
+
+
+def test_a_container_entry_planted_as_a_link_never_makes_berth_remove_what_it_names(tmp_path):
+    """What can write into the state directory (a container that sees it) could plant
+    containers/ID as a link to another directory holding a free 'lock': every berth's stale
+    clean-up took it for a dead container and emptied the directory it names. A link is removed
+    itself; anything else that is not a directory, or a 'lock' that is not a regular file, is
+    left, and berth ps and doctor --cleanup work on."""
+    state_dir = state.ensure_state_dir(tmp_path / "state")
+    precious = tmp_path / "precious"
+    (precious / "chapters").mkdir(parents=True)
+    (precious / "thesis.tex").write_text("years of work")
+    (precious / "chapters" / "one.tex").write_text("the first")
+    (precious / "lock").touch()
+    containers = state_dir / "containers"
+    (containers / "b0123456789ab").symlink_to(precious)
+    (containers / "b0123456789ac").write_text("not a directory")
+    (containers / "b0123456789ad").mkdir()
+    (containers / "b0123456789ad" / "lock").symlink_to(precious / "lock")
+    (containers / "b0123456789ae").mkdir()
+    (containers / "b0123456789ae" / "lock").mkdir()
+    assert state.cleanup_stale(state_dir) == []
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert (precious / "chapters" / "one.tex").read_text() == "the first" and (precious / "lock").exists()
+    assert sorted(os.listdir(containers)) == ["b0123456789ac", "b0123456789ad", "b0123456789ae"]
+    assert state.list_containers(state_dir) == []
+    (containers / "b0123456789ab").symlink_to(precious)
+    for args in (["ps"], ["doctor", "--cleanup"]):
+        result = _berth(*args, state_dir=state_dir)
+        assert "Traceback" not in result.stderr and result.returncode in (0, 1), (args, result.stderr)
+    assert not os.path.lexists(containers / "b0123456789ab")
+    assert sorted(os.listdir(precious)) == ["chapters", "lock", "thesis.tex"]

@@ -219,37 +219,72 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
 CREATION_LOCK = "containers.lock"
 
 
-def _remove_lock_last(path: Path) -> None:
+def _remove_lock_last(path: Path, directory: int | None = None) -> None:
     """Remove a container directory, its lock file last: killed half-way, what is left still
     has a lock file whose lock is free, and the next berth finishes the job. Subdirectories go
-    with fsutil.remove_tree (a kernel overlayfs leaves its ``work/work`` mode 000)."""
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name == "lock":
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            fsutil.remove_tree(Path(entry.path))
-        else:
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
-    for remove in (lambda: os.unlink(path / "lock"), lambda: os.rmdir(path)):
+    with fsutil.remove_tree (a kernel overlayfs leaves its ``work/work`` mode 000).
+
+    The entries are removed through the directory open without following a link
+    (``directory``, as the caller judged it, else opened here): a ``containers/ID`` planted as
+    a link (by what can write into the state directory: a container that sees it) would
+    otherwise have every file of the directory it names removed."""
+    own = directory is None
+    if own:
         try:
-            remove()
+            directory = fsutil.open_directory(path, nofollow=True)
+        except OSError:
+            return  # gone, or not a directory (a link: never followed)
+    try:
+        with os.scandir(directory) as scan:
+            entries = list(scan)
+        for entry in entries:
+            if entry.name == "lock":
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                fsutil.remove_tree(Path(fsutil.descriptor_path(directory, entry.name)))
+            else:
+                try:
+                    os.unlink(entry.name, dir_fd=directory)  # a link itself, never what it names
+                except OSError:
+                    pass
+        try:
+            os.unlink("lock", dir_fd=directory)
         except OSError:
             pass
-
-
-def _try_lock(path: Path) -> int | None:
-    """An fd holding the lock of a container directory nobody holds, else None (also when it
-    has no lock file: :func:`_lockless` judges those)."""
+    except OSError:
+        return
+    finally:
+        if own:
+            os.close(directory)
     try:
-        fd = locks.open_lock_file(path / "lock", create=False)
-    except (FileNotFoundError, NotADirectoryError):
+        os.rmdir(path)  # a link swapped in meanwhile: ENOTDIR, and it stays
+    except OSError:
+        pass
+
+
+def _open_container(path: Path) -> int | None:
+    """The container directory ``path`` open without following a link, or None when it is not
+    a directory: a link (berth never makes one there) is removed itself, never what it names;
+    anything else that is not a directory is left, and never counts as a container."""
+    try:
+        return fsutil.open_directory(path, nofollow=True)
+    except OSError:
+        pass
+    if os.path.islink(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return None
+
+
+def _try_lock(directory: int) -> int | None:
+    """An fd holding the lock of the container directory open as ``directory`` when nobody
+    holds it, else None (also when it has no lock file: :func:`_lockless` judges those; and when
+    its ``lock`` is not a regular file berth can lock: a link, a directory... is left)."""
+    try:
+        fd = locks.open_lock_file(Path(fsutil.descriptor_path(directory, "lock")), create=False)
+    except OSError:
         return None
     try:
         held = locks.try_acquire(fd)
@@ -353,14 +388,25 @@ def _kill_daemons(path: Path, info: dict) -> None:
                 pass
 
 
-def cleanup_container_dir(path: Path) -> dict:
-    """Kill, unmount and remove one container directory whose lock is free (caller holds it)."""
-    info = _read_info(path)
-    info.setdefault("id", path.name)
-    _kill_runtime(path, info)
-    mounts = _unmount_under(path)
-    _kill_daemons(path, info)
-    _remove_lock_last(path)
+def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | None:
+    """Kill, unmount and remove one container directory whose lock is free (caller holds it).
+    ``directory``: the directory open as the caller judged it (:func:`_open_container`), else
+    opened here; None (nothing done) when ``path`` is not a directory (a link is removed itself)."""
+    own = directory is None
+    if own:
+        directory = _open_container(path)
+        if directory is None:
+            return None
+    try:
+        info = read_json_object(fsutil.descriptor_path(directory, "info.json"))
+        info.setdefault("id", path.name)
+        _kill_runtime(path, info)
+        mounts = _unmount_under(path)
+        _kill_daemons(path, info)
+        _remove_lock_last(path, directory)
+    finally:
+        if own:
+            os.close(directory)
     return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
 
 
@@ -386,15 +432,23 @@ def _cleanup_containers(state_dir: Path) -> list[dict]:
     cleaned = []
     for name in names:
         path = containers / name
-        fd = _try_lock(path)
-        if fd is None:
+        directory = _open_container(path)
+        if directory is None:
             continue
         try:
-            cleaned.append(cleanup_container_dir(path))
+            fd = _try_lock(directory)
+            if fd is None:
+                continue
+            try:
+                cleaned.append(cleanup_container_dir(path, directory))
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(directory)
     for path in _lockless(state_dir, names):
-        cleaned.append(cleanup_container_dir(path))
+        record = cleanup_container_dir(path)
+        if record is not None:
+            cleaned.append(record)
     return cleaned
 
 
