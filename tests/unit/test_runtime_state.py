@@ -1,5 +1,6 @@
 """Container state directories: locking, listing, clean-up of dead berths' leftovers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,70 @@ def test_a_container_entry_planted_as_a_link_never_makes_berth_remove_what_it_na
         assert "Traceback" not in result.stderr and result.returncode in (0, 1), (args, result.stderr)
     assert not os.path.lexists(containers / "b0123456789ab")
     assert sorted(os.listdir(precious)) == ["chapters", "lock", "thesis.tex"]
+
+
+def _evil_program(tmp_path):
+    marker = tmp_path / "ran"
+    program = tmp_path / "evil"
+    program.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n")
+    program.chmod(0o755)
+    return program, marker
+
+
+def _dead_container(state_dir, info):
+    code = ("import json, sys, os; from pathlib import Path; from berth.runtime import state; "
+            "c = state.create(Path(sys.argv[1]), None); info = json.loads(sys.argv[2]); "
+            "info.get('id') == 'ID' and info.update(id=c.id); c.write_info(info); "
+            "(c.runtime_root / c.id).mkdir(parents=True); print(c.id); os._exit(0)")
+    return subprocess.run([sys.executable, "-c", code, str(state_dir), json.dumps(info)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_the_clean_up_never_runs_a_program_info_json_names_and_survives_any_value(tmp_path):
+    """info.json is the user's file, which what can write into the state directory may have
+    planted: the clean-up of a dead container ran its runtime_path (any program), and a value
+    of another type (a number for runtime_path) raised TypeError in every berth run."""
+    state_dir = state.ensure_state_dir(tmp_path / "state")
+    program, marker = _evil_program(tmp_path)
+    planted = _dead_container(state_dir, {"id": "ID", "runtime": str(program), "runtime_path": str(program)})
+    assert [c["id"] for c in state.cleanup_stale(state_dir)] == [planted]
+    assert os.listdir(state_dir / "containers") == [] and not marker.exists()
+    odd = _dead_container(state_dir, {"id": 7, "name": {}, "runtime": ["runc"], "runtime_path": 5, "pid": "x",
+                                      "daemon_pids": "abc", "cpu_set": 3, "started": "yesterday"})
+    assert state.cleanup_stale(state_dir) == [{"id": odd, "name": None, "unmounted": []}]
+    assert os.listdir(state_dir / "containers") == []
+
+
+def test_berth_ps_and_exec_take_only_values_of_the_types_berth_writes_and_never_run_a_named_program(tmp_path):
+    from berth.config.settings import Settings
+    from berth.runtime import manage
+
+    settings = Settings(state_dir=tmp_path / "state")
+    state_dir = state.resolve_state_dir(settings)
+    program, marker = _evil_program(tmp_path)
+    planted = state.create(state_dir, None)
+    odd = state.create(state_dir, None)
+    try:
+        planted.write_info({"id": planted.id, "name": "planted", "started": 2.0, "runtime": str(program),
+                            "runtime_path": str(program), "uid": os.getuid(), "gid": os.getgid()})
+        (planted.runtime_root / planted.id).mkdir(parents=True)
+        odd.write_info({"id": odd.id, "started": 1.0, "runtime": "runc"})
+        assert [(r["id"], r["status"]) for r in manage.list_running(settings)] == [(odd.id, "starting"),
+                                                                                (planted.id, "starting")]
+        with pytest.raises(RuntimeFailure, match="not running yet"):
+            manage.exec_in_container(settings, "planted", ["true"])
+        assert not marker.exists()
+        odd.write_info({"id": 7, "name": {}, "started": "yesterday", "command": "sh", "pid": True,
+                        "runtime": 5, "uid": "root", "cpu_set": [1, "2", True, -1, 3], "remap_root": "yes"})
+        records = state.list_containers(state_dir)
+        assert [r["id"] for r in records] == [odd.id, planted.id]  # "yesterday" sorts as 0
+        assert records[0] == {**records[0], "name": odd.id, "command": [], "pid": None, "runtime": None,
+                              "uid": os.getuid(), "cpu_set": [1, 3], "remap_root": False, "started": 0.0}
+        assert state.find_container(state_dir, odd.id[:6])["id"] == odd.id
+        assert state.pinned_cpus(state_dir) == {1: 1, 3: 1}
+        listed = manage.list_running(settings)
+        assert [(r["id"], r["status"], r["pid"]) for r in listed] == [(odd.id, "starting", None),
+                                                                     (planted.id, "starting", None)]
+    finally:
+        planted.release()
+        odd.release()

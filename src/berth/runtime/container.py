@@ -124,7 +124,7 @@ def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str],
         info = {
             "id": container.id, "name": options.name or container.id, "image": request.image_name,
             "command": list(request.argv), "started": time.time(), "pid": os.getpid(),
-            "runtime": None, "runtime_path": None, "uid": caller.uid, "gid": caller.gid,
+            "runtime": None, "uid": caller.uid, "gid": caller.gid,
             "remap_root": options.remap_root, "daemon_pids": [],
             "cpu_set": sorted(limit_plan.cpu_set or ()),
         }
@@ -150,7 +150,7 @@ def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str],
         config = plan.config()
         runtime = ocirt.select_runtime(state_dir, wanted[0], wanted[1], config, log)
         log(f"runtime {runtime}", debug=True)
-        info["runtime"], info["runtime_path"] = os.path.basename(runtime), runtime
+        info["runtime"] = os.path.basename(runtime)  # never a path: see ocirt.recorded_program
         container.write_info(info)
         materialise.write_bundle(plan, container, config)
         log(f"bundle {container.bundle}, network {request.network}, workdir {request.workdir}", debug=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from berth import proc
 from berth.errors import RuntimeFailure
 from berth.fsutil import PRIVATE_FILE, write_atomically
-from berth.runtime import spec, state
+from berth.runtime import ocirt, spec, state
 from berth.runtime.options import check_env_entry
 from berth.untrusted import parse_json
 
@@ -25,9 +25,9 @@ def list_running(settings) -> list[dict]:
     records = []
     for info in state.list_containers(state_dir):
         pid, status = None, "starting"
-        runtime = info.get("runtime_path") or info.get("runtime") or "runc"
+        runtime = ocirt.recorded_program(info["runtime"])
         root = Path(info["state_path"]) / "runc"
-        if (root / info["id"]).exists():
+        if runtime is not None and (root / info["id"]).exists():
             result = proc.run([runtime, "--root", str(root), "state", info["id"]], check=False, timeout=10)
             if result.returncode == 0:
                 try:
@@ -57,9 +57,9 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
     for entry in env:
         check_env_entry(entry, what="-e")
     info = state.find_container(state.resolve_state_dir(settings), key)
-    runtime = info.get("runtime_path") or info.get("runtime") or "runc"
+    runtime = ocirt.recorded_program(info["runtime"])  # never a program info.json names by path
     root = Path(info["state_path"]) / "runc"
-    if not (root / info["id"]).exists():
+    if runtime is None or not (root / info["id"]).exists():
         raise RuntimeFailure(f"container {key} is not running yet (or is stopping)", hint="try again in a moment")
     env = tuple(entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}" for entry in env)
     argv = [runtime, "--root", str(root), "exec"]
@@ -76,7 +76,7 @@ def exec_in_container(settings, key: str, command: list[str], *, tty: bool = Fal
         for entry in env:
             argv += ["--env", entry]
         argv.append(info["id"])
-        argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root"))))
+        argv += list(spec.process_args(info["uid"], info["gid"], command, remap_root=info["remap_root"]))
     # The runtime forwards the signals it receives to the exec'd process: pass ours on to it
     # (it runs in its own session, so a terminal's Ctrl-C reaches it only through us).
     try:
@@ -109,7 +109,7 @@ def _data_limited_process(info: dict, runtime: str, command: list[str], *, tty: 
         return None
     process = {**process, "terminal": tty, "env": [*process.get("env", []), *env],
                "rlimits": [limit for limit in rlimits if limit.get("type") != "RLIMIT_DATA"],
-               "args": list(spec.process_args(info["uid"], info["gid"], command, remap_root=bool(info.get("remap_root")),
+               "args": list(spec.process_args(info["uid"], info["gid"], command, remap_root=info["remap_root"],
                                               data_limit=int(data[0]["hard"])))}
     if workdir:
         process["cwd"] = workdir

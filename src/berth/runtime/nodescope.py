@@ -40,7 +40,7 @@ from pathlib import Path
 from berth import locks, proc
 from berth.errors import LockError, NotFound, RuntimeFailure, UsageError
 from berth.record import replace
-from berth.runtime import state
+from berth.runtime import ocirt, state
 from berth.runtime.env import glob_matcher
 from berth.untrusted import parse_json
 
@@ -198,8 +198,8 @@ def _wait_running(state_dir: Path, name: str, keeper_pid: int | None, rendezvous
         info = _live(state_dir, name)
         if info is not None:
             root = Path(info["state_path"]) / "runc"
-            runtime = info.get("runtime_path") or "runc"
-            if (root / info["id"]).exists():
+            runtime = ocirt.recorded_program(info["runtime"])
+            if runtime is not None and (root / info["id"]).exists():
                 result = proc.run([runtime, "--root", str(root), "state", info["id"]], check=False, timeout=10)
                 if result.returncode == 0 and _status(result.stdout) == "running":
                     return

@@ -78,6 +78,26 @@ def program_path(runtime: str) -> str:
                           hint=INIT_FIX)
 
 
+#: The program names a container's record gives its runtime (info.json's ``runtime``, the
+#: basename of what berth ran, berth.runtime.container) -> the runtime's name in CHOICES.
+_RECORDED = {"berth-launcher": LAUNCHER, "runc": "runc", "crun": "crun"}
+
+
+def recorded_program(recorded: object) -> str | None:
+    """The executable of the runtime a container's record names (info.json's ``runtime``:
+    berth-launcher, runc or crun), resolved as berth resolves one to run it
+    (:func:`program_path`); None for any other value or a runtime not installed. The record is
+    the user's file, which what can write into the state directory (a container that sees it)
+    may have planted: a program path read from it is never run."""
+    runtime = _RECORDED.get(recorded) if isinstance(recorded, str) else None
+    if runtime is None:
+        return None
+    try:
+        return program_path(runtime)
+    except ProgramNotFound:
+        return None
+
+
 #: How to get berth-init back: it is compiled when berth is installed (setup.py).
 INIT_FIX = ("berth-init is compiled when berth is installed, which needs gcc and a static C library: "
             "ask your site administrator to install them (Debian/Ubuntu: apt-get install gcc libc6-dev; "

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -319,11 +320,56 @@ def list_containers(state_dir: Path) -> list[dict]:
             continue
         info = _read_info(path)
         if info:
-            info.setdefault("id", name)
-            info["state_path"] = str(path)
-            records.append(info)
-    records.sort(key=lambda r: r.get("started", 0))
+            records.append(_record(info, name, path))
+    records.sort(key=lambda r: r["started"])
     return records
+
+
+def _whole(value: object, minimum: int = 0) -> int | None:
+    """``value`` when it is an int (not a bool) of at least ``minimum``, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    return None
+
+
+def _started(value: object) -> float:
+    """info.json's ``started`` (time.time() seconds), 0.0 for anything else than a finite number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            return 0.0
+        if math.isfinite(value):
+            return value
+    return 0.0
+
+
+def _record(info: dict, name: str, path: Path) -> dict:
+    """The fields of container ``name``'s info.json that berth reads (berth ps, exec, the
+    affinity fallback, --scope node), each of the type berth writes, or its default. The file
+    is the user's, which what can write into the state directory may have planted or
+    corrupted: a value of another type raised TypeError in every berth ps (and berth run
+    --cpus). ``id`` is the directory's name; ``runtime_path`` is dropped (never run: see
+    berth.runtime.ocirt.recorded_program)."""
+    def text(key: str, default: str | None = None) -> str | None:
+        value = info.get(key)
+        return value if isinstance(value, str) else default
+
+    def wholes(key: str, minimum: int) -> list[int]:
+        values = info.get(key)
+        return [v for v in values if _whole(v, minimum) is not None] if isinstance(values, list) else []
+
+    command = info.get("command")
+    uid, gid = _whole(info.get("uid")), _whole(info.get("gid"))
+    return {
+        "id": name, "state_path": str(path), "name": text("name", name), "image": text("image"),
+        "command": command if isinstance(command, list) and all(isinstance(a, str) for a in command) else [],
+        "started": _started(info.get("started")),
+        "pid": _whole(info.get("pid"), 1), "runtime": text("runtime"),
+        "uid": os.getuid() if uid is None else uid, "gid": os.getgid() if gid is None else gid,
+        "remap_root": info.get("remap_root") is True, "image_mount": text("image_mount"),
+        "cpu_set": wholes("cpu_set", 0), "daemon_pids": wholes("daemon_pids", 2),
+    }
 
 
 def pinned_cpus(state_dir: Path) -> dict[int, int]:
@@ -349,13 +395,14 @@ def find_container(state_dir: Path, key: str) -> dict:
 
 
 def _kill_runtime(path: Path, info: dict) -> None:
-    # The path first: berth-launcher is not on PATH (and a site's runc need not be either).
-    runtime = info.get("runtime_path") or info.get("runtime") or "runc"
+    from berth.runtime import ocirt
+
     root = str(path / "runc")
-    container_id = info.get("id") or path.name
+    container_id = path.name
     if not (path / "runc" / container_id).exists():
         return
-    if not proc.has_program(runtime):
+    runtime = ocirt.recorded_program(info.get("runtime"))  # never a program the record names by path
+    if runtime is None:
         return
     proc.run([runtime, "--root", root, "kill", container_id, "KILL"], check=False, timeout=10)
     proc.run([runtime, "--root", root, "delete", "--force", container_id], check=False, timeout=10)
@@ -399,7 +446,6 @@ def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | No
             return None
     try:
         info = read_json_object(fsutil.descriptor_path(directory, "info.json"))
-        info.setdefault("id", path.name)
         _kill_runtime(path, info)
         mounts = _unmount_under(path)
         _kill_daemons(path, info)
@@ -407,7 +453,8 @@ def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | No
     finally:
         if own:
             os.close(directory)
-    return {"id": info["id"], "name": info.get("name"), "unmounted": mounts}
+    name = info.get("name")
+    return {"id": path.name, "name": name if isinstance(name, str) else None, "unmounted": mounts}
 
 
 def cleanup_stale(state_dir: Path, *, images: bool = True) -> list[dict]:
