@@ -189,3 +189,31 @@ def test_berth_ps_and_exec_take_only_values_of_the_types_berth_writes_and_never_
     finally:
         planted.release()
         odd.release()
+
+
+def test_berth_ps_looks_at_every_container_lock_at_once(tmp_path, monkeypatch):
+    """list_containers looked at each lock with its own read of /proc (namespace, mountinfo,
+    /proc/locks); one look serves them all, and a lock file that cannot be looked at (a link)
+    still only hides its own container."""
+    from berth import locks
+
+    looks = []
+
+    class Counted(locks._ProcLocks):
+        def __init__(self, proc):
+            looks.append(proc)
+            super().__init__(proc)
+
+    containers = [state.create(tmp_path, None) for _ in range(3)]
+    try:
+        for index, container in enumerate(containers):
+            container.write_info({"id": container.id, "started": float(index)})
+        monkeypatch.setattr(locks, "_ProcLocks", Counted)
+        assert [r["id"] for r in state.list_containers(tmp_path)] == [c.id for c in containers]
+        assert len(looks) == 1
+        os.rename(containers[1].path / "lock", containers[1].path / "lock.real")
+        (containers[1].path / "lock").symlink_to(containers[1].path / "lock.real")
+        assert [r["id"] for r in state.list_containers(tmp_path)] == [containers[0].id, containers[2].id]
+    finally:
+        for container in containers:
+            container.release()

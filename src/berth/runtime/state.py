@@ -306,23 +306,35 @@ def list_containers(state_dir: Path) -> list[dict]:
     """info.json of every live container (its lock held by a berth process), oldest first."""
     containers = state_dir / CONTAINERS
     try:
-        names = sorted(os.listdir(containers))
+        with os.scandir(containers) as scan:  # a link or a file is no container (see _open_container)
+            names = sorted(entry.name for entry in scan if entry.is_dir(follow_symlinks=False))
     except OSError:
         return []
+    paths = [containers / name / "lock" for name in names]
+    # A look: taking a lock could hide a dead one from its cleaner. One look at all of them
+    # (/proc read once); when one raises (a lock file that is a link...), each alone, so that
+    # only that one counts as not live.
+    try:
+        held = locks.locked(paths)
+    except OSError:
+        held = [_looks_locked(path) for path in paths]
     records = []
-    for name in names:
-        path = containers / name
-        try:
-            live = locks.is_locked(path / "lock")  # a look: taking it could hide a dead one from its cleaner
-        except OSError:
-            live = False
+    for name, live in zip(names, held):
         if not live:
             continue
+        path = containers / name
         info = _read_info(path)
         if info:
             records.append(_record(info, name, path))
     records.sort(key=lambda r: r["started"])
     return records
+
+
+def _looks_locked(path: Path) -> bool:
+    try:
+        return locks.is_locked(path)
+    except OSError:
+        return False
 
 
 def _whole(value: object, minimum: int = 0) -> int | None:
