@@ -134,6 +134,31 @@ def test_usr1_to_a_local_job_runner_reaches_the_script(job_site, user):
     assert (work / f"usr1-{job}.txt").read_text() == "got USR1\n"
 
 
+def test_sigquit_to_a_local_job_runner_stops_the_job_as_a_cancel(job_site, user):
+    """SIGQUIT (a stop for berth run, which forwards it) ended the runner by its default action
+    (core), and the job was recorded failed ("the job runner is gone without a result")
+    instead of stopped like a SIGTERM: the script's TERM trap, then cancelled."""
+    state_dir = job_site.root / f"state-quit-{os.getpid()}"
+    state_dir.mkdir(mode=0o700)
+    os.chown(state_dir, user.uid, user.gid)
+    env = {"BERTH_STATE_DIR": str(state_dir)}
+    work = job_site.workdir(user)
+    job_site.write_script(work, "quit.sh", """\
+        #!/bin/sh
+        trap 'echo trapped > "trap-$BERTH_JOB_ID.txt"; exit 0' TERM
+        echo started > "started-$BERTH_JOB_ID.txt"
+        while true; do sleep 0.2; done
+    """, user)
+    job = submit(user, job_site, work, "--template", "bb", "quit.sh", env=env)
+    wait_file(work / f"started-{job}.txt", timeout_s=60)
+    runner = int((job_site.jobs_dir / job / "runner.pid").read_text().split()[0])
+    os.kill(runner, signal.SIGQUIT)
+    state = wait_for(user, job_site, [job], {"completed", "failed", "cancelled", "timeout"}, timeout_s=60,
+                     env=env)[job]
+    assert state["state"] == "cancelled", state
+    assert (work / f"trap-{job}.txt").read_text() == "trapped\n"
+
+
 def test_a_step_still_running_when_the_job_ends_is_stopped_cleanly(job_site, user):
     """A `berth run` step started from inside a local job (the berth shim, through the step
     agent) and still running when the script ends: the runner killed its process tree with

@@ -10,7 +10,8 @@ timeout.
   past the deadline without it the child is stopped and the job fails naming the phase it was
   in (staging or boot). (Not a byte on stdin: runc gives a foreground container pipes, not the
   caller's descriptors.)
-- SIGTERM/SIGINT (``berth cancel`` locally, ``scancel`` or the time limit on Slurm) and the local
+- SIGTERM/SIGINT/SIGHUP/SIGQUIT (``berth cancel`` locally, ``scancel`` or the time limit on
+  Slurm, ``scancel -s QUIT``) and the local
   time limit stop the job the way Slurm stops a step: SIGTERM to every process of the job, then
   SIGKILL after ``stop_timeout``. The job is ``cancelled`` when a cancel was requested (or the
   signal came from outside before the time limit) and ``timeout`` when the time limit was reached.
@@ -323,7 +324,8 @@ class Supervisor:
         return result
 
     def _on_signal(self, signum, _frame) -> None:
-        """SIGTERM/SIGINT/SIGHUP stop the job, which is not forwarding them: the supervision
+        """SIGTERM/SIGINT/SIGHUP/SIGQUIT (berth.proc.STOP_SIGNALS, what a berth run step takes
+        for a stop) stop the job, which is not forwarding them: the supervision
         loop (:meth:`_supervise`, :meth:`_stage_phase`) sends SIGTERM to the whole process tree
         of the phase, sparing FUSE daemons (:func:`signal_tree`), kills it after stop_timeout
         and records cancelled or timeout; so the signal is only noted here."""
@@ -340,7 +342,7 @@ class Supervisor:
     # -- main ------------------------------------------------------------------------------
     def run(self) -> JobResult:
         """Run the job to its end and return (and record) its final result."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in proc.STOP_SIGNALS:  # SIGQUIT too: its default action (core) left no result
             signal.signal(signum, self._on_signal)
         for signum in proc.HELD_SIGNALS:
             signal.signal(signum, self._pass_on)
