@@ -225,12 +225,15 @@ def _leave(state_dir: Path, name: str, tasks_fd: int, keeper_pid: int | None, st
         if not last:
             return  # other tasks still run in the container
         info = _live(state_dir, name)
-        pid = keeper_pid or (info or {}).get("pid")
+        pid = keeper_pid or (state.berth_pid(info) if info is not None else None)
         if not pid:
+            if info is not None and info["pid"] is not None:
+                log(f"warning: the node's container {name} was not stopped: its info.json names pid "
+                    f"{info['pid']}, which does not hold its lock")
             return
         log(f"scope node: last task of the node, stopping container {name}", debug=True)
         try:
-            os.kill(int(pid), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + stop_timeout_s + 60

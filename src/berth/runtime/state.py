@@ -384,6 +384,27 @@ def _record(info: dict, name: str, path: Path) -> dict:
     }
 
 
+def berth_pid(record: dict) -> int | None:
+    """The pid of the berth that runs the live container ``record`` (of list_containers), to
+    be signalled (--scope node's last task stops the node's container with it): info.json's
+    ``pid`` unless /proc/locks shows the container's lock held by other processes only. The
+    record is the user's file, which what can write into the state directory may have planted:
+    a pid read from it alone could name any process of the user. Where /proc cannot tell (no
+    holder seen: another PID namespace, a file system whose numbers differ), the record's."""
+    pid = record["pid"]
+    if pid is None:
+        return None
+    try:
+        fd = locks.open_lock_file(Path(record["state_path"]) / "lock", create=False)
+    except OSError:
+        return None  # gone: nobody to stop
+    try:
+        seen = {holder.pid for holder in locks.holders(fd)}
+    finally:
+        os.close(fd)
+    return pid if not seen or pid in seen else None
+
+
 def pinned_cpus(state_dir: Path) -> dict[int, int]:
     """How many of the caller's live containers are pinned to each CPU (affinity fallback)."""
     counts: dict[int, int] = {}
