@@ -285,3 +285,42 @@ def test_auto_runs_the_launcher_and_falls_back_to_runc_for_what_it_does_not_do(r
     status, output = _run_in_pty(runtime_env, ["run", "--runtime", "launcher", "-t", str(runtime_images.busybox),
                                                "true"])
     assert status == 125 and "runtime = launcher, but this container needs a terminal (-t)" in output, output
+
+
+def test_planted_container_entries_neither_lose_files_nor_run_programs_nor_stop_berth(runtime_env, runtime_images):
+    """What can write into the state directory (a container that sees it) could plant
+    containers/ID as a link to a directory holding a free 'lock', and a dead container's
+    info.json naming a program: every berth run's stale clean-up emptied the linked directory
+    and ran the program. berth run, ps and doctor --cleanup now remove the link itself, run
+    only the runtime berth resolves, and clean the dead container."""
+    user = runtime_env.user
+    runtime_env.state_dir.mkdir(mode=0o700)
+    containers = runtime_env.state_dir / "containers"
+    precious = runtime_env.state_dir.parent / "precious"
+    marker = runtime_env.state_dir.parent / "planted-program-ran"
+    program = runtime_env.state_dir.parent / "planted-program"
+    program.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    program.chmod(0o755)
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    (precious / "lock").touch()
+    containers.mkdir(mode=0o700)
+    (containers / "b0123456789ab").symlink_to(precious)
+    dead = containers / "b0123456789ac"
+    (dead / "runc" / dead.name).mkdir(parents=True)
+    (dead / "lock").touch()
+    (dead / "info.json").write_text(json.dumps({"id": dead.name, "runtime": str(program),
+                                                "runtime_path": str(program), "started": "x"}))
+    for path in (runtime_env.state_dir, precious, program, *containers.rglob("*"), containers):
+        os.lchown(path, user.uid, user.gid)
+    result = runtime_env.berth("run", "--debug", str(runtime_images.busybox), "true")
+    assert result.returncode == 0, describe(result)
+    assert f"cleaned up container {dead.name}" in result.stderr
+    assert sorted(os.listdir(precious)) == ["lock", "thesis.tex"] and not marker.exists()
+    assert runtime_env.containers() == []
+    (containers / "b0123456789ab").symlink_to(precious)
+    os.lchown(containers / "b0123456789ab", user.uid, user.gid)
+    for args in (("ps",), ("doctor", "--cleanup")):
+        done = runtime_env.berth(*args)
+        assert "Traceback" not in done.stderr and done.returncode in (0, 1), describe(done)
+    assert runtime_env.containers() == [] and sorted(os.listdir(precious)) == ["lock", "thesis.tex"]
