@@ -110,53 +110,44 @@ def test_pythons_own_start_up_errors_are_told_from_berths():
     assert not _in_pythons_own_start_up(frozen + '  File "/x/src/berth/cli/main.py", line 3\n')
 
 
-def test_usr1_to_a_local_job_runner_reaches_the_script(job_site, user):
-    """The runner died of SIGUSR1 (default action): the job ended failed ("runner is gone")
-    instead of the script's USR1 trap running."""
-    state_dir = job_site.root / f"state-usr1-{os.getpid()}"
+def _signal_a_local_job_runner(job_site, user, signum: int, trapped: str) -> tuple[dict, str]:
+    """A local job whose script traps ``trapped`` (writing a file, then exit 0) gets ``signum``
+    sent to its runner once it runs: its final state, and what the trap wrote ('' if nothing)."""
+    name = signal.Signals(signum).name.lower()
+    state_dir = job_site.root / f"state-{name}-{os.getpid()}"
     state_dir.mkdir(mode=0o700)
     os.chown(state_dir, user.uid, user.gid)
     env = {"BERTH_STATE_DIR": str(state_dir)}
     work = job_site.workdir(user)
-    job_site.write_script(work, "usr1.sh", """\
+    job_site.write_script(work, f"{name}.sh", f"""\
         #!/bin/sh
-        trap 'echo got USR1 > "usr1-$BERTH_JOB_ID.txt"; exit 0' USR1
+        trap 'echo got {trapped} > "trap-$BERTH_JOB_ID.txt"; exit 0' {trapped}
         echo started > "started-$BERTH_JOB_ID.txt"
         while true; do sleep 0.2; done
     """, user)
-    job = submit(user, job_site, work, "--template", "bb", "usr1.sh", env=env)
+    job = submit(user, job_site, work, "--template", "bb", f"{name}.sh", env=env)
     wait_file(work / f"started-{job}.txt", timeout_s=60)
     runner = int((job_site.jobs_dir / job / "runner.pid").read_text().split()[0])
-    os.kill(runner, signal.SIGUSR1)
+    os.kill(runner, signum)
     state = wait_for(user, job_site, [job], {"completed", "failed", "cancelled", "timeout"}, timeout_s=60,
                      env=env)[job]
-    assert state["state"] == "completed", state
-    assert (work / f"usr1-{job}.txt").read_text() == "got USR1\n"
+    trap = work / f"trap-{job}.txt"
+    return state, trap.read_text() if trap.exists() else ""
+
+
+def test_usr1_to_a_local_job_runner_reaches_the_script(job_site, user):
+    """The runner died of SIGUSR1 (default action): the job ended failed ("runner is gone")
+    instead of the script's USR1 trap running."""
+    state, trapped = _signal_a_local_job_runner(job_site, user, signal.SIGUSR1, "USR1")
+    assert (state["state"], trapped) == ("completed", "got USR1\n"), state
 
 
 def test_sigquit_to_a_local_job_runner_stops_the_job_as_a_cancel(job_site, user):
     """SIGQUIT (a stop for berth run, which forwards it) ended the runner by its default action
     (core), and the job was recorded failed ("the job runner is gone without a result")
     instead of stopped like a SIGTERM: the script's TERM trap, then cancelled."""
-    state_dir = job_site.root / f"state-quit-{os.getpid()}"
-    state_dir.mkdir(mode=0o700)
-    os.chown(state_dir, user.uid, user.gid)
-    env = {"BERTH_STATE_DIR": str(state_dir)}
-    work = job_site.workdir(user)
-    job_site.write_script(work, "quit.sh", """\
-        #!/bin/sh
-        trap 'echo trapped > "trap-$BERTH_JOB_ID.txt"; exit 0' TERM
-        echo started > "started-$BERTH_JOB_ID.txt"
-        while true; do sleep 0.2; done
-    """, user)
-    job = submit(user, job_site, work, "--template", "bb", "quit.sh", env=env)
-    wait_file(work / f"started-{job}.txt", timeout_s=60)
-    runner = int((job_site.jobs_dir / job / "runner.pid").read_text().split()[0])
-    os.kill(runner, signal.SIGQUIT)
-    state = wait_for(user, job_site, [job], {"completed", "failed", "cancelled", "timeout"}, timeout_s=60,
-                     env=env)[job]
-    assert state["state"] == "cancelled", state
-    assert (work / f"trap-{job}.txt").read_text() == "trapped\n"
+    state, trapped = _signal_a_local_job_runner(job_site, user, signal.SIGQUIT, "TERM")
+    assert (state["state"], trapped) == ("cancelled", "got TERM\n"), state
 
 
 def test_a_step_still_running_when_the_job_ends_is_stopped_cleanly(job_site, user):
