@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -217,3 +218,23 @@ def test_berth_ps_looks_at_every_container_lock_at_once(tmp_path, monkeypatch):
     finally:
         for container in containers:
             container.release()
+
+
+def test_the_clean_up_kills_through_a_runtime_root_of_the_containers_own_only(tmp_path, monkeypatch):
+    """A dead container's runc/ planted as a link to another state directory's runtime root,
+    where a live container of the same name runs: the clean-up had the runtime kill it."""
+    from berth.runtime import ocirt
+
+    state_dir = state.ensure_state_dir(tmp_path / "state")
+    program, marker = _evil_program(tmp_path)
+    monkeypatch.setattr(ocirt, "recorded_program", lambda recorded: str(program))  # stands for runc
+    linked = _dead_container(state_dir, {"id": "ID", "runtime": "runc"})
+    other_root = tmp_path / "other" / "containers" / linked / "runc"
+    (other_root / linked).mkdir(parents=True)
+    shutil.rmtree(state_dir / "containers" / linked / "runc")
+    (state_dir / "containers" / linked / "runc").symlink_to(other_root)
+    own = _dead_container(state_dir, {"id": "ID", "runtime": "runc"})
+    assert sorted(c["id"] for c in state.cleanup_stale(state_dir)) == sorted([linked, own])
+    assert marker.read_text().split("\n")[:-1] == [f"--root {state_dir}/containers/{own}/runc kill {own} KILL",
+                                                   f"--root {state_dir}/containers/{own}/runc delete --force {own}"]
+    assert (other_root / linked).is_dir()

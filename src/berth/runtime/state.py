@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 from berth import fsutil, locks, proc
@@ -432,7 +433,12 @@ def _kill_runtime(path: Path, info: dict) -> None:
 
     root = str(path / "runc")
     container_id = path.name
-    if not (path / "runc" / container_id).exists():
+    try:
+        # Real directories only: a runc/ planted as a link to another state directory's
+        # runtime root would have the runtime kill a live container of the same name there.
+        if not all(stat.S_ISDIR(os.lstat(p).st_mode) for p in (path / "runc", path / "runc" / container_id)):
+            return
+    except OSError:
         return
     runtime = ocirt.recorded_program(info.get("runtime"))  # never a program the record names by path
     if runtime is None:
