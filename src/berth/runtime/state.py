@@ -30,6 +30,11 @@ renamed), so a cleaner that gets it exclusively knows that no berth is creating 
 and a directory still without ``lock`` is left by a berth killed in between: it goes at once
 (it used to count as "starting now" for 60 s; issue 8, scenario 3). Removal takes ``lock``
 last, so a berth killed while removing leaves a directory the next one judges by its free lock.
+
+What can write into the state directory (a container that sees it) is hostile: a container
+directory is opened without following a link and emptied through that descriptor (a link in
+``containers/`` is removed itself), and info.json counts only with the types berth writes
+(:func:`list_containers`), never naming a program to run (berth.runtime.ocirt.recorded_program).
 """
 
 from __future__ import annotations
