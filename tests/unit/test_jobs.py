@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,7 +408,7 @@ def test_host_commands_never_come_from_the_request():
 def test_a_request_directory_swapped_for_a_link_is_neither_read_nor_written(tmp_path):
     """The agent opens the request once without following a link: a request replaced by a
     link to another directory after the scan gets nothing written there."""
-    from berth.jobs.agent import StepAgent
+    from berth.jobs.agent import StepAgent, open_agent_dir
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -420,8 +421,45 @@ def test_a_request_directory_swapped_for_a_link_is_neither_read_nor_written(tmp_
     agent_dir.mkdir()
     (agent_dir / "req.x").symlink_to(outside)
     agent = StepAgent(agent_dir, {"PATH": "/usr/bin:/bin"}, str(tmp_path))
-    agent._handle(agent_dir / "req.x")
+    agent._dir = open_agent_dir(agent_dir)
+    assert agent._scan() == []  # the link is not served
     assert sorted(os.listdir(outside)) == ["argv", "cwd", "env", "err", "out", "prog", "ready"]
+
+
+def _plant_request(directory, name):
+    """A ready step request whose out/err are plain files: the agent refuses it (status 125)."""
+    request = directory / name
+    request.mkdir()
+    for file, text in (("prog", "berth\n"), ("argv", "--version\0"), ("cwd", "/\n"), ("env", ""),
+                       ("out", ""), ("err", ""), ("ready", "")):
+        (request / file).write_text(text)
+    return request
+
+
+def test_an_agent_directory_swapped_for_a_link_is_not_served(tmp_path):
+    """The container may rename $BERTH_JOB_AGENT and plant a link under its name, to a host
+    directory outside its mounts (another job's requests, anything laid out like one): the agent
+    keeps serving the directory it opened, and never reads or writes through the link."""
+    from berth.jobs.agent import StepAgent, install_shims
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    agent_dir = tmp_path / "agent"
+    install_shims(tmp_path / "bin", agent_dir)
+    agent = StepAgent(agent_dir, {"PATH": "/usr/bin:/bin"}, str(tmp_path))
+    agent.start()
+    try:
+        agent_dir.rename(tmp_path / "agent.old")
+        agent_dir.symlink_to(outside)
+        planted = _plant_request(outside, "req.planted")
+        own = _plant_request(tmp_path / "agent.old", "req.own")
+        deadline = time.monotonic() + 30
+        while not (own / "status").exists() and not (planted / "status").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        agent.stop()
+    assert (own / "status").read_text() == "125\n"  # the agent's own directory, renamed, is served
+    assert not (planted / "status").exists()
 
 
 def test_a_step_request_wakes_the_agent_at_once(tmp_path, monkeypatch):

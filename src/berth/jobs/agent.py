@@ -170,8 +170,12 @@ class StepAgent:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="berth-step-agent", daemon=True)
         self._wake: int | None = None
+        #: The request directory, opened once: the container may rename it and plant a link
+        #: under its name, which must not make the agent serve (and write into) another one.
+        self._dir: int | None = None
 
     def start(self) -> None:
+        self._dir = open_agent_dir(self.agent_dir)
         self._wake = open_wake(self.agent_dir)
         self._thread.start()
 
@@ -192,17 +196,43 @@ class StepAgent:
             return [child.pid for child in self._children if child.poll() is None]
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
+        try:
+            while not self._stop.is_set():
+                self._scan()
+                self._wait()
+        finally:
+            if self._dir is not None:
+                os.close(self._dir)
+                self._dir = None
+
+    def _scan(self) -> list[threading.Thread]:
+        """Start a handler for every new ready request: each is opened here, relative to the
+        request directory's descriptor and without following a link, and the handler gets
+        that descriptor (a name swapped afterwards changes nothing). Returns the handlers."""
+        if self._dir is None:
+            return []
+        try:
+            names = os.listdir(self._dir)
+        except OSError:
+            return []
+        started = []
+        for name in names:
+            if name in self._seen or name == WAKE:
+                continue
             try:
-                entries = list(self.agent_dir.iterdir())
-            except FileNotFoundError:
-                entries = []
-            for entry in entries:
-                if entry.name in self._seen or entry.is_symlink() or not (entry / "ready").exists():
-                    continue
-                self._seen.add(entry.name)
-                threading.Thread(target=self._handle, args=(entry,), daemon=True).start()
-            self._wait()
+                directory = _open_request_dir(name, self._dir)
+            except OSError:
+                continue  # a link, a file, another user's or gone: never served
+            try:
+                os.stat("ready", dir_fd=directory, follow_symlinks=False)
+            except OSError:
+                os.close(directory)
+                continue
+            self._seen.add(name)
+            handler = threading.Thread(target=self._handle, args=(directory,), daemon=True)
+            handler.start()
+            started.append(handler)
+        return started
 
     def _wait(self) -> None:
         """Until a shim writes into the wake-up FIFO, or POLL_S at most."""
@@ -216,16 +246,15 @@ class StepAgent:
             except BlockingIOError:
                 pass
 
-    def _handle(self, request: Path) -> None:
+    def _handle(self, directory: int) -> None:
+        """Serve the request opened at ``directory`` (closed here)."""
         status = 127
         out = err = None
-        directory = None
         try:
-            # Everything here was written by the container: the request directory is opened
+            # Everything here was written by the container: the request directory was opened
             # once without following a link (a swap after the scan changes nothing) and every
             # name is taken relative to it; FIFOs only where FIFOs belong, plain files for the
             # rest (a link would make us read or write host files).
-            directory = _open_request_dir(request)
             out = os.fdopen(_open_fifo("out", directory), "wb")
             err = os.fdopen(_open_fifo("err", directory), "wb")
             program = _read("prog", directory).decode().strip()
@@ -252,12 +281,11 @@ class StepAgent:
                 err.write(f"berth: step request refused: {exc}\n".encode())
             status = 125
         finally:
-            if directory is not None:
-                try:
-                    _write_status(directory, status)
-                except OSError:
-                    pass
-                os.close(directory)
+            try:
+                _write_status(directory, status)
+            except OSError:
+                pass
+            os.close(directory)
             for handle in (out, err):
                 if handle is not None:
                     handle.close()
@@ -266,12 +294,23 @@ class StepAgent:
 MAX_REQUEST_BYTES = 1 << 20
 
 
-def _open_request_dir(request: Path) -> int:
-    """An O_DIRECTORY descriptor of a request: a real directory of ours, never a link."""
-    fd = os.open(request, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def open_agent_dir(agent_dir: Path) -> int | None:
+    """The agent's descriptor of its request directory (a real directory of ours, never a
+    link), or None when it is not there any more."""
+    try:
+        return _open_request_dir(str(agent_dir), None)
+    except OSError:
+        return None
+
+
+def _open_request_dir(name: str, parent: int | None) -> int:
+    """An O_DIRECTORY descriptor of ``name`` in directory ``parent``: a real directory of
+    ours, never a link."""
+    # O_NONBLOCK: a FIFO planted under the name is refused (ENOTDIR), never waited on.
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
     if os.fstat(fd).st_uid != os.getuid():
         os.close(fd)
-        raise OSError(f"{request.name} is not yours")
+        raise OSError(f"{os.path.basename(name)} is not yours")
     return fd
 
 
