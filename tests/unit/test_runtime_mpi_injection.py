@@ -146,6 +146,21 @@ def test_image_links_are_followed_inside_the_image_only(tmp_path, host):
     assert mpi.image_mpi(str(root)) == ({}, None)
 
 
+def test_an_image_directory_linked_to_a_host_path_is_listed_in_root(tmp_path, host, monkeypatch):
+    """The image's /usr/lib64 -> HOST/lib (absolute) is the image's HOST/lib: berth lists that
+    directory of the image, never the host's, and finds the other MPI the image has there."""
+    hostlib = str(host / "lib")
+    root = _image(tmp_path / "img", {hostlib + "/libmpi.so.40.1.0": "libmpi.so.40"}, {"/usr/lib64": hostlib})
+    listed = []
+    real_glob = mpi.glob.glob
+    monkeypatch.setattr(mpi.glob, "glob", lambda pattern: listed.append(pattern) or real_glob(pattern))
+    family, other = mpi.image_mpi(str(root))
+    assert family == {}
+    assert other == mpi.Library("libmpi.so.40", hostlib + "/libmpi.so.40.1.0", (40, 1, 0))
+    outside = [p for p in listed if not os.path.realpath(os.path.dirname(p)).startswith(str(root) + "/")]
+    assert listed and outside == []
+
+
 def _ld_cache(entries: dict[str, str]) -> bytes:
     """A glibc-ld.so.cache1.1 file (dl-cache.h) for x86-64 with ``entries`` soname -> path."""
     import struct

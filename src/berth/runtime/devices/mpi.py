@@ -229,10 +229,15 @@ def image_mpi(root: str, library_path: Sequence[str] = ()) -> tuple[dict[str, Li
                 break
         if other is None:
             for directory in STANDARD_LIB_DIRS:
-                matches = sorted(glob.glob(os.path.join(glob.escape(os.path.join(root, directory.lstrip("/"))),
+                # The directory's links are resolved in-root first: the image's /usr/lib64 ->
+                # /some/host/dir must not make berth list a host directory.
+                resolved, exists = rootfs.resolve_in_root(root, directory)
+                if not exists:
+                    continue
+                matches = sorted(glob.glob(os.path.join(glob.escape(os.path.join(root, resolved.lstrip("/"))),
                                                         "libmpi.so.[0-9]*")))
                 for match in matches:
-                    other = _image_library(root, posixpath.join(directory, os.path.basename(match)))
+                    other = _image_library(root, posixpath.join(resolved, os.path.basename(match)))
                     if other:
                         break
                 if other:
