@@ -3,7 +3,7 @@
 import pytest
 
 from berth.config.settings import EnvOp
-from berth.errors import RuntimeFailure
+from berth.errors import RuntimeFailure, UsageError
 from berth.runtime.env import check_image_env, compose_env, read_env_file
 from berth.runtime.identity import Caller, group_text, passwd_text
 
@@ -61,6 +61,18 @@ def test_env_file(tmp_path):
     path.write_text("1A=bad\n")
     with pytest.raises(Exception, match="line 1"):
         read_env_file(str(path))
+
+
+@pytest.mark.parametrize("line", ["export TOKEN=s3cr3t-value", "s3cr3t-value", "TOKEN s3cr3t-value"])
+def test_a_bad_env_file_line_is_refused_without_quoting_it(tmp_path, line):
+    """People put secrets in an --env-file to keep them off the command line: a malformed line
+    is refused naming the file and line, never quoting the line (errors reach job logs)."""
+    path = tmp_path / "env"
+    path.write_text(f"A=1\n{line}\n")
+    with pytest.raises(UsageError) as refused:
+        read_env_file(str(path))
+    text = f"{refused.value.message} {refused.value.hint}"
+    assert f"--env-file {path} line 2" in text and "s3cr3t" not in text
 
 
 def test_passwd_replaces_impostor_entries_and_adds_caller():

@@ -65,7 +65,7 @@ def read_env_file(path: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        check_env_entry(line, what=f"--env-file {path} line {number}")
+        check_env_entry(line, what=f"--env-file {path} line {number}", show=False)
         entries.append(line)
     return entries
 

@@ -89,11 +89,16 @@ def parse_mount(text: str) -> MountRequest:
     return MountRequest(parts[0], parts[1], read_only=mode == "ro")
 
 
-def check_env_entry(entry: str, *, what: str) -> None:
+def check_env_entry(entry: str, *, what: str, show: bool = True) -> None:
+    """Raise UsageError unless ``entry`` is ``KEY=VALUE`` or ``KEY``. ``show=False`` (an
+    --env-file line, where people keep secrets off the command line): the message never quotes
+    the entry, which may be a secret or hold one (``export TOKEN=...``)."""
     name = entry.partition("=")[0]
     if not is_env_name(name):
-        raise UsageError(f"{what}: {entry!r} does not start with a valid variable name",
-                         hint="names are letters, digits and '_', not starting with a digit")
+        shown = f"{entry!r} does not" if show else "the line does not"
+        raise UsageError(f"{what}: {shown} start with a valid variable name",
+                         hint="names are letters, digits and '_', not starting with a digit"
+                              + ("" if show else "; lines are KEY=VALUE or KEY, without 'export'"))
     if "\0" in entry:
         raise UsageError(f"{what}: the value of {name} contains a NUL byte")
 
