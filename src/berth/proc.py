@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -78,6 +79,19 @@ def has_program(name: str) -> bool:
     except ProgramNotFound:
         return False
     return True
+
+
+def berth_argv(*args: str, python: str | None = None, isolated: bool = False) -> list[str]:
+    """The argv with which berth starts berth (a job's runner, each node's ``berth run`` of a
+    step, the step agent's commands): this interpreter (or ``python``), ``-m berth``, ``args``.
+
+    Always ``-P``: ``python -m`` would put the working directory first on the module path --
+    a job's directory, on the shared file system: a file there named like a module berth
+    imports (``argparse.py``) would run instead, and each of a start's ~70 imports would look
+    there first. ``isolated`` (``-I``, which implies ``-P``): no PYTHONPATH or user site either,
+    for the commands a job's container asks the host for (berth.jobs.agent), whose environment
+    the container helps make."""
+    return [python or sys.executable, "-I" if isolated else "-P", "-m", "berth", *args]
 
 
 def child_env(extra: Mapping[str, str] | None = None, *, inherit: bool = True) -> dict[str, str]:

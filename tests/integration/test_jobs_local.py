@@ -491,3 +491,19 @@ def test_a_job_ends_while_its_image_mount_lingers_and_doctor_cleanup_ends_the_mo
     while fuse_mounts_under(str(state_dir)) or lingering_reapers(user.uid, str(state_dir)):
         assert time.monotonic() < deadline, (fuse_mounts_under(str(state_dir)), lingering_reapers(user.uid, str(state_dir)))
         time.sleep(0.1)
+
+
+def test_a_module_named_file_in_the_submit_directory_does_not_replace_berths(job_site, user):
+    """The runner starts in the submit directory (the user's files, often on the shared file
+    system): with ``python -m berth`` that directory came first on berth's module path, and a
+    file there named like a module berth imports ran instead of it (berth.proc.berth_argv: -P)."""
+    work = job_site.workdir(user)
+    job_site.write_script(work, "argparse.py", "raise SystemExit('the submit directory shadowed argparse')\n", user)
+    job_site.write_script(work, "ok.sh", """\
+        #!/bin/sh
+        echo done > done.txt
+    """, user)
+    job = submit(user, job_site, work, "--template", "bb", "ok.sh")
+    state = wait_for(user, job_site, [job], FINAL)[job]
+    assert state["state"] == "completed", state
+    assert (work / "done.txt").read_text() == "done\n"

@@ -889,3 +889,15 @@ def test_a_requeued_run_in_append_mode_carries_only_what_the_run_before_did_not(
     assert out.read_text() == ("run 1\nslurmstepd: early 1\nslurmstepd: *** JOB 5 CANCELLED DUE TO JOB REQUEUE ***\n"
                                "job out\njob err\n"
                                "slurmstepd: error: *** JOB 5 ON node1 CANCELLED AT 2026-12-03T17:00:00 ***\n")
+
+
+def test_berth_starts_berth_without_the_working_directory_on_its_path(tmp_path):
+    """berth.proc.berth_argv, the one way berth starts berth (job runners, step nodes, the step
+    agent): no file of the working directory named like a module berth imports runs instead."""
+    from berth import proc
+
+    (tmp_path / "argparse.py").write_text("raise SystemExit('the working directory shadowed argparse')\n")
+    for isolated in (False, True):
+        result = subprocess.run(proc.berth_argv("--version", isolated=isolated), cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert (result.returncode, result.stdout.split()[:1]) == (0, ["berth"]), result.stderr

@@ -90,7 +90,7 @@ def test_an_array_script_starts_each_tasks_runner_on_its_record_and_files():
     script = array_script(tasks, PYTHON)
     # No shell redirection: it would follow a link swapped in for the output file after
     # submission; job-exec opens each task's files itself (berth.jobs.api._array_task_output).
-    assert ("  1) exec /opt/berth/venv/bin/python -m berth job-exec --backend slurm "
+    assert ("  1) exec /opt/berth/venv/bin/python -P -m berth job-exec --backend slurm "
             "/home/alice/.local/state/berth/jobs/20 ;;") in script.splitlines()
-    assert ("  3) exec /opt/berth/venv/bin/python -m berth job-exec --backend slurm "
+    assert ("  3) exec /opt/berth/venv/bin/python -P -m berth job-exec --backend slurm "
             "/home/alice/.local/state/berth/jobs/22 ;;") in script.splitlines()

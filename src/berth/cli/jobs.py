@@ -289,11 +289,7 @@ def cmd_srun(args, ctx) -> int:
     if not image:
         raise UsageError("berth srun: no image: not inside a berth job (BERTH_JOB_IMAGE is unset)",
                          hint="give --image REF, or run it from a job submitted with berth submit")
-    # -P: "python -m" would put the working directory first on the module path of every node's
-    # berth: a file of the job's directory named like a module berth imports (argparse.py) would
-    # run instead, and each of the ~70 imports of a `berth run` stats that directory first (~60
-    # metadata operations per node and step on the shared file system jobs usually start in).
-    berth = [sys.executable, "-P", "-m", "berth"]
+    berth = proc.berth_argv()  # -P: never the job's directory on its module path
     argv = ["srun", *options, *berth, "run", *(["--scope", scope] if scope != "task" else []),
             *(["--mpi", mpi] if mpi else []), image, *command]
     # srun replaces berth: it owns the terminal's signals (one Ctrl-C: status, two: cancel).

@@ -33,7 +33,6 @@ import os
 import select
 import shlex
 import stat
-import sys
 import threading
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def host_command(program: str, args: list[str]) -> list[str]:
     (no PYTHONPATH, user site or current directory on ``sys.path``: the container cannot make
     it import anything), ``srun`` the host's, by absolute path (raises ProgramNotFound)."""
     if program == "berth":
-        return [sys.executable, "-I", "-m", "berth", *args]
+        return proc.berth_argv(*args, isolated=True)
     return [proc.find_program(program), *args]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -75,7 +74,7 @@ class LocalBackend:
         err = _open_output(spec.error) if spec.error else None
         try:
             child = proc.start(
-                [sys.executable, "-m", "berth", "job-exec", "--backend", "local", str(record.path)],
+                proc.berth_argv("job-exec", "--backend", "local", str(record.path)),
                 stdout=out, stderr=err if err is not None else out, cwd=spec.workdir, new_session=True,
                 env=proc.child_env(),
             )
