@@ -172,6 +172,29 @@ def test_unsupported_edits_are_refused_when_used(settings):
         cdi.device_edits(settings, "vendor.example/ve=0", what="--device")
 
 
+
+def test_specs_that_other_users_wrote_or_can_change_are_refused(settings):
+    """A spec's hooks run as the caller (any program: /usr/bin/sh -c ... is under mount_allow),
+    so a spec owned by another user, or writable by others or a group other than root, is
+    refused (every CDI request fails naming it) rather than read."""
+    path = _write(settings, _spec())
+    os.chmod(path, 0o644)
+    assert cdi.device_edits(settings, "vendor.example/ve=0", what="--device").origin.endswith(f"({path})")
+    for mode, gid, message in ((0o646, 0, r"writable by others \(mode 0646\)"),
+                               (0o664, 4321, r"writable by group 4321 \(mode 0664\)")):
+        os.chmod(path, mode)
+        os.chown(path, -1, gid)
+        with pytest.raises(ConfigError, match=f"CDI spec {path}: {message}"):
+            cdi.device_edits(settings, "vendor.example/ve=0", what="--device")
+    os.chmod(path, 0o664)
+    os.chown(path, -1, 0)  # group root may write (root's own group)
+    assert cdi.device_edits(settings, "vendor.example/ve=0", what="--device").env == ()
+    os.chmod(path, 0o644)
+    os.chown(path, 4321, -1)
+    with pytest.raises(ConfigError, match=f"CDI spec {path}: owned by uid 4321, neither root nor you"):
+        cdi.device_edits(settings, "vendor.example/ve=0", what="--device")
+
+
 # --- judging edits ----------------------------------------------------------------------------
 
 def test_mount_source_outside_allowed_places_is_refused(settings, tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat as stat_module
 from collections.abc import Mapping
 from typing import Any
 
@@ -329,11 +330,26 @@ def _read(file: str) -> bytes:
     except OSError as exc:
         raise ConfigError(f"CDI spec {file}: cannot open it ({exc.strerror})", hint=_HINT) from None
     with os.fdopen(fd, "rb") as handle:
-        import stat as stat_module
-
-        if not stat_module.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        info = os.fstat(handle.fileno())
+        if not stat_module.S_ISREG(info.st_mode):
             raise ConfigError(f"CDI spec {file}: not a regular file", hint=_HINT)
+        check_spec_writers(file, info)
         return handle.read(MAX_SPEC_BYTES + 1)
+
+
+def check_spec_writers(file: str, info: os.stat_result) -> None:
+    """Refuse a spec that someone other than root or the caller wrote or can change: its hooks
+    run programs (``/usr/bin/sh -c ...`` lies under any ``mount_allow``) as the caller on the
+    host, so whoever can write the spec can run code as every user who asks for its devices.
+    Group write is accepted for group root only. Raises ConfigError."""
+    mode = stat_module.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, os.getuid()):
+        raise ConfigError(f"CDI spec {file}: owned by uid {info.st_uid}, neither root nor you: berth does not "
+                          "read specs other users wrote (their hooks would run as you)", hint=_HINT)
+    if mode & 0o002 or (mode & 0o020 and info.st_gid != 0):
+        raise ConfigError(f"CDI spec {file}: writable by {'others' if mode & 0o002 else f'group {info.st_gid}'} "
+                          f"(mode {mode:04o}): berth does not read a spec other users can change (its hooks "
+                          "would run as you)", hint=f"chmod go-w {file} (ask your site administrator)")
 
 
 def load_registry(directories) -> Registry:
