@@ -24,7 +24,8 @@ host's environment plus only the variables of :func:`step_environment`'s allow-l
 that makes a host program load code or configuration: ``LD_*``, ``PYTHON*``, ``BASH_ENV``,
 ``BERTH_CONFIG_DIR``...), ``berth`` is this interpreter in isolated mode (``python -I -m
 berth``) and ``srun`` is found on the host's PATH, and no file of the request is read or
-written through a link.
+written through a link (the request directory itself is opened once, before the container
+starts, and every request relative to it).
 """
 
 from __future__ import annotations
