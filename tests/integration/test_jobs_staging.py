@@ -210,6 +210,47 @@ def test_credentials_in_container_only_on_request(job_site, user, s3_server, s3_
     assert s3_dataset["nested/level0/deeper0/small-0000.bin"] in env_text
 
 
+@pytest.mark.parametrize("command", ["status", "jobs", "submit"])
+def test_credentials_of_a_killed_runner_are_removed_by_the_next_berth(job_site, user, s3_server, s3_profile,
+                                                                       command):
+    """A runner killed with SIGKILL (or a node crash) never runs its clean-up: the credentials
+    file it wrote stayed in the record for good. The next `berth status`, `berth jobs` or
+    `berth submit` of the user, which finds the job gone, removes it."""
+    import os
+    import signal
+    import time
+
+    work = job_site.workdir(user)
+    env = {**s3_profile(user), "BERTH_BACKEND": "local"}
+    job_site.write_script(work, "nap.sh", "#!/bin/sh\necho up > up.txt\nsleep 20\n", user)
+    job_site.write_script(work, "quick.sh", "#!/bin/sh\ntrue\n", user)
+    job_id = submit(user, job_site, work, "--template", "bb", "--s3-credentials-in-container", "nap.sh", env=env)
+    wait_file(work / "up.txt", timeout_s=60, contains="up")
+    record = job_site.jobs_dir / job_id
+    files = [record / "ctr" / "s3-credentials", record / "ctr" / "s3-config"]
+    assert all(path.exists() for path in files)
+    runner = int((record / "runner.pid").read_text())
+    os.kill(runner, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{runner}") and open(f"/proc/{runner}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the killed runner did not exit"
+        time.sleep(0.1)
+    assert all(path.exists() for path in files)  # nobody has looked yet
+    if command == "status":
+        status = json.loads(user.berth("status", job_id, "--json", env={**job_site.env, **env}).stdout)
+    elif command == "jobs":
+        status = wait_for(user, job_site, [job_id], FINAL, env=env)[job_id]
+    else:
+        other = submit(user, job_site, work, "--template", "bb", "quick.sh", env=env)
+        assert other != job_id
+        assert not any(path.exists() for path in files)  # by the submit itself, before any status
+        status = wait_for(user, job_site, [job_id], FINAL, env=env)[job_id]
+    assert status["state"] == "failed" and "runner is gone" in status["message"], status
+    assert not any(path.exists() for path in files)
+    assert s3_server.user_keys.secret_key not in "".join(
+        p.read_text(errors="replace") for p in record.rglob("*") if p.is_file())
+
+
 def test_bad_staging_options_are_refused_at_submit(job_site, user, s3_profile):
     work = job_site.workdir(user)
     job_site.write_script(work, "x.sh", "#!/bin/sh\ntrue\n", user)

@@ -313,6 +313,7 @@ def submit(settings: Settings, request: SubmitRequest) -> Submitted:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+    _forget_ended_credentials(settings)
     return Submitted(specs[0], native_ids[0], tuple(notes), tuple(specs))
 
 
@@ -501,7 +502,32 @@ def _check_container_options(settings: Settings, spec: JobSpec, record: JobRecor
 def status(settings: Settings, job_id: str) -> JobStatus:
     record = find_record(settings, job_id)
     spec = record.read_spec()
-    return get_backend(settings, spec.backend).status(record, spec)
+    return _forget_credentials([record], [get_backend(settings, spec.backend).status(record, spec)])[0]
+
+
+def _forget_credentials(records: list[JobRecord], found: list[JobStatus]) -> list[JobStatus]:
+    """Remove the credential files of the jobs among ``found`` that ended: their runner removes
+    them, but one killed with SIGKILL (or with its node) never did (docs/staging.md)."""
+    by_id = {record.id: record for record in records}
+    for current in found:
+        if current.result.final and current.spec.id in by_id:
+            by_id[current.spec.id].remove_credentials()
+    return found
+
+
+def _forget_ended_credentials(settings: Settings) -> None:
+    """At submit: the credential files left by the user's ended jobs (only jobs that still have
+    one are asked about; a scheduler that cannot be asked is left for the next time)."""
+    groups: dict[str, list] = {}
+    for record in list_records(settings):
+        if not any(path.exists() for path in record.credential_files):
+            continue
+        with contextlib.suppress(BerthError):
+            spec = record.read_spec()
+            groups.setdefault(spec.backend, []).append((record, spec))
+    for name, items in groups.items():
+        with contextlib.suppress(BerthError):
+            _forget_credentials([record for record, _ in items], get_backend(settings, name).statuses(items))
 
 
 def list_jobs(settings: Settings, backend_name: str | None = None,
@@ -521,7 +547,8 @@ def list_jobs(settings: Settings, backend_name: str | None = None,
     found: list[JobStatus] = []
     for name, items in groups.items():
         try:
-            found.extend(get_backend(settings, name).statuses(items))
+            found.extend(_forget_credentials([record for record, _ in items],
+                                             get_backend(settings, name).statuses(items)))
         except BerthError as error:
             if warnings is not None:
                 warnings.append(f"{name} jobs show their last recorded state: {error.message}")

@@ -83,6 +83,22 @@ class JobRecord(Record):
         return self.container_dir / "started"
 
     @property
+    def credential_files(self) -> tuple[Path, Path]:
+        """``--s3-credentials-in-container``: the AWS credentials and config files, in the part of
+        the record the container sees (the record directory is 0700: no other user reaches them)."""
+        return self.container_dir / "s3-credentials", self.container_dir / "s3-config"
+
+    def remove_credentials(self) -> None:
+        """Remove the job's credential files: by its runner after the container, and by the
+        status that finds the job ended (a runner killed with SIGKILL, or with its node, never
+        removed them; secrets must not outlive the job)."""
+        for path in self.credential_files:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a record being removed meanwhile; the next status tries again
+                pass
+
+    @property
     def cancel_file(self) -> Path:
         return self.path / "cancel"
 

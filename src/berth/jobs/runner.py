@@ -168,12 +168,6 @@ def stage_and_run(settings, spec: JobSpec, record: JobRecord, report, *, limit_r
     return run_container(settings, image, command, options, gpu_wait_s=float("inf") if limit_resources else 0.0)
 
 
-def credential_files(record: JobRecord) -> tuple[Path, Path]:
-    """``--s3-credentials-in-container``: the AWS credentials and config files, in the part of
-    the record the container sees (the record directory is 0700: no other user reaches them)."""
-    return record.container_dir / "s3-credentials", record.container_dir / "s3-config"
-
-
 def container_credentials(settings, spec: JobSpec, record: JobRecord) -> list[str]:
     """Write the job's S3 profile as 0600 AWS files for the container (only on request) and
     return the variables that point the AWS tools at them. The keys go into the file, never
@@ -182,7 +176,7 @@ def container_credentials(settings, spec: JobSpec, record: JobRecord) -> list[st
     from berth.staging.profiles import credentials_file_text, resolve_profile
 
     profile = resolve_profile(spec.s3_profile, settings=settings)
-    credentials, config = credential_files(record)
+    credentials, config = record.credential_files
     atomic_write(credentials, credentials_file_text(profile), mode=0o600)
     lines = ["[default]", f"region = {profile.region}"]
     if profile.endpoint:
@@ -366,8 +360,7 @@ class Supervisor:
             agent.stop()
             stop_steps(agent, float(spec.stop_timeout_s))
             os.close(events_read)
-            for path in credential_files(self.record):
-                path.unlink(missing_ok=True)
+            self.record.remove_credentials()
         if spec.stage_out:
             self._hold_final = False
             result = self._stage_out_after(result)
