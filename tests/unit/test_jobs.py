@@ -205,6 +205,40 @@ def test_more_than_the_template_is_a_policy_error(resources, message):
     assert error.value.message == message
 
 
+def _passthrough(words: list[str]):
+    return merge_options(parse_options(words)[0]).passthrough
+
+
+@pytest.mark.parametrize("words,resources,message", [
+    (["--mincpus=9"], Resources(ntasks_per_node=2),
+     "command line: --mincpus=9 gives 9 CPUs per node, more than template 'small' allows (cpu=4 per task, "
+     "8 per node)"),
+    (["--cpus-per-gpu=5"], Resources(),
+     "command line: --cpus-per-gpu=5 gives 5 CPUs per node, more than template 'small' allows (cpu=4 per task, "
+     "4 per node)"),
+    (["--gpus-per-node=1", "--cpus-per-gpu=3"], Resources(ntasks_per_node=1, cpus_per_task=2),
+     "command line: --cpus-per-gpu=3 gives 3 CPUs per node, more than template 'small' allows (cpu=4 per task, "
+     "2 per node)"),
+    (["--exclusive"], Resources(exclusive=True),
+     "--exclusive gives the job whole nodes, more CPUs than template 'small' allows (cpu=4 per task)"),
+])
+def test_options_that_ask_for_more_cpus_than_the_template_are_policy_errors(words, resources, message):
+    """--mincpus, --cpus-per-gpu and --exclusive passed through unchecked asked Slurm for more
+    CPUs than the template allows."""
+    with pytest.raises(PolicyError) as error:
+        apply_template(resources, FakeTemplate(), _passthrough(words))
+    assert error.value.message == message and error.value.hint
+
+
+def test_cpu_options_within_the_template_pass():
+    assert apply_template(Resources(ntasks_per_node=2), FakeTemplate(), _passthrough(["--mincpus=8"])).cpus_per_task == 4
+    assert apply_template(Resources(), FakeTemplate(gpu=2), _passthrough(["--cpus-per-gpu=2"])).gpus == 2
+    assert apply_template(Resources(), FakeTemplate(gpu=0), _passthrough(["--cpus-per-gpu=64"])).gpus is None
+    assert apply_template(Resources(), FakeTemplate(), _passthrough(["--exclusive=user"])).cpus_per_task == 4
+    with pytest.raises(UsageError, match="--mincpus 'x': not a whole number"):
+        apply_template(Resources(), FakeTemplate(), _passthrough(["--mincpus=x"]))
+
+
 def test_script_checks(tmp_path):
     good = tmp_path / "good.sh"
     good.write_text("#!/bin/sh\necho\n")
@@ -639,7 +673,8 @@ def test_sbatch_does_not_get_the_input_variables_of_options_berth_decides(monkey
     from berth.jobs.slurm import sbatch_env
 
     for name, value in (("SBATCH_GPUS", "8"), ("SBATCH_MEM_PER_CPU", "100G"), ("SBATCH_TIMELIMIT", "99:00:00"),
-                        ("SBATCH_EXPORT", "NONE"), ("SBATCH_ACCOUNT", "chem"), ("SBATCH_QOS", "high")):
+                        ("SBATCH_EXPORT", "NONE"), ("SBATCH_ACCOUNT", "chem"), ("SBATCH_QOS", "high"),
+                        ("SBATCH_CPUS_PER_GPU", "64"), ("SBATCH_EXCLUSIVE", "")):
         monkeypatch.setenv(name, value)
     env = sbatch_env()
     assert {k for k in env if k.startswith("SBATCH_")} == {"SBATCH_ACCOUNT", "SBATCH_QOS"}

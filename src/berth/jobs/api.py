@@ -154,12 +154,36 @@ def apply_template(resources: Resources, template, passthrough=()) -> Resources:
                                   f"per node, more than template '{template.name}' allows "
                                   f"(memsz={format_size(template.memsz_bytes)})",
                                   hint="ask for less, or ask your site administrator for a larger template")
+    _check_cpu_options(resources, template, passthrough, cpus, gpus)
     return replace(
         resources,
         cpus_per_task=cpus if cpus is not None else template.cpu,
         memory_bytes=memory if memory is not None else template.memsz_bytes,
         gpus=gpus if gpus is not None else (template.gpu or None),
     )
+
+
+def _check_cpu_options(resources: Resources, template, passthrough, cpus: int | None, gpus: int | None) -> None:
+    """The sbatch options that also ask for CPUs, held to the template's ``cpu`` (per task, so
+    per node: times the tasks per node): ``--mincpus`` and ``--cpus-per-gpu`` (times the GPUs per
+    node) are checked, ``--exclusive`` (whole nodes: every CPU of them) is refused."""
+    if resources.exclusive:
+        raise PolicyError(f"--exclusive gives the job whole nodes, more CPUs than template '{template.name}' "
+                          f"allows (cpu={template.cpu} per task)",
+                          hint="leave --exclusive out (the template's resources are the job's), "
+                               "or ask your site administrator for a larger template")
+    per_node = (cpus or template.cpu) * (resources.ntasks_per_node or 1)
+    for option in passthrough:
+        if not option.known or option.value is None or option.name not in ("mincpus", "cpus-per-gpu"):
+            continue
+        count = opts.positive_int(option.value, f"--{option.name}", opts.MAX_CPUS_PER_TASK)
+        if option.name == "cpus-per-gpu":
+            count *= gpus if gpus is not None else template.gpu
+        if count > per_node:
+            raise PolicyError(f"{option.where}: --{option.name}={option.value} gives {count} CPUs per node, "
+                              f"more than template '{template.name}' allows (cpu={template.cpu} per task, "
+                              f"{per_node} per node)",
+                              hint="ask for fewer CPUs, or ask your site administrator for a larger template")
 
 
 def _expand_path(pattern: str, spec_id: str, name: str, workdir: str, array_id: str = "",

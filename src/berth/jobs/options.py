@@ -258,7 +258,7 @@ INTERPRETED: dict[str, tuple[str, str]] = {
     "output": ("output", "stdout file (%j: job id, %x: job name, %u: user)"),
     "error": ("error", "stderr file (default: with stdout)"),
     "partition": ("partition", "scheduler partition"),
-    "exclusive": ("exclusive", "whole nodes for this job"),
+    "exclusive": ("exclusive", "whole nodes for this job (refused with a template)"),
     "chdir": ("chdir", "the job's working directory (default: the current directory)"),
     "comment": ("comment", "free text; berth adds its own record tag in front"),
     "array": ("array", "a job array: task ids 1-10, 1,3,5 or 0-9:3, %N: at most N at once"),
@@ -266,7 +266,7 @@ INTERPRETED: dict[str, tuple[str, str]] = {
 
 #: sbatch options berth checks against the template and then passes on unchanged.
 CHECKED = ("gpus-per-node", "gpus-per-task", "gpus-per-socket", "mem-per-cpu", "mem-per-gpu",
-           "export", "dependency")
+           "mincpus", "cpus-per-gpu", "export", "dependency")
 
 #: sbatch options that would take over what berth does for the job: long name -> why refused.
 REFUSED: dict[str, str] = {
