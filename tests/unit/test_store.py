@@ -127,6 +127,33 @@ def test_partial_download_resumes_with_rehash(store):
     assert store.blob_path(digest).read_bytes() == data
 
 
+def test_descriptor_lying_about_a_stored_blobs_size_keeps_the_blob(store):
+    """A hostile manifest naming a stored (verified) blob with another size must not make
+    the store delete that blob, which other images use: the descriptor is what is wrong."""
+    data = os.urandom(5000)
+    digest = _digest(data)
+    store.put_blob_bytes(digest, data)
+    for lie in (10, len(data) + 10):
+        with pytest.raises(DigestMismatch, match="announces"):
+            with store.blob_download(digest, lie):
+                pass
+        assert store.blob_path(digest).read_bytes() == data
+
+
+def test_stored_blob_truncated_on_disk_is_downloaded_again(store):
+    data = os.urandom(5000)
+    digest = _digest(data)
+    store.put_blob_bytes(digest, data)
+    path = store.blob_path(digest)
+    os.chmod(path, 0o600)
+    path.write_bytes(data[:100])  # damaged on disk: its content no longer has its digest
+    with store.blob_download(digest, len(data)) as writer:
+        assert writer is not None
+        writer.write(data)
+        writer.commit()
+    assert path.read_bytes() == data
+
+
 def test_restart_from_zero_when_range_ignored(store):
     data = os.urandom(5000)
     digest = _digest(data)

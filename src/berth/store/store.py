@@ -267,13 +267,24 @@ class Store:
         """
         with self.blob_lock(digest):
             if self.has_blob(digest):
-                if self.blob_size(digest) == size_bytes:
+                stored_size = self.blob_size(digest)
+                if stored_size == size_bytes:
                     yield None
                     return
-                # A stored blob of the wrong size cannot come from us (verified before
-                # publishing): treat it as corruption and download again.
-                with store_errors(self, "removing corrupt blob", self.blob_path(digest)):
-                    os.unlink(self.blob_path(digest))
+                path = self.blob_path(digest)
+                with store_errors(self, "reading", path):
+                    intact = _file_digest(path, algorithm=digest.algorithm) == digest
+                if intact:
+                    # Verified content of that digest has this size: the descriptor lies
+                    # (a hostile manifest must not make the store drop a blob others use).
+                    raise DigestMismatch(
+                        f"the manifest announces blob {digest} as {size_bytes} bytes, but that "
+                        f"blob is {stored_size} bytes",
+                        hint="the image's manifest is wrong: tell the registry's administrator "
+                        "or the image's maintainer")
+                # Damaged on disk (it was verified before publishing): download it again.
+                with store_errors(self, "removing corrupt blob", path):
+                    os.unlink(path)
             writer = BlobWriter(self, digest, size_bytes, resume=True)
             try:
                 yield writer
@@ -718,14 +729,14 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _file_digest(path: Path, *, sync: bool = False) -> Digest:
-    """The SHA-256 of the file at ``path``; with ``sync``, the file is also fsynced, in a
+def _file_digest(path: Path, *, sync: bool = False, algorithm: str = "sha256") -> Digest:
+    """The digest (SHA-256 unless ``algorithm`` says) of the file at ``path``; with ``sync``, the file is also fsynced, in a
     thread while it is hashed: both release the GIL, and the fsync of a fresh image (mostly a
     journal commit, ~0.1 s on the test machine whatever the size) and its hash (~0.08 s for
     116 MB) then cost the longer of the two instead of their sum (issue 10, target 4;
     bench/RESULTS.md "Pull + convert, the Python pass and the durability overlap").
     Raises the fsync's OSError after the hash."""
-    hasher = new_hasher("sha256")
+    hasher = new_hasher(algorithm)
     with open(path, "rb") as handle:
         syncing = None
         failure: list[OSError] = []
@@ -752,7 +763,7 @@ def _file_digest(path: Path, *, sync: bool = False) -> Digest:
                 syncing.join()
         if failure:
             raise failure[0]
-    return Digest("sha256", hasher.hexdigest())
+    return Digest(algorithm, hasher.hexdigest())
 
 
 def _remove_tree(path: Path) -> None:
