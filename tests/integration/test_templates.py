@@ -329,3 +329,26 @@ def test_modify_image_and_refresh_repin(pull_site, admin, registry, busybox_imag
     assert result.returncode == 0, describe(result)
     assert f"now pinned at {second} (was {first})" in result.stdout
     assert load_template(pull_site.settings(), "moving").image_digest == second
+
+
+def test_a_pinned_image_survives_its_tag_moving_and_prune(pull_site, admin, registry):
+    """A template pins a digest, but the site index named the image only by its tag: once the
+    tag moved (an admin pulled it again) or was removed, `prune --site` deleted the image every
+    job of the template runs, and those jobs failed with "in no store"."""
+    from berth.image.api import find_image
+    from tests.harness import images
+
+    first = images.push_image(registry, "test/cfg-pin", "1", images.busybox_spec(marker="one"))
+    reference = f"{registry.host}/test/cfg-pin:1"
+    result = admin.berth("template", "create", "pinned", f"image={reference}", "cpu=1", "memsz=64M",
+                         env=pull_site.env)
+    assert result.returncode == 0, describe(result)
+    second = images.push_image(registry, "test/cfg-pin", "1", images.busybox_spec(marker="two"))
+    assert second != first
+    for argv in (("pull", "--site", "-q", reference), ("rmi", "--site", reference), ("prune", "--site")):
+        result = admin.berth(*argv, env=pull_site.env)
+        assert result.returncode == 0, describe(result)
+    template = load_template(pull_site.settings(), "pinned")
+    assert template.image_digest == first
+    stored = find_image(pull_site.settings(), template.pinned_reference)
+    assert stored is not None and stored.store == "site" and str(stored.digest) == first
