@@ -224,6 +224,31 @@ def test_blob_redirect_to_storage_without_registry_credentials(server):
         storage.stop()
 
 
+def test_a_challenge_from_the_redirect_target_gets_no_registry_credentials(server):
+    """Storage that a blob GET is redirected to answers 401 with its own Bearer realm: berth
+    must not fetch a token there with the registry's password (nor send it anywhere else)."""
+    storage_requests = []
+
+    def storage_handler(request):
+        storage_requests.append(request)
+        return Reply(401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{storage.url}/token",service="s"')])
+
+    storage = FakeServer(storage_handler)
+    try:
+        server.handler = lambda request: (
+            Reply(401, multi_headers=[("WWW-Authenticate", 'Basic realm="r"')])
+            if not request.header("Authorization") else Reply(200) if request.path == "/v2/" else
+            Reply(307, headers={"Location": f"{storage.url}/bucket/{BLOB_DIGEST.hex}"}))
+        client = client_for(server, creds(server.host))
+        client.ping()  # the registry is known to want Basic: the blob GET carries it at once
+        with pytest.raises(AuthenticationError, match=f"redirected blob {BLOB_DIGEST} of a to {storage.host}"):
+            client.open_blob("a", BLOB_DIGEST)
+        assert [r.path for r in storage_requests if r.path.startswith("/token")] == []
+        assert all(r.header("Authorization") is None for r in storage_requests)
+    finally:
+        storage.stop()
+
+
 # -- authentication --------------------------------------------------------------------------
 
 class TokenRegistry:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from berth.errors import (
+    AuthenticationError,
     DigestMismatch,
     ManifestUnknown,
     NotFound,
@@ -427,6 +428,15 @@ class RegistryClient:
             if response.status not in (401, 403) or response.status in accept:
                 return response
             detail = _error_text(response, stream)
+            # A challenge from another host (one the registry redirected to) is refused as it
+            # is: answering it would send the registry's password to that host's token realm.
+            answered_by = getattr(response, "final_url", url)
+            if ours and not same_origin(answered_by, self.base_url):
+                raise AuthenticationError(
+                    f"registry {self.host} redirected {what} to {urlsplit(answered_by).netloc}, which refused "
+                    f"it (HTTP {response.status})" + (f": {detail}" if detail else ""),
+                    hint="berth sends the registry's credentials to no other host: tell the registry's "
+                    "operator (its storage redirect needs no credentials of yours)")
             if response.status == 403 or attempt == 1 or not ours:
                 raise self.authorizer.refused(response.status, what, detail)
             auth_headers = self.authorizer.answer(response, scope)

@@ -180,7 +180,8 @@ class Transport:
         the body unread (the caller must ``release_conn()``). A file ``body`` must be seekable
         for retries (it is rewound to where it was). Redirects (301/302/303/307/308) are
         followed up to MAX_REDIRECTS; ``Authorization`` is dropped when the target is on another
-        origin. 404 raises ``not_found(detail)`` when given, else NotFound. Raises
+        origin; the response's ``final_url`` is the URL that answered. 404 raises
+        ``not_found(detail)`` when given, else NotFound. Raises
         AuthenticationError (401/403 not accepted), RateLimited, RegistryUnreachable or
         RegistryError. ``budget`` is the operation's retry budget when this request is part of
         a larger one (a blob download that resumes, a manifest read again); by default the
@@ -242,6 +243,9 @@ class Transport:
                 retries=False,
                 timeout=self.timeout,
             )
+            # Where the answer came from: a challenge (401) from a host the registry redirected
+            # to is not the registry's to answer with its credentials (RegistryClient._request).
+            response.final_url = current_url
             if not follow_redirects or response.status not in (301, 302, 303, 307, 308):
                 return response
             location = response.headers.get("Location")
