@@ -71,3 +71,18 @@ def test_an_error_with_its_own_hint_keeps_it(monkeypatch, settings):
     with pytest.raises(ImageError) as caught:
         _pull_with(monkeypatch, settings, client)
     assert caught.value.hint == "berth pulls OCI and Docker schema 2 images and indexes"
+
+
+def test_an_image_config_of_gigabytes_is_refused_before_anything_is_fetched(monkeypatch, settings):
+    """The config is read into memory once stored: a manifest announcing an 8 GiB config made
+    berth download it to the store, then read it all into memory."""
+    config = Digest.of(b"huge")
+    data = ('{"schemaVersion": 2, "mediaType": "%s", "config": {"mediaType": "%s", "digest": "%s", '
+            '"size": %d}, "layers": []}' % (mediatypes.OCI_MANIFEST, mediatypes.OCI_CONFIG, config, 8 << 30))
+    client = OneManifestClient({"1": _manifest(data.encode(), mediatypes.OCI_MANIFEST)})
+    with pytest.raises(ImageError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    assert caught.value.message == (f"the manifest of example.org/team/app:1, config: descriptor of {config} "
+                                    f"announces {8 << 30} bytes, more than the 16777216 bytes berth accepts "
+                                    "for an image config")
+    assert caught.value.hint == HINT

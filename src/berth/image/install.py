@@ -17,7 +17,7 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest, InvalidDigest
 from berth.record import Record
 from berth.store.store import Store
-from berth.untrusted import parse_json
+from berth.untrusted import MAX_JSON_BYTES, parse_json
 
 
 class Descriptor(Record):
@@ -58,6 +58,11 @@ def parse_image_manifest(data: bytes, what: str) -> tuple[dict, Descriptor, list
             "with a current tool (e.g. `skopeo copy`)",
         )
     config = parse_descriptor(manifest.get("config"), f"the manifest of {what}, config")
+    if config.size_bytes > MAX_JSON_BYTES:
+        # A config is read into memory: refuse a huge one before fetching it.
+        raise ImageError(f"the manifest of {what}, config: descriptor of {config.digest} announces "
+                         f"{config.size_bytes} bytes, more than the {MAX_JSON_BYTES} bytes berth accepts "
+                         "for an image config")
     layers_json = manifest.get("layers")
     if not isinstance(layers_json, list):
         raise ImageError(f"the manifest of {what} has no 'layers' list")
