@@ -249,6 +249,23 @@ def test_a_challenge_from_the_redirect_target_gets_no_registry_credentials(serve
         storage.stop()
 
 
+def test_a_token_that_cannot_be_a_header_is_a_registry_error_that_does_not_show_it(server):
+    """A token with a line break made http.client raise ValueError (a traceback that printed
+    the token); it is refused as the token server's fault, without its value."""
+    def handle(request):
+        if request.path.startswith("/token"):
+            return Reply(200, json.dumps({"token": "secret-token\r\nX-Injected: 1"}).encode())
+        return Reply(401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{server.url}/token",service="s"')])
+
+    server.handler = handle
+    with pytest.raises(RegistryError) as caught:
+        client_for(server).get_manifest("team/app", "v1")
+    assert "secret-token" not in caught.value.message + (caught.value.hint or "")
+    assert f"the token server {server.host} of registry {server.host} answered with a token" in caught.value.message
+    assert all(request.path.startswith("/token") or request.header("Authorization") is None
+               for request in server.requests)
+
+
 # -- authentication --------------------------------------------------------------------------
 
 class TokenRegistry:

@@ -19,6 +19,7 @@ sending an unauthenticated request. Thread-safe: parallel layer downloads share 
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,9 @@ from berth.untrusted import parse_json
 DEFAULT_TOKEN_LIFETIME_S = 60.0
 EXPIRY_MARGIN_S = 10.0
 MAX_TOKEN_RESPONSE_BYTES = 1 << 20
+#: What a token may hold: it is sent as ``Authorization: Bearer TOKEN`` (RFC 6750 b64token,
+#: widened to every visible ASCII character).
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 class _Token(Record):
@@ -208,6 +212,14 @@ class Authorizer:
             raise RegistryError(
                 f"the token server {parts.netloc} of registry {self.registry} answered without a token",
                 hint="tell the registry's operator: the token response must hold 'token' or 'access_token'",
+            )
+        if not _TOKEN_CHARS.fullmatch(value):
+            # It goes into a header: a line break or a control character there must not reach
+            # http.client (whose ValueError would print the token in a traceback).
+            raise RegistryError(
+                f"the token server {parts.netloc} of registry {self.registry} answered with a token "
+                "that is not printable ASCII",
+                hint="tell the registry's operator: a bearer token is printable ASCII without spaces",
             )
         token = _Token(value, self.clock() + max(0.0, lifetime - min(EXPIRY_MARGIN_S, lifetime / 2)))
         with self._lock:
