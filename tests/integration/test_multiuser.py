@@ -243,3 +243,23 @@ def test_an_exported_xdg_runtime_dir_that_is_missing_or_foreign_falls_back(user,
     result = _in_private_tmp(prepare + _berth_run_script(user, runtime_images.busybox, path))
     assert result.returncode == 0 and "ran-ok" in result.stdout, describe(result)
     assert _state_dirs(result.stdout) == {f"/tmp/berth-{user.uid}": (user.uid, "700", "directory")}, result.stdout
+
+
+def test_what_an_admin_with_umask_077_puts_in_the_site_store_is_readable_and_closed(
+        admin, other_user, site_config, registry, busybox_image):
+    """The site store is read by every user and written by the administrators only, whatever
+    the administrator's umask: content readable by all, nothing writable by group or others."""
+    site_config.trust_registry(registry.host)
+    env = dict(site_config.env)
+    pulled = _as(admin, [str(berth_executable()), "pull", "--site", "-q", str(busybox_image)], env=env,
+                 umask=0o077)
+    assert pulled.returncode == 0, describe(pulled)
+    private = {site_config.site_store / "tmp", site_config.site_store / "locks"}
+    for path in [site_config.site_store, *site_config.site_store.rglob("*")]:
+        if path in private or path.parent in private:
+            continue
+        mode = _mode(path)
+        assert not mode & 0o022, (path, oct(mode))
+        assert mode & 0o004 and (not path.is_dir() or mode & 0o001), (path, oct(mode))
+    seen = other_user.berth("inspect", str(busybox_image), env=env)
+    assert seen.returncode == 0 and busybox_image.digest in seen.stdout, describe(seen)
