@@ -266,6 +266,21 @@ def test_a_token_that_cannot_be_a_header_is_a_registry_error_that_does_not_show_
                for request in server.requests)
 
 
+@pytest.mark.parametrize("reply", [
+    Reply(200, b'{"token": "t", "pad": "' + b"x" * (3 << 20) + b'"}'),
+    Reply(200, b'{"token": "t"}', headers={"Content-Length": str(10 << 30)}, drop_after=14),
+], ids=["3MiB-body", "10GiB-announced"])
+def test_a_token_response_is_read_with_a_bound(server, reply):
+    """The token response was read whole into memory before its size was checked: a token
+    server could answer gigabytes. It is refused as soon as it passes 1 MiB (or says it will)."""
+    server.handler = lambda request: reply if request.path.startswith("/token") else Reply(
+        401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{server.url}/token",service="s"')])
+    with pytest.raises(RegistryError) as caught:
+        client_for(server, retries=0).get_manifest("team/app", "v1")
+    assert f"the token response of {server.host} is " in caught.value.message
+    assert "more than the 1048576 bytes berth accepts" in caught.value.message
+
+
 # -- authentication --------------------------------------------------------------------------
 
 class TokenRegistry:

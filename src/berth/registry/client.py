@@ -40,6 +40,7 @@ from berth.registry.transport import (
     Transport,
     error_detail,
     parse_retry_after,
+    read_bounded,
     same_origin,
 )
 from berth.retry import is_transient
@@ -228,7 +229,8 @@ class RegistryClient:
                 budget=budget,
             )
             try:
-                data = self._read_bounded(response, MAX_MANIFEST_BYTES, what)
+                data = read_bounded(response, MAX_MANIFEST_BYTES, what, self.host,
+                                    hint="tell the image's maintainer: registries and runtimes refuse documents that large")
                 break
             except RegistryUnreachable:
                 # The connection broke inside the body: a manifest is small, fetch it again
@@ -443,29 +445,6 @@ class RegistryClient:
             if position is not None:
                 body.seek(position)  # type: ignore[union-attr]
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _read_bounded(self, response: Any, limit: int, what: str) -> bytes:
-        import urllib3.exceptions as uexc
-
-        length = response.headers.get("Content-Length")
-        if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
-            raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts",
-                                hint="tell the image's maintainer: registries and runtimes refuse documents that large")
-        data = bytearray()
-        try:
-            # Read until the end: urllib3 notices a body cut short of its Content-Length only
-            # on the read that finds the end of the stream.
-            while chunk := response.read(64 * 1024, decode_content=False):
-                data += chunk
-                if len(data) > limit:
-                    raise RegistryError(f"{what} is more than the {limit} bytes berth accepts",
-                                        hint="tell the image's maintainer: registries and runtimes refuse "
-                                        "documents that large")
-        except (uexc.HTTPError, OSError) as exc:
-            raise RegistryUnreachable(
-                f"connection to registry {self.host} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"
-            ) from None
-        return bytes(data)
 
     def _manifest_media_type(self, content_type: str | None, data: bytes, what: str) -> str:
         declared = (content_type or "").split(";", 1)[0].strip().lower()

@@ -80,6 +80,30 @@ def error_detail(body: bytes) -> str:
     return text[:200]
 
 
+def read_bounded(response, limit: int, what: str, registry: str, *, hint: str) -> bytes:
+    """The body of a ``stream=True`` response, refused (RegistryError with ``hint``) past
+    ``limit`` bytes, whatever its Content-Length says: a document berth parses must never be
+    read whole into memory first. A connection lost meanwhile is RegistryUnreachable."""
+    import urllib3.exceptions as uexc
+
+    length = response.headers.get("Content-Length")
+    if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
+        raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts", hint=hint)
+    data = bytearray()
+    try:
+        # Read until the end: urllib3 notices a body cut short of its Content-Length only
+        # on the read that finds the end of the stream.
+        while chunk := response.read(64 * 1024, decode_content=False):
+            data += chunk
+            if len(data) > limit:
+                raise RegistryError(f"{what} is more than the {limit} bytes berth accepts", hint=hint)
+    except (uexc.HTTPError, OSError) as exc:
+        raise RegistryUnreachable(
+            f"connection to registry {registry} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"
+        ) from None
+    return bytes(data)
+
+
 class Transport:
     """Sends requests to one registry (and the hosts it redirects to) with retries.
 
