@@ -264,3 +264,21 @@ def test_no_proxy_and_loopback_bypass_the_proxy(server):
     for loopback in ("127.0.0.1:5000", "localhost", "[::1]:5000", "127.9.9.9"):
         assert transport.proxy_for(f"http://{loopback}/v2/") is None, loopback
     assert Transport("x", proxies={}).proxy_for("http://registry.example/") is None
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(200, b"{" + b" " * (3 << 20) + b"}"),
+    Reply(200, b"{}", headers={"Content-Length": str(10 << 30)}, drop_after=2),
+], ids=["3MiB-body", "10GiB-announced"])
+def test_an_answer_that_is_not_streamed_is_read_with_a_bound(server, reply):
+    """A ping (berth login) or an upload's answer was read whole into memory: a registry could
+    answer gigabytes. Past 1 MiB (or announcing more) it is refused, without reading it all."""
+    server.handler = lambda request: reply
+    with pytest.raises(RegistryError, match="answered the API root with more than 1048576 bytes"):
+        make_transport(server, []).request("GET", f"{server.url}/v2/", accept=(200,), what="the API root")
+
+
+def test_a_head_announcing_a_large_blob_is_not_refused(server):
+    server.handler = lambda request: Reply(200, b"x" * (2 << 20))
+    response = make_transport(server, []).request("HEAD", f"{server.url}/v2/a/blobs/x", accept=(200,), what="blob")
+    assert response.status == 200 and response.headers["Content-Length"] == str(2 << 20)

@@ -45,6 +45,9 @@ from berth.retry import (  # noqa: F401
 
 USER_AGENT = f"berth/{__version__}"
 MAX_REDIRECTS = 5
+#: The most an accepted answer that is not streamed may hold (a ping, a HEAD, an upload's POST
+#: or PUT: registries send a few bytes); one that would hold more is refused, never read whole.
+MAX_SMALL_BODY_BYTES = 1 << 20
 #: How much of an error body is kept for the message (registries send JSON error lists).
 ERROR_BODY_BYTES = 2000
 
@@ -89,18 +92,30 @@ def read_bounded(response, limit: int, what: str, registry: str, *, hint: str) -
     length = response.headers.get("Content-Length")
     if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
         raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts", hint=hint)
-    data = bytearray()
     try:
-        # Read until the end: urllib3 notices a body cut short of its Content-Length only
-        # on the read that finds the end of the stream.
-        while chunk := response.read(64 * 1024, decode_content=False):
-            data += chunk
-            if len(data) > limit:
-                raise RegistryError(f"{what} is more than the {limit} bytes berth accepts", hint=hint)
+        data = _read_limited(response, limit)
     except (uexc.HTTPError, OSError) as exc:
         raise RegistryUnreachable(
             f"connection to registry {registry} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"
         ) from None
+    if data is None:
+        raise RegistryError(f"{what} is more than the {limit} bytes berth accepts", hint=hint)
+    return data
+
+
+def _read_limited(response, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it passes ``limit`` bytes (or its Content-Length says
+    it will). urllib3's and the system's errors pass through."""
+    length = response.headers.get("Content-Length")
+    if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
+        return None
+    data = bytearray()
+    # Read until the end: urllib3 notices a body cut short of its Content-Length only
+    # on the read that finds the end of the stream.
+    while chunk := response.read(64 * 1024, decode_content=False):
+        data += chunk
+        if len(data) > limit:
+            return None
     return bytes(data)
 
 
@@ -233,13 +248,22 @@ class Transport:
             if status in accept:
                 if not stream:
                     try:
-                        response.read(cache_content=True)
+                        # A HEAD's Content-Length is the blob's: it has no body to bound.
+                        body = (_read_limited(response, MAX_SMALL_BODY_BYTES) if method != "HEAD"
+                                else response.read(decode_content=False))
                     except (uexc.HTTPError, OSError) as exc:
                         _discard(response)
                         retryable = _retryable_exception(exc)
                         if retryable and budget.retry():
                             continue
                         raise _marked(self._unreachable(url, what, exc, budget.attempts), retryable) from None
+                    if body is None:
+                        response.close()  # the rest is not read: the connection is not reused
+                        response.release_conn()
+                        raise RegistryError(
+                            f"registry {self.registry} answered {what} with more than {MAX_SMALL_BODY_BYTES} bytes",
+                            hint="the registry is misbehaving: tell its operator")
+                    response._body = body  # what urllib3's ``response.data`` returns (its cache)
                     response.release_conn()
                 return response
             if status in self.retry.statuses:
