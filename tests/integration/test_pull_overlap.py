@@ -121,20 +121,28 @@ def _converted_bytes(stores) -> int:
     return 0
 
 
-def test_conversion_starts_before_the_bottom_layer_has_arrived(stores, holding_proxy, three_layer_image):
-    bottom = _layers(three_layer_image)[0]
-    holding_proxy.hold = bottom
-    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
+def _pull_converting_while_held(stores, holding_proxy, image, held: str, least_bytes: int, what: str) -> dict:
+    """``berth pull --json`` of ``image`` through the proxy, which holds back (part of) the blob
+    ``held``: tar2sqfs has read ``least_bytes`` of tar stream before the blob is stored, and
+    nothing is published meanwhile; then the blob is let through. The pull's JSON result."""
+    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, image))
     try:
-        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES, timeout_s=60, interval_s=0.05), \
-            f"the top layer was not converted while the bottom layer was held; tmp/: {stores.tmp_entries()}"
-        assert bottom not in stores.blobs()  # still held back: the conversion did not wait for it
+        assert wait_for(lambda: _converted_bytes(stores) >= least_bytes, timeout_s=60, interval_s=0.05), \
+            f"{what}; tmp/: {stores.tmp_entries()}"
+        assert held not in stores.blobs()  # still held back: the conversion did not wait for it
         assert stores.image_dirs() == [] and stores.index() == {}
     finally:
         holding_proxy.release.set()
         out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
-    result = json.loads(out)
+    return json.loads(out)
+
+
+def test_conversion_starts_before_the_bottom_layer_has_arrived(stores, holding_proxy, three_layer_image):
+    bottom = _layers(three_layer_image)[0]
+    holding_proxy.hold = bottom
+    result = _pull_converting_while_held(stores, holding_proxy, three_layer_image, bottom, TOP_BYTES,
+                                         "the top layer was not converted while the bottom layer was held")
     assert result["digest"] == three_layer_image.digest and result["downloaded_blobs"] == 4
     squashfs = Path(result["squashfs"])
     listing = squashfs_listing(squashfs)
@@ -195,17 +203,8 @@ def test_a_layer_converts_while_it_downloads(stores, holding_proxy, three_layer_
     # verified.
     top = _layers(three_layer_image)[-1]
     holding_proxy.hold_midway = top
-    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
-    try:
-        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05), \
-            f"nothing of the top layer was converted while its second half was held; tmp/: {stores.tmp_entries()}"
-        assert top not in stores.blobs()
-        assert stores.image_dirs() == [] and stores.index() == {}
-    finally:
-        holding_proxy.release.set()
-        out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    result = json.loads(out)
+    result = _pull_converting_while_held(stores, holding_proxy, three_layer_image, top, TOP_BYTES // 4,
+                                         "nothing of the top layer was converted while its second half was held")
     assert result["digest"] == three_layer_image.digest
     squashfs = Path(result["squashfs"])
     assert squashfs_cat(squashfs, "opt/top.txt") == "top layer\n"

@@ -431,39 +431,32 @@ class _Downloads:
             counters.add(future.result())
 
 
+def _relayed(event: str, *, wake: bool):
+    """A :class:`_Watching` method: ``event`` passed on, then (``wake``) the waiters woken."""
+    def relay(self: "_Watching", *args) -> None:
+        notify(self._inner, event, *args)
+        if wake:
+            with self._changed:
+                self._changed.notify_all()
+    relay.__name__ = event
+    return relay
+
+
 class _Watching(PullProgress):
-    """Passes every progress event on, and wakes the threads waiting on ``changed`` (a
-    :class:`_FollowedBlob` waits there for more bytes of the blob it follows)."""
+    """Passes every progress event on, and wakes the threads waiting on ``changed`` after each
+    one about a blob's bytes (a :class:`_FollowedBlob` waits there for more of the blob it
+    follows)."""
 
     def __init__(self, inner: PullProgress | None, changed: threading.Condition) -> None:
         self._inner = inner
         self._changed = changed
 
-    def _wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-    def resolved(self, *args) -> None:
-        notify(self._inner, "resolved", *args)
-
-    def blob_started(self, *args) -> None:
-        notify(self._inner, "blob_started", *args)
-        self._wake()
-
-    def blob_bytes(self, *args) -> None:
-        notify(self._inner, "blob_bytes", *args)
-        self._wake()
-
-    def blob_restarted(self, *args) -> None:
-        notify(self._inner, "blob_restarted", *args)
-        self._wake()
-
-    def blob_done(self, *args) -> None:
-        notify(self._inner, "blob_done", *args)
-        self._wake()
-
-    def phase(self, *args) -> None:
-        notify(self._inner, "phase", *args)
+    resolved = _relayed("resolved", wake=False)
+    blob_started = _relayed("blob_started", wake=True)
+    blob_bytes = _relayed("blob_bytes", wake=True)
+    blob_restarted = _relayed("blob_restarted", wake=True)
+    blob_done = _relayed("blob_done", wake=True)
+    phase = _relayed("phase", wake=False)
 
 
 #: Bytes the flattener needs to tell the compression (tarstream.open_decompressed).
