@@ -73,6 +73,7 @@ berth does not take for the site.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -353,7 +354,7 @@ def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
     remove every file of a directory it links to."""
     live = []
     try:
-        fd = os.open(directory / HOLDERS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = fsutil.open_directory(directory / HOLDERS, nofollow=True)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             return []  # none, or not a directory of berth's (a link): no holder there
@@ -511,11 +512,22 @@ def _elsewhere(pid: int) -> bool:
     job_container/tmpfs gives each job its own, the user's state directory staying shared):
     its mounts are not in this mount table, so they are its own berths' to judge, never this
     one's. False when it cannot be told (gone, or /proc hides it)."""
+    ours = _own_mount_namespace()
     try:
-        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
+        theirs = os.stat(f"/proc/{pid}/ns/mnt")
     except OSError:
         return False
-    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+    return ours is not None and (theirs.st_dev, theirs.st_ino) != ours
+
+
+@functools.cache
+def _own_mount_namespace() -> tuple[int, int] | None:
+    """This process's mount namespace (device, inode), looked at once: berth never changes it."""
+    try:
+        ours = os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return None
+    return ours.st_dev, ours.st_ino
 
 
 def _our_daemon(pid: object, root: Path) -> bool:
