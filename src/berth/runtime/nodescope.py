@@ -93,7 +93,7 @@ def run_in_node_container(settings, image, command: list[str] | None, options, *
                          hint="berth run --scope node IMAGE PROGRAM [ARGS]")
     key = node_key(environ)
     name = container_name(key)
-    state_dir = state.ensure_state_dir(state.resolve_state_dir(settings))
+    state_dir = state.resolve_state_dir(settings)
     rendezvous = state_dir / "node-scope" / key
     (state_dir / "node-scope").mkdir(mode=0o700, exist_ok=True)
     rendezvous.mkdir(mode=0o700, exist_ok=True)

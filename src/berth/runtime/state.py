@@ -193,8 +193,10 @@ def _own_state_dir(state_dir: Path, relocatable: bool) -> Path:
 
 
 def create(state_dir: Path, name: str | None) -> ContainerState:
-    """A new locked container directory. ``name`` must be unused among live containers."""
-    containers = ensure_state_dir(state_dir) / CONTAINERS
+    """A new locked container directory in ``state_dir`` (as resolve_state_dir returned it:
+    created, judged, by its real path). ``name`` must be unused among live containers."""
+    containers = state_dir / CONTAINERS
+    os.makedirs(containers, mode=0o700, exist_ok=True)  # removed meanwhile by a clean-up: again
     if name is not None:
         for record in list_containers(state_dir):
             if record.get("name") == name:
