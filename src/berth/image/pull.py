@@ -503,17 +503,28 @@ class _FollowedBlob:
                 except FileNotFoundError:
                     fd = None
                 if fd is not None:
-                    head = os.pread(fd, _HEAD_BYTES, 0)
+                    try:
+                        head = os.pread(fd, _HEAD_BYTES, 0)
+                    except BaseException:
+                        os.close(fd)
+                        raise
                     if len(head) == _HEAD_BYTES:
                         break
                     os.close(fd)
                 downloads.changed.wait(0.5)
-        read_fd, write_fd = os.pipe()
-        enlarge_pipe(write_fd)
+        opened = [fd]  # closed here unless the pump runs (it closes fd and write_fd)
+        try:
+            read_fd, write_fd = os.pipe()
+            opened += [read_fd, write_fd]
+            enlarge_pipe(write_fd)
+            self._thread = threading.Thread(target=self._pump, args=(fd, write_fd), name="berth-pull-follow",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            for descriptor in opened:
+                os.close(descriptor)
+            raise
         self._read_end = os.fdopen(read_fd, "rb", buffering=0)
-        self._thread = threading.Thread(target=self._pump, args=(fd, write_fd), name="berth-pull-follow",
-                                        daemon=True)
-        self._thread.start()
         return head, self._read_end
 
     def _pump(self, fd: int, write_fd: int) -> None:

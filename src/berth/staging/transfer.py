@@ -1061,7 +1061,8 @@ def _url_retry(urllib3):
     ones: no limit)."""
     class PolicyRetry(urllib3.Retry):
         def increment(self, method=None, url=None, response=None, *args, **kwargs):
-            if response is not None:
+            # Only an answer berth retries waits at all (a redirect's Retry-After is not a wait).
+            if response is not None and response.status in STAGING_RETRY.statuses:
                 wait = parse_retry_after(response.headers.get("Retry-After"))
                 if not STAGING_RETRY.honours(wait):
                     response.drain_conn()
