@@ -470,10 +470,13 @@ def _plant_request(directory, name):
     return request
 
 
-def test_an_agent_directory_swapped_for_a_link_is_not_served(tmp_path):
+@pytest.mark.parametrize("swapped", ["while it serves", "before it serves"])
+def test_an_agent_directory_swapped_for_a_link_is_not_served(tmp_path, swapped):
     """The container may rename $BERTH_JOB_AGENT and plant a link under its name, to a host
     directory outside its mounts (another job's requests, anything laid out like one): the agent
-    keeps serving the directory it opened, and never reads or writes through the link."""
+    keeps serving the directory it opened, and never reads or writes through the link. The job
+    runner opens it before the job's container starts (``open``) and serves it once the job is
+    forked (``start``): a swap in between changes nothing either."""
     from berth.jobs.agent import StepAgent, install_shims
 
     outside = tmp_path / "outside"
@@ -481,10 +484,14 @@ def test_an_agent_directory_swapped_for_a_link_is_not_served(tmp_path):
     agent_dir = tmp_path / "agent"
     install_shims(tmp_path / "bin", agent_dir)
     agent = StepAgent(agent_dir, {"PATH": "/usr/bin:/bin"}, str(tmp_path))
-    agent.start()
+    agent.open()
+    if swapped == "while it serves":
+        agent.start()
     try:
         agent_dir.rename(tmp_path / "agent.old")
         agent_dir.symlink_to(outside)
+        if swapped == "before it serves":
+            agent.start()
         planted = _plant_request(outside, "req.planted")
         own = _plant_request(tmp_path / "agent.old", "req.own")
         deadline = time.monotonic() + 30

@@ -174,9 +174,17 @@ class StepAgent:
         #: under its name, which must not make the agent serve (and write into) another one.
         self._dir: int | None = None
 
-    def start(self) -> None:
+    def open(self) -> None:
+        """Open the request directory and the wake-up FIFO: before the job's container starts
+        (the job runner calls this before it forks the job), so that nothing the container does
+        can change which directory is served."""
         self._dir = open_agent_dir(self.agent_dir)
         self._wake = open_wake(self.agent_dir)
+
+    def start(self) -> None:
+        """Serve, in a thread (started after the runner's fork: forking with threads is unsafe)."""
+        if self._dir is None:
+            self.open()
         self._thread.start()
 
     def stop(self) -> None:

@@ -349,10 +349,11 @@ class Supervisor:
             if outcome != "ok":
                 return self._stage_in_result(outcome, error)
         self._hold_final = bool(spec.stage_out)
-        events_read, events_write = os.pipe()
-        pid = self._fork(events_read, events_write, self._run_script)
         host_env = {**os.environ, **host_step_environment(spec, self.record)}
         agent = StepAgent(record_agent(self.record), host_env, spec.workdir)
+        agent.open()  # before the job's container exists (berth.jobs.agent)
+        events_read, events_write = os.pipe()
+        pid = self._fork(events_read, events_write, self._run_script)
         agent.start()
         try:
             result = self._supervise(pid, events_read)
