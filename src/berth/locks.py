@@ -238,10 +238,10 @@ class _ProcLocks:
             return {(line.major, line.minor, line.inode) for line in parse_proc_locks(handle.read())
                     if line.type == "FLOCK"}
 
-    def seen(self, fd: int) -> bool | None:
-        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
-        if not self._once("namespace", self._first_namespace):
-            return None
+    def identity(self, fd: int) -> tuple[int, int, int] | None:
+        """The file open as ``fd`` as /proc/locks names it (major, minor, inode: the superblock's
+        device from mountinfo, the inode from fdinfo, not fstat, whose device differs on btrfs
+        and overlayfs); None on a file system whose locks other nodes may hold, or unreadable."""
         try:
             with open(f"{self.proc}/self/fdinfo/{fd}", encoding="ascii", errors="replace") as handle:
                 info = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
@@ -250,8 +250,15 @@ class _ProcLocks:
             return None
         devices = self._once("mountinfo", self._local_devices)
         device = devices.get(mount_id) if devices is not None else None
-        held = self._once("locks", self._held) if device is not None else None
-        return None if held is None else (*device, inode) in held
+        return None if device is None else (*device, inode)
+
+    def seen(self, fd: int) -> bool | None:
+        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
+        if not self._once("namespace", self._first_namespace):
+            return None
+        key = self.identity(fd)
+        held = self._once("locks", self._held) if key is not None else None
+        return None if held is None else key in held
 
 
 def _flock_seen(fd: int, proc: str) -> bool | None:
@@ -275,8 +282,10 @@ class Holder(Record):
 
 def holders(fd: int, *, proc_locks: str = "/proc/locks") -> list[Holder]:
     """The processes holding locks on the file open as ``fd`` (empty when unknown)."""
-    info = os.fstat(fd)
-    device = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    device = _ProcLocks(os.path.dirname(proc_locks)).identity(fd)
+    if device is None:  # not a local file system's, or /proc unreadable: fstat's numbers
+        info = os.fstat(fd)
+        device = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
     try:
         with open(proc_locks, encoding="ascii", errors="replace") as handle:
             lines = parse_proc_locks(handle.read())

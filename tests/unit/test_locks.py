@@ -188,6 +188,24 @@ def test_the_look_matches_the_kernels_device_and_inode_and_says_when_it_cannot_t
         os.close(fd)
 
 
+def test_holders_name_the_file_as_proc_locks_does_not_by_fstat(tmp_path):
+    """btrfs and overlayfs report another device in fstat than /proc/locks prints: the holders
+    (the pids a lock wait names, and whom --scope node's last task may signal, state.berth_pid)
+    are found by the superblock's device from mountinfo, as the look does."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        # 00:4d is 0:77 in mountinfo, another device than fstat gives (as btrfs's subvolumes).
+        info = os.fstat(fd)
+        assert (os.major(info.st_dev), os.minor(info.st_dev)) != (0, 77)
+        table = ("1: FLOCK  ADVISORY  WRITE 6724 00:4d:2147362 0 EOF\n"
+                 "1: -> FLOCK  ADVISORY  WRITE 7001 00:4d:2147362 0 EOF\n")
+        proc = _fake_proc(tmp_path / "p", fd, inode=2147362, device="0:77", fstype="btrfs", locks_text=table)
+        found = locks.holders(fd, proc_locks=os.path.join(proc, "locks"))
+    finally:
+        os.close(fd)
+    assert [holder.pid for holder in found] == [6724]  # the waiter 7001 is no holder
+
+
 def test_the_fallback_try_works_where_an_exclusive_lock_needs_a_file_open_for_writing(tmp_path, holder,
                                                                                      monkeypatch):
     """NFS emulates flock with byte-range locks: an exclusive one needs the file open for
