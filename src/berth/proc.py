@@ -81,6 +81,20 @@ def has_program(name: str) -> bool:
     return True
 
 
+def stat_fields(pid: int | str, *, proc: str = "/proc") -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name, or None when the process is gone
+    (or the file unreadable). proc(5)'s field N is index N - 3: ``[0]`` the state (``Z`` a
+    zombie), ``[1]`` the parent, ``[3]`` the session, ``[19]`` the start time in clock ticks.
+    The name is skipped by its last ``)``: a name may hold spaces and parentheses."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    _name, closed, rest = data.rpartition(b")")
+    return rest.decode("ascii", "replace").split() if closed else None
+
+
 def berth_argv(*args: str, python: str | None = None, isolated: bool = False) -> list[str]:
     """The argv with which berth starts berth (a job's runner, each node's ``berth run`` of a
     step, the step agent's commands): this interpreter (or ``python``), ``-m berth``, ``args``.

@@ -304,3 +304,15 @@ def test_fork_detached_returns_with_no_copy_of_the_callers_descriptors_left_anyw
         assert state == "free"
     finally:
         go.write_text("")
+
+
+def test_stat_fields_skip_a_command_name_with_spaces_and_parentheses(tmp_path):
+    """berth.proc.stat_fields, the one reader of /proc/PID/stat (start times, zombies, parents,
+    sessions): a process may name itself ``x) R 1 2`` and must not shift the fields."""
+    from berth import proc
+
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "stat").write_bytes(b"42 (x) R 1 2 (evil)) S 7 42 42 0 -1\n")
+    assert proc.stat_fields(42, proc=str(tmp_path))[:4] == ["S", "7", "42", "42"]
+    assert proc.stat_fields(43, proc=str(tmp_path)) is None  # gone
+    assert proc.stat_fields(os.getpid())[1] == str(os.getppid())

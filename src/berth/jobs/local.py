@@ -141,11 +141,10 @@ def _runner_alive(record: JobRecord) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             argv = handle.read().split(b"\0")
-        with open(f"/proc/{pid}/stat") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return state != "Z" and b"job-exec" in argv and str(record.path).encode() in argv
+    fields = proc.stat_fields(pid)
+    return bool(fields) and fields[0] != "Z" and b"job-exec" in argv and str(record.path).encode() in argv
 
 
 DEPENDENCY_POLL_S = 0.5

@@ -226,12 +226,9 @@ def _descendants(root_pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
+        fields = proc.stat_fields(entry)
+        if fields and len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
@@ -242,11 +239,8 @@ def _descendants(root_pid: int) -> list[int]:
 
 def _session_leader(pid: int) -> bool:
     """Whether ``pid`` leads a session of its own (/proc/PID/stat: its session id is its pid)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return int(handle.read().rsplit(b")", 1)[1].split()[3]) == pid
-    except (OSError, IndexError, ValueError):
-        return False
+    fields = proc.stat_fields(pid)
+    return bool(fields) and len(fields) > 3 and fields[3] == str(pid)
 
 
 def signal_tree(root_pid: int, sig: int) -> None:

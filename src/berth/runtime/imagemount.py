@@ -418,11 +418,10 @@ def lingering_until(record: dict) -> float | None:
 def _process_start(pid: int) -> int | None:
     """The start time of ``pid`` (clock ticks since boot, /proc/PID/stat field 22): with the
     pid, it names one process, never a later one that reuses the pid."""
+    fields = proc.stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-        return None if fields[0] == b"Z" else int(fields[19])
-    except (OSError, IndexError, ValueError):
+        return None if fields is None or fields[0] == "Z" else int(fields[19])
+    except (IndexError, ValueError):
         return None
 
 
@@ -578,11 +577,8 @@ def _unmount(directory: Path, process) -> None:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return True
+    fields = proc.stat_fields(pid)
+    return not fields or fields[0] == "Z"
 
 
 def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
