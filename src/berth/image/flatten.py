@@ -615,20 +615,19 @@ def _convert(openers: Sequence[_Opener], names: Sequence[str], output: Path,
 
 def _run(openers: Sequence[_Opener], names: Sequence[str], output: Path, compression: str,
          max_content_bytes: int, max_entries: int, rereadable: bool,
-         on_unusable_stream: Callable[[Digest], None] | None = None) -> FlattenReport:
+         retry_unusable_stream: bool = False) -> FlattenReport:
     """Convert; when a layer turns out to need a pre-scan (duplicates, hidden hard-link
-    targets), pre-scan it and start again (at most once per layer); when a layer converted
-    while it downloaded was not the verified blob, start again after ``on_unusable_stream``
-    (which makes that layer's opener read the stored blob)."""
+    targets), pre-scan it and start again (at most once per layer); with
+    ``retry_unusable_stream``, when a layer converted while it downloaded was not the verified
+    blob, start again (each opener streams its layer once at most, then reads the stored blob)."""
     check_compression(compression)
     plans: dict[int, _LayerPlan] = {}
     while True:
         try:
             return _convert(openers, names, output, compression, plans, max_content_bytes, max_entries)
-        except StreamUnusable as unusable:
-            if on_unusable_stream is None:
+        except StreamUnusable:
+            if not retry_unusable_stream:
                 raise
-            on_unusable_stream(unusable.digest)
         except _NeedPlan as need:
             if need.layer in plans or not rereadable:
                 raise ImageError(
@@ -675,7 +674,7 @@ def build_squashfs(layers: Sequence[Layer], output: Path, *, compression: str = 
 
     openers = [opener(layer, name) for layer, name in zip(layers, names)]
     return _run(openers, names, Path(output), compression, max_content_bytes, max_entries, True,
-                on_unusable_stream=stored_only.add)
+                retry_unusable_stream=True)
 
 
 def tar_to_squashfs(tar_stream: BinaryIO | Path, output: Path, *, compression: str = DEFAULT_COMPRESSION,
