@@ -273,7 +273,7 @@ class Store:
                     return
                 path = self.blob_path(digest)
                 with store_errors(self, "reading", path):
-                    intact = _file_digest(path, algorithm=digest.algorithm) == digest
+                    intact = hash_file(path, digest.algorithm)[0] == digest
                 if intact:
                     # Verified content of that digest has this size: the descriptor lies
                     # (a hostile manifest must not make the store drop a blob others use).
@@ -399,7 +399,7 @@ class Store:
         # Recorded so that `berth store verify` can tell a damaged SquashFS from a good one
         # (blobs are named by their digest; the SquashFS is not: issue 8).
         with store_errors(self, "reading", squashfs):
-            squashfs_digest = _file_digest(squashfs, sync=True)
+            squashfs_digest = hash_file(squashfs, sync=True)[0]
         meta = {**meta, "squashfs_digest": str(squashfs_digest)}
         names = {
             layout.image_manifest(digest).name: manifest_bytes,
@@ -729,8 +729,9 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _file_digest(path: Path, *, sync: bool = False, algorithm: str = "sha256") -> Digest:
-    """The digest (SHA-256 unless ``algorithm`` says) of the file at ``path``; with ``sync``, the file is also fsynced, in a
+def hash_file(path: os.PathLike | str, algorithm: str = "sha256", *, sync: bool = False) -> tuple[Digest, int]:
+    """(digest, size) of the file at ``path``, read in chunks (SHA-256 unless ``algorithm``
+    says): the one file hash of the store and of ``berth store verify``. With ``sync``, the file is also fsynced, in a
     thread while it is hashed: both release the GIL, and the fsync of a fresh image (mostly a
     journal commit, ~0.1 s on the test machine whatever the size) and its hash (~0.08 s for
     116 MB) then cost the longer of the two instead of their sum (issue 10, target 4;
@@ -755,15 +756,17 @@ def _file_digest(path: Path, *, sync: bool = False, algorithm: str = "sha256") -
         # (the peak memory of a pull is a tested bound: tests/integration/test_pull.py).
         buffer = bytearray(_CHUNK_BYTES)
         view = memoryview(buffer)
+        size = 0
         try:
             while count := handle.readinto(buffer):
                 hasher.update(view[:count])
+                size += count
         finally:
             if syncing is not None:
                 syncing.join()
         if failure:
             raise failure[0]
-    return Digest(algorithm, hasher.hexdigest())
+    return Digest(algorithm, hasher.hexdigest()), size
 
 
 def _remove_tree(path: Path) -> None:

@@ -37,10 +37,9 @@ from contextlib import contextmanager
 from berth.errors import BerthError
 from berth.oci.digest import Digest
 from berth.record import Record, asdict, field
-from berth.store.store import STALE_TMP_S, Store, _remove_tree, _unlink_quietly
+from berth.store.store import STALE_TMP_S, Store, _remove_tree, _unlink_quietly, hash_file
 from berth.untrusted import parse_json
 
-_CHUNK_BYTES = 1 << 20
 _SQUASHFS_MAGIC = b"hsqs"
 _IMAGE_FILES = ("manifest.json", "config.json", "image.json", "image.sqfs")
 
@@ -113,19 +112,6 @@ class VerifyReport(Record, frozen=False):
                 "problems": [p.as_dict() for p in self.problems],
                 "remaining": len(self.remaining), "garbage": len(self.garbage),
                 "notes": list(self.notes)}
-
-
-def hash_file(path: os.PathLike | str, algorithm: str = "sha256") -> tuple[Digest, int]:
-    """(digest, size) of a file's content, read in chunks."""
-    from berth.oci.digest import new_hasher
-
-    hasher = new_hasher(algorithm)
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            hasher.update(chunk)
-            size += len(chunk)
-    return Digest(algorithm, hasher.hexdigest()), size
 
 
 @contextmanager
