@@ -628,9 +628,14 @@ def write_member(sink: ByteSink, info: tarfile.TarInfo, source: ByteSource | Non
     """Write ``info``'s header to ``sink``, then its data (``info.size`` bytes) from ``source``."""
     header = fast_ustar_header(info)
     sink.write(header if header is not None else info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
-    if source is not None and info.size:
-        source.copy_to(sink, info.size)
-        padding = -info.size % BLOCK_BYTES
+    _write_data(sink, source, info.size)
+
+
+def _write_data(sink: ByteSink, source: ByteSource | None, size: int) -> None:
+    """A member's ``size`` bytes of data from ``source``, padded to whole blocks."""
+    if source is not None and size:
+        source.copy_to(sink, size)
+        padding = -size % BLOCK_BYTES
         if padding:
             sink.write(bytes(padding))
 
@@ -663,8 +668,13 @@ def header_checksum(header: bytes) -> int:
     sum of a piece of at most 256 bytes (256 * 255 + 1 < 65521): three pieces in C instead of
     Python's ``sum`` over 512 ints, twice per member read and once per member written (issue 10).
     """
-    return ((_adler32(header[0:148]) & 0xFFFF) + (_adler32(header[156:404]) & 0xFFFF)
-            + (_adler32(header[404:512]) & 0xFFFF) - 3 + 256)
+    return _checksum(header[0:148], header[156:404], header[404:512])
+
+
+def _checksum(a: bytes, b: bytes, c: bytes) -> int:
+    """The ustar checksum of a header whose bytes outside the checksum field are ``a``, ``b``
+    and ``c``, each at most 256 bytes long (see header_checksum)."""
+    return (_adler32(a) & 0xFFFF) + (_adler32(b) & 0xFFFF) + (_adler32(c) & 0xFFFF) - 3 + 256
 
 
 def ustar_header(name: str, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: float,
@@ -685,9 +695,7 @@ def ustar_header(name: str, kind: bytes, mode: int, uid: int, gid: int, size: in
             # NULs for other types, as tarfile writes
             + (b"%07o\0%07o\0" % (devmajor, devminor) if kind in _DEVICE_TYPES else _NO_DEVICE)
             + _HEADER_END)
-    checksum = ((_adler32(head) & 0xFFFF) + (_adler32(tail[:248]) & 0xFFFF) + (_adler32(tail[248:]) & 0xFFFF)
-                - 3 + 256)
-    return head + b"%06o\0 " % checksum + tail
+    return head + b"%06o\0 " % _checksum(head, tail[:248], tail[248:]) + tail
 
 
 def fast_ustar_header(info: tarfile.TarInfo) -> bytes | None:
@@ -711,11 +719,7 @@ def write_output(sink: ByteSink, source: tarfile.TarInfo, name: str, *, kind: by
                               source.devmajor, source.devminor)
         if header is not None:
             sink.write(header)
-            if data is not None and size:
-                data.copy_to(sink, size)
-                padding = -size % BLOCK_BYTES
-                if padding:
-                    sink.write(bytes(padding))
+            _write_data(sink, data, size)
             return
     write_member(sink, output_info(source, name, kind=kind, linkname=linkname, xattrs=xattrs), data)
 
