@@ -86,12 +86,19 @@ def _read_all(pipe) -> bytes:
     return b"".join(chunks)
 
 
-def test_the_bytes_come_through_as_they_download_and_a_verified_stream_is_kept(store):
-    digest = _digest(BLOB)
-    downloads = FakeDownloads(store, digest, len(BLOB))
-    downloads.write(BLOB[:100_000])
+def _following(store, first: bytes, blob: bytes = BLOB):
+    """A download of ``blob`` whose partial file holds ``first`` so far, and a follower of it
+    entered: (downloads, digest, follower, head, pipe)."""
+    digest = _digest(blob)
+    downloads = FakeDownloads(store, digest, len(blob))
+    downloads.write(first)
     follower = pull._FollowedBlob(downloads, digest)
     head, pipe = follower.__enter__()
+    return downloads, digest, follower, head, pipe
+
+
+def test_the_bytes_come_through_as_they_download_and_a_verified_stream_is_kept(store):
+    downloads, _, follower, head, pipe = _following(store, BLOB[:100_000])
     assert head == BLOB[:8]
     assert _read_exactly(pipe, 50_000) == BLOB[:50_000]  # before the rest exists: it is streaming
 
@@ -111,11 +118,8 @@ def test_the_bytes_come_through_as_they_download_and_a_verified_stream_is_kept(s
 def test_a_download_that_starts_over_is_not_used(store):
     # The registry ignored a Range request: the partial file is truncated and written again
     # (here with the same length, so only the hash can tell what the pipe carried).
-    digest = _digest(BLOB)
-    downloads = FakeDownloads(store, digest, len(BLOB))
-    downloads.write(b"\xff" * 8 + BLOB[8:200_000])  # the first attempt's bytes, wrong
-    follower = pull._FollowedBlob(downloads, digest)
-    _head, pipe = follower.__enter__()
+    # the first attempt's bytes, wrong
+    downloads, _, follower, _head, pipe = _following(store, b"\xff" * 8 + BLOB[8:200_000])
     assert len(pipe.read(150_000)) > 0
     downloads.write(BLOB, truncate=True)
     downloads.end()
@@ -125,11 +129,7 @@ def test_a_download_that_starts_over_is_not_used(store):
 
 
 def test_a_partial_that_shrinks_ends_the_stream_and_is_not_used(store):
-    digest = _digest(BLOB)
-    downloads = FakeDownloads(store, digest, len(BLOB))
-    downloads.write(BLOB[:300_000])
-    follower = pull._FollowedBlob(downloads, digest)
-    _head, pipe = follower.__enter__()
+    downloads, _, follower, _head, pipe = _following(store, BLOB[:300_000])
     assert pipe.read(300_000)
     downloads.write(BLOB[:10], truncate=True)  # started over, not yet where the pipe was
     assert len(_read_all(pipe)) < len(BLOB)  # the pipe ends: the flattener sees a cut layer
@@ -140,11 +140,8 @@ def test_a_partial_that_shrinks_ends_the_stream_and_is_not_used(store):
 
 
 def test_a_failed_download_is_what_the_pull_reports(store):
-    digest = _digest(BLOB)
-    downloads = FakeDownloads(store, digest, len(BLOB))
-    downloads.write(bytes(255 - b for b in BLOB[:200_000]))  # corrupt bytes: not gzip, not tar
-    follower = pull._FollowedBlob(downloads, digest)
-    _head, pipe = follower.__enter__()
+    # corrupt bytes: not gzip, not tar
+    downloads, digest, follower, _head, pipe = _following(store, bytes(255 - b for b in BLOB[:200_000]))
     assert pipe.read(1000)
     mismatch = DigestMismatch(f"blob {digest} does not match its digest")
     downloads.end(mismatch)
