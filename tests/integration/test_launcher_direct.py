@@ -246,3 +246,52 @@ def test_a_container_id_runc_would_refuse_is_refused(user, user_tmp, container_i
                        container_id], timeout=60)
     assert result.returncode == 1 and "ran" not in result.stdout, (result.stdout, result.stderr)
     assert "invalid container id" in result.stderr, result.stderr
+
+
+def test_parent_death_stops_the_container_when_berth_is_killed(user, user_tmp):
+    """``--parent-death PID`` replaced ``setpriv --pdeathsig TERM`` in front of the launcher
+    (berth.runtime.supervise, issue 10): a parent killed with SIGKILL must still stop the
+    container, the launcher passing the SIGTERM on to it."""
+    if os.getuid() != 0:
+        pytest.skip("runs the launcher as the test user directly (setuid), which needs root")
+    bundle = _bundle(user, user_tmp, "trap 'touch /tmp/stopped; exit 0' TERM; touch /tmp/up; "
+                                     "while :; do sleep 0.05; done")
+    launcher = str(ocirt.launcher_path())
+    marker = "parent-death-check"
+    parent = subprocess.Popen(
+        ["/bin/sh", "-c", 'echo $$; "$0" --parent-death $$ --root "$1" run --bundle "$2" "$3" & wait',
+         launcher, str(user_tmp / "state"), str(bundle), marker],
+        user=user.uid, group=user.gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        shell = int(parent.stdout.readline())
+        root = bundle / "rootfs" / "tmp"
+        deadline = time.monotonic() + 30
+        while not (root / "up").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (root / "up").exists(), "the container did not start"
+        os.kill(shell, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (_processes_naming(user, marker) or not (root / "stopped").exists()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (root / "stopped").exists(), "the container never got the SIGTERM"
+        assert _processes_naming(user, marker) == [], "the launcher outlived its parent"
+    finally:
+        for pid in _processes_naming(user, marker):
+            os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_parent_death_of_a_parent_gone_already_starts_nothing(user, user_tmp):
+    """A parent that died before the launcher's prctl (the launcher was reparented: its parent
+    is not the PID given) gets no death signal later: the launcher ends itself at once."""
+    bundle = _bundle(user, user_tmp, "touch /tmp/started")
+    launcher = ocirt.launcher_path()
+    result = user.run(["/bin/sh", "-c", '"$0" --parent-death 1 --root "$1" run --bundle "$2" c1; echo "status $?"',
+                       str(launcher), str(user_tmp / "state"), str(bundle)], timeout=60)
+    assert result.stdout.strip() == f"status {128 + signal.SIGTERM}", (result.stdout, result.stderr)
+    assert not (bundle / "rootfs" / "tmp" / "started").exists()
+    assert not (user_tmp / "state" / "c1").exists()

@@ -67,6 +67,12 @@ def launcher_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "init", "berth-launcher")
 
 
+def is_launcher(program: str) -> bool:
+    """Whether the runtime executable ``program`` (as :func:`program_path` gives it) is
+    berth-launcher, which takes berth's own options (``--parent-death``)."""
+    return os.path.basename(program) == "berth-launcher"
+
+
 def program_path(runtime: str) -> str:
     """The executable of ``runtime`` (a name of RUNTIMES or LAUNCHER). Raises ProgramNotFound."""
     if runtime != LAUNCHER:

@@ -12,7 +12,7 @@
  * It speaks the part of runc's command line berth uses, with runc's behaviour, so that the
  * supervision code (signals, stop timeout, teardown, stale clean-up, exec, ps) is one:
  *
- *   berth-launcher [--root DIR] [--log FILE] [--log-format text] run [--preserve-fds N] (-b|--bundle) DIR ID
+ *   berth-launcher [--parent-death PID] [--root DIR] [--log FILE] [--log-format text] run [--preserve-fds N] (-b|--bundle) DIR ID
  *   berth-launcher [--root DIR] kill ID SIGNAL
  *   berth-launcher [--root DIR] delete [--force] ID
  *   berth-launcher [--root DIR] state ID
@@ -37,6 +37,12 @@
  *
  * "--preserve-fds N" (runc's option): descriptors 3 to 3+N-1 reach the container's process too
  * (Slurm's PMI socket, berth.runtime.pmix).
+ *
+ * "--parent-death PID" (berth's own, before the command): SIGTERM to the launcher when its parent
+ * dies (PR_SET_PDEATHSIG), the launcher forwarding it to the container like any signal; a
+ * parent that is not PID any more (it died before the prctl took effect) sends it at once.
+ * berth.runtime.supervise gives it instead of running the launcher under ``setpriv --pdeathsig
+ * TERM``: one exec less on every container's start (issue 10), the same guarantee.
  *
  * No setuid, no capabilities of its own: it runs as the calling user only.
  * Built static at install time like berth-init (setup.py).
@@ -1860,7 +1866,7 @@ static int command_exec(const char *id, const char *cwd, char **extra_env, size_
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: berth-launcher [--root DIR] [--log FILE] [--log-format text] COMMAND\n"
+            "usage: berth-launcher [--parent-death PID] [--root DIR] [--log FILE] [--log-format text] COMMAND\n"
             "  run (-b|--bundle) DIR ID | check (-b|--bundle) DIR | kill ID SIGNAL | delete [--force] ID | state ID |\n"
             "  exec [--tty] [--cwd DIR] [--env K=V]... ID COMMAND [ARG...]\n");
     exit(1);
@@ -1880,11 +1886,28 @@ static unsigned parse_preserve_fds(const char *text)
     return (unsigned)count;
 }
 
+/* "--parent-death PID": SIGTERM when the parent dies, as ``setpriv --pdeathsig TERM`` gave it
+ * (the signal's default action: nothing is started yet, so nothing is left behind). */
+static void die_with_parent(const char *text)
+{
+    char *end = NULL;
+    errno = 0;
+    long parent = strtol(text, &end, 10);
+    if (errno || !*text || *end || parent <= 0)
+        fail("--parent-death %s: wants the parent's process id", text);
+    if (prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) != 0)
+        fail("prctl(PR_SET_PDEATHSIG): %s", error_text(errno));
+    if (getppid() != (pid_t)parent)
+        kill(getpid(), SIGTERM); /* gone before the prctl: no death signal will come */
+}
+
 int main(int argc, char **argv)
 {
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
-        if (strcmp(argv[i], "--version") == 0 || strcmp(argv[i], "-v") == 0) {
+        if (strcmp(argv[i], "--parent-death") == 0 && i + 1 < argc) {
+            die_with_parent(argv[++i]);
+        } else if (strcmp(argv[i], "--version") == 0 || strcmp(argv[i], "-v") == 0) {
             puts(LAUNCHER_VERSION);
             return 0;
         } else if (strcmp(argv[i], "--root") == 0 && i + 1 < argc) {
