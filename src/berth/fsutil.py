@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -314,20 +313,81 @@ def is_private_dir(path: Path) -> bool:
             and not info.st_mode & 0o077)
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path | str) -> None:
     """``rm -rf path`` for a tree of the caller's whose directories may be read-only or closed
-    (an unpacked image keeps the image's modes: ``/proc`` 0555, ``/root`` 0700, even 0000).
-    Directories are opened up (u+rwx) from the top before the removal; links are never
-    followed. Never raises: what cannot be removed stays."""
-    pending = [str(path)]
-    while pending:
-        directory = pending.pop()
+    (an unpacked image keeps the image's modes: ``/proc`` 0555, ``/root`` 0700, even 0000; a
+    kernel overlayfs leaves its ``work/work`` 0000). Each directory is opened without following
+    a link and made u+rwx through its descriptor, and its entries are removed through it, so a
+    link is removed itself, never followed, even one swapped in while this runs. ``path``
+    itself must be a directory (a link or a file there is left). Never raises: what cannot be
+    removed stays.
+
+    Its own walk, not ``shutil.rmtree`` after a pass that opened the tree up: one pass instead
+    of two, and no shutil (with bz2, lzma and zlib) imported by every ``berth run``, whose
+    teardown removes its container's directories with it (issue 10)."""
+    fd = _open_to_remove(str(path), None)
+    if fd is None:
+        return
+    try:
+        _remove_entries(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _open_to_remove(name: str, parent: int | None) -> int | None:
+    """The directory ``name`` (inside the directory open as ``parent``, or a path) open for
+    reading and made u+rwx (owner only), never through a link; None when it is not a
+    directory, or cannot be opened even once made accessible."""
+    try:
+        fd = os.open(name, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+    except PermissionError:
+        # No read permission (mode 0000): open it up through an O_PATH descriptor, which
+        # needs none and names that very directory, then open it again.
         try:
-            if not stat.S_ISDIR(os.lstat(directory).st_mode):
-                continue
-            os.chmod(directory, PRIVATE_DIR)
-            with os.scandir(directory) as entries:
-                pending.extend(entry.path for entry in entries if entry.is_dir(follow_symlinks=False))
+            handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         except OSError:
-            continue
-    shutil.rmtree(path, ignore_errors=True)
+            return None
+        try:
+            os.chmod(descriptor_path(handle), PRIVATE_DIR)
+            fd = os.open(descriptor_path(handle), _DIRECTORY_FLAGS)
+        except OSError:
+            return None
+        finally:
+            os.close(handle)
+    except OSError:
+        return None
+    try:
+        os.fchmod(fd, PRIVATE_DIR)  # entries can then be removed (a read-only directory's too)
+    except OSError:
+        pass
+    return fd
+
+
+def _remove_entries(directory: int) -> None:
+    """Remove everything inside the directory open as ``directory`` (see :func:`remove_tree`)."""
+    try:
+        with os.scandir(directory) as scan:
+            entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
+    except OSError:
+        return
+    for name, is_directory in entries:
+        if is_directory:
+            child = _open_to_remove(name, directory)
+            if child is not None:
+                try:
+                    _remove_entries(child)
+                finally:
+                    os.close(child)
+                try:
+                    os.rmdir(name, dir_fd=directory)
+                except OSError:
+                    pass
+                continue
+        try:
+            os.unlink(name, dir_fd=directory)  # a link itself, never what it names
+        except OSError:
+            pass

@@ -211,3 +211,82 @@ def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path, name):
             out.write(b"partial")
             raise RuntimeError("stopped")
     assert os.listdir(tmp_path) == [name] and (tmp_path / name).read_bytes() == b"data"
+
+
+def _as_owner_of(path, body):
+    """Run ``body()`` in a child with the uid and gid that own ``path`` (root bypasses the
+    modes remove_tree must open up); the child's failure fails the test."""
+    info = os.stat(path)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            if os.getuid() == 0:
+                os.setgroups([])
+                os.setresgid(info.st_gid, info.st_gid, info.st_gid)
+                os.setresuid(info.st_uid, info.st_uid, info.st_uid)
+            body()
+            status = 0
+        finally:
+            os._exit(status)
+    _, raw = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(raw) == 0
+
+
+def _owned_by(user, path):
+    if os.getuid() == 0:
+        for root, dirs, files in os.walk(path):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.lchown(name, user.uid, user.gid)
+
+
+def test_remove_tree_opens_closed_and_read_only_directories_as_the_user(user_tmp, user):
+    from berth.fsutil import remove_tree
+
+    tmp_path = user_tmp
+
+    tree = tmp_path / "tree"
+    for name in ("closed/inner", "readonly", "noexec", "readable"):
+        (tree / name).mkdir(parents=True)
+    for name in ("closed/inner/file", "readonly/file", "noexec/file", "readable/file", "top"):
+        (tree / name).write_text("x")
+    _owned_by(user, tmp_path)
+    (tree / "closed" / "inner").chmod(0)
+    (tree / "closed").chmod(0)
+    (tree / "readonly").chmod(0o500)
+    (tree / "noexec").chmod(0o600)
+    (tree / "readable").chmod(0o400)
+    tmp_path.chmod(0o755)
+    _as_owner_of(tree, lambda: remove_tree(tree))
+    assert not os.path.lexists(tree)
+
+
+def test_remove_tree_removes_links_never_what_they_name(user_tmp, user):
+    from berth.fsutil import remove_tree
+
+    tmp_path = user_tmp
+
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "keep").write_text("precious")
+    (outside / "file").write_text("precious")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "to-dir").symlink_to(outside / "d")
+    (tree / "to-file").symlink_to(outside / "file")
+    linked = tmp_path / "linked"
+    linked.symlink_to(outside)
+    _owned_by(user, tmp_path)
+    (outside / "d").chmod(0o500)
+    tmp_path.chmod(0o755)
+
+    def remove():
+        remove_tree(tree)
+        remove_tree(linked)  # a link given as the tree: left as it is
+
+    _as_owner_of(tree, remove)
+    assert not os.path.lexists(tree)
+    assert (outside / "d" / "keep").read_text() == "precious" and (outside / "file").read_text() == "precious"
+    assert stat.S_IMODE((outside / "d").stat().st_mode) == 0o500
+    assert linked.is_symlink() and (outside / "d").is_dir()
+    (outside / "d").chmod(0o700)

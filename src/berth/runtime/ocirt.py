@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -194,7 +193,7 @@ def probe(runtime: str, scratch: Path, init: str) -> ProbeResult:
     finally:
         if workdir is not None:
             proc.run([path, "--root", str(workdir / "state"), "delete", "--force", container], check=False)
-            shutil.rmtree(workdir, ignore_errors=True)
+            fsutil.remove_tree(workdir)
     output = (result.stdout or b"").decode("utf-8", "replace")
     if result.returncode == 0 and "berth-init" in output:
         return ProbeResult(runtime, path, True, "a trivial rootless container ran")

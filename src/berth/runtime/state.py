@@ -43,7 +43,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import signal
 import stat
 from pathlib import Path
@@ -216,7 +215,7 @@ def create(state_dir: Path, name: str | None) -> ContainerState:
             locks.try_acquire(fd)  # a new file nobody else has open: never waits
             os.rename(path / ".lock.new", path / "lock")
         except BaseException:  # a stop signal (StopRequested) or an error: leave no directory
-            shutil.rmtree(path, ignore_errors=True)
+            fsutil.remove_tree(path)
             if fd >= 0:
                 os.close(fd)
             raise
