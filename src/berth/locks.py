@@ -131,8 +131,14 @@ def is_locked(path: Path, *, proc: str = "/proc") -> bool:
     or fdinfo unreadable; a /proc of another PID namespace than the first (the kernel leaves
     out locks whose holder it cannot see there, checked on 6.18); a file system whose locks
     other nodes may hold (NFS, Lustre, FUSE...: only the local ones are in /proc/locks).
-    Raises OSError for a symbolic link (ELOOP) or something else than a regular file (EINVAL),
-    LockError (in the fallback) when the file system cannot lock."""
+
+    A symbolic link, or anything else than a regular file, at ``path`` is not locked (False):
+    berth takes its locks only through :func:`open_lock_file`, which refuses those, so no berth
+    can hold a lock by that name, and the entry is not one of berth's (the cleaners, which look
+    at entries others can plant or swap, then treat it as dead). The link is never followed.
+    A file the caller may not even read is looked at in /proc through a path descriptor; raises
+    OSError (EACCES) only when /proc cannot tell for it, LockError (in the fallback) when the
+    file system cannot lock."""
     return locked([path], proc=proc)[0]
 
 
@@ -140,7 +146,8 @@ def locked(paths: Iterable[Path], *, proc: str = "/proc") -> list[bool]:
     """:func:`is_locked` for each of ``paths``, in one look: /proc's namespace check,
     ``/proc/self/mountinfo`` and ``/proc/locks`` are read once for all of them (at the first
     path that needs them), not once per path (a mount's live holders, the GPU ledger). The
-    fallbacks are is_locked's, path by path; raises as it does, at the first such path."""
+    fallbacks are is_locked's, path by path; a link or non-regular entry is not locked, as
+    there; raises as it does, at the first such path."""
     look = _ProcLocks(proc)
     return [_is_locked(path, look) for path in paths]
 
@@ -149,19 +156,30 @@ def _is_locked(path: Path, look: "_ProcLocks") -> bool:
     # Read-write where the caller may write it, as open_lock_file: the fallback's exclusive try
     # needs it on NFS (flock emulated by byte-range locks: EBADF on a read-only descriptor).
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    unreadable = None
     try:
         try:
             fd = os.open(path, os.O_RDWR | flags)
         except OSError as exc:  # not writable by the caller, or a directory (judged below)
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY, errno.EISDIR):
                 raise
-            fd = os.open(path, os.O_RDONLY | flags)
+            try:
+                fd = os.open(path, os.O_RDONLY | flags)
+            except PermissionError as denied:  # mode 000: /proc can still tell, from a path descriptor
+                unreadable = denied
+                fd = os.open(path, os.O_PATH | flags)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:  # a symbolic link (never followed), a socket: no lock of berth's
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            return False
+        raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, a FIFO, a link: no lock of berth's
+            return False
         seen = look.seen(fd)
+        if seen is None and unreadable is not None:
+            raise unreadable  # no descriptor to try the lock with
         return seen if seen is not None else not try_acquire(fd)
     finally:
         os.close(fd)

@@ -415,6 +415,29 @@ def test_a_lingering_mounts_record_that_no_berth_wrote_neither_keeps_it_forever_
     assert [entry["image"] for entry in cleaned] == ["sha256-abc"] and mounted == set()
 
 
+def test_a_holder_swapped_for_a_link_while_the_clean_up_looks_is_no_holder(tmp_path, mounts, monkeypatch):
+    """The clean-up judged each holder with lstat and then looked at its lock by name: one
+    swapped for a link in between (by what can write into the state directory) raised ELOOP out
+    of imagemount.cleanup_stale, and so out of every berth run, until someone removed it."""
+    mounted, calls, image = mounts
+    live = imagemount.acquire(tmp_path, "sha256-abc", image, "b1")
+    dead = live.directory / imagemount.HOLDERS / "bdead"
+    dead.touch(mode=0o600)
+    real_locked = locks.locked
+
+    def swapping(paths, **kwargs):
+        paths = list(paths)
+        if dead.is_file() and not dead.is_symlink():  # after the listing, before the look
+            dead.unlink()
+            dead.symlink_to(live.directory / imagemount.HOLDERS / "b1")  # a held lock, never followed
+        return real_locked(paths, **kwargs)
+
+    monkeypatch.setattr(locks, "locked", swapping)
+    assert imagemount.cleanup_stale(tmp_path) == []  # b1 still holds the mount
+    assert sorted(os.listdir(live.directory / imagemount.HOLDERS)) == ["b1"]  # the link went itself
+    assert live.release() is True and mounted == set()
+
+
 def test_a_link_planted_in_a_mounts_directory_never_makes_berth_remove_what_it_names(tmp_path, mounts):
     """The state directory is the user's, but what can write into it (a container that sees
     it) is hostile: a 'holders' link to another directory had every berth's stale clean-up

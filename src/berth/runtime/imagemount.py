@@ -78,7 +78,6 @@ import json
 import os
 import re
 import signal
-import stat
 import time
 from pathlib import Path
 
@@ -360,27 +359,16 @@ def _live_holders(directory: Path, *, remove: bool = True) -> list[str]:
             return []  # none, or not a directory of berth's (a link): no holder there
         raise
     try:
-        names = []
-        for name in os.listdir(fd):
-            try:
-                regular = stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-            except FileNotFoundError:
-                continue
-            if regular:
-                names.append(name)
-            elif remove:
-                try:
-                    os.unlink(name, dir_fd=fd)  # a link itself, never what it names
-                except OSError:
-                    pass
+        names = os.listdir(fd)
         paths = [fsutil.descriptor_path(fd, name) for name in names]
-        for name, held in zip(names, locks.locked(paths)):  # one read of /proc for all
+        # One read of /proc for all; a link or anything but a regular file is not locked.
+        for name, held in zip(names, locks.locked(paths)):
             if held:
                 live.append(name)
             elif remove:
                 try:
-                    os.unlink(name, dir_fd=fd)
-                except FileNotFoundError:
+                    os.unlink(name, dir_fd=fd)  # a link itself, never what it names
+                except OSError:  # gone, or a directory planted there: never a holder
                     pass
     finally:
         os.close(fd)

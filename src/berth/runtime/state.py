@@ -319,12 +319,8 @@ def list_containers(state_dir: Path) -> list[dict]:
         return []
     paths = [containers / name / "lock" for name in names]
     # A look: taking a lock could hide a dead one from its cleaner. One look at all of them
-    # (/proc read once); when one raises (a lock file that is a link...), each alone, so that
-    # only that one counts as not live.
-    try:
-        held = locks.locked(paths)
-    except OSError:
-        held = [_looks_locked(path) for path in paths]
+    # (/proc read once); a lock file that is a link or not a regular file is not locked.
+    held = locks.locked(paths)
     records = []
     for name, live in zip(names, held):
         if not live:
@@ -335,13 +331,6 @@ def list_containers(state_dir: Path) -> list[dict]:
             records.append(_record(info, name, path))
     records.sort(key=lambda r: r["started"])
     return records
-
-
-def _looks_locked(path: Path) -> bool:
-    try:
-        return locks.is_locked(path)
-    except OSError:
-        return False
 
 
 def _whole(value: object, minimum: int = 0) -> int | None:
