@@ -3,15 +3,24 @@
 Rules (STYLE.md): argv lists only, never shell strings; an explicit environment, never a
 mutation of ``os.environ``; stdin from /dev/null unless given; binaries resolved once to
 absolute paths; the stderr tail kept in the raised error; signals reach the child.
+
+How a child starts (issue 10: every ``berth run`` starts its runtime, and mounts and
+unmounts its image, through here): with ``os.posix_spawn`` (glibc's vfork-like clone, one
+system call in the parent) and a :class:`Child` to wait for it, without importing
+``subprocess`` (with ``threading``, ``selectors``: ~1.5 ms of every run's start). The child
+gets what ``subprocess`` gave it: only descriptors 0-2 and those passed (every other one
+closed: berth's are close-on-exec, and inherited ones berth was given are closed by the spawn's
+file actions), SIGPIPE and SIGXFSZ at their defaults, the standard streams as asked. Where
+posix_spawn cannot do what is asked -- a pipe to write to or read from while the child runs
+(:func:`start` with ``PIPE``), input for :func:`run`, a working directory while other threads
+run (the spawn changes berth's own for an instant) -- ``subprocess`` does it, imported then.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +29,13 @@ from berth.errors import ProgramFailed, ProgramNotFound
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: importing typing costs every `berth run` ~2.5 ms (issue 10)
+    import subprocess
     from typing import IO
+
+#: The standard streams' special values, those of ``subprocess`` (which callers may pass too).
+PIPE = -1
+STDOUT = -2
+DEVNULL = -3
 
 #: Debian package that provides each program berth runs (for hints).
 PACKAGES = {
@@ -62,7 +77,7 @@ def find_program(name: str) -> str:
             return name
         raise ProgramNotFound(f"program {name} is not executable")
     path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(EXTRA_PATH)
-    found = shutil.which(name, path=path)
+    found = _which(name, path)
     if found is None:
         package = PACKAGES.get(name, name)
         raise ProgramNotFound(
@@ -71,6 +86,20 @@ def find_program(name: str) -> str:
             "(scripts/install-system-packages.sh installs everything berth needs)",
         )
     return found
+
+
+def _which(name: str, path: str) -> str | None:
+    """``shutil.which(name, path=path)`` (an executable that is not a directory; a name with a
+    slash is looked at as it is), without importing shutil and its compression modules on
+    every run's start (issue 10)."""
+    if os.sep in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(directory, name) for directory in path.split(os.pathsep)]
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def has_program(name: str) -> bool:
@@ -124,20 +153,33 @@ def _tail(data: bytes | str | None) -> str:
     return data[-STDERR_TAIL_BYTES:].strip()
 
 
+class Completed:
+    """What :func:`run` returns: the part of ``subprocess.CompletedProcess`` berth uses."""
+
+    __slots__ = ("args", "returncode", "stdout", "stderr")
+
+    def __init__(self, args: list[str], returncode: int, stdout: bytes | None, stderr: bytes | None) -> None:
+        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"Completed(args={self.args!r}, returncode={self.returncode})"
+
+
 def run(
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
     stdin: int | IO | None = None,
-    stdout: int | IO | None = subprocess.PIPE,
-    stderr: int | IO | None = subprocess.PIPE,
+    stdout: int | IO | None = PIPE,
+    stderr: int | IO | None = PIPE,
     cwd: str | None = None,
     timeout: float | None = None,
     check: bool = True,
     what: str | None = None,
-) -> subprocess.CompletedProcess:
-    """Run a program to completion.
+) -> Completed | subprocess.CompletedProcess:
+    """Run a program to completion; its ``stdout`` and ``stderr`` (bytes, with ``PIPE``), its
+    ``returncode`` (-N when killed by signal N) are in the result.
 
     ``argv[0]`` is resolved with :func:`find_program`. With ``check`` a non-zero exit raises
     ProgramFailed naming ``what`` (default: the program) and the tail of its stderr.
@@ -145,33 +187,93 @@ def run(
     """
     argv = [find_program(argv[0]), *argv[1:]]
     if input is None and stdin is None:
-        stdin = subprocess.DEVNULL
-    try:
-        result = subprocess.run(
-            argv,
-            input=input,
-            stdin=stdin if input is None else None,
-            stdout=stdout,
-            stderr=stderr,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
+        stdin = DEVNULL
+    name = what or os.path.basename(argv[0])
+    if input is None and _spawnable(cwd):
+        result, timed_out = _run_spawned(argv, env, stdin, stdout, stderr, cwd, timeout)
+    else:
+        result, timed_out = _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout)
+    if timed_out:
         # Like a failure below: the stderr tail belongs to the message (a hint says who acts).
-        tail = _tail(exc.stderr)
-        raise ProgramFailed(
-            f"{what or os.path.basename(argv[0])} did not finish within {timeout:g} s"
-            + (f": {tail}" if tail else ""),
-        ) from None
+        tail = _tail(result.stderr)
+        raise ProgramFailed(f"{name} did not finish within {timeout:g} s" + (f": {tail}" if tail else ""))
     if check and result.returncode != 0:
         tail = _tail(result.stderr)
         status = describe_status(result.returncode)
-        raise ProgramFailed(
-            f"{what or os.path.basename(argv[0])} failed ({status})" + (f": {tail}" if tail else ""),
-        )
+        raise ProgramFailed(f"{name} failed ({status})" + (f": {tail}" if tail else ""))
     return result
+
+
+def _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout):
+    import subprocess
+
+    try:
+        return subprocess.run(argv, input=input, stdin=stdin if input is None else None, stdout=stdout,
+                              stderr=stderr, env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout,
+                              check=False), False
+    except subprocess.TimeoutExpired as exc:
+        return Completed(argv, -signal.SIGKILL, exc.stdout, exc.stderr), True
+
+
+def _run_spawned(argv, env, stdin, stdout, stderr, cwd, timeout) -> tuple[Completed, bool]:
+    """:func:`run` by :func:`_spawn`: the ``PIPE`` streams read as they come (``select.poll``,
+    so that neither pipe can fill and stall the child), then the child waited for; with
+    ``timeout``, killed when it runs out. Returns the result and whether it timed out."""
+    import select
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    readers: dict[int, int] = {}  # read end -> the child's fd (1, 2)
+    writers: list[int] = []
+    streams = [stdin, stdout, stderr]
+    try:
+        for target in (1, 2):
+            if streams[target] == PIPE:
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                readers[read_end] = target
+                writers.append(write_end)
+                streams[target] = write_end
+        child = Child(_spawn(argv, env, *streams, cwd=cwd), argv)
+    except BaseException:
+        for fd in (*readers, *writers):
+            os.close(fd)
+        raise
+    for fd in writers:
+        os.close(fd)
+    output: dict[int, list[bytes]] = {1: [], 2: []}
+    timed_out = False
+    try:
+        poller = select.poll()
+        for fd in readers:
+            poller.register(fd, select.POLLIN)
+        while readers:
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            events = poller.poll(wait_ms)
+            if not events and deadline is not None and time.monotonic() >= deadline:
+                timed_out = True
+                break
+            for fd, _ in events:
+                data = os.read(fd, 65536)
+                if data:
+                    output[readers[fd]].append(data)
+                else:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    del readers[fd]
+        if not timed_out and not child._wait(None if deadline is None else deadline - time.monotonic()):
+            timed_out = True
+        if timed_out:
+            child.kill()
+            child.wait()
+    except BaseException:  # a stop signal (StopRequested) while it runs: it does not outlive this
+        child.kill()
+        child.wait()
+        raise
+    finally:
+        for fd in readers:
+            os.close(fd)
+    captured = [b"".join(output[target]) if streams_asked == PIPE else None
+                for target, streams_asked in ((1, stdout), (2, stderr))]
+    return Completed(argv, child.returncode, *captured), timed_out
 
 
 def replace_with(argv: Sequence[str], *, env: Mapping[str, str]) -> None:
@@ -190,22 +292,28 @@ def start(
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
-    stdin: int | IO | None = subprocess.DEVNULL,
+    stdin: int | IO | None = DEVNULL,
     stdout: int | IO | None = None,
     stderr: int | IO | None = None,
     cwd: str | None = None,
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
     move_fds: Mapping[int, int] | None = None,
-) -> subprocess.Popen:
-    """Start a program and return its Popen; the caller waits for it, with
-    :func:`wait_forwarding` when the child must get the signals berth receives.
+) -> Child | subprocess.Popen:
+    """Start a program and return it as a :class:`Child` (a ``subprocess.Popen`` when a
+    stream is ``PIPE``: its ``stdin``/``stdout`` are the pipes' file objects); the caller waits
+    for it, with :func:`wait_forwarding` when the child must get the signals berth receives.
 
     ``move_fds`` {child fd: berth's fd} gives the child one of berth's descriptors under another
-    number (runc's ``--preserve-fds`` passes only fds 3, 4, ...): berth's own descriptor at that
-    number, if any, is set aside while the child starts and put back (the same open file, so
-    flock locks held through it stay held). berth starts children from one thread."""
+    number (runc's ``--preserve-fds`` passes only fds 3, 4, ...); berth's own descriptor at
+    that number, if any, is left as it is (the same open file, so flock locks held through it
+    stay held)."""
     argv = [find_program(argv[0]), *argv[1:]]
+    if PIPE not in (stdin, stdout, stderr) and _spawnable(cwd):
+        return Child(_spawn(argv, env, stdin, stdout, stderr, cwd=cwd, pass_fds=pass_fds, new_session=new_session,
+                            move_fds=move_fds), argv)
+    import subprocess
+
     saved: list[tuple[int, int | None, bool]] = []
     try:
         for target, source in (move_fds or {}).items():
@@ -236,6 +344,177 @@ def start(
             else:
                 os.dup2(kept, target, inheritable=inheritable)
                 os.close(kept)
+
+
+def _spawnable(cwd: str | None) -> bool:
+    """Whether :func:`_spawn` can start a child here: posix_spawn exists, and for a working
+    directory of its own no other thread runs (the spawn changes berth's for an instant)."""
+    if not hasattr(os, "posix_spawn"):
+        return False
+    if cwd is None:
+        return True
+    threading = sys.modules.get("threading")
+    return threading is None or threading.active_count() <= 1
+
+
+def _stream_fd(stream) -> int | None:
+    return stream if stream is None or isinstance(stream, int) else stream.fileno()
+
+
+def _spawn(argv: list[str], env: Mapping[str, str] | None, stdin, stdout, stderr, *, cwd: str | None = None,
+           pass_fds: Sequence[int] = (), new_session: bool = False, move_fds: Mapping[int, int] | None = None) -> int:
+    """posix_spawn ``argv`` (an absolute path first) and return its pid. The streams: None
+    (berth's own), DEVNULL, STDOUT (for stderr), a descriptor or a file; ``move_fds`` and
+    ``pass_fds`` as :func:`start` takes them. Every other descriptor is closed in the child:
+    berth's own are close-on-exec (PEP 446), and inheritable ones berth was started with are
+    closed by the file actions (what subprocess's ``close_fds`` did). Raises OSError."""
+    actions: list[tuple] = []
+    for target, stream in ((0, stdin), (1, stdout), (2, stderr)):
+        fd = _stream_fd(stream)
+        if fd is None:
+            continue
+        if fd == DEVNULL:
+            actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_RDWR, 0))
+        elif fd == STDOUT and target == 2:
+            actions.append((os.POSIX_SPAWN_DUP2, 1, 2))
+        elif fd >= 0:
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))  # the same number: glibc clears CLOEXEC
+        else:
+            raise ValueError(f"stream {stream!r} cannot be given to a spawned child")
+    kept = {0, 1, 2}
+    for target, source in (*((fd, fd) for fd in pass_fds), *(move_fds or {}).items()):
+        actions.append((os.POSIX_SPAWN_DUP2, source, target))
+        kept.add(target)
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        open_fds = range(3, _open_max())
+    for fd in open_fds:
+        if fd not in kept:
+            try:
+                if os.get_inheritable(fd):
+                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
+            except OSError:
+                pass  # not open (the listing's own descriptor)
+    environment = os.environ if env is None else env
+    if cwd is None:
+        return os.posix_spawn(argv[0], argv, environment, file_actions=actions, setsid=new_session,
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(cwd)
+        try:
+            return os.posix_spawn(argv[0], argv, environment, file_actions=actions, setsid=new_session,
+                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        finally:
+            os.fchdir(here)
+    finally:
+        os.close(here)
+
+
+class Child:
+    """A program :func:`start` started: the part of ``subprocess.Popen`` berth uses (``pid``,
+    ``args``, ``returncode`` once reaped, ``poll``, ``wait``, ``send_signal``, ``terminate``,
+    ``kill``). Its pid stays its own until it is reaped here, so a signal never reaches a
+    recycled pid."""
+
+    __slots__ = ("pid", "args", "returncode")
+    stdin = stdout = stderr = None  # no pipes: those children are subprocess.Popen
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Child(pid={self.pid}, args={self.args!r}, returncode={self.returncode})"
+
+    def _reaped(self, raw: int) -> int:
+        self.returncode = os.waitstatus_to_exitcode(raw)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, raw = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: nothing more to learn
+                self.returncode = 0
+            else:
+                if pid:
+                    self._reaped(raw)
+        return self.returncode
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Reap the child, waiting at most ``timeout`` seconds (None: as long as it takes);
+        False when it still runs then. Woken by its exit (a pidfd), not by polling."""
+        if self.returncode is not None:
+            return True
+        if timeout is None:
+            try:
+                self._reaped(os.waitpid(self.pid, 0)[1])
+            except ChildProcessError:
+                self.returncode = 0
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (OSError, AttributeError):
+            pidfd = None
+        try:
+            delay = 0.0005
+            while self.poll() is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if pidfd is not None:
+                    import select
+
+                    select.select([pidfd], [], [], left)
+                else:
+                    time.sleep(min(delay, left))
+                    delay = min(delay * 2, 0.05)
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The child's return code (-N: killed by signal N), once it has ended; with
+        ``timeout``, ``subprocess.TimeoutExpired`` when it still runs then (as Popen's)."""
+        if not self._wait(timeout):
+            import subprocess
+
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def wait_or_kill(child: Child | subprocess.Popen, timeout_s: float) -> int:
+    """Wait at most ``timeout_s`` for ``child`` to end, then kill it (SIGKILL) and reap it;
+    return its return code. For daemons told to stop (a FUSE daemon after its unmount)."""
+    if isinstance(child, Child):
+        if not child._wait(timeout_s):
+            child.kill()
+        return child.wait()
+    import subprocess
+
+    try:
+        return child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 #: Signals a waiting berth passes on to its child instead of dying of them.
@@ -435,7 +714,7 @@ class _Wake(Exception):
     """Raised by :func:`wait_forwarding`'s handlers to interrupt its wait."""
 
 
-def wait_forwarding(child: subprocess.Popen, *, stop_timeout_s: float | None = None,
+def wait_forwarding(child: Child | subprocess.Popen, *, stop_timeout_s: float | None = None,
                     on_stop_timeout: Callable[[], None] | None = None) -> int:
     """Wait for ``child`` and return its shell-style status, passing every signal of
     :data:`FORWARDED_SIGNALS` berth receives meanwhile on to it. With ``on_stop_timeout``, it

@@ -11,7 +11,6 @@ with daemonized mounts (TESTBED.md).
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 from berth import proc
@@ -27,7 +26,7 @@ class FuseMount:
 
     __slots__ = ("mountpoint", "process", "what", "log_path")
 
-    def __init__(self, mountpoint: str, process: subprocess.Popen, what: str, log_path: str) -> None:
+    def __init__(self, mountpoint: str, process: proc.Child, what: str, log_path: str) -> None:
         self.mountpoint = mountpoint
         self.process = process
         self.what = what
@@ -276,8 +275,4 @@ def stop(mount: FuseMount, *, timeout_s: float = 5.0) -> None:
             break
         except ProgramFailed:
             time.sleep(0.05)
-    try:
-        mount.process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        mount.process.kill()
-        mount.process.wait()
+    proc.wait_or_kill(mount.process, timeout_s)

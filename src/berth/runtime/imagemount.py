@@ -544,11 +544,7 @@ def _unmount(directory: Path, process) -> None:
                 time.sleep(0.02)
     pid = record.get("pid")
     if process is not None:
-        try:
-            process.wait(timeout=DAEMON_EXIT_S)
-        except Exception:  # noqa: BLE001
-            process.kill()
-            process.wait()
+        proc.wait_or_kill(process, DAEMON_EXIT_S)
     elif _our_daemon(pid, root) and not _elsewhere(pid):
         deadline = time.monotonic() + DAEMON_EXIT_S
         while _our_daemon(pid, root) and not _is_zombie(pid) and time.monotonic() < deadline:

@@ -319,7 +319,7 @@ def _check_space(base: Path, source: Path, size_bytes: int, inodes: int) -> None
             "larger node-local file system, or ask your site administrator about image_mount")
 
 
-def _unsquashfs(arguments: list[str], source: Path) -> "proc.subprocess.CompletedProcess":
+def _unsquashfs(arguments: list[str], source: Path) -> "proc.Completed":
     # A killed berth must not leave unsquashfs writing: it dies with its parent.
     argv = ["setpriv", "--pdeathsig", "KILL", "--", proc.find_program("unsquashfs"), *arguments]
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -184,7 +183,7 @@ def probe(runtime: str, scratch: Path, init: str) -> ProbeResult:
                         uid=os.getuid(), gid=os.getgid(), init_path=init, hostname="berth-probe")
         (workdir / "config.json").write_text(json.dumps(build_config(plan)))
         result = proc.run([path, "--root", str(workdir / "state"), "run", "-b", str(workdir), container],
-                          check=False, timeout=PROBE_TIMEOUT_S, stderr=subprocess.STDOUT)
+                          check=False, timeout=PROBE_TIMEOUT_S, stderr=proc.STDOUT)
     except ProgramFailed as exc:  # proc.run's timeout
         return ProbeResult(runtime, path, False, f"{runtime} did not start a trivial container within "
                            f"{PROBE_TIMEOUT_S:g} s (is the node overloaded?): {exc.message}", definite=False)

@@ -12,7 +12,6 @@ container out) and removes the state directory.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from berth.runtime.state import ContainerState
 
 Log = Callable[..., None]
 
-def start_runtime(runtime: str, container: ContainerState, *, pmi_fd: int | None = None) -> subprocess.Popen:
+def start_runtime(runtime: str, container: ContainerState, *, pmi_fd: int | None = None) -> proc.Child:
     """``runtime run`` of the container's bundle, in its own session, dying with berth (SIGTERM,
     which the runtime passes on to the container). ``pmi_fd``: Slurm's PMI socket, passed to
     the container as fd 3 (berth.runtime.pmix).
@@ -45,7 +44,7 @@ def runtime_log(container: ContainerState) -> Path:
     return container.path / "runtime.log"
 
 
-def wait(child: subprocess.Popen, runtime: str, container: ContainerState, stop_timeout_s: float,
+def wait(child: proc.Child, runtime: str, container: ContainerState, stop_timeout_s: float,
          log: Log) -> int:
     """Wait for the runtime process, forwarding signals (berth.proc); kill the container
     ``stop_timeout_s`` after a stop signal if it is still there."""
