@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -295,3 +296,89 @@ def test_parent_death_of_a_parent_gone_already_starts_nothing(user, user_tmp):
     assert result.stdout.strip() == f"status {128 + signal.SIGTERM}", (result.stdout, result.stderr)
     assert not (bundle / "rootfs" / "tmp" / "started").exists()
     assert not (user_tmp / "state" / "c1").exists()
+
+
+def _launcher(user: User, where: Path, *args: str) -> subprocess.CompletedProcess:
+    """berth-launcher ``args`` as ``user`` with ``where/state`` as its --root."""
+    return user.run([str(ocirt.launcher_path()), "--root", str(where / "state"), *args], timeout=60)
+
+
+def _plant_state(user: User, where: Path, text: str) -> None:
+    """ROOT/c1/state.json holding ``text``, as a container process or a careless tool might leave it."""
+    directory = where / "state" / "c1"
+    directory.mkdir(parents=True)
+    (directory / "state.json").write_text(text)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(where / "state")], check=True)
+
+
+def _start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[19])
+
+
+def _pending_signals(pid: int) -> int:
+    """The process-wide pending signals of ``pid`` (ShdPnd): what kill(2) queued for it."""
+    with open(f"/proc/{pid}/status") as handle:
+        return int(next(line for line in handle if line.startswith("ShdPnd:")).split()[1], 16)
+
+
+def test_a_state_file_cannot_point_kill_or_delete_at_another_process(user, user_tmp):
+    """read_state took the pid with strtol and kill() got it cast to pid_t: a pid of 2^32 + N
+    signalled process N, and with a start time of 0 the start-time check passed too (0 is what
+    it read for the pid that does not exist). A state file naming 2^32 - 1 made "delete
+    --force" SIGKILL every process of the user. Such a file is refused now, and nothing is sent."""
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1});"
+         " print('ready', flush=True); time.sleep(120)"],
+        user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline() == "ready\n"
+        _plant_state(user, user_tmp, json.dumps({"pid": victim.pid + (1 << 32), "start_time": 0, "bundle": "/"}))
+        killed = _launcher(user, user_tmp, "kill", "c1", "USR1")
+        assert not _pending_signals(victim.pid) & (1 << (signal.SIGUSR1 - 1)), "kill signalled the victim"
+        assert killed.returncode == 1 and "not a berth-launcher state file" in killed.stderr, killed.stderr
+        deleted = _launcher(user, user_tmp, "delete", "--force", "c1")
+        assert deleted.returncode == 1, (deleted.stdout, deleted.stderr)
+        assert victim.poll() is None, "delete --force killed the victim"
+        state = _launcher(user, user_tmp, "state", "c1")
+        assert state.returncode == 1, state.stdout
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_a_container_whose_init_is_a_zombie_is_stopped_as_under_runc(user, user_tmp):
+    """An init that died but is not reaped yet (its launcher was killed, its new parent has not
+    waited) still has a /proc/PID/stat with its start time: "state" said running, "kill"
+    succeeded and "delete --force" waited its full 2 s for it. runc calls it stopped."""
+    zombie = subprocess.Popen(["/bin/true"], user=user.uid, group=user.gid, extra_groups=[])
+    try:
+        deadline = time.monotonic() + 30
+        while not _is_zombie(zombie.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _is_zombie(zombie.pid)
+        _plant_state(user, user_tmp, json.dumps({"pid": zombie.pid, "start_time": _start_time(zombie.pid),
+                                                 "bundle": "/"}))
+        state = _launcher(user, user_tmp, "state", "c1")
+        assert state.returncode == 0 and json.loads(state.stdout)["status"] == "stopped", state.stdout
+        killed = _launcher(user, user_tmp, "kill", "c1", "KILL")
+        assert killed.returncode == 1 and "container not running" in killed.stderr, killed.stderr
+    finally:
+        zombie.wait()
+
+
+def _is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_preserve_fds_of_a_descriptor_the_caller_did_not_pass_is_refused(user, user_tmp):
+    """--preserve-fds 1 checks that descriptor 3 is open, but it looked after --log had been
+    opened: with the caller's 3 closed, the log took that number, the check passed, and the
+    container started without the descriptor it was to get (the log is close-on-exec)."""
+    bundle = _bundle(user, user_tmp, "ls /proc/self/fd")
+    result = user.run(["/bin/sh", "-c", 'exec 3>&-; "$0" --root "$1" --log "$2" run --preserve-fds 1 --bundle "$3" c1',
+                       str(ocirt.launcher_path()), str(user_tmp / "state"), str(user_tmp / "log"), str(bundle)],
+                      timeout=60)
+    assert result.returncode == 1 and result.stdout == "", (result.stdout, result.stderr)
+    assert "--preserve-fds 1: descriptor 3 is not open" in result.stderr, result.stderr

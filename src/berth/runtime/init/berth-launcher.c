@@ -1417,8 +1417,10 @@ static void check_id(const char *id)
         fail("invalid container id '%s': letters, digits, '_', '+', '-' and '.' only", id);
 }
 
-/* Field 22 of /proc/PID/stat: tells a live process from a later one with the same pid. */
-static unsigned long long process_start_time(long pid)
+/* Field 22 of /proc/PID/stat: tells a live process from a later one with the same pid.  0 when
+ * there is no such process, or (``live``) when it is a zombie: dead, not yet reaped, which runc
+ * calls "stopped" too. */
+static unsigned long long process_start_time(long pid, int live)
 {
     char path[64], text[1024];
     snprintf(path, sizeof path, "/proc/%ld/stat", pid);
@@ -1434,11 +1436,27 @@ static unsigned long long process_start_time(long pid)
     if (!p)
         return 0;
     /* after ")": field 3 (state) onwards; start time is field 22 */
+    if (p[1] != ' ' || (live && strchr("ZXx", p[2])))
+        return 0;
     int field = 2;
     for (; *p && field < 22; p++)
         if (*p == ' ')
             field++;
     return strtoull(p, NULL, 10);
+}
+
+/* A number of a state file: decimal digits only, from 1 to ``max``.  Read with strtol, a pid of
+ * 2^32 + N became N when cast to pid_t (and 2^32 - 1 became -1: kill(-1) signals every process
+ * of the user), and a start time of 0 matched the 0 that process_start_time gives for a pid
+ * that does not exist: "kill" signalled a process that was never the container's. */
+static int state_number(struct jval *v, unsigned long long max, unsigned long long *out)
+{
+    if (!v || v->type != J_NUM || !isdigit((unsigned char)v->text[0]))
+        return -1;
+    char *end;
+    errno = 0;
+    *out = strtoull(v->text, &end, 10);
+    return errno || *end || *out < 1 || *out > max ? -1 : 0;
 }
 
 static int read_state(const char *id, struct state *st)
@@ -1448,18 +1466,21 @@ static int read_state(const char *id, struct state *st)
     if (access(path, F_OK) != 0)
         return -1;
     struct jval *v = parse_json_file(path, path);
-    struct jval *pid = jget(v, "pid"), *start = jget(v, "start_time"), *bundle = jget(v, "bundle");
-    if (!pid || pid->type != J_NUM || !start || start->type != J_NUM || !bundle || bundle->type != J_STR)
+    struct jval *bundle = jget(v, "bundle");
+    unsigned long long pid, start_time;
+    if (state_number(jget(v, "pid"), INT_MAX, &pid) != 0
+        || state_number(jget(v, "start_time"), ULLONG_MAX, &start_time) != 0 || !bundle || bundle->type != J_STR)
         fail("%s is not a berth-launcher state file", path);
-    st->pid = strtol(pid->text, NULL, 10);
-    st->start_time = strtoull(start->text, NULL, 10);
+    st->pid = (long)pid;
+    st->start_time = start_time;
     snprintf(st->bundle, sizeof st->bundle, "%s", bundle->text);
     return 0;
 }
 
 static int state_running(const struct state *st)
 {
-    return st->pid > 0 && process_start_time(st->pid) == st->start_time;
+    unsigned long long now = process_start_time(st->pid, 1);
+    return now != 0 && now == st->start_time;
 }
 
 static void write_state(const char *id, long pid, const char *bundle)
@@ -1471,7 +1492,7 @@ static void write_state(const char *id, long pid, const char *bundle)
     if (!f)
         fail("cannot write %s: %s", temporary, error_text(errno));
     fprintf(f, "{\"ociVersion\":\"1.0.2\",\"id\":\"%s\",\"pid\":%ld,\"start_time\":%llu,\"bundle\":\"", id, pid,
-            process_start_time(pid));
+            process_start_time(pid, 0)); /* our child: a zombie at worst, never gone */
     for (const char *c = bundle; *c; c++) {
         if (*c == '"' || *c == '\\')
             fputc('\\', f);
@@ -1872,6 +1893,19 @@ static void usage(void)
     exit(1);
 }
 
+/* Descriptors 3 to 66 that were open when the launcher started (bit fd - 3): what the caller
+ * passed.  Looked at later, a closed descriptor 3 the caller meant to pass was the launcher's
+ * own --log by then (the lowest free number), so the check passed and the container got nothing
+ * there (the log is close-on-exec). */
+static uint64_t inherited_fds;
+
+static void note_inherited_fds(void)
+{
+    for (int fd = 3; fd < 3 + 64; fd++)
+        if (fcntl(fd, F_GETFD) >= 0)
+            inherited_fds |= 1ULL << (fd - 3);
+}
+
 static unsigned parse_preserve_fds(const char *text)
 {
     char *end = NULL;
@@ -1881,7 +1915,7 @@ static unsigned parse_preserve_fds(const char *text)
         fail("--preserve-fds %s: wants a number of descriptors from 0 to 64", text);
     /* Open as the caller passed them: a descriptor the container is to get must exist. */
     for (unsigned long fd = 3; fd < 3 + count; fd++)
-        if (fcntl((int)fd, F_GETFD) < 0)
+        if (!(inherited_fds >> (fd - 3) & 1))
             fail("--preserve-fds %s: descriptor %lu is not open", text, fd);
     return (unsigned)count;
 }
@@ -1903,6 +1937,7 @@ static void die_with_parent(const char *text)
 
 int main(int argc, char **argv)
 {
+    note_inherited_fds(); /* before the launcher opens anything of its own */
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
         if (strcmp(argv[i], "--parent-death") == 0 && i + 1 < argc) {
