@@ -48,17 +48,18 @@ _FLOCK_HINT = ("the file system must support flock(2) (Lustre: mounted with -o f
                "its lock service running)")
 
 
-def open_lock_file(path: Path, *, mode: int = 0o600, create: bool = True) -> int:
+def open_lock_file(path: Path, *, mode: int = 0o600, create: bool = True, tighten: bool = True) -> int:
     """A read-write descriptor of the lock file ``path`` (created with ``mode`` if missing and
     ``create``). Refuses symbolic links and anything but a regular file (OSError ELOOP or
-    EINVAL); tightens a lock file of the caller's that group or others could open. Raises OSError."""
+    EINVAL); with ``tighten``, tightens a lock file of the caller's that group or others could
+    open (not for a file the caller has yet to judge as its own). Raises OSError."""
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     fd = os.open(path, flags, mode)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & ~mode & 0o077:
+        if tighten and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & ~mode & 0o077:
             os.fchmod(fd, stat.S_IMODE(info.st_mode) & mode)
     except BaseException:
         os.close(fd)

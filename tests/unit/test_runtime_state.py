@@ -238,3 +238,62 @@ def test_the_clean_up_kills_through_a_runtime_root_of_the_containers_own_only(tm
     assert marker.read_text().split("\n")[:-1] == [f"--root {state_dir}/containers/{own}/runc kill {own} KILL",
                                                    f"--root {state_dir}/containers/{own}/runc delete --force {own}"]
     assert (other_root / linked).is_dir()
+
+
+def test_the_clean_up_opens_only_the_lock_of_a_live_container(tmp_path, monkeypatch):
+    """Every berth run's clean-up opened each live container's directory and then its lock
+    through /proc/self/fd: two opens per live container, where its lock alone tells it is live."""
+    containers = [state.create(tmp_path, None) for _ in range(3)]
+    opened = []
+    real_open = os.open
+
+    def counting(path, flags, *args, **kwargs):
+        opened.append(os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr(os, "open", counting)
+        assert state.cleanup_stale(tmp_path, images=False) == []
+        monkeypatch.undo()
+        assert sorted(opened) == sorted(str(c.path / "lock") for c in containers)
+    finally:
+        for container in containers:
+            container.release()
+
+
+def test_a_dead_container_swapped_for_a_link_after_it_was_judged_is_left_alone(tmp_path, monkeypatch):
+    """The clean-up judged a dead container through its directory, opened without following a
+    link, but then ran the runtime and fusermount3 by path: containers/ID swapped for a link in
+    between (by what can write into the state directory) had them act on the directory the
+    link names (another state directory's live container of the same id). Nothing is done by
+    path once the path names another directory; the next clean-up judges the moved one."""
+    from berth.runtime import fuse, ocirt
+
+    state_dir = state.ensure_state_dir(tmp_path / "state")
+    dead = _dead_container(state_dir, {"id": "ID", "runtime": "runc"})
+    path = state_dir / "containers" / dead
+    other = tmp_path / "other" / "containers" / dead
+    (other / "runc" / dead).mkdir(parents=True)
+    (other / "rootfs").mkdir()
+    acted = []
+    monkeypatch.setattr(ocirt, "recorded_program", lambda recorded: "/bin/true")
+    monkeypatch.setattr(fuse, "mounted_paths", lambda: {str(path / "rootfs")})
+    monkeypatch.setattr(state.proc, "run", lambda argv, **kwargs: acted.append(
+        [os.path.realpath(a) if a.startswith(str(path)) else a for a in argv]))
+    real_read = state.read_json_object
+
+    def swapping(name):  # info.json is read through the judged directory: then the swap
+        info = real_read(name)
+        if not os.path.islink(path):
+            os.rename(path, path.with_name(dead + ".moved"))
+            path.symlink_to(other)
+        return info
+
+    monkeypatch.setattr(state, "read_json_object", swapping)
+    cleaned = state.cleanup_stale(state_dir, images=False)
+    assert acted == [], "the clean-up acted by path on the directory a link swapped in names"
+    assert cleaned == []
+    assert (other / "runc" / dead).is_dir() and (state_dir / "containers" / (dead + ".moved") / "lock").exists()
+    monkeypatch.setattr(state, "read_json_object", real_read)
+    assert [c["id"] for c in state.cleanup_stale(state_dir, images=False)] == [dead + ".moved"]
+    assert os.listdir(state_dir / "containers") == [] and (other / "runc" / dead).is_dir()

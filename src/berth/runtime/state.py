@@ -286,12 +286,14 @@ def _open_container(path: Path) -> int | None:
     return None
 
 
-def _try_lock(directory: int) -> int | None:
-    """An fd holding the lock of the container directory open as ``directory`` when nobody
-    holds it, else None (also when it has no lock file: :func:`_lockless` judges those; and when
-    its ``lock`` is not a regular file berth can lock: a link, a directory... is left)."""
+def _try_lock(path: Path) -> int | None:
+    """An fd holding the lock of the container directory ``path`` when nobody holds it, else
+    None (also when it has no lock file: :func:`_lockless` judges those; and when its ``lock``
+    is not a regular file berth can lock: a link, a directory... is left). Opened by name, one
+    open per live container; the caller then judges the directory and checks that this is its
+    lock (:func:`_is_lock_of`) before it acts on a free one."""
     try:
-        fd = locks.open_lock_file(Path(fsutil.descriptor_path(directory, "lock")), create=False)
+        fd = locks.open_lock_file(path / "lock", create=False, tighten=False)
     except OSError:
         return None
     try:
@@ -303,6 +305,27 @@ def _try_lock(directory: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _is_lock_of(lock_fd: int, directory: int) -> bool:
+    """Whether ``lock_fd`` is the ``lock`` of the directory open as ``directory``: a directory
+    entry swapped for a link between the two opens named another directory's lock."""
+    try:
+        lock, entry = os.fstat(lock_fd), os.stat("lock", dir_fd=directory, follow_symlinks=False)
+    except OSError:
+        return False
+    return (lock.st_dev, lock.st_ino) == (entry.st_dev, entry.st_ino)
+
+
+def _still_names(path: Path, directory: int) -> bool:
+    """Whether ``path`` still names the directory open as ``directory``: checked again before
+    each thing the clean-up does by path (the runtime, fusermount3), which a link swapped in
+    since the directory was judged would carry to another directory (another live container)."""
+    try:
+        here, judged = os.lstat(path), os.fstat(directory)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (judged.st_dev, judged.st_ino)
 
 
 def _read_info(path: Path) -> dict:
@@ -423,7 +446,7 @@ def find_container(state_dir: Path, key: str) -> dict:
                    hint="'berth ps' lists your running containers")
 
 
-def _kill_runtime(path: Path, info: dict) -> None:
+def _kill_runtime(path: Path, directory: int, info: dict) -> None:
     from berth.runtime import ocirt
 
     root = str(path / "runc")
@@ -431,25 +454,29 @@ def _kill_runtime(path: Path, info: dict) -> None:
     try:
         # Real directories only: a runc/ planted as a link to another state directory's
         # runtime root would have the runtime kill a live container of the same name there.
-        if not all(stat.S_ISDIR(os.lstat(p).st_mode) for p in (path / "runc", path / "runc" / container_id)):
+        if not all(stat.S_ISDIR(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode)
+                   for name in ("runc", f"runc/{container_id}")):
             return
     except OSError:
         return
     runtime = ocirt.recorded_program(info.get("runtime"))  # never a program the record names by path
     if runtime is None:
         return
-    proc.run([runtime, "--root", root, "kill", container_id, "KILL"], check=False, timeout=10)
-    proc.run([runtime, "--root", root, "delete", "--force", container_id], check=False, timeout=10)
+    for action in (["kill", container_id, "KILL"], ["delete", "--force", container_id]):
+        if _still_names(path, directory):
+            proc.run([runtime, "--root", root, *action], check=False, timeout=10)
 
 
-def _unmount_under(path: Path) -> list[str]:
-    """Lazily unmount every mount at or below ``path`` (deepest first); returns what was found."""
+def _unmount_under(path: Path, directory: int) -> list[str]:
+    """Lazily unmount every mount at or below ``path`` (deepest first) while ``path`` still
+    names the directory open as ``directory``; returns what was found."""
     from berth.runtime import fuse
 
     prefix = str(path) + "/"
     found = sorted((p for p in fuse.mounted_paths() if p.startswith(prefix)), key=len, reverse=True)
     for mountpoint in found:
-        proc.run(["fusermount3", "-u", "-z", "--", mountpoint], check=False, timeout=10)
+        if _still_names(path, directory):
+            proc.run(["fusermount3", "-u", "-z", "--", mountpoint], check=False, timeout=10)
     return found
 
 
@@ -472,7 +499,11 @@ def _kill_daemons(path: Path, info: dict) -> None:
 def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | None:
     """Kill, unmount and remove one container directory whose lock is free (caller holds it).
     ``directory``: the directory open as the caller judged it (:func:`_open_container`), else
-    opened here; None (nothing done) when ``path`` is not a directory (a link is removed itself)."""
+    opened here; None (nothing done) when ``path`` is not a directory (a link is removed itself).
+    What is read and removed goes through ``directory``; what goes by path (the runtime's root,
+    fusermount3's mount points) only while ``path`` still names it (:func:`_still_names`). When
+    it no longer does (swapped for a link), nothing is done (None): the next clean-up judges
+    the directory where it is now."""
     own = directory is None
     if own:
         directory = _open_container(path)
@@ -480,9 +511,11 @@ def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | No
             return None
     try:
         info = read_json_object(fsutil.descriptor_path(directory, "info.json"))
-        _kill_runtime(path, info)
-        mounts = _unmount_under(path)
+        _kill_runtime(path, directory, info)
+        mounts = _unmount_under(path, directory)
         _kill_daemons(path, info)
+        if not _still_names(path, directory):
+            return None
         _remove_lock_last(path, directory)
     finally:
         if own:
@@ -507,25 +540,35 @@ def cleanup_stale(state_dir: Path, *, images: bool = True) -> list[dict]:
 def _cleanup_containers(state_dir: Path) -> list[dict]:
     containers = state_dir / CONTAINERS
     try:
-        names = os.listdir(containers)
+        with os.scandir(containers) as scan:
+            entries = list(scan)
     except OSError:
         return []
     cleaned = []
-    for name in names:
-        path = containers / name
-        directory = _open_container(path)
-        if directory is None:
+    for entry in entries:
+        path = Path(entry.path)
+        if not entry.is_dir(follow_symlinks=False):
+            _open_container(path)  # a link is removed itself; anything else is left
+            continue
+        # The lock first, by name: a live container (its lock held) costs this one open. A
+        # free one is judged through its directory, opened without following a link, and
+        # counts only when the lock taken is that directory's.
+        fd = _try_lock(path)
+        if fd is None:
             continue
         try:
-            fd = _try_lock(directory)
-            if fd is None:
+            directory = _open_container(path)
+            if directory is None:
                 continue
             try:
-                cleaned.append(cleanup_container_dir(path, directory))
+                record = cleanup_container_dir(path, directory) if _is_lock_of(fd, directory) else None
             finally:
-                os.close(fd)
+                os.close(directory)
         finally:
-            os.close(directory)
+            os.close(fd)
+        if record is not None:
+            cleaned.append(record)
+    names = [entry.name for entry in entries]
     for path in _lockless(state_dir, names):
         record = cleanup_container_dir(path)
         if record is not None:
