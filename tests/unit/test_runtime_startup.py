@@ -106,3 +106,52 @@ def test_run_with_unchanged_configuration_files_parses_none(tmp_path):
     assert first[0] == "['datetime', 'tomllib', 'typing']"  # the control: parsing imports them
     assert second[0] == "[]"
     assert second[1] == first[1] and "pull_retries" in first[1]
+
+
+#: The execution half of a run (issue 10, target 3): what makes a plan true and runs it --
+#: the container's state directory, the image mount, the bundle, the runtime's choice and
+#: start, the teardown -- and the one gateway they run programs through. A run whose plan is
+#: cached (berth.runtime.plancache) executes with these alone.
+EXECUTION_MODULES = ("berth.runtime.state", "berth.runtime.imagemount", "berth.runtime.fuse",
+                     "berth.runtime.materialise", "berth.runtime.ocirt", "berth.runtime.supervise",
+                     "berth.runtime.launcher", "berth.runtime.limits", "berth.proc")
+
+#: What the execution half used to import and must not again: subprocess (with threading and
+#: selectors, ~1.5 ms: berth.proc spawns with posix_spawn), shutil (with bz2, lzma, zlib, ~1.5
+#: ms: fsutil.remove_tree and proc.find_program need none of it), argparse (with gettext, via
+#: berth.runtime.options' is_container_name), the planning modules (plan, spec, policy,
+#: options, settings: a cached plan is made already), and what only rare paths need (the
+#: runtime probe's tempfile, node-local copies, host checks of error messages).
+NOT_ON_EXECUTION_PATH = (*NOT_ON_RUN_PATH, "subprocess", "threading", "selectors", "shutil", "bz2", "lzma",
+                         "argparse", "gettext", "berth.runtime.plan", "berth.runtime.spec", "berth.runtime.policy",
+                         "berth.runtime.options", "berth.config.settings", "berth.config.load",
+                         "berth.runtime.localcopy", "berth.runtime.hostcheck")
+
+
+def test_the_execution_half_of_a_run_imports_only_what_it_uses(tmp_path):
+    """Not only the imports: a container's life as the execution half lives it -- state
+    directory, stale clean-up, a container directory, its record, the runtime's choice for a
+    config, a program started and waited for with signals forwarded, one run to completion,
+    the teardown -- in a fresh interpreter, then what it imported."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        f"for name in {EXECUTION_MODULES!r}:\n"
+        "    __import__(name)\n"
+        "from berth import proc\n"
+        "from berth.runtime import materialise, ocirt, state, supervise\n"
+        f"state_dir = state.ensure_state_dir(Path({str(tmp_path / 'state')!r}))\n"
+        "state.cleanup_stale(state_dir)\n"
+        "container = state.create(state_dir, None)\n"
+        "materialise.make_directories(container)\n"
+        "container.write_info({'id': container.id, 'pid': 1})\n"
+        "assert ocirt.candidates('auto', {'ociVersion': '1.0.2'}) == ocirt.RUNTIMES\n"
+        "assert proc.wait_forwarding(proc.start(['/bin/sh', '-c', 'exit 3'], new_session=True)) == 3\n"
+        "assert proc.run(['/bin/echo', 'ok']).stdout == b'ok\\n'\n"
+        "supervise.teardown(container, '', [])\n"
+        "assert not container.path.exists()\n"
+        f"print(sorted(m for m in {NOT_ON_EXECUTION_PATH!r} if m in sys.modules))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

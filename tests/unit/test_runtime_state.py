@@ -77,9 +77,10 @@ def test_a_squatted_default_state_dir_is_replaced_by_a_private_one_found_again_l
 
 
 def test_state_dir_resolution_relocates_only_the_default(tmp_path, monkeypatch):
+    from berth.config import settings
     from berth.config.settings import Settings
 
-    monkeypatch.setattr(state, "fallback_state_dir", lambda: tmp_path / "fallback")
+    monkeypatch.setattr(settings, "fallback_state_dir", lambda: tmp_path / "fallback")
     calls = []
     monkeypatch.setattr(state, "ensure_state_dir", lambda path, relocatable=False: calls.append((path, relocatable)))
     state.resolve_state_dir(Settings(state_dir=tmp_path / "fallback"))

@@ -16,8 +16,11 @@ from pathlib import Path
 
 from berth.errors import InsufficientSpace, RuntimeFailure
 from berth.runtime import fuse, rootfs
-from berth.runtime.plan import ContainerPlan
 from berth.runtime.state import ContainerState
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: a cached plan's execution imports no planning (issue 10)
+    from berth.runtime.plan import ContainerPlan
 
 Log = Callable[..., None]
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from berth import fsutil, proc
 from berth.errors import ProgramFailed, ProgramNotFound, RuntimeFailure
 from berth.namedtuple import NamedTuple
-from berth.runtime.spec import INIT_PATH, SpecPlan, build_config
 from berth.untrusted import parse_json
+
+# berth.runtime.spec is imported by the probe (once per host), not by every run (issue 10).
 
 RUNTIMES = ("runc", "crun")
 #: berth's own runtime (init/berth-launcher.c, berth.runtime.launcher): the OCI subset berth
@@ -171,6 +172,8 @@ def probe(runtime: str, scratch: Path, init: str) -> ProbeResult:
         path = program_path(runtime)
     except ProgramNotFound as exc:
         return ProbeResult(runtime, None, False, exc.message, definite=False)
+    from berth.runtime.spec import INIT_PATH, SpecPlan, build_config
+
     container = f"berth-probe-{os.getpid()}-{os.urandom(3).hex()}"
     workdir: Path | None = None
     try:

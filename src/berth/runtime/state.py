@@ -48,10 +48,16 @@ import stat
 from pathlib import Path
 
 from berth import fsutil, locks, proc
-from berth.config.settings import Settings, fallback_state_dir
 from berth.errors import NotFound, RuntimeFailure
-from berth.runtime.options import is_container_name
 from berth.untrusted import read_json_object
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from berth.config.settings import Settings
+
+# berth.runtime.options (is_container_name: with argparse) and berth.config.settings are
+# imported where they are needed, not here: the execution of a cached plan needs neither
+# (issue 10; tests/unit/test_runtime_startup.py).
 
 CONTAINERS = "containers"
 
@@ -137,6 +143,8 @@ def resolve_state_dir(settings: Settings) -> Path:
 
     Every command that touches containers' state calls this, so they all agree on where it is.
     Raises RuntimeFailure."""
+    from berth.config.settings import fallback_state_dir
+
     configured = Path(settings.state_dir)
     default = settings.sources.get("state_dir", "default") == "default"
     return ensure_state_dir(configured, relocatable=default and configured == fallback_state_dir())
@@ -582,8 +590,12 @@ def _lockless(state_dir: Path, names: list[str]) -> list[Path]:
     Judged while holding the creation lock exclusively (one try: a berth creating a container
     right now makes this wait for the next command)."""
     containers = state_dir / CONTAINERS
-    candidates = [containers / name for name in names
-                  if is_container_name(name) and not os.path.lexists(containers / name / "lock")]
+    lockless = [name for name in names if not os.path.lexists(containers / name / "lock")]
+    if not lockless:
+        return []  # the usual case: every directory has its lock file
+    from berth.runtime.options import is_container_name
+
+    candidates = [containers / name for name in lockless if is_container_name(name)]
     if not candidates:
         return []
     try:
@@ -597,6 +609,8 @@ def _lockless(state_dir: Path, names: list[str]) -> list[Path]:
 
 
 def get_state_path(state_dir: Path, container_id: str) -> Path:
+    from berth.runtime.options import is_container_name
+
     if not is_container_name(container_id):
         raise NotFound(f"no container '{container_id}'")
     return state_dir / CONTAINERS / container_id
