@@ -24,6 +24,10 @@
  * applies those to its own Go init process before that execs, and a limit of tens of MiB
  * kills it ("pthread_create failed") before the command exists.
  *
+ * Exit status: the command's; 128+N when it died of signal N; 127 when it was not found and 126
+ * when it could not be run; 125 when berth-init itself failed (a bad option, the identity switch
+ * refused: "not found" was a lie there, and berth's own failures are 125 everywhere).
+ *
  * Built static at install time so it runs in any image, whatever its libc.
  */
 #define _GNU_SOURCE
@@ -44,10 +48,26 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#define OWN_FAILURE 125
+
 static void die(const char *what)
 {
     fprintf(stderr, "berth-init: %s: %s\n", what, strerror(errno));
-    _exit(127);
+    _exit(OWN_FAILURE);
+}
+
+/* A uid or gid of -u/-g: decimal, 0 to 2^32 - 2 (strtol took "1x" as 1 and "x" as 0, root). */
+static int parse_id(const char *text, long *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    if (errno || end == text || *end || text[0] == '-' || value > 0xFFFFFFFEULL) {
+        fprintf(stderr, "berth-init: -u and -g want a number from 0 to 4294967294, not '%s'\n", text);
+        return -1;
+    }
+    *out = (long)value;
+    return 0;
 }
 
 static void write_file(const char *path, const char *text)
@@ -138,32 +158,38 @@ int main(int argc, char **argv)
     while ((opt = getopt(argc, argv, "+u:g:b:d:V")) != -1) {
         switch (opt) {
         case 'V': puts("berth-init 3"); return 0;
-        case 'u': uid = strtol(optarg, NULL, 10); break;
-        case 'g': gid = strtol(optarg, NULL, 10); break;
+        case 'u':
+            if (parse_id(optarg, &uid) != 0)
+                return OWN_FAILURE;
+            break;
+        case 'g':
+            if (parse_id(optarg, &gid) != 0)
+                return OWN_FAILURE;
+            break;
         case 'b': bad_binds |= check_bind(optarg) != 0; break;
         case 'd':
             errno = 0;
             data_limit.rlim_cur = data_limit.rlim_max = strtoull(optarg, &end, 10);
             if (errno || end == optarg || *end || optarg[0] == '-') {
                 fprintf(stderr, "berth-init: -d wants a number of bytes, not '%s'\n", optarg);
-                return 127;
+                return OWN_FAILURE;
             }
             data_limited = 1;
             break;
         default:
             fprintf(stderr, "usage: berth-init [-V] [-b DEV:INO:PATH]... [-d BYTES] [-u UID -g GID] [--] COMMAND [ARG...]\n");
-            return 127;
+            return OWN_FAILURE;
         }
     }
     if (bad_binds)
-        return 125;
+        return OWN_FAILURE;
     if (optind >= argc) {
         fprintf(stderr, "berth-init: no command given\n");
-        return 127;
+        return OWN_FAILURE;
     }
     if ((uid < 0) != (gid < 0)) {
         fprintf(stderr, "berth-init: -u and -g go together\n");
-        return 127;
+        return OWN_FAILURE;
     }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         die("prctl(PR_SET_NO_NEW_PRIVS)");
