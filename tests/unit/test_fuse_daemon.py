@@ -107,27 +107,65 @@ def test_sigterm_to_a_steps_tree_spares_its_fuse_daemons(processes, tmp_path, mo
     assert daemon.wait(timeout=10) == -signal.SIGKILL
 
 
-def test_sigkill_to_a_steps_tree_spares_a_shared_image_mounts_daemon(tmp_path, monkeypatch):
+def _detached(mountpoint: Path) -> subprocess.Popen:
+    """A stand-in squashfuse_ll serving ``mountpoint``, in a session of its own (as berth
+    starts a shared image mount's daemon), once its exec shows."""
+    mountpoint.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(["squashfuse_ll", "-c", SLEEP, "-o", "ro", str(mountpoint)],
+                               executable=sys.executable, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while fuse.daemon_mountpoint(process.pid) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return process
+
+
+def test_sigkill_to_a_steps_tree_spares_only_the_shared_image_mounts_recorded_daemon(tmp_path, monkeypatch):
     """A shared image mount's daemon is the berth's child, in a session of its own (detached),
     while that berth lives, and serves every container of the user's that joined the mount,
     other jobs' too: a job's SIGKILL (its berth still tearing down past the grace) killed it and
     those containers lost their image. The berth's hold dies with it, so the next berth removes
-    the mount once nobody holds it. A daemon of the container's own (not detached) still goes."""
+    the mount once nobody holds it. Only the daemon the mount's record names (pid and start
+    time) is spared: the sweep spared every FUSE daemon leading a session, so a job's own
+    detached squashfuse outlived the job's kill, as did one whose pid a record names from an
+    earlier process. A daemon of the container's own (not detached) still goes."""
+    import json
+
     step = _start("python3")
-    shared = subprocess.Popen(["squashfuse_ll", "-c", SLEEP, "-o", "ro", str(tmp_path / "images/a/root")],
-                              executable=sys.executable, start_new_session=True)
+    shared = _detached(tmp_path / "images" / "a" / "root")
+    (tmp_path / "images" / "a" / "mount.json").write_text(json.dumps(
+        {"pid": shared.pid, "started": imagemount._process_start(shared.pid)}))
     own = _start("squashfuse_ll", "-o", "ro", str(tmp_path / "containers/c1/lower"))
+    jobs = _detached(tmp_path / "job" / "mnt")  # the job's own mount, no record
+    recycled = _detached(tmp_path / "images" / "b" / "root")  # the record names another process
+    (tmp_path / "images" / "b" / "mount.json").write_text(json.dumps(
+        {"pid": recycled.pid, "started": imagemount._process_start(recycled.pid) - 1}))
+    everyone = (step, shared, own, jobs, recycled)
     try:
-        deadline = time.monotonic() + 10
-        while fuse.daemon_mountpoint(shared.pid) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        monkeypatch.setattr(runner, "_descendants", {step.pid: [step.pid, shared.pid, own.pid]}.__getitem__)
+        monkeypatch.setattr(runner, "_descendants", {step.pid: [p.pid for p in everyone]}.__getitem__)
         runner.signal_tree(step.pid, signal.SIGKILL)
-        assert step.wait(timeout=10) == -signal.SIGKILL and own.wait(timeout=10) == -signal.SIGKILL
-        with pytest.raises(subprocess.TimeoutExpired):  # its SIGKILL would have been sent before own's
-            shared.wait(timeout=0.2)
+        for process in (step, own, jobs, recycled):
+            assert process.wait(timeout=10) == -signal.SIGKILL
+        assert shared.poll() is None  # its SIGKILL would have been sent before the others'
     finally:
-        for process in (step, shared, own):
+        for process in everyone:
             process.kill()
             process.wait()
+
+
+def test_a_shared_mounts_record_names_its_daemon_by_pid_and_start_time(tmp_path, monkeypatch):
+    """acquire records the daemon's start time beside its pid (the sweep's test)."""
+    monkeypatch.setattr(fuse, "mount_squashfs", lambda image, mountpoint, log_path, **kwargs:
+                        fuse.FuseMount(mountpoint, _detached(Path(mountpoint)), "fake", log_path))
+    monkeypatch.setattr(fuse, "unmount", lambda mountpoint, lazy=False: None)
+    image = tmp_path / "image.sqfs"
+    image.write_bytes(b"hsqs")
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b1")
+    try:
+        assert imagemount.is_shared_daemon(hold.process.pid)
+        record = imagemount._read_record(hold.directory)
+        assert record["started"] == imagemount._process_start(hold.process.pid)
+    finally:
+        hold.process.kill()
+        hold.process.wait()
+        hold.release()

@@ -237,16 +237,10 @@ def _descendants(root_pid: int) -> list[int]:
     return found
 
 
-def _session_leader(pid: int) -> bool:
-    """Whether ``pid`` leads a session of its own (/proc/PID/stat: its session id is its pid)."""
-    fields = proc.stat_fields(pid)
-    return bool(fields) and len(fields) > 3 and fields[3] == str(pid)
-
-
 def signal_tree(root_pid: int, sig: int) -> None:
     """Send ``sig`` to ``root_pid`` and all its descendants (SIGTERM spares FUSE daemons,
-    SIGKILL a shared image mount's)."""
-    from berth.runtime import fuse
+    SIGKILL the daemon of a shared image mount)."""
+    from berth.runtime import fuse, imagemount
 
     for pid in _descendants(root_pid):
         # FUSE daemons serve the container's root filesystem until run_container unmounts it: a
@@ -254,12 +248,16 @@ def signal_tree(root_pid: int, sig: int) -> None:
         # FUSE daemon in the tree, whatever its mount (a shared image mount's too: other
         # containers use it): the pid was found in this walk, not recorded earlier, and a wrong
         # "yes" only spares a process that the SIGKILL below ends anyway. The SIGKILL spares the
-        # daemon of a shared image mount (detached: the leader of its own session), which is in
-        # the tree only while the berth that started it lives: other containers of the user's,
-        # other jobs' too, read their image through it, and the mount goes once nobody holds it
-        # (berth.runtime.imagemount). A job's own process that passes for one could leave the
-        # tree anyway (a double fork): the walk is no boundary.
-        if fuse.daemon_mountpoint(pid) is not None and (sig != signal.SIGKILL or _session_leader(pid)):
+        # daemon of a shared image mount, the one its record names (pid and start time), which
+        # is in the tree only while the berth that started it lives: other containers of the
+        # user's, other jobs' too, read their image through it, and the mount goes once nobody
+        # holds it (berth.runtime.imagemount). Any other FUSE daemon, a job's own detached one
+        # included, goes. A job's own process could leave the tree anyway (a double fork): the
+        # walk is no boundary.
+        if sig != signal.SIGKILL:
+            if fuse.daemon_mountpoint(pid) is not None:
+                continue
+        elif imagemount.is_shared_daemon(pid):
             continue
         try:
             os.kill(pid, sig)

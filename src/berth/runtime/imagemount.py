@@ -234,7 +234,8 @@ def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, progra
                                         program=program, options=options, detached=True)
             hold.process = mount.process
             hold.mounted_here = True
-            _write_record(directory, {"pid": mount.process.pid, "program": os.path.basename(mount.process.args[0]),
+            _write_record(directory, {"pid": mount.process.pid, "started": _process_start(mount.process.pid),
+                                      "program": os.path.basename(mount.process.args[0]),
                                       "squashfs": str(squashfs), "mounted": time.time()})
             if log:
                 log(f"mounted the image at {hold.root} (shared)", debug=True)
@@ -520,6 +521,25 @@ def _own_mount_namespace() -> tuple[int, int] | None:
 def _our_daemon(pid: object, root: Path) -> bool:
     """Whether ``pid`` is the FUSE daemon of ``root`` (never a recycled pid's program)."""
     return fuse.daemon_mountpoint(pid) == str(root)
+
+
+def is_shared_daemon(pid: int) -> bool:
+    """Whether process ``pid`` is the daemon of a shared image mount as its record names it:
+    it serves a mount point ``images/KEY/root`` (:func:`berth.runtime.fuse.daemon_mountpoint`)
+    and the ``mount.json`` beside it records this pid with this process's start time (never a
+    recycled pid, nor any other FUSE daemon in a session of its own: a job's own detached mount).
+    For the job runner's SIGKILL sweep, which spares only these: other containers read their
+    image through it. Reads the record without the mount lock: a look, never raises."""
+    mountpoint = fuse.daemon_mountpoint(pid)
+    if mountpoint is None:
+        return False
+    root = Path(mountpoint)
+    if root.name != "root" or root.parent.parent.name != IMAGES:
+        return False
+    record = _read_record(root.parent)
+    started = record.get("started")
+    return (record.get("pid") == pid and isinstance(started, int) and not isinstance(started, bool)
+            and started == _process_start(pid))
 
 
 def _unmount(directory: Path, process) -> None:
