@@ -533,6 +533,26 @@ def test_manifest_body_cut_short_is_fetched_again(server):
     assert len(server.requests) == 2
 
 
+def test_a_token_response_cut_short_is_fetched_again_as_a_manifest_is(server):
+    """The token and the manifest are read by one loop (Transport.get_document): a body cut
+    short is asked for again, from the same budget, and a token server's refusal names it."""
+    tokens = [Reply(200, b'{"token": "T"}', drop_after=5), Reply(200, b'{"token": "T"}')]
+
+    def handle(request):
+        if request.path.startswith("/token"):
+            return tokens.pop(0) if len(tokens) > 1 else tokens[0]
+        if request.header("Authorization") != "Bearer T":
+            return Reply(401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{server.url}/token",service="s"')])
+        return manifest_reply()
+
+    server.handler = handle
+    assert client_for(server).get_manifest("a", str(MANIFEST_DIGEST)).data == MANIFEST
+    assert [r.path.startswith("/token") for r in server.requests] == [False, True, True, False]
+    tokens[:] = [Reply(403, b'{"errors": [{"code": "DENIED", "message": "no"}]}')]
+    with pytest.raises(AuthenticationError, match=r"refused a token for repository:b:pull \(HTTP 403: DENIED: no\)"):
+        client_for(server).get_manifest("b", "v1")
+
+
 def test_manifest_body_always_cut_short_is_unreachable(server):
     server.handler = lambda request: Reply(200, MANIFEST, {"Content-Type": mediatypes.OCI_MANIFEST}, drop_after=10)
     with pytest.raises(RegistryUnreachable, match="lost while reading manifest a:v1"):

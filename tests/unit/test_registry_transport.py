@@ -282,3 +282,18 @@ def test_a_head_announcing_a_large_blob_is_not_refused(server):
     server.handler = lambda request: Reply(200, b"x" * (2 << 20))
     response = make_transport(server, []).request("HEAD", f"{server.url}/v2/a/blobs/x", accept=(200,), what="blob")
     assert response.status == 200 and response.headers["Content-Length"] == str(2 << 20)
+
+
+def test_an_answer_that_is_not_streamed_is_a_reply_of_berths_not_urllib3s_response(server):
+    """A non-streamed answer was urllib3's response with its private ``_body`` cache set so that
+    ``response.data`` returned the bounded body: a private attribute, whose meaning urllib3 may
+    change in any release. It is berth's own record: status, headers, the body, the URL that
+    answered (after a redirect), the connection already back in the pool."""
+    from berth.registry import transport
+
+    server.handler = lambda request: (Reply(307, headers={"Location": "/v2/there"}) if request.path == "/v2/"
+                                      else Reply(200, b"ok", headers={"X-Kind": "a"}, multi_headers=[("X-Kind", "b")]))
+    reply = make_transport(server, []).request("GET", f"{server.url}/v2/", accept=(200,), what="p")
+    assert isinstance(reply, transport.Reply)
+    assert (reply.status, reply.data, reply.final_url) == (200, b"ok", f"{server.url}/v2/there")
+    assert reply.headers.getlist("X-Kind") == ["a", "b"]

@@ -29,7 +29,7 @@ from berth.errors import AuthenticationError, RegistryError, RegistryUnreachable
 from berth.record import Record
 from berth.registry.auth import Credentials, normalize_host
 from berth.registry.challenge import Challenge, parse_challenges, pick_challenge
-from berth.registry.transport import ERROR_BODY_BYTES, Transport, error_detail, read_bounded
+from berth.registry.transport import Transport, error_detail
 from berth.untrusted import parse_json
 
 #: Tokens without ``expires_in`` live 60 s (token spec); renew this long before expiry.
@@ -191,29 +191,19 @@ class Authorizer:
                 hint="tell the registry's operator: the token realm must be an https URL",
             )
         what = f"a token for {' '.join(scopes) or 'the registry'} from {parts.netloc}"
-        budget = self.transport.retry.budget()
-        while True:
-            response = self.transport.request("GET", url, accept=(200, 401, 403), headers=headers, what=what,
-                                              stream=True, budget=budget)
-            try:
-                if response.status in (401, 403):
-                    detail = error_detail(response.read(ERROR_BODY_BYTES, decode_content=False) or b"")
-                    raise AuthenticationError(
-                        f"the token server {parts.netloc} of registry {self.registry} refused "
-                        f"{what.split(' from ')[0]} (HTTP {response.status}: {detail or 'no detail'}); "
-                        f"{self.describe_credentials()}",
-                        hint=self.auth_hint(),
-                    )
-                # Bounded while it is read: a token server must not fill berth's memory.
-                body = read_bounded(response, MAX_TOKEN_RESPONSE_BYTES, f"the token response of {parts.netloc}",
-                                    self.registry, hint="tell the registry's operator: a token response is small")
-                break
-            except RegistryUnreachable:
-                if not budget.retry():  # cut inside the body: ask again, from the same budget
-                    raise
-            finally:
-                response.close()  # unread bytes must not go back to the pool with the connection
-                response.release_conn()
+        # Bounded while it is read: a token server must not fill berth's memory.
+        response, body = self.transport.get_document(
+            lambda budget: self.transport.request("GET", url, accept=(200, 401, 403), headers=headers, what=what,
+                                                  stream=True, budget=budget),
+            limit=MAX_TOKEN_RESPONSE_BYTES, what=f"the token response of {parts.netloc}",
+            hint="tell the registry's operator: a token response is small")
+        if response.status in (401, 403):
+            raise AuthenticationError(
+                f"the token server {parts.netloc} of registry {self.registry} refused "
+                f"{what.split(' from ')[0]} (HTTP {response.status}: {error_detail(body) or 'no detail'}); "
+                f"{self.describe_credentials()}",
+                hint=self.auth_hint(),
+            )
         try:
             data = parse_json(body, what="the token response", max_bytes=MAX_TOKEN_RESPONSE_BYTES)
             value = data.get("token") or data.get("access_token")

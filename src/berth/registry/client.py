@@ -38,9 +38,9 @@ from berth.registry.transport import (
     RetryBudget,
     RetryPolicy,
     Transport,
+    content_length,
     error_detail,
     parse_retry_after,
-    read_bounded,
     same_origin,
 )
 from berth.retry import is_transient
@@ -215,9 +215,8 @@ class RegistryClient:
         wanted = parse_version(version)
         name = f"{repository}@{version}" if wanted else f"{repository}:{version}"
         what = f"manifest {name}"
-        budget = self.retry.budget()
-        while True:
-            response = self._request(
+        response, data = self.transport.get_document(
+            lambda budget: self._request(
                 "GET", f"/v2/{repository}/manifests/{version}",
                 scope=pull_scope(repository), accept=(200,),
                 headers={"Accept": mediatypes.MANIFEST_ACCEPT}, stream=True, what=what,
@@ -227,19 +226,9 @@ class RegistryClient:
                     hint="check the repository name and the tag or digest (and that the image was pushed)",
                 ),
                 budget=budget,
-            )
-            try:
-                data = read_bounded(response, MAX_MANIFEST_BYTES, what, self.host,
-                                    hint="tell the image's maintainer: registries and runtimes refuse documents that large")
-                break
-            except RegistryUnreachable:
-                # The connection broke inside the body: a manifest is small, fetch it again
-                # (from the same budget as the request itself).
-                if not budget.retry():
-                    raise
-            finally:
-                response.close()  # unread bytes must not go back to the pool with the connection
-                response.release_conn()
+            ),
+            limit=MAX_MANIFEST_BYTES, what=what,
+            hint="tell the image's maintainer: registries and runtimes refuse documents that large")
         media_type = self._manifest_media_type(response.headers.get("Content-Type"), data, what)
         if wanted is not None:
             digest = Digest.of(data, wanted.algorithm)
@@ -508,7 +497,5 @@ def _total_size(response: Any, start: int) -> int | None:
     match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
     if match and match.group(3) != "*":
         return int(match.group(3))
-    length = response.headers.get("Content-Length")
-    if length and re.fullmatch(r"[0-9]{1,19}", length):
-        return start + int(length)
-    return None
+    length = content_length(response)
+    return None if length is None else start + length

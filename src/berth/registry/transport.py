@@ -33,6 +33,8 @@ from berth.errors import (
     RegistryError,
     RegistryUnreachable,
 )
+from berth.record import Record
+
 # The one retry rule (berth.retry); imported under these names by the registry client and tests.
 from berth.retry import (  # noqa: F401
     RETRY_STATUSES,
@@ -83,15 +85,19 @@ def error_detail(body: bytes) -> str:
     return text[:200]
 
 
+def content_length(response) -> int | None:
+    """The response's Content-Length when it is a plain number, else None: the one reading of
+    it (a bound on what is read is checked against it, never a size taken from it alone)."""
+    length = response.headers.get("Content-Length")
+    return int(length) if length and re.fullmatch(r"[0-9]{1,19}", length) else None
+
+
 def read_bounded(response, limit: int, what: str, registry: str, *, hint: str) -> bytes:
     """The body of a ``stream=True`` response, refused (RegistryError with ``hint``) past
     ``limit`` bytes, whatever its Content-Length says: a document berth parses must never be
     read whole into memory first. A connection lost meanwhile is RegistryUnreachable."""
     import urllib3.exceptions as uexc
 
-    length = response.headers.get("Content-Length")
-    if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
-        raise RegistryError(f"{what} is {int(length)} bytes, more than the {limit} bytes berth accepts", hint=hint)
     try:
         data = _read_limited(response, limit)
     except (uexc.HTTPError, OSError) as exc:
@@ -99,15 +105,17 @@ def read_bounded(response, limit: int, what: str, registry: str, *, hint: str) -
             f"connection to registry {registry} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"
         ) from None
     if data is None:
-        raise RegistryError(f"{what} is more than the {limit} bytes berth accepts", hint=hint)
+        length = content_length(response)
+        size = f"{length} bytes, " if length is not None and length > limit else ""
+        raise RegistryError(f"{what} is {size}more than the {limit} bytes berth accepts", hint=hint)
     return data
 
 
 def _read_limited(response, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it passes ``limit`` bytes (or its Content-Length says
-    it will). urllib3's and the system's errors pass through."""
-    length = response.headers.get("Content-Length")
-    if length and re.fullmatch(r"[0-9]{1,19}", length) and int(length) > limit:
+    """The whole body, or None as soon as it passes ``limit`` bytes (or, before any is read,
+    when its Content-Length says it will). urllib3's and the system's errors pass through."""
+    length = content_length(response)
+    if length is not None and length > limit:
         return None
     data = bytearray()
     # Read until the end: urllib3 notices a body cut short of its Content-Length only
@@ -117,6 +125,16 @@ def _read_limited(response, limit: int) -> bytes | None:
         if len(data) > limit:
             return None
     return bytes(data)
+
+
+class Reply(Record):
+    """An answer read whole (bounded) whose connection went back to the pool: what
+    :meth:`Transport.request` returns for a request that is not streamed."""
+
+    status: int
+    headers: Any  # urllib3's HTTPHeaderDict (``getlist`` for repeated headers)
+    data: bytes
+    final_url: str  # the URL that answered (after redirects)
 
 
 class Transport:
@@ -213,10 +231,11 @@ class Transport:
         not_found: Callable[[str], Exception] | None = None,
         budget: RetryBudget | None = None,
     ) -> Any:
-        """Send one request; return the urllib3 response when its status is in ``accept``.
+        """Send one request; when its status is in ``accept``, return the urllib3 response
+        (``stream``: its body unread, the caller must ``release_conn()``), else a :class:`Reply`
+        with the body read (at most MAX_SMALL_BODY_BYTES) and the connection released.
 
-        ``what`` describes the request for messages ("manifest a/b:tag"). ``stream`` leaves
-        the body unread (the caller must ``release_conn()``). A file ``body`` must be seekable
+        ``what`` describes the request for messages ("manifest a/b:tag"). A file ``body`` must be seekable
         for retries (it is rewound to where it was). Redirects (301/302/303/307/308) are
         followed up to MAX_REDIRECTS; ``Authorization`` is dropped when the target is on another
         origin; the response's ``final_url`` is the URL that answered. 404 raises
@@ -263,8 +282,8 @@ class Transport:
                         raise RegistryError(
                             f"registry {self.registry} answered {what} with more than {MAX_SMALL_BODY_BYTES} bytes",
                             hint="the registry is misbehaving: tell its operator")
-                    response._body = body  # what urllib3's ``response.data`` returns (its cache)
                     response.release_conn()
+                    return Reply(status, response.headers, body, response.final_url)
                 return response
             if status in self.retry.statuses:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -274,6 +293,26 @@ class Transport:
                     continue
             detail = _read_error(response)
             raise self.status_error(status, url, what, detail, budget.attempts, not_found, budget.refused_wait_s)
+
+    def get_document(self, send: Callable[[RetryBudget], Any], *, limit: int, what: str, hint: str,
+                     budget: RetryBudget | None = None) -> tuple[Any, bytes]:
+        """A small document berth parses (a manifest, a token response): ``send(budget)`` sends
+        the request with ``stream=True`` (through the caller's authentication, if any), and its
+        body is read bounded by ``limit`` (:func:`read_bounded`, RegistryError with ``hint``
+        past it). A connection lost inside the body sends it again, from the same ``budget``
+        (by default the document's own): a document is small. Returns the response, closed
+        (its status and headers stay readable), and the body."""
+        budget = budget or self.retry.budget()
+        while True:
+            response = send(budget)
+            try:
+                return response, read_bounded(response, limit, what, self.registry, hint=hint)
+            except RegistryUnreachable:
+                if not budget.retry():
+                    raise
+            finally:
+                response.close()  # unread bytes must not go back to the pool with the connection
+                response.release_conn()
 
     def _send_following(self, method, url, headers, body, stream, follow_redirects, what):
         current_url, current_method, current_body = url, method, body
