@@ -239,6 +239,17 @@ def test_cpu_options_within_the_template_pass():
         apply_template(Resources(), FakeTemplate(), _passthrough(["--mincpus=x"]))
 
 
+def test_per_gpu_options_count_the_gpus_asked_for_wherever_they_stand():
+    """--mem-per-gpu was checked as the options came: before --gpus-per-node it counted every
+    GPU of the template, and a job within the template was refused for its options' order."""
+    template = FakeTemplate(cpu=8, memsz_bytes=16 << 30, gpu=4)
+    for words in (["--mem-per-gpu=10G", "--gpus-per-node=1"], ["--gpus-per-node=1", "--mem-per-gpu=10G"],
+                  ["--cpus-per-gpu=4", "--gpus-per-node=1"]):
+        assert apply_template(Resources(), template, _passthrough(words)).gpus == 1, words
+    with pytest.raises(PolicyError, match="--mem-per-gpu=10G gives 20GiB per node"):
+        apply_template(Resources(), template, _passthrough(["--mem-per-gpu=10G", "--gpus-per-node=2"]))
+
+
 def test_script_checks(tmp_path):
     good = tmp_path / "good.sh"
     good.write_text("#!/bin/sh\necho\n")

@@ -116,9 +116,11 @@ def build_resources(values: dict) -> Resources:
 def apply_template(resources: Resources, template, passthrough=()) -> Resources:
     """The template's resources become the request unless the user asks for less; asking
     for more is a PolicyError naming the resource and the template's limit. The sbatch options
-    that also ask for GPUs or memory (``--gpus*``, ``--mem-per-cpu``, ``--mem-per-gpu``), passed
-    on unchanged, are held to the same ceilings: the template's ``cpu`` is per task, ``memsz``
-    and ``gpu`` per node."""
+    that also ask for GPUs, memory or CPUs (``--gpus*``, ``--mem-per-cpu``, ``--mem-per-gpu``,
+    ``--mincpus``, ``--cpus-per-gpu``), passed on unchanged, are held to the same ceilings: the
+    template's ``cpu`` is per task (per node: times the tasks per node), ``memsz`` and ``gpu`` per
+    node; the per-GPU ones count the GPUs asked for wherever they stand. ``--exclusive`` (whole
+    nodes: every CPU of them) is refused."""
     from berth.config.units import format_size
 
     cpus, memory, gpus = resources.cpus_per_task, resources.memory_bytes, resources.gpus
@@ -133,9 +135,8 @@ def apply_template(resources: Resources, template, passthrough=()) -> Resources:
         raise PolicyError(f"--gres gpu:{gpus} exceeds template '{template.name}' (gpu={template.gpu})",
                           hint="ask for fewer GPUs, or ask your site administrator for a GPU template")
     tasks_per_node = resources.ntasks_per_node or 1
-    for option in passthrough:
-        if not option.known or option.value is None:
-            continue
+    given = [option for option in passthrough if option.known and option.value is not None]
+    for option in given:  # first: the per-GPU options below count the GPUs these give
         if option.name.startswith("gpus"):
             count = opts.gpu_count(option.value, f"--{option.name}")
             per_node = {"gpus": count / (resources.nodes or 1), "gpus-per-task": count * tasks_per_node}.get(
@@ -145,45 +146,37 @@ def apply_template(resources: Resources, template, passthrough=()) -> Resources:
                                   f"'{template.name}' (gpu={template.gpu} per node)",
                                   hint="ask for fewer GPUs, or ask your site administrator for a GPU template")
             gpus = int(per_node) if gpus is None else gpus
-        elif option.name in ("mem-per-cpu", "mem-per-gpu"):
+    if resources.exclusive:
+        raise PolicyError(f"--exclusive gives the job whole nodes, more CPUs than template '{template.name}' "
+                          f"allows (cpu={template.cpu} per task)",
+                          hint="leave --exclusive out (the template's resources are the job's), "
+                               "or ask your site administrator for a larger template")
+    cpus_per_node = (cpus or template.cpu) * tasks_per_node
+    gpus_per_node = gpus if gpus is not None else template.gpu
+    for option in given:
+        if option.name in ("mem-per-cpu", "mem-per-gpu"):
             per = opts.parse_memory_bytes(option.value, f"--{option.name}")
-            count = (cpus or template.cpu) * tasks_per_node if option.name == "mem-per-cpu" \
-                else (gpus if gpus is not None else template.gpu) or 1
+            count = cpus_per_node if option.name == "mem-per-cpu" else gpus_per_node or 1
             if per * count > template.memsz_bytes:
                 raise PolicyError(f"{option.where}: --{option.name}={option.value} gives {format_size(per * count)} "
                                   f"per node, more than template '{template.name}' allows "
                                   f"(memsz={format_size(template.memsz_bytes)})",
                                   hint="ask for less, or ask your site administrator for a larger template")
-    _check_cpu_options(resources, template, passthrough, cpus, gpus)
+        elif option.name in ("mincpus", "cpus-per-gpu"):  # --exclusive (every CPU of a node): above
+            count = opts.positive_int(option.value, f"--{option.name}", opts.MAX_CPUS_PER_TASK)
+            if option.name == "cpus-per-gpu":
+                count *= gpus_per_node
+            if count > cpus_per_node:
+                raise PolicyError(f"{option.where}: --{option.name}={option.value} gives {count} CPUs per node, "
+                                  f"more than template '{template.name}' allows (cpu={template.cpu} per task, "
+                                  f"{cpus_per_node} per node)",
+                                  hint="ask for fewer CPUs, or ask your site administrator for a larger template")
     return replace(
         resources,
         cpus_per_task=cpus if cpus is not None else template.cpu,
         memory_bytes=memory if memory is not None else template.memsz_bytes,
         gpus=gpus if gpus is not None else (template.gpu or None),
     )
-
-
-def _check_cpu_options(resources: Resources, template, passthrough, cpus: int | None, gpus: int | None) -> None:
-    """The sbatch options that also ask for CPUs, held to the template's ``cpu`` (per task, so
-    per node: times the tasks per node): ``--mincpus`` and ``--cpus-per-gpu`` (times the GPUs per
-    node) are checked, ``--exclusive`` (whole nodes: every CPU of them) is refused."""
-    if resources.exclusive:
-        raise PolicyError(f"--exclusive gives the job whole nodes, more CPUs than template '{template.name}' "
-                          f"allows (cpu={template.cpu} per task)",
-                          hint="leave --exclusive out (the template's resources are the job's), "
-                               "or ask your site administrator for a larger template")
-    per_node = (cpus or template.cpu) * (resources.ntasks_per_node or 1)
-    for option in passthrough:
-        if not option.known or option.value is None or option.name not in ("mincpus", "cpus-per-gpu"):
-            continue
-        count = opts.positive_int(option.value, f"--{option.name}", opts.MAX_CPUS_PER_TASK)
-        if option.name == "cpus-per-gpu":
-            count *= gpus if gpus is not None else template.gpu
-        if count > per_node:
-            raise PolicyError(f"{option.where}: --{option.name}={option.value} gives {count} CPUs per node, "
-                              f"more than template '{template.name}' allows (cpu={template.cpu} per task, "
-                              f"{per_node} per node)",
-                              hint="ask for fewer CPUs, or ask your site administrator for a larger template")
 
 
 def _expand_path(pattern: str, spec_id: str, name: str, workdir: str, array_id: str = "",
