@@ -8,6 +8,7 @@ progress and notes go to stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -207,12 +208,19 @@ def run_prune(args, ctx) -> int:
 
     report = prune_store(ctx.settings, site=args.site)
     local = [] if args.site else _prune_node_local(ctx.settings)
+    plans = 0
+    if not args.site:
+        from berth.runtime.plancache import forget_all
+
+        plans = forget_all(os.environ)
     if args.json:
         print_json({"images_removed": report.images_removed, "blobs_removed": report.blobs_removed,
                     "tmp_removed": report.tmp_removed, "bytes_freed": report.bytes_freed,
                     "node_local_removed": [path for path, _ in local],
-                    "node_local_bytes_freed": sum(size for _, size in local)})
+                    "node_local_bytes_freed": sum(size for _, size in local), "plans_removed": plans})
         return 0
+    if plans:
+        print(f"removed {plans} cached run plans on this node")
     for digest in report.images_removed:
         print(f"deleted image: {digest}")
     for path, _ in local:

@@ -60,10 +60,12 @@ COMMANDS = {
 
 
 class Context:
-    """What every handler gets besides its arguments: settings (loaded once, lazily)."""
+    """What every handler gets besides its arguments: settings (loaded once, lazily), and for
+    `berth run` the plan cache's look-up (berth.cli.fastrun; None when not looked up)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, plan_lookup=None) -> None:
         self.args = args
+        self.plan_lookup = plan_lookup
         self._settings = None
 
     @property
@@ -201,9 +203,12 @@ def _nothing_to_tear_down() -> bool:
     return threading is None or threading.active_count() == 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, plan_cache: bool | None = None) -> int:
+    """Run berth with ``argv`` (default sys.argv[1:]) and return the exit status. ``plan_cache``:
+    a `berth run` may run a cached plan, and keep its own (berth.cli.fastrun); by default only
+    when ``argv`` is sys.argv's (the console script), not for tests that pass their own."""
     try:
-        return _main(argv)
+        return _main(argv, argv is None if plan_cache is None else plan_cache)
     except KeyboardInterrupt:
         # Ctrl-C while the command's modules are still being imported (before _main's own
         # handler): a message, never a traceback (issue 8, scenario 3b found it).
@@ -211,15 +216,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, plan_cache: bool = False) -> int:
     from berth.errors import BerthError
 
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(modules_for(argv), only=command_for(argv))
-    args = parser.parse_args(argv)
+    lookup = None
+    if plan_cache and argv[:1] == ["run"]:
+        from berth.cli import fastrun
+
+        lookup = fastrun.look_up(argv)
+    if lookup is not None and lookup.entry is not None:
+        args = fastrun.HitArgs(lookup)  # no parser, no settings: the plan is made
+    else:
+        parser = build_parser(modules_for(argv), only=command_for(argv))
+        args = parser.parse_args(argv)
     _collect_from_now_on()
-    ctx = Context(args)
+    ctx = Context(args, lookup)
     try:
         code = int(args.handler(args, ctx) or 0)
         sys.stdout.flush()  # a full disk under `> file` is reported here, not at interpreter exit

@@ -7,13 +7,14 @@ tarfile, no registry client when the image is already in a store).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 
 def register(sub) -> None:
     """Add this module's commands to the top-level subparsers."""
+    import argparse  # here: a run from a cached plan (berth.cli.fastrun) logs through _logger
+
     from berth.runtime.options import add_run_arguments
 
     run = sub.add_parser(
@@ -112,23 +113,33 @@ def step_pull_role(environ) -> tuple[str, str] | None:
 
 
 def run_command(args, ctx) -> int:
+    from contextlib import nullcontext
+
+    from berth.cli import fastrun
     from berth.runtime.container import run_container
     from berth.runtime.options import options_from_namespace
     from berth.runtime.policy import root_warning
 
     options = options_from_namespace(args)
     debug = options.debug or args.debug
-    settings = ctx.settings
-    warning = root_warning(os.getuid(), os.environ)
-    if warning:
-        print(f"berth: {warning}", file=sys.stderr, flush=True)
-    image = resolve_image(settings, args.image, options.pull)
-    if options.scope == "node":
-        from berth.runtime.nodescope import run_in_node_container
+    lookup = getattr(ctx, "plan_lookup", None)
+    fastrun.say_miss(lookup, debug)
+    # A run that missed the plan cache keeps its plan when it may (berth.runtime.plancache):
+    # what settings, the image look-up and the planning read is recorded from here on.
+    keeper = fastrun.keeper(lookup, image_argument=args.image, debug=debug) if options.scope != "node" else None
+    log = keeper.log(_logger(debug)) if keeper else _logger(debug)
+    with keeper.recorder if keeper else nullcontext():
+        settings = ctx.settings
+        warning = root_warning(os.getuid(), os.environ)
+        if warning:
+            print(f"berth: {warning}", file=sys.stderr, flush=True)
+        image = resolve_image(settings, args.image, options.pull)
+        if options.scope == "node":
+            from berth.runtime.nodescope import run_in_node_container
 
-        return run_in_node_container(settings, image, _strip_dashes(args.command) or None, options,
-                                     log=_logger(debug))
-    return run_container(settings, image, _strip_dashes(args.command) or None, options, log=_logger(debug))
+            return run_in_node_container(settings, image, _strip_dashes(args.command) or None, options, log=log)
+        return run_container(settings, image, _strip_dashes(args.command) or None, options, log=log,
+                             keep_plan=keeper)
 
 
 def exec_command(args, ctx) -> int:
@@ -159,13 +170,18 @@ def doctor_command(args, ctx) -> int:
     from berth.runtime import doctor
 
     cleaned, images = doctor.cleanup(ctx.settings) if args.cleanup else ([], [])
+    plans = 0
+    if args.cleanup:
+        from berth.runtime.plancache import forget_all
+
+        plans = forget_all(os.environ)
     checks = doctor.run_checks(ctx.settings)
     failed = [c for c in checks if not c.ok and c.required]
     if args.json:
         from berth.cli.output import print_json
 
         print_json({"ok": not failed, "checks": [c.as_dict() for c in checks], "cleaned": cleaned,
-                    "images_unmounted": images})
+                    "images_unmounted": images, "plans_removed": plans})
         return 1 if failed else 0
     for check in checks:
         mark = "OK  " if check.ok else ("FAIL" if check.required else "WARN")
@@ -178,7 +194,9 @@ def doctor_command(args, ctx) -> int:
         for entry in images:
             why = "lingering, not in use" if entry.get("lingering") else "its containers are gone"
             print(f"unmounted the shared image mount {entry['unmounted']} ({why})")
-        if not cleaned and not images:
+        if plans:
+            print(f"removed {plans} cached run plans")
+        if not cleaned and not images and not plans:
             print("nothing to clean up")
     if failed:
         print(f"{len(failed)} problem(s) keep berth from running containers here")

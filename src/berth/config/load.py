@@ -85,6 +85,7 @@ KEYS: tuple[Key, ...] = (
     Key("image_mount", "choice", SITE, choices=("shared", "per_container", "unpacked")),
     Key("image_mount_linger", "duration", PINNABLE, env="BERTH_IMAGE_MOUNT_LINGER", minimum=0, maximum=86400),
     Key("image_fuse", "choice", SITE, choices=("auto", "squashfuse_ll", "squashfuse")),
+    Key("plan_cache", "bool", PINNABLE, env="BERTH_PLAN_CACHE"),
     Key("s3_endpoint", "url", USER, env="BERTH_S3_ENDPOINT"),
     Key("s3_ca_bundle", "path", USER, env="BERTH_S3_CA_BUNDLE"),
     Key("lock_timeout_s", "int", USER, env="BERTH_LOCK_TIMEOUT_S", minimum=0, maximum=7 * 86400),

@@ -30,9 +30,10 @@ from pathlib import Path
 from berth import proc
 from berth.errors import RuntimeFailure, UsageError
 from berth.namedtuple import NamedTuple
-from berth.runtime import fuse, limits, materialise, ocirt, policy, state, supervise
-from berth.runtime.options import RunOptions
-from berth.runtime.plan import plan_container, request_for
+from berth.runtime import fuse, limits, materialise, ocirt, state, supervise
+
+# berth.runtime.plan, policy and options are imported by the runs that plan (run_container),
+# not at the top: a run whose plan is cached (run_cached) executes without them.
 
 Log = Callable[..., None]
 
@@ -51,8 +52,39 @@ def _quiet(message: str, *, debug: bool = False) -> None:
     del message, debug
 
 
+class Execution(NamedTuple):
+    """What the lifecycle (:func:`_run`) needs of a run besides its plan: from the options and
+    the judged request of a run that plans, or from a cached plan's entry (run_cached)."""
+
+    name: str | None
+    image_name: str
+    argv: tuple[str, ...]
+    uid: int
+    gid: int
+    network: str
+    workdir: str
+    remap_root: bool
+    stop_timeout_s: float
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    pmi_fd: int | None = None
+
+
+class ExecSettings(NamedTuple):
+    """The settings the lifecycle reads (the image mount's and the runtime's), as a cached
+    plan's entry records them."""
+
+    state_dir: str
+    image_mount: str
+    stage_to_local: bool
+    image_fuse: str
+    lock_timeout_s: int
+    image_mount_linger: int
+    runtime: str
+
+
 def run_container(settings, image, command: list[str] | None, options: RunOptions, *,
-                  log: Log | None = None, gpu_wait_s: float = 0.0) -> int:
+                  log: Log | None = None, gpu_wait_s: float = 0.0, keep_plan=None) -> int:
     """Run ``command`` (or the image's entrypoint/cmd) in a new container; return its status.
 
     ``image`` is a berth.image.api.StoredImage (or LocalImage): ``squashfs`` and ``config``
@@ -62,16 +94,17 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     ``gpu_wait_s``: how long to wait for GPUs that the caller's other containers hold (local
     jobs queue for them; ``berth run`` refuses at once).
     """
+    from berth.runtime import policy
+    from berth.runtime.plan import plan_container, request_for
+
     log = log or _quiet
     if options.tty and not any(os.isatty(fd) for fd in (0, 1, 2)):
         raise UsageError("-t/--tty: none of stdin, stdout or stderr is a terminal",
                          hint="drop -t in scripts and batch jobs (stdin and stdout pass through without it)")
     started = time.monotonic()
-    state_dir = state.resolve_state_dir(settings)
-    for cleaned in state.cleanup_stale(state_dir):
-        log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
-    init = ocirt.init_path()
-    ocirt.check_init(init)
+    with _paused(keep_plan):
+        state_dir = state.resolve_state_dir(settings)
+        init = _prepare(state_dir, log)
     policy.check_runtime_pin(settings, options.runtime)
     wanted = options.runtime or settings.runtime
     # Which runtime runs it depends on the config (berth-launcher or runc, issue 10): chosen
@@ -82,7 +115,76 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     with ExitStack() as held:
         extra_edits = _gpu_edits(settings, options, held, log, gpu_wait_s)
         request = request_for(settings, image, command, options, init_path=init, log=log, extra_edits=extra_edits)
-        return _run(settings, image, options, request, (wanted, init), state_dir, log, started)
+        if keep_plan is not None:
+            keep_plan.planned(settings, image, options, request, state_dir, init)
+
+        def make_plan(image_root: str, container, limit_plan, kernel_overlay: bool):
+            if keep_plan is None:
+                return plan_container(request, image_root, container, limit_plan=limit_plan, log=log,
+                                      kernel_overlay=kernel_overlay)
+            with keep_plan.recording():
+                return plan_container(request, image_root, container, limit_plan=limit_plan, log=log,
+                                      kernel_overlay=kernel_overlay)
+
+        execution = Execution(options.name, request.image_name, request.argv, request.caller.uid,
+                              request.caller.gid, request.network, request.workdir, options.remap_root,
+                              options.stop_timeout_s, options.cpus, options.memory_bytes, request.pmi_fd)
+        with _paused(keep_plan):
+            return _run(settings, image, execution, make_plan, (wanted, init), state_dir, log, started,
+                        keep_plan=keep_plan)
+
+
+def run_cached(entry: dict, log: Log | None = None) -> int:
+    """Run the plan of a cached entry (berth.runtime.plancache: looked up, its dependencies
+    re-checked by the caller) through the same lifecycle as :func:`run_container`. Raises as
+    run_container does."""
+    from berth.runtime.plancache import CachedPlan
+
+    log = log or _quiet
+    started = time.monotonic()
+    settings = ExecSettings(**entry["settings"])
+    run, image_entry = entry["run"], entry["image"]
+    state_dir = state.ensure_state_dir(Path(settings.state_dir))
+    init = _prepare(state_dir, log, init=run["init"])
+    image = LocalImage(Path(image_entry["squashfs"]), None, image_entry["reference"], image_entry["digest"])
+    execution = Execution(run["name"], run["image_name"], tuple(run["argv"]), run["uid"], run["gid"],
+                          run["network"], run["workdir"], run["remap_root"], float(run["stop_timeout_s"]))
+
+    def make_plan(image_root: str, container, limit_plan, kernel_overlay: bool):
+        del limit_plan  # none: runs with --cpus or --memory are not cached
+        if kernel_overlay:
+            raise RuntimeFailure("the cached plan does not fit this image mount",
+                                 hint="remove the cached plans with 'berth prune' and run again")
+        return CachedPlan(entry["plan"], str(container.path), image_root)
+
+    return _run(settings, image, execution, make_plan, (settings.runtime, init), state_dir, log, started)
+
+
+def _prepare(state_dir: Path, log: Log, *, init: str | None = None) -> str:
+    """What every run does before its container: clean up after berths of this user that died,
+    and check berth-init (returned)."""
+    for cleaned in state.cleanup_stale(state_dir):
+        log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
+    init = init or ocirt.init_path()
+    ocirt.check_init(init)
+    return init
+
+
+class _paused:
+    """Stops a plan recorder (berth.runtime.plancache.Recorder, when one records) while the
+    lifecycle, not the planning, reads files."""
+
+    def __init__(self, keep_plan) -> None:
+        self._recorder = getattr(keep_plan, "recorder", None)
+        self._was = False
+
+    def __enter__(self) -> None:
+        if self._recorder is not None:
+            self._was, self._recorder.active = self._recorder.active, False
+
+    def __exit__(self, *exc) -> None:
+        if self._recorder is not None:
+            self._recorder.active = self._was
 
 
 def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log, wait_s: float) -> tuple:
@@ -98,16 +200,20 @@ def _gpu_edits(settings, options: RunOptions, held: ExitStack, log: Log, wait_s:
     return (edits,)
 
 
-def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str], state_dir: Path, log: Log,
-         started: float) -> int:
-    """``wanted``: the runtime setting and berth-init's path, for ocirt.select_runtime."""
+def _run(settings, image, run: Execution, make_plan, wanted: tuple[str, str], state_dir: Path, log: Log,
+         started: float, *, keep_plan=None) -> int:
+    """The lifecycle of one container, for runs that plan and runs whose plan is cached alike:
+    ``make_plan(image_root, container, limit_plan, kernel_overlay)`` gives the plan once the
+    image is mounted (a ContainerPlan, or a plancache.CachedPlan); ``wanted``: the runtime
+    setting and berth-init's path, for ocirt.select_runtime; ``keep_plan``: told the plan and
+    the runtime, to keep them (berth.cli.fastrun)."""
     clock = time.monotonic
     phases: dict[str, float] = {}
 
     phases["prepare"] = clock() - started
     early = proc.raise_on_stop()
     try:
-        container = state.create(state_dir, options.name)
+        container = state.create(state_dir, run.name)
     except BaseException:
         proc.restore_handlers(early)
         raise
@@ -115,17 +221,16 @@ def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str],
     runtime = ""  # none started yet: teardown has no runtime state to delete
     try:
         materialise.make_directories(container)
-        limit_plan = limits.plan_limits(options.cpus, options.memory_bytes, container.id,
-                                        busy_cpus=state.pinned_cpus(state_dir) if options.cpus else None)
+        limit_plan = limits.plan_limits(run.cpus, run.memory_bytes, container.id,
+                                        busy_cpus=state.pinned_cpus(state_dir) if run.cpus else None)
         for note in limit_plan.notes:
             log(note)
-        caller = request.caller
         # What `berth ps`, `berth exec` and the clean-up of a dead berth need to know.
         info = {
-            "id": container.id, "name": options.name or container.id, "image": request.image_name,
-            "command": list(request.argv), "started": time.time(), "pid": os.getpid(),
-            "runtime": None, "uid": caller.uid, "gid": caller.gid,
-            "remap_root": options.remap_root, "daemon_pids": [],
+            "id": container.id, "name": run.name or container.id, "image": run.image_name,
+            "command": list(run.argv), "started": time.time(), "pid": os.getpid(),
+            "runtime": None, "uid": run.uid, "gid": run.gid,
+            "remap_root": run.remap_root, "daemon_pids": [],
             "cpu_set": sorted(limit_plan.cpu_set or ()),
         }
         container.write_info(info)
@@ -138,8 +243,8 @@ def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str],
             info["image_mount"] = str(lower.directory)
         container.write_info(info)
 
-        plan = plan_container(request, materialise.image_root(container, lower), container,
-                              limit_plan=limit_plan, log=log, kernel_overlay=materialise.kernel_overlay(lower))
+        plan = make_plan(materialise.image_root(container, lower), container, limit_plan,
+                         materialise.kernel_overlay(lower))
         if plan.overlay:
             overlay = materialise.mount_overlay(plan, container)
             if overlay is not None:  # fuse-overlayfs (a kernel overlay is the runtime's to mount)
@@ -153,14 +258,16 @@ def _run(settings, image, options: RunOptions, request, wanted: tuple[str, str],
         info["runtime"] = os.path.basename(runtime)  # never a path: see ocirt.recorded_program
         container.write_info(info)
         materialise.write_bundle(plan, container, config)
-        log(f"bundle {container.bundle}, network {request.network}, workdir {request.workdir}", debug=True)
+        log(f"bundle {container.bundle}, network {run.network}, workdir {run.workdir}", debug=True)
+        if keep_plan is not None:
+            keep_plan.made(plan, config, container, runtime, log)
 
         if limit_plan.cpu_set is not None:
             # Inherited by the runtime and so by the container (the FUSE daemons are already up).
             os.sched_setaffinity(0, limit_plan.cpu_set)
         phases["bundle"] = clock() - started - sum(phases.values())
-        child = supervise.start_runtime(runtime, container, pmi_fd=request.pmi_fd)
-        status = supervise.wait(child, runtime, container, options.stop_timeout_s, log)
+        child = supervise.start_runtime(runtime, container, pmi_fd=run.pmi_fd)
+        status = supervise.wait(child, runtime, container, run.stop_timeout_s, log)
         phases["runtime"] = clock() - started - sum(phases.values())
         if status != 0 and status < 128:
             error = supervise.runtime_error(supervise.runtime_log(container))
