@@ -467,3 +467,27 @@ def test_bad_reference_is_reference_error(tmp_path):
     Store(settings.user_store).require_writable()
     with pytest.raises(ReferenceError_, match="bad repository component"):
         api.find_image(settings, "Example.org/UPPER:1/x")
+
+
+def test_a_template_names_its_image_at_its_digest_without_a_second_pull(tmp_path, monkeypatch):
+    """`berth template create` ran a whole second pull (network-free: registry policy, the
+    store's writers' lock, the index) only to name the image NAME@digest in the site index; the
+    store names it (Store.name_image, under the image's lock), and refuses an image not stored."""
+    from berth.cli import config as cli_config
+
+    site = Store(tmp_path / "site", SITE)
+    site.require_writable()
+    digest = _fake_image(site)
+    pulls = []
+
+    def pull(settings, ref, *, site=False, **kwargs):
+        pulls.append(ref)
+        return api.load_stored(api.store_for(settings, site=True), digest, ref)
+
+    monkeypatch.setattr(api, "pull", pull)
+    settings = Settings(site_store=tmp_path / "site")
+    assert cli_config._pull_digest(settings, "example.org/team/app:1") == str(digest)
+    assert pulls == ["example.org/team/app:1"]
+    assert site.read_index()[f"example.org/team/app@{digest}"] == str(digest)
+    assert site.name_image("example.org/team/app:2", _digest(b"not stored")) is False
+    assert "example.org/team/app:2" not in site.read_index()

@@ -144,14 +144,17 @@ def _check_custom(settings, name: str, custom: str) -> None:
 
 def _pull_digest(settings, ref: str) -> str:
     """Pull ``ref`` into the site store (or find it there) and return its manifest digest."""
-    from berth.image.api import parse_reference, pull
+    from berth.errors import NotFound
+    from berth.image.api import index_key, parse_reference, pull, store_for
 
     print(f"pulling {ref} into the site store {settings.site_store}", file=sys.stderr)
     image = pull(settings, ref, site=True)
-    # The site index names the pinned image by digest too (a pull by digest of an image that is
-    # present: no network), so that pulling the tag again, `rmi --site` of the tag or `prune
-    # --site` does not remove what the template's jobs run.
-    pull(settings, str(parse_reference(ref).with_digest(image.digest)), site=True)
+    # The site index names the pinned image by digest too, so that pulling the tag again,
+    # `rmi --site` of the tag or `prune --site` does not remove what the template's jobs run.
+    pinned = index_key(parse_reference(ref).with_digest(image.digest))
+    if not store_for(settings, site=True).name_image(pinned, image.digest):
+        raise NotFound(f"the image {image.digest} of {ref} left the site store {settings.site_store} "
+                       "while berth pinned it", hint="someone removed it meanwhile: run the command again")
     return str(image.digest)
 
 

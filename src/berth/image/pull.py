@@ -213,12 +213,8 @@ def _present_by_digest(store: Store, reference: Reference, key: str) -> StoredIm
         return None
     target = store.read_index().get(key)
     digest = Digest.parse(target) if target else reference.digest
-    if not store.has_image(digest):
+    if not store.name_image(key, digest):
         return None
-    with store.image_lock(digest):
-        if not store.has_image(digest):
-            return None
-        store.set_reference(key, digest)
     return load_stored(store, digest, key)
 
 
@@ -239,13 +235,9 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
             raise DigestMismatch(f"manifest {chosen.digest} of {what} arrived as {manifest.digest}")
         platform_text = str(wanted)
     digest = manifest.digest
-    if store.has_image(digest):
-        with store.image_lock(digest):
-            if store.has_image(digest):
-                store.set_reference(key, digest)
-                image = load_stored(store, digest, key)
-                return PullResult(image, key, platform_text, index_digest, 0, 0, 0, False,
-                                  time.monotonic() - started)
+    if store.name_image(key, digest):
+        return PullResult(load_stored(store, digest, key), key, platform_text, index_digest, 0, 0, 0, False,
+                          time.monotonic() - started)
     _manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
     blobs = _unique([config_descriptor, *layers])
     notify(progress, "resolved", key, digest, len(layers), sum(d.size_bytes for d in blobs))

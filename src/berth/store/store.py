@@ -493,6 +493,17 @@ class Store:
     def set_reference(self, reference: str, digest: Digest) -> None:
         self.update_index(lambda refs: refs.__setitem__(reference, str(digest)))
 
+    def name_image(self, reference: str, digest: Digest) -> bool:
+        """Name the stored image ``digest`` ``reference`` in the index, under the image's lock
+        (no removal comes between the look and the name); False when it is not stored."""
+        if not self.has_image(digest):
+            return False
+        with self.image_lock(digest):
+            if not self.has_image(digest):
+                return False
+            self.set_reference(reference, digest)
+        return True
+
     def record_step_pull_failure(self, step: str, message: str) -> None:
         """Tell the other nodes of Slurm step ``step`` that this node's pull failed (best
         effort: they wait out lock_timeout_s when this cannot be written)."""
