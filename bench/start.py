@@ -57,6 +57,11 @@ BEFORE = f"berth run ({RUNTIMES[0]}), before"
 #: berth with its image mount lingering (image_mount_linger, in a state directory of its own):
 #: every run reuses the mount the run before left, like bare runc's prepared squashfuse root.
 LINGER = f"berth run ({RUNTIMES[0]}), image mount lingering"
+#: berth with the plan cache on (plan_cache, berth.runtime.plancache): every timed run executes
+#: the plan an identical run before it kept (a hit), without settings, image look-up or planning;
+#: and the same with the image mount lingering too.
+CACHED = f"berth run ({RUNTIMES[0]}), plan cache"
+CACHED_LINGER = f"berth run ({RUNTIMES[0]}), plan cache, image mount lingering"
 #: The anchors timed in turn with berth's runs (StartBench.interleaved) for the target lines.
 PAIRED = ("berth-launcher (berth's config.json, squashfuse root)", "runc (berth's config.json, squashfuse root)",
           "runc (squashfuse root)", "ch-run IMG.sqfs")  # what udocker 1.3.17 asks for; see prepare_udocker
@@ -330,7 +335,8 @@ class StartBench:
         return {name: c.Sample(values) for name, values in json.loads(result.stdout).items()}
 
     def importtime(self, args: list[str], env: dict | None = None, repeats: int = 7,
-                   python: str = str(c.VENV / "bin" / "python")) -> tuple[c.Sample, list[tuple[str, float]]]:
+                   python: str = str(c.VENV / "bin" / "python"),
+                   label: str | None = None) -> tuple[c.Sample, list[tuple[str, float]]]:
         """Import time that ``python ARGS`` adds to a bare interpreter start: the sum of the
         top-level cumulative times of modules a bare ``python -c pass`` does not import, and the
         ten modules with the largest self time among those."""
@@ -357,8 +363,22 @@ class StartBench:
             runs.append([(module, self_us / 1e6) for module, self_us, _, _ in added])
         top = sorted(((module, statistics.median(values)) for module, values in self_times.items()),
                      key=lambda item: -item[1])[:10]
-        self.import_families[" ".join(args)] = families(runs)
+        self.import_families[label or " ".join(args)] = families(runs)
         return totals, top
+
+    def prime_plan_cache(self, argv: list[str], env: dict, deadline_s: float = 30.0) -> bool:
+        """Run ``argv`` until it has kept its plan (a run keeps none while an input changed in
+        the last two seconds: the store and settings were written just now); whether it did."""
+        import time
+
+        state = Path(env["BERTH_STATE_DIR"]) / "plans"
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            self.user.run(argv, env=env)
+            if state.is_dir() and any(len(entry.name) == 64 for entry in state.iterdir()):
+                return True
+            time.sleep(0.5)
+        return False
 
     def berth_phases(self, argv: list[str], env: dict, runs: int = 7) -> list[tuple[str, c.Sample]] | None:
         """Where one warm ``berth run`` spends its time, from kernel exec/exit events."""
@@ -510,6 +530,13 @@ def main() -> int:
                                   "BERTH_STATE_DIR": str(user.tempdir("berth-state-linger-", workdir))}
             berth_argvs[LINGER] = berth[0]
             bench.lingering_envs.append(berth_envs[LINGER])
+            for name, base in ((CACHED, BERTH), (CACHED_LINGER, LINGER)):
+                berth_envs[name] = {**berth_envs[base], "BERTH_PLAN_CACHE": "1",
+                                    "BERTH_STATE_DIR": str(user.tempdir("berth-state-plans-", workdir))}
+                berth_argvs[name] = berth[0]
+                if not bench.prime_plan_cache(berth[0], berth_envs[name]):
+                    bench.notes.append(f"{name}: no plan was kept within 30 s (its runs are misses)")
+            bench.lingering_envs.append(berth_envs[CACHED_LINGER])
             if args.before:
                 berth_envs[BEFORE] = berth_envs[BERTH]
                 berth_argvs[BEFORE] = [str(args.before), *berth[0][1:]]
@@ -575,6 +602,8 @@ def main() -> int:
             # the whole run path: every import a warm `berth run IMG /bin/true` makes
             imports["python -X importtime .venv/bin/berth run IMG /bin/true"] = bench.importtime(
                 berth[0], berth_envs[BERTH])
+            imports["python -X importtime .venv/bin/berth run IMG /bin/true (plan cache hit)"] = bench.importtime(
+                berth[0], berth_envs[CACHED], label=CACHED)
             if args.before:
                 imports["python -X importtime BEFORE/.venv/bin/berth run IMG /bin/true (before)"] = bench.importtime(
                     berth_argvs[BEFORE], berth_envs[BERTH], python=str(args.before.parent / "python"))
@@ -584,7 +613,8 @@ def main() -> int:
 
     berth_sample = samples.get(BERTH)
     rows = []
-    order = [*[f"berth run ({runtime})" for runtime in RUNTIMES], LINGER, *([BEFORE] if args.before else []),
+    order = [*[f"berth run ({runtime})" for runtime in RUNTIMES], LINGER, CACHED, CACHED_LINGER,
+             *([BEFORE] if args.before else []),
              "berth-launcher (berth's config.json, squashfuse root)",
              "runc (berth's config.json, squashfuse root)", "runc (squashfuse root)", "runc (directory root)",
              "ch-run IMG.sqfs", "ch-run DIR", "bwrap DIR", "udocker run (R1: host runc)",
@@ -618,7 +648,8 @@ def main() -> int:
     if berth_sample:
         # berth as it runs by default, and with its image mount lingering (like bare runc, on a
         # mount made before).
-        for name, mounted_before in ((BERTH, ""), (LINGER, " (both on a mount made before)")):
+        for name, mounted_before in ((BERTH, ""), (LINGER, " (both on a mount made before)"), (CACHED, ""),
+                                     (CACHED_LINGER, " (both on a mount made before)")):
             sample = target_samples.get(name)
             if sample is None:
                 continue
@@ -635,6 +666,10 @@ def main() -> int:
             linger_sample = target_samples[LINGER]
             sections.append(f"- {LINGER} / {BERTH}: {linger_sample.median / berth_sample.median:.2f} "
                             f"({linger_sample.median * 1000:.1f} against {berth_sample.median * 1000:.1f} ms)")
+        for name in (CACHED, CACHED_LINGER):
+            if name in target_samples:
+                sections.append(f"- {name} / {BERTH}: {target_samples[name].median / berth_sample.median:.2f} "
+                                f"({target_samples[name].median * 1000:.1f} against {berth_sample.median * 1000:.1f} ms)")
         if BEFORE in target_samples:
             sections.append(f"- {BERTH} now / before: {berth_sample.median / target_samples[BEFORE].median:.2f} "
                             f"({berth_sample.median * 1000:.1f} against {target_samples[BEFORE].median * 1000:.1f} ms)")
@@ -684,6 +719,7 @@ def main() -> int:
                         + ", ".join(f"{module} {seconds * 1e6:.0f}" for module, seconds in top))
     run_families = {label: bench.import_families.get(" ".join(argv)) for label, argv in
                     ((BERTH, berth[0] if berth else []), (BEFORE, berth_argvs.get(BEFORE, []) if berth else []))}
+    run_families[CACHED] = bench.import_families.get(CACHED)
     run_families = {label: rows for label, rows in run_families.items() if rows}
     if run_families:
         labels = list(run_families)

@@ -222,7 +222,7 @@ def _main(argv: list[str] | None, plan_cache: bool = False) -> int:
     if argv is None:
         argv = sys.argv[1:]
     lookup = None
-    if plan_cache and argv[:1] == ["run"]:
+    if plan_cache and (argv[:1] == ["run"] or argv[:2] == ["--debug", "run"]):
         from berth.cli import fastrun
 
         lookup = fastrun.look_up(argv)
