@@ -280,11 +280,6 @@ class _ProcLocks:
         return None if held is None else key in held
 
 
-def _flock_seen(fd: int, proc: str) -> bool | None:
-    """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
-    return _ProcLocks(proc).seen(fd)
-
-
 class Holder(Record):
     """A process /proc/locks shows holding a lock (its pid as this pid namespace sees it)."""
 

@@ -165,25 +165,29 @@ def _fake_proc(tmp_path, fd, *, kthread=True, fstype="tmpfs", device="0:31", ino
     return str(proc)
 
 
+def _seen(fd, proc):
+    return locks._ProcLocks(proc).seen(fd)
+
+
 def test_the_look_matches_the_kernels_device_and_inode_and_says_when_it_cannot_tell(tmp_path):
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "a", fd)) is True  # a holder of another namespace (pid 0)
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "b", fd, inode=2147362, device="254:0")) is True
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "c", fd, inode=12, device="254:0")) is False  # OFD only
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "d", fd, inode=7, device="254:0")) is False
+        assert _seen(fd, _fake_proc(tmp_path / "a", fd)) is True  # a holder of another namespace (pid 0)
+        assert _seen(fd, _fake_proc(tmp_path / "b", fd, inode=2147362, device="254:0")) is True
+        assert _seen(fd, _fake_proc(tmp_path / "c", fd, inode=12, device="254:0")) is False  # OFD only
+        assert _seen(fd, _fake_proc(tmp_path / "d", fd, inode=7, device="254:0")) is False
         # A waiter alone is no holder.
         waiter_only = "1: FLOCK  ADVISORY  WRITE 5 fe:00:9 0 EOF\n1: -> FLOCK  ADVISORY  WRITE 6 fe:00:8 0 EOF\n"
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "e", fd, inode=8, device="254:0",
+        assert _seen(fd, _fake_proc(tmp_path / "e", fd, inode=8, device="254:0",
                                                 locks_text=waiter_only)) is False
         # Cannot tell: /proc of a child PID namespace (holders outside it are left out), a
         # network file system (other nodes' holders are not listed), no /proc/locks.
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "f", fd, kthread=False)) is None
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "g", fd, fstype="nfs4")) is None
-        assert locks._flock_seen(fd, _fake_proc(tmp_path / "h", fd, fstype="fuse.sshfs")) is None
+        assert _seen(fd, _fake_proc(tmp_path / "f", fd, kthread=False)) is None
+        assert _seen(fd, _fake_proc(tmp_path / "g", fd, fstype="nfs4")) is None
+        assert _seen(fd, _fake_proc(tmp_path / "h", fd, fstype="fuse.sshfs")) is None
         proc = _fake_proc(tmp_path / "i", fd)
         os.unlink(os.path.join(proc, "locks"))
-        assert locks._flock_seen(fd, proc) is None
+        assert _seen(fd, proc) is None
     finally:
         os.close(fd)
 

@@ -213,17 +213,16 @@ class StepAgent:
                 os.close(self._dir)
                 self._dir = None
 
-    def _scan(self) -> list[threading.Thread]:
+    def _scan(self) -> None:
         """Start a handler for every new ready request: each is opened here, relative to the
         request directory's descriptor and without following a link, and the handler gets
-        that descriptor (a name swapped afterwards changes nothing). Returns the handlers."""
+        that descriptor (a name swapped afterwards changes nothing)."""
         if self._dir is None:
-            return []
+            return
         try:
             names = os.listdir(self._dir)
         except OSError:
-            return []
-        started = []
+            return
         for name in names:
             if name in self._seen or name == WAKE:
                 continue
@@ -237,10 +236,7 @@ class StepAgent:
                 os.close(directory)
                 continue
             self._seen.add(name)
-            handler = threading.Thread(target=self._handle, args=(directory,), daemon=True)
-            handler.start()
-            started.append(handler)
-        return started
+            threading.Thread(target=self._handle, args=(directory,), daemon=True).start()
 
     def _wait(self) -> None:
         """Until a shim writes into the wake-up FIFO, or POLL_S at most."""
