@@ -34,3 +34,13 @@ def test_an_id_that_is_not_a_uid_is_refused_not_read_as_another(user, uid):
     result = _init(user, f'"$0" -u {uid} -g 0 -- /bin/true; echo "status $?"')
     assert result.stdout.splitlines()[-1:] == ["status 125"], (result.stdout, result.stderr)
     assert f"-u and -g want a number from 0 to 4294967294, not '{uid}'" in result.stderr, result.stderr
+
+
+def test_signals_the_caller_ignores_stay_ignored_for_the_command(user):
+    """berth-init catches every signal itself (so that none reaching it as a pid namespace's init
+    is dropped before it blocks them), and gives the command the dispositions it was started with:
+    under nohup, SIGHUP stays ignored."""
+    result = _init(user, "trap '' HUP; exec \"$0\" -- /bin/grep SigIgn /proc/self/status")
+    assert result.returncode == 0, result.stderr
+    ignored = int(result.stdout.split()[1], 16)
+    assert ignored & (1 << (1 - 1)), result.stdout  # SIGHUP is 1

@@ -382,3 +382,81 @@ def test_preserve_fds_of_a_descriptor_the_caller_did_not_pass_is_refused(user, u
                       timeout=60)
     assert result.returncode == 1 and result.stdout == "", (result.stdout, result.stderr)
     assert "--preserve-fds 1: descriptor 3 is not open" in result.stderr, result.stderr
+
+
+def _deep_directory(top: Path, depth: int) -> tuple[str, os.stat_result]:
+    """``top/a/a/...`` (``depth`` levels, made one by one through descriptors); its path below
+    ``top`` and its stat."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", dir_fd=fd)
+            below = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        return "/".join(["a"] * depth), os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_sigterm_that_reaches_the_launcher_as_the_container_starts_is_not_lost(user, user_tmp):
+    """The kernel drops a signal that a pid namespace's init leaves at SIG_DFL. berth-init blocks
+    them all as it starts, but the launcher forwarded a SIGTERM it had got while it set the
+    container up at the moment the init exec'd, before that: the signal was lost, and the
+    container ran on until berth's stop timeout killed it. berth-init's start is made long here
+    (it checks a deep -b path 600 times before it blocks signals), so that the moment is wide."""
+    bundle = _bundle(user, user_tmp, "unused")
+    root = bundle / "rootfs"
+    shutil.copy2(ocirt.init_path(), root / "bin" / "init")
+    (root / "bin" / "sleep").symlink_to("busybox")
+    below, info = _deep_directory(root / "deep", 400)  # shutil.rmtree recurses: not much deeper
+    config = json.loads((bundle / "config.json").read_text())
+    checks = [f"{info.st_dev}:{info.st_ino}:/deep/{below}"] * 600
+    config["process"]["args"] = ["/bin/init", *[arg for check in checks for arg in ("-b", check)],
+                                 "--", "/bin/sleep", "60"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user_tmp)], check=True)
+    for _attempt in range(2):
+        assert _terminated_as_it_starts(user, user_tmp, bundle) == (128 + signal.SIGTERM, "")
+
+
+def test_the_first_signal_waits_until_the_containers_init_takes_it(user, user_tmp):
+    """The launcher's own part of the above, with any init: a shell as PID 1 that sets its trap
+    a moment after it starts gets the SIGTERM the launcher had when it started the container."""
+    bundle = _bundle(user, user_tmp, "sleep 1; trap 'echo got it; exit 0' TERM; while :; do sleep 0.05; done")
+    (bundle / "rootfs" / "bin" / "sleep").symlink_to("busybox")
+    assert _terminated_as_it_starts(user, user_tmp, bundle) == (0, "got it\n")
+
+
+def _terminated_as_it_starts(user: User, where: Path, bundle: Path) -> tuple[int | None, str]:
+    """SIGTERM to the launcher as soon as it has cloned the container's first process: its exit
+    status (None when it still ran 20 s later: the signal was lost) and the container's output."""
+    shutil.rmtree(where / "state" / "c1", ignore_errors=True)
+    launcher = subprocess.Popen([str(ocirt.launcher_path()), "--root", str(where / "state"), "run",
+                                 "--bundle", str(bundle), "c1"], user=user.uid, group=user.gid, extra_groups=[],
+                                env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _children(launcher.pid) and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert _children(launcher.pid), "the launcher started no container"
+        os.kill(launcher.pid, signal.SIGTERM)
+        try:
+            output, _ = launcher.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            return None, ""
+        return launcher.returncode, output
+    finally:
+        if launcher.poll() is None:  # the SIGTERM was lost: its parent-death signal ends the container
+            launcher.kill()
+            launcher.communicate()
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return handle.read().split()
+    except OSError:
+        return []

@@ -121,6 +121,37 @@ static void drop_privileges(void)
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 }
 
+/* Every signal gets this handler, which never runs (they are all blocked first, and taken by
+ * sigtimedwait), so that the init catches every signal from its first moments on (SigCgt in
+ * /proc/PID/status, also while it waits, when the kernel shows nothing blocked): the kernel
+ * drops a signal that a pid namespace's init leaves at SIG_DFL, so berth-launcher forwards the
+ * first one only once the init blocks or catches it.  The command gets the dispositions back. */
+static void never_called(int sig)
+{
+    (void)sig;
+}
+
+static struct sigaction original_actions[NSIG];
+static int caught[NSIG];
+
+static void catch_every_signal(void)
+{
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = never_called;
+    sigfillset(&action.sa_mask);
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            caught[sig] = sigaction(sig, &action, &original_actions[sig]) == 0;
+}
+
+static void restore_signal_actions(void)
+{
+    for (int sig = 1; sig < NSIG; sig++)
+        if (caught[sig])
+            sigaction(sig, &original_actions[sig], NULL);
+}
+
 /* "DEV:INO:PATH": PATH must be that inode (it is the root of a bind mount of it); 0 if so. */
 static int check_bind(const char *arg)
 {
@@ -152,6 +183,12 @@ usage:
 int main(int argc, char **argv)
 {
     long uid = -1, gid = -1;
+    /* First of all, every signal blocked (so that none is lost or taken by the handler), then
+     * caught: see never_called. */
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    catch_every_signal();
     int opt, bad_binds = 0, data_limited = 0;
     struct rlimit data_limit = {0, 0};
     char *end;
@@ -194,10 +231,6 @@ int main(int argc, char **argv)
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         die("prctl(PR_SET_NO_NEW_PRIVS)");
 
-    sigset_t all, old;
-    sigfillset(&all);
-    sigprocmask(SIG_BLOCK, &all, &old);
-
     pid_t child = fork();
     if (child < 0)
         die("fork");
@@ -206,8 +239,8 @@ int main(int argc, char **argv)
         if (isatty(STDIN_FILENO)) {
             signal(SIGTTOU, SIG_IGN);
             tcsetpgrp(STDIN_FILENO, getpgrp());
-            signal(SIGTTOU, SIG_DFL);
         }
+        restore_signal_actions();
         /* Only the command enters the nested namespace: this init stays in the runtime's
          * user namespace, so `runc exec` (berth exec), which joins the namespaces of the
          * container's init, lands in namespaces it can enter. */

@@ -1526,8 +1526,47 @@ static int status_of(int wait_status)
     return WEXITSTATUS(wait_status);
 }
 
-/* Forward every signal to ``child`` until it ends (runc run's behaviour); its status. */
-static int forward_until_exit(pid_t child, const sigset_t *all)
+/* Whether ``pid`` blocks or catches ``sig`` (/proc/PID/status SigBlk, SigCgt); also 1 when it
+ * cannot be told (gone, or no such lines): then there is nothing to wait for.  (A process in
+ * sigtimedwait shows its waited-for signals unblocked: berth-init catches them too.) */
+static int takes_signal(pid_t pid, int sig)
+{
+    char path[64], text[4096];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return 1;
+    text[n] = 0;
+    const char *blocked = strstr(text, "\nSigBlk:"), *caught = strstr(text, "\nSigCgt:");
+    if (!blocked || !caught)
+        return 1;
+    unsigned long long mask = strtoull(blocked + 8, NULL, 16) | strtoull(caught + 8, NULL, 16);
+    return (mask >> (sig - 1)) & 1;
+}
+
+/* A pid namespace's init gets no signal that it leaves at SIG_DFL: the kernel drops it, even
+ * from the launcher.  berth-init catches and blocks every signal as soon as it runs, but a
+ * signal forwarded in the moment between its execve and that was lost -- and a SIGTERM that
+ * reached the launcher while it set the container up is forwarded exactly then: the container
+ * ran on until berth's stop timeout killed it.  So the first signal waits (at most 2 s, once)
+ * until the init blocks or catches it; one it never takes would have been dropped all the same. */
+static void wait_until_init_takes(pid_t child, int sig)
+{
+    static int waited;
+    if (waited || sig == SIGKILL || sig == SIGSTOP)
+        return;
+    waited = 1;
+    for (int i = 0; i < 2000 && !takes_signal(child, sig) && process_start_time(child, 1); i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+}
+
+/* Forward every signal to ``child`` until it ends (runc run's behaviour); its status.
+ * ``namespace_init``: the child is the init of a pid namespace of its own. */
+static int forward_until_exit(pid_t child, const sigset_t *all, int namespace_init)
 {
     for (;;) {
         siginfo_t info;
@@ -1535,8 +1574,11 @@ static int forward_until_exit(pid_t child, const sigset_t *all)
         if (sig < 0)
             continue;
         if (sig != SIGCHLD) {
-            if (sig != SIGURG && sig != SIGWINCH)
+            if (sig != SIGURG && sig != SIGWINCH) {
+                if (namespace_init)
+                    wait_until_init_takes(child, sig);
                 kill(child, sig);
+            }
             continue;
         }
         int st;
@@ -1622,7 +1664,7 @@ static int command_run(const char *bundle, const char *id)
      * when its mounts are all made. */
     write_state(id, child, bundle);
     cleanup_child = -1; /* from now on its status is the launcher's */
-    int status = forward_until_exit(child, &all);
+    int status = forward_until_exit(child, &all, (cfg.clone_flags & CLONE_NEWPID) != 0);
     remove_state(id);
     return status;
 }
@@ -1881,7 +1923,7 @@ static int command_exec(const char *id, const char *cwd, char **extra_env, size_
         close(peer);
         return copy_terminal(master, child, &all);
     }
-    return forward_until_exit(child, &all);
+    return forward_until_exit(child, &all, 0);
 }
 
 static void usage(void)
