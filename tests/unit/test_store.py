@@ -491,3 +491,31 @@ def test_a_template_names_its_image_at_its_digest_without_a_second_pull(tmp_path
     assert site.read_index()[f"example.org/team/app@{digest}"] == str(digest)
     assert site.name_image("example.org/team/app:2", _digest(b"not stored")) is False
     assert "example.org/team/app:2" not in site.read_index()
+
+
+def test_rmi_site_refuses_an_image_a_template_pins_naming_the_templates(tmp_path):
+    """`berth rmi --site NAME@digest` removed the image a site template pins, without a word:
+    every job of the template then failed. It is refused (naming the templates) unless forced;
+    a tag of the image that the pin does not need still goes."""
+    from berth.config.templates import Template, create_template
+    from berth.errors import PolicyError
+    from berth.image.manage import remove_image
+
+    settings = Settings(config_dir=tmp_path / "etc", site_store=tmp_path / "site")
+    site = api.store_for(settings, site=True)
+    site.require_writable()
+    digest = _fake_image(site, reference="example.org/team/app:1")
+    site.set_reference(f"example.org/team/app@{digest}", digest)
+    for name in ("gpu", "cpu"):
+        create_template(settings, Template(name=name, image="example.org/team/app:1", image_digest=str(digest),
+                                           cpu=1, memsz_bytes=1 << 30))
+    for ref in (f"example.org/team/app@{digest}", str(digest)):
+        with pytest.raises(PolicyError) as caught:
+            remove_image(settings, ref, site=True)
+        assert "is pinned by templates 'cpu', 'gpu'" in caught.value.message and "--force" in caught.value.hint
+        assert site.has_image(digest) and len(site.read_index()) == 2
+    assert remove_image(settings, "example.org/team/app:1", site=True).untagged == ["example.org/team/app:1"]
+    with pytest.raises(PolicyError):  # the pin alone keeps it now: the image would go
+        remove_image(settings, f"example.org/team/app@{digest}", site=True)
+    result = remove_image(settings, f"example.org/team/app@{digest}", site=True, force=True)
+    assert result.removed_digest == digest and not site.has_image(digest)

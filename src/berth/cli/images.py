@@ -45,6 +45,8 @@ def register(sub) -> None:
                          "`berth prune`.")
     rmi.add_argument("references", metavar="REF", nargs="+")
     _site_option(rmi, "remove from the site store (administrators)")
+    rmi.add_argument("-f", "--force", action="store_true",
+                     help="with --site: remove an image a template pins too (its jobs then fail)")
     rmi.set_defaults(handler=run_rmi)
 
     prune = sub.add_parser("prune", help="remove unreferenced images, unused blobs and stale temporary files",
@@ -183,7 +185,7 @@ def run_rmi(args, ctx) -> int:
     failed: BerthError | None = None
     for reference in args.references:
         try:
-            result = remove_image(ctx.settings, reference, site=args.site)
+            result = remove_image(ctx.settings, reference, site=args.site, force=args.force)
         except BerthError as error:
             # Like docker: go on with the others, fail at the end.
             from berth.cli.main import print_error

@@ -126,12 +126,16 @@ class RemoveResult(Record):
     store: str
 
 
-def remove_image(settings: "Settings", ref: str, *, site: bool = False) -> RemoveResult:
+def remove_image(settings: "Settings", ref: str, *, site: bool = False, force: bool = False) -> RemoveResult:
     """Untag ``ref`` in one store; remove the image when no reference to it remains.
 
     A tag removes that tag only. A digest (``name@sha256:…`` or bare ``sha256:…``) removes
-    every reference to the image, then the image. Blobs stay until ``prune``. Raises NotFound
-    (saying when the other store has it), PermissionDenied (site store without rights).
+    every reference to the image, then the image. Blobs stay until ``prune``. In the site store
+    an image a template pins is neither removed nor untagged of its pinned reference (which
+    keeps it from ``prune``) unless ``force``: PolicyError naming the templates (every job of
+    theirs would fail). Raises NotFound (saying when the other store has it), PermissionDenied
+    (site store without rights), ConfigError (a template file that cannot be read: whether it
+    pins the image cannot be told).
     """
     store = store_for(settings, site=site)
     image = find_in_store(store, ref)
@@ -147,10 +151,19 @@ def remove_image(settings: "Settings", ref: str, *, site: bool = False) -> Remov
     untagged: list[str] = []
     freed = 0
     removed = None
+    def goes(key: str, references: dict[str, str]) -> bool:
+        return key == image.reference or (by_digest and references[key] == str(digest))
+
     with store.writing(), store.image_lock(digest):
+        if store.kind == SITE and not force:
+            references = store.read_index()
+            doomed = {key for key in references if goes(key, references)}
+            _refuse_pinned(settings, ref, digest, doomed,
+                           removed=all(key in doomed for key, value in references.items() if value == str(digest)))
+
         def change(references: dict[str, str]) -> None:
             for key in list(references):
-                if key == image.reference or (by_digest and references[key] == str(digest)):
+                if goes(key, references):
                     del references[key]
                     untagged.append(key)
 
@@ -159,6 +172,29 @@ def remove_image(settings: "Settings", ref: str, *, site: bool = False) -> Remov
             freed = store.remove_image(digest)
             removed = digest
     return RemoveResult(sorted(untagged), removed, freed, store.kind)
+
+
+def _refuse_pinned(settings: "Settings", ref: str, digest: Digest, untagged: set[str], *, removed: bool) -> None:
+    """PolicyError when a template pins image ``digest`` and the removal would delete it
+    (``removed``) or untag the reference it is pinned by (``untagged``)."""
+    from berth.config.templates import list_templates
+    from berth.errors import ConfigError, PolicyError
+    from berth.image.api import index_key, parse_reference
+
+    try:
+        templates = list_templates(settings)
+    except ConfigError as error:
+        raise ConfigError(f"cannot tell whether a template pins image {ref}: {error.message}",
+                          hint="fix the template (berth config check), or remove the image anyway "
+                               "with --force") from None
+    pinning = sorted(template.name for template in templates if template.image_digest == str(digest)
+                     and (removed or index_key(parse_reference(template.pinned_reference)) in untagged))
+    if pinning:
+        names = ", ".join(f"'{name}'" for name in pinning)
+        raise PolicyError(f"image {ref} ({digest}) is pinned by template{'s' if len(pinning) > 1 else ''} "
+                          f"{names}: every job of {'theirs' if len(pinning) > 1 else 'its'} would fail",
+                          hint="pin another image first (berth template modify NAME image=REF, or "
+                               "berth template delete NAME), or remove it anyway with --force")
 
 
 def prune_store(settings: "Settings", *, site: bool = False):
