@@ -86,3 +86,29 @@ def test_an_image_config_of_gigabytes_is_refused_before_anything_is_fetched(monk
                                     f"announces {8 << 30} bytes, more than the 16777216 bytes berth accepts "
                                     "for an image config")
     assert caught.value.hint == HINT
+
+
+def test_a_manifest_of_too_many_layers_is_refused_before_any_download(monkeypatch, settings):
+    """A manifest could list as many layers as fit in 4 MiB (some 25,000): every one a
+    download, a store file and a pass of the converter, from a hostile registry. Past
+    MAX_LAYERS the pull stops, naming the image and the limit, before downloading anything."""
+    import json
+
+    from berth.image.install import MAX_LAYERS
+
+    def manifest(count: int) -> Manifest:
+        layer = {"mediaType": mediatypes.OCI_LAYER_GZIP, "size": 1, "digest": str(Digest.of(b"x"))}
+        config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2, "digest": str(Digest.of(b"{}"))}
+        data = json.dumps({"schemaVersion": 2, "config": config, "layers": [layer] * count}).encode()
+        return _manifest(data, mediatypes.OCI_MANIFEST)
+
+    monkeypatch.setattr(pull, "_download_all", lambda *args, **kwargs: pytest.fail("downloaded"))
+    client = OneManifestClient({"1": manifest(MAX_LAYERS + 1)})
+    with pytest.raises(ImageError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    assert caught.value.message == (f"image content refused: the manifest of example.org/team/app:1 lists "
+                                    f"{MAX_LAYERS + 1} layers, more than the {MAX_LAYERS} berth accepts")
+    assert caught.value.hint == HINT
+    client.manifests["1"] = manifest(MAX_LAYERS)
+    with pytest.raises(pytest.fail.Exception, match="downloaded"):  # the limit itself passes
+        _pull_with(monkeypatch, settings, client)

@@ -45,10 +45,18 @@ def parse_descriptor(data: object, what: str) -> Descriptor:
     return Descriptor(str(data.get("mediaType") or ""), digest, size)
 
 
+#: The most layers an image may have (docs/images.md). A manifest of 4 MiB could list some
+#: 25,000: each a download, a store file and a pass of the flattener, from a hostile registry.
+#: Docker and podman stop building at 127 (overlay's stacking limit); berth flattens, so it
+#: allows more (images built by other tools, nix's layered ones), but not without bound.
+MAX_LAYERS = 500
+
+
 def parse_image_manifest(data: bytes, what: str) -> tuple[dict, Descriptor, list[Descriptor]]:
     """(manifest JSON, config descriptor, layer descriptors) of an image manifest.
 
-    Raises ImageError for anything but a well-formed OCI or Docker schema 2 image manifest.
+    Raises ImageError for anything but a well-formed OCI or Docker schema 2 image manifest, and
+    for one of more than MAX_LAYERS layers.
     """
     manifest = parse_json(data, what=f"image content refused: the manifest of {what}", error=ImageError)
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
@@ -66,6 +74,9 @@ def parse_image_manifest(data: bytes, what: str) -> tuple[dict, Descriptor, list
     layers_json = manifest.get("layers")
     if not isinstance(layers_json, list):
         raise ImageError(f"the manifest of {what} has no 'layers' list")
+    if len(layers_json) > MAX_LAYERS:
+        raise ImageError(f"image content refused: the manifest of {what} lists {len(layers_json)} layers, "
+                         f"more than the {MAX_LAYERS} berth accepts")
     layers = [parse_descriptor(item, f"the manifest of {what}, layer {n}")
               for n, item in enumerate(layers_json, 1)]
     for layer in layers:
