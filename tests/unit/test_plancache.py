@@ -393,3 +393,40 @@ def test_every_file_a_plan_is_made_from_is_a_dependency(tmp_path, monkeypatch):
     assert missing == [], "\n".join(missing)
     for path in world.must_cover:
         assert path in covered, path
+
+
+# ------------------------------------------------------------------------ the look-up
+
+def _planted(tmp_path, monkeypatch, **settings_changes):
+    """An entry with no dependencies at all, as a container that could write the state
+    directory might plant it, under the key of `berth run img true` in this environment."""
+    from berth.cli import fastrun
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    site = tmp_path / "site"
+    site.mkdir()
+    environ = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BERTH_STATE_DIR": str(state),
+               "BERTH_CONFIG_DIR": str(site), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "img", "true"]
+    fields = entry_fields()
+    fields["settings"] = {**fields["settings"], "state_dir": str(state), **settings_changes}
+    plancache.store_entry(state / "plans", plancache.run_key(argv, environ), fields)
+    return fastrun, argv, environ, site
+
+
+def test_with_the_setting_off_no_entry_runs_whoever_wrote_it(tmp_path, monkeypatch):
+    fastrun, argv, environ, site = _planted(tmp_path, monkeypatch)
+    lookup = fastrun.look_up(argv, environ)
+    assert (lookup.entry, lookup.reason) == (None, "the setting plan_cache is off")
+    (site / "berth.toml").write_text("plan_cache = true\n")
+    lookup = fastrun.look_up(argv, environ)
+    assert lookup.entry is not None and lookup.reason == ""
+
+
+def test_an_entry_whose_settings_are_not_the_current_ones_does_not_run(tmp_path, monkeypatch):
+    fastrun, argv, environ, site = _planted(tmp_path, monkeypatch, image_mount="per_container")
+    (site / "berth.toml").write_text("plan_cache = true\n")
+    lookup = fastrun.look_up(argv, environ)
+    assert (lookup.entry, lookup.reason) == (None, "the setting image_mount is not the entry's")

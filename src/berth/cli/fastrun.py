@@ -1,8 +1,9 @@
 """`berth run ...` from a cached plan (berth.runtime.plancache; issue 10, target 3).
 
 The console script hands a command line that starts with ``run`` here before it builds any
-parser or loads settings: :func:`look_up` computes the run's key and looks for a kept plan
-whose dependencies are all unchanged. On a hit, :func:`run_hit` executes it through the same
+parser: :func:`look_up` computes the run's key and looks for a kept plan whose dependencies are
+all unchanged, and loads the settings (from the parse cache) to know that plan_cache is on and
+the entry's settings are theirs. On a hit, :func:`run_hit` executes it through the same
 lifecycle as a run that plans (berth.runtime.container.run_cached); on a miss, or on any doubt,
 the command goes the usual way (argparse, settings, planning), and :func:`keeper` lets it keep
 its plan for the next identical run. This module imports only what a look-up needs.
@@ -42,13 +43,25 @@ def look_up(argv: list[str], environ=None) -> Lookup:
     changed = plancache.changed_dependency(entry)
     if changed is not None:
         return Lookup(directory, key, None, f"{changed} changed")
-    from berth.fsutil import is_private_dir
-
-    if not is_private_dir(entry["settings"]["state_dir"]):
-        return Lookup(directory, key, None, "its state directory is not a private directory of yours")
     seen = plancache.exposed(directory, entry["plan"]["config"])
     if seen:
         return Lookup(directory, key, None, f"its container could write the kept plans through {seen}")
+    # The settings as they are now decide whether a kept plan runs at all: with plan_cache off
+    # (the default) none does, whoever wrote it (a container that could write the state
+    # directory could have: docs/security.md), and the entry's settings must be theirs. Their
+    # files' parses come from the parse cache (berth.config.tomlfile): ~1 ms with the imports.
+    from berth.config.load import load_settings
+    from berth.errors import BerthError
+
+    try:
+        settings = load_settings(environ=environ)
+    except BerthError:
+        return Lookup(directory, key, None, "the settings do not load")
+    if not settings.plan_cache:
+        return Lookup(directory, key, None, "the setting plan_cache is off")
+    differs = plancache.settings_differ(entry, settings)
+    if differs:
+        return Lookup(directory, key, None, f"the setting {differs} is not the entry's")
     return Lookup(directory, key, entry, "")
 
 

@@ -227,7 +227,7 @@ def _main(argv: list[str] | None, plan_cache: bool = False) -> int:
 
         lookup = fastrun.look_up(argv)
     if lookup is not None and lookup.entry is not None:
-        args = fastrun.HitArgs(lookup)  # no parser, no settings: the plan is made
+        args = fastrun.HitArgs(lookup)  # no parser, no image look-up: the plan is made
     else:
         parser = build_parser(modules_for(argv), only=command_for(argv))
         args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ cached").
 
 A run's plan (berth.runtime.plan: config.json, the identity files, the mount points an overlay
 needs) is a pure function of the run's inputs. When every input can be named, the plan is kept
-after a run made it, and the next run with the very same inputs skips the settings, the image
+after a run made it, and the next run with the very same inputs skips argparse, the image
 look-up, the planning and their imports, and goes straight to the lifecycle
 (berth.runtime.container: state directory, image mount, bundle, runtime, teardown — the same
 code a planning run uses).
@@ -38,9 +38,11 @@ would otherwise be cached with its new fingerprint).
 
 **Where**: ``STATE/plans/KEY``, STATE being the state directory berth would use without any
 settings file (``$BERTH_STATE_DIR`` when absolute, else ``$XDG_RUNTIME_DIR/berth`` or
-``/tmp/berth-UID``): the look-up must find it before settings are loaded, which is what it
-skips. A settings file may move the state directory: the entry records the one the run used,
-and that file is one of the entry's dependencies. The directory must be a real directory of
+``/tmp/berth-UID``): the look-up finds it before it loads settings, which it does only for an
+entry whose dependencies are unchanged, to check that ``plan_cache`` is on now (with it off, no
+entry runs, whoever wrote it) and that the entry's state directory and image mount settings
+are the settings' own (:func:`settings_differ`). A settings file may move the state directory:
+the entry records the one the run used, and that file is one of the entry's dependencies. The directory must be a real directory of
 the caller's that nobody else may enter, and an entry a regular file of the caller's that
 nobody else may write (another user's or a link is ignored); content is marshal of plain
 values, checked field by field (never pickle). At most :data:`MAX_ENTRIES`, the oldest pruned.
@@ -525,6 +527,24 @@ def _malformed(entry, key: str) -> str | None:
         if not (isinstance(item, list) and len(item) == 3 and all(isinstance(part, str) for part in item)
                 and item[0] in ("passwd", "group")):
             return "the entry's identity files are malformed"
+    return None
+
+
+def settings_differ(entry: dict, settings) -> str | None:
+    """The first setting the lifecycle reads whose value in ``settings`` (loaded now) is not
+    the one ``entry`` records, or None. The state directory must be the one settings name, by
+    its real path, and a private directory of the caller's."""
+    from berth.fsutil import is_private_dir
+
+    recorded = entry["settings"]
+    state_dir = recorded["state_dir"]
+    if os.path.realpath(settings.state_dir) != state_dir or not is_private_dir(state_dir):
+        return "state_dir"
+    for name in ("image_mount", "stage_to_local", "image_fuse", "lock_timeout_s", "image_mount_linger"):
+        if getattr(settings, name) != recorded[name]:
+            return name
+    if recorded["runtime"] not in (settings.runtime, "auto", "launcher", "runc", "crun"):
+        return "runtime"
     return None
 
 
