@@ -49,7 +49,13 @@ class FakeDownloads:
         self.wake()
 
     def end(self, failure: BaseException | None = None) -> None:
+        """The download ends: verified and stored (the partial file's bytes become the blob,
+        as BlobWriter.commit renames it), or ``failure``."""
         self.failure = failure
+        if failure is None and self.partial.exists():
+            blob = self.store.layout.blob(next(iter(self.sizes)))
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.partial, blob)
         self.over = True
         self.wake()
 
@@ -183,4 +189,32 @@ def test_a_flattener_that_stops_reading_does_not_block_the_pump(store):
     leaving.start()
     leaving.join(30)
     assert not leaving.is_alive(), "leaving hung on a pump blocked writing into a full pipe"
-    assert raised and not follower._thread.is_alive()
+    assert not follower._thread.is_alive()
+    assert raised == []  # what the flattener read is the verified blob's: its refusal stands
+
+
+def test_a_refusal_of_what_streamed_stands_once_the_blob_is_verified(store):
+    # A hostile entry in the first bytes: the flattener refuses the layer while it downloads.
+    # Once the download is verified, what went through the pipe is a prefix of the verified
+    # blob, so the refusal is the blob's: no StreamUnusable, no second conversion of the
+    # stored blob only to refuse it again (issue 10: wasted work, and the pull waited for it).
+    # Larger than the pipe holds: the pump is still at work when the flattener gives up.
+    big = BLOB * 4
+    downloads, _, follower, _head, pipe = _following(store, big[:300_000], big)
+    assert _read_exactly(pipe, 1000) == big[:1000]
+    downloads.write(big[300_000:])
+    downloads.end()
+    follower.__exit__(ImageError, ImageError("impossible owner"), None)  # no StreamUnusable
+
+
+def test_a_refusal_of_bytes_the_verified_blob_does_not_begin_with_is_not_kept(store):
+    # The download started over meanwhile with different bytes at the same offsets (the pump
+    # did not see the file shrink): what the flattener refused is not the verified blob's
+    # beginning, so the layer is converted again from the stored blob.
+    big = BLOB * 4
+    downloads, _, follower, _head, pipe = _following(store, b"\xff" * 8 + big[8:300_000], big)
+    assert len(_read_exactly(pipe, 1000)) == 1000
+    downloads.write(big, at=0)
+    downloads.end()
+    with pytest.raises(StreamUnusable):
+        follower.__exit__(ImageError, ImageError("impossible owner"), None)

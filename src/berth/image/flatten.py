@@ -113,7 +113,10 @@ class Layer(Record):
     waited for and read from ``path``). It must raise :class:`StreamUnusable` on leaving when
     what went through the pipe was not exactly the verified blob (the conversion then starts
     again from the stored blob), and the download's own failure rather than the conversion's
-    when the download failed. Issue 10: a single-layer image converts while it downloads."""
+    when the download failed. When the conversion failed on what went through and that is
+    the beginning of the verified blob, it lets the failure stand: the stored blob would be
+    refused again (a hostile layer is refused once). Issue 10: a single-layer image converts
+    while it downloads."""
 
     path: Path
     media_type: str

@@ -464,7 +464,9 @@ class _FollowedBlob:
     file: the pump hashes every byte it passes on, and on leaving, unless exactly the blob's
     size went through with the blob's digest, :class:`StreamUnusable` makes the flattener
     convert that layer again from the verified stored blob (a download that restarted from
-    byte 0, or was cut). Publishing still waits for every verified blob (install_image), so a
+    byte 0, or was cut). A refusal of what went through (a hostile entry) stands once the
+    blob is verified and begins with those bytes: it is the blob's, and is not made again
+    from the stored blob. Publishing still waits for every verified blob (install_image), so a
     killed pull leaves what a killed download or conversion leaves: a partial blob to resume
     and a conversion directory that the next conversion or prune removes. When the flattener
     fails, the download's own failure (a digest mismatch, an unreachable registry) is what
@@ -476,6 +478,13 @@ class _FollowedBlob:
         self.size = downloads.sizes.get(digest, -1)
         self.complete = False
         self._closing = False
+        #: The bytes the pump passed on (and more, when the flattener stopped reading midway)
+        #: and their hash: the beginning of the partial file as it read it.
+        self._hasher = digest.hasher()
+        self._hashed = 0
+        #: Whether the pump ended the stream itself (download over, started over or cut)
+        #: rather than the flattener leaving first.
+        self._ended_alone = False
         self._read_end: object = None
         self._thread: threading.Thread | None = None
 
@@ -521,11 +530,11 @@ class _FollowedBlob:
 
     def _pump(self, fd: int, write_fd: int) -> None:
         downloads, size = self.downloads, self.size
-        hasher = self.digest.hasher()
-        offset = 0
+        hasher = self._hasher
         buffer = bytearray(_BLOB_CHUNK_BYTES)  # read into again and again: peak memory stays flat
         try:
-            while offset < size and not self._closing:
+            while self._hashed < size and not self._closing:
+                offset = self._hashed
                 available = os.fstat(fd).st_size
                 if available < offset:
                     return  # truncated: the download started over
@@ -542,13 +551,15 @@ class _FollowedBlob:
                     return  # the file shrank meanwhile: the download started over
                 view = memoryview(buffer)[:count]
                 hasher.update(view)
+                self._hashed += count  # before the pipe: what the flattener can see is hashed
                 while view:
                     view = view[os.write(write_fd, view):]
-                offset += count
-            self.complete = offset == size and hasher.hexdigest() == self.digest.hex
+            self.complete = self._hashed == size and hasher.hexdigest() == self.digest.hex
         except OSError:
             return  # the flattener stopped reading (a broken pipe), or the file went away
         finally:
+            # Before the pipe ends: a flattener that sees its end saw the pump stop on its own.
+            self._ended_alone = not self._closing
             os.close(write_fd)
             os.close(fd)
 
@@ -566,10 +577,33 @@ class _FollowedBlob:
             # The download's failure explains a cut or corrupt stream better than the
             # flattener can; it raises here if there was one.
             self.downloads.wait_for(self.digest)
+            if not self.complete and not self._ended_alone and self._read_the_verified_blob():
+                return  # the flattener's failure (a refused entry) is the verified blob's
         if not self.complete:
             from berth.image.flatten import StreamUnusable
 
             raise StreamUnusable(self.digest)
+
+    def _read_the_verified_blob(self) -> bool:
+        """Whether what the flattener read before it stopped is the beginning of the verified
+        blob, now stored: the bytes the pump hashed hash the same in the stored blob. Then a
+        refusal (a hostile entry, corrupt data) holds for the blob, and converting the stored
+        blob again would only refuse it again, after reading it all once more. Not so when
+        the pump ended the stream (the flattener then saw a cut layer, not the blob's) or
+        the download started over with other bytes (the hashes differ)."""
+        hasher = self.digest.hasher()
+        remaining = self._hashed
+        try:
+            with open(self.downloads.store.blob_path(self.digest), "rb", buffering=0) as blob:
+                while remaining:
+                    chunk = blob.read(min(remaining, _BLOB_CHUNK_BYTES))
+                    if not chunk:
+                        return False
+                    hasher.update(chunk)
+                    remaining -= len(chunk)
+        except OSError:
+            return False
+        return hasher.digest() == self._hasher.digest()
 
 
 def _ends_the_pull(exc: BaseException | None) -> bool:
