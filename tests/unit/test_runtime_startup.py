@@ -123,11 +123,13 @@ EXECUTION_MODULES = ("berth.runtime.state", "berth.runtime.imagemount", "berth.r
 #: ms: fsutil.remove_tree and proc.find_program need none of it), argparse (with gettext, via
 #: berth.runtime.options' is_container_name), the planning modules (plan, spec, policy,
 #: options, settings: a cached plan is made already), and what only rare paths need (the
-#: runtime probe's tempfile, node-local copies, host checks of error messages).
+#: runtime probe's tempfile, node-local copies, host checks of error messages, the overlay's
+#: mount points).
 NOT_ON_EXECUTION_PATH = (*NOT_ON_RUN_PATH, "subprocess", "threading", "selectors", "shutil", "bz2", "lzma",
                          "argparse", "gettext", "berth.runtime.plan", "berth.runtime.spec", "berth.runtime.policy",
                          "berth.runtime.options", "berth.config.settings", "berth.config.load",
-                         "berth.runtime.localcopy", "berth.runtime.hostcheck", "urllib.parse", "ipaddress")
+                         "berth.runtime.localcopy", "berth.runtime.hostcheck", "berth.runtime.rootfs",
+                         "urllib.parse", "ipaddress")
 
 
 def test_the_execution_half_of_a_run_imports_only_what_it_uses(tmp_path):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from berth.errors import InsufficientSpace, RuntimeFailure
-from berth.runtime import fuse, rootfs
+from berth.runtime import fuse
 from berth.runtime.state import ContainerState
 
 TYPE_CHECKING = False
@@ -98,6 +98,8 @@ def mount_overlay(plan: ContainerPlan, container: ContainerState) -> fuse.FuseMo
     """The overlay over the image at the container's ``rootfs``, with the plan's missing
     mount points created first in its upper directory: fuse-overlayfs, or None when the plan's
     is the kernel's (the runtime mounts it, and it goes with the container's namespaces)."""
+    from berth.runtime import rootfs  # only runs that need an overlay (issue 10: start-up time)
+
     container.upper.mkdir(mode=0o755)
     container.work.mkdir(mode=0o700)
     rootfs.create_mount_points(str(container.upper), list(plan.mount_points))
