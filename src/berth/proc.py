@@ -189,7 +189,7 @@ def run(
     if input is None and stdin is None:
         stdin = DEVNULL
     name = what or os.path.basename(argv[0])
-    if input is None and _spawnable(cwd):
+    if input is None and stdin != PIPE and _spawnable(cwd):
         result, timed_out = _run_spawned(argv, env, stdin, stdout, stderr, cwd, timeout)
     else:
         result, timed_out = _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout)

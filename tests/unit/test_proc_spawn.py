@@ -90,6 +90,11 @@ def test_child_wait_times_out_like_popen_and_wait_or_kill_ends_it():
     assert proc.wait_or_kill(quick, 10) == 0
 
 
+def test_run_with_input_or_a_stdin_pipe_still_works():
+    assert proc.run(["/bin/cat"], input=b"fed").stdout == b"fed"
+    assert proc.run(["/bin/cat"], stdin=proc.PIPE).stdout == b""  # an empty pipe, closed at once
+
+
 def test_a_pipe_asked_for_gives_a_popen_with_its_file():
     child = proc.start([PYTHON, "-c", "print('through the pipe')"], stdout=proc.PIPE)
     try:
