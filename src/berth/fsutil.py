@@ -6,7 +6,8 @@ directory and publishes with :func:`publish_file`): the temporary file is create
 the same file system, written, given its final mode (``fchmod``: exact whatever the umask),
 fsynced, renamed over the target, and the directory is fsynced. A symbolic link planted at the
 target or at the temporary name is replaced or refused, never followed. On any failure the
-temporary file is removed and the old content stays.
+temporary file is removed and the old content stays. Writers a kill may cut (staging) ask for an
+unnamed temporary file (``O_TMPFILE``), named only for the rename, so that nothing is left.
 
 Privacy is a parameter, never a default: every caller names the mode it writes (``PRIVATE_FILE``
 for what belongs to one user, ``PUBLIC_FILE`` for site files every user reads; docs/security.md).
@@ -128,7 +129,7 @@ def _beneath_error(exc: OSError, path: str) -> OSError:
 
 @contextmanager
 def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = None,
-                  nofollow_dir: bool = False, durable: bool = True) -> Iterator[BinaryIO]:
+                  nofollow_dir: bool = False, durable: bool = True, unnamed: bool = False) -> Iterator[BinaryIO]:
     """Yield a binary file; when the block ends without an exception its content atomically
     replaces ``path`` (see the module docstring). On an exception nothing changes.
 
@@ -138,13 +139,17 @@ def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = No
     stages in its tmp/ so that prune finds crash leftovers); default: ``path``'s directory.
     ``nofollow_dir``: refuse a ``path.parent`` that is itself a symbolic link (directories a
     container can change). ``durable=False`` skips the fsyncs (files that do not outlive the
-    node's uptime, such as a running container's state on a tmpfs). Raises OSError.
+    node's uptime, such as a running container's state on a tmpfs). ``unnamed``: the temporary
+    file has no name while it is written (``O_TMPFILE``), and gets one only for the rename: a
+    process killed meanwhile (a stage-in cut by the job's end) leaves nothing behind, where a
+    named one stayed as ``.NAME.RANDOM.tmp``; on a file system without ``O_TMPFILE`` (NFS,
+    FUSE...) it is the named one. Raises OSError.
     """
     directory = open_directory(path.parent, nofollow=nofollow_dir)
     try:
         staging = directory if staging_dir is None else open_directory(staging_dir)
         try:
-            with _replacing(directory, staging, path.name, mode, durable=durable) as handle:
+            with _replacing(directory, staging, path.name, mode, durable=durable, unnamed=unnamed) as handle:
                 yield handle
         finally:
             if staging != directory:
@@ -154,16 +159,23 @@ def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = No
 
 
 @contextmanager
-def _replacing(directory: int, staging: int, name: str, mode: int | None, *, durable: bool) -> Iterator[BinaryIO]:
+def _replacing(directory: int, staging: int, name: str, mode: int | None, *, durable: bool,
+               unnamed: bool = False) -> Iterator[BinaryIO]:
     """The one atomic replacement (module docstring): a temporary file in ``staging`` that,
     when the block ends without an exception, is flushed (fsynced if ``durable``) and renamed
-    over ``name`` in ``directory``, whose rename is then made durable too."""
-    with _staged(staging, name, mode) as (handle, temporary):
+    over ``name`` in ``directory``, whose rename is then made durable too. ``unnamed``: see
+    :func:`atomic_writer`; the file is linked under a temporary name just before the rename."""
+    with _staged(staging, name, mode, unnamed=unnamed) as staged:
+        handle = staged[0]
         yield handle
         handle.flush()
         if durable:
             os.fsync(handle.fileno())
-        os.replace(temporary, name, src_dir_fd=staging, dst_dir_fd=directory)
+        if staged[1] is None:  # unnamed until now
+            temporary = _temporary_name(name)
+            os.link(descriptor_path(handle.fileno()), temporary, dst_dir_fd=staging)  # linkat, following /proc's link
+            staged[1] = temporary  # removed by _staged should the rename fail
+        os.replace(staged[1], name, src_dir_fd=staging, dst_dir_fd=directory)
     if durable:
         os.fsync(directory)
 
@@ -180,21 +192,34 @@ def _temporary_name(name: str) -> str:
 
 
 @contextmanager
-def _staged(directory: int, name: str, mode: int | None) -> Iterator[tuple[BinaryIO, str]]:
-    """A new exclusive temporary file in ``directory``; removed unless the block renamed it."""
-    temporary = _temporary_name(name)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o666 if mode is None else 0o600, dir_fd=directory)
+def _staged(directory: int, name: str, mode: int | None, *, unnamed: bool = False) -> Iterator[list]:
+    """A new temporary file in ``directory``, as ``[handle, its name]``: exclusive under a new
+    name, or without one (None) with ``unnamed`` where the file system can (``O_TMPFILE``); the
+    caller that links it sets the name it gave. Removed unless the block renamed it."""
+    create = 0o666 if mode is None else 0o600
+    fd = -1
+    if unnamed:
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, create, dir_fd=directory)
+        except OSError as exc:  # not supported there (EISDIR: a kernel that predates it)
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    staged: list = [None, None if fd >= 0 else _temporary_name(name)]
+    if fd < 0:
+        fd = os.open(staged[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     create, dir_fd=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
-            yield handle, temporary
+            staged[0] = handle
+            yield staged
     except BaseException:
-        try:
-            os.unlink(temporary, dir_fd=directory)
-        except FileNotFoundError:
-            pass
+        if staged[1] is not None:
+            try:
+                os.unlink(staged[1], dir_fd=directory)
+            except FileNotFoundError:
+                pass
         raise
 
 

@@ -240,6 +240,8 @@ def test_a_stop_signal_during_berth_stage_removes_the_partial_file(user, user_tm
     import signal
     import threading
 
+    from tests.harness.procfiles import bytes_written_in
+
     release = threading.Event()
 
     class Slow(http.server.BaseHTTPRequestHandler):
@@ -265,7 +267,7 @@ def test_a_stop_signal_during_berth_stage_removes_the_partial_file(user, user_tm
                                      cwd=str(user_tmp), stdin=subprocess.DEVNULL, stdout=output, stderr=output)
             try:
                 deadline = time.monotonic() + 60
-                while not (dest.is_dir() and any(p.stat().st_size > 0 for p in dest.iterdir())):
+                while not (bytes_written_in(child.pid, dest) or 0):  # the download's file, unnamed
                     assert child.poll() is None and time.monotonic() < deadline, output.read()
                     time.sleep(0.05)
                 child.send_signal(signal.SIGTERM)

@@ -66,6 +66,39 @@ def test_streaming_writer_publishes_only_on_success(tmp_path):
     assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
+@pytest.mark.parametrize("tmpfile", ["supported", "not supported"])
+def test_an_unnamed_writer_has_no_name_until_it_is_renamed_and_falls_back_to_one(tmp_path, monkeypatch, tmpfile):
+    """atomic_writer(unnamed=True) (staging): nothing of the file is in the directory while it
+    is written (O_TMPFILE), it is named only for the rename, with its mode, and a failure at the
+    rename leaves nothing; where the file system has no O_TMPFILE, the named temporary file."""
+    from berth.fsutil import atomic_writer
+
+    real_open, real_replace = os.open, os.replace
+    if tmpfile == "not supported":
+        def no_tmpfile(path, flags, *args, **kwargs):
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(95, "Operation not supported")
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    target = tmp_path / "data.bin"
+    with atomic_writer(target, mode=0o640, unnamed=True) as out:
+        out.write(b"new")
+        out.flush()
+        during = os.listdir(tmp_path)
+    assert during == ([] if tmpfile == "supported" else [during[0]]) and target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640 and os.listdir(tmp_path) == ["data.bin"]
+
+    def failing_replace(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        with atomic_writer(target, mode=0o640, unnamed=True) as out:
+            out.write(b"newer")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert os.listdir(tmp_path) == ["data.bin"] and target.read_bytes() == b"new"
+
+
 def test_mode_none_creates_as_open_would_under_the_umask(tmp_path):
     old_umask = os.umask(0o027)
     try:

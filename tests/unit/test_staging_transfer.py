@@ -880,6 +880,66 @@ def test_host_copies_and_https_sources_are_on_disk_before_their_names(tmp_path, 
     assert (tmp_path / "in" / "obj.txt").read_bytes() == b"ok"
 
 
+KILLED_STAGE_IN = """\
+import sys
+from berth.staging import transfer
+from berth.staging.locations import parse_transfer
+from berth.staging.profiles import S3Profile
+profile = S3Profile("p", endpoint="http://127.0.0.1:9", access_key="A", secret_key="S")
+transfer.stage_in((parse_transfer(sys.argv[1] + ":in/", "in"),), profile, sys.argv[2])
+"""
+
+
+def test_a_stage_in_killed_while_it_downloads_leaves_no_temporary_file(tmp_path):
+    """A stage-in killed with its job (SIGKILL) left its temporary file, ``.NAME.RANDOM.tmp``,
+    in the job's directory, and every later kill another. The file has no name until it is
+    complete (O_TMPFILE, on the file systems that have it: this test's tmp directory)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.harness.procfiles import bytes_written_in
+
+    sent, release = threading.Event(), threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * 65536)
+            self.wfile.flush()
+            sent.set()
+            release.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        os.close(os.open(tmp_path, os.O_TMPFILE | os.O_WRONLY))
+    except OSError as exc:
+        pytest.skip(f"the test's file system has no O_TMPFILE ({exc.strerror}): berth names the file there")
+    job = tmp_path / "job"
+    job.mkdir()
+    with _serving(Stalling) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/d/obj.txt"
+        process = subprocess.Popen([sys.executable, "-c", KILLED_STAGE_IN, url, str(job)])
+        try:
+            deadline = time.monotonic() + 60
+            while not (sent.is_set() and bytes_written_in(process.pid, job / "in") is not None):  # named or not
+                assert time.monotonic() < deadline and process.poll() is None, "the stage-in never wrote"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+        finally:
+            release.set()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert os.listdir(job / "in") == []
+
+
 def stat_mode(path) -> int:
     return os.stat(path).st_mode & 0o7777
 

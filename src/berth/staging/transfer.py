@@ -11,7 +11,9 @@ pieces that it hashes and writes while the next ones arrive. Imported lazily.
 Rules (issue 7):
 
 - **Downloads** go to a temporary file in the destination's directory (``fsutil.atomic_writer``,
-  the one atomic write, like every file staging writes) and are renamed only after the size and
+  the one atomic write, like every file staging writes; unnamed until the rename where the file
+  system allows, so that a stage-in killed with its job leaves no ``.NAME.*.tmp`` behind) and
+  are renamed only after the size and
   the ETag were verified: a plain ETag is the object's MD5, hashed as
   the body arrives; an object from ``multipart_threshold`` on is fetched in parallel ranged GETs
   (``If-Match`` its ETag) cut at its own part boundaries (the part size inferred from the size
@@ -750,7 +752,7 @@ class _Runner:
         try:
             # mode None: what open() would create, as for copies and https sources; durable:
             # the module docstring says why.
-            with fsutil.atomic_writer(Path(final), mode=None) as out:
+            with fsutil.atomic_writer(Path(final), mode=None, unnamed=True) as out:
                 fd = out.fileno()  # written with os.write/pwrite only: the buffer stays empty
                 if get.size >= self.profile.multipart_threshold:
                     with self.large:
@@ -962,7 +964,7 @@ class _Runner:
         except FileNotFoundError:
             pass
         os.set_blocking(source.fileno(), True)
-        with fsutil.atomic_writer(Path(final), mode=None) as out:  # durable: the module docstring says why
+        with fsutil.atomic_writer(Path(final), mode=None, unnamed=True) as out:  # durable: the module docstring says why
             # As cp: no permission the source lacks (a private result stays private), set before
             # any byte is in the file.
             created = stat.S_IMODE(os.fstat(out.fileno()).st_mode)
@@ -1017,7 +1019,7 @@ class _Runner:
                     raise StagingError(f"--stage-in '{shown}': the server answered HTTP {response.status}")
                 expected = response.headers.get("Content-Length")
                 size = 0
-                with fsutil.atomic_writer(Path(path), mode=None) as out:  # durable, as every staged file
+                with fsutil.atomic_writer(Path(path), mode=None, unnamed=True) as out:  # durable, as every staged file
                     for chunk in response.stream(_READ_CHUNK):
                         out.write(chunk)
                         size += len(chunk)
