@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from berth.config.templates import Template
 from berth.errors import UsageError
+from berth.jobs.api import apply_template
 from berth.jobs.model import JobSpec, Resources
 from berth.jobs.records import JobRecord
 from berth.jobs.slurm import batch_script, sbatch_argv
@@ -21,15 +23,19 @@ PYTHON = "/opt/berth/venv/bin/python"
 RECORD = JobRecord(Path("/home/alice/.local/state/berth/jobs/42"))
 
 
+MPI = Template(name="mpi", image="registry.site/hpc/lammps:2024", image_digest="sha256:" + "ab" * 32, cpu=4,
+               memsz_bytes=8 << 30, gpu=1, boot_timeout_s=120, stop_timeout_s=30)
+
+
 def template_job(**resources) -> JobSpec:
-    """A job of template 'mpi' (cpu=4, memsz=8G, gpu=1) on 2 nodes for 90 minutes."""
-    values = dict(nodes=2, ntasks_per_node=2, cpus_per_task=4, memory_bytes=8 << 30, gpus=1, time_limit_s=5400,
-                  partition="batch", exclusive=True)
-    values.update(resources)
+    """A job of template 'mpi' (cpu=4, memsz=8G, gpu=1) on 2 nodes for 90 minutes, with the
+    resources `berth submit` gives it (apply_template: what the user asked, the template's
+    for the rest), so that the golden file shows a submission berth really makes."""
+    asked = Resources(**{"nodes": 2, "ntasks_per_node": 2, "time_limit_s": 5400, "partition": "batch", **resources})
     return JobSpec(
         id="42", backend="slurm", name="lammps", script=str(RECORD.script), script_source="/home/alice/run.sh",
-        args=("in.lj",), workdir="/scratch/alice/run1", image="registry.site/hpc/lammps:2024@sha256:" + "ab" * 32,
-        template="mpi", resources=Resources(**values), output="/scratch/alice/run1/lammps-42.out",
+        args=("in.lj",), workdir="/scratch/alice/run1", image=MPI.pinned_reference,
+        template="mpi", resources=apply_template(asked, MPI), output="/scratch/alice/run1/lammps-42.out",
         error="/scratch/alice/run1/lammps-42.err", boot_timeout_s=120, stop_timeout_s=30,
         scheduler_options=("--account=chem", "--qos=high", "--mail-type=END,FAIL", "--begin=now+1hour"),
         comment="run 1 of 3",
@@ -62,6 +68,14 @@ def test_generated_script_matches_golden(name):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(generated)
     assert generated == path.read_text()
+
+
+def test_exclusive_reaches_sbatch_for_a_job_without_template():
+    """--exclusive (refused with a template: apply_template) is sbatch's own for other jobs."""
+    spec = minimal_job()
+    spec = JobSpec(**{**spec.__dict__, "resources": Resources(nodes=2, exclusive=True)})
+    argv = sbatch_argv(spec, JobRecord(Path("/home/bob/.local/state/berth/jobs/7")))
+    assert argv[argv.index("--nodes=2") + 1] == "--exclusive"
 
 
 def test_values_with_spaces_reach_sbatch_as_one_word():
