@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -371,6 +372,54 @@ def test_tar2sqfs_write_error_is_a_full_store_not_a_flattener_bug(tmp_path):
     error = writer._failure(1, "data/big.bin: I/O error.")
     assert isinstance(error, StoreError) and "no space left" in error.message
     assert "prune" in error.hint
+
+
+def _write_pausing(writer, until) -> None:
+    """A tar stream of a few files into ``writer`` (a SquashfsWriter), pausing halfway until
+    ``until()`` is true (30 s at most: a loaded machine)."""
+    data = layer_tar([f(f"file{n}", os.urandom(200_000)) for n in range(8)])
+    os.write(writer.stdin_fd, data[:len(data) // 2])
+    deadline = time.monotonic() + 30
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.write(writer.stdin_fd, data[len(data) // 2:])
+
+
+def test_what_tar2sqfs_wrote_is_made_durable_while_it_writes(tmp_path, monkeypatch):
+    # Issue 10, target 4: the store's fsync before publishing found the whole image to write;
+    # the writer fdatasyncs the output while tar2sqfs runs, so that one finds little left.
+    from berth.image import squashfs
+
+    output = tmp_path / "image.sqfs"
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(squashfs.os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd)))
+    with squashfs.SquashfsWriter(output) as writer:
+        _write_pausing(writer, lambda: synced)
+        assert synced, "nothing was synced while tar2sqfs wrote"
+        writer.finish()
+    assert set(synced) == {output.stat().st_ino}
+    assert not writer._writeback.is_alive()
+
+
+def test_a_failed_writeback_fails_the_conversion(tmp_path, monkeypatch):
+    # Once an fsync has reported a write error, a later fsync of the file may not report it
+    # again: the writer itself must fail, and leave no image to publish.
+    import errno
+
+    from berth.image import squashfs
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(squashfs.os, "fdatasync", failing)
+    output = tmp_path / "image.sqfs"
+    with pytest.raises(StoreError) as raised:
+        with squashfs.SquashfsWriter(output) as writer:
+            _write_pausing(writer, lambda: writer._writeback_error is not None)
+            writer.finish()
+    assert "Input/output error" in raised.value.message and str(output) in raised.value.message
+    assert not output.exists()
 
 
 # --- inputs and options -----------------------------------------------------------------------------
