@@ -248,8 +248,8 @@ def repair_lz4_tables(path: Path) -> int:
                 image.write(struct.pack("<H", _UNCOMPRESSED_BIT | expected) + data)
                 repaired += 1
         # No fsync here: the output is a temporary file, and the store fsyncs it (while it
-        # hashes it) before publishing (Store.publish_image); a second fsync cost ~0.1 s of
-        # journal commit on every pull (issue 10, target 4).
+        # hashes it) before publishing (Store.publish_image); a second fsync cost ~0.1 s on
+        # every pull (issue 10, target 4).
     return repaired
 
 

@@ -743,9 +743,10 @@ def _unlink_quietly(path: Path) -> None:
 def hash_file(path: os.PathLike | str, algorithm: str = "sha256", *, sync: bool = False) -> tuple[Digest, int]:
     """(digest, size) of the file at ``path``, read in chunks (SHA-256 unless ``algorithm``
     says): the one file hash of the store and of ``berth store verify``. With ``sync``, the file is also fsynced, in a
-    thread while it is hashed: both release the GIL, and the fsync of a fresh image (mostly a
-    journal commit, ~0.1 s on the test machine whatever the size) and its hash (~0.08 s for
-    116 MB) then cost the longer of the two instead of their sum (issue 10, target 4;
+    thread while it is hashed: both release the GIL, and the fsync of a fresh image (what is
+    left to write and the device's cache flush; SquashfsWriter writes most of it back while
+    tar2sqfs runs) and its hash (~0.08 s for 116 MB) then cost the longer of the two instead
+    of their sum (issue 10, target 4;
     bench/RESULTS.md "Pull + convert, the Python pass and the durability overlap").
     Raises the fsync's OSError after the hash."""
     hasher = new_hasher(algorithm)
