@@ -842,3 +842,42 @@ def test_job_container_cannot_make_the_next_runner_truncate_host_files(job_site,
         assert victim.read_text() == "precious\n"
     finally:
         shutil.rmtree(jobs_dir, ignore_errors=True)
+
+
+def test_a_container_that_rewrites_its_bundle_does_not_weaken_berth_exec(runtime_env, runtime_images, user):
+    """berth-launcher exec took the namespaces, no_new_privs and seccomp rule of the exec'd
+    process from the bundle's config.json, in berth's state directory: a container that could
+    reach it (here a -v of the state directory; a -v of /tmp does it where the state is
+    /tmp/berth-UID) rewrote it, and the user's next berth exec ran on the host's network without
+    the keyring rule. The exec'd process now joins every namespace the container's init is in and
+    gets the rule and no_new_privs the init has."""
+    runtime_env.extra_env["BERTH_RUNTIME"] = "launcher"  # runc exec reads runc's own state file
+    evil = runtime_env.scratch / "evil"
+    evil.mkdir(mode=0o755)
+    os.chown(evil, user.uid, user.gid)
+    process = runtime_env.popen(
+        "run", "--name", "victim", "--network", "none", "-v", f"{runtime_env.state_dir}:/state",
+        "-v", f"{evil}:/evil:ro", str(runtime_images.busybox), "sh", "-c",
+        "echo ready; while [ ! -e /evil/config.json ]; do sleep 0.05; done; "
+        "for f in /state/containers/*/bundle/config.json; do cat /evil/config.json > $f && echo tampered; done; "
+        "exec sleep 61")
+    try:
+        wait_for_line(process, "ready")
+        [container_id] = runtime_env.containers()
+        config = json.loads((runtime_env.state_dir / "containers" / container_id / "bundle" / "config.json").read_text())
+        del config["linux"]["seccomp"]
+        config["process"]["noNewPrivileges"] = False
+        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+        (evil / "config.tmp").write_text(json.dumps(config))
+        os.chmod(evil / "config.tmp", 0o644)
+        os.rename(evil / "config.tmp", evil / "config.json")
+        wait_for_line(process, "tampered")
+        result = runtime_env.berth("exec", "victim", "sh", "-c",
+                                   "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; cat /proc/net/dev")
+        assert result.returncode == 0, describe(result)
+        assert "Seccomp:\t2" in result.stdout and "NoNewPrivs:\t1" in result.stdout, describe(result)
+        interfaces = [line.split(":")[0].strip() for line in result.stdout.splitlines()
+                      if ":" in line and not line.startswith(("Seccomp", "NoNewPrivs"))]
+        assert interfaces == ["lo"], describe(result)  # --network none's: not the host's
+    finally:
+        stop(process)

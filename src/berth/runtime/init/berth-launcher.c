@@ -1526,26 +1526,46 @@ static int status_of(int wait_status)
     return WEXITSTATUS(wait_status);
 }
 
+/* /proc/PID/status into ``text`` (NUL-terminated): 0, or -1 when it cannot be read (gone). */
+static int read_status(long pid, char *text, size_t size)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/status", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, text, size - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    text[n] = 0;
+    return 0;
+}
+
+/* The number of the line "NAME:\tVALUE" of a /proc/PID/status text, in ``base``: 0, or -1 when
+ * there is no such line. */
+static int status_number(const char *text, const char *name, int base, unsigned long long *value)
+{
+    char key[32];
+    snprintf(key, sizeof key, "\n%s:", name);
+    const char *line = strstr(text, key);
+    if (!line)
+        return -1;
+    *value = strtoull(line + strlen(key), NULL, base);
+    return 0;
+}
+
 /* Whether ``pid`` blocks or catches ``sig`` (/proc/PID/status SigBlk, SigCgt); also 1 when it
  * cannot be told (gone, or no such lines): then there is nothing to wait for.  (A process in
  * sigtimedwait shows its waited-for signals unblocked: berth-init catches them too.) */
 static int takes_signal(pid_t pid, int sig)
 {
-    char path[64], text[4096];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    char text[4096];
+    unsigned long long blocked, caught;
+    if (read_status(pid, text, sizeof text) != 0 || status_number(text, "SigBlk", 16, &blocked) != 0
+        || status_number(text, "SigCgt", 16, &caught) != 0)
         return 1;
-    ssize_t n = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (n <= 0)
-        return 1;
-    text[n] = 0;
-    const char *blocked = strstr(text, "\nSigBlk:"), *caught = strstr(text, "\nSigCgt:");
-    if (!blocked || !caught)
-        return 1;
-    unsigned long long mask = strtoull(blocked + 8, NULL, 16) | strtoull(caught + 8, NULL, 16);
-    return (mask >> (sig - 1)) & 1;
+    return ((blocked | caught) >> (sig - 1)) & 1;
 }
 
 /* A pid namespace's init gets no signal that it leaves at SIG_DFL: the kernel drops it, even
@@ -1841,23 +1861,50 @@ static int command_exec(const char *id, const char *cwd, char **extra_env, size_
         int flag;
     } kinds[] = {{"user", CLONE_NEWUSER}, {"ipc", CLONE_NEWIPC}, {"uts", CLONE_NEWUTS}, {"net", CLONE_NEWNET},
                  {"cgroup", CLONE_NEWCGROUP}, {"pid", CLONE_NEWPID}, {"mnt", CLONE_NEWNS}};
+    /* The bundle lies outside --root, where a container that can reach berth's state directory
+     * (a -v of a directory above it) can rewrite its config.json: one without the network
+     * namespace or the keyring rule put the exec'd process on the host's network, or let it
+     * read the host user's keys.  So the exec'd process also joins every other namespace in
+     * which the container's init is not where the launcher is and that it may enter (the
+     * container's own are its user namespace's; one the init got from where its launcher ran,
+     * a node's network namespace say, is left as before), and gets no_new_privs and the keyring
+     * rule when the init has them (the launcher gives no other seccomp profile). */
     int fds[7];
-    char path[64];
+    char path[64], own[64];
     for (int i = 0; i < 7; i++) {
-        fds[i] = -1;
-        if (!(cfg.clone_flags & kinds[i].flag))
-            continue;
         snprintf(path, sizeof path, "/proc/%ld/ns/%s", st.pid, kinds[i].name);
         fds[i] = open(path, O_RDONLY | O_CLOEXEC);
-        if (fds[i] < 0)
+        if (fds[i] < 0) {
+            if (errno == ENOENT && !(cfg.clone_flags & kinds[i].flag)) /* a kernel without that kind */
+                continue;
             fail("cannot open %s: %s", path, error_text(errno));
+        }
+        snprintf(own, sizeof own, "/proc/self/ns/%s", kinds[i].name);
+        struct stat theirs, ours;
+        if (fstat(fds[i], &theirs) != 0 || stat(own, &ours) != 0)
+            fail("cannot compare the container's %s namespace with the launcher's: %s", kinds[i].name,
+                 error_text(errno));
+        if (theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino) {
+            close(fds[i]);
+            fds[i] = -1;
+        }
     }
+    char status[4096];
+    unsigned long long init_seccomp = 0, init_no_new_privileges = 0;
+    if (read_status(st.pid, status, sizeof status) != 0)
+        fail("container not running: %s", id);
+    status_number(status, "Seccomp", 10, &init_seccomp);
+    status_number(status, "NoNewPrivs", 10, &init_no_new_privileges);
     snprintf(path, sizeof path, "/proc/%ld/root", st.pid);
     int root_fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (root_fd < 0 || !state_running(&st)) /* the pid still the container's after the opens */
         fail("container not running: %s", id);
+    if (init_seccomp)
+        cfg.deny_keyring = 1;
+    if (init_seccomp || init_no_new_privileges)
+        cfg.no_new_privileges = 1;
     for (int i = 0; i < 7; i++)
-        if (fds[i] >= 0 && setns(fds[i], kinds[i].flag) != 0)
+        if (fds[i] >= 0 && setns(fds[i], kinds[i].flag) != 0 && (cfg.clone_flags & kinds[i].flag))
             fail("cannot join the container's %s namespace: %s", kinds[i].name, error_text(errno));
     if (fchdir(root_fd) != 0 || chroot(".") != 0)
         fail("cannot enter the container's root: %s", error_text(errno));
