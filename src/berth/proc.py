@@ -133,8 +133,22 @@ def berth_argv(*args: str, python: str | None = None, isolated: bool = False) ->
     imports (``argparse.py``) would run instead, and each of a start's ~70 imports would look
     there first. ``isolated`` (``-I``, which implies ``-P``): no PYTHONPATH or user site either,
     for the commands a job's container asks the host for (berth.jobs.agent), whose environment
-    the container helps make."""
-    return [python or sys.executable, "-I" if isolated else "-P", "-m", "berth", *args]
+    the container helps make -- but the user site stays (``-E -P``) when berth itself is
+    installed there (``pip install --user``): ``-I`` hid berth from itself ("No module named
+    berth"), and what could change that directory (the container, through the user's home)
+    could change berth's own files in it anyway."""
+    if not isolated:
+        return [python or sys.executable, "-P", "-m", "berth", *args]
+    return [python or sys.executable, *(("-E", "-P") if _in_user_site() else ("-I",)), "-m", "berth", *args]
+
+
+def _in_user_site() -> bool:
+    """Whether this berth is imported from the user's site-packages (``pip install --user``)."""
+    import site
+
+    user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    return bool(user_site) and here == os.path.realpath(user_site)
 
 
 def child_env(extra: Mapping[str, str] | None = None, *, inherit: bool = True) -> dict[str, str]:

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def installed_venv() -> Path:
-    """A fresh venv with berth installed from a wheel (no editable link to the repository)."""
+def built_wheel() -> Path:
+    """berth's wheel, built from the repository (a directory every user can read)."""
     work = Path(tempfile.mkdtemp(prefix="berth-install-", dir="/var/tmp"))
     try:
         wheels = work / "wheels"
@@ -28,6 +28,18 @@ def installed_venv() -> Path:
                        check=True, capture_output=True, text=True, cwd=work)
         [wheel] = wheels.glob("berth-*.whl")
         assert wheel.name.endswith("-py3-none-linux_x86_64.whl") or "-py3-none-linux_" in wheel.name, wheel
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        yield wheel
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def installed_venv(built_wheel) -> Path:
+    """A fresh venv with berth installed from a wheel (no editable link to the repository)."""
+    wheel = built_wheel
+    work = Path(tempfile.mkdtemp(prefix="berth-install-", dir="/var/tmp"))
+    try:
         venv = work / "venv"
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, capture_output=True)
         subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True,
@@ -106,3 +118,25 @@ def test_a_second_installation_with_a_broken_init_does_not_poison_the_working_on
     assert broken.returncode == 125, describe(broken)
     assert f"berth-init ({installed_init(installed_venv)}) did not start" in broken.stderr, describe(broken)
     assert "must be a static executable" in broken.stderr and "libc6-dev" in broken.stderr, describe(broken)
+
+
+def test_a_berth_installed_with_pip_user_runs_a_jobs_host_steps(built_wheel, user):
+    """The step agent ran the host's berth as `python -I -m berth`: -I drops the user site,
+    where `pip install --user` puts berth, and every `berth run` or `berth srun` a job asked
+    the host for failed with "No module named berth". Installed for real here, as the user,
+    into a home of its own (a HOME that is not the passwd one)."""
+    home = user.tempdir("berth-user-site-")
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1"}
+    # --no-deps: berth --version needs none of them, and no package index is at hand.
+    installed = user.run(["/usr/bin/python3", "-m", "pip", "install", "-q", "--user", "--no-deps",
+                          "--break-system-packages", str(built_wheel)], env=env, cwd=str(home))
+    assert installed.returncode == 0, describe(installed)
+    try:
+        step = user.run(["/usr/bin/python3", "-c",
+                         "import subprocess, sys; from berth.jobs.agent import host_command; "
+                         "sys.exit(subprocess.call(host_command('berth', ['--version'])))"], env=env, cwd="/")
+        assert step.returncode == 0 and step.stdout.startswith("berth "), describe(step)
+        assert "/.local/lib/" in user.run(["/usr/bin/python3", "-c", "import berth; print(berth.__file__)"],
+                                          env=env, cwd="/").stdout  # the user site's, not the test venv's
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

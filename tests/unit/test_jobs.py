@@ -451,6 +451,29 @@ def test_host_commands_never_come_from_the_request():
         assert host_command("srun", ["-n1"]) == [proc.find_program("srun"), "-n1"]
 
 
+def test_a_berth_installed_in_the_user_site_keeps_it_on_its_host_commands_path(monkeypatch, tmp_path):
+    """`python -I` drops the user site, where `pip install --user` puts berth: the step agent's
+    host berth could not import itself. There (and only there) it runs with -E -P, which keep
+    the user site (tests/integration/test_install.py installs one for real)."""
+    import site
+    import sys
+    from pathlib import Path
+
+    from berth import proc
+    from berth.jobs.agent import host_command
+
+    here = str(Path(proc.__file__).resolve().parent.parent)
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", True)
+    monkeypatch.setattr(site, "getusersitepackages", lambda: here)
+    assert host_command("berth", ["run", "x"]) == [sys.executable, "-E", "-P", "-m", "berth", "run", "x"]
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", False)  # -s, or another user's process
+    assert host_command("berth", ["run", "x"])[1:3] == ["-I", "-m"]
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", True)
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path))  # berth elsewhere
+    assert host_command("berth", ["run", "x"])[1:3] == ["-I", "-m"]
+    assert proc.berth_argv("x")[1:3] == ["-P", "-m"]
+
+
 def test_a_request_directory_swapped_for_a_link_is_neither_read_nor_written(tmp_path):
     """The agent opens the request once without following a link: a request replaced by a
     link to another directory after the scan gets nothing written there."""

@@ -23,7 +23,7 @@ The request is written by the container, which runs the image's code: the host c
 host's environment plus only the variables of :func:`step_environment`'s allow-list (never one
 that makes a host program load code or configuration: ``LD_*``, ``PYTHON*``, ``BASH_ENV``,
 ``BERTH_CONFIG_DIR``...), ``berth`` is this interpreter in isolated mode (``python -I -m
-berth``) and ``srun`` is found on the host's PATH, and no file of the request is read or
+berth``; ``-E -P`` for a berth installed in the user site: :func:`berth.proc.berth_argv`) and ``srun`` is found on the host's PATH, and no file of the request is read or
 written through a link (the request directory itself is opened once, before the container
 starts, and every request relative to it).
 """
@@ -151,7 +151,8 @@ def step_environment(host_env: dict[str, str], script_env: dict[str, str]) -> di
 def host_command(program: str, args: list[str]) -> list[str]:
     """The host argv for an allowed program: ``berth`` is this interpreter in isolated mode
     (no PYTHONPATH, user site or current directory on ``sys.path``: the container cannot make
-    it import anything), ``srun`` the host's, by absolute path (raises ProgramNotFound)."""
+    it import anything; the user site stays where berth itself is installed, proc.berth_argv),
+    ``srun`` the host's, by absolute path (raises ProgramNotFound)."""
     if program == "berth":
         return proc.berth_argv(*args, isolated=True)
     return [proc.find_program(program), *args]
