@@ -239,9 +239,11 @@ def _run(settings, image, run: Execution, make_plan, wanted: tuple[str, str], st
         phases["mount"] = clock() - started - phases["prepare"]
         if isinstance(lower, fuse.FuseMount):
             info["daemon_pids"].append(lower.process.pid)
-        else:  # shared: not this container's daemon to kill, only its reference to drop
+            container.write_info(info)  # this container's daemon: recorded before anything else can fail
+        else:  # shared: not this container's daemon to kill, only its reference to drop (its holder
+            # lock, which the stale clean-up judges), so it is recorded with the runtime below:
+            # one atomic write less per run (issue 10)
             info["image_mount"] = str(lower.directory)
-        container.write_info(info)
 
         plan = make_plan(materialise.image_root(container, lower), container, limit_plan,
                          materialise.kernel_overlay(lower))
