@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.security
@@ -132,3 +133,29 @@ def test_keyring_syscalls_do_not_reach_the_host_users_keys(runtime_env, runtime_
         assert attempt in result.stdout, describe(result)
     assert "ESCAPED" not in result.stdout, describe(result)
     assert "host after: container key in session absent, in user keyring absent" in result.stdout, describe(result)
+
+
+@BOTH_RUNTIMES
+def test_keyring_calls_are_refused_through_the_x32_and_i386_entries_too(runtime_env, runtime_images):
+    """The keyring rule lists each call's number for every ABI the machine runs: a 64-bit
+    program can still enter the kernel the i386 way (int $0x80, other numbers) or the x32 way,
+    and a filter that knew only the native numbers let those through (both runtimes)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the probe is x86_64 assembly (aarch64's arm32 entry is not probed)")
+    build = runtime_env.scratch / "keyabi"
+    build.mkdir(mode=0o755)
+    source = Path(__file__).parent / "programs" / "keyabi.c"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(build / "keyabi"), str(source)], check=True,
+                   capture_output=True)
+    os.chmod(build / "keyabi", 0o755)
+    host = dict(line.split() for line in runtime_env.user.run([str(build / "keyabi")]).stdout.splitlines())
+    if int(host["i386-getpid"]) <= 0 or int(host["i386-keyctl"]) < 0:
+        pytest.skip(f"this kernel has no working i386 entry for the test user: {host}")
+    result = runtime_env.berth("run", "-v", f"{build}:/probe:ro", str(runtime_images.busybox), "/probe/keyabi")
+    assert result.returncode == 0, describe(result)
+    inside = dict(line.split() for line in result.stdout.splitlines())
+    assert int(inside["i386-getpid"]) > 0, inside  # the entry works inside: only the keyring calls fail
+    eperm = "-1"
+    assert {name: value for name, value in inside.items() if name != "i386-getpid"} == {
+        "native-keyctl": eperm, "x32-keyctl": eperm, "i386-keyctl": eperm, "i386-add_key": eperm,
+        "i386-request_key": eperm}, inside
