@@ -266,3 +266,12 @@ def test_a_run_from_a_kept_plan_imports_no_planning(runtime_env, runtime_images,
     planning = {"argparse", "tomllib", "berth.image.api", "berth.runtime.plan", "berth.runtime.policy",
                 "berth.runtime.options", "berth.runtime.spec", "berth.store.store"}
     assert "berth.runtime.container" in imported and imported & planning == set(), describe(result)
+
+
+def test_a_run_whose_container_could_write_the_plans_keeps_none(runtime_env, runtime_images, site):
+    env = runtime_env
+    result = run(env, site, "-v", f"{env.state_dir.parent}:/outside", str(runtime_images.busybox), "true")
+    assert result.returncode == 0, describe(result)
+    assert f"not kept: the container could write the kept plans through {env.state_dir.parent}" in \
+        result.stderr, describe(result)
+    assert _entries(env) == []

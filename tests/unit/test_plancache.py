@@ -430,3 +430,17 @@ def test_an_entry_whose_settings_are_not_the_current_ones_does_not_run(tmp_path,
     (site / "berth.toml").write_text("plan_cache = true\n")
     lookup = fastrun.look_up(argv, environ)
     assert (lookup.entry, lookup.reason) == (None, "the setting image_mount is not the entry's")
+
+
+def test_a_plan_whose_container_could_write_the_plans_is_named(tmp_path):
+    plans = tmp_path / "home" / "state" / "plans"
+    config = {"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                         {"destination": "/data", "type": "none", "source": str(tmp_path / "data"),
+                          "options": ["rbind", "rw"]}]}
+    assert plancache.exposed(plans, config) is None
+    assert plancache.exposed(plans, config, (str(tmp_path / "home"),)) == str(tmp_path / "home")
+    config["mounts"].append({"destination": "/x", "type": "none", "source": str(tmp_path / "home" / "state"),
+                             "options": ["bind", "ro"]})
+    assert plancache.exposed(plans, config) == str(tmp_path / "home" / "state")
+    assert plancache.exposed(plans, {"mounts": [{"type": "bind", "source": "/"}]}) == "/"
+    assert plancache.exposed(tmp_path / "homework", config, (str(tmp_path / "home"),)) is None
