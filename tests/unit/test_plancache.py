@@ -316,12 +316,13 @@ class _World:
     """A node for the guard: a site file with a mount and a drop-in, a user file, a user store
     with the image, an absent site store, a home, a -v source and an env file."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, store_in_state: bool = False) -> None:
         from tests.unit.test_store import _fake_image
 
         from berth.store.store import USER, Store
 
         site, home, self.state = tmp_path / "site", tmp_path / "home", tmp_path / "state"
+        store_root = self.state / "store" if store_in_state else tmp_path / "store"
         for directory in (site / "conf.d", home / ".config" / "berth", tmp_path / "shared", tmp_path / "data",
                           tmp_path / "image-root" / "etc"):
             directory.mkdir(parents=True)
@@ -332,18 +333,18 @@ class _World:
         (home / ".config" / "berth" / "berth.toml").write_text("pull_retries = 3\n")
         (tmp_path / "vars.env").write_text("A=1\n")
         (tmp_path / "image-root" / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-        store = Store(tmp_path / "store", USER)
+        store = Store(store_root, USER)
         store.require_writable()
         _fake_image(store)
         self.environ = {"PATH": "/usr/bin:/bin", "HOME": str(home), "BERTH_CONFIG_DIR": str(site),
-                        "XDG_CONFIG_HOME": str(home / ".config"), "BERTH_USER_STORE": str(tmp_path / "store"),
+                        "XDG_CONFIG_HOME": str(home / ".config"), "BERTH_USER_STORE": str(store_root),
                         "BERTH_SITE_STORE": str(tmp_path / "site-store"), "BERTH_STATE_DIR": str(self.state),
                         "IMAGE": "example.org/team/app:1"}
         self.options = ["-v", f"{tmp_path}/data:/data", "--env-file", str(tmp_path / "vars.env")]
         self.must_cover = [str(site / "berth.toml"), str(site / "conf.d"), str(site / "conf.d" / "10-deny.toml"),
                            str(home / ".config" / "berth" / "berth.toml"), str(tmp_path / "shared"),
                            str(tmp_path / "data"), str(home), str(tmp_path / "vars.env"), "/etc/passwd",
-                           "/etc/group", str(tmp_path / "site-store")]
+                           "/etc/group", str(tmp_path / "site-store"), str(store_root / "index.json")]
 
 
 def _plan_a_run(tmp_path, environ, argv_options, keeper):
@@ -370,12 +371,14 @@ def _plan_a_run(tmp_path, environ, argv_options, keeper):
     return settings
 
 
-def test_every_file_a_plan_is_made_from_is_a_dependency(tmp_path, monkeypatch):
+@pytest.mark.parametrize("store_in_state", [False, True], ids=["store beside", "store in the state directory"])
+def test_every_file_a_plan_is_made_from_is_a_dependency(tmp_path, monkeypatch, store_in_state):
     """The guard of the module docstring: settings files and drop-ins (present and absent),
     site and -v mount sources, the home directory, env files, the store's records and the
     image file: whatever the planning opens, lists or stats is covered by the kept plan's
-    dependencies (but the image's own files, and Python's)."""
-    world = _World(tmp_path)
+    dependencies (but the image's own files, and Python's), a store kept inside the state
+    directory too (its index was skipped with the whole state directory once)."""
+    world = _World(tmp_path, store_in_state)
     keeper = plancache.Keeper(world.state / "plans", KEY, world.environ, image_argument=world.environ["IMAGE"])
     _plan_a_run(tmp_path, world.environ, world.options, keeper)  # imports done, caches warm
     keeper = plancache.Keeper(world.state / "plans", KEY, world.environ, image_argument=world.environ["IMAGE"])
@@ -386,8 +389,8 @@ def test_every_file_a_plan_is_made_from_is_a_dependency(tmp_path, monkeypatch):
 
     # The image's own files (its SquashFS is a dependency), the state directories (the parse
     # cache keeps only parses of the very bytes read from settings files), Python's own files.
-    ignored = (str(tmp_path / "image-root"), str(world.state), str(parse_cache_dir(world.environ)), sys.prefix,
-               sys.base_prefix)
+    ignored = (str(tmp_path / "image-root"), str(world.state / "containers"), str(parse_cache_dir(world.environ)),
+               sys.prefix, sys.base_prefix)
     missing = sorted(path for path in everything.all() if path not in covered
                      and not any(path == top or path.startswith(top + "/") for top in ignored))
     assert missing == [], "\n".join(missing)

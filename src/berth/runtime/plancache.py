@@ -634,21 +634,25 @@ class Keeper:
 
     def dependencies(self, image_root: str, state_dir: Path) -> Dependencies:
         """What the planning recorded (but the image's own files, read under ``image_root``
-        and covered by its SquashFS file, and the state directories' caches) and the explicit
-        dependencies of the request :meth:`planned` was told."""
-        from berth.runtime.ocirt import launcher_path
-
+        and covered by its SquashFS file, the containers' and plans' directories, and the parse
+        cache of settings files) and the explicit dependencies of the request :meth:`planned`
+        was told."""
         from berth.config.load import parse_cache_dir
+        from berth.config.tomlfile import ParseCache
+        from berth.runtime.ocirt import launcher_path
+        from berth.runtime.state import CONTAINERS
 
         settings, image, options, request, _, init = self._planned
         dependencies = Dependencies()
-        # Not the state directories (the parse cache of settings files only keeps the parse of
-        # the very bytes read from them, which are dependencies), nor the image's files.
-        skip = tuple(str(path).rstrip("/") + "/" for path in {state_dir, self.directory.parent, image_root,
-                                                               parse_cache_dir(self.environ)})
+        # Only what berth itself keeps there, not the whole state directory: a store or a
+        # settings file a user keeps under it is an input like any other. The parse cache only
+        # keeps the parse of the very bytes read from the settings files, which are dependencies.
+        under = tuple(str(path).rstrip("/") + "/" for path in (image_root, Path(state_dir) / CONTAINERS,
+                                                                self.directory))
+        exact = {str(parse_cache_dir(self.environ) / ParseCache.NAME), *(path.rstrip("/") for path in under)}
         for path, listed in self.recorder.paths:
             absolute = os.path.normpath(path)
-            if absolute.startswith(skip) or absolute + "/" in skip:
+            if absolute.startswith(under) or absolute in exact:
                 continue
             dependencies.add(absolute, contents=listed or not os.path.isdir(absolute))
         explicit_dependencies(dependencies, settings, image, options, request, init_path=init,
