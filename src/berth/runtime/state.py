@@ -509,8 +509,8 @@ def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | No
     ``directory``: the directory open as the caller judged it (:func:`_open_container`), else
     opened here; None (nothing done) when ``path`` is not a directory (a link is removed itself).
     What is read and removed goes through ``directory``; what goes by path (the runtime's root,
-    fusermount3's mount points) only while ``path`` still names it (:func:`_still_names`). When
-    it no longer does (swapped for a link), nothing is done (None): the next clean-up judges
+    fusermount3's mount points) only while ``path`` still names it (:func:`_still_names`). Once
+    it no longer does (swapped for a link), the rest is left (None): the next clean-up judges
     the directory where it is now."""
     own = directory is None
     if own:
