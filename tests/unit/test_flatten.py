@@ -402,15 +402,17 @@ def test_what_tar2sqfs_wrote_is_made_durable_while_it_writes(tmp_path, monkeypat
     assert not writer._writeback.is_alive()
 
 
-def test_a_failed_writeback_fails_the_conversion(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, says", [("EIO", "a write error"), ("ENOSPC", "no space left")])
+def test_a_failed_writeback_fails_the_conversion(tmp_path, monkeypatch, code, says):
     # Once an fsync has reported a write error, a later fsync of the file may not report it
-    # again: the writer itself must fail, and leave no image to publish.
+    # again: the writer itself must fail, and leave no image to publish. A full disk says so
+    # as tar2sqfs' own disk-full failure does.
     import errno
 
     from berth.image import squashfs
 
     def failing(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
     monkeypatch.setattr(squashfs.os, "fdatasync", failing)
     output = tmp_path / "image.sqfs"
@@ -418,7 +420,9 @@ def test_a_failed_writeback_fails_the_conversion(tmp_path, monkeypatch):
         with squashfs.SquashfsWriter(output) as writer:
             _write_pausing(writer, lambda: writer._writeback_error is not None)
             writer.finish()
-    assert "Input/output error" in raised.value.message and str(output) in raised.value.message
+    assert raised.value.message.startswith(says) and str(tmp_path) in raised.value.message
+    assert os.strerror(getattr(errno, code)) in raised.value.message
+    assert ("prune" in raised.value.hint) == (code == "ENOSPC")
     assert not output.exists()
 
 

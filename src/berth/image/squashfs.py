@@ -20,6 +20,7 @@ file back through squashfuse 0.7 → 3.1 s for the debian test image).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
@@ -139,10 +140,14 @@ class SquashfsWriter:
             raise error
         if self._writeback_error is not None:
             self._remove_output()
-            raise StoreError(f"writing the squashfs image {self.output} failed: "
-                             f"{self._writeback_error.strerror or self._writeback_error}",
-                             hint="the store's disk is full or failing: free space (berth prune) or ask "
-                             "your site administrator")
+            error = self._writeback_error
+            # Worded as tar2sqfs' own disk-full failure is (_failure): one message for one cause.
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StoreError(f"{'no space left' if full else 'a write error'} in {self.output.parent} for "
+                             f"the squashfs image ({error.strerror or error})",
+                             hint="free space (berth prune removes unused images and layers) or ask your site "
+                             "administrator for a larger store" if full else
+                             "the store's disk is failing: ask your site administrator")
         if self.compression == "lz4":
             try:
                 repair_lz4_tables(self.output)
