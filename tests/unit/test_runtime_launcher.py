@@ -107,12 +107,13 @@ UNSUPPORTED = {
 }
 
 
-def launcher_check(config: dict | str, tmp_path: Path) -> subprocess.CompletedProcess:
+def launcher_check(config: dict | str, tmp_path: Path, timeout_s: float | None = None) -> subprocess.CompletedProcess:
     """``berth-launcher check`` on ``config`` (a dict, or raw text)."""
     launcher = ocirt.launcher_path()
     assert os.access(launcher, os.X_OK), f"berth-launcher is not built at {launcher} (setup.py builds it)"
     (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
-    return subprocess.run([launcher, "check", "--bundle", str(tmp_path)], capture_output=True, text=True)
+    return subprocess.run([launcher, "check", "--bundle", str(tmp_path)], capture_output=True, text=True,
+                          timeout=timeout_s)
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
@@ -144,6 +145,15 @@ def test_the_launcher_refuses_malformed_config_json_with_a_message(text, message
     result = launcher_check(text, tmp_path)
     assert result.returncode == 1
     assert message in result.stderr, result.stderr
+
+
+def test_an_object_of_very_many_keys_is_refused_at_once(tmp_path):
+    """Each key of an object was compared with every earlier one (duplicates are refused): 150,000
+    keys in a 2 MiB file kept the launcher busy for minutes (``state``, which berth ps runs,
+    reads a state.json so too). Killed after 30 s here, the old parser fails this test."""
+    text = json.dumps({"ociVersion": "1.0.2", "annotations": {f"k{i}": "" for i in range(150_000)}})
+    result = launcher_check(text, tmp_path, timeout_s=30)
+    assert result.returncode == 1 and "more than 4096 keys in one object" in result.stderr, result.stderr
 
 
 def test_the_launcher_refuses_ids_beyond_32_bits_instead_of_truncating_them(tmp_path):

@@ -95,6 +95,9 @@
 #define LAUNCHER_VERSION "berth-launcher 1"
 #define MAX_CONFIG_BYTES (4 << 20)
 #define MAX_DEPTH 32
+/* Keys of one object: each new key is compared with every earlier one (duplicates are refused),
+ * so 150,000 keys in a 2 MiB state.json kept "state" (berth ps) busy for minutes. */
+#define MAX_KEYS 4096
 
 /* ------------------------------------------------------------------ errors and the log */
 
@@ -342,6 +345,8 @@ static struct jval *jvalue(struct jparser *p, int depth)
             char *key = NULL;
             jskip(p);
             if (v->type == J_OBJ) {
+                if (v->count == MAX_KEYS)
+                    jfail(p, "more than 4096 keys in one object");
                 key = jstring(p);
                 for (size_t i = 0; i < v->count; i++)
                     if (strcmp(v->keys[i], key) == 0)
