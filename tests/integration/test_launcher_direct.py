@@ -460,3 +460,58 @@ def _children(pid: int) -> list[str]:
             return handle.read().split()
     except OSError:
         return []
+
+
+def test_the_log_is_not_written_through_a_planted_link(user, user_tmp):
+    """--log names a file in the container's directory of berth's state, which a container that
+    reaches that directory can write: a link planted there had the launcher's errors appended to
+    the file it names. The log is opened without following a link now."""
+    victim = user_tmp / "victim"
+    victim.write_text("precious\n")
+    (user_tmp / "log").symlink_to(victim)
+    subprocess.run(["chown", "-h", f"{user.uid}:{user.gid}", str(victim), str(user_tmp / "log")], check=True)
+    result = user.run([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), "--log", str(user_tmp / "log"),
+                       "run", "--bundle", str(user_tmp / "no-bundle"), "c1"], timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_state_is_not_written_through_a_link_planted_while_the_container_starts(user, user_tmp):
+    """state.json is written to state.json.tmp, then renamed. ROOT/ID is the launcher's own, new
+    directory, but a container that reaches berth's state directory could put a link at that
+    name while the next container was set up; the launcher opened it (fopen "w") and wrote the
+    state into the file the link named. The container is stopped here while it is set up (3000
+    mounts make that long), the link planted, and the container let go on."""
+    victim = user_tmp / "victim"
+    victim.write_text("precious\n")
+    mounts = [{"destination": f"/tmp/m{i}", "type": "tmpfs", "source": "tmpfs", "options": ["size=4k"]}
+              for i in range(3000)]
+    bundle = _bundle(user, user_tmp, "true", mounts=mounts)
+    for _attempt in range(5):
+        state = user_tmp / "state" / "c1"
+        shutil.rmtree(state, ignore_errors=True)
+        launcher = subprocess.Popen([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), "run",
+                                     "--bundle", str(bundle), "c1"], user=user.uid, group=user.gid, extra_groups=[],
+                                    env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not _children(launcher.pid) and launcher.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            [child] = _children(launcher.pid)
+            os.kill(int(child), signal.SIGSTOP)
+            if (state / "state.json").exists():  # the container was running already: try again
+                os.kill(int(child), signal.SIGCONT)
+                launcher.communicate(timeout=60)
+                continue
+            (state / "state.json.tmp").symlink_to(victim)
+            os.kill(int(child), signal.SIGCONT)
+            _, errors = launcher.communicate(timeout=60)
+            assert victim.read_text() == "precious\n", "the state went into the linked file"
+            assert launcher.returncode == 1 and "cannot write" in errors, (launcher.returncode, errors)
+            return
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.communicate()
+    pytest.fail("the container never stopped while it was set up")

@@ -1493,7 +1493,11 @@ static void write_state(const char *id, long pid, const char *bundle)
     char path[PATH_MAX], temporary[PATH_MAX];
     state_path(path, sizeof path, id, "state.json");
     state_path(temporary, sizeof temporary, id, "state.json.tmp");
-    FILE *f = fopen(temporary, "we");
+    /* Created here, never opened: ROOT/ID is new (run made it), so anything already at that
+     * name was planted, by a container that reaches berth's state directory, say -- a link
+     * there had the state written into the file it names. */
+    int fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
     if (!f)
         fail("cannot write %s: %s", temporary, error_text(errno));
     fprintf(f, "{\"ociVersion\":\"1.0.2\",\"id\":\"%s\",\"pid\":%ld,\"start_time\":%llu,\"bundle\":\"", id, pid,
@@ -2043,7 +2047,9 @@ int main(int argc, char **argv)
             root_dir = argv[++i];
         } else if (strcmp(argv[i], "--log") == 0 && i + 1 < argc) {
             /* berth reads the errors from it: without it, refuse to start (as runc does). */
-            log_fd = open(argv[++i], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+            /* Not through a link: the log lies in the container's directory of berth's state,
+             * where a link was planted, not made by berth (errors were appended to its target). */
+            log_fd = open(argv[++i], O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
             if (log_fd < 0)
                 fail("cannot open the log %s: %s", argv[i], error_text(errno));
         } else if (strcmp(argv[i], "--log-format") == 0 && i + 1 < argc) {
