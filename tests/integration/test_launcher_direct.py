@@ -515,3 +515,23 @@ def test_the_state_is_not_written_through_a_link_planted_while_the_container_sta
                 launcher.kill()
                 launcher.communicate()
     pytest.fail("the container never stopped while it was set up")
+
+
+def test_a_fifo_planted_as_the_state_file_does_not_hang_the_launcher(user, user_tmp):
+    """state.json (and the bundle's config.json, for exec) was opened for reading and blocking:
+    a FIFO planted in its place by a container that reaches berth's state directory kept
+    "state" (berth ps), "kill" and "delete" (berth's teardown) waiting in open() for good."""
+    directory = user_tmp / "state" / "c1"
+    directory.mkdir(parents=True)
+    os.mkfifo(directory / "state.json")
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user_tmp / "state")], check=True)
+    try:
+        for command in (["state", "c1"], ["kill", "c1", "KILL"], ["delete", "--force", "c1"]):
+            result = user.run([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), *command], timeout=20)
+            assert result.returncode == 1 and "state.json is not a regular file" in result.stderr, result.stderr
+    finally:
+        for _ in range(3):  # release a launcher left waiting in open() (the old one), so it ends
+            try:
+                os.close(os.open(directory / "state.json", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                break

@@ -401,9 +401,15 @@ static struct jval *jvalue(struct jparser *p, int depth)
 
 static struct jval *parse_json_file(const char *path, const char *what)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* Non-blocking, then a regular file only: a FIFO planted as state.json or config.json (by a
+     * container that reaches berth's state directory) blocked "state", "kill", "delete" and
+     * "exec" in open() for good. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         fail("cannot open %s: %s", path, error_text(errno));
+    struct stat info;
+    if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode))
+        fail("%s is not a regular file", path);
     char *data = xalloc(MAX_CONFIG_BYTES + 1);
     size_t size = 0;
     for (;;) {
