@@ -123,20 +123,34 @@ def _converted_bytes(stores) -> int:
     return 0
 
 
+def _pull_while_held(stores, holding_proxy, image, least_bytes: int, what: str, *args: str,
+                     while_held=lambda: None) -> tuple[int, str, str]:
+    """``berth pull ARGS`` of ``image`` through the proxy, which holds back (part of) a blob:
+    waits until tar2sqfs has read ``least_bytes`` of tar stream (``what`` says what failed if
+    it never does), calls ``while_held``, then lets the blob through. (exit status, stdout,
+    stderr)."""
+    process = stores.popen("pull", "--insecure", *args, via(holding_proxy, image))
+    try:
+        assert wait_for(lambda: _converted_bytes(stores) >= least_bytes, timeout_s=60, interval_s=0.05), \
+            f"{what}; tmp/: {stores.tmp_entries()}"
+        while_held()
+    finally:
+        holding_proxy.release.set()
+        out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
+
+
 def _pull_converting_while_held(stores, holding_proxy, image, held: str, least_bytes: int, what: str) -> dict:
     """``berth pull --json`` of ``image`` through the proxy, which holds back (part of) the blob
     ``held``: tar2sqfs has read ``least_bytes`` of tar stream before the blob is stored, and
     nothing is published meanwhile; then the blob is let through. The pull's JSON result."""
-    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, image))
-    try:
-        assert wait_for(lambda: _converted_bytes(stores) >= least_bytes, timeout_s=60, interval_s=0.05), \
-            f"{what}; tmp/: {stores.tmp_entries()}"
+    def unpublished() -> None:
         assert held not in stores.blobs()  # still held back: the conversion did not wait for it
         assert stores.image_dirs() == [] and stores.index() == {}
-    finally:
-        holding_proxy.release.set()
-        out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+
+    status, out, err = _pull_while_held(stores, holding_proxy, image, least_bytes, what, "--json",
+                                        while_held=unpublished)
+    assert status == 0, err
     return json.loads(out)
 
 
@@ -224,14 +238,9 @@ def test_a_corrupt_layer_converting_while_it_downloads_fails_as_a_digest_mismatc
     top = _layers(three_layer_image)[-1]
     holding_proxy.hold_midway = top
     holding_proxy.corrupt_midway = True
-    process = stores.popen("pull", "--insecure", via(holding_proxy, three_layer_image))
-    try:
-        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05), \
-            "nothing of the top layer was converted while its second half was held"
-    finally:
-        holding_proxy.release.set()
-        _out, err = process.communicate(timeout=120)
-    assert process.returncode == 5, err
+    status, _out, err = _pull_while_held(stores, holding_proxy, three_layer_image, TOP_BYTES // 4,
+                                         "nothing of the top layer was converted while its second half was held")
+    assert status == 5, err
     assert "does not match its digest" in err and top in err
     assert "Traceback" not in err
     assert top not in stores.blobs()
@@ -252,14 +261,9 @@ def test_a_layer_refused_while_it_downloads_is_refused_once(stores, holding_prox
                                      images.busybox_spec(marker="refused", extra_layers=(hostile,)), "oci")
     top = _layers(image)[-1]
     holding_proxy.hold_midway = top
-    process = stores.popen("pull", "--insecure", via(holding_proxy, image))
-    try:
-        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05), \
-            "nothing of the top layer was converted while its second half was held"
-    finally:
-        holding_proxy.release.set()
-        _out, err = process.communicate(timeout=120)
-    assert process.returncode == 7, err
+    status, _out, err = _pull_while_held(stores, holding_proxy, image, TOP_BYTES // 4,
+                                         "nothing of the top layer was converted while its second half was held")
+    assert status == 7, err
     assert "impossible owner" in err and top in err and "opt/evil" in err
     assert "Traceback" not in err
     assert top in stores.blobs()  # verified: the refusal is of the registry's real blob
@@ -276,13 +280,9 @@ def test_a_download_that_starts_over_while_converting_gives_the_right_image(stor
     holding_proxy.hold_midway = top
     holding_proxy.cut_midway = True
     holding_proxy.ignore_range = True
-    process = stores.popen("pull", "--insecure", "--json", via(holding_proxy, three_layer_image))
-    try:
-        assert wait_for(lambda: _converted_bytes(stores) >= TOP_BYTES // 4, timeout_s=60, interval_s=0.05)
-    finally:
-        holding_proxy.release.set()
-        out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    status, out, err = _pull_while_held(stores, holding_proxy, three_layer_image, TOP_BYTES // 4,
+                                        "nothing of the top layer was converted before the cut", "--json")
+    assert status == 0, err
     result = json.loads(out)
     assert result["digest"] == three_layer_image.digest
     ranges = [r for _m, _p, r in holding_proxy.blob_gets(top)]
