@@ -435,6 +435,45 @@ def test_an_entry_whose_settings_are_not_the_current_ones_does_not_run(tmp_path,
     assert (lookup.entry, lookup.reason) == (None, "the setting image_mount is not the entry's")
 
 
+def test_with_the_setting_off_the_entry_is_not_even_read(tmp_path, monkeypatch):
+    fastrun, argv, environ, _site = _planted(tmp_path, monkeypatch)
+    read = []
+    monkeypatch.setattr(plancache, "load_entry", lambda *args: read.append(args) or (None, "read"))
+    lookup = fastrun.look_up(argv, environ)
+    assert (lookup.entry, lookup.reason, read) == (None, "the setting plan_cache is off", [])
+    assert lookup.key is None  # nor is a plan kept
+
+
+def test_an_entry_that_is_not_well_formed_is_a_miss_not_a_traceback(tmp_path, monkeypatch):
+    fastrun, argv, environ, site = _planted(tmp_path, monkeypatch)
+    (site / "berth.toml").write_text("plan_cache = true\n")
+    fields = entry_fields()
+    fields["settings"] = {**fields["settings"], "state_dir": environ["BERTH_STATE_DIR"]}
+    fields["plan"] = {**fields["plan"], "config": {"mounts": 1}}
+    plancache.store_entry(tmp_path / "state" / "plans", plancache.run_key(argv, environ), fields)
+    lookup = fastrun.look_up(argv, environ)
+    assert lookup.entry is None and lookup.reason.startswith("the entry is not well-formed")
+
+
+def test_a_state_dir_set_in_the_settings_files_uses_and_keeps_no_plan(tmp_path, monkeypatch):
+    # The plans' directory is found before settings (BERTH_STATE_DIR or the default): a
+    # state_dir that berth.toml moves elsewhere would leave them where containers may reach.
+    fastrun, argv, environ, site = _planted(tmp_path, monkeypatch)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    del environ["BERTH_STATE_DIR"]
+    environ["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    (tmp_path / "run").mkdir(mode=0o700)
+    (site / "berth.toml").write_text(f"plan_cache = true\nstate_dir = '{elsewhere}'\n")
+    directory = plancache.cache_directory(environ)
+    directory.parent.mkdir(mode=0o700)
+    fields = entry_fields()
+    fields["settings"] = {**fields["settings"], "state_dir": str(elsewhere)}
+    plancache.store_entry(directory, plancache.run_key(argv, environ), fields)
+    lookup = fastrun.look_up(argv, environ)
+    assert lookup.entry is None and lookup.key is None and lookup.reason.startswith("state_dir is not")
+
+
 def test_a_plan_whose_container_could_write_the_plans_is_named(tmp_path):
     plans = tmp_path / "home" / "state" / "plans"
     config = {"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},

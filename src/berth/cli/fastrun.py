@@ -37,19 +37,15 @@ def look_up(argv: list[str], environ=None) -> Lookup:
     key = plancache.run_key(argv, environ)
     if key is None:
         return Lookup(None, None, None, "the working directory cannot be read")
-    entry, why = plancache.load_entry(directory, key)
-    if entry is None:
-        return Lookup(directory, key, None, why)
-    changed = plancache.changed_dependency(entry)
-    if changed is not None:
-        return Lookup(directory, key, None, f"{changed} changed")
-    seen = plancache.exposed(directory, entry["plan"]["config"])
-    if seen:
-        return Lookup(directory, key, None, f"its container could write the kept plans through {seen}")
-    # The settings as they are now decide whether a kept plan runs at all: with plan_cache off
-    # (the default) none does, whoever wrote it (a container that could write the state
-    # directory could have: docs/security.md), and the entry's settings must be theirs. Their
-    # files' parses come from the parse cache (berth.config.tomlfile): ~1 ms with the imports.
+    if not os.path.lexists(directory / key):
+        return Lookup(directory, key, None, "no entry")
+    # The settings as they are now decide, before the entry is read at all, whether a kept
+    # plan runs: with plan_cache off (the default) none does, whoever wrote it (a container
+    # that could write the state directory could have: docs/security.md); plans are kept only
+    # in the state directory the settings name (a state_dir set in berth.toml moves the state
+    # but not this directory, found before settings: no plan is used or kept then); and the
+    # entry's settings must be theirs. Their files' parses come from the parse cache
+    # (berth.config.tomlfile): ~1 ms with the imports.
     from berth.config.load import load_settings
     from berth.errors import BerthError
 
@@ -58,8 +54,22 @@ def look_up(argv: list[str], environ=None) -> Lookup:
     except BerthError:
         return Lookup(directory, key, None, "the settings do not load")
     if not settings.plan_cache:
-        return Lookup(directory, key, None, "the setting plan_cache is off")
-    differs = plancache.settings_differ(entry, settings)
+        return Lookup(None, None, None, "the setting plan_cache is off")
+    if os.path.realpath(settings.state_dir) != os.path.realpath(directory.parent):
+        return Lookup(None, None, None, f"state_dir is not where plans are kept ({directory.parent})")
+    try:
+        entry, why = plancache.load_entry(directory, key)
+        if entry is None:
+            return Lookup(directory, key, None, why)
+        changed = plancache.changed_dependency(entry)
+        if changed is not None:
+            return Lookup(directory, key, None, f"{changed} changed")
+        seen = plancache.exposed(directory, entry["plan"]["config"])
+        if seen:
+            return Lookup(directory, key, None, f"its container could write the kept plans through {seen}")
+        differs = plancache.settings_differ(entry, settings)
+    except Exception as exc:  # an entry is data a container may have written: any surprise is a miss
+        return Lookup(directory, key, None, f"the entry is not well-formed ({type(exc).__name__})")
     if differs:
         return Lookup(directory, key, None, f"the setting {differs} is not the entry's")
     return Lookup(directory, key, entry, "")

@@ -668,6 +668,8 @@ class Keeper:
         why = cacheable(settings, image, options, request, self.environ, self.said)
         if why:
             return why
+        if os.path.realpath(state_dir) != os.path.realpath(self.directory.parent):
+            return f"the state directory is not {self.directory.parent}, where plans are kept"
         if os.path.basename(runtime) != "berth-launcher":
             return f"run by {os.path.basename(runtime)}, not berth-launcher"
         if self.recorder.unnamed:
