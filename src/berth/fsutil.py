@@ -392,27 +392,41 @@ def _open_to_remove(name: str, parent: int | None) -> int | None:
     return fd
 
 
-def _remove_entries(directory: int) -> None:
-    """Remove everything inside the directory open as ``directory`` (see :func:`remove_tree`)."""
+def _listing(directory: int) -> list[tuple[str, bool]]:
     try:
         with os.scandir(directory) as scan:
-            entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
+            return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
     except OSError:
-        return
-    for name, is_directory in entries:
-        if is_directory:
-            child = _open_to_remove(name, directory)
-            if child is not None:
+        return []
+
+
+def _remove_entries(directory: int) -> None:
+    """Remove everything inside the directory open as ``directory`` (see :func:`remove_tree`).
+    Depth first with a stack of its own, not recursion: a tree nested deeper than Python's
+    recursion limit (a container can make one in its /tmp) is removed like any other."""
+    stack = [(directory, _listing(directory), "")]
+    try:
+        while stack:
+            fd, entries, name = stack[-1]
+            if entries:
+                entry, is_directory = entries.pop()
+                if is_directory:
+                    child = _open_to_remove(entry, fd)
+                    if child is not None:
+                        stack.append((child, _listing(child), entry))
+                        continue
                 try:
-                    _remove_entries(child)
-                finally:
-                    os.close(child)
-                try:
-                    os.rmdir(name, dir_fd=directory)
+                    os.unlink(entry, dir_fd=fd)  # a link itself, never what it names
                 except OSError:
                     pass
                 continue
-        try:
-            os.unlink(name, dir_fd=directory)  # a link itself, never what it names
-        except OSError:
-            pass
+            stack.pop()
+            if stack:
+                os.close(fd)
+                try:
+                    os.rmdir(name, dir_fd=stack[-1][0])
+                except OSError:
+                    pass
+    finally:
+        for fd, _entries, _name in stack[1:]:
+            os.close(fd)

@@ -323,3 +323,29 @@ def test_remove_tree_removes_links_never_what_they_name(user_tmp, user):
     assert stat.S_IMODE((outside / "d").stat().st_mode) == 0o500
     assert linked.is_symlink() and (outside / "d").is_dir()
     (outside / "d").chmod(0o700)
+
+
+def test_remove_tree_removes_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    # A container can nest directories in its /tmp deeper than Python's recursion limit;
+    # teardown must still remove them (a RecursionError escaped the recursive walk, and every
+    # later run's clean-up walked into it again).
+    import sys
+
+    from berth.fsutil import remove_tree
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(400):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(150)
+    try:
+        remove_tree(tree)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert not tree.exists()
