@@ -1,12 +1,15 @@
 """pull._FollowedBlob: a layer converted while it downloads (issue 10, target 4). The flattener
-may only ever keep a conversion made from exactly the verified blob: whatever went through the
-pipe is hashed, and anything else (a download that started over, a cut one) makes the layer
-convert again from the stored blob (StreamUnusable); a failed download explains itself."""
+may only ever keep a conversion made from exactly the verified blob. The pump hashes nothing:
+the download's BlobWriter hashes every byte once, and what went through the pipe counts as the
+verified blob only when the writer verified the generation of the partial file the pump opened
+(store.BlobWriter's rule); anything else (a download that started over, a cut one) makes the
+layer convert again from the stored blob (StreamUnusable); a failed download explains itself.
+The test thread plays the download through the store's own BlobWriter."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
 import threading
 
 import pytest
@@ -22,7 +25,7 @@ BLOB = bytes(range(256)) * 4096  # 1 MiB
 
 class FakeDownloads:
     """What _FollowedBlob uses of pull._Downloads; the test thread plays the download,
-    writing the partial file where the store keeps it."""
+    writing the partial file through the store's BlobWriter as fetch_blob does."""
 
     def __init__(self, store: Store, digest: Digest, size: int) -> None:
         self.store = store
@@ -32,6 +35,9 @@ class FakeDownloads:
         self.over = False
         self.failure: BaseException | None = None
         self.partial = store.layout.partial_blob(digest)
+        self._download = contextlib.ExitStack()
+        self.writer = self._download.enter_context(store.blob_download(digest, size))
+        self.writers = {digest: self.writer}  # what fetch_blob's watch_writer records
 
     def download_over(self, digest: Digest) -> bool:
         return self.over
@@ -40,22 +46,26 @@ class FakeDownloads:
         if self.failure is not None:
             raise self.failure
 
-    def write(self, data: bytes, *, at: int | None = None, truncate: bool = False) -> None:
-        with open(self.partial, "r+b" if self.partial.exists() else "wb") as out:
-            if truncate:
-                out.truncate(0)
-            out.seek(at if at is not None else os.path.getsize(self.partial))
-            out.write(data)
+    def write(self, data: bytes, *, restart: bool = False) -> None:
+        """More bytes of the download; ``restart``: it starts over from byte 0 first (the
+        registry ignored a Range request)."""
+        if restart:
+            self.writer.restart()
+        self.writer.write(data)
         self.wake()
 
     def end(self, failure: BaseException | None = None) -> None:
-        """The download ends: verified and stored (the partial file's bytes become the blob,
-        as BlobWriter.commit renames it), or ``failure``."""
+        """The download ends: verified and stored (BlobWriter.commit), or ``failure`` (a
+        commit that finds the digest wrong fails on its own)."""
+        if failure is None:
+            try:
+                self.writer.commit(verified=self.wake)
+            except DigestMismatch as mismatch:
+                failure = mismatch
+        else:
+            self.writer.discard()
         self.failure = failure
-        if failure is None and self.partial.exists():
-            blob = self.store.layout.blob(next(iter(self.sizes)))
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            os.link(self.partial, blob)
+        self._download.close()
         self.over = True
         self.wake()
 
@@ -127,7 +137,7 @@ def test_a_download_that_starts_over_is_not_used(store):
     # the first attempt's bytes, wrong
     downloads, _, follower, _head, pipe = _following(store, b"\xff" * 8 + BLOB[8:200_000])
     assert len(pipe.read(150_000)) > 0
-    downloads.write(BLOB, truncate=True)
+    downloads.write(BLOB, restart=True)
     downloads.end()
     _read_all(pipe)
     with pytest.raises(StreamUnusable):
@@ -137,7 +147,7 @@ def test_a_download_that_starts_over_is_not_used(store):
 def test_a_partial_that_shrinks_ends_the_stream_and_is_not_used(store):
     downloads, _, follower, _head, pipe = _following(store, BLOB[:300_000])
     assert pipe.read(300_000)
-    downloads.write(BLOB[:10], truncate=True)  # started over, not yet where the pipe was
+    downloads.write(BLOB[:10], restart=True)  # started over, not yet where the pipe was
     assert len(_read_all(pipe)) < len(BLOB)  # the pipe ends: the flattener sees a cut layer
     downloads.write(BLOB[10:])
     downloads.end()
@@ -146,19 +156,23 @@ def test_a_partial_that_shrinks_ends_the_stream_and_is_not_used(store):
 
 
 def test_a_failed_download_is_what_the_pull_reports(store):
-    # corrupt bytes: not gzip, not tar
-    downloads, digest, follower, _head, pipe = _following(store, bytes(255 - b for b in BLOB[:200_000]))
+    # corrupt bytes: not gzip, not tar, and not the blob (the commit finds it out)
+    corrupt = bytes(255 - b for b in BLOB)
+    downloads, digest, follower, _head, pipe = _following(store, corrupt[:200_000])
     assert pipe.read(1000)
-    mismatch = DigestMismatch(f"blob {digest} does not match its digest")
-    downloads.end(mismatch)
+    downloads.write(corrupt[200_000:])
+    downloads.end()
+    assert isinstance(downloads.failure, DigestMismatch)
     with pytest.raises(DigestMismatch) as raised:
         follower.__exit__(ImageError, ImageError("layer is corrupt"), None)
-    assert raised.value is mismatch
+    assert raised.value is downloads.failure
+    assert not store.has_blob(digest)
 
 
 def test_a_download_over_before_the_flattener_comes_is_read_from_the_store(store):
     digest = _digest(BLOB)
     downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.write(BLOB)
     downloads.end()
     follower = pull._FollowedBlob(downloads, digest)
     assert follower.__enter__() is None
@@ -214,7 +228,63 @@ def test_a_refusal_of_bytes_the_verified_blob_does_not_begin_with_is_not_kept(st
     big = BLOB * 4
     downloads, _, follower, _head, pipe = _following(store, b"\xff" * 8 + big[8:300_000], big)
     assert len(_read_exactly(pipe, 1000)) == 1000
-    downloads.write(big, at=0)
+    downloads.write(big, restart=True)
     downloads.end()
     with pytest.raises(StreamUnusable):
         follower.__exit__(ImageError, ImageError("impossible owner"), None)
+
+
+def test_a_start_over_the_pump_never_saw_is_not_kept_though_the_whole_size_went_through(store):
+    # Only the writer's generation tells here: the first attempt's bytes were wrong, the
+    # download started over and was written past where the pump was before it looked again,
+    # so the pump passed exactly the blob's size (wrong head, right tail) without seeing the
+    # file shrink. The writer verified generation 1; the pump opened generation 0.
+    big = BLOB * 4
+    wrong = b"\xff" * 8 + big[8:300_000]
+    downloads, _, follower, _head, pipe = _following(store, wrong, big)
+    assert _read_exactly(pipe, len(wrong)) == wrong  # the pump is at byte 300,000, waiting
+    with downloads.changed:  # the pump cannot look at the file until both steps are done
+        downloads.writer.restart()
+        downloads.writer.write(big)
+    downloads.end()
+    assert _read_all(pipe) == big[300_000:]
+    assert follower._passed == len(big)
+    with pytest.raises(StreamUnusable):
+        follower.__exit__(None, None, None)
+    assert not follower.complete
+
+
+def test_a_resumed_partial_is_followed_and_kept(store):
+    # A partial file left by a killed pull: the writer reads it back and hashes it (BlobWriter
+    # resumes), so the pump may pass those bytes on as they are and the result is kept.
+    digest = _digest(BLOB)
+    store.layout.partial_blob(digest).write_bytes(BLOB[:400_000])
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    assert downloads.writer.offset == 400_000
+    follower = pull._FollowedBlob(downloads, digest)
+    head, pipe = follower.__enter__()
+    assert head == BLOB[:8]
+    assert _read_exactly(pipe, 400_000) == BLOB[:400_000]
+    downloads.write(BLOB[400_000:])
+    downloads.end()
+    assert _read_all(pipe) == BLOB[400_000:]
+    follower.__exit__(None, None, None)
+    assert follower.complete
+    assert store.blob_path(digest).read_bytes() == BLOB
+
+
+def test_a_blob_another_download_writes_is_waited_for_not_followed(store):
+    # No writer of this pull (another process holds the blob's lock and writes the partial
+    # file): nothing vouches for that file's bytes here, so the layer is read from the store.
+    digest = _digest(BLOB)
+    downloads = FakeDownloads(store, digest, len(BLOB))
+    downloads.writers.clear()
+    downloads.write(BLOB[:300_000])
+    follower = pull._FollowedBlob(downloads, digest)
+    entered = []
+    entering = threading.Thread(target=lambda: entered.append(follower.__enter__()), daemon=True)
+    entering.start()
+    downloads.write(BLOB[300_000:])
+    downloads.end()
+    entering.join(30)
+    assert entered == [None]

@@ -127,6 +127,34 @@ def test_retries_are_bounded_and_partial_kept_for_next_run(store):
     assert store.layout.partial_blob(Digest.of(data)).stat().st_size == 1000
 
 
+
+def test_the_watched_writer_verifies_the_generation_it_stored(store):
+    # pull._FollowedBlob trusts the download's one hash by the writer's generations
+    # (store.BlobWriter): every start over counts one, and the commit names the one it verified.
+    data = os.urandom(10_000)
+    digest = Digest.of(data)
+    store.layout.partial_blob(digest).write_bytes(b"\0" * 6000)  # garbage: refused at commit, then fetched afresh
+    seen = []
+
+    def watch(writer) -> None:
+        seen.append((writer, writer.generation, writer.verified_generation))
+
+    pull.fetch_blob(FakeClient(data), store, REF, _descriptor(data), policy(5), None, threading.Event(),
+                    watch_writer=watch)
+    writer = seen[0][0]
+    assert [entry[1:] for entry in seen] == [(0, None), (2, 2)]  # made; verified after discard + restart
+    assert all(entry[0] is writer for entry in seen)
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_a_corrupt_blob_is_never_verified_for_the_watcher(store):
+    data = os.urandom(10_000)
+    seen = []
+    with pytest.raises(DigestMismatch):
+        pull.fetch_blob(FakeClient(bytes(reversed(data))), store, REF, _descriptor(data), policy(5), None,
+                        threading.Event(), watch_writer=seen.append)
+    assert len(seen) == 1 and seen[0].verified_generation is None
+
 INDEX = {
     "manifests": [
         {"digest": "sha256:" + "a" * 64, "size": 10, "mediaType": "application/vnd.oci.image.manifest.v1+json",

@@ -5,8 +5,9 @@ Steps: normalize the reference; check site policy (trusted registries); resolve 
 parallel, each verified by size and digest while streaming, resumed with Range after a
 mid-stream failure, skipped when already stored; convert to SquashFS, starting with the top
 layer while it still downloads and the layers below too (issue 10; a conversion is kept only
-when it read exactly the verified blob, :class:`_FollowedBlob`); publish only after every
-layer is verified; tag (index.json last).
+when it read exactly the verified blob, :class:`_FollowedBlob`, which the download's one
+hash tells, store.BlobWriter); publish only after every layer is verified; tag (index.json
+last).
 Peak memory is bounded by the chunk size times the parallel downloads, whatever the layer size.
 """
 
@@ -38,10 +39,12 @@ from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
 from berth.record import Record
-from berth.store.store import Store
+from berth.store.store import BlobWriter, Store
 from berth.untrusted import parse_json
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from berth.config.settings import Settings
 
 _BLOB_CHUNK_BYTES = 1 << 20
@@ -345,10 +348,13 @@ class _Downloads:
         workers = max(1, min(int(settings.pull_parallel or 1), len(blobs) or 1))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-pull")
         self.futures: dict[Digest, Future] = {}
+        #: The writer of each blob this pull downloads, once it exists (_FollowedBlob reads
+        #: its partial file and trusts its hash).
+        self.writers: dict[Digest, BlobWriter] = {}
         watching = _Watching(progress, self.changed)
         for blob in blobs:
             future = self.pool.submit(fetch_blob, client, store, reference, blob, client.retry, watching,
-                                      self.stop)
+                                      self.stop, watch_writer=self._watch_writer)
             future.add_done_callback(self._done)
             self.futures[blob.digest] = future
 
@@ -369,6 +375,11 @@ class _Downloads:
                 self.stop.discard_partials = True
             self._stop()
         with self.changed:
+            self.changed.notify_all()
+
+    def _watch_writer(self, writer: BlobWriter) -> None:
+        with self.changed:
+            self.writers[writer.digest] = writer
             self.changed.notify_all()
 
     def _stop(self) -> None:
@@ -459,29 +470,35 @@ class _FollowedBlob:
     """A layer converted while it downloads (issue 10, target 4: a single-layer image otherwise
     waits for its whole download, then converts).
 
-    A pump thread reads the download's partial file in the store's tmp/ as it grows and writes
-    it into a pipe that the flattener reads like the blob itself. Nothing trusts the partial
-    file: the pump hashes every byte it passes on, and on leaving, unless exactly the blob's
-    size went through with the blob's digest, :class:`StreamUnusable` makes the flattener
-    convert that layer again from the verified stored blob (a download that restarted from
-    byte 0, or was cut). A refusal of what went through (a hostile entry) stands once the
-    blob is verified and begins with those bytes: it is the blob's, and is not made again
-    from the stored blob. Publishing still waits for every verified blob (install_image), so a
-    killed pull leaves what a killed download or conversion leaves: a partial blob to resume
-    and a conversion directory that the next conversion or prune removes. When the flattener
-    fails, the download's own failure (a digest mismatch, an unreachable registry) is what
-    the pull reports, not the flattener's view of the cut or corrupt bytes it was given."""
+    A pump thread moves the download's partial file in the store's tmp/, as it grows, into a
+    pipe that the flattener reads like the blob itself (splice(2): the bytes stay in the
+    kernel). The pump hashes nothing: the download's writer hashes every byte once, and the
+    bytes that went through are the verified blob's only by store.BlobWriter's rule: the pump
+    notes the writer's generation before it opens the partial file and reads from that one
+    opening, and the writer then verifies that very generation. On leaving, unless the whole
+    blob went through that way, :class:`StreamUnusable` makes the flattener convert that layer
+    again from the verified stored blob (a download that started over, was cut, or failed). A
+    refusal of what went through (a hostile entry) stands when it is a prefix of the verified
+    blob: it is the blob's, and is not made again from the stored blob. Only this pull's own
+    downloads are followed (another process's download of the blob is waited for). Publishing
+    still waits for every stored blob (install_image), so a killed pull leaves what a killed
+    download or conversion leaves: a partial blob to resume and a conversion directory that
+    the next conversion or prune removes. When the flattener fails, the download's own failure
+    (a digest mismatch, an unreachable registry) is what the pull reports, not the flattener's
+    view of the cut or corrupt bytes it was given."""
 
     def __init__(self, downloads: _Downloads, digest: Digest) -> None:
         self.downloads = downloads
         self.digest = digest
         self.size = downloads.sizes.get(digest, -1)
+        #: Whether exactly the verified blob went through (known on leaving).
         self.complete = False
         self._closing = False
-        #: The bytes the pump passed on (and more, when the flattener stopped reading midway)
-        #: and their hash: the beginning of the partial file as it read it.
-        self._hasher = digest.hasher()
-        self._hashed = 0
+        #: The writer followed and its generation when the partial file was opened.
+        self._writer: BlobWriter | None = None
+        self._generation = -1
+        #: Bytes the pump passed on: the beginning of the partial file as it read it.
+        self._passed = 0
         #: Whether the pump ended the stream itself (download over, started over or cut)
         #: rather than the flattener leaving first.
         self._ended_alone = False
@@ -490,19 +507,22 @@ class _FollowedBlob:
 
     def __enter__(self):
         """(first bytes, pipe) or None when the blob is better read from the store: its
-        download is over (or was never ours), or nothing of it is in the partial file yet."""
+        download is over (or was never this pull's), or nothing of it is in the partial file yet."""
         downloads = self.downloads
         if self.size < _HEAD_BYTES or downloads.download_over(self.digest):
             return None
-        partial = downloads.store.layout.partial_blob(self.digest)
         with downloads.changed:
             while True:
                 if downloads.download_over(self.digest) or downloads.stop.is_set():
                     return None
-                try:
-                    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    fd = None
+                writer = downloads.writers.get(self.digest)
+                fd = None
+                if writer is not None:
+                    generation = writer.generation  # before opening: BlobWriter's rule
+                    try:
+                        fd = os.open(writer.path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        pass  # between a discard and a new start, or published meanwhile
                 if fd is not None:
                     try:
                         head = os.pread(fd, _HEAD_BYTES, 0)
@@ -513,6 +533,7 @@ class _FollowedBlob:
                         break
                     os.close(fd)
                 downloads.changed.wait(0.5)
+        self._writer, self._generation = writer, generation
         opened = [fd]  # closed here unless the pump runs (it closes fd and write_fd)
         try:
             read_fd, write_fd = os.pipe()
@@ -530,11 +551,9 @@ class _FollowedBlob:
 
     def _pump(self, fd: int, write_fd: int) -> None:
         downloads, size = self.downloads, self.size
-        hasher = self._hasher
-        buffer = bytearray(_BLOB_CHUNK_BYTES)  # read into again and again: peak memory stays flat
         try:
-            while self._hashed < size and not self._closing:
-                offset = self._hashed
+            while self._passed < size and not self._closing:
+                offset = self._passed
                 available = os.fstat(fd).st_size
                 if available < offset:
                     return  # truncated: the download started over
@@ -545,16 +564,10 @@ class _FollowedBlob:
                                 return
                             downloads.changed.wait(0.5)
                     continue
-                count = os.preadv(fd, [buffer], offset)
-                count = min(count, available - offset)
+                count = os.splice(fd, write_fd, min(available - offset, _BLOB_CHUNK_BYTES), offset_src=offset)
                 if count <= 0:
                     return  # the file shrank meanwhile: the download started over
-                view = memoryview(buffer)[:count]
-                hasher.update(view)
-                self._hashed += count  # before the pipe: what the flattener can see is hashed
-                while view:
-                    view = view[os.write(write_fd, view):]
-            self.complete = self._hashed == size and hasher.hexdigest() == self.digest.hex
+                self._passed += count
         except OSError:
             return  # the flattener stopped reading (a broken pipe), or the file went away
         finally:
@@ -577,33 +590,27 @@ class _FollowedBlob:
             # The download's failure explains a cut or corrupt stream better than the
             # flattener can; it raises here if there was one.
             self.downloads.wait_for(self.digest)
-            if not self.complete and not self._ended_alone and self._read_the_verified_blob():
+            if not self._ended_alone and self._read_the_verified_blob():
                 return  # the flattener's failure (a refused entry) is the verified blob's
+        elif self._passed == self.size:
+            self.complete = self._read_the_verified_blob()
         if not self.complete:
             from berth.image.flatten import StreamUnusable
 
             raise StreamUnusable(self.digest)
 
     def _read_the_verified_blob(self) -> bool:
-        """Whether what the flattener read before it stopped is the beginning of the verified
-        blob, now stored: the bytes the pump hashed hash the same in the stored blob. Then a
-        refusal (a hostile entry, corrupt data) holds for the blob, and converting the stored
-        blob again would only refuse it again, after reading it all once more. Not so when
-        the pump ended the stream (the flattener then saw a cut layer, not the blob's) or
-        the download started over with other bytes (the hashes differ)."""
-        hasher = self.digest.hasher()
-        remaining = self._hashed
-        try:
-            with open(self.downloads.store.blob_path(self.digest), "rb", buffering=0) as blob:
-                while remaining:
-                    chunk = blob.read(min(remaining, _BLOB_CHUNK_BYTES))
-                    if not chunk:
-                        return False
-                    hasher.update(chunk)
-                    remaining -= len(chunk)
-        except OSError:
-            return False
-        return hasher.digest() == self._hasher.digest()
+        """Whether what the pump passed on is a prefix of the verified blob: the writer
+        verified the generation the pump read (BlobWriter's rule). Waits for its verdict,
+        which comes as soon as the last byte was written and hashed (before the blob's fsync);
+        False when the download ends without one (it failed, or started over and failed)."""
+        downloads, writer = self.downloads, self._writer
+        with downloads.changed:
+            while writer.verified_generation is None:
+                if downloads.download_over(self.digest) or downloads.stop.is_set():
+                    break
+                downloads.changed.wait(0.5)
+        return writer.verified_generation == self._generation
 
 
 def _ends_the_pull(exc: BaseException | None) -> bool:
@@ -630,7 +637,8 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def fetch_blob(client, store: Store, reference: Reference, descriptor: Descriptor, retry,
-               progress: PullProgress | None, stop: threading.Event) -> int | None:
+               progress: PullProgress | None, stop: threading.Event, *,
+               watch_writer: "Callable[[BlobWriter], None] | None" = None) -> int | None:
     """Download one blob into the store unless present; returns bytes fetched (None: cached).
 
     Holds the blob's lock throughout, so concurrent pulls of it (threads or processes) wait
@@ -638,7 +646,9 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
     starts over when the registry ignores the Range. ``retry`` (a RetryPolicy) gives the blob
     one budget of attempts, shared with the client's request retries: resuming after a cut
     and retrying a 503 count alike. Raises DigestMismatch (nothing kept), RegistryUnreachable
-    once the budget is spent, AuthenticationError, NotFound.
+    once the budget is spent, AuthenticationError, NotFound. ``watch_writer`` is given the blob's
+    writer before its first byte is written (not when the blob is stored already), and again
+    each time it verified what it wrote (store.BlobWriter.verified_generation).
     """
     digest, size = descriptor.digest, descriptor.size_bytes
     if stop.is_set():
@@ -647,6 +657,8 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
         if writer is None:
             notify(progress, "blob_done", digest, size, True)
             return None
+        if watch_writer is not None:
+            watch_writer(writer)
         fetched = 0
         budget = retry.budget()
         retried_from_zero = False
@@ -674,7 +686,7 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
                     raise RegistryUnreachable(
                         f"the download of blob {digest} ended after {writer.offset} of {size} bytes")
                 try:
-                    writer.commit()
+                    writer.commit(verified=None if watch_writer is None else lambda: watch_writer(writer))
                 except DigestMismatch:
                     # A partial file from an earlier run could itself be the culprit: one
                     # fresh download from byte 0 before blaming the registry.

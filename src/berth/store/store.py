@@ -632,6 +632,20 @@ class BlobWriter:
 
     ``write`` raises DigestMismatch as soon as more bytes arrive than announced; ``commit``
     checks size and digest, fsyncs and renames into blobs/. A mismatch removes the partial file.
+
+    The one hash of a blob is this writer's (issue 10, target 4: a pull hashed a layer twice,
+    here and again where it converts the layer while it downloads). A reader of the partial
+    file in the same process (pull._FollowedBlob) may take the bytes it read for the verified
+    blob without hashing them, by this rule: between two starts over, the partial file only
+    grows, every byte of it hashed by this writer (read back when resuming, else hashed as
+    written); every way of starting over (:meth:`restart`, :meth:`discard`) first adds one to
+    :attr:`generation`; :meth:`commit` records in :attr:`verified_generation` the generation
+    whose bytes matched the digest (before its fsync and rename). So a reader that notes
+    ``generation`` before it opens :attr:`path`, reads from that one opening, and then finds
+    ``verified_generation`` equal to the noted value, read a prefix of the verified blob (the
+    whole blob when it read ``size_bytes`` bytes). Nothing but this writer writes the file: it
+    lies in the store's tmp/, which only the store's owner may enter, under the blob's lock.
+    (The blob itself is published only by a commit that also fsynced and renamed it.)
     """
 
     def __init__(self, store: Store, digest: Digest, size_bytes: int, *, resume: bool) -> None:
@@ -641,6 +655,10 @@ class BlobWriter:
         self.path = store.layout.partial_blob(digest)
         self._hasher = digest.hasher()
         self.offset = 0
+        #: Starts over so far (see the class docstring); bumped before the file changes.
+        self.generation = 0
+        #: The generation whose bytes matched the digest; None until then.
+        self.verified_generation: int | None = None
         with store_errors(store, "writing", self.path):
             info = self.path.stat() if resume and self.path.is_file() else None
             if info is not None and info.st_size <= size_bytes:
@@ -661,6 +679,7 @@ class BlobWriter:
 
     def restart(self) -> None:
         """Start over from byte 0 (the registry ignored a Range request)."""
+        self.generation += 1  # before the file shrinks: a reader of it must see one or the other
         with store_errors(self.store, "writing", self.path):
             if self._file.closed:
                 self._file = open(self.path, "w+b")
@@ -680,6 +699,9 @@ class BlobWriter:
         try:
             with store_errors(self.store, "writing", self.path):
                 self._file.write(chunk)
+                # In the file, not in the buffer, before it counts: a reader of the partial file
+                # (pull._FollowedBlob) otherwise waited for a short last chunk until commit.
+                self._file.flush()
         except StoreError:
             # Disk full or similar: a partial file is no use to anyone and holds the space.
             self.discard()
@@ -687,8 +709,9 @@ class BlobWriter:
         self._hasher.update(chunk)
         self.offset += len(chunk)
 
-    def commit(self) -> None:
-        """Verify and publish; raises DigestMismatch (partial removed) or StoreError."""
+    def commit(self, *, verified: Callable[[], None] | None = None) -> None:
+        """Verify and publish; raises DigestMismatch (partial removed) or StoreError.
+        ``verified`` is called once the bytes matched the digest, before the fsync."""
         if not self.complete:
             raise StoreError(f"blob {self.digest}: commit after {self.offset} of {self.size_bytes} bytes",
                              hint="this is a bug in berth: report it to berth's maintainers")
@@ -700,6 +723,9 @@ class BlobWriter:
                 hint="the registry serves corrupt content for this image: tell the registry's "
                 "administrator or the image's maintainer; nothing was stored",
             )
+        self.verified_generation = self.generation
+        if verified is not None:
+            verified()
         try:
             with store_errors(self.store, "writing", self.path):
                 self._file.flush()
@@ -711,6 +737,7 @@ class BlobWriter:
             raise
 
     def discard(self) -> None:
+        self.generation += 1
         self.close()
         _unlink_quietly(self.path)
 
