@@ -66,15 +66,25 @@ def _logger(show_debug: bool):
 
 
 def resolve_image(settings, reference: str, pull: str):
-    """A SquashFS path runs as is; anything else goes through the store (berth.image.api)."""
-    from pathlib import Path
+    """IMAGE as a SquashFS file or a reference (berth.runtime.container.names_local_image):
+    a path runs the file as is, and an explicit path (``/``, ``./``, ``../``) that is not a
+    file is NotFound; anything else goes through the store (berth.image.api)."""
+    from berth.runtime.container import PATH_PREFIXES, names_local_image
 
-    if os.sep in reference or reference.endswith(".sqfs"):
+    if names_local_image(reference):
+        from pathlib import Path
+
         path = Path(reference)
         if path.is_file():
             from berth.runtime.container import LocalImage
 
             return LocalImage(squashfs=path.resolve(), reference=str(path))
+        if reference.startswith(PATH_PREFIXES):
+            from berth.errors import NotFound
+
+            raise NotFound(f"no SquashFS file at {reference}",
+                           hint="IMAGE starting with /, ./ or ../ is a path; give an image reference "
+                                "(berth images lists yours) or the path of an existing SquashFS file")
     from berth.image import api
 
     if pull == "always":

@@ -48,6 +48,19 @@ class LocalImage(NamedTuple):
     digest: object | None = None
 
 
+#: IMAGE starting so is a path, never a reference (names_local_image).
+PATH_PREFIXES = ("/", "./", "../")
+
+
+def names_local_image(argument: str) -> bool:
+    """Whether ``berth run IMAGE`` may name a SquashFS file rather than an image reference
+    (docs/images.md): IMAGE is clearly a path (starts with ``/``, ``./`` or ``../``: it is
+    one, existing or not), or ends with ``.sqfs`` (a file when one exists there). Anything
+    else is a reference, even where a file of that name exists in the working directory:
+    ``example.org/team/app:1`` is the store's image, never ``./example.org/team/app:1``."""
+    return argument.startswith(PATH_PREFIXES) or argument.endswith(".sqfs")
+
+
 def _quiet(message: str, *, debug: bool = False) -> None:
     del message, debug
 

@@ -657,7 +657,9 @@ class Keeper:
             dependencies.add(absolute, contents=listed or not os.path.isdir(absolute))
         explicit_dependencies(dependencies, settings, image, options, request, init_path=init,
                               launcher_path=launcher_path())
-        if self.image_argument and (os.sep in self.image_argument or self.image_argument.endswith(".sqfs")):
+        from berth.runtime.container import names_local_image
+
+        if self.image_argument and names_local_image(self.image_argument):
             dependencies.add(self.image_argument)  # a SquashFS file appearing there would be run instead
         return dependencies
 
