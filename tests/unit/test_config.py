@@ -341,6 +341,24 @@ def test_parse_cache_ignores_garbage_and_a_link(cached_site, tmp_path):
     assert cached_site.load().pull_retries == 3
 
 
+def test_parse_cache_follows_berth_state_dir(cached_site):
+    """BERTH_STATE_DIR moves the state directory, the parse cache with it (one rule,
+    settings.early_state_dir, as the plan cache's): nothing is left in the default one."""
+    state = cached_site.cache.parent.parent / "elsewhere"
+    cached_site.environ["BERTH_STATE_DIR"] = str(state)
+    cached_site.write("berth.toml", "pull_retries = 3\n")
+    assert cached_site.load().pull_retries == 3
+    assert (state / "toml-cache.marshal").is_file() and not cached_site.cache.exists()
+    from berth.runtime import plancache
+
+    assert plancache.cache_directory(cached_site.environ) == state / "plans"
+    cached_site.environ["BERTH_STATE_DIR"] = "relative/dir"  # only the settings judge it: no cache
+    with pytest.raises(ConfigError):
+        cached_site.load()
+    assert sorted(path.name for path in state.iterdir()) == ["toml-cache.marshal"]
+    assert not cached_site.cache.exists()
+
+
 def test_parse_cache_skips_documents_marshal_cannot_hold(tmp_path):
     import datetime
 

@@ -36,6 +36,7 @@ from berth.config.settings import (
     Settings,
     SitePolicy,
     default_paths,
+    early_state_dir,
     home_directory,
     user_config_dir,
 )
@@ -504,12 +505,13 @@ def config_files(config_dir: Path, environ: Mapping[str, str] | None = None) -> 
     return files
 
 
-def parse_cache_dir(environ: Mapping[str, str]) -> Path:
+def parse_cache_dir(environ: Mapping[str, str]) -> Path | None:
     """Where parsed configuration files are kept for the next command (berth.config.tomlfile
-    judges it: used only when it is the caller's, mode 0700): the default state directory,
-    node-local, as berth.runtime.state makes it (the settings that could move it are what is
-    being loaded)."""
-    return default_paths(environ)["state_dir"]
+    judges it: used only when it is the caller's, mode 0700): the state directory as known
+    before the settings that could move it are loaded (settings.early_state_dir:
+    ``$BERTH_STATE_DIR``, else the default, node-local, as berth.runtime.state makes it).
+    None (no cache) where BERTH_STATE_DIR is set to what only the settings judge."""
+    return early_state_dir(environ)
 
 
 def load_settings(options: dict | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
@@ -537,9 +539,11 @@ def load_settings(options: dict | None = None, *, environ: Mapping[str, str] | N
         config_dir = Path(_absolute_path(str(options["config_dir"]), origin, ("config_dir",), home=home))
         config_dir_source = origin.source
 
-    cache = ParseCache(parse_cache_dir(env))
+    cache_dir = parse_cache_dir(env)
+    cache = ParseCache(cache_dir) if cache_dir is not None else None
     parsed_files = [(path, layer, read_toml(path, cache=cache)) for path, layer in config_files(config_dir, env)]
-    cache.save()  # before judging the values: a file with a bad value is still read from the cache
+    if cache is not None:
+        cache.save()  # before judging the values: a file with a bad value is still read from the cache
     for path, layer, parsed in parsed_files:
         if parsed is None:
             continue

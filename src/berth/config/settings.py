@@ -277,6 +277,22 @@ def fallback_state_dir() -> Path:
     return Path(f"/tmp/berth-{os.getuid()}")
 
 
+def early_state_dir(environ: Mapping[str, str]) -> Path | None:
+    """The caller's state directory as far as it is known before settings are loaded, for what
+    berth keeps there for the loading itself (the parse cache, berth.config.tomlfile) and for
+    the plan cache's look-up (berth.runtime.plancache): ``$BERTH_STATE_DIR`` when it is an
+    absolute path (the environment outranks every settings file), else the default
+    (default_paths). None when ``BERTH_STATE_DIR`` is set but not so (relative, ``~/…``, with
+    ``..``): only the settings judge that. A ``state_dir`` set in berth.toml or by an option is
+    learnt with the settings, too late for these."""
+    value = environ.get("BERTH_STATE_DIR", "")
+    if not value:
+        return default_paths(environ)["state_dir"]
+    if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
+        return None
+    return Path(os.path.normpath(value))
+
+
 def default_paths(environ: Mapping[str, str] | None = None) -> dict[str, Path]:
     """The per-user default locations (user_store, jobs_dir, state_dir), from the XDG
     variables as the XDG spec says. The configuration directory is load_settings' concern."""

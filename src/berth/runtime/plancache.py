@@ -83,13 +83,12 @@ def cache_directory(environ: Mapping[str, str]) -> Path | None:
     """Where plans are kept, from what is known before settings are loaded (see the module's
     docstring); None when the state directory there exists but is not a private directory of
     the caller's (nothing is cached)."""
-    base = environ.get("BERTH_STATE_DIR", "")
-    if not base.startswith("/"):
-        if base:
-            return None
-        from berth.config.settings import default_paths
+    from berth.config.settings import early_state_dir
 
-        base = str(default_paths(environ)["state_dir"])
+    state_dir = early_state_dir(environ)
+    if state_dir is None:
+        return None
+    base = str(state_dir)
     from berth.fsutil import is_private_dir
 
     if is_private_dir(Path(base)) or not os.path.lexists(base):
