@@ -17,7 +17,7 @@ TEST_PACKAGES=(
     docker-registry skopeo umoci busybox-static debootstrap apache2-utils
     slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev libpmix-dev libpmi2-0-dev
     mpich libmpich-dev
-    iproute2 psmisc ca-certificates
+    iproute2 psmisc ca-certificates strace
 )
 BENCH_PACKAGES=(bubblewrap charliecloud python3-requests hyperfine podman time openssl)
 

@@ -71,29 +71,36 @@ def test_a_deep_mount_destination_is_made_not_a_crash(user, user_tmp):
     assert (result.returncode, result.stdout) == (0, "made\n"), (result.returncode, result.stderr)
 
 
-def _close_range_fails():
-    """preexec_fn: a seccomp filter under which close_range(2) fails with EINVAL, as it does on
-    kernels before 5.11 for CLOSE_RANGE_CLOEXEC (Debian 11's 5.10, say)."""
-    import ctypes
-    import struct
+def _syscall_fails(number: int, error: int):
+    """A preexec_fn: a seccomp filter under which system call ``number`` (the same on x86_64
+    and aarch64 for the ones used here) fails with ``error``, as on an older kernel."""
+    def install() -> None:
+        import ctypes
+        import struct
 
-    def statement(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
-        return struct.pack("HBBI", code, jt, jf, k)
+        def statement(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+            return struct.pack("HBBI", code, jt, jf, k)
 
-    close_range, einval = 436, 22  # the same number on x86_64 and aarch64
-    program = (statement(0x20, 0)                        # load seccomp_data.nr
-               + statement(0x15, close_range, 0, 1)      # == close_range?
-               + statement(0x06, 0x00050000 | einval)    # SECCOMP_RET_ERRNO | EINVAL
-               + statement(0x06, 0x7FFF0000))            # SECCOMP_RET_ALLOW
-    buffer = ctypes.create_string_buffer(program)
+        program = (statement(0x20, 0)                        # load seccomp_data.nr
+                   + statement(0x15, number, 0, 1)           # == number?
+                   + statement(0x06, 0x00050000 | error)     # SECCOMP_RET_ERRNO | error
+                   + statement(0x06, 0x7FFF0000))            # SECCOMP_RET_ALLOW
+        buffer = ctypes.create_string_buffer(program)
 
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        class SockFprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    prog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
-        raise OSError(ctypes.get_errno(), "seccomp")
+        libc = ctypes.CDLL(None, use_errno=True)
+        prog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+        if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+            raise OSError(ctypes.get_errno(), "seccomp")
+
+    return install
+
+
+#: close_range(2) failing with EINVAL, as it does on kernels before 5.11 for CLOSE_RANGE_CLOEXEC
+#: (Debian 11's 5.10, say).
+_close_range_fails = _syscall_fails(436, 22)
 
 
 def test_descriptors_do_not_leak_into_the_container_when_close_range_fails(user, user_tmp):
@@ -342,6 +349,97 @@ def test_a_state_file_cannot_point_kill_or_delete_at_another_process(user, user_
         assert victim.poll() is None, "delete --force killed the victim"
         state = _launcher(user, user_tmp, "state", "c1")
         assert state.returncode == 1, state.stdout
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+#: Run as pid 1 of a pid namespace of the test user's (so it may choose the next pid): ROOT/c1
+#: names a process A; "berth-launcher kill c1 USR1" runs under strace, which stops it right after
+#: it closed /proc/A/stat (its start-time check passed); A dies and is reaped, a process B that
+#: blocks SIGUSR1 takes A's pid, and the launcher goes on. Prints what B got.
+PID_REUSE_SCENARIO = r"""
+import json, os, signal, subprocess, sys, time
+launcher, root = sys.argv[1], sys.argv[2]
+
+def stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()
+
+a = subprocess.Popen(["sleep", "300"])
+os.makedirs(f"{root}/c1")
+with open(f"{root}/c1/state.json", "w") as handle:
+    json.dump({"pid": a.pid, "start_time": int(stat_fields(a.pid)[19]), "bundle": "/"}, handle)
+tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-P", f"/proc/{a.pid}/stat",
+                           "--inject=close:signal=SIGSTOP", launcher, "--root", root, "kill", "c1", "USR1"],
+                          stderr=subprocess.PIPE, text=True)
+stopped, deadline = None, time.monotonic() + 60
+while stopped is None and time.monotonic() < deadline:
+    for name in os.listdir("/proc"):
+        try:
+            fields = stat_fields(name) if name.isdigit() else None
+        except OSError:
+            continue
+        if fields and int(fields[1]) == tracer.pid and fields[0] in "tT":
+            stopped = int(name)
+    time.sleep(0.01)
+assert stopped is not None, "the launcher never stopped after its start-time check"
+a.kill()
+a.wait()
+with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+    handle.write(str(a.pid - 1))
+b = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, "
+                      "{signal.SIGUSR1}); print('ready', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+assert b.stdout.readline() == "ready\n"
+os.kill(stopped, signal.SIGCONT)
+_, stderr = tracer.communicate(timeout=60)
+with open(f"/proc/{b.pid}/status") as handle:
+    pending = int(next(line for line in handle if line.startswith("ShdPnd:")).split()[1], 16)
+print(json.dumps({"reused": b.pid == a.pid, "returncode": tracer.returncode, "stderr": stderr,
+                  "signalled": bool(pending & (1 << (signal.SIGUSR1 - 1)))}))
+b.kill()
+"""
+
+
+def test_kill_signals_the_process_it_checked_not_one_that_took_its_pid_since(user, user_tmp):
+    """kill and delete checked the init's start time, then called kill() with its pid: had the
+    init died and its pid come round to another process of the user's in between, that process
+    got the signal (SIGKILL for delete --force). The launcher signals through a pidfd opened
+    before the check now, so the window is closed: the pid is made to come round here, at will."""
+    if not shutil.which("strace"):
+        pytest.skip("strace missing: run scripts/install-system-packages.sh")
+    script = user_tmp / "pid-reuse.py"
+    script.write_text(PID_REUSE_SCENARIO)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user_tmp)], check=True)
+    result = user.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable,
+                       str(script), str(ocirt.launcher_path()), str(user_tmp / "state")], timeout=120)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    outcome = json.loads(result.stdout)
+    assert outcome["reused"], outcome  # the control: the pid did come round
+    assert not outcome["signalled"], "kill signalled the process that took the container's pid"
+    assert outcome["returncode"] == 1 and "container not running" in outcome["stderr"], outcome
+
+
+@pytest.mark.parametrize("kernel", ["pidfd", "no pidfd_open"])
+def test_kill_signals_a_running_container_with_or_without_pidfds(user, user_tmp, kernel):
+    """The pidfd path, and the check + kill() that kernels before 5.3 (pidfd_open failing with
+    ENOSYS) keep."""
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1});"
+         " print('ready', flush=True); time.sleep(120)"],
+        user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline() == "ready\n"
+        _plant_state(user, user_tmp, json.dumps({"pid": victim.pid, "start_time": _start_time(victim.pid),
+                                                 "bundle": "/"}))
+        killed = user.run([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), "kill", "c1", "USR1"],
+                          timeout=60, preexec_fn=_syscall_fails(434, 38) if kernel != "pidfd" else None)
+        assert killed.returncode == 0, killed.stderr
+        assert _pending_signals(victim.pid) & (1 << (signal.SIGUSR1 - 1)), "kill did not signal the container"
+        deleted = user.run([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), "delete", "--force", "c1"],
+                           timeout=60, preexec_fn=_syscall_fails(434, 38) if kernel != "pidfd" else None)
+        assert deleted.returncode == 0, deleted.stderr
+        assert victim.wait(timeout=60) == -signal.SIGKILL
     finally:
         victim.kill()
         victim.wait()

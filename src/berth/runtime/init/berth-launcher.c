@@ -1494,6 +1494,32 @@ static int state_running(const struct state *st)
     return now != 0 && now == st->start_time;
 }
 
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434 /* the same number on every architecture but alpha (Linux 5.3) */
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424 /* Linux 5.1 */
+#endif
+
+/* Send ``sig`` to the container's init when it is still the process the state file names.
+ * The start time is checked through a pidfd opened first: kill() by pid after the check could
+ * reach another process that took the pid in between (the init died and was reaped, and the
+ * pid came round again); a pidfd keeps naming the process it was opened on, and signalling
+ * one that died fails with ESRCH.  Kernels before 5.3 (no pidfd_open) keep the check + kill().
+ * 0 when sent; -1 when the container is not running. */
+static int signal_container(const struct state *st, int sig)
+{
+    int pidfd = (int)syscall(SYS_pidfd_open, (pid_t)st->pid, 0);
+    if (pidfd < 0 && errno != ENOSYS)
+        return -1; /* ESRCH: no such process */
+    int sent = -1;
+    if (state_running(st))
+        sent = pidfd >= 0 ? (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) : kill((pid_t)st->pid, sig);
+    if (pidfd >= 0)
+        close(pidfd);
+    return sent;
+}
+
 static void write_state(const char *id, long pid, const char *bundle)
 {
     char path[PATH_MAX], temporary[PATH_MAX];
@@ -1730,7 +1756,7 @@ static int command_kill(const char *id, const char *sig_name)
     struct state st;
     if (read_state(id, &st) != 0)
         fail("container does not exist: %s", id);
-    if (!state_running(&st) || kill((pid_t)st.pid, sig) != 0)
+    if (signal_container(&st, sig) != 0)
         fail("container not running: %s", id);
     return 0;
 }
@@ -1744,7 +1770,7 @@ static int command_delete(const char *id, int force)
     if (state_running(&st)) {
         if (!force)
             fail("cannot delete container %s that is not stopped: running", id);
-        kill((pid_t)st.pid, SIGKILL);
+        signal_container(&st, SIGKILL);
         /* It is not our child: wait until its pid is gone (a pid namespace's init takes all
          * of the namespace with it). */
         for (int i = 0; i < 1000 && state_running(&st); i++)
