@@ -525,6 +525,20 @@ def test_token_response_without_token_or_with_odd_lifetime(server):
     assert server.requests[-1].header("Authorization") == "Bearer T"
 
 
+@pytest.mark.parametrize("lifetime", [b"1" + b"0" * 400, b"1e999", b"-5", b"true", b"[]"])
+def test_a_token_lifetime_no_float_can_hold_is_a_default_not_a_traceback(server, lifetime):
+    """A hostile token server's ``expires_in`` of 400 digits made float() raise OverflowError,
+    which no caller maps: a traceback instead of a pull. Any lifetime is only a hint."""
+    def handler(request):
+        if request.path.startswith("/token"):
+            return Reply(200, b'{"token": "T", "expires_in": ' + lifetime + b"}")
+        if request.header("Authorization") == "Bearer T":
+            return manifest_reply()
+        return Reply(401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{server.url}/token"')])
+    server.handler = handler
+    assert client_for(server).get_manifest("a", "v1").digest == MANIFEST_DIGEST
+
+
 def test_manifest_body_cut_short_is_fetched_again(server):
     replies = [Reply(200, MANIFEST, {"Content-Type": mediatypes.OCI_MANIFEST}, drop_after=10), manifest_reply()]
     server.handler = lambda request: replies.pop(0) if len(replies) > 1 else replies[0]

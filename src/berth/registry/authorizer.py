@@ -211,7 +211,7 @@ class Authorizer:
             data, value = {}, None
         try:
             lifetime = float(data.get("expires_in") or DEFAULT_TOKEN_LIFETIME_S)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # 400 digits: no float holds it
             lifetime = DEFAULT_TOKEN_LIFETIME_S
         if not isinstance(value, str) or not value:
             raise RegistryError(
