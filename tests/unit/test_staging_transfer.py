@@ -818,6 +818,29 @@ def test_an_https_stage_in_is_not_redirected_to_plain_http(tmp_path, monkeypatch
             assert not (tmp_path / "in" / "data.txt").exists()
 
 
+@pytest.mark.parametrize("length", ["abc", "7, 7", "-7"])
+def test_an_https_sources_content_length_that_is_no_number_is_no_traceback(tmp_path, length):
+    """A hostile server's ``Content-Length: abc`` (or a repeated one) made int() raise
+    ValueError out of the stage-in: a traceback, where urllib3 and http.client both read such a
+    length as unknown and the body to the end of the connection."""
+    from berth.staging.locations import parse_transfer
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            self.wfile.write(b"payload")  # HTTP/1.0: the connection closes after it
+
+        def log_message(self, *args):
+            pass
+
+    with _serving(Handler) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.txt"
+        size, _ = transfer._Runner(_profile(), None).fetch_url(parse_transfer(f"{url}:in/", "in"), str(tmp_path))
+    assert (size, (tmp_path / "in" / "data.txt").read_bytes()) == (7, b"payload")
+
+
 def _record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
     """Every fsync (of a regular file or a directory) and rename, in order."""
     import stat

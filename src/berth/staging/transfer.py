@@ -1017,14 +1017,16 @@ class _Runner:
                     if response.status == 404:
                         raise NotFound(f"--stage-in '{shown}': the server answered 404 (not found)")
                     raise StagingError(f"--stage-in '{shown}': the server answered HTTP {response.status}")
-                expected = response.headers.get("Content-Length")
+                # urllib3's reading of Content-Length (None when it is no single number, as
+                # http.client reads it): a server's "abc" must not be int()ed into a traceback.
+                expected = response.length_remaining
                 size = 0
                 with fsutil.atomic_writer(Path(path), mode=None, unnamed=True) as out:  # durable, as every staged file
                     for chunk in response.stream(_READ_CHUNK):
                         out.write(chunk)
                         size += len(chunk)
                         self.progress.advance(len(chunk))
-                    if expected is not None and int(expected) != size:
+                    if expected is not None and expected != size:
                         raise StagingError(f"--stage-in '{shown}': received {size} bytes of {expected}",
                                            hint="the connection broke; retry")
             finally:
