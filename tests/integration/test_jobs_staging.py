@@ -270,3 +270,24 @@ def test_bad_staging_options_are_refused_at_submit(job_site, user, s3_profile):
     assert result.returncode == 78 and "unknown S3 profile 'nope'" in result.stderr, describe(result)
     assert not [p for p in job_site.jobs_dir.iterdir() if p.is_dir() and (p / "spec.json").exists()
                 and "s3://berth-data/x:y" in (p / "spec.json").read_text()]
+
+
+def test_a_job_cannot_turn_its_stage_out_dest_into_a_link_to_a_host_directory(job_site, user):
+    """The container runs the image's code and can write the job's directory; a relative DEST
+    it replaced with a link (results -> a directory of the user's it does not see) must not
+    receive the job's files after the container ended (red team: the walk to DEST started at
+    DEST, not at the job's directory)."""
+    work = job_site.workdir(user)
+    elsewhere = job_site.workdir(user)  # the user's, outside the job: what the link names
+    job_site.write_script(work, "plant.sh", f"""\
+        #!/bin/sh
+        mkdir -p out
+        echo planted > out/authorized_keys
+        ln -s {elsewhere} results
+    """, user)
+    job_id = submit(user, job_site, work, "--template", "bb", "--stage-out", "out/:results/", "plant.sh",
+                    env={"BERTH_BACKEND": "local"})
+    states = wait_for(user, job_site, [job_id], FINAL, timeout_s=120, env={"BERTH_BACKEND": "local"})
+    assert (states[job_id]["state"], states[job_id]["phase"]) == ("failed", "stage-out"), states[job_id]
+    assert f"{work}/results is a symbolic link in the job's directory" in states[job_id]["message"]
+    assert list(elsewhere.iterdir()) == []

@@ -500,6 +500,51 @@ def test_stage_in_never_writes_through_a_link_inside_dest(tmp_path, monkeypatch)
     assert os.listdir(elsewhere) == []
 
 
+@pytest.mark.parametrize("item", ["s3://bucket/data/:input/", "s3://bucket/data/x:input/", "s3://bucket/data/x:input/x",
+                                  "s3://bucket/data/:input/deeper/", "URL:input/", "out/:input/", "out/x:input/x"])
+def test_a_dest_the_job_turned_into_a_link_is_not_written_through(tmp_path, monkeypatch, item):
+    """A job's container can write the job's directory: it replaced ``input`` (a relative DEST)
+    with a link to a host directory it does not see, and stage-out wrote the job's files there
+    (stage-in: a bucket's objects), since links were refused only *below* DEST. Now, as for SRC,
+    no link below the job's directory is followed on the way to a relative DEST."""
+    from berth.staging.locations import parse_transfer
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    job = tmp_path / "job"
+    (job / "out").mkdir(parents=True)
+    (job / "out" / "x").write_bytes(b"result")
+    (job / "input").symlink_to(elsewhere)
+    _fake_listing(monkeypatch, {"data/x": b"payload"})
+    monkeypatch.setattr(transfer, "_head", lambda store, location, profile: {
+        "size": 7, "e_tag": hashlib.md5(b"payload").hexdigest(), "last_modified": datetime(2025, 1, 1, tzinfo=timezone.utc)})
+    with _serving(_answering(b"payload")) as server:
+        text = item.replace("URL", f"http://127.0.0.1:{server.server_address[1]}/x")
+        with pytest.raises(StagingError) as caught:
+            if item.startswith("out/"):
+                transfer.stage_out((parse_transfer(text, "out"),), _profile(), str(job))
+            else:
+                transfer.stage_in((parse_transfer(text, "in"),), _profile(), str(job))
+    assert os.listdir(elsewhere) == []
+    assert f"{job}/input is a symbolic link in the job's directory" in caught.value.message, caught.value.message
+    assert caught.value.hint.startswith("write the directory the link points to as DEST")
+
+
+def test_a_dest_named_outside_the_job_may_be_reached_through_a_link(tmp_path, monkeypatch):
+    """Outside the job's directory the path as typed is the user's choice (scratch linked into a
+    home), for DEST as for SRC: only links below it are refused."""
+    from berth.staging.locations import parse_transfer
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (tmp_path / "linked").symlink_to(scratch)
+    job = tmp_path / "job"
+    job.mkdir()
+    _fake_listing(monkeypatch, {"data/x": b"payload"})
+    transfer.stage_in((parse_transfer(f"s3://bucket/data/:{tmp_path}/linked/input/", "in"),), _profile(), str(job))
+    assert (scratch / "input" / "x").read_bytes() == b"payload"
+
+
 def test_an_object_whose_name_is_as_long_as_the_file_system_allows_is_staged_in(tmp_path, monkeypatch):
     """S3 keys may be 1024 bytes; a last part of 238 to 255 bytes is a valid file name, and
     failed with 'File name too long' for the temporary file only."""

@@ -486,17 +486,32 @@ def _head(store, location: S3Location, profile: S3Profile) -> dict:
         raise error from None
 
 
-def _refuse_link_inside(root: str, path: str, checked: set[str], transfer: Transfer) -> None:
-    """Refuse to write ``path`` through a directory below ``root`` (DEST) that is a symbolic
-    link: keys are hostile, and a link a job left in DEST would take them out of it. (A link
-    at ``path`` itself is replaced by the file, never followed: rename does not follow it.)"""
+def _dest_anchor(workdir: str, dest: str) -> str:
+    """Where the no-link walk to a DEST starts: the job's directory when DEST lies in it (a
+    relative DEST, as for SRC), else DEST as the user named it. A job's container can write its
+    directory: a DEST it turned into a link (results -> a host directory the container does not
+    see) must not carry stage-out's files, or a bucket's objects, there."""
+    job = os.path.normpath(workdir)
+    return job if _inside(dest, job) else dest
+
+
+def _refuse_link_inside(root: str, path: str, checked: set[str], transfer: Transfer, dest: str = "") -> None:
+    """Refuse to write ``path`` through a directory below ``root`` (DEST, or the job's directory
+    holding DEST: :func:`_dest_anchor`) that is a symbolic link: keys are hostile, and a link a
+    job left in DEST, or made of DEST itself, would take them out of it. (A link at ``path``
+    itself is replaced by the file, never followed: rename does not follow it.)"""
     directory = os.path.dirname(path)
     if directory == root or not _inside(directory, root):
         return
     link = _first_link(root, directory, checked)
-    if link is not None:
-        raise StagingError(f"{_option(transfer)} '{transfer.text}': {link} is a symbolic link inside DEST; "
+    if link is None:
+        return
+    if not dest or (link != dest and _inside(link, dest)):
+        raise StagingError(f"{_option(transfer)} '{transfer.shown}': {link} is a symbolic link inside DEST; "
                            "berth does not write through links", hint="remove the link, or choose another DEST")
+    raise StagingError(f"{_option(transfer)} '{transfer.shown}': {link} is a symbolic link in the job's directory "
+                       f"{root}; berth does not write through links there (the job's container could have made it)",
+                       hint="write the directory the link points to as DEST (an absolute path), or remove the link")
 
 
 def _option(transfer: Transfer) -> str:
@@ -506,6 +521,7 @@ def _option(transfer: Transfer) -> str:
 def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Profile) -> list[_Get]:
     source: S3Location = transfer.source  # type: ignore[assignment]
     dest = _resolve(workdir, transfer.destination.path)  # type: ignore[union-attr]
+    anchor = _dest_anchor(workdir, dest)
     store = runner.store(source.bucket)
     if source.is_prefix:
         listed = _list_prefix(store, source, profile)
@@ -522,9 +538,9 @@ def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Pr
                                    "outside the destination (empty, '.' or '..' components)",
                                    hint="rename the object; berth never writes outside DEST") from None
             path = os.path.join(dest, relative)
-            _refuse_link_inside(dest, path, checked, transfer)
+            _refuse_link_inside(anchor, path, checked, transfer, dest)
             gets.append(_Get(source.bucket, key, int(item["size"]), _etag(item.get("e_tag")),
-                             item["last_modified"].timestamp(), path, dest))
+                             item["last_modified"].timestamp(), path, anchor))
         if not gets:
             missing = _bucket_missing(store, source.bucket, profile)
             if missing:
@@ -539,8 +555,9 @@ def _plan_get(runner: "_Runner", transfer: Transfer, workdir: str, profile: S3Pr
                            hint="write the file's name as DEST (…:DIR/NAME)")
     head = _head(store, source, profile)
     path = os.path.join(dest, name) if into_directory else dest
+    _refuse_link_inside(anchor, path, set(), transfer, dest)
     return [_Get(source.bucket, source.key, int(head["size"]), _etag(head.get("e_tag")),
-                 head["last_modified"].timestamp(), path)]
+                 head["last_modified"].timestamp(), path, anchor if anchor != dest else "")]
 
 
 def _glob_base(pattern: str) -> str:
@@ -644,26 +661,20 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
             puts.append(_Put(path, os.lstat(path).st_size, destination.bucket, key, base=base))
     else:
         target_root = _resolve(workdir, destination.path)  # type: ignore[union-attr]
+        anchor = _dest_anchor(workdir, target_root)
         single_file = len(files) == 1 and not source.is_glob and os.path.isfile(pattern) \
             and not destination.path.endswith("/") and not os.path.isdir(target_root)  # type: ignore[union-attr]
         checked = set()
         for path, relative in files:
             target = target_root if single_file else os.path.join(target_root, relative)
-            _refuse_link_inside(target_root, target, checked, transfer)
+            _refuse_link_inside(anchor, target, checked, transfer, target_root)
             puts.append(_Put(path, os.lstat(path).st_size, None, relative, target, base,
-                             "" if single_file else target_root))
+                             anchor if anchor != target_root else "" if single_file else target_root))
     return puts
 
 
 # ---------------------------------------------------------------------------------------------
 # Doing
-
-
-def _make_parent(path: str, what: str) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    except OSError as exc:
-        raise local_error(exc, what) from None
 
 
 def _open_parent_beneath(root: str, relative: str, what: str) -> tuple[int, str]:
@@ -992,7 +1003,9 @@ class _Runner:
             raise StagingError(f"--stage-in '{transfer.shown}': the URL's last part '{name}' is no file name",
                                hint="write the file's name as DEST (…:DIR/NAME)")
         path = os.path.join(dest, name) if into_directory else dest
-        _make_parent(path, shown)
+        anchor = _dest_anchor(workdir, dest)
+        _refuse_link_inside(anchor, path, set(), transfer, dest)
+        root = anchor if anchor != dest else os.path.dirname(path)
         tls = {}
         if self.profile.ca_bundle:
             # Added to the system's roots, as for S3 (docs/staging.md); urllib3's ca_certs would
@@ -1021,14 +1034,20 @@ class _Runner:
                 # http.client reads it): a server's "abc" must not be int()ed into a traceback.
                 expected = response.length_remaining
                 size = 0
-                with fsutil.atomic_writer(Path(path), mode=None, unnamed=True) as out:  # durable, as every staged file
-                    for chunk in response.stream(_READ_CHUNK):
-                        out.write(chunk)
-                        size += len(chunk)
-                        self.progress.advance(len(chunk))
-                    if expected is not None and expected != size:
-                        raise StagingError(f"--stage-in '{shown}': received {size} bytes of {expected}",
-                                           hint="the connection broke; retry")
+                # Created from the job's directory (or DEST) without following a link: as S3 objects.
+                parent, name = _open_parent_beneath(root, os.path.relpath(path, root), shown)
+                try:
+                    with fsutil.atomic_writer(Path(fsutil.descriptor_path(parent, name)), mode=None,
+                                              unnamed=True) as out:  # durable, as every staged file
+                        for chunk in response.stream(_READ_CHUNK):
+                            out.write(chunk)
+                            size += len(chunk)
+                            self.progress.advance(len(chunk))
+                        if expected is not None and expected != size:
+                            raise StagingError(f"--stage-in '{shown}': received {size} bytes of {expected}",
+                                               hint="the connection broke; retry")
+                finally:
+                    os.close(parent)
             finally:
                 response.release_conn()
             return size, True
