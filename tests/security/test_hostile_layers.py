@@ -204,6 +204,29 @@ def test_gzip_bomb_stops_at_the_content_limit(tmp_path):
     assert not (tmp_path / "image.sqfs").exists()
 
 
+@pytest.mark.parametrize("compressor", [["xz", "-c", "--lzma2=preset=0,dict=1536MiB"],
+                                        ["zstd", "-q", "-c", "--long=31"]], ids=["xz", "zstd"])
+def test_a_layer_that_asks_its_decompressor_for_gigabytes_is_refused(tmp_path, compressor):
+    """A layer names the window its decompressor must hold. A hostile registry's xz layer (a
+    gzip media type does not stop it: the compression is sniffed) declaring a 1.5 GiB
+    dictionary made ``xz -dc`` hold up to that much memory while it expanded a few hundred KB
+    of zeros (measured: 1.2 GiB resident for a 183 KB blob); zstd refuses more than a 128 MiB
+    window by default. Both are bounded the same way now; this layer itself is tiny."""
+    data = layer_tar([f("etc/hostname", b"bomb\n")])
+    # From a pipe the size is unknown, so the frame keeps the whole window it was made with.
+    blob_bytes = subprocess.run(compressor, input=data, capture_output=True, check=True).stdout
+    blob = tmp_path / "layer.blob"
+    blob.write_bytes(blob_bytes)
+    from berth.image.flatten import Layer
+    from berth.oci.digest import Digest
+    layer = Layer(blob, "application/vnd.oci.image.layer.v1.tar+gzip", Digest("sha256", hashlib.sha256(blob_bytes).hexdigest()))
+    with pytest.raises(ImageError, match="cannot be decompressed") as caught:
+        build_squashfs([layer], tmp_path / "image.sqfs")
+    assert "memory" in str(caught.value).lower(), str(caught.value)
+    assert caught.value.hint.startswith("the layer asks for more memory to decompress than berth allows")
+    assert not (tmp_path / "image.sqfs").exists()
+
+
 def test_tar_bomb_of_many_entries_is_refused(tmp_path):
     layer = write_layer(tmp_path, [f(f"d{i % 50}/f{i}") for i in range(20_000)])
     with pytest.raises(ImageError, match="more than 10000 entries"):

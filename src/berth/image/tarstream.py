@@ -346,6 +346,11 @@ class ByteSink:
 #: +4%, zlib-ng +13%, pigz 2.4x, zlib 2.1x), and a program inflates on the other core while
 #: berth parses tar, which an in-process inflater would do under the GIL.
 _PROGRAMS = {"gzip": ("igzip", "pigz"), "zstd": ("zstd",), "xz": ("xz",)}
+#: What a decompressor may allocate: a zstd frame or an xz stream names the window it needs,
+#: and a hostile registry's xz layer declaring a 1.5 GiB dictionary made ``xz -dc`` (which has
+#: no limit by default) hold that much while it expanded a few hundred KB of zeros. 128 MiB is
+#: zstd's own default (window log 27, stated here so that it stays); ``xz -9`` needs 65 MiB.
+_MEMORY_LIMITS = {"zstd": ("--memory=128MiB",), "xz": ("--memlimit-decompress=128MiB",)}
 
 
 def decompressor(kind: str, *, prefer_programs: bool = True) -> str | None:
@@ -397,7 +402,7 @@ def _decompressed(raw: BinaryIO, head: bytes, what: str, prefer_programs: bool) 
             raise ImageError(f"{what} is not valid gzip data: {exc}",
                              hint="the layer blob is corrupt; remove it and pull again") from None
         return
-    child = proc.start([program, "-dc"], stdin=raw, stdout=subprocess.PIPE,
+    child = proc.start([program, "-dc", *_MEMORY_LIMITS.get(kind, ())], stdin=raw, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE)
     stderr = StderrTail(child.stderr)
     enlarge_pipe(child.stdout.fileno())
@@ -412,10 +417,13 @@ def _decompressed(raw: BinaryIO, head: bytes, what: str, prefer_programs: bool) 
         status = child.wait()
         tail = stderr.text()
     if status != 0:
+        memory = "memory usage limit" in tail.lower() or "too much memory" in tail.lower()
         raise ImageError(
             f"{what} cannot be decompressed ({program} {proc.describe_status(status)})"
             + (f": {tail}" if tail else ""),
-            hint="the layer blob is truncated or corrupt; remove it from the store and pull again",
+            hint="the layer asks for more memory to decompress than berth allows (128 MiB, zstd's default): "
+                 "tell the image's maintainer to rebuild it with default compression settings" if memory else
+                 "the layer blob is truncated or corrupt; remove it from the store and pull again",
         )
 
 
