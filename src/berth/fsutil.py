@@ -129,7 +129,8 @@ def _beneath_error(exc: OSError, path: str) -> OSError:
 
 @contextmanager
 def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = None,
-                  nofollow_dir: bool = False, durable: bool = True, unnamed: bool = False) -> Iterator[BinaryIO]:
+                  nofollow_dir: bool = False, durable: bool = True, unnamed: bool = False,
+                  swept: set | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file; when the block ends without an exception its content atomically
     replaces ``path`` (see the module docstring). On an exception nothing changes.
 
@@ -143,13 +144,17 @@ def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = No
     file has no name while it is written (``O_TMPFILE``), and gets one only for the rename: a
     process killed meanwhile (a stage-in cut by the job's end) leaves nothing behind, where a
     named one stayed as ``.NAME.RANDOM.tmp``; on a file system without ``O_TMPFILE`` (NFS,
-    FUSE...) it is the named one. Raises OSError.
+    Lustre, FUSE...) it is a named one that says its writer, ``.NAME.RANDOM.berth-PID-HOST.tmp``.
+    ``swept``: a set of the caller's (one stage-in's): the first such fallback into a directory
+    not in it removes what killed writers left there (:func:`remove_dead_temporaries`) and adds
+    the directory, so that a run of many files lists each directory once. Raises OSError.
     """
     directory = open_directory(path.parent, nofollow=nofollow_dir)
     try:
         staging = directory if staging_dir is None else open_directory(staging_dir)
         try:
-            with _replacing(directory, staging, path.name, mode, durable=durable, unnamed=unnamed) as handle:
+            with _replacing(directory, staging, path.name, mode, durable=durable, unnamed=unnamed,
+                            swept=swept) as handle:
                 yield handle
         finally:
             if staging != directory:
@@ -160,19 +165,19 @@ def atomic_writer(path: Path, *, mode: int | None, staging_dir: Path | None = No
 
 @contextmanager
 def _replacing(directory: int, staging: int, name: str, mode: int | None, *, durable: bool,
-               unnamed: bool = False) -> Iterator[BinaryIO]:
+               unnamed: bool = False, swept: set | None = None) -> Iterator[BinaryIO]:
     """The one atomic replacement (module docstring): a temporary file in ``staging`` that,
     when the block ends without an exception, is flushed (fsynced if ``durable``) and renamed
     over ``name`` in ``directory``, whose rename is then made durable too. ``unnamed``: see
     :func:`atomic_writer`; the file is linked under a temporary name just before the rename."""
-    with _staged(staging, name, mode, unnamed=unnamed) as staged:
+    with _staged(staging, name, mode, unnamed=unnamed, swept=swept) as staged:
         handle = staged[0]
         yield handle
         handle.flush()
         if durable:
             os.fsync(handle.fileno())
         if staged[1] is None:  # unnamed until now
-            temporary = _temporary_name(name)
+            temporary = _temporary_name(name, owned=True)
             os.link(descriptor_path(handle.fileno()), temporary, dst_dir_fd=staging)  # linkat, following /proc's link
             staged[1] = temporary  # removed by _staged should the rename fail
         os.replace(staged[1], name, src_dir_fd=staging, dst_dir_fd=directory)
@@ -184,18 +189,77 @@ def _replacing(directory: int, staging: int, name: str, mode: int | None, *, dur
 NAME_MAX = 255
 
 
-def _temporary_name(name: str) -> str:
+def _temporary_name(name: str, *, owned: bool = False) -> str:
     """``.NAME.RANDOM.tmp``, NAME cut (in bytes) so that the whole fits :data:`NAME_MAX`
-    whatever the final name's length (a 255-byte name is valid; its temporary name was not)."""
-    suffix = f".{os.urandom(6).hex()}.tmp"
+    whatever the final name's length (a 255-byte name is valid; its temporary name was not).
+    ``owned``: ``.NAME.RANDOM.berth-PID-HOST.tmp``, naming its writer (:func:`_writer_tag`), so
+    that :func:`remove_dead_temporaries` can tell a dead writer's leftover from a live one's."""
+    suffix = f".{os.urandom(6).hex()}" + (f".berth-{_writer_tag()}" if owned else "") + ".tmp"
     return "." + os.fsdecode(os.fsencode(name)[:NAME_MAX - 1 - len(suffix)]) + suffix
 
 
+def _host_tag() -> str:
+    """8 hex digits for this node and pid namespace (where a pid names one process)."""
+    from hashlib import sha256
+
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return sha256(f"{os.uname().nodename}\0{namespace}".encode()).hexdigest()[:8]
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+def remove_dead_temporaries(directory: int) -> int:
+    """Remove from the directory open as ``directory`` the named temporary files
+    (``_temporary_name(owned=True)``) of writers that died: written on this node (and pid
+    namespace) by a process that no longer exists, regular files of the caller's. A writer
+    killed where the file system has no ``O_TMPFILE`` (NFS, Lustre: a stage-in cut by its job's
+    end) left one; the next such write into the directory calls this. A live writer's file, one
+    from another node and anything else are left alone. Returns how many were removed."""
+    import re
+
+    pattern = re.compile(r"\..*\.[0-9a-f]{12}\.berth-([0-9]+)-([0-9a-f]{8})\.tmp", re.DOTALL)
+    host, removed = _host_tag(), 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or match.group(2) != host or _process_exists(int(match.group(1))):
+            continue
+        try:
+            info = os.lstat(name, dir_fd=directory)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.unlink(name, dir_fd=directory)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's (or no pid at all: never judged dead)
+    return True
+
+
 @contextmanager
-def _staged(directory: int, name: str, mode: int | None, *, unnamed: bool = False) -> Iterator[list]:
+def _staged(directory: int, name: str, mode: int | None, *, unnamed: bool = False,
+            swept: set | None = None) -> Iterator[list]:
     """A new temporary file in ``directory``, as ``[handle, its name]``: exclusive under a new
     name, or without one (None) with ``unnamed`` where the file system can (``O_TMPFILE``); the
-    caller that links it sets the name it gave. Removed unless the block renamed it."""
+    caller that links it sets the name it gave. Removed unless the block renamed it. Where
+    ``unnamed`` falls back to a name, that name says its writer (a kill leaves it), and the dead
+    writers' ones are removed first, once per directory in ``swept`` (see atomic_writer)."""
     create = 0o666 if mode is None else 0o600
     fd = -1
     if unnamed:
@@ -204,7 +268,12 @@ def _staged(directory: int, name: str, mode: int | None, *, unnamed: bool = Fals
         except OSError as exc:  # not supported there (EISDIR: a kernel that predates it)
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-    staged: list = [None, None if fd >= 0 else _temporary_name(name)]
+        if fd < 0 and swept is not None:
+            info = os.fstat(directory)
+            if (info.st_dev, info.st_ino) not in swept:
+                swept.add((info.st_dev, info.st_ino))
+                remove_dead_temporaries(directory)
+    staged: list = [None, None if fd >= 0 else _temporary_name(name, owned=unnamed)]
     if fd < 0:
         fd = os.open(staged[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      create, dir_fd=directory)

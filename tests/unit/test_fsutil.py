@@ -99,6 +99,34 @@ def test_an_unnamed_writer_has_no_name_until_it_is_renamed_and_falls_back_to_one
     assert os.listdir(tmp_path) == ["data.bin"] and target.read_bytes() == b"new"
 
 
+def test_only_dead_writers_temporary_files_of_this_node_are_removed(tmp_path):
+    """remove_dead_temporaries (the O_TMPFILE fallback's clean-up): a named temporary file of a
+    writer that died on this node goes; a live writer's, another node's, and files that are not
+    berth's temporaries stay."""
+    import subprocess
+
+    from berth.fsutil import _host_tag, _temporary_name, remove_dead_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mine = _temporary_name("data.bin", owned=True)
+    assert f".berth-{os.getpid()}-{_host_tag()}.tmp" in mine
+    writer, other_node = f"-{os.getpid()}-{_host_tag()}.", f"-{dead.pid}-{'0' * 8 if _host_tag() != '0' * 8 else '1' * 8}."
+    names = {"dead": mine.replace(writer, f"-{dead.pid}-{_host_tag()}."), "live": mine,
+             "other node": mine.replace(writer, other_node),
+             "plain": _temporary_name("data.bin"), "data": "data.bin"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    os.mkdir(tmp_path / names["dead"].replace("data.bin", "dir.bin"))  # not a regular file
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert remove_dead_temporaries(directory) == 1
+    finally:
+        os.close(directory)
+    kept = set(os.listdir(tmp_path))
+    assert names["dead"] not in kept and kept >= {names[key] for key in ("live", "other node", "plain", "data")}
+
+
 def test_mode_none_creates_as_open_would_under_the_umask(tmp_path):
     old_umask = os.umask(0o027)
     try:

@@ -949,7 +949,14 @@ def test_host_copies_and_https_sources_are_on_disk_before_their_names(tmp_path, 
 
 
 KILLED_STAGE_IN = """\
-import sys
+import os, sys
+if sys.argv[3] == "none":  # a file system without O_TMPFILE (NFS, Lustre)
+    real_open = os.open
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+    os.open = no_tmpfile
 from berth.staging import transfer
 from berth.staging.locations import parse_transfer
 from berth.staging.profiles import S3Profile
@@ -958,10 +965,13 @@ transfer.stage_in((parse_transfer(sys.argv[1] + ":in/", "in"),), profile, sys.ar
 """
 
 
-def test_a_stage_in_killed_while_it_downloads_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("tmpfile", ["O_TMPFILE", "none"])
+def test_a_stage_in_killed_while_it_downloads_leaves_no_temporary_file(tmp_path, monkeypatch, tmpfile):
     """A stage-in killed with its job (SIGKILL) left its temporary file, ``.NAME.RANDOM.tmp``,
     in the job's directory, and every later kill another. The file has no name until it is
-    complete (O_TMPFILE, on the file systems that have it: this test's tmp directory)."""
+    complete (O_TMPFILE, on the file systems that have it: this test's tmp directory). Where
+    the file system has none (NFS, Lustre: forced here), the named file a kill leaves says its
+    writer, and the next stage-in into the directory removes it (the writer is dead)."""
     import signal
     import subprocess
     import sys
@@ -992,7 +1002,7 @@ def test_a_stage_in_killed_while_it_downloads_leaves_no_temporary_file(tmp_path)
     job.mkdir()
     with _serving(Stalling) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/d/obj.txt"
-        process = subprocess.Popen([sys.executable, "-c", KILLED_STAGE_IN, url, str(job)])
+        process = subprocess.Popen([sys.executable, "-c", KILLED_STAGE_IN, url, str(job), tmpfile])
         try:
             deadline = time.monotonic() + 60
             while not (sent.is_set() and bytes_written_in(process.pid, job / "in") is not None):  # named or not
@@ -1005,7 +1015,25 @@ def test_a_stage_in_killed_while_it_downloads_leaves_no_temporary_file(tmp_path)
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    assert os.listdir(job / "in") == []
+    if tmpfile == "O_TMPFILE":
+        assert os.listdir(job / "in") == []
+        return
+    left = os.listdir(job / "in")
+    assert len(left) == 1 and left[0].startswith(".obj.txt.") and f".berth-{process.pid}-" in left[0], left
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    from berth.staging.locations import parse_transfer
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    with _serving(_answering(b"ok")) as server:  # another object into the same directory
+        url = f"http://127.0.0.1:{server.server_address[1]}/d/other.txt"
+        transfer.stage_in((parse_transfer(f"{url}:in/", "in"),), _profile(), str(job))
+    assert os.listdir(job / "in") == ["other.txt"]
 
 
 def stat_mode(path) -> int:

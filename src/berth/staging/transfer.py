@@ -12,7 +12,9 @@ Rules (issue 7):
 
 - **Downloads** go to a temporary file in the destination's directory (``fsutil.atomic_writer``,
   the one atomic write, like every file staging writes; unnamed until the rename where the file
-  system allows, so that a stage-in killed with its job leaves no ``.NAME.*.tmp`` behind) and
+  system allows, so that a stage-in killed with its job leaves no ``.NAME.*.tmp`` behind; where
+  it does not, the name says its writer and the next write into the directory removes a dead
+  writer's) and
   are renamed only after the size and
   the ETag were verified: a plain ETag is the object's MD5, hashed as
   the body arrives; an object from ``multipart_threshold`` on is fetched in parallel ranged GETs
@@ -711,6 +713,8 @@ class _Runner:
         self._stores: dict[str, object] = {}
         self._lock = threading.Lock()
         self.large = threading.BoundedSemaphore(LARGE_AT_ONCE)
+        #: Directories whose dead writers' temporary files are removed (fsutil.atomic_writer).
+        self.swept: set = set()
 
     def store(self, bucket: str):
         # Worker threads ask at once: one store (and one connection pool) per bucket for all.
@@ -763,7 +767,7 @@ class _Runner:
         try:
             # mode None: what open() would create, as for copies and https sources; durable:
             # the module docstring says why.
-            with fsutil.atomic_writer(Path(final), mode=None, unnamed=True) as out:
+            with fsutil.atomic_writer(Path(final), mode=None, unnamed=True, swept=self.swept) as out:
                 fd = out.fileno()  # written with os.write/pwrite only: the buffer stays empty
                 if get.size >= self.profile.multipart_threshold:
                     with self.large:
@@ -975,7 +979,7 @@ class _Runner:
         except FileNotFoundError:
             pass
         os.set_blocking(source.fileno(), True)
-        with fsutil.atomic_writer(Path(final), mode=None, unnamed=True) as out:  # durable: the module docstring says why
+        with fsutil.atomic_writer(Path(final), mode=None, unnamed=True, swept=self.swept) as out:  # durable: the module docstring says why
             # As cp: no permission the source lacks (a private result stays private), set before
             # any byte is in the file.
             created = stat.S_IMODE(os.fstat(out.fileno()).st_mode)
@@ -1038,7 +1042,7 @@ class _Runner:
                 parent, name = _open_parent_beneath(root, os.path.relpath(path, root), shown)
                 try:
                     with fsutil.atomic_writer(Path(fsutil.descriptor_path(parent, name)), mode=None,
-                                              unnamed=True) as out:  # durable, as every staged file
+                                              unnamed=True, swept=self.swept) as out:  # durable, as every staged file
                         for chunk in response.stream(_READ_CHUNK):
                             out.write(chunk)
                             size += len(chunk)
