@@ -469,20 +469,37 @@ def _listing(directory: int) -> list[tuple[str, bool]]:
         return []
 
 
+#: How many levels of the tree remove_tree keeps open below the top of its walk; the levels
+#: under them are closed and opened again by name when the walk returns to them.
+OPEN_LEVELS = 16
+
+
 def _remove_entries(directory: int) -> None:
     """Remove everything inside the directory open as ``directory`` (see :func:`remove_tree`).
     Depth first with a stack of its own, not recursion: a tree nested deeper than Python's
-    recursion limit (a container can make one in its /tmp) is removed like any other."""
-    stack = [(directory, _listing(directory), "")]
+    recursion limit (a container can make one in its /tmp) is removed like any other. The walk
+    holds at most :data:`OPEN_LEVELS` descriptors besides ``directory`` (one per level held
+    open left a tree deeper than the open-files limit in place, quietly): a level further down
+    is closed and opened again by name from the nearest level still open when the walk returns
+    to it (never through a link), and only when it is still the very directory (device and
+    inode) it was; one that was swapped meanwhile is left, with what is under it."""
+    stack = [[directory, _listing(directory), "", None]]  # [descriptor or None, entries, name, (dev, ino)]
     try:
         while stack:
-            fd, entries, name = stack[-1]
+            if stack[-1][0] is None and not _reopen(stack):
+                continue
+            fd, entries, name, _identity = stack[-1]
             if entries:
                 entry, is_directory = entries.pop()
                 if is_directory:
                     child = _open_to_remove(entry, fd)
                     if child is not None:
-                        stack.append((child, _listing(child), entry))
+                        info = os.fstat(child)
+                        stack.append([child, _listing(child), entry, (info.st_dev, info.st_ino)])
+                        below = len(stack) - 1 - OPEN_LEVELS
+                        if below >= 1 and stack[below][0] is not None:
+                            os.close(stack[below][0])
+                            stack[below][0] = None
                         continue
                 try:
                     os.unlink(entry, dir_fd=fd)  # a link itself, never what it names
@@ -492,10 +509,42 @@ def _remove_entries(directory: int) -> None:
             stack.pop()
             if stack:
                 os.close(fd)
+                if stack[-1][0] is None and not _reopen(stack):
+                    continue
                 try:
                     os.rmdir(name, dir_fd=stack[-1][0])
                 except OSError:
                     pass
     finally:
-        for fd, _entries, _name in stack[1:]:
-            os.close(fd)
+        for level in stack[1:]:
+            if level[0] is not None:
+                os.close(level[0])
+
+
+def _reopen(stack: list) -> bool:
+    """Open again, by name from the nearest level still open, the closed levels down to the
+    top of ``stack`` (see _remove_entries), keeping the last :data:`OPEN_LEVELS` of them open.
+    False when one is gone or is not the directory it was: the stack is then cut above the
+    level that could be opened, and what is under it stays."""
+    top = len(stack) - 1
+    base = max(index for index, level in enumerate(stack) if level[0] is not None)  # the root is open
+    parent = stack[base][0]
+    for index in range(base + 1, top + 1):
+        child = _open_to_remove(stack[index][2], parent)
+        if child is not None:
+            info = os.fstat(child)
+            if (info.st_dev, info.st_ino) != stack[index][3]:
+                os.close(child)
+                child = None
+        if parent != stack[base][0] and stack[index - 1][0] is None:
+            os.close(parent)  # a level passed through, not kept
+        if child is None:
+            for level in stack[index:]:
+                if level[0] is not None:
+                    os.close(level[0])
+            del stack[index:]
+            return False
+        if index > top - OPEN_LEVELS:
+            stack[index][0] = child
+        parent = child
+    return True

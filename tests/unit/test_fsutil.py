@@ -353,6 +353,47 @@ def test_remove_tree_removes_links_never_what_they_name(user_tmp, user):
     (outside / "d").chmod(0o700)
 
 
+def _chain(directory: int, depth: int, *, branch_every: int = 0) -> None:
+    """``depth`` nested directories ``d`` under the directory open as ``directory``, a file in
+    each, and every ``branch_every`` levels a second chain ``e`` of 40 levels."""
+    fd = os.dup(directory)
+    for level in range(depth):
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+        if branch_every and level % branch_every == 0:
+            os.mkdir("e", dir_fd=fd)
+            branch = os.open("e", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            _chain(branch, 40)
+            os.close(branch)
+        os.mkdir("d", 0o500 if level % 7 == 0 else 0o700, dir_fd=fd)  # some read-only, as images have
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+
+
+def test_remove_tree_removes_a_tree_deeper_than_the_open_files_limit(tmp_path):
+    """remove_tree held one descriptor per level: below the open-files limit (RLIMIT_NOFILE,
+    1024 by default; a container can nest its /tmp deeper) every open failed with EMFILE, and
+    the tree was left in place, quietly. The limit here is what the process has open plus 24."""
+    import resource
+
+    from berth.fsutil import remove_tree
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    _chain(fd, 300, branch_every=60)
+    os.close(fd)
+
+    def remove_with_few_descriptors():
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard))
+        remove_tree(tree)
+
+    _as_owner_of(tree, remove_with_few_descriptors)
+    assert not tree.exists()
+
+
 def test_remove_tree_removes_a_tree_deeper_than_the_recursion_limit(tmp_path):
     # A container can nest directories in its /tmp deeper than Python's recursion limit;
     # teardown must still remove them (a RecursionError escaped the recursive walk, and every
