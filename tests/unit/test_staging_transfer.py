@@ -682,6 +682,112 @@ def _serving(handler: type, certs: dict | None = None):
         server.server_close()
 
 
+def _listing_server(page, pages_served: list[int]) -> type:
+    """A loopback S3 endpoint (path style) whose ListObjectsV2 answers ``page(n)`` -> (keys,
+    truncated) for its n-th page (from 0) and counts the pages in ``pages_served``; any other
+    request is 404."""
+    from urllib.parse import parse_qs, urlsplit
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if "list-type" not in parse_qs(urlsplit(self.path).query):
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            keys, truncated = page(len(pages_served))
+            pages_served.append(len(keys))
+            contents = "".join(f"<Contents><Key>{key}</Key><LastModified>2025-01-01T00:00:00.000Z</LastModified>"
+                               "<ETag>&quot;0cc175b9c0f1b6a831c399e269772661&quot;</ETag><Size>1</Size></Contents>"
+                               for key in keys)
+            body = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bucket</Name>'
+                    f"<Prefix>data/</Prefix><KeyCount>{len(keys)}</KeyCount><MaxKeys>1000</MaxKeys>"
+                    f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"
+                    + ("<NextContinuationToken>again</NextContinuationToken>" if truncated else "")
+                    + contents + "</ListBucketResult>").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    return Handler
+
+
+@pytest.mark.parametrize("endless", ["repeating", "growing"])
+def test_a_listing_that_never_ends_is_stopped(tmp_path, monkeypatch, endless):
+    """A hostile S3 endpoint answered every ListObjectsV2 page 'truncated, continue with token
+    X': obstore asks again for ever (measured: ~110 pages a second), and berth kept every object
+    in a list until the node ran out of memory. A page that repeats keys already listed stops
+    the listing at once; one that keeps bringing new keys stops at MAX_LISTED_OBJECTS. (The
+    fake ends after 40 pages, so that the test ends before the fix too.)"""
+    from berth.staging.locations import parse_transfer
+
+    monkeypatch.setattr(transfer, "MAX_LISTED_OBJECTS", 2500, raising=False)
+    served: list[int] = []
+
+    def page(n):
+        first = 0 if endless == "repeating" else n * 1000
+        return [f"data/k{i:08d}" for i in range(first, first + 1000)], n < 40
+    with _serving(_listing_server(page, served)) as server:
+        profile = S3Profile("p", endpoint=f"http://127.0.0.1:{server.server_address[1]}", access_key="A",
+                            secret_key="S", addressing_style="path")
+        with pytest.raises(StagingError) as caught:
+            transfer.stage_in((parse_transfer("s3://bucket/data/:input/", "in"),), profile, str(tmp_path))
+    if endless == "repeating":
+        assert "listed the key 'data/k00000000' twice" in caught.value.message, caught.value.message
+        assert len(served) == 2
+    else:
+        assert "more than 2500 objects under s3://bucket/data/" in caught.value.message, caught.value.message
+        assert len(served) == 3
+    assert not (tmp_path / "input").exists()
+
+
+@pytest.mark.parametrize("answer, words", [
+    ("lying", "the connection to http://127.0.0.1:"),           # Content-Length 7, 3 bytes, then closed
+    ("short", "the object changed during the transfer (7 bytes listed, 3 now)"),  # a 200 of 3 bytes
+])
+def test_a_200_with_a_short_body_leaves_no_file(tmp_path, answer, words):
+    """A hostile or broken endpoint answers the GET of a 7-byte object with 200 and 3 bytes
+    (announced as 7, or as 3): the real library, end to end; nothing is renamed into DEST."""
+    from berth.staging.locations import parse_transfer
+
+    etag = hashlib.md5(b"payload").hexdigest()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _head(self, length):
+            self.send_response(200)
+            for name, value in (("Content-Length", length), ("ETag", f'"{etag}"'),
+                                ("Last-Modified", "Wed, 01 Jan 2025 00:00:00 GMT")):
+                self.send_header(name, value)
+            self.end_headers()
+
+        def do_HEAD(self):  # noqa: N802 - http.server's naming
+            self._head("7")
+
+        def do_GET(self):  # noqa: N802
+            self._head("7" if answer == "lying" else "3")
+            self.wfile.write(b"pay")
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    with _serving(Handler) as server:
+        profile = S3Profile("p", endpoint=f"http://127.0.0.1:{server.server_address[1]}", access_key="A",
+                            secret_key="S", addressing_style="path")
+        with pytest.raises(StagingError) as caught:
+            transfer.stage_in((parse_transfer("s3://bucket/data/x:input/x", "in"),), profile, str(tmp_path))
+    assert words in caught.value.message, caught.value.message
+    assert os.listdir(tmp_path / "input") == []
+
+
 def test_an_https_stage_in_adds_the_profiles_ca_bundle_to_the_system_roots(tmp_path, monkeypatch):
     """docs/staging.md: ca_bundle is added to the system's trusted roots. For https:// sources
     it replaced them (urllib3's ca_certs): a profile with a site CA could no longer fetch from

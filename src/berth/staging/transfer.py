@@ -98,6 +98,12 @@ _READ_CHUNK = 1 << 20
 #: the Python loop around it costs nothing (4,096 pieces per GiB).
 _RANGE_PIECE = 256 << 10
 _MAX_LISTED_FAILURES = 20
+#: The most objects one stage-in item may list. An endpoint decides when its listing ends: a
+#: hostile one answering "truncated, continue" for ever made berth keep every object listed
+#: until the node ran out of memory (a listing that repeats a key stops at once). Two million
+#: holds ImageNet's 1.28 million training images as objects; a listed object takes ~0.8 KB of
+#: memory (measured: 200,000 keys of 40 bytes listed from a loopback endpoint, maximum RSS).
+MAX_LISTED_OBJECTS = 2_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,12 +458,31 @@ def _resolve(workdir: str, path: str) -> str:
 
 
 def _list_prefix(store, location: S3Location, profile: S3Profile) -> list[dict]:
+    """Every object under ``location``, read page by page (obstore asks for the next page as
+    long as the endpoint says there is one). Raises StagingError for a listing that repeats a
+    key (it would never end) or holds more than MAX_LISTED_OBJECTS."""
     import obstore
 
+    endpoint = profile.endpoint or "the AWS default endpoint"
+    found: list[dict] = []
+    seen: set[str] = set()
     try:
-        return [meta for chunk in obstore.list(store, location.key or None, chunk_size=1000) for meta in chunk]
+        for chunk in obstore.list(store, location.key or None, chunk_size=1000):
+            for meta in chunk:
+                if meta["path"] in seen:
+                    raise StagingError(f"{location}: the S3 service at {endpoint} listed the key '{meta['path']}' "
+                                       "twice: its listing repeats itself and would never end",
+                                       hint="the service is broken or hostile: ask its operators")
+                seen.add(meta["path"])
+                found.append(meta)
+            if len(found) > MAX_LISTED_OBJECTS:
+                raise StagingError(f"more than {MAX_LISTED_OBJECTS} objects under {location}: more than berth "
+                                   "lists for one stage-in item",
+                                   hint="stage narrower prefixes as several items (or pack small objects "
+                                        "into archives); if the prefix is not that large, the service is broken")
     except Exception as exc:  # noqa: BLE001 - mapped to a BerthError naming the prefix
         raise s3_error(exc, str(location), profile) from None
+    return found
 
 
 def _bucket_missing(store, bucket: str, profile: S3Profile) -> NotFound | None:
