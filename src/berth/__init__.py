@@ -22,11 +22,11 @@ class _PathlibWithoutUrllibParse:
     whatever imports urllib.parse later gets the real module. Nothing changes where pathlib or
     urllib.parse is imported already (tests), and nothing is imported before pathlib is."""
 
-    @staticmethod
-    def find_spec(name, path=None, target=None):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
         if name != "pathlib":
             return None
-        sys.meta_path.remove(_PathlibWithoutUrllibParse)
+        sys.meta_path.remove(cls)  # itself: after a reload of berth the module's name is another class
         if "urllib.parse" in sys.modules:
             return None
         for finder in sys.meta_path:
@@ -44,6 +44,12 @@ class _PathlibWithoutUrllibParse:
             return real(bs, safe)
 
         def exec_with_stand_in(module):
+            # Once: the loader is pathlib's own for good (a reload or an exec_module through
+            # this spec again runs pathlib as Python would), and a real urllib.parse imported
+            # meanwhile is never replaced (it was, and then dropped from sys.modules).
+            del loader.exec_module
+            if "urllib.parse" in sys.modules:
+                return exec_module(module)
             sys.modules["urllib.parse"] = stand_in
             try:
                 exec_module(module)
@@ -56,5 +62,6 @@ class _PathlibWithoutUrllibParse:
         return spec
 
 
-if "pathlib" not in sys.modules:
+if "pathlib" not in sys.modules and not any(getattr(finder, "__qualname__", "") == "_PathlibWithoutUrllibParse"
+                                           for finder in sys.meta_path):  # once, a reload of berth too
     sys.meta_path.insert(0, _PathlibWithoutUrllibParse)

@@ -161,6 +161,33 @@ def test_the_execution_half_of_a_run_imports_only_what_it_uses(tmp_path):
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+def test_the_pathlib_hook_acts_once_and_never_on_a_reload():
+    """The hook patched exec_module on the loader of pathlib's spec for good: executing pathlib
+    again through it (a reload that reuses the module's spec or loader) put the stand-in in
+    sys.modules over the real urllib.parse and then dropped it there (the next import made a
+    second urllib.parse), and bound the stand-in's quote_from_bytes into pathlib again. A reload
+    of berth before pathlib is imported put a second hook in sys.meta_path."""
+    code = (
+        "import importlib, sys\n"
+        "import berth\n"
+        "importlib.reload(berth)\n"
+        "print(sum(getattr(f, '__qualname__', '') == '_PathlibWithoutUrllibParse' for f in sys.meta_path))\n"
+        "import pathlib\n"
+        "spec = pathlib.__spec__\n"
+        "print('urllib.parse' in sys.modules, 'exec_module' in vars(spec.loader))\n"
+        "import urllib.parse\n"
+        "real = urllib.parse\n"
+        "spec.loader.exec_module(pathlib)\n"
+        "print(sys.modules.get('urllib.parse') is real, pathlib.urlquote_from_bytes is real.quote_from_bytes)\n"
+        "importlib.reload(pathlib)\n"
+        "print(sys.modules.get('urllib.parse') is real, pathlib.urlquote_from_bytes is real.quote_from_bytes)\n"
+        "print(pathlib.PurePosixPath('/a b').as_uri())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["1", "False False", "True True", "True True", "file:///a%20b"], \
+        result.stdout + result.stderr
+
+
 def test_pathlib_comes_without_urllib_parse_and_both_still_work():
     """Once berth is imported, pathlib comes without the urllib.parse (and ipaddress) it imports
     for PurePath.as_uri alone (~2.2 ms of every start), and only when something imports it;
