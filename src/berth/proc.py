@@ -246,7 +246,7 @@ def _run_spawned(argv, env, stdin, stdout, stderr, cwd, timeout) -> tuple[Comple
                 readers[read_end] = target
                 writers.append(write_end)
                 streams[target] = write_end
-        child = Child(_spawn(argv, env, *streams, cwd=cwd), argv)
+        child = _spawn_child(argv, env, *streams, cwd=cwd)
     except BaseException:
         for fd in (*readers, *writers):
             os.close(fd)
@@ -324,8 +324,8 @@ def start(
     stay held)."""
     argv = [find_program(argv[0]), *argv[1:]]
     if PIPE not in (stdin, stdout, stderr) and _spawnable(cwd):
-        return Child(_spawn(argv, env, stdin, stdout, stderr, cwd=cwd, pass_fds=pass_fds, new_session=new_session,
-                            move_fds=move_fds), argv)
+        return _spawn_child(argv, env, stdin, stdout, stderr, cwd=cwd, pass_fds=pass_fds, new_session=new_session,
+                            move_fds=move_fds)
     import subprocess
 
     saved: list[tuple[int, int | None, bool]] = []
@@ -375,8 +375,33 @@ def _stream_fd(stream) -> int | None:
     return stream if stream is None or isinstance(stream, int) else stream.fileno()
 
 
+def _spawn_child(argv: list[str], env: Mapping[str, str] | None, stdin, stdout, stderr, **options) -> Child:
+    """:func:`_spawn` and the :class:`Child` for it, with :data:`FORWARDED_SIGNALS` blocked in
+    this thread in between: a stop signal whose handler raised (:func:`raise_on_stop`) as
+    posix_spawn returned lost the child, which was then never killed nor waited for (the
+    handler runs at the first bytecode after the call, before the pid is stored). A signal that
+    comes meanwhile is handled once the Child exists, and kills it. The child gets the caller's
+    signal mask. (subprocess.Popen, used where posix_spawn cannot do what is asked, keeps the
+    window it has.) Raises OSError."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read first: a handler may raise after the block
+    child = None
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        child = Child(_spawn(argv, env, stdin, stdout, stderr, sigmask=previous, **options), argv)
+    finally:
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal's handler runs here
+        except BaseException:
+            if child is not None:
+                child.kill()
+                child.wait()
+            raise
+    return child
+
+
 def _spawn(argv: list[str], env: Mapping[str, str] | None, stdin, stdout, stderr, *, cwd: str | None = None,
-           pass_fds: Sequence[int] = (), new_session: bool = False, move_fds: Mapping[int, int] | None = None) -> int:
+           pass_fds: Sequence[int] = (), new_session: bool = False, move_fds: Mapping[int, int] | None = None,
+           sigmask=None) -> int:
     """posix_spawn ``argv`` (an absolute path first) and return its pid. The streams: None
     (berth's own), DEVNULL, STDOUT (for stderr), a descriptor or a file; ``move_fds`` and
     ``pass_fds`` as :func:`start` takes them. Every other descriptor is closed in the child:
@@ -411,15 +436,16 @@ def _spawn(argv: list[str], env: Mapping[str, str] | None, stdin, stdout, stderr
             except OSError:
                 pass  # not open (the listing's own descriptor)
     environment = os.environ if env is None else env
+    masked = {} if sigmask is None else {"setsigmask": sigmask}
     if cwd is None:
         return os.posix_spawn(argv[0], argv, environment, file_actions=actions, setsid=new_session,
-                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), **masked)
     here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.chdir(cwd)
         try:
             return os.posix_spawn(argv[0], argv, environment, file_actions=actions, setsid=new_session,
-                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), **masked)
         finally:
             os.fchdir(here)
     finally:

@@ -110,3 +110,52 @@ def test_run_and_start_import_no_subprocess():
             "print(sorted(m for m in ('subprocess', 'threading', 'selectors', 'shutil') if m in sys.modules))\n")
     result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+#: A stop signal (SIGTERM, raise_on_stop's StopRequested) arriving as posix_spawn returns: the
+#: wrapper sends it right after the real call, before berth's code has the pid.
+SIGNALLED_AS_SPAWNED = """\
+import os, signal, sys
+from berth import proc
+proc.raise_on_stop()
+real, spawned = os.posix_spawn, []
+def spawn_then_signalled(*args, **kwargs):
+    spawned.append(real(*args, **kwargs))
+    os.kill(os.getpid(), signal.SIGTERM)
+    return spawned[-1]
+os.posix_spawn = spawn_then_signalled
+try:
+    if sys.argv[1] == "start":
+        proc.start(["/bin/sleep", "60"])
+    else:
+        proc.run(["/bin/sleep", "60"])
+    print("not stopped")
+except proc.StopRequested:
+    print("stopped")
+try:
+    pid, _ = os.waitpid(spawned[0], os.WNOHANG)
+    print("left running" if pid == 0 else "left for its parent to reap")
+    os.kill(spawned[0], signal.SIGKILL)
+except ChildProcessError:
+    print("killed and reaped")
+"""
+
+
+@pytest.mark.parametrize("how", ["start", "run"])
+def test_a_stop_signal_as_the_child_is_spawned_does_not_lose_it(how):
+    """A stop signal whose handler raised between posix_spawn and storing the pid lost the
+    child: never killed nor waited for, it ran on after berth stopped."""
+    result = subprocess.run([PYTHON, "-c", SIGNALLED_AS_SPAWNED, how], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["stopped", "killed and reaped"], result.stdout + result.stderr
+
+
+def test_a_spawned_child_gets_berths_signal_mask_not_the_spawns():
+    """The stop signals are blocked in berth while it spawns: the child must not keep them so."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        result = proc.run(["/bin/grep", "^SigBlk", "/proc/self/status"])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    blocked = int(result.stdout.split()[1], 16)
+    assert blocked == 1 << (signal.SIGUSR2 - 1), hex(blocked)
+
