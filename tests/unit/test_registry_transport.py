@@ -80,6 +80,8 @@ def test_same_origin():
     assert not same_origin("http://a:5000/x", "http://a:5001/x")
     assert not same_origin("https://a/x", "http://a/x")
     assert not same_origin("https://a/x", "https://b/x")
+    assert not same_origin("http://b\\@a/x", "http://a/x")  # urllib3 connects to b
+    assert not same_origin("http://[a/x", "http://[a/x")      # unparsable: never the registry's
 
 
 # -- retries ---------------------------------------------------------------------------------
@@ -224,6 +226,32 @@ def test_redirect_on_the_same_host_keeps_authorization(server):
                                                   what="blob", headers={"Authorization": "Basic abc"})
     assert response.data == b"here"
     assert [r.header("Authorization") for r in server.requests] == ["Basic abc", "Basic abc"]
+
+
+def test_a_redirect_that_python_and_urllib3_read_as_different_hosts_gets_no_authorization(server):
+    """``http://OTHER\\@REGISTRY/`` is the registry to Python's urlsplit (which judged the
+    origin: the userinfo ends at the last '@') and OTHER to urllib3 (which connects: its
+    authority ends at the backslash), so the registry's credentials went to OTHER. The origin
+    is judged now as urllib3 reads the URL it connects to."""
+    other = FakeServer(lambda request: Reply(200, b"blob bytes"))
+    try:
+        server.handler = lambda request: Reply(307, headers={"Location": f"{other.url}\\@{server.host}/steal"})
+        response = make_transport(server, []).request(
+            "GET", server.url + "/v2/a/blobs/x", accept=(200,), what="blob",
+            headers={"Authorization": "Basic c2VjcmV0"})
+        assert response.data == b"blob bytes"
+        [target] = other.requests
+        assert target.header("Authorization") is None
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/x"])
+def test_a_redirect_to_another_scheme_is_refused_not_followed(server, location):
+    server.handler = lambda request: Reply(302, headers={"Location": location})
+    with pytest.raises(RegistryError, match="redirected blob to an unsupported URL"):
+        make_transport(server, []).request("GET", server.url + "/v2/a/blobs/x", accept=(200,), what="blob")
+    assert len(server.requests) == 1  # refused, not retried as a network error
 
 
 def test_redirect_loop_is_an_error(server):

@@ -59,10 +59,19 @@ NO_RETRY = RetryPolicy(attempts=1)
 
 
 def same_origin(url_a: str, url_b: str) -> bool:
-    """True when both URLs have the same scheme, host and port (the Authorization boundary)."""
-    a, b = urlsplit(url_a), urlsplit(url_b)
-    return (a.scheme, a.hostname, a.port or _default_port(a.scheme)) == (
-        b.scheme, b.hostname, b.port or _default_port(b.scheme))
+    """True when both URLs have the same scheme, host and port (the Authorization boundary), as
+    urllib3, which connects to them, reads them: Python's urlsplit reads ``http://a\\@b/`` as
+    host b (userinfo ends at the last '@') where urllib3 connects to a (its authority ends at
+    the backslash), which sent the registry's credentials to a. Unparsable: not the same."""
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
+    try:
+        a, b = parse_url(url_a), parse_url(url_b)
+    except LocationParseError:
+        return False
+    return (a.scheme, a.host, a.port or _default_port(a.scheme)) == (
+        b.scheme, b.host, b.port or _default_port(b.scheme))
 
 
 def _default_port(scheme: str) -> int | None:
@@ -340,7 +349,7 @@ class Transport:
                 return response
             _discard(response)
             target = urljoin(current_url, location)
-            if urlsplit(target).scheme not in ("http", "https"):
+            if _scheme(target) not in ("http", "https"):
                 raise RegistryError(f"registry {self.registry} redirected {what} to an unsupported URL {target}",
                                     hint="the registry is misconfigured: tell its operator")
             if not same_origin(current_url, target):
@@ -410,6 +419,17 @@ class Transport:
                 hint="the registry is in trouble: try again later or tell its operator",
             )
         return RegistryError(f"registry {self.registry} answered HTTP {status} to {what}{detail_text}")
+
+
+def _scheme(url: str) -> str | None:
+    """The scheme urllib3 reads in ``url`` (None when it cannot parse it)."""
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
+    try:
+        return parse_url(url).scheme
+    except LocationParseError:
+        return None
 
 
 def _is_loopback(hostname: str) -> bool:
