@@ -17,7 +17,7 @@ from berth.runtime.identity import Caller
 from berth.runtime.options import MountRequest, RunOptions
 from berth.runtime.plan import HomeMounts, RunRequest, home_covers, plan_container, plan_home, request_for
 from berth.runtime.rootfs import MountPoint
-from berth.runtime.spec import BindMount
+from berth.runtime.spec import MASKED_PATHS, BindMount
 from berth.runtime.state import ContainerLayout
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -234,3 +234,98 @@ def test_plan_with_gpu_and_cdi_edits(tmp_path):
     plan = plan_container(request(**edits), str(root), LAYOUT)
     assert plan.overlay is False and plan.mount_points == ()
     golden("plan-gpu-cdi.json", plan.to_dict(), tmp_path)
+
+
+# ------------------------------------------------- berth's own directories are hidden
+
+def _state_world(tmp_path: Path):
+    """An image, a state directory (the caller's) in tmp_path/tmp, and the layout in it."""
+    root = make_image(tmp_path / "img")
+    state = tmp_path / "tmp" / "berth-state"
+    (state / "containers").mkdir(parents=True, mode=0o700)
+    return root, state, ContainerLayout("c1", state / "containers" / "c1")
+
+
+def test_a_mount_holding_the_state_directory_hides_it_and_keeps_the_rest(tmp_path):
+    root, state, layout = _state_world(tmp_path)
+    user = BindMount(str(tmp_path / "tmp"), "/x", read_only=False)
+    plan = plan_container(request(user_mounts=(user,)), str(root), layout)
+    masked = plan.config()["linux"]["maskedPaths"]
+    assert masked[-1] == "/x/berth-state" and masked.count("/x/berth-state") == 1
+    assert [b.destination for b in plan.spec.binds][-1] == "/x"  # the mount itself stays
+
+
+def test_every_mount_holding_it_hides_it_the_home_and_a_site_mount_too(tmp_path):
+    root, state, layout = _state_world(tmp_path)
+    (tmp_path / "home").mkdir()
+    home_bind = BindMount(str(tmp_path / "tmp"), "/home/alice", read_only=False)
+    home = request().home._replace(binds=(home_bind,))
+    site = BindMount(str(tmp_path), "/site", read_only=True)
+    plan = plan_container(request(home=home, site_mounts=(site,)), str(root), layout)
+    assert plan.config()["linux"]["maskedPaths"][-2:] == ["/home/alice/berth-state", "/site/tmp/berth-state"]
+
+
+def test_a_link_to_the_directory_holding_it_does_not_dodge_the_rule(tmp_path):
+    root, state, layout = _state_world(tmp_path)
+    (tmp_path / "up").symlink_to(tmp_path / "tmp")
+    plan = plan_container(request(user_mounts=(BindMount(str(tmp_path / "up"), "/x"),)), str(root), layout)
+    assert plan.config()["linux"]["maskedPaths"][-1] == "/x/berth-state"
+
+
+def test_no_mask_without_a_mount_holding_it_and_none_for_another_users_directory(tmp_path):
+    root, state, layout = _state_world(tmp_path)
+    plan = plan_container(request(**host_dirs(tmp_path)), str(root), layout)
+    assert plan.config()["linux"]["maskedPaths"] == list(MASKED_PATHS)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, 4242, 4242)
+    plan = plan_container(request(user_mounts=(BindMount(str(tmp_path), "/x"),), private_dirs=(str(other),)),
+                          str(root), ContainerLayout("c1", tmp_path / "missing" / "containers" / "c1"))
+    assert plan.config()["linux"]["maskedPaths"] == list(MASKED_PATHS)
+
+
+@pytest.mark.parametrize("source", ["tmp/berth-state", "tmp/berth-state/containers"])
+def test_a_mount_of_the_state_directory_or_inside_it_is_refused(tmp_path, source):
+    root, state, layout = _state_world(tmp_path)
+    with pytest.raises(PolicyError, match=f"is berth's state directory {state} or inside it"):
+        plan_container(request(user_mounts=(BindMount(str(tmp_path / source), "/s"),)), str(root), layout)
+
+
+def test_a_destination_inside_the_hidden_place_is_refused(tmp_path):
+    root, state, layout = _state_world(tmp_path)
+    (tmp_path / "data").mkdir()
+    mounts = (BindMount(str(tmp_path / "tmp"), "/x"), BindMount(str(tmp_path / "data"), "/x/berth-state/in"))
+    with pytest.raises(PolicyError, match="/x/berth-state/in is inside /x/berth-state, where berth's state"):
+        plan_container(request(user_mounts=mounts), str(root), layout)
+
+
+def test_private_dirs_name_the_default_state_directories_too(tmp_path):
+    from berth.config.settings import fallback_state_dir
+    from berth.runtime.plan import berth_directories
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    settings = Settings(state_dir=tmp_path / "configured")
+    found = berth_directories(settings, {"XDG_RUNTIME_DIR": str(runtime)}, tmp_path / "used")
+    assert found == (str(tmp_path / "used"), str(tmp_path / "configured"), str(runtime / "berth"),
+                     str(fallback_state_dir()))
+
+
+def test_host_views_find_the_directory_through_another_mount_of_its_file_system(tmp_path):
+    """A bind mount of /tmp elsewhere (Slurm's job_container/tmpfs) shows the state directory
+    at a second path: the mount table says where; each place is confirmed by its inode."""
+    from berth.runtime.policy import host_views
+
+    state = tmp_path / "fs" / "tmp" / "berth-1"
+    state.mkdir(parents=True)
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_path / "fs" / "tmp")  # stands for the bind mount (stat sees the same inode)
+    info = os.stat(state)
+    device = f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}"
+    table = tmp_path / "mountinfo"
+    table.write_text(f"1 0 {device} / / rw - ext4 /dev/x rw\n"
+                     f"2 1 {device} {tmp_path}/fs/tmp {alias} rw - ext4 /dev/x rw\n"
+                     f"3 1 {device} {tmp_path}/fs/elsewhere {tmp_path}/no\\040such rw - ext4 /dev/x rw\n"
+                     f"4 1 0:99 / {tmp_path}/other rw - tmpfs tmpfs rw\n")
+    assert host_views(str(state), table=str(table)) == (str(state), str(alias / "berth-1"))
+    assert host_views(str(tmp_path / "missing"), table=str(table)) == ()

@@ -127,7 +127,8 @@ def run_container(settings, image, command: list[str] | None, options: RunOption
     # GPUs taken through the ledger stay taken until this run ends (the locks die with berth).
     with ExitStack() as held:
         extra_edits = _gpu_edits(settings, options, held, log, gpu_wait_s)
-        request = request_for(settings, image, command, options, init_path=init, log=log, extra_edits=extra_edits)
+        request = request_for(settings, image, command, options, init_path=init, log=log, extra_edits=extra_edits,
+                              state_dir=state_dir)
         if keep_plan is not None:
             keep_plan.planned(settings, image, options, request, state_dir, init)
 

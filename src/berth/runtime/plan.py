@@ -228,15 +228,31 @@ class RunRequest(NamedTuple):
     mpi: object | None = None
     #: Slurm's PMI socket of this task (berth.runtime.pmix.pmi_fd), passed in as fd 3.
     pmi_fd: int | None = None
+    #: berth's own directories on this node (:func:`berth_directories`): hidden wherever a
+    #: mount of the container holds them, never mounted themselves.
+    private_dirs: tuple[str, ...] = ()
+
+
+def berth_directories(settings, environ: Mapping[str, str], state_dir=None) -> tuple[str, ...]:
+    """The directories of berth's node-local state that no container may see (docs/security.md,
+    "The state directory on shared nodes"): the state directory this run uses (``state_dir``,
+    as berth.runtime.state resolved it) and the one the settings name, the default one for this
+    environment (which also holds the parse cache of settings files and the kept run plans) and
+    ``/tmp/berth-UID`` (the default of runs without XDG_RUNTIME_DIR, such as Slurm jobs')."""
+    from berth.config.settings import default_paths, fallback_state_dir
+
+    candidates = (state_dir, settings.state_dir, default_paths(environ)["state_dir"], fallback_state_dir())
+    return tuple(dict.fromkeys(str(path) for path in candidates if path))
 
 
 def request_for(settings, image, command: list[str] | None, options: RunOptions, *, init_path: str,
                 caller: Caller | None = None, environ: Mapping[str, str] | None = None,
-                log: Log | None = None, extra_edits: tuple = ()) -> RunRequest:
+                log: Log | None = None, extra_edits: tuple = (), state_dir=None) -> RunRequest:
     """Judge a ``berth run`` request: raises PolicyError/UsageError for refused requests and
     RuntimeFailure for a broken image config or a missing site mount. Reads the host (policy
     paths, env files, the caller's databases, CDI specs), never the image's files; starts
-    nothing. ``extra_edits``: device edits decided by the caller (the GPUs it took)."""
+    nothing. ``extra_edits``: device edits decided by the caller (the GPUs it took);
+    ``state_dir``: the state directory the run uses (see :func:`berth_directories`)."""
     log = log or _quiet
     environ = os.environ if environ is None else environ
     name = image_name(image)
@@ -310,6 +326,7 @@ def request_for(settings, image, command: list[str] | None, options: RunOptions,
         tty=options.tty,
         mpi=host_mpi,
         pmi_fd=pmi_fd(environ),
+        private_dirs=berth_directories(settings, environ, state_dir),
     )
 
 
@@ -396,6 +413,46 @@ def _links_stay_out_of_host_dirs(redirected, binds, image: str) -> None:
             raise RuntimeFailure(f"image {image}: its links carry {what} to {landing}, inside the host directory "
                                  f"mounted at {bind_landing}: berth will not create mount points in a host "
                                  "directory", hint=_HOSTILE_IMAGE)
+
+
+def _hidden(private_dirs, labelled_binds) -> tuple[str, ...]:
+    """Where berth's own directories (``private_dirs``; only those that exist and are the
+    caller's) appear in the container through its mounts: every such place gets an empty
+    read-only tmpfs (linux.maskedPaths, which runc and berth-launcher mount after every other
+    mount). They are judged by where the directories really are, every path they can be reached
+    by (policy.host_views: links resolved, other mounts of their file system) against each
+    mount's real source, which the runtime's recursive bind carries whole. ``labelled_binds``:
+    (what, the bind as asked, the bind where it lands in the container). Raises PolicyError
+    for a source that is such a directory or inside one, and for a destination at or inside
+    such a place (the runtime would make its mount point there, in the real directory)."""
+    views: list[str] = []
+    for directory in private_dirs:
+        try:
+            info = os.stat(directory)
+        except (OSError, ValueError):
+            continue
+        if info.st_uid == os.getuid() and stat.S_ISDIR(info.st_mode):
+            views += [view for view in policy.host_views(directory) if view not in views]
+    if not views:
+        return ()
+    masks: dict[str, str] = {}
+    for what, asked, bind in labelled_binds:
+        source = os.path.realpath(bind.source)
+        for view in views:
+            if policy.under(source, (view,)):
+                raise PolicyError(f"{what}: the host path {asked.source} is berth's state directory {view} or inside "
+                                  "it, which no container may see",
+                                  hint="mount another directory: berth keeps its containers' state there")
+            if policy.under(view, (source,)):
+                place = bind.destination.rstrip("/") + view[len(source.rstrip("/")):]
+                masks.setdefault(place, view)
+    for what, asked, bind in labelled_binds:
+        inside = policy.under(bind.destination, masks)
+        if inside:
+            raise PolicyError(f"{what}: {asked.destination} is inside {inside}, where berth's state directory "
+                              f"{masks[inside]} appears in the container (hidden there)",
+                              hint="choose another destination")
+    return tuple(masks)
 
 
 def _mpi_binds(request: RunRequest, image_root: str, device_mounts: list, log: Log) -> list[spec.BindMount]:
@@ -508,6 +565,12 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
     _links_stay_out_of_host_dirs(redirected, [(asked.destination, bind.destination, bind)
                                               for asked, bind in zip(asked_binds, landed_binds)],
                                  request.image_name)
+    labels = [*(f"the home mount {b.destination}" for b in request.home.binds),
+              *(f"site mount {b.destination}" for b in request.site_mounts),
+              *(f"--mount {b.source}:{b.destination}" for b in request.user_mounts),
+              *(f"device mount {b.destination}" for b in request.device_mounts)]
+    masked = _hidden((*request.private_dirs, str(layout.state_dir)),
+                     list(zip(labels, asked_binds, landed_binds)))
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
     needed += home.mount_points
@@ -572,6 +635,7 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
         hooks=request.hooks,
         root_overlay=(image_root, str(layout.upper), str(layout.work)) if kernel_overlay else None,
         machine=os.uname().machine,
+        masked=masked,
     )
     return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan,
                          kernel_overlay)

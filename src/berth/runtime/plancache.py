@@ -284,6 +284,14 @@ def explicit_dependencies(dependencies: Dependencies, settings, image, options, 
         dependencies.add(bind.source, contents=False)
     for env_file in options.env_files:
         dependencies.add(str(env_file))
+    # Where berth's own directories are (or may appear) decides which places the plan hides
+    # (berth.runtime.plan._hidden): each one, "absent" too, and each path it is reached by.
+    from berth.runtime.policy import host_views
+
+    for directory in request.private_dirs:
+        dependencies.add(directory, contents=False)
+        for view in host_views(directory):
+            dependencies.add(view, contents=False)
     dependencies.add(init_path)
     dependencies.add(launcher_path)
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -649,9 +657,13 @@ class Keeper:
         under = tuple(str(path).rstrip("/") + "/" for path in (image_root, Path(state_dir) / CONTAINERS,
                                                                 self.directory))
         exact = {str(parse_cache_dir(self.environ) / ParseCache.NAME), *(path.rstrip("/") for path in under)}
+        # The mount table (this process's own, read for the places the plan hides) is not a
+        # file of the plan: what it said is, by the explicit dependencies on berth's directories.
+        from berth.runtime.policy import MOUNT_TABLE
+
         for path, listed in self.recorder.paths:
             absolute = os.path.normpath(path)
-            if absolute.startswith(under) or absolute in exact:
+            if absolute.startswith(under) or absolute in exact or absolute == MOUNT_TABLE:
                 continue
             dependencies.add(absolute, contents=listed or not os.path.isdir(absolute))
         explicit_dependencies(dependencies, settings, image, options, request, init_path=init,

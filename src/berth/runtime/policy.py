@@ -132,6 +132,73 @@ def source_identity(real: str, *, what: str) -> tuple[int, int]:
     return (info.st_dev, info.st_ino)
 
 
+#: The mount table of berth's own mount namespace (proc(5)): where else a directory appears.
+MOUNT_TABLE = "/proc/self/mountinfo"
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field: space, tab, newline and backslash are written as octal escapes."""
+    if "\\" not in field:
+        return field
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def _mount_table(table: str) -> list[tuple[str, str, str]]:
+    """(major:minor, root in its file system, mount point) of each mount, in mount order."""
+    mounts = []
+    try:
+        with open(table, encoding="utf-8", errors="surrogateescape") as handle:
+            for line in handle:
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    mounts.append((fields[2], _unescape(fields[3]), _unescape(fields[4])))
+    except OSError:
+        pass
+    return mounts
+
+
+def host_views(directory: str, *, table: str = MOUNT_TABLE) -> tuple[str, ...]:
+    """Every host path at which ``directory`` (an existing directory, by its real path) can be
+    reached in berth's mount namespace: its real path, and its place under every other mount
+    of its file system whose root holds it (a bind mount of /tmp elsewhere, as Slurm's
+    job_container/tmpfs makes a job's /tmp from its base directory). Each is confirmed by its
+    (st_dev, st_ino); a path shadowed by a later mount is not one. Empty when ``directory``
+    does not exist."""
+    try:
+        real = os.path.realpath(directory)
+        info = os.stat(real)
+    except (OSError, ValueError):
+        return ()
+    identity = (info.st_dev, info.st_ino)
+    views = [real]
+    device = f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}"
+    mounts = _mount_table(table)
+    holder = None
+    for mount in mounts:  # the last mount at the longest mount point holding it: what is seen
+        if under(real, (mount[2],)) and (holder is None or len(mount[2].rstrip("/")) >= len(holder[2].rstrip("/"))):
+            holder = mount
+    if holder is None or holder[0] != device:
+        return tuple(views)  # st_dev is not the table's (btrfs subvolumes...): the real path only
+    point = holder[2].rstrip("/")
+    inside = posixpath.normpath(holder[1].rstrip("/") + "/" + real[len(point):].lstrip("/"))
+    for major_minor, root, mount_point in mounts:
+        if major_minor != device or not under(inside, (root,)):
+            continue
+        rest = inside[len(root.rstrip("/")):].lstrip("/")
+        candidate = posixpath.join(mount_point, rest) if rest else mount_point
+        if candidate in views:
+            continue
+        try:
+            seen = os.stat(candidate)
+        except OSError:
+            continue
+        if (seen.st_dev, seen.st_ino) == identity:
+            views.append(candidate)
+    return tuple(views)
+
+
 def root_warning(uid: int, environ) -> str | None:
     """The warning for a caller running berth as root (``uid`` 0) unless ``BERTH_ALLOW_ROOT=1``
     in ``environ``: the container is host uid 0 (without capabilities) with root's home mounted

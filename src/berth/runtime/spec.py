@@ -115,6 +115,9 @@ class SpecPlan(NamedTuple):
     root_overlay: tuple[str, str, str] | None = None
     #: The host's machine (``os.uname().machine``): which seccomp architectures to filter.
     machine: str = ""
+    #: Container directories hidden behind an empty read-only tmpfs after every mount, besides
+    #: MASKED_PATHS: where berth's own state appears through a mount (berth.runtime.plan._hidden).
+    masked: tuple[str, ...] = ()
 
 
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
@@ -246,7 +249,7 @@ def build_config(plan: SpecPlan) -> dict:
         "uidMappings": [{"containerID": 0, "hostID": plan.uid, "size": 1}],
         "gidMappings": [{"containerID": 0, "hostID": plan.gid, "size": 1}],
         "namespaces": namespaces,
-        "maskedPaths": list(MASKED_PATHS),
+        "maskedPaths": [*MASKED_PATHS, *plan.masked],
         "readonlyPaths": list(READONLY_PATHS),
         "seccomp": _seccomp(plan.machine),
     }
