@@ -474,17 +474,3 @@ def test_a_state_dir_set_in_the_settings_files_uses_and_keeps_no_plan(tmp_path, 
     plancache.store_entry(directory, plancache.run_key(argv, environ), fields)
     lookup = fastrun.look_up(argv, environ)
     assert lookup.entry is None and lookup.key is None and lookup.reason.startswith("state_dir is not")
-
-
-def test_a_plan_whose_container_could_write_the_plans_is_named(tmp_path):
-    plans = tmp_path / "home" / "state" / "plans"
-    config = {"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-                         {"destination": "/data", "type": "none", "source": str(tmp_path / "data"),
-                          "options": ["rbind", "rw"]}]}
-    assert plancache.exposed(plans, config) is None
-    assert plancache.exposed(plans, config, (str(tmp_path / "home"),)) == str(tmp_path / "home")
-    config["mounts"].append({"destination": "/x", "type": "none", "source": str(tmp_path / "home" / "state"),
-                             "options": ["bind", "ro"]})
-    assert plancache.exposed(plans, config) == str(tmp_path / "home" / "state")
-    assert plancache.exposed(plans, {"mounts": [{"type": "bind", "source": "/"}]}) == "/"
-    assert plancache.exposed(tmp_path / "homework", config, (str(tmp_path / "home"),)) is None

@@ -571,25 +571,6 @@ def racy(fingerprints: list[tuple[str, bool, tuple | None]], since_ns: int) -> s
     return None
 
 
-def exposed(directory: Path, config: dict, homes=()) -> str | None:
-    """The host directory through which a container of ``config`` could write the plans in
-    ``directory`` (a bind mount's source holding it), or a home directory holding it (every
-    container mounts the home by default), or None."""
-    try:
-        real = os.path.realpath(directory)
-    except (OSError, ValueError):
-        return str(directory)
-    sources = [mount.get("source") for mount in config.get("mounts") or () if isinstance(mount, dict)
-               and (mount.get("type") == "bind" or "bind" in (mount.get("options") or ()) or
-                    "rbind" in (mount.get("options") or ()))]
-    for source in [*sources, *(home for home in homes if home)]:
-        if isinstance(source, str) and source.startswith("/"):
-            top = source.rstrip("/") or "/"
-            if real == top or real.startswith(top.rstrip("/") + "/"):
-                return source
-    return None
-
-
 # ---------------------------------------------------------------------- keeping a new plan
 
 class Keeper:
@@ -687,9 +668,6 @@ class Keeper:
             return f"run by {os.path.basename(runtime)}, not berth-launcher"
         if self.recorder.unnamed:
             return f"planning read a path relative to a directory it did not name ({self.recorder.first_unnamed})"
-        seen = exposed(self.directory, config, (request.caller.home, request.caller.passwd_home))
-        if seen:
-            return f"the container could write the kept plans through {seen}"
         plain, why = plan_entry(plan, config, str(container.path), container.id)
         if why:
             return why
