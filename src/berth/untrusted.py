@@ -107,6 +107,39 @@ def nesting_exceeds(value: Any, max_depth: int = MAX_DEPTH) -> bool:
     return False
 
 
+def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
+                    error: type[Exception] = InvalidDocument, hint: str | None = None) -> bytes | None:
+    """The content of the file ``path`` names, links followed (a path the user chose, such as
+    ``~/.docker/config.json`` linked into a dotfiles repository); None when it does not exist.
+    It is opened without blocking and must be a regular file of at most ``max_bytes``: a FIFO
+    (which a container that sees the home directory can plant) made berth wait for good, and a
+    link to /dev/zero read without end. Raises ``error`` naming ``what`` for those; OSError
+    (permission denied, ...) passes through."""
+    def refuse(detail: str) -> Exception:
+        message = f"{what} {detail}"
+        if issubclass(error, BerthError):
+            return error(message, hint=hint)
+        return error(message)
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refuse("is not a regular file (a FIFO, device or directory): berth reads only plain files there")
+        chunks, size = [], 0
+        while size <= max_bytes and (chunk := os.read(fd, max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise refuse(f"is larger than {max_bytes} bytes, more than berth reads")
+    return data
+
+
 def open_regular_file(path: os.PathLike | str) -> int | None:
     """A read-only descriptor of the regular file ``path`` (a final link is not followed, a FIFO
     or device does not block), or None: missing, unreadable, a link, not a regular file. For

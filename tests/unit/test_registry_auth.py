@@ -110,7 +110,41 @@ def test_unreadable_file_is_a_config_error(env, tmp_path):
     path.mkdir(parents=True)
     with pytest.raises(ConfigError) as caught:
         auth.load_credentials(env)
-    assert caught.value.message.startswith(f"cannot read registry credentials file {path}")
+    assert caught.value.message.startswith(f"registry credentials file {path} is not a regular file")
+
+
+@pytest.mark.parametrize("planted", ["fifo", "device", "huge"])
+def test_a_credentials_file_that_is_no_plain_file_is_refused_without_waiting(env, tmp_path, planted):
+    """A container that sees the home directory can put a FIFO at ~/.docker/config.json: every
+    later pull waited in open() for good. A link to a device (/dev/zero read without end) or a
+    file far larger than any auth file is refused as well, naming the file."""
+    import threading
+
+    path = tmp_path / "home/.docker/config.json"
+    path.parent.mkdir(parents=True)
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "device":
+        path.symlink_to("/dev/null")
+    else:
+        write(path, json.dumps({"auths": {}, "pad": "x" * (2 << 20)}))
+    outcome: list = []
+
+    def load():
+        try:
+            outcome.append(auth.load_credentials(env))
+        except ConfigError as error:
+            outcome.append(error)
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # still waiting in open(): let it go before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"loading the credentials waited on the {planted} planted at {path}")
+    [error] = outcome
+    assert isinstance(error, ConfigError), error
+    assert error.message.startswith(f"registry credentials file {path} is "), error.message
 
 
 def test_save_login_writes_0600_atomically_and_keeps_other_entries(env, tmp_path):

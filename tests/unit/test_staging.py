@@ -112,6 +112,32 @@ def test_aws_files_and_variables(tmp_path):
         resolve_profile(None, environ=env)
 
 
+def test_an_aws_config_that_is_a_fifo_is_refused_without_waiting(tmp_path):
+    """~/.aws/config is read without the secret files' rules (it is often shared), but it is
+    read all the same: a FIFO there (a container that sees the home can plant one) made every
+    stage and every job's staging wait in open() for good."""
+    import threading
+
+    (tmp_path / ".aws").mkdir()
+    os.mkfifo(tmp_path / ".aws/config")
+    outcome: list = []
+
+    def resolve():
+        try:
+            outcome.append(resolve_profile(None, environ={"HOME": str(tmp_path)}))
+        except ConfigError as error:
+            outcome.append(error)
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(tmp_path / ".aws/config", os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail("resolving the profile waited on a FIFO at ~/.aws/config")
+    [error] = outcome
+    assert isinstance(error, ConfigError) and error.message.startswith(f"{tmp_path}/.aws/config is not a regular file")
+
+
 def test_unknown_profile_and_bad_keys(tmp_path):
     _write(tmp_path / "cfg/berth/s3.toml", '[default]\nendpoint = "http://x"\n')
     env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}

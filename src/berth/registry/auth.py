@@ -27,12 +27,14 @@ from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError, UsageError
 from berth.oci.names import is_registry_host
 from berth.record import Record, field
-from berth.untrusted import parse_json
+from berth.untrusted import parse_json, read_named_file
 
 #: Every name Docker Hub's registry goes by; credentials stored under any of them apply to all.
 DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DOCKER_HUB_KEY = "docker.io"
 AUTH_FILE_MODE = 0o600
+#: Auth files hold a few entries; one larger than this is no auth file (a link to /dev/zero).
+MAX_AUTH_FILE_BYTES = 1 << 20
 def normalize_host(name: str) -> str:
     """``https://Host:5000/v2/`` → ``host:5000``; every Docker Hub alias → ``docker.io``.
 
@@ -127,16 +129,19 @@ def read_auth_file(path: Path) -> dict | None:
     ignoring a broken file would turn into a confusing "authentication required" later.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
-        return None
+        data = read_named_file(path, what=f"registry credentials file {path}", max_bytes=MAX_AUTH_FILE_BYTES,
+                               error=ConfigError, hint="replace it with a plain file, or remove it")
     except OSError as exc:
         raise ConfigError(
             f"cannot read registry credentials file {path}: {exc.strerror or exc}",
             hint="fix its permissions, or move it away if it is not yours",
         ) from None
+    if data is None:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"registry credentials file {path} is not UTF-8 text", hint="fix or remove the file") from None
     if not text.strip():
         return {}
     data = parse_json(text, what=f"registry credentials file {path}", error=ConfigError,

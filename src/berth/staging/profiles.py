@@ -181,13 +181,20 @@ def _ini_has_secret(text: str) -> bool:
 
 def _read_aws_config(path: Path) -> configparser.RawConfigParser | None:
     """~/.aws/config is often shared (no secrets): check its mode only when it holds one."""
+    from berth.untrusted import read_named_file
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(1 << 20)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        # Without blocking, a plain file only: a FIFO planted there made every staging wait.
+        data = read_named_file(path, what=str(path), max_bytes=1 << 20, error=ConfigError,
+                               hint="replace it with a plain file, or remove it")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if data is None:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
     if _ini_has_secret(text):
         text = read_secret_file(path) or ""
     return _aws_ini(path, text)
