@@ -454,6 +454,11 @@ def test_an_entry_that_is_not_well_formed_is_a_miss_not_a_traceback(tmp_path, mo
     fields["plan"] = {**fields["plan"], "config": {"mounts": 1}}
     plancache.store_entry(tmp_path / "state" / "plans", plancache.run_key(argv, environ), fields)
     lookup = fastrun.look_up(argv, environ)
+    assert lookup.entry is None and lookup.reason == "the entry's config.json mounts are malformed"
+    fields["plan"] = {**fields["plan"], "config": {"mounts": []}}
+    fields["deps"] = [("/x\0y", False, None)]  # lstat raises ValueError: no OSError
+    plancache.store_entry(tmp_path / "state" / "plans", plancache.run_key(argv, environ), fields)
+    lookup = fastrun.look_up(argv, environ)
     assert lookup.entry is None and lookup.reason.startswith("the entry is not well-formed")
 
 

@@ -526,6 +526,9 @@ def _malformed(entry, key: str) -> str | None:
                 return f"the entry's {name} is missing or wrong"
     if plan["kernel_overlay"] or not all(isinstance(a, str) for a in run["argv"]):
         return "the entry's plan is malformed"
+    mounts = plan["config"].get("mounts", [])
+    if not (isinstance(mounts, list) and all(isinstance(mount, dict) for mount in mounts)):
+        return "the entry's config.json mounts are malformed"
     for point in plan["mount_points"]:
         if not (isinstance(point, list) and len(point) == 2 and isinstance(point[0], str)
                 and isinstance(point[1], bool)):
