@@ -287,6 +287,28 @@ def test_a_failed_fsync_of_the_image_publishes_nothing(store, monkeypatch):
     assert list(store.layout.tmp_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("copy", ["manifest.json", "config.json"])
+def test_a_failed_write_of_the_images_manifest_or_config_publishes_nothing(store, monkeypatch, copy):
+    # They are written and fsynced by a thread while the image is hashed (issue 10, target 4):
+    # its failure is the publish's, raised as the store's error, and nothing is published.
+    real_fsync = os.fsync
+    fsynced = []
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        fsynced.append(name.rpartition("/")[2])
+        if name.endswith(copy):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StoreError, match="no space left"):
+        _fake_image(store)
+    assert copy in fsynced and "image.json" not in fsynced
+    assert store.list_images() == []
+    assert list(store.layout.tmp_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
 @pytest.mark.parametrize("kind, directories, files, content", [
     (USER, {0o700}, {0o600}, {0o400}),

@@ -396,28 +396,44 @@ class Store:
         layout = self.layout
         final = layout.image_dir(digest)
         squashfs = workdir / layout.image_squashfs(digest).name
-        # Recorded so that `berth store verify` can tell a damaged SquashFS from a good one
-        # (blobs are named by their digest; the SquashFS is not: issue 8).
-        with store_errors(self, "reading", squashfs):
-            squashfs_digest = hash_file(squashfs, sync=True)[0]
-        meta = {**meta, "squashfs_digest": str(squashfs_digest)}
-        names = {
-            layout.image_manifest(digest).name: manifest_bytes,
-            layout.image_config(digest).name: config_bytes,
-            layout.image_meta(digest).name: json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n",
-        }
+
+        def write(name: str, data: bytes) -> None:
+            # With its final mode before the fsync, which then makes both durable at once.
+            with open(workdir / name, "wb") as out:
+                os.fchmod(out.fileno(), self.modes.file)
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+
         with store_errors(self, "writing image files in", workdir):
-            for name, data in names.items():
-                with open(workdir / name, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-            squashfs_name = layout.image_squashfs(digest).name
-            for entry in workdir.iterdir():
-                os.chmod(entry, self.modes.file if entry.name != squashfs_name else self.modes.blob)
-                if entry.name == squashfs_name:
-                    with open(entry, "rb") as handle:
-                        os.fsync(handle.fileno())
+            os.chmod(squashfs, self.modes.blob)  # before its fsync, for the same reason
+        # Recorded so that `berth store verify` can tell a damaged SquashFS from a good one
+        # (blobs are named by their digest; the SquashFS is not: issue 8). The end of a pull
+        # is one core's work: the manifest and config are written and fsynced by a thread
+        # while the image is hashed (and fsynced), not after (issue 10, target 4).
+        import threading  # lazily: `berth run` never publishes (start-up time, issue 10)
+
+        failures: list[OSError] = []
+
+        def write_copies() -> None:
+            try:
+                write(layout.image_manifest(digest).name, manifest_bytes)
+                write(layout.image_config(digest).name, config_bytes)
+            except OSError as exc:
+                failures.append(exc)
+
+        copies = threading.Thread(target=write_copies, name="berth-publish", daemon=True)
+        copies.start()
+        try:
+            with store_errors(self, "reading", squashfs):
+                squashfs_digest = hash_file(squashfs, sync=True)[0]
+        finally:
+            copies.join()
+        meta = {**meta, "squashfs_digest": str(squashfs_digest)}
+        with store_errors(self, "writing image files in", workdir):
+            if failures:
+                raise failures[0]
+            write(layout.image_meta(digest).name, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
             os.chmod(workdir, self.modes.dir)
             fsutil.fsync_directory(workdir)
         if final.exists():
