@@ -539,6 +539,18 @@ def test_a_token_lifetime_no_float_can_hold_is_a_default_not_a_traceback(server,
     assert client_for(server).get_manifest("a", "v1").digest == MANIFEST_DIGEST
 
 
+@pytest.mark.parametrize("realm", ["http://[::1", "http://127.0.0.1:99999/token", "http://exa mple/token",
+                                   "http://%zz/token", "ftp://127.0.0.1/token", "http:///token"])
+def test_a_realm_that_is_no_usable_url_is_refused_once_without_a_traceback(server, realm):
+    """The realm is the registry's text: an unclosed IPv6 bracket raised ValueError out of
+    urlsplit (a traceback), and a realm urllib3 cannot parse was taken for an unreachable host
+    and asked again with backoff. It is judged with the parser that would connect to it."""
+    server.handler = lambda request: Reply(401, multi_headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
+    with pytest.raises(AuthenticationError, match="named an unusable token server realm"):
+        client_for(server, retries=3).get_manifest("a", "v1")
+    assert len(server.requests) == 1
+
+
 def test_manifest_body_cut_short_is_fetched_again(server):
     replies = [Reply(200, MANIFEST, {"Content-Type": mediatypes.OCI_MANIFEST}, drop_after=10), manifest_reply()]
     server.handler = lambda request: replies.pop(0) if len(replies) > 1 else replies[0]

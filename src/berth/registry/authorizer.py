@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from berth.errors import AuthenticationError, RegistryError, RegistryUnreachable
 from berth.record import Record
@@ -166,11 +166,19 @@ class Authorizer:
         return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
 
     def _fetch_token(self, challenge: Challenge, scope: str | None) -> _Token:
+        from urllib3.exceptions import LocationParseError
+        from urllib3.util import parse_url
+
         realm = challenge.realm or ""
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        try:
+            # The parser that connects judges it: urlsplit raised ValueError on "http://[::1", and
+            # what urllib3 cannot parse was taken for an unreachable host and asked again.
+            parts = parse_url(realm)
+        except LocationParseError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.host:
             raise AuthenticationError(
-                f"registry {self.registry} named an unusable token server realm '{realm}'",
+                f"registry {self.registry} named an unusable token server realm '{realm[:200]}'",
                 hint="tell the registry's operator: its token realm must be an http(s) URL",
             )
         scopes: list[str] = []
