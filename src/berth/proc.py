@@ -609,6 +609,28 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), signum)
 
 
+def become_subreaper(on: bool = True) -> bool:
+    """Make this process a child subreaper (prctl PR_SET_CHILD_SUBREAPER), or no longer one: a
+    process below a subreaper whose parent dies is reparented to it, not to init. False where
+    the kernel refuses."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0  # 36 = PR_SET_CHILD_SUBREAPER
+
+
+def children_by_parent(proc: str = "/proc") -> dict[int, list[int]]:
+    """Every process's children, by parent pid, from one scan of ``proc``: the one walk of the
+    process tree (a process that ends while it is read is left out)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        fields = stat_fields(entry, proc=proc)
+        if fields and len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
 #: What a detached process ignores: the terminal's signals (it has none after setsid, but a
 #: process group id can be reused) and a hang-up; SIGTERM and the rest stay fatal.
 _DETACHED_IGNORES = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.harness.fixtures_runtime import BOTH_RUNTIMES
+from tests.harness.fixtures_runtime import BOTH_RUNTIMES, process_cmdlines
 from tests.harness.users import describe
 
 pytestmark = pytest.mark.integration
@@ -307,6 +307,25 @@ def test_site_can_force_host_pid_ipc_uts_namespaces(runtime_env, runtime_images,
     assert hostname == os.uname().nodename and uid == str(user.uid)
     assert caps.split() == ["CapEff:", "0000000000000000"]
     assert "ignoring --hostname" in result.stderr
+
+
+@BOTH_RUNTIMES
+def test_a_daemon_does_not_outlive_its_container_in_the_hosts_pid_namespace(runtime_env, runtime_images,
+                                                                            site_config, user):
+    """With the site's host pid namespace no container init takes the container's processes
+    with it: a daemon that left the command's session (setsid; and one by a double fork, whose
+    parent is gone before the command ends) outlived its container, on both runtimes. berth is
+    their subreaper now and ends them before it returns."""
+    site_config.write('[policy.namespaces]\npid = "host"\n')
+    script = ("setsid sleep 987 </dev/null >/dev/null 2>&1 & echo $!; "
+              "(setsid sleep 988 </dev/null >/dev/null 2>&1 & echo $! > /tmp/second) ; cat /tmp/second")
+    result = runtime_env.berth("run", str(runtime_images.busybox), "sh", "-c", script, env=site_config.env)
+    pids = [int(line) for line in result.stdout.split()] if result.returncode == 0 else []
+    left = [(pid, command) for pid, command in process_cmdlines(user.uid) if command.startswith(b"sleep\x0098")]
+    for pid, _ in left:
+        os.kill(pid, 9)
+    assert result.returncode == 0 and len(pids) == 2, describe(result)
+    assert left == [], f"left behind: {left} (the daemons were {pids})"
 
 
 def test_concurrent_cpu_limited_containers_spread_over_cpus(runtime_env, runtime_images):

@@ -222,13 +222,7 @@ def _log(lines: list[str]) -> None:
 
 def _descendants(root_pid: int) -> list[int]:
     """``root_pid`` and every process below it (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = proc.stat_fields(entry)
-        if fields and len(fields) > 1 and fields[1].isdigit():
-            children.setdefault(int(fields[1]), []).append(int(entry))
+    children = proc.children_by_parent()
     found, todo = [], [root_pid]
     while todo:
         pid = todo.pop()

@@ -282,8 +282,12 @@ def _run(settings, image, run: Execution, make_plan, wanted: tuple[str, str], st
             # Inherited by the runtime and so by the container (the FUSE daemons are already up).
             os.sched_setaffinity(0, limit_plan.cpu_set)
         phases["bundle"] = clock() - started - sum(phases.values())
+        orphans = supervise.adopt_orphans(config)
         child = supervise.start_runtime(runtime, container, pmi_fd=run.pmi_fd)
-        status = supervise.wait(child, runtime, container, run.stop_timeout_s, log)
+        try:
+            status = supervise.wait(child, runtime, container, run.stop_timeout_s, log)
+        finally:
+            supervise.end_orphans(orphans, log)
         phases["runtime"] = clock() - started - sum(phases.values())
         if status != 0 and status < 128:
             error = supervise.runtime_error(supervise.runtime_log(container))

@@ -40,6 +40,53 @@ def start_runtime(runtime: str, container: ContainerState, *, pmi_fd: int | None
     )
 
 
+def adopt_orphans(config: dict) -> frozenset[int] | None:
+    """For a container in the host's pid namespace (a site's ``[policy.namespaces] pid =
+    "host"``): make berth a child subreaper, so that what the container leaves behind -- a
+    daemon that left the command's session (setsid, a double fork), which no container init
+    takes with it there -- is reparented to berth rather than to init, and
+    :func:`end_orphans` ends it. Call before the runtime starts; returns berth's children
+    then (not the container's: its FUSE daemons). None for a container with its own pid
+    namespace (its init's exit kills all of it) or where the kernel refuses."""
+    if any(namespace.get("type") == "pid" for namespace in config.get("linux", {}).get("namespaces", ())):
+        return None
+    if not proc.become_subreaper():
+        return None
+    return frozenset(proc.children_by_parent().get(os.getpid(), ()))
+
+
+def end_orphans(before: frozenset[int] | None, log: Log, *, timeout_s: float = 10.0) -> int:
+    """SIGKILL and reap every child of berth but ``before`` (see :func:`adopt_orphans`): the
+    container's processes reparented to berth once their parents (the runtime, the
+    container's init) ended. Again until none is left, as a killed process's own children
+    come to berth in turn; at most ``timeout_s``. Returns how many were ended."""
+    if before is None:
+        return 0
+    import signal
+    import time
+
+    ended, deadline = 0, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        orphans = [pid for pid in proc.children_by_parent().get(os.getpid(), ()) if pid not in before]
+        if not orphans:
+            break
+        for pid in orphans:  # berth's children: the pid stays theirs until berth reaps it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in orphans:
+            try:
+                os.waitpid(pid, 0)
+                ended += 1
+            except ChildProcessError:
+                pass
+    proc.become_subreaper(False)  # what berth detaches later (berth-linger) goes to init, as before
+    if ended:
+        log(f"ended {ended} process(es) the container left behind in the host's pid namespace", debug=True)
+    return ended
+
+
 def runtime_log(container: ContainerState) -> Path:
     return container.path / "runtime.log"
 
