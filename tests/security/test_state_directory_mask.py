@@ -138,3 +138,24 @@ def test_a_mount_into_the_hidden_state_directory_is_refused(runtime_env, runtime
     assert f"{inside}/containers/planted" in result.stderr and "state directory" in result.stderr, \
         describe(result)
     assert not (env.state_dir / "containers" / "planted").exists()
+
+
+@BOTH_RUNTIMES
+def test_a_container_cannot_make_the_state_directory_a_later_berth_would_trust(runtime_env, runtime_images, user):
+    """$XDG_RUNTIME_DIR/berth (where berth keeps its parse cache and plans when the environment
+    has one) does not exist yet, and a read-write mount holds XDG_RUNTIME_DIR: the container
+    must not make it with a parse cache or plans of its own for a later berth to trust (as it
+    could make /tmp/berth-UID under -v /tmp:/x for a later Slurm job's berth). The runtime
+    makes it, empty, under an empty read-only tmpfs; the rest of the mount works."""
+    env = runtime_env
+    runtime_dir = env.scratch / "xdg"
+    runtime_dir.mkdir(mode=0o700)
+    os.chown(runtime_dir, user.uid, user.gid)
+    script = ("mkdir -p /s/xdg/berth/plans 2>/dev/null && echo MADE; "
+              "(echo x > /s/xdg/berth/toml-cache.marshal) 2>/dev/null && echo PLANTED; "
+              "echo ordinary > /s/normal.txt && echo WROTE-NORMAL")
+    result = env.berth("run", "-v", f"{env.scratch}:/s", str(runtime_images.busybox), "sh", "-c", script,
+                       env={"XDG_RUNTIME_DIR": str(runtime_dir)})
+    assert result.returncode == 0 and result.stdout == "WROTE-NORMAL\n", describe(result)
+    made = runtime_dir / "berth"
+    assert not made.exists() or (list(made.iterdir()) == [] and os.stat(made).st_uid == user.uid)

@@ -329,3 +329,21 @@ def test_host_views_find_the_directory_through_another_mount_of_its_file_system(
                      f"4 1 0:99 / {tmp_path}/other rw - tmpfs tmpfs rw\n")
     assert host_views(str(state), table=str(table)) == (str(state), str(alias / "berth-1"))
     assert host_views(str(tmp_path / "missing"), table=str(table)) == ()
+
+
+def test_a_missing_berth_directory_under_a_writable_mount_is_made_under_a_tmpfs(tmp_path):
+    """The container must not make it (with plans or a parse cache planted for a later berth):
+    the runtime makes its mount point, an empty read-only tmpfs covers it; a read-only mount
+    cannot make it anyway and gets nothing (its runtime could not create a mount point)."""
+    root, state, layout = _state_world(tmp_path)
+    (tmp_path / "run").mkdir()
+    later = str(tmp_path / "run" / "berth")
+    rw = BindMount(str(tmp_path / "run"), "/r", read_only=False)
+    plan = plan_container(request(user_mounts=(rw,), private_dirs=(later,)), str(root), layout)
+    tmpfs = [m for m in plan.config()["mounts"] if m["destination"] == "/r/berth"]
+    assert tmpfs == [{"destination": "/r/berth", "type": "tmpfs", "source": "tmpfs",
+                      "options": ["ro", "nosuid", "nodev", "noexec", "mode=0700"]}]
+    assert plan.config()["mounts"][-1] == tmpfs[0]  # after every bind
+    plan = plan_container(request(user_mounts=(rw._replace(read_only=True),), private_dirs=(later,)), str(root),
+                          layout)
+    assert not [m for m in plan.config()["mounts"] if m["destination"] == "/r/berth"]

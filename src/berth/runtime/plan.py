@@ -415,27 +415,38 @@ def _links_stay_out_of_host_dirs(redirected, binds, image: str) -> None:
                                  "directory", hint=_HOSTILE_IMAGE)
 
 
-def _hidden(private_dirs, labelled_binds) -> tuple[str, ...]:
-    """Where berth's own directories (``private_dirs``; only those that exist and are the
-    caller's) appear in the container through its mounts: every such place gets an empty
-    read-only tmpfs (linux.maskedPaths, which runc and berth-launcher mount after every other
-    mount). They are judged by where the directories really are, every path they can be reached
-    by (policy.host_views: links resolved, other mounts of their file system) against each
-    mount's real source, which the runtime's recursive bind carries whole. ``labelled_binds``:
-    (what, the bind as asked, the bind where it lands in the container). Raises PolicyError
-    for a source that is such a directory or inside one, and for a destination at or inside
-    such a place (the runtime would make its mount point there, in the real directory)."""
+def _hidden(private_dirs, labelled_binds) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Where berth's own directories (``private_dirs``; those that exist must be the caller's)
+    appear in the container through its mounts: every such place gets an empty read-only
+    tmpfs (linux.maskedPaths, which runc and berth-launcher mount after every other mount).
+    They are judged by where the directories really are, every path they can be reached by
+    (policy.host_views: links resolved, other mounts of their file system) against each mount's
+    real source, which the runtime's recursive bind carries whole. A directory that does not
+    exist yet but whose parent a read-write mount holds (``/tmp/berth-UID`` of a user whose
+    runs use ``$XDG_RUNTIME_DIR``) would be the container's to make, with plans or a parse cache
+    planted for a later berth: its place gets the same tmpfs as a mount, whose mount point the
+    runtime creates (the directory appears on the host, empty, the caller's). Returns (places to
+    mask, places to create and mask). ``labelled_binds``: (what, the bind as asked, the bind
+    where it lands in the container). Raises PolicyError for a source that is such a directory
+    or inside one, and for a destination at or inside such a place (the runtime would make its
+    mount point there, in the real directory)."""
     views: list[str] = []
+    missing: list[str] = []
     for directory in private_dirs:
         try:
             info = os.stat(directory)
+        except FileNotFoundError:
+            parent = os.path.dirname(os.path.abspath(directory))
+            missing += [posixpath.join(view, os.path.basename(directory)) for view in policy.host_views(parent)]
+            continue
         except (OSError, ValueError):
             continue
         if info.st_uid == os.getuid() and stat.S_ISDIR(info.st_mode):
             views += [view for view in policy.host_views(directory) if view not in views]
-    if not views:
-        return ()
+    if not views and not missing:
+        return (), ()
     masks: dict[str, str] = {}
+    made: dict[str, str] = {}
     for what, asked, bind in labelled_binds:
         source = os.path.realpath(bind.source)
         for view in views:
@@ -444,15 +455,17 @@ def _hidden(private_dirs, labelled_binds) -> tuple[str, ...]:
                                   "it, which no container may see",
                                   hint="mount another directory: berth keeps its containers' state there")
             if policy.under(view, (source,)):
-                place = bind.destination.rstrip("/") + view[len(source.rstrip("/")):]
-                masks.setdefault(place, view)
+                masks.setdefault(bind.destination.rstrip("/") + view[len(source.rstrip("/")):], view)
+        for place in missing:
+            if not bind.read_only and policy.under(place, (source,)) and place != source:
+                made.setdefault(bind.destination.rstrip("/") + place[len(source.rstrip("/")):], place)
     for what, asked, bind in labelled_binds:
-        inside = policy.under(bind.destination, masks)
+        inside = policy.under(bind.destination, masks) or policy.under(bind.destination, made)
         if inside:
             raise PolicyError(f"{what}: {asked.destination} is inside {inside}, where berth's state directory "
-                              f"{masks[inside]} appears in the container (hidden there)",
+                              f"{masks.get(inside) or made[inside]} appears in the container (hidden there)",
                               hint="choose another destination")
-    return tuple(masks)
+    return tuple(masks), tuple(place for place in made if place not in masks)
 
 
 def _mpi_binds(request: RunRequest, image_root: str, device_mounts: list, log: Log) -> list[spec.BindMount]:
@@ -569,8 +582,8 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
               *(f"site mount {b.destination}" for b in request.site_mounts),
               *(f"--mount {b.source}:{b.destination}" for b in request.user_mounts),
               *(f"device mount {b.destination}" for b in request.device_mounts)]
-    masked = _hidden((*request.private_dirs, str(layout.state_dir)),
-                     list(zip(labels, asked_binds, landed_binds)))
+    masked, made = _hidden((*request.private_dirs, str(layout.state_dir)),
+                           list(zip(labels, asked_binds, landed_binds)))
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
     needed += home.mount_points
@@ -636,6 +649,7 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
         root_overlay=(image_root, str(layout.upper), str(layout.work)) if kernel_overlay else None,
         machine=os.uname().machine,
         masked=masked,
+        hidden_tmpfs=made,
     )
     return ContainerPlan(request, image_root, overlay, tuple(missing), identity_files, spec_plan, limit_plan,
                          kernel_overlay)

@@ -118,6 +118,9 @@ class SpecPlan(NamedTuple):
     #: Container directories hidden behind an empty read-only tmpfs after every mount, besides
     #: MASKED_PATHS: where berth's own state appears through a mount (berth.runtime.plan._hidden).
     masked: tuple[str, ...] = ()
+    #: Container directories that get an empty read-only tmpfs after every bind, their mount
+    #: point created by the runtime: where berth's own state would be made (plan._hidden).
+    hidden_tmpfs: tuple[str, ...] = ()
 
 
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
@@ -182,6 +185,9 @@ def _mounts(plan: SpecPlan) -> list[dict]:
             options.insert(1, "rw")
         mounts.append({"destination": bind.destination, "type": "none", "source": bind.source,
                        "options": options})
+    for destination in plan.hidden_tmpfs:
+        mounts.append({"destination": destination, "type": "tmpfs", "source": "tmpfs",
+                       "options": ["ro", "nosuid", "nodev", "noexec", "mode=0700"]})
     return mounts
 
 
