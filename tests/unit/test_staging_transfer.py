@@ -469,6 +469,49 @@ def test_stage_out_through_a_directory_the_user_named_outside_the_job(tmp_path, 
     assert (summary.objects, sent) == (1, {"r/out.h5": b"data"})
 
 
+@pytest.mark.parametrize("destination", ["s3://bucket/run/", "keep/"])
+def test_a_fifo_the_job_left_among_its_results_is_skipped_not_waited_on(tmp_path, monkeypatch, destination):
+    """The job's container can leave a FIFO in its results directory: the upload opened it for
+    reading and waited for a writer for good (a job stuck in staging until its time limit); a
+    host copy failed the stage-out. It is skipped with a note, as a link is."""
+    from berth.staging.locations import parse_transfer
+
+    job = tmp_path / "job"
+    (job / "out").mkdir(parents=True)
+    (job / "out" / "a.txt").write_bytes(b"result")
+    os.mkfifo(job / "out" / "pipe")
+    sent = _record_puts(monkeypatch)
+    notes: list[str] = []
+    outcome: list = []
+
+    def stage():
+        try:
+            outcome.append(transfer.stage_out((parse_transfer(f"out/:{destination}", "out"),), _profile(), str(job),
+                                              notes=notes))
+        except StagingError as error:
+            outcome.append(error)
+        try:  # and a FIFO put in place of a planned file after the plan is refused, not waited on
+            transfer._Runner(_profile(), None).upload(transfer._Put(str(job / "out" / "pipe"), 6, "bucket", "x"))
+        except StagingError as error:
+            outcome.append(error)
+    thread = threading.Thread(target=stage, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(job / "out" / "pipe", os.O_WRONLY | os.O_NONBLOCK))  # let it go
+        thread.join(20)
+        pytest.fail("stage-out waited on a FIFO among the job's results")
+    summary, refused = outcome
+    assert not isinstance(summary, StagingError), summary.message
+    assert refused.message.endswith("out/pipe is no longer a regular file (a FIFO or device put in its place?)")
+    assert summary.objects == 1
+    if destination.startswith("s3://"):
+        assert sent == {"run/a.txt": b"result"}
+    else:
+        assert sorted(os.listdir(job / "keep")) == ["a.txt"]
+    assert any("pipe" in note and "not a regular file" in note for note in notes), notes
+
+
 def _fake_listing(monkeypatch, objects: dict[str, bytes]) -> None:
     """obstore's listing and small GETs over ``objects`` (key -> body)."""
     import obstore

@@ -667,8 +667,14 @@ def _plan_put(transfer: Transfer, workdir: str, notes: list[str]) -> list[_Put]:
             continue
         if os.path.isdir(match):
             for path in _walk_files(match, transfer, notes):
-                if os.path.islink(path):
+                kind = os.lstat(path).st_mode
+                if stat.S_ISLNK(kind):
                     notes.append(f"{option} '{transfer.text}': skipped the symbolic link {path}")
+                    continue
+                if not stat.S_ISREG(kind):
+                    # A FIFO the job left there: opening it waited for a writer for good.
+                    notes.append(f"{option} '{transfer.shown}': skipped {path}: not a regular file "
+                                 "(a FIFO, socket or device)")
                     continue
                 files.append((path, os.path.relpath(path, base)))
         elif os.path.isfile(match):
@@ -916,8 +922,12 @@ class _Runner:
         store = self.store(put.bucket)  # type: ignore[arg-type]
         try:
             # Buffered: read(n) returns n bytes until the end, so parts are exactly part_size.
-            handle = os.fdopen(fsutil.open_beneath(*put.source(), os.O_RDONLY), "rb")
+            # Without blocking: a FIFO put in the planned file's place since is refused, not waited on.
+            handle = os.fdopen(fsutil.open_beneath(*put.source(), os.O_RDONLY | os.O_NONBLOCK), "rb")
             with handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise StagingError(f"{put.path} is no longer a regular file (a FIFO or device put in its place?)",
+                                       hint="stage out files the job has finished writing")
                 if put.size >= self.profile.multipart_threshold:
                     part_size = upload_part_size(put.size, self.profile.multipart_chunksize)
                     digests: list[bytes] = []
