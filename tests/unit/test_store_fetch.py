@@ -189,12 +189,10 @@ def test_bad_platform_is_usage_error(text):
 
 
 def test_default_platform_maps_machine_names(monkeypatch):
-    monkeypatch.setattr(platforms.platform_module, "machine", lambda: "x86_64")
-    assert str(pull.default_platform()) == "linux/amd64"
-    monkeypatch.setattr(platforms.platform_module, "machine", lambda: "aarch64")
-    assert str(pull.default_platform()) == "linux/arm64"
-    monkeypatch.setattr(platforms.platform_module, "machine", lambda: "armv7l")
-    assert str(pull.default_platform()) == "linux/arm/v7"
+    real = os.uname()
+    for machine, expected in (("x86_64", "linux/amd64"), ("aarch64", "linux/arm64"), ("armv7l", "linux/arm/v7")):
+        monkeypatch.setattr(platforms.os, "uname", lambda: os.uname_result((*real[:4], machine)))
+        assert str(pull.default_platform()) == expected
 
 
 def test_untrusted_registry_refused_before_any_network(tmp_path):
