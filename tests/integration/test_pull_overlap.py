@@ -167,6 +167,24 @@ def test_conversion_starts_before_the_bottom_layer_has_arrived(stores, holding_p
     assert stores.tmp_entries() == []
 
 
+def _config(image) -> str:
+    manifest = json.loads(Path(image.layout, "blobs", "sha256", image.digest.split(":")[1]).read_text())
+    return manifest["config"]["digest"]
+
+
+def test_conversion_starts_before_the_image_config_has_arrived(stores, holding_proxy, three_layer_image):
+    # The config downloads beside the layers (its round trip and fsync kept the conversion from
+    # starting; issue 10, target 4) and is read before publishing: held back, the top layer
+    # converts meanwhile and nothing is published until it comes.
+    config = _config(three_layer_image)
+    holding_proxy.hold = config
+    result = _pull_converting_while_held(stores, holding_proxy, three_layer_image, config, TOP_BYTES,
+                                         "the top layer was not converted while the image config was held")
+    assert result["digest"] == three_layer_image.digest and result["downloaded_blobs"] == 4
+    assert json.loads(Path(result["squashfs"]).parent.joinpath("config.json").read_text())["rootfs"]
+    assert stores.tmp_entries() == []
+
+
 def test_a_corrupt_lower_blob_fails_the_overlapped_pull_with_nothing_published(stores, holding_proxy,
                                                                                 three_layer_image):
     bottom, middle, _top = _layers(three_layer_image)

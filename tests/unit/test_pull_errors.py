@@ -103,6 +103,7 @@ def test_a_manifest_of_too_many_layers_is_refused_before_any_download(monkeypatc
         return _manifest(data, mediatypes.OCI_MANIFEST)
 
     monkeypatch.setattr(pull, "_download_all", lambda *args, **kwargs: pytest.fail("downloaded"))
+    monkeypatch.setattr(pull, "_Downloads", lambda *args, **kwargs: pytest.fail("downloaded"))
     client = OneManifestClient({"1": manifest(MAX_LAYERS + 1)})
     with pytest.raises(ImageError) as caught:
         _pull_with(monkeypatch, settings, client)

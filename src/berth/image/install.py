@@ -91,7 +91,7 @@ def install_image(
     digest: Digest,
     *,
     manifest_bytes: bytes,
-    config_bytes: bytes,
+    config_bytes: bytes | Callable[[], bytes],
     layers: Sequence[Descriptor],
     reference_key: str | None,
     compression: str,
@@ -106,8 +106,10 @@ def install_image(
     raises why it never will be); the flattener calls it before opening each layer, and
     every layer is waited for before the image is published. ``follow_layer(digest)``, when
     given, lets the flattener read a layer while it downloads (flatten.Layer.follow).
-    ``before_publish`` runs just
-    before publishing (the pull stores the manifest blob there).
+    ``config_bytes`` may be a function that returns them (a pull downloads the config beside
+    the layers): it is called, and may raise, after the conversion and before anything is
+    stored for publishing. ``before_publish`` runs just before publishing (the pull stores
+    the manifest blob there).
 
     Returns (image, converted). The caller holds ``store.writing()``. Raises ImageError
     (layers the flattener refuses), StoreError (disk full...), PermissionDenied, and whatever
@@ -130,6 +132,8 @@ def install_image(
                 if wait_for_layer is not None:
                     for layer in layers:  # the rule holds whatever the flattener opened
                         wait_for_layer(layer.digest)
+                if callable(config_bytes):
+                    config_bytes = config_bytes()
                 if before_publish is not None:
                     before_publish()
                 full_meta = dict(meta)

@@ -244,13 +244,17 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
     _manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
     blobs = _unique([config_descriptor, *layers])
     notify(progress, "resolved", key, digest, len(layers), sum(d.size_bytes for d in blobs))
-    # The config first (small): it says the image's platform, checked before the layers come.
-    _download_all(client, settings, store, reference, blobs[:1], progress, counters)
-    config_bytes = store.read_blob(config_descriptor.digest)
-    config = parse_json(config_bytes, what=f"image content refused: the image config of {what}",
-                        error=ImageError)
     if requested and index_digest is None:
-        _check_single_platform(config, wanted, what)
+        # An explicit --platform is checked against a single-platform image's config before
+        # any layer comes: the config first (small), alone.
+        _download_all(client, settings, store, reference, blobs[:1], progress, counters)
+        _check_single_platform(_read_config(store, config_descriptor, what), wanted, what)
+        downloading = blobs[:0:-1]
+    else:
+        # The config downloads beside the layers and is read before publishing: waiting for it
+        # (a round trip and an fsync) kept the conversion from starting, on one core (issue
+        # 10, target 4). A malformed config still fails the pull with nothing published.
+        downloading = [blobs[0], *blobs[:0:-1]]
     meta = {
         "source": what,
         "repository": reference.name,
@@ -262,7 +266,11 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
     # starts on it while it downloads (_FollowedBlob: kept only when exactly the verified
     # blob went through) and the layers below still download. install_image publishes only
     # after every layer was waited for, so a failed or corrupt download leaves nothing published.
-    with _Downloads(client, settings, store, reference, blobs[:0:-1], progress) as downloads:
+    with _Downloads(client, settings, store, reference, downloading, progress) as downloads:
+        def config_bytes() -> bytes:
+            downloads.wait_for(config_descriptor.digest)
+            return _read_config(store, config_descriptor, what, keep_bytes=True)
+
         image, converted = install_image(
             store, digest, manifest_bytes=manifest.data, config_bytes=config_bytes, layers=layers,
             reference_key=key, compression=settings.squashfs_compression, meta=meta, progress=progress,
@@ -275,6 +283,14 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
     return PullResult(image, key, platform_text, index_digest, counters.downloaded_blobs,
                       counters.downloaded_bytes, counters.cached_blobs, converted,
                       time.monotonic() - started)
+
+
+def _read_config(store: Store, descriptor: Descriptor, what: str, *, keep_bytes: bool = False):
+    """The stored (verified) image config, parsed as the hostile JSON it may be (ImageError);
+    its bytes instead with ``keep_bytes``, once they parsed."""
+    data = store.read_blob(descriptor.digest)
+    config = parse_json(data, what=f"image content refused: the image config of {what}", error=ImageError)
+    return data if keep_bytes else config
 
 
 def _check_single_platform(config: object, wanted: Platform, what: str) -> None:
