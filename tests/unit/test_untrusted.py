@@ -105,6 +105,35 @@ def test_an_oversized_toml_file_is_refused(tmp_path):
         load_settings(None, environ={"HOME": str(tmp_path), "BERTH_CONFIG_DIR": str(path.parent)})
 
 
+def test_a_configuration_file_that_is_a_fifo_is_refused_without_waiting(tmp_path):
+    """The user's berth.toml is read by every berth command, and a container that sees the home
+    directory can put a FIFO there: every command of the user's then waited in open() for good."""
+    import os
+    import threading
+
+    home = tmp_path / "home"
+    user_file = home / ".config" / "berth" / "berth.toml"
+    user_file.parent.mkdir(parents=True)
+    os.mkfifo(user_file)
+    outcome: list = []
+
+    def load():
+        try:
+            outcome.append(load_settings(None, environ={"HOME": str(home), "BERTH_CONFIG_DIR": str(tmp_path / "etc")}))
+        except ConfigError as error:
+            outcome.append(error)
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(user_file, os.O_WRONLY | os.O_NONBLOCK))  # let it go
+        thread.join(10)
+        pytest.fail("loading the settings waited on a FIFO planted as berth.toml")
+    [error] = outcome
+    assert isinstance(error, ConfigError), error
+    assert error.message == f"configuration file {user_file} is not a regular file (a FIFO, socket or device)"
+
+
 def test_a_template_file_nested_deep_is_a_config_error(tmp_path):
     path = tmp_path / "t.toml"
     path.write_text('image = "busybox"\ncpu = 1\nmemsz = "1G"\ncomment = ' + _nested_json(2000) + "\n")

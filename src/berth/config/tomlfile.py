@@ -119,7 +119,12 @@ def read_toml(path: Path, *, cache: ParseCache | None = None) -> tuple[dict[str,
     ``cache``: where the parse of the very same bytes may be taken from instead of tomllib, and
     where a new parse is put (:class:`ParseCache`; the file itself is read every time)."""
     try:
-        with open(path, "rb") as handle:
+        # Without blocking, a regular file only: a FIFO planted as the user's berth.toml (by a
+        # container that sees the home directory) made every berth command wait for good.
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigError(f"configuration file {path} is not a regular file (a FIFO, socket or device)",
+                                  hint="replace it with a plain file, or remove it")
             data = handle.read(MAX_TOML_BYTES + 1)
     except FileNotFoundError:
         return None
