@@ -216,6 +216,39 @@ def test_mount_source_outside_allowed_places_is_refused(settings, tmp_path):
         link.unlink()
 
 
+@pytest.mark.parametrize("change, message", [
+    ("program-others", r"the hook program {program} is writable by others \(mode 0757\)"),
+    ("program-group", r"the hook program {program} is writable by group 4321 \(mode 0775\)"),
+    ("program-owner", r"the hook program {program} is owned by uid 4321, neither root nor you"),
+    ("directory-others", r"the directory {directory} of hook program {program} is writable by others \(mode 0777\)"),
+])
+def test_a_hook_program_that_other_users_can_change_is_refused(settings, tree, change, message):
+    """A spec's writers are judged because its hooks run programs as every user of its devices;
+    the program itself was not: whoever owns it or can write it (or its directory) could run
+    code as everyone who asks for the device, through a spec root wrote."""
+    directory = tree.root / f"hooks-{change}"
+    directory.mkdir(mode=0o755)
+    program = directory / "hook"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    edit = edits.ContainerEdits("CDI device vendor.example/ve=0", hooks=(spec.Hook("createRuntime", str(program)),))
+    assert edits.apply_edits(settings, [edit]).hooks[0].path == str(program)
+    if change == "program-others":
+        program.chmod(0o757)
+    elif change == "program-group":
+        program.chmod(0o775)
+        os.chown(program, -1, 4321)
+    elif change == "program-owner":
+        os.chown(program, 4321, -1)
+    else:
+        directory.chmod(0o777)
+    with pytest.raises(PolicyError, match=message.format(program=program, directory=directory)):
+        edits.apply_edits(settings, [edit])
+    directory.chmod(0o1777)  # sticky: others cannot replace the program, only add names
+    if change == "directory-others":
+        assert edits.apply_edits(settings, [edit]).hooks[0].path == str(program)
+
+
 def test_mount_destinations_follow_the_user_mount_rules(settings, tree):
     for destination, message in (("/proc/x", "/proc"), ("/etc/passwd", "/etc/passwd"), ("/dev/.berth-init", "reserved")):
         edit = edits.ContainerEdits("spec", mounts=(edits.Mount(str(tree.lib_dir), destination),))

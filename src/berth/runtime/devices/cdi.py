@@ -36,7 +36,7 @@ from berth.errors import ConfigError, UsageError
 from berth.namedtuple import NamedTuple
 from berth.oci.names import is_env_name
 from berth.runtime import spec
-from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount
+from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount, writers_problem
 from berth.untrusted import InvalidDocument, parse_json
 
 SPEC_VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.5.1", "0.6.0", "0.7.0", "0.8.0")
@@ -342,14 +342,13 @@ def check_spec_writers(file: str, info: os.stat_result) -> None:
     run programs (``/usr/bin/sh -c ...`` lies under any ``mount_allow``) as the caller on the
     host, so whoever can write the spec can run code as every user who asks for its devices.
     Group write is accepted for group root only. Raises ConfigError."""
-    mode = stat_module.S_IMODE(info.st_mode)
-    if info.st_uid not in (0, os.getuid()):
-        raise ConfigError(f"CDI spec {file}: owned by uid {info.st_uid}, neither root nor you: berth does not "
-                          "read specs other users wrote (their hooks would run as you)", hint=_HINT)
-    if mode & 0o002 or (mode & 0o020 and info.st_gid != 0):
-        raise ConfigError(f"CDI spec {file}: writable by {'others' if mode & 0o002 else f'group {info.st_gid}'} "
-                          f"(mode {mode:04o}): berth does not read a spec other users can change (its hooks "
-                          "would run as you)", hint=f"chmod go-w {file} (ask your site administrator)")
+    problem = writers_problem(info)
+    if problem and problem.startswith("owned"):
+        raise ConfigError(f"CDI spec {file}: {problem}: berth does not read specs other users wrote (their hooks "
+                          "would run as you)", hint=_HINT)
+    if problem:
+        raise ConfigError(f"CDI spec {file}: {problem}: berth does not read a spec other users can change (its "
+                          "hooks would run as you)", hint=f"chmod go-w {file} (ask your site administrator)")
 
 
 def load_registry(directories) -> Registry:

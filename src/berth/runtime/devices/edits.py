@@ -173,6 +173,23 @@ def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:
                           identity=source_identity(real, what=what))
 
 
+def writers_problem(info: os.stat_result) -> str | None:
+    """Why someone other than root or the caller can change the file or directory ``info``
+    describes ("owned by uid N, neither root nor you", "writable by others (mode 0646)",
+    "writable by group G (mode 0664)"), or None. Group write is accepted for group root only;
+    a sticky directory's write bits are (others may add names, never replace one)."""
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, os.getuid()):
+        return f"owned by uid {info.st_uid}, neither root nor you"
+    if stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX:
+        return None
+    if mode & 0o002:
+        return f"writable by others (mode {mode:04o})"
+    if mode & 0o020 and info.st_gid != 0:
+        return f"writable by group {info.st_gid} (mode {mode:04o})"
+    return None
+
+
 def _judge_hook(hook: spec.Hook, *, what: str, settings) -> spec.Hook:
     if hook.hook_name not in spec.HOOK_NAMES:
         raise PolicyError(f"{what}: hook '{hook.hook_name}' is not one of {', '.join(spec.HOOK_NAMES)}", hint=_ADMIN)
@@ -183,7 +200,18 @@ def _judge_hook(hook: spec.Hook, *, what: str, settings) -> spec.Hook:
                           f"(devices.mount_allow: {', '.join(allow)})", hint=_ADMIN)
     if not os.path.isfile(real) or not os.access(real, os.X_OK):
         raise UsageError(f"{what}: the hook program {hook.path} is not an executable file on this node", hint=_ADMIN)
-    return hook._replace(path=real)
+    # The runtime runs it as the caller: whoever can change it, or a directory above it, could
+    # run code as every user of the device (as cdi.check_spec_writers says of the spec).
+    label, path = f"the hook program {real}", real
+    while True:
+        problem = writers_problem(os.stat(path))
+        if problem:
+            raise PolicyError(f"{what}: {label} is {problem}: berth does not run a hook that other users can "
+                              "change (it would run code as you)", hint=f"{_ADMIN}; chmod go-w, chown root")
+        if path == "/":
+            return hook._replace(path=real)
+        path = os.path.dirname(path)
+        label = f"the directory {path} of hook program {real}"
 
 
 def apply_edits(settings, edits: Sequence[ContainerEdits]) -> AppliedEdits:
