@@ -125,6 +125,35 @@ def test_ranged_download_is_assembled_in_order_and_verified(tmp_path, monkeypatc
     assert runner.download(get) is False and calls == []
 
 
+def test_a_ranged_download_keeps_only_a_few_ranges_in_flight(tmp_path, monkeypatch):
+    """Every range of a large object was submitted at once (pool.map): an endpoint listing an
+    object of some TiB (a size no one checks before the ranges are cut) made berth hold a
+    future per 8 MiB, hundreds of thousands, before one byte arrived. Now at most two per
+    worker wait; what is fetched is only what the endpoint actually serves."""
+    data = os.urandom(2 * MIB)
+    _fake_get(monkeypatch, data, hashlib.md5(data).hexdigest())
+    waiting, most = [0], [0]
+    lock = threading.Lock()
+
+    class Counting(transfer.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            with lock:
+                waiting[0] += 1
+                most[0] = max(most[0], waiting[0])
+            future = super().submit(fn, *args, **kwargs)
+
+            def done(_):
+                with lock:
+                    waiting[0] -= 1
+            future.add_done_callback(done)
+            return future
+    monkeypatch.setattr(transfer, "ThreadPoolExecutor", Counting)
+    runner = transfer._Runner(_profile(multipart_threshold=MIB, multipart_chunksize=64 << 10, max_concurrency=2), None)
+    get = _get(tmp_path, data, hashlib.md5(data).hexdigest())
+    assert runner.download(get) is True and (tmp_path / "out" / "obj.bin").read_bytes() == data  # 32 ranges
+    assert most[0] <= 4, most[0]
+
+
 def test_ranged_download_with_a_less_likely_part_size_is_still_verified(tmp_path, monkeypatch):
     data = os.urandom(20 * MIB)
     etag = _multipart_etag_of(data, 9 * MIB)             # 3 parts of 9 MiB: fits, but not first

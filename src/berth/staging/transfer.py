@@ -64,6 +64,7 @@ import shutil
 import stat
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -852,9 +853,18 @@ class _Runner:
                         raise error from None
 
         workers = max(1, min(self.profile.max_concurrency, RANGE_WORKERS, count))
+        digests: list[bytes] = []
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="berth-range") as pool:
             try:
-                digests = list(pool.map(fetch, range(count)))
+                # Two ranges per worker submitted ahead, in order: pool.map submitted them all at
+                # once, a future per range of whatever size the endpoint listed (TiBs: 100,000s).
+                pending: deque = deque()
+                for index in range(count):
+                    pending.append(pool.submit(fetch, index))
+                    if len(pending) >= 2 * workers:
+                        digests.append(pending.popleft().result())
+                while pending:
+                    digests.append(pending.popleft().result())
             except BaseException:
                 self.stop.set()
                 raise
