@@ -85,3 +85,41 @@ def test_zstd_image_recompressed_by_skopeo_pulls_and_runs(runtime_env, registry)
     assert [layer["mediaType"] for layer in layers] == [MEDIA_OCI_LAYER_ZSTD] * 2
     out = _pull_and_run(runtime_env, f"{registry.host}/test/skopeo-zstd:1", "cat", "/etc/berth-marker")
     assert out == "skopeo zstd\n"
+
+
+def test_a_layer_asking_for_gigabytes_of_decompression_memory_is_refused_on_pull(runtime_env, registry, tmp_path):
+    """A hostile registry (here the real one, serving what was pushed) hands out a layer typed
+    gzip that is xz declaring a 1.5 GiB dictionary: a 200-byte blob that made `xz -dc` hold up to
+    that much memory. The pull, as the unprivileged user, is refused as image content (exit 7)
+    with a message that says who must act, and nothing is published."""
+    import io
+    import subprocess
+    import tarfile
+
+    from berth.oci import mediatypes
+    from berth.oci.digest import Digest
+    from berth.registry.client import RegistryClient
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"bomb\n"))
+    layer = subprocess.run(["xz", "-c", "--lzma2=preset=0,dict=1536MiB"], input=archive.getvalue(),
+                           capture_output=True, check=True).stdout
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}).encode()
+    with RegistryClient(registry.host, insecure=True) as client:
+        for blob in (config, layer):
+            client.upload_blob("test/xz-bomb", Digest.of(blob), len(blob), io.BytesIO(blob))
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST,
+                               "config": {"mediaType": mediatypes.OCI_CONFIG, "digest": str(Digest.of(config)),
+                                          "size": len(config)},
+                               "layers": [{"mediaType": MEDIA_OCI_LAYER_GZIP, "digest": str(Digest.of(layer)),
+                                           "size": len(layer)}]}).encode()
+        client.put_manifest("test/xz-bomb", "1", manifest, mediatypes.OCI_MANIFEST)
+    pulled = runtime_env.berth("pull", "--insecure", f"{registry.host}/test/xz-bomb:1")
+    assert pulled.returncode == 7, describe(pulled)
+    assert "Memory usage limit reached" in pulled.stderr, describe(pulled)
+    assert "the layer asks for more memory to decompress than berth allows" in pulled.stderr, describe(pulled)
+    assert runtime_env.berth("images", "--json").stdout.count("xz-bomb") == 0
