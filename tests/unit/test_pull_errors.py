@@ -53,6 +53,17 @@ def test_an_index_that_is_not_json_names_it_and_says_who_acts(monkeypatch, setti
     assert client.closed
 
 
+@pytest.mark.parametrize("document", [b"[1, 2]", b'"index"', b"null"])
+def test_an_index_that_is_no_json_object_is_refused_not_a_traceback(monkeypatch, settings, document):
+    """A registry answers with an index's Content-Type and a JSON array: the client keeps the
+    declared type without parsing, and select_platform's index.get raised AttributeError."""
+    client = OneManifestClient({"1": _manifest(document, mediatypes.OCI_INDEX)})
+    with pytest.raises(ImageError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    assert caught.value.message == "the image index of example.org/team/app:1 has no 'manifests' list"
+    assert caught.value.hint == HINT
+
+
 def test_a_platform_manifest_under_another_digest_says_who_acts(monkeypatch, settings):
     served = _manifest(b'{"schemaVersion": 2, "layers": []}', mediatypes.OCI_MANIFEST)
     claimed = Digest.of(b"something else")

@@ -52,7 +52,8 @@ _BLOB_CHUNK_BYTES = 1 << 20
 
 def select_platform(index: dict, wanted: Platform, what: str) -> Descriptor:
     """The manifest of ``index`` for ``wanted``; raises PlatformNotFound listing what exists."""
-    manifests = index.get("manifests")
+    # A registry may send any JSON under an index's Content-Type (an array: AttributeError here).
+    manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list):
         raise ImageError(f"the image index of {what} has no 'manifests' list")
     available: list[str] = []
