@@ -329,17 +329,24 @@ def _pending_signals(pid: int) -> int:
         return int(next(line for line in handle if line.startswith("ShdPnd:")).split()[1], 16)
 
 
+def _usr1_blocking_victim(user: User) -> subprocess.Popen:
+    """A process of ``user``'s that blocks SIGUSR1 (so that one sent stays pending, for
+    _pending_signals), running once this returns."""
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1});"
+         " print('ready', flush=True); time.sleep(120)"],
+        user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    assert victim.stdout.readline() == "ready\n"
+    return victim
+
+
 def test_a_state_file_cannot_point_kill_or_delete_at_another_process(user, user_tmp):
     """read_state took the pid with strtol and kill() got it cast to pid_t: a pid of 2^32 + N
     signalled process N, and with a start time of 0 the start-time check passed too (0 is what
     it read for the pid that does not exist). A state file naming 2^32 - 1 made "delete
     --force" SIGKILL every process of the user. Such a file is refused now, and nothing is sent."""
-    victim = subprocess.Popen(
-        [sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1});"
-         " print('ready', flush=True); time.sleep(120)"],
-        user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    victim = _usr1_blocking_victim(user)
     try:
-        assert victim.stdout.readline() == "ready\n"
         _plant_state(user, user_tmp, json.dumps({"pid": victim.pid + (1 << 32), "start_time": 0, "bundle": "/"}))
         killed = _launcher(user, user_tmp, "kill", "c1", "USR1")
         assert not _pending_signals(victim.pid) & (1 << (signal.SIGUSR1 - 1)), "kill signalled the victim"
@@ -424,12 +431,8 @@ def test_kill_signals_the_process_it_checked_not_one_that_took_its_pid_since(use
 def test_kill_signals_a_running_container_with_or_without_pidfds(user, user_tmp, kernel):
     """The pidfd path, and the check + kill() that kernels before 5.3 (pidfd_open failing with
     ENOSYS) keep."""
-    victim = subprocess.Popen(
-        [sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1});"
-         " print('ready', flush=True); time.sleep(120)"],
-        user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    victim = _usr1_blocking_victim(user)
     try:
-        assert victim.stdout.readline() == "ready\n"
         _plant_state(user, user_tmp, json.dumps({"pid": victim.pid, "start_time": _start_time(victim.pid),
                                                  "bundle": "/"}))
         killed = user.run([str(ocirt.launcher_path()), "--root", str(user_tmp / "state"), "kill", "c1", "USR1"],
