@@ -99,7 +99,7 @@ def test_plans_are_kept_only_when_the_setting_is_on_and_only_for_berth_launcher(
     env = runtime_env
     image = str(runtime_images.busybox)
     for _ in range(2):
-        off = env.berth("run", "--debug", image, "true", env=site.env)
+        off = env.berth("run", "--debug", image, "true", env={**site.env, "BERTH_PLAN_CACHE": "0"})
         assert off.returncode == 0 and "plan cache: this run's plan is not kept: the setting plan_cache is off" in \
             off.stderr, describe(off)
     site.write("plan_cache = false\npinned = [\"plan_cache\"]\n")
@@ -107,6 +107,10 @@ def test_plans_are_kept_only_when_the_setting_is_on_and_only_for_berth_launcher(
     assert pinned.returncode == 125 and "only the site configuration may set plan_cache" in pinned.stderr, \
         describe(pinned)
     site.write("")
+    default = env.berth("run", "--debug", image, "true", env=site.env)  # nobody sets it: on
+    assert default.returncode == 0 and "plan_cache is off" not in default.stderr, describe(default)
+    for path in _entries(env):
+        path.unlink()
     runc = run(env, site, image, "true", extra={"BERTH_RUNTIME": "runc"})
     assert runc.returncode == 0 and "not kept: run by runc, not berth-launcher" in runc.stderr, describe(runc)
     assert _entries(env) == []

@@ -37,7 +37,7 @@ def hostile(state_inside: str, normal_file: str) -> list[str]:
             [ -e "$f" ] && echo "SEEN $f" && [ -w "$f" ] && echo "WRITABLE $f"
         done
         (echo planted > "$s/planted") 2>/dev/null && echo WROTE-STATE
-        mkdir "$s/plans" 2>/dev/null && echo MADE-PLANS
+        mkdir "$s/planted-dir" 2>/dev/null && echo MADE-DIR
         umount -l "$s" 2>/dev/null && echo UNMOUNTED
         unshare -U -r -m sh -c "umount -l $s 2>/dev/null && echo UNMOUNTED"
         echo ordinary > {normal_file} && echo WROTE-NORMAL
@@ -49,9 +49,9 @@ def assert_blocked(result, state_dir: Path, normal_file: Path) -> None:
     assert result.returncode == 0, describe(result)
     out = result.stdout
     assert "entries: 0" in out, describe(result)
-    for word in ("SEEN", "WRITABLE", "WROTE-STATE", "MADE-PLANS", "UNMOUNTED"):
+    for word in ("SEEN", "WRITABLE", "WROTE-STATE", "MADE-DIR", "UNMOUNTED"):
         assert word not in out, describe(result)
-    assert not (state_dir / "planted").exists() and not (state_dir / "plans").exists()
+    assert not (state_dir / "planted").exists() and not (state_dir / "planted-dir").exists()
     # ... and the mount itself works as it did: the ordinary file is there, the user's.
     assert "WROTE-NORMAL" in out, describe(result)
     assert normal_file.read_text() == "ordinary\n"

@@ -423,9 +423,10 @@ def _planted(tmp_path, monkeypatch, **settings_changes):
 
 def test_with_the_setting_off_no_entry_runs_whoever_wrote_it(tmp_path, monkeypatch):
     fastrun, argv, environ, site = _planted(tmp_path, monkeypatch)
+    (site / "berth.toml").write_text("plan_cache = false\n")
     lookup = fastrun.look_up(argv, environ)
     assert (lookup.entry, lookup.reason) == (None, "the setting plan_cache is off")
-    (site / "berth.toml").write_text("plan_cache = true\n")
+    (site / "berth.toml").write_text("")  # the default: on
     lookup = fastrun.look_up(argv, environ)
     assert lookup.entry is not None and lookup.reason == ""
 
@@ -438,7 +439,8 @@ def test_an_entry_whose_settings_are_not_the_current_ones_does_not_run(tmp_path,
 
 
 def test_with_the_setting_off_the_entry_is_not_even_read(tmp_path, monkeypatch):
-    fastrun, argv, environ, _site = _planted(tmp_path, monkeypatch)
+    fastrun, argv, environ, site = _planted(tmp_path, monkeypatch)
+    (site / "berth.toml").write_text("plan_cache = false\n")
     read = []
     monkeypatch.setattr(plancache, "load_entry", lambda *args: read.append(args) or (None, "read"))
     lookup = fastrun.look_up(argv, environ)

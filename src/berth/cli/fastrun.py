@@ -40,7 +40,7 @@ def look_up(argv: list[str], environ=None) -> Lookup:
     if not os.path.lexists(directory / key):
         return Lookup(directory, key, None, "no entry")
     # The settings as they are now decide, before the entry is read at all, whether a kept
-    # plan runs: with plan_cache off (the default) none does, whoever wrote it (a container
+    # plan runs: with plan_cache off none does, whoever wrote it (a container
     # that could write the state directory could have: docs/security.md); plans are kept only
     # in the state directory the settings name (a state_dir set in berth.toml moves the state
     # but not this directory, found before settings: no plan is used or kept then); and the

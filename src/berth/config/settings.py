@@ -184,10 +184,10 @@ class Settings(Record):
     #: "squashfuse" (with the kernel caching options of berth.runtime.fuse).
     image_fuse: str = "auto"
     #: Keep the plan of a `berth run` whose every input berth can name, and execute it again
-    #: for the next identical run without planning (berth.runtime.plancache). Off by default:
-    #: a container that can write the caller's state directory could plant a plan
-    #: (docs/security.md, "Cached run plans").
-    plan_cache: bool = False
+    #: for the next identical run without planning (berth.runtime.plancache). On by default
+    #: since no container reaches the state directory the plans are kept in (berth.runtime.plan
+    #: hides it wherever a mount holds it; docs/security.md, "Cached run plans").
+    plan_cache: bool = True
     #: Default S3 endpoint for data staging when a user's profile names none (no secrets here).
     s3_endpoint: str = ""
     #: CA bundle for the S3 endpoint's TLS certificate (None: the system's).
