@@ -159,3 +159,14 @@ def test_a_container_cannot_make_the_state_directory_a_later_berth_would_trust(r
     assert result.returncode == 0 and result.stdout == "WROTE-NORMAL\n", describe(result)
     made = runtime_dir / "berth"
     assert not made.exists() or (list(made.iterdir()) == [] and os.stat(made).st_uid == user.uid)
+
+
+@BOTH_RUNTIMES
+def test_a_working_directory_in_the_hidden_state_directory_is_refused(runtime_env, runtime_images):
+    """The runtime makes a missing working directory before it masks anything (runc does): it
+    made it in the real state directory, on the host."""
+    env = runtime_env
+    inside = "/x/" + str(env.state_dir.relative_to("/tmp"))
+    result = env.berth("run", "-v", "/tmp:/x", "-w", f"{inside}/containers/w", str(runtime_images.busybox), "true")
+    assert result.returncode == 125 and "the working directory" in result.stderr, describe(result)
+    assert not (env.state_dir / "containers" / "w").exists()

@@ -347,3 +347,14 @@ def test_a_missing_berth_directory_under_a_writable_mount_is_made_under_a_tmpfs(
     plan = plan_container(request(user_mounts=(rw._replace(read_only=True),), private_dirs=(later,)), str(root),
                           layout)
     assert not [m for m in plan.config()["mounts"] if m["destination"] == "/r/berth"]
+
+
+def test_a_working_directory_inside_the_hidden_place_is_refused(tmp_path):
+    """runc makes a missing working directory before it masks: it would make it in the real
+    state directory, on the host (an image's WorkingDir chooses it as well as -w)."""
+    root, state, layout = _state_world(tmp_path)
+    user = BindMount(str(tmp_path / "tmp"), "/x", read_only=False)
+    with pytest.raises(PolicyError, match="the working directory /x/berth-state/containers/w is inside "
+                                          "/x/berth-state"):
+        plan_container(request(user_mounts=(user,), workdir="/x/berth-state/containers/w"), str(root), layout)
+    plan_container(request(user_mounts=(user,), workdir="/x"), str(root), layout)  # beside it: fine

@@ -584,6 +584,13 @@ def plan_container(request: RunRequest, image_root: str, layout: ContainerLayout
               *(f"device mount {b.destination}" for b in request.device_mounts)]
     masked, made = _hidden((*request.private_dirs, str(layout.state_dir)),
                            list(zip(labels, asked_binds, landed_binds)))
+    # runc creates a missing working directory before it masks anything: in the real state
+    # directory, on the host, were the working directory inside a hidden place.
+    inside = policy.under(request.workdir, (*masked, *made)) or policy.under(workdir, (*masked, *made))
+    if inside:
+        raise PolicyError(f"the working directory {request.workdir} is inside {inside}, where berth's state "
+                          "directory appears in the container (hidden there)",
+                          hint="choose another working directory (-w)")
     creatable = [*CREATABLE_UNDER, *home.creatable]
     needed = [rootfs.MountPoint(p, True) for p in STANDARD_MOUNT_POINTS]
     needed += home.mount_points
