@@ -170,3 +170,33 @@ def test_a_working_directory_in_the_hidden_state_directory_is_refused(runtime_en
     result = env.berth("run", "-v", "/tmp:/x", "-w", f"{inside}/containers/w", str(runtime_images.busybox), "true")
     assert result.returncode == 125 and "the working directory" in result.stderr, describe(result)
     assert not (env.state_dir / "containers" / "w").exists()
+
+
+def test_a_local_job_given_tmp_cannot_reach_the_state_directory(job_site, user):
+    """Jobs run through the same planning: a template whose custom options mount /tmp, the
+    job's berth keeping its state in the default /tmp/berth-UID (no XDG_RUNTIME_DIR, as in a
+    Slurm job). The job script finds that directory empty and read-only; its write beside it
+    through the same mount lands."""
+    from tests.harness.users import berth_executable
+    from tests.integration.jobs_helpers import submit, wait_for
+
+    created = subprocess.run([str(berth_executable()), "template", "create", "tmpv", f"image={job_site.image}",
+                              "cpu=1", "memsz=64M", "custom=-v /tmp:/x"], env={**os.environ, **job_site.env},
+                             capture_output=True, text=True, timeout=300)
+    assert created.returncode == 0, created.stderr
+    work = job_site.workdir(user)
+    job_site.write_script(work, "hostile.sh", f"""\
+        #!/bin/sh
+        #BERTH -o out-%j.txt
+        s=/x/berth-$(id -u)
+        echo "entries: $(ls -A "$s" 2>/dev/null | wc -l)"
+        (echo planted > "$s/planted-by-job") 2>/dev/null && echo WROTE-STATE
+        echo ordinary > /x/{work.relative_to("/tmp")}/normal.txt && echo WROTE-NORMAL
+    """, user)
+    job = submit(user, job_site, work, "--template", "tmpv", "hostile.sh")
+    states = wait_for(user, job_site, [job], ("completed", "failed", "cancelled", "timeout"))
+    output = (work / f"out-{job}.txt").read_text()
+    assert states[job]["state"] == "completed", output
+    assert "entries: 0" in output and "WROTE-STATE" not in output and "WROTE-NORMAL" in output, output
+    assert not os.path.exists(f"/tmp/berth-{user.uid}/planted-by-job")
+    assert (work / "normal.txt").read_text() == "ordinary\n"
