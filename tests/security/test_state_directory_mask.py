@@ -200,3 +200,22 @@ def test_a_local_job_given_tmp_cannot_reach_the_state_directory(job_site, user):
     assert "entries: 0" in output and "WROTE-STATE" not in output and "WROTE-NORMAL" in output, output
     assert not os.path.exists(f"/tmp/berth-{user.uid}/planted-by-job")
     assert (work / "normal.txt").read_text() == "ordinary\n"
+
+
+@BOTH_RUNTIMES
+def test_berth_exec_in_a_container_given_tmp_cannot_reach_the_state_directory(runtime_env, runtime_images):
+    """berth exec joins the container's mount namespace: the state directory is hidden for the
+    exec'd process too (runc exec and berth-launcher exec alike)."""
+    from tests.security.test_red_team import stop, wait_for_line
+
+    env = runtime_env
+    inside = "/x/" + str(env.state_dir.relative_to("/tmp"))
+    process = env.popen("run", "--name", "held", "-v", "/tmp:/x", str(runtime_images.busybox), "sh", "-c",
+                        "echo ready; exec sleep 60")
+    try:
+        wait_for_line(process, "ready")
+        normal = env.scratch / "normal.txt"
+        result = env.berth("exec", "held", *hostile(inside, "/x/" + str(normal.relative_to("/tmp"))))
+        assert_blocked(result, env.state_dir, normal)
+    finally:
+        stop(process)
