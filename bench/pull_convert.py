@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
 
-TOOLS = ("berth", "berth-convert", "berth-before", "skopeo", "umoci", "mksquashfs-lz4", "mksquashfs-gzip", "ch-image-pull",
+TOOLS = ("berth", "berth-convert", "berth-before", "berth-cpu", "berth-before-cpu", "skopeo", "umoci", "mksquashfs-lz4", "mksquashfs-gzip", "ch-image-pull",
          "ch-convert", "pigz", "tar2sqfs")
 
 
@@ -63,10 +63,11 @@ class Bench:
 
     # ---------------------------------------------------------------- berth
 
-    def berth_pull(self, image: c.BenchImage, store: Path, berth: Path = c.BERTH) -> tuple[float, int, int]:
-        """Seconds, peak RSS (KiB) and registry blob downloads of one ``berth pull``."""
+    def berth_pull(self, image: c.BenchImage, store: Path, berth: Path = c.BERTH) -> tuple[float, int, int, float]:
+        """Seconds, peak RSS (KiB), registry blob downloads and CPU seconds (user + system, of
+        berth and the igzip and tar2sqfs it waited for) of one ``berth pull``."""
         rss_file = self.workdir / "berth-time.txt"
-        argv = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), str(berth), "pull"]
+        argv = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), str(berth), "pull"]
         if self.berth_insecure_option:
             argv.append("--insecure")
         argv.append(image.ref(self.registry))
@@ -75,8 +76,8 @@ class Bench:
         start = time.perf_counter()
         self.user.run(argv, env=env)
         seconds = time.perf_counter() - start
-        rss_kib = int(rss_file.read_text().strip().splitlines()[-1])
-        return seconds, rss_kib, self.registry.blob_gets() - gets_before
+        rss_kib, user_s, system_s = rss_file.read_text().strip().splitlines()[-1].split()
+        return seconds, int(rss_kib), self.registry.blob_gets() - gets_before, float(user_s) + float(system_s)
 
     def berth_forget_image(self, image: c.BenchImage, store: Path, berth: Path = c.BERTH) -> None:
         """Remove the converted image but keep its blobs (``berth rmi``; blobs go only with prune)."""
@@ -145,13 +146,15 @@ class Bench:
                     break
                 store = run_dir / f"{tool}-store"
                 try:
-                    seconds, rss, _ = self.berth_pull(image, store, executable)
+                    seconds, rss, _, cpu_s = self.berth_pull(image, store, executable)
                     cold[tool].add(seconds)
+                    cold[f"{tool}-cpu"].add(cpu_s)
                     if tool == "berth":
                         cold["berth-convert"].add(convert_seconds(store))
                     self.berth_forget_image(image, store, executable)
-                    seconds, rss_warm, gets = self.berth_pull(image, store, executable)
+                    seconds, rss_warm, gets, cpu_s = self.berth_pull(image, store, executable)
                     warm[tool].add(seconds)
+                    warm[f"{tool}-cpu"].add(cpu_s)
                     if tool == "berth":
                         warm["berth-convert"].add(convert_seconds(store))
                     if tool == "berth":
@@ -215,6 +218,9 @@ def render(image: c.BenchImage, measured: dict, berth_missing: str | None, befor
             ("berth pull (lz4)", berth),
             ("  of which conversion (image.json convert_s; overlaps the downloads)", r["berth-convert"]),
             *([(f"berth pull (lz4), before: {before}", r["berth-before"])] if r["berth-before"].values else []),
+            ("  CPU seconds of berth pull (user + system, with its igzip and tar2sqfs; others' load "
+             "changes them less than the wall time)", r["berth-cpu"]),
+            *([("  CPU seconds of berth pull, before", r["berth-before-cpu"])] if r["berth-before-cpu"].values else []),
             ("skopeo + umoci + mksquashfs lz4 (Sarus-like)", pipeline_sample(r, ("skopeo", "umoci", "mksquashfs-lz4"))),
             ("skopeo + umoci (this pass) + mksquashfs gzip (first cold pass only)", pipeline_sample(r, ("skopeo", "umoci", "mksquashfs-gzip"))),
             ("  of which skopeo copy", r["skopeo"]),
@@ -231,12 +237,13 @@ def render(image: c.BenchImage, measured: dict, berth_missing: str | None, befor
             if label.startswith("berth") and not sample.values:
                 rows.append([mode, label, f"not available: {berth_missing}", "—"])
                 continue
-            whole = not label.startswith(("berth", "  of which"))
+            whole = not label.startswith(("berth", "  "))
             berth_ratio = c.ratio(berth.median, sample.median) if berth.values and whole else "—"
             rows.append([mode, label, sample.cell(), berth_ratio])
         if berth.values and r["berth-before"].values:
             verdicts.append(f"- {image.name} {mode}: berth / berth before ({before}) = "
-                            f"{berth.median / r['berth-before'].median:.2f}; before / pigz -dc = "
+                            f"{berth.median / r['berth-before'].median:.2f} (CPU seconds: "
+                            f"{r['berth-cpu'].median / r['berth-before-cpu'].median:.2f}); before / pigz -dc = "
                             f"{r['berth-before'].median / r['pigz'].median:.2f}")
         if berth.values and not r["skopeo"].values:
             verdicts.append(f"- {image.name} {mode}: berth / pigz -dc = {berth.median / r['pigz'].median:.2f} "
