@@ -127,29 +127,6 @@ def test_console_exits_normally_when_an_atexit_callback_a_thread_or_a_profiler_i
     assert profile.stat().st_size > 0  # it wrote its report: console() did not end the process
 
 
-def test_console_runs_atexit_callbacks_once_and_still_skips_the_teardown(tmp_path):
-    """A `berth pull` leaves two atexit callbacks (logging's, urllib3's pool close): they run,
-    once, with their output written, and the teardown is still skipped (issue 10, target 4).
-    An object's finalizer shows whether the teardown ran (it runs only there)."""
-    marker = tmp_path / "finalized"
-    result = _console("import atexit\n"
-                      "atexit.register(print, 'atexit ran')\n"
-                      "atexit.register(sys.stderr.write, 'second\\n')\n"
-                      "class Kept:\n"
-                      f"    def __del__(self): open({str(marker)!r}, 'w').close()\n"
-                      "sys.modules['kept'] = Kept()\n"
-                      "return 4\n", capture_output=True)
-    assert (result.returncode, result.stdout, result.stderr) == (4, b"atexit ran\n", b"second\n")
-    assert not marker.exists()  # no teardown: the module's object was never finalized
-    result = _console("import atexit, threading\n"
-                      "atexit.register(lambda: threading.Thread(target=print, args=('late',)).start())\n"
-                      "class Kept:\n"
-                      f"    def __del__(self): open({str(marker)!r}, 'w').close()\n"
-                      "sys.modules['kept'] = Kept()\n"
-                      "return 5\n", capture_output=True)
-    assert (result.returncode, result.stdout) == (5, b"late\n")
-
-
 def test_console_reports_a_failed_flush_as_python_does():
     """stdout on a full disk: the interpreter's own exit reports it (status 120), as before."""
     with open("/dev/full", "w") as full:

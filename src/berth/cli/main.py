@@ -173,11 +173,6 @@ def console() -> None:
     no thread but this one alive, no profiler or tracer (``python -m cProfile`` writes its
     report after the script). Otherwise, or when a flush fails (a full disk: Python's own exit
     reports it), the interpreter exits as usual. Tests call ``main()``, never this.
-
-    atexit callbacks do not make the teardown needed: when no other thread is left, they are
-    run here, as the interpreter's exit would run them first (a `berth pull` has two, logging's
-    flush and urllib3's pool close, and tore its interpreter down for them: ~10 ms at the end
-    of every pull, issue 10 target 4).
     """
     # The cyclic garbage collector is off while berth imports its modules and builds the parser
     # (turned on again by _main once the arguments are parsed): start-up creates some 100,000
@@ -196,32 +191,14 @@ def console() -> None:
 
 
 def _nothing_to_tear_down() -> bool:
-    """Whether the interpreter's exit has nothing left to do but free memory. atexit
-    callbacks are run here when no other thread is left (the interpreter's exit runs them
-    then too, and only once), and their output flushed."""
     import atexit
 
     if sys.getprofile() is not None or sys.gettrace() is not None:
         return False
+
     count = getattr(atexit, "_ncallbacks", None)
-    run_callbacks = getattr(atexit, "_run_exitfuncs", None)
-    if count is None or (count() and run_callbacks is None):
+    if count is None or count() != 0:
         return False
-    if not _only_this_thread():
-        return False  # the interpreter waits for the others before anything else
-    if count():
-        run_callbacks()  # runs each once and forgets them, printing their errors as exit does
-        if count() or not _only_this_thread():
-            return False  # a callback left more to do
-        try:  # after the look at the threads: what an ended one printed is flushed too
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            return False
-    return True
-
-
-def _only_this_thread() -> bool:
     threading = sys.modules.get("threading")
     return threading is None or threading.active_count() == 1
 
