@@ -810,12 +810,13 @@ def test_a_listing_that_never_ends_is_stopped(tmp_path, monkeypatch, endless):
                             secret_key="S", addressing_style="path")
         with pytest.raises(StagingError) as caught:
             transfer.stage_in((parse_transfer("s3://bucket/data/:input/", "in"),), profile, str(tmp_path))
+    # (One page more than needed, in case the library ever reads a page ahead.)
     if endless == "repeating":
         assert "listed the key 'data/k00000000' twice" in caught.value.message, caught.value.message
-        assert len(served) == 2
+        assert len(served) <= 3, served
     else:
         assert "more than 2500 objects under s3://bucket/data/" in caught.value.message, caught.value.message
-        assert len(served) == 3
+        assert len(served) <= 4, served
     assert not (tmp_path / "input").exists()
 
 
