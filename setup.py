@@ -1,5 +1,5 @@
 """The one build step pyproject.toml cannot declare: compile berth-init and berth-launcher into
-the package.
+the package, and the command ``berth`` itself (berth-front, BuildFrontEnd) into its scripts.
 
 berth-init (src/berth/runtime/init/berth-init.c) is PID 1 of every container and must be a static
 executable, so that it runs in images with any libc or none. berth-launcher (berth-launcher.c
@@ -25,6 +25,9 @@ from pathlib import Path
 from setuptools import Distribution, setup
 from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
+from distutils.command.build_scripts import build_scripts  # setuptools provides distutils (no setuptools.command.build_scripts)
+from distutils.command.install_scripts import install_scripts as copy_scripts
+from setuptools.command.install_scripts import install_scripts
 from setuptools.errors import CompileError
 
 HERE = Path(__file__).resolve().parent
@@ -76,10 +79,47 @@ class BuildPyWithInit(build_py):
         return outputs
 
 
+class BuildFrontEnd(build_scripts):
+    """The ``berth`` command is berth-front (src/berth/runtime/init/berth-front.c, static like
+    the others): a script of the wheel, installed by pip into the same directory as the console
+    script ``berth-py`` it execs for everything it does not run itself (a binary script is copied
+    as it is: pip rewrites only a ``#!python`` first line). Found there through /proc/self/exe,
+    so a venv, ``pip install --user`` and an editable install all work alike."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.scripts = self.scripts or []  # none of Python's: only the compiled one
+
+    def get_source_files(self) -> list[str]:
+        return [str((SOURCES / "berth-front.c").relative_to(HERE))]
+
+    def run(self) -> None:
+        super().run()
+        compile_program("berth-front", Path(self.build_dir) / "berth")
+
+    def get_outputs(self) -> list[str]:
+        return [str(Path(self.build_dir) / "berth")]
+
+
+class InstallFrontEnd(install_scripts):
+    """setuptools' install_scripts writes the console scripts but copies the built scripts only
+    when setup() names some (Python ones): copy the front end too (into the wheel's
+    ``.data/scripts``, which pip installs beside the console scripts)."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.distribution.scripts:
+            copy_scripts.run(self)
+
+
 class BinaryDistribution(Distribution):
-    """The package holds a Linux executable: it is not pure Python (platlib, platform wheel)."""
+    """The package holds a Linux executable: it is not pure Python (platlib, platform wheel);
+    and a script, the compiled front end ``berth`` (BuildFrontEnd)."""
 
     def has_ext_modules(self) -> bool:
+        return True
+
+    def has_scripts(self) -> bool:
         return True
 
 
@@ -92,4 +132,6 @@ class PlatformWheel(bdist_wheel):
         return "py3", "none", platform
 
 
-setup(distclass=BinaryDistribution, cmdclass={"build_py": BuildPyWithInit, "bdist_wheel": PlatformWheel})
+setup(distclass=BinaryDistribution,
+      cmdclass={"build_py": BuildPyWithInit, "build_scripts": BuildFrontEnd, "install_scripts": InstallFrontEnd,
+                "bdist_wheel": PlatformWheel})

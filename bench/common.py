@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("BERTH_BENCH_CACHE", "/var/cache/berth-bench"))
 VENV = Path(os.environ.get("BERTH_VENV") or REPO / ".venv")
 BERTH = VENV / "bin" / "berth"
+#: berth's Python console script, which the command `berth` (the compiled front end, issue 10)
+#: execs for all it does not run itself: what `python -X importtime` and cProfile can run.
+BERTH_PY = VENV / "bin" / "berth-py" if (VENV / "bin" / "berth-py").exists() else BERTH
 BENCH_USER = os.environ.get("BERTH_BENCH_USER", "berthtest")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"

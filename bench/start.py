@@ -62,6 +62,11 @@ LINGER = f"berth run ({RUNTIMES[0]}), image mount lingering"
 #: and the same with the image mount lingering too.
 CACHED = f"berth run ({RUNTIMES[0]}), plan cache"
 CACHED_LINGER = f"berth run ({RUNTIMES[0]}), plan cache, image mount lingering"
+#: The same plans executed by the compiled front end (the command `berth`,
+#: berth.runtime.compiledplan) with no Python started; the rows above run the Python console
+#: script berth-py directly. The front end joins a mount that is up: without a lingering mount
+#: its runs are Python's, so it has no row of its own without one.
+COMPILED_LINGER = f"berth run ({RUNTIMES[0]}), compiled front end, plan cache, image mount lingering"
 #: The anchors timed in turn with berth's runs (StartBench.interleaved) for the target lines.
 PAIRED = ("berth-launcher (berth's config.json, squashfuse root)", "runc (berth's config.json, squashfuse root)",
           "runc (squashfuse root)", "ch-run IMG.sqfs")  # what udocker 1.3.17 asks for; see prepare_udocker
@@ -366,16 +371,18 @@ class StartBench:
         self.import_families[label or " ".join(args)] = families(runs)
         return totals, top
 
-    def prime_plan_cache(self, argv: list[str], env: dict, deadline_s: float = 30.0) -> bool:
+    def prime_plan_cache(self, argv: list[str], env: dict, deadline_s: float = 30.0, *, compiled: bool = False) -> bool:
         """Run ``argv`` until it has kept its plan (a run keeps none while an input changed in
-        the last two seconds: the store and settings were written just now); whether it did."""
+        the last two seconds: the store and settings were written just now), ``compiled``: its
+        compiled form too (berth.runtime.compiledplan); whether it did."""
         import time
 
         state = Path(env["BERTH_STATE_DIR"]) / "plans"
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             self.user.run(argv, env=env)
-            if state.is_dir() and any(len(entry.name) == 64 for entry in state.iterdir()):
+            if state.is_dir() and any(entry.name.startswith("c-") if compiled else len(entry.name) == 64
+                                      for entry in state.iterdir()):
                 return True
             time.sleep(0.5)
         return False
@@ -446,7 +453,7 @@ class StartBench:
             if filename.startswith(source):
                 rows.append((f"{filename[len(source) - len('berth'):]}:{line}({function})", cumulative_s))
         total = max((cumulative_s for (filename, _, function), (_, _, _, cumulative_s, _) in stats.items()
-                     if function == "<module>" and filename == str(c.BERTH)), default=None)
+                     if function == "<module>" and filename == str(c.BERTH_PY)), default=None)
         rows.sort(key=lambda row: -row[1])
         return ([("total (the berth script)", total)] if total else []) + rows[:top]
 
@@ -530,13 +537,18 @@ def main() -> int:
                                   "BERTH_STATE_DIR": str(user.tempdir("berth-state-linger-", workdir))}
             berth_argvs[LINGER] = berth[0]
             bench.lingering_envs.append(berth_envs[LINGER])
-            for name, base in ((CACHED, BERTH), (CACHED_LINGER, LINGER)):
+            python_argv = [str(c.BERTH_PY), *berth[0][1:]]
+            for name, base, argv in ((CACHED, BERTH, python_argv), (CACHED_LINGER, LINGER, python_argv),
+                                     (COMPILED_LINGER, LINGER, berth[0])):
+                if argv is berth[0] and c.BERTH_PY == c.BERTH:
+                    continue  # a berth without the compiled front end
                 berth_envs[name] = {**berth_envs[base], "BERTH_PLAN_CACHE": "1",
                                     "BERTH_STATE_DIR": str(user.tempdir("berth-state-plans-", workdir))}
-                berth_argvs[name] = berth[0]
-                if not bench.prime_plan_cache(berth[0], berth_envs[name]):
+                berth_argvs[name] = argv
+                if not bench.prime_plan_cache(argv, berth_envs[name], compiled=argv is berth[0]):
                     bench.notes.append(f"{name}: no plan was kept within 30 s (its runs are misses)")
-            bench.lingering_envs.append(berth_envs[CACHED_LINGER])
+                if name != CACHED:
+                    bench.lingering_envs.append(berth_envs[name])
             if args.before:
                 berth_envs[BEFORE] = berth_envs[BERTH]
                 berth_argvs[BEFORE] = [str(args.before), *berth[0][1:]]
@@ -588,7 +600,7 @@ def main() -> int:
                 bench.unavailable[name] = f"failed while timed: {c.error_line(str(error))}"
         if berth_envs:
             try:
-                berth_profile = bench.berth_profile(berth[0], berth_envs[BERTH])
+                berth_profile = bench.berth_profile(python_argv, berth_envs[BERTH])
             except RuntimeError as error:
                 bench.notes.append(f"no profile: {c.error_line(str(error))}")
         python_env = {"PATH": f"{c.VENV / 'bin'}:{c.SYSTEM_PATH}"}
@@ -600,10 +612,10 @@ def main() -> int:
         imports = {"python -X importtime -c 'import berth.cli.main'": bench.importtime(["-c", "import berth.cli.main"])}
         if berth:
             # the whole run path: every import a warm `berth run IMG /bin/true` makes
-            imports["python -X importtime .venv/bin/berth run IMG /bin/true"] = bench.importtime(
-                berth[0], berth_envs[BERTH])
-            imports["python -X importtime .venv/bin/berth run IMG /bin/true (plan cache hit)"] = bench.importtime(
-                berth[0], berth_envs[CACHED], label=CACHED)
+            imports["python -X importtime .venv/bin/berth-py run IMG /bin/true"] = bench.importtime(
+                python_argv, berth_envs[BERTH])
+            imports["python -X importtime .venv/bin/berth-py run IMG /bin/true (plan cache hit)"] = bench.importtime(
+                python_argv, berth_envs[CACHED], label=CACHED)
             if args.before:
                 imports["python -X importtime BEFORE/.venv/bin/berth run IMG /bin/true (before)"] = bench.importtime(
                     berth_argvs[BEFORE], berth_envs[BERTH], python=str(args.before.parent / "python"))
@@ -613,7 +625,7 @@ def main() -> int:
 
     berth_sample = samples.get(BERTH)
     rows = []
-    order = [*[f"berth run ({runtime})" for runtime in RUNTIMES], LINGER, CACHED, CACHED_LINGER,
+    order = [*[f"berth run ({runtime})" for runtime in RUNTIMES], LINGER, CACHED, CACHED_LINGER, COMPILED_LINGER,
              *([BEFORE] if args.before else []),
              "berth-launcher (berth's config.json, squashfuse root)",
              "runc (berth's config.json, squashfuse root)", "runc (squashfuse root)", "runc (directory root)",
@@ -649,7 +661,8 @@ def main() -> int:
         # berth as it runs by default, and with its image mount lingering (like bare runc, on a
         # mount made before).
         for name, mounted_before in ((BERTH, ""), (LINGER, " (both on a mount made before)"), (CACHED, ""),
-                                     (CACHED_LINGER, " (both on a mount made before)")):
+                                     (CACHED_LINGER, " (both on a mount made before)"),
+                                     (COMPILED_LINGER, " (both on a mount made before)")):
             sample = target_samples.get(name)
             if sample is None:
                 continue
@@ -666,7 +679,7 @@ def main() -> int:
             linger_sample = target_samples[LINGER]
             sections.append(f"- {LINGER} / {BERTH}: {linger_sample.median / berth_sample.median:.2f} "
                             f"({linger_sample.median * 1000:.1f} against {berth_sample.median * 1000:.1f} ms)")
-        for name in (CACHED, CACHED_LINGER):
+        for name in (CACHED, CACHED_LINGER, COMPILED_LINGER):
             if name in target_samples:
                 sections.append(f"- {name} / {BERTH}: {target_samples[name].median / berth_sample.median:.2f} "
                                 f"({target_samples[name].median * 1000:.1f} against {berth_sample.median * 1000:.1f} ms)")

@@ -88,6 +88,36 @@ def test_a_wheel_installed_berth_runs_containers_as_a_user(installed_venv, runti
     assert result.stdout.split() == ["installed", str(runtime_env.user.uid)]
 
 
+def test_the_command_berth_is_the_compiled_front_end_and_runs_kept_plans(installed_venv, runtime_env,
+                                                                        runtime_images):
+    """pip installs the wheel's compiled front end as the command `berth` (a static program:
+    pip copies a binary script as it is) beside the console script berth-py it execs; a repeated
+    run of a kept plan is then the front end's own (issue 10, target 3)."""
+    import time
+
+    front, python_entry = installed_venv / "bin" / "berth", installed_venv / "bin" / "berth-py"
+    with open(front, "rb") as handle:
+        head = handle.read(4096)
+    assert head.startswith(b"\x7fELF") and b"/lib64/ld-linux" not in head, "bin/berth is not the static front end"
+    assert python_entry.read_text().startswith(f"#!{installed_venv}/bin/python"), python_entry.read_text()[:80]
+    version = runtime_env.user.run([str(front), "--version"], env=runtime_env.env())
+    assert version.returncode == 0 and version.stdout.startswith("berth "), describe(version)
+    argv = [str(front), "run", "--debug", str(runtime_images.busybox), "sh", "-c", "echo hit; exit 6"]
+    env = runtime_env.env(BERTH_IMAGE_MOUNT_LINGER="60")  # plan_cache on by default: the front end reads it so
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            result = runtime_env.user.run(argv, env=env)
+            assert (result.returncode, result.stdout) == (6, "hit\n"), describe(result)
+            if "front end: hit" in result.stderr:
+                break
+            assert time.monotonic() < deadline, describe(result)
+            time.sleep(0.2)
+        assert "plan cache:" not in result.stderr, describe(result)  # no Python ran
+    finally:
+        runtime_env.user.run([str(front), "doctor", "--cleanup"], env=env)
+
+
 def test_an_installation_without_berth_init_says_what_is_missing_and_how_to_fix_it(
         installed_venv, runtime_env, runtime_images):
     init = installed_init(installed_venv)
@@ -132,6 +162,10 @@ def test_a_berth_installed_with_pip_user_runs_a_jobs_host_steps(built_wheel, use
                           "--break-system-packages", str(built_wheel)], env=env, cwd=str(home))
     assert installed.returncode == 0, describe(installed)
     try:
+        # The command in ~/.local/bin is the compiled front end, which finds berth-py beside it.
+        front = user.run([str(home / ".local" / "bin" / "berth"), "--version"], env=env, cwd="/")
+        assert front.returncode == 0 and front.stdout.startswith("berth "), describe(front)
+        assert (home / ".local" / "bin" / "berth-py").is_file()
         step = user.run(["/usr/bin/python3", "-c",
                          "import subprocess, sys; from berth.jobs.agent import host_command; "
                          "sys.exit(subprocess.call(host_command('berth', ['--version'])))"], env=env, cwd="/")

@@ -24,21 +24,53 @@ pytestmark = pytest.mark.integration
 #: files a test has just written are waited for by running again, up to this long.
 KEEP_DEADLINE_S = 60.0
 CACHE_ON = {"BERTH_PLAN_CACHE": "1"}
+#: The compiled front end joins a shared image mount that is up (mounting is Python's): its
+#: runs let the mount linger, and its tests end with `berth doctor --cleanup`.
+LINGER = {"BERTH_IMAGE_MOUNT_LINGER": "60"}
+#: Which front end runs `berth run` in this test: "compiled" (the command `berth`,
+#: berth.runtime.compiledplan) or "python" (the console script berth-py it execs on a miss).
+FRONT = ["compiled"]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def front(request, runtime_env):
+    """Every test once with each front end: the same expectations for both (issue 10)."""
+    FRONT[0] = request.param
+    yield request.param
+    if request.param == "compiled":  # the lingering mounts its runs leave
+        runtime_env.berth("doctor", "--cleanup", env=_site_env[0])
+
+
+_site_env: list[dict] = [{}]
 
 
 def _plans(env) -> Path:
     return env.state_dir / "plans"
 
 
-def _entries(env) -> list[Path]:
+def _entries(env, kind: str | None = None) -> list[Path]:
+    """The kept plans: Python's (named by their key) and the compiled ones ("c-" and a key);
+    ``kind``: only those of one front end."""
     try:
-        return sorted(path for path in _plans(env).iterdir() if len(path.name) == 64)
+        names = sorted(_plans(env).iterdir())
     except FileNotFoundError:
         return []
+    python = [path for path in names if len(path.name) == 64]
+    compiled = [path for path in names if path.name.startswith("c-") and len(path.name) == 66]
+    return {"python": python, "compiled": compiled}.get(kind, python + compiled)
+
+
+def program() -> str:
+    from tests.harness.users import venv_dir
+
+    return str(venv_dir() / "bin" / ("berth" if FRONT[0] == "compiled" else "berth-py"))
 
 
 def run(env, site, *args, extra=None):
-    return env.berth("run", "--debug", *args, env={**site.env, **CACHE_ON, **(extra or {})})
+    _site_env[0] = site.env
+    linger = LINGER if FRONT[0] == "compiled" else {}
+    return env.user.run([program(), "run", "--debug", *args],
+                        env=env.env(**{**site.env, **CACHE_ON, **linger, **(extra or {})}))
 
 
 def run_until_kept(env, site, *args, extra=None):
@@ -50,6 +82,8 @@ def run_until_kept(env, site, *args, extra=None):
         result = run(env, site, *args, extra=extra)
         results.append(result)
         if "plan cache: kept this run's plan" in result.stderr:
+            if FRONT[0] == "compiled":
+                assert "compiled too" in result.stderr, describe(result)
             return results
         assert "plan cache: this run's plan is not kept: " in result.stderr and "changed moments ago" in \
             result.stderr, describe(result)
@@ -58,7 +92,16 @@ def run_until_kept(env, site, *args, extra=None):
 
 
 def hit(result) -> bool:
+    """Whether the run was a hit of this test's front end (the compiled one says so and nothing
+    of Python's, which it never started)."""
+    if FRONT[0] == "compiled":
+        return "front end: hit" in result.stderr and "plan cache:" not in result.stderr
     return "plan cache: hit" in result.stderr
+
+
+def leaks(env) -> list[str]:
+    """What a run left behind, but the image mount it leaves lingering (compiled front end)."""
+    return [leak for leak in env.wait_clean(timeout_s=3.0) if "/images/" not in leak and "berth-linger" not in leak]
 
 
 @pytest.fixture
@@ -77,7 +120,7 @@ def test_a_repeated_run_runs_the_kept_plan_with_the_same_results(runtime_env, ru
             "sh", "-c", script)
     planned = run_until_kept(env, site, *args)[-1]
     assert planned.returncode == 3 and not hit(planned), describe(planned)
-    assert len(_entries(env)) == 1
+    assert len(_entries(env, FRONT[0])) == 1
     (env.scratch / "out.txt").unlink()
     cached = run(env, site, *args)
     assert hit(cached), describe(cached)
@@ -86,7 +129,7 @@ def test_a_repeated_run_runs_the_kept_plan_with_the_same_results(runtime_env, ru
     assert cached.stdout.splitlines()[-1] == "hello"
     info = os.stat(env.scratch / "out.txt")
     assert (info.st_uid, info.st_gid) == (user.uid, user.gid)
-    assert not env.wait_clean()  # between runs too: the cached run tore down like the other
+    assert not leaks(env)  # between runs too: the cached run tore down like the other
     # Another command line, another environment: another plan.
     other = run(env, site, *args[:-1], script.replace("exit 3", "exit 4"))
     assert not hit(other) and other.returncode == 4, describe(other)
@@ -217,24 +260,28 @@ def test_an_entry_not_written_by_the_user_alone_or_damaged_is_ignored(runtime_en
     env = runtime_env
     args = (str(runtime_images.busybox), "sh", "-c", "echo ran; exit 5")
     run_until_kept(env, site, *args)
-    [entry] = _entries(env)
-    if damage == "other user":
-        os.chown(entry, other_user.uid, other_user.gid)
-    elif damage == "group-writable":
-        os.chmod(entry, 0o660)
-    elif damage == "truncated":
-        data = entry.read_bytes()
-        entry.write_bytes(data[: len(data) // 3])
-    else:
-        target = env.scratch / "planted"
-        shutil.copy2(entry, target)
-        os.chown(target, env.user.uid, env.user.gid)
-        entry.unlink()
-        entry.symlink_to(target)
-        os.lchown(entry, env.user.uid, env.user.gid)
+    entries = _entries(env)
+    assert len(entries) == 2  # Python's and the compiled one (berth-py keeps both)
+    for entry in entries:  # both: the front end's miss falls to Python's look-up
+        if damage == "other user":
+            os.chown(entry, other_user.uid, other_user.gid)
+        elif damage == "group-writable":
+            os.chmod(entry, 0o660)
+        elif damage == "truncated":
+            data = entry.read_bytes()
+            entry.write_bytes(data[: len(data) // 3])
+        else:
+            target = env.scratch / ("planted" + entry.name)
+            shutil.copy2(entry, target)
+            os.chown(target, env.user.uid, env.user.gid)
+            entry.unlink()
+            entry.symlink_to(target)
+            os.lchown(entry, env.user.uid, env.user.gid)
     result = run(env, site, *args)
     assert (result.returncode, result.stdout) == (5, "ran\n") and not hit(result), describe(result)
     assert "plan cache: miss: " in result.stderr, describe(result)
+    if FRONT[0] == "compiled":
+        assert "front end: " in result.stderr and ": running berth-py" in result.stderr, describe(result)
     if damage != "link":
         # Replaced by the user's own entry for the next run.
         again = run(env, site, *args)
@@ -244,26 +291,38 @@ def test_an_entry_not_written_by_the_user_alone_or_damaged_is_ignored(runtime_en
 def test_prune_and_doctor_cleanup_remove_the_kept_plans(runtime_env, runtime_images, site):
     env = runtime_env
     run_until_kept(env, site, str(runtime_images.busybox), "true")
-    assert len(_entries(env)) == 1
+    kept = len(_entries(env))
+    assert kept == 2  # Python's and the compiled one
     pruned = env.berth("prune", "--json", env=site.env)
-    assert pruned.returncode == 0 and json.loads(pruned.stdout)["plans_removed"] == 1, describe(pruned)
+    assert pruned.returncode == 0 and json.loads(pruned.stdout)["plans_removed"] == kept, describe(pruned)
     assert _entries(env) == []
     run_until_kept(env, site, str(runtime_images.busybox), "true")
     cleaned = env.berth("doctor", "--cleanup", env=site.env)
-    assert "removed 1 cached run plans" in cleaned.stdout, describe(cleaned)
+    assert f"removed {kept} cached run plans" in cleaned.stdout, describe(cleaned)
     assert _entries(env) == []
 
 
-def test_a_run_from_a_kept_plan_imports_no_planning(runtime_env, runtime_images, site):
+def test_a_run_from_a_kept_plan_imports_no_planning(runtime_env, runtime_images, site, front):
     """The point of the cache (issue 10, target 3): a hit looks no image up and plans nothing,
     so it imports none of their modules, nor argparse (nor tomllib: the settings it loads, to
-    know the cache is on, come from the parse cache)."""
-    from tests.harness.users import berth_executable, venv_dir
+    know the cache is on, come from the parse cache). (Python's hit: the compiled front end's
+    starts no Python at all, which every other test's hit() checks.)"""
+    from tests.harness.users import venv_dir
 
     env = runtime_env
     args = (str(runtime_images.busybox), "true")
     run_until_kept(env, site, *args)
-    result = env.user.run([str(venv_dir() / "bin" / "python"), "-X", "importtime", str(berth_executable()), "run",
+    if front == "compiled":  # the compiled front end's hit starts no Python at all
+        trace = env.scratch / "execs"
+        result = env.user.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", str(trace), program(), "run",
+                               "--debug", *args], env=env.env(**site.env, **CACHE_ON, **LINGER))
+        assert result.returncode == 0 and hit(result), describe(result)
+        programs = [line.split('"')[1] for line in trace.read_text().splitlines() if "execve(" in line
+                    and "= 0" in line]
+        assert programs[0] == program() and os.path.basename(programs[1]) == "berth-launcher", programs
+        assert not [name for name in programs if "python" in name or "berth-py" in name], programs
+        return
+    result = env.user.run([str(venv_dir() / "bin" / "python"), "-X", "importtime", program(), "run",
                            "--debug", *args], env=env.env(**site.env, **CACHE_ON))
     assert result.returncode == 0 and hit(result), describe(result)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
@@ -279,12 +338,190 @@ def test_a_run_given_the_directory_holding_the_state_keeps_its_plan_and_neither_
     state directory is hidden in every container now, the planning run's and the kept plan's
     alike (test_state_directory_mask.py), so the plan is kept and its run is as harmless."""
     env = runtime_env
-    script = ('s=/outside/state; echo "entries: $(ls -A $s | wc -l)"; '
-              '(echo x > $s/plans/planted) 2>/dev/null && echo PLANTED; echo ok > /outside/scratch/ok && echo normal')
-    args = ("-v", f"{env.state_dir.parent}:/outside", str(runtime_images.busybox), "sh", "-c", script)
+    # /work: a directory the image has (a missing mount point needs an overlay, whose plans the
+    # compiled front end leaves to Python).
+    script = ('s=/work/state; echo "entries: $(ls -A $s | wc -l)"; '
+              '(echo x > $s/plans/planted) 2>/dev/null && echo PLANTED; echo ok > /work/scratch/ok && echo normal')
+    args = ("-v", f"{env.state_dir.parent}:/work", str(runtime_images.busybox), "sh", "-c", script)
     planned = run_until_kept(env, site, *args)[-1]
     again = run(env, site, *args)
     assert hit(again) and not hit(planned), describe(again)
     for result in (planned, again):
         assert result.returncode == 0 and result.stdout == "entries: 0\nnormal\n", describe(result)
     assert [path.name for path in _entries(env)] != [] and not (_plans(env) / "planted").exists()
+
+
+# ------------------------------------------------- the compiled front end and Python, side by side
+
+def _popen(env, site, *args):
+    """`berth run --debug ARGS` by this test's front end, as the test user, with no process
+    between (setpriv execs): signals reach the front end itself."""
+    import subprocess
+
+    full = env.user.base_env(**env.env(**{**site.env, **CACHE_ON, **(LINGER if FRONT[0] == "compiled" else {})}))
+    argv = ["setpriv", f"--reuid={env.user.uid}", f"--regid={env.user.gid}", "--init-groups", "env", "-i",
+            *[f"{k}={v}" for k, v in full.items()], program(), "run", "--debug", *args]
+    return subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _running(env, site, deadline_s: float = 30.0) -> dict:
+    """The one container `berth ps --json` shows, once it shows one."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        listed = env.berth("ps", "--json", env=site.env)
+        records = json.loads(listed.stdout) if listed.returncode == 0 else []
+        if records:
+            return records[0]
+        assert time.monotonic() < deadline, describe(listed)
+        time.sleep(0.1)
+
+
+def test_ps_and_exec_see_the_container_and_sigterm_reaches_it(runtime_env, runtime_images, site):
+    """A hit's container is one like any other (info.json as Python writes it): `berth ps`
+    lists it, `berth exec` enters it; SIGTERM to berth reaches the command, and berth exits with
+    the command's status."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo up; "
+            "while :; do sleep 0.1; done")
+    run_until_kept(env, site, *args[:1], "true")  # the image mount is up (and lingers, compiled)
+    # The long-running command's own plan: kept by a first run that is stopped at once.
+    deadline = time.monotonic() + KEEP_DEADLINE_S
+    while True:
+        child = _popen(env, site, *args)
+        _running(env, site)
+        child.terminate()
+        _, stderr = child.communicate(timeout=60)
+        if "plan cache: kept this run's plan" in stderr:
+            break
+        assert time.monotonic() < deadline, stderr
+        time.sleep(0.2)
+    child = _popen(env, site, *args)
+    record = _running(env, site)
+    assert record["image"] == str(runtime_images.busybox) and record["command"] == list(args[1:]), record
+    entered = env.berth("exec", record["id"], "cat", "/proc/1/cmdline", env=site.env)
+    assert entered.returncode == 0 and "berth-init" in entered.stdout, describe(entered)
+    child.terminate()
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 7 and stdout.splitlines() == ["up", "got TERM"], (child.returncode, stdout, stderr)
+    assert ("front end: hit" if FRONT[0] == "compiled" else "plan cache: hit") in stderr, stderr
+    assert not leaks(env)
+
+
+def test_a_killed_hit_leaves_what_the_next_run_cleans_up(runtime_env, runtime_images, site):
+    """kill -9 of berth running a kept plan: its container directory (lock free) and its hold on
+    the image mount are cleaned by the next berth, which runs as usual (the compiled front end
+    leaves such state to Python: the next run is not its hit)."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sleep", "30")
+    run_until_kept(env, site, str(runtime_images.busybox), "true")
+    deadline = time.monotonic() + KEEP_DEADLINE_S
+    while True:
+        child = _popen(env, site, *args)
+        _running(env, site)
+        child.terminate()
+        _, stderr = child.communicate(timeout=60)
+        if "plan cache: kept this run's plan" in stderr:
+            break
+        assert time.monotonic() < deadline, stderr
+        time.sleep(0.2)
+    child = _popen(env, site, *args)
+    _running(env, site)
+    child.kill()
+    child.communicate(timeout=60)
+    assert env.containers(), "the killed run's container directory should be left for the clean-up"
+    after = run(env, site, str(runtime_images.busybox), "true")
+    assert after.returncode == 0 and "cleaned up container" in after.stderr, describe(after)
+    if FRONT[0] == "compiled":
+        assert "front end: a container left by a berth that died: running berth-py" in after.stderr, describe(after)
+    assert not leaks(env)
+
+
+def test_turning_the_setting_off_in_a_file_takes_effect_on_the_next_run(runtime_env, runtime_images, site):
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "echo ran")
+    site.write("plan_cache = true\n", "conf.d/50-cache.toml")
+    on = {"BERTH_PLAN_CACHE": ""}  # only the file turns it on
+    run_until_kept(env, site, *args, extra=on)
+    assert hit(run(env, site, *args, extra=on))
+    site.write("plan_cache = false\n", "conf.d/50-cache.toml")
+    off = run(env, site, *args, extra=on)
+    assert (off.returncode, off.stdout) == (0, "ran\n") and not hit(off), describe(off)
+    assert "plan cache: hit" not in off.stderr and "front end: hit" not in off.stderr, describe(off)
+    assert "the setting plan_cache is off" in off.stderr, describe(off)
+
+
+def test_with_the_image_mount_s_daemon_dead_the_run_still_runs(runtime_env, runtime_images, site):
+    """The compiled front end joins a mount that is up and leaves every clean-up to Python: with
+    the mount's daemon killed (Slurm's end of a step does that), the run is Python's, which
+    cleans the dead mount up, mounts again, and runs."""
+    import signal
+
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "echo ran; exit 4")
+    run_until_kept(env, site, *args)
+    first = run(env, site, *args)
+    assert hit(first) and first.returncode == 4, describe(first)
+    records = list((env.state_dir / "images").glob("*/mount.json"))
+    daemon = json.loads(records[0].read_text())["pid"] if records else None
+    if daemon is not None:  # lingering (compiled); Python's runs here unmount on leaving
+        os.kill(daemon, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{daemon}/cmdline") and open(f"/proc/{daemon}/cmdline").read():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    result = run(env, site, *args)
+    assert (result.returncode, result.stdout) == (4, "ran\n"), describe(result)
+    if FRONT[0] == "compiled":
+        assert daemon is not None
+        assert not hit(result) and "front end: an image mount for the clean-up" in result.stderr, describe(result)
+        assert hit(run(env, site, *args))  # mounted again by that run, lingering: the front end's again
+    assert not leaks(env)
+
+
+def _forge(entry: Path) -> None:
+    """Rewrite a compiled entry's dependencies to what they are now, as something that could
+    write the state directory could (berth.runtime.compiledplan's format)."""
+    from berth.runtime.compiledplan import fingerprint_text
+    from berth.runtime.plancache import fingerprint
+
+    data, out = entry.read_bytes(), []
+    head, _, rest = data.partition(b"\n")
+    out.append(head + b"\n")
+    while rest:
+        line, _, rest = rest.partition(b"\n")
+        tag, size = line.split(b" ")
+        value, rest = rest[: int(size)], rest[int(size) + 1:]
+        if tag == b"D":
+            where, _, _ = value.partition(b"\0")
+            value = where + b"\0" + fingerprint_text(fingerprint(os.fsdecode(where[2:]), where[:1] == b"c")).encode()
+        out.append(b"%s %d\n%s\n" % (tag, len(value), value))
+    info = os.stat(entry)
+    entry.write_bytes(b"".join(out))
+    os.chown(entry, info.st_uid, info.st_gid)
+
+
+def test_with_the_setting_off_not_even_a_forged_entry_runs(runtime_env, runtime_images, site):
+    """A compiled entry whose dependencies were rewritten to match settings files that now turn
+    plan_cache off (what a container that reached the state directory could do): the front end
+    reads the setting itself and runs nothing of it; Python reads no entry with it off."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "echo ran")
+    site.write("plan_cache = true\n", "conf.d/50-cache.toml")
+    on = {"BERTH_PLAN_CACHE": ""}
+    run_until_kept(env, site, *args, extra=on)
+    site.write("plan_cache = false # off again\n", "conf.d/50-cache.toml")
+    [compiled] = _entries(env, "compiled")
+    _forge(compiled)
+    off = run(env, site, *args, extra=on)
+    assert (off.returncode, off.stdout) == (0, "ran\n") and "hit" not in off.stderr, describe(off)
+    if FRONT[0] == "compiled":
+        assert "front end: the setting plan_cache is off: running berth-py" in off.stderr, describe(off)
+    # The site pins it in a form only Python reads: the front end leaves the run to Python.
+    site.write('plan_cache = true\n', "conf.d/50-cache.toml")
+    site.write('plan_cache = false\npinned = [\n  "plan_cache",\n]\n')
+    _forge(compiled)
+    pinned = run(env, site, *args, extra=on)
+    assert pinned.returncode == 0 and "hit" not in pinned.stderr, describe(pinned)
+    if FRONT[0] == "compiled":
+        assert "front end: the settings are Python's to read" in pinned.stderr, describe(pinned)

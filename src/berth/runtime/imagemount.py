@@ -149,16 +149,40 @@ class ImageMount:
                 pass
             os.close(self.holder_fd)
             self.holder_fd = -1
-            if _live_holders(self.directory):
-                return False
-            if self.linger_s > 0 and _serving(self.directory, _read_record(self.directory)) and _linger(
-                    self.directory, self.linger_s, self.lock_timeout_s):
-                return False
-            _unmount(self.directory, self.process)
-            _remove(self.directory)
-            return True
+            return _leave(self.directory, self.linger_s, self.lock_timeout_s, self.process)
         finally:
             os.close(lock_fd)
+
+
+def _leave(directory: Path, linger_s: int, lock_timeout_s: float, process=None) -> bool:
+    """What the last one out does once its holder is gone (caller holds the mount lock): keep
+    the mount for live holders, let it linger, or unmount it. True when it unmounted."""
+    if _live_holders(directory):
+        return False
+    if linger_s > 0 and _serving(directory, _read_record(directory)) and _linger(directory, linger_s,
+                                                                                 lock_timeout_s):
+        return False
+    _unmount(directory, process)
+    _remove(directory)
+    return True
+
+
+def leave_main(argv: list[str]) -> int:
+    """``python -c '...leave_main(sys.argv[1:])' DIRECTORY LINGER_S LOCK_TIMEOUT_S``: the
+    compiled front end (berth.runtime.compiledplan) has removed its holder and found nobody
+    else holding the mount, and has no reaper to reuse: the rest of the leaving is this
+    module's (a reaper to start, or the unmount)."""
+    directory, linger_s, lock_timeout_s = Path(argv[0]), int(argv[1]), float(argv[2])
+    if directory.parent.name != IMAGES:
+        return 2
+    lock_fd = _lock(directory, lock_timeout_s, create=False)
+    if lock_fd is None:
+        return 0
+    try:
+        _leave(directory, linger_s, lock_timeout_s)
+    finally:
+        os.close(lock_fd)
+    return 0
 
 
 def image_key(squashfs: Path, digest: object | None, scope: str = "") -> str:

@@ -439,7 +439,8 @@ def store_entry(directory: Path, key: str, entry: dict) -> None:
 def prune(directory: Path, *, keep: int = 0) -> int:
     """Remove all but the ``keep`` newest entries of ``directory``; returns how many went."""
     try:
-        names = [entry for entry in os.scandir(directory) if len(entry.name) == 64 or entry.name.startswith(".")]
+        names = [entry for entry in os.scandir(directory)
+                 if len(entry.name) == 64 or entry.name.startswith((".", "c-"))]  # c-KEY: compiled (compiledplan)
     except OSError:
         return 0
     dated = []
@@ -596,6 +597,8 @@ class Keeper:
         self.started_ns = time.time_ns()
         self._planned: tuple | None = None
         self._why_not: str | None = None
+        #: What became of the compiled form (berth.runtime.compiledplan), for --debug.
+        self.compiled = ""
 
     def log(self, log):
         """``log`` that also notes what planning says to the user (such a plan is not kept:
@@ -620,7 +623,7 @@ class Keeper:
             why = self._keep(plan, config, container, runtime)
         except (OSError, ValueError) as exc:
             why = f"cannot write it: {exc}"
-        log(f"plan cache: kept this run's plan ({self.key[:12]})" if why is None
+        log(f"plan cache: kept this run's plan ({self.key[:12]}; {self.compiled})" if why is None
             else f"plan cache: this run's plan is not kept: {why}", debug=True)
 
     def dependencies(self, image_root: str, state_dir: Path) -> Dependencies:
@@ -694,7 +697,31 @@ class Keeper:
             "plan": plain,
         }
         store_entry(self.directory, self.key, entry)
+        self.compiled = self._keep_compiled(fingerprints, state_dir, settings, options, image, entry)
         return None
+
+    def _keep_compiled(self, fingerprints, state_dir, settings, options, image, entry) -> str:
+        """Also keep the compiled form for the front end (berth.runtime.compiledplan); says
+        what happened, for --debug."""
+        from berth.runtime import compiledplan
+
+        front = compiledplan.front_end()
+        if front is None:
+            return "not compiled: not run by the front end's berth-py"
+        from berth.config.load import config_files
+
+        extra = [front, os.path.join(os.path.dirname(front), compiledplan.PYTHON_ENTRY)]
+        try:
+            files = config_files(Path(settings.config_dir), self.environ)
+        except Exception:  # noqa: BLE001 - the settings loaded moments ago; a change now: not compiled
+            return "not compiled: the settings files cannot be listed"
+        extra += [str(path) for path, _ in files] + [str(Path(settings.config_dir) / "conf.d")]
+        try:
+            why = compiledplan.keep(self.directory, front, fingerprints, state_dir=str(state_dir), settings=settings,
+                                    options=options, image=image, entry=entry, extra_dependencies=extra)
+        except (OSError, ValueError) as exc:
+            why = f"cannot write it: {exc}"
+        return "compiled too" if why is None else f"not compiled: {why}"
 
 
 def forget_all(environ: Mapping[str, str]) -> int:
