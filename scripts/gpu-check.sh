@@ -40,6 +40,9 @@ if [ "${1:-}" = --bundle ]; then
         path=$(command -v "$name") || { echo "skipping $name: not installed here"; continue; }
         cp -L "$path" "$bundle/libexec/$name"
         libs_of "$path" noglibc | while read -r lib; do cp -Ln "$lib" "$bundle/lib/"; done
+        # fusermount3 works only installed setuid root (the fuse3 package does that): a copy on
+        # PATH would take unmounts away from the node's own, so it waits in libexec for an admin.
+        [ "$name" = fusermount3 ] && continue
         printf '#!/bin/sh\nhere=$(dirname "$0")/..\nLD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/libexec/%s" "$@"\n' \
             "$name" > "$bundle/bin/$name"
         chmod 755 "$bundle/bin/$name"
@@ -63,6 +66,10 @@ for tool in gcc python3 setpriv runc mksquashfs; do
 done
 command -v squashfuse >/dev/null || command -v squashfuse_ll >/dev/null || fail "squashfuse is missing (--bundle)"
 [ -c /dev/fuse ] || fail "/dev/fuse is missing: berth mounts images with FUSE"
+if [ "$(id -u)" != 0 ]; then
+    fm=$(command -v fusermount3) && [ -u "$fm" ] ||
+        fail "no setuid fusermount3 on PATH: an admin installs the fuse3 package (or: install -m 4755 .gpu-check/libexec/fusermount3 /usr/bin/)"
+fi
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' || fail "python3 is older than 3.11"
 work=$(mktemp -d /tmp/berth-gpu-check.XXXXXX)
 chmod 755 "$work"

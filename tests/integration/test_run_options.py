@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.harness.fixtures_runtime import BOTH_RUNTIMES, process_cmdlines
-from tests.harness.users import describe
+from tests.harness.users import berth_executable, describe
 
 pytestmark = pytest.mark.integration
 
@@ -136,6 +136,26 @@ def test_device_passthrough_only_when_the_user_can_open_it(runtime_env, runtime_
     assert result.stdout.splitlines() == [f"character special file {numbers}", "not-there"]
     refused = runtime_env.berth("run", "--device", forbidden, str(runtime_images.busybox), "true")
     assert refused.returncode == 125 and f"cannot open {forbidden}" in refused.stderr, describe(refused)
+
+
+@pytest.mark.parametrize("runtime", ["runc", "launcher"])
+def test_a_device_reaches_a_container_that_root_starts(runtime, runtime_images, tmp_path):
+    """runc started by root is not rootless: it gives the container a cgroup whose device filter
+    opens only its default nodes, and a bound device node failed with EPERM (on a real GPU node,
+    NVML's "Unknown Error" for /dev/nvidia*). berth allows every device it binds by number then.
+    /dev/loop-control is not among runc's defaults. berth-launcher makes no cgroup and runs such
+    a config.json too."""
+    if os.getuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root (the harness runs as root) and /dev/loop-control")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "BERTH_ALLOW_ROOT": "1",
+           "BERTH_RUNTIME": runtime, "BERTH_STATE_DIR": str(tmp_path / "state"),
+           "BERTH_USER_STORE": str(tmp_path / "store"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    result = subprocess.run([str(berth_executable()), "run", "--device", "/dev/loop-control", str(runtime_images.busybox),
+                             "sh", "-c", "exec 3<>/dev/loop-control && echo opened"],
+                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            check=False, cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout == "opened\n", describe(result)
 
 
 @BOTH_RUNTIMES

@@ -129,3 +129,14 @@ def test_a_root_overlay_is_the_first_mount_onto_the_empty_rootfs():
                     "userxattr"]}
     assert [m["destination"] for m in config["mounts"][1:3]] == ["/proc", "/dev"]
     assert all(m["type"] != "overlay" for m in build_config(default_plan())["mounts"])
+
+
+def test_root_runs_allow_their_bound_device_nodes_in_the_cgroup():
+    """runc started by root (not rootless) filters devices by cgroup: each bound device node is
+    allowed by its numbers; rootless runs and non-device binds add no rule."""
+    host = os.stat("/dev/null")
+    binds = (BindMount("/dev/null", "/dev/x", read_only=False, device=True), BindMount("/etc", "/etc2"))
+    rules = build_config(default_plan(uid=0, gid=0, binds=binds))["linux"]["resources"]["devices"]
+    assert rules == [{"allow": True, "type": "c", "major": os.major(host.st_rdev), "minor": os.minor(host.st_rdev),
+                      "access": "rw"}]
+    assert "resources" not in build_config(default_plan(binds=binds))["linux"]

@@ -18,7 +18,8 @@ import os
 TOP_KEYS = frozenset({"ociVersion", "process", "root", "mounts", "linux", "hostname", "annotations", "hooks"})
 PROCESS_KEYS = frozenset({"terminal", "user", "args", "env", "cwd", "capabilities", "noNewPrivileges", "rlimits"})
 CAPABILITY_SETS = frozenset({"bounding", "effective", "permitted", "inheritable", "ambient"})
-LINUX_KEYS = frozenset({"uidMappings", "gidMappings", "namespaces", "maskedPaths", "readonlyPaths", "seccomp"})
+LINUX_KEYS = frozenset({"uidMappings", "gidMappings", "namespaces", "maskedPaths", "readonlyPaths", "seccomp",
+                        "resources"})
 #: The one seccomp profile the launcher runs: berth.runtime.spec's keyring rule (every ABI the
 #: machine runs; any other profile goes to runc).
 KEYRING_SYSCALLS = frozenset({"add_key", "keyctl", "request_key"})
@@ -131,6 +132,13 @@ def unsupported(config: dict, *, uid: int | None = None, gid: int | None = None)
     reason = _unknown(linux, LINUX_KEYS, "linux")
     if reason:
         return reason
+    # Device allow rules alone (a run by root, for runc's device cgroup) need nothing: the
+    # launcher makes no cgroup, so nothing filters the device nodes it binds.
+    resources = linux.get("resources")
+    if resources is not None and (not isinstance(resources, dict) or set(resources) - {"devices"}
+                                  or not all(isinstance(rule, dict) and rule.get("allow") is True
+                                             for rule in resources.get("devices") or ())):
+        return WHY["linux.resources"]
     if "seccomp" in linux and not _is_keyring_rule(linux["seccomp"]):
         return "a seccomp profile other than berth's keyring rule"
     if "seccomp" in linux and not process.get("noNewPrivileges"):

@@ -123,6 +123,25 @@ class SpecPlan(NamedTuple):
     hidden_tmpfs: tuple[str, ...] = ()
 
 
+def _device_rules(binds) -> list[dict]:
+    """cgroup device rules that let the device nodes among ``binds`` be read and written."""
+    import os
+    import stat
+    rules = []
+    for bind in binds:
+        if not bind.device:
+            continue
+        try:
+            st = os.stat(bind.source)
+        except OSError:
+            continue  # berth-init's identity check refuses the run if the node is gone
+        kind = "c" if stat.S_ISCHR(st.st_mode) else "b" if stat.S_ISBLK(st.st_mode) else None
+        if kind is not None:
+            rules.append({"allow": True, "type": kind, "major": os.major(st.st_rdev),
+                          "minor": os.minor(st.st_rdev), "access": "rw"})
+    return rules
+
+
 def process_args(plan_uid: int, plan_gid: int, command: list[str], *, remap_root: bool,
                  init_path: str = INIT_PATH, data_limit: int | None = None) -> tuple[str, ...]:
     """The container process argv: berth-init, the identity to enter, then the command.
@@ -259,13 +278,22 @@ def build_config(plan: SpecPlan) -> dict:
         "readonlyPaths": list(READONLY_PATHS),
         "seccomp": _seccomp(plan.machine),
     }
+    resources: dict = {}
+    if plan.uid == 0:
+        # runc started by root is not rootless: it puts the container into a cgroup whose device
+        # filter lets only its default nodes be opened, and a bind-mounted device node (berth
+        # cannot mknod) then fails with EPERM (NVML's "Unknown Error"). Each device berth binds
+        # is allowed by its own number; rootless runc applies no device filter.
+        allowed = _device_rules(plan.binds)
+        if allowed:
+            resources["devices"] = allowed
     if plan.cgroups_path is not None:
-        resources: dict = {}
         if plan.cpu_quota_us is not None:
             resources["cpu"] = {"quota": plan.cpu_quota_us, "period": plan.cpu_period_us}
         if plan.memory_limit_bytes is not None:
             resources["memory"] = {"limit": plan.memory_limit_bytes}
         linux["cgroupsPath"] = plan.cgroups_path
+    if plan.cgroups_path is not None or resources:
         linux["resources"] = resources
     config: dict = {
         "ociVersion": OCI_VERSION,

@@ -768,7 +768,10 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
     static const char *const caps_keys[] = {"bounding", "effective", "permitted", "inheritable", "ambient", NULL};
     static const char *const root_keys[] = {"path", "readonly", NULL};
     static const char *const linux_keys[] = {"uidMappings", "gidMappings", "namespaces", "maskedPaths",
-                                             "readonlyPaths", "seccomp", NULL};
+                                             "readonlyPaths", "seccomp", "resources", NULL};
+    /* Device allow rules only (a run by root: runc's device cgroup); the launcher makes no
+     * cgroup, so nothing filters the device nodes it binds. cpu/memory need runc. */
+    static const char *const resources_keys[] = {"devices", NULL};
     static const char *const map_keys[] = {"containerID", "hostID", "size", NULL};
     static const char *const ns_keys[] = {"type", NULL};
     static const char *const rlimit_keys[] = {"type", "soft", "hard", NULL};
@@ -861,6 +864,8 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
 
     struct jval *lx = jget(c, "linux");
     only_keys(lx, "linux", linux_keys);
+    if (jget(lx, "resources"))
+        only_keys(jget(lx, "resources"), "linux.resources", resources_keys);
     struct jval *maps[2] = {jget(lx, "uidMappings"), jget(lx, "gidMappings")};
     for (int k = 0; k < 2; k++) {
         const char *where = k ? "linux.gidMappings" : "linux.uidMappings";
