@@ -1362,3 +1362,70 @@ def test_an_https_sources_retry_after_follows_berths_retry_rule(tmp_path, monkey
                                             "attempts (60 s): stopped without retrying")
             assert caught.value.hint.startswith("try again after ")
             assert not (tmp_path / "in" / "data.txt").exists()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_session_credentials_never_follow_a_redirect_to_another_host(tmp_path, status):
+    """obstore (reqwest) follows redirects and drops only ``Authorization`` on the way to
+    another host: the session token (``x-amz-security-token``) went along to whatever host the
+    endpoint named. berth makes every other host unreachable for the store (a proxy that refuses
+    to connect, with the endpoint excluded), so the redirected request is never sent, and says
+    why. The real library against a loopback endpoint that redirects to 127.0.0.2."""
+    from berth.staging.locations import parse_transfer
+
+    reached: list[dict] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            reached.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Elsewhere)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(status)
+            self.send_header("Location", f"http://127.0.0.2:{elsewhere.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+    try:
+        with _serving(Redirecting) as server:
+            profile = S3Profile("p", endpoint=f"http://127.0.0.1:{server.server_address[1]}", access_key="A",
+                                secret_key="S", session_token="SESSION-SECRET", addressing_style="path")
+            with pytest.raises(StagingError) as caught:
+                transfer.stage_in((parse_transfer("s3://bucket/data/obj.bin:obj.bin", "in"),), profile,
+                                  str(tmp_path))
+    finally:
+        elsewhere.shutdown()
+        elsewhere.server_close()
+    assert reached == []
+    assert "redirected the request to another host" in caught.value.message, caught.value.message
+    assert "s3://bucket/data/obj.bin" in caught.value.message
+    assert not (tmp_path / "obj.bin").exists()
+
+
+def test_an_endpoint_reached_through_the_sites_proxy_keeps_it(monkeypatch):
+    """The guard against redirects replaces reqwest's proxy from the environment; where the
+    endpoint itself goes through that proxy, the proxy stays (and the guard is left out)."""
+    def options(endpoint: str) -> dict:
+        return transfer.make_store(S3Profile("p", endpoint=endpoint, access_key="A", secret_key="S"),
+                                   "bucket").client_options
+
+    monkeypatch.setenv("https_proxy", "http://proxy.site:3128")
+    monkeypatch.setenv("no_proxy", "s3.site.example")
+    assert "proxy_url" not in options("https://s3.example.org")
+    assert options("https://s3.site.example")["proxy_excludes"] == "s3.site.example"
+    assert "proxy_url" not in transfer.make_store(S3Profile("anon", endpoint="https://s3.site.example"),
+                                                  "bucket").client_options

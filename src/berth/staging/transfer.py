@@ -67,6 +67,7 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from berth import fsutil
 from berth.config.units import human_size
@@ -290,6 +291,23 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds * 1000)}ms"
 
 
+#: The proxy every host but the endpoint's goes through: nothing can listen on port 0, so a
+#: connection to it is refused at once (see make_store: redirects to other hosts).
+_NOWHERE = "http://127.0.0.1:0"
+
+
+def _proxied(endpoint: str) -> bool:
+    """Whether the environment sends requests to ``endpoint`` through a proxy (as reqwest
+    reads ``http_proxy``, ``https_proxy``, ``all_proxy`` and ``no_proxy``)."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    parts = urlsplit(endpoint)
+    if not (proxies.get(parts.scheme) or proxies.get("all")) or not parts.hostname:
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.netloc, proxies)
+
+
 def make_store(profile: S3Profile, bucket: str):
     """An obstore ``S3Store`` for one bucket of ``profile``.
 
@@ -301,6 +319,15 @@ def make_store(profile: S3Profile, bucket: str):
     attempt; no overall limit on one request beyond a day, since a large part may take long on a
     slow link. Retries: ``STAGING_RETRY``'s attempts and backoff (obstore retries network
     errors, 5xx and 429, as berth's rule does).
+
+    Redirects: obstore (reqwest) follows them by itself and drops only ``Authorization`` on the
+    way to another host, so a session token (``x-amz-security-token``) went to whatever host the
+    endpoint named, and it has no option to stop that. So every host but the endpoint's goes
+    through a proxy that cannot be reached (``_NOWHERE``, port 0 refuses at once): a redirect to
+    another host fails before a byte is sent, and ``s3_error`` says so. Only where the
+    environment routes the endpoint itself through a proxy (``https_proxy``/``http_proxy``,
+    not bypassed by ``no_proxy``) is this left out, since that proxy must stay in use: the
+    residual risk is written in docs/security.md.
 
     Request bodies are signed (SHA-256 in the signature) over plain http only: over https TLS
     already guards them on the wire, so berth sends ``UNSIGNED-PAYLOAD`` there as aws-cli does,
@@ -333,6 +360,9 @@ def make_store(profile: S3Profile, bucket: str):
     if profile.ca_bundle:
         with open(profile.ca_bundle, "rb") as handle:
             client_options["root_certificate"] = handle.read()
+    if not profile.anonymous and not _proxied(endpoint):
+        client_options["proxy_url"] = _NOWHERE
+        client_options["proxy_excludes"] = urlsplit(endpoint).hostname or host
     policy = STAGING_RETRY
     retry_config = {"max_retries": policy.attempts - 1, "retry_timeout": timedelta(seconds=5 * profile.timeout_s),
                     "backoff": {"init_backoff": timedelta(seconds=policy.base_s),
@@ -374,6 +404,12 @@ def s3_error(exc: BaseException, what: str, profile: S3Profile) -> BerthError:
         return StagingError(f"{what}: the S3 service at {endpoint} refused the request ({code or status or 403}) "
                             f"with the credentials of {profile.describe()}",
                             hint="check the profile's access_key and secret_key, and that they may use this bucket")
+    if _NOWHERE.partition("://")[2] in text:  # (make_store: a redirect to another host)
+        return StagingError(f"{what}: the S3 endpoint {endpoint} redirected the request to another host; berth "
+                            f"does not follow it, so that the credentials of {profile.describe()} never reach a "
+                            f"host they were not given for",
+                            hint="set the profile's endpoint (or region) to the host that serves the bucket; "
+                                 "if the redirect is unexpected, tell the endpoint's operators")
     if isinstance(exc, ox.PreconditionError) or status == 412:
         return StagingError(f"{what}: the object changed during the transfer", hint="retry")
     if status is not None:
