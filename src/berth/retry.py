@@ -130,6 +130,38 @@ class RetryBudget:
         return True
 
 
+#: The stall rule's least progress: a response body that brings fewer bytes than this (or than
+#: what is left of it) in one window of its timeout is stalled (:class:`StallWatch`).
+STALL_MIN_BYTES = 64 * 1024
+
+
+class StallWatch:
+    """The stall rule, for every body berth reads from the network itself (registry blobs and
+    documents, https stage-in sources): a read timeout stops only silence, and a server that
+    sends a byte a minute kept ``berth pull`` (or a job's staging) waiting for good. A body
+    that brings fewer than :data:`STALL_MIN_BYTES` in ``window_s`` seconds (the same setting as
+    the read timeout: ``registry_timeout_s``, a profile's ``timeout_s``) is stalled; the reader
+    raises a transient error, which the one retry rule resumes. Readers must read with
+    ``read1`` (what has arrived), not a read that waits until a whole chunk is in."""
+
+    def __init__(self, window_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._start = clock()
+        #: Bytes received since the window started.
+        self.received = 0
+
+    def stalled(self, count: int) -> bool:
+        """Count ``count`` bytes just received (call it only while more of the body is to
+        come); True when the window passed with too little progress."""
+        now = self._clock()
+        self.received += count
+        if self.received >= STALL_MIN_BYTES:
+            self._start, self.received = now, 0
+            return False
+        return now - self._start > self.window_s
+
+
 def transient(error: BaseException) -> BaseException:
     """Mark ``error`` as one this rule retries (the network, a 5xx or 429, a body or a checksum
     that did not verify), for a loop above the code that raised it; returns it."""

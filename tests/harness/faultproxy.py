@@ -15,6 +15,8 @@ faults, each injected into a manifest or blob GET:
 ``redirect``    307 to a "blob store" on a loopback port where nothing listens
 ``429-hour``    429 with ``Retry-After: 3600``, longer than berth waits (only from ``queue``: a
                 campaign's pull would end on it, as berth.retry says it must)
+``trickle``     the body up to a random offset, then one byte every ``trickle_every_s`` for
+                ``trickle_s`` (never silent for a read timeout), then a close (only from ``queue``)
 ==============  ===================================================================================
 
 Body faults apply to blob GETs only (manifests are small and read whole). Which requests get a
@@ -39,7 +41,7 @@ STATUS_FAULTS = ("5xx", "429", "redirect")
 BODY_FAULTS = ("reset", "truncate", "corrupt", "drip", "stall")
 FAULT_KINDS = STATUS_FAULTS + BODY_FAULTS
 #: Status faults only ``queue`` injects, never a campaign's random draw.
-QUEUED_FAULTS = ("429-hour",)
+QUEUED_FAULTS = ("429-hour", "trickle")
 
 
 def dead_port() -> int:
@@ -58,6 +60,8 @@ class FaultProxy(CountingProxy):
     burst: int = 3
     stall_s: float = 4.0
     drip_s: float = 1.0
+    trickle_s: float = 120.0
+    trickle_every_s: float = 0.25
     injected: list[tuple[str, str]] = field(default_factory=list)
     _burst_left: int = 0
     _rng: random.Random | None = None
@@ -81,7 +85,7 @@ class FaultProxy(CountingProxy):
             if self._burst_left > 0:
                 self._burst_left -= 1
                 return "5xx"
-            allowed = (FAULT_KINDS if is_blob_get else STATUS_FAULTS) + QUEUED_FAULTS
+            allowed = FAULT_KINDS + QUEUED_FAULTS if is_blob_get else STATUS_FAULTS + ("429-hour",)
             if self.queue:
                 if self.queue[0] not in allowed:
                     return None
@@ -106,7 +110,7 @@ class FaultProxy(CountingProxy):
     def intercept(self, handler: BaseHTTPRequestHandler, is_blob_get: bool) -> bool:
         kind = self._choose(handler, is_blob_get)
         handler._berth_fault = kind  # read by send_body for the body faults
-        if kind not in STATUS_FAULTS + QUEUED_FAULTS:
+        if kind not in STATUS_FAULTS + ("429-hour",):
             return False
         self._log(kind, handler.path)
         if kind == "5xx":
@@ -126,7 +130,7 @@ class FaultProxy(CountingProxy):
 
     def send_body(self, handler: BaseHTTPRequestHandler, response, is_blob_get: bool, length: int) -> None:
         kind = getattr(handler, "_berth_fault", None)
-        if kind not in BODY_FAULTS or length <= 0 or response.status not in (200, 206):
+        if kind not in BODY_FAULTS + ("trickle",) or length <= 0 or response.status not in (200, 206):
             super().send_body(handler, response, is_blob_get, length)
             return
         self._log(kind, handler.path)
@@ -142,10 +146,21 @@ class FaultProxy(CountingProxy):
                 chunk = response.read(CHUNK)
             if not chunk:
                 break
-            if kind in ("reset", "truncate", "stall") and sent + len(chunk) > offset:
+            if kind in ("reset", "truncate", "stall", "trickle") and sent + len(chunk) > offset:
                 handler.wfile.write(chunk[: offset - sent])
                 handler.wfile.flush()
-                if kind == "stall":
+                if kind == "trickle":
+                    until = time.monotonic() + self.trickle_s
+                    rest = chunk[offset - sent:]
+                    while rest and time.monotonic() < until:
+                        time.sleep(self.trickle_every_s)
+                        try:
+                            handler.wfile.write(rest[:1])
+                            handler.wfile.flush()
+                        except OSError:
+                            return  # the client gave up
+                        rest = rest[1:]
+                elif kind == "stall":
                     time.sleep(self.stall_s)
                 elif kind == "reset":
                     _reset(handler.connection)

@@ -103,3 +103,26 @@ def test_random_fault_mix(stores, fault_proxy, busybox_image, campaign):
     result.figures["client timeout / stall"] = f"{CLIENT_TIMEOUT_S} s / {STALL_S:g} s"
     assert result.outcomes["corrupt"] == 0, result.failures
     assert result.bad == 0, result.failures
+
+
+def test_a_blob_that_trickles_is_resumed_not_waited_on_for_good(stores, registry, busybox_image):
+    """A registry that sends a byte every quarter second is never silent for the read timeout:
+    the pull waited as long as the registry kept trickling (for good, for a hostile one). The
+    stall rule (berth.retry.StallWatch: under 64 KiB in registry_timeout_s) cuts it, and the
+    one retry rule resumes the blob where it stopped."""
+    import time
+
+    proxy = FaultProxy(registry.host, seed=8, trickle_s=300.0).start()
+    trial = fresh_stores(stores, "trickle", BERTH_REGISTRY_TIMEOUT=str(CLIENT_TIMEOUT_S))
+    try:
+        proxy.queue = ["trickle"]
+        started = time.monotonic()
+        pulled = trial.berth("pull", "--insecure", "--json", via(proxy, busybox_image), timeout=120)
+        took = time.monotonic() - started
+        assert proxy.faults("trickle"), proxy.injected
+        assert pulled.returncode == 0, describe(pulled)
+        assert image_ok(trial, busybox_image.digest) and verify(trial)[0]
+        assert took < 60, took
+    finally:
+        proxy.stop()
+        drop(trial)

@@ -33,6 +33,10 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     drop_after: int | None = None
+    #: After this many body bytes, the rest one byte every ``trickle_every_s`` (a stalled body
+    #: that is never silent for a read timeout); stops when the client hangs up.
+    trickle_after: int | None = None
+    trickle_every_s: float = 0.05
     #: Header values that appear several times (WWW-Authenticate).
     multi_headers: list[tuple[str, str]] = field(default_factory=list)
 
@@ -89,6 +93,20 @@ class FakeServer:
                     self.send_header("Connection", "close")
                 self.end_headers()
                 if self.command == "HEAD":
+                    return
+                if reply.trickle_after is not None:
+                    import time
+
+                    self.wfile.write(reply.body[: reply.trickle_after])
+                    self.wfile.flush()
+                    for n in range(reply.trickle_after, len(reply.body)):
+                        time.sleep(reply.trickle_every_s)
+                        try:
+                            self.wfile.write(reply.body[n:n + 1])
+                            self.wfile.flush()
+                        except OSError:
+                            self.close_connection = True
+                            return
                     return
                 if reply.drop_after is not None:
                     self.wfile.write(reply.body[: reply.drop_after])

@@ -584,3 +584,51 @@ def test_manifest_body_always_cut_short_is_unreachable(server):
     with pytest.raises(RegistryUnreachable, match="lost while reading manifest a:v1"):
         client_for(server, retries=2).get_manifest("a", "v1")
     assert len(server.requests) == 3
+
+
+# -- the stall rule and sizes (red team, December) ----------------------------------------------
+
+def test_a_blob_that_trickles_is_cut_by_the_stall_rule(server):
+    """One byte every 50 ms is never silent for the read timeout, and the read of a 1 MiB chunk
+    waited until the whole chunk was in: for good, for a hostile registry. Fewer than 64 KiB in
+    one ``timeout_s`` window (berth.retry.StallWatch) is a stall, raised as the resumable
+    RegistryUnreachable."""
+    import time
+
+    server.handler = lambda request: Reply(200, BLOB, trickle_after=1000)
+    client = RegistryClient(server.host, insecure=True, timeout_s=1,
+                            retry=RetryPolicy.with_retries(0, sleep=lambda s: None))
+    started = time.monotonic()
+    with client.open_blob("a", BLOB_DIGEST) as blob:
+        received = bytearray()
+        with pytest.raises(RegistryUnreachable) as caught:
+            for chunk in blob.read_chunks(1 << 20, limit=len(BLOB)):
+                received += chunk
+    assert time.monotonic() - started < 4
+    assert bytes(received) == BLOB[:len(received)] and 1000 <= len(received) < len(BLOB)
+    assert f"of blob {BLOB_DIGEST} of a in 1 s: the download is stalled" in caught.value.message
+    assert "registry_timeout_s" in caught.value.hint
+
+
+def test_a_manifest_that_trickles_is_cut_by_the_stall_rule(server):
+    import time
+
+    server.handler = lambda request: Reply(200, MANIFEST, {"Content-Type": mediatypes.OCI_MANIFEST},
+                                           trickle_after=10)
+    client = RegistryClient(server.host, insecure=True, timeout_s=1,
+                            retry=RetryPolicy.with_retries(1, sleep=lambda s: None))
+    started = time.monotonic()
+    with pytest.raises(RegistryUnreachable) as caught:
+        client.get_manifest("a", "latest")
+    assert time.monotonic() - started < 6
+    assert "stalled" in caught.value.message
+    assert len(server.paths("GET")) == 2  # retried once, by the one retry rule
+
+
+def test_a_blob_longer_than_its_descriptor_is_read_one_byte_past_it_at_most(server):
+    """A registry sending more than the descriptor's size: the reader reads at most one byte
+    past ``limit`` (the caller, BlobWriter, refuses that byte), not chunks of a MiB."""
+    server.handler = lambda request: Reply(200, BLOB + bytes(4 << 20))
+    with client_for(server).open_blob("a", BLOB_DIGEST) as blob:
+        received = b"".join(chunk for chunk in blob.read_chunks(1 << 20, limit=len(BLOB)) if chunk)
+    assert received == BLOB + b"\0"

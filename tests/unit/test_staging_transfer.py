@@ -1429,3 +1429,38 @@ def test_an_endpoint_reached_through_the_sites_proxy_keeps_it(monkeypatch):
     assert options("https://s3.site.example")["proxy_excludes"] == "s3.site.example"
     assert "proxy_url" not in transfer.make_store(S3Profile("anon", endpoint="https://s3.site.example"),
                                                   "bucket").client_options
+
+
+def test_an_https_source_that_trickles_is_stopped_by_the_stall_rule(tmp_path):
+    """A server sending a byte every 50 ms is never silent for the profile's read timeout, and
+    the stage-in waited for it as long as it kept going (a job's allocation held for good):
+    berth.retry's stall rule stops it (fewer than 64 KiB in timeout_s), names the URL, and
+    leaves no file."""
+    import time
+
+    from berth.staging.locations import parse_transfer
+
+    class Trickling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                self.wfile.write(b"x" * 100)
+                for _ in range(2000):
+                    time.sleep(0.05)
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+    started = time.monotonic()
+    with _serving(Trickling) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/d/slow.bin"
+        with pytest.raises(StagingError) as caught:
+            transfer.stage_in((parse_transfer(f"{url}:in/", "in"),), _profile(timeout_s=1), str(tmp_path))
+    assert time.monotonic() - started < 10
+    assert "/d/slow.bin" in caught.value.message and "the download is stalled" in caught.value.message
+    assert not (tmp_path / "in" / "slow.bin").exists()

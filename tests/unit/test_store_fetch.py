@@ -24,7 +24,7 @@ class FakeResponse:
     def __init__(self, data: bytes, offset: int, cut_after: int | None) -> None:
         self.data, self.offset, self.cut_after = data, offset, cut_after
 
-    def read_chunks(self, size=1 << 20):
+    def read_chunks(self, size=1 << 20, *, limit=None):
         sent = 0
         body = self.data[self.offset:]
         for start in range(0, len(body), 1000):
@@ -222,7 +222,7 @@ class TwoBlobClient:
         class Slow:
             offset = 0
 
-            def read_chunks(self, size=1 << 20):
+            def read_chunks(self, size=1 << 20, *, limit=None):
                 for start in range(0, len(client.slow), 100):
                     client.slow_chunks_sent += 1
                     yield client.slow[start:start + 100]

@@ -693,7 +693,7 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
                             writer.restart()
                             notify(progress, "blob_restarted", digest, "registry ignored the Range request")
                         notify(progress, "blob_started", digest, size, writer.offset)
-                        for chunk in response.read_chunks(_BLOB_CHUNK_BYTES):
+                        for chunk in response.read_chunks(_BLOB_CHUNK_BYTES, limit=size - writer.offset):
                             if stop.is_set():
                                 raise _Cancelled()
                             writer.write(chunk)
@@ -701,7 +701,8 @@ def fetch_blob(client, store: Store, reference: Reference, descriptor: Descripto
                             notify(progress, "blob_bytes", digest, len(chunk))
                 if not writer.complete:
                     raise RegistryUnreachable(
-                        f"the download of blob {digest} ended after {writer.offset} of {size} bytes")
+                        f"the registry ended blob {digest} after {writer.offset} of the {size} bytes "
+                        f"the manifest announces")
                 try:
                     writer.commit(verified=None if watch_writer is None else lambda: watch_writer(writer))
                 except DigestMismatch:

@@ -43,7 +43,7 @@ from berth.registry.transport import (
     parse_retry_after,
     same_origin,
 )
-from berth.retry import is_transient
+from berth.retry import StallWatch, is_transient
 from berth.untrusted import parse_json
 
 #: Manifests larger than this are refused (containerd uses the same 4 MiB bound): a manifest
@@ -85,27 +85,47 @@ class BlobResponse:
     the caller's decision (open again with ``offset`` = bytes kept).
     """
 
-    def __init__(self, response: Any, *, offset: int, size_bytes: int | None, what: str, registry: str) -> None:
+    def __init__(self, response: Any, *, offset: int, size_bytes: int | None, what: str, registry: str,
+                 stall_s: float = 60.0) -> None:
         self._response = response
         self.offset = offset
         self.size_bytes = size_bytes
         self.what = what
         self.registry = registry
+        self.stall_s = stall_s
         self._finished = False
 
-    def read_chunks(self, size: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-        """Yield the body in chunks of at most ``size`` bytes (bounded memory)."""
+    def read_chunks(self, size: int = DEFAULT_CHUNK_BYTES, *, limit: int | None = None) -> Iterator[bytes]:
+        """Yield the body in chunks of at most ``size`` bytes (bounded memory), as they arrive.
+
+        ``limit``: the bytes the caller expects at most (a descriptor's size less the offset):
+        no more than one byte past it is read, so a body longer than announced is refused by
+        the caller at that byte, not after gigabytes. A body that stalls (berth.retry's
+        :class:`StallWatch`, over ``stall_s``: ``registry_timeout_s``) raises
+        RegistryUnreachable, which a download resumes like a lost connection."""
         import urllib3.exceptions as uexc
 
         if self._response is None:
             raise ValueError(f"the download of {self.what} is already closed")
+        watch = StallWatch(self.stall_s)
+        left = limit
         try:
             while True:
-                chunk = self._response.read(size, decode_content=False)
+                chunk = self._response.read1(size if left is None else min(size, left + 1), decode_content=False)
                 if not chunk:
                     self._finished = True
                     return
                 yield chunk
+                if left is not None:
+                    left -= len(chunk)
+                    if left <= 0:
+                        continue  # the end (or past it: the caller refuses that): no stall to judge
+                if watch.stalled(len(chunk)):
+                    raise RegistryUnreachable(
+                        f"registry {self.registry} sent only {watch.received} bytes of {self.what} in "
+                        f"{self.stall_s:g} s: the download is stalled",
+                        hint="the registry or the network is overloaded; berth resumed the download where "
+                             "it stopped while attempts were left; raise registry_timeout_s for a very slow link")
         except (uexc.HTTPError, OSError) as exc:
             raise RegistryUnreachable(
                 f"connection to registry {self.registry} lost while downloading {self.what}: "
@@ -282,7 +302,8 @@ class RegistryClient:
             response.release_conn()
             return self.open_blob(repository, digest, offset=0, budget=budget)
         size = _total_size(response, start)
-        return BlobResponse(response, offset=start, size_bytes=size, what=what, registry=self.host)
+        return BlobResponse(response, offset=start, size_bytes=size, what=what, registry=self.host,
+                            stall_s=self.transport.timeout_s)
 
     def blob_exists(self, repository: str, digest: Digest) -> bool:
         """True when the repository has blob ``digest`` (HEAD: 200 yes, 404 no)."""

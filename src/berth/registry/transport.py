@@ -40,6 +40,7 @@ from berth.retry import (  # noqa: F401
     RETRY_STATUSES,
     RetryBudget,
     RetryPolicy,
+    StallWatch,
     parse_retry_after,
     refused_wait,
     transient,
@@ -101,14 +102,15 @@ def content_length(response) -> int | None:
     return int(length) if length and re.fullmatch(r"[0-9]{1,19}", length) else None
 
 
-def read_bounded(response, limit: int, what: str, registry: str, *, hint: str) -> bytes:
+def read_bounded(response, limit: int, what: str, registry: str, *, hint: str, stall_s: float = 60.0) -> bytes:
     """The body of a ``stream=True`` response, refused (RegistryError with ``hint``) past
     ``limit`` bytes, whatever its Content-Length says: a document berth parses must never be
-    read whole into memory first. A connection lost meanwhile is RegistryUnreachable."""
+    read whole into memory first. A connection lost meanwhile, or a body that stalls over
+    ``stall_s`` (berth.retry's StallWatch), is RegistryUnreachable."""
     import urllib3.exceptions as uexc
 
     try:
-        data = _read_limited(response, limit)
+        data = _read_limited(response, limit, stall_s)
     except (uexc.HTTPError, OSError) as exc:
         raise RegistryUnreachable(
             f"connection to registry {registry} lost while reading {what}: {getattr(exc, 'args', [exc])[0]}"
@@ -120,19 +122,23 @@ def read_bounded(response, limit: int, what: str, registry: str, *, hint: str) -
     return data
 
 
-def _read_limited(response, limit: int) -> bytes | None:
+def _read_limited(response, limit: int, stall_s: float) -> bytes | None:
     """The whole body, or None as soon as it passes ``limit`` bytes (or, before any is read,
-    when its Content-Length says it will). urllib3's and the system's errors pass through."""
+    when its Content-Length says it will). urllib3's and the system's errors pass through; a
+    body that stalls (StallWatch over ``stall_s``) raises TimeoutError, as silence does."""
     length = content_length(response)
     if length is not None and length > limit:
         return None
     data = bytearray()
+    watch = StallWatch(stall_s)
     # Read until the end: urllib3 notices a body cut short of its Content-Length only
     # on the read that finds the end of the stream.
-    while chunk := response.read(64 * 1024, decode_content=False):
+    while chunk := response.read1(64 * 1024, decode_content=False):
         data += chunk
         if len(data) > limit:
             return None
+        if (length is None or len(data) < length) and watch.stalled(len(chunk)):
+            raise TimeoutError(f"the body stalled ({watch.received} bytes in {stall_s:g} s)")
     return bytes(data)
 
 
@@ -171,6 +177,7 @@ class Transport:
         self.registry = registry
         self.insecure = insecure
         self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
         self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
         self.pool_size = pool_size
         #: ``{"http": URL, "https": URL, "no": "host,…"}`` as urllib's getproxies() returns;
@@ -277,7 +284,7 @@ class Transport:
                 if not stream:
                     try:
                         # A HEAD's Content-Length is the blob's: it has no body to bound.
-                        body = (_read_limited(response, MAX_SMALL_BODY_BYTES) if method != "HEAD"
+                        body = (_read_limited(response, MAX_SMALL_BODY_BYTES, self.timeout_s) if method != "HEAD"
                                 else response.read(decode_content=False))
                     except (uexc.HTTPError, OSError) as exc:
                         _discard(response)
@@ -315,7 +322,8 @@ class Transport:
         while True:
             response = send(budget)
             try:
-                return response, read_bounded(response, limit, what, self.registry, hint=hint)
+                return response, read_bounded(response, limit, what, self.registry, hint=hint,
+                                                stall_s=self.timeout_s)
             except RegistryUnreachable:
                 if not budget.retry():
                     raise

@@ -73,7 +73,7 @@ from berth import fsutil
 from berth.config.units import human_size
 from berth.errors import BerthError, NotFound, StagingError
 from berth.record import Record, field
-from berth.retry import RETRY_STATUSES, RetryPolicy, is_transient, parse_retry_after, refused_wait, transient
+from berth.retry import RETRY_STATUSES, RetryPolicy, StallWatch, is_transient, parse_retry_after, refused_wait, transient
 from berth.staging.locations import (IN, HostLocation, S3Location, Transfer, UrlLocation, key_to_relative,
                                      without_url_query)
 from berth.staging.profiles import S3Profile
@@ -1124,10 +1124,17 @@ class _Runner:
                 try:
                     with fsutil.atomic_writer(Path(fsutil.descriptor_path(parent, name)), mode=None,
                                               unnamed=True, swept=self.swept) as out:  # durable, as every staged file
-                        for chunk in response.stream(_READ_CHUNK):
+                        watch = StallWatch(self.profile.timeout_s)  # berth.retry's stall rule
+                        while chunk := response.read1(_READ_CHUNK):
                             out.write(chunk)
                             size += len(chunk)
                             self.progress.advance(len(chunk))
+                            if (expected is None or size < expected) and watch.stalled(len(chunk)):
+                                raise transient(StagingError(
+                                    f"--stage-in '{shown}': the server sent only {watch.received} bytes in "
+                                    f"{self.profile.timeout_s:g} s: the download is stalled",
+                                    hint="the server or the network is overloaded; retry later, or raise "
+                                         "timeout_s in the S3 profile for a very slow link"))
                         if expected is not None and expected != size:
                             raise StagingError(f"--stage-in '{shown}': received {size} bytes of {expected}",
                                                hint="the connection broke; retry")
