@@ -230,3 +230,45 @@ def test_login_creates_the_config_directories_private_whatever_the_umask(tmp_pat
     for directory in (tmp_path / "home" / ".config", path.parent):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode, outcome", [
+    (0o600, None), (0o400, None),
+    (0o640, "warn"), (0o644, "warn"), (0o660, "warn"),        # readable by others: said, still used
+    (0o646, "refuse"), (0o666, "refuse"), (0o602, "refuse"),  # every user may change it
+])
+def test_a_credentials_file_others_may_read_is_warned_about_one_all_may_change_is_refused(env, tmp_path, mode,
+                                                                                           outcome):
+    """The rule (docs/security.md, as ssh judges its files): group- or world-readable registry
+    credentials are read with a warning (docker's and podman's files work that way), a file
+    every user can write is refused naming it and the fix; before, any mode was used silently."""
+    path = tmp_path / "xdg/berth/auth.json"
+    write(path, {"auths": {"r.example": {"auth": b64("u:p")}}})
+    os.chmod(path, mode)
+    if outcome == "refuse":
+        with pytest.raises(ConfigError) as caught:
+            auth.load_credentials(env)
+        assert f"registry credentials file {path} can be changed by every user" in caught.value.message
+        assert caught.value.hint == f"run: chmod 600 {path}"
+        return
+    creds = auth.load_credentials(env)
+    assert creds.for_host("r.example") == ("u", "p")
+    if outcome == "warn":
+        assert creds.warnings == (f"registry credentials file {path} can be read by other users "
+                                  f"(mode {mode:04o}): run: chmod 600 {path}",)
+    else:
+        assert creds.warnings == ()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give the file to another user")
+def test_a_credentials_file_of_another_user_is_refused(env, tmp_path):
+    path = tmp_path / "xdg/berth/auth.json"
+    write(path, {"auths": {"r.example": {"auth": b64("u:p")}}})
+    os.chmod(path, 0o600)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError) as caught:
+        auth.check_auth_file_mode(path, os.stat(path), uid=1000)
+    assert "belongs to uid 65534, not to you (uid 1000) nor root" in caught.value.message
+    assert auth.check_auth_file_mode(path, os.stat(path), uid=65534) is None
+    os.chown(path, 0, 0)
+    assert auth.check_auth_file_mode(path, os.stat(path), uid=1000) is None  # root's: the site's

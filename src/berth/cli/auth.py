@@ -107,7 +107,10 @@ def run_login(args: argparse.Namespace, ctx) -> int:
     auth.save_login(key, username, password, path)
     # A file read before berth's own would hide what we just stored: say so.
     try:
-        source = auth.load_credentials().source_for(key)
+        loaded = auth.load_credentials()
+        source = loaded.source_for(key)
+        for warning in loaded.warnings:
+            print(f"berth: warning: {warning}", file=sys.stderr)
     except ConfigError:
         source = None  # a broken other file is reported when it is used, not here
     if source and source != str(path):

@@ -134,6 +134,8 @@ def run_pull(args, ctx) -> int:
     finally:
         if progress is not None:
             progress.finish()  # the last counts stay on screen, above an error too
+    for warning in result.warnings:
+        print(f"berth: warning: {warning}", file=sys.stderr)
     if args.json:
         print_json(result.to_json())
     elif args.quiet:

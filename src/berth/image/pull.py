@@ -38,7 +38,7 @@ from berth.image.tarstream import enlarge_pipe
 from berth.oci import mediatypes
 from berth.oci.digest import Digest
 from berth.oci.reference import Reference
-from berth.record import Record
+from berth.record import Record, replace
 from berth.store.store import BlobWriter, Store
 from berth.untrusted import parse_json
 
@@ -93,6 +93,8 @@ class PullResult(Record):
     cached_blobs: int
     converted: bool
     elapsed_s: float
+    #: What the user should fix though the pull went on (a credentials file others may read).
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -200,8 +202,10 @@ def pull_image(
             return PullResult(present, key, None, None, 0, 0, 0, False, time.monotonic() - started)
         client = make_client(settings, reference, insecure=insecure)
         try:
-            return _pull_with(client, settings, store, reference, key, wanted, platform is not None,
-                              progress, counters, started)
+            result = _pull_with(client, settings, store, reference, key, wanted, platform is not None,
+                                progress, counters, started)
+            credentials = client.authorizer.credentials
+            return replace(result, warnings=credentials.warnings) if credentials else result
         except (ImageError, DigestMismatch) as error:
             # The checks below name the document that is wrong; who must act is said once here.
             if error.hint is None:

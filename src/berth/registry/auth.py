@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class Credentials(Record):
     searched: tuple[str, ...] = ()
     #: Hosts that docker's config sends to a credential helper berth does not run.
     helper_hosts: frozenset[str] = frozenset()
+    #: Files whose secrets other users may read (:func:`check_auth_file_mode`), for the CLI to say.
+    warnings: tuple[str, ...] = ()
 
     def for_host(self, host: str) -> tuple[str, str] | None:
         """``(username, password)`` for ``host`` (a registry or API host name), or None."""
@@ -120,6 +123,29 @@ def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
     files.append(berth_auth_file(env))
     files.append(docker_config_file(env))
     return files
+
+
+def check_auth_file_mode(path: Path, info: os.stat_result, uid: int | None = None) -> str | None:
+    """The rule for a registry credentials file, as ssh judges its own files (docs/security.md):
+    refused (ConfigError) when a user other than the caller or root owns it, or every user may
+    write it: someone else could put credentials of their choosing there (pushes to their
+    account) or take them out; a warning (returned) when group or others may read it, since
+    docker's and podman's files are read the same way and refusing them would break working
+    setups. None when it is private."""
+    uid = os.getuid() if uid is None else uid
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (uid, 0):
+        raise ConfigError(f"registry credentials file {path} belongs to uid {info.st_uid}, not to you "
+                          f"(uid {uid}) nor root: berth does not use credentials another user controls",
+                          hint=f"keep your own copy (berth login writes one), or move {path} away")
+    if mode & stat.S_IWOTH:
+        raise ConfigError(f"registry credentials file {path} can be changed by every user (mode {mode:04o}): "
+                          "berth refuses to use it",
+                          hint=f"run: chmod 600 {path}")
+    if mode & 0o044:
+        return (f"registry credentials file {path} can be read by other users (mode {mode:04o}): "
+                f"run: chmod 600 {path}")
+    return None
 
 
 def read_auth_file(path: Path) -> dict | None:
@@ -188,11 +214,19 @@ def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
     """
     entries: dict[str, Entry] = {}
     helper_hosts: set[str] = set()
+    warnings: list[str] = []
     files = auth_files(environ)
     for path in files:
         data = read_auth_file(path)
         if not data:
             continue
+        try:
+            info = os.stat(path)  # as read_named_file opened it: links followed
+        except OSError:
+            info = None
+        warning = check_auth_file_mode(path, info) if info is not None else None
+        if warning:
+            warnings.append(warning)
         auths = data.get("auths", {})
         if not isinstance(auths, dict):
             raise ConfigError(f"registry credentials file {path}: 'auths' is not an object",
@@ -214,7 +248,8 @@ def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
                     continue
         if isinstance(data.get("credsStore"), str) and data["credsStore"]:
             helper_hosts.update(normalize_host(k) for k in auths if _safe_host(k))
-    return Credentials(entries, tuple(str(p) for p in files), frozenset(helper_hosts - set(entries)))
+    return Credentials(entries, tuple(str(p) for p in files), frozenset(helper_hosts - set(entries)),
+                       tuple(warnings))
 
 
 def _safe_host(key: str) -> bool:
