@@ -249,6 +249,43 @@ def test_a_hook_program_that_other_users_can_change_is_refused(settings, tree, c
         assert edits.apply_edits(settings, [edit]).hooks[0].path == str(program)
 
 
+@pytest.mark.parametrize("change, message", [
+    ("source-others", r"the mount source {source} is writable by others \(mode 0646\)"),
+    ("source-group", r"the mount source {source} is writable by group 4321 \(mode 0664\)"),
+    ("source-owner", r"the mount source {source} is owned by uid 4321, neither root nor you"),
+    ("directory-others", r"the directory {directory} of mount source {source} is writable by others \(mode 0777\)"),
+])
+def test_a_cdi_mount_source_that_other_users_can_change_is_refused(settings, tree, change, message):
+    """A spec's mount sources were judged by place (mount_allow) only: a library or tool that
+    another user can change was bound into every container asking for the device, which then
+    loads or runs it as its user. Refused naming the spec and the path; root's files (and a
+    sticky directory's) are fine."""
+    directory = tree.root / f"mounts-{change}"
+    directory.mkdir(mode=0o755)
+    source = directory / "libvendor.so"
+    source.write_text("library")
+    source.chmod(0o644)
+    spec_file = _write(settings, _spec(devices=[{"name": "0", "containerEdits": {
+        "mounts": [{"hostPath": str(source), "containerPath": "/usr/lib/libvendor.so"}]}}]))
+    found = cdi.device_edits(settings, "vendor.example/ve=0", what="--device vendor.example/ve=0")
+    assert edits.apply_edits(settings, [found]).mounts[0].source == str(source)
+    if change == "source-others":
+        source.chmod(0o646)
+    elif change == "source-group":
+        source.chmod(0o664)
+        os.chown(source, -1, 4321)
+    elif change == "source-owner":
+        os.chown(source, 4321, -1)
+    else:
+        directory.chmod(0o777)
+    with pytest.raises(PolicyError, match=message.format(source=source, directory=directory)) as caught:
+        edits.apply_edits(settings, [found])
+    assert f"--device vendor.example/ve=0 ({spec_file})" in caught.value.message
+    if change == "directory-others":
+        directory.chmod(0o1777)
+        assert edits.apply_edits(settings, [found]).mounts[0].source == str(source)
+
+
 def test_mount_destinations_follow_the_user_mount_rules(settings, tree):
     for destination, message in (("/proc/x", "/proc"), ("/etc/passwd", "/etc/passwd"), ("/dev/.berth-init", "reserved")):
         edit = edits.ContainerEdits("spec", mounts=(edits.Mount(str(tree.lib_dir), destination),))

@@ -18,7 +18,10 @@ Rules (every edit, whoever wrote it, is judged the same way):
   outside ``policy.mount_deny_sources``, both as named and as resolved; it is mounted read-only
   unless its options say ``rw``. Destinations follow the user mounts' rules; berth's own
   :data:`GPU_DIR` and :data:`MPI_DIR` under /dev are allowed.
-- A hook's program must be an executable regular file under ``devices.mount_allow``.
+  Neither it nor a directory above it may be changeable by a user other than root or the
+  caller (:func:`writers_problem`).
+- A hook's program must be an executable regular file under ``devices.mount_allow``, with the
+  same rule for who may change it.
 - Two edits may name the same container path only with the same host file.
 """
 
@@ -163,6 +166,15 @@ def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:
             raise PolicyError(f"{what}: the mount source {named}{via} {reason}", hint=_ADMIN)
     if not os.path.exists(real):
         raise UsageError(f"{what}: the mount source {named} does not exist on this node", hint=_ADMIN)
+    # What the container is given (libraries it loads, tools it runs, read-write data) must not
+    # be someone else's to change: another user could put code there that runs as every user of
+    # the device (as with hooks; site files owned by root are fine, and so are the caller's own).
+    found = _changeable_by_others(real)
+    if found:
+        path, problem = found
+        label = f"the mount source {real}" if path == real else f"the directory {path} of mount source {real}"
+        raise PolicyError(f"{what}: {label} is {problem}: berth does not bind into a container what other "
+                          "users can change", hint=f"{_ADMIN}; chmod go-w, chown root")
     destination = mount.container_path
     if any(destination == base or destination.startswith(base + "/") for base in INJECTION_DIRS):
         if ".." in destination.split("/"):
@@ -202,16 +214,26 @@ def _judge_hook(hook: spec.Hook, *, what: str, settings) -> spec.Hook:
         raise UsageError(f"{what}: the hook program {hook.path} is not an executable file on this node", hint=_ADMIN)
     # The runtime runs it as the caller: whoever can change it, or a directory above it, could
     # run code as every user of the device (as cdi.check_spec_writers says of the spec).
-    label, path = f"the hook program {real}", real
+    found = _changeable_by_others(real)
+    if found:
+        path, problem = found
+        label = f"the hook program {real}" if path == real else f"the directory {path} of hook program {real}"
+        raise PolicyError(f"{what}: {label} is {problem}: berth does not run a hook that other users can "
+                          "change (it would run code as you)", hint=f"{_ADMIN}; chmod go-w, chown root")
+    return hook._replace(path=real)
+
+
+def _changeable_by_others(real: str) -> tuple[str, str] | None:
+    """(path, problem) for the first of ``real`` (a resolved path) and the directories above it
+    that someone other than root or the caller can change (:func:`writers_problem`), or None."""
+    path = real
     while True:
         problem = writers_problem(os.stat(path))
         if problem:
-            raise PolicyError(f"{what}: {label} is {problem}: berth does not run a hook that other users can "
-                              "change (it would run code as you)", hint=f"{_ADMIN}; chmod go-w, chown root")
+            return path, problem
         if path == "/":
-            return hook._replace(path=real)
+            return None
         path = os.path.dirname(path)
-        label = f"the directory {path} of hook program {real}"
 
 
 def apply_edits(settings, edits: Sequence[ContainerEdits]) -> AppliedEdits:
