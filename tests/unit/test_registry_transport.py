@@ -246,7 +246,9 @@ def test_a_redirect_that_python_and_urllib3_read_as_different_hosts_gets_no_auth
         other.stop()
 
 
-@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/x"])
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/x",
+                                      # Python's URL parser raised ValueError (a traceback) on these:
+                                      "http://[::1/x", "//[::1/x", "http://other.example:99999999999999999999/x"])
 def test_a_redirect_to_another_scheme_is_refused_not_followed(server, location):
     server.handler = lambda request: Reply(302, headers={"Location": location})
     with pytest.raises(RegistryError, match="redirected blob to an unsupported URL"):
@@ -325,3 +327,18 @@ def test_an_answer_that_is_not_streamed_is_a_reply_of_berths_not_urllib3s_respon
     assert isinstance(reply, transport.Reply)
     assert (reply.status, reply.data, reply.final_url) == (200, b"ok", f"{server.url}/v2/there")
     assert reply.headers.getlist("X-Kind") == ["a", "b"]
+
+
+
+@pytest.mark.parametrize("proxy", ["http://[::1:3128", "http://proxy.example:99999", "http://proxy.example:abc"])
+def test_a_proxy_setting_berth_cannot_use_is_named_not_a_traceback(proxy):
+    """An ``http_proxy`` with an IPv6 host without its ']' raised ValueError (a traceback), and
+    one with a port past 65535 read as "cannot reach registry ...: is the registry running?",
+    which blames the registry: the setting is named, and who fixes it."""
+    from berth.errors import ConfigError
+
+    transport = Transport("r.example", insecure=True, proxies={"http": proxy}, retry=RetryPolicy(attempts=1))
+    with pytest.raises(ConfigError) as caught:
+        transport.request("GET", "http://r.example/v2/", accept=(200,), what="the API root")
+    assert f"the proxy setting http_proxy={proxy!r} is not a usable URL" in caught.value.message
+    assert "fix http_proxy (or HTTP_PROXY)" in caught.value.hint

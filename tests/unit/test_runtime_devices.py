@@ -353,6 +353,23 @@ def test_bad_gpu_requests(text):
         gpus.parse_request(text)
 
 
+@pytest.mark.parametrize("text, words", [
+    ("9" * 4400, "--gpus 99999999999999999999...: ask for 1 to 64 GPUs"),
+    ("device=" + "9" * 4400, "the GPU index 99999999999999999999... is past any node's GPUs"),
+    ("0," + "9" * 4400, "the GPU index 99999999999999999999... is past any node's GPUs"),
+])
+def test_a_gpu_number_of_thousands_of_digits_is_a_clear_error(text, words):
+    """int() refuses strings past 4300 digits (ValueError: a traceback from `berth run --gpus`)."""
+    with pytest.raises(UsageError) as caught:
+        gpus.parse_request(text)
+    assert words in caught.value.message and len(caught.value.message) < 300
+
+
+def test_an_allocation_of_a_range_of_thousands_of_digits_is_no_traceback():
+    big = "9" * 4400
+    assert gpus._id_list(f"{big}-{big}") == [f"{big}-{big}"]  # no such GPU: _by_id says so
+
+
 def test_gpus_and_driver_of_the_fake_tree(settings):
     found = gpus.nvidia_gpus(settings)
     assert [(g.index, g.node, g.uuid, g.model) for g in found] == [

@@ -1464,3 +1464,26 @@ def test_an_https_source_that_trickles_is_stopped_by_the_stall_rule(tmp_path):
     assert time.monotonic() - started < 10
     assert "/d/slow.bin" in caught.value.message and "the download is stalled" in caught.value.message
     assert not (tmp_path / "in" / "slow.bin").exists()
+
+
+
+@pytest.mark.parametrize("location", ["http://[::1/x", "http://other.example:99999/x", "http://other.example:abc/x"])
+def test_a_redirect_to_a_url_berth_cannot_read_is_a_clear_error(tmp_path, location):
+    """Python's URL parser raised ValueError on an IPv6 host without its ']' (a traceback), and
+    urllib3's LocationParseError on a bad port was shown as its class name alone."""
+    from berth.staging.locations import parse_transfer
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    with _serving(Redirect) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/d/f.txt"
+        with pytest.raises(StagingError) as caught:
+            transfer.stage_in((parse_transfer(f"{url}:in/", "in"),), _profile(), str(tmp_path))
+    assert f"the server redirects to a URL berth cannot use ({location})" in caught.value.message

@@ -68,6 +68,8 @@ def test_parse_full_create_line():
     (["image=Busy Box", "cpu=2", "memsz=4G"], "invalid image reference 'Busy Box'"),
     (["image=busybox", "cpu=2", "memsz=4G", "custom=--env 'A"], "custom is not valid shell-quoted options"),
     (["image=busybox", "cpu=2", "memsz=4G", "comment=two\nlines"], "comment may not contain control characters"),
+    # int() refuses past 4300 digits: a ValueError of Python's own words, not berth's.
+    (["image=busybox", "cpu=" + "9" * 4400, "memsz=4G"], "expected a whole number (of at most 18 digits)"),
 ])
 def test_bad_assignments_name_the_offending_word(words, message):
     with pytest.raises(UsageError) as caught:

@@ -140,8 +140,8 @@ def _check_custom(value: str) -> str:
 
 
 def _parse_int(key: str, text: str) -> int:
-    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
-        raise ValueError(f"{key}={text}: expected a whole number")
+    if not re.fullmatch(r"[+-]?[0-9]{1,18}", text.strip()):  # int() refuses past 4300 digits: a traceback
+        raise ValueError(f"{key}={text[:40]}: expected a whole number (of at most 18 digits)")
     return int(text)
 
 

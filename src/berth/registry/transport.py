@@ -28,6 +28,7 @@ from urllib.parse import urljoin, urlsplit
 from berth import __version__
 from berth.errors import (
     AuthenticationError,
+    ConfigError,
     NotFound,
     RateLimited,
     RegistryError,
@@ -218,7 +219,14 @@ class Transport:
             if manager is None:
                 import urllib3
 
-                parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+                written = proxy if "://" in proxy else "http://" + proxy
+                if not _parses(written) or _scheme(written) is None or not urlsplit(written).hostname:
+                    variable = f"{urlsplit(url).scheme}_proxy"
+                    raise ConfigError(f"the proxy setting {variable}={proxy[:200]!r} is not a usable URL "
+                                      f"(berth would reach registry {self.registry} through it)",
+                                      hint=f"fix {variable} (or {variable.upper()}) in your environment: "
+                                           "http://HOST:PORT with a port from 1 to 65535; or unset it")
+                parts = urlsplit(written)
                 headers = None
                 if parts.username is not None:
                     # Credentials in the proxy URL (http://user:pw@proxy:3128) go in a header.
@@ -356,10 +364,13 @@ class Transport:
             if not location:
                 return response
             _discard(response)
-            target = urljoin(current_url, location)
-            if _scheme(target) not in ("http", "https"):
-                raise RegistryError(f"registry {self.registry} redirected {what} to an unsupported URL {target}",
-                                    hint="the registry is misconfigured: tell its operator")
+            try:
+                target = urljoin(current_url, location)
+            except ValueError:  # "http://[::1/": Python's URL parser refuses what urllib3's would
+                target = location
+            if _scheme(target) not in ("http", "https") or not _parses(target):
+                raise RegistryError(f"registry {self.registry} redirected {what} to an unsupported URL "
+                                    f"{target[:200]}", hint="the registry is misconfigured: tell its operator")
             if not same_origin(current_url, target):
                 # Never hand the registry's credentials (or token) to another host.
                 current_headers = {k: v for k, v in current_headers.items() if k.lower() != "authorization"}
@@ -438,6 +449,16 @@ def _scheme(url: str) -> str | None:
         return parse_url(url).scheme
     except LocationParseError:
         return None
+
+
+def _parses(url: str) -> bool:
+    """Whether Python's URL parser reads ``url``'s host and port too (proxy_for asks it): an
+    IPv6 host without its ']' or a port past 65535 raised ValueError there, a traceback."""
+    try:
+        urlsplit(url).port
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(hostname: str) -> bool:

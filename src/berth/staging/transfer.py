@@ -1205,7 +1205,15 @@ def _get_following_redirects(pool, url: str, shown: str):
             return response
         response.drain_conn()
         response.release_conn()
-        following = urljoin(location, target)
+        try:
+            following = urljoin(location, target)
+            urlsplit(following).port  # a port past 65535 or an IPv6 host without ']': ValueError
+            from urllib3.util import parse_url
+            parse_url(following)
+        except ValueError:  # (urllib3's LocationParseError is one)
+            raise StagingError(f"--stage-in '{shown}': the server redirects to a URL berth cannot use "
+                               f"({target.split('?', 1)[0][:200]})",
+                               hint="the server is misconfigured: ask its owners, or use the final URL") from None
         if location.lower().startswith("https://") and not following.lower().startswith("https://"):
             raise StagingError(f"--stage-in '{shown}': the server redirects to plain http "
                                f"({following.split('?', 1)[0]}); berth does not follow an https source there",

@@ -77,9 +77,11 @@ def parse_request(text: str, *, what: str = "--gpus") -> GpuRequest:
     if value == "all":
         return GpuRequest(value)
     if _digits(value) and "," not in value:
-        count = int(value)
+        # (Thousands of digits: int() refuses past 4300 with a ValueError, a traceback.)
+        count = int(value) if len(value) <= 6 else MAX_GPUS + 1
         if not 1 <= count <= MAX_GPUS:
-            raise UsageError(f"{what} {text}: ask for 1 to {MAX_GPUS} GPUs", hint="or --gpus all")
+            shown = text if len(text) <= 20 else text[:20] + "..."
+            raise UsageError(f"{what} {shown}: ask for 1 to {MAX_GPUS} GPUs", hint="or --gpus all")
         return GpuRequest(value, count=count)
     listed = value.removeprefix("device=")
     ids = tuple(listed.split(",")) if listed else ()
@@ -88,7 +90,10 @@ def parse_request(text: str, *, what: str = "--gpus") -> GpuRequest:
                          hint="for example --gpus all, --gpus 2, --gpus 0,1 or --gpus device=1 (one GPU by index)")
     for item in ids:
         if not (_digits(item) or re.fullmatch(_UUID, item)):
-            raise UsageError(f"{what} {text!r}: {item!r} is neither a GPU index nor a GPU UUID")
+            raise UsageError(f"{what} {text[:100]!r}: {item[:100]!r} is neither a GPU index nor a GPU UUID")
+        if _digits(item) and len(item) > 6:
+            raise UsageError(f"{what}: the GPU index {item[:20]}... is past any node's GPUs (at most {MAX_GPUS})",
+                             hint="indexes count within your allocation, from 0")
     if len(set(ids)) != len(ids):
         raise UsageError(f"{what} {text!r} names a GPU twice")
     return GpuRequest(value, ids=ids)
@@ -169,7 +174,7 @@ def _id_list(text: str) -> list[str]:
         part = part.strip()
         if not part or part in ("NoDevFiles", "-1", "none"):
             continue
-        match = re.fullmatch(r"(\d+)-(\d+)", part)
+        match = re.fullmatch(r"([0-9]{1,6})-([0-9]{1,6})", part)
         if match and int(match.group(1)) <= int(match.group(2)) < int(match.group(1)) + MAX_GPUS:
             items += [str(i) for i in range(int(match.group(1)), int(match.group(2)) + 1)]
         else:
