@@ -169,12 +169,7 @@ def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:
     # What the container is given (libraries it loads, tools it runs, read-write data) must not
     # be someone else's to change: another user could put code there that runs as every user of
     # the device (as with hooks; site files owned by root are fine, and so are the caller's own).
-    found = _changeable_by_others(real)
-    if found:
-        path, problem = found
-        label = f"the mount source {real}" if path == real else f"the directory {path} of mount source {real}"
-        raise PolicyError(f"{what}: {label} is {problem}: berth does not bind into a container what other "
-                          "users can change", hint=f"{_ADMIN}; chmod go-w, chown root")
+    _refuse_changeable(real, "mount source", what, "berth does not bind into a container what other users can change")
     destination = mount.container_path
     if any(destination == base or destination.startswith(base + "/") for base in INJECTION_DIRS):
         if ".." in destination.split("/"):
@@ -214,25 +209,22 @@ def _judge_hook(hook: spec.Hook, *, what: str, settings) -> spec.Hook:
         raise UsageError(f"{what}: the hook program {hook.path} is not an executable file on this node", hint=_ADMIN)
     # The runtime runs it as the caller: whoever can change it, or a directory above it, could
     # run code as every user of the device (as cdi.check_spec_writers says of the spec).
-    found = _changeable_by_others(real)
-    if found:
-        path, problem = found
-        label = f"the hook program {real}" if path == real else f"the directory {path} of hook program {real}"
-        raise PolicyError(f"{what}: {label} is {problem}: berth does not run a hook that other users can "
-                          "change (it would run code as you)", hint=f"{_ADMIN}; chmod go-w, chown root")
+    _refuse_changeable(real, "hook program", what, "berth does not run a hook that other users can change "
+                       "(it would run code as you)")
     return hook._replace(path=real)
 
 
-def _changeable_by_others(real: str) -> tuple[str, str] | None:
-    """(path, problem) for the first of ``real`` (a resolved path) and the directories above it
-    that someone other than root or the caller can change (:func:`writers_problem`), or None."""
+def _refuse_changeable(real: str, kind: str, what: str, why: str) -> None:
+    """Raise PolicyError when ``real`` (a resolved path) or a directory above it can be changed
+    by someone other than root or the caller (:func:`writers_problem`), naming the first."""
     path = real
     while True:
         problem = writers_problem(os.stat(path))
         if problem:
-            return path, problem
+            label = f"the {kind} {real}" if path == real else f"the directory {path} of {kind} {real}"
+            raise PolicyError(f"{what}: {label} is {problem}: {why}", hint=f"{_ADMIN}; chmod go-w, chown root")
         if path == "/":
-            return None
+            return
         path = os.path.dirname(path)
 
 
