@@ -479,3 +479,37 @@ def test_a_stop_signal_while_the_daemon_mounts_leaves_no_mount_and_no_daemon(run
         if daemon.poll() is None:
             daemon.kill()
         daemon.wait()
+
+
+def test_a_failed_unmount_is_said_and_the_next_run_does_not_mount_over_it(runtime_env, runtime_images):
+    """Seen on a GPU node: a fusermount3 first on PATH that is not setuid root (libfuse mounts
+    with its own by absolute path) could not unmount the user's image mount; berth said
+    nothing, and the next `berth run` mounted again over the still-mounted mount point and
+    failed with fusermount3's "failed to access mountpoint ...: Permission denied". Now the
+    failed unmount is a warning naming the cause, the next run that meets the stale mount and
+    cannot remove it says so, and a run with a working fusermount3 removes it and runs."""
+    import shutil
+
+    bin_dir = runtime_env.scratch / "bin"
+    bin_dir.mkdir()
+    shutil.copy("/usr/bin/fusermount3", bin_dir / "fusermount3")  # a copy: not setuid
+    os.chmod(bin_dir / "fusermount3", 0o755)
+    os.chmod(bin_dir, 0o755)
+    bad_path = {"PATH": f"{bin_dir}:{runtime_env.user.base_env()['PATH']}"}
+    image = str(runtime_images.busybox)
+
+    first = runtime_env.berth("run", image, "true", env=bad_path)
+    assert first.returncode == 0, describe(first)
+    assert "berth: warning: could not unmount the image at" in first.stderr, describe(first)
+    assert f"the fusermount3 first on PATH ({bin_dir}/fusermount3) is not setuid root" in first.stderr
+    assert len(image_mounts(runtime_env)) == 1  # still there: the warning was true
+
+    second = runtime_env.berth("run", image, "true", env=bad_path)
+    assert second.returncode != 0, describe(second)
+    assert "still holds an earlier mount of the image whose daemon is gone, and berth could not remove it" \
+        in second.stderr, describe(second)
+    assert "failed to access mountpoint" not in second.stderr and "Traceback" not in second.stderr
+
+    third = runtime_env.berth("run", image, "true")
+    assert third.returncode == 0, describe(third)
+    assert runtime_env.wait_clean() == []

@@ -304,7 +304,8 @@ def _run(settings, image, run: Execution, make_plan, wanted: tuple[str, str], st
         # mounts behind.
         held = proc.ignore_stop()
         try:
-            supervise.teardown(container, runtime, fuse_mounts)
+            for warning in supervise.teardown(container, runtime, fuse_mounts):
+                log(f"warning: {warning}")
         finally:
             proc.restore_handlers(held)
             proc.restore_handlers(early)

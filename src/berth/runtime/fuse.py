@@ -259,12 +259,30 @@ def mounted_paths() -> set[str]:
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> None:
-    """fusermount3 -u (or -u -z); ignores 'not mounted'. Raises ProgramFailed otherwise."""
+    """fusermount3 -u (or -u -z); ignores 'not mounted'. Raises ProgramFailed otherwise, with
+    the likely cause in its hint (:func:`fusermount_hint`)."""
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint]
     result = proc.run(argv, check=False)
     if result.returncode != 0 and is_mounted(mountpoint):
         detail = (result.stderr or b"").decode("utf-8", "replace").strip()[-500:]
-        raise ProgramFailed(f"fusermount3 -u {mountpoint} failed: {detail}")
+        raise ProgramFailed(f"fusermount3 -u {mountpoint} failed: {detail}", hint=fusermount_hint())
+
+
+def fusermount_hint() -> str:
+    """Why an unprivileged ``fusermount3`` may fail, for an error's hint: seen on a GPU node, a
+    fusermount3 first on PATH that is not setuid root (a copy in a software environment), which
+    cannot unmount a user's FUSE mount while libfuse's own (by its absolute path) could mount."""
+    import stat
+
+    try:
+        path = proc.find_program("fusermount3")
+        setuid = bool(os.stat(path).st_mode & stat.S_ISUID)
+    except Exception:  # noqa: BLE001 - not installed (ProgramNotFound), unreadable: no better hint
+        return "run 'berth doctor' to check FUSE on this node"
+    if not setuid and os.geteuid() != 0:
+        return (f"the fusermount3 first on PATH ({path}) is not setuid root, so it cannot unmount your FUSE "
+                f"mounts: put the system's (/usr/bin) first on PATH or remove that one; 'berth doctor' checks it")
+    return "run 'berth doctor' to check FUSE on this node"
 
 
 def stop(mount: FuseMount, *, timeout_s: float = 5.0) -> None:

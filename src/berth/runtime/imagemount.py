@@ -162,8 +162,12 @@ def _leave(directory: Path, linger_s: int, lock_timeout_s: float, process=None) 
     if linger_s > 0 and _serving(directory, _read_record(directory)) and _linger(directory, linger_s,
                                                                                  lock_timeout_s):
         return False
-    _unmount(directory, process)
+    failure = _unmount(directory, process)
     _remove(directory)
+    if failure:
+        # Said, not swallowed: the mount stays (its daemon ended), and the next berth run of the
+        # image meets it (acquire: removes it or says why it cannot).
+        raise RuntimeFailure(f"could not unmount the image at {directory / 'root'}: {failure}")
     return True
 
 
@@ -180,6 +184,11 @@ def leave_main(argv: list[str]) -> int:
         return 0
     try:
         _leave(directory, linger_s, lock_timeout_s)
+    except RuntimeFailure as failure:
+        import sys
+
+        print(f"berth: warning: {failure.message}", file=sys.stderr)
+        return 1
     finally:
         os.close(lock_fd)
     return 0
@@ -253,7 +262,16 @@ def acquire(state_dir: Path, key: str, squashfs: Path, holder_id: str, *, progra
                     log(f"sharing the image mount {hold.root}"
                         + (" (it was lingering)" if "linger_s" in record else ""), debug=True)
                 return hold
-            _unmount(directory, None)  # a dead daemon's mount, if any
+            # A mount there whose daemon is gone (a kill, an unmount that failed): removed, and
+            # said; mounting over it failed with fusermount3's confusing "failed to access
+            # mountpoint ...: Permission denied" (seen on a GPU node).
+            stale = str(hold.root) in fuse.mounted_paths()
+            failure = _unmount(directory, None)
+            if failure:
+                raise RuntimeFailure(f"the image mount point {hold.root} still holds an earlier mount of the image "
+                                     f"whose daemon is gone, and berth could not remove it: {failure}")
+            if stale and log:
+                log(f"note: removed a stale mount of the image at {hold.root} (its daemon was gone)")
             mount = fuse.mount_squashfs(str(squashfs), str(hold.root), str(directory / "squashfuse.log"),
                                         program=program, options=options, detached=True)
             hold.process = mount.process
@@ -566,10 +584,11 @@ def is_shared_daemon(pid: int) -> bool:
             and started == _process_start(pid))
 
 
-def _unmount(directory: Path, process) -> None:
+def _unmount(directory: Path, process) -> str | None:
     """Unmount ``directory``'s root if mounted, then make sure its daemon is gone, and a
     lingering mount's reaper too when another process unmounts (caller holds the mount lock).
-    Never raises."""
+    Never raises; returns why the root is still mounted (fusermount3's words and the likely
+    cause), or None."""
     root = directory / "root"
     record = _read_record(directory)
     reaper = record.get("reaper")
@@ -579,12 +598,16 @@ def _unmount(directory: Path, process) -> None:
             os.kill(reaper[0], signal.SIGTERM)
         except OSError:
             pass
+    failure = None
     if str(root) in fuse.mounted_paths():
         for lazy in (False, True):
             try:
                 fuse.unmount(str(root), lazy=lazy)
+                failure = None
                 break
-            except Exception:  # noqa: BLE001 - EBUSY: retry lazily; anything else: the kill below
+            except Exception as exc:  # noqa: BLE001 - EBUSY: retry lazily; anything else: the kill below
+                hint = getattr(exc, "hint", None)
+                failure = getattr(exc, "message", str(exc)) + (f" ({hint})" if hint else "")
                 time.sleep(0.02)
     pid = record.get("pid")
     if process is not None:
@@ -602,6 +625,7 @@ def _unmount(directory: Path, process) -> None:
         os.unlink(directory / "mount.json")
     except OSError:
         pass
+    return failure
 
 
 def _is_zombie(pid: int) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from berth import proc
+from berth.errors import RuntimeFailure
 from berth.runtime import fuse, ocirt
 from berth.runtime.state import ContainerState
 
@@ -119,9 +120,10 @@ def runtime_error(log_path: Path) -> str | None:
     return line
 
 
-def teardown(container: ContainerState, runtime: str, fuse_mounts: list) -> None:
+def teardown(container: ContainerState, runtime: str, fuse_mounts: list) -> list[str]:
     """Delete the runtime's state of the container, unmount (last mounted first), remove the
-    state directory."""
+    state directory. Returns warnings for the user: a shared image mount it could not unmount."""
+    warnings = []
     if runtime and (container.runtime_root / container.id).exists():
         proc.run([runtime, "--root", str(container.runtime_root), "delete", "--force", container.id],
                  check=False, timeout=10)
@@ -131,6 +133,9 @@ def teardown(container: ContainerState, runtime: str, fuse_mounts: list) -> None
         else:  # a shared image mount (berth.runtime.imagemount): leave it, the last one out unmounts
             try:
                 mount.release()
+            except RuntimeFailure as failure:  # the unmount failed: the next berth meets the mount
+                warnings.append(failure.message)
             except Exception:  # noqa: BLE001 - the stale clean-up of the next berth finishes it
                 pass
     container.release()
+    return warnings
