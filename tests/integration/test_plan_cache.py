@@ -525,3 +525,46 @@ def test_with_the_setting_off_not_even_a_forged_entry_runs(runtime_env, runtime_
     assert pinned.returncode == 0 and "hit" not in pinned.stderr, describe(pinned)
     if FRONT[0] == "compiled":
         assert "front end: the settings are Python's to read" in pinned.stderr, describe(pinned)
+
+
+# ------------------------------------------------ red team: where the two front ends differed
+
+def _run_until_python_kept(env, site, *args, extra=None):
+    """Run until the run keeps its plan, compiled or not (run_until_kept wants it compiled)."""
+    deadline = time.monotonic() + KEEP_DEADLINE_S
+    while True:
+        result = run(env, site, *args, extra=extra)
+        if "plan cache: kept this run's plan" in result.stderr:
+            return result
+        assert "changed moments ago" in result.stderr, describe(result)
+        assert time.monotonic() < deadline, describe(result)
+        time.sleep(0.2)
+
+
+def test_in_the_hosts_pid_namespace_no_run_leaves_a_daemon_behind(runtime_env, runtime_images, site, user):
+    """With the site's host pid namespace berth is the subreaper that ends what the container
+    leaves behind (supervise.adopt_orphans); the compiled front end ran such a kept plan without
+    it, and a setsid daemon outlived every hit (red team). Such plans are Python's to run."""
+    from tests.harness.fixtures_runtime import process_cmdlines
+
+    env = runtime_env
+    site.write('[policy.namespaces]\npid = "host"\n')
+    args = (str(runtime_images.busybox), "sh", "-c", "setsid sleep 986 </dev/null >/dev/null 2>&1 & echo started")
+
+    def left_behind() -> list:
+        found = [pid for pid, command in process_cmdlines(user.uid) if command.startswith(b"sleep\x00986")]
+        for pid in found:
+            os.kill(pid, 9)
+        return found
+
+    kept = _run_until_python_kept(env, site, *args)
+    assert left_behind() == [], describe(kept)
+    for _ in range(2):
+        again = run(env, site, *args)
+        assert (again.returncode, again.stdout) == (0, "started\n"), describe(again)
+        assert left_behind() == [], describe(again)
+    if FRONT[0] == "compiled":
+        assert "not compiled: the host's pid namespace" in kept.stderr, describe(kept)
+    else:
+        assert hit(again), describe(again)
+

@@ -26,9 +26,11 @@ directory and image root (JSON-escaped; the front end refuses paths that would n
 
 **What the front end runs** (:func:`compilable` says why not): a plan Python would keep, run with
 ``image_mount = "shared"``, no ``stage_to_local``, no overlay, no ``--name``, no identity file
-naming the container. Everything else the entry's trust rules (private directory, the caller's
-regular file, not a link, at most plancache.MAX_ENTRY_BYTES) are checked by the front end as
-berth.runtime.plancache.load_entry checks them.
+naming the container, a container with its own pid namespace (in the host's, berth must end what
+the container leaves behind: berth.runtime.supervise.adopt_orphans). Everything else the
+entry's trust rules (private directory, the caller's regular file, not a link, at most
+plancache.MAX_ENTRY_BYTES) are checked by the front end as berth.runtime.plancache.load_entry
+checks them.
 """
 
 from __future__ import annotations
@@ -116,11 +118,16 @@ def _record(tag: bytes, value) -> bytes:
 
 def compilable(settings, options, plan, info_template: str, config_template: str) -> str | None:
     """Why the front end cannot run this kept plan, or None."""
+    from berth.runtime.supervise import in_host_pid_namespace
+
     checks = (
         (settings.image_mount != "shared", f"image_mount = {settings.image_mount}"),
         (bool(settings.stage_to_local), "stage_to_local"),
         (bool(plan["overlay"]), "an overlay"),
         (options.name is not None, "--name"),
+        # berth is then the subreaper that ends what the container leaves behind
+        # (supervise.adopt_orphans), which the front end is not.
+        (in_host_pid_namespace(plan["config"]), "the host's pid namespace"),
         (any("\0" in text for item in plan["identity_files"] for text in item), "an identity file names the container"),
         (info_template.count("\\u0001") != 4 or "\\\\u0001" in info_template, "info.json's placeholders"),
         ("\\\\u0000" in config_template

@@ -41,6 +41,12 @@ def start_runtime(runtime: str, container: ContainerState, *, pmi_fd: int | None
     )
 
 
+def in_host_pid_namespace(config: dict) -> bool:
+    """Whether the container of ``config`` (config.json) shares the host's pid namespace, where
+    berth must be the subreaper of what it leaves behind (:func:`adopt_orphans`)."""
+    return not any(namespace.get("type") == "pid" for namespace in config.get("linux", {}).get("namespaces", ()))
+
+
 def adopt_orphans(config: dict) -> frozenset[int] | None:
     """For a container in the host's pid namespace (a site's ``[policy.namespaces] pid =
     "host"``): make berth a child subreaper, so that what the container leaves behind -- a
@@ -49,7 +55,7 @@ def adopt_orphans(config: dict) -> frozenset[int] | None:
     :func:`end_orphans` ends it. Call before the runtime starts; returns berth's children
     then (not the container's: its FUSE daemons). None for a container with its own pid
     namespace (its init's exit kills all of it) or where the kernel refuses."""
-    if any(namespace.get("type") == "pid" for namespace in config.get("linux", {}).get("namespaces", ())):
+    if not in_host_pid_namespace(config):
         return None
     if not proc.become_subreaper():
         return None
