@@ -568,3 +568,23 @@ def test_in_the_hosts_pid_namespace_no_run_leaves_a_daemon_behind(runtime_env, r
     else:
         assert hit(again), describe(again)
 
+
+def test_a_signal_the_caller_ignores_is_the_commands_default_again(runtime_env, runtime_images, site):
+    """Python starts every program with SIGPIPE and SIGXFSZ at their default actions
+    (proc._spawn), whatever berth was started with; the compiled front end passed on a caller's
+    `trap '' PIPE XFSZ`, and `yes | head -n1` in the container wrote 'Broken pipe' instead of
+    dying of SIGPIPE (red team)."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "yes | head -n1; ulimit -f 1; head -c 4096 /dev/zero > /tmp/f")
+    wrapped = ["sh", "-c", "trap '' PIPE XFSZ; exec \"$@\"", "sh", program(), "run", "--debug", *args]
+    linger = LINGER if FRONT[0] == "compiled" else {}
+    results = []
+    for _ in range(int(KEEP_DEADLINE_S / 0.2)):
+        results.append(env.user.run(wrapped, env=env.env(**{**site.env, **CACHE_ON, **linger})))
+        if hit(results[-1]):
+            break
+        time.sleep(0.2)
+    assert hit(results[-1]), describe(results[-1])
+    for result in (results[0], results[-1]):
+        assert result.returncode == 128 + 25 and result.stdout == "y\n", describe(result)  # SIGXFSZ
+        assert "Broken pipe" not in result.stderr and "too large" not in result.stderr, describe(result)

@@ -873,6 +873,15 @@ static int json_plain(const char *text) {
 }
 
 /* ------------------------------------------------------------------- the run */
+/* In a child, before it execs a program: the signal mask berth was started with, and SIGPIPE and
+ * SIGXFSZ at their default actions, as berth.proc starts every program (posix_spawn's
+ * setsigdef): a caller's `trap '' PIPE` must not reach the container's command. */
+static void child_signals(void) {
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGXFSZ, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &g_mask, NULL);
+}
+
 static const int FORWARDED[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGWINCH};
 
 struct run {
@@ -884,7 +893,7 @@ struct run {
 static int run_wait(const char *const *argv) {
     pid_t pid = fork();
     if (pid == 0) {
-        sigprocmask(SIG_SETMASK, &g_mask, NULL);
+        child_signals();
         int null = open("/dev/null", O_RDONLY);
         if (null >= 0) { dup2(null, 0); close(null); }
         execv(argv[0], (char *const *)argv);
@@ -1136,7 +1145,7 @@ static int execute(struct entry *e) {
     if (child == 0) {
         setsid();
         syscall(SYS_close_range, 3, ~0U, 0);
-        sigprocmask(SIG_SETMASK, &g_mask, NULL);
+        child_signals();
         const char *argv[] = {e->launcher, "--parent-death", parent, "--root", runtime_root, "--log", log,
                               "--log-format", "text", "run", "--bundle", bundle_path, r.id, NULL};
         execv(argv[0], (char *const *)argv);
