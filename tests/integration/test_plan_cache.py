@@ -588,3 +588,40 @@ def test_a_signal_the_caller_ignores_is_the_commands_default_again(runtime_env, 
     for result in (results[0], results[-1]):
         assert result.returncode == 128 + 25 and result.stdout == "y\n", describe(result)  # SIGXFSZ
         assert "Broken pipe" not in result.stderr and "too large" not in result.stderr, describe(result)
+
+
+@pytest.mark.parametrize("spelling", ["escaped key", "escaped pin", "home through a link's .."])
+def test_the_front_end_reads_plan_cache_as_python_does_or_leaves_it_to_python(runtime_env, runtime_images, site,
+                                                                              spelling):
+    """The front end's own reading of plan_cache (against a forged entry) must never say on where
+    Python says off: a key or a pin spelled with a TOML escape ("plan\\u005fcache"), and a HOME
+    through a link's '..' (Python normalizes it, the kernel goes up from the link's target), were
+    read as the default, and the forged entry ran (red team; the test fails before)."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "echo ran")
+    extra = {"BERTH_PLAN_CACHE": ""}
+    if spelling == "home through a link's ..":
+        physical = Path(site.root) / "physical" / "home"
+        physical.mkdir(parents=True, mode=0o755)
+        (Path(site.root) / "link").symlink_to(physical)
+        extra.update(HOME=f"{site.root}/link/..", XDG_CONFIG_HOME="")
+    run_until_kept(env, site, *args, extra=extra)
+    if spelling == "escaped key":
+        site.write('"plan\\u005fcache" = false\n', "conf.d/50-cache.toml")
+    elif spelling == "escaped pin":
+        site.write('plan_cache = false\npinned = ["plan\\u005fcache"]\n')
+        site.write_user_file("plan_cache = true\n")
+    else:
+        user_file = Path(site.root) / ".config" / "berth" / "berth.toml"  # $HOME normalized, as Python has it
+        user_file.parent.mkdir(parents=True, mode=0o755)
+        user_file.write_text("plan_cache = false\n")
+        user_file.chmod(0o644)
+    for entry in _entries(env, "compiled"):
+        _forge(entry)
+    result = run(env, site, *args, extra=extra)
+    assert "hit" not in result.stderr, describe(result)
+    if spelling == "escaped pin":
+        assert result.returncode == 125 and "only the site configuration may set plan_cache" in result.stderr, \
+            describe(result)
+    else:
+        assert (result.returncode, result.stdout) == (0, "ran\n"), describe(result)

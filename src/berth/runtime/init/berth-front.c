@@ -366,7 +366,8 @@ static const char *parse_entry(char *buf, size_t len, struct entry *e) {
  * the setting is read here too, from the same files and variable as berth.config.load reads, in
  * the same order. Only the plain forms are understood (`plan_cache = true|false` on a line of its
  * own, outside any table; BERTH_PLAN_CACHE=1/0/true/false/yes/no): any other mention of the key
- * (a pin, a table, a multi-line string) is Python's to judge. */
+ * (a pin, a table, a multi-line string) is Python's to judge, and so is any file with a backslash
+ * in it, and a HOME or BERTH_CONFIG_DIR with a ".." in it. */
 
 /* The value a file gives plan_cache: 1, 0, -1 (none); -2: Python's to judge. */
 static int setting_in_file(const char *path) {
@@ -377,7 +378,9 @@ static int setting_in_file(const char *path) {
     char real[PATH_MAX];  /* a site's settings may be links to where it keeps them */
     char *text = realpath(path, real) ? read_own_file(AT_FDCWD, real, MAX_ENTRY, &len, 0) : NULL;
     if (!text) return -2;
-    if (memchr(text, 0, len)) { free(text); return -2; }
+    /* A backslash: an escape or a line continuation in a basic string can spell plan_cache, as a
+     * key or a pinned name, without these letters in a row ("plan\u005fcache"). */
+    if (memchr(text, 0, len) || strchr(text, '\\')) { free(text); return -2; }
     int value = -1, table = 0;
     if (strstr(text, "plan_cache") && (strstr(text, "\"\"\"") || strstr(text, "'''"))) { free(text); return -2; }
     for (char *line = text, *next; line && *line; line = next) {
@@ -403,13 +406,21 @@ static int setting_in_file(const char *path) {
     return value;
 }
 
+/* Whether a path has a ".." component: Python normalizes such a HOME by its text (and refuses
+ * such a BERTH_CONFIG_DIR), where the kernel goes up from where a link leads. */
+static int goes_up(const char *path) {
+    for (const char *p = strstr(path, ".."); p; p = strstr(p + 1, ".."))
+        if ((p == path || p[-1] == '/') && (p[2] == 0 || p[2] == '/')) return 1;
+    return 0;
+}
+
 /* Whether plan_cache is on now: 1; 0 off; -1 Python's to judge. */
 static int plan_cache_on(void) {
     const char *config = getenv("BERTH_CONFIG_DIR"), *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
     const char *variable = getenv("BERTH_PLAN_CACHE");
     char dir[PATH_MAX], path[PATH_MAX * 2];
     int value = 1;  /* the default: berth.config.settings.Settings.plan_cache */
-    if (config && *config && config[0] != '/') return -1;
+    if (config && *config && (config[0] != '/' || goes_up(config))) return -1;
     snprintf(dir, sizeof dir, "%s", config && *config ? config : "/etc/berth");
     snprintf(path, sizeof path, "%s/berth.toml", dir);
     int found = setting_in_file(path);
@@ -443,7 +454,7 @@ static int plan_cache_on(void) {
         if (doubt) return -1;
     }
     if (xdg && xdg[0] == '/') snprintf(path, sizeof path, "%s/berth/berth.toml", xdg);
-    else if (home && home[0] == '/') snprintf(path, sizeof path, "%s/.config/berth/berth.toml", home);
+    else if (home && home[0] == '/' && !goes_up(home)) snprintf(path, sizeof path, "%s/.config/berth/berth.toml", home);
     else return -1;
     found = setting_in_file(path);
     if (found == -2) return -1;
