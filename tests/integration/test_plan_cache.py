@@ -625,3 +625,16 @@ def test_the_front_end_reads_plan_cache_as_python_does_or_leaves_it_to_python(ru
             describe(result)
     else:
         assert (result.returncode, result.stdout) == (0, "ran\n"), describe(result)
+
+
+def test_the_runtime_s_error_is_said_in_the_same_words(runtime_env, runtime_images, site):
+    """berth-launcher's error line (its log escapes quotes as runc's does) is said as Python says
+    it (supervise.runtime_error unescapes them); the compiled front end said chdir to cwd
+    (\\"/etc/passwd\\") (red team; the test fails before)."""
+    env = runtime_env
+    args = ("-w", "/etc/passwd", str(runtime_images.busybox), "true")
+    run_until_kept(env, site, *args)
+    result = run(env, site, *args)
+    assert result.returncode == 125 and hit(result), describe(result)
+    assert ('berth: error: berth-launcher could not start the container: chdir to cwd ("/etc/passwd") set in '
+            "config.json failed: not a directory\n") in result.stderr, describe(result)

@@ -1208,10 +1208,18 @@ static int execute(struct entry *e) {
                 char *q = strrchr(msg, '"');
                 if (q) *q = 0;
             } else msg = line;
-            snprintf(message, sizeof message, "%s", msg);
+            /* As supervise.runtime_error and cli.output.printable write it: \" unescaped, and no
+             * terminal escapes from a log (control characters as Python's repr writes them). */
+            size_t used = 0;
+            for (const char *c = msg; *c && used + 5 < sizeof message; c++) {
+                unsigned char byte = (unsigned char)*c;
+                if (byte == '\\' && c[1] == '"') continue;
+                if (byte >= 0x20 && byte != 0x7f) message[used++] = (char)byte;
+                else if (byte == '\t' || byte == '\r') { message[used++] = '\\'; message[used++] = byte == '\t' ? 't' : 'r'; }
+                else used += (size_t)snprintf(message + used, sizeof message - used, "\\x%02x", byte);
+            }
+            message[used] = 0;
         }
-        for (char *c = message; *c; c++)  /* no terminal escapes from a log (cli.output.printable) */
-            if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
         free(logtext);
     }
     teardown(&r, 1);
