@@ -353,12 +353,13 @@ def test_a_run_given_the_directory_holding_the_state_keeps_its_plan_and_neither_
 
 # ------------------------------------------------- the compiled front end and Python, side by side
 
-def _popen(env, site, *args):
+def _popen(env, site, *args, extra=None):
     """`berth run --debug ARGS` by this test's front end, as the test user, with no process
     between (setpriv execs): signals reach the front end itself."""
     import subprocess
 
-    full = env.user.base_env(**env.env(**{**site.env, **CACHE_ON, **(LINGER if FRONT[0] == "compiled" else {})}))
+    linger = LINGER if FRONT[0] == "compiled" else {}
+    full = env.user.base_env(**env.env(**{**site.env, **CACHE_ON, **linger, **(extra or {})}))
     argv = ["setpriv", f"--reuid={env.user.uid}", f"--regid={env.user.gid}", "--init-groups", "env", "-i",
             *[f"{k}={v}" for k, v in full.items()], program(), "run", "--debug", *args]
     return subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -638,3 +639,42 @@ def test_the_runtime_s_error_is_said_in_the_same_words(runtime_env, runtime_imag
     assert result.returncode == 125 and hit(result), describe(result)
     assert ('berth: error: berth-launcher could not start the container: chdir to cwd ("/etc/passwd") set in '
             "config.json failed: not a directory\n") in result.stderr, describe(result)
+
+
+def test_a_hit_killed_leaves_no_mount_up_once_the_linger_is_over(runtime_env, runtime_images, site, user):
+    """kill -9 of berth running a kept plan on a lingering image mount: its hold dies with it, and
+    the mount, its daemon and its reaper go without another berth being run. The reaper ended
+    when it found the mount in use again, and the killed holder wrote no linger: mount and
+    daemon stayed up until the user's next berth on the node (red team; the test fails before)."""
+    from tests.harness.fixtures_runtime import fuse_mounts_under, lingering_reapers, processes_mentioning
+
+    env = runtime_env
+    short = {"BERTH_IMAGE_MOUNT_LINGER": "3"}
+    args = (str(runtime_images.busybox), "sleep", "30")
+    deadline = time.monotonic() + KEEP_DEADLINE_S
+    while True:  # the plan kept by a run stopped at once; the mount lingers after it, with a reaper
+        child = _popen(env, site, *args, extra=short)
+        _running(env, site)
+        child.terminate()
+        _, stderr = child.communicate(timeout=60)
+        if "plan cache: kept this run's plan" in stderr:
+            break
+        assert time.monotonic() < deadline, stderr
+        time.sleep(0.2)
+    assert fuse_mounts_under(str(env.state_dir)) and lingering_reapers(user.uid, str(env.state_dir)), stderr
+    child = _popen(env, site, *args, extra=short)
+    _running(env, site)
+    child.kill()
+    _, stderr = child.communicate(timeout=60)
+    assert ("front end: hit" if FRONT[0] == "compiled" else "plan cache: hit") in stderr, stderr
+
+    def left() -> list:
+        return (fuse_mounts_under(str(env.state_dir)) + processes_mentioning(user.uid, str(env.state_dir))
+                + lingering_reapers(user.uid, str(env.state_dir)))
+
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == []
+    after = run(env, site, str(runtime_images.busybox), "true", extra=short)  # cleans the container directory
+    assert after.returncode == 0, describe(after)

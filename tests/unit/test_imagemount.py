@@ -226,20 +226,46 @@ def test_the_last_one_out_with_a_linger_leaves_the_mount_and_one_reaper(tmp_path
     assert clock.now >= 1_000_000.0 + 30 + 60 and mounted == set() and not hold.directory.exists()
 
 
-def test_a_reaper_leaves_a_mount_in_use_and_the_next_last_one_out_starts_another(tmp_path, mounts, reapers):
+def test_a_reaper_watches_a_mount_in_use_and_the_next_last_one_out_reuses_it(tmp_path, mounts, reapers, monkeypatch):
     mounted, calls, image = mounts
     started, clock = reapers
     imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=10).release()
     user = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
     clock.now += 20
+    slept = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+        if len(slept) == 2:  # the container ends while the reaper watches
+            assert user.release() is False and len(started) == 1  # the live reaper reused
+
+    monkeypatch.setattr(clock, "sleep", sleep)
     started[0]()
-    assert mounted == {str(user.root)} and "reaper" not in imagemount._read_record(user.directory)
-    assert user.release() is False and len(started) == 2
-    clock.now += 5
-    assert imagemount.cleanup_stale(tmp_path) == [] and mounted == {str(user.root)}
-    clock.now += 6
-    started[1]()
+    assert slept[:2] == [imagemount.REAPER_POLL_S] * 2 and slept[2] >= 10, slept
     assert mounted == set() and not user.directory.exists()
+
+
+def test_a_reaper_unmounts_a_mount_whose_last_holder_was_killed(tmp_path, mounts, reapers, monkeypatch):
+    """kill -9 of the berth holding a mount that lingered before: nobody leaves, so nobody
+    lingers; the reaper watching it unmounts it (red team: it ended when it found the mount in
+    use, and mount and daemon stayed until the user's next berth)."""
+    mounted, calls, image = mounts
+    started, clock = reapers
+    imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=10).release()
+    user = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
+    clock.now += 20
+    slept = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+        if len(slept) == 3:
+            os.close(user.holder_fd)  # killed: its lock goes with it, its holder file stays
+
+    monkeypatch.setattr(clock, "sleep", sleep)
+    started[0]()
+    assert slept == [imagemount.REAPER_POLL_S] * 3 and mounted == set() and not user.directory.exists()
 
 
 def test_stale_cleanup_removes_a_lingering_mount_whose_time_is_up_or_whose_daemon_died(tmp_path, mounts, reapers):
