@@ -591,13 +591,14 @@ def test_a_signal_the_caller_ignores_is_the_commands_default_again(runtime_env, 
         assert "Broken pipe" not in result.stderr and "too large" not in result.stderr, describe(result)
 
 
-@pytest.mark.parametrize("spelling", ["escaped key", "escaped pin", "home through a link's .."])
+@pytest.mark.parametrize("spelling", ["escaped key", "escaped pin", "home through a link's ..", "set twice"])
 def test_the_front_end_reads_plan_cache_as_python_does_or_leaves_it_to_python(runtime_env, runtime_images, site,
                                                                               spelling):
     """The front end's own reading of plan_cache (against a forged entry) must never say on where
     Python says off: a key or a pin spelled with a TOML escape ("plan\\u005fcache"), and a HOME
     through a link's '..' (Python normalizes it, the kernel goes up from the link's target), were
-    read as the default, and the forged entry ran (red team; the test fails before)."""
+    read as the default, and the forged entry ran; a key set twice (no TOML: Python refuses the
+    settings) was read as its last value (red team; the test fails before)."""
     env = runtime_env
     args = (str(runtime_images.busybox), "sh", "-c", "echo ran")
     extra = {"BERTH_PLAN_CACHE": ""}
@@ -612,6 +613,8 @@ def test_the_front_end_reads_plan_cache_as_python_does_or_leaves_it_to_python(ru
     elif spelling == "escaped pin":
         site.write('plan_cache = false\npinned = ["plan\\u005fcache"]\n')
         site.write_user_file("plan_cache = true\n")
+    elif spelling == "set twice":
+        site.write("plan_cache = false\nplan_cache = true\n", "conf.d/50-cache.toml")
     else:
         user_file = Path(site.root) / ".config" / "berth" / "berth.toml"  # $HOME normalized, as Python has it
         user_file.parent.mkdir(parents=True, mode=0o755)
@@ -624,6 +627,8 @@ def test_the_front_end_reads_plan_cache_as_python_does_or_leaves_it_to_python(ru
     if spelling == "escaped pin":
         assert result.returncode == 125 and "only the site configuration may set plan_cache" in result.stderr, \
             describe(result)
+    elif spelling == "set twice":
+        assert result.returncode != 0 and "50-cache.toml" in result.stderr and result.stdout == "", describe(result)
     else:
         assert (result.returncode, result.stdout) == (0, "ran\n"), describe(result)
 

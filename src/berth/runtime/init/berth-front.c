@@ -389,7 +389,7 @@ static int setting_in_file(const char *path) {
         while (*line == ' ' || *line == '\t') line++;
         if (*line == '[') table = 1;
         if (!strstr(line, "plan_cache")) continue;
-        if (table || strncmp(line, "plan_cache", 10)) { value = -2; break; }
+        if (table || strncmp(line, "plan_cache", 10) || value != -1) { value = -2; break; }  /* twice: no TOML */
         char *p = line + 10;
         while (*p == ' ' || *p == '\t') p++;
         if (*p++ != '=') { value = -2; break; }
