@@ -73,16 +73,17 @@ def run(env, site, *args, extra=None):
                         env=env.env(**{**site.env, **CACHE_ON, **linger, **(extra or {})}))
 
 
-def run_until_kept(env, site, *args, extra=None):
+def run_until_kept(env, site, *args, extra=None, compiled=True):
     """Run until the run keeps its plan (inputs written moments ago are not trusted yet);
-    every run's result is returned, the last one kept the plan."""
+    every run's result is returned, the last one kept the plan (``compiled``: in its compiled
+    form too, when the front end is this test's)."""
     results = []
     deadline = time.monotonic() + KEEP_DEADLINE_S
     while True:
         result = run(env, site, *args, extra=extra)
         results.append(result)
         if "plan cache: kept this run's plan" in result.stderr:
-            if FRONT[0] == "compiled":
+            if FRONT[0] == "compiled" and compiled:
                 assert "compiled too" in result.stderr, describe(result)
             return results
         assert "plan cache: this run's plan is not kept: " in result.stderr and "changed moments ago" in \
@@ -378,6 +379,21 @@ def _running(env, site, deadline_s: float = 30.0) -> dict:
         time.sleep(0.1)
 
 
+def _keep_stopped(env, site, *args, extra=None) -> str:
+    """Keep the plan of a long-running command: run it until a run, stopped (SIGTERM) once its
+    container runs, kept it; that run's stderr."""
+    deadline = time.monotonic() + KEEP_DEADLINE_S
+    while True:
+        child = _popen(env, site, *args, extra=extra)
+        _running(env, site)
+        child.terminate()
+        _, stderr = child.communicate(timeout=60)
+        if "plan cache: kept this run's plan" in stderr:
+            return stderr
+        assert time.monotonic() < deadline, stderr
+        time.sleep(0.2)
+
+
 def test_ps_and_exec_see_the_container_and_sigterm_reaches_it(runtime_env, runtime_images, site):
     """A hit's container is one like any other (info.json as Python writes it): `berth ps`
     lists it, `berth exec` enters it; SIGTERM to berth reaches the command, and berth exits with
@@ -387,16 +403,7 @@ def test_ps_and_exec_see_the_container_and_sigterm_reaches_it(runtime_env, runti
             "while :; do sleep 0.1; done")
     run_until_kept(env, site, *args[:1], "true")  # the image mount is up (and lingers, compiled)
     # The long-running command's own plan: kept by a first run that is stopped at once.
-    deadline = time.monotonic() + KEEP_DEADLINE_S
-    while True:
-        child = _popen(env, site, *args)
-        _running(env, site)
-        child.terminate()
-        _, stderr = child.communicate(timeout=60)
-        if "plan cache: kept this run's plan" in stderr:
-            break
-        assert time.monotonic() < deadline, stderr
-        time.sleep(0.2)
+    _keep_stopped(env, site, *args)
     child = _popen(env, site, *args)
     record = _running(env, site)
     assert record["image"] == str(runtime_images.busybox) and record["command"] == list(args[1:]), record
@@ -416,16 +423,7 @@ def test_a_killed_hit_leaves_what_the_next_run_cleans_up(runtime_env, runtime_im
     env = runtime_env
     args = (str(runtime_images.busybox), "sleep", "30")
     run_until_kept(env, site, str(runtime_images.busybox), "true")
-    deadline = time.monotonic() + KEEP_DEADLINE_S
-    while True:
-        child = _popen(env, site, *args)
-        _running(env, site)
-        child.terminate()
-        _, stderr = child.communicate(timeout=60)
-        if "plan cache: kept this run's plan" in stderr:
-            break
-        assert time.monotonic() < deadline, stderr
-        time.sleep(0.2)
+    _keep_stopped(env, site, *args)
     child = _popen(env, site, *args)
     _running(env, site)
     child.kill()
@@ -530,18 +528,6 @@ def test_with_the_setting_off_not_even_a_forged_entry_runs(runtime_env, runtime_
 
 # ------------------------------------------------ red team: where the two front ends differed
 
-def _run_until_python_kept(env, site, *args, extra=None):
-    """Run until the run keeps its plan, compiled or not (run_until_kept wants it compiled)."""
-    deadline = time.monotonic() + KEEP_DEADLINE_S
-    while True:
-        result = run(env, site, *args, extra=extra)
-        if "plan cache: kept this run's plan" in result.stderr:
-            return result
-        assert "changed moments ago" in result.stderr, describe(result)
-        assert time.monotonic() < deadline, describe(result)
-        time.sleep(0.2)
-
-
 def test_in_the_hosts_pid_namespace_no_run_leaves_a_daemon_behind(runtime_env, runtime_images, site, user):
     """With the site's host pid namespace berth is the subreaper that ends what the container
     leaves behind (supervise.adopt_orphans); the compiled front end ran such a kept plan without
@@ -558,7 +544,7 @@ def test_in_the_hosts_pid_namespace_no_run_leaves_a_daemon_behind(runtime_env, r
             os.kill(pid, 9)
         return found
 
-    kept = _run_until_python_kept(env, site, *args)
+    kept = run_until_kept(env, site, *args, compiled=False)[-1]
     assert left_behind() == [], describe(kept)
     for _ in range(2):
         again = run(env, site, *args)
@@ -656,16 +642,7 @@ def test_a_hit_killed_leaves_no_mount_up_once_the_linger_is_over(runtime_env, ru
     env = runtime_env
     short = {"BERTH_IMAGE_MOUNT_LINGER": "3"}
     args = (str(runtime_images.busybox), "sleep", "30")
-    deadline = time.monotonic() + KEEP_DEADLINE_S
-    while True:  # the plan kept by a run stopped at once; the mount lingers after it, with a reaper
-        child = _popen(env, site, *args, extra=short)
-        _running(env, site)
-        child.terminate()
-        _, stderr = child.communicate(timeout=60)
-        if "plan cache: kept this run's plan" in stderr:
-            break
-        assert time.monotonic() < deadline, stderr
-        time.sleep(0.2)
+    stderr = _keep_stopped(env, site, *args, extra=short)  # the mount lingers after it, with a reaper
     assert fuse_mounts_under(str(env.state_dir)) and lingering_reapers(user.uid, str(env.state_dir)), stderr
     child = _popen(env, site, *args, extra=short)
     _running(env, site)

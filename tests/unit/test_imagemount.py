@@ -226,22 +226,34 @@ def test_the_last_one_out_with_a_linger_leaves_the_mount_and_one_reaper(tmp_path
     assert clock.now >= 1_000_000.0 + 30 + 60 and mounted == set() and not hold.directory.exists()
 
 
-def test_a_reaper_watches_a_mount_in_use_and_the_next_last_one_out_reuses_it(tmp_path, mounts, reapers, monkeypatch):
-    mounted, calls, image = mounts
-    started, clock = reapers
+def _reap_while_in_use(tmp_path, image, started, clock, monkeypatch, meanwhile) -> list:
+    """A mount that lingered and is in use again when its reaper wakes; the reaper's body run
+    with ``meanwhile(slept, hold)`` called at each of its sleeps; returns what it slept and
+    the hold."""
     imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=10).release()
-    user = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
+    hold = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
     clock.now += 20
     slept = []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         clock.now += seconds
-        if len(slept) == 2:  # the container ends while the reaper watches
-            assert user.release() is False and len(started) == 1  # the live reaper reused
+        meanwhile(slept, hold)
 
     monkeypatch.setattr(clock, "sleep", sleep)
     started[0]()
+    return slept, hold
+
+
+def test_a_reaper_watches_a_mount_in_use_and_the_next_last_one_out_reuses_it(tmp_path, mounts, reapers, monkeypatch):
+    mounted, calls, image = mounts
+    started, clock = reapers
+
+    def leave(slept, hold):
+        if len(slept) == 2:  # the container ends while the reaper watches
+            assert hold.release() is False and len(started) == 1  # the live reaper reused
+
+    slept, user = _reap_while_in_use(tmp_path, image, started, clock, monkeypatch, leave)
     assert slept[:2] == [imagemount.REAPER_POLL_S] * 2 and slept[2] >= 10, slept
     assert mounted == set() and not user.directory.exists()
 
@@ -252,19 +264,12 @@ def test_a_reaper_unmounts_a_mount_whose_last_holder_was_killed(tmp_path, mounts
     use, and mount and daemon stayed until the user's next berth)."""
     mounted, calls, image = mounts
     started, clock = reapers
-    imagemount.acquire(tmp_path, "sha256-abc", image, "b1", linger_s=10).release()
-    user = imagemount.acquire(tmp_path, "sha256-abc", image, "b2", linger_s=10)
-    clock.now += 20
-    slept = []
 
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock.now += seconds
+    def killed(slept, hold):
         if len(slept) == 3:
-            os.close(user.holder_fd)  # killed: its lock goes with it, its holder file stays
+            os.close(hold.holder_fd)  # its lock goes with it, its holder file stays
 
-    monkeypatch.setattr(clock, "sleep", sleep)
-    started[0]()
+    slept, user = _reap_while_in_use(tmp_path, image, started, clock, monkeypatch, killed)
     assert slept == [imagemount.REAPER_POLL_S] * 3 and mounted == set() and not user.directory.exists()
 
 
