@@ -93,6 +93,12 @@ def system_cpu() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / tick, idle / tick
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pulls(user: c.BenchUser, config_dir: Path, image: c.BenchImage, registry: c.Registry,
           workdir: Path) -> tuple[dict, dict]:
     """A cold pull (fresh store), then a warm one (``berth rmi``: the blobs stay)."""
@@ -103,7 +109,7 @@ def pulls(user: c.BenchUser, config_dir: Path, image: c.BenchImage, registry: c.
         if mode == "warm":
             user.run([str(c.BERTH), "rmi", image.ref(registry)], env=env)
         # time.monotonic() is system-wide on Linux: the child measures its start against ours.
-        system_before = system_cpu()
+        system_before, registry_before = system_cpu(), process_cpu(registry.process.pid)
         begin = time.monotonic()
         result = user.run([str(c.VENV / "bin" / "python"), str(workdir / "child.py"), image.ref(registry),
                            str(store), repr(begin)], env=env)
@@ -112,6 +118,7 @@ def pulls(user: c.BenchUser, config_dir: Path, image: c.BenchImage, registry: c.
         data = json.loads(result.stdout.strip().splitlines()[-1])
         data["wall_s"] = round(wall, 3)
         data["system_busy_s"], data["system_idle_s"] = round(busy, 2), round(idle, 2)
+        data["registry_cpu_s"] = round(process_cpu(registry.process.pid) - registry_before, 2)
         found.append(data)
     c.rm_tree(store)
     return found[0], found[1]
@@ -121,10 +128,10 @@ def render(image: c.BenchImage, runs: list[tuple[dict, dict]]) -> str:
     lines = [f"#### {image.name}: {len(image.layers)} layer(s), {image.compressed_bytes / 1e6:.0f} MB compressed", ""]
     lines.append(c.markdown_table(
         ["run", "store", "wall s", "interpreter start s", "main thread CPU s", "download threads CPU s",
-         "process CPU s", "children CPU s (igzip, tar2sqfs)", "machine busy CPU s", "machine idle s"],
+         "process CPU s", "children CPU s (igzip, tar2sqfs)", "registry CPU s", "machine busy CPU s", "machine idle s"],
         [[str(n), mode, f"{r['wall_s']:.2f}", f"{r['start_s']:.2f}", f"{r['main_thread_cpu_s']:.2f}",
           f"{r['download_threads_cpu_s']:.2f}", f"{r['process_cpu_s']:.2f}", f"{r['children_cpu_s']:.2f}",
-          f"{r['system_busy_s']:.2f}", f"{r['system_idle_s']:.2f}"]
+          f"{r['registry_cpu_s']:.2f}", f"{r['system_busy_s']:.2f}", f"{r['system_idle_s']:.2f}"]
          for n, pair in enumerate(runs, 1) for mode, r in zip(("cold", "warm"), pair)]))
     for index, mode in enumerate(("cold", "warm")):
         median = sorted((pair[index] for pair in runs), key=lambda r: r["wall_s"])[len(runs) // 2]
