@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 
 import pytest
@@ -34,7 +35,7 @@ def login(user, registry, login_env, password, *extra):
 
 
 @pytest.mark.parametrize("fixture", ["auth_registry", "token_registry"])
-def test_login_validates_then_stores_credentials_privately(request, user, login_env, fixture):
+def test_login_validates_then_stores_credentials_privately(request, user, login_env, fixture, monkeypatch):
     registry = request.getfixturevalue(fixture)
     result = login(user, registry, login_env, registry.password)
     assert result.returncode == 0, describe(result)
@@ -45,8 +46,11 @@ def test_login_validates_then_stores_credentials_privately(request, user, login_
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     stored = json.loads(path.read_text())["auths"][registry.host]["auth"]
     assert base64.b64decode(stored).decode() == f"{registry.username}:{registry.password}"
-    # What login stored is what a later pull uses.
+    # What login stored is what a later pull (the user's) uses: read as the user would (a file
+    # another user owns is refused to anyone else, root included: docs/security.md).
+    monkeypatch.setattr(os, "getuid", lambda: user.uid)
     credentials = load_credentials(login_env)
+    monkeypatch.undo()
     with RegistryClient(registry.host, insecure=True, credentials=credentials, retry=RetryPolicy(attempts=1)) as client:
         client.ping()
 

@@ -209,6 +209,11 @@ def test_auth_refused_then_accepted_with_credentials(stores, request, registry_f
     stores.extra_env["REGISTRY_AUTH_FILE"] = str(auth_file)
     result = stores.json("pull", "--insecure", "--json", ref)
     assert result["digest"] == busybox_image.digest
+    # Readable by others: used, and said (docs/security.md: credentials files and their modes).
+    again = stores.berth("pull", "--insecure", ref)
+    assert again.returncode == 0, describe(again)
+    assert (f"berth: warning: registry credentials file {auth_file} can be read by other users (mode 0644): "
+            f"run: chmod 600 {auth_file}") in again.stderr, describe(again)
 
 
 def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
