@@ -31,7 +31,7 @@ leave a count wrong. The rules:
   ``idle_since``; a later last one out writes a new one and reuses a live reaper (named in the
   record by pid and start time), which sleeps on (unless the new linger is shorter than the one
   before: the reaper may be sleeping towards the longer one's end, so it is ended and another
-  started); a reaper that finds the mount in use looks again every few seconds, and unmounts it
+  started); a reaper that finds the mount in use looks again every linger, and unmounts it
   once no holder is live and no linger was written (its last holder was killed). Whoever
   unmounts a lingering mount ends its reaper.
 * **Stale clean-up** (:func:`cleanup_stale`, run by every ``berth run`` through
@@ -91,7 +91,9 @@ HOLDERS = "holders"
 _SCOPE_PART = re.compile(r"[A-Za-z0-9_]{1,32}")
 #: How long a leaver waits for the daemon to exit after its unmount before killing it.
 DAEMON_EXIT_S = 5.0
-#: How often the reaper of a lingering mount that is in use again looks whether its holders live.
+#: How often, at least, the reaper of a lingering mount that is in use again looks whether its
+#: holders live (:func:`_reap`: every linger, not more often than this): each look reads
+#: /proc/locks, which holds every file lock operation of the node for an RCU grace period.
 REAPER_POLL_S = 5.0
 
 
@@ -506,23 +508,24 @@ def _reap(directory: Path, lock_timeout_s: float) -> None:
     """The reaper of a lingering mount (run detached by :func:`_linger`): sleep until the
     record's linger ends, then, under the mount lock, unmount and remove the mount when its
     linger (perhaps pushed by a later leaver: sleep on) is over and no holder is live. While a
-    holder came back and holds it, it looks again every :data:`REAPER_POLL_S` (the next last one
-    out reuses it): a holder killed (``kill -9``) leaves no linger behind, and the mount is then
-    unmounted as the stale clean-up of a later berth would, instead of staying up until one runs
-    (red team). When the record names another reaper (a new mount) it leaves it alone."""
+    holder came back and holds it, it looks again every linger (at least :data:`REAPER_POLL_S`;
+    the next last one out reuses it): a holder killed (``kill -9``) leaves no linger behind, and
+    the mount then goes at most a linger after, as the stale clean-up of a later berth would
+    remove it, instead of staying up until one runs (red team). When the record names another
+    reaper (a new mount) it leaves it alone."""
     me = [os.getpid(), _process_start(os.getpid())]
     # A wait for the lock, even where the user set lock_timeout_s = 0: one try would end the
     # reaper on a lock someone holds for a moment, and the mount would stay up past its time.
     lock_timeout_s = lock_timeout_s if lock_timeout_s > 0 else locks.DEFAULT_TIMEOUT_S
-    in_use = False
+    look_again_s = 0.0  # while the mount is in use: how long to wait before the next look
     while True:
         until = lingering_until(_read_record(directory))
         if until is not None and until > time.time():
-            in_use = False
+            look_again_s = 0.0
             time.sleep(min(max(until - time.time(), 0.0) + 0.01, 86400.0))
             continue
-        if in_use:
-            time.sleep(REAPER_POLL_S)
+        if look_again_s:
+            time.sleep(look_again_s)
         lock_fd = _lock(directory, lock_timeout_s, create=False)
         if lock_fd is None:
             return  # gone: unmounted by someone else
@@ -533,8 +536,9 @@ def _reap(directory: Path, lock_timeout_s: float) -> None:
             until = lingering_until(record)
             if until is not None and until > time.time():
                 continue  # a later leaver pushed the time: sleep on (the finally drops the lock)
-            in_use = bool(_live_holders(directory))
-            if in_use:
+            if _live_holders(directory):
+                linger = record.get("linger_s")
+                look_again_s = min(max(float(linger) if isinstance(linger, int) else 0.0, REAPER_POLL_S), 86400.0)
                 continue  # look again (the finally drops the lock)
             _unmount(directory, None)  # its linger is over, or its last holder died holding it
             _remove(directory)
