@@ -660,3 +660,34 @@ def test_a_hit_killed_leaves_no_mount_up_once_the_linger_is_over(runtime_env, ru
     assert left() == []
     after = run(env, site, str(runtime_images.busybox), "true", extra=short)  # cleans the container directory
     assert after.returncode == 0, describe(after)
+
+
+def test_a_squashfs_rewritten_in_place_with_its_size_and_time_runs_its_new_content(runtime_env, site, user):
+    """IMAGE given as a path, rewritten where it is (cp -p, rsync --inplace: same size, same
+    mtime): the next run runs the new content. Its shared mount was named by path, size and
+    mtime only, so the run (re-planned: the file's fingerprint changed) joined the mount of the
+    old content that lingered, on both front ends (red team; the test fails before)."""
+    from tests.harness.fixtures_runtime import _busybox_rootfs, _mksquashfs
+
+    env = runtime_env
+    images = {}
+    for content in ("old", "new"):
+        root = env.scratch / f"root-{content}"
+        _busybox_rootfs(root)
+        (root / "marker").write_text(content)
+        images[content] = _mksquashfs(root, env.scratch / f"{content}.sqfs")
+    image = env.scratch / "image.sqfs"
+    shutil.copy2(images["old"], image)
+    assert image.stat().st_size == images["new"].stat().st_size  # SquashFS is padded to 4 KiB
+    args = (str(image), "cat", "/marker")
+    linger = {"BERTH_IMAGE_MOUNT_LINGER": "60"}  # for Python's runs too: the old mount lingers
+    run_until_kept(env, site, *args, extra=linger)
+    before = run(env, site, *args, extra=linger)
+    assert before.stdout == "old" and hit(before), describe(before)
+    times = image.stat()
+    with open(image, "r+b") as target:
+        target.write(images["new"].read_bytes())
+    os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
+    after = run(env, site, *args, extra=linger)
+    assert (after.returncode, after.stdout) == (0, "new"), describe(after)
+    runtime_env.berth("doctor", "--cleanup", env=site.env)

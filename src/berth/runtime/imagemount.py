@@ -214,11 +214,14 @@ def source_key(source: Path, digest: object | None) -> tuple[str, os.stat_result
     if digest is not None:
         name = str(digest).replace(":", "-")
     else:
-        # A SquashFS given by path: key it by where it is and what it is. (hashlib imported
+        # A SquashFS given by path: key it by where it is and what it is, its inode and ctime
+        # too: a file rewritten in place with its size and mtime (cp -p, rsync --inplace) was
+        # served from the mount of its old content that lingered (red team). (hashlib imported
         # here: loading OpenSSL costs ~4 ms of every berth run's start otherwise.)
         import hashlib
 
-        ident = f"{os.path.realpath(source)}\0{info.st_size}\0{info.st_mtime_ns}"
+        ident = (f"{os.path.realpath(source)}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_dev}\0{info.st_ino}"
+                 f"\0{info.st_ctime_ns}")
         name = "file-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
     return name, info
 
