@@ -691,3 +691,28 @@ def test_a_squashfs_rewritten_in_place_with_its_size_and_time_runs_its_new_conte
     after = run(env, site, *args, extra=linger)
     assert (after.returncode, after.stdout) == (0, "new"), describe(after)
     runtime_env.berth("doctor", "--cleanup", env=site.env)
+
+
+def test_a_sigusr1_before_the_command_runs_is_dropped_not_passed_to_it(runtime_env, runtime_images, site):
+    """SIGUSR1 (Slurm's --signal=USR1@T) that reaches berth before the command runs is dropped
+    (proc.HELD_SIGNALS: its default action would end a command that has not set itself up to
+    take it); the compiled front end kept it blocked and passed it on as the command started,
+    which died of it (red team; the test fails before). The window is held open by holding the
+    image mount's lock, which both front ends wait for."""
+    import fcntl
+    import signal
+
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "sleep 1; echo done")
+    run_until_kept(env, site, *args, extra=LINGER)
+    [lock] = (env.state_dir / "images").glob("*/lock")  # the mount lingers, for both
+    with open(lock, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        child = _popen(env, site, *args, extra=LINGER)
+        time.sleep(1.0)  # the run waits for the lock
+        child.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+    stdout, stderr = child.communicate(timeout=60)
+    assert (child.returncode, stdout) == (0, "done\n"), (child.returncode, stdout, stderr)
+    assert ("front end: hit" if FRONT[0] == "compiled" else "plan cache: hit") in stderr, stderr
+    env.berth("doctor", "--cleanup", env=site.env)  # the mount Python's runs left lingering too

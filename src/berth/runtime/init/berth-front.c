@@ -1143,6 +1143,15 @@ static int execute(struct entry *e) {
         fprintf(stderr, "berth: stopped by signal SIG%s before the command started\n", sigabbrev_np(stop));
         return 128 + stop;
     }
+    /* SIGUSR1 and SIGUSR2 that came before the command runs are dropped, as Python's handler of
+     * proc.HELD_SIGNALS drops them, not passed to the command as it starts (their default action
+     * ends it: Slurm's --signal=USR1@T is for a command that set itself up to take it). */
+    sigset_t for_the_command;
+    sigemptyset(&for_the_command);
+    sigaddset(&for_the_command, SIGUSR1);
+    sigaddset(&for_the_command, SIGUSR2);
+    struct timespec now_only = {0, 0};
+    while (sigtimedwait(&for_the_command, NULL, &now_only) > 0) {}
 
     /* supervise.start_runtime + wait */
     char parent[32], runtime_root[PATH_MAX + 8], log[PATH_MAX + 16], bundle_path[PATH_MAX + 8];
