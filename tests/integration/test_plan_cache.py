@@ -716,3 +716,24 @@ def test_a_sigusr1_before_the_command_runs_is_dropped_not_passed_to_it(runtime_e
     assert (child.returncode, stdout) == (0, "done\n"), (child.returncode, stdout, stderr)
     assert ("front end: hit" if FRONT[0] == "compiled" else "plan cache: hit") in stderr, stderr
     env.berth("doctor", "--cleanup", env=site.env)  # the mount Python's runs left lingering too
+
+
+@pytest.mark.parametrize("damage", ["group-writable", "link", "other user"])
+def test_a_plans_directory_not_the_users_alone_is_not_read(runtime_env, runtime_images, site, other_user, damage):
+    """STATE/plans writable by the group, a link to a directory of the user's, or another
+    user's: neither front end runs an entry from it (red team: held)."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "echo ran; exit 6")
+    run_until_kept(env, site, *args)
+    plans = _plans(env)
+    if damage == "group-writable":
+        os.chmod(plans, 0o770)
+    elif damage == "link":
+        plans.rename(plans.with_name("elsewhere"))
+        plans.symlink_to(plans.with_name("elsewhere"))
+        os.lchown(plans, env.user.uid, env.user.gid)
+    else:
+        os.chown(plans, other_user.uid, other_user.gid)
+    result = run(env, site, *args)
+    assert (result.returncode, result.stdout) == (6, "ran\n") and not hit(result), describe(result)
+    assert "front end: hit" not in result.stderr and "plan cache: hit" not in result.stderr, describe(result)
