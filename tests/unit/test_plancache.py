@@ -18,7 +18,7 @@ KEY = "a" * 64
 def entry_fields(**changes) -> dict:
     """A well-formed entry's fields (what Keeper writes besides format, key, uid, made)."""
     fields = {
-        "deps": [],
+        "deps": [("/etc/passwd", True, plancache.fingerprint("/etc/passwd", True))],
         "settings": {"state_dir": "/tmp/s", "image_mount": "shared", "stage_to_local": False, "image_fuse": "auto",
                      "lock_timeout_s": 600, "image_mount_linger": 0, "runtime": "auto"},
         "image": {"squashfs": "/img.sqfs", "reference": None, "digest": None},
@@ -211,7 +211,8 @@ def test_no_entry_and_another_runs_entry_are_misses(plans):
     assert plancache.load_entry(plans, "b" * 64) == (None, "the entry is for another run")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not a dict", "wrong type", "bad identity file"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not a dict", "wrong type", "bad identity file",
+                                    "no dependencies"])
 def test_a_corrupt_entry_is_a_miss(plans, damage):
     plancache.store_entry(plans, KEY, entry_fields())
     data = (plans / KEY).read_bytes()
@@ -225,9 +226,13 @@ def test_a_corrupt_entry_is_a_miss(plans, damage):
         entry = marshal.loads(data)
         entry["run"]["argv"] = "/bin/true"
         data = marshal.dumps(entry)
-    else:
+    elif damage == "bad identity file":
         entry = marshal.loads(data)
         entry["plan"]["identity_files"] = [["shadow", "x", "/etc/shadow"]]
+        data = marshal.dumps(entry)
+    else:  # nothing to re-check: never run (a kept plan always depends on files)
+        entry = marshal.loads(data)
+        entry["deps"] = []
         data = marshal.dumps(entry)
     (plans / KEY).write_bytes(data)
     entry, why = plancache.load_entry(plans, KEY)

@@ -45,7 +45,7 @@ are the settings' own (:func:`settings_differ`). A settings file may move the st
 the entry records the one the run used, and that file is one of the entry's dependencies. The directory must be a real directory of
 the caller's that nobody else may enter, and an entry a regular file of the caller's that
 nobody else may write (another user's or a link is ignored); content is marshal of plain
-values, checked field by field (never pickle). At most :data:`MAX_ENTRIES`, the oldest pruned.
+values, checked field by field (never pickle); an entry listing no dependency is malformed. At most :data:`MAX_ENTRIES`, the oldest pruned.
 Per-container values (the container's directory, the image mount's root) are placeholders in
 the cached plan, filled in at execution.
 """
@@ -506,6 +506,10 @@ def _malformed(entry, key: str) -> str | None:
         return "the entry is of another berth"
     if entry["key"] != key or entry["uid"] != os.getuid():
         return "the entry is for another run"
+    if not entry["deps"]:
+        # A kept plan always depends on files (passwd, the image, berth itself): one naming
+        # none was not written by Keeper, and nothing about it could be re-checked.
+        return "the entry lists no dependencies"
     for item in entry["deps"]:
         if not (isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str)
                 and isinstance(item[1], bool) and (item[2] is None or isinstance(item[2], tuple))):

@@ -270,7 +270,7 @@ struct entry {
     const char *key, *front, *state_dir, *image_key, *launcher, *info, *config;
     size_t info_len, config_len;
     long uid, linger_s, lock_timeout_s, stop_timeout_ms;
-    int debug, identities;
+    int debug, identities, dependencies;
     const char *identity_name[MAX_IDENTITY], *identity_text[MAX_IDENTITY];
     size_t identity_len[MAX_IDENTITY];
     int seen_end;
@@ -342,11 +342,15 @@ static const char *parse_entry(char *buf, size_t len, struct entry *e) {
                 snprintf(why, sizeof why, "%s changed", value + 2);
                 return why;
             }
+            e->dependencies++;
         } else return "the entry is of another berth";
     }
     if (!e->seen_end || !e->key || !e->front || !e->state_dir || !e->image_key || !e->launcher || !e->info
         || !e->config || e->uid < 0)
         return "the entry is incomplete";
+    /* A kept plan always depends on files (passwd, the image, berth itself): one naming none was
+     * not written by Python's Keeper, and nothing about it could be re-checked (plancache._malformed). */
+    if (!e->dependencies) return "the entry lists no dependencies";
     if (strchr(e->image_key, '/') || !strcmp(e->image_key, ".") || !strcmp(e->image_key, "..") || !*e->image_key)
         return "the entry's image is malformed";
     if (e->state_dir[0] != '/' || e->launcher[0] != '/') return "the entry's paths are malformed";
