@@ -199,6 +199,21 @@ def test_a_settings_file_appearing_takes_effect_on_the_next_run(runtime_env, run
         describe(changed)
 
 
+def test_a_plan_replaced_by_one_the_front_end_cannot_run_takes_its_compiled_form_along(runtime_env, runtime_images,
+                                                                                      site):
+    """The compiled form of a replaced plan stayed in plans/ (review): a run that plans again
+    replaces both forms or removes the one it does not keep."""
+    env = runtime_env
+    args = (str(runtime_images.busybox), "true")
+    site.write("")
+    run_until_kept(env, site, *args)
+    assert len(_entries(env, "python")) == 1 and len(_entries(env, "compiled")) == 1
+    site.write('image_mount = "per_container"\n')  # kept again, but not compiled: not a shared mount
+    kept = run_until_kept(env, site, *args, compiled=False)[-1]
+    assert "not compiled: image_mount = per_container" in kept.stderr, describe(kept)
+    assert len(_entries(env, "python")) == 1 and _entries(env, "compiled") == [], _entries(env)
+
+
 def test_an_image_tag_moved_to_another_digest_runs_the_new_image(runtime_env, site, busybox_image,
                                                                   whiteout_image):
     env = runtime_env

@@ -18,6 +18,7 @@ KEY = "a" * 64
 def entry_fields(**changes) -> dict:
     """A well-formed entry's fields (what Keeper writes besides format, key, uid, made)."""
     fields = {
+        "compiled": "",
         "deps": [("/etc/passwd", True, plancache.fingerprint("/etc/passwd", True))],
         "settings": {"state_dir": "/tmp/s", "image_mount": "shared", "stage_to_local": False, "image_fuse": "auto",
                      "lock_timeout_s": 600, "image_mount_linger": 0, "runtime": "auto"},
@@ -270,6 +271,37 @@ def test_entries_are_pruned_oldest_first(plans):
     assert len(names) == plancache.MAX_ENTRIES
     assert names[0] == f"{3:064x}"
     assert plancache.prune(plans) == plancache.MAX_ENTRIES and os.listdir(plans) == []
+
+
+def test_a_compiled_entry_goes_with_its_entry_and_one_no_entry_names_is_pruned(plans):
+    """A compiled entry (c-KEY) whose entry was pruned or replaced stayed in plans/ (review):
+    pruning takes an entry's twin with it, and removes compiled entries no kept entry names."""
+    twin = plancache.COMPILED_PREFIX + "1" * 64
+    orphan = plancache.COMPILED_PREFIX + "2" * 64
+    plancache.store_entry(plans, KEY, entry_fields(compiled=twin))
+    (plans / twin).write_bytes(b"compiled")
+    (plans / orphan).write_bytes(b"compiled")
+    plancache.store_entry(plans, "b" * 64, entry_fields())  # a run kept: prunes
+    assert sorted(os.listdir(plans)) == sorted([KEY, "b" * 64, twin])
+    os.utime(plans / KEY, ns=(0, 0))  # the oldest, pruned with its twin
+    assert plancache.prune(plans, keep=1) == 2 and os.listdir(plans) == ["b" * 64]
+
+
+def test_an_entry_naming_a_twin_that_is_not_a_compiled_entry_is_malformed(plans):
+    plancache.store_entry(plans, KEY, entry_fields(compiled="../" + KEY))
+    assert plancache.load_entry(plans, KEY) == (None, "the entry's compiled twin is malformed")
+
+
+def test_forget_removes_the_entries_named_only_in_a_private_directory(plans, tmp_path):
+    plancache.store_entry(plans, KEY, entry_fields())
+    plancache.forget(plans, KEY, "c-absent", "")
+    assert os.listdir(plans) == []
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    (shared / KEY).write_bytes(b"x")
+    plancache.forget(shared, KEY)
+    assert os.listdir(shared) == [KEY]
 
 
 def test_the_cache_is_where_settings_would_put_the_state_without_files(tmp_path):

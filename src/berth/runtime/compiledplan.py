@@ -40,6 +40,8 @@ import os
 import sys
 from pathlib import Path
 
+from berth.runtime.plancache import COMPILED_PREFIX as PREFIX
+
 FORMAT = b"berth-compiled 1"
 KEY_FORMAT = b"berth-front-key 1"
 #: The front end's name in the scripts directory, and the Python console script it execs.
@@ -47,8 +49,6 @@ FRONT = "berth"
 PYTHON_ENTRY = "berth-py"
 #: Placeholders in the rendered info.json (strings, so that json.dumps escapes them as \u0001X).
 INFO_ID, INFO_STARTED, INFO_PID = "\x01I", "\x01S", "\x01P"
-#: A compiled entry's name is this and its key (Python's entries are named by their own key).
-PREFIX = "c-"
 
 
 def front_end(argv0: str | None = None) -> str | None:
@@ -170,10 +170,18 @@ def info_template(run: dict, image_mount: str) -> str:
     return json.dumps(info, sort_keys=True)
 
 
-def keep(directory: Path, front: str, fingerprints: list, *, state_dir: str, settings, options, image,
+def twin_name(front: str) -> str | None:
+    """The name of this run's compiled entry (``c-KEY``, the key of this process's argv and
+    environment as the front end computes it), or None when the working directory cannot be
+    read."""
+    key = compiled_key(front, [os.fsencode(arg) for arg in sys.argv[1:]], dict(os.environb))
+    return None if key is None else PREFIX + key
+
+
+def keep(directory: Path, front: str, name: str, fingerprints: list, *, state_dir: str, settings, options, image,
          entry: dict, extra_dependencies) -> str | None:
-    """Write the compiled form of the kept ``entry`` (plancache.Keeper) into ``directory``, or
-    say why not. Raises OSError."""
+    """Write the compiled form ``name`` (:func:`twin_name`) of the kept ``entry``
+    (plancache.Keeper) into ``directory``, or say why not. Raises OSError."""
     from berth.fsutil import PRIVATE_FILE, write_atomically
     from berth.runtime import imagemount
     from berth.runtime.ocirt import launcher_path
@@ -187,14 +195,10 @@ def keep(directory: Path, front: str, fingerprints: list, *, state_dir: str, set
     why = compilable(settings, options, plan, info, config)
     if why:
         return why
-    argv = [os.fsencode(arg) for arg in sys.argv[1:]]
-    key = compiled_key(front, argv, dict(os.environb))
-    if key is None:
-        return "the working directory cannot be read"
     known = {path for path, _, _ in fingerprints}
     fingerprints = list(fingerprints) + [(path, True, fingerprint(path, True))
                                          for path in extra_dependencies if path not in known]
-    data = render(key, front, fingerprints, state_dir=state_dir, image_key=image_key, settings=settings, run=run,
+    data = render(name[len(PREFIX):], front, fingerprints, state_dir=state_dir, image_key=image_key, settings=settings, run=run,
                   plan=plan, launcher=launcher_path(), info_template=info, config_template=config)
-    write_atomically(directory / (PREFIX + key), data, mode=PRIVATE_FILE, nofollow_dir=True, durable=False)
+    write_atomically(directory / name, data, mode=PRIVATE_FILE, nofollow_dir=True, durable=False)
     return None

@@ -42,10 +42,14 @@ settings file (``$BERTH_STATE_DIR`` when absolute, else ``$XDG_RUNTIME_DIR/berth
 entry whose dependencies are unchanged, to check that ``plan_cache`` is on now (with it off, no
 entry runs, whoever wrote it) and that the entry's state directory and image mount settings
 are the settings' own (:func:`settings_differ`). A settings file may move the state directory:
-the entry records the one the run used, and that file is one of the entry's dependencies. The directory must be a real directory of
-the caller's that nobody else may enter, and an entry a regular file of the caller's that
-nobody else may write (another user's or a link is ignored); content is marshal of plain
-values, checked field by field (never pickle); an entry listing no dependency is malformed. At most :data:`MAX_ENTRIES`, the oldest pruned.
+the entry records the one the run used, and that file is one of the entry's dependencies. The
+directory must be a real directory of the caller's that nobody else may enter, and an entry a
+regular file of the caller's that nobody else may write (another user's or a link is ignored);
+content is marshal of plain values, checked field by field (never pickle); an entry listing no
+dependency is malformed. An entry names its compiled twin (``c-KEY``, berth.runtime.compiledplan),
+which goes with it: a run that planned replaces both or removes the one it does not keep again,
+and the oldest entries beyond :data:`MAX_ENTRIES` are pruned with their twins, as are compiled
+entries no entry names.
 Per-container values (the container's directory, the image mount's root) are placeholders in
 the cached plan, filled in at execution.
 """
@@ -61,6 +65,8 @@ from pathlib import Path
 
 FORMAT = 1
 DIRECTORY = "plans"
+#: A compiled entry's name is this and its own key (berth.runtime.compiledplan); an entry's is its key.
+COMPILED_PREFIX = "c-"
 MAX_ENTRIES = 32
 MAX_ENTRY_BYTES = 1 << 20
 #: An input whose ctime is this close to the planning's start may have changed while it was
@@ -412,7 +418,7 @@ class _IdentityFile:
 
 #: An entry's fields and their types (checked on every read: the file is data).
 FIELDS = {"format": int, "key": str, "uid": int, "deps": list, "settings": dict, "image": dict, "run": dict,
-          "plan": dict, "made": int}
+          "plan": dict, "made": int, "compiled": str}
 
 
 def store_entry(directory: Path, key: str, entry: dict) -> None:
@@ -437,27 +443,56 @@ def store_entry(directory: Path, key: str, entry: dict) -> None:
 
 
 def prune(directory: Path, *, keep: int = 0) -> int:
-    """Remove all but the ``keep`` newest entries of ``directory``; returns how many went."""
+    """Remove all but the ``keep`` newest entries of ``directory`` (and leftover temporary
+    files), and every compiled entry (``c-KEY``) that no kept entry names as its twin: one whose
+    entry was pruned, replaced or removed would otherwise stay, and run. Returns how many went."""
     try:
         names = [entry for entry in os.scandir(directory)
-                 if len(entry.name) == 64 or entry.name.startswith((".", "c-"))]  # c-KEY: compiled (compiledplan)
+                 if len(entry.name) == 64 or entry.name.startswith((".", COMPILED_PREFIX))]
     except OSError:
         return 0
-    dated = []
+    dated, compiled = [], []
     for entry in names:
+        if entry.name.startswith(COMPILED_PREFIX):
+            compiled.append(entry.path)
+            continue
         try:
-            dated.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+            dated.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
         except OSError:
             continue
     dated.sort(reverse=True)
+    twins = set()
+    if compiled:
+        for _, name in dated[:keep]:
+            if not name.startswith("."):
+                kept, _ = load_entry(directory, name)
+                twins.add(kept["compiled"] if kept else None)
     removed = 0
-    for _, path in dated[keep:]:
+    for path in [os.path.join(directory, name) for _, name in dated[keep:]] + compiled:
+        if os.path.basename(path) in twins:
+            continue
         try:
             os.unlink(path)
             removed += 1
         except OSError:
             pass
     return removed
+
+
+def forget(directory: Path, *names: str) -> None:
+    """Remove the entries ``names`` (a plan a run found stale and did not keep again, a
+    compiled twin the new plan has none of), when ``directory`` is a private directory of the
+    caller's; absent ones are no error."""
+    from berth.fsutil import is_private_dir
+
+    if not is_private_dir(directory):
+        return
+    for name in names:
+        if name:
+            try:
+                os.unlink(directory / name)
+            except FileNotFoundError:
+                pass
 
 
 def load_entry(directory: Path, key: str) -> tuple[dict | None, str]:
@@ -506,6 +541,10 @@ def _malformed(entry, key: str) -> str | None:
         return "the entry is of another berth"
     if entry["key"] != key or entry["uid"] != os.getuid():
         return "the entry is for another run"
+    compiled = entry["compiled"]
+    if compiled and not (compiled.startswith(COMPILED_PREFIX) and len(compiled) == len(COMPILED_PREFIX) + 64
+                         and "/" not in compiled):
+        return "the entry's compiled twin is malformed"
     if not entry["deps"]:
         # A kept plan always depends on files (passwd, the image, berth itself): one naming
         # none was not written by Keeper, and nothing about it could be re-checked.
@@ -627,6 +666,14 @@ class Keeper:
             why = self._keep(plan, config, container, runtime)
         except (OSError, ValueError) as exc:
             why = f"cannot write it: {exc}"
+        if why is not None:
+            # What this run's look-up found (stale, malformed, of other settings) would stay
+            # beside the plan not kept, and so would its compiled twin, which the front end
+            # reads without Python: both go.
+            try:
+                forget(self.directory, self.key, self._twin()[1])
+            except (OSError, ValueError):
+                pass
         log(f"plan cache: kept this run's plan ({self.key[:12]}; {self.compiled})" if why is None
             else f"plan cache: this run's plan is not kept: {why}", debug=True)
 
@@ -665,6 +712,14 @@ class Keeper:
             dependencies.add(self.image_argument)  # a SquashFS file appearing there would be run instead
         return dependencies
 
+    def _twin(self) -> tuple[str | None, str]:
+        """The compiled front end's path (None: not run by it) and this run's compiled entry's
+        name there ("" when none)."""
+        from berth.runtime import compiledplan
+
+        front = compiledplan.front_end()
+        return front, (compiledplan.twin_name(front) or "") if front else ""
+
     def _keep(self, plan, config: dict, container, runtime: str) -> str | None:
         if self._planned is None:
             return "it was not planned here"
@@ -685,7 +740,9 @@ class Keeper:
         changed = racy(fingerprints, self.started_ns)
         if changed:
             return f"{changed} changed moments ago"
+        front, twin = self._twin()
         entry = {
+            "compiled": twin,
             "deps": fingerprints,
             "settings": {"state_dir": str(state_dir), "image_mount": settings.image_mount,
                          "stage_to_local": bool(settings.stage_to_local), "image_fuse": settings.image_fuse,
@@ -701,31 +758,35 @@ class Keeper:
             "plan": plain,
         }
         store_entry(self.directory, self.key, entry)
-        self.compiled = self._keep_compiled(fingerprints, state_dir, settings, options, image, entry)
+        not_compiled = self._keep_compiled(front, twin, fingerprints, state_dir, settings, options, image, entry)
+        self.compiled = "compiled too" if not_compiled is None else f"not compiled: {not_compiled}"
+        if not_compiled is not None:
+            forget(self.directory, twin)  # an earlier plan's, for this very run: stale now
         return None
 
-    def _keep_compiled(self, fingerprints, state_dir, settings, options, image, entry) -> str:
-        """Also keep the compiled form for the front end (berth.runtime.compiledplan); says
-        what happened, for --debug."""
+    def _keep_compiled(self, front, twin, fingerprints, state_dir, settings, options, image, entry) -> str | None:
+        """Also keep the compiled form ``twin`` for the front end ``front``
+        (berth.runtime.compiledplan); None, or why not, for --debug."""
         from berth.runtime import compiledplan
 
-        front = compiledplan.front_end()
         if front is None:
-            return "not compiled: not run by the front end's berth-py"
+            return "not run by the front end's berth-py"
+        if not twin:
+            return "the working directory cannot be read"
         from berth.config.load import config_files
 
         extra = [front, os.path.join(os.path.dirname(front), compiledplan.PYTHON_ENTRY)]
         try:
             files = config_files(Path(settings.config_dir), self.environ)
         except Exception:  # noqa: BLE001 - the settings loaded moments ago; a change now: not compiled
-            return "not compiled: the settings files cannot be listed"
+            return "the settings files cannot be listed"
         extra += [str(path) for path, _ in files] + [str(Path(settings.config_dir) / "conf.d")]
         try:
-            why = compiledplan.keep(self.directory, front, fingerprints, state_dir=str(state_dir), settings=settings,
-                                    options=options, image=image, entry=entry, extra_dependencies=extra)
+            return compiledplan.keep(self.directory, front, twin, fingerprints, state_dir=str(state_dir),
+                                     settings=settings, options=options, image=image, entry=entry,
+                                     extra_dependencies=extra)
         except (OSError, ValueError) as exc:
-            why = f"cannot write it: {exc}"
-        return "compiled too" if why is None else f"not compiled: {why}"
+            return f"cannot write it: {exc}"
 
 
 def forget_all(environ: Mapping[str, str]) -> int:
