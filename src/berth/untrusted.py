@@ -29,6 +29,7 @@ from berth.errors import BerthError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: importing typing costs every `berth run` ~2.5 ms (issue 10)
+    from collections.abc import Callable
     from typing import Any
 
 #: Nesting limit for every parsed document (JSON and TOML): far above real documents, far
@@ -108,13 +109,19 @@ def nesting_exceeds(value: Any, max_depth: int = MAX_DEPTH) -> bool:
 
 
 def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
-                    error: type[Exception] = InvalidDocument, hint: str | None = None) -> bytes | None:
+                    error: type[Exception] = InvalidDocument, hint: str | None = None,
+                    judge: Callable[[os.stat_result], object] | None = None) -> bytes | None:
     """The content of the file ``path`` names, links followed (a path the user chose, such as
     ``~/.docker/config.json`` linked into a dotfiles repository); None when it does not exist.
     It is opened without blocking and must be a regular file of at most ``max_bytes``: a FIFO
     (which a container that sees the home directory can plant) made berth wait for good, and a
     link to /dev/zero read without end. Raises ``error`` naming ``what`` for those; OSError
-    (permission denied, ...) passes through."""
+    (permission denied, ...) passes through.
+
+    ``judge``, when given, is called with the status of the descriptor that is read (fstat),
+    before reading; what it raises passes through. A rule about who may change the file must
+    judge it so: a second ``os.stat(path)`` judged whatever the name pointed to a moment later
+    (renamed away: nothing; swapped for a link: another file)."""
     def refuse(detail: str) -> Exception:
         message = f"{what} {detail}"
         if issubclass(error, BerthError):
@@ -126,8 +133,11 @@ def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise refuse("is not a regular file (a FIFO, device or directory): berth reads only plain files there")
+        if judge is not None:
+            judge(info)
         chunks, size = [], 0
         while size <= max_bytes and (chunk := os.read(fd, max_bytes + 1 - size)):
             chunks.append(chunk)

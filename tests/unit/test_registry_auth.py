@@ -272,3 +272,32 @@ def test_a_credentials_file_of_another_user_is_refused(env, tmp_path):
     assert auth.check_auth_file_mode(path, os.stat(path), uid=65534) is None
     os.chown(path, 0, 0)
     assert auth.check_auth_file_mode(path, os.stat(path), uid=1000) is None  # root's: the site's
+
+
+@pytest.mark.parametrize("swap", ["removed", "replaced_by_link_to_root_file"])
+def test_the_credentials_file_judged_is_the_one_whose_contents_are_used(env, tmp_path, monkeypatch, swap):
+    """The rule judges the descriptor that was read. Before, a second os.stat(path) after the
+    read judged whatever the name meant then: a file renamed away in between (a shared
+    REGISTRY_AUTH_FILE directory) was not judged at all, one swapped for a link to a root-owned
+    file judged that file, and the contents of a file every user may change were used (review10)."""
+    path = tmp_path / "auth.json"
+    write(path, {"auths": {"reg.example": {"auth": b64("mallory:pw")}}})
+    os.chmod(path, 0o666)
+    environ = {**env, "REGISTRY_AUTH_FILE": str(path)}
+    with pytest.raises(ConfigError):
+        auth.load_credentials(environ)
+
+    original = auth.read_named_file
+
+    def read_then_swap(name, **kwargs):
+        data = original(name, **kwargs)
+        if str(name) == str(path):  # another user's rename lands between the read and a later look
+            os.unlink(path)
+            if swap != "removed":
+                os.symlink("/etc/passwd", path)
+        return data
+
+    monkeypatch.setattr(auth, "read_named_file", read_then_swap)
+    with pytest.raises(ConfigError) as caught:
+        auth.load_credentials(environ)
+    assert f"registry credentials file {path} can be changed by every user" in caught.value.message

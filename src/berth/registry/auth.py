@@ -148,15 +148,23 @@ def check_auth_file_mode(path: Path, info: os.stat_result, uid: int | None = Non
     return None
 
 
-def read_auth_file(path: Path) -> dict | None:
+def read_auth_file(path: Path, warnings: list[str] | None = None) -> dict | None:
     """The parsed JSON object of an auth file; None when it does not exist.
 
     Raises ConfigError naming the file when it is unreadable or not a JSON object: silently
-    ignoring a broken file would turn into a confusing "authentication required" later.
+    ignoring a broken file would turn into a confusing "authentication required" later. With
+    ``warnings`` (a list), the file whose contents are used is judged by
+    :func:`check_auth_file_mode` (its descriptor, not the path again) and a warning is added.
     """
+    def judge(info: os.stat_result) -> None:
+        warning = check_auth_file_mode(path, info)
+        if warning and warnings is not None:
+            warnings.append(warning)
+
     try:
         data = read_named_file(path, what=f"registry credentials file {path}", max_bytes=MAX_AUTH_FILE_BYTES,
-                               error=ConfigError, hint="replace it with a plain file, or remove it")
+                               error=ConfigError, hint="replace it with a plain file, or remove it",
+                               judge=judge if warnings is not None else None)
     except OSError as exc:
         raise ConfigError(
             f"cannot read registry credentials file {path}: {exc.strerror or exc}",
@@ -217,16 +225,9 @@ def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
     warnings: list[str] = []
     files = auth_files(environ)
     for path in files:
-        data = read_auth_file(path)
+        data = read_auth_file(path, warnings)
         if not data:
             continue
-        try:
-            info = os.stat(path)  # as read_named_file opened it: links followed
-        except OSError:
-            info = None
-        warning = check_auth_file_mode(path, info) if info is not None else None
-        if warning:
-            warnings.append(warning)
         auths = data.get("auths", {})
         if not isinstance(auths, dict):
             raise ConfigError(f"registry credentials file {path}: 'auths' is not an object",
