@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 
@@ -239,3 +240,36 @@ def test_short_disk_falls_back_to_the_fuse_mount_with_a_warning(unpacked_env, ru
         assert unpacked_env.wait_clean() == []
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's unsquashfs makes device nodes (a user's mknod fails)")
+def test_root_unpacks_no_device_node_even_one_whose_name_hides_it_from_the_listing(tmp_path):
+    """A device node named with a newline or a carriage return read as another name in
+    ``unsquashfs -lln``'s listing, so it was not excluded, and root's unsquashfs made it: a
+    container of root's on the launcher (no device cgroup) could open the host device it names
+    (review of 4 December). Real unsquashfs as root; the copy must hold no device node at all."""
+    from berth.runtime import localcopy
+
+    tree = tmp_path / "tree"
+    (tree / "opt").mkdir(parents=True)
+    (tree / "opt" / "kept").write_text("data\n")
+    for name in ("plain", "lc\nx", "cr\rx", "fs\x1cx"):  # /dev/loop-control's numbers
+        os.mknod(tree / "opt" / name, 0o666 | stat.S_IFCHR, os.makedev(10, 237))
+    os.mknod(tree / "opt" / "blk\nx", 0o666 | stat.S_IFBLK, os.makedev(7, 0))
+    image = tmp_path / "evil.sqfs"
+    subprocess.run(["mksquashfs", str(tree), str(image), "-all-root", "-noappend", "-quiet"],
+                   check=True, stdout=subprocess.DEVNULL)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    hold = localcopy.unpacked_copy(state, image)
+    try:
+        found = {}
+        for directory, dirs, files in os.walk(hold.root):
+            for name in dirs + files:
+                found[os.path.relpath(os.path.join(directory, name), hold.root)] = os.lstat(
+                    os.path.join(directory, name)).st_mode
+        devices = [path for path, mode in found.items() if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)]
+        assert devices == [], f"device nodes in the unpacked copy: {devices!r}"
+        assert (hold.root / "opt" / "kept").read_text() == "data\n"
+    finally:
+        hold.release()

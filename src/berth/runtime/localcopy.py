@@ -41,7 +41,8 @@ when another copy is made; ``berth prune`` removes every unused one (:func:`prun
 What the container sees (tests/integration/test_unpacked_images.py): the same names, types,
 modes, sizes, link targets and times as through squashfuse; device nodes are left out (an
 unprivileged ``mknod`` fails; through squashfuse they are unusable anyway: FUSE mounts are
-``nodev``) and so are extended attributes. Owners differ: every file belongs to the caller
+``nodev``; any that root's ``unsquashfs`` made are removed before the copy is renamed into
+place) and so are extended attributes. Owners differ: every file belongs to the caller
 (as with ``--writable``'s squashed overlay), where squashfuse shows the SquashFS's owners
 (root as ``nobody`` in the container). Access is not widened by that: squashfuse_ll checks no
 permissions at all (every file of the image is readable through it), and the tree is bound
@@ -55,6 +56,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -274,11 +276,14 @@ def _mode_bits(text: str) -> int:
 
 def parse_listing(text: str) -> Listing:
     """Parse ``unsquashfs -lln`` output (see :class:`Listing`); lines it cannot read (a name
-    with a newline) are skipped."""
+    with a newline) are skipped. Lines end at ``\n`` only, as unsquashfs writes them
+    (``splitlines`` also cut at ``\r``, ``\x1c``-``\x1e`` and ``\x85``, which a name may hold).
+    A name with a newline still reads as a wrong name: the listing is an estimate and a
+    shortcut, never what keeps device nodes out (:func:`_remove_device_nodes` is)."""
     size_bytes = inodes = 0
     devices, setid_modes = [], []
     pattern = re.compile(_LISTING_LINE)
-    for line in text.splitlines():
+    for line in text.split("\n"):
         match = pattern.match(line)
         if match is None:
             continue
@@ -342,6 +347,7 @@ def _unpack(base: Path, name: str, source: Path, source_info: os.stat_result) ->
             (temporary / "exclude").write_text("".join(f"{path}\n" for path in devices))
             arguments += ["-no-wildcards", "-exclude-file", str(temporary / "exclude")]
         _unsquashfs([*arguments, str(source)], source)
+        _remove_device_nodes(temporary / "root")
         # unsquashfs run by a user drops setuid/setgid bits; the view must match the SquashFS's
         # (they stay inert: the files are the caller's and the container has no_new_privs).
         for path, mode in setid_modes:
@@ -357,6 +363,34 @@ def _unpack(base: Path, name: str, source: Path, source_info: os.stat_result) ->
     finally:
         if temporary.exists():
             fsutil.remove_tree(temporary)
+
+
+def _remove_device_nodes(root: Path) -> int:
+    """Unlink every character and block device node in the unpacked tree ``root``; returns how
+    many. The exclude list made from the listing keeps them from being made in the common case,
+    but a name with a newline in it reads as another name there, and root's unsquashfs then
+    makes the node: a container of root's on the launcher (which sets no device cgroup) could
+    open the host device it names (review of 4 December). This walk reads the tree itself, never
+    following a link. A directory it cannot read is skipped: only root's unsquashfs can make a
+    device node at all (a user's mknod fails), and root reads every directory."""
+    removed = 0
+    pending = [str(root)]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                mode = os.lstat(entry.path).st_mode
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def _temporary_directory(base: Path, name: str) -> Path:
