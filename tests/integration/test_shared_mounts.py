@@ -481,6 +481,19 @@ def test_a_stop_signal_while_the_daemon_mounts_leaves_no_mount_and_no_daemon(run
         daemon.wait()
 
 
+def _fusermount_not_setuid_first(env) -> tuple:
+    """A directory holding a copy of fusermount3 (not setuid: it cannot unmount the user's
+    FUSE mounts), and the environment that puts it first on PATH."""
+    import shutil
+
+    bin_dir = env.scratch / "bin"
+    bin_dir.mkdir()
+    shutil.copy("/usr/bin/fusermount3", bin_dir / "fusermount3")
+    os.chmod(bin_dir / "fusermount3", 0o755)
+    os.chmod(bin_dir, 0o755)
+    return bin_dir, {"PATH": f"{bin_dir}:{env.user.base_env()['PATH']}"}
+
+
 def test_a_failed_unmount_is_said_and_the_next_run_does_not_mount_over_it(runtime_env, runtime_images):
     """Seen on a GPU node: a fusermount3 first on PATH that is not setuid root (libfuse mounts
     with its own by absolute path) could not unmount the user's image mount; berth said
@@ -488,14 +501,7 @@ def test_a_failed_unmount_is_said_and_the_next_run_does_not_mount_over_it(runtim
     failed with fusermount3's "failed to access mountpoint ...: Permission denied". Now the
     failed unmount is a warning naming the cause, the next run that meets the stale mount and
     cannot remove it says so, and a run with a working fusermount3 removes it and runs."""
-    import shutil
-
-    bin_dir = runtime_env.scratch / "bin"
-    bin_dir.mkdir()
-    shutil.copy("/usr/bin/fusermount3", bin_dir / "fusermount3")  # a copy: not setuid
-    os.chmod(bin_dir / "fusermount3", 0o755)
-    os.chmod(bin_dir, 0o755)
-    bad_path = {"PATH": f"{bin_dir}:{runtime_env.user.base_env()['PATH']}"}
+    bin_dir, bad_path = _fusermount_not_setuid_first(runtime_env)
     image = str(runtime_images.busybox)
 
     first = runtime_env.berth("run", image, "true", env=bad_path)
@@ -512,4 +518,43 @@ def test_a_failed_unmount_is_said_and_the_next_run_does_not_mount_over_it(runtim
 
     third = runtime_env.berth("run", image, "true")
     assert third.returncode == 0, describe(third)
+    assert runtime_env.wait_clean() == []
+
+
+def test_every_clean_up_that_cannot_unmount_says_so(runtime_env, runtime_images):
+    """The last one out said a failed unmount (above); the other clean-up paths dropped it: a
+    lingering mount's reaper (detached: nobody to tell, so `berth doctor` shows it), the stale
+    clean-up of `berth run` and `berth doctor --cleanup` (which said it had unmounted the mount
+    that was still there). Each now says fusermount3's words and the likely cause (review)."""
+    bin_dir, bad_path = _fusermount_not_setuid_first(runtime_env)
+    cause = f"the fusermount3 first on PATH ({bin_dir}/fusermount3) is not setuid root"
+    image = str(runtime_images.busybox)
+
+    # The reaper of a lingering mount, with that PATH, cannot unmount it when its time is up.
+    first = runtime_env.berth("run", image, "true", env={**bad_path, "BERTH_IMAGE_MOUNT_LINGER": "1"})
+    assert first.returncode == 0, describe(first)
+    deadline = time.monotonic() + 20
+    records = runtime_env.state_dir / "images"
+    while not any("unmount_failed" in path.read_text() for path in records.glob("*/mount.json")):
+        assert time.monotonic() < deadline, list(records.glob("*/*"))
+        time.sleep(0.2)
+    assert len(image_mounts(runtime_env)) == 1
+    doctor = runtime_env.berth("doctor", env=bad_path)
+    assert "WARN shared image mounts:" in doctor.stdout and "could not unmount the image at" in doctor.stdout, \
+        describe(doctor)
+    assert cause in doctor.stdout, describe(doctor)
+
+    # The stale clean-up at the start of a run (another command: berth ps cleans up too).
+    run = runtime_env.berth("run", image, "true", env=bad_path)
+    assert "berth: warning: could not unmount the image at" in run.stderr and cause in run.stderr, describe(run)
+
+    # berth doctor --cleanup says it, and does not claim the mount is gone.
+    cleanup = runtime_env.berth("doctor", "--cleanup", "--json", env=bad_path)
+    report = json.loads(cleanup.stdout)
+    assert report["images_unmounted"] == [] and len(report["unmount_failures"]) == 1, describe(cleanup)
+    assert "could not unmount the image at" in cleanup.stderr and cause in cleanup.stderr, describe(cleanup)
+    assert len(image_mounts(runtime_env)) == 1
+
+    fixed = runtime_env.berth("doctor", "--cleanup")
+    assert fixed.returncode == 0 and "unmounted the shared image mount" in fixed.stdout, describe(fixed)
     assert runtime_env.wait_clean() == []

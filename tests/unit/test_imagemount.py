@@ -78,7 +78,7 @@ def test_stale_cleanup_unmounts_only_mounts_nobody_holds(tmp_path, mounts):
     dead = imagemount.acquire(tmp_path, "sha256-dead", image, "b2")
     os.close(dead.holder_fd)  # what kill -9 of its berth does to the holder's lock
     cleaned = imagemount.cleanup_stale(tmp_path)
-    assert cleaned == [{"image": "sha256-dead", "unmounted": str(dead.root), "lingering": False}]
+    assert cleaned == [{"image": "sha256-dead", "unmounted": str(dead.root), "lingering": False, "failure": None}]
     assert mounted == {str(kept.root)} and not dead.directory.exists()
     assert imagemount.cleanup_stale(tmp_path) == []
     kept.release()
@@ -317,11 +317,12 @@ def test_mounts_are_listed_in_use_or_lingering_and_doctor_cleanup_ends_a_lingeri
     imagemount.acquire(tmp_path, "sha256-idle", image, "b2", linger_s=60).release()
     assert imagemount.list_mounts(tmp_path) == [
         {"image": "sha256-idle", "root": str(tmp_path / "images/sha256-idle/root"), "holders": 0,
-         "lingering_until": clock.now + 60},
-        {"image": "sha256-used", "root": str(used.root), "holders": 1, "lingering_until": None}]
+         "lingering_until": clock.now + 60, "unmount_failed": None},
+        {"image": "sha256-used", "root": str(used.root), "holders": 1, "lingering_until": None,
+         "unmount_failed": None}]
     cleaned = imagemount.cleanup_stale(tmp_path, lingering=True)
     assert cleaned == [{"image": "sha256-idle", "unmounted": str(tmp_path / "images/sha256-idle/root"),
-                        "lingering": True}]
+                        "lingering": True, "failure": None}]
     assert mounted == {str(used.root)}
     assert used.release() is False  # lingers in turn
 

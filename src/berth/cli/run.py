@@ -179,7 +179,9 @@ def ps_command(args, ctx) -> int:
 def doctor_command(args, ctx) -> int:
     from berth.runtime import doctor
 
-    cleaned, images = doctor.cleanup(ctx.settings) if args.cleanup else ([], [])
+    cleaned, images, failures = doctor.cleanup(ctx.settings) if args.cleanup else ([], [], [])
+    for failure in failures:
+        print(f"berth: warning: {failure}", file=sys.stderr)
     plans = 0
     if args.cleanup:
         from berth.runtime.plancache import forget_all
@@ -191,7 +193,8 @@ def doctor_command(args, ctx) -> int:
         from berth.cli.output import print_json
 
         print_json({"ok": not failed, "checks": [c.as_dict() for c in checks], "cleaned": cleaned,
-                    "images_unmounted": images, "plans_removed": plans})
+                    "images_unmounted": [image for image in images if not image["failure"]],
+                    "unmount_failures": failures, "plans_removed": plans})
         return 1 if failed else 0
     for check in checks:
         mark = "OK  " if check.ok else ("FAIL" if check.required else "WARN")
@@ -201,12 +204,12 @@ def doctor_command(args, ctx) -> int:
     if args.cleanup:
         for entry in cleaned:
             print(f"cleaned up container {entry['id']} ({len(entry['unmounted'])} mount(s))")
-        for entry in images:
+        for entry in (image for image in images if not image["failure"]):
             why = "lingering, not in use" if entry.get("lingering") else "its containers are gone"
             print(f"unmounted the shared image mount {entry['unmounted']} ({why})")
         if plans:
             print(f"removed {plans} cached run plans")
-        if not cleaned and not images and not plans:
+        if not cleaned and not images and not plans and not failures:
             print("nothing to clean up")
     if failed:
         print(f"{len(failed)} problem(s) keep berth from running containers here")

@@ -177,7 +177,7 @@ def run_cached(entry: dict, log: Log | None = None) -> int:
 def _prepare(state_dir: Path, log: Log, *, init: str | None = None) -> str:
     """What every run does before its container: clean up after berths of this user that died,
     and check berth-init (returned)."""
-    for cleaned in state.cleanup_stale(state_dir):
+    for cleaned in state.cleanup_stale(state_dir, warn=lambda text: log(f"warning: {text}")):
         log(f"cleaned up container {cleaned['id']} left by a berth that died", debug=True)
     init = init or ocirt.init_path()
     ocirt.check_init(init)

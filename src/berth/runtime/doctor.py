@@ -303,14 +303,17 @@ def run_checks(settings) -> list[Check]:
     return checks
 
 
-def cleanup(settings) -> tuple[list[dict], list[dict]]:
+def cleanup(settings) -> tuple[list[dict], list[dict], list[str]]:
     """Clean every stale container of the caller on this node, then the shared image mounts
-    no live container holds (``berth doctor --cleanup``): (containers, images) cleaned."""
+    no live container holds (``berth doctor --cleanup``): (containers, images) cleaned, and
+    why a mount found is still mounted (fusermount3's words and the likely cause)."""
     from berth.runtime import imagemount
 
     state_dir = state.resolve_state_dir(settings)
-    containers = state.cleanup_stale(state_dir, images=False)
-    return containers, imagemount.cleanup_stale(state_dir, lingering=True)
+    failures: list[str] = []
+    containers = state.cleanup_stale(state_dir, images=False, warn=failures.append)
+    images = imagemount.cleanup_stale(state_dir, lingering=True)
+    return containers, images, failures + [image["failure"] for image in images if image["failure"]]
 
 
 def check_image_mounts(state_dir) -> Check | None:
@@ -330,6 +333,10 @@ def check_image_mounts(state_dir) -> Check | None:
         left = mount["lingering_until"] - time.time()
         parts.append(f"{mount['image']} lingering, unmounted in {max(left, 0):.0f} s unless used again"
                      if left > 0 else f"{mount['image']} lingered past its time (the next berth removes it)")
+    failed = [mount["unmount_failed"] for mount in mounts if mount["unmount_failed"]]
+    if failed:  # a reaper's unmount that failed: nobody else heard of it
+        return Check("shared image mounts", False, "; ".join([*parts, *failed]),
+                     "fix what the message names, then run 'berth doctor --cleanup'", required=False)
     return Check("shared image mounts", True, "; ".join(parts),
                  "berth doctor --cleanup ends lingering mounts now" if lingering else "", required=False)
 

@@ -3,7 +3,8 @@
 Both daemons run in the foreground as children of berth with a parent-death signal
 (``setpriv --pdeathsig TERM``), so that they cannot outlive a berth killed with SIGKILL by
 more than the time libfuse needs to unmount; whatever a kill leaves (a busy mount whose
-daemon is gone) is removed by berth.runtime.state's stale cleanup with ``fusermount3 -u -z``.
+daemon is gone) is removed by berth.runtime.state's stale cleanup with ``fusermount3 -u -z``. A clean-up that
+cannot unmount says why (:func:`unmount_or_say`), never silently.
 Unmounting the overlay first, waiting for its daemon, then the SquashFS avoids the EBUSY seen
 with daemonized mounts (TESTBED.md).
 """
@@ -285,12 +286,27 @@ def fusermount_hint() -> str:
     return "run 'berth doctor' to check FUSE on this node"
 
 
-def stop(mount: FuseMount, *, timeout_s: float = 5.0) -> None:
-    """Unmount and wait for the daemon; retry lazily on EBUSY; never raises."""
-    for lazy in (False, True):
+def unmount_or_say(mountpoint: str, *, lazy_only: bool = False) -> str | None:
+    """Unmount ``mountpoint`` for a clean-up that must not raise: plainly, then lazily (EBUSY;
+    ``lazy_only``: lazily at once). None when it is not mounted any more, else why it still is,
+    for the user: fusermount3's words and the likely cause (:func:`fusermount_hint`). The one
+    rule of every clean-up path (the last one out, stale clean-up, the lingering mount's reaper,
+    ``berth doctor --cleanup``, teardown): a failed unmount is said, never dropped."""
+    failure = None
+    for lazy in (True,) if lazy_only else (False, True):
         try:
-            unmount(mount.mountpoint, lazy=lazy)
-            break
-        except ProgramFailed:
-            time.sleep(0.05)
+            unmount(mountpoint, lazy=lazy)
+            return None
+        except Exception as exc:  # noqa: BLE001 - EBUSY: retry lazily; fusermount3 missing: said too
+            hint = getattr(exc, "hint", None)
+            failure = getattr(exc, "message", str(exc)) + (f" ({hint})" if hint else "")
+            time.sleep(0.02)
+    return failure
+
+
+def stop(mount: FuseMount, *, timeout_s: float = 5.0) -> str | None:
+    """Unmount and wait for the daemon; retry lazily on EBUSY; never raises. Returns why the
+    mount point is still mounted (:func:`unmount_or_say`), or None."""
+    failure = unmount_or_say(mount.mountpoint)
     proc.wait_or_kill(mount.process, timeout_s)
+    return failure

@@ -171,7 +171,7 @@ def _leave(directory: Path, linger_s: int, lock_timeout_s: float, process=None) 
     if failure:
         # Said, not swallowed: the mount stays (its daemon ended), and the next berth run of the
         # image meets it (acquire: removes it or says why it cannot).
-        raise RuntimeFailure(f"could not unmount the image at {directory / 'root'}: {failure}")
+        raise RuntimeFailure(_unmount_failure(directory, failure))
     return True
 
 
@@ -611,17 +611,7 @@ def _unmount(directory: Path, process) -> str | None:
             os.kill(reaper[0], signal.SIGTERM)
         except OSError:
             pass
-    failure = None
-    if str(root) in fuse.mounted_paths():
-        for lazy in (False, True):
-            try:
-                fuse.unmount(str(root), lazy=lazy)
-                failure = None
-                break
-            except Exception as exc:  # noqa: BLE001 - EBUSY: retry lazily; anything else: the kill below
-                hint = getattr(exc, "hint", None)
-                failure = getattr(exc, "message", str(exc)) + (f" ({hint})" if hint else "")
-                time.sleep(0.02)
+    failure = fuse.unmount_or_say(str(root)) if str(root) in fuse.mounted_paths() else None
     pid = record.get("pid")
     if process is not None:
         proc.wait_or_kill(process, DAEMON_EXIT_S)
@@ -634,11 +624,22 @@ def _unmount(directory: Path, process) -> str | None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+    if failure:
+        # Kept for whoever looks next (berth doctor; a detached reaper has nobody to tell).
+        try:
+            _write_record(directory, {"unmount_failed": _unmount_failure(directory, failure), "at": time.time()})
+        except OSError:
+            pass
+        return failure
     try:
         os.unlink(directory / "mount.json")
     except OSError:
         pass
-    return failure
+    return None
+
+
+def _unmount_failure(directory: Path, failure: str) -> str:
+    return f"could not unmount the image at {directory / 'root'}: {failure}"
 
 
 def _is_zombie(pid: int) -> bool:
@@ -651,8 +652,9 @@ def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
     (their berths died), except one lingering (image_mount_linger) whose time is not up and
     whose daemon answers — unless ``lingering`` (``berth doctor --cleanup``: nothing uses it).
     Images whose mount lock someone holds right now are left to that berth. Returns
-    ``[{"image": KEY, "unmounted": ROOT, "lingering": bool}]`` for the mounts found. Never
-    raises for one image's trouble but a lock that cannot work (LockError)."""
+    ``[{"image": KEY, "unmounted": ROOT, "lingering": bool, "failure": None or why ROOT is still
+    mounted}]`` for the mounts found (the caller says a failure). Never raises for one image's
+    trouble but a lock that cannot work (LockError)."""
     base = images_dir(state_dir)
     try:
         entries = [entry for entry in os.scandir(base) if entry.is_dir(follow_symlinks=False)]
@@ -681,8 +683,9 @@ def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
                 continue  # lingering (its reaper unmounts it when the time is up)
             mounted = str(directory / "root") in fuse.mounted_paths()
             if mounted or record:  # read above, under the same lock
-                _unmount(directory, None)
-                cleaned.append({"image": entry.name, "unmounted": str(directory / "root"), "lingering": alive})
+                failure = _unmount(directory, None)
+                cleaned.append({"image": entry.name, "unmounted": str(directory / "root"), "lingering": alive,
+                                "failure": _unmount_failure(directory, failure) if failure else None})
             _remove(directory)
         finally:
             os.close(lock_fd)
@@ -691,8 +694,9 @@ def cleanup_stale(state_dir: Path, *, lingering: bool = False) -> list[dict]:
 
 def list_mounts(state_dir: Path) -> list[dict]:
     """This user's shared image mounts on the node, for people (``berth doctor``): ``[{"image":
-    KEY, "root": ROOT, "holders": N, "lingering_until": SECONDS or None}]``. Takes no mount lock
-    and changes nothing: a holder counts when its lock is held right now."""
+    KEY, "root": ROOT, "holders": N, "lingering_until": SECONDS or None, "unmount_failed": why
+    the last unmount failed (its reaper's too, which has nobody to tell) or None}]``. Takes no
+    mount lock and changes nothing: a holder counts when its lock is held right now."""
     found = []
     try:
         entries = sorted((entry for entry in os.scandir(images_dir(state_dir))
@@ -705,7 +709,9 @@ def list_mounts(state_dir: Path) -> list[dict]:
             holders = len(_live_holders(directory, remove=False))
         except OSError:
             holders = 0
-        until = lingering_until(_read_record(directory)) if not holders else None
+        record = _read_record(directory)
+        until = lingering_until(record) if not holders else None
+        failed = record.get("unmount_failed")
         found.append({"image": entry.name, "root": str(directory / "root"), "holders": holders,
-                      "lingering_until": until})
+                      "lingering_until": until, "unmount_failed": failed if isinstance(failed, str) else None})
     return found

@@ -45,11 +45,15 @@ import math
 import os
 import signal
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from berth import fsutil, locks, proc
 from berth.errors import NotFound, RuntimeFailure
 from berth.untrusted import read_json_object
+
+#: Told each warning of a clean-up for the user (a mount it could not unmount).
+Warn = Callable[[str], None]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -475,16 +479,19 @@ def _kill_runtime(path: Path, directory: int, info: dict) -> None:
             proc.run([runtime, "--root", root, *action], check=False, timeout=10)
 
 
-def _unmount_under(path: Path, directory: int) -> list[str]:
+def _unmount_under(path: Path, directory: int, warn: Warn | None) -> list[str]:
     """Lazily unmount every mount at or below ``path`` (deepest first) while ``path`` still
-    names the directory open as ``directory``; returns what was found."""
+    names the directory open as ``directory``; returns what was found, and tells ``warn`` why
+    one is still mounted (berth.runtime.fuse.unmount_or_say)."""
     from berth.runtime import fuse
 
     prefix = str(path) + "/"
     found = sorted((p for p in fuse.mounted_paths() if p.startswith(prefix)), key=len, reverse=True)
     for mountpoint in found:
         if _still_names(path, directory):
-            proc.run(["fusermount3", "-u", "-z", "--", mountpoint], check=False, timeout=10)
+            failure = fuse.unmount_or_say(mountpoint, lazy_only=True)
+            if failure and warn is not None:
+                warn(f"could not unmount {mountpoint}, left by a berth that died: {failure}")
     return found
 
 
@@ -504,14 +511,14 @@ def _kill_daemons(path: Path, info: dict) -> None:
                 pass
 
 
-def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | None:
+def cleanup_container_dir(path: Path, directory: int | None = None, *, warn: Warn | None = None) -> dict | None:
     """Kill, unmount and remove one container directory whose lock is free (caller holds it).
     ``directory``: the directory open as the caller judged it (:func:`_open_container`), else
     opened here; None (nothing done) when ``path`` is not a directory (a link is removed itself).
     What is read and removed goes through ``directory``; what goes by path (the runtime's root,
     fusermount3's mount points) only while ``path`` still names it (:func:`_still_names`). Once
     it no longer does (swapped for a link), the rest is left (None): the next clean-up judges
-    the directory where it is now."""
+    the directory where it is now. ``warn`` hears of each mount that could not be unmounted."""
     own = directory is None
     if own:
         directory = _open_container(path)
@@ -520,7 +527,7 @@ def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | No
     try:
         info = read_json_object(fsutil.descriptor_path(directory, "info.json"))
         _kill_runtime(path, directory, info)
-        mounts = _unmount_under(path, directory)
+        mounts = _unmount_under(path, directory, warn)
         _kill_daemons(path, info)
         if not _still_names(path, directory):
             return None
@@ -532,20 +539,23 @@ def cleanup_container_dir(path: Path, directory: int | None = None) -> dict | No
     return {"id": path.name, "name": name if isinstance(name, str) else None, "unmounted": mounts}
 
 
-def cleanup_stale(state_dir: Path, *, images: bool = True) -> list[dict]:
+def cleanup_stale(state_dir: Path, *, images: bool = True, warn: Warn | None = None) -> list[dict]:
     """Clean every container directory of this user whose berth process is gone; then, with
     ``images``, unmount the shared image mounts none of the user's live containers holds
     (berth.runtime.imagemount.cleanup_stale: after the containers, so that nothing runs on a
-    mount that goes). Returns the containers cleaned."""
-    cleaned = _cleanup_containers(state_dir)
+    mount that goes). Returns the containers cleaned; ``warn`` hears why a mount it found is
+    still mounted (fusermount3's words and the likely cause: said, never dropped)."""
+    cleaned = _cleanup_containers(state_dir, warn)
     if images:
         from berth.runtime import imagemount
 
-        imagemount.cleanup_stale(state_dir)
+        for image in imagemount.cleanup_stale(state_dir):
+            if image["failure"] and warn is not None:
+                warn(image["failure"])
     return cleaned
 
 
-def _cleanup_containers(state_dir: Path) -> list[dict]:
+def _cleanup_containers(state_dir: Path, warn: Warn | None) -> list[dict]:
     containers = state_dir / CONTAINERS
     try:
         with os.scandir(containers) as scan:
@@ -569,7 +579,7 @@ def _cleanup_containers(state_dir: Path) -> list[dict]:
             if directory is None:
                 continue
             try:
-                record = cleanup_container_dir(path, directory) if _is_lock_of(fd, directory) else None
+                record = cleanup_container_dir(path, directory, warn=warn) if _is_lock_of(fd, directory) else None
             finally:
                 os.close(directory)
         finally:
@@ -578,7 +588,7 @@ def _cleanup_containers(state_dir: Path) -> list[dict]:
             cleaned.append(record)
     names = [entry.name for entry in entries]
     for path in _lockless(state_dir, names):
-        record = cleanup_container_dir(path)
+        record = cleanup_container_dir(path, warn=warn)
         if record is not None:
             cleaned.append(record)
     return cleaned

@@ -128,14 +128,17 @@ def runtime_error(log_path: Path) -> str | None:
 
 def teardown(container: ContainerState, runtime: str, fuse_mounts: list) -> list[str]:
     """Delete the runtime's state of the container, unmount (last mounted first), remove the
-    state directory. Returns warnings for the user: a shared image mount it could not unmount."""
+    state directory. Returns warnings for the user: a mount it could not unmount (the shared
+    image mount's last one out, or one of the container's own)."""
     warnings = []
     if runtime and (container.runtime_root / container.id).exists():
         proc.run([runtime, "--root", str(container.runtime_root), "delete", "--force", container.id],
                  check=False, timeout=10)
     for mount in reversed(fuse_mounts):
         if isinstance(mount, fuse.FuseMount):
-            fuse.stop(mount)
+            failure = fuse.stop(mount)
+            if failure:  # the next berth's stale clean-up meets it
+                warnings.append(f"could not unmount {mount.mountpoint}: {failure}")
         else:  # a shared image mount (berth.runtime.imagemount): leave it, the last one out unmounts
             try:
                 mount.release()
