@@ -40,6 +40,17 @@ PUBLIC_DIR = 0o755
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+def mountinfo_path(field: str) -> str:
+    """A path field of ``/proc/*/mountinfo`` as the path it names: the kernel writes space,
+    tab, newline and backslash as octal escapes (``\\040``...), proc(5). The one reading of
+    them (policy's mount table, the FUSE helpers' mounted paths)."""
+    if "\\" not in field:
+        return field
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
 def open_directory(path: Path | str, *, nofollow: bool = False) -> int:
     """An ``O_DIRECTORY`` descriptor of ``path``. With ``nofollow`` a last component that is a
     symbolic link is refused (OSError ELOOP or ENOTDIR). Raises OSError."""

@@ -418,3 +418,32 @@ def test_remove_tree_removes_a_tree_deeper_than_the_recursion_limit(tmp_path):
     finally:
         sys.setrecursionlimit(limit)
     assert not tree.exists()
+
+
+
+def test_mountinfo_path_reads_every_octal_escape_the_kernel_writes():
+    from berth import fsutil
+
+    assert fsutil.mountinfo_path("/plain/path") == "/plain/path"
+    assert fsutil.mountinfo_path(r"/a\040b\011c\012d\134e") == "/a b\tc\nd\\e"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs in a new mount namespace needs root here")
+def test_a_mount_point_with_a_tab_or_a_newline_is_seen_mounted(tmp_path):
+    """fuse.mounted_paths read only the space's escape: a state directory path with a tab, a
+    newline or a backslash never matched, so a stale image mount there was never seen (review
+    of 4 December). Real tmpfs mounts in a mount namespace of the test's own."""
+    import subprocess
+    import sys
+
+    paths = [tmp_path / "tab\there", tmp_path / "new\nline", tmp_path / "back\\slash", tmp_path / "sp ace"]
+    for path in paths:
+        path.mkdir()
+    code = ("import sys\nfrom berth.runtime import fuse\n"
+            "print([fuse.is_mounted(path) for path in sys.argv[1:]])\n")
+    shell = ('for path in "$@"; do mount -t tmpfs none "$path" || exit 1; done; '
+             f'exec {sys.executable} -c "$CODE" "$@"')
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", shell, "sh",
+                             *map(str, paths)], env={**os.environ, "CODE": code},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str([True] * len(paths)), result.stderr

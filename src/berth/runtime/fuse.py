@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from berth import proc
+from berth import fsutil, proc
 from berth.errors import ProgramFailed, RuntimeFailure
 
 MOUNT_TIMEOUT_S = 10.0
@@ -249,11 +249,11 @@ def is_mounted(mountpoint: str) -> bool:
 def mounted_paths() -> set[str]:
     paths = set()
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
-                fields = line.split()
+                fields = line.split(" ")
                 if len(fields) > 4:
-                    paths.add(fields[4].replace("\\040", " "))
+                    paths.add(fsutil.mountinfo_path(fields[4]))
     except OSError:
         pass
     return paths

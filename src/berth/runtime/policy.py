@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import posixpath
 
+from berth import fsutil
 from berth.errors import PolicyError, UsageError
 from berth.runtime.options import RunOptions
 from berth.runtime.spec import INIT_PATH, BindMount
@@ -136,15 +137,6 @@ def source_identity(real: str, *, what: str) -> tuple[int, int]:
 MOUNT_TABLE = "/proc/self/mountinfo"
 
 
-def _unescape(field: str) -> str:
-    """A mountinfo path field: space, tab, newline and backslash are written as octal escapes."""
-    if "\\" not in field:
-        return field
-    import re
-
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
 def _mount_table(table: str) -> list[tuple[str, str, str]]:
     """(major:minor, root in its file system, mount point) of each mount, in mount order."""
     mounts = []
@@ -153,7 +145,7 @@ def _mount_table(table: str) -> list[tuple[str, str, str]]:
             for line in handle:
                 fields = line.split(" ")
                 if len(fields) > 4:
-                    mounts.append((fields[2], _unescape(fields[3]), _unescape(fields[4])))
+                    mounts.append((fields[2], fsutil.mountinfo_path(fields[3]), fsutil.mountinfo_path(fields[4])))
     except OSError:
         pass
     return mounts
