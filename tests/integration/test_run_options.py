@@ -1,6 +1,7 @@
 """Each `berth run` option for real, as berthtest: mounts, workdir, env, network, devices,
 writable, remap-root, limits, site policy (mounts, env, forced network), images from the store."""
 
+import json
 import os
 import stat
 import subprocess
@@ -376,3 +377,28 @@ def test_site_stage_to_local_mounts_a_node_local_copy(runtime_env, runtime_image
     again = runtime_env.berth("run", str(runtime_images.busybox), "true", env=site_config.env)
     assert again.returncode == 0, describe(again)
     assert sorted(p for p in (runtime_env.state_dir / "images").iterdir() if p.suffix == ".sqfs") == copies
+
+
+def test_a_cdi_device_allowed_read_only_is_read_only_in_a_container_that_root_starts(runtime_images, tmp_path):
+    """A CDI spec's "permissions": "r" reached no rule: every device rule said "rw", and a
+    read-only mount does not stop writes to a device node (review of 4 December). runc's device
+    cgroup now allows only reads; the launcher, which makes no cgroup, leaves such a run to runc."""
+    if os.getuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root (the harness runs as root) and /dev/loop-control")
+    site = tmp_path / "site"
+    cdi = site / "cdi"
+    cdi.mkdir(parents=True)
+    for directory in (tmp_path, site, cdi):
+        directory.chmod(0o755)
+    (cdi / "loop.json").write_text(json.dumps({"cdiVersion": "0.6.0", "kind": "example.com/loop", "devices": [
+        {"name": "ctl", "containerEdits": {"deviceNodes": [{"path": "/dev/loop-control", "permissions": "r"}]}}]}))
+    (site / "berth.toml").write_text(f'[devices]\ncdi_dirs = ["{cdi}"]\n')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "BERTH_ALLOW_ROOT": "1",
+           "BERTH_CONFIG_DIR": str(site), "BERTH_STATE_DIR": str(tmp_path / "state"),
+           "BERTH_USER_STORE": str(tmp_path / "store"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    result = subprocess.run([str(berth_executable()), "run", "--device", "example.com/loop=ctl", str(runtime_images.busybox),
+                             "sh", "-c", "exec 3</dev/loop-control && echo read; exec 4<>/dev/loop-control && echo wrote"],
+                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            check=False, cwd=tmp_path)
+    assert result.stdout == "read\n", describe(result)
+    assert result.returncode != 0, describe(result)

@@ -298,6 +298,10 @@ def test_device_nodes_are_judged(settings, tree):
         return edits.apply_edits(settings, [edits.ContainerEdits("spec", device_nodes=(node,))])
 
     assert apply(edits.DeviceNode("/dev/nvidia2")).devices[0].source == str(tree.dev_dir / "nvidia2")
+    # A spec's permissions reach the device cgroup rule root's runc sets (a read-only mount does
+    # not stop writes to a device node; review of 4 December: every rule said "rw").
+    assert apply(edits.DeviceNode("/dev/nvidia2")).devices[0].device_access == "rw"
+    assert apply(edits.DeviceNode("/dev/nvidia2", permissions="r")).devices[0].device_access == "r"
     with pytest.raises(UsageError, match="/dev/nvidia9 does not exist on this node"):
         apply(edits.DeviceNode("/dev/nvidia9"))
     with pytest.raises(PolicyError, match="not a device node"):

@@ -62,10 +62,14 @@ SUPPORTED = {
     "empty hooks": changed(BASE, lambda c: c.update(hooks={"prestart": []})),
     "a tmpfs at the root's /tmp": build_config(plan(tmp_source=None)),
     "a kernel overlay at / (an unpacked image)": build_config(plan(root_overlay=("/l", "/u", "/w"))),
+    "device allow rules (a run by root)": changed(BASE, lambda c: c["linux"].update(resources={"devices": [
+        {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"}]})),
 }
 
 UNSUPPORTED = {
     "cgroup resources": (golden("config-cgroup-v2.json"), "cgroup"),
+    "a device allowed read-only (a CDI spec's permissions, run by root)": (changed(BASE, lambda c: c["linux"].update(
+        resources={"devices": [{"allow": True, "type": "c", "major": 1, "minor": 3, "access": "r"}]})), "device cgroup"),
     "CDI hooks": (build_config(plan(hooks=(Hook("createContainer", "/usr/bin/nvidia-ctk"),))), "hooks"),
     "a terminal": (build_config(plan(terminal=True)), "terminal"),
     "an unknown top-level key": (changed(BASE, lambda c: c.update(vm={})), "vm"),

@@ -140,3 +140,7 @@ def test_root_runs_allow_their_bound_device_nodes_in_the_cgroup():
     assert rules == [{"allow": True, "type": "c", "major": os.major(host.st_rdev), "minor": os.minor(host.st_rdev),
                       "access": "rw"}]
     assert "resources" not in build_config(default_plan(binds=binds))["linux"]
+    read_only = (BindMount("/dev/null", "/dev/x", read_only=False, device=True, device_access="r"),
+                 BindMount("/dev/zero", "/dev/y", read_only=False, device=True, device_access=""))
+    rules = build_config(default_plan(uid=0, gid=0, binds=read_only))["linux"]["resources"]["devices"]
+    assert [(rule["minor"], rule["access"]) for rule in rules] == [(os.minor(host.st_rdev), "r")]

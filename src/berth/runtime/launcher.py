@@ -133,12 +133,15 @@ def unsupported(config: dict, *, uid: int | None = None, gid: int | None = None)
     if reason:
         return reason
     # Device allow rules alone (a run by root, for runc's device cgroup) need nothing: the
-    # launcher makes no cgroup, so nothing filters the device nodes it binds.
+    # launcher makes no cgroup, so nothing filters the device nodes it binds. A rule narrower
+    # than read-write (a CDI spec's "r") needs that cgroup to be enforced: runc's.
     resources = linux.get("resources")
     if resources is not None and (not isinstance(resources, dict) or set(resources) - {"devices"}
                                   or not all(isinstance(rule, dict) and rule.get("allow") is True
                                              for rule in resources.get("devices") or ())):
         return WHY["linux.resources"]
+    if resources is not None and not all(rule.get("access") in ("rw", "rwm") for rule in resources.get("devices") or ()):
+        return "a device allowed less than read-write (a CDI spec's permissions), which needs runc's device cgroup"
     if "seccomp" in linux and not _is_keyring_rule(linux["seccomp"]):
         return "a seccomp profile other than berth's keyring rule"
     if "seccomp" in linux and not process.get("noNewPrivileges"):

@@ -59,6 +59,10 @@ class BindMount(NamedTuple):
     #: (st_dev, st_ino) of the source when policy judged it: berth-init refuses to start when the
     #: destination is another inode (the source was swapped before runc mounted it).
     identity: tuple[int, int] | None = None
+    #: For a device node: what the container may do with it ("r", "w" or "rw": a CDI spec's
+    #: ``permissions`` without "m"). Enforced by the device cgroup runc sets up when root starts
+    #: the container; a read-only mount does not stop writes to a device node.
+    device_access: str = "rw"
 
 
 #: OCI runtime-spec hook points (config.md "POSIX-platform Hooks"); CDI hooks name one of them.
@@ -124,7 +128,8 @@ class SpecPlan(NamedTuple):
 
 
 def _device_rules(binds) -> list[dict]:
-    """cgroup device rules that let the device nodes among ``binds`` be read and written."""
+    """cgroup device rules that let the device nodes among ``binds`` be used as each one's
+    ``device_access`` says (a node with none gets no rule: runc's filter then refuses it)."""
     import os
     import stat
     rules = []
@@ -136,9 +141,9 @@ def _device_rules(binds) -> list[dict]:
         except OSError:
             continue  # berth-init's identity check refuses the run if the node is gone
         kind = "c" if stat.S_ISCHR(st.st_mode) else "b" if stat.S_ISBLK(st.st_mode) else None
-        if kind is not None:
+        if kind is not None and bind.device_access:
             rules.append({"allow": True, "type": kind, "major": os.major(st.st_rdev),
-                          "minor": os.minor(st.st_rdev), "access": "rw"})
+                          "minor": os.minor(st.st_rdev), "access": bind.device_access})
     return rules
 
 

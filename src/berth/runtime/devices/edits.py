@@ -145,7 +145,7 @@ def _judge_device(node: DeviceNode, *, what: str, dev_dir: str) -> spec.BindMoun
     if node.host_path is not None and not node.path.startswith("/dev/"):
         raise PolicyError(f"{what}: the container path {node.path} is not a device path under /dev", hint=_ADMIN)
     destination = device_destination(node.path, real, what=what, dev_dir=dev_dir)
-    return spec.BindMount(real, destination, read_only=False, device=True)
+    return spec.BindMount(real, destination, read_only=False, device=True, device_access=node.permissions)
 
 
 def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:

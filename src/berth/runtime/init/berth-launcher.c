@@ -864,8 +864,19 @@ static void parse_config(struct jval *c, struct config *cfg, const char *bundle)
 
     struct jval *lx = jget(c, "linux");
     only_keys(lx, "linux", linux_keys);
-    if (jget(lx, "resources"))
-        only_keys(jget(lx, "resources"), "linux.resources", resources_keys);
+    struct jval *resources = jget(lx, "resources");
+    if (resources) {
+        only_keys(resources, "linux.resources", resources_keys);
+        /* Full access only: a narrower rule (a CDI spec's "r") needs the device cgroup that
+         * runc makes; berth sends such a config.json to runc (launcher.unsupported). */
+        struct jval *rules = jget(resources, "devices");
+        for (size_t i = 0; rules && i < rules->count; i++) {
+            const char *access = want_string(jget(rules->items[i], "access"), "linux.resources.devices access");
+            if (strcmp(access, "rw") != 0 && strcmp(access, "rwm") != 0)
+                fail("config.json: a device rule allowing '%s' only needs a device cgroup, which berth-launcher "
+                     "does not make (berth uses runc for it)", access);
+        }
+    }
     struct jval *maps[2] = {jget(lx, "uidMappings"), jget(lx, "gidMappings")};
     for (int k = 0; k < 2; k++) {
         const char *where = k ? "linux.gidMappings" : "linux.uidMappings";
