@@ -353,6 +353,9 @@ def make_store(profile: S3Profile, bucket: str):
         "allow_http": scheme == "http",
         "connect_timeout": _duration(min(10, profile.timeout_s)),
         "read_timeout": _duration(profile.timeout_s),
+        # The whole request (never a large part on a slow link). No stall rule (StallWatch) for
+        # S3 bodies: obstore gives Python a body only in chunks of at least min_chunk_size and no
+        # progress hook, so a trickle is cut only here (docs/staging.md "Failures").
         "timeout": "24h",
         "pool_max_idle_per_host": str(profile.max_concurrency + 8),
         "user_agent": "berth",
