@@ -279,18 +279,28 @@ def test_admin_pulls_into_site_store_and_users_use_it(stores, busybox_image):
     assert missing.returncode == 3 and "site store" in missing.stderr, describe(missing)
 
 
-def test_disk_full_is_a_clear_error_and_leaves_nothing(stores, busybox_image):
+@pytest.mark.parametrize("room", ["under the declared sizes", "for the blobs only"])
+def test_disk_full_is_a_clear_error_and_leaves_nothing(stores, busybox_image, room):
+    """Under the layers' declared sizes the pull is refused before it downloads; with room for
+    the blobs but not the SquashFS, the write that fills the disk is the error."""
     if os.getuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount_point = stores.user_store
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=600k,uid={stores.user.uid},gid={stores.user.gid},mode=0755",
+    manifest = _manifest(busybox_image)
+    declared = manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"])
+    size_k = 600 if room == "under the declared sizes" else declared // 1024 + 64
+    assert size_k * 1024 < declared or room != "under the declared sizes"
+    subprocess.run(["mount", "-t", "tmpfs", "-o",
+                    f"size={size_k}k,uid={stores.user.uid},gid={stores.user.gid},mode=0755",
                     "berth-test-full", str(mount_point)], check=True)
     try:
         result = stores.berth("pull", "--insecure", str(busybox_image))
         assert result.returncode == 6, describe(result)
-        assert "no space left" in result.stderr and "berth prune" in result.stderr
+        said = "no room to pull" if room == "under the declared sizes" else "no space left"
+        assert said in result.stderr and "berth prune" in result.stderr, describe(result)
         assert stores.tmp_entries() == [] and stores.index() == {} and stores.image_dirs() == []
-        assert _layers(busybox_image)[0] not in stores.blobs()
+        if room == "under the declared sizes":
+            assert stores.blobs() == set()  # nothing downloaded
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
 
@@ -370,3 +380,26 @@ def test_an_image_config_nested_100000_deep_is_refused_without_a_traceback(store
             in result.stderr), describe(result)
     assert "hint: the registry serves a malformed image" in result.stderr, describe(result)
     assert stores.index() == {}
+
+
+def test_a_layer_declared_larger_than_the_store_s_free_space_is_refused_before_it_downloads(stores, registry,
+                                                                                             busybox_image):
+    """A registry declares a layer's size as it likes, and berth reads up to it: a manifest
+    declaring an exabyte filled the store's file system before the pull failed (review). Now
+    the pull stops before any layer comes, naming the image, the sizes, the store and who acts."""
+    from tests.harness.images import fetch_manifest, push_manifest
+    from tests.harness.registry import auth_headers
+
+    data, media_type, _ = fetch_manifest(registry, busybox_image.name, busybox_image.tag)
+    manifest = json.loads(data)
+    manifest["layers"][0]["size"] = 1 << 60
+    headers = auth_headers(registry, f"repository:{busybox_image.name}:pull,push")
+    push_manifest(registry, busybox_image.name, "huge", json.dumps(manifest).encode(), media_type, headers)
+    reference = f"{registry.host}/{busybox_image.name}:huge"
+    result = stores.berth("pull", "--insecure", reference)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, describe(result)
+    assert f"error: no room to pull {reference} into the user store " in result.stderr, describe(result)
+    assert "as 1048576.0 TiB" in result.stderr and "hint: free space on the file system of" in result.stderr, \
+        describe(result)
+    assert "tell the registry's administrator or the image's maintainer" in result.stderr, describe(result)
+    assert stores.index() == {} and stores.blobs() == set()

@@ -124,3 +124,37 @@ def test_a_manifest_of_too_many_layers_is_refused_before_any_download(monkeypatc
     client.manifests["1"] = manifest(MAX_LAYERS)
     with pytest.raises(pytest.fail.Exception, match="downloaded"):  # the limit itself passes
         _pull_with(monkeypatch, settings, client)
+
+
+def test_layers_declared_larger_than_the_free_space_are_refused_before_any_download(monkeypatch, settings):
+    """A download reads at most the size a layer's descriptor declares, but a registry declares
+    what it likes: one declaring a layer of an exabyte filled the store's file system, then
+    failed (review). The sum of what is still to download is compared with the free space
+    first; the error names the image, the sizes, the store and who acts."""
+    import json
+    import os
+
+    from berth.errors import StoreError
+
+    def manifest(size: int) -> Manifest:
+        layer = {"mediaType": mediatypes.OCI_LAYER_GZIP, "size": size, "digest": str(Digest.of(b"x"))}
+        config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2, "digest": str(Digest.of(b"{}"))}
+        data = json.dumps({"schemaVersion": 2, "config": config, "layers": [layer]}).encode()
+        return _manifest(data, mediatypes.OCI_MANIFEST)
+
+    monkeypatch.setattr(pull, "_download_all", lambda *args, **kwargs: pytest.fail("downloaded"))
+    monkeypatch.setattr(pull, "_Downloads", lambda *args, **kwargs: pytest.fail("downloaded"))
+    client = OneManifestClient({"1": manifest(1 << 60)})
+    with pytest.raises(StoreError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    store = settings.user_store
+    assert caught.value.message.startswith(
+        f"no room to pull example.org/team/app:1 into the user store {store}: the registry declares its "
+        "2 blob(s) still to download as 1048576.0 TiB (the largest 1048576.0 TiB), and ")
+    assert caught.value.message.endswith(" is free there")
+    assert caught.value.hint.startswith(f"free space on the file system of {store} (`berth prune` removes")
+    assert caught.value.hint.endswith("tell the registry's administrator or the image's maintainer")
+    fs = os.statvfs(settings.user_store.parent)
+    client.manifests["1"] = manifest(fs.f_bavail * fs.f_frsize // 2)  # what fits passes
+    with pytest.raises(pytest.fail.Exception, match="downloaded"):
+        _pull_with(monkeypatch, settings, client)

@@ -248,6 +248,7 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
                           time.monotonic() - started)
     _manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
     blobs = _unique([config_descriptor, *layers])
+    store.check_room(what, [(blob.digest, blob.size_bytes) for blob in blobs])
     notify(progress, "resolved", key, digest, len(layers), sum(d.size_bytes for d in blobs))
     if requested and index_digest is None:
         # An explicit --platform is checked against a single-platform image's config before

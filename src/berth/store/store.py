@@ -113,17 +113,53 @@ class Store:
         """The BerthError a failed file operation on this store becomes."""
         reason = exc.strerror or str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return StoreError(
-                f"no space left on the device while {action} {path} in the {self.kind} store",
-                hint=f"free space on the file system of {self.root} (`berth prune"
-                f"{' --site' if self.kind == SITE else ''}` removes unused images and blobs) "
-                "or move the store ("
-                + ("site_store setting or BERTH_SITE_STORE" if self.kind == SITE else
-                   "user_store setting or BERTH_USER_STORE") + ")",
-            )
+            return StoreError(f"no space left on the device while {action} {path} in the {self.kind} store",
+                              hint=self._no_space_hint())
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return self._permission_denied(path, reason)
         return StoreError(f"{action} {path} in the {self.kind} store failed: {reason}")
+
+    def _no_space_hint(self) -> str:
+        return (f"free space on the file system of {self.root} (`berth prune"
+                f"{' --site' if self.kind == SITE else ''}` removes unused images and blobs) "
+                "or move the store ("
+                + ("site_store setting or BERTH_SITE_STORE" if self.kind == SITE else
+                   "user_store setting or BERTH_USER_STORE") + ")")
+
+    def check_room(self, what: str, blobs: list[tuple[Digest, int]]) -> None:
+        """Refuse (StoreError) before any byte comes when the blobs of ``blobs`` (digest and
+        declared size) not stored yet, less what their partial downloads hold, are declared
+        larger than the free space of the store's file system. A download reads at most the
+        declared size, but a registry declares what it likes: a hostile or broken one would
+        fill the file system (the store's, which others share), and only then fail."""
+        missing = []
+        for digest, size in blobs:
+            if self.has_blob(digest):
+                continue
+            try:
+                partial = os.stat(self.layout.partial_blob(digest)).st_size
+            except OSError:
+                partial = 0
+            missing.append(max(size - partial, 0))
+        need = sum(missing)
+        where = self.root
+        while not where.exists() and where != where.parent:  # a store not made yet: its file system
+            where = where.parent
+        try:
+            fs = os.statvfs(where)
+        except OSError:
+            return  # the download's own write says what is wrong
+        free = fs.f_bavail * fs.f_frsize
+        if need <= free:
+            return
+        from berth.config.units import human_size  # the one way sizes are shown to people
+
+        raise StoreError(
+            f"no room to pull {what} into the {self.kind} store {self.root}: the registry declares its "
+            f"{len(missing)} blob(s) still to download as {human_size(need)} (the largest "
+            f"{human_size(max(missing))}), and {human_size(free)} is free there",
+            hint=self._no_space_hint() + "; sizes far beyond the image's real size mean the registry serves a "
+            "wrong manifest: tell the registry's administrator or the image's maintainer")
 
     def _permission_denied(self, path: Path, reason: str = "permission denied") -> PermissionDenied:
         if self.kind == SITE:
