@@ -126,6 +126,30 @@ def test_failures_are_clear_and_leave_nothing_half_written(s3_server, s3_profile
         describe(result)
 
 
+@pytest.mark.parametrize("variables, through_proxy", [
+    ({"no_proxy": "localhost", "NO_PROXY": "127.0.0.1"}, True),   # reqwest read NO_PROXY: went direct
+    ({"no_proxy": "127.0.0.0/8"}, False),                          # urllib read no CIDR: guard was off
+], ids=["lower-over-upper", "cidr"])
+def test_s3_goes_through_the_proxy_berth_decides(s3_server, s3_profile, user, user_tmp, variables, through_proxy):
+    """berth decides whether the endpoint goes through the environment's proxy and hands that
+    to obstore, which reads no proxy variable itself: before, obstore's reqwest read them its own
+    way (NO_PROXY over no_proxy, CIDR entries), so the endpoint went direct where berth had
+    decided "proxied" and switched the redirect guard off (review10). Real SeaweedFS behind a
+    real forwarding proxy on loopback, `berth stage in` as the test user."""
+    from tests.harness.countingproxy import CountingProxy
+
+    s3_server.client().put_object(Bucket="berth-data", Key="proxied/obj.txt", Body=b"through the proxy\n")
+    proxy = CountingProxy(upstream=f"127.0.0.1:{s3_server.port}").start()
+    try:
+        env = {**s3_profile(user), "http_proxy": f"http://{proxy.host}", **variables}
+        result = stage(user, user_tmp, "in", "s3://berth-data/proxied/obj.txt:got.txt", env=env)
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, describe(result)
+    assert (user_tmp / "got.txt").read_bytes() == b"through the proxy\n"
+    assert bool(proxy.requests) == through_proxy, proxy.requests
+
+
 def test_stalled_endpoint_times_out(s3_profile, stalled_endpoint, user, user_tmp):
     """A server that accepts connections and never answers: an error after timeout_s, not a hang."""
     env = s3_profile(user, endpoint=stalled_endpoint, timeout_s=1)

@@ -296,6 +296,19 @@ def test_no_proxy_and_loopback_bypass_the_proxy(server):
     assert Transport("x", proxies={}).proxy_for("http://registry.example/") is None
 
 
+def test_no_proxy_cidr_entries_bypass_the_proxy():
+    """An address inside a CIDR entry of no_proxy goes direct (curl, Go and reqwest read it so;
+    urllib does not): the one rule registries and S3 endpoints share (review10)."""
+    transport = Transport("x", proxies={"http": "http://proxy.example:3128",
+                                        "no": "10.0.0.0/8, fd00::/8,bad/99,registry.example"})
+    assert transport.proxy_for("http://10.1.2.3:5000/v2/") is None
+    assert transport.proxy_for("http://[fd00::5]:5000/v2/") is None
+    assert transport.proxy_for("http://11.1.2.3/v2/") == "http://proxy.example:3128"
+    assert transport.proxy_for("http://10.example/v2/") == "http://proxy.example:3128"
+    assert transport.proxy_for("http://registry.example/v2/") is None
+    assert Transport("x", proxies={"http": "http://p:1", "no": "::/0"}).proxy_for("http://10.1.2.3/") == "http://p:1"
+
+
 @pytest.mark.parametrize("reply", [
     Reply(200, b"{" + b" " * (3 << 20) + b"}"),
     Reply(200, b"{}", headers={"Content-Length": str(10 << 30)}, drop_after=2),

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from berth.errors import NotFound, StagingError
+from berth.errors import BerthError, NotFound, StagingError
 from berth.staging import transfer
 from berth.staging.profiles import S3Profile
 from berth.staging.transfer import multipart_etag, part_size_candidates, upload_part_size
@@ -1364,6 +1364,30 @@ def test_an_https_sources_retry_after_follows_berths_retry_rule(tmp_path, monkey
             assert not (tmp_path / "in" / "data.txt").exists()
 
 
+def _stage_in_with_a_session_token(server, tmp_path) -> None:
+    """Stage s3://bucket/data/obj.bin in from the loopback ``server`` with session credentials."""
+    from berth.staging.locations import parse_transfer
+
+    profile = S3Profile("p", endpoint=f"http://127.0.0.1:{server.server_address[1]}", access_key="A",
+                        secret_key="S", session_token="SESSION-SECRET", addressing_style="path")
+    transfer.stage_in((parse_transfer("s3://bucket/data/obj.bin:obj.bin", "in"),), profile, str(tmp_path))
+
+
+def _redirecting(status: int, target: str) -> type:
+    """A handler answering every GET and HEAD with ``status`` to the same path on ``target``."""
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(status)
+            self.send_header("Location", f"{target}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+    return Redirecting
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_session_credentials_never_follow_a_redirect_to_another_host(tmp_path, status):
     """obstore (reqwest) follows redirects and drops only ``Authorization`` on the way to
@@ -1371,8 +1395,6 @@ def test_session_credentials_never_follow_a_redirect_to_another_host(tmp_path, s
     endpoint named. berth makes every other host unreachable for the store (a proxy that refuses
     to connect, with the endpoint excluded), so the redirected request is never sent, and says
     why. The real library against a loopback endpoint that redirects to 127.0.0.2."""
-    from berth.staging.locations import parse_transfer
-
     reached: list[dict] = []
 
     class Elsewhere(http.server.BaseHTTPRequestHandler):
@@ -1390,23 +1412,10 @@ def test_session_credentials_never_follow_a_redirect_to_another_host(tmp_path, s
     elsewhere = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Elsewhere)
     threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
 
-    class Redirecting(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            self.send_response(status)
-            self.send_header("Location", f"http://127.0.0.2:{elsewhere.server_address[1]}{self.path}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        do_HEAD = do_GET
-
-        def log_message(self, *args):
-            pass
     try:
-        with _serving(Redirecting) as server:
-            profile = S3Profile("p", endpoint=f"http://127.0.0.1:{server.server_address[1]}", access_key="A",
-                                secret_key="S", session_token="SESSION-SECRET", addressing_style="path")
+        with _serving(_redirecting(status, f"http://127.0.0.2:{elsewhere.server_address[1]}")) as server:
             with pytest.raises(StagingError) as caught:
-                transfer.stage_in((parse_transfer("s3://bucket/data/obj.bin:obj.bin", "in"),), profile,
-                                  str(tmp_path))
+                _stage_in_with_a_session_token(server, tmp_path)
     finally:
         elsewhere.shutdown()
         elsewhere.server_close()
@@ -1416,19 +1425,95 @@ def test_session_credentials_never_follow_a_redirect_to_another_host(tmp_path, s
     assert not (tmp_path / "obj.bin").exists()
 
 
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+                    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
 def test_an_endpoint_reached_through_the_sites_proxy_keeps_it(monkeypatch):
     """The guard against redirects replaces reqwest's proxy from the environment; where the
-    endpoint itself goes through that proxy, the proxy stays (and the guard is left out)."""
-    def options(endpoint: str) -> dict:
-        return transfer.make_store(S3Profile("p", endpoint=endpoint, access_key="A", secret_key="S"),
-                                   "bucket").client_options
+    endpoint itself goes through that proxy, the proxy stays (and the guard is left out), given
+    to obstore explicitly: berth alone decides, reqwest reads no proxy variable."""
+    def options(endpoint: str, profile: S3Profile | None = None) -> dict:
+        profile = profile or S3Profile("p", endpoint=endpoint, access_key="A", secret_key="S")
+        return transfer.make_store(profile, "bucket").client_options
 
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("https_proxy", "http://proxy.site:3128")
-    monkeypatch.setenv("no_proxy", "s3.site.example")
-    assert "proxy_url" not in options("https://s3.example.org")
+    monkeypatch.setenv("no_proxy", "s3.site.example,10.0.0.0/8")
+    assert options("https://s3.example.org")["proxy_url"] == "http://proxy.site:3128"
+    assert "proxy_excludes" not in options("https://s3.example.org")
     assert options("https://s3.site.example")["proxy_excludes"] == "s3.site.example"
-    assert "proxy_url" not in transfer.make_store(S3Profile("anon", endpoint="https://s3.site.example"),
-                                                  "bucket").client_options
+    assert options("https://10.1.2.3:9000")["proxy_url"] == "http://127.0.0.1:0"  # CIDR: direct, guarded
+    assert "proxy_url" not in options("", S3Profile("anon", endpoint="https://s3.site.example"))
+    assert options("", S3Profile("anon", endpoint="https://s3.example.org"))["proxy_url"] == "http://proxy.site:3128"
+    monkeypatch.setenv("https_proxy", "proxy.site:3128")  # no scheme: http, as curl and reqwest read it
+    assert options("https://s3.example.org")["proxy_url"] == "http://proxy.site:3128"
+
+
+def test_a_proxy_setting_that_is_no_url_is_refused_without_showing_it(monkeypatch):
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", "http://user:PROXY-SECRET@proxy.site:99999")
+    with pytest.raises(StagingError) as caught:
+        transfer.make_store(S3Profile("p", endpoint="https://s3.example.org", access_key="A", secret_key="S"),
+                            "bucket")
+    assert "is not a usable URL" in caught.value.message
+    assert "PROXY-SECRET" not in caught.value.message + (caught.value.hint or "")
+
+
+@pytest.mark.parametrize("environment, proxied", [
+    ({"no_proxy": "127.0.0.1/32"}, False),                       # CIDR: urllib proxied it, reqwest did not
+    ({"no_proxy": "127.0.0.0/8"}, False),
+    ({"no_proxy": "*"}, False),
+    ({"NO_PROXY": "127.0.0.1"}, False),
+    ({"NO_PROXY": "other.example", "no_proxy": "127.0.0.1"}, False),
+    ({"NO_PROXY": "127.0.0.1", "no_proxy": "other.example"}, True),  # reqwest read NO_PROXY, urllib no_proxy
+    ({"no_proxy": "other.example"}, True),
+], ids=["cidr-32", "cidr-8", "star", "upper-only", "lower-bypasses", "upper-bypasses", "proxied"])
+def test_the_session_token_reaches_no_other_host_whatever_the_proxy_variables_say(tmp_path, monkeypatch,
+                                                                                  environment, proxied):
+    """berth decides whether the endpoint goes through the environment's proxy and obstore does
+    exactly that. Before, berth judged by urllib (no CIDR in no_proxy, no_proxy over NO_PROXY)
+    and reqwest by its own reading (CIDR, NO_PROXY over no_proxy): where urllib said proxied and
+    reqwest direct, the guard was off and the endpoint's redirect to another host went through
+    the proxy with x-amz-security-token (review10). A real proxy process (it answers itself) on
+    127.0.0.3, an endpoint on 127.0.0.1 redirecting to 127.0.0.2."""
+    from urllib.parse import urlsplit
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            seen.append((self.path, self.headers.get("x-amz-security-token")))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.3", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.3:{proxy.server_address[1]}")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    try:
+        with _serving(_redirecting(307, "http://127.0.0.2:9")) as server:
+            endpoint = f"127.0.0.1:{server.server_address[1]}"
+            with pytest.raises(BerthError) as caught:
+                _stage_in_with_a_session_token(server, tmp_path)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    # Only the endpoint's own requests may reach the proxy, and only where berth sends it there.
+    assert [urlsplit(path).netloc for path, _ in seen if urlsplit(path).netloc != endpoint] == [], seen
+    assert bool(seen) == proxied, seen
+    if not proxied:
+        assert "redirected the request to another host" in caught.value.message, caught.value.message
 
 
 def test_an_https_source_that_trickles_is_stopped_by_the_stall_rule(tmp_path):

@@ -197,16 +197,13 @@ class Transport:
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy URL that ``url`` goes through, or None for a direct connection."""
-        import urllib.request
-
         parts = urlsplit(url)
         proxy = self.proxies.get(parts.scheme)
         if not proxy or not parts.hostname:
             return None
         if _is_loopback(parts.hostname):
             return None  # as Go's net/http (docker, skopeo) does: loopback is never proxied
-        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        if urllib.request.proxy_bypass_environment(host, self.proxies):
+        if proxy_bypassed(parts.hostname, parts.port, self.proxies):
             return None
         return proxy
 
@@ -459,6 +456,32 @@ def _parses(url: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def proxy_bypassed(hostname: str, port: int | None, proxies: Mapping[str, str]) -> bool:
+    """Whether ``no_proxy`` (``proxies["no"]``, as urllib's ``getproxies_environment`` reads the
+    environment: lower case over upper case) sends ``hostname`` (a name or address; ``port``
+    for ``host:port`` entries) around the proxy: urllib's rule (``*``, names, domain suffixes,
+    ``host:port``) and, as curl, Go and reqwest read it, an address inside a CIDR entry
+    (``10.0.0.0/8``), which urllib does not understand. berth's one rule for registries and S3
+    endpoints."""
+    import ipaddress
+    import urllib.request
+
+    if urllib.request.proxy_bypass_environment(hostname if port is None else f"{hostname}:{port}", proxies):
+        return True
+    try:
+        address = ipaddress.ip_address(hostname.strip("[]"))
+    except ValueError:
+        return False
+    for entry in proxies.get("no", "").split(","):
+        try:
+            network = ipaddress.ip_network(entry.strip(), strict=False) if "/" in entry else None
+        except ValueError:
+            continue
+        if network is not None and network.version == address.version and address in network:
+            return True
+    return False
 
 
 def _is_loopback(hostname: str) -> bool:

@@ -296,16 +296,31 @@ def _duration(seconds: float) -> str:
 _NOWHERE = "http://127.0.0.1:0"
 
 
-def _proxied(endpoint: str) -> bool:
-    """Whether the environment sends requests to ``endpoint`` through a proxy (as reqwest
-    reads ``http_proxy``, ``https_proxy``, ``all_proxy`` and ``no_proxy``)."""
+def _endpoint_proxy(endpoint: str) -> str | None:
+    """The proxy the environment names for ``endpoint`` (``https_proxy``/``http_proxy``, else
+    ``all_proxy``), or None when there is none or ``no_proxy`` sends the endpoint around it, by
+    berth's one rule (``berth.registry.transport.proxy_bypassed``). make_store hands the answer
+    to obstore, which then reads no proxy variable itself."""
     import urllib.request
+
+    from berth.registry.transport import proxy_bypassed
 
     proxies = urllib.request.getproxies_environment()
     parts = urlsplit(endpoint)
-    if not (proxies.get(parts.scheme) or proxies.get("all")) or not parts.hostname:
-        return False
-    return not urllib.request.proxy_bypass_environment(parts.netloc, proxies)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or not parts.hostname or proxy_bypassed(parts.hostname, parts.port, proxies):
+        return None
+    written = proxy if "://" in proxy else f"http://{proxy}"
+    try:
+        usable = bool(urlsplit(written).hostname) and urlsplit(written).port != 0
+    except ValueError:
+        usable = False
+    if not usable:
+        # Not the value: a proxy URL may carry a password.
+        raise StagingError(f"the proxy the environment names for the S3 endpoint {endpoint} "
+                           f"({parts.scheme}_proxy or all_proxy) is not a usable URL",
+                           hint="set it to http://HOST:PORT (a port from 1 to 65535), or unset it")
+    return written
 
 
 def make_store(profile: S3Profile, bucket: str):
@@ -325,9 +340,10 @@ def make_store(profile: S3Profile, bucket: str):
     endpoint named, and it has no option to stop that. So every host but the endpoint's goes
     through a proxy that cannot be reached (``_NOWHERE``, port 0 refuses at once): a redirect to
     another host fails before a byte is sent, and ``s3_error`` says so. Only where the
-    environment routes the endpoint itself through a proxy (``https_proxy``/``http_proxy``,
-    not bypassed by ``no_proxy``) is this left out, since that proxy must stay in use: the
-    residual risk is written in docs/security.md.
+    environment routes the endpoint itself through a proxy (:func:`_endpoint_proxy`) is this
+    left out, since that proxy must stay in use; it is then given to obstore explicitly, so
+    that berth alone decides (reqwest ignores the environment once a proxy is given). The
+    residual risks are written in docs/security.md.
 
     Request bodies are signed (SHA-256 in the signature) over plain http only: over https TLS
     already guards them on the wire, so berth sends ``UNSIGNED-PAYLOAD`` there as aws-cli does,
@@ -363,7 +379,13 @@ def make_store(profile: S3Profile, bucket: str):
     if profile.ca_bundle:
         with open(profile.ca_bundle, "rb") as handle:
             client_options["root_certificate"] = handle.read()
-    if not profile.anonymous and not _proxied(endpoint):
+    proxy = _endpoint_proxy(endpoint)
+    if proxy is not None:
+        # Given explicitly, so reqwest reads no proxy variable itself: it read them otherwise than
+        # urllib (NO_PROXY over no_proxy, CIDR entries), reached an endpoint berth thought proxied
+        # directly, with the guard below off (review10).
+        client_options["proxy_url"] = proxy
+    elif not profile.anonymous:
         client_options["proxy_url"] = _NOWHERE
         client_options["proxy_excludes"] = urlsplit(endpoint).hostname or host
     policy = STAGING_RETRY
