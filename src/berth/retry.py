@@ -141,25 +141,41 @@ class StallWatch:
     sends a byte a minute kept ``berth pull`` (or a job's staging) waiting for good. A body
     that brings fewer than :data:`STALL_MIN_BYTES` in ``window_s`` seconds (the same setting as
     the read timeout: ``registry_timeout_s``, a profile's ``timeout_s``) is stalled; the reader
-    raises a transient error, which the one retry rule resumes. Readers must read with
-    ``read1`` (what has arrived), not a read that waits until a whole chunk is in."""
+    raises a transient error, which the one retry rule resumes.
 
-    def __init__(self, window_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    The body is read through the watch (:meth:`read`, with ``read``: one ``read1`` of what has
+    arrived, not a read that waits until a whole chunk is in), and the window counts only the
+    time spent inside those reads: what the caller does with a chunk before asking for the next
+    (a store write, a busy converter, a slow Lustre write) is not the server's time. Counting it
+    made one pause longer than the window a false stall that used a retry and blamed the
+    registry (over TLS a read brings at most one 16 KiB record)."""
+
+    def __init__(self, window_s: float, read: Callable[[int], bytes], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
+        self._read = read
         self._clock = clock
-        self._start = clock()
+        #: Seconds spent inside reads since the window started.
+        self.waited_s = 0.0
         #: Bytes received since the window started.
         self.received = 0
 
+    def read(self, size: int) -> bytes:
+        """One read of at most ``size`` bytes of the body, its time counted in the window."""
+        started = self._clock()
+        try:
+            return self._read(size)
+        finally:
+            self.waited_s += self._clock() - started
+
     def stalled(self, count: int) -> bool:
         """Count ``count`` bytes just received (call it only while more of the body is to
-        come); True when the window passed with too little progress."""
-        now = self._clock()
+        come); True when the reads took longer than the window with too little progress."""
         self.received += count
         if self.received >= STALL_MIN_BYTES:
-            self._start, self.received = now, 0
+            self.waited_s, self.received = 0.0, 0
             return False
-        return now - self._start > self.window_s
+        return self.waited_s > self.window_s
 
 
 def transient(error: BaseException) -> BaseException:

@@ -625,6 +625,42 @@ def test_a_manifest_that_trickles_is_cut_by_the_stall_rule(server):
     assert len(server.paths("GET")) == 2  # retried once, by the one retry rule
 
 
+class _FastBody:
+    """A blob body that always has 16 KiB ready (one TLS record per read1)."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+    def read1(self, n, decode_content=False):
+        take = min(n, 16 * 1024, self.left)
+        self.left -= take
+        return b"x" * take
+
+    def release_conn(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_slow_consumer_is_not_a_stalled_registry():
+    """The time the caller spends with a chunk (the store's write, a busy converter) is not the
+    registry's: before, read_chunks (a generator) counted it in the stall window, and one pause
+    longer than registry_timeout_s over a fast body was a false stall that used a retry and
+    blamed the registry (review10)."""
+    import time
+
+    from berth.registry.client import BlobResponse
+
+    response = BlobResponse(_FastBody(1 << 20), offset=0, size_bytes=1 << 20, what="blob", registry="r",
+                            stall_s=0.2)
+    got = 0
+    for chunk in response.read_chunks(1 << 20, limit=1 << 20):
+        got += len(chunk)
+        time.sleep(0.25)
+    assert got == 1 << 20
+
+
 def test_a_blob_longer_than_its_descriptor_is_read_one_byte_past_it_at_most(server):
     """A registry sending more than the descriptor's size: the reader reads at most one byte
     past ``limit`` (the caller, BlobWriter, refuses that byte), not chunks of a MiB."""

@@ -107,11 +107,12 @@ class BlobResponse:
 
         if self._response is None:
             raise ValueError(f"the download of {self.what} is already closed")
-        watch = StallWatch(self.stall_s)
+        response = self._response
+        watch = StallWatch(self.stall_s, lambda n: response.read1(n, decode_content=False))
         left = limit
         try:
             while True:
-                chunk = self._response.read1(size if left is None else min(size, left + 1), decode_content=False)
+                chunk = watch.read(size if left is None else min(size, left + 1))
                 if not chunk:
                     self._finished = True
                     return

@@ -131,10 +131,10 @@ def _read_limited(response, limit: int, stall_s: float) -> bytes | None:
     if length is not None and length > limit:
         return None
     data = bytearray()
-    watch = StallWatch(stall_s)
+    watch = StallWatch(stall_s, lambda n: response.read1(n, decode_content=False))
     # Read until the end: urllib3 notices a body cut short of its Content-Length only
     # on the read that finds the end of the stream.
-    while chunk := response.read1(64 * 1024, decode_content=False):
+    while chunk := watch.read(64 * 1024):
         data += chunk
         if len(data) > limit:
             return None

@@ -1149,8 +1149,8 @@ class _Runner:
                 try:
                     with fsutil.atomic_writer(Path(fsutil.descriptor_path(parent, name)), mode=None,
                                               unnamed=True, swept=self.swept) as out:  # durable, as every staged file
-                        watch = StallWatch(self.profile.timeout_s)  # berth.retry's stall rule
-                        while chunk := response.read1(_READ_CHUNK):
+                        watch = StallWatch(self.profile.timeout_s, response.read1)  # berth.retry's stall rule
+                        while chunk := watch.read(_READ_CHUNK):
                             out.write(chunk)
                             size += len(chunk)
                             self.progress.advance(len(chunk))
