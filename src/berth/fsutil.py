@@ -559,3 +559,22 @@ def _reopen(stack: list) -> bool:
             stack[index][0] = child
         parent = child
     return True
+
+
+def writers_problem(info: os.stat_result, uid: int | None = None) -> str | None:
+    """Why someone other than root or the caller can change the file or directory ``info``
+    describes ("owned by uid N, neither root nor you", "writable by others (mode 0646)",
+    "writable by group G (mode 0664)"), or None. Group write is accepted for group root only;
+    a sticky directory's write bits are (others may add names, never replace one). ``uid``: the
+    caller (default: this process's user). The one rule for CDI specs, hooks and mount sources
+    and registry credentials files."""
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, os.getuid() if uid is None else uid):
+        return f"owned by uid {info.st_uid}, neither root nor you"
+    if stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX:
+        return None
+    if mode & 0o002:
+        return f"writable by others (mode {mode:04o})"
+    if mode & 0o020 and info.st_gid != 0:
+        return f"writable by group {info.st_gid} (mode {mode:04o})"
+    return None

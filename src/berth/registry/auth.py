@@ -26,6 +26,7 @@ from pathlib import Path
 
 from berth.config.settings import home_directory, user_config_dir
 from berth.errors import ConfigError, UsageError
+from berth.fsutil import writers_problem
 from berth.oci.names import is_registry_host
 from berth.record import Record, field
 from berth.untrusted import parse_json, read_named_file
@@ -127,21 +128,20 @@ def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
 
 def check_auth_file_mode(path: Path, info: os.stat_result, uid: int | None = None) -> str | None:
     """The rule for a registry credentials file, as ssh judges its own files (docs/security.md):
-    refused (ConfigError) when a user other than the caller or root owns it, or every user may
-    write it: someone else could put credentials of their choosing there (pushes to their
-    account) or take them out; a warning (returned) when group or others may read it, since
-    docker's and podman's files are read the same way and refusing them would break working
-    setups. None when it is private."""
+    refused (ConfigError) when someone other than the caller or root can change it, by the one
+    rule CDI specs are judged by (:func:`berth.fsutil.writers_problem`: another owner, write
+    for others, or for a group other than root): someone else could put credentials of their
+    choosing there (pushes to their account) or take them out; a warning (returned) when group
+    or others may read it, since docker's and podman's files are read the same way and
+    refusing them would break working setups. None when it is private."""
     uid = os.getuid() if uid is None else uid
     mode = stat.S_IMODE(info.st_mode)
-    if info.st_uid not in (uid, 0):
-        raise ConfigError(f"registry credentials file {path} belongs to uid {info.st_uid}, not to you "
-                          f"(uid {uid}) nor root: berth does not use credentials another user controls",
-                          hint=f"keep your own copy (berth login writes one), or move {path} away")
-    if mode & stat.S_IWOTH:
-        raise ConfigError(f"registry credentials file {path} can be changed by every user (mode {mode:04o}): "
-                          "berth refuses to use it",
-                          hint=f"run: chmod 600 {path}")
+    problem = writers_problem(info, uid)
+    if problem:
+        hint = (f"run: chmod 600 {path}" if info.st_uid in (uid, 0)
+                else f"keep your own copy (berth login writes one), or move {path} away")
+        raise ConfigError(f"registry credentials file {path} is {problem}: berth does not use credentials "
+                          "another user can change", hint=hint)
     if mode & 0o044:
         return (f"registry credentials file {path} can be read by other users (mode {mode:04o}): "
                 f"run: chmod 600 {path}")

@@ -33,10 +33,11 @@ from typing import Any
 
 from berth.config.settings import EnvOp
 from berth.errors import ConfigError, UsageError
+from berth.fsutil import writers_problem
 from berth.namedtuple import NamedTuple
 from berth.oci.names import is_env_name
 from berth.runtime import spec
-from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount, writers_problem
+from berth.runtime.devices.edits import ContainerEdits, DeviceNode, Mount
 from berth.untrusted import InvalidDocument, parse_json
 
 SPEC_VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.5.1", "0.6.0", "0.7.0", "0.8.0")

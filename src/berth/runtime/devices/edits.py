@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 from berth.config.settings import EnvOp
 from berth.errors import PolicyError, UsageError
+from berth.fsutil import writers_problem
 from berth.namedtuple import NamedTuple
 from berth.runtime import spec
 from berth.runtime.policy import under
@@ -178,23 +179,6 @@ def _judge_mount(mount: Mount, *, what: str, settings) -> spec.BindMount:
         destination = check_destination(destination, what=what, deny=settings.policy.mount_deny_destinations)
     return spec.BindMount(real, destination, read_only=mount.read_only,
                           identity=source_identity(real, what=what))
-
-
-def writers_problem(info: os.stat_result) -> str | None:
-    """Why someone other than root or the caller can change the file or directory ``info``
-    describes ("owned by uid N, neither root nor you", "writable by others (mode 0646)",
-    "writable by group G (mode 0664)"), or None. Group write is accepted for group root only;
-    a sticky directory's write bits are (others may add names, never replace one)."""
-    mode = stat.S_IMODE(info.st_mode)
-    if info.st_uid not in (0, os.getuid()):
-        return f"owned by uid {info.st_uid}, neither root nor you"
-    if stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX:
-        return None
-    if mode & 0o002:
-        return f"writable by others (mode {mode:04o})"
-    if mode & 0o020 and info.st_gid != 0:
-        return f"writable by group {info.st_gid} (mode {mode:04o})"
-    return None
 
 
 def _judge_hook(hook: spec.Hook, *, what: str, settings) -> spec.Hook:
