@@ -671,6 +671,26 @@ def test_the_runtime_s_error_is_said_in_the_same_words(runtime_env, runtime_imag
             "config.json failed: not a directory\n") in result.stderr, describe(result)
 
 
+def test_debug_lines_naming_a_path_of_the_plan_are_printable(runtime_env, runtime_images, site):
+    """--debug names a changed dependency of a kept plan: both front ends wrote its path as it
+    is, so a file name could send terminal escapes (or a line that looks like berth's own) to the
+    user's terminal. Both write it now as cli.output.printable does (review; fails before)."""
+    env = runtime_env
+    env_file = env.scratch / "env\x1b[2J\u009b\nfile"
+    env_file.write_text("A=1\n")
+    os.chmod(env_file, 0o644)
+    args = ("--env-file", str(env_file), str(runtime_images.busybox), "true")
+    run_until_kept(env, site, *args)
+    env_file.write_text("A=22\n")
+    result = run(env, site, *args)
+    assert result.returncode == 0 and not hit(result), describe(result)
+    assert "\x1b" not in result.stderr and "\u009b" not in result.stderr, describe(result)
+    shown = f"{env.scratch}/env\\x1b[2J\\x9b\\nfile changed"
+    assert f"berth: plan cache: miss: {shown}\n" in result.stderr, describe(result)
+    if FRONT[0] == "compiled":
+        assert f"berth: front end: {shown}: running berth-py\n" in result.stderr, describe(result)
+
+
 def test_a_hit_killed_leaves_no_mount_up_once_the_linger_is_over(runtime_env, runtime_images, site, user):
     """kill -9 of berth running a kept plan on a lingering image mount: its hold dies with it, and
     the mount, its daemon and its reaper go without another berth being run. The reaper ended

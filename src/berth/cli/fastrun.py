@@ -106,4 +106,9 @@ def keeper(lookup: Lookup | None, environ=None, *, image_argument: str = "", deb
 
 def say_miss(lookup: Lookup | None, debug: bool) -> None:
     if lookup is not None and debug:
-        print(f"berth: plan cache: miss: {lookup.reason}", file=sys.stderr, flush=True)
+        reason = lookup.reason
+        if not reason.isprintable():  # it may name a path of the plan
+            from berth.cli.output import printable
+
+            reason = printable(reason)
+        print(f"berth: plan cache: miss: {reason}", file=sys.stderr, flush=True)

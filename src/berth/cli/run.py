@@ -55,11 +55,16 @@ def _strip_dashes(command: list[str]) -> list[str]:
 
 
 def _logger(show_debug: bool):
-    """Notes from the runtime go to stderr; debug ones only with --debug."""
+    """Notes from the runtime go to stderr; debug ones only with --debug. Printable: they name
+    paths and values from the environment, the image and kept plans."""
 
     def log(message: str, *, debug: bool = False) -> None:
         if debug and not show_debug:
             return
+        if not message.isprintable():  # rare: cli.output (and typing) stay unimported on a run
+            from berth.cli.output import printable
+
+            message = printable(message)
         print(f"berth: {message}", file=sys.stderr, flush=True)
 
     return log

@@ -100,14 +100,54 @@ static void sha_hex(sha256_t *s, char out[65]) {
 }
 
 /* ------------------------------------------------------------------ small helpers */
+/* `in` as berth.cli.output.printable writes it (Python's repr of each character that is not
+ * printable), on bytes of UTF-8: \t \n \r, \xNN for the other C0 controls, DEL, the C1
+ * controls and U+00A0/U+00AD, and a byte that is not UTF-8 as Python decoded it: \udcNN (the
+ * surrogate os.fsdecode makes of a path's), or with `replace` U+FFFD (a file read with
+ * errors="replace"). Other characters pass as they are (Python also escapes Unicode's format
+ * and separator characters above U+00FF; none of them is a terminal control). Cut to `size`. */
+static void printable(const char *in, char *out, size_t size, int replace) {
+    size_t used = 0;
+    const unsigned char *c = (const unsigned char *)in;
+    while (*c && used + 7 < size) {
+        unsigned byte = *c, length = byte < 0x80 ? 1 : byte >= 0xc2 && byte <= 0xdf ? 2
+                                  : byte >= 0xe0 && byte <= 0xef ? 3 : byte >= 0xf0 && byte <= 0xf4 ? 4 : 0;
+        int valid = length > 0;
+        for (unsigned i = 1; valid && i < length; i++) valid = (c[i] & 0xc0) == 0x80;
+        if (valid && length == 3 && ((byte == 0xe0 && c[1] < 0xa0) || (byte == 0xed && c[1] >= 0xa0))) valid = 0;
+        if (valid && length == 4 && ((byte == 0xf0 && c[1] < 0x90) || (byte == 0xf4 && c[1] >= 0x90))) valid = 0;
+        if (!valid) {
+            used += (size_t)snprintf(out + used, size - used, replace ? "\xef\xbf\xbd" : "\\udc%02x", byte);
+            c++;
+            continue;
+        }
+        unsigned point = length == 2 ? ((byte & 0x1f) << 6) | (c[1] & 0x3f) : byte;
+        if (length == 1 && (byte == '\t' || byte == '\n' || byte == '\r')) {
+            out[used++] = '\\';
+            out[used++] = byte == '\t' ? 't' : byte == '\n' ? 'n' : 'r';
+        } else if ((length == 1 && (byte < 0x20 || byte == 0x7f))
+                   || (length == 2 && (point <= 0xa0 || point == 0xad))) {
+            used += (size_t)snprintf(out + used, size - used, "\\x%02x", point);
+        } else {
+            if (used + length >= size) break;
+            memcpy(out + used, c, length);
+            used += length;
+        }
+        c += length;
+    }
+    out[used] = 0;
+}
+
+/* A --debug line, printable (paths and values come from the environment and the entry). */
 static void debug(const char *fmt, ...) {
     if (!g_debug) return;
+    char text[2 * PATH_MAX], shown[8 * PATH_MAX];
     va_list ap;
     va_start(ap, fmt);
-    fputs("berth: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
+    printable(text, shown, sizeof shown, 0);
+    fprintf(stderr, "berth: %s\n", shown);
 }
 
 /* The Python entry beside this program: argv and environment untouched. */
@@ -1223,15 +1263,11 @@ static int execute(struct entry *e) {
             } else msg = line;
             /* As supervise.runtime_error and cli.output.printable write it: \" unescaped, and no
              * terminal escapes from a log (control characters as Python's repr writes them). */
-            size_t used = 0;
-            for (const char *c = msg; *c && used + 5 < sizeof message; c++) {
-                unsigned char byte = (unsigned char)*c;
-                if (byte == '\\' && c[1] == '"') continue;
-                if (byte >= 0x20 && byte != 0x7f) message[used++] = (char)byte;
-                else if (byte == '\t' || byte == '\r') { message[used++] = '\\'; message[used++] = byte == '\t' ? 't' : 'r'; }
-                else used += (size_t)snprintf(message + used, sizeof message - used, "\\x%02x", byte);
-            }
-            message[used] = 0;
+            char *to = msg;
+            for (const char *c = msg; *c; c++)
+                if (!(*c == '\\' && c[1] == '"')) *to++ = *c;
+            *to = 0;
+            printable(msg, message, sizeof message, 1);  /* read_text(errors="replace") */
         }
         free(logtext);
     }
