@@ -544,9 +544,11 @@ def test_every_clean_up_that_cannot_unmount_says_so(runtime_env, runtime_images)
         describe(doctor)
     assert cause in doctor.stdout, describe(doctor)
 
-    # The stale clean-up at the start of a run (another command: berth ps cleans up too).
+    # The stale clean-up at the start of a run, and berth ps's.
     run = runtime_env.berth("run", image, "true", env=bad_path)
     assert "berth: warning: could not unmount the image at" in run.stderr and cause in run.stderr, describe(run)
+    ps = runtime_env.berth("ps", env=bad_path)
+    assert "berth: warning: could not unmount the image at" in ps.stderr and cause in ps.stderr, describe(ps)
 
     # berth doctor --cleanup says it, and does not claim the mount is gone.
     cleanup = runtime_env.berth("doctor", "--cleanup", "--json", env=bad_path)

@@ -165,9 +165,13 @@ def exec_command(args, ctx) -> int:
 
 
 def ps_command(args, ctx) -> int:
+    from berth.cli.output import printable
     from berth.runtime.manage import format_started, list_running
 
-    records = list_running(ctx.settings)
+    warnings: list[str] = []
+    records = list_running(ctx.settings, warn=warnings.append)
+    for warning in warnings:
+        print(f"berth: warning: {printable(warning)}", file=sys.stderr)
     if args.json:
         from berth.cli.output import print_json
 
@@ -184,9 +188,11 @@ def ps_command(args, ctx) -> int:
 def doctor_command(args, ctx) -> int:
     from berth.runtime import doctor
 
+    from berth.cli.output import printable
+
     cleaned, images, failures = doctor.cleanup(ctx.settings) if args.cleanup else ([], [], [])
     for failure in failures:
-        print(f"berth: warning: {failure}", file=sys.stderr)
+        print(f"berth: warning: {printable(failure)}", file=sys.stderr)
     plans = 0
     if args.cleanup:
         from berth.runtime.plancache import forget_all

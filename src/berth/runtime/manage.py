@@ -15,13 +15,14 @@ from berth.runtime.options import check_env_entry
 from berth.untrusted import parse_json
 
 
-def list_running(settings) -> list[dict]:
+def list_running(settings, *, warn=None) -> list[dict]:
     """The caller's live containers: id, name, image, command, started (epoch s), pid, status.
+    The stale clean-up before it tells ``warn`` of a mount it could not unmount.
 
     ``pid`` is the container's init as the runtime reports it (None while it starts).
     """
     state_dir = state.resolve_state_dir(settings)
-    state.cleanup_stale(state_dir)
+    state.cleanup_stale(state_dir, warn=warn)
     records = []
     for info in state.list_containers(state_dir):
         pid, status = None, "starting"
