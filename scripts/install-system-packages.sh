@@ -18,6 +18,7 @@ TEST_PACKAGES=(
     slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev libpmix-dev libpmi2-0-dev
     mpich libmpich-dev
     iproute2 psmisc ca-certificates strace
+    btrfs-progs  # a state directory on btrfs (tests/integration/test_plan_cache.py: its locks' devices)
 )
 BENCH_PACKAGES=(bubblewrap charliecloud python3-requests hyperfine podman time openssl)
 

@@ -223,7 +223,9 @@ class _ProcLocks:
     """What /proc tells of flocks, for one look: whether this /proc is of the first PID
     namespace, the local file systems' devices by mount id, and the FLOCKs held, each read
     once, when first needed; None for what could not be read (the caller then tries the lock).
-    Only the file's own fdinfo is read per file."""
+    Only the file's own fdinfo is read per file. One rule with its twin in C, berth-front.c's
+    ``lock_state`` (the compiled front end's looks at holders and container locks): keep the
+    two alike."""
 
     def __init__(self, proc: str) -> None:
         self.proc = proc

@@ -95,9 +95,14 @@ def run_until_kept(env, site, *args, extra=None, compiled=True):
 def hit(result) -> bool:
     """Whether the run was a hit of this test's front end (the compiled one says so and nothing
     of Python's, which it never started)."""
+    return hit_text(result.stderr)
+
+
+def hit_text(stderr: str) -> bool:
+    """:func:`hit` of a run's stderr (a run started with :func:`_popen`)."""
     if FRONT[0] == "compiled":
-        return "front end: hit" in result.stderr and "plan cache:" not in result.stderr
-    return "plan cache: hit" in result.stderr
+        return "front end: hit" in stderr and "plan cache:" not in stderr
+    return "plan cache: hit" in stderr
 
 
 def leaks(env) -> list[str]:
@@ -796,3 +801,69 @@ def test_a_plans_directory_not_the_users_alone_is_not_read(runtime_env, runtime_
     result = run(env, site, *args)
     assert (result.returncode, result.stdout) == (6, "ran\n") and not hit(result), describe(result)
     assert "front end: hit" not in result.stderr and "plan cache: hit" not in result.stderr, describe(result)
+
+
+@pytest.fixture
+def btrfs_state(runtime_env):
+    """A state directory on a btrfs file system of its own (a loop file): fstat names another
+    device there (the subvolume's anonymous one) than /proc/locks and mountinfo do. Needs root
+    (the tests run as root and berth as the test user) and mkfs.btrfs (btrfs-progs, installed by
+    scripts/install-system-packages.sh)."""
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a btrfs loop file system needs root")
+    if not shutil.which("mkfs.btrfs"):
+        pytest.skip("mkfs.btrfs is not installed (btrfs-progs; scripts/install-system-packages.sh installs it)")
+    top = Path(tempfile.mkdtemp(prefix="berth-btrfs-", dir="/tmp"))
+    image, mount = top / "btrfs.img", top / "m"
+    mount.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(300 << 20)
+    try:
+        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+        mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a loop file system here: {mounted.stderr.strip()}")
+        state = mount / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, runtime_env.user.uid, runtime_env.user.gid)
+        os.chmod(top, 0o755)
+        os.chmod(mount, 0o755)
+        yield state
+        runtime_env.berth("doctor", "--cleanup", env={"BERTH_STATE_DIR": str(state)})
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_on_btrfs_the_first_run_to_end_leaves_the_image_mounted_for_the_others(runtime_env, runtime_images, site,
+                                                                               btrfs_state):
+    """A state directory on btrfs (/tmp on a SLES node). The compiled front end judged holder
+    locks by fstat's device, which btrfs gives per subvolume where /proc/locks names the
+    superblock's: every live container looked dead, so a second run was Python's ("a container
+    left by a berth that died") and the first run to end removed the other's holder and left
+    the mount to be unmounted under it (SIGBUS, exit 135; review 10, the test fails before).
+    Both front ends: the second run joins as a hit, the first one's end leaves the mount to the
+    second, which reads its image to the end."""
+    env = runtime_env
+    # A short linger: its reaper, woken a linger after the first run ends, unmounts the image
+    # when it finds no holder file of a live container.
+    on_btrfs = {"BERTH_IMAGE_MOUNT_LINGER": "3", "BERTH_STATE_DIR": str(btrfs_state)}
+    short = (str(runtime_images.busybox), "sh", "-c", "sleep 3")
+    long = (str(runtime_images.busybox), "sh", "-c", "sleep 10; cat /bin/busybox >/dev/null && echo long-ok")
+    for _ in range(3):  # again while a file the plans depend on changed meanwhile (another test's user)
+        run_until_kept(env, site, *long, extra=on_btrfs)
+        run_until_kept(env, site, *short, extra=on_btrfs)  # the mount lingers after it, for both
+        first = _popen(env, site, *short, extra=on_btrfs)
+        time.sleep(1.0)
+        second = _popen(env, site, *long, extra=on_btrfs)  # while the first runs
+        first_out, first_err = first.communicate(timeout=60)
+        second_out, second_err = second.communicate(timeout=60)
+        if not any(" changed" in line and "miss" in line for line in (first_err + second_err).splitlines()):
+            break
+    assert first.returncode == 0 and hit_text(first_err), first_err[-1500:]
+    assert (second.returncode, second_out) == (0, "long-ok\n"), (second.returncode, second_err[-1500:],
+                                                                  first_err[-1500:])
+    assert hit_text(second_err), second_err[-1500:]

@@ -516,30 +516,61 @@ static int plan_cache_on(void) {
 }
 
 /* ------------------------------------------------------------- locks and /proc */
-/* The flocks /proc/locks shows, read at the first look that needs them (lazily: a read of
- * /proc/locks takes the kernel's file-lock rwsem for writing, which waits for an RCU grace period,
- * ~10 ms when nothing read it moments before; a run with nothing to look at reads none). */
-struct lockset { int loaded; size_t n; struct { unsigned maj, min; unsigned long long ino; } *items; };
+/* Whether a lock file is flock()ed now, found as berth.locks.is_locked finds it (its twin:
+ * berth.locks._ProcLocks and _is_locked; ONE rule, keep the two alike): the FLOCK lines of
+ * /proc/locks naming the file's superblock device, which is the device /proc/self/mountinfo gives
+ * the mount id that /proc/self/fdinfo shows for a descriptor of it, and the inode fdinfo shows.
+ * Never fstat's st_dev: btrfs reports another device there (per subvolume, 00:29, where
+ * /proc/locks says 00:28), and every live holder looked dead (review 10). Where /proc cannot tell
+ * (/proc/locks, mountinfo or fdinfo unreadable, a /proc of another PID namespace than the first,
+ * which leaves out holders it cannot see, or a file system whose locks other nodes may hold) one
+ * try of the lock, as there. What /proc shows is read at the first look that needs it, once
+ * (lazily: a read of /proc/locks takes the kernel's file-lock rwsem for writing, which waits for
+ * an RCU grace period, ~10 ms when nothing read it moments before; a run with nothing to look at
+ * reads none). */
+struct lockset {
+    int loaded, mounts_read, namespace_read, first_namespace;
+    size_t n, mounts;
+    struct { unsigned maj, min; unsigned long long ino; } *items;
+    struct { long id; unsigned maj, min; } *local;  /* mount id -> device, local file systems only */
+};
 
-static void read_proc_locks(struct lockset *set) {
-    set->loaded = 1;
-    set->n = 0; set->items = NULL;
-    /* /proc files have no size: read with a plain loop. */
-    int fd = open("/proc/locks", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
+static void free_lockset(struct lockset *set) {
+    free(set->items);
+    free(set->local);
+}
+
+/* A /proc file (no size: read with a plain loop), NUL-terminated, or NULL. */
+static char *read_proc_file(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
     size_t cap = 1 << 16, got = 0;
     char *buf = malloc(cap + 1);
-    if (!buf) { close(fd); return; }
+    if (!buf) { close(fd); return NULL; }
     for (;;) {
-        if (got == cap) { char *bigger = realloc(buf, cap * 2 + 1); if (!bigger) break; buf = bigger; cap *= 2; }
+        if (got == cap) {
+            char *bigger = cap < (64u << 20) ? realloc(buf, cap * 2 + 1) : NULL;
+            if (!bigger) { free(buf); close(fd); return NULL; }
+            buf = bigger; cap *= 2;
+        }
         ssize_t n = read(fd, buf + got, cap - got);
-        if (n <= 0) break;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) { free(buf); close(fd); return NULL; }
+        if (n == 0) break;
         got += (size_t)n;
     }
     close(fd);
     buf[got] = 0;
+    return buf;
+}
+
+static void read_proc_locks(struct lockset *set) {
+    set->loaded = 1;
+    set->n = 0; set->items = NULL;
+    char *buf = read_proc_file("/proc/locks");
+    if (!buf) return;
     size_t lines = 1;
-    for (size_t i = 0; i < got; i++) lines += buf[i] == '\n';
+    for (char *c = buf; *c; c++) lines += *c == '\n';
     set->items = calloc(lines, sizeof *set->items);
     if (!set->items) { free(buf); return; }
     for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
@@ -555,20 +586,104 @@ static void read_proc_locks(struct lockset *set) {
     free(buf);
 }
 
-static int lock_seen(struct lockset *set, const struct stat *st) {
+/* locks._LOCAL_FILE_SYSTEMS: those whose flocks are all in this node's /proc/locks. */
+static int local_file_system(const char *type) {
+    static const char *const local[] = {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "overlay"};
+    for (size_t i = 0; i < sizeof local / sizeof *local; i++) if (!strcmp(type, local[i])) return 1;
+    return 0;
+}
+
+/* /proc/self/mountinfo: "36 35 0:40 / /mnt rw,relatime shared:1 - btrfs /dev/loop0 rw" */
+static void read_mountinfo(struct lockset *set) {
+    set->mounts_read = 1;
+    char *buf = read_proc_file("/proc/self/mountinfo");
+    if (!buf) return;
+    size_t lines = 1;
+    for (char *c = buf; *c; c++) lines += *c == '\n';
+    set->local = calloc(lines, sizeof *set->local);
+    if (!set->local) { free(buf); return; }
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        long id;
+        unsigned maj, min;
+        char type[32];
+        const char *dash = strstr(line, " - ");
+        if (!dash || sscanf(line, "%ld %*d %u:%u", &id, &maj, &min) != 3 || sscanf(dash + 3, "%31s", type) != 1
+            || !local_file_system(type))
+            continue;
+        set->local[set->mounts].id = id; set->local[set->mounts].maj = maj; set->local[set->mounts].min = min;
+        set->mounts++;
+    }
+    free(buf);
+}
+
+/* Whether this /proc is of the first PID namespace: pid 2 is kthreadd (PF_KTHREAD) there only. */
+static int first_namespace(struct lockset *set) {
+    if (set->namespace_read) return set->first_namespace;
+    set->namespace_read = 1;
+    char buf[1024];
+    int fd = open("/proc/2/stat", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+    if (fd >= 0) close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    unsigned long flags;
+    /* after the name: state, ppid, pgrp, session, tty_nr, tpgid, flags */
+    if (p && sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %lu", &flags) == 1) set->first_namespace = (flags & 0x00200000) != 0;
+    return set->first_namespace;
+}
+
+/* Whether /proc/locks shows a FLOCK on the file open as fd: 1, 0, or -1 when /proc cannot tell
+ * (locks._ProcLocks.seen). */
+static int proc_seen(struct lockset *set, int fd) {
+    if (!first_namespace(set)) return -1;
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+    int info = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = info < 0 ? -1 : read(info, buf, sizeof buf - 1);
+    if (info >= 0) close(info);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    const char *mnt = strstr(buf, "\nmnt_id:"), *ino_line = strstr(buf, "\nino:");
+    long mount_id;
+    unsigned long long ino;
+    if (!mnt || !ino_line || sscanf(mnt + 8, "%ld", &mount_id) != 1 || sscanf(ino_line + 5, "%llu", &ino) != 1) return -1;
+    if (!set->mounts_read) read_mountinfo(set);
+    size_t m = 0;
+    while (m < set->mounts && set->local[m].id != mount_id) m++;
+    if (m == set->mounts) return -1;  /* not a local file system's (or mountinfo unreadable) */
     if (!set->loaded) read_proc_locks(set);
+    if (!set->items) return -1;
     for (size_t i = 0; i < set->n; i++)
-        if (set->items[i].ino == (unsigned long long)st->st_ino && set->items[i].maj == major(st->st_dev)
-            && set->items[i].min == minor(st->st_dev))
+        if (set->items[i].ino == ino && set->items[i].maj == set->local[m].maj && set->items[i].min == set->local[m].min)
             return 1;
     return 0;
 }
 
-/* Whether the regular file name in dirfd is flock()ed by someone now (a look, never a take). */
-static int is_locked(int dirfd, const char *name, struct lockset *set) {
+/* Whether the entry name in dirfd is flock()ed by someone now (locks._is_locked): 1 held, 0 not
+ * (also for a link, a non-regular file or nothing there: no lock of berth's), -1 when it cannot
+ * be told. A look through /proc, never a take, except where /proc cannot tell. */
+static int lock_state(int dirfd, const char *name, struct lockset *set) {
+    const int flags = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+    int can_try = 1, fd = openat(dirfd, name, O_RDWR | flags);
+    if (fd < 0 && (errno == EACCES || errno == EPERM || errno == EROFS || errno == ETXTBSY || errno == EISDIR))
+        fd = openat(dirfd, name, O_RDONLY | flags);
+    if (fd < 0 && (errno == EACCES || errno == EPERM)) {
+        fd = openat(dirfd, name, O_PATH | flags);
+        can_try = 0;
+    }
+    if (fd < 0) return errno == ENOENT || errno == ENOTDIR || errno == ELOOP || errno == ENXIO ? 0 : -1;
     struct stat st;
-    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) return 0;
-    return lock_seen(set, &st);
+    int state = -1;
+    if (fstat(fd, &st) == 0) {
+        if (!S_ISREG(st.st_mode)) state = 0;
+        else if ((state = proc_seen(set, fd)) < 0 && can_try) {
+            if (flock(fd, LOCK_EX | LOCK_NB) == 0) state = 0;  /* released by the close below */
+            else if (errno == EWOULDBLOCK) state = 1;
+        }
+    }
+    close(fd);
+    return state;
 }
 
 /* flock with a deadline (0 s: one try). 0, or -1. */
@@ -792,7 +907,9 @@ static const char *stale(struct lockset *locks) {
         if (!strcmp(d->d_name, ".") || !strcmp(d->d_name, "..")) continue;
         int sub = openat(dirfd, d->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (sub < 0) { why = "something stale in the containers directory"; break; }
-        if (!is_locked(sub, "lock", locks)) why = "a container left by a berth that died";
+        int state = lock_state(sub, "lock", locks);
+        if (state == 0) why = "a container left by a berth that died";
+        else if (state < 0) why = "whether a container's berth lives cannot be told";
         close(sub);
     }
     closedir(dir);
@@ -814,7 +931,8 @@ static const char *stale(struct lockset *locks) {
             DIR *hd = fdopendir(holders);
             struct dirent *h;
             while (hd && (h = readdir(hd)))
-                if (h->d_name[0] != '.' && is_locked(holders, h->d_name, locks)) live = 1;
+                if (strcmp(h->d_name, ".") && strcmp(h->d_name, "..") && lock_state(holders, h->d_name, locks) == 1)
+                    live = 1;
             if (hd) closedir(hd); else close(holders);
         }
         if (!live) {
@@ -961,8 +1079,13 @@ static int run_wait(const char *const *argv) {
 }
 
 /* Leave the shared mount (imagemount.ImageMount.release): under the mount lock, the holder
- * goes; with others left, that is all; the last one out refreshes a lingering mount whose reaper
- * lives, and leaves the rest (a reaper to start, an unmount) to Python. */
+ * goes; with another holder seen live, that is all. The front end never judges a holder dead:
+ * removing one, or leaving a mount whose holders it took for dead, is imagemount._leave's, with
+ * Python's look at their locks (a holder of a live container removed here left the next leaver
+ * to unmount the image under it: review 10, btrfs). So only where holders/ is empty, nothing to
+ * judge, the last one out refreshes a lingering mount whose reaper lives itself; any other
+ * leaving (holders it does not see live, a reaper to start, an unmount) is
+ * imagemount.leave_main's. */
 static void release_image(struct run *r, const char *python) {
     if (r->holder_fd < 0) return;
     int lock = open_lock_file(r->image_fd, "lock", 0);
@@ -978,24 +1101,25 @@ static void release_image(struct run *r, const char *python) {
     close(r->holder_fd);
     r->holder_fd = -1;
     struct lockset locks = {0};
-    int live = 0, holders = openat(r->image_fd, "holders", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int live = 0, others = 0, holders = openat(r->image_fd, "holders", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (holders >= 0) {
         DIR *hd = fdopendir(holders);
         struct dirent *h;
-        while (hd && (h = readdir(hd))) {
-            if (h->d_name[0] == '.') continue;
-            if (is_locked(holders, h->d_name, &locks)) live = 1;
-            else unlinkat(holders, h->d_name, 0);  /* its berth died (under the mount lock) */
+        if (!hd) { close(holders); others = 1; }
+        while (hd && !live && (h = readdir(hd))) {
+            if (!strcmp(h->d_name, ".") || !strcmp(h->d_name, "..")) continue;
+            others = 1;  /* a holder, or something Python's look must judge */
+            if (lock_state(holders, h->d_name, &locks) == 1) live = 1;
         }
-        if (hd) closedir(hd); else close(holders);
-    }
-    free(locks.items);
+        if (hd) closedir(hd);
+    } else if (errno != ENOENT) others = 1;
+    free_lockset(&locks);
     if (live) { close(lock); return; }
     struct record rec;
     char *text = read_record(r->image_fd, &rec);
     long long earlier = -1;
     int done = 0;
-    if (text && r->e->linger_s > 0 && serving(r->image_dir, &rec) && reaper_alive(&rec)
+    if (!others && text && r->e->linger_s > 0 && serving(r->image_dir, &rec) && reaper_alive(&rec)
         && (whole(record_get(&rec, "linger_s"), &earlier) != 0 || earlier <= r->e->linger_s)) {
         char extra[96];
         snprintf(extra, sizeof extra, "\"idle_since\": %.6f, \"linger_s\": %ld", now_s(), r->e->linger_s);
@@ -1335,7 +1459,7 @@ int main(int argc, char **argv) {
     if (on != 1) exec_python(on == 0 ? "the setting plan_cache is off" : "the settings are Python's to read");
     struct lockset locks = {0};
     why = stale(&locks);
-    free(locks.items);
+    free_lockset(&locks);
     if (why) exec_python(why);
     char python[PATH_MAX];
     if (python_of_entry(python, sizeof python) != 0)  /* a mount's leaving may need it (release_image) */
