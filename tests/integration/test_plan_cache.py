@@ -803,6 +803,34 @@ def test_a_plans_directory_not_the_users_alone_is_not_read(runtime_env, runtime_
     assert "front end: hit" not in result.stderr and "plan cache: hit" not in result.stderr, describe(result)
 
 
+def test_a_sigusr1_before_a_fallback_to_python_is_dropped(runtime_env, runtime_images, site):
+    """A SIGUSR1 that came while the compiled front end had the forwarded signals blocked (it
+    waited for the image mount's lock), followed by a fall back to Python (the mount stopped
+    serving meanwhile), is dropped as Python drops it (proc.HELD_SIGNALS): exec_python unblocked
+    it before berth-py started and berth died of it, exit 138 (review 10; the test fails
+    before)."""
+    import fcntl
+    import signal
+
+    env = runtime_env
+    args = (str(runtime_images.busybox), "sh", "-c", "echo done")
+    run_until_kept(env, site, *args, extra=LINGER)
+    [lock] = (env.state_dir / "images").glob("*/lock")  # the mount lingers, for both
+    record = json.loads((lock.parent / "mount.json").read_text())
+    with open(lock, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        child = _popen(env, site, *args, extra=LINGER)
+        time.sleep(1.0)  # the run waits for the lock
+        child.send_signal(signal.SIGUSR1)
+        os.kill(record["pid"], signal.SIGKILL)  # the mount stops serving: the front end leaves it to Python
+        time.sleep(0.5)
+    stdout, stderr = child.communicate(timeout=120)
+    assert (child.returncode, stdout) == (0, "done\n"), (child.returncode, stdout, stderr)
+    if FRONT[0] == "compiled":
+        assert "the image mount does not serve (mounting it is Python's): running berth-py" in stderr, stderr
+    env.berth("doctor", "--cleanup", env=site.env)
+
+
 @pytest.fixture
 def btrfs_state(runtime_env):
     """A state directory on a btrfs file system of its own (a loop file): fstat names another

@@ -150,13 +150,29 @@ static void debug(const char *fmt, ...) {
     fprintf(stderr, "berth: %s\n", shown);
 }
 
+/* Drop a SIGUSR1 or SIGUSR2 that came while execute() blocked the forwarded signals, before the
+ * command runs: Python's handler of proc.HELD_SIGNALS drops them; their default action would end
+ * berth as the mask is restored for berth-py (exec_python), or the command as it starts (the hit
+ * path), which has not set itself up to take them (Slurm's --signal=USR1@T). One that was pending
+ * and blocked by the caller already is dropped too: pending signals are not inherited by the
+ * programs berth starts, and Python never unblocks it. */
+static void drop_held_signals(void) {
+    sigset_t held;
+    sigemptyset(&held);
+    sigaddset(&held, SIGUSR1);
+    sigaddset(&held, SIGUSR2);
+    struct timespec now_only = {0, 0};
+    while (sigtimedwait(&held, NULL, &now_only) > 0) {}
+}
+
 /* The Python entry beside this program: argv and environment untouched. */
 static void exec_python(const char *why) {
     char path[PATH_MAX];
     const char *slash = strrchr(g_self, '/');
     if (why) debug("front end: %s: running berth-py", why);
     /* Signals blocked while a container was being made (execute) must not stay blocked for
-     * Python; one that came meanwhile stopped the run before its command, as Python's would. */
+     * Python; one that came meanwhile stopped the run before its command, as Python's would, or,
+     * a SIGUSR1 or SIGUSR2, is dropped (it ended berth as the mask was restored: review 10). */
     sigset_t pending;
     sigpending(&pending);
     static const int stops[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
@@ -165,6 +181,7 @@ static void exec_python(const char *why) {
             fprintf(stderr, "berth: stopped by signal SIG%s before the command started\n", sigabbrev_np(stops[i]));
             _exit(128 + stops[i]);
         }
+    drop_held_signals();
     sigprocmask(SIG_SETMASK, &g_mask, NULL);
     if (!slash || (size_t)(slash - g_self) + sizeof "/berth-py" > sizeof path) {
         fprintf(stderr, "berth: error: cannot find berth-py beside this program\nberth: hint: reinstall berth (pip install berth)\n");
@@ -1311,15 +1328,7 @@ static int execute(struct entry *e) {
         fprintf(stderr, "berth: stopped by signal SIG%s before the command started\n", sigabbrev_np(stop));
         return 128 + stop;
     }
-    /* SIGUSR1 and SIGUSR2 that came before the command runs are dropped, as Python's handler of
-     * proc.HELD_SIGNALS drops them, not passed to the command as it starts (their default action
-     * ends it: Slurm's --signal=USR1@T is for a command that set itself up to take it). */
-    sigset_t for_the_command;
-    sigemptyset(&for_the_command);
-    sigaddset(&for_the_command, SIGUSR1);
-    sigaddset(&for_the_command, SIGUSR2);
-    struct timespec now_only = {0, 0};
-    while (sigtimedwait(&for_the_command, NULL, &now_only) > 0) {}
+    drop_held_signals();  /* not passed to the command as it starts */
 
     /* supervise.start_runtime + wait */
     char parent[32], runtime_root[PATH_MAX + 8], log[PATH_MAX + 16], bundle_path[PATH_MAX + 8];
