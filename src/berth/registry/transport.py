@@ -219,7 +219,8 @@ class Transport:
                 written = proxy if "://" in proxy else "http://" + proxy
                 if not _parses(written) or _scheme(written) is None or not urlsplit(written).hostname:
                     variable = f"{urlsplit(url).scheme}_proxy"
-                    raise ConfigError(f"the proxy setting {variable}={proxy[:200]!r} is not a usable URL "
+                    # Not the value: a proxy URL may carry a password (the S3 side's rule too).
+                    raise ConfigError(f"the proxy setting {variable} is not a usable URL "
                                       f"(berth would reach registry {self.registry} through it)",
                                       hint=f"fix {variable} (or {variable.upper()}) in your environment: "
                                            "http://HOST:PORT with a port from 1 to 65535; or unset it")
