@@ -398,15 +398,16 @@ def test_a_run_given_the_directory_holding_the_state_keeps_its_plan_and_neither_
 
 # ------------------------------------------------- the compiled front end and Python, side by side
 
-def _popen(env, site, *args, extra=None):
+def _popen(env, site, *args, extra=None, wrapper=()):
     """`berth run --debug ARGS` by this test's front end, as the test user, with no process
-    between (setpriv execs): signals reach the front end itself."""
+    between (setpriv execs; ``wrapper``, such as nohup, must exec too): signals reach the front
+    end itself."""
     import subprocess
 
     linger = LINGER if FRONT[0] == "compiled" else {}
     full = env.user.base_env(**env.env(**{**site.env, **CACHE_ON, **linger, **(extra or {})}))
     argv = ["setpriv", f"--reuid={env.user.uid}", f"--regid={env.user.gid}", "--init-groups", "env", "-i",
-            *[f"{k}={v}" for k, v in full.items()], program(), "run", "--debug", *args]
+            *[f"{k}={v}" for k, v in full.items()], *wrapper, program(), "run", "--debug", *args]
     return subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -829,6 +830,30 @@ def test_a_sigusr1_before_a_fallback_to_python_is_dropped(runtime_env, runtime_i
     assert (child.returncode, stdout) == (0, "done\n"), (child.returncode, stdout, stderr)
     if FRONT[0] == "compiled":
         assert "the image mount does not serve (mounting it is Python's): running berth-py" in stderr, stderr
+    env.berth("doctor", "--cleanup", env=site.env)
+
+
+def test_a_hangup_the_caller_ignores_stays_ignored(runtime_env, runtime_images, site):
+    """`nohup berth run ...`: SIGHUP, ignored by the caller, stays ignored by berth (not
+    forwarded, no stop timer) on both front ends, and the command inherits it ignored as it
+    would from nohup alone. Python's wait_forwarding installed its handler over SIG_IGN and the
+    compiled front end blocked it (a blocked signal is queued even when ignored): both forwarded
+    the hang-up, the command ignored it, and --stop-timeout killed the container, exit 137
+    (review 10; the test fails before)."""
+    import signal
+
+    env = runtime_env
+    args = ("--stop-timeout", "1", str(runtime_images.busybox), "sh", "-c",
+            "grep ^SigIgn: /proc/self/status; sleep 4; echo done")
+    run_until_kept(env, site, *args, extra=LINGER)
+    child = _popen(env, site, *args, extra=LINGER, wrapper=("nohup",))
+    time.sleep(2.0)  # the container runs
+    child.send_signal(signal.SIGHUP)
+    stdout, stderr = child.communicate(timeout=60)
+    assert (child.returncode, stdout.splitlines()[-1:]) == (0, ["done"]), (child.returncode, stdout, stderr[-800:])
+    ignored = int(stdout.split()[1], 16)
+    assert ignored & (1 << (signal.SIGHUP - 1)), stdout  # the command's, as from nohup alone
+    assert ("front end: hit" if FRONT[0] == "compiled" else "plan cache: hit") in stderr, stderr
     env.berth("doctor", "--cleanup", env=site.env)
 
 

@@ -94,6 +94,32 @@ def test_stop_timeout_fires_once_when_the_child_ignores_the_stop_signal():
     assert child.stdout.read().split() == [b"SIGTERM"]
 
 
+def test_a_signal_ignored_when_the_wait_starts_stays_ignored_and_starts_no_stop_timer():
+    """`nohup berth ...`: SIGHUP is SIG_IGN when berth starts; wait_forwarding installed its
+    handler over it, forwarded the hang-up and started the stop timer (review 10; the test fails
+    before). It stays ignored, and a later SIGUSR1 is still forwarded."""
+    child = start_child()
+    previous = {signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+                signal.SIGUSR1: signal.signal(signal.SIGUSR1, lambda signum, frame: None)}  # a late one
+    fired = []
+
+    def send():
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            time.sleep(0.3)
+            os.kill(os.getpid(), signum)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        status = proc.wait_forwarding(child, stop_timeout_s=0.01, on_stop_timeout=lambda: fired.append(1))
+        ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        sender.join()
+        child.kill()
+        proc.restore_handlers(previous)
+    assert (status, ignored, fired) == (7, True, [])
+    assert child.stdout.read().split() == [b"SIGUSR1"]
+
+
 def test_raise_on_stop_keeps_a_callers_handler_unless_told():
     mine = signal.signal(signal.SIGHUP, lambda *_: None)
     try:

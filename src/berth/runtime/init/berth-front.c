@@ -1222,10 +1222,18 @@ static int execute(struct entry *e) {
     if (!json_plain(r.path) || !json_plain(r.image_dir)) exec_python("the state directory's path needs escaping");
 
     /* Stop signals wait until the launcher runs (then they are forwarded), as Python's
-     * raise_on_stop makes them undo what was done. */
+     * raise_on_stop makes them undo what was done. A forwarded signal the caller ignores (nohup's
+     * SIGHUP, SIGINT and SIGQUIT of a background job of a non-interactive shell) stays ignored,
+     * as proc.wait_forwarding leaves it: not blocked (a blocked signal is queued even when it is
+     * ignored, and was forwarded, starting the stop timer: `nohup berth run` killed its
+     * container), so never taken or forwarded (runtime README, "Lifecycle"). */
     sigset_t forwarded;
     sigemptyset(&forwarded);
-    for (size_t i = 0; i < sizeof FORWARDED / sizeof *FORWARDED; i++) sigaddset(&forwarded, FORWARDED[i]);
+    for (size_t i = 0; i < sizeof FORWARDED / sizeof *FORWARDED; i++) {
+        struct sigaction now;
+        if (sigaction(FORWARDED[i], NULL, &now) == 0 && now.sa_handler == SIG_IGN) continue;
+        sigaddset(&forwarded, FORWARDED[i]);
+    }
     sigaddset(&forwarded, SIGCHLD);
     sigprocmask(SIG_BLOCK, &forwarded, NULL);
 
