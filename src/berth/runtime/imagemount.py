@@ -177,9 +177,11 @@ def _leave(directory: Path, linger_s: int, lock_timeout_s: float, process=None) 
 
 def leave_main(argv: list[str]) -> int:
     """``python -c '...leave_main(sys.argv[1:])' DIRECTORY LINGER_S LOCK_TIMEOUT_S``: the
-    compiled front end (berth.runtime.compiledplan) has removed its holder and found nobody
-    else holding the mount, and has no reaper to reuse: the rest of the leaving is this
-    module's (a reaper to start, or the unmount)."""
+    compiled front end (berth.runtime.compiledplan) has removed its holder and seen no other
+    holder held, and either holder files are left (it judges none dead: removing them is
+    :func:`_leave`'s, by this module's look at their locks) or it has no reaper to reuse: the
+    rest of the leaving is this module's (removing dead holders, a reaper to start, or the
+    unmount)."""
     directory, linger_s, lock_timeout_s = Path(argv[0]), int(argv[1]), float(argv[2])
     if directory.parent.name != IMAGES:
         return 2
