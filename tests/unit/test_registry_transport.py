@@ -344,7 +344,7 @@ def test_an_answer_that_is_not_streamed_is_a_reply_of_berths_not_urllib3s_respon
 
 
 @pytest.mark.parametrize("proxy", ["http://[::1:3128", "http://proxy.example:99999", "http://proxy.example:abc",
-                                   "http://user:s3cret@proxy.example:99999"])
+                                   "http://user:s3cret@proxy.example:99999", "http://proxy.example:0"])
 def test_a_proxy_setting_berth_cannot_use_is_named_not_a_traceback(proxy):
     """An ``http_proxy`` with an IPv6 host without its ']' raised ValueError (a traceback), and
     one with a port past 65535 read as "cannot reach registry ...: is the registry running?",

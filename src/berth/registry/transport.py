@@ -216,8 +216,8 @@ class Transport:
             if manager is None:
                 import urllib3
 
-                written = proxy if "://" in proxy else "http://" + proxy
-                if not _parses(written) or _scheme(written) is None or not urlsplit(written).hostname:
+                written = usable_proxy_url(proxy)
+                if written is None:
                     variable = f"{urlsplit(url).scheme}_proxy"
                     # Not the value: a proxy URL may carry a password (the S3 side's rule too).
                     raise ConfigError(f"the proxy setting {variable} is not a usable URL "
@@ -457,6 +457,18 @@ def _parses(url: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def usable_proxy_url(proxy: str) -> str | None:
+    """``proxy`` (a proxy variable's value) as the URL to use, ``http://`` added when it names no
+    scheme, or None when berth cannot use it: Python's or urllib3's URL parser refuses it (an
+    IPv6 host without its ']', a port past 65535), it names no host, or its port is 0. The one
+    rule for registries and S3 endpoints; callers name the variable, never its value (a proxy
+    URL may carry a password)."""
+    written = proxy if "://" in proxy else "http://" + proxy
+    if not _parses(written) or _scheme(written) is None or not urlsplit(written).hostname or urlsplit(written).port == 0:
+        return None
+    return written
 
 
 def proxy_bypassed(hostname: str, port: int | None, proxies: Mapping[str, str]) -> bool:

@@ -303,19 +303,15 @@ def _endpoint_proxy(endpoint: str) -> str | None:
     to obstore, which then reads no proxy variable itself."""
     import urllib.request
 
-    from berth.registry.transport import proxy_bypassed
+    from berth.registry.transport import proxy_bypassed, usable_proxy_url
 
     proxies = urllib.request.getproxies_environment()
     parts = urlsplit(endpoint)
     proxy = proxies.get(parts.scheme) or proxies.get("all")
     if not proxy or not parts.hostname or proxy_bypassed(parts.hostname, parts.port, proxies):
         return None
-    written = proxy if "://" in proxy else f"http://{proxy}"
-    try:
-        usable = bool(urlsplit(written).hostname) and urlsplit(written).port != 0
-    except ValueError:
-        usable = False
-    if not usable:
+    written = usable_proxy_url(proxy)
+    if written is None:
         # Not the value: a proxy URL may carry a password.
         raise StagingError(f"the proxy the environment names for the S3 endpoint {endpoint} "
                            f"({parts.scheme}_proxy or all_proxy) is not a usable URL",
