@@ -191,22 +191,23 @@ def run(
     timeout: float | None = None,
     check: bool = True,
     what: str | None = None,
+    parent_death: int | None = None,
 ) -> Completed | subprocess.CompletedProcess:
     """Run a program to completion; its ``stdout`` and ``stderr`` (bytes, with ``PIPE``), its
     ``returncode`` (-N when killed by signal N) are in the result.
 
     ``argv[0]`` is resolved with :func:`find_program`. With ``check`` a non-zero exit raises
     ProgramFailed naming ``what`` (default: the program) and the tail of its stderr.
-    A timeout kills the child and raises ProgramFailed.
+    A timeout kills the child and raises ProgramFailed. ``parent_death``: as :func:`start`.
     """
     argv = [find_program(argv[0]), *argv[1:]]
     if input is None and stdin is None:
         stdin = DEVNULL
     name = what or os.path.basename(argv[0])
-    if input is None and stdin != PIPE and _spawnable(cwd):
+    if input is None and stdin != PIPE and parent_death is None and _spawnable(cwd):
         result, timed_out = _run_spawned(argv, env, stdin, stdout, stderr, cwd, timeout)
     else:
-        result, timed_out = _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout)
+        result, timed_out = _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout, parent_death)
     if timed_out:
         # Like a failure below: the stderr tail belongs to the message (a hint says who acts).
         tail = _tail(result.stderr)
@@ -218,15 +219,29 @@ def run(
     return result
 
 
-def _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout):
+def _run_subprocess(argv, env, input, stdin, stdout, stderr, cwd, timeout, parent_death=None):
     import subprocess
 
-    try:
-        return subprocess.run(argv, input=input, stdin=stdin if input is None else None, stdout=stdout,
-                              stderr=stderr, env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout,
-                              check=False), False
-    except subprocess.TimeoutExpired as exc:
-        return Completed(argv, -signal.SIGKILL, exc.stdout, exc.stderr), True
+    if parent_death is None:
+        try:
+            return subprocess.run(argv, input=input, stdin=stdin if input is None else None, stdout=stdout,
+                                  stderr=stderr, env=dict(env) if env is not None else None, cwd=cwd,
+                                  timeout=timeout, check=False), False
+        except subprocess.TimeoutExpired as exc:
+            return Completed(argv, -signal.SIGKILL, exc.stdout, exc.stderr), True
+    child = _popen(argv, parent_death, env=env, stdin=PIPE if input is not None else stdin, stdout=stdout,
+                   stderr=stderr, cwd=cwd)
+    with child:  # subprocess.run's way: the child is killed and reaped whatever happens
+        try:
+            out, err = child.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, err = child.communicate()
+            return Completed(argv, -signal.SIGKILL, out, err), True
+        except BaseException:
+            child.kill()
+            raise
+    return Completed(argv, child.returncode, out, err), False
 
 
 def _run_spawned(argv, env, stdin, stdout, stderr, cwd, timeout) -> tuple[Completed, bool]:
@@ -313,6 +328,7 @@ def start(
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
     move_fds: Mapping[int, int] | None = None,
+    parent_death: int | None = None,
 ) -> Child | subprocess.Popen:
     """Start a program and return it as a :class:`Child` (a ``subprocess.Popen`` when a
     stream is ``PIPE``: its ``stdin``/``stdout`` are the pipes' file objects); the caller waits
@@ -321,9 +337,14 @@ def start(
     ``move_fds`` {child fd: berth's fd} gives the child one of berth's descriptors under another
     number (runc's ``--preserve-fds`` passes only fds 3, 4, ...); berth's own descriptor at
     that number, if any, is left as it is (the same open file, so flock locks held through it
-    stay held)."""
+    stay held).
+
+    ``parent_death``: the signal the kernel sends the program when berth dies, killed with
+    SIGKILL too (PR_SET_PDEATHSIG, for the thread that calls this, set before the program
+    runs; a berth gone by then sends it at once). Such a child is a ``subprocess.Popen`` (the
+    prctl needs a fork of berth's own: posix_spawn cannot make it)."""
     argv = [find_program(argv[0]), *argv[1:]]
-    if PIPE not in (stdin, stdout, stderr) and _spawnable(cwd):
+    if PIPE not in (stdin, stdout, stderr) and parent_death is None and _spawnable(cwd):
         return _spawn_child(argv, env, stdin, stdout, stderr, cwd=cwd, pass_fds=pass_fds, new_session=new_session,
                             move_fds=move_fds)
     import subprocess
@@ -340,16 +361,8 @@ def start(
                 kept, inheritable = None, False
             saved.append((target, kept, inheritable))
             os.dup2(source, target, inheritable=False)
-        return subprocess.Popen(
-            argv,
-            env=dict(env) if env is not None else None,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            pass_fds=(*pass_fds, *(move_fds or {})),
-            start_new_session=new_session,
-        )
+        return _popen(argv, parent_death, env=env, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd,
+                      pass_fds=(*pass_fds, *(move_fds or {})), start_new_session=new_session)
     finally:
         for target, kept, inheritable in reversed(saved):
             if kept is None:
@@ -358,6 +371,34 @@ def start(
             else:
                 os.dup2(kept, target, inheritable=inheritable)
                 os.close(kept)
+
+
+def _popen(argv: list[str], parent_death: int | None, *, env: Mapping[str, str] | None,
+           **options) -> subprocess.Popen:
+    """``subprocess.Popen`` of ``argv``; with ``parent_death`` (:func:`start`), started with
+    :data:`FORWARDED_SIGNALS` blocked as :func:`_spawn_child` does (a stop signal raised as
+    Popen returned would lose the child), the child setting its parent-death signal and the
+    mask berth had before it runs the program."""
+    import subprocess
+
+    env = dict(env) if env is not None else None
+    if parent_death is None:
+        return subprocess.Popen(argv, env=env, **options)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    child = None
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        child = subprocess.Popen(argv, env=env, preexec_fn=_dying_with_this_thread(parent_death, previous),
+                                 **options)
+    finally:
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal's handler runs here
+        except BaseException:
+            if child is not None:
+                child.kill()
+                child.wait()
+            raise
+    return child
 
 
 def _spawnable(cwd: str | None) -> bool:
@@ -595,18 +636,44 @@ def _raise_stop(signum, frame):
     raise StopRequested(signum)
 
 
-def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
-    """In a forked child: have the kernel send ``signum`` when the parent dies (prctl
-    PR_SET_PDEATHSIG), like ``setpriv --pdeathsig`` does for programs started here; a parent
-    gone already (before the call) sends it at once. Without it a child supervising a
-    container outlives a parent killed with SIGKILL, and nothing stops it (issue 8)."""
+@functools.cache
+def _prctl():
+    """libc's prctl, resolved once (ctypes): a child between fork and exec calls it without
+    importing or loading anything, which another thread may hold a lock for."""
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, signum, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
+    """In a forked child: have the kernel send ``signum`` when the parent dies (prctl
+    PR_SET_PDEATHSIG); a parent gone already (before the call) sends it at once. Without it a
+    child supervising a container outlives a parent killed with SIGKILL, and nothing stops it
+    (issue 8). The one way berth ties a process's life to its own: :func:`start` and
+    :func:`run` give it to programs with ``parent_death``."""
+    if _prctl()(1, signum, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        import ctypes
+
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signum)
+
+
+def _dying_with_this_thread(signum: int, mask) -> Callable[[], None]:
+    """``preexec_fn`` for a program that gets ``signum`` when berth (the thread that starts it)
+    dies: the signal mask berth had before it blocked its stop signals for the start, then
+    :func:`die_with_parent`. ``setpriv --pdeathsig``, used before, cannot close the window
+    between its start and its prctl: a berth killed in it left the program running (21 of 40
+    tries, a parent ending right after the start; met by CI as an unsquashfs writing on after
+    ``kill -9``)."""
+    parent = os.getpid()
+    _prctl()
+
+    def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        die_with_parent(parent, signum)
+
+    return setup
 
 
 def become_subreaper(on: bool = True) -> bool:

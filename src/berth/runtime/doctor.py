@@ -282,7 +282,6 @@ def run_checks(settings) -> list[Check]:
         check_program("squashfuse"),
         check_program("fuse-overlayfs"),
         check_program("fusermount3", setuid=True),
-        check_program("setpriv"),
         check_init(),
         state_check,
     ]

@@ -1,7 +1,7 @@
 """Unprivileged FUSE mounts of images: squashfuse (read-only) and fuse-overlayfs on top.
 
 Both daemons run in the foreground as children of berth with a parent-death signal
-(``setpriv --pdeathsig TERM``), so that they cannot outlive a berth killed with SIGKILL by
+(SIGTERM, :func:`berth.proc.start`'s ``parent_death``), so that they cannot outlive a berth killed with SIGKILL by
 more than the time libfuse needs to unmount; whatever a kill leaves (a busy mount whose
 daemon is gone) is removed by berth.runtime.state's stale cleanup with ``fusermount3 -u -z``. A clean-up that
 cannot unmount says why (:func:`unmount_or_say`), never silently.
@@ -12,6 +12,7 @@ with daemonized mounts (TESTBED.md).
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from berth import fsutil, proc
@@ -52,7 +53,7 @@ def _start(argv: list[str], mountpoint: str, what: str, log_path: str, *, detach
         if detached:
             process = proc.start(argv, stdout=log, stderr=log, cwd="/", new_session=True)
         else:
-            process = proc.start(["setpriv", "--pdeathsig", "TERM", "--", *argv], stdout=log, stderr=log)
+            process = proc.start(argv, stdout=log, stderr=log, parent_death=signal.SIGTERM)
     mount = FuseMount(mountpoint, process, what, log_path)
     try:
         return _wait_mounted(mount, before, what, log_path)
@@ -225,8 +226,8 @@ def daemon_mountpoint(pid: object) -> str | None:
     The one test of "this pid is our daemon": compare the answer with the mount point (never
     the program name alone: a recorded pid recycled into another squashfuse of the same user, a
     shared image mount serving other containers, passes a test of the name). The command line,
-    not ``comm``: any process may rename itself with prctl(PR_SET_NAME). A daemon that
-    ``setpriv`` has not exec'd yet is not one (its command line still starts with setpriv)."""
+    not ``comm``: any process may rename itself with prctl(PR_SET_NAME). A daemon that has
+    not exec'd yet is not one (its command line is still berth's)."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
         return None
     try:

@@ -56,6 +56,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import stat
 import time
 from pathlib import Path
@@ -326,9 +327,8 @@ def _check_space(base: Path, source: Path, size_bytes: int, inodes: int) -> None
 
 def _unsquashfs(arguments: list[str], source: Path) -> "proc.Completed":
     # A killed berth must not leave unsquashfs writing: it dies with its parent.
-    argv = ["setpriv", "--pdeathsig", "KILL", "--", proc.find_program("unsquashfs"), *arguments]
     try:
-        return proc.run(argv, what=f"unsquashfs of {source}")
+        return proc.run(["unsquashfs", *arguments], what=f"unsquashfs of {source}", parent_death=signal.SIGKILL)
     except ProgramFailed as exc:
         raise RuntimeFailure(f"cannot unpack the image {source}: {exc.message}",
                              hint="check the image file (berth store verify), or ask your site administrator "

@@ -12,6 +12,7 @@ container out) and removes the state directory.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,17 +28,17 @@ def start_runtime(runtime: str, container: ContainerState, *, pmi_fd: int | None
     which the runtime passes on to the container). ``pmi_fd``: Slurm's PMI socket, passed to
     the container as fd 3 (berth.runtime.pmix).
 
-    berth-launcher sets its parent-death signal itself (``--parent-death``); runc and crun run
-    under ``setpriv --pdeathsig TERM``, one exec more (~0.7 ms, issue 10)."""
+    berth-launcher sets its parent-death signal itself (``--parent-death``): it is started by
+    posix_spawn, one fork of berth less (issue 10); runc and crun get it from a fork of berth
+    (:func:`berth.proc.start`'s ``parent_death``)."""
     preserve = ["--preserve-fds", "1"] if pmi_fd is not None else []
-    if ocirt.is_launcher(runtime):
-        front = [runtime, "--parent-death", str(os.getpid())]
-    else:
-        front = ["setpriv", "--pdeathsig", "TERM", "--", runtime]
+    launcher = ocirt.is_launcher(runtime)
+    front = [runtime, "--parent-death", str(os.getpid())] if launcher else [runtime]
     return proc.start(
         [*front, "--root", str(container.runtime_root), "--log", str(runtime_log(container)), "--log-format", "text",
          "run", *preserve, "--bundle", str(container.bundle), container.id],
         stdin=None, new_session=True, move_fds={3: pmi_fd} if pmi_fd is not None else None,
+        parent_death=None if launcher else signal.SIGTERM,
     )
 
 
