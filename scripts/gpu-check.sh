@@ -61,7 +61,7 @@ median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR % 2) 
 # --- 1. tools and berth ---------------------------------------------------------------------
 command -v nvidia-smi >/dev/null || fail "nvidia-smi is not on PATH: is this an NVIDIA GPU node?"
 [ -d "$bundle/bin" ] && export PATH="$bundle/bin:$PATH"
-for tool in gcc python3 setpriv runc mksquashfs; do
+for tool in gcc python3 runc mksquashfs; do
     command -v "$tool" >/dev/null || fail "$tool is missing (make .gpu-check with --bundle elsewhere and carry it)"
 done
 command -v squashfuse >/dev/null || command -v squashfuse_ll >/dev/null || fail "squashfuse is missing (--bundle)"

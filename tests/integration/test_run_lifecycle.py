@@ -326,3 +326,27 @@ def test_planted_container_entries_neither_lose_files_nor_run_programs_nor_stop_
         done = runtime_env.berth(*args)
         assert "Traceback" not in done.stderr and done.returncode in (0, 1), describe(done)
     assert runtime_env.containers() == [] and sorted(os.listdir(precious)) == ["lock", "thesis.tex"]
+
+
+def test_root_without_fuse3_unmounts_what_it_mounted(runtime_images, tmp_path):
+    """As root on a node without fuse3 (no fusermount3: met on a bare GPU node), libfuse mounts
+    by itself, but berth unmounted with fusermount3 only: every run left its mounts behind and
+    said so. Root now unmounts with umount2. Run in a mount namespace of its own, where
+    fusermount3 is hidden (a non-executable file over it) without touching the host's."""
+    state, config = tmp_path / "state", tmp_path / "etc"
+    config.mkdir()
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "BERTH_ALLOW_ROOT": "1",
+           "BERTH_CONFIG_DIR": str(config), "BERTH_STATE_DIR": str(state), "BERTH_USER_STORE": str(tmp_path / "store")}
+    assignments = " ".join(f"'{k}={v}'" for k, v in env.items())
+    fusermount = subprocess.run(["sh", "-c", "command -v fusermount3"], capture_output=True, text=True).stdout.strip()
+    assert fusermount, "the test bed has fuse3 (scripts/install-system-packages.sh)"
+    script = (f"mount --bind /dev/null {fusermount}\n"
+              f"! env -i {assignments} sh -c 'command -v fusermount3'\n"
+              f"env -i {assignments} {berth_executable()} run {runtime_images.busybox} echo ran-ok\n"
+              f"env -i {assignments} {berth_executable()} run --name second {runtime_images.busybox} cat /etc/group\n"
+              f"echo mounts: $(grep -c ' {state}' /proc/self/mountinfo || true)\n")
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-euc", script],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and "ran-ok" in result.stdout and "root:x:0:" in result.stdout, describe(result)
+    assert result.stdout.strip().splitlines()[-1] == "mounts: 0", describe(result)
+    assert "unmount" not in result.stderr and "fusermount3" not in result.stderr, describe(result)

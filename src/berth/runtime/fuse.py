@@ -262,12 +262,30 @@ def mounted_paths() -> set[str]:
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> None:
     """fusermount3 -u (or -u -z); ignores 'not mounted'. Raises ProgramFailed otherwise, with
-    the likely cause in its hint (:func:`fusermount_hint`)."""
+    the likely cause in its hint (:func:`fusermount_hint`). Root unmounts itself (umount2): it
+    needs no setuid helper, and libfuse mounts for root without one, so a node without fuse3
+    (seen: a bare GPU node) let root mount and then left every mount behind."""
+    if os.geteuid() == 0:
+        failure = _umount2(mountpoint, lazy)
+        if failure is not None and is_mounted(mountpoint):
+            raise ProgramFailed(f"umount {mountpoint} failed: {failure}", hint=fusermount_hint())
+        return
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint]
     result = proc.run(argv, check=False)
     if result.returncode != 0 and is_mounted(mountpoint):
         detail = (result.stderr or b"").decode("utf-8", "replace").strip()[-500:]
         raise ProgramFailed(f"fusermount3 -u {mountpoint} failed: {detail}", hint=fusermount_hint())
+
+
+def _umount2(mountpoint: str, lazy: bool) -> str | None:
+    """umount2(2) of ``mountpoint``, not following a final symbolic link (UMOUNT_NOFOLLOW, as
+    fusermount3 does not either), lazily (MNT_DETACH) with ``lazy``; the error's words, or None."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), 0x8 | (0x2 if lazy else 0)) == 0:  # UMOUNT_NOFOLLOW, MNT_DETACH
+        return None
+    return os.strerror(ctypes.get_errno())
 
 
 def fusermount_hint() -> str:
