@@ -682,9 +682,12 @@ def test_the_runtime_s_error_is_said_in_the_same_words(runtime_env, runtime_imag
 def test_debug_lines_naming_a_path_of_the_plan_are_printable(runtime_env, runtime_images, site):
     """--debug names a changed dependency of a kept plan: both front ends wrote its path as it
     is, so a file name could send terminal escapes (or a line that looks like berth's own) to the
-    user's terminal. Both write it now as cli.output.printable does (review; fails before)."""
+    user's terminal. Both write it now as cli.output.printable does (review; fails before), the
+    compiled one also the format and separator characters above U+00FF (review 10)."""
     env = runtime_env
-    env_file = env.scratch / "env\x1b[2J\u009b\nfile"
+    # A bidirectional override and a line separator (read as another name, "Trojan Source"),
+    # a tag character, a private-use one; é passes as it is.
+    env_file = env.scratch / "env\x1b[2J\u009b\nfile\u202e\u2028\U000e0041\ue000\u00e9"
     env_file.write_text("A=1\n")
     os.chmod(env_file, 0o644)
     args = ("--env-file", str(env_file), str(runtime_images.busybox), "true")
@@ -693,7 +696,7 @@ def test_debug_lines_naming_a_path_of_the_plan_are_printable(runtime_env, runtim
     result = run(env, site, *args)
     assert result.returncode == 0 and not hit(result), describe(result)
     assert "\x1b" not in result.stderr and "\u009b" not in result.stderr, describe(result)
-    shown = f"{env.scratch}/env\\x1b[2J\\x9b\\nfile changed"
+    shown = f"{env.scratch}/env\\x1b[2J\\x9b\\nfile\\u202e\\u2028\\U000e0041\\ue000\u00e9 changed"
     assert f"berth: plan cache: miss: {shown}\n" in result.stderr, describe(result)
     if FRONT[0] == "compiled":
         assert f"berth: front end: {shown}: running berth-py\n" in result.stderr, describe(result)

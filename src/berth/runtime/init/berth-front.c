@@ -104,8 +104,27 @@ static void sha_hex(sha256_t *s, char out[65]) {
  * printable), on bytes of UTF-8: \t \n \r, \xNN for the other C0 controls, DEL, the C1
  * controls and U+00A0/U+00AD, and a byte that is not UTF-8 as Python decoded it: \udcNN (the
  * surrogate os.fsdecode makes of a path's), or with `replace` U+FFFD (a file read with
- * errors="replace"). Other characters pass as they are (Python also escapes Unicode's format
- * and separator characters above U+00FF; none of them is a terminal control). Cut to `size`. */
+ * errors="replace"), and above U+00FF every assigned character Python does not call printable
+ * (NOT_PRINTABLE: format, separator and private-use characters, among them the bidirectional
+ * overrides that make a name read as another, "Trojan Source") as \uNNNN or \UNNNNNNNN.
+ * Code points Unicode has not assigned yet pass (Python escapes them: a table that depends on
+ * the Unicode version of each Python). Cut to `size`. */
+static const unsigned NOT_PRINTABLE[][2] = {
+    /* Python 3.11's str.isprintable() (Unicode 14) false, category not Cn, above U+00FF; its
+     * test (tests/unit/test_front_printable.py) derives the table again. */
+    {0x600, 0x605}, {0x61c, 0x61c}, {0x6dd, 0x6dd}, {0x70f, 0x70f}, {0x890, 0x891}, {0x8e2, 0x8e2},
+    {0x1680, 0x1680}, {0x180e, 0x180e}, {0x2000, 0x200f}, {0x2028, 0x202f}, {0x205f, 0x2064},
+    {0x2066, 0x206f}, {0x3000, 0x3000}, {0xd800, 0xf8ff}, {0xfeff, 0xfeff}, {0xfff9, 0xfffb},
+    {0x110bd, 0x110bd}, {0x110cd, 0x110cd}, {0x13430, 0x13438}, {0x1bca0, 0x1bca3}, {0x1d173, 0x1d17a},
+    {0xe0001, 0xe0001}, {0xe0020, 0xe007f}, {0xf0000, 0xffffd}, {0x100000, 0x10fffd},
+};
+
+static int not_printable(unsigned point) {
+    for (size_t i = 0; i < sizeof NOT_PRINTABLE / sizeof NOT_PRINTABLE[0]; i++)
+        if (point >= NOT_PRINTABLE[i][0] && point <= NOT_PRINTABLE[i][1]) return 1;
+    return 0;
+}
+
 static void printable(const char *in, char *out, size_t size, int replace) {
     size_t used = 0;
     const unsigned char *c = (const unsigned char *)in;
@@ -121,13 +140,18 @@ static void printable(const char *in, char *out, size_t size, int replace) {
             c++;
             continue;
         }
-        unsigned point = length == 2 ? ((byte & 0x1f) << 6) | (c[1] & 0x3f) : byte;
+        unsigned point = length == 1 ? byte : length == 2 ? (byte & 0x1fu) << 6 : length == 3 ? (byte & 0x0fu) << 12
+                                                                                    : (byte & 0x07u) << 18;
+        for (unsigned i = 1; i < length; i++) point |= (c[i] & 0x3fu) << (6 * (length - 1 - i));
         if (length == 1 && (byte == '\t' || byte == '\n' || byte == '\r')) {
             out[used++] = '\\';
             out[used++] = byte == '\t' ? 't' : byte == '\n' ? 'n' : 'r';
         } else if ((length == 1 && (byte < 0x20 || byte == 0x7f))
                    || (length == 2 && (point <= 0xa0 || point == 0xad))) {
             used += (size_t)snprintf(out + used, size - used, "\\x%02x", point);
+        } else if (length > 2 && not_printable(point)) {
+            if (used + 11 >= size) break;
+            used += (size_t)snprintf(out + used, size - used, point > 0xffff ? "\\U%08x" : "\\u%04x", point);
         } else {
             if (used + length >= size) break;
             memcpy(out + used, c, length);
