@@ -178,7 +178,7 @@ def _is_locked(path: Path, look: "_ProcLocks") -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, a FIFO, a link: no lock of berth's
             return False
-        seen = look.seen(fd)
+        seen = look.seen(fd, can_try=unreadable is None)
         if seen is None and unreadable is not None:
             raise unreadable  # no descriptor to try the lock with
         return seen if seen is not None else not try_acquire(fd)
@@ -188,6 +188,12 @@ def _is_locked(path: Path, look: "_ProcLocks") -> bool:
 
 #: File systems whose flocks are all in this node's /proc/locks (others may be held elsewhere).
 _LOCAL_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "overlay"})
+#: Local file systems whose /proc/locks names do not tell one file from another: btrfs's
+#: subvolumes share the device /proc/locks prints, and each numbers its inodes from 256, so a
+#: lock on another subvolume's file of the same number reads as this file's. A FLOCK seen there
+#: is confirmed by a try of the lock (which fails without taking a lock that is held); none seen
+#: is none held.
+_REPEATED_INODES = frozenset({"btrfs"})
 _PF_KTHREAD = 0x00200000
 
 
@@ -243,15 +249,17 @@ class _ProcLocks:
         with open(f"{self.proc}/2/stat", "rb") as handle:  # pid 2 is kthreadd only in the first namespace
             return bool(int(handle.read().rsplit(b")", 1)[1].split()[6]) & _PF_KTHREAD)
 
-    def _local_devices(self) -> dict[str, tuple[int, ...] | None]:
-        """mount id -> the superblock's device (None: a file system whose locks other nodes may hold)."""
-        devices: dict[str, tuple[int, ...] | None] = {}
+    def _local_devices(self) -> dict[str, tuple[int, int, bool] | None]:
+        """mount id -> the superblock's device and whether its inode numbers repeat
+        (:data:`_REPEATED_INODES`); None: a file system whose locks other nodes may hold."""
+        devices: dict[str, tuple[int, int, bool] | None] = {}
         with open(f"{self.proc}/self/mountinfo", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 fields = line.split()
                 if fields:
-                    local = fields[fields.index("-") + 1] in _LOCAL_FILE_SYSTEMS
-                    devices[fields[0]] = tuple(int(n) for n in fields[2].split(":")) if local else None
+                    kind = fields[fields.index("-") + 1]
+                    major, minor = (int(n) for n in fields[2].split(":"))
+                    devices[fields[0]] = (major, minor, kind in _REPEATED_INODES) if kind in _LOCAL_FILE_SYSTEMS else None
         return devices
 
     def _held(self) -> set[tuple[int, int, int]]:
@@ -262,7 +270,12 @@ class _ProcLocks:
     def identity(self, fd: int) -> tuple[int, int, int] | None:
         """The file open as ``fd`` as /proc/locks names it (major, minor, inode: the superblock's
         device from mountinfo, the inode from fdinfo, not fstat, whose device differs on btrfs
-        and overlayfs); None on a file system whose locks other nodes may hold, or unreadable."""
+        and overlayfs); None on a file system whose locks other nodes may hold, or unreadable.
+        On btrfs the name may also be another subvolume's file's (:data:`_REPEATED_INODES`)."""
+        found = self._identity(fd)
+        return None if found is None else found[:3]
+
+    def _identity(self, fd: int) -> tuple[int, int, int, bool] | None:
         try:
             with open(f"{self.proc}/self/fdinfo/{fd}", encoding="ascii", errors="replace") as handle:
                 info = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
@@ -271,15 +284,20 @@ class _ProcLocks:
             return None
         devices = self._once("mountinfo", self._local_devices)
         device = devices.get(mount_id) if devices is not None else None
-        return None if device is None else (*device, inode)
+        return None if device is None else (device[0], device[1], inode, device[2])
 
-    def seen(self, fd: int) -> bool | None:
-        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell."""
+    def seen(self, fd: int, *, can_try: bool = True) -> bool | None:
+        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell,
+        and for one seen on btrfs where the caller ``can_try`` the lock (without a descriptor to
+        try it with, the FLOCK seen counts: a live holder taken for dead is the worse mistake)."""
         if not self._once("namespace", self._first_namespace):
             return None
-        key = self.identity(fd)
-        held = self._once("locks", self._held) if key is not None else None
-        return None if held is None else key in held
+        found = self._identity(fd)
+        held = self._once("locks", self._held) if found is not None else None
+        if held is None:
+            return None
+        seen = found[:3] in held
+        return None if seen and found[3] and can_try else seen  # btrfs: maybe another subvolume's
 
 
 class Holder(Record):

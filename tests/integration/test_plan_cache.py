@@ -925,3 +925,51 @@ def test_on_btrfs_the_first_run_to_end_leaves_the_image_mounted_for_the_others(r
     assert (second.returncode, second_out) == (0, "long-ok\n"), (second.returncode, second_err[-1500:],
                                                                   first_err[-1500:])
     assert hit_text(second_err), second_err[-1500:]
+
+
+def test_on_btrfs_a_lock_on_another_subvolumes_file_does_not_keep_a_dead_holder_alive(
+        runtime_env, runtime_images, site, btrfs_state, user):
+    """btrfs's subvolumes share the one device /proc/locks names and number their inodes alike:
+    a FLOCK held on another subvolume's file of the same inode number as a dead container's
+    holder file made both front ends take that holder for live, and the image stayed mounted
+    after the last run (review 10, left open then; the test fails before). A FLOCK seen there is
+    now confirmed by a try of the lock."""
+    import subprocess
+
+    from tests.harness.fixtures_runtime import fuse_mounts_under
+
+    env = runtime_env
+    on_btrfs = {"BERTH_IMAGE_MOUNT_LINGER": "0", "BERTH_STATE_DIR": str(btrfs_state)}
+    args = (str(runtime_images.busybox), "true")
+    run_until_kept(env, site, *args, extra=on_btrfs)
+    killed = _popen(env, site, str(runtime_images.busybox), "sleep", "60", extra=on_btrfs)
+    deadline = time.monotonic() + 30
+    while not (holders := list(btrfs_state.glob("images/*/holders/*"))):
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()
+        time.sleep(0.05)
+    killed.kill()  # kill -9: its holder file stays, its lock goes
+    killed.communicate(timeout=30)
+    [dead] = holders
+    target = dead.stat().st_ino
+    other = btrfs_state.parent / "other"
+    subprocess.run(["btrfs", "subvolume", "create", str(other)], check=True, capture_output=True)
+    index = 0
+    while (made := other / f"f{index}").touch() or made.stat().st_ino < target:
+        index += 1
+    assert made.stat().st_ino == target, (made.stat().st_ino, target)
+    locker = subprocess.Popen(["flock", "--exclusive", str(made), "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while str(target) not in open("/proc/locks").read():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = run(env, site, *args, extra=on_btrfs)  # cleans the killed one's container up
+        assert result.returncode == 0 and "left by a berth that died" in result.stderr, describe(result)
+        deadline = time.monotonic() + 10
+        while fuse_mounts_under(str(btrfs_state)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fuse_mounts_under(str(btrfs_state)) == [], describe(result)
+        assert not dead.exists(), describe(result)
+    finally:
+        locker.kill()
+        locker.wait()

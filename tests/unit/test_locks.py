@@ -399,3 +399,19 @@ def test_a_look_at_a_directory_or_a_read_only_lock_file_still_answers(tmp_path, 
     process.kill()
     process.wait(10)
     assert locks.is_locked(lock) is False and locks.is_locked(lock, proc=str(tmp_path / "no-proc")) is False
+
+
+def test_a_flock_seen_on_btrfs_is_confirmed_by_a_try(tmp_path):
+    """btrfs's subvolumes share the device /proc/locks names and number their inodes alike: a
+    FLOCK seen there may be another subvolume's file's, so the look says it cannot tell (the
+    caller tries the lock), unless there is no descriptor to try it with (then it counts: a live
+    holder taken for dead is the worse mistake). None seen is none held, as elsewhere."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        seen_btrfs = _fake_proc(tmp_path / "a", fd, inode=2147362, device="254:0", fstype="btrfs")
+        assert locks._ProcLocks(seen_btrfs).seen(fd) is None
+        assert locks._ProcLocks(seen_btrfs).seen(fd, can_try=False) is True
+        assert _seen(fd, _fake_proc(tmp_path / "b", fd, inode=7, device="254:0", fstype="btrfs")) is False
+        assert _seen(fd, _fake_proc(tmp_path / "c", fd, inode=2147362, device="254:0", fstype="xfs")) is True
+    finally:
+        os.close(fd)

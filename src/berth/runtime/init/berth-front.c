@@ -573,7 +573,7 @@ struct lockset {
     int loaded, mounts_read, namespace_read, first_namespace;
     size_t n, mounts;
     struct { unsigned maj, min; unsigned long long ino; } *items;
-    struct { long id; unsigned maj, min; } *local;  /* mount id -> device, local file systems only */
+    struct { long id; unsigned maj, min; int repeats; } *local;  /* mount id -> device, local file systems only */
 };
 
 static void free_lockset(struct lockset *set) {
@@ -627,7 +627,9 @@ static void read_proc_locks(struct lockset *set) {
     free(buf);
 }
 
-/* locks._LOCAL_FILE_SYSTEMS: those whose flocks are all in this node's /proc/locks. */
+/* locks._LOCAL_FILE_SYSTEMS: those whose flocks are all in this node's /proc/locks; of them,
+ * locks._REPEATED_INODES: btrfs, whose subvolumes share the device /proc/locks names and number
+ * their inodes alike, so that a FLOCK seen there may be another subvolume's file's. */
 static int local_file_system(const char *type) {
     static const char *const local[] = {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "overlay"};
     for (size_t i = 0; i < sizeof local / sizeof *local; i++) if (!strcmp(type, local[i])) return 1;
@@ -652,6 +654,7 @@ static void read_mountinfo(struct lockset *set) {
             || !local_file_system(type))
             continue;
         set->local[set->mounts].id = id; set->local[set->mounts].maj = maj; set->local[set->mounts].min = min;
+        set->local[set->mounts].repeats = !strcmp(type, "btrfs");
         set->mounts++;
     }
     free(buf);
@@ -674,9 +677,9 @@ static int first_namespace(struct lockset *set) {
     return set->first_namespace;
 }
 
-/* Whether /proc/locks shows a FLOCK on the file open as fd: 1, 0, or -1 when /proc cannot tell
- * (locks._ProcLocks.seen). */
-static int proc_seen(struct lockset *set, int fd) {
+/* Whether /proc/locks shows a FLOCK on the file open as fd: 1, 0, or -1 when /proc cannot tell,
+ * and for one seen on btrfs where the caller can_try the lock (locks._ProcLocks.seen). */
+static int proc_seen(struct lockset *set, int fd, int can_try) {
     if (!first_namespace(set)) return -1;
     char path[64], buf[4096];
     snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
@@ -697,7 +700,7 @@ static int proc_seen(struct lockset *set, int fd) {
     if (!set->items) return -1;
     for (size_t i = 0; i < set->n; i++)
         if (set->items[i].ino == ino && set->items[i].maj == set->local[m].maj && set->items[i].min == set->local[m].min)
-            return 1;
+            return set->local[m].repeats && can_try ? -1 : 1;
     return 0;
 }
 
@@ -718,7 +721,7 @@ static int lock_state(int dirfd, const char *name, struct lockset *set) {
     int state = -1;
     if (fstat(fd, &st) == 0) {
         if (!S_ISREG(st.st_mode)) state = 0;
-        else if ((state = proc_seen(set, fd)) < 0 && can_try) {
+        else if ((state = proc_seen(set, fd, can_try)) < 0 && can_try) {
             if (flock(fd, LOCK_EX | LOCK_NB) == 0) state = 0;  /* released by the close below */
             else if (errno == EWOULDBLOCK) state = 1;
         }
