@@ -20,6 +20,7 @@ Locks live in :mod:`berth.locks`.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from collections.abc import Iterator
@@ -563,18 +564,75 @@ def _reopen(stack: list) -> bool:
 
 def writers_problem(info: os.stat_result, uid: int | None = None) -> str | None:
     """Why someone other than root or the caller can change the file or directory ``info``
-    describes ("owned by uid N, neither root nor you", "writable by others (mode 0646)",
-    "writable by group G (mode 0664)"), or None. Group write is accepted for group root only;
-    a sticky directory's write bits are (others may add names, never replace one). ``uid``: the
-    caller (default: this process's user). The one rule for CDI specs, hooks and mount sources
-    and registry credentials files."""
+    describes, or None. The one rule for CDI specs, hooks and mount sources and registry
+    credentials files (docs/security.md, "who may change a file"). ``uid``: the caller
+    (default: this process's user). Refused, with the reason named:
+
+    - another owner: "owned by uid N, neither root nor you";
+    - write for others: "writable by others (mode 0646)" (a sticky directory's write bits are
+      accepted: others may add names there, never replace one);
+    - write for a group, unless it is group root or the owner's private group
+      (:func:`private_group_problem`): "writable by group staff (mode 0664), which has members
+      other than you". A private group is how RHEL-family sites give every user a group of
+      their own, with ``umask 002`` making every file group-writable; OpenSSH's
+      ``secure_permissions`` accepts such a group the same way.
+
+    Looks the owner and group up in the user and group databases only for a group-writable
+    file of a group other than root (once per owner and group per process).
+    """
+    caller = os.getuid() if uid is None else uid
     mode = stat.S_IMODE(info.st_mode)
-    if info.st_uid not in (0, os.getuid() if uid is None else uid):
+    if info.st_uid not in (0, caller):
         return f"owned by uid {info.st_uid}, neither root nor you"
     if stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX:
         return None
     if mode & 0o002:
         return f"writable by others (mode {mode:04o})"
     if mode & 0o020 and info.st_gid != 0:
-        return f"writable by group {info.st_gid} (mode {mode:04o})"
+        verdict = private_group_problem(info.st_uid, info.st_gid)
+        if verdict is not None:
+            group, why = verdict
+            owner, owners = ("you", "your") if info.st_uid == caller else ("root", "root's")
+            return f"writable by group {group} (mode {mode:04o}), " + why.format(owner=owner, owners=owners)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def private_group_problem(owner_uid: int, gid: int) -> tuple[str, str] | None:
+    """None when group ``gid`` is the private group of user ``owner_uid``; else the group's
+    name (its number when it has no entry) and why it is not, a template with ``{owner}``
+    ("you"/"root") and ``{owners}`` ("your"/"root's") for :func:`writers_problem`.
+
+    Private, as OpenSSH's ``secure_permissions`` (readconf.c) judges a group-writable file:
+    its only member is the owner. OpenSSH counts the group's primary members by walking the
+    whole passwd database; berth does not (on an LDAP or sssd site that is a directory search
+    per file judged, or nothing at all where enumeration is off), so it asks for the shape a
+    user-private group has wherever sites make them (useradd's USERGROUPS_ENAB, RHEL's and
+    Debian's default): the group is the owner's primary group, its supplementary member list
+    (``gr_mem``) is empty or the owner alone, and its name is the owner's name. The name is
+    what stands for "no other user has it as primary group" (which only a walk of passwd could
+    tell): a primary group named otherwise, such as ``users`` that every account of a SUSE
+    site has, is refused. A group with no member at all is nobody's primary group here, so
+    it is refused too. What is left is an administrator giving a second account another
+    user's private group as its primary group (``useradd -g alice bob``), which berth cannot
+    see without the walk. Cached per process: the verdict of a pair does not change while
+    one berth command runs, and a spec directory or a mount source's parents repeat pairs."""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return str(gid), "which has no entry in the group database"
+    try:
+        owner = pwd.getpwuid(owner_uid)
+    except KeyError:
+        return group.gr_name, f"which berth cannot tell is private to {{owner}} (uid {owner_uid} has no user entry)"
+    if any(member != owner.pw_name for member in group.gr_mem):
+        return group.gr_name, "which has members other than {owner}"
+    if owner.pw_gid != gid:
+        return group.gr_name, "which is not {owners} primary group"
+    if group.gr_name != owner.pw_name:
+        return group.gr_name, ("which is {owners} primary group but not named after {owner} as a private group "
+                               "is, so other users may have it as theirs too")
     return None

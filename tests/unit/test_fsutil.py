@@ -447,3 +447,179 @@ def test_a_mount_point_with_a_tab_or_a_newline_is_seen_mounted(tmp_path):
                              *map(str, paths)], env={**os.environ, "CODE": code},
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str([True] * len(paths)), result.stderr
+
+
+# --- who may change a file: writers_problem and private groups --------------------------------
+
+class _Accounts:
+    """Users and groups made for one test with the system's own tools (so that the user and
+    group databases answer as on a site), all removed afterwards."""
+
+    def __init__(self) -> None:
+        import secrets
+
+        self.prefix = "bw" + secrets.token_hex(3)
+        self.users: list[str] = []
+        self.groups: list[str] = []
+
+    def _name(self, suffix: str) -> str:
+        return f"{self.prefix}{suffix}"
+
+    def group(self, suffix: str) -> str:
+        import subprocess
+
+        name = self._name(suffix)
+        subprocess.run(["groupadd", "--system", name], check=True)
+        self.groups.append(name)
+        return name
+
+    def user(self, suffix: str, primary: str | None = None) -> tuple[int, int, str]:
+        """A user whose primary group is its private group of the same name (useradd's
+        --user-group, RHEL's and Debian's default), or ``primary``; (uid, gid, name)."""
+        import pwd
+        import subprocess
+
+        name = self._name(suffix)
+        group = ["--user-group"] if primary is None else ["--no-user-group", "--gid", primary]
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", *group, name],
+                       check=True)
+        self.users.append(name)
+        if primary is None:
+            self.groups.append(name)
+        entry = pwd.getpwnam(name)
+        return entry.pw_uid, entry.pw_gid, name
+
+    def add_member(self, group: str, user: str) -> None:
+        import subprocess
+
+        subprocess.run(["gpasswd", "--add", user, group], check=True, capture_output=True)
+
+    def remove(self) -> None:
+        import subprocess
+
+        for name in reversed(self.users):
+            subprocess.run(["userdel", name], capture_output=True)
+        for name in reversed(self.groups):
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture
+def accounts():
+    from berth import fsutil
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to make users and groups (groupadd, useradd)")
+    made = _Accounts()
+    fsutil.private_group_problem.cache_clear()  # a uid or gid freed by another test may be handed out again
+    try:
+        yield made
+    finally:
+        made.remove()
+        fsutil.private_group_problem.cache_clear()
+
+
+def _judge(path, uid, gid, mode):
+    from berth.fsutil import writers_problem
+
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    return writers_problem(os.stat(path), uid)
+
+
+def test_a_file_of_the_owner_s_private_group_is_not_writable_by_anyone_else(accounts, tmp_path):
+    """RHEL-family sites give every user a group of their own (its primary group, named after
+    it, no other member) and a umask of 002, so everything a user makes is 0664/0775 with that
+    group. Nobody else can write through it, as OpenSSH's secure_permissions judges; berth
+    refused every such file (a hand-written ~/.docker/config.json failed every pull)."""
+    uid, gid, name = accounts.user("a")
+    assert grp_name(gid) == name
+    file, directory = tmp_path / "file", tmp_path / "dir"
+    file.write_text("x")
+    directory.mkdir()
+    assert _judge(file, uid, gid, 0o664) is None
+    assert _judge(directory, uid, gid, 0o775) is None
+    assert _judge(file, uid, gid, 0o666) == "writable by others (mode 0666)"  # others: still refused
+    assert _judge(directory, uid, gid, 0o777) == "writable by others (mode 0777)"
+    accounts.add_member(name, name)  # listed as a member of its own group too: still private
+    from berth import fsutil
+
+    fsutil.private_group_problem.cache_clear()
+    assert _judge(file, uid, gid, 0o664) is None
+
+
+def grp_name(gid: int) -> str:
+    import grp
+
+    return grp.getgrgid(gid).gr_name
+
+
+def test_a_group_others_belong_to_or_may_have_as_primary_group_is_refused_naming_it(accounts, tmp_path):
+    """Every other way a group may hold someone else is refused, with the group, the mode and
+    the reason named: a group with another member, a group named like the owner that is not
+    its primary group, the owner's private group given to another user through its member
+    list, a group with no member at all, and a primary group not named after its user (the
+    'users' group every account of some sites has: who else has it as primary group only a
+    walk of the whole user database could tell)."""
+    file = tmp_path / "file"
+    file.write_text("x")
+    owner_uid, owner_gid, owner = accounts.user("o")
+    other_uid, _, other = accounts.user("p")
+
+    team = accounts.group("team")
+    accounts.add_member(team, owner)
+    accounts.add_member(team, other)
+    assert _judge(file, owner_uid, grp_gid(team), 0o664) == \
+        f"writable by group {team} (mode 0664), which has members other than you"
+
+    named_like = accounts.group("n")
+    named_uid, _, named = accounts.user("n", primary=team)  # a group of its name, but not its primary one
+    assert named == named_like
+    assert _judge(file, named_uid, grp_gid(named_like), 0o664) == \
+        f"writable by group {named_like} (mode 0664), which is not your primary group"
+
+    accounts.add_member(owner, other)  # the owner's private group, shared through its member list
+    assert _judge(file, owner_uid, owner_gid, 0o664) == \
+        f"writable by group {owner} (mode 0664), which has members other than you"
+
+    empty = accounts.group("empty")
+    assert _judge(file, other_uid, grp_gid(empty), 0o660) == \
+        f"writable by group {empty} (mode 0660), which is not your primary group"
+
+    shared = accounts.group("users")
+    member_uid, _, _ = accounts.user("q", primary=shared)
+    assert _judge(file, member_uid, grp_gid(shared), 0o664) == (
+        f"writable by group {shared} (mode 0664), which is your primary group but not named after you as a "
+        "private group is, so other users may have it as theirs too")
+
+    unknown_gid = 4321
+    import grp
+
+    with pytest.raises(KeyError):
+        grp.getgrgid(unknown_gid)
+    assert _judge(file, other_uid, unknown_gid, 0o620) == \
+        "writable by group 4321 (mode 0620), which has no entry in the group database"
+
+
+def grp_gid(name: str) -> int:
+    import grp
+
+    return grp.getgrnam(name).gr_gid
+
+
+def test_root_s_files_keep_group_root_and_are_judged_as_root_s(tmp_path):
+    """Group root is root's own group; another group of a root-owned file is judged as the
+    owner's (root's) private group would be, and the message says whose."""
+    from berth.fsutil import writers_problem
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to give a file to root and another group")
+    file = tmp_path / "file"
+    file.write_text("x")
+    os.chown(file, 0, 0)
+    os.chmod(file, 0o664)
+    assert writers_problem(os.stat(file), 4242) is None
+    os.chown(file, 0, 65534)
+    import grp
+
+    assert writers_problem(os.stat(file), 4242) == \
+        f"writable by group {grp.getgrgid(65534).gr_name} (mode 0664), which is not root's primary group"

@@ -342,7 +342,8 @@ def check_spec_writers(file: str, info: os.stat_result) -> None:
     """Refuse a spec that someone other than root or the caller wrote or can change: its hooks
     run programs (``/usr/bin/sh -c ...`` lies under any ``mount_allow``) as the caller on the
     host, so whoever can write the spec can run code as every user who asks for its devices.
-    Group write is accepted for group root only. Raises ConfigError."""
+    Group write is accepted for group root and the owner's private group only
+    (:func:`writers_problem`). Raises ConfigError."""
     problem = writers_problem(info)
     if problem and problem.startswith("owned"):
         raise ConfigError(f"CDI spec {file}: {problem}: berth does not read specs other users wrote (their hooks "
