@@ -216,6 +216,36 @@ def test_auth_refused_then_accepted_with_credentials(stores, request, registry_f
             f"run: chmod 600 {auth_file}") in again.stderr, describe(again)
 
 
+def test_a_credentials_file_of_the_user_s_private_group_is_used(stores, auth_registry, busybox_image):
+    """A user of a RHEL-family site (a group of their own, umask 002) writes ~/.docker/config.json
+    by hand: it is 0664 with their private group, which nobody else can write through. berth
+    refused it ("writable by group ...") and every pull failed; now it is used, with the
+    warning that others may read it (docs/security.md "Who may change a file")."""
+    import base64
+    import grp
+
+    from tests.harness import images
+
+    group = grp.getgrgid(stores.user.gid)
+    if group.gr_name != stores.user.name or set(group.gr_mem) - {stores.user.name}:
+        pytest.skip(f"the test user's primary group {group.gr_name} is not a private group here")
+    images.push_image(auth_registry, "test/private", "1", busybox_image.spec, "oci")
+    docker_dir = stores.user_store.parent / "docker"
+    docker_dir.mkdir()
+    config = docker_dir / "config.json"
+    token = base64.b64encode(f"{auth_registry.username}:{auth_registry.password}".encode()).decode()
+    config.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    for path, mode in ((docker_dir, 0o775), (config, 0o664)):  # what umask 002 makes
+        os.chown(path, stores.user.uid, stores.user.gid)
+        os.chmod(path, mode)
+    stores.extra_env.update(DOCKER_CONFIG=str(docker_dir), XDG_CONFIG_HOME=str(stores.user_store.parent / "xdg"))
+    result = stores.berth("pull", "--insecure", f"{auth_registry.host}/test/private:1")
+    assert result.returncode == 0, describe(result)
+    assert (f"berth: warning: registry credentials file {config} can be read by other users (mode 0664): "
+            f"run: chmod 600 {config}") in result.stderr, describe(result)
+    assert "does not use credentials" not in result.stderr, describe(result)
+
+
 def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
     unknown = stores.berth("pull", "--insecure", f"{registry.host}/test/no-such-image:1")
     assert unknown.returncode == 30, describe(unknown)
