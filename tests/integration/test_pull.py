@@ -246,6 +246,48 @@ def test_a_credentials_file_of_the_user_s_private_group_is_used(stores, auth_reg
     assert "does not use credentials" not in result.stderr, describe(result)
 
 
+@pytest.mark.parametrize("registry_fixture", ["auth_registry", "token_registry"])
+def test_a_credentials_file_another_user_owns_is_ignored_with_a_warning(stores, other_user, request, registry,
+                                                                       registry_fixture, busybox_image):
+    """A credentials file another user owns (or may change) failed every pull, of public images
+    too. Now it is not read: the pull warns once, naming the file, why and the fix, and goes on
+    anonymously; a registry that then asks for credentials fails with an error that says the
+    file was ignored and why. No credential of the file is printed."""
+    import base64
+
+    from tests.harness import images
+
+    private: Registry = request.getfixturevalue(registry_fixture)
+    images.push_image(private, "test/private", "1", busybox_image.spec, "oci")
+    auth_file = stores.user_store.parent / "shared-auth.json"
+    token = base64.b64encode(f"{private.username}:{private.password}".encode()).decode()
+    auth_file.write_text(json.dumps({"auths": {private.host: {"auth": token}}}))
+    os.chown(auth_file, other_user.uid, other_user.gid)
+    os.chmod(auth_file, 0o644)
+    stores.extra_env.update(REGISTRY_AUTH_FILE=str(auth_file), XDG_CONFIG_HOME=str(stores.user_store.parent / "xdg"),
+                            DOCKER_CONFIG=str(stores.user_store.parent / "no-docker"))
+    why = f"owned by uid {other_user.uid}, neither root nor you"
+    fix = (f"if it is yours, an administrator can run: chown {stores.user.name} {auth_file}; otherwise move it away "
+           "(berth login writes your own)")
+
+    public = stores.berth("pull", "--insecure", f"{registry.host}/test/busybox:1")
+    assert public.returncode == 0, describe(public)
+    warning = (f"berth: warning: registry credentials file {auth_file} is {why}: berth does not use credentials "
+               f"another user can change, and goes on without this file; {fix}\n")
+    assert public.stderr.count(warning) == 1, describe(public)
+    assert public.stderr.count(str(auth_file)) == 2, describe(public)  # the warning alone names it
+
+    refused = stores.berth("pull", "--insecure", f"{private.host}/test/private:1")
+    assert refused.returncode == 40, describe(refused)
+    assert f"registry credentials file {auth_file} was ignored: it is {why} ({fix})" in refused.stderr, \
+        describe(refused)
+    assert "hint: make the ignored file yours alone as said above, or log in: berth login " \
+        f"{private.host}" in refused.stderr, describe(refused)
+    for output in (public, refused):
+        assert private.password not in output.stdout + output.stderr
+        assert token not in output.stdout + output.stderr
+
+
 def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
     unknown = stores.berth("pull", "--insecure", f"{registry.host}/test/no-such-image:1")
     assert unknown.returncode == 30, describe(unknown)

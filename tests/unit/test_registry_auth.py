@@ -238,30 +238,38 @@ def test_login_creates_the_config_directories_private_whatever_the_umask(tmp_pat
     (0o646, 0, "refuse"), (0o666, 0, "refuse"), (0o602, 0, "refuse"),  # every user may change it
     (0o660, 65534, "refuse"), (0o620, 65534, "refuse"),  # a group other than root may change it
 ])
-def test_a_credentials_file_others_may_read_is_warned_about_one_others_may_change_is_refused(env, tmp_path, mode,
+def test_a_credentials_file_others_may_read_is_warned_about_one_others_may_change_is_ignored(env, tmp_path, mode,
                                                                                              gid, outcome):
     """The rule (docs/security.md, as ssh judges its files): group- or world-readable registry
     credentials are read with a warning (docker's and podman's files work that way), a file
-    others can write is refused naming it and the fix; before, any mode was used silently, and
-    then (review10 #11) a file a group other than root may write was still used: the rule is
-    now fsutil.writers_problem, the one CDI specs are judged by."""
+    others can write is not read, with a warning naming it, why and the fix, and the other files
+    are used; before, any mode was used silently, then (review10 #11) a file a group other than
+    root may write was still used, and then such a file failed every pull, of public images too:
+    the rule is fsutil.writers_problem, the one CDI specs are judged by."""
     if os.getuid() != 0 and gid != os.getgid():
         pytest.skip("needs root to give the file to another group")
     path = tmp_path / "xdg/berth/auth.json"
-    write(path, {"auths": {"r.example": {"auth": b64("u:p")}}})
+    write(path, {"auths": {"r.example": {"auth": b64("u:secret-pw")}}})
+    write(tmp_path / "home/.docker/config.json", {"auths": {"d.example": {"auth": b64("d:docker-pw")}}})
+    os.chmod(tmp_path / "home/.docker/config.json", 0o600)
     os.chmod(path, mode)
     if os.getuid() == 0:
         os.chown(path, 0, gid)
-    if outcome == "refuse":
-        with pytest.raises(ConfigError) as caught:
-            auth.load_credentials(env)
-        writers = f"writable by group {gid}" if mode & 0o002 == 0 else "writable by others"
-        assert caught.value.message == (f"registry credentials file {path} is {writers} (mode {mode:04o}): berth "
-                                        "does not use credentials another user can change")
-        assert caught.value.hint == f"run: chmod 600 {path}"
-        return
     creds = auth.load_credentials(env)
-    assert creds.for_host("r.example") == ("u", "p")
+    assert creds.for_host("d.example") == ("d", "docker-pw")  # the next file is still used
+    if outcome == "refuse":
+        import grp
+
+        group = grp.getgrgid(gid).gr_name
+        writers = (f"writable by group {group} (mode {mode:04o}), which is not your primary group"
+                   if mode & 0o002 == 0 else f"writable by others (mode {mode:04o})")
+        assert creds.for_host("r.example") is None
+        assert creds.ignored == (auth.IgnoredFile(str(path), writers, f"run: chmod 600 {path}"),)
+        assert creds.warnings == (f"registry credentials file {path} is {writers}: berth does not use credentials "
+                                  f"another user can change, and goes on without this file; run: chmod 600 {path}",)
+        return
+    assert creds.for_host("r.example") == ("u", "secret-pw")
+    assert creds.ignored == ()
     if outcome == "warn":
         assert creds.warnings == (f"registry credentials file {path} can be read by other users "
                                   f"(mode {mode:04o}): run: chmod 600 {path}",)
@@ -270,18 +278,59 @@ def test_a_credentials_file_others_may_read_is_warned_about_one_others_may_chang
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to give the file to another user")
-def test_a_credentials_file_of_another_user_is_refused(env, tmp_path):
+def test_a_credentials_file_of_another_user_is_refused_saying_who_can_fix_it(env, tmp_path):
     path = tmp_path / "xdg/berth/auth.json"
     write(path, {"auths": {"r.example": {"auth": b64("u:p")}}})
     os.chmod(path, 0o600)
     os.chown(path, 65534, 65534)
-    with pytest.raises(ConfigError) as caught:
-        auth.check_auth_file_mode(path, os.stat(path), uid=1000)
-    assert "is owned by uid 65534, neither root nor you" in caught.value.message
-    assert caught.value.hint == f"keep your own copy (berth login writes one), or move {path} away"
-    assert auth.check_auth_file_mode(path, os.stat(path), uid=65534) is None
+    import pwd
+
+    refused = auth.refused_auth_file(path, os.stat(path), uid=1001)
+    name = pwd.getpwuid(1001).pw_name if _has_uid(1001) else "1001"  # the caller's name when it has one
+    assert refused == auth.IgnoredFile(
+        str(path), "owned by uid 65534, neither root nor you",
+        f"if it is yours, an administrator can run: chown {name} {path}; otherwise move it away (berth login "
+        "writes your own)")
+    assert auth.refused_auth_file(path, os.stat(path), uid=65534) is None
     os.chown(path, 0, 0)
-    assert auth.check_auth_file_mode(path, os.stat(path), uid=1000) is None  # root's: the site's
+    assert auth.refused_auth_file(path, os.stat(path), uid=1001) is None  # root's: the site's
+    os.chmod(path, 0o606)
+    assert auth.refused_auth_file(path, os.stat(path), uid=1001).fix == \
+        f"ask an administrator to run: chmod go-w {path}, or move it away"
+
+
+def _has_uid(uid: int) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def test_an_ignored_file_is_not_read_and_no_credential_reaches_a_message(env, tmp_path):
+    """A file the rule refuses is judged before its contents are read: broken JSON in it is no
+    error, and neither the warning nor an authentication error's note holds anything of what
+    it holds (secrets never leave the file)."""
+    from berth.registry.authorizer import Authorizer
+
+    refused = tmp_path / "shared-auth.json"
+    write(refused, {"auths": {"r.example": {"auth": b64("someone:hunter2")}}})
+    os.chmod(refused, 0o666)
+    creds = auth.load_credentials({**env, "REGISTRY_AUTH_FILE": str(refused)})
+    assert [ignored.path for ignored in creds.ignored] == [str(refused)]
+    assert creds.for_host("r.example") is None
+    described = Authorizer("r.example", None, creds).describe_credentials()
+    assert described == (f"no credentials were sent (none for r.example in {', '.join(creds.searched)}); "
+                         f"registry credentials file {refused} was ignored: it is writable by others (mode 0666) "
+                         f"(run: chmod 600 {refused})")
+    assert Authorizer("r.example", None, creds).auth_hint() == \
+        "make the ignored file yours alone as said above, or log in: berth login r.example"
+    for text in (*creds.warnings, described):
+        assert "hunter2" not in text and b64("someone:hunter2") not in text and "someone" not in text
+    refused.write_text("{not json")
+    assert auth.load_credentials({**env, "REGISTRY_AUTH_FILE": str(refused)}).ignored == creds.ignored
 
 
 @pytest.mark.parametrize("swap", ["removed", "replaced_by_link_to_root_file"])
@@ -294,8 +343,7 @@ def test_the_credentials_file_judged_is_the_one_whose_contents_are_used(env, tmp
     write(path, {"auths": {"reg.example": {"auth": b64("mallory:pw")}}})
     os.chmod(path, 0o666)
     environ = {**env, "REGISTRY_AUTH_FILE": str(path)}
-    with pytest.raises(ConfigError):
-        auth.load_credentials(environ)
+    assert auth.load_credentials(environ).for_host("reg.example") is None
 
     original = auth.read_named_file
 
@@ -308,6 +356,7 @@ def test_the_credentials_file_judged_is_the_one_whose_contents_are_used(env, tmp
         return data
 
     monkeypatch.setattr(auth, "read_named_file", read_then_swap)
-    with pytest.raises(ConfigError) as caught:
-        auth.load_credentials(environ)
-    assert f"registry credentials file {path} is writable by others (mode 0666)" in caught.value.message
+    creds = auth.load_credentials(environ)
+    assert creds.for_host("reg.example") is None
+    assert [(ignored.path, ignored.problem) for ignored in creds.ignored] == \
+        [(str(path), "writable by others (mode 0666)")]

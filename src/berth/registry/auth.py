@@ -12,6 +12,10 @@ All three share docker's format: ``{"auths": {"HOST": {"auth": base64("USER:PASS
 ``https://index.docker.io/v1/`` or a host with a path; they are normalized with :func:`normalize_host`.
 Docker's external credential helpers (``credsStore``/``credHelpers``) are not run: berth runs no
 programs from a user's configuration while pulling.
+
+A file someone other than the caller or root can change (:func:`refused_auth_file`) is not
+read: it is skipped with a warning and named by authentication errors, and the other files
+are used (docs/security.md, "credentials files and their modes").
 """
 
 from __future__ import annotations
@@ -66,6 +70,25 @@ class Entry(Record):
     source: str
 
 
+class IgnoredFile(Record):
+    """A credentials file berth did not read because someone other than the caller or root can
+    change it (:func:`refused_auth_file`): ``problem`` is :func:`berth.fsutil.writers_problem`'s
+    reason, ``fix`` the command that makes the file usable."""
+
+    path: str
+    problem: str
+    fix: str
+
+    def warning(self) -> str:
+        """What ``berth pull`` says (no credential is ever part of it)."""
+        return (f"registry credentials file {self.path} is {self.problem}: berth does not use credentials another "
+                f"user can change, and goes on without this file; {self.fix}")
+
+    def note(self) -> str:
+        """What an authentication error adds."""
+        return f"registry credentials file {self.path} was ignored: it is {self.problem} ({self.fix})"
+
+
 class Credentials(Record):
     """Credentials per registry host, merged from the auth files (first file wins per host).
 
@@ -77,8 +100,11 @@ class Credentials(Record):
     searched: tuple[str, ...] = ()
     #: Hosts that docker's config sends to a credential helper berth does not run.
     helper_hosts: frozenset[str] = frozenset()
-    #: Files whose secrets other users may read (:func:`check_auth_file_mode`), for the CLI to say.
+    #: What the CLI should say though credentials were loaded: files whose secrets other users
+    #: may read (:func:`check_auth_file_mode`), files ignored (:attr:`ignored`).
     warnings: tuple[str, ...] = ()
+    #: Files the rule refused (:func:`refused_auth_file`): not read, named by authentication errors.
+    ignored: tuple[IgnoredFile, ...] = ()
 
     def for_host(self, host: str) -> tuple[str, str] | None:
         """``(username, password)`` for ``host`` (a registry or API host name), or None."""
@@ -126,45 +152,80 @@ def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
     return files
 
 
-def check_auth_file_mode(path: Path, info: os.stat_result, uid: int | None = None) -> str | None:
-    """The rule for a registry credentials file, as ssh judges its own files (docs/security.md):
-    refused (ConfigError) when someone other than the caller or root can change it, by the one
-    rule CDI specs are judged by (:func:`berth.fsutil.writers_problem`: another owner, write
-    for others, or for a group other than root): someone else could put credentials of their
-    choosing there (pushes to their account) or take them out; a warning (returned) when group
-    or others may read it, since docker's and podman's files are read the same way and
-    refusing them would break working setups. None when it is private."""
+def refused_auth_file(path: Path, info: os.stat_result, uid: int | None = None) -> IgnoredFile | None:
+    """The rule for a registry credentials file (docs/security.md, as ssh judges its own files):
+    refused when someone other than the caller (``uid``, default this process's user) or root
+    can change it, by the one rule CDI specs are judged by (:func:`berth.fsutil.writers_problem`:
+    another owner, write for others, or for a group other than root or the owner's private
+    group): someone else could put credentials of their choosing there (pushes to their
+    account) or take them out. A refused file is not read, and berth goes on without it (a
+    public image needs no credentials); the returned IgnoredFile says why and the fix."""
     uid = os.getuid() if uid is None else uid
-    mode = stat.S_IMODE(info.st_mode)
     problem = writers_problem(info, uid)
-    if problem:
-        hint = (f"run: chmod 600 {path}" if info.st_uid in (uid, 0)
-                else f"keep your own copy (berth login writes one), or move {path} away")
-        raise ConfigError(f"registry credentials file {path} is {problem}: berth does not use credentials "
-                          "another user can change", hint=hint)
+    if problem is None:
+        return None
+    if info.st_uid == uid:
+        fix = f"run: chmod 600 {path}"
+    elif info.st_uid == 0:
+        fix = f"ask an administrator to run: chmod go-w {path}, or move it away"
+    else:
+        fix = (f"if it is yours, an administrator can run: chown {_user_name(uid)} {path}; otherwise move it "
+               "away (berth login writes your own)")
+    return IgnoredFile(str(path), problem, fix)
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def check_auth_file_mode(path: Path, info: os.stat_result) -> str | None:
+    """A warning when group or others may read the credentials file ``info`` describes (one
+    :func:`refused_auth_file` accepts): docker's and podman's files are read that way, and
+    refusing them would break working setups. None when it is private."""
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o044:
         return (f"registry credentials file {path} can be read by other users (mode {mode:04o}): "
                 f"run: chmod 600 {path}")
     return None
 
 
-def read_auth_file(path: Path, warnings: list[str] | None = None) -> dict | None:
+class _Refused(Exception):
+    """Raised by read_auth_file's judge to stop before reading a refused file."""
+
+
+def read_auth_file(path: Path, warnings: list[str] | None = None,
+                   ignored: list[IgnoredFile] | None = None) -> dict | None:
     """The parsed JSON object of an auth file; None when it does not exist.
 
     Raises ConfigError naming the file when it is unreadable or not a JSON object: silently
     ignoring a broken file would turn into a confusing "authentication required" later. With
-    ``warnings`` (a list), the file whose contents are used is judged by
-    :func:`check_auth_file_mode` (its descriptor, not the path again) and a warning is added.
+    ``warnings`` (a list), the file is judged by its descriptor (not the path again) before
+    its contents are read: one :func:`refused_auth_file` refuses is not read (None is
+    returned), and is added to ``ignored`` with its warning; one others may read is used with
+    a warning (:func:`check_auth_file_mode`).
     """
     def judge(info: os.stat_result) -> None:
+        refused = refused_auth_file(path, info)
+        if refused is not None:
+            warnings.append(refused.warning())
+            if ignored is not None:
+                ignored.append(refused)
+            raise _Refused
         warning = check_auth_file_mode(path, info)
-        if warning and warnings is not None:
+        if warning:
             warnings.append(warning)
 
     try:
         data = read_named_file(path, what=f"registry credentials file {path}", max_bytes=MAX_AUTH_FILE_BYTES,
                                error=ConfigError, hint="replace it with a plain file, or remove it",
                                judge=judge if warnings is not None else None)
+    except _Refused:
+        return None
     except OSError as exc:
         raise ConfigError(
             f"cannot read registry credentials file {path}: {exc.strerror or exc}",
@@ -218,14 +279,17 @@ def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
 
     ``environ`` defaults to ``os.environ``; it decides ``HOME``, ``XDG_CONFIG_HOME``,
     ``REGISTRY_AUTH_FILE`` and ``DOCKER_CONFIG``. Raises ConfigError for a file that exists but
-    cannot be read or parsed. Never contacts a registry.
+    cannot be read or parsed. A file someone else can change is not read: it is named in
+    ``ignored`` and ``warnings``, and the others are used (a public image needs no credentials,
+    and an authentication error names the file). Never contacts a registry.
     """
     entries: dict[str, Entry] = {}
     helper_hosts: set[str] = set()
     warnings: list[str] = []
+    ignored: list[IgnoredFile] = []
     files = auth_files(environ)
     for path in files:
-        data = read_auth_file(path, warnings)
+        data = read_auth_file(path, warnings, ignored)
         if not data:
             continue
         auths = data.get("auths", {})
@@ -250,7 +314,7 @@ def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
         if isinstance(data.get("credsStore"), str) and data["credsStore"]:
             helper_hosts.update(normalize_host(k) for k in auths if _safe_host(k))
     return Credentials(entries, tuple(str(p) for p in files), frozenset(helper_hosts - set(entries)),
-                       tuple(warnings))
+                       tuple(warnings), tuple(ignored))
 
 
 def _safe_host(key: str) -> bool:

@@ -82,22 +82,29 @@ class Authorizer:
         return self.credentials.for_host(self.registry) if self.credentials else None
 
     def describe_credentials(self) -> str:
-        """'credentials of user X from FILE' or 'no credentials (none found in A, B, C)'."""
+        """'credentials of user X from FILE' or 'no credentials (none found in A, B, C)', and the
+        credentials files berth ignored (:attr:`Credentials.ignored`), with why."""
         if self.credentials is None:
             return "no credentials were sent (anonymous access)"
         entry = self.credentials.entry(self.registry)
         if entry is not None:
-            return f"the credentials of user '{entry.username}' from {entry.source} were sent"
-        searched = ", ".join(self.credentials.searched) or "no credential files"
-        text = f"no credentials were sent (none for {normalize_host(self.registry)} in {searched})"
-        if normalize_host(self.registry) in self.credentials.helper_hosts:
-            text += "; docker's config names a credential helper for it, which berth does not run"
+            text = f"the credentials of user '{entry.username}' from {entry.source} were sent"
+        else:
+            searched = ", ".join(self.credentials.searched) or "no credential files"
+            text = f"no credentials were sent (none for {normalize_host(self.registry)} in {searched})"
+            if normalize_host(self.registry) in self.credentials.helper_hosts:
+                text += "; docker's config names a credential helper for it, which berth does not run"
+        # A file berth did not read may be where the user keeps this registry's credentials.
+        for ignored in self.credentials.ignored:
+            text += f"; {ignored.note()}"
         return text
 
     def auth_hint(self) -> str:
         host = normalize_host(self.registry)
         if self.login():
             return f"check the user name and password (berth login {host} stores new ones)"
+        if self.credentials is not None and self.credentials.ignored:
+            return f"make the ignored file yours alone as said above, or log in: berth login {host}"
         return f"log in first: berth login {host}"
 
     # -- headers --------------------------------------------------------------------------
