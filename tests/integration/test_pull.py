@@ -246,13 +246,15 @@ def test_a_credentials_file_of_the_user_s_private_group_is_used(stores, auth_reg
     assert "does not use credentials" not in result.stderr, describe(result)
 
 
-@pytest.mark.parametrize("registry_fixture", ["auth_registry", "token_registry"])
+@pytest.mark.parametrize("registry_fixture, mode", [("auth_registry", 0o644), ("token_registry", 0o644),
+                                                    ("auth_registry", 0o600)])
 def test_a_credentials_file_another_user_owns_is_ignored_with_a_warning(stores, other_user, request, registry,
-                                                                       registry_fixture, busybox_image):
+                                                                       registry_fixture, mode, busybox_image):
     """A credentials file another user owns (or may change) failed every pull, of public images
     too. Now it is not read: the pull warns once, naming the file, why and the fix, and goes on
     anonymously; a registry that then asks for credentials fails with an error that says the
-    file was ignored and why. No credential of the file is printed."""
+    file was ignored and why. No credential of the file is printed. Mode 0600: the file berth
+    cannot even open (one ``sudo berth login`` leaves) is judged by its path, the same way."""
     import base64
 
     from tests.harness import images
@@ -263,7 +265,7 @@ def test_a_credentials_file_another_user_owns_is_ignored_with_a_warning(stores, 
     token = base64.b64encode(f"{private.username}:{private.password}".encode()).decode()
     auth_file.write_text(json.dumps({"auths": {private.host: {"auth": token}}}))
     os.chown(auth_file, other_user.uid, other_user.gid)
-    os.chmod(auth_file, 0o644)
+    os.chmod(auth_file, mode)
     stores.extra_env.update(REGISTRY_AUTH_FILE=str(auth_file), XDG_CONFIG_HOME=str(stores.user_store.parent / "xdg"),
                             DOCKER_CONFIG=str(stores.user_store.parent / "no-docker"))
     why = f"owned by uid {other_user.uid}, neither root nor you"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import os
 import stat
@@ -227,6 +228,15 @@ def read_auth_file(path: Path, warnings: list[str] | None = None,
     except _Refused:
         return None
     except OSError as exc:
+        # Another user's private file (one ``sudo berth login`` left in a home directory):
+        # judged by the path, the descriptor it could not open being what the rule would refuse.
+        if exc.errno == errno.EACCES and warnings is not None:
+            try:
+                judge(os.stat(path))
+            except _Refused:
+                return None
+            except OSError:
+                pass
         raise ConfigError(
             f"cannot read registry credentials file {path}: {exc.strerror or exc}",
             hint="fix its permissions, or move it away if it is not yours",
