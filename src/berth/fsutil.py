@@ -27,8 +27,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from berth.namedtuple import NamedTuple
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: importing typing costs every `berth run` ~2.5 ms (issue 10)
+    from collections.abc import Callable
     from typing import BinaryIO
 
 #: Files and directories of one user (user store, state, jobs, credentials, user configuration).
@@ -635,4 +638,50 @@ def private_group_problem(owner_uid: int, gid: int) -> tuple[str, str] | None:
     if group.gr_name != owner.pw_name:
         return group.gr_name, ("which is {owners} primary group but not named after {owner} as a private group "
                                "is, so other users may have it as theirs too")
+    return None
+
+
+# ----------------------------------------------------------------------------- free space
+
+
+class Room(NamedTuple):
+    """What a file system has free for this process (``statvfs``: blocks and inodes available
+    to unprivileged users, not root's reserve). ``free_inodes`` is None where the file system
+    counts no inodes (``f_files`` 0: btrfs, some network file systems), so none can run short."""
+
+    free_bytes: int
+    free_inodes: int | None
+
+
+def free_room(path: Path | str) -> Room:
+    """The :class:`Room` of the file system ``path`` is on. Raises OSError (a missing ``path``
+    too: a caller judging a directory not made yet names its nearest existing parent)."""
+    fs = os.statvfs(path)
+    return Room(fs.f_bavail * fs.f_frsize, fs.f_favail if fs.f_files > 0 else None)
+
+
+#: No margin: room for exactly what is asked (a fraction of it, and bytes beyond that).
+NO_MARGIN = (0.0, 0)
+
+
+def room_shortage(path: Path | str, size_bytes: int, inodes: int = 0, *, show_size: Callable[[int], str],
+                  margin: tuple[float, int] = NO_MARGIN) -> str | None:
+    """Whether the file system of ``path`` (:func:`free_room`) has room for ``size_bytes``
+    and ``inodes`` with ``margin`` (a fraction of both, and that many bytes more): None when
+    it has, else what is short in words, for the caller's message: "it needs 1.2 GiB, 300.0 MiB
+    free" (bytes, when both are short) or "it needs 5000 inodes, 120 free". The one free-space
+    check before berth writes much (a pull's downloads and image, an unpacked copy); each
+    caller raises its own error and says who must act.
+
+    ``show_size`` shows sizes for people: callers pass berth.config.units.human_size, the one
+    way to (this module sits below berth.config and cannot import it). Raises OSError when the
+    file system cannot be read."""
+    room = free_room(path)
+    fraction, extra_bytes = margin
+    wanted_bytes = size_bytes + int(size_bytes * fraction) + extra_bytes
+    if room.free_bytes < wanted_bytes:
+        return f"it needs {show_size(wanted_bytes)}, {show_size(room.free_bytes)} free"
+    wanted_inodes = inodes + int(inodes * fraction)
+    if room.free_inodes is not None and room.free_inodes < wanted_inodes:
+        return f"it needs {wanted_inodes} inodes, {room.free_inodes} free"
     return None

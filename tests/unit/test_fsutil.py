@@ -1,10 +1,12 @@
 """berth.fsutil: atomic replacement that never follows planted links and keeps old content on failure."""
 
+import functools
 import os
 import stat
 
 import pytest
 
+from berth import fsutil
 from berth.fsutil import replace_in_directory, write_atomically
 
 
@@ -623,3 +625,51 @@ def test_root_s_files_keep_group_root_and_are_judged_as_root_s(tmp_path):
 
     assert writers_problem(os.stat(file), 4242) == \
         f"writable by group {grp.getgrgid(65534).gr_name} (mode 0664), which is not root's primary group"
+
+
+def _statvfs(free_bytes: int, free_inodes: int, *, total_inodes: int = 1 << 20):
+    """A statvfs result for room_shortage (1 KiB fragments, as ext4 with 1 KiB blocks)."""
+    return os.statvfs_result((1024, 1024, 1 << 30, free_bytes // 1024 + 50, free_bytes // 1024,
+                              total_inodes, free_inodes + 7, free_inodes, 0, 255))
+
+
+def test_room_shortage_counts_bytes_and_inodes_with_the_margin(tmp_path, monkeypatch):
+    from berth.config.units import human_size
+
+    seen = []
+    monkeypatch.setattr(fsutil.os, "statvfs", lambda path: seen.append(path) or _statvfs(100 << 20, 1000))
+    shortage = functools.partial(fsutil.room_shortage, tmp_path, show_size=human_size)
+    assert shortage(100 << 20, 1000) is None  # exactly what is free fits
+    assert shortage((100 << 20) + 1) == "it needs 100.0 MiB, 100.0 MiB free"
+    assert shortage(60 << 20, 1001) == "it needs 1001 inodes, 1000 free"
+    # The margin: a fraction of bytes and inodes, and bytes beyond (localcopy's 5% and 16 MiB).
+    assert shortage(80 << 20, 900, margin=(0.05, 16 << 20)) is None  # 84 MiB + 16 MiB
+    assert shortage(82 << 20, 900, margin=(0.05, 16 << 20)) == "it needs 102.1 MiB, 100.0 MiB free"
+    assert shortage(50 << 20, 960, margin=(0.05, 0)) == "it needs 1008 inodes, 1000 free"
+    # Bytes are said first when both are short.
+    assert shortage(1 << 40, 1 << 30) == "it needs 1.0 TiB, 100.0 MiB free"
+    assert seen and set(seen) == {tmp_path}
+
+
+def test_a_file_system_that_counts_no_inodes_never_runs_short_of_them(tmp_path, monkeypatch):
+    # btrfs says f_files 0 (and f_favail 0): no inode limit, not a full one.
+    monkeypatch.setattr(fsutil.os, "statvfs", lambda path: _statvfs(1 << 30, 0, total_inodes=0))
+    assert fsutil.free_room(tmp_path) == fsutil.Room(1 << 30, None)
+    assert fsutil.room_shortage(tmp_path, 1 << 20, 10 ** 9, show_size=str) is None
+
+
+def test_room_shortage_reads_the_real_file_system(tmp_path):
+    fs = os.statvfs(tmp_path)
+    free = fs.f_bavail * fs.f_frsize
+    assert fsutil.free_room(tmp_path).free_bytes == free
+    assert fsutil.room_shortage(tmp_path, 0, show_size=str) is None
+    assert fsutil.room_shortage(tmp_path, free + (1 << 40), show_size=str).startswith(f"it needs {free + (1 << 40)}, ")
+
+
+def test_room_shortage_lets_the_caller_decide_when_the_file_system_cannot_be_read(tmp_path, monkeypatch):
+    def refuse(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fsutil.os, "statvfs", refuse)
+    with pytest.raises(PermissionError):
+        fsutil.room_shortage(tmp_path, 1, show_size=str)

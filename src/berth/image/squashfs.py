@@ -27,7 +27,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from berth import proc
+from berth import fsutil, proc
 from berth.errors import BerthError, ImageError, StoreError, UsageError
 from berth.image.tarstream import StderrTail, enlarge_pipe
 
@@ -159,8 +159,7 @@ class SquashfsWriter:
         what = f"tar2sqfs could not write {self.output} ({proc.describe_status(status)})" + (
             f": {tail}" if tail else "")
         try:
-            stats = os.statvfs(self.output.parent)
-            free_bytes = stats.f_bavail * stats.f_frsize
+            free_bytes = fsutil.free_room(self.output.parent).free_bytes
         except OSError:
             free_bytes = None
         # tar2sqfs reports a failed write of its output as "I/O error" and removes the output

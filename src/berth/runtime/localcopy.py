@@ -70,7 +70,8 @@ from berth.untrusted import read_json_object
 IMAGES = "images"
 UNPACKED = "unpacked"
 STALE_S = 7 * 24 * 3600
-#: Room left free beyond the estimate of an unpacked copy: a fraction of it and a constant.
+#: Room left free beyond the estimate of an unpacked copy: a fraction of it (bytes and inodes)
+#: and a constant (bytes); see fsutil.room_shortage.
 SPACE_MARGIN = (0.05, 16 << 20)
 BLOCK = 4096
 
@@ -310,17 +311,12 @@ def _listing(source: Path) -> Listing:
 
 def _check_space(base: Path, source: Path, size_bytes: int, inodes: int) -> None:
     """Raise InsufficientSpace when ``base``'s file system lacks the room for a copy."""
-    fs = os.statvfs(base)
-    free_bytes = fs.f_bavail * fs.f_frsize
-    wanted = size_bytes + int(size_bytes * SPACE_MARGIN[0]) + SPACE_MARGIN[1]
-    short_inodes = fs.f_files > 0 and fs.f_favail < inodes * 1.05
-    if free_bytes < wanted or short_inodes:
-        from berth.config.units import human_size  # the one way sizes are shown to people
+    from berth.config.units import human_size  # the one way sizes are shown to people
 
-        what = (f"{human_size(wanted)}, {human_size(free_bytes)} free" if free_bytes < wanted
-                else f"{inodes} inodes, {fs.f_favail} free")
+    shortage = fsutil.room_shortage(base, size_bytes, inodes, margin=SPACE_MARGIN, show_size=human_size)
+    if shortage is not None:
         raise InsufficientSpace(
-            f"no room to unpack the image {source} into {base}: it needs {what}",
+            f"no room to unpack the image {source} into {base}: {shortage}",
             hint="free space there (berth prune removes unused unpacked copies), set state_dir to a "
             "larger node-local file system, or ask your site administrator about image_mount")
 
