@@ -149,9 +149,9 @@ def test_layers_declared_larger_than_the_free_space_are_refused_before_any_downl
         _pull_with(monkeypatch, settings, client)
     store = settings.user_store
     assert caught.value.message.startswith(
-        f"no room to pull example.org/team/app:1 into the user store {store}: the registry declares its "
-        "2 blob(s) still to download as 1048576.0 TiB (the largest 1048576.0 TiB), and ")
-    assert caught.value.message.endswith(" is free there")
+        f"no room to pull example.org/team/app:1 into the user store {store}: it needs 1048576.0 TiB, ")
+    assert caught.value.message.endswith(
+        " free (the registry declares its 2 blob(s) still to download as 1048576.0 TiB, the largest 1048576.0 TiB)")
     assert caught.value.hint.startswith(f"free space on the file system of {store} (`berth prune` removes")
     assert caught.value.hint.endswith("tell the registry's administrator or the image's maintainer")
     fs = os.statvfs(settings.user_store.parent)

@@ -129,9 +129,10 @@ class Store:
     def check_room(self, what: str, blobs: list[tuple[Digest, int]]) -> None:
         """Refuse (StoreError) before any byte comes when the blobs of ``blobs`` (digest and
         declared size) not stored yet, less what their partial downloads hold, are declared
-        larger than the free space of the store's file system. A download reads at most the
-        declared size, but a registry declares what it likes: a hostile or broken one would
-        fill the file system (the store's, which others share), and only then fail."""
+        larger than the free space of the store's file system (or need more inodes than it has
+        left: one each). A download reads at most the declared size, but a registry declares
+        what it likes: a hostile or broken one would fill the file system (the store's, which
+        others share), and only then fail."""
         missing = []
         for digest, size in blobs:
             if self.has_blob(digest):
@@ -145,19 +146,18 @@ class Store:
         where = self.root
         while not where.exists() and where != where.parent:  # a store not made yet: its file system
             where = where.parent
-        try:
-            fs = os.statvfs(where)
-        except OSError:
-            return  # the download's own write says what is wrong
-        free = fs.f_bavail * fs.f_frsize
-        if need <= free:
-            return
         from berth.config.units import human_size  # the one way sizes are shown to people
 
+        try:
+            shortage = fsutil.room_shortage(where, need, len(missing), show_size=human_size)
+        except OSError:
+            return  # the download's own write says what is wrong
+        if shortage is None:
+            return
         raise StoreError(
-            f"no room to pull {what} into the {self.kind} store {self.root}: the registry declares its "
-            f"{len(missing)} blob(s) still to download as {human_size(need)} (the largest "
-            f"{human_size(max(missing))}), and {human_size(free)} is free there",
+            f"no room to pull {what} into the {self.kind} store {self.root}: {shortage} (the registry declares "
+            f"its {len(missing)} blob(s) still to download as {human_size(need)}, the largest "
+            f"{human_size(max(missing))})",
             hint=self._no_space_hint() + "; sizes far beyond the image's real size mean the registry serves a "
             "wrong manifest: tell the registry's administrator or the image's maintainer")
 
