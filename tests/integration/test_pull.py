@@ -353,28 +353,64 @@ def test_admin_pulls_into_site_store_and_users_use_it(stores, busybox_image):
     assert missing.returncode == 3 and "site store" in missing.stderr, describe(missing)
 
 
-@pytest.mark.parametrize("room", ["under the declared sizes", "for the blobs only"])
-def test_disk_full_is_a_clear_error_and_leaves_nothing(stores, busybox_image, room):
-    """Under the layers' declared sizes the pull is refused before it downloads; with room for
-    the blobs but not the SquashFS, the write that fills the disk is the error."""
+def _mount_small_store(stores, size_k: int) -> Path:
     if os.getuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mount_point = stores.user_store
-    manifest = _manifest(busybox_image)
-    declared = manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"])
-    size_k = 600 if room == "under the declared sizes" else declared // 1024 + 64
-    assert size_k * 1024 < declared or room != "under the declared sizes"
     subprocess.run(["mount", "-t", "tmpfs", "-o",
                     f"size={size_k}k,uid={stores.user.uid},gid={stores.user.gid},mode=0755",
-                    "berth-test-full", str(mount_point)], check=True)
+                    "berth-test-full", str(stores.user_store)], check=True)
+    return stores.user_store
+
+
+def _declared(image) -> tuple[int, int]:
+    """(all blobs, the layers alone): the sizes the manifest declares."""
+    manifest = _manifest(image)
+    layers = sum(layer["size"] for layer in manifest["layers"])
+    return manifest["config"]["size"] + layers, layers
+
+
+@pytest.mark.parametrize("room", ["under the declared sizes", "for the downloads, not the image"])
+def test_a_store_without_room_refuses_the_pull_before_any_download(stores, proxy, busybox_image, room):
+    """Under the blobs' declared sizes, or with room for them but not for the SquashFS the pull
+    then writes into the same store (estimated from the layers' declared sizes), the pull is
+    refused before any blob comes, saying both parts; the store is left as it was. Before the
+    estimate counted, the second case downloaded every blob and failed in tar2sqfs."""
+    declared, layers = _declared(busybox_image)
+    size_k = 600 if room == "under the declared sizes" else (declared + layers // 2) // 1024
+    assert size_k * 1024 < declared if room == "under the declared sizes" else declared < size_k * 1024
+    mount_point = _mount_small_store(stores, size_k)
+    try:
+        ref = via(proxy, busybox_image)
+        result = stores.berth("pull", "--insecure", ref)
+        assert result.returncode == 6, describe(result)
+        assert f"error: no room to pull {ref} into the user store {mount_point}: it needs " in result.stderr, \
+            describe(result)
+        from berth.config.units import human_size
+
+        assert (f"the registry declares its 3 blob(s) still to download as {human_size(declared)} " in result.stderr
+                and f"and the image's SquashFS is estimated at {human_size(layers)} (from its layers' declared "
+                "sizes)" in result.stderr), describe(result)
+        assert "berth prune" in result.stderr, describe(result)
+        assert proxy.blob_gets() == [] and stores.blobs() == set()  # nothing downloaded
+        assert stores.tmp_entries() == [] and stores.index() == {} and stores.image_dirs() == []
+        verified = stores.berth("store", "verify", "--json")
+        assert verified.returncode == 0 and json.loads(verified.stdout)["problems"] == [], describe(verified)
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_disk_that_fills_while_the_squashfs_is_written_is_a_clear_error_and_leaves_nothing(stores,
+                                                                                             busybox_image):
+    """The SquashFS estimate is a low one (berth's lz4 SquashFS of busybox is ~1.4x its gzip
+    layers): with room for the downloads and the estimate but not for the real SquashFS, the
+    pull goes ahead, and the write that fills the disk is the error, with nothing of it left."""
+    declared, layers = _declared(busybox_image)
+    mount_point = _mount_small_store(stores, (declared + layers) // 1024 + 160)
     try:
         result = stores.berth("pull", "--insecure", str(busybox_image))
         assert result.returncode == 6, describe(result)
-        said = "no room to pull" if room == "under the declared sizes" else "no space left"
-        assert said in result.stderr and "berth prune" in result.stderr, describe(result)
+        assert "no space left" in result.stderr and "berth prune" in result.stderr, describe(result)
         assert stores.tmp_entries() == [] and stores.index() == {} and stores.image_dirs() == []
-        if room == "under the declared sizes":
-            assert stores.blobs() == set()  # nothing downloaded
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
 
@@ -477,3 +513,25 @@ def test_a_layer_declared_larger_than_the_store_s_free_space_is_refused_before_i
         describe(result)
     assert "tell the registry's administrator or the image's maintainer" in result.stderr, describe(result)
     assert stores.index() == {} and stores.blobs() == set()
+
+
+@pytest.mark.parametrize("fixture, compression", [
+    ("busybox_image", "lz4"), ("busybox_v2s2_image", "lz4"), ("whiteout_image", "lz4"), ("hardlink_image", "lz4"),
+    ("big_image", "lz4"), pytest.param("debian_image", "lz4", marks=pytest.mark.slow), ("busybox_image", "zstd"),
+    pytest.param("debian_image", "zstd", marks=pytest.mark.slow),
+])
+def test_the_squashfs_estimate_stays_under_the_real_squashfs_of_the_test_images(stores, request, fixture,
+                                                                                 compression):
+    """The pull's free-space check counts the SquashFS as squashfs.estimate_bytes has it: an
+    estimate above the real file would refuse pulls that fit, so it stays below for the test
+    images (berth's default lz4, and zstd): plain and gzip layers, whiteouts, hard links, an
+    uncompressed random layer, a Debian root file system."""
+    from berth.image.squashfs import estimate_bytes
+
+    image = request.getfixturevalue(fixture)
+    stores.extra_env["BERTH_SQUASHFS_COMPRESSION"] = compression
+    pulled = stores.json("pull", "--insecure", "--json", str(image))
+    meta = json.loads((Path(pulled["squashfs"]).parent / "image.json").read_text())
+    assert meta["compression"] == compression
+    estimate = estimate_bytes([(layer["mediaType"], layer["size"]) for layer in meta["layers"]], compression)
+    assert 0 < estimate <= meta["squashfs_bytes"] == Path(pulled["squashfs"]).stat().st_size, (estimate, meta)

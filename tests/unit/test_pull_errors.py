@@ -149,12 +149,49 @@ def test_layers_declared_larger_than_the_free_space_are_refused_before_any_downl
         _pull_with(monkeypatch, settings, client)
     store = settings.user_store
     assert caught.value.message.startswith(
-        f"no room to pull example.org/team/app:1 into the user store {store}: it needs 1048576.0 TiB, ")
+        f"no room to pull example.org/team/app:1 into the user store {store}: it needs 2097152.0 TiB, ")  # downloads and image
     assert caught.value.message.endswith(
-        " free (the registry declares its 2 blob(s) still to download as 1048576.0 TiB, the largest 1048576.0 TiB)")
+        " free: the registry declares its 2 blob(s) still to download as 1048576.0 TiB (the largest 1048576.0 TiB), "
+        "and the image's SquashFS is estimated at 1048576.0 TiB (from its layers' declared sizes)")
     assert caught.value.hint.startswith(f"free space on the file system of {store} (`berth prune` removes")
     assert caught.value.hint.endswith("tell the registry's administrator or the image's maintainer")
     fs = os.statvfs(settings.user_store.parent)
-    client.manifests["1"] = manifest(fs.f_bavail * fs.f_frsize // 2)  # what fits passes
+    client.manifests["1"] = manifest(fs.f_bavail * fs.f_frsize // 3)  # what fits passes (layer and image)
+    with pytest.raises(pytest.fail.Exception, match="downloaded"):
+        _pull_with(monkeypatch, settings, client)
+
+
+def test_downloads_that_fit_are_refused_when_the_squashfs_does_not_fit_beside_them(monkeypatch, settings):
+    """A pull also writes the image's SquashFS into the store's file system: it counts, as
+    squashfs.estimate_bytes has it from the layers' declared sizes (berth's lz4: their sum),
+    and the message says both parts. It counted nothing before: the pull downloaded every
+    layer, then failed in tar2sqfs with the disk full."""
+    import json
+    import os
+
+    from berth.errors import StoreError
+    from berth.store.store import Store
+
+    fs = os.statvfs(settings.user_store.parent)
+    free = fs.f_bavail * fs.f_frsize
+    layer = {"mediaType": mediatypes.OCI_LAYER_GZIP, "size": free * 2 // 3, "digest": str(Digest.of(b"x"))}
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2, "digest": str(Digest.of(b"{}"))}
+    data = json.dumps({"schemaVersion": 2, "config": config, "layers": [layer]}).encode()
+    monkeypatch.setattr(pull, "_download_all", lambda *args, **kwargs: pytest.fail("downloaded"))
+    monkeypatch.setattr(pull, "_Downloads", lambda *args, **kwargs: pytest.fail("downloaded"))
+    client = OneManifestClient({"1": _manifest(data, mediatypes.OCI_MANIFEST)})
+    with pytest.raises(StoreError) as caught:
+        _pull_with(monkeypatch, settings, client)
+    from berth.config.units import human_size
+
+    assert caught.value.message.startswith(
+        f"no room to pull example.org/team/app:1 into the user store {settings.user_store}: it needs ")
+    assert caught.value.message.endswith(
+        f"the registry declares its 2 blob(s) still to download as {human_size(free * 2 // 3 + 2)} (the largest "
+        f"{human_size(free * 2 // 3)}), and the image's SquashFS is estimated at {human_size(free * 2 // 3)} "
+        "(from its layers' declared sizes)")
+    # An image whose SquashFS is stored already needs no room for it: only the downloads count.
+    monkeypatch.setattr(Store, "has_image", lambda self, digest: True)
+    monkeypatch.setattr(Store, "name_image", lambda self, reference, digest: False)  # still to name
     with pytest.raises(pytest.fail.Exception, match="downloaded"):
         _pull_with(monkeypatch, settings, client)

@@ -30,6 +30,7 @@ from berth.errors import (
     RegistryError,
     RegistryUnreachable,
 )
+from berth.image import squashfs
 from berth.image.api import StoredImage, index_key, load_stored, parse_reference, store_for
 from berth.image.install import Descriptor, install_image, parse_descriptor, parse_image_manifest
 from berth.image.platforms import Platform, default_platform, parse_platform
@@ -248,7 +249,10 @@ def _pull_with(client, settings, store: Store, reference: Reference, key: str, w
                           time.monotonic() - started)
     _manifest_json, config_descriptor, layers = parse_image_manifest(manifest.data, what)
     blobs = _unique([config_descriptor, *layers])
-    store.check_room(what, [(blob.digest, blob.size_bytes) for blob in blobs])
+    # The SquashFS is written into the store's tmp/, on the blobs' file system, so it counts too.
+    squashfs_bytes = squashfs.estimate_bytes([(layer.media_type, layer.size_bytes) for layer in layers],
+                                             settings.squashfs_compression)
+    store.check_room(what, [(blob.digest, blob.size_bytes) for blob in blobs], (digest, squashfs_bytes))
     notify(progress, "resolved", key, digest, len(layers), sum(d.size_bytes for d in blobs))
     if requested and index_digest is None:
         # An explicit --platform is checked against a single-platform image's config before

@@ -90,6 +90,11 @@ class PruneReport(Record):
     bytes_freed: int = 0
 
 
+#: Files and directories a converted image adds to a store: its tmp/ work directory, which
+#: becomes images/sha256-HEX/, and image.sqfs, manifest.json, config.json, image.json in it.
+_IMAGE_FILES = 5
+
+
 class Store:
     """A store rooted at ``root``; ``kind`` is "user" or "site" (used in messages and listings).
 
@@ -126,13 +131,16 @@ class Store:
                 + ("site_store setting or BERTH_SITE_STORE" if self.kind == SITE else
                    "user_store setting or BERTH_USER_STORE") + ")")
 
-    def check_room(self, what: str, blobs: list[tuple[Digest, int]]) -> None:
-        """Refuse (StoreError) before any byte comes when the blobs of ``blobs`` (digest and
-        declared size) not stored yet, less what their partial downloads hold, are declared
-        larger than the free space of the store's file system (or need more inodes than it has
-        left: one each). A download reads at most the declared size, but a registry declares
-        what it likes: a hostile or broken one would fill the file system (the store's, which
-        others share), and only then fail."""
+    def check_room(self, what: str, blobs: list[tuple[Digest, int]],
+                   image: tuple[Digest, int] | None = None) -> None:
+        """Refuse (StoreError) before any byte comes when what a pull will write does not fit
+        the free space (or inodes: one a file) of the store's file system: the blobs of ``blobs``
+        (digest and declared size) not stored yet, less what their partial downloads hold, and
+        the SquashFS of ``image`` (manifest digest and estimated size), which the conversion
+        writes into tmp/ on the same file system, unless that image is stored already. A
+        download reads at most the declared size, but a registry declares what it likes: a
+        hostile or broken one would fill the file system (the store's, which others share), and
+        only then fail."""
         missing = []
         for digest, size in blobs:
             if self.has_blob(digest):
@@ -142,22 +150,33 @@ class Store:
             except OSError:
                 partial = 0
             missing.append(max(size - partial, 0))
-        need = sum(missing)
+        image_bytes = image_files = 0
+        if image is not None and not self.has_image(image[0]):
+            image_bytes, image_files = image[1], _IMAGE_FILES
         where = self.root
         while not where.exists() and where != where.parent:  # a store not made yet: its file system
             where = where.parent
         from berth.config.units import human_size  # the one way sizes are shown to people
 
         try:
-            shortage = fsutil.room_shortage(where, need, len(missing), show_size=human_size)
+            shortage = fsutil.room_shortage(where, sum(missing) + image_bytes, len(missing) + image_files,
+                                            show_size=human_size)
         except OSError:
             return  # the download's own write says what is wrong
         if shortage is None:
             return
+        downloads = (f"the registry declares its {len(missing)} blob(s) still to download as "
+                     f"{human_size(sum(missing))} (the largest {human_size(max(missing))})" if missing else
+                     "nothing is left to download")
+        if image is None:
+            parts = downloads
+        elif image_files:
+            parts = (f"{downloads}, and the image's SquashFS is estimated at {human_size(image_bytes)} "
+                     "(from its layers' declared sizes)")
+        else:
+            parts = f"{downloads}; the image's SquashFS is in the store already"
         raise StoreError(
-            f"no room to pull {what} into the {self.kind} store {self.root}: {shortage} (the registry declares "
-            f"its {len(missing)} blob(s) still to download as {human_size(need)}, the largest "
-            f"{human_size(max(missing))})",
+            f"no room to pull {what} into the {self.kind} store {self.root}: {shortage}: {parts}",
             hint=self._no_space_hint() + "; sizes far beyond the image's real size mean the registry serves a "
             "wrong manifest: tell the registry's administrator or the image's maintainer")
 
