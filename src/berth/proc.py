@@ -384,21 +384,8 @@ def _popen(argv: list[str], parent_death: int | None, *, env: Mapping[str, str] 
     env = dict(env) if env is not None else None
     if parent_death is None:
         return subprocess.Popen(argv, env=env, **options)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    child = None
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
-        child = subprocess.Popen(argv, env=env, preexec_fn=_dying_with_this_thread(parent_death, previous),
-                                 **options)
-    finally:
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal's handler runs here
-        except BaseException:
-            if child is not None:
-                child.kill()
-                child.wait()
-            raise
-    return child
+    return _start_blocked(lambda mask: subprocess.Popen(
+        argv, env=env, preexec_fn=_dying_with_this_thread(parent_death, mask), **options))
 
 
 def _spawnable(cwd: str | None) -> bool:
@@ -422,13 +409,21 @@ def _spawn_child(argv: list[str], env: Mapping[str, str] | None, stdin, stdout, 
     posix_spawn returned lost the child, which was then never killed nor waited for (the
     handler runs at the first bytecode after the call, before the pid is stored). A signal that
     comes meanwhile is handled once the Child exists, and kills it. The child gets the caller's
-    signal mask. (subprocess.Popen, used where posix_spawn cannot do what is asked, keeps the
-    window it has.) Raises OSError."""
+    signal mask. (A subprocess.Popen, used where posix_spawn cannot do what is asked, gets the
+    same with ``parent_death``; without, it keeps the window it has.) Raises OSError."""
+    return _start_blocked(lambda mask: Child(_spawn(argv, env, stdin, stdout, stderr, sigmask=mask, **options), argv))
+
+
+def _start_blocked(make: Callable[[set], "Child | subprocess.Popen"]) -> "Child | subprocess.Popen":
+    """The child ``make(mask)`` starts (``mask``: the signal mask this thread had, which the
+    child must get), with :data:`FORWARDED_SIGNALS` blocked in this thread in between
+    (:func:`_spawn_child`'s reason); a signal's handler that raises once they are unblocked
+    kills and reaps the child first. The one way berth starts a child it must not lose."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read first: a handler may raise after the block
     child = None
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
-        child = Child(_spawn(argv, env, stdin, stdout, stderr, sigmask=previous, **options), argv)
+        child = make(previous)
     finally:
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal's handler runs here
