@@ -149,7 +149,7 @@ static void printable(const char *in, char *out, size_t size, int replace) {
         } else if ((length == 1 && (byte < 0x20 || byte == 0x7f))
                    || (length == 2 && (point <= 0xa0 || point == 0xad))) {
             used += (size_t)snprintf(out + used, size - used, "\\x%02x", point);
-        } else if (length > 2 && not_printable(point)) {
+        } else if (length >= 2 && not_printable(point)) {
             if (used + 11 >= size) break;
             used += (size_t)snprintf(out + used, size - used, point > 0xffff ? "\\U%08x" : "\\u%04x", point);
         } else {
