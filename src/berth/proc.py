@@ -665,6 +665,12 @@ def _dying_with_this_thread(signum: int, mask) -> Callable[[], None]:
     _prctl()
 
     def setup() -> None:
+        # A handler of berth's (raise_on_stop's, which only sets a flag for Python code this
+        # child never runs again) would take the signal if berth died between the prctl and the
+        # exec, and the program would run on: the default action until the exec, which resets
+        # a caught signal to it anyway (review 11). An ignored one stays ignored, as exec keeps it.
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         die_with_parent(parent, signum)
 

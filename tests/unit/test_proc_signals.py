@@ -222,6 +222,65 @@ def test_parent_death_leaves_no_window_between_the_start_and_the_prctl(tmp_path)
         time.sleep(0.05)
 
 
+#: An execve that waits a second once it has left a mark: the window before the exec, widened.
+SHIM = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+int execve(const char *path, char *const argv[], char *const envp[]) {
+    const char *mark = getenv("REVIEW_MARK");
+    if (mark) {
+        int fd = open(mark, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd >= 0) { write(fd, "x", 1); close(fd); }
+        struct timespec t = {1, 0};
+        nanosleep(&t, NULL);
+    }
+    return syscall(SYS_execve, path, argv, envp);
+}
+"""
+
+
+@pytest.mark.parametrize("handler", ["raise_on_stop", "default"])
+def test_parent_death_sigterm_in_the_last_window_before_exec_is_not_lost(tmp_path, handler):
+    """A parent-death SIGTERM that comes between the prctl and the exec was caught by the
+    handler berth has for it then (raise_on_stop, as ``berth run`` has while it mounts and
+    starts the runtime), which only sets a flag for Python code the child never runs again:
+    the program ran on without its parent. The window (microseconds) is widened by an
+    LD_PRELOAD that sleeps in execve (review 11; the raise_on_stop case fails before)."""
+    import subprocess
+    import textwrap
+
+    (tmp_path / "shim.c").write_text(SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "shim.so"), str(tmp_path / "shim.c")], check=True)
+    tag = f"review11-pdeath-{os.getpid()}-{handler}"
+    mark = tmp_path / "mark"
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from berth import proc
+        if {handler == "raise_on_stop"}:
+            proc.raise_on_stop()
+        proc.start(["sh", "-c", "sleep 30; : {tag}"], env={{"PATH": os.environ["PATH"]}},
+                   parent_death=signal.SIGTERM)
+        time.sleep(60)
+    """)
+    env = dict(os.environ, LD_PRELOAD=str(tmp_path / "shim.so"), REVIEW_MARK=str(mark))
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 20
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mark.exists()
+    parent.kill()  # berth killed (kill -9) while its child is between the preexec function and the exec
+    parent.wait()
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", tag], capture_output=True, text=True).stdout.split()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, "the program outlived the berth that started it"
+
+
 def test_parent_death_programs_get_berths_signal_mask_and_output():
     """The stop signals blocked while the child is made are unblocked in it again (a program
     that ignored SIGTERM could not be stopped), and ``run`` still captures, checks and times out."""
