@@ -565,7 +565,7 @@ def _reopen(stack: list) -> bool:
     return True
 
 
-def writers_problem(info: os.stat_result, uid: int | None = None) -> str | None:
+def writers_problem(info: os.stat_result, uid: int | None = None, *, acl: int | str | None = None) -> str | None:
     """Why someone other than root or the caller can change the file or directory ``info``
     describes, or None. The one rule for CDI specs, hooks and mount sources and registry
     credentials files (docs/security.md, "who may change a file"). ``uid``: the caller
@@ -578,7 +578,12 @@ def writers_problem(info: os.stat_result, uid: int | None = None) -> str | None:
       (:func:`private_group_problem`): "writable by group staff (mode 0664), which has members
       other than you". A private group is how RHEL-family sites give every user a group of
       their own, with ``umask 002`` making every file group-writable; OpenSSH's
-      ``secure_permissions`` accepts such a group the same way.
+      ``secure_permissions`` accepts such a group the same way;
+    - write through an access ACL: "writable through its access ACL by user 1002 (mode 0664
+      shows the ACL's mask)". Where a file has one, its group bits are the ACL's mask, the most
+      any named user or group entry gets: a 0664 file of the owner's private group may be
+      writable by another user that way (review 11). ``acl``: where to read it, the file's
+      descriptor or path (every caller gives one; without, ACLs are not looked at).
 
     Looks the owner and group up in the user and group databases only for a group-writable
     file of a group other than root (once per owner and group per process).
@@ -597,7 +602,32 @@ def writers_problem(info: os.stat_result, uid: int | None = None) -> str | None:
             group, why = verdict
             owner, owners = ("you", "your") if info.st_uid == caller else ("root", "root's")
             return f"writable by group {group} (mode {mode:04o}), " + why.format(owner=owner, owners=owners)
+    if mode & 0o020 and acl is not None and (writers := acl_writers(acl)):
+        return f"writable through its access ACL by {', '.join(writers)} (mode {mode:04o} shows the ACL's mask)"
     return None
+
+
+#: POSIX ACL entry tags (linux/posix_acl_xattr.h): a named user, a named group.
+_ACL_USER, _ACL_GROUP = 0x02, 0x08
+
+
+def acl_writers(where: int | str) -> list[str]:
+    """The named users and groups an access ACL (``system.posix_acl_access`` of the file open
+    as descriptor ``where``, or at path ``where``) gives write, as "user N" / "group N"; empty
+    without an ACL (or on a file system without them). Their effective write also needs the
+    ACL's mask, the file's group write bit, which the caller has checked."""
+    import struct
+
+    try:
+        raw = os.getxattr(where, "system.posix_acl_access")
+    except OSError:  # ENODATA: no ACL; ENOTSUP: a file system without them
+        return []
+    found = []
+    for offset in range(4, len(raw) - 7, 8):
+        tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
+        if tag in (_ACL_USER, _ACL_GROUP) and perm & 0o2:
+            found.append(f"{'user' if tag == _ACL_USER else 'group'} {ident}")
+    return found
 
 
 @functools.lru_cache(maxsize=64)

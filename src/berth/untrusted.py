@@ -110,7 +110,7 @@ def nesting_exceeds(value: Any, max_depth: int = MAX_DEPTH) -> bool:
 
 def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
                     error: type[Exception] = InvalidDocument, hint: str | None = None,
-                    judge: Callable[[os.stat_result], object] | None = None) -> bytes | None:
+                    judge: Callable[[os.stat_result, int], object] | None = None) -> bytes | None:
     """The content of the file ``path`` names, links followed (a path the user chose, such as
     ``~/.docker/config.json`` linked into a dotfiles repository); None when it does not exist.
     It is opened without blocking and must be a regular file of at most ``max_bytes``: a FIFO
@@ -118,8 +118,8 @@ def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
     link to /dev/zero read without end. Raises ``error`` naming ``what`` for those; OSError
     (permission denied, ...) passes through.
 
-    ``judge``, when given, is called with the status of the descriptor that is read (fstat),
-    before reading; what it raises passes through. A rule about who may change the file must
+    ``judge``, when given, is called with the status of the descriptor that is read (fstat)
+    and the descriptor (for what fstat does not show: an ACL), before reading; what it raises passes through. A rule about who may change the file must
     judge it so: a second ``os.stat(path)`` judged whatever the name pointed to a moment later
     (renamed away: nothing; swapped for a link: another file)."""
     def refuse(detail: str) -> Exception:
@@ -137,7 +137,7 @@ def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
         if not stat.S_ISREG(info.st_mode):
             raise refuse("is not a regular file (a FIFO, device or directory): berth reads only plain files there")
         if judge is not None:
-            judge(info)
+            judge(info, fd)
         chunks, size = [], 0
         while size <= max_bytes and (chunk := os.read(fd, max_bytes + 1 - size)):
             chunks.append(chunk)

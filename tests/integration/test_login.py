@@ -131,3 +131,29 @@ def test_logout_of_credentials_berth_does_not_own(user, auth_registry, login_env
     assert f"they come from {docker_config}" in result.stderr
     assert "berth logout edits only its own file" in result.stderr
     assert json.loads(open(docker_config).read()) == entry
+
+
+def test_a_root_owned_file_sudo_berth_login_left_is_passed_over_then_replaced_by_login(user, auth_registry,
+                                                                                      login_env):
+    """``sudo berth login`` (HOME and XDG_CONFIG_HOME kept) leaves root's 0600 auth.json in the
+    user's configuration directory. Every command that read it failed ("cannot read registry
+    credentials file"), public pulls too, and the EACCES path of a5036c0 did not cover it (the
+    writers rule trusts root's files; review 11). Now it is passed over with the fix named,
+    ``berth logout`` refuses to edit it, and ``berth login`` writes the file anew as the user's
+    own, saying what it did not keep."""
+    path = auth_file(login_env)
+    user.run(["mkdir", "-p", str(path.parent)], env=login_env, check=True)
+    path.write_text(json.dumps({"auths": {"planted.example": {"auth": base64.b64encode(b"root:pw").decode()}}}))
+    os.chmod(path, 0o600)  # root's, as sudo left it
+    why = "not readable by you (owned by uid 0, mode 0600)"
+
+    logout = user.berth("logout", auth_registry.host, env=login_env)
+    assert logout.returncode != 0 and f"registry credentials file {path} is {why}" in logout.stderr, describe(logout)
+
+    result = login(user, auth_registry, login_env, auth_registry.password)
+    assert result.returncode == 0, describe(result)
+    assert (f"berth: warning: registry credentials file {path} was {why}: berth wrote it anew as your own "
+            "(mode 0600) with this login only") in result.stderr, describe(result)
+    info = path.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (user.uid, 0o600)
+    assert set(json.loads(path.read_text())["auths"]) == {auth_registry.host}

@@ -290,6 +290,31 @@ def test_a_credentials_file_another_user_owns_is_ignored_with_a_warning(stores, 
         assert token not in output.stdout + output.stderr
 
 
+def test_a_credentials_file_the_user_cannot_read_is_passed_over_with_a_warning(stores, registry, auth_registry,
+                                                                              busybox_image):
+    """Root's 0600 file (``sudo berth login`` leaves one): every pull failed, public ones too
+    ("cannot read registry credentials file"); the writers rule trusts root's files, so the
+    change before did not cover it (review 11). Now it is passed over and named once, and an
+    authentication error says so."""
+    from tests.harness import images
+
+    images.push_image(auth_registry, "test/private", "1", busybox_image.spec, "oci")
+    auth_file = stores.user_store.parent / "root-auth.json"
+    auth_file.write_text('{"auths": {}}')
+    os.chmod(auth_file, 0o600)  # root's
+    stores.extra_env.update(REGISTRY_AUTH_FILE=str(auth_file), XDG_CONFIG_HOME=str(stores.user_store.parent / "xdg"),
+                            DOCKER_CONFIG=str(stores.user_store.parent / "no-docker"))
+    why = "not readable by you (owned by uid 0, mode 0600)"
+    public = stores.berth("pull", "--insecure", f"{registry.host}/test/busybox:1")
+    assert public.returncode == 0, describe(public)
+    assert public.stderr.count(f"berth: warning: registry credentials file {auth_file} is {why}: berth cannot "
+                               "read it, and goes on without this file; if it is yours, an administrator can run: "
+                               f"chown {stores.user.name} {auth_file}") == 1, describe(public)
+    refused = stores.berth("pull", "--insecure", f"{auth_registry.host}/test/private:1")
+    assert refused.returncode == 40, describe(refused)
+    assert f"registry credentials file {auth_file} was ignored: it is {why}" in refused.stderr, describe(refused)
+
+
 def test_unknown_image_unreachable_registry_and_bad_reference(stores, registry):
     unknown = stores.berth("pull", "--insecure", f"{registry.host}/test/no-such-image:1")
     assert unknown.returncode == 30, describe(unknown)

@@ -673,3 +673,55 @@ def test_room_shortage_lets_the_caller_decide_when_the_file_system_cannot_be_rea
     monkeypatch.setattr(fsutil.os, "statvfs", refuse)
     with pytest.raises(PermissionError):
         fsutil.room_shortage(tmp_path, 1, show_size=str)
+
+
+def _set_acl(path, entries):
+    """An access ACL (system.posix_acl_access, version 2) of (tag, perm, id) entries."""
+    import struct
+
+    os.setxattr(path, "system.posix_acl_access",
+                struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries))
+
+
+def test_a_file_of_the_owner_s_private_group_writable_through_an_acl_is_refused(accounts):
+    """Where a file has an access ACL its group bits are the ACL's mask: a 0664 file of the
+    owner's private group with ``user:bob:rw-`` is writable by bob, and the private-group rule
+    accepted it (review 11; a named entry with write is refused now, naming it; one without
+    write, or a mask without write, is fine)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    uid, gid, _ = accounts.user("a")
+    bob, _, bob_name = accounts.user("b")
+    reachable = Path(tempfile.mkdtemp(prefix="berth-acl-", dir="/tmp"))  # pytest's is below a 0700 directory
+    os.chmod(reachable, 0o755)
+    try:
+        _judge_acl(reachable / "config.json", uid, gid, bob, bob_name)
+    finally:
+        shutil.rmtree(reachable)
+
+
+def _judge_acl(path, uid, gid, bob, bob_name):
+    import subprocess
+
+    from berth.fsutil import writers_problem
+
+    path.write_text("{}\n")
+    os.chown(path, uid, gid)
+    os.chmod(path, 0o664)
+    no_id = 0xFFFFFFFF
+    _set_acl(path, [(0x01, 6, no_id), (0x02, 6, bob), (0x04, 6, no_id), (0x10, 6, no_id), (0x20, 4, no_id)])
+    assert subprocess.run(["runuser", "-u", bob_name, "--", "sh", "-c", f": >> {path}"]).returncode == 0  # he can
+    assert writers_problem(os.stat(path), uid, acl=str(path)) == \
+        f"writable through its access ACL by user {bob} (mode 0664 shows the ACL's mask)"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert writers_problem(os.fstat(fd), uid, acl=fd) is not None
+    finally:
+        os.close(fd)
+    _set_acl(path, [(0x01, 6, no_id), (0x02, 4, bob), (0x04, 6, no_id), (0x10, 6, no_id), (0x20, 4, no_id)])
+    assert writers_problem(os.stat(path), uid, acl=str(path)) is None  # bob may read only
+    os.removexattr(path, "system.posix_acl_access")
+    os.chmod(path, 0o664)
+    assert writers_problem(os.stat(path), uid, acl=str(path)) is None  # no ACL: the private group alone

@@ -152,7 +152,7 @@ def test_save_login_writes_0600_atomically_and_keeps_other_entries(env, tmp_path
     assert path == tmp_path / "xdg/berth/auth.json"
     write(path, {"auths": {"other.example": {"auth": b64("o:o")}, "https://R.example:5000/v2/": {"auth": b64("old:old")}},
                  "keep": "me"})
-    key = auth.save_login("r.example:5000", "alice", "s3cret pw", path)
+    key, _ = auth.save_login("r.example:5000", "alice", "s3cret pw", path)
     assert key == "r.example:5000"
     data = json.loads(path.read_text())
     # The old alias of the same host is replaced, not duplicated; unknown keys survive.
@@ -360,3 +360,23 @@ def test_the_credentials_file_judged_is_the_one_whose_contents_are_used(env, tmp
     assert creds.for_host("reg.example") is None
     assert [(ignored.path, ignored.problem) for ignored in creds.ignored] == \
         [(str(path), "writable by others (mode 0666)")]
+
+
+def test_login_does_not_carry_over_what_a_file_a_pull_passes_over_holds(env, tmp_path):
+    """A credentials file another user can change is passed over by pulls, and the error then
+    suggests ``berth login``; but login read the same file unjudged and wrote its entries back
+    as the caller's own 0600 file, which pulls then trusted: an entry someone planted there was
+    laundered (review 11). Login now starts the file anew (and says so); logout refuses to edit it."""
+    path = auth.berth_auth_file(env)
+    write(path, {"auths": {"registry-b.example": {"auth": b64("mallory:planted")}}})
+    os.chmod(path, 0o666)  # anyone may change it
+    assert auth.load_credentials(env).ignored and auth.load_credentials(env).for_host("registry-b.example") is None
+    with pytest.raises(ConfigError, match="writable by others .*berth does not edit it"):
+        auth.remove_login("registry-b.example", path)
+    key, passed_over = auth.save_login("registry-a.example", "alice", "secret", path)
+    assert passed_over is not None and passed_over.problem == "writable by others (mode 0666)"
+    assert json.loads(path.read_text()) == {"auths": {key: {"auth": b64("alice:secret")}}}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = auth.load_credentials(env)
+    assert loaded.for_host("registry-b.example") is None and loaded.for_host("registry-a.example") == ("alice", "secret")
+

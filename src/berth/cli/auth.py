@@ -104,7 +104,10 @@ def run_login(args: argparse.Namespace, ctx) -> int:
                         retry=RetryPolicy(attempts=3)) as client:
         client.ping()
     path = auth.berth_auth_file()
-    auth.save_login(key, username, password, path)
+    _, passed_over = auth.save_login(key, username, password, path)
+    if passed_over is not None:
+        print(f"berth: warning: registry credentials file {path} was {passed_over.problem}: berth wrote it anew "
+              "as your own (mode 0600) with this login only; what it held before was not kept", file=sys.stderr)
     # A file read before berth's own would hide what we just stored: say so.
     try:
         loaded = auth.load_credentials()

@@ -73,17 +73,20 @@ class Entry(Record):
 
 class IgnoredFile(Record):
     """A credentials file berth did not read because someone other than the caller or root can
-    change it (:func:`refused_auth_file`): ``problem`` is :func:`berth.fsutil.writers_problem`'s
-    reason, ``fix`` the command that makes the file usable."""
+    change it (:func:`refused_auth_file`), or because the caller cannot read it (another
+    user's private file, such as one ``sudo berth login`` leaves): ``problem`` says which
+    (:func:`berth.fsutil.writers_problem`'s reason, or "not readable by you ..."), ``fix`` the
+    command that makes the file usable, ``reason`` why berth goes on without it."""
 
     path: str
     problem: str
     fix: str
+    reason: str = "berth does not use credentials another user can change"
 
     def warning(self) -> str:
         """What ``berth pull`` says (no credential is ever part of it)."""
-        return (f"registry credentials file {self.path} is {self.problem}: berth does not use credentials another "
-                f"user can change, and goes on without this file; {self.fix}")
+        return (f"registry credentials file {self.path} is {self.problem}: {self.reason}, and goes on without this "
+                f"file; {self.fix}")
 
     def note(self) -> str:
         """What an authentication error adds."""
@@ -153,19 +156,23 @@ def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
     return files
 
 
-def refused_auth_file(path: Path, info: os.stat_result, uid: int | None = None) -> IgnoredFile | None:
+def refused_auth_file(path: Path, info: os.stat_result, uid: int | None = None, *,
+                      acl: int | str | None = None) -> IgnoredFile | None:
     """The rule for a registry credentials file (docs/security.md, as ssh judges its own files):
     refused when someone other than the caller (``uid``, default this process's user) or root
     can change it, by the one rule CDI specs are judged by (:func:`berth.fsutil.writers_problem`:
     another owner, write for others, or for a group other than root or the owner's private
     group): someone else could put credentials of their choosing there (pushes to their
     account) or take them out. A refused file is not read, and berth goes on without it (a
-    public image needs no credentials); the returned IgnoredFile says why and the fix."""
+    public image needs no credentials); the returned IgnoredFile says why and the fix.
+    ``acl``: the file's descriptor or path, for its access ACL (writers_problem)."""
     uid = os.getuid() if uid is None else uid
-    problem = writers_problem(info, uid)
+    problem = writers_problem(info, uid, acl=acl)
     if problem is None:
         return None
-    if info.st_uid == uid:
+    if problem.startswith("writable through its access ACL") and info.st_uid == uid:
+        fix = f"run: setfacl -b {path}; chmod 600 {path}"
+    elif info.st_uid == uid:
         fix = f"run: chmod 600 {path}"
     elif info.st_uid == 0:
         fix = f"ask an administrator to run: chmod go-w {path}, or move it away"
@@ -173,6 +180,30 @@ def refused_auth_file(path: Path, info: os.stat_result, uid: int | None = None) 
         fix = (f"if it is yours, an administrator can run: chown {_user_name(uid)} {path}; otherwise move it "
                "away (berth login writes your own)")
     return IgnoredFile(str(path), problem, fix)
+
+
+def unreadable_auth_file(path: Path) -> IgnoredFile:
+    """The IgnoredFile for a credentials file the caller may not read (EACCES): another user's
+    private file, one ``sudo berth login`` leaves in a home directory (root's, 0600), or the
+    caller's own with no read bit. It failed every pull, public images too; it is now passed
+    over like a refused one, named once (review 11)."""
+    uid = os.getuid()
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        info, problem, owner = None, f"not readable by you ({exc.strerror})", None
+    if info is not None:
+        refused = refused_auth_file(path, info, uid, acl=str(path))  # another user's: said as for a readable one
+        if refused is not None:
+            return refused
+        problem = f"not readable by you (owned by uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o})"
+        owner = info.st_uid
+    if owner == uid:
+        fix = f"run: chmod 600 {path}"
+    else:
+        fix = (f"if it is yours, an administrator can run: chown {_user_name(uid)} {path}; otherwise move it away "
+               "(berth login writes your own)")
+    return IgnoredFile(str(path), problem, fix, reason="berth cannot read it")
 
 
 def _user_name(uid: int) -> str:
@@ -210,8 +241,8 @@ def read_auth_file(path: Path, warnings: list[str] | None = None,
     returned), and is added to ``ignored`` with its warning; one others may read is used with
     a warning (:func:`check_auth_file_mode`).
     """
-    def judge(info: os.stat_result) -> None:
-        refused = refused_auth_file(path, info)
+    def judge(info: os.stat_result, fd: int) -> None:
+        refused = refused_auth_file(path, info, acl=fd)
         if refused is not None:
             warnings.append(refused.warning())
             if ignored is not None:
@@ -228,15 +259,14 @@ def read_auth_file(path: Path, warnings: list[str] | None = None,
     except _Refused:
         return None
     except OSError as exc:
-        # Another user's private file (one ``sudo berth login`` left in a home directory):
-        # judged by the path, the descriptor it could not open being what the rule would refuse.
+        # Not readable by the caller (another user's private file, such as one ``sudo berth
+        # login`` left in a home directory): passed over and named, as a refused one is.
         if exc.errno == errno.EACCES and warnings is not None:
-            try:
-                judge(os.stat(path))
-            except _Refused:
-                return None
-            except OSError:
-                pass
+            unreadable = unreadable_auth_file(path)
+            warnings.append(unreadable.warning())
+            if ignored is not None:
+                ignored.append(unreadable)
+            return None
         raise ConfigError(
             f"cannot read registry credentials file {path}: {exc.strerror or exc}",
             hint="fix its permissions, or move it away if it is not yours",
@@ -354,39 +384,53 @@ def _write_atomically(path: Path, data: dict) -> None:
                           hint="check that the directory is writable by you") from None
 
 
-def _load_for_update(path: Path) -> dict:
-    data = read_auth_file(path) or {}
+def _load_for_update(path: Path) -> tuple[dict, IgnoredFile | None]:
+    """The auth file ``path`` to add to, judged as a pull judges it: one the rule refuses, or
+    the caller cannot read, is not read and its entries are not carried over (returned as the
+    IgnoredFile): written back as the caller's own 0600 file, entries someone else planted
+    there would be trusted from then on (review 11)."""
+    ignored: list[IgnoredFile] = []
+    data = read_auth_file(path, [], ignored) or {}
+    if ignored:
+        return {"auths": {}}, ignored[0]
     auths = data.setdefault("auths", {})
     if not isinstance(auths, dict):
         raise ConfigError(f"registry credentials file {path}: 'auths' is not an object",
                           hint="fix or remove the file")
-    return data
+    return data, None
 
 
-def save_login(host: str, username: str, password: str, path: Path) -> str:
+def save_login(host: str, username: str, password: str, path: Path) -> tuple[str, IgnoredFile | None]:
     """Store credentials for ``host`` in the auth file ``path`` (berth's own, normally).
 
     Keeps every other entry and key of the file; the file is replaced atomically with mode
-    0600 (the directory is created 0700). Returns the normalized host key written. Raises
+    0600 (the directory is created 0700). Returns the normalized host key written, and the
+    existing file when it was passed over (:func:`_load_for_update`: its entries are gone, the
+    caller says so). Raises
     ConfigError when the existing file is broken (it is left untouched) and UsageError for
     a username containing ':' (it could not be decoded again).
     """
     if ":" in username:
         raise UsageError(f"username '{username}' contains ':'", hint="registry usernames cannot contain ':'")
     key = normalize_host(host)
-    data = _load_for_update(path)
+    data, passed_over = _load_for_update(path)
     auths = data["auths"]
     for alias in [k for k in auths if _safe_host(k) and normalize_host(k) == key]:
         del auths[alias]
     auths[key] = {"auth": encode_auth(username, password)}
     _write_atomically(path, data)
-    return key
+    return key, passed_over
 
 
 def remove_login(host: str, path: Path) -> bool:
-    """Remove ``host``'s credentials from ``path``; False when there were none there."""
+    """Remove ``host``'s credentials from ``path``; False when there were none there. Raises
+    ConfigError for a file a pull passes over (:func:`_load_for_update`): written back as the
+    caller's own, the rest of what someone else put there would be trusted."""
     key = normalize_host(host)
-    data = read_auth_file(path)
+    data, passed_over = _load_for_update(path)
+    if passed_over is not None:
+        raise ConfigError(f"registry credentials file {path} is {passed_over.problem}: berth does not edit it, and "
+                          "pulls do not use it", hint=passed_over.fix)
     if not data or not isinstance(data.get("auths"), dict):
         return False
     auths = data["auths"]

@@ -334,17 +334,17 @@ def _read(file: str) -> bytes:
         info = os.fstat(handle.fileno())
         if not stat_module.S_ISREG(info.st_mode):
             raise ConfigError(f"CDI spec {file}: not a regular file", hint=_HINT)
-        check_spec_writers(file, info)
+        check_spec_writers(file, info, acl=handle.fileno())
         return handle.read(MAX_SPEC_BYTES + 1)
 
 
-def check_spec_writers(file: str, info: os.stat_result) -> None:
+def check_spec_writers(file: str, info: os.stat_result, *, acl: int | str | None = None) -> None:
     """Refuse a spec that someone other than root or the caller wrote or can change: its hooks
     run programs (``/usr/bin/sh -c ...`` lies under any ``mount_allow``) as the caller on the
     host, so whoever can write the spec can run code as every user who asks for its devices.
     Group write is accepted for group root and the owner's private group only
     (:func:`writers_problem`). Raises ConfigError."""
-    problem = writers_problem(info)
+    problem = writers_problem(info, acl=acl)
     if problem and problem.startswith("owned"):
         raise ConfigError(f"CDI spec {file}: {problem}: berth does not read specs other users wrote (their hooks "
                           "would run as you)", hint=_HINT)

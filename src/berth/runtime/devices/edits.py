@@ -203,7 +203,7 @@ def _refuse_changeable(real: str, kind: str, what: str, why: str) -> None:
     by someone other than root or the caller (:func:`writers_problem`), naming the first."""
     path = real
     while True:
-        problem = writers_problem(os.stat(path))
+        problem = writers_problem(os.stat(path), acl=path)
         if problem:
             label = f"the {kind} {real}" if path == real else f"the directory {path} of {kind} {real}"
             raise PolicyError(f"{what}: {label} is {problem}: {why}", hint=f"{_ADMIN}; chmod go-w, chown root")
