@@ -131,7 +131,10 @@ def is_locked(path: Path, *, proc: str = "/proc") -> bool:
     falls back to one try of the lock (the old way, which takes it for an instant): /proc/locks
     or fdinfo unreadable; a /proc of another PID namespace than the first (the kernel leaves
     out locks whose holder it cannot see there, checked on 6.18); a file system whose locks
-    other nodes may hold (NFS, Lustre, FUSE...: only the local ones are in /proc/locks).
+    other nodes may hold (NFS, Lustre, FUSE...: only the local ones are in /proc/locks); on
+    btrfs, a lock /proc/locks shows for the file's numbers that another user's process holds
+    (subvolumes repeat inode numbers; the caller's own holders are told apart by their
+    descriptors, :meth:`_ProcLocks._held_here`).
 
     A symbolic link, or anything else than a regular file, at ``path`` is not locked (False):
     berth takes its locks only through :func:`open_lock_file`, which refuses those, so no berth
@@ -191,7 +194,7 @@ _LOCAL_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs"
 #: Local file systems whose /proc/locks names do not tell one file from another: btrfs's
 #: subvolumes share the device /proc/locks prints, and each numbers its inodes from 256, so a
 #: lock on another subvolume's file of the same number reads as this file's. A FLOCK seen there
-#: is confirmed by a try of the lock (which fails without taking a lock that is held); none seen
+#: is looked for in its holders' descriptors (_ProcLocks._held_here), never tried; none seen
 #: is none held.
 _REPEATED_INODES = frozenset({"btrfs"})
 _PF_KTHREAD = 0x00200000
@@ -262,10 +265,59 @@ class _ProcLocks:
                     devices[fields[0]] = (major, minor, kind in _REPEATED_INODES) if kind in _LOCAL_FILE_SYSTEMS else None
         return devices
 
-    def _held(self) -> set[tuple[int, int, int]]:
+    def _held(self) -> dict[tuple[int, int, int], list[int]]:
+        """The FLOCKs held: (major, minor, inode) -> the pids /proc/locks names for them."""
+        held: dict[tuple[int, int, int], list[int]] = {}
         with open(f"{self.proc}/locks", encoding="ascii", errors="replace") as handle:
-            return {(line.major, line.minor, line.inode) for line in parse_proc_locks(handle.read())
-                    if line.type == "FLOCK"}
+            for line in parse_proc_locks(handle.read()):
+                if line.type == "FLOCK":
+                    held.setdefault((line.major, line.minor, line.inode), []).append(line.pid)
+        return held
+
+    def _held_here(self, fd: int, key: tuple[int, int, int], pids: list[int]) -> bool | None:
+        """On btrfs (:data:`_REPEATED_INODES`), whether a FLOCK /proc/locks names as ``key`` is
+        on the file open as ``fd`` or on another subvolume's file of that number, told without
+        taking the lock: each holder's ``/proc/PID/fdinfo`` shows the locks held through each of
+        its descriptors, and ``/proc/PID/fd/N``'s status has the subvolume's own device, as our
+        ``fstat`` has. True: one holds it on this file, or one we can look at holds it still
+        though we did not find where (it released it and took it again meanwhile: counted held,
+        never tried); False: every one holds it elsewhere, or /proc/locks no longer shows it;
+        None: a holder we cannot look at (another user's, gone, another PID namespace's) still
+        holds one (the caller then tries the lock, as where /proc cannot tell)."""
+        own = os.fstat(fd)
+        name = f" {key[0]:02x}:{key[1]:02x}:{key[2]} "
+        unplaced: set[int] = set()  # looked at, the lock not found: released (and taken again?)
+        hidden: set[int] = set()  # cannot be looked at
+        for pid in pids:
+            located = False
+            try:
+                entries = os.listdir(f"{self.proc}/{pid}/fdinfo") if pid > 0 else None
+            except OSError:
+                entries = None
+            if entries is None:
+                hidden.add(pid)
+                continue
+            for entry in entries:
+                try:
+                    with open(f"{self.proc}/{pid}/fdinfo/{entry}", encoding="ascii", errors="replace") as handle:
+                        if not any(line.startswith("lock:") and name in line for line in handle):
+                            continue
+                    info = os.stat(f"{self.proc}/{pid}/fd/{entry}")
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) == (own.st_dev, own.st_ino):
+                    return True
+                located = True
+            if not located:
+                unplaced.add(pid)
+        if not unplaced and not hidden:
+            return False
+        # A holder that shows no such lock may have released it since /proc/locks was read:
+        # read it again (rarely: only here).
+        still = set(self._held().get(key, ()))
+        if unplaced & still:
+            return True
+        return None if hidden & still else False
 
     def identity(self, fd: int) -> tuple[int, int, int] | None:
         """The file open as ``fd`` as /proc/locks names it (major, minor, inode: the superblock's
@@ -287,17 +339,27 @@ class _ProcLocks:
         return None if device is None else (device[0], device[1], inode, device[2])
 
     def seen(self, fd: int, *, can_try: bool = True) -> bool | None:
-        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell,
-        and for one seen on btrfs where the caller ``can_try`` the lock (without a descriptor to
-        try it with, the FLOCK seen counts: a live holder taken for dead is the worse mistake)."""
+        """Whether /proc/locks shows a FLOCK on the file open as ``fd``; None when it cannot tell.
+        On btrfs a FLOCK seen is looked for in its holders' descriptors (:meth:`_held_here`);
+        only one held by a process we cannot look at (another user's) gives None, where the
+        caller ``can_try`` the lock (without a descriptor to try it with, it counts: a live
+        holder taken for dead is the worse mistake). A try takes a free lock for an instant,
+        which makes a concurrent one-try taker fail (review 11: 3,606 of 200,000 takes failed
+        while 91dabca tried every FLOCK seen on btrfs)."""
         if not self._once("namespace", self._first_namespace):
             return None
         found = self._identity(fd)
         held = self._once("locks", self._held) if found is not None else None
         if held is None:
             return None
-        seen = found[:3] in held
-        return None if seen and found[3] and can_try else seen  # btrfs: maybe another subvolume's
+        pids = held.get(found[:3])
+        if not pids or not found[3]:
+            return bool(pids)
+        try:  # btrfs: maybe another subvolume's file's
+            here = self._held_here(fd, found[:3], pids)
+        except OSError:
+            here = None
+        return None if here is None and can_try else True if here is None else here
 
 
 class Holder(Record):

@@ -973,3 +973,51 @@ def test_on_btrfs_a_lock_on_another_subvolumes_file_does_not_keep_a_dead_holder_
     finally:
         locker.kill()
         locker.wait()
+
+
+def test_on_btrfs_a_look_at_a_free_lock_never_takes_it(btrfs_state):
+    """The look at a lock (berth.locks.is_locked: berth doctor, ps, the GPU ledger's "busy")
+    must never take a free lock, even for an instant: a concurrent one-try taker (a container
+    taking its GPU) then fails. On btrfs 91dabca tried every lock /proc/locks showed as held,
+    which took free ones whose inode number another subvolume's flocked file has: 3,606 of
+    200,000 takes failed (review 11). The holders' descriptors now tell the two files apart."""
+    import subprocess
+    import sys
+
+    from berth import locks
+
+    top = btrfs_state.parent
+    for name in ("a", "b"):
+        subprocess.run(["btrfs", "subvolume", "create", str(top / name)], check=True, capture_output=True)
+    held, free = top / "a" / "x.lock", top / "b" / "gpu0.lock"
+    held.touch()
+    free.touch()
+    assert held.stat().st_ino == free.stat().st_ino and held.stat().st_dev != free.stat().st_dev
+    holder = subprocess.Popen(["flock", "--exclusive", str(held), "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while not locks.is_locked(held):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        taker = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "failed = 0\n"
+            "for _ in range(20000):\n"
+            "    try:\n"
+            "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "    except BlockingIOError:\n"
+            "        failed += 1\n"
+            "    else:\n"
+            "        fcntl.flock(fd, fcntl.LOCK_UN)\n"
+            "print(failed)\n"), str(free)], stdout=subprocess.PIPE, text=True)
+        looks = 0
+        while taker.poll() is None:
+            locks.is_locked(free)  # True while the taker has it, which is right
+            looks += 1
+        failed = int(taker.communicate()[0])
+        assert failed == 0, f"{failed} of 20000 one-try takes failed during {looks} looks"
+        assert locks.is_locked(held) and not locks.is_locked(free)
+    finally:
+        holder.kill()
+        holder.wait()

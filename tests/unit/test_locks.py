@@ -401,11 +401,12 @@ def test_a_look_at_a_directory_or_a_read_only_lock_file_still_answers(tmp_path, 
     assert locks.is_locked(lock) is False and locks.is_locked(lock, proc=str(tmp_path / "no-proc")) is False
 
 
-def test_a_flock_seen_on_btrfs_is_confirmed_by_a_try(tmp_path):
+def test_a_flock_seen_on_btrfs_that_no_holder_can_place_is_tried(tmp_path):
     """btrfs's subvolumes share the device /proc/locks names and number their inodes alike: a
-    FLOCK seen there may be another subvolume's file's, so the look says it cannot tell (the
-    caller tries the lock), unless there is no descriptor to try it with (then it counts: a live
-    holder taken for dead is the worse mistake). None seen is none held, as elsewhere."""
+    FLOCK seen there may be another subvolume's file's. Its holders' descriptors tell (see
+    tests/integration/test_plan_cache.py on a real btrfs); where a holder cannot be looked at
+    (here: a /proc without them) the caller tries the lock, or counts it held when it cannot
+    try (review 11). None seen is none held."""
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
         seen_btrfs = _fake_proc(tmp_path / "a", fd, inode=2147362, device="254:0", fstype="btrfs")

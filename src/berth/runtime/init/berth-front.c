@@ -572,7 +572,7 @@ static int plan_cache_on(void) {
 struct lockset {
     int loaded, mounts_read, namespace_read, first_namespace;
     size_t n, mounts;
-    struct { unsigned maj, min; unsigned long long ino; } *items;
+    struct { unsigned maj, min; unsigned long long ino; long pid; } *items;
     struct { long id; unsigned maj, min; int repeats; } *local;  /* mount id -> device, local file systems only */
 };
 
@@ -618,10 +618,12 @@ static void read_proc_locks(struct lockset *set) {
         char kind[16];
         unsigned maj, min;
         unsigned long long ino;
+        long pid;
         /* "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" ("->" lines are waiters) */
         if (strstr(line, "->")) continue;
-        if (sscanf(line, "%*d: %15s %*s %*s %*d %x:%x:%llu", kind, &maj, &min, &ino) == 4 && !strcmp(kind, "FLOCK")) {
-            set->items[set->n].maj = maj; set->items[set->n].min = min; set->items[set->n].ino = ino; set->n++;
+        if (sscanf(line, "%*d: %15s %*s %*s %ld %x:%x:%llu", kind, &pid, &maj, &min, &ino) == 5 && !strcmp(kind, "FLOCK")) {
+            set->items[set->n].maj = maj; set->items[set->n].min = min; set->items[set->n].ino = ino;
+            set->items[set->n].pid = pid; set->n++;
         }
     }
     free(buf);
@@ -629,7 +631,7 @@ static void read_proc_locks(struct lockset *set) {
 
 /* locks._LOCAL_FILE_SYSTEMS: those whose flocks are all in this node's /proc/locks; of them,
  * locks._REPEATED_INODES: btrfs, whose subvolumes share the device /proc/locks names and number
- * their inodes alike, so that a FLOCK seen there may be another subvolume's file's. */
+ * their inodes alike, so that a FLOCK seen there may be another subvolume's file's (held_here). */
 static int local_file_system(const char *type) {
     static const char *const local[] = {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "overlay"};
     for (size_t i = 0; i < sizeof local / sizeof *local; i++) if (!strcmp(type, local[i])) return 1;
@@ -677,8 +679,79 @@ static int first_namespace(struct lockset *set) {
     return set->first_namespace;
 }
 
-/* Whether /proc/locks shows a FLOCK on the file open as fd: 1, 0, or -1 when /proc cannot tell,
- * and for one seen on btrfs where the caller can_try the lock (locks._ProcLocks.seen). */
+/* On btrfs, whether a FLOCK /proc/locks names maj:min:ino is on the file open as fd
+ * (locks._ProcLocks._held_here): 1 when a holder holds it on this file, or one this process can
+ * look at holds it still though not found (released and taken again meanwhile: counted held,
+ * never tried); 0 when every holder holds it on other subvolumes' files or it is no longer
+ * shown; -1 when a holder it cannot look at (another user's, gone) still holds one. Each
+ * holder's /proc/PID/fdinfo shows the locks held through each descriptor, and /proc/PID/fd/N's
+ * stat has the subvolume's own device, as fstat has. */
+static int held_here(struct lockset *set, int fd, unsigned maj, unsigned min, unsigned long long ino) {
+    struct stat own;
+    if (fstat(fd, &own) != 0) return -1;
+    char name[64];
+    snprintf(name, sizeof name, " %02x:%02x:%llu ", maj, min, ino);
+    long unplaced[16], hidden[16];
+    size_t unplaceds = 0, hiddens = 0;
+    for (size_t i = 0; i < set->n; i++) {
+        if (set->items[i].ino != ino || set->items[i].maj != maj || set->items[i].min != min) continue;
+        long pid = set->items[i].pid;
+        int located = 0;
+        char dir[64];
+        snprintf(dir, sizeof dir, "/proc/%ld/fdinfo", pid);
+        DIR *d = pid > 0 ? opendir(dir) : NULL;
+        if (!d) {
+            if (hiddens == sizeof hidden / sizeof *hidden) return -1;
+            hidden[hiddens++] = pid;
+            continue;
+        }
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (e->d_name[0] == '.') continue;
+            char path[128];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            char *text = read_proc_file(path);
+            if (!text) continue;
+            int has = 0;
+            for (char *line = text; line && *line && !has;) {
+                char *end = strchr(line, '\n');
+                if (end) *end = 0;
+                has = !strncmp(line, "lock:", 5) && strstr(line, name) != NULL;
+                line = end ? end + 1 : NULL;
+            }
+            free(text);
+            if (!has) continue;
+            snprintf(path, sizeof path, "/proc/%ld/fd/%s", pid, e->d_name);
+            struct stat other;
+            if (stat(path, &other) != 0) continue;
+            if (other.st_dev == own.st_dev && other.st_ino == own.st_ino) { closedir(d); return 1; }
+            located = 1;
+        }
+        closedir(d);
+        if (!located) {
+            if (unplaceds == sizeof unplaced / sizeof *unplaced) return -1;
+            unplaced[unplaceds++] = pid;
+        }
+    }
+    if (!unplaceds && !hiddens) return 0;
+    /* A holder that shows no such lock may have released it since /proc/locks was read: read
+     * it again (rarely: only here). */
+    struct lockset fresh = {0};
+    read_proc_locks(&fresh);
+    if (!fresh.items) { free_lockset(&fresh); return -1; }
+    int result = 0;
+    for (size_t i = 0; i < fresh.n && result != 1; i++) {
+        if (fresh.items[i].ino != ino || fresh.items[i].maj != maj || fresh.items[i].min != min) continue;
+        for (size_t u = 0; u < unplaceds; u++) if (fresh.items[i].pid == unplaced[u]) result = 1;
+        for (size_t h = 0; h < hiddens && result == 0; h++) if (fresh.items[i].pid == hidden[h]) result = -1;
+    }
+    free_lockset(&fresh);
+    return result;
+}
+
+/* Whether /proc/locks shows a FLOCK on the file open as fd: 1, 0, or -1 when /proc cannot tell
+ * (locks._ProcLocks.seen); on btrfs what held_here cannot tell is -1 where the caller can_try
+ * the lock, else held. */
 static int proc_seen(struct lockset *set, int fd, int can_try) {
     if (!first_namespace(set)) return -1;
     char path[64], buf[4096];
@@ -699,8 +772,11 @@ static int proc_seen(struct lockset *set, int fd, int can_try) {
     if (!set->loaded) read_proc_locks(set);
     if (!set->items) return -1;
     for (size_t i = 0; i < set->n; i++)
-        if (set->items[i].ino == ino && set->items[i].maj == set->local[m].maj && set->items[i].min == set->local[m].min)
-            return set->local[m].repeats && can_try ? -1 : 1;
+        if (set->items[i].ino == ino && set->items[i].maj == set->local[m].maj && set->items[i].min == set->local[m].min) {
+            if (!set->local[m].repeats) return 1;
+            int here = held_here(set, fd, set->local[m].maj, set->local[m].min, ino);
+            return here >= 0 ? here : can_try ? -1 : 1;
+        }
     return 0;
 }
 
