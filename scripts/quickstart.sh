@@ -19,8 +19,11 @@ if [ "$(id -u)" -eq 0 ]; then
     if ! runuser -u "$user" -- test -r "$demo"; then
         demo=$(mktemp /tmp/berth-demo-XXXXXX.sh); cp "$repo/scripts/demo.sh" "$demo"; chmod 755 "$demo"
     fi
-    exec runuser -u "$user" -- env -i HOME="$(getent passwd "$user" | cut -d: -f6)" USER="$user" \
-        PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 bash "$demo" "$venv"
+    status=0
+    runuser -u "$user" -- env -i HOME="$(getent passwd "$user" | cut -d: -f6)" USER="$user" \
+        PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 bash "$demo" "$venv" || status=$?
+    [ "$demo" = "$repo/scripts/demo.sh" ] || rm -f "$demo"  # the copy in /tmp goes with the run
+    exit "$status"
 else
     "$repo/scripts/setup-venv.sh"
     exec "$repo/scripts/demo.sh"

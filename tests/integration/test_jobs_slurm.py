@@ -563,6 +563,7 @@ def test_a_step_on_several_nodes_pulls_a_missing_image_once(job_site, user, slur
     from tests.harness.users import berth_executable
 
     proxy = CountingProxy(registry.host).start()
+    base = None
     try:
         config_dir = job_site.root / f"etc-berth-proxy-{os.getpid()}"
         shutil.copytree(job_site.config_dir, config_dir)
@@ -596,6 +597,8 @@ def test_a_step_on_several_nodes_pulls_a_missing_image_once(job_site, user, slur
         assert failed.stderr.count("could not pull it") == 2, describe(failed)
     finally:
         proxy.stop()
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)  # the test user's stores: one per run was left in /tmp
 
 
 def test_sequential_runs_of_a_job_share_a_lingering_mount_that_ends_with_the_job(
