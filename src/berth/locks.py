@@ -194,8 +194,7 @@ _LOCAL_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs"
 #: Local file systems whose /proc/locks names do not tell one file from another: btrfs's
 #: subvolumes share the device /proc/locks prints, and each numbers its inodes from 256, so a
 #: lock on another subvolume's file of the same number reads as this file's. A FLOCK seen there
-#: is looked for in its holders' descriptors (_ProcLocks._held_here), never tried; none seen
-#: is none held.
+#: is looked for in its holders' descriptors (_ProcLocks._held_here); none seen is none held.
 _REPEATED_INODES = frozenset({"btrfs"})
 _PF_KTHREAD = 0x00200000
 
@@ -262,7 +261,8 @@ class _ProcLocks:
                 if fields:
                     kind = fields[fields.index("-") + 1]
                     major, minor = (int(n) for n in fields[2].split(":"))
-                    devices[fields[0]] = (major, minor, kind in _REPEATED_INODES) if kind in _LOCAL_FILE_SYSTEMS else None
+                    local = kind in _LOCAL_FILE_SYSTEMS
+                    devices[fields[0]] = (major, minor, kind in _REPEATED_INODES) if local else None
         return devices
 
     def _held(self) -> dict[tuple[int, int, int], list[int]]:
@@ -359,7 +359,9 @@ class _ProcLocks:
             here = self._held_here(fd, found[:3], pids)
         except OSError:
             here = None
-        return None if here is None and can_try else True if here is None else here
+        if here is None:
+            return None if can_try else True
+        return here
 
 
 class Holder(Record):
