@@ -177,8 +177,7 @@ def refused_auth_file(path: Path, info: os.stat_result, uid: int | None = None, 
     elif info.st_uid == 0:
         fix = f"ask an administrator to run: chmod go-w {path}, or move it away"
     else:
-        fix = (f"if it is yours, an administrator can run: chown {_user_name(uid)} {path}; otherwise move it "
-               "away (berth login writes your own)")
+        fix = _chown_fix(path, uid)
     return IgnoredFile(str(path), problem, fix)
 
 
@@ -191,19 +190,20 @@ def unreadable_auth_file(path: Path) -> IgnoredFile:
     try:
         info = os.stat(path)
     except OSError as exc:
-        info, problem, owner = None, f"not readable by you ({exc.strerror})", None
-    if info is not None:
-        refused = refused_auth_file(path, info, uid, acl=str(path))  # another user's: said as for a readable one
-        if refused is not None:
-            return refused
-        problem = f"not readable by you (owned by uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o})"
-        owner = info.st_uid
-    if owner == uid:
-        fix = f"run: chmod 600 {path}"
-    else:
-        fix = (f"if it is yours, an administrator can run: chown {_user_name(uid)} {path}; otherwise move it away "
-               "(berth login writes your own)")
+        return IgnoredFile(str(path), f"not readable by you ({exc.strerror})", _chown_fix(path, uid),
+                           reason="berth cannot read it")
+    refused = refused_auth_file(path, info, uid, acl=str(path))  # another user's: said as for a readable one
+    if refused is not None:
+        return refused
+    problem = f"not readable by you (owned by uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o})"
+    fix = f"run: chmod 600 {path}" if info.st_uid == uid else _chown_fix(path, uid)
     return IgnoredFile(str(path), problem, fix, reason="berth cannot read it")
+
+
+def _chown_fix(path: Path, uid: int) -> str:
+    """The fix for a credentials file that is not the caller's (``uid``)."""
+    return (f"if it is yours, an administrator can run: chown {_user_name(uid)} {path}; otherwise move it away "
+            "(berth login writes your own)")
 
 
 def _user_name(uid: int) -> str:
@@ -234,12 +234,13 @@ def read_auth_file(path: Path, warnings: list[str] | None = None,
                    ignored: list[IgnoredFile] | None = None) -> dict | None:
     """The parsed JSON object of an auth file; None when it does not exist.
 
-    Raises ConfigError naming the file when it is unreadable or not a JSON object: silently
+    Raises ConfigError naming the file when it cannot be read or is not a JSON object: silently
     ignoring a broken file would turn into a confusing "authentication required" later. With
     ``warnings`` (a list), the file is judged by its descriptor (not the path again) before
-    its contents are read: one :func:`refused_auth_file` refuses is not read (None is
-    returned), and is added to ``ignored`` with its warning; one others may read is used with
-    a warning (:func:`check_auth_file_mode`).
+    its contents are read: one :func:`refused_auth_file` refuses, or one the caller may not
+    read (:func:`unreadable_auth_file`), is not read (None is returned) and is added to
+    ``ignored`` with its warning; one others may read is used with a warning
+    (:func:`check_auth_file_mode`).
     """
     def judge(info: os.stat_result, fd: int) -> None:
         refused = refused_auth_file(path, info, acl=fd)
@@ -406,9 +407,8 @@ def save_login(host: str, username: str, password: str, path: Path) -> tuple[str
     Keeps every other entry and key of the file; the file is replaced atomically with mode
     0600 (the directory is created 0700). Returns the normalized host key written, and the
     existing file when it was passed over (:func:`_load_for_update`: its entries are gone, the
-    caller says so). Raises
-    ConfigError when the existing file is broken (it is left untouched) and UsageError for
-    a username containing ':' (it could not be decoded again).
+    caller says so). Raises ConfigError when the existing file is broken (it is left
+    untouched) and UsageError for a username containing ':' (it could not be decoded again).
     """
     if ":" in username:
         raise UsageError(f"username '{username}' contains ':'", hint="registry usernames cannot contain ':'")
@@ -431,8 +431,6 @@ def remove_login(host: str, path: Path) -> bool:
     if passed_over is not None:
         raise ConfigError(f"registry credentials file {path} is {passed_over.problem}: berth does not edit it, and "
                           "pulls do not use it", hint=passed_over.fix)
-    if not data or not isinstance(data.get("auths"), dict):
-        return False
     auths = data["auths"]
     aliases = [k for k in auths if _safe_host(k) and normalize_host(k) == key]
     if not aliases:
