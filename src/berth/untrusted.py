@@ -119,9 +119,10 @@ def read_named_file(path: os.PathLike | str, *, what: str, max_bytes: int,
     (permission denied, ...) passes through.
 
     ``judge``, when given, is called with the status of the descriptor that is read (fstat)
-    and the descriptor (for what fstat does not show: an ACL), before reading; what it raises passes through. A rule about who may change the file must
-    judge it so: a second ``os.stat(path)`` judged whatever the name pointed to a moment later
-    (renamed away: nothing; swapped for a link: another file)."""
+    and the descriptor (for what fstat does not show: an ACL), before reading; what it raises
+    passes through. A rule about who may change the file must judge it so: a second
+    ``os.stat(path)`` judged whatever the name pointed to a moment later (renamed away:
+    nothing; swapped for a link: another file)."""
     def refuse(detail: str) -> Exception:
         message = f"{what} {detail}"
         if issubclass(error, BerthError):

@@ -1,8 +1,8 @@
 """Unprivileged FUSE mounts of images: squashfuse (read-only) and fuse-overlayfs on top.
 
 Both daemons run in the foreground as children of berth with a parent-death signal
-(SIGTERM, :func:`berth.proc.start`'s ``parent_death``), so that they cannot outlive a berth killed with SIGKILL by
-more than the time libfuse needs to unmount; whatever a kill leaves (a busy mount whose
+(SIGTERM, :func:`berth.proc.start`'s ``parent_death``), so that they cannot outlive a berth
+killed with SIGKILL by more than the time libfuse needs to unmount; whatever a kill leaves (a busy mount whose
 daemon is gone) is removed by berth.runtime.state's stale cleanup with ``fusermount3 -u -z``. A clean-up that
 cannot unmount says why (:func:`unmount_or_say`), never silently.
 Unmounting the overlay first, waiting for its daemon, then the SquashFS avoids the EBUSY seen
